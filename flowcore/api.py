@@ -1,0 +1,255 @@
+"""The public functions: init/shutdown, get/put/wait, cancel, cluster queries."""
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import threading
+from typing import Any, Sequence, TypeVar, overload
+
+from .exceptions import FlowcoreError
+from .objects.ref import ObjectRef, current_client, set_client
+
+T = TypeVar("T")
+logger = logging.getLogger("flowcore")
+
+_state_lock = threading.RLock()
+_cluster: Any = None
+_client: Any = None
+_info: dict[str, Any] = {}
+
+
+def is_initialized() -> bool:
+    return _client is not None
+
+
+def _check_number(name: str, v: Any, *, integer: bool = False) -> None:
+    if v is None:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and math.isfinite(v)
+    if integer:
+        ok = ok and float(v).is_integer()
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"init({name}={v!r}): expected {kind} >= 0")
+
+
+def init(address: str | None = None, *, num_cpus: float | None = None,
+         num_gpus: int | None = None, resources: dict[str, float] | None = None,
+         object_store_memory: int | None = None, token: str | None = None,
+         session_dir: str | None = None, max_workers: int | None = None,
+         ignore_reinit_error: bool = False) -> dict[str, Any]:
+    """Start a private local cluster (no ``address``) or connect to one.
+
+    Returns a dict with the head ``address``, ``session_dir`` and ``node_id``.
+    """
+    global _cluster, _client, _info
+    with _state_lock:
+        if _client is not None:
+            if ignore_reinit_error:
+                return dict(_info)
+            raise RuntimeError("flowcore.init() was already called in this process; call "
+                               "flowcore.shutdown() first, or pass ignore_reinit_error=True")
+        _check_number("num_cpus", num_cpus)
+        _check_number("num_gpus", num_gpus, integer=True)
+        _check_number("object_store_memory", object_store_memory, integer=True)
+        _check_number("max_workers", max_workers, integer=True)
+        if resources is not None:
+            if not isinstance(resources, dict) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and v >= 0 for k, v in resources.items()):
+                raise ValueError(f"init(resources={resources!r}): expected a dict of name -> "
+                                 f"number >= 0")
+            if "CPU" in resources or "GPU" in resources:
+                raise ValueError("init(resources=...): use num_cpus/num_gpus for CPU and GPU")
+        if address is not None and not isinstance(address, str):
+            raise TypeError(f"init(address=...) must be a string like 'tcp://host:port', got "
+                            f"{type(address).__name__}")
+        if object_store_memory is not None and object_store_memory < (16 << 20):
+            raise ValueError(f"init(object_store_memory={object_store_memory}): at least 16 MiB "
+                             f"is needed")
+        from .client.core import CoreClient
+        from .cluster import LocalCluster
+
+        address = address or os.environ.get("FLOWCORE_ADDRESS") or None
+        if address is None:
+            cluster = LocalCluster(session_dir=session_dir, token=token)
+            try:
+                cluster.start_head()
+                node = cluster.add_node(
+                    num_cpus=num_cpus if num_cpus is not None else float(os.cpu_count() or 1),
+                    num_gpus=int(num_gpus or 0), resources=resources,
+                    object_store_memory=object_store_memory, max_workers=max_workers)
+                client = CoreClient(cluster.head_address, cluster.token.encode(), node.address)
+                client.start()
+            except BaseException:
+                cluster.close()
+                raise
+            _cluster = cluster
+            _info = {"address": cluster.head_address, "session_dir": cluster.session_dir,
+                     "node_id": node.node_id, "dashboard_url": None}
+        else:
+            token = token or os.environ.get("FLOWCORE_TOKEN")
+            if not token:
+                raise ValueError("connecting to a cluster needs its token: pass "
+                                 "init(address, token=...) or set FLOWCORE_TOKEN")
+            client = _connect_existing(address, token)
+            _info = {"address": address, "session_dir": client.session_dir,
+                     "node_id": client.node_id, "dashboard_url": None}
+        _client = client
+        set_client(client)
+        logger.info("flowcore started: head %s, session %s", _info["address"],
+                    _info["session_dir"])
+        return dict(_info)
+
+
+def _connect_existing(address: str, token: str) -> Any:
+    import socket
+
+    from .client.core import CoreClient
+    probe = CoreClient(address, token.encode(), None)
+    probe.start()
+    try:
+        nodes = probe.query("list_nodes")
+    finally:
+        probe.close()
+    host = socket.gethostname()
+    local = [n for n in nodes if n.get("alive") and n.get("hostname") == host]
+    node_address = local[0]["address"] if local else None
+    client = CoreClient(address, token.encode(), node_address)
+    client.start()
+    return client
+
+
+def _auto_init() -> Any:
+    with _state_lock:
+        if _client is None:
+            init()
+    return _client
+
+
+def shutdown() -> None:
+    """Disconnect, and stop the local cluster if ``init`` started one."""
+    global _cluster, _client, _info
+    with _state_lock:
+        client, cluster = _client, _cluster
+        _client = _cluster = None
+        _info = {}
+        set_client(None)
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+atexit.register(shutdown)
+
+
+def _require_client() -> Any:
+    c = current_client()
+    if c is None:
+        raise RuntimeError("flowcore is not initialized: call flowcore.init() first")
+    return c
+
+
+def _check_timeout(fn: str, timeout: Any) -> None:
+    if timeout is None:
+        return
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0 \
+            or math.isnan(timeout):
+        raise ValueError(f"{fn}(timeout={timeout!r}): expected None or a number of seconds >= 0")
+
+
+@overload
+def get(refs: ObjectRef[T], *, timeout: float | None = None) -> T: ...
+@overload
+def get(refs: Sequence[ObjectRef[T]], *, timeout: float | None = None) -> list[T]: ...
+
+
+def get(refs: Any, *, timeout: float | None = None) -> Any:
+    """The value of a ref, or the values of a list of refs in order.
+
+    Raises the task's ``TaskError`` (also an instance of the original
+    exception class) if it failed, ``GetTimeoutError`` after ``timeout``.
+    """
+    _check_timeout("get", timeout)
+    if isinstance(refs, ObjectRef):
+        return _require_client().get_values([refs], timeout)[0]
+    if isinstance(refs, (list, tuple)):
+        for i, r in enumerate(refs):
+            if not isinstance(r, ObjectRef):
+                raise TypeError(f"get() takes an ObjectRef or a list of ObjectRefs; item {i} is "
+                                f"{type(r).__name__}")
+        if not refs:
+            return []
+        return _require_client().get_values(list(refs), timeout)
+    raise TypeError(f"get() takes an ObjectRef or a list of ObjectRefs, got "
+                    f"{type(refs).__name__}; call .remote() to get refs, or flowcore.put(value)")
+
+
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` in the object store; returns its ref."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself, or put the "
+                        "value")
+    client = current_client() or _auto_init()
+    return client.put(value)
+
+
+def wait(refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None,
+         fetch_local: bool = True) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Wait until ``num_returns`` of ``refs`` are ready or ``timeout`` passes.
+
+    Returns ``(ready, not_ready)``, each in the order of ``refs``.
+    """
+    if isinstance(refs, ObjectRef) or not isinstance(refs, (list, tuple)):
+        raise TypeError(f"wait() takes a list of ObjectRefs, got {type(refs).__name__}")
+    for i, r in enumerate(refs):
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"wait(): item {i} is {type(r).__name__}, not an ObjectRef")
+    if len(set(refs)) != len(refs):
+        raise ValueError("wait(): the list of refs contains duplicates")
+    if not isinstance(num_returns, int) or isinstance(num_returns, bool) or num_returns < 1 \
+            or num_returns > max(len(refs), 1):
+        raise ValueError(f"wait(num_returns={num_returns!r}): expected an int between 1 and "
+                         f"len(refs)={len(refs)}")
+    _check_timeout("wait", timeout)
+    if not refs:
+        return [], []
+    ready = _require_client().wait_ready([r._id for r in refs], num_returns, timeout)
+    done = [r for r in refs if r._id in ready][:num_returns]
+    done_ids = {r._id for r in done}
+    return done, [r for r in refs if r._id not in done_ids]
+
+
+def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that makes ``ref``: a queued task never runs; a
+    running one gets KeyboardInterrupt (``force=True`` kills its worker)."""
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"cancel() takes an ObjectRef, got {type(ref).__name__}")
+    _require_client().cancel(ref, bool(force), bool(recursive))
+
+
+def nodes() -> list[dict[str, Any]]:
+    """The nodes of the cluster with their resources."""
+    return _require_client().query("list_nodes")
+
+
+def cluster_resources() -> dict[str, float]:
+    return _require_client().query("cluster_resources")
+
+
+def available_resources() -> dict[str, float]:
+    return _require_client().query("available_resources")
+
+
+def get_runtime_context() -> Any:
+    from .runtime_context import RuntimeContext
+    return RuntimeContext(current_client())
+
+
+def session_info() -> dict[str, Any]:
+    if _client is None:
+        raise FlowcoreError("flowcore is not initialized")
+    return dict(_info)

@@ -1,0 +1,479 @@
+"""``CoreClient``: one per process (driver or worker).
+
+A daemon IO thread runs an asyncio/Tornado loop holding two connections: to
+the head (submissions, reference counts, readiness notifications) and to the
+local node (the object store).  API calls from any user thread hand messages
+to the IO thread through a queue that is drained once per loop wake-up, so
+bursts of calls travel as one batch.  ``get`` and ``wait`` block on an event
+set by the notification that an object is ready: no polling.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterable
+
+from .. import ids
+from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
+                          ObjectStoreFullError)
+from ..objects.ref import ObjectRef
+from ..protocol.comm import Comm, connect
+
+logger = logging.getLogger("flowcore.client")
+
+#: objects up to this size travel inline in messages; larger go to the store
+INLINE_MAX = 100 * 1024
+#: more unfinished submissions than this from one client block .remote()
+MAX_PENDING_TASKS = 200_000
+
+
+class CoreClient:
+    def __init__(self, head_address: str, token: bytes, node_address: str | None,
+                 kind: str = "driver", wid: str | None = None):
+        self.head_address = head_address
+        self.token = token
+        self.node_address = node_address
+        self.kind = kind
+        self.wid = wid
+        self.client_id = ""
+        self.node_id = ""
+        self.session_dir = ""
+        self.ids = ids.IdSource()
+        self.loop = asyncio.new_event_loop()
+        self.head: Comm | None = None
+        self.node: Comm | None = None
+        self._lock = threading.Lock()
+        self._outbox: deque[tuple[str, dict]] = deque()
+        self._wake_pending = False
+        self.refcounts: dict[bytes, int] = {}
+        self.ready: dict[bytes, dict] = {}
+        self.waiters: dict[bytes, list[Callable[[], None]]] = {}
+        self.subscribed: set[bytes] = set()
+        self.expected: set[bytes] = set()   # results of this client's own tasks/puts
+        self.registered_functions: set[bytes] = set()
+        self.pending_tasks = 0
+        self._pending_cv = threading.Condition(self._lock)
+        self.mapping: Any = None
+        self.closed = False
+        self.on_node_message: Callable[[dict], None] | None = None
+        self.on_disconnect: Callable[[str], None] | None = None
+        self.current_task: dict | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="flowcore-io", daemon=True)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, timeout: float = 30.0) -> None:
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._connect(), self.loop)
+        fut.result(timeout)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def _connect(self) -> None:
+        self.head = await connect(self.head_address, self.token)
+        asyncio.ensure_future(self._read(self.head, "head"))
+        reply = await self.head.request({"op": "register_client", "kind": self.kind,
+                                         "pid": os.getpid(), "wid": self.wid})
+        self.client_id = reply["client_id"]
+        self.session_dir = reply.get("session_dir") or ""
+        if self.node_address:
+            self.node = await connect(self.node_address, self.token)
+            asyncio.ensure_future(self._read(self.node, "node"))
+            if self.kind == "worker":
+                r = await self.node.request({"op": "register_worker", "wid": self.wid,
+                                             "pid": os.getpid()})
+            else:
+                r = await self.node.request({"op": "register_client", "pid": os.getpid()})
+            self.node_id = r["node_id"]
+
+    async def _read(self, comm: Comm, which: str) -> None:
+        await comm.run(self._on_head_message if which == "head" else self._on_node_msg)
+        if not self.closed:
+            logger.warning("lost the connection to the %s", which)
+            self._fail_all_waiters(which)
+            if self.on_disconnect is not None:
+                self.on_disconnect(which)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+
+        async def _close() -> None:
+            self._drain()
+            await asyncio.sleep(0)
+            for c in (self.head, self.node):
+                if c is not None:
+                    c.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(_close(), self.loop).result(5)
+        except Exception:
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        if self.mapping is not None:
+            self.mapping.close()
+
+    # ------------------------------------------------------------ sending
+    def send(self, dest: str, msg: dict) -> None:
+        """Queue ``msg`` for ``dest`` ("head" or "node"); thread-safe."""
+        with self._lock:
+            self._outbox.append((dest, msg))
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        if threading.current_thread() is self._thread:
+            self.loop.call_soon(self._drain)
+        else:
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # loop closed at exit
+                pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+            items = list(self._outbox)
+            self._outbox.clear()
+        head, node = self.head, self.node
+        for dest, msg in items:
+            c = head if dest == "head" else node
+            if c is not None:
+                c.send(msg)
+
+    def request(self, dest: str, msg: dict, timeout: float | None = 60.0) -> dict:
+        """Blocking request/reply from a user thread."""
+        async def _req() -> dict:
+            self._drain()  # keep order with messages queued before
+            c = self.head if dest == "head" else self.node
+            if c is None:
+                raise ConnectionError(f"no connection to the {dest}")
+            return await c.request(msg)
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("blocking request from the IO thread")
+        return asyncio.run_coroutine_threadsafe(_req(), self.loop).result(timeout)
+
+    # ------------------------------------------------------------ receiving
+    def _on_head_message(self, comm: Comm, msg: dict, frames: list) -> None:
+        op = msg["op"]
+        if op == "object_ready":
+            self._object_ready(msg)
+        elif op == "warning":
+            logger.warning(msg.get("text"))
+            import warnings
+            warnings.warn(msg.get("text", ""), RuntimeWarning, stacklevel=1)
+        else:
+            logger.debug("unhandled head op %s", op)
+
+    def _on_node_msg(self, comm: Comm, msg: dict, frames: list) -> None:
+        if self.on_node_message is not None:
+            self.on_node_message(msg)
+
+    def _object_ready(self, msg: dict) -> None:
+        oid = msg["oid"]
+        with self._lock:
+            if oid not in self.refcounts and oid not in self.waiters:
+                return  # nobody here cares any more
+            self.ready[oid] = msg
+            if oid in self.expected:
+                self.expected.discard(oid)
+                if ids.index_of(oid) == 0 and self.pending_tasks > 0:
+                    self.pending_tasks -= 1
+                    if self.pending_tasks == MAX_PENDING_TASKS - 1:
+                        self._pending_cv.notify_all()
+            callbacks = self.waiters.pop(oid, ())
+        for cb in callbacks:
+            cb()
+
+    def _fail_all_waiters(self, which: str) -> None:
+        from ..objects.serialization import serialize
+        payload = serialize(FlowcoreError(
+            f"lost the connection to the {which}; the cluster is gone")).to_bytes()
+        with self._lock:
+            pending = list(self.waiters.items())
+            self.waiters.clear()
+            for oid, _ in pending:
+                self.ready[oid] = {"op": "object_ready", "oid": oid, "inline": payload,
+                                   "error": True, "size": len(payload)}
+        for _, cbs in pending:
+            for cb in cbs:
+                cb()
+
+    # ------------------------------------------------------------ references
+    def add_local_ref(self, oid: bytes, counted: bool = False) -> None:
+        """A new ObjectRef instance exists in this process.  ``counted`` means
+        the head already counts this client as a holder (own submit/put)."""
+        with self._lock:
+            n = self.refcounts.get(oid, 0)
+            self.refcounts[oid] = n + 1
+            if n or counted:
+                return
+        self.send("head", {"op": "incref", "oids": [oid]})
+
+    def remove_local_ref(self, oid: bytes) -> None:
+        if self.closed:
+            return
+        with self._lock:
+            n = self.refcounts.get(oid, 0) - 1
+            if n > 0:
+                self.refcounts[oid] = n
+                return
+            self.refcounts.pop(oid, None)
+            self.ready.pop(oid, None)
+            self.subscribed.discard(oid)
+            if oid in self.expected:
+                self.expected.discard(oid)
+        self.send("head", {"op": "decref", "oids": [oid]})
+
+    # ------------------------------------------------------------ functions
+    def ensure_function(self, fid: bytes, blob_factory: Callable[[], bytes], name: str) -> None:
+        if fid in self.registered_functions:
+            return
+        self.registered_functions.add(fid)
+        self.send("head", {"op": "register_function", "fid": fid, "blob": blob_factory(),
+                           "name": name})
+
+    def fetch_function(self, fid: bytes) -> bytes:
+        r = self.request("head", {"op": "get_function", "fid": fid})
+        if r.get("blob") is None:
+            raise FlowcoreError(f"function {fid.hex()} is unknown to the head")
+        return r["blob"]
+
+    # ------------------------------------------------------------ tasks
+    def submit(self, spec: dict) -> list[ObjectRef]:
+        """Submit one task spec (``tid`` filled here); returns its return refs."""
+        nret = spec.get("nret", 1)
+        tid = spec["tid"]
+        oids = [ids.object_id(tid, i) for i in range(nret)]
+        with self._lock:
+            while self.pending_tasks >= MAX_PENDING_TASKS:
+                self._pending_cv.wait()
+            self.pending_tasks += 1
+            self.expected.update(oids)
+        refs = [ObjectRef(oid, self, counted=True) for oid in oids]
+        self.send("head", {"op": "submit", "tasks": [spec]})
+        return refs
+
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
+        self.send("head", {"op": "cancel", "oid": ref._id, "force": force,
+                           "recursive": recursive})
+
+    # ------------------------------------------------------------ put
+    def put(self, value: Any) -> ObjectRef:
+        from ..objects.serialization import serialize
+        return self.put_serialized(serialize(value))
+
+    def put_serialized(self, s: Any) -> ObjectRef:
+        oid = ids.object_id(self.ids.task_id(), 0)
+        nested = list(s.contained_refs)
+        if s.total_size <= INLINE_MAX or self.node is None:
+            data = s.to_bytes()
+            msg = {"op": "put", "oid": oid, "inline": data, "size": len(data), "nested": nested}
+            with self._lock:
+                self.ready[oid] = {"op": "object_ready", "oid": oid, "inline": data,
+                                   "size": len(data), "error": False}
+        else:
+            self.write_to_store(oid, s)
+            msg = {"op": "put", "oid": oid, "node": self.node_id, "size": s.total_size,
+                   "nested": nested}
+            with self._lock:
+                self.ready[oid] = {"op": "object_ready", "oid": oid, "nodes": [self.node_id],
+                                   "size": s.total_size, "error": False}
+        ref = ObjectRef(oid, self, counted=True)
+        self.send("head", msg)
+        return ref
+
+    def write_to_store(self, oid: bytes, s: Any) -> None:
+        """Create, fill and seal ``oid`` in the local node's store."""
+        from ..objects.store import Location
+        r = self.request("node", {"op": "create", "oid": oid, "size": s.total_size})
+        if "error" in r:
+            if r.get("full"):
+                raise ObjectStoreFullError(r["error"])
+            raise FlowcoreError(f"cannot create object in the store: {r['error']}")
+        loc = Location.from_wire(r["loc"])
+        try:
+            view = self._mapping().writable(loc)
+            s.write_to(view)
+            del view
+        except BaseException:
+            self.send("node", {"op": "abort", "oid": oid})
+            raise
+        self.send("node", {"op": "seal", "oid": oid})
+
+    def _mapping(self) -> Any:
+        if self.mapping is None:
+            from ..objects.mapping import StoreMapping
+            self.mapping = StoreMapping()
+        return self.mapping
+
+    # ------------------------------------------------------------ get / wait
+    def _subscribe_missing(self, oids: Iterable[bytes]) -> None:
+        """Ask the head to notify us for objects we are not already told about."""
+        new = []
+        with self._lock:
+            for oid in oids:
+                if oid in self.ready or oid in self.expected or oid in self.subscribed:
+                    continue
+                self.subscribed.add(oid)
+                new.append(oid)
+        if new:
+            self.send("head", {"op": "subscribe", "oids": new})
+
+    def wait_ready(self, oids: list[bytes], num: int, timeout: float | None) -> set[bytes]:
+        """Block until at least ``num`` of ``oids`` are ready or the timeout
+        passes; returns the ready ones."""
+        event = threading.Event()
+        state = {"count": 0}
+        ready: set[bytes] = set()
+        missing: list[bytes] = []
+        uniq = list(dict.fromkeys(oids))
+
+        def make_cb(oid: bytes) -> Callable[[], None]:
+            def cb() -> None:
+                with cb_lock:
+                    ready.add(oid)
+                    if len(ready) >= num:
+                        event.set()
+            return cb
+
+        cb_lock = threading.Lock()
+        callbacks: dict[bytes, Callable[[], None]] = {}
+        with self._lock:
+            for oid in uniq:
+                if oid in self.ready:
+                    ready.add(oid)
+                else:
+                    missing.append(oid)
+            if len(ready) >= num or not missing:
+                return ready
+            for oid in missing:
+                cb = callbacks[oid] = make_cb(oid)
+                self.waiters.setdefault(oid, []).append(cb)
+        self._subscribe_missing(missing)
+        blocked = self._set_blocked(True)
+        try:
+            if not event.wait(timeout):
+                pass
+        finally:
+            if blocked:
+                self._set_blocked(False)
+            with self._lock:
+                for oid, cb in callbacks.items():
+                    lst = self.waiters.get(oid)
+                    if lst and cb in lst:
+                        lst.remove(cb)
+                        if not lst:
+                            del self.waiters[oid]
+        with cb_lock:
+            return set(ready)
+
+    def _set_blocked(self, blocked: bool) -> bool:
+        task = self.current_task
+        if task is None or self.kind != "worker":
+            return False
+        op = "task_blocked" if blocked else "task_unblocked"
+        self.send("node", {"op": "worker_blocked", "blocked": blocked})
+        self.send("head", {"op": op, "tid": task["tid"]})
+        return True
+
+    def get_values(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
+        oids = [r._id for r in refs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ready = self.wait_ready(oids, len(set(oids)), timeout)
+        if len(ready) < len(set(oids)):
+            n = len(set(oids)) - len(ready)
+            raise GetTimeoutError(
+                f"get() timed out after {timeout}s: {n} of {len(set(oids))} object(s) not ready "
+                f"(first: {next(o for o in oids if o not in ready).hex()}); use "
+                f"flowcore.wait() to poll, or a longer timeout")
+        del deadline
+        out = []
+        for oid in oids:
+            with self._lock:
+                info = self.ready.get(oid)
+            if info is None:  # dropped meanwhile by another thread
+                self._subscribe_missing([oid])
+                self.wait_ready([oid], 1, None)
+                info = self.ready[oid]
+            out.append(self.value_of(info))
+        return out
+
+    def value_of(self, info: dict) -> Any:
+        """Deserialize an object from its ready notification; raise if it is an error."""
+        from ..objects.serialization import deserialize
+        if info.get("inline") is not None:
+            value = deserialize(info["inline"])
+        else:
+            value = self._read_from_store(info)
+        if info.get("error"):
+            if isinstance(value, BaseException):
+                raise value
+            raise FlowcoreError(f"remote error: {value!r}")
+        return value
+
+    def _read_from_store(self, info: dict) -> Any:
+        from ..objects.serialization import deserialize
+        from ..objects.store import Location
+        oid = info["oid"]
+        if self.node is None:
+            raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
+                                  f"process is not attached to a node")
+        if self.node_id not in info.get("nodes", ()):
+            raise ObjectLostError(
+                f"object {oid.hex()} is held on node(s) {info.get('nodes')} and cross-node "
+                f"transfer is not available yet")
+        r = self.request("node", {"op": "pin", "oid": oid})
+        if "error" in r:
+            raise ObjectLostError(r["error"])
+        loc = Location.from_wire(r["loc"])
+
+        def release(oid: bytes = oid) -> None:
+            if not self.closed:
+                self.send("node", {"op": "unpin", "oids": [oid]})
+
+        buf = self._mapping().readable(loc, release)
+        return deserialize(buf)
+
+    def future_for(self, ref: ObjectRef) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        oid = ref._id
+
+        def resolve() -> None:
+            def work() -> None:
+                try:
+                    with self._lock:
+                        info = self.ready.get(oid)
+                    if info is None:
+                        raise ObjectLostError(f"object {oid.hex()} was freed")
+                    fut.set_result(self.value_of(info))
+                except BaseException as e:  # noqa: BLE001 - the future carries it
+                    fut.set_exception(e)
+            # values may need a blocking store request: never on the IO thread
+            threading.Thread(target=work, daemon=True).start() \
+                if threading.current_thread() is self._thread else work()
+
+        with self._lock:
+            if oid in self.ready:
+                ready_now = True
+            else:
+                ready_now = False
+                # keep the ref alive until resolved
+                self.waiters.setdefault(oid, []).append(lambda r=ref: resolve())
+        if ready_now:
+            resolve()
+        else:
+            self._subscribe_missing([oid])
+        return fut
+
+    # ------------------------------------------------------------ queries
+    def query(self, op: str, **kw: Any) -> Any:
+        return self.request("head", dict(op=op, **kw))["result"]

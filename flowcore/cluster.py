@@ -1,0 +1,190 @@
+"""``LocalCluster``: a head and nodes as real processes on 127.0.0.1.
+
+This is what ``flowcore.init()`` with no address starts, and what tests use
+for multi-node runs.  It launches the same ``flowcore-scheduler`` and
+``flowcore-worker`` entry points as a real cluster, on free ports, with a
+fresh token and a private session directory.  Every child holds the read end
+of a lifeline pipe: when this process dies, however it dies, the pipe closes
+and the children stop themselves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from . import daemon
+
+
+class ClusterStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class NodeProcess:
+    proc: subprocess.Popen
+    address: str
+    node_id: str
+    log_file: str
+    args: dict = field(default_factory=dict)
+
+
+def _python() -> str:
+    return sys.executable
+
+
+class LocalCluster:
+    def __init__(self, *, session_dir: str | None = None, token: str | None = None,
+                 start_timeout: float = 60.0):
+        self.own_session_dir = session_dir is None
+        self.session_dir = session_dir or tempfile.mkdtemp(prefix="flowcore-session-")
+        os.makedirs(os.path.join(self.session_dir, "logs"), exist_ok=True)
+        self.token = token or daemon.new_token()
+        self.token_file = os.path.join(self.session_dir, "token")
+        daemon.write_private(self.token_file, self.token)
+        self.start_timeout = start_timeout
+        self._life_r, self._life_w = os.pipe()
+        self.head: subprocess.Popen | None = None
+        self.head_address = ""
+        self.nodes: list[NodeProcess] = []
+        self.closed = False
+
+    # ------------------------------------------------------------ launching
+    def _spawn(self, module: str, args: list[str], log_file: str,
+               env: dict | None = None) -> tuple[subprocess.Popen, str]:
+        ready_r, ready_w = os.pipe()
+        cmd = [_python(), "-m", module, *args, "--ready-fd", str(ready_w),
+               "--lifeline-fd", str(self._life_r), "--log-file", log_file]
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=(ready_w, self._life_r), env=full_env,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            os.close(ready_w)
+        try:
+            line = self._read_ready(ready_r, proc, log_file)
+        finally:
+            os.close(ready_r)
+        return proc, line
+
+    def _read_ready(self, fd: int, proc: subprocess.Popen, log_file: str) -> str:
+        deadline = time.monotonic() + self.start_timeout
+        buf = b""
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                raise ClusterStartError(f"process did not start within {self.start_timeout}s; "
+                                        f"see {log_file}")
+            r, _, _ = select.select([fd], [], [], left)
+            if not r:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                code = proc.wait(5)
+                raise ClusterStartError(
+                    f"{' '.join(proc.args[1:4])} exited with code {code} during start.\n"
+                    f"Log ({log_file}):\n{_tail(log_file)}")
+            buf += chunk
+        return buf.decode().strip()
+
+    def start_head(self) -> str:
+        log = os.path.join(self.session_dir, "logs", "head.log")
+        self.head, self.head_address = self._spawn(
+            "flowcore.scheduler.cli",
+            ["--host", "127.0.0.1", "--port", "0", "--token-file", self.token_file,
+             "--state-dir", self.session_dir], log)
+        return self.head_address
+
+    def add_node(self, *, num_cpus: float | None = None, num_gpus: int = 0,
+                 resources: dict | None = None, object_store_memory: int | None = None,
+                 name: str | None = None, max_workers: int | None = None,
+                 worker_sys_path: list[str] | None = None) -> NodeProcess:
+        n = len(self.nodes)
+        log = os.path.join(self.session_dir, "logs", f"node-{n}.log")
+        args = [self.head_address, "--token-file", self.token_file,
+                "--state-dir", self.session_dir, "--name", name or f"node-{n}"]
+        if num_cpus is not None:
+            args += ["--num-cpus", str(num_cpus)]
+        if num_gpus:
+            args += ["--num-gpus", str(num_gpus)]
+        if resources:
+            args += ["--resources", json.dumps(resources)]
+        if object_store_memory:
+            args += ["--object-store-memory", str(int(object_store_memory))]
+        if max_workers:
+            args += ["--max-workers", str(max_workers)]
+        paths = worker_sys_path if worker_sys_path is not None else sys.path
+        env = {"FLOWCORE_WORKER_SYS_PATH": os.pathsep.join(p or os.getcwd() for p in paths)}
+        proc, line = self._spawn("flowcore.node.cli", args, log, env)
+        address, node_id = line.split()
+        node = NodeProcess(proc, address, node_id, log,
+                           dict(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources))
+        self.nodes.append(node)
+        return node
+
+    def kill_node(self, node: NodeProcess, sig: int = signal.SIGKILL) -> None:
+        """Kill a node and its workers (its process group)."""
+        try:
+            os.killpg(node.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        node.proc.wait(10)
+
+    # ------------------------------------------------------------ stopping
+    def close(self, timeout: float = 10.0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for node in self.nodes:
+            _terminate(node.proc)
+        for node in self.nodes:
+            _wait_or_kill(node.proc, timeout, group=True)
+        if self.head is not None:
+            _terminate(self.head)
+            _wait_or_kill(self.head, timeout)
+        for fd in (self._life_w, self._life_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for entry in os.listdir(self.session_dir):
+            if entry.startswith("spill-"):
+                shutil.rmtree(os.path.join(self.session_dir, entry), ignore_errors=True)
+
+    def remove_session_dir(self) -> None:
+        shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            proc.terminate()
+        except ProcessLookupError:
+            pass
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout: float, group: bool = False) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    if group:  # workers of a node live in their own sessions; the node kills them
+        pass
+
+
+def _tail(path: str, n: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"

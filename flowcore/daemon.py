@@ -1,0 +1,92 @@
+"""Plumbing shared by the long-running processes (head, node, worker):
+logging to the session directory, the lifeline pipe that ends a child when
+its parent dies, the ready pipe that reports a bound address, signals."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from typing import Callable
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def setup_logging(log_file: str | None, level: str = "INFO") -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler: logging.Handler
+    if log_file:
+        os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+def watch_lifeline(fd: int | None, on_death: Callable[[], None]) -> None:
+    """When the read end ``fd`` reaches EOF (the parent holding the write end
+    died or closed it), call ``on_death`` on the running loop.  No polling:
+    the event loop wakes on the pipe."""
+    if fd is None or fd < 0:
+        return
+    loop = asyncio.get_event_loop()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 1)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            on_death()
+
+    loop.add_reader(fd, readable)
+
+
+def report_ready(fd: int | None, line: str) -> None:
+    if fd is None or fd < 0:
+        return
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def install_stop_signals(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_event_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (ValueError, RuntimeError):
+            pass
+
+
+def resolve_token(token: str | None, token_file: str | None) -> str | None:
+    if token:
+        return token
+    if token_file:
+        with open(token_file) as f:
+            t = f.read().strip()
+        if not t:
+            raise SystemExit(f"token file {token_file} is empty")
+        return t
+    return os.environ.get("FLOWCORE_TOKEN") or None
+
+
+def new_token() -> str:
+    return secrets.token_hex(32)
+
+
+def write_private(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` readable by the owner only (0600)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)

@@ -1,0 +1,130 @@
+"""``flowcore-worker ADDRESS``: join a node to a cluster."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+
+from .. import daemon
+from .._version import __version__
+from ..exceptions import AuthenticationError
+
+logger = logging.getLogger("flowcore.node")
+
+
+def default_store_memory() -> int:
+    import psutil
+    total = psutil.virtual_memory().total
+    cap = int(total * 0.3)
+    try:
+        st = os.statvfs("/dev/shm")
+        cap = min(cap, int(st.f_bavail * st.f_frsize * 0.8))
+    except OSError:
+        pass
+    return max(cap, 64 << 20)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowcore-worker",
+                                description="Start a flowcore node and join it to a head.")
+    p.add_argument("address", help="head address, tcp://HOST:PORT, or 'auto' for the local "
+                                   "head recorded in the state dir")
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help="CPUs to offer (default: this machine's count)")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs to offer (default 0)")
+    p.add_argument("--resources", default=None,
+                   help='custom resources as JSON, e.g. \'{"disk": 2}\'')
+    p.add_argument("--object-store-memory", type=int, default=None,
+                   help="bytes of shared memory for the object store (default 30%% of RAM)")
+    p.add_argument("--token", default=None)
+    p.add_argument("--token-file", default=None)
+    p.add_argument("--name", default=None, help="a name for this node")
+    p.add_argument("--host", default="127.0.0.1", help="interface to serve objects on")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="cap on worker processes (extra workers start when tasks block in get)")
+    p.add_argument("--state-dir", default=None, help="session/state directory (logs, spill)")
+    p.add_argument("--log-file", default=None)
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--version", action="version", version=f"flowcore {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    daemon.setup_logging(args.log_file, args.log_level)
+    state_dir = args.state_dir or os.path.expanduser("~/.flowcore")
+    address = args.address
+    if address == "auto":
+        try:
+            with open(os.path.join(state_dir, "address")) as f:
+                address = f.read().strip()
+        except OSError:
+            print(f"flowcore-worker: no local head found in {state_dir}; pass its address",
+                  file=sys.stderr)
+            return 2
+    try:
+        token = daemon.resolve_token(args.token, args.token_file)
+    except OSError as e:
+        print(f"flowcore-worker: cannot read token file: {e}", file=sys.stderr)
+        return 2
+    if token is None:
+        path = os.path.join(state_dir, "token")
+        if os.path.exists(path):
+            token = daemon.resolve_token(None, path)
+        else:
+            print("flowcore-worker: no token: pass --token, --token-file or set FLOWCORE_TOKEN",
+                  file=sys.stderr)
+            return 2
+    resources = {}
+    if args.resources:
+        try:
+            resources = json.loads(args.resources)
+            if not isinstance(resources, dict) or not all(
+                    isinstance(v, (int, float)) for v in resources.values()):
+                raise ValueError("expected a JSON object of numbers")
+        except ValueError as e:
+            print(f"flowcore-worker: bad --resources {args.resources!r}: {e}", file=sys.stderr)
+            return 2
+    num_cpus = args.num_cpus if args.num_cpus is not None else float(os.cpu_count() or 1)
+    os.makedirs(os.path.join(state_dir, "logs"), exist_ok=True)
+
+    from .server import NodeServer
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    node = NodeServer(address, token.encode(), num_cpus=num_cpus, num_gpus=args.num_gpus or 0,
+                      resources=resources,
+                      object_store_memory=args.object_store_memory or default_store_memory(),
+                      session_dir=state_dir, host=args.host, name=args.name,
+                      max_workers=args.max_workers)
+    daemon.watch_lifeline(args.lifeline_fd, node.stop)
+    daemon.install_stop_signals(node.stop)
+    try:
+        loop.run_until_complete(node.start())
+    except AuthenticationError as e:
+        print(f"flowcore-worker: {e}", file=sys.stderr)
+        node.stop()
+        return 3
+    except (ConnectionError, RuntimeError, OSError) as e:
+        print(f"flowcore-worker: cannot join {address}: {e}", file=sys.stderr)
+        node.stop()
+        return 1
+    if node.stopped.is_set():
+        return 1
+    daemon.report_ready(args.ready_fd, f"{node.address} {node.node_id}")
+    if args.ready_fd is None:
+        print(f"flowcore-worker: node {node.name} joined {address}, serving objects at "
+              f"{node.address}", flush=True)
+    loop.run_until_complete(node.stopped.wait())
+    loop.run_until_complete(asyncio.sleep(0.05))
+    logger.info("node stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The node daemon: a Tornado server owning the worker pool and the
+shared-memory object store, connected to the head."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from tornado.process import Subprocess
+
+from .. import ids
+from .._version import __version__
+from ..protocol.comm import Comm, connect, serve
+from .pool import WorkerPool
+
+logger = logging.getLogger("flowcore.node")
+
+
+class NodeServer:
+    def __init__(self, head_address: str, token: bytes, *, num_cpus: float,
+                 num_gpus: int = 0, resources: dict[str, float] | None = None,
+                 object_store_memory: int, session_dir: str, host: str = "127.0.0.1",
+                 name: str | None = None, max_workers: int | None = None,
+                 worker_env: dict[str, str] | None = None, worker_cwd: str | None = None):
+        from ..objects.store import ObjectStore, sweep_stale_segments
+
+        self.head_address = head_address
+        self.token = token
+        self.host = host
+        self.node_id = "n-" + ids.random_id(6).hex()
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.session_dir = session_dir
+        self.resources = {"CPU": float(num_cpus), **({"GPU": float(num_gpus)} if num_gpus else {}),
+                          **(resources or {})}
+        self.pool = WorkerPool(num_cpus, max_workers, list(range(num_gpus)))
+        self.worker_env = worker_env or {}
+        self.worker_cwd = worker_cwd
+        sweep_stale_segments()
+        spill = os.path.join(session_dir, f"spill-{self.node_id}")
+        os.makedirs(spill, exist_ok=True)
+        self.store = ObjectStore(os.path.basename(session_dir.rstrip("/")) or "session",
+                                 self.node_id, object_store_memory, spill)
+        self.head: Comm | None = None
+        self.clients: dict[str, Comm] = {}
+        self.procs: dict[str, Subprocess] = {}
+        self.worker_comms: dict[str, Comm] = {}
+        self.pin_waiters: dict[bytes, list[tuple[Comm, dict]]] = {}
+        self.creating: set[bytes] = set()
+        self._deaths: dict[str, tuple[str, int]] = {}
+        self.address = ""
+        self.stopped = asyncio.Event()
+        self._stopping = False
+        self._client_seq = 0
+        self.started = time.time()
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> str:
+        self.server, port = serve(self.token, self._on_comm, self.host, 0, name="flowcore-worker")
+        self.address = f"tcp://{self.host}:{port}"
+        Subprocess.initialize()
+        self._act(self.pool.startup())
+        self.head = await connect(self.head_address, self.token)
+        asyncio.ensure_future(self._run_head())
+        reply = await self.head.request({
+            "op": "register_node", "node_id": self.node_id, "address": self.address,
+            "resources": self.resources, "name": self.name, "hostname": socket.gethostname(),
+            "pid": os.getpid(), "version": __version__,
+            "info": {"object_store_memory": self.store.stats()["capacity"],
+                     "session_dir": self.session_dir}})
+        if not reply.get("ok"):
+            raise RuntimeError(reply.get("error", "the head refused this node"))
+        logger.info("node %s (%s) serving at %s with %s", self.name, self.node_id,
+                    self.address, self.resources)
+        return self.address
+
+    async def _run_head(self) -> None:
+        assert self.head is not None
+        await self.head.run(self._on_head_message)
+        if not self._stopping:
+            logger.error("lost the connection to the head at %s; stopping", self.head_address)
+            self.stop()
+
+    def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        for wid, proc in list(self.procs.items()):
+            try:
+                proc.proc.kill()
+            except ProcessLookupError:
+                pass
+        for c in list(self.clients.values()):
+            c.close()
+        if self.head is not None:
+            self.head.close()
+        try:
+            self.server.stop()
+        except Exception:
+            pass
+        self.store.close()
+        self.stopped.set()
+
+    # ------------------------------------------------------------ workers
+    def _act(self, actions: list) -> None:
+        for a in actions:
+            kind = a[0]
+            if kind == "spawn":
+                self._spawn_worker(a[1])
+            elif kind == "run":
+                comm = self.worker_comms.get(a[1])
+                if comm is None:
+                    logger.error("no connection for worker %s", a[1])
+                    continue
+                msg = dict(a[2])
+                msg["op"] = "run_task"
+                comm.send(msg)
+            elif kind == "died":
+                task, wid = a[1], a[2]
+                how, pid = self._deaths.pop(wid, ("exited", 0))
+                if self.head is not None:
+                    self.head.send({"op": "worker_died", "tid": task["tid"], "how": how,
+                                    "pid": pid})
+            elif kind == "retire":
+                comm = self.worker_comms.get(a[1])
+                if comm is not None:
+                    comm.send({"op": "exit"})
+            elif kind == "warn":
+                logger.warning(a[1])
+
+    def _spawn_worker(self, wid: str) -> None:
+        env = dict(os.environ)
+        env.update(self.worker_env)
+        env["FLOWCORE_TOKEN"] = self.token.decode()
+        env["FLOWCORE_NODE_ID"] = self.node_id
+        log = os.path.join(self.session_dir, "logs", f"worker-{self.node_id}-{wid}.log")
+        cmd = [sys.executable, "-m", "flowcore.node.worker", "--node", self.address,
+               "--head", self.head_address, "--wid", wid, "--node-id", self.node_id,
+               "--session-dir", self.session_dir]
+        out = open(log, "ab")
+        try:
+            proc = Subprocess(cmd, env=env, cwd=self.worker_cwd or None, stdin=Subprocess.STREAM,
+                              stdout=out, stderr=out, start_new_session=True)
+        finally:
+            out.close()
+        self.procs[wid] = proc
+        proc.set_exit_callback(lambda code, wid=wid: self._worker_exited(wid, code))
+
+    def _worker_exited(self, wid: str, code: int) -> None:
+        proc = self.procs.pop(wid, None)
+        comm = self.worker_comms.pop(wid, None)
+        if code < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        w = self.pool.workers.get(wid)
+        pid = proc.pid if proc is not None else 0
+        if w is not None and w.task is not None:
+            logger.warning("worker %s (pid %s) %s while running %s", wid, pid, how,
+                           w.task.get("name"))
+        self._deaths[wid] = (how, pid)
+        if comm is not None:
+            self.store.release_client(comm.info.get("id", wid))
+        if not self._stopping:
+            self._act(self.pool.worker_died(wid))
+        self._deaths.pop(wid, None)
+
+    # ------------------------------------------------------------ head messages
+    def _on_head_message(self, comm: Comm, msg: dict, frames: list) -> None:
+        op = msg["op"]
+        if op == "run_task":
+            self._act(self.pool.task_arrived(msg))
+        elif op == "delete_objects":
+            for oid in msg["oids"]:
+                self.store.delete(oid)
+        elif op == "cancel_task":
+            self._cancel(msg["tid"], msg.get("force", False))
+        elif op == "shutdown":
+            logger.info("the head asked this node to stop")
+            self.stop()
+        else:
+            logger.warning("unknown op %r from the head", op)
+
+    def _cancel(self, tid: bytes, force: bool) -> None:
+        wid, task = self.pool.find_task(tid)
+        if task is None:
+            return
+        if wid is None:
+            self.pool.drop_queued(tid)
+            if self.head is not None:
+                self.head.send({"op": "task_done", "tid": tid, "status": "cancelled",
+                                "results": []})
+            return
+        if force:
+            proc = self.procs.get(wid)
+            if proc is not None:
+                proc.proc.kill()
+        else:
+            comm = self.worker_comms.get(wid)
+            if comm is not None:
+                comm.send({"op": "cancel", "tid": tid})
+
+    # ------------------------------------------------------------ local clients
+    async def _on_comm(self, comm: Comm) -> None:
+        self._client_seq += 1
+        comm.info["id"] = f"l{self._client_seq}"
+        self.clients[comm.info["id"]] = comm
+        await comm.run(self._on_client_message)
+        self.clients.pop(comm.info["id"], None)
+        self.store.release_client(comm.info["id"])
+        for waiters in self.pin_waiters.values():
+            waiters[:] = [(c, m) for c, m in waiters if c is not comm]
+
+    def _on_client_message(self, comm: Comm, msg: dict, frames: list) -> None:
+        op = msg["op"]
+        cid = comm.info["id"]
+        store = self.store
+        if op == "create":
+            oid = msg["oid"]
+            try:
+                loc = store.create(oid, msg["size"], cid)
+            except Exception as e:  # ObjectStoreFullError and bad requests
+                comm.reply(msg, error=f"{type(e).__name__}: {e}",
+                           full=type(e).__name__ == "ObjectStoreFullError")
+                return
+            self.creating.add(oid)
+            comm.reply(msg, loc=loc.to_wire())
+        elif op == "seal":
+            oid = msg["oid"]
+            store.seal(oid)
+            self.creating.discard(oid)
+            for c, m in self.pin_waiters.pop(oid, ()):
+                self._pin(c, m)
+        elif op == "abort":
+            store.abort(msg["oid"])
+            self.creating.discard(msg["oid"])
+        elif op == "pin":
+            self._pin(comm, msg)
+        elif op == "unpin":
+            for oid in msg["oids"]:
+                store.unpin(oid, cid)
+        elif op == "register_worker":
+            wid = msg["wid"]
+            comm.info.update(role="worker", wid=wid)
+            self.worker_comms[wid] = comm
+            comm.reply(msg, node_id=self.node_id)
+            self._act(self.pool.worker_ready(wid, msg.get("pid", 0)))
+        elif op == "register_client":
+            comm.info.update(role="driver")
+            comm.reply(msg, node_id=self.node_id, store=store.stats())
+        elif op == "worker_idle":
+            self._act(self.pool.worker_idle(comm.info.get("wid", "")))
+        elif op == "worker_blocked":
+            self._act(self.pool.worker_blocked(comm.info.get("wid", ""), msg.get("blocked", True)))
+        elif op == "stats":
+            comm.reply(msg, store=store.stats(), pool=self.pool.snapshot())
+        else:
+            logger.warning("unknown op %r from local client %s", op, cid)
+
+    def _pin(self, comm: Comm, msg: dict) -> None:
+        oid = msg["oid"]
+        store = self.store
+        if store.contains(oid) and store.is_sealed(oid):
+            try:
+                loc = store.pin(oid, comm.info["id"])
+            except Exception as e:
+                comm.reply(msg, error=f"{type(e).__name__}: {e}")
+                return
+            comm.reply(msg, loc=loc.to_wire())
+        elif oid in self.creating or store.contains(oid):
+            self.pin_waiters.setdefault(oid, []).append((comm, msg))
+        else:
+            comm.reply(msg, error=f"object {oid.hex()} is not in the store of node {self.name}")
+
+    def stats(self) -> dict[str, Any]:
+        return {"store": self.store.stats(), "pool": self.pool.snapshot()}

@@ -1,0 +1,224 @@
+"""The worker process: runs tasks handed over by its node.
+
+The main thread executes tasks one at a time; the client's IO thread holds
+the connections.  A task's result goes to the node first ("idle", so the
+node can reuse this worker at once) and then to the head ("task_done").
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from .. import daemon
+from ..exceptions import TaskError
+from ..objects.ref import set_client
+
+logger = logging.getLogger("flowcore.worker")
+
+
+class TaskContext:
+    def __init__(self) -> None:
+        self.task: dict | None = None
+        self.gpu_ids: list[int] = []
+
+
+class Worker:
+    def __init__(self, client: Any, wid: str):
+        self.client = client
+        self.wid = wid
+        self.tasks: "queue.SimpleQueue[dict | None]" = queue.SimpleQueue()
+        self.functions: dict[bytes, Any] = {}
+        self.main_ident = threading.main_thread().ident
+        self.running_tid: bytes | None = None
+        self.cancel_requested: bytes | None = None
+
+    # called on the IO thread
+    def on_node_message(self, msg: dict) -> None:
+        op = msg["op"]
+        if op == "run_task":
+            self.tasks.put(msg)
+        elif op == "cancel":
+            if self.running_tid == msg["tid"]:
+                self.cancel_requested = msg["tid"]
+                signal.pthread_kill(self.main_ident, signal.SIGINT)
+        elif op == "exit":
+            self.tasks.put(None)
+
+    def on_disconnect(self, which: str) -> None:
+        os._exit(0)
+
+    def function(self, fid: bytes) -> Any:
+        fn = self.functions.get(fid)
+        if fn is None:
+            import cloudpickle
+            fn = self.functions[fid] = cloudpickle.loads(self.client.fetch_function(fid))
+        return fn
+
+    def run(self) -> None:
+        while True:
+            try:
+                task = self.tasks.get()
+            except KeyboardInterrupt:  # a late cancel signal
+                continue
+            if task is None:
+                return
+            try:
+                self.execute(task)
+            except KeyboardInterrupt:
+                # a cancel that arrived after the task ended: nothing to interrupt
+                pass
+
+    def _resolve_args(self, task: dict) -> tuple[tuple, dict]:
+        from ..objects.serialization import deserialize
+        from ..remote_function import ArgRef
+        values = [self.client.value_of(info) for info in task["deps"]]
+        if task.get("args") is None:
+            a, k = values[task["args_dep"]]
+        else:
+            a, k = deserialize(task["args"])
+
+        def sub(v: Any) -> Any:
+            return values[v.i] if isinstance(v, ArgRef) else v
+        return tuple(sub(v) for v in a), {key: sub(v) for key, v in k.items()}
+
+    def execute(self, task: dict) -> None:
+        tid = task["tid"]
+        name = task.get("name", "?")
+        client = self.client
+        gpu_ids = task.get("gpu_ids") or []
+        if gpu_ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        else:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        client.current_task = task
+        self.running_tid = tid
+        status, results, retryable = "ok", None, False
+        try:
+            try:
+                fn = self.function(task["fid"])
+                args, kwargs = self._resolve_args(task)
+                value = fn(*args, **kwargs)
+                del args, kwargs
+                nret = task.get("nret", 1)
+                if nret == 1:
+                    values = [value]
+                else:
+                    if not isinstance(value, (tuple, list)) or len(value) != nret:
+                        raise ValueError(
+                            f"task {name} declared num_returns={nret} but returned "
+                            f"{type(value).__name__}"
+                            + (f" of length {len(value)}" if hasattr(value, "__len__") else "")
+                            + f"; return a tuple of {nret} values")
+                    values = list(value)
+                del value
+                self.running_tid = None
+                results = [self._store_result(tid, i, v) for i, v in enumerate(values)]
+                del values
+            except KeyboardInterrupt:
+                self.running_tid = None
+                if self.cancel_requested == tid:
+                    status = "cancelled"
+                else:
+                    raise
+            except BaseException as e:  # noqa: BLE001 - every error goes back to the caller
+                self.running_tid = None
+                status = "error"
+                retryable = _retryable(task.get("retry_exc"), e)
+                results = self._error_results(task, e)
+        finally:
+            self.running_tid = None
+            self.cancel_requested = None
+            client.current_task = None
+        msg = {"op": "task_done", "tid": tid, "status": status, "results": results or [],
+               "retryable": retryable}
+        client.send("node", {"op": "worker_idle", "tid": tid})
+        client.send("head", msg)
+
+    def _store_result(self, tid: bytes, i: int, value: Any) -> dict:
+        from .. import ids
+        from ..client.core import INLINE_MAX
+        from ..objects.serialization import serialize
+        oid = ids.object_id(tid, i)
+        s = serialize(value)
+        nested = list(s.contained_refs)
+        if s.total_size <= INLINE_MAX:
+            data = s.to_bytes()
+            return {"oid": oid, "inline": data, "size": len(data), "nested": nested}
+        self.client.write_to_store(oid, s)
+        return {"oid": oid, "node": self.client.node_id, "size": s.total_size, "nested": nested}
+
+    def _error_results(self, task: dict, exc: BaseException) -> list[dict]:
+        from .. import ids
+        from ..objects.serialization import serialize
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        name = task.get("name", "?")
+        if isinstance(exc, TaskError):
+            err: BaseException = exc  # an upstream failure passes through unchanged
+        else:
+            err = TaskError(name, f"(in task {name}, pid {os.getpid()})\n{tb}", exc,
+                            task["tid"].hex())
+        try:
+            data = serialize(err).to_bytes()
+        except Exception:
+            err = TaskError(name, f"(in task {name}, pid {os.getpid()})\n{tb}\n"
+                            f"(the exception {type(exc).__name__} could not be serialized, "
+                            f"so only its text is kept)", None, task["tid"].hex())
+            data = serialize(err).to_bytes()
+        return [{"oid": ids.object_id(task["tid"], i), "inline": data, "size": len(data),
+                 "error": True} for i in range(task.get("nret", 1))]
+
+
+def _retryable(spec: Any, exc: BaseException) -> bool:
+    if spec is True:
+        return True
+    if not spec:
+        return False
+    try:
+        import cloudpickle
+        types = tuple(cloudpickle.loads(spec))
+    except Exception:
+        return False
+    return isinstance(exc, types)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flowcore-worker-process")
+    p.add_argument("--node", required=True)
+    p.add_argument("--head", required=True)
+    p.add_argument("--wid", required=True)
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--session-dir", required=True)
+    args = p.parse_args(argv)
+    daemon.setup_logging(None, os.environ.get("FLOWCORE_LOG_LEVEL", "WARNING"))
+    extra = os.environ.get("FLOWCORE_WORKER_SYS_PATH")
+    if extra:
+        for entry in reversed(extra.split(os.pathsep)):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+    token = os.environ.pop("FLOWCORE_TOKEN", "").encode()
+    from ..client.core import CoreClient
+    client = CoreClient(args.head, token, args.node, kind="worker", wid=args.wid)
+    worker = Worker(client, args.wid)
+    client.on_node_message = worker.on_node_message
+    client.on_disconnect = worker.on_disconnect
+    set_client(client)
+    from .. import runtime_context
+    runtime_context.set_worker(worker)
+    client.start()
+    try:
+        worker.run()
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The one options table for ``@remote`` and ``.options()``.
+
+Each option is declared once with its type check, default and whether it
+applies to tasks, actors or both; every entry point validates through
+``validate`` so the error for a bad key or value is the same everywhere and
+lists what is valid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+TASK, ACTOR, BOTH = "task", "actor", "both"
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    applies: str
+    default: Any
+    check: Callable[[Any], bool]
+    expected: str
+
+
+def _nonneg_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and math.isfinite(v)
+
+
+def _nonneg_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _retries(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= -1
+
+
+def _resources(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and all(
+        isinstance(k, str) and k not in ("CPU", "GPU") and _nonneg_number(x)
+        for k, x in v.items()))
+
+
+def _retry_exceptions(v: Any) -> bool:
+    if isinstance(v, bool):
+        return True
+    return isinstance(v, (list, tuple)) and all(
+        isinstance(e, type) and issubclass(e, BaseException) for e in v)
+
+
+def _num_returns(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+OPTIONS: dict[str, Option] = {o.name: o for o in [
+    Option("num_cpus", BOTH, None, lambda v: v is None or _nonneg_number(v),
+           "a number >= 0"),
+    Option("num_gpus", BOTH, 0, _nonneg_number, "a number >= 0"),
+    Option("resources", BOTH, None, _resources,
+           "a dict of custom resource name -> number >= 0 (use num_cpus/num_gpus for CPU/GPU)"),
+    Option("num_returns", TASK, 1, _num_returns, "an int >= 1"),
+    Option("max_retries", TASK, 3, _retries, "an int >= 0, or -1 for unlimited"),
+    Option("retry_exceptions", TASK, False, _retry_exceptions,
+           "True/False or a list of exception classes"),
+    Option("name", BOTH, None, _opt_str, "a string"),
+    Option("namespace", ACTOR, None, _opt_str, "a string"),
+    Option("get_if_exists", ACTOR, False, lambda v: isinstance(v, bool), "a bool"),
+    Option("lifetime", ACTOR, None, lambda v: v in (None, "detached"), "None or 'detached'"),
+    Option("max_restarts", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
+    Option("max_task_retries", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
+    Option("max_concurrency", ACTOR, 1, lambda v: _nonneg_int(v) and v >= 1, "an int >= 1"),
+]}
+
+
+def validate(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check ``options`` for a ``kind`` ("task" or "actor"); returns them.
+
+    Raises ValueError for unknown keys or keys of the other kind, TypeError
+    for ill-typed values; both messages list what is valid.
+    """
+    valid = sorted(n for n, o in OPTIONS.items() if o.applies in (kind, BOTH))
+    for key, value in options.items():
+        opt = OPTIONS.get(key)
+        if opt is None or opt.applies not in (kind, BOTH):
+            extra = ""
+            if opt is not None:
+                extra = f" ({key!r} applies to {opt.applies}s only)"
+            raise ValueError(f"{where}: unknown option {key!r}{extra}. Valid options for a "
+                             f"{kind}: {', '.join(valid)}")
+        if not opt.check(value):
+            raise TypeError(f"{where}: option {key}={value!r} is invalid: expected "
+                            f"{opt.expected}")
+    return options
+
+
+def resolved(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Options with defaults filled in for ``kind``."""
+    out = {n: o.default for n, o in OPTIONS.items() if o.applies in (kind, BOTH)}
+    out.update(options)
+    return out
+
+
+def resource_request(opts: dict[str, Any], default_cpus: float = 1.0) -> dict[str, float]:
+    res: dict[str, float] = {}
+    cpus = opts.get("num_cpus")
+    res["CPU"] = float(default_cpus if cpus is None else cpus)
+    if opts.get("num_gpus"):
+        res["GPU"] = float(opts["num_gpus"])
+    for k, v in (opts.get("resources") or {}).items():
+        res[k] = float(v)
+    return {k: v for k, v in res.items() if v}

@@ -1,0 +1,1 @@
+"""The wire: frames, mutual token authentication and Tornado connections."""

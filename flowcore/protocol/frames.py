@@ -1,0 +1,106 @@
+"""Frame encoding.
+
+A *batch* on the wire is::
+
+    u64 body_length | u32 nframes | u64 frame_length * nframes | frame 0 | frame 1 ...
+
+Frame 0 is a msgpack array of messages (each a map with an ``"op"`` key);
+further frames are raw out-of-band buffers that messages refer to by index
+under the key ``"_frames"``.  Nothing here unpickles anything: the decoder
+only splits bytes and runs msgpack, and every length is checked against the
+limits before memory is allocated.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ..exceptions import ProtocolError
+
+PREFIX = struct.Struct("<Q")
+NFRAMES = struct.Struct("<I")
+FRAME_LEN = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body: int = 1 << 31          # 2 GiB per batch
+    max_frames: int = 4096
+    max_header: int = 256 << 20      # 256 MiB of msgpack per batch
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def encode(messages: list[dict], frames: list[bytes | memoryview] | None = None) -> list:
+    """Encode a batch; returns a list of buffers to write in order."""
+    header = msgpack.packb(messages, use_bin_type=True)
+    frames = frames or []
+    lens = [len(header)] + [memoryview(f).nbytes for f in frames]
+    meta = NFRAMES.pack(len(lens)) + b"".join(FRAME_LEN.pack(n) for n in lens)
+    body_len = len(meta) + sum(lens)
+    out: list = [PREFIX.pack(body_len) + meta + header]
+    out.extend(frames)
+    return out
+
+
+def check_body_length(n: int, limits: Limits = DEFAULT_LIMITS) -> None:
+    if n < NFRAMES.size + FRAME_LEN.size:
+        raise ProtocolError(f"batch body of {n} bytes is too short to hold a frame table")
+    if n > limits.max_body:
+        raise ProtocolError(f"batch body of {n} bytes exceeds the limit of {limits.max_body}")
+
+
+def decode_body(body: bytes | memoryview, limits: Limits = DEFAULT_LIMITS
+                ) -> tuple[list[dict], list[memoryview]]:
+    """Decode one batch body (everything after the u64 prefix)."""
+    view = memoryview(body)
+    check_body_length(view.nbytes, limits)
+    (nframes,) = NFRAMES.unpack_from(view, 0)
+    if nframes < 1 or nframes > limits.max_frames:
+        raise ProtocolError(f"batch declares {nframes} frames (allowed 1..{limits.max_frames})")
+    pos = NFRAMES.size
+    table_end = pos + nframes * FRAME_LEN.size
+    if table_end > view.nbytes:
+        raise ProtocolError("frame table runs past the end of the batch")
+    lens = [FRAME_LEN.unpack_from(view, pos + i * FRAME_LEN.size)[0] for i in range(nframes)]
+    if sum(lens) != view.nbytes - table_end:
+        raise ProtocolError(
+            f"frame lengths add up to {sum(lens)} bytes but the batch holds "
+            f"{view.nbytes - table_end}")
+    if lens[0] > limits.max_header:
+        raise ProtocolError(f"message header of {lens[0]} bytes exceeds {limits.max_header}")
+    frames = []
+    pos = table_end
+    for n in lens:
+        frames.append(view[pos:pos + n])
+        pos += n
+    try:
+        messages = msgpack.unpackb(frames[0], raw=False, use_list=True,
+                                   strict_map_key=False)
+    except Exception as e:  # msgpack raises many types on garbage
+        raise ProtocolError(f"undecodable message header: {type(e).__name__}: {e}") from None
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("op"), str) for m in messages):
+        raise ProtocolError("message header must be a list of maps each with a string 'op'")
+    return messages, frames[1:]
+
+
+def decode(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS
+           ) -> tuple[list[dict], list[memoryview]]:
+    """Decode a whole batch including its length prefix (used by tests)."""
+    view = memoryview(data)
+    if view.nbytes < PREFIX.size:
+        raise ProtocolError("batch shorter than its length prefix")
+    (n,) = PREFIX.unpack_from(view, 0)
+    check_body_length(n, limits)
+    if view.nbytes != PREFIX.size + n:
+        raise ProtocolError(f"batch prefix says {n} bytes but {view.nbytes - PREFIX.size} follow")
+    return decode_body(view[PREFIX.size:], limits)
+
+
+def pack_any(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)

@@ -1,0 +1,85 @@
+"""``flowcore-scheduler``: start the head."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from .. import daemon
+from .._version import __version__
+
+logger = logging.getLogger("flowcore.scheduler")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flowcore-scheduler",
+        description="Start the flowcore head: the control store and global scheduler.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1; 0.0.0.0 exposes the head "
+                        "to the network and prints a warning)")
+    p.add_argument("--port", type=int, default=8786, help="port (0 = a free port)")
+    p.add_argument("--dashboard-port", type=int, default=8265,
+                   help="dashboard port (reserved; the dashboard is not served yet)")
+    p.add_argument("--token", default=None, help="cluster token (default: generate one)")
+    p.add_argument("--token-file", default=None, help="read the token from this file")
+    p.add_argument("--state-dir", default=None,
+                   help="directory for the token, address and logs (default ~/.flowcore)")
+    p.add_argument("--log-file", default=None, help="log here instead of stderr")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--version", action="version", version=f"flowcore {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    daemon.setup_logging(args.log_file, args.log_level)
+    from .server import HeadServer
+
+    state_dir = args.state_dir or os.path.expanduser("~/.flowcore")
+    try:
+        token = daemon.resolve_token(args.token, args.token_file)
+    except OSError as e:
+        print(f"flowcore-scheduler: cannot read token file: {e}", file=sys.stderr)
+        return 2
+    generated = token is None
+    if generated:
+        token = daemon.new_token()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: the head is reachable from the network; only "
+                       "token holders can join, but consider a firewall or TLS", args.host)
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    head = HeadServer(token.encode(), args.host, args.port, session_dir=state_dir)
+    try:
+        address = head.start()
+    except OSError as e:
+        print(f"flowcore-scheduler: cannot listen on {args.host}:{args.port}: {e}. "
+              f"Pick another --port (0 = any free port).", file=sys.stderr)
+        return 1
+    if args.ready_fd is None:
+        os.makedirs(state_dir, exist_ok=True)
+        daemon.write_private(os.path.join(state_dir, "address"), address + "\n")
+        if generated:
+            path = os.path.join(state_dir, "token")
+            daemon.write_private(path, token + "\n")
+            print(f"flowcore-scheduler: token written to {path} (mode 0600)", flush=True)
+        print(f"flowcore-scheduler {__version__} listening at {address}", flush=True)
+        print(f"flowcore-scheduler: join nodes with: flowcore-worker {address} "
+              f"--token-file {os.path.join(state_dir, 'token')}", flush=True)
+    daemon.report_ready(args.ready_fd, address)
+    daemon.watch_lifeline(args.lifeline_fd, head.stop)
+    daemon.install_stop_signals(head.stop)
+    loop.run_until_complete(head.stopped.wait())
+    loop.run_until_complete(asyncio.sleep(0.05))  # let final messages flush
+    logger.info("flowcore-scheduler stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,658 @@
+"""The head's decision logic, free of IO.
+
+``SchedulerState.handle(source, msg)`` takes one message from a client
+(driver or worker) or a node and returns the messages to send, as
+``(destination id, message)`` pairs.  The Tornado server only feeds it and
+carries its answers out, so everything here is tested without sockets.
+
+Tables: nodes, functions, tasks (the futures DAG: each task node knows the
+objects it depends on), objects (state, inline value or the nodes holding a
+copy, who references it) and a bounded event log of every task transition.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Callable, Iterable
+
+from .. import ids
+from ..exceptions import NodeDiedError, ObjectLostError, TaskCancelledError, WorkerCrashedError
+from .states import EventLog, TaskState, transition_name
+
+S = TaskState
+logger = logging.getLogger("flowcore.scheduler")
+
+Out = list[tuple[str, dict]]
+
+
+def default_error_payload(exc: BaseException) -> bytes:
+    from ..objects.serialization import serialize
+    return serialize(exc).to_bytes()
+
+
+class NodeRecord:
+    __slots__ = ("node_id", "address", "total", "available", "alive", "name",
+                 "hostname", "pid", "running", "joined", "info")
+
+    def __init__(self, node_id: str, address: str, total: dict[str, float], name: str,
+                 hostname: str, pid: int, info: dict | None = None):
+        self.node_id = node_id
+        self.address = address
+        self.total = dict(total)
+        self.available = dict(total)
+        self.alive = True
+        self.name = name
+        self.hostname = hostname
+        self.pid = pid
+        self.running: set[bytes] = set()
+        self.joined = time.time()
+        self.info = info or {}
+
+    def fits(self, res: dict[str, float]) -> bool:
+        av = self.available
+        for k, v in res.items():
+            if v and av.get(k, 0.0) < v - 1e-9:
+                return False
+        return True
+
+    def could_ever_fit(self, res: dict[str, float]) -> bool:
+        tot = self.total
+        return all(not v or tot.get(k, 0.0) >= v - 1e-9 for k, v in res.items())
+
+    def take(self, res: dict[str, float]) -> None:
+        for k, v in res.items():
+            if v:
+                self.available[k] = self.available.get(k, 0.0) - v
+
+    def give(self, res: dict[str, float]) -> None:
+        for k, v in res.items():
+            if v:
+                self.available[k] = self.available.get(k, 0.0) + v
+
+    def as_dict(self) -> dict:
+        return {"node_id": self.node_id, "name": self.name, "address": self.address,
+                "hostname": self.hostname, "pid": self.pid, "alive": self.alive,
+                "resources_total": dict(self.total),
+                "resources_available": {k: max(v, 0.0) for k, v in self.available.items()},
+                "running_tasks": len(self.running), **self.info}
+
+
+class TaskRecord:
+    __slots__ = ("tid", "fid", "name", "owner", "args", "deps", "missing", "nested",
+                 "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
+                 "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
+                 "args_dep")
+
+    def __init__(self, spec: dict, owner: str):
+        self.tid: bytes = spec["tid"]
+        self.fid: bytes = spec["fid"]
+        self.name: str = spec.get("name", "?")
+        self.owner = owner
+        self.args: bytes | None = spec["args"]
+        self.args_dep: int | None = spec.get("args_dep")
+        self.deps: list[bytes] = spec.get("deps") or []
+        self.missing: set[bytes] = set()
+        self.nested: list[bytes] = spec.get("nested") or []
+        self.nret: int = spec.get("nret", 1)
+        self.res: dict[str, float] = spec.get("res") or {}
+        self.retries_left: int = spec.get("retries", 3)
+        self.retry_exc = spec.get("retry_exc", False)
+        self.state: TaskState | None = None
+        self.node: str | None = None
+        self.cause = ""
+        self.submitted = time.time()
+        self.started = 0.0
+        self.ended = 0.0
+        self.blocked = False
+        self.attempt = 0
+        self.shape = tuple(sorted((k, v) for k, v in self.res.items() if v))
+        self.returns_alive = self.nret
+
+    def returns(self) -> list[bytes]:
+        return [ids.object_id(self.tid, i) for i in range(self.nret)]
+
+    def as_dict(self) -> dict:
+        return {"task_id": self.tid.hex(), "name": self.name, "state": str(self.state),
+                "node_id": self.node, "owner": self.owner, "attempt": self.attempt,
+                "retries_left": self.retries_left, "resources": dict(self.res),
+                "submitted": self.submitted, "started": self.started or None,
+                "ended": self.ended or None, "cause": self.cause,
+                "waiting_for": [o.hex() for o in self.missing]}
+
+
+PENDING, READY, LOST = "PENDING", "READY", "LOST"
+
+
+class ObjectRecord:
+    __slots__ = ("oid", "state", "inline", "nodes", "size", "error", "clients", "holds",
+                 "waiters", "dependents", "nested", "owner", "created")
+
+    def __init__(self, oid: bytes, owner: str | None):
+        self.oid = oid
+        self.state = PENDING
+        self.inline: bytes | None = None
+        self.nodes: set[str] = set()
+        self.size = 0
+        self.error = False
+        self.clients: set[str] = set()
+        self.holds = 0
+        self.waiters: set[str] = set()
+        self.dependents: list[bytes] = []
+        self.nested: list[bytes] = []
+        self.owner = owner
+        self.created = time.time()
+
+    def ready_msg(self) -> dict:
+        m: dict[str, Any] = {"op": "object_ready", "oid": self.oid, "size": self.size,
+                             "error": self.error}
+        if self.inline is not None:
+            m["inline"] = self.inline
+        else:
+            m["nodes"] = sorted(self.nodes)
+        return m
+
+    def as_dict(self) -> dict:
+        return {"object_id": self.oid.hex(), "state": self.state, "size": self.size,
+                "inline": self.inline is not None, "nodes": sorted(self.nodes),
+                "error": self.error, "references": len(self.clients) + self.holds,
+                "owner": self.owner, "created": self.created}
+
+
+class SchedulerState:
+    """The control tables and the futures DAG."""
+
+    def __init__(self, *, event_log_size: int = 100_000,
+                 error_payload: Callable[[BaseException], bytes] = default_error_payload):
+        self.nodes: dict[str, NodeRecord] = {}
+        self.functions: dict[bytes, dict] = {}
+        self.tasks: dict[bytes, TaskRecord] = {}
+        self.objects: dict[bytes, ObjectRecord] = {}
+        self.client_refs: dict[str, set[bytes]] = {}
+        self.clients: dict[str, dict] = {}
+        self.queues: dict[tuple, deque[bytes]] = {}
+        self.infeasible: set[bytes] = set()
+        self.log = EventLog(event_log_size)
+        self.error_payload = error_payload
+        self.out: Out = []
+        self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "retried": 0}
+        self.warnings: list[str] = []
+        self.latencies: deque[float] = deque(maxlen=10_000)
+        self._force_cancelled: set[bytes] = set()
+
+    # ------------------------------------------------------------ plumbing
+    def handle(self, source: str, msg: dict) -> Out:
+        handler = getattr(self, "handle_" + msg["op"], None)
+        if handler is None:
+            raise KeyError(f"unknown op {msg['op']!r}")
+        handler(source, msg)
+        self._schedule()
+        out, self.out = self.out, []
+        return out
+
+    def _send(self, dest: str | None, msg: dict) -> None:
+        if dest is not None:
+            self.out.append((dest, msg))
+
+    def _transition(self, t: TaskRecord, new: TaskState, cause: str) -> None:
+        old = t.state
+        name = transition_name(old, new)
+        t.state = new
+        t.cause = cause
+        self.log.record(t.tid, old, new, name, cause)
+
+    # ------------------------------------------------------------ membership
+    def handle_register_node(self, source: str, msg: dict) -> None:
+        node = NodeRecord(msg["node_id"], msg.get("address", ""), msg.get("resources", {}),
+                          msg.get("name", msg["node_id"]), msg.get("hostname", ""),
+                          msg.get("pid", 0), msg.get("info"))
+        self.nodes[node.node_id] = node
+        for tid in list(self.infeasible):
+            t = self.tasks.get(tid)
+            if t is not None and node.could_ever_fit(t.res):
+                self.infeasible.discard(tid)
+                self._transition(t, S.QUEUED, f"node {node.name} joined")
+                self.queues.setdefault(t.shape, deque()).append(tid)
+
+    def handle_register_client(self, source: str, msg: dict) -> None:
+        self.clients[source] = {"kind": msg.get("kind", "driver"), "pid": msg.get("pid"),
+                                "node_id": msg.get("node_id")}
+        self.client_refs.setdefault(source, set())
+
+    def client_disconnected(self, cid: str) -> Out:
+        self.clients.pop(cid, None)
+        for oid in self.client_refs.pop(cid, ()):
+            obj = self.objects.get(oid)
+            if obj is not None:
+                obj.clients.discard(cid)
+                obj.waiters.discard(cid)
+                self._maybe_free(obj)
+        self._schedule()
+        out, self.out = self.out, []
+        return out
+
+    def node_died(self, node_id: str, cause: str) -> Out:
+        node = self.nodes.get(node_id)
+        if node is None or not node.alive:
+            return []
+        node.alive = False
+        for tid in list(node.running):
+            t = self.tasks.get(tid)
+            if t is not None and t.state == S.RUNNING:
+                self._retry_or_fail(t, NodeDiedError(
+                    f"node {node.name} ({node.address}) died while running task "
+                    f"{t.name} ({cause})"), f"node {node.name} died: {cause}")
+        node.running.clear()
+        for obj in list(self.objects.values()):
+            if node_id in obj.nodes:
+                obj.nodes.discard(node_id)
+                if not obj.nodes and obj.inline is None and obj.state == READY:
+                    obj.state = LOST
+                    obj.error = True
+                    obj.inline = self.error_payload(ObjectLostError(
+                        f"object {obj.oid.hex()} was lost: its only copy was on node "
+                        f"{node.name}, which died ({cause})"))
+                    self._notify_ready(obj)
+        del self.nodes[node_id]
+        self._schedule()
+        out, self.out = self.out, []
+        return out
+
+    # ------------------------------------------------------------ functions
+    def handle_register_function(self, source: str, msg: dict) -> None:
+        self.functions.setdefault(msg["fid"], {"blob": msg["blob"], "name": msg.get("name", "")})
+
+    def function_blob(self, fid: bytes) -> bytes | None:
+        f = self.functions.get(fid)
+        return f["blob"] if f else None
+
+    # ------------------------------------------------------------ references
+    def _obj(self, oid: bytes, owner: str | None) -> ObjectRecord:
+        obj = self.objects.get(oid)
+        if obj is None:
+            obj = self.objects[oid] = ObjectRecord(oid, owner)
+        return obj
+
+    def handle_incref(self, source: str, msg: dict) -> None:
+        refs = self.client_refs.setdefault(source, set())
+        for oid in msg["oids"]:
+            obj = self.objects.get(oid)
+            if obj is None:
+                logger.debug("incref of unknown object %s from %s", ids.short(oid), source)
+                continue
+            obj.clients.add(source)
+            refs.add(oid)
+
+    def handle_decref(self, source: str, msg: dict) -> None:
+        refs = self.client_refs.get(source, set())
+        for oid in msg["oids"]:
+            refs.discard(oid)
+            obj = self.objects.get(oid)
+            if obj is not None:
+                obj.clients.discard(source)
+                obj.waiters.discard(source)
+                self._maybe_free(obj)
+
+    def _hold(self, oids: Iterable[bytes]) -> None:
+        for oid in oids:
+            obj = self.objects.get(oid)
+            if obj is not None:
+                obj.holds += 1
+
+    def _release(self, oids: Iterable[bytes]) -> None:
+        for oid in oids:
+            obj = self.objects.get(oid)
+            if obj is not None:
+                obj.holds -= 1
+                self._maybe_free(obj)
+
+    def _maybe_free(self, obj: ObjectRecord) -> None:
+        if obj.clients or obj.holds > 0 or obj.state == PENDING:
+            return
+        del self.objects[obj.oid]
+        for nid in obj.nodes:
+            self._send(nid, {"op": "delete_objects", "oids": [obj.oid]})
+        if obj.nested:
+            self._release(obj.nested)
+        t = self.tasks.get(ids.task_of(obj.oid))
+        if t is not None:
+            t.returns_alive -= 1
+            self._maybe_prune(t)
+
+    def _maybe_prune(self, t: TaskRecord) -> None:
+        if t.returns_alive <= 0 and t.state is not None and t.state.done:
+            del self.tasks[t.tid]
+
+    # ------------------------------------------------------------ objects
+    def handle_put(self, source: str, msg: dict) -> None:
+        obj = self._obj(msg["oid"], source)
+        obj.clients.add(source)
+        self.client_refs.setdefault(source, set()).add(obj.oid)
+        nested = msg.get("nested") or []
+        obj.nested = nested
+        self._hold(nested)
+        self._seal(obj, msg)
+
+    def _seal(self, obj: ObjectRecord, info: dict) -> None:
+        obj.size = info.get("size", 0)
+        obj.error = bool(info.get("error", False))
+        if info.get("inline") is not None:
+            obj.inline = info["inline"]
+        elif info.get("node"):
+            obj.nodes.add(info["node"])
+        obj.state = READY
+        self._notify_ready(obj)
+
+    def _notify_ready(self, obj: ObjectRecord) -> None:
+        msg = obj.ready_msg()
+        dests = set(obj.waiters)
+        obj.waiters.clear()
+        if obj.owner in obj.clients:
+            dests.add(obj.owner)
+        for d in dests:
+            self._send(d, msg)
+        deps, obj.dependents = obj.dependents, []
+        for tid in deps:
+            t = self.tasks.get(tid)
+            if t is None or t.state != S.WAITING_FOR_ARGS:
+                continue
+            if obj.error:
+                self._fail_task(t, obj.inline or b"", f"argument {ids.short(obj.oid)} failed")
+                continue
+            t.missing.discard(obj.oid)
+            if not t.missing:
+                self._enqueue(t, "arguments ready")
+
+    def handle_subscribe(self, source: str, msg: dict) -> None:
+        for oid in msg["oids"]:
+            obj = self.objects.get(oid)
+            if obj is None:
+                payload = self.error_payload(ObjectLostError(
+                    f"object {oid.hex()} is unknown to the head: it was freed (no reference "
+                    f"remained) or never existed"))
+                self._send(source, {"op": "object_ready", "oid": oid, "size": len(payload),
+                                    "error": True, "inline": payload})
+            elif obj.state == PENDING:
+                obj.waiters.add(source)
+            else:
+                self._send(source, obj.ready_msg())
+
+    def handle_object_location(self, source: str, msg: dict) -> None:
+        """A node gained (``add``) or dropped a copy."""
+        obj = self.objects.get(msg["oid"])
+        if obj is None:
+            return
+        if msg.get("add", True):
+            obj.nodes.add(msg["node"])
+        else:
+            obj.nodes.discard(msg["node"])
+
+    # ------------------------------------------------------------ tasks
+    def handle_submit(self, source: str, msg: dict) -> None:
+        for spec in msg["tasks"]:
+            self._submit(source, spec)
+
+    def _submit(self, owner: str, spec: dict) -> None:
+        t = TaskRecord(spec, owner)
+        self.tasks[t.tid] = t
+        self.counts["submitted"] += 1
+        refs = self.client_refs.setdefault(owner, set())
+        for oid in t.returns():
+            obj = self._obj(oid, owner)
+            obj.clients.add(owner)
+            refs.add(oid)
+        self._hold(t.deps)
+        self._hold(t.nested)
+        failed: ObjectRecord | None = None
+        for oid in t.deps:
+            obj = self.objects.get(oid)
+            if obj is None:
+                failed = ObjectRecord(oid, None)
+                failed.error = True
+                failed.inline = self.error_payload(ObjectLostError(
+                    f"argument {oid.hex()} of task {t.name} is unknown to the head: it was "
+                    f"freed or never existed"))
+                break
+            if obj.state == READY and obj.error:
+                failed = obj
+                break
+            if obj.state != READY:
+                if oid not in t.missing:
+                    t.missing.add(oid)
+                    obj.dependents.append(t.tid)
+        if failed is not None:
+            self._fail_task(t, failed.inline or b"", f"argument {ids.short(failed.oid)} failed")
+        elif t.missing:
+            self._transition(t, S.WAITING_FOR_ARGS,
+                             f"waiting for {len(t.missing)} argument(s)")
+        else:
+            self._enqueue(t, "submitted with arguments ready")
+
+    def _enqueue(self, t: TaskRecord, cause: str) -> None:
+        if not any(n.alive and n.could_ever_fit(t.res) for n in self.nodes.values()) \
+                and self.nodes:
+            if t.state is None:
+                self._transition(t, S.QUEUED, cause)
+            if t.state != S.QUEUED:
+                self._transition(t, S.QUEUED, cause)
+            self._transition(t, S.INFEASIBLE, f"no node has {dict(t.res)}")
+            self.infeasible.add(t.tid)
+            w = (f"task {t.name} needs {dict(t.res)} but no node in the cluster has that much; "
+                 f"it stays pending until a node that fits joins")
+            self.warnings.append(w)
+            self._send(t.owner, {"op": "warning", "text": w})
+            return
+        self._transition(t, S.QUEUED, cause)
+        self.queues.setdefault(t.shape, deque()).append(t.tid)
+
+    def _schedule(self) -> None:
+        if not self.queues:
+            return
+        nodes = [n for n in self.nodes.values() if n.alive]
+        if not nodes:
+            return
+        for shape, q in list(self.queues.items()):
+            while q:
+                t = self.tasks.get(q[0])
+                if t is None or t.state != S.QUEUED:
+                    q.popleft()
+                    continue
+                best = None
+                best_cpu = -1.0
+                for n in nodes:
+                    if n.fits(t.res):
+                        cpu = n.available.get("CPU", 0.0)
+                        if cpu > best_cpu:
+                            best, best_cpu = n, cpu
+                if best is None:
+                    break
+                q.popleft()
+                self._dispatch(t, best)
+            if not q:
+                del self.queues[shape]
+
+    def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
+        node.take(t.res)
+        node.running.add(t.tid)
+        t.node = node.node_id
+        t.attempt += 1
+        t.started = time.time()
+        self._transition(t, S.RUNNING, f"placed on node {node.name}")
+        deps = []
+        for oid in t.deps:
+            obj = self.objects[oid]
+            deps.append(obj.ready_msg())
+        self._send(node.node_id, {
+            "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
+            "args_dep": t.args_dep,
+            "deps": deps, "nret": t.nret, "res": t.res, "retry_exc": t.retry_exc,
+            "owner": t.owner, "attempt": t.attempt})
+
+    def _finish_resources(self, t: TaskRecord) -> None:
+        node = self.nodes.get(t.node) if t.node else None
+        if node is not None and t.tid in node.running:
+            node.running.discard(t.tid)
+            if not t.blocked:
+                node.give(t.res)
+            else:
+                node.give({k: v for k, v in t.res.items() if k != "CPU"})
+        t.blocked = False
+
+    def _done(self, t: TaskRecord) -> None:
+        t.ended = time.time()
+        self._release(t.deps)
+        self._release(t.nested)
+        self._maybe_prune(t)
+
+    def handle_task_done(self, source: str, msg: dict) -> None:
+        t = self.tasks.get(msg["tid"])
+        if t is None or t.state != S.RUNNING:
+            return
+        status = msg.get("status", "ok")
+        self._finish_resources(t)
+        if status == "cancelled":
+            self._cancel_task(t, "interrupted by cancel()")
+            return
+        if status == "error" and msg.get("retryable") and t.retries_left > 0:
+            t.retries_left -= 1
+            self.counts["retried"] += 1
+            self._transition(t, S.QUEUED, "application error, retrying (retry_exceptions)")
+            self.queues.setdefault(t.shape, deque()).append(t.tid)
+            return
+        self._transition(t, S.FINISHED if status == "ok" else S.FAILED,
+                         "returned" if status == "ok" else "raised an exception")
+        self.counts["finished" if status == "ok" else "failed"] += 1
+        self.latencies.append(time.time() - t.submitted)
+        for r in msg["results"]:
+            obj = self.objects.get(r["oid"])
+            if obj is None:
+                continue
+            nested = r.get("nested") or []
+            obj.nested = nested
+            self._hold(nested)
+            self._seal(obj, r)
+            self._maybe_free(obj)
+        self._done(t)
+
+    def _fail_task(self, t: TaskRecord, payload: bytes, cause: str) -> None:
+        """Fail ``t`` with ``payload`` as the value of every return (no run)."""
+        self._transition(t, S.FAILED, cause)
+        self.counts["failed"] += 1
+        for oid in t.returns():
+            obj = self.objects.get(oid)
+            if obj is None:
+                continue
+            self._seal(obj, {"inline": payload, "size": len(payload), "error": True})
+            self._maybe_free(obj)
+        self._done(t)
+
+    def _retry_or_fail(self, t: TaskRecord, exc: BaseException, cause: str) -> None:
+        self._finish_resources(t)
+        if t.retries_left > 0:
+            t.retries_left -= 1
+            self.counts["retried"] += 1
+            self._transition(t, S.QUEUED, f"{cause}; retrying ({t.retries_left} retries left)")
+            self.queues.setdefault(t.shape, deque()).append(t.tid)
+        else:
+            self._fail_task(t, self.error_payload(exc), cause)
+
+    def handle_worker_died(self, source: str, msg: dict) -> None:
+        t = self.tasks.get(msg.get("tid") or b"")
+        if t is None or t.state != S.RUNNING or t.node != source:
+            return
+        how = msg.get("how", "exited")
+        if t.tid in self._force_cancelled:
+            self._force_cancelled.discard(t.tid)
+            self._finish_resources(t)
+            self._cancel_task(t, "worker killed by cancel(force=True)")
+            return
+        node = self.nodes.get(source)
+        where = node.name if node else source
+        err = WorkerCrashedError(
+            f"the worker process (pid {msg.get('pid')}) running task {t.name} on node "
+            f"{where} died: {how}. The task was tried {t.attempt} time(s); raise max_retries "
+            f"to retry more, or check the worker log in the session directory")
+        self._retry_or_fail(t, err, f"worker died: {how}")
+
+    def handle_task_blocked(self, source: str, msg: dict) -> None:
+        t = self.tasks.get(msg["tid"])
+        if t is None or t.state != S.RUNNING or t.blocked:
+            return
+        t.blocked = True
+        node = self.nodes.get(t.node or "")
+        if node is not None and "CPU" in t.res:
+            node.give({"CPU": t.res["CPU"]})
+
+    def handle_task_unblocked(self, source: str, msg: dict) -> None:
+        t = self.tasks.get(msg["tid"])
+        if t is None or t.state != S.RUNNING or not t.blocked:
+            return
+        t.blocked = False
+        node = self.nodes.get(t.node or "")
+        if node is not None and "CPU" in t.res:
+            node.take({"CPU": t.res["CPU"]})
+
+    # ------------------------------------------------------------ cancel
+    def handle_cancel(self, source: str, msg: dict) -> None:
+        t = self.tasks.get(ids.task_of(msg["oid"]))
+        if t is None or t.state is None or t.state.done:
+            return
+        force = bool(msg.get("force"))
+        if t.state == S.RUNNING:
+            if force:
+                self._force_cancelled.add(t.tid)
+            self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force})
+            return
+        self.infeasible.discard(t.tid)
+        self._cancel_task(t, "cancelled before it ran")
+
+    def _cancel_task(self, t: TaskRecord, cause: str) -> None:
+        self._transition(t, S.CANCELLED, cause)
+        self.counts["cancelled"] += 1
+        payload = self.error_payload(TaskCancelledError(f"task {t.name} was cancelled ({cause})"))
+        for oid in t.returns():
+            obj = self.objects.get(oid)
+            if obj is not None:
+                self._seal(obj, {"inline": payload, "size": len(payload), "error": True})
+                self._maybe_free(obj)
+        self._done(t)
+
+    # ------------------------------------------------------------ queries
+    def cluster_resources(self) -> dict[str, float]:
+        tot: dict[str, float] = {}
+        for n in self.nodes.values():
+            if n.alive:
+                for k, v in n.total.items():
+                    tot[k] = tot.get(k, 0.0) + v
+        return tot
+
+    def available_resources(self) -> dict[str, float]:
+        av: dict[str, float] = {}
+        for n in self.nodes.values():
+            if n.alive:
+                for k, v in n.available.items():
+                    av[k] = av.get(k, 0.0) + max(v, 0.0)
+        return av
+
+    def list_tasks(self, state: str | None = None, limit: int = 10_000) -> list[dict]:
+        out = []
+        for t in self.tasks.values():
+            if state is None or str(t.state) == state:
+                out.append(t.as_dict())
+                if len(out) >= limit:
+                    break
+        return out
+
+    def list_objects(self, limit: int = 10_000) -> list[dict]:
+        return [o.as_dict() for _, o in zip(range(limit), self.objects.values())]
+
+    def list_nodes(self) -> list[dict]:
+        return [n.as_dict() for n in self.nodes.values()]
+
+    def task_info(self, tid: bytes) -> dict | None:
+        t = self.tasks.get(tid)
+        if t is None:
+            return None
+        d = t.as_dict()
+        d["events"] = self.log.for_task(tid)
+        return d

@@ -1,0 +1,142 @@
+"""The head's Tornado server: feeds messages into ``SchedulerState`` and
+carries out what it returns."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from .._version import __version__
+from ..protocol.comm import Comm, serve
+from .machine import SchedulerState
+
+logger = logging.getLogger("flowcore.scheduler")
+
+#: ops answered directly by the server (requests carrying a ``rid``)
+_QUERY_OPS = ("cluster_resources", "available_resources", "list_nodes", "list_tasks",
+              "list_objects", "task_info", "event_log", "counts")
+
+
+class HeadServer:
+    def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0,
+                 session_dir: str | None = None):
+        self.token = token
+        self.host = host
+        self.port = port
+        self.session_dir = session_dir
+        self.state = SchedulerState()
+        self.comms: dict[str, Comm] = {}
+        self.server = None
+        self.address = ""
+        self.started = time.time()
+        self.stopped = asyncio.Event()
+        self._next_client = 0
+
+    def start(self) -> str:
+        self.server, self.port = serve(self.token, self._on_comm, self.host, self.port,
+                                       name="flowcore-scheduler")
+        self.address = f"tcp://{self.host}:{self.port}"
+        logger.info("flowcore-scheduler %s listening at %s", __version__, self.address)
+        return self.address
+
+    async def _on_comm(self, comm: Comm) -> None:
+        await comm.run(self._first_message)
+        cid = comm.info.get("id")
+        if cid is None:
+            return
+        self.comms.pop(cid, None)
+        if comm.info.get("role") == "node":
+            logger.warning("node %s disconnected", cid)
+            self._deliver(self.state.node_died(cid, "connection to the node was lost"))
+        else:
+            self._deliver(self.state.client_disconnected(cid))
+
+    # The first message names the peer; after it, messages go to _handle.
+    def _first_message(self, comm: Comm, msg: dict, frames: list) -> None:
+        if "id" in comm.info:
+            return self._handle(comm, msg, frames)
+        op = msg["op"]
+        if op == "register_node":
+            if msg.get("version") != __version__:
+                comm.reply(msg, ok=False, error=(
+                    f"node runs flowcore {msg.get('version')} but the head runs "
+                    f"{__version__}: install the same version on every machine"))
+                return None
+            nid = msg["node_id"]
+            comm.info.update(id=nid, role="node")
+            self.comms[nid] = comm
+            self._deliver(self.state.handle(nid, msg))
+            comm.reply(msg, ok=True, session_dir=self.session_dir)
+            logger.info("node %s joined from %s with %s", msg.get("name"), comm.peer,
+                        msg.get("resources"))
+        elif op == "register_client":
+            self._next_client += 1
+            cid = f"c{self._next_client}-{os.getpid()}"
+            comm.info.update(id=cid, role="client", kind=msg.get("kind"))
+            self.comms[cid] = comm
+            self._deliver(self.state.handle(cid, msg))
+            comm.reply(msg, ok=True, client_id=cid, nodes=self.state.list_nodes(),
+                       session_dir=self.session_dir, version=__version__)
+        else:
+            logger.warning("closing %s: first message was %r, not a registration", comm.peer, op)
+            comm.close()
+        return None
+
+    def _handle(self, comm: Comm, msg: dict, frames: list) -> None:
+        op = msg["op"]
+        src = comm.info["id"]
+        if op == "get_function":
+            comm.reply(msg, blob=self.state.function_blob(msg["fid"]))
+        elif op in _QUERY_OPS:
+            comm.reply(msg, result=self._query(op, msg))
+        elif op == "shutdown_cluster":
+            comm.reply(msg, ok=True)
+            asyncio.get_event_loop().call_later(0.01, self.stop)
+        else:
+            try:
+                out = self.state.handle(src, msg)
+            except Exception:
+                logger.exception("error handling %s from %s", op, src)
+                return
+            self._deliver(out)
+
+    def _query(self, op: str, msg: dict) -> Any:
+        s = self.state
+        if op == "cluster_resources":
+            return s.cluster_resources()
+        if op == "available_resources":
+            return s.available_resources()
+        if op == "list_nodes":
+            return s.list_nodes()
+        if op == "list_tasks":
+            return s.list_tasks(msg.get("state"), msg.get("limit", 10_000))
+        if op == "list_objects":
+            return s.list_objects(msg.get("limit", 10_000))
+        if op == "task_info":
+            return s.task_info(msg["tid"])
+        if op == "event_log":
+            return s.log.tail(msg.get("n", 100))
+        if op == "counts":
+            return dict(s.counts, tasks=len(s.tasks), objects=len(s.objects))
+        return None
+
+    def _deliver(self, out: list[tuple[str, dict]]) -> None:
+        comms = self.comms
+        for dest, m in out:
+            c = comms.get(dest)
+            if c is not None:
+                c.send(m)
+
+    def stop(self) -> None:
+        if self.stopped.is_set():
+            return
+        for cid, c in list(self.comms.items()):
+            if c.info.get("role") == "node":
+                c.send({"op": "shutdown"})
+        for c in list(self.comms.values()):
+            c.close()
+        if self.server is not None:
+            self.server.stop()
+        self.stopped.set()

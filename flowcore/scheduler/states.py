@@ -1,0 +1,96 @@
+"""Task states, the one transition table, and the bounded event log."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from enum import Enum
+from typing import Any, Iterable
+
+
+class TaskState(str, Enum):
+    WAITING_FOR_ARGS = "WAITING_FOR_ARGS"
+    QUEUED = "QUEUED"
+    INFEASIBLE = "INFEASIBLE"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"
+
+    def __str__(self) -> str:  # logs and dashboards show the bare name
+        return self.value
+
+    @property
+    def done(self) -> bool:
+        return self in _DONE
+
+
+_DONE = {TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED}
+
+S = TaskState
+NEW = None  # the pseudo-state of a task not yet in the table
+
+#: (from, to) -> transition name.  Any other pair is a bug and raises.
+TRANSITIONS: dict[tuple[TaskState | None, TaskState], str] = {
+    (NEW, S.WAITING_FOR_ARGS): "submit_waiting",
+    (NEW, S.QUEUED): "submit_ready",
+    (NEW, S.FAILED): "submit_failed_dependency",
+    (NEW, S.CANCELLED): "submit_cancelled",
+    (S.WAITING_FOR_ARGS, S.QUEUED): "args_ready",
+    (S.WAITING_FOR_ARGS, S.FAILED): "dependency_failed",
+    (S.WAITING_FOR_ARGS, S.CANCELLED): "cancel_waiting",
+    (S.QUEUED, S.RUNNING): "dispatch",
+    (S.QUEUED, S.INFEASIBLE): "mark_infeasible",
+    (S.QUEUED, S.CANCELLED): "cancel_queued",
+    (S.INFEASIBLE, S.QUEUED): "became_feasible",
+    (S.INFEASIBLE, S.CANCELLED): "cancel_infeasible",
+    (S.RUNNING, S.FINISHED): "finish",
+    (S.RUNNING, S.FAILED): "fail",
+    (S.RUNNING, S.QUEUED): "retry",
+    (S.RUNNING, S.CANCELLED): "cancel_running",
+    (S.RUNNING, S.LOST): "node_lost",
+    (S.LOST, S.QUEUED): "resubmit_lost",
+    (S.LOST, S.FAILED): "lost_unrecoverable",
+    (S.FINISHED, S.WAITING_FOR_ARGS): "reconstruct_waiting",
+    (S.FINISHED, S.QUEUED): "reconstruct",
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+def transition_name(old: TaskState | None, new: TaskState) -> str:
+    try:
+        return TRANSITIONS[(old, new)]
+    except KeyError:
+        raise InvalidTransition(f"no transition from {old} to {new}") from None
+
+
+class EventLog:
+    """Bounded log of (time, task id, from, to, transition, cause)."""
+
+    def __init__(self, maxlen: int = 100_000):
+        self.events: deque[tuple[float, bytes, str | None, str, str, str]] = deque(maxlen=maxlen)
+
+    def record(self, task_id: bytes, old: TaskState | None, new: TaskState,
+               name: str, cause: str) -> None:
+        self.events.append((time.time(), task_id, old.value if old else None,
+                            new.value, name, cause))
+
+    def for_task(self, task_id: bytes) -> list[dict[str, Any]]:
+        return [self._row(e) for e in self.events if e[1] == task_id]
+
+    def tail(self, n: int = 100) -> list[dict[str, Any]]:
+        return [self._row(e) for e in list(self.events)[-n:]]
+
+    @staticmethod
+    def _row(e: tuple) -> dict[str, Any]:
+        return {"time": e[0], "task_id": e[1].hex(), "from": e[2], "to": e[3],
+                "transition": e[4], "cause": e[5]}
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self) -> Iterable:
+        return iter(self.events)

