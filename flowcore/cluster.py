@@ -60,7 +60,9 @@ class LocalCluster:
     def _spawn(self, module: str, args: list[str], log_file: str,
                env: dict | None = None) -> tuple[subprocess.Popen, str]:
         ready_r, ready_w = os.pipe()
-        cmd = [_python(), "-m", module, *args, "--ready-fd", str(ready_w),
+        prof = os.environ.get("FLOWCORE_PROFILE_DIR")
+        pre = ["/tmp/prof2.py", module, os.path.join(prof, module + ".prof")] if prof else ["-m", module]
+        cmd = [_python(), *pre, *args, "--ready-fd", str(ready_w),
                "--lifeline-fd", str(self._life_r), "--log-file", log_file]
         full_env = dict(os.environ)
         full_env.update(env or {})

@@ -1,11 +1,13 @@
 """The node's worker-pool decisions, free of IO.
 
-Tasks arrive from the head already placed on this node (the head accounts
-resources); the pool decides which worker runs each one and when to start
-another worker process.  It starts one when a task is waiting, no worker is
-idle or starting for it, and fewer workers are actively running than there
-are tasks that need one (workers blocked in ``get`` do not count), up to a
-cap.  Methods return actions; the server carries them out.
+Tasks arrive from the head already placed on this node.  The head may send
+a few more than fit right now (pipelining, so a worker that finishes picks
+up its next task without a round trip through the head); the pool enforces
+the node's resources itself: a task starts only when its resources are free
+here and a worker is idle.  A new worker process starts when a task could
+start but no worker is idle or starting for it (workers blocked in ``get``
+give their CPU back, which is what makes room), up to a cap.  Methods
+return actions; the server carries them out.
 """
 from __future__ import annotations
 
@@ -28,14 +30,19 @@ class WorkerInfo:
     tasks_run: int = 0
 
 
-Action = tuple  # ("spawn",) | ("run", wid, task) | ("died", task, wid) | ("warn", text)
+Action = tuple  # ("spawn", wid) | ("run", wid, task) | ("died", task, wid) | ("retire", wid)
+#               | ("warn", text)
+
+_EPS = 1e-9
 
 
 class WorkerPool:
-    def __init__(self, num_cpus: float, max_workers: int | None = None,
+    def __init__(self, resources: dict[str, float], max_workers: int | None = None,
                  gpu_ids: list[int] | None = None, min_workers: int | None = None):
-        self.num_cpus = num_cpus
-        self.min_workers = min_workers if min_workers is not None else max(1, math.ceil(num_cpus))
+        self.total = dict(resources)
+        self.available = dict(resources)
+        cpus = self.total.get("CPU", 0.0)
+        self.min_workers = min_workers if min_workers is not None else max(1, math.ceil(cpus))
         self.max_workers = max_workers or max(32, 4 * self.min_workers)
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[dict] = deque()
@@ -46,10 +53,6 @@ class WorkerPool:
         self.max_startup_failures = 5
 
     # ------------------------------------------------------------ helpers
-    def new_worker_id(self) -> str:
-        self._next += 1
-        return f"w{self._next}"
-
     def counts(self) -> dict[str, int]:
         c = {IDLE: 0, BUSY: 0, STARTING: 0, "blocked": 0}
         for w in self.workers.values():
@@ -58,12 +61,33 @@ class WorkerPool:
                 c["blocked"] += 1
         return c
 
-    def _spawn(self, actions: list[Action]) -> None:
+    def _fits(self, res: dict[str, float]) -> bool:
+        av = self.available
+        return all(av.get(k, 0.0) >= v - _EPS for k, v in res.items() if v)
+
+    def _take(self, res: dict[str, float], sign: float = -1.0) -> None:
+        for k, v in res.items():
+            if v:
+                self.available[k] = self.available.get(k, 0.0) + sign * v
+
+    def _spawn(self, actions: list[Action]) -> bool:
         if self.startup_failures >= self.max_startup_failures:
-            return
-        wid = self.new_worker_id()
+            return False
+        if len(self.workers) >= self.max_workers:
+            c = self.counts()
+            if not self.warned_cap:
+                self.warned_cap = True
+                actions.append(("warn",
+                    f"{len(self.queue)} task(s) wait for a worker but the node already runs "
+                    f"{len(self.workers)} workers (the cap, max_workers), {c['blocked']} of "
+                    f"them blocked in get(); raise max_workers or avoid blocking get() "
+                    f"inside tasks"))
+            return False
+        self._next += 1
+        wid = f"w{self._next}"
         self.workers[wid] = WorkerInfo(wid)
         actions.append(("spawn", wid))
+        return True
 
     def startup(self) -> list[Action]:
         actions: list[Action] = []
@@ -73,32 +97,41 @@ class WorkerPool:
 
     def _pump(self) -> list[Action]:
         actions: list[Action] = []
+        if not self.queue:
+            return actions
+        idle = [w for w in self.workers.values() if w.state == IDLE]
+        starting = sum(1 for w in self.workers.values() if w.state == STARTING)
+        runnable_without_worker = 0
+        kept: deque[dict] = deque()
         while self.queue:
-            idle = next((w for w in self.workers.values() if w.state == IDLE), None)
-            if idle is None:
-                break
             task = self.queue.popleft()
-            self._assign(idle, task, actions)
-        if self.queue:
-            c = self.counts()
-            active = c[BUSY] - c["blocked"] + c[STARTING]
-            need = len(self.queue) + c[BUSY] - c["blocked"]
-            to_start = min(len(self.queue) - c[STARTING], need - active)
-            for _ in range(max(0, to_start)):
-                if len(self.workers) >= self.max_workers:
-                    if not self.warned_cap and c["blocked"]:
-                        self.warned_cap = True
-                        actions.append(("warn",
-                            f"{len(self.queue)} task(s) wait for a worker but the node "
-                            f"already runs {len(self.workers)} workers (the cap), "
-                            f"{c['blocked']} of them blocked in get(); raise max_workers "
-                            f"or avoid blocking get() inside tasks"))
-                    break
-                self._spawn(actions)
+            res = task.get("res") or {}
+            if not self._fits(res):
+                kept.append(task)
+                continue
+            if idle:
+                self._assign(idle.pop(), task, actions)
+            else:
+                # it could run now if it had a worker: reserve its resources
+                # for it so later tasks do not jump ahead, and count it
+                runnable_without_worker += 1
+                self._take(res)
+                task["_reserved"] = True
+                kept.append(task)
+        self.queue = kept
+        for _ in range(runnable_without_worker - starting):
+            if not self._spawn(actions):
+                break
+        # reservations are only for this decision; give them back
+        for task in self.queue:
+            if task.pop("_reserved", False):
+                self._take(task.get("res") or {}, +1.0)
         return actions
 
     def _assign(self, w: WorkerInfo, task: dict, actions: list[Action]) -> None:
-        ngpu = task.get("res", {}).get("GPU", 0) or 0
+        res = task.get("res") or {}
+        self._take(res)
+        ngpu = res.get("GPU", 0) or 0
         if ngpu:
             k = max(1, math.ceil(ngpu))
             w.gpus, self.free_gpus = self.free_gpus[:k], self.free_gpus[k:]
@@ -107,13 +140,21 @@ class WorkerPool:
         task["gpu_ids"] = list(w.gpus)
         w.state = BUSY
         w.task = task
+        w.blocked = False
         w.tasks_run += 1
         actions.append(("run", w.wid, task))
 
-    def _release_gpus(self, w: WorkerInfo) -> None:
+    def _release(self, w: WorkerInfo) -> None:
+        task = w.task
+        if task is not None:
+            res = dict(task.get("res") or {})
+            if w.blocked and "CPU" in res:
+                res.pop("CPU")  # already given back while blocked
+            self._take(res, +1.0)
         if w.gpus:
             self.free_gpus = sorted(self.free_gpus + w.gpus)
             w.gpus = []
+        w.task, w.blocked = None, False
 
     # ------------------------------------------------------------ events
     def task_arrived(self, task: dict) -> list[Action]:
@@ -133,8 +174,8 @@ class WorkerPool:
         w = self.workers.get(wid)
         if w is None:
             return []
-        self._release_gpus(w)
-        w.state, w.task, w.blocked = IDLE, None, False
+        self._release(w)
+        w.state = IDLE
         actions = self._pump()
         # shrink back towards the warm pool size when extra workers go idle
         if len(self.workers) > self.min_workers and w.state == IDLE and not self.queue:
@@ -144,9 +185,12 @@ class WorkerPool:
 
     def worker_blocked(self, wid: str, blocked: bool) -> list[Action]:
         w = self.workers.get(wid)
-        if w is None or w.state != BUSY:
+        if w is None or w.state != BUSY or w.blocked == blocked or w.task is None:
             return []
         w.blocked = blocked
+        cpu = (w.task.get("res") or {}).get("CPU", 0.0)
+        if cpu:
+            self._take({"CPU": cpu}, +1.0 if blocked else -1.0)
         return self._pump() if blocked else []
 
     def worker_died(self, wid: str) -> list[Action]:
@@ -161,8 +205,9 @@ class WorkerPool:
                                 "died before registering; not starting more. See the worker "
                                 "logs in the session directory"))
         if w.task is not None:
-            self._release_gpus(w)
-            actions.append(("died", w.task, wid))
+            task = w.task
+            self._release(w)
+            actions.append(("died", task, wid))
         if len(self.workers) < self.min_workers:
             self._spawn(actions)
         actions.extend(self._pump())
@@ -185,4 +230,5 @@ class WorkerPool:
         return None
 
     def snapshot(self) -> dict[str, Any]:
-        return {"workers": len(self.workers), "queued": len(self.queue), **self.counts()}
+        return {"workers": len(self.workers), "queued": len(self.queue),
+                "available": dict(self.available), **self.counts()}

@@ -37,7 +37,7 @@ class NodeServer:
         self.session_dir = session_dir
         self.resources = {"CPU": float(num_cpus), **({"GPU": float(num_gpus)} if num_gpus else {}),
                           **(resources or {})}
-        self.pool = WorkerPool(num_cpus, max_workers, list(range(num_gpus)))
+        self.pool = WorkerPool(self.resources, max_workers, list(range(num_gpus)))
         self.worker_env = worker_env or {}
         self.worker_cwd = worker_cwd
         sweep_stale_segments()
@@ -131,6 +131,7 @@ class NodeServer:
                     comm.send({"op": "exit"})
             elif kind == "warn":
                 logger.warning(a[1])
+
 
     def _spawn_worker(self, wid: str) -> None:
         env = dict(os.environ)

@@ -148,13 +148,20 @@ class ObjectStore:
             os.makedirs(spill_dir, exist_ok=True)
             made_dirs.append(spill_dir)
         self.path = arena_path(shm_dir, session_id, os.getpid())
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            for d in made_dirs:
+                os.rmdir(d)
+            raise
         self._files.add(self.path)
         try:
             os.ftruncate(fd, capacity)  # sparse: pages appear on first touch
             self._mm = mmap.mmap(fd, capacity)
         except BaseException:
             os.unlink(self.path)
+            for d in made_dirs:
+                os.rmdir(d)
             raise
         finally:
             os.close(fd)

@@ -92,28 +92,45 @@ class Comm:
         self.send(out)
 
     # ------------------------------------------------------------ receiving
-    async def read_batch(self) -> tuple[list[dict], list[memoryview]]:
-        prefix = await self.stream.read_bytes(frames.PREFIX.size)
-        (n,) = frames.PREFIX.unpack(prefix)
-        frames.check_body_length(n, self.limits)
-        body = await self.stream.read_bytes(n)
-        return frames.decode_body(body, self.limits)
-
     async def run(self, handle: Callable[["Comm", dict, list], Any]) -> None:
         """Read batches until the connection closes; ``reply`` messages
-        resolve pending requests, everything else goes to ``handle``."""
+        resolve pending requests, everything else goes to ``handle``.
+
+        Reads take whatever the socket has (one await per recv, not per
+        message) and every complete batch in the buffer is handled at once.
+        """
+        buf = bytearray()
+        prefix = frames.PREFIX.size
+        pending = self._pending
         try:
             while True:
-                msgs, bufs = await self.read_batch()
-                for msg in msgs:
-                    if msg["op"] == "reply":
-                        fut = self._pending.pop(msg.get("rid"), None)
-                        if fut is not None and not fut.done():
-                            fut.set_result(msg)
-                        continue
-                    r = handle(self, msg, bufs)
-                    if r is not None and asyncio.iscoroutine(r):
-                        asyncio.ensure_future(r)
+                chunk = await self.stream.read_bytes(1 << 20, partial=True)
+                if buf:
+                    buf += chunk
+                    data = memoryview(buf)
+                else:
+                    data = memoryview(chunk)
+                pos = 0
+                end = len(data)
+                while end - pos >= prefix:
+                    (n,) = frames.PREFIX.unpack_from(data, pos)
+                    frames.check_body_length(n, self.limits)
+                    if end - pos - prefix < n:
+                        break
+                    msgs, bufs = frames.decode_body(data[pos + prefix:pos + prefix + n],
+                                                    self.limits)
+                    pos += prefix + n
+                    for msg in msgs:
+                        if msg["op"] == "reply":
+                            fut = pending.pop(msg.get("rid"), None)
+                            if fut is not None and not fut.done():
+                                fut.set_result(msg)
+                            continue
+                        r = handle(self, msg, bufs)
+                        if r is not None and asyncio.iscoroutine(r):
+                            asyncio.ensure_future(r)
+                rest = bytes(data[pos:]) if pos < end else b""
+                buf = bytearray(rest)
         except StreamClosedError:
             pass
         except ProtocolError as e:

@@ -162,7 +162,7 @@ class ObjectRecord:
 class SchedulerState:
     """The control tables and the futures DAG."""
 
-    def __init__(self, *, event_log_size: int = 100_000,
+    def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
                  error_payload: Callable[[BaseException], bytes] = default_error_payload):
         self.nodes: dict[str, NodeRecord] = {}
         self.functions: dict[bytes, dict] = {}
@@ -179,6 +179,7 @@ class SchedulerState:
         self.warnings: list[str] = []
         self.latencies: deque[float] = deque(maxlen=10_000)
         self._force_cancelled: set[bytes] = set()
+        self.pipeline_depth = pipeline_depth
 
     # ------------------------------------------------------------ plumbing
     def handle(self, source: str, msg: dict) -> Out:
@@ -465,11 +466,31 @@ class SchedulerState:
                         if cpu > best_cpu:
                             best, best_cpu = n, cpu
                 if best is None:
+                    best = self._pipeline_target(t, nodes)
+                if best is None:
                     break
                 q.popleft()
                 self._dispatch(t, best)
             if not q:
                 del self.queues[shape]
+
+    def _pipeline_target(self, t: TaskRecord, nodes: list[NodeRecord]) -> NodeRecord | None:
+        """A node to send ``t`` to ahead of time, though it does not fit now.
+
+        Only CPU-only tasks are pipelined, at most ``pipeline_depth`` per CPU
+        beyond what runs: the node starts them when its own workers free up,
+        without a round trip through the head."""
+        if self.pipeline_depth <= 0 or any(k != "CPU" for k in t.res):
+            return None
+        best, best_load = None, None
+        for n in nodes:
+            cpus = n.total.get("CPU", 0.0)
+            if not n.could_ever_fit(t.res) or cpus <= 0:
+                continue
+            load = len(n.running) / cpus
+            if load < 1.0 + self.pipeline_depth and (best_load is None or load < best_load):
+                best, best_load = n, load
+        return best
 
     def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
         node.take(t.res)
