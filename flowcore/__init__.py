@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar, overload
 
-from . import exceptions
+from . import exceptions, state
 from ._version import __version__
 from .api import (available_resources, cancel, cluster_resources, get, get_runtime_context,
                   init, is_initialized, nodes, put, shutdown, wait)

@@ -5,6 +5,7 @@ import atexit
 import logging
 import math
 import os
+import sys
 import threading
 from typing import Any, Sequence, TypeVar, overload
 
@@ -72,8 +73,10 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         from .client.core import CoreClient
         from .cluster import LocalCluster
 
+        from .remote_function import set_worker_paths
         address = address or os.environ.get("FLOWCORE_ADDRESS") or None
         if address is None:
+            set_worker_paths(list(sys.path))
             cluster = LocalCluster(session_dir=session_dir, token=token)
             try:
                 cluster.start_head()
@@ -90,6 +93,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             _info = {"address": cluster.head_address, "session_dir": cluster.session_dir,
                      "node_id": node.node_id, "dashboard_url": None}
         else:
+            set_worker_paths(None)
             token = token or os.environ.get("FLOWCORE_TOKEN")
             if not token:
                 raise ValueError("connecting to a cluster needs its token: pass "

@@ -26,11 +26,24 @@ class ArgRef:
         return (ArgRef, (self.i,))
 
 
-def _worker_paths() -> list[str]:
-    raw = os.environ.get("FLOWCORE_WORKER_SYS_PATH_SNAPSHOT")
-    if raw is None:
-        return list(sys.path)
-    return raw.split(os.pathsep)
+_worker_paths: list[str] | None = None
+
+
+def set_worker_paths(paths: list[str] | None) -> None:
+    """Record the import path worker processes were given (None: unknown,
+    e.g. a cluster started elsewhere, where only installed packages are
+    assumed importable)."""
+    global _worker_paths
+    _worker_paths = None if paths is None else [os.path.abspath(p or os.getcwd()) for p in paths]
+
+
+def _importable_roots() -> list[str]:
+    if _worker_paths is not None:
+        return _worker_paths
+    import sysconfig
+    return [os.path.abspath(p) for p in {sysconfig.get_paths()["purelib"],
+                                         sysconfig.get_paths()["platlib"],
+                                         sysconfig.get_paths()["stdlib"]}]
 
 
 def pickle_callable(fn: Any) -> bytes:
@@ -45,7 +58,7 @@ def pickle_callable(fn: Any) -> bytes:
         path = getattr(mod, "__file__", None)
         if path:
             path = os.path.abspath(path)
-            roots = [os.path.abspath(p or os.getcwd()) for p in _worker_paths()]
+            roots = _importable_roots()
             if not any(path.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
                 top = sys.modules.get(mod_name.split(".")[0], mod)
                 by_value = top

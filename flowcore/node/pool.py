@@ -43,7 +43,7 @@ class WorkerPool:
         self.available = dict(resources)
         cpus = self.total.get("CPU", 0.0)
         self.min_workers = min_workers if min_workers is not None else max(1, math.ceil(cpus))
-        self.max_workers = max_workers or max(32, 4 * self.min_workers)
+        self.max_workers = max_workers or max(128, 8 * self.min_workers)
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[dict] = deque()
         self.free_gpus = list(gpu_ids or [])

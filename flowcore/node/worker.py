@@ -101,6 +101,8 @@ class Worker:
         client.current_task = task
         self.running_tid = tid
         status, results, retryable = "ok", None, False
+        keep: list = []  # values stay alive until task_done is queued, so refs inside
+        # them are not dropped (decref) before the head learns they are held
         try:
             try:
                 fn = self.function(task["fid"])
@@ -118,9 +120,11 @@ class Worker:
                             + (f" of length {len(value)}" if hasattr(value, "__len__") else "")
                             + f"; return a tuple of {nret} values")
                     values = list(value)
+                keep.append(value)
                 del value
                 self.running_tid = None
                 results = [self._store_result(tid, i, v) for i, v in enumerate(values)]
+                keep.append(values)
                 del values
             except KeyboardInterrupt:
                 self.running_tid = None
@@ -141,6 +145,7 @@ class Worker:
                "retryable": retryable}
         client.send("node", {"op": "worker_idle", "tid": tid})
         client.send("head", msg)
+        del keep
 
     def _store_result(self, tid: bytes, i: int, value: Any) -> dict:
         from .. import ids

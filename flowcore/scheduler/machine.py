@@ -180,6 +180,10 @@ class SchedulerState:
         self.latencies: deque[float] = deque(maxlen=10_000)
         self._force_cancelled: set[bytes] = set()
         self.pipeline_depth = pipeline_depth
+        # dependents of failed objects, failed by a loop rather than by
+        # recursion so a long chain of tasks cannot overflow the stack
+        self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
+        self._failing = False
 
     # ------------------------------------------------------------ plumbing
     def handle(self, source: str, msg: dict) -> Out:
@@ -308,20 +312,31 @@ class SchedulerState:
                 self._maybe_free(obj)
 
     def _maybe_free(self, obj: ObjectRecord) -> None:
-        if obj.clients or obj.holds > 0 or obj.state == PENDING:
-            return
-        del self.objects[obj.oid]
-        for nid in obj.nodes:
-            self._send(nid, {"op": "delete_objects", "oids": [obj.oid]})
-        if obj.nested:
-            self._release(obj.nested)
-        t = self.tasks.get(ids.task_of(obj.oid))
-        if t is not None:
-            t.returns_alive -= 1
-            self._maybe_prune(t)
+        # iterative, not recursive: a long chain of containers (each holding
+        # a ref to the next) must not overflow the stack when it is freed
+        stack = [obj]
+        while stack:
+            obj = stack.pop()
+            if obj.clients or obj.holds > 0 or obj.state == PENDING:
+                continue
+            if self.objects.get(obj.oid) is not obj:
+                continue  # already freed (e.g. listed twice in a container)
+            del self.objects[obj.oid]
+            for nid in obj.nodes:
+                self._send(nid, {"op": "delete_objects", "oids": [obj.oid]})
+            for oid in obj.nested:
+                inner = self.objects.get(oid)
+                if inner is not None:
+                    inner.holds -= 1
+                    stack.append(inner)
+            t = self.tasks.get(ids.task_of(obj.oid))
+            if t is not None:
+                t.returns_alive -= 1
+                self._maybe_prune(t)
 
     def _maybe_prune(self, t: TaskRecord) -> None:
-        if t.returns_alive <= 0 and t.state is not None and t.state.done:
+        if t.returns_alive <= 0 and t.state is not None and t.state.done \
+                and self.tasks.get(t.tid) is t:
             del self.tasks[t.tid]
 
     # ------------------------------------------------------------ objects
@@ -358,11 +373,26 @@ class SchedulerState:
             if t is None or t.state != S.WAITING_FOR_ARGS:
                 continue
             if obj.error:
-                self._fail_task(t, obj.inline or b"", f"argument {ids.short(obj.oid)} failed")
+                self._to_fail.append((tid, obj.inline or b"",
+                                      f"argument {ids.short(obj.oid)} failed"))
                 continue
             t.missing.discard(obj.oid)
             if not t.missing:
                 self._enqueue(t, "arguments ready")
+        self._fail_dependents()
+
+    def _fail_dependents(self) -> None:
+        if self._failing:
+            return  # an outer call is draining the queue
+        self._failing = True
+        try:
+            while self._to_fail:
+                tid, payload, cause = self._to_fail.popleft()
+                t = self.tasks.get(tid)
+                if t is not None and t.state == S.WAITING_FOR_ARGS:
+                    self._fail_task(t, payload, cause)
+        finally:
+            self._failing = False
 
     def handle_subscribe(self, source: str, msg: dict) -> None:
         for oid in msg["oids"]:
@@ -521,6 +551,7 @@ class SchedulerState:
 
     def _done(self, t: TaskRecord) -> None:
         t.ended = time.time()
+        self._force_cancelled.discard(t.tid)
         self._release(t.deps)
         self._release(t.nested)
         self._maybe_prune(t)

@@ -1,0 +1,1 @@
+"""Benchmark harness comparing flowcore with Ray and Dask (see README.md)."""

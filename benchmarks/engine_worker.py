@@ -1,0 +1,403 @@
+"""One engine, one fresh interpreter: measure every workload, print JSON lines.
+
+Usage (normally started by ``python -m benchmarks.run``)::
+
+    python benchmarks/engine_worker.py ENGINE [--quick] [--only NAME,...]
+
+Every result is printed on its own stdout line prefixed with ``@@BENCH `` as
+soon as it is known, so a parent that has to kill a hung run still keeps the
+results measured before the hang.
+"""
+import time
+
+T0 = time.perf_counter()  # first statement: cold start is measured from here
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from benchmarks.adapters import EngineUnavailable, make_engine  # noqa: E402  (stdlib only)
+
+MiB = 1 << 20
+PREFIX = "@@BENCH "
+
+
+# --------------------------------------------------------------------------------------
+# Task bodies. They live in __main__ so that every engine ships them by value
+# (cloudpickle); numpy is imported inside them so that no engine relies on the
+# driver's globals.
+
+def one():
+    return 1
+
+
+def noop():
+    return None
+
+
+def array_len(arr):
+    return arr.shape[0]
+
+
+def leaf(n):
+    import numpy as np
+    return np.ones(n)
+
+
+def add(a, b):
+    return a + b
+
+
+# --------------------------------------------------------------------------------------
+# Sizes. --quick shrinks durations and counts, not the array sizes the targets refer to.
+
+FULL = dict(
+    sync_seconds=2.0,
+    async_n=1000, async_reps=5,
+    small_seconds=1.5, small_max=20000,
+    large_mib=100, put_seconds=1.5, copy_seconds=1.0,
+    get_reps=10,
+    bigarg_n=100,
+    tree_leaves=256, tree_leaf_len=131072, tree_reps=3, tree_warmups=1,
+    workload_timeout=120,
+)
+QUICK = dict(
+    FULL,
+    sync_seconds=0.3,
+    async_n=200, async_reps=2,
+    small_seconds=0.3, small_max=2000,
+    put_seconds=0.4, copy_seconds=0.3,
+    get_reps=3,
+    bigarg_n=20,
+    tree_reps=1, tree_warmups=0,
+    workload_timeout=60,
+)
+
+perf = time.perf_counter
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+# --------------------------------------------------------------------------------------
+# Workloads: each takes (engine, cfg) and returns {metric: value}.
+
+def w_sync_rtt(eng, cfg):
+    f = eng.remote(noop)
+    for _ in range(10):
+        eng.get(f())
+    n = 0
+    t0 = perf()
+    deadline = t0 + cfg["sync_seconds"]
+    while True:
+        eng.get(f())
+        n += 1
+        t = perf()
+        if t >= deadline:
+            break
+    return {"sync_rtt_per_s": n / (t - t0), "sync_rtt_count": n}
+
+
+def w_async_tasks(eng, cfg):
+    f = eng.remote(noop)
+    n = cfg["async_n"]
+    eng.get([f() for _ in range(n)])  # warm-up rep, not counted
+    rates, submit_rates = [], []
+    for _ in range(cfg["async_reps"]):
+        t0 = perf()
+        refs = [f() for _ in range(n)]
+        t1 = perf()
+        out = eng.get(refs)
+        dt = perf() - t0
+        if len(out) != n:
+            raise AssertionError(f"got {len(out)} results for {n} tasks")
+        rates.append(n / dt)
+        submit_rates.append(n / (t1 - t0))
+        del refs, out
+    return {"async_tasks_per_s": median(rates), "async_submit_per_s": median(submit_rates)}
+
+
+def w_small_put_get(eng, cfg):
+    payload = b"x" * 100
+    for _ in range(10):
+        eng.get(eng.put(payload))
+    refs = []
+    limit = cfg["small_max"]
+    t0 = perf()
+    deadline = t0 + cfg["small_seconds"]
+    while True:
+        refs.append(eng.put(payload))
+        t = perf()
+        if t >= deadline or len(refs) >= limit:
+            break
+    put_rate = len(refs) / (t - t0)
+    got = 0
+    t0 = perf()
+    deadline = t0 + cfg["small_seconds"]
+    for r in refs:
+        v = eng.get(r)
+        got += 1
+        t = perf()
+        if t >= deadline:
+            break
+    get_rate = got / (t - t0)
+    if v != payload:
+        raise AssertionError(f"get returned {v!r:.60}")
+    return {"small_put_per_s": put_rate, "small_get_per_s": get_rate,
+            "small_put_count": len(refs), "small_get_count": got}
+
+
+def w_large_put(eng, cfg):
+    import numpy as np
+    nbytes = cfg["large_mib"] * MiB
+    arr = np.arange(nbytes // 8, dtype=np.float64)
+    # Reference: a plain in-process copy into a preallocated destination.
+    dst = np.empty_like(arr)
+    np.copyto(dst, arr)
+    n = 0
+    t0 = perf()
+    deadline = t0 + cfg["copy_seconds"]
+    while True:
+        np.copyto(dst, arr)
+        n += 1
+        t = perf()
+        if t >= deadline and n >= 3:
+            break
+    copy_gbps = n * nbytes / (t - t0) / 1e9
+    del dst
+    # Engine: one warm put, then put-and-drop for put_seconds.
+    t = perf()
+    ref = eng.put(arr)
+    first_put_s = perf() - t
+    del ref
+    n = 0
+    t0 = perf()
+    deadline = t0 + cfg["put_seconds"]
+    while True:
+        ref = eng.put(arr)
+        del ref
+        n += 1
+        t = perf()
+        if t >= deadline and n >= 3:
+            break
+    put_gbps = n * nbytes / (t - t0) / 1e9
+    return {"large_put_gbps": put_gbps, "copy_gbps": copy_gbps,
+            "large_put_vs_copy": put_gbps / copy_gbps, "large_first_put_s": first_put_s,
+            "large_put_count": n}
+
+
+def w_large_get(eng, cfg):
+    import numpy as np
+    big = cfg["large_mib"] * MiB
+    small = big // 10
+    a_small = np.arange(small // 8, dtype=np.float64)
+    a_big = np.arange(big // 8, dtype=np.float64)
+    r_small, r_big = eng.put(a_small), eng.put(a_big)
+    for ref, a in ((r_small, a_small), (r_big, a_big)):
+        v = eng.get(ref)  # warm-up get, also checks the content
+        if v.shape != a.shape or v[-1] != a[-1]:
+            raise AssertionError("large get returned wrong data")
+        del v
+    del a_small, a_big
+    ts, tb = [], []
+    for _ in range(cfg["get_reps"]):
+        t = perf()
+        v = eng.get(r_small)
+        ts.append(perf() - t)
+        del v
+        t = perf()
+        v = eng.get(r_big)
+        tb.append(perf() - t)
+        del v
+    m_small, m_big = median(ts), median(tb)
+    return {"large_get_gbps": big / m_big / 1e9,
+            "large_get_small_ms": m_small * 1e3, "large_get_big_ms": m_big * 1e3,
+            "large_get_growth": m_big / m_small}
+
+
+def w_big_arg(eng, cfg):
+    import numpy as np
+    arr = np.ones(cfg["large_mib"] * MiB // 8)
+    ref = eng.put(arr)
+    expected = arr.shape[0]
+    del arr
+    f = eng.remote(array_len)
+    eng.get([f(ref) for _ in range(2)])  # warm-up: lets each worker map/fetch the array
+    n = cfg["bigarg_n"]
+    t0 = perf()
+    out = eng.get([f(ref) for _ in range(n)])
+    dt = perf() - t0
+    bad = [x for x in out if x != expected]
+    if len(out) != n or bad:
+        raise AssertionError(f"wrong results: {bad[:3]}")
+    return {"big_arg_tasks_per_s": n / dt}
+
+
+def w_tree_reduce(eng, cfg):
+    leaf_r, add_r = eng.remote(leaf), eng.remote(add)
+    leaves, length = cfg["tree_leaves"], cfg["tree_leaf_len"]
+
+    def once():
+        t0 = perf()
+        level = [leaf_r(length) for _ in range(leaves)]
+        while len(level) > 1:
+            nxt = [add_r(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+            if len(level) % 2:
+                nxt.append(level[-1])
+            level = nxt
+        out = eng.get(level[0])
+        dt = perf() - t0
+        total = float(out.sum())
+        if out.shape != (length,) or total != float(leaves * length):
+            raise AssertionError(f"tree sum {total} != {leaves * length} (shape {out.shape})")
+        return dt
+
+    for _ in range(cfg["tree_warmups"]):
+        once()
+    times = [once() for _ in range(cfg["tree_reps"])]
+    return {"tree_reduce_s": median(times)}
+
+
+WORKLOADS = [
+    ("sync_rtt", w_sync_rtt),
+    ("async_tasks", w_async_tasks),
+    ("small_put_get", w_small_put_get),
+    ("large_put", w_large_put),
+    ("large_get", w_large_get),
+    ("big_arg", w_big_arg),
+    ("tree_reduce", w_tree_reduce),
+]
+WORKLOAD_NAMES = [n for n, _ in WORKLOADS]
+ALWAYS = ("cold_start", "idle_memory")  # by-products of starting the engine
+
+
+# --------------------------------------------------------------------------------------
+
+class WorkloadTimeout(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise WorkloadTimeout("workload exceeded its time limit")
+
+
+def emit(kind, **record):
+    sys.stdout.write(PREFIX + json.dumps({"kind": kind, **record}) + "\n")
+    sys.stdout.flush()
+
+
+def error_text(exc):
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+def parse_args(argv):
+    # Hand-rolled on purpose: nothing heavier than sys/json before the engine import.
+    if len(argv) < 1:
+        raise SystemExit("usage: engine_worker.py ENGINE [--quick] [--only NAME,...] "
+                         "[--workload-timeout S]")
+    engine, quick, only, wl_timeout = argv[0], False, None, None
+    it = iter(argv[1:])
+    for a in it:
+        if a == "--quick":
+            quick = True
+        elif a == "--only":
+            only = [x for x in next(it).split(",") if x]
+        elif a == "--workload-timeout":
+            wl_timeout = int(float(next(it)))
+        else:
+            raise SystemExit(f"unknown argument {a!r}")
+    return engine, quick, only, wl_timeout
+
+
+def main(argv):
+    engine_name, quick, only, wl_timeout = parse_args(argv)
+    cfg = dict(QUICK if quick else FULL)
+    if wl_timeout:
+        cfg["workload_timeout"] = max(1, wl_timeout)
+
+    # Harness probe (excluded from the cold start): baseline PSS of this driver.
+    h0 = perf()
+    import psutil
+    from benchmarks import proctree
+    me = psutil.Process()
+    base_bytes, _ = proctree.pss_bytes(me)
+    harness_s = perf() - h0
+
+    signal.signal(signal.SIGALRM, _on_alarm)
+    eng = make_engine(engine_name)
+    status = 0
+    try:
+        signal.alarm(max(60, cfg["workload_timeout"]))  # startup limit
+        try:
+            eng.start()
+            first = eng.get(eng.remote(one)())
+            t_first = perf()
+            if first != 1:
+                raise AssertionError(f"trivial task returned {first!r}")
+            cold = t_first - T0 - harness_s
+        except EngineUnavailable as exc:
+            emit("startup", available=False, reason=str(exc))
+            return 0
+        except BaseException as exc:  # noqa: BLE001 - report anything, keep the run going
+            traceback.print_exc()
+            emit("startup", available=True, version=eng.version(), error=error_text(exc))
+            return 1
+        finally:
+            signal.alarm(0)
+
+        time.sleep(1.0)
+        total, kinds, detail = proctree.tree_memory(me)
+        emit("startup", available=True, version=eng.version(),
+             metrics={"cold_start_s": cold, "idle_mem_mib": (total - base_bytes) / MiB},
+             info={"memory_kind": kinds, "processes": detail,
+                   "driver_baseline_mib": base_bytes / MiB, "harness_probe_s": harness_s})
+
+        for name, fn in WORKLOADS:
+            if only is not None and name not in only:
+                continue
+            t = perf()
+            signal.alarm(cfg["workload_timeout"])
+            try:
+                metrics = fn(eng, cfg)
+                signal.alarm(0)
+                emit("workload", name=name, metrics=metrics, seconds=perf() - t)
+            except BaseException as exc:  # noqa: BLE001
+                signal.alarm(0)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                traceback.print_exc()
+                emit("workload", name=name, error=error_text(exc), seconds=perf() - t)
+                status = 1
+    finally:
+        signal.alarm(0)
+        shutdown_error = None
+        t = perf()
+        try:
+            signal.alarm(60)
+            eng.shutdown()
+        except BaseException as exc:  # noqa: BLE001
+            traceback.print_exc()
+            shutdown_error = error_text(exc)
+        finally:
+            signal.alarm(0)
+        shutdown_s = perf() - t
+        # Everything the engine started must be gone; stop stragglers by pid.
+        known = proctree.snapshot_descendants(me.pid, {})
+        stopped = proctree.reap(known, grace=10.0, ignore=("multiprocessing.resource_tracker",))
+        emit("done", shutdown_s=shutdown_s, shutdown_error=shutdown_error,
+             stopped_after_shutdown=stopped)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,92 @@
+"""Metric table definition: labels, units, direction and the flowcore targets."""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+ENGINES = ("flowcore", "ray", "dask")
+
+# Workload names accepted by --only (cold_start/idle_memory are measured on every
+# run anyway since they are by-products of starting the engine).
+WORKLOADS = ("cold_start", "idle_memory", "sync_rtt", "async_tasks", "small_put_get",
+             "large_put", "large_get", "big_arg", "tree_reduce")
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str            # "abs_max", "abs_min", "vs" (ratio vs engine), "zero_copy"
+    value: float
+    engine: Optional[str] = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    workload: str
+    target: Optional[Target] = None
+    ratios: bool = True          # False for reference rows (machine speed, not engine)
+
+
+METRICS: Tuple[Metric, ...] = (
+    Metric("cold_start_s", "cold start (import -> 1st result)", "s", False, "cold_start",
+           Target("abs_max", 0.5, text="<= 0.5 s")),
+    Metric("idle_mem_mib", "idle memory (PSS driver+children)", "MiB", False, "idle_memory",
+           Target("abs_max", 150, text="<= 150 MiB")),
+    Metric("sync_rtt_per_s", "sync round trips/s", "1/s", True, "sync_rtt",
+           Target("vs", 3, "ray", ">= 3x ray")),
+    Metric("async_tasks_per_s", "async tasks/s (1000 no-ops)", "1/s", True, "async_tasks",
+           Target("vs", 2, "ray", ">= 2x ray")),
+    Metric("small_put_per_s", "small put/s (100 B)", "1/s", True, "small_put_get",
+           Target("vs", 10, "ray", ">= 10x ray")),
+    Metric("small_get_per_s", "small get/s (100 B)", "1/s", True, "small_put_get"),
+    Metric("large_put_gbps", "large put, steady (100 MiB)", "GB/s", True, "large_put"),
+    Metric("copy_gbps", "  reference: np.copyto (100 MiB)", "GB/s", True, "large_put",
+           ratios=False),
+    Metric("large_put_vs_copy", "  large put / plain copy", "%", True, "large_put",
+           Target("abs_min", 0.5, text=">= 50% of copy")),
+    Metric("large_get_gbps", "large get (100 MiB)", "GB/s", True, "large_get"),
+    Metric("large_get_small_ms", "  get time, 10 MiB", "ms", False, "large_get"),
+    Metric("large_get_big_ms", "  get time, 100 MiB", "ms", False, "large_get"),
+    Metric("large_get_growth", "  get time growth 10->100 MiB", "x", False, "large_get",
+           Target("zero_copy", 2.0, text="zero-copy (<= 2x)")),
+    Metric("big_arg_tasks_per_s", "tasks/s with 100 MiB ref arg", "1/s", True, "big_arg"),
+    Metric("tree_reduce_s", "tree reduction 256 x 1 MiB", "s", False, "tree_reduce",
+           Target("vs", 2, "dask", ">= 2x faster than dask")),
+)
+
+# A copying get of 100 MiB cannot finish this fast (it would be > 50 GB/s), so a
+# get this quick counts as zero-copy even if timer noise inflates the growth ratio.
+ZERO_COPY_ABS_MS = 2.0
+
+
+def oriented_ratio(metric, fc, other):
+    """flowcore vs other, oriented so that > 1 means flowcore is better."""
+    if fc is None or other is None:
+        return None
+    if metric.higher_is_better:
+        return fc / other if other else None
+    return other / fc if fc else None
+
+
+def target_met(metric, values, fc_medians):
+    """True/False/None (cannot tell) for flowcore against metric.target.
+
+    ``values``: {engine: median of this metric}; ``fc_medians``: all flowcore medians."""
+    t = metric.target
+    fc = values.get("flowcore")
+    if t is None or fc is None:
+        return None
+    if t.kind == "abs_max":
+        return fc <= t.value
+    if t.kind == "abs_min":
+        return fc >= t.value
+    if t.kind == "vs":
+        r = oriented_ratio(metric, fc, values.get(t.engine))
+        return None if r is None else r >= t.value
+    if t.kind == "zero_copy":
+        big_ms = fc_medians.get("large_get_big_ms")
+        return fc <= t.value or (big_ms is not None and big_ms <= ZERO_COPY_ABS_MS)
+    raise ValueError(t.kind)

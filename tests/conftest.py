@@ -1,0 +1,68 @@
+"""Shared fixtures.  Cluster tests start real head/node/worker processes on
+127.0.0.1 with free ports and a private session directory under tmp."""
+from __future__ import annotations
+
+import os
+import glob
+
+import psutil
+import pytest
+
+
+def _shm_segments() -> set[str]:
+    return set(glob.glob("/dev/shm/flowcore-*"))
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftovers():
+    """The whole run leaves no flowcore process or shared memory behind."""
+    before_shm = _shm_segments()
+    yield
+    import flowcore
+    flowcore.shutdown()
+    leftover = []
+    for pid in _children():
+        try:
+            p = psutil.Process(pid)
+            if any("flowcore" in part for part in p.cmdline()):
+                leftover.append((pid, p.cmdline()))
+        except psutil.NoSuchProcess:
+            pass
+    new_shm = _shm_segments() - before_shm
+    assert not leftover, f"flowcore processes left running: {leftover}"
+    assert not new_shm, f"shared memory left behind: {new_shm}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local cluster (head + one 2-CPU node) shared by a test module."""
+    import flowcore
+    flowcore.shutdown()
+    session = str(tmp_path_factory.mktemp("session"))
+    info = flowcore.init(num_cpus=2, resources={"custom": 2}, num_gpus=2,
+                         object_store_memory=256 << 20, session_dir=session)
+    yield info
+    flowcore.shutdown()
+    assert not [s for s in _shm_segments() if os.path.basename(session) in s]
+
+
+@pytest.fixture
+def fresh_cluster(tmp_path):
+    """A private cluster per test, for tests that break things."""
+    import flowcore
+    flowcore.shutdown()
+    clusters = []
+
+    def start(**kw):
+        kw.setdefault("num_cpus", 2)
+        kw.setdefault("object_store_memory", 128 << 20)
+        info = flowcore.init(session_dir=str(tmp_path / f"s{len(clusters)}"), **kw)
+        clusters.append(info)
+        return info
+
+    yield start
+    flowcore.shutdown()
