@@ -50,6 +50,12 @@ class CoreClient:
         self._lock = threading.Lock()
         self._outbox: deque[tuple[str, dict]] = deque()
         self._wake_pending = False
+        # Filled from finalisers (ObjectRef.__del__, store view release), which
+        # may run inside a locked section of this same thread during garbage
+        # collection: so they take no lock, only append, and the IO thread
+        # turns them into messages on its next drain.
+        self._dropped: deque[bytes] = deque()
+        self._unpins: deque[bytes] = deque()
         self.refcounts: dict[bytes, int] = {}
         self.ready: dict[bytes, dict] = {}
         self.waiters: dict[bytes, list[Callable[[], None]]] = {}
@@ -139,15 +145,44 @@ class CoreClient:
                 pass
 
     def _drain(self) -> None:
+        decrefs: list[bytes] = []
         with self._lock:
             self._wake_pending = False
             items = list(self._outbox)
             self._outbox.clear()
+            dropped = self._dropped
+            while dropped:
+                oid = dropped.popleft()
+                n = self.refcounts.get(oid, 0) - 1
+                if n > 0:
+                    self.refcounts[oid] = n
+                    continue
+                self.refcounts.pop(oid, None)
+                self.ready.pop(oid, None)
+                self.subscribed.discard(oid)
+                self.expected.discard(oid)
+                decrefs.append(oid)
+        unpins = []
+        while self._unpins:
+            unpins.append(self._unpins.popleft())
         head, node = self.head, self.node
         for dest, msg in items:
             c = head if dest == "head" else node
             if c is not None:
                 c.send(msg)
+        if decrefs and head is not None:
+            head.send({"op": "decref", "oids": decrefs})
+        if unpins and node is not None:
+            node.send({"op": "unpin", "oids": unpins})
+
+    def _wake_from_finaliser(self) -> None:
+        try:
+            if threading.current_thread() is self._thread:
+                self.loop.call_soon(self._drain)
+            else:
+                self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # loop closed at exit
+            pass
 
     def request(self, dest: str, msg: dict, timeout: float | None = 60.0) -> dict:
         """Blocking request/reply from a user thread."""
@@ -219,19 +254,12 @@ class CoreClient:
         self.send("head", {"op": "incref", "oids": [oid]})
 
     def remove_local_ref(self, oid: bytes) -> None:
+        """An ObjectRef instance was dropped (called from ``__del__``: no locks)."""
         if self.closed:
             return
-        with self._lock:
-            n = self.refcounts.get(oid, 0) - 1
-            if n > 0:
-                self.refcounts[oid] = n
-                return
-            self.refcounts.pop(oid, None)
-            self.ready.pop(oid, None)
-            self.subscribed.discard(oid)
-            if oid in self.expected:
-                self.expected.discard(oid)
-        self.send("head", {"op": "decref", "oids": [oid]})
+        self._dropped.append(oid)
+        if len(self._dropped) == 1:
+            self._wake_from_finaliser()
 
     # ------------------------------------------------------------ functions
     def ensure_function(self, fid: bytes, blob_factory: Callable[[], bytes], name: str) -> None:
@@ -436,9 +464,11 @@ class CoreClient:
             raise ObjectLostError(r["error"])
         loc = Location.from_wire(r["loc"])
 
-        def release(oid: bytes = oid) -> None:
+        def release(oid: bytes = oid) -> None:  # a finaliser: no locks
             if not self.closed:
-                self.send("node", {"op": "unpin", "oids": [oid]})
+                self._unpins.append(oid)
+                if len(self._unpins) == 1:
+                    self._wake_from_finaliser()
 
         buf = self._mapping().readable(loc, release)
         return deserialize(buf)

@@ -444,7 +444,7 @@ class SchedulerState:
                     f"argument {oid.hex()} of task {t.name} is unknown to the head: it was "
                     f"freed or never existed"))
                 break
-            if obj.state == READY and obj.error:
+            if obj.state != PENDING and obj.error:  # failed, or LOST (never becomes ready)
                 failed = obj
                 break
             if obj.state != READY:
