@@ -177,10 +177,16 @@ class WorkerPool:
         self._release(w)
         w.state = IDLE
         actions = self._pump()
-        # shrink back towards the warm pool size when extra workers go idle
-        if len(self.workers) > self.min_workers and w.state == IDLE and not self.queue:
-            del self.workers[wid]
-            actions.append(("retire", wid))
+        # shrink back towards the warm pool size when extra workers go idle;
+        # this one first, then any that went idle while work was still queued
+        if not self.queue:
+            spare = [wid] if w.state == IDLE else []
+            spare += [x.wid for x in self.workers.values() if x.state == IDLE and x.wid != wid]
+            for other in spare:
+                if len(self.workers) <= self.min_workers:
+                    break
+                del self.workers[other]
+                actions.append(("retire", other))
         return actions
 
     def worker_blocked(self, wid: str, blocked: bool) -> list[Action]:

@@ -60,7 +60,8 @@ class NodeServer:
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> str:
-        self.server, port = serve(self.token, self._on_comm, self.host, 0, name="flowcore-worker")
+        self.server, port = await serve(self.token, self._on_comm, self.host, 0,
+                                        name="flowcore-worker")
         self.address = f"tcp://{self.host}:{port}"
         Subprocess.initialize()
         self._act(self.pool.startup())
@@ -98,10 +99,8 @@ class NodeServer:
             c.close()
         if self.head is not None:
             self.head.close()
-        try:
-            self.server.stop()
-        except Exception:
-            pass
+        if getattr(self, "server", None) is not None:
+            self.server.close()
         self.store.close()
         self.stopped.set()
 

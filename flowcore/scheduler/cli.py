@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.set_event_loop(loop)
     head = HeadServer(token.encode(), args.host, args.port, session_dir=state_dir)
     try:
-        address = head.start()
+        address = loop.run_until_complete(head.start())
     except OSError as e:
         print(f"flowcore-scheduler: cannot listen on {args.host}:{args.port}: {e}. "
               f"Pick another --port (0 = any free port).", file=sys.stderr)

@@ -34,9 +34,9 @@ class HeadServer:
         self.stopped = asyncio.Event()
         self._next_client = 0
 
-    def start(self) -> str:
-        self.server, self.port = serve(self.token, self._on_comm, self.host, self.port,
-                                       name="flowcore-scheduler")
+    async def start(self) -> str:
+        self.server, self.port = await serve(self.token, self._on_comm, self.host, self.port,
+                                             name="flowcore-scheduler")
         self.address = f"tcp://{self.host}:{self.port}"
         logger.info("flowcore-scheduler %s listening at %s", __version__, self.address)
         return self.address
@@ -138,5 +138,5 @@ class HeadServer:
         for c in list(self.comms.values()):
             c.close()
         if self.server is not None:
-            self.server.stop()
+            self.server.close()
         self.stopped.set()
