@@ -94,7 +94,7 @@ def encode_args(client: Any, args: tuple, kwargs: dict) -> dict:
     except TypeError as e:
         raise TypeError(f"cannot serialize the task's arguments: {e}") from None
     spec: dict[str, Any] = {"deps": deps, "nested": list(s.contained_refs)}
-    if s.total_size > INLINE_MAX and client.node is not None:
+    if s.total_size > INLINE_MAX and client.has_store():
         ref = client.put_serialized(s)
         keep.append(ref)
         spec["deps"] = deps + [ref._id]

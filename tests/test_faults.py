@@ -254,10 +254,11 @@ def test_killed_driver_leaves_nothing_behind(tmp_path):
     p, session = _run_driver(tmp_path, "kill")
     children = _descendants(p.pid)
     assert len(children) >= 3  # head, node, worker(s)
-    segs = [s for s in os.listdir("/dev/shm") if os.path.basename(session) in s]
+    mine = f"flowcore-{os.path.basename(session)}-"
+    segs = [s for s in os.listdir("/dev/shm") if mine in s]
     assert segs
     p.kill()
     p.wait(10)
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"still running after the driver died: {alive}"
-    assert not [s for s in os.listdir("/dev/shm") if os.path.basename(session) in s]
+    assert not [s for s in os.listdir("/dev/shm") if mine in s]

@@ -144,7 +144,9 @@ class CoreClient:
             except RuntimeError:  # loop closed at exit
                 pass
 
-    def _drain(self) -> None:
+    def _take_outgoing(self) -> list[tuple[str, dict]]:
+        """Everything queued for sending, in order: messages, then the
+        decrefs and unpins recorded by finalisers."""
         decrefs: list[bytes] = []
         with self._lock:
             self._wake_pending = False
@@ -165,15 +167,18 @@ class CoreClient:
         unpins = []
         while self._unpins:
             unpins.append(self._unpins.popleft())
+        if decrefs:
+            items.append(("head", {"op": "decref", "oids": decrefs}))
+        if unpins:
+            items.append(("node", {"op": "unpin", "oids": unpins}))
+        return items
+
+    def _drain(self) -> None:
         head, node = self.head, self.node
-        for dest, msg in items:
+        for dest, msg in self._take_outgoing():
             c = head if dest == "head" else node
             if c is not None:
                 c.send(msg)
-        if decrefs and head is not None:
-            head.send({"op": "decref", "oids": decrefs})
-        if unpins and node is not None:
-            node.send({"op": "unpin", "oids": unpins})
 
     def _wake_from_finaliser(self) -> None:
         try:
@@ -302,7 +307,7 @@ class CoreClient:
     def put_serialized(self, s: Any) -> ObjectRef:
         oid = ids.object_id(self.ids.task_id(), 0)
         nested = list(s.contained_refs)
-        if s.total_size <= INLINE_MAX or self.node is None:
+        if s.total_size <= INLINE_MAX or not self.has_store():
             data = s.to_bytes()
             msg = {"op": "put", "oid": oid, "inline": data, "size": len(data), "nested": nested}
             with self._lock:
@@ -336,6 +341,10 @@ class CoreClient:
             self.send("node", {"op": "abort", "oid": oid})
             raise
         self.send("node", {"op": "seal", "oid": oid})
+
+    def has_store(self) -> bool:
+        """Whether this process is attached to a node's object store."""
+        return self.node is not None
 
     def _mapping(self) -> Any:
         if self.mapping is None:
@@ -389,8 +398,7 @@ class CoreClient:
         self._subscribe_missing(missing)
         blocked = self._set_blocked(True)
         try:
-            if not event.wait(timeout):
-                pass
+            self._wait_event(event, timeout)
         finally:
             if blocked:
                 self._set_blocked(False)
@@ -403,6 +411,13 @@ class CoreClient:
                             del self.waiters[oid]
         with cb_lock:
             return set(ready)
+
+    def _wait_event(self, event: threading.Event, timeout: float | None) -> bool:
+        return event.wait(timeout)
+
+    def _on_io_thread(self) -> bool:
+        """True on the thread that dispatches incoming messages."""
+        return threading.current_thread() is self._thread
 
     def _set_blocked(self, blocked: bool) -> bool:
         task = self.current_task
@@ -452,7 +467,7 @@ class CoreClient:
         from ..objects.serialization import deserialize
         from ..objects.store import Location
         oid = info["oid"]
-        if self.node is None:
+        if not self.has_store():
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
         if self.node_id not in info.get("nodes", ()):
@@ -489,7 +504,7 @@ class CoreClient:
                     fut.set_exception(e)
             # values may need a blocking store request: never on the IO thread
             threading.Thread(target=work, daemon=True).start() \
-                if threading.current_thread() is self._thread else work()
+                if self._on_io_thread() else work()
 
         with self._lock:
             if oid in self.ready:

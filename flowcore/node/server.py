@@ -206,6 +206,13 @@ class NodeServer:
             comm = self.worker_comms.get(wid)
             if comm is not None:
                 comm.send({"op": "cancel", "tid": tid})
+                comm._flush()  # on the wire before the signal that says "read it now"
+                w = self.pool.workers.get(wid)
+                if w is not None and w.pid:
+                    try:
+                        os.kill(w.pid, signal.SIGUSR1)
+                    except ProcessLookupError:
+                        pass
 
     # ------------------------------------------------------------ local clients
     async def _on_comm(self, comm: Comm) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import queue
+from collections import deque
 import signal
 import sys
 import threading
@@ -34,23 +34,23 @@ class Worker:
     def __init__(self, client: Any, wid: str):
         self.client = client
         self.wid = wid
-        self.tasks: "queue.SimpleQueue[dict | None]" = queue.SimpleQueue()
+        self.tasks: deque[dict | None] = deque()
         self.functions: dict[bytes, Any] = {}
         self.main_ident = threading.main_thread().ident
         self.running_tid: bytes | None = None
         self.cancel_requested: bytes | None = None
 
-    # called on the IO thread
+    # called by whichever thread is reading the sockets
     def on_node_message(self, msg: dict) -> None:
         op = msg["op"]
         if op == "run_task":
-            self.tasks.put(msg)
+            self.tasks.append(msg)
         elif op == "cancel":
             if self.running_tid == msg["tid"]:
                 self.cancel_requested = msg["tid"]
                 signal.pthread_kill(self.main_ident, signal.SIGINT)
         elif op == "exit":
-            self.tasks.put(None)
+            self.tasks.append(None)
 
     def on_disconnect(self, which: str) -> None:
         os._exit(0)
@@ -63,9 +63,12 @@ class Worker:
         return fn
 
     def run(self) -> None:
+        tasks = self.tasks
         while True:
             try:
-                task = self.tasks.get()
+                if not tasks:
+                    self.client._wait_until(lambda: bool(tasks), None)
+                task = tasks.popleft()
             except KeyboardInterrupt:  # a late cancel signal
                 continue
             if task is None:
@@ -209,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             if entry not in sys.path:
                 sys.path.insert(0, entry)
     token = os.environ.pop("FLOWCORE_TOKEN", "").encode()
-    from ..client.core import CoreClient
-    client = CoreClient(args.head, token, args.node, kind="worker", wid=args.wid)
+    from ..client.inline import InlineClient
+    client = InlineClient(args.head, token, args.node, wid=args.wid)
     worker = Worker(client, args.wid)
     client.on_node_message = worker.on_node_message
     client.on_disconnect = worker.on_disconnect

@@ -1,0 +1,290 @@
+"""``InlineClient``: the client of a worker process, without an IO thread.
+
+A worker spends its life waiting for a task, running it, and reporting.  With
+an IO thread, every task costs two thread hand-offs (and on a virtual machine
+each wake-up of another thread or process is expensive).  Here the thread
+that waits does the IO itself: the worker's main thread reads its sockets
+while idle or while a task blocks in ``get``, and flushes what it queued
+right before it blocks.  If user code calls the API from other threads,
+whichever thread needs to wait takes the "pump" and reads for everybody
+(leader/followers); threads that queue a message while another thread is
+blocked in ``select`` wake it through a pipe.
+
+Messages from the node that must interrupt running user code (``cancel``)
+come with SIGUSR1, whose handler reads the socket if nobody else is.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from ..exceptions import AuthenticationError, ProtocolError
+from ..protocol import auth, frames
+from ..protocol.comm import parse_address
+from .core import CoreClient
+
+logger = logging.getLogger("flowcore.client")
+
+
+class BlockingConn:
+    """An authenticated connection read and written by whoever holds the pump."""
+
+    def __init__(self, address: str, token: bytes, timeout: float = 10.0):
+        self.address = address
+        host, port = parse_address(address)
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self._handshake(token)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.settimeout(None)
+        self.buf = bytearray()
+        self.closed = False
+
+    def _recv_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise AuthenticationError(f"{self.address} closed the connection during "
+                                          f"authentication (wrong token?)")
+            data += chunk
+        return data
+
+    def _handshake(self, token: bytes) -> None:
+        try:
+            snonce = auth.parse_server_hello(self._recv_exact(auth.SERVER_HELLO))
+        except ValueError as e:
+            raise AuthenticationError(f"{self.address}: {e}") from None
+        proof, cnonce = auth.client_proof(token, snonce)
+        self.sock.sendall(proof)
+        answer = self._recv_exact(auth.SERVER_PROOF)
+        if not auth.check_server_proof(token, cnonce, snonce, answer):
+            raise AuthenticationError(f"{self.address} refused the token or failed to prove it")
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def write(self, msgs: list[dict]) -> None:
+        if msgs and not self.closed:
+            self.sock.sendall(b"".join(bytes(b) for b in frames.encode(msgs)))
+
+    def read_available(self) -> list[tuple[list[dict], list]]:
+        """Read what the socket has (it was reported readable); return the
+        complete batches.  An empty read means the peer closed."""
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            self.closed = True
+            return []
+        buf = self.buf
+        buf += chunk
+        out = []
+        pos, end, prefix = 0, len(buf), frames.PREFIX.size
+        while end - pos >= prefix:
+            (n,) = frames.PREFIX.unpack_from(buf, pos)
+            frames.check_body_length(n)
+            if end - pos - prefix < n:
+                break
+            out.append(frames.decode_body(bytes(buf[pos + prefix:pos + prefix + n])))
+            pos += prefix + n
+        if pos:
+            del buf[:pos]
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class InlineClient(CoreClient):
+    """A CoreClient whose waiting threads do the IO themselves."""
+
+    def __init__(self, head_address: str, token: bytes, node_address: str, *, wid: str):
+        super().__init__(head_address, token, node_address, kind="worker", wid=wid)
+        self.conns: dict[str, BlockingConn] = {}
+        self._pump = threading.Lock()
+        self._pump_owner: int | None = None
+        self._cv = threading.Condition()
+        self._rid = itertools.count(1)
+        self._replies: dict[int, dict | None] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._in_select = False
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, timeout: float = 30.0) -> None:
+        self.conns["node"] = BlockingConn(self.node_address or "", self.token, timeout)
+        self.conns["head"] = BlockingConn(self.head_address, self.token, timeout)
+        r = self.request("node", {"op": "register_worker", "wid": self.wid, "pid": os.getpid()},
+                         timeout)
+        self.node_id = r["node_id"]
+        r = self.request("head", {"op": "register_client", "kind": "worker", "pid": os.getpid(),
+                                  "wid": self.wid}, timeout)
+        self.client_id = r["client_id"]
+        self.session_dir = r.get("session_dir") or ""
+        signal.signal(signal.SIGUSR1, self._on_sigusr1)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._flush()
+        except OSError:
+            pass
+        self.closed = True
+        for c in self.conns.values():
+            c.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.mapping is not None:
+            self.mapping.close()
+
+    # ------------------------------------------------------------ sending
+    def send(self, dest: str, msg: dict) -> None:
+        with self._lock:
+            self._outbox.append((dest, msg))
+        if self._in_select and self._pump_owner != threading.get_ident():
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _wake_from_finaliser(self) -> None:
+        if self._in_select and self._pump_owner != threading.get_ident():
+            self._wake()
+
+    def _flush(self) -> None:
+        items = self._take_outgoing()
+        if not items:
+            return
+        by_dest: dict[str, list[dict]] = {}
+        for dest, msg in items:
+            by_dest.setdefault(dest, []).append(msg)
+        for dest, msgs in by_dest.items():
+            conn = self.conns.get(dest)
+            if conn is not None:
+                conn.write(msgs)
+
+    def request(self, dest: str, msg: dict, timeout: float | None = 60.0) -> dict:
+        rid = next(self._rid)
+        msg["rid"] = rid
+        self._replies[rid] = None
+        self.send(dest, msg)
+        if not self._wait_until(lambda: self._replies.get(rid) is not None, timeout):
+            self._replies.pop(rid, None)
+            raise TimeoutError(f"no reply from the {dest} to {msg['op']!r} in {timeout}s")
+        return self._replies.pop(rid)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ waiting = pumping
+    def _wait_event(self, event: threading.Event, timeout: float | None) -> bool:
+        return self._wait_until(event.is_set, timeout)
+
+    def has_store(self) -> bool:
+        return "node" in self.conns
+
+    def _on_io_thread(self) -> bool:
+        return self._pump_owner == threading.get_ident()
+
+    def _wait_until(self, pred: Callable[[], bool], timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.get_ident()
+        while not pred():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            if self._pump_owner != me and self._pump.acquire(blocking=False):
+                self._pump_owner = me
+                try:
+                    while not pred():
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            break
+                        self.pump(left)
+                finally:
+                    self._pump_owner = None
+                    self._pump.release()
+                    with self._cv:
+                        self._cv.notify_all()
+            elif self._pump_owner == me:  # nested wait inside a dispatched message
+                self.pump(left)
+            else:
+                with self._cv:
+                    if not pred() and self._pump_owner is not None:
+                        self._cv.wait(left)
+        return True
+
+    def pump(self, timeout: float | None) -> None:
+        """Flush, then wait for input (at most ``timeout``) and dispatch it."""
+        self._flush()
+        fds = [c for c in self.conns.values() if not c.closed] + [self._wake_r]
+        self._in_select = True
+        try:
+            if self._outbox or self._dropped or self._unpins:
+                timeout = 0  # something was queued meanwhile: go round again soon
+            readable, _, _ = select.select(fds, [], [], timeout)
+        finally:
+            self._in_select = False
+        for r in readable:
+            if r == self._wake_r:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+                continue
+            self._read(r)  # type: ignore[arg-type]
+        with self._cv:
+            self._cv.notify_all()
+
+    def _read(self, conn: BlockingConn) -> None:
+        which = "node" if conn is self.conns.get("node") else "head"
+        try:
+            batches = conn.read_available()
+        except (OSError, ProtocolError) as e:
+            logger.error("connection to the %s failed: %s", which, e)
+            batches = []
+            conn.closed = True
+        for msgs, bufs in batches:
+            for msg in msgs:
+                if msg["op"] == "reply":
+                    rid = msg.get("rid")
+                    if rid in self._replies:
+                        self._replies[rid] = msg
+                elif which == "head":
+                    self._on_head_message(None, msg, bufs)  # type: ignore[arg-type]
+                else:
+                    self._on_node_msg(None, msg, bufs)  # type: ignore[arg-type]
+        if conn.closed and not self.closed:
+            logger.warning("lost the connection to the %s", which)
+            self._fail_all_waiters(which)
+            if self.on_disconnect is not None:
+                self.on_disconnect(which)
+
+    def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        """The node has something urgent (a cancel): read it now unless a
+        thread is already reading."""
+        if self._pump.acquire(blocking=False):
+            self._pump_owner = threading.get_ident()
+            try:
+                self.pump(0)
+            finally:
+                self._pump_owner = None
+                self._pump.release()
