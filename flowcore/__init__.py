@@ -1,24 +1,56 @@
 """flowcore: remote functions returning futures, resolved as an explicit
-futures DAG by a head scheduler over per-node shared-memory object stores."""
+futures DAG by a head scheduler over per-node shared-memory object stores.
+
+Public names load on first use, so the head, node and worker processes
+(which live inside this package) do not pay for the driver's API at start.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar, overload
+import importlib
+from typing import TYPE_CHECKING, Any, Callable, overload
 
-from . import exceptions, state
+from . import exceptions
 from ._version import __version__
-from .api import (available_resources, cancel, cluster_resources, get, get_runtime_context,
-                  init, is_initialized, nodes, put, shutdown, wait)
-from .executor import Executor
-from .objects.ref import ObjectRef
-from .remote_function import RemoteFunction
-from .runtime_context import get_gpu_ids
-from .scheduler.states import TaskState
 
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:  # what a type checker sees
+    from . import state
+    from .api import (available_resources, cancel, cluster_resources, get,
+                      get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
+    from .executor import Executor
+    from .objects.ref import ObjectRef
+    from .remote_function import RemoteFunction
+    from .runtime_context import get_gpu_ids
+    from .scheduler.states import TaskState
+
+_LAZY = {
+    "init": "api", "shutdown": "api", "is_initialized": "api", "get": "api", "put": "api",
+    "wait": "api", "cancel": "api", "nodes": "api", "cluster_resources": "api",
+    "available_resources": "api", "get_runtime_context": "api",
+    "Executor": "executor", "ObjectRef": "objects.ref", "RemoteFunction": "remote_function",
+    "get_gpu_ids": "runtime_context", "TaskState": "scheduler.states",
+}
+_SUBMODULES = {"state", "testing", "api", "cluster"}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is not None:
+        value = getattr(importlib.import_module(f".{mod}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'flowcore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 
 def _make_remote(target: Any, options: dict[str, Any]) -> Any:
     import inspect
+
+    from .remote_function import RemoteFunction
     if inspect.isclass(target):
         raise TypeError(f"@flowcore.remote on class {target.__name__}: actors are not "
                         f"available in flowcore {__version__} yet")
@@ -29,9 +61,9 @@ def _make_remote(target: Any, options: dict[str, Any]) -> Any:
 
 
 @overload
-def remote(__fn: Callable[..., Any]) -> RemoteFunction: ...
+def remote(__fn: Callable[..., Any]) -> "RemoteFunction": ...
 @overload
-def remote(**options: Any) -> Callable[[Callable[..., Any]], RemoteFunction]: ...
+def remote(**options: Any) -> Callable[[Callable[..., Any]], "RemoteFunction"]: ...
 
 
 def remote(*args: Any, **options: Any) -> Any:
@@ -44,6 +76,8 @@ def remote(*args: Any, **options: Any) -> Any:
         if len(args) != 1 or options:
             raise TypeError("use @flowcore.remote or @flowcore.remote(option=value, ...)")
         return _make_remote(args[0], {})
+    from . import options as _opts
+    _opts.validate(_opts.TASK, options, "@flowcore.remote(...)")
     return lambda target: _make_remote(target, options)
 
 
@@ -51,5 +85,5 @@ __all__ = [
     "__version__", "init", "shutdown", "is_initialized", "remote", "get", "put", "wait",
     "cancel", "nodes", "cluster_resources", "available_resources", "get_gpu_ids",
     "get_runtime_context", "ObjectRef", "RemoteFunction", "Executor", "TaskState",
-    "exceptions",
+    "exceptions", "state",
 ]

@@ -70,7 +70,6 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         if object_store_memory is not None and object_store_memory < (16 << 20):
             raise ValueError(f"init(object_store_memory={object_store_memory}): at least 16 MiB "
                              f"is needed")
-        from .client.core import CoreClient
         from .cluster import LocalCluster
 
         from .remote_function import set_worker_paths
@@ -79,11 +78,12 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             set_worker_paths(list(sys.path))
             cluster = LocalCluster(session_dir=session_dir, token=token)
             try:
-                cluster.start_head()
-                node = cluster.add_node(
+                node = cluster.start(
                     num_cpus=num_cpus if num_cpus is not None else float(os.cpu_count() or 1),
                     num_gpus=int(num_gpus or 0), resources=resources,
-                    object_store_memory=object_store_memory, max_workers=max_workers)
+                    object_store_memory=object_store_memory, max_workers=max_workers,
+                    while_starting=_preload_client)
+                from .client.core import CoreClient
                 client = CoreClient(cluster.head_address, cluster.token.encode(), node.address)
                 client.start()
             except BaseException:
@@ -106,6 +106,12 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         logger.info("flowcore started: head %s, session %s", _info["address"],
                     _info["session_dir"])
         return dict(_info)
+
+
+def _preload_client() -> None:
+    """Import the client side while the head and node processes boot."""
+    from .client import core  # noqa: F401
+    from .objects import serialization  # noqa: F401
 
 
 def _connect_existing(address: str, token: str) -> Any:

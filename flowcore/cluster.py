@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from . import daemon
 
@@ -57,25 +58,30 @@ class LocalCluster:
         self.closed = False
 
     # ------------------------------------------------------------ launching
-    def _spawn(self, module: str, args: list[str], log_file: str,
-               env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    def _launch(self, module: str, args: list[str], log_file: str, env: dict | None = None,
+                stdin: int = subprocess.DEVNULL) -> tuple[subprocess.Popen, int]:
+        """Start ``python -m module``; returns the process and the read end of
+        its ready pipe (the child writes one line there once it serves)."""
         ready_r, ready_w = os.pipe()
-        prof = os.environ.get("FLOWCORE_PROFILE_DIR")
-        pre = ["/tmp/prof2.py", module, os.path.join(prof, module + ".prof")] if prof else ["-m", module]
-        cmd = [_python(), *pre, *args, "--ready-fd", str(ready_w),
+        cmd = [_python(), "-m", module, *args, "--ready-fd", str(ready_w),
                "--lifeline-fd", str(self._life_r), "--log-file", log_file]
         full_env = dict(os.environ)
         full_env.update(env or {})
         try:
             proc = subprocess.Popen(cmd, pass_fds=(ready_w, self._life_r), env=full_env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=stdin, start_new_session=True)
+        except BaseException:
+            os.close(ready_r)
+            raise
         finally:
             os.close(ready_w)
+        return proc, ready_r
+
+    def _await_ready(self, proc: subprocess.Popen, ready_r: int, log_file: str) -> str:
         try:
-            line = self._read_ready(ready_r, proc, log_file)
+            return self._read_ready(ready_r, proc, log_file)
         finally:
             os.close(ready_r)
-        return proc, line
 
     def _read_ready(self, fd: int, proc: subprocess.Popen, log_file: str) -> str:
         deadline = time.monotonic() + self.start_timeout
@@ -98,21 +104,59 @@ class LocalCluster:
             buf += chunk
         return buf.decode().strip()
 
-    def start_head(self) -> str:
+    def _head_args(self) -> tuple[str, list[str], str]:
         log = os.path.join(self.session_dir, "logs", "head.log")
-        self.head, self.head_address = self._spawn(
-            "flowcore.scheduler.cli",
-            ["--host", "127.0.0.1", "--port", "0", "--token-file", self.token_file,
-             "--state-dir", self.session_dir], log)
+        return ("flowcore.scheduler.cli",
+                ["--host", "127.0.0.1", "--port", "0", "--token-file", self.token_file,
+                 "--state-dir", self.session_dir], log)
+
+    def start_head(self) -> str:
+        module, args, log = self._head_args()
+        proc, ready = self._launch(module, args, log)
+        self.head = proc
+        self.head_address = self._await_ready(proc, ready, log)
         return self.head_address
 
-    def add_node(self, *, num_cpus: float | None = None, num_gpus: int = 0,
-                 resources: dict | None = None, object_store_memory: int | None = None,
-                 name: str | None = None, max_workers: int | None = None,
-                 worker_sys_path: list[str] | None = None) -> NodeProcess:
+    def start(self, while_starting: Callable[[], None] | None = None,
+              **node_options: Any) -> NodeProcess:
+        """Start the head and a first node at the same time (the node learns
+        the head's address on its stdin once the head serves).
+        ``while_starting`` runs in this process while they boot."""
+        module, args, log = self._head_args()
+        head, head_ready = self._launch(module, args, log)
+        self.head = head
+        try:
+            node_launch = self._launch_node("-", stdin=subprocess.PIPE, **node_options)
+        except BaseException:
+            os.close(head_ready)
+            raise
+        proc, node_ready, node_log, meta = node_launch
+        try:
+            if while_starting is not None:
+                while_starting()
+            self.head_address = self._await_ready(head, head_ready, log)
+            assert proc.stdin is not None
+            proc.stdin.write((self.head_address + "\n").encode())
+            proc.stdin.close()
+        except BaseException:
+            os.close(node_ready)
+            proc.kill()
+            raise
+        return self._finish_node(proc, node_ready, node_log, meta)
+
+    def add_node(self, **node_options) -> NodeProcess:
+        """Start one more node and wait until it has joined."""
+        proc, ready, log, meta = self._launch_node(self.head_address, **node_options)
+        return self._finish_node(proc, ready, log, meta)
+
+    def _launch_node(self, head_address: str, *, num_cpus: float | None = None,
+                     num_gpus: int = 0, resources: dict | None = None,
+                     object_store_memory: int | None = None, name: str | None = None,
+                     max_workers: int | None = None, worker_sys_path: list[str] | None = None,
+                     stdin: int = subprocess.DEVNULL) -> tuple:
         n = len(self.nodes)
         log = os.path.join(self.session_dir, "logs", f"node-{n}.log")
-        args = [self.head_address, "--token-file", self.token_file,
+        args = [head_address, "--token-file", self.token_file,
                 "--state-dir", self.session_dir, "--name", name or f"node-{n}"]
         if num_cpus is not None:
             args += ["--num-cpus", str(num_cpus)]
@@ -126,10 +170,18 @@ class LocalCluster:
             args += ["--max-workers", str(max_workers)]
         paths = worker_sys_path if worker_sys_path is not None else sys.path
         env = {"FLOWCORE_WORKER_SYS_PATH": os.pathsep.join(p or os.getcwd() for p in paths)}
-        proc, line = self._spawn("flowcore.node.cli", args, log, env)
+        proc, ready = self._launch("flowcore.node.cli", args, log, env, stdin=stdin)
+        return proc, ready, log, dict(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)
+
+    def _finish_node(self, proc: subprocess.Popen, ready: int, log: str, meta: dict
+                     ) -> NodeProcess:
+        try:
+            line = self._await_ready(proc, ready, log)
+        except BaseException:
+            proc.kill()
+            raise
         address, node_id = line.split()
-        node = NodeProcess(proc, address, node_id, log,
-                           dict(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources))
+        node = NodeProcess(proc, address, node_id, log, meta)
         self.nodes.append(node)
         return node
 

@@ -3,7 +3,6 @@ logging to the session directory, the lifeline pipe that ends a child when
 its parent dies, the ready pipe that reports a bound address, signals."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
@@ -35,6 +34,7 @@ def watch_lifeline(fd: int | None, on_death: Callable[[], None]) -> None:
     the event loop wakes on the pipe."""
     if fd is None or fd < 0:
         return
+    import asyncio
     loop = asyncio.get_event_loop()
 
     def readable() -> None:
@@ -59,6 +59,7 @@ def report_ready(fd: int | None, line: str) -> None:
 
 
 def install_stop_signals(stop: Callable[[], None]) -> None:
+    import asyncio
     loop = asyncio.get_event_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

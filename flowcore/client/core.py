@@ -81,21 +81,23 @@ class CoreClient:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
+    async def _connect_node(self) -> tuple[Comm, dict]:
+        node = await connect(self.node_address or "", self.token)
+        asyncio.ensure_future(self._read(node, "node"))
+        r = await node.request({"op": "register_client", "pid": os.getpid()})
+        return node, r
+
     async def _connect(self) -> None:
+        # the node and the head are reached at the same time
+        node_task = asyncio.ensure_future(self._connect_node()) if self.node_address else None
         self.head = await connect(self.head_address, self.token)
         asyncio.ensure_future(self._read(self.head, "head"))
         reply = await self.head.request({"op": "register_client", "kind": self.kind,
                                          "pid": os.getpid(), "wid": self.wid})
         self.client_id = reply["client_id"]
         self.session_dir = reply.get("session_dir") or ""
-        if self.node_address:
-            self.node = await connect(self.node_address, self.token)
-            asyncio.ensure_future(self._read(self.node, "node"))
-            if self.kind == "worker":
-                r = await self.node.request({"op": "register_worker", "wid": self.wid,
-                                             "pid": os.getpid()})
-            else:
-                r = await self.node.request({"op": "register_client", "pid": os.getpid()})
+        if node_task is not None:
+            self.node, r = await node_task
             self.node_id = r["node_id"]
 
     async def _read(self, comm: Comm, which: str) -> None:

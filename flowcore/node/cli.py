@@ -30,8 +30,9 @@ def default_store_memory() -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowcore-worker",
                                 description="Start a flowcore node and join it to a head.")
-    p.add_argument("address", help="head address, tcp://HOST:PORT, or 'auto' for the local "
-                                   "head recorded in the state dir")
+    p.add_argument("address", help="head address, tcp://HOST:PORT, 'auto' for the local "
+                                   "head recorded in the state dir, or '-' to read it from "
+                                   "stdin")
     p.add_argument("--num-cpus", type=float, default=None,
                    help="CPUs to offer (default: this machine's count)")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs to offer (default 0)")
@@ -102,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                       object_store_memory=args.object_store_memory or default_store_memory(),
                       session_dir=state_dir, host=args.host, name=args.name,
                       max_workers=args.max_workers)
+    if address == "-":
+        # started beside its head: everything is imported and the store is
+        # mapped; now wait for the head's address on stdin
+        node.head_address = sys.stdin.readline().strip()
+        if not node.head_address:
+            print("flowcore-worker: no head address on stdin", file=sys.stderr)
+            node.stop()
+            return 2
     daemon.watch_lifeline(args.lifeline_fd, node.stop)
     daemon.install_stop_signals(node.stop)
     try:

@@ -11,12 +11,12 @@ import sys
 import time
 from typing import Any
 
-from tornado.process import Subprocess
 
 from .. import ids
 from .._version import __version__
 from ..protocol.comm import Comm, connect, serve
 from .pool import WorkerPool
+from .procs import WorkerProcess, start_worker
 
 logger = logging.getLogger("flowcore.node")
 
@@ -47,7 +47,8 @@ class NodeServer:
                                  self.node_id, object_store_memory, spill)
         self.head: Comm | None = None
         self.clients: dict[str, Comm] = {}
-        self.procs: dict[str, Subprocess] = {}
+        self.procs: dict[str, WorkerProcess] = {}
+        self.start_method = os.environ.get("FLOWCORE_WORKER_START", "fork")
         self.worker_comms: dict[str, Comm] = {}
         self.pin_waiters: dict[bytes, list[tuple[Comm, dict]]] = {}
         self.creating: set[bytes] = set()
@@ -63,7 +64,6 @@ class NodeServer:
         self.server, port = await serve(self.token, self._on_comm, self.host, 0,
                                         name="flowcore-worker")
         self.address = f"tcp://{self.host}:{port}"
-        Subprocess.initialize()
         self._act(self.pool.startup())
         self.head = await connect(self.head_address, self.token)
         asyncio.ensure_future(self._run_head())
@@ -90,11 +90,8 @@ class NodeServer:
         if self._stopping:
             return
         self._stopping = True
-        for wid, proc in list(self.procs.items()):
-            try:
-                proc.proc.kill()
-            except ProcessLookupError:
-                pass
+        for proc in list(self.procs.values()):
+            proc.kill()
         for c in list(self.clients.values()):
             c.close()
         if self.head is not None:
@@ -138,28 +135,15 @@ class NodeServer:
         env["FLOWCORE_TOKEN"] = self.token.decode()
         env["FLOWCORE_NODE_ID"] = self.node_id
         log = os.path.join(self.session_dir, "logs", f"worker-{self.node_id}-{wid}.log")
-        cmd = [sys.executable, "-m", "flowcore.node.worker", "--node", self.address,
-               "--head", self.head_address, "--wid", wid, "--node-id", self.node_id,
-               "--session-dir", self.session_dir]
-        out = open(log, "ab")
-        try:
-            proc = Subprocess(cmd, env=env, cwd=self.worker_cwd or None, stdin=Subprocess.STREAM,
-                              stdout=out, stderr=out, start_new_session=True)
-        finally:
-            out.close()
-        self.procs[wid] = proc
-        proc.set_exit_callback(lambda code, wid=wid: self._worker_exited(wid, code))
+        argv = ["--node", self.address, "--head", self.head_address, "--wid", wid,
+                "--node-id", self.node_id, "--session-dir", self.session_dir]
+        self.procs[wid] = start_worker(argv, env, log, self.worker_cwd,
+                                       lambda how, wid=wid: self._worker_exited(wid, how),
+                                       self.start_method)
 
-    def _worker_exited(self, wid: str, code: int) -> None:
+    def _worker_exited(self, wid: str, how: str) -> None:
         proc = self.procs.pop(wid, None)
         comm = self.worker_comms.pop(wid, None)
-        if code < 0:
-            try:
-                how = f"killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
         w = self.pool.workers.get(wid)
         pid = proc.pid if proc is not None else 0
         if w is not None and w.task is not None:
@@ -201,7 +185,7 @@ class NodeServer:
         if force:
             proc = self.procs.get(wid)
             if proc is not None:
-                proc.proc.kill()
+                proc.kill()
         else:
             comm = self.worker_comms.get(wid)
             if comm is not None:
