@@ -53,6 +53,7 @@ def run_engine(engine, args):
            "stopped_after_shutdown": []}
     known = {}
     timed_out = False
+    rec["loadavg_1min_at_start"] = os.getloadavg()[0]
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
@@ -149,7 +150,7 @@ def metric_workload_key(metric):
 # --------------------------------------------------------------------------------------
 # Aggregation and the table
 
-def aggregate(records, engines, runs):
+def aggregate(records, engines):
     agg = {}
     for eng in ENGINES:
         recs = [r for r in records if r["engine"] == eng]
@@ -319,7 +320,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         log("interrupted: reporting the runs completed so far")
 
-    agg = aggregate(records, args.engines, args.runs)
+    agg = aggregate(records, args.engines)
     rows = build_rows(agg, args.only)
     wall = time.monotonic() - started
 
@@ -356,6 +357,10 @@ def main(argv=None):
             for p in r.get(kind, []):
                 notes.append(f"  {r['engine']} run {r['run']}: left running, "
                              f"stopped by {'worker' if kind.endswith('shutdown') else 'harness'}: {p}")
+    loads = [r["loadavg_1min_at_start"] for r in records if "loadavg_1min_at_start" in r]
+    if loads:
+        notes.append(f"1-min load average when each engine run started: {min(loads):.1f} .. "
+                     f"{max(loads):.1f} on {os.cpu_count()} CPUs (higher = noisier numbers)")
     print("\n".join(notes))
     print(f"\ntotal wall time {wall:.0f} s")
 

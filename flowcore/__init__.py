@@ -7,7 +7,7 @@ Public names load on first use, so the head, node and worker processes
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, overload
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, overload
 
 from . import exceptions
 from ._version import __version__
@@ -60,10 +60,13 @@ def _make_remote(target: Any, options: dict[str, Any]) -> Any:
     return RemoteFunction(target, options)
 
 
+R = TypeVar("R")
+
+
 @overload
-def remote(__fn: Callable[..., Any]) -> "RemoteFunction": ...
+def remote(__fn: Callable[..., R]) -> "RemoteFunction[R]": ...
 @overload
-def remote(**options: Any) -> Callable[[Callable[..., Any]], "RemoteFunction"]: ...
+def remote(**options: Any) -> Callable[[Callable[..., R]], "RemoteFunction[R]"]: ...
 
 
 def remote(*args: Any, **options: Any) -> Any:

@@ -105,6 +105,9 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         set_client(client)
         logger.info("flowcore started: head %s, session %s", _info["address"],
                     _info["session_dir"])
+        if address is None and not os.environ.get("FLOWCORE_QUIET"):
+            print(f"flowcore: started a local cluster (head {_info['address']}); logs in "
+                  f"{_info['session_dir']}/logs", file=sys.stderr)
         return dict(_info)
 
 

@@ -89,8 +89,8 @@ def validate(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
             extra = ""
             if opt is not None:
                 extra = f" ({key!r} applies to {opt.applies}s only)"
-            raise ValueError(f"{where}: unknown option {key!r}{extra}. Valid options for a "
-                             f"{kind}: {', '.join(valid)}")
+            raise ValueError(f"{where}: unknown option {key!r}{extra}. Valid options for "
+                             f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}: {', '.join(valid)}")
         if not opt.check(value):
             raise TypeError(f"{where}: option {key}={value!r} is invalid: expected "
                             f"{opt.expected}")

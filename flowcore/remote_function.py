@@ -136,7 +136,9 @@ class RemoteFunction(Generic[R]):
         new._options = {**self._options, **overrides}
         return new
 
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
+    def remote(self, *args: Any, **kwargs: Any) -> "ObjectRef[R]":
+        """Submit a task; returns its ObjectRef at once (a list of refs when
+        ``num_returns`` > 1)."""
         client = current_client()
         if client is None:
             from .api import _auto_init
@@ -154,7 +156,7 @@ class RemoteFunction(Generic[R]):
         })
         refs = client.submit(spec)
         del keep  # dependencies are now held by the task at the head
-        return refs[0] if o["num_returns"] == 1 else refs
+        return refs[0] if o["num_returns"] == 1 else refs  # type: ignore[return-value]
 
 
 def _encode_retry(v: Any) -> Any:

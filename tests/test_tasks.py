@@ -234,3 +234,36 @@ def test_init_twice_is_an_error(cluster):
     with pytest.raises(RuntimeError, match="already"):
         flowcore.init()
     assert flowcore.is_initialized()
+
+
+def test_workers_inherit_cwd_and_sys_path(cluster):
+    import os
+    import sys
+
+    @flowcore.remote
+    def where():
+        import sys as s
+        return os.getcwd(), list(s.path)
+    cwd, path = flowcore.get(where.remote())
+    assert cwd == os.getcwd()
+    assert all(p in path for p in sys.path if p and os.path.isdir(p))
+
+
+def test_submission_backpressure(cluster, monkeypatch):
+    import flowcore.client.core as core
+    monkeypatch.setattr(core, "MAX_PENDING_TASKS", 4)
+    sig = Signal()
+    submitted = []
+
+    def submitter():
+        for _ in range(10):
+            submitted.append(sig.wait_task.remote())
+    t = threading.Thread(target=submitter)
+    t.start()
+    sig.wait_for_waiters(2)  # both CPUs hold a task; the rest queue
+    t.join(0.3)
+    assert t.is_alive() and len(submitted) == 4  # the fifth .remote() waits
+    sig.set()
+    t.join(30)
+    assert not t.is_alive()
+    assert flowcore.get(submitted, timeout=30) == [True] * 10

@@ -164,7 +164,9 @@ class CoreClient:
                 self.refcounts.pop(oid, None)
                 self.ready.pop(oid, None)
                 self.subscribed.discard(oid)
-                self.expected.discard(oid)
+                if oid in self.expected:  # dropped before its task finished
+                    self.expected.discard(oid)
+                    self._task_settled(oid)
                 decrefs.append(oid)
         unpins = []
         while self._unpins:
@@ -227,13 +229,18 @@ class CoreClient:
             self.ready[oid] = msg
             if oid in self.expected:
                 self.expected.discard(oid)
-                if ids.index_of(oid) == 0 and self.pending_tasks > 0:
-                    self.pending_tasks -= 1
-                    if self.pending_tasks == MAX_PENDING_TASKS - 1:
-                        self._pending_cv.notify_all()
+                self._task_settled(oid)
             callbacks = self.waiters.pop(oid, ())
         for cb in callbacks:
             cb()
+
+    def _task_settled(self, oid: bytes) -> None:
+        """One of this client's tasks no longer counts as pending (call with
+        the lock held)."""
+        if ids.index_of(oid) == 0 and self.pending_tasks > 0:
+            self.pending_tasks -= 1
+            if self.pending_tasks < MAX_PENDING_TASKS:
+                self._pending_cv.notify_all()
 
     def _fail_all_waiters(self, which: str) -> None:
         from ..objects.serialization import serialize
@@ -290,12 +297,16 @@ class CoreClient:
         oids = [ids.object_id(tid, i) for i in range(nret)]
         with self._lock:
             while self.pending_tasks >= MAX_PENDING_TASKS:
-                self._pending_cv.wait()
+                self._wait_pending_room()
             self.pending_tasks += 1
             self.expected.update(oids)
         refs = [ObjectRef(oid, self, counted=True) for oid in oids]
         self.send("head", {"op": "submit", "tasks": [spec]})
         return refs
+
+    def _wait_pending_room(self) -> None:
+        """Block a submitter until fewer tasks are pending (lock held)."""
+        self._pending_cv.wait()
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         self.send("head", {"op": "cancel", "oid": ref._id, "force": force,

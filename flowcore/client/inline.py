@@ -194,6 +194,14 @@ class InlineClient(CoreClient):
             raise TimeoutError(f"no reply from the {dest} to {msg['op']!r} in {timeout}s")
         return self._replies.pop(rid)  # type: ignore[return-value]
 
+    def _wait_pending_room(self) -> None:
+        from . import core
+        self._lock.release()
+        try:
+            self._wait_until(lambda: self.pending_tasks < core.MAX_PENDING_TASKS, None)
+        finally:
+            self._lock.acquire()
+
     # ------------------------------------------------------------ waiting = pumping
     def _wait_event(self, event: threading.Event, timeout: float | None) -> bool:
         return self._wait_until(event.is_set, timeout)

@@ -127,6 +127,8 @@ class NodeServer:
                     comm.send({"op": "exit"})
             elif kind == "warn":
                 logger.warning(a[1])
+                if self.head is not None:
+                    self.head.send({"op": "node_warning", "text": a[1]})
 
 
     def _spawn_worker(self, wid: str) -> None:

@@ -177,19 +177,19 @@ class Comm(asyncio.Protocol):
         prefix = frames.PREFIX.size
         pos = 0
         end = len(buf)
-        batches = []
-        while end - pos >= prefix:
-            (n,) = frames.PREFIX.unpack_from(buf, pos)
-            frames.check_body_length(n, self.limits)
-            if end - pos - prefix < n:
-                break
-            body = bytes(buf[pos + prefix:pos + prefix + n])
-            pos += prefix + n
-            batches.append(frames.decode_body(body, self.limits))
-        if pos:
-            del buf[:pos]
-        for msgs, bufs in batches:
-            self._dispatch(msgs, bufs)
+        try:
+            while end - pos >= prefix and not self.closed:
+                (n,) = frames.PREFIX.unpack_from(buf, pos)
+                frames.check_body_length(n, self.limits)
+                if end - pos - prefix < n:
+                    break
+                body = bytes(buf[pos + prefix:pos + prefix + n])
+                pos += prefix + n
+                # each good batch is handled before a later bad one is looked at
+                self._dispatch(*frames.decode_body(body, self.limits))
+        finally:
+            if pos and not self.closed:
+                del buf[:pos]
 
     def _dispatch(self, msgs: list[dict], bufs: list) -> None:
         handler = self._handler

@@ -219,6 +219,15 @@ class SchedulerState:
                 self._transition(t, S.QUEUED, f"node {node.name} joined")
                 self.queues.setdefault(t.shape, deque()).append(tid)
 
+    def handle_node_warning(self, source: str, msg: dict) -> None:
+        """A node has something every driver should see (e.g. its worker cap)."""
+        node = self.nodes.get(source)
+        text = f"node {node.name if node else source}: {msg.get('text', '')}"
+        self.warnings.append(text)
+        for cid, info in self.clients.items():
+            if info.get("kind") == "driver":
+                self._send(cid, {"op": "warning", "text": text})
+
     def handle_register_client(self, source: str, msg: dict) -> None:
         self.clients[source] = {"kind": msg.get("kind", "driver"), "pid": msg.get("pid"),
                                 "node_id": msg.get("node_id")}

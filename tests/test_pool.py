@@ -1,0 +1,406 @@
+"""Unit tests of the node's IO-free worker pool (``flowcore.node.pool.WorkerPool``)."""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from flowcore.node.pool import BUSY, IDLE, STARTING, WorkerPool
+
+_tids = itertools.count(1)
+
+
+def task(**res: float) -> dict:
+    return {"tid": next(_tids).to_bytes(16, "big"), "res": res or {"CPU": 1.0}}
+
+
+def kinds(actions: list, kind: str) -> list[tuple]:
+    return [a for a in actions if a[0] == kind]
+
+
+def spawned(actions: list) -> list[str]:
+    return [a[1] for a in actions if a[0] == "spawn"]
+
+
+def ran(actions: list) -> list[tuple[str, bytes]]:
+    return [(a[1], a[2]["tid"]) for a in actions if a[0] == "run"]
+
+
+def ready_pool(resources: dict, **kw: Any) -> WorkerPool:
+    """A pool whose warm workers have all started."""
+    pool = WorkerPool(resources, **kw)
+    for i, wid in enumerate(spawned(pool.startup())):
+        assert pool.worker_ready(wid, 1000 + i) == []
+    return pool
+
+
+def test_startup_spawns_min_workers() -> None:
+    pool = WorkerPool({"CPU": 3.0})
+    actions = pool.startup()
+    assert len(spawned(actions)) == 3 and len(set(spawned(actions))) == 3
+    assert actions == [("spawn", wid) for wid in spawned(actions)]
+    assert all(w.state == STARTING for w in pool.workers.values())
+    assert WorkerPool({"CPU": 0.5}).min_workers == 1
+    assert WorkerPool({}).min_workers == 1
+    assert len(spawned(WorkerPool({"CPU": 8.0}, min_workers=2).startup())) == 2
+
+
+def test_worker_ready_records_pid_and_goes_idle() -> None:
+    pool = WorkerPool({"CPU": 1.0})
+    (wid,) = spawned(pool.startup())
+    assert pool.worker_ready(wid, 4321) == []
+    assert pool.workers[wid].state == IDLE and pool.workers[wid].pid == 4321
+    assert pool.worker_ready("nope", 1) == []
+
+
+def test_task_runs_on_an_idle_worker() -> None:
+    pool = ready_pool({"CPU": 2.0})
+    t = task(CPU=1.0)
+    actions = pool.task_arrived(t)
+    assert len(actions) == 1
+    kind, wid, sent = actions[0]
+    assert kind == "run" and sent is t and t["gpu_ids"] == []
+    w = pool.workers[wid]
+    assert w.state == BUSY and w.task is t and w.tasks_run == 1
+    assert pool.available["CPU"] == pytest.approx(1.0)
+    assert pool.find_task(t["tid"]) == (wid, t)
+    assert pool.snapshot()["busy"] == 1 and pool.snapshot()["idle"] == 1
+
+
+def test_task_arriving_before_workers_start_waits_for_the_starting_one() -> None:
+    pool = WorkerPool({"CPU": 1.0})
+    (wid,) = spawned(pool.startup())
+    t = task()
+    assert pool.task_arrived(t) == []  # a worker is already starting for it
+    assert list(pool.queue) == [t]
+    assert pool.find_task(t["tid"]) == (None, t)
+    assert ran(pool.worker_ready(wid, 7)) == [(wid, t["tid"])]
+    assert not pool.queue
+
+
+def test_tasks_beyond_resources_wait_and_run_when_a_worker_goes_idle() -> None:
+    pool = ready_pool({"CPU": 2.0})
+    a, b, c = task(), task(), task()
+    ra = pool.task_arrived(a)
+    rb = pool.task_arrived(b)
+    rc = pool.task_arrived(c)
+    assert len(ran(ra)) == 1 and len(ran(rb)) == 1
+    assert rc == []  # no spawn: c does not fit while a and b run
+    assert list(pool.queue) == [c]
+    assert pool.available["CPU"] == pytest.approx(0.0)
+    wid_a = ran(ra)[0][0]
+    actions = pool.worker_idle(wid_a)
+    assert ran(actions) == [(wid_a, c["tid"])]
+    assert not spawned(actions) and not kinds(actions, "retire")
+    assert pool.available["CPU"] == pytest.approx(0.0)
+
+
+def test_no_worker_is_spawned_for_tasks_that_do_not_fit() -> None:
+    pool = ready_pool({"CPU": 1.0, "GPU": 1.0}, gpu_ids=[0])
+    pool.task_arrived(task(CPU=1.0))
+    actions: list = []
+    for _ in range(5):
+        actions += pool.task_arrived(task(CPU=1.0))
+    actions += pool.task_arrived(task(CPU=4.0))       # never fits here
+    actions += pool.task_arrived(task(CPU=0.0, TPU=1.0))  # resource the node lacks
+    assert spawned(actions) == [] and ran(actions) == []
+    assert len(pool.workers) == 1 and len(pool.queue) == 7
+
+
+def test_queued_task_that_fits_is_not_stuck_behind_one_that_does_not() -> None:
+    pool = ready_pool({"CPU": 2.0, "GPU": 1.0}, gpu_ids=[0])
+    big = task(CPU=2.0)
+    gpu = task(CPU=1.0, GPU=1.0)
+    pool.task_arrived(gpu)
+    assert pool.task_arrived(big) == []
+    small = task(CPU=1.0)
+    assert ran(pool.task_arrived(small))[0][1] == small["tid"]
+    assert list(pool.queue) == [big]
+
+
+def test_blocked_worker_gives_cpu_back_and_a_new_worker_starts() -> None:
+    pool = ready_pool({"CPU": 1.0})
+    a, b = task(), task()
+    (wa, _), = ran(pool.task_arrived(a))
+    assert pool.task_arrived(b) == []
+    actions = pool.worker_blocked(wa, True)
+    (wb,) = spawned(actions)
+    assert pool.workers[wa].blocked and pool.counts()["blocked"] == 1
+    # blocking again changes nothing
+    assert pool.worker_blocked(wa, True) == []
+    assert ran(pool.worker_ready(wb, 2)) == [(wb, b["tid"])]
+    assert pool.available["CPU"] == pytest.approx(0.0)
+    # a takes its CPU again: the node is oversubscribed until one finishes
+    assert pool.worker_blocked(wa, False) == []
+    assert pool.available["CPU"] == pytest.approx(-1.0)
+    # the extra worker retires when it goes idle
+    assert pool.worker_idle(wb) == [("retire", wb)]
+    assert wb not in pool.workers
+    assert pool.worker_idle(wa) == []
+    assert pool.available["CPU"] == pytest.approx(1.0)
+    assert len(pool.workers) == 1
+
+
+def test_blocked_worker_finishing_without_unblocking_returns_the_rest() -> None:
+    pool = ready_pool({"CPU": 2.0, "GPU": 1.0}, gpu_ids=[0])
+    t = task(CPU=1.0, GPU=1.0)
+    (wid, _), = ran(pool.task_arrived(t))
+    pool.worker_blocked(wid, True)
+    assert pool.available == pytest.approx({"CPU": 2.0, "GPU": 0.0})
+    pool.worker_idle(wid)
+    assert pool.available == pytest.approx({"CPU": 2.0, "GPU": 1.0})
+    assert pool.free_gpus == [0]
+
+
+def test_blocked_on_idle_or_unknown_worker_is_ignored() -> None:
+    pool = ready_pool({"CPU": 1.0})
+    (wid,) = list(pool.workers)
+    assert pool.worker_blocked(wid, True) == []
+    assert pool.worker_blocked("ghost", True) == []
+    assert pool.available["CPU"] == pytest.approx(1.0)
+
+
+def test_max_workers_cap_warns_once() -> None:
+    pool = ready_pool({"CPU": 1.0}, max_workers=2, min_workers=1)
+    tasks = [task() for _ in range(4)]
+    (w1, _), = ran(pool.task_arrived(tasks[0]))
+    pool.task_arrived(tasks[1])
+    (w2,) = spawned(pool.worker_blocked(w1, True))
+    assert ran(pool.worker_ready(w2, 2)) == [(w2, tasks[1]["tid"])]
+    pool.task_arrived(tasks[2])
+    actions = pool.worker_blocked(w2, True)
+    assert spawned(actions) == []
+    (warn,) = kinds(actions, "warn")
+    assert "max_workers" in warn[1] and "2 workers" in warn[1] and "2 of them blocked" in warn[1]
+    more = pool.task_arrived(tasks[3])
+    more += pool.worker_blocked(w1, False)
+    more += pool.worker_blocked(w1, True)
+    assert kinds(more, "warn") == [] and spawned(more) == []
+    assert len(pool.workers) == 2
+
+
+def test_gpu_ids_are_assigned_and_returned() -> None:
+    pool = ready_pool({"CPU": 4.0, "GPU": 2.0}, gpu_ids=[0, 1], min_workers=4)
+    a, b, c = (task(CPU=1.0, GPU=1.0) for _ in range(3))
+    (wa, _), = ran(pool.task_arrived(a))
+    (wb, _), = ran(pool.task_arrived(b))
+    assert pool.task_arrived(c) == []
+    assert sorted(a["gpu_ids"] + b["gpu_ids"]) == [0, 1]
+    assert len(a["gpu_ids"]) == 1 and pool.workers[wa].gpus == a["gpu_ids"]
+    assert pool.free_gpus == []
+    actions = pool.worker_idle(wa)
+    assert ran(actions) == [(wa, c["tid"])]
+    assert c["gpu_ids"] == a["gpu_ids"]
+    pool.worker_idle(wb)
+    pool.worker_idle(wa)
+    assert pool.free_gpus == [0, 1]
+    both = task(CPU=1.0, GPU=2.0)
+    (wid, _), = ran(pool.task_arrived(both))
+    assert both["gpu_ids"] == [0, 1]
+    cpu_only = task(CPU=1.0)
+    pool.task_arrived(cpu_only)
+    assert cpu_only["gpu_ids"] == []
+    pool.worker_idle(wid)
+    assert pool.free_gpus == [0, 1]
+    assert pool.available["GPU"] == pytest.approx(2.0)
+
+
+def test_worker_died_reports_its_task_and_is_replaced() -> None:
+    pool = ready_pool({"CPU": 1.0, "GPU": 1.0}, gpu_ids=[0])
+    t = task(CPU=1.0, GPU=1.0)
+    (wid, _), = ran(pool.task_arrived(t))
+    queued = task(CPU=1.0)
+    pool.task_arrived(queued)
+    actions = pool.worker_died(wid)
+    assert ("died", t, wid) in actions
+    (new,) = spawned(actions)
+    assert new != wid and wid not in pool.workers
+    assert pool.available == pytest.approx({"CPU": 1.0, "GPU": 1.0})
+    assert pool.free_gpus == [0]
+    assert ran(pool.worker_ready(new, 9)) == [(new, queued["tid"])]
+    assert pool.worker_died("ghost") == []
+
+
+def test_idle_worker_death_is_replaced_without_a_died_report() -> None:
+    pool = ready_pool({"CPU": 2.0})
+    wid = next(iter(pool.workers))
+    actions = pool.worker_died(wid)
+    assert kinds(actions, "died") == [] and len(spawned(actions)) == 1
+    assert len(pool.workers) == 2
+
+
+def test_blocked_worker_death_restores_resources_exactly() -> None:
+    pool = ready_pool({"CPU": 1.0})
+    t = task()
+    (wid, _), = ran(pool.task_arrived(t))
+    pool.worker_blocked(wid, True)
+    pool.worker_died(wid)
+    assert pool.available["CPU"] == pytest.approx(1.0)
+
+
+def test_repeated_startup_failures_stop_respawning_with_one_warning() -> None:
+    pool = WorkerPool({"CPU": 1.0})
+    (wid,) = spawned(pool.startup())
+    warnings: list = []
+    for i in range(1, pool.max_startup_failures + 1):
+        actions = pool.worker_died(wid)
+        warnings += kinds(actions, "warn")
+        if i < pool.max_startup_failures:
+            (wid,) = spawned(actions)
+        else:
+            assert spawned(actions) == []
+    assert len(warnings) == 1 and "died before registering" in warnings[0][1]
+    assert pool.workers == {}
+    # nothing more is spawned, even for work that arrives later
+    assert pool.task_arrived(task()) == []
+    assert pool.workers == {}
+
+
+def test_a_successful_start_resets_the_failure_count() -> None:
+    pool = WorkerPool({"CPU": 1.0})
+    (wid,) = spawned(pool.startup())
+    for _ in range(pool.max_startup_failures - 1):
+        (wid,) = spawned(pool.worker_died(wid))
+    pool.worker_ready(wid, 1)
+    assert pool.startup_failures == 0
+    for _ in range(pool.max_startup_failures - 1):
+        actions = pool.worker_died(wid)
+        assert kinds(actions, "warn") == []
+        (wid,) = spawned(actions)
+
+
+def test_extra_workers_retire_only_down_to_min_and_not_while_work_waits() -> None:
+    pool = ready_pool({"CPU": 2.0}, min_workers=1)
+    a, b, c = task(), task(), task()
+    (w1, _), = ran(pool.task_arrived(a))
+    (w2,) = spawned(pool.task_arrived(b))  # fits, no idle worker: one more starts
+    pool.worker_ready(w2, 2)
+    assert pool.workers[w2].state == BUSY
+    assert pool.task_arrived(c) == []
+    # w1 frees: c runs on it, nobody retires
+    actions = pool.worker_idle(w1)
+    assert ran(actions) == [(w1, c["tid"])] and kinds(actions, "retire") == []
+    assert pool.worker_idle(w2) == [("retire", w2)]
+    assert pool.worker_idle(w1) == []  # the last one stays warm
+    assert list(pool.workers) == [w1] and pool.workers[w1].state == IDLE
+
+
+def test_workers_that_went_idle_while_work_waited_retire_once_the_queue_drains() -> None:
+    pool = ready_pool({"CPU": 2.0}, min_workers=1)
+    a, b, big = task(), task(), task(CPU=2.0)
+    (w1, _), = ran(pool.task_arrived(a))
+    (w2,) = spawned(pool.task_arrived(b))
+    pool.worker_ready(w2, 2)
+    assert pool.task_arrived(big) == []  # waits for both CPUs
+    # w1 goes idle while big still waits: it stays (work is queued)
+    assert pool.worker_idle(w1) == []
+    # w2 goes idle: big runs on one of them; the queue is now empty, so the
+    # other (idle since before) retires
+    actions = pool.worker_idle(w2)
+    ((wbig, _),) = ran(actions)
+    assert kinds(actions, "retire") == [("retire", ({w1, w2} - {wbig}).pop())]
+    assert list(pool.workers) == [wbig]
+    # big ends: the last worker stays warm
+    assert pool.worker_idle(wbig) == []
+    assert list(pool.workers) == [wbig] and pool.workers[wbig].state == IDLE
+
+
+def test_drop_queued() -> None:
+    pool = ready_pool({"CPU": 1.0})
+    pool.task_arrived(task())
+    t = task()
+    pool.task_arrived(t)
+    assert pool.drop_queued(t["tid"]) is t
+    assert pool.drop_queued(t["tid"]) is None
+    assert pool.find_task(t["tid"]) == (None, None)
+
+
+# ---------------------------------------------------------------- random sequences
+SHAPES = [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}, {"GPU": 1.0},
+          {"CPU": 0.0}]
+TOTAL = {"CPU": 2.0, "GPU": 1.0}
+
+
+def check(pool: WorkerPool) -> None:
+    expected = dict(pool.total)
+    used_gpus: list[int] = []
+    for w in pool.workers.values():
+        if w.state == BUSY:
+            assert w.task is not None
+            for k, v in (w.task.get("res") or {}).items():
+                if v and not (w.blocked and k == "CPU"):
+                    expected[k] = expected.get(k, 0.0) - v
+            used_gpus += w.gpus
+        else:
+            assert w.task is None and not w.gpus and not w.blocked
+    for k in set(expected) | set(pool.available):
+        assert pool.available.get(k, 0.0) == pytest.approx(expected.get(k, 0.0), abs=1e-6)
+    assert sorted(used_gpus + pool.free_gpus) == [0]
+    assert len(pool.workers) <= pool.max_workers
+
+
+events = st.lists(st.tuples(st.sampled_from(["task", "ready", "idle", "block", "unblock",
+                                             "die"]),
+                            st.integers(0, 10), st.sampled_from(SHAPES)), max_size=60)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(events)
+def test_random_event_sequences_keep_the_books_straight(evs: list) -> None:
+    pool = WorkerPool(dict(TOTAL), max_workers=4, gpu_ids=[0], min_workers=1)
+    out = pool.startup()
+    died: list[bytes] = []
+    running: dict[bytes, str] = {}
+
+    def apply(actions: list) -> None:
+        for a in actions:
+            if a[0] == "run":
+                assert a[2]["tid"] not in running
+                running[a[2]["tid"]] = a[1]
+            elif a[0] == "died":
+                died.append(a[1]["tid"])
+                running.pop(a[1]["tid"])
+
+    apply(out)
+    for kind, pick, shape in evs:
+        def nth(state: str, blocked: bool | None = None) -> str | None:
+            ws = sorted(w.wid for w in pool.workers.values() if w.state == state
+                        and (blocked is None or w.blocked == blocked))
+            return ws[pick % len(ws)] if ws else None
+
+        if kind == "task":
+            t = task(**shape)
+            apply(pool.task_arrived(t))
+        elif kind == "ready" and (wid := nth(STARTING)):
+            apply(pool.worker_ready(wid, 1))
+        elif kind == "idle" and (wid := nth(BUSY)):
+            running.pop(pool.workers[wid].task["tid"])
+            apply(pool.worker_idle(wid))
+        elif kind in ("block", "unblock") and (wid := nth(BUSY)):
+            apply(pool.worker_blocked(wid, kind == "block"))
+        elif kind == "die" and pool.workers:
+            wid = sorted(pool.workers)[pick % len(pool.workers)]
+            apply(pool.worker_died(wid))
+        check(pool)
+    # drain: start every worker, finish every task
+    for _ in range(500):
+        starting = [w.wid for w in pool.workers.values() if w.state == STARTING]
+        busy = [w.wid for w in pool.workers.values() if w.state == BUSY]
+        if not starting and not busy:
+            break
+        for wid in starting:
+            apply(pool.worker_ready(wid, 1))
+        for wid in busy:
+            if wid in pool.workers and pool.workers[wid].state == BUSY:
+                running.pop(pool.workers[wid].task["tid"])
+                apply(pool.worker_idle(wid))
+        check(pool)
+    assert not running
+    if pool.startup_failures < pool.max_startup_failures:
+        assert not pool.queue  # every task fits the node, so all of it ran
+        assert len(pool.workers) == pool.min_workers
+    assert pool.available == pytest.approx(TOTAL)
+    assert pool.free_gpus == [0]
