@@ -22,7 +22,8 @@ _info: dict[str, Any] = {}
 
 
 def is_initialized() -> bool:
-    return _client is not None
+    """True in a driver after init(), and inside tasks (which are always connected)."""
+    return current_client() is not None
 
 
 def _check_number(name: str, v: Any, *, integer: bool = False) -> None:
@@ -47,6 +48,11 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
     """
     global _cluster, _client, _info
     with _state_lock:
+        if _client is None and current_client() is not None:
+            if ignore_reinit_error:
+                return {}
+            raise RuntimeError("flowcore.init() inside a task: tasks are already connected "
+                               "to their cluster; use the API directly")
         if _client is not None:
             if ignore_reinit_error:
                 return dict(_info)
@@ -56,6 +62,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         _check_number("num_gpus", num_gpus, integer=True)
         _check_number("object_store_memory", object_store_memory, integer=True)
         _check_number("max_workers", max_workers, integer=True)
+        if max_workers == 0:
+            raise ValueError("init(max_workers=0): a node needs at least one worker")
         if resources is not None:
             if not isinstance(resources, dict) or not all(
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)

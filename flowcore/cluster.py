@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import daemon
+from .exceptions import FlowcoreError
 
 
-class ClusterStartError(RuntimeError):
-    pass
+class ClusterStartError(FlowcoreError, RuntimeError):
+    """A head or node process of a local cluster failed to start; the
+    message carries the end of its log."""
 
 
 @dataclass
@@ -37,6 +39,26 @@ class NodeProcess:
     args: dict = field(default_factory=dict)
 
 
+SESSION_PREFIX = "flowcore-session-"
+#: embedded session directories (logs) kept for post-mortems; older ones go
+KEEP_SESSIONS = 10
+
+
+def prune_old_sessions(keep: int = KEEP_SESSIONS) -> None:
+    """Remove all but the newest ``keep`` embedded session directories of
+    this user in the temp dir (their clusters are long gone: a live cluster's
+    directory is among the newest)."""
+    base = tempfile.gettempdir()
+    try:
+        entries = [os.path.join(base, e) for e in os.listdir(base) if e.startswith(SESSION_PREFIX)]
+        entries = [e for e in entries if os.path.isdir(e) and os.stat(e).st_uid == os.getuid()]
+        entries.sort(key=os.path.getmtime, reverse=True)
+    except OSError:
+        return
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _python() -> str:
     return sys.executable
 
@@ -45,7 +67,9 @@ class LocalCluster:
     def __init__(self, *, session_dir: str | None = None, token: str | None = None,
                  start_timeout: float = 60.0):
         self.own_session_dir = session_dir is None
-        self.session_dir = session_dir or tempfile.mkdtemp(prefix="flowcore-session-")
+        if session_dir is None:
+            prune_old_sessions()
+        self.session_dir = session_dir or tempfile.mkdtemp(prefix=SESSION_PREFIX)
         os.makedirs(os.path.join(self.session_dir, "logs"), exist_ok=True)
         self.token = token or daemon.new_token()
         self.token_file = os.path.join(self.session_dir, "token")
@@ -186,12 +210,19 @@ class LocalCluster:
         return node
 
     def kill_node(self, node: NodeProcess, sig: int = signal.SIGKILL) -> None:
-        """Kill a node and its workers (its process group)."""
+        """Send ``sig`` to a node and to every worker process it started."""
+        import psutil
         try:
-            os.killpg(node.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+            victims = psutil.Process(node.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            victims = []
+        for p in [node.proc, *victims]:
+            try:
+                os.kill(p.pid, sig)
+            except ProcessLookupError:
+                pass
         node.proc.wait(10)
+        psutil.wait_procs(victims, timeout=10)
 
     # ------------------------------------------------------------ stopping
     def close(self, timeout: float = 10.0) -> None:
@@ -201,7 +232,7 @@ class LocalCluster:
         for node in self.nodes:
             _terminate(node.proc)
         for node in self.nodes:
-            _wait_or_kill(node.proc, timeout, group=True)
+            _wait_or_kill(node.proc, timeout)
         if self.head is not None:
             _terminate(self.head)
             _wait_or_kill(self.head, timeout)
@@ -226,14 +257,12 @@ def _terminate(proc: subprocess.Popen) -> None:
             pass
 
 
-def _wait_or_kill(proc: subprocess.Popen, timeout: float, group: bool = False) -> None:
+def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
-    if group:  # workers of a node live in their own sessions; the node kills them
-        pass
 
 
 def _tail(path: str, n: int = 30) -> str:

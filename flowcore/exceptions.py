@@ -40,7 +40,9 @@ class TaskError(FlowcoreError):
     def as_instanceof_cause(self) -> "TaskError":
         """Return an error that is both a TaskError and the cause's class."""
         cause = self.cause
-        if cause is None or isinstance(cause, TaskError):
+        if cause is None or isinstance(cause, TaskError) or not isinstance(cause, Exception):
+            # SystemExit, KeyboardInterrupt and the like are not re-raised as
+            # themselves in the caller: that would end the driver
             return self
         cls = type(cause)
         try:
@@ -108,6 +110,10 @@ class AuthenticationError(FlowcoreError):
     """A peer failed the token challenge (wrong or missing token)."""
 
 
+class SerializationError(FlowcoreError, TypeError):
+    """A value could not be serialized; the message names its type and where it sits."""
+
+
 class ProtocolError(FlowcoreError):
     """A malformed, oversized or unexpected message arrived on a connection."""
 
@@ -116,4 +122,5 @@ __all__ = [
     "FlowcoreError", "TaskError", "WorkerCrashedError", "ActorError",
     "ActorDiedError", "ObjectLostError", "GetTimeoutError", "TaskCancelledError",
     "NodeDiedError", "ObjectStoreFullError", "AuthenticationError", "ProtocolError",
+    "SerializationError",
 ]

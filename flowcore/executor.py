@@ -16,7 +16,8 @@ class Executor(concurrent.futures.Executor):
     """
 
     def __init__(self, **task_options: Any):
-        self._options = task_options
+        from . import options as opts
+        self._options = opts.validate(opts.TASK, dict(task_options), "Executor()")
         self._remote: dict[Any, RemoteFunction] = {}
         self._futures: set[concurrent.futures.Future] = set()
         self._lock = threading.Lock()

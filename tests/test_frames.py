@@ -197,10 +197,6 @@ def test_oversize_body_is_refused_before_reading_it() -> None:
         decode(data)
 
 
-def test_pack_any() -> None:
-    assert msgpack.unpackb(frames.pack_any({"a": b"b"})) == {"a": b"b"}
-
-
 # ---------------------------------------------------------------- fuzzing
 SMALL = Limits(max_body=1 << 16, max_frames=16, max_header=1 << 12)
 

@@ -107,6 +107,7 @@ def test_unserializable_value_names_type_and_path(cluster):
     msg = str(ei.value)
     assert "lock" in msg and "['cfg'][1]['lock']" in msg
     assert isinstance(ei.value, SerializationError)
+    assert isinstance(ei.value, flowcore.exceptions.FlowcoreError)
     with pytest.raises(TypeError, match="lock"):
         @flowcore.remote
         def f(x):

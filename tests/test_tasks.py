@@ -267,3 +267,48 @@ def test_submission_backpressure(cluster, monkeypatch):
     t.join(30)
     assert not t.is_alive()
     assert flowcore.get(submitted, timeout=30) == [True] * 10
+
+
+def test_task_raising_keyboardinterrupt_or_systemexit_fails_cleanly(cluster):
+    @flowcore.remote
+    def interrupt():
+        raise KeyboardInterrupt("from the task")
+
+    @flowcore.remote
+    def leave():
+        import sys
+        sys.exit(3)
+    with pytest.raises(TaskError) as ei:
+        flowcore.get(interrupt.remote(), timeout=30)
+    assert not isinstance(ei.value, KeyboardInterrupt)
+    with pytest.raises(TaskError) as ei:
+        flowcore.get(leave.remote(), timeout=30)
+    assert not isinstance(ei.value, SystemExit) and "SystemExit" in str(ei.value)
+
+
+def test_cancelling_a_future_cancels_the_task(cluster):
+    sig = Signal()
+    ref = sig.wait_task.remote()
+    fut = ref.future()
+    assert fut.cancel()
+    from flowcore.exceptions import TaskCancelledError
+    with pytest.raises(TaskCancelledError):
+        flowcore.get(ref, timeout=30)
+    sig.set()
+
+
+def test_initialized_inside_tasks(cluster):
+    @flowcore.remote
+    def probe():
+        try:
+            flowcore.init()
+        except RuntimeError as e:
+            return flowcore.is_initialized(), str(e)
+        return flowcore.is_initialized(), "init did not refuse"
+    inside, msg = flowcore.get(probe.remote(), timeout=30)
+    assert inside is True and "inside a task" in msg
+
+
+def test_executor_checks_options_at_once(cluster):
+    with pytest.raises(ValueError, match="Valid options"):
+        flowcore.Executor(bogus=1)

@@ -66,6 +66,7 @@ class CoreClient:
         self._pending_cv = threading.Condition(self._lock)
         self.mapping: Any = None
         self.closed = False
+        self.lost: str | None = None  # "head"/"node" once that connection is gone
         self.on_node_message: Callable[[dict], None] | None = None
         self.on_disconnect: Callable[[str], None] | None = None
         self.current_task: dict | None = None
@@ -124,9 +125,14 @@ class CoreClient:
             asyncio.run_coroutine_threadsafe(_close(), self.loop).result(5)
         except Exception:
             pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:
+            pass
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
+            if not self._thread.is_alive():
+                self.loop.close()
         if self.mapping is not None:
             self.mapping.close()
 
@@ -211,7 +217,6 @@ class CoreClient:
         if op == "object_ready":
             self._object_ready(msg)
         elif op == "warning":
-            logger.warning(msg.get("text"))
             import warnings
             warnings.warn(msg.get("text", ""), RuntimeWarning, stacklevel=1)
         else:
@@ -244,6 +249,7 @@ class CoreClient:
 
     def _fail_all_waiters(self, which: str) -> None:
         from ..objects.serialization import serialize
+        self.lost = self.lost or which
         payload = serialize(FlowcoreError(
             f"lost the connection to the {which}; the cluster is gone")).to_bytes()
         with self._lock:
@@ -405,6 +411,9 @@ class CoreClient:
                     missing.append(oid)
             if len(ready) >= num or not missing:
                 return ready
+            if self.lost:
+                raise FlowcoreError(f"lost the connection to the {self.lost}: the cluster is "
+                                    f"gone; call flowcore.shutdown() and init() again")
             for oid in missing:
                 cb = callbacks[oid] = make_cb(oid)
                 self.waiters.setdefault(oid, []).append(cb)
@@ -512,13 +521,18 @@ class CoreClient:
                         info = self.ready.get(oid)
                     if info is None:
                         raise ObjectLostError(f"object {oid.hex()} was freed")
-                    fut.set_result(self.value_of(info))
+                    value = self.value_of(info)
+                    if not fut.cancelled():
+                        fut.set_result(value)
                 except BaseException as e:  # noqa: BLE001 - the future carries it
-                    fut.set_exception(e)
+                    if not fut.cancelled():
+                        fut.set_exception(e)
             # values may need a blocking store request: never on the IO thread
             threading.Thread(target=work, daemon=True).start() \
                 if self._on_io_thread() else work()
 
+        fut.add_done_callback(
+            lambda f, r=ref: self.cancel(r, False, True) if f.cancelled() else None)
         with self._lock:
             if oid in self.ready:
                 ready_now = True

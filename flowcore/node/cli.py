@@ -86,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             resources = json.loads(args.resources)
             if not isinstance(resources, dict) or not all(
-                    isinstance(v, (int, float)) for v in resources.values()):
-                raise ValueError("expected a JSON object of numbers")
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                    for v in resources.values()):
+                raise ValueError("expected a JSON object of names to numbers >= 0")
+            if "CPU" in resources or "GPU" in resources:
+                raise ValueError("use --num-cpus / --num-gpus for CPU and GPU")
         except ValueError as e:
             print(f"flowcore-worker: bad --resources {args.resources!r}: {e}", file=sys.stderr)
             return 2
@@ -96,13 +99,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from .server import NodeServer
 
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    node = NodeServer(address, token.encode(), num_cpus=num_cpus, num_gpus=args.num_gpus or 0,
-                      resources=resources,
-                      object_store_memory=args.object_store_memory or default_store_memory(),
-                      session_dir=state_dir, host=args.host, name=args.name,
-                      max_workers=args.max_workers)
+    from tornado.ioloop import IOLoop
+    # the process runs on Tornado's IOLoop (an asyncio loop underneath, which
+    # the message transports use directly)
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    loop = IOLoop.current()
+    try:
+        node = NodeServer(address, token.encode(), num_cpus=num_cpus,
+                          num_gpus=args.num_gpus or 0, resources=resources,
+                          object_store_memory=args.object_store_memory or default_store_memory(),
+                          session_dir=state_dir, host=args.host, name=args.name,
+                          max_workers=args.max_workers)
+    except (ValueError, OSError) as e:
+        print(f"flowcore-worker: cannot start the node: {e}", file=sys.stderr)
+        return 2
     if address == "-":
         # started beside its head: everything is imported and the store is
         # mapped; now wait for the head's address on stdin
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon.watch_lifeline(args.lifeline_fd, node.stop)
     daemon.install_stop_signals(node.stop)
     try:
-        loop.run_until_complete(node.start())
+        loop.run_sync(node.start)
     except AuthenticationError as e:
         print(f"flowcore-worker: {e}", file=sys.stderr)
         node.stop()
@@ -129,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ready_fd is None:
         print(f"flowcore-worker: node {node.name} joined {address}, serving objects at "
               f"{node.address}", flush=True)
-    loop.run_until_complete(node.stopped.wait())
-    loop.run_until_complete(asyncio.sleep(0.05))
+    loop.run_sync(node.stopped.wait)
+    loop.run_sync(lambda: asyncio.sleep(0.05))
     logger.info("node stopped")
     return 0
 

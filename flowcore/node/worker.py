@@ -39,6 +39,7 @@ class Worker:
         self.main_ident = threading.main_thread().ident
         self.running_tid: bytes | None = None
         self.cancel_requested: bytes | None = None
+        self.cancel_before_start: set[bytes] = set()
 
     # called by whichever thread is reading the sockets
     def on_node_message(self, msg: dict) -> None:
@@ -49,6 +50,9 @@ class Worker:
             if self.running_tid == msg["tid"]:
                 self.cancel_requested = msg["tid"]
                 signal.pthread_kill(self.main_ident, signal.SIGINT)
+            elif any(t is not None and t["tid"] == msg["tid"] for t in self.tasks):
+                # not started yet (still queued here): never start it
+                self.cancel_before_start.add(msg["tid"])
         elif op == "exit":
             self.tasks.append(None)
 
@@ -94,6 +98,12 @@ class Worker:
 
     def execute(self, task: dict) -> None:
         tid = task["tid"]
+        if tid in self.cancel_before_start:
+            self.cancel_before_start.discard(tid)
+            self.client.send("node", {"op": "worker_idle", "tid": tid})
+            self.client.send("head", {"op": "task_done", "tid": tid, "status": "cancelled",
+                                      "results": []})
+            return
         name = task.get("name", "?")
         client = self.client
         gpu_ids = task.get("gpu_ids") or []
@@ -129,12 +139,13 @@ class Worker:
                 results = [self._store_result(tid, i, v) for i, v in enumerate(values)]
                 keep.append(values)
                 del values
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 self.running_tid = None
                 if self.cancel_requested == tid:
                     status = "cancelled"
-                else:
-                    raise
+                else:  # the task raised it itself: an ordinary failure
+                    status = "error"
+                    results = self._error_results(task, e)
             except BaseException as e:  # noqa: BLE001 - every error goes back to the caller
                 self.running_tid = None
                 status = "error"

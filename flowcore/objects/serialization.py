@@ -40,8 +40,7 @@ __all__ = [
 ]
 
 
-class SerializationError(TypeError):
-    """A value (or something inside it) cannot be pickled."""
+from ..exceptions import SerializationError  # noqa: E402  (re-exported here)
 
 
 # -- contained ObjectRef collection -----------------------------------------

@@ -100,7 +100,3 @@ def decode(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS
     if view.nbytes != PREFIX.size + n:
         raise ProtocolError(f"batch prefix says {n} bytes but {view.nbytes - PREFIX.size} follow")
     return decode_body(view[PREFIX.size:], limits)
-
-
-def pack_any(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)

@@ -53,11 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("listening on %s: the head is reachable from the network; only "
                        "token holders can join, but consider a firewall or TLS", args.host)
 
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
+    from tornado.ioloop import IOLoop
+    # the process runs on Tornado's IOLoop (an asyncio loop underneath, which
+    # the message transports use directly)
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    loop = IOLoop.current()
     head = HeadServer(token.encode(), args.host, args.port, session_dir=state_dir)
     try:
-        address = loop.run_until_complete(head.start())
+        address = loop.run_sync(head.start)
     except OSError as e:
         print(f"flowcore-scheduler: cannot listen on {args.host}:{args.port}: {e}. "
               f"Pick another --port (0 = any free port).", file=sys.stderr)
@@ -70,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             daemon.write_private(path, token + "\n")
             print(f"flowcore-scheduler: token written to {path} (mode 0600)", flush=True)
         print(f"flowcore-scheduler {__version__} listening at {address}", flush=True)
-        print(f"flowcore-scheduler: join nodes with: flowcore-worker {address} "
-              f"--token-file {os.path.join(state_dir, 'token')}", flush=True)
+        how = (f"--token-file {os.path.join(state_dir, 'token')}" if generated
+               else "with the same token (--token / --token-file / FLOWCORE_TOKEN)")
+        print(f"flowcore-scheduler: join nodes with: flowcore-worker {address} {how}",
+              flush=True)
     daemon.report_ready(args.ready_fd, address)
     daemon.watch_lifeline(args.lifeline_fd, head.stop)
     daemon.install_stop_signals(head.stop)
-    loop.run_until_complete(head.stopped.wait())
-    loop.run_until_complete(asyncio.sleep(0.05))  # let final messages flush
+    loop.run_sync(head.stopped.wait)
+    loop.run_sync(lambda: asyncio.sleep(0.05))  # let final messages flush
     logger.info("flowcore-scheduler stopped")
     return 0
 

@@ -37,7 +37,11 @@ class HeadServer:
     async def start(self) -> str:
         self.server, self.port = await serve(self.token, self._on_comm, self.host, self.port,
                                              name="flowcore-scheduler")
-        self.address = f"tcp://{self.host}:{self.port}"
+        host = self.host
+        if host in ("0.0.0.0", ""):  # reachable on every interface: name one others can use
+            import socket
+            host = socket.gethostname()
+        self.address = f"tcp://{host}:{self.port}"
         logger.info("flowcore-scheduler %s listening at %s", __version__, self.address)
         return self.address
 
