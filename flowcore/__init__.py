@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # what a type checker sees
     from . import state
     from .api import (available_resources, cancel, cluster_resources, get,
                       get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
+    from .actor import ActorClass, ActorHandle, get_actor, kill, method
     from .executor import Executor
     from .objects.ref import ObjectRef
     from .remote_function import RemoteFunction
@@ -28,6 +29,8 @@ _LAZY = {
     "available_resources": "api", "get_runtime_context": "api",
     "Executor": "executor", "ObjectRef": "objects.ref", "RemoteFunction": "remote_function",
     "get_gpu_ids": "runtime_context", "TaskState": "scheduler.states",
+    "method": "actor", "kill": "actor", "get_actor": "actor", "ActorHandle": "actor",
+    "ActorClass": "actor",
 }
 _SUBMODULES = {"state", "testing", "api", "cluster"}
 
@@ -52,10 +55,10 @@ def _make_remote(target: Any, options: dict[str, Any]) -> Any:
 
     from .remote_function import RemoteFunction
     if inspect.isclass(target):
-        raise TypeError(f"@flowcore.remote on class {target.__name__}: actors are not "
-                        f"available in flowcore {__version__} yet")
+        from .actor import ActorClass
+        return ActorClass(target, options)
     if not callable(target):
-        raise TypeError(f"@flowcore.remote applies to functions, got "
+        raise TypeError(f"@flowcore.remote applies to functions and classes, got "
                         f"{type(target).__name__}")
     return RemoteFunction(target, options)
 
@@ -79,8 +82,6 @@ def remote(*args: Any, **options: Any) -> Any:
         if len(args) != 1 or options:
             raise TypeError("use @flowcore.remote or @flowcore.remote(option=value, ...)")
         return _make_remote(args[0], {})
-    from . import options as _opts
-    _opts.validate(_opts.TASK, options, "@flowcore.remote(...)")
     return lambda target: _make_remote(target, options)
 
 
@@ -88,5 +89,5 @@ __all__ = [
     "__version__", "init", "shutdown", "is_initialized", "remote", "get", "put", "wait",
     "cancel", "nodes", "cluster_resources", "available_resources", "get_gpu_ids",
     "get_runtime_context", "ObjectRef", "RemoteFunction", "Executor", "TaskState",
-    "exceptions", "state",
+    "exceptions", "state", "method", "kill", "get_actor", "ActorHandle", "ActorClass",
 ]

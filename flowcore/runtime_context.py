@@ -25,7 +25,8 @@ class RuntimeContext:
         return task["tid"].hex() if task else None
 
     def get_actor_id(self) -> str | None:
-        return None
+        aid = getattr(_worker, "actor_id", None)
+        return aid.hex() if aid else None
 
     def get_worker_id(self) -> str | None:
         return self._client.client_id if self._client else None

@@ -31,7 +31,11 @@ def list_nodes() -> list[dict]:
 
 
 def list_actors(state: str | None = None) -> list[dict]:
-    return []
+    """The head's actor table: id, class, name, node, pid, state, restarts, pending calls."""
+    if state is not None and state not in ("PENDING", "ALIVE", "RESTARTING", "DEAD"):
+        raise ValueError(f"list_actors(state={state!r}): expected PENDING, ALIVE, RESTARTING "
+                         f"or DEAD")
+    return _client().query("list_actors", state=state)
 
 
 def task_events(n: int = 100) -> list[dict]:

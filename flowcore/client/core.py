@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import os
 import threading
@@ -69,8 +70,18 @@ class CoreClient:
         self.lost: str | None = None  # "head"/"node" once that connection is gone
         self.on_node_message: Callable[[dict], None] | None = None
         self.on_disconnect: Callable[[str], None] | None = None
-        self.current_task: dict | None = None
+        self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+            "flowcore_current_task", default=None)
         self._thread = threading.Thread(target=self._run_loop, name="flowcore-io", daemon=True)
+
+    @property
+    def current_task(self) -> dict | None:
+        """The task running in this thread / coroutine (workers only)."""
+        return self._task_var.get()
+
+    @current_task.setter
+    def current_task(self, task: dict | None) -> None:
+        self._task_var.set(task)
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:

@@ -156,6 +156,11 @@ class WorkerPool:
             w.gpus = []
         w.task, w.blocked = None, False
 
+    def _give_back(self, res: dict[str, float]) -> list[Action]:
+        """Resources held outside the pool (by an actor) come back."""
+        self._take(res, +1.0)
+        return self._pump()
+
     # ------------------------------------------------------------ events
     def task_arrived(self, task: dict) -> list[Action]:
         self.queue.append(task)

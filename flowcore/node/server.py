@@ -53,6 +53,12 @@ class NodeServer:
         self.pin_waiters: dict[bytes, list[tuple[Comm, dict]]] = {}
         self.creating: set[bytes] = set()
         self._deaths: dict[str, tuple[str, int]] = {}
+        # actors: each runs in a worker process of its own, outside the pool
+        self.actor_workers: dict[str, bytes] = {}      # wid -> actor id
+        self.actor_wids: dict[bytes, str] = {}         # actor id -> wid
+        self.actor_specs: dict[bytes, dict] = {}       # start message, until registered
+        self.actor_backlog: dict[bytes, list[dict]] = {}  # calls before registration
+        self.actor_holds: dict[bytes, dict] = {}
         self.address = ""
         self.stopped = asyncio.Event()
         self._stopping = False
@@ -131,7 +137,7 @@ class NodeServer:
                     self.head.send({"op": "node_warning", "text": a[1]})
 
 
-    def _spawn_worker(self, wid: str) -> None:
+    def _spawn_worker(self, wid: str, actor: bytes | None = None) -> None:
         env = dict(os.environ)
         env.update(self.worker_env)
         env["FLOWCORE_TOKEN"] = self.token.decode()
@@ -139,12 +145,18 @@ class NodeServer:
         log = os.path.join(self.session_dir, "logs", f"worker-{self.node_id}-{wid}.log")
         argv = ["--node", self.address, "--head", self.head_address, "--wid", wid,
                 "--node-id", self.node_id, "--session-dir", self.session_dir]
+        if actor is not None:
+            argv += ["--actor", actor.hex()]
         self.procs[wid] = start_worker(argv, env, log, self.worker_cwd,
                                        lambda how, wid=wid: self._worker_exited(wid, how),
                                        self.start_method)
 
     def _worker_exited(self, wid: str, how: str) -> None:
         proc = self.procs.pop(wid, None)
+        aid = self.actor_workers.pop(wid, None)
+        if aid is not None:
+            self._actor_exited(aid, wid, how, proc.pid if proc is not None else 0)
+            return
         comm = self.worker_comms.pop(wid, None)
         w = self.pool.workers.get(wid)
         pid = proc.pid if proc is not None else 0
@@ -158,11 +170,66 @@ class NodeServer:
             self._act(self.pool.worker_died(wid))
         self._deaths.pop(wid, None)
 
+    # ------------------------------------------------------------ actors
+    def _start_actor(self, msg: dict) -> None:
+        aid = msg["aid"]
+        old = self.actor_wids.get(aid)
+        if old is not None and old in self.procs:  # a restart: the old process must be gone
+            self.procs[old].kill()
+        self.pool._next += 1
+        wid = f"a{self.pool._next}"
+        self.actor_workers[wid] = aid
+        self.actor_wids[aid] = wid
+        self.actor_specs[aid] = msg
+        hold = msg.get("hold") or {}
+        if hold and aid not in self.actor_holds:
+            self.actor_holds[aid] = hold
+            self.pool._take(hold)
+        self._spawn_worker(wid, actor=aid)
+
+    def _actor_exited(self, aid: bytes, wid: str, how: str, pid: int) -> None:
+        comm = self.worker_comms.pop(wid, None)
+        if comm is not None:
+            self.store.release_client(comm.info.get("id", wid))
+        if self.actor_wids.get(aid) != wid:
+            return  # an older process of a restarted actor
+        logger.warning("actor %s (pid %s) %s", aid.hex()[:12], pid, how)
+        self.actor_wids.pop(aid, None)
+        self.actor_specs.pop(aid, None)
+        self.actor_backlog.pop(aid, None)
+        hold = self.actor_holds.pop(aid, None)
+        if hold:
+            self._act(self.pool._give_back(hold))
+        if self.head is not None and not self._stopping:
+            self.head.send({"op": "actor_died", "aid": aid, "how": how, "pid": pid})
+
+    def _actor_call(self, msg: dict) -> None:
+        aid = msg["actor"]
+        wid = self.actor_wids.get(aid)
+        comm = self.worker_comms.get(wid) if wid else None
+        if comm is None:
+            self.actor_backlog.setdefault(aid, []).append(msg)
+        else:
+            comm.send(msg)
+
+    def _kill_actor(self, aid: bytes) -> None:
+        wid = self.actor_wids.get(aid)
+        proc = self.procs.get(wid) if wid else None
+        if proc is not None:
+            proc.kill()
+
     # ------------------------------------------------------------ head messages
     def _on_head_message(self, comm: Comm, msg: dict, frames: list) -> None:
         op = msg["op"]
         if op == "run_task":
-            self._act(self.pool.task_arrived(msg))
+            if msg.get("actor") is not None:
+                self._actor_call(msg)
+            else:
+                self._act(self.pool.task_arrived(msg))
+        elif op == "start_actor":
+            self._start_actor(msg)
+        elif op == "kill_actor":
+            self._kill_actor(msg["aid"])
         elif op == "delete_objects":
             for oid in msg["oids"]:
                 self.store.delete(oid)
@@ -244,7 +311,15 @@ class NodeServer:
             comm.info.update(role="worker", wid=wid)
             self.worker_comms[wid] = comm
             comm.reply(msg, node_id=self.node_id)
-            self._act(self.pool.worker_ready(wid, msg.get("pid", 0)))
+            aid = self.actor_workers.get(wid)
+            if aid is not None:
+                spec = dict(self.actor_specs.get(aid) or {})
+                spec["op"] = "create_actor"
+                comm.send(spec)
+                for call in self.actor_backlog.pop(aid, []):
+                    comm.send(call)
+            else:
+                self._act(self.pool.worker_ready(wid, msg.get("pid", 0)))
         elif op == "register_client":
             comm.info.update(role="driver")
             comm.reply(msg, node_id=self.node_id, store=store.stats())

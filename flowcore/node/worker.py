@@ -31,9 +31,15 @@ class TaskContext:
 
 
 class Worker:
-    def __init__(self, client: Any, wid: str):
+    def __init__(self, client: Any, wid: str, actor_id: bytes | None = None):
         self.client = client
         self.wid = wid
+        self.actor_id = actor_id
+        self.instance: Any = None
+        self.actor_class = ""
+        self.threads: Any = None      # ThreadPoolExecutor of a threaded actor
+        self.aloop: Any = None        # event loop of an async actor
+        self.asem: Any = None
         self.tasks: deque[dict | None] = deque()
         self.functions: dict[bytes, Any] = {}
         self.main_ident = threading.main_thread().ident
@@ -44,7 +50,7 @@ class Worker:
     # called by whichever thread is reading the sockets
     def on_node_message(self, msg: dict) -> None:
         op = msg["op"]
-        if op == "run_task":
+        if op in ("run_task", "create_actor"):
             self.tasks.append(msg)
         elif op == "cancel":
             if self.running_tid == msg["tid"]:
@@ -78,7 +84,15 @@ class Worker:
             if task is None:
                 return
             try:
-                self.execute(task)
+                if task["op"] == "create_actor":
+                    self.create_actor(task)
+                elif task.get("actor") is not None and self.threads is not None:
+                    self.threads.submit(self.execute, task)
+                elif task.get("actor") is not None and self.aloop is not None:
+                    import asyncio
+                    asyncio.run_coroutine_threadsafe(self.execute_async(task), self.aloop)
+                else:
+                    self.execute(task)
             except KeyboardInterrupt:
                 # a cancel that arrived after the task ended: nothing to interrupt
                 pass
@@ -96,49 +110,34 @@ class Worker:
             return values[v.i] if isinstance(v, ArgRef) else v
         return tuple(sub(v) for v in a), {key: sub(v) for key, v in k.items()}
 
+    def _target(self, task: dict) -> Any:
+        if task.get("actor") is not None:
+            return getattr(self.instance, task["method"])
+        return self.function(task["fid"])
+
     def execute(self, task: dict) -> None:
         tid = task["tid"]
         if tid in self.cancel_before_start:
             self.cancel_before_start.discard(tid)
-            self.client.send("node", {"op": "worker_idle", "tid": tid})
-            self.client.send("head", {"op": "task_done", "tid": tid, "status": "cancelled",
-                                      "results": []})
+            self._report(task, "cancelled", [], False)
             return
-        name = task.get("name", "?")
-        client = self.client
-        gpu_ids = task.get("gpu_ids") or []
-        if gpu_ids:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
-        else:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        client.current_task = task
-        self.running_tid = tid
+        self._set_gpus(task)
+        self.client.current_task = task
+        concurrent_call = task.get("actor") is not None and self.threads is not None
+        if not concurrent_call:
+            self.running_tid = tid
         status, results, retryable = "ok", None, False
         keep: list = []  # values stay alive until task_done is queued, so refs inside
         # them are not dropped (decref) before the head learns they are held
         try:
             try:
-                fn = self.function(task["fid"])
+                fn = self._target(task)
                 args, kwargs = self._resolve_args(task)
                 value = fn(*args, **kwargs)
                 del args, kwargs
-                nret = task.get("nret", 1)
-                if nret == 1:
-                    values = [value]
-                else:
-                    if not isinstance(value, (tuple, list)) or len(value) != nret:
-                        raise ValueError(
-                            f"task {name} declared num_returns={nret} but returned "
-                            f"{type(value).__name__}"
-                            + (f" of length {len(value)}" if hasattr(value, "__len__") else "")
-                            + f"; return a tuple of {nret} values")
-                    values = list(value)
-                keep.append(value)
-                del value
                 self.running_tid = None
-                results = [self._store_result(tid, i, v) for i, v in enumerate(values)]
-                keep.append(values)
-                del values
+                results = self._results(task, value, keep)
+                del value
             except KeyboardInterrupt as e:
                 self.running_tid = None
                 if self.cancel_requested == tid:
@@ -154,12 +153,93 @@ class Worker:
         finally:
             self.running_tid = None
             self.cancel_requested = None
-            client.current_task = None
-        msg = {"op": "task_done", "tid": tid, "status": status, "results": results or [],
-               "retryable": retryable}
-        client.send("node", {"op": "worker_idle", "tid": tid})
-        client.send("head", msg)
+            self.client.current_task = None
+        self._report(task, status, results or [], retryable)
         del keep
+
+    async def execute_async(self, task: dict) -> None:
+        """One call of an async actor: runs on the actor's event loop, at most
+        ``max_concurrency`` at a time."""
+        async with self.asem:
+            self.client.current_task = task
+            keep: list = []
+            try:
+                fn = self._target(task)
+                args, kwargs = self._resolve_args(task)
+                value = fn(*args, **kwargs)
+                if hasattr(value, "__await__"):
+                    value = await value
+                status, results = "ok", self._results(task, value, keep)
+            except BaseException as e:  # noqa: BLE001
+                status, results = "error", self._error_results(task, e)
+            finally:
+                self.client.current_task = None
+            self._report(task, status, results, False)
+            del keep
+
+    def _set_gpus(self, task: dict) -> None:
+        gpu_ids = task.get("gpu_ids") or []
+        if gpu_ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        elif self.actor_id is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+
+    def _results(self, task: dict, value: Any, keep: list) -> list[dict]:
+        nret = task.get("nret", 1)
+        name = task.get("name", "?")
+        if nret == 1:
+            values = [value]
+        else:
+            if not isinstance(value, (tuple, list)) or len(value) != nret:
+                raise ValueError(
+                    f"task {name} declared num_returns={nret} but returned "
+                    f"{type(value).__name__}"
+                    + (f" of length {len(value)}" if hasattr(value, "__len__") else "")
+                    + f"; return a tuple of {nret} values")
+            values = list(value)
+        keep.append(values)
+        return [self._store_result(task["tid"], i, v) for i, v in enumerate(values)]
+
+    def _report(self, task: dict, status: str, results: list, retryable: bool) -> None:
+        tid = task["tid"]
+        if task.get("actor") is None:
+            self.client.send("node", {"op": "worker_idle", "tid": tid})
+        self.client.send("head", {"op": "task_done", "tid": tid, "status": status,
+                                  "results": results, "retryable": retryable})
+
+    # ------------------------------------------------------------ actors
+    def create_actor(self, spec: dict) -> None:
+        """Run the constructor; tell the head the actor is ready, or why not."""
+        from ..objects.serialization import serialize
+        from ..exceptions import ActorDiedError
+        self.actor_class = spec.get("name", "?")
+        self.client.current_task = {"tid": spec["tid"], "actor": spec["aid"]}
+        try:
+            cls = self.function(spec["fid"])
+            args, kwargs = self._resolve_args(spec)
+            self.instance = cls(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001
+            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            err = ActorDiedError(f"actor {self.actor_class} failed in its constructor "
+                                 f"(pid {os.getpid()}):\n{tb}")
+            self.client.send("head", {"op": "actor_failed", "aid": spec["aid"],
+                                      "error": f"{type(e).__name__}: {e}",
+                                      "payload": serialize(err).to_bytes()})
+            return
+        finally:
+            self.client.current_task = None
+        if spec.get("is_async"):
+            import asyncio
+            self.aloop = asyncio.new_event_loop()
+            limit = spec.get("max_concurrency") or 1
+            self.asem = asyncio.Semaphore(1000 if limit <= 1 else limit)
+            threading.Thread(target=self.aloop.run_forever, name="flowcore-actor-loop",
+                             daemon=True).start()
+        elif (spec.get("max_concurrency") or 1) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            self.threads = ThreadPoolExecutor(spec["max_concurrency"],
+                                              thread_name_prefix="flowcore-actor")
+        self.client.send("head", {"op": "actor_ready", "aid": spec["aid"], "pid": os.getpid()})
 
     def _store_result(self, tid: bytes, i: int, value: Any) -> dict:
         from .. import ids
@@ -215,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wid", required=True)
     p.add_argument("--node-id", required=True)
     p.add_argument("--session-dir", required=True)
+    p.add_argument("--actor", default=None, help="hex id of the actor this process hosts")
     args = p.parse_args(argv)
     daemon.setup_logging(None, os.environ.get("FLOWCORE_LOG_LEVEL", "WARNING"))
     extra = os.environ.get("FLOWCORE_WORKER_SYS_PATH")
@@ -225,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     token = os.environ.pop("FLOWCORE_TOKEN", "").encode()
     from ..client.inline import InlineClient
     client = InlineClient(args.head, token, args.node, wid=args.wid)
-    worker = Worker(client, args.wid)
+    worker = Worker(client, args.wid, bytes.fromhex(args.actor) if args.actor else None)
     client.on_node_message = worker.on_node_message
     client.on_disconnect = worker.on_disconnect
     set_client(client)

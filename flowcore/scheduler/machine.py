@@ -17,7 +17,9 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from .. import ids
-from ..exceptions import NodeDiedError, ObjectLostError, TaskCancelledError, WorkerCrashedError
+from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
+                          WorkerCrashedError)
+from .actors import ActorRecord, ActorsMixin
 from .states import EventLog, TaskState, transition_name
 
 S = TaskState
@@ -82,7 +84,7 @@ class TaskRecord:
     __slots__ = ("tid", "fid", "name", "owner", "args", "deps", "missing", "nested",
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
-                 "args_dep")
+                 "args_dep", "actor", "method", "kind")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -91,6 +93,9 @@ class TaskRecord:
         self.owner = owner
         self.args: bytes | None = spec["args"]
         self.args_dep: int | None = spec.get("args_dep")
+        self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
+        self.actor: bytes | None = spec.get("aid") if self.kind == "create" else spec.get("actor")
+        self.method: str | None = spec.get("method")
         self.deps: list[bytes] = spec.get("deps") or []
         self.missing: set[bytes] = set()
         self.nested: list[bytes] = spec.get("nested") or []
@@ -159,7 +164,7 @@ class ObjectRecord:
                 "owner": self.owner, "created": self.created}
 
 
-class SchedulerState:
+class SchedulerState(ActorsMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
@@ -180,6 +185,8 @@ class SchedulerState:
         self.latencies: deque[float] = deque(maxlen=10_000)
         self._force_cancelled: set[bytes] = set()
         self.pipeline_depth = pipeline_depth
+        self.actors: dict[bytes, ActorRecord] = {}
+        self.named: dict[tuple[str, str], bytes] = {}
         # dependents of failed objects, failed by a loop rather than by
         # recursion so a long chain of tasks cannot overflow the stack
         self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
@@ -235,6 +242,7 @@ class SchedulerState:
 
     def client_disconnected(self, cid: str) -> Out:
         self.clients.pop(cid, None)
+        self._kill_owned_actors(cid)
         for oid in self.client_refs.pop(cid, ()):
             obj = self.objects.get(oid)
             if obj is not None:
@@ -250,6 +258,7 @@ class SchedulerState:
         if node is None or not node.alive:
             return []
         node.alive = False
+        self._actors_on_dead_node(node_id, cause)
         for tid in list(node.running):
             t = self.tasks.get(tid)
             if t is not None and t.state == S.RUNNING:
@@ -443,6 +452,12 @@ class SchedulerState:
             refs.add(oid)
         self._hold(t.deps)
         self._hold(t.nested)
+        if t.kind == "call" and not self._actor_call_submitted(t):
+            actor = self.actors.get(t.actor or b"")
+            why = actor.cause if actor is not None else "unknown actor"
+            self._fail_task(t, self.error_payload(ActorDiedError(
+                f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
+            return
         failed: ObjectRecord | None = None
         for oid in t.deps:
             obj = self.objects.get(oid)
@@ -469,6 +484,9 @@ class SchedulerState:
             self._enqueue(t, "submitted with arguments ready")
 
     def _enqueue(self, t: TaskRecord, cause: str) -> None:
+        if t.kind == "call":
+            self._actor_call_ready(t, cause)
+            return
         if not any(n.alive and n.could_ever_fit(t.res) for n in self.nodes.values()) \
                 and self.nodes:
             if t.state is None:
@@ -538,6 +556,9 @@ class SchedulerState:
         t.attempt += 1
         t.started = time.time()
         self._transition(t, S.RUNNING, f"placed on node {node.name}")
+        if t.kind == "create":
+            self._dispatch_create(t, node)
+            return
         deps = []
         for oid in t.deps:
             obj = self.objects[oid]
@@ -571,10 +592,13 @@ class SchedulerState:
             return
         status = msg.get("status", "ok")
         self._finish_resources(t)
+        if t.kind == "call":
+            self._actor_call_done(t)
         if status == "cancelled":
             self._cancel_task(t, "interrupted by cancel()")
             return
-        if status == "error" and msg.get("retryable") and t.retries_left > 0:
+        if status == "error" and msg.get("retryable") and t.retries_left > 0 \
+                and t.kind == "task":
             t.retries_left -= 1
             self.counts["retried"] += 1
             self._transition(t, S.QUEUED, "application error, retrying (retry_exceptions)")

@@ -16,7 +16,7 @@ logger = logging.getLogger("flowcore.scheduler")
 
 #: ops answered directly by the server (requests carrying a ``rid``)
 _QUERY_OPS = ("cluster_resources", "available_resources", "list_nodes", "list_tasks",
-              "list_objects", "task_info", "event_log", "counts")
+              "list_objects", "task_info", "event_log", "counts", "list_actors", "get_actor")
 
 
 class HeadServer:
@@ -122,6 +122,10 @@ class HeadServer:
             return s.task_info(msg["tid"])
         if op == "event_log":
             return s.log.tail(msg.get("n", 100))
+        if op == "list_actors":
+            return s.list_actors(msg.get("state"))
+        if op == "get_actor":
+            return s.get_actor(msg["name"], msg.get("namespace"))
         if op == "counts":
             return dict(s.counts, tasks=len(s.tasks), objects=len(s.objects))
         return None

@@ -42,6 +42,7 @@ TRANSITIONS: dict[tuple[TaskState | None, TaskState], str] = {
     (S.QUEUED, S.RUNNING): "dispatch",
     (S.QUEUED, S.INFEASIBLE): "mark_infeasible",
     (S.QUEUED, S.CANCELLED): "cancel_queued",
+    (S.QUEUED, S.FAILED): "fail_queued",
     (S.INFEASIBLE, S.QUEUED): "became_feasible",
     (S.INFEASIBLE, S.CANCELLED): "cancel_infeasible",
     (S.RUNNING, S.FINISHED): "finish",

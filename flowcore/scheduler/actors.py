@@ -1,0 +1,314 @@
+"""Actors in the head's state machine (a mixin of ``SchedulerState``).
+
+An actor is a graph node of its own: its creation is a task (so its
+constructor arguments are ordinary dependencies and the creation shows in
+the event log), and each method call is a task node that depends on its
+arguments *and* on the previous call from the same caller: calls from one
+caller are dispatched to the actor strictly in submission order, a call
+still waiting for its arguments holding back the ones behind it.
+
+Actor states: PENDING (being created) -> ALIVE -> RESTARTING -> ALIVE ...
+-> DEAD.  An actor needs its placement resources (1 CPU by default) free on
+a node to be placed and holds only the resources it asked for explicitly.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from ..exceptions import ActorDiedError, ActorError
+from .states import TaskState
+
+S = TaskState
+PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
+
+
+class ActorRecord:
+    def __init__(self, spec: dict, owner: str):
+        self.aid: bytes = spec["aid"]
+        self.class_name: str = spec.get("class_name", "?")
+        self.fid: bytes = spec["fid"]
+        self.owner = owner
+        self.methods: dict = spec.get("methods") or {}
+        self.name: str | None = spec.get("actor_name")
+        self.namespace: str = spec.get("namespace") or "default"
+        self.detached = bool(spec.get("detached"))
+        self.max_restarts: int = spec.get("max_restarts", 0)
+        self.max_task_retries: int = spec.get("max_task_retries", 0)
+        self.max_concurrency: int = spec.get("max_concurrency", 1)
+        self.is_async = bool(spec.get("is_async"))
+        self.hold: dict[str, float] = spec.get("hold") or {}
+        self.create_tid: bytes = spec["tid"]
+        self.state = PENDING
+        self.node: str | None = None
+        self.pid: int | None = None
+        self.restarts = 0
+        self.cause = ""
+        self.no_restart = False
+        self.queues: dict[str, deque[bytes]] = {}
+        self.inflight: set[bytes] = set()
+        self.created = time.time()
+        self.holding = False
+
+    def meta(self) -> dict:
+        return {"aid": self.aid, "class_name": self.class_name, "methods": self.methods,
+                "is_async": self.is_async}
+
+    def as_dict(self) -> dict:
+        return {"actor_id": self.aid.hex(), "class_name": self.class_name, "name": self.name,
+                "namespace": self.namespace, "state": self.state, "node_id": self.node,
+                "pid": self.pid, "restarts": self.restarts, "max_restarts": self.max_restarts,
+                "detached": self.detached, "death_cause": self.cause or None,
+                "pending_calls": sum(len(q) for q in self.queues.values()) + len(self.inflight),
+                "created": self.created}
+
+
+class ActorsMixin:
+    """Actor handling for ``SchedulerState`` (which provides the task machinery)."""
+
+    actors: dict[bytes, ActorRecord]
+    named: dict[tuple[str, str], bytes]
+
+    # ------------------------------------------------------------ creation
+    def handle_create_actor(self, source: str, msg: dict) -> None:
+        spec = msg["spec"]
+        key = None
+        if spec.get("actor_name"):
+            key = (spec.get("namespace") or "default", spec["actor_name"])
+            existing = self.named.get(key)
+            if existing is not None and self.actors[existing].state != DEAD:
+                if spec.get("get_if_exists"):
+                    self._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True,
+                                        "meta": self.actors[existing].meta(), "existing": True})
+                    return
+                self._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": False,
+                                    "error": f"an actor named {key[1]!r} already exists in "
+                                             f"namespace {key[0]!r}; use "
+                                             f"flowcore.get_actor({key[1]!r}) or "
+                                             f".options(get_if_exists=True)"})
+                return
+        actor = ActorRecord(spec, source)
+        self.actors[actor.aid] = actor
+        if key is not None:
+            self.named[key] = actor.aid
+        self._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True,
+                            "meta": actor.meta(), "existing": False})
+        create = dict(spec)
+        create["nret"] = 0
+        create["kind"] = "create"
+        create["res"] = spec.get("place") or {"CPU": 1.0}
+        create["retries"] = 0
+        self._submit(source, create)  # type: ignore[attr-defined]
+
+    def _dispatch_create(self, t: Any, node: Any) -> None:
+        """The creation task was placed: ask the node to start the actor."""
+        actor = self.actors.get(t.actor)
+        if actor is None:
+            return
+        actor.node = node.node_id
+        self._start_actor_process(actor, t)
+
+    def _start_actor_process(self, actor: ActorRecord, t: Any) -> None:
+        deps = [self.objects[oid].ready_msg() for oid in t.deps]  # type: ignore[attr-defined]
+        self._send(actor.node, {
+            "op": "start_actor", "aid": actor.aid, "tid": t.tid, "fid": actor.fid,
+            "name": actor.class_name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
+            "hold": actor.hold, "max_concurrency": actor.max_concurrency,
+            "is_async": actor.is_async, "restart": actor.restarts})
+
+    def handle_actor_ready(self, source: str, msg: dict) -> None:
+        actor = self.actors.get(msg["aid"])
+        if actor is None or actor.state == DEAD:
+            return
+        actor.state = ALIVE
+        actor.pid = msg.get("pid")
+        node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
+        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        if t is not None and t.state == S.RUNNING:
+            self._finish_resources(t)  # type: ignore[attr-defined]
+            self._transition(t, S.FINISHED, "actor constructed")  # type: ignore[attr-defined]
+            self._done(t)  # type: ignore[attr-defined]
+        if node is not None and actor.hold and not actor.holding:
+            node.take(actor.hold)
+            actor.holding = True
+        self._pump_actor(actor)
+
+    def handle_actor_failed(self, source: str, msg: dict) -> None:
+        """The constructor raised: the actor is dead, with that error as cause."""
+        actor = self.actors.get(msg["aid"])
+        if actor is None:
+            return
+        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        if t is not None and t.state == S.RUNNING:
+            self._finish_resources(t)  # type: ignore[attr-defined]
+            self._transition(t, S.FAILED, "constructor raised")  # type: ignore[attr-defined]
+            self._done(t)  # type: ignore[attr-defined]
+        self._actor_dead(actor, f"its constructor raised: {msg.get('error', '?')}",
+                         payload=msg.get("payload"))
+        if actor.node:
+            self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+
+    # ------------------------------------------------------------ calls
+    def _actor_call_submitted(self, t: Any) -> bool:
+        """Register a call in its caller's queue; False if the actor is gone."""
+        actor = self.actors.get(t.actor)
+        if actor is None or actor.state == DEAD:
+            return False
+        actor.queues.setdefault(t.owner, deque()).append(t.tid)
+        return True
+
+    def _actor_call_ready(self, t: Any, cause: str) -> None:
+        self._transition(t, S.QUEUED, cause)  # type: ignore[attr-defined]
+        actor = self.actors.get(t.actor)
+        if actor is not None:
+            self._pump_actor(actor)
+
+    def _pump_actor(self, actor: ActorRecord) -> None:
+        if actor.state != ALIVE:
+            return
+        for caller, q in actor.queues.items():
+            while q:
+                t = self.tasks.get(q[0])  # type: ignore[attr-defined]
+                if t is None or t.state.done:
+                    q.popleft()
+                    continue
+                if t.state != S.QUEUED:
+                    break  # waiting for its arguments: later calls wait too
+                q.popleft()
+                self._dispatch_call(actor, t)
+
+    def _dispatch_call(self, actor: ActorRecord, t: Any) -> None:
+        t.node = actor.node
+        t.attempt += 1
+        t.started = time.time()
+        actor.inflight.add(t.tid)
+        self._transition(t, S.RUNNING, f"sent to actor {actor.class_name}")  # type: ignore
+        deps = [self.objects[oid].ready_msg() for oid in t.deps]  # type: ignore[attr-defined]
+        self._send(actor.node, {
+            "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
+            "name": t.name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
+            "nret": t.nret, "res": {}, "owner": t.owner, "attempt": t.attempt})
+
+    def _actor_call_done(self, t: Any) -> None:
+        actor = self.actors.get(t.actor)
+        if actor is not None:
+            actor.inflight.discard(t.tid)
+
+    # ------------------------------------------------------------ death
+    def handle_actor_died(self, source: str, msg: dict) -> None:
+        actor = self.actors.get(msg["aid"])
+        if actor is None or actor.state == DEAD:
+            return
+        node = self.nodes.get(source)  # type: ignore[attr-defined]
+        where = node.name if node else source
+        how = msg.get("how", "exited")
+        cause = (f"the actor's process (pid {msg.get('pid') or actor.pid}) on node {where} "
+                 f"{how}")
+        if actor.no_restart:
+            self._actor_dead(actor, "it was killed with flowcore.kill()")
+            return
+        if actor.max_restarts == -1 or actor.restarts < actor.max_restarts:
+            self._restart_actor(actor, cause)
+        else:
+            extra = "" if actor.max_restarts == 0 else \
+                f" after {actor.restarts} restart(s) (max_restarts={actor.max_restarts})"
+            self._actor_dead(actor, cause + extra)
+
+    def _restart_actor(self, actor: ActorRecord, cause: str) -> None:
+        actor.restarts += 1
+        actor.state = RESTARTING
+        actor.cause = cause
+        self._release_hold(actor)
+        for tid in sorted(actor.inflight, key=lambda x: self.tasks[x].started  # type: ignore
+                          if x in self.tasks else 0, reverse=True):  # type: ignore[attr-defined]
+            t = self.tasks.get(tid)  # type: ignore[attr-defined]
+            if t is None or t.state != S.RUNNING:
+                continue
+            if actor.max_task_retries == -1 or t.retries_left > 0:
+                t.retries_left -= 1
+                self._transition(t, S.QUEUED, f"actor restarting ({cause}); call retried")  # type: ignore
+                actor.queues.setdefault(t.owner, deque()).appendleft(t.tid)
+            else:
+                self._fail_task(t, self.error_payload(ActorError(  # type: ignore[attr-defined]
+                    f"actor {actor.class_name} died while running {t.name}: {cause}; it is "
+                    f"restarting ({actor.restarts}/{actor.max_restarts}). Set "
+                    f"max_task_retries to retry such calls")), f"actor died: {cause}")
+        actor.inflight.clear()
+        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
+        if node is None or not node.alive:
+            actor.node = None
+        if t is None or actor.node is None:
+            # the creation record was pruned or its node is gone: recreate and place again
+            self._actor_dead(actor, cause + "; it could not be restarted (its node is gone)")
+            return
+        self._start_actor_process(actor, t)
+
+    def _release_hold(self, actor: ActorRecord) -> None:
+        if actor.holding:
+            node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
+            if node is not None:
+                node.give(actor.hold)
+            actor.holding = False
+
+    def _actor_dead(self, actor: ActorRecord, cause: str, payload: bytes | None = None) -> None:
+        actor.state = DEAD
+        actor.cause = cause
+        self._release_hold(actor)
+        if actor.name and self.named.get((actor.namespace, actor.name)) == actor.aid:
+            del self.named[(actor.namespace, actor.name)]
+        err = payload or self.error_payload(ActorDiedError(  # type: ignore[attr-defined]
+            f"actor {actor.class_name} ({actor.aid.hex()[:12]}) is dead: {cause}"))
+        pending = list(actor.inflight)
+        for q in actor.queues.values():
+            pending.extend(q)
+        actor.inflight.clear()
+        actor.queues.clear()
+        for tid in pending:
+            t = self.tasks.get(tid)  # type: ignore[attr-defined]
+            if t is not None and not (t.state and t.state.done):
+                self._fail_task(t, err, f"actor dead: {cause}")  # type: ignore[attr-defined]
+        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        if t is not None and t.state == S.RUNNING:
+            self._finish_resources(t)  # type: ignore[attr-defined]
+        if t is not None and t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.RUNNING):
+            self._fail_task(t, err, f"actor dead: {cause}")  # type: ignore[attr-defined]
+        elif t is not None and t.state == S.INFEASIBLE:
+            self.infeasible.discard(t.tid)  # type: ignore[attr-defined]
+            self._cancel_task(t, f"actor dead: {cause}")  # type: ignore[attr-defined]
+
+    def handle_kill_actor(self, source: str, msg: dict) -> None:
+        actor = self.actors.get(msg["aid"])
+        if actor is None or actor.state == DEAD:
+            return
+        actor.no_restart = bool(msg.get("no_restart", True))
+        if actor.node and actor.state != PENDING or actor.pid:
+            self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+        else:
+            self._actor_dead(actor, "it was killed with flowcore.kill() before it started")
+
+    def _kill_owned_actors(self, cid: str) -> None:
+        for actor in list(self.actors.values()):
+            if actor.owner == cid and not actor.detached and actor.state != DEAD:
+                actor.no_restart = True
+                if actor.node:
+                    self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+                self._actor_dead(actor, "its owner (the driver or task that created it) exited")
+
+    def _actors_on_dead_node(self, node_id: str, cause: str) -> None:
+        for actor in list(self.actors.values()):
+            if actor.node == node_id and actor.state != DEAD:
+                actor.holding = False
+                self._actor_dead(actor, f"its node died ({cause})")
+
+    # ------------------------------------------------------------ queries
+    def get_actor(self, name: str, namespace: str | None) -> dict | None:
+        aid = self.named.get((namespace or "default", name))
+        if aid is None:
+            return None
+        actor = self.actors[aid]
+        return actor.meta() if actor.state != DEAD else None
+
+    def list_actors(self, state: str | None = None) -> list[dict]:
+        return [a.as_dict() for a in self.actors.values() if state is None or a.state == state]
