@@ -10,6 +10,7 @@ import hashlib
 import inspect
 from typing import Any, Callable, Generic, TypeVar
 
+from . import ids
 from . import options as opts
 from .objects.ref import ObjectRef, current_client
 from .remote_function import encode_args, pickle_callable
@@ -102,7 +103,7 @@ class ActorClass(Generic[T]):
         del keep
         if not reply.get("ok"):
             raise ValueError(reply.get("error", "the head refused to create the actor"))
-        return ActorHandle._from_meta(reply["meta"])
+        return ActorHandle._from_meta(reply["meta"], counted=not reply.get("existing"))
 
 
 class ActorMethod:
@@ -137,18 +138,35 @@ class ActorMethod:
 
 
 class ActorHandle:
-    """A reference to a live actor; serialisable (pass it to tasks and actors)."""
+    """A reference to a live actor; serialisable (pass it to tasks and actors).
+
+    Handles are counted like ObjectRefs: when no handle remains anywhere and
+    the actor is neither named nor detached, it exits once its pending calls
+    are done.
+    """
 
     def __init__(self, aid: bytes, class_name: str, methods: dict[str, int],
-                 is_async: bool = False):
+                 is_async: bool = False, *, counted: bool = False):
         self._aid = aid
         self._class_name = class_name
         self._methods = dict(methods)
         self._is_async = is_async
+        self._client = current_client()
+        if self._client is not None:
+            self._client.add_local_ref(ids.actor_handle_id(aid), counted)
+
+    def __del__(self) -> None:
+        c = self.__dict__.get("_client")
+        if c is not None:
+            try:
+                c.remove_local_ref(ids.actor_handle_id(self._aid))
+            except Exception:
+                pass
 
     @classmethod
-    def _from_meta(cls, meta: dict) -> "ActorHandle":
-        return cls(meta["aid"], meta["class_name"], meta["methods"], meta.get("is_async", False))
+    def _from_meta(cls, meta: dict, counted: bool = False) -> "ActorHandle":
+        return cls(meta["aid"], meta["class_name"], meta["methods"], meta.get("is_async", False),
+                   counted=counted)
 
     def __getattr__(self, name: str) -> ActorMethod:
         if name.startswith("__"):
@@ -161,6 +179,8 @@ class ActorHandle:
         return ActorMethod(self, name, methods[name])
 
     def __reduce__(self) -> Any:
+        from .objects import serialization
+        serialization.note_contained_ref(ids.actor_handle_id(self._aid))
         return (ActorHandle, (self._aid, self._class_name, self._methods, self._is_async))
 
     def __repr__(self) -> str:

@@ -52,3 +52,12 @@ def random_id(n: int = 16) -> bytes:
 def short(i: bytes) -> str:
     """A short hex form for logs."""
     return i.hex()[:12]
+
+
+#: return index reserved for the "handle" object of an actor: handles are
+#: reference-counted like ObjectRefs, through this id
+HANDLE_INDEX = 0xFFFFFFFF
+
+
+def actor_handle_id(aid: bytes) -> bytes:
+    return object_id(aid, HANDLE_INDEX)

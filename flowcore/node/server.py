@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -59,6 +60,7 @@ class NodeServer:
         self.actor_specs: dict[bytes, dict] = {}       # start message, until registered
         self.actor_backlog: dict[bytes, list[dict]] = {}  # calls before registration
         self.actor_holds: dict[bytes, dict] = {}
+        self.actor_gpus: dict[bytes, list[int]] = {}
         self.address = ""
         self.stopped = asyncio.Event()
         self._stopping = False
@@ -185,6 +187,12 @@ class NodeServer:
         if hold and aid not in self.actor_holds:
             self.actor_holds[aid] = hold
             self.pool._take(hold)
+            ngpu = hold.get("GPU", 0)
+            if ngpu:
+                k = max(1, math.ceil(ngpu))
+                gpus, self.pool.free_gpus = self.pool.free_gpus[:k], self.pool.free_gpus[k:]
+                self.actor_gpus[aid] = gpus
+        msg["gpu_ids"] = self.actor_gpus.get(aid, [])
         self._spawn_worker(wid, actor=aid)
 
     def _actor_exited(self, aid: bytes, wid: str, how: str, pid: int) -> None:
@@ -197,6 +205,9 @@ class NodeServer:
         self.actor_wids.pop(aid, None)
         self.actor_specs.pop(aid, None)
         self.actor_backlog.pop(aid, None)
+        gpus = self.actor_gpus.pop(aid, None)
+        if gpus:
+            self.pool.free_gpus = sorted(self.pool.free_gpus + gpus)
         hold = self.actor_holds.pop(aid, None)
         if hold:
             self._act(self.pool._give_back(hold))

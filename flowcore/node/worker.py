@@ -40,6 +40,7 @@ class Worker:
         self.threads: Any = None      # ThreadPoolExecutor of a threaded actor
         self.aloop: Any = None        # event loop of an async actor
         self.asem: Any = None
+        self.actor_gpus: list[int] = []
         self.tasks: deque[dict | None] = deque()
         self.functions: dict[bytes, Any] = {}
         self.main_ident = threading.main_thread().ident
@@ -161,6 +162,7 @@ class Worker:
         """One call of an async actor: runs on the actor's event loop, at most
         ``max_concurrency`` at a time."""
         async with self.asem:
+            self._set_gpus(task)
             self.client.current_task = task
             keep: list = []
             try:
@@ -177,7 +179,10 @@ class Worker:
             self._report(task, status, results, False)
             del keep
 
-    def _set_gpus(self, task: dict) -> None:
+    def _set_gpus(self, task: dict) -> None:  # noqa: D401
+        if self.actor_id is not None:
+            task["gpu_ids"] = self.actor_gpus  # an actor's GPUs are its own for life
+            return
         gpu_ids = task.get("gpu_ids") or []
         if gpu_ids:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
@@ -213,6 +218,9 @@ class Worker:
         from ..objects.serialization import serialize
         from ..exceptions import ActorDiedError
         self.actor_class = spec.get("name", "?")
+        self.actor_gpus = list(spec.get("gpu_ids") or [])
+        if self.actor_gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.actor_gpus)
         self.client.current_task = {"tid": spec["tid"], "actor": spec["aid"]}
         try:
             cls = self.function(spec["fid"])

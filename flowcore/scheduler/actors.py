@@ -17,6 +17,7 @@ import time
 from collections import deque
 from typing import Any
 
+from .. import ids
 from ..exceptions import ActorDiedError, ActorError
 from .states import TaskState
 
@@ -40,6 +41,11 @@ class ActorRecord:
         self.is_async = bool(spec.get("is_async"))
         self.hold: dict[str, float] = spec.get("hold") or {}
         self.create_tid: bytes = spec["tid"]
+        # the constructor's arguments, kept (and their objects held) for restarts
+        self.args: bytes | None = spec.get("args")
+        self.args_dep: int | None = spec.get("args_dep")
+        self.deps: list[bytes] = list(spec.get("deps") or [])
+        self.nested: list[bytes] = list(spec.get("nested") or [])
         self.state = PENDING
         self.node: str | None = None
         self.pid: int | None = None
@@ -50,6 +56,7 @@ class ActorRecord:
         self.inflight: set[bytes] = set()
         self.created = time.time()
         self.holding = False
+        self.out_of_scope = False
 
     def meta(self) -> dict:
         return {"aid": self.aid, "class_name": self.class_name, "methods": self.methods,
@@ -90,6 +97,11 @@ class ActorsMixin:
                 return
         actor = ActorRecord(spec, source)
         self.actors[actor.aid] = actor
+        # the creator's handle: counted like a ref to an (always ready) object
+        handle = self._obj(ids.actor_handle_id(actor.aid), source)  # type: ignore[attr-defined]
+        handle.state = "READY"
+        handle.clients.add(source)
+        self.client_refs.setdefault(source, set()).add(handle.oid)  # type: ignore[attr-defined]
         if key is not None:
             self.named[key] = actor.aid
         self._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True,
@@ -100,6 +112,7 @@ class ActorsMixin:
         create["res"] = spec.get("place") or {"CPU": 1.0}
         create["retries"] = 0
         self._submit(source, create)  # type: ignore[attr-defined]
+        self._hold(actor.deps + actor.nested)  # type: ignore[attr-defined]
 
     def _dispatch_create(self, t: Any, node: Any) -> None:
         """The creation task was placed: ask the node to start the actor."""
@@ -109,11 +122,12 @@ class ActorsMixin:
         actor.node = node.node_id
         self._start_actor_process(actor, t)
 
-    def _start_actor_process(self, actor: ActorRecord, t: Any) -> None:
-        deps = [self.objects[oid].ready_msg() for oid in t.deps]  # type: ignore[attr-defined]
+    def _start_actor_process(self, actor: ActorRecord, t: Any = None) -> None:
+        deps = [self.objects[oid].ready_msg() for oid in actor.deps]  # type: ignore[attr-defined]
         self._send(actor.node, {
-            "op": "start_actor", "aid": actor.aid, "tid": t.tid, "fid": actor.fid,
-            "name": actor.class_name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
+            "op": "start_actor", "aid": actor.aid, "tid": actor.create_tid, "fid": actor.fid,
+            "name": actor.class_name, "args": actor.args, "args_dep": actor.args_dep,
+            "deps": deps,
             "hold": actor.hold, "max_concurrency": actor.max_concurrency,
             "is_async": actor.is_async, "restart": actor.restarts})
 
@@ -156,6 +170,7 @@ class ActorsMixin:
         if actor is None or actor.state == DEAD:
             return False
         actor.queues.setdefault(t.owner, deque()).append(t.tid)
+        t.retries_left = 10**9 if actor.max_task_retries == -1 else actor.max_task_retries
         return True
 
     def _actor_call_ready(self, t: Any, cause: str) -> None:
@@ -194,6 +209,24 @@ class ActorsMixin:
         actor = self.actors.get(t.actor)
         if actor is not None:
             actor.inflight.discard(t.tid)
+            if actor.out_of_scope:
+                self._maybe_retire(actor)
+
+    def _actor_out_of_scope(self, aid: bytes) -> None:
+        """The last handle is gone (called when its handle object is freed)."""
+        actor = self.actors.get(aid)
+        if actor is None or actor.state == DEAD or actor.name or actor.detached:
+            return
+        actor.out_of_scope = True
+        self._maybe_retire(actor)
+
+    def _maybe_retire(self, actor: ActorRecord) -> None:
+        if actor.state == DEAD or actor.inflight or any(actor.queues.values()):
+            return  # calls submitted before the last handle went still run
+        actor.no_restart = True
+        if actor.node:
+            self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+        self._actor_dead(actor, "no handle to it remains (it went out of scope)")
 
     # ------------------------------------------------------------ death
     def handle_actor_died(self, source: str, msg: dict) -> None:
@@ -225,7 +258,7 @@ class ActorsMixin:
             t = self.tasks.get(tid)  # type: ignore[attr-defined]
             if t is None or t.state != S.RUNNING:
                 continue
-            if actor.max_task_retries == -1 or t.retries_left > 0:
+            if t.retries_left > 0:
                 t.retries_left -= 1
                 self._transition(t, S.QUEUED, f"actor restarting ({cause}); call retried")  # type: ignore
                 actor.queues.setdefault(t.owner, deque()).appendleft(t.tid)
@@ -235,15 +268,11 @@ class ActorsMixin:
                     f"restarting ({actor.restarts}/{actor.max_restarts}). Set "
                     f"max_task_retries to retry such calls")), f"actor died: {cause}")
         actor.inflight.clear()
-        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
         node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
         if node is None or not node.alive:
-            actor.node = None
-        if t is None or actor.node is None:
-            # the creation record was pruned or its node is gone: recreate and place again
             self._actor_dead(actor, cause + "; it could not be restarted (its node is gone)")
             return
-        self._start_actor_process(actor, t)
+        self._start_actor_process(actor)
 
     def _release_hold(self, actor: ActorRecord) -> None:
         if actor.holding:
@@ -253,8 +282,11 @@ class ActorsMixin:
             actor.holding = False
 
     def _actor_dead(self, actor: ActorRecord, cause: str, payload: bytes | None = None) -> None:
+        if actor.state == DEAD:
+            return
         actor.state = DEAD
         actor.cause = cause
+        self._release(actor.deps + actor.nested)  # type: ignore[attr-defined]
         self._release_hold(actor)
         if actor.name and self.named.get((actor.namespace, actor.name)) == actor.aid:
             del self.named[(actor.namespace, actor.name)]

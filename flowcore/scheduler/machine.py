@@ -347,6 +347,9 @@ class SchedulerState(ActorsMixin):
                 if inner is not None:
                     inner.holds -= 1
                     stack.append(inner)
+            if ids.index_of(obj.oid) == ids.HANDLE_INDEX:
+                self._actor_out_of_scope(ids.task_of(obj.oid))
+                continue
             t = self.tasks.get(ids.task_of(obj.oid))
             if t is not None:
                 t.returns_alive -= 1
