@@ -92,7 +92,7 @@ def encode_args(client: Any, args: tuple, kwargs: dict) -> dict:
     try:
         s = serialize((a, k))
     except TypeError as e:
-        raise TypeError(f"cannot serialize the task's arguments: {e}") from None
+        raise TypeError(f"cannot serialize {_culprit(a, k)}: {e}") from None
     spec: dict[str, Any] = {"deps": deps, "nested": list(s.contained_refs)}
     if s.total_size > INLINE_MAX and client.has_store():
         ref = client.put_serialized(s)
@@ -104,6 +104,22 @@ def encode_args(client: Any, args: tuple, kwargs: dict) -> dict:
         spec["args"] = s.to_bytes()
     spec["_keep"] = keep
     return spec
+
+
+def _culprit(args: tuple, kwargs: dict) -> str:
+    """Name the argument that does not serialize (for the error message)."""
+    from .objects.serialization import serialize
+    for i, v in enumerate(args):
+        try:
+            serialize(v)
+        except TypeError:
+            return f"argument {i} ({type(v).__name__})"
+    for key, v in kwargs.items():
+        try:
+            serialize(v)
+        except TypeError:
+            return f"keyword argument {key!r} ({type(v).__name__})"
+    return "the arguments"
 
 
 class RemoteFunction(Generic[R]):

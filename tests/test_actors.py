@@ -289,8 +289,10 @@ def test_bad_actor_input(cluster):
         Counter.options(num_returns=2)
     with pytest.raises(TypeError, match="max_concurrency"):
         Counter.options(max_concurrency=0)
-    with pytest.raises(TypeError, match="lock"):
-        Counter.remote(threading.Lock())
+    with pytest.raises(TypeError, match="argument 1 .*lock"):
+        Counter.remote(1, threading.Lock())
+    with pytest.raises(TypeError, match="keyword argument 'start'"):
+        Counter.remote(start=threading.Lock())
     with pytest.raises(TypeError):
         flowcore.remote(42)
     with pytest.raises(TypeError):
@@ -359,3 +361,26 @@ def test_named_and_detached_actors_outlive_their_driver(cluster, tmp_path):
         assert time.monotonic() < deadline, "non-detached actor outlived its driver"
         flowcore.cluster_resources()
     flowcore.kill(kept)
+
+
+def test_order_under_varying_call_durations(cluster):
+    @flowcore.remote
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def work(self, i, spin):
+            x = 0
+            for _ in range(spin):  # calls take different times
+                x += 1
+            self.seen.append(i)
+            return i
+
+        def log(self):
+            return self.seen
+
+    r = Recorder.remote()
+    spins = [50_000, 10, 200_000, 1, 30_000, 5, 100_000, 0] * 3
+    refs = [r.work.remote(i, s) for i, s in enumerate(spins)]
+    assert flowcore.get(refs, timeout=30) == list(range(len(spins)))
+    assert flowcore.get(r.log.remote()) == list(range(len(spins)))
