@@ -54,6 +54,20 @@ def add(a, b):
     return a + b
 
 
+# Actor classes (also in __main__, shipped by value). No constructor arguments.
+
+class SyncPinger:
+    def ping(self):
+        return None
+
+
+class AsyncPinger:
+    """An async actor: its calls overlap on one event loop in the actor's process."""
+
+    async def ping(self):
+        return None
+
+
 # --------------------------------------------------------------------------------------
 # Sizes. --quick shrinks durations and counts, not the array sizes the targets refer to.
 
@@ -267,6 +281,72 @@ def w_tree_reduce(eng, cfg):
     return {"tree_reduce_s": median(times)}
 
 
+class actor_of:
+    """``with actor_of(eng, Cls) as h:`` one actor, killed on the way out.
+
+    A failure to kill after the workload itself failed is only printed, so the
+    workload's own error is the one reported."""
+
+    def __init__(self, eng, cls):
+        self.eng, self.cls = eng, cls
+
+    def __enter__(self):
+        self.handle = self.eng.actor(self.cls)
+        return self.handle
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.eng.kill_actor(self.handle)
+        except Exception:  # noqa: BLE001
+            if exc_type is None:
+                raise
+            traceback.print_exc()
+        return False
+
+
+def w_actor_sync(eng, cfg):
+    # Same count rule as sync_rtt: 10 warm-up calls (they also wait for the actor
+    # to be up), then get(a.ping.remote()) in a loop for sync_seconds.
+    with actor_of(eng, SyncPinger) as h:
+        ping = eng.actor_method(h, "ping")
+        for _ in range(10):
+            if eng.get(ping()) is not None:
+                raise AssertionError("ping returned something")
+        n = 0
+        t0 = perf()
+        deadline = t0 + cfg["sync_seconds"]
+        while True:
+            eng.get(ping())
+            n += 1
+            t = perf()
+            if t >= deadline:
+                break
+    return {"actor_sync_per_s": n / (t - t0), "actor_sync_count": n}
+
+
+def w_actor_async(eng, cfg):
+    # Same rule as async_tasks: async_n calls submitted, then one get of all;
+    # one warm-up rep, median of async_reps.
+    n = cfg["async_n"]
+    with actor_of(eng, AsyncPinger) as h:
+        ping = eng.actor_method(h, "ping")
+        eng.get(ping())  # waits for the actor to be up
+        eng.get([ping() for _ in range(n)])  # warm-up rep, not counted
+        rates, submit_rates = [], []
+        for _ in range(cfg["async_reps"]):
+            t0 = perf()
+            refs = [ping() for _ in range(n)]
+            t1 = perf()
+            out = eng.get(refs)
+            dt = perf() - t0
+            if len(out) != n or any(x is not None for x in out):
+                raise AssertionError(f"got {len(out)} results for {n} calls, or not None")
+            rates.append(n / dt)
+            submit_rates.append(n / (t1 - t0))
+            del refs, out
+    return {"actor_async_per_s": median(rates), "actor_async_submit_per_s": median(submit_rates)}
+
+
 WORKLOADS = [
     ("sync_rtt", w_sync_rtt),
     ("async_tasks", w_async_tasks),
@@ -275,6 +355,9 @@ WORKLOADS = [
     ("large_get", w_large_get),
     ("big_arg", w_big_arg),
     ("tree_reduce", w_tree_reduce),
+    # Actors run last so that their processes cannot disturb the task workloads.
+    ("actor_sync", w_actor_sync),
+    ("actor_async", w_actor_async),
 ]
 WORKLOAD_NAMES = [n for n, _ in WORKLOADS]
 ALWAYS = ("cold_start", "idle_memory")  # by-products of starting the engine

@@ -8,7 +8,8 @@ ENGINES = ("flowcore", "ray", "dask")
 # Workload names accepted by --only (cold_start/idle_memory are measured on every
 # run anyway since they are by-products of starting the engine).
 WORKLOADS = ("cold_start", "idle_memory", "sync_rtt", "async_tasks", "small_put_get",
-             "large_put", "large_get", "big_arg", "tree_reduce")
+             "large_put", "large_get", "big_arg", "tree_reduce", "actor_sync", "actor_async")
+# (Same order as the worker runs them: run.py blames the first missing one on a crash.)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ METRICS: Tuple[Metric, ...] = (
            Target("vs", 3, "ray", ">= 3x ray")),
     Metric("async_tasks_per_s", "async tasks/s (1000 no-ops)", "1/s", True, "async_tasks",
            Target("vs", 2, "ray", ">= 2x ray")),
+    Metric("actor_sync_per_s", "actor sync round trips/s", "1/s", True, "actor_sync",
+           Target("vs", 2, "ray", ">= 2x ray")),
+    Metric("actor_async_per_s", "actor async calls/s (1000 no-ops)", "1/s", True,
+           "actor_async", Target("vs", 2, "ray", ">= 2x ray")),
     Metric("small_put_per_s", "small put/s (100 B)", "1/s", True, "small_put_get",
            Target("vs", 10, "ray", ">= 10x ray")),
     Metric("small_get_per_s", "small get/s (100 B)", "1/s", True, "small_put_get"),

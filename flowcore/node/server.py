@@ -61,6 +61,8 @@ class NodeServer:
         self.actor_backlog: dict[bytes, list[dict]] = {}  # calls before registration
         self.actor_holds: dict[bytes, dict] = {}
         self.actor_gpus: dict[bytes, list[int]] = {}
+        self.heartbeat_interval = float(os.environ.get("FLOWCORE_HEARTBEAT_INTERVAL", "1.0"))
+        self._psutil_proc = None
         self.address = ""
         self.stopped = asyncio.Event()
         self._stopping = False
@@ -83,6 +85,7 @@ class NodeServer:
                      "session_dir": self.session_dir}})
         if not reply.get("ok"):
             raise RuntimeError(reply.get("error", "the head refused this node"))
+        self._heartbeat()
         logger.info("node %s (%s) serving at %s with %s", self.name, self.node_id,
                     self.address, self.resources)
         return self.address
@@ -93,6 +96,25 @@ class NodeServer:
         if not self._stopping:
             logger.error("lost the connection to the head at %s; stopping", self.head_address)
             self.stop()
+
+    def _heartbeat(self) -> None:
+        """Every ``heartbeat_interval`` s: load, memory and store figures to the head."""
+        if self._stopping or self.head is None or self.head.closed:
+            return
+        try:
+            import psutil
+            if self._psutil_proc is None:
+                self._psutil_proc = psutil.Process()
+                psutil.cpu_percent(None)
+            vm = psutil.virtual_memory()
+            stats = {"cpu_percent": psutil.cpu_percent(None),
+                     "mem_total": vm.total, "mem_used": vm.total - vm.available,
+                     "mem_percent": vm.percent, "store": self.store.stats(),
+                     "pool": self.pool.snapshot(), "actors": len(self.actor_wids)}
+        except Exception as e:  # never let reporting kill the node
+            stats = {"error": str(e)}
+        self.head.send({"op": "heartbeat", "stats": stats})
+        asyncio.get_event_loop().call_later(self.heartbeat_interval, self._heartbeat)
 
     def stop(self) -> None:
         if self._stopping:

@@ -209,8 +209,11 @@ class Worker:
         tid = task["tid"]
         if task.get("actor") is None:
             self.client.send("node", {"op": "worker_idle", "tid": tid})
-        self.client.send("head", {"op": "task_done", "tid": tid, "status": status,
-                                  "results": results, "retryable": retryable})
+        msg = {"op": "task_done", "tid": tid, "status": status, "results": results,
+               "retryable": retryable, "pid": os.getpid(), "wid": self.wid}
+        if status == "error" and results:
+            msg["error_text"] = results[0].get("text")
+        self.client.send("head", msg)
 
     # ------------------------------------------------------------ actors
     def create_actor(self, spec: dict) -> None:
@@ -279,8 +282,9 @@ class Worker:
                             f"(the exception {type(exc).__name__} could not be serialized, "
                             f"so only its text is kept)", None, task["tid"].hex())
             data = serialize(err).to_bytes()
+        text = f"{type(exc).__name__}: {exc}"[:2000]
         return [{"oid": ids.object_id(task["tid"], i), "inline": data, "size": len(data),
-                 "error": True} for i in range(task.get("nret", 1))]
+                 "error": True, "text": text} for i in range(task.get("nret", 1))]
 
 
 def _retryable(spec: Any, exc: BaseException) -> bool:

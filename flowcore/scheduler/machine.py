@@ -84,7 +84,7 @@ class TaskRecord:
     __slots__ = ("tid", "fid", "name", "owner", "args", "deps", "missing", "nested",
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
-                 "args_dep", "actor", "method", "kind")
+                 "args_dep", "actor", "method", "kind", "worker", "error_text")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -96,6 +96,8 @@ class TaskRecord:
         self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
         self.actor: bytes | None = spec.get("aid") if self.kind == "create" else spec.get("actor")
         self.method: str | None = spec.get("method")
+        self.worker: dict | None = None      # {"pid": ..., "wid": ...} of the last run
+        self.error_text: str | None = None   # the failure's message, for views
         self.deps: list[bytes] = spec.get("deps") or []
         self.missing: set[bytes] = set()
         self.nested: list[bytes] = spec.get("nested") or []
@@ -168,6 +170,7 @@ class SchedulerState(ActorsMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
+                 history_size: int = 10_000,
                  error_payload: Callable[[BaseException], bytes] = default_error_payload):
         self.nodes: dict[str, NodeRecord] = {}
         self.functions: dict[bytes, dict] = {}
@@ -183,6 +186,7 @@ class SchedulerState(ActorsMixin):
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self.warnings: list[str] = []
         self.latencies: deque[float] = deque(maxlen=10_000)
+        self.history: deque[dict] = deque(maxlen=history_size)
         self._force_cancelled: set[bytes] = set()
         self.pipeline_depth = pipeline_depth
         self.actors: dict[bytes, ActorRecord] = {}
@@ -225,6 +229,13 @@ class SchedulerState(ActorsMixin):
                 self.infeasible.discard(tid)
                 self._transition(t, S.QUEUED, f"node {node.name} joined")
                 self.queues.setdefault(t.shape, deque()).append(tid)
+
+    def handle_heartbeat(self, source: str, msg: dict) -> None:
+        """A node's periodic report: load, memory, store and worker figures."""
+        node = self.nodes.get(source)
+        if node is not None:
+            node.info.update(msg.get("stats") or {})
+            node.info["last_heartbeat"] = time.time()
 
     def handle_node_warning(self, source: str, msg: dict) -> None:
         """A node has something every driver should see (e.g. its worker cap)."""
@@ -584,6 +595,13 @@ class SchedulerState(ActorsMixin):
 
     def _done(self, t: TaskRecord) -> None:
         t.ended = time.time()
+        # finished-task history (bounded): what the timeline and dashboard show
+        # after the task record itself is pruned
+        self.history.append({
+            "task_id": t.tid.hex(), "name": t.name, "kind": t.kind, "state": str(t.state),
+            "node_id": t.node, "worker": t.worker, "submitted": t.submitted,
+            "started": t.started or None, "ended": t.ended, "attempt": t.attempt,
+            "actor_id": t.actor.hex() if t.actor else None, "error": t.error_text})
         self._force_cancelled.discard(t.tid)
         self._release(t.deps)
         self._release(t.nested)
@@ -594,6 +612,10 @@ class SchedulerState(ActorsMixin):
         if t is None or t.state != S.RUNNING:
             return
         status = msg.get("status", "ok")
+        if "pid" in msg:
+            t.worker = {"pid": msg["pid"], "wid": msg.get("wid")}
+        if status == "error":
+            t.error_text = msg.get("error_text")
         self._finish_resources(t)
         if t.kind == "call":
             self._actor_call_done(t)
