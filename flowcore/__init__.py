@@ -18,10 +18,14 @@ if TYPE_CHECKING:  # what a type checker sees
                       get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
     from .actor import ActorClass, ActorHandle, get_actor, kill, method
     from .executor import Executor
+    from .scheduling import NodeAffinitySchedulingStrategy
     from .objects.ref import ObjectRef
     from .remote_function import RemoteFunction
     from .runtime_context import get_gpu_ids
     from .scheduler.states import TaskState
+    from .progress import progress
+    from .timeline import timeline
+    from .visualize import visualize
 
 _LAZY = {
     "init": "api", "shutdown": "api", "is_initialized": "api", "get": "api", "put": "api",
@@ -30,7 +34,8 @@ _LAZY = {
     "Executor": "executor", "ObjectRef": "objects.ref", "RemoteFunction": "remote_function",
     "get_gpu_ids": "runtime_context", "TaskState": "scheduler.states",
     "method": "actor", "kill": "actor", "get_actor": "actor", "ActorHandle": "actor",
-    "ActorClass": "actor",
+    "ActorClass": "actor", "NodeAffinitySchedulingStrategy": "scheduling",
+    "visualize": "visualize", "timeline": "timeline", "progress": "progress",
 }
 _SUBMODULES = {"state", "testing", "api", "cluster"}
 
@@ -90,4 +95,6 @@ __all__ = [
     "cancel", "nodes", "cluster_resources", "available_resources", "get_gpu_ids",
     "get_runtime_context", "ObjectRef", "RemoteFunction", "Executor", "TaskState",
     "exceptions", "state", "method", "kill", "get_actor", "ActorHandle", "ActorClass",
+    "NodeAffinitySchedulingStrategy",
+    "visualize", "timeline", "progress",
 ]

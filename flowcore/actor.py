@@ -99,6 +99,9 @@ class ActorClass(Generic[T]):
             "max_concurrency": o["max_concurrency"],
             "hold": explicit, "place": explicit or {"CPU": 1.0},
         })
+        if o.get("scheduling_strategy") is not None:
+            from .scheduling import encode
+            spec["strategy"] = encode(o["scheduling_strategy"])
         reply = client.request("head", {"op": "create_actor", "spec": spec})
         del keep
         if not reply.get("ok"):

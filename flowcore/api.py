@@ -44,7 +44,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          ignore_reinit_error: bool = False) -> dict[str, Any]:
     """Start a private local cluster (no ``address``) or connect to one.
 
-    Returns a dict with the head ``address``, ``session_dir`` and ``node_id``.
+    Returns a dict with the head ``address``, ``session_dir``, ``node_id`` and
+    ``dashboard_url`` (the head's web dashboard, or None; log in with the token).
     """
     global _cluster, _client, _info
     with _state_lock:
@@ -99,7 +100,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                 raise
             _cluster = cluster
             _info = {"address": cluster.head_address, "session_dir": cluster.session_dir,
-                     "node_id": node.node_id, "dashboard_url": None}
+                     "node_id": node.node_id, "dashboard_url": cluster.dashboard_url}
         else:
             set_worker_paths(None)
             token = token or os.environ.get("FLOWCORE_TOKEN")
@@ -108,13 +109,16 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                                  "init(address, token=...) or set FLOWCORE_TOKEN")
             client = _connect_existing(address, token)
             _info = {"address": address, "session_dir": client.session_dir,
-                     "node_id": client.node_id, "dashboard_url": None}
+                     "node_id": client.node_id,
+                     "dashboard_url": getattr(client, "dashboard_url", None)}
         _client = client
         set_client(client)
         logger.info("flowcore started: head %s, session %s", _info["address"],
                     _info["session_dir"])
         if address is None and not os.environ.get("FLOWCORE_QUIET"):
-            print(f"flowcore: started a local cluster (head {_info['address']}); logs in "
+            dash = (f", dashboard {_cluster.dashboard_login_url}"
+                    if _cluster.dashboard_login_url else "")
+            print(f"flowcore: started a local cluster (head {_info['address']}{dash}); logs in "
                   f"{_info['session_dir']}/logs", file=sys.stderr)
         return dict(_info)
 
@@ -238,7 +242,10 @@ def wait(refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | No
     _check_timeout("wait", timeout)
     if not refs:
         return [], []
-    ready = _require_client().wait_ready([r._id for r in refs], num_returns, timeout)
+    client = _require_client()
+    ready = client.wait_ready([r._id for r in refs], num_returns, timeout)
+    if fetch_local:  # start moving ready objects held on other nodes to this one
+        client.prefetch(ready)
     done = [r for r in refs if r._id in ready][:num_returns]
     done_ids = {r._id for r in done}
     return done, [r for r in refs if r._id not in done_ids]

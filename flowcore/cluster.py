@@ -64,8 +64,17 @@ def _python() -> str:
 
 
 class LocalCluster:
-    def __init__(self, *, session_dir: str | None = None, token: str | None = None,
-                 start_timeout: float = 60.0):
+    """A head and ``nodes`` nodes as real processes on 127.0.0.1.
+
+    ``LocalCluster(nodes=3, cpus_per_node=1)`` starts them at once; connect a
+    driver with ``flowcore.init(address=cluster.address, token=cluster.token)``.
+    ``add_node()`` joins one more and returns its node id, ``kill_node(id)``
+    SIGKILLs a node and its workers, ``shutdown()`` stops everything.
+    """
+
+    def __init__(self, nodes: int = 0, cpus_per_node: float | None = None, *,
+                 session_dir: str | None = None, token: str | None = None,
+                 start_timeout: float = 60.0, **node_options: Any):
         self.own_session_dir = session_dir is None
         if session_dir is None:
             prune_old_sessions()
@@ -78,8 +87,38 @@ class LocalCluster:
         self._life_r, self._life_w = os.pipe()
         self.head: subprocess.Popen | None = None
         self.head_address = ""
+        self.dashboard_url: str | None = None  # the head's dashboard (without the token)
         self.nodes: list[NodeProcess] = []
         self.closed = False
+        if not isinstance(nodes, int) or nodes < 0:
+            raise ValueError(f"LocalCluster(nodes={nodes!r}): expected an int >= 0")
+        if nodes:
+            if cpus_per_node is not None:
+                node_options["num_cpus"] = cpus_per_node
+            try:
+                self.start(**node_options)
+                for _ in range(nodes - 1):
+                    self._add_node(**node_options)
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def address(self) -> str:
+        return self.head_address
+
+    def node_ids(self) -> list[str]:
+        return [n.node_id for n in self.nodes if n.proc.poll() is None]
+
+    def shutdown(self) -> None:
+        """Stop every node and the head (same as ``close``)."""
+        self.close()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------ launching
     def _launch(self, module: str, args: list[str], log_file: str, env: dict | None = None,
@@ -132,14 +171,28 @@ class LocalCluster:
         log = os.path.join(self.session_dir, "logs", "head.log")
         return ("flowcore.scheduler.cli",
                 ["--host", "127.0.0.1", "--port", "0", "--token-file", self.token_file,
-                 "--state-dir", self.session_dir], log)
+                 "--state-dir", self.session_dir, "--dashboard-port", "0"], log)
 
     def start_head(self) -> str:
         module, args, log = self._head_args()
         proc, ready = self._launch(module, args, log)
         self.head = proc
-        self.head_address = self._await_ready(proc, ready, log)
+        self._head_ready(self._await_ready(proc, ready, log))
         return self.head_address
+
+    def _head_ready(self, line: str) -> None:
+        """The head's ready line: its address, then its dashboard's URL if any."""
+        parts = line.split()
+        self.head_address = parts[0]
+        self.dashboard_url = parts[1] if len(parts) > 1 else None
+
+    @property
+    def dashboard_login_url(self) -> str | None:
+        """The dashboard's URL with the token: opening it logs a browser in."""
+        if not self.dashboard_url:
+            return None
+        from urllib.parse import quote
+        return f"{self.dashboard_url}/?token={quote(self.token, safe='')}"
 
     def start(self, while_starting: Callable[[], None] | None = None,
               **node_options: Any) -> NodeProcess:
@@ -158,7 +211,7 @@ class LocalCluster:
         try:
             if while_starting is not None:
                 while_starting()
-            self.head_address = self._await_ready(head, head_ready, log)
+            self._head_ready(self._await_ready(head, head_ready, log))
             assert proc.stdin is not None
             proc.stdin.write((self.head_address + "\n").encode())
             proc.stdin.close()
@@ -168,8 +221,13 @@ class LocalCluster:
             raise
         return self._finish_node(proc, node_ready, node_log, meta)
 
-    def add_node(self, **node_options) -> NodeProcess:
-        """Start one more node and wait until it has joined."""
+    def add_node(self, **node_options: Any) -> str:
+        """Start one more node (``num_cpus=``, ``num_gpus=``, ``resources=``,
+        ``object_store_memory=``, ``name=``), wait until it has joined, and
+        return its node id."""
+        return self._add_node(**node_options).node_id
+
+    def _add_node(self, **node_options: Any) -> NodeProcess:
         proc, ready, log, meta = self._launch_node(self.head_address, **node_options)
         return self._finish_node(proc, ready, log, meta)
 
@@ -209,9 +267,16 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
-    def kill_node(self, node: NodeProcess, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to a node and to every worker process it started."""
+    def kill_node(self, node: "NodeProcess | str", sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` (SIGKILL by default) to a node, given by id, and to every
+        worker process it started."""
         import psutil
+        if isinstance(node, str):
+            found = [n for n in self.nodes if n.node_id == node]
+            if not found:
+                raise ValueError(f"no node {node!r} in this cluster; its nodes are "
+                                 f"{[n.node_id for n in self.nodes]}")
+            node = found[0]
         try:
             victims = psutil.Process(node.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:

@@ -52,6 +52,11 @@ def _num_returns(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def _strategy(v: Any) -> bool:
+    from .scheduling import is_valid
+    return is_valid(v)
+
+
 def _opt_str(v: Any) -> bool:
     return v is None or isinstance(v, str)
 
@@ -73,6 +78,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("max_restarts", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
     Option("max_task_retries", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
     Option("max_concurrency", ACTOR, 1, lambda v: _nonneg_int(v) and v >= 1, "an int >= 1"),
+    Option("scheduling_strategy", BOTH, None, lambda v: _strategy(v),
+           "None, 'DEFAULT', 'SPREAD' or NodeAffinitySchedulingStrategy(node_id, soft)"),
 ]}
 
 

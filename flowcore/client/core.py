@@ -44,6 +44,7 @@ class CoreClient:
         self.client_id = ""
         self.node_id = ""
         self.session_dir = ""
+        self.dashboard_url: str | None = None
         self.ids = ids.IdSource()
         self.loop = asyncio.new_event_loop()
         self.head: Comm | None = None
@@ -108,6 +109,7 @@ class CoreClient:
                                          "pid": os.getpid(), "wid": self.wid})
         self.client_id = reply["client_id"]
         self.session_dir = reply.get("session_dir") or ""
+        self.dashboard_url = reply.get("dashboard_url")
         if node_task is not None:
             self.node, r = await node_task
             self.node_id = r["node_id"]
@@ -503,11 +505,12 @@ class CoreClient:
         if not self.has_store():
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
+        req: dict[str, Any] = {"op": "pin", "oid": oid}
         if self.node_id not in info.get("nodes", ()):
-            raise ObjectLostError(
-                f"object {oid.hex()} is held on node(s) {info.get('nodes')} and cross-node "
-                f"transfer is not available yet")
-        r = self.request("node", {"op": "pin", "oid": oid})
+            # held elsewhere: our node pulls it from one of the holders first
+            req["sources"] = [[n, a] for n, a in zip(info.get("nodes", ()), info.get("addrs", ()))]
+            req["size"] = info["size"]
+        r = self.request("node", req, timeout=None)
         if "error" in r:
             raise ObjectLostError(r["error"])
         loc = Location.from_wire(r["loc"])
@@ -520,6 +523,21 @@ class CoreClient:
 
         buf = self._mapping().readable(loc, release)
         return deserialize(buf)
+
+    def prefetch(self, oids: Iterable[bytes]) -> None:
+        """Ask this process's node to pull ready objects held only elsewhere."""
+        if not self.has_store():
+            return
+        items = []
+        with self._lock:
+            for oid in oids:
+                info = self.ready.get(oid)
+                if info and info.get("inline") is None and info.get("nodes") \
+                        and self.node_id not in info["nodes"]:
+                    items.append([oid, info["size"],
+                                  [[n, a] for n, a in zip(info["nodes"], info.get("addrs", ()))]])
+        if items:
+            self.send("node", {"op": "prefetch", "objects": items})
 
     def future_for(self, ref: ObjectRef) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()

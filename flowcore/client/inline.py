@@ -123,9 +123,15 @@ class InlineClient(CoreClient):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._in_select = False
+        # set when a cancel for the running task was read; the main thread
+        # raises KeyboardInterrupt at a safe point (never mid-dispatch)
+        self.interrupt_main = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
+        # before the node knows us: a cancel's SIGUSR1 must never find the
+        # default action (which ends the process)
+        signal.signal(signal.SIGUSR1, self._on_sigusr1)
         self.conns["node"] = BlockingConn(self.node_address or "", self.token, timeout)
         self.conns["head"] = BlockingConn(self.head_address, self.token, timeout)
         r = self.request("node", {"op": "register_worker", "wid": self.wid, "pid": os.getpid()},
@@ -135,7 +141,6 @@ class InlineClient(CoreClient):
                                   "wid": self.wid}, timeout)
         self.client_id = r["client_id"]
         self.session_dir = r.get("session_dir") or ""
-        signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
     def close(self) -> None:
         if self.closed:
@@ -227,6 +232,7 @@ class InlineClient(CoreClient):
                         if left is not None and left <= 0:
                             break
                         self.pump(left)
+                        self._check_interrupt()
                 finally:
                     self._pump_owner = None
                     self._pump.release()
@@ -251,6 +257,9 @@ class InlineClient(CoreClient):
             readable, _, _ = select.select(fds, [], [], timeout)
         finally:
             self._in_select = False
+        # set when a cancel for the running task was read; the main thread
+        # raises KeyboardInterrupt at a safe point (never mid-dispatch)
+        self.interrupt_main = False
         for r in readable:
             if r == self._wake_r:
                 try:
@@ -286,9 +295,14 @@ class InlineClient(CoreClient):
             if self.on_disconnect is not None:
                 self.on_disconnect(which)
 
+    def _check_interrupt(self) -> None:
+        if self.interrupt_main and threading.current_thread() is threading.main_thread():
+            self.interrupt_main = False
+            raise KeyboardInterrupt("cancelled")
+
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
         """The node has something urgent (a cancel): read it now unless a
-        thread is already reading."""
+        thread is already reading, then interrupt the task if asked to."""
         if self._pump.acquire(blocking=False):
             self._pump_owner = threading.get_ident()
             try:
@@ -296,3 +310,4 @@ class InlineClient(CoreClient):
             finally:
                 self._pump_owner = None
                 self._pump.release()
+        self._check_interrupt()

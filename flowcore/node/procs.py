@@ -76,6 +76,10 @@ def start_worker(argv: list[str], env: dict[str, str], log_file: str, cwd: str |
     if pid == 0:  # the child: never returns
         code = 1
         try:
+            # the node's event loop registered a signal wake-up descriptor; in
+            # the child that descriptor number gets reused (by the node socket,
+            # say), and every signal would write a byte into it
+            signal.set_wakeup_fd(-1)
             os.setsid()
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)

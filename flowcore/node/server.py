@@ -18,6 +18,7 @@ from .._version import __version__
 from ..protocol.comm import Comm, connect, serve
 from .pool import WorkerPool
 from .procs import WorkerProcess, start_worker
+from .transfer import Transfers
 
 logger = logging.getLogger("flowcore.node")
 
@@ -61,6 +62,7 @@ class NodeServer:
         self.actor_backlog: dict[bytes, list[dict]] = {}  # calls before registration
         self.actor_holds: dict[bytes, dict] = {}
         self.actor_gpus: dict[bytes, list[int]] = {}
+        self.transfers = Transfers(self)
         self.heartbeat_interval = float(os.environ.get("FLOWCORE_HEARTBEAT_INTERVAL", "1.0"))
         self._psutil_proc = None
         self.address = ""
@@ -124,6 +126,7 @@ class NodeServer:
             proc.kill()
         for c in list(self.clients.values()):
             c.close()
+        self.transfers.close()
         if self.head is not None:
             self.head.close()
         if getattr(self, "server", None) is not None:
@@ -326,16 +329,18 @@ class NodeServer:
             self.creating.add(oid)
             comm.reply(msg, loc=loc.to_wire())
         elif op == "seal":
-            oid = msg["oid"]
-            store.seal(oid)
-            self.creating.discard(oid)
-            for c, m in self.pin_waiters.pop(oid, ()):
-                self._pin(c, m)
+            store.seal(msg["oid"])
+            self.sealed(msg["oid"])
         elif op == "abort":
             store.abort(msg["oid"])
             self.creating.discard(msg["oid"])
         elif op == "pin":
             self._pin(comm, msg)
+        elif op == "fetch_chunk":
+            self.transfers.serve_chunk(comm, msg)
+        elif op == "prefetch":
+            for item in msg["objects"]:
+                asyncio.ensure_future(self._prefetch(item))
         elif op == "unpin":
             for oid in msg["oids"]:
                 store.unpin(oid, cid)
@@ -365,6 +370,12 @@ class NodeServer:
         else:
             logger.warning("unknown op %r from local client %s", op, cid)
 
+    def sealed(self, oid: bytes) -> None:
+        """``oid`` was sealed here (by a local writer or a pull): serve its waiters."""
+        self.creating.discard(oid)
+        for c, m in self.pin_waiters.pop(oid, ()):
+            self._pin(c, m)
+
     def _pin(self, comm: Comm, msg: dict) -> None:
         oid = msg["oid"]
         store = self.store
@@ -377,8 +388,28 @@ class NodeServer:
             comm.reply(msg, loc=loc.to_wire())
         elif oid in self.creating or store.contains(oid):
             self.pin_waiters.setdefault(oid, []).append((comm, msg))
+        elif msg.get("sources"):
+            asyncio.ensure_future(self._pin_remote(comm, msg))
         else:
             comm.reply(msg, error=f"object {oid.hex()} is not in the store of node {self.name}")
+
+    async def _pin_remote(self, comm: Comm, msg: dict) -> None:
+        """Pull the object from a node that holds it, then pin it here."""
+        sources = [tuple(x) for x in msg["sources"]]
+        try:
+            await self.transfers.ensure_local(msg["oid"], msg["size"], sources)
+        except Exception as e:
+            comm.reply(msg, error=f"{type(e).__name__}: {e}")
+            return
+        if not comm.closed:
+            self._pin(comm, dict(msg, sources=None))
+
+    async def _prefetch(self, item: list) -> None:
+        oid, size, sources = item
+        try:
+            await self.transfers.ensure_local(oid, size, [tuple(x) for x in sources])
+        except Exception as e:
+            logger.info("prefetch of %s failed: %s", oid.hex()[:12], e)
 
     def stats(self) -> dict[str, Any]:
         return {"store": self.store.stats(), "pool": self.pool.snapshot()}

@@ -56,7 +56,10 @@ class Worker:
         elif op == "cancel":
             if self.running_tid == msg["tid"]:
                 self.cancel_requested = msg["tid"]
-                signal.pthread_kill(self.main_ident, signal.SIGINT)
+                self.client.interrupt_main = True
+                if threading.get_ident() != self.main_ident:
+                    # read on another thread: wake the main thread to raise it
+                    signal.pthread_kill(self.main_ident, signal.SIGUSR1)
             elif any(t is not None and t["tid"] == msg["tid"] for t in self.tasks):
                 # not started yet (still queued here): never start it
                 self.cancel_before_start.add(msg["tid"])
@@ -154,6 +157,7 @@ class Worker:
         finally:
             self.running_tid = None
             self.cancel_requested = None
+            self.client.interrupt_main = False
             self.client.current_task = None
         self._report(task, status, results or [], retryable)
         del keep
@@ -282,7 +286,9 @@ class Worker:
                             f"(the exception {type(exc).__name__} could not be serialized, "
                             f"so only its text is kept)", None, task["tid"].hex())
             data = serialize(err).to_bytes()
-        text = f"{type(exc).__name__}: {exc}"[:2000]
+        # for views (the dashboard, the history): the traceback, ending with
+        # "Type: message"; its end kept when long
+        text = tb if len(tb) <= 4000 else "…\n" + tb[-4000:]
         return [{"oid": ids.object_id(task["tid"], i), "inline": data, "size": len(data),
                  "error": True, "text": text} for i in range(task.get("nret", 1))]
 

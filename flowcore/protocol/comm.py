@@ -198,6 +198,8 @@ class Comm(asyncio.Protocol):
             if msg["op"] == "reply":
                 fut = pending.pop(msg.get("rid"), None)
                 if fut is not None and not fut.done():
+                    if "_frames" in msg:
+                        msg["_data"] = [bufs[j] for j in msg["_frames"]]
                     fut.set_result(msg)
                 continue
             if handler is None:

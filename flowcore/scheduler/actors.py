@@ -123,7 +123,7 @@ class ActorsMixin:
         self._start_actor_process(actor, t)
 
     def _start_actor_process(self, actor: ActorRecord, t: Any = None) -> None:
-        deps = [self.objects[oid].ready_msg() for oid in actor.deps]  # type: ignore[attr-defined]
+        deps = [self._ready(self.objects[oid]) for oid in actor.deps]  # type: ignore[attr-defined]
         self._send(actor.node, {
             "op": "start_actor", "aid": actor.aid, "tid": actor.create_tid, "fid": actor.fid,
             "name": actor.class_name, "args": actor.args, "args_dep": actor.args_dep,
@@ -199,7 +199,7 @@ class ActorsMixin:
         t.started = time.time()
         actor.inflight.add(t.tid)
         self._transition(t, S.RUNNING, f"sent to actor {actor.class_name}")  # type: ignore
-        deps = [self.objects[oid].ready_msg() for oid in t.deps]  # type: ignore[attr-defined]
+        deps = [self._ready(self.objects[oid]) for oid in t.deps]  # type: ignore[attr-defined]
         self._send(actor.node, {
             "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
             "name": t.name, "args": t.args, "args_dep": t.args_dep, "deps": deps,

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from urllib.parse import quote
 
 from .. import daemon
 from .._version import __version__
@@ -22,7 +23,10 @@ def parser() -> argparse.ArgumentParser:
                         "to the network and prints a warning)")
     p.add_argument("--port", type=int, default=8786, help="port (0 = a free port)")
     p.add_argument("--dashboard-port", type=int, default=8265,
-                   help="dashboard port (reserved; the dashboard is not served yet)")
+                   help="port of the web dashboard and /metrics (0 = a free port, "
+                        "-1 = no dashboard)")
+    p.add_argument("--dashboard-host", default=None,
+                   help="interface the dashboard listens on (default: the same as --host)")
     p.add_argument("--token", default=None, help="cluster token (default: generate one)")
     p.add_argument("--token-file", default=None, help="read the token from this file")
     p.add_argument("--state-dir", default=None,
@@ -65,6 +69,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowcore-scheduler: cannot listen on {args.host}:{args.port}: {e}. "
               f"Pick another --port (0 = any free port).", file=sys.stderr)
         return 1
+    dashboard = None
+    dash_sockets: list = []
+    dash_url = ""
+    dash_host = args.dashboard_host or args.host
+    if args.dashboard_port >= 0:
+        # bind now (to report the URL); the web stack loads after the ready line
+        from ..dashboard import listen
+        try:
+            dash_sockets, dash_url = listen(dash_host, args.dashboard_port)
+        except OSError as e:
+            print(f"flowcore-scheduler: cannot serve the dashboard on {dash_host}:"
+                  f"{args.dashboard_port}: {e}. Pick another --dashboard-port (0 = any free "
+                  f"port, -1 = no dashboard).", file=sys.stderr)
+            head.stop()
+            return 1
+        if dash_host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("the dashboard listens on %s: only token holders can log in, but "
+                           "traffic is not encrypted", dash_host)
     if args.ready_fd is None:
         os.makedirs(state_dir, exist_ok=True)
         daemon.write_private(os.path.join(state_dir, "address"), address + "\n")
@@ -77,10 +99,23 @@ def main(argv: list[str] | None = None) -> int:
                else "with the same token (--token / --token-file / FLOWCORE_TOKEN)")
         print(f"flowcore-scheduler: join nodes with: flowcore-worker {address} {how}",
               flush=True)
-    daemon.report_ready(args.ready_fd, address)
+        if dash_url:
+            print(f"flowcore-scheduler: dashboard at {dash_url}/?token={quote(token, safe='')}",
+                  flush=True)
+    # the ready line: the head's address, then the dashboard's URL if it serves one
+    daemon.report_ready(args.ready_fd, address + (f" {dash_url}" if dash_url else ""))
+    if dash_sockets:
+        from ..dashboard import Dashboard
+        hint = (args.token_file if args.token_file and not args.token
+                else os.path.join(state_dir, "token") if generated else None)
+        dashboard = Dashboard(head, token.encode(), dash_host, args.dashboard_port,
+                              token_hint=hint)
+        loop.run_sync(lambda: dashboard.start(dash_sockets, dash_url))
     daemon.watch_lifeline(args.lifeline_fd, head.stop)
     daemon.install_stop_signals(head.stop)
     loop.run_sync(head.stopped.wait)
+    if dashboard is not None:
+        loop.run_sync(dashboard.stop)
     loop.run_sync(lambda: asyncio.sleep(0.05))  # let final messages flush
     logger.info("flowcore-scheduler stopped")
     return 0

@@ -84,7 +84,7 @@ class TaskRecord:
     __slots__ = ("tid", "fid", "name", "owner", "args", "deps", "missing", "nested",
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
-                 "args_dep", "actor", "method", "kind", "worker", "error_text")
+                 "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -113,7 +113,11 @@ class TaskRecord:
         self.ended = 0.0
         self.blocked = False
         self.attempt = 0
-        self.shape = tuple(sorted((k, v) for k, v in self.res.items() if v))
+        strategy = spec.get("strategy")
+        self.strategy: Any = tuple(strategy) if isinstance(strategy, list) else strategy
+        # tasks queue per (resources, strategy): a task pinned to a busy node
+        # must not hold back others
+        self.shape = (tuple(sorted((k, v) for k, v in self.res.items() if v)), self.strategy)
         self.returns_alive = self.nret
 
     def returns(self) -> list[bytes]:
@@ -170,7 +174,7 @@ class SchedulerState(ActorsMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
-                 history_size: int = 10_000,
+                 history_size: int = 10_000, locality_min_bytes: int = 1 << 20,
                  error_payload: Callable[[BaseException], bytes] = default_error_payload):
         self.nodes: dict[str, NodeRecord] = {}
         self.functions: dict[bytes, dict] = {}
@@ -186,9 +190,12 @@ class SchedulerState(ActorsMixin):
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self.warnings: list[str] = []
         self.latencies: deque[float] = deque(maxlen=10_000)
+        self.latency_count = 0  # entries ever appended to latencies (for /metrics)
         self.history: deque[dict] = deque(maxlen=history_size)
         self._force_cancelled: set[bytes] = set()
         self.pipeline_depth = pipeline_depth
+        self.locality_min_bytes = locality_min_bytes
+        self._spread_turn = 0
         self.actors: dict[bytes, ActorRecord] = {}
         self.named: dict[tuple[str, str], bytes] = {}
         # dependents of failed objects, failed by a loop rather than by
@@ -205,6 +212,14 @@ class SchedulerState(ActorsMixin):
         self._schedule()
         out, self.out = self.out, []
         return out
+
+    def _ready(self, obj: ObjectRecord) -> dict:
+        """The readiness message of ``obj``, with the addresses of the nodes
+        holding a copy (a consumer's node pulls from them)."""
+        msg = obj.ready_msg()
+        if "nodes" in msg:
+            msg["addrs"] = [self.nodes[n].address if n in self.nodes else "" for n in msg["nodes"]]
+        return msg
 
     def _send(self, dest: str | None, msg: dict) -> None:
         if dest is not None:
@@ -225,7 +240,7 @@ class SchedulerState(ActorsMixin):
         self.nodes[node.node_id] = node
         for tid in list(self.infeasible):
             t = self.tasks.get(tid)
-            if t is not None and node.could_ever_fit(t.res):
+            if t is not None and self._could_run_somewhere(t):
                 self.infeasible.discard(tid)
                 self._transition(t, S.QUEUED, f"node {node.name} joined")
                 self.queues.setdefault(t.shape, deque()).append(tid)
@@ -392,7 +407,7 @@ class SchedulerState(ActorsMixin):
         self._notify_ready(obj)
 
     def _notify_ready(self, obj: ObjectRecord) -> None:
-        msg = obj.ready_msg()
+        msg = self._ready(obj)
         dests = set(obj.waiters)
         obj.waiters.clear()
         if obj.owner in obj.clients:
@@ -438,7 +453,7 @@ class SchedulerState(ActorsMixin):
             elif obj.state == PENDING:
                 obj.waiters.add(source)
             else:
-                self._send(source, obj.ready_msg())
+                self._send(source, self._ready(obj))
 
     def handle_object_location(self, source: str, msg: dict) -> None:
         """A node gained (``add``) or dropped a copy."""
@@ -497,20 +512,32 @@ class SchedulerState(ActorsMixin):
         else:
             self._enqueue(t, "submitted with arguments ready")
 
+    def _could_run_somewhere(self, t: TaskRecord) -> bool:
+        s = t.strategy
+        if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
+            n = self.nodes.get(s[1])
+            return n is not None and n.alive and n.could_ever_fit(t.res)
+        return any(n.alive and n.could_ever_fit(t.res) for n in self.nodes.values())
+
     def _enqueue(self, t: TaskRecord, cause: str) -> None:
         if t.kind == "call":
             self._actor_call_ready(t, cause)
             return
-        if not any(n.alive and n.could_ever_fit(t.res) for n in self.nodes.values()) \
-                and self.nodes:
+        if not self._could_run_somewhere(t) and self.nodes:
             if t.state is None:
                 self._transition(t, S.QUEUED, cause)
             if t.state != S.QUEUED:
                 self._transition(t, S.QUEUED, cause)
-            self._transition(t, S.INFEASIBLE, f"no node has {dict(t.res)}")
+            s = t.strategy
+            if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
+                why = f"node {s[1]} (hard node affinity) is not in the cluster or cannot fit " \
+                      f"{dict(t.res)}"
+            else:
+                why = f"no node has {dict(t.res)}"
+            self._transition(t, S.INFEASIBLE, why)
             self.infeasible.add(t.tid)
-            w = (f"task {t.name} needs {dict(t.res)} but no node in the cluster has that much; "
-                 f"it stays pending until a node that fits joins")
+            w = (f"task {t.name} cannot be placed: {why}; it stays pending until a node that "
+                 f"fits joins")
             self.warnings.append(w)
             self._send(t.owner, {"op": "warning", "text": w})
             return
@@ -529,14 +556,8 @@ class SchedulerState(ActorsMixin):
                 if t is None or t.state != S.QUEUED:
                     q.popleft()
                     continue
-                best = None
-                best_cpu = -1.0
-                for n in nodes:
-                    if n.fits(t.res):
-                        cpu = n.available.get("CPU", 0.0)
-                        if cpu > best_cpu:
-                            best, best_cpu = n, cpu
-                if best is None:
+                best = self._choose_node(t, nodes)
+                if best is None and t.strategy is None:
                     best = self._pipeline_target(t, nodes)
                 if best is None:
                     break
@@ -544,6 +565,49 @@ class SchedulerState(ActorsMixin):
                 self._dispatch(t, best)
             if not q:
                 del self.queues[shape]
+
+    def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
+        """Bytes of ``t``'s store-held arguments per node."""
+        out: dict[str, int] = {}
+        for oid in t.deps:
+            obj = self.objects.get(oid)
+            if obj is not None and obj.inline is None:
+                for n in obj.nodes:
+                    out[n] = out.get(n, 0) + obj.size
+        return out
+
+    def _choose_node(self, t: TaskRecord, nodes: list[NodeRecord]) -> NodeRecord | None:
+        """Where ``t`` runs now, or None to wait.
+
+        Default: among the nodes that fit, the one holding the most bytes of
+        the task's arguments (when that is at least ``locality_min_bytes``),
+        then the one with the most free CPU.  "SPREAD": the least loaded node
+        that fits, rotating among equals.  ``("node", id, soft)``: that node;
+        if it does not fit, wait (hard) or fall back to the default (soft).
+        """
+        strategy = t.strategy
+        if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
+            target = self.nodes.get(strategy[1])
+            if target is not None and target.alive and target.fits(t.res):
+                return target
+            if not strategy[2]:
+                return None
+            strategy = None
+        fitting = [n for n in nodes if n.fits(t.res)]
+        if not fitting:
+            return None
+        if strategy == "SPREAD":
+            self._spread_turn += 1
+            k = len(fitting)
+            rotated = fitting[self._spread_turn % k:] + fitting[:self._spread_turn % k]
+            return min(rotated, key=lambda n: len(n.running) / max(n.total.get("CPU", 0.0), 1.0))
+        local = self._arg_bytes(t) if t.deps else {}
+        floor = self.locality_min_bytes
+
+        def score(n: NodeRecord) -> tuple:
+            held = local.get(n.node_id, 0)
+            return (held if held >= floor else 0, n.available.get("CPU", 0.0))
+        return max(fitting, key=score)
 
     def _pipeline_target(self, t: TaskRecord, nodes: list[NodeRecord]) -> NodeRecord | None:
         """A node to send ``t`` to ahead of time, though it does not fit now.
@@ -576,7 +640,7 @@ class SchedulerState(ActorsMixin):
         deps = []
         for oid in t.deps:
             obj = self.objects[oid]
-            deps.append(obj.ready_msg())
+            deps.append(self._ready(obj))
         self._send(node.node_id, {
             "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
             "args_dep": t.args_dep,
@@ -601,7 +665,8 @@ class SchedulerState(ActorsMixin):
             "task_id": t.tid.hex(), "name": t.name, "kind": t.kind, "state": str(t.state),
             "node_id": t.node, "worker": t.worker, "submitted": t.submitted,
             "started": t.started or None, "ended": t.ended, "attempt": t.attempt,
-            "actor_id": t.actor.hex() if t.actor else None, "error": t.error_text})
+            "actor_id": t.actor.hex() if t.actor else None, "error": t.error_text,
+            "cause": t.cause})
         self._force_cancelled.discard(t.tid)
         self._release(t.deps)
         self._release(t.nested)
@@ -633,6 +698,7 @@ class SchedulerState(ActorsMixin):
                          "returned" if status == "ok" else "raised an exception")
         self.counts["finished" if status == "ok" else "failed"] += 1
         self.latencies.append(time.time() - t.submitted)
+        self.latency_count += 1
         for r in msg["results"]:
             obj = self.objects.get(r["oid"])
             if obj is None:

@@ -16,7 +16,8 @@ logger = logging.getLogger("flowcore.scheduler")
 
 #: ops answered directly by the server (requests carrying a ``rid``)
 _QUERY_OPS = ("cluster_resources", "available_resources", "list_nodes", "list_tasks",
-              "list_objects", "task_info", "event_log", "counts", "list_actors", "get_actor")
+              "list_objects", "task_info", "event_log", "counts", "list_actors", "get_actor",
+              "graph", "history")
 
 
 class HeadServer:
@@ -26,6 +27,7 @@ class HeadServer:
         self.host = host
         self.port = port
         self.session_dir = session_dir
+        self.dashboard_url: str | None = None  # set by the dashboard when it serves
         self.state = SchedulerState()
         self.comms: dict[str, Comm] = {}
         self.server = None
@@ -82,7 +84,8 @@ class HeadServer:
             self.comms[cid] = comm
             self._deliver(self.state.handle(cid, msg))
             comm.reply(msg, ok=True, client_id=cid, nodes=self.state.list_nodes(),
-                       session_dir=self.session_dir, version=__version__)
+                       session_dir=self.session_dir, version=__version__,
+                       dashboard_url=self.dashboard_url)
         else:
             logger.warning("closing %s: first message was %r, not a registration", comm.peer, op)
             comm.close()
@@ -94,7 +97,7 @@ class HeadServer:
         if op == "get_function":
             comm.reply(msg, blob=self.state.function_blob(msg["fid"]))
         elif op in _QUERY_OPS:
-            comm.reply(msg, result=self._query(op, msg))
+            comm.reply(msg, result=self._query(op, msg, src))
         elif op == "shutdown_cluster":
             comm.reply(msg, ok=True)
             asyncio.get_event_loop().call_later(0.01, self.stop)
@@ -106,8 +109,13 @@ class HeadServer:
                 return
             self._deliver(out)
 
-    def _query(self, op: str, msg: dict) -> Any:
+    def _query(self, op: str, msg: dict, src: str | None = None) -> Any:
         s = self.state
+        if op == "graph":  # the futures DAG, for flowcore.visualize()
+            from .export import DEFAULT_LIMIT, export_graph
+            return export_graph(s, msg.get("roots"), src, msg.get("limit", DEFAULT_LIMIT))
+        if op == "history":  # finished tasks, for flowcore.timeline()
+            return list(s.history)
         if op == "cluster_resources":
             return s.cluster_resources()
         if op == "available_resources":
