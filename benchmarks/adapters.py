@@ -14,12 +14,30 @@ The surface used by the workloads:
 * ``actor_method(h, name)``  returns ``submit(*args) -> ref`` calling ``h.name``;
                          ``get`` takes these refs (or a list of them) too
 * ``kill_actor(h)``      ends the actor (``shutdown()`` also ends any actor still alive)
-* ``shutdown()``         stops everything the engine started
+* ``shutdown()``         stops everything the engine started (the 2-node cluster too)
+
+Multi-node workloads (they run last) use:
+
+* ``start_cluster()``    stops the single-node instance and starts a local cluster of
+                         ``CLUSTER_NODES`` nodes with ``CPUS_PER_NODE`` CPU each, connects
+                         the driver to it and returns ``(node_a, node_b)``: node A is the
+                         driver's node (Dask: the first worker), node B another one
+* ``remote_on(fn, node)`` like ``remote`` but every call is pinned to ``node``
+* ``remote_spread(fn)``  like ``remote`` but calls are spread over the nodes (flowcore,
+                         Ray: ``scheduling_strategy="SPREAD"``; Dask: round-robin ``workers=``)
+* ``wait_done(ref)``     blocks until the task that makes ``ref`` has finished, without
+                         moving its result anywhere (``fetch_local=False``)
 """
 
 import importlib
 
 NUM_CPUS = 2
+
+# The multi-node workloads: 2 nodes x 1 CPU (same machine, 127.0.0.1), and for the
+# engines with a per-node object store (flowcore, Ray) 1 GiB of store per node.
+CLUSTER_NODES = 2
+CPUS_PER_NODE = 1
+STORE_PER_NODE = 1 << 30
 
 
 class EngineUnavailable(Exception):
@@ -53,6 +71,18 @@ class Engine:
     def kill_actor(self, handle):
         raise NotImplementedError
 
+    def start_cluster(self):
+        raise NotImplementedError(f"{self.name}: no multi-node local cluster in this harness")
+
+    def remote_on(self, fn, node):
+        raise NotImplementedError
+
+    def remote_spread(self, fn):
+        raise NotImplementedError
+
+    def wait_done(self, ref):
+        raise NotImplementedError
+
     def shutdown(self):
         pass
 
@@ -69,6 +99,7 @@ class RayLikeEngine(Engine):
         self.mod = None
         self._init_called = False
         self._actors = []  # handles not killed yet; shutdown() kills them
+        self.cluster = None  # the multi-node cluster object, once start_cluster() ran
 
     def version(self):
         return getattr(self.mod, "__version__", None) if self.mod else None
@@ -108,7 +139,8 @@ class RayLikeEngine(Engine):
         self._actors = [h for h in self._actors if h is not handle]
         self.mod.kill(handle)
 
-    def shutdown(self):
+    def _stop_instance(self):
+        """Kill the actors still alive and disconnect/stop the current instance."""
         try:
             while self._actors:
                 self.mod.kill(self._actors.pop())
@@ -116,6 +148,80 @@ class RayLikeEngine(Engine):
             if self._init_called:
                 self._init_called = False
                 self.mod.shutdown()
+
+    def shutdown(self):
+        cluster, self.cluster = self.cluster, None
+        try:
+            self._stop_instance()
+        finally:
+            if cluster is not None:
+                cluster.shutdown()
+
+    # ---- multi-node
+    def start_cluster(self):
+        self._stop_instance()  # the single-node instance goes first
+        self._start_cluster()  # sets self.cluster as soon as there is something to stop
+        a = self._driver_node_id()
+        others = [n for n in self._node_ids() if n != a]
+        if not a or len(others) != CLUSTER_NODES - 1:
+            raise RuntimeError(f"{self.name}: expected {CLUSTER_NODES} nodes with the driver "
+                               f"on one of them; driver node {a!r}, nodes {self._node_ids()}")
+        return a, others[0]
+
+    def remote_on(self, fn, node):
+        return self.mod.remote(fn).options(scheduling_strategy=self._affinity(node)).remote
+
+    def remote_spread(self, fn):
+        return self.mod.remote(fn).options(scheduling_strategy="SPREAD").remote
+
+    def wait_done(self, ref):
+        self.mod.wait([ref], fetch_local=False)
+
+    def _driver_node_id(self):
+        return self.mod.get_runtime_context().get_node_id()
+
+
+class FlowcoreEngine(RayLikeEngine):
+    def __init__(self):
+        super().__init__("flowcore", "flowcore", {"num_cpus": NUM_CPUS})
+
+    def _start_cluster(self):
+        from flowcore.cluster import LocalCluster
+        self.cluster = LocalCluster(nodes=CLUSTER_NODES, cpus_per_node=CPUS_PER_NODE,
+                                    object_store_memory=STORE_PER_NODE)
+        self._init_called = True
+        self.mod.init(address=self.cluster.address, token=self.cluster.token)
+
+    def _node_ids(self):
+        return list(self.cluster.node_ids())
+
+    def _affinity(self, node):
+        return self.mod.NodeAffinitySchedulingStrategy(node)
+
+
+class RayEngine(RayLikeEngine):
+    def __init__(self):
+        super().__init__("ray", "ray", {"num_cpus": NUM_CPUS, "include_dashboard": False})
+
+    def _start_cluster(self):
+        from ray.cluster_utils import Cluster
+        # Cluster() starts the head node (the driver's node) at once; keep the object
+        # before adding the second node so that shutdown() can stop a partial cluster.
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": CPUS_PER_NODE, "object_store_memory": STORE_PER_NODE,
+            "include_dashboard": False})
+        for _ in range(CLUSTER_NODES - 1):
+            self.cluster.add_node(num_cpus=CPUS_PER_NODE, object_store_memory=STORE_PER_NODE)
+        self._init_called = True
+        self.mod.init(address=self.cluster.address)
+        self.cluster.wait_for_nodes()
+
+    def _node_ids(self):
+        return [n["NodeID"] for n in self.mod.nodes() if n.get("Alive")]
+
+    def _affinity(self, node):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        return NodeAffinitySchedulingStrategy(node, soft=False)
 
 
 class DaskEngine(Engine):
@@ -186,6 +292,44 @@ class DaskEngine(Engine):
         if futs:
             self.client.cancel(futs)
 
+    # ---- multi-node: the "nodes" are the worker processes of a fresh LocalCluster
+    def start_cluster(self):
+        import distributed
+        self.shutdown()  # the single-node instance goes first
+        self.cluster = distributed.LocalCluster(
+            n_workers=CLUSTER_NODES, threads_per_worker=CPUS_PER_NODE, processes=True,
+            dashboard_address=None)
+        self.client = distributed.Client(self.cluster)
+        self.client.wait_for_workers(CLUSTER_NODES)
+        workers = sorted(self.client.scheduler_info()["workers"])
+        if len(workers) != CLUSTER_NODES:
+            raise RuntimeError(f"dask: expected {CLUSTER_NODES} workers, got {workers}")
+        return workers[0], workers[1]
+
+    def remote_on(self, fn, node):
+        submit = self.client.submit
+
+        def call(*args):
+            return submit(fn, *args, pure=False, workers=[node], allow_other_workers=False)
+
+        return call
+
+    def remote_spread(self, fn):
+        submit = self.client.submit
+        workers = sorted(self.client.scheduler_info()["workers"])
+        counter = [0]
+
+        def call(*args):
+            w = workers[counter[0] % len(workers)]
+            counter[0] += 1
+            return submit(fn, *args, pure=False, workers=[w], allow_other_workers=False)
+
+        return call
+
+    def wait_done(self, ref):
+        import distributed
+        distributed.wait([ref])
+
     def shutdown(self):
         client, cluster = self.client, self.cluster
         self.client = self.cluster = None
@@ -207,10 +351,9 @@ ENGINE_NAMES = ("flowcore", "ray", "dask")
 
 def make_engine(name):
     if name == "flowcore":
-        return RayLikeEngine("flowcore", "flowcore", {"num_cpus": NUM_CPUS})
+        return FlowcoreEngine()
     if name == "ray":
-        return RayLikeEngine("ray", "ray",
-                             {"num_cpus": NUM_CPUS, "include_dashboard": False})
+        return RayEngine()
     if name == "dask":
         return DaskEngine()
     raise ValueError(f"unknown engine {name!r} (known: {', '.join(ENGINE_NAMES)})")

@@ -54,6 +54,23 @@ def add(a, b):
     return a + b
 
 
+def make_array(n):
+    import numpy as np
+    return np.arange(n, dtype=np.float64)
+
+
+def node_here(engine):
+    """The id of the node running this task, as the adapter's start_cluster() names it."""
+    if engine == "flowcore":
+        import flowcore
+        return flowcore.get_runtime_context().get_node_id()
+    if engine == "ray":
+        import ray
+        return ray.get_runtime_context().get_node_id()
+    from distributed import get_worker
+    return get_worker().address
+
+
 # Actor classes (also in __main__, shipped by value). No constructor arguments.
 
 class SyncPinger:
@@ -79,6 +96,7 @@ FULL = dict(
     get_reps=10,
     bigarg_n=100,
     tree_leaves=256, tree_leaf_len=131072, tree_reps=3, tree_warmups=1,
+    xnode_reps=5, xnode_warmups=1,
     workload_timeout=120,
 )
 QUICK = dict(
@@ -90,6 +108,7 @@ QUICK = dict(
     get_reps=3,
     bigarg_n=20,
     tree_reps=1, tree_warmups=0,
+    xnode_reps=3, xnode_warmups=1,
     workload_timeout=60,
 )
 
@@ -347,6 +366,70 @@ def w_actor_async(eng, cfg):
     return {"actor_async_per_s": median(rates), "actor_async_submit_per_s": median(submit_rates)}
 
 
+# --------------------------------------------------------------------------------------
+# Multi-node workloads: they run on a 2-node cluster the engine starts for them
+# (adapter.start_cluster(); node A = the driver's node, node B = the other one).
+
+def w_xnode_transfer(eng, cfg, nodes):
+    a, b = nodes
+    n = cfg["large_mib"] * MiB // 8
+    nbytes = n * 8
+    make_on_b = eng.remote_on(make_array, b)
+    len_on_a = eng.remote_on(array_len, a)
+    len_on_b = eng.remote_on(array_len, b)
+    # Worker processes up and functions shipped on both nodes before anything is timed.
+    eng.get([eng.remote_on(noop, a)(), eng.remote_on(noop, b)()])
+
+    def once(consumer):
+        ref = make_on_b(n)            # a fresh array, made on node B
+        eng.wait_done(ref)            # producer finished; nothing fetched anywhere
+        t0 = perf()
+        got = eng.get(consumer(ref))  # a task that takes the ref and returns its length
+        dt = perf() - t0
+        if got != n:
+            raise AssertionError(f"consumer returned {got!r}, expected {n}")
+        del ref
+        return dt
+
+    for _ in range(cfg["xnode_warmups"]):
+        once(len_on_a)
+    remote, local = [], []
+    for _ in range(cfg["xnode_reps"]):  # interleaved so that drifts hit both alike
+        remote.append(once(len_on_a))
+        local.append(once(len_on_b))
+    m = median(remote)
+    return {"xnode_gbps": nbytes / m / 1e9, "xnode_ms": m * 1e3,
+            "xnode_local_ms": median(local) * 1e3}
+
+
+def w_spread_tasks(eng, cfg, nodes):
+    a, b = nodes
+    n = cfg["async_n"]
+    # Not timed: where do spread tasks land? (also the warm-up of both nodes)
+    where = eng.remote_spread(node_here)
+    placed = eng.get([where(eng.name) for _ in range(n)])
+    on_a = sum(1 for x in placed if x == a)
+    on_b = sum(1 for x in placed if x == b)
+    if on_a + on_b != n:
+        raise AssertionError(f"tasks ran on unknown nodes: {sorted(set(placed) - {a, b})}")
+    f = eng.remote_spread(noop)
+    eng.get([f() for _ in range(n)])  # warm-up rep, not counted
+    rates, submit_rates = [], []
+    for _ in range(cfg["async_reps"]):
+        t0 = perf()
+        refs = [f() for _ in range(n)]
+        t1 = perf()
+        out = eng.get(refs)
+        dt = perf() - t0
+        if len(out) != n:
+            raise AssertionError(f"got {len(out)} results for {n} tasks")
+        rates.append(n / dt)
+        submit_rates.append(n / (t1 - t0))
+        del refs, out
+    return {"spread_tasks_per_s": median(rates), "spread_submit_per_s": median(submit_rates),
+            "spread_share_node_a": on_a / n}
+
+
 WORKLOADS = [
     ("sync_rtt", w_sync_rtt),
     ("async_tasks", w_async_tasks),
@@ -359,7 +442,12 @@ WORKLOADS = [
     ("actor_sync", w_actor_sync),
     ("actor_async", w_actor_async),
 ]
-WORKLOAD_NAMES = [n for n, _ in WORKLOADS]
+# Multi-node workloads run after all the others, on a 2-node cluster started for them.
+CLUSTER_WORKLOADS = [
+    ("xnode_transfer", w_xnode_transfer),
+    ("spread_tasks", w_spread_tasks),
+]
+WORKLOAD_NAMES = [n for n, _ in WORKLOADS + CLUSTER_WORKLOADS]
 ALWAYS = ("cold_start", "idle_memory")  # by-products of starting the engine
 
 
@@ -407,6 +495,8 @@ def main(argv):
     cfg = dict(QUICK if quick else FULL)
     if wl_timeout:
         cfg["workload_timeout"] = max(1, wl_timeout)
+    # Starting a 2-node cluster (Ray: ~15 s on this machine) gets its own limit.
+    cfg["cluster_start_timeout"] = max(120, cfg["workload_timeout"])
 
     # Harness probe (excluded from the cold start): baseline PSS of this driver.
     h0 = perf()
@@ -452,6 +542,43 @@ def main(argv):
             signal.alarm(cfg["workload_timeout"])
             try:
                 metrics = fn(eng, cfg)
+                signal.alarm(0)
+                emit("workload", name=name, metrics=metrics, seconds=perf() - t)
+            except BaseException as exc:  # noqa: BLE001
+                signal.alarm(0)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                traceback.print_exc()
+                emit("workload", name=name, error=error_text(exc), seconds=perf() - t)
+                status = 1
+
+        # Multi-node: the single-node instance is stopped and a 2-node cluster started,
+        # once, for all the selected cluster workloads (shutdown() below stops it).
+        selected = [(n, fn) for n, fn in CLUSTER_WORKLOADS if only is None or n in only]
+        nodes, cluster_error = None, None
+        if selected:
+            t = perf()
+            signal.alarm(cfg["cluster_start_timeout"])
+            try:
+                nodes = eng.start_cluster()
+                signal.alarm(0)
+                emit("cluster", metrics={"cluster_start_s": perf() - t}, nodes=list(nodes))
+            except BaseException as exc:  # noqa: BLE001
+                signal.alarm(0)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                traceback.print_exc()
+                cluster_error = "2-node cluster start failed: " + error_text(exc)
+                emit("cluster", error=cluster_error, seconds=perf() - t)
+                status = 1
+        for name, fn in selected:
+            if cluster_error:
+                emit("workload", name=name, error=cluster_error, seconds=0.0)
+                continue
+            t = perf()
+            signal.alarm(cfg["workload_timeout"])
+            try:
+                metrics = fn(eng, cfg, nodes)
                 signal.alarm(0)
                 emit("workload", name=name, metrics=metrics, seconds=perf() - t)
             except BaseException as exc:  # noqa: BLE001

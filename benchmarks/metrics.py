@@ -8,8 +8,10 @@ ENGINES = ("flowcore", "ray", "dask")
 # Workload names accepted by --only (cold_start/idle_memory are measured on every
 # run anyway since they are by-products of starting the engine).
 WORKLOADS = ("cold_start", "idle_memory", "sync_rtt", "async_tasks", "small_put_get",
-             "large_put", "large_get", "big_arg", "tree_reduce", "actor_sync", "actor_async")
-# (Same order as the worker runs them: run.py blames the first missing one on a crash.)
+             "large_put", "large_get", "big_arg", "tree_reduce", "actor_sync", "actor_async",
+             "xnode_transfer", "spread_tasks")
+# (Same order as the worker runs them: run.py blames the first missing one on a crash.
+# The last two run on a 2-node cluster each engine starts for them.)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,16 @@ METRICS: Tuple[Metric, ...] = (
     Metric("big_arg_tasks_per_s", "tasks/s with 100 MiB ref arg", "1/s", True, "big_arg"),
     Metric("tree_reduce_s", "tree reduction 256 x 1 MiB", "s", False, "tree_reduce",
            Target("vs", 2, "dask", ">= 2x faster than dask")),
+    # 2-node cluster (2 x 1 CPU on this machine)
+    Metric("xnode_gbps", "2 nodes: cross-node transfer B->A (100 MiB)", "GB/s", True,
+           "xnode_transfer", Target("abs_min", 1.0, text=">= 1 GB/s")),
+    Metric("xnode_ms", "  producer done -> task on A returned", "ms", False, "xnode_transfer"),
+    Metric("xnode_local_ms", "  reference: same task on B (no transfer)", "ms", False,
+           "xnode_transfer"),
+    Metric("spread_tasks_per_s", "2 nodes: async tasks/s, SPREAD (1000 no-ops)", "1/s", True,
+           "spread_tasks", Target("vs", 2, "ray", ">= 2x ray")),
+    Metric("spread_share_node_a", "  share of spread tasks on node A", "%", True,
+           "spread_tasks", ratios=False),
 )
 
 # A copying get of 100 MiB cannot finish this fast (it would be > 50 GB/s), so a

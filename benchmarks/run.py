@@ -114,6 +114,9 @@ def run_engine(engine, args):
                 rec["errors"][msg["name"]] = msg["error"]
             else:
                 rec["metrics"].update(msg.get("metrics", {}))
+        elif kind == "cluster":  # the 2-node cluster for the multi-node workloads
+            rec["info"]["cluster"] = {k: v for k, v in msg.items() if k != "kind"}
+            rec["metrics"].update(msg.get("metrics", {}))
         elif kind == "done":
             got_done = True
             rec["stopped_after_shutdown"] = msg.get("stopped_after_shutdown", [])

@@ -83,6 +83,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
 
         from .remote_function import set_worker_paths
         address = address or os.environ.get("FLOWCORE_ADDRESS") or None
+        if address == "auto":
+            address, token = _local_head(token)
         if address is None:
             set_worker_paths(list(sys.path))
             cluster = LocalCluster(session_dir=session_dir, token=token)
@@ -121,6 +123,25 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             print(f"flowcore: started a local cluster (head {_info['address']}{dash}); logs in "
                   f"{_info['session_dir']}/logs", file=sys.stderr)
         return dict(_info)
+
+
+def _local_head(token: str | None) -> tuple[str, str | None]:
+    """The head recorded by ``flowcore-scheduler`` in the state directory
+    (``FLOWCORE_STATE_DIR`` or ``~/.flowcore``), and its token if it wrote one."""
+    state_dir = os.environ.get("FLOWCORE_STATE_DIR") or os.path.expanduser("~/.flowcore")
+    try:
+        with open(os.path.join(state_dir, "address")) as f:
+            address = f.read().strip()
+    except OSError:
+        raise ConnectionError(f"init(address='auto'): no running head recorded in {state_dir}; "
+                              f"start one with flowcore-scheduler, or pass its address") from None
+    if token is None and not os.environ.get("FLOWCORE_TOKEN"):
+        try:
+            with open(os.path.join(state_dir, "token")) as f:
+                token = f.read().strip() or None
+        except OSError:
+            pass
+    return address, token
 
 
 def _preload_client() -> None:

@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC = os.path.join(HERE, "static")
 TEMPLATES = os.path.join(HERE, "templates")
 #: static files the login page needs before anyone is logged in (no data in them)
-PUBLIC_STATIC = frozenset({"style.css", "favicon.svg"})
+PUBLIC_STATIC = frozenset({"style.css", "favicon.svg", "login.js"})
 #: most graph nodes exported for the DAG view, and most drawn (after siblings collapse)
 DAG_EXPORT_LIMIT = 2000
 DAG_DRAW_LIMIT = 300

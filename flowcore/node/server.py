@@ -63,6 +63,7 @@ class NodeServer:
         self.actor_holds: dict[bytes, dict] = {}
         self.actor_gpus: dict[bytes, list[int]] = {}
         self.transfers = Transfers(self)
+        self.head_grace = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
         self.heartbeat_interval = float(os.environ.get("FLOWCORE_HEARTBEAT_INTERVAL", "1.0"))
         self._psutil_proc = None
         self.address = ""
@@ -77,8 +78,15 @@ class NodeServer:
                                         name="flowcore-worker")
         self.address = f"tcp://{self.host}:{port}"
         self._act(self.pool.startup())
-        self.head = await connect(self.head_address, self.token)
-        asyncio.ensure_future(self._run_head())
+        await self._join_head()
+        self._heartbeat()
+        logger.info("node %s (%s) serving at %s with %s", self.name, self.node_id,
+                    self.address, self.resources)
+        return self.address
+
+    async def _join_head(self) -> None:
+        self.head = await connect(self.head_address, self.token, timeout=5.0)
+        asyncio.ensure_future(self._run_head(self.head))
         reply = await self.head.request({
             "op": "register_node", "node_id": self.node_id, "address": self.address,
             "resources": self.resources, "name": self.name, "hostname": socket.gethostname(),
@@ -87,16 +95,26 @@ class NodeServer:
                      "session_dir": self.session_dir}})
         if not reply.get("ok"):
             raise RuntimeError(reply.get("error", "the head refused this node"))
-        self._heartbeat()
-        logger.info("node %s (%s) serving at %s with %s", self.name, self.node_id,
-                    self.address, self.resources)
-        return self.address
 
-    async def _run_head(self) -> None:
-        assert self.head is not None
-        await self.head.run(self._on_head_message)
+    async def _run_head(self, comm: Comm) -> None:
+        await comm.run(self._on_head_message)
+        if self._stopping or comm is not self.head:
+            return
+        # the head went away without telling us to stop: it may be restarting
+        logger.error("lost the connection to the head at %s; retrying for %.0f s",
+                     self.head_address, self.head_grace)
+        deadline = time.monotonic() + self.head_grace
+        while not self._stopping and time.monotonic() < deadline:
+            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            try:
+                await self._join_head()
+            except Exception as e:  # noqa: BLE001 - keep trying until the grace ends
+                logger.info("head not back yet: %s", e)
+                continue
+            logger.warning("re-registered with the head at %s", self.head_address)
+            return
         if not self._stopping:
-            logger.error("lost the connection to the head at %s; stopping", self.head_address)
+            logger.error("the head did not come back within %.0f s; stopping", self.head_grace)
             self.stop()
 
     def _heartbeat(self) -> None:
@@ -128,6 +146,7 @@ class NodeServer:
             c.close()
         self.transfers.close()
         if self.head is not None:
+            self.head.send({"op": "node_leaving"})
             self.head.close()
         if getattr(self, "server", None) is not None:
             self.server.close()

@@ -51,6 +51,8 @@ DEFAULT_LIMIT = 20_000
 #: ObjectRecord state -> the object state the drawing knows
 _OBJECT_STATES = {"READY": "SEALED", "PENDING": "PENDING", "LOST": "LOST"}
 
+_INDEX_0 = ids.object_id(b"", 0)  # the return-index suffix of a put object
+
 
 class _View:
     """Graph nodes and their predecessors, computed on demand from the tables
@@ -117,43 +119,53 @@ class _View:
             self._preds[key] = []
             return []
         kind, rec = found
-        edges: dict[tuple[bytes, str], None] = {}
+        s = self.state
+        tasks, actors, objects = s.tasks, s.actors, s.objects
+        edges: list[tuple[bytes, str]] = []
+        seen: set[bytes] = {key}
         args_dep = rec.args_dep
         for i, oid in enumerate(rec.deps):
-            src = self.node_of_object(oid)
-            if src is not None and src != key:
-                edges[(src, "data")] = None
-                if i == args_dep and len(src) == ids.OBJECT_ID_SIZE:
-                    self.args_objects.add(src)
+            tid = oid[:ids.TASK_ID_SIZE]
+            if tid in tasks or tid in actors:
+                src = tid
+            elif oid in objects and oid[ids.TASK_ID_SIZE:] == _INDEX_0:
+                src = oid
+                if i == args_dep:
+                    self.args_objects.add(oid)
+            else:
+                continue  # freed: its producer is gone from the tables
+            if src not in seen:
+                seen.add(src)
+                edges.append((src, "data"))
         if kind == "task" and rec.kind == "call":
             before = self._previous_calls().get(key)
             if before is not None:
-                edges[(before, "order")] = None
-            elif rec.actor is not None and rec.actor in self.state.actors:
-                edges[(rec.actor, "order")] = None
-        out = self._preds[key] = list(edges)
-        return out
+                edges.append((before, "order"))
+            elif rec.actor is not None and rec.actor in actors:
+                edges.append((rec.actor, "order"))
+        self._preds[key] = edges
+        return edges
 
     # ------------------------------------------------------------ nodes
-    def all_nodes(self, owner: str | None) -> list[bytes]:
-        """Every node (``owner`` None), or those ``owner`` submitted."""
+    def all_nodes(self, owner: str | None) -> dict[bytes, float]:
+        """Every node (``owner`` None), or those ``owner`` submitted, each
+        with the time it entered the head's tables."""
         s = self.state
-        out: list[bytes] = []
-        for aid, actor in s.actors.items():
-            if owner is None or actor.owner == owner:
-                out.append(aid)
-        for tid, t in s.tasks.items():
-            if t.kind == "create" and tid in s.actors:
-                continue  # drawn as its actor
-            if owner is None or t.owner == owner:
-                out.append(tid)
         tasks, actors = s.tasks, s.actors
+        out: dict[bytes, float] = {}
         for oid, obj in s.objects.items():
             if owner is not None and obj.owner != owner:
                 continue
             tid = oid[:ids.TASK_ID_SIZE]
             if tid not in tasks and tid not in actors and ids.index_of(oid) == 0:
-                out.append(oid)
+                out[oid] = obj.created
+        for aid, actor in actors.items():
+            if owner is None or actor.owner == owner:
+                out[aid] = actor.created
+        for tid, t in tasks.items():
+            if owner is None or t.owner == owner:
+                if t.kind != "create" or tid not in actors:  # else drawn as its actor
+                    out[tid] = t.submitted
         return out
 
     def created(self, key: bytes) -> float:
@@ -211,7 +223,7 @@ class _PredMapping(Mapping):
         return [src for src, _ in self.view.preds(key)]
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self.view.all_nodes(None))
+        return iter(list(self.view.all_nodes(None)))
 
     def __len__(self) -> int:
         return len(self.view.all_nodes(None))
@@ -224,6 +236,14 @@ def _size(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+def _others_present(state: "SchedulerState", owner: str) -> bool:
+    """Whether anything in the tables was submitted by another client (only
+    then can ``owner``'s nodes depend on nodes it does not own)."""
+    return any(t.owner != owner for t in state.tasks.values()) or \
+        any(a.owner != owner for a in state.actors.values()) or \
+        any(o.owner != owner for o in state.objects.values())
 
 
 def export_graph(state: "SchedulerState", roots: Iterable[bytes] | None = None,
@@ -243,14 +263,17 @@ def export_graph(state: "SchedulerState", roots: Iterable[bytes] | None = None,
     if roots is not None:
         start = list(dict.fromkeys(
             n for n in (view.node_of_object(oid) for oid in roots) if n is not None))
+        times = {key: view.created(key) for key in start}
     else:
-        start = view.all_nodes(owner)
-    selected = set(start)
-    if roots is not None or owner is not None:
-        selected |= ancestors(_PredMapping(view), start)
+        times = view.all_nodes(owner)
+        start = list(times)
+    if roots is not None or (owner is not None and _others_present(state, owner)):
+        for key in ancestors(_PredMapping(view), start):
+            if key not in times:
+                times[key] = view.created(key)
 
-    created = view.created
-    ordered = sorted(selected, key=lambda key: (created(key), key))
+    # oldest first; at equal times, a client's ids grow with each submission
+    ordered = sorted(times, key=lambda key: (times[key], key))
     omitted = max(len(ordered) - limit, 0)
     kept = ordered[:limit]
     keep = set(kept)

@@ -267,8 +267,12 @@ class SchedulerState(ActorsMixin):
         self.client_refs.setdefault(source, set())
 
     def client_disconnected(self, cid: str) -> Out:
-        self.clients.pop(cid, None)
-        self._kill_owned_actors(cid)
+        info = self.clients.pop(cid, None) or {}
+        if info.get("kind", "driver") == "driver":
+            # a driver is a job: its unfinished work goes with it (workers, which
+            # come and go with the pool, hand what they own on through refs)
+            self._cancel_owned_tasks(cid)
+            self._kill_owned_actors(cid)
         for oid in self.client_refs.pop(cid, ()):
             obj = self.objects.get(oid)
             if obj is not None:
@@ -277,6 +281,26 @@ class SchedulerState(ActorsMixin):
                 self._maybe_free(obj)
         self._schedule()
         out, self.out = self.out, []
+        return out
+
+    def _cancel_owned_tasks(self, cid: str) -> None:
+        for t in list(self.tasks.values()):
+            if t.owner != cid or t.state is None or t.state.done:
+                continue
+            if t.state == S.RUNNING:
+                if t.kind == "task" and t.node:
+                    self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": False})
+            elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
+                self.infeasible.discard(t.tid)
+                self._cancel_task(t, "its driver disconnected")
+
+    def check_heartbeats(self, now: float, timeout: float) -> list[str]:
+        """Nodes silent for longer than ``timeout`` seconds (to be declared dead)."""
+        out = []
+        for n in self.nodes.values():
+            last = n.info.get("last_heartbeat", n.joined)
+            if n.alive and now - last > timeout:
+                out.append(n.node_id)
         return out
 
     def node_died(self, node_id: str, cause: str) -> Out:

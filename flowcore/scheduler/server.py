@@ -35,6 +35,7 @@ class HeadServer:
         self.started = time.time()
         self.stopped = asyncio.Event()
         self._next_client = 0
+        self.node_timeout = float(os.environ.get("FLOWCORE_NODE_TIMEOUT", "30"))
 
     async def start(self) -> str:
         self.server, self.port = await serve(self.token, self._on_comm, self.host, self.port,
@@ -45,7 +46,22 @@ class HeadServer:
             host = socket.gethostname()
         self.address = f"tcp://{host}:{self.port}"
         logger.info("flowcore-scheduler %s listening at %s", __version__, self.address)
+        from tornado.ioloop import PeriodicCallback
+        self._membership = PeriodicCallback(self._check_nodes, 1000.0)
+        self._membership.start()
         return self.address
+
+    def _check_nodes(self) -> None:
+        """Declare nodes dead that stopped sending heartbeats (a busy or hung
+        machine whose connection is still open)."""
+        for nid in self.state.check_heartbeats(time.time(), self.node_timeout):
+            logger.warning("node %s sent no heartbeat for %.0f s: declaring it dead", nid,
+                           self.node_timeout)
+            comm = self.comms.pop(nid, None)
+            self._deliver(self.state.node_died(
+                nid, f"no heartbeat for {self.node_timeout:.0f} s"))
+            if comm is not None:
+                comm.close()
 
     async def _on_comm(self, comm: Comm) -> None:
         await comm.run(self._first_message)
@@ -54,8 +70,10 @@ class HeadServer:
             return
         self.comms.pop(cid, None)
         if comm.info.get("role") == "node":
-            logger.warning("node %s disconnected", cid)
-            self._deliver(self.state.node_died(cid, "connection to the node was lost"))
+            how = ("it stopped" if comm.info.get("leaving")
+                   else "its connection was lost")
+            logger.warning("node %s left: %s", cid, how)
+            self._deliver(self.state.node_died(cid, how))
         else:
             self._deliver(self.state.client_disconnected(cid))
 
@@ -98,6 +116,8 @@ class HeadServer:
             comm.reply(msg, blob=self.state.function_blob(msg["fid"]))
         elif op in _QUERY_OPS:
             comm.reply(msg, result=self._query(op, msg, src))
+        elif op == "node_leaving":
+            comm.info["leaving"] = True
         elif op == "shutdown_cluster":
             comm.reply(msg, ok=True)
             asyncio.get_event_loop().call_later(0.01, self.stop)

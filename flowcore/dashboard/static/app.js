@@ -153,7 +153,7 @@ function card(title, value, sub, extra) {
 }
 
 function renderCards(sum) {
-  const cards = [];
+  const cards = [], work = [];
   const n = sum.nodes;
   cards.push(card("Nodes alive", n.alive + " / " + n.total,
                   n.total > n.alive ? (n.total - n.alive) + " dead" : "all alive"));
@@ -161,22 +161,23 @@ function renderCards(sum) {
     cards.push(card(name, fmtNum(r.used) + " / " + fmtNum(r.total), "used / total",
                     bar(r.total ? r.used / r.total : 0, Math.round(100 * (r.total ? r.used / r.total : 0)) + "%")));
   }
+  const s = sum.store;
+  cards.push(card("Object store", fmtBytes(s.used), "of " + fmtBytes(s.capacity),
+                  bar(s.capacity ? s.used / s.capacity : 0,
+                      Math.round(100 * (s.capacity ? s.used / s.capacity : 0)) + "%")));
   const st = sum.tasks.by_state, tot = sum.tasks.totals;
-  cards.push(card("Tasks running", String(st.RUNNING || 0),
+  work.push(card("Tasks running", String(st.RUNNING || 0),
                   (st.QUEUED || 0) + " queued · " + (st.WAITING_FOR_ARGS || 0) + " waiting" +
                   (st.INFEASIBLE ? " · " + st.INFEASIBLE + " infeasible" : "")));
-  cards.push(card("Tasks done", String((tot.finished || 0) + (tot.failed || 0) + (tot.cancelled || 0)),
+  work.push(card("Tasks done", String((tot.finished || 0) + (tot.failed || 0) + (tot.cancelled || 0)),
                   (tot.finished || 0) + " finished · " + (tot.failed || 0) + " failed · " +
                   (tot.cancelled || 0) + " cancelled"));
   const a = sum.actors.by_state;
-  cards.push(card("Actors alive", String(a.ALIVE || 0),
+  work.push(card("Actors alive", String(a.ALIVE || 0),
                   sum.actors.total + " total · " + (a.DEAD || 0) + " dead"));
-  cards.push(card("Objects", String(sum.objects.count), fmtBytes(sum.objects.bytes) + " referenced"));
-  const s = sum.store;
-  cards.push(card("Object store", fmtBytes(s.used) + " / " + fmtBytes(s.capacity), "used / capacity",
-                  bar(s.capacity ? s.used / s.capacity : 0,
-                      Math.round(100 * (s.capacity ? s.used / s.capacity : 0)) + "%")));
+  work.push(card("Objects", String(sum.objects.count), fmtBytes(sum.objects.bytes) + " referenced"));
   $("cards").replaceChildren(...cards);
+  $("cards-work").replaceChildren(...work);
   const w = $("warnings");
   if (sum.warnings && sum.warnings.length) {
     w.replaceChildren(el("h2", {text: "Warnings"}),
@@ -204,7 +205,8 @@ function nodeRow(n) {
     (store.num_objects || 0) + " objects; " + fmtBytes(store.spilled_bytes || 0) + " spilled") : "–";
   const workers = pool.workers !== undefined ?
     (pool.busy || 0) + " busy · " + (pool.idle || 0) + " idle" + (n.actors ? " · " + plural(n.actors, "actor") : "") : "–";
-  const hb = n.alive ? (n.heartbeat_age === null || n.heartbeat_age === undefined ? "–" : fmtDuration(n.heartbeat_age) + " ago") : "–";
+  const hb = n.alive ? (n.heartbeat_age === null || n.heartbeat_age === undefined ? "–" :
+    (n.heartbeat_age < 1 ? "<1 s" : Math.round(n.heartbeat_age) + " s") + " ago") : "–";
   return el("tr", {class: n.alive ? "" : "dead", "data-node": n.node_id},
     el("td", {}, el("div", {class: "strong", text: n.name}), el("div", {class: "muted mono small", text: n.node_id})),
     el("td", {}, badge(n.alive ? "ALIVE" : "DEAD")),
