@@ -91,7 +91,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             try:
                 node = cluster.start(
                     num_cpus=num_cpus if num_cpus is not None else float(os.cpu_count() or 1),
-                    num_gpus=int(num_gpus or 0), resources=resources,
+                    num_gpus=None if num_gpus is None else int(num_gpus), resources=resources,
                     object_store_memory=object_store_memory, max_workers=max_workers,
                     while_starting=_preload_client)
                 from .client.core import CoreClient

@@ -232,7 +232,7 @@ class LocalCluster:
         return self._finish_node(proc, ready, log, meta)
 
     def _launch_node(self, head_address: str, *, num_cpus: float | None = None,
-                     num_gpus: int = 0, resources: dict | None = None,
+                     num_gpus: int | None = None, resources: dict | None = None,
                      object_store_memory: int | None = None, name: str | None = None,
                      max_workers: int | None = None, worker_sys_path: list[str] | None = None,
                      stdin: int = subprocess.DEVNULL) -> tuple:
@@ -242,8 +242,8 @@ class LocalCluster:
                 "--state-dir", self.session_dir, "--name", name or f"node-{n}"]
         if num_cpus is not None:
             args += ["--num-cpus", str(num_cpus)]
-        if num_gpus:
-            args += ["--num-gpus", str(num_gpus)]
+        if num_gpus is not None:  # None: the node detects its GPUs (nvidia-smi)
+            args += ["--num-gpus", str(int(num_gpus))]
         if resources:
             args += ["--resources", json.dumps(resources)]
         if object_store_memory:

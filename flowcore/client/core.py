@@ -577,4 +577,7 @@ class CoreClient:
 
     # ------------------------------------------------------------ queries
     def query(self, op: str, **kw: Any) -> Any:
-        return self.request("head", dict(op=op, **kw))["result"]
+        r = self.request("head", dict(op=op, **kw))
+        if "error" in r:
+            raise FlowcoreError(f"the head could not answer {op!r}: {r['error']}")
+        return r.get("result")

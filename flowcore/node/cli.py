@@ -27,6 +27,20 @@ def default_store_memory() -> int:
     return max(cap, 64 << 20)
 
 
+def detect_gpus() -> int:
+    """GPUs visible through ``nvidia-smi -L`` (0 when it is absent or fails)."""
+    import shutil
+    import subprocess
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowcore-worker",
                                 description="Start a flowcore node and join it to a head.")
@@ -35,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
                                    "stdin")
     p.add_argument("--num-cpus", type=float, default=None,
                    help="CPUs to offer (default: this machine's count)")
-    p.add_argument("--num-gpus", type=int, default=None, help="GPUs to offer (default 0)")
+    p.add_argument("--num-gpus", type=int, default=None,
+                   help="GPUs to offer (default: those nvidia-smi lists, else 0)")
     p.add_argument("--resources", default=None,
                    help='custom resources as JSON, e.g. \'{"disk": 2}\'')
     p.add_argument("--object-store-memory", type=int, default=None,
@@ -105,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.set_event_loop(asyncio.new_event_loop())
     loop = IOLoop.current()
     try:
+        num_gpus = args.num_gpus if args.num_gpus is not None else detect_gpus()
         node = NodeServer(address, token.encode(), num_cpus=num_cpus,
-                          num_gpus=args.num_gpus or 0, resources=resources,
+                          num_gpus=num_gpus, resources=resources,
                           object_store_memory=args.object_store_memory or default_store_memory(),
                           session_dir=state_dir, host=args.host, name=args.name,
                           max_workers=args.max_workers)

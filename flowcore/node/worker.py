@@ -126,6 +126,7 @@ class Worker:
             self._report(task, "cancelled", [], False)
             return
         self._set_gpus(task)
+        task["_started"] = time.time()
         self.client.current_task = task
         concurrent_call = task.get("actor") is not None and self.threads is not None
         if not concurrent_call:
@@ -167,6 +168,7 @@ class Worker:
         ``max_concurrency`` at a time."""
         async with self.asem:
             self._set_gpus(task)
+            task["_started"] = time.time()
             self.client.current_task = task
             keep: list = []
             try:
@@ -214,7 +216,8 @@ class Worker:
         if task.get("actor") is None:
             self.client.send("node", {"op": "worker_idle", "tid": tid})
         msg = {"op": "task_done", "tid": tid, "status": status, "results": results,
-               "retryable": retryable, "pid": os.getpid(), "wid": self.wid}
+               "retryable": retryable, "pid": os.getpid(), "wid": self.wid,
+               "started": task.get("_started")}
         if status == "error" and results:
             msg["error_text"] = results[0].get("text")
         self.client.send("head", msg)

@@ -286,6 +286,13 @@ class ActorsMixin:
             return
         actor.state = DEAD
         actor.cause = cause
+        # the table keeps the newest dead actors only (their causes stay visible)
+        self.dead_actors.append(actor.aid)
+        while len(self.dead_actors) > self.keep_dead_actors:
+            old = self.dead_actors.popleft()
+            gone = self.actors.get(old)
+            if gone is not None and gone.state == DEAD:
+                del self.actors[old]
         self._release(actor.deps + actor.nested)  # type: ignore[attr-defined]
         self._release_hold(actor)
         if actor.name and self.named.get((actor.namespace, actor.name)) == actor.aid:
@@ -315,7 +322,7 @@ class ActorsMixin:
         if actor is None or actor.state == DEAD:
             return
         actor.no_restart = bool(msg.get("no_restart", True))
-        if actor.node and actor.state != PENDING or actor.pid:
+        if (actor.node and actor.state != PENDING) or actor.pid:
             self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
         else:
             self._actor_dead(actor, "it was killed with flowcore.kill() before it started")

@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowcore-scheduler: cannot listen on {args.host}:{args.port}: {e}. "
               f"Pick another --port (0 = any free port).", file=sys.stderr)
         return 1
+    # before anything is printed or reported: a SIGTERM right after the ready
+    # line must stop the head cleanly
+    daemon.watch_lifeline(args.lifeline_fd, head.stop)
+    daemon.install_stop_signals(head.stop)
     dashboard = None
     dash_sockets: list = []
     dash_url = ""
@@ -111,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         dashboard = Dashboard(head, token.encode(), dash_host, args.dashboard_port,
                               token_hint=hint)
         loop.run_sync(lambda: dashboard.start(dash_sockets, dash_url))
-    daemon.watch_lifeline(args.lifeline_fd, head.stop)
-    daemon.install_stop_signals(head.stop)
     loop.run_sync(head.stopped.wait)
     if dashboard is not None:
         loop.run_sync(dashboard.stop)

@@ -198,6 +198,8 @@ class SchedulerState(ActorsMixin):
         self._spread_turn = 0
         self.actors: dict[bytes, ActorRecord] = {}
         self.named: dict[tuple[str, str], bytes] = {}
+        self.dead_actors: deque[bytes] = deque()
+        self.keep_dead_actors = 1000
         # dependents of failed objects, failed by a loop rather than by
         # recursion so a long chain of tasks cannot overflow the stack
         self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
@@ -703,6 +705,8 @@ class SchedulerState(ActorsMixin):
         status = msg.get("status", "ok")
         if "pid" in msg:
             t.worker = {"pid": msg["pid"], "wid": msg.get("wid")}
+        if msg.get("started"):  # when the worker really began (not when it was sent)
+            t.started = msg["started"]
         if status == "error":
             t.error_text = msg.get("error_text")
         self._finish_resources(t)

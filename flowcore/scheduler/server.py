@@ -115,7 +115,13 @@ class HeadServer:
         if op == "get_function":
             comm.reply(msg, blob=self.state.function_blob(msg["fid"]))
         elif op in _QUERY_OPS:
-            comm.reply(msg, result=self._query(op, msg, src))
+            try:
+                result = self._query(op, msg, src)
+            except Exception as e:  # the asker gets the error, not a timeout
+                logger.exception("query %s failed", op)
+                comm.reply(msg, error=f"{type(e).__name__}: {e}")
+                return
+            comm.reply(msg, result=result)
         elif op == "node_leaving":
             comm.info["leaving"] = True
         elif op == "shutdown_cluster":
