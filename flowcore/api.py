@@ -41,7 +41,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: int | None = None, resources: dict[str, float] | None = None,
          object_store_memory: int | None = None, token: str | None = None,
          session_dir: str | None = None, max_workers: int | None = None,
-         ignore_reinit_error: bool = False) -> dict[str, Any]:
+         log_to_driver: bool = True, ignore_reinit_error: bool = False) -> dict[str, Any]:
     """Start a private local cluster (no ``address``) or connect to one.
 
     Returns a dict with the head ``address``, ``session_dir``, ``node_id`` and
@@ -113,6 +113,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             _info = {"address": address, "session_dir": client.session_dir,
                      "node_id": client.node_id,
                      "dashboard_url": getattr(client, "dashboard_url", None)}
+        client.log_to_driver = bool(log_to_driver)
         _client = client
         set_client(client)
         logger.info("flowcore started: head %s, session %s", _info["address"],

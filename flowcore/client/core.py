@@ -68,6 +68,7 @@ class CoreClient:
         self._pending_cv = threading.Condition(self._lock)
         self.mapping: Any = None
         self.closed = False
+        self.log_to_driver = True  # print what workers print (init(log_to_driver=False))
         self.lost: str | None = None  # "head"/"node" once that connection is gone
         self.on_node_message: Callable[[dict], None] | None = None
         self.on_disconnect: Callable[[str], None] | None = None
@@ -232,6 +233,16 @@ class CoreClient:
         elif op == "warning":
             import warnings
             warnings.warn(msg.get("text", ""), RuntimeWarning, stacklevel=1)
+        elif op == "log":
+            if self.log_to_driver:
+                import sys
+                out = sys.stderr if msg.get("stream") == "stderr" else sys.stdout
+                prefix = f"({msg.get('name', '?')} pid={msg.get('pid')}) "
+                try:
+                    out.write("".join(prefix + line + "\n" for line in msg.get("lines", ())))
+                    out.flush()
+                except (OSError, ValueError):
+                    pass
         else:
             logger.debug("unhandled head op %s", op)
 

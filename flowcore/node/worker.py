@@ -331,6 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     client.on_node_message = worker.on_node_message
     client.on_disconnect = worker.on_disconnect
     set_client(client)
+    if os.environ.get("FLOWCORE_LOG_TO_DRIVER", "1") != "0":
+        from .output import install
+
+        def label() -> tuple[str, str | None] | None:
+            task = client.current_task
+            if task is None:
+                return (worker.actor_class or "worker", None) if worker.actor_id else None
+            name = task.get("name") or worker.actor_class or "task"
+            return name, task["tid"].hex() if task.get("tid") else None
+        install(client, label)
     from .. import runtime_context
     runtime_context.set_worker(worker)
     client.start()

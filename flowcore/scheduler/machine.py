@@ -247,6 +247,21 @@ class SchedulerState(ActorsMixin):
                 self._transition(t, S.QUEUED, f"node {node.name} joined")
                 self.queues.setdefault(t.shape, deque()).append(tid)
 
+    def handle_log(self, source: str, msg: dict) -> None:
+        """Lines a worker printed: to the driver that owns the task (all
+        drivers when that is not known)."""
+        owner = None
+        tid = msg.get("tid")
+        if tid:
+            t = self.tasks.get(bytes.fromhex(tid))
+            owner = t.owner if t is not None else None
+        if owner is not None and self.clients.get(owner, {}).get("kind") != "driver":
+            owner = None  # a nested task: its owner is a worker
+        dests = [owner] if owner else [c for c, i in self.clients.items()
+                                       if i.get("kind") == "driver"]
+        for d in dests:
+            self._send(d, msg)
+
     def handle_heartbeat(self, source: str, msg: dict) -> None:
         """A node's periodic report: load, memory, store and worker figures."""
         node = self.nodes.get(source)
