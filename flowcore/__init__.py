@@ -14,7 +14,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # what a type checker sees
     from . import state
-    from .api import (available_resources, cancel, cluster_resources, get,
+    from .api import (available_resources, cancel, cluster_resources, explain, get,
                       get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
     from .actor import ActorClass, ActorHandle, get_actor, kill, method
     from .executor import Executor
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # what a type checker sees
 _LAZY = {
     "init": "api", "shutdown": "api", "is_initialized": "api", "get": "api", "put": "api",
     "wait": "api", "cancel": "api", "nodes": "api", "cluster_resources": "api",
-    "available_resources": "api", "get_runtime_context": "api",
+    "available_resources": "api", "get_runtime_context": "api", "explain": "api",
     "Executor": "executor", "ObjectRef": "objects.ref", "RemoteFunction": "remote_function",
     "get_gpu_ids": "runtime_context", "TaskState": "scheduler.states",
     "method": "actor", "kill": "actor", "get_actor": "actor", "ActorHandle": "actor",

@@ -281,6 +281,16 @@ def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> No
     _require_client().cancel(ref, bool(force), bool(recursive))
 
 
+def explain(ref: ObjectRef) -> dict[str, Any]:
+    """Why ``ref`` is not ready yet, in plain words (``["text"]``) and as data:
+    the producing task's state, the arguments it waits for, the resources it
+    is queued for and whether any node could ever fit it, where and since when
+    it runs, and its newest state changes with their causes."""
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"explain() takes an ObjectRef, got {type(ref).__name__}")
+    return _require_client().query("explain", oid=ref._id)
+
+
 def nodes() -> list[dict[str, Any]]:
     """The nodes of the cluster with their resources."""
     return _require_client().query("list_nodes")

@@ -29,6 +29,11 @@ logger = logging.getLogger("flowcore.client")
 
 #: objects up to this size travel inline in messages; larger go to the store
 INLINE_MAX = 100 * 1024
+#: a driver's get()/wait() that waits longer than this (seconds) warns once,
+#: with the head's explanation of why (FLOWCORE_GET_WARN_AFTER; 0 or less: never)
+GET_WARN_AFTER: float | None = float(os.environ.get("FLOWCORE_GET_WARN_AFTER", "60")) or None
+if GET_WARN_AFTER is not None and GET_WARN_AFTER <= 0:
+    GET_WARN_AFTER = None
 #: more unfinished submissions than this from one client block .remote()
 MAX_PENDING_TASKS = 200_000
 
@@ -444,7 +449,13 @@ class CoreClient:
         self._subscribe_missing(missing)
         blocked = self._set_blocked(True)
         try:
-            self._wait_event(event, timeout)
+            warn_after = GET_WARN_AFTER if self.kind == "driver" else None
+            if warn_after is not None and (timeout is None or timeout > warn_after):
+                if not self._wait_event(event, warn_after):
+                    self._warn_slow(missing, ready, warn_after)
+                    self._wait_event(event, None if timeout is None else timeout - warn_after)
+            else:
+                self._wait_event(event, timeout)
         finally:
             if blocked:
                 self._set_blocked(False)
@@ -457,6 +468,21 @@ class CoreClient:
                             del self.waiters[oid]
         with cb_lock:
             return set(ready)
+
+    def _warn_slow(self, missing: list[bytes], ready: set[bytes], waited: float) -> None:
+        """One warning for a wait that goes on for long: why it is not ready."""
+        pending = [o for o in missing if o not in ready]
+        if not pending:
+            return
+        try:
+            why = self.query("explain", oid=pending[0])["text"]
+        except Exception as e:  # noqa: BLE001 - the warning must not break the wait
+            why = f"(could not ask the head: {e})"
+        import warnings
+        msg = (f"flowcore: still waiting after {waited:.0f} s for {len(pending)} object(s); "
+               f"{pending[0].hex()[:12]}: {why}")
+        logger.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     def _wait_event(self, event: threading.Event, timeout: float | None) -> bool:
         return event.wait(timeout)

@@ -23,6 +23,8 @@ from ..scheduler.states import TaskState
 
 #: task states in lifecycle order (the order the pages and metrics use)
 TASK_STATES = tuple(s.value for s in TaskState)
+#: state -> its name (an enum's ``.value`` is slow in a loop over every task)
+_NAME: dict[Any, str] = {s: s.value for s in TaskState}
 ACTOR_STATES = ("PENDING", "ALIVE", "RESTARTING", "DEAD")
 #: how far back the timeline reaches, seconds
 TIMELINE_SPAN = 600.0
@@ -188,7 +190,7 @@ class SnapshotCache:
         return None
 
     def task_row(self, t: Any, names: dict[str, str]) -> dict:
-        state = str(t.state) if t.state is not None else "NEW"
+        state = _NAME.get(t.state, "NEW")
         return {"task_id": t.tid.hex(), "name": t.name, "kind": t.kind, "state": state,
                 "node_id": t.node, "node": names.get(t.node or "", t.node),
                 "pid": self._pid(t.worker, t.kind, t.actor), "attempt": t.attempt,
@@ -212,22 +214,24 @@ class SnapshotCache:
     def _tasks(self, names: dict[str, str]) -> tuple[dict[str, list], dict[str, int], list]:
         """Newest ``max_tasks`` tasks overall and per state (live table first,
         then the history of pruned ones), the count per state of the live
-        table, and the running tasks (for the timeline)."""
+        table, and the newest running tasks (for the timeline).
+
+        The one pass over the whole table is kept lean (it is the cost of a
+        snapshot when the table is large); rows are made only for kept tasks."""
         s = self.state
         limit = self.max_tasks
-        counts: Counter = Counter()
-        per_state: dict[str, list] = {st: [] for st in TASK_STATES}
-        running = []
+        counts: dict[Any, int] = {}
+        kept: dict[Any, list] = {st: [] for st in TaskState}
+        count = counts.get
+        bucket_of = kept.get
         for t in reversed(s.tasks.values()):  # newest submitted first
             st = t.state
-            counts[st] += 1
-            if st is None:
-                continue
-            if st is TaskState.RUNNING:
-                running.append(t)
-            bucket = per_state[st.value]
-            if len(bucket) < limit:
-                bucket.append(self.task_row(t, names))
+            counts[st] = count(st, 0) + 1
+            bucket = bucket_of(st)
+            if bucket is not None and len(bucket) < limit:
+                bucket.append(t)
+        per_state: dict[str, list] = {
+            _NAME[st]: [self.task_row(t, names) for t in rows] for st, rows in kept.items()}
         tasks = s.tasks
         for h in reversed(s.history):  # newest finished first
             bucket = per_state.get(h.get("state") or "")
@@ -236,13 +240,13 @@ class SnapshotCache:
             if bytes.fromhex(h["task_id"]) in tasks:
                 continue  # the live record is newer
             bucket.append(self.history_row(h, names))
-        everything = [r for rows in per_state.values() for r in rows]
-        everything.sort(key=lambda r: r["submitted"] or 0.0, reverse=True)
         for rows in per_state.values():
-            rows.sort(key=lambda r: r["submitted"] or 0.0, reverse=True)
+            rows.sort(key=_submitted, reverse=True)
+        everything = [r for rows in per_state.values() for r in rows]
+        everything.sort(key=_submitted, reverse=True)
         per_state["all"] = everything[:limit]
-        by_state = {st: counts.get(TaskState(st), 0) for st in TASK_STATES}
-        return per_state, by_state, running
+        by_state = {_NAME[st]: counts.get(st, 0) for st in TaskState}
+        return per_state, by_state, kept[TaskState.RUNNING]
 
     def _actors(self, names: dict[str, str]) -> tuple[list[dict], dict[str, int]]:
         s = self.state
@@ -258,14 +262,17 @@ class SnapshotCache:
 
     def _objects(self, names: dict[str, str]) -> tuple[list[dict], dict]:
         s = self.state
-        count = total = inline = errors = 0
-        by_state: Counter = Counter()
-        for o in s.objects.values():
-            count += 1
-            total += o.size
-            by_state[o.state] += 1
+        count = len(s.objects)
+        total = inline = errors = 0
+        by_state: dict[str, int] = {}
+        seen = by_state.get
+        for o in s.objects.values():  # lean: one pass over every object
+            size = o.size
+            total += size
+            st = o.state
+            by_state[st] = seen(st, 0) + 1
             if o.inline is not None:
-                inline += o.size
+                inline += size
             if o.error:
                 errors += 1
         rows = []
@@ -315,6 +322,10 @@ class SnapshotCache:
                          "start": start, "end": end,
                          "kind": h.get("kind")})
         return {"now": wall, "span": TIMELINE_SPAN, "tasks": bars}
+
+
+def _submitted(row: dict) -> float:
+    return row["submitted"] or 0.0
 
 
 def _clip(text: str | None) -> str | None:

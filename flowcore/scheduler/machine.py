@@ -84,7 +84,8 @@ class TaskRecord:
     __slots__ = ("tid", "fid", "name", "owner", "args", "deps", "missing", "nested",
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
-                 "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy")
+                 "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
+                 "ahead")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -98,6 +99,7 @@ class TaskRecord:
         self.method: str | None = spec.get("method")
         self.worker: dict | None = None      # {"pid": ..., "wid": ...} of the last run
         self.error_text: str | None = None   # the failure's message, for views
+        self.ahead = False   # sent to its node before resources there were free
         self.deps: list[bytes] = spec.get("deps") or []
         self.missing: set[bytes] = set()
         self.nested: list[bytes] = spec.get("nested") or []
@@ -669,6 +671,7 @@ class SchedulerState(ActorsMixin):
         return best
 
     def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
+        t.ahead = not node.fits(t.res)
         node.take(t.res)
         node.running.add(t.tid)
         t.node = node.node_id

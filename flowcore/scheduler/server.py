@@ -15,7 +15,7 @@ from .machine import SchedulerState
 logger = logging.getLogger("flowcore.scheduler")
 
 #: ops answered directly by the server (requests carrying a ``rid``)
-_QUERY_OPS = ("cluster_resources", "available_resources", "list_nodes", "list_tasks",
+_QUERY_OPS = ("explain", "cluster_resources", "available_resources", "list_nodes", "list_tasks",
               "list_objects", "task_info", "event_log", "counts", "list_actors", "get_actor",
               "graph", "history")
 
@@ -156,6 +156,9 @@ class HeadServer:
             return s.task_info(msg["tid"])
         if op == "event_log":
             return s.log.tail(msg.get("n", 100))
+        if op == "explain":
+            from .explain import explain
+            return explain(s, msg["oid"])
         if op == "list_actors":
             return s.list_actors(msg.get("state"))
         if op == "get_actor":
