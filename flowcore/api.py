@@ -41,7 +41,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: int | None = None, resources: dict[str, float] | None = None,
          object_store_memory: int | None = None, token: str | None = None,
          session_dir: str | None = None, max_workers: int | None = None,
-         log_to_driver: bool = True, ignore_reinit_error: bool = False) -> dict[str, Any]:
+         log_to_driver: bool = True, worker_memory_limit: int | None = None,
+         ignore_reinit_error: bool = False) -> dict[str, Any]:
     """Start a private local cluster (no ``address``) or connect to one.
 
     Returns a dict with the head ``address``, ``session_dir``, ``node_id`` and
@@ -63,6 +64,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         _check_number("num_gpus", num_gpus, integer=True)
         _check_number("object_store_memory", object_store_memory, integer=True)
         _check_number("max_workers", max_workers, integer=True)
+        _check_number("worker_memory_limit", worker_memory_limit, integer=True)
         if max_workers == 0:
             raise ValueError("init(max_workers=0): a node needs at least one worker")
         if resources is not None:
@@ -93,6 +95,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                     num_cpus=num_cpus if num_cpus is not None else float(os.cpu_count() or 1),
                     num_gpus=None if num_gpus is None else int(num_gpus), resources=resources,
                     object_store_memory=object_store_memory, max_workers=max_workers,
+                    worker_memory_limit=worker_memory_limit,
                     while_starting=_preload_client)
                 from .client.core import CoreClient
                 client = CoreClient(cluster.head_address, cluster.token.encode(), node.address)

@@ -262,3 +262,24 @@ def test_killed_driver_leaves_nothing_behind(tmp_path):
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"still running after the driver died: {alive}"
     assert not [s for s in os.listdir("/dev/shm") if mine in s]
+
+
+def test_memory_guard_kills_a_runaway_worker_and_says_so(fresh_cluster):
+    fresh_cluster(num_cpus=1, worker_memory_limit=400 << 20)
+    sig = Signal()
+
+    @flowcore.remote(max_retries=0)
+    def hog(s):
+        big = np.ones(600 << 17)  # 600 MiB, touched
+        s.wait()
+        return big.sum()
+    ref = hog.remote(sig)
+    with pytest.raises(WorkerCrashedError) as ei:
+        flowcore.get(ref, timeout=60)
+    assert "memory limit" in str(ei.value) and "400 MiB" in str(ei.value)
+    sig.set()
+
+    @flowcore.remote
+    def fine():
+        return 1
+    assert flowcore.get(fine.remote(), timeout=60) == 1  # the node carries on

@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", default=None)
     p.add_argument("--name", default=None, help="a name for this node")
     p.add_argument("--host", default="127.0.0.1", help="interface to serve objects on")
+    p.add_argument("--worker-memory-limit", type=int, default=None,
+                   help="bytes of memory (RSS) a worker may use before it is killed and its "
+                        "task reported as such (default: no limit)")
     p.add_argument("--max-workers", type=int, default=None,
                    help="cap on worker processes (extra workers start when tasks block in get)")
     p.add_argument("--state-dir", default=None, help="session/state directory (logs, spill)")
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                           num_gpus=num_gpus, resources=resources,
                           object_store_memory=args.object_store_memory or default_store_memory(),
                           session_dir=state_dir, host=args.host, name=args.name,
-                          max_workers=args.max_workers)
+                          max_workers=args.max_workers,
+                          worker_memory_limit=args.worker_memory_limit)
     except (ValueError, OSError) as e:
         print(f"flowcore-worker: cannot start the node: {e}", file=sys.stderr)
         return 2

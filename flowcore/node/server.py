@@ -28,7 +28,8 @@ class NodeServer:
                  num_gpus: int = 0, resources: dict[str, float] | None = None,
                  object_store_memory: int, session_dir: str, host: str = "127.0.0.1",
                  name: str | None = None, max_workers: int | None = None,
-                 worker_env: dict[str, str] | None = None, worker_cwd: str | None = None):
+                 worker_env: dict[str, str] | None = None, worker_cwd: str | None = None,
+                 worker_memory_limit: int | None = None):
         from ..objects.store import ObjectStore, sweep_stale_segments
 
         self.head_address = head_address
@@ -63,6 +64,10 @@ class NodeServer:
         self.actor_holds: dict[bytes, dict] = {}
         self.actor_gpus: dict[bytes, list[int]] = {}
         self.transfers = Transfers(self)
+        limit = os.environ.get("FLOWCORE_WORKER_MEMORY_LIMIT")
+        self.worker_memory_limit = int(limit) if limit else worker_memory_limit
+        self._kill_reasons: dict[str, str] = {}
+        self._ps: dict[int, Any] = {}
         self.head_grace = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
         self.heartbeat_interval = float(os.environ.get("FLOWCORE_HEARTBEAT_INTERVAL", "1.0"))
         self._psutil_proc = None
@@ -80,6 +85,8 @@ class NodeServer:
         self._act(self.pool.startup())
         await self._join_head()
         self._heartbeat()
+        if self.worker_memory_limit:
+            self._memory_guard()
         logger.info("node %s (%s) serving at %s with %s", self.name, self.node_id,
                     self.address, self.resources)
         return self.address
@@ -116,6 +123,31 @@ class NodeServer:
         if not self._stopping:
             logger.error("the head did not come back within %.0f s; stopping", self.head_grace)
             self.stop()
+
+    def _memory_guard(self) -> None:
+        """Kill a worker whose memory passes ``worker_memory_limit`` and say so,
+        long before the kernel's OOM killer would take the whole node."""
+        if self._stopping:
+            return
+        import psutil
+        limit = self.worker_memory_limit or 0
+        for wid, proc in list(self.procs.items()):
+            if proc.exited or wid in self._kill_reasons:
+                continue
+            try:
+                p = self._ps.get(proc.pid)
+                if p is None:
+                    p = self._ps[proc.pid] = psutil.Process(proc.pid)
+                rss = p.memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                self._kill_reasons[wid] = (
+                    f"was killed for using {rss / 2**20:.0f} MiB, over the worker memory limit "
+                    f"of {limit / 2**20:.0f} MiB (worker_memory_limit)")
+                logger.warning("worker %s (pid %s) %s", wid, proc.pid, self._kill_reasons[wid])
+                proc.kill()
+        asyncio.get_event_loop().call_later(0.2, self._memory_guard)
 
     def _heartbeat(self) -> None:
         """Every ``heartbeat_interval`` s: load, memory and store figures to the head."""
@@ -199,6 +231,9 @@ class NodeServer:
 
     def _worker_exited(self, wid: str, how: str) -> None:
         proc = self.procs.pop(wid, None)
+        how = self._kill_reasons.pop(wid, how)
+        if proc is not None:
+            self._ps.pop(proc.pid, None)
         aid = self.actor_workers.pop(wid, None)
         if aid is not None:
             self._actor_exited(aid, wid, how, proc.pid if proc is not None else 0)
