@@ -291,6 +291,7 @@ class LocalCluster:
                 pass
         node.proc.wait(10)
         psutil.wait_procs(victims, timeout=10)
+        _sweep()  # a killed node cannot remove its own shared memory
 
     # ------------------------------------------------------------ stopping
     def close(self, timeout: float = 10.0) -> None:
@@ -309,12 +310,22 @@ class LocalCluster:
                 os.close(fd)
             except OSError:
                 pass
+        _sweep()
         for entry in os.listdir(self.session_dir):
             if entry.startswith("spill-"):
                 shutil.rmtree(os.path.join(self.session_dir, entry), ignore_errors=True)
 
     def remove_session_dir(self) -> None:
         shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def _sweep() -> None:
+    """Remove shared-memory arenas whose node process is gone."""
+    try:
+        from .objects.store import sweep_stale_segments
+        sweep_stale_segments()
+    except OSError:
+        pass
 
 
 def _terminate(proc: subprocess.Popen) -> None:

@@ -482,6 +482,7 @@ def test_cli_prints_a_tokenised_dashboard_url(tmp_path):
          "--state-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         text=True, env=_env())
     try:
+        address = _read_line(proc, r"listening at ").split("listening at ", 1)[1]
         line = _read_line(proc, r"dashboard at ")
         url = line.split("dashboard at ", 1)[1]
         m = re.fullmatch(r"(http://127\.0\.0\.1:\d+)/\?token=([0-9a-f]{64})", url)
@@ -496,6 +497,14 @@ def test_cli_prints_a_tokenised_dashboard_url(tmp_path):
         assert status == 200 and json.loads(body)["nodes"]["total"] == 0
         status, _, body = Http(m.group(1)).get("/login")
         assert status == 200 and str(tmp_path / "token").encode() in body  # where it is
+        # a driver connecting to the head learns the dashboard's URL
+        from flowcore.client.core import CoreClient
+        client = CoreClient(address, m.group(2).encode(), None)
+        client.start()
+        try:
+            assert client.dashboard_url == m.group(1)
+        finally:
+            client.close()
     finally:
         assert _stop(proc) == 0
 

@@ -629,7 +629,7 @@ def test_task_finishing_while_blocked_returns_only_what_it_holds() -> None:
 
 # ====================================================================== references
 def test_object_freed_only_when_client_task_and_container_refs_are_gone() -> None:
-    c = Cluster()
+    c = Cluster(lineage=False)  # lineage keeps arguments longer: see the lineage tests
     c.node("n1", CPU=4)
     a, _ = c.task()
     ra = object_id(a)
@@ -688,7 +688,7 @@ def test_nested_refs_in_task_results_keep_inner_objects_alive() -> None:
 
 
 def test_nested_refs_of_a_pending_task_are_held() -> None:
-    c = Cluster()
+    c = Cluster(lineage=False)
     c.node("n1", CPU=1)
     inner, _ = c.put(b"i", where="n1")
     tid, _ = c.task(nested=(inner,))
@@ -1062,7 +1062,10 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @initialize(depth=st.sampled_from([0.0, 0.5, 1.0]))
     def setup(self, depth: float) -> None:
-        self.s = SchedulerState(pipeline_depth=depth, event_log_size=500)
+        # reference bookkeeping is checked without lineage: with it, a result that
+        # nests a ref to a later task's output can form a cycle that plain
+        # reference counting never frees (the lineage tests cover lineage)
+        self.s = SchedulerState(pipeline_depth=depth, event_log_size=500, lineage=False)
         self.ids = CountingIds()
         self.held: dict[str, set[bytes]] = {cl: set() for cl in CLIENTS}
         self.freed: list[bytes] = []
@@ -1252,7 +1255,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         # holds count exactly the pending tasks' args and the containers' contents
         holds: dict[bytes, int] = {}
         for t in s.tasks.values():
-            if t.state is not None and not t.state.done:
+            if (t.state is not None and not t.state.done) or t.lineage_held:
                 for oid in list(t.deps) + list(t.nested):
                     holds[oid] = holds.get(oid, 0) + 1
         for o in s.objects.values():
@@ -1309,3 +1312,55 @@ TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40,
                                          deadline=None, derandomize=True,
                                          suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------- lineage
+def test_lineage_keeps_arguments_while_outputs_live() -> None:
+    c = Cluster()
+    c.node("n1", CPU=2)
+    a, _ = c.task()
+    c.finish(a, where="n1")
+    ra = object_id(a)
+    b, _ = c.task(deps=(ra,), retries=2)
+    c.finish(b, where="n1")
+    out = c.decref(ra)
+    assert ops(out, "delete_objects") == [] and ra in c.state.objects  # b's lineage
+    out = c.decref(object_id(b))
+    assert {o for m in ops(out, "delete_objects") for o in m["oids"]} >= {ra, object_id(b)}
+    assert c.state.tasks == {} and c.state.objects == {}
+
+
+def test_lost_result_is_rebuilt_by_running_its_task_again() -> None:
+    c = Cluster()
+    c.node("n1", CPU=1)
+    c.node("n2", CPU=1)
+    a, _ = c.task(retries=1)
+    c.finish(a, where="n2")
+    ra = object_id(a)
+    b, _ = c.task(deps=(ra,), retries=1)
+    c.finish(b, where="n2")
+    rb = object_id(b)
+    c.decref(ra)  # only b's lineage holds ra now
+    out = c.state.node_died("n2", "killed")
+    # b's result was lost with n2, and so was its argument: a re-runs first
+    assert c.state.tasks[a].state == TaskState.RUNNING
+    assert c.state.tasks[b].state == TaskState.WAITING_FOR_ARGS
+    assert [m["tid"] for m in ops(out, "run_task")] == [a]
+    out = c.finish(a, where="n1")
+    assert [m["tid"] for m in ops(out, "run_task")] == [b]
+    out = c.finish(b, where="n1", value=b"again")
+    ready = [m for m in ops(out, "object_ready") if m["oid"] == rb]
+    assert ready and ready[0]["nodes"] == ["n1"] and not ready[0]["error"]
+    events = [e["transition"] for e in c.state.log.for_task(b)]
+    assert "reconstruct_waiting" in events
+
+
+def test_lost_put_object_reports_why_it_cannot_be_rebuilt() -> None:
+    c = Cluster()
+    c.node("n1", CPU=1)
+    oid, _ = c.put(b"x" * 10, where="n1")
+    out = c.state.node_died("n1", "killed")
+    obj = c.state.objects[oid]
+    assert obj.state == "LOST"
+    err = deserialize(obj.inline)
+    assert "put()" in str(err) and "cannot be rebuilt" in str(err)

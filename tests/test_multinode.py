@@ -137,3 +137,36 @@ def test_pickle_before_authentication_is_never_unpickled(two_nodes, tmp_path):
             assert rest[:1] in (b"\x00", b"")  # refused, then closed
     assert not marker.exists()
     assert flowcore.get(where.remote(), timeout=60)  # the head keeps serving
+
+
+def test_lost_objects_are_rebuilt_from_lineage(tmp_path):
+    flowcore.shutdown()
+    cluster = LocalCluster(nodes=2, cpus_per_node=1, object_store_memory=128 << 20,
+                           session_dir=str(tmp_path / "s"))
+    try:
+        flowcore.init(address=cluster.address, token=cluster.token)
+        a, b = cluster.node_ids()
+        prefer_b = flowcore.NodeAffinitySchedulingStrategy(b, soft=True)
+        base = make.options(scheduling_strategy=prefer_b).remote(1_000_000, 2)   # 8 MB on b
+
+        @flowcore.remote
+        def double(x):
+            return x * 2
+        top = double.options(scheduling_strategy=prefer_b).remote(base)          # on b too
+        assert flowcore.wait([top], timeout=60)[0] == [top]
+        rows = {o["object_id"]: o for o in flowcore.state.list_objects()}
+        assert rows[top.hex()]["nodes"] == [b] and rows[base.hex()]["nodes"] == [b]
+        cluster.kill_node(b)
+        # both were only on b: get re-runs make and double on a, in order
+        out = flowcore.get(top, timeout=60)
+        assert out.shape == (1_000_000,) and float(out[0]) == 4.0
+        assert flowcore.explain(top)["state"] == "READY"
+        events = [e["transition"] for e in flowcore.state.task_events(200)
+                  if e["task_id"] == top.task_id]
+        assert "reconstruct_waiting" in events or "reconstruct" in events
+
+        lost = flowcore.put(np.ones(1_000_000))  # a put cannot be re-run
+        assert lost is not None
+    finally:
+        flowcore.shutdown()
+        cluster.shutdown()

@@ -542,13 +542,29 @@ class CoreClient:
         if not self.has_store():
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
-        req: dict[str, Any] = {"op": "pin", "oid": oid}
-        if self.node_id not in info.get("nodes", ()):
-            # held elsewhere: our node pulls it from one of the holders first
-            req["sources"] = [[n, a] for n, a in zip(info.get("nodes", ()), info.get("addrs", ()))]
-            req["size"] = info["size"]
-        r = self.request("node", req, timeout=None)
-        if "error" in r:
+        for attempt in range(6):
+            req: dict[str, Any] = {"op": "pin", "oid": oid}
+            if self.node_id not in info.get("nodes", ()):
+                # held elsewhere: our node pulls it from one of the holders first
+                req["sources"] = [[n, a] for n, a in
+                                  zip(info.get("nodes", ()), info.get("addrs", ()))]
+                req["size"] = info["size"]
+            r = self.request("node", req, timeout=None)
+            if "error" not in r:
+                break
+            # the copies we knew of are gone (a node died): ask the head again;
+            # it answers once the object is rebuilt from its lineage, or why not
+            with self._lock:
+                self.ready.pop(oid, None)
+                self.subscribed.discard(oid)
+            self._subscribe_missing([oid])
+            if not self.wait_ready([oid], 1, 300.0):
+                raise ObjectLostError(r["error"])
+            with self._lock:
+                info = self.ready.get(oid) or info
+            if info.get("inline") is not None or info.get("error"):
+                return self.value_of(info)
+        else:
             raise ObjectLostError(r["error"])
         loc = Location.from_wire(r["loc"])
 

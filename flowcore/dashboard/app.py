@@ -102,6 +102,10 @@ class Base(RequestHandler):
                     target += "?" + self.request.query
                 self.redirect("/login?" + urlencode({"next": target}))
 
+    def _request_summary(self) -> str:
+        # used when tornado logs an error: the path only (a ?token= stays out of logs)
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
     def write_json(self, data: bytes | Any) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(data if isinstance(data, bytes) else encode(data))

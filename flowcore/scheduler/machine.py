@@ -85,7 +85,7 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead")
+                 "ahead", "lineage_held")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -100,6 +100,7 @@ class TaskRecord:
         self.worker: dict | None = None      # {"pid": ..., "wid": ...} of the last run
         self.error_text: str | None = None   # the failure's message, for views
         self.ahead = False   # sent to its node before resources there were free
+        self.lineage_held = False  # finished, arguments kept for re-execution
         self.deps: list[bytes] = spec.get("deps") or []
         self.missing: set[bytes] = set()
         self.nested: list[bytes] = spec.get("nested") or []
@@ -177,6 +178,7 @@ class SchedulerState(ActorsMixin):
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
                  history_size: int = 10_000, locality_min_bytes: int = 1 << 20,
+                 lineage: bool = True,
                  error_payload: Callable[[BaseException], bytes] = default_error_payload):
         self.nodes: dict[str, NodeRecord] = {}
         self.functions: dict[bytes, dict] = {}
@@ -201,6 +203,9 @@ class SchedulerState(ActorsMixin):
         self.actors: dict[bytes, ActorRecord] = {}
         self.named: dict[tuple[str, str], bytes] = {}
         self.dead_actors: deque[bytes] = deque()
+        self.lineage = lineage
+        self._pending_release: deque[bytes] = deque()
+        self._releasing = False
         self.keep_dead_actors = 1000
         # dependents of failed objects, failed by a loop rather than by
         # recursion so a long chain of tasks cannot overflow the stack
@@ -302,6 +307,62 @@ class SchedulerState(ActorsMixin):
         out, self.out = self.out, []
         return out
 
+    # ------------------------------------------------------------ lineage
+    def _object_lost(self, obj: ObjectRecord, why: str) -> None:
+        """Every copy of ``obj`` is gone: re-run the task that made it (and,
+        recursively, the makers of its lost arguments), or say why not."""
+        if obj.state != READY or obj.inline is not None or obj.nodes:
+            return
+        t = self.tasks.get(ids.task_of(obj.oid))
+        reason = None
+        if t is None:
+            reason = ("it was created with put(), which cannot be re-run"
+                      if obj.owner is not None and ids.index_of(obj.oid) == 0
+                      and t is None else "the task that made it is no longer known")
+        elif t.kind != "task":
+            reason = "it was made by an actor call, which is not re-run"
+        elif not t.lineage_held:
+            reason = "its lineage (the task's arguments) was not kept"
+        elif t.retries_left <= 0:
+            reason = f"rebuilding it ran out of retries (max_retries of task {t.name})"
+        if reason is not None:
+            obj.state = LOST
+            obj.error = True
+            obj.inline = self.error_payload(ObjectLostError(
+                f"object {obj.oid.hex()} (from {t.name if t else 'put'}) was lost: {why}; "
+                f"it cannot be rebuilt: {reason}"))
+            self._notify_ready(obj)
+            return
+        if t.state == S.FINISHED:
+            self._reconstruct(t, why)
+        obj.state = PENDING
+
+    def _reconstruct(self, t: TaskRecord, why: str) -> None:
+        t.retries_left -= 1
+        self.counts["reconstructed"] = self.counts.get("reconstructed", 0) + 1
+        for oid in t.returns():
+            r = self.objects.get(oid)
+            if r is not None and r.inline is None and not r.nodes:
+                r.state = PENDING
+        t.missing = set()
+        for oid in t.deps:
+            dep = self.objects.get(oid)
+            if dep is None:
+                continue
+            if dep.state == READY and dep.inline is None and not dep.nodes:
+                self._object_lost(dep, why)  # rebuild the argument first
+            if dep.state != READY:
+                t.missing.add(oid)
+                dep.dependents.append(t.tid)
+        t.node = None
+        if t.missing:
+            self._transition(t, S.WAITING_FOR_ARGS,
+                             f"re-running to rebuild a lost result ({why}); waiting for "
+                             f"{len(t.missing)} lost argument(s)")
+        else:
+            self._transition(t, S.QUEUED, f"re-running to rebuild a lost result ({why})")
+            self.queues.setdefault(t.shape, deque()).append(t.tid)
+
     def _cancel_owned_tasks(self, cid: str) -> None:
         for t in list(self.tasks.values()):
             if t.owner != cid or t.state is None or t.state.done:
@@ -335,17 +396,16 @@ class SchedulerState(ActorsMixin):
                     f"node {node.name} ({node.address}) died while running task "
                     f"{t.name} ({cause})"), f"node {node.name} died: {cause}")
         node.running.clear()
+        lost = []
         for obj in list(self.objects.values()):
             if node_id in obj.nodes:
                 obj.nodes.discard(node_id)
                 if not obj.nodes and obj.inline is None and obj.state == READY:
-                    obj.state = LOST
-                    obj.error = True
-                    obj.inline = self.error_payload(ObjectLostError(
-                        f"object {obj.oid.hex()} was lost: its only copy was on node "
-                        f"{node.name}, which died ({cause})"))
-                    self._notify_ready(obj)
+                    lost.append(obj)
         del self.nodes[node_id]
+        for obj in lost:
+            self._object_lost(obj, f"its only copy was on node {node.name}, which died "
+                                   f"({cause})")
         self._schedule()
         out, self.out = self.out, []
         return out
@@ -428,6 +488,22 @@ class SchedulerState(ActorsMixin):
         if t.returns_alive <= 0 and t.state is not None and t.state.done \
                 and self.tasks.get(t.tid) is t:
             del self.tasks[t.tid]
+            if t.lineage_held:
+                t.lineage_held = False
+                # released through the iterative free loop (long lineage chains)
+                self._pending_release.extend(t.deps)
+                self._pending_release.extend(t.nested)
+                self._drain_release()
+
+    def _drain_release(self) -> None:
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self._pending_release:
+                self._release([self._pending_release.popleft()])
+        finally:
+            self._releasing = False
 
     # ------------------------------------------------------------ objects
     def handle_put(self, source: str, msg: dict) -> None:
@@ -712,8 +788,13 @@ class SchedulerState(ActorsMixin):
             "actor_id": t.actor.hex() if t.actor else None, "error": t.error_text,
             "cause": t.cause})
         self._force_cancelled.discard(t.tid)
-        self._release(t.deps)
-        self._release(t.nested)
+        if t.kind == "task" and t.state == S.FINISHED and self.lineage:
+            # lineage: the arguments stay held while any output of the task is
+            # referenced, so a lost output can be rebuilt by running it again
+            t.lineage_held = True
+        else:
+            self._release(t.deps)
+            self._release(t.nested)
         self._maybe_prune(t)
 
     def handle_task_done(self, source: str, msg: dict) -> None:

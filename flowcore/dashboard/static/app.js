@@ -68,7 +68,10 @@ function fmtDuration(s) {
   if (s < 0.001) return "<1 ms";
   if (s < 1) return Math.round(s * 1000) + " ms";
   if (s < 60) return s.toFixed(s < 10 ? 2 : 1) + " s";
-  if (s < 3600) return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
+  if (s < 3600) {
+    const sec = Math.round(s % 60);
+    return Math.floor(s / 60) + " min" + (sec ? " " + sec + " s" : "");
+  }
   return Math.floor(s / 3600) + " h " + Math.round((s % 3600) / 60) + " min";
 }
 
