@@ -560,7 +560,7 @@ def browser():
 
 
 @pytest.mark.timeout(180)
-def test_browser_shows_nodes_and_tasks_and_asks_for_the_token(dash, browser):
+def test_browser_shows_nodes_and_tasks_and_asks_for_the_token(dash, browser, tmp_path):
     errors: list[str] = []
     ctx = browser.new_context(viewport={"width": 1360, "height": 880})
     try:
@@ -582,8 +582,15 @@ def test_browser_shows_nodes_and_tasks_and_asks_for_the_token(dash, browser):
         # the store's use arrives with the node's next heartbeat
         store_used = re.compile(r"Object store\s*[1-9][0-9.]* MiB\s*of 128 MiB")
         page.locator("#cards .card", has_text=store_used).wait_for()
-        os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
-        page.screenshot(path=SCREENSHOT, full_page=True)
+        # the screenshot goes to the test's tmp dir; FLOWCORE_UPDATE_SCREENSHOTS=1
+        # refreshes the one in docs/images
+        shot = str(tmp_path / "dashboard.png")
+        page.screenshot(path=shot, full_page=True)
+        assert os.path.getsize(shot) > 10_000
+        if os.environ.get("FLOWCORE_UPDATE_SCREENSHOTS") == "1":
+            import shutil
+            os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+            shutil.copyfile(shot, SCREENSHOT)
 
         # tasks page: filter by state, open the failed task's traceback
         page.click("#tabs a[data-page=tasks]")
