@@ -3,6 +3,7 @@ object transfer between nodes (TCP), joining, authentication."""
 from __future__ import annotations
 
 import os
+import time
 import pickle
 import socket
 
@@ -167,6 +168,34 @@ def test_lost_objects_are_rebuilt_from_lineage(tmp_path):
 
         lost = flowcore.put(np.ones(1_000_000))  # a put cannot be re-run
         assert lost is not None
+    finally:
+        flowcore.shutdown()
+        cluster.shutdown()
+
+
+def test_put_objects_survive_the_loss_of_a_node(tmp_path):
+    flowcore.shutdown()
+    cluster = LocalCluster(nodes=2, cpus_per_node=1, object_store_memory=128 << 20,
+                           session_dir=str(tmp_path / "s"))
+    try:
+        flowcore.init(address=cluster.address, token=cluster.token)
+        a, b = cluster.node_ids()
+
+        @flowcore.remote
+        def put_here():
+            return [flowcore.put(np.arange(1_000_000, dtype=np.float64))]  # 8 MB on b
+        on_b = put_here.options(scheduling_strategy=flowcore.NodeAffinitySchedulingStrategy(b))
+        [ref] = flowcore.get(on_b.remote(), timeout=60)
+
+        def copies():
+            rows = [o for o in flowcore.state.list_objects() if o["object_id"] == ref.hex()]
+            return set(rows[0]["nodes"]) if rows else set()
+        deadline = time.monotonic() + 30
+        while copies() != {a, b}:  # the second copy is made in the background
+            assert time.monotonic() < deadline, copies()
+        cluster.kill_node(b)
+        arr = flowcore.get(ref, timeout=60)
+        assert arr[-1] == 999_999.0
     finally:
         flowcore.shutdown()
         cluster.shutdown()

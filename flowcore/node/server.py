@@ -325,6 +325,9 @@ class NodeServer:
                 self.store.delete(oid)
         elif op == "cancel_task":
             self._cancel(msg["tid"], msg.get("force", False))
+        elif op == "prefetch":  # keep a second copy of a put object
+            for item in msg["objects"]:
+                asyncio.ensure_future(self._prefetch(item))
         elif op == "shutdown":
             logger.info("the head asked this node to stop")
             self.stop()

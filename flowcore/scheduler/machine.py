@@ -178,7 +178,7 @@ class SchedulerState(ActorsMixin):
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
                  history_size: int = 10_000, locality_min_bytes: int = 1 << 20,
-                 lineage: bool = True,
+                 lineage: bool = True, replicate_puts: bool = True,
                  error_payload: Callable[[BaseException], bytes] = default_error_payload):
         self.nodes: dict[str, NodeRecord] = {}
         self.functions: dict[bytes, dict] = {}
@@ -204,6 +204,7 @@ class SchedulerState(ActorsMixin):
         self.named: dict[tuple[str, str], bytes] = {}
         self.dead_actors: deque[bytes] = deque()
         self.lineage = lineage
+        self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
         self._releasing = False
         self.keep_dead_actors = 1000
@@ -514,6 +515,19 @@ class SchedulerState(ActorsMixin):
         obj.nested = nested
         self._hold(nested)
         self._seal(obj, msg)
+        if msg.get("node") and self.replicate_puts:
+            self._replicate(obj, msg["node"])
+
+    def _replicate(self, obj: ObjectRecord, holder: str) -> None:
+        """A put object cannot be rebuilt, so a second node pulls a copy of it
+        (in the background): losing one node then loses no put object."""
+        src = self.nodes.get(holder)
+        others = [n for n in self.nodes.values() if n.alive and n.node_id != holder]
+        if src is None or not others:
+            return
+        target = min(others, key=lambda n: (len(n.running), n.node_id))
+        self._send(target.node_id, {"op": "prefetch", "objects": [
+            [obj.oid, obj.size, [[holder, src.address]]]]})
 
     def _seal(self, obj: ObjectRecord, info: dict) -> None:
         obj.size = info.get("size", 0)
