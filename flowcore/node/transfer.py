@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from typing import Any
 
@@ -37,11 +38,15 @@ class Transfers:
     def serve_chunk(self, comm: Comm, msg: dict) -> None:
         store = self.node.store
         try:
-            data = store.read_chunk(msg["oid"], msg["start"], msg["length"])
+            data = store.chunk_view(msg["oid"], msg["start"], msg["length"])
+            if sys.version_info >= (3, 12):
+                # newer asyncio keeps unsent buffers by reference: copy, so a
+                # later free of the object cannot change bytes still queued
+                data = memoryview(bytes(data))
         except (KeyError, ValueError) as e:
             comm.reply(msg, error=f"{type(e).__name__}: {e}")
             return
-        self.bytes_out += len(data)
+        self.bytes_out += data.nbytes
         comm.send_with_frames({"op": "reply", "rid": msg.get("rid")}, [data])
 
     # ------------------------------------------------------------ pulling side

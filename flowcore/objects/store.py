@@ -329,6 +329,18 @@ class ObjectStore:
             f.seek(start)
             return f.read(end - start)
 
+    def chunk_view(self, oid: bytes, start: int = 0, length: int | None = None) -> memoryview:
+        """Like ``read_chunk`` but without a copy when the object is in the
+        arena (a read-only view, valid until the object is freed: write it out
+        before yielding to anything that could free it)."""
+        e = self._entry(oid)
+        if not e.sealed:
+            raise ValueError(f"object {oid.hex()} is not sealed yet")
+        if e.where != ARENA:
+            return memoryview(self.read_chunk(oid, start, length))
+        start, end = self._span(e, start, length)
+        return self._view[e.offset + start:e.offset + end].toreadonly()
+
     def write_chunk(self, oid: bytes, start: int, data: Any) -> None:
         """Write ``data`` into an unsealed object at ``start``."""
         e = self._entry(oid)

@@ -30,6 +30,8 @@ from . import auth, frames
 logger = logging.getLogger("flowcore.comm")
 
 AUTH_TIMEOUT = 10.0
+#: batches at least this large are received into a buffer of their own size
+BIG_BODY = 1 << 20
 Handler = Callable[["Comm", dict, list], Any]
 
 _HELLO, _CLIENT_PROOF, _SERVER_PROOF, _OPEN, _CLOSED = range(5)
@@ -51,6 +53,8 @@ class Comm(asyncio.Protocol):
         self._loop = asyncio.get_event_loop()
         self._state = _CLIENT_PROOF if server else _HELLO
         self._buf = bytearray()
+        self._big: bytearray | None = None   # a large batch being received
+        self._big_have = 0
         self._snonce = b""
         self._cnonce = b""
         self._out: list[dict] = []
@@ -91,6 +95,10 @@ class Comm(asyncio.Protocol):
         self._on_closed(ConnectionError(f"connection to {self.peer} lost"))
 
     def data_received(self, data: bytes) -> None:
+        if self._big is not None:
+            data = self._fill_big(data)
+            if not data:
+                return
         buf = self._buf
         buf += data
         try:
@@ -182,6 +190,14 @@ class Comm(asyncio.Protocol):
                 (n,) = frames.PREFIX.unpack_from(buf, pos)
                 frames.check_body_length(n, self.limits)
                 if end - pos - prefix < n:
+                    if n >= BIG_BODY:
+                        # a large batch (an object chunk): receive it straight into
+                        # a buffer of its size instead of growing and copying
+                        self._big = bytearray(n)
+                        have = end - pos - prefix
+                        self._big[:have] = buf[pos + prefix:end]
+                        self._big_have = have
+                        pos = end
                     break
                 body = bytes(buf[pos + prefix:pos + prefix + n])
                 pos += prefix + n
@@ -190,6 +206,26 @@ class Comm(asyncio.Protocol):
         finally:
             if pos and not self.closed:
                 del buf[:pos]
+
+    def _fill_big(self, data: bytes) -> bytes:
+        """Copy incoming bytes into the pending large batch; dispatch it when
+        complete and return what is left over for the normal parser."""
+        big = self._big
+        assert big is not None
+        take = min(len(big) - self._big_have, len(data))
+        memoryview(big)[self._big_have:self._big_have + take] = memoryview(data)[:take]
+        self._big_have += take
+        if self._big_have < len(big):
+            return b""
+        self._big = None
+        try:
+            self._dispatch(*frames.decode_body(memoryview(big), self.limits))
+        except ProtocolError as e:
+            logger.warning("%s: closing connection from %s: %s", self.name or "comm",
+                           self.peer, e)
+            self.close()
+            return b""
+        return data[take:]
 
     def _dispatch(self, msgs: list[dict], bufs: list) -> None:
         handler = self._handler
@@ -249,7 +285,11 @@ class Comm(asyncio.Protocol):
             return
         out, self._out = self._out, []
         fr, self._out_frames = self._out_frames, []
-        self.transport.writelines(frames.encode(out, fr))
+        if fr:  # large out-of-band frames: no join, each written as it is
+            for b in frames.encode(out, fr):
+                self.transport.write(b)
+        else:
+            self.transport.writelines(frames.encode(out, fr))
 
     def request(self, msg: dict) -> "asyncio.Future[dict]":
         rid = next(self._rids)
