@@ -82,6 +82,9 @@ def main() -> None:
     print(f"DAG of the tree reduction (64 leaf tasks, 63 combine tasks) drawn to "
           f"{(out / 'dag.svg').resolve()} (Graphviz source: {out / 'dag.dot'})")
     del tree, tree_refs
+    if info.get("dashboard_url"):
+        print(f"dashboard: {info['dashboard_url']} (log in with the token in "
+              f"{info['session_dir']}/token; the start line above has a tokenised link)")
     flowcore.shutdown()
     print(f"done in {time.perf_counter() - t0:.2f}s")
 
