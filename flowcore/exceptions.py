@@ -86,7 +86,28 @@ class ActorDiedError(ActorError):
 
 
 class ObjectLostError(FlowcoreError):
-    """Every copy of an object was lost and it could not be rebuilt."""
+    """Every copy of an object was lost and it could not be rebuilt.
+
+    ``reason`` is a code: ``"freed"`` (no reference remained), ``"put"`` (made
+    by put(), nothing to re-run), ``"actor_call"``, ``"lineage_evicted"``,
+    ``"retries_exhausted"``, ``"unknown_producer"``, ``"fetch_failed"`` or
+    ``""`` when not known; ``object_id`` (hex) and ``creator`` (the task's
+    name, or "put") say which object.
+    """
+
+    def __init__(self, message: str = "", *, reason: str = "", object_id: str = "",
+                 creator: str = ""):
+        super().__init__(message)
+        self.reason = reason
+        self.object_id = object_id
+        self.creator = creator
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_lost, (str(self), self.reason, self.object_id, self.creator))
+
+
+def _rebuild_lost(message: str, reason: str, object_id: str, creator: str) -> "ObjectLostError":
+    return ObjectLostError(message, reason=reason, object_id=object_id, creator=creator)
 
 
 class GetTimeoutError(FlowcoreError, TimeoutError):

@@ -1364,3 +1364,4 @@ def test_lost_put_object_reports_why_it_cannot_be_rebuilt() -> None:
     assert obj.state == "LOST"
     err = deserialize(obj.inline)
     assert "put()" in str(err) and "cannot be rebuilt" in str(err)
+    assert err.reason == "put" and err.object_id == oid.hex() and err.creator == "put"

@@ -315,23 +315,26 @@ class SchedulerState(ActorsMixin):
         if obj.state != READY or obj.inline is not None or obj.nodes:
             return
         t = self.tasks.get(ids.task_of(obj.oid))
-        reason = None
+        reason = code = None
         if t is None:
-            reason = ("it was created with put(), which cannot be re-run"
-                      if obj.owner is not None and ids.index_of(obj.oid) == 0
-                      and t is None else "the task that made it is no longer known")
+            if obj.owner is not None and ids.index_of(obj.oid) == 0:
+                reason, code = "it was created with put(), which cannot be re-run", "put"
+            else:
+                reason, code = "the task that made it is no longer known", "unknown_producer"
         elif t.kind != "task":
-            reason = "it was made by an actor call, which is not re-run"
+            reason, code = "it was made by an actor call, which is not re-run", "actor_call"
         elif not t.lineage_held:
-            reason = "its lineage (the task's arguments) was not kept"
+            reason, code = "its lineage (the task's arguments) was not kept", "lineage_evicted"
         elif t.retries_left <= 0:
             reason = f"rebuilding it ran out of retries (max_retries of task {t.name})"
+            code = "retries_exhausted"
         if reason is not None:
             obj.state = LOST
             obj.error = True
             obj.inline = self.error_payload(ObjectLostError(
                 f"object {obj.oid.hex()} (from {t.name if t else 'put'}) was lost: {why}; "
-                f"it cannot be rebuilt: {reason}"))
+                f"it cannot be rebuilt: {reason}", reason=code or "",
+                object_id=obj.oid.hex(), creator=t.name if t else "put"))
             self._notify_ready(obj)
             return
         if t.state == S.FINISHED:
@@ -580,7 +583,7 @@ class SchedulerState(ActorsMixin):
             if obj is None:
                 payload = self.error_payload(ObjectLostError(
                     f"object {oid.hex()} is unknown to the head: it was freed (no reference "
-                    f"remained) or never existed"))
+                    f"remained) or never existed", reason="freed", object_id=oid.hex()))
                 self._send(source, {"op": "object_ready", "oid": oid, "size": len(payload),
                                     "error": True, "inline": payload})
             elif obj.state == PENDING:
