@@ -23,9 +23,9 @@ if TYPE_CHECKING:  # what a type checker sees
     from .remote_function import RemoteFunction
     from .runtime_context import get_gpu_ids
     from .scheduler.states import TaskState
-    from .progress import progress
-    from .timeline import timeline
-    from .visualize import visualize
+    from .graph.visualize import visualize
+    from .progress_bar import progress
+    from .trace import timeline
 
 _LAZY = {
     "init": "api", "shutdown": "api", "is_initialized": "api", "get": "api", "put": "api",
@@ -35,7 +35,7 @@ _LAZY = {
     "get_gpu_ids": "runtime_context", "TaskState": "scheduler.states",
     "method": "actor", "kill": "actor", "get_actor": "actor", "ActorHandle": "actor",
     "ActorClass": "actor", "NodeAffinitySchedulingStrategy": "scheduling",
-    "visualize": "visualize", "timeline": "timeline", "progress": "progress",
+    "visualize": "graph.visualize", "timeline": "trace", "progress": "progress_bar",
 }
 _SUBMODULES = {"state", "testing", "api", "cluster"}
 

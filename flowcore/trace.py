@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-import types
 from typing import Any, Iterable, Mapping
 
 __all__ = ["timeline"]
@@ -125,15 +123,3 @@ def timeline(filename: str | os.PathLike | None = None) -> list[dict]:
         with open(os.fspath(filename), "w", encoding="utf-8") as out:
             json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, out)
     return events
-
-
-class _CallableModule(types.ModuleType):
-    """``import flowcore.timeline`` binds the package attribute
-    ``flowcore.timeline`` to this module instead of the function: calling the
-    module still runs ``timeline()``."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[dict]:
-        return timeline(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

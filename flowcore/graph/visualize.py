@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import os
-import sys
-import types
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .objects.ref import ObjectRef
+from ..objects.ref import ObjectRef
 
 if TYPE_CHECKING:  # pragma: no cover
     import graphviz
@@ -33,7 +31,7 @@ def _roots(refs: Any) -> list[bytes] | None:
 
 def _output_format(filename: Any, format: Any) -> str | None:
     """The format ``draw.write`` will use, checked before asking the head."""
-    from .graph.draw import FORMATS
+    from .draw import FORMATS
     if format is not None and not isinstance(format, str):
         raise TypeError(f"visualize(format=...) must be a string such as 'svg', got "
                         f"{type(format).__name__}")
@@ -79,8 +77,8 @@ def visualize(refs: ObjectRef | Sequence[ObjectRef] | None = None,
     program); ``format`` overrides the extension.  The returned Digraph
     displays inline in Jupyter.
     """
-    from .api import _require_client
-    from .graph import draw
+    from ..api import _require_client
+    from . import draw
 
     roots = _roots(refs)
     fmt = _output_format(filename, format)
@@ -95,15 +93,3 @@ def visualize(refs: ObjectRef | Sequence[ObjectRef] | None = None,
     if filename is not None:
         draw.write(digraph, filename, fmt)
     return digraph
-
-
-class _CallableModule(types.ModuleType):
-    """``import flowcore.visualize`` binds the package attribute
-    ``flowcore.visualize`` to this module instead of the function: calling the
-    module still runs ``visualize()``."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> "graphviz.Digraph":
-        return visualize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,9 +1,7 @@
 """``flowcore.progress()``: a progress bar that advances as refs complete."""
 from __future__ import annotations
 
-import sys
 import threading
-import types
 from typing import Any, Sequence
 
 from .objects.ref import ObjectRef
@@ -79,15 +77,3 @@ def progress(refs: ObjectRef | Sequence[ObjectRef], *, desc: str | None = None,
     finally:
         bar.close()
     return items
-
-
-class _CallableModule(types.ModuleType):
-    """``import flowcore.progress`` binds the package attribute
-    ``flowcore.progress`` to this module instead of the function: calling the
-    module still runs ``progress()``."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[ObjectRef]:
-        return progress(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
