@@ -285,7 +285,7 @@ class InlineClient(CoreClient):
                     rid = msg.get("rid")
                     if rid in self._replies:
                         self._replies[rid] = msg
-                elif which == "head":
+                elif which == "head" and msg["op"] != "run_task":
                     self._on_head_message(None, msg, bufs)  # type: ignore[arg-type]
                 else:
                     self._on_node_msg(None, msg, bufs)  # type: ignore[arg-type]

@@ -57,6 +57,7 @@ class ActorRecord:
         self.created = time.time()
         self.holding = False
         self.out_of_scope = False
+        self.client: str | None = None
 
     def meta(self) -> dict:
         return {"aid": self.aid, "class_name": self.class_name, "methods": self.methods,
@@ -137,6 +138,7 @@ class ActorsMixin:
             return
         actor.state = ALIVE
         actor.pid = msg.get("pid")
+        actor.client = source  # the actor's own process: calls go straight to it
         node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
         if t is not None and t.state == S.RUNNING:
@@ -200,7 +202,7 @@ class ActorsMixin:
         actor.inflight.add(t.tid)
         self._transition(t, S.RUNNING, f"sent to actor {actor.class_name}")  # type: ignore
         deps = [self._ready(self.objects[oid]) for oid in t.deps]  # type: ignore[attr-defined]
-        self._send(actor.node, {
+        self._send(actor.client or actor.node, {
             "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
             "name": t.name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
             "nret": t.nret, "res": {}, "owner": t.owner, "attempt": t.attempt})
