@@ -199,3 +199,44 @@ def test_put_objects_survive_the_loss_of_a_node(tmp_path):
     finally:
         flowcore.shutdown()
         cluster.shutdown()
+
+
+def test_actor_restarts_on_another_node_when_its_node_dies(tmp_path):
+    flowcore.shutdown()
+    cluster = LocalCluster(nodes=2, cpus_per_node=1, object_store_memory=128 << 20,
+                           session_dir=str(tmp_path / "s"))
+    try:
+        flowcore.init(address=cluster.address, token=cluster.token)
+        a, b = cluster.node_ids()
+
+        @flowcore.remote(max_restarts=1)
+        class Keeper:
+            def __init__(self, start):
+                self.n = start
+
+            def bump(self):
+                self.n += 1
+                return self.n, flowcore.get_runtime_context().get_node_id()
+
+        on_b = flowcore.NodeAffinitySchedulingStrategy(b, soft=True)
+        k = Keeper.options(scheduling_strategy=on_b).remote(10)
+        assert flowcore.get(k.bump.remote(), timeout=60) == (11, b)
+        cluster.kill_node(b)
+        # restarted on the surviving node with its original arguments
+        assert flowcore.get(k.bump.remote(), timeout=60) == (11, a)
+        row = [x for x in flowcore.state.list_actors() if x["actor_id"] == k.actor_id][0]
+        assert row["restarts"] == 1 and row["node_id"] == a
+
+        @flowcore.remote  # no restarts left for this one: it dies, naming the node
+        class Once:
+            def ping(self):
+                return 1
+        c = cluster.add_node(num_cpus=1)
+        once = Once.options(scheduling_strategy=flowcore.NodeAffinitySchedulingStrategy(c)).remote()
+        assert flowcore.get(once.ping.remote(), timeout=60) == 1
+        cluster.kill_node(c)
+        with pytest.raises(flowcore.exceptions.ActorDiedError, match="node"):
+            flowcore.get(once.ping.remote(), timeout=60)
+    finally:
+        flowcore.shutdown()
+        cluster.shutdown()

@@ -250,7 +250,7 @@ class ActorsMixin:
                 f" after {actor.restarts} restart(s) (max_restarts={actor.max_restarts})"
             self._actor_dead(actor, cause + extra)
 
-    def _restart_actor(self, actor: ActorRecord, cause: str) -> None:
+    def _restart_actor(self, actor: ActorRecord, cause: str, move: bool = False) -> None:
         actor.restarts += 1
         actor.state = RESTARTING
         actor.cause = cause
@@ -271,9 +271,17 @@ class ActorsMixin:
                     f"max_task_retries to retry such calls")), f"actor died: {cause}")
         actor.inflight.clear()
         node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
-        if node is None or not node.alive:
-            self._actor_dead(actor, cause + "; it could not be restarted (its node is gone)")
-            return
+        if move or node is None or not node.alive:
+            # restart on another node where its placement resources fit
+            place = actor.hold or {"CPU": 1.0}
+            others = [n for n in self.nodes.values()  # type: ignore[attr-defined]
+                      if n.alive and n.node_id != actor.node and n.fits(place)]
+            if not others:
+                self._actor_dead(actor, cause + "; no other node could take it")
+                return
+            node = max(others, key=lambda n: n.available.get("CPU", 0.0))
+            actor.node = node.node_id
+            actor.client = None
         self._start_actor_process(actor)
 
     def _release_hold(self, actor: ActorRecord) -> None:
@@ -338,10 +346,16 @@ class ActorsMixin:
                 self._actor_dead(actor, "its owner (the driver or task that created it) exited")
 
     def _actors_on_dead_node(self, node_id: str, cause: str) -> None:
+        dead = self.nodes.get(node_id)  # type: ignore[attr-defined]
+        name = dead.name if dead is not None else node_id
         for actor in list(self.actors.values()):
             if actor.node == node_id and actor.state != DEAD:
-                actor.holding = False
-                self._actor_dead(actor, f"its node died ({cause})")
+                actor.holding = False  # its node's resources are gone with it
+                why = f"its node {name} died ({cause})"
+                if actor.max_restarts == -1 or actor.restarts < actor.max_restarts:
+                    self._restart_actor(actor, why, move=True)
+                else:
+                    self._actor_dead(actor, why)
 
     # ------------------------------------------------------------ queries
     def get_actor(self, name: str, namespace: str | None) -> dict | None:
