@@ -1365,3 +1365,38 @@ def test_lost_put_object_reports_why_it_cannot_be_rebuilt() -> None:
     err = deserialize(obj.inline)
     assert "put()" in str(err) and "cannot be rebuilt" in str(err)
     assert err.reason == "put" and err.object_id == oid.hex() and err.creator == "put"
+
+
+# ---------------------------------------------------------------- actors
+def test_calls_after_a_kill_wait_for_the_death_and_then_fail() -> None:
+    from flowcore.exceptions import ActorDiedError
+    c = Cluster()
+    c.node("n1", CPU=1)
+    aid = c.ids.task_id()
+    spec = {"tid": aid, "aid": aid, "fid": b"cls", "name": "A.__init__", "class_name": "A",
+            "methods": {"f": 1}, "args": b"a", "deps": [], "nested": [], "hold": {},
+            "place": {"CPU": 1.0}, "max_restarts": 0, "max_task_retries": 0,
+            "max_concurrency": 1}
+    out = c.state.handle(C, {"op": "create_actor", "spec": spec, "rid": 1})
+    assert [d for d, m in out if m["op"] == "start_actor"] == ["n1"]
+    c.state.handle("w-actor", {"op": "register_client", "kind": "worker"})
+    c.state.handle("w-actor", {"op": "actor_ready", "aid": aid, "pid": 5})
+
+    def call() -> dict:
+        return {"tid": c.ids.task_id(), "fid": b"", "actor": aid, "method": "f",
+                "name": "A.f", "args": b"x", "deps": [], "nested": [], "nret": 1, "res": {},
+                "retries": 0}
+    first = call()
+    out = c.state.handle(C, {"op": "submit", "tasks": [first]})
+    assert [d for d, m in out if m["op"] == "run_task"] == ["w-actor"]  # straight to it
+    c.state.handle(C, {"op": "kill_actor", "aid": aid})
+    later = call()
+    out = c.state.handle(C, {"op": "submit", "tasks": [later]})
+    assert ops(out, "run_task") == []  # held back: the kill is on its way
+    out = c.state.handle("n1", {"op": "actor_died", "aid": aid, "how": "killed by signal 9"})
+    ready = {m["oid"]: m for m in ops(out, "object_ready")}
+    for spec_ in (first, later):
+        msg = ready[object_id(spec_["tid"])]
+        assert msg["error"]
+        err = deserialize(msg["inline"])
+        assert isinstance(err, ActorDiedError) and "kill" in str(err)

@@ -58,6 +58,7 @@ class ActorRecord:
         self.holding = False
         self.out_of_scope = False
         self.client: str | None = None
+        self.killing = False  # kill sent, death not yet reported
 
     def meta(self) -> dict:
         return {"aid": self.aid, "class_name": self.class_name, "methods": self.methods,
@@ -182,8 +183,8 @@ class ActorsMixin:
             self._pump_actor(actor)
 
     def _pump_actor(self, actor: ActorRecord) -> None:
-        if actor.state != ALIVE:
-            return
+        if actor.state != ALIVE or actor.killing:
+            return  # a kill is on its way: later calls wait for its outcome
         for caller, q in actor.queues.items():
             while q:
                 t = self.tasks.get(q[0])  # type: ignore[attr-defined]
@@ -251,6 +252,7 @@ class ActorsMixin:
             self._actor_dead(actor, cause + extra)
 
     def _restart_actor(self, actor: ActorRecord, cause: str, move: bool = False) -> None:
+        actor.killing = False
         actor.restarts += 1
         actor.state = RESTARTING
         actor.cause = cause
@@ -333,6 +335,7 @@ class ActorsMixin:
             return
         actor.no_restart = bool(msg.get("no_restart", True))
         if (actor.node and actor.state != PENDING) or actor.pid:
+            actor.killing = True
             self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
         else:
             self._actor_dead(actor, "it was killed with flowcore.kill() before it started")
