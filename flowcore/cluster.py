@@ -56,7 +56,27 @@ def prune_old_sessions(keep: int = KEEP_SESSIONS) -> None:
     except OSError:
         return
     for old in entries[keep:]:
+        if _session_in_use(old):
+            continue
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _session_in_use(path: str) -> bool:
+    """A session whose driver (pid recorded at start) is still running."""
+    try:
+        with open(os.path.join(path, "driver.pid")) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _python() -> str:
@@ -82,6 +102,8 @@ class LocalCluster:
         os.makedirs(os.path.join(self.session_dir, "logs"), exist_ok=True)
         self.token = token or daemon.new_token()
         self.token_file = os.path.join(self.session_dir, "token")
+        with open(os.path.join(self.session_dir, "driver.pid"), "w") as f:
+            f.write(str(os.getpid()))
         daemon.write_private(self.token_file, self.token)
         self.start_timeout = start_timeout
         self._life_r, self._life_w = os.pipe()
