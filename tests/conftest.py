@@ -70,3 +70,27 @@ def fresh_cluster(tmp_path):
 
     yield start
     flowcore.shutdown()
+
+
+@pytest.fixture
+def private_cluster(tmp_path):
+    """``start(nodes, **options)``: a LocalCluster of its own with this
+    process connected as its driver; everything is stopped afterwards."""
+    import flowcore
+    from flowcore.cluster import LocalCluster
+    flowcore.shutdown()
+    started = []
+
+    def start(nodes: int = 2, **options):
+        options.setdefault("cpus_per_node", 1)
+        options.setdefault("object_store_memory", 128 << 20)
+        cluster = LocalCluster(nodes=nodes, session_dir=str(tmp_path / f"c{len(started)}"),
+                               **options)
+        started.append(cluster)
+        flowcore.init(address=cluster.address, token=cluster.token)
+        return cluster
+
+    yield start
+    flowcore.shutdown()
+    for cluster in started:
+        cluster.shutdown()

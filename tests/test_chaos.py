@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import flowcore
-from flowcore.cluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,38 +64,31 @@ def _run(actors, kill=None):
     return time.perf_counter() - t0, values, totals
 
 
-def test_node_killed_mid_run_costs_time_not_results(tmp_path):
-    flowcore.shutdown()
-    cluster = LocalCluster(nodes=3, cpus_per_node=1, object_store_memory=256 << 20,
-                           session_dir=str(tmp_path / "s"))
-    try:
-        flowcore.init(address=cluster.address, token=cluster.token)
-        survivor, _, victim = cluster.node_ids()
-        on_survivor = flowcore.NodeAffinitySchedulingStrategy(survivor)
-        expected = _expected()
+def test_node_killed_mid_run_costs_time_not_results(private_cluster):
+    cluster = private_cluster(3, object_store_memory=256 << 20)
+    survivor, _, victim = cluster.node_ids()
+    on_survivor = flowcore.NodeAffinitySchedulingStrategy(survivor)
+    expected = _expected()
 
-        actors = [Tally.options(scheduling_strategy=on_survivor).remote() for _ in range(2)]
-        normal, values, totals = _run(actors)
-        assert values == expected
-        assert sorted(totals) == sorted([sum(expected[0::2]), sum(expected[1::2])])
+    actors = [Tally.options(scheduling_strategy=on_survivor).remote() for _ in range(2)]
+    normal, values, totals = _run(actors)
+    assert values == expected
+    assert sorted(totals) == sorted([sum(expected[0::2]), sum(expected[1::2])])
 
-        actors = [Tally.options(scheduling_strategy=on_survivor).remote() for _ in range(2)]
+    actors = [Tally.options(scheduling_strategy=on_survivor).remote() for _ in range(2)]
 
-        def kill():
-            cluster.kill_node(victim)
-            cluster.add_node(num_cpus=1)
+    def kill():
+        cluster.kill_node(victim)
+        cluster.add_node(num_cpus=1)
 
-        before = flowcore.api._client.query("counts")
-        disturbed, values, totals = _run(actors, kill)
-        after = flowcore.api._client.query("counts")
-        assert values == expected
-        # the lost leaves were rebuilt from lineage, not just retried
-        assert after.get("reconstructed", 0) > before.get("reconstructed", 0)
-        assert sorted(totals) == sorted([sum(expected[0::2]), sum(expected[1::2])])
-        print(f"\nchaos: undisturbed {normal:.2f} s, with a node killed {disturbed:.2f} s")
-        assert disturbed <= 3 * normal + 30
-        alive = [n for n in flowcore.nodes() if n["alive"]]
-        assert len(alive) == 3 and victim not in {n["node_id"] for n in alive}
-    finally:
-        flowcore.shutdown()
-        cluster.shutdown()
+    before = flowcore.api._client.query("counts")
+    disturbed, values, totals = _run(actors, kill)
+    after = flowcore.api._client.query("counts")
+    assert values == expected
+    # the lost leaves were rebuilt from lineage, not just retried
+    assert after.get("reconstructed", 0) > before.get("reconstructed", 0)
+    assert sorted(totals) == sorted([sum(expected[0::2]), sum(expected[1::2])])
+    print(f"\nchaos: undisturbed {normal:.2f} s, with a node killed {disturbed:.2f} s")
+    assert disturbed <= 3 * normal + 30
+    alive = [n for n in flowcore.nodes() if n["alive"]]
+    assert len(alive) == 3 and victim not in {n["node_id"] for n in alive}

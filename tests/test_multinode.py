@@ -140,103 +140,82 @@ def test_pickle_before_authentication_is_never_unpickled(two_nodes, tmp_path):
     assert flowcore.get(where.remote(), timeout=60)  # the head keeps serving
 
 
-def test_lost_objects_are_rebuilt_from_lineage(tmp_path):
-    flowcore.shutdown()
-    cluster = LocalCluster(nodes=2, cpus_per_node=1, object_store_memory=128 << 20,
-                           session_dir=str(tmp_path / "s"))
-    try:
-        flowcore.init(address=cluster.address, token=cluster.token)
-        a, b = cluster.node_ids()
-        prefer_b = flowcore.NodeAffinitySchedulingStrategy(b, soft=True)
-        base = make.options(scheduling_strategy=prefer_b).remote(1_000_000, 2)   # 8 MB on b
+def test_lost_objects_are_rebuilt_from_lineage(private_cluster):
+    cluster = private_cluster(2, object_store_memory=128 << 20)
+    a, b = cluster.node_ids()
+    prefer_b = flowcore.NodeAffinitySchedulingStrategy(b, soft=True)
+    base = make.options(scheduling_strategy=prefer_b).remote(1_000_000, 2)   # 8 MB on b
 
-        @flowcore.remote
-        def double(x):
-            return x * 2
-        top = double.options(scheduling_strategy=prefer_b).remote(base)          # on b too
-        assert flowcore.wait([top], timeout=60)[0] == [top]
-        rows = {o["object_id"]: o for o in flowcore.state.list_objects()}
-        assert rows[top.hex()]["nodes"] == [b] and rows[base.hex()]["nodes"] == [b]
-        cluster.kill_node(b)
-        # both were only on b: get re-runs make and double on a, in order
-        out = flowcore.get(top, timeout=60)
-        assert out.shape == (1_000_000,) and float(out[0]) == 4.0
-        assert flowcore.explain(top)["state"] == "READY"
-        events = [e["transition"] for e in flowcore.state.task_events(200)
-                  if e["task_id"] == top.task_id]
-        assert "reconstruct_waiting" in events or "reconstruct" in events
+    @flowcore.remote
+    def double(x):
+        return x * 2
+    top = double.options(scheduling_strategy=prefer_b).remote(base)          # on b too
+    assert flowcore.wait([top], timeout=60)[0] == [top]
+    rows = {o["object_id"]: o for o in flowcore.state.list_objects()}
+    assert rows[top.hex()]["nodes"] == [b] and rows[base.hex()]["nodes"] == [b]
+    cluster.kill_node(b)
+    # both were only on b: get re-runs make and double on a, in order
+    out = flowcore.get(top, timeout=60)
+    assert out.shape == (1_000_000,) and float(out[0]) == 4.0
+    assert flowcore.explain(top)["state"] == "READY"
+    events = [e["transition"] for e in flowcore.state.task_events(200)
+              if e["task_id"] == top.task_id]
+    assert "reconstruct_waiting" in events or "reconstruct" in events
 
-        lost = flowcore.put(np.ones(1_000_000))  # a put cannot be re-run
-        assert lost is not None
-    finally:
-        flowcore.shutdown()
-        cluster.shutdown()
+    lost = flowcore.put(np.ones(1_000_000))  # a put cannot be re-run
+    assert lost is not None
 
 
-def test_put_objects_survive_the_loss_of_a_node(tmp_path):
-    flowcore.shutdown()
-    cluster = LocalCluster(nodes=2, cpus_per_node=1, object_store_memory=128 << 20,
-                           session_dir=str(tmp_path / "s"))
-    try:
-        flowcore.init(address=cluster.address, token=cluster.token)
-        a, b = cluster.node_ids()
+def test_put_objects_survive_the_loss_of_a_node(private_cluster):
+    cluster = private_cluster(2, object_store_memory=128 << 20)
+    a, b = cluster.node_ids()
 
-        @flowcore.remote
-        def put_here():
-            return [flowcore.put(np.arange(1_000_000, dtype=np.float64))]  # 8 MB on b
-        on_b = put_here.options(scheduling_strategy=flowcore.NodeAffinitySchedulingStrategy(b))
-        [ref] = flowcore.get(on_b.remote(), timeout=60)
+    @flowcore.remote
+    def put_here():
+        return [flowcore.put(np.arange(1_000_000, dtype=np.float64))]  # 8 MB on b
+    on_b = put_here.options(scheduling_strategy=flowcore.NodeAffinitySchedulingStrategy(b))
+    [ref] = flowcore.get(on_b.remote(), timeout=60)
 
-        def copies():
-            rows = [o for o in flowcore.state.list_objects() if o["object_id"] == ref.hex()]
-            return set(rows[0]["nodes"]) if rows else set()
-        deadline = time.monotonic() + 30
-        while copies() != {a, b}:  # the second copy is made in the background
-            assert time.monotonic() < deadline, copies()
-        cluster.kill_node(b)
-        arr = flowcore.get(ref, timeout=60)
-        assert arr[-1] == 999_999.0
-    finally:
-        flowcore.shutdown()
-        cluster.shutdown()
+    def copies():
+        rows = [o for o in flowcore.state.list_objects() if o["object_id"] == ref.hex()]
+        return set(rows[0]["nodes"]) if rows else set()
+    deadline = time.monotonic() + 30
+    while copies() != {a, b}:  # the second copy is made in the background
+        assert time.monotonic() < deadline, copies()
+    cluster.kill_node(b)
+    arr = flowcore.get(ref, timeout=60)
+    assert arr[-1] == 999_999.0
 
 
-def test_actor_restarts_on_another_node_when_its_node_dies(tmp_path):
-    flowcore.shutdown()
-    cluster = LocalCluster(nodes=2, cpus_per_node=1, object_store_memory=128 << 20,
-                           session_dir=str(tmp_path / "s"))
-    try:
-        flowcore.init(address=cluster.address, token=cluster.token)
-        a, b = cluster.node_ids()
+def test_actor_restarts_on_another_node_when_its_node_dies(private_cluster):
+    cluster = private_cluster(2, object_store_memory=128 << 20)
+    a, b = cluster.node_ids()
 
-        @flowcore.remote(max_restarts=1)
-        class Keeper:
-            def __init__(self, start):
-                self.n = start
+    @flowcore.remote(max_restarts=1)
+    class Keeper:
+        def __init__(self, start):
+            self.n = start
 
-            def bump(self):
-                self.n += 1
-                return self.n, flowcore.get_runtime_context().get_node_id()
+        def bump(self):
+            self.n += 1
+            return self.n, flowcore.get_runtime_context().get_node_id()
 
-        on_b = flowcore.NodeAffinitySchedulingStrategy(b, soft=True)
-        k = Keeper.options(scheduling_strategy=on_b).remote(10)
-        assert flowcore.get(k.bump.remote(), timeout=60) == (11, b)
-        cluster.kill_node(b)
-        # restarted on the surviving node with its original arguments
-        assert flowcore.get(k.bump.remote(), timeout=60) == (11, a)
-        row = [x for x in flowcore.state.list_actors() if x["actor_id"] == k.actor_id][0]
-        assert row["restarts"] == 1 and row["node_id"] == a
+    on_b = flowcore.NodeAffinitySchedulingStrategy(b, soft=True)
+    k = Keeper.options(scheduling_strategy=on_b).remote(10)
+    assert flowcore.get(k.bump.remote(), timeout=60) == (11, b)
+    cluster.kill_node(b)
+    # restarted on the surviving node with its original arguments
+    assert flowcore.get(k.bump.remote(), timeout=60) == (11, a)
+    row = [x for x in flowcore.state.list_actors() if x["actor_id"] == k.actor_id][0]
+    assert row["restarts"] == 1 and row["node_id"] == a
 
-        @flowcore.remote  # no restarts left for this one: it dies, naming the node
-        class Once:
-            def ping(self):
-                return 1
-        c = cluster.add_node(num_cpus=1)
-        once = Once.options(scheduling_strategy=flowcore.NodeAffinitySchedulingStrategy(c)).remote()
-        assert flowcore.get(once.ping.remote(), timeout=60) == 1
-        cluster.kill_node(c)
-        with pytest.raises(flowcore.exceptions.ActorDiedError, match="node"):
-            flowcore.get(once.ping.remote(), timeout=60)
-    finally:
-        flowcore.shutdown()
-        cluster.shutdown()
+    @flowcore.remote  # no restarts left for this one: it dies, naming the node
+    class Once:
+        def ping(self):
+            return 1
+    c = cluster.add_node(num_cpus=1)
+    once = Once.options(scheduling_strategy=flowcore.NodeAffinitySchedulingStrategy(c)).remote()
+    assert flowcore.get(once.ping.remote(), timeout=60) == 1
+    cluster.kill_node(c)
+    with pytest.raises(flowcore.exceptions.ActorDiedError, match="node"):
+        flowcore.get(once.ping.remote(), timeout=60)

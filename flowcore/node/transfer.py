@@ -50,49 +50,45 @@ class Transfers:
         comm.send_with_frames({"op": "reply", "rid": msg.get("rid")}, [data])
 
     # ------------------------------------------------------------ pulling side
+    @staticmethod
+    async def _once(table: dict, key: Any, work: Any) -> Any:
+        """Run ``work()`` once per ``key`` at a time: concurrent callers with
+        the same key wait for the one already running and share its result."""
+        running = table.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        fut = asyncio.get_event_loop().create_future()
+        table[key] = fut
+        try:
+            result = await work()
+            fut.set_result(result)
+            return result
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters get it, nobody else must
+            raise
+        finally:
+            del table[key]
+
     async def _peer(self, address: str) -> Comm:
         comm = self.peers.get(address)
         if comm is not None and not comm.closed:
             return comm
-        pending = self._connecting.get(address)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut = asyncio.get_event_loop().create_future()
-        self._connecting[address] = fut
-        try:
-            comm = await connect(address, self.node.token)
-            comm.info["role"] = "peer"
-            asyncio.ensure_future(comm.run(lambda c, m, f: None))
-            self.peers[address] = comm
-            fut.set_result(comm)
-            return comm
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()
-            raise
-        finally:
-            del self._connecting[address]
+
+        async def dial() -> Comm:
+            new = await connect(address, self.node.token)
+            new.info["role"] = "peer"
+            asyncio.ensure_future(new.run(lambda c, m, f: None))
+            self.peers[address] = new
+            return new
+        return await self._once(self._connecting, address, dial)
 
     async def ensure_local(self, oid: bytes, size: int, sources: list[tuple[str, str]]) -> None:
         """Make ``oid`` present in this node's store, pulling it if needed."""
         store = self.node.store
         if store.contains(oid) and store.is_sealed(oid):
             return
-        running = self.pulls.get(oid)
-        if running is not None:
-            await asyncio.shield(running)
-            return
-        fut = asyncio.get_event_loop().create_future()
-        self.pulls[oid] = fut
-        try:
-            await self._pull(oid, size, sources)
-            fut.set_result(None)
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()
-            raise
-        finally:
-            del self.pulls[oid]
+        await self._once(self.pulls, oid, lambda: self._pull(oid, size, sources))
 
     async def _pull(self, oid: bytes, size: int, sources: list[tuple[str, str]]) -> None:
         errors = []
