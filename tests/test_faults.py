@@ -283,3 +283,48 @@ def test_memory_guard_kills_a_runaway_worker_and_says_so(fresh_cluster):
     def fine():
         return 1
     assert flowcore.get(fine.remote(), timeout=60) == 1  # the node carries on
+
+
+def _child_memory_cgroup(name: str) -> tuple[str, dict[str, str]]:
+    """A new memory cgroup under this process's own (v2 or v1) and the files
+    that cap it at 64 MiB without swap.  The tests run as root (CI does)."""
+    for line in open("/proc/self/cgroup").read().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            d = os.path.join("/sys/fs/cgroup", path.lstrip("/"), name)
+            return d, {"memory.max": str(64 << 20), "memory.swap.max": "0"}
+        if "memory" in controllers.split(","):
+            d = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"), name)
+            return d, {"memory.limit_in_bytes": str(64 << 20),
+                       "memory.memsw.limit_in_bytes": str(64 << 20)}
+    raise AssertionError("no memory cgroup found in /proc/self/cgroup")
+
+
+def test_kernel_oom_kill_is_named(fresh_cluster):
+    """A worker the kernel's OOM killer ends (here inside a 64 MiB memory
+    cgroup of its own, so nothing else is at risk) is reported as such."""
+    fresh_cluster(num_cpus=1)
+    cg, limits = _child_memory_cgroup(f"flowcore-oom-test-{os.getpid()}")
+    os.makedirs(cg)
+    try:
+        @flowcore.remote(max_retries=0)
+        def blow_up(cg, limits):
+            import os
+            for f, v in limits.items():
+                if os.path.exists(os.path.join(cg, f)):
+                    with open(os.path.join(cg, f), "w") as fh:
+                        fh.write(v)
+            with open(os.path.join(cg, "cgroup.procs"), "w") as fh:
+                fh.write(str(os.getpid()))
+            return np.ones(256 << 17).sum()  # 256 MiB, touched
+        with pytest.raises(WorkerCrashedError) as ei:
+            flowcore.get(blow_up.remote(cg, limits), timeout=60)
+        text = str(ei.value)
+        assert "SIGKILL" in text and "out-of-memory killer" in text, text
+
+        @flowcore.remote
+        def fine():
+            return 1
+        assert flowcore.get(fine.remote(), timeout=60) == 1
+    finally:
+        os.rmdir(cg)

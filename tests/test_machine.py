@@ -1367,6 +1367,44 @@ def test_lost_put_object_reports_why_it_cannot_be_rebuilt() -> None:
     assert err.reason == "put" and err.object_id == oid.hex() and err.creator == "put"
 
 
+def test_lineage_over_its_memory_bound_evicts_the_oldest() -> None:
+    from flowcore.scheduler.lineage import PER_DEPENDENCY, SPEC_OVERHEAD
+    cost = SPEC_OVERHEAD + len(b"args") + PER_DEPENDENCY  # a task with one argument
+    c = Cluster(lineage_memory=2 * cost)  # room for two kept lineages
+    c.node("n1", CPU=2)
+    arg, _ = c.put(b"x" * 10, where="n1")  # puts have no lineage
+    tids = []
+    for _ in range(3):
+        t, _ = c.task(deps=(arg,), retries=2)
+        c.finish(t, where="n1")
+        tids.append(t)
+    # the first kept lineage went: its argument hold was released
+    first, second, third = (c.state.tasks[t] for t in tids)
+    assert first.lineage_evicted and not first.lineage_held and first.args is None
+    assert second.lineage_held and third.lineage_held
+    assert c.state.lineage_bytes == 2 * cost and c.state.counts["lineage_evicted"] == 1
+    assert "lineage_evicted" in [e["transition"] for e in c.state.log.for_task(tids[0])]
+    # losing the evicted task's output is reported, not rebuilt
+    c.state.node_died("n1", "killed")
+    obj = c.state.objects[object_id(tids[0])]
+    err = deserialize(obj.inline)
+    assert obj.state == "LOST" and err.reason == "lineage_evicted"
+    assert "FLOWCORE_LINEAGE_MEMORY" in str(err)
+    # the kept ones are being rebuilt (queued: no node left)
+    assert c.state.tasks[tids[2]].state in (TaskState.QUEUED, TaskState.WAITING_FOR_ARGS,
+                                            TaskState.INFEASIBLE)
+
+
+def test_pruned_lineage_gives_its_bytes_back() -> None:
+    c = Cluster()
+    c.node("n1", CPU=1)
+    a, _ = c.task()
+    c.finish(a, where="n1")
+    assert c.state.lineage_bytes > 0
+    c.decref(object_id(a))
+    assert c.state.tasks == {} and c.state.lineage_bytes == 0 and not c.state._lineage
+
+
 # ---------------------------------------------------------------- actors
 def test_calls_after_a_kill_wait_for_the_death_and_then_fail() -> None:
     from flowcore.exceptions import ActorDiedError

@@ -16,6 +16,7 @@ from typing import Any
 from .. import ids
 from .._version import __version__
 from ..protocol.comm import Comm, connect, serve
+from .oom import OomWatch
 from .pool import WorkerPool
 from .procs import WorkerProcess, start_worker
 from .transfer import Transfers
@@ -67,6 +68,7 @@ class NodeServer:
         limit = os.environ.get("FLOWCORE_WORKER_MEMORY_LIMIT")
         self.worker_memory_limit = int(limit) if limit else worker_memory_limit
         self._kill_reasons: dict[str, str] = {}
+        self._oom = OomWatch()
         self._ps: dict[int, Any] = {}
         self.head_grace = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
         self.heartbeat_interval = float(os.environ.get("FLOWCORE_HEARTBEAT_INTERVAL", "1.0"))
@@ -166,6 +168,7 @@ class NodeServer:
         except Exception as e:  # never let reporting kill the node
             stats = {"error": str(e)}
         self.head.send({"op": "heartbeat", "stats": stats})
+        self._oom.observe()  # forget OOM kills of other processes, long past
         asyncio.get_event_loop().call_later(self.heartbeat_interval, self._heartbeat)
 
     def stop(self) -> None:
@@ -231,7 +234,13 @@ class NodeServer:
 
     def _worker_exited(self, wid: str, how: str) -> None:
         proc = self.procs.pop(wid, None)
-        how = self._kill_reasons.pop(wid, how)
+        reason = self._kill_reasons.pop(wid, None)
+        if reason is not None:
+            how = reason
+        elif how == "killed by signal SIGKILL":
+            oom = self._oom.explain_sigkill()
+            if oom:
+                how = f"{how}, {oom}"
         if proc is not None:
             self._ps.pop(proc.pid, None)
         aid = self.actor_workers.pop(wid, None)

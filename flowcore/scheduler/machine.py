@@ -20,6 +20,7 @@ from .. import ids
 from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError)
 from .actors import ActorRecord, ActorsMixin
+from .lineage import LineageMixin
 from .states import EventLog, TaskState, transition_name
 
 S = TaskState
@@ -85,7 +86,7 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held")
+                 "ahead", "lineage_held", "lineage_evicted")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -101,6 +102,7 @@ class TaskRecord:
         self.error_text: str | None = None   # the failure's message, for views
         self.ahead = False   # sent to its node before resources there were free
         self.lineage_held = False  # finished, arguments kept for re-execution
+        self.lineage_evicted = False  # ... and then dropped to bound lineage memory
         self.deps: list[bytes] = spec.get("deps") or []
         self.missing: set[bytes] = set()
         self.nested: list[bytes] = spec.get("nested") or []
@@ -173,12 +175,13 @@ class ObjectRecord:
                 "owner": self.owner, "created": self.created}
 
 
-class SchedulerState(ActorsMixin):
+class SchedulerState(ActorsMixin, LineageMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
                  history_size: int = 10_000, locality_min_bytes: int = 1 << 20,
                  lineage: bool = True, replicate_puts: bool = True,
+                 lineage_memory: int = 512 << 20,
                  error_payload: Callable[[BaseException], bytes] = default_error_payload):
         self.nodes: dict[str, NodeRecord] = {}
         self.functions: dict[bytes, dict] = {}
@@ -204,6 +207,7 @@ class SchedulerState(ActorsMixin):
         self.named: dict[tuple[str, str], bytes] = {}
         self.dead_actors: deque[bytes] = deque()
         self.lineage = lineage
+        self._init_lineage(lineage_memory)
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
         self._releasing = False
@@ -307,65 +311,6 @@ class SchedulerState(ActorsMixin):
         self._schedule()
         out, self.out = self.out, []
         return out
-
-    # ------------------------------------------------------------ lineage
-    def _object_lost(self, obj: ObjectRecord, why: str) -> None:
-        """Every copy of ``obj`` is gone: re-run the task that made it (and,
-        recursively, the makers of its lost arguments), or say why not."""
-        if obj.state != READY or obj.inline is not None or obj.nodes:
-            return
-        t = self.tasks.get(ids.task_of(obj.oid))
-        reason = code = None
-        if t is None:
-            if obj.owner is not None and ids.index_of(obj.oid) == 0:
-                reason, code = "it was created with put(), which cannot be re-run", "put"
-            else:
-                reason, code = "the task that made it is no longer known", "unknown_producer"
-        elif t.kind != "task":
-            reason, code = "it was made by an actor call, which is not re-run", "actor_call"
-        elif not t.lineage_held:
-            reason, code = "its lineage (the task's arguments) was not kept", "lineage_evicted"
-        elif t.retries_left <= 0:
-            reason = f"rebuilding it ran out of retries (max_retries of task {t.name})"
-            code = "retries_exhausted"
-        if reason is not None:
-            obj.state = LOST
-            obj.error = True
-            obj.inline = self.error_payload(ObjectLostError(
-                f"object {obj.oid.hex()} (from {t.name if t else 'put'}) was lost: {why}; "
-                f"it cannot be rebuilt: {reason}", reason=code or "",
-                object_id=obj.oid.hex(), creator=t.name if t else "put"))
-            self._notify_ready(obj)
-            return
-        if t.state == S.FINISHED:
-            self._reconstruct(t, why)
-        obj.state = PENDING
-
-    def _reconstruct(self, t: TaskRecord, why: str) -> None:
-        t.retries_left -= 1
-        self.counts["reconstructed"] = self.counts.get("reconstructed", 0) + 1
-        for oid in t.returns():
-            r = self.objects.get(oid)
-            if r is not None and r.inline is None and not r.nodes:
-                r.state = PENDING
-        t.missing = set()
-        for oid in t.deps:
-            dep = self.objects.get(oid)
-            if dep is None:
-                continue
-            if dep.state == READY and dep.inline is None and not dep.nodes:
-                self._object_lost(dep, why)  # rebuild the argument first
-            if dep.state != READY:
-                t.missing.add(oid)
-                dep.dependents.append(t.tid)
-        t.node = None
-        if t.missing:
-            self._transition(t, S.WAITING_FOR_ARGS,
-                             f"re-running to rebuild a lost result ({why}); waiting for "
-                             f"{len(t.missing)} lost argument(s)")
-        else:
-            self._transition(t, S.QUEUED, f"re-running to rebuild a lost result ({why})")
-            self.queues.setdefault(t.shape, deque()).append(t.tid)
 
     def _cancel_owned_tasks(self, cid: str) -> None:
         for t in list(self.tasks.values()):
@@ -494,6 +439,7 @@ class SchedulerState(ActorsMixin):
             del self.tasks[t.tid]
             if t.lineage_held:
                 t.lineage_held = False
+                self._forget_lineage(t.tid)
                 # released through the iterative free loop (long lineage chains)
                 self._pending_release.extend(t.deps)
                 self._pending_release.extend(t.nested)
@@ -808,7 +754,7 @@ class SchedulerState(ActorsMixin):
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
             # lineage: the arguments stay held while any output of the task is
             # referenced, so a lost output can be rebuilt by running it again
-            t.lineage_held = True
+            self._keep_lineage(t)
         else:
             self._release(t.deps)
             self._release(t.nested)

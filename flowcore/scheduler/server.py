@@ -20,6 +20,21 @@ _QUERY_OPS = ("explain", "cluster_resources", "available_resources", "list_nodes
               "graph", "history")
 
 
+def lineage_memory_from_env() -> int:
+    """FLOWCORE_LINEAGE_MEMORY: bytes of lineage the head keeps (default 512 MiB)."""
+    raw = os.environ.get("FLOWCORE_LINEAGE_MEMORY", "")
+    if not raw:
+        return 512 << 20
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise ValueError(f"FLOWCORE_LINEAGE_MEMORY={raw!r} is not a positive number of "
+                         f"bytes; set it to e.g. {512 << 20} or unset it")
+    return value
+
+
 class HeadServer:
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0,
                  session_dir: str | None = None):
@@ -28,7 +43,7 @@ class HeadServer:
         self.port = port
         self.session_dir = session_dir
         self.dashboard_url: str | None = None  # set by the dashboard when it serves
-        self.state = SchedulerState()
+        self.state = SchedulerState(lineage_memory=lineage_memory_from_env())
         self.comms: dict[str, Comm] = {}
         self.server = None
         self.address = ""
