@@ -165,9 +165,17 @@ def _connect_existing(address: str, token: str) -> Any:
     finally:
         probe.close()
     host = socket.gethostname()
-    local = [n for n in nodes if n.get("alive") and n.get("hostname") == host]
-    node_address = local[0]["address"] if local else None
-    client = CoreClient(address, token.encode(), node_address)
+    alive = [n for n in nodes if n.get("alive")]
+    wire = os.environ.get("FLOWCORE_CLIENT_MODE", "") not in ("", "0")
+    local = [] if wire else [n for n in alive if n.get("hostname") == host]
+    if local:  # attach to this host's store: objects shared without copies
+        node_address, remote = local[0]["address"], False
+    elif alive:  # client mode: objects travel over the connection to a node
+        gateway = max(alive, key=lambda n: n.get("resources_available", {}).get("CPU", 0.0))
+        node_address, remote = gateway["address"], True
+    else:
+        node_address, remote = None, False
+    client = CoreClient(address, token.encode(), node_address, remote_store=remote)
     client.start()
     return client
 

@@ -34,16 +34,23 @@ INLINE_MAX = 100 * 1024
 GET_WARN_AFTER: float | None = float(os.environ.get("FLOWCORE_GET_WARN_AFTER", "60")) or None
 if GET_WARN_AFTER is not None and GET_WARN_AFTER <= 0:
     GET_WARN_AFTER = None
+#: client mode: objects move over the node connection in chunks of this
+#: many bytes, with at most WIRE_WINDOW chunks unanswered
+WIRE_CHUNK = 4 << 20
+WIRE_WINDOW = 8
 #: more unfinished submissions than this from one client block .remote()
 MAX_PENDING_TASKS = 200_000
 
 
 class CoreClient:
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
-                 kind: str = "driver", wid: str | None = None):
+                 kind: str = "driver", wid: str | None = None, remote_store: bool = False):
         self.head_address = head_address
         self.token = token
         self.node_address = node_address
+        # the node is on another host (or its shared memory is out of reach):
+        # objects travel over the connection instead of through a mapping
+        self.remote_store = remote_store
         self.kind = kind
         self.wid = wid
         self.client_id = ""
@@ -380,6 +387,9 @@ class CoreClient:
             if r.get("full"):
                 raise ObjectStoreFullError(r["error"])
             raise FlowcoreError(f"cannot create object in the store: {r['error']}")
+        if self.remote_store:
+            self._upload(oid, s)
+            return
         loc = Location.from_wire(r["loc"])
         try:
             view = self._mapping().writable(loc)
@@ -390,8 +400,64 @@ class CoreClient:
             raise
         self.send("node", {"op": "seal", "oid": oid})
 
+    def _upload(self, oid: bytes, s: Any) -> None:
+        """Fill the created object ``oid`` over the node connection (client
+        mode): chunks with a bounded number unacknowledged, then seal."""
+        data = bytearray(s.total_size)
+        s.write_to(memoryview(data))
+        view = memoryview(data)
+
+        async def upload() -> str | None:
+            self._drain()  # after the messages queued before
+            node = self.node
+            if node is None:
+                raise ConnectionError("no connection to the node")
+            pending: deque[asyncio.Future] = deque()
+            error = None
+            for start in range(0, len(view), WIRE_CHUNK):
+                if len(pending) >= WIRE_WINDOW:
+                    error = error or (await pending.popleft()).get("error")
+                fut = node.request_with_frames({"op": "write_chunk", "oid": oid,
+                                                 "start": start},
+                                                [view[start:start + WIRE_CHUNK]])
+                pending.append(fut)
+            while pending:
+                error = error or (await pending.popleft()).get("error")
+            node.send({"op": "abort" if error else "seal", "oid": oid})
+            return error
+        error = asyncio.run_coroutine_threadsafe(upload(), self.loop).result()
+        if error:
+            raise FlowcoreError(f"cannot write object {oid.hex()} to node {self.node_id}: "
+                                f"{error}")
+
+    def _download(self, oid: bytes, size: int) -> bytearray:
+        """Read the pinned object ``oid`` over the node connection (client mode)."""
+        async def download() -> bytearray:
+            node = self.node
+            if node is None:
+                raise ConnectionError("no connection to the node")
+            out = bytearray(size)
+            pending: deque[tuple[int, asyncio.Future]] = deque()
+            offset = 0
+            while offset < size or pending:
+                while offset < size and len(pending) < WIRE_WINDOW:
+                    n = min(WIRE_CHUNK, size - offset)
+                    pending.append((offset, node.request(
+                        {"op": "fetch_chunk", "oid": oid, "start": offset, "length": n})))
+                    offset += n
+                start, fut = pending.popleft()
+                reply = await fut
+                if "error" in reply:
+                    raise ObjectLostError(f"object {oid.hex()} could not be read from node "
+                                          f"{self.node_id}: {reply['error']}")
+                chunk = reply["_data"][0]
+                out[start:start + len(chunk)] = chunk
+            return out
+        return asyncio.run_coroutine_threadsafe(download(), self.loop).result()
+
     def has_store(self) -> bool:
-        """Whether this process is attached to a node's object store."""
+        """Whether this process can keep objects in a node's store (its own
+        host's, mapped; or, in client mode, a node's over the connection)."""
         return self.node is not None
 
     def _mapping(self) -> Any:
@@ -566,6 +632,12 @@ class CoreClient:
                 return self.value_of(info)
         else:
             raise ObjectLostError(r["error"])
+        if self.remote_store:
+            try:
+                data = self._download(oid, info["size"])
+            finally:
+                self.send("node", {"op": "unpin", "oids": [oid]})
+            return deserialize(memoryview(data))
         loc = Location.from_wire(r["loc"])
 
         def release(oid: bytes = oid) -> None:  # a finaliser: no locks

@@ -394,6 +394,15 @@ class NodeServer:
                 return
             self.creating.add(oid)
             comm.reply(msg, loc=loc.to_wire())
+        elif op == "write_chunk":  # a client-mode driver fills an object it created
+            try:
+                if store.owner_of(msg["oid"]) != cid:
+                    raise ValueError("only the client that created an object may write it")
+                store.write_chunk(msg["oid"], msg["start"], frames[msg["_frames"][0]])
+            except Exception as e:
+                comm.reply(msg, error=f"{type(e).__name__}: {e}")
+                return
+            comm.reply(msg)
         elif op == "seal":
             store.seal(msg["oid"])
             self.sealed(msg["oid"])

@@ -187,6 +187,10 @@ class ObjectStore:
     def is_sealed(self, oid: bytes) -> bool:
         return self._entry(oid).sealed
 
+    def owner_of(self, oid: bytes) -> str:
+        """The client that created ``oid``."""
+        return self._entry(oid).creator
+
     def size_of(self, oid: bytes) -> int:
         return self._entry(oid).size
 

@@ -302,6 +302,18 @@ class Comm(asyncio.Protocol):
         self.send(msg)
         return fut
 
+    def request_with_frames(self, msg: dict, bufs: list) -> "asyncio.Future[dict]":
+        """``request`` carrying binary frames (sent without a copy here)."""
+        rid = next(self._rids)
+        msg["rid"] = rid
+        fut = self._loop.create_future()
+        if self.closed:
+            fut.set_exception(ConnectionError(f"connection to {self.peer} closed"))
+            return fut
+        self._pending[rid] = fut
+        self.send_with_frames(msg, bufs)
+        return fut
+
     def reply(self, msg: dict, **fields: Any) -> None:
         out = {"op": "reply", "rid": msg.get("rid")}
         out.update(fields)
