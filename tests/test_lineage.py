@@ -25,8 +25,9 @@ def test_evicted_lineage_is_named_when_its_output_is_lost(private_cluster, monke
     on_b = make.options(scheduling_strategy=flowcore.NodeAffinitySchedulingStrategy(b, soft=True))
     pad = b"p" * 5000
     old = on_b.remote(pad, 1)
+    assert flowcore.wait([old], timeout=60, fetch_local=False)[1] == []  # kept first
     new = on_b.remote(pad, 2)
-    assert flowcore.wait([old, new], num_returns=2, timeout=60)[1] == []
+    assert flowcore.wait([new], timeout=60, fetch_local=False)[1] == []
     cluster.kill_node(b)
     # the newest lineage was kept: its output is rebuilt on the surviving node
     assert float(flowcore.get(new, timeout=60)[0]) == 2.0

@@ -38,6 +38,9 @@ if GET_WARN_AFTER is not None and GET_WARN_AFTER <= 0:
 #: many bytes, with at most WIRE_WINDOW chunks unanswered
 WIRE_CHUNK = 4 << 20
 WIRE_WINDOW = 8
+#: tasks whose arguments are all on this process's node are offered to that
+#: node first (FLOWCORE_LOCAL_FIRST=0 sends every task through the head)
+LOCAL_FIRST = os.environ.get("FLOWCORE_LOCAL_FIRST", "1") not in ("0", "")
 #: more unfinished submissions than this from one client block .remote()
 MAX_PENDING_TASKS = 200_000
 
@@ -343,8 +346,39 @@ class CoreClient:
             self.pending_tasks += 1
             self.expected.update(oids)
         refs = [ObjectRef(oid, self, counted=True) for oid in oids]
+        run = self._local_run(spec) if LOCAL_FIRST and not self.remote_store \
+            and self.has_store() else None
+        if run is not None:
+            # local-first: our node starts it at once if it fits there; the
+            # head records it and places it only if the node declines
+            self.send("node", {"op": "submit_local", "task": run})
+            spec = dict(spec, local=self.node_id)
         self.send("head", {"op": "submit", "tasks": [spec]})
         return refs
+
+    def _local_run(self, spec: dict) -> dict | None:
+        """The node's ``run_task`` message for ``spec`` when it may start on
+        this process's node: a plain task, no strategy naming another place,
+        every argument ready and inline or in this node's store."""
+        strategy = spec.get("strategy")
+        if spec.get("kind", "task") != "task" or spec.get("actor") is not None or (
+                strategy is not None and not (
+                    isinstance(strategy, (list, tuple)) and strategy[0] == "node"
+                    and strategy[1] == self.node_id)):
+            return None
+        deps = []
+        ready = self.ready
+        for oid in spec.get("deps") or ():
+            info = ready.get(oid)
+            if info is None or info.get("error") or (
+                    info.get("inline") is None and self.node_id not in info.get("nodes", ())):
+                return None
+            deps.append(info)
+        return {"tid": spec["tid"], "fid": spec["fid"], "name": spec.get("name", "?"),
+                "args": spec.get("args"), "args_dep": spec.get("args_dep"), "deps": deps,
+                "nret": spec.get("nret", 1), "res": spec.get("res") or {},
+                "retry_exc": spec.get("retry_exc", False), "owner": self.client_id,
+                "attempt": 1}
 
     def _wait_pending_room(self) -> None:
         """Block a submitter until fewer tasks are pending (lock held)."""
@@ -387,6 +421,8 @@ class CoreClient:
             if r.get("full"):
                 raise ObjectStoreFullError(r["error"])
             raise FlowcoreError(f"cannot create object in the store: {r['error']}")
+        if r.get("exists"):
+            return  # a re-run whose result was already copied here
         if self.remote_store:
             self._upload(oid, s)
             return

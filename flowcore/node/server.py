@@ -386,6 +386,16 @@ class NodeServer:
         store = self.store
         if op == "create":
             oid = msg["oid"]
+            if store.contains(oid):
+                # a re-run of a task (rebuilding a lost result) can find a copy
+                # here that was being pulled: wait for the pull, then use it
+                pull = self.transfers.pulls.get(oid)
+                if pull is not None:
+                    asyncio.ensure_future(self._create_after_pull(comm, msg, pull))
+                    return
+                if store.is_sealed(oid):
+                    comm.reply(msg, exists=True)
+                    return
             try:
                 loc = store.create(oid, msg["size"], cid)
             except Exception as e:  # ObjectStoreFullError and bad requests
@@ -394,6 +404,8 @@ class NodeServer:
                 return
             self.creating.add(oid)
             comm.reply(msg, loc=loc.to_wire())
+        elif op == "submit_local":
+            self._submit_local(msg["task"])
         elif op == "write_chunk":  # a client-mode driver fills an object it created
             try:
                 if store.owner_of(msg["oid"]) != cid:
@@ -444,6 +456,31 @@ class NodeServer:
             comm.reply(msg, store=store.stats(), pool=self.pool.snapshot())
         else:
             logger.warning("unknown op %r from local client %s", op, cid)
+
+    async def _create_after_pull(self, comm: Comm, msg: dict, pull: asyncio.Future) -> None:
+        try:
+            await asyncio.shield(pull)
+        except Exception:
+            pass  # the pull failed and removed its partial copy: create anew
+        if not comm.closed:
+            self._on_client_message(comm, msg, [])
+
+    def _submit_local(self, task: dict) -> None:
+        """Local-first: a task from a client on this node, its arguments all
+        here or inline. Start it now if it fits and nothing waits ahead of it;
+        either way tell the head (which holds it until it hears)."""
+        store = self.store
+        start = (not self._stopping and self.head is not None and not self.pool.queue
+                 and self.pool._fits(task.get("res") or {})
+                 and all(d.get("inline") is not None
+                         or (store.contains(d["oid"]) and store.is_sealed(d["oid"]))
+                         for d in task["deps"]))
+        if self.head is not None:
+            self.head.send({"op": "local_verdict", "tid": task["tid"], "started": start})
+        if start:
+            task["op"] = "run_task"
+            task["local"] = True
+            self._act(self.pool.task_arrived(task))
 
     def sealed(self, oid: bytes) -> None:
         """``oid`` was sealed here (by a local writer or a pull): serve its waiters."""

@@ -220,6 +220,8 @@ class Worker:
                "started": task.get("_started")}
         if status == "error" and results:
             msg["error_text"] = results[0].get("text")
+        if task.get("local"):
+            msg["local"] = True  # the head may not have recorded it as running yet
         self.client.send("head", msg)
 
     # ------------------------------------------------------------ actors

@@ -21,6 +21,7 @@ from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCa
                           WorkerCrashedError)
 from .actors import ActorRecord, ActorsMixin
 from .lineage import LineageMixin
+from .local_first import LocalFirstMixin
 from .states import EventLog, TaskState, transition_name
 
 S = TaskState
@@ -175,7 +176,7 @@ class ObjectRecord:
                 "owner": self.owner, "created": self.created}
 
 
-class SchedulerState(ActorsMixin, LineageMixin):
+class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
@@ -208,6 +209,7 @@ class SchedulerState(ActorsMixin, LineageMixin):
         self.dead_actors: deque[bytes] = deque()
         self.lineage = lineage
         self._init_lineage(lineage_memory)
+        self._init_local_first()
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
         self._releasing = False
@@ -352,6 +354,7 @@ class SchedulerState(ActorsMixin, LineageMixin):
                 if not obj.nodes and obj.inline is None and obj.state == READY:
                     lost.append(obj)
         del self.nodes[node_id]
+        self._local_node_died(node_id)
         for obj in lost:
             self._object_lost(obj, f"its only copy was on node {node.name}, which died "
                                    f"({cause})")
@@ -563,6 +566,8 @@ class SchedulerState(ActorsMixin, LineageMixin):
             refs.add(oid)
         self._hold(t.deps)
         self._hold(t.nested)
+        if spec.get("local") and t.kind == "task":
+            self._note_local_offer(t, spec["local"])
         if t.kind == "call" and not self._actor_call_submitted(t):
             actor = self.actors.get(t.actor or b"")
             why = actor.cause if actor is not None else "unknown actor"
@@ -604,6 +609,8 @@ class SchedulerState(ActorsMixin, LineageMixin):
     def _enqueue(self, t: TaskRecord, cause: str) -> None:
         if t.kind == "call":
             self._actor_call_ready(t, cause)
+            return
+        if self._local_offers and self._offered(t, cause):
             return
         if not self._could_run_somewhere(t) and self.nodes:
             if t.state is None:
@@ -763,6 +770,7 @@ class SchedulerState(ActorsMixin, LineageMixin):
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
         if t is None or t.state != S.RUNNING:
+            self._early_task_done(source, msg)
             return
         status = msg.get("status", "ok")
         if "pid" in msg:

@@ -35,6 +35,10 @@ def lineage_memory_from_env() -> int:
     return value
 
 
+#: seconds a worker's request for a function not (yet) registered is held
+FUNCTION_WAIT = 30.0
+
+
 class HeadServer:
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0,
                  session_dir: str | None = None):
@@ -51,6 +55,7 @@ class HeadServer:
         self.stopped = asyncio.Event()
         self._next_client = 0
         self.node_timeout = float(os.environ.get("FLOWCORE_NODE_TIMEOUT", "30"))
+        self._function_waiters: dict[bytes, list[tuple[Comm, dict]]] = {}
 
     async def start(self) -> str:
         self.server, self.port = await serve(self.token, self._on_comm, self.host, self.port,
@@ -128,7 +133,18 @@ class HeadServer:
         op = msg["op"]
         src = comm.info["id"]
         if op == "get_function":
-            comm.reply(msg, blob=self.state.function_blob(msg["fid"]))
+            blob = self.state.function_blob(msg["fid"])
+            if blob is None:
+                # a task started on its submitter's node may ask before the
+                # submitter's registration (another connection) is read
+                self._function_waiters.setdefault(msg["fid"], []).append((comm, msg))
+                asyncio.get_event_loop().call_later(
+                    FUNCTION_WAIT, self._answer_function_waiters, msg["fid"])
+                return
+            comm.reply(msg, blob=blob)
+        elif op == "register_function":
+            self._deliver(self.state.handle(src, msg))
+            self._answer_function_waiters(msg["fid"])
         elif op in _QUERY_OPS:
             try:
                 result = self._query(op, msg, src)
@@ -149,6 +165,11 @@ class HeadServer:
                 logger.exception("error handling %s from %s", op, src)
                 return
             self._deliver(out)
+
+    def _answer_function_waiters(self, fid: bytes) -> None:
+        blob = self.state.function_blob(fid)
+        for comm, msg in self._function_waiters.pop(fid, ()):
+            comm.reply(msg, blob=blob)
 
     def _query(self, op: str, msg: dict, src: str | None = None) -> Any:
         s = self.state

@@ -39,7 +39,9 @@ TRANSITIONS: dict[tuple[TaskState | None, TaskState], str] = {
     (S.WAITING_FOR_ARGS, S.QUEUED): "args_ready",
     (S.WAITING_FOR_ARGS, S.FAILED): "dependency_failed",
     (S.WAITING_FOR_ARGS, S.CANCELLED): "cancel_waiting",
+    (S.WAITING_FOR_ARGS, S.RUNNING): "started_locally",  # its node had the arguments first
     (S.QUEUED, S.RUNNING): "dispatch",
+    (S.QUEUED, S.QUEUED): "local_declined",  # offered to the submitter's node, placed by the head
     (S.QUEUED, S.INFEASIBLE): "mark_infeasible",
     (S.QUEUED, S.CANCELLED): "cancel_queued",
     (S.QUEUED, S.FAILED): "fail_queued",

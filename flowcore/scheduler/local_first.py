@@ -1,0 +1,118 @@
+"""Local-first dispatch in the head's state machine (a mixin of ``SchedulerState``).
+
+A client attached to node N (a driver on N's machine, or a worker of N)
+whose task has every argument ready and on N (or inline) sends the task two
+ways at once: to the head as a normal submission marked ``local=N``, and to
+N itself.  N starts it at once when it fits there and nothing is queued
+ahead of it, or declines; either way N tells the head (``local_verdict``).
+
+The head records the task on arrival (the DAG, reference counts and lineage
+are the same as for any task) but does not place it: it stays QUEUED,
+"offered to node N", until the verdict comes.  Started: the task is RUNNING
+on N and N's resources are taken, as if the head had placed it there.
+Declined, or N died first: the head places it as usual.
+
+The three messages travel on different connections (submitter -> head,
+N -> head, and the worker's ``task_done``), so they may arrive in any
+order: a verdict or a ``task_done`` that comes before its submission waits
+in a small bounded table until it does.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from .states import TaskState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .machine import TaskRecord
+
+S = TaskState
+EARLY_LIMIT = 10_000  # verdicts / results held for submissions not yet seen
+
+
+class LocalFirstMixin:
+    def _init_local_first(self) -> None:
+        self._local_offers: dict[bytes, str] = {}            # tid -> node id
+        self._early_verdicts: OrderedDict[bytes, tuple[str, bool]] = OrderedDict()
+        self._early_done: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
+
+    @staticmethod
+    def _remember(table: OrderedDict, key: bytes, value: object) -> None:
+        table[key] = value
+        while len(table) > EARLY_LIMIT:
+            table.popitem(last=False)
+
+    def _note_local_offer(self, t: "TaskRecord", node_id: str) -> None:
+        """``t`` was also sent to its submitter's node ``node_id``."""
+        self._local_offers[t.tid] = node_id
+
+    def _offered(self, t: "TaskRecord", cause: str) -> bool:
+        """Called when ``t`` is ready to be placed: if its node may be
+        starting it, wait for the verdict instead (True)."""
+        node_id = self._local_offers.get(t.tid)
+        if node_id is None:
+            return False
+        node = self.nodes.get(node_id)
+        name = node.name if node is not None else node_id
+        self._transition(t, S.QUEUED, f"{cause}; offered to node {name} to start locally")
+        early = self._early_verdicts.pop(t.tid, None)
+        if early is not None:
+            self._apply_local_verdict(t, *early)
+        return True
+
+    def handle_local_verdict(self, source: str, msg: dict) -> None:
+        t = self.tasks.get(msg["tid"])
+        if t is None:
+            self._remember(self._early_verdicts, msg["tid"], (source, bool(msg["started"])))
+            return
+        self._apply_local_verdict(t, source, bool(msg["started"]))
+
+    def _apply_local_verdict(self, t: "TaskRecord", node_id: str, started: bool) -> None:
+        if self._local_offers.get(t.tid) != node_id:
+            return
+        del self._local_offers[t.tid]
+        if t.state not in (S.QUEUED, S.WAITING_FOR_ARGS):
+            return  # failed or cancelled meanwhile
+        node = self.nodes.get(node_id)
+        if node is None or not node.alive:
+            started = False
+        if not started:
+            if t.state == S.QUEUED:
+                why = (f"node {node.name} had no room to start it at once" if node is not None
+                       and node.alive else f"node {node_id} died before starting it")
+                self._enqueue(t, f"{why}; placed by the head")
+            return  # still waiting for arguments: placed when they are ready
+        # the node found every argument in its store, even if the head has
+        # not heard of one being ready yet
+        t.missing.clear()
+        node.take(t.res)
+        node.running.add(t.tid)
+        t.node = node.node_id
+        t.attempt += 1
+        t.started = time.time()
+        self.counts["local_first"] = self.counts.get("local_first", 0) + 1
+        self._transition(t, S.RUNNING, f"started locally on node {node.name} (local-first)")
+        done = self._early_done.pop(t.tid, None)
+        if done is not None:
+            self.handle_task_done(*done)
+
+    def _early_task_done(self, source: str, msg: dict) -> bool:
+        """A ``task_done`` of a locally started task that the head has not
+        recorded as running yet: keep it for when it has."""
+        if not msg.get("local"):
+            return False
+        t = self.tasks.get(msg["tid"])
+        if t is None or t.tid in self._local_offers:
+            self._remember(self._early_done, msg["tid"], (source, msg))
+            return True
+        return False
+
+    def _local_node_died(self, node_id: str) -> None:
+        """Offers to a dead node are placed by the head."""
+        for tid, nid in list(self._local_offers.items()):
+            if nid == node_id:
+                t = self.tasks.get(tid)
+                if t is not None:
+                    self._apply_local_verdict(t, node_id, False)
