@@ -40,9 +40,10 @@ MAX_PENDING_TASKS = 200_000
 
 class CoreClient:
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
-                 kind: str = "driver", wid: str | None = None):
+                 kind: str = "driver", wid: str | None = None, tls: Any = None):
         self.head_address = head_address
         self.token = token
+        self.tls = tls  # a protocol.tls.TLSConfig, or None for plain TCP
         self.node_address = node_address
         self.kind = kind
         self.wid = wid
@@ -101,7 +102,7 @@ class CoreClient:
         self.loop.run_forever()
 
     async def _connect_node(self) -> tuple[Comm, dict]:
-        node = await connect(self.node_address or "", self.token)
+        node = await connect(self.node_address or "", self.token, tls=self.tls)
         asyncio.ensure_future(self._read(node, "node"))
         r = await node.request({"op": "register_client", "pid": os.getpid()})
         return node, r
@@ -109,7 +110,7 @@ class CoreClient:
     async def _connect(self) -> None:
         # the node and the head are reached at the same time
         node_task = asyncio.ensure_future(self._connect_node()) if self.node_address else None
-        self.head = await connect(self.head_address, self.token)
+        self.head = await connect(self.head_address, self.token, tls=self.tls)
         asyncio.ensure_future(self._read(self.head, "head"))
         reply = await self.head.request({"op": "register_client", "kind": self.kind,
                                          "pid": os.getpid(), "wid": self.wid})
