@@ -26,6 +26,7 @@ also how a node hands them to its worker processes).
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from typing import Any, Mapping
 
@@ -59,13 +60,13 @@ class TLSConfig:
             ctx.load_cert_chain(self.cert, self.key)
         except ssl.SSLError as e:
             raise ValueError(f"{names[0]} {self.cert} with {names[1]} {self.key}: not a PEM "
-                             f"certificate and its matching private key ({e.reason or e})"
+                             f"certificate and its matching private key ({_reason(e)})"
                              ) from None
         try:
             ctx.load_verify_locations(cafile=self.ca)
         except ssl.SSLError as e:
             raise ValueError(f"{names[2]} {self.ca}: not a PEM CA certificate "
-                             f"({e.reason or e})") from None
+                             f"({_reason(e)})") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
         if protocol == ssl.PROTOCOL_TLS_CLIENT:
             ctx.check_hostname = False  # verified against the cluster's CA only
@@ -148,6 +149,11 @@ def _path(v: Any, where: str) -> str | None:
     if isinstance(v, os.PathLike):
         return os.fspath(v)  # type: ignore[return-value]
     raise TypeError(f"{where}: paths must be strings, got {type(v).__name__}")
+
+
+def _reason(e: ssl.SSLError) -> str:
+    text = e.reason or (e.args[1] if len(e.args) > 1 else str(e))
+    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", str(text)).replace("[SSL] ", "")
 
 
 def add_flags(parser: Any) -> None:
