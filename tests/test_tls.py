@@ -339,3 +339,27 @@ def test_cli_head_with_flags_and_node_with_environment(certs, tmp_path):
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
+
+
+def test_embedded_cluster_takes_tls_from_the_environment(certs, tmp_path):
+    """A driver with FLOWCORE_TLS_* set and a plain init(): its embedded head,
+    node and workers all run under TLS."""
+    script = (
+        "import flowcore, ssl\n"
+        "from flowcore.api import _require_client\n"
+        f"flowcore.init(num_cpus=1, object_store_memory={64 << 20}, session_dir={str(tmp_path)!r})\n"
+        "@flowcore.remote\n"
+        "def worker_link():\n"
+        "    from flowcore.objects.ref import current_client\n"
+        "    return type(current_client().conns['head'].sock).__name__\n"
+        "c = _require_client()\n"
+        "print(flowcore.get(worker_link.remote(), timeout=60),\n"
+        "      c.head.transport.get_extra_info('ssl_object') is not None, flush=True)\n"
+        "flowcore.shutdown()\n")
+    env = {**{k: v for k, v in os.environ.items() if k not in tls.ENV_VARS},
+           **tls.resolve(certs["good"]).env(), "FLOWCORE_QUIET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=90, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["SSLSocket", "True"]
+    assert "requires TLS" not in open(os.path.join(tmp_path, "logs", "head.log")).read()
