@@ -133,9 +133,9 @@ def test_tasks_and_object_pulls_between_nodes_run_over_tls(tls_cluster):
 def test_every_listener_speaks_only_tls(tls_cluster, certs):
     from flowcore.api import _require_client
     driver = _require_client()
+    assert driver.head is not None and driver.node is not None
     for comm in (driver.head, driver.node):
-        if comm is not None:
-            assert comm.transport.get_extra_info("ssl_object") is not None
+        assert comm.transport.get_extra_info("ssl_object") is not None
     ctx = tls.resolve(certs["good"]).client_context()
     for address in [tls_cluster.address, *(n.address for n in tls_cluster.nodes)]:
         host, port = _hostport(address)
@@ -347,7 +347,8 @@ def test_embedded_cluster_takes_tls_from_the_environment(certs, tmp_path):
     script = (
         "import flowcore, ssl\n"
         "from flowcore.api import _require_client\n"
-        f"flowcore.init(num_cpus=1, object_store_memory={64 << 20}, session_dir={str(tmp_path)!r})\n"
+        f"flowcore.init(num_cpus=1, object_store_memory={64 << 20},\n"
+        f"              session_dir={str(tmp_path)!r})\n"
         "@flowcore.remote\n"
         "def worker_link():\n"
         "    from flowcore.objects.ref import current_client\n"

@@ -440,10 +440,18 @@ class TLSListener:
         try:
             await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ctx,
                                                      ssl_handshake_timeout=AUTH_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as e:
-            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
-            logger.warning("%s: refused a connection from %s: TLS handshake failed (%s)",
-                           self.name, peer, reason)
+        except Exception as e:  # noqa: BLE001 - one bad peer never stops the server
+            if isinstance(e, ssl.SSLCertVerificationError):
+                why = (f"its certificate is not signed by this cluster's CA "
+                       f"({e.verify_message or e.reason})")
+            elif isinstance(e, ssl.SSLError):
+                why = f"TLS handshake failed ({e.reason or e})"
+            elif isinstance(e, (ConnectionError, EOFError)):
+                why = ("it hung up during the TLS handshake (does it trust this cluster's "
+                       "CA?)")
+            else:
+                why = f"TLS handshake failed ({str(e) or type(e).__name__})"
+            logger.warning("%s: refused a connection from %s: %s", self.name, peer, why)
             conn.close()
 
     def _silent(self, conn: socket.socket, peer: str) -> None:
