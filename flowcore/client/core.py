@@ -24,6 +24,7 @@ from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
 from ..protocol.comm import Comm, connect
+from ..protocol.tls import TLSConfig
 
 logger = logging.getLogger("flowcore.client")
 
@@ -40,7 +41,7 @@ MAX_PENDING_TASKS = 200_000
 
 class CoreClient:
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
-                 kind: str = "driver", wid: str | None = None, tls: Any = None):
+                 kind: str = "driver", wid: str | None = None, tls: TLSConfig | None = None):
         self.head_address = head_address
         self.token = token
         self.tls = tls  # a protocol.tls.TLSConfig, or None for plain TCP

@@ -15,8 +15,8 @@ from typing import Any
 
 from .. import ids
 from .._version import __version__
-from ..protocol.tls import strip_env
 from ..protocol.comm import Comm, connect, serve
+from ..protocol.tls import TLSConfig, strip_env
 from .pool import WorkerPool
 from .procs import WorkerProcess, start_worker
 from .transfer import Transfers
@@ -30,7 +30,7 @@ class NodeServer:
                  object_store_memory: int, session_dir: str, host: str = "127.0.0.1",
                  name: str | None = None, max_workers: int | None = None,
                  worker_env: dict[str, str] | None = None, worker_cwd: str | None = None,
-                 worker_memory_limit: int | None = None, tls: Any = None):
+                 worker_memory_limit: int | None = None, tls: TLSConfig | None = None):
         from ..objects.store import ObjectStore, sweep_stale_segments
 
         self.head_address = head_address

@@ -10,6 +10,7 @@ from typing import Any
 
 from .._version import __version__
 from ..protocol.comm import Comm, serve
+from ..protocol.tls import TLSConfig
 from .machine import SchedulerState
 
 logger = logging.getLogger("flowcore.scheduler")
@@ -22,7 +23,7 @@ _QUERY_OPS = ("explain", "cluster_resources", "available_resources", "list_nodes
 
 class HeadServer:
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0,
-                 session_dir: str | None = None, tls: Any = None):
+                 session_dir: str | None = None, tls: TLSConfig | None = None):
         self.token = token
         self.tls = tls  # a protocol.tls.TLSConfig, or None for plain TCP
         self.host = host
