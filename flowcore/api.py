@@ -42,8 +42,14 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          object_store_memory: int | None = None, token: str | None = None,
          session_dir: str | None = None, max_workers: int | None = None,
          log_to_driver: bool = True, worker_memory_limit: int | None = None,
-         ignore_reinit_error: bool = False) -> dict[str, Any]:
+         ignore_reinit_error: bool = False, tls: Any = None) -> dict[str, Any]:
     """Start a private local cluster (no ``address``) or connect to one.
+
+    ``tls={"cert": ..., "key": ..., "ca": ...}`` (PEM paths) connects over
+    mutual TLS; by default the settings come from ``FLOWCORE_TLS_CERT``,
+    ``FLOWCORE_TLS_KEY`` and ``FLOWCORE_TLS_CA`` when they are set
+    (``tls=False``: never).  Without an address, the local cluster started
+    uses them too.
 
     Returns a dict with the head ``address``, ``session_dir``, ``node_id`` and
     ``dashboard_url`` (the head's web dashboard, or None; log in with the token).
@@ -82,6 +88,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             raise ValueError(f"init(object_store_memory={object_store_memory}): at least 16 MiB "
                              f"is needed")
         from .cluster import LocalCluster
+        from .protocol.tls import resolve as resolve_tls
 
         from .remote_function import set_worker_paths
         address = address or os.environ.get("FLOWCORE_ADDRESS") or None
@@ -89,7 +96,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             address, token = _local_head(token)
         if address is None:
             set_worker_paths(list(sys.path))
-            cluster = LocalCluster(session_dir=session_dir, token=token)
+            cluster = LocalCluster(session_dir=session_dir, token=token, tls=tls)
             try:
                 node = cluster.start(
                     num_cpus=num_cpus if num_cpus is not None else float(os.cpu_count() or 1),
@@ -98,7 +105,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                     worker_memory_limit=worker_memory_limit,
                     while_starting=_preload_client)
                 from .client.core import CoreClient
-                client = CoreClient(cluster.head_address, cluster.token.encode(), node.address)
+                client = CoreClient(cluster.head_address, cluster.token.encode(), node.address,
+                                    tls=cluster.tls)
                 client.start()
             except BaseException:
                 cluster.close()
@@ -112,7 +120,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             if not token:
                 raise ValueError("connecting to a cluster needs its token: pass "
                                  "init(address, token=...) or set FLOWCORE_TOKEN")
-            client = _connect_existing(address, token)
+            client = _connect_existing(address, token, resolve_tls(tls))
             _info = {"address": address, "session_dir": client.session_dir,
                      "node_id": client.node_id,
                      "dashboard_url": getattr(client, "dashboard_url", None)}
@@ -154,11 +162,11 @@ def _preload_client() -> None:
     from .objects import serialization  # noqa: F401
 
 
-def _connect_existing(address: str, token: str) -> Any:
+def _connect_existing(address: str, token: str, tls: Any = None) -> Any:
     import socket
 
     from .client.core import CoreClient
-    probe = CoreClient(address, token.encode(), None)
+    probe = CoreClient(address, token.encode(), None, tls=tls)
     probe.start()
     try:
         nodes = probe.query("list_nodes")
@@ -175,7 +183,8 @@ def _connect_existing(address: str, token: str) -> Any:
         node_address, remote = gateway["address"], True
     else:
         node_address, remote = None, False
-    client = CoreClient(address, token.encode(), node_address, remote_store=remote)
+    client = CoreClient(address, token.encode(), node_address, remote_store=remote,
+                        tls=tls)
     client.start()
     return client
 

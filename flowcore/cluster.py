@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from . import daemon
 from .exceptions import FlowcoreError
+from .protocol.tls import resolve as resolve_tls
+from .protocol.tls import strip_env
 
 
 class ClusterStartError(FlowcoreError, RuntimeError):
@@ -90,11 +92,18 @@ class LocalCluster:
     driver with ``flowcore.init(address=cluster.address, token=cluster.token)``.
     ``add_node()`` joins one more and returns its node id, ``kill_node(id)``
     SIGKILLs a node and its workers, ``shutdown()`` stops everything.
+
+    ``tls={"cert": ..., "key": ..., "ca": ...}`` runs every link under mutual
+    TLS (the head and every node present that certificate); connect with
+    ``flowcore.init(address=..., token=..., tls=cluster.tls)``.  ``tls=None``
+    takes the settings from ``FLOWCORE_TLS_*`` if set, ``tls=False`` never
+    uses TLS.
     """
 
     def __init__(self, nodes: int = 0, cpus_per_node: float | None = None, *,
                  session_dir: str | None = None, token: str | None = None,
-                 start_timeout: float = 60.0, **node_options: Any):
+                 start_timeout: float = 60.0, tls: Any = None, **node_options: Any):
+        self.tls = resolve_tls(tls, "LocalCluster(tls=...)")
         self.own_session_dir = session_dir is None
         if session_dir is None:
             prune_old_sessions()
@@ -150,7 +159,7 @@ class LocalCluster:
         ready_r, ready_w = os.pipe()
         cmd = [_python(), "-m", module, *args, "--ready-fd", str(ready_w),
                "--lifeline-fd", str(self._life_r), "--log-file", log_file]
-        full_env = dict(os.environ)
+        full_env = strip_env(dict(os.environ))  # TLS comes as flags, exactly as chosen
         full_env.update(env or {})
         try:
             proc = subprocess.Popen(cmd, pass_fds=(ready_w, self._life_r), env=full_env,
@@ -193,7 +202,8 @@ class LocalCluster:
         log = os.path.join(self.session_dir, "logs", "head.log")
         return ("flowcore.scheduler.cli",
                 ["--host", "127.0.0.1", "--port", "0", "--token-file", self.token_file,
-                 "--state-dir", self.session_dir, "--dashboard-port", "0"], log)
+                 "--state-dir", self.session_dir, "--dashboard-port", "0",
+                 *(self.tls.cli_args() if self.tls is not None else [])], log)
 
     def start_head(self) -> str:
         module, args, log = self._head_args()
@@ -263,6 +273,8 @@ class LocalCluster:
         log = os.path.join(self.session_dir, "logs", f"node-{n}.log")
         args = [head_address, "--token-file", self.token_file,
                 "--state-dir", self.session_dir, "--name", name or f"node-{n}"]
+        if self.tls is not None:
+            args += self.tls.cli_args()
         if num_cpus is not None:
             args += ["--num-cpus", str(num_cpus)]
         if num_gpus is not None:  # None: the node detects its GPUs (nvidia-smi)

@@ -24,6 +24,7 @@ from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
 from ..protocol.comm import Comm, connect
+from ..protocol.tls import TLSConfig
 
 logger = logging.getLogger("flowcore.client")
 
@@ -47,9 +48,11 @@ MAX_PENDING_TASKS = 200_000
 
 class CoreClient:
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
-                 kind: str = "driver", wid: str | None = None, remote_store: bool = False):
+                 kind: str = "driver", wid: str | None = None, remote_store: bool = False,
+                 tls: TLSConfig | None = None):
         self.head_address = head_address
         self.token = token
+        self.tls = tls  # a protocol.tls.TLSConfig, or None for plain TCP
         self.node_address = node_address
         # the node is on another host (or its shared memory is out of reach):
         # objects travel over the connection instead of through a mapping
@@ -111,7 +114,7 @@ class CoreClient:
         self.loop.run_forever()
 
     async def _connect_node(self) -> tuple[Comm, dict]:
-        node = await connect(self.node_address or "", self.token)
+        node = await connect(self.node_address or "", self.token, tls=self.tls)
         asyncio.ensure_future(self._read(node, "node"))
         r = await node.request({"op": "register_client", "pid": os.getpid()})
         return node, r
@@ -119,7 +122,7 @@ class CoreClient:
     async def _connect(self) -> None:
         # the node and the head are reached at the same time
         node_task = asyncio.ensure_future(self._connect_node()) if self.node_address else None
-        self.head = await connect(self.head_address, self.token)
+        self.head = await connect(self.head_address, self.token, tls=self.tls)
         asyncio.ensure_future(self._read(self.head, "head"))
         reply = await self.head.request({"op": "register_client", "kind": self.kind,
                                          "pid": os.getpid(), "wid": self.wid})

@@ -21,27 +21,40 @@ import os
 import select
 import signal
 import socket
+import ssl
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..exceptions import AuthenticationError, ProtocolError
 from ..protocol import auth, frames
 from ..protocol.comm import parse_address
 from .core import CoreClient
 
+if TYPE_CHECKING:
+    from ..protocol.tls import TLSConfig
+
 logger = logging.getLogger("flowcore.client")
 
 
 class BlockingConn:
-    """An authenticated connection read and written by whoever holds the pump."""
+    """An authenticated connection read and written by whoever holds the pump.
 
-    def __init__(self, address: str, token: bytes, timeout: float = 10.0):
+    With ``tls`` the socket is wrapped in TLS (verified against the cluster's
+    CA) before the token challenge.  A TLS socket hands out one record per
+    ``recv`` and may hold decrypted bytes the kernel no longer reports as
+    readable, so ``read_available`` drains it before returning."""
+
+    def __init__(self, address: str, token: bytes, timeout: float = 10.0,
+                 tls: "TLSConfig | None" = None):
         self.address = address
         host, port = parse_address(address)
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tls = tls is not None
         try:
+            if tls is not None:
+                self._start_tls(tls, host)
             self._handshake(token)
         except BaseException:
             self.sock.close()
@@ -50,11 +63,34 @@ class BlockingConn:
         self.buf = bytearray()
         self.closed = False
 
-    def _recv_exact(self, n: int) -> bytes:
+    def _start_tls(self, tls: "TLSConfig", host: str) -> None:
+        from ..protocol.tls import describe_failure
+        try:
+            self.sock = tls.client_context().wrap_socket(self.sock, server_hostname=host)
+        except ssl.SSLError as e:
+            raise AuthenticationError(describe_failure(e, self.address)) from None
+        except socket.timeout:
+            raise AuthenticationError(f"{self.address} did not complete the TLS handshake in "
+                                      f"time") from None
+        except OSError as e:
+            raise AuthenticationError(
+                f"{self.address} closed the connection during the TLS handshake: it may run "
+                f"without TLS, or refused this process's certificate ({e})") from None
+
+    def _recv_exact(self, n: int, greeting: bool = False) -> bytes:
         data = b""
         while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
+            try:
+                chunk = self.sock.recv(n - len(data))
+            except ssl.SSLError as e:
+                from ..protocol.tls import describe_failure
+                raise AuthenticationError(describe_failure(e, self.address)) from None
             if not chunk:
+                if greeting and self.tls:  # how a TLS 1.3 server refuses a certificate
+                    raise AuthenticationError(
+                        f"{self.address} closed the TLS connection before greeting: it "
+                        f"refused this process's certificate, which must be signed by the CA "
+                        f"the cluster uses (--tls-ca / FLOWCORE_TLS_CA)")
                 raise AuthenticationError(f"{self.address} closed the connection during "
                                           f"authentication (wrong token?)")
             data += chunk
@@ -62,7 +98,7 @@ class BlockingConn:
 
     def _handshake(self, token: bytes) -> None:
         try:
-            snonce = auth.parse_server_hello(self._recv_exact(auth.SERVER_HELLO))
+            snonce = auth.parse_server_hello(self._recv_exact(auth.SERVER_HELLO, True))
         except ValueError as e:
             raise AuthenticationError(f"{self.address}: {e}") from None
         proof, cnonce = auth.client_proof(token, snonce)
@@ -87,6 +123,9 @@ class BlockingConn:
             return []
         buf = self.buf
         buf += chunk
+        if self.tls:
+            while self.sock.pending():  # type: ignore[attr-defined]
+                buf += self.sock.recv(1 << 20)
         out = []
         pos, end, prefix = 0, len(buf), frames.PREFIX.size
         while end - pos >= prefix:
@@ -111,8 +150,9 @@ class BlockingConn:
 class InlineClient(CoreClient):
     """A CoreClient whose waiting threads do the IO themselves."""
 
-    def __init__(self, head_address: str, token: bytes, node_address: str, *, wid: str):
-        super().__init__(head_address, token, node_address, kind="worker", wid=wid)
+    def __init__(self, head_address: str, token: bytes, node_address: str, *, wid: str,
+                 tls: "TLSConfig | None" = None):
+        super().__init__(head_address, token, node_address, kind="worker", wid=wid, tls=tls)
         self.conns: dict[str, BlockingConn] = {}
         self._pump = threading.Lock()
         self._pump_owner: int | None = None
@@ -132,8 +172,9 @@ class InlineClient(CoreClient):
         # before the node knows us: a cancel's SIGUSR1 must never find the
         # default action (which ends the process)
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
-        self.conns["node"] = BlockingConn(self.node_address or "", self.token, timeout)
-        self.conns["head"] = BlockingConn(self.head_address, self.token, timeout)
+        self.conns["node"] = BlockingConn(self.node_address or "", self.token, timeout,
+                                          self.tls)
+        self.conns["head"] = BlockingConn(self.head_address, self.token, timeout, self.tls)
         r = self.request("node", {"op": "register_worker", "wid": self.wid, "pid": os.getpid()},
                          timeout)
         self.node_id = r["node_id"]

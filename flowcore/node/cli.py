@@ -11,6 +11,7 @@ import sys
 from .. import daemon
 from .._version import __version__
 from ..exceptions import AuthenticationError
+from ..protocol import tls
 
 logger = logging.getLogger("flowcore.node")
 
@@ -57,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
                    help="bytes of shared memory for the object store (default 30%% of RAM)")
     p.add_argument("--token", default=None)
     p.add_argument("--token-file", default=None)
+    tls.add_flags(p)
     p.add_argument("--name", default=None, help="a name for this node")
     p.add_argument("--host", default="127.0.0.1", help="interface to serve objects on")
     p.add_argument("--worker-memory-limit", type=int, default=None,
@@ -76,6 +78,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     daemon.setup_logging(args.log_file, args.log_level)
+    try:
+        tls_config = tls.from_flags(args)
+    except ValueError as e:
+        print(f"flowcore-worker: {e}", file=sys.stderr)
+        return 2
     state_dir = args.state_dir or os.path.expanduser("~/.flowcore")
     address = args.address
     if address == "auto":
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                           object_store_memory=args.object_store_memory or default_store_memory(),
                           session_dir=state_dir, host=args.host, name=args.name,
                           max_workers=args.max_workers,
-                          worker_memory_limit=args.worker_memory_limit)
+                          worker_memory_limit=args.worker_memory_limit, tls=tls_config)
     except (ValueError, OSError) as e:
         print(f"flowcore-worker: cannot start the node: {e}", file=sys.stderr)
         return 2

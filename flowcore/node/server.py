@@ -17,6 +17,7 @@ from .. import ids
 from .._version import __version__
 from ..protocol.comm import Comm, connect, serve
 from .oom import OomWatch
+from ..protocol.tls import TLSConfig, strip_env
 from .pool import WorkerPool
 from .procs import WorkerProcess, start_worker
 from .transfer import Transfers
@@ -30,11 +31,12 @@ class NodeServer:
                  object_store_memory: int, session_dir: str, host: str = "127.0.0.1",
                  name: str | None = None, max_workers: int | None = None,
                  worker_env: dict[str, str] | None = None, worker_cwd: str | None = None,
-                 worker_memory_limit: int | None = None):
+                 worker_memory_limit: int | None = None, tls: TLSConfig | None = None):
         from ..objects.store import ObjectStore, sweep_stale_segments
 
         self.head_address = head_address
         self.token = token
+        self.tls = tls  # a protocol.tls.TLSConfig for every link, or None
         self.host = host
         self.node_id = "n-" + ids.random_id(6).hex()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -82,7 +84,7 @@ class NodeServer:
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> str:
         self.server, port = await serve(self.token, self._on_comm, self.host, 0,
-                                        name="flowcore-worker")
+                                        name="flowcore-worker", tls=self.tls)
         self.address = f"tcp://{self.host}:{port}"
         self._act(self.pool.startup())
         await self._join_head()
@@ -94,7 +96,7 @@ class NodeServer:
         return self.address
 
     async def _join_head(self) -> None:
-        self.head = await connect(self.head_address, self.token, timeout=5.0)
+        self.head = await connect(self.head_address, self.token, timeout=5.0, tls=self.tls)
         asyncio.ensure_future(self._run_head(self.head))
         reply = await self.head.request({
             "op": "register_node", "node_id": self.node_id, "address": self.address,
@@ -219,8 +221,10 @@ class NodeServer:
 
 
     def _spawn_worker(self, wid: str, actor: bytes | None = None) -> None:
-        env = dict(os.environ)
+        env = strip_env(dict(os.environ))
         env.update(self.worker_env)
+        if self.tls is not None:
+            env.update(self.tls.env())
         env["FLOWCORE_TOKEN"] = self.token.decode()
         env["FLOWCORE_NODE_ID"] = self.node_id
         log = os.path.join(self.session_dir, "logs", f"worker-{self.node_id}-{wid}.log")

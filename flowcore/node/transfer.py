@@ -2,7 +2,8 @@
 
 A node that needs an object held elsewhere pulls it straight from a node
 holding a copy (never through the head): over an authenticated connection,
-in chunks, with several chunk requests in flight.  Concurrent requests for
+in chunks, with several chunk requests in flight (under TLS when the cluster
+uses it).  Concurrent requests for
 one object share a single pull.  The new copy is sealed in the local store
 and reported to the head, whose object table records every copy.  The
 serving side reads chunks out of its store (arena, spill file or disk
@@ -76,7 +77,7 @@ class Transfers:
             return comm
 
         async def dial() -> Comm:
-            new = await connect(address, self.node.token)
+            new = await connect(address, self.node.token, tls=self.node.tls)
             new.info["role"] = "peer"
             asyncio.ensure_future(new.run(lambda c, m, f: None))
             self.peers[address] = new

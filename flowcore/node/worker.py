@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.path.insert(0, entry)
     token = os.environ.pop("FLOWCORE_TOKEN", "").encode()
     from ..client.inline import InlineClient
-    client = InlineClient(args.head, token, args.node, wid=args.wid)
+    from ..protocol import tls
+    client = InlineClient(args.head, token, args.node, wid=args.wid, tls=tls.from_env())
     worker = Worker(client, args.wid, bytes.fromhex(args.actor) if args.actor else None)
     client.on_node_message = worker.on_node_message
     client.on_disconnect = worker.on_disconnect

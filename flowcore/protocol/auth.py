@@ -35,10 +35,27 @@ def server_hello() -> tuple[bytes, bytes]:
     return MAGIC + bytes([VERSION]) + nonce, nonce
 
 
+#: what a TLS server sends, instead of a TLS handshake, to a peer that opened
+#: the connection but sent no TLS handshake: most likely a client without TLS,
+#: which waits for the greeting.  It reads as a greeting with this version.
+TLS_REQUIRED_VERSION = 0xFE
+TLS_REQUIRED = MAGIC + bytes([TLS_REQUIRED_VERSION]) + bytes(NONCE)
+
+
+class TLSRequired(ValueError):
+    """The server told this plain client that it only speaks TLS."""
+
+
 def parse_server_hello(data: bytes) -> bytes:
-    """Returns the server nonce, or raises ValueError on a peer that is not flowcore."""
+    """Returns the server nonce, or raises ValueError on a peer that is not flowcore
+    (``TLSRequired`` when the server only accepts TLS)."""
     if len(data) != SERVER_HELLO or data[:len(MAGIC)] != MAGIC:
         raise ValueError("peer is not a flowcore server (bad greeting)")
+    if data[len(MAGIC)] == TLS_REQUIRED_VERSION:
+        raise TLSRequired("the server requires TLS and this process connects without it: "
+                          "pass init(tls={'cert': ..., 'key': ..., 'ca': ...}), "
+                          "--tls-cert/--tls-key/--tls-ca, or set FLOWCORE_TLS_CERT, "
+                          "FLOWCORE_TLS_KEY and FLOWCORE_TLS_CA")
     if data[len(MAGIC)] != VERSION:
         raise ValueError(f"peer speaks wire version {data[len(MAGIC)]}, this is {VERSION}")
     return data[len(MAGIC) + 1:]
@@ -71,6 +88,12 @@ def check_server_proof(token: bytes, client_nonce: bytes, server_nonce: bytes,
     if len(data) != SERVER_PROOF or data[0] != 1:
         return False
     return hmac.compare_digest(data[1:], _mac(token, b"s", client_nonce, server_nonce))
+
+
+def looks_like_tls(data: bytes) -> bool:
+    """True for the start of a TLS handshake record (a TLS client talking to a
+    server without TLS)."""
+    return data[:1] == b"\x16" and data[1:2] == b"\x03"
 
 
 def token_bytes(token: str | bytes) -> bytes:

@@ -15,6 +15,11 @@ Both sides run the mutual token challenge (see ``auth``) on raw fixed-size
 bytes before the first byte of any message is decoded.  A peer that fails
 it, or later sends a malformed batch, is logged once and disconnected; the
 server goes on serving others.
+
+With a ``TLSConfig`` (see ``tls``), ``serve`` and ``connect`` run the same
+``Comm`` over asyncio's TLS transport: the TLS handshake (mutual, against the
+cluster's CA) comes first, then the token challenge inside the channel.
+Without one, nothing about the plain path changes.
 """
 from __future__ import annotations
 
@@ -22,14 +27,21 @@ import asyncio
 import itertools
 import logging
 import socket
-from typing import Any, Callable
+import ssl
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..exceptions import AuthenticationError, ProtocolError
 from . import auth, frames
 
+if TYPE_CHECKING:
+    from .tls import TLSConfig
+
 logger = logging.getLogger("flowcore.comm")
 
 AUTH_TIMEOUT = 10.0
+#: a TLS server tells a peer that sent no TLS handshake for this long that it
+#: requires TLS (a client without TLS waits for the server to speak first)
+PLAIN_PEER_AFTER = 3.0
 #: batches at least this large are received into a buffer of their own size
 BIG_BODY = 1 << 20
 Handler = Callable[["Comm", dict, list], Any]
@@ -92,6 +104,10 @@ class Comm(asyncio.Protocol):
                 f"{self.peer} did not complete authentication in {AUTH_TIMEOUT}s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, ssl.SSLError) and self._state != _OPEN:
+            from .tls import describe_failure
+            self._on_closed(AuthenticationError(describe_failure(exc, self.peer)))
+            return
         self._on_closed(ConnectionError(f"connection to {self.peer} lost"))
 
     def data_received(self, data: bytes) -> None:
@@ -127,8 +143,14 @@ class Comm(asyncio.Protocol):
                 return False
             cnonce = auth.check_client_proof(self.token, self._snonce, data)
             if cnonce is None:
-                logger.warning("%s: refused connection from %s: wrong or missing token",
-                               self.name or "server", self.peer)
+                if auth.looks_like_tls(data):
+                    logger.warning("%s: refused connection from %s: it starts a TLS "
+                                   "handshake, and this server runs without TLS (start it "
+                                   "with --tls-cert/--tls-key/--tls-ca)",
+                                   self.name or "server", self.peer)
+                else:
+                    logger.warning("%s: refused connection from %s: wrong or missing token",
+                                   self.name or "server", self.peer)
                 self.transport.write(auth.REFUSAL)
                 self._fail_open(AuthenticationError("wrong token"))
                 return False
@@ -347,25 +369,152 @@ class Comm(asyncio.Protocol):
 
 async def serve(token: bytes, on_comm: Callable[[Comm], Any], host: str = "127.0.0.1",
                 port: int = 0, name: str = "server",
-                limits: frames.Limits = frames.DEFAULT_LIMITS) -> tuple[asyncio.AbstractServer, int]:
+                limits: frames.Limits = frames.DEFAULT_LIMITS,
+                tls: "TLSConfig | None" = None) -> tuple[Any, int]:
     """Listen on host:port (0 = a free port); ``on_comm`` gets each
-    authenticated connection.  Returns (server, bound port)."""
+    authenticated connection.  Returns (server, bound port); the server has
+    ``close()``.  With ``tls``, every connection must complete a mutual TLS
+    handshake first."""
     loop = asyncio.get_event_loop()
-    server = await loop.create_server(
-        lambda: Comm(token, server=True, name=name, on_open=on_comm, limits=limits),
-        host, port, family=socket.AF_INET, reuse_address=True)
-    return server, server.sockets[0].getsockname()[1]
+
+    def factory() -> Comm:
+        return Comm(token, server=True, name=name, on_open=on_comm, limits=limits)
+    if tls is None:
+        server = await loop.create_server(factory, host, port, family=socket.AF_INET,
+                                          reuse_address=True)
+        return server, server.sockets[0].getsockname()[1]
+    listener = TLSListener(factory, tls.server_context(), host, port, name)
+    return listener, listener.port
+
+
+class TLSListener:
+    """Accepts connections for a TLS server.
+
+    A TLS client speaks first (its handshake); a client without TLS waits for
+    the server's greeting.  So each accepted socket is watched until its first
+    bytes arrive, and only then handed to asyncio's TLS transport.  A peer
+    that sends nothing for ``PLAIN_PEER_AFTER`` seconds is sent
+    ``auth.TLS_REQUIRED`` (a greeting a plain flowcore client reads as "this
+    server requires TLS") and closed: a mismatch fails in seconds, with words,
+    on both sides."""
+
+    def __init__(self, factory: Callable[[], Comm], ctx: ssl.SSLContext, host: str,
+                 port: int, name: str):
+        self._loop = asyncio.get_event_loop()
+        self._factory = factory
+        self._ctx = ctx
+        self.name = name
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(100)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.sockets = [sock]
+        self.port: int = sock.getsockname()[1]
+        self._waiting: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Future] = set()
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors, say: try again on the next wake-up
+                logger.warning("%s: accept failed: %s", self.name, e)
+                return
+            conn.setblocking(False)
+            peer = f"{addr[0]}:{addr[1]}"
+            self._waiting[conn] = self._loop.call_later(PLAIN_PEER_AFTER, self._silent, conn,
+                                                        peer)
+            self._loop.add_reader(conn.fileno(), self._first_bytes, conn, peer)
+
+    def _forget(self, conn: socket.socket) -> None:
+        timer = self._waiting.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+            self._loop.remove_reader(conn.fileno())
+
+    def _first_bytes(self, conn: socket.socket, peer: str) -> None:
+        self._forget(conn)
+        task = asyncio.ensure_future(self._handshake(conn, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(self, conn: socket.socket, peer: str) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ctx,
+                                                     ssl_handshake_timeout=AUTH_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - one bad peer never stops the server
+            if isinstance(e, ssl.SSLCertVerificationError):
+                why = (f"its certificate is not signed by this cluster's CA "
+                       f"({e.verify_message or e.reason})")
+            elif isinstance(e, ssl.SSLError):
+                why = f"TLS handshake failed ({e.reason or e})"
+            elif isinstance(e, (ConnectionError, EOFError)):
+                why = ("it hung up during the TLS handshake (does it trust this cluster's "
+                       "CA?)")
+            else:
+                why = f"TLS handshake failed ({str(e) or type(e).__name__})"
+            logger.warning("%s: refused a connection from %s: %s", self.name, peer, why)
+            conn.close()
+
+    def _silent(self, conn: socket.socket, peer: str) -> None:
+        self._forget(conn)
+        logger.warning("%s: %s sent no TLS handshake within %.0f s: a client without TLS? "
+                       "Told it that this server requires TLS", self.name, peer,
+                       PLAIN_PEER_AFTER)
+        try:
+            conn.send(auth.TLS_REQUIRED)
+        except OSError:
+            pass
+        conn.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        for conn in list(self._waiting):
+            self._forget(conn)
+            conn.close()
+
+    async def wait_closed(self) -> None:
+        return None
 
 
 async def connect(address: str, token: bytes, timeout: float = 10.0,
-                  limits: frames.Limits = frames.DEFAULT_LIMITS) -> Comm:
-    """Connect to ``tcp://host:port`` (or ``host:port``) and authenticate."""
+                  limits: frames.Limits = frames.DEFAULT_LIMITS,
+                  tls: "TLSConfig | None" = None) -> Comm:
+    """Connect to ``tcp://host:port`` (or ``host:port``) and authenticate
+    (over TLS first when ``tls`` is given)."""
     host, port = parse_address(address)
     loop = asyncio.get_event_loop()
+    kw: dict[str, Any] = {}
+    if tls is not None:
+        kw = {"ssl": tls.client_context(), "ssl_handshake_timeout": timeout}
     try:
         _, comm = await asyncio.wait_for(
             loop.create_connection(lambda: Comm(token, server=False, limits=limits),
-                                   host, port), timeout)
+                                   host, port, **kw), timeout)
+    except ssl.SSLError as e:
+        from .tls import describe_failure
+        raise AuthenticationError(describe_failure(e, address)) from None
+    except (ConnectionResetError, ConnectionAbortedError) as e:
+        if tls is None:
+            raise ConnectionError(f"cannot reach a flowcore process at {address}: {e}") \
+                from None
+        raise AuthenticationError(
+            f"{address} closed the connection during the TLS handshake: it may run without "
+            f"TLS, or refused this process's certificate ({e})") from None
     except (OSError, asyncio.TimeoutError) as e:
         raise ConnectionError(f"cannot reach a flowcore process at {address}: {e}") from None
     comm.peer = address
@@ -376,6 +525,13 @@ async def connect(address: str, token: bytes, timeout: float = 10.0,
         raise AuthenticationError(f"{address} did not complete authentication in {timeout}s") \
             from None
     except ConnectionError:
+        if tls is not None and not comm._snonce:
+            # a TLS server greets right after the handshake; closing before that
+            # is how TLS 1.3 servers refuse a client certificate
+            raise AuthenticationError(
+                f"{address} closed the TLS connection before greeting: it refused this "
+                f"process's certificate, which must be signed by the CA the cluster uses "
+                f"(--tls-ca / FLOWCORE_TLS_CA)") from None
         raise AuthenticationError(
             f"{address} closed the connection during authentication (wrong token, or not a "
             f"flowcore process)") from None

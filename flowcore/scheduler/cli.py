@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from .. import daemon
 from .._version import __version__
+from ..protocol import tls
 
 logger = logging.getLogger("flowcore.scheduler")
 
@@ -29,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
                    help="interface the dashboard listens on (default: the same as --host)")
     p.add_argument("--token", default=None, help="cluster token (default: generate one)")
     p.add_argument("--token-file", default=None, help="read the token from this file")
+    tls.add_flags(p)
     p.add_argument("--state-dir", default=None,
                    help="directory for the token, address and logs (default ~/.flowcore)")
     p.add_argument("--log-file", default=None, help="log here instead of stderr")
@@ -50,19 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"flowcore-scheduler: cannot read token file: {e}", file=sys.stderr)
         return 2
+    try:
+        tls_config = tls.from_flags(args)
+    except ValueError as e:
+        print(f"flowcore-scheduler: {e}", file=sys.stderr)
+        return 2
     generated = token is None
     if generated:
         token = daemon.new_token()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("listening on %s: the head is reachable from the network; only "
-                       "token holders can join, but consider a firewall or TLS", args.host)
+        if tls_config is None:
+            logger.warning("listening on %s: the head is reachable from the network; only "
+                           "token holders can join, but traffic is not encrypted: consider "
+                           "a firewall or TLS (--tls-cert/--tls-key/--tls-ca)", args.host)
 
     from tornado.ioloop import IOLoop
     # the process runs on Tornado's IOLoop (an asyncio loop underneath, which
     # the message transports use directly)
     asyncio.set_event_loop(asyncio.new_event_loop())
     loop = IOLoop.current()
-    head = HeadServer(token.encode(), args.host, args.port, session_dir=state_dir)
+    head = HeadServer(token.encode(), args.host, args.port, session_dir=state_dir,
+                      tls=tls_config)
     try:
         address = loop.run_sync(head.start)
     except OSError as e:
@@ -101,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowcore-scheduler {__version__} listening at {address}", flush=True)
         how = (f"--token-file {os.path.join(state_dir, 'token')}" if generated
                else "with the same token (--token / --token-file / FLOWCORE_TOKEN)")
+        if tls_config is not None:
+            how += " --tls-cert NODE.crt --tls-key NODE.key --tls-ca CA.crt"
         print(f"flowcore-scheduler: join nodes with: flowcore-worker {address} {how}",
               flush=True)
         if dash_url:

@@ -10,6 +10,7 @@ from typing import Any
 
 from .._version import __version__
 from ..protocol.comm import Comm, serve
+from ..protocol.tls import TLSConfig
 from .machine import SchedulerState
 
 logger = logging.getLogger("flowcore.scheduler")
@@ -41,8 +42,9 @@ FUNCTION_WAIT = 30.0
 
 class HeadServer:
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0,
-                 session_dir: str | None = None):
+                 session_dir: str | None = None, tls: TLSConfig | None = None):
         self.token = token
+        self.tls = tls  # a protocol.tls.TLSConfig, or None for plain TCP
         self.host = host
         self.port = port
         self.session_dir = session_dir
@@ -59,7 +61,7 @@ class HeadServer:
 
     async def start(self) -> str:
         self.server, self.port = await serve(self.token, self._on_comm, self.host, self.port,
-                                             name="flowcore-scheduler")
+                                             name="flowcore-scheduler", tls=self.tls)
         host = self.host
         if host in ("0.0.0.0", ""):  # reachable on every interface: name one others can use
             import socket
