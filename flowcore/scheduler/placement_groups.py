@@ -405,7 +405,8 @@ class PlacementGroupsMixin:
                     f"placement group {pg.name or pg.pgid.hex()} was removed before all its "
                     f"bundles were reserved")
                 data = self.error_payload(err)  # type: ignore[attr-defined]
-                self._seal(ready, {"inline": data, "size": len(data), "error": True})  # type: ignore
+                sealed = {"inline": data, "size": len(data), "error": True}
+                self._seal(ready, sealed)  # type: ignore[attr-defined]
             ready.holds -= 1
             self._maybe_free(ready)  # type: ignore[attr-defined]
         self._pg_removed.append(pg.pgid)
