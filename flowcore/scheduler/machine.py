@@ -690,7 +690,7 @@ class SchedulerState(ActorsMixin, PlacementGroupsMixin):
         self.queues.setdefault(t.shape, deque()).append(t.tid)
 
     def _schedule(self) -> None:
-        if self.pgs:
+        if self.pg_waiting:
             self._place_pending_groups()
         if not self.queues:
             return

@@ -215,6 +215,7 @@ class PlacementGroupsMixin:
         self.pgs = {}
         self.pg_names: dict[str, bytes] = {}
         self._pg_removed: deque[bytes] = deque()
+        self.pg_waiting: set[bytes] = set()  # PENDING or RESCHEDULING groups
 
     # ------------------------------------------------------------ creation
     def handle_create_placement_group(self, source: str, msg: dict) -> None:
@@ -232,6 +233,7 @@ class PlacementGroupsMixin:
             return
         pg = PlacementGroupRecord(msg, source)
         self.pgs[pg.pgid] = pg
+        self.pg_waiting.add(pg.pgid)
         if name:
             self.pg_names[name] = pg.pgid
         ready = self._obj(pg.ready_oid(), source)  # type: ignore[attr-defined]
@@ -241,9 +243,8 @@ class PlacementGroupsMixin:
 
     # ------------------------------------------------------------ placement
     def _place_pending_groups(self) -> None:
-        for pg in list(self.pgs.values()):
-            if pg.state in (PG_PENDING, PG_RESCHEDULING):
-                self._try_place(pg)
+        for pgid in sorted(self.pg_waiting, key=lambda g: self.pgs[g].created):
+            self._try_place(self.pgs[pgid])
 
     def _try_place(self, pg: PlacementGroupRecord) -> None:
         nodes = [n for n in self.nodes.values() if n.alive]  # type: ignore[attr-defined]
@@ -279,6 +280,7 @@ class PlacementGroupsMixin:
             self._send(nid, {"op": "reserve_bundle", "bundle": pg.key(i),  # type: ignore
                              "res": dict(b.total)})
         pg.state, pg.feasible, pg.tried = PG_CREATED, True, None
+        self.pg_waiting.discard(pg.pgid)
         pg.cause = "all bundles reserved"
         pg.placed_at = time.time()
         ready = self.objects.get(pg.ready_oid())  # type: ignore[attr-defined]
@@ -396,6 +398,7 @@ class PlacementGroupsMixin:
         self._release_bundles(pg, pg.bundles)
         pg.state = PG_REMOVED
         pg.cause = "removed"
+        self.pg_waiting.discard(pg.pgid)
         if pg.name and self.pg_names.get(pg.name) == pg.pgid:
             del self.pg_names[pg.name]
         ready = self.objects.get(pg.ready_oid())  # type: ignore[attr-defined]
@@ -440,6 +443,7 @@ class PlacementGroupsMixin:
                 b.node = None
                 b.available = dict(b.total)
             pg.state, pg.tried = PG_RESCHEDULING, None
+            self.pg_waiting.add(pg.pgid)
             pg.cause = f"node {node_id} died; its {len(lost)} bundle(s) are placed again"
 
     # ------------------------------------------------------------ queries
