@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # what a type checker sees
                       get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
     from .actor import ActorClass, ActorHandle, get_actor, kill, method
     from .executor import Executor
-    from .scheduling import NodeAffinitySchedulingStrategy
+    from .scheduling import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+    from .placement_groups import (PlacementGroup, get_current_placement_group,
+                                  get_placement_group, placement_group, remove_placement_group)
     from .objects.ref import ObjectRef
     from .remote_function import RemoteFunction
     from .runtime_context import get_gpu_ids
@@ -36,8 +38,11 @@ _LAZY = {
     "method": "actor", "kill": "actor", "get_actor": "actor", "ActorHandle": "actor",
     "ActorClass": "actor", "NodeAffinitySchedulingStrategy": "scheduling",
     "visualize": "graph.visualize", "timeline": "trace", "progress": "progress_bar",
+    "PlacementGroupSchedulingStrategy": "scheduling", "PlacementGroup": "placement_groups",
+    "placement_group": "placement_groups", "remove_placement_group": "placement_groups",
+    "get_placement_group": "placement_groups", "get_current_placement_group": "placement_groups",
 }
-_SUBMODULES = {"state", "testing", "api", "cluster"}
+_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling"}
 
 
 def __getattr__(name: str) -> Any:
@@ -95,6 +100,8 @@ __all__ = [
     "cancel", "nodes", "cluster_resources", "available_resources", "get_gpu_ids",
     "get_runtime_context", "ObjectRef", "RemoteFunction", "Executor", "TaskState",
     "exceptions", "state", "method", "kill", "get_actor", "ActorHandle", "ActorClass",
-    "NodeAffinitySchedulingStrategy",
+    "NodeAffinitySchedulingStrategy", "PlacementGroupSchedulingStrategy", "PlacementGroup",
+    "placement_group", "remove_placement_group", "get_placement_group",
+    "get_current_placement_group",
     "visualize", "timeline", "progress",
 ]

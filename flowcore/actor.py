@@ -100,8 +100,9 @@ class ActorClass(Generic[T]):
             "hold": explicit, "place": explicit or {"CPU": 1.0},
         })
         if o.get("scheduling_strategy") is not None:
-            from .scheduling import encode
-            spec["strategy"] = encode(o["scheduling_strategy"])
+            from .scheduling import for_submit
+            spec["strategy"] = for_submit(client, o["scheduling_strategy"], spec["place"],
+                                          f"actor {self._name}")
         reply = client.request("head", {"op": "create_actor", "spec": spec})
         del keep
         if not reply.get("ok"):

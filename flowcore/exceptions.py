@@ -118,6 +118,11 @@ class TaskCancelledError(FlowcoreError):
     """The task was cancelled with :func:`flowcore.cancel`."""
 
 
+class PlacementGroupError(FlowcoreError):
+    """A task or actor cannot run in its placement group (the group was
+    removed, or its bundle cannot hold the request)."""
+
+
 class NodeDiedError(FlowcoreError):
     """A node died while holding work or data that was needed."""
 

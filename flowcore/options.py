@@ -79,7 +79,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("max_task_retries", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
     Option("max_concurrency", ACTOR, 1, lambda v: _nonneg_int(v) and v >= 1, "an int >= 1"),
     Option("scheduling_strategy", BOTH, None, lambda v: _strategy(v),
-           "None, 'DEFAULT', 'SPREAD' or NodeAffinitySchedulingStrategy(node_id, soft)"),
+           "None, 'DEFAULT', 'SPREAD', NodeAffinitySchedulingStrategy(node_id, soft) or "
+           "PlacementGroupSchedulingStrategy(placement_group, bundle_index)"),
 ]}
 
 

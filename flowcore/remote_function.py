@@ -170,9 +170,11 @@ class RemoteFunction(Generic[R]):
             "retries": 10**9 if o["max_retries"] == -1 else o["max_retries"],
             "retry_exc": _encode_retry(o["retry_exceptions"]),
         })
-        if o.get("scheduling_strategy") is not None:
-            from .scheduling import encode
-            spec["strategy"] = encode(o["scheduling_strategy"])
+        from .scheduling import for_submit
+        strategy = for_submit(client, o.get("scheduling_strategy"), spec["res"],
+                              f"task {spec['name']}")
+        if strategy is not None:
+            spec["strategy"] = strategy
         refs = client.submit(spec)
         del keep  # dependencies are now held by the task at the head
         return refs[0] if o["num_returns"] == 1 else refs  # type: ignore[return-value]

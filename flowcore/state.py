@@ -1,5 +1,5 @@
 """Read the head's tables: ``list_tasks``, ``list_objects``, ``list_nodes``,
-``list_actors``.  Plain dicts, newest state; filters by state."""
+``list_actors``, ``list_placement_groups``.  Plain dicts, newest state; filters by state."""
 from __future__ import annotations
 
 from typing import Any
@@ -36,6 +36,17 @@ def list_actors(state: str | None = None) -> list[dict]:
         raise ValueError(f"list_actors(state={state!r}): expected PENDING, ALIVE, RESTARTING "
                          f"or DEAD")
     return _client().query("list_actors", state=state)
+
+
+def list_placement_groups(state: str | None = None) -> list[dict]:
+    """The head's placement groups: id, name, strategy, state (PENDING,
+    CREATED, RESCHEDULING, REMOVED), bundles and the node of each, what is
+    free in each bundle, whether any set of current nodes could ever fit the
+    group (``feasible``) and the ``cause`` of its state in words."""
+    valid = ("PENDING", "CREATED", "RESCHEDULING", "REMOVED")
+    if state is not None and state not in valid:
+        raise ValueError(f"list_placement_groups(state={state!r}): expected one of {valid}")
+    return _client().query("list_placement_groups", state=state)
 
 
 def task_events(n: int = 100) -> list[dict]:

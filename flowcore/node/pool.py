@@ -8,6 +8,12 @@ here and a worker is idle.  A new worker process starts when a task could
 start but no worker is idle or starting for it (workers blocked in ``get``
 give their CPU back, which is what makes room), up to a cap.  Methods
 return actions; the server carries them out.
+
+Placement-group bundles reserved on this node (``reserve_bundle``) are taken
+out of the node's free resources; a task carrying ``"bundle"`` counts against
+that bundle instead, as the head does.  Once a bundle is released, what was
+free in it returns to the node, and its tasks still running give theirs back
+to the node when they end.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ class WorkerPool:
         self.max_workers = max_workers or max(128, 8 * self.min_workers)
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[dict] = deque()
+        self.bundles: dict[str, dict[str, float]] = {}  # key -> what is free in it
         self.free_gpus = list(gpu_ids or [])
         self.warned_cap = False
         self._next = 0
@@ -61,14 +68,40 @@ class WorkerPool:
                 c["blocked"] += 1
         return c
 
-    def _fits(self, res: dict[str, float]) -> bool:
-        av = self.available
+    def _account(self, bundle: str | None) -> dict[str, float]:
+        """The free resources a task counts against: its bundle's, or the node's."""
+        if bundle:
+            b = self.bundles.get(bundle)
+            if b is not None:
+                return b
+        return self.available
+
+    def _fits(self, res: dict[str, float], bundle: str | None = None) -> bool:
+        av = self._account(bundle)
         return all(av.get(k, 0.0) >= v - _EPS for k, v in res.items() if v)
 
-    def _take(self, res: dict[str, float], sign: float = -1.0) -> None:
+    def _take(self, res: dict[str, float], sign: float = -1.0,
+              bundle: str | None = None) -> None:
+        av = self._account(bundle)
         for k, v in res.items():
             if v:
-                self.available[k] = self.available.get(k, 0.0) + sign * v
+                av[k] = av.get(k, 0.0) + sign * v
+
+    def reserve_bundle(self, key: str, res: dict[str, float]) -> list[Action]:
+        """A placement-group bundle is reserved here: its resources leave the
+        node's free pool and are kept for the tasks placed in it."""
+        if key in self.bundles:
+            return []
+        self._take(res)
+        self.bundles[key] = {k: float(v) for k, v in res.items() if v}
+        return []
+
+    def release_bundle(self, key: str) -> list[Action]:
+        free = self.bundles.pop(key, None)
+        if free is None:
+            return []
+        self._take({k: max(v, 0.0) for k, v in free.items()}, +1.0)
+        return self._pump()
 
     def _spawn(self, actions: list[Action]) -> bool:
         if self.startup_failures >= self.max_startup_failures:
@@ -106,7 +139,7 @@ class WorkerPool:
         while self.queue:
             task = self.queue.popleft()
             res = task.get("res") or {}
-            if not self._fits(res):
+            if not self._fits(res, task.get("bundle")):
                 kept.append(task)
                 continue
             if idle:
@@ -115,7 +148,7 @@ class WorkerPool:
                 # it could run now if it had a worker: reserve its resources
                 # for it so later tasks do not jump ahead, and count it
                 runnable_without_worker += 1
-                self._take(res)
+                self._take(res, bundle=task.get("bundle"))
                 task["_reserved"] = True
                 kept.append(task)
         self.queue = kept
@@ -125,12 +158,12 @@ class WorkerPool:
         # reservations are only for this decision; give them back
         for task in self.queue:
             if task.pop("_reserved", False):
-                self._take(task.get("res") or {}, +1.0)
+                self._take(task.get("res") or {}, +1.0, task.get("bundle"))
         return actions
 
     def _assign(self, w: WorkerInfo, task: dict, actions: list[Action]) -> None:
         res = task.get("res") or {}
-        self._take(res)
+        self._take(res, bundle=task.get("bundle"))
         ngpu = res.get("GPU", 0) or 0
         if ngpu:
             k = max(1, math.ceil(ngpu))
@@ -150,15 +183,15 @@ class WorkerPool:
             res = dict(task.get("res") or {})
             if w.blocked and "CPU" in res:
                 res.pop("CPU")  # already given back while blocked
-            self._take(res, +1.0)
+            self._take(res, +1.0, task.get("bundle"))
         if w.gpus:
             self.free_gpus = sorted(self.free_gpus + w.gpus)
             w.gpus = []
         w.task, w.blocked = None, False
 
-    def _give_back(self, res: dict[str, float]) -> list[Action]:
+    def _give_back(self, res: dict[str, float], bundle: str | None = None) -> list[Action]:
         """Resources held outside the pool (by an actor) come back."""
-        self._take(res, +1.0)
+        self._take(res, +1.0, bundle)
         return self._pump()
 
     # ------------------------------------------------------------ events
@@ -201,7 +234,7 @@ class WorkerPool:
         w.blocked = blocked
         cpu = (w.task.get("res") or {}).get("CPU", 0.0)
         if cpu:
-            self._take({"CPU": cpu}, +1.0 if blocked else -1.0)
+            self._take({"CPU": cpu}, +1.0 if blocked else -1.0, w.task.get("bundle"))
         return self._pump() if blocked else []
 
     def worker_died(self, wid: str) -> list[Action]:

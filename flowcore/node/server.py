@@ -65,6 +65,7 @@ class NodeServer:
         self.actor_specs: dict[bytes, dict] = {}       # start message, until registered
         self.actor_backlog: dict[bytes, list[dict]] = {}  # calls before registration
         self.actor_holds: dict[bytes, dict] = {}
+        self.actor_bundles: dict[bytes, str | None] = {}  # placement-group bundle of each
         self.actor_gpus: dict[bytes, list[int]] = {}
         self.transfers = Transfers(self)
         limit = os.environ.get("FLOWCORE_WORKER_MEMORY_LIMIT")
@@ -278,7 +279,8 @@ class NodeServer:
         hold = msg.get("hold") or {}
         if hold and aid not in self.actor_holds:
             self.actor_holds[aid] = hold
-            self.pool._take(hold)
+            self.actor_bundles[aid] = msg.get("bundle")
+            self.pool._take(hold, bundle=msg.get("bundle"))
             ngpu = hold.get("GPU", 0)
             if ngpu:
                 k = max(1, math.ceil(ngpu))
@@ -301,8 +303,9 @@ class NodeServer:
         if gpus:
             self.pool.free_gpus = sorted(self.pool.free_gpus + gpus)
         hold = self.actor_holds.pop(aid, None)
+        bundle = self.actor_bundles.pop(aid, None)
         if hold:
-            self._act(self.pool._give_back(hold))
+            self._act(self.pool._give_back(hold, bundle))
         if self.head is not None and not self._stopping:
             self.head.send({"op": "actor_died", "aid": aid, "how": how, "pid": pid})
 
@@ -331,6 +334,10 @@ class NodeServer:
                 self._act(self.pool.task_arrived(msg))
         elif op == "start_actor":
             self._start_actor(msg)
+        elif op == "reserve_bundle":
+            self._act(self.pool.reserve_bundle(msg["bundle"], msg["res"]))
+        elif op == "release_bundle":
+            self._act(self.pool.release_bundle(msg["bundle"]))
         elif op == "kill_actor":
             self._kill_actor(msg["aid"])
         elif op == "delete_objects":

@@ -233,7 +233,8 @@ class Worker:
         self.actor_gpus = list(spec.get("gpu_ids") or [])
         if self.actor_gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.actor_gpus)
-        self.client.current_task = {"tid": spec["tid"], "actor": spec["aid"]}
+        self.client.current_task = {"tid": spec["tid"], "actor": spec["aid"],
+                                    "bundle": spec.get("bundle")}
         try:
             cls = self.function(spec["fid"])
             args, kwargs = self._resolve_args(spec)

@@ -59,6 +59,7 @@ class ActorRecord:
         self.out_of_scope = False
         self.client: str | None = None
         self.killing = False  # kill sent, death not yet reported
+        self.bundle: str | None = None  # its placement-group bundle, if any
 
     def meta(self) -> dict:
         return {"aid": self.aid, "class_name": self.class_name, "methods": self.methods,
@@ -122,6 +123,7 @@ class ActorsMixin:
         if actor is None:
             return
         actor.node = node.node_id
+        actor.bundle = t.bundle
         self._start_actor_process(actor, t)
 
     def _start_actor_process(self, actor: ActorRecord, t: Any = None) -> None:
@@ -131,7 +133,7 @@ class ActorsMixin:
             "name": actor.class_name, "args": actor.args, "args_dep": actor.args_dep,
             "deps": deps,
             "hold": actor.hold, "max_concurrency": actor.max_concurrency,
-            "is_async": actor.is_async, "restart": actor.restarts})
+            "is_async": actor.is_async, "restart": actor.restarts, "bundle": actor.bundle})
 
     def handle_actor_ready(self, source: str, msg: dict) -> None:
         actor = self.actors.get(msg["aid"])
@@ -147,7 +149,7 @@ class ActorsMixin:
             self._transition(t, S.FINISHED, "actor constructed")  # type: ignore[attr-defined]
             self._done(t)  # type: ignore[attr-defined]
         if node is not None and actor.hold and not actor.holding:
-            node.take(actor.hold)
+            self._account(node, actor.bundle).take(actor.hold)  # type: ignore[attr-defined]
             actor.holding = True
         self._pump_actor(actor)
 
@@ -206,7 +208,8 @@ class ActorsMixin:
         self._send(actor.client or actor.node, {
             "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
             "name": t.name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
-            "nret": t.nret, "res": {}, "owner": t.owner, "attempt": t.attempt})
+            "nret": t.nret, "res": {}, "owner": t.owner, "attempt": t.attempt,
+            "bundle": actor.bundle})
 
     def _actor_call_done(self, t: Any) -> None:
         actor = self.actors.get(t.actor)
@@ -284,13 +287,14 @@ class ActorsMixin:
             node = max(others, key=lambda n: n.available.get("CPU", 0.0))
             actor.node = node.node_id
             actor.client = None
+            actor.bundle = None  # out of its bundle, which was on the dead node
         self._start_actor_process(actor)
 
     def _release_hold(self, actor: ActorRecord) -> None:
         if actor.holding:
             node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
             if node is not None:
-                node.give(actor.hold)
+                self._account(node, actor.bundle).give(actor.hold)  # type: ignore[attr-defined]
             actor.holding = False
 
     def _actor_dead(self, actor: ActorRecord, cause: str, payload: bytes | None = None) -> None:

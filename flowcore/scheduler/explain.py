@@ -34,6 +34,12 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
         out.update(state="LOST", text="lost: every copy was on nodes that died")
         return out
     t = state.tasks.get(ids.task_of(oid))
+    pg = getattr(state, "pgs", {}).get(ids.task_of(oid))
+    if t is None and pg is not None:  # the ready() ref of a placement group
+        out.update(state="PENDING", placement_group=pg.as_dict(), text=(
+            f"placement group {pg.name or pg.pgid.hex()} ({pg.strategy}, bundles "
+            f"{[b.total for b in pg.bundles]}) is {pg.state}: {pg.cause}"))
+        return out
     if t is None:
         out.update(state="PENDING", text="pending, but the task that makes it is not known")
         return out

@@ -22,6 +22,7 @@ from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCa
 from .actors import ActorRecord, ActorsMixin
 from .lineage import LineageMixin
 from .local_first import LocalFirstMixin
+from .placement_groups import PlacementGroupsMixin
 from .states import EventLog, TaskState, transition_name
 
 S = TaskState
@@ -87,7 +88,7 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held", "lineage_evicted")
+                 "ahead", "lineage_held", "lineage_evicted", "bundle")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -104,6 +105,7 @@ class TaskRecord:
         self.ahead = False   # sent to its node before resources there were free
         self.lineage_held = False  # finished, arguments kept for re-execution
         self.lineage_evicted = False  # ... and then dropped to bound lineage memory
+        self.bundle: str | None = None  # "pgid-hex:index" while placed in a bundle
         self.deps: list[bytes] = spec.get("deps") or []
         self.missing: set[bytes] = set()
         self.nested: list[bytes] = spec.get("nested") or []
@@ -176,7 +178,7 @@ class ObjectRecord:
                 "owner": self.owner, "created": self.created}
 
 
-class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
+class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroupsMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
@@ -218,6 +220,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
         # recursion so a long chain of tasks cannot overflow the stack
         self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
         self._failing = False
+        self._init_placement_groups()
 
     # ------------------------------------------------------------ plumbing
     def handle(self, source: str, msg: dict) -> Out:
@@ -304,6 +307,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
             # come and go with the pool, hand what they own on through refs)
             self._cancel_owned_tasks(cid)
             self._kill_owned_actors(cid)
+            self._remove_owned_groups(cid)
         for oid in self.client_refs.pop(cid, ()):
             obj = self.objects.get(oid)
             if obj is not None:
@@ -347,6 +351,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
                     f"node {node.name} ({node.address}) died while running task "
                     f"{t.name} ({cause})"), f"node {node.name} died: {cause}")
         node.running.clear()
+        self._pg_node_died(node_id)
         lost = []
         for obj in list(self.objects.values()):
             if node_id in obj.nodes:
@@ -601,6 +606,8 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
 
     def _could_run_somewhere(self, t: TaskRecord) -> bool:
         s = t.strategy
+        if isinstance(s, tuple) and s and s[0] == "pg":
+            return True  # checked against its bundles by _pg_reject
         if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
             n = self.nodes.get(s[1])
             return n is not None and n.alive and n.could_ever_fit(t.res)
@@ -609,6 +616,8 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
     def _enqueue(self, t: TaskRecord, cause: str) -> None:
         if t.kind == "call":
             self._actor_call_ready(t, cause)
+            return
+        if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self._pg_reject(t):
             return
         if self._local_offers and self._offered(t, cause):
             return
@@ -634,6 +643,8 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
         self.queues.setdefault(t.shape, deque()).append(t.tid)
 
     def _schedule(self) -> None:
+        if self.pg_waiting:
+            self._place_pending_groups()
         if not self.queues:
             return
         nodes = [n for n in self.nodes.values() if n.alive]
@@ -675,6 +686,8 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
         if it does not fit, wait (hard) or fall back to the default (soft).
         """
         strategy = t.strategy
+        if isinstance(strategy, tuple) and strategy and strategy[0] == "pg":
+            return self._pg_choose_node(t)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
             target = self.nodes.get(strategy[1])
             if target is not None and target.alive and target.fits(t.res):
@@ -717,8 +730,9 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
         return best
 
     def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
-        t.ahead = not node.fits(t.res)
-        node.take(t.res)
+        acct = self._account(node, t.bundle)  # the node, or the task's bundle on it
+        t.ahead = not acct.fits(t.res)
+        acct.take(t.res)
         node.running.add(t.tid)
         t.node = node.node_id
         t.attempt += 1
@@ -735,16 +749,17 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
             "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
             "args_dep": t.args_dep,
             "deps": deps, "nret": t.nret, "res": t.res, "retry_exc": t.retry_exc,
-            "owner": t.owner, "attempt": t.attempt})
+            "owner": t.owner, "attempt": t.attempt, **self._bundle_fields(t)})
 
     def _finish_resources(self, t: TaskRecord) -> None:
         node = self.nodes.get(t.node) if t.node else None
         if node is not None and t.tid in node.running:
             node.running.discard(t.tid)
+            acct = self._account(node, t.bundle)
             if not t.blocked:
-                node.give(t.res)
+                acct.give(t.res)
             else:
-                node.give({k: v for k, v in t.res.items() if k != "CPU"})
+                acct.give({k: v for k, v in t.res.items() if k != "CPU"})
         t.blocked = False
 
     def _done(self, t: TaskRecord) -> None:
@@ -855,7 +870,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
         t.blocked = True
         node = self.nodes.get(t.node or "")
         if node is not None and "CPU" in t.res:
-            node.give({"CPU": t.res["CPU"]})
+            self._account(node, t.bundle).give({"CPU": t.res["CPU"]})
 
     def handle_task_unblocked(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
@@ -864,7 +879,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin):
         t.blocked = False
         node = self.nodes.get(t.node or "")
         if node is not None and "CPU" in t.res:
-            node.take({"CPU": t.res["CPU"]})
+            self._account(node, t.bundle).take({"CPU": t.res["CPU"]})
 
     # ------------------------------------------------------------ cancel
     def handle_cancel(self, source: str, msg: dict) -> None:

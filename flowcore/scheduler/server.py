@@ -18,7 +18,7 @@ logger = logging.getLogger("flowcore.scheduler")
 #: ops answered directly by the server (requests carrying a ``rid``)
 _QUERY_OPS = ("explain", "cluster_resources", "available_resources", "list_nodes", "list_tasks",
               "list_objects", "task_info", "event_log", "counts", "list_actors", "get_actor",
-              "graph", "history")
+              "graph", "history", "list_placement_groups", "get_placement_group")
 
 
 def lineage_memory_from_env() -> int:
@@ -201,6 +201,10 @@ class HeadServer:
             return s.list_actors(msg.get("state"))
         if op == "get_actor":
             return s.get_actor(msg["name"], msg.get("namespace"))
+        if op == "list_placement_groups":
+            return s.list_placement_groups(msg.get("state"))
+        if op == "get_placement_group":
+            return s.get_placement_group(msg.get("name"), msg.get("pgid"))
         if op == "counts":
             return dict(s.counts, tasks=len(s.tasks), objects=len(s.objects))
         return None

@@ -1,0 +1,144 @@
+"""Placement groups: sets of resource bundles reserved together.
+
+``placement_group(bundles, strategy)`` asks the head to reserve every bundle
+at once (all or none); ``pg.ready()`` is an ``ObjectRef`` that becomes ready
+when they are.  Tasks and actors run inside a bundle with
+``.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))`` and
+use the bundle's resources instead of the node's free pool.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import ids
+from .objects.ref import ObjectRef
+from .scheduler.placement_groups import STRATEGIES, check_bundles
+
+
+def _client() -> Any:
+    from .api import _require_client
+    return _require_client()
+
+
+class PlacementGroup:
+    """A handle to a placement group.  Serialisable: pass it to tasks."""
+
+    def __init__(self, id: bytes, bundles: list[dict[str, float]], strategy: str = "PACK",
+                 name: str = ""):
+        self.id = bytes(id)
+        self._bundles = [dict(b) for b in bundles]
+        self.strategy = strategy
+        self.name = name
+
+    @property
+    def bundle_specs(self) -> list[dict[str, float]]:
+        """The bundles, in order (copies)."""
+        return [dict(b) for b in self._bundles]
+
+    @property
+    def bundle_count(self) -> int:
+        return len(self._bundles)
+
+    def ready(self) -> ObjectRef:
+        """An ObjectRef that becomes ready (its value: this group) once every
+        bundle is reserved; use it with ``get`` or ``wait``.  It holds a
+        ``PlacementGroupError`` if the group is removed before that."""
+        return ObjectRef(ids.object_id(self.id, 0))
+
+    def wait(self, timeout_seconds: float = 30) -> bool:
+        """Block until every bundle is reserved (True) or ``timeout_seconds``
+        pass (False)."""
+        from .api import get, wait
+        from .exceptions import PlacementGroupError
+        ref = self.ready()
+        done, _ = wait([ref], timeout=timeout_seconds)
+        if not done:
+            return False
+        try:
+            get(ref)
+        except PlacementGroupError:
+            return False
+        return True
+
+    def __reduce__(self) -> Any:
+        return (PlacementGroup, (self.id, self._bundles, self.strategy, self.name))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PlacementGroup) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        name = f", name={self.name!r}" if self.name else ""
+        return f"PlacementGroup({self.id.hex()}, {self.strategy}, {self._bundles}{name})"
+
+
+def placement_group(bundles: list[dict[str, float]], strategy: str = "PACK", name: str = "",
+                    lifetime: str | None = None) -> PlacementGroup:
+    """Reserve ``bundles`` (a list of resource dicts such as ``{"CPU": 1}``)
+    with ``strategy``: "PACK" (one node if possible, else as few as possible),
+    "SPREAD" (distinct nodes if possible), "STRICT_PACK" (one node, or wait),
+    "STRICT_SPREAD" (a distinct node per bundle, or wait).  Returns at once;
+    ``ready()``/``wait()`` tell when the reservation is made.  The group is
+    removed when its driver exits unless ``lifetime="detached"``."""
+    if isinstance(bundles, tuple):
+        bundles = list(bundles)
+    problem = check_bundles(bundles, strategy)
+    if problem is not None:
+        kind = TypeError if not isinstance(bundles, list) else ValueError
+        raise kind(f"placement_group(): {problem}")
+    if not isinstance(name, str):
+        raise TypeError(f"placement_group(name={name!r}): expected a string")
+    if lifetime not in (None, "detached"):
+        raise ValueError(f"placement_group(lifetime={lifetime!r}): expected None or 'detached'")
+    client = _client()
+    pgid = client.ids.task_id()
+    clean = [{k: float(v) for k, v in b.items()} for b in bundles]
+    reply = client.request("head", {"op": "create_placement_group", "pgid": pgid,
+                                    "bundles": clean, "strategy": strategy, "name": name,
+                                    "lifetime": lifetime})
+    if not reply.get("ok"):
+        raise ValueError(f"placement_group(): {reply.get('error', 'refused by the head')}")
+    return PlacementGroup(pgid, clean, strategy, name)
+
+
+def remove_placement_group(placement_group: PlacementGroup) -> None:
+    """Remove the group: its actors are killed, its tasks cancelled and its
+    bundles' resources given back."""
+    if not isinstance(placement_group, PlacementGroup):
+        raise TypeError(f"remove_placement_group() takes a PlacementGroup, got "
+                        f"{type(placement_group).__name__}")
+    _client().request("head", {"op": "remove_placement_group", "pgid": placement_group.id})
+
+
+def _from_info(info: dict | None) -> PlacementGroup | None:
+    if info is None:
+        return None
+    return PlacementGroup(info["pgid"], info["bundles"], info["strategy"], info["name"])
+
+
+def get_placement_group(name: str) -> PlacementGroup:
+    """The live placement group called ``name``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"get_placement_group(name={name!r}): expected a non-empty string")
+    pg = _from_info(_client().query("get_placement_group", name=name))
+    if pg is None:
+        raise ValueError(f"no placement group named {name!r} exists (it was never created, or "
+                         f"was removed); see flowcore.state.list_placement_groups()")
+    return pg
+
+
+def get_current_placement_group() -> PlacementGroup | None:
+    """Inside a task or actor placed in a bundle: its group; else None."""
+    from .objects.ref import current_client
+    client = current_client()
+    task = getattr(client, "current_task", None) if client is not None else None
+    key = (task or {}).get("bundle")
+    if not key:
+        return None
+    return _from_info(client.query("get_placement_group", pgid=bytes.fromhex(key.split(":")[0])))
+
+
+__all__ = ["PlacementGroup", "placement_group", "remove_placement_group", "get_placement_group",
+           "get_current_placement_group", "STRATEGIES"]

@@ -1,0 +1,460 @@
+"""Placement groups in the head's state machine (a mixin of ``SchedulerState``).
+
+A placement group is a list of *bundles* (resource dicts) reserved together
+on the cluster's nodes.  Reservation is atomic: a plan for every bundle is
+made on a copy of the nodes' free resources and applied only when it is
+complete, so a group that does not fit leaves the nodes untouched.  Until
+then the group is PENDING and is tried again whenever the nodes' free
+resources change (a node joins, work finishes).
+
+Strategies: ``PACK`` (one node if possible, else as few as possible),
+``SPREAD`` (distinct nodes if possible, soft), ``STRICT_PACK`` (all on one
+node, or wait), ``STRICT_SPREAD`` (each bundle on its own node, or wait).
+
+A reserved bundle is taken out of its node's available resources; tasks and
+actors scheduled into it consume the *bundle's* resources instead (see
+``_account``).  The node is told of each reservation (``reserve_bundle``) so
+its pool accounts the same way.  Removing a group kills the actors and
+cancels the tasks in it and gives the bundles back; a node's death sends its
+bundles back to be placed again.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Iterable
+
+from ..exceptions import PlacementGroupError
+from .states import TaskState
+
+S = TaskState
+PG_PENDING, PG_CREATED, PG_RESCHEDULING, PG_REMOVED = (
+    "PENDING", "CREATED", "RESCHEDULING", "REMOVED")
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+_EPS = 1e-9
+#: backtracking steps STRICT_SPREAD may spend on one plan before giving up
+_SEARCH_LIMIT = 20_000
+
+
+def check_bundles(bundles: Any, strategy: Any) -> str | None:
+    """What is wrong with a group's definition, or None (used by both sides)."""
+    if strategy not in STRATEGIES:
+        return (f"strategy={strategy!r} is not a placement strategy: use one of "
+                f"{', '.join(STRATEGIES)}")
+    if not isinstance(bundles, (list, tuple)) or not bundles:
+        return "bundles must be a non-empty list of resource dicts, e.g. [{'CPU': 1}]"
+    for i, b in enumerate(bundles):
+        if not isinstance(b, dict) or not b:
+            return (f"bundle {i} is {b!r}: each bundle must be a non-empty dict of resource "
+                    f"name -> amount, e.g. {{'CPU': 1}}")
+        for k, v in b.items():
+            if not isinstance(k, str) or not k:
+                return f"bundle {i}: resource names must be non-empty strings, got {k!r}"
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 \
+                    or v == float("inf"):
+                return f"bundle {i}: {k}={v!r} is invalid: amounts must be finite numbers >= 0"
+        if not any(v > 0 for v in b.values()):
+            return f"bundle {i} is {b!r}: a bundle must ask for some resource (an amount > 0)"
+    return None
+
+
+def _fits(avail: dict[str, float], res: dict[str, float]) -> bool:
+    return all(not v or avail.get(k, 0.0) >= v - _EPS for k, v in res.items())
+
+
+def _sub(avail: dict[str, float], res: dict[str, float], sign: float = -1.0) -> None:
+    for k, v in res.items():
+        if v:
+            avail[k] = avail.get(k, 0.0) + sign * v
+
+
+def _size(res: dict[str, float]) -> tuple:
+    return (res.get("GPU", 0.0), res.get("CPU", 0.0), sum(res.values()))
+
+
+def plan(strategy: str, bundles: list[dict[str, float]], fixed: dict[int, str],
+         free: dict[str, dict[str, float]]) -> dict[int, str] | None:
+    """Choose a node for every bundle not in ``fixed`` (index -> node id,
+    already placed), given each candidate node's ``free`` resources; None if
+    the strategy cannot be met.  Pure: ``free`` is not modified."""
+    free = {n: dict(av) for n, av in free.items()}
+    todo = sorted((i for i in range(len(bundles)) if i not in fixed),
+                  key=lambda i: _size(bundles[i]), reverse=True)
+    out: dict[int, str] = {}
+    if strategy in ("STRICT_PACK", "PACK"):
+        placed = set(fixed.values())
+        candidates = sorted(placed) if placed else sorted(
+            free, key=lambda n: free[n].get("CPU", 0.0), reverse=True)
+        need: dict[str, float] = {}
+        for i in todo:
+            _sub(need, bundles[i], +1.0)
+        for n in candidates:
+            if n in free and _fits(free[n], need):
+                return {i: n for i in todo}
+        if strategy == "STRICT_PACK":
+            return None
+        for i in todo:  # PACK: as few nodes as possible, greedily
+            used = placed | set(out.values())
+            order = sorted(free, key=lambda n: (n not in used, -free[n].get("CPU", 0.0)))
+            n = next((n for n in order if _fits(free[n], bundles[i])), None)
+            if n is None:
+                return None
+            out[i] = n
+            _sub(free[n], bundles[i])
+        return out
+    if strategy == "SPREAD":
+        count: dict[str, int] = {}
+        for n in fixed.values():
+            count[n] = count.get(n, 0) + 1
+        for i in todo:
+            order = sorted(free, key=lambda n: (count.get(n, 0), -free[n].get("CPU", 0.0)))
+            n = next((n for n in order if _fits(free[n], bundles[i])), None)
+            if n is None:
+                return None
+            out[i] = n
+            count[n] = count.get(n, 0) + 1
+            _sub(free[n], bundles[i])
+        return out
+    # STRICT_SPREAD: a distinct node per bundle, by backtracking (bounded)
+    taken = set(fixed.values())
+    steps = [0]
+
+    def search(k: int) -> bool:
+        if k == len(todo):
+            return True
+        i = todo[k]
+        for n in sorted(free, key=lambda n: -free[n].get("CPU", 0.0)):
+            steps[0] += 1
+            if steps[0] > _SEARCH_LIMIT:
+                return False
+            if n in taken or not _fits(free[n], bundles[i]):
+                continue
+            taken.add(n)
+            out[i] = n
+            if search(k + 1):
+                return True
+            taken.discard(n)
+            del out[i]
+        return False
+    return out if search(0) else None
+
+
+class Bundle:
+    """One bundle: its resources, where it is reserved and what is free in it.
+    Has the ``fits``/``take``/``give`` of a node, so tasks account against it."""
+    __slots__ = ("index", "total", "available", "node")
+
+    def __init__(self, index: int, res: dict[str, float]):
+        self.index = index
+        self.total = {k: float(v) for k, v in res.items() if v}
+        self.available = dict(self.total)
+        self.node: str | None = None
+
+    def fits(self, res: dict[str, float]) -> bool:
+        return _fits(self.available, res)
+
+    def take(self, res: dict[str, float]) -> None:
+        _sub(self.available, res)
+
+    def give(self, res: dict[str, float]) -> None:
+        _sub(self.available, res, +1.0)
+
+
+class PlacementGroupRecord:
+    def __init__(self, msg: dict, owner: str):
+        self.pgid: bytes = msg["pgid"]
+        self.name: str = msg.get("name") or ""
+        self.strategy: str = msg["strategy"]
+        self.detached = msg.get("lifetime") == "detached"
+        self.owner = owner
+        self.bundles = [Bundle(i, b) for i, b in enumerate(msg["bundles"])]
+        self.state = PG_PENDING
+        self.cause = "waiting for resources"
+        self.feasible = True
+        self.warned = False
+        self.created = time.time()
+        self.placed_at: float | None = None
+        self.tried: Any = None  # the nodes' free resources at the last failed try
+
+    def key(self, index: int) -> str:
+        return f"{self.pgid.hex()}:{index}"
+
+    def ready_oid(self) -> bytes:
+        return self.pgid + (0).to_bytes(4, "big")
+
+    def as_dict(self) -> dict:
+        return {"placement_group_id": self.pgid.hex(), "name": self.name,
+                "strategy": self.strategy, "state": self.state, "detached": self.detached,
+                "owner": self.owner, "cause": self.cause, "feasible": self.feasible,
+                "bundles": [dict(b.total) for b in self.bundles],
+                "bundles_to_node_id": {b.index: b.node for b in self.bundles},
+                "bundles_available": [dict(b.available) for b in self.bundles],
+                "created": self.created, "placed": self.placed_at}
+
+    def describe(self) -> dict:
+        return {"pgid": self.pgid, "bundles": [dict(b.total) for b in self.bundles],
+                "strategy": self.strategy, "name": self.name}
+
+
+def ready_payload(pg: PlacementGroupRecord) -> bytes:
+    """The value of ``pg.ready()``: the group itself, as the driver sees it."""
+    from ..objects.serialization import serialize
+    from ..placement_groups import PlacementGroup
+    d = pg.describe()
+    return serialize(PlacementGroup(d["pgid"], d["bundles"], d["strategy"], d["name"])).to_bytes()
+
+
+class PlacementGroupsMixin:
+    """Placement groups for ``SchedulerState`` (which provides nodes, tasks,
+    objects and actors)."""
+
+    pgs: dict[bytes, PlacementGroupRecord]
+    keep_removed_groups = 1000
+
+    def _init_placement_groups(self) -> None:
+        self.pgs = {}
+        self.pg_names: dict[str, bytes] = {}
+        self._pg_removed: deque[bytes] = deque()
+        self.pg_waiting: set[bytes] = set()  # PENDING or RESCHEDULING groups
+
+    # ------------------------------------------------------------ creation
+    def handle_create_placement_group(self, source: str, msg: dict) -> None:
+        def reply(**kw: Any) -> None:
+            self._send(source, {"op": "reply", "rid": msg.get("rid"), **kw})  # type: ignore
+        problem = check_bundles(msg.get("bundles"), msg.get("strategy"))
+        name = msg.get("name") or ""
+        if problem is None and name and name in self.pg_names:
+            problem = (f"a placement group named {name!r} already exists; use "
+                       f"flowcore.get_placement_group({name!r}) or remove it first")
+        if problem is None and msg["pgid"] in self.pgs:
+            problem = "a placement group with this id already exists"
+        if problem is not None:
+            reply(ok=False, error=problem)
+            return
+        pg = PlacementGroupRecord(msg, source)
+        self.pgs[pg.pgid] = pg
+        self.pg_waiting.add(pg.pgid)
+        if name:
+            self.pg_names[name] = pg.pgid
+        ready = self._obj(pg.ready_oid(), source)  # type: ignore[attr-defined]
+        ready.holds += 1  # held by the group: any number of ready() refs come and go
+        reply(ok=True)
+        self._try_place(pg)
+
+    # ------------------------------------------------------------ placement
+    def _place_pending_groups(self) -> None:
+        for pgid in sorted(self.pg_waiting, key=lambda g: self.pgs[g].created):
+            self._try_place(self.pgs[pgid])
+
+    def _try_place(self, pg: PlacementGroupRecord) -> None:
+        nodes = [n for n in self.nodes.values() if n.alive]  # type: ignore[attr-defined]
+        seen = tuple((n.node_id, tuple(sorted(n.available.items()))) for n in nodes)
+        if seen == pg.tried:
+            return  # nothing changed since the last try
+        fixed = {b.index: b.node for b in pg.bundles if b.node is not None}
+        totals = [b.total for b in pg.bundles]
+        chosen = plan(pg.strategy, totals, fixed, {n.node_id: n.available for n in nodes})
+        if chosen is None:
+            pg.tried = seen
+            ever = plan(pg.strategy, totals, {}, {n.node_id: n.total for n in nodes})
+            pg.feasible = ever is not None
+            if pg.feasible:
+                pg.cause = "waiting for resources: the free resources of the nodes do not " \
+                           "fit its bundles now"
+            else:
+                pg.cause = (f"infeasible: no set of current nodes could ever fit its bundles "
+                            f"{totals} with strategy {pg.strategy}; it stays pending until "
+                            f"nodes that fit join")
+                if not pg.warned and nodes:
+                    pg.warned = True
+                    text = f"placement group {pg.name or pg.pgid.hex()[:12]} is {pg.cause}"
+                    self.warnings.append(text)  # type: ignore[attr-defined]
+                    self._send(pg.owner, {"op": "warning", "text": text})  # type: ignore
+            return
+        for i, nid in chosen.items():
+            node = self.nodes[nid]  # type: ignore[attr-defined]
+            b = pg.bundles[i]
+            node.take(b.total)
+            b.node = nid
+            b.available = dict(b.total)
+            self._send(nid, {"op": "reserve_bundle", "bundle": pg.key(i),  # type: ignore
+                             "res": dict(b.total)})
+        pg.state, pg.feasible, pg.tried = PG_CREATED, True, None
+        self.pg_waiting.discard(pg.pgid)
+        pg.cause = "all bundles reserved"
+        pg.placed_at = time.time()
+        ready = self.objects.get(pg.ready_oid())  # type: ignore[attr-defined]
+        if ready is not None and ready.state == "PENDING":
+            data = ready_payload(pg)
+            self._seal(ready, {"inline": data, "size": len(data)})  # type: ignore
+
+    # ------------------------------------------------------------ tasks in bundles
+    def _pg_of(self, t: Any) -> PlacementGroupRecord | None:
+        return self.pgs.get(t.strategy[1])
+
+    def _pg_reject(self, t: Any) -> bool:
+        """Fail a task (or actor) scheduled into a group that is gone or whose
+        bundles could never hold it; True if it was failed."""
+        pg = self._pg_of(t)
+        index = t.strategy[2]
+        why = None
+        if pg is None or pg.state == PG_REMOVED:
+            why = f"placement group {t.strategy[1].hex()} was removed (or never existed)"
+        elif index >= len(pg.bundles) or index < -1:
+            why = (f"placement_group_bundle_index={index} is out of range: the group has "
+                   f"{len(pg.bundles)} bundle(s) (use 0..{len(pg.bundles) - 1}, or -1 for any)")
+        else:
+            cands = pg.bundles if index == -1 else [pg.bundles[index]]
+            if not any(_fits(b.total, t.res) for b in cands):
+                where = "any bundle" if index == -1 else f"bundle {index}"
+                why = (f"it asks for {t.res}, more than {where} of placement group "
+                       f"{pg.pgid.hex()[:12]} holds ({[b.total for b in cands]})")
+        if why is None:
+            return False
+        err = PlacementGroupError(f"{t.name} cannot be scheduled: {why}")
+        if t.kind == "create":
+            actor = self.actors.get(t.actor)  # type: ignore[attr-defined]
+            if actor is not None:
+                self._actor_dead(actor, f"it cannot be scheduled: {why}",  # type: ignore
+                                 payload=self.error_payload(err))  # type: ignore
+                return True
+        self._fail_task(t, self.error_payload(err), why)  # type: ignore[attr-defined]
+        return True
+
+    def _pg_choose_node(self, t: Any) -> Any:
+        """The node of a bundle of ``t``'s group with room for it now (and
+        remember the bundle in ``t.bundle``), or None to wait."""
+        pg = self._pg_of(t)
+        if pg is None or pg.state != PG_CREATED:
+            return None
+        index = t.strategy[2]
+        for b in (pg.bundles if index == -1 else pg.bundles[index:index + 1]):
+            node = self.nodes.get(b.node or "")  # type: ignore[attr-defined]
+            if node is not None and node.alive and b.fits(t.res):
+                t.bundle = pg.key(b.index)
+                return node
+        return None
+
+    def _bundle(self, key: str | None) -> Bundle | None:
+        if not key:
+            return None
+        pgid, _, index = key.partition(":")
+        pg = self.pgs.get(bytes.fromhex(pgid))
+        if pg is None or pg.state == PG_REMOVED:
+            return None
+        return pg.bundles[int(index)]
+
+    def _account(self, node: Any, key: str | None) -> Any:
+        """What a task's or actor's resources are counted against on ``node``:
+        its bundle while the bundle is reserved there, else the node."""
+        b = self._bundle(key)
+        if b is not None and node is not None and b.node == node.node_id:
+            return b
+        return node
+
+    def _bundle_fields(self, t: Any) -> dict:
+        """Extra ``run_task`` fields of a task in a bundle: the bundle, for the
+        node's accounting, and the group if child tasks are captured."""
+        if not t.bundle:
+            return {}
+        out: dict[str, Any] = {"bundle": t.bundle}
+        if t.strategy[3]:
+            out["pg_capture"] = t.strategy[1]
+        return out
+
+    # ------------------------------------------------------------ removal
+    def handle_remove_placement_group(self, source: str, msg: dict) -> None:
+        pg = self.pgs.get(msg["pgid"])
+        if pg is not None and pg.state != PG_REMOVED:
+            self._remove_group(pg, "its placement group was removed")
+        self._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True})  # type: ignore
+
+    def _in_group(self, strategy: Any, pgid: bytes) -> bool:
+        return isinstance(strategy, tuple) and len(strategy) > 1 and strategy[0] == "pg" \
+            and strategy[1] == pgid
+
+    def _remove_group(self, pg: PlacementGroupRecord, cause: str) -> None:
+        # actors first (their creation tasks are in the task table too)
+        for actor in list(self.actors.values()):  # type: ignore[attr-defined]
+            create = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+            in_pg = (actor.bundle or "").startswith(pg.pgid.hex()) or (
+                create is not None and self._in_group(create.strategy, pg.pgid))
+            if in_pg and actor.state != "DEAD":
+                actor.no_restart = True
+                if actor.node:
+                    self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})  # type: ignore
+                self._actor_dead(actor, cause)  # type: ignore[attr-defined]
+        for t in list(self.tasks.values()):  # type: ignore[attr-defined]
+            if t.state is None or t.state.done or t.kind != "task" \
+                    or not self._in_group(t.strategy, pg.pgid):
+                continue
+            if t.state == S.RUNNING:
+                self._force_cancelled.add(t.tid)  # type: ignore[attr-defined]
+                self._send(t.node, {"op": "cancel_task", "tid": t.tid,  # type: ignore
+                                    "force": True})
+            else:
+                self.infeasible.discard(t.tid)  # type: ignore[attr-defined]
+                self._cancel_task(t, cause)  # type: ignore[attr-defined]
+        self._release_bundles(pg, pg.bundles)
+        pg.state = PG_REMOVED
+        pg.cause = "removed"
+        self.pg_waiting.discard(pg.pgid)
+        if pg.name and self.pg_names.get(pg.name) == pg.pgid:
+            del self.pg_names[pg.name]
+        ready = self.objects.get(pg.ready_oid())  # type: ignore[attr-defined]
+        if ready is not None:
+            if ready.state == "PENDING":
+                err = PlacementGroupError(
+                    f"placement group {pg.name or pg.pgid.hex()} was removed before all its "
+                    f"bundles were reserved")
+                data = self.error_payload(err)  # type: ignore[attr-defined]
+                sealed = {"inline": data, "size": len(data), "error": True}
+                self._seal(ready, sealed)  # type: ignore[attr-defined]
+            ready.holds -= 1
+            self._maybe_free(ready)  # type: ignore[attr-defined]
+        self._pg_removed.append(pg.pgid)
+        while len(self._pg_removed) > self.keep_removed_groups:
+            self.pgs.pop(self._pg_removed.popleft(), None)
+
+    def _release_bundles(self, pg: PlacementGroupRecord, bundles: Iterable[Bundle]) -> None:
+        """Give reserved bundles back to their nodes: what is free in them now
+        (running work gives the rest back to the node when it ends)."""
+        for b in bundles:
+            node = self.nodes.get(b.node or "")  # type: ignore[attr-defined]
+            if node is not None:
+                node.give({k: max(v, 0.0) for k, v in b.available.items()})
+                self._send(node.node_id, {"op": "release_bundle",  # type: ignore
+                                          "bundle": pg.key(b.index)})
+            b.node = None
+            b.available = dict(b.total)
+
+    def _remove_owned_groups(self, cid: str) -> None:
+        for pg in list(self.pgs.values()):
+            if pg.owner == cid and not pg.detached and pg.state != PG_REMOVED:
+                self._remove_group(pg, "the driver that created its placement group exited")
+
+    def _pg_node_died(self, node_id: str) -> None:
+        """Bundles on a dead node go back to be placed again (the others stay)."""
+        for pg in self.pgs.values():
+            lost = [b for b in pg.bundles if b.node == node_id]
+            if not lost or pg.state == PG_REMOVED:
+                continue
+            for b in lost:
+                b.node = None
+                b.available = dict(b.total)
+            pg.state, pg.tried = PG_RESCHEDULING, None
+            self.pg_waiting.add(pg.pgid)
+            pg.cause = f"node {node_id} died; its {len(lost)} bundle(s) are placed again"
+
+    # ------------------------------------------------------------ queries
+    def list_placement_groups(self, state: str | None = None) -> list[dict]:
+        return [pg.as_dict() for pg in self.pgs.values() if state is None or pg.state == state]
+
+    def get_placement_group(self, name: str | None = None,
+                            pgid: bytes | None = None) -> dict | None:
+        if pgid is None:
+            pgid = self.pg_names.get(name or "")
+        pg = self.pgs.get(pgid) if pgid is not None else None
+        if pg is None or pg.state == PG_REMOVED:
+            return None
+        return pg.describe()
