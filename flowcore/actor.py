@@ -102,6 +102,9 @@ class ActorClass(Generic[T]):
         if o.get("scheduling_strategy") is not None:
             from .scheduling import encode
             spec["strategy"] = encode(o["scheduling_strategy"])
+        if client.runtime_env is not None or o["runtime_env"] is not None:
+            from .runtime_env import for_task
+            spec["renv"] = for_task(client, o["runtime_env"])
         reply = client.request("head", {"op": "create_actor", "spec": spec})
         del keep
         if not reply.get("ok"):

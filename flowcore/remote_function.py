@@ -173,6 +173,9 @@ class RemoteFunction(Generic[R]):
         if o.get("scheduling_strategy") is not None:
             from .scheduling import encode
             spec["strategy"] = encode(o["scheduling_strategy"])
+        if client.runtime_env is not None or o["runtime_env"] is not None:
+            from .runtime_env import for_task
+            spec["renv"] = for_task(client, o["runtime_env"])
         refs = client.submit(spec)
         del keep  # dependencies are now held by the task at the head
         return refs[0] if o["num_returns"] == 1 else refs  # type: ignore[return-value]

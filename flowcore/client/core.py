@@ -69,6 +69,9 @@ class CoreClient:
         self.subscribed: set[bytes] = set()
         self.expected: set[bytes] = set()   # results of this client's own tasks/puts
         self.registered_functions: set[bytes] = set()
+        # runtime_env: the job's descriptor (inside a task: the running task's)
+        self.runtime_env: dict | None = None
+        self.packager: Any = None
         self.pending_tasks = 0
         self._pending_cv = threading.Condition(self._lock)
         self.mapping: Any = None

@@ -11,13 +11,14 @@ from typing import Any
 from .._version import __version__
 from ..protocol.comm import Comm, serve
 from .machine import SchedulerState
+from .packages import PackageTable
 
 logger = logging.getLogger("flowcore.scheduler")
 
 #: ops answered directly by the server (requests carrying a ``rid``)
 _QUERY_OPS = ("explain", "cluster_resources", "available_resources", "list_nodes", "list_tasks",
               "list_objects", "task_info", "event_log", "counts", "list_actors", "get_actor",
-              "graph", "history")
+              "graph", "history", "list_packages")
 
 
 class HeadServer:
@@ -29,6 +30,7 @@ class HeadServer:
         self.session_dir = session_dir
         self.dashboard_url: str | None = None  # set by the dashboard when it serves
         self.state = SchedulerState()
+        self.packages = PackageTable()  # runtime_env archives, by hash
         self.comms: dict[str, Comm] = {}
         self.server = None
         self.address = ""
@@ -114,6 +116,13 @@ class HeadServer:
         src = comm.info["id"]
         if op == "get_function":
             comm.reply(msg, blob=self.state.function_blob(msg["fid"]))
+        elif op == "has_package":
+            comm.reply(msg, known=self.packages.has(msg["hash"]))
+        elif op == "upload_package":
+            error = self.packages.add(msg["hash"], msg["blob"])
+            comm.reply(msg, ok=error is None, error=error)
+        elif op == "get_package":
+            comm.reply(msg, blob=self.packages.get(msg["hash"]))
         elif op in _QUERY_OPS:
             try:
                 result = self._query(op, msg, src)
@@ -163,6 +172,8 @@ class HeadServer:
             return s.list_actors(msg.get("state"))
         if op == "get_actor":
             return s.get_actor(msg["name"], msg.get("namespace"))
+        if op == "list_packages":
+            return self.packages.listing()
         if op == "counts":
             return dict(s.counts, tasks=len(s.tasks), objects=len(s.objects))
         return None
