@@ -2,11 +2,11 @@
 by value, on a LocalCluster whose workers cannot import the driver's files."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 import textwrap
 import zipfile
-import io
 
 import pytest
 
@@ -297,3 +297,38 @@ def test_an_environment_that_cannot_be_set_up_fails_its_work_only(job):
         flowcore.get(call, timeout=60)
     # the node goes on running everything else
     assert flowcore.get([read_env.remote("X") for _ in range(3)], timeout=60) == [None] * 3
+
+
+def test_embedded_cluster_with_runtime_env(tmp_path, monkeypatch):
+    flowcore.shutdown()
+    _write(str(tmp_path / "wd" / "big.txt"), "y" * 5000)
+    monkeypatch.setenv("FLOWCORE_RUNTIME_ENV_MAX_BYTES", "4096")
+    with pytest.raises(ValueError, match="more than 4096 bytes"):
+        flowcore.init(num_cpus=1, object_store_memory=64 << 20,
+                      session_dir=str(tmp_path / "s0"),
+                      runtime_env={"working_dir": str(tmp_path / "wd")})
+    assert not flowcore.is_initialized()  # and its cluster is stopped (conftest checks)
+    monkeypatch.delenv("FLOWCORE_RUNTIME_ENV_MAX_BYTES")
+    try:
+        flowcore.init(num_cpus=1, object_store_memory=64 << 20, session_dir=str(tmp_path / "s1"),
+                      runtime_env={"working_dir": str(tmp_path / "wd"),
+                                   "env_vars": {"RTENV_EMBEDDED": "yes"}})
+        assert flowcore.get(read_env.remote("RTENV_EMBEDDED"), timeout=60) == "yes"
+
+        @flowcore.remote
+        def size():
+            return os.path.getsize("big.txt")
+        assert flowcore.get(size.remote(), timeout=60) == 5000
+    finally:
+        flowcore.shutdown()
+
+
+def test_head_refuses_a_package_that_does_not_match_its_hash():
+    from flowcore.scheduler.packages import PackageTable
+    table = PackageTable()
+    assert "do not match" in table.add("0" * 32, b"not a zip")
+    blob = b"some bytes"
+    h = package_hash(blob)
+    assert table.add(h, blob) is None and table.add(h, blob) is None
+    assert table.get(h) == blob and table.get("missing") is None
+    assert table.listing() == [{"hash": h, "size": len(blob), "uploads": 2, "fetches": 1}]
