@@ -103,6 +103,9 @@ class ActorClass(Generic[T]):
             from .scheduling import for_submit
             spec["strategy"] = for_submit(client, o["scheduling_strategy"], spec["place"],
                                           f"actor {self._name}")
+        if client.runtime_env is not None or o["runtime_env"] is not None:
+            from .runtime_env import for_task
+            spec["renv"] = for_task(client, o["runtime_env"])
         reply = client.request("head", {"op": "create_actor", "spec": spec})
         del keep
         if not reply.get("ok"):

@@ -42,7 +42,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          object_store_memory: int | None = None, token: str | None = None,
          session_dir: str | None = None, max_workers: int | None = None,
          log_to_driver: bool = True, worker_memory_limit: int | None = None,
-         ignore_reinit_error: bool = False, tls: Any = None) -> dict[str, Any]:
+         ignore_reinit_error: bool = False, tls: Any = None,
+         runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start a private local cluster (no ``address``) or connect to one.
 
     ``tls={"cert": ..., "key": ..., "ca": ...}`` (PEM paths) connects over
@@ -50,6 +51,10 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
     ``FLOWCORE_TLS_KEY`` and ``FLOWCORE_TLS_CA`` when they are set
     (``tls=False``: never).  Without an address, the local cluster started
     uses them too.
+
+    ``runtime_env`` (keys ``working_dir``, ``py_modules``, ``env_vars``) is
+    the environment every task and actor of this job runs with; see
+    docs/user-guide.md, "Runtime environments".
 
     Returns a dict with the head ``address``, ``session_dir``, ``node_id`` and
     ``dashboard_url`` (the head's web dashboard, or None; log in with the token).
@@ -71,6 +76,11 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         _check_number("object_store_memory", object_store_memory, integer=True)
         _check_number("max_workers", max_workers, integer=True)
         _check_number("worker_memory_limit", worker_memory_limit, integer=True)
+        from .runtime_env import check as check_runtime_env
+        try:
+            check_runtime_env(runtime_env)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"init(runtime_env=...): {e}") from None
         if max_workers == 0:
             raise ValueError("init(max_workers=0): a node needs at least one worker")
         if resources is not None:
@@ -125,6 +135,17 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                      "node_id": client.node_id,
                      "dashboard_url": getattr(client, "dashboard_url", None)}
         client.log_to_driver = bool(log_to_driver)
+        if runtime_env is not None:
+            from .runtime_env import init_job
+            try:
+                init_job(client, runtime_env)
+            except BaseException:
+                client.close()
+                if address is None:
+                    _cluster.close()
+                    _cluster = None
+                _info = {}
+                raise
         _client = client
         set_client(client)
         logger.info("flowcore started: head %s, session %s", _info["address"],

@@ -144,9 +144,14 @@ class ProtocolError(FlowcoreError):
     """A malformed, oversized or unexpected message arrived on a connection."""
 
 
+class RuntimeEnvSetupError(FlowcoreError):
+    """A task's or actor's ``runtime_env`` could not be set up on its node
+    (its package could not be fetched or unpacked)."""
+
+
 __all__ = [
     "FlowcoreError", "TaskError", "WorkerCrashedError", "ActorError",
     "ActorDiedError", "ObjectLostError", "GetTimeoutError", "TaskCancelledError",
     "NodeDiedError", "ObjectStoreFullError", "AuthenticationError", "ProtocolError",
-    "SerializationError",
+    "SerializationError", "RuntimeEnvSetupError",
 ]

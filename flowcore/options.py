@@ -57,6 +57,11 @@ def _strategy(v: Any) -> bool:
     return is_valid(v)
 
 
+def _runtime_env(v: Any) -> bool:
+    from .runtime_env import check  # raises an error naming the bad key or value
+    return check(v)
+
+
 def _opt_str(v: Any) -> bool:
     return v is None or isinstance(v, str)
 
@@ -81,6 +86,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("scheduling_strategy", BOTH, None, lambda v: _strategy(v),
            "None, 'DEFAULT', 'SPREAD', NodeAffinitySchedulingStrategy(node_id, soft) or "
            "PlacementGroupSchedulingStrategy(placement_group, bundle_index)"),
+    Option("runtime_env", BOTH, None, lambda v: _runtime_env(v),
+           "None or a dict with keys working_dir, py_modules, env_vars"),
 ]}
 
 
@@ -99,7 +106,11 @@ def validate(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
                 extra = f" ({key!r} applies to {opt.applies}s only)"
             raise ValueError(f"{where}: unknown option {key!r}{extra}. Valid options for "
                              f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}: {', '.join(valid)}")
-        if not opt.check(value):
+        try:
+            ok = opt.check(value)
+        except (TypeError, ValueError) as e:  # a check that names the problem itself
+            raise type(e)(f"{where}: {e}") from None
+        if not ok:
             raise TypeError(f"{where}: option {key}={value!r} is invalid: expected "
                             f"{opt.expected}")
     return options

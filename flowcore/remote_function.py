@@ -175,6 +175,9 @@ class RemoteFunction(Generic[R]):
                               f"task {spec['name']}")
         if strategy is not None:
             spec["strategy"] = strategy
+        if client.runtime_env is not None or o["runtime_env"] is not None:
+            from .runtime_env import for_task
+            spec["renv"] = for_task(client, o["runtime_env"])
         refs = client.submit(spec)
         del keep  # dependencies are now held by the task at the head
         return refs[0] if o["num_returns"] == 1 else refs  # type: ignore[return-value]

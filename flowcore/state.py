@@ -52,3 +52,9 @@ def list_placement_groups(state: str | None = None) -> list[dict]:
 def task_events(n: int = 100) -> list[dict]:
     """The newest ``n`` entries of the head's task-transition log."""
     return _client().query("event_log", n=n)
+
+
+def list_packages() -> list[dict]:
+    """The head's runtime_env packages: hash, size in bytes, how many times
+    a driver uploaded it and how many times a node fetched it."""
+    return _client().query("list_packages")

@@ -82,6 +82,9 @@ class CoreClient:
         self.subscribed: set[bytes] = set()
         self.expected: set[bytes] = set()   # results of this client's own tasks/puts
         self.registered_functions: set[bytes] = set()
+        # runtime_env: the job's descriptor (inside a task: the running task's)
+        self.runtime_env: dict | None = None
+        self.packager: Any = None
         self.pending_tasks = 0
         self._pending_cv = threading.Condition(self._lock)
         self.mapping: Any = None
@@ -377,11 +380,14 @@ class CoreClient:
                     info.get("inline") is None and self.node_id not in info.get("nodes", ())):
                 return None
             deps.append(info)
-        return {"tid": spec["tid"], "fid": spec["fid"], "name": spec.get("name", "?"),
-                "args": spec.get("args"), "args_dep": spec.get("args_dep"), "deps": deps,
-                "nret": spec.get("nret", 1), "res": spec.get("res") or {},
-                "retry_exc": spec.get("retry_exc", False), "owner": self.client_id,
-                "attempt": 1}
+        run = {"tid": spec["tid"], "fid": spec["fid"], "name": spec.get("name", "?"),
+               "args": spec.get("args"), "args_dep": spec.get("args_dep"), "deps": deps,
+               "nret": spec.get("nret", 1), "res": spec.get("res") or {},
+               "retry_exc": spec.get("retry_exc", False), "owner": self.client_id,
+               "attempt": 1}
+        if spec.get("renv") is not None:
+            run["renv"] = spec["renv"]
+        return run
 
     def _wait_pending_room(self) -> None:
         """Block a submitter until fewer tasks are pending (lock held)."""

@@ -34,10 +34,20 @@ class WorkerInfo:
     pid: int = 0
     gpus: list[int] = field(default_factory=list)
     tasks_run: int = 0
+    renv: dict | None = None  # the runtime_env this worker was started with
+
+    @property
+    def env(self) -> str | None:
+        return self.renv["key"] if self.renv else None
+
+
+def _env_of(task: dict) -> str | None:
+    renv = task.get("renv")
+    return renv["key"] if renv else None
 
 
 Action = tuple  # ("spawn", wid) | ("run", wid, task) | ("died", task, wid) | ("retire", wid)
-#               | ("warn", text)
+#               | ("warn", text) | ("env_failed", task)
 
 _EPS = 1e-9
 
@@ -103,7 +113,7 @@ class WorkerPool:
         self._take({k: max(v, 0.0) for k, v in free.items()}, +1.0)
         return self._pump()
 
-    def _spawn(self, actions: list[Action]) -> bool:
+    def _spawn(self, actions: list[Action], renv: dict | None = None) -> bool:
         if self.startup_failures >= self.max_startup_failures:
             return False
         if len(self.workers) >= self.max_workers:
@@ -118,7 +128,7 @@ class WorkerPool:
             return False
         self._next += 1
         wid = f"w{self._next}"
-        self.workers[wid] = WorkerInfo(wid)
+        self.workers[wid] = WorkerInfo(wid, renv=renv)
         actions.append(("spawn", wid))
         return True
 
@@ -132,9 +142,17 @@ class WorkerPool:
         actions: list[Action] = []
         if not self.queue:
             return actions
-        idle = [w for w in self.workers.values() if w.state == IDLE]
-        starting = sum(1 for w in self.workers.values() if w.state == STARTING)
-        runnable_without_worker = 0
+        # workers are dedicated to one runtime_env (None: the plain one), so
+        # idle and starting workers are counted per environment
+        idle: dict[str | None, list[WorkerInfo]] = {}
+        starting: dict[str | None, int] = {}
+        for w in self.workers.values():
+            if w.state == IDLE:
+                idle.setdefault(w.env, []).append(w)
+            elif w.state == STARTING:
+                starting[w.env] = starting.get(w.env, 0) + 1
+        need: dict[str | None, int] = {}
+        envs: dict[str | None, dict | None] = {}
         kept: deque[dict] = deque()
         while self.queue:
             task = self.queue.popleft()
@@ -142,19 +160,29 @@ class WorkerPool:
             if not self._fits(res, task.get("bundle")):
                 kept.append(task)
                 continue
-            if idle:
-                self._assign(idle.pop(), task, actions)
+            env = _env_of(task)
+            free = idle.get(env)
+            if free:
+                self._assign(free.pop(), task, actions)
             else:
                 # it could run now if it had a worker: reserve its resources
                 # for it so later tasks do not jump ahead, and count it
-                runnable_without_worker += 1
+                need[env] = need.get(env, 0) + 1
+                envs[env] = task.get("renv")
                 self._take(res, bundle=task.get("bundle"))
                 task["_reserved"] = True
                 kept.append(task)
         self.queue = kept
-        for _ in range(runnable_without_worker - starting):
-            if not self._spawn(actions):
-                break
+        # idle workers of environments nobody waits for may make way
+        spare = [w for ws in idle.values() for w in ws]
+        for env, n in need.items():
+            for _ in range(n - starting.get(env, 0)):
+                if spare and len(self.workers) >= self.min_workers:
+                    old = spare.pop()
+                    del self.workers[old.wid]
+                    actions.append(("retire", old.wid))
+                if not self._spawn(actions, envs[env]):
+                    break
         # reservations are only for this decision; give them back
         for task in self.queue:
             if task.pop("_reserved", False):
@@ -252,6 +280,28 @@ class WorkerPool:
             task = w.task
             self._release(w)
             actions.append(("died", task, wid))
+        if len(self.workers) < self.min_workers:
+            self._spawn(actions)
+        actions.extend(self._pump())
+        return actions
+
+    def env_failed(self, wid: str) -> list[Action]:
+        """The runtime_env of starting worker ``wid`` could not be set up:
+        drop the worker and fail the queued tasks that need that environment."""
+        w = self.workers.pop(wid, None)
+        if w is None or w.state != STARTING:
+            if w is not None:
+                self.workers[wid] = w
+            return []
+        env = w.env
+        actions: list[Action] = []
+        kept: deque[dict] = deque()
+        for task in self.queue:
+            if _env_of(task) == env:
+                actions.append(("env_failed", task))
+            else:
+                kept.append(task)
+        self.queue = kept
         if len(self.workers) < self.min_workers:
             self._spawn(actions)
         actions.extend(self._pump())

@@ -18,6 +18,7 @@ from .._version import __version__
 from ..protocol.comm import Comm, connect, serve
 from .oom import OomWatch
 from ..protocol.tls import TLSConfig, strip_env
+from .packages import PackageCache, WorkerSetup
 from .pool import WorkerPool
 from .procs import WorkerProcess, start_worker
 from .transfer import Transfers
@@ -68,10 +69,13 @@ class NodeServer:
         self.actor_bundles: dict[bytes, str | None] = {}  # placement-group bundle of each
         self.actor_gpus: dict[bytes, list[int]] = {}
         self.transfers = Transfers(self)
+        self.packages = PackageCache(os.path.join(session_dir, "runtime_env"),
+                                     self._fetch_package)
         limit = os.environ.get("FLOWCORE_WORKER_MEMORY_LIMIT")
         self.worker_memory_limit = int(limit) if limit else worker_memory_limit
         self._kill_reasons: dict[str, str] = {}
         self._oom = OomWatch()
+        self._env_errors: dict[str, str] = {}   # runtime_env key -> why it failed
         self._ps: dict[int, Any] = {}
         self.head_grace = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
         self.heartbeat_interval = float(os.environ.get("FLOWCORE_HEARTBEAT_INTERVAL", "1.0"))
@@ -196,7 +200,11 @@ class NodeServer:
         for a in actions:
             kind = a[0]
             if kind == "spawn":
-                self._spawn_worker(a[1])
+                w = self.pool.workers.get(a[1])
+                if w is not None and w.renv:
+                    asyncio.ensure_future(self._spawn_env_worker(a[1], w.renv))
+                else:
+                    self._spawn_worker(a[1])
             elif kind == "run":
                 comm = self.worker_comms.get(a[1])
                 if comm is None:
@@ -219,13 +227,57 @@ class NodeServer:
                 logger.warning(a[1])
                 if self.head is not None:
                     self.head.send({"op": "node_warning", "text": a[1]})
+            elif kind == "env_failed":
+                task = a[1]
+                if self.head is not None:
+                    self.head.send({"op": "task_done", "tid": task["tid"], "status": "error",
+                                    "results": self._env_error_results(task),
+                                    "retryable": False})
+
+    # ------------------------------------------------------------ runtime_env
+    async def _fetch_package(self, h: str) -> bytes | None:
+        if self.head is None:
+            raise ConnectionError("not connected to the head")
+        reply = await self.head.request({"op": "get_package", "hash": h})
+        return reply.get("blob")
+
+    async def _prepare_env(self, renv: dict) -> WorkerSetup | str:
+        """The worker setup for ``renv``, or the reason it cannot be made."""
+        try:
+            return await self.packages.prepare(renv)
+        except Exception as e:  # noqa: BLE001 - reported to the task's caller
+            logger.warning("runtime_env %s could not be set up: %s", renv.get("key"), e)
+            return (f"the runtime_env of this task could not be set up on node {self.name}: "
+                    f"{type(e).__name__}: {e}")
+
+    async def _spawn_env_worker(self, wid: str, renv: dict) -> None:
+        setup = await self._prepare_env(renv)
+        w = self.pool.workers.get(wid)
+        if self._stopping or w is None:
+            return
+        if isinstance(setup, str):
+            self._env_errors[renv["key"]] = setup
+            self._act(self.pool.env_failed(wid))
+            return
+        self._spawn_worker(wid, setup=setup)
+
+    def _env_error_results(self, task: dict) -> list[dict]:
+        from ..exceptions import RuntimeEnvSetupError
+        from ..objects.serialization import serialize
+        text = self._env_errors.get((task.get("renv") or {}).get("key"), "runtime_env failed")
+        data = serialize(RuntimeEnvSetupError(text)).to_bytes()
+        return [{"oid": ids.object_id(task["tid"], i), "inline": data, "size": len(data),
+                 "error": True, "text": text} for i in range(task.get("nret", 1))]
 
 
-    def _spawn_worker(self, wid: str, actor: bytes | None = None) -> None:
+    def _spawn_worker(self, wid: str, actor: bytes | None = None,
+                      setup: WorkerSetup | None = None) -> None:
         env = strip_env(dict(os.environ))
         env.update(self.worker_env)
         if self.tls is not None:
             env.update(self.tls.env())
+        if setup is not None:
+            env.update(setup.env_vars)
         env["FLOWCORE_TOKEN"] = self.token.decode()
         env["FLOWCORE_NODE_ID"] = self.node_id
         log = os.path.join(self.session_dir, "logs", f"worker-{self.node_id}-{wid}.log")
@@ -233,7 +285,12 @@ class NodeServer:
                 "--node-id", self.node_id, "--session-dir", self.session_dir]
         if actor is not None:
             argv += ["--actor", actor.hex()]
-        self.procs[wid] = start_worker(argv, env, log, self.worker_cwd,
+        cwd = self.worker_cwd
+        if setup is not None:
+            for p in setup.paths:
+                argv += ["--path", p]
+            cwd = setup.cwd or cwd
+        self.procs[wid] = start_worker(argv, env, log, cwd,
                                        lambda how, wid=wid: self._worker_exited(wid, how),
                                        self.start_method)
 
@@ -287,7 +344,25 @@ class NodeServer:
                 gpus, self.pool.free_gpus = self.pool.free_gpus[:k], self.pool.free_gpus[k:]
                 self.actor_gpus[aid] = gpus
         msg["gpu_ids"] = self.actor_gpus.get(aid, [])
-        self._spawn_worker(wid, actor=aid)
+        if msg.get("renv"):
+            asyncio.ensure_future(self._start_env_actor(wid, aid, msg["renv"]))
+        else:
+            self._spawn_worker(wid, actor=aid)
+
+    async def _start_env_actor(self, wid: str, aid: bytes, renv: dict) -> None:
+        setup = await self._prepare_env(renv)
+        if self._stopping or self.actor_workers.get(wid) != aid:
+            return
+        if isinstance(setup, str):
+            from ..exceptions import ActorDiedError
+            from ..objects.serialization import serialize
+            self.actor_workers.pop(wid, None)
+            if self.head is not None:
+                self.head.send({"op": "actor_failed", "aid": aid, "error": setup,
+                                "payload": serialize(ActorDiedError(setup)).to_bytes()})
+            self._actor_exited(aid, wid, setup, 0)
+            return
+        self._spawn_worker(wid, actor=aid, setup=setup)
 
     def _actor_exited(self, aid: bytes, wid: str, how: str, pid: int) -> None:
         comm = self.worker_comms.pop(wid, None)
@@ -464,7 +539,8 @@ class NodeServer:
         elif op == "worker_blocked":
             self._act(self.pool.worker_blocked(comm.info.get("wid", ""), msg.get("blocked", True)))
         elif op == "stats":
-            comm.reply(msg, store=store.stats(), pool=self.pool.snapshot())
+            comm.reply(msg, store=store.stats(), pool=self.pool.snapshot(),
+                       packages=list(self.packages.fetched))
         else:
             logger.warning("unknown op %r from local client %s", op, cid)
 

@@ -128,6 +128,8 @@ class Worker:
         self._set_gpus(task)
         task["_started"] = time.time()
         self.client.current_task = task
+        if self.actor_id is None:  # tasks it submits inherit its runtime_env
+            self.client.runtime_env = task.get("renv")
         concurrent_call = task.get("actor") is not None and self.threads is not None
         if not concurrent_call:
             self.running_tid = tid
@@ -230,6 +232,7 @@ class Worker:
         from ..objects.serialization import serialize
         from ..exceptions import ActorDiedError
         self.actor_class = spec.get("name", "?")
+        self.client.runtime_env = spec.get("renv")
         self.actor_gpus = list(spec.get("gpu_ids") or [])
         if self.actor_gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.actor_gpus)
@@ -320,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-id", required=True)
     p.add_argument("--session-dir", required=True)
     p.add_argument("--actor", default=None, help="hex id of the actor this process hosts")
+    p.add_argument("--path", action="append", default=[],
+                   help="a runtime_env directory to put first on sys.path (repeatable)")
     args = p.parse_args(argv)
     daemon.setup_logging(None, os.environ.get("FLOWCORE_LOG_LEVEL", "WARNING"))
     extra = os.environ.get("FLOWCORE_WORKER_SYS_PATH")
@@ -327,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         for entry in reversed(extra.split(os.pathsep)):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
+    # the runtime_env's working_dir, then its py_modules, before anything else
+    sys.path[:0] = args.path
     token = os.environ.pop("FLOWCORE_TOKEN", "").encode()
     from ..client.inline import InlineClient
     from ..protocol import tls

@@ -40,6 +40,7 @@ class ActorRecord:
         self.max_concurrency: int = spec.get("max_concurrency", 1)
         self.is_async = bool(spec.get("is_async"))
         self.hold: dict[str, float] = spec.get("hold") or {}
+        self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
         self.create_tid: bytes = spec["tid"]
         # the constructor's arguments, kept (and their objects held) for restarts
         self.args: bytes | None = spec.get("args")
@@ -133,7 +134,8 @@ class ActorsMixin:
             "name": actor.class_name, "args": actor.args, "args_dep": actor.args_dep,
             "deps": deps,
             "hold": actor.hold, "max_concurrency": actor.max_concurrency,
-            "is_async": actor.is_async, "restart": actor.restarts, "bundle": actor.bundle})
+            "is_async": actor.is_async, "restart": actor.restarts, "bundle": actor.bundle,
+            "renv": actor.renv})
 
     def handle_actor_ready(self, source: str, msg: dict) -> None:
         actor = self.actors.get(msg["aid"])

@@ -88,13 +88,14 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held", "lineage_evicted", "bundle")
+                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
         self.fid: bytes = spec["fid"]
         self.name: str = spec.get("name", "?")
         self.owner = owner
+        self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
         self.args: bytes | None = spec["args"]
         self.args_dep: int | None = spec.get("args_dep")
         self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
@@ -745,11 +746,14 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
         for oid in t.deps:
             obj = self.objects[oid]
             deps.append(self._ready(obj))
-        self._send(node.node_id, {
+        msg = {
             "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
             "args_dep": t.args_dep,
             "deps": deps, "nret": t.nret, "res": t.res, "retry_exc": t.retry_exc,
-            "owner": t.owner, "attempt": t.attempt, **self._bundle_fields(t)})
+            "owner": t.owner, "attempt": t.attempt, **self._bundle_fields(t)}
+        if t.renv is not None:
+            msg["renv"] = t.renv
+        self._send(node.node_id, msg)
 
     def _finish_resources(self, t: TaskRecord) -> None:
         node = self.nodes.get(t.node) if t.node else None

@@ -12,13 +12,15 @@ from .._version import __version__
 from ..protocol.comm import Comm, serve
 from ..protocol.tls import TLSConfig
 from .machine import SchedulerState
+from .packages import PackageTable
 
 logger = logging.getLogger("flowcore.scheduler")
 
 #: ops answered directly by the server (requests carrying a ``rid``)
 _QUERY_OPS = ("explain", "cluster_resources", "available_resources", "list_nodes", "list_tasks",
               "list_objects", "task_info", "event_log", "counts", "list_actors", "get_actor",
-              "graph", "history", "list_placement_groups", "get_placement_group")
+              "graph", "history", "list_placement_groups", "get_placement_group",
+              "list_packages")
 
 
 def lineage_memory_from_env() -> int:
@@ -50,6 +52,7 @@ class HeadServer:
         self.session_dir = session_dir
         self.dashboard_url: str | None = None  # set by the dashboard when it serves
         self.state = SchedulerState(lineage_memory=lineage_memory_from_env())
+        self.packages = PackageTable()  # runtime_env archives, by hash
         self.comms: dict[str, Comm] = {}
         self.server = None
         self.address = ""
@@ -147,6 +150,13 @@ class HeadServer:
         elif op == "register_function":
             self._deliver(self.state.handle(src, msg))
             self._answer_function_waiters(msg["fid"])
+        elif op == "has_package":
+            comm.reply(msg, known=self.packages.has(msg["hash"]))
+        elif op == "upload_package":
+            error = self.packages.add(msg["hash"], msg["blob"])
+            comm.reply(msg, ok=error is None, error=error)
+        elif op == "get_package":
+            comm.reply(msg, blob=self.packages.get(msg["hash"]))
         elif op in _QUERY_OPS:
             try:
                 result = self._query(op, msg, src)
@@ -205,6 +215,8 @@ class HeadServer:
             return s.list_placement_groups(msg.get("state"))
         if op == "get_placement_group":
             return s.get_placement_group(msg.get("name"), msg.get("pgid"))
+        if op == "list_packages":
+            return self.packages.listing()
         if op == "counts":
             return dict(s.counts, tasks=len(s.tasks), objects=len(s.objects))
         return None
