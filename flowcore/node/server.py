@@ -71,6 +71,7 @@ class NodeServer:
         self.head_grace = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
         self.heartbeat_interval = float(os.environ.get("FLOWCORE_HEARTBEAT_INTERVAL", "1.0"))
         self._psutil_proc = None
+        self._hb_timer: asyncio.TimerHandle | None = None
         self.address = ""
         self.stopped = asyncio.Event()
         self._stopping = False
@@ -94,10 +95,18 @@ class NodeServer:
     async def _join_head(self) -> None:
         self.head = await connect(self.head_address, self.token, timeout=5.0)
         asyncio.ensure_future(self._run_head(self.head))
+        # what this node holds, so a restarted head can rebuild its object
+        # table and adopt the actors still running here
+        actors = []
+        for aid, wid in self.actor_wids.items():
+            proc = self.procs.get(wid)
+            if proc is not None and not proc.exited:
+                actors.append([aid, proc.pid])
         reply = await self.head.request({
             "op": "register_node", "node_id": self.node_id, "address": self.address,
             "resources": self.resources, "name": self.name, "hostname": socket.gethostname(),
             "pid": os.getpid(), "version": __version__,
+            "objects": self.store.sealed_objects(), "actors": actors,
             "info": {"object_store_memory": self.store.stats()["capacity"],
                      "session_dir": self.session_dir}})
         if not reply.get("ok"):
@@ -113,12 +122,15 @@ class NodeServer:
         deadline = time.monotonic() + self.head_grace
         while not self._stopping and time.monotonic() < deadline:
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            # tasks queued here by the old head: the new one does not know them
+            self.pool.queue.clear()
             try:
                 await self._join_head()
             except Exception as e:  # noqa: BLE001 - keep trying until the grace ends
                 logger.info("head not back yet: %s", e)
                 continue
             logger.warning("re-registered with the head at %s", self.head_address)
+            self._heartbeat()
             return
         if not self._stopping:
             logger.error("the head did not come back within %.0f s; stopping", self.head_grace)
@@ -166,7 +178,10 @@ class NodeServer:
         except Exception as e:  # never let reporting kill the node
             stats = {"error": str(e)}
         self.head.send({"op": "heartbeat", "stats": stats})
-        asyncio.get_event_loop().call_later(self.heartbeat_interval, self._heartbeat)
+        if self._hb_timer is not None:
+            self._hb_timer.cancel()  # one loop, also after a re-registration
+        self._hb_timer = asyncio.get_event_loop().call_later(self.heartbeat_interval,
+                                                             self._heartbeat)
 
     def stop(self) -> None:
         if self._stopping:

@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     token = os.environ.pop("FLOWCORE_TOKEN", "").encode()
     from ..client.inline import InlineClient
     client = InlineClient(args.head, token, args.node, wid=args.wid)
+    client.actor_id = bytes.fromhex(args.actor) if args.actor else None
     worker = Worker(client, args.wid, bytes.fromhex(args.actor) if args.actor else None)
     client.on_node_message = worker.on_node_message
     client.on_disconnect = worker.on_disconnect

@@ -187,6 +187,11 @@ class ObjectStore:
     def is_sealed(self, oid: bytes) -> bool:
         return self._entry(oid).sealed
 
+    def sealed_objects(self) -> list[list]:
+        """``[oid, size]`` of every sealed object (what a node reports to a
+        restarted head)."""
+        return [[oid, e.size] for oid, e in self._entries.items() if e.sealed and not e.doomed]
+
     def size_of(self, oid: bytes) -> int:
         return self._entry(oid).size
 

@@ -30,7 +30,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="cluster token (default: generate one)")
     p.add_argument("--token-file", default=None, help="read the token from this file")
     p.add_argument("--state-dir", default=None,
-                   help="directory for the token, address and logs (default ~/.flowcore)")
+                   help="directory for the token, address, logs and the head's persisted tables "
+                        "(default ~/.flowcore); a head restarted at the same --port with the "
+                        "same state dir and token recovers its nodes, named and detached "
+                        "actors, functions and jobs")
     p.add_argument("--log-file", default=None, help="log here instead of stderr")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     # the message transports use directly)
     asyncio.set_event_loop(asyncio.new_event_loop())
     loop = IOLoop.current()
-    head = HeadServer(token.encode(), args.host, args.port, session_dir=state_dir)
+    head = HeadServer(token.encode(), args.host, args.port, session_dir=state_dir,
+                      persist_dir=state_dir)
     try:
         address = loop.run_sync(head.start)
     except OSError as e:

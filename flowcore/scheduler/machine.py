@@ -20,6 +20,7 @@ from .. import ids
 from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError)
 from .actors import ActorRecord, ActorsMixin
+from .recovery import RecoveryMixin
 from .states import EventLog, TaskState, transition_name
 
 S = TaskState
@@ -173,7 +174,7 @@ class ObjectRecord:
                 "owner": self.owner, "created": self.created}
 
 
-class SchedulerState(ActorsMixin):
+class SchedulerState(ActorsMixin, RecoveryMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
@@ -248,6 +249,7 @@ class SchedulerState(ActorsMixin):
                           msg.get("name", msg["node_id"]), msg.get("hostname", ""),
                           msg.get("pid", 0), msg.get("info"))
         self.nodes[node.node_id] = node
+        self._node_rejoined(node, msg)  # what its store and processes still hold
         for tid in list(self.infeasible):
             t = self.tasks.get(tid)
             if t is not None and self._could_run_somewhere(t):
@@ -288,8 +290,9 @@ class SchedulerState(ActorsMixin):
 
     def handle_register_client(self, source: str, msg: dict) -> None:
         self.clients[source] = {"kind": msg.get("kind", "driver"), "pid": msg.get("pid"),
-                                "node_id": msg.get("node_id")}
+                                "node_id": msg.get("node_id"), "started": time.time()}
         self.client_refs.setdefault(source, set())
+        self._client_rejoined(source, msg)  # after a head restart
 
     def client_disconnected(self, cid: str) -> Out:
         info = self.clients.pop(cid, None) or {}

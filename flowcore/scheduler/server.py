@@ -11,6 +11,7 @@ from typing import Any
 from .._version import __version__
 from ..protocol.comm import Comm, serve
 from .machine import SchedulerState
+from .persist import TableFiles, state_path
 
 logger = logging.getLogger("flowcore.scheduler")
 
@@ -22,7 +23,7 @@ _QUERY_OPS = ("explain", "cluster_resources", "available_resources", "list_nodes
 
 class HeadServer:
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0,
-                 session_dir: str | None = None):
+                 session_dir: str | None = None, persist_dir: str | None = None):
         self.token = token
         self.host = host
         self.port = port
@@ -36,6 +37,12 @@ class HeadServer:
         self.stopped = asyncio.Event()
         self._next_client = 0
         self.node_timeout = float(os.environ.get("FLOWCORE_NODE_TIMEOUT", "30"))
+        # the small tables persist under persist_dir (a state directory), so a
+        # head restarted at the same port finds them; see persist.py
+        self.persist_dir = persist_dir
+        self.tables: TableFiles | None = None
+        self.persist_interval = float(os.environ.get("FLOWCORE_PERSIST_INTERVAL", "0.2"))
+        self.recovery_window = float(os.environ.get("FLOWCORE_HEAD_RECOVERY", "30"))
 
     async def start(self) -> str:
         self.server, self.port = await serve(self.token, self._on_comm, self.host, self.port,
@@ -49,7 +56,41 @@ class HeadServer:
         from tornado.ioloop import PeriodicCallback
         self._membership = PeriodicCallback(self._check_nodes, 1000.0)
         self._membership.start()
+        if self.persist_dir:
+            self._open_tables(state_path(self.persist_dir, self.port))
         return self.address
+
+    def _open_tables(self, path: str) -> None:
+        """Load what a previous head at this port persisted (then wait for its
+        nodes and drivers), and save the small tables from now on.  Runs
+        before the first connection is handled."""
+        from tornado.ioloop import PeriodicCallback
+        self.tables = TableFiles(path)
+        loaded = self.tables.load()
+        if loaded is not None:
+            tables, functions = loaded
+            logger.warning("found the tables of a previous head in %s: recovering (waiting up "
+                           "to %.0f s for its nodes and drivers)", path, self.recovery_window)
+            self.state.restore_tables(tables, functions)
+            asyncio.get_event_loop().call_later(self.recovery_window, self._end_recovery)
+        self._persist()
+        self._persister = PeriodicCallback(self._persist, self.persist_interval * 1000.0)
+        self._persister.start()
+
+    def _persist(self) -> None:
+        if self.tables is None or self.stopped.is_set():
+            return
+        try:
+            self.tables.save(self.state.persistent_tables(), self.state.functions)
+        except OSError as e:
+            logger.warning("cannot persist the head's tables in %s: %s", self.tables.path, e)
+
+    def _end_recovery(self) -> None:
+        if self.state.recovery is not None:
+            logger.warning("recovery window of %.0f s passed; %d node(s) and %d driver(s) did "
+                           "not come back", self.recovery_window,
+                           len(self.state.recovery.nodes), len(self.state.recovery.drivers))
+            self._deliver(self.state.finish_recovery("the recovery window passed"))
 
     def _check_nodes(self) -> None:
         """Declare nodes dead that stopped sending heartbeats (a busy or hung
@@ -177,6 +218,10 @@ class HeadServer:
     def stop(self) -> None:
         if self.stopped.is_set():
             return
+        if self.tables is not None:
+            # a clean stop: nodes are told to stop, so nothing persisted survives
+            self._persister.stop()
+            self.tables.clear()
         for cid, c in list(self.comms.items()):
             if c.info.get("role") == "node":
                 c.send({"op": "shutdown"})

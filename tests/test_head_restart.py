@@ -1,0 +1,125 @@
+"""Head restart: the head is SIGKILLed and started again at the same port with
+the same state directory; nodes, the driver and actor processes reconnect,
+and what the persisted tables and the surviving processes hold comes back."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+import flowcore
+from flowcore.exceptions import ObjectLostError
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def restart_env(monkeypatch):
+    # a short recovery window, so anything not reported settles quickly
+    monkeypatch.setenv("FLOWCORE_HEAD_RECOVERY", "20")
+    monkeypatch.setenv("FLOWCORE_HEAD_GRACE", "60")
+
+
+@flowcore.remote
+class Counter:
+    def __init__(self, start):
+        self.n = start
+
+    def add(self, k):
+        self.n += k
+        return self.n
+
+    def pid(self):
+        return os.getpid()
+
+
+@flowcore.remote
+def total(a):
+    return float(a.sum())
+
+
+@flowcore.remote
+def square(x):
+    return x * x
+
+
+def _wait_for(pred, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = pred()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001 - the head may still be coming back
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)  # polling cluster state with a deadline
+
+
+def test_head_restart_keeps_nodes_actors_objects_functions(private_cluster, restart_env):
+    cluster = private_cluster(2)
+    node_ids = set(cluster.node_ids())
+    before = flowcore.get(square.remote(7))  # registers square before the restart
+    assert before == 49
+    counter = Counter.options(name="keeper", lifetime="detached").remote(10)
+    assert flowcore.get(counter.add.remote(5)) == 15
+    actor_pid = flowcore.get(counter.pid.remote())
+    big = np.arange(1_000_000, dtype=np.float64)  # 8 MB: lives in a node's store
+    ref = flowcore.put(big)
+    # the tables are written within a flush interval: wait until the actor is on disk
+    state_file = os.path.join(cluster.session_dir,
+                              f"head-{cluster.address.rsplit(':', 1)[1]}", "tables.msgpack")
+    _wait_for(lambda: os.path.exists(state_file) and b"keeper" in open(state_file, "rb").read(),
+              10, "the actor in the persisted tables")
+
+    cluster.kill_head()
+    cluster.restart_head()
+
+    # nodes come back
+    _wait_for(lambda: {n["node_id"] for n in flowcore.nodes() if n["alive"]} == node_ids,
+              60, "both nodes to re-register")
+    # the detached named actor is the same process, with its state
+    again = _wait_for(lambda: flowcore.get_actor("keeper"), 60, "the named actor")
+    assert flowcore.get(again.add.remote(1), timeout=60) == 16
+    assert flowcore.get(again.pid.remote(), timeout=60) == actor_pid
+    # the old handle works too
+    assert flowcore.get(counter.add.remote(1), timeout=60) == 17
+    # the put object is still readable, here and by a task on any node
+    np.testing.assert_array_equal(flowcore.get(ref, timeout=60), big)
+    assert flowcore.get(total.remote(ref), timeout=60) == float(big.sum())
+    # a function registered before the restart runs after it, and new ones run
+    assert flowcore.get(square.remote(9), timeout=60) == 81
+
+    @flowcore.remote
+    def brand_new():
+        return "new"
+    assert flowcore.get(brand_new.remote(), timeout=60) == "new"
+    actors = {a["name"]: a for a in flowcore.state.list_actors()}
+    assert actors["keeper"]["state"] == "ALIVE"
+    assert actors["keeper"]["restarts"] == 0
+    flowcore.kill(again)
+
+
+def test_task_running_at_the_crash_fails_naming_the_restart(private_cluster, restart_env):
+    from flowcore.testing import Signal
+    cluster = private_cluster(1)
+    sig = Signal()
+
+    @flowcore.remote
+    def blocked(s):
+        s.wait()
+        return 1
+
+    ref = blocked.remote(sig)
+    sig.wait_for_waiters(1, timeout=30)
+    cluster.kill_head()
+    cluster.restart_head()
+    with pytest.raises(ObjectLostError, match="head restart") as info:
+        flowcore.get(ref, timeout=60)
+    assert info.value.reason == "head_restart"
+    sig.set()
+    assert flowcore.get(square.remote(3), timeout=60) == 9
