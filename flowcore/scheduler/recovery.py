@@ -62,10 +62,12 @@ class Recovery:
         self.drivers = drivers    # old client id -> persisted job, until it reconnects
         self.awaited: set[bytes] = set()  # objects someone needs that no node reported yet
         self.held: set[bytes] = set()     # reported objects, held until recovery ends
+        self.actors: set[bytes] = set()   # adopted actors whose process has not reconnected
         self.started = time.time()
 
     def complete(self) -> bool:
-        return not self.nodes and not self.drivers
+        # adopted actors' processes count too: refs they hold must not be freed
+        return not self.nodes and not self.drivers and not self.actors
 
 
 class RecoveryMixin:
@@ -108,6 +110,7 @@ class RecoveryMixin:
             a.pid = spec.get("pid")
             a.created = spec.get("created") or a.created
             a.state = RECOVERING
+            a.client = None  # its process reconnects with a new client id
             a.cause = "the head restarted; waiting for its node to report it"
             self.actors[a.aid] = a  # type: ignore[attr-defined]
             if a.name:
@@ -175,11 +178,13 @@ class RecoveryMixin:
                 if a.hold and not a.holding:
                     node.take(a.hold)
                     a.holding = True
+                if rec is not None and a.client is None:
+                    rec.actors.add(aid)
                 self._pump_actor(a)  # type: ignore[attr-defined]
         if rec is not None:
             rec.nodes.pop(nid, None)
             if rec.complete():
-                self._settle_recovery("every node and driver is back")
+                self._settle_recovery("every node, driver and actor is back")
 
     def _client_rejoined(self, cid: str, msg: dict) -> None:
         """A client reconnected after a head restart (``previous_id``): take
@@ -190,9 +195,13 @@ class RecoveryMixin:
             a = self.actors.get(actor)  # type: ignore[attr-defined]
             if a is not None and a.state != DEAD:
                 a.client = cid  # calls go to the actor's process again
-        if not old:
-            return
         rec = self.recovery
+        if rec is not None and actor:
+            rec.actors.discard(actor)
+        if not old:
+            if rec is not None and rec.complete():
+                self._settle_recovery("every node, driver and actor is back")
+            return
         for a in self.actors.values():  # type: ignore[attr-defined]
             if a.owner == old:
                 a.owner = cid
@@ -235,7 +244,7 @@ class RecoveryMixin:
         if rec is not None:
             rec.drivers.pop(old, None)
             if rec.complete():
-                self._settle_recovery("every node and driver is back")
+                self._settle_recovery("every node, driver and actor is back")
 
     def _lost_payload(self, oid: bytes, why: str) -> bytes:
         return self.error_payload(ObjectLostError(  # type: ignore[attr-defined]
