@@ -123,3 +123,48 @@ def test_task_running_at_the_crash_fails_naming_the_restart(private_cluster, res
     assert info.value.reason == "head_restart"
     sig.set()
     assert flowcore.get(square.remote(3), timeout=60) == 9
+
+
+def test_detached_actor_whose_node_died_restarts_from_its_spec(private_cluster, restart_env,
+                                                               monkeypatch):
+    from flowcore import api
+    from flowcore.scheduling import NodeAffinitySchedulingStrategy
+    cluster = private_cluster(2)
+    drivers_node = api._client.node_id  # stays up: the driver reads its store through it
+    victim = next(n for n in cluster.node_ids() if n != drivers_node)
+    counter = Counter.options(name="mover", lifetime="detached", max_restarts=1,
+                              scheduling_strategy=NodeAffinitySchedulingStrategy(victim)
+                              ).remote(100)
+    assert flowcore.get(counter.add.remote(1)) == 101
+    info = {a["name"]: a for a in flowcore.state.list_actors()}["mover"]
+    assert info["node_id"] == victim
+    state_file = os.path.join(cluster.session_dir,
+                              f"head-{cluster.address.rsplit(':', 1)[1]}", "tables.msgpack")
+    _wait_for(lambda: b"mover" in open(state_file, "rb").read(), 10, "the persisted actor")
+
+    cluster.kill_head()
+    cluster.kill_node(info["node_id"])  # gone while the head is away
+    monkeypatch.setenv("FLOWCORE_HEAD_RECOVERY", "3")  # it will not come back: settle soon
+    cluster.restart_head()
+
+    survivor = drivers_node
+    _wait_for(lambda: {a["name"]: a for a in flowcore.state.list_actors()}["mover"]["state"]
+              == "ALIVE", 60, "the actor to restart")
+    moved = flowcore.get_actor("mover")
+    assert flowcore.get(moved.add.remote(1), timeout=60) == 101  # constructor ran again
+    after = {a["name"]: a for a in flowcore.state.list_actors()}["mover"]
+    assert after["node_id"] == survivor and after["restarts"] == 1
+    assert after["pid"] != info["pid"]
+    flowcore.kill(moved)
+
+
+@pytest.mark.timeout(60)
+def test_clean_stop_removes_the_persisted_tables(tmp_path):
+    from flowcore.cluster import LocalCluster
+    with LocalCluster(nodes=1, cpus_per_node=1, object_store_memory=64 << 20,
+                      session_dir=str(tmp_path / "s")) as cluster:
+        port = cluster.address.rsplit(":", 1)[1]
+        path = os.path.join(cluster.session_dir, f"head-{port}")
+        _wait_for(lambda: os.path.exists(os.path.join(path, "tables.msgpack")), 10,
+                  "the tables to be written")
+    assert not os.path.exists(path)
