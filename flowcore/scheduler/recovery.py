@@ -27,7 +27,6 @@ and recovered objects nobody claimed are freed.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from .. import ids
@@ -63,7 +62,6 @@ class Recovery:
         self.awaited: set[bytes] = set()  # objects someone needs that no node reported yet
         self.held: set[bytes] = set()     # reported objects, held until recovery ends
         self.actors: set[bytes] = set()   # adopted actors whose process has not reconnected
-        self.started = time.time()
 
     def complete(self) -> bool:
         # adopted actors' processes count too: refs they hold must not be freed
@@ -74,6 +72,16 @@ class RecoveryMixin:
     """Restoring the small tables and re-adopting what survived a head restart."""
 
     recovery: Recovery | None = None
+    # provided by SchedulerState
+    actors: dict[bytes, ActorRecord]
+    named: dict[tuple[str, str], bytes]
+    objects: dict[bytes, Any]
+    tasks: dict[bytes, Any]
+    nodes: dict[str, Any]
+    clients: dict[str, dict]
+    client_refs: dict[str, set[bytes]]
+    functions: dict[bytes, dict]
+    out: list[tuple[str, dict]]
 
     # ------------------------------------------------------------ persisting
     def persistent_tables(self) -> dict[str, Any]:
@@ -82,16 +90,16 @@ class RecoveryMixin:
         rec = self.recovery
         nodes = {n.node_id: {"node_id": n.node_id, "name": n.name, "address": n.address,
                              "hostname": n.hostname, "pid": n.pid}
-                 for n in self.nodes.values() if n.alive}  # type: ignore[attr-defined]
+                 for n in self.nodes.values() if n.alive}
         jobs = {cid: {"client_id": cid, "pid": info.get("pid"), "started": info.get("started")}
-                for cid, info in self.clients.items()  # type: ignore[attr-defined]
+                for cid, info in self.clients.items()
                 if info.get("kind", "driver") == "driver"}
         if rec is not None:  # a second crash during recovery forgets nobody
             for nid, n in rec.nodes.items():
                 nodes.setdefault(nid, n)
             for cid, j in rec.drivers.items():
                 jobs.setdefault(cid, j)
-        actors = [actor_spec(a) for a in self.actors.values()  # type: ignore[attr-defined]
+        actors = [actor_spec(a) for a in self.actors.values()
                   if (a.name or a.detached) and a.state != DEAD]
         return {"nodes": sorted(nodes.values(), key=lambda n: n["node_id"]),
                 "actors": actors,
@@ -99,7 +107,7 @@ class RecoveryMixin:
 
     def restore_tables(self, tables: dict[str, Any], functions: dict[bytes, dict]) -> None:
         """Load what a previous head persisted and start recovery."""
-        self.functions.update(functions)  # type: ignore[attr-defined]
+        self.functions.update(functions)
         self.recovery = Recovery({n["node_id"]: n for n in tables.get("nodes") or []},
                                  {j["client_id"]: j for j in tables.get("jobs") or []})
         for spec in tables.get("actors") or []:
@@ -112,9 +120,9 @@ class RecoveryMixin:
             a.state = RECOVERING
             a.client = None  # its process reconnects with a new client id
             a.cause = "the head restarted; waiting for its node to report it"
-            self.actors[a.aid] = a  # type: ignore[attr-defined]
+            self.actors[a.aid] = a
             if a.name:
-                self.named[(a.namespace, a.name)] = a.aid  # type: ignore[attr-defined]
+                self.named[(a.namespace, a.name)] = a.aid
             handle = self._obj(ids.actor_handle_id(a.aid), None)  # type: ignore[attr-defined]
             handle.state = "READY"
             for oid in a.deps + a.nested:
@@ -128,11 +136,11 @@ class RecoveryMixin:
         """The record of ``oid``; during recovery, an unknown object gets a
         PENDING record that a node may still report.  None if unknown and
         not recovering."""
-        obj = self.objects.get(oid)  # type: ignore[attr-defined]
+        obj = self.objects.get(oid)
         if obj is not None:
             return obj
         handle = ids.index_of(oid) == ids.HANDLE_INDEX \
-            and ids.task_of(oid) in self.actors  # type: ignore[attr-defined]
+            and ids.task_of(oid) in self.actors
         if self.recovery is None and not handle:
             return None
         obj = self._obj(oid, None)  # type: ignore[attr-defined]
@@ -149,7 +157,7 @@ class RecoveryMixin:
         nid = node.node_id
         unknown = []
         for oid, size in msg.get("objects") or []:
-            obj = self.objects.get(oid)  # type: ignore[attr-defined]
+            obj = self.objects.get(oid)
             if obj is None:
                 if rec is None:
                     unknown.append(oid)
@@ -166,7 +174,7 @@ class RecoveryMixin:
         if unknown:  # nothing references them any more
             self._send(nid, {"op": "delete_objects", "oids": unknown})  # type: ignore[attr-defined]
         for aid, pid in msg.get("actors") or []:
-            a = self.actors.get(aid)  # type: ignore[attr-defined]
+            a = self.actors.get(aid)
             if a is None or a.state == DEAD or (a.state != RECOVERING and a.node != nid):
                 self._send(nid, {"op": "kill_actor", "aid": aid})  # type: ignore[attr-defined]
                 continue
@@ -192,7 +200,7 @@ class RecoveryMixin:
         old = msg.get("previous_id")
         actor = msg.get("actor")
         if actor:
-            a = self.actors.get(actor)  # type: ignore[attr-defined]
+            a = self.actors.get(actor)
             if a is not None and a.state != DEAD:
                 a.client = cid  # calls go to the actor's process again
         rec = self.recovery
@@ -202,10 +210,10 @@ class RecoveryMixin:
             if rec is not None and rec.complete():
                 self._settle_recovery("every node, driver and actor is back")
             return
-        for a in self.actors.values():  # type: ignore[attr-defined]
+        for a in self.actors.values():
             if a.owner == old:
                 a.owner = cid
-        refs = self.client_refs.setdefault(cid, set())  # type: ignore[attr-defined]
+        refs = self.client_refs.setdefault(cid, set())
         for oid in msg.get("refs") or []:
             obj = self._await_object(oid)
             if obj is None:
@@ -213,21 +221,22 @@ class RecoveryMixin:
             obj.clients.add(cid)
             refs.add(oid)
         for oid, data, error in msg.get("values") or []:
-            obj = self.objects.get(oid)  # type: ignore[attr-defined]
+            obj = self.objects.get(oid)
             if obj is not None and obj.state == "PENDING":
                 if rec is not None:
                     rec.awaited.discard(oid)
-                self._seal(obj, {"inline": data, "size": len(data), "error": error})  # type: ignore[attr-defined]
+                value = {"inline": data, "size": len(data), "error": error}
+                self._seal(obj, value)  # type: ignore[attr-defined]
         why = ("the task that makes it was pending or running when the head restarted; "
                "tasks are not re-run across a head restart: submit it again")
         for oid in msg.get("unfinished") or []:
-            obj = self.objects.get(oid)  # type: ignore[attr-defined]
+            obj = self.objects.get(oid)
             if obj is None:  # not held any more: the client still waits for it
                 payload = self._lost_payload(oid, why)
                 self._send(cid, {"op": "object_ready", "oid": oid,  # type: ignore[attr-defined]
                                  "size": len(payload), "error": True, "inline": payload})
                 continue
-            if obj.state != "PENDING" or ids.task_of(oid) in self.tasks:  # type: ignore[attr-defined]
+            if obj.state != "PENDING" or ids.task_of(oid) in self.tasks:
                 continue
             if rec is not None:
                 rec.awaited.discard(oid)
@@ -236,7 +245,7 @@ class RecoveryMixin:
             refs.add(oid)
             self._lost_in_restart(obj, why)
         for oid in msg.get("subscribed") or []:
-            obj = self.objects.get(oid)  # type: ignore[attr-defined]
+            obj = self.objects.get(oid)
             if obj is not None and obj.state == "PENDING":
                 obj.waiters.add(cid)
             elif obj is not None:
@@ -253,7 +262,8 @@ class RecoveryMixin:
 
     def _lost_in_restart(self, obj: Any, why: str) -> None:
         payload = self._lost_payload(obj.oid, why)
-        self._seal(obj, {"inline": payload, "size": len(payload), "error": True})  # type: ignore[attr-defined]
+        value = {"inline": payload, "size": len(payload), "error": True}
+        self._seal(obj, value)  # type: ignore[attr-defined]
         self._maybe_free(obj)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------ the end of recovery
@@ -262,7 +272,7 @@ class RecoveryMixin:
         the messages to send."""
         self._settle_recovery(why)
         self._schedule()  # type: ignore[attr-defined]
-        out, self.out = self.out, []  # type: ignore[attr-defined]
+        out, self.out = self.out, []
         return out
 
     def _settle_recovery(self, why: str) -> None:
@@ -272,27 +282,29 @@ class RecoveryMixin:
             return
         self.recovery = None
         for oid in list(rec.awaited):
-            obj = self.objects.get(oid)  # type: ignore[attr-defined]
+            obj = self.objects.get(oid)
             if obj is not None and obj.state == "PENDING" \
-                    and ids.task_of(oid) not in self.tasks:  # type: ignore[attr-defined]
+                    and ids.task_of(oid) not in self.tasks:
                 self._lost_in_restart(obj, "no node reported a copy after the restart")
-        for a in list(self.actors.values()):  # type: ignore[attr-defined]
+        for a in list(self.actors.values()):
             if a.state == RECOVERING:
-                node = self.nodes.get(a.node or "")  # type: ignore[attr-defined]
+                node = self.nodes.get(a.node or "")
                 cause = (f"its process was not found after the head restarted (its node "
                          f"{'is back' if node is not None else 'did not come back'})")
                 if a.max_restarts == -1 or a.restarts < a.max_restarts:
                     self._restart_actor(a, cause, move=node is None)  # type: ignore[attr-defined]
                 else:
                     self._actor_dead(a, cause)  # type: ignore[attr-defined]
-        for a in list(self.actors.values()):  # type: ignore[attr-defined]
+        for a in list(self.actors.values()):
             if a.owner in rec.drivers and not a.detached and a.state != DEAD:
                 a.no_restart = True
                 if a.node:
-                    self._send(a.node, {"op": "kill_actor", "aid": a.aid})  # type: ignore[attr-defined]
-                self._actor_dead(a, "its driver did not reconnect after the head restarted")  # type: ignore[attr-defined]
+                    kill = {"op": "kill_actor", "aid": a.aid}
+                    self._send(a.node, kill)  # type: ignore[attr-defined]
+                why = "its driver did not reconnect after the head restarted"
+                self._actor_dead(a, why)  # type: ignore[attr-defined]
         for oid in rec.held:
-            obj = self.objects.get(oid)  # type: ignore[attr-defined]
+            obj = self.objects.get(oid)
             if obj is not None:
                 obj.holds -= 1
                 self._maybe_free(obj)  # type: ignore[attr-defined]

@@ -19,6 +19,9 @@ logger = logging.getLogger("flowcore.scheduler")
 _QUERY_OPS = ("explain", "cluster_resources", "available_resources", "list_nodes", "list_tasks",
               "list_objects", "task_info", "event_log", "counts", "list_actors", "get_actor",
               "graph", "history")
+#: ops that may change the persisted tables (besides joining and leaving)
+_TABLE_OPS = frozenset(("register_function", "create_actor", "actor_ready", "actor_failed",
+                        "actor_died", "kill_actor"))
 
 
 class HeadServer:
@@ -43,6 +46,8 @@ class HeadServer:
         self.tables: TableFiles | None = None
         self.persist_interval = float(os.environ.get("FLOWCORE_PERSIST_INTERVAL", "0.2"))
         self.recovery_window = float(os.environ.get("FLOWCORE_HEAD_RECOVERY", "30"))
+        self._dirty = True  # the persisted tables may be stale
+        self._persist_failed = False
 
     async def start(self) -> str:
         self.server, self.port = await serve(self.token, self._on_comm, self.host, self.port,
@@ -78,12 +83,19 @@ class HeadServer:
         self._persister.start()
 
     def _persist(self) -> None:
-        if self.tables is None or self.stopped.is_set():
+        """Write the small tables if something that may change them happened
+        since the last write (at most once per ``persist_interval``)."""
+        if self.tables is None or self.stopped.is_set() or not self._dirty:
             return
+        self._dirty = False
         try:
             self.tables.save(self.state.persistent_tables(), self.state.functions)
+            self._persist_failed = False
         except OSError as e:
-            logger.warning("cannot persist the head's tables in %s: %s", self.tables.path, e)
+            self._dirty = True
+            if not self._persist_failed:  # once, not every interval
+                logger.warning("cannot persist the head's tables in %s: %s", self.tables.path, e)
+            self._persist_failed = True
 
     def _end_recovery(self) -> None:
         if self.state.recovery is not None:
@@ -91,6 +103,7 @@ class HeadServer:
                            "not come back", self.recovery_window,
                            len(self.state.recovery.nodes), len(self.state.recovery.drivers))
             self._deliver(self.state.finish_recovery("the recovery window passed"))
+            self._dirty = True
 
     def _check_nodes(self) -> None:
         """Declare nodes dead that stopped sending heartbeats (a busy or hung
@@ -99,6 +112,7 @@ class HeadServer:
             logger.warning("node %s sent no heartbeat for %.0f s: declaring it dead", nid,
                            self.node_timeout)
             comm = self.comms.pop(nid, None)
+            self._dirty = True
             self._deliver(self.state.node_died(
                 nid, f"no heartbeat for {self.node_timeout:.0f} s"))
             if comm is not None:
@@ -110,6 +124,7 @@ class HeadServer:
         if cid is None:
             return
         self.comms.pop(cid, None)
+        self._dirty = True
         if comm.info.get("role") == "node":
             how = ("it stopped" if comm.info.get("leaving")
                    else "its connection was lost")
@@ -123,6 +138,7 @@ class HeadServer:
         if "id" in comm.info:
             return self._handle(comm, msg, frames)
         op = msg["op"]
+        self._dirty = True
         if op == "register_node":
             if msg.get("version") != __version__:
                 comm.reply(msg, ok=False, error=(
@@ -169,6 +185,8 @@ class HeadServer:
             comm.reply(msg, ok=True)
             asyncio.get_event_loop().call_later(0.01, self.stop)
         else:
+            if op in _TABLE_OPS:
+                self._dirty = True
             try:
                 out = self.state.handle(src, msg)
             except Exception:
