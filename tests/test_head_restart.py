@@ -91,7 +91,12 @@ def test_head_restart_keeps_nodes_actors_objects_functions(private_cluster, rest
     # the put object is still readable, here and by a task on any node
     np.testing.assert_array_equal(flowcore.get(ref, timeout=60), big)
     assert flowcore.get(total.remote(ref), timeout=60) == float(big.sum())
-    # a function registered before the restart runs after it, and new ones run
+    # a function registered before the restart is known to the new head
+    # (persisted; the driver would also send it again on its next call)...
+    from flowcore import api
+    fid, blob = square._identity()
+    assert api._client.fetch_function(fid) == blob
+    # ... and runs after it, and new ones run
     assert flowcore.get(square.remote(9), timeout=60) == 81
 
     @flowcore.remote
