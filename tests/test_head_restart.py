@@ -173,3 +173,52 @@ def test_clean_stop_removes_the_persisted_tables(tmp_path):
         _wait_for(lambda: os.path.exists(os.path.join(path, "tables.msgpack")), 10,
                   "the tables to be written")
     assert not os.path.exists(path)
+
+
+@pytest.mark.timeout(90)
+def test_cli_head_killed_and_restarted_keeps_its_token_and_nodes(tmp_path):
+    """``flowcore-scheduler`` as a user runs it: SIGKILL, then the same command."""
+    import socket
+    import subprocess
+    import sys
+    bindir = os.path.dirname(sys.executable)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = tmp_path / "state"
+    cmd = [os.path.join(bindir, "flowcore-scheduler"), "--port", str(port),
+           "--dashboard-port", "-1", "--state-dir", str(state),
+           "--log-file", str(tmp_path / "head.log")]
+    procs = []
+
+    def start(argv):
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        return p
+
+    try:
+        head = start(cmd)
+        tables = state / f"head-{port}" / "tables.msgpack"
+        _wait_for(lambda: tables.exists() and (state / "token").exists(), 30, "the head")
+        token = (state / "token").read_text()
+        node = start([os.path.join(bindir, "flowcore-worker"), f"tcp://127.0.0.1:{port}",
+                      "--token-file", str(state / "token"), "--state-dir", str(state),
+                      "--num-cpus", "1", "--object-store-memory", str(64 << 20),
+                      "--log-file", str(tmp_path / "node.log")])
+        _wait_for(lambda: b"n-" in tables.read_bytes(), 30, "the node in the tables")
+        head.kill()
+        head.wait(10)
+        head = start(cmd)
+        _wait_for(lambda: "recovery after the head restart ended: every node"
+                  in (tmp_path / "head.log").read_text(), 60, "the node to come back")
+        assert (state / "token").read_text() == token  # reused, not regenerated
+        assert node.poll() is None
+        head.terminate()
+        head.wait(20)
+        node.wait(20)  # a clean stop stops the node ...
+        assert not (state / f"head-{port}").exists()  # ... and forgets the tables
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)

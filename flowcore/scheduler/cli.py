@@ -42,6 +42,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _token_of_crashed_head(state_dir: str, port: int) -> str | None:
+    """A head that crashed at this port left its tables and generated token in
+    the state dir: reuse the token, so its nodes and drivers can come back."""
+    from .persist import state_path
+    if not os.path.exists(os.path.join(state_path(state_dir, port), "tables.msgpack")):
+        return None
+    try:
+        with open(os.path.join(state_dir, "token")) as f:
+            token = f.read().strip()
+    except OSError:
+        return None
+    if token:
+        logger.warning("reusing the token in %s: a head that crashed at port %d left its "
+                       "tables in %s", os.path.join(state_dir, "token"), port, state_dir)
+    return token
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     daemon.setup_logging(args.log_file, args.log_level)
@@ -53,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"flowcore-scheduler: cannot read token file: {e}", file=sys.stderr)
         return 2
+    if token is None and args.port:
+        token = _token_of_crashed_head(state_dir, args.port)
     generated = token is None
     if generated:
         token = daemon.new_token()
