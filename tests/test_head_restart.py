@@ -77,11 +77,13 @@ def test_head_restart_keeps_nodes_actors_objects_functions(private_cluster, rest
               10, "the actor in the persisted tables")
 
     cluster.kill_head()
+    during = square.remote(4)  # submitted while the head is away: sent once it is back
     cluster.restart_head()
 
     # nodes come back
     _wait_for(lambda: {n["node_id"] for n in flowcore.nodes() if n["alive"]} == node_ids,
               60, "both nodes to re-register")
+    assert flowcore.get(during, timeout=60) == 16
     # the detached named actor is the same process, with its state
     again = _wait_for(lambda: flowcore.get_actor("keeper"), 60, "the named actor")
     assert flowcore.get(again.add.remote(1), timeout=60) == 16

@@ -176,15 +176,15 @@ class CoreClient:
                 logger.debug("head not back yet: %s", e)
                 continue
             self._drain()  # settle dropped refs before reporting what is held
-            self.head = comm
             asyncio.ensure_future(self._read(comm, "head"))
             try:
                 reply = await comm.request(self.rejoin_message())
             except Exception as e:  # noqa: BLE001
                 logger.debug("re-registration failed: %s", e)
-                self.head = None
                 comm.close()
                 continue
+            # only now: messages queued meanwhile keep their order behind the held ones
+            self.head = comm
             self.client_id = reply["client_id"]
             # a head that lost its last moments may not have every function:
             # the next call of each sends it again
