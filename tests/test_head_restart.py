@@ -77,7 +77,11 @@ def test_head_restart_keeps_nodes_actors_objects_functions(private_cluster, rest
               10, "the actor in the persisted tables")
 
     cluster.kill_head()
-    during = square.remote(4)  # submitted while the head is away: sent once it is back
+    # once the driver knows the head is away, what it submits is kept and sent
+    # when the head is back (a message written in the instant of the crash is lost)
+    from flowcore import api
+    _wait_for(lambda: api._client._reconnecting is not None, 30, "the driver to notice")
+    during = square.remote(4)
     cluster.restart_head()
 
     # nodes come back
@@ -95,7 +99,6 @@ def test_head_restart_keeps_nodes_actors_objects_functions(private_cluster, rest
     assert flowcore.get(total.remote(ref), timeout=60) == float(big.sum())
     # a function registered before the restart is known to the new head
     # (persisted; the driver would also send it again on its next call)...
-    from flowcore import api
     fid, blob = square._identity()
     assert api._client.fetch_function(fid) == blob
     # ... and runs after it, and new ones run

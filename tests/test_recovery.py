@@ -164,3 +164,24 @@ def test_clear_and_unreadable_tables(tmp_path) -> None:
     files.clear()
     assert not os.path.exists(files.path)
     assert TableFiles(files.path).load() is None
+
+
+def test_rejoin_message_leaves_out_tasks_not_sent_yet() -> None:
+    from flowcore.client.core import CoreClient
+    c = CoreClient("tcp://127.0.0.1:1", b"token", None)
+    try:
+        ids = IdSource()
+        sent, unsent, put = ids.task_id(), ids.task_id(), ids.task_id()
+        c.client_id = OLD
+        for tid in (sent, unsent):
+            c.refcounts[object_id(tid, 0)] = 1
+            c.expected.add(object_id(tid, 0))
+        c.refcounts[object_id(put, 0)] = 1
+        c.ready[object_id(put, 0)] = {"oid": object_id(put, 0), "inline": b"v", "error": False}
+        msg = c.rejoin_message([{"op": "submit", "tasks": [{"tid": unsent}]}])
+        assert msg["previous_id"] == OLD
+        assert set(msg["refs"]) == {object_id(sent, 0), object_id(put, 0)}
+        assert msg["unfinished"] == [object_id(sent, 0)]
+        assert msg["values"] == [[object_id(put, 0), b"v", False]]
+    finally:
+        c.loop.close()

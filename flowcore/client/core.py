@@ -140,15 +140,20 @@ class CoreClient:
             if self.on_disconnect is not None:
                 self.on_disconnect(which)
 
-    def rejoin_message(self) -> dict:
+    def rejoin_message(self, unsent: Iterable[dict] = ()) -> dict:
         """The registration sent to a restarted head: the previous client id,
         the refs held here, the small values already received, this client's
-        unfinished tasks (their results), and what it waits for."""
+        unfinished tasks (their results), and what it waits for.  ``unsent``:
+        messages for the head not sent yet (their tasks are not unfinished:
+        the head will get them after this message)."""
+        later = {spec["tid"] for m in unsent if m.get("op") == "submit" for spec in m["tasks"]}
         with self._lock:
-            refs = list(self.refcounts)
+            # refs to the results of unsent tasks are counted when they arrive
+            refs = [oid for oid in self.refcounts if ids.task_of(oid) not in later]
             values = [[oid, m["inline"], bool(m.get("error"))] for oid, m in self.ready.items()
                       if m.get("inline") is not None and oid in self.refcounts]
-            unfinished = [oid for oid in self.expected if oid not in self.ready]
+            unfinished = [oid for oid in self.expected
+                          if oid not in self.ready and ids.task_of(oid) not in later]
             subscribed = [oid for oid in set(self.waiters) | self.subscribed
                           if oid not in self.ready]
         return {"op": "register_client", "kind": self.kind, "pid": os.getpid(),
@@ -178,7 +183,7 @@ class CoreClient:
             self._drain()  # settle dropped refs before reporting what is held
             asyncio.ensure_future(self._read(comm, "head"))
             try:
-                reply = await comm.request(self.rejoin_message())
+                reply = await comm.request(self.rejoin_message(self._held))
             except Exception as e:  # noqa: BLE001
                 logger.debug("re-registration failed: %s", e)
                 comm.close()

@@ -334,7 +334,9 @@ class InlineClient(CoreClient):
                     continue
                 self.conns["head"] = conn
                 rid = next(self._rid)
-                msg = self.rejoin_message()
+                with self._lock:
+                    unsent = [m for d, m in self._outbox if d == "head"]
+                msg = self.rejoin_message(unsent)
                 msg["rid"] = rid
                 self._replies[rid] = None
                 conn.write([msg])  # before anything queued: it names this client
