@@ -91,7 +91,9 @@ class LocalCluster:
     ``LocalCluster(nodes=3, cpus_per_node=1)`` starts them at once; connect a
     driver with ``flowcore.init(address=cluster.address, token=cluster.token)``.
     ``add_node()`` joins one more and returns its node id, ``kill_node(id)``
-    SIGKILLs a node and its workers, ``shutdown()`` stops everything.
+    SIGKILLs a node and its workers, ``kill_head()`` and ``restart_head()``
+    SIGKILL the head and start it again at the same port with the same state
+    directory, ``shutdown()`` stops everything.
 
     ``tls={"cert": ..., "key": ..., "ca": ...}`` runs every link under mutual
     TLS (the head and every node present that certificate); connect with
@@ -198,12 +200,40 @@ class LocalCluster:
             buf += chunk
         return buf.decode().strip()
 
-    def _head_args(self) -> tuple[str, list[str], str]:
+    def _head_args(self, port: int = 0) -> tuple[str, list[str], str]:
         log = os.path.join(self.session_dir, "logs", "head.log")
         return ("flowcore.scheduler.cli",
-                ["--host", "127.0.0.1", "--port", "0", "--token-file", self.token_file,
+                ["--host", "127.0.0.1", "--port", str(port), "--token-file", self.token_file,
                  "--state-dir", self.session_dir, "--dashboard-port", "0",
                  *(self.tls.cli_args() if self.tls is not None else [])], log)
+
+    def kill_head(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` (SIGKILL by default) to the head and wait for it to
+        exit.  Nodes and drivers keep trying to reconnect for
+        ``FLOWCORE_HEAD_GRACE`` seconds; see ``restart_head``."""
+        if self.head is None:
+            raise ValueError("this cluster has no head to kill")
+        try:
+            os.kill(self.head.pid, sig)
+        except ProcessLookupError:
+            pass
+        self.head.wait(10)
+
+    def restart_head(self) -> str:
+        """Start the head again at the same address with the same token and
+        state directory (after ``kill_head``): it loads its persisted tables
+        and takes back the nodes and drivers that reconnect."""
+        if self.head is not None and self.head.poll() is None:
+            raise ValueError("the head is still running: kill_head() first")
+        if not self.head_address:
+            raise ValueError("this cluster's head never started: use start() instead")
+        from .protocol.comm import parse_address
+        port = parse_address(self.head_address)[1]
+        module, args, log = self._head_args(port)
+        proc, ready = self._launch(module, args, log)
+        self.head = proc
+        self._head_ready(self._await_ready(proc, ready, log))
+        return self.head_address
 
     def start_head(self) -> str:
         module, args, log = self._head_args()

@@ -90,7 +90,8 @@ class ObjectLostError(FlowcoreError):
 
     ``reason`` is a code: ``"freed"`` (no reference remained), ``"put"`` (made
     by put(), nothing to re-run), ``"actor_call"``, ``"lineage_evicted"``,
-    ``"retries_exhausted"``, ``"unknown_producer"``, ``"fetch_failed"`` or
+    ``"retries_exhausted"``, ``"unknown_producer"``, ``"fetch_failed"``,
+    ``"head_restart"`` (lost when the head restarted) or
     ``""`` when not known; ``object_id`` (hex) and ``creator`` (the task's
     name, or "put") say which object.
     """

@@ -32,9 +32,10 @@ def list_nodes() -> list[dict]:
 
 def list_actors(state: str | None = None) -> list[dict]:
     """The head's actor table: id, class, name, node, pid, state, restarts, pending calls."""
-    if state is not None and state not in ("PENDING", "ALIVE", "RESTARTING", "DEAD"):
-        raise ValueError(f"list_actors(state={state!r}): expected PENDING, ALIVE, RESTARTING "
-                         f"or DEAD")
+    if state is not None and state not in ("PENDING", "ALIVE", "RESTARTING", "RECOVERING",
+                                           "DEAD"):
+        raise ValueError(f"list_actors(state={state!r}): expected PENDING, ALIVE, RESTARTING, "
+                         f"RECOVERING (after a head restart, until its node reports it) or DEAD")
     return _client().query("list_actors", state=state)
 
 

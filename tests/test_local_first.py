@@ -111,6 +111,25 @@ def test_cancelled_offer_ignores_a_late_start() -> None:
     assert c.st(tid) == S.CANCELLED and c.avail("n1") == 1.0
 
 
+@pytest.mark.timeout(10)
+def test_a_node_registering_again_is_asked_about_open_offers() -> None:
+    c = Cluster()
+    c.node("n1", CPU=1)
+    tid, _ = _local(c)
+    out = c.node("n1", CPU=1)  # its connection to the head broke and came back
+    assert [m["tids"] for m in ops(out, "local_query", "n1")] == [[tid]]
+    _verdict(c, tid, False)
+    assert c.st(tid) == S.RUNNING and run_task_tids(c.node("n1", CPU=1)) == []
+
+
+@pytest.mark.timeout(10)
+def test_offer_to_an_unknown_node_is_placed_by_the_head() -> None:
+    c = Cluster()
+    c.node("n2", CPU=1)
+    tid, out = _local(c, node="gone")
+    assert run_task_tids(out, "n2") == [tid]
+
+
 # ---------------------------------------------------------------- public API
 @flowcore.remote
 def where_am_i():

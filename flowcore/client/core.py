@@ -44,6 +44,9 @@ WIRE_WINDOW = 8
 LOCAL_FIRST = os.environ.get("FLOWCORE_LOCAL_FIRST", "1") not in ("0", "")
 #: more unfinished submissions than this from one client block .remote()
 MAX_PENDING_TASKS = 200_000
+#: seconds a client keeps trying to reconnect when it loses the head (a head
+#: restarted at the same address with its state directory takes it back)
+HEAD_GRACE = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
 
 
 class CoreClient:
@@ -91,6 +94,10 @@ class CoreClient:
         self.closed = False
         self.log_to_driver = True  # print what workers print (init(log_to_driver=False))
         self.lost: str | None = None  # "head"/"node" once that connection is gone
+        self.actor_id: bytes | None = None  # the actor this process hosts, if any
+        # while the head is away: messages for it wait here (see _reconnect_head)
+        self._reconnecting: asyncio.Future | None = None
+        self._held: list[dict] = []
         self.on_node_message: Callable[[dict], None] | None = None
         self.on_disconnect: Callable[[str], None] | None = None
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
@@ -138,11 +145,82 @@ class CoreClient:
 
     async def _read(self, comm: Comm, which: str) -> None:
         await comm.run(self._on_head_message if which == "head" else self._on_node_msg)
+        if which == "head" and comm is not self.head:
+            return  # a connection already replaced (or a failed reconnection attempt)
+        if which == "head" and not self.closed and HEAD_GRACE > 0 \
+                and await self._reconnect_head():
+            return
         if not self.closed:
             logger.warning("lost the connection to the %s", which)
             self._fail_all_waiters(which)
             if self.on_disconnect is not None:
                 self.on_disconnect(which)
+
+    def rejoin_message(self, unsent: Iterable[dict] = ()) -> dict:
+        """The registration sent to a restarted head: the previous client id,
+        the refs held here, the small values already received, this client's
+        unfinished tasks (their results), and what it waits for.  ``unsent``:
+        messages for the head not sent yet (their tasks are not unfinished:
+        the head will get them after this message)."""
+        later = {spec["tid"] for m in unsent if m.get("op") == "submit" for spec in m["tasks"]}
+        with self._lock:
+            # refs to the results of unsent tasks are counted when they arrive
+            refs = [oid for oid in self.refcounts if ids.task_of(oid) not in later]
+            values = [[oid, m["inline"], bool(m.get("error"))] for oid, m in self.ready.items()
+                      if m.get("inline") is not None and oid in self.refcounts]
+            unfinished = [oid for oid in self.expected
+                          if oid not in self.ready and ids.task_of(oid) not in later]
+            subscribed = [oid for oid in set(self.waiters) | self.subscribed
+                          if oid not in self.ready]
+        return {"op": "register_client", "kind": self.kind, "pid": os.getpid(),
+                "wid": self.wid, "previous_id": self.client_id, "actor": self.actor_id,
+                "refs": refs, "values": values, "unfinished": unfinished,
+                "subscribed": subscribed}
+
+    async def _reconnect_head(self) -> bool:
+        """The head went away: try to register again with a head at the same
+        address for ``HEAD_GRACE`` seconds; True once back."""
+        logger.warning("lost the connection to the head at %s; reconnecting for up to %.0f s",
+                       self.head_address, HEAD_GRACE)
+        self.head = None
+        done = self._reconnecting = self.loop.create_future()
+        deadline = time.monotonic() + HEAD_GRACE
+        delay = 0.05
+        ok = False
+        while not self.closed and time.monotonic() < deadline:
+            await asyncio.sleep(delay)  # back off between attempts
+            delay = min(delay * 2, 1.0)
+            try:
+                comm = await connect(self.head_address, self.token,
+                                     timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except Exception as e:  # noqa: BLE001 - keep trying until the grace ends
+                logger.debug("head not back yet: %s", e)
+                continue
+            self._drain()  # settle dropped refs before reporting what is held
+            asyncio.ensure_future(self._read(comm, "head"))
+            try:
+                reply = await comm.request(self.rejoin_message(self._held))
+            except Exception as e:  # noqa: BLE001
+                logger.debug("re-registration failed: %s", e)
+                comm.close()
+                continue
+            # only now: messages queued meanwhile keep their order behind the held ones
+            self.head = comm
+            self.client_id = reply["client_id"]
+            # a head that lost its last moments may not have every function:
+            # the next call of each sends it again
+            self.registered_functions.clear()
+            held, self._held = self._held, []
+            for m in held:
+                comm.send(m)
+            logger.warning("reconnected to the head at %s as %s", self.head_address,
+                           self.client_id)
+            ok = True
+            break
+        self._reconnecting = None
+        if not done.done():
+            done.set_result(ok)
+        return ok
 
     def close(self) -> None:
         if self.closed:
@@ -224,6 +302,8 @@ class CoreClient:
             c = head if dest == "head" else node
             if c is not None:
                 c.send(msg)
+            elif dest == "head" and self._reconnecting is not None:
+                self._held.append(msg)  # sent once the head is back
 
     def _wake_from_finaliser(self) -> None:
         try:
@@ -237,6 +317,8 @@ class CoreClient:
     def request(self, dest: str, msg: dict, timeout: float | None = 60.0) -> dict:
         """Blocking request/reply from a user thread."""
         async def _req() -> dict:
+            if dest == "head" and self.head is None and self._reconnecting is not None:
+                await asyncio.shield(self._reconnecting)  # the head is restarting
             self._drain()  # keep order with messages queued before
             c = self.head if dest == "head" else self.node
             if c is None:
@@ -353,7 +435,7 @@ class CoreClient:
             self.expected.update(oids)
         refs = [ObjectRef(oid, self, counted=True) for oid in oids]
         run = self._local_run(spec) if LOCAL_FIRST and not self.remote_store \
-            and self.has_store() else None
+            and self.has_store() and not self._head_away() else None
         if run is not None:
             # local-first: our node starts it at once if it fits there; the
             # head records it and places it only if the node declines
@@ -361,6 +443,11 @@ class CoreClient:
             spec = dict(spec, local=self.node_id)
         self.send("head", {"op": "submit", "tasks": [spec]})
         return refs
+
+    def _head_away(self) -> bool:
+        """Reconnecting to a restarting head (its submissions wait; no
+        local start, whose verdict would have no head to go to)."""
+        return self._reconnecting is not None
 
     def _local_run(self, spec: dict) -> dict | None:
         """The node's ``run_task`` message for ``spec`` when it may start on

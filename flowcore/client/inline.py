@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..exceptions import AuthenticationError, ProtocolError
 from ..protocol import auth, frames
 from ..protocol.comm import parse_address
+from . import core
 from .core import CoreClient
 
 if TYPE_CHECKING:
@@ -112,7 +113,11 @@ class BlockingConn:
 
     def write(self, msgs: list[dict]) -> None:
         if msgs and not self.closed:
-            self.sock.sendall(b"".join(bytes(b) for b in frames.encode(msgs)))
+            try:
+                self.sock.sendall(b"".join(bytes(b) for b in frames.encode(msgs)))
+            except OSError as e:  # the peer is gone: the pump reports it
+                logger.info("write to %s failed: %s", self.address, e)
+                self.closed = True
 
     def read_available(self) -> list[tuple[list[dict], list]]:
         """Read what the socket has (it was reported readable); return the
@@ -163,6 +168,7 @@ class InlineClient(CoreClient):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._in_select = False
+        self._reconnecting_head = False
         # set when a cancel for the running task was read; the main thread
         # raises KeyboardInterrupt at a safe point (never mid-dispatch)
         self.interrupt_main = False
@@ -252,6 +258,9 @@ class InlineClient(CoreClient):
     def _wait_event(self, event: threading.Event, timeout: float | None) -> bool:
         return self._wait_until(event.is_set, timeout)
 
+    def _head_away(self) -> bool:
+        return self._reconnecting_head
+
     def has_store(self) -> bool:
         return "node" in self.conns
 
@@ -290,6 +299,9 @@ class InlineClient(CoreClient):
     def pump(self, timeout: float | None) -> None:
         """Flush, then wait for input (at most ``timeout``) and dispatch it."""
         self._flush()
+        for which, c in list(self.conns.items()):
+            if c.closed and not self.closed and not getattr(c, "reported", False):
+                self._conn_lost(c, which)  # a write found the peer gone
         fds = [c for c in self.conns.values() if not c.closed] + [self._wake_r]
         self._in_select = True
         try:
@@ -331,10 +343,61 @@ class InlineClient(CoreClient):
                 else:
                     self._on_node_msg(None, msg, bufs)  # type: ignore[arg-type]
         if conn.closed and not self.closed:
-            logger.warning("lost the connection to the %s", which)
-            self._fail_all_waiters(which)
-            if self.on_disconnect is not None:
-                self.on_disconnect(which)
+            self._conn_lost(conn, which)
+
+    def _conn_lost(self, conn: BlockingConn, which: str) -> None:
+        conn.reported = True  # type: ignore[attr-defined]
+        if conn is not self.conns.get(which):
+            return  # an attempt already replaced
+        if which == "head" and self._reconnecting_head:
+            return  # the reconnection in progress notices
+        if which == "head" and core.HEAD_GRACE > 0 and self._reconnect_head_blocking():
+            return
+        logger.warning("lost the connection to the %s", which)
+        self._fail_all_waiters(which)
+        if self.on_disconnect is not None:
+            self.on_disconnect(which)
+
+    def _reconnect_head_blocking(self) -> bool:
+        """Like ``CoreClient._reconnect_head``, on the thread holding the pump:
+        messages queued meanwhile stay in the outbox until the head is back."""
+        logger.warning("lost the connection to the head at %s; reconnecting for up to %.0f s",
+                       self.head_address, core.HEAD_GRACE)
+        self._reconnecting_head = True
+        deadline = time.monotonic() + core.HEAD_GRACE
+        delay = 0.05
+        try:
+            while not self.closed and time.monotonic() < deadline:
+                time.sleep(delay)  # back off between attempts
+                delay = min(delay * 2, 1.0)
+                try:
+                    conn = BlockingConn(self.head_address, self.token,
+                                        max(0.1, min(5.0, deadline - time.monotonic())))
+                except (OSError, AuthenticationError) as e:
+                    logger.debug("head not back yet: %s", e)
+                    continue
+                self.conns["head"] = conn
+                rid = next(self._rid)
+                with self._lock:
+                    unsent = [m for d, m in self._outbox if d == "head"]
+                msg = self.rejoin_message(unsent)
+                msg["rid"] = rid
+                self._replies[rid] = None
+                conn.write([msg])  # before anything queued: it names this client
+                got = self._wait_until(lambda: self._replies.get(rid) is not None
+                                       or conn.closed, max(0.1, deadline - time.monotonic()))
+                reply = self._replies.pop(rid, None)
+                if not got or reply is None:
+                    conn.close()
+                    continue
+                self.client_id = reply["client_id"]
+                self.registered_functions.clear()
+                logger.warning("reconnected to the head at %s as %s", self.head_address,
+                               self.client_id)
+                return True
+            return False
+        finally:
+            self._reconnecting_head = False
 
     def _check_interrupt(self) -> None:
         if self.interrupt_main and threading.current_thread() is threading.main_thread():

@@ -25,7 +25,7 @@ from ..scheduler.states import TaskState
 TASK_STATES = tuple(s.value for s in TaskState)
 #: state -> its name (an enum's ``.value`` is slow in a loop over every task)
 _NAME: dict[Any, str] = {s: s.value for s in TaskState}
-ACTOR_STATES = ("PENDING", "ALIVE", "RESTARTING", "DEAD")
+ACTOR_STATES = ("PENDING", "ALIVE", "RESTARTING", "RECOVERING", "DEAD")
 #: how far back the timeline reaches, seconds
 TIMELINE_SPAN = 600.0
 #: the longest error text kept per task row (the end of a traceback matters most)

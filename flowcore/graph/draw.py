@@ -52,7 +52,7 @@ _TASK_STATES = (
 STATES: dict[str, tuple[str, ...]] = {
     "task": _TASK_STATES,
     "actor_call": _TASK_STATES,
-    "actor": ("PENDING", "ALIVE", "RESTARTING", "DEAD"),
+    "actor": ("PENDING", "ALIVE", "RESTARTING", "RECOVERING", "DEAD"),
     "object": ("PENDING", "SEALED", "LOST"),
 }
 
@@ -84,7 +84,8 @@ _TASK_COLORS = {
 STATE_COLORS: dict[str, dict[str, str]] = {
     "task": _TASK_COLORS,
     "actor_call": _TASK_COLORS,
-    "actor": {"PENDING": "light blue", "ALIVE": "green", "RESTARTING": "yellow", "DEAD": "dark grey"},
+    "actor": {"PENDING": "light blue", "ALIVE": "green", "RESTARTING": "yellow",
+              "RECOVERING": "yellow", "DEAD": "dark grey"},
     "object": {"PENDING": "grey", "SEALED": "green", "LOST": "purple"},
 }
 
@@ -99,7 +100,7 @@ _TASK_PROGRESS = (
 PROGRESS_ORDER: dict[str, tuple[str, ...]] = {
     "task": _TASK_PROGRESS,
     "actor_call": _TASK_PROGRESS,
-    "actor": ("RESTARTING", "PENDING", "ALIVE", "DEAD"),
+    "actor": ("RESTARTING", "RECOVERING", "PENDING", "ALIVE", "DEAD"),
     "object": ("LOST", "PENDING", "SEALED"),
 }
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from collections import OrderedDict
 from typing import Any
 
 
@@ -24,6 +25,15 @@ from .procs import WorkerProcess, start_worker
 from .transfer import Transfers
 
 logger = logging.getLogger("flowcore.node")
+
+
+LOCAL_MEMORY = 100_000  # local-first decisions remembered per kind
+
+
+def _remember(table: "OrderedDict[bytes, None]", tid: bytes) -> None:
+    table[tid] = None
+    if len(table) > LOCAL_MEMORY:
+        table.popitem(last=False)
 
 
 class NodeServer:
@@ -75,11 +85,16 @@ class NodeServer:
         self.worker_memory_limit = int(limit) if limit else worker_memory_limit
         self._kill_reasons: dict[str, str] = {}
         self._oom = OomWatch()
+        # local-first starts decided here (bounded), to answer the head again
+        self._local_started: OrderedDict[bytes, None] = OrderedDict()
+        self._local_refused: OrderedDict[bytes, None] = OrderedDict()
+        self._undelivered_verdicts: list[dict] = []
         self._env_errors: dict[str, str] = {}   # runtime_env key -> why it failed
         self._ps: dict[int, Any] = {}
         self.head_grace = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
         self.heartbeat_interval = float(os.environ.get("FLOWCORE_HEARTBEAT_INTERVAL", "1.0"))
         self._psutil_proc = None
+        self._hb_timer: asyncio.TimerHandle | None = None
         self.address = ""
         self.stopped = asyncio.Event()
         self._stopping = False
@@ -103,10 +118,18 @@ class NodeServer:
     async def _join_head(self) -> None:
         self.head = await connect(self.head_address, self.token, timeout=5.0, tls=self.tls)
         asyncio.ensure_future(self._run_head(self.head))
+        # what this node holds, so a restarted head can rebuild its object
+        # table and adopt the actors still running here
+        actors = []
+        for aid, wid in self.actor_wids.items():
+            proc = self.procs.get(wid)
+            if proc is not None and not proc.exited:
+                actors.append([aid, proc.pid])
         reply = await self.head.request({
             "op": "register_node", "node_id": self.node_id, "address": self.address,
             "resources": self.resources, "name": self.name, "hostname": socket.gethostname(),
             "pid": os.getpid(), "version": __version__,
+            "objects": self.store.sealed_objects(), "actors": actors,
             "info": {"object_store_memory": self.store.stats()["capacity"],
                      "session_dir": self.session_dir}})
         if not reply.get("ok"):
@@ -122,12 +145,18 @@ class NodeServer:
         deadline = time.monotonic() + self.head_grace
         while not self._stopping and time.monotonic() < deadline:
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            # tasks queued here by the old head: the new one does not know them
+            self.pool.queue.clear()
             try:
                 await self._join_head()
             except Exception as e:  # noqa: BLE001 - keep trying until the grace ends
                 logger.info("head not back yet: %s", e)
                 continue
             logger.warning("re-registered with the head at %s", self.head_address)
+            self._heartbeat()
+            undelivered, self._undelivered_verdicts = self._undelivered_verdicts, []
+            for verdict in undelivered:  # decided while the head was away
+                self.head.send(verdict)
             return
         if not self._stopping:
             logger.error("the head did not come back within %.0f s; stopping", self.head_grace)
@@ -176,7 +205,10 @@ class NodeServer:
             stats = {"error": str(e)}
         self.head.send({"op": "heartbeat", "stats": stats})
         self._oom.observe()  # forget OOM kills of other processes, long past
-        asyncio.get_event_loop().call_later(self.heartbeat_interval, self._heartbeat)
+        if self._hb_timer is not None:
+            self._hb_timer.cancel()  # one loop, also after a re-registration
+        self._hb_timer = asyncio.get_event_loop().call_later(self.heartbeat_interval,
+                                                             self._heartbeat)
 
     def stop(self) -> None:
         if self._stopping:
@@ -407,6 +439,8 @@ class NodeServer:
                 self._actor_call(msg)
             else:
                 self._act(self.pool.task_arrived(msg))
+        elif op == "local_query":
+            self._local_query(msg["tids"])
         elif op == "start_actor":
             self._start_actor(msg)
         elif op == "reserve_bundle":
@@ -557,17 +591,36 @@ class NodeServer:
         here or inline. Start it now if it fits and nothing waits ahead of it;
         either way tell the head (which holds it until it hears)."""
         store = self.store
-        start = (not self._stopping and self.head is not None and not self.pool.queue
+        head = self.head
+        tid = task["tid"]
+        start = (not self._stopping and head is not None and not head.closed
+                 and tid not in self._local_refused and not self.pool.queue
                  and self.pool._fits(task.get("res") or {})
                  and all(d.get("inline") is not None
                          or (store.contains(d["oid"]) and store.is_sealed(d["oid"]))
                          for d in task["deps"]))
-        if self.head is not None:
-            self.head.send({"op": "local_verdict", "tid": task["tid"], "started": start})
+        verdict = {"op": "local_verdict", "tid": tid, "started": start}
+        if head is not None and not head.closed:
+            head.send(verdict)
+        else:
+            self._undelivered_verdicts.append(verdict)
         if start:
+            _remember(self._local_started, tid)
             task["op"] = "run_task"
             task["local"] = True
             self._act(self.pool.task_arrived(task))
+        else:
+            _remember(self._local_refused, tid)
+
+    def _local_query(self, tids: list[bytes]) -> None:
+        """The head asks again about local starts whose verdict it missed:
+        one that never reached this node is refused for good."""
+        for tid in tids:
+            started = tid in self._local_started
+            if not started:
+                _remember(self._local_refused, tid)
+            if self.head is not None:
+                self.head.send({"op": "local_verdict", "tid": tid, "started": started})
 
     def sealed(self, oid: bytes) -> None:
         """``oid`` was sealed here (by a local writer or a pull): serve its waiters."""

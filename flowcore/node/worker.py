@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..client.inline import InlineClient
     from ..protocol import tls
     client = InlineClient(args.head, token, args.node, wid=args.wid, tls=tls.from_env())
+    client.actor_id = bytes.fromhex(args.actor) if args.actor else None
     worker = Worker(client, args.wid, bytes.fromhex(args.actor) if args.actor else None)
     client.on_node_message = worker.on_node_message
     client.on_disconnect = worker.on_disconnect

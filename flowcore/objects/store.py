@@ -191,6 +191,11 @@ class ObjectStore:
         """The client that created ``oid``."""
         return self._entry(oid).creator
 
+    def sealed_objects(self) -> list[list]:
+        """``[oid, size]`` of every sealed object (what a node reports to a
+        restarted head)."""
+        return [[oid, e.size] for oid, e in self._entries.items() if e.sealed and not e.doomed]
+
     def size_of(self, oid: bytes) -> int:
         return self._entry(oid).size
 

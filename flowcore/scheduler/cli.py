@@ -32,13 +32,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", default=None, help="read the token from this file")
     tls.add_flags(p)
     p.add_argument("--state-dir", default=None,
-                   help="directory for the token, address and logs (default ~/.flowcore)")
+                   help="directory for the token, address, logs and the head's persisted tables "
+                        "(default ~/.flowcore); a head restarted at the same --port with the "
+                        "same state dir and token recovers its nodes, named and detached "
+                        "actors, functions and jobs")
     p.add_argument("--log-file", default=None, help="log here instead of stderr")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--version", action="version", version=f"flowcore {__version__}")
     return p
+
+
+def _token_of_crashed_head(state_dir: str, port: int) -> str | None:
+    """A head that crashed at this port left its tables and generated token in
+    the state dir: reuse the token, so its nodes and drivers can come back."""
+    from .persist import state_path
+    if not os.path.exists(os.path.join(state_path(state_dir, port), "tables.msgpack")):
+        return None
+    try:
+        with open(os.path.join(state_dir, "token")) as f:
+            token = f.read().strip()
+    except OSError:
+        return None
+    if token:
+        logger.warning("reusing the token in %s: a head that crashed at port %d left its "
+                       "tables in %s", os.path.join(state_dir, "token"), port, state_dir)
+    return token
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"flowcore-scheduler: cannot read token file: {e}", file=sys.stderr)
         return 2
+    if token is None and args.port:
+        token = _token_of_crashed_head(state_dir, args.port)
     try:
         tls_config = tls.from_flags(args)
     except ValueError as e:
@@ -72,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.set_event_loop(asyncio.new_event_loop())
     loop = IOLoop.current()
     head = HeadServer(token.encode(), args.host, args.port, session_dir=state_dir,
-                      tls=tls_config)
+                      tls=tls_config, persist_dir=state_dir)
     try:
         address = loop.run_sync(head.start)
     except OSError as e:

@@ -12,7 +12,7 @@
     many siblings of one map collapse into one drawn node;
   - ``actor``: an actor (its creation task is drawn as the actor itself);
     label = the class name (and its name, if it has one), state = the
-    actor's state (``PENDING``, ``ALIVE``, ``RESTARTING``, ``DEAD``),
+    actor's state (``PENDING``, ``ALIVE``, ``RESTARTING``, ``RECOVERING``, ``DEAD``),
     group = the class name;
   - ``actor_call``: a method call; label and group ``Class.method``;
   - ``object``: an object made by ``put`` (not by a task), or the

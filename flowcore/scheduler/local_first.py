@@ -55,6 +55,11 @@ class LocalFirstMixin:
         if node_id is None:
             return False
         node = self.nodes.get(node_id)
+        if node is None and getattr(self, "recovery", None) is None:
+            # a node the head does not know is gone (a restarted head waits
+            # for its nodes to come back instead): place it
+            del self._local_offers[t.tid]
+            return False
         name = node.name if node is not None else node_id
         self._transition(t, S.QUEUED, f"{cause}; offered to node {name} to start locally")
         early = self._early_verdicts.pop(t.tid, None)
@@ -108,6 +113,24 @@ class LocalFirstMixin:
             self._remember(self._early_done, msg["tid"], (source, msg))
             return True
         return False
+
+    def _local_node_joined(self, node_id: str) -> None:
+        """A node (re-)registered: a verdict it sent to a head that was away
+        is lost, so ask it again about the offers still open (it answers
+        for each, and refuses a late start of any it has not seen yet)."""
+        tids = [tid for tid, nid in self._local_offers.items() if nid == node_id]
+        if tids:
+            self._send(node_id, {"op": "local_query", "tids": tids})
+
+    def _settle_local_offers(self) -> None:
+        """End of a restart's recovery: offers to nodes that did not come back."""
+        for tid, nid in list(self._local_offers.items()):
+            if nid not in self.nodes:
+                t = self.tasks.get(tid)
+                if t is not None:
+                    self._apply_local_verdict(t, nid, False)
+                else:
+                    del self._local_offers[tid]
 
     def _local_node_died(self, node_id: str) -> None:
         """Offers to a dead node are placed by the head."""

@@ -23,6 +23,7 @@ from .actors import ActorRecord, ActorsMixin
 from .lineage import LineageMixin
 from .local_first import LocalFirstMixin
 from .placement_groups import PlacementGroupsMixin
+from .recovery import RecoveryMixin
 from .states import EventLog, TaskState, transition_name
 
 S = TaskState
@@ -179,7 +180,8 @@ class ObjectRecord:
                 "owner": self.owner, "created": self.created}
 
 
-class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroupsMixin):
+class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroupsMixin,
+                     RecoveryMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
@@ -258,6 +260,8 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
                           msg.get("name", msg["node_id"]), msg.get("hostname", ""),
                           msg.get("pid", 0), msg.get("info"))
         self.nodes[node.node_id] = node
+        self._node_rejoined(node, msg)  # what its store and processes still hold
+        self._local_node_joined(node.node_id)
         for tid in list(self.infeasible):
             t = self.tasks.get(tid)
             if t is not None and self._could_run_somewhere(t):
@@ -298,8 +302,9 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
 
     def handle_register_client(self, source: str, msg: dict) -> None:
         self.clients[source] = {"kind": msg.get("kind", "driver"), "pid": msg.get("pid"),
-                                "node_id": msg.get("node_id")}
+                                "node_id": msg.get("node_id"), "started": time.time()}
         self.client_refs.setdefault(source, set())
+        self._client_rejoined(source, msg)  # after a head restart
 
     def client_disconnected(self, cid: str) -> Out:
         info = self.clients.pop(cid, None) or {}

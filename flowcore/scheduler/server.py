@@ -13,6 +13,7 @@ from ..protocol.comm import Comm, serve
 from ..protocol.tls import TLSConfig
 from .machine import SchedulerState
 from .packages import PackageTable
+from .persist import TableFiles, state_path
 
 logger = logging.getLogger("flowcore.scheduler")
 
@@ -40,11 +41,15 @@ def lineage_memory_from_env() -> int:
 
 #: seconds a worker's request for a function not (yet) registered is held
 FUNCTION_WAIT = 30.0
+#: ops that may change the persisted tables (besides joining and leaving)
+_TABLE_OPS = frozenset(("register_function", "create_actor", "actor_ready", "actor_failed",
+                        "actor_died", "kill_actor"))
 
 
 class HeadServer:
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0,
-                 session_dir: str | None = None, tls: TLSConfig | None = None):
+                 session_dir: str | None = None, tls: TLSConfig | None = None,
+                 persist_dir: str | None = None):
         self.token = token
         self.tls = tls  # a protocol.tls.TLSConfig, or None for plain TCP
         self.host = host
@@ -61,6 +66,14 @@ class HeadServer:
         self._next_client = 0
         self.node_timeout = float(os.environ.get("FLOWCORE_NODE_TIMEOUT", "30"))
         self._function_waiters: dict[bytes, list[tuple[Comm, dict]]] = {}
+        # the small tables persist under persist_dir (a state directory), so a
+        # head restarted at the same port finds them; see persist.py
+        self.persist_dir = persist_dir
+        self.tables: TableFiles | None = None
+        self.persist_interval = float(os.environ.get("FLOWCORE_PERSIST_INTERVAL", "0.2"))
+        self.recovery_window = float(os.environ.get("FLOWCORE_HEAD_RECOVERY", "30"))
+        self._dirty = True  # the persisted tables may be stale
+        self._persist_failed = False
 
     async def start(self) -> str:
         self.server, self.port = await serve(self.token, self._on_comm, self.host, self.port,
@@ -74,7 +87,49 @@ class HeadServer:
         from tornado.ioloop import PeriodicCallback
         self._membership = PeriodicCallback(self._check_nodes, 1000.0)
         self._membership.start()
+        if self.persist_dir:
+            self._open_tables(state_path(self.persist_dir, self.port))
         return self.address
+
+    def _open_tables(self, path: str) -> None:
+        """Load what a previous head at this port persisted (then wait for its
+        nodes and drivers), and save the small tables from now on.  Runs
+        before the first connection is handled."""
+        from tornado.ioloop import PeriodicCallback
+        self.tables = TableFiles(path)
+        loaded = self.tables.load()
+        if loaded is not None:
+            tables, functions = loaded
+            logger.warning("found the tables of a previous head in %s: recovering (waiting up "
+                           "to %.0f s for its nodes and drivers)", path, self.recovery_window)
+            self.state.restore_tables(tables, functions)
+            asyncio.get_event_loop().call_later(self.recovery_window, self._end_recovery)
+        self._persist()
+        self._persister = PeriodicCallback(self._persist, self.persist_interval * 1000.0)
+        self._persister.start()
+
+    def _persist(self) -> None:
+        """Write the small tables if something that may change them happened
+        since the last write (at most once per ``persist_interval``)."""
+        if self.tables is None or self.stopped.is_set() or not self._dirty:
+            return
+        self._dirty = False
+        try:
+            self.tables.save(self.state.persistent_tables(), self.state.functions)
+            self._persist_failed = False
+        except OSError as e:
+            self._dirty = True
+            if not self._persist_failed:  # once, not every interval
+                logger.warning("cannot persist the head's tables in %s: %s", self.tables.path, e)
+            self._persist_failed = True
+
+    def _end_recovery(self) -> None:
+        if self.state.recovery is not None:
+            logger.warning("recovery window of %.0f s passed; %d node(s) and %d driver(s) did "
+                           "not come back", self.recovery_window,
+                           len(self.state.recovery.nodes), len(self.state.recovery.drivers))
+            self._deliver(self.state.finish_recovery("the recovery window passed"))
+            self._dirty = True
 
     def _check_nodes(self) -> None:
         """Declare nodes dead that stopped sending heartbeats (a busy or hung
@@ -83,6 +138,7 @@ class HeadServer:
             logger.warning("node %s sent no heartbeat for %.0f s: declaring it dead", nid,
                            self.node_timeout)
             comm = self.comms.pop(nid, None)
+            self._dirty = True
             self._deliver(self.state.node_died(
                 nid, f"no heartbeat for {self.node_timeout:.0f} s"))
             if comm is not None:
@@ -94,6 +150,7 @@ class HeadServer:
         if cid is None:
             return
         self.comms.pop(cid, None)
+        self._dirty = True
         if comm.info.get("role") == "node":
             how = ("it stopped" if comm.info.get("leaving")
                    else "its connection was lost")
@@ -107,6 +164,7 @@ class HeadServer:
         if "id" in comm.info:
             return self._handle(comm, msg, frames)
         op = msg["op"]
+        self._dirty = True
         if op == "register_node":
             if msg.get("version") != __version__:
                 comm.reply(msg, ok=False, error=(
@@ -148,6 +206,7 @@ class HeadServer:
                 return
             comm.reply(msg, blob=blob)
         elif op == "register_function":
+            self._dirty = True
             self._deliver(self.state.handle(src, msg))
             self._answer_function_waiters(msg["fid"])
         elif op == "has_package":
@@ -171,6 +230,8 @@ class HeadServer:
             comm.reply(msg, ok=True)
             asyncio.get_event_loop().call_later(0.01, self.stop)
         else:
+            if op in _TABLE_OPS:
+                self._dirty = True
             try:
                 out = self.state.handle(src, msg)
             except Exception:
@@ -231,6 +292,10 @@ class HeadServer:
     def stop(self) -> None:
         if self.stopped.is_set():
             return
+        if self.tables is not None:
+            # a clean stop: nodes are told to stop, so nothing persisted survives
+            self._persister.stop()
+            self.tables.clear()
         for cid, c in list(self.comms.items()):
             if c.info.get("role") == "node":
                 c.send({"op": "shutdown"})

@@ -1,0 +1,312 @@
+"""Head restart, in the state machine (a mixin of ``SchedulerState``; no IO).
+
+The head keeps its *small tables* — registered functions, named and
+detached actors with their creation spec, jobs (the drivers) and the node
+table — in its state directory (``persist.py`` does the file IO).  After a
+restart with the same state directory it loads them (``restore_tables``)
+and enters *recovery*:
+
+* restored actors are ``RECOVERING``: a node that re-registers reports the
+  actors alive in its processes, and those are adopted as they are (same
+  process, same state); the actor's process reconnects as a client and calls
+  go to it again;
+* a node that re-registers reports the sealed objects in its store; they
+  become READY objects held by the recovery until it ends;
+* a client (driver or worker) that reconnects names its previous client id
+  and reports the refs it holds, the small values it already received, and
+  its own tasks that had not finished.  Those tasks are not re-run: their
+  results fail with an ``ObjectLostError`` (reason ``"head_restart"``).
+
+Recovery ends when every node and driver of the persisted tables is back,
+or when the server's recovery window passes (``finish_recovery``): objects
+still not found fail with ``ObjectLostError``, restored actors no node
+reported are restarted from their spec when ``max_restarts`` allows (dead
+otherwise), non-detached actors whose driver did not come back are killed,
+and recovered objects nobody claimed are freed.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .. import ids
+from ..exceptions import ObjectLostError
+from .actors import ALIVE, DEAD, ActorRecord
+
+RECOVERING = "RECOVERING"
+logger = logging.getLogger("flowcore.scheduler")
+
+#: the creation-spec fields of an actor kept across a head restart
+_SPEC_FIELDS = ("aid", "class_name", "fid", "methods", "actor_name", "namespace", "detached",
+                "max_restarts", "max_task_retries", "max_concurrency", "is_async", "hold",
+                "tid", "args", "args_dep", "deps", "nested")
+
+
+def actor_spec(a: ActorRecord) -> dict:
+    """What is persisted of an actor: its creation spec and where it ran."""
+    return {"aid": a.aid, "class_name": a.class_name, "fid": a.fid, "methods": a.methods,
+            "actor_name": a.name, "namespace": a.namespace, "detached": a.detached,
+            "max_restarts": a.max_restarts, "max_task_retries": a.max_task_retries,
+            "max_concurrency": a.max_concurrency, "is_async": a.is_async, "hold": a.hold,
+            "tid": a.create_tid, "args": a.args, "args_dep": a.args_dep, "deps": a.deps,
+            "nested": a.nested, "owner": a.owner, "restarts": a.restarts, "node": a.node,
+            "pid": a.pid, "created": a.created}
+
+
+class Recovery:
+    """What a restarted head still waits for."""
+
+    def __init__(self, nodes: dict[str, dict], drivers: dict[str, dict]):
+        self.nodes = nodes        # node id -> persisted record, until it re-registers
+        self.drivers = drivers    # old client id -> persisted job, until it reconnects
+        self.awaited: set[bytes] = set()  # objects someone needs that no node reported yet
+        self.held: set[bytes] = set()     # reported objects, held until recovery ends
+        self.actors: set[bytes] = set()   # adopted actors whose process has not reconnected
+
+    def complete(self) -> bool:
+        # adopted actors' processes count too: refs they hold must not be freed
+        return not self.nodes and not self.drivers and not self.actors
+
+
+class RecoveryMixin:
+    """Restoring the small tables and re-adopting what survived a head restart."""
+
+    recovery: Recovery | None = None
+    # provided by SchedulerState
+    actors: dict[bytes, ActorRecord]
+    named: dict[tuple[str, str], bytes]
+    objects: dict[bytes, Any]
+    tasks: dict[bytes, Any]
+    nodes: dict[str, Any]
+    clients: dict[str, dict]
+    client_refs: dict[str, set[bytes]]
+    functions: dict[bytes, dict]
+    out: list[tuple[str, dict]]
+
+    # ------------------------------------------------------------ persisting
+    def persistent_tables(self) -> dict[str, Any]:
+        """The small tables as plain data (msgpack-able): nodes, actors (named
+        or detached, not dead), jobs.  Functions are persisted one by one."""
+        rec = self.recovery
+        nodes = {n.node_id: {"node_id": n.node_id, "name": n.name, "address": n.address,
+                             "hostname": n.hostname, "pid": n.pid}
+                 for n in self.nodes.values() if n.alive}
+        jobs = {cid: {"client_id": cid, "pid": info.get("pid"), "started": info.get("started")}
+                for cid, info in self.clients.items()
+                if info.get("kind", "driver") == "driver"}
+        if rec is not None:  # a second crash during recovery forgets nobody
+            for nid, n in rec.nodes.items():
+                nodes.setdefault(nid, n)
+            for cid, j in rec.drivers.items():
+                jobs.setdefault(cid, j)
+        actors = [actor_spec(a) for a in self.actors.values()
+                  if (a.name or a.detached) and a.state != DEAD]
+        return {"nodes": sorted(nodes.values(), key=lambda n: n["node_id"]),
+                "actors": actors,
+                "jobs": sorted(jobs.values(), key=lambda j: j["client_id"])}
+
+    def restore_tables(self, tables: dict[str, Any], functions: dict[bytes, dict]) -> None:
+        """Load what a previous head persisted and start recovery."""
+        self.functions.update(functions)
+        self.recovery = Recovery({n["node_id"]: n for n in tables.get("nodes") or []},
+                                 {j["client_id"]: j for j in tables.get("jobs") or []})
+        for spec in tables.get("actors") or []:
+            a = ActorRecord({k: spec.get(k) for k in _SPEC_FIELDS if spec.get(k) is not None},
+                            spec.get("owner") or "")
+            a.restarts = spec.get("restarts") or 0
+            a.node = spec.get("node")
+            a.pid = spec.get("pid")
+            a.created = spec.get("created") or a.created
+            a.state = RECOVERING
+            a.client = None  # its process reconnects with a new client id
+            a.cause = "the head restarted; waiting for its node to report it"
+            self.actors[a.aid] = a
+            if a.name:
+                self.named[(a.namespace, a.name)] = a.aid
+            handle = self._obj(ids.actor_handle_id(a.aid), None)  # type: ignore[attr-defined]
+            handle.state = "READY"
+            for oid in a.deps + a.nested:
+                self._await_object(oid)
+            self._hold(a.deps + a.nested)  # type: ignore[attr-defined]
+        logger.info("restored %d actor(s), %d function(s), %d node(s) and %d job(s) to wait for",
+                    len(tables.get("actors") or []), len(functions), len(self.recovery.nodes),
+                    len(self.recovery.drivers))
+
+    def _await_object(self, oid: bytes) -> Any:
+        """The record of ``oid``; during recovery, an unknown object gets a
+        PENDING record that a node may still report.  None if unknown and
+        not recovering."""
+        obj = self.objects.get(oid)
+        if obj is not None:
+            return obj
+        handle = ids.index_of(oid) == ids.HANDLE_INDEX \
+            and ids.task_of(oid) in self.actors
+        if self.recovery is None and not handle:
+            return None
+        obj = self._obj(oid, None)  # type: ignore[attr-defined]
+        if handle:
+            obj.state = "READY"  # an actor handle: always ready
+        else:
+            self.recovery.awaited.add(oid)  # type: ignore[union-attr]
+        return obj
+
+    # ------------------------------------------------------------ re-registration
+    def _node_rejoined(self, node: Any, msg: dict) -> None:
+        """``node`` registered, reporting its stored objects and live actors."""
+        rec = self.recovery
+        nid = node.node_id
+        unknown = []
+        for oid, size in msg.get("objects") or []:
+            obj = self.objects.get(oid)
+            if obj is None:
+                if rec is None:
+                    unknown.append(oid)
+                    continue
+                obj = self._obj(oid, None)  # type: ignore[attr-defined]
+                obj.holds += 1
+                rec.held.add(oid)
+            if obj.state == "PENDING" and rec is not None and (oid in rec.awaited
+                                                               or oid in rec.held):
+                rec.awaited.discard(oid)
+                self._seal(obj, {"node": nid, "size": size})  # type: ignore[attr-defined]
+            elif obj.state == "READY" and obj.inline is None:
+                obj.nodes.add(nid)
+        if unknown:  # nothing references them any more
+            self._send(nid, {"op": "delete_objects", "oids": unknown})  # type: ignore[attr-defined]
+        for aid, pid in msg.get("actors") or []:
+            a = self.actors.get(aid)
+            if a is None or a.state == DEAD or (a.state != RECOVERING and a.node != nid):
+                self._send(nid, {"op": "kill_actor", "aid": aid})  # type: ignore[attr-defined]
+                continue
+            if a.state == RECOVERING:
+                a.state = ALIVE
+                a.node = nid
+                a.pid = pid
+                a.cause = ""
+                if a.hold and not a.holding:
+                    node.take(a.hold)
+                    a.holding = True
+                if rec is not None and a.client is None:
+                    rec.actors.add(aid)
+                self._pump_actor(a)  # type: ignore[attr-defined]
+        if rec is not None:
+            rec.nodes.pop(nid, None)
+            if rec.complete():
+                self._settle_recovery("every node, driver and actor is back")
+
+    def _client_rejoined(self, cid: str, msg: dict) -> None:
+        """A client reconnected after a head restart (``previous_id``): take
+        over its refs, values and actors; fail its unfinished tasks."""
+        old = msg.get("previous_id")
+        actor = msg.get("actor")
+        if actor:
+            a = self.actors.get(actor)
+            if a is not None and a.state != DEAD:
+                a.client = cid  # calls go to the actor's process again
+        rec = self.recovery
+        if rec is not None and actor:
+            rec.actors.discard(actor)
+        if not old:
+            if rec is not None and rec.complete():
+                self._settle_recovery("every node, driver and actor is back")
+            return
+        for a in self.actors.values():
+            if a.owner == old:
+                a.owner = cid
+        refs = self.client_refs.setdefault(cid, set())
+        for oid in msg.get("refs") or []:
+            obj = self._await_object(oid)
+            if obj is None:
+                continue  # a later get() learns that it is unknown
+            obj.clients.add(cid)
+            refs.add(oid)
+        for oid, data, error in msg.get("values") or []:
+            obj = self.objects.get(oid)
+            if obj is not None and obj.state == "PENDING":
+                if rec is not None:
+                    rec.awaited.discard(oid)
+                value = {"inline": data, "size": len(data), "error": error}
+                self._seal(obj, value)  # type: ignore[attr-defined]
+        why = ("the task that makes it was pending or running when the head restarted; "
+               "tasks are not re-run across a head restart: submit it again")
+        for oid in msg.get("unfinished") or []:
+            obj = self.objects.get(oid)
+            if obj is None:  # not held any more: the client still waits for it
+                payload = self._lost_payload(oid, why)
+                self._send(cid, {"op": "object_ready", "oid": oid,  # type: ignore[attr-defined]
+                                 "size": len(payload), "error": True, "inline": payload})
+                continue
+            if obj.state != "PENDING" or ids.task_of(oid) in self.tasks:
+                continue
+            if rec is not None:
+                rec.awaited.discard(oid)
+            obj.owner = cid
+            obj.clients.add(cid)
+            refs.add(oid)
+            self._lost_in_restart(obj, why)
+        for oid in msg.get("subscribed") or []:
+            obj = self.objects.get(oid)
+            if obj is not None and obj.state == "PENDING":
+                obj.waiters.add(cid)
+            elif obj is not None:
+                self._send(cid, self._ready(obj))  # type: ignore[attr-defined]
+        if rec is not None:
+            rec.drivers.pop(old, None)
+            if rec.complete():
+                self._settle_recovery("every node, driver and actor is back")
+
+    def _lost_payload(self, oid: bytes, why: str) -> bytes:
+        return self.error_payload(ObjectLostError(  # type: ignore[attr-defined]
+            f"object {oid.hex()} was lost in a head restart: {why}",
+            reason="head_restart", object_id=oid.hex()))
+
+    def _lost_in_restart(self, obj: Any, why: str) -> None:
+        payload = self._lost_payload(obj.oid, why)
+        value = {"inline": payload, "size": len(payload), "error": True}
+        self._seal(obj, value)  # type: ignore[attr-defined]
+        self._maybe_free(obj)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ the end of recovery
+    def finish_recovery(self, why: str) -> list[tuple[str, dict]]:
+        """End recovery now (the server's recovery window passed); returns
+        the messages to send."""
+        self._settle_recovery(why)
+        self._schedule()  # type: ignore[attr-defined]
+        out, self.out = self.out, []
+        return out
+
+    def _settle_recovery(self, why: str) -> None:
+        """End recovery: settle what did not come back."""
+        rec = self.recovery
+        if rec is None:
+            return
+        self.recovery = None
+        self._settle_local_offers()  # type: ignore[attr-defined]
+        for oid in list(rec.awaited):
+            obj = self.objects.get(oid)
+            if obj is not None and obj.state == "PENDING" \
+                    and ids.task_of(oid) not in self.tasks:
+                self._lost_in_restart(obj, "no node reported a copy after the restart")
+        for a in list(self.actors.values()):
+            if a.state == RECOVERING:
+                node = self.nodes.get(a.node or "")
+                cause = (f"its process was not found after the head restarted (its node "
+                         f"{'is back' if node is not None else 'did not come back'})")
+                if a.max_restarts == -1 or a.restarts < a.max_restarts:
+                    self._restart_actor(a, cause, move=node is None)  # type: ignore[attr-defined]
+                else:
+                    self._actor_dead(a, cause)  # type: ignore[attr-defined]
+        for a in list(self.actors.values()):
+            if a.owner in rec.drivers and not a.detached and a.state != DEAD:
+                a.no_restart = True
+                if a.node:
+                    kill = {"op": "kill_actor", "aid": a.aid}
+                    self._send(a.node, kill)  # type: ignore[attr-defined]
+                why = "its driver did not reconnect after the head restarted"
+                self._actor_dead(a, why)  # type: ignore[attr-defined]
+        for oid in rec.held:
+            obj = self.objects.get(oid)
+            if obj is not None:
+                obj.holds -= 1
+                self._maybe_free(obj)  # type: ignore[attr-defined]
+        logger.info("recovery after the head restart ended: %s", why)
