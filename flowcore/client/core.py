@@ -42,6 +42,8 @@ WIRE_WINDOW = 8
 #: tasks whose arguments are all on this process's node are offered to that
 #: node first (FLOWCORE_LOCAL_FIRST=0 sends every task through the head)
 LOCAL_FIRST = os.environ.get("FLOWCORE_LOCAL_FIRST", "1") not in ("0", "")
+#: ... while this client has at most this many unfinished tasks
+LOCAL_FIRST_INFLIGHT = int(os.environ.get("FLOWCORE_LOCAL_FIRST_INFLIGHT", "2"))
 #: more unfinished submissions than this from one client block .remote()
 MAX_PENDING_TASKS = 200_000
 #: seconds a client keeps trying to reconnect when it loses the head (a head
@@ -432,10 +434,14 @@ class CoreClient:
             while self.pending_tasks >= MAX_PENDING_TASKS:
                 self._wait_pending_room()
             self.pending_tasks += 1
+            pending = self.pending_tasks
             self.expected.update(oids)
         refs = [ObjectRef(oid, self, counted=True) for oid in oids]
-        run = self._local_run(spec) if LOCAL_FIRST and not self.remote_store \
-            and self.has_store() and not self._head_away() else None
+        # only the first few unfinished tasks are offered to our node: a burst
+        # beyond them would mostly be declined (an extra message each) and is
+        # better spread by the head
+        run = self._local_run(spec) if LOCAL_FIRST and pending <= LOCAL_FIRST_INFLIGHT \
+            and not self.remote_store and self.has_store() and not self._head_away() else None
         if run is not None:
             # local-first: our node starts it at once if it fits there; the
             # head records it and places it only if the node declines
