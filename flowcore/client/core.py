@@ -555,9 +555,8 @@ class CoreClient:
             for start in range(0, len(view), WIRE_CHUNK):
                 if len(pending) >= WIRE_WINDOW:
                     error = error or (await pending.popleft()).get("error")
-                fut = node.request_with_frames({"op": "write_chunk", "oid": oid,
-                                                 "start": start},
-                                                [view[start:start + WIRE_CHUNK]])
+                fut = node.request({"op": "write_chunk", "oid": oid, "start": start},
+                                   [view[start:start + WIRE_CHUNK]])
                 pending.append(fut)
             while pending:
                 error = error or (await pending.popleft()).get("error")

@@ -313,7 +313,9 @@ class Comm(asyncio.Protocol):
         else:
             self.transport.writelines(frames.encode(out, fr))
 
-    def request(self, msg: dict) -> "asyncio.Future[dict]":
+    def request(self, msg: dict, bufs: list | None = None) -> "asyncio.Future[dict]":
+        """Send ``msg`` (with binary ``bufs`` attached, sent without a copy
+        here) and return a future for its reply."""
         rid = next(self._rids)
         msg["rid"] = rid
         fut = self._loop.create_future()
@@ -321,19 +323,10 @@ class Comm(asyncio.Protocol):
             fut.set_exception(ConnectionError(f"connection to {self.peer} closed"))
             return fut
         self._pending[rid] = fut
-        self.send(msg)
-        return fut
-
-    def request_with_frames(self, msg: dict, bufs: list) -> "asyncio.Future[dict]":
-        """``request`` carrying binary frames (sent without a copy here)."""
-        rid = next(self._rids)
-        msg["rid"] = rid
-        fut = self._loop.create_future()
-        if self.closed:
-            fut.set_exception(ConnectionError(f"connection to {self.peer} closed"))
-            return fut
-        self._pending[rid] = fut
-        self.send_with_frames(msg, bufs)
+        if bufs:
+            self.send_with_frames(msg, bufs)
+        else:
+            self.send(msg)
         return fut
 
     def reply(self, msg: dict, **fields: Any) -> None:
