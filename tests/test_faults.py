@@ -138,6 +138,45 @@ def test_cancel_queued_running_and_forced(fresh_cluster):
     assert "CANCELLED" in {t["state"] for t in flowcore.state.list_tasks()}
 
 
+@pytest.mark.parametrize("recursive", [True, False])
+def test_cancel_reaches_the_tasks_a_task_submitted(fresh_cluster, recursive):
+    fresh_cluster(num_cpus=2)
+    sig = Signal()
+
+    @flowcore.remote
+    def child(s):
+        s.wait()
+        return "child done"
+
+    @flowcore.remote
+    def parent(s):
+        return flowcore.get([child.remote(s) for _ in range(3)])
+
+    p = parent.remote(sig)
+    sig.wait_for_waiters(2)  # two children run (the parent gave its CPU back), one queued
+
+    kids = {t["task_id"] for t in flowcore.state.list_tasks() if t["name"].endswith("child")}
+    assert len(kids) == 3
+    flowcore.cancel(p, recursive=recursive)
+    with pytest.raises(TaskCancelledError):
+        flowcore.get(p, timeout=30)
+    if not recursive:
+        sig.set()  # the children were left alone: they finish
+
+    def ends() -> dict[str, tuple[str, str]]:  # child -> (final state, cause)
+        return {e["task_id"]: (e["to"], e["cause"]) for e in flowcore.state.task_events(5000)
+                if e["task_id"] in kids and e["to"] in ("CANCELLED", "FINISHED")}
+    deadline = time.monotonic() + 30
+    while len(ends()) < 3 and time.monotonic() < deadline:
+        pass  # running children stop at their cancel / finish after the signal
+    final = ends()
+    if recursive:
+        assert {state for state, _ in final.values()} == {"CANCELLED"} and len(final) == 3
+    else:
+        assert {state for state, _ in final.values()} == {"FINISHED"} and len(final) == 3
+    sig.set()
+
+
 def test_resources_custom_gpu_and_infeasible(fresh_cluster):
     fresh_cluster(num_cpus=2, num_gpus=2, resources={"disk": 1})
     assert flowcore.cluster_resources() == {"CPU": 2.0, "GPU": 2.0, "disk": 1.0}

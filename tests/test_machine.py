@@ -1405,6 +1405,28 @@ def test_pruned_lineage_gives_its_bytes_back() -> None:
     assert c.state.tasks == {} and c.state.lineage_bytes == 0 and not c.state._lineage
 
 
+def test_recursive_cancel_reaches_children_and_grandchildren() -> None:
+    c = Cluster()
+    c.node("n1", CPU=1)
+    parent, _ = c.task()
+    assert c.st(parent) == TaskState.RUNNING
+    child = c.spec()
+    child["parent"] = parent
+    grandchild = c.spec()
+    grandchild["parent"] = child["tid"]
+    other = c.spec()  # not submitted by the parent
+    c.submit(child, grandchild, other, client="w1")
+    out = c.state.handle(C, {"op": "cancel", "oid": object_id(parent), "recursive": True})
+    # running (or sent ahead to the node): asked to stop; queued: cancelled now
+    assert {m["tid"] for m in ops(out, "cancel_task", "n1")} == {parent, child["tid"]}
+    assert c.st(grandchild["tid"]) == TaskState.CANCELLED
+    assert "its parent task" in c.state.log.for_task(grandchild["tid"])[-1]["cause"]
+    assert c.st(other["tid"]) == TaskState.QUEUED
+    out = c.state.handle(C, {"op": "cancel", "oid": object_id(other["tid"]),
+                             "recursive": False})
+    assert c.st(other["tid"]) == TaskState.CANCELLED
+
+
 # ---------------------------------------------------------------- actors
 def test_calls_after_a_kill_wait_for_the_death_and_then_fail() -> None:
     from flowcore.exceptions import ActorDiedError

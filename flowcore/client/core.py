@@ -436,6 +436,9 @@ class CoreClient:
             self.pending_tasks += 1
             pending = self.pending_tasks
             self.expected.update(oids)
+        task = self.current_task
+        if task is not None and "parent" not in spec:
+            spec["parent"] = task["tid"]  # for recursive cancellation
         refs = [ObjectRef(oid, self, counted=True) for oid in oids]
         # only the first few unfinished tasks are offered to our node: a burst
         # beyond them would mostly be declined (an extra message each) and is

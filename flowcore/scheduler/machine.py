@@ -89,7 +89,7 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv")
+                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -107,6 +107,7 @@ class TaskRecord:
         self.ahead = False   # sent to its node before resources there were free
         self.lineage_held = False  # finished, arguments kept for re-execution
         self.lineage_evicted = False  # ... and then dropped to bound lineage memory
+        self.children: list[bytes] | None = None  # tasks it submitted (recursive cancel)
         self.bundle: str | None = None  # "pgid-hex:index" while placed in a bundle
         self.deps: list[bytes] = spec.get("deps") or []
         self.missing: set[bytes] = set()
@@ -569,6 +570,11 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
     def _submit(self, owner: str, spec: dict) -> None:
         t = TaskRecord(spec, owner)
         self.tasks[t.tid] = t
+        parent = self.tasks.get(spec.get("parent") or b"")
+        if parent is not None:
+            if parent.children is None:
+                parent.children = []
+            parent.children.append(t.tid)
         self.counts["submitted"] += 1
         refs = self.client_refs.setdefault(owner, set())
         for oid in t.returns():
@@ -896,13 +902,27 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
         if t is None or t.state is None or t.state.done:
             return
         force = bool(msg.get("force"))
+        if msg.get("recursive"):
+            # the tasks it submitted, and the tasks they submitted, depth first
+            stack, seen = list(t.children or ()), set()
+            while stack:
+                child = self.tasks.get(stack.pop())
+                if child is None or child.tid in seen or child.kind != "task":
+                    continue
+                seen.add(child.tid)
+                stack.extend(child.children or ())
+                if child.state is not None and not child.state.done:
+                    self._cancel_one(child, force, f"its parent task {t.name} was cancelled")
+        self._cancel_one(t, force, "cancelled before it ran")
+
+    def _cancel_one(self, t: TaskRecord, force: bool, cause: str) -> None:
         if t.state == S.RUNNING:
             if force:
                 self._force_cancelled.add(t.tid)
             self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force})
             return
         self.infeasible.discard(t.tid)
-        self._cancel_task(t, "cancelled before it ran")
+        self._cancel_task(t, cause)
 
     def _cancel_task(self, t: TaskRecord, cause: str) -> None:
         self._transition(t, S.CANCELLED, cause)
