@@ -145,7 +145,7 @@ class SnapshotCache:
             "actors": {"by_state": actor_counts, "total": len(s.actors)},
             "objects": object_summary,
             "store": {"used": store_used, "capacity": store_cap},
-            "warnings": list(s.warnings[-10:]),
+            "warnings": list(s.warnings)[-10:],
             "limits": {"tasks": self.max_tasks, "objects": self.max_objects,
                        "actors": self.max_actors, "timeline": self.max_timeline},
         }

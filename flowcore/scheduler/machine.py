@@ -202,7 +202,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
         self.error_payload = error_payload
         self.out: Out = []
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "retried": 0}
-        self.warnings: list[str] = []
+        self.warnings: deque[str] = deque(maxlen=1000)  # the newest, for views
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.latency_count = 0  # entries ever appended to latencies (for /metrics)
         self.history: deque[dict] = deque(maxlen=history_size)
