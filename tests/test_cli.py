@@ -79,7 +79,7 @@ def test_head_writes_private_token_and_nodes_join_with_auto(tmp_path, monkeypatc
         _stop(node)
         assert node.returncode == 0
         flowcore.init(address=address, token=token_file.read_text().strip())
-        assert flowcore.nodes() == []
+        assert [n["alive"] for n in flowcore.nodes()] == [False]
         flowcore.shutdown()
     finally:
         flowcore.shutdown()

@@ -151,8 +151,10 @@ def test_snapshot_shows_failures_with_their_error_and_dead_nodes():
     nodes = {n["name"]: n for n in cache.get()["nodes"]}
     assert nodes["name-n1"]["alive"] and not nodes["name-n2"]["alive"]
     assert cache.get()["summary"]["nodes"] == {"alive": 1, "total": 2}
-    # and the head's own list forgets it: the dashboard remembers
-    assert [n["node_id"] for n in h.state.list_nodes()] == ["n1"]
+    # the head's own list (nodes()) keeps it too, dead, with the cause
+    assert [(n["node_id"], n["alive"]) for n in h.state.list_nodes()] == [("n1", True),
+                                                                         ("n2", False)]
+    assert h.state.list_nodes()[1]["death_cause"] == "test"
 
 
 def test_node_figures_come_from_heartbeats():

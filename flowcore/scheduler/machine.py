@@ -191,6 +191,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
                  lineage_memory: int = 512 << 20,
                  error_payload: Callable[[BaseException], bytes] = default_error_payload):
         self.nodes: dict[str, NodeRecord] = {}
+        self.dead_nodes: dict[str, dict] = {}  # node id -> its last row, for nodes()
         self.functions: dict[bytes, dict] = {}
         self.tasks: dict[bytes, TaskRecord] = {}
         self.objects: dict[bytes, ObjectRecord] = {}
@@ -261,6 +262,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
                           msg.get("name", msg["node_id"]), msg.get("hostname", ""),
                           msg.get("pid", 0), msg.get("info"))
         self.nodes[node.node_id] = node
+        self.dead_nodes.pop(node.node_id, None)
         self._node_rejoined(node, msg)  # what its store and processes still hold
         self._local_node_joined(node.node_id)
         for tid in list(self.infeasible):
@@ -366,6 +368,11 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
                 if not obj.nodes and obj.inline is None and obj.state == READY:
                     lost.append(obj)
         del self.nodes[node_id]
+        # nodes() keeps listing it, dead, with why (the newest 1000 dead nodes)
+        self.dead_nodes[node_id] = dict(node.as_dict(), alive=False, running_tasks=0,
+                                        death_cause=cause, died=time.time())
+        while len(self.dead_nodes) > 1000:
+            self.dead_nodes.pop(next(iter(self.dead_nodes)))
         self._local_node_died(node_id)
         for obj in lost:
             self._object_lost(obj, f"its only copy was on node {node.name}, which died "
@@ -965,7 +972,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
         return [o.as_dict() for _, o in zip(range(limit), self.objects.values())]
 
     def list_nodes(self) -> list[dict]:
-        return [n.as_dict() for n in self.nodes.values()]
+        return [n.as_dict() for n in self.nodes.values()] + list(self.dead_nodes.values())
 
     def task_info(self, tid: bytes) -> dict | None:
         t = self.tasks.get(tid)
