@@ -30,9 +30,23 @@ logger = logging.getLogger("flowcore.transfer")
 CHUNK = 4 << 20       # bytes per request
 WINDOW = 8            # chunk requests in flight per pull
 BULK_MIN = CHUNK      # objects of at least this size take the bulk path
+STREAMS = 2           # bulk connections per pull
 #: what makes a source fail (the pull then tries the next one)
 SOURCE_ERRORS = (ConnectionError, ObjectLostError, OSError, AuthenticationError,
                  ProtocolError)
+
+
+def bulk_ranges(size: int, streams: int) -> list[tuple[int, int]]:
+    """Split ``[0, size)`` into at most ``streams`` contiguous ranges of whole
+    chunks (each stream gets at least one chunk)."""
+    n = max(1, min(streams, size // CHUNK))
+    step = -(-size // n)
+    step = -(-step // 4096) * 4096  # page-aligned boundaries
+    out, start = [], 0
+    while start < size:
+        out.append((start, min(size, start + step)))
+        start += step
+    return out or [(0, 0)]
 
 
 def pick_path(size: int, bulk_port: int | None) -> str:
@@ -55,7 +69,7 @@ class Transfers:
         self.bulk_ports: dict[str, int] = {}   # peer address -> its bulk port (0: none)
         self.bulk_server: bulk.BulkServer | None = None
         self._threads = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="flowcore-bulk-recv")
+            max_workers=8, thread_name_prefix="flowcore-bulk-recv")
 
     def start(self, host: str) -> None:
         """Open this node's bulk port."""
@@ -187,24 +201,30 @@ class Transfers:
         loc = store.create(oid, size, "transfer")
         try:
             sink = bulk.Sink(store.write_view(oid), loc.path, size)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            handle = sock.dup()  # the same connection: shut down to stop the thread
+            socks: list[socket.socket] = []
+            handles: list[socket.socket] = []
+            waiters = []
             try:
-                job = self._threads.submit(bulk.receive, sock, address, port, self.node.token,
-                                           self.node.tls, oid, 0, sink.view)
-                waiter = asyncio.wrap_future(job)
+                for start, end in bulk_ranges(size, STREAMS):
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    socks.append(sock)
+                    handles.append(sock.dup())  # the same connection, to stop the thread
+                    waiters.append(asyncio.wrap_future(self._threads.submit(
+                        bulk.receive, sock, address, port, self.node.token, self.node.tls,
+                        oid, start, sink.view[start:end])))
                 try:
-                    got = await asyncio.shield(waiter)
-                except asyncio.CancelledError:
-                    try:
-                        handle.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    await asyncio.wait([waiter])  # the thread no longer writes
+                    got = sum(await asyncio.shield(asyncio.gather(*waiters)))
+                except BaseException:
+                    for h in handles:
+                        try:
+                            h.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                    await asyncio.wait(waiters)  # no thread writes into the copy any more
                     raise
             finally:
-                handle.close()
-                sock.close()
+                for s in handles + socks:
+                    s.close()
                 sink.close()
             self.bytes_in += got
             store.seal(oid)
