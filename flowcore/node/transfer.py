@@ -83,7 +83,7 @@ class Transfers:
                 "bytes_out": self.bytes_out + (srv.bytes_out if srv else 0),
                 "bulk_served": srv.served if srv else 0,
                 "bulk_refused": srv.refused if srv else 0,
-                "bulk_port": srv.port if srv else 0}
+                "bulk_port": srv.port if srv else 0, "pulling": len(self.pulls)}
 
     # ------------------------------------------------------------ serving side
     def serve_chunk(self, comm: Comm, msg: dict) -> None:
@@ -179,6 +179,8 @@ class Transfers:
                 else:
                     await self._pull_from(comm, oid, size)
             except SOURCE_ERRORS as e:
+                logger.warning("pull of object %s from %s failed: %s", oid.hex()[:12],
+                               address, e)
                 errors.append(f"{node_id} ({address}): {e}")
                 continue
             if self.node.head is not None:

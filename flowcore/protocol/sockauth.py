@@ -55,7 +55,7 @@ def client_handshake(sock: socket.socket, token: bytes, address: str) -> None:
         raise AuthenticationError(f"{address}: {e}") from None
     except ConnectionError:
         raise AuthenticationError(f"{address} closed the connection before greeting "
-                                  f"(not a flowcore process?)") from None
+                                  f"(it died, or it is not a flowcore process)") from None
     proof, cnonce = auth.client_proof(token, snonce)
     sock.sendall(proof)
     try:
