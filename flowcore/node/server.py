@@ -106,6 +106,7 @@ class NodeServer:
         self.server, port = await serve(self.token, self._on_comm, self.host, 0,
                                         name="flowcore-worker", tls=self.tls)
         self.address = f"tcp://{self.host}:{port}"
+        self.transfers.start(self.host)
         self._act(self.pool.startup())
         await self._join_head()
         self._heartbeat()
@@ -545,6 +546,8 @@ class NodeServer:
             self._pin(comm, msg)
         elif op == "fetch_chunk":
             self.transfers.serve_chunk(comm, msg)
+        elif op == "bulk_port":
+            self.transfers.serve_bulk_port(comm, msg)
         elif op == "prefetch":
             for item in msg["objects"]:
                 asyncio.ensure_future(self._prefetch(item))
@@ -574,7 +577,8 @@ class NodeServer:
             self._act(self.pool.worker_blocked(comm.info.get("wid", ""), msg.get("blocked", True)))
         elif op == "stats":
             comm.reply(msg, store=store.stats(), pool=self.pool.snapshot(),
-                       packages=list(self.packages.fetched))
+                       packages=list(self.packages.fetched),
+                       transfer=self.transfers.stats())
         else:
             logger.warning("unknown op %r from local client %s", op, cid)
 

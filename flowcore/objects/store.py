@@ -271,11 +271,13 @@ class ObjectStore:
         self._free(oid, e)
         return True
 
-    def pin(self, oid: bytes, client: str) -> Location:
+    def pin(self, oid: bytes, client: str, restore: bool = True) -> Location:
         """Pin a sealed object for ``client`` and return where to read it.
 
         A spilled object is restored into the arena when it fits (spilling
-        others if needed), else served from its disk file.
+        others if needed), else served from its disk file.  With
+        ``restore=False`` it stays where it is (a reader of the file, such as
+        a transfer to another node, gains nothing from the restore).
         """
         self._check_open()
         e = self._entries.get(oid)
@@ -283,7 +285,7 @@ class ObjectStore:
             raise KeyError(f"object {oid.hex()} is not in the store")
         if not e.sealed:
             raise ValueError(f"object {oid.hex()} is not sealed yet")
-        if e.where != ARENA and not e.pins:
+        if restore and e.where != ARENA and not e.pins:
             self._restore(oid, e)
         e.pins[client] = e.pins.get(client, 0) + 1
         self._client_pins.setdefault(client, set()).add(oid)
@@ -349,6 +351,17 @@ class ObjectStore:
             return memoryview(self.read_chunk(oid, start, length))
         start, end = self._span(e, start, length)
         return self._view[e.offset + start:e.offset + end].toreadonly()
+
+    def write_view(self, oid: bytes) -> memoryview | None:
+        """A writable view of an unsealed object in the arena, or None when it
+        is a disk file (write that through its ``location``).  Valid until the
+        object is aborted or the store closes."""
+        e = self._entry(oid)
+        if e.sealed:
+            raise ValueError(f"object {oid.hex()} is sealed (immutable)")
+        if e.where != ARENA:
+            return None
+        return self._view[e.offset:e.offset + e.size]
 
     def write_chunk(self, oid: bytes, start: int, data: Any) -> None:
         """Write ``data`` into an unsealed object at ``start``."""
