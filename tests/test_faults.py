@@ -241,10 +241,11 @@ DRIVER = textwrap.dedent("""
         import threading
         threading.Event().wait()
     ref = forever.remote()
-    print("READY", flush=True)
     mode = sys.argv[2]
     if mode == "interrupt":
         try:
+            # the test's Ctrl-C may come as soon as READY is out: still in here
+            print("READY", flush=True)
             flowcore.get(ref)
         except KeyboardInterrupt:
             print("INTERRUPTED", flush=True)
@@ -255,6 +256,7 @@ DRIVER = textwrap.dedent("""
         print("AFTER", flowcore.get(after.remote(), timeout=30), flush=True)
         flowcore.shutdown()
     else:
+        print("READY", flush=True)
         flowcore.get(ref)
 """)
 
