@@ -23,6 +23,7 @@ from .. import ids
 from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
+from ..protocol.chunks import fetch_chunks
 from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
 
@@ -577,21 +578,14 @@ class CoreClient:
             if node is None:
                 raise ConnectionError("no connection to the node")
             out = bytearray(size)
-            pending: deque[tuple[int, asyncio.Future]] = deque()
-            offset = 0
-            while offset < size or pending:
-                while offset < size and len(pending) < WIRE_WINDOW:
-                    n = min(WIRE_CHUNK, size - offset)
-                    pending.append((offset, node.request(
-                        {"op": "fetch_chunk", "oid": oid, "start": offset, "length": n})))
-                    offset += n
-                start, fut = pending.popleft()
-                reply = await fut
-                if "error" in reply:
-                    raise ObjectLostError(f"object {oid.hex()} could not be read from node "
-                                          f"{self.node_id}: {reply['error']}")
-                chunk = reply["_data"][0]
-                out[start:start + len(chunk)] = chunk
+
+            def write(start: int, data: memoryview) -> None:
+                out[start:start + len(data)] = data
+            try:
+                await fetch_chunks(node, oid, size, write, WIRE_CHUNK, WIRE_WINDOW)
+            except ObjectLostError as e:
+                raise ObjectLostError(f"object {oid.hex()} could not be read from node "
+                                      f"{self.node_id}: {e}") from None
             return out
         return asyncio.run_coroutine_threadsafe(download(), self.loop).result()
 

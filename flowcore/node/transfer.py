@@ -18,17 +18,15 @@ import concurrent.futures
 import logging
 import socket
 import sys
-from collections import deque
 from typing import Any
 
 from ..exceptions import AuthenticationError, ObjectLostError, ProtocolError
+from ..protocol.chunks import CHUNK, WINDOW, fetch_chunks  # the chunked path's sizes
 from ..protocol.comm import Comm, connect
 from . import bulk
 
 logger = logging.getLogger("flowcore.transfer")
 
-CHUNK = 4 << 20       # bytes per request
-WINDOW = 8            # chunk requests in flight per pull
 BULK_MIN = CHUNK      # objects of at least this size take the bulk path
 STREAMS = 2           # bulk connections per pull
 #: what makes a source fail (the pull then tries the next one)
@@ -248,21 +246,10 @@ class Transfers:
         store = self.node.store
         store.create(oid, size, "transfer")
         try:
-            pending: deque[tuple[int, asyncio.Future]] = deque()
-            offset = 0
-            while offset < size or pending:
-                while offset < size and len(pending) < WINDOW:
-                    n = min(CHUNK, size - offset)
-                    pending.append((offset, comm.request(
-                        {"op": "fetch_chunk", "oid": oid, "start": offset, "length": n})))
-                    offset += n
-                start, fut = pending.popleft()
-                reply = await fut
-                if "error" in reply:
-                    raise ObjectLostError(reply["error"])
-                data = reply["_data"][0]
+            def write(start: int, data: memoryview) -> None:
                 store.write_chunk(oid, start, data)
                 self.bytes_in += len(data)
+            await fetch_chunks(comm, oid, size, write, CHUNK, WINDOW)
             store.seal(oid)
         except BaseException:
             self._abort(oid)
