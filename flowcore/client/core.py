@@ -25,6 +25,7 @@ from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
 from ..objects.ref import ObjectRef
 from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
+from . import direct
 
 logger = logging.getLogger("flowcore.client")
 
@@ -99,6 +100,10 @@ class CoreClient:
         self._reconnecting: asyncio.Future | None = None
         self._held: list[dict] = []
         self.on_node_message: Callable[[dict], None] | None = None
+        # direct actor calls: one link per actor called, and (IO thread) the
+        # connections to actors' processes by link key
+        self.direct = direct.DirectCalls()
+        self._dconns: dict[str, Comm] = {}
         self.on_disconnect: Callable[[str], None] | None = None
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "flowcore_current_task", default=None)
@@ -230,7 +235,7 @@ class CoreClient:
         async def _close() -> None:
             self._drain()
             await asyncio.sleep(0)
-            for c in (self.head, self.node):
+            for c in (self.head, self.node, *self._dconns.values()):
                 if c is not None:
                     c.close()
 
@@ -286,6 +291,7 @@ class CoreClient:
                 if oid in self.expected:  # dropped before its task finished
                     self.expected.discard(oid)
                     self._task_settled(oid)
+                    self.direct.dropped(oid)
                 decrefs.append(oid)
         unpins = []
         while self._unpins:
@@ -297,13 +303,98 @@ class CoreClient:
         return items
 
     def _drain(self) -> None:
-        head, node = self.head, self.node
         for dest, msg in self._take_outgoing():
-            c = head if dest == "head" else node
-            if c is not None:
-                c.send(msg)
-            elif dest == "head" and self._reconnecting is not None:
-                self._held.append(msg)  # sent once the head is back
+            if dest == "call":
+                for dest, msg in self._route_call(msg):
+                    self._send_now(dest, msg)
+            else:
+                self._send_now(dest, msg)
+
+    def _send_now(self, dest: str, msg: dict) -> None:
+        c = self.head if dest == "head" else self.node if dest == "node" \
+            else self._dconns.get(dest)
+        if c is not None:
+            c.send(msg)
+        elif dest == "head" and self._reconnecting is not None:
+            self._held.append(msg)  # sent once the head is back
+
+    # ------------------------------------------------------------ direct actor calls
+    def _route_call(self, msg: dict) -> list[tuple[str, dict]]:
+        """An actor call's way out (on the thread that sends): straight to the
+        actor and recorded at the head, or through the head."""
+        spec = msg["tasks"][0]
+        link = self.direct.link(spec["actor"])
+        run = None
+        with self._lock:
+            if not self._head_away():
+                run = self.direct.route(link, spec, self.ready, self.expected, self.client_id)
+            if run is None:
+                self.direct.sent_to_head(link, spec["tid"])
+            else:
+                self.direct.sent_direct(link, spec)
+        if run is None:
+            if direct.ENABLED and link.wants_lookup(time.monotonic()):
+                self._start_lookup(link)
+            return [("head", msg)]
+        return [("head", {"op": "submit", "tasks": [dict(spec, direct=link.epoch)]}),
+                (link.key, run)]
+
+    def _prepare_direct(self, aid: bytes) -> None:
+        """Before an actor call is queued (the caller's thread)."""
+
+    def _start_lookup(self, link: direct.ActorLink) -> None:
+        """Ask the head where the actor listens and connect (IO thread)."""
+        link.looking = True
+
+        async def lookup() -> None:
+            try:
+                head = self.head
+                if head is None:
+                    raise ConnectionError("no connection to the head")
+                r = await head.request({"op": "actor_direct", "aid": link.aid})
+                if not r.get("address"):
+                    self.direct.no_address(link)
+                    return
+                comm = await connect(r["address"], self.token, tls=self.tls)
+                self._dconns[link.key] = comm
+                with self._lock:
+                    self.direct.connected(link, r)
+                asyncio.ensure_future(self._read_direct(comm, link))
+            except Exception as e:  # noqa: BLE001 - calls keep going through the head
+                logger.debug("no direct connection to actor %s: %s", link.aid.hex(), e)
+                self.direct.no_address(link, 1.0)
+            finally:
+                link.looking = False
+        asyncio.ensure_future(lookup())
+
+    async def _read_direct(self, comm: Comm, link: direct.ActorLink) -> None:
+        await comm.run(lambda c, m, f: self._direct_message(m))
+        if self._dconns.get(link.key) is comm:
+            del self._dconns[link.key]
+        self._direct_lost(link)
+
+    def _direct_message(self, msg: dict) -> None:
+        if msg.get("op") != "call_result":
+            return
+        link = self.direct.links.get(msg.get("actor") or b"")
+        for info in direct.result_infos(msg):
+            self._object_ready(info)
+        with self._lock:
+            if link is not None:
+                self.direct.answered(link, msg["tid"])
+            else:
+                for lk in self.direct.links.values():
+                    self.direct.answered(lk, msg["tid"])
+
+    def _direct_lost(self, link: direct.ActorLink) -> None:
+        """The actor's connection closed: the head tells the outcome of the
+        calls it had not answered yet."""
+        with self._lock:
+            oids = [o for o in self.direct.lost(link)
+                    if o in self.expected and o not in self.ready]
+            self.subscribed.update(oids)
+        if oids and not self.closed:
+            self.send("head", {"op": "subscribe", "oids": oids})
 
     def _wake_from_finaliser(self) -> None:
         try:
@@ -358,6 +449,9 @@ class CoreClient:
         with self._lock:
             if oid not in self.refcounts and oid not in self.waiters:
                 return  # nobody here cares any more
+            prev = self.ready.get(oid)
+            if prev is not None and (prev.get("direct") or msg.get("direct")):
+                return  # a direct call's outcome: the first one to arrive stands
             self.ready[oid] = msg
             if oid in self.expected:
                 self.expected.discard(oid)
@@ -434,6 +528,10 @@ class CoreClient:
             self.pending_tasks += 1
             self.expected.update(oids)
         refs = [ObjectRef(oid, self, counted=True) for oid in oids]
+        if spec.get("actor") is not None and direct.ENABLED and not self.remote_store:
+            self._prepare_direct(spec["actor"])
+            self.send("call", {"op": "submit", "tasks": [spec]})
+            return refs
         run = self._local_run(spec) if LOCAL_FIRST and not self.remote_store \
             and self.has_store() and not self._head_away() else None
         if run is not None:
