@@ -104,6 +104,10 @@ class CoreClient:
         # connections to actors' processes by link key
         self.direct = direct.DirectCalls()
         self._dconns: dict[str, Comm] = {}
+        # direct calls not yet recorded at the head (IO thread): they travel
+        # together, ahead of any other message for the head
+        self._unrecorded: list[dict] = []
+        self._record_timer: asyncio.TimerHandle | None = None
         self.on_disconnect: Callable[[str], None] | None = None
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "flowcore_current_task", default=None)
@@ -234,6 +238,7 @@ class CoreClient:
 
         async def _close() -> None:
             self._drain()
+            self._record_now()
             await asyncio.sleep(0)
             for c in (self.head, self.node, *self._dconns.values()):
                 if c is not None:
@@ -311,6 +316,8 @@ class CoreClient:
                 self._send_now(dest, msg)
 
     def _send_now(self, dest: str, msg: dict) -> None:
+        if dest == "head" and self._unrecorded:
+            self._record_now()
         c = self.head if dest == "head" else self.node if dest == "node" \
             else self._dconns.get(dest)
         if c is not None:
@@ -336,8 +343,24 @@ class CoreClient:
             if direct.ENABLED and link.wants_lookup(time.monotonic()):
                 self._start_lookup(link)
             return [("head", msg)]
-        return [("head", {"op": "submit", "tasks": [dict(spec, direct=link.epoch)]}),
-                (link.key, run)]
+        return self._record_direct(dict(spec, direct=link.epoch)) + [(link.key, run)]
+
+    def _record_direct(self, spec: dict) -> list[tuple[str, dict]]:
+        """The head's record of a direct call: sent with the next message for
+        the head, or within ``direct.RECORD_DELAY`` (the head's order is kept:
+        nothing else reaches it first)."""
+        self._unrecorded.append(spec)
+        if self._record_timer is None:
+            self._record_timer = self.loop.call_later(direct.RECORD_DELAY, self._record_now)
+        return []
+
+    def _record_now(self) -> None:
+        if self._record_timer is not None:
+            self._record_timer.cancel()
+            self._record_timer = None
+        specs, self._unrecorded = self._unrecorded, []
+        if specs:
+            self._send_now("head", {"op": "submit", "tasks": specs})
 
     def _prepare_direct(self, aid: bytes) -> None:
         """Before an actor call is queued (the caller's thread)."""
@@ -411,6 +434,8 @@ class CoreClient:
             if dest == "head" and self.head is None and self._reconnecting is not None:
                 await asyncio.shield(self._reconnecting)  # the head is restarting
             self._drain()  # keep order with messages queued before
+            if dest == "head" and self._unrecorded:
+                self._record_now()
             c = self.head if dest == "head" else self.node
             if c is None:
                 raise ConnectionError(f"no connection to the {dest}")
