@@ -379,7 +379,10 @@ class CoreClient:
                     self.direct.no_address(link)
                     return
                 comm = await connect(r["address"], self.token, tls=self.tls)
+                old = self._dconns.get(link.key)
                 self._dconns[link.key] = comm
+                if old is not None:
+                    old.close()  # an older process's (it already answered or died)
                 with self._lock:
                     self.direct.connected(link, r)
                 asyncio.ensure_future(self._read_direct(comm, link))
@@ -392,9 +395,10 @@ class CoreClient:
 
     async def _read_direct(self, comm: Comm, link: direct.ActorLink) -> None:
         await comm.run(lambda c, m, f: self._direct_message(m))
-        if self._dconns.get(link.key) is comm:
+        current = self._dconns.get(link.key) is comm
+        if current:
             del self._dconns[link.key]
-        self._direct_lost(link)
+        self._direct_lost(link, current)
 
     def _direct_message(self, msg: dict) -> None:
         if msg.get("op") != "call_result":
@@ -409,11 +413,11 @@ class CoreClient:
                 for lk in self.direct.links.values():
                     self.direct.answered(lk, msg["tid"])
 
-    def _direct_lost(self, link: direct.ActorLink) -> None:
+    def _direct_lost(self, link: direct.ActorLink, current: bool = True) -> None:
         """The actor's connection closed: the head tells the outcome of the
         calls it had not answered yet."""
         with self._lock:
-            oids = [o for o in self.direct.lost(link)
+            oids = [o for o in self.direct.lost(link, current)
                     if o in self.expected and o not in self.ready]
             self.subscribed.update(oids)
         if oids and not self.closed:

@@ -119,17 +119,27 @@ class DirectCalls:
         link.node = reply.get("node")
         link.open = True
 
+    def pause(self, aid: bytes) -> None:
+        """Send no more calls to ``aid`` directly until it is looked up again
+        (its caller is killing it).  Answers on the open connection still
+        count."""
+        link = self.links.get(aid)
+        if link is not None:
+            self.no_address(link)
+
     def no_address(self, link: ActorLink, delay: float = LOOKUP_RETRY) -> None:
         link.open = False
         link.next_lookup = time.monotonic() + delay
 
-    def lost(self, link: ActorLink) -> list[bytes]:
-        """The connection closed: the returns of calls still unanswered (the
-        head has them, and tells this client once it knows their outcome)."""
-        link.open = False
-        link.next_lookup = time.monotonic() + LOOKUP_RETRY
+    def lost(self, link: ActorLink, current: bool = True) -> list[bytes]:
+        """A connection to the actor closed (``current``: the one in use, else
+        one already replaced): the returns of calls still unanswered, whose
+        outcome the caller now asks the head for."""
         oids = [ids.object_id(tid, i) for tid, n in link.inflight.items() for i in range(n)]
-        link.inflight.clear()
+        if current:
+            link.open = False
+            link.next_lookup = time.monotonic() + LOOKUP_RETRY
+            link.inflight.clear()
         return oids
 
 

@@ -270,9 +270,12 @@ class InlineClient(CoreClient):
             new, self._new_conns = self._new_conns, []
         for key, conn in new:
             old = self.conns.get(key)
-            if old is not None:
-                old.close()
             self.conns[key] = conn
+            if old is not None:
+                old.close()  # an older process's: ask the head about calls it left
+                link = self.direct.by_key.get(key)
+                if link is not None:
+                    self._direct_lost(link, current=False)
 
     def add_caller(self, conn: BlockingConn) -> None:
         """An authenticated caller connected to the actor this process hosts
