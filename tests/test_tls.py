@@ -183,8 +183,8 @@ def test_direct_actor_calls_run_over_tls(tls_cluster, certs):
             break
     else:
         raise AssertionError("no call went directly to the actor")
-    comm = driver._dconns["actor:" + a._aid.hex()]
-    assert comm.transport.get_extra_info("ssl_object") is not None
+    conn = driver._dconns["actor:" + a._aid.hex()]
+    assert isinstance(conn.sock, ssl.SSLSocket) and conn.sock.version().startswith("TLS")
     r = driver.request("head", {"op": "actor_direct", "aid": a._aid})
     host, port = _hostport(r["address"])
     with socket.create_connection((host, port), timeout=20) as raw:

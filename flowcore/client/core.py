@@ -103,11 +103,8 @@ class CoreClient:
         # direct actor calls: one link per actor called, and (IO thread) the
         # connections to actors' processes by link key
         self.direct = direct.DirectCalls()
-        self._dconns: dict[str, Comm] = {}
-        # direct calls not yet recorded at the head (IO thread): they travel
-        # together, ahead of any other message for the head
-        self._unrecorded: list[dict] = []
-        self._record_timer: asyncio.TimerHandle | None = None
+        self._dconns: dict[str, Any] = {}   # protocol connections (inline.BlockingConn)
+        self._call_lock = threading.Lock()
         self.on_disconnect: Callable[[str], None] | None = None
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "flowcore_current_task", default=None)
@@ -238,11 +235,17 @@ class CoreClient:
 
         async def _close() -> None:
             self._drain()
-            self._record_now()
             await asyncio.sleep(0)
-            for c in (self.head, self.node, *self._dconns.values()):
+            for c in (self.head, self.node):
                 if c is not None:
                     c.close()
+            for c in list(self._dconns.values()):
+                try:
+                    self.loop.remove_reader(c.sock.fileno())
+                except (ValueError, OSError):
+                    pass
+                c.close()
+            self._dconns.clear()
 
         try:
             asyncio.run_coroutine_threadsafe(_close(), self.loop).result(5)
@@ -309,65 +312,69 @@ class CoreClient:
 
     def _drain(self) -> None:
         for dest, msg in self._take_outgoing():
-            if dest == "call":
+            if dest == "call":  # (only an InlineClient routes calls when sending)
                 for dest, msg in self._route_call(msg):
                     self._send_now(dest, msg)
             else:
                 self._send_now(dest, msg)
 
     def _send_now(self, dest: str, msg: dict) -> None:
-        if dest == "head" and self._unrecorded:
-            self._record_now()
-        c = self.head if dest == "head" else self.node if dest == "node" \
-            else self._dconns.get(dest)
+        c = self.head if dest == "head" else self.node
         if c is not None:
             c.send(msg)
         elif dest == "head" and self._reconnecting is not None:
             self._held.append(msg)  # sent once the head is back
 
     # ------------------------------------------------------------ direct actor calls
+    def _submit_call(self, spec: dict) -> None:
+        """Send an actor call: a direct one is written to the actor's socket
+        by the calling thread itself (no hand-off to the IO thread), its
+        record queued for the head."""
+        with self._call_lock:  # one decision and write at a time: calls keep their order
+            for dest, msg in self._route_call({"op": "submit", "tasks": [spec]}):
+                if dest == "head":
+                    self.send("head", msg)
+                else:
+                    self._direct_write(dest, msg)
+
     def _route_call(self, msg: dict) -> list[tuple[str, dict]]:
-        """An actor call's way out (on the thread that sends): straight to the
-        actor and recorded at the head, or through the head."""
+        """An actor call's way out: straight to the actor and recorded at the
+        head, or through the head."""
         spec = msg["tasks"][0]
         link = self.direct.link(spec["actor"])
         run = None
+        lookup = False
         with self._lock:
             if not self._head_away():
                 run = self.direct.route(link, spec, self.ready, self.expected, self.client_id)
             if run is None:
                 self.direct.sent_to_head(link, spec["tid"])
+                if direct.ENABLED and link.wants_lookup(time.monotonic()):
+                    link.looking = lookup = True
             else:
                 self.direct.sent_direct(link, spec)
         if run is None:
-            if direct.ENABLED and link.wants_lookup(time.monotonic()):
+            if lookup:
                 self._start_lookup(link)
             return [("head", msg)]
-        return self._record_direct(dict(spec, direct=link.epoch)) + [(link.key, run)]
-
-    def _record_direct(self, spec: dict) -> list[tuple[str, dict]]:
-        """The head's record of a direct call: sent with the next message for
-        the head, or within ``direct.RECORD_DELAY`` (the head's order is kept:
-        nothing else reaches it first)."""
-        self._unrecorded.append(spec)
-        if self._record_timer is None:
-            self._record_timer = self.loop.call_later(direct.RECORD_DELAY, self._record_now)
-        return []
-
-    def _record_now(self) -> None:
-        if self._record_timer is not None:
-            self._record_timer.cancel()
-            self._record_timer = None
-        specs, self._unrecorded = self._unrecorded, []
-        if specs:
-            self._send_now("head", {"op": "submit", "tasks": specs})
+        return [("head", {"op": "submit", "tasks": [dict(spec, direct=link.epoch)]}),
+                (link.key, run)]
 
     def _prepare_direct(self, aid: bytes) -> None:
-        """Before an actor call is queued (the caller's thread)."""
+        """Before an actor call is routed (the caller's thread)."""
+
+    def _direct_write(self, key: str, msg: dict) -> None:
+        conn = self._dconns.get(key)
+        if conn is None:
+            return  # closed since: its process is gone, and the head fails the call
+        if conn.tls:  # a TLS socket is read and written by the IO thread only
+            self.loop.call_soon_threadsafe(conn.write, [msg])
+        else:
+            conn.write([msg])
 
     def _start_lookup(self, link: direct.ActorLink) -> None:
-        """Ask the head where the actor listens and connect (IO thread)."""
-        link.looking = True
+        """Ask the head where the actor listens and connect (on the IO thread)."""
+        from .inline import BlockingConn
 
         async def lookup() -> None:
             try:
@@ -378,24 +385,48 @@ class CoreClient:
                 if not r.get("address"):
                     self.direct.no_address(link)
                     return
-                comm = await connect(r["address"], self.token, tls=self.tls)
+                conn = await self.loop.run_in_executor(
+                    None, BlockingConn, r["address"], self.token, 5.0, self.tls)
+                if self.closed:
+                    conn.close()
+                    return
                 old = self._dconns.get(link.key)
-                self._dconns[link.key] = comm
+                self._dconns[link.key] = conn
+                self.loop.add_reader(conn.sock.fileno(), self._direct_readable, conn, link)
                 if old is not None:
-                    old.close()  # an older process's (it already answered or died)
+                    self._direct_readable(old, link, drop=True)  # an older process's
                 with self._lock:
                     self.direct.connected(link, r)
-                asyncio.ensure_future(self._read_direct(comm, link))
             except Exception as e:  # noqa: BLE001 - calls keep going through the head
                 logger.debug("no direct connection to actor %s: %s", link.aid.hex(), e)
                 self.direct.no_address(link, 1.0)
             finally:
                 link.looking = False
-        asyncio.ensure_future(lookup())
+        try:
+            asyncio.run_coroutine_threadsafe(lookup(), self.loop)
+        except RuntimeError:  # the loop is closed: shutting down
+            link.looking = False
 
-    async def _read_direct(self, comm: Comm, link: direct.ActorLink) -> None:
-        await comm.run(lambda c, m, f: self._direct_message(m))
-        current = self._dconns.get(link.key) is comm
+    def _direct_readable(self, conn: Any, link: direct.ActorLink, drop: bool = False) -> None:
+        """(IO thread) Answers from an actor; or its connection closed."""
+        from ..exceptions import ProtocolError
+        if not drop:
+            try:
+                batches = conn.read_available()
+            except (OSError, ProtocolError) as e:
+                logger.info("direct connection to actor %s failed: %s", link.aid.hex(), e)
+                batches, conn.closed = [], True
+            for msgs, _ in batches:
+                for m in msgs:
+                    self._direct_message(m)
+            if not conn.closed:
+                return
+        try:
+            self.loop.remove_reader(conn.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        conn.close()
+        current = self._dconns.get(link.key) is conn
         if current:
             del self._dconns[link.key]
         self._direct_lost(link, current)
@@ -438,8 +469,6 @@ class CoreClient:
             if dest == "head" and self.head is None and self._reconnecting is not None:
                 await asyncio.shield(self._reconnecting)  # the head is restarting
             self._drain()  # keep order with messages queued before
-            if dest == "head" and self._unrecorded:
-                self._record_now()
             c = self.head if dest == "head" else self.node
             if c is None:
                 raise ConnectionError(f"no connection to the {dest}")
@@ -559,7 +588,7 @@ class CoreClient:
         refs = [ObjectRef(oid, self, counted=True) for oid in oids]
         if spec.get("actor") is not None and direct.ENABLED and not self.remote_store:
             self._prepare_direct(spec["actor"])
-            self.send("call", {"op": "submit", "tasks": [spec]})
+            self._submit_call(spec)
             return refs
         run = self._local_run(spec) if LOCAL_FIRST and not self.remote_store \
             and self.has_store() and not self._head_away() else None

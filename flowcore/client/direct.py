@@ -26,9 +26,6 @@ from .. import ids
 ENABLED = os.environ.get("FLOWCORE_DIRECT_ACTOR_CALLS", "1") not in ("0", "")
 #: seconds before asking the head again about an actor with no direct address
 LOOKUP_RETRY = 0.05
-#: seconds a driver may hold the head's record of a direct call, to send
-#: several together (it always goes before any other message for the head)
-RECORD_DELAY = float(os.environ.get("FLOWCORE_DIRECT_RECORD_DELAY", "0"))
 
 
 class ActorLink:

@@ -307,11 +307,12 @@ class InlineClient(CoreClient):
         finally:
             link.looking = False
 
-    def _record_direct(self, spec: dict) -> list[tuple[str, dict]]:
-        return [("head", {"op": "submit", "tasks": [spec]})]  # no timer here: at once
+    def _submit_call(self, spec: dict) -> None:
+        # routed when the outbox is flushed, by the thread holding the pump
+        self.send("call", {"op": "submit", "tasks": [spec]})
 
     def _start_lookup(self, link: Any) -> None:
-        pass  # done by the next call's thread (_prepare_direct)
+        link.looking = False  # the next call's thread looks it up (_prepare_direct)
 
     def request(self, dest: str, msg: dict, timeout: float | None = 60.0) -> dict:
         rid = next(self._rid)
