@@ -249,6 +249,15 @@ def test_a_dropped_unfinished_head_routed_call_keeps_the_head_path() -> None:
     assert calls.route(link, _spec(src.task_id()), {}, set(), C) is None
 
 
+def test_pause_sends_calls_through_the_head_until_looked_up_again() -> None:
+    calls, src = DirectCalls(), IdSource()
+    link = calls.link(b"a" * 16)
+    link.open = True
+    calls.pause(link.aid)  # its caller is killing it
+    assert calls.route(link, _spec(src.task_id()), {}, set(), C) is None
+    assert not link.wants_lookup(0.0) and link.wants_lookup(link.next_lookup)
+
+
 def test_a_lost_link_hands_unanswered_calls_back_to_the_head() -> None:
     calls, src = DirectCalls(), IdSource()
     link = _link()
