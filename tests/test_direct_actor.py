@@ -409,6 +409,26 @@ def test_kill_fails_direct_calls_in_flight_and_later_ones(cluster):
         sig.close()
 
 
+def test_calls_queued_behind_unanswered_ones_leave_without_a_wait(cluster):
+    import time
+    a = Log.remote()
+    _until_direct(a)
+    n0 = len(flowcore.get(a.items.remote()))
+    sig = Signal()
+    try:
+        blocked = a.wait.remote(sig)  # unanswered until the signal is set
+        later = [a.add.remote(i) for i in range(5)]  # queued behind it, not waited for
+        client = _client()
+        deadline = time.monotonic() + 30
+        while client._dpending:  # the IO thread sends them (with their records)
+            assert time.monotonic() < deadline, "queued direct calls were never sent"
+        sig.set()
+        assert flowcore.get(blocked, timeout=60) is True
+        assert flowcore.get(later, timeout=60) == list(range(n0 + 1, n0 + 6))
+    finally:
+        sig.close()
+
+
 def _until_sent_directly(before: int) -> bool:
     for _ in range(10_000):
         if _direct_count() > before:

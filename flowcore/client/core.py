@@ -14,6 +14,7 @@ import concurrent.futures
 import contextvars
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from .. import ids
 from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
+from ..protocol import frames
 from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
 from . import direct
@@ -105,6 +107,7 @@ class CoreClient:
         self.direct = direct.DirectCalls()
         self._dconns: dict[str, Any] = {}   # protocol connections (inline.BlockingConn)
         self._call_lock = threading.Lock()
+        self._dpending: dict[str, list[dict]] = {}  # direct calls not written yet
         self.on_disconnect: Callable[[str], None] | None = None
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "flowcore_current_task", default=None)
@@ -239,11 +242,13 @@ class CoreClient:
             for c in (self.head, self.node):
                 if c is not None:
                     c.close()
+            self._flush_direct(True)
             for c in list(self._dconns.values()):
-                try:
-                    self.loop.remove_reader(c.sock.fileno())
-                except (ValueError, OSError):
-                    pass
+                for remove in (self.loop.remove_reader, self.loop.remove_writer):
+                    try:
+                        remove(c.sock.fileno())
+                    except (ValueError, OSError):
+                        pass
                 c.close()
             self._dconns.clear()
 
@@ -317,6 +322,8 @@ class CoreClient:
                     self._send_now(dest, msg)
             else:
                 self._send_now(dest, msg)
+        if self._dpending:
+            self._flush_direct(True)
 
     def _send_now(self, dest: str, msg: dict) -> None:
         c = self.head if dest == "head" else self.node
@@ -331,11 +338,13 @@ class CoreClient:
         by the calling thread itself (no hand-off to the IO thread), its
         record queued for the head."""
         with self._call_lock:  # one decision and write at a time: calls keep their order
-            for dest, msg in self._route_call({"op": "submit", "tasks": [spec]}):
+            routes = self._route_call({"op": "submit", "tasks": [spec]})
+            for dest, msg in routes:  # the call queued before its record wakes the IO thread
+                if dest != "head":
+                    self._direct_write(dest, msg)
+            for dest, msg in routes:
                 if dest == "head":
                     self.send("head", msg)
-                else:
-                    self._direct_write(dest, msg)
 
     def _route_call(self, msg: dict) -> list[tuple[str, dict]]:
         """An actor call's way out: straight to the actor and recorded at the
@@ -364,13 +373,85 @@ class CoreClient:
         """Before an actor call is routed (the caller's thread)."""
 
     def _direct_write(self, key: str, msg: dict) -> None:
-        conn = self._dconns.get(key)
-        if conn is None:
-            return  # closed since: its process is gone, and the head fails the call
-        if conn.tls:  # a TLS socket is read and written by the IO thread only
-            self.loop.call_soon_threadsafe(conn.write, [msg])
-        else:
-            conn.write([msg])
+        """Send or queue a direct call (``_call_lock`` held).  A call to an
+        actor with no other call of ours unanswered is written at once, by
+        this thread; behind unanswered ones it is queued and leaves with the
+        next flush (this thread waiting for a result, the IO thread sending
+        the calls' records, or a full batch), so a burst travels in few
+        writes.  No thread ever blocks writing to an actor (see
+        ``_direct_send``), so the IO thread always gets to read answers."""
+        link = self.direct.by_key.get(key)
+        pending = self._dpending.setdefault(key, [])
+        pending.append(msg)
+        if (link is not None and len(link.inflight) <= 1) or len(pending) >= 64:
+            self._flush_direct_locked(self._on_io_thread())
+
+    def _flush_direct(self, io_thread: bool) -> None:
+        with self._call_lock:
+            self._flush_direct_locked(io_thread)
+
+    def _flush_direct_locked(self, io_thread: bool) -> None:
+        pending, self._dpending = self._dpending, {}
+        for key, msgs in pending.items():
+            conn = self._dconns.get(key)
+            if conn is None:
+                continue  # closed since: its process is gone; the head fails them
+            if conn.tls:  # a TLS socket is written by the IO thread only
+                if io_thread:
+                    conn.write(msgs)
+                else:
+                    self._dpending[key] = msgs
+                    self._wake_from_finaliser()
+                continue
+            self._direct_send(conn, b"".join(bytes(b) for b in frames.encode(msgs)), io_thread)
+
+    def _direct_send(self, conn: Any, data: bytes, io_thread: bool) -> None:
+        """Write without blocking (``_call_lock`` held); what the socket does
+        not take now waits in ``conn.wbuf`` for the IO thread to send when
+        the socket is writable again."""
+        wbuf = conn.wbuf
+        if not wbuf:
+            try:
+                n = conn.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:  # the actor is gone: its reader notices
+                logger.info("write to actor at %s failed: %s", conn.address, e)
+                conn.closed = True
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+        wbuf += data
+        if not conn.writing:
+            conn.writing = True
+            if io_thread:
+                self._arm_writer(conn)
+            else:
+                self.loop.call_soon_threadsafe(self._arm_writer, conn)
+
+    def _arm_writer(self, conn: Any) -> None:
+        if not conn.closed:
+            self.loop.add_writer(conn.sock.fileno(), self._direct_writable, conn)
+
+    def _direct_writable(self, conn: Any) -> None:
+        """(IO thread) The actor's socket takes more: send what waits."""
+        with self._call_lock:
+            wbuf = conn.wbuf
+            try:
+                n = conn.sock.send(wbuf, socket.MSG_DONTWAIT) if wbuf else 0
+            except BlockingIOError:
+                return
+            except OSError:
+                conn.closed = True
+                n = len(wbuf)
+            del wbuf[:n]
+            if not wbuf:
+                conn.writing = False
+                try:
+                    self.loop.remove_writer(conn.sock.fileno())
+                except (ValueError, OSError):
+                    pass
 
     def _start_lookup(self, link: direct.ActorLink) -> None:
         """Ask the head where the actor listens and connect (on the IO thread)."""
@@ -387,6 +468,8 @@ class CoreClient:
                     return
                 conn = await self.loop.run_in_executor(
                     None, BlockingConn, r["address"], self.token, 5.0, self.tls)
+                conn.wbuf = bytearray()   # what the socket did not take yet
+                conn.writing = False      # a writer callback is armed
                 if self.closed:
                     conn.close()
                     return
@@ -421,10 +504,11 @@ class CoreClient:
                     self._direct_message(m)
             if not conn.closed:
                 return
-        try:
-            self.loop.remove_reader(conn.sock.fileno())
-        except (ValueError, OSError):
-            pass
+        for remove in (self.loop.remove_reader, self.loop.remove_writer):
+            try:
+                remove(conn.sock.fileno())
+            except (ValueError, OSError):
+                pass
         conn.close()
         current = self._dconns.get(link.key) is conn
         if current:
@@ -770,6 +854,8 @@ class CoreClient:
     def wait_ready(self, oids: list[bytes], num: int, timeout: float | None) -> set[bytes]:
         """Block until at least ``num`` of ``oids`` are ready or the timeout
         passes; returns the ready ones."""
+        if self._dpending:
+            self._flush_direct(self._on_io_thread())  # before waiting for their answers
         event = threading.Event()
         state = {"count": 0}
         ready: set[bytes] = set()
