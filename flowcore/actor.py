@@ -209,8 +209,12 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     ``ActorDiedError`` (with ``no_restart=False`` it may restart instead)."""
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() takes an ActorHandle, got {type(actor).__name__}")
-    _client().send("head", {"op": "kill_actor", "aid": actor._aid,
-                            "no_restart": bool(no_restart)})
+    client = _client()
+    # later calls from here go through the head, which holds them until the
+    # kill's outcome is known (and, after a restart, hands out the new address)
+    client.direct.pause(actor._aid)
+    client.send("head", {"op": "kill_actor", "aid": actor._aid,
+                         "no_restart": bool(no_restart)})
 
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:

@@ -967,7 +967,7 @@ def test_event_log_unit() -> None:
 
 # ====================================================================== transition table
 @pytest.mark.parametrize("old,new", [
-    (S.FINISHED, S.RUNNING), (None, S.RUNNING), (S.CANCELLED, S.QUEUED),
+    (S.FINISHED, S.RUNNING), (None, S.FINISHED), (S.CANCELLED, S.QUEUED),
     (S.FAILED, S.QUEUED), (S.QUEUED, S.FINISHED), (S.WAITING_FOR_ARGS, S.FINISHED),
     (S.INFEASIBLE, S.RUNNING), (None, S.LOST),
 ])

@@ -163,6 +163,45 @@ def test_every_listener_speaks_only_tls(tls_cluster, certs):
                 assert auth.parse_server_hello(hello)
 
 
+@flowcore.remote
+class Echo:
+    def echo(self, x):
+        return x
+
+
+def test_direct_actor_calls_run_over_tls(tls_cluster, certs):
+    from flowcore.api import _require_client
+    driver = _require_client()
+    a = Echo.remote()
+
+    def direct_calls():
+        return driver.query("counts").get("direct_calls", 0)
+    for _ in range(2000):  # the first calls go through the head while it connects
+        before = direct_calls()
+        assert flowcore.get(a.echo.remote(1), timeout=60) == 1
+        if direct_calls() > before:
+            break
+    else:
+        raise AssertionError("no call went directly to the actor")
+    conn = driver._dconns["actor:" + a._aid.hex()]
+    assert isinstance(conn.sock, ssl.SSLSocket) and conn.sock.version().startswith("TLS")
+    r = driver.request("head", {"op": "actor_direct", "aid": a._aid})
+    host, port = _hostport(r["address"])
+    with socket.create_connection((host, port), timeout=20) as raw:
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(200))
+        got = b""
+        while True:
+            try:
+                chunk = raw.recv(4096)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            got += chunk
+        assert auth.MAGIC not in got
+    assert flowcore.get(a.echo.remote(2), timeout=60) == 2
+
+
 # ====================================================================== mismatches
 def test_plain_client_against_tls_cluster_fails_fast_naming_tls(tls_cluster):
     t = time.monotonic()

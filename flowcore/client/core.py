@@ -14,6 +14,7 @@ import concurrent.futures
 import contextvars
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -24,8 +25,10 @@ from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
 from ..protocol.chunks import fetch_chunks
+from ..protocol import frames
 from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
+from . import direct
 
 logger = logging.getLogger("flowcore.client")
 
@@ -102,6 +105,12 @@ class CoreClient:
         self._reconnecting: asyncio.Future | None = None
         self._held: list[dict] = []
         self.on_node_message: Callable[[dict], None] | None = None
+        # direct actor calls: one link per actor called, and (IO thread) the
+        # connections to actors' processes by link key
+        self.direct = direct.DirectCalls()
+        self._dconns: dict[str, Any] = {}   # protocol connections (inline.BlockingConn)
+        self._call_lock = threading.Lock()
+        self._dpending: dict[str, list[dict]] = {}  # direct calls not written yet
         self.on_disconnect: Callable[[str], None] | None = None
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "flowcore_current_task", default=None)
@@ -236,6 +245,15 @@ class CoreClient:
             for c in (self.head, self.node):
                 if c is not None:
                     c.close()
+            self._flush_direct(True)
+            for c in list(self._dconns.values()):
+                for remove in (self.loop.remove_reader, self.loop.remove_writer):
+                    try:
+                        remove(c.sock.fileno())
+                    except (ValueError, OSError):
+                        pass
+                c.close()
+            self._dconns.clear()
 
         try:
             asyncio.run_coroutine_threadsafe(_close(), self.loop).result(5)
@@ -289,6 +307,7 @@ class CoreClient:
                 if oid in self.expected:  # dropped before its task finished
                     self.expected.discard(oid)
                     self._task_settled(oid)
+                    self.direct.dropped(oid)
                 decrefs.append(oid)
         unpins = []
         while self._unpins:
@@ -300,13 +319,227 @@ class CoreClient:
         return items
 
     def _drain(self) -> None:
-        head, node = self.head, self.node
         for dest, msg in self._take_outgoing():
-            c = head if dest == "head" else node
-            if c is not None:
-                c.send(msg)
-            elif dest == "head" and self._reconnecting is not None:
-                self._held.append(msg)  # sent once the head is back
+            if dest == "call":  # (only an InlineClient routes calls when sending)
+                for dest, msg in self._route_call(msg):
+                    self._send_now(dest, msg)
+            else:
+                self._send_now(dest, msg)
+        if self._dpending:
+            self._flush_direct(True)
+
+    def _send_now(self, dest: str, msg: dict) -> None:
+        c = self.head if dest == "head" else self.node
+        if c is not None:
+            c.send(msg)
+        elif dest == "head" and self._reconnecting is not None:
+            self._held.append(msg)  # sent once the head is back
+
+    # ------------------------------------------------------------ direct actor calls
+    def _submit_call(self, spec: dict) -> None:
+        """Send an actor call: a direct one is written to the actor's socket
+        by the calling thread itself (no hand-off to the IO thread), its
+        record queued for the head."""
+        with self._call_lock:  # one decision and write at a time: calls keep their order
+            routes = self._route_call({"op": "submit", "tasks": [spec]})
+            for dest, msg in routes:  # the call queued before its record wakes the IO thread
+                if dest != "head":
+                    self._direct_write(dest, msg)
+            for dest, msg in routes:
+                if dest == "head":
+                    self.send("head", msg)
+
+    def _route_call(self, msg: dict) -> list[tuple[str, dict]]:
+        """An actor call's way out: straight to the actor and recorded at the
+        head, or through the head."""
+        spec = msg["tasks"][0]
+        link = self.direct.link(spec["actor"])
+        run = None
+        lookup = False
+        with self._lock:
+            if not self._head_away():
+                run = self.direct.route(link, spec, self.ready, self.expected, self.client_id)
+            if run is None:
+                self.direct.sent_to_head(link, spec["tid"])
+                if direct.ENABLED and link.wants_lookup(time.monotonic()):
+                    link.looking = lookup = True
+            else:
+                self.direct.sent_direct(link, spec)
+        if run is None:
+            if lookup:
+                self._start_lookup(link)
+            return [("head", msg)]
+        return [("head", {"op": "submit", "tasks": [dict(spec, direct=link.epoch)]}),
+                (link.key, run)]
+
+    def _prepare_direct(self, aid: bytes) -> None:
+        """Before an actor call is routed (the caller's thread)."""
+
+    def _direct_write(self, key: str, msg: dict) -> None:
+        """Send or queue a direct call (``_call_lock`` held).  A call to an
+        actor with no other call of ours unanswered is written at once, by
+        this thread; behind unanswered ones it is queued and leaves with the
+        next flush (this thread waiting for a result, the IO thread sending
+        the calls' records, or a full batch), so a burst travels in few
+        writes.  No thread ever blocks writing to an actor (see
+        ``_direct_send``), so the IO thread always gets to read answers."""
+        link = self.direct.by_key.get(key)
+        pending = self._dpending.setdefault(key, [])
+        pending.append(msg)
+        if (link is not None and len(link.inflight) <= 1) or len(pending) >= 64:
+            self._flush_direct_locked(self._on_io_thread())
+
+    def _flush_direct(self, io_thread: bool) -> None:
+        with self._call_lock:
+            self._flush_direct_locked(io_thread)
+
+    def _flush_direct_locked(self, io_thread: bool) -> None:
+        pending, self._dpending = self._dpending, {}
+        for key, msgs in pending.items():
+            conn = self._dconns.get(key)
+            if conn is None:
+                continue  # closed since: its process is gone; the head fails them
+            if conn.tls:  # a TLS socket is written by the IO thread only
+                if io_thread:
+                    conn.write(msgs)
+                else:
+                    self._dpending[key] = msgs
+                    self._wake_from_finaliser()
+                continue
+            self._direct_send(conn, b"".join(bytes(b) for b in frames.encode(msgs)), io_thread)
+
+    def _direct_send(self, conn: Any, data: bytes, io_thread: bool) -> None:
+        """Write without blocking (``_call_lock`` held); what the socket does
+        not take now waits in ``conn.wbuf`` for the IO thread to send when
+        the socket is writable again."""
+        wbuf = conn.wbuf
+        if not wbuf:
+            try:
+                n = conn.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:  # the actor is gone: its reader notices
+                logger.info("write to actor at %s failed: %s", conn.address, e)
+                conn.closed = True
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+        wbuf += data
+        if not conn.writing:
+            conn.writing = True
+            if io_thread:
+                self._arm_writer(conn)
+            else:
+                self.loop.call_soon_threadsafe(self._arm_writer, conn)
+
+    def _arm_writer(self, conn: Any) -> None:
+        if not conn.closed:
+            self.loop.add_writer(conn.sock.fileno(), self._direct_writable, conn)
+
+    def _direct_writable(self, conn: Any) -> None:
+        """(IO thread) The actor's socket takes more: send what waits."""
+        with self._call_lock:
+            wbuf = conn.wbuf
+            try:
+                n = conn.sock.send(wbuf, socket.MSG_DONTWAIT) if wbuf else 0
+            except BlockingIOError:
+                return
+            except OSError:
+                conn.closed = True
+                n = len(wbuf)
+            del wbuf[:n]
+            if not wbuf:
+                conn.writing = False
+                try:
+                    self.loop.remove_writer(conn.sock.fileno())
+                except (ValueError, OSError):
+                    pass
+
+    def _start_lookup(self, link: direct.ActorLink) -> None:
+        """Ask the head where the actor listens and connect (on the IO thread)."""
+        from .inline import BlockingConn
+
+        async def lookup() -> None:
+            try:
+                head = self.head
+                if head is None:
+                    raise ConnectionError("no connection to the head")
+                r = await head.request({"op": "actor_direct", "aid": link.aid})
+                if not r.get("address"):
+                    self.direct.no_address(link)
+                    return
+                conn = await self.loop.run_in_executor(
+                    None, BlockingConn, r["address"], self.token, 5.0, self.tls)
+                conn.wbuf = bytearray()   # what the socket did not take yet
+                conn.writing = False      # a writer callback is armed
+                if self.closed:
+                    conn.close()
+                    return
+                old = self._dconns.get(link.key)
+                self._dconns[link.key] = conn
+                self.loop.add_reader(conn.sock.fileno(), self._direct_readable, conn, link)
+                if old is not None:
+                    self._direct_readable(old, link, drop=True)  # an older process's
+                with self._lock:
+                    self.direct.connected(link, r)
+            except Exception as e:  # noqa: BLE001 - calls keep going through the head
+                logger.debug("no direct connection to actor %s: %s", link.aid.hex(), e)
+                self.direct.no_address(link, 1.0)
+            finally:
+                link.looking = False
+        try:
+            asyncio.run_coroutine_threadsafe(lookup(), self.loop)
+        except RuntimeError:  # the loop is closed: shutting down
+            link.looking = False
+
+    def _direct_readable(self, conn: Any, link: direct.ActorLink, drop: bool = False) -> None:
+        """(IO thread) Answers from an actor; or its connection closed."""
+        from ..exceptions import ProtocolError
+        if not drop:
+            try:
+                batches = conn.read_available()
+            except (OSError, ProtocolError) as e:
+                logger.info("direct connection to actor %s failed: %s", link.aid.hex(), e)
+                batches, conn.closed = [], True
+            for msgs, _ in batches:
+                for m in msgs:
+                    self._direct_message(m)
+            if not conn.closed:
+                return
+        for remove in (self.loop.remove_reader, self.loop.remove_writer):
+            try:
+                remove(conn.sock.fileno())
+            except (ValueError, OSError):
+                pass
+        conn.close()
+        current = self._dconns.get(link.key) is conn
+        if current:
+            del self._dconns[link.key]
+        self._direct_lost(link, current)
+
+    def _direct_message(self, msg: dict) -> None:
+        if msg.get("op") != "call_result":
+            return
+        link = self.direct.links.get(msg.get("actor") or b"")
+        for info in direct.result_infos(msg):
+            self._object_ready(info)
+        with self._lock:
+            if link is not None:
+                self.direct.answered(link, msg["tid"])
+            else:
+                for lk in self.direct.links.values():
+                    self.direct.answered(lk, msg["tid"])
+
+    def _direct_lost(self, link: direct.ActorLink, current: bool = True) -> None:
+        """The actor's connection closed: the head tells the outcome of the
+        calls it had not answered yet."""
+        with self._lock:
+            oids = [o for o in self.direct.lost(link, current)
+                    if o in self.expected and o not in self.ready]
+            self.subscribed.update(oids)
+        if oids and not self.closed:
+            self.send("head", {"op": "subscribe", "oids": oids})
 
     def _wake_from_finaliser(self) -> None:
         try:
@@ -361,6 +594,9 @@ class CoreClient:
         with self._lock:
             if oid not in self.refcounts and oid not in self.waiters:
                 return  # nobody here cares any more
+            prev = self.ready.get(oid)
+            if prev is not None and (prev.get("direct") or msg.get("direct")):
+                return  # a direct call's outcome: the first one to arrive stands
             self.ready[oid] = msg
             if oid in self.expected:
                 self.expected.discard(oid)
@@ -441,6 +677,10 @@ class CoreClient:
         if task is not None and "parent" not in spec:
             spec["parent"] = task["tid"]  # for recursive cancellation
         refs = [ObjectRef(oid, self, counted=True) for oid in oids]
+        if spec.get("actor") is not None and direct.ENABLED and not self.remote_store:
+            self._prepare_direct(spec["actor"])
+            self._submit_call(spec)
+            return refs
         # only the first few unfinished tasks are offered to our node: a burst
         # beyond them would mostly be declined (an extra message each) and is
         # better spread by the head
@@ -616,6 +856,8 @@ class CoreClient:
     def wait_ready(self, oids: list[bytes], num: int, timeout: float | None) -> set[bytes]:
         """Block until at least ``num`` of ``oids`` are ready or the timeout
         passes; returns the ready ones."""
+        if self._dpending:
+            self._flush_direct(self._on_io_thread())  # before waiting for their answers
         event = threading.Event()
         state = {"count": 0}
         ready: set[bytes] = set()

@@ -64,6 +64,18 @@ class BlockingConn:
         self.buf = bytearray()
         self.closed = False
 
+    @classmethod
+    def accepted(cls, sock: socket.socket, address: str, tls: bool) -> "BlockingConn":
+        """A connection this process accepted and authenticated (a caller of
+        the actor it hosts)."""
+        conn = cls.__new__(cls)
+        conn.address = address
+        conn.sock = sock
+        conn.tls = tls
+        conn.buf = bytearray()
+        conn.closed = False
+        return conn
+
     def _start_tls(self, tls: "TLSConfig", host: str) -> None:
         from ..protocol.tls import describe_failure
         try:
@@ -169,6 +181,11 @@ class InlineClient(CoreClient):
         os.set_blocking(self._wake_w, False)
         self._in_select = False
         self._reconnecting_head = False
+        # connections opened by other threads, taken into ``conns`` by the
+        # thread holding the pump: (key, conn)
+        self._new_conns: list[tuple[str, BlockingConn]] = []
+        self._callers = itertools.count(1)
+        self.listener: Any = None  # the actor's listener for direct calls
         # set when a cancel for the running task was read; the main thread
         # raises KeyboardInterrupt at a safe point (never mid-dispatch)
         self.interrupt_main = False
@@ -197,6 +214,9 @@ class InlineClient(CoreClient):
         except OSError:
             pass
         self.closed = True
+        if self.listener is not None:
+            self.listener.close()
+        self._adopt_conns()
         for c in self.conns.values():
             c.close()
         for fd in (self._wake_r, self._wake_w):
@@ -225,16 +245,74 @@ class InlineClient(CoreClient):
             self._wake()
 
     def _flush(self) -> None:
+        if self._new_conns:
+            self._adopt_conns()
         items = self._take_outgoing()
         if not items:
             return
-        by_dest: dict[str, list[dict]] = {}
+        # the head first: a direct call's submission (and an actor's report of
+        # a direct call) leave before the call (the answer) itself
+        by_dest: dict[str, list[dict]] = {"head": []}
         for dest, msg in items:
-            by_dest.setdefault(dest, []).append(msg)
+            if dest == "call":
+                for d, m in self._route_call(msg):
+                    by_dest.setdefault(d, []).append(m)
+            else:
+                by_dest.setdefault(dest, []).append(msg)
         for dest, msgs in by_dest.items():
             conn = self.conns.get(dest)
             if conn is not None:
                 conn.write(msgs)
+
+    # ------------------------------------------------------------ direct actor calls
+    def _adopt_conns(self) -> None:
+        with self._lock:
+            new, self._new_conns = self._new_conns, []
+        for key, conn in new:
+            old = self.conns.get(key)
+            self.conns[key] = conn
+            if old is not None:
+                old.close()  # an older process's: ask the head about calls it left
+                link = self.direct.by_key.get(key)
+                if link is not None:
+                    self._direct_lost(link, current=False)
+
+    def add_caller(self, conn: BlockingConn) -> None:
+        """An authenticated caller connected to the actor this process hosts
+        (called by the listener's threads)."""
+        with self._lock:
+            self._new_conns.append((f"caller:{next(self._callers)}", conn))
+        self._wake()
+
+    def _prepare_direct(self, aid: bytes) -> None:
+        """Look the actor up and connect, on the caller's thread (no IO
+        thread here); until that works, calls go through the head."""
+        with self._lock:
+            link = self.direct.link(aid)
+            if not link.wants_lookup(time.monotonic()):
+                return
+            link.looking = True
+        try:
+            r = self.request("head", {"op": "actor_direct", "aid": aid}, 10.0)
+            if not r.get("address"):
+                self.direct.no_address(link)
+                return
+            conn = BlockingConn(r["address"], self.token, 5.0, self.tls)
+            with self._lock:
+                self._new_conns.append((link.key, conn))
+                self.direct.connected(link, r)
+        except Exception as e:  # noqa: BLE001 - calls keep going through the head
+            logger.debug("no direct connection to actor %s: %s", aid.hex(), e)
+            self.direct.no_address(link, 1.0)
+        finally:
+            link.looking = False
+
+    def _submit_call(self, spec: dict) -> None:
+        # routed when the outbox is flushed, by the thread holding the pump
+        self.send("call", {"op": "submit", "tasks": [spec]})
+
+    def _start_lookup(self, link: Any) -> None:
+        link.looking = False  # the next call's thread looks it up (_prepare_direct)
 
     def request(self, dest: str, msg: dict, timeout: float | None = 60.0) -> dict:
         rid = next(self._rid)
@@ -325,7 +403,10 @@ class InlineClient(CoreClient):
             self._cv.notify_all()
 
     def _read(self, conn: BlockingConn) -> None:
-        which = "node" if conn is self.conns.get("node") else "head"
+        which = next((k for k, c in self.conns.items() if c is conn), "?")
+        if which.startswith(("caller:", "actor:")):
+            self._read_direct_conn(conn, which)
+            return
         try:
             batches = conn.read_available()
         except (OSError, ProtocolError) as e:
@@ -345,10 +426,36 @@ class InlineClient(CoreClient):
         if conn.closed and not self.closed:
             self._conn_lost(conn, which)
 
+    def _read_direct_conn(self, conn: BlockingConn, which: str) -> None:
+        """A caller's connection to the actor hosted here (calls), or this
+        process's connection to an actor it calls (answers)."""
+        try:
+            batches = conn.read_available()
+        except (OSError, ProtocolError) as e:
+            logger.info("direct connection %s failed: %s", which, e)
+            batches = []
+            conn.closed = True
+        for msgs, bufs in batches:
+            for msg in msgs:
+                if which.startswith("actor:"):
+                    self._direct_message(msg)
+                elif msg.get("op") == "run_task" and msg.get("actor") == self.actor_id:
+                    msg["direct"] = which  # answered on this connection
+                    self._on_node_msg(None, msg, bufs)  # type: ignore[arg-type]
+        if conn.closed and not self.closed:
+            self._conn_lost(conn, which)
+
     def _conn_lost(self, conn: BlockingConn, which: str) -> None:
         conn.reported = True  # type: ignore[attr-defined]
         if conn is not self.conns.get(which):
             return  # an attempt already replaced
+        if which.startswith(("caller:", "actor:")):
+            del self.conns[which]
+            conn.close()
+            link = self.direct.by_key.get(which)
+            if link is not None:
+                self._direct_lost(link)
+            return
         if which == "head" and self._reconnecting_head:
             return  # the reconnection in progress notices
         if which == "head" and core.HEAD_GRACE > 0 and self._reconnect_head_blocking():
@@ -379,7 +486,7 @@ class InlineClient(CoreClient):
                 self.conns["head"] = conn
                 rid = next(self._rid)
                 with self._lock:
-                    unsent = [m for d, m in self._outbox if d == "head"]
+                    unsent = [m for d, m in self._outbox if d in ("head", "call")]
                 msg = self.rejoin_message(unsent)
                 msg["rid"] = rid
                 self._replies[rid] = None

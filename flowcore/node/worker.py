@@ -224,6 +224,15 @@ class Worker:
             msg["error_text"] = results[0].get("text")
         if task.get("local"):
             msg["local"] = True  # the head may not have recorded it as running yet
+        if task.get("direct"):
+            # a call sent here directly by its caller: the caller gets the
+            # inline returns at once; the head learns the outcome as usual
+            from ..client import direct
+            msg["direct"] = True
+            msg["results"] = direct.mark_sent(results)
+            self.client.send("head", msg)
+            self.client.send(task["direct"], direct.answer_for(task, results))
+            return
         self.client.send("head", msg)
 
     # ------------------------------------------------------------ actors
@@ -263,7 +272,27 @@ class Worker:
             from concurrent.futures import ThreadPoolExecutor
             self.threads = ThreadPoolExecutor(spec["max_concurrency"],
                                               thread_name_prefix="flowcore-actor")
-        self.client.send("head", {"op": "actor_ready", "aid": spec["aid"], "pid": os.getpid()})
+        ready = {"op": "actor_ready", "aid": spec["aid"], "pid": os.getpid()}
+        port = self._listen_for_callers()
+        if port is not None:
+            ready["direct_port"] = port
+        self.client.send("head", ready)
+
+    def _listen_for_callers(self) -> int | None:
+        """Open the socket on which callers send calls directly; its port."""
+        from ..client import direct
+        if not direct.ENABLED or self.client.listener is not None:
+            return getattr(self.client.listener, "port", None)
+        from ..protocol.comm import parse_address
+        from .actor_listener import ActorListener
+        try:
+            host = parse_address(self.client.node_address or "")[0]
+            self.client.listener = ActorListener(self.client, host, self.client.token,
+                                                 self.client.tls)
+        except OSError as e:
+            logger.warning("actor %s takes no direct calls: %s", self.actor_class, e)
+            return None
+        return self.client.listener.port
 
     def _store_result(self, tid: bytes, i: int, value: Any) -> dict:
         from .. import ids

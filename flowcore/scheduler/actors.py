@@ -61,6 +61,8 @@ class ActorRecord:
         self.client: str | None = None
         self.killing = False  # kill sent, death not yet reported
         self.bundle: str | None = None  # its placement-group bundle, if any
+        self.direct_port: int | None = None  # where its process takes calls directly
+        self.direct: dict[str, set[bytes]] = {}  # caller -> its unfinished direct calls
 
     def meta(self) -> dict:
         return {"aid": self.aid, "class_name": self.class_name, "methods": self.methods,
@@ -144,6 +146,7 @@ class ActorsMixin:
         actor.state = ALIVE
         actor.pid = msg.get("pid")
         actor.client = source  # the actor's own process: calls go straight to it
+        actor.direct_port = msg.get("direct_port")
         node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
         if t is not None and t.state == S.RUNNING:
@@ -190,6 +193,8 @@ class ActorsMixin:
         if actor.state != ALIVE or actor.killing:
             return  # a kill is on its way: later calls wait for its outcome
         for caller, q in actor.queues.items():
+            if caller in actor.direct:
+                continue  # its direct calls finish first (they were sent before)
             while q:
                 t = self.tasks.get(q[0])  # type: ignore[attr-defined]
                 if t is None or t.state.done:
@@ -217,6 +222,8 @@ class ActorsMixin:
         actor = self.actors.get(t.actor)
         if actor is not None:
             actor.inflight.discard(t.tid)
+            if self._direct_call_done(actor, t):  # type: ignore[attr-defined]
+                self._pump_actor(actor)
             if actor.out_of_scope:
                 self._maybe_retire(actor)
 
@@ -277,6 +284,8 @@ class ActorsMixin:
                     f"restarting ({actor.restarts}/{actor.max_restarts}). Set "
                     f"max_task_retries to retry such calls")), f"actor died: {cause}")
         actor.inflight.clear()
+        actor.direct.clear()
+        actor.direct_port = None
         node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
         if move or node is None or not node.alive:
             # restart on another node where its placement resources fit
@@ -322,6 +331,8 @@ class ActorsMixin:
             pending.extend(q)
         actor.inflight.clear()
         actor.queues.clear()
+        actor.direct.clear()
+        actor.direct_port = None
         for tid in pending:
             t = self.tasks.get(tid)  # type: ignore[attr-defined]
             if t is not None and not (t.state and t.state.done):

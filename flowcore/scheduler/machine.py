@@ -20,6 +20,7 @@ from .. import ids
 from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError)
 from .actors import ActorRecord, ActorsMixin
+from .direct_calls import DirectCallsMixin
 from .lineage import LineageMixin
 from .local_first import LocalFirstMixin
 from .placement_groups import PlacementGroupsMixin
@@ -181,8 +182,8 @@ class ObjectRecord:
                 "owner": self.owner, "created": self.created}
 
 
-class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroupsMixin,
-                     RecoveryMixin):
+class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixin,
+                     PlacementGroupsMixin, RecoveryMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
@@ -217,6 +218,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
         self.lineage = lineage
         self._init_lineage(lineage_memory)
         self._init_local_first()
+        self._init_direct_calls()
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
         self._releasing = False
@@ -500,7 +502,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
         self._send(target.node_id, {"op": "prefetch", "objects": [
             [obj.oid, obj.size, [[holder, src.address]]]]})
 
-    def _seal(self, obj: ObjectRecord, info: dict) -> None:
+    def _seal(self, obj: ObjectRecord, info: dict, notify_owner: bool = True) -> None:
         obj.size = info.get("size", 0)
         obj.error = bool(info.get("error", False))
         if info.get("inline") is not None:
@@ -508,13 +510,15 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
         elif info.get("node"):
             obj.nodes.add(info["node"])
         obj.state = READY
-        self._notify_ready(obj)
+        self._notify_ready(obj, notify_owner)
 
-    def _notify_ready(self, obj: ObjectRecord) -> None:
+    def _notify_ready(self, obj: ObjectRecord, notify_owner: bool = True) -> None:
+        """``notify_owner`` False: the owner already has the value (a direct
+        actor call answered it)."""
         msg = self._ready(obj)
         dests = set(obj.waiters)
         obj.waiters.clear()
-        if obj.owner in obj.clients:
+        if notify_owner and obj.owner in obj.clients:
             dests.add(obj.owner)
         for d in dests:
             self._send(d, msg)
@@ -597,6 +601,9 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
             why = actor.cause if actor is not None else "unknown actor"
             self._fail_task(t, self.error_payload(ActorDiedError(
                 f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
+            return
+        if t.kind == "call" and spec.get("direct") is not None:
+            self._start_direct_call(t, spec["direct"])
             return
         failed: ObjectRecord | None = None
         for oid in t.deps:
@@ -807,7 +814,8 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
         if t is None or t.state != S.RUNNING:
-            self._early_task_done(source, msg)
+            if not self._early_task_done(source, msg):
+                self._early_direct_done(source, msg)
             return
         status = msg.get("status", "ok")
         if "pid" in msg:
@@ -841,7 +849,7 @@ class SchedulerState(ActorsMixin, LineageMixin, LocalFirstMixin, PlacementGroups
             nested = r.get("nested") or []
             obj.nested = nested
             self._hold(nested)
-            self._seal(obj, r)
+            self._seal(obj, r, notify_owner=not r.get("sent"))
             self._maybe_free(obj)
         self._done(t)
 

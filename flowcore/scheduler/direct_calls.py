@@ -1,0 +1,110 @@
+"""Direct actor calls in the head's state machine (a mixin of ``SchedulerState``).
+
+An actor's process listens for callers (``direct_port`` in ``actor_ready``).
+A caller that holds a connection to it sends a call two ways at once: to
+the actor itself, and to the head as a submission marked ``direct=<epoch>``
+(the actor's restart count when the caller looked it up).  The head
+records the call like any other (the DAG, references, lineage, event log)
+but does not dispatch it: it is RUNNING on the actor at once.  The actor
+answers the caller straight away and reports ``task_done`` to the head as
+for any call.
+
+Ordering: a caller sends a call directly only while none of its calls to
+that actor goes through the head; and the head holds back the calls a
+caller sends through it while one of that caller's direct calls to the
+actor is unfinished.  Calls from one caller therefore start in submission
+order whichever way each one travels.
+
+The submission and the actor's ``task_done`` travel on different
+connections, so a ``task_done`` may come first: it waits in a bounded table
+until its submission comes.  A submission for an actor that restarted (or
+is restarting) since the caller looked it up fails with ``ActorError``:
+the old process may or may not have run it, so it is not run again.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import ActorError
+from .states import TaskState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .actors import ActorRecord
+    from .machine import TaskRecord
+
+S = TaskState
+EARLY_LIMIT = 10_000  # task_done messages held for direct submissions not yet seen
+
+
+class DirectCallsMixin:
+    def _init_direct_calls(self) -> None:
+        self._early_direct: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
+
+    def handle_actor_direct(self, source: str, msg: dict) -> None:
+        """A caller asks where to send calls to an actor directly.  No address
+        while the actor is not alive, is being killed, retries calls
+        (``max_task_retries``: those go through the head), or does not listen."""
+        actor = self.actors.get(msg["aid"])  # type: ignore[attr-defined]
+        reply: dict[str, Any] = {"op": "reply", "rid": msg.get("rid"), "address": None}
+        if actor is not None and actor.state == "ALIVE" and not actor.killing \
+                and actor.direct_port and actor.max_task_retries == 0:
+            node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
+            if node is not None and node.alive:
+                host = _host_of(node.address)
+                reply.update(address=f"tcp://{host}:{actor.direct_port}",
+                             epoch=actor.restarts, node=actor.node)
+        self._send(source, reply)  # type: ignore[attr-defined]
+
+    def _start_direct_call(self, t: "TaskRecord", epoch: int) -> None:
+        """``t`` (already registered with its actor) was sent to the actor by
+        its caller: it is running there now."""
+        actor: "ActorRecord" = self.actors[t.actor]  # type: ignore[attr-defined]
+        q = actor.queues.get(t.owner)
+        if q and q[-1] == t.tid:
+            q.pop()  # not dispatched by the head
+        if actor.state != "ALIVE" or actor.restarts != epoch:
+            self._fail_task(t, self.error_payload(ActorError(  # type: ignore[attr-defined]
+                f"actor {actor.class_name} restarted while the call {t.name} was on its way "
+                f"to it ({actor.cause or 'its process exited'}); the call is not retried "
+                f"(max_task_retries=0)")), "actor restarted before a direct call was recorded")
+            self._early_direct.pop(t.tid, None)  # the old process's report, if any
+            return
+        t.missing.clear()  # the caller had every argument; the actor reads them itself
+        t.node = actor.node
+        t.attempt += 1
+        t.started = time.time()
+        actor.inflight.add(t.tid)
+        actor.direct.setdefault(t.owner, set()).add(t.tid)
+        self.counts["direct_calls"] = self.counts.get("direct_calls", 0) + 1  # type: ignore
+        self._transition(t, S.RUNNING,  # type: ignore[attr-defined]
+                         f"called directly by its caller on actor {actor.class_name}")
+        done = self._early_direct.pop(t.tid, None)
+        if done is not None:
+            self.handle_task_done(*done)  # type: ignore[attr-defined]
+
+    def _early_direct_done(self, source: str, msg: dict) -> None:
+        """A ``task_done`` of a direct call whose submission has not arrived."""
+        if msg.get("direct") and msg["tid"] not in self.tasks:  # type: ignore[attr-defined]
+            self._early_direct[msg["tid"]] = (source, msg)
+            while len(self._early_direct) > EARLY_LIMIT:
+                self._early_direct.popitem(last=False)
+
+    @staticmethod
+    def _direct_call_done(actor: "ActorRecord", t: "TaskRecord") -> bool:
+        """Forget a finished direct call; True when it was its caller's last
+        one (calls that caller sent through the head may go now)."""
+        mine = actor.direct.get(t.owner)
+        if not mine or t.tid not in mine:
+            return False
+        mine.discard(t.tid)
+        if not mine:
+            del actor.direct[t.owner]
+            return True
+        return False
+
+
+def _host_of(address: str) -> str:
+    rest = address.split("://", 1)[-1]
+    return rest.rsplit(":", 1)[0] if ":" in rest else rest
