@@ -14,7 +14,6 @@ import concurrent.futures
 import contextvars
 import logging
 import os
-import socket
 import threading
 import time
 from collections import deque
@@ -25,10 +24,10 @@ from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
 from ..protocol.chunks import fetch_chunks
-from ..protocol import frames
 from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
 from . import direct
+from .actor_calls import DirectCallsMixin
 
 logger = logging.getLogger("flowcore.client")
 
@@ -55,7 +54,7 @@ MAX_PENDING_TASKS = 200_000
 HEAD_GRACE = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
 
 
-class CoreClient:
+class CoreClient(DirectCallsMixin):
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
                  kind: str = "driver", wid: str | None = None, remote_store: bool = False,
                  tls: TLSConfig | None = None):
@@ -334,212 +333,6 @@ class CoreClient:
             c.send(msg)
         elif dest == "head" and self._reconnecting is not None:
             self._held.append(msg)  # sent once the head is back
-
-    # ------------------------------------------------------------ direct actor calls
-    def _submit_call(self, spec: dict) -> None:
-        """Send an actor call: a direct one is written to the actor's socket
-        by the calling thread itself (no hand-off to the IO thread), its
-        record queued for the head."""
-        with self._call_lock:  # one decision and write at a time: calls keep their order
-            routes = self._route_call({"op": "submit", "tasks": [spec]})
-            for dest, msg in routes:  # the call queued before its record wakes the IO thread
-                if dest != "head":
-                    self._direct_write(dest, msg)
-            for dest, msg in routes:
-                if dest == "head":
-                    self.send("head", msg)
-
-    def _route_call(self, msg: dict) -> list[tuple[str, dict]]:
-        """An actor call's way out: straight to the actor and recorded at the
-        head, or through the head."""
-        spec = msg["tasks"][0]
-        link = self.direct.link(spec["actor"])
-        run = None
-        lookup = False
-        with self._lock:
-            if not self._head_away():
-                run = self.direct.route(link, spec, self.ready, self.expected, self.client_id)
-            if run is None:
-                self.direct.sent_to_head(link, spec["tid"])
-                if direct.ENABLED and link.wants_lookup(time.monotonic()):
-                    link.looking = lookup = True
-            else:
-                self.direct.sent_direct(link, spec)
-        if run is None:
-            if lookup:
-                self._start_lookup(link)
-            return [("head", msg)]
-        return [("head", {"op": "submit", "tasks": [dict(spec, direct=link.epoch)]}),
-                (link.key, run)]
-
-    def _prepare_direct(self, aid: bytes) -> None:
-        """Before an actor call is routed (the caller's thread)."""
-
-    def _direct_write(self, key: str, msg: dict) -> None:
-        """Send or queue a direct call (``_call_lock`` held).  A call to an
-        actor with no other call of ours unanswered is written at once, by
-        this thread; behind unanswered ones it is queued and leaves with the
-        next flush (this thread waiting for a result, the IO thread sending
-        the calls' records, or a full batch), so a burst travels in few
-        writes.  No thread ever blocks writing to an actor (see
-        ``_direct_send``), so the IO thread always gets to read answers."""
-        link = self.direct.by_key.get(key)
-        pending = self._dpending.setdefault(key, [])
-        pending.append(msg)
-        if (link is not None and len(link.inflight) <= 1) or len(pending) >= 64:
-            self._flush_direct_locked(self._on_io_thread())
-
-    def _flush_direct(self, io_thread: bool) -> None:
-        with self._call_lock:
-            self._flush_direct_locked(io_thread)
-
-    def _flush_direct_locked(self, io_thread: bool) -> None:
-        pending, self._dpending = self._dpending, {}
-        for key, msgs in pending.items():
-            conn = self._dconns.get(key)
-            if conn is None:
-                continue  # closed since: its process is gone; the head fails them
-            if conn.tls:  # a TLS socket is written by the IO thread only
-                if io_thread:
-                    conn.write(msgs)
-                else:
-                    self._dpending[key] = msgs
-                    self._wake_from_finaliser()
-                continue
-            self._direct_send(conn, b"".join(bytes(b) for b in frames.encode(msgs)), io_thread)
-
-    def _direct_send(self, conn: Any, data: bytes, io_thread: bool) -> None:
-        """Write without blocking (``_call_lock`` held); what the socket does
-        not take now waits in ``conn.wbuf`` for the IO thread to send when
-        the socket is writable again."""
-        wbuf = conn.wbuf
-        if not wbuf:
-            try:
-                n = conn.sock.send(data, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                n = 0
-            except OSError as e:  # the actor is gone: its reader notices
-                logger.info("write to actor at %s failed: %s", conn.address, e)
-                conn.closed = True
-                return
-            if n == len(data):
-                return
-            data = data[n:]
-        wbuf += data
-        if not conn.writing:
-            conn.writing = True
-            if io_thread:
-                self._arm_writer(conn)
-            else:
-                self.loop.call_soon_threadsafe(self._arm_writer, conn)
-
-    def _arm_writer(self, conn: Any) -> None:
-        if not conn.closed:
-            self.loop.add_writer(conn.sock.fileno(), self._direct_writable, conn)
-
-    def _direct_writable(self, conn: Any) -> None:
-        """(IO thread) The actor's socket takes more: send what waits."""
-        with self._call_lock:
-            wbuf = conn.wbuf
-            try:
-                n = conn.sock.send(wbuf, socket.MSG_DONTWAIT) if wbuf else 0
-            except BlockingIOError:
-                return
-            except OSError:
-                conn.closed = True
-                n = len(wbuf)
-            del wbuf[:n]
-            if not wbuf:
-                conn.writing = False
-                try:
-                    self.loop.remove_writer(conn.sock.fileno())
-                except (ValueError, OSError):
-                    pass
-
-    def _start_lookup(self, link: direct.ActorLink) -> None:
-        """Ask the head where the actor listens and connect (on the IO thread)."""
-        from .inline import BlockingConn
-
-        async def lookup() -> None:
-            try:
-                head = self.head
-                if head is None:
-                    raise ConnectionError("no connection to the head")
-                r = await head.request({"op": "actor_direct", "aid": link.aid})
-                if not r.get("address"):
-                    self.direct.no_address(link)
-                    return
-                conn = await self.loop.run_in_executor(
-                    None, BlockingConn, r["address"], self.token, 5.0, self.tls)
-                conn.wbuf = bytearray()   # what the socket did not take yet
-                conn.writing = False      # a writer callback is armed
-                if self.closed:
-                    conn.close()
-                    return
-                old = self._dconns.get(link.key)
-                self._dconns[link.key] = conn
-                self.loop.add_reader(conn.sock.fileno(), self._direct_readable, conn, link)
-                if old is not None:
-                    self._direct_readable(old, link, drop=True)  # an older process's
-                with self._lock:
-                    self.direct.connected(link, r)
-            except Exception as e:  # noqa: BLE001 - calls keep going through the head
-                logger.debug("no direct connection to actor %s: %s", link.aid.hex(), e)
-                self.direct.no_address(link, 1.0)
-            finally:
-                link.looking = False
-        try:
-            asyncio.run_coroutine_threadsafe(lookup(), self.loop)
-        except RuntimeError:  # the loop is closed: shutting down
-            link.looking = False
-
-    def _direct_readable(self, conn: Any, link: direct.ActorLink, drop: bool = False) -> None:
-        """(IO thread) Answers from an actor; or its connection closed."""
-        from ..exceptions import ProtocolError
-        if not drop:
-            try:
-                batches = conn.read_available()
-            except (OSError, ProtocolError) as e:
-                logger.info("direct connection to actor %s failed: %s", link.aid.hex(), e)
-                batches, conn.closed = [], True
-            for msgs, _ in batches:
-                for m in msgs:
-                    self._direct_message(m)
-            if not conn.closed:
-                return
-        for remove in (self.loop.remove_reader, self.loop.remove_writer):
-            try:
-                remove(conn.sock.fileno())
-            except (ValueError, OSError):
-                pass
-        conn.close()
-        current = self._dconns.get(link.key) is conn
-        if current:
-            del self._dconns[link.key]
-        self._direct_lost(link, current)
-
-    def _direct_message(self, msg: dict) -> None:
-        if msg.get("op") != "call_result":
-            return
-        link = self.direct.links.get(msg.get("actor") or b"")
-        for info in direct.result_infos(msg):
-            self._object_ready(info)
-        with self._lock:
-            if link is not None:
-                self.direct.answered(link, msg["tid"])
-            else:
-                for lk in self.direct.links.values():
-                    self.direct.answered(lk, msg["tid"])
-
-    def _direct_lost(self, link: direct.ActorLink, current: bool = True) -> None:
-        """The actor's connection closed: the head tells the outcome of the
-        calls it had not answered yet."""
-        with self._lock:
-            oids = [o for o in self.direct.lost(link, current)
-                    if o in self.expected and o not in self.ready]
-            self.subscribed.update(oids)
-        if oids and not self.closed:
-            self.send("head", {"op": "subscribe", "oids": oids})
 
     def _wake_from_finaliser(self) -> None:
         try:
