@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import zipfile
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -74,6 +73,7 @@ def _unpack(blob: bytes, target: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
+        import zipfile  # only nodes that run a runtime_env need it
         with zipfile.ZipFile(io.BytesIO(blob)) as z:
             for info in z.infolist():
                 name = os.path.normpath(info.filename)
