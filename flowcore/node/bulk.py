@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..exceptions import ObjectLostError, ProtocolError
 from ..protocol import sockauth
-from ..protocol.comm import AUTH_TIMEOUT, parse_address
+from ..protocol.comm import AUTH_TIMEOUT, accept_ready, listening_socket, parse_address
 
 if TYPE_CHECKING:
     from ..protocol.tls import TLSConfig
@@ -74,16 +74,7 @@ class BulkServer:
         self._release = release
         self._ctx = tls.server_context() if tls is not None else None
         self._loop = asyncio.get_event_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, 0))
-            sock.listen(64)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
+        self._sock = sock = listening_socket(host, 0, backlog=64)
         self.port: int = sock.getsockname()[1]
         self._seq = itertools.count(1)
         self._conns: set[socket.socket] = set()
@@ -95,18 +86,11 @@ class BulkServer:
         self._loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                conn, addr = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                logger.warning("bulk: accept failed: %s", e)
-                return
+        for conn, peer in accept_ready(self._sock, "bulk"):
             conn.setblocking(True)
             with self._lock:
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn, f"{addr[0]}:{addr[1]}"),
+            threading.Thread(target=self._serve, args=(conn, peer),
                              name="flowcore-bulk-send", daemon=True).start()
 
     def _on_loop(self, fn: Callable, *args: Any) -> Any:

@@ -28,7 +28,7 @@ import itertools
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..exceptions import AuthenticationError, ProtocolError
 from . import auth, frames
@@ -380,6 +380,35 @@ async def serve(token: bytes, on_comm: Callable[[Comm], Any], host: str = "127.0
     return listener, listener.port
 
 
+def listening_socket(host: str, port: int, backlog: int = 100) -> socket.socket:
+    """A non-blocking TCP socket listening on ``host:port`` (0: a free port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def accept_ready(sock: socket.socket, name: str, limit: int = 64
+                 ) -> Iterator[tuple[socket.socket, str]]:
+    """The connections waiting on the listening ``sock`` (at most ``limit``
+    per wake-up), each with its peer as "host:port"."""
+    for _ in range(limit):
+        try:
+            conn, addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # out of descriptors, say: try again on the next wake-up
+            logger.warning("%s: accept failed: %s", name, e)
+            return
+        yield conn, f"{addr[0]}:{addr[1]}"
+
+
 class TLSListener:
     """Accepts connections for a TLS server.
 
@@ -397,16 +426,7 @@ class TLSListener:
         self._factory = factory
         self._ctx = ctx
         self.name = name
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(100)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
+        self._sock = sock = listening_socket(host, port)
         self.sockets = [sock]
         self.port: int = sock.getsockname()[1]
         self._waiting: dict[socket.socket, asyncio.TimerHandle] = {}
@@ -415,16 +435,8 @@ class TLSListener:
         self._loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                conn, addr = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # out of descriptors, say: try again on the next wake-up
-                logger.warning("%s: accept failed: %s", self.name, e)
-                return
+        for conn, peer in accept_ready(self._sock, self.name):
             conn.setblocking(False)
-            peer = f"{addr[0]}:{addr[1]}"
             self._waiting[conn] = self._loop.call_later(PLAIN_PEER_AFTER, self._silent, conn,
                                                         peer)
             self._loop.add_reader(conn.fileno(), self._first_bytes, conn, peer)
