@@ -241,14 +241,7 @@ def receive(sock: socket.socket, address: str, port: int, token: bytes,
             raise ObjectLostError(f"{where}: {text.decode(errors='replace')}")
         if n != length:
             raise ProtocolError(f"{where} announced {n} bytes, {length} were asked for")
-        got = 0
-        while got < length:
-            k = conn.recv_into(dest[got:], length - got)
-            if not k:
-                raise ConnectionError(f"{where} closed the connection after {got} of "
-                                      f"{length} bytes")
-            got += k
-        return got
+        return sockauth.recv_into_exact(conn, memoryview(dest), f"object bytes ({where})")
     finally:
         if conn is not sock:
             conn.close()

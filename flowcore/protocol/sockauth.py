@@ -14,17 +14,24 @@ from ..exceptions import AuthenticationError
 from . import auth
 
 
-def recv_exact(sock: socket.socket, n: int, what: str = "data") -> bytes:
-    """Read exactly ``n`` bytes; ``ConnectionError`` if the peer hangs up first."""
-    buf = bytearray(n)
-    view = memoryview(buf)
+def recv_into_exact(sock: socket.socket, view: memoryview, what: str = "data") -> int:
+    """Fill ``view`` from ``sock``; ``ConnectionError`` if the peer hangs up
+    first (saying after how many of the bytes)."""
+    n = len(view)
     got = 0
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if not k:
             raise ConnectionError(f"peer closed the connection while sending {what} "
-                                  f"({got} of {n} bytes)")
+                                  f"after {got} of {n} bytes")
         got += k
+    return got
+
+
+def recv_exact(sock: socket.socket, n: int, what: str = "data") -> bytes:
+    """Read exactly ``n`` bytes; ``ConnectionError`` if the peer hangs up first."""
+    buf = bytearray(n)
+    recv_into_exact(sock, memoryview(buf), what)
     return bytes(buf)
 
 
