@@ -124,39 +124,51 @@ def median(xs):
 # --------------------------------------------------------------------------------------
 # Workloads: each takes (engine, cfg) and returns {metric: value}.
 
-def w_sync_rtt(eng, cfg):
-    f = eng.remote(noop)
-    for _ in range(10):
-        eng.get(f())
+def _round_trips(call, seconds):
+    """(calls per second, count) of ``call()`` repeated for ``seconds``."""
     n = 0
     t0 = perf()
-    deadline = t0 + cfg["sync_seconds"]
+    deadline = t0 + seconds
     while True:
-        eng.get(f())
+        call()
         n += 1
         t = perf()
         if t >= deadline:
             break
-    return {"sync_rtt_per_s": n / (t - t0), "sync_rtt_count": n}
+    return n / (t - t0), n
+
+
+def _bursts(eng, submit, n, reps, check=None):
+    """``n`` submissions then one get of all, ``reps`` times (one warm-up
+    first): (median completion rate, median submission rate)."""
+    eng.get([submit() for _ in range(n)])  # warm-up rep, not counted
+    rates, submit_rates = [], []
+    for _ in range(reps):
+        t0 = perf()
+        refs = [submit() for _ in range(n)]
+        t1 = perf()
+        out = eng.get(refs)
+        dt = perf() - t0
+        if len(out) != n or (check is not None and not check(out)):
+            raise AssertionError(f"got {len(out)} results for {n} submissions, or wrong ones")
+        rates.append(n / dt)
+        submit_rates.append(n / (t1 - t0))
+        del refs, out
+    return median(rates), median(submit_rates)
+
+
+def w_sync_rtt(eng, cfg):
+    f = eng.remote(noop)
+    for _ in range(10):
+        eng.get(f())
+    rate, n = _round_trips(lambda: eng.get(f()), cfg["sync_seconds"])
+    return {"sync_rtt_per_s": rate, "sync_rtt_count": n}
 
 
 def w_async_tasks(eng, cfg):
     f = eng.remote(noop)
-    n = cfg["async_n"]
-    eng.get([f() for _ in range(n)])  # warm-up rep, not counted
-    rates, submit_rates = [], []
-    for _ in range(cfg["async_reps"]):
-        t0 = perf()
-        refs = [f() for _ in range(n)]
-        t1 = perf()
-        out = eng.get(refs)
-        dt = perf() - t0
-        if len(out) != n:
-            raise AssertionError(f"got {len(out)} results for {n} tasks")
-        rates.append(n / dt)
-        submit_rates.append(n / (t1 - t0))
-        del refs, out
-    return {"async_tasks_per_s": median(rates), "async_submit_per_s": median(submit_rates)}
+    rate, submit = _bursts(eng, f, cfg["async_n"], cfg["async_reps"])
+    return {"async_tasks_per_s": rate, "async_submit_per_s": submit}
 
 
 def w_small_put_get(eng, cfg):
@@ -331,16 +343,8 @@ def w_actor_sync(eng, cfg):
         for _ in range(10):
             if eng.get(ping()) is not None:
                 raise AssertionError("ping returned something")
-        n = 0
-        t0 = perf()
-        deadline = t0 + cfg["sync_seconds"]
-        while True:
-            eng.get(ping())
-            n += 1
-            t = perf()
-            if t >= deadline:
-                break
-    return {"actor_sync_per_s": n / (t - t0), "actor_sync_count": n}
+        rate, n = _round_trips(lambda: eng.get(ping()), cfg["sync_seconds"])
+    return {"actor_sync_per_s": rate, "actor_sync_count": n}
 
 
 def w_actor_async(eng, cfg):
@@ -350,20 +354,9 @@ def w_actor_async(eng, cfg):
     with actor_of(eng, AsyncPinger) as h:
         ping = eng.actor_method(h, "ping")
         eng.get(ping())  # waits for the actor to be up
-        eng.get([ping() for _ in range(n)])  # warm-up rep, not counted
-        rates, submit_rates = [], []
-        for _ in range(cfg["async_reps"]):
-            t0 = perf()
-            refs = [ping() for _ in range(n)]
-            t1 = perf()
-            out = eng.get(refs)
-            dt = perf() - t0
-            if len(out) != n or any(x is not None for x in out):
-                raise AssertionError(f"got {len(out)} results for {n} calls, or not None")
-            rates.append(n / dt)
-            submit_rates.append(n / (t1 - t0))
-            del refs, out
-    return {"actor_async_per_s": median(rates), "actor_async_submit_per_s": median(submit_rates)}
+        rate, submit = _bursts(eng, ping, n, cfg["async_reps"],
+                               check=lambda out: all(x is None for x in out))
+    return {"actor_async_per_s": rate, "actor_async_submit_per_s": submit}
 
 
 # --------------------------------------------------------------------------------------
@@ -413,20 +406,8 @@ def w_spread_tasks(eng, cfg, nodes):
     if on_a + on_b != n:
         raise AssertionError(f"tasks ran on unknown nodes: {sorted(set(placed) - {a, b})}")
     f = eng.remote_spread(noop)
-    eng.get([f() for _ in range(n)])  # warm-up rep, not counted
-    rates, submit_rates = [], []
-    for _ in range(cfg["async_reps"]):
-        t0 = perf()
-        refs = [f() for _ in range(n)]
-        t1 = perf()
-        out = eng.get(refs)
-        dt = perf() - t0
-        if len(out) != n:
-            raise AssertionError(f"got {len(out)} results for {n} tasks")
-        rates.append(n / dt)
-        submit_rates.append(n / (t1 - t0))
-        del refs, out
-    return {"spread_tasks_per_s": median(rates), "spread_submit_per_s": median(submit_rates),
+    rate, submit = _bursts(eng, f, n, cfg["async_reps"])
+    return {"spread_tasks_per_s": rate, "spread_submit_per_s": submit,
             "spread_share_node_a": on_a / n}
 
 
