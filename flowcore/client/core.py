@@ -495,8 +495,13 @@ class CoreClient(DirectCallsMixin):
     def _local_run(self, spec: dict) -> dict | None:
         """The node's ``run_task`` message for ``spec`` when it may start on
         this process's node: a plain task, no strategy naming another place,
-        every argument ready and inline or in this node's store."""
+        every argument ready and inline or in this node's store, and no ref
+        nested in them (the worker would look it up at the head, which may
+        not have its submission yet: the head path holds it until the task
+        has finished)."""
         strategy = spec.get("strategy")
+        if spec.get("nested"):
+            return None
         if spec.get("kind", "task") != "task" or spec.get("actor") is not None or (
                 strategy is not None and not (
                     isinstance(strategy, (list, tuple)) and strategy[0] == "node"
@@ -506,7 +511,7 @@ class CoreClient(DirectCallsMixin):
         ready = self.ready
         for oid in spec.get("deps") or ():
             info = ready.get(oid)
-            if info is None or info.get("error") or (
+            if info is None or info.get("error") or info.get("nested") or (
                     info.get("inline") is None and self.node_id not in info.get("nodes", ())):
                 return None
             deps.append(info)
@@ -540,14 +545,14 @@ class CoreClient(DirectCallsMixin):
             msg = {"op": "put", "oid": oid, "inline": data, "size": len(data), "nested": nested}
             with self._lock:
                 self.ready[oid] = {"op": "object_ready", "oid": oid, "inline": data,
-                                   "size": len(data), "error": False}
+                                   "size": len(data), "error": False, "nested": bool(nested)}
         else:
             self.write_to_store(oid, s)
             msg = {"op": "put", "oid": oid, "node": self.node_id, "size": s.total_size,
                    "nested": nested}
             with self._lock:
                 self.ready[oid] = {"op": "object_ready", "oid": oid, "nodes": [self.node_id],
-                                   "size": s.total_size, "error": False}
+                                   "size": s.total_size, "error": False, "nested": bool(nested)}
         ref = ObjectRef(oid, self, counted=True)
         self.send("head", msg)
         return ref

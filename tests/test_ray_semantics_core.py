@@ -1,0 +1,71 @@
+"""Ray semantics that programs written for Ray rely on (core: scheduler,
+node and client).  Each behaviour is checked on the state machines where
+the decision lives, and through the public API on a real local cluster."""
+from __future__ import annotations
+
+import pytest
+
+import flowcore
+from flowcore.client.direct import ActorLink, DirectCalls
+from flowcore.ids import IdSource, object_id
+
+pytestmark = pytest.mark.timeout(90)
+
+C = "client-1"
+
+
+# ============================================== refs nested in call arguments
+def _open_link() -> ActorLink:
+    link = ActorLink(b"a" * 16)
+    link.open, link.epoch, link.node = True, 0, "n1"
+    return link
+
+
+def test_a_call_with_refs_nested_in_its_arguments_goes_through_the_head() -> None:
+    calls, src = DirectCalls(), IdSource()
+    link = _open_link()
+    spec = {"tid": src.task_id(), "actor": link.aid, "method": "h", "args": b"x",
+            "deps": [], "nret": 1}
+    assert calls.route(link, spec, {}, set(), C) is not None
+    inner = object_id(src.task_id())
+    assert calls.route(link, dict(spec, nested=[inner]), {}, set(), C) is None
+    # a ready argument whose value holds refs (an own put, a direct answer)
+    dep = object_id(src.task_id())
+    container = {dep: {"oid": dep, "inline": b"v", "size": 1, "nested": True}}
+    assert calls.route(link, dict(spec, deps=[dep]), container, set(), C) is None
+    plain = {dep: {"oid": dep, "inline": b"v", "size": 1}}
+    assert calls.route(link, dict(spec, deps=[dep]), plain, set(), C) is not None
+
+
+@pytest.fixture(scope="module")
+def cluster2(tmp_path_factory):
+    flowcore.shutdown()
+    info = flowcore.init(num_cpus=2, object_store_memory=128 << 20,
+                         session_dir=str(tmp_path_factory.mktemp("semcore")))
+    yield info
+    flowcore.shutdown()
+
+
+@flowcore.remote
+def _plus_one(x):
+    return x + 1
+
+
+@flowcore.remote
+class _Getter:
+    def get_all(self, refs):
+        return flowcore.get(refs)
+
+
+def test_refs_nested_in_an_actor_calls_argument_live_until_it_ran(cluster2):
+    a = _Getter.remote()
+    flowcore.get(a.get_all.remote([]))  # the actor is up and calls may go directly
+    for _ in range(40):
+        # the caller keeps no ref to the inner objects: only the call does
+        out = a.get_all.remote([_plus_one.remote(j) for j in range(4)])
+        assert flowcore.get(out, timeout=60) == [1, 2, 3, 4]
+    for _ in range(10):
+        # a put whose value holds refs, passed as a top-level argument
+        box = flowcore.put([_plus_one.remote(j) for j in range(3)])
+        assert flowcore.get(a.get_all.remote(box), timeout=60) == [1, 2, 3]
+        del box
