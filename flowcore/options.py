@@ -82,7 +82,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("lifetime", ACTOR, None, lambda v: v in (None, "detached"), "None or 'detached'"),
     Option("max_restarts", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
     Option("max_task_retries", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
-    Option("max_concurrency", ACTOR, 1, lambda v: _nonneg_int(v) and v >= 1, "an int >= 1"),
+    # None: 1 for a threaded actor, 1000 for an async one (Ray's defaults)
+    Option("max_concurrency", ACTOR, None, lambda v: v is None or (_nonneg_int(v) and v >= 1),
+           "an int >= 1"),
     Option("scheduling_strategy", BOTH, None, lambda v: _strategy(v),
            "None, 'DEFAULT', 'SPREAD', NodeAffinitySchedulingStrategy(node_id, soft) or "
            "PlacementGroupSchedulingStrategy(placement_group, bundle_index)"),

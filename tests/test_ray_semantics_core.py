@@ -69,3 +69,43 @@ def test_refs_nested_in_an_actor_calls_argument_live_until_it_ran(cluster2):
         box = flowcore.put([_plus_one.remote(j) for j in range(3)])
         assert flowcore.get(a.get_all.remote(box), timeout=60) == [1, 2, 3]
         del box
+
+
+# ============================================== async actors and max_concurrency
+@flowcore.remote
+class _AsyncRecorder:
+    def __init__(self):
+        import asyncio
+        self.history = []
+        self.gate = asyncio.Event()
+
+    async def step(self):
+        import asyncio
+        self.history.append("S")
+        await asyncio.sleep(0)
+        self.history.append("E")
+
+    async def wait_gate(self):
+        await self.gate.wait()
+        return "through"
+
+    async def open_gate(self):
+        self.gate.set()
+        return "opened"
+
+    def seen(self):
+        return "".join(self.history)
+
+
+def test_async_actor_with_max_concurrency_1_runs_one_call_at_a_time(cluster2):
+    a = _AsyncRecorder.options(max_concurrency=1, num_cpus=0).remote()
+    flowcore.get([a.step.remote() for _ in range(8)])
+    assert flowcore.get(a.seen.remote()) == "SE" * 8
+
+
+def test_async_actor_overlaps_calls_by_default(cluster2):
+    a = _AsyncRecorder.options(num_cpus=0).remote()
+    # the first call waits for the second: only overlapping calls finish
+    waiting = a.wait_gate.remote()
+    assert flowcore.get(a.open_gate.remote(), timeout=30) == "opened"
+    assert flowcore.get(waiting, timeout=30) == "through"

@@ -23,6 +23,9 @@ from ..objects.ref import set_client
 
 logger = logging.getLogger("flowcore.worker")
 
+#: calls of an async actor that overlap when max_concurrency is not given (Ray's)
+ASYNC_DEFAULT_CONCURRENCY = 1000
+
 
 class TaskContext:
     def __init__(self) -> None:
@@ -264,8 +267,10 @@ class Worker:
         if spec.get("is_async"):
             import asyncio
             self.aloop = asyncio.new_event_loop()
-            limit = spec.get("max_concurrency") or 1
-            self.asem = asyncio.Semaphore(1000 if limit <= 1 else limit)
+            # an explicit max_concurrency bounds the overlapping calls (1: one
+            # at a time, in order); unset, up to 1000 (Ray's default)
+            limit = spec.get("max_concurrency")
+            self.asem = asyncio.Semaphore(ASYNC_DEFAULT_CONCURRENCY if limit is None else limit)
             threading.Thread(target=self.aloop.run_forever, name="flowcore-actor-loop",
                              daemon=True).start()
         elif (spec.get("max_concurrency") or 1) > 1:
