@@ -109,3 +109,30 @@ def test_async_actor_overlaps_calls_by_default(cluster2):
     waiting = a.wait_gate.remote()
     assert flowcore.get(a.open_gate.remote(), timeout=30) == "opened"
     assert flowcore.get(waiting, timeout=30) == "through"
+
+
+# ============================================== get of a list fails fast
+@flowcore.remote
+def _boom():
+    raise ValueError("boom")
+
+
+@flowcore.remote
+def _wait_for(sig):
+    sig.wait()
+    return 1
+
+
+def test_get_of_a_list_raises_a_failure_without_waiting_for_the_others(cluster2):
+    from flowcore.testing import Signal
+    sig = Signal()
+    try:
+        pending = _wait_for.remote(sig)
+        # the pending ref is released only after the failure is handled
+        with pytest.raises(ValueError, match="boom"):
+            flowcore.get([pending, _boom.remote()], timeout=60)
+        sig.set()
+        assert flowcore.get(pending, timeout=60) == 1
+    finally:
+        sig.set()
+        sig.close()

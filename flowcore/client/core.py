@@ -651,9 +651,11 @@ class CoreClient(DirectCallsMixin):
         if new:
             self.send("head", {"op": "subscribe", "oids": new})
 
-    def wait_ready(self, oids: list[bytes], num: int, timeout: float | None) -> set[bytes]:
+    def wait_ready(self, oids: list[bytes], num: int, timeout: float | None,
+                   fail_fast: bool = False) -> set[bytes]:
         """Block until at least ``num`` of ``oids`` are ready or the timeout
-        passes; returns the ready ones."""
+        passes; returns the ready ones.  ``fail_fast``: return as soon as one
+        of them is ready with an error (``get`` raises it at once)."""
         if self._dpending:
             self._flush_direct(self._on_io_thread())  # before waiting for their answers
         event = threading.Event()
@@ -666,19 +668,21 @@ class CoreClient(DirectCallsMixin):
             def cb() -> None:
                 with cb_lock:
                     ready.add(oid)
-                    if len(ready) >= num:
+                    if len(ready) >= num or (fail_fast and self._failed(oid)):
                         event.set()
             return cb
 
         cb_lock = threading.Lock()
         callbacks: dict[bytes, Callable[[], None]] = {}
         with self._lock:
+            failed = False
             for oid in uniq:
                 if oid in self.ready:
                     ready.add(oid)
+                    failed = failed or (fail_fast and bool(self.ready[oid].get("error")))
                 else:
                     missing.append(oid)
-            if len(ready) >= num or not missing:
+            if len(ready) >= num or not missing or failed:
                 return ready
             if self.lost:
                 raise FlowcoreError(f"lost the connection to the {self.lost}: the cluster is "
@@ -708,6 +712,11 @@ class CoreClient(DirectCallsMixin):
                             del self.waiters[oid]
         with cb_lock:
             return set(ready)
+
+    def _failed(self, oid: bytes) -> bool:
+        """Whether ``oid`` is ready here holding an error."""
+        info = self.ready.get(oid)
+        return info is not None and bool(info.get("error"))
 
     def _warn_slow(self, missing: list[bytes], ready: set[bytes], waited: float) -> None:
         """One warning for a wait that goes on for long: why it is not ready."""
@@ -743,7 +752,16 @@ class CoreClient(DirectCallsMixin):
     def get_values(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
         oids = [r._id for r in refs]
         deadline = None if timeout is None else time.monotonic() + timeout
-        ready = self.wait_ready(oids, len(set(oids)), timeout)
+        # the first failure among them is raised at once (Ray): the others
+        # may wait for something that happens only once it is handled
+        ready = self.wait_ready(oids, len(set(oids)), timeout, fail_fast=True)
+        with self._lock:
+            failed = next((oid for oid in oids if oid in ready and self._failed(oid)), None)
+        if failed is not None and len(ready) < len(set(oids)):
+            with self._lock:
+                info = self.ready.get(failed)
+            if info is not None:
+                self.value_of(info)  # raises the failure
         if len(ready) < len(set(oids)):
             n = len(set(oids)) - len(ready)
             raise GetTimeoutError(
