@@ -7,7 +7,7 @@ import pytest
 
 import flowcore
 from flowcore.client.direct import ActorLink, DirectCalls
-from flowcore.ids import IdSource, object_id
+from flowcore.ids import IdSource, actor_handle_id, object_id
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -136,3 +136,107 @@ def test_get_of_a_list_raises_a_failure_without_waiting_for_the_others(cluster2)
     finally:
         sig.set()
         sig.close()
+
+
+# ============================================== actors die with their owner
+from flowcore.objects.serialization import deserialize  # noqa: E402
+from flowcore.scheduler.machine import SchedulerState  # noqa: E402
+
+
+def _actor_spec(src: IdSource, name: str, deps: tuple = (), **kw) -> dict:
+    aid = src.task_id()
+    return {"tid": aid, "aid": aid, "fid": b"cls", "name": f"{name}.__init__",
+            "class_name": name, "methods": {"f": 1}, "args": b"a", "deps": list(deps),
+            "nested": [], "hold": {}, "place": {"CPU": 1.0}, **kw}
+
+
+def _head(cpus: float = 4, *clients: str) -> SchedulerState:
+    st = SchedulerState()
+    for cid in (C,) + clients:
+        st.handle(cid, {"op": "register_client", "kind": "driver"})
+    st.handle("n1", {"op": "register_node", "node_id": "n1", "name": "n1",
+                     "address": "tcp://127.0.0.1:1", "resources": {"CPU": cpus}})
+    return st
+
+
+def _call(st: SchedulerState, src: IdSource, aid: bytes, client: str = C) -> bytes:
+    tid = src.task_id()
+    st.handle(client, {"op": "submit", "tasks": [{
+        "tid": tid, "fid": b"", "actor": aid, "method": "f", "name": "X.f", "args": b"x",
+        "deps": [], "nested": [], "nret": 1, "res": {}, "retries": 0}]})
+    return object_id(tid)
+
+
+def _error_of(st: SchedulerState, oid: bytes) -> BaseException:
+    obj = st.objects[oid]
+    assert obj.state == "READY" and obj.error
+    return deserialize(obj.inline)
+
+
+def test_an_actor_dies_with_the_actor_that_created_it() -> None:
+    from flowcore.exceptions import ActorDiedError
+    src = IdSource()
+    st = _head(4)
+    st.handle("w-owner", {"op": "register_client", "kind": "worker", "pid": 11})
+    owner = _actor_spec(src, "Owner")
+    st.handle(C, {"op": "create_actor", "spec": owner, "rid": 1})
+    st.handle("w-owner", {"op": "actor_ready", "aid": owner["aid"], "pid": 11})
+    # the owner creates a child whose constructor waits for an argument
+    never = object_id(src.task_id())
+    st.handle("w-owner", {"op": "submit", "tasks": [{
+        "tid": never[:16], "fid": b"f", "name": "never", "args": b"", "deps": [],
+        "nret": 1, "res": {"CPU": 99.0}}]})
+    child = _actor_spec(src, "Child", deps=(never,))
+    st.handle("w-owner", {"op": "create_actor", "spec": child, "rid": 2})
+    detached = _actor_spec(src, "Kept", detached=True)
+    st.handle("w-owner", {"op": "create_actor", "spec": detached, "rid": 3})
+    st.client_disconnected("w-owner")  # the owner's process ended
+    assert st.actors[child["aid"]].state == "DEAD"
+    assert "its owner, actor Owner" in st.actors[child["aid"]].cause
+    assert st.actors[detached["aid"]].state != "DEAD"  # detached actors outlive it
+    err = _error_of(st, _call(st, src, child["aid"]))
+    assert isinstance(err, ActorDiedError) and "owner" in str(err)
+
+
+def test_an_actor_dies_with_the_task_that_created_it_when_its_worker_crashes() -> None:
+    src = IdSource()
+    st = _head(4)
+    st.handle("w-task", {"op": "register_client", "kind": "worker", "pid": 22})
+    tid = src.task_id()
+    st.handle(C, {"op": "submit", "tasks": [{"tid": tid, "fid": b"f", "name": "maker",
+                                             "args": b"", "deps": [], "nret": 1,
+                                             "res": {"CPU": 1.0}, "retries": 0}]})
+    child = _actor_spec(src, "Child")
+    st.handle("w-task", {"op": "create_actor", "spec": child, "rid": 1})
+    # the task handed the handle to the driver
+    st.handle(C, {"op": "incref", "oids": [actor_handle_id(child["aid"])]})
+    st.client_disconnected("w-task")  # the crash is reported after the disconnect
+    assert st.actors[child["aid"]].state != "DEAD"  # a pool worker may simply exit
+    st.handle("n1", {"op": "worker_died", "tid": tid, "pid": 22, "how": "killed by SIGKILL"})
+    assert st.actors[child["aid"]].state == "DEAD"
+    assert "maker" in st.actors[child["aid"]].cause
+
+
+@flowcore.remote(num_cpus=0)
+class _Child:
+    def f(self):
+        return 1
+
+
+@flowcore.remote(num_cpus=0)
+class _Owner:
+    def make(self):
+        self.child = _Child.remote()
+        flowcore.get(self.child.f.remote())
+        return [self.child]
+
+
+def test_calls_on_an_actor_whose_owner_actor_died_fail_with_actor_died_error(cluster2):
+    from flowcore.exceptions import ActorDiedError
+    owner = _Owner.remote()
+    [child] = flowcore.get(owner.make.remote(), timeout=60)
+    assert flowcore.get(child.f.remote(), timeout=60) == 1
+    flowcore.kill(owner)
+    with pytest.raises(ActorDiedError, match="owner"):
+        for _ in range(200):  # calls made before the head saw the owner go may still run
+            flowcore.get(child.f.remote(), timeout=60)

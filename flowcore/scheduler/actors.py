@@ -357,13 +357,39 @@ class ActorsMixin:
         else:
             self._actor_dead(actor, "it was killed with flowcore.kill() before it started")
 
-    def _kill_owned_actors(self, cid: str) -> None:
+    def _kill_owned_actors(self, cid: str,
+                           cause: str = "its owner (the driver that created it) exited") -> None:
+        """Fate sharing: the non-detached actors ``cid`` created die with it."""
         for actor in list(self.actors.values()):
             if actor.owner == cid and not actor.detached and actor.state != DEAD:
                 actor.no_restart = True
-                if actor.node:
+                if actor.node and (actor.state != PENDING or actor.pid):
                     self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
-                self._actor_dead(actor, "its owner (the driver or task that created it) exited")
+                self._actor_dead(actor, cause)
+
+    def _owner_process_ended(self, cid: str) -> None:
+        """Client ``cid`` disconnected: if it was an actor's process, the
+        actors it created die with it (a pool worker that exits after its
+        tasks hands what it created on through the handles it returned)."""
+        owner = next((a for a in self.actors.values() if a.client == cid), None)
+        if owner is None:
+            return
+        why = owner.cause if owner.state in (DEAD, RESTARTING) and owner.cause else \
+            "its process exited"
+        self._kill_owned_actors(cid, f"its owner, actor {owner.class_name} "
+                                     f"({owner.aid.hex()[:12]}), died: {why}")
+
+    def _worker_crashed(self, pid: int | None, cause: str) -> None:
+        """A worker died while running a task: actors that task created die."""
+        if not pid:
+            return
+        cids = {cid for cid, info in self.clients.items()  # type: ignore[attr-defined]
+                if info.get("kind") == "worker" and info.get("pid") == pid}
+        gone = self._gone_workers.get(pid)  # type: ignore[attr-defined]
+        if gone is not None:
+            cids.add(gone)
+        for cid in cids:
+            self._kill_owned_actors(cid, f"its owner died: {cause}")
 
     def _actors_on_dead_node(self, node_id: str, cause: str) -> None:
         dead = self.nodes.get(node_id)  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
 from .. import ids
@@ -221,6 +221,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._init_direct_calls()
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
+        self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
         self._releasing = False
         self.keep_dead_actors = 1000
         # dependents of failed objects, failed by a loop rather than by
@@ -319,6 +320,13 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self._cancel_owned_tasks(cid)
             self._kill_owned_actors(cid)
             self._remove_owned_groups(cid)
+        else:
+            # an actor's process ended: the actors it created die with it
+            self._owner_process_ended(cid)
+            if info.get("pid"):  # a crash report may come after the disconnect
+                self._gone_workers[info["pid"]] = cid
+                while len(self._gone_workers) > 1000:
+                    self._gone_workers.popitem(last=False)
         for oid in self.client_refs.pop(cid, ()):
             obj = self.objects.get(oid)
             if obj is not None:
@@ -887,6 +895,9 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             return
         node = self.nodes.get(source)
         where = node.name if node else source
+        # the actors the crashed task created die with their owner
+        self._worker_crashed(msg.get("pid"), f"the task {t.name} that created it died "
+                                              f"with its worker (pid {msg.get('pid')}): {how}")
         err = WorkerCrashedError(
             f"the worker process (pid {msg.get('pid')}) running task {t.name} on node "
             f"{where} died: {how}. The task was tried {t.attempt} time(s); raise max_retries "
