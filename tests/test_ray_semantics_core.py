@@ -240,3 +240,45 @@ def test_calls_on_an_actor_whose_owner_actor_died_fail_with_actor_died_error(clu
     with pytest.raises(ActorDiedError, match="owner"):
         for _ in range(200):  # calls made before the head saw the owner go may still run
             flowcore.get(child.f.remote(), timeout=60)
+
+
+# ============================================== cancel of a task offered to its node
+def _task(src: IdSource, **kw) -> dict:
+    return {"tid": src.task_id(), "fid": b"f", "name": "spin", "args": b"", "deps": [],
+            "nret": 1, "res": {"CPU": 1.0}, **kw}
+
+
+def test_cancelling_a_task_offered_to_its_node_stops_it_there() -> None:
+    src = IdSource()
+    st = _head(1)
+    spec = _task(src, local="n1")
+    st.handle(C, {"op": "submit", "tasks": [spec]})
+    out = st.handle(C, {"op": "cancel", "oid": object_id(spec["tid"]), "force": True})
+    assert str(st.tasks[spec["tid"]].state) == "CANCELLED"
+    # the node, which may have started it, is told to stop (or refuse) it
+    assert ("n1", {"op": "cancel_task", "tid": spec["tid"], "force": True,
+                   "local": True}) in out
+    # its late "started" verdict takes nothing: the next task still gets the CPU
+    st.handle("n1", {"op": "local_verdict", "tid": spec["tid"], "started": True})
+    assert st.nodes["n1"].available["CPU"] == 1.0
+    nxt = _task(src)
+    st.handle(C, {"op": "submit", "tasks": [nxt]})
+    assert str(st.tasks[nxt["tid"]].state) == "RUNNING"
+
+
+@flowcore.remote
+def _spin_or_return(spin):
+    import time
+    while spin:
+        time.sleep(0.05)
+    return "done"
+
+
+def test_force_cancels_right_after_submission_leave_no_task_stuck(fresh_cluster):
+    fresh_cluster(num_cpus=1)
+    for _ in range(6):
+        spinning = _spin_or_return.remote(True)
+        flowcore.cancel(spinning, force=True)
+        with pytest.raises(flowcore.exceptions.TaskCancelledError):
+            flowcore.get(spinning, timeout=60)
+        assert flowcore.get(_spin_or_return.remote(False), timeout=60) == "done"

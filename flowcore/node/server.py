@@ -454,7 +454,7 @@ class NodeServer:
             for oid in msg["oids"]:
                 self.store.delete(oid)
         elif op == "cancel_task":
-            self._cancel(msg["tid"], msg.get("force", False))
+            self._cancel(msg["tid"], msg.get("force", False), bool(msg.get("local")))
         elif op == "prefetch":  # keep a second copy of a put object
             for item in msg["objects"]:
                 asyncio.ensure_future(self._prefetch(item))
@@ -464,9 +464,14 @@ class NodeServer:
         else:
             logger.warning("unknown op %r from the head", op)
 
-    def _cancel(self, tid: bytes, force: bool) -> None:
+    def _cancel(self, tid: bytes, force: bool, local: bool = False) -> None:
+        """``local``: a task offered to this node (local-first) that the head
+        cancelled before hearing the verdict; if it has not come yet, it is
+        refused when it does."""
         wid, task = self.pool.find_task(tid)
         if task is None:
+            if local and tid not in self._local_started:
+                _remember(self._local_refused, tid)
             return
         if wid is None:
             self.pool.drop_queued(tid)

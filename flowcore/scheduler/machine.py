@@ -346,6 +346,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                     self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": False})
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
+                self._withdraw_offer(t, False)
                 self._cancel_task(t, "its driver disconnected")
 
     def check_heartbeats(self, now: float, timeout: float) -> list[str]:
@@ -948,6 +949,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force})
             return
         self.infeasible.discard(t.tid)
+        self._withdraw_offer(t, force)  # offered to its node, which may have started it
         self._cancel_task(t, cause)
 
     def _cancel_task(self, t: TaskRecord, cause: str) -> None:
