@@ -297,7 +297,7 @@ class LocalCluster:
                      num_gpus: int | None = None, resources: dict | None = None,
                      object_store_memory: int | None = None, name: str | None = None,
                      max_workers: int | None = None, worker_sys_path: list[str] | None = None,
-                     worker_memory_limit: int | None = None,
+                     worker_memory_limit: int | None = None, memory: int | None = None,
                      stdin: int = subprocess.DEVNULL) -> tuple:
         n = len(self.nodes)
         log = os.path.join(self.session_dir, "logs", f"node-{n}.log")
@@ -315,6 +315,8 @@ class LocalCluster:
             args += ["--object-store-memory", str(int(object_store_memory))]
         if max_workers:
             args += ["--max-workers", str(max_workers)]
+        if memory is not None:
+            args += ["--memory", str(int(memory))]
         if worker_memory_limit:
             args += ["--worker-memory-limit", str(int(worker_memory_limit))]
         paths = worker_sys_path if worker_sys_path is not None else sys.path

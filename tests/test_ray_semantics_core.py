@@ -282,3 +282,47 @@ def test_force_cancels_right_after_submission_leave_no_task_stuck(fresh_cluster)
         with pytest.raises(flowcore.exceptions.TaskCancelledError):
             flowcore.get(spinning, timeout=60)
         assert flowcore.get(_spin_or_return.remote(False), timeout=60) == "done"
+
+
+# ============================================== memory as a resource
+def test_memory_is_a_scheduling_quantity_and_too_much_is_infeasible() -> None:
+    from flowcore.options import resource_request, validate, TASK
+    assert resource_request({"memory": 300}) == {"CPU": 1.0, "memory": 300.0}
+    with pytest.raises(ValueError, match="memory= option"):
+        validate(TASK, {"resources": {"memory": 1}}, "f")
+    src = IdSource()
+    st = _head(4)
+    st.handle("n1", {"op": "register_node", "node_id": "n1", "name": "n1",
+                     "address": "tcp://127.0.0.1:1",
+                     "resources": {"CPU": 4, "memory": 1000.0}})
+    a, b = _task(src, res={"CPU": 1.0, "memory": 600.0}), _task(src, res={"memory": 600.0})
+    st.handle(C, {"op": "submit", "tasks": [a, b]})
+    assert str(st.tasks[a["tid"]].state) == "RUNNING"
+    assert str(st.tasks[b["tid"]].state) == "QUEUED"  # waits for the first one's memory
+    big = _task(src, res={"memory": 5000.0})
+    st.handle(C, {"op": "submit", "tasks": [big]})
+    assert str(st.tasks[big["tid"]].state) == "INFEASIBLE"
+    st.handle(C, {"op": "create_placement_group", "pgid": src.task_id(), "rid": 1,
+                  "bundles": [{"CPU": 1, "memory": 4000}], "strategy": "PACK"})
+    [pg] = st.pgs.values()
+    assert pg.state == "PENDING" and "infeasible" in pg.cause and "memory" in pg.cause
+
+
+@flowcore.remote
+class _Holder:
+    def ping(self):
+        return "up"
+
+
+def test_memory_reserved_by_actors_and_bundles(private_cluster):
+    private_cluster(nodes=1, cpus_per_node=2, memory=100 << 20)
+    assert flowcore.cluster_resources()["memory"] == 100 << 20
+    first = _Holder.options(memory=60 << 20, num_cpus=0).remote()
+    assert flowcore.get(first.ping.remote(), timeout=60) == "up"
+    second = _Holder.options(memory=60 << 20, num_cpus=0).remote()
+    ping = second.ping.remote()
+    assert not flowcore.wait([ping], timeout=0.5)[0]  # 40 MiB left: it waits
+    flowcore.kill(first)
+    assert flowcore.get(ping, timeout=60) == "up"
+    pg = flowcore.placement_group([{"CPU": 1, "memory": 30 << 20}], strategy="STRICT_PACK")
+    assert pg.wait(timeout_seconds=60)

@@ -54,6 +54,10 @@ def parser() -> argparse.ArgumentParser:
                    help="GPUs to offer (default: those nvidia-smi lists, else 0)")
     p.add_argument("--resources", default=None,
                    help='custom resources as JSON, e.g. \'{"disk": 2}\'')
+    p.add_argument("--memory", type=int, default=None,
+                   help="bytes of memory tasks and actors may reserve with memory= (a "
+                        "scheduling quantity, not a limit; default: the machine's available "
+                        "memory)")
     p.add_argument("--object-store-memory", type=int, default=None,
                    help="bytes of shared memory for the object store (default 30%% of RAM)")
     p.add_argument("--token", default=None)
@@ -136,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                           object_store_memory=args.object_store_memory or default_store_memory(),
                           session_dir=state_dir, host=args.host, name=args.name,
                           max_workers=args.max_workers,
-                          worker_memory_limit=args.worker_memory_limit, tls=tls_config)
+                          worker_memory_limit=args.worker_memory_limit, tls=tls_config,
+                          memory=args.memory)
     except (ValueError, OSError) as e:
         print(f"flowcore-worker: cannot start the node: {e}", file=sys.stderr)
         return 2

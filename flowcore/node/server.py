@@ -36,13 +36,20 @@ def _remember(table: "OrderedDict[bytes, None]", tid: bytes) -> None:
         table.popitem(last=False)
 
 
+
+def default_memory() -> int:
+    """The node's ``memory`` resource when not given: the machine's available memory."""
+    import psutil
+    return int(psutil.virtual_memory().available)
+
 class NodeServer:
     def __init__(self, head_address: str, token: bytes, *, num_cpus: float,
                  num_gpus: int = 0, resources: dict[str, float] | None = None,
                  object_store_memory: int, session_dir: str, host: str = "127.0.0.1",
                  name: str | None = None, max_workers: int | None = None,
                  worker_env: dict[str, str] | None = None, worker_cwd: str | None = None,
-                 worker_memory_limit: int | None = None, tls: TLSConfig | None = None):
+                 worker_memory_limit: int | None = None, tls: TLSConfig | None = None,
+                 memory: float | None = None):
         from ..objects.store import ObjectStore, sweep_stale_segments
 
         self.head_address = head_address
@@ -54,6 +61,11 @@ class NodeServer:
         self.session_dir = session_dir
         self.resources = {"CPU": float(num_cpus), **({"GPU": float(num_gpus)} if num_gpus else {}),
                           **(resources or {})}
+        if "memory" not in self.resources:
+            # bytes tasks and actors may ask for with memory= (a scheduling
+            # quantity, as in Ray): by default what the machine has available
+            self.resources["memory"] = float(memory if memory is not None
+                                             else default_memory())
         self.pool = WorkerPool(self.resources, max_workers, list(range(num_gpus)))
         self.worker_env = worker_env or {}
         self.worker_cwd = worker_cwd
