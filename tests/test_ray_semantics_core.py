@@ -326,3 +326,35 @@ def test_memory_reserved_by_actors_and_bundles(private_cluster):
     assert flowcore.get(ping, timeout=60) == "up"
     pg = flowcore.placement_group([{"CPU": 1, "memory": 30 << 20}], strategy="STRICT_PACK")
     assert pg.wait(timeout_seconds=60)
+
+
+# ============================================== get of ready objects keeps the CPU
+def test_the_head_acknowledges_a_subscription_with_what_is_pending() -> None:
+    src = IdSource()
+    st = _head(1)
+    ready_one = object_id(src.task_id())
+    st.handle(C, {"op": "put", "oid": ready_one, "inline": b"v", "size": 1})
+    waiting = _task(src, res={"CPU": 9.0})  # never runs: its result stays pending
+    st.handle(C, {"op": "submit", "tasks": [waiting]})
+    out = st.handle("w", {"op": "subscribe", "oids": [ready_one], "ack": 7})
+    assert [m["op"] for _, m in out] == ["object_ready", "subscribed"]
+    assert out[-1][1] == {"op": "subscribed", "ack": 7, "pending": 0}
+    out = st.handle("w", {"op": "subscribe", "oids": [object_id(waiting["tid"])], "ack": 8})
+    assert out == [("w", {"op": "subscribed", "ack": 8, "pending": 1})]
+
+
+@flowcore.remote
+def _total(refs):
+    import os
+    values = flowcore.get(refs)
+    return sum(len(v) if isinstance(v, bytearray) else v for v in values), os.getpid()
+
+
+def test_get_of_ready_objects_inside_a_task_keeps_the_cpu(fresh_cluster):
+    fresh_cluster(num_cpus=1)
+    refs = [flowcore.put(bytearray(200 << 10)) for _ in range(3)]  # in the store
+    refs += [flowcore.put(i) for i in range(4)]  # inline
+    out = flowcore.get([_total.remote(refs) for _ in range(15)], timeout=60)
+    assert {total for total, _ in out} == {3 * (200 << 10) + 6}
+    # a task that gave its CPU back would have made the node start another worker
+    assert len({pid for _, pid in out}) == 1

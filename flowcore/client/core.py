@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import itertools
 import logging
 import os
 import threading
@@ -104,6 +105,9 @@ class CoreClient(DirectCallsMixin):
         self._reconnecting: asyncio.Future | None = None
         self._held: list[dict] = []
         self.on_node_message: Callable[[dict], None] | None = None
+        # acknowledged subscriptions awaited by a get inside a task: id -> callback
+        self._acks: dict[int, Callable[[int], None]] = {}
+        self._ack_ids = itertools.count(1)
         # direct actor calls: one link per actor called, and (IO thread) the
         # connections to actors' processes by link key
         self.direct = direct.DirectCalls()
@@ -362,6 +366,10 @@ class CoreClient(DirectCallsMixin):
         op = msg["op"]
         if op == "object_ready":
             self._object_ready(msg)
+        elif op == "subscribed":  # see _subscribe_missing(ack=)
+            cb = self._acks.pop(msg.get("ack"), None)
+            if cb is not None:
+                cb(msg.get("pending", 0))
         elif op == "warning":
             import warnings
             warnings.warn(msg.get("text", ""), RuntimeWarning, stacklevel=1)
@@ -639,17 +647,29 @@ class CoreClient(DirectCallsMixin):
         return self.mapping
 
     # ------------------------------------------------------------ get / wait
-    def _subscribe_missing(self, oids: Iterable[bytes]) -> None:
-        """Ask the head to notify us for objects we are not already told about."""
+    def _subscribe_missing(self, oids: Iterable[bytes], ack: int | None = None) -> bool:
+        """Ask the head to notify us for objects we are not already told
+        about.  ``ack``: the head also answers ``subscribed`` with how many of
+        them are still pending (after the readiness of the others).  True
+        when every one of ``oids`` was asked for now (none was already
+        awaited: a result of our own task, or an earlier subscription)."""
         new = []
+        fresh = True
         with self._lock:
             for oid in oids:
-                if oid in self.ready or oid in self.expected or oid in self.subscribed:
+                if oid in self.ready:
+                    continue
+                if oid in self.expected or oid in self.subscribed:
+                    fresh = False
                     continue
                 self.subscribed.add(oid)
                 new.append(oid)
         if new:
-            self.send("head", {"op": "subscribe", "oids": new})
+            msg: dict[str, Any] = {"op": "subscribe", "oids": new}
+            if ack is not None:
+                msg["ack"] = ack
+            self.send("head", msg)
+        return fresh and bool(new)
 
     def wait_ready(self, oids: list[bytes], num: int, timeout: float | None,
                    fail_fast: bool = False) -> set[bytes]:
@@ -659,6 +679,7 @@ class CoreClient(DirectCallsMixin):
         if self._dpending:
             self._flush_direct(self._on_io_thread())  # before waiting for their answers
         event = threading.Event()
+        wake = threading.Event()  # event, or the head said some are pending
         state = {"count": 0}
         ready: set[bytes] = set()
         missing: list[bytes] = []
@@ -670,6 +691,7 @@ class CoreClient(DirectCallsMixin):
                     ready.add(oid)
                     if len(ready) >= num or (fail_fast and self._failed(oid)):
                         event.set()
+                        wake.set()
             return cb
 
         cb_lock = threading.Lock()
@@ -690,9 +712,21 @@ class CoreClient(DirectCallsMixin):
             for oid in missing:
                 cb = callbacks[oid] = make_cb(oid)
                 self.waiters.setdefault(oid, []).append(cb)
-        self._subscribe_missing(missing)
-        blocked = self._set_blocked(True)
+        # inside a task, the CPU is given back only when the get will really
+        # block: objects the head already has ready arrive at once, so ask it
+        # which are pending first (a subscription it acknowledges)
+        token = None
+        if self.kind == "worker" and self.current_task is not None:
+            token = next(self._ack_ids)
+            self._acks[token] = lambda pending: wake.set()
+        blocked = False
         try:
+            if self._subscribe_missing(missing, ack=token) and token is not None:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                self._wait_event(wake, timeout)
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
+            blocked = False if event.is_set() else self._set_blocked(True)
             warn_after = GET_WARN_AFTER if self.kind == "driver" else None
             if warn_after is not None and (timeout is None or timeout > warn_after):
                 if not self._wait_event(event, warn_after):
@@ -701,6 +735,8 @@ class CoreClient(DirectCallsMixin):
             else:
                 self._wait_event(event, timeout)
         finally:
+            if token is not None:
+                self._acks.pop(token, None)
             if blocked:
                 self._set_blocked(False)
             with self._lock:

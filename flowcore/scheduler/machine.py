@@ -559,6 +559,10 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self._failing = False
 
     def handle_subscribe(self, source: str, msg: dict) -> None:
+        """``source`` wants to hear when each of ``oids`` is ready; with
+        ``ack``, it also hears, after the ones ready now, how many are still
+        pending (a get inside a task gives its CPU back only then)."""
+        pending = 0
         for oid in msg["oids"]:
             obj = self.objects.get(oid)
             if obj is None:
@@ -569,8 +573,11 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                                     "error": True, "inline": payload})
             elif obj.state == PENDING:
                 obj.waiters.add(source)
+                pending += 1
             else:
                 self._send(source, self._ready(obj))
+        if msg.get("ack") is not None:
+            self._send(source, {"op": "subscribed", "ack": msg["ack"], "pending": pending})
 
     def handle_object_location(self, source: str, msg: dict) -> None:
         """A node gained (``add``) or dropped a copy."""
