@@ -358,3 +358,61 @@ def test_get_of_ready_objects_inside_a_task_keeps_the_cpu(fresh_cluster):
     assert {total for total, _ in out} == {3 * (200 << 10) + 6}
     # a task that gave its CPU back would have made the node start another worker
     assert len({pid for _, pid in out}) == 1
+
+
+# ============================================== actor restarts wait for a node
+def test_an_actor_whose_node_died_waits_restarting_until_a_node_fits() -> None:
+    from flowcore.scheduler.explain import explain
+    src = IdSource()
+    st = _head(1)
+    spec = _actor_spec(src, "A", max_restarts=-1, place={"CPU": 1.0, "spot": 1.0},
+                       hold={"spot": 1.0})
+    st.handle("n2", {"op": "register_node", "node_id": "n2", "name": "n2",
+                     "address": "tcp://127.0.0.1:2", "resources": {"CPU": 1, "spot": 1}})
+    st.handle(C, {"op": "create_actor", "spec": spec, "rid": 1})
+    st.handle("w-a", {"op": "actor_ready", "aid": spec["aid"], "pid": 5})
+    assert st.actors[spec["aid"]].node == "n2"
+    st.node_died("n2", "its connection was lost")
+    actor = st.actors[spec["aid"]]
+    assert actor.state == "RESTARTING"  # not dead: no node has "spot" right now
+    call = _call(st, src, spec["aid"])
+    why = explain(st, call)["text"]
+    assert "RESTARTING" in why and "its node n2 died" in why
+    assert "waits for a node that can hold" in why and "spot=1" in why
+    out = st.handle("n3", {"op": "register_node", "node_id": "n3", "name": "n3",
+                           "address": "tcp://127.0.0.1:3", "resources": {"CPU": 1, "spot": 1}})
+    starts = [m for dest, m in out if dest == "n3" and m["op"] == "start_actor"]
+    assert len(starts) == 1 and starts[0]["restart"] == 1
+    out = st.handle("w-a2", {"op": "actor_ready", "aid": spec["aid"], "pid": 6})
+    assert actor.state == "ALIVE" and actor.node == "n3"
+    assert any(m["op"] == "run_task" and m["tid"] == call[:16] for _, m in out)
+    assert st.nodes["n3"].available == {"CPU": 1.0, "spot": 0.0}  # holds what it asked
+
+
+@flowcore.remote(max_restarts=1, max_task_retries=-1, num_cpus=0, resources={"spot": 1})
+class _Counter:
+    def __init__(self):
+        self.n = 0
+
+    def incr(self):
+        self.n += 1
+        return self.n
+
+
+@pytest.mark.filterwarnings("ignore:actor _Counter cannot be placed:RuntimeWarning")
+def test_actor_restarts_on_a_node_that_joins_after_its_node_died(private_cluster):
+    cluster = private_cluster(nodes=1, cpus_per_node=1)
+    spot = cluster.add_node(num_cpus=1, resources={"spot": 1})
+    counter = _Counter.remote()
+    assert flowcore.get(counter.incr.remote(), timeout=60) == 1
+    cluster.kill_node(spot)
+    call = counter.incr.remote()
+    # it waits, RESTARTING, for a node with "spot" (none is left)
+    deadline = __import__("time").monotonic() + 60
+    while "waits for a node" not in flowcore.explain(call)["text"]:
+        assert __import__("time").monotonic() < deadline, flowcore.explain(call)["text"]
+        assert not flowcore.wait([call], timeout=0.1)[0]
+    [row] = [a for a in flowcore.state.list_actors() if a["class_name"].endswith("_Counter")]
+    assert row["state"] == "RESTARTING"
+    cluster.add_node(num_cpus=1, resources={"spot": 1})
+    assert flowcore.get(call, timeout=60) == 1  # the state started over

@@ -41,6 +41,8 @@ class ActorRecord:
         self.is_async = bool(spec.get("is_async"))
         self.hold: dict[str, float] = spec.get("hold") or {}
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
+        self.strategy: Any = spec.get("strategy")  # where it is placed (restarts too)
+        self.place: dict[str, float] = spec.get("place") or {"CPU": 1.0}
         self.create_tid: bytes = spec["tid"]
         # the constructor's arguments, kept (and their objects held) for restarts
         self.args: bytes | None = spec.get("args")
@@ -288,18 +290,46 @@ class ActorsMixin:
         actor.direct_port = None
         node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
         if move or node is None or not node.alive:
-            # restart on another node where its placement resources fit
-            place = actor.hold or {"CPU": 1.0}
-            others = [n for n in self.nodes.values()  # type: ignore[attr-defined]
-                      if n.alive and n.node_id != actor.node and n.fits(place)]
-            if not others:
-                self._actor_dead(actor, cause + "; no other node could take it")
-                return
-            node = max(others, key=lambda n: n.available.get("CPU", 0.0))
-            actor.node = node.node_id
-            actor.client = None
-            actor.bundle = None  # out of its bundle, which was on the dead node
+            self._replace_actor(actor, cause)
+            return
         self._start_actor_process(actor)
+
+    def _replace_actor(self, actor: ActorRecord, cause: str) -> None:
+        """Its node is gone: the actor is placed again like a new one (its
+        creation task queued for a node where its resources fit, in its
+        placement-group bundle if it had one), and stays RESTARTING, with
+        its calls waiting, until a node can take it."""
+        s = actor.strategy
+        strategy = tuple(s) if isinstance(s, list) else s
+        if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
+            if not strategy[2] and strategy[1] == actor.node:
+                self._actor_dead(actor, cause + "; it must run on that node (hard node "
+                                               "affinity)")
+                return
+            strategy = None  # soft: anywhere
+        actor.node = None
+        actor.pid = None
+        actor.client = None
+        actor.bundle = None
+        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        if t is not None and t.state == S.RUNNING:
+            # still constructing when its node died: the same creation again
+            self._finish_resources(t)  # type: ignore[attr-defined]
+            t.strategy = strategy
+            self._transition(t, S.QUEUED, f"actor restarting: {cause}")  # type: ignore
+            self.queues.setdefault(t.shape, deque()).append(t.tid)  # type: ignore
+            return
+        if t is not None and t.state is not None and not t.state.done:
+            return  # already waiting to be placed
+        if t is not None:
+            del self.tasks[t.tid]  # type: ignore[attr-defined]
+        self._submit(actor.owner, {  # type: ignore[attr-defined]
+            "tid": actor.create_tid, "aid": actor.aid, "fid": actor.fid,
+            "name": f"{actor.class_name}.__init__", "args": actor.args,
+            "args_dep": actor.args_dep, "deps": list(actor.deps),
+            "nested": list(actor.nested), "nret": 0, "kind": "create", "res": actor.place,
+            "retries": 0, "strategy": list(strategy) if isinstance(strategy, tuple) else strategy,
+            "renv": actor.renv})
 
     def _release_hold(self, actor: ActorRecord) -> None:
         if actor.holding:

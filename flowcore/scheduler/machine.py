@@ -676,7 +676,9 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 why = f"no node has {dict(t.res)}"
             self._transition(t, S.INFEASIBLE, why)
             self.infeasible.add(t.tid)
-            w = (f"task {t.name} cannot be placed: {why}; it stays pending until a node that "
+            what = f"actor {t.name.removesuffix('.__init__')}" if t.kind == "create" \
+                else f"task {t.name}"
+            w = (f"{what} cannot be placed: {why}; it stays pending until a node that "
                  f"fits joins")
             self.warnings.append(w)
             self._send(t.owner, {"op": "warning", "text": w})
