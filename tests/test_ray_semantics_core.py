@@ -416,3 +416,19 @@ def test_actor_restarts_on_a_node_that_joins_after_its_node_died(private_cluster
     assert row["state"] == "RESTARTING"
     cluster.add_node(num_cpus=1, resources={"spot": 1})
     assert flowcore.get(call, timeout=60) == 1  # the state started over
+
+
+# ============================================== num_cpus=0 actors in CPU-less bundles
+def test_a_num_cpus_0_actor_fits_a_bundle_without_cpu(cluster2):
+    from flowcore import PlacementGroupSchedulingStrategy
+    pg = flowcore.placement_group([{"memory": 1 << 20}])
+    assert pg.wait(timeout_seconds=60)
+    try:
+        a = _Holder.options(num_cpus=0,
+                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote()
+        assert flowcore.get(a.ping.remote(), timeout=60) == "up"
+        # the default placement CPU still applies when nothing is asked for
+        with pytest.raises(ValueError, match="more than any bundle"):
+            _Holder.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote()
+    finally:
+        flowcore.remove_placement_group(pg)

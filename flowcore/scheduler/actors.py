@@ -42,7 +42,9 @@ class ActorRecord:
         self.hold: dict[str, float] = spec.get("hold") or {}
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
         self.strategy: Any = spec.get("strategy")  # where it is placed (restarts too)
-        self.place: dict[str, float] = spec.get("place") or {"CPU": 1.0}
+        # what it needs free to be placed ({} for num_cpus=0 and nothing else)
+        place = spec.get("place")
+        self.place: dict[str, float] = {"CPU": 1.0} if place is None else place
         self.create_tid: bytes = spec["tid"]
         # the constructor's arguments, kept (and their objects held) for restarts
         self.args: bytes | None = spec.get("args")
@@ -117,7 +119,7 @@ class ActorsMixin:
         create = dict(spec)
         create["nret"] = 0
         create["kind"] = "create"
-        create["res"] = spec.get("place") or {"CPU": 1.0}
+        create["res"] = actor.place
         create["retries"] = 0
         self._submit(source, create)  # type: ignore[attr-defined]
         self._hold(actor.deps + actor.nested)  # type: ignore[attr-defined]
