@@ -38,12 +38,18 @@ def test_a_call_with_refs_nested_in_its_arguments_goes_through_the_head() -> Non
 
 
 @pytest.fixture(scope="module")
-def cluster2(tmp_path_factory):
+def _module_end():
+    yield
     flowcore.shutdown()
-    info = flowcore.init(num_cpus=2, object_store_memory=128 << 20,
-                         session_dir=str(tmp_path_factory.mktemp("semcore")))
-    yield info
-    flowcore.shutdown()
+
+
+@pytest.fixture
+def cluster2(_module_end, tmp_path_factory):
+    """A 2-CPU cluster shared by the tests of this module that use it (started
+    again after a test that used a cluster of its own, which shuts it down)."""
+    if not flowcore.is_initialized():
+        flowcore.init(num_cpus=2, object_store_memory=128 << 20,
+                      session_dir=str(tmp_path_factory.mktemp("semcore")))
 
 
 @flowcore.remote
