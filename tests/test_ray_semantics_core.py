@@ -438,3 +438,20 @@ def test_a_num_cpus_0_actor_fits_a_bundle_without_cpu(cluster2):
             _Holder.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote()
     finally:
         flowcore.remove_placement_group(pg)
+
+
+def test_killing_an_actor_that_waits_to_restart_ends_it_and_its_calls() -> None:
+    from flowcore.exceptions import ActorDiedError
+    src = IdSource()
+    st = _head(1)
+    spec = _actor_spec(src, "A", max_restarts=1, place={"spot": 1.0}, hold={"spot": 1.0})
+    st.handle("n2", {"op": "register_node", "node_id": "n2", "name": "n2",
+                     "address": "tcp://127.0.0.1:2", "resources": {"CPU": 1, "spot": 1}})
+    st.handle(C, {"op": "create_actor", "spec": spec, "rid": 1})
+    st.handle("w-a", {"op": "actor_ready", "aid": spec["aid"], "pid": 5})
+    st.node_died("n2", "it stopped")
+    call = _call(st, src, spec["aid"])
+    st.handle(C, {"op": "kill_actor", "aid": spec["aid"]})
+    assert st.actors[spec["aid"]].state == "DEAD"
+    assert isinstance(_error_of(st, call), ActorDiedError)
+    assert not st.infeasible  # its creation no longer waits for a node

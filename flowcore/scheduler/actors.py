@@ -386,6 +386,9 @@ class ActorsMixin:
         if (actor.node and actor.state != PENDING) or actor.pid:
             actor.killing = True
             self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+        elif actor.state == RESTARTING:
+            self._actor_dead(actor, "it was killed with flowcore.kill() while waiting to "
+                                    "restart")
         else:
             self._actor_dead(actor, "it was killed with flowcore.kill() before it started")
 
@@ -395,7 +398,7 @@ class ActorsMixin:
         for actor in list(self.actors.values()):
             if actor.owner == cid and not actor.detached and actor.state != DEAD:
                 actor.no_restart = True
-                if actor.node and (actor.state != PENDING or actor.pid):
+                if actor.node:
                     self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
                 self._actor_dead(actor, cause)
 
