@@ -37,7 +37,7 @@ class ActorRecord:
         self.detached = bool(spec.get("detached"))
         self.max_restarts: int = spec.get("max_restarts", 0)
         self.max_task_retries: int = spec.get("max_task_retries", 0)
-        self.max_concurrency: int = spec.get("max_concurrency", 1)
+        self.max_concurrency: int | None = spec.get("max_concurrency")  # None: the default
         self.is_async = bool(spec.get("is_async"))
         self.hold: dict[str, float] = spec.get("hold") or {}
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
@@ -299,16 +299,13 @@ class ActorsMixin:
     def _replace_actor(self, actor: ActorRecord, cause: str) -> None:
         """Its node is gone: the actor is placed again like a new one (its
         creation task queued for a node where its resources fit, in its
-        placement-group bundle if it had one), and stays RESTARTING, with
+        placement-group bundle if it had one; node affinity no longer binds
+        it), and stays RESTARTING, with
         its calls waiting, until a node can take it."""
         s = actor.strategy
         strategy = tuple(s) if isinstance(s, list) else s
         if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
-            if not strategy[2] and strategy[1] == actor.node:
-                self._actor_dead(actor, cause + "; it must run on that node (hard node "
-                                               "affinity)")
-                return
-            strategy = None  # soft: anywhere
+            strategy = None  # its node is gone: it moves anywhere it fits
         actor.node = None
         actor.pid = None
         actor.client = None
