@@ -10,6 +10,8 @@ import pytest
 import flowcore
 from flowcore.client.direct import ActorLink, DirectCalls
 from flowcore.ids import IdSource, actor_handle_id, object_id
+from flowcore.objects.serialization import deserialize
+from flowcore.scheduler.machine import SchedulerState
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -147,8 +149,6 @@ def test_get_of_a_list_raises_a_failure_without_waiting_for_the_others(cluster2)
 
 
 # ============================================== actors die with their owner
-from flowcore.objects.serialization import deserialize  # noqa: E402
-from flowcore.scheduler.machine import SchedulerState  # noqa: E402
 
 
 def _actor_spec(src: IdSource, name: str, deps: tuple = (), **kw) -> dict:
