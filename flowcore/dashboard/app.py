@@ -3,7 +3,7 @@
 It runs on the head's own event loop.  Every handler answers from the
 cached snapshot (see ``snapshot.py``), so requests never walk the scheduler's
 tables themselves, except a single task's detail (on a click) and the DAG
-export (rate-limited, rendered by ``dot`` on a thread).
+export (rate-limited, rendered by ``dot`` or graphviz-pure on a thread).
 """
 from __future__ import annotations
 
@@ -418,16 +418,19 @@ class Dashboard:
             return (404, text, b"The graph is empty: the head tracks no task, actor or put "
                                b"object right now (finished tasks whose results nobody holds "
                                b"are pruned).")
-        import shutil
-
         from ..graph import draw
-        if shutil.which("dot") is None:
-            return (501, text, b"Drawing the DAG needs the Graphviz 'dot' program: "
-                               b"apt-get install graphviz (or conda/brew install graphviz).")
+        if draw.find_renderer("svg") is None:
+            return (501, text, b"Drawing the DAG needs the Graphviz 'dot' program or "
+                               b"graphviz-pure: pip install 'flowcore[graph]' (no system "
+                               b"install) or apt-get install graphviz (conda/brew install "
+                               b"graphviz), then reload. flowcore.visualize(filename="
+                               b"'dag.dot') writes the DOT source without either.")
         omitted = exported.get("omitted", 0)
         title = f"{len(nodes)} graph nodes" + (f" (the oldest; {omitted} newer not shown)"
                                                if omitted else "")
         graph = draw.to_digraph(nodes, edges, max_nodes=DAG_DRAW_LIMIT, title=title)
         svg = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: graph.pipe(format="svg"))
+            None, lambda: draw.render(graph, "svg"))
+        if svg is None:
+            return (501, text, b"Drawing the DAG failed: the renderer could not be run.")
         return (200, "image/svg+xml", svg)
