@@ -153,8 +153,11 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         if address is None and not os.environ.get("FLOWCORE_QUIET"):
             dash = (f", dashboard {_cluster.dashboard_login_url}"
                     if _cluster.dashboard_login_url else "")
+            from .cluster import describe_retention
+            kept = (describe_retention() if _cluster.own_session_dir
+                    else "kept: session_dir= is never pruned")
             print(f"flowcore: started a local cluster (head {_info['address']}{dash}); logs in "
-                  f"{_info['session_dir']}/logs", file=sys.stderr)
+                  f"{_info['session_dir']}/logs, {kept}", file=sys.stderr)
         return dict(_info)
 
 

@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"flowcore-worker: bad --resources {args.resources!r}: {e}", file=sys.stderr)
             return 2
     num_cpus = args.num_cpus if args.num_cpus is not None else float(os.cpu_count() or 1)
-    os.makedirs(os.path.join(state_dir, "logs"), exist_ok=True)
+    from ..private_files import make_private_dir
+    make_private_dir(state_dir)
+    make_private_dir(os.path.join(state_dir, "logs"))
 
     from .server import NodeServer
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import ids
 from .._version import __version__
+from ..private_files import make_private_dir
 from ..protocol.comm import Comm, connect, serve
 from .oom import OomWatch
 from ..protocol.tls import TLSConfig, strip_env
@@ -58,8 +59,8 @@ class NodeServer:
         self.worker_env = worker_env or {}
         self.worker_cwd = worker_cwd
         sweep_stale_segments()
-        spill = os.path.join(session_dir, f"spill-{self.node_id}")
-        os.makedirs(spill, exist_ok=True)
+        spill = self.spill_dir = os.path.join(session_dir, f"spill-{self.node_id}")
+        make_private_dir(spill)
         self.store = ObjectStore(os.path.basename(session_dir.rstrip("/")) or "session",
                                  self.node_id, object_store_memory, spill)
         self.head: Comm | None = None
@@ -226,6 +227,10 @@ class NodeServer:
         if getattr(self, "server", None) is not None:
             self.server.close()
         self.store.close()
+        try:
+            os.rmdir(self.spill_dir)  # empty after the store removed its files
+        except OSError:
+            pass
         self.stopped.set()
 
     # ------------------------------------------------------------ workers
