@@ -86,9 +86,9 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         if resources is not None:
             if not isinstance(resources, dict) or not all(
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and v >= 0 for k, v in resources.items()):
+                    and v >= 0 and math.isfinite(v) for k, v in resources.items()):
                 raise ValueError(f"init(resources={resources!r}): expected a dict of name -> "
-                                 f"number >= 0")
+                                 f"finite number >= 0")
             if "CPU" in resources or "GPU" in resources:
                 raise ValueError("init(resources=...): use num_cpus/num_gpus for CPU and GPU")
         if address is not None and not isinstance(address, str):
@@ -247,8 +247,10 @@ def _require_client() -> Any:
 def _check_timeout(fn: str, timeout: Any) -> None:
     if timeout is None:
         return
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0 \
-            or math.isnan(timeout):
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise TypeError(f"{fn}(timeout={timeout!r}): expected None or a number of seconds, "
+                        f"got {type(timeout).__name__}")
+    if timeout < 0 or math.isnan(timeout):
         raise ValueError(f"{fn}(timeout={timeout!r}): expected None or a number of seconds >= 0")
 
 

@@ -760,15 +760,44 @@ class CoreClient(DirectCallsMixin):
     def value_of(self, info: dict) -> Any:
         """Deserialize an object from its ready notification; raise if it is an error."""
         from ..objects.serialization import deserialize
-        if info.get("inline") is not None:
-            value = deserialize(info["inline"])
-        else:
-            value = self._read_from_store(info)
+        try:
+            if info.get("inline") is not None:
+                value = deserialize(info["inline"])
+            else:
+                value = self._read_from_store(info)
+        except FlowcoreError:
+            raise
+        except Exception as exc:
+            raise self._unreadable(info, exc) from exc
         if info.get("error"):
             if isinstance(value, BaseException):
                 raise value
             raise FlowcoreError(f"remote error: {value!r}")
         return value
+
+    def _unreadable(self, info: dict, exc: BaseException) -> "SerializationError":
+        """The error for an object whose bytes arrived but do not unpickle
+        here: which task made it, and which class was being rebuilt."""
+        from .. import ids
+        from ..objects.serialization import SerializationError, rebuilding_class
+        oid = info["oid"]
+        what = f"object {oid.hex()}"
+        if asyncio._get_running_loop() is None:  # may block: ask the head for the name
+            try:
+                t = self.query("task_info", tid=ids.task_of(oid)) or {}
+                if t.get("name"):
+                    what = f"the result of task {t['name']} ({what})"
+            except Exception:  # noqa: BLE001 - the name is a nicety
+                pass
+        cls = ""
+        if info.get("inline") is not None:
+            cls = rebuilding_class(info["inline"])
+        where = f" while rebuilding {cls}" if cls else ""
+        return SerializationError(
+            f"{what} could not be deserialized in this process{where}: "
+            f"{type(exc).__name__}: {exc}. Hint: its class must be importable here (the same "
+            f"module on sys.path, the same library versions) and its __reduce__/__setstate__ "
+            f"must work outside the task")
 
     def _read_from_store(self, info: dict) -> Any:
         from ..objects.serialization import deserialize

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -37,6 +38,13 @@ DAG_DRAW_LIMIT = 300
 #: a DAG picture is re-rendered at most this often, seconds
 DAG_INTERVAL = 3.0
 
+#: the response header naming the head's address (see protocol.comm.connect)
+HEAD_HEADER = "X-Flowcore-Head"
+#: an HTTP request line: METHOD SP target SP HTTP/x.y
+REQUEST_LINE = re.compile(rb"^[A-Z]{1,16} [\x21-\x7e]+ HTTP/\d\.\d\r?\n$")
+#: a connection that has not sent a whole request head by then is closed
+HEADER_TIMEOUT = 30.0
+
 CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
@@ -50,6 +58,7 @@ class Base(RequestHandler):
 
     def initialize(self, dash: "Dashboard", **kw: Any) -> None:  # type: ignore[override]
         self.dash = dash
+        self._head_header()
 
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -57,6 +66,13 @@ class Base(RequestHandler):
         self.set_header("Referrer-Policy", "no-referrer")
         self.set_header("Content-Security-Policy", CSP)
         self.set_header("Cache-Control", "no-store")
+        self._head_header()
+
+    def _head_header(self) -> None:
+        # so a flowcore client pointed at this HTTP port by mistake can name the head
+        dash = getattr(self, "dash", None)  # set_default_headers runs before initialize
+        if dash is not None and dash.head_info.get("address"):
+            self.set_header(HEAD_HEADER, dash.head_info["address"])
 
     def get_current_user(self) -> str | None:
         given = bearer(self.request.headers.get("Authorization"))
@@ -113,7 +129,11 @@ class Base(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         reason = self._reason
         if "exc_info" in kwargs and isinstance(kwargs["exc_info"][1], HTTPError):
-            reason = kwargs["exc_info"][1].log_message or reason
+            err = kwargs["exc_info"][1]
+            if err.log_message:
+                reason = err.log_message % err.args if err.args else err.log_message
+                if status_code == 403 and " is not in root static directory" in reason:
+                    reason = "that file is not in the static directory"
         if self.api:
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.finish(encode({"error": reason}))
@@ -132,6 +152,7 @@ class Page(Base):
 class Static(Base, StaticFileHandler):
     def initialize(self, dash: "Dashboard", path: str) -> None:  # type: ignore[override]
         self.dash = dash
+        self._head_header()
         StaticFileHandler.initialize(self, path)
 
     def prepare(self) -> None:
@@ -300,6 +321,53 @@ def _log_request(handler: RequestHandler) -> None:
                    1000.0 * handler.request.request_time())
 
 
+class VettingHTTPServer(HTTPServer):
+    """An HTTPServer that reads each connection's first line itself and
+    answers 400 and closes when it is not an HTTP request line (Tornado would
+    wait for a blank line that a garbage peer may never send)."""
+
+    def handle_stream(self, stream: Any, address: tuple) -> None:
+        asyncio.ensure_future(self._vet(stream, address))
+
+    async def _vet(self, stream: Any, address: tuple) -> None:
+        from tornado.iostream import StreamClosedError
+        try:
+            line = await asyncio.wait_for(
+                stream.read_until_regex(rb"\r?\n", max_bytes=8192), HEADER_TIMEOUT)
+        except (StreamClosedError, asyncio.TimeoutError, Exception):  # noqa: BLE001
+            # too long a line, silence or a hang-up: say so if the socket still takes it
+            await _bad_request(stream)
+            return
+        while line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore leading empty lines
+            try:
+                line = await asyncio.wait_for(
+                    stream.read_until_regex(rb"\r?\n", max_bytes=8192), HEADER_TIMEOUT)
+            except Exception:  # noqa: BLE001
+                await _bad_request(stream)
+                return
+        if not REQUEST_LINE.match(line) or not hasattr(stream, "_read_buffer"):
+            logger.info("dashboard: %s sent no HTTP request line: answered 400",
+                        address[0] if address else "?")
+            await _bad_request(stream)
+            return
+        # hand the line back to the stream, then serve as usual
+        stream._read_buffer[0:0] = line
+        stream._read_buffer_size += len(line)
+        super().handle_stream(stream, address)
+
+
+async def _bad_request(stream: Any) -> None:
+    try:
+        if not stream.closed():
+            await asyncio.wait_for(stream.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 34\r\nConnection: close\r\n\r\n"
+                b"400: not an HTTP/1.x request line\n"), 5.0)
+    except Exception:  # noqa: BLE001 - the peer is gone
+        pass
+    stream.close()
+
+
 class Dashboard:
     """The dashboard and /metrics of a head, on the head's event loop.
 
@@ -354,7 +422,8 @@ class Dashboard:
             from . import listen
             sockets, url = listen(self.host, self.port)
         self.port = sockets[0].getsockname()[1]
-        self.server = HTTPServer(self.app, xheaders=False)
+        self.server = VettingHTTPServer(self.app, xheaders=False,
+                                        idle_connection_timeout=HEADER_TIMEOUT)
         self.server.add_sockets(sockets)
         self.url = url or f"http://{self.host}:{self.port}"
         if hasattr(self.head, "dashboard_url"):

@@ -42,6 +42,8 @@ AUTH_TIMEOUT = 10.0
 #: a TLS server tells a peer that sent no TLS handshake for this long that it
 #: requires TLS (a client without TLS waits for the server to speak first)
 PLAIN_PEER_AFTER = 3.0
+#: a server silent this long after connecting is asked whether it speaks HTTP
+SILENT_PEER_PROBE = 1.0
 #: batches at least this large are received into a buffer of their own size
 BIG_BODY = 1 << 20
 Handler = Callable[["Comm", dict, list], Any]
@@ -523,8 +525,18 @@ async def connect(address: str, token: bytes, timeout: float = 10.0,
     except (OSError, asyncio.TimeoutError) as e:
         raise ConnectionError(f"cannot reach a flowcore process at {address}: {e}") from None
     comm.peer = address
+    http = None
     try:
-        await asyncio.wait_for(asyncio.shield(comm.opened), timeout)
+        if tls is None and timeout > SILENT_PEER_PROBE:
+            # a flowcore server greets at once; a silent one may be an HTTP server
+            # (the dashboard's port given by mistake): ask it on a second connection
+            done, _ = await asyncio.wait([comm.opened],  # wait() cancels nothing
+                                         timeout=SILENT_PEER_PROBE)
+            if not done and not comm._snonce:
+                http = await _probe_http(host, port)
+            timeout -= SILENT_PEER_PROBE
+        if http is None:
+            await asyncio.wait_for(asyncio.shield(comm.opened), timeout)
     except asyncio.TimeoutError:
         comm.close()
         raise AuthenticationError(f"{address} did not complete authentication in {timeout}s") \
@@ -540,7 +552,52 @@ async def connect(address: str, token: bytes, timeout: float = 10.0,
         raise AuthenticationError(
             f"{address} closed the connection during authentication (wrong token, or not a "
             f"flowcore process)") from None
+    if http is not None:
+        comm.close()
+        raise ConnectionError(_http_message(address, http))
     return comm
+
+
+async def _probe_http(host: str, port: int) -> dict[str, str] | None:
+    """The response headers if ``host:port`` answers an HTTP request, else None
+    (a flowcore server greets with its magic instead; anything else: None)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        writer.write(b"HEAD / HTTP/1.0\r\nHost: flowcore\r\n\r\n")
+        data = b""
+        while len(data) < 8192 and b"\r\n\r\n" not in data:
+            chunk = await asyncio.wait_for(reader.read(8192), 2.0)
+            if not chunk:
+                break
+            data += chunk
+            if data.startswith(auth.MAGIC[:len(data)]) and not data.startswith(b"HTTP/"):
+                if len(data) >= len(auth.MAGIC):
+                    return None  # a slow flowcore server
+    except (OSError, asyncio.TimeoutError):
+        return None if not data.startswith(b"HTTP/") else {}
+    finally:
+        writer.close()
+    if not data.startswith(b"HTTP/"):
+        return None
+    headers = {}
+    for line in data.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return headers
+
+
+def _http_message(address: str, headers: dict[str, str]) -> str:
+    head = headers.get("x-flowcore-head")
+    if head:
+        return (f"{address} speaks HTTP: it is the web dashboard of the flowcore head at "
+                f"{head}, not the head itself; connect to {head}")
+    return (f"{address} speaks HTTP, not the flowcore protocol: it is not a flowcore head "
+            f"(pass the head's tcp://HOST:PORT, which flowcore-scheduler prints as "
+            f"'listening at')")
 
 
 def parse_address(address: str) -> tuple[str, int]:
