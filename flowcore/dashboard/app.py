@@ -330,29 +330,27 @@ class VettingHTTPServer(HTTPServer):
         asyncio.ensure_future(self._vet(stream, address))
 
     async def _vet(self, stream: Any, address: tuple) -> None:
-        from tornado.iostream import StreamClosedError
+        data = bytearray()
+        deadline = time.monotonic() + HEADER_TIMEOUT
         try:
-            line = await asyncio.wait_for(
-                stream.read_until_regex(rb"\r?\n", max_bytes=8192), HEADER_TIMEOUT)
-        except (StreamClosedError, asyncio.TimeoutError, Exception):  # noqa: BLE001
-            # too long a line, silence or a hang-up: say so if the socket still takes it
+            while True:
+                first = bytes(data).lstrip(b"\r\n")  # RFC 9112 2.2: ignore leading CRLFs
+                if b"\n" in first or len(data) > 8192:
+                    break
+                data += await asyncio.wait_for(stream.read_bytes(8192, partial=True),
+                                               max(0.01, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - silence or a hang-up before a whole line
             await _bad_request(stream)
             return
-        while line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore leading empty lines
-            try:
-                line = await asyncio.wait_for(
-                    stream.read_until_regex(rb"\r?\n", max_bytes=8192), HEADER_TIMEOUT)
-            except Exception:  # noqa: BLE001
-                await _bad_request(stream)
-                return
+        line = first.partition(b"\n")[0] + b"\n"
         if not REQUEST_LINE.match(line) or not hasattr(stream, "_read_buffer"):
             logger.info("dashboard: %s sent no HTTP request line: answered 400",
                         address[0] if address else "?")
             await _bad_request(stream)
             return
-        # hand the line back to the stream, then serve as usual
-        stream._read_buffer[0:0] = line
-        stream._read_buffer_size += len(line)
+        # hand the bytes back to the stream, then serve as usual
+        stream._read_buffer[0:0] = data
+        stream._read_buffer_size += len(data)
         super().handle_stream(stream, address)
 
 

@@ -68,7 +68,7 @@ class Comm(asyncio.Protocol):
         self._state = _CLIENT_PROOF if server else _HELLO
         self._buf = bytearray()
         self._big: bytearray | None = None   # a large batch being received
-        self._big_have = 0
+        self._big_need = 0
         self._snonce = b""
         self._cnonce = b""
         self._out: list[dict] = []
@@ -106,6 +106,8 @@ class Comm(asyncio.Protocol):
                 f"{self.peer} did not complete authentication in {AUTH_TIMEOUT}s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._big = None  # a half-received batch is dropped with the peer
+        self._buf = bytearray()
         if isinstance(exc, ssl.SSLError) and self._state != _OPEN:
             from .tls import describe_failure
             self._on_closed(AuthenticationError(describe_failure(exc, self.peer)))
@@ -215,12 +217,11 @@ class Comm(asyncio.Protocol):
                 frames.check_body_length(n, self.limits)
                 if end - pos - prefix < n:
                     if n >= BIG_BODY:
-                        # a large batch (an object chunk): receive it straight into
-                        # a buffer of its size instead of growing and copying
-                        self._big = bytearray(n)
-                        have = end - pos - prefix
-                        self._big[:have] = buf[pos + prefix:end]
-                        self._big_have = have
+                        # a large batch: gathered on its own as its bytes arrive, so
+                        # memory follows what the peer actually sent, not what its
+                        # length prefix claims, and nothing is rescanned meanwhile
+                        self._big = bytearray(buf[pos + prefix:end])
+                        self._big_need = n
                         pos = end
                     break
                 body = bytes(buf[pos + prefix:pos + prefix + n])
@@ -236,10 +237,9 @@ class Comm(asyncio.Protocol):
         complete and return what is left over for the normal parser."""
         big = self._big
         assert big is not None
-        take = min(len(big) - self._big_have, len(data))
-        memoryview(big)[self._big_have:self._big_have + take] = memoryview(data)[:take]
-        self._big_have += take
-        if self._big_have < len(big):
+        take = min(self._big_need - len(big), len(data))
+        big += memoryview(data)[:take]
+        if len(big) < self._big_need:
             return b""
         self._big = None
         try:
@@ -309,11 +309,21 @@ class Comm(asyncio.Protocol):
             return
         out, self._out = self._out, []
         fr, self._out_frames = self._out_frames, []
-        if fr:  # large out-of-band frames: no join, each written as it is
-            for b in frames.encode(out, fr):
-                self.transport.write(b)
-        else:
-            self.transport.writelines(frames.encode(out, fr))
+        try:
+            batches = frames.encode_batches(out, fr, self.limits.max_body)
+        except ProtocolError as e:  # one message over the cap: the peer would refuse it
+            logger.error("%s: not sending to %s: %s", self.name or "comm", self.peer, e)
+            for m in out:
+                fut = self._pending.pop(m.get("rid"), None) if "rid" in m else None
+                if fut is not None and not fut.done():
+                    fut.set_exception(ProtocolError(str(e)))
+            return
+        for batch in batches:
+            if fr:  # large out-of-band frames: no join, each written as it is
+                for b in batch:
+                    self.transport.write(b)
+            else:
+                self.transport.writelines(batch)
 
     def request(self, msg: dict, bufs: list | None = None) -> "asyncio.Future[dict]":
         """Send ``msg`` (with binary ``bufs`` attached, sent without a copy
