@@ -77,7 +77,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", default=None)
     tls.add_flags(p)
     p.add_argument("--name", default=None, help="a name for this node")
-    p.add_argument("--host", default="127.0.0.1", help="interface to serve objects on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface the node listens on (its own port, the bulk port, actor "
+                        "ports); 0.0.0.0 for every interface. On a multi-machine cluster it "
+                        "must be reachable from the other machines")
+    p.add_argument("--advertise-host", default=None,
+                   help="the address other machines reach this node at (default: --host; for "
+                        "0.0.0.0, this machine's address on the route to the head)")
     p.add_argument("--worker-memory-limit", type=_amount(True), default=None,
                    help="bytes of memory (RSS) a worker may use before it is killed and its "
                         "task reported as such (default: no limit)")
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                           object_store_memory=args.object_store_memory or default_store_memory(),
                           session_dir=state_dir, host=args.host, name=args.name,
                           max_workers=args.max_workers,
-                          worker_memory_limit=args.worker_memory_limit, tls=tls_config)
+                          worker_memory_limit=args.worker_memory_limit, tls=tls_config,
+                          advertise_host=args.advertise_host)
     except (ValueError, OSError) as e:
         print(f"flowcore-worker: cannot start the node: {e}", file=sys.stderr)
         return 2
