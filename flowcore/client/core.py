@@ -52,6 +52,23 @@ MAX_PENDING_TASKS = 200_000
 #: seconds a client keeps trying to reconnect when it loses the head (a head
 #: restarted at the same address with its state directory takes it back)
 HEAD_GRACE = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
+#: how long a driver whose node died looks for another node (seconds)
+NODE_FAILOVER_WAIT = 30.0
+#: how often a driver in client mode after losing its node looks for a node on its host
+REATTACH_POLL = 1.0
+
+
+def _pick_node(nodes: list[dict]) -> dict | None:
+    """The node a driver moves to: one on this host if any (its store can be
+    mapped), else the one with the most CPUs available."""
+    import socket as _socket
+    if not nodes:
+        return None
+    host = _socket.gethostname()
+    local = [n for n in nodes if n.get("hostname") == host]
+    if local and os.environ.get("FLOWCORE_CLIENT_MODE", "") in ("", "0"):
+        return local[0]
+    return max(nodes, key=lambda n: n.get("resources_available", {}).get("CPU", 0.0))
 
 
 class CoreClient(DirectCallsMixin):
@@ -103,6 +120,9 @@ class CoreClient(DirectCallsMixin):
         # while the head is away: messages for it wait here (see _reconnect_head)
         self._reconnecting: asyncio.Future | None = None
         self._held: list[dict] = []
+        # a driver whose node died: set while it moves to another one
+        self._node_switch: asyncio.Future | None = None
+        self._reattaching: asyncio.Future | None = None
         self.on_node_message: Callable[[dict], None] | None = None
         # direct actor calls: one link per actor called, and (IO thread) the
         # connections to actors' processes by link key
@@ -158,14 +178,129 @@ class CoreClient(DirectCallsMixin):
         await comm.run(self._on_head_message if which == "head" else self._on_node_msg)
         if which == "head" and comm is not self.head:
             return  # a connection already replaced (or a failed reconnection attempt)
+        if which == "node" and comm is not self.node:
+            return  # a node connection already replaced (see _switch_node)
+        if which == "node" and not self.closed and self.kind == "driver" \
+                and await self._switch_node(comm):
+            return
         if which == "head" and not self.closed and HEAD_GRACE > 0 \
                 and await self._reconnect_head():
             return
         if not self.closed:
-            logger.warning("lost the connection to the %s", which)
-            self._fail_all_waiters(which)
+            if self.lost is None:
+                self._fail_all_waiters(which)
+                logger.warning("%s", self.lost_message())
+            else:
+                self._fail_all_waiters(which)
             if self.on_disconnect is not None:
                 self.on_disconnect(which)
+
+    # ------------------------------------------------------------ node failover
+    async def _switch_node(self, dead: Comm) -> bool:
+        """The driver's node went away: carry on through another node (one
+        on this host if any, mapped; else the one with most CPUs, in client
+        mode).  True once connected; False when no node answers within
+        ``NODE_FAILOVER_WAIT`` s or the head is gone too."""
+        old_id, old_address = self.node_id, self.node_address
+        logger.warning("lost the connection to this driver's node %s (%s); carrying on "
+                       "through another node", old_id, old_address)
+        self.node = None
+        self.mapping = None  # views already handed out keep their own mapping alive
+        done = self._node_switch = self.loop.create_future()
+        ok = False
+        try:
+            deadline = time.monotonic() + NODE_FAILOVER_WAIT
+            while not self.closed and time.monotonic() < deadline:
+                head = self.head
+                if head is None and self._reconnecting is None:
+                    break  # the head is gone as well
+                try:
+                    if head is None:
+                        await asyncio.shield(self._reconnecting)  # type: ignore[arg-type]
+                        continue
+                    r = await asyncio.wait_for(head.request({"op": "list_nodes"}), 10.0)
+                    nodes = [n for n in r.get("result") or () if n.get("alive")
+                             and n.get("node_id") != old_id and n.get("address") != old_address]
+                    pick = _pick_node(nodes)
+                    if pick is not None:
+                        await self._attach(pick)
+                        ok = True
+                        logger.warning("this driver now uses node %s (%s)%s", self.node_id,
+                                       self.node_address, " in client mode: objects travel "
+                                       "over the connection" if self.remote_store else "")
+                        break
+                except Exception as e:  # noqa: BLE001 - try again until the deadline
+                    logger.debug("no node to move to yet: %s", e)
+                await asyncio.sleep(0.5)
+        finally:
+            self._node_switch = None
+            if not done.done():
+                done.set_result(ok)
+        if ok and self.remote_store and self._reattaching is None:
+            self._reattaching = asyncio.ensure_future(self._reattach_when_local())
+        return ok
+
+    async def _attach(self, node: dict) -> None:
+        """Connect to ``node`` (an entry of list_nodes) as this driver's node."""
+        import socket as _socket
+        local = node.get("hostname") == _socket.gethostname() and \
+            os.environ.get("FLOWCORE_CLIENT_MODE", "") in ("", "0")
+        self.node_address = node["address"]
+        comm, r = await self._connect_node()
+        self.remote_store = not local
+        self.node_id = r["node_id"]
+        self.node = comm
+        self._drain()
+
+    async def _reattach_when_local(self) -> None:
+        """In client mode after losing this host's node: once a node runs on
+        this host again, use it (objects shared through its store again)."""
+        import socket as _socket
+        try:
+            while not self.closed and self.remote_store:
+                await asyncio.sleep(REATTACH_POLL)
+                host = _socket.gethostname()
+                head, node = self.head, self.node
+                if head is None or node is None or node._pending:
+                    continue  # not while a read or write is in flight on the gateway
+                try:
+                    r = await asyncio.wait_for(head.request({"op": "list_nodes"}), 10.0)
+                except Exception:  # noqa: BLE001
+                    continue
+                local = [n for n in r.get("result") or () if n.get("alive")
+                         and n.get("hostname") == host]
+                if not local or node._pending:
+                    continue
+                gateway = node
+                self.node = None
+                done = self._node_switch = self.loop.create_future()
+                try:
+                    await self._attach(local[0])
+                    gateway.close()
+                    logger.warning("this driver attached to node %s on its host again",
+                                   self.node_id)
+                except Exception as e:  # noqa: BLE001 - stay on the gateway
+                    logger.debug("attaching to %s failed: %s", local[0].get("address"), e)
+                    self.node = gateway
+                finally:
+                    self._node_switch = None
+                    done.set_result(self.node is not None)
+        finally:
+            self._reattaching = None
+
+    def _await_node_switch(self) -> bool:
+        """From a user thread: wait for a node switch in progress; True if this
+        driver has a node afterwards."""
+        switch = self._node_switch
+        if switch is not None:
+            async def wait() -> None:
+                await asyncio.shield(switch)
+            try:
+                asyncio.run_coroutine_threadsafe(wait(), self.loop).result(
+                    NODE_FAILOVER_WAIT + 5)
+            except Exception:  # noqa: BLE001
+                pass
+        return self.node is not None
 
     def rejoin_message(self, unsent: Iterable[dict] = ()) -> dict:
         """The registration sent to a restarted head: the previous client id,
@@ -253,6 +388,14 @@ class CoreClient(DirectCallsMixin):
                         pass
                 c.close()
             self._dconns.clear()
+            # end what still runs on this loop (readers, a head reconnection, a node
+            # switch), so none is destroyed pending when the loop stops
+            me = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not me]
+            for t in rest:
+                t.cancel()
+            if rest:
+                await asyncio.wait(rest, timeout=2.0)
 
         try:
             asyncio.run_coroutine_threadsafe(_close(), self.loop).result(5)
@@ -348,6 +491,8 @@ class CoreClient(DirectCallsMixin):
         async def _req() -> dict:
             if dest == "head" and self.head is None and self._reconnecting is not None:
                 await asyncio.shield(self._reconnecting)  # the head is restarting
+            if dest == "node" and self.node is None and self._node_switch is not None:
+                await asyncio.shield(self._node_switch)  # moving to another node
             self._drain()  # keep order with messages queued before
             c = self.head if dest == "head" else self.node
             if c is None:
@@ -406,11 +551,28 @@ class CoreClient(DirectCallsMixin):
             if self.pending_tasks < MAX_PENDING_TASKS:
                 self._pending_cv.notify_all()
 
+    def lost_message(self) -> str:
+        """Why this process cannot go on, and what to do (``self.lost`` set)."""
+        if self.lost == "head":
+            log = (f" (for flowcore.init() without an address: "
+                   f"{self.session_dir}/logs/head.log)" if self.session_dir else "")
+            return (f"lost the connection to the head at {self.head_address}, and it did not "
+                    f"come back within the {HEAD_GRACE:g} s grace (FLOWCORE_HEAD_GRACE): the "
+                    f"cluster is gone. Check why it stopped in the head's log{log}, then call "
+                    f"flowcore.shutdown() and flowcore.init() again (a head restarted at the "
+                    f"same address with the same state directory is rejoined within the "
+                    f"grace)")
+        return (f"lost the connection to this process's node {self.node_id} at "
+                f"{self.node_address}, and no other node could be used within "
+                f"{NODE_FAILOVER_WAIT:g} s: call flowcore.shutdown() and flowcore.init() again "
+                f"once a node runs")
+
     def _fail_all_waiters(self, which: str) -> None:
         from ..objects.serialization import serialize
+        if which == "node" and (self.head is None or self._reconnecting is not None):
+            which = "head"  # the node went with its head: the head is the cause
         self.lost = self.lost or which
-        payload = serialize(FlowcoreError(
-            f"lost the connection to the {which}; the cluster is gone")).to_bytes()
+        payload = serialize(FlowcoreError(self.lost_message())).to_bytes()
         with self._lock:
             pending = list(self.waiters.items())
             self.waiters.clear()
@@ -676,8 +838,7 @@ class CoreClient(DirectCallsMixin):
             if len(ready) >= num or not missing:
                 return ready
             if self.lost:
-                raise FlowcoreError(f"lost the connection to the {self.lost}: the cluster is "
-                                    f"gone; call flowcore.shutdown() and init() again")
+                raise FlowcoreError(self.lost_message())
             for oid in missing:
                 cb = callbacks[oid] = make_cb(oid)
                 self.waiters.setdefault(oid, []).append(cb)
@@ -759,21 +920,23 @@ class CoreClient(DirectCallsMixin):
 
     def value_of(self, info: dict) -> Any:
         """Deserialize an object from its ready notification; raise if it is an error."""
-        from ..objects.serialization import deserialize
-        try:
-            if info.get("inline") is not None:
-                value = deserialize(info["inline"])
-            else:
-                value = self._read_from_store(info)
-        except FlowcoreError:
-            raise
-        except Exception as exc:
-            raise self._unreadable(info, exc) from exc
+        if info.get("inline") is not None:
+            value = self._deserialize(info, info["inline"])
+        else:
+            value = self._read_from_store(info)
         if info.get("error"):
             if isinstance(value, BaseException):
                 raise value
             raise FlowcoreError(f"remote error: {value!r}")
         return value
+
+    def _deserialize(self, info: dict, buf: Any) -> Any:
+        """``deserialize(buf)``; a failure names the task and the class."""
+        from ..objects.serialization import deserialize
+        try:
+            return deserialize(buf)
+        except Exception as exc:
+            raise self._unreadable(info, exc) from exc
 
     def _unreadable(self, info: dict, exc: BaseException) -> "SerializationError":
         """The error for an object whose bytes arrived but do not unpickle
@@ -800,9 +963,10 @@ class CoreClient(DirectCallsMixin):
             f"must work outside the task")
 
     def _read_from_store(self, info: dict) -> Any:
-        from ..objects.serialization import deserialize
         from ..objects.store import Location
         oid = info["oid"]
+        if self.node is None and self._node_switch is not None:
+            self._await_node_switch()
         if not self.has_store():
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
@@ -813,7 +977,12 @@ class CoreClient(DirectCallsMixin):
                 req["sources"] = [[n, a] for n, a in
                                   zip(info.get("nodes", ()), info.get("addrs", ()))]
                 req["size"] = info["size"]
-            r = self.request("node", req, timeout=None)
+            try:
+                r = self.request("node", req, timeout=None)
+            except ConnectionError as e:  # our node died: wait for the next one, ask again
+                if self.kind != "driver" or not self._await_node_switch():
+                    raise
+                r = {"error": f"the node holding the pin went away: {e}"}
             if "error" not in r:
                 break
             # the copies we knew of are gone (a node died): ask the head again;
@@ -835,7 +1004,7 @@ class CoreClient(DirectCallsMixin):
                 data = self._download(oid, info["size"])
             finally:
                 self.send("node", {"op": "unpin", "oids": [oid]})
-            return deserialize(memoryview(data))
+            return self._deserialize(info, memoryview(data))
         loc = Location.from_wire(r["loc"])
 
         def release(oid: bytes = oid) -> None:  # a finaliser: no locks
@@ -845,7 +1014,7 @@ class CoreClient(DirectCallsMixin):
                     self._wake_from_finaliser()
 
         buf = self._mapping().readable(loc, release)
-        return deserialize(buf)
+        return self._deserialize(info, buf)
 
     def prefetch(self, oids: Iterable[bytes]) -> None:
         """Ask this process's node to pull ready objects held only elsewhere."""
