@@ -219,3 +219,26 @@ def test_dashboard_still_serves_after_garbage(dashboard):
     host, port, _, _ = dashboard
     got, _ = _raw(host, port, b"\r\nGET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 200 "), got[:100]
+
+
+def test_sender_splits_batches_over_the_cap_and_keeps_frames_with_their_messages():
+    from flowcore.exceptions import ProtocolError
+    cap = 1 << 20
+    blobs = [bytes([i]) * (300 << 10) for i in range(8)]   # 8 x 300 KiB
+    msgs = [{"op": "chunk", "i": i, "_frames": [i]} for i in range(8)]
+    msgs.insert(3, {"op": "small"})
+    batches = frames.encode_batches(msgs, blobs, cap)
+    assert len(batches) > 1
+    seen = []
+    for batch in batches:
+        data = b"".join(bytes(b) for b in batch)
+        assert len(data) - frames.PREFIX.size <= cap
+        decoded, bufs = frames.decode(data, frames.Limits(max_body=cap))
+        for m in decoded:
+            if m["op"] == "chunk":
+                (j,) = m["_frames"]
+                assert bytes(bufs[j]) == blobs[m["i"]]
+            seen.append(m.get("i", "small"))
+    assert seen == [0, 1, 2, "small", 3, 4, 5, 6, 7]
+    with pytest.raises(ProtocolError, match="FLOWCORE_MAX_MESSAGE_BYTES"):
+        frames.encode_batches([{"op": "huge", "_frames": [0]}], [bytes(2 << 20)], cap)
