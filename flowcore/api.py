@@ -117,6 +117,9 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                 from .client.core import CoreClient
                 client = CoreClient(cluster.head_address, cluster.token.encode(), node.address,
                                     tls=cluster.tls)
+                # nothing restarts an embedded head: no grace to wait for it
+                client.head_grace = 0.0
+                client.embedded_head_pid = cluster.head.pid if cluster.head else None
                 client.start()
             except BaseException:
                 cluster.close()

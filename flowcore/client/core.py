@@ -102,6 +102,10 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         # while the head is away: messages for it wait here (see _reconnect_head)
         self._reconnecting: asyncio.Future | None = None
         self._held: list[dict] = []
+        # seconds to wait for a lost head to come back (0: the head of an embedded
+        # cluster, which nothing restarts; then embedded_head_pid is its pid)
+        self.head_grace = HEAD_GRACE
+        self.embedded_head_pid: int | None = None
         # a driver whose node died: set while it moves to another one
         self._node_switch: asyncio.Future | None = None
         self._reattaching: asyncio.Future | None = None
@@ -165,7 +169,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         if which == "node" and not self.closed and self.kind == "driver" \
                 and await self._switch_node(comm):
             return
-        if which == "head" and not self.closed and HEAD_GRACE > 0 \
+        if which == "head" and not self.closed and self.head_grace > 0 \
                 and await self._reconnect_head():
             return
         if not self.closed:
@@ -202,10 +206,10 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         """The head went away: try to register again with a head at the same
         address for ``HEAD_GRACE`` seconds; True once back."""
         logger.warning("lost the connection to the head at %s; reconnecting for up to %.0f s",
-                       self.head_address, HEAD_GRACE)
+                       self.head_address, self.head_grace)
         self.head = None
         done = self._reconnecting = self.loop.create_future()
-        deadline = time.monotonic() + HEAD_GRACE
+        deadline = time.monotonic() + self.head_grace
         delay = 0.05
         ok = False
         while not self.closed and time.monotonic() < deadline:
@@ -428,11 +432,17 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
 
     def lost_message(self) -> str:
         """Why this process cannot go on, and what to do (``self.lost`` set)."""
+        if self.lost == "head" and self.embedded_head_pid is not None:
+            return (f"the head of the local cluster flowcore.init() started (pid "
+                    f"{self.embedded_head_pid}, {self.head_address}) stopped: the cluster is "
+                    f"gone, and as nothing restarts it the driver did not wait for it. Check "
+                    f"why in its log, {self.session_dir}/logs/head.log, then call "
+                    f"flowcore.shutdown() and flowcore.init() again")
         if self.lost == "head":
             log = (f" (for flowcore.init() without an address: "
                    f"{self.session_dir}/logs/head.log)" if self.session_dir else "")
             return (f"lost the connection to the head at {self.head_address}, and it did not "
-                    f"come back within the {HEAD_GRACE:g} s grace (FLOWCORE_HEAD_GRACE): the "
+                    f"come back within the {self.head_grace:g} s grace (FLOWCORE_HEAD_GRACE): the "
                     f"cluster is gone. Check why it stopped in the head's log{log}, then call "
                     f"flowcore.shutdown() and flowcore.init() again (a head restarted at the "
                     f"same address with the same state directory is rejoined within the "
