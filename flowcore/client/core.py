@@ -29,6 +29,7 @@ from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
 from . import direct
 from .actor_calls import DirectCallsMixin
+from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
 
 logger = logging.getLogger("flowcore.client")
 
@@ -53,9 +54,7 @@ MAX_PENDING_TASKS = 200_000
 #: seconds a client keeps trying to reconnect when it loses the head (a head
 #: restarted at the same address with its state directory takes it back)
 HEAD_GRACE = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
-
-
-class CoreClient(DirectCallsMixin):
+class CoreClient(DirectCallsMixin, NodeFailoverMixin):
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
                  kind: str = "driver", wid: str | None = None, remote_store: bool = False,
                  tls: TLSConfig | None = None):
@@ -104,6 +103,13 @@ class CoreClient(DirectCallsMixin):
         # while the head is away: messages for it wait here (see _reconnect_head)
         self._reconnecting: asyncio.Future | None = None
         self._held: list[dict] = []
+        # seconds to wait for a lost head to come back (0: the head of an embedded
+        # cluster, which nothing restarts; then embedded_head_pid is its pid)
+        self.head_grace = HEAD_GRACE
+        self.embedded_head_pid: int | None = None
+        # a driver whose node died: set while it moves to another one
+        self._node_switch: asyncio.Future | None = None
+        self._reattaching: asyncio.Future | None = None
         self.on_node_message: Callable[[dict], None] | None = None
         # acknowledged subscriptions awaited by a get inside a task: id -> callback
         self._acks: dict[int, Callable[[int], None]] = {}
@@ -162,12 +168,20 @@ class CoreClient(DirectCallsMixin):
         await comm.run(self._on_head_message if which == "head" else self._on_node_msg)
         if which == "head" and comm is not self.head:
             return  # a connection already replaced (or a failed reconnection attempt)
-        if which == "head" and not self.closed and HEAD_GRACE > 0 \
+        if which == "node" and comm is not self.node:
+            return  # a node connection already replaced (see _switch_node)
+        if which == "node" and not self.closed and self.kind == "driver" \
+                and await self._switch_node(comm):
+            return
+        if which == "head" and not self.closed and self.head_grace > 0 \
                 and await self._reconnect_head():
             return
         if not self.closed:
-            logger.warning("lost the connection to the %s", which)
-            self._fail_all_waiters(which)
+            if self.lost is None:
+                self._fail_all_waiters(which)
+                logger.warning("%s", self.lost_message())
+            else:
+                self._fail_all_waiters(which)
             if self.on_disconnect is not None:
                 self.on_disconnect(which)
 
@@ -196,10 +210,10 @@ class CoreClient(DirectCallsMixin):
         """The head went away: try to register again with a head at the same
         address for ``HEAD_GRACE`` seconds; True once back."""
         logger.warning("lost the connection to the head at %s; reconnecting for up to %.0f s",
-                       self.head_address, HEAD_GRACE)
+                       self.head_address, self.head_grace)
         self.head = None
         done = self._reconnecting = self.loop.create_future()
-        deadline = time.monotonic() + HEAD_GRACE
+        deadline = time.monotonic() + self.head_grace
         delay = 0.05
         ok = False
         while not self.closed and time.monotonic() < deadline:
@@ -257,6 +271,14 @@ class CoreClient(DirectCallsMixin):
                         pass
                 c.close()
             self._dconns.clear()
+            # end what still runs on this loop (readers, a head reconnection, a node
+            # switch), so none is destroyed pending when the loop stops
+            me = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not me]
+            for t in rest:
+                t.cancel()
+            if rest:
+                await asyncio.wait(rest, timeout=2.0)
 
         try:
             asyncio.run_coroutine_threadsafe(_close(), self.loop).result(5)
@@ -352,6 +374,8 @@ class CoreClient(DirectCallsMixin):
         async def _req() -> dict:
             if dest == "head" and self.head is None and self._reconnecting is not None:
                 await asyncio.shield(self._reconnecting)  # the head is restarting
+            if dest == "node" and self.node is None and self._node_switch is not None:
+                await asyncio.shield(self._node_switch)  # moving to another node
             self._drain()  # keep order with messages queued before
             c = self.head if dest == "head" else self.node
             if c is None:
@@ -414,11 +438,34 @@ class CoreClient(DirectCallsMixin):
             if self.pending_tasks < MAX_PENDING_TASKS:
                 self._pending_cv.notify_all()
 
+    def lost_message(self) -> str:
+        """Why this process cannot go on, and what to do (``self.lost`` set)."""
+        if self.lost == "head" and self.embedded_head_pid is not None:
+            return (f"the head of the local cluster flowcore.init() started (pid "
+                    f"{self.embedded_head_pid}, {self.head_address}) stopped: the cluster is "
+                    f"gone, and as nothing restarts it the driver did not wait for it. Check "
+                    f"why in its log, {self.session_dir}/logs/head.log, then call "
+                    f"flowcore.shutdown() and flowcore.init() again")
+        if self.lost == "head":
+            log = (f" (for flowcore.init() without an address: "
+                   f"{self.session_dir}/logs/head.log)" if self.session_dir else "")
+            return (f"lost the connection to the head at {self.head_address}, and it did not "
+                    f"come back within the {self.head_grace:g} s grace (FLOWCORE_HEAD_GRACE): the "
+                    f"cluster is gone. Check why it stopped in the head's log{log}, then call "
+                    f"flowcore.shutdown() and flowcore.init() again (a head restarted at the "
+                    f"same address with the same state directory is rejoined within the "
+                    f"grace)")
+        return (f"lost the connection to this process's node {self.node_id} at "
+                f"{self.node_address}, and no other node could be used within "
+                f"{NODE_FAILOVER_WAIT:g} s: call flowcore.shutdown() and flowcore.init() again "
+                f"once a node runs")
+
     def _fail_all_waiters(self, which: str) -> None:
         from ..objects.serialization import serialize
+        if which == "node" and (self.head is None or self._reconnecting is not None):
+            which = "head"  # the node went with its head: the head is the cause
         self.lost = self.lost or which
-        payload = serialize(FlowcoreError(
-            f"lost the connection to the {which}; the cluster is gone")).to_bytes()
+        payload = serialize(FlowcoreError(self.lost_message())).to_bytes()
         with self._lock:
             pending = list(self.waiters.items())
             self.waiters.clear()
@@ -707,8 +754,7 @@ class CoreClient(DirectCallsMixin):
             if len(ready) >= num or not missing or failed:
                 return ready
             if self.lost:
-                raise FlowcoreError(f"lost the connection to the {self.lost}: the cluster is "
-                                    f"gone; call flowcore.shutdown() and init() again")
+                raise FlowcoreError(self.lost_message())
             for oid in missing:
                 cb = callbacks[oid] = make_cb(oid)
                 self.waiters.setdefault(oid, []).append(cb)
@@ -818,9 +864,8 @@ class CoreClient(DirectCallsMixin):
 
     def value_of(self, info: dict) -> Any:
         """Deserialize an object from its ready notification; raise if it is an error."""
-        from ..objects.serialization import deserialize
         if info.get("inline") is not None:
-            value = deserialize(info["inline"])
+            value = self._deserialize(info, info["inline"])
         else:
             value = self._read_from_store(info)
         if info.get("error"):
@@ -829,10 +874,43 @@ class CoreClient(DirectCallsMixin):
             raise FlowcoreError(f"remote error: {value!r}")
         return value
 
-    def _read_from_store(self, info: dict) -> Any:
+    def _deserialize(self, info: dict, buf: Any) -> Any:
+        """``deserialize(buf)``; a failure names the task and the class."""
         from ..objects.serialization import deserialize
+        try:
+            return deserialize(buf)
+        except Exception as exc:
+            raise self._unreadable(info, exc) from exc
+
+    def _unreadable(self, info: dict, exc: BaseException) -> "SerializationError":
+        """The error for an object whose bytes arrived but do not unpickle
+        here: which task made it, and which class was being rebuilt."""
+        from .. import ids
+        from ..objects.serialization import SerializationError, rebuilding_class
+        oid = info["oid"]
+        what = f"object {oid.hex()}"
+        if asyncio._get_running_loop() is None:  # may block: ask the head for the name
+            try:
+                t = self.query("task_info", tid=ids.task_of(oid)) or {}
+                if t.get("name"):
+                    what = f"the result of task {t['name']} ({what})"
+            except Exception:  # noqa: BLE001 - the name is a nicety
+                pass
+        cls = ""
+        if info.get("inline") is not None:
+            cls = rebuilding_class(info["inline"])
+        where = f" while rebuilding {cls}" if cls else ""
+        return SerializationError(
+            f"{what} could not be deserialized in this process{where}: "
+            f"{type(exc).__name__}: {exc}. Hint: its class must be importable here (the same "
+            f"module on sys.path, the same library versions) and its __reduce__/__setstate__ "
+            f"must work outside the task")
+
+    def _read_from_store(self, info: dict) -> Any:
         from ..objects.store import Location
         oid = info["oid"]
+        if self.node is None and self._node_switch is not None:
+            self._await_node_switch()
         if not self.has_store():
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
@@ -843,7 +921,12 @@ class CoreClient(DirectCallsMixin):
                 req["sources"] = [[n, a] for n, a in
                                   zip(info.get("nodes", ()), info.get("addrs", ()))]
                 req["size"] = info["size"]
-            r = self.request("node", req, timeout=None)
+            try:
+                r = self.request("node", req, timeout=None)
+            except ConnectionError as e:  # our node died: wait for the next one, ask again
+                if self.kind != "driver" or not self._await_node_switch():
+                    raise
+                r = {"error": f"the node holding the pin went away: {e}"}
             if "error" not in r:
                 break
             # the copies we knew of are gone (a node died): ask the head again;
@@ -865,7 +948,7 @@ class CoreClient(DirectCallsMixin):
                 data = self._download(oid, info["size"])
             finally:
                 self.send("node", {"op": "unpin", "oids": [oid]})
-            return deserialize(memoryview(data))
+            return self._deserialize(info, memoryview(data))
         loc = Location.from_wire(r["loc"])
 
         def release(oid: bytes = oid) -> None:  # a finaliser: no locks
@@ -875,7 +958,7 @@ class CoreClient(DirectCallsMixin):
                     self._wake_from_finaliser()
 
         buf = self._mapping().readable(loc, release)
-        return deserialize(buf)
+        return self._deserialize(info, buf)
 
     def prefetch(self, oids: Iterable[bytes]) -> None:
         """Ask this process's node to pull ready objects held only elsewhere."""

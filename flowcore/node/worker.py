@@ -325,9 +325,15 @@ class Worker:
         try:
             data = serialize(err).to_bytes()
         except Exception:
+            try:
+                text = str(exc)
+            except Exception:  # noqa: BLE001 - a __str__ that raises
+                text = "<str() failed>"
+            kind = type(exc).__qualname__
             err = TaskError(name, f"(in task {name}, pid {os.getpid()})\n{tb}\n"
-                            f"(the exception {type(exc).__name__} could not be serialized, "
-                            f"so only its text is kept)", None, task["tid"].hex())
+                            f"(the exception {kind} could not be serialized, "
+                            f"so only its text is kept)", None, task["tid"].hex(),
+                            f"{kind}: {text}" if text else kind)
             data = serialize(err).to_bytes()
         # for views (the dashboard, the history): the traceback, ending with
         # "Type: message"; its end kept when long
