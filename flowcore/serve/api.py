@@ -227,3 +227,13 @@ def shutdown() -> None:
         flowcore.kill(ctrl)
     except Exception:  # noqa: BLE001
         pass
+    # the names are free (and the port closed) once the actors are gone
+    from .controller import PROXY_NAME
+    deadline = time.monotonic() + 30
+    for name in (_router.CONTROLLER_NAME, PROXY_NAME):
+        while time.monotonic() < deadline:
+            try:
+                flowcore.get_actor(name, namespace=_router.SERVE_NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.01)

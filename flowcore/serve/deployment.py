@@ -222,9 +222,39 @@ def ingress(app: Any) -> Callable[[type], type]:
         if not inspect.isclass(cls):
             raise TypeError("@serve.ingress applies to a class (put it under "
                             "@serve.deployment)")
-        cls._serve_asgi_app = app  # type: ignore[attr-defined]
+        cls._serve_asgi_app = ASGIAppHolder(app)  # type: ignore[attr-defined]
         return cls
     return wrap
+
+
+class ASGIAppHolder:
+    """Carries an ASGI app to the replicas. Starlette's ``app.state`` does
+    not survive pickling, so it travels as a plain dict."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __reduce__(self) -> Any:
+        import cloudpickle
+        state = getattr(self.app, "state", None)
+        values = dict(getattr(state, "_state", {}) or {}) if state is not None else None
+        if values is not None:
+            self.app.state = None
+        try:
+            blob = cloudpickle.dumps(self.app)
+        finally:
+            if values is not None:
+                self.app.state = state
+        return (_load_app, (blob, values))
+
+
+def _load_app(blob: bytes, values: dict | None) -> ASGIAppHolder:
+    import pickle
+    app = pickle.loads(blob)
+    if values is not None:
+        from starlette.datastructures import State
+        app.state = State(values)
+    return ASGIAppHolder(app)
 
 
 def collect(app: Application) -> list[tuple[Application, bool]]:

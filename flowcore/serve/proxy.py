@@ -52,6 +52,8 @@ class ProxyApp:
     def set_routes(self, routes: dict) -> None:
         self.routes = dict(routes)
         self.prefixes = sorted(self.routes, key=len, reverse=True)
+        for app_name, dep in self.routes.values():
+            get_router(app_name, dep)     # learn the replicas before the first request
 
     async def watch_routes(self) -> None:
         delay = 0.05

@@ -110,11 +110,13 @@ def _bind_class_routes(app: Any, instance: Any, cls: type) -> None:
         from fastapi.routing import APIRoute
     except ImportError:
         return
-    own = {getattr(cls, n) for n in dir(cls) if callable(getattr(cls, n, None))}
-    own_funcs = {getattr(f, "__func__", f) for f in own}
+    # matched by qualified name: the app may have travelled apart from the class
+    own = {getattr(getattr(cls, n), "__qualname__", None) for n in dir(cls)
+           if inspect.isfunction(getattr(cls, n, None))}
     routes = list(app.router.routes)
     for i, route in enumerate(routes):
-        if not isinstance(route, APIRoute) or route.endpoint not in own_funcs:
+        if not isinstance(route, APIRoute) or \
+                getattr(route.endpoint, "__qualname__", None) not in own:
             continue
         bound = getattr(instance, route.endpoint.__name__)
         app.router.routes.remove(route)
@@ -147,7 +149,8 @@ class Replica:
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max(1, max_ongoing_requests), thread_name_prefix="serve-replica")
         self.is_class = inspect.isclass(target)
-        self.asgi_app = getattr(target, "_serve_asgi_app", None) if self.is_class else None
+        holder = getattr(target, "_serve_asgi_app", None) if self.is_class else None
+        self.asgi_app = holder.app if holder is not None else None
         if self.is_class:
             self.instance = target(*init_args, **init_kwargs)
         else:

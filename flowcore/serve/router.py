@@ -233,6 +233,10 @@ class Router:
 
     async def acquire(self) -> _Replica:
         """Wait (on the router loop) for a replica with room."""
+        while not self._have_snapshot.is_set():   # a new router: learn the replicas
+            if self.closed:
+                raise RayServeException("flowcore.serve was shut down")
+            await asyncio.sleep(0.002)
         with self._lock:
             r = self._choose() if not self._queued else None
             if r is not None:
