@@ -193,6 +193,73 @@ def bench_floor(seconds: float) -> dict | None:
         p.wait(10)
 
 
+# ------------------------------------------------------------------ HTTP layer: uvicorn vs Tornado
+RAW_UVICORN = textwrap.dedent("""
+    import sys, uvicorn
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+                access_log=False, http="httptools", loop="uvloop", lifespan="off")
+""")
+RAW_TORNADO = textwrap.dedent("""
+    import sys, asyncio, tornado.web
+    class H(tornado.web.RequestHandler):
+        def post(self):
+            self.set_header("content-type", "text/plain")
+            self.write(b"ok")
+    async def main():
+        tornado.web.Application([(r"/.*", H)]).listen(int(sys.argv[1]), "127.0.0.1")
+        await asyncio.Event().wait()
+    asyncio.run(main())
+""")
+
+
+def bench_http_servers(seconds: float) -> dict:
+    """The proxy's HTTP layer alone: server CPU per request of a bare
+    uvicorn (httptools, uvloop) app and a bare Tornado app, 8 clients."""
+    import psutil
+    out = {}
+    for name, code in (("uvicorn", RAW_UVICORN), ("tornado", RAW_TORNADO)):
+        try:
+            __import__(name)
+            if name == "uvicorn":
+                import httptools  # noqa: F401
+                import uvloop  # noqa: F401
+        except ImportError:
+            continue
+        port = _free_port()
+        p = subprocess.Popen([sys.executable, "-c", code, str(port)])
+        try:
+            _wait_port(port)
+            url = f"http://127.0.0.1:{port}"
+            http_load(url, 8, 1.0)
+            proc = psutil.Process(p.pid)
+            c0 = sum(proc.cpu_times()[:2])
+            r = http_load(url, 8, seconds)
+            r["cpu_us"] = (sum(proc.cpu_times()[:2]) - c0) / max(1, r["rps"] * seconds) * 1e6
+            out[name] = r
+        finally:
+            p.terminate()
+            p.wait(10)
+    return out
+
+
+def _wait_port(port: int) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
 # ------------------------------------------------------------------ Ray Serve (optional)
 def bench_ray(seconds: float) -> dict | None:
     try:
@@ -246,7 +313,7 @@ def main() -> None:
     args = ap.parse_args()
     secs = 3.0 if args.quick else args.seconds
     res = {"flowcore": bench_flowcore(secs), "floor": bench_floor(secs),
-           "ray": bench_ray(secs)}
+           "ray": bench_ray(secs), "http_servers": bench_http_servers(min(secs, 3.0))}
     fc, fl, ray = res["flowcore"], res["floor"] or {}, res["ray"] or {}
     rows = []
     for c in (8, 64):
@@ -267,6 +334,9 @@ def main() -> None:
     for name, unit, a, b, c in rows:
         print(f"{name:<48} {unit:>4} {_fmt(a, unit):>9} {_fmt(b, unit):>9} "
               f"{_fmt(c, unit):>9}")
+    for name, r in res["http_servers"].items():
+        print(f"bare {name} app (the proxy's HTTP layer), 8 clients: {r['rps']:,.0f} req/s, "
+              f"p50 {r['p50_ms']:.2f} ms, server CPU {r['cpu_us']:.0f} us/request")
     errs = {k: v.get("errors") for k, v in fc.items() if isinstance(v, dict)}
     print(f"errors (non-200 answers): {errs}")
     if not res["ray"]:

@@ -22,6 +22,7 @@ from .router import get_controller, get_router, router_loop
 logger = logging.getLogger("flowcore.serve")
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
 _RETRIES = 3
 
 
@@ -111,12 +112,13 @@ class ProxyApp:
         body = await self._read_body(scope, receive, send)
         if body is None:
             return
-        sub = dict(scope)
-        sub.pop("app", None)
-        sub.pop("state", None)
-        sub.pop("extensions", None)
-        sub["root_path"] = "" if prefix == "/" else prefix.rstrip("/")
-        sub["path"] = path
+        sub = {"type": "http", "asgi": _ASGI, "http_version": scope["http_version"],
+               "method": scope["method"], "scheme": scope.get("scheme", "http"),
+               "path": path, "raw_path": scope.get("raw_path"),
+               "query_string": scope.get("query_string", b""),
+               "root_path": "" if prefix == "/" else prefix.rstrip("/"),
+               "headers": scope["headers"], "server": scope.get("server"),
+               "client": scope.get("client")}
         router = get_router(app_name, dep)
         for attempt in range(_RETRIES):
             try:

@@ -298,18 +298,45 @@ class Replica:
         return items, done
 
     # ----------------------------------------------------------- HTTP
-    async def _user_asgi(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if self._request_cls is None:
-            self._request_cls = _request_class()
-        request = self._request_cls(scope, receive)
-        value = await self._invoke(self._method("__call__"), (request,), {})
-        await _to_response(value)(scope, receive, send)
-
     async def handle_http(self, scope: dict, body: bytes) -> tuple:
         """One HTTP request. Returns ``("full", status, headers, body)`` or,
         for a streamed body, ``("stream", status, headers, sid)``."""
         self.ongoing += 1
         self.total += 1
+        try:
+            if self.asgi_app is None:
+                return await self._http_direct(scope, body)
+            return await self._http_asgi(self.asgi_app, scope, body)
+        finally:
+            self.ongoing -= 1
+
+    async def _http_direct(self, scope: dict, body: bytes) -> tuple:
+        """A deployment's own ``__call__``: build the Request, call, and turn
+        the value into an answer without an ASGI round (unless it streams)."""
+        from starlette.responses import StreamingResponse
+        if self._request_cls is None:
+            self._request_cls = _request_class()
+        sent = False
+
+        async def receive() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        request = self._request_cls(scope, receive)
+        try:
+            value = await self._invoke(self._method("__call__"), (request,), {})
+            response = _to_response(value)
+        except Exception as e:  # noqa: BLE001
+            return self._error_response(e, False, 500, [], [])
+        if isinstance(response, StreamingResponse) or not hasattr(response, "body"):
+            return await self._http_asgi(response, scope, body)
+        return ("full", response.status_code, response.raw_headers, response.body)
+
+    async def _http_asgi(self, app: Any, scope: dict, body: bytes) -> tuple:
         out: asyncio.Queue = asyncio.Queue()
         sent_body = False
 
@@ -324,29 +351,24 @@ class Replica:
         async def send(msg: dict) -> None:
             out.put_nowait(msg)
 
-        app = self.asgi_app or self._user_asgi
         task = asyncio.ensure_future(app(scope, receive, send))
         task.add_done_callback(lambda _t: out.put_nowait(None))
         status, headers, chunks = 500, [], []
         started = False
-        try:
-            while True:
-                msg = await out.get()
-                if msg is None:       # the app returned or raised
+        while True:
+            msg = await out.get()
+            if msg is None:       # the app returned or raised
+                break
+            if msg["type"] == "http.response.start":
+                status, headers, started = msg["status"], msg.get("headers", []), True
+            elif msg["type"] == "http.response.body":
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body", False):
                     break
-                if msg["type"] == "http.response.start":
-                    status, headers, started = msg["status"], msg.get("headers", []), True
-                elif msg["type"] == "http.response.body":
-                    chunks.append(msg.get("body", b""))
-                    if not msg.get("more_body", False):
-                        break
-                    return ("stream", status, headers, self._stream_http(task, out, chunks))
-            if task.done() and task.exception() is not None:
-                return self._error_response(task.exception(), started, status, headers,
-                                            chunks)
-            return ("full", status, headers, b"".join(chunks))
-        finally:
-            self.ongoing -= 1
+                return ("stream", status, headers, self._stream_http(task, out, chunks))
+        if task.done() and task.exception() is not None:
+            return self._error_response(task.exception(), started, status, headers, chunks)
+        return ("full", status, headers, b"".join(chunks))
 
     def _stream_http(self, task: asyncio.Future, out: asyncio.Queue, first: list) -> str:
         sid = f"{self.replica_id}:{next(self._ids)}"
