@@ -459,3 +459,84 @@ def test_autoscaling_policy_delays():
     assert p.decide(10.0, 4) == 1         # min_replicas, after downscale_delay_s
     with pytest.raises(ValueError, match="min_replicas"):
         AutoscalingConfig(min_replicas=3, max_replicas=2)
+
+
+# ------------------------------------------------------------------ lifecycle hooks
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, user_config={"k": 1},
+                  health_check_period_s=0.2, health_check_timeout_s=5)
+class Hooks:
+    def __init__(self, sig):
+        self.sig = sig
+        self.k = None
+
+    def reconfigure(self, config):
+        self.k = config["k"]
+
+    def check_health(self):
+        if self.sig.wait(0.01):           # once set, this replica reports unhealthy
+            raise RuntimeError("unhealthy on purpose")
+
+    def info(self):
+        ctx = serve.get_replica_context()
+        return {"k": self.k, "pid": os.getpid(), "app": ctx.app_name,
+                "deployment": ctx.deployment, "same": ctx.servable_object is self}
+
+
+def test_user_config_health_check_and_context(cluster):
+    sig = Signal()
+    try:
+        serve.start(http_options={"port": 0})
+        h = serve.run(Hooks.bind(sig), name="hooks", route_prefix=None)
+        first = h.info.remote().result(timeout_s=60)
+        assert first == {"k": 1, "pid": first["pid"], "app": "hooks",
+                         "deployment": "Hooks", "same": True}
+        # same version: user_config reaches the running replica via reconfigure()
+        serve.run(Hooks.options(user_config={"k": 2}, version="v1").bind(sig), name="hooks",
+                  route_prefix=None)
+        serve.run(Hooks.options(user_config={"k": 3}, version="v1").bind(sig), name="hooks",
+                  route_prefix=None)
+        deadline = time.time() + 30
+        while h.info.remote().result(timeout_s=60)["k"] != 3 and time.time() < deadline:
+            time.sleep(0.05)
+        same = h.info.remote().result(timeout_s=60)
+        assert same["k"] == 3
+        # a failing check_health() gets the replica replaced
+        sig.set()
+        pid = same["pid"]
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            r = serve.status().applications["hooks"]
+            if "health check" in r.message or "health check" in \
+                    r.deployments["Hooks"].message:
+                break
+            time.sleep(0.05)
+        assert "unhealthy on purpose" in serve.status().applications["hooks"].message
+        new_pid = pid
+        while new_pid == pid and time.time() < deadline:
+            try:
+                new_pid = h.info.remote().result(timeout_s=60)["pid"]
+            except Exception:  # noqa: BLE001 - a replica being replaced
+                pass
+        assert new_pid != pid              # the unhealthy replica was replaced
+        with pytest.raises(RuntimeError, match="only inside"):
+            serve.get_replica_context()
+    finally:
+        sig.close()
+        serve.shutdown()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Broken:
+    def __init__(self):
+        raise ValueError("bad model path /nowhere")
+
+
+def test_failing_constructor_fails_run_with_its_error(cluster):
+    serve.start(http_options={"port": 0})
+    try:
+        with pytest.raises(serve.RayServeException, match="bad model path /nowhere"):
+            serve.run(Broken.bind(), name="broken", route_prefix=None)
+        assert serve.status().applications["broken"].status == "DEPLOY_FAILED"
+    finally:
+        serve.shutdown()

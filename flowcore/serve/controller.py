@@ -27,6 +27,12 @@ MAX_CONSTRUCTOR_FAILURES = 3
 PROXY_NAME = "SERVE_PROXY"
 
 
+def _short(err: BaseException) -> str:
+    """The first line of an error (tracebacks stay in the replica's log)."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def _done_error(fut: Any) -> BaseException | None:
     try:
         fut.result(0)
@@ -475,7 +481,7 @@ class ServeController:
                     if err is not None:
                         logger.warning("replica %s failed its health check (%s); "
                                        "replacing it", r.rid, err)
-                        ds.message = f"replica {r.rid} failed its health check: {err}"
+                        ds.message = f"replica {r.rid} failed its health check: {_short(err)}"
                         ds.replicas.pop(r.rid)
                         self._kill(r)
                         changed = True
