@@ -540,3 +540,26 @@ def test_failing_constructor_fails_run_with_its_error(cluster):
         assert serve.status().applications["broken"].status == "DEPLOY_FAILED"
     finally:
         serve.shutdown()
+
+
+def test_replica_channel_refuses_wrong_secret_and_actor_path_works(url):
+    serve.run(Echo.bind())
+    from flowcore.serve.router import get_controller
+    reps = flowcore.get(get_controller().list_replicas.remote())
+    actor = reps[0]["actor"]
+    info = flowcore.get(actor.ready.remote())
+    host, port = info["channel"]
+    with socket.create_connection((host, port), timeout=30) as s:
+        nonce = s.recv(16)
+        assert len(nonce) == 16
+        s.sendall(b"\x00" * 32)                 # not the HMAC of the secret
+        assert s.recv(1) == b"\x00"
+        assert s.recv(1) == b""                 # and closed
+    # the same request as an actor call (FLOWCORE_SERVE_DIRECT_HTTP=0 path)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/a", "raw_path": b"/a",
+             "query_string": b"k=v", "root_path": "", "headers": [], "server": None,
+             "client": None}
+    kind, status, headers, body = flowcore.get(actor.handle_http.remote(scope, b'{"z": 1}'))
+    assert (kind, status) == ("full", 200)
+    assert json.loads(body)["echo"] == {"z": 1} and json.loads(body)["q"] == {"k": "v"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -49,6 +50,7 @@ class _ReplicaState:
         self.state = "STARTING"
         self.ready_fut = actor.ready.remote().future()
         self.pid: int | None = None
+        self.channel: tuple[str, int] | None = None
         self.hc_fut: Any = None
         self.hc_sent = 0.0
         self.last_hc = time.monotonic()
@@ -118,7 +120,7 @@ class _DeploymentState:
 
     def snapshot(self, version: int) -> dict:
         return {"version": version,
-                "replicas": [(r.rid, r.actor) for r in self.running()],
+                "replicas": [(r.rid, r.actor, r.channel) for r in self.running()],
                 "max_ongoing_requests": self.config.max_ongoing_requests,
                 "max_queued_requests": self.config.max_queued_requests,
                 "methods": self.methods}
@@ -150,6 +152,8 @@ class ServeController:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._resources_cache: tuple[float, dict] = (0.0, {})
+        # authenticates the proxy to the replicas' HTTP channels
+        self.channel_secret = os.urandom(32)
 
     # ------------------------------------------------------------ plumbing
     def _ensure_loop(self) -> None:
@@ -203,7 +207,8 @@ class ServeController:
         self.proxy = flowcore.remote(ProxyActor).options(
             name=PROXY_NAME, namespace="serve", lifetime="detached", num_cpus=0,
             max_concurrency=4).remote(opts.host, opts.port, opts.max_body_size,
-                                      opts.request_timeout_s, opts.root_path)
+                                      opts.request_timeout_s, opts.root_path,
+                                      self.channel_secret)
         try:
             self.proxy_info = await self.proxy.ready.remote()
         except Exception as e:
@@ -433,7 +438,7 @@ class ServeController:
         opts = ds.config.actor_options()
         actor = flowcore.remote(Replica).options(**opts).remote(
             ds.app, ds.name, rid, ds.target, ds.init_args, ds.init_kwargs,
-            ds.config.user_config, ds.config.max_ongoing_requests)
+            ds.config.user_config, ds.config.max_ongoing_requests, self.channel_secret)
         ds.replicas[rid] = _ReplicaState(rid, actor, ds.version)
         self._resources_cache = (0.0, {})
 
@@ -456,7 +461,9 @@ class ServeController:
             if r.state == "STARTING" and r.ready_fut.done():
                 err = _done_error(r.ready_fut)
                 if err is None:
-                    r.state, r.pid, r.last_hc = "RUNNING", r.ready_fut.result()["pid"], now
+                    info = r.ready_fut.result()
+                    r.state, r.pid, r.last_hc = "RUNNING", info["pid"], now
+                    r.channel = info.get("channel")
                     if r.version == ds.version:
                         ds.failures = 0
                     changed = True

@@ -16,6 +16,7 @@ from typing import Any
 
 from flowcore.exceptions import ActorDiedError
 
+from .channel import Channel, ChannelClosed
 from .exceptions import BackPressureError, RayServeException
 from .router import get_controller, get_router, router_loop
 
@@ -23,6 +24,8 @@ logger = logging.getLogger("flowcore.serve")
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+# FLOWCORE_SERVE_DIRECT_HTTP=0: send HTTP requests to replicas as actor calls
+DIRECT_HTTP = os.environ.get("FLOWCORE_SERVE_DIRECT_HTTP", "1") != "0"
 _RETRIES = 3
 
 
@@ -40,7 +43,8 @@ class ProxyApp:
     """The ASGI application of the proxy."""
 
     def __init__(self, max_body_size: int, request_timeout_s: float | None,
-                 root_path: str = "") -> None:
+                 root_path: str = "", channel_secret: bytes | None = None) -> None:
+        self.channel_secret = channel_secret if DIRECT_HTTP else None
         self.max_body_size = max_body_size
         self.request_timeout_s = request_timeout_s
         self.root_path = root_path.rstrip("/")
@@ -129,14 +133,22 @@ class ProxyApp:
                 return await self._reply(send, 503, _TEXT, str(e).encode())
             try:
                 try:
-                    ref = replica.actor.handle_http.remote(sub, body)
-                    if self.request_timeout_s is not None:
-                        result = await asyncio.wait_for(_await(ref), self.request_timeout_s)
+                    if self.channel_secret and replica.channel_addr:
+                        if replica.channel is None or replica.channel.closed:
+                            replica.channel = Channel(replica.channel_addr,
+                                                      self.channel_secret)
+                        pending = replica.channel.call(sub, body)
                     else:
-                        result = await ref
+                        pending = _await(replica.actor.handle_http.remote(sub, body))
+                    if self.request_timeout_s is not None:
+                        result = await asyncio.wait_for(pending, self.request_timeout_s)
+                    else:
+                        result = await pending
                 finally:
                     router.release(replica)
-            except ActorDiedError:
+                if result[0] == "error":
+                    raise RuntimeError(result[1])
+            except (ActorDiedError, ChannelClosed):
                 router.drop_replica(replica.rid)
                 if attempt == _RETRIES - 1:
                     return await self._reply(send, 503, _TEXT,
@@ -219,9 +231,10 @@ class ProxyActor:
     """The proxy actor: serves HTTP on ``host:port`` (0 picks a free port)."""
 
     def __init__(self, host: str, port: int, max_body_size: int,
-                 request_timeout_s: float | None, root_path: str = "") -> None:
+                 request_timeout_s: float | None, root_path: str = "",
+                 channel_secret: bytes | None = None) -> None:
         uvicorn = _import_uvicorn()
-        self.app = ProxyApp(max_body_size, request_timeout_s, root_path)
+        self.app = ProxyApp(max_body_size, request_timeout_s, root_path, channel_secret)
         kwargs: dict[str, Any] = {"host": host, "port": port, "log_level": "warning",
                                   "access_log": False, "lifespan": "off",
                                   "timeout_keep_alive": 30}

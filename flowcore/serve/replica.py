@@ -132,12 +132,25 @@ def _bind_class_routes(app: Any, instance: Any, cls: type) -> None:
         app.router.routes.insert(i, new)
 
 
+def _node_host() -> str:
+    """The address of this process's node, where proxies can reach it."""
+    import flowcore
+    try:
+        me = flowcore.get_runtime_context().get_node_id()
+        for n in flowcore.nodes():
+            if n["node_id"] == me and n.get("address"):
+                return n["address"].split("//")[-1].rsplit(":", 1)[0]
+    except Exception:  # noqa: BLE001
+        pass
+    return "127.0.0.1"
+
+
 class Replica:
     """One replica of a deployment (created by the controller)."""
 
     def __init__(self, app_name: str, deployment_name: str, replica_id: str,
                  target: Any, init_args: tuple, init_kwargs: dict, user_config: Any,
-                 max_ongoing_requests: int) -> None:
+                 max_ongoing_requests: int, channel_secret: bytes | None = None) -> None:
         global _context
         self.app_name = app_name
         self.deployment_name = deployment_name
@@ -162,6 +175,9 @@ class Replica:
         self.user_config = user_config
         if user_config is not None:
             self._reconfigure_sync(user_config)
+        self._channel_secret = channel_secret
+        self._channel: Any = None
+        self._channel_addr: tuple[str, int] | None = None
 
     # ----------------------------------------------------------- lifecycle
     def _reconfigure_sync(self, user_config: Any) -> None:
@@ -178,7 +194,12 @@ class Replica:
                 loop.close()
 
     async def ready(self) -> dict:
-        return {"pid": os.getpid(), "replica_id": self.replica_id}
+        if self._channel_secret and self._channel is None:
+            from . import channel
+            self._channel, self._channel_addr = await channel.serve(
+                self.handle_http, _node_host(), self._channel_secret)
+        return {"pid": os.getpid(), "replica_id": self.replica_id,
+                "channel": self._channel_addr}
 
     async def reconfigure(self, user_config: Any) -> None:
         fn = getattr(self.instance, "reconfigure", None) if self.is_class else None

@@ -81,12 +81,14 @@ def get_router(app_name: str, deployment_name: str) -> "Router":
 
 
 class _Replica:
-    __slots__ = ("rid", "actor", "ongoing")
+    __slots__ = ("rid", "actor", "ongoing", "channel_addr", "channel")
 
-    def __init__(self, rid: str, actor: Any) -> None:
+    def __init__(self, rid: str, actor: Any, channel_addr: Any = None) -> None:
         self.rid = rid
         self.actor = actor
         self.ongoing = 0
+        self.channel_addr = tuple(channel_addr) if channel_addr else None
+        self.channel: Any = None    # the proxy's HTTP channel to it, made on first use
 
 
 class Router:
@@ -145,8 +147,8 @@ class Router:
                 self.methods = set(snap["methods"]) if snap.get("methods") is not None else None
                 old = self._replicas
                 new: dict[str, _Replica] = {}
-                for rid, actor in snap["replicas"]:
-                    r = old.get(rid) or _Replica(rid, actor)
+                for rid, actor, channel_addr in snap["replicas"]:
+                    r = old.get(rid) or _Replica(rid, actor, channel_addr)
                     new[rid] = r
                 self._replicas = new
         self._have_snapshot.set()
