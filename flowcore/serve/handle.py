@@ -49,19 +49,17 @@ class _Call:
         except BaseException:
             self.router.release(replica)
             raise
-        router = self.router
-        ref.future().add_done_callback(lambda _f: router.release(replica))
-        return ref
+        return ref, self.router.track(replica, ref)
 
-    async def assign(self) -> tuple[Any, Any]:
+    async def assign(self) -> tuple[Any, Any, int]:
         replica = await self.router.acquire()
-        return replica, self.submit(replica)
+        return (replica, *self.submit(replica))
 
-    def assign_now(self) -> tuple[Any, Any] | None:
+    def assign_now(self) -> tuple[Any, Any, int] | None:
         replica = self.router.try_acquire()
         if replica is None:
             return None
-        return replica, self.submit(replica)
+        return (replica, *self.submit(replica))
 
 
 class DeploymentResponse:
@@ -75,7 +73,7 @@ class DeploymentResponse:
         if self._assigned is None:
             self._pending = asyncio.run_coroutine_threadsafe(call.assign(), router_loop())
 
-    def _assignment(self, timeout: float | None = None) -> tuple[Any, Any]:
+    def _assignment(self, timeout: float | None = None) -> tuple[Any, Any, int]:
         if self._assigned is None:
             assert self._pending is not None
             try:
@@ -85,7 +83,7 @@ class DeploymentResponse:
                                    f"took the request within {timeout} s") from None
         return self._assigned
 
-    async def _assignment_async(self) -> tuple[Any, Any]:
+    async def _assignment_async(self) -> tuple[Any, Any, int]:
         if self._assigned is None:
             assert self._pending is not None
             self._assigned = await asyncio.wrap_future(self._pending)
@@ -110,28 +108,39 @@ class DeploymentResponse:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for attempt in range(_RETRIES):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            replica, ref = self._assignment(left)
+            replica, ref, token = self._assignment(left)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return flowcore.get(ref, timeout=left)
+                value = flowcore.get(ref, timeout=left)
+                self._call.router.untrack(token)
+                return value
             except GetTimeoutError:
                 raise TimeoutError(f"the call to {self._call.router.deployment_name!r} did "
                                    f"not finish within {timeout_s} s") from None
             except ActorDiedError:
+                self._call.router.untrack(token)
                 self._call.router.drop_replica(replica.rid)
                 if attempt == _RETRIES - 1:
                     raise
                 self._assigned = None
                 self._pending = asyncio.run_coroutine_threadsafe(self._call.assign(),
                                                                  router_loop())
+            except BaseException:
+                self._call.router.untrack(token)
+                raise
         raise AssertionError("unreachable")
 
     async def _result_async(self) -> Any:
         for attempt in range(_RETRIES):
-            replica, ref = await self._assignment_async()
+            replica, ref, token = await self._assignment_async()
             try:
-                return await ref
-            except ActorDiedError:
+                value = await ref
+                self._call.router.untrack(token)
+                return value
+            except BaseException as e:
+                self._call.router.untrack(token)
+                if not isinstance(e, ActorDiedError):
+                    raise
                 self._call.router.drop_replica(replica.rid)
                 if attempt == _RETRIES - 1:
                     raise

@@ -109,6 +109,11 @@ class Router:
         self._queued = 0
         self._waiters: deque[asyncio.Future] = deque()
         self._loop = router_loop()
+        # calls whose end nobody has seen yet: released when their response
+        # is read, or by the sweep once their object is ready
+        self._tracked: dict[int, tuple[_Replica, Any, float]] = {}
+        self._track_ids = iter(range(1 << 62))
+        self._sweeping = False
         self._have_snapshot = threading.Event()
         self._watch = asyncio.run_coroutine_threadsafe(self._watch_replicas(), self._loop)
 
@@ -274,6 +279,48 @@ class Router:
                 self._queued -= 1
             if self._queued:
                 self._wake_one()
+
+    def track(self, r: _Replica, ref: Any) -> int:
+        """Count ``ref``'s call on ``r`` until ``untrack`` or until the sweep
+        finds it finished."""
+        import time
+        with self._lock:
+            token = next(self._track_ids)
+            self._tracked[token] = (r, ref, time.monotonic())
+            start = not self._sweeping
+            self._sweeping = True
+        if start:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._sweep()))
+        return token
+
+    def untrack(self, token: int) -> None:
+        with self._lock:
+            entry = self._tracked.pop(token, None)
+        if entry is not None:
+            self.release(entry[0])
+
+    async def _sweep(self) -> None:
+        """Release calls that finished without anyone reading them."""
+        import time
+        while True:
+            await asyncio.sleep(0.05)
+            with self._lock:
+                if not self._tracked or self.closed:
+                    self._sweeping = False
+                    return
+                old = [(t, e) for t, e in self._tracked.items()
+                       if time.monotonic() - e[2] > 0.05]
+            if not old:
+                continue
+            try:
+                ready, _ = flowcore.wait([e[1] for _, e in old], num_returns=len(old),
+                                         timeout=0)
+            except Exception:  # noqa: BLE001 - flowcore shut down
+                ready = [e[1] for _, e in old]
+            done = {id(r) for r in ready}
+            for t, e in old:
+                if id(e[1]) in done:
+                    self.untrack(t)
 
     def release(self, r: _Replica) -> None:
         with self._lock:
