@@ -107,6 +107,13 @@ def test_http_errors_and_return_types(url):
     s, body = request(url, "/elsewhere", b"{}")
     assert s == 404 and b"/f" in body
     assert post_json(url, "/f/sub", [1, 2]) == (200, [1, 2])
+    s, metrics = request(url, "/-/metrics")
+    text = metrics.decode()
+    assert s == 200
+    assert ('serve_num_http_requests_total{application="default",deployment="Faulty",'
+            'method="POST",route="/f",status_code="500"} 1.0') in text
+    assert 'status_code="413"} 1.0' in text and 'status_code="200"} 3.0' in text
+    assert "serve_http_request_latency_ms_bucket" in text
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1,
@@ -440,6 +447,17 @@ def test_shutdown_frees_actors_and_port(cluster):
 
 
 # ------------------------------------------------------------------ policy (no IO)
+
+def test_batch_wait_adapts_to_arrival_gaps():
+    from flowcore.serve.batching import _Gaps
+    g = _Gaps()
+    assert g.patience(0.5) == 0.5                 # nothing measured: the ceiling
+    for t in (0.0, 0.001, 0.002, 0.003):
+        g.arrived(t)
+    assert abs(g.patience(0.5) - 0.002) < 1e-6     # twice the mean gap
+    g.arrived(10.0)                                # a long pause raises the mean ...
+    assert g.patience(0.5) == 0.5                  # ... up to the ceiling only
+
 
 def test_autoscaling_policy_delays():
     cfg = AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=2,

@@ -117,6 +117,8 @@ def run(target: Application, blocking: bool = False, name: str = "default",
     if st["status"] != "RUNNING":
         raise RayServeException(f"application {name!r} is still {st['status']} after "
                                 f"{_DEPLOY_TIMEOUT_S:.0f} s: {st['message']}")
+    if route_prefix is not None:
+        _wait_for_route(route_prefix, name)
     handle = DeploymentHandle([n for n, i in nodes if i][0].deployment.name, name)
     if blocking:
         try:
@@ -125,6 +127,21 @@ def run(target: Application, blocking: bool = False, name: str = "default",
         except KeyboardInterrupt:
             pass
     return handle
+
+
+def _wait_for_route(route_prefix: str, app_name: str, timeout_s: float = 30.0) -> None:
+    """Return once the HTTP proxy routes ``route_prefix`` to the app, so
+    that a request sent right after ``serve.run`` is not answered 404."""
+    from .controller import PROXY_NAME
+    try:
+        proxy = flowcore.get_actor(PROXY_NAME, namespace=_router.SERVE_NAMESPACE)
+    except ValueError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if flowcore.get(proxy.has_route.remote(route_prefix, app_name)):
+            return
+        time.sleep(0.005)
 
 
 def get_app_handle(name: str) -> DeploymentHandle:

@@ -1,7 +1,12 @@
 """``@serve.batch``: calls with one item each are gathered into one call
 with a list, up to ``max_batch_size`` items or ``batch_wait_timeout_s`` after
 the first arrived, on async methods (an asyncio queue) and sync methods
-(threads: the first caller of a batch runs it for the others)."""
+(threads: the first caller of a batch runs it for the others).
+
+The wait adapts to the measured gaps between arrivals: a batch stops
+waiting when no item came within twice the recent mean gap (so a lone
+request at low load does not sit out the whole timeout), and never waits
+past ``batch_wait_timeout_s``."""
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +40,26 @@ def _split(fn_name: str, results: Any, n: int) -> list:
     return list(results)
 
 
+class _Gaps:
+    """Exponentially weighted mean of the time between arrivals."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.mean: float | None = None
+
+    def arrived(self, now: float) -> None:
+        if self.last is not None:
+            gap = now - self.last
+            self.mean = gap if self.mean is None else 0.8 * self.mean + 0.2 * gap
+        self.last = now
+
+    def patience(self, left: float) -> float:
+        """How long to wait for the next item, at most ``left``."""
+        if self.mean is None:
+            return left
+        return min(left, 2.0 * self.mean)
+
+
 class _AsyncBatcher:
     """The queue of one (instance, method) on one event loop."""
 
@@ -43,8 +68,10 @@ class _AsyncBatcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.batch_sizes: list[int] = []
+        self.gaps = _Gaps()
 
     async def submit(self, self_arg: Any, item: Any) -> Any:
+        self.gaps.arrived(time.monotonic())
         fut = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((item, fut))
         if self.task is None or self.task.done():
@@ -61,7 +88,8 @@ class _AsyncBatcher:
                 if left <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                    batch.append(await asyncio.wait_for(self.queue.get(),
+                                                        self.gaps.patience(left)))
                 except asyncio.TimeoutError:
                     break
             self.batch_sizes.append(len(batch))
@@ -88,10 +116,12 @@ class _ThreadBatcher:
         self.pending: list[list] = []     # [item, done event, result, error]
         self.leader = False
         self.batch_sizes: list[int] = []
+        self.gaps = _Gaps()
 
     def submit(self, self_arg: Any, item: Any) -> Any:
         entry = [item, threading.Event(), None, None]
         with self.cond:
+            self.gaps.arrived(time.monotonic())
             self.pending.append(entry)
             self.cond.notify_all()
             lead = not self.leader
@@ -111,7 +141,10 @@ class _ThreadBatcher:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self.cond.wait(left)
+                have = len(self.pending)
+                self.cond.wait(self.gaps.patience(left))
+                if len(self.pending) == have:
+                    break             # nothing came within the expected gap
             batch, self.pending = self.pending[:self.size], self.pending[self.size:]
             self.leader = False
             if self.pending:          # leftovers: the next caller to arrive leads;

@@ -53,6 +53,7 @@ class ProxyApp:
         self.routes_version = -1
         self.requests = 0
         self.errors = 0
+        self.metrics = _Metrics()
 
     def set_routes(self, routes: dict) -> None:
         self.routes = dict(routes)
@@ -102,6 +103,9 @@ class ProxyApp:
             path = path[len(self.root_path):] or "/"
         if path == "/-/healthz":
             return await self._reply(send, 200, _TEXT, b"success")
+        if path == "/-/metrics":
+            body, ctype = self.metrics.render()
+            return await self._reply(send, 200, [(b"content-type", ctype.encode())], body)
         if path == "/-/routes":
             import json
             body = json.dumps({p: a for p, (a, _) in self.routes.items()}).encode()
@@ -113,6 +117,21 @@ class ProxyApp:
                                      f"no application serves the path {path!r}; routes: "
                                      f"{sorted(self.routes) or 'none'}".encode())
         prefix, (app_name, dep) = m
+        started = time.perf_counter()
+        status_box = [0]
+
+        async def counting_send(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                status_box[0] = msg["status"]
+            await send(msg)
+        try:
+            await self._route(scope, receive, counting_send, path, prefix, app_name, dep)
+        finally:
+            self.metrics.observe(app_name, dep, prefix, scope["method"], status_box[0],
+                                 time.perf_counter() - started)
+
+    async def _route(self, scope: dict, receive: Any, send: Any, path: str, prefix: str,
+                     app_name: str, dep: str) -> None:
         body = await self._read_body(scope, receive, send)
         if body is None:
             return
@@ -223,6 +242,52 @@ class ProxyApp:
         await send({"type": "http.response.body", "body": b""})
 
 
+class _Metrics:
+    """Prometheus metrics of the proxy (``GET /-/metrics``), per route and
+    deployment: request counts by status code, and latency."""
+
+    def __init__(self) -> None:
+        try:
+            import prometheus_client as pc
+        except ImportError:      # a core dependency; tolerate its absence
+            self.pc = None
+            return
+        self.pc = pc
+        self.registry = pc.CollectorRegistry()
+        labels = ["application", "deployment", "route", "method", "status_code"]
+        self.count = pc.Counter("serve_num_http_requests", "HTTP requests answered",
+                                labels, registry=self.registry)
+        self.errors = pc.Counter("serve_num_http_error_requests",
+                                 "HTTP requests answered with a status >= 400", labels,
+                                 registry=self.registry)
+        self.latency = pc.Histogram(
+            "serve_http_request_latency_ms", "HTTP request latency at the proxy (ms)",
+            ["application", "deployment", "route"], registry=self.registry,
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000))
+        self._children: dict[tuple, tuple] = {}
+
+    def observe(self, app: str, dep: str, route: str, method: str, status: int,
+                secs: float) -> None:
+        if self.pc is None:
+            return
+        key = (app, dep, route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            lab = (app, dep, route, method, str(status))
+            children = self._children[key] = (
+                self.count.labels(*lab), self.errors.labels(*lab) if status >= 400 else None,
+                self.latency.labels(app, dep, route))
+        children[0].inc()
+        if children[1] is not None:
+            children[1].inc()
+        children[2].observe(secs * 1e3)
+
+    def render(self) -> tuple[bytes, str]:
+        if self.pc is None:
+            return b"", "text/plain"
+        return self.pc.generate_latest(self.registry), self.pc.CONTENT_TYPE_LATEST
+
+
 async def _await(ref: Any) -> Any:
     return await ref
 
@@ -277,6 +342,10 @@ class ProxyActor:
     def ready(self) -> dict:
         return {"host": self.host, "port": self.port, "pid": os.getpid(),
                 "url": f"http://{self.host}:{self.port}"}
+
+    def has_route(self, route_prefix: str, app_name: str) -> bool:
+        """Whether the proxy routes ``route_prefix`` to ``app_name`` yet."""
+        return self.app.routes.get(route_prefix, (None,))[0] == app_name
 
     def stats(self) -> dict:
         return {"requests": self.app.requests, "errors": self.app.errors}
