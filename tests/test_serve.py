@@ -581,3 +581,24 @@ def test_replica_channel_refuses_wrong_secret_and_actor_path_works(url):
     kind, status, headers, body = flowcore.get(actor.handle_http.remote(scope, b'{"z": 1}'))
     assert (kind, status) == ("full", 200)
     assert json.loads(body)["echo"] == {"z": 1} and json.loads(body)["q"] == {"k": "v"}
+
+
+def test_missing_extra_is_named():
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('starlette', 'uvicorn'):\n"
+        "            raise ImportError('no ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from flowcore import serve\n"           # imports without the extra
+        "try:\n"
+        "    serve.start()\n"
+        "except ImportError as e:\n"
+        "    print('IMPORTERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert "IMPORTERROR" in out.stdout and "pip install 'flowcore[serve]'" in out.stdout, \
+        out.stdout + out.stderr

@@ -42,6 +42,9 @@ def start(http_options: dict | HTTPOptions | None = None, *, proxy_location: Any
     "max_body_size"}); does nothing when serve already runs. Starts flowcore
     first if needed."""
     opts = HTTPOptions.build(http_options)
+    if proxy_location not in ("Disabled", "NoServer"):
+        from .proxy import _import_uvicorn
+        _import_uvicorn()     # ImportError naming the extra, here rather than in the proxy
     _ensure_flowcore()
     ctrl = _controller_or_none()
     if ctrl is None:
