@@ -427,6 +427,30 @@ def test_autoscale_up_and_down(url):
         sig.close()
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0},
+                  autoscaling_config={"min_replicas": 0, "max_replicas": 1,
+                                      "target_ongoing_requests": 1,
+                                      "metrics_interval_s": 0.1, "look_back_period_s": 0.3,
+                                      "upscale_delay_s": 0.1, "downscale_delay_s": 0.3})
+class ZeroToOne:
+    def __call__(self, x):
+        return x * 3
+
+
+def test_scale_from_and_to_zero(url):
+    h = serve.run(ZeroToOne.bind(), route_prefix=None)
+
+    def replicas():
+        return serve.status().applications["default"].deployments["ZeroToOne"] \
+            .replica_states.get("RUNNING", 0)
+    assert replicas() == 0                     # min_replicas=0: nothing runs yet
+    assert h.remote(5).result(timeout_s=60) == 15    # a request brings one up
+    deadline = time.time() + 60
+    while replicas() > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert replicas() == 0                     # and it goes away when idle
+
+
 def test_shutdown_frees_actors_and_port(cluster):
     serve.start(http_options={"port": 0})
     port = int(serve.http_address().rsplit(":", 1)[1])

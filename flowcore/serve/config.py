@@ -164,7 +164,7 @@ class DeploymentConfig:
             return self.num_replicas
         if a.initial_replicas is not None:
             return a.initial_replicas
-        return max(a.min_replicas, 1) if a.max_replicas >= 1 else 0
+        return a.min_replicas
 
     def actor_options(self) -> dict[str, Any]:
         """The flowcore actor options of one replica (unsupported Ray keys

@@ -70,6 +70,7 @@ class _DeploymentState:
         self.message = ""
         self.ever_ready = False
         self.last_metrics = 0.0
+        self.queued_at_callers: tuple[float, int] = (0.0, 0)   # (when, how many)
         self.deleting = False
         self.apply(spec, initial=True)
 
@@ -316,6 +317,15 @@ class ServeController:
             r.hc_sent = time.monotonic() - max(0.0, ds.config.health_check_timeout_s - 2.0)
             self._kick()
 
+    async def record_queued(self, app: str, dep: str, queued: int) -> None:
+        """A caller holds ``queued`` requests for a deployment that has no
+        replica (scaled to zero)."""
+        a = self.apps.get(app)
+        ds = a.deployments.get(dep) if a else None
+        if ds is not None:
+            ds.queued_at_callers = (time.monotonic(), int(queued))
+            self._kick()
+
     async def get_status(self) -> dict:
         return {"applications": {n: self._app_status(n) for n in self.apps},
                 "proxy": self.proxy_info}
@@ -499,6 +509,11 @@ class ServeController:
         # autoscaling from replica-reported ongoing requests
         if ds.policy is not None and not ds.deleting:
             running = ds.running()
+            when, queued = ds.queued_at_callers
+            if queued and not ds.live() and now - when < 2.0:
+                # requests wait and no replica exists: start one now
+                ds.target_num = max(ds.target_num, 1)
+                ds.queued_at_callers = (0.0, 0)
             pending = [r for r in running if r.metrics_fut is not None]
             if pending and all(r.metrics_fut.done() for r in pending):
                 total = 0

@@ -256,10 +256,17 @@ class Router:
                     f"{self.max_queued}) and every replica holds max_ongoing_requests="
                     f"{self.max_ongoing}")
             self._queued += 1
+        last_report = 0.0
         try:
             while True:
                 if self.closed:
                     raise RayServeException("flowcore.serve was shut down")
+                now = self._loop.time()
+                if not self._replicas and now - last_report >= 0.5:
+                    # no replica at all (scaled to zero): the controller learns
+                    # of the waiting requests from here
+                    last_report = now
+                    self._report_queued()
                 if self.error is not None and self._have_snapshot.is_set() and \
                         self.error.startswith("no deployment"):
                     raise RayServeException(self.error)
@@ -321,6 +328,13 @@ class Router:
             for t, e in old:
                 if id(e[1]) in done:
                     self.untrack(t)
+
+    def _report_queued(self) -> None:
+        try:
+            get_controller().record_queued.remote(self.app_name, self.deployment_name,
+                                                  self._queued)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
 
     def release(self, r: _Replica) -> None:
         with self._lock:
