@@ -472,6 +472,36 @@ def test_shutdown_frees_actors_and_port(cluster):
 
 # ------------------------------------------------------------------ policy (no IO)
 
+def test_batch_runs_up_to_max_concurrent_batches():
+    import asyncio
+
+    class Model:
+        def __init__(self):
+            self.running = 0
+            self.peak = 0
+            self.both = asyncio.Event()
+
+        @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.05, max_concurrent_batches=2)
+        async def __call__(self, items):
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            if self.running == 2:
+                self.both.set()
+            await asyncio.wait_for(self.both.wait(), 30)   # both batches at once
+            self.running -= 1
+            return [i + 1 for i in items]
+
+    async def main():
+        m = Model()
+        out = await asyncio.gather(*[m(i) for i in range(4)])
+        return out, m.peak
+
+    out, peak = asyncio.run(main())
+    assert out == [1, 2, 3, 4] and peak == 2
+    with pytest.raises(ValueError, match="max_concurrent_batches"):
+        serve.batch(max_concurrent_batches=0)
+
+
 def test_batch_wait_adapts_to_arrival_gaps():
     from flowcore.serve.batching import _Gaps
     g = _Gaps()

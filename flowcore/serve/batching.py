@@ -20,7 +20,12 @@ DEFAULT_MAX_BATCH_SIZE = 10
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
 
 
-def _check(max_batch_size: Any, batch_wait_timeout_s: Any) -> None:
+def _check(max_batch_size: Any, batch_wait_timeout_s: Any,
+           max_concurrent_batches: Any = 1) -> None:
+    if not isinstance(max_concurrent_batches, int) or \
+            isinstance(max_concurrent_batches, bool) or max_concurrent_batches < 1:
+        raise ValueError(f"@serve.batch: max_concurrent_batches must be an int >= 1, got "
+                         f"{max_concurrent_batches!r}")
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or \
             max_batch_size < 1:
         raise ValueError(f"@serve.batch: max_batch_size must be an int >= 1, got "
@@ -63,12 +68,14 @@ class _Gaps:
 class _AsyncBatcher:
     """The queue of one (instance, method) on one event loop."""
 
-    def __init__(self, fn: Callable, size: int, wait: float) -> None:
+    def __init__(self, fn: Callable, size: int, wait: float, concurrent: int = 1) -> None:
         self.fn, self.size, self.wait = fn, size, wait
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.batch_sizes: list[int] = []
         self.gaps = _Gaps()
+        self.concurrent = concurrent
+        self.sem: asyncio.Semaphore | None = None
 
     async def submit(self, self_arg: Any, item: Any) -> Any:
         self.gaps.arrived(time.monotonic())
@@ -80,7 +87,13 @@ class _AsyncBatcher:
 
     async def _run(self, self_arg: Any) -> None:
         loop = asyncio.get_running_loop()
+        if self.sem is None:
+            self.sem = asyncio.Semaphore(self.concurrent)
         while not self.queue.empty():
+            await self.sem.acquire()      # at most max_concurrent_batches at once
+            if self.queue.empty():
+                self.sem.release()
+                break
             batch = [self.queue.get_nowait()]
             deadline = loop.time() + self.wait
             while len(batch) < self.size:
@@ -94,24 +107,31 @@ class _AsyncBatcher:
                     break
             self.batch_sizes.append(len(batch))
             del self.batch_sizes[:-1000]
-            items = [b[0] for b in batch]
-            try:
-                args = (self_arg, items) if self_arg is not None else (items,)
-                results = _split(self.fn.__name__, await self.fn(*args), len(items))
-                for (_, fut), r in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result(r)
-            except BaseException as e:  # noqa: BLE001 - every caller gets it
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+            asyncio.ensure_future(self._execute(self_arg, batch))
+
+    async def _execute(self, self_arg: Any, batch: list) -> None:
+        items = [b[0] for b in batch]
+        try:
+            args = (self_arg, items) if self_arg is not None else (items,)
+            results = _split(self.fn.__name__, await self.fn(*args), len(items))
+            for (_, fut), r in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(r)
+        except BaseException as e:  # noqa: BLE001 - every caller gets it
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+        finally:
+            assert self.sem is not None
+            self.sem.release()
 
 
 class _ThreadBatcher:
     """Batches calls made from several threads into one call."""
 
-    def __init__(self, fn: Callable, size: int, wait: float) -> None:
+    def __init__(self, fn: Callable, size: int, wait: float, concurrent: int = 1) -> None:
         self.fn, self.size, self.wait = fn, size, wait
+        self.running = threading.Semaphore(concurrent)
         self.cond = threading.Condition()
         self.pending: list[list] = []     # [item, done event, result, error]
         self.leader = False
@@ -157,7 +177,8 @@ class _ThreadBatcher:
         try:
             args = (self_arg, [b[0] for b in batch]) if self_arg is not None \
                 else ([b[0] for b in batch],)
-            results = _split(self.fn.__name__, self.fn(*args), len(batch))
+            with self.running:            # at most max_concurrent_batches at once
+                results = _split(self.fn.__name__, self.fn(*args), len(batch))
             for b, r in zip(batch, results):
                 b[2] = r
         except BaseException as e:  # noqa: BLE001
@@ -170,11 +191,13 @@ class _ThreadBatcher:
 
 
 def batch(_func: Callable | None = None, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-          batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S) -> Any:
-    """``@serve.batch`` or ``@serve.batch(max_batch_size=, batch_wait_timeout_s=)``
-    on a method (or function) taking one list and returning a list of the
-    same length; callers pass one item and get one result."""
-    _check(max_batch_size, batch_wait_timeout_s)
+          batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
+          max_concurrent_batches: int = 1) -> Any:
+    """``@serve.batch`` or ``@serve.batch(max_batch_size=, batch_wait_timeout_s=,
+    max_concurrent_batches=)`` on a method (or function) taking one list and
+    returning a list of the same length; callers pass one item and get one
+    result. Up to ``max_concurrent_batches`` batches run at once."""
+    _check(max_batch_size, batch_wait_timeout_s, max_concurrent_batches)
 
     def wrap(fn: Callable) -> Callable:
         params = list(inspect.signature(fn).parameters)
@@ -186,7 +209,8 @@ def batch(_func: Callable | None = None, *, max_batch_size: int = DEFAULT_MAX_BA
             holder = owner.__dict__ if owner is not None else free
             b = holder.get(attr)
             if b is None:
-                b = holder.setdefault(attr, kind(fn, max_batch_size, batch_wait_timeout_s))
+                b = holder.setdefault(attr, kind(fn, max_batch_size, batch_wait_timeout_s,
+                                                 max_concurrent_batches))
             return b
 
         if inspect.iscoroutinefunction(fn):
