@@ -209,6 +209,18 @@ def test_bad_input_errors(url):
         serve.run(Doubler.bind(), name="a3", route_prefix="nope")
 
 
+def test_delete_removes_app_and_route(url):
+    serve.run(Faulty.bind(), name="keep", route_prefix="/keep")
+    serve.run(Pid.bind(), name="gone", route_prefix="/gone")
+    assert request(url, "/gone")[0] == 200
+    serve.delete("gone")
+    assert set(serve.status().applications) == {"keep"}
+    assert request(url, "/gone")[0] == 404
+    assert request(url, "/keep?text=1", b"{}") == (200, b"plain text")
+    with pytest.raises(serve.RayServeException, match="no application named 'gone'"):
+        serve.get_app_handle("gone")
+
+
 # ------------------------------------------------------------------ batching
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -132,9 +132,10 @@ def run(target: Application, blocking: bool = False, name: str = "default",
     return handle
 
 
-def _wait_for_route(route_prefix: str, app_name: str, timeout_s: float = 30.0) -> None:
+def _wait_for_route(route_prefix: str | None, app_name: str, timeout_s: float = 30.0) -> None:
     """Return once the HTTP proxy routes ``route_prefix`` to the app, so
-    that a request sent right after ``serve.run`` is not answered 404."""
+    that a request sent right after ``serve.run`` is not answered 404 (with
+    ``route_prefix=None``: once no route leads to the app any more)."""
     from .controller import PROXY_NAME
     try:
         proxy = flowcore.get_actor(PROXY_NAME, namespace=_router.SERVE_NAMESPACE)
@@ -142,7 +143,10 @@ def _wait_for_route(route_prefix: str, app_name: str, timeout_s: float = 30.0) -
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if flowcore.get(proxy.has_route.remote(route_prefix, app_name)):
+        if route_prefix is None:
+            if not flowcore.get(proxy.routes_to.remote(app_name)):
+                return
+        elif flowcore.get(proxy.has_route.remote(route_prefix, app_name)):
             return
         time.sleep(0.005)
 
@@ -178,6 +182,7 @@ def delete(name: str, _blocking: bool = True) -> None:
     ref = ctrl.delete_application.remote(name)
     if _blocking:
         flowcore.get(ref)
+        _wait_for_route(None, name)
 
 
 @dataclass

@@ -347,5 +347,9 @@ class ProxyActor:
         """Whether the proxy routes ``route_prefix`` to ``app_name`` yet."""
         return self.app.routes.get(route_prefix, (None,))[0] == app_name
 
+    def routes_to(self, app_name: str) -> bool:
+        """Whether any route leads to ``app_name``."""
+        return any(a == app_name for a, _ in self.app.routes.values())
+
     def stats(self) -> dict:
         return {"requests": self.app.requests, "errors": self.app.errors}
