@@ -668,3 +668,23 @@ def test_missing_extra_is_named():
                          timeout=60)
     assert "IMPORTERROR" in out.stdout and "pip install 'flowcore[serve]'" in out.stdout, \
         out.stdout + out.stderr
+
+
+def test_killed_proxy_is_restarted_on_the_same_port(url):
+    serve.run(Pid.bind())
+    assert request(url)[0] == 200
+    info = flowcore.get(flowcore.get_actor("SERVE_PROXY", namespace="serve").ready.remote())
+    os.kill(info["pid"], signal.SIGKILL)
+    deadline = time.time() + 60
+    ok = False
+    while time.time() < deadline:
+        try:
+            if request(url, timeout=5)[0] == 200:
+                ok = True
+                break
+        except OSError:
+            pass                        # refused while the new proxy starts
+        time.sleep(0.05)
+    assert ok and serve.http_address() == url
+    new = flowcore.get(flowcore.get_actor("SERVE_PROXY", namespace="serve").ready.remote())
+    assert new["pid"] != info["pid"]

@@ -26,6 +26,7 @@ logger = logging.getLogger("flowcore.serve")
 TICK_S = 0.1
 MAX_CONSTRUCTOR_FAILURES = 3
 PROXY_NAME = "SERVE_PROXY"
+PROXY_CHECK_S = 1.0
 
 
 def _short(err: BaseException) -> str:
@@ -153,6 +154,9 @@ class ServeController:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._resources_cache: tuple[float, dict] = (0.0, {})
+        self._proxy_check: Any = None
+        self._proxy_checked = 0.0
+        self._proxy_restarting = False
         # authenticates the proxy to the replicas' HTTP channels
         self.channel_secret = os.urandom(32)
 
@@ -203,20 +207,60 @@ class ServeController:
         self._ensure_loop()
         if self.proxy_info is not None:
             return self.proxy_info
+        self.proxy_info = await self._start_proxy(self.http_options.port)
+        return self.proxy_info
+
+    async def _start_proxy(self, port: int) -> dict:
         from .proxy import ProxyActor
         opts = self.http_options
         self.proxy = flowcore.remote(ProxyActor).options(
             name=PROXY_NAME, namespace="serve", lifetime="detached", num_cpus=0,
-            max_concurrency=4).remote(opts.host, opts.port, opts.max_body_size,
+            max_concurrency=4).remote(opts.host, port, opts.max_body_size,
                                       opts.request_timeout_s, opts.root_path,
                                       self.channel_secret)
         try:
-            self.proxy_info = await self.proxy.ready.remote()
+            return await self.proxy.ready.remote()
         except Exception as e:
             self.proxy = None
             raise RuntimeError(f"the serve HTTP proxy could not start on "
-                               f"{opts.host}:{opts.port}: {e}") from None
-        return self.proxy_info
+                               f"{opts.host}:{port}: {e}") from None
+
+    async def _restart_proxy(self) -> None:
+        """The proxy died: start another on the same address."""
+        assert self.proxy_info is not None
+        port = self.proxy_info["port"]
+        delay = 0.1
+        while not self._stopping:
+            try:
+                flowcore.get_actor(PROXY_NAME, namespace="serve")
+                await asyncio.sleep(0.05)      # the dead one still holds the name
+                continue
+            except ValueError:
+                pass
+            try:
+                self.proxy_info = await self._start_proxy(port)
+                logger.warning("serve: the HTTP proxy died and was restarted on port %d", port)
+                self._proxy_restarting = False
+                return
+            except Exception as e:  # noqa: BLE001
+                logger.warning("serve: restarting the HTTP proxy failed: %s", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _check_proxy(self, now: float) -> None:
+        if self.proxy is None or self.proxy_info is None or self._proxy_restarting:
+            return
+        if self._proxy_check is None:
+            if now - self._proxy_checked >= PROXY_CHECK_S:
+                self._proxy_check = self.proxy.ready.remote().future()
+                self._proxy_checked = now
+        elif self._proxy_check.done():
+            err = _done_error(self._proxy_check)
+            self._proxy_check = None
+            if err is not None:
+                logger.warning("serve: the HTTP proxy failed its check: %s", _short(err))
+                self._proxy_restarting = True
+                asyncio.ensure_future(self._restart_proxy())
 
     async def get_http_info(self) -> dict | None:
         return self.proxy_info
@@ -405,6 +449,7 @@ class ServeController:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        self._check_proxy(now)
         for a in list(self.apps.values()):
             for ds in list(a.deployments.values()):
                 before = (ds.status(), tuple(sorted((r.rid, r.state)
