@@ -688,3 +688,17 @@ def test_killed_proxy_is_restarted_on_the_same_port(url):
     assert ok and serve.http_address() == url
     new = flowcore.get(flowcore.get_actor("SERVE_PROXY", namespace="serve").ready.remote())
     assert new["pid"] != info["pid"]
+
+
+def test_request_timeout_answers_408(cluster):
+    sig = Signal()
+    try:
+        serve.start(http_options={"port": 0, "request_timeout_s": 0.5})
+        url = serve.http_address()
+        serve.run(Slow.bind(sig))
+        s, body = request(url, "/", b"")
+        assert s == 408 and b"request_timeout_s" in body
+    finally:
+        sig.set()
+        sig.close()
+        serve.shutdown()
