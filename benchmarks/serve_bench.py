@@ -70,19 +70,49 @@ def _load_proc(host: str, port: int, path: str, clients: int, seconds: float,
              "lat": sorted(lat)})
 
 
-def http_load(url: str, clients: int, seconds: float, path: str = "/") -> dict:
+def _cpu_snapshot(root: int) -> dict[int, float]:
+    """CPU seconds used so far by ``root``'s descendants (and ``root``
+    itself unless it is this process)."""
+    import psutil
+    out = {}
+    try:
+        top = psutil.Process(root)
+        procs = top.children(recursive=True) + ([top] if root != os.getpid() else [])
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def http_load(url: str, clients: int, seconds: float, path: str = "/",
+              cpu_root: int | None = None) -> dict:
+    """Run the load generator; with ``cpu_root``, also the server CPU per
+    request: the CPU time of ``cpu_root``'s process tree during the run
+    (the load generator, started during it, is not counted), which stays
+    meaningful on a busy machine where req/s does not."""
     host, port = url.split("//")[1].split(":")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
+    before = _cpu_snapshot(cpu_root) if cpu_root else {}
     p = ctx.Process(target=_load_proc, args=(host, int(port), path, clients, seconds, q))
     p.start()
     r = q.get(timeout=seconds + 120)
+    after = _cpu_snapshot(cpu_root) if cpu_root else {}
     p.join(30)
     lat = r["lat"]
     pct = (lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] * 1e3) if lat else \
         (lambda f: float("nan"))
-    return {"rps": r["n"] / r["secs"], "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-            "errors": r["errors"]}
+    out = {"rps": r["n"] / r["secs"], "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+           "errors": r["errors"]}
+    if cpu_root:
+        used = sum(after[k] - before[k] for k in after if k in before)
+        out["cpu_us"] = used / max(1, r["n"]) * 1e6
+    return out
 
 
 # ------------------------------------------------------------------ flowcore.serve
@@ -128,7 +158,7 @@ def bench_flowcore(seconds: float) -> dict:
         url = serve.http_address()
         http_load(url, 8, 1.0)                      # warm-up
         for c in (8, 64):
-            out[f"http_{c}"] = http_load(url, c, seconds)
+            out[f"http_{c}"] = http_load(url, c, seconds, cpu_root=os.getpid())
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < min(seconds, 3.0):
             h.ping.remote().result()
@@ -186,7 +216,7 @@ def bench_floor(seconds: float) -> dict | None:
                 time.sleep(0.05)
         url = f"http://127.0.0.1:{port}"
         http_load(url, 8, 1.0)
-        return {f"http_{c}": http_load(url, c, seconds) for c in (8, 64)}
+        return {f"http_{c}": http_load(url, c, seconds, cpu_root=p.pid) for c in (8, 64)}
     finally:
         p.terminate()
         p.wait(10)
@@ -284,7 +314,7 @@ def bench_ray(seconds: float) -> dict | None:
         url = f"http://127.0.0.1:{port}"
         http_load(url, 8, 1.0)
         for c in (8, 64):
-            out[f"http_{c}"] = http_load(url, c, seconds)
+            out[f"http_{c}"] = http_load(url, c, seconds, cpu_root=os.getpid())
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < min(seconds, 3.0):
             h.ping.remote().result()
@@ -301,6 +331,8 @@ def _fmt(v: Any, unit: str) -> str:
         return "n/a"
     if unit == "ms":
         return f"{v:.2f}"
+    if unit == "us":
+        return f"{v:,.0f}"
     return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
 
 
@@ -317,8 +349,10 @@ def main() -> None:
     rows = []
     for c in (8, 64):
         k = f"http_{c}"
-        for metric, unit in (("rps", "1/s"), ("p50_ms", "ms"), ("p99_ms", "ms")):
-            rows.append((f"HTTP no-op, {c} keep-alive clients: {metric.split('_')[0]}", unit,
+        for metric, unit in (("rps", "1/s"), ("p50_ms", "ms"), ("p99_ms", "ms"),
+                             ("cpu_us", "us")):
+            label = "server CPU/request" if metric == "cpu_us" else metric.split("_")[0]
+            rows.append((f"HTTP no-op, {c} keep-alive clients: {label}", unit,
                          fc[k][metric], ray.get(k, {}).get(metric),
                          fl.get(k, {}).get(metric)))
     rows.append(("handle round trips/s", "1/s", fc["handle_rtt"], ray.get("handle_rtt"),
@@ -329,9 +363,9 @@ def main() -> None:
     rows.append(("  p99 latency", "ms", mm["p99_ms"], None, None))
     rows.append(("  mean batch size", "", mm["mean_batch"], None, None))
     print(f"\nflowcore.serve benchmark ({secs:g} s per load level, flowcore.init(num_cpus=2))")
-    print(f"{'metric':<48} {'unit':>4} {'flowcore':>9} {'ray':>9} {'uvicorn':>9}")
+    print(f"{'metric':<52} {'unit':>4} {'flowcore':>9} {'ray':>9} {'uvicorn':>9}")
     for name, unit, a, b, c in rows:
-        print(f"{name:<48} {unit:>4} {_fmt(a, unit):>9} {_fmt(b, unit):>9} "
+        print(f"{name:<52} {unit:>4} {_fmt(a, unit):>9} {_fmt(b, unit):>9} "
               f"{_fmt(c, unit):>9}")
     for name, r in res["http_servers"].items():
         print(f"bare {name} app (the proxy's HTTP layer), 8 clients: {r['rps']:,.0f} req/s, "
