@@ -26,9 +26,11 @@ from flowcore.testing import Signal
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    os.environ.setdefault("FLOWCORE_QUIET", "1")
-    flowcore.init(num_cpus=2)
+def cluster(tmp_path_factory):
+    """A 2-CPU cluster: two num_cpus=1 replicas fit beside the CPU-free
+    controller and proxy."""
+    flowcore.shutdown()
+    flowcore.init(num_cpus=2, session_dir=str(tmp_path_factory.mktemp("serve-session")))
     yield
     serve.shutdown()
     flowcore.shutdown()
