@@ -223,7 +223,8 @@ def status() -> ServeStatus:
                                             a["last_deployed_time_s"], deps,
                                             a.get("route_prefix"))
     proxy = raw.get("proxy")
-    return ServeStatus(proxies={"head": "HEALTHY"} if proxy else {}, applications=apps,
+    return ServeStatus(proxies={proxy.get("node_id") or "head": "HEALTHY"} if proxy else {},
+                       applications=apps,
                        http_address=proxy["url"] if proxy else None)
 
 

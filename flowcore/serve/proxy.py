@@ -24,8 +24,11 @@ logger = logging.getLogger("flowcore.serve")
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
-# FLOWCORE_SERVE_DIRECT_HTTP=0: send HTTP requests to replicas as actor calls
-DIRECT_HTTP = os.environ.get("FLOWCORE_SERVE_DIRECT_HTTP", "1") != "0"
+# FLOWCORE_SERVE_DIRECT_HTTP=0: send HTTP requests to replicas as actor calls.
+# So does a cluster running under TLS (its processes get FLOWCORE_TLS_*): the
+# channel authenticates but does not encrypt, actor calls do both.
+DIRECT_HTTP = os.environ.get("FLOWCORE_SERVE_DIRECT_HTTP", "1") != "0" and \
+    not os.environ.get("FLOWCORE_TLS_CERT")
 _RETRIES = 3
 
 
@@ -340,8 +343,11 @@ class ProxyActor:
             raise RuntimeError("uvicorn could not bind (is the port in use?)")
 
     def ready(self) -> dict:
+        import flowcore
         return {"host": self.host, "port": self.port, "pid": os.getpid(),
-                "url": f"http://{self.host}:{self.port}"}
+                "url": f"http://{self.host}:{self.port}",
+                "node_id": flowcore.get_runtime_context().get_node_id(),
+                "direct_http": bool(self.app.channel_secret)}
 
     def has_route(self, route_prefix: str, app_name: str) -> bool:
         """Whether the proxy routes ``route_prefix`` to ``app_name`` yet."""
