@@ -130,6 +130,8 @@ class Router:
             except Exception as e:  # noqa: BLE001 - the controller went away
                 if self.closed:
                     return
+                global _controller
+                _controller = None       # look it up again (it may have been replaced)
                 self.error = f"the serve controller is unreachable: {e}"
                 logger.debug("router %s: %s", self.key, e)
                 await asyncio.sleep(delay)
