@@ -80,6 +80,9 @@ def test_two_replicas_serve_concurrent_posts(url):
     st = serve.status()
     assert st.applications["default"].status == "RUNNING"
     assert st.applications["default"].deployments["Echo"].replica_states == {"RUNNING": 2}
+    names = {a["name"] for a in flowcore.state.list_actors(state="ALIVE")}
+    assert {"SERVE_CONTROLLER", "SERVE_PROXY"} <= names
+    assert len([n for n in names if n and n.startswith("SERVE_REPLICA::default#Echo#")]) == 2
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -491,6 +491,8 @@ class ServeController:
         from .replica import Replica
         rid = f"{ds.name}#{uuid.uuid4().hex[:8]}"
         opts = ds.config.actor_options()
+        # named as in Ray, so flowcore.state.list_actors() tells replicas apart
+        opts.update(name=f"SERVE_REPLICA::{ds.app}#{rid}", namespace="serve")
         actor = flowcore.remote(Replica).options(**opts).remote(
             ds.app, ds.name, rid, ds.target, ds.init_args, ds.init_kwargs,
             ds.config.user_config, ds.config.max_ongoing_requests, self.channel_secret)
