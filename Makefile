@@ -25,8 +25,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[bench,test]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e ".[bench,test,serve]" --config-settings editable_mode=compat
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.serve_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

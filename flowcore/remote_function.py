@@ -53,7 +53,8 @@ def pickle_callable(fn: Any) -> bytes:
     import cloudpickle
     mod_name = getattr(fn, "__module__", None) or "__main__"
     by_value = None
-    if mod_name != "__main__" and mod_name in sys.modules:
+    if mod_name != "__main__" and mod_name.split(".")[0] != "flowcore" \
+            and mod_name in sys.modules:  # flowcore itself is importable everywhere
         mod = sys.modules[mod_name]
         path = getattr(mod, "__file__", None)
         if path:
