@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Optional extras whose tests run in `make test` (all light; torch for
+# flowcore.train comes from .ci/run, and its tests skip without it outside CI).
+TEST_EXTRAS ?= test,graph,serve
 
 .PHONY: venv demo demo-nodot test bench clean
 
@@ -11,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e ".[$(TEST_EXTRAS)]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: $(STAMP)
