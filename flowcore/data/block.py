@@ -1,0 +1,197 @@
+"""Blocks: ``pyarrow.Table`` values, and their conversion to and from the
+batch formats user functions see (dict of NumPy arrays, pandas, Arrow).
+
+NumPy arrays with more than one dimension are stored as Arrow fixed-shape
+tensor columns, so images and embeddings keep their shape.  Reading a
+column back is zero-copy where Arrow allows it (one chunk, no nulls,
+numeric type).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = [
+    "BATCH_FORMATS", "check_batch_format", "to_table", "rows_to_table", "to_batch",
+    "column_to_numpy", "iter_rows", "concat", "describe_batch", "describe_row",
+    "empty_table", "schema_str",
+]
+
+BATCH_FORMATS = ("default", "numpy", "pandas", "pyarrow")
+
+
+def check_batch_format(fmt: Any, op: str) -> None:
+    if fmt is not None and fmt not in BATCH_FORMATS:
+        raise ValueError(f"{op}: batch_format={fmt!r} is not supported; expected one of "
+                         f"'default', 'numpy', 'pandas', 'pyarrow' or None")
+
+
+def empty_table() -> pa.Table:
+    return pa.table({})
+
+
+def _numpy_to_arrow(arr: np.ndarray) -> pa.Array:
+    if arr.ndim > 1:
+        if arr.dtype == object:
+            return pa.array(list(arr))
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr))
+    if arr.dtype == object:
+        vals = list(arr)
+        if vals and all(isinstance(v, np.ndarray) for v in vals):
+            shapes = {v.shape for v in vals}
+            if len(shapes) == 1 and vals[0].ndim >= 1:
+                return _numpy_to_arrow(np.stack(vals))
+            return pa.array([v.tolist() for v in vals])
+        return pa.array(vals)
+    return pa.array(arr)
+
+
+def _column_to_arrow(values: Any) -> pa.Array | pa.ChunkedArray:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    if isinstance(values, np.ndarray):
+        return _numpy_to_arrow(values)
+    try:
+        import pandas as pd
+        if isinstance(values, pd.Series):
+            return _numpy_to_arrow(values.to_numpy())
+    except ImportError:  # pragma: no cover - pandas is optional
+        pass
+    values = list(values)
+    if values and isinstance(values[0], np.ndarray):
+        return _numpy_to_arrow(np.array(values, dtype=object) if len({v.shape for v in values}) > 1
+                               else np.stack(values))
+    return pa.array(values)
+
+
+def to_table(data: Any, op: str) -> pa.Table:
+    """A user function's batch output as a Table; TypeError naming ``op``
+    when it is not a dict of columns, a pandas DataFrame or an Arrow Table."""
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, dict):
+        if not data:
+            return empty_table()
+        try:
+            cols = {str(k): _column_to_arrow(v) for k, v in data.items()}
+            return pa.table(cols)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as e:
+            lengths = {k: (len(v) if hasattr(v, "__len__") else "scalar") for k, v in data.items()}
+            raise TypeError(f"{op}: the returned dict cannot become a table ({e}); expected "
+                            f"equal-length array columns, got lengths {lengths}") from None
+    try:
+        import pandas as pd
+        if isinstance(data, pd.DataFrame):
+            return pa.Table.from_pandas(data, preserve_index=False)
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"{op}: the function returned {type(data).__name__}; expected a dict of "
+                    f"column name -> array (numpy), a pandas.DataFrame or a pyarrow.Table")
+
+
+def rows_to_table(rows: list, op: str) -> pa.Table:
+    """Rows (dicts) as a Table; TypeError naming ``op`` for a non-dict row."""
+    if not rows:
+        return empty_table()
+    names: list[str] = []
+    seen: set = set()
+    for r in rows:
+        if not isinstance(r, dict):
+            raise TypeError(f"{op}: the function returned a row of type {type(r).__name__}; "
+                            f"expected a dict of column name -> value")
+        for k in r:
+            if k not in seen:
+                seen.add(k)
+                names.append(k)
+    cols = {}
+    for k in names:
+        vals = [r.get(k) for r in rows]
+        try:
+            cols[str(k)] = _column_to_arrow(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise TypeError(f"{op}: column {k!r} has values Arrow cannot store together "
+                            f"({e})") from None
+    return pa.table(cols)
+
+
+def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if isinstance(col.type, pa.FixedShapeTensorType):
+        return col.to_numpy_ndarray()
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) \
+            or pa.types.is_fixed_size_list(col.type):
+        out = np.empty(len(col), dtype=object)
+        for i, v in enumerate(col.to_pylist()):
+            out[i] = None if v is None else np.asarray(v)
+        return out
+    return col.to_numpy(zero_copy_only=False)
+
+
+def to_batch(table: pa.Table, batch_format: Any) -> Any:
+    """``table`` in ``batch_format`` (None: the Table itself)."""
+    if batch_format is None or batch_format == "pyarrow":
+        return table
+    if batch_format in ("default", "numpy"):
+        return {name: column_to_numpy(table.column(name)) for name in table.column_names}
+    if batch_format == "pandas":
+        import pandas as pd  # noqa: F401  (ImportError names pandas)
+        if any(isinstance(f.type, pa.FixedShapeTensorType) for f in table.schema):
+            return pd.DataFrame({n: list(column_to_numpy(table.column(n)))
+                                 if isinstance(table.schema.field(n).type,
+                                               pa.FixedShapeTensorType)
+                                 else table.column(n).to_pandas()
+                                 for n in table.column_names})
+        return table.to_pandas()
+    raise ValueError(f"unknown batch_format {batch_format!r}")
+
+
+def iter_rows(table: pa.Table) -> Iterator[dict]:
+    """The rows of ``table`` as dicts (tensor cells as NumPy arrays)."""
+    names = table.column_names
+    cols: list[Any] = []
+    for name in names:
+        col = table.column(name)
+        if isinstance(col.type, pa.FixedShapeTensorType):
+            cols.append(column_to_numpy(col))
+        else:
+            cols.append(col.to_pylist())
+    for values in zip(*cols):
+        yield dict(zip(names, values))
+
+
+def concat(tables: Iterable[pa.Table]) -> pa.Table:
+    tables = [t for t in tables if t is not None]
+    nonempty = [t for t in tables if t.num_columns]
+    if not nonempty:
+        return tables[0] if tables else empty_table()
+    if len(nonempty) == 1:
+        return nonempty[0]
+    first = nonempty[0].schema
+    if all(t.schema.equals(first) for t in nonempty[1:]):
+        return pa.concat_tables(nonempty)
+    return pa.concat_tables(nonempty, promote_options="permissive")
+
+
+def schema_str(schema: pa.Schema | None) -> str:
+    if schema is None:
+        return "Unknown schema"
+    return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"
+
+
+def _short(v: Any, n: int = 200) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def describe_row(row: Any) -> str:
+    return f"row {_short(row)}"
+
+
+def describe_batch(table: pa.Table) -> str:
+    if table.num_rows == 0:
+        return "an empty batch"
+    first = next(iter_rows(table.slice(0, 1)), {})
+    return f"a batch of {table.num_rows} rows, first row {_short(first)}"

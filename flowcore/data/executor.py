@@ -1,0 +1,662 @@
+"""The streaming executor.
+
+A plan compiles to a chain of stages, each a generator of ``Bundle``s
+(a block's ref plus its metadata):
+
+* task stages run a read task or an input block through fused transforms
+  (read -> map -> map_batches -> filter in one task), a bounded number of
+  tasks in flight;
+* actor stages do the same on a pool of actors (a callable class); the
+  upstream transforms and the read itself run inside the actor call, so
+  the pool never waits for tasks that need the CPUs it holds;
+* barrier stages (sort, shuffle, repartition, groupby) collect their input
+  and run map/reduce tasks with the kernels in ``shuffle``;
+* limit stages stop pulling once they have enough rows.
+
+Backpressure: a stage submits a task only while the bytes of blocks the
+executor produced and nobody released yet (plus the estimate for the tasks
+in flight) stay under ``store_memory_fraction`` of the object store, and
+only while its output window has room, so a slow consumer stops the
+pipeline instead of filling the store.  A plan whose input is small runs
+as one task (``run_local``), without pools or shuffles.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+import pyarrow as pa
+
+import flowcore
+
+from .block import concat
+from .context import DataContext
+from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSource, ReadTask,
+                   TaskContext, UnionSource, ZipSource, apply_transforms, check_union_schemas,
+                   even_ranges, input_bundles, run_local, zip_tables)
+from .stats import DatasetStats, OpStats
+from . import shuffle
+
+__all__ = ["Bundle", "MemoryBudget", "execute", "block_meta"]
+
+
+def block_meta(t: pa.Table) -> dict:
+    return {"num_rows": t.num_rows, "size_bytes": t.nbytes, "schema": t.schema}
+
+
+class MemoryBudget:
+    """Bytes of blocks produced and not yet released, against a limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        with self.lock:
+            self.used -= n
+
+    def room_for(self, n: int) -> bool:
+        return self.used + n <= self.limit
+
+
+class Bundle:
+    """One block in the store: ``ref`` and ``meta`` (num_rows, size_bytes,
+    schema).  ``release()`` gives its bytes back to the budget (once)."""
+    __slots__ = ("ref", "meta", "_budget")
+
+    def __init__(self, ref: Any, meta: dict, budget: MemoryBudget | None = None) -> None:
+        self.ref = ref
+        self.meta = meta
+        self._budget = budget
+        if budget is not None:
+            budget.add(meta["size_bytes"])
+
+    def release(self) -> None:
+        b, self._budget = self._budget, None
+        if b is not None:
+            b.release(self.meta["size_bytes"])
+
+    @property
+    def num_rows(self) -> int:
+        return self.meta["num_rows"]
+
+
+# -- remote functions ------------------------------------------------------------
+@flowcore.remote(num_returns=2)
+def _run_transforms(transforms: list, index: int, kind: str, payload: Any) -> tuple:
+    blocks = payload.read() if kind == "read" else iter([payload])
+    t = apply_transforms(blocks, transforms, TaskContext(index))
+    return t, block_meta(t)
+
+
+@flowcore.remote(num_returns=2)
+def _run_plan(plan: LogicalPlan, *tables: pa.Table) -> tuple:
+    t = concat(run_local(plan, list(tables)))
+    return t, block_meta(t)
+
+
+@flowcore.remote
+def _run_local_op(op: AllToAllOp, *tables: pa.Table) -> list:
+    out = op.local(list(tables))
+    return [(t, block_meta(t)) for t in out]
+
+
+@flowcore.remote
+def _sample(table: pa.Table, key: str, n: int, seed: int) -> list:
+    shuffle.check_columns(table, [key], "sort")
+    return shuffle.sample_keys(table, key, n, seed)
+
+
+@flowcore.remote
+def _partition(kind: str, params: dict, n: int, index: int, table: pa.Table) -> Any:
+    if kind == "range":
+        parts = shuffle.range_partition(table, params["key"], params["descending"],
+                                        params["bounds"], n)
+    else:
+        seed = params.get("seed")
+        parts = shuffle.random_partition(table, n, None if seed is None else seed + index)
+    return tuple(parts) if n > 1 else parts[0]
+
+
+@flowcore.remote(num_returns=2)
+def _reduce(op: AllToAllOp, index: int, *parts: pa.Table) -> tuple:
+    t = op.reduce(concat(parts), index)
+    return t, block_meta(t)
+
+
+@flowcore.remote(num_returns=2)
+def _slice_concat(pieces: list, *tables: pa.Table) -> tuple:
+    t = concat([tables[i].slice(off, ln) for i, off, ln in pieces])
+    if not pieces:
+        t = tables[0].slice(0, 0) if tables else pa.table({})
+    return t, block_meta(t)
+
+
+@flowcore.remote(num_returns=2)
+def _zip_blocks(n_left: int, *tables: pa.Table) -> tuple:
+    t = zip_tables([concat(tables[:n_left]), concat(tables[n_left:])])
+    return t, block_meta(t)
+
+
+@flowcore.remote
+def _convert_ref(table: pa.Table, fmt: str, column: str | None) -> Any:
+    from .block import to_batch
+    if column is not None:
+        shuffle.check_columns(table, [column], "to_numpy_refs")
+        return to_batch(table.select([column]), "numpy")[column]
+    return to_batch(table, fmt)
+
+
+@flowcore.remote
+def _block_states(aggs: list, table: pa.Table) -> list:
+    from .aggregate import check_aggs
+    check_aggs(tuple(aggs), "aggregate", table.column_names if table.num_columns else None)
+    return [a.block_state(table) if table.num_rows else None for a in aggs]
+
+
+class _PoolWorker:
+    """An actor of a ``map_batches(Class)`` pool: constructs the user's
+    class once, then runs (read +) fused transforms per call."""
+
+    def __init__(self, transforms: list) -> None:
+        self.transforms = transforms
+        for t in transforms:
+            t.setup()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    @flowcore.method(num_returns=2)
+    def run(self, index: int, kind: str, payload: Any) -> tuple:
+        blocks = payload.read() if kind == "read" else iter([payload])
+        t = apply_transforms(blocks, self.transforms, TaskContext(index))
+        return t, block_meta(t)
+
+
+# -- cluster facts ------------------------------------------------------------------
+def cluster_cpus() -> float:
+    return float(flowcore.cluster_resources().get("CPU", 1.0)) or 1.0
+
+
+def store_capacity() -> int:
+    caps = [n.get("store", {}).get("capacity") or n.get("object_store_memory") or 0
+            for n in flowcore.nodes() if n.get("alive")]
+    return max(caps) if caps else 256 << 20
+
+
+# -- execution ------------------------------------------------------------------
+class Execution:
+    """State shared by the stages of one execution."""
+
+    def __init__(self, ctx: DataContext, stats: DatasetStats) -> None:
+        self.ctx = ctx
+        self.stats = stats
+        if not flowcore.is_initialized():
+            flowcore.init()
+        self.cpus = cluster_cpus()
+        self.budget = MemoryBudget(int(store_capacity() * ctx.store_memory_fraction))
+        self.max_in_flight = ctx.max_tasks_in_flight_per_op or max(2, int(2 * self.cpus))
+        self.actors_cpus_left = self.cpus
+
+    def get_meta(self, ref: Any) -> dict:
+        return flowcore.get(ref, timeout=self.ctx.execution_timeout_s)
+
+
+def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
+            ctx: DataContext | None = None) -> Iterator[Bundle]:
+    """Stream the blocks of ``plan`` in order."""
+    ctx = ctx or DataContext.get_current()
+    stats = stats or DatasetStats()
+    ex = Execution(ctx, stats)
+    try:
+        size = plan.input_size()
+        if size is not None and size <= ctx.small_plan_bytes and not plan.has_actors():
+            yield from _one_task(ex, plan)
+        else:
+            yield from _build(ex, plan)
+    finally:
+        stats.peak_budget_bytes = ex.budget.peak
+        stats.finished()
+
+
+def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:
+    st = ex.stats.op("ExecutePlanInOneTask[" + " -> ".join(
+        [plan.source.name] + [o.name for o in plan.ops]) + "]")
+    st.started()
+    refs = [r for r, _ in input_bundles(plan)]
+    st.tasks += 1
+    out, meta_ref = _run_plan.remote(plan, *refs)
+    meta = ex.get_meta(meta_ref)
+    st.output(meta)
+    yield Bundle(out, meta, ex.budget)
+
+
+def _source_items(ex: Execution, src: Any) -> Iterator[Any]:
+    if isinstance(src, InputSource):
+        for ref, meta in src.bundles:
+            yield Bundle(ref, meta)
+    elif isinstance(src, ReadSource):
+        yield from src.tasks
+    elif isinstance(src, UnionSource):
+        first_schema = None
+        for p in src.plans:
+            for b in _build(ex, p):
+                s = b.meta.get("schema")
+                if b.num_rows and s is not None:
+                    if first_schema is None:
+                        first_schema = s
+                    else:
+                        check_union_schemas([first_schema.empty_table(), s.empty_table()])
+                yield b
+    elif isinstance(src, ZipSource):
+        yield from _zip_stage(ex, src)
+    else:
+        raise TypeError(f"unknown source {src!r}")
+
+
+def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
+    """Compile ``plan`` to chained stage generators."""
+    stream: Iterator[Any] = _source_items(ex, plan.source)
+    raw = not isinstance(plan.source, (InputSource, UnionSource, ZipSource))
+    pending: list[MapOp] = []
+    actor_ops: list[MapOp] | None = None
+    actor_pre: list[MapOp] = []
+    n_pools = sum(1 for o in plan.ops if isinstance(o, MapOp) and o.is_actor)
+
+    def flush() -> None:
+        nonlocal stream, pending, raw, actor_ops, actor_pre
+        if actor_ops is not None:
+            stream = _actor_stage(ex, stream, actor_pre, actor_ops, n_pools)
+            actor_ops, actor_pre, pending = None, [], []
+        elif pending or raw:
+            stream = _task_stage(ex, stream, pending)
+            pending = []
+        raw = False
+
+    for op in plan.ops:
+        if isinstance(op, MapOp):
+            if op.is_actor:
+                if actor_ops is not None:
+                    flush()
+                actor_pre, actor_ops, pending = pending, [op], []
+            elif actor_ops is not None:
+                actor_ops.append(op)
+            else:
+                pending.append(op)
+            continue
+        flush()
+        if isinstance(op, LimitOp):
+            stream = _limit_stage(ex, stream, op)
+        else:
+            stream = _barrier_stage(ex, stream, op)
+    flush()
+    return stream
+
+
+def _stage_name(ops: list[MapOp], first: str = "") -> str:
+    names = ([first] if first else []) + [o.name for o in ops]
+    return "->".join(names) or "ReadBlocks"
+
+
+def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
+              submit: Callable[[int, Any], tuple], can_submit: Callable[[], bool],
+              on_done: Callable[[Any], None] = lambda slot: None) -> Iterator[Bundle]:
+    """Submit tasks for ``items`` with at most ``max_in_flight`` outstanding
+    and within the memory budget; yield their outputs in order."""
+    pending: collections.deque = collections.deque()
+    reserved = 0
+    est = 0
+    sizes: list[int] = []
+    index = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < ex.max_in_flight and can_submit():
+                guess = int(sum(sizes) / len(sizes)) if sizes else est
+                if pending and not ex.budget.room_for(reserved + guess):
+                    break
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                    break
+                st.started()
+                out_ref, meta_ref, slot = submit(index, item)
+                index += 1
+                st.tasks += 1
+                if not est:
+                    est = (item.meta["size_bytes"] if isinstance(item, Bundle)
+                           else (item.size_bytes or 0)) or (1 << 20)
+                    guess = est
+                pending.append((out_ref, meta_ref, item, slot, guess))
+                reserved += guess
+                ex.budget.add(0)
+            if not pending:
+                return
+            out_ref, meta_ref, item, slot, guess = pending.popleft()
+            reserved -= guess
+            try:
+                meta = ex.get_meta(meta_ref)
+            finally:
+                on_done(slot)
+                if isinstance(item, Bundle):
+                    item.release()
+            sizes.append(meta["size_bytes"])
+            del sizes[:-16]
+            st.output(meta)
+            yield Bundle(out_ref, meta, ex.budget)
+    finally:
+        for *_, item, _slot, _g in pending:
+            if isinstance(item, Bundle):
+                item.release()
+        pending.clear()
+
+
+def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp]
+                ) -> Iterator[Bundle]:
+    st = ex.stats.op(_stage_name(transforms))
+    tref = flowcore.put(transforms)
+    res = _resources(transforms)
+    fn = _run_transforms.options(**res) if res else _run_transforms
+
+    def submit(index: int, item: Any) -> tuple:
+        if isinstance(item, ReadTask):
+            if st.name == _stage_name(transforms):
+                st.name = _stage_name(transforms, "ReadTask")
+            out, meta = fn.remote(tref, index, "read", item)
+        else:
+            out, meta = fn.remote(tref, index, "block", item.ref)
+        return out, meta, None
+
+    return _windowed(ex, st, items, submit, lambda: True)
+
+
+def _resources(ops: list[MapOp]) -> dict:
+    res: dict = {}
+    cpus = [o.num_cpus for o in ops if o.num_cpus is not None]
+    gpus = [o.num_gpus for o in ops if o.num_gpus]
+    if cpus:
+        res["num_cpus"] = max(cpus)
+    if gpus:
+        res["num_gpus"] = max(gpus)
+    return res
+
+
+def pool_size(op: MapOp, cpus: float, n_pools: int) -> int:
+    """Actors for ``op``'s pool: ``concurrency`` (an int, or the max of a
+    (min, max) tuple), capped so all pools of the plan fit the cluster's
+    CPUs together; ValueError when even one actor per pool cannot fit."""
+    per = op.num_cpus if op.num_cpus is not None else 1.0
+    c = op.concurrency
+    if isinstance(c, (tuple, list)):
+        want = int(c[1] if len(c) > 1 else c[0])
+    elif c is None:
+        want = max(1, int(cpus // max(per, 1e-9)) if per else 1)
+    else:
+        want = int(c)
+    if per <= 0:
+        return want
+    share = cpus / n_pools
+    fit = int(math.floor(share / per + 1e-9))
+    if fit < 1:
+        raise ValueError(f"{op.name}: {n_pools} actor pool(s) of {per} CPU actors cannot all "
+                         f"run on a cluster of {cpus:g} CPUs (a pool that cannot start would "
+                         f"wait forever); lower num_cpus= for the class or add CPUs")
+    return max(1, min(want, fit))
+
+
+def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: list[MapOp],
+                 n_pools: int) -> Iterator[Bundle]:
+    head = ops[0]
+    transforms = pre + ops
+    st = ex.stats.op(_stage_name(transforms))
+    size = pool_size(head, ex.cpus, n_pools)
+    opts: dict = {"num_cpus": head.num_cpus if head.num_cpus is not None else 1.0}
+    if head.num_gpus:
+        opts["num_gpus"] = head.num_gpus
+    opts.update(head.remote_args)
+    cls = flowcore.remote(**opts)(_PoolWorker)
+    actors: list = []
+    outstanding: list[int] = []
+    per_actor = ex.ctx.max_tasks_in_flight_per_actor
+
+    def can_submit() -> bool:
+        return not actors or min(outstanding) < per_actor
+
+    def submit(index: int, item: Any) -> tuple:
+        if not actors:
+            for _ in range(size):
+                actors.append(cls.remote(transforms))
+                outstanding.append(0)
+            st.actors = size
+        i = min(range(len(actors)), key=outstanding.__getitem__)
+        outstanding[i] += 1
+        if isinstance(item, ReadTask):
+            out, meta = actors[i].run.remote(index, "read", item)
+        else:
+            out, meta = actors[i].run.remote(index, "block", item.ref)
+        return out, meta, i
+
+    def done(slot: int) -> None:
+        outstanding[slot] -= 1
+
+    def run() -> Iterator[Bundle]:
+        try:
+            yield from _windowed(ex, st, items, submit, can_submit, done)
+        finally:
+            for a in actors:
+                try:
+                    flowcore.kill(a)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+    return run()
+
+
+def _limit_stage(ex: Execution, items: Iterator[Bundle], op: LimitOp) -> Iterator[Bundle]:
+    st = ex.stats.op(op.name)
+    st.started()
+    left = op.limit
+    try:
+        for b in items:
+            if left <= 0:
+                b.release()
+                break
+            if b.num_rows <= left:
+                left -= b.num_rows
+                st.output(b.meta)
+                yield b
+            else:
+                st.tasks += 1
+                out, meta_ref = _slice_concat.remote([(0, 0, left)], b.ref)
+                meta = ex.get_meta(meta_ref)
+                b.release()
+                left = 0
+                st.output(meta)
+                yield Bundle(out, meta, ex.budget)
+            if left <= 0:
+                break
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
+def _gather(ex: Execution, items: Iterator[Any]) -> list[Bundle]:
+    out = []
+    for b in items:
+        if not isinstance(b, Bundle):  # a raw read task (a barrier right after a read)
+            raise TypeError("internal: barrier fed with read tasks")
+        out.append(b)
+    return out
+
+
+def _collect(ex: Execution, st: OpStats, pairs: list[tuple]) -> list[Bundle]:
+    out = []
+    metas = flowcore.get([m for _, m in pairs], timeout=ex.ctx.execution_timeout_s)
+    for (ref, _), meta in zip(pairs, metas):
+        st.output(meta)
+        out.append(Bundle(ref, meta, ex.budget))
+    return out
+
+
+def _barrier_stage(ex: Execution, items: Iterator[Any], op: AllToAllOp) -> Iterator[Bundle]:
+    bundles = _gather(ex, items)
+    st = ex.stats.op(op.name)
+    st.started()
+    try:
+        result = _all_to_all(ex, st, bundles, op)
+    finally:
+        for b in bundles:
+            b.release()
+    yield from result
+
+
+def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllOp
+                ) -> list[Bundle]:
+    if op.kind == "randomize_block_order":
+        import numpy as np
+        rng = np.random.default_rng(op.params.get("seed"))
+        out = [Bundle(bundles[i].ref, bundles[i].meta, ex.budget)
+               for i in rng.permutation(len(bundles))]
+        for b in out:
+            st.output(b.meta)
+        return out
+    total = sum(b.meta["size_bytes"] for b in bundles)
+    n_out = op.params.get("num_blocks") or len(bundles) or 1
+    if op.kind == "repartition" and not op.params.get("shuffle"):
+        return _repartition(ex, st, bundles, n_out)
+    if total <= ex.ctx.small_plan_bytes or len(bundles) <= 1:
+        st.tasks += 1
+        pairs = flowcore.get(_run_local_op.remote(op, *[b.ref for b in bundles]))
+        out = []
+        for t, meta in pairs:
+            st.output(meta)
+            out.append(Bundle(flowcore.put(t), meta, ex.budget))
+        return out
+    refs = [b.ref for b in bundles]
+    if op.kind in ("random_shuffle", "repartition"):
+        kind, params = "random", {"seed": op.params.get("seed")}
+    else:
+        key, direction = op.params["keys"][0]
+        samples: list = []
+        per = max(8, 4 * n_out)
+        for chunk in flowcore.get([_sample.remote(r, key, per, i) for i, r in enumerate(refs)]):
+            samples.extend(chunk)
+        st.tasks += len(refs)
+        desc = direction == "descending"
+        kind = "range"
+        params = {"key": key, "descending": desc,
+                  "bounds": shuffle.boundaries_from_samples(samples, n_out, desc)}
+    parts = []
+    for i, r in enumerate(refs):
+        p = _partition.options(num_returns=n_out).remote(kind, params, n_out, i, r)
+        parts.append(p if n_out > 1 else [p])
+    st.tasks += len(refs) + n_out
+    pairs = [_reduce.remote(op, j, *[parts[i][j] for i in range(len(refs))])
+             for j in range(n_out)]
+    del parts
+    return _collect(ex, st, pairs)
+
+
+def _repartition(ex: Execution, st: OpStats, bundles: list[Bundle], n: int) -> list[Bundle]:
+    total = sum(b.num_rows for b in bundles)
+    starts = []
+    acc = 0
+    for b in bundles:
+        starts.append(acc)
+        acc += b.num_rows
+    pairs = []
+    for off, ln in even_ranges(total, n):
+        pieces, refs = [], []
+        for bi, b in enumerate(bundles):
+            s, e = starts[bi], starts[bi] + b.num_rows
+            lo, hi = max(s, off), min(e, off + ln)
+            if lo < hi or (ln == 0 and not refs and b is bundles[0]):
+                refs.append(b.ref)
+                if lo < hi:
+                    pieces.append((len(refs) - 1, lo - s, hi - lo))
+        if not refs and bundles:
+            refs.append(bundles[0].ref)
+        pairs.append(_slice_concat.remote(pieces, *refs))
+        st.tasks += 1
+    return _collect(ex, st, pairs)
+
+
+def slice_bundles(ex: Execution, bundles: list[Bundle], ranges: list[tuple[int, int]]
+                  ) -> list[list[Bundle]]:
+    """For each (offset, length) of global rows, the bundles holding
+    exactly those rows (whole blocks reused, cut blocks sliced by a task)."""
+    starts, acc = [], 0
+    for b in bundles:
+        starts.append(acc)
+        acc += b.num_rows
+    out = []
+    for off, ln in ranges:
+        parts = []
+        for bi, b in enumerate(bundles):
+            s, e = starts[bi], starts[bi] + b.num_rows
+            lo, hi = max(s, off), min(e, off + ln)
+            if lo >= hi:
+                continue
+            if lo == s and hi == e:
+                parts.append(Bundle(b.ref, b.meta))
+            else:
+                ref, meta_ref = _slice_concat.remote([(0, lo - s, hi - lo)], b.ref)
+                parts.append(Bundle(ref, ex.get_meta(meta_ref)))
+        out.append(parts)
+    return out
+
+
+def _zip_stage(ex: Execution, src: ZipSource) -> Iterator[Bundle]:
+    st = ex.stats.op("Zip")
+    st.started()
+    sides = [_gather(ex, _build(ex, p)) for p in src.plans]
+    left, right = sides[0], sides[1]
+    nl, nr = sum(b.num_rows for b in left), sum(b.num_rows for b in right)
+    if nl != nr:
+        raise ValueError(f"zip: the datasets have different numbers of rows ({nl} vs {nr}); "
+                         f"zip needs equal row counts")
+    ranges, acc = [], 0
+    for b in left:
+        ranges.append((acc, b.num_rows))
+        acc += b.num_rows
+    aligned = slice_bundles(ex, right, ranges)
+    pairs = []
+    for lb, rparts in zip(left, aligned):
+        rrefs = [p.ref for p in rparts] or [right[0].ref]
+        if not rparts:
+            pairs.append(_slice_concat.remote([(0, 0, 0)], right[0].ref))
+            pairs[-1] = _zip_blocks.remote(1, lb.ref, pairs[-1][0])
+        else:
+            pairs.append(_zip_blocks.remote(1, lb.ref, *rrefs))
+        st.tasks += 1
+    out = _collect(ex, st, pairs)
+    for b in left + right:
+        b.release()
+    yield from out
+
+
+def materialize_bundles(plan: LogicalPlan, stats: DatasetStats | None = None
+                        ) -> list[tuple[Any, dict]]:
+    out = []
+    for b in execute(plan, stats):
+        b.release()
+        out.append((b.ref, b.meta))
+    return out
+
+
+def iter_tables(bundles: Iterable[Bundle], timeout: float | None = None) -> Iterator[pa.Table]:
+    """Fetch each bundle's table (zero-copy from the store) in order."""
+    for b in bundles:
+        t = flowcore.get(b.ref, timeout=timeout)
+        b.release()
+        yield t
