@@ -259,7 +259,8 @@ class Dataset:
 
     def sort(self, key: str | list[str], descending: bool | list[bool] = False) -> "Dataset":
         keys = normalize_sort_keys(key, descending, "sort")
-        return self._with(AllToAllOp("sort", f"Sort[{keys}]", keys=keys))
+        return self._with(AllToAllOp("sort", f"Sort[key={[k for k, _ in keys]}, descending="
+                                     f"{[d == 'descending' for _, d in keys]}]", keys=keys))
 
     def groupby(self, key: str | list[str] | None) -> "Any":
         from .grouped import GroupedData

@@ -94,6 +94,11 @@ class Bundle:
 # -- remote functions ------------------------------------------------------------
 @flowcore.remote(num_returns=2)
 def _run_transforms(transforms: list, index: int, kind: str, payload: Any) -> tuple:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._run_transforms_impl(transforms, index, kind, payload)
+
+
+def _run_transforms_impl(transforms: list, index: int, kind: str, payload: Any) -> tuple:
     blocks = payload.read() if kind == "read" else iter([payload])
     t = apply_transforms(blocks, transforms, TaskContext(index))
     return t, block_meta(t)
@@ -101,24 +106,44 @@ def _run_transforms(transforms: list, index: int, kind: str, payload: Any) -> tu
 
 @flowcore.remote(num_returns=2)
 def _run_plan(plan: LogicalPlan, *tables: pa.Table) -> tuple:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._run_plan_impl(plan, *tables)
+
+
+def _run_plan_impl(plan: LogicalPlan, *tables: pa.Table) -> tuple:
     t = concat(run_local(plan, list(tables)))
     return t, block_meta(t)
 
 
 @flowcore.remote
 def _run_local_op(op: AllToAllOp, *tables: pa.Table) -> list:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._run_local_op_impl(op, *tables)
+
+
+def _run_local_op_impl(op: AllToAllOp, *tables: pa.Table) -> list:
     out = op.local(list(tables))
     return [(t, block_meta(t)) for t in out]
 
 
 @flowcore.remote
 def _sample(table: pa.Table, key: str, n: int, seed: int) -> list:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._sample_impl(table, key, n, seed)
+
+
+def _sample_impl(table: pa.Table, key: str, n: int, seed: int) -> list:
     shuffle.check_columns(table, [key], "sort")
     return shuffle.sample_keys(table, key, n, seed)
 
 
 @flowcore.remote
 def _partition(kind: str, params: dict, n: int, index: int, table: pa.Table) -> Any:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._partition_impl(kind, params, n, index, table)
+
+
+def _partition_impl(kind: str, params: dict, n: int, index: int, table: pa.Table) -> Any:
     if kind == "range":
         parts = shuffle.range_partition(table, params["key"], params["descending"],
                                         params["bounds"], n)
@@ -130,12 +155,22 @@ def _partition(kind: str, params: dict, n: int, index: int, table: pa.Table) -> 
 
 @flowcore.remote(num_returns=2)
 def _reduce(op: AllToAllOp, index: int, *parts: pa.Table) -> tuple:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._reduce_impl(op, index, *parts)
+
+
+def _reduce_impl(op: AllToAllOp, index: int, *parts: pa.Table) -> tuple:
     t = op.reduce(concat(parts), index)
     return t, block_meta(t)
 
 
 @flowcore.remote(num_returns=2)
 def _slice_concat(pieces: list, *tables: pa.Table) -> tuple:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._slice_concat_impl(pieces, *tables)
+
+
+def _slice_concat_impl(pieces: list, *tables: pa.Table) -> tuple:
     t = concat([tables[i].slice(off, ln) for i, off, ln in pieces])
     if not pieces:
         t = tables[0].slice(0, 0) if tables else pa.table({})
@@ -144,12 +179,22 @@ def _slice_concat(pieces: list, *tables: pa.Table) -> tuple:
 
 @flowcore.remote(num_returns=2)
 def _zip_blocks(n_left: int, *tables: pa.Table) -> tuple:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._zip_blocks_impl(n_left, *tables)
+
+
+def _zip_blocks_impl(n_left: int, *tables: pa.Table) -> tuple:
     t = zip_tables([concat(tables[:n_left]), concat(tables[n_left:])])
     return t, block_meta(t)
 
 
 @flowcore.remote
 def _convert_ref(table: pa.Table, fmt: str, column: str | None) -> Any:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._convert_ref_impl(table, fmt, column)
+
+
+def _convert_ref_impl(table: pa.Table, fmt: str, column: str | None) -> Any:
     from .block import to_batch
     if column is not None:
         shuffle.check_columns(table, [column], "to_numpy_refs")
@@ -159,6 +204,11 @@ def _convert_ref(table: pa.Table, fmt: str, column: str | None) -> Any:
 
 @flowcore.remote
 def _block_states(aggs: list, table: pa.Table) -> list:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._block_states_impl(aggs, table)
+
+
+def _block_states_impl(aggs: list, table: pa.Table) -> list:
     from .aggregate import check_aggs
     check_aggs(tuple(aggs), "aggregate", table.column_names if table.num_columns else None)
     return [a.block_state(table) if table.num_rows else None for a in aggs]
@@ -178,9 +228,8 @@ class _PoolWorker:
 
     @flowcore.method(num_returns=2)
     def run(self, index: int, kind: str, payload: Any) -> tuple:
-        blocks = payload.read() if kind == "read" else iter([payload])
-        t = apply_transforms(blocks, self.transforms, TaskContext(index))
-        return t, block_meta(t)
+        from flowcore.data import executor as _m  # the real module, also when shipped by value
+        return _m._run_transforms_impl(self.transforms, index, kind, payload)
 
 
 # -- cluster facts ------------------------------------------------------------------

@@ -401,7 +401,7 @@ class LogicalPlan:
 
 
 # -- single-process execution (the small-plan path) -----------------------
-def zip_tables(tables: list[pa.Table], op: str = "Zip") -> pa.Table:
+def zip_tables(tables: list[pa.Table], op: str = "zip") -> pa.Table:
     n = tables[0].num_rows
     for t in tables[1:]:
         if t.num_rows != n:

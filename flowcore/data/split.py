@@ -35,12 +35,20 @@ class SplitCoordinator:
         self.gen: Iterator[Any] | None = None
         self.queues: list[collections.deque] = [collections.deque() for _ in range(n)]
         self.lock = threading.Lock()
+        self.split_epochs = [-1] * n
+
+    def begin(self, split: int) -> int:
+        """The epoch a new pass of ``split`` reads (its previous one + 1)."""
+        with self.cond:
+            self.split_epochs[split] += 1
+            return self.split_epochs[split]
 
     def _start(self, epoch: int) -> None:
         from .executor import Bundle, Execution, execute, slice_bundles
         from .stats import DatasetStats
-        if self.gen is not None:
-            self.gen.close()
+        close = getattr(self.gen, "close", None)
+        if close is not None:
+            close()
         self.epoch = epoch
         self.finished = [False] * self.n
         self.queues = [collections.deque() for _ in range(self.n)]
@@ -89,11 +97,9 @@ class StreamSplitDataIterator(DataIterator):
         self._coord = coordinator
         self._index = index
         self._n = n
-        self._epoch = -1
 
     def _iter_tables(self) -> Iterator[pa.Table]:
-        self._epoch += 1
-        epoch = self._epoch
+        epoch = flowcore.get(self._coord.begin.remote(self._index))
         while True:
             got = flowcore.get(self._coord.next_block.remote(self._index, epoch))
             if not got:

@@ -1,0 +1,313 @@
+"""flowcore.data against pandas/pyarrow answers, on one shared 2-CPU cluster."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import flowcore
+import flowcore.data as fd
+from flowcore.data import DataContext
+
+pd = pytest.importorskip("pandas") if os.environ.get("CI") != "true" else __import__("pandas")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cluster(cluster):
+    yield cluster
+
+
+@pytest.fixture
+def distributed():
+    """Force the multi-task paths (no single-task fast path) for one test."""
+    ctx = DataContext.get_current()
+    old = ctx.small_plan_bytes
+    ctx.small_plan_bytes = 0
+    yield
+    ctx.small_plan_bytes = old
+
+
+# -- creation -------------------------------------------------------------------------
+def test_range_and_column_names():
+    assert fd.range(5).take_all() == [{"id": i} for i in range(5)]
+    assert fd.range(10, override_num_blocks=3).num_blocks() == 3
+    assert fd.from_items(["a", "b"]).columns() == ["item"]
+    assert fd.from_items([{"a": 1}, {"a": 2}]).take(1) == [{"a": 1}]
+    ds = fd.from_numpy(np.arange(6).reshape(3, 2))
+    rows = ds.take_all()
+    assert ds.columns() == ["data"] and np.array_equal(rows[2]["data"], [4, 5])
+    t = fd.range_tensor(4, shape=(2, 2)).take_batch(4)["data"]
+    assert t.shape == (4, 2, 2) and t[3].tolist() == [[3, 3], [3, 3]]
+    df = pd.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+    pd.testing.assert_frame_equal(fd.from_pandas(df).to_pandas(), df)
+    tab = pa.table({"x": [1.5, 2.5]})
+    assert fd.from_arrow(tab).take_batch(batch_format="pyarrow").equals(tab)
+    assert fd.from_arrow_refs([flowcore.put(tab)]).count() == 2
+
+
+def test_small_plan_runs_as_one_task():
+    ds = fd.range(1000).map(lambda r: {"id": r["id"] * 2})
+    assert [r["id"] for r in ds.take_all()] == list(range(0, 2000, 2))
+    assert "ExecutePlanInOneTask" in ds.stats()
+    assert "1 tasks" in ds.stats()
+
+
+def test_transforms_match_pandas(distributed):
+    ds = fd.range(200, override_num_blocks=4)
+    out = (ds.map(lambda r: {"id": r["id"], "sq": r["id"] ** 2})
+             .filter(lambda r: r["id"] % 3 == 0)
+             .map_batches(lambda b: {"id": b["id"], "sq": b["sq"] + 1}, batch_size=7)
+             .flat_map(lambda r: [r, {"id": -r["id"], "sq": 0}])
+             .add_column("neg", lambda df: -df["id"])
+             .rename_columns({"sq": "square"})
+             .drop_columns(["neg"])
+             .select_columns(["square", "id"])
+             .to_pandas())
+    ids = np.arange(200)[np.arange(200) % 3 == 0]
+    exp = pd.DataFrame({"square": np.ravel(np.column_stack([ids ** 2 + 1, np.zeros_like(ids)])),
+                        "id": np.ravel(np.column_stack([ids, -ids]))})
+    pd.testing.assert_frame_equal(out, exp, check_dtype=False)
+    st_ = (fd.range(100, override_num_blocks=4).map(lambda r: r).map(lambda r: r)
+           .filter(lambda r: True))
+    st_.take_all()
+    # map -> map -> filter fused into the read tasks: one operator
+    assert st_.stats().count("Operator") == 1
+    assert "ReadTask->Map(<lambda>)->Map(<lambda>)->Filter(<lambda>)" in st_.stats()
+
+
+def test_map_batches_formats_and_generator(distributed):
+    ds = fd.range(10, override_num_blocks=2)
+    assert ds.map_batches(lambda df: df.assign(id=df["id"] * 10),
+                          batch_format="pandas").sum("id") == 450
+    assert ds.map_batches(lambda t: t.append_column("y", pc.multiply(t["id"], 2)),
+                          batch_format="pyarrow").sum("y") == 90
+
+    def gen(batch):
+        for v in batch["id"]:
+            yield {"v": np.array([v, v])}
+    assert ds.map_batches(gen).count() == 20
+    assert ds.filter(expr=pc.field("id") > 6).take_all() == [{"id": 7}, {"id": 8}, {"id": 9}]
+    assert ds.limit(3).take_all() == [{"id": 0}, {"id": 1}, {"id": 2}]
+    s = ds.random_sample(0.5, seed=1).count()
+    assert 0 <= s <= 10
+
+
+def test_consumption():
+    ds = fd.range(10, override_num_blocks=3)
+    batches = list(ds.iter_batches(batch_size=4))
+    assert [len(b["id"]) for b in batches] == [4, 4, 2]
+    assert [len(b) for b in ds.iter_batches(batch_size=4, batch_format="pandas",
+                                            drop_last=True)] == [4, 4]
+    got = [int(v) for b in ds.iter_batches(batch_size=3, local_shuffle_buffer_size=5,
+                                           local_shuffle_seed=0) for v in b["id"]]
+    assert sorted(got) == list(range(10)) and got != list(range(10))
+    assert [r["id"] for r in ds.iter_rows()] == list(range(10))
+    assert ds.take(2) == [{"id": 0}, {"id": 1}]
+    assert ds.count() == 10 and ds.columns() == ["id"]
+    assert ds.schema().types == [pa.int64()]
+    assert (ds.sum("id"), ds.min("id"), ds.max("id"), ds.mean("id")) == (45, 0, 9, 4.5)
+    assert ds.std("id") == pytest.approx(np.std(np.arange(10), ddof=1))
+    assert sorted(ds.map(lambda r: {"id": r["id"] % 3}).unique("id")) == [0, 1, 2]
+    with pytest.raises(ValueError, match="more than limit"):
+        ds.take_all(limit=5)
+    refs = ds.to_numpy_refs(column="id")
+    assert np.concatenate(flowcore.get(refs)).tolist() == list(range(10))
+    m = ds.map(lambda r: r).materialize()
+    assert isinstance(m, fd.MaterializedDataset) and m.count() == 10
+    assert "MapBatches" in repr(ds.map_batches(lambda b: b)) and "ReadRange" in repr(ds)
+
+
+def test_iter_torch_batches():
+    torch = pytest.importorskip("torch") if os.environ.get("CI") != "true" \
+        else __import__("torch")
+    b = next(iter(fd.range(8).iter_torch_batches(batch_size=8, dtypes=torch.float32)))
+    assert b["id"].dtype == torch.float32 and b["id"].tolist() == list(range(8))
+
+
+# -- relational (hypothesis against pandas) -----------------------------------------
+rows_st = st.lists(st.tuples(st.integers(0, 5), st.integers(-50, 50)), min_size=1, max_size=60)
+HYP = settings(max_examples=12, deadline=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                      HealthCheck.too_slow])
+
+
+@HYP
+@given(rows=rows_st, blocks=st.integers(1, 4), desc=st.booleans())
+def test_sort_matches_pandas(distributed, rows, blocks, desc):
+    df = pd.DataFrame(rows, columns=["k", "v"])
+    got = fd.from_pandas(df, override_num_blocks=blocks).sort(["v", "k"], descending=desc)
+    exp = df.sort_values(["v", "k"], ascending=not desc).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got.to_pandas(), exp)
+
+
+@HYP
+@given(rows=rows_st, blocks=st.integers(1, 4))
+def test_groupby_matches_pandas(distributed, rows, blocks):
+    df = pd.DataFrame(rows, columns=["k", "v"])
+    ds = fd.from_pandas(df, override_num_blocks=blocks)
+    got = ds.groupby("k").aggregate(fd.Count(), fd.Sum("v"), fd.Min("v"), fd.Max("v"),
+                                    fd.Mean("v"), fd.Std("v")).to_pandas()
+    assert list(got.columns) == ["k", "count()", "sum(v)", "min(v)", "max(v)", "mean(v)",
+                                 "std(v)"]
+    g = df.groupby("k")["v"]
+    exp = pd.DataFrame({"k": g.sum().index, "count()": g.size().values, "sum(v)": g.sum().values,
+                        "min(v)": g.min().values, "max(v)": g.max().values,
+                        "mean(v)": g.mean().values, "std(v)": g.std().values})
+    pd.testing.assert_frame_equal(got, exp, check_dtype=False)
+
+
+@HYP
+@given(rows=rows_st, blocks=st.integers(1, 4), seed=st.integers(0, 100))
+def test_random_shuffle_is_a_permutation(distributed, rows, blocks, seed):
+    df = pd.DataFrame(rows, columns=["k", "v"])
+    ds = fd.from_pandas(df, override_num_blocks=blocks)
+    got = ds.random_shuffle(seed=seed).to_pandas()
+    pd.testing.assert_frame_equal(got.sort_values(["k", "v"]).reset_index(drop=True),
+                                  df.sort_values(["k", "v"]).reset_index(drop=True))
+    again = ds.random_shuffle(seed=seed).to_pandas()
+    pd.testing.assert_frame_equal(got, again)
+
+
+def test_groupby_helpers_and_map_groups(distributed):
+    df = pd.DataFrame({"a": [1, 1, 2, 2, 2], "b": ["x", "y", "x", "x", "y"],
+                       "v": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    ds = fd.from_pandas(df, override_num_blocks=2)
+    assert ds.groupby("a").count().take_all() == [{"a": 1, "count()": 2}, {"a": 2, "count()": 3}]
+    assert ds.groupby(["a", "b"]).sum("v").take_all() == [
+        {"a": 1, "b": "x", "sum(v)": 1.0}, {"a": 1, "b": "y", "sum(v)": 2.0},
+        {"a": 2, "b": "x", "sum(v)": 7.0}, {"a": 2, "b": "y", "sum(v)": 5.0}]
+    out = ds.groupby("a").map_groups(lambda g: {"a": g["a"][:1], "n": np.array([len(g["v"])])})
+    assert out.take_all() == [{"a": 1, "n": 2}, {"a": 2, "n": 3}]
+    assert ds.aggregate(fd.Count(), fd.Max("v")) == {"count()": 5, "max(v)": 5.0}
+
+
+def test_repartition_union_zip_split(distributed):
+    ds = fd.range(10, override_num_blocks=3)
+    r = ds.repartition(4)
+    assert r.num_blocks() == 4 and [x["id"] for x in r.take_all()] == list(range(10))
+    assert sorted(x["id"] for x in ds.repartition(2, shuffle=True).take_all()) == list(range(10))
+    assert sorted(x["id"] for x in ds.randomize_block_order(seed=3).take_all()) == \
+        list(range(10))
+    u = ds.union(fd.range(3))
+    assert [x["id"] for x in u.take_all()] == list(range(10)) + [0, 1, 2]
+    z = ds.zip(fd.range(10, override_num_blocks=2).map(lambda r: {"id": r["id"] * 2}))
+    assert z.columns() == ["id", "id_1"]
+    assert all(x["id_1"] == 2 * x["id"] for x in z.take_all())
+    parts = ds.split(3, equal=True)
+    assert [p.count() for p in parts] == [3, 3, 3]
+    parts = ds.split(2)
+    assert sorted(x["id"] for p in parts for x in p.take_all()) == list(range(10))
+    train, test = ds.train_test_split(0.3)
+    assert train.count() == 7 and [x["id"] for x in test.take_all()] == [7, 8, 9]
+    a, b, c = ds.split_at_indices([2, 5])
+    assert (a.count(), b.count(), c.count()) == (2, 3, 5)
+
+
+def test_streaming_split_shards_in_tasks():
+    its = fd.range(40, override_num_blocks=8).streaming_split(2, equal=True)
+
+    @flowcore.remote
+    def consume(it):
+        return [int(v) for b in it.iter_batches(batch_size=5) for v in b["id"]]
+    a, b = flowcore.get([consume.remote(its[0]), consume.remote(its[1])])
+    assert len(a) == len(b) == 20 and sorted(a + b) == list(range(40))
+    # second epoch
+    a2, b2 = flowcore.get([consume.remote(its[0]), consume.remote(its[1])])
+    assert sorted(a2 + b2) == list(range(40))
+
+
+# -- files -----------------------------------------------------------------------------
+def test_parquet_csv_json_roundtrip(tmp_path):
+    df = pd.DataFrame({"a": np.arange(30), "b": [f"s{i}" for i in range(30)],
+                       "c": np.linspace(0, 1, 30)})
+    ds = fd.from_pandas(df, override_num_blocks=3)
+    for fmt in ("parquet", "csv", "json"):
+        out = tmp_path / fmt
+        getattr(ds, f"write_{fmt}")(str(out))
+        files = sorted(os.listdir(out))
+        assert len(files) == 3 and all(f.endswith("." + fmt) for f in files)
+        assert all(os.stat(out / f).st_mode & 0o777 == 0o600 for f in files)
+        back = getattr(fd, f"read_{fmt}")(str(out)).to_pandas()
+        pd.testing.assert_frame_equal(back.sort_values("a").reset_index(drop=True), df,
+                                      check_dtype=False)
+    back = fd.read_parquet(str(tmp_path / "parquet"), columns=["a"],
+                           filter=pc.field("a") >= 25).to_pandas()
+    assert back["a"].tolist() == [25, 26, 27, 28, 29] and list(back.columns) == ["a"]
+    (tmp_path / "t.txt").write_text("one\n\ntwo\n")
+    assert fd.read_text(str(tmp_path / "t.txt")).take_all() == [{"text": "one"},
+                                                                {"text": "two"}]
+    np.save(tmp_path / "x.npy", np.arange(4))
+    assert fd.read_numpy(str(tmp_path / "x.npy")).sum("data") == 6
+
+
+def test_failed_write_leaves_no_file(tmp_path, distributed):
+    def boom(b):
+        if b["id"][0] >= 5:
+            raise RuntimeError("bad block")
+        return b
+    ds = fd.range(10, override_num_blocks=2).map_batches(boom)
+    with pytest.raises(RuntimeError, match="bad block"):
+        ds.write_parquet(str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+# -- errors ---------------------------------------------------------------------------------
+def test_udf_error_has_context_and_traceback():
+    def bad(row):
+        if row["id"] == 7:
+            raise ValueError("seven is bad")
+        return row
+    with pytest.raises(ValueError) as ei:
+        fd.range(10).map(bad).take_all()
+    msg = str(ei.value)
+    assert "seven is bad" in msg and "Map(bad)" in msg and "{'id': 7}" in msg
+    assert "in bad" in msg  # the original traceback's frame
+
+
+def test_bad_input_errors(tmp_path):
+    ds = fd.range(5)
+    with pytest.raises(KeyError, match="SelectColumns.*unknown column.*nope"):
+        ds.select_columns(["nope"]).take_all()
+    with pytest.raises(ValueError, match="batch_format='arrow'.*expected one of"):
+        ds.map_batches(lambda b: b, batch_format="arrow")
+    with pytest.raises(TypeError, match="MapBatches.*returned int; expected a dict"):
+        ds.map_batches(lambda b: 1).take_all()
+    with pytest.raises(TypeError, match="Map.*returned list; expected a dict"):
+        ds.map(lambda r: [1]).take_all()
+    with pytest.raises(ValueError, match="union: the datasets' schemas differ"):
+        ds.union(fd.from_items([{"x": "a"}])).take_all()
+    with pytest.raises(FileNotFoundError, match="read_parquet: path .*missing.* does not exist"):
+        fd.read_parquet(str(tmp_path / "missing"))
+    with pytest.raises(KeyError, match="Sort.*unknown column.*zz"):
+        ds.sort("zz").take_all()
+    with pytest.raises(TypeError, match="expected a function or a callable class"):
+        ds.map(3)
+    with pytest.raises(ValueError, match="zip.*different numbers of rows"):
+        ds.zip(fd.range(4)).take_all()
+
+
+# -- actors ------------------------------------------------------------------------------------
+class AddPid:
+    def __init__(self, offset):
+        self.offset = offset
+
+    def __call__(self, batch):
+        batch["pid"] = np.full(len(batch["id"]), os.getpid())
+        batch["id"] = batch["id"] + self.offset
+        return batch
+
+
+@pytest.mark.timeout(120)
+def test_actor_pool_uses_every_cpu_without_starving_reads():
+    """concurrency=2 with 1-CPU actors on a 2-CPU cluster: the reads run
+    inside the actor calls, so the pool never waits on tasks it starves."""
+    ds = fd.range(400, override_num_blocks=16).map(lambda r: r).map_batches(
+        AddPid, concurrency=2, fn_constructor_args=(1000,), batch_size=10)
+    rows = ds.take_all()
+    assert sorted(r["id"] for r in rows) == list(range(1000, 1400))
+    assert len({r["pid"] for r in rows}) == 2
+    assert "2 actors" in ds.stats()
