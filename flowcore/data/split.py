@@ -36,6 +36,7 @@ class SplitCoordinator:
         self.queues: list[collections.deque] = [collections.deque() for _ in range(n)]
         self.lock = threading.Lock()
         self.split_epochs = [-1] * n
+        self.handed: list[list] = [[] for _ in range(n)]
 
     def begin(self, split: int) -> int:
         """The epoch a new pass of ``split`` reads (its previous one + 1)."""
@@ -78,12 +79,20 @@ class SplitCoordinator:
                 return []
         with self.lock:
             q = self.queues[split]
+            ref = None
             if q:
-                return [q.popleft()]
-            b = next(self.gen, None) if self.gen is not None else None
-            if b is not None:
-                b.release()
-                return [b.ref]
+                ref = q.popleft()
+            else:
+                b = next(self.gen, None) if self.gen is not None else None
+                if b is not None:
+                    b.release()
+                    ref = b.ref
+            if ref is not None:
+                # the shard fetches a block before it asks for the next one:
+                # holding the last two keeps each alive until its reader has it
+                self.handed[split].append(ref)
+                del self.handed[split][:-2]
+                return [ref]
         with self.cond:
             self.finished[split] = True
             self.cond.notify_all()
