@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import inspect
 import uuid
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
-import flowcore
 
 from . import aggregate as agg_mod
 from .block import check_batch_format, concat, iter_rows, schema_str, to_batch

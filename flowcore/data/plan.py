@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import shuffle
-from .block import (check_batch_format, concat, describe_batch, describe_row, iter_rows,
+from .block import (concat, describe_batch, describe_row, iter_rows,
                     rows_to_table, to_batch, to_table)
 
 __all__ = [
