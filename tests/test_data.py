@@ -311,3 +311,31 @@ def test_actor_pool_uses_every_cpu_without_starving_reads():
     assert sorted(r["id"] for r in rows) == list(range(1000, 1400))
     assert len({r["pid"] for r in rows}) == 2
     assert "2 actors" in ds.stats()
+
+
+def test_udf_errors_in_distributed_tasks_and_actors(distributed):
+    def bad_batch(b):
+        if b["id"][0] >= 50:
+            raise ZeroDivisionError("batch boom")
+        return b
+    with pytest.raises(ZeroDivisionError) as ei:
+        fd.range(100, override_num_blocks=4).map_batches(bad_batch, batch_size=10).take_all()
+    assert "MapBatches(bad_batch) failed on a batch of 10 rows, first row {'id': 50}" \
+        in str(ei.value)
+
+    class Bad:
+        def __call__(self, b):
+            raise LookupError("actor boom")
+    with pytest.raises(LookupError, match="actor boom") as ei:
+        fd.range(20, override_num_blocks=2).map_batches(Bad, concurrency=1).take_all()
+    assert "MapBatches(Bad) failed on a batch" in str(ei.value)
+
+
+def test_concurrency_and_remote_args_reach_tasks(distributed):
+    ds = fd.range(40, override_num_blocks=8).map_batches(
+        lambda b: {"pid": np.full(len(b["id"]), os.getpid())}, concurrency=1,
+        max_retries=0)
+    rows = ds.take_all()
+    assert len(rows) == 40
+    with pytest.raises(TypeError, match="MapBatches.*max_retries='x' is invalid"):
+        fd.range(4, override_num_blocks=2).map_batches(lambda b: b, max_retries="x")

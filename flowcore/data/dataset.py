@@ -75,6 +75,26 @@ def _check_concurrency(concurrency: Any, fn: Any, op: str) -> None:
                          f"(min, max) tuple")
 
 
+def _noop() -> None:
+    return None
+
+
+class _NoopActor:
+    pass
+
+
+def _check_remote_args(args: dict, is_class: bool, op: str) -> None:
+    """Validate ``**ray_remote_args`` now, with flowcore's option checks."""
+    import flowcore
+    try:
+        if is_class:
+            flowcore.remote(**args)(_NoopActor)
+        else:
+            flowcore.remote(_noop).options(**args)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{op}: {e}") from None
+
+
 class Dataset:
     """A distributed collection of rows in Arrow blocks (Ray Data's Dataset)."""
 
@@ -98,6 +118,8 @@ class Dataset:
             raise ValueError(f"{label}: fn_constructor_args/fn_constructor_kwargs apply to a "
                              f"callable class only; {fn_name(fn)} is a function")
         remote_args = {k: v for k, v in (remote_args or {}).items() if k != "memory"}
+        if remote_args:
+            _check_remote_args(remote_args, inspect.isclass(fn), f"{label}({fn_name(fn)})")
         op = MapOp(kind, f"{label}({fn_name(fn)})", fn, fn_args=fn_args or (),
                    fn_kwargs=fn_kwargs, fn_constructor_args=fn_constructor_args or (),
                    fn_constructor_kwargs=fn_constructor_kwargs, concurrency=concurrency,

@@ -52,21 +52,31 @@ class MemoryBudget:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.used = 0
+        self.used = 0          # blocks produced, not yet released by their consumer
+        self.reserved = 0      # estimated outputs of tasks in flight
         self.peak = 0
         self.lock = threading.Lock()
 
     def add(self, n: int) -> None:
         with self.lock:
             self.used += n
-            self.peak = max(self.peak, self.used)
+            self.peak = max(self.peak, self.used + self.reserved)
 
     def release(self, n: int) -> None:
         with self.lock:
             self.used -= n
 
+    def reserve(self, n: int) -> None:
+        with self.lock:
+            self.reserved += n
+            self.peak = max(self.peak, self.used + self.reserved)
+
+    def unreserve(self, n: int) -> None:
+        with self.lock:
+            self.reserved -= n
+
     def room_for(self, n: int) -> bool:
-        return self.used + n <= self.limit
+        return self.used + self.reserved + n <= self.limit
 
 
 class Bundle:
@@ -359,20 +369,21 @@ def _stage_name(ops: list[MapOp], first: str = "") -> str:
 
 def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
               submit: Callable[[int, Any], tuple], can_submit: Callable[[], bool],
-              on_done: Callable[[Any], None] = lambda slot: None) -> Iterator[Bundle]:
+              on_done: Callable[[Any], None] = lambda slot: None,
+              limit: int | None = None) -> Iterator[Bundle]:
     """Submit tasks for ``items`` with at most ``max_in_flight`` outstanding
     and within the memory budget; yield their outputs in order."""
     pending: collections.deque = collections.deque()
-    reserved = 0
+    limit = limit or ex.max_in_flight
     est = 0
     sizes: list[int] = []
     index = 0
     exhausted = False
     try:
         while True:
-            while not exhausted and len(pending) < ex.max_in_flight and can_submit():
+            while not exhausted and len(pending) < limit and can_submit():
                 guess = int(sum(sizes) / len(sizes)) if sizes else est
-                if pending and not ex.budget.room_for(reserved + guess):
+                if pending and not ex.budget.room_for(guess):
                     break
                 item = next(items, None)
                 if item is None:
@@ -387,12 +398,11 @@ def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
                            else (item.size_bytes or 0)) or (1 << 20)
                     guess = est
                 pending.append((out_ref, meta_ref, item, slot, guess))
-                reserved += guess
-                ex.budget.add(0)
+                ex.budget.reserve(guess)
             if not pending:
                 return
             out_ref, meta_ref, item, slot, guess = pending.popleft()
-            reserved -= guess
+            ex.budget.unreserve(guess)
             try:
                 meta = ex.get_meta(meta_ref)
             finally:
@@ -404,7 +414,8 @@ def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
             st.output(meta)
             yield Bundle(out_ref, meta, ex.budget)
     finally:
-        for *_, item, _slot, _g in pending:
+        for *_, item, _slot, g in pending:
+            ex.budget.unreserve(g)
             if isinstance(item, Bundle):
                 item.release()
         pending.clear()
@@ -426,7 +437,7 @@ def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp]
             out, meta = fn.remote(tref, index, "block", item.ref)
         return out, meta, None
 
-    return _windowed(ex, st, items, submit, lambda: True)
+    return _windowed(ex, st, items, submit, lambda: True, limit=_task_limit(ex, transforms))
 
 
 def _resources(ops: list[MapOp]) -> dict:
@@ -437,7 +448,21 @@ def _resources(ops: list[MapOp]) -> dict:
         res["num_cpus"] = max(cpus)
     if gpus:
         res["num_gpus"] = max(gpus)
+    for o in ops:
+        res.update(o.remote_args)
     return res
+
+
+def _task_limit(ex: Execution, ops: list[MapOp]) -> int:
+    """Tasks in flight: 2 x CPUs, or the smallest ``concurrency`` given."""
+    limits = []
+    for o in ops:
+        c = o.concurrency
+        if isinstance(c, (tuple, list)):
+            c = c[1] if len(c) > 1 else c[0]
+        if c:
+            limits.append(int(c))
+    return min([ex.max_in_flight] + limits)
 
 
 def pool_size(op: MapOp, cpus: float, n_pools: int) -> int:
