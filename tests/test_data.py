@@ -339,3 +339,22 @@ def test_concurrency_and_remote_args_reach_tasks(distributed):
     assert len(rows) == 40
     with pytest.raises(TypeError, match="MapBatches.*max_retries='x' is invalid"):
         fd.range(4, override_num_blocks=2).map_batches(lambda b: b, max_retries="x")
+
+
+@pytest.mark.timeout(120)
+def test_actor_pool_leaves_a_cpu_to_streaming_tasks():
+    """Tasks that cannot fuse into the pool's calls (after a limit, and a
+    map after the pool) still get a CPU: the plan finishes on 2 CPUs."""
+    ds = (fd.range(200, override_num_blocks=8).map(lambda r: r).limit(120)
+          .map_batches(AddPid, concurrency=2, fn_constructor_args=(0,), batch_size=20)
+          .limit(100).map(lambda r: {"id": r["id"]}))
+    assert sorted(r["id"] for r in ds.take_all()) == list(range(100))
+    assert "1 actors" in ds.stats()
+    u = fd.range(30, override_num_blocks=3).union(fd.range(30, override_num_blocks=3))
+    assert u.map_batches(AddPid, concurrency=2, fn_constructor_args=(0,)).count() == 60
+
+
+def test_streaming_split_unequal_in_driver():
+    a, b = fd.range(50, override_num_blocks=5).streaming_split(2)
+    got = [r["id"] for r in a.iter_rows()] + [r["id"] for r in b.iter_rows()]
+    assert sorted(got) == list(range(50))

@@ -323,42 +323,94 @@ def _source_items(ex: Execution, src: Any) -> Iterator[Any]:
         raise TypeError(f"unknown source {src!r}")
 
 
-def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
-    """Compile ``plan`` to chained stage generators."""
-    stream: Iterator[Any] = _source_items(ex, plan.source)
+def _stages(plan: LogicalPlan) -> list[tuple]:
+    """The physical stages: ("task", ops), ("actor", pre_ops, ops),
+    ("limit", op), ("barrier", op); fused where possible."""
+    stages: list[tuple] = []
     raw = not isinstance(plan.source, (InputSource, UnionSource, ZipSource))
     pending: list[MapOp] = []
-    actor_ops: list[MapOp] | None = None
-    actor_pre: list[MapOp] = []
-    n_pools = sum(1 for o in plan.ops if isinstance(o, MapOp) and o.is_actor)
+    actor: list[MapOp] | None = None
+    pre: list[MapOp] = []
 
     def flush() -> None:
-        nonlocal stream, pending, raw, actor_ops, actor_pre
-        if actor_ops is not None:
-            stream = _actor_stage(ex, stream, actor_pre, actor_ops, n_pools)
-            actor_ops, actor_pre, pending = None, [], []
+        nonlocal pending, raw, actor, pre
+        if actor is not None:
+            stages.append(("actor", pre, actor))
+            actor, pre, pending = None, [], []
         elif pending or raw:
-            stream = _task_stage(ex, stream, pending)
+            stages.append(("task", pending))
             pending = []
         raw = False
 
     for op in plan.ops:
         if isinstance(op, MapOp):
             if op.is_actor:
-                if actor_ops is not None:
+                if actor is not None:
                     flush()
-                actor_pre, actor_ops, pending = pending, [op], []
-            elif actor_ops is not None:
-                actor_ops.append(op)
+                pre, actor, pending = pending, [op], []
+            elif actor is not None:
+                actor.append(op)
             else:
                 pending.append(op)
             continue
         flush()
-        if isinstance(op, LimitOp):
-            stream = _limit_stage(ex, stream, op)
-        else:
-            stream = _barrier_stage(ex, stream, op)
+        stages.append(("limit" if isinstance(op, LimitOp) else "barrier", op))
     flush()
+    return stages
+
+
+def _segments_with_tasks(plan: LogicalPlan, stages: list[tuple]) -> list[bool]:
+    """For each stage: whether CPU tasks stream in its barrier-delimited
+    segment (then an actor pool there must leave them a CPU)."""
+    out = [False] * len(stages)
+    seg: list[int] = []
+    has = isinstance(plan.source, UnionSource)
+
+    def close() -> None:
+        for i in seg:
+            out[i] = has
+    for i, st in enumerate(stages):
+        if st[0] == "barrier":
+            close()
+            seg, has = [], False
+            continue
+        seg.append(i)
+        has = has or st[0] == "task"
+    close()
+    return out
+
+
+def _gathered(items: Iterator[Bundle]) -> Iterator[Bundle]:
+    """All of ``items`` first, then yield them (lets a pool finish and free
+    its CPUs before the tasks that consume its output start)."""
+    collected = list(items)
+    yield from collected
+
+
+def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
+    """Compile ``plan`` to chained stage generators."""
+    stream: Iterator[Any] = _source_items(ex, plan.source)
+    stages = _stages(plan)
+    with_tasks = _segments_with_tasks(plan, stages)
+    n_pools = sum(1 for st in stages if st[0] == "actor")
+    for i, st in enumerate(stages):
+        if st[0] == "task":
+            stream = _task_stage(ex, stream, st[1])
+        elif st[0] == "actor":
+            free = 0.0
+            if with_tasks[i]:
+                per = st[2][0].num_cpus if st[2][0].num_cpus is not None else 1.0
+                if ex.cpus - 1 >= per * n_pools:
+                    free = 1.0   # leave a CPU to the tasks around the pool
+                else:            # too few CPUs to share: run the segment in turns
+                    stream = _gathered(stream)
+            stream = _actor_stage(ex, stream, st[1], st[2], n_pools, free)
+            if with_tasks[i] and not free and any(s[0] == "task" for s in stages[i + 1:]):
+                stream = _gathered(stream)
+        elif st[0] == "limit":
+            stream = _limit_stage(ex, stream, st[1])
+        else:
+            stream = _barrier_stage(ex, stream, st[1])
     return stream
 
 
@@ -465,7 +517,7 @@ def _task_limit(ex: Execution, ops: list[MapOp]) -> int:
     return min([ex.max_in_flight] + limits)
 
 
-def pool_size(op: MapOp, cpus: float, n_pools: int) -> int:
+def pool_size(op: MapOp, cpus: float, n_pools: int, free: float = 0.0) -> int:
     """Actors for ``op``'s pool: ``concurrency`` (an int, or the max of a
     (min, max) tuple), capped so all pools of the plan fit the cluster's
     CPUs together; ValueError when even one actor per pool cannot fit."""
@@ -479,7 +531,7 @@ def pool_size(op: MapOp, cpus: float, n_pools: int) -> int:
         want = int(c)
     if per <= 0:
         return want
-    share = cpus / n_pools
+    share = (cpus - free) / n_pools
     fit = int(math.floor(share / per + 1e-9))
     if fit < 1:
         raise ValueError(f"{op.name}: {n_pools} actor pool(s) of {per} CPU actors cannot all "
@@ -489,11 +541,11 @@ def pool_size(op: MapOp, cpus: float, n_pools: int) -> int:
 
 
 def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: list[MapOp],
-                 n_pools: int) -> Iterator[Bundle]:
+                 n_pools: int, free: float = 0.0) -> Iterator[Bundle]:
     head = ops[0]
     transforms = pre + ops
     st = ex.stats.op(_stage_name(transforms))
-    size = pool_size(head, ex.cpus, n_pools)
+    size = pool_size(head, ex.cpus, n_pools, free)
     opts: dict = {"num_cpus": head.num_cpus if head.num_cpus is not None else 1.0}
     if head.num_gpus:
         opts["num_gpus"] = head.num_gpus
