@@ -358,3 +358,19 @@ def test_streaming_split_unequal_in_driver():
     a, b = fd.range(50, override_num_blocks=5).streaming_split(2)
     got = [r["id"] for r in a.iter_rows()] + [r["id"] for r in b.iter_rows()]
     assert sorted(got) == list(range(50))
+
+
+def test_prefetch_thread_stops_and_reraises():
+    import threading
+    ds = fd.range(1000, override_num_blocks=10)
+    it = ds.iter_batches(batch_size=10, prefetch_batches=2)
+    assert len(next(it)["id"]) == 10
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "flowcore-data-prefetch"]
+
+    def bad(b):
+        raise OSError("prefetch boom")
+    with pytest.raises(OSError, match="prefetch boom"):
+        list(ds.map_batches(bad).iter_batches(prefetch_batches=4))
+    assert [len(b["id"]) for b in ds.iter_batches(batch_size=400, prefetch_batches=0)] == \
+        [400, 400, 200]

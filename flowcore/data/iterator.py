@@ -6,6 +6,8 @@ shard with ``iter_batches`` / ``iter_torch_batches``).
 """
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -71,6 +73,58 @@ def batch_tables(tables: Iterable[pa.Table], batch_size: int | None, drop_last: 
         yield pieces[0] if len(pieces) == 1 else concat(pieces)
 
 
+_END = object()
+
+
+def _in_worker() -> bool:
+    import flowcore
+    return flowcore.is_initialized() and flowcore.get_runtime_context().worker_mode == "worker"
+
+
+def prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run ``source`` in a thread, ``depth`` items ahead of the consumer.
+    Errors are re-raised here; closing this generator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in source:
+                if not put((item, None)):
+                    break
+            else:
+                put((_END, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((_END, e))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    th = threading.Thread(target=run, name="flowcore-data-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        th.join(30)
+
+
 class DataIterator:
     """Iterates a dataset (or one shard of it) in batches or rows."""
 
@@ -91,10 +145,17 @@ class DataIterator:
         if not isinstance(prefetch_batches, int) or prefetch_batches < 0:
             raise ValueError(f"iter_batches: prefetch_batches={prefetch_batches!r}; expected an "
                              f"int >= 0")
-        for t in batch_tables(self._iter_tables(), batch_size, drop_last,
-                              local_shuffle_buffer_size, local_shuffle_seed):
-            b = to_batch(t, batch_format)
-            yield _collate_fn(b) if _collate_fn is not None else b
+        def produce() -> Iterator[Any]:
+            for t in batch_tables(self._iter_tables(), batch_size, drop_last,
+                                  local_shuffle_buffer_size, local_shuffle_seed):
+                b = to_batch(t, batch_format)
+                yield _collate_fn(b) if _collate_fn is not None else b
+        if prefetch_batches == 0 or _in_worker():
+            # inside a task or actor a helper thread's blocked get would not
+            # give the task's CPU back, so the shard is read on this thread
+            yield from produce()
+        else:
+            yield from prefetched(produce(), prefetch_batches)
 
     def iter_rows(self) -> Iterator[dict]:
         for t in self._iter_tables():
