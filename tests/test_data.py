@@ -374,3 +374,11 @@ def test_prefetch_thread_stops_and_reraises():
         list(ds.map_batches(bad).iter_batches(prefetch_batches=4))
     assert [len(b["id"]) for b in ds.iter_batches(batch_size=400, prefetch_batches=0)] == \
         [400, 400, 200]
+
+
+def test_missing_pandas_names_the_extra(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match=r"pip install 'flowcore\[data\]'"):
+        fd.range(3).to_pandas()
+    assert fd.range(3).take_batch(3)["id"].tolist() == [0, 1, 2]

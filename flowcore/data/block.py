@@ -28,6 +28,16 @@ def check_batch_format(fmt: Any, op: str) -> None:
                          f"'default', 'numpy', 'pandas', 'pyarrow' or None")
 
 
+def require_pandas() -> Any:
+    """pandas, or an ImportError naming the extra that installs it."""
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError("this flowcore.data call needs pandas: pip install "
+                          "'flowcore[data]'") from None
+    return pandas
+
+
 def empty_table() -> pa.Table:
     return pa.table({})
 
@@ -137,7 +147,7 @@ def to_batch(table: pa.Table, batch_format: Any) -> Any:
     if batch_format in ("default", "numpy"):
         return {name: column_to_numpy(table.column(name)) for name in table.column_names}
     if batch_format == "pandas":
-        import pandas as pd  # noqa: F401  (ImportError names pandas)
+        pd = require_pandas()
         if any(isinstance(f.type, pa.FixedShapeTensorType) for f in table.schema):
             return pd.DataFrame({n: list(column_to_numpy(table.column(n)))
                                  if isinstance(table.schema.field(n).type,

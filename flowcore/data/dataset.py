@@ -527,7 +527,8 @@ class Dataset:
 
     # -- conversion -------------------------------------------------------------------
     def to_pandas(self, limit: int | None = None) -> Any:
-        import pandas as pd
+        from .block import require_pandas
+        pd = require_pandas()
         t = self._take_table(limit)
         if t.num_columns == 0:
             return pd.DataFrame()

@@ -111,7 +111,8 @@ def from_items(items: list, *, override_num_blocks: int | None = None) -> Materi
 
 def from_pandas(dfs: Any, *, override_num_blocks: int | None = None) -> MaterializedDataset:
     """One block per DataFrame (or ``override_num_blocks``)."""
-    import pandas as pd
+    from .block import require_pandas
+    pd = require_pandas()
     dfs = [dfs] if isinstance(dfs, pd.DataFrame) else list(dfs)
     for d in dfs:
         if not isinstance(d, pd.DataFrame):
