@@ -382,3 +382,11 @@ def test_missing_pandas_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'flowcore\[data\]'"):
         fd.range(3).to_pandas()
     assert fd.range(3).take_batch(3)["id"].tolist() == [0, 1, 2]
+
+
+def test_tasks_carry_operator_names(distributed):
+    mapped = fd.range(20, override_num_blocks=2).map_batches(lambda b: b).materialize()
+    ds = mapped.sort("id").materialize()  # results still referenced: the head lists them
+    names = {t.get("name") for t in flowcore.state.list_tasks(limit=500)}
+    assert "ReadTask->MapBatches(<lambda>)" in names
+    assert any(n and n.startswith("Sort[key=['id']") for n in names)

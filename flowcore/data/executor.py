@@ -294,7 +294,7 @@ def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:
     st.started()
     refs = [r for r, _ in input_bundles(plan)]
     st.tasks += 1
-    out, meta_ref = _run_plan.remote(plan, *refs)
+    out, meta_ref = _run_plan.options(name=_task_name(st.name)).remote(plan, *refs)
     meta = ex.get_meta(meta_ref)
     st.output(meta)
     yield Bundle(out, meta, ex.budget)
@@ -414,6 +414,10 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
     return stream
 
 
+def _task_name(stage: str) -> str:
+    return stage if len(stage) <= 120 else stage[:117] + "..."
+
+
 def _stage_name(ops: list[MapOp], first: str = "") -> str:
     names = ([first] if first else []) + [o.name for o in ops]
     return "->".join(names) or "ReadBlocks"
@@ -478,12 +482,16 @@ def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp]
     st = ex.stats.op(_stage_name(transforms))
     tref = flowcore.put(transforms)
     res = _resources(transforms)
-    fn = _run_transforms.options(**res) if res else _run_transforms
+    fns: dict = {}
 
     def submit(index: int, item: Any) -> tuple:
         if isinstance(item, ReadTask):
             if st.name == _stage_name(transforms):
                 st.name = _stage_name(transforms, "ReadTask")
+        fn = fns.get(st.name)
+        if fn is None:  # tasks carry the operator's name (dashboard, visualize)
+            fn = fns[st.name] = _run_transforms.options(name=_task_name(st.name), **res)
+        if isinstance(item, ReadTask):
             out, meta = fn.remote(tref, index, "read", item)
         else:
             out, meta = fn.remote(tref, index, "block", item.ref)
@@ -602,7 +610,8 @@ def _limit_stage(ex: Execution, items: Iterator[Bundle], op: LimitOp) -> Iterato
                 yield b
             else:
                 st.tasks += 1
-                out, meta_ref = _slice_concat.remote([(0, 0, left)], b.ref)
+                out, meta_ref = _slice_concat.options(name=op.name).remote([(0, 0, left)],
+                                                                           b.ref)
                 meta = ex.get_meta(meta_ref)
                 b.release()
                 left = 0
@@ -662,7 +671,8 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
         return _repartition(ex, st, bundles, n_out)
     if total <= ex.ctx.small_plan_bytes or len(bundles) <= 1:
         st.tasks += 1
-        pairs = flowcore.get(_run_local_op.remote(op, *[b.ref for b in bundles]))
+        pairs = flowcore.get(_run_local_op.options(name=op.name).remote(
+            op, *[b.ref for b in bundles]))
         out = []
         for t, meta in pairs:
             st.output(meta)
@@ -675,7 +685,8 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
         key, direction = op.params["keys"][0]
         samples: list = []
         per = max(8, 4 * n_out)
-        for chunk in flowcore.get([_sample.remote(r, key, per, i) for i, r in enumerate(refs)]):
+        sample = _sample.options(name=f"{op.name}:sample")
+        for chunk in flowcore.get([sample.remote(r, key, per, i) for i, r in enumerate(refs)]):
             samples.extend(chunk)
         st.tasks += len(refs)
         desc = direction == "descending"
@@ -684,10 +695,12 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
                   "bounds": shuffle.boundaries_from_samples(samples, n_out, desc)}
     parts = []
     for i, r in enumerate(refs):
-        p = _partition.options(num_returns=n_out).remote(kind, params, n_out, i, r)
+        p = _partition.options(num_returns=n_out, name=f"{op.name}:map").remote(
+            kind, params, n_out, i, r)
         parts.append(p if n_out > 1 else [p])
     st.tasks += len(refs) + n_out
-    pairs = [_reduce.remote(op, j, *[parts[i][j] for i in range(len(refs))])
+    reduce = _reduce.options(name=f"{op.name}:reduce")
+    pairs = [reduce.remote(op, j, *[parts[i][j] for i in range(len(refs))])
              for j in range(n_out)]
     del parts
     return _collect(ex, st, pairs)
