@@ -126,6 +126,11 @@ def test_iter_torch_batches():
         else __import__("torch")
     b = next(iter(fd.range(8).iter_torch_batches(batch_size=8, dtypes=torch.float32)))
     assert b["id"].dtype == torch.float32 and b["id"].tolist() == list(range(8))
+    # what flowcore.train uses: one streaming shard per worker
+    shards = fd.range(20, override_num_blocks=4).streaming_split(2, equal=True)
+    got = [t["id"] for it in shards for t in it.iter_torch_batches(batch_size=5)]
+    assert all(isinstance(t, torch.Tensor) for t in got)
+    assert sorted(torch.cat(got).tolist()) == list(range(20))
 
 
 # -- relational (hypothesis against pandas) -----------------------------------------
