@@ -131,9 +131,11 @@ def _run_local_op(op: AllToAllOp, *tables: pa.Table) -> list:
     return _m._run_local_op_impl(op, *tables)
 
 
-def _run_local_op_impl(op: AllToAllOp, *tables: pa.Table) -> list:
+def _run_local_op_impl(op: AllToAllOp, *tables: pa.Table) -> tuple:
+    """The op on all its input in one task: its k output tables, then
+    their metadata (k + 1 return values)."""
     out = op.local(list(tables))
-    return [(t, block_meta(t)) for t in out]
+    return (*out, [block_meta(t) for t in out])
 
 
 @flowcore.remote
@@ -671,12 +673,13 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
         return _repartition(ex, st, bundles, n_out)
     if total <= ex.ctx.small_plan_bytes or len(bundles) <= 1:
         st.tasks += 1
-        pairs = flowcore.get(_run_local_op.options(name=op.name).remote(
-            op, *[b.ref for b in bundles]))
+        k = op.params.get("num_blocks") or 1
+        refs = _run_local_op.options(name=op.name, num_returns=k + 1).remote(
+            op, *[b.ref for b in bundles])
         out = []
-        for t, meta in pairs:
+        for ref, meta in zip(refs[:k], ex.get_meta(refs[k])):
             st.output(meta)
-            out.append(Bundle(flowcore.put(t), meta, ex.budget))
+            out.append(Bundle(ref, meta, ex.budget))
         return out
     refs = [b.ref for b in bundles]
     if op.kind in ("random_shuffle", "repartition"):
