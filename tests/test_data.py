@@ -395,3 +395,35 @@ def test_tasks_carry_operator_names(distributed):
     names = {t.get("name") for t in flowcore.state.list_tasks(limit=500)}
     assert "ReadTask->MapBatches(<lambda>)" in names
     assert any(n and n.startswith("Sort[key=['id']") for n in names)
+
+
+def test_remaining_api_surface(tmp_path, capsys):
+    df = pd.DataFrame({"k": [1, 1, 2], "v": [-5.0, 2.0, 3.0]})
+    ds = fd.from_pandas_refs([flowcore.put(df)])
+    assert ds.aggregate(fd.AbsMax("v"), fd.Std("v", ddof=0)) == {
+        "abs_max(v)": 5.0, "std(v)": pytest.approx(np.std(df["v"]))}
+    custom = fd.AggregateFn(init=lambda k: 0, accumulate_row=lambda a, r: a + r["v"] * 2,
+                            merge=lambda a, b: a + b, name="double_sum")
+    assert ds.groupby("k").aggregate(custom).take_all() == [
+        {"k": 1, "double_sum": -6.0}, {"k": 2, "double_sum": 6.0}]
+    assert ds.aggregate(custom) == {"double_sum": 0.0}
+    assert fd.from_numpy_refs([flowcore.put(np.arange(3))]).sum("data") == 3
+    assert flowcore.get(ds.to_pandas_refs())[0]["v"].tolist() == [-5.0, 2.0, 3.0]
+    ds.show(2)
+    assert capsys.readouterr().out.splitlines() == ["{'k': 1, 'v': -5.0}", "{'k': 1, 'v': 2.0}"]
+    r = fd.range(10)
+    assert [p.count() for p in r.split_proportionately([0.2, 0.5])] == [2, 5, 3]
+    assert r.map(lambda row, a, b=0: {"x": row["id"] * a + b}, fn_args=(2,),
+                 fn_kwargs={"b": 1}).take(2) == [{"x": 1}, {"x": 3}]
+    assert r.filter(lambda row, lim: row["id"] < lim, fn_args=(3,)).count() == 3
+    fd.range_tensor(6, shape=(2,)).write_numpy(str(tmp_path / "npy"), column="data")
+    back = fd.read_numpy(str(tmp_path / "npy")).take_batch(10)["data"]
+    assert back.shape == (6, 2) and back[:, 0].tolist() == list(range(6))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.bin").write_bytes(b"\x00\x01")
+    rows = fd.read_binary_files(str(tmp_path / "bin"), include_paths=True).take_all()
+    assert rows == [{"bytes": b"\x00\x01", "path": str(tmp_path / "bin" / "a.bin")}]
+    assert fd.read_text(str(tmp_path / "bin" / "a.bin")).input_files() == \
+        [str(tmp_path / "bin" / "a.bin")]
+    assert r.take_batch(3, batch_format="pandas")["id"].tolist() == [0, 1, 2]
+    assert r.schema().names == ["id"] and r.size_bytes() == 80
