@@ -427,3 +427,15 @@ def test_remaining_api_surface(tmp_path, capsys):
         [str(tmp_path / "bin" / "a.bin")]
     assert r.take_batch(3, batch_format="pandas")["id"].tolist() == [0, 1, 2]
     assert r.schema().names == ["id"] and r.size_bytes() == 80
+
+
+def test_big_parquet_file_is_read_by_row_groups(tmp_path):
+    import pyarrow.parquet as pq
+    t = pa.table({"a": np.arange(1000), "b": np.arange(1000) * 0.5})
+    pq.write_table(t, tmp_path / "one.parquet", row_group_size=100)
+    ds = fd.read_parquet(str(tmp_path / "one.parquet"), override_num_blocks=5)
+    assert ds.num_blocks() >= 5
+    assert ds.to_pandas()["a"].tolist() == list(range(1000))
+    f = fd.read_parquet(str(tmp_path / "one.parquet"), columns=["b"],
+                        filter=pc.field("a") >= 990, override_num_blocks=5)
+    assert f.to_pandas()["b"].tolist() == [i * 0.5 for i in range(990, 1000)]

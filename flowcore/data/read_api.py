@@ -170,9 +170,23 @@ def read_parquet(paths: Any, *, filesystem: Any = None, columns: list[str] | Non
     """Parquet files (or directories of them); ``columns`` and ``filter`` (a
     ``pyarrow.dataset`` expression) are pushed down into the reader."""
     _check_blocks(override_num_blocks, "read_parquet")
-    return _read(paths, filesystem, "read_parquet",
-                 formats.parquet_reader(columns, filter, arrow_parquet_args), "ReadParquet",
-                 include_paths, size_factor=4.0)
+    files = resolve_paths(paths, filesystem, "read_parquet")
+    target = DataContext.get_current().target_max_block_size
+    total = sum(size for _, _, size in files)
+    if override_num_blocks and override_num_blocks > len(files):
+        target = builtins.max(1, total // override_num_blocks)
+    whole = formats.parquet_reader(columns, filter, arrow_parquet_args)
+    tasks: list[ReadTask] = []
+    for fs, path, size in files:
+        runs = formats.parquet_split(fs, path, target) \
+            if size > target and not arrow_parquet_args else []
+        if len(runs) <= 1:
+            tasks.extend(file_read_tasks([(fs, path, size)], whole, include_paths, 4.0))
+            continue
+        for groups, nbytes in runs:  # a big file: one task per run of row groups
+            reader = formats.parquet_row_groups_reader(columns, filter, groups)
+            tasks.extend(file_read_tasks([(fs, path, nbytes)], reader, include_paths))
+    return Dataset(LogicalPlan(ReadSource(tasks, "ReadParquet")))
 
 
 def read_csv(paths: Any, *, filesystem: Any = None, include_paths: bool = False,

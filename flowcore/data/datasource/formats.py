@@ -20,6 +20,43 @@ def parquet_reader(columns: list[str] | None, filter: Any, kwargs: dict) -> Call
     return read
 
 
+def parquet_row_groups_reader(columns: list[str] | None, filter: Any,
+                              groups: list[int]) -> Callable:
+    """Read some row groups of one parquet file (big files are split)."""
+    def read(fs: pafs.FileSystem, path: str) -> pa.Table:
+        import pyarrow.parquet as pq
+        with fs.open_input_file(path) as f:
+            t = pq.ParquetFile(f).read_row_groups(groups, columns=None if filter is not None
+                                                  else columns)
+        if filter is not None:
+            t = t.filter(filter)
+            if columns is not None:
+                t = t.select(columns)
+        return t
+    return read
+
+
+def parquet_split(fs: pafs.FileSystem, path: str, target: int) -> list[tuple[list[int], int]]:
+    """Row groups of ``path`` in runs of about ``target`` bytes each:
+    [(row group indices, bytes)]."""
+    import pyarrow.parquet as pq
+    with fs.open_input_file(path) as f:
+        md = pq.ParquetFile(f).metadata
+    runs: list[tuple[list[int], int]] = []
+    cur: list[int] = []
+    size = 0
+    for i in range(md.num_row_groups):
+        b = md.row_group(i).total_byte_size
+        if cur and size + b > target:
+            runs.append((cur, size))
+            cur, size = [], 0
+        cur.append(i)
+        size += b
+    if cur:
+        runs.append((cur, size))
+    return runs
+
+
 def csv_reader(kwargs: dict) -> Callable:
     def read(fs: pafs.FileSystem, path: str) -> pa.Table:
         import pyarrow.csv as pacsv
