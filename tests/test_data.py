@@ -439,3 +439,14 @@ def test_big_parquet_file_is_read_by_row_groups(tmp_path):
     f = fd.read_parquet(str(tmp_path / "one.parquet"), columns=["b"],
                         filter=pc.field("a") >= 990, override_num_blocks=5)
     assert f.to_pandas()["b"].tolist() == [i * 0.5 for i in range(990, 1000)]
+
+
+def test_compute_strategies():
+    ds = fd.range(40, override_num_blocks=4).map_batches(
+        AddPid, compute=fd.ActorPoolStrategy(size=1), fn_constructor_args=(0,))
+    assert len({r["pid"] for r in ds.take_all()}) == 1 and "1 actors" in ds.stats()
+    with pytest.raises(ValueError, match="concurrency= or compute=, not both"):
+        fd.range(3).map_batches(AddPid, compute=fd.ActorPoolStrategy(size=1), concurrency=1)
+    with pytest.raises(TypeError, match="expected ActorPoolStrategy"):
+        fd.range(3).map_batches(lambda b: b, compute="actors")
+    assert fd.range(3).map_batches(lambda b: b, compute=fd.TaskPoolStrategy(size=1)).count() == 3

@@ -9,6 +9,7 @@ consumed.  Switching from Ray is changing ``import ray`` /
 from __future__ import annotations
 
 from .aggregate import AbsMax, AggregateFn, Count, Max, Mean, Min, Std, Sum, Unique
+from .compute import ActorPoolStrategy, TaskPoolStrategy
 from .context import DataContext
 from .dataset import Dataset, MaterializedDataset, Schema
 from .grouped import GroupedData
@@ -18,7 +19,8 @@ from .read_api import (from_arrow, from_arrow_refs, from_items, from_numpy, from
                        read_csv, read_images, read_json, read_numpy, read_parquet, read_text)
 
 __all__ = [
-    "Dataset", "MaterializedDataset", "Schema", "GroupedData", "DataIterator", "DataContext",
+    "ActorPoolStrategy", "TaskPoolStrategy", "Dataset", "MaterializedDataset", "Schema",
+    "GroupedData", "DataIterator", "DataContext",
     "AggregateFn", "Count", "Sum", "Min", "Max", "Mean", "Std", "AbsMax", "Unique",
     "range", "range_tensor", "from_items", "from_numpy", "from_pandas", "from_arrow",
     "from_arrow_refs", "from_pandas_refs", "from_numpy_refs", "read_parquet", "read_csv",

@@ -113,6 +113,8 @@ class Dataset:
                 concurrency: Any = None, remote_args: dict | None = None,
                 **kw: Any) -> "Dataset":
         _check_fn(fn, label.lower())
+        from .compute import concurrency_from
+        concurrency = concurrency_from(compute, concurrency, f"{label}({fn_name(fn)})")
         _check_concurrency(concurrency, fn, label)
         if (fn_constructor_args or fn_constructor_kwargs) and not inspect.isclass(fn):
             raise ValueError(f"{label}: fn_constructor_args/fn_constructor_kwargs apply to a "
@@ -141,7 +143,7 @@ class Dataset:
             concurrency: Any = None, ray_remote_args_fn: Any = None,
             **ray_remote_args: Any) -> "Dataset":
         """Apply ``fn(row: dict) -> dict`` to each row."""
-        return self._map_op("map", "Map", fn, fn_args=fn_args, fn_kwargs=fn_kwargs,
+        return self._map_op("map", "Map", fn, compute=compute, fn_args=fn_args, fn_kwargs=fn_kwargs,
                             fn_constructor_args=fn_constructor_args,
                             fn_constructor_kwargs=fn_constructor_kwargs, num_cpus=num_cpus,
                             num_gpus=num_gpus, concurrency=concurrency,
@@ -165,7 +167,7 @@ class Dataset:
                                        or isinstance(batch_size, bool)):
             raise ValueError(f"map_batches({fn_name(fn)}): batch_size={batch_size!r}; expected "
                              f"an int >= 1 or None (whole blocks)")
-        return self._map_op("map_batches", "MapBatches", fn, fn_args=fn_args,
+        return self._map_op("map_batches", "MapBatches", fn, compute=compute, fn_args=fn_args,
                             fn_kwargs=fn_kwargs, fn_constructor_args=fn_constructor_args,
                             fn_constructor_kwargs=fn_constructor_kwargs, num_cpus=num_cpus,
                             num_gpus=num_gpus, concurrency=concurrency,
@@ -179,7 +181,8 @@ class Dataset:
                  concurrency: Any = None, ray_remote_args_fn: Any = None,
                  **ray_remote_args: Any) -> "Dataset":
         """Apply ``fn(row) -> list[dict]`` and flatten."""
-        return self._map_op("flat_map", "FlatMap", fn, fn_args=fn_args, fn_kwargs=fn_kwargs,
+        return self._map_op("flat_map", "FlatMap", fn, compute=compute, fn_args=fn_args,
+                            fn_kwargs=fn_kwargs,
                             fn_constructor_args=fn_constructor_args,
                             fn_constructor_kwargs=fn_constructor_kwargs, num_cpus=num_cpus,
                             num_gpus=num_gpus, concurrency=concurrency,
@@ -205,7 +208,8 @@ class Dataset:
                 raise TypeError(f"filter: expr= must be a pyarrow.compute.Expression, got "
                                 f"{type(expr).__name__}")
             return self._with(MapOp("filter", f"Filter({expr})", None, params={"expr": expr}))
-        return self._map_op("filter", "Filter", fn, fn_args=fn_args, fn_kwargs=fn_kwargs,
+        return self._map_op("filter", "Filter", fn, compute=compute, fn_args=fn_args,
+                            fn_kwargs=fn_kwargs,
                             fn_constructor_args=fn_constructor_args,
                             fn_constructor_kwargs=fn_constructor_kwargs, num_cpus=num_cpus,
                             num_gpus=num_gpus, concurrency=concurrency,
