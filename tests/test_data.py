@@ -25,10 +25,10 @@ def _cluster(cluster):
 def distributed():
     """Force the multi-task paths (no single-task fast path) for one test."""
     ctx = DataContext.get_current()
-    old = ctx.small_plan_bytes
-    ctx.small_plan_bytes = 0
+    old = ctx.small_plan_bytes, ctx.small_shuffle_bytes
+    ctx.small_plan_bytes = ctx.small_shuffle_bytes = 0
     yield
-    ctx.small_plan_bytes = old
+    ctx.small_plan_bytes, ctx.small_shuffle_bytes = old
 
 
 # -- creation -------------------------------------------------------------------------

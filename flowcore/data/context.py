@@ -17,6 +17,9 @@ class DataContext:
       blocks when the data is not small.
     * ``small_plan_bytes``: a plan whose input is at most this size runs as
       one task (no pools, no shuffle), the single-block fast path.
+    * ``small_shuffle_bytes``: a sort, shuffle, repartition or groupby
+      whose input is at most this size runs in one task (Arrow's kernels on
+      the whole input beat a map/reduce exchange until then).
     * ``store_memory_fraction``: the executor keeps the bytes of blocks it
       produced and nobody consumed yet under this share of the object store.
     * ``max_tasks_in_flight_per_op``: per operator; ``None``: 2 x CPUs.
@@ -27,6 +30,7 @@ class DataContext:
     target_max_block_size: int = 128 << 20
     read_op_min_num_blocks: int = 200
     small_plan_bytes: int = 8 << 20
+    small_shuffle_bytes: int = 128 << 20
     store_memory_fraction: float = 0.5
     max_tasks_in_flight_per_op: int | None = None
     max_tasks_in_flight_per_actor: int = 2

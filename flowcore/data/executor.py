@@ -671,7 +671,7 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
     n_out = op.params.get("num_blocks") or len(bundles) or 1
     if op.kind == "repartition" and not op.params.get("shuffle"):
         return _repartition(ex, st, bundles, n_out)
-    if total <= ex.ctx.small_plan_bytes or len(bundles) <= 1:
+    if total <= ex.ctx.small_shuffle_bytes or len(bundles) <= 1:
         st.tasks += 1
         k = op.params.get("num_blocks") or 1
         refs = _run_local_op.options(name=op.name, num_returns=k + 1).remote(
