@@ -450,3 +450,27 @@ def test_compute_strategies():
     with pytest.raises(TypeError, match="expected ActorPoolStrategy"):
         fd.range(3).map_batches(lambda b: b, compute="actors")
     assert fd.range(3).map_batches(lambda b: b, compute=fd.TaskPoolStrategy(size=1)).count() == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 30), max_size=6), batch=st.integers(1, 12),
+       drop_last=st.booleans(), shuffle_buf=st.sampled_from([None, 1, 7]))
+def test_batching_recuts_blocks_exactly(sizes, batch, drop_last, shuffle_buf):
+    """iter_batches' re-cutting of blocks (pure, no cluster): every row once,
+    full batches except possibly the last."""
+    from flowcore.data.iterator import batch_tables
+    tables, start = [], 0
+    for n in sizes:
+        tables.append(pa.table({"x": np.arange(start, start + n)}))
+        start += n
+    out = list(batch_tables(iter(tables), batch, drop_last, shuffle_buf, 0))
+    lens = [t.num_rows for t in out]
+    assert all(n == batch for n in lens[:-1])
+    got = [v for t in out for v in t.column("x").to_pylist()]
+    if drop_last:
+        assert not lens or lens[-1] == batch
+        assert len(got) == (start // batch) * batch
+    else:
+        assert sorted(got) == list(range(start))
+    if shuffle_buf is None:
+        assert got == list(range(len(got)))

@@ -460,15 +460,18 @@ class Dataset:
         if not fetch_if_missing:
             return None
         gen = self._execute()
+        fallback = None
         try:
             for b in gen:
                 b.release()
                 s = b.meta.get("schema")
-                if s is not None and len(s) and b.num_rows:
-                    return Schema(s)
+                if s is not None and len(s):
+                    if b.num_rows:
+                        return Schema(s)
+                    fallback = fallback or Schema(s)  # only empty blocks so far
         finally:
             gen.close()
-        return None
+        return fallback
 
     def columns(self, fetch_if_missing: bool = True) -> list[str] | None:
         s = self.schema(fetch_if_missing)
