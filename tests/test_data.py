@@ -474,3 +474,17 @@ def test_batching_recuts_blocks_exactly(sizes, batch, drop_last, shuffle_buf):
         assert sorted(got) == list(range(start))
     if shuffle_buf is None:
         assert got == list(range(len(got)))
+
+
+def test_groupby_combiner_with_repeated_aggregations(distributed):
+    df = pd.DataFrame({"k": [1, 2, 1, 2, 3] * 4, "v": [1.0, None, 3.0, 4.0, 5.0] * 4})
+    ds = fd.from_pandas(df, override_num_blocks=4)
+    got = ds.groupby("k").aggregate(fd.Count(), fd.Count(), fd.Count("v"),
+                                    fd.Count("v", ignore_nulls=True, alias_name="nn"),
+                                    fd.Sum("v"), fd.Mean("v"), fd.Std("v")).to_pandas()
+    g = df.groupby("k")["v"]
+    assert got["count()"].tolist() == [8, 8, 4]
+    assert got["count(v)"].tolist() == [8, 8, 4] and got["nn"].tolist() == [8, 4, 4]
+    assert got["sum(v)"].tolist() == g.sum().tolist()
+    assert got["mean(v)"].tolist() == pytest.approx(g.mean().tolist())
+    assert got["std(v)"].tolist() == pytest.approx(g.std().tolist())

@@ -156,6 +156,9 @@ def _partition(kind: str, params: dict, n: int, index: int, table: pa.Table) -> 
 
 
 def _partition_impl(kind: str, params: dict, n: int, index: int, table: pa.Table) -> Any:
+    if params.get("combine") is not None:
+        table = shuffle.partial_aggregate(table, params["combine"], params["aggs"],
+                                          params["op"])
     if kind == "range":
         parts = shuffle.range_partition(table, params["key"], params["descending"],
                                         params["bounds"], n)
@@ -696,6 +699,12 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
         kind = "range"
         params = {"key": key, "descending": desc,
                   "bounds": shuffle.boundaries_from_samples(samples, n_out, desc)}
+    reduce_op = op
+    if op.kind == "aggregate" and shuffle.combinable(op.params["aggs"]):
+        # combine in the map tasks: each block sends one partial row per group
+        params = dict(params, combine=[k for k, _ in op.params["keys"]],
+                      aggs=op.params["aggs"], op=op.name)
+        reduce_op = AllToAllOp("aggregate_final", op.name, **op.params)
     parts = []
     for i, r in enumerate(refs):
         p = _partition.options(num_returns=n_out, name=f"{op.name}:map").remote(
@@ -703,7 +712,7 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
         parts.append(p if n_out > 1 else [p])
     st.tasks += len(refs) + n_out
     reduce = _reduce.options(name=f"{op.name}:reduce")
-    pairs = [reduce.remote(op, j, *[parts[i][j] for i in range(len(refs))])
+    pairs = [reduce.remote(reduce_op, j, *[parts[i][j] for i in range(len(refs))])
              for j in range(n_out)]
     del parts
     return _collect(ex, st, pairs)

@@ -284,6 +284,8 @@ class AllToAllOp:
         if self.kind == "aggregate":
             return shuffle.groupby_aggregate(table, [k for k, _ in p["keys"]], p["aggs"],
                                              self.name)
+        if self.kind == "aggregate_final":
+            return shuffle.final_aggregate(table, [k for k, _ in p["keys"]], p["aggs"])
         if self.kind == "map_groups":
             return shuffle.map_groups_table(table, [k for k, _ in p["keys"]], p["fn"],
                                             p["batch_format"],

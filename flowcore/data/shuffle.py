@@ -192,3 +192,116 @@ def map_groups_table(table: pa.Table, keys: list[str], fn: Callable, batch_forma
 
 
 __all__ += ["permute", "check_columns", "iter_rows"]
+
+
+# -- combining grouped aggregation (partial per block, final per partition) ---
+def combinable(aggs: Sequence[AggregateFn]) -> bool:
+    """Built-ins whose per-block partials merge exactly (nulls skipped)."""
+    from .aggregate import AbsMax, Count, Max, Mean, Min, Std, Sum
+    for a in aggs:
+        if isinstance(a, Count):
+            continue
+        if not isinstance(a, (Sum, Min, Max, AbsMax, Mean, Std)) or not a.ignore_nulls:
+            return False
+    return True
+
+
+def _partial_specs(i: int, a: AggregateFn) -> list[tuple]:
+    """(source column, arrow function, options, partial column name)."""
+    from .aggregate import AbsMax, Count, Max, Mean, Min, Std, Sum
+    p = f"__p{i}"
+    valid = pc.CountOptions(mode="only_valid")
+    skip = pc.ScalarAggregateOptions(skip_nulls=True, min_count=1)
+    if isinstance(a, Count):
+        if a.on is None:
+            return [([], "count_all", None, p)]
+        return [(a.on, "count", pc.CountOptions(mode="only_valid" if a.ignore_nulls
+                                                else "all"), p)]
+    if isinstance(a, (Sum, Min, Max)):
+        return [(a.on, a.arrow_func, skip, p)]
+    if isinstance(a, AbsMax):
+        return [(f"__abs_{a.on}", "max", skip, p)]
+    if isinstance(a, Mean):
+        return [(a.on, "sum", skip, p + "_s"), (a.on, "count", valid, p + "_n")]
+    if isinstance(a, Std):
+        return [(f"__f_{a.on}", "sum", skip, p + "_s"), (a.on, "count", valid, p + "_n"),
+                (f"__sq_{a.on}", "sum", skip, p + "_q")]
+    raise TypeError(f"not combinable: {a!r}")
+
+
+def partial_aggregate(table: pa.Table, keys: list[str], aggs: Sequence[AggregateFn],
+                      op: str = "groupby") -> pa.Table:
+    """Per-group partial states of one block (the combiner)."""
+    from .aggregate import AbsMax, Std
+    check_columns(table, keys + [c for a in aggs for c in a.columns()], op)
+    for a in aggs:
+        if isinstance(a, AbsMax):
+            table = a.prepare(table)
+        if isinstance(a, Std) and f"__sq_{a.on}" not in table.column_names:
+            f = pc.cast(table.column(a.on), pa.float64())
+            table = table.append_column(f"__f_{a.on}", f)
+            table = table.append_column(f"__sq_{a.on}", pc.multiply(f, f))
+    specs = []
+    outputs = []   # (partial column, Arrow's output column)
+    used: set = set()
+    for i, a in enumerate(aggs):
+        for src, func, opts, name in _partial_specs(i, a):
+            if src and (src, func) in used:  # Arrow names outputs src_func: alias the column
+                alias = f"__dup_{name}"
+                table = table.append_column(alias, table.column(src))
+                src = alias
+            out = f"{src}_{func}" if src else func
+            if (src or "", func) not in used:
+                used.add((src or "", func))
+                specs.append((src, func, opts))
+            outputs.append((name, out))
+    grouped = table.group_by(keys, use_threads=False).aggregate(
+        [(s[0], s[1], s[2]) if s[2] is not None else (s[0], s[1]) for s in specs])
+    cols = {k: grouped.column(k) for k in keys}
+    for name, out in outputs:
+        cols[name] = grouped.column(out)
+    return pa.table(cols)
+
+
+def final_aggregate(table: pa.Table, keys: list[str], aggs: Sequence[AggregateFn]
+                    ) -> pa.Table:
+    """Merge partial states (``partial_aggregate``'s columns) per group."""
+    from .aggregate import Count, Mean, Min, Max, AbsMax, Std
+    skip = pc.ScalarAggregateOptions(skip_nulls=True, min_count=1)
+    specs = []
+    for i, a in enumerate(aggs):
+        for src, _f, _o, name in _partial_specs(i, a):
+            func = "min" if isinstance(a, Min) else "max" if isinstance(a, (Max, AbsMax)) \
+                else "sum"
+            opts = pc.ScalarAggregateOptions(skip_nulls=True, min_count=0) \
+                if isinstance(a, Count) or name.endswith("_n") else skip
+            specs.append((name, func, opts))
+    merged = table.group_by(keys, use_threads=False).aggregate(specs)
+    cols = {k: merged.column(k) for k in keys}
+    for i, a in enumerate(aggs):
+        p = f"__p{i}"
+        if isinstance(a, Mean):
+            s = merged.column(f"{p}_s_sum")
+            n = merged.column(f"{p}_n_sum")
+            cols[a.name] = pc.if_else(pc.equal(n, 0), pa.scalar(None, pa.float64()),
+                                      pc.divide(pc.cast(s, pa.float64()), pc.cast(n, pa.float64())))
+        elif isinstance(a, Std):
+            s = pc.cast(merged.column(f"{p}_s_sum"), pa.float64())
+            n = pc.cast(merged.column(f"{p}_n_sum"), pa.float64())
+            q = pc.cast(merged.column(f"{p}_q_sum"), pa.float64())
+            dof = pc.subtract(n, float(a.ddof))
+            m2 = pc.max_element_wise(pc.subtract(q, pc.divide(pc.multiply(s, s), n)), 0.0)
+            var = pc.divide(m2, dof)
+            cols[a.name] = pc.if_else(pc.less_equal(dof, 0), pa.scalar(None, pa.float64()),
+                                      pc.sqrt(var))
+        else:
+            func = "min" if isinstance(a, Min) else "max" if isinstance(a, (Max, AbsMax)) \
+                else "sum"
+            cols[a.name] = merged.column(f"{p}_{func}")
+    out = pa.table(cols)
+    if out.num_rows:
+        out = sort_table(out, [(k, "ascending") for k in keys])
+    return out
+
+
+__all__ += ["combinable", "partial_aggregate", "final_aggregate"]
