@@ -57,7 +57,7 @@ def sample_keys(table: pa.Table, key: str, n: int, seed: int) -> list:
         return []
     col = table.column(key)
     rng = np.random.default_rng(seed)
-    idx = rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False)
+    idx = rng.integers(0, table.num_rows, size=min(n, table.num_rows))
     return [v for v in col.take(pa.array(idx)).to_pylist() if v is not None]
 
 
