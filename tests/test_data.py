@@ -36,6 +36,11 @@ def test_range_and_column_names():
     assert fd.range(5).take_all() == [{"id": i} for i in range(5)]
     assert fd.range(10, override_num_blocks=3).num_blocks() == 3
     assert fd.from_items(["a", "b"]).columns() == ["item"]
+    mixed = fd.from_items([1, "a", {"x"}, None])  # no Arrow type: pickled objects
+    assert [r["item"] for r in mixed.take_all()] == [1, "a", {"x"}, None]
+    assert mixed.map(lambda r: {"t": type(r["item"]).__name__}).take_all() == [
+        {"t": "int"}, {"t": "str"}, {"t": "set"}, {"t": "NoneType"}]
+    assert "Column  Type" in repr(mixed.schema())
     assert fd.from_items([{"a": 1}, {"a": 2}]).take(1) == [{"a": 1}]
     ds = fd.from_numpy(np.arange(6).reshape(3, 2))
     rows = ds.take_all()

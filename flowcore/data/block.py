@@ -16,10 +16,54 @@ import pyarrow as pa
 __all__ = [
     "BATCH_FORMATS", "check_batch_format", "to_table", "rows_to_table", "to_batch",
     "column_to_numpy", "iter_rows", "concat", "describe_batch", "describe_row",
-    "empty_table", "schema_str",
+    "empty_table", "schema_str", "PythonObjectType",
 ]
 
 BATCH_FORMATS = ("default", "numpy", "pandas", "pyarrow")
+
+
+class PythonObjectType(pa.ExtensionType):
+    """A column of Python objects Arrow has no type for (pickled cells), so
+    rows can hold anything, as in Ray."""
+
+    def __init__(self) -> None:
+        super().__init__(pa.large_binary(), "flowcore.data.python_object")
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        return b""
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type: Any, serialized: bytes) -> "PythonObjectType":
+        return cls()
+
+    def __reduce__(self) -> Any:
+        return PythonObjectType, ()
+
+
+try:
+    pa.register_extension_type(PythonObjectType())
+except pa.ArrowKeyError:  # registered already (module reloaded)
+    pass
+
+
+def _objects_to_arrow(values: list) -> pa.Array:
+    import cloudpickle
+    storage = pa.array([None if v is None else cloudpickle.dumps(v) for v in values],
+                       pa.large_binary())
+    return pa.ExtensionArray.from_storage(PythonObjectType(), storage)
+
+
+def _is_objects(t: pa.DataType) -> bool:
+    return isinstance(t, PythonObjectType)
+
+
+def _objects_to_numpy(col: pa.Array) -> np.ndarray:
+    import pickle
+    raw = col.storage.to_pylist()
+    out = np.empty(len(raw), dtype=object)
+    for i, b in enumerate(raw):
+        out[i] = None if b is None else pickle.loads(b)
+    return out
 
 
 def check_batch_format(fmt: Any, op: str) -> None:
@@ -54,7 +98,7 @@ def _numpy_to_arrow(arr: np.ndarray) -> pa.Array:
             if len(shapes) == 1 and vals[0].ndim >= 1:
                 return _numpy_to_arrow(np.stack(vals))
             return pa.array([v.tolist() for v in vals])
-        return pa.array(vals)
+        return _array_or_objects(vals)
     return pa.array(arr)
 
 
@@ -70,10 +114,20 @@ def _column_to_arrow(values: Any) -> pa.Array | pa.ChunkedArray:
     except ImportError:  # pragma: no cover - pandas is optional
         pass
     values = list(values)
-    if values and isinstance(values[0], np.ndarray):
-        return _numpy_to_arrow(np.array(values, dtype=object) if len({v.shape for v in values}) > 1
-                               else np.stack(values))
-    return pa.array(values)
+    if values and all(isinstance(v, np.ndarray) for v in values):
+        if len({v.shape for v in values}) > 1:
+            return _array_or_objects([v.tolist() for v in values])
+        return _numpy_to_arrow(np.stack(values))
+    return _array_or_objects(values)
+
+
+def _array_or_objects(values: list) -> pa.Array:
+    """An Arrow array of ``values``; pickled objects when Arrow has no type."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError,
+            ValueError, OverflowError):
+        return _objects_to_arrow(values)
 
 
 def to_table(data: Any, op: str) -> pa.Table:
@@ -120,7 +174,7 @@ def rows_to_table(rows: list, op: str) -> pa.Table:
         vals = [r.get(k) for r in rows]
         try:
             cols[str(k)] = _column_to_arrow(vals)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
             raise TypeError(f"{op}: column {k!r} has values Arrow cannot store together "
                             f"({e})") from None
     return pa.table(cols)
@@ -131,6 +185,8 @@ def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if isinstance(col.type, pa.FixedShapeTensorType):
         return col.to_numpy_ndarray()
+    if _is_objects(col.type):
+        return _objects_to_numpy(col)
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) \
             or pa.types.is_fixed_size_list(col.type):
         out = np.empty(len(col), dtype=object)
@@ -148,10 +204,12 @@ def to_batch(table: pa.Table, batch_format: Any) -> Any:
         return {name: column_to_numpy(table.column(name)) for name in table.column_names}
     if batch_format == "pandas":
         pd = require_pandas()
-        if any(isinstance(f.type, pa.FixedShapeTensorType) for f in table.schema):
+        if any(isinstance(f.type, pa.FixedShapeTensorType) or _is_objects(f.type)
+               for f in table.schema):
             return pd.DataFrame({n: list(column_to_numpy(table.column(n)))
                                  if isinstance(table.schema.field(n).type,
                                                pa.FixedShapeTensorType)
+                                 or _is_objects(table.schema.field(n).type)
                                  else table.column(n).to_pandas()
                                  for n in table.column_names})
         return table.to_pandas()
@@ -164,7 +222,7 @@ def iter_rows(table: pa.Table) -> Iterator[dict]:
     cols: list[Any] = []
     for name in names:
         col = table.column(name)
-        if isinstance(col.type, pa.FixedShapeTensorType):
+        if isinstance(col.type, pa.FixedShapeTensorType) or _is_objects(col.type):
             cols.append(column_to_numpy(col))
         else:
             cols.append(col.to_pylist())

@@ -41,7 +41,7 @@ class Schema:
         return isinstance(other, Schema) and self.base_schema.equals(other.base_schema)
 
     def __repr__(self) -> str:
-        w = max((len(n) for n in self.names), default=6)
+        w = max([6] + [len(n) for n in self.names])
         lines = ["Column" + " " * (w - 5) + "Type", "-" * 6 + " " * (w - 5) + "----"]
         lines += [f"{n}{' ' * (w - len(n) + 1)}{t}" for n, t in zip(self.names, self.types)]
         return "\n".join(lines)
