@@ -494,3 +494,18 @@ def test_groupby_combiner_with_repeated_aggregations(distributed):
     assert got["sum(v)"].tolist() == g.sum().tolist()
     assert got["mean(v)"].tolist() == pytest.approx(g.mean().tolist())
     assert got["std(v)"].tolist() == pytest.approx(g.std().tolist())
+
+
+def test_oversized_map_output_is_split_into_target_blocks(distributed):
+    ctx = DataContext.get_current()
+    old = ctx.target_max_block_size
+    ctx.target_max_block_size = 4000
+    try:
+        ds = fd.range(100, override_num_blocks=2).map_batches(
+            lambda b: {"id": np.repeat(b["id"], 40)})        # 50 rows -> 2000 rows = 16 kB
+        m = ds.materialize()
+        assert m.num_blocks() >= 4
+        assert all(meta["size_bytes"] <= 4000 for _, meta in m._plan.source.bundles)
+        assert [r["id"] for r in m.take_all()] == list(np.repeat(np.arange(100), 40))
+    finally:
+        ctx.target_max_block_size = old

@@ -192,6 +192,17 @@ def _slice_concat_impl(pieces: list, *tables: pa.Table) -> tuple:
     return t, block_meta(t)
 
 
+@flowcore.remote
+def _split_block(pieces: list, table: pa.Table) -> tuple:
+    from flowcore.data import executor as _m  # the real module, also when shipped by value
+    return _m._split_block_impl(pieces, table)
+
+
+def _split_block_impl(pieces: list, table: pa.Table) -> tuple:
+    out = [table.slice(off, ln) for off, ln in pieces]
+    return (*out, [block_meta(t) for t in out])
+
+
 @flowcore.remote(num_returns=2)
 def _zip_blocks(n_left: int, *tables: pa.Table) -> tuple:
     from flowcore.data import executor as _m  # the real module, also when shipped by value
@@ -472,14 +483,26 @@ def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
                     item.release()
             sizes.append(meta["size_bytes"])
             del sizes[:-16]
-            st.output(meta)
-            yield Bundle(out_ref, meta, ex.budget)
+            for ref, m in _split_if_big(ex, out_ref, meta):
+                st.output(m)
+                yield Bundle(ref, m, ex.budget)
     finally:
         for *_, item, _slot, g in pending:
             ex.budget.unreserve(g)
             if isinstance(item, Bundle):
                 item.release()
         pending.clear()
+
+
+def _split_if_big(ex: Execution, ref: Any, meta: dict) -> list[tuple[Any, dict]]:
+    """A block over twice the target size, cut into target-sized blocks."""
+    target = ex.ctx.target_max_block_size
+    if meta["size_bytes"] <= 2 * target or meta["num_rows"] < 2:
+        return [(ref, meta)]
+    k = min(meta["num_rows"], -(-meta["size_bytes"] // target))
+    pieces = even_ranges(meta["num_rows"], k)
+    refs = _split_block.options(num_returns=k + 1, name="SplitBlock").remote(pieces, ref)
+    return list(zip(refs[:k], ex.get_meta(refs[k])))
 
 
 def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp]
