@@ -509,3 +509,11 @@ def test_oversized_map_output_is_split_into_target_blocks(distributed):
         assert [r["id"] for r in m.take_all()] == list(np.repeat(np.arange(100), 40))
     finally:
         ctx.target_max_block_size = old
+
+
+def test_reachable_as_flowcore_data_attribute():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import flowcore; print(flowcore.data.range)"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "function range" in out.stdout, out.stderr
