@@ -517,3 +517,17 @@ def test_reachable_as_flowcore_data_attribute():
     out = subprocess.run([sys.executable, "-c", "import flowcore; print(flowcore.data.range)"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "function range" in out.stdout, out.stderr
+
+
+def test_read_images(tmp_path):
+    Image = (pytest.importorskip("PIL.Image") if os.environ.get("CI") != "true"
+             else __import__("PIL.Image", fromlist=["Image"]))
+    for i in range(3):
+        Image.fromarray(np.full((4, 6, 3), i * 10, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = fd.read_images(str(tmp_path), include_paths=True)
+    rows = sorted(ds.take_all(), key=lambda r: r["path"])
+    assert [r["image"].shape for r in rows] == [(4, 6, 3)] * 3
+    assert [int(r["image"][0, 0, 0]) for r in rows] == [0, 10, 20]
+    small = fd.read_images(str(tmp_path), size=(2, 3), mode="L").take_batch(3)["image"]
+    assert small.shape == (3, 2, 3)

@@ -90,7 +90,14 @@ def _numpy_to_arrow(arr: np.ndarray) -> pa.Array:
     if arr.ndim > 1:
         if arr.dtype == object:
             return pa.array(list(arr))
-        return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        canonical = tuple(int(np.prod(arr.shape[i + 1:])) * arr.itemsize
+                          for i in range(arr.ndim))
+        if arr.strides != canonical:  # e.g. a size-1 axis with an odd stride
+            arr = arr.copy(order="C")
+            if arr.strides != canonical:
+                arr = np.lib.stride_tricks.as_strided(arr, strides=canonical)
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(arr)
     if arr.dtype == object:
         vals = list(arr)
         if vals and all(isinstance(v, np.ndarray) for v in vals):

@@ -107,7 +107,7 @@ def images_reader(size: tuple[int, int] | None, mode: str | None) -> Callable:
         try:
             from PIL import Image
         except ImportError:
-            raise ImportError("read_images needs Pillow: pip install pillow"
+            raise ImportError("read_images needs Pillow: pip install 'flowcore[data]'"
                               ) from None
         from ..block import to_table
         with fs.open_input_stream(path) as f:
