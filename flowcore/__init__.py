@@ -42,7 +42,7 @@ _LAZY = {
     "placement_group": "placement_groups", "remove_placement_group": "placement_groups",
     "get_placement_group": "placement_groups", "get_current_placement_group": "placement_groups",
 }
-_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling"}
+_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling", "data"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,629 @@
+"""Dataset: a lazy plan of transformations over Arrow blocks; consuming it
+(iterating, ``take``, ``count``, writing...) runs the streaming executor."""
+from __future__ import annotations
+
+import inspect
+import uuid
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+
+from . import aggregate as agg_mod
+from .block import check_batch_format, concat, iter_rows, schema_str, to_batch
+from .context import DataContext
+from .executor import execute, iter_tables, materialize_bundles
+from .iterator import DataIterator, DatasetIterator
+from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSource, UnionSource,
+                   ZipSource, even_ranges, fn_name)
+from .shuffle import normalize_sort_keys
+from .stats import DatasetStats
+
+__all__ = ["Dataset", "MaterializedDataset", "Schema"]
+
+
+class Schema:
+    """Column names and types of a dataset (``names``, ``types``,
+    ``base_schema``: the ``pyarrow.Schema``)."""
+
+    def __init__(self, base: pa.Schema) -> None:
+        self.base_schema = base
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.base_schema.names)
+
+    @property
+    def types(self) -> list[pa.DataType]:
+        return list(self.base_schema.types)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Schema) and self.base_schema.equals(other.base_schema)
+
+    def __repr__(self) -> str:
+        w = max([6] + [len(n) for n in self.names])
+        lines = ["Column" + " " * (w - 5) + "Type", "-" * 6 + " " * (w - 5) + "----"]
+        lines += [f"{n}{' ' * (w - len(n) + 1)}{t}" for n, t in zip(self.names, self.types)]
+        return "\n".join(lines)
+
+
+def _check_fn(fn: Any, op: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"{op}: expected a function or a callable class, got "
+                        f"{type(fn).__name__}")
+
+
+def _check_cols(cols: Any, op: str) -> list[str]:
+    if isinstance(cols, str):
+        cols = [cols]
+    cols = list(cols)
+    if not cols or not all(isinstance(c, str) for c in cols):
+        raise ValueError(f"{op}: expected a column name or a non-empty list of names, got "
+                         f"{cols!r}")
+    return cols
+
+
+def _check_concurrency(concurrency: Any, fn: Any, op: str) -> None:
+    if concurrency is None:
+        return
+    ok = isinstance(concurrency, int) and not isinstance(concurrency, bool) and concurrency >= 1
+    if isinstance(concurrency, (tuple, list)):
+        ok = 1 <= len(concurrency) <= 3 and all(isinstance(c, int) and c >= 1
+                                                 for c in concurrency)
+    if not ok:
+        raise ValueError(f"{op}: concurrency={concurrency!r}; expected an int >= 1 or a "
+                         f"(min, max) tuple")
+
+
+def _noop() -> None:
+    return None
+
+
+class _NoopActor:
+    pass
+
+
+def _check_remote_args(args: dict, is_class: bool, op: str) -> None:
+    """Validate ``**ray_remote_args`` now, with flowcore's option checks."""
+    import flowcore
+    try:
+        if is_class:
+            flowcore.remote(**args)(_NoopActor)
+        else:
+            flowcore.remote(_noop).options(**args)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{op}: {e}") from None
+
+
+class Dataset:
+    """A distributed collection of rows in Arrow blocks (Ray Data's Dataset)."""
+
+    def __init__(self, plan: LogicalPlan) -> None:
+        self._plan = plan
+        self._last_stats: DatasetStats | None = None
+        self._uuid = uuid.uuid4().hex[:16]
+
+    # -- plumbing --------------------------------------------------------------
+    def _with(self, op: Any) -> "Dataset":
+        return Dataset(self._plan.with_op(op))
+
+    def _map_op(self, kind: str, label: str, fn: Any, *, compute: Any = None,
+                fn_args: Any = None, fn_kwargs: Any = None, fn_constructor_args: Any = None,
+                fn_constructor_kwargs: Any = None, num_cpus: Any = None, num_gpus: Any = None,
+                concurrency: Any = None, remote_args: dict | None = None,
+                **kw: Any) -> "Dataset":
+        _check_fn(fn, label.lower())
+        from .compute import concurrency_from
+        concurrency = concurrency_from(compute, concurrency, f"{label}({fn_name(fn)})")
+        _check_concurrency(concurrency, fn, label)
+        if (fn_constructor_args or fn_constructor_kwargs) and not inspect.isclass(fn):
+            raise ValueError(f"{label}: fn_constructor_args/fn_constructor_kwargs apply to a "
+                             f"callable class only; {fn_name(fn)} is a function")
+        remote_args = {k: v for k, v in (remote_args or {}).items() if k != "memory"}
+        if remote_args:
+            _check_remote_args(remote_args, inspect.isclass(fn), f"{label}({fn_name(fn)})")
+        op = MapOp(kind, f"{label}({fn_name(fn)})", fn, fn_args=fn_args or (),
+                   fn_kwargs=fn_kwargs, fn_constructor_args=fn_constructor_args or (),
+                   fn_constructor_kwargs=fn_constructor_kwargs, concurrency=concurrency,
+                   num_cpus=num_cpus, num_gpus=num_gpus, remote_args=remote_args, **kw)
+        return self._with(op)
+
+    def _execute(self) -> Iterator[Any]:
+        self._last_stats = DatasetStats()
+        return execute(self._plan, self._last_stats)
+
+    def _iter_tables(self) -> Iterator[pa.Table]:
+        return iter_tables(self._execute())
+
+    # -- transformations -----------------------------------------------------
+    def map(self, fn: Callable, *, compute: Any = None, fn_args: Any = None,
+            fn_kwargs: Any = None, fn_constructor_args: Any = None,
+            fn_constructor_kwargs: Any = None, num_cpus: float | None = None,
+            num_gpus: float | None = None, memory: float | None = None,
+            concurrency: Any = None, ray_remote_args_fn: Any = None,
+            **ray_remote_args: Any) -> "Dataset":
+        """Apply ``fn(row: dict) -> dict`` to each row."""
+        return self._map_op("map", "Map", fn, compute=compute, fn_args=fn_args, fn_kwargs=fn_kwargs,
+                            fn_constructor_args=fn_constructor_args,
+                            fn_constructor_kwargs=fn_constructor_kwargs, num_cpus=num_cpus,
+                            num_gpus=num_gpus, concurrency=concurrency,
+                            remote_args=ray_remote_args)
+
+    def map_batches(self, fn: Any, *, batch_size: int | None | str = None,
+                    compute: Any = None, batch_format: str | None = "default",
+                    zero_copy_batch: bool = True, fn_args: Any = None, fn_kwargs: Any = None,
+                    fn_constructor_args: Any = None, fn_constructor_kwargs: Any = None,
+                    num_cpus: float | None = None, num_gpus: float | None = None,
+                    memory: float | None = None, concurrency: Any = None,
+                    udf_modifying_row_count: bool = False, ray_remote_args_fn: Any = None,
+                    **ray_remote_args: Any) -> "Dataset":
+        """Apply ``fn(batch) -> batch`` to batches of ``batch_size`` rows
+        (``None``: whole blocks).  A callable class runs in a pool of
+        ``concurrency`` actors, each constructing it once."""
+        check_batch_format(batch_format, f"map_batches({fn_name(fn)})")
+        if batch_size == "default":
+            batch_size = 1024
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1
+                                       or isinstance(batch_size, bool)):
+            raise ValueError(f"map_batches({fn_name(fn)}): batch_size={batch_size!r}; expected "
+                             f"an int >= 1 or None (whole blocks)")
+        return self._map_op("map_batches", "MapBatches", fn, compute=compute, fn_args=fn_args,
+                            fn_kwargs=fn_kwargs, fn_constructor_args=fn_constructor_args,
+                            fn_constructor_kwargs=fn_constructor_kwargs, num_cpus=num_cpus,
+                            num_gpus=num_gpus, concurrency=concurrency,
+                            remote_args=ray_remote_args, batch_size=batch_size,
+                            batch_format=batch_format)
+
+    def flat_map(self, fn: Callable, *, compute: Any = None, fn_args: Any = None,
+                 fn_kwargs: Any = None, fn_constructor_args: Any = None,
+                 fn_constructor_kwargs: Any = None, num_cpus: float | None = None,
+                 num_gpus: float | None = None, memory: float | None = None,
+                 concurrency: Any = None, ray_remote_args_fn: Any = None,
+                 **ray_remote_args: Any) -> "Dataset":
+        """Apply ``fn(row) -> list[dict]`` and flatten."""
+        return self._map_op("flat_map", "FlatMap", fn, compute=compute, fn_args=fn_args,
+                            fn_kwargs=fn_kwargs,
+                            fn_constructor_args=fn_constructor_args,
+                            fn_constructor_kwargs=fn_constructor_kwargs, num_cpus=num_cpus,
+                            num_gpus=num_gpus, concurrency=concurrency,
+                            remote_args=ray_remote_args)
+
+    def filter(self, fn: Callable | None = None, expr: Any = None, *, compute: Any = None,
+               fn_args: Any = None, fn_kwargs: Any = None, fn_constructor_args: Any = None,
+               fn_constructor_kwargs: Any = None, num_cpus: float | None = None,
+               num_gpus: float | None = None, memory: float | None = None,
+               concurrency: Any = None, ray_remote_args_fn: Any = None,
+               **ray_remote_args: Any) -> "Dataset":
+        """Keep rows where ``fn(row)`` is True, or where the
+        ``pyarrow.compute`` expression ``expr`` holds."""
+        if (fn is None) == (expr is None):
+            raise ValueError("filter: give exactly one of fn= (a row predicate) and expr= (a "
+                             "pyarrow.compute expression)")
+        if expr is not None:
+            import pyarrow.compute as pc
+            if isinstance(expr, str):
+                raise TypeError("filter: expr= takes a pyarrow.compute expression such as "
+                                "pc.field('x') > 3, not a string")
+            if not isinstance(expr, pc.Expression):
+                raise TypeError(f"filter: expr= must be a pyarrow.compute.Expression, got "
+                                f"{type(expr).__name__}")
+            return self._with(MapOp("filter", f"Filter({expr})", None, params={"expr": expr}))
+        return self._map_op("filter", "Filter", fn, compute=compute, fn_args=fn_args,
+                            fn_kwargs=fn_kwargs,
+                            fn_constructor_args=fn_constructor_args,
+                            fn_constructor_kwargs=fn_constructor_kwargs, num_cpus=num_cpus,
+                            num_gpus=num_gpus, concurrency=concurrency,
+                            remote_args=ray_remote_args)
+
+    def add_column(self, col: str, fn: Callable, *, batch_format: str | None = "pandas",
+                   compute: Any = None, concurrency: Any = None,
+                   **ray_remote_args: Any) -> "Dataset":
+        """Add (or replace) column ``col`` with ``fn(batch)``'s values."""
+        if not isinstance(col, str):
+            raise TypeError(f"add_column: col={col!r}; expected a column name (str)")
+        _check_fn(fn, "add_column")
+        check_batch_format(batch_format, "add_column")
+        return self._with(MapOp("add_column", f"AddColumn({col})", fn,
+                                batch_format=batch_format, params={"col": col}))
+
+    def drop_columns(self, cols: list[str], *, compute: Any = None, concurrency: Any = None,
+                     **ray_remote_args: Any) -> "Dataset":
+        cols = _check_cols(cols, "drop_columns")
+        return self._with(MapOp("drop_columns", f"DropColumns({cols})",
+                                params={"cols": cols}))
+
+    def select_columns(self, cols: list[str] | str, *, compute: Any = None,
+                       concurrency: Any = None, **ray_remote_args: Any) -> "Dataset":
+        cols = _check_cols(cols, "select_columns")
+        return self._with(MapOp("select_columns", f"SelectColumns({cols})",
+                                params={"cols": cols}))
+
+    def rename_columns(self, names: dict[str, str] | list[str], *, concurrency: Any = None,
+                       **ray_remote_args: Any) -> "Dataset":
+        if isinstance(names, dict):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+                raise TypeError("rename_columns: expected a dict of old name -> new name")
+        elif isinstance(names, (list, tuple)):
+            names = list(names)
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("rename_columns: expected a list of new names (str)")
+        else:
+            raise TypeError(f"rename_columns: expected a dict or a list, got "
+                            f"{type(names).__name__}")
+        return self._with(MapOp("rename_columns", f"RenameColumns({names})",
+                                params={"names": names}))
+
+    def random_sample(self, fraction: float, *, seed: int | None = None) -> "Dataset":
+        """Each row kept with probability ``fraction``."""
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ValueError(f"random_sample: fraction={fraction!r}; expected a number in "
+                             f"[0, 1]")
+        return self._with(MapOp("random_sample", f"RandomSample({fraction})",
+                                params={"fraction": fraction, "seed": seed}))
+
+    def limit(self, limit: int) -> "Dataset":
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise ValueError(f"limit: limit={limit!r}; expected an int >= 0")
+        return self._with(LimitOp(limit))
+
+    def repartition(self, num_blocks: int, *, shuffle: bool = False) -> "Dataset":
+        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
+            raise ValueError(f"repartition: num_blocks={num_blocks!r}; expected an int >= 1")
+        return self._with(AllToAllOp("repartition", f"Repartition[num_blocks={num_blocks}"
+                                     f", shuffle={shuffle}]", num_blocks=num_blocks,
+                                     shuffle=shuffle))
+
+    def random_shuffle(self, *, seed: int | None = None, num_blocks: int | None = None,
+                       **ray_remote_args: Any) -> "Dataset":
+        return self._with(AllToAllOp("random_shuffle", "RandomShuffle", seed=seed,
+                                     num_blocks=num_blocks))
+
+    def randomize_block_order(self, *, seed: int | None = None) -> "Dataset":
+        return self._with(AllToAllOp("randomize_block_order", "RandomizeBlockOrder",
+                                     seed=seed))
+
+    def sort(self, key: str | list[str], descending: bool | list[bool] = False) -> "Dataset":
+        keys = normalize_sort_keys(key, descending, "sort")
+        return self._with(AllToAllOp("sort", f"Sort[key={[k for k, _ in keys]}, descending="
+                                     f"{[d == 'descending' for _, d in keys]}]", keys=keys))
+
+    def groupby(self, key: str | list[str] | None) -> "Any":
+        from .grouped import GroupedData
+        return GroupedData(self, key)
+
+    def union(self, *other: "Dataset") -> "Dataset":
+        """The rows of this dataset followed by the others' (same schema)."""
+        for o in other:
+            if not isinstance(o, Dataset):
+                raise TypeError(f"union: expected Datasets, got {type(o).__name__}")
+        return Dataset(LogicalPlan(UnionSource([self._plan] + [o._plan for o in other])))
+
+    def zip(self, *other: "Dataset") -> "Dataset":
+        """Columns side by side (equal row counts; clashing names get _1...)."""
+        if len(other) != 1:
+            if not other:
+                raise TypeError("zip: expected another Dataset")
+            out = self
+            for o in other:
+                out = out.zip(o)
+            return out
+        o = other[0]
+        if not isinstance(o, Dataset):
+            raise TypeError(f"zip: expected a Dataset, got {type(o).__name__}")
+        return Dataset(LogicalPlan(ZipSource([self._plan, o._plan])))
+
+    # -- splitting --------------------------------------------------------------------
+    def split(self, n: int, *, equal: bool = False, locality_hints: Any = None
+              ) -> list["MaterializedDataset"]:
+        """``n`` materialized shards (``equal``: exactly the same row count,
+        dropping the remainder)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"split: n={n!r}; expected an int >= 1")
+        bundles = self.materialize()._plan.source.bundles
+        total = sum(m["num_rows"] for _, m in bundles)
+        if equal:
+            per = total // n
+            return self._split_ranges([(i * per, per) for i in range(n)], bundles)
+        # whole blocks, balanced by rows
+        groups: list[list] = [[] for _ in range(n)]
+        rows = [0] * n
+        for b in sorted(bundles, key=lambda b: -b[1]["num_rows"]):
+            i = rows.index(min(rows))
+            groups[i].append(b)
+            rows[i] += b[1]["num_rows"]
+        if any(not g for g in groups) and total >= n:
+            return self._split_ranges(even_ranges(total, n), bundles)
+        return [MaterializedDataset(LogicalPlan(InputSource(g or [], "Split"))) for g in groups]
+
+    def _split_ranges(self, ranges: list[tuple[int, int]], bundles: list
+                      ) -> list["MaterializedDataset"]:
+        from .executor import Bundle, Execution, slice_bundles
+        ex = Execution(DataContext.get_current(), DatasetStats())
+        parts = slice_bundles(ex, [Bundle(r, m) for r, m in bundles], ranges)
+        return [MaterializedDataset(LogicalPlan(InputSource([(b.ref, b.meta) for b in p],
+                                                            "Split"))) for p in parts]
+
+    def split_at_indices(self, indices: list[int]) -> list["MaterializedDataset"]:
+        if list(indices) != sorted(indices) or any(i < 0 for i in indices):
+            raise ValueError(f"split_at_indices: indices={indices!r}; expected sorted ints >= 0")
+        bundles = self.materialize()._plan.source.bundles
+        total = sum(m["num_rows"] for _, m in bundles)
+        cuts = [0] + [min(i, total) for i in indices] + [total]
+        return self._split_ranges([(a, b - a) for a, b in zip(cuts, cuts[1:])], bundles)
+
+    def split_proportionately(self, proportions: list[float]) -> list["MaterializedDataset"]:
+        if not proportions or any(p <= 0 for p in proportions) or sum(proportions) >= 1:
+            raise ValueError(f"split_proportionately: proportions={proportions!r}; expected "
+                             f"numbers > 0 summing to less than 1")
+        total = self.count()
+        idx, acc = [], 0.0
+        for p in proportions:
+            acc += p
+            idx.append(int(total * acc))
+        return self.split_at_indices(idx)
+
+    def train_test_split(self, test_size: float | int, *, shuffle: bool = False,
+                         seed: int | None = None, stratify: Any = None
+                         ) -> tuple["MaterializedDataset", "MaterializedDataset"]:
+        ds = self.random_shuffle(seed=seed) if shuffle else self
+        total = ds.count()
+        if isinstance(test_size, float):
+            if not 0 < test_size < 1:
+                raise ValueError(f"train_test_split: test_size={test_size}; a float must be "
+                                 f"in (0, 1)")
+            n_test = int(round(total * test_size))
+        elif isinstance(test_size, int) and not isinstance(test_size, bool):
+            if not 0 < test_size < total:
+                raise ValueError(f"train_test_split: test_size={test_size}; an int must be in "
+                                 f"(0, {total})")
+            n_test = test_size
+        else:
+            raise TypeError(f"train_test_split: test_size={test_size!r}; expected a float or int")
+        train, test = ds.split_at_indices([total - n_test])
+        return train, test
+
+    def streaming_split(self, n: int, *, equal: bool = False, locality_hints: Any = None
+                        ) -> list[DataIterator]:
+        """``n`` iterators over disjoint parts of one streaming execution;
+        each can be passed to a task or actor (a coordinator actor holding
+        no CPU hands out blocks).  All must be consumed for an epoch to end."""
+        from .split import streaming_split
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"streaming_split: n={n!r}; expected an int >= 1")
+        return streaming_split(self._plan, n, equal)
+
+    # -- consumption ------------------------------------------------------------------
+    def iterator(self) -> DataIterator:
+        return DatasetIterator(self)
+
+    def iter_rows(self) -> Iterator[dict]:
+        return self.iterator().iter_rows()
+
+    def iter_batches(self, *, prefetch_batches: int = 1, batch_size: int | None = 256,
+                     batch_format: str | None = "default", drop_last: bool = False,
+                     local_shuffle_buffer_size: int | None = None,
+                     local_shuffle_seed: int | None = None,
+                     _collate_fn: Callable | None = None) -> Iterator[Any]:
+        return self.iterator().iter_batches(
+            prefetch_batches=prefetch_batches, batch_size=batch_size, batch_format=batch_format,
+            drop_last=drop_last, local_shuffle_buffer_size=local_shuffle_buffer_size,
+            local_shuffle_seed=local_shuffle_seed, _collate_fn=_collate_fn)
+
+    def iter_torch_batches(self, **kwargs: Any) -> Iterator[Any]:
+        return self.iterator().iter_torch_batches(**kwargs)
+
+    def _take_table(self, limit: int | None) -> pa.Table:
+        ds = self if limit is None else self.limit(limit)
+        tables = list(ds._iter_tables())
+        return concat(tables) if tables else pa.table({})
+
+    def take(self, limit: int = 20) -> list[dict]:
+        return list(iter_rows(self._take_table(limit)))
+
+    def take_all(self, limit: int | None = None) -> list[dict]:
+        t = self._take_table(None if limit is None else limit + 1)
+        if limit is not None and t.num_rows > limit:
+            raise ValueError(f"take_all: the dataset has more than limit={limit} rows")
+        return list(iter_rows(t))
+
+    def take_batch(self, batch_size: int = 20, *, batch_format: str | None = "default") -> Any:
+        check_batch_format(batch_format, "take_batch")
+        t = self._take_table(batch_size)
+        if t.num_rows == 0:
+            raise ValueError("take_batch: the dataset is empty")
+        return to_batch(t, batch_format)
+
+    def show(self, limit: int = 20) -> None:
+        for row in self.take(limit):
+            print(row)
+
+    def count(self) -> int:
+        src = self._plan.source
+        if isinstance(src, InputSource) and not self._plan.ops:
+            return sum(m["num_rows"] for _, m in src.bundles)
+        if isinstance(src, ReadSource) and not self._plan.ops and all(
+                t.num_rows is not None for t in src.tasks):
+            return sum(t.num_rows for t in src.tasks)  # type: ignore[misc]
+        n = 0
+        for b in self._execute():
+            n += b.num_rows
+            b.release()
+        return n
+
+    def schema(self, fetch_if_missing: bool = True) -> Schema | None:
+        src = self._plan.source
+        if isinstance(src, InputSource) and not self._plan.ops:
+            for _, m in src.bundles:
+                if m["schema"] is not None and len(m["schema"]):
+                    return Schema(m["schema"])
+            return None
+        if not fetch_if_missing:
+            return None
+        gen = self._execute()
+        fallback = None
+        try:
+            for b in gen:
+                b.release()
+                s = b.meta.get("schema")
+                if s is not None and len(s):
+                    if b.num_rows:
+                        return Schema(s)
+                    fallback = fallback or Schema(s)  # only empty blocks so far
+        finally:
+            gen.close()
+        return fallback
+
+    def columns(self, fetch_if_missing: bool = True) -> list[str] | None:
+        s = self.schema(fetch_if_missing)
+        return None if s is None else s.names
+
+    def num_blocks(self) -> int:
+        src = self._plan.source
+        if isinstance(src, InputSource) and not self._plan.ops:
+            return len(src.bundles)
+        if isinstance(src, ReadSource) and not self._plan.ops:
+            return len(src.tasks)
+        return len(self.materialize()._plan.source.bundles)
+
+    def size_bytes(self) -> int:
+        return sum(m["size_bytes"] for _, m in self.materialize()._plan.source.bundles)
+
+    def input_files(self) -> list[str]:
+        src = self._plan.source
+        if isinstance(src, ReadSource):
+            return [f for t in src.tasks for f in t.input_files]
+        return []
+
+    # -- aggregates ---------------------------------------------------------------------
+    def aggregate(self, *aggs: agg_mod.AggregateFn) -> dict | None:
+        """Whole-dataset aggregations -> ``{name: value}``."""
+        from .grouped import global_aggregate
+        return global_aggregate(self, aggs)
+
+    def _agg1(self, cls: type, on: Any, ignore_nulls: bool, **kw: Any) -> Any:
+        if on is None:
+            on = self.columns()
+        cols = [on] if isinstance(on, str) else list(on)
+        res = self.aggregate(*[cls(c, ignore_nulls=ignore_nulls, **kw) for c in cols])
+        if res is None:
+            return None
+        return res[f"{cls.func_name}({cols[0]})"] if isinstance(on, str) else res
+
+    def sum(self, on: str | list[str] | None = None, ignore_nulls: bool = True) -> Any:
+        return self._agg1(agg_mod.Sum, on, ignore_nulls)
+
+    def min(self, on: str | list[str] | None = None, ignore_nulls: bool = True) -> Any:
+        return self._agg1(agg_mod.Min, on, ignore_nulls)
+
+    def max(self, on: str | list[str] | None = None, ignore_nulls: bool = True) -> Any:
+        return self._agg1(agg_mod.Max, on, ignore_nulls)
+
+    def mean(self, on: str | list[str] | None = None, ignore_nulls: bool = True) -> Any:
+        return self._agg1(agg_mod.Mean, on, ignore_nulls)
+
+    def std(self, on: str | list[str] | None = None, ddof: int = 1,
+            ignore_nulls: bool = True) -> Any:
+        return self._agg1(agg_mod.Std, on, ignore_nulls, ddof=ddof)
+
+    def unique(self, column: str) -> list:
+        """The distinct values of ``column``."""
+        if not isinstance(column, str):
+            raise TypeError(f"unique: column={column!r}; expected a column name")
+        res = self.aggregate(agg_mod.Unique(column))
+        return [] if res is None else res[f"unique({column})"]
+
+    # -- conversion -------------------------------------------------------------------
+    def to_pandas(self, limit: int | None = None) -> Any:
+        from .block import require_pandas
+        pd = require_pandas()
+        t = self._take_table(limit)
+        if t.num_columns == 0:
+            return pd.DataFrame()
+        return to_batch(t, "pandas")
+
+    def to_arrow_refs(self) -> list:
+        return [r for r, _ in self.materialize()._plan.source.bundles]
+
+    def to_pandas_refs(self) -> list:
+        from .executor import _convert_ref
+        return [_convert_ref.remote(r, "pandas", None) for r in self.to_arrow_refs()]
+
+    def to_numpy_refs(self, *, column: str | None = None) -> list:
+        from .executor import _convert_ref
+        return [_convert_ref.remote(r, "numpy", column) for r in self.to_arrow_refs()]
+
+    def materialize(self) -> "MaterializedDataset":
+        """Execute now; the blocks stay in the store while the result lives."""
+        if isinstance(self, MaterializedDataset):
+            return self
+        self._last_stats = DatasetStats()
+        bundles = materialize_bundles(self._plan, self._last_stats)
+        out = MaterializedDataset(LogicalPlan(InputSource(bundles, "Materialized")))
+        out._last_stats = self._last_stats
+        return out
+
+    # -- writing ----------------------------------------------------------------------
+    def _write(self, path: str, filesystem: Any, ext: str, writer: Any, op: str) -> None:
+        from .datasource import FileDatasink
+        sink = FileDatasink(path, filesystem, ext, writer, op)
+        ds = self._with(MapOp("write", f"Write[{op}]", None, params={"sink": sink}))
+        try:
+            for b in ds._execute():
+                b.release()
+        except BaseException:
+            sink.cleanup()
+            raise
+        self._last_stats = ds._last_stats
+
+    def write_parquet(self, path: str, *, filesystem: Any = None,
+                      **arrow_parquet_args: Any) -> None:
+        """One parquet file per block under directory ``path``."""
+        from .datasource.formats import parquet_writer
+        self._write(path, filesystem, "parquet", parquet_writer(arrow_parquet_args),
+                    "write_parquet")
+
+    def write_csv(self, path: str, *, filesystem: Any = None, **arrow_csv_args: Any) -> None:
+        from .datasource.formats import csv_writer
+        self._write(path, filesystem, "csv", csv_writer(arrow_csv_args), "write_csv")
+
+    def write_json(self, path: str, *, filesystem: Any = None, **kwargs: Any) -> None:
+        """Newline-delimited JSON, one file per block."""
+        from .datasource.formats import json_writer
+        self._write(path, filesystem, "json", json_writer(), "write_json")
+
+    def write_numpy(self, path: str, *, column: str, filesystem: Any = None) -> None:
+        from .datasource.formats import numpy_writer
+        self._write(path, filesystem, "npy", numpy_writer(column), "write_numpy")
+
+    # -- introspection ---------------------------------------------------------------
+    def stats(self) -> str:
+        """Per-operator wall time, tasks, rows and bytes of the latest run."""
+        return (self._last_stats or DatasetStats()).to_string()
+
+    def _source_summary(self) -> str:
+        src = self._plan.source
+        if isinstance(src, InputSource):
+            rows = sum(m["num_rows"] for _, m in src.bundles)
+            schema = next((m["schema"] for _, m in src.bundles if m["schema"] is not None
+                           and len(m["schema"])), None)
+            return f"{src.name}(num_rows={rows}, schema={schema_str(schema)})"
+        if isinstance(src, ReadSource):
+            rows = [t.num_rows for t in src.tasks]
+            n = sum(rows) if all(r is not None for r in rows) else "?"  # type: ignore[misc]
+            return f"{src.name}(num_blocks={len(src.tasks)}, num_rows={n})"
+        return f"{src.name}[{len(src.plans)} inputs]"
+
+    def __repr__(self) -> str:
+        lines = [repr(o) for o in reversed(self._plan.ops)] + [self._source_summary()]
+        out = lines[0]
+        for depth, line in enumerate(lines[1:], 1):
+            out += "\n" + "   " * (depth - 1) + "+- " + line
+        return out
+
+    def __iter__(self) -> Any:
+        raise TypeError("a Dataset is not iterable; use iter_rows() or iter_batches()")
+
+
+class MaterializedDataset(Dataset):
+    """A dataset whose blocks are already in the object store."""
+

@@ -1,0 +1,152 @@
+"""File paths and filesystems, read tasks (one per file) and the file
+sink (one file per block, written under a temporary name and renamed, so
+a failed write leaves no partial file)."""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Callable, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from ..plan import ReadTask
+
+__all__ = ["resolve_paths", "file_read_tasks", "FileDatasink", "filesystem_for"]
+
+
+def filesystem_for(path: str, filesystem: Any, op: str) -> tuple[pafs.FileSystem, str]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{op}: paths must be strings, got {type(path).__name__}")
+    path = os.fspath(path)
+    if filesystem is not None:
+        if not isinstance(filesystem, pafs.FileSystem):
+            raise TypeError(f"{op}: filesystem= must be a pyarrow.fs.FileSystem, got "
+                            f"{type(filesystem).__name__}")
+        return filesystem, path
+    if "://" in path:
+        fs, p = pafs.FileSystem.from_uri(path)
+        return fs, p
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _hidden(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith(".") or base.startswith("_")
+
+
+def resolve_paths(paths: Any, filesystem: Any, op: str,
+                  extensions: Sequence[str] | None = None
+                  ) -> list[tuple[pafs.FileSystem, str, int]]:
+    """(filesystem, file path, size) for every file ``paths`` names
+    (directories are listed recursively, hidden files skipped)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise ValueError(f"{op}: no paths given; expected a file or directory path or a "
+                         f"list of them")
+    out: list[tuple[pafs.FileSystem, str, int]] = []
+    for p in paths:
+        fs, path = filesystem_for(p, filesystem, op)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{op}: path {os.fspath(p)!r} does not exist; expected an "
+                                    f"existing file or directory")
+        if info.type == pafs.FileType.Directory:
+            found = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                     if i.type == pafs.FileType.File
+                     and not _hidden(i.path[len(path):].lstrip("/"))]
+            if extensions:
+                found = [i for i in found if i.path.lower().endswith(tuple(extensions))]
+            out.extend((fs, i.path, i.size or 0) for i in sorted(found, key=lambda i: i.path))
+        else:
+            out.append((fs, path, info.size or 0))
+    if not out:
+        raise FileNotFoundError(f"{op}: no files found under {paths}"
+                                + (f" with extensions {list(extensions)}" if extensions else ""))
+    return out
+
+
+class _FileRead:
+    def __init__(self, reader: Callable[[pafs.FileSystem, str], pa.Table],
+                 fs: pafs.FileSystem, path: str, include_paths: bool) -> None:
+        self.reader = reader
+        self.fs = fs
+        self.path = path
+        self.include_paths = include_paths
+
+    def __call__(self) -> Iterator[pa.Table]:
+        try:
+            t = self.reader(self.fs, self.path)
+        except (pa.ArrowInvalid, ValueError, OSError) as e:
+            raise type(e)(f"reading {self.path}: {e}") from e
+        if self.include_paths:
+            t = t.append_column("path", pa.array([self.path] * t.num_rows, pa.string()))
+        yield t
+
+
+def file_read_tasks(files: list[tuple[pafs.FileSystem, str, int]],
+                    reader: Callable[[pafs.FileSystem, str], pa.Table],
+                    include_paths: bool = False, size_factor: float = 1.0) -> list[ReadTask]:
+    return [ReadTask(_FileRead(reader, fs, path, include_paths), None,
+                     int(size * size_factor), [path]) for fs, path, size in files]
+
+
+class FileDatasink:
+    """Writes each block to ``{path}/{uuid}_{index:06d}_000000.{ext}``."""
+
+    def __init__(self, path: str, filesystem: Any, ext: str,
+                 write: Callable[[pa.Table, Any], None], op: str) -> None:
+        self.fs, self.dir = filesystem_for(path, filesystem, op)
+        self.ext = ext
+        self.write = write
+        self.op = op
+        self.uuid = uuid.uuid4().hex[:16]
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        if self.local:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        else:
+            self.fs.create_dir(self.dir, recursive=True)
+        info = self.fs.get_file_info(self.dir)
+        if info.type != pafs.FileType.Directory:
+            raise NotADirectoryError(f"{op}: {path!r} is not a directory; expected a "
+                                     f"directory to write one file per block into")
+
+    def file_name(self, index: int) -> str:
+        return f"{self.uuid}_{index:06d}_000000.{self.ext}"
+
+    def write_block(self, table: pa.Table, index: int) -> str:
+        final = f"{self.dir}/{self.file_name(index)}"
+        tmp = f"{self.dir}/.{self.file_name(index)}.tmp"
+        try:
+            if self.local:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with open(fd, "wb") as f:
+                    self.write(table, f)
+                os.replace(tmp, final)
+            else:
+                with self.fs.open_output_stream(tmp) as f:
+                    self.write(table, f)
+                self.fs.move(tmp, final)
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except (OSError, FileNotFoundError):
+                pass
+            raise
+        return final
+
+    def cleanup(self) -> None:
+        """Remove every file this sink wrote (after a failed write)."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.dir))
+        except OSError:
+            return
+        for i in infos:
+            name = i.path.rsplit("/", 1)[-1]
+            if name.startswith(self.uuid) or name.startswith("." + self.uuid):
+                try:
+                    self.fs.delete_file(i.path)
+                except OSError:
+                    pass

@@ -1,0 +1,237 @@
+"""Creating datasets: ``range``, ``range_tensor``, ``from_*`` (in-memory
+data, put into the store as blocks at once) and ``read_*`` (lazy: one read
+task per file, run when the dataset executes)."""
+from __future__ import annotations
+
+import builtins
+import math
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+import flowcore
+
+from .block import rows_to_table, to_table
+from .context import DataContext
+from .dataset import Dataset, MaterializedDataset
+from .datasource import file_read_tasks, resolve_paths
+from .datasource import formats
+from .executor import block_meta
+from .plan import InputSource, LogicalPlan, ReadSource, ReadTask, even_ranges
+
+__all__ = [
+    "range", "range_tensor", "from_items", "from_numpy", "from_pandas", "from_arrow",
+    "from_arrow_refs", "from_pandas_refs", "from_numpy_refs", "read_parquet", "read_csv",
+    "read_json", "read_numpy", "read_text", "read_binary_files", "read_images",
+]
+
+
+def _check_blocks(n: Any, op: str) -> None:
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"{op}: override_num_blocks={n!r}; expected an int >= 1")
+
+
+def _num_blocks(nbytes: int, rows: int, override: int | None) -> int:
+    if override:
+        return max(1, builtins.min(override, rows) if rows else 1)
+    ctx = DataContext.get_current()
+    by_size = math.ceil(nbytes / (1 << 20))
+    n = builtins.max(builtins.min(ctx.read_op_min_num_blocks, by_size),
+                     math.ceil(nbytes / ctx.target_max_block_size))
+    return builtins.max(1, builtins.min(n, rows or 1))
+
+
+class _RangeRead:
+    def __init__(self, start: int, count: int, shape: tuple | None) -> None:
+        self.start, self.count, self.shape = start, count, shape
+
+    def __call__(self) -> Iterator[pa.Table]:
+        ids = np.arange(self.start, self.start + self.count, dtype=np.int64)
+        if self.shape is None:
+            yield pa.table({"id": ids})
+        else:
+            data = np.ones((self.count,) + self.shape, dtype=np.int64) * \
+                ids.reshape((-1,) + (1,) * len(self.shape))
+            yield to_table({"data": data}, "range_tensor")
+
+
+def _range(n: int, shape: tuple | None, override: int | None, op: str) -> Dataset:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"{op}: n={n!r}; expected an int >= 0")
+    _check_blocks(override, op)
+    per_row = 8 * (int(np.prod(shape)) if shape else 1)
+    k = _num_blocks(n * per_row, n, override)
+    tasks = [ReadTask(_RangeRead(off, ln, shape), ln, ln * per_row)
+             for off, ln in even_ranges(n, k) if ln or n == 0][:builtins.max(k, 1)]
+    return Dataset(LogicalPlan(ReadSource(tasks, "ReadRange" if shape is None
+                                          else "ReadRangeTensor")))
+
+
+def range(n: int, *, override_num_blocks: int | None = None) -> Dataset:  # noqa: A001
+    """Rows ``{"id": 0}`` ... ``{"id": n - 1}`` (int64)."""
+    return _range(n, None, override_num_blocks, "range")
+
+
+def range_tensor(n: int, *, shape: tuple = (1,), override_num_blocks: int | None = None
+                 ) -> Dataset:
+    """Rows ``{"data": array of shape filled with i}`` for i in range(n)."""
+    if not isinstance(shape, tuple) or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"range_tensor: shape={shape!r}; expected a tuple of ints > 0")
+    return _range(n, shape, override_num_blocks, "range_tensor")
+
+
+def _from_tables(tables: list[pa.Table], name: str, override: int | None = None
+                 ) -> MaterializedDataset:
+    if override and len(tables) == 1 and tables[0].num_rows:
+        t = tables[0]
+        tables = [t.slice(o, ln) for o, ln in even_ranges(t.num_rows,
+                                                          builtins.min(override, t.num_rows))]
+    if not flowcore.is_initialized():
+        flowcore.init()
+    bundles = [(flowcore.put(t), block_meta(t)) for t in tables]
+    return MaterializedDataset(LogicalPlan(InputSource(bundles, name)))
+
+
+def from_items(items: list, *, override_num_blocks: int | None = None) -> MaterializedDataset:
+    """A dataset of ``items``: dicts become rows; any other value becomes
+    ``{"item": value}``."""
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"from_items: expected a list, got {type(items).__name__}")
+    _check_blocks(override_num_blocks, "from_items")
+    items = list(items)
+    if items and all(isinstance(i, dict) for i in items):
+        t = rows_to_table(items, "from_items")
+    else:
+        t = rows_to_table([{"item": i} for i in items], "from_items") if items else pa.table({})
+    n = override_num_blocks or builtins.max(1, math.ceil(t.nbytes / DataContext.get_current()
+                                                         .target_max_block_size))
+    return _from_tables([t], "FromItems", n if t.num_rows else None)
+
+
+def from_pandas(dfs: Any, *, override_num_blocks: int | None = None) -> MaterializedDataset:
+    """One block per DataFrame (or ``override_num_blocks``)."""
+    from .block import require_pandas
+    pd = require_pandas()
+    dfs = [dfs] if isinstance(dfs, pd.DataFrame) else list(dfs)
+    for d in dfs:
+        if not isinstance(d, pd.DataFrame):
+            raise TypeError(f"from_pandas: expected pandas.DataFrame(s), got {type(d).__name__}")
+    tables = [pa.Table.from_pandas(d, preserve_index=False) for d in dfs]
+    return _from_tables(tables, "FromPandas", override_num_blocks)
+
+
+def from_numpy(ndarrays: Any) -> MaterializedDataset:
+    """Column ``data``: one row per first-axis element of each array."""
+    arrs = [ndarrays] if isinstance(ndarrays, np.ndarray) else list(ndarrays)
+    for a in arrs:
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"from_numpy: expected numpy.ndarray(s), got {type(a).__name__}")
+    return _from_tables([to_table({"data": a}, "from_numpy") for a in arrs], "FromNumpy")
+
+
+def from_arrow(tables: Any, *, override_num_blocks: int | None = None) -> MaterializedDataset:
+    tables = [tables] if isinstance(tables, pa.Table) else list(tables)
+    for t in tables:
+        if not isinstance(t, pa.Table):
+            raise TypeError(f"from_arrow: expected pyarrow.Table(s), got {type(t).__name__}")
+    return _from_tables(tables, "FromArrow", override_num_blocks)
+
+
+def _from_refs(refs: Any, name: str, convert: Any) -> MaterializedDataset:
+    refs = [refs] if isinstance(refs, flowcore.ObjectRef) else list(refs)
+    tables = [convert(t) for t in flowcore.get(refs)]
+    return _from_tables(tables, name)
+
+
+def from_arrow_refs(refs: Any) -> MaterializedDataset:
+    return _from_refs(refs, "FromArrow", lambda t: t)
+
+
+def from_pandas_refs(refs: Any) -> MaterializedDataset:
+    return _from_refs(refs, "FromPandas", lambda d: pa.Table.from_pandas(d, preserve_index=False))
+
+
+def from_numpy_refs(refs: Any) -> MaterializedDataset:
+    return _from_refs(refs, "FromNumpy", lambda a: to_table({"data": a}, "from_numpy"))
+
+
+# -- files ---------------------------------------------------------------------------
+def _read(paths: Any, filesystem: Any, op: str, reader: Any, name: str, include_paths: bool,
+          extensions: Sequence[str] | None = None, size_factor: float = 1.0) -> Dataset:
+    files = resolve_paths(paths, filesystem, op, extensions)
+    tasks = file_read_tasks(files, reader, include_paths, size_factor)
+    return Dataset(LogicalPlan(ReadSource(tasks, name)))
+
+
+def read_parquet(paths: Any, *, filesystem: Any = None, columns: list[str] | None = None,
+                 filter: Any = None, include_paths: bool = False,  # noqa: A002
+                 override_num_blocks: int | None = None, **arrow_parquet_args: Any) -> Dataset:
+    """Parquet files (or directories of them); ``columns`` and ``filter`` (a
+    ``pyarrow.dataset`` expression) are pushed down into the reader."""
+    _check_blocks(override_num_blocks, "read_parquet")
+    files = resolve_paths(paths, filesystem, "read_parquet")
+    target = DataContext.get_current().target_max_block_size
+    total = sum(size for _, _, size in files)
+    if override_num_blocks and override_num_blocks > len(files):
+        target = builtins.max(1, total // override_num_blocks)
+    whole = formats.parquet_reader(columns, filter, arrow_parquet_args)
+    tasks: list[ReadTask] = []
+    for fs, path, size in files:
+        runs = formats.parquet_split(fs, path, target) \
+            if size > target and not arrow_parquet_args else []
+        if len(runs) <= 1:
+            tasks.extend(file_read_tasks([(fs, path, size)], whole, include_paths, 4.0))
+            continue
+        for groups, nbytes in runs:  # a big file: one task per run of row groups
+            reader = formats.parquet_row_groups_reader(columns, filter, groups)
+            tasks.extend(file_read_tasks([(fs, path, nbytes)], reader, include_paths))
+    return Dataset(LogicalPlan(ReadSource(tasks, "ReadParquet")))
+
+
+def read_csv(paths: Any, *, filesystem: Any = None, include_paths: bool = False,
+             override_num_blocks: int | None = None, **arrow_csv_args: Any) -> Dataset:
+    """CSV files; ``arrow_csv_args`` go to ``pyarrow.csv.read_csv``
+    (``read_options``, ``parse_options``, ``convert_options``)."""
+    _check_blocks(override_num_blocks, "read_csv")
+    return _read(paths, filesystem, "read_csv", formats.csv_reader(arrow_csv_args), "ReadCSV",
+                 include_paths)
+
+
+def read_json(paths: Any, *, filesystem: Any = None, include_paths: bool = False,
+              override_num_blocks: int | None = None, **arrow_json_args: Any) -> Dataset:
+    """Newline-delimited JSON files (one object per line)."""
+    _check_blocks(override_num_blocks, "read_json")
+    return _read(paths, filesystem, "read_json", formats.json_reader(arrow_json_args),
+                 "ReadJSON", include_paths)
+
+
+def read_numpy(paths: Any, *, filesystem: Any = None, include_paths: bool = False,
+               override_num_blocks: int | None = None) -> Dataset:
+    """``.npy`` files; column ``data``."""
+    return _read(paths, filesystem, "read_numpy", formats.numpy_reader(), "ReadNumpy",
+                 include_paths, extensions=[".npy"])
+
+
+def read_text(paths: Any, *, encoding: str = "utf-8", drop_empty_lines: bool = True,
+              filesystem: Any = None, include_paths: bool = False,
+              override_num_blocks: int | None = None) -> Dataset:
+    """One row per line; column ``text``."""
+    return _read(paths, filesystem, "read_text", formats.text_reader(encoding, drop_empty_lines),
+                 "ReadText", include_paths)
+
+
+def read_binary_files(paths: Any, *, filesystem: Any = None, include_paths: bool = False,
+                      override_num_blocks: int | None = None) -> Dataset:
+    """One row per file; column ``bytes``."""
+    return _read(paths, filesystem, "read_binary_files", formats.binary_reader(),
+                 "ReadBinary", include_paths)
+
+
+def read_images(paths: Any, *, filesystem: Any = None, size: tuple[int, int] | None = None,
+                mode: str | None = None, include_paths: bool = False,
+                override_num_blocks: int | None = None) -> Dataset:
+    """One row per image file; column ``image`` (needs Pillow)."""
+    return _read(paths, filesystem, "read_images", formats.images_reader(size, mode),
+                 "ReadImage", include_paths,
+                 extensions=[".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"])
