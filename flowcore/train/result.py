@@ -1,0 +1,105 @@
+"""``Result`` of ``fit()`` and the run's checkpoint bookkeeping.
+
+``CheckpointManager`` registers each checkpoint once every rank has made
+that report, and deletes the ones ``CheckpointConfig.num_to_keep`` no longer
+keeps (never the newest, which a restart resumes from).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .checkpoint import Checkpoint
+from .config import CheckpointConfig
+
+
+class TrainingFailedError(RuntimeError):
+    """The run failed and its ``FailureConfig.max_failures`` were used up."""
+
+
+class WorkerGroupError(TrainingFailedError):
+    """A training worker raised, or its process or node died."""
+
+
+@dataclass
+class Result:
+    """What a run produced: rank 0's last ``metrics``, the newest
+    ``checkpoint``, the ``error`` if it failed, the run's ``path`` in
+    ``filesystem``, and ``best_checkpoints`` (the kept ones with their
+    metrics)."""
+
+    metrics: Optional[dict[str, Any]]
+    checkpoint: Optional[Checkpoint]
+    error: Optional[BaseException]
+    path: str
+    filesystem: Any = None
+    best_checkpoints: list = field(default_factory=list)
+    _metrics_history: list = field(default_factory=list, repr=False)
+
+    @property
+    def metrics_dataframe(self) -> Any:
+        """Every metrics dict rank 0 reported, one row each (pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("Result.metrics_dataframe needs pandas: pip install pandas") from e
+        return pd.DataFrame(self._metrics_history)
+
+    def get_best_checkpoint(self, metric: str, mode: str) -> Optional[Checkpoint]:
+        """The kept checkpoint whose metrics have the best ``metric``
+        (``mode`` ``"max"`` or ``"min"``)."""
+        if mode not in ("max", "min"):
+            raise ValueError(f"get_best_checkpoint(mode={mode!r}): expected 'max' or 'min'")
+        scored = [(m[metric], c) for c, m in self.best_checkpoints if metric in m]
+        if not scored:
+            raise ValueError(f"get_best_checkpoint({metric!r}): no kept checkpoint reported "
+                             f"that metric")
+        pick = max if mode == "max" else min
+        return pick(scored, key=lambda t: t[0])[1]
+
+
+class CheckpointManager:
+    """The run's registered checkpoints, oldest first."""
+
+    def __init__(self, config: CheckpointConfig, filesystem: Any):
+        self.config = config
+        self.filesystem = filesystem
+        self.kept: list[tuple[Checkpoint, dict]] = []
+        self.latest: Optional[Checkpoint] = None
+
+    def register(self, path: str, metrics: dict) -> Checkpoint:
+        ckpt = Checkpoint(path, self.filesystem)
+        self.kept = [(c, m) for c, m in self.kept if c.path != path]
+        self.kept.append((ckpt, metrics))
+        self.latest = ckpt
+        self._prune()
+        return ckpt
+
+    def _score(self, metrics: dict) -> float:
+        attr = self.config.checkpoint_score_attribute
+        value = metrics.get(attr) if attr else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            return -math.inf
+        return value if self.config.checkpoint_score_order == "max" else -value
+
+    def _prune(self) -> None:
+        keep_n = self.config.num_to_keep
+        if keep_n is None or len(self.kept) <= keep_n:
+            return
+        if self.config.checkpoint_score_attribute:
+            ranked = sorted(self.kept, key=lambda cm: self._score(cm[1]), reverse=True)
+        else:
+            ranked = list(reversed(self.kept))
+        keep = {id(cm) for cm in ranked[:keep_n]}
+        keep.add(id(self.kept[-1]))
+        for cm in list(self.kept):
+            if id(cm) not in keep:
+                self.delete(cm[0].path)
+        self.kept = [cm for cm in self.kept if id(cm) in keep]
+
+    def delete(self, path: str) -> None:
+        try:
+            self.filesystem.delete_dir(path)
+        except (FileNotFoundError, OSError):
+            pass

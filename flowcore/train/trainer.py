@@ -1,0 +1,268 @@
+"""``DataParallelTrainer``: runs one training function on every worker of a
+``WorkerGroup`` and turns their reports into a ``Result``.
+
+The coordinator is the process that calls ``fit()``; it holds no CPU. It
+waits on every worker's ``run`` call and long poll at once, so a worker
+whose process or node dies is noticed when the cluster reports the death
+(not after a collective timeout); then every worker of the group is killed
+and, within ``FailureConfig.max_failures``, a new group starts from the
+newest registered checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from datetime import datetime
+from typing import Any, Callable, Optional
+
+import flowcore
+from flowcore.exceptions import FlowcoreError
+
+from .checkpoint import Checkpoint, resolve_filesystem, is_local
+from .config import RunConfig, ScalingConfig
+from .result import CheckpointManager, Result, TrainingFailedError, WorkerGroupError
+from .worker_group import WorkerGroup
+
+logger = logging.getLogger(__name__)
+
+
+class BackendConfig:
+    """What a framework sets up in each worker around the training function
+    (a process group for torch). The base sets up nothing."""
+
+    def _on_worker_start(self, session: Any) -> None:
+        pass
+
+    def _on_worker_end(self, session: Any) -> None:
+        pass
+
+    def _worker_env(self, group: WorkerGroup, slot: Any) -> dict:
+        return {}
+
+
+def _check_datasets(datasets: Optional[dict]) -> dict:
+    if datasets is None:
+        return {}
+    if not isinstance(datasets, dict):
+        raise TypeError("datasets=...: expected a dict of name -> dataset, e.g. "
+                        "datasets={'train': flowcore.data.from_items(rows)}")
+    for name, ds in datasets.items():
+        if not isinstance(name, str):
+            raise TypeError(f"datasets: names must be strings, got {name!r}")
+        if not callable(getattr(ds, "streaming_split", None)):
+            try:
+                import flowcore.data  # noqa: F401
+                hint = "pass a flowcore.data Dataset (e.g. flowcore.data.from_items(rows))"
+            except ImportError:
+                hint = ("flowcore.data is not installed in this flowcore; pass an object with "
+                        "a streaming_split(n) method, or load the data inside the training "
+                        "function")
+            raise TypeError(f"datasets[{name!r}] is a {type(ds).__name__}, which cannot be split "
+                            f"among workers: {hint}")
+    return dict(datasets)
+
+
+class DataParallelTrainer:
+    """Run ``train_loop_per_worker`` on ``scaling_config.num_workers``
+    workers; ``fit()`` returns a ``Result``."""
+
+    _backend_config_cls: type = BackendConfig
+
+    def __init__(self, train_loop_per_worker: Callable, *,
+                 train_loop_config: Optional[dict] = None,
+                 backend_config: Optional[BackendConfig] = None,
+                 scaling_config: Optional[ScalingConfig] = None,
+                 run_config: Optional[RunConfig] = None,
+                 datasets: Optional[dict] = None,
+                 dataset_config: Any = None,
+                 resume_from_checkpoint: Optional[Checkpoint] = None,
+                 metadata: Optional[dict] = None):
+        if not callable(train_loop_per_worker):
+            raise TypeError("train_loop_per_worker: expected a function (taking no argument, or "
+                            "the train_loop_config dict)")
+        if train_loop_config is not None and not isinstance(train_loop_config, dict):
+            raise TypeError("train_loop_config: expected a dict (it is passed to "
+                            "train_loop_per_worker)")
+        if scaling_config is None:
+            scaling_config = ScalingConfig()
+        if not isinstance(scaling_config, ScalingConfig):
+            raise TypeError("scaling_config: expected a flowcore.train.ScalingConfig")
+        if run_config is None:
+            run_config = RunConfig()
+        if not isinstance(run_config, RunConfig):
+            raise TypeError("run_config: expected a flowcore.train.RunConfig")
+        if resume_from_checkpoint is not None and not isinstance(resume_from_checkpoint,
+                                                                 Checkpoint):
+            raise TypeError("resume_from_checkpoint: expected a flowcore.train.Checkpoint")
+        self.train_loop_per_worker = train_loop_per_worker
+        self.train_loop_config = train_loop_config
+        self.backend_config = backend_config or self._backend_config_cls()
+        self.scaling_config = scaling_config
+        self.run_config = run_config
+        self.datasets = _check_datasets(datasets)
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.metadata = metadata
+
+    # -- fit -----------------------------------------------------------------
+    def fit(self) -> Result:
+        """Train; return the ``Result``. Raises ``TrainingFailedError``
+        (with ``result.error`` as its cause) when the run fails after its
+        ``max_failures`` restarts."""
+        if not flowcore.is_initialized():
+            flowcore.init()
+        rc = self.run_config
+        name = rc.name or f"{type(self).__name__}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+        fs, root = resolve_filesystem(rc.storage_path, rc.storage_filesystem)
+        run_path = f"{root.rstrip('/')}/{name}"
+        fs.create_dir(run_path, recursive=True)
+        if is_local(fs):
+            os.chmod(run_path, 0o700)
+        manager = CheckpointManager(rc.checkpoint_config, fs)
+        state = _RunState(manager, self.resume_from_checkpoint)
+        max_failures = rc.failure_config.max_failures
+        failures = 0
+        error: Optional[BaseException] = None
+        while True:
+            try:
+                self._run_attempt(name, fs, run_path, state)
+                error = None
+                break
+            except WorkerGroupError as e:
+                error = e
+            failures += 1
+            if max_failures != -1 and failures > max_failures:
+                break
+            logger.warning("training worker group failed (%s); restarting (failure %d of %s) "
+                           "from %s", error, failures,
+                           "unlimited" if max_failures == -1 else max_failures,
+                           state.resume_checkpoint() or "the start")
+        if state.reports == 0 and error is None:
+            warnings.warn("the training function returned without calling "
+                          "flowcore.train.report(); Result.metrics is empty. Call "
+                          "flowcore.train.report(metrics, checkpoint=...) in the loop",
+                          UserWarning, stacklevel=2)
+        result = Result(metrics=state.metrics, checkpoint=manager.latest, error=error,
+                        path=run_path, filesystem=fs, best_checkpoints=list(manager.kept),
+                        _metrics_history=state.history)
+        if error is not None:
+            raise TrainingFailedError(f"training failed after {failures} failure(s) "
+                                      f"(FailureConfig(max_failures={max_failures})): "
+                                      f"{error}") from error
+        return result
+
+    def _run_attempt(self, name: str, fs: Any, run_path: str, state: "_RunState") -> None:
+        group = WorkerGroup(self.scaling_config, self.run_config.worker_runtime_env)
+        try:
+            try:
+                group.start()
+            except FlowcoreError as e:
+                raise WorkerGroupError(f"the training workers could not start: {e}") from e
+            n = len(group.workers)
+            shards = [{} for _ in range(n)]
+            for ds_name, ds in self.datasets.items():
+                for i, shard in enumerate(ds.streaming_split(n, equal=True)):
+                    shards[i][ds_name] = shard
+            checkpoint = state.resume_checkpoint()
+            run_refs = {}
+            for slot in group.workers:
+                kwargs = dict(world_rank=slot.world_rank, world_size=n,
+                              local_rank=slot.local_rank,
+                              local_world_size=slot.local_world_size,
+                              node_rank=slot.node_rank, experiment_name=name,
+                              storage_path=run_path, storage_filesystem=fs,
+                              checkpoint=checkpoint, dataset_shards=shards[slot.world_rank],
+                              next_index=state.next_index)
+                env = self.backend_config._worker_env(group, slot)
+                run_refs[slot.world_rank] = slot.actor.run.remote(
+                    self.train_loop_per_worker, self.train_loop_config, kwargs, env,
+                    self.backend_config)
+            self._watch(group, run_refs, state)
+        except WorkerGroupError:
+            state.drop_incomplete()
+            raise
+        finally:
+            group.shutdown()
+
+    def _watch(self, group: WorkerGroup, run_refs: dict, state: "_RunState") -> None:
+        actors = {slot.world_rank: slot.actor for slot in group.workers}
+        polls = {rank: a.poll.remote() for rank, a in actors.items()}
+        running = dict(run_refs)
+        polling = dict(polls)
+        while running or polling:
+            waiting = list(running.values()) + list(polling.values())
+            ready, _ = flowcore.wait(waiting, num_returns=1, timeout=None)
+            for ref in ready:
+                rank = next((r for r, x in running.items() if x == ref), None)
+                if rank is not None:
+                    del running[rank]
+                    try:
+                        flowcore.get(ref)
+                    except FlowcoreError as e:
+                        raise WorkerGroupError(f"training worker rank {rank} failed: {e}") from e
+                    continue
+                rank = next(r for r, x in polling.items() if x == ref)
+                try:
+                    items, done = flowcore.get(ref)
+                except FlowcoreError as e:
+                    raise WorkerGroupError(f"training worker rank {rank} died: {e}") from e
+                for item in items:
+                    state.add_report(item, len(actors))
+                if done:
+                    del polling[rank]
+                else:
+                    polling[rank] = actors[rank].poll.remote()
+        state.finish_attempt(len(actors))
+
+
+class _RunState:
+    """Reports across attempts: which indexes every rank has made, rank 0's
+    metrics history and the next report index."""
+
+    def __init__(self, manager: CheckpointManager, resume: Optional[Checkpoint]):
+        self.manager = manager
+        self.initial = resume
+        self.pending: dict[int, dict[int, dict]] = {}
+        self.next_index = 0
+        self.reports = 0
+        self.metrics: Optional[dict] = None
+        self.history: list[dict] = []
+        self.counts_differ = False
+
+    def resume_checkpoint(self) -> Optional[Checkpoint]:
+        return self.manager.latest or self.initial
+
+    def add_report(self, item: dict, world_size: int) -> None:
+        index = item["index"]
+        self.next_index = max(self.next_index, index + 1)
+        got = self.pending.setdefault(index, {})
+        got[item["rank"]] = item
+        if len(got) < world_size:
+            return
+        del self.pending[index]
+        rank0 = got.get(0) or next(iter(got.values()))
+        metrics = rank0["metrics"]
+        self.reports += 1
+        self.metrics = metrics
+        self.history.append(dict(metrics))
+        ckpt_dir = rank0["checkpoint_dir"] or next(
+            (it["checkpoint_dir"] for it in got.values() if it["checkpoint_dir"]), None)
+        if ckpt_dir:
+            self.manager.register(ckpt_dir, metrics)
+
+    def finish_attempt(self, world_size: int) -> None:
+        if self.pending:
+            warnings.warn(f"training workers made different numbers of reports "
+                          f"({len(self.pending)} report(s) not made by every rank were "
+                          f"dropped); call flowcore.train.report() the same number of times on "
+                          f"every worker", UserWarning, stacklevel=4)
+            self.drop_incomplete()
+
+    def drop_incomplete(self) -> None:
+        for got in self.pending.values():
+            for it in got.values():
+                path = it.get("checkpoint_dir")
+                if path and (self.manager.latest is None or self.manager.latest.path != path):
+                    self.manager.delete(path)
+        self.pending.clear()
+
