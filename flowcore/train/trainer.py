@@ -10,11 +10,14 @@ newest registered checkpoint.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
 from datetime import datetime
 from typing import Any, Callable, Optional
+
+import pyarrow.fs as pafs
 
 import flowcore
 from flowcore.exceptions import FlowcoreError
@@ -119,7 +122,7 @@ class DataParallelTrainer:
         if is_local(fs):
             os.chmod(run_path, 0o700)
         manager = CheckpointManager(rc.checkpoint_config, fs)
-        state = _RunState(manager, self.resume_from_checkpoint)
+        state = _RunState(manager, self.resume_from_checkpoint, fs, run_path)
         max_failures = rc.failure_config.max_failures
         failures = 0
         error: Optional[BaseException] = None
@@ -219,8 +222,11 @@ class _RunState:
     """Reports across attempts: which indexes every rank has made, rank 0's
     metrics history and the next report index."""
 
-    def __init__(self, manager: CheckpointManager, resume: Optional[Checkpoint]):
+    def __init__(self, manager: CheckpointManager, resume: Optional[Checkpoint], fs: Any,
+                 run_path: str):
         self.manager = manager
+        self.fs = fs
+        self.results_file = f"{run_path}/result.json"
         self.initial = resume
         self.pending: dict[int, dict[int, dict]] = {}
         self.next_index = 0
@@ -249,6 +255,29 @@ class _RunState:
             (it["checkpoint_dir"] for it in got.values() if it["checkpoint_dir"]), None)
         if ckpt_dir:
             self.manager.register(ckpt_dir, metrics)
+        self._append_result(metrics)
+
+    def _append_result(self, metrics: dict) -> None:
+        """One JSON line per registered report in ``result.json`` of the run
+        directory (values JSON cannot hold are written as strings)."""
+        line = (json.dumps(metrics, default=str) + "\n").encode()
+        if is_local(self.fs):
+            fd = os.open(self.results_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+            return
+        try:
+            with self.fs.open_append_stream(self.results_file) as f:
+                f.write(line)
+        except (NotImplementedError, OSError):
+            old = b""
+            if self.fs.get_file_info(self.results_file).type != pafs.FileType.NotFound:
+                with self.fs.open_input_stream(self.results_file) as f:
+                    old = f.read()
+            with self.fs.open_output_stream(self.results_file) as f:
+                f.write(old + line)
 
     def finish_attempt(self, world_size: int) -> None:
         if self.pending:
