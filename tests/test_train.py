@@ -356,3 +356,56 @@ def test_seed_article_pytorch_program(tcluster):
     before = torch.nn.functional.mse_loss(_SimpleModel()(x), y).item()
     after = torch.nn.functional.mse_loss(model(x), y).item()
     assert after < before / 5
+
+
+def test_storage_on_a_pyarrow_filesystem(tcluster, tmp_path):
+    import pyarrow.fs as pafs
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+
+    def loop():
+        d = tempfile.mkdtemp()
+        with open(os.path.join(d, f"r{train.get_context().get_world_rank()}"), "w") as f:
+            f.write("x")
+        train.report({"ok": 1}, checkpoint=Checkpoint.from_directory(d))
+
+    result = DataParallelTrainer(loop, scaling_config=ScalingConfig(num_workers=2),
+                                 run_config=RunConfig(name="pafs", storage_path="runs",
+                                                      storage_filesystem=fs)).fit()
+    assert result.checkpoint.filesystem is not None and result.path == "runs/pafs"
+    with result.checkpoint.as_directory() as d:
+        assert sorted(os.listdir(d)) == ["r0", "r1"]
+    assert os.path.isfile(tmp_path / "runs" / "pafs" / "checkpoint_000000" / "r1")
+    assert json.loads((tmp_path / "runs" / "pafs" / "result.json").read_text()) == {"ok": 1}
+
+
+@pytest.mark.timeout(120)
+def test_gpu_ids_become_cuda_visible_devices(tmp_path):
+    """On a node declaring 2 GPUs (none real here), each worker holds one;
+    CUDA_VISIBLE_DEVICES lists the node's training GPUs and each rank's
+    device index points at its own. Without CUDA the group falls back to
+    gloo on the CPU."""
+    from flowcore.train.torch import TorchTrainer, get_device
+    flowcore.shutdown()
+    flowcore.init(num_cpus=2, num_gpus=2, object_store_memory=128 << 20,
+                  session_dir=str(tmp_path / "session"))
+    try:
+        def loop():
+            import torch.distributed as dist
+            idx = int(os.environ["FLOWCORE_TRAIN_DEVICE_INDEX"])
+            os.makedirs(os.path.join(tmp_path, "out"), exist_ok=True)
+            with open(os.path.join(tmp_path, "out", str(train.get_context().get_world_rank())),
+                      "w") as f:
+                json.dump({"visible": os.environ["CUDA_VISIBLE_DEVICES"], "index": idx,
+                           "backend": dist.get_backend(),
+                           "device": str(get_device())}, f)
+            train.report({"done": 1})
+
+        TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=2, use_gpu=True),
+                     run_config=RunConfig(storage_path=str(tmp_path / "runs"))).fit()
+        seen = [json.load(open(tmp_path / "out" / str(r))) for r in (0, 1)]
+        assert seen[0]["visible"] == seen[1]["visible"] == "0,1"
+        assert sorted(s["index"] for s in seen) == [0, 1]
+        for s in seen:
+            assert s["backend"] == "gloo" and s["device"] == "cpu"
+    finally:
+        flowcore.shutdown()
