@@ -378,6 +378,40 @@ def test_storage_on_a_pyarrow_filesystem(tcluster, tmp_path):
     assert json.loads((tmp_path / "runs" / "pafs" / "result.json").read_text()) == {"ok": 1}
 
 
+@pytest.mark.timeout(150)
+def test_trainer_as_tune_trainable(tcluster, tmp_path):
+    """Tuner(trainer, param_space={"train_loop_config": ...}): each trial runs
+    the trainer (2 workers) with its config; rank 0's reports reach Tune."""
+    try:
+        from flowcore import tune
+        tune.Tuner
+    except (ImportError, AttributeError):
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("flowcore.tune is not in this tree yet")
+
+    def loop(config):
+        for step in range(3):
+            d = tempfile.mkdtemp()
+            with open(os.path.join(d, "w"), "w") as f:
+                f.write(str(config["scale"] * step))
+            train.report({"value": config["scale"] * step,
+                          "world": train.get_context().get_world_size()},
+                         checkpoint=Checkpoint.from_directory(d))
+
+    trainer = DataParallelTrainer(loop, train_loop_config={"scale": 0},
+                                  scaling_config=ScalingConfig(num_workers=2))
+    grid = tune.Tuner(trainer,
+                      param_space={"train_loop_config": {"scale": tune.grid_search([1, 10])}},
+                      run_config=tune.RunConfig(name="tt", storage_path=str(tmp_path))).fit()
+    values = sorted(r.metrics["value"] for r in grid)
+    assert values == [2, 20]
+    assert all(r.metrics["world"] == 2 and r.error is None for r in grid)
+    for r in grid:
+        with r.checkpoint.as_directory() as d:
+            assert open(os.path.join(d, "w")).read() == str(r.metrics["value"])
+
+
 @pytest.mark.timeout(120)
 def test_gpu_ids_become_cuda_visible_devices(tmp_path):
     """On a node declaring 2 GPUs (none real here), each worker holds one;

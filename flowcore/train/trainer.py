@@ -10,6 +10,8 @@ newest registered checkpoint.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -71,6 +73,9 @@ class DataParallelTrainer:
     workers; ``fit()`` returns a ``Result``."""
 
     _backend_config_cls: type = BackendConfig
+    # as a flowcore.tune trainable the trial itself holds nothing: the
+    # trainer's own placement group reserves the workers
+    _tune_resources = {"CPU": 0}
 
     def __init__(self, train_loop_per_worker: Callable, *,
                  train_loop_config: Optional[dict] = None,
@@ -106,6 +111,43 @@ class DataParallelTrainer:
         self.datasets = _check_datasets(datasets)
         self.resume_from_checkpoint = resume_from_checkpoint
         self.metadata = metadata
+        self._on_report: Optional[Callable[[dict, Optional[Checkpoint]], None]] = None
+
+    # -- as a Tune trainable -----------------------------------------------------
+    def __call__(self, config: dict) -> None:
+        """Run as a flowcore.tune function trainable:
+        ``Tuner(trainer, param_space={"train_loop_config": {...}})``. The
+        trial's ``train_loop_config`` (and ``scaling_config``, if given)
+        override the trainer's; every report is passed on to
+        ``tune.report``, and a trial restarted by Tune resumes from its
+        checkpoint."""
+        try:
+            from flowcore import tune
+            tune.get_context()
+        except ImportError as e:
+            raise ImportError("calling a trainer runs it as a flowcore.tune trial, but "
+                              "flowcore.tune is not available; call trainer.fit()") from e
+        trainer = copy.copy(self)
+        loop_config = dict(self.train_loop_config or {})
+        loop_config.update(config.get("train_loop_config") or {})
+        trainer.train_loop_config = loop_config
+        if isinstance(config.get("scaling_config"), ScalingConfig):
+            trainer.scaling_config = config["scaling_config"]
+        resumed = tune.get_checkpoint()
+        if resumed is not None:
+            trainer.resume_from_checkpoint = Checkpoint(resumed.path, resumed.filesystem)
+        ctx = tune.get_context()
+        trial_dir = ctx.get_trial_dir()
+        trainer.run_config = dataclasses.replace(
+            self.run_config, name=ctx.get_trial_name(),
+            storage_path=trial_dir if os.path.isdir(trial_dir) else self.run_config.storage_path)
+
+        def forward(metrics: dict, checkpoint: Optional[Checkpoint]) -> None:
+            tune.report(metrics, checkpoint=None if checkpoint is None else
+                        tune.Checkpoint(checkpoint.path, checkpoint.filesystem))
+
+        trainer._on_report = forward
+        trainer.fit()
 
     # -- fit -----------------------------------------------------------------
     def fit(self) -> Result:
@@ -122,7 +164,7 @@ class DataParallelTrainer:
         if is_local(fs):
             os.chmod(run_path, 0o700)
         manager = CheckpointManager(rc.checkpoint_config, fs)
-        state = _RunState(manager, self.resume_from_checkpoint, fs, run_path)
+        state = _RunState(manager, self.resume_from_checkpoint, fs, run_path, self._on_report)
         max_failures = rc.failure_config.max_failures
         failures = 0
         error: Optional[BaseException] = None
@@ -223,8 +265,9 @@ class _RunState:
     metrics history and the next report index."""
 
     def __init__(self, manager: CheckpointManager, resume: Optional[Checkpoint], fs: Any,
-                 run_path: str):
+                 run_path: str, on_report: Optional[Callable] = None):
         self.manager = manager
+        self.on_report = on_report
         self.fs = fs
         self.results_file = f"{run_path}/result.json"
         self.initial = resume
@@ -253,9 +296,10 @@ class _RunState:
         self.history.append(dict(metrics))
         ckpt_dir = rank0["checkpoint_dir"] or next(
             (it["checkpoint_dir"] for it in got.values() if it["checkpoint_dir"]), None)
-        if ckpt_dir:
-            self.manager.register(ckpt_dir, metrics)
+        registered = self.manager.register(ckpt_dir, metrics) if ckpt_dir else None
         self._append_result(metrics)
+        if self.on_report is not None:
+            self.on_report(metrics, registered)
 
     def _append_result(self, metrics: dict) -> None:
         """One JSON line per registered report in ``result.json`` of the run
