@@ -250,6 +250,22 @@ def test_report_context_and_resume(tcluster, tmp_path):
     assert second.metrics["step"] == 6 and second.metrics["world"] == 1
 
 
+def test_fit_inside_a_task(tcluster, tmp_path):
+    """A trainer started from a task (a coordinator holding no CPU) creates
+    its worker actors from inside a worker process."""
+    def loop():
+        train.report({"rank": train.get_context().get_world_rank(), "pid": os.getpid()})
+
+    @flowcore.remote(num_cpus=0)
+    def launch(path):
+        result = DataParallelTrainer(loop, scaling_config=ScalingConfig(num_workers=2),
+                                     run_config=RunConfig(name="in_task",
+                                                          storage_path=path)).fit()
+        return result.metrics, os.getpid()
+
+    metrics, task_pid = flowcore.get(launch.remote(str(tmp_path)), timeout=90)
+    assert metrics["rank"] == 0 and metrics["pid"] != task_pid
+
 def test_bad_input_on_cluster(tcluster, tmp_path):
     rc = RunConfig(storage_path=str(tmp_path))
     with pytest.raises(ValueError, match="infeasible.*GPU.*use_gpu=False"):
