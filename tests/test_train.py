@@ -285,6 +285,10 @@ def test_bad_input_on_cluster(tcluster, tmp_path):
 
     with pytest.raises(TrainingFailedError, match="get_dataset_shard\\('eval'\\).*\\['train'\\]"):
         DataParallelTrainer(wants_eval, run_config=rc, datasets={"train": FakeDataset()}).fit()
+    with pytest.warns(UserWarning, match="reserve 2 of the cluster's 2 CPUs"):
+        DataParallelTrainer(lambda: train.report({}), run_config=rc,
+                            scaling_config=ScalingConfig(num_workers=2),
+                            datasets={"train": FakeDataset()}).fit()
     with pytest.warns(UserWarning, match="without calling flowcore.train.report"):
         result = DataParallelTrainer(lambda: None, run_config=rc,
                                      scaling_config=ScalingConfig(num_workers=2)).fit()
@@ -318,8 +322,10 @@ def test_dataset_shards_disjoint_and_cover(tcluster, tmp_path):
             json.dump(ids, f)
         train.report({"n": len(ids)})
 
+    # the workers leave a CPU free for the tasks that read the dataset
     result = DataParallelTrainer(loop_all, datasets={"train": ds},
-                                 scaling_config=ScalingConfig(num_workers=2),
+                                 scaling_config=ScalingConfig(
+                                     num_workers=2, resources_per_worker={"CPU": 0.5}),
                                  run_config=RunConfig(name="shards",
                                                       storage_path=str(tmp_path))).fit()
     parts = [set(json.load(open(os.path.join(result.path, f"ids{r}.json")))) for r in (0, 1)]

@@ -163,6 +163,7 @@ class DataParallelTrainer:
         fs.create_dir(run_path, recursive=True)
         if is_local(fs):
             os.chmod(run_path, 0o700)
+        self._warn_if_data_starves()
         manager = CheckpointManager(rc.checkpoint_config, fs)
         state = _RunState(manager, self.resume_from_checkpoint, fs, run_path, self._on_report)
         max_failures = rc.failure_config.max_failures
@@ -195,6 +196,21 @@ class DataParallelTrainer:
                                       f"(FailureConfig(max_failures={max_failures})): "
                                       f"{error}") from error
         return result
+
+    def _warn_if_data_starves(self) -> None:
+        """Datasets are read by tasks that need CPUs of their own; workers
+        holding every CPU of the cluster would wait for them forever."""
+        if not self.datasets:
+            return
+        cpus = sum(nd.get("resources_total", {}).get("CPU", 0.0) for nd in flowcore.nodes()
+                   if nd.get("alive", True))
+        held = self.scaling_config.total_resources.get("CPU", 0.0)
+        if held >= cpus:
+            warnings.warn(f"the training workers reserve {held:g} of the cluster's {cpus:g} CPUs, "
+                          f"leaving none for the tasks that read datasets={sorted(self.datasets)}"
+                          f"; the workers may wait for data forever. Leave CPUs free, e.g. "
+                          f"ScalingConfig(resources_per_worker={{'CPU': 0.5}}) or fewer workers",
+                          UserWarning, stacklevel=3)
 
     def _run_attempt(self, name: str, fs: Any, run_path: str, state: "_RunState") -> None:
         group = WorkerGroup(self.scaling_config, self.run_config.worker_runtime_env)
