@@ -465,3 +465,41 @@ def test_gpu_ids_become_cuda_visible_devices(tmp_path):
             assert s["backend"] == "gloo" and s["device"] == "cpu"
     finally:
         flowcore.shutdown()
+
+
+@pytest.mark.timeout(150)
+def test_node_death_tears_down_the_group(private_cluster, tmp_path):
+    """Two 1-CPU nodes, one worker each. Rank 0 waits in an allreduce for
+    rank 1; rank 1's node is killed. fit() does not hang: the group is torn
+    down, and the restart cannot be placed on the one node left, so fit()
+    raises naming both."""
+    from flowcore.testing import Signal
+    from flowcore.train.torch import TorchTrainer
+    cluster = private_cluster(nodes=2, cpus_per_node=1)
+    stuck = Signal()
+    node_file = str(tmp_path / "node")
+
+    def loop(config):
+        import torch
+        import torch.distributed as dist
+        if train.get_context().get_world_rank() == 1:
+            with open(config["node_file"], "w") as f:
+                f.write(flowcore.get_runtime_context().get_node_id())
+            config["stuck"].wait(timeout=120)
+        dist.all_reduce(torch.ones(1))
+        train.report({"done": 1})
+
+    def killer():
+        stuck.wait_for_waiters(1, timeout=120)
+        cluster.kill_node(open(node_file).read())
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    with pytest.raises(TrainingFailedError, match="infeasible") as err:
+        TorchTrainer(loop, train_loop_config={"node_file": node_file, "stuck": stuck},
+                     scaling_config=ScalingConfig(num_workers=2, placement_strategy="SPREAD"),
+                     run_config=RunConfig(storage_path=str(tmp_path / "runs"),
+                                          failure_config=FailureConfig(max_failures=1))).fit()
+    thread.join(timeout=10)
+    stuck.close()
+    assert "1 failure" in str(err.value)

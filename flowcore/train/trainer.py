@@ -176,6 +176,11 @@ class DataParallelTrainer:
                 break
             except WorkerGroupError as e:
                 error = e
+            except ValueError as e:
+                if failures == 0:
+                    raise           # bad input: the first group cannot be placed
+                error = e           # the cluster shrank: a restart cannot be placed
+                break
             failures += 1
             if max_failures != -1 and failures > max_failures:
                 break
