@@ -67,7 +67,8 @@ def test_parallel_sample_and_weight_broadcast(rlcluster):
         done = [f for f in frags if f["terminated"] or f["truncated"]]
         assert done and all(f["episode_len"] >= len(f["rewards"]) for f in done)
         for f in frags:
-            assert f["obs"].shape == (len(f["rewards"]), 4) and f["seen"].shape == f["rewards"].shape
+            assert f["obs"].shape == (len(f["rewards"]), 4)
+            assert f["seen"].shape == f["rewards"].shape
 
 
 @pytest.mark.timeout(120)

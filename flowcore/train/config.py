@@ -54,8 +54,9 @@ class ScalingConfig:
                 if (not isinstance(key, str) or isinstance(amount, bool)
                         or not isinstance(amount, (int, float)) or amount < 0
                         or not math.isfinite(amount)):
-                    raise ValueError(f"ScalingConfig(resources_per_worker={{{key!r}: {amount!r}}}): "
-                                     f"expected resource names mapped to numbers >= 0")
+                    raise ValueError(f"ScalingConfig(resources_per_worker="
+                                     f"{{{key!r}: {amount!r}}}): expected resource names "
+                                     f"mapped to numbers >= 0")
         if self.accelerator_type is not None:
             raise ValueError("ScalingConfig(accelerator_type=...) is not supported by flowcore: "
                              "ask for GPUs with use_gpu=True or resources_per_worker")
@@ -154,7 +155,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or not self.name
                                       or "/" in self.name):
-            raise ValueError(f"RunConfig(name={self.name!r}): expected a non-empty name without '/'")
+            raise ValueError(f"RunConfig(name={self.name!r}): expected a non-empty name "
+                             f"without '/'")
         if self.storage_path is not None:
             if not isinstance(self.storage_path, (str, os.PathLike)):
                 raise TypeError(f"RunConfig(storage_path={self.storage_path!r}): expected a path "

@@ -23,7 +23,8 @@ def require_torch() -> Any:
     try:
         import torch
     except ImportError as e:
-        raise ImportError("flowcore.train.torch needs PyTorch: pip install 'flowcore[train]'") from e
+        raise ImportError("flowcore.train.torch needs PyTorch: "
+                          "pip install 'flowcore[train]'") from e
     return torch
 
 
