@@ -248,6 +248,13 @@ def test_report_context_and_resume(tcluster, tmp_path):
                                  run_config=RunConfig(name="dp2", storage_path=str(tmp_path)),
                                  resume_from_checkpoint=first.checkpoint).fit()
     assert second.metrics["step"] == 6 and second.metrics["world"] == 1
+    # fit() again under the same name and storage: goes on from that run's newest checkpoint
+    third = DataParallelTrainer(loop, train_loop_config={"steps": 1},
+                                scaling_config=ScalingConfig(num_workers=1),
+                                run_config=RunConfig(name="dp2", storage_path=str(tmp_path))).fit()
+    assert third.metrics["step"] == 7
+    assert [r["step"] for r in _results(third.path)] == [5, 6, 7]
+    assert third.checkpoint.path.endswith("checkpoint_000002")
 
 
 def test_fit_inside_a_task(tcluster, tmp_path):

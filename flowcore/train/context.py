@@ -4,7 +4,9 @@
 One session exists per worker process while its training function runs.
 ``report`` copies a checkpoint's files to the run's storage at once (every
 rank into the same directory) and queues the metrics; the coordinator drains
-the queue with a long poll, so a report costs the caller no round trip.
+the queue with a long poll, and its next poll confirms what it received:
+``report`` returns after that confirmation, so a report that returned is
+never lost with its worker.
 """
 from __future__ import annotations
 
@@ -37,20 +39,33 @@ class _Session:
     queue: deque = field(default_factory=deque)
     cond: threading.Condition = field(default_factory=threading.Condition)
     finished: bool = False
+    produced: int = 0          # reports made
+    acked: int = 0             # reports the coordinator confirmed it holds
 
     def put(self, item: dict) -> None:
+        """Queue a report and return once the coordinator holds it, so a
+        report that returned survives this process dying right after."""
         with self.cond:
             self.queue.append(item)
+            self.produced += 1
+            seq = self.produced
             self.cond.notify_all()
+            while self.acked < seq:
+                self.cond.wait()
 
     def finish(self) -> None:
         with self.cond:
             self.finished = True
             self.cond.notify_all()
 
-    def drain(self, timeout: float) -> tuple[list, bool]:
+    def drain(self, timeout: float, acked: int = 0) -> tuple[list, bool]:
+        """The queued reports (waiting up to ``timeout`` for one), after
+        recording that the coordinator holds the first ``acked``."""
         deadline = time.monotonic() + timeout
         with self.cond:
+            if acked > self.acked:
+                self.acked = acked
+                self.cond.notify_all()
             while not self.queue and not self.finished:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -6,12 +6,19 @@ keeps (never the newest, which a restart resumes from).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .checkpoint import Checkpoint
 from .config import CheckpointConfig
+
+
+def pafs_local() -> type:
+    import pyarrow.fs as pafs
+    return pafs.LocalFileSystem
 
 
 class TrainingFailedError(RuntimeError):
@@ -60,13 +67,47 @@ class Result:
 
 
 class CheckpointManager:
-    """The run's registered checkpoints, oldest first."""
+    """The run's registered checkpoints, oldest first, also written to
+    ``checkpoints.json`` in the run directory so that a new ``fit()`` of a
+    run with the same name and storage resumes from them."""
 
-    def __init__(self, config: CheckpointConfig, filesystem: Any):
+    STATE_FILE = "checkpoints.json"
+
+    def __init__(self, config: CheckpointConfig, filesystem: Any, run_path: str = ""):
         self.config = config
         self.filesystem = filesystem
+        self.run_path = run_path
         self.kept: list[tuple[Checkpoint, dict]] = []
         self.latest: Optional[Checkpoint] = None
+        self.next_index = 0
+
+    def load(self) -> bool:
+        """Read the state an earlier ``fit()`` of this run left; False if none."""
+        import pyarrow.fs as pafs
+        path = f"{self.run_path}/{self.STATE_FILE}"
+        if not self.run_path or self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            return False
+        with self.filesystem.open_input_stream(path) as f:
+            state = json.loads(f.read().decode())
+        self.kept = [(Checkpoint(k["path"], self.filesystem), k["metrics"])
+                     for k in state.get("kept", [])]
+        latest = state.get("latest")
+        self.latest = Checkpoint(latest, self.filesystem) if latest else None
+        self.next_index = int(state.get("next_index", 0))
+        return self.latest is not None
+
+    def save(self, next_index: int) -> None:
+        if not self.run_path:
+            return
+        state = {"kept": [{"path": c.path, "metrics": m} for c, m in self.kept],
+                 "latest": self.latest.path if self.latest else None, "next_index": next_index}
+        path = f"{self.run_path}/{self.STATE_FILE}"
+        tmp = f"{path}.tmp"
+        with self.filesystem.open_output_stream(tmp) as f:
+            f.write(json.dumps(state, default=str).encode())
+        self.filesystem.move(tmp, path)
+        if isinstance(self.filesystem, pafs_local()):
+            os.chmod(path, 0o600)
 
     def register(self, path: str, metrics: dict) -> Checkpoint:
         ckpt = Checkpoint(path, self.filesystem)

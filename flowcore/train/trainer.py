@@ -27,7 +27,7 @@ from flowcore.exceptions import FlowcoreError
 from .checkpoint import Checkpoint, resolve_filesystem, is_local
 from .config import RunConfig, ScalingConfig
 from .result import CheckpointManager, Result, TrainingFailedError, WorkerGroupError
-from .worker_group import WorkerGroup
+from .worker_group import _POLL_SECONDS, WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +164,13 @@ class DataParallelTrainer:
         if is_local(fs):
             os.chmod(run_path, 0o700)
         self._warn_if_data_starves()
-        manager = CheckpointManager(rc.checkpoint_config, fs)
+        manager = CheckpointManager(rc.checkpoint_config, fs, run_path)
         state = _RunState(manager, self.resume_from_checkpoint, fs, run_path, self._on_report)
+        if manager.load():
+            # a run of this name stopped (or ended) before: go on from its newest checkpoint
+            logger.warning("run %s: resuming from %s, the newest checkpoint an earlier fit() "
+                           "of this run left", name, manager.latest.path)
+            state.next_index = manager.next_index
         max_failures = rc.failure_config.max_failures
         failures = 0
         error: Optional[BaseException] = None
@@ -251,33 +256,44 @@ class DataParallelTrainer:
             group.shutdown()
 
     def _watch(self, group: WorkerGroup, run_refs: dict, state: "_RunState") -> None:
+        """Collect reports until every worker returned; raise
+        WorkerGroupError as soon as one fails or dies. Each poll confirms
+        (``acked``) the reports the previous one brought."""
         actors = {slot.world_rank: slot.actor for slot in group.workers}
-        polls = {rank: a.poll.remote() for rank, a in actors.items()}
+        received = {rank: 0 for rank in actors}
         running = dict(run_refs)
-        polling = dict(polls)
+        polling = {rank: a.poll.remote(_POLL_SECONDS, 0) for rank, a in actors.items()}
         while running or polling:
             waiting = list(running.values()) + list(polling.values())
-            ready, _ = flowcore.wait(waiting, num_returns=1, timeout=None)
-            for ref in ready:
-                rank = next((r for r, x in running.items() if x == ref), None)
-                if rank is not None:
-                    del running[rank]
-                    try:
-                        flowcore.get(ref)
-                    except FlowcoreError as e:
-                        raise WorkerGroupError(f"training worker rank {rank} failed: {e}") from e
-                    continue
-                rank = next(r for r, x in polling.items() if x == ref)
+            flowcore.wait(waiting, num_returns=1, timeout=None)
+            ready, _ = flowcore.wait(waiting, num_returns=len(waiting), timeout=0)
+            failure: Optional[WorkerGroupError] = None
+            # reports first: a poll that arrived with a failure still counts
+            for rank, ref in [(r, x) for r, x in polling.items() if x in ready]:
                 try:
                     items, done = flowcore.get(ref)
                 except FlowcoreError as e:
-                    raise WorkerGroupError(f"training worker rank {rank} died: {e}") from e
+                    failure = failure or WorkerGroupError(f"training worker rank {rank} died: {e}")
+                    failure.__cause__ = failure.__cause__ or e
+                    del polling[rank]
+                    continue
                 for item in items:
                     state.add_report(item, len(actors))
+                received[rank] += len(items)
                 if done:
                     del polling[rank]
                 else:
-                    polling[rank] = actors[rank].poll.remote()
+                    polling[rank] = actors[rank].poll.remote(_POLL_SECONDS, received[rank])
+            for rank, ref in [(r, x) for r, x in running.items() if x in ready]:
+                del running[rank]
+                try:
+                    flowcore.get(ref)
+                except FlowcoreError as e:
+                    failure = failure or WorkerGroupError(
+                        f"training worker rank {rank} failed: {e}")
+                    failure.__cause__ = failure.__cause__ or e
+            if failure is not None:
+                raise failure
         state.finish_attempt(len(actors))
 
 
@@ -318,6 +334,8 @@ class _RunState:
         ckpt_dir = rank0["checkpoint_dir"] or next(
             (it["checkpoint_dir"] for it in got.values() if it["checkpoint_dir"]), None)
         registered = self.manager.register(ckpt_dir, metrics) if ckpt_dir else None
+        if registered is not None:
+            self.manager.save(self.next_index)
         self._append_result(metrics)
         if self.on_report is not None:
             self.on_report(metrics, registered)

@@ -63,7 +63,7 @@ class _TrainWorker:
         finally:
             session.finish()
 
-    def poll(self, timeout: float = _POLL_SECONDS) -> tuple[list, bool]:
+    def poll(self, timeout: float = _POLL_SECONDS, acked: int = 0) -> tuple[list, bool]:
         deadline = time.monotonic() + timeout
         with self._ready:
             while self._session is None:
@@ -72,7 +72,7 @@ class _TrainWorker:
                     return [], False
                 self._ready.wait(left)
             session = self._session
-        return session.drain(max(0.0, deadline - time.monotonic()))
+        return session.drain(max(0.0, deadline - time.monotonic()), acked)
 
 
 def _takes_config(fn: Callable) -> bool:
