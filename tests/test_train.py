@@ -255,6 +255,10 @@ def test_report_context_and_resume(tcluster, tmp_path):
     assert third.metrics["step"] == 7
     assert [r["step"] for r in _results(third.path)] == [5, 6, 7]
     assert third.checkpoint.path.endswith("checkpoint_000002")
+    again = train.Result.from_path(third.path)
+    assert again.metrics == third.metrics and again.checkpoint == third.checkpoint
+    with pytest.raises(ValueError, match="no result.json"):
+        train.Result.from_path(str(tmp_path))
 
 
 def test_fit_inside_a_task(tcluster, tmp_path):

@@ -10,7 +10,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .checkpoint import Checkpoint
 from .config import CheckpointConfig
@@ -52,6 +52,27 @@ class Result:
         except ImportError as e:
             raise ImportError("Result.metrics_dataframe needs pandas: pip install pandas") from e
         return pd.DataFrame(self._metrics_history)
+
+    @classmethod
+    def from_path(cls, path: Union[str, os.PathLike], storage_filesystem: Any = None) -> "Result":
+        """The result of the run stored in the directory ``path`` (local,
+        a URI, or a path on ``storage_filesystem``), read from its
+        ``result.json`` and ``checkpoints.json``."""
+        import pyarrow.fs as pafs
+
+        from .checkpoint import resolve_filesystem
+        fs, run_path = resolve_filesystem(path, storage_filesystem)
+        results = f"{run_path}/result.json"
+        if fs.get_file_info(results).type == pafs.FileType.NotFound:
+            raise ValueError(f"Result.from_path({os.fspath(path)!r}): no result.json there; pass "
+                             f"the run directory (storage_path/name) of a finished fit()")
+        with fs.open_input_stream(results) as f:
+            history = [json.loads(line) for line in f.read().decode().splitlines() if line]
+        manager = CheckpointManager(CheckpointConfig(), fs, run_path)
+        manager.load()
+        return cls(metrics=history[-1] if history else None, checkpoint=manager.latest,
+                   error=None, path=run_path, filesystem=fs,
+                   best_checkpoints=list(manager.kept), _metrics_history=history)
 
     def get_best_checkpoint(self, metric: str, mode: str) -> Optional[Checkpoint]:
         """The kept checkpoint whose metrics have the best ``metric``
