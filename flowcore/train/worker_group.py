@@ -10,6 +10,7 @@ resources. ``shutdown()`` kills every worker and frees the bundles.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import socket
 import time
@@ -22,6 +23,7 @@ from .config import ScalingConfig
 from .context import _Session, _set_session
 
 _POLL_SECONDS = 5.0
+logger = logging.getLogger(__name__)
 
 
 class _TrainWorker:
@@ -175,6 +177,12 @@ class WorkerGroup:
                                  f"ScalingConfig(num_workers=...) or resources_per_worker")
             if rows and rows[0].get("state") == "REMOVED":
                 raise RuntimeError("the training workers' placement group was removed")
+            if waited == 10.0:
+                logger.warning("the %d training workers wait for resources %s each: the "
+                               "placement group is pending (%s); other work holds them",
+                               self.scaling.num_workers,
+                               self.scaling._resources_per_worker_not_none,
+                               rows[0].get("cause") if rows else "not reserved yet")
 
     def _assign_ranks(self) -> None:
         node_order: list[str] = []
