@@ -277,6 +277,27 @@ def test_fit_inside_a_task(tcluster, tmp_path):
     metrics, task_pid = flowcore.get(launch.remote(str(tmp_path)), timeout=90)
     assert metrics["rank"] == 0 and metrics["pid"] != task_pid
 
+class _FlakySetup(train.BackendConfig):
+    """A backend whose setup fails in the first group (a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def _on_worker_start(self, session):
+        if session.world_rank == 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise OSError("address already in use")
+
+
+def test_failed_process_group_setup_is_retried(tcluster, tmp_path):
+    marker = str(tmp_path / "failed_once")
+    result = DataParallelTrainer(lambda: train.report({"ok": 1}),
+                                 backend_config=_FlakySetup(marker),
+                                 scaling_config=ScalingConfig(num_workers=2),
+                                 run_config=RunConfig(storage_path=str(tmp_path))).fit()
+    assert os.path.exists(marker) and result.metrics == {"ok": 1}
+
+
 def test_bad_input_on_cluster(tcluster, tmp_path):
     rc = RunConfig(storage_path=str(tmp_path))
     with pytest.raises(ValueError, match="infeasible.*GPU.*use_gpu=False"):

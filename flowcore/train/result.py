@@ -28,6 +28,13 @@ class TrainingFailedError(RuntimeError):
 class WorkerGroupError(TrainingFailedError):
     """A training worker raised, or its process or node died."""
 
+    setup = False       # True when the workers' process group could not be set up
+
+
+class BackendSetupError(RuntimeError):
+    """A worker could not set up the run's process group (for example the
+    rendezvous port was taken meanwhile); the group is started again."""
+
 
 @dataclass
 class Result:

@@ -26,10 +26,12 @@ from flowcore.exceptions import FlowcoreError
 
 from .checkpoint import Checkpoint, resolve_filesystem, is_local
 from .config import RunConfig, ScalingConfig
-from .result import CheckpointManager, Result, TrainingFailedError, WorkerGroupError
+from .result import (BackendSetupError, CheckpointManager, Result, TrainingFailedError,
+                     WorkerGroupError)
 from .worker_group import _POLL_SECONDS, WorkerGroup
 
 logger = logging.getLogger(__name__)
+_SETUP_RETRIES = 2      # new groups after a failed process-group setup, beyond max_failures
 
 
 class BackendConfig:
@@ -173,6 +175,7 @@ class DataParallelTrainer:
             state.next_index = manager.next_index
         max_failures = rc.failure_config.max_failures
         failures = 0
+        setup_retries = 0
         error: Optional[BaseException] = None
         while True:
             try:
@@ -181,6 +184,12 @@ class DataParallelTrainer:
                 break
             except WorkerGroupError as e:
                 error = e
+                if e.setup and setup_retries < _SETUP_RETRIES:
+                    # not the training function's fault: start the group again
+                    setup_retries += 1
+                    logger.warning("%s; starting the workers again (%d of %d)", e,
+                                   setup_retries, _SETUP_RETRIES)
+                    continue
             except ValueError as e:
                 if failures == 0:
                     raise           # bad input: the first group cannot be placed
@@ -292,6 +301,7 @@ class DataParallelTrainer:
                     failure = failure or WorkerGroupError(
                         f"training worker rank {rank} failed: {e}")
                     failure.__cause__ = failure.__cause__ or e
+                    failure.setup = isinstance(e, BackendSetupError)
             if failure is not None:
                 raise failure
         state.finish_attempt(len(actors))

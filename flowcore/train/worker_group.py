@@ -21,6 +21,7 @@ import flowcore
 
 from .config import ScalingConfig
 from .context import _Session, _set_session
+from .result import BackendSetupError
 
 _POLL_SECONDS = 5.0
 logger = logging.getLogger(__name__)
@@ -54,7 +55,11 @@ class _TrainWorker:
             self._session = session
             self._ready.notify_all()
         try:
-            backend_config._on_worker_start(session)
+            try:
+                backend_config._on_worker_start(session)
+            except Exception as e:
+                raise BackendSetupError(f"setting up the workers' process group failed: "
+                                        f"{type(e).__name__}: {e}") from e
             try:
                 if _takes_config(fn):
                     fn(config if config is not None else {})
