@@ -53,8 +53,10 @@ def pickle_callable(fn: Any) -> bytes:
     import cloudpickle
     mod_name = getattr(fn, "__module__", None) or "__main__"
     by_value = None
-    if mod_name != "__main__" and mod_name.split(".")[0] != "flowcore" \
-            and mod_name in sys.modules:  # flowcore itself is importable everywhere
+    # flowcore's own modules are importable wherever flowcore runs, also from
+    # an editable install outside site-packages (inside a worker, where the
+    # driver's sys.path is not known): never ship the package by value
+    if mod_name != "__main__" and mod_name in sys.modules and mod_name.split(".")[0] != "flowcore":
         mod = sys.modules[mod_name]
         path = getattr(mod, "__file__", None)
         if path:
