@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Optional extras whose tests run in `make test` (all light; torch for
 # flowcore.train comes from .ci/run, and its tests skip without it outside CI).
-TEST_EXTRAS ?= test,graph,serve,data
+TEST_EXTRAS ?= test,graph,serve,data,rl
 
 .PHONY: venv demo demo-nodot test bench clean
 
