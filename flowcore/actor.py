@@ -13,7 +13,7 @@ from typing import Any, Callable, Generic, TypeVar
 from . import ids
 from . import options as opts
 from .objects.ref import ObjectRef, current_client
-from .remote_function import encode_args, pickle_callable
+from .remote_function import check_call, encode_args, pickle_checked, signature_of
 
 T = TypeVar("T")
 
@@ -57,6 +57,7 @@ class ActorClass(Generic[T]):
         self._name = cls.__qualname__
         self._options = opts.validate(opts.ACTOR, dict(options), f"@remote({self._name})")
         self._methods, self._is_async = _method_table(cls)
+        self._signature = signature_of(cls)
         self._blob: bytes | None = None
         self._fid: bytes | None = None
 
@@ -73,15 +74,19 @@ class ActorClass(Generic[T]):
 
     def _identity(self) -> tuple[bytes, bytes]:
         if self._fid is None:
-            self._blob = pickle_callable(self._cls)
+            self._blob = pickle_checked(self._cls, "actor class", self._name)
             self._fid = hashlib.blake2b(self._blob, digest_size=16).digest()
         return self._fid, self._blob  # type: ignore[return-value]
 
     def remote(self, *args: Any, **kwargs: Any) -> "ActorHandle":
+        o = opts.resolved(opts.ACTOR, self._options)
+        if o.get("get_if_exists") and not o.get("name"):
+            raise ValueError(f"{self._name}.options(get_if_exists=True) needs name=...: only "
+                             f"a named actor can be looked up")
+        check_call(self._signature, f"{self._name}.remote()", args, kwargs)
         client = _client()
         fid, blob = self._identity()
         client.ensure_function(fid, lambda: blob, self._name)
-        o = opts.resolved(opts.ACTOR, self._options)
         try:
             spec = encode_args(client, args, kwargs)
         except TypeError as e:

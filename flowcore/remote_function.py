@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import sys
 from typing import Any, Callable, Generic, TypeVar
@@ -71,6 +72,52 @@ def pickle_callable(fn: Any) -> bytes:
     return cloudpickle.dumps(fn, protocol=5)
 
 
+# Ray's limits on a pickled function or class: a warning past the first, an
+# error past the second (the blob travels in one message to the head).
+FUNCTION_SIZE_WARN = 10 << 20
+FUNCTION_SIZE_LIMIT = 100 << 20
+
+
+def pickle_checked(target: Any, kind: str, name: str) -> bytes:
+    """``pickle_callable`` with Ray's size checks: a function or class whose
+    pickle is too large (it captured a big object) gets an error naming it
+    and its size, and how to fix it."""
+    blob = pickle_callable(target)
+    mib = len(blob) / (1 << 20)
+    if len(blob) > FUNCTION_SIZE_LIMIT:
+        raise ValueError(
+            f"the {kind} {name} is too large to ship: it pickles to {mib:.1f} MiB (limit "
+            f"{FUNCTION_SIZE_LIMIT / (1 << 20):.0f} MiB). Check that its definition does not "
+            f"capture a large array or other object from its scope; put large objects in the "
+            f"object store with flowcore.put() and pass the ref instead")
+    if len(blob) > FUNCTION_SIZE_WARN:
+        import warnings
+        warnings.warn(f"the {kind} {name} pickles to {mib:.1f} MiB; check that it does not "
+                      f"capture a large object from its scope (use flowcore.put())",
+                      stacklevel=4)
+    return blob
+
+
+def signature_of(target: Any) -> "inspect.Signature | None":
+    """The signature calls are checked against at submit time (None when
+    Python cannot tell, e.g. some builtins)."""
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_call(sig: "inspect.Signature | None", what: str, args: tuple, kwargs: dict) -> None:
+    """Raise TypeError now, at submit time, if ``args``/``kwargs`` do not
+    bind to ``sig`` (Ray does the same), instead of failing in the worker."""
+    if sig is None:
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{what}: {e} (signature: {sig})") from None
+
+
 def encode_args(client: Any, args: tuple, kwargs: dict) -> dict:
     """Build the argument part of a task spec: top-level refs become
     dependencies, everything else is serialized (large payloads go to the
@@ -129,6 +176,7 @@ class RemoteFunction(Generic[R]):
         self._function = fn
         self._options = opts.validate(opts.TASK, dict(options), f"@remote({fn.__qualname__})")
         self._name = getattr(fn, "__qualname__", repr(fn))
+        self._signature = signature_of(fn)
         self._blob: bytes | None = None
         self._fid: bytes | None = None
         functools.update_wrapper(self, fn)
@@ -140,7 +188,7 @@ class RemoteFunction(Generic[R]):
 
     def _identity(self) -> tuple[bytes, bytes]:
         if self._fid is None:
-            self._blob = pickle_callable(self._function)
+            self._blob = pickle_checked(self._function, "remote function", self._name)
             self._fid = hashlib.blake2b(self._blob, digest_size=16).digest()
         return self._fid, self._blob  # type: ignore[return-value]
 
@@ -155,6 +203,7 @@ class RemoteFunction(Generic[R]):
     def remote(self, *args: Any, **kwargs: Any) -> "ObjectRef[R]":
         """Submit a task; returns its ObjectRef at once (a list of refs when
         ``num_returns`` > 1)."""
+        check_call(self._signature, f"{self._name}.remote()", args, kwargs)
         client = current_client()
         if client is None:
             from .api import _auto_init

@@ -7,6 +7,8 @@ node can reuse this worker at once) and then to the head ("task_done").
 from __future__ import annotations
 
 import argparse
+import asyncio
+import inspect
 import logging
 import os
 from collections import deque
@@ -142,6 +144,10 @@ class Worker:
                 args, kwargs = self._resolve_args(task)
                 value = fn(*args, **kwargs)
                 del args, kwargs
+                if self.instance is None and inspect.iscoroutine(value):
+                    # ``@remote`` on an ``async def``: run the coroutine to
+                    # completion here, on an event loop of its own
+                    value = asyncio.run(value)
                 self.running_tid = None
                 results = self._results(task, value, keep)
                 del value
