@@ -13,6 +13,7 @@ from typing import Any, Callable, Generic, TypeVar
 from . import ids
 from . import options as opts
 from .objects.ref import ObjectRef, current_client
+from .runtime_context import namespace_of
 from .remote_function import check_call, encode_args, pickle_checked, signature_of
 
 T = TypeVar("T")
@@ -29,7 +30,7 @@ def method(*, num_returns: int = 1) -> Callable[[Callable], Callable]:
     return deco
 
 
-def _method_table(cls: type) -> tuple[dict[str, int], bool]:
+def method_table(cls: type) -> tuple[dict[str, int], bool]:
     table: dict[str, int] = {}
     is_async = False
     for name, member in inspect.getmembers(cls):
@@ -56,7 +57,7 @@ class ActorClass(Generic[T]):
         self._cls = cls
         self._name = cls.__qualname__
         self._options = opts.validate(opts.ACTOR, dict(options), f"@remote({self._name})")
-        self._methods, self._is_async = _method_table(cls)
+        self._methods, self._is_async = method_table(cls)
         self._signature = signature_of(cls)
         self._blob: bytes | None = None
         self._fid: bytes | None = None
@@ -98,12 +99,14 @@ class ActorClass(Generic[T]):
         spec.update({
             "tid": tid, "aid": tid, "fid": fid, "name": f"{self._name}.__init__",
             "class_name": self._name, "methods": self._methods, "is_async": self._is_async,
-            "actor_name": o.get("name"), "namespace": o.get("namespace"),
+            "actor_name": o.get("name"), "namespace": o.get("namespace") or namespace_of(client),
             "get_if_exists": o.get("get_if_exists"), "detached": o.get("lifetime") == "detached",
             "max_restarts": o["max_restarts"], "max_task_retries": o["max_task_retries"],
             "max_concurrency": o["max_concurrency"],
             "hold": explicit, "place": explicit or {"CPU": 1.0},
         })
+        if getattr(client, "job", None):
+            spec["job"] = client.job
         if o.get("scheduling_strategy") is not None:
             from .scheduling import for_submit
             spec["strategy"] = for_submit(client, o["scheduling_strategy"], spec["place"],
@@ -226,8 +229,9 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     """The handle of the live actor created with ``.options(name=name)``."""
     if not isinstance(name, str) or not name:
         raise TypeError("get_actor() takes the actor's name (a non-empty string)")
-    meta = _client().query("get_actor", name=name, namespace=namespace)
+    client = _client()
+    meta = client.query("get_actor", name=name, namespace=namespace or namespace_of(client))
     if meta is None:
         raise ValueError(f"no live actor named {name!r} in namespace "
-                         f"{namespace or 'default'!r}")
+                         f"{namespace or namespace_of(client)!r}")
     return ActorHandle._from_meta(meta)

@@ -43,7 +43,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          session_dir: str | None = None, max_workers: int | None = None,
          log_to_driver: bool = True, worker_memory_limit: int | None = None,
          ignore_reinit_error: bool = False, tls: Any = None,
-         runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+         runtime_env: dict[str, Any] | None = None,
+         namespace: str | None = None) -> dict[str, Any]:
     """Start a private local cluster (no ``address``) or connect to one.
 
     ``tls={"cert": ..., "key": ..., "ca": ...}`` (PEM paths) connects over
@@ -55,6 +56,10 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
     ``runtime_env`` (keys ``working_dir``, ``py_modules``, ``env_vars``) is
     the environment every task and actor of this job runs with; see
     docs/user-guide.md, "Runtime environments".
+
+    ``namespace`` is where this job's named actors are created and looked up
+    by default (``"default"`` when not given); tasks and actors of the job
+    inherit it.
 
     Returns a dict with the head ``address``, ``session_dir``, ``node_id`` and
     ``dashboard_url`` (the head's web dashboard, or None; log in with the token).
@@ -81,6 +86,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             check_runtime_env(runtime_env)
         except (TypeError, ValueError) as e:
             raise type(e)(f"init(runtime_env=...): {e}") from None
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            raise TypeError(f"init(namespace={namespace!r}): expected a non-empty string")
         if max_workers == 0:
             raise ValueError("init(max_workers=0): a node needs at least one worker")
         if resources is not None:
@@ -135,6 +142,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                      "node_id": client.node_id,
                      "dashboard_url": getattr(client, "dashboard_url", None)}
         client.log_to_driver = bool(log_to_driver)
+        from .runtime_context import new_job
+        client.job = new_job(namespace)
         if runtime_env is not None:
             from .runtime_env import init_job
             try:
@@ -346,8 +355,10 @@ def available_resources() -> dict[str, float]:
 
 
 def get_runtime_context() -> Any:
+    """Facts about this process, job, task and actor (``RuntimeContext``);
+    starts the embedded cluster on first use, like the other API calls."""
     from .runtime_context import RuntimeContext
-    return RuntimeContext(current_client())
+    return RuntimeContext(current_client() or _auto_init())
 
 
 def session_info() -> dict[str, Any]:

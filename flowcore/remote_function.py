@@ -224,6 +224,8 @@ class RemoteFunction(Generic[R]):
                               f"task {spec['name']}")
         if strategy is not None:
             spec["strategy"] = strategy
+        if getattr(client, "job", None):
+            spec["job"] = client.job
         if client.runtime_env is not None or o["runtime_env"] is not None:
             from .runtime_env import for_task
             spec["renv"] = for_task(client, o["runtime_env"])

@@ -71,6 +71,7 @@ class CoreClient(DirectCallsMixin):
         self.node_id = ""
         self.session_dir = ""
         self.dashboard_url: str | None = None
+        self.job: list[str] | None = None  # [job id, namespace]: see runtime_context
         self.ids = ids.IdSource()
         self.loop = asyncio.new_event_loop()
         self.head: Comm | None = None
@@ -517,6 +518,8 @@ class CoreClient(DirectCallsMixin):
                "attempt": 1}
         if spec.get("renv") is not None:
             run["renv"] = spec["renv"]
+        if spec.get("job") is not None:
+            run["job"] = spec["job"]
         return run
 
     def _wait_pending_room(self) -> None:

@@ -43,6 +43,7 @@ class Worker:
         self.aloop: Any = None        # event loop of an async actor
         self.asem: Any = None
         self.actor_gpus: list[int] = []
+        self.actor_spec: dict = {}    # the start_actor message of the hosted actor
         self.tasks: deque[dict | None] = deque()
         self.functions: dict[bytes, Any] = {}
         self.main_ident = threading.main_thread().ident
@@ -130,8 +131,9 @@ class Worker:
         self._set_gpus(task)
         task["_started"] = time.time()
         self.client.current_task = task
-        if self.actor_id is None:  # tasks it submits inherit its runtime_env
+        if self.actor_id is None:  # tasks it submits inherit its runtime_env and job
             self.client.runtime_env = task.get("renv")
+            self.client.job = task.get("job")
         concurrent_call = task.get("actor") is not None and self.threads is not None
         if not concurrent_call:
             self.running_tid = tid
@@ -247,7 +249,9 @@ class Worker:
         from ..objects.serialization import serialize
         from ..exceptions import ActorDiedError
         self.actor_class = spec.get("name", "?")
+        self.actor_spec = spec
         self.client.runtime_env = spec.get("renv")
+        self.client.job = spec.get("job")
         self.actor_gpus = list(spec.get("gpu_ids") or [])
         if self.actor_gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.actor_gpus)

@@ -41,6 +41,7 @@ class ActorRecord:
         self.is_async = bool(spec.get("is_async"))
         self.hold: dict[str, float] = spec.get("hold") or {}
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
+        self.job: list | None = spec.get("job")  # [job id, namespace] of its creator
         self.create_tid: bytes = spec["tid"]
         # the constructor's arguments, kept (and their objects held) for restarts
         self.args: bytes | None = spec.get("args")
@@ -137,7 +138,7 @@ class ActorsMixin:
             "deps": deps,
             "hold": actor.hold, "max_concurrency": actor.max_concurrency,
             "is_async": actor.is_async, "restart": actor.restarts, "bundle": actor.bundle,
-            "renv": actor.renv})
+            "renv": actor.renv, "job": actor.job, "actor_name": actor.name})
 
     def handle_actor_ready(self, source: str, msg: dict) -> None:
         actor = self.actors.get(msg["aid"])

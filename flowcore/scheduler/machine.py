@@ -90,7 +90,7 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children")
+                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -98,6 +98,7 @@ class TaskRecord:
         self.name: str = spec.get("name", "?")
         self.owner = owner
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
+        self.job: list | None = spec.get("job")  # [job id, namespace] of the submitter
         self.args: bytes | None = spec["args"]
         self.args_dep: int | None = spec.get("args_dep")
         self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
@@ -778,6 +779,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             "owner": t.owner, "attempt": t.attempt, **self._bundle_fields(t)}
         if t.renv is not None:
             msg["renv"] = t.renv
+        if t.job is not None:
+            msg["job"] = t.job
         self._send(node.node_id, msg)
 
     def _finish_resources(self, t: TaskRecord) -> None:
