@@ -15,12 +15,13 @@ from ._version import __version__
 if TYPE_CHECKING:  # what a type checker sees
     from . import state
     from .api import (available_resources, cancel, cluster_resources, explain, get,
-                      get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
-    from .actor import ActorClass, ActorHandle, get_actor, kill, method
+                      get_node_ip_address, get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
+    from .actor import ActorClass, ActorHandle, get_actor, kill, list_named_actors, method
     from .executor import Executor
     from .scheduling import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
     from .placement_groups import (PlacementGroup, get_current_placement_group,
-                                  get_placement_group, placement_group, remove_placement_group)
+                                  get_placement_group, placement_group,
+                                  placement_group_table, remove_placement_group)
     from .objects.ref import ObjectRef
     from .remote_function import RemoteFunction
     from .runtime_context import get_gpu_ids
@@ -41,8 +42,10 @@ _LAZY = {
     "PlacementGroupSchedulingStrategy": "scheduling", "PlacementGroup": "placement_groups",
     "placement_group": "placement_groups", "remove_placement_group": "placement_groups",
     "get_placement_group": "placement_groups", "get_current_placement_group": "placement_groups",
+    "placement_group_table": "placement_groups", "list_named_actors": "actor",
+    "get_node_ip_address": "api", "ActorPool": "util.actor_pool",
 }
-_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling"}
+_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling", "util"}
 
 
 def __getattr__(name: str) -> Any:
@@ -102,6 +105,7 @@ __all__ = [
     "exceptions", "state", "method", "kill", "get_actor", "ActorHandle", "ActorClass",
     "NodeAffinitySchedulingStrategy", "PlacementGroupSchedulingStrategy", "PlacementGroup",
     "placement_group", "remove_placement_group", "get_placement_group",
-    "get_current_placement_group",
+    "get_current_placement_group", "placement_group_table", "list_named_actors",
+    "get_node_ip_address",
     "visualize", "timeline", "progress",
 ]

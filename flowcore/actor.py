@@ -225,6 +225,18 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
                          "no_restart": bool(no_restart)})
 
 
+def list_named_actors(all_namespaces: bool = False) -> list[str] | list[dict[str, str]]:
+    """The names of the live named actors in this job's namespace; with
+    ``all_namespaces=True``, ``[{"name": ..., "namespace": ...}]`` across all."""
+    client = _client()
+    rows = [r for r in client.query("list_actors", state=None)
+            if r.get("name") and r.get("state") != "DEAD"]
+    if all_namespaces:
+        return [{"name": r["name"], "namespace": r["namespace"]} for r in rows]
+    ns = namespace_of(client)
+    return [r["name"] for r in rows if r["namespace"] == ns]
+
+
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     """The handle of the live actor created with ``.options(name=name)``."""
     if not isinstance(name, str) or not name:

@@ -354,6 +354,25 @@ def available_resources() -> dict[str, float]:
     return _require_client().query("available_resources")
 
 
+def get_node_ip_address(address: str = "8.8.8.8:53") -> str:
+    """The IP address of the node this process runs on: its node's address
+    when connected, else the local address that routes to ``address`` (no
+    packet is sent), else 127.0.0.1."""
+    import socket
+    client = current_client()
+    node_address = getattr(client, "node_address", None) if client is not None else None
+    if node_address:
+        from .protocol.comm import parse_address
+        return parse_address(node_address)[0]
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, int(port)))
+            return s.getsockname()[0]
+    except (OSError, ValueError):
+        return "127.0.0.1"
+
+
 def get_runtime_context() -> Any:
     """Facts about this process, job, task and actor (``RuntimeContext``);
     starts the embedded cluster on first use, like the other API calls."""

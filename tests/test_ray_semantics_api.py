@@ -140,37 +140,113 @@ def test_runtime_context_in_driver_task_and_actor(cluster):
     flowcore.kill(a)
 
 
-def test_runtime_context_starts_the_cluster_and_init_namespace(tmp_path):
-    flowcore.shutdown()
-    try:
-        ctx = flowcore.get_runtime_context()  # no init(): starts the embedded cluster
-        assert flowcore.is_initialized() and ctx.get_node_id()
-    finally:
-        flowcore.shutdown()
-    with pytest.raises(TypeError, match="namespace"):
-        flowcore.init(namespace=3)
-    flowcore.init(num_cpus=1, namespace="team-a", session_dir=str(tmp_path / "s"))
-    try:
-        assert flowcore.get_runtime_context().namespace == "team-a"
+# ------------------------------------------------------------ small names Ray programs use
+def test_as_future_is_an_asyncio_future(cluster):
+    import asyncio
 
-        @flowcore.remote(num_cpus=0)
-        class Named:
-            def ns(self):
-                return flowcore.get_runtime_context().namespace
+    @flowcore.remote
+    def double(x):
+        return 2 * x
 
-        a = Named.options(name="svc").remote()
-        assert flowcore.get(a.ns.remote()) == "team-a"
-        assert flowcore.get_actor("svc") == a          # looked up in the job's namespace
-        with pytest.raises(ValueError, match="'default'"):
-            flowcore.get_actor("svc", namespace="default")
+    async def main():
+        futs = [double.remote(i).as_future() for i in range(3)]
+        assert all(isinstance(f, asyncio.Future) for f in futs)
+        return await asyncio.gather(*futs)
 
-        @flowcore.remote(num_cpus=0)
-        def lookup():  # tasks inherit the job's namespace
-            h = flowcore.get_actor("svc")
-            return flowcore.get_runtime_context().namespace, flowcore.get(h.ns.remote())
+    assert asyncio.run(main()) == [0, 2, 4]
 
-        assert flowcore.get(lookup.remote()) == ("team-a", "team-a")
-        actors = flowcore.state.list_actors()
-        assert [r["namespace"] for r in actors if r["name"] == "svc"] == ["team-a"]
-    finally:
-        flowcore.shutdown()
+
+def test_util_names(cluster):
+    import flowcore.util as util
+    from flowcore.placement_groups import placement_group_table
+
+    assert util.get_node_ip_address() == "127.0.0.1"  # the embedded node's address
+    assert flowcore.get_node_ip_address is util.get_node_ip_address
+
+    @flowcore.remote(num_cpus=0)
+    class Named:
+        def ip(self):
+            return util.get_node_ip_address()
+
+    a = Named.options(name="util-a").remote()
+    b = Named.options(name="util-b", namespace="other").remote()
+    assert flowcore.get(a.ip.remote()) == "127.0.0.1"
+    flowcore.get(b.ip.remote())
+    assert "util-a" in util.list_named_actors() and "util-b" not in util.list_named_actors()
+    everywhere = util.list_named_actors(all_namespaces=True)
+    assert {"name": "util-b", "namespace": "other"} in everywhere
+    flowcore.kill(a)
+    flowcore.kill(b)
+
+    pg = flowcore.placement_group([{"CPU": 1}, {"custom": 1}], strategy="PACK")
+    assert pg.wait(30)
+    row = placement_group_table(pg)
+    assert row["placement_group_id"] == pg.id.hex() and row["state"] == "CREATED"
+    assert row["bundles"] == {0: {"CPU": 1.0}, 1: {"custom": 1.0}}
+    assert set(row["bundles_to_node_id"]) == {0, 1}
+    assert util.placement_group_table()[pg.id.hex()]["strategy"] == "PACK"
+    with pytest.raises(TypeError):
+        placement_group_table("nope")
+
+    @flowcore.remote(num_cpus=1)
+    def pg_id():
+        return flowcore.get_runtime_context().get_placement_group_id()
+
+    from flowcore import PlacementGroupSchedulingStrategy
+    strat = PlacementGroupSchedulingStrategy(pg, 0)
+    assert flowcore.get(pg_id.options(scheduling_strategy=strat).remote()) == pg.id.hex()
+    flowcore.remove_placement_group(pg)
+
+
+def test_finished_tasks_stay_listed_after_their_refs_are_dropped(cluster):
+    import time
+
+    @flowcore.remote
+    def whoami():
+        return flowcore.get_runtime_context().get_task_id()
+
+    tid = flowcore.get(whoami.remote())  # the ref is dropped after this line
+    deadline = time.monotonic() + 30
+    # wait until the head has freed the result (and pruned the task's record)
+    while any(o["object_id"].startswith(tid) for o in flowcore.state.list_objects()):
+        assert time.monotonic() < deadline, "the dropped result was never freed"
+        time.sleep(0.05)
+    rows = [r for r in flowcore.state.list_tasks() if r["task_id"] == tid]
+    assert len(rows) == 1 and rows[0]["state"] == "FINISHED"
+    assert rows[0]["name"].endswith("whoami") and rows[0]["ended"] >= rows[0]["started"]
+    assert rows[0]["resources"] == {"CPU": 1.0}
+    assert [r["task_id"] for r in flowcore.state.list_tasks(state="FINISHED")].count(tid) == 1
+    assert tid not in {r["task_id"] for r in flowcore.state.list_tasks(state="RUNNING")}
+
+
+def test_task_cancelled_from_an_actor(cluster):
+    from flowcore.exceptions import TaskCancelledError
+    from flowcore.testing import Signal
+
+    sig = Signal()
+
+    @flowcore.remote(num_cpus=1)
+    def blocked(s):
+        s.wait()
+
+    @flowcore.remote(num_cpus=0)
+    class Canceller:
+        def run(self, s, reraise):
+            ref = blocked.remote(s)
+            flowcore.cancel(ref)  # queued or running: either way it is cancelled
+            if reraise:
+                return flowcore.get(ref, timeout=30)
+            try:
+                flowcore.get(ref, timeout=30)
+            except TaskCancelledError as e:
+                return type(e).__name__, isinstance(e, TaskError)
+
+    c = Canceller.remote()
+    # inside the actor: the plain TaskCancelledError, as for the driver
+    assert flowcore.get(c.run.remote(sig, False)) == ("TaskCancelledError", False)
+    # raised out of the actor's method: a TaskError that is also a TaskCancelledError
+    with pytest.raises(TaskCancelledError) as info:
+        flowcore.get(c.run.remote(sig, True))
+    assert isinstance(info.value, TaskError)
+    sig.set()
+    flowcore.kill(c)

@@ -803,7 +803,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             "node_id": t.node, "worker": t.worker, "submitted": t.submitted,
             "started": t.started or None, "ended": t.ended, "attempt": t.attempt,
             "actor_id": t.actor.hex() if t.actor else None, "error": t.error_text,
-            "cause": t.cause})
+            "cause": t.cause, "owner": t.owner, "retries_left": t.retries_left,
+            "resources": dict(t.res)})
         self._force_cancelled.discard(t.tid)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
             # lineage: the arguments stay held while any output of the task is
@@ -971,12 +972,29 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         return av
 
     def list_tasks(self, state: str | None = None, limit: int = 10_000) -> list[dict]:
+        """Task rows: the tasks the head still tracks, then finished tasks
+        already pruned (their refs dropped), newest first, from the bounded
+        history, in the same columns."""
         out = []
         for t in self.tasks.values():
             if state is None or str(t.state) == state:
                 out.append(t.as_dict())
                 if len(out) >= limit:
-                    break
+                    return out
+        seen = {row["task_id"] for row in out}
+        for h in reversed(self.history):
+            if len(out) >= limit:
+                break
+            if h["task_id"] in seen or (state is not None and h["state"] != state) \
+                    or bytes.fromhex(h["task_id"]) in self.tasks:
+                continue
+            seen.add(h["task_id"])
+            out.append({"task_id": h["task_id"], "name": h["name"], "state": h["state"],
+                        "node_id": h["node_id"], "owner": h.get("owner"),
+                        "attempt": h["attempt"], "retries_left": h.get("retries_left"),
+                        "resources": h.get("resources") or {}, "submitted": h["submitted"],
+                        "started": h["started"], "ended": h["ended"], "cause": h["cause"],
+                        "waiting_for": []})
         return out
 
     def list_objects(self, limit: int = 10_000) -> list[dict]:
