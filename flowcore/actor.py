@@ -66,6 +66,20 @@ class ActorClass(Generic[T]):
         raise TypeError(f"actor class {self._name} cannot be instantiated directly: use "
                         f"{self._name}.remote(...) to create an actor")
 
+    def __getattr__(self, name: str) -> Any:
+        # the user's class attributes, static methods and class methods stay
+        # reachable (Foo.X, Foo.make()), as on Ray's actor classes
+        cls = self.__dict__.get("_cls")
+        if cls is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
+        try:
+            return getattr(cls, name)
+        except AttributeError:
+            raise AttributeError(f"actor class {self._name} has no attribute {name!r}") from None
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(object.__dir__(self)) | set(dir(self._cls)))
+
     def options(self, **overrides: Any) -> "ActorClass[T]":
         opts.validate(opts.ACTOR, overrides, f"{self._name}.options()")
         new = ActorClass.__new__(ActorClass)
@@ -192,6 +206,9 @@ class ActorHandle:
                 f"actor {self.__dict__.get('_class_name', '?')} has no method {name!r}; its "
                 f"methods are: {', '.join(sorted(methods)) or '(none)'}")
         return ActorMethod(self, name, methods[name])
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(object.__dir__(self)) | set(self.__dict__.get("_methods", {})))
 
     def __reduce__(self) -> Any:
         from .objects import serialization

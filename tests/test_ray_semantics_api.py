@@ -250,3 +250,41 @@ def test_task_cancelled_from_an_actor(cluster):
     assert isinstance(info.value, TaskError)
     sig.set()
     flowcore.kill(c)
+
+
+# ------------------------------------------------------------ actor classes
+def test_actor_class_keeps_class_attributes_and_lists_methods(cluster):
+    @flowcore.remote
+    class Foo:
+        X = 3
+
+        def __init__(self, v=0):
+            self.v = v
+
+        @staticmethod
+        def s(a):
+            return a + 4
+
+        @classmethod
+        def make(cls):
+            return cls(7)
+
+        def get(self):
+            return self.v + Foo.X
+
+    assert Foo.X == 3 and Foo.s(1) == 5
+    local = Foo.make()  # a plain local instance, as with Ray
+    assert local.v == 7
+    with pytest.raises(AttributeError, match="Foo has no attribute 'nope'"):
+        Foo.nope
+    assert {"X", "s", "make", "get", "remote", "options"} <= set(dir(Foo))
+    h = Foo.remote(1)
+    assert flowcore.get(h.get.remote()) == 4
+    assert {"get", "s", "make"} <= set(dir(h)) and "remote" in dir(h.get)
+    # an actor class captured by a task still works there
+    @flowcore.remote
+    def make_and_ask():
+        a = Foo.remote(2)
+        return Foo.X, flowcore.get(a.get.remote())
+
+    assert flowcore.get(make_and_ask.remote()) == (3, 5)
