@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # what a type checker sees
     from . import state
     from .api import (available_resources, cancel, cluster_resources, explain, get,
                       get_node_ip_address, get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
-    from .actor import ActorClass, ActorHandle, get_actor, kill, list_named_actors, method
+    from .actor import (ActorClass, ActorHandle, exit_actor, get_actor, kill, list_named_actors,
+                        method)
     from .executor import Executor
     from .scheduling import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
     from .placement_groups import (PlacementGroup, get_current_placement_group,
@@ -36,7 +37,7 @@ _LAZY = {
     "available_resources": "api", "get_runtime_context": "api", "explain": "api",
     "Executor": "executor", "ObjectRef": "objects.ref", "RemoteFunction": "remote_function",
     "get_gpu_ids": "runtime_context", "TaskState": "scheduler.states",
-    "method": "actor", "kill": "actor", "get_actor": "actor", "ActorHandle": "actor",
+    "method": "actor", "kill": "actor", "exit_actor": "actor", "get_actor": "actor", "ActorHandle": "actor",
     "ActorClass": "actor", "NodeAffinitySchedulingStrategy": "scheduling",
     "visualize": "graph.visualize", "timeline": "trace", "progress": "progress_bar",
     "PlacementGroupSchedulingStrategy": "scheduling", "PlacementGroup": "placement_groups",
@@ -102,7 +103,7 @@ __all__ = [
     "__version__", "init", "shutdown", "is_initialized", "remote", "get", "put", "wait",
     "cancel", "nodes", "cluster_resources", "available_resources", "get_gpu_ids",
     "get_runtime_context", "ObjectRef", "RemoteFunction", "Executor", "TaskState",
-    "exceptions", "state", "method", "kill", "get_actor", "ActorHandle", "ActorClass",
+    "exceptions", "state", "method", "kill", "exit_actor", "get_actor", "ActorHandle", "ActorClass",
     "NodeAffinitySchedulingStrategy", "PlacementGroupSchedulingStrategy", "PlacementGroup",
     "placement_group", "remove_placement_group", "get_placement_group",
     "get_current_placement_group", "placement_group_table", "list_named_actors",

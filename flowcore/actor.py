@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, NoReturn, TypeVar
 
 from . import ids
 from . import options as opts
@@ -198,6 +198,8 @@ class ActorHandle:
                    counted=counted)
 
     def __getattr__(self, name: str) -> ActorMethod:
+        if name == "__ray_terminate__":  # Ray's graceful terminate, after queued calls
+            return ActorMethod(self, name, 1)
         if name.startswith("__"):
             raise AttributeError(name)
         methods = self.__dict__.get("_methods", {})
@@ -227,6 +229,21 @@ class ActorHandle:
     @property
     def actor_id(self) -> str:
         return self._aid.hex()
+
+
+def exit_actor() -> NoReturn:
+    """End the current actor from inside one of its methods (Ray's
+    ``ray.actor.exit_actor``): the actor is dead for good (no restart), the
+    calling method's ref and calls queued after it raise ``ActorDiedError``,
+    and the process runs its atexit handlers and exits.
+
+    Raises ``TypeError`` when called outside an actor (on the driver or in a
+    task)."""
+    from .runtime_context import ActorExit, in_actor
+    if not in_actor():
+        raise TypeError("exit_actor() can only be called inside an actor's method; use "
+                        "flowcore.kill(handle) to end an actor from outside")
+    raise ActorExit("it called exit_actor()")
 
 
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:

@@ -14,6 +14,20 @@ _worker: Any = None
 DEFAULT_NAMESPACE = "default"
 
 
+class ActorExit(SystemExit):
+    """Raised by ``exit_actor()`` (and ``__ray_terminate__``) to end the
+    current actor; ``reason`` becomes the actor's cause of death."""
+
+    def __init__(self, reason: str):
+        super().__init__(0)
+        self.reason = reason
+
+
+def in_actor() -> bool:
+    """True inside an actor's process."""
+    return getattr(_worker, "actor_id", None) is not None
+
+
 def set_worker(worker: Any) -> None:
     global _worker
     _worker = worker

@@ -288,3 +288,143 @@ def test_actor_class_keeps_class_attributes_and_lists_methods(cluster):
         return Foo.X, flowcore.get(a.get.remote())
 
     assert flowcore.get(make_and_ask.remote()) == (3, 5)
+
+
+# ------------------------------------------------------------ ending an actor from inside
+def _wait_file(path, timeout=30.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@flowcore.remote(num_cpus=0, max_restarts=2)
+class Leaver:
+    def __init__(self, marker=None):
+        if marker:
+            import atexit
+
+            def mark():
+                with open(marker, "w") as f:
+                    f.write("atexit ran")
+            atexit.register(mark)
+
+    def ping(self):
+        return os.getpid()
+
+    def leave(self):
+        flowcore.actor.exit_actor()
+
+    def sys_exit(self):
+        import sys
+        sys.exit(3)
+
+    def gated(self, sig, v):
+        sig.wait()
+        return v
+
+
+def test_exit_actor_ends_it_for_good_and_runs_atexit(cluster, tmp_path):
+    from flowcore.exceptions import ActorDiedError
+    marker = str(tmp_path / "atexit")
+    a = Leaver.remote(marker)
+    flowcore.get(a.ping.remote())
+    with pytest.raises(ActorDiedError, match="exit_actor"):
+        flowcore.get(a.leave.remote(), timeout=30)
+    with pytest.raises(ActorDiedError, match="not restarted"):  # despite max_restarts=2
+        flowcore.get(a.ping.remote(), timeout=30)
+    _wait_file(marker)
+    row = [r for r in flowcore.state.list_actors() if r["actor_id"] == a.actor_id][0]
+    assert row["state"] == "DEAD" and row["restarts"] == 0 and "exit_actor" in row["death_cause"]
+    assert flowcore.exit_actor is flowcore.actor.exit_actor
+    with pytest.raises(TypeError, match="inside an actor"):
+        flowcore.exit_actor()
+
+    @flowcore.remote
+    def in_task():
+        try:
+            flowcore.exit_actor()
+        except TypeError as e:
+            return str(e)
+
+    assert "inside an actor" in flowcore.get(in_task.remote())
+
+
+def test_ray_terminate_runs_after_queued_calls(cluster, tmp_path):
+    from flowcore.exceptions import ActorDiedError
+    from flowcore.testing import Signal
+    marker = str(tmp_path / "atexit")
+    a = Leaver.remote(marker)
+    sig = Signal()
+    queued = [a.gated.remote(sig, i) for i in range(3)]
+    bye = a.__ray_terminate__.remote()
+    after = a.ping.remote()
+    sig.wait_for_waiters(1)
+    sig.set()
+    assert flowcore.get(queued, timeout=30) == [0, 1, 2]  # they ran before the terminate
+    with pytest.raises(ActorDiedError, match="__ray_terminate__"):
+        flowcore.get(bye, timeout=30)
+    with pytest.raises(ActorDiedError):
+        flowcore.get(after, timeout=30)
+    _wait_file(marker)
+
+
+def test_sys_exit_in_an_actor_method_ends_the_actor(cluster):
+    from flowcore.exceptions import ActorDiedError
+    a = Leaver.remote()
+    with pytest.raises(ActorDiedError, match=r"sys\.exit\(3\)"):
+        flowcore.get(a.sys_exit.remote(), timeout=30)
+    with pytest.raises(ActorDiedError):
+        flowcore.get(a.ping.remote(), timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["threaded", "async"])
+def test_exit_actor_in_threaded_and_async_actors(cluster, kind):
+    from flowcore.exceptions import ActorDiedError
+
+    if kind == "async":
+        @flowcore.remote(num_cpus=0)
+        class A:
+            async def ping(self):
+                return 1
+
+            async def leave(self):
+                flowcore.exit_actor()
+    else:
+        @flowcore.remote(num_cpus=0, max_concurrency=4)
+        class A:
+            def ping(self):
+                return 1
+
+            def leave(self):
+                flowcore.exit_actor()
+
+    a = A.remote()
+    assert flowcore.get(a.ping.remote()) == 1
+    with pytest.raises(ActorDiedError, match="exit_actor"):
+        flowcore.get(a.leave.remote(), timeout=30)
+    with pytest.raises(ActorDiedError):
+        flowcore.get(a.ping.remote(), timeout=30)
+
+
+def test_sys_exit_in_a_task_is_a_worker_crash(cluster):
+    from flowcore.exceptions import WorkerCrashedError
+
+    @flowcore.remote(max_retries=0)
+    def quit_():
+        exit()
+
+    @flowcore.remote(max_retries=1)
+    def quit_once(path):
+        if not os.path.exists(path):
+            open(path, "w").close()
+            import sys
+            sys.exit(1)
+        return "second try"
+
+    with pytest.raises(WorkerCrashedError, match="died"):
+        flowcore.get(quit_.remote(), timeout=30)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:  # a crash is retried within max_retries
+        assert flowcore.get(quit_once.remote(os.path.join(d, "once")), timeout=30) == "second try"

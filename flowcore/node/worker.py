@@ -50,6 +50,7 @@ class Worker:
         self.running_tid: bytes | None = None
         self.cancel_requested: bytes | None = None
         self.cancel_before_start: set[bytes] = set()
+        self.exiting = False          # the hosted actor exits (exit_actor, sys.exit)
 
     # called by whichever thread is reading the sockets
     def on_node_message(self, msg: dict) -> None:
@@ -119,6 +120,8 @@ class Worker:
 
     def _target(self, task: dict) -> Any:
         if task.get("actor") is not None:
+            if task["method"] == "__ray_terminate__":
+                return _terminate
             return getattr(self.instance, task["method"])
         return self.function(task["fid"])
 
@@ -138,6 +141,7 @@ class Worker:
         if not concurrent_call:
             self.running_tid = tid
         status, results, retryable = "ok", None, False
+        leaving: SystemExit | None = None
         keep: list = []  # values stay alive until task_done is queued, so refs inside
         # them are not dropped (decref) before the head learns they are held
         try:
@@ -153,6 +157,9 @@ class Worker:
                 self.running_tid = None
                 results = self._results(task, value, keep)
                 del value
+            except SystemExit as e:  # exit_actor(), sys.exit(), exit()
+                self.running_tid = None
+                leaving = e
             except KeyboardInterrupt as e:
                 self.running_tid = None
                 if self.cancel_requested == tid:
@@ -170,8 +177,43 @@ class Worker:
             self.cancel_requested = None
             self.client.interrupt_main = False
             self.client.current_task = None
+        if leaving is not None:
+            self._leave(task, leaving)
+            return
         self._report(task, status, results or [], retryable)
         del keep
+
+    def _leave(self, task: dict, exc: SystemExit) -> None:
+        """A task or actor call raised SystemExit: as in Ray, the process ends.
+
+        In an actor (``exit_actor()``, ``sys.exit()``, ``__ray_terminate__``)
+        the head is told first, so the actor is dead for good (no restart) and
+        its pending calls fail with ``ActorDiedError`` naming the exit; the
+        process then leaves the run loop and runs its atexit handlers.  In a
+        task the worker just exits: the task fails with
+        ``WorkerCrashedError`` (retried within ``max_retries`` like any crash).
+        """
+        from ..runtime_context import ActorExit
+        name = task.get("name", "?")
+        if self.actor_id is None:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            logger.warning("task %s called sys.exit(%r): the worker process exits", name,
+                           exc.code)
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - exiting anyway
+                    pass
+            os._exit(code)
+        how = exc.reason if isinstance(exc, ActorExit) else \
+            f"it called sys.exit({'' if exc.code is None else repr(exc.code)}) in {name}"
+        if not self.exiting:
+            self.exiting = True
+            self.client.send("head", {"op": "actor_exit", "aid": self.actor_id, "cause": how})
+            self.tasks.appendleft(None)  # the run loop ends; main() runs atexit handlers
+            wake = getattr(self.client, "_wake", None)
+            if wake is not None:
+                wake()
 
     async def execute_async(self, task: dict) -> None:
         """One call of an async actor: runs on the actor's event loop, at most
@@ -188,6 +230,10 @@ class Worker:
                 if hasattr(value, "__await__"):
                     value = await value
                 status, results = "ok", self._results(task, value, keep)
+            except SystemExit as e:  # exit_actor(), sys.exit()
+                self.client.current_task = None
+                self._leave(task, e)
+                return
             except BaseException as e:  # noqa: BLE001
                 status, results = "error", self._error_results(task, e)
             finally:
@@ -341,6 +387,13 @@ class Worker:
                  "error": True, "text": text} for i in range(task.get("nret", 1))]
 
 
+def _terminate() -> None:
+    """The body of ``handle.__ray_terminate__.remote()``: runs after the calls
+    queued before it, then ends the actor gracefully."""
+    from ..runtime_context import ActorExit
+    raise ActorExit("it was terminated with __ray_terminate__")
+
+
 def _retryable(spec: Any, exc: BaseException) -> bool:
     if spec is True:
         return True
@@ -399,6 +452,17 @@ def main(argv: list[str] | None = None) -> int:
         worker.run()
     finally:
         client.close()
+    if worker.exiting:
+        # an actor that exited on purpose: its atexit handlers run; threads
+        # still running calls (threaded or async actors) do not hold it up
+        import atexit
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(0)
     return 0
 
 

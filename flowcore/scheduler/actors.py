@@ -245,6 +245,17 @@ class ActorsMixin:
         self._actor_dead(actor, "no handle to it remains (it went out of scope)")
 
     # ------------------------------------------------------------ death
+    def handle_actor_exit(self, source: str, msg: dict) -> None:
+        """The actor's own process ends it on purpose (``exit_actor()``,
+        ``sys.exit()``, ``__ray_terminate__``): dead for good, no restart; its
+        pending calls fail naming why.  The process exits right after."""
+        actor = self.actors.get(msg["aid"])
+        if actor is None or actor.state == DEAD or source != actor.client:
+            return
+        actor.no_restart = True
+        self._actor_dead(actor, f"{msg.get('cause') or 'it exited'} (an intended exit: it is "
+                                f"not restarted)")
+
     def handle_actor_died(self, source: str, msg: dict) -> None:
         actor = self.actors.get(msg["aid"])
         if actor is None or actor.state == DEAD:
