@@ -235,7 +235,7 @@ class RemoteFunction(Generic[R]):
 
 
 def _encode_retry(v: Any) -> Any:
-    if isinstance(v, bool):
+    if isinstance(v, (bool, bytes)):  # bytes: already encoded
         return v
     import cloudpickle
     return cloudpickle.dumps(list(v))

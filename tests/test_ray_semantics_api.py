@@ -428,3 +428,137 @@ def test_sys_exit_in_a_task_is_a_worker_crash(cluster):
     import tempfile
     with tempfile.TemporaryDirectory() as d:  # a crash is retried within max_retries
         assert flowcore.get(quit_once.remote(os.path.join(d, "once")), timeout=30) == "second try"
+
+
+# ------------------------------------------------------------ method options, groups, limits
+def test_method_retries_and_retry_exceptions(cluster, tmp_path):
+    from flowcore.exceptions import ActorError
+
+    @flowcore.remote(num_cpus=0, max_restarts=2)
+    class Flaky:
+        def __init__(self):
+            self.failures = 0
+
+        @flowcore.method(max_task_retries=1)
+        def crash_once(self, marker):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return "after restart"
+
+        def crash_always(self):
+            os._exit(1)
+
+        @flowcore.method(max_task_retries=2, retry_exceptions=[ValueError])
+        def shaky(self, n):
+            self.failures += 1
+            if self.failures <= n:
+                raise ValueError(f"failure {self.failures}")
+            return self.failures
+
+        def plain(self, n):
+            self.failures += 1
+            if self.failures <= n:
+                raise KeyError(self.failures)
+            return self.failures
+
+    a = Flaky.remote()
+    assert flowcore.get(a.crash_once.remote(str(tmp_path / "m")), timeout=60) == "after restart"
+    with pytest.raises(ActorError):  # the actor's own max_task_retries=0 applies
+        flowcore.get(a.crash_always.remote(), timeout=60)
+    b = Flaky.remote()
+    assert flowcore.get(b.shaky.remote(2), timeout=30) == 3  # two retries
+    with pytest.raises(ValueError, match="failure 6"):  # 3 more failures: retries used up
+        flowcore.get(b.shaky.remote(10), timeout=30)
+    with pytest.raises(KeyError):  # not retried without options
+        flowcore.get(b.plain.remote(100), timeout=30)
+    c = Flaky.remote()
+    m = c.plain.options(max_task_retries=3, retry_exceptions=True, name="plain-retried")
+    ref = m.remote(2)
+    assert flowcore.get(ref, timeout=30) == 3
+    rows = [r for r in flowcore.state.list_tasks() if r["task_id"] == ref.task_id]
+    assert rows and rows[0]["name"] == "plain-retried"
+    with pytest.raises(ValueError, match="Valid options for an actor method"):
+        c.plain.options(num_cpus=1)
+    for h in (a, b, c):
+        flowcore.kill(h)
+
+
+@pytest.mark.parametrize("kind", ["threads", "async"])
+def test_concurrency_groups(cluster, kind):
+    from flowcore.testing import Signal
+    if kind == "threads":
+        @flowcore.remote(num_cpus=0, concurrency_groups={"io": 2})
+        class G:
+            @flowcore.method(concurrency_group="io")
+            def io(self, sig):
+                sig.wait()
+                return "io"
+
+            def compute(self, sig=None):
+                if sig is not None:
+                    sig.wait()
+                return "compute"
+    else:
+        import asyncio
+
+        @flowcore.remote(num_cpus=0, concurrency_groups={"io": 2})
+        class G:
+            @flowcore.method(concurrency_group="io")
+            async def io(self, sig):
+                await asyncio.get_running_loop().run_in_executor(None, sig.wait)
+                return "io"
+
+            async def compute(self, sig=None):
+                if sig is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, sig.wait)
+                return "compute"
+
+    g = G.remote()
+    sig = Signal()
+    io = [g.io.remote(sig) for _ in range(3)]
+    sig.wait_for_waiters(2)          # two io calls run at once: the group's limit
+    assert flowcore.get(g.compute.remote(), timeout=30) == "compute"  # other group not blocked
+    ready, _ = flowcore.wait(io, num_returns=1, timeout=0.3)
+    assert ready == [] and sig.arrived == 2  # the third waits for a free io slot
+    sig.set()
+    assert flowcore.get(io, timeout=30) == ["io"] * 3
+    # a call put into the io group by its options
+    sig2 = Signal()
+    held = [g.compute.options(concurrency_group="io").remote(sig2) for _ in range(2)]
+    sig2.wait_for_waiters(2)
+    sig2.set()
+    assert flowcore.get(held, timeout=30) == ["compute"] * 2
+    with pytest.raises(ValueError, match="'nope' .*concurrency_groups"):
+        flowcore.get(g.compute.options(concurrency_group="nope").remote(), timeout=30)
+    flowcore.kill(g)
+
+
+def test_undeclared_group_and_max_pending_calls(cluster):
+    from flowcore.exceptions import PendingCallsLimitExceeded
+    from flowcore.testing import Signal
+
+    @flowcore.remote(num_cpus=0)
+    class Bad:
+        @flowcore.method(concurrency_group="io")
+        def f(self):
+            return 1
+
+    with pytest.raises(ValueError, match="concurrency_groups"):
+        Bad.remote()
+    assert flowcore.get(Bad.options(concurrency_groups={"io": 1}).remote().f.remote()) == 1
+
+    @flowcore.remote(num_cpus=0, max_pending_calls=2)
+    class Limited:
+        def gated(self, sig):
+            return sig.wait()
+
+    a = Limited.remote()
+    sig = Signal()
+    first = [a.gated.remote(sig) for _ in range(2)]
+    with pytest.raises(PendingCallsLimitExceeded, match="max_pending_calls=2"):
+        a.gated.remote(sig)
+    sig.set()
+    assert flowcore.get(first, timeout=30) == [True, True]
+    assert flowcore.get(a.gated.remote(sig), timeout=30) is True  # room again
+    flowcore.kill(a)

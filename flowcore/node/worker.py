@@ -42,6 +42,7 @@ class Worker:
         self.threads: Any = None      # ThreadPoolExecutor of a threaded actor
         self.aloop: Any = None        # event loop of an async actor
         self.asem: Any = None
+        self.groups: dict[str, Any] = {}  # concurrency group -> its executor / semaphore
         self.actor_gpus: list[int] = []
         self.actor_spec: dict = {}    # the start_actor message of the hosted actor
         self.tasks: deque[dict | None] = deque()
@@ -95,7 +96,8 @@ class Worker:
                 if task["op"] == "create_actor":
                     self.create_actor(task)
                 elif task.get("actor") is not None and self.threads is not None:
-                    self.threads.submit(self.execute, task)
+                    pool = self.groups.get(self._group_of(task)) or self.threads
+                    pool.submit(self.execute, task)
                 elif task.get("actor") is not None and self.aloop is not None:
                     import asyncio
                     asyncio.run_coroutine_threadsafe(self.execute_async(task), self.aloop)
@@ -118,10 +120,24 @@ class Worker:
             return values[v.i] if isinstance(v, ArgRef) else v
         return tuple(sub(v) for v in a), {key: sub(v) for key, v in k.items()}
 
+    def _group_of(self, task: dict) -> str | None:
+        """An actor call's concurrency group: the call's own
+        (``.options(concurrency_group=)``), else its method's declared one."""
+        if task.get("cgroup"):
+            return task["cgroup"]
+        member = getattr(type(self.instance), task.get("method") or "", None)
+        return (getattr(member, "__flowcore_method_options__", None) or {}).get(
+            "concurrency_group")
+
     def _target(self, task: dict) -> Any:
         if task.get("actor") is not None:
             if task["method"] == "__ray_terminate__":
                 return _terminate
+            group = self._group_of(task)
+            if group is not None and group not in self.groups:
+                raise ValueError(f"concurrency group {group!r} of {task.get('name')} is not one "
+                                 f"of the actor's concurrency_groups "
+                                 f"{sorted(self.groups) or '(none declared)'}")
             return getattr(self.instance, task["method"])
         return self.function(task["fid"])
 
@@ -218,7 +234,8 @@ class Worker:
     async def execute_async(self, task: dict) -> None:
         """One call of an async actor: runs on the actor's event loop, at most
         ``max_concurrency`` at a time."""
-        async with self.asem:
+        sem = self.groups.get(self._group_of(task)) or self.asem
+        async with sem:
             self._set_gpus(task)
             task["_started"] = time.time()
             self.client.current_task = task
@@ -236,9 +253,12 @@ class Worker:
                 return
             except BaseException as e:  # noqa: BLE001
                 status, results = "error", self._error_results(task, e)
+                retryable = _retryable(task.get("retry_exc"), e)
+            else:
+                retryable = False
             finally:
                 self.client.current_task = None
-            self._report(task, status, results, False)
+            self._report(task, status, results, retryable)
             del keep
 
     def _set_gpus(self, task: dict) -> None:  # noqa: D401
@@ -322,12 +342,17 @@ class Worker:
             self.aloop = asyncio.new_event_loop()
             limit = spec.get("max_concurrency") or 1
             self.asem = asyncio.Semaphore(1000 if limit <= 1 else limit)
+            self.groups = {g: asyncio.Semaphore(n)
+                           for g, n in (spec.get("concurrency_groups") or {}).items()}
             threading.Thread(target=self.aloop.run_forever, name="flowcore-actor-loop",
                              daemon=True).start()
-        elif (spec.get("max_concurrency") or 1) > 1:
+        elif (spec.get("max_concurrency") or 1) > 1 or spec.get("concurrency_groups"):
             from concurrent.futures import ThreadPoolExecutor
-            self.threads = ThreadPoolExecutor(spec["max_concurrency"],
+            self.threads = ThreadPoolExecutor(spec.get("max_concurrency") or 1,
                                               thread_name_prefix="flowcore-actor")
+            # each concurrency group runs its calls on threads of its own
+            self.groups = {g: ThreadPoolExecutor(n, thread_name_prefix=f"flowcore-actor-{g}")
+                           for g, n in (spec.get("concurrency_groups") or {}).items()}
         ready = {"op": "actor_ready", "aid": spec["aid"], "pid": os.getpid()}
         port = self._listen_for_callers()
         if port is not None:
@@ -402,9 +427,9 @@ def _retryable(spec: Any, exc: BaseException) -> bool:
     try:
         import cloudpickle
         types = tuple(cloudpickle.loads(spec))
-    except Exception:
+        return isinstance(exc, types)
+    except Exception:  # noqa: BLE001 - an unreadable spec retries nothing
         return False
-    return isinstance(exc, types)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ class ActorRecord:
         self.hold: dict[str, float] = spec.get("hold") or {}
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
         self.job: list | None = spec.get("job")  # [job id, namespace] of its creator
+        self.groups: dict = spec.get("concurrency_groups") or {}  # name -> max at once
         self.create_tid: bytes = spec["tid"]
         # the constructor's arguments, kept (and their objects held) for restarts
         self.args: bytes | None = spec.get("args")
@@ -138,7 +139,8 @@ class ActorsMixin:
             "deps": deps,
             "hold": actor.hold, "max_concurrency": actor.max_concurrency,
             "is_async": actor.is_async, "restart": actor.restarts, "bundle": actor.bundle,
-            "renv": actor.renv, "job": actor.job, "actor_name": actor.name})
+            "renv": actor.renv, "job": actor.job, "actor_name": actor.name,
+            "concurrency_groups": actor.groups})
 
     def handle_actor_ready(self, source: str, msg: dict) -> None:
         actor = self.actors.get(msg["aid"])
@@ -181,7 +183,20 @@ class ActorsMixin:
         if actor is None or actor.state == DEAD:
             return False
         actor.queues.setdefault(t.owner, deque()).append(t.tid)
-        t.retries_left = 10**9 if actor.max_task_retries == -1 else actor.max_task_retries
+        if t.retries_left is None:  # the method did not set its own max_task_retries
+            t.retries_left = 10**9 if actor.max_task_retries == -1 else actor.max_task_retries
+        return True
+
+    def _retry_call(self, t: Any) -> bool:
+        """A call raised an exception its ``retry_exceptions`` names, with
+        retries left: run it again, before its caller's later calls."""
+        actor = self.actors.get(t.actor)
+        if actor is None or actor.state == DEAD:
+            return False
+        t.retries_left -= 1
+        self._transition(t, S.QUEUED, "application error, retrying (retry_exceptions)")  # type: ignore
+        actor.queues.setdefault(t.owner, deque()).appendleft(t.tid)
+        self._pump_actor(actor)
         return True
 
     def _actor_call_ready(self, t: Any, cause: str) -> None:
@@ -217,7 +232,7 @@ class ActorsMixin:
             "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
             "name": t.name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
             "nret": t.nret, "res": {}, "owner": t.owner, "attempt": t.attempt,
-            "bundle": actor.bundle})
+            "bundle": actor.bundle, "retry_exc": t.retry_exc, "cgroup": t.cgroup})
 
     def _actor_call_done(self, t: Any) -> None:
         actor = self.actors.get(t.actor)

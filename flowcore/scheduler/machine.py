@@ -90,7 +90,7 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job")
+                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job", "cgroup")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -99,6 +99,7 @@ class TaskRecord:
         self.owner = owner
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
         self.job: list | None = spec.get("job")  # [job id, namespace] of the submitter
+        self.cgroup: str | None = spec.get("cgroup")  # an actor call's concurrency group
         self.args: bytes | None = spec["args"]
         self.args_dep: int | None = spec.get("args_dep")
         self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
@@ -840,6 +841,10 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self.counts["retried"] += 1
             self._transition(t, S.QUEUED, "application error, retrying (retry_exceptions)")
             self.queues.setdefault(t.shape, deque()).append(t.tid)
+            return
+        if status == "error" and msg.get("retryable") and t.retries_left > 0 \
+                and t.kind == "call" and self._retry_call(t):
+            self.counts["retried"] += 1
             return
         self._transition(t, S.FINISHED if status == "ok" else S.FAILED,
                          "returned" if status == "ok" else "raised an exception")
