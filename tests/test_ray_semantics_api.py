@@ -562,3 +562,42 @@ def test_undeclared_group_and_max_pending_calls(cluster):
     assert flowcore.get(first, timeout=30) == [True, True]
     assert flowcore.get(a.gated.remote(sig), timeout=30) is True  # room again
     flowcore.kill(a)
+
+
+# ------------------------------------------------------------ actor lifetime
+def test_actor_exits_when_the_task_holding_its_last_handle_ends(cluster):
+    import pickle
+    import time
+
+    import psutil
+    from flowcore.exceptions import ActorDiedError
+
+    @flowcore.remote(num_cpus=0)
+    class A:
+        def pid(self):
+            return os.getpid()
+
+        def one(self):
+            return 1
+
+    @flowcore.remote
+    def use(h):
+        return flowcore.get(h.one.remote())
+
+    a = A.remote()
+    pid = flowcore.get(a.pid.remote())
+    saved = pickle.dumps(a)  # bytes outside flowcore: they do not keep the actor alive
+    result = use.remote(a)
+    del a
+    assert flowcore.get(result) == 1  # `result` stays referenced
+
+    def dead():
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    deadline = time.monotonic() + 30
+    while not dead():
+        assert time.monotonic() < deadline, "the actor outlived the task holding its last handle"
+        time.sleep(0.05)
+    again = pickle.loads(saved)
+    with pytest.raises(ActorDiedError, match="lost reference to the actor"):
+        flowcore.get(again.one.remote(), timeout=30)
+    del result

@@ -257,7 +257,9 @@ class ActorsMixin:
         actor.no_restart = True
         if actor.node:
             self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
-        self._actor_dead(actor, "no handle to it remains (it went out of scope)")
+        self._actor_dead(actor, "no handle to it remains (it went out of scope: lost reference "
+                                "to the actor); keep a handle, or name the actor, while "
+                                "calling it")
 
     # ------------------------------------------------------------ death
     def handle_actor_exit(self, source: str, msg: dict) -> None:

@@ -808,6 +808,13 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             "resources": dict(t.res)})
         self._force_cancelled.discard(t.tid)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
+            # actor handles among the arguments are let go now: lineage does
+            # not keep an actor alive (as in Ray, an actor whose last handle
+            # went to a task exits when that task ends)
+            handles = [oid for oid in t.nested if ids.index_of(oid) == ids.HANDLE_INDEX]
+            if handles:
+                t.nested = [oid for oid in t.nested if ids.index_of(oid) != ids.HANDLE_INDEX]
+                self._release(handles)
             # lineage: the arguments stay held while any output of the task is
             # referenced, so a lost output can be rebuilt by running it again
             self._keep_lineage(t)
