@@ -601,3 +601,45 @@ def test_actor_exits_when_the_task_holding_its_last_handle_ends(cluster):
     with pytest.raises(ActorDiedError, match="lost reference to the actor"):
         flowcore.get(again.one.remote(), timeout=30)
     del result
+
+
+# ------------------------------------------------------------ worker environment
+def _threads():
+    return tuple(os.environ.get(v) for v in
+                 ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"))
+
+
+def test_thread_counts_follow_num_cpus_unless_set(cluster):
+    threads = flowcore.remote(_threads)
+    assert flowcore.get(threads.options(num_cpus=2).remote()) == ("2", "2", "2")
+    assert flowcore.get(threads.remote()) == ("1", "1", "1")
+    assert flowcore.get(threads.options(num_cpus=0.5).remote()) == ("1", "1", "1")
+    mine = threads.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": "7"}}, num_cpus=2)
+    assert flowcore.get(mine.remote()) == ("7", "2", "2")  # the user's value stays
+
+    @flowcore.remote(num_cpus=2)
+    class Big:
+        def threads(self):
+            return _threads()
+
+    a = Big.remote()
+    assert flowcore.get(a.threads.remote()) == ("2", "2", "2")
+    flowcore.kill(a)
+
+
+def test_gpu_tasks_never_reuse_a_cpu_task_worker(cluster):
+    @flowcore.remote(num_cpus=1)
+    def cpu():
+        return os.getpid()
+
+    @flowcore.remote(num_cpus=1, num_gpus=1)
+    def gpu():
+        return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    cpu_pids, gpu_pids = set(), set()
+    for _ in range(3):
+        cpu_pids.add(flowcore.get(cpu.remote()))
+        pid, visible = flowcore.get(gpu.remote())
+        assert visible in ("0", "1")
+        gpu_pids.add(pid)
+    assert not cpu_pids & gpu_pids

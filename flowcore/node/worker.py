@@ -25,6 +25,12 @@ from ..objects.ref import set_client
 
 logger = logging.getLogger("flowcore.worker")
 
+#: thread-pool sizes of native libraries, set per task to its num_cpus
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: those the user set (the environment this process started with, including
+#: a runtime_env's env_vars): left alone; see main()
+USER_THREAD_VARS: frozenset[str] = frozenset()
+
 
 class TaskContext:
     def __init__(self) -> None:
@@ -148,6 +154,8 @@ class Worker:
             self._report(task, "cancelled", [], False)
             return
         self._set_gpus(task)
+        if self.actor_id is None:
+            self._set_threads(task)
         task["_started"] = time.time()
         self.client.current_task = task
         if self.actor_id is None:  # tasks it submits inherit its runtime_env and job
@@ -261,6 +269,18 @@ class Worker:
             self._report(task, status, results, retryable)
             del keep
 
+    def _set_threads(self, task: dict) -> None:
+        """OMP/MKL/OpenBLAS thread counts follow the task's ``num_cpus`` (at
+        least 1), as in Ray, unless the user set them for the process."""
+        if self.actor_id is not None:
+            cpus = (self.actor_spec.get("hold") or {}).get("CPU")
+        else:
+            cpus = (task.get("res") or {}).get("CPU")
+        n = str(max(1, int(cpus or 1)))
+        for var in THREAD_VARS:
+            if var not in USER_THREAD_VARS:
+                os.environ[var] = n
+
     def _set_gpus(self, task: dict) -> None:  # noqa: D401
         if self.actor_id is not None:
             task["gpu_ids"] = self.actor_gpus  # an actor's GPUs are its own for life
@@ -316,6 +336,7 @@ class Worker:
         from ..exceptions import ActorDiedError
         self.actor_class = spec.get("name", "?")
         self.actor_spec = spec
+        self._set_threads(spec)
         self.client.runtime_env = spec.get("renv")
         self.client.job = spec.get("job")
         self.actor_gpus = list(spec.get("gpu_ids") or [])
@@ -443,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", action="append", default=[],
                    help="a runtime_env directory to put first on sys.path (repeatable)")
     args = p.parse_args(argv)
+    global USER_THREAD_VARS
+    USER_THREAD_VARS = frozenset(v for v in THREAD_VARS if v in os.environ)
     daemon.setup_logging(None, os.environ.get("FLOWCORE_LOG_LEVEL", "WARNING"))
     extra = os.environ.get("FLOWCORE_WORKER_SYS_PATH")
     if extra:
