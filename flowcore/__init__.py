@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # what a type checker sees
     from .placement_groups import (PlacementGroup, get_current_placement_group,
                                   get_placement_group, placement_group,
                                   placement_group_table, remove_placement_group)
+    from .objects.generator import DynamicObjectRefGenerator, ObjectRefGenerator
     from .objects.ref import ObjectRef
     from .remote_function import RemoteFunction
     from .runtime_context import get_gpu_ids
@@ -45,6 +46,7 @@ _LAZY = {
     "get_placement_group": "placement_groups", "get_current_placement_group": "placement_groups",
     "placement_group_table": "placement_groups", "list_named_actors": "actor",
     "get_node_ip_address": "api", "ActorPool": "util.actor_pool",
+    "ObjectRefGenerator": "objects.generator", "DynamicObjectRefGenerator": "objects.generator",
 }
 _SUBMODULES = {"state", "testing", "api", "cluster", "scheduling", "util"}
 
@@ -107,6 +109,6 @@ __all__ = [
     "NodeAffinitySchedulingStrategy", "PlacementGroupSchedulingStrategy", "PlacementGroup",
     "placement_group", "remove_placement_group", "get_placement_group",
     "get_current_placement_group", "placement_group_table", "list_named_actors",
-    "get_node_ip_address",
+    "get_node_ip_address", "ObjectRefGenerator", "DynamicObjectRefGenerator",
     "visualize", "timeline", "progress",
 ]

@@ -14,7 +14,8 @@ from . import ids
 from . import options as opts
 from .objects.ref import ObjectRef, current_client
 from .runtime_context import namespace_of
-from .remote_function import check_call, encode_args, pickle_checked, signature_of
+from .remote_function import (check_call, encode_args, pickle_checked, returns_mode,
+                              signature_of, submit_returning)
 
 T = TypeVar("T")
 
@@ -67,7 +68,7 @@ def method_table(cls: type) -> tuple[dict[str, Any], bool]:
         if name.startswith("__") or not callable(member):
             continue
         table[name] = _method_entry(getattr(member, "__flowcore_method_options__", {}))
-        if inspect.iscoroutinefunction(member):
+        if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
     return table, is_async
 
@@ -218,7 +219,8 @@ class ActorMethod:
         except TypeError as e:
             raise TypeError(f"{h._class_name}.{self._name}.remote(): {e}") from None
         keep = spec.pop("_keep")
-        nret = o.get("num_returns", 1)
+        num_returns = o.get("num_returns", 1)
+        nret, xopts = returns_mode(num_returns)
         retries = o.get("max_task_retries")
         spec.update({"tid": client.ids.task_id(), "fid": b"", "actor": h._aid,
                      "method": self._name,
@@ -231,10 +233,12 @@ class ActorMethod:
             spec["retry_exc"] = _encode_retry(o["retry_exceptions"])
         if o.get("concurrency_group"):
             spec["cgroup"] = o["concurrency_group"]
-        refs = client.submit(spec)
+        if xopts:
+            spec["xopts"] = xopts
+        out = submit_returning(client, spec, num_returns)
         del keep
-        h._note_pending(refs[0])
-        return refs[0] if nret == 1 else refs
+        h._note_pending(ids.object_id(spec["tid"], 0))
+        return out
 
 
 class ActorHandle:
@@ -299,9 +303,9 @@ class ActorHandle:
                 f"{self._max_pending}: wait for some (flowcore.get/wait) before calling "
                 f"again, or raise max_pending_calls")
 
-    def _note_pending(self, ref: ObjectRef) -> None:
+    def _note_pending(self, oid: bytes) -> None:
         if self._max_pending != -1:
-            self._pending.append(ref._id)
+            self._pending.append(oid)
 
     def __dir__(self) -> list[str]:
         methods = set(self.__dict__.get("_methods", {})) - {ACTOR_OPTIONS_KEY}

@@ -55,7 +55,8 @@ def _retry_exceptions(v: Any) -> bool:
 
 
 def _num_returns(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return v in ("dynamic", "streaming") or (isinstance(v, int) and not isinstance(v, bool)
+                                             and v >= 0)
 
 
 def _concurrency_groups(v: Any) -> bool:
@@ -83,7 +84,10 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("num_gpus", BOTH, 0, _nonneg_number, "a number >= 0"),
     Option("resources", BOTH, None, _resources,
            "a dict of custom resource name -> number >= 0 (use num_cpus/num_gpus for CPU/GPU)"),
-    Option("num_returns", TASK, 1, _num_returns, "an int >= 1", also=(METHOD,)),
+    Option("num_returns", TASK, 1, _num_returns,
+           "an int >= 0, 'streaming' or 'dynamic' (for a generator function)", also=(METHOD,)),
+    Option("max_calls", TASK, None, lambda v: v is None or _nonneg_int(v),
+           "an int >= 0 (0: no limit; default: no limit, 1 for GPU tasks)"),
     Option("max_retries", TASK, 3, _retries, "an int >= 0, or -1 for unlimited"),
     Option("retry_exceptions", TASK, False, _retry_exceptions,
            "True/False or a list of exception classes", also=(METHOD,)),

@@ -213,9 +213,15 @@ class RemoteFunction(Generic[R]):
         o = opts.resolved(opts.TASK, self._options)
         spec = encode_args(client, args, kwargs)
         keep = spec.pop("_keep")
+        nret, xopts = returns_mode(o["num_returns"])
+        max_calls = o.get("max_calls")
+        if max_calls is None:  # Ray's default: no limit, but 1 for GPU tasks
+            max_calls = 1 if o.get("num_gpus") else 0
+        if max_calls:
+            xopts["max_calls"] = max_calls
         spec.update({
             "tid": client.ids.task_id(), "fid": fid, "name": o.get("name") or self._name,
-            "nret": o["num_returns"], "res": opts.resource_request(o),
+            "nret": nret, "res": opts.resource_request(o),
             "retries": 10**9 if o["max_retries"] == -1 else o["max_retries"],
             "retry_exc": _encode_retry(o["retry_exceptions"]),
         })
@@ -226,12 +232,38 @@ class RemoteFunction(Generic[R]):
             spec["strategy"] = strategy
         if getattr(client, "job", None):
             spec["job"] = client.job
+        if xopts:
+            spec["xopts"] = xopts
         if client.runtime_env is not None or o["runtime_env"] is not None:
             from .runtime_env import for_task
             spec["renv"] = for_task(client, o["runtime_env"])
-        refs = client.submit(spec)
+        refs = submit_returning(client, spec, o["num_returns"])
         del keep  # dependencies are now held by the task at the head
-        return refs[0] if o["num_returns"] == 1 else refs  # type: ignore[return-value]
+        return refs  # type: ignore[return-value]
+
+
+def returns_mode(num_returns: Any) -> tuple[int, dict]:
+    """The number of return objects a task is submitted with, and the worker
+    options its ``num_returns`` implies: a generator (``"streaming"`` or
+    ``"dynamic"``) and ``num_returns=0`` have one object, the task's end."""
+    if isinstance(num_returns, str):
+        return 1, {"gen": num_returns}
+    return max(1, num_returns), {}
+
+
+def submit_returning(client: Any, spec: dict, num_returns: Any) -> Any:
+    """Submit ``spec``; what ``.remote()`` returns for ``num_returns``: a ref,
+    a list of refs, None (0), an ``ObjectRefGenerator`` ("streaming"), or
+    the ref of a ``DynamicObjectRefGenerator`` ("dynamic")."""
+    if num_returns == "streaming":
+        client.streams.add(spec["tid"])  # before any value can be announced
+    refs = client.submit(spec)
+    if num_returns == "streaming":
+        from .objects.generator import ObjectRefGenerator
+        return ObjectRefGenerator(refs[0], client)
+    if num_returns == 0:
+        return None
+    return refs if isinstance(num_returns, int) and num_returns > 1 else refs[0]
 
 
 def _encode_retry(v: Any) -> Any:

@@ -67,8 +67,9 @@ class DirectCalls:
               owner: str) -> dict | None:
         """The actor's ``run_task`` message when ``spec`` may go directly,
         else None (call with the client's lock held: reads its caches)."""
-        if not link.open or link.sticky or spec.get("retries") or spec.get("retry_exc"):
-            return None  # calls that may be retried go through the head
+        if not link.open or link.sticky or spec.get("retries") or spec.get("retry_exc") \
+                or (spec.get("xopts") or {}).get("gen"):
+            return None  # calls that may be retried, or that yield, go through the head
         if link.head_calls:
             link.head_calls = {tid for tid in link.head_calls
                                if ids.object_id(tid, 0) in expected}

@@ -252,11 +252,20 @@ class WorkerPool:
         self.startup_failures = 0
         return self._pump()
 
-    def worker_idle(self, wid: str) -> list[Action]:
+    def worker_idle(self, wid: str, retire: bool = False) -> list[Action]:
+        """``wid`` finished its task; with ``retire`` (its function's
+        ``max_calls`` was reached) it exits instead of taking more work."""
         w = self.workers.get(wid)
         if w is None:
             return []
         self._release(w)
+        if retire:
+            del self.workers[wid]
+            actions: list[Action] = [("retire", wid)]
+            if len(self.workers) < self.min_workers:
+                self._spawn(actions)
+            actions.extend(self._pump())
+            return actions
         w.state = IDLE
         actions = self._pump()
         # shrink back towards the warm pool size when extra workers go idle;

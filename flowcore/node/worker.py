@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from .. import daemon
 from ..exceptions import TaskError
@@ -58,6 +58,7 @@ class Worker:
         self.cancel_requested: bytes | None = None
         self.cancel_before_start: set[bytes] = set()
         self.exiting = False          # the hosted actor exits (exit_actor, sys.exit)
+        self.calls: dict[bytes, int] = {}  # runs per function, for max_calls
 
     # called by whichever thread is reading the sockets
     def on_node_message(self, msg: dict) -> None:
@@ -178,8 +179,12 @@ class Worker:
                     # ``@remote`` on an ``async def``: run the coroutine to
                     # completion here, on an event loop of its own
                     value = asyncio.run(value)
-                self.running_tid = None
-                results = self._results(task, value, keep)
+                if (task.get("xopts") or {}).get("gen"):
+                    status, results = self._stream(task, value, keep)  # runs the body
+                    self.running_tid = None
+                else:
+                    self.running_tid = None
+                    results = self._results(task, value, keep)
                 del value
             except SystemExit as e:  # exit_actor(), sys.exit(), exit()
                 self.running_tid = None
@@ -206,6 +211,89 @@ class Worker:
             return
         self._report(task, status, results or [], retryable)
         del keep
+
+    # ------------------------------------------------------------ generator tasks
+    def _stream_start(self, task: dict, value: Any, keep: list) -> tuple[Callable, list]:
+        """Check ``value`` is a generator; return ``push(item)``, which makes
+        each yielded value an object and reports it (``task_yield``), and the
+        list of yielded object ids it fills."""
+        mode = task["xopts"]["gen"]
+        if not (inspect.isgenerator(value) or inspect.isasyncgen(value)
+                or hasattr(value, "__next__")):
+            raise TypeError(f"{task.get('name', '?')} has num_returns={mode!r} but returned "
+                            f"{type(value).__name__}, not a generator: use yield")
+        oids: list[bytes] = []
+
+        def push(item: Any) -> None:
+            info = self._store_result(task["tid"], len(oids) + 1, item)
+            oids.append(info["oid"])
+            keep.append(item)
+            self.client.send("head", {"op": "task_yield", "tid": task["tid"], "result": info,
+                                      "push": mode == "streaming"})
+            if mode == "streaming":
+                self._flush_now()  # the caller hears of it now, not when the task ends
+        return push, oids
+
+    def _stream_end(self, task: dict, oids: list[bytes],
+                    error: BaseException | None) -> tuple[str, list[dict]]:
+        """The end object (index 0): the number of values (streaming) or
+        their refs (dynamic), or the error; it holds the yielded values."""
+        if error is not None:
+            results = self._error_results(task, error)
+            results[0]["nested"] = list(oids)
+            return "error", results
+        if task["xopts"]["gen"] == "streaming":
+            result = self._store_result(task["tid"], 0, len(oids))
+            result["nested"] = list(oids)
+        else:
+            from ..objects.generator import YieldedRefs
+            result = self._store_result(task["tid"], 0, YieldedRefs(oids))
+        return "ok", [result]
+
+    def _stream(self, task: dict, value: Any, keep: list) -> tuple[str, list[dict]]:
+        push, oids = self._stream_start(task, value, keep)
+        try:
+            if inspect.isasyncgen(value):
+                async def drive() -> None:
+                    async for item in value:
+                        push(item)
+                asyncio.run(drive())
+            else:
+                for item in value:
+                    push(item)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - ends the stream with the error
+            return self._stream_end(task, oids, e)
+        return self._stream_end(task, oids, None)
+
+    async def _stream_async(self, task: dict, value: Any, keep: list) -> tuple[str, list[dict]]:
+        push, oids = self._stream_start(task, value, keep)
+        try:
+            if inspect.isasyncgen(value):
+                async for item in value:
+                    push(item)
+            else:
+                for item in value:
+                    push(item)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            return self._stream_end(task, oids, e)
+        return self._stream_end(task, oids, None)
+
+    def _flush_now(self) -> None:
+        """Send what is queued now, from a thread running user code (a thread
+        waiting in select was already woken by ``send``)."""
+        c = self.client
+        pump = getattr(c, "_pump", None)
+        if pump is not None and pump.acquire(blocking=False):
+            c._pump_owner = threading.get_ident()
+            try:
+                c._flush()
+            finally:
+                c._pump_owner = None
+                pump.release()
 
     def _leave(self, task: dict, exc: SystemExit) -> None:
         """A task or actor call raised SystemExit: as in Ray, the process ends.
@@ -254,7 +342,10 @@ class Worker:
                 value = fn(*args, **kwargs)
                 if hasattr(value, "__await__"):
                     value = await value
-                status, results = "ok", self._results(task, value, keep)
+                if (task.get("xopts") or {}).get("gen"):
+                    status, results = await self._stream_async(task, value, keep)
+                else:
+                    status, results = "ok", self._results(task, value, keep)
             except SystemExit as e:  # exit_actor(), sys.exit()
                 self.client.current_task = None
                 self._leave(task, e)
@@ -310,7 +401,13 @@ class Worker:
     def _report(self, task: dict, status: str, results: list, retryable: bool) -> None:
         tid = task["tid"]
         if task.get("actor") is None:
-            self.client.send("node", {"op": "worker_idle", "tid": tid})
+            idle: dict[str, Any] = {"op": "worker_idle", "tid": tid}
+            limit = (task.get("xopts") or {}).get("max_calls")
+            if limit and status != "cancelled":  # max_calls: this process runs it N times
+                n = self.calls[task["fid"]] = self.calls.get(task["fid"], 0) + 1
+                if n >= limit:
+                    idle["retire"] = True  # the node replaces this process
+            self.client.send("node", idle)
         msg = {"op": "task_done", "tid": tid, "status": status, "results": results,
                "retryable": retryable, "pid": os.getpid(), "wid": self.wid,
                "started": task.get("_started")}

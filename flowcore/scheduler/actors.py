@@ -232,7 +232,8 @@ class ActorsMixin:
             "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
             "name": t.name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
             "nret": t.nret, "res": {}, "owner": t.owner, "attempt": t.attempt,
-            "bundle": actor.bundle, "retry_exc": t.retry_exc, "cgroup": t.cgroup})
+            "bundle": actor.bundle, "retry_exc": t.retry_exc, "cgroup": t.cgroup,
+            "xopts": t.xopts})
 
     def _actor_call_done(self, t: Any) -> None:
         actor = self.actors.get(t.actor)

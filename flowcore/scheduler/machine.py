@@ -21,10 +21,12 @@ from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCa
                           WorkerCrashedError)
 from .actors import ActorRecord, ActorsMixin
 from .direct_calls import DirectCallsMixin
+from .history import history_entry, history_rows
 from .lineage import LineageMixin
 from .local_first import LocalFirstMixin
 from .placement_groups import PlacementGroupsMixin
 from .recovery import RecoveryMixin
+from .streams import StreamsMixin
 from .states import EventLog, TaskState, transition_name
 
 S = TaskState
@@ -90,7 +92,8 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job", "cgroup")
+                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job", "cgroup",
+                 "xopts")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -100,6 +103,7 @@ class TaskRecord:
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
         self.job: list | None = spec.get("job")  # [job id, namespace] of the submitter
         self.cgroup: str | None = spec.get("cgroup")  # an actor call's concurrency group
+        self.xopts: dict | None = spec.get("xopts")  # for the worker: max_calls, generator
         self.args: bytes | None = spec["args"]
         self.args_dep: int | None = spec.get("args_dep")
         self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
@@ -185,7 +189,7 @@ class ObjectRecord:
 
 
 class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixin,
-                     PlacementGroupsMixin, RecoveryMixin):
+                     PlacementGroupsMixin, RecoveryMixin, StreamsMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
@@ -221,6 +225,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._init_lineage(lineage_memory)
         self._init_local_first()
         self._init_direct_calls()
+        self._init_streams()
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
         self._releasing = False
@@ -455,7 +460,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 self._actor_out_of_scope(ids.task_of(obj.oid))
                 continue
             t = self.tasks.get(ids.task_of(obj.oid))
-            if t is not None:
+            if t is not None and ids.index_of(obj.oid) < t.nret:  # (not a yielded value)
                 t.returns_alive -= 1
                 self._maybe_prune(t)
 
@@ -782,6 +787,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             msg["renv"] = t.renv
         if t.job is not None:
             msg["job"] = t.job
+        if t.xopts is not None:
+            msg["xopts"] = t.xopts
         self._send(node.node_id, msg)
 
     def _finish_resources(self, t: TaskRecord) -> None:
@@ -799,14 +806,9 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         t.ended = time.time()
         # finished-task history (bounded): what the timeline and dashboard show
         # after the task record itself is pruned
-        self.history.append({
-            "task_id": t.tid.hex(), "name": t.name, "kind": t.kind, "state": str(t.state),
-            "node_id": t.node, "worker": t.worker, "submitted": t.submitted,
-            "started": t.started or None, "ended": t.ended, "attempt": t.attempt,
-            "actor_id": t.actor.hex() if t.actor else None, "error": t.error_text,
-            "cause": t.cause, "owner": t.owner, "retries_left": t.retries_left,
-            "resources": dict(t.res)})
+        self.history.append(history_entry(t))
         self._force_cancelled.discard(t.tid)
+        self._stream_done(t)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
@@ -994,20 +996,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 if len(out) >= limit:
                     return out
         seen = {row["task_id"] for row in out}
-        for h in reversed(self.history):
-            if len(out) >= limit:
-                break
-            if h["task_id"] in seen or (state is not None and h["state"] != state) \
-                    or bytes.fromhex(h["task_id"]) in self.tasks:
-                continue
-            seen.add(h["task_id"])
-            out.append({"task_id": h["task_id"], "name": h["name"], "state": h["state"],
-                        "node_id": h["node_id"], "owner": h.get("owner"),
-                        "attempt": h["attempt"], "retries_left": h.get("retries_left"),
-                        "resources": h.get("resources") or {}, "submitted": h["submitted"],
-                        "started": h["started"], "ended": h["ended"], "cause": h["cause"],
-                        "waiting_for": []})
-        return out
+        return out + history_rows(self.history, self.tasks, state, limit - len(out), seen)
 
     def list_objects(self, limit: int = 10_000) -> list[dict]:
         return [o.as_dict() for _, o in zip(range(limit), self.objects.values())]
