@@ -245,7 +245,7 @@ class ActorHandle:
     """A reference to a live actor; serialisable (pass it to tasks and actors).
 
     Handles are counted like ObjectRefs: when no handle remains anywhere and
-    the actor is neither named nor detached, it exits once its pending calls
+    the actor is not detached (named or not), it exits once its pending calls
     are done.
     """
 

@@ -643,3 +643,32 @@ def test_gpu_tasks_never_reuse_a_cpu_task_worker(cluster):
         assert visible in ("0", "1")
         gpu_pids.add(pid)
     assert not cpu_pids & gpu_pids
+
+
+def test_named_actor_is_collected_with_its_last_handle(cluster):
+    import gc
+    import time
+
+    @flowcore.remote(num_cpus=0)
+    class Named:
+        def hello(self):
+            return "hello"
+
+    a = Named.options(name="collect-me").remote()
+    h = flowcore.get_actor("collect-me")
+    assert flowcore.get(h.hello.remote()) == "hello"
+    d = Named.options(name="stay", lifetime="detached").remote()
+    flowcore.get(d.hello.remote())
+    del a, h, d
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while True:  # as in Ray: a named, non-detached actor goes with its last handle
+        try:
+            flowcore.get_actor("collect-me")
+        except ValueError:
+            break
+        assert time.monotonic() < deadline, "the named actor outlived its last handle"
+        time.sleep(0.05)
+    kept = flowcore.get_actor("stay")  # a detached one stays
+    assert flowcore.get(kept.hello.remote()) == "hello"
+    flowcore.kill(kept)

@@ -247,7 +247,7 @@ class ActorsMixin:
     def _actor_out_of_scope(self, aid: bytes) -> None:
         """The last handle is gone (called when its handle object is freed)."""
         actor = self.actors.get(aid)
-        if actor is None or actor.state == DEAD or actor.name or actor.detached:
+        if actor is None or actor.state == DEAD or actor.detached:
             return
         actor.out_of_scope = True
         self._maybe_retire(actor)
