@@ -15,14 +15,15 @@ from ._version import __version__
 if TYPE_CHECKING:  # what a type checker sees
     from . import state
     from .api import (available_resources, cancel, cluster_resources, explain, get,
-                      get_node_ip_address, get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
+                      get_node_ip_address, get_runtime_context, init, is_initialized, nodes,
+                      put, shutdown, wait)
     from .actor import (ActorClass, ActorHandle, exit_actor, get_actor, kill, list_named_actors,
                         method)
     from .executor import Executor
     from .scheduling import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
     from .placement_groups import (PlacementGroup, get_current_placement_group,
-                                  get_placement_group, placement_group,
-                                  placement_group_table, remove_placement_group)
+                                   get_placement_group, placement_group,
+                                   placement_group_table, remove_placement_group)
     from .objects.generator import DynamicObjectRefGenerator, ObjectRefGenerator
     from .objects.ref import ObjectRef
     from .remote_function import RemoteFunction
@@ -38,7 +39,8 @@ _LAZY = {
     "available_resources": "api", "get_runtime_context": "api", "explain": "api",
     "Executor": "executor", "ObjectRef": "objects.ref", "RemoteFunction": "remote_function",
     "get_gpu_ids": "runtime_context", "TaskState": "scheduler.states",
-    "method": "actor", "kill": "actor", "exit_actor": "actor", "get_actor": "actor", "ActorHandle": "actor",
+    "method": "actor", "kill": "actor", "exit_actor": "actor", "get_actor": "actor",
+    "ActorHandle": "actor",
     "ActorClass": "actor", "NodeAffinitySchedulingStrategy": "scheduling",
     "visualize": "graph.visualize", "timeline": "trace", "progress": "progress_bar",
     "PlacementGroupSchedulingStrategy": "scheduling", "PlacementGroup": "placement_groups",

@@ -12,7 +12,7 @@ from typing import Any, Callable, Generic, NoReturn, TypeVar
 
 from . import ids
 from . import options as opts
-from .objects.ref import ObjectRef, current_client
+from .objects.ref import current_client
 from .runtime_context import namespace_of
 from .remote_function import (check_call, encode_args, pickle_checked, returns_mode,
                               signature_of, submit_returning)
@@ -255,7 +255,7 @@ class ActorHandle:
         self._class_name = class_name
         self._methods = dict(methods)
         self._is_async = is_async
-        actor_opts = self._methods.get(ACTOR_OPTIONS_KEY) or {}
+        actor_opts: Any = self._methods.get(ACTOR_OPTIONS_KEY) or {}
         self._max_pending: int = actor_opts.get("max_pending_calls", -1)
         self._pending: list[bytes] = []  # first return of calls made through this handle
         self._client = current_client()

@@ -94,7 +94,6 @@ def test_too_large_function_gets_a_clear_error(cluster):
 
     with pytest.raises(ValueError, match=r"actor class .*Holder is too large"):
         Holder.remote()
-    del big
 
 
 # ------------------------------------------------------------ runtime context
@@ -281,6 +280,7 @@ def test_actor_class_keeps_class_attributes_and_lists_methods(cluster):
     h = Foo.remote(1)
     assert flowcore.get(h.get.remote()) == 4
     assert {"get", "s", "make"} <= set(dir(h)) and "remote" in dir(h.get)
+
     # an actor class captured by a task still works there
     @flowcore.remote
     def make_and_ask():

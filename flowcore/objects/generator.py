@@ -108,10 +108,14 @@ class ObjectRefGenerator:
                 self._close()
                 raise StopIteration
         self._next_index += 1
-        ref = ObjectRef(item, c)
+        ref: ObjectRef = ObjectRef(item, c)
         with c._lock:
             c.subscribed.discard(item)
         return ref
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an ObjectRefGenerator cannot be passed to tasks or stored: iterate it "
+                        "here and pass the refs (or a list of them)")
 
     def _close(self) -> None:
         self._finished = True

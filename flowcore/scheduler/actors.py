@@ -194,7 +194,8 @@ class ActorsMixin:
         if actor is None or actor.state == DEAD:
             return False
         t.retries_left -= 1
-        self._transition(t, S.QUEUED, "application error, retrying (retry_exceptions)")  # type: ignore
+        self._transition(t, S.QUEUED,  # type: ignore[attr-defined]
+                         "application error, retrying (retry_exceptions)")
         actor.queues.setdefault(t.owner, deque()).appendleft(t.tid)
         self._pump_actor(actor)
         return True

@@ -92,8 +92,8 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job", "cgroup",
-                 "xopts")
+                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job",
+                 "cgroup", "xopts")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
