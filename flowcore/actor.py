@@ -73,6 +73,23 @@ def method_table(cls: type) -> tuple[dict[str, Any], bool]:
     return table, is_async
 
 
+def method_signatures(cls: type) -> dict[str, Any]:
+    """Each method's signature as a caller sees it (without ``self``), for
+    checking a call's arguments at submit time."""
+    out: dict[str, Any] = {}
+    for name, member in inspect.getmembers(cls):
+        if name.startswith("__") or not callable(member):
+            continue
+        sig = signature_of(member)
+        if sig is None:
+            continue
+        if not isinstance(inspect.getattr_static(cls, name, None), (staticmethod, classmethod)):
+            params = list(sig.parameters.values())[1:]  # a plain method: drop ``self``
+            sig = sig.replace(parameters=params)
+        out[name] = sig
+    return out
+
+
 def method_group(cls: type, name: str) -> str | None:
     """The concurrency group ``@flowcore.method`` declared for a method."""
     member = getattr(cls, name, None)
@@ -182,7 +199,10 @@ class ActorClass(Generic[T]):
         del keep
         if not reply.get("ok"):
             raise ValueError(reply.get("error", "the head refused to create the actor"))
-        return ActorHandle._from_meta(reply["meta"], counted=not reply.get("existing"))
+        handle = ActorHandle._from_meta(reply["meta"], counted=not reply.get("existing"))
+        if not reply.get("existing"):  # calls through it are checked against the class
+            handle._signatures = method_signatures(self._cls)
+        return handle
 
 
 class ActorMethod:
@@ -213,6 +233,8 @@ class ActorMethod:
         client = _client()
         h = self._handle
         o = self._options
+        check_call(h.__dict__.get("_signatures", {}).get(self._name),
+                   f"{h._class_name}.{self._name}.remote()", args, kwargs)
         h._check_pending(client)
         try:
             spec = encode_args(client, args, kwargs)

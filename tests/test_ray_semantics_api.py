@@ -672,3 +672,22 @@ def test_named_actor_is_collected_with_its_last_handle(cluster):
     kept = flowcore.get_actor("stay")  # a detached one stays
     assert flowcore.get(kept.hello.remote()) == "hello"
     flowcore.kill(kept)
+
+
+def test_actor_method_arguments_checked_at_submit(cluster):
+    @flowcore.remote(num_cpus=0)
+    class M:
+        def add(self, a, b=1):
+            return a + b
+
+        @staticmethod
+        def twice(x):
+            return 2 * x
+
+    m = M.remote()
+    with pytest.raises(TypeError, match=r"M\.add\.remote\(\).*too many positional"):
+        m.add.remote(1, 2, 3)
+    with pytest.raises(TypeError, match="missing a required argument: 'a'"):
+        m.add.remote()
+    assert flowcore.get([m.add.remote(1), m.add.remote(1, b=5), m.twice.remote(4)]) == [2, 6, 8]
+    flowcore.kill(m)
