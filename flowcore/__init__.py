@@ -15,12 +15,16 @@ from ._version import __version__
 if TYPE_CHECKING:  # what a type checker sees
     from . import state
     from .api import (available_resources, cancel, cluster_resources, explain, get,
-                      get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
-    from .actor import ActorClass, ActorHandle, get_actor, kill, method
+                      get_node_ip_address, get_runtime_context, init, is_initialized, nodes,
+                      put, shutdown, wait)
+    from .actor import (ActorClass, ActorHandle, exit_actor, get_actor, kill, list_named_actors,
+                        method)
     from .executor import Executor
     from .scheduling import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
     from .placement_groups import (PlacementGroup, get_current_placement_group,
-                                  get_placement_group, placement_group, remove_placement_group)
+                                   get_placement_group, placement_group,
+                                   placement_group_table, remove_placement_group)
+    from .objects.generator import DynamicObjectRefGenerator, ObjectRefGenerator
     from .objects.ref import ObjectRef
     from .remote_function import RemoteFunction
     from .runtime_context import get_gpu_ids
@@ -35,14 +39,18 @@ _LAZY = {
     "available_resources": "api", "get_runtime_context": "api", "explain": "api",
     "Executor": "executor", "ObjectRef": "objects.ref", "RemoteFunction": "remote_function",
     "get_gpu_ids": "runtime_context", "TaskState": "scheduler.states",
-    "method": "actor", "kill": "actor", "get_actor": "actor", "ActorHandle": "actor",
+    "method": "actor", "kill": "actor", "exit_actor": "actor", "get_actor": "actor",
+    "ActorHandle": "actor",
     "ActorClass": "actor", "NodeAffinitySchedulingStrategy": "scheduling",
     "visualize": "graph.visualize", "timeline": "trace", "progress": "progress_bar",
     "PlacementGroupSchedulingStrategy": "scheduling", "PlacementGroup": "placement_groups",
     "placement_group": "placement_groups", "remove_placement_group": "placement_groups",
     "get_placement_group": "placement_groups", "get_current_placement_group": "placement_groups",
+    "placement_group_table": "placement_groups", "list_named_actors": "actor",
+    "get_node_ip_address": "api", "ActorPool": "util.actor_pool",
+    "ObjectRefGenerator": "objects.generator", "DynamicObjectRefGenerator": "objects.generator",
 }
-_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling", "data"}
+_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling", "data", "util"}
 
 
 def __getattr__(name: str) -> Any:
@@ -99,9 +107,10 @@ __all__ = [
     "__version__", "init", "shutdown", "is_initialized", "remote", "get", "put", "wait",
     "cancel", "nodes", "cluster_resources", "available_resources", "get_gpu_ids",
     "get_runtime_context", "ObjectRef", "RemoteFunction", "Executor", "TaskState",
-    "exceptions", "state", "method", "kill", "get_actor", "ActorHandle", "ActorClass",
+    "exceptions", "state", "method", "kill", "exit_actor", "get_actor", "ActorHandle", "ActorClass",
     "NodeAffinitySchedulingStrategy", "PlacementGroupSchedulingStrategy", "PlacementGroup",
     "placement_group", "remove_placement_group", "get_placement_group",
-    "get_current_placement_group",
+    "get_current_placement_group", "placement_group_table", "list_named_actors",
+    "get_node_ip_address", "ObjectRefGenerator", "DynamicObjectRefGenerator",
     "visualize", "timeline", "progress",
 ]

@@ -43,7 +43,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          session_dir: str | None = None, max_workers: int | None = None,
          log_to_driver: bool = True, worker_memory_limit: int | None = None,
          ignore_reinit_error: bool = False, tls: Any = None,
-         runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+         runtime_env: dict[str, Any] | None = None,
+         namespace: str | None = None) -> dict[str, Any]:
     """Start a private local cluster (no ``address``) or connect to one.
 
     ``tls={"cert": ..., "key": ..., "ca": ...}`` (PEM paths) connects over
@@ -55,6 +56,10 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
     ``runtime_env`` (keys ``working_dir``, ``py_modules``, ``env_vars``) is
     the environment every task and actor of this job runs with; see
     docs/user-guide.md, "Runtime environments".
+
+    ``namespace`` is where this job's named actors are created and looked up
+    by default (``"default"`` when not given); tasks and actors of the job
+    inherit it.
 
     Returns a dict with the head ``address``, ``session_dir``, ``node_id`` and
     ``dashboard_url`` (the head's web dashboard, or None; log in with the token).
@@ -81,6 +86,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             check_runtime_env(runtime_env)
         except (TypeError, ValueError) as e:
             raise type(e)(f"init(runtime_env=...): {e}") from None
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            raise TypeError(f"init(namespace={namespace!r}): expected a non-empty string")
         if max_workers == 0:
             raise ValueError("init(max_workers=0): a node needs at least one worker")
         if resources is not None:
@@ -138,6 +145,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                      "node_id": client.node_id,
                      "dashboard_url": getattr(client, "dashboard_url", None)}
         client.log_to_driver = bool(log_to_driver)
+        from .runtime_context import new_job
+        client.job = new_job(namespace)
         if runtime_env is not None:
             from .runtime_env import init_job
             try:
@@ -353,9 +362,30 @@ def available_resources() -> dict[str, float]:
     return _require_client().query("available_resources")
 
 
+def get_node_ip_address(address: str = "8.8.8.8:53") -> str:
+    """The IP address of the node this process runs on: its node's address
+    when connected, else the local address that routes to ``address`` (no
+    packet is sent), else 127.0.0.1."""
+    import socket
+    client = current_client()
+    node_address = getattr(client, "node_address", None) if client is not None else None
+    if node_address:
+        from .protocol.comm import parse_address
+        return parse_address(node_address)[0]
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, int(port)))
+            return s.getsockname()[0]
+    except (OSError, ValueError):
+        return "127.0.0.1"
+
+
 def get_runtime_context() -> Any:
+    """Facts about this process, job, task and actor (``RuntimeContext``);
+    starts the embedded cluster on first use, like the other API calls."""
     from .runtime_context import RuntimeContext
-    return RuntimeContext(current_client())
+    return RuntimeContext(current_client() or _auto_init())
 
 
 def session_info() -> dict[str, Any]:

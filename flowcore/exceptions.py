@@ -143,6 +143,11 @@ class AuthenticationError(FlowcoreError):
     """A peer failed the token challenge (wrong or missing token)."""
 
 
+class PendingCallsLimitExceeded(FlowcoreError):
+    """An actor call was refused: the handle already has ``max_pending_calls``
+    unfinished calls (Ray's name)."""
+
+
 class SerializationError(FlowcoreError, TypeError):
     """A value could not be serialized; the message names its type and where it sits."""
 
@@ -160,5 +165,5 @@ __all__ = [
     "FlowcoreError", "TaskError", "WorkerCrashedError", "ActorError",
     "ActorDiedError", "ObjectLostError", "GetTimeoutError", "TaskCancelledError",
     "NodeDiedError", "ObjectStoreFullError", "AuthenticationError", "ProtocolError",
-    "SerializationError", "RuntimeEnvSetupError",
+    "SerializationError", "RuntimeEnvSetupError", "PendingCallsLimitExceeded",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 TASK, ACTOR, BOTH = "task", "actor", "both"
+METHOD = "method"  # an actor method: @flowcore.method(...), handle.m.options(...)
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,11 @@ class Option:
     default: Any
     check: Callable[[Any], bool]
     expected: str
+    also: tuple[str, ...] = ()  # further kinds it applies to (e.g. METHOD)
+
+    def applies_to(self, kind: str) -> bool:
+        return self.applies == kind or (self.applies == BOTH and kind in (TASK, ACTOR)) \
+            or kind in self.also
 
 
 def _nonneg_number(v: Any) -> bool:
@@ -51,7 +57,13 @@ def _retry_exceptions(v: Any) -> bool:
 
 
 def _num_returns(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return v in ("dynamic", "streaming") or (isinstance(v, int) and not isinstance(v, bool)
+                                             and v >= 0)
+
+
+def _concurrency_groups(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and all(
+        isinstance(k, str) and k and _nonneg_int(n) and n >= 1 for k, n in v.items()))
 
 
 def _strategy(v: Any) -> bool:
@@ -77,19 +89,30 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "a number of bytes >= 0"),
     Option("resources", BOTH, None, _resources,
            "a dict of custom resource name -> number >= 0 (use num_cpus/num_gpus for CPU/GPU)"),
-    Option("num_returns", TASK, 1, _num_returns, "an int >= 1"),
+    Option("num_returns", TASK, 1, _num_returns,
+           "an int >= 0, 'streaming' or 'dynamic' (for a generator function)", also=(METHOD,)),
+    Option("max_calls", TASK, None, lambda v: v is None or _nonneg_int(v),
+           "an int >= 0 (0: no limit; default: no limit, 1 for GPU tasks)"),
     Option("max_retries", TASK, 3, _retries, "an int >= 0, or -1 for unlimited"),
     Option("retry_exceptions", TASK, False, _retry_exceptions,
-           "True/False or a list of exception classes"),
-    Option("name", BOTH, None, _opt_str, "a string"),
+           "True/False or a list of exception classes", also=(METHOD,)),
+    Option("name", BOTH, None, _opt_str, "a string", also=(METHOD,)),
     Option("namespace", ACTOR, None, _opt_str, "a string"),
     Option("get_if_exists", ACTOR, False, lambda v: isinstance(v, bool), "a bool"),
     Option("lifetime", ACTOR, None, lambda v: v in (None, "detached"), "None or 'detached'"),
     Option("max_restarts", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
-    Option("max_task_retries", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
+    Option("max_task_retries", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited",
+           also=(METHOD,)),
     # None: 1 for a threaded actor, 1000 for an async one (Ray's defaults)
     Option("max_concurrency", ACTOR, None, lambda v: v is None or (_nonneg_int(v) and v >= 1),
            "an int >= 1"),
+    Option("concurrency_groups", ACTOR, None, _concurrency_groups,
+           "None or a dict of group name -> int >= 1 (calls of that group run at once)"),
+    Option("max_pending_calls", ACTOR, -1, lambda v: isinstance(v, int) and not isinstance(
+        v, bool) and (v == -1 or v >= 1), "an int >= 1, or -1 for no limit"),
+    Option("concurrency_group", METHOD, None, lambda v: v is None or (isinstance(v, str)
+                                                                      and bool(v)),
+           "the name of one of the actor's concurrency_groups"),
     Option("scheduling_strategy", BOTH, None, lambda v: _strategy(v),
            "None, 'DEFAULT', 'SPREAD', NodeAffinitySchedulingStrategy(node_id, soft) or "
            "PlacementGroupSchedulingStrategy(placement_group, bundle_index)"),
@@ -104,15 +127,18 @@ def validate(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
     Raises ValueError for unknown keys or keys of the other kind, TypeError
     for ill-typed values; both messages list what is valid.
     """
-    valid = sorted(n for n, o in OPTIONS.items() if o.applies in (kind, BOTH))
+    valid = sorted(n for n, o in OPTIONS.items() if o.applies_to(kind))
     for key, value in options.items():
         opt = OPTIONS.get(key)
-        if opt is None or opt.applies not in (kind, BOTH):
+        if opt is None or not opt.applies_to(kind):
             extra = ""
             if opt is not None:
-                extra = f" ({key!r} applies to {opt.applies}s only)"
+                kinds = [TASK, ACTOR] if opt.applies == BOTH else [opt.applies]
+                extra = f" ({key!r} applies to {'s and '.join(kinds + list(opt.also))}s only)"
+            what = "an actor method" if kind == METHOD else \
+                f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
             raise ValueError(f"{where}: unknown option {key!r}{extra}. Valid options for "
-                             f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}: {', '.join(valid)}")
+                             f"{what}: {', '.join(valid)}")
         try:
             ok = opt.check(value)
         except (TypeError, ValueError) as e:  # a check that names the problem itself
@@ -125,7 +151,7 @@ def validate(kind: str, options: dict[str, Any], where: str) -> dict[str, Any]:
 
 def resolved(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     """Options with defaults filled in for ``kind``."""
-    out = {n: o.default for n, o in OPTIONS.items() if o.applies in (kind, BOTH)}
+    out = {n: o.default for n, o in OPTIONS.items() if o.applies_to(kind)}
     out.update(options)
     return out
 

@@ -140,5 +140,26 @@ def get_current_placement_group() -> PlacementGroup | None:
     return _from_info(client.query("get_placement_group", pgid=bytes.fromhex(key.split(":")[0])))
 
 
+def placement_group_table(placement_group: PlacementGroup | None = None) -> dict[str, Any]:
+    """Ray's table of placement groups: ``{id_hex: info}`` for every group
+    the head knows, or the ``info`` of one group.  ``info`` has
+    ``placement_group_id``, ``name``, ``strategy``, ``state``, ``bundles``
+    (index -> resources) and ``bundles_to_node_id`` (index -> node id)."""
+    if placement_group is not None and not isinstance(placement_group, PlacementGroup):
+        raise TypeError(f"placement_group_table() takes a PlacementGroup or None, got "
+                        f"{type(placement_group).__name__}")
+    table = {}
+    for row in _client().query("list_placement_groups", state=None):
+        table[row["placement_group_id"]] = {
+            "placement_group_id": row["placement_group_id"], "name": row["name"],
+            "strategy": row["strategy"], "state": row["state"],
+            "bundles": dict(enumerate(row["bundles"])),
+            "bundles_to_node_id": {int(k): v for k, v in row["bundles_to_node_id"].items()},
+            "stats": {"cause": row.get("cause"), "feasible": row.get("feasible")}}
+    if placement_group is None:
+        return table
+    return table.get(placement_group.id.hex(), {})
+
+
 __all__ = ["PlacementGroup", "placement_group", "remove_placement_group", "get_placement_group",
-           "get_current_placement_group", "STRATEGIES"]
+           "get_current_placement_group", "placement_group_table", "STRATEGIES"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import sys
 from typing import Any, Callable, Generic, TypeVar
@@ -78,6 +79,52 @@ def pickle_callable(fn: Any) -> bytes:
         raise explain_callable_failure(fn, exc) from exc
 
 
+# Ray's limits on a pickled function or class: a warning past the first, an
+# error past the second (the blob travels in one message to the head).
+FUNCTION_SIZE_WARN = 10 << 20
+FUNCTION_SIZE_LIMIT = 100 << 20
+
+
+def pickle_checked(target: Any, kind: str, name: str) -> bytes:
+    """``pickle_callable`` with Ray's size checks: a function or class whose
+    pickle is too large (it captured a big object) gets an error naming it
+    and its size, and how to fix it."""
+    blob = pickle_callable(target)
+    mib = len(blob) / (1 << 20)
+    if len(blob) > FUNCTION_SIZE_LIMIT:
+        raise ValueError(
+            f"the {kind} {name} is too large to ship: it pickles to {mib:.1f} MiB (limit "
+            f"{FUNCTION_SIZE_LIMIT / (1 << 20):.0f} MiB). Check that its definition does not "
+            f"capture a large array or other object from its scope; put large objects in the "
+            f"object store with flowcore.put() and pass the ref instead")
+    if len(blob) > FUNCTION_SIZE_WARN:
+        import warnings
+        warnings.warn(f"the {kind} {name} pickles to {mib:.1f} MiB; check that it does not "
+                      f"capture a large object from its scope (use flowcore.put())",
+                      stacklevel=4)
+    return blob
+
+
+def signature_of(target: Any) -> "inspect.Signature | None":
+    """The signature calls are checked against at submit time (None when
+    Python cannot tell, e.g. some builtins)."""
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_call(sig: "inspect.Signature | None", what: str, args: tuple, kwargs: dict) -> None:
+    """Raise TypeError now, at submit time, if ``args``/``kwargs`` do not
+    bind to ``sig`` (Ray does the same), instead of failing in the worker."""
+    if sig is None:
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{what}: {e} (signature: {sig})") from None
+
+
 def encode_args(client: Any, args: tuple, kwargs: dict) -> dict:
     """Build the argument part of a task spec: top-level refs become
     dependencies, everything else is serialized (large payloads go to the
@@ -136,6 +183,7 @@ class RemoteFunction(Generic[R]):
         self._function = fn
         self._options = opts.validate(opts.TASK, dict(options), f"@remote({fn.__qualname__})")
         self._name = getattr(fn, "__qualname__", repr(fn))
+        self._signature = signature_of(fn)
         self._blob: bytes | None = None
         self._fid: bytes | None = None
         functools.update_wrapper(self, fn)
@@ -147,7 +195,7 @@ class RemoteFunction(Generic[R]):
 
     def _identity(self) -> tuple[bytes, bytes]:
         if self._fid is None:
-            self._blob = pickle_callable(self._function)
+            self._blob = pickle_checked(self._function, "remote function", self._name)
             self._fid = hashlib.blake2b(self._blob, digest_size=16).digest()
         return self._fid, self._blob  # type: ignore[return-value]
 
@@ -162,6 +210,7 @@ class RemoteFunction(Generic[R]):
     def remote(self, *args: Any, **kwargs: Any) -> "ObjectRef[R]":
         """Submit a task; returns its ObjectRef at once (a list of refs when
         ``num_returns`` > 1)."""
+        check_call(self._signature, f"{self._name}.remote()", args, kwargs)
         client = current_client()
         if client is None:
             from .api import _auto_init
@@ -171,9 +220,15 @@ class RemoteFunction(Generic[R]):
         o = opts.resolved(opts.TASK, self._options)
         spec = encode_args(client, args, kwargs)
         keep = spec.pop("_keep")
+        nret, xopts = returns_mode(o["num_returns"])
+        max_calls = o.get("max_calls")
+        if max_calls is None:  # Ray's default: no limit, but 1 for GPU tasks
+            max_calls = 1 if o.get("num_gpus") else 0
+        if max_calls:
+            xopts["max_calls"] = max_calls
         spec.update({
             "tid": client.ids.task_id(), "fid": fid, "name": o.get("name") or self._name,
-            "nret": o["num_returns"], "res": opts.resource_request(o),
+            "nret": nret, "res": opts.resource_request(o),
             "retries": 10**9 if o["max_retries"] == -1 else o["max_retries"],
             "retry_exc": _encode_retry(o["retry_exceptions"]),
         })
@@ -182,16 +237,44 @@ class RemoteFunction(Generic[R]):
                               f"task {spec['name']}")
         if strategy is not None:
             spec["strategy"] = strategy
+        if getattr(client, "job", None):
+            spec["job"] = client.job
+        if xopts:
+            spec["xopts"] = xopts
         if client.runtime_env is not None or o["runtime_env"] is not None:
             from .runtime_env import for_task
             spec["renv"] = for_task(client, o["runtime_env"])
-        refs = client.submit(spec)
+        refs = submit_returning(client, spec, o["num_returns"])
         del keep  # dependencies are now held by the task at the head
-        return refs[0] if o["num_returns"] == 1 else refs  # type: ignore[return-value]
+        return refs  # type: ignore[return-value]
+
+
+def returns_mode(num_returns: Any) -> tuple[int, dict]:
+    """The number of return objects a task is submitted with, and the worker
+    options its ``num_returns`` implies: a generator (``"streaming"`` or
+    ``"dynamic"``) and ``num_returns=0`` have one object, the task's end."""
+    if isinstance(num_returns, str):
+        return 1, {"gen": num_returns}
+    return max(1, num_returns), {}
+
+
+def submit_returning(client: Any, spec: dict, num_returns: Any) -> Any:
+    """Submit ``spec``; what ``.remote()`` returns for ``num_returns``: a ref,
+    a list of refs, None (0), an ``ObjectRefGenerator`` ("streaming"), or
+    the ref of a ``DynamicObjectRefGenerator`` ("dynamic")."""
+    if num_returns == "streaming":
+        client.streams.add(spec["tid"])  # before any value can be announced
+    refs = client.submit(spec)
+    if num_returns == "streaming":
+        from .objects.generator import ObjectRefGenerator
+        return ObjectRefGenerator(refs[0], client)
+    if num_returns == 0:
+        return None
+    return refs if isinstance(num_returns, int) and num_returns > 1 else refs[0]
 
 
 def _encode_retry(v: Any) -> Any:
-    if isinstance(v, bool):
+    if isinstance(v, (bool, bytes)):  # bytes: already encoded
         return v
     import cloudpickle
     return cloudpickle.dumps(list(v))

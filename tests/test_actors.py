@@ -289,8 +289,8 @@ def test_bad_actor_input(cluster):
         Counter.options(num_returns=2)
     with pytest.raises(TypeError, match="max_concurrency"):
         Counter.options(max_concurrency=0)
-    with pytest.raises(TypeError, match="argument 1 .*lock"):
-        Counter.remote(1, threading.Lock())
+    with pytest.raises(TypeError, match="argument 0 .*lock"):
+        Counter.remote(threading.Lock())
     with pytest.raises(TypeError, match="keyword argument 'start'"):
         Counter.remote(start=threading.Lock())
     with pytest.raises(TypeError):

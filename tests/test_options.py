@@ -6,7 +6,8 @@ import math
 import pytest
 
 from flowcore import options as opts
-from flowcore.options import ACTOR, BOTH, OPTIONS, TASK, resolved, resource_request, validate
+from flowcore.options import (ACTOR, BOTH, METHOD, OPTIONS, TASK, resolved, resource_request,
+                              validate)
 
 TASK_KEYS = sorted(n for n, o in OPTIONS.items() if o.applies in (TASK, BOTH))
 ACTOR_KEYS = sorted(n for n, o in OPTIONS.items() if o.applies in (ACTOR, BOTH))
@@ -17,7 +18,7 @@ TASK_ONLY = sorted(n for n, o in OPTIONS.items() if o.applies == TASK)
 def test_table_is_consistent() -> None:
     for name, o in OPTIONS.items():
         assert o.name == name
-        assert o.applies in (TASK, ACTOR, BOTH)
+        assert o.applies in (TASK, ACTOR, BOTH, METHOD)
         assert o.expected
         # every default passes its own check
         assert o.check(o.default), name
@@ -53,14 +54,14 @@ def test_unknown_key_lists_the_valid_ones() -> None:
 
 @pytest.mark.parametrize("key", ACTOR_ONLY)
 def test_actor_only_keys_rejected_on_tasks_saying_they_apply_to_actors(key: str) -> None:
-    with pytest.raises(ValueError, match=f"'{key}' applies to actors only") as ei:
+    with pytest.raises(ValueError, match=f"'{key}' applies to actors (and methods )?only") as ei:
         validate(TASK, {key: OPTIONS[key].default}, "f.options()")
     assert "f.options()" in str(ei.value) and "num_returns" in str(ei.value)
 
 
 @pytest.mark.parametrize("key", TASK_ONLY)
 def test_task_only_keys_rejected_on_actors(key: str) -> None:
-    with pytest.raises(ValueError, match=f"'{key}' applies to tasks only"):
+    with pytest.raises(ValueError, match=f"'{key}' applies to tasks (and methods )?only"):
         validate(ACTOR, {key: OPTIONS[key].default}, "@remote(A)")
 
 
@@ -69,7 +70,8 @@ def test_task_only_keys_rejected_on_actors(key: str) -> None:
     (TASK, "num_cpus", math.inf), (TASK, "num_cpus", math.nan), (TASK, "num_gpus", None),
     (TASK, "num_gpus", [1]), (TASK, "resources", {"CPU": 1}), (TASK, "resources", {"GPU": 1}),
     (TASK, "resources", {"disk": -1}), (TASK, "resources", {1: 1}), (TASK, "resources", [1]),
-    (TASK, "resources", {"disk": "1"}), (TASK, "num_returns", 0), (TASK, "num_returns", 1.0),
+    (TASK, "resources", {"disk": "1"}), (TASK, "num_returns", -1), (TASK, "num_returns", 1.0),
+    (TASK, "num_returns", "lazy"), (TASK, "max_calls", -1), (TASK, "max_calls", 1.5),
     (TASK, "num_returns", True), (TASK, "max_retries", -2), (TASK, "max_retries", 1.5),
     (TASK, "retry_exceptions", "yes"), (TASK, "retry_exceptions", [ValueError()]),
     (TASK, "retry_exceptions", [int]), (TASK, "name", 3),
@@ -131,3 +133,23 @@ def test_resource_request_of_resolved_task_defaults() -> None:
 
 def test_module_exports_kinds() -> None:
     assert (opts.TASK, opts.ACTOR, opts.BOTH) == ("task", "actor", "both")
+
+
+def test_actor_method_options() -> None:
+    ok = {"num_returns": 2, "max_task_retries": -1, "retry_exceptions": [KeyError],
+          "concurrency_group": "io", "name": "m"}
+    assert validate(METHOD, ok, "method()") is ok
+    with pytest.raises(ValueError, match=r"'num_cpus' applies to tasks and actors only\). Valid "
+                                         "options for an actor method: concurrency_group"):
+        validate(METHOD, {"num_cpus": 1}, "method()")
+    with pytest.raises(TypeError, match="concurrency_group"):
+        validate(METHOD, {"concurrency_group": 3}, "method()")
+    with pytest.raises(ValueError, match="'concurrency_group' applies to methods only"):
+        validate(ACTOR, {"concurrency_group": "io"}, "A.options()")
+    assert validate(ACTOR, {"concurrency_groups": {"io": 2}, "max_pending_calls": 3}, "A")
+    for bad in ({"io": 0}, {"": 1}, ["io"]):
+        with pytest.raises(TypeError, match="concurrency_groups"):
+            validate(ACTOR, {"concurrency_groups": bad}, "A.options()")
+    for bad in (0, -2, 1.5):
+        with pytest.raises(TypeError, match="max_pending_calls"):
+            validate(ACTOR, {"max_pending_calls": bad}, "A.options()")

@@ -404,3 +404,23 @@ def test_random_event_sequences_keep_the_books_straight(evs: list) -> None:
         assert len(pool.workers) == pool.min_workers
     assert pool.available == pytest.approx(TOTAL)
     assert pool.free_gpus == [0]
+
+
+def test_gpu_and_cpu_tasks_never_share_a_worker() -> None:
+    pool = ready_pool({"CPU": 1.0, "GPU": 1.0}, gpu_ids=[0])
+    (wid,) = pool.workers
+    c = task(CPU=1.0)
+    assert ran(pool.task_arrived(c)) == [(wid, c["tid"])]
+    pool.worker_idle(wid)
+    g = task(CPU=1.0, GPU=1.0)
+    acts = pool.task_arrived(g)
+    assert ran(acts) == []  # the idle worker ran a CPU-only task: a new one is started
+    assert kinds(acts, "retire") == [("retire", wid)]
+    (new,) = spawned(acts)
+    assert ran(pool.worker_ready(new, 2000)) == [(new, g["tid"])]
+    pool.worker_idle(new)
+    g2 = task(CPU=1.0, GPU=1.0)
+    assert ran(pool.task_arrived(g2)) == [(new, g2["tid"])]  # a GPU worker takes GPU tasks
+    pool.worker_idle(new)
+    c2 = task(CPU=1.0)
+    assert ran(pool.task_arrived(c2)) == []  # ... but no CPU-only task

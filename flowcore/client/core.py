@@ -71,6 +71,9 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         self.node_id = ""
         self.session_dir = ""
         self.dashboard_url: str | None = None
+        self.job: list[str] | None = None  # [job id, namespace]: see runtime_context
+        # tasks whose yielded values this client reads (ObjectRefGenerator)
+        self.streams: set[bytes] = set()
         self.ids = ids.IdSource()
         self.loop = asyncio.new_event_loop()
         self.head: Comm | None = None
@@ -417,7 +420,8 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
     def _object_ready(self, msg: dict) -> None:
         oid = msg["oid"]
         with self._lock:
-            if oid not in self.refcounts and oid not in self.waiters:
+            if oid not in self.refcounts and oid not in self.waiters \
+                    and ids.task_of(oid) not in self.streams:
                 return  # nobody here cares any more
             prev = self.ready.get(oid)
             if prev is not None and (prev.get("direct") or msg.get("direct")):
@@ -558,6 +562,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         if spec.get("nested"):
             return None
         if spec.get("kind", "task") != "task" or spec.get("actor") is not None or (
+                (spec.get("xopts") or {}).get("gen")) or (
                 strategy is not None and not (
                     isinstance(strategy, (list, tuple)) and strategy[0] == "node"
                     and strategy[1] == self.node_id)):
@@ -577,6 +582,10 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                "attempt": 1}
         if spec.get("renv") is not None:
             run["renv"] = spec["renv"]
+        if spec.get("job") is not None:
+            run["job"] = spec["job"]
+        if spec.get("xopts") is not None:
+            run["xopts"] = spec["xopts"]
         return run
 
     def _wait_pending_room(self) -> None:

@@ -72,8 +72,9 @@ class DirectCalls:
               owner: str) -> dict | None:
         """The actor's ``run_task`` message when ``spec`` may go directly,
         else None (call with the client's lock held: reads its caches)."""
-        if not link.open or link.sticky:
-            return None
+        if not link.open or link.sticky or spec.get("retries") or spec.get("retry_exc") \
+                or (spec.get("xopts") or {}).get("gen"):
+            return None  # calls that may be retried, or that yield, go through the head
         if link.head_calls:
             link.head_calls = {tid for tid in link.head_calls
                                if ids.object_id(tid, 0) in expected}
@@ -93,7 +94,8 @@ class DirectCalls:
         return {"op": "run_task", "tid": spec["tid"], "actor": spec["actor"],
                 "method": spec["method"], "name": spec.get("name", "?"),
                 "args": spec.get("args"), "args_dep": spec.get("args_dep"), "deps": deps,
-                "nret": spec.get("nret", 1), "res": {}, "owner": owner, "attempt": 1}
+                "nret": spec.get("nret", 1), "res": {}, "owner": owner, "attempt": 1,
+                "cgroup": spec.get("cgroup")}
 
     def sent_direct(self, link: ActorLink, spec: dict) -> None:
         link.inflight[spec["tid"]] = spec.get("nret", 1)

@@ -35,10 +35,23 @@ class WorkerInfo:
     gpus: list[int] = field(default_factory=list)
     tasks_run: int = 0
     renv: dict | None = None  # the runtime_env this worker was started with
+    # set by its first task: a worker that ran a GPU task runs only GPU tasks,
+    # one that ran a CPU-only task never runs a GPU task (CUDA state, as Ray)
+    gpu: bool | None = None
 
     @property
     def env(self) -> str | None:
         return self.renv["key"] if self.renv else None
+
+
+def _pick(free: list[WorkerInfo], gpu: bool) -> WorkerInfo | None:
+    """An idle worker for a task (that needs a GPU or not): one of that kind
+    first, else a fresh one; never one of the other kind."""
+    for want in (gpu, None):
+        for i, w in enumerate(free):
+            if w.gpu is want:
+                return free.pop(i)
+    return None
 
 
 def _env_of(task: dict) -> str | None:
@@ -162,8 +175,9 @@ class WorkerPool:
                 continue
             env = _env_of(task)
             free = idle.get(env)
-            if free:
-                self._assign(free.pop(), task, actions)
+            w = _pick(free, bool(res.get("GPU"))) if free else None
+            if w is not None:
+                self._assign(w, task, actions)
             else:
                 # it could run now if it had a worker: reserve its resources
                 # for it so later tasks do not jump ahead, and count it
@@ -199,6 +213,8 @@ class WorkerPool:
         else:
             w.gpus = []
         task["gpu_ids"] = list(w.gpus)
+        if w.gpu is None:
+            w.gpu = bool(ngpu)
         w.state = BUSY
         w.task = task
         w.blocked = False
@@ -236,11 +252,20 @@ class WorkerPool:
         self.startup_failures = 0
         return self._pump()
 
-    def worker_idle(self, wid: str) -> list[Action]:
+    def worker_idle(self, wid: str, retire: bool = False) -> list[Action]:
+        """``wid`` finished its task; with ``retire`` (its function's
+        ``max_calls`` was reached) it exits instead of taking more work."""
         w = self.workers.get(wid)
         if w is None:
             return []
         self._release(w)
+        if retire:
+            del self.workers[wid]
+            actions: list[Action] = [("retire", wid)]
+            if len(self.workers) < self.min_workers:
+                self._spawn(actions)
+            actions.extend(self._pump())
+            return actions
         w.state = IDLE
         actions = self._pump()
         # shrink back towards the warm pool size when extra workers go idle;

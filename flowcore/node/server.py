@@ -631,7 +631,8 @@ class NodeServer:
             comm.info.update(role="driver")
             comm.reply(msg, node_id=self.node_id, store=store.stats())
         elif op == "worker_idle":
-            self._act(self.pool.worker_idle(comm.info.get("wid", "")))
+            self._act(self.pool.worker_idle(comm.info.get("wid", ""),
+                                            retire=bool(msg.get("retire"))))
         elif op == "worker_blocked":
             self._act(self.pool.worker_blocked(comm.info.get("wid", ""), msg.get("blocked", True)))
         elif op == "stats":

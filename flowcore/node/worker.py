@@ -7,6 +7,8 @@ node can reuse this worker at once) and then to the head ("task_done").
 from __future__ import annotations
 
 import argparse
+import asyncio
+import inspect
 import logging
 import os
 from collections import deque
@@ -15,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from .. import daemon
 from ..exceptions import TaskError
@@ -25,6 +27,11 @@ logger = logging.getLogger("flowcore.worker")
 
 #: calls of an async actor that overlap when max_concurrency is not given (Ray's)
 ASYNC_DEFAULT_CONCURRENCY = 1000
+#: thread-pool sizes of native libraries, set per task to its num_cpus
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: those the user set (the environment this process started with, including
+#: a runtime_env's env_vars): left alone; see main()
+USER_THREAD_VARS: frozenset[str] = frozenset()
 
 
 class TaskContext:
@@ -43,13 +50,17 @@ class Worker:
         self.threads: Any = None      # ThreadPoolExecutor of a threaded actor
         self.aloop: Any = None        # event loop of an async actor
         self.asem: Any = None
+        self.groups: dict[str, Any] = {}  # concurrency group -> its executor / semaphore
         self.actor_gpus: list[int] = []
+        self.actor_spec: dict = {}    # the start_actor message of the hosted actor
         self.tasks: deque[dict | None] = deque()
         self.functions: dict[bytes, Any] = {}
         self.main_ident = threading.main_thread().ident
         self.running_tid: bytes | None = None
         self.cancel_requested: bytes | None = None
         self.cancel_before_start: set[bytes] = set()
+        self.exiting = False          # the hosted actor exits (exit_actor, sys.exit)
+        self.calls: dict[bytes, int] = {}  # runs per function, for max_calls
 
     # called by whichever thread is reading the sockets
     def on_node_message(self, msg: dict) -> None:
@@ -94,7 +105,8 @@ class Worker:
                 if task["op"] == "create_actor":
                     self.create_actor(task)
                 elif task.get("actor") is not None and self.threads is not None:
-                    self.threads.submit(self.execute, task)
+                    pool = self.groups.get(self._group_of(task)) or self.threads
+                    pool.submit(self.execute, task)
                 elif task.get("actor") is not None and self.aloop is not None:
                     import asyncio
                     asyncio.run_coroutine_threadsafe(self.execute_async(task), self.aloop)
@@ -117,8 +129,24 @@ class Worker:
             return values[v.i] if isinstance(v, ArgRef) else v
         return tuple(sub(v) for v in a), {key: sub(v) for key, v in k.items()}
 
+    def _group_of(self, task: dict) -> str | None:
+        """An actor call's concurrency group: the call's own
+        (``.options(concurrency_group=)``), else its method's declared one."""
+        if task.get("cgroup"):
+            return task["cgroup"]
+        member = getattr(type(self.instance), task.get("method") or "", None)
+        return (getattr(member, "__flowcore_method_options__", None) or {}).get(
+            "concurrency_group")
+
     def _target(self, task: dict) -> Any:
         if task.get("actor") is not None:
+            if task["method"] == "__ray_terminate__":
+                return _terminate
+            group = self._group_of(task)
+            if group is not None and group not in self.groups:
+                raise ValueError(f"concurrency group {group!r} of {task.get('name')} is not one "
+                                 f"of the actor's concurrency_groups "
+                                 f"{sorted(self.groups) or '(none declared)'}")
             return getattr(self.instance, task["method"])
         return self.function(task["fid"])
 
@@ -129,14 +157,18 @@ class Worker:
             self._report(task, "cancelled", [], False)
             return
         self._set_gpus(task)
+        if self.actor_id is None:
+            self._set_threads(task)
         task["_started"] = time.time()
         self.client.current_task = task
-        if self.actor_id is None:  # tasks it submits inherit its runtime_env
+        if self.actor_id is None:  # tasks it submits inherit its runtime_env and job
             self.client.runtime_env = task.get("renv")
+            self.client.job = task.get("job")
         concurrent_call = task.get("actor") is not None and self.threads is not None
         if not concurrent_call:
             self.running_tid = tid
         status, results, retryable = "ok", None, False
+        leaving: SystemExit | None = None
         keep: list = []  # values stay alive until task_done is queued, so refs inside
         # them are not dropped (decref) before the head learns they are held
         try:
@@ -145,9 +177,20 @@ class Worker:
                 args, kwargs = self._resolve_args(task)
                 value = fn(*args, **kwargs)
                 del args, kwargs
-                self.running_tid = None
-                results = self._results(task, value, keep)
+                if self.instance is None and inspect.iscoroutine(value):
+                    # ``@remote`` on an ``async def``: run the coroutine to
+                    # completion here, on an event loop of its own
+                    value = asyncio.run(value)
+                if (task.get("xopts") or {}).get("gen"):
+                    status, results = self._stream(task, value, keep)  # runs the body
+                    self.running_tid = None
+                else:
+                    self.running_tid = None
+                    results = self._results(task, value, keep)
                 del value
+            except SystemExit as e:  # exit_actor(), sys.exit(), exit()
+                self.running_tid = None
+                leaving = e
             except KeyboardInterrupt as e:
                 self.running_tid = None
                 if self.cancel_requested == tid:
@@ -165,13 +208,132 @@ class Worker:
             self.cancel_requested = None
             self.client.interrupt_main = False
             self.client.current_task = None
+        if leaving is not None:
+            self._leave(task, leaving)
+            return
         self._report(task, status, results or [], retryable)
         del keep
+
+    # ------------------------------------------------------------ generator tasks
+    def _stream_start(self, task: dict, value: Any, keep: list) -> tuple[Callable, list]:
+        """Check ``value`` is a generator; return ``push(item)``, which makes
+        each yielded value an object and reports it (``task_yield``), and the
+        list of yielded object ids it fills."""
+        mode = task["xopts"]["gen"]
+        if not (inspect.isgenerator(value) or inspect.isasyncgen(value)
+                or hasattr(value, "__next__")):
+            raise TypeError(f"{task.get('name', '?')} has num_returns={mode!r} but returned "
+                            f"{type(value).__name__}, not a generator: use yield")
+        oids: list[bytes] = []
+
+        def push(item: Any) -> None:
+            info = self._store_result(task["tid"], len(oids) + 1, item)
+            oids.append(info["oid"])
+            keep.append(item)
+            self.client.send("head", {"op": "task_yield", "tid": task["tid"], "result": info,
+                                      "push": mode == "streaming"})
+            if mode == "streaming":
+                self._flush_now()  # the caller hears of it now, not when the task ends
+        return push, oids
+
+    def _stream_end(self, task: dict, oids: list[bytes],
+                    error: BaseException | None) -> tuple[str, list[dict]]:
+        """The end object (index 0): the number of values (streaming) or
+        their refs (dynamic), or the error; it holds the yielded values."""
+        if error is not None:
+            results = self._error_results(task, error)
+            results[0]["nested"] = list(oids)
+            return "error", results
+        if task["xopts"]["gen"] == "streaming":
+            result = self._store_result(task["tid"], 0, len(oids))
+            result["nested"] = list(oids)
+        else:
+            from ..objects.generator import YieldedRefs
+            result = self._store_result(task["tid"], 0, YieldedRefs(oids))
+        return "ok", [result]
+
+    def _stream(self, task: dict, value: Any, keep: list) -> tuple[str, list[dict]]:
+        push, oids = self._stream_start(task, value, keep)
+        try:
+            if inspect.isasyncgen(value):
+                async def drive() -> None:
+                    async for item in value:
+                        push(item)
+                asyncio.run(drive())
+            else:
+                for item in value:
+                    push(item)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - ends the stream with the error
+            return self._stream_end(task, oids, e)
+        return self._stream_end(task, oids, None)
+
+    async def _stream_async(self, task: dict, value: Any, keep: list) -> tuple[str, list[dict]]:
+        push, oids = self._stream_start(task, value, keep)
+        try:
+            if inspect.isasyncgen(value):
+                async for item in value:
+                    push(item)
+            else:
+                for item in value:
+                    push(item)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            return self._stream_end(task, oids, e)
+        return self._stream_end(task, oids, None)
+
+    def _flush_now(self) -> None:
+        """Send what is queued now, from a thread running user code (a thread
+        waiting in select was already woken by ``send``)."""
+        c = self.client
+        pump = getattr(c, "_pump", None)
+        if pump is not None and pump.acquire(blocking=False):
+            c._pump_owner = threading.get_ident()
+            try:
+                c._flush()
+            finally:
+                c._pump_owner = None
+                pump.release()
+
+    def _leave(self, task: dict, exc: SystemExit) -> None:
+        """A task or actor call raised SystemExit: as in Ray, the process ends.
+
+        In an actor (``exit_actor()``, ``sys.exit()``, ``__ray_terminate__``)
+        the head is told first, so the actor is dead for good (no restart) and
+        its pending calls fail with ``ActorDiedError`` naming the exit; the
+        process then leaves the run loop and runs its atexit handlers.  In a
+        task the worker just exits: the task fails with
+        ``WorkerCrashedError`` (retried within ``max_retries`` like any crash).
+        """
+        from ..runtime_context import ActorExit
+        name = task.get("name", "?")
+        if self.actor_id is None:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            logger.warning("task %s called sys.exit(%r): the worker process exits", name,
+                           exc.code)
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - exiting anyway
+                    pass
+            os._exit(code)
+        how = exc.reason if isinstance(exc, ActorExit) else \
+            f"it called sys.exit({'' if exc.code is None else repr(exc.code)}) in {name}"
+        if not self.exiting:
+            self.exiting = True
+            self.client.send("head", {"op": "actor_exit", "aid": self.actor_id, "cause": how})
+            self.tasks.appendleft(None)  # the run loop ends; main() runs atexit handlers
+            wake = getattr(self.client, "_wake", None)
+            if wake is not None:
+                wake()
 
     async def execute_async(self, task: dict) -> None:
         """One call of an async actor: runs on the actor's event loop, at most
         ``max_concurrency`` at a time."""
-        async with self.asem:
+        sem = self.groups.get(self._group_of(task)) or self.asem
+        async with sem:
             self._set_gpus(task)
             task["_started"] = time.time()
             self.client.current_task = task
@@ -182,13 +344,35 @@ class Worker:
                 value = fn(*args, **kwargs)
                 if hasattr(value, "__await__"):
                     value = await value
-                status, results = "ok", self._results(task, value, keep)
+                if (task.get("xopts") or {}).get("gen"):
+                    status, results = await self._stream_async(task, value, keep)
+                else:
+                    status, results = "ok", self._results(task, value, keep)
+            except SystemExit as e:  # exit_actor(), sys.exit()
+                self.client.current_task = None
+                self._leave(task, e)
+                return
             except BaseException as e:  # noqa: BLE001
                 status, results = "error", self._error_results(task, e)
+                retryable = _retryable(task.get("retry_exc"), e)
+            else:
+                retryable = False
             finally:
                 self.client.current_task = None
-            self._report(task, status, results, False)
+            self._report(task, status, results, retryable)
             del keep
+
+    def _set_threads(self, task: dict) -> None:
+        """OMP/MKL/OpenBLAS thread counts follow the task's ``num_cpus`` (at
+        least 1), as in Ray, unless the user set them for the process."""
+        if self.actor_id is not None:
+            cpus = (self.actor_spec.get("hold") or {}).get("CPU")
+        else:
+            cpus = (task.get("res") or {}).get("CPU")
+        n = str(max(1, int(cpus or 1)))
+        for var in THREAD_VARS:
+            if var not in USER_THREAD_VARS:
+                os.environ[var] = n
 
     def _set_gpus(self, task: dict) -> None:  # noqa: D401
         if self.actor_id is not None:
@@ -219,7 +403,13 @@ class Worker:
     def _report(self, task: dict, status: str, results: list, retryable: bool) -> None:
         tid = task["tid"]
         if task.get("actor") is None:
-            self.client.send("node", {"op": "worker_idle", "tid": tid})
+            idle: dict[str, Any] = {"op": "worker_idle", "tid": tid}
+            limit = (task.get("xopts") or {}).get("max_calls")
+            if limit and status != "cancelled":  # max_calls: this process runs it N times
+                n = self.calls[task["fid"]] = self.calls.get(task["fid"], 0) + 1
+                if n >= limit:
+                    idle["retire"] = True  # the node replaces this process
+            self.client.send("node", idle)
         msg = {"op": "task_done", "tid": tid, "status": status, "results": results,
                "retryable": retryable, "pid": os.getpid(), "wid": self.wid,
                "started": task.get("_started")}
@@ -244,7 +434,10 @@ class Worker:
         from ..objects.serialization import serialize
         from ..exceptions import ActorDiedError
         self.actor_class = spec.get("name", "?")
+        self.actor_spec = spec
+        self._set_threads(spec)
         self.client.runtime_env = spec.get("renv")
+        self.client.job = spec.get("job")
         self.actor_gpus = list(spec.get("gpu_ids") or [])
         if self.actor_gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.actor_gpus)
@@ -271,12 +464,17 @@ class Worker:
             # at a time, in order); unset, up to 1000 (Ray's default)
             limit = spec.get("max_concurrency")
             self.asem = asyncio.Semaphore(ASYNC_DEFAULT_CONCURRENCY if limit is None else limit)
+            self.groups = {g: asyncio.Semaphore(n)
+                           for g, n in (spec.get("concurrency_groups") or {}).items()}
             threading.Thread(target=self.aloop.run_forever, name="flowcore-actor-loop",
                              daemon=True).start()
-        elif (spec.get("max_concurrency") or 1) > 1:
+        elif (spec.get("max_concurrency") or 1) > 1 or spec.get("concurrency_groups"):
             from concurrent.futures import ThreadPoolExecutor
-            self.threads = ThreadPoolExecutor(spec["max_concurrency"],
+            self.threads = ThreadPoolExecutor(spec.get("max_concurrency") or 1,
                                               thread_name_prefix="flowcore-actor")
+            # each concurrency group runs its calls on threads of its own
+            self.groups = {g: ThreadPoolExecutor(n, thread_name_prefix=f"flowcore-actor-{g}")
+                           for g, n in (spec.get("concurrency_groups") or {}).items()}
         ready = {"op": "actor_ready", "aid": spec["aid"], "pid": os.getpid()}
         port = self._listen_for_callers()
         if port is not None:
@@ -342,6 +540,13 @@ class Worker:
                  "error": True, "text": text} for i in range(task.get("nret", 1))]
 
 
+def _terminate() -> None:
+    """The body of ``handle.__ray_terminate__.remote()``: runs after the calls
+    queued before it, then ends the actor gracefully."""
+    from ..runtime_context import ActorExit
+    raise ActorExit("it was terminated with __ray_terminate__")
+
+
 def _retryable(spec: Any, exc: BaseException) -> bool:
     if spec is True:
         return True
@@ -350,9 +555,9 @@ def _retryable(spec: Any, exc: BaseException) -> bool:
     try:
         import cloudpickle
         types = tuple(cloudpickle.loads(spec))
-    except Exception:
+        return isinstance(exc, types)
+    except Exception:  # noqa: BLE001 - an unreadable spec retries nothing
         return False
-    return isinstance(exc, types)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", action="append", default=[],
                    help="a runtime_env directory to put first on sys.path (repeatable)")
     args = p.parse_args(argv)
+    global USER_THREAD_VARS
+    USER_THREAD_VARS = frozenset(v for v in THREAD_VARS if v in os.environ)
     daemon.setup_logging(None, os.environ.get("FLOWCORE_LOG_LEVEL", "WARNING"))
     extra = os.environ.get("FLOWCORE_WORKER_SYS_PATH")
     if extra:
@@ -400,6 +607,17 @@ def main(argv: list[str] | None = None) -> int:
         worker.run()
     finally:
         client.close()
+    if worker.exiting:
+        # an actor that exited on purpose: its atexit handlers run; threads
+        # still running calls (threaded or async actors) do not hold it up
+        import atexit
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(0)
     return 0
 
 

@@ -85,6 +85,11 @@ class ObjectRef(Generic[T]):
             raise RuntimeError("flowcore is not initialized: call flowcore.init() first")
         return client.future_for(self)
 
+    def as_future(self) -> "asyncio.Future[T]":
+        """An ``asyncio.Future`` (of the running event loop) resolved with the
+        value or error, for ``asyncio.wait``/``gather`` and callbacks."""
+        return asyncio.wrap_future(self.future())
+
     def __await__(self) -> Generator[Any, None, T]:
         return asyncio.wrap_future(self.future()).__await__()
 

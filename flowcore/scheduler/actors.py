@@ -45,6 +45,8 @@ class ActorRecord:
         # what it needs free to be placed ({} for num_cpus=0 and nothing else)
         place = spec.get("place")
         self.place: dict[str, float] = {"CPU": 1.0} if place is None else place
+        self.job: list | None = spec.get("job")  # [job id, namespace] of its creator
+        self.groups: dict = spec.get("concurrency_groups") or {}  # name -> max at once
         self.create_tid: bytes = spec["tid"]
         # the constructor's arguments, kept (and their objects held) for restarts
         self.args: bytes | None = spec.get("args")
@@ -141,7 +143,8 @@ class ActorsMixin:
             "deps": deps,
             "hold": actor.hold, "max_concurrency": actor.max_concurrency,
             "is_async": actor.is_async, "restart": actor.restarts, "bundle": actor.bundle,
-            "renv": actor.renv})
+            "renv": actor.renv, "job": actor.job, "actor_name": actor.name,
+            "concurrency_groups": actor.groups})
 
     def handle_actor_ready(self, source: str, msg: dict) -> None:
         actor = self.actors.get(msg["aid"])
@@ -184,7 +187,21 @@ class ActorsMixin:
         if actor is None or actor.state == DEAD:
             return False
         actor.queues.setdefault(t.owner, deque()).append(t.tid)
-        t.retries_left = 10**9 if actor.max_task_retries == -1 else actor.max_task_retries
+        if t.retries_left is None:  # the method did not set its own max_task_retries
+            t.retries_left = 10**9 if actor.max_task_retries == -1 else actor.max_task_retries
+        return True
+
+    def _retry_call(self, t: Any) -> bool:
+        """A call raised an exception its ``retry_exceptions`` names, with
+        retries left: run it again, before its caller's later calls."""
+        actor = self.actors.get(t.actor)
+        if actor is None or actor.state == DEAD:
+            return False
+        t.retries_left -= 1
+        self._transition(t, S.QUEUED,  # type: ignore[attr-defined]
+                         "application error, retrying (retry_exceptions)")
+        actor.queues.setdefault(t.owner, deque()).appendleft(t.tid)
+        self._pump_actor(actor)
         return True
 
     def _actor_call_ready(self, t: Any, cause: str) -> None:
@@ -220,7 +237,8 @@ class ActorsMixin:
             "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
             "name": t.name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
             "nret": t.nret, "res": {}, "owner": t.owner, "attempt": t.attempt,
-            "bundle": actor.bundle})
+            "bundle": actor.bundle, "retry_exc": t.retry_exc, "cgroup": t.cgroup,
+            "xopts": t.xopts})
 
     def _actor_call_done(self, t: Any) -> None:
         actor = self.actors.get(t.actor)
@@ -234,7 +252,7 @@ class ActorsMixin:
     def _actor_out_of_scope(self, aid: bytes) -> None:
         """The last handle is gone (called when its handle object is freed)."""
         actor = self.actors.get(aid)
-        if actor is None or actor.state == DEAD or actor.name or actor.detached:
+        if actor is None or actor.state == DEAD or actor.detached:
             return
         actor.out_of_scope = True
         self._maybe_retire(actor)
@@ -245,9 +263,22 @@ class ActorsMixin:
         actor.no_restart = True
         if actor.node:
             self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
-        self._actor_dead(actor, "no handle to it remains (it went out of scope)")
+        self._actor_dead(actor, "no handle to it remains (it went out of scope: lost reference "
+                                "to the actor); keep a handle, or name the actor, while "
+                                "calling it")
 
     # ------------------------------------------------------------ death
+    def handle_actor_exit(self, source: str, msg: dict) -> None:
+        """The actor's own process ends it on purpose (``exit_actor()``,
+        ``sys.exit()``, ``__ray_terminate__``): dead for good, no restart; its
+        pending calls fail naming why.  The process exits right after."""
+        actor = self.actors.get(msg["aid"])
+        if actor is None or actor.state == DEAD or source != actor.client:
+            return
+        actor.no_restart = True
+        self._actor_dead(actor, f"{msg.get('cause') or 'it exited'} (an intended exit: it is "
+                                f"not restarted)")
+
     def handle_actor_died(self, source: str, msg: dict) -> None:
         actor = self.actors.get(msg["aid"])
         if actor is None or actor.state == DEAD:

@@ -21,10 +21,12 @@ from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCa
                           WorkerCrashedError)
 from .actors import ActorRecord, ActorsMixin
 from .direct_calls import DirectCallsMixin
+from .history import history_entry, history_rows
 from .lineage import LineageMixin
 from .local_first import LocalFirstMixin
 from .placement_groups import PlacementGroupsMixin
 from .recovery import RecoveryMixin
+from .streams import StreamsMixin
 from .states import EventLog, TaskState, transition_name
 
 S = TaskState
@@ -90,7 +92,8 @@ class TaskRecord:
                  "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children")
+                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job",
+                 "cgroup", "xopts")
 
     def __init__(self, spec: dict, owner: str):
         self.tid: bytes = spec["tid"]
@@ -98,6 +101,9 @@ class TaskRecord:
         self.name: str = spec.get("name", "?")
         self.owner = owner
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
+        self.job: list | None = spec.get("job")  # [job id, namespace] of the submitter
+        self.cgroup: str | None = spec.get("cgroup")  # an actor call's concurrency group
+        self.xopts: dict | None = spec.get("xopts")  # for the worker: max_calls, generator
         self.args: bytes | None = spec["args"]
         self.args_dep: int | None = spec.get("args_dep")
         self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
@@ -183,7 +189,7 @@ class ObjectRecord:
 
 
 class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixin,
-                     PlacementGroupsMixin, RecoveryMixin):
+                     PlacementGroupsMixin, RecoveryMixin, StreamsMixin):
     """The control tables and the futures DAG."""
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
@@ -219,6 +225,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._init_lineage(lineage_memory)
         self._init_local_first()
         self._init_direct_calls()
+        self._init_streams()
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
         self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
@@ -462,7 +469,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 self._actor_out_of_scope(ids.task_of(obj.oid))
                 continue
             t = self.tasks.get(ids.task_of(obj.oid))
-            if t is not None:
+            if t is not None and ids.index_of(obj.oid) < t.nret:  # (not a yielded value)
                 t.returns_alive -= 1
                 self._maybe_prune(t)
 
@@ -796,6 +803,10 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             "owner": t.owner, "attempt": t.attempt, **self._bundle_fields(t)}
         if t.renv is not None:
             msg["renv"] = t.renv
+        if t.job is not None:
+            msg["job"] = t.job
+        if t.xopts is not None:
+            msg["xopts"] = t.xopts
         self._send(node.node_id, msg)
 
     def _finish_resources(self, t: TaskRecord) -> None:
@@ -813,14 +824,17 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         t.ended = time.time()
         # finished-task history (bounded): what the timeline and dashboard show
         # after the task record itself is pruned
-        self.history.append({
-            "task_id": t.tid.hex(), "name": t.name, "kind": t.kind, "state": str(t.state),
-            "node_id": t.node, "worker": t.worker, "submitted": t.submitted,
-            "started": t.started or None, "ended": t.ended, "attempt": t.attempt,
-            "actor_id": t.actor.hex() if t.actor else None, "error": t.error_text,
-            "cause": t.cause})
+        self.history.append(history_entry(t))
         self._force_cancelled.discard(t.tid)
+        self._stream_done(t)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
+            # actor handles among the arguments are let go now: lineage does
+            # not keep an actor alive (as in Ray, an actor whose last handle
+            # went to a task exits when that task ends)
+            handles = [oid for oid in t.nested if ids.index_of(oid) == ids.HANDLE_INDEX]
+            if handles:
+                t.nested = [oid for oid in t.nested if ids.index_of(oid) != ids.HANDLE_INDEX]
+                self._release(handles)
             # lineage: the arguments stay held while any output of the task is
             # referenced, so a lost output can be rebuilt by running it again
             self._keep_lineage(t)
@@ -854,6 +868,10 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self.counts["retried"] += 1
             self._transition(t, S.QUEUED, "application error, retrying (retry_exceptions)")
             self.queues.setdefault(t.shape, deque()).append(t.tid)
+            return
+        if status == "error" and msg.get("retryable") and t.retries_left > 0 \
+                and t.kind == "call" and self._retry_call(t):
+            self.counts["retried"] += 1
             return
         self._transition(t, S.FINISHED if status == "ok" else S.FAILED,
                          "returned" if status == "ok" else "raised an exception")
@@ -990,13 +1008,17 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         return av
 
     def list_tasks(self, state: str | None = None, limit: int = 10_000) -> list[dict]:
+        """Task rows: the tasks the head still tracks, then finished tasks
+        already pruned (their refs dropped), newest first, from the bounded
+        history, in the same columns."""
         out = []
         for t in self.tasks.values():
             if state is None or str(t.state) == state:
                 out.append(t.as_dict())
                 if len(out) >= limit:
-                    break
-        return out
+                    return out
+        seen = {row["task_id"] for row in out}
+        return out + history_rows(self.history, self.tasks, state, limit - len(out), seen)
 
     def list_objects(self, limit: int = 10_000) -> list[dict]:
         return [o.as_dict() for _, o in zip(range(limit), self.objects.values())]

@@ -43,7 +43,7 @@ def lineage_memory_from_env() -> int:
 FUNCTION_WAIT = 30.0
 #: ops that may change the persisted tables (besides joining and leaving)
 _TABLE_OPS = frozenset(("register_function", "create_actor", "actor_ready", "actor_failed",
-                        "actor_died", "kill_actor"))
+                        "actor_died", "kill_actor", "actor_exit"))
 
 
 class HeadServer:

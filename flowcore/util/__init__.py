@@ -1,0 +1,38 @@
+"""``flowcore.util``: Ray's ``ray.util`` names, built on the public API.
+
+Names load on first use, so importing ``flowcore.util`` pulls in no optional
+dependency.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..actor import list_named_actors
+    from ..api import get_node_ip_address
+    from ..placement_groups import placement_group_table
+    from .actor_pool import ActorPool
+
+_LAZY = {
+    "ActorPool": "flowcore.util.actor_pool",
+    "get_node_ip_address": "flowcore.api",
+    "list_named_actors": "flowcore.actor",
+    "placement_group_table": "flowcore.placement_groups",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'flowcore.util' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["ActorPool", "get_node_ip_address", "list_named_actors", "placement_group_table"]
