@@ -23,6 +23,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench,test]" --config-settings editable_mode=compat
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m pip install -q -e ".[dask]" --config-settings editable_mode=compat
+	$(PY) -m benchmarks.dask_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
