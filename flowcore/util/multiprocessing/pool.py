@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import logging
 import pickle
 import queue
 import threading
@@ -26,6 +27,8 @@ import cloudpickle
 
 import flowcore
 from flowcore.exceptions import ActorError
+
+logger = logging.getLogger("flowcore.util.multiprocessing")
 
 #: chunks queued on one actor at a time (one running, one ready to start)
 PER_ACTOR = 2
@@ -415,11 +418,14 @@ class AsyncResult:
 
     def _set(self, ok: bool, value: Any) -> None:
         self._success, self._value = ok, value
-        if ok and self._callback is not None:
-            self._callback(value)
-        if not ok and self._error_callback is not None:
-            self._error_callback(value)
-        self._event.set()
+        callback = self._callback if ok else self._error_callback
+        try:
+            if callback is not None:
+                callback(value)
+        except Exception:  # noqa: BLE001 - a failing callback must not stop the pool
+            logger.exception("a Pool callback raised")
+        finally:
+            self._event.set()
 
 
 class _MapResult(AsyncResult):
