@@ -50,9 +50,10 @@ def jobs_cluster(tmp_path_factory):
 @pytest.fixture
 def workdir(tmp_path):
     d = tmp_path / "project"
-    d.mkdir()
+    (d / "pkg").mkdir(parents=True)
     (d / "main.py").write_text(SCRIPT)
     (d / "helper.py").write_text("BASE = 40\n")
+    (d / "pkg" / "data.txt").write_text("x")
     return d
 
 
@@ -81,7 +82,13 @@ def test_submit_with_working_dir_and_follow_logs(jobs_cluster, workdir):
     # what the head keeps is private to its user
     jdir = os.path.join(jobs_cluster["session_dir"], "jobs", sid)
     assert stat.S_IMODE(os.stat(jdir).st_mode) == 0o700
-    for name in ("logs", "job.json", "status.json"):
+    for root, dirs, files in os.walk(jdir):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]  # written by the job's Python
+        for d in dirs:
+            assert stat.S_IMODE(os.stat(os.path.join(root, d)).st_mode) == 0o700, d
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) & 0o077 == 0, f
+    for name in ("logs", "job.json", "status.json", "working_dir/helper.py"):
         assert stat.S_IMODE(os.stat(os.path.join(jdir, name)).st_mode) == 0o600
 
 

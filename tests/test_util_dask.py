@@ -94,6 +94,12 @@ def test_tasks_are_named_by_dask_keys_and_persist_keeps_refs(dcluster):
     names = {t["name"] for t in flowcore.state.list_tasks()}
     for k in flatten_keys(x.__dask_keys__()):
         assert str(k) in names
+    # the graph picture labels tasks with their keys too
+    y = (da.ones((100, 100), chunks=50) + 2).sum()
+    refs = flowcore_dask_get(dict(y.__dask_graph__()), y.__dask_keys__(),
+                             flowcore_persist=True)
+    assert str(y.__dask_keys__()[0]) in flowcore.visualize(refs).source
+    assert float(flowcore.get(refs[0])) == 100 * 100 * 3.0
     enable_dask_on_flowcore()
     try:
         assert dask.config.get("scheduler") is flowcore_dask_get

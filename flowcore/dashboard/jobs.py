@@ -174,10 +174,14 @@ class JobManager:
         write_json(os.path.join(jdir, "job.json"), job)
         fd = os.open(os.path.join(jdir, "logs"), os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)
-        proc = subprocess.Popen([sys.executable, "-m", "flowcore.job_submission.supervisor",
-                                 jdir], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=open(os.path.join(jdir, "supervisor.log"), "ab"),
-                                start_new_session=True, close_fds=True)
+        errfd = os.open(os.path.join(jdir, "supervisor.log"),
+                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "flowcore.job_submission.supervisor",
+                                     jdir], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=errfd, start_new_session=True, close_fds=True)
+        finally:
+            os.close(errfd)
         job["supervisor_pid"] = proc.pid
         write_json(os.path.join(jdir, "job.json"), job)
         self.procs[sid] = proc
@@ -226,9 +230,12 @@ class JobManager:
                 if not target.startswith(real + os.sep):
                     raise ValueError(f"package {h}: entry {info.filename!r} leaves its directory")
                 z.extract(info, dest)
-                mode = (info.external_attr >> 16) & 0o700
-                if mode and not info.is_dir():
-                    os.chmod(target, mode)
+                if not info.is_dir():  # private, keeping the owner's execute bit
+                    os.chmod(target, ((info.external_attr >> 16) & 0o700) | 0o600)
+        for root, dirs, _files in os.walk(dest):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o700)
+        os.chmod(dest, 0o700)
         return dest
 
     def _environment(self, sid: str, env_vars: dict, job_renv: dict,

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if job is None:
         print(f"no readable job.json in {jdir}", file=sys.stderr)
         return 2
-    os.umask(0o077)
+    user_umask = os.umask(0o077)  # our files are private; the job keeps the user's umask
     stopping = threading.Event()
     state: dict = {"status": "PENDING", "supervisor_pid": os.getpid()}
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proc = subprocess.Popen(job["entrypoint"], shell=True, cwd=job["cwd"], env=job["env"],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, umask=user_umask)
     except OSError as e:
         log.write(f"cannot start the entrypoint: {e}\n".encode())
         write_json(status_path, dict(state, status="FAILED", end_time=_now_ms(),
