@@ -136,3 +136,14 @@ def test_a_worker_killed_mid_graph_is_retried(dcluster, tmp_path):
     with open(pid_file) as f:
         os.kill(int(f.read()), signal.SIGKILL)
     assert flowcore.get(fut, timeout=90) == (1 + 2 + 3 + 4) * 10 + 1
+
+
+def test_graph_errors_are_clear(dcluster):
+    with pytest.raises(KeyError, match="not in the graph"):
+        flowcore_dask_get({"a": 1}, ["b"])
+    from dask._task_spec import Task, TaskRef
+    with pytest.raises(KeyError, match="does not contain"):
+        flowcore_dask_get({"a": Task("a", len, TaskRef("missing"))}, ["a"])
+    # only what the wanted keys need runs: the failing task is culled
+    graph = {"a": 1, "b": (int.__add__, "a", 2), "bad": (divmod, "a", 0)}
+    assert flowcore_dask_get(graph, ["b"]) == [3]

@@ -23,7 +23,7 @@ from typing import Any
 
 import cloudpickle
 import dask
-from dask._task_spec import Alias, DataNode, convert_legacy_graph
+from dask._task_spec import Alias, DataNode, convert_legacy_graph, cull
 from dask.core import flatten
 from dask.order import order
 
@@ -131,6 +131,12 @@ def flowcore_dask_get(dsk: Mapping, keys: Any, *, flowcore_persist: bool = False
     missing = [k for k in wanted if k not in graph]
     if missing:
         raise KeyError(f"flowcore_dask_get: keys {missing[:5]} are not in the graph")
+    graph = cull(graph, list(wanted))  # only what the wanted keys need
+    for key, node in graph.items():
+        absent = [d for d in node.dependencies if d not in graph]
+        if absent:
+            raise KeyError(f"flowcore_dask_get: task {key!r} depends on {absent[:3]}, which "
+                           f"the graph does not contain")
     run = _runner()
     if flowcore_remote_args:
         run = run.options(**flowcore_remote_args)
@@ -178,10 +184,14 @@ def flowcore_dask_get(dsk: Mapping, keys: Any, *, flowcore_persist: bool = False
     return _pack(keys, results)
 
 
-def enable_dask_on_flowcore(shuffle: str | None = "tasks") -> Any:
+def enable_dask_on_flowcore(shuffle: str | None = "tasks",
+                            use_shuffle_optimization: bool = True) -> Any:
     """Make ``flowcore_dask_get`` Dask's default scheduler (and use the
     task-based shuffle for dataframes).  The returned object is also a
-    context manager that restores the previous settings on exit."""
+    context manager that restores the previous settings on exit.
+
+    ``use_shuffle_optimization`` is accepted for compatibility with Ray's
+    ``enable_dask_on_ray`` and has no effect (Dask's own shuffle runs)."""
     settings: dict[str, Any] = {"scheduler": flowcore_dask_get}
     if shuffle is not None:
         settings["dataframe.shuffle.method"] = shuffle
