@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
-
 import pytest
 
 import flowcore
+from flowcore.testing import Signal
 from flowcore.util.multiprocessing import Pool, TimeoutError
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def wait_on(sig):
+    return sig.wait(60)
 
 
 def square(x):
@@ -76,13 +79,16 @@ def test_standard_library_examples(pools):
         assert pool.apply_async(square, (20,)).get(timeout=30) == 400
         assert pool.apply(add, (2,), {"b": 5}) == 7
         assert pool.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
-        r = pool.apply_async(time.sleep, (1.5,))
+        sig = Signal()
+        r = pool.apply_async(wait_on, (sig,))
         with pytest.raises(TimeoutError):
             r.get(timeout=0.1)
         assert not r.ready()
         with pytest.raises(ValueError):
             r.successful()
-        assert r.get(timeout=30) is None and r.successful()
+        sig.set()
+        assert r.get(timeout=60) is True and r.successful()
+        sig.close()
 
 
 def test_cpu_bound_map_and_chunksizes_match(pools):
