@@ -171,3 +171,39 @@ def test_a_chunk_whose_worker_died_runs_again(pools, tmp_path):
         assert pool.starmap(die_once, [(marker, i) for i in range(5)], chunksize=1) == \
             list(range(5))
     assert os.path.exists(marker)
+
+
+def broken_input():
+    yield 1
+    yield 2
+    raise KeyError("input broke")
+
+
+def test_imap_reads_its_input_lazily_and_raises_its_errors(pools):
+    std, ours = pools
+    for pool in (std, ours):
+        got = []
+        with pytest.raises(KeyError, match="input broke"):
+            for y in pool.imap(square, broken_input()):
+                got.append(y)
+        assert got == [1, 4]
+    consumed = []
+
+    def numbers():
+        for i in range(10**6):
+            consumed.append(i)
+            yield i
+
+    with Pool(2) as pool:
+        first = []
+        for y in pool.imap(square, numbers()):
+            first.append(y)
+            if len(first) == 5:
+                break
+        assert first == [0, 1, 4, 9, 16]
+        # read only as the workers have room, not the whole input; the
+        # abandoned iterator's input is not read further
+        assert len(consumed) < 100
+        assert list(pool.imap(square, [])) == []
+        assert list(pool.imap(square, range(3))) == [0, 1, 4]
+        assert len(consumed) < 100

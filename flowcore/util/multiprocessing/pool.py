@@ -19,6 +19,7 @@ import pickle
 import queue
 import threading
 import traceback
+import weakref
 from multiprocessing import TimeoutError
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any, Callable, Iterable, Iterator
@@ -75,6 +76,40 @@ class _Job:
         self.deliver = deliver
 
 
+class _Feeder:
+    """The input of one ``imap``, read lazily, and its iterator, held weakly:
+    once the caller drops the iterator (e.g. breaks out of the loop), the rest
+    of the input is not read.  ``finish(n)``: the input had ``n`` chunks."""
+
+    def __init__(self, it: "IMapIterator", chunks: Iterator[list], key: bytes, blob: bytes):
+        self.ref = weakref.ref(it)
+        self.chunks, self.key, self.blob = chunks, key, blob
+        self.index = 0
+        self.job = _Job(-1, self._deliver)
+
+    def abandoned(self) -> bool:
+        return self.ref() is None
+
+    def _deliver(self, i: int, ok: bool, value: Any) -> None:
+        it = self.ref()
+        if it is not None:
+            it._set_chunk(i, ok, value)
+
+    def finish(self, n_chunks: int) -> None:
+        it = self.ref()
+        if it is not None:
+            it._set_length(n_chunks)
+
+
+def _chunked(iterable: Iterable, size: int) -> Iterator[list]:
+    it = iter(iterable)
+    while True:
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
 class _Slot:
     """One actor of the pool and what it is running."""
 
@@ -125,6 +160,7 @@ class Pool:
         self._events: queue.Queue = queue.Queue()
         self._pending: collections.deque = collections.deque()  # (job, index, payload, tries)
         self._jobs_left = 0  # chunks not yet delivered
+        self._feeders: collections.deque = collections.deque()  # lazy imap inputs
         self._sent: dict[int, tuple] = {}  # chunks running on an actor, by id
         self._idle = threading.Condition(self._lock)
         self._slots = [self._new_slot() for _ in range(processes)]
@@ -162,9 +198,10 @@ class Pool:
         if self._state == "TERMINATE":
             return
         for slot in list(self._slots):
-            while (self._pending and slot.ready and not slot.retiring
-                   and slot.inflight < PER_ACTOR):
-                item = self._pending.popleft()
+            while slot.ready and not slot.retiring and slot.inflight < PER_ACTOR:
+                item = self._next_chunk()
+                if item is None:
+                    return
                 job, index, (key, blob, star, items), tries = item
                 slot.inflight += 1
                 self._sent[id(item)] = item
@@ -174,6 +211,35 @@ class Pool:
                 if self._maxtasks is not None and \
                         slot.done_chunks + slot.inflight >= self._maxtasks:
                     slot.retiring = True
+
+    def _next_chunk(self) -> tuple | None:
+        """The next chunk to run: a queued one, else one read from the input
+        of an ``imap`` (read only as workers have room, like the standard
+        library's task feeder)."""
+        if self._pending:
+            return self._pending.popleft()
+        while self._feeders:
+            feeder = self._feeders[0]
+            if feeder.abandoned():  # nobody holds its iterator: read no further
+                self._feeders.popleft()
+                continue
+            try:
+                items = next(feeder.chunks)
+            except StopIteration:
+                self._feeders.popleft()
+                feeder.finish(feeder.index)
+                continue
+            except Exception as e:  # noqa: BLE001 - the input itself raised
+                self._feeders.popleft()
+                feeder.job.deliver(feeder.index, False, e)
+                feeder.finish(feeder.index + 1)
+                continue
+            index = feeder.index
+            feeder.index += 1
+            with self._lock:
+                self._jobs_left += 1
+            return (feeder.job, index, (feeder.key, feeder.blob, False, items), 0)
+        return None
 
     def _chunk_done(self, slot: _Slot, item: tuple, fut: Any) -> None:
         slot.inflight -= 1
@@ -304,10 +370,13 @@ class Pool:
         self._check_running()
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        chunks, _ = self._chunks(iterable, chunksize)
-        it = IMapIterator(len(chunks), ordered, single=chunksize == 1)
-        if chunks:
-            self._submit(func, chunks, False, it._set_chunk)
+        if not callable(func):
+            raise TypeError(f"func must be callable, got {type(func).__name__}")
+        it = IMapIterator(None, ordered, single=chunksize == 1)
+        blob = cloudpickle.dumps(func)
+        self._feeders.append(_Feeder(it, _chunked(iterable, chunksize),
+                                     hashlib.blake2b(blob, digest_size=16).digest(), blob))
+        self._events.put(("work",))
         if chunksize == 1:
             return it
         return (x for chunk in it for x in chunk)
@@ -337,6 +406,10 @@ class Pool:
         self._pending.clear()
         for job, index, _payload, _tries in abandoned:
             job.deliver(index, False, ValueError("Pool was terminated"))
+        while self._feeders:  # imap inputs not read to the end
+            feeder = self._feeders.popleft()
+            feeder.job.deliver(feeder.index, False, ValueError("Pool was terminated"))
+            feeder.finish(feeder.index + 1)
         with self._lock:
             self._jobs_left = 0
             self._idle.notify_all()
@@ -347,8 +420,8 @@ class Pool:
         if self._state == "RUN":
             raise ValueError("Pool is still running")
         with self._lock:
-            while self._jobs_left > 0 and self._state != "TERMINATE":
-                self._idle.wait(1.0)
+            while (self._jobs_left > 0 or self._feeders) and self._state != "TERMINATE":
+                self._idle.wait(0.2)
         self.terminate()
 
     def __enter__(self) -> "Pool":
@@ -455,7 +528,7 @@ class IMapIterator:
     """The iterator ``imap``/``imap_unordered`` return; ``next(timeout)``
     raises ``multiprocessing.TimeoutError`` when nothing arrived in time."""
 
-    def __init__(self, n_chunks: int, ordered: bool, single: bool = True) -> None:
+    def __init__(self, n_chunks: int | None, ordered: bool, single: bool = True) -> None:
         self._single = single  # chunks of one item: yield the item, else the chunk
         self._cond = threading.Condition()
         self._ordered = ordered
@@ -466,6 +539,14 @@ class IMapIterator:
 
     def __iter__(self) -> "IMapIterator":
         return self
+
+    def _set_length(self, n_chunks: int) -> None:
+        with self._cond:
+            self._length = n_chunks
+            self._cond.notify_all()
+
+    def _ended(self) -> bool:
+        return self._length is not None and self._next_index >= self._length
 
     def _set_chunk(self, i: int, ok: bool, value: Any) -> None:
         with self._cond:
@@ -478,17 +559,20 @@ class IMapIterator:
 
     def next(self, timeout: float | None = None) -> Any:
         with self._cond:
-            if self._next_index >= self._length:
-                raise StopIteration
             if self._ordered:
-                ok = self._cond.wait_for(lambda: self._next_index in self._results, timeout)
+                ok = self._cond.wait_for(
+                    lambda: self._next_index in self._results or self._ended(), timeout)
                 if not ok:
                     raise TimeoutError
+                if self._next_index not in self._results:
+                    raise StopIteration
                 success, value = self._results.pop(self._next_index)
             else:
-                ok = self._cond.wait_for(lambda: bool(self._arrived), timeout)
+                ok = self._cond.wait_for(lambda: bool(self._arrived) or self._ended(), timeout)
                 if not ok:
                     raise TimeoutError
+                if not self._arrived:
+                    raise StopIteration
                 success, value = self._arrived.popleft()
             self._next_index += 1
         if success:
