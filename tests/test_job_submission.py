@@ -218,3 +218,12 @@ def test_dashboard_jobs_tab_and_cookie_sessions_need_xsrf(jobs_cluster):
     assert ei.value.code == 403
     assert len(json.loads(opener.open(url + "/api/jobs/", timeout=30).read())["jobs"]) == \
         len(listed["jobs"])
+
+
+def test_a_job_stopped_right_after_submission_never_runs(jobs_cluster, tmp_path):
+    client = JobSubmissionClient()
+    marker = tmp_path / "ran"
+    sid = client.submit_job(entrypoint=f"sleep 2; touch {marker}")
+    assert client.stop_job(sid) is True  # while its supervisor may still be starting
+    assert client.wait_until_finish(sid, 60) == JobStatus.STOPPED
+    assert not marker.exists()

@@ -36,6 +36,7 @@ from tornado.web import HTTPError
 
 from ..job_submission.models import (JobStatus, job_dir, jobs_root, read_json,
                                      write_json)
+from ..job_submission.supervisor import STOP_FILE
 from .app import Api
 from .auth import bearer
 
@@ -266,11 +267,16 @@ class JobManager:
             raise HTTPError(404, f"Job {sid} does not exist")
         if JobStatus(info["status"]).is_terminal():
             return False
-        job = read_json(os.path.join(job_dir(self.state_dir, sid), "job.json")) or {}
+        jdir = job_dir(self.state_dir, sid)
+        job = read_json(os.path.join(jdir, "job.json")) or {}
         pid = job.get("supervisor_pid")
         if not _alive(pid):
             return False
-        os.kill(pid, signal.SIGTERM)
+        # the marker reaches a supervisor still starting up; the signal, one waiting
+        fd = os.open(os.path.join(jdir, STOP_FILE), os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        if info["status"] == "RUNNING":
+            os.kill(pid, signal.SIGTERM)
         return True
 
     def delete(self, sid: str) -> bool:

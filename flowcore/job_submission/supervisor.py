@@ -21,6 +21,8 @@ import time
 from .models import read_json, write_json
 
 STOP_GRACE = 3.0
+#: created in the job directory by the head to stop the job
+STOP_FILE = "stop"
 
 
 def _now_ms() -> int:
@@ -28,6 +30,8 @@ def _now_ms() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m flowcore.job_submission.supervisor JOB_DIR", file=sys.stderr)
@@ -39,13 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no readable job.json in {jdir}", file=sys.stderr)
         return 2
     user_umask = os.umask(0o077)  # our files are private; the job keeps the user's umask
-    stopping = threading.Event()
     state: dict = {"status": "PENDING", "supervisor_pid": os.getpid()}
-
-    def on_term(signum: int, frame: object) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_term)
+    stop_file = os.path.join(jdir, STOP_FILE)  # the head asks a starting job to stop here
+    if os.path.exists(stop_file):
+        write_json(status_path, dict(state, status="STOPPED", end_time=_now_ms(),
+                                     message="Job was intentionally stopped."))
+        return 0
     log = open(os.path.join(jdir, "logs"), "ab", buffering=0)
     try:
         proc = subprocess.Popen(job["entrypoint"], shell=True, cwd=job["cwd"], env=job["env"],
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         except subprocess.TimeoutExpired:
             pass
-        if stopping.is_set():
+        if stopping.is_set() or os.path.exists(stop_file):
+            stopping.set()
             now = time.monotonic()
             if not stop_sent:
                 stop_sent = now
