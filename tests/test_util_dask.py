@@ -84,9 +84,14 @@ def test_delayed_graph_and_bag_match_threaded(dcluster):
 def test_tasks_are_named_by_dask_keys_and_persist_keeps_refs(dcluster):
     x = da.ones((400, 400), chunks=200) * 3
     with enable_dask_on_flowcore():
-        kept = x.persist(flowcore_persist=True)
+        kept = x.persist()
         held = list(dict(kept.__dask_graph__()).values())
         assert len(held) == 4 and all(isinstance(v, flowcore.ObjectRef) for v in held)
+        (here,) = dask.persist(x, flowcore_persist=False)  # values brought here instead
+        assert all(isinstance(v, np.ndarray) for v in dict(here.__dask_graph__()).values())
+        df = dd.from_pandas(pd.DataFrame({"a": range(10)}), npartitions=2).persist()
+        assert any(isinstance(v, flowcore.ObjectRef) for v in dict(df.__dask_graph__()).values())
+        assert int(df.a.sum().compute()) == 45
         # later graphs read the persisted chunks from the store, even where
         # Dask's optimizer fused them into a task
         assert float((kept + 1).sum().compute()) == 400 * 400 * 4.0

@@ -9,9 +9,11 @@ intermediates from lineage.  ``Alias`` nodes cost nothing (they reuse their
 target's ref); ``DataNode`` constants travel inline when small and through
 the store (``flowcore.put``) when large.  A ref is dropped once every task
 reading it was submitted, so the store frees intermediates as the graph
-runs.  With ``flowcore_persist=True`` the refs themselves are returned
-(``x.persist(flowcore_persist=True)`` keeps the results in the cluster);
-graphs holding refs (from an earlier persist) use them as inputs.
+runs.  With ``flowcore_persist=True`` the refs themselves are returned;
+``persist()`` does that (through ``flowcore_dask_get.persist``, which Dask
+calls for a scheduler that has one), so persisted collections keep their
+results in the cluster, and later graphs holding those refs use them as
+inputs.
 """
 from __future__ import annotations
 
@@ -182,6 +184,25 @@ def flowcore_dask_get(dsk: Mapping, keys: Any, *, flowcore_persist: bool = False
             if held[k][0] == "value":
                 results[k] = held[k][1]
     return _pack(keys, results)
+
+
+def _persist(collections: list, optimize_graph: bool = True, **kwargs: Any) -> list:
+    """``persist`` for Dask collections: the results stay in the cluster's
+    object store as refs in the persisted collections' graphs (pass
+    ``flowcore_persist=False`` to bring the values here instead).  Dask calls
+    this through ``flowcore_dask_get.persist`` (a scheduler's own persist)."""
+    keep = kwargs.pop("flowcore_persist", True)
+    remote_args = kwargs.pop("flowcore_remote_args", None)
+
+    def get(dsk: Mapping, keys: Any, **kw: Any) -> Any:
+        return flowcore_dask_get(dsk, keys, flowcore_persist=keep,
+                                 flowcore_remote_args=remote_args)
+
+    return list(dask.persist(*collections, scheduler=get, optimize_graph=optimize_graph,
+                             traverse=False, **kwargs))
+
+
+flowcore_dask_get.persist = _persist  # type: ignore[attr-defined]
 
 
 def enable_dask_on_flowcore(shuffle: str | None = "tasks",
