@@ -207,3 +207,14 @@ def test_imap_reads_its_input_lazily_and_raises_its_errors(pools):
         assert list(pool.imap(square, [])) == []
         assert list(pool.imap(square, range(3))) == [0, 1, 4]
         assert len(consumed) < 100
+
+
+def bad_initializer():
+    raise RuntimeError("cannot set up")
+
+
+def test_a_pool_whose_workers_cannot_start_fails_its_work(pools):
+    # (the standard library's pool would restart such workers forever)
+    with Pool(1, initializer=bad_initializer) as pool:
+        with pytest.raises(Exception, match="cannot set up"):
+            pool.map(square, range(3), chunksize=1)

@@ -35,6 +35,8 @@ logger = logging.getLogger("flowcore.util.multiprocessing")
 PER_ACTOR = 2
 #: times a chunk is run again after its actor died
 CHUNK_RETRIES = 3
+#: worker starts that may fail in a row (per process) before the pool gives up
+START_FAILURES_PER_PROCESS = 3
 
 
 class PoolActor:
@@ -161,6 +163,8 @@ class Pool:
         self._pending: collections.deque = collections.deque()  # (job, index, payload, tries)
         self._jobs_left = 0  # chunks not yet delivered
         self._feeders: collections.deque = collections.deque()  # lazy imap inputs
+        self._start_failures = 0  # worker starts failed in a row
+        self._failure: BaseException | None = None  # why no worker can start
         self._sent: dict[int, tuple] = {}  # chunks running on an actor, by id
         self._idle = threading.Condition(self._lock)
         self._slots = [self._new_slot() for _ in range(processes)]
@@ -185,16 +189,46 @@ class Pool:
                 return
             if kind == "ready":
                 _, slot, fut = ev
-                if fut.exception() is None:
+                err = fut.exception()
+                if err is None:
                     slot.ready = True
+                    self._start_failures = 0
                 elif slot in self._slots and self._state != "TERMINATE":
-                    self._replace(slot)  # its initializer failed or it died: try anew
+                    self._start_failures += 1
+                    if self._start_failures > START_FAILURES_PER_PROCESS * self._processes \
+                            and not any(s.ready for s in self._slots):
+                        self._broken(err)  # e.g. an initializer that always raises
+                    else:
+                        self._replace(slot)  # its initializer failed or it died: try anew
             elif kind == "done":
                 _, slot, item, fut = ev
                 self._chunk_done(slot, item, fut)
             self._fill()
 
+    def _broken(self, err: BaseException) -> None:
+        """No worker can start: fail the queued work with the reason."""
+        logger.error("no pool worker could start (%s); failing the pool's work", err)
+        self._failure = err
+        for slot in self._slots:
+            try:
+                flowcore.kill(slot.handle)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._slots = []
+        while True:
+            item = self._next_chunk()
+            if item is None:
+                break
+            job, index, _payload, _tries = item
+            job.deliver(index, False, err)
+            with self._lock:
+                self._jobs_left -= 1
+                self._idle.notify_all()
+
     def _fill(self) -> None:
+        if self._failure is not None:
+            self._broken(self._failure)
+            return
         if self._state == "TERMINATE":
             return
         for slot in list(self._slots):
