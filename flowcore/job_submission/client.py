@@ -74,10 +74,10 @@ def resolve_address(address: str | None, token: str | None) -> tuple[str, str]:
             with open(os.path.join(_state_dir(), "address")) as f:
                 address = f.read().strip()
         except OSError:
-            raise ConnectionError("no cluster to submit to: pass address='http://HOST:"
-                                  "DASHBOARD_PORT' (or the head's tcp:// address), set "
-                                  "FLOWCORE_ADDRESS, or connect with flowcore.init() first") \
-                from None
+            raise ConnectionError("no cluster to submit to: pass the dashboard's address "
+                                  "'http://HOST:PORT' (or the head's tcp:// address) as "
+                                  "address= (flowcore job: --address), set FLOWCORE_ADDRESS, "
+                                  "or connect with flowcore.init() first") from None
     if not token:
         try:
             with open(os.path.join(_state_dir(), "token")) as f:
@@ -85,8 +85,8 @@ def resolve_address(address: str | None, token: str | None) -> tuple[str, str]:
         except OSError:
             pass
     if not token:
-        raise ValueError("the job API needs the cluster token: pass token=..., or set "
-                         "FLOWCORE_TOKEN")
+        raise ValueError("the job API needs the cluster token: pass token=... (flowcore "
+                         "job: --token-file FILE), or set FLOWCORE_TOKEN")
     if not address.startswith(("http://", "https://")):
         address = _head_dashboard(address, token)
     return address.rstrip("/"), token
