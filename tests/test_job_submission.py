@@ -227,3 +227,19 @@ def test_a_job_stopped_right_after_submission_never_runs(jobs_cluster, tmp_path)
     assert client.stop_job(sid) is True  # while its supervisor may still be starting
     assert client.wait_until_finish(sid, 60) == JobStatus.STOPPED
     assert not marker.exists()
+
+
+def test_py_modules_reach_the_entrypoint_and_its_tasks(jobs_cluster, tmp_path):
+    pkg = tmp_path / "mylib"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("MAGIC = 7\n")
+    single = tmp_path / "tool.py"
+    single.write_text("def twice(x):\n    return 2 * x\n")
+    script = ("import flowcore, mylib, tool; flowcore.init(); "
+              "f = flowcore.remote(lambda: __import__('mylib').MAGIC + "
+              "__import__('tool').twice(1)); print('sum', flowcore.get(f.remote()))")
+    client = JobSubmissionClient()
+    sid = client.submit_job(entrypoint=f'python -c "{script}"',
+                            runtime_env={"py_modules": [str(pkg), str(single)]})
+    assert client.wait_until_finish(sid, 60) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
+    assert "sum 9" in client.get_job_logs(sid)
