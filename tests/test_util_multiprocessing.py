@@ -201,12 +201,13 @@ def test_imap_reads_its_input_lazily_and_raises_its_errors(pools):
             if len(first) == 5:
                 break
         assert first == [0, 1, 4, 9, 16]
-        # read only as the workers have room, not the whole input; the
-        # abandoned iterator's input is not read further
-        assert len(consumed) < 100
+        # the dropped iterator's input is not read further: later work runs
+        # (it would otherwise wait behind a million items), and reads none of it
         assert list(pool.imap(square, [])) == []
+        stopped_at = len(consumed)
+        assert stopped_at < 10**6
         assert list(pool.imap(square, range(3))) == [0, 1, 4]
-        assert len(consumed) < 100
+        assert len(consumed) == stopped_at
 
 
 def bad_initializer():
@@ -218,3 +219,23 @@ def test_a_pool_whose_workers_cannot_start_fails_its_work(pools):
     with Pool(1, initializer=bad_initializer) as pool:
         with pytest.raises(Exception, match="cannot set up"):
             pool.map(square, range(3), chunksize=1)
+
+
+def test_a_dropped_pool_ends_its_workers(pools):
+    import gc
+    import time
+
+    def alive_workers():
+        return sum(1 for a in flowcore.state.list_actors()
+                   if a["class_name"] == "PoolActor" and a["state"] == "ALIVE")
+
+    before = alive_workers()
+    pool = Pool(1)
+    assert pool.map(square, range(4)) == [0, 1, 4, 9]
+    assert alive_workers() == before + 1
+    del pool  # neither closed nor terminated: collected, its __del__ ends the worker
+    gc.collect()
+    deadline = time.monotonic() + 30  # the kill is asynchronous: poll for its effect
+    while alive_workers() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alive_workers() == before

@@ -168,42 +168,42 @@ class Pool:
         self._sent: dict[int, tuple] = {}  # chunks running on an actor, by id
         self._idle = threading.Condition(self._lock)
         self._slots = [self._new_slot() for _ in range(processes)]
-        self._thread = threading.Thread(target=self._dispatch, name="flowcore-pool",
-                                        daemon=True)
+        # the thread holds the pool weakly: a pool dropped without close() or
+        # terminate() is collected, and its __del__ ends the workers
+        self._thread = threading.Thread(target=_dispatch_loop,
+                                        args=(weakref.ref(self), self._events),
+                                        name="flowcore-pool", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ workers
     def _new_slot(self) -> _Slot:
         slot = _Slot(self._actor_cls.remote(self._initializer, self._initargs))
         fut = slot.handle.ping.remote().future()
-        fut.add_done_callback(lambda f, s=slot: self._events.put(("ready", s, f)))
+        events = self._events
+        fut.add_done_callback(lambda f, s=slot: events.put(("ready", s, f)))
         return slot
 
-    def _dispatch(self) -> None:
-        """The pool's one thread: starts chunks on actors with room and hands
-        finished chunks to their jobs."""
-        while True:
-            ev = self._events.get()
-            kind = ev[0]
-            if kind == "stop":
-                return
-            if kind == "ready":
-                _, slot, fut = ev
-                err = fut.exception()
-                if err is None:
-                    slot.ready = True
-                    self._start_failures = 0
-                elif slot in self._slots and self._state != "TERMINATE":
-                    self._start_failures += 1
-                    if self._start_failures > START_FAILURES_PER_PROCESS * self._processes \
-                            and not any(s.ready for s in self._slots):
-                        self._broken(err)  # e.g. an initializer that always raises
-                    else:
-                        self._replace(slot)  # its initializer failed or it died: try anew
-            elif kind == "done":
-                _, slot, item, fut = ev
-                self._chunk_done(slot, item, fut)
-            self._fill()
+    def _handle(self, ev: tuple) -> None:
+        """One event of the pool's thread: a worker started, or a chunk ended;
+        then start chunks on workers with room."""
+        kind = ev[0]
+        if kind == "ready":
+            _, slot, fut = ev
+            err = fut.exception()
+            if err is None:
+                slot.ready = True
+                self._start_failures = 0
+            elif slot in self._slots and self._state != "TERMINATE":
+                self._start_failures += 1
+                if self._start_failures > START_FAILURES_PER_PROCESS * self._processes \
+                        and not any(s.ready for s in self._slots):
+                    self._broken(err)  # e.g. an initializer that always raises
+                else:
+                    self._replace(slot)  # its initializer failed or it died: try anew
+        elif kind == "done":
+            _, slot, item, fut = ev
+            self._chunk_done(slot, item, fut)
+        self._fill()
 
     def _broken(self, err: BaseException) -> None:
         """No worker can start: fail the queued work with the reason."""
@@ -240,8 +240,9 @@ class Pool:
                 slot.inflight += 1
                 self._sent[id(item)] = item
                 fut = slot.handle.run_chunk.remote(key, blob, star, items).future()
+                events = self._events
                 fut.add_done_callback(
-                    lambda f, s=slot, it=item: self._events.put(("done", s, it, f)))
+                    lambda f, s=slot, it=item: events.put(("done", s, it, f)))
                 if self._maxtasks is not None and \
                         slot.done_chunks + slot.inflight >= self._maxtasks:
                     slot.retiring = True
@@ -479,6 +480,22 @@ class Pool:
     def __repr__(self) -> str:
         return f"<flowcore.util.multiprocessing.Pool state={self._state} " \
                f"pool_size={self._processes}>"
+
+
+def _dispatch_loop(pool_ref: "weakref.ref[Pool]", events: queue.Queue) -> None:
+    """The pool's one thread: handles its events until it stops or is gone."""
+    while True:
+        ev = events.get()
+        if ev[0] == "stop":
+            return
+        pool = pool_ref()
+        if pool is None:
+            return
+        try:
+            pool._handle(ev)
+        except Exception:  # noqa: BLE001 - keep serving the pool's other work
+            logger.exception("flowcore pool: handling %s failed", ev[0])
+        del pool
 
 
 class _Call:
