@@ -140,6 +140,17 @@ def test_unauthenticated_submit_is_refused_and_runs_nothing(jobs_cluster, tmp_pa
     with pytest.raises(urllib.error.HTTPError) as ei:
         urllib.request.urlopen(url + "/api/jobs/", timeout=30)
     assert ei.value.code == 401
+    blob = b"PK" + b"\0" * 1000  # nor can a package be uploaded without the token
+    from flowcore.runtime_env import package_hash
+    req = urllib.request.Request(f"{url}/api/packages/{package_hash(blob)}", data=blob,
+                                 method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=30)
+    assert ei.value.code == 401
+    asked = urllib.request.Request(
+        f"{url}/api/packages/{package_hash(blob)}",
+        headers={"Authorization": f"Bearer {flowcore.api._cluster.token}"})
+    assert json.loads(urllib.request.urlopen(asked, timeout=30).read()) == {"known": False}
     with pytest.raises(AuthenticationError):
         JobSubmissionClient(url, token="wrong").list_jobs()
     client = JobSubmissionClient()

@@ -32,7 +32,7 @@ import time
 import zipfile
 from typing import Any
 
-from tornado.web import HTTPError
+from tornado.web import HTTPError, stream_request_body
 
 from ..job_submission.models import (JobStatus, job_dir, jobs_root, read_json,
                                      write_json)
@@ -380,9 +380,33 @@ class JobLogs(JobsApi):
         self.write_json(self.jobs.logs(sid, offset))
 
 
+@stream_request_body
 class PackageUpload(JobsApi):
+    """Streams the body, so the token is checked (in ``prepare``) before any
+    of it is read: without the token the connection closes unread."""
+
+    def prepare(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        super().prepare()
+        if self._finished:
+            return
+        from ..runtime_env import max_package_bytes
+        self._limit = max_package_bytes() + (1 << 20)
+        conn = getattr(self.request, "connection", None)
+        if conn is not None and hasattr(conn, "set_max_body_size"):
+            conn.set_max_body_size(self._limit)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._limit:
+            raise HTTPError(413, "the package is larger than the runtime_env limit "
+                                 "(FLOWCORE_RUNTIME_ENV_MAX_BYTES)")
+        self._chunks.append(chunk)
+
     def put(self, h: str) -> None:
-        error = self.dash.head.packages.add(h, self.request.body)
+        error = self.dash.head.packages.add(h, b"".join(self._chunks))
+        self._chunks = []
         if error is not None:
             raise HTTPError(400, error)
         self.write_json({"ok": True})
