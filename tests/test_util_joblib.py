@@ -10,7 +10,9 @@ if os.environ.get("CI") != "true":
     pytest.importorskip("sklearn")
 
 import joblib  # noqa: E402
+import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.ensemble import RandomForestClassifier  # noqa: E402
 from sklearn.model_selection import GridSearchCV  # noqa: E402
 from sklearn.svm import SVC  # noqa: E402
 
@@ -44,6 +46,21 @@ def test_grid_search_matches_loky(jcluster):
         ours = search()
     assert ours.best_params_ == loky.best_params_
     assert ours.best_score_ == pytest.approx(loky.best_score_)
+
+
+def test_random_forest_matches_loky(jcluster):
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:600], y[:600]
+
+    def forest():
+        model = RandomForestClassifier(n_estimators=8, n_jobs=2, random_state=0).fit(X, y)
+        return model.predict_proba(X)  # (prediction needs shared memory: joblib uses threads)
+
+    with joblib.parallel_backend("loky"):
+        loky = forest()
+    with joblib.parallel_backend("flowcore"):
+        ours = forest()
+    np.testing.assert_allclose(ours, loky)
 
 
 def test_parallel_runs_in_workers_and_raises_like_loky(jcluster):
