@@ -12,6 +12,7 @@ if os.environ.get("CI") != "true":
     pytest.importorskip("pandas")
 
 import dask  # noqa: E402
+import dask.threaded  # noqa: E402
 import dask.array as da  # noqa: E402
 import dask.bag as db  # noqa: E402
 import dask.dataframe as dd  # noqa: E402
@@ -152,3 +153,8 @@ def test_graph_errors_are_clear(dcluster):
     # only what the wanted keys need runs: the failing task is culled
     graph = {"a": 1, "b": (int.__add__, "a", 2), "bad": (divmod, "a", 0)}
     assert flowcore_dask_get(graph, ["b"]) == [3]
+    # a task's error is raised as its own class, as with Dask's schedulers
+    with pytest.raises(ZeroDivisionError):
+        dask.threaded.get(graph, ["bad"])
+    with pytest.raises(ZeroDivisionError):
+        flowcore_dask_get(graph, ["bad"])
