@@ -135,6 +135,8 @@ class JobManager:
             raise HTTPError(400, "entrypoint must be a non-empty shell command, e.g. "
                                  "'python script.py'")
         sid = req.get("submission_id") or f"flowcoresubmit_{secrets.token_hex(8)}"
+        if not isinstance(sid, str):
+            raise HTTPError(400, "submission_id must be a string")
         try:
             jdir = job_dir(self.state_dir, sid)
         except ValueError as e:
