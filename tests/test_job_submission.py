@@ -254,3 +254,25 @@ def test_py_modules_reach_the_entrypoint_and_its_tasks(jobs_cluster, tmp_path):
                             runtime_env={"py_modules": [str(pkg), str(single)]})
     assert client.wait_until_finish(sid, 60) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
     assert "sum 9" in client.get_job_logs(sid)
+
+
+def test_bad_submissions_are_refused_with_the_reason(jobs_cluster, tmp_path):
+    client = JobSubmissionClient()
+    with pytest.raises(ValueError, match="entrypoint"):
+        client.submit_job(entrypoint=" ")
+    with pytest.raises(ValueError, match="unknown key 'pip'"):
+        client.submit_job(entrypoint="true", runtime_env={"pip": ["requests"]})
+    url = jobs_cluster["dashboard_url"] + "/api/jobs/"
+    auth = {"Authorization": f"Bearer {flowcore.api._cluster.token}",
+            "Content-Type": "application/json"}
+    for body, reason in (({"entrypoint": "true", "submission_id": "../escape"}, "not valid"),
+                         ({"entrypoint": "true", "submission_id": 7}, "must be a string"),
+                         ({"entrypoint": "true", "runtime_env": {"working_dir": "/etc"}},
+                          "not an uploaded package"),
+                         ({"entrypoint": "true", "metadata": {"a": 1}}, "metadata")):
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers=auth)
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=30)
+        assert ei.value.code == 400
+        assert reason in json.loads(ei.value.read())["error"]
