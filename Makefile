@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-nodot test bench clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# `make demo` as on a fresh machine: no Graphviz `dot` (nor graphviz-pure) on PATH.
+demo-nodot: $(STAMP)
+	$(PY) tests/nodot.py $(PY) examples/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -97,7 +97,9 @@ class ActorClass(Generic[T]):
             "get_if_exists": o.get("get_if_exists"), "detached": o.get("lifetime") == "detached",
             "max_restarts": o["max_restarts"], "max_task_retries": o["max_task_retries"],
             "max_concurrency": o["max_concurrency"],
-            "hold": explicit, "place": explicit or {"CPU": 1.0},
+            # placed with 1 CPU unless resources were given (num_cpus=0 included)
+            "hold": explicit,
+            "place": explicit if explicit or o.get("num_cpus") is not None else {"CPU": 1.0},
         })
         if o.get("scheduling_strategy") is not None:
             from .scheduling import for_submit

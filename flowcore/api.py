@@ -86,9 +86,9 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         if resources is not None:
             if not isinstance(resources, dict) or not all(
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and v >= 0 for k, v in resources.items()):
+                    and v >= 0 and math.isfinite(v) for k, v in resources.items()):
                 raise ValueError(f"init(resources={resources!r}): expected a dict of name -> "
-                                 f"number >= 0")
+                                 f"finite number >= 0")
             if "CPU" in resources or "GPU" in resources:
                 raise ValueError("init(resources=...): use num_cpus/num_gpus for CPU and GPU")
         if address is not None and not isinstance(address, str):
@@ -117,6 +117,9 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                 from .client.core import CoreClient
                 client = CoreClient(cluster.head_address, cluster.token.encode(), node.address,
                                     tls=cluster.tls)
+                # nothing restarts an embedded head: no grace to wait for it
+                client.head_grace = 0.0
+                client.embedded_head_pid = cluster.head.pid if cluster.head else None
                 client.start()
             except BaseException:
                 cluster.close()
@@ -158,8 +161,11 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         if address is None and not os.environ.get("FLOWCORE_QUIET"):
             dash = (f", dashboard {_cluster.dashboard_login_url}"
                     if _cluster.dashboard_login_url else "")
+            from .cluster import describe_retention
+            kept = (describe_retention() if _cluster.own_session_dir
+                    else "kept: session_dir= is never pruned")
             print(f"flowcore: started a local cluster (head {_info['address']}{dash}); logs in "
-                  f"{_info['session_dir']}/logs", file=sys.stderr)
+                  f"{_info['session_dir']}/logs, {kept}", file=sys.stderr)
         return dict(_info)
 
 
@@ -249,8 +255,10 @@ def _require_client() -> Any:
 def _check_timeout(fn: str, timeout: Any) -> None:
     if timeout is None:
         return
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0 \
-            or math.isnan(timeout):
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise TypeError(f"{fn}(timeout={timeout!r}): expected None or a number of seconds, "
+                        f"got {type(timeout).__name__}")
+    if timeout < 0 or math.isnan(timeout):
         raise ValueError(f"{fn}(timeout={timeout!r}): expected None or a number of seconds >= 0")
 
 

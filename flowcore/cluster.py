@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from . import daemon
 from .exceptions import FlowcoreError
+from .private_files import make_private_dir
 from .protocol.tls import resolve as resolve_tls
 from .protocol.tls import strip_env
 
@@ -42,23 +43,70 @@ class NodeProcess:
 
 
 SESSION_PREFIX = "flowcore-session-"
-#: embedded session directories (logs) kept for post-mortems; older ones go
-KEEP_SESSIONS = 10
+#: embedded session directories (logs) of programs that ended are kept this
+#: long (seconds; env FLOWCORE_SESSION_MAX_AGE) ...
+MAX_SESSION_AGE = 86400.0
+#: ... and at most this many of them (env FLOWCORE_SESSION_KEEP)
+KEEP_SESSIONS = 100
 
 
-def prune_old_sessions(keep: int = KEEP_SESSIONS) -> None:
-    """Remove all but the newest ``keep`` embedded session directories of
-    this user in the temp dir (their clusters are long gone: a live cluster's
-    directory is among the newest)."""
+def session_retention() -> tuple[float, int]:
+    """(max age in seconds, count) kept of ended embedded sessions, from
+    ``FLOWCORE_SESSION_MAX_AGE`` and ``FLOWCORE_SESSION_KEEP``."""
+    import math
+    age, keep = MAX_SESSION_AGE, KEEP_SESSIONS
+    raw = os.environ.get("FLOWCORE_SESSION_MAX_AGE")
+    if raw:
+        try:
+            age = float(raw)
+        except ValueError:
+            age = -1.0
+        if not math.isfinite(age) or age < 0:
+            raise ValueError(f"FLOWCORE_SESSION_MAX_AGE={raw!r}: expected seconds >= 0 "
+                             f"(86400 = a day)")
+    raw = os.environ.get("FLOWCORE_SESSION_KEEP")
+    if raw:
+        try:
+            keep = int(raw)
+        except ValueError:
+            keep = -1
+        if keep < 0:
+            raise ValueError(f"FLOWCORE_SESSION_KEEP={raw!r}: expected a count >= 0")
+    return age, keep
+
+
+def describe_retention() -> str:
+    """How long ended embedded sessions are kept, for the start message."""
+    age, keep = session_retention()
+    if age % 86400 == 0 and age:
+        span = f"{age / 86400:g} day" + ("s" if age != 86400 else "")
+    elif age % 3600 == 0 and age:
+        span = f"{age / 3600:g} h"
+    else:
+        span = f"{age:g} s"
+    return (f"kept {span} after the program ends (the newest {keep} at most; "
+            f"FLOWCORE_SESSION_MAX_AGE / FLOWCORE_SESSION_KEEP)")
+
+
+def prune_old_sessions(keep: int | None = None, max_age: float | None = None) -> None:
+    """Remove this user's embedded session directories in the temp dir that
+    are older than ``max_age`` seconds or beyond the newest ``keep`` (by
+    default :func:`session_retention`), never one whose driver still runs."""
+    if keep is None or max_age is None:
+        age, count = session_retention()
+        keep = count if keep is None else keep
+        max_age = age if max_age is None else max_age
     base = tempfile.gettempdir()
     try:
         entries = [os.path.join(base, e) for e in os.listdir(base) if e.startswith(SESSION_PREFIX)]
-        entries = [e for e in entries if os.path.isdir(e) and os.stat(e).st_uid == os.getuid()]
-        entries.sort(key=os.path.getmtime, reverse=True)
+        entries = [(os.path.getmtime(e), e) for e in entries
+                   if os.path.isdir(e) and os.stat(e).st_uid == os.getuid()]
     except OSError:
         return
-    for old in entries[keep:]:
-        if _session_in_use(old):
+    entries.sort(reverse=True)
+    now = time.time()
+    for i, (mtime, old) in enumerate(entries):
+        if (i < keep and now - mtime <= max_age) or _session_in_use(old):
             continue
         shutil.rmtree(old, ignore_errors=True)
 
@@ -109,12 +157,11 @@ class LocalCluster:
         self.own_session_dir = session_dir is None
         if session_dir is None:
             prune_old_sessions()
-        self.session_dir = session_dir or tempfile.mkdtemp(prefix=SESSION_PREFIX)
-        os.makedirs(os.path.join(self.session_dir, "logs"), exist_ok=True)
+        self.session_dir = make_private_dir(session_dir or tempfile.mkdtemp(prefix=SESSION_PREFIX))
+        make_private_dir(os.path.join(self.session_dir, "logs"))
         self.token = token or daemon.new_token()
         self.token_file = os.path.join(self.session_dir, "token")
-        with open(os.path.join(self.session_dir, "driver.pid"), "w") as f:
-            f.write(str(os.getpid()))
+        daemon.write_private(os.path.join(self.session_dir, "driver.pid"), str(os.getpid()))
         daemon.write_private(self.token_file, self.token)
         self.start_timeout = start_timeout
         self._life_r, self._life_w = os.pipe()
@@ -297,7 +344,7 @@ class LocalCluster:
                      num_gpus: int | None = None, resources: dict | None = None,
                      object_store_memory: int | None = None, name: str | None = None,
                      max_workers: int | None = None, worker_sys_path: list[str] | None = None,
-                     worker_memory_limit: int | None = None,
+                     worker_memory_limit: int | None = None, memory: int | None = None,
                      stdin: int = subprocess.DEVNULL) -> tuple:
         n = len(self.nodes)
         log = os.path.join(self.session_dir, "logs", f"node-{n}.log")
@@ -315,6 +362,8 @@ class LocalCluster:
             args += ["--object-store-memory", str(int(object_store_memory))]
         if max_workers:
             args += ["--max-workers", str(max_workers)]
+        if memory is not None:
+            args += ["--memory", str(int(memory))]
         if worker_memory_limit:
             args += ["--worker-memory-limit", str(int(worker_memory_limit))]
         paths = worker_sys_path if worker_sys_path is not None else sys.path

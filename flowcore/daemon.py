@@ -18,7 +18,9 @@ def setup_logging(log_file: str | None, level: str = "INFO") -> None:
     root.handlers.clear()
     handler: logging.Handler
     if log_file:
-        os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+        from .private_files import make_private_dir, open_private
+        make_private_dir(os.path.dirname(os.path.abspath(log_file)))
+        os.close(open_private(log_file, os.O_WRONLY | os.O_APPEND))  # 0600 before logging opens it
         handler = logging.FileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -86,8 +88,5 @@ def new_token() -> str:
 
 def write_private(path: str, text: str) -> None:
     """Write ``text`` to ``path`` readable by the owner only (0600)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
+    from .private_files import write_private as write
+    write(path, text)

@@ -17,17 +17,22 @@ class TaskError(FlowcoreError):
     """
 
     def __init__(self, function_name: str = "", remote_traceback: str = "",
-                 cause: BaseException | None = None, task_id: str = "") -> None:
+                 cause: BaseException | None = None, task_id: str = "",
+                 cause_text: str = "") -> None:
         self.function_name = function_name
         self.remote_traceback = remote_traceback
         self.cause = cause
         self.task_id = task_id
+        #: "Type: message" of a cause that could not be transported
+        self.cause_text = cause_text
         super().__init__(self._message())
 
     def _message(self) -> str:
         head = f"task {self.function_name}() raised"
         if self.cause is not None:
             head += f" {type(self.cause).__name__}: {self.cause}"
+        elif getattr(self, "cause_text", ""):
+            head += f" {self.cause_text}"
         return f"{head}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
 
     def __str__(self) -> str:
@@ -35,7 +40,8 @@ class TaskError(FlowcoreError):
 
     def __reduce__(self) -> Any:
         return (_rebuild_task_error, (self.function_name, self.remote_traceback,
-                                      self.cause, self.task_id))
+                                      self.cause, self.task_id,
+                                      getattr(self, "cause_text", "")))
 
     def as_instanceof_cause(self) -> "TaskError":
         """Return an error that is both a TaskError and the cause's class."""
@@ -68,8 +74,8 @@ _dual_classes: dict[type, type] = {}
 
 
 def _rebuild_task_error(function_name: str, tb: str, cause: BaseException | None,
-                        task_id: str) -> TaskError:
-    return TaskError(function_name, tb, cause, task_id).as_instanceof_cause()
+                        task_id: str, cause_text: str = "") -> TaskError:
+    return TaskError(function_name, tb, cause, task_id, cause_text).as_instanceof_cause()
 
 
 class WorkerCrashedError(FlowcoreError):

@@ -36,6 +36,8 @@ def _retries(v: Any) -> bool:
 
 
 def _resources(v: Any) -> bool:
+    if isinstance(v, dict) and "memory" in v:
+        raise ValueError("resources={'memory': ...}: use the memory= option for memory")
     return v is None or (isinstance(v, dict) and all(
         isinstance(k, str) and k not in ("CPU", "GPU") and _nonneg_number(x)
         for k, x in v.items()))
@@ -70,6 +72,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("num_cpus", BOTH, None, lambda v: v is None or _nonneg_number(v),
            "a number >= 0"),
     Option("num_gpus", BOTH, 0, _nonneg_number, "a number >= 0"),
+    # bytes of memory, a scheduling quantity (as in Ray): not a limit on the process
+    Option("memory", BOTH, None, lambda v: v is None or _nonneg_number(v),
+           "a number of bytes >= 0"),
     Option("resources", BOTH, None, _resources,
            "a dict of custom resource name -> number >= 0 (use num_cpus/num_gpus for CPU/GPU)"),
     Option("num_returns", TASK, 1, _num_returns, "an int >= 1"),
@@ -82,7 +87,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("lifetime", ACTOR, None, lambda v: v in (None, "detached"), "None or 'detached'"),
     Option("max_restarts", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
     Option("max_task_retries", ACTOR, 0, _retries, "an int >= 0, or -1 for unlimited"),
-    Option("max_concurrency", ACTOR, 1, lambda v: _nonneg_int(v) and v >= 1, "an int >= 1"),
+    # None: 1 for a threaded actor, 1000 for an async one (Ray's defaults)
+    Option("max_concurrency", ACTOR, None, lambda v: v is None or (_nonneg_int(v) and v >= 1),
+           "an int >= 1"),
     Option("scheduling_strategy", BOTH, None, lambda v: _strategy(v),
            "None, 'DEFAULT', 'SPREAD', NodeAffinitySchedulingStrategy(node_id, soft) or "
            "PlacementGroupSchedulingStrategy(placement_group, bundle_index)"),
@@ -129,6 +136,8 @@ def resource_request(opts: dict[str, Any], default_cpus: float = 1.0) -> dict[st
     res["CPU"] = float(default_cpus if cpus is None else cpus)
     if opts.get("num_gpus"):
         res["GPU"] = float(opts["num_gpus"])
+    if opts.get("memory"):
+        res["memory"] = float(opts["memory"])
     for k, v in (opts.get("resources") or {}).items():
         res[k] = float(v)
     return {k: v for k, v in res.items() if v}

@@ -62,13 +62,17 @@ def pickle_callable(fn: Any) -> bytes:
             if not any(path.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
                 top = sys.modules.get(mod_name.split(".")[0], mod)
                 by_value = top
-    if by_value is not None:
-        cloudpickle.register_pickle_by_value(by_value)
-        try:
-            return cloudpickle.dumps(fn, protocol=5)
-        finally:
-            cloudpickle.unregister_pickle_by_value(by_value)
-    return cloudpickle.dumps(fn, protocol=5)
+    try:
+        if by_value is not None:
+            cloudpickle.register_pickle_by_value(by_value)
+            try:
+                return cloudpickle.dumps(fn, protocol=5)
+            finally:
+                cloudpickle.unregister_pickle_by_value(by_value)
+        return cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:  # name the function and the path to what failed
+        from .objects.serialization import explain_callable_failure
+        raise explain_callable_failure(fn, exc) from exc
 
 
 def encode_args(client: Any, args: tuple, kwargs: dict) -> dict:

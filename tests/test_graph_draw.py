@@ -17,9 +17,10 @@ HAVE_DOT = shutil.which("dot") is not None
 IN_CI = os.environ.get("CI") == "true"
 
 
-def need_dot():
-    """Rendering tests run wherever ``dot`` exists; in CI it must exist."""
-    if HAVE_DOT:
+def need_dot(fmt="svg"):
+    """Rendering tests run wherever a renderer exists (``dot``, or
+    graphviz-pure except for PDF); in CI ``dot`` must exist."""
+    if HAVE_DOT or (draw.find_renderer(fmt) and not IN_CI):
         return
     if IN_CI:
         pytest.fail("the Graphviz `dot` program is missing in CI; install graphviz")
@@ -393,7 +394,7 @@ def test_write_rejects_unknown_format(small, tmp_path, filename, fmt):
     [("graph.svg", b"<svg"), ("graph.png", b"\x89PNG\r\n\x1a\n"), ("graph.pdf", b"%PDF")],
 )
 def test_write_rendered_formats(small, tmp_path, name, magic):
-    need_dot()
+    need_dot(name.rsplit(".", 1)[1])
     path = write(small, tmp_path / name)
     assert path == str(tmp_path / name)
     with open(path, "rb") as f:
@@ -412,38 +413,38 @@ def test_rendered_svg_has_labels_and_legend(tmp_path):
     assert "WAITING_FOR_ARGS 1" in svg  # only the legend says so
 
 
-def _check_missing_dot_error(exc_info, tmp_path):
-    message = str(exc_info.value)
-    assert "dot" in message
-    for hint in ("apt-get install graphviz", "conda install graphviz", "brew install graphviz"):
+def _check_missing_renderer(record, tmp_path, name):
+    (warning,) = [w for w in record if issubclass(w.category, RuntimeWarning)]
+    message = str(warning.message)
+    for hint in ("flowcore[graph]", "apt-get install graphviz", "conda install graphviz",
+                 "brew install graphviz", f"dot -T{name.split('.')[1]} "):
         assert hint in message
-    assert "DOT output" in message
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["graph.dot"]
 
 
-def test_missing_dot_via_which(small, tmp_path, monkeypatch):
+def test_missing_renderer_via_which(small, tmp_path, monkeypatch):
     monkeypatch.setattr(draw.shutil, "which", lambda *a, **k: None)
-    with pytest.raises(RuntimeError) as info:
-        write(small, tmp_path / "graph.png")
-    _check_missing_dot_error(info, tmp_path)
+    monkeypatch.setattr(draw, "RENDERERS", ("dot",))
+    with pytest.warns(RuntimeWarning) as record:
+        assert write(small, tmp_path / "graph.png") == str(tmp_path / "graph.dot")
+    _check_missing_renderer(record, tmp_path, "graph.png")
 
 
-def test_missing_dot_via_path(small, tmp_path, monkeypatch):
+def test_missing_renderer_via_path(small, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    with pytest.raises(RuntimeError) as info:
+    monkeypatch.setattr(draw, "RENDERERS", ("dot",))
+    with pytest.warns(RuntimeWarning) as record:
         write(small, tmp_path / "graph.svg")
-    _check_missing_dot_error(info, tmp_path)
+    _check_missing_renderer(record, tmp_path, "graph.svg")
 
 
-def test_missing_dot_when_graphviz_cannot_run_it(small, tmp_path, monkeypatch):
-    # `which` claims dot exists, but the PATH graphviz runs with has none:
-    # graphviz.ExecutableNotFound must become the same RuntimeError.
-    monkeypatch.setattr(draw.shutil, "which", lambda *a, **k: "/usr/bin/dot")
-    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    with pytest.raises(RuntimeError) as info:
+def test_missing_renderer_when_it_cannot_be_run(small, tmp_path, monkeypatch):
+    # `which` claims dot exists, but running it fails: the same fallback.
+    monkeypatch.setattr(draw.shutil, "which", lambda *a, **k: str(tmp_path / "nowhere" / "dot"))
+    monkeypatch.setattr(draw, "RENDERERS", ("dot",))
+    with pytest.warns(RuntimeWarning) as record:
         write(small, tmp_path / "graph.pdf")
-    assert info.value.__cause__ is not None
-    _check_missing_dot_error(info, tmp_path)
+    _check_missing_renderer(record, tmp_path, "graph.pdf")
 
 
 def test_import_does_not_load_graphviz():

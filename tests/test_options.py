@@ -98,7 +98,7 @@ def test_resolved_fills_defaults_for_the_kind() -> None:
     assert t["retry_exceptions"] is False and t["num_gpus"] == 0
     a = resolved(ACTOR, {})
     assert set(a) == set(ACTOR_KEYS)
-    assert a["max_restarts"] == 0 and a["max_concurrency"] == 1
+    assert a["max_restarts"] == 0 and a["max_concurrency"] is None  # 1 threaded, 1000 async
     # the caller's dict is not changed
     src = {"num_cpus": 1}
     resolved(TASK, src)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import itertools
 import logging
 import os
 import threading
@@ -28,6 +29,7 @@ from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
 from . import direct
 from .actor_calls import DirectCallsMixin
+from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
 
 logger = logging.getLogger("flowcore.client")
 
@@ -52,9 +54,7 @@ MAX_PENDING_TASKS = 200_000
 #: seconds a client keeps trying to reconnect when it loses the head (a head
 #: restarted at the same address with its state directory takes it back)
 HEAD_GRACE = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
-
-
-class CoreClient(DirectCallsMixin):
+class CoreClient(DirectCallsMixin, NodeFailoverMixin):
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
                  kind: str = "driver", wid: str | None = None, remote_store: bool = False,
                  tls: TLSConfig | None = None):
@@ -103,7 +103,17 @@ class CoreClient(DirectCallsMixin):
         # while the head is away: messages for it wait here (see _reconnect_head)
         self._reconnecting: asyncio.Future | None = None
         self._held: list[dict] = []
+        # seconds to wait for a lost head to come back (0: the head of an embedded
+        # cluster, which nothing restarts; then embedded_head_pid is its pid)
+        self.head_grace = HEAD_GRACE
+        self.embedded_head_pid: int | None = None
+        # a driver whose node died: set while it moves to another one
+        self._node_switch: asyncio.Future | None = None
+        self._reattaching: asyncio.Future | None = None
         self.on_node_message: Callable[[dict], None] | None = None
+        # acknowledged subscriptions awaited by a get inside a task: id -> callback
+        self._acks: dict[int, Callable[[int], None]] = {}
+        self._ack_ids = itertools.count(1)
         # direct actor calls: one link per actor called, and (IO thread) the
         # connections to actors' processes by link key
         self.direct = direct.DirectCalls()
@@ -158,12 +168,20 @@ class CoreClient(DirectCallsMixin):
         await comm.run(self._on_head_message if which == "head" else self._on_node_msg)
         if which == "head" and comm is not self.head:
             return  # a connection already replaced (or a failed reconnection attempt)
-        if which == "head" and not self.closed and HEAD_GRACE > 0 \
+        if which == "node" and comm is not self.node:
+            return  # a node connection already replaced (see _switch_node)
+        if which == "node" and not self.closed and self.kind == "driver" \
+                and await self._switch_node(comm):
+            return
+        if which == "head" and not self.closed and self.head_grace > 0 \
                 and await self._reconnect_head():
             return
         if not self.closed:
-            logger.warning("lost the connection to the %s", which)
-            self._fail_all_waiters(which)
+            if self.lost is None:
+                self._fail_all_waiters(which)
+                logger.warning("%s", self.lost_message())
+            else:
+                self._fail_all_waiters(which)
             if self.on_disconnect is not None:
                 self.on_disconnect(which)
 
@@ -192,10 +210,10 @@ class CoreClient(DirectCallsMixin):
         """The head went away: try to register again with a head at the same
         address for ``HEAD_GRACE`` seconds; True once back."""
         logger.warning("lost the connection to the head at %s; reconnecting for up to %.0f s",
-                       self.head_address, HEAD_GRACE)
+                       self.head_address, self.head_grace)
         self.head = None
         done = self._reconnecting = self.loop.create_future()
-        deadline = time.monotonic() + HEAD_GRACE
+        deadline = time.monotonic() + self.head_grace
         delay = 0.05
         ok = False
         while not self.closed and time.monotonic() < deadline:
@@ -253,6 +271,14 @@ class CoreClient(DirectCallsMixin):
                         pass
                 c.close()
             self._dconns.clear()
+            # end what still runs on this loop (readers, a head reconnection, a node
+            # switch), so none is destroyed pending when the loop stops
+            me = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not me]
+            for t in rest:
+                t.cancel()
+            if rest:
+                await asyncio.wait(rest, timeout=2.0)
 
         try:
             asyncio.run_coroutine_threadsafe(_close(), self.loop).result(5)
@@ -348,6 +374,8 @@ class CoreClient(DirectCallsMixin):
         async def _req() -> dict:
             if dest == "head" and self.head is None and self._reconnecting is not None:
                 await asyncio.shield(self._reconnecting)  # the head is restarting
+            if dest == "node" and self.node is None and self._node_switch is not None:
+                await asyncio.shield(self._node_switch)  # moving to another node
             self._drain()  # keep order with messages queued before
             c = self.head if dest == "head" else self.node
             if c is None:
@@ -362,6 +390,10 @@ class CoreClient(DirectCallsMixin):
         op = msg["op"]
         if op == "object_ready":
             self._object_ready(msg)
+        elif op == "subscribed":  # see _subscribe_missing(ack=)
+            cb = self._acks.pop(msg.get("ack"), None)
+            if cb is not None:
+                cb(msg.get("pending", 0))
         elif op == "warning":
             import warnings
             warnings.warn(msg.get("text", ""), RuntimeWarning, stacklevel=1)
@@ -406,11 +438,34 @@ class CoreClient(DirectCallsMixin):
             if self.pending_tasks < MAX_PENDING_TASKS:
                 self._pending_cv.notify_all()
 
+    def lost_message(self) -> str:
+        """Why this process cannot go on, and what to do (``self.lost`` set)."""
+        if self.lost == "head" and self.embedded_head_pid is not None:
+            return (f"the head of the local cluster flowcore.init() started (pid "
+                    f"{self.embedded_head_pid}, {self.head_address}) stopped: the cluster is "
+                    f"gone, and as nothing restarts it the driver did not wait for it. Check "
+                    f"why in its log, {self.session_dir}/logs/head.log, then call "
+                    f"flowcore.shutdown() and flowcore.init() again")
+        if self.lost == "head":
+            log = (f" (for flowcore.init() without an address: "
+                   f"{self.session_dir}/logs/head.log)" if self.session_dir else "")
+            return (f"lost the connection to the head at {self.head_address}, and it did not "
+                    f"come back within the {self.head_grace:g} s grace (FLOWCORE_HEAD_GRACE): the "
+                    f"cluster is gone. Check why it stopped in the head's log{log}, then call "
+                    f"flowcore.shutdown() and flowcore.init() again (a head restarted at the "
+                    f"same address with the same state directory is rejoined within the "
+                    f"grace)")
+        return (f"lost the connection to this process's node {self.node_id} at "
+                f"{self.node_address}, and no other node could be used within "
+                f"{NODE_FAILOVER_WAIT:g} s: call flowcore.shutdown() and flowcore.init() again "
+                f"once a node runs")
+
     def _fail_all_waiters(self, which: str) -> None:
         from ..objects.serialization import serialize
+        if which == "node" and (self.head is None or self._reconnecting is not None):
+            which = "head"  # the node went with its head: the head is the cause
         self.lost = self.lost or which
-        payload = serialize(FlowcoreError(
-            f"lost the connection to the {which}; the cluster is gone")).to_bytes()
+        payload = serialize(FlowcoreError(self.lost_message())).to_bytes()
         with self._lock:
             pending = list(self.waiters.items())
             self.waiters.clear()
@@ -495,8 +550,13 @@ class CoreClient(DirectCallsMixin):
     def _local_run(self, spec: dict) -> dict | None:
         """The node's ``run_task`` message for ``spec`` when it may start on
         this process's node: a plain task, no strategy naming another place,
-        every argument ready and inline or in this node's store."""
+        every argument ready and inline or in this node's store, and no ref
+        nested in them (the worker would look it up at the head, which may
+        not have its submission yet: the head path holds it until the task
+        has finished)."""
         strategy = spec.get("strategy")
+        if spec.get("nested"):
+            return None
         if spec.get("kind", "task") != "task" or spec.get("actor") is not None or (
                 strategy is not None and not (
                     isinstance(strategy, (list, tuple)) and strategy[0] == "node"
@@ -506,7 +566,7 @@ class CoreClient(DirectCallsMixin):
         ready = self.ready
         for oid in spec.get("deps") or ():
             info = ready.get(oid)
-            if info is None or info.get("error") or (
+            if info is None or info.get("error") or info.get("nested") or (
                     info.get("inline") is None and self.node_id not in info.get("nodes", ())):
                 return None
             deps.append(info)
@@ -540,14 +600,14 @@ class CoreClient(DirectCallsMixin):
             msg = {"op": "put", "oid": oid, "inline": data, "size": len(data), "nested": nested}
             with self._lock:
                 self.ready[oid] = {"op": "object_ready", "oid": oid, "inline": data,
-                                   "size": len(data), "error": False}
+                                   "size": len(data), "error": False, "nested": bool(nested)}
         else:
             self.write_to_store(oid, s)
             msg = {"op": "put", "oid": oid, "node": self.node_id, "size": s.total_size,
                    "nested": nested}
             with self._lock:
                 self.ready[oid] = {"op": "object_ready", "oid": oid, "nodes": [self.node_id],
-                                   "size": s.total_size, "error": False}
+                                   "size": s.total_size, "error": False, "nested": bool(nested)}
         ref = ObjectRef(oid, self, counted=True)
         self.send("head", msg)
         return ref
@@ -634,24 +694,39 @@ class CoreClient(DirectCallsMixin):
         return self.mapping
 
     # ------------------------------------------------------------ get / wait
-    def _subscribe_missing(self, oids: Iterable[bytes]) -> None:
-        """Ask the head to notify us for objects we are not already told about."""
+    def _subscribe_missing(self, oids: Iterable[bytes], ack: int | None = None) -> bool:
+        """Ask the head to notify us for objects we are not already told
+        about.  ``ack``: the head also answers ``subscribed`` with how many of
+        them are still pending (after the readiness of the others).  True
+        when every one of ``oids`` was asked for now (none was already
+        awaited: a result of our own task, or an earlier subscription)."""
         new = []
+        fresh = True
         with self._lock:
             for oid in oids:
-                if oid in self.ready or oid in self.expected or oid in self.subscribed:
+                if oid in self.ready:
+                    continue
+                if oid in self.expected or oid in self.subscribed:
+                    fresh = False
                     continue
                 self.subscribed.add(oid)
                 new.append(oid)
         if new:
-            self.send("head", {"op": "subscribe", "oids": new})
+            msg: dict[str, Any] = {"op": "subscribe", "oids": new}
+            if ack is not None:
+                msg["ack"] = ack
+            self.send("head", msg)
+        return fresh and bool(new)
 
-    def wait_ready(self, oids: list[bytes], num: int, timeout: float | None) -> set[bytes]:
+    def wait_ready(self, oids: list[bytes], num: int, timeout: float | None,
+                   fail_fast: bool = False) -> set[bytes]:
         """Block until at least ``num`` of ``oids`` are ready or the timeout
-        passes; returns the ready ones."""
+        passes; returns the ready ones.  ``fail_fast``: return as soon as one
+        of them is ready with an error (``get`` raises it at once)."""
         if self._dpending:
             self._flush_direct(self._on_io_thread())  # before waiting for their answers
         event = threading.Event()
+        wake = threading.Event()  # event, or the head said some are pending
         state = {"count": 0}
         ready: set[bytes] = set()
         missing: list[bytes] = []
@@ -661,29 +736,43 @@ class CoreClient(DirectCallsMixin):
             def cb() -> None:
                 with cb_lock:
                     ready.add(oid)
-                    if len(ready) >= num:
+                    if len(ready) >= num or (fail_fast and self._failed(oid)):
                         event.set()
+                        wake.set()
             return cb
 
         cb_lock = threading.Lock()
         callbacks: dict[bytes, Callable[[], None]] = {}
         with self._lock:
+            failed = False
             for oid in uniq:
                 if oid in self.ready:
                     ready.add(oid)
+                    failed = failed or (fail_fast and bool(self.ready[oid].get("error")))
                 else:
                     missing.append(oid)
-            if len(ready) >= num or not missing:
+            if len(ready) >= num or not missing or failed:
                 return ready
             if self.lost:
-                raise FlowcoreError(f"lost the connection to the {self.lost}: the cluster is "
-                                    f"gone; call flowcore.shutdown() and init() again")
+                raise FlowcoreError(self.lost_message())
             for oid in missing:
                 cb = callbacks[oid] = make_cb(oid)
                 self.waiters.setdefault(oid, []).append(cb)
-        self._subscribe_missing(missing)
-        blocked = self._set_blocked(True)
+        # inside a task, the CPU is given back only when the get will really
+        # block: objects the head already has ready arrive at once, so ask it
+        # which are pending first (a subscription it acknowledges)
+        token = None
+        if self.kind == "worker" and self.current_task is not None:
+            token = next(self._ack_ids)
+            self._acks[token] = lambda pending: wake.set()
+        blocked = False
         try:
+            if self._subscribe_missing(missing, ack=token) and token is not None:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                self._wait_event(wake, timeout)
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
+            blocked = False if event.is_set() else self._set_blocked(True)
             warn_after = GET_WARN_AFTER if self.kind == "driver" else None
             if warn_after is not None and (timeout is None or timeout > warn_after):
                 if not self._wait_event(event, warn_after):
@@ -692,6 +781,8 @@ class CoreClient(DirectCallsMixin):
             else:
                 self._wait_event(event, timeout)
         finally:
+            if token is not None:
+                self._acks.pop(token, None)
             if blocked:
                 self._set_blocked(False)
             with self._lock:
@@ -703,6 +794,11 @@ class CoreClient(DirectCallsMixin):
                             del self.waiters[oid]
         with cb_lock:
             return set(ready)
+
+    def _failed(self, oid: bytes) -> bool:
+        """Whether ``oid`` is ready here holding an error."""
+        info = self.ready.get(oid)
+        return info is not None and bool(info.get("error"))
 
     def _warn_slow(self, missing: list[bytes], ready: set[bytes], waited: float) -> None:
         """One warning for a wait that goes on for long: why it is not ready."""
@@ -738,7 +834,16 @@ class CoreClient(DirectCallsMixin):
     def get_values(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
         oids = [r._id for r in refs]
         deadline = None if timeout is None else time.monotonic() + timeout
-        ready = self.wait_ready(oids, len(set(oids)), timeout)
+        # the first failure among them is raised at once (Ray): the others
+        # may wait for something that happens only once it is handled
+        ready = self.wait_ready(oids, len(set(oids)), timeout, fail_fast=True)
+        with self._lock:
+            failed = next((oid for oid in oids if oid in ready and self._failed(oid)), None)
+        if failed is not None and len(ready) < len(set(oids)):
+            with self._lock:
+                info = self.ready.get(failed)
+            if info is not None:
+                self.value_of(info)  # raises the failure
         if len(ready) < len(set(oids)):
             n = len(set(oids)) - len(ready)
             raise GetTimeoutError(
@@ -759,9 +864,8 @@ class CoreClient(DirectCallsMixin):
 
     def value_of(self, info: dict) -> Any:
         """Deserialize an object from its ready notification; raise if it is an error."""
-        from ..objects.serialization import deserialize
         if info.get("inline") is not None:
-            value = deserialize(info["inline"])
+            value = self._deserialize(info, info["inline"])
         else:
             value = self._read_from_store(info)
         if info.get("error"):
@@ -770,10 +874,43 @@ class CoreClient(DirectCallsMixin):
             raise FlowcoreError(f"remote error: {value!r}")
         return value
 
-    def _read_from_store(self, info: dict) -> Any:
+    def _deserialize(self, info: dict, buf: Any) -> Any:
+        """``deserialize(buf)``; a failure names the task and the class."""
         from ..objects.serialization import deserialize
+        try:
+            return deserialize(buf)
+        except Exception as exc:
+            raise self._unreadable(info, exc) from exc
+
+    def _unreadable(self, info: dict, exc: BaseException) -> "SerializationError":
+        """The error for an object whose bytes arrived but do not unpickle
+        here: which task made it, and which class was being rebuilt."""
+        from .. import ids
+        from ..objects.serialization import SerializationError, rebuilding_class
+        oid = info["oid"]
+        what = f"object {oid.hex()}"
+        if asyncio._get_running_loop() is None:  # may block: ask the head for the name
+            try:
+                t = self.query("task_info", tid=ids.task_of(oid)) or {}
+                if t.get("name"):
+                    what = f"the result of task {t['name']} ({what})"
+            except Exception:  # noqa: BLE001 - the name is a nicety
+                pass
+        cls = ""
+        if info.get("inline") is not None:
+            cls = rebuilding_class(info["inline"])
+        where = f" while rebuilding {cls}" if cls else ""
+        return SerializationError(
+            f"{what} could not be deserialized in this process{where}: "
+            f"{type(exc).__name__}: {exc}. Hint: its class must be importable here (the same "
+            f"module on sys.path, the same library versions) and its __reduce__/__setstate__ "
+            f"must work outside the task")
+
+    def _read_from_store(self, info: dict) -> Any:
         from ..objects.store import Location
         oid = info["oid"]
+        if self.node is None and self._node_switch is not None:
+            self._await_node_switch()
         if not self.has_store():
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
@@ -784,7 +921,12 @@ class CoreClient(DirectCallsMixin):
                 req["sources"] = [[n, a] for n, a in
                                   zip(info.get("nodes", ()), info.get("addrs", ()))]
                 req["size"] = info["size"]
-            r = self.request("node", req, timeout=None)
+            try:
+                r = self.request("node", req, timeout=None)
+            except ConnectionError as e:  # our node died: wait for the next one, ask again
+                if self.kind != "driver" or not self._await_node_switch():
+                    raise
+                r = {"error": f"the node holding the pin went away: {e}"}
             if "error" not in r:
                 break
             # the copies we knew of are gone (a node died): ask the head again;
@@ -806,7 +948,7 @@ class CoreClient(DirectCallsMixin):
                 data = self._download(oid, info["size"])
             finally:
                 self.send("node", {"op": "unpin", "oids": [oid]})
-            return deserialize(memoryview(data))
+            return self._deserialize(info, memoryview(data))
         loc = Location.from_wire(r["loc"])
 
         def release(oid: bytes = oid) -> None:  # a finaliser: no locks
@@ -816,7 +958,7 @@ class CoreClient(DirectCallsMixin):
                     self._wake_from_finaliser()
 
         buf = self._mapping().readable(loc, release)
-        return deserialize(buf)
+        return self._deserialize(info, buf)
 
     def prefetch(self, oids: Iterable[bytes]) -> None:
         """Ask this process's node to pull ready objects held only elsewhere."""

@@ -6,6 +6,11 @@ open, a call goes directly to the actor when:
 
 * every argument is ready in this client's cache (inline, or in a store the
   actor's node can pull from) and none of them failed;
+* no ref is nested in the arguments, in this client's own puts among them or
+  in values answered directly by an actor: the actor would look such a ref
+  up at the head, which may not have its submission yet (it travels on
+  another connection), and the call through the head holds it from
+  submission until the call has finished;
 * none of this client's calls to that actor that went through the head is
   unfinished (so direct calls never overtake them), and none was dropped
   unfinished (then the head path is kept for that actor: its end would not
@@ -74,10 +79,12 @@ class DirectCalls:
                                if ids.object_id(tid, 0) in expected}
             if link.head_calls:
                 return None
+        if spec.get("nested"):
+            return None  # refs inside the arguments: the head path holds them
         deps = []
         for oid in spec.get("deps") or ():
             info = ready.get(oid)
-            if info is None or info.get("error"):
+            if info is None or info.get("error") or info.get("nested"):
                 return None
             if info.get("inline") is None and link.node not in info.get("nodes", ()) \
                     and not info.get("addrs"):
@@ -145,7 +152,7 @@ def result_infos(msg: dict) -> list[dict]:
     direct answer (``call_result``)."""
     return [{"op": "object_ready", "oid": r["oid"], "inline": r["inline"],
              "size": r.get("size", len(r["inline"])), "error": bool(r.get("error")),
-             "direct": True} for r in msg.get("results", ()) if r.get("inline") is not None]
+             "direct": True, "nested": bool(r.get("nested"))} for r in msg.get("results", ()) if r.get("inline") is not None]
 
 
 def answer_for(task: dict, results: list[dict]) -> dict:
@@ -153,7 +160,7 @@ def answer_for(task: dict, results: list[dict]) -> dict:
     are announced by the head)."""
     return {"op": "call_result", "tid": task["tid"], "actor": task.get("actor"),
             "results": [{"oid": r["oid"], "inline": r["inline"], "size": r.get("size"),
-                         "error": bool(r.get("error"))}
+                         "error": bool(r.get("error")), "nested": bool(r.get("nested"))}
                         for r in results if r.get("inline") is not None]}
 
 

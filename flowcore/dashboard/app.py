@@ -3,13 +3,14 @@
 It runs on the head's own event loop.  Every handler answers from the
 cached snapshot (see ``snapshot.py``), so requests never walk the scheduler's
 tables themselves, except a single task's detail (on a click) and the DAG
-export (rate-limited, rendered by ``dot`` on a thread).
+export (rate-limited, rendered by ``dot`` or graphviz-pure on a thread).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import re
 import time
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -37,6 +38,13 @@ DAG_DRAW_LIMIT = 300
 #: a DAG picture is re-rendered at most this often, seconds
 DAG_INTERVAL = 3.0
 
+#: the response header naming the head's address (see protocol.comm.connect)
+HEAD_HEADER = "X-Flowcore-Head"
+#: an HTTP request line: METHOD SP target SP HTTP/x.y
+REQUEST_LINE = re.compile(rb"^[A-Z]{1,16} [\x21-\x7e]+ HTTP/\d\.\d\r?\n$")
+#: a connection that has not sent a whole request head by then is closed
+HEADER_TIMEOUT = 30.0
+
 CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
@@ -50,6 +58,7 @@ class Base(RequestHandler):
 
     def initialize(self, dash: "Dashboard", **kw: Any) -> None:  # type: ignore[override]
         self.dash = dash
+        self._head_header()
 
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -57,6 +66,13 @@ class Base(RequestHandler):
         self.set_header("Referrer-Policy", "no-referrer")
         self.set_header("Content-Security-Policy", CSP)
         self.set_header("Cache-Control", "no-store")
+        self._head_header()
+
+    def _head_header(self) -> None:
+        # so a flowcore client pointed at this HTTP port by mistake can name the head
+        dash = getattr(self, "dash", None)  # set_default_headers runs before initialize
+        if dash is not None and dash.head_info.get("address"):
+            self.set_header(HEAD_HEADER, dash.head_info["address"])
 
     def get_current_user(self) -> str | None:
         given = bearer(self.request.headers.get("Authorization"))
@@ -113,7 +129,11 @@ class Base(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         reason = self._reason
         if "exc_info" in kwargs and isinstance(kwargs["exc_info"][1], HTTPError):
-            reason = kwargs["exc_info"][1].log_message or reason
+            err = kwargs["exc_info"][1]
+            if err.log_message:
+                reason = err.log_message % err.args if err.args else err.log_message
+                if status_code == 403 and " is not in root static directory" in reason:
+                    reason = "that file is not in the static directory"
         if self.api:
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.finish(encode({"error": reason}))
@@ -132,6 +152,7 @@ class Page(Base):
 class Static(Base, StaticFileHandler):
     def initialize(self, dash: "Dashboard", path: str) -> None:  # type: ignore[override]
         self.dash = dash
+        self._head_header()
         StaticFileHandler.initialize(self, path)
 
     def prepare(self) -> None:
@@ -300,6 +321,51 @@ def _log_request(handler: RequestHandler) -> None:
                    1000.0 * handler.request.request_time())
 
 
+class VettingHTTPServer(HTTPServer):
+    """An HTTPServer that reads each connection's first line itself and
+    answers 400 and closes when it is not an HTTP request line (Tornado would
+    wait for a blank line that a garbage peer may never send)."""
+
+    def handle_stream(self, stream: Any, address: tuple) -> None:
+        asyncio.ensure_future(self._vet(stream, address))
+
+    async def _vet(self, stream: Any, address: tuple) -> None:
+        data = bytearray()
+        deadline = time.monotonic() + HEADER_TIMEOUT
+        try:
+            while True:
+                first = bytes(data).lstrip(b"\r\n")  # RFC 9112 2.2: ignore leading CRLFs
+                if b"\n" in first or len(data) > 8192:
+                    break
+                data += await asyncio.wait_for(stream.read_bytes(8192, partial=True),
+                                               max(0.01, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - silence or a hang-up before a whole line
+            await _bad_request(stream)
+            return
+        line = first.partition(b"\n")[0] + b"\n"
+        if not REQUEST_LINE.match(line) or not hasattr(stream, "_read_buffer"):
+            logger.info("dashboard: %s sent no HTTP request line: answered 400",
+                        address[0] if address else "?")
+            await _bad_request(stream)
+            return
+        # hand the bytes back to the stream, then serve as usual
+        stream._read_buffer[0:0] = data
+        stream._read_buffer_size += len(data)
+        super().handle_stream(stream, address)
+
+
+async def _bad_request(stream: Any) -> None:
+    try:
+        if not stream.closed():
+            await asyncio.wait_for(stream.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 34\r\nConnection: close\r\n\r\n"
+                b"400: not an HTTP/1.x request line\n"), 5.0)
+    except Exception:  # noqa: BLE001 - the peer is gone
+        pass
+    stream.close()
+
+
 class Dashboard:
     """The dashboard and /metrics of a head, on the head's event loop.
 
@@ -358,7 +424,8 @@ class Dashboard:
             from . import listen
             sockets, url = listen(self.host, self.port)
         self.port = sockets[0].getsockname()[1]
-        self.server = HTTPServer(self.app, xheaders=False)
+        self.server = VettingHTTPServer(self.app, xheaders=False,
+                                        idle_connection_timeout=HEADER_TIMEOUT)
         self.server.add_sockets(sockets)
         self.url = url or f"http://{self.host}:{self.port}"
         if hasattr(self.head, "dashboard_url"):
@@ -424,16 +491,19 @@ class Dashboard:
             return (404, text, b"The graph is empty: the head tracks no task, actor or put "
                                b"object right now (finished tasks whose results nobody holds "
                                b"are pruned).")
-        import shutil
-
         from ..graph import draw
-        if shutil.which("dot") is None:
-            return (501, text, b"Drawing the DAG needs the Graphviz 'dot' program: "
-                               b"apt-get install graphviz (or conda/brew install graphviz).")
+        if draw.find_renderer("svg") is None:
+            return (501, text, b"Drawing the DAG needs the Graphviz 'dot' program or "
+                               b"graphviz-pure: pip install 'flowcore[graph]' (no system "
+                               b"install) or apt-get install graphviz (conda/brew install "
+                               b"graphviz), then reload. flowcore.visualize(filename="
+                               b"'dag.dot') writes the DOT source without either.")
         omitted = exported.get("omitted", 0)
         title = f"{len(nodes)} graph nodes" + (f" (the oldest; {omitted} newer not shown)"
                                                if omitted else "")
         graph = draw.to_digraph(nodes, edges, max_nodes=DAG_DRAW_LIMIT, title=title)
         svg = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: graph.pipe(format="svg"))
+            None, lambda: draw.render(graph, "svg"))
+        if svg is None:
+            return (501, text, b"Drawing the DAG failed: the renderer could not be run.")
         return (200, "image/svg+xml", svg)

@@ -3,7 +3,9 @@
 The input is a plain export of the graph (lists of dicts and tuples), so this
 module knows nothing about the scheduler's classes.  ``graphviz`` (the Python
 package) is imported inside the functions that need it, never at import time;
-the ``dot`` program is needed only to render SVG/PNG/PDF, not to produce DOT.
+the ``dot`` program (or graphviz-pure, see :data:`RENDERERS`) is needed only
+to render SVG/PNG/PDF, not to produce DOT; without one, :func:`write` writes
+the DOT and says how to render it.
 
 Big graphs stay drawable in two steps:
 
@@ -124,12 +126,58 @@ _SHAPE_WORDS = {
 FORMATS = {"dot": "dot", "gv": "dot", "svg": "svg", "png": "png", "pdf": "pdf"}
 _TEXT_FORMATS = {"dot", "gv"}
 
-_NO_DOT = (
-    "Rendering {fmt!r} needs the Graphviz `{exe}` program, which was not found on PATH. "
-    "Install Graphviz with `apt-get install graphviz` (Debian/Ubuntu), "
-    "`conda install graphviz` or `brew install graphviz` (macOS). "
-    "DOT output (a filename ending in .dot or .gv) works without it."
+#: The Graphviz-compatible programs tried in turn to render SVG/PNG/PDF: the
+#: system ``dot``, then ``graphviz-pure`` (a self-contained port of Graphviz's
+#: ``dot`` command shipped as a wheel: ``pip install 'flowcore[graph]'``; it has
+#: no PDF output).
+RENDERERS = ("dot", "graphviz-pure")
+_NO_PDF = {"graphviz-pure"}
+
+_NO_RENDERER = (
+    "Rendering {fmt!r} needs the Graphviz `dot` program or graphviz-pure, and neither was "
+    "found, so the DOT source was written to {dot_path} instead. To get the picture: "
+    "`pip install 'flowcore[graph]'` (graphviz-pure, no system install) or install Graphviz "
+    "(`apt-get install graphviz`, `conda install graphviz`, `brew install graphviz`), then "
+    "run again or render the file with `dot -T{fmt} {dot_path} -o {path}`."
 )
+
+
+def find_renderer(fmt: str = "svg") -> str | None:
+    """Path of the first program of :data:`RENDERERS` that can render ``fmt``.
+
+    Looked up on PATH and, for programs installed by pip, beside the running
+    Python (a virtualenv's ``bin`` need not be on PATH).
+    """
+    import sys
+    for name in RENDERERS:
+        if fmt == "pdf" and name in _NO_PDF:
+            continue
+        found = shutil.which(name)
+        if found is None:
+            beside = os.path.join(os.path.dirname(sys.executable), name)
+            if os.path.isfile(beside) and os.access(beside, os.X_OK):
+                found = beside
+        if found is not None:
+            return found
+    return None
+
+
+def render(digraph: "graphviz.Digraph", fmt: str) -> bytes | None:
+    """``digraph`` rendered to ``fmt`` bytes by :func:`find_renderer`'s program,
+    or None when no renderer is installed (or the one found cannot be run)."""
+    import subprocess
+    exe = find_renderer(fmt)
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run([exe, f"-T{FORMATS[fmt]}"], input=digraph.source.encode("utf-8"),
+                              capture_output=True, timeout=120)
+    except (FileNotFoundError, PermissionError):
+        return None
+    if done.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(exe)} failed to render {fmt!r} (exit "
+                           f"{done.returncode}): {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
 
 
 # --------------------------------------------------------------------------
@@ -450,11 +498,12 @@ def write(digraph: "graphviz.Digraph", filename: str | os.PathLike, format: str 
 
     The format comes from ``format`` or else the filename's extension: one of
     ``dot``/``gv`` (DOT text, needs no external program), ``svg``, ``png``,
-    ``pdf`` (rendered by the Graphviz ``dot`` program, piped: no intermediate
-    file is left behind).  A filename without any extension gets ``.FORMAT``
-    appended.  Raises ``RuntimeError`` explaining how to install Graphviz when
-    rendering is asked for and ``dot`` is missing, ``ValueError`` for an
-    unknown format.
+    ``pdf`` (rendered by the Graphviz ``dot`` program or else graphviz-pure,
+    piped: no intermediate file is left behind).  A filename without any
+    extension gets ``.FORMAT`` appended.  When no renderer is installed the
+    DOT source is written beside it (``name.dot``) with a ``RuntimeWarning``
+    saying how to render it, and that path is returned.  ``ValueError`` for
+    an unknown format.
     """
     path = os.fspath(filename)
     extension = os.path.splitext(path)[1][1:].lower()
@@ -475,15 +524,15 @@ def write(digraph: "graphviz.Digraph", filename: str | os.PathLike, format: str 
             out.write(source)
         return path
 
-    import graphviz
-
-    exe = getattr(digraph, "engine", None) or "dot"
-    if shutil.which(exe) is None:
-        raise RuntimeError(_NO_DOT.format(fmt=fmt, exe=exe))
-    try:
-        data = digraph.pipe(format=FORMATS[fmt])
-    except graphviz.ExecutableNotFound as exc:
-        raise RuntimeError(_NO_DOT.format(fmt=fmt, exe=exe)) from exc
+    data = render(digraph, fmt)
+    if data is None:
+        import warnings
+        dot_path = os.path.splitext(path)[0] + ".dot"
+        with open(dot_path, "w", encoding="utf-8") as out:
+            out.write(digraph.source)
+        warnings.warn(_NO_RENDERER.format(fmt=fmt, dot_path=dot_path, path=path),
+                      RuntimeWarning, stacklevel=2)
+        return dot_path
     with open(path, "wb") as out:
         out.write(data)
     return path

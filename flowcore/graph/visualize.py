@@ -73,8 +73,11 @@ def visualize(refs: ObjectRef | Sequence[ObjectRef] | None = None,
     the head, so they are not drawn: keep the refs to draw a finished graph.
 
     ``filename``: also write the picture there, ``.dot``/``.gv`` (DOT
-    text), ``.svg``, ``.png`` or ``.pdf`` (these need the Graphviz ``dot``
-    program); ``format`` overrides the extension.  The returned Digraph
+    text), ``.svg``, ``.png`` or ``.pdf`` (rendered by the Graphviz ``dot``
+    program, or graphviz-pure from ``pip install 'flowcore[graph]'``; with
+    neither, the DOT source is written to the same name ending in ``.dot``
+    and a ``RuntimeWarning`` says how to render it); ``format`` overrides the
+    extension.  The returned Digraph
     displays inline in Jupyter.
     """
     from ..api import _require_client

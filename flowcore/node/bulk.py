@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..exceptions import ObjectLostError, ProtocolError
 from ..protocol import sockauth
-from ..protocol.comm import AUTH_TIMEOUT, accept_ready, listening_socket, parse_address
+from ..protocol.admission import Admission
+from ..protocol.comm import AUTH_TIMEOUT, listening_socket, parse_address
 
 if TYPE_CHECKING:
     from ..protocol.tls import TLSConfig
@@ -62,8 +63,9 @@ class BulkUnavailable(ConnectionError):
 
 # ====================================================================== serving
 class BulkServer:
-    """The listening side: accepts on the event loop, serves each connection
-    in a thread of its own.  ``hold(oid, start, length, tag)`` (called on the
+    """The listening side: peers are admitted (TLS and the token challenge) by
+    one ``protocol.admission`` thread, and each authenticated connection is
+    served in a thread of its own.  ``hold(oid, start, length, tag)`` (called on the
     loop) pins the range and returns ``(path, offset)``; ``release(oid, tag)``
     (called on the loop) drops that pin."""
 
@@ -74,7 +76,7 @@ class BulkServer:
         self._release = release
         self._ctx = tls.server_context() if tls is not None else None
         self._loop = asyncio.get_event_loop()
-        self._sock = sock = listening_socket(host, 0, backlog=64)
+        self._sock = sock = listening_socket(host, 0, backlog=128)
         self.port: int = sock.getsockname()[1]
         self._seq = itertools.count(1)
         self._conns: set[socket.socket] = set()
@@ -82,16 +84,22 @@ class BulkServer:
         self._closed = False
         self.served = 0        # ranges sent in full
         self.bytes_out = 0
-        self.refused = 0       # connections that failed the challenge
-        self._loop.add_reader(sock.fileno(), self._accept)
+        self._admission = Admission(sock, token, self._admitted, "bulk",
+                                    tls_context=self._ctx, on_refused=self._refused)
 
-    def _accept(self) -> None:
-        for conn, peer in accept_ready(self._sock, "bulk"):
-            conn.setblocking(True)
-            with self._lock:
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn, peer),
-                             name="flowcore-bulk-send", daemon=True).start()
+    @property
+    def refused(self) -> int:
+        """Connections that failed the challenge or its deadline."""
+        return self._admission.refused
+
+    def _refused(self, peer: str, why: str) -> None:
+        logger.warning("bulk: refused connection from %s: %s", peer, why)
+
+    def _admitted(self, conn: socket.socket, peer: str) -> None:
+        with self._lock:
+            self._conns.add(conn)
+        threading.Thread(target=self._serve, args=(conn, peer),
+                         name="flowcore-bulk-send", daemon=True).start()
 
     def _on_loop(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on the event loop and return its result."""
@@ -106,17 +114,11 @@ class BulkServer:
         return done.result(timeout=IDLE_TIMEOUT)
 
     def _serve(self, raw: socket.socket, peer: str) -> None:
+        """Serve one authenticated connection (TLS already wrapped in ``raw``)."""
         conn = raw
         try:
             raw.settimeout(AUTH_TIMEOUT)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._ctx is not None:
-                conn = self._ctx.wrap_socket(raw, server_side=True)
-            if not sockauth.server_handshake(conn, self.token):
-                self.refused += 1
-                logger.warning("bulk: refused connection from %s: wrong or missing token",
-                               peer)
-                return
             version, n, start, length = REQUEST.unpack(
                 sockauth.recv_exact(conn, REQUEST.size, "its request"))
             if version != VERSION or not 0 < n <= MAX_OID:
@@ -171,10 +173,7 @@ class BulkServer:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._loop.remove_reader(self._sock.fileno())
-        except (RuntimeError, ValueError):
-            pass
+        self._admission.close()
         self._sock.close()
         with self._lock:
             conns = list(self._conns)

@@ -5,8 +5,10 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
+from typing import Callable
 
 from .. import daemon
 from .._version import __version__
@@ -42,29 +44,54 @@ def detect_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def _amount(integer: bool) -> Callable[[str], float | int]:
+    """An argparse type: a finite number >= 0 (an integer if ``integer``)."""
+    def parse(text: str) -> float | int:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if integer else 'a number'} >= 0")
+        return value
+    parse.__name__ = "integer" if integer else "number"
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowcore-worker",
                                 description="Start a flowcore node and join it to a head.")
     p.add_argument("address", help="head address, tcp://HOST:PORT, 'auto' for the local "
                                    "head recorded in the state dir, or '-' to read it from "
                                    "stdin")
-    p.add_argument("--num-cpus", type=float, default=None,
+    p.add_argument("--num-cpus", type=_amount(False), default=None,
                    help="CPUs to offer (default: this machine's count)")
-    p.add_argument("--num-gpus", type=int, default=None,
+    p.add_argument("--num-gpus", type=_amount(True), default=None,
                    help="GPUs to offer (default: those nvidia-smi lists, else 0)")
     p.add_argument("--resources", default=None,
                    help='custom resources as JSON, e.g. \'{"disk": 2}\'')
-    p.add_argument("--object-store-memory", type=int, default=None,
+    p.add_argument("--memory", type=_amount(True), default=None,
+                   help="bytes of memory tasks and actors may reserve with memory= (a "
+                        "scheduling quantity, not a limit; default: the machine's available "
+                        "memory)")
+    p.add_argument("--object-store-memory", type=_amount(True), default=None,
                    help="bytes of shared memory for the object store (default 30%% of RAM)")
     p.add_argument("--token", default=None)
     p.add_argument("--token-file", default=None)
     tls.add_flags(p)
     p.add_argument("--name", default=None, help="a name for this node")
-    p.add_argument("--host", default="127.0.0.1", help="interface to serve objects on")
-    p.add_argument("--worker-memory-limit", type=int, default=None,
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface the node listens on (its own port, the bulk port, actor "
+                        "ports); 0.0.0.0 for every interface. On a multi-machine cluster it "
+                        "must be reachable from the other machines")
+    p.add_argument("--advertise-host", default=None,
+                   help="the address other machines reach this node at (default: --host; for "
+                        "0.0.0.0, this machine's address on the route to the head)")
+    p.add_argument("--worker-memory-limit", type=_amount(True), default=None,
                    help="bytes of memory (RSS) a worker may use before it is killed and its "
                         "task reported as such (default: no limit)")
-    p.add_argument("--max-workers", type=int, default=None,
+    p.add_argument("--max-workers", type=_amount(True), default=None,
                    help="cap on worker processes (extra workers start when tasks block in get)")
     p.add_argument("--state-dir", default=None, help="session/state directory (logs, spill)")
     p.add_argument("--log-file", default=None)
@@ -76,7 +103,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.max_workers == 0:
+        p.error("argument --max-workers: a node needs at least one worker")
     daemon.setup_logging(args.log_file, args.log_level)
     try:
         tls_config = tls.from_flags(args)
@@ -112,15 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             resources = json.loads(args.resources)
             if not isinstance(resources, dict) or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                    for v in resources.values()):
-                raise ValueError("expected a JSON object of names to numbers >= 0")
+                    and math.isfinite(v) for v in resources.values()):
+                raise ValueError("expected a JSON object of names to finite numbers >= 0, "
+                                 "e.g. '{\"disk\": 2}'")
             if "CPU" in resources or "GPU" in resources:
                 raise ValueError("use --num-cpus / --num-gpus for CPU and GPU")
         except ValueError as e:
             print(f"flowcore-worker: bad --resources {args.resources!r}: {e}", file=sys.stderr)
             return 2
     num_cpus = args.num_cpus if args.num_cpus is not None else float(os.cpu_count() or 1)
-    os.makedirs(os.path.join(state_dir, "logs"), exist_ok=True)
+    from ..private_files import make_private_dir
+    make_private_dir(state_dir)
+    make_private_dir(os.path.join(state_dir, "logs"))
 
     from .server import NodeServer
 
@@ -136,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                           object_store_memory=args.object_store_memory or default_store_memory(),
                           session_dir=state_dir, host=args.host, name=args.name,
                           max_workers=args.max_workers,
-                          worker_memory_limit=args.worker_memory_limit, tls=tls_config)
+                          worker_memory_limit=args.worker_memory_limit, tls=tls_config,
+                          memory=args.memory, advertise_host=args.advertise_host)
     except (ValueError, OSError) as e:
         print(f"flowcore-worker: cannot start the node: {e}", file=sys.stderr)
         return 2

@@ -68,10 +68,11 @@ class PackageCache:
 def _unpack(blob: bytes, target: str) -> None:
     import io
     parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
+    from ..private_files import make_private_dir
+    make_private_dir(parent)
     tmp = f"{target}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    os.mkdir(tmp, 0o700)
     try:
         import zipfile  # only nodes that run a runtime_env need it
         with zipfile.ZipFile(io.BytesIO(blob)) as z:
@@ -81,7 +82,7 @@ def _unpack(blob: bytes, target: str) -> None:
                     raise ValueError(f"runtime_env package entry {info.filename!r} points "
                                      f"outside its directory")
                 z.extract(info, tmp)
-                mode = (info.external_attr >> 16) & 0o777
+                mode = (info.external_attr >> 16) & 0o700  # private: the owner's bits only
                 if mode:
                     os.chmod(os.path.join(tmp, name), mode)
         try:

@@ -64,14 +64,16 @@ class WorkerProcess:
 def start_worker(argv: list[str], env: dict[str, str], log_file: str, cwd: str | None,
                  on_exit: Callable[[str], None], method: str = "fork") -> WorkerProcess:
     if method == "spawn":
-        with open(log_file, "ab") as out:
+        from ..private_files import open_private
+        with os.fdopen(open_private(log_file, os.O_WRONLY | os.O_APPEND), "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "flowcore.node.worker", *argv],
                                     env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=out, start_new_session=True)
         # reaped through the pidfd; Popen never waits for it
         proc.returncode = 0
         return WorkerProcess(proc.pid, on_exit)
-    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    from ..private_files import open_private
+    log_fd = open_private(log_file, os.O_WRONLY | os.O_APPEND)
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 1

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import ids
 from .._version import __version__
+from ..private_files import make_private_dir
 from ..protocol.comm import Comm, connect, serve
 from .oom import OomWatch
 from ..protocol.tls import TLSConfig, strip_env
@@ -36,30 +37,57 @@ def _remember(table: "OrderedDict[bytes, None]", tid: bytes) -> None:
         table.popitem(last=False)
 
 
+
+def default_memory() -> int:
+    """The node's ``memory`` resource when not given: the machine's available memory."""
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def _local_address_towards(host: str) -> str | None:
+    """This machine's address on the route to ``host`` (a UDP socket is
+    "connected", which sends nothing), or None."""
+    if not host:
+        return None
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
 class NodeServer:
     def __init__(self, head_address: str, token: bytes, *, num_cpus: float,
                  num_gpus: int = 0, resources: dict[str, float] | None = None,
                  object_store_memory: int, session_dir: str, host: str = "127.0.0.1",
                  name: str | None = None, max_workers: int | None = None,
                  worker_env: dict[str, str] | None = None, worker_cwd: str | None = None,
-                 worker_memory_limit: int | None = None, tls: TLSConfig | None = None):
+                 worker_memory_limit: int | None = None, tls: TLSConfig | None = None,
+                 memory: float | None = None, advertise_host: str | None = None):
         from ..objects.store import ObjectStore, sweep_stale_segments
 
         self.head_address = head_address
         self.token = token
         self.tls = tls  # a protocol.tls.TLSConfig for every link, or None
         self.host = host
+        self.advertise_host = advertise_host  # what peers connect to (default: see start)
         self.node_id = "n-" + ids.random_id(6).hex()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.session_dir = session_dir
         self.resources = {"CPU": float(num_cpus), **({"GPU": float(num_gpus)} if num_gpus else {}),
                           **(resources or {})}
+        if "memory" not in self.resources:
+            # bytes tasks and actors may ask for with memory= (a scheduling
+            # quantity, as in Ray): by default what the machine has available
+            self.resources["memory"] = float(memory if memory is not None
+                                             else default_memory())
         self.pool = WorkerPool(self.resources, max_workers, list(range(num_gpus)))
         self.worker_env = worker_env or {}
         self.worker_cwd = worker_cwd
         sweep_stale_segments()
-        spill = os.path.join(session_dir, f"spill-{self.node_id}")
-        os.makedirs(spill, exist_ok=True)
+        spill = self.spill_dir = os.path.join(session_dir, f"spill-{self.node_id}")
+        make_private_dir(spill)
         self.store = ObjectStore(os.path.basename(session_dir.rstrip("/")) or "session",
                                  self.node_id, object_store_memory, spill)
         self.head: Comm | None = None
@@ -105,7 +133,7 @@ class NodeServer:
     async def start(self) -> str:
         self.server, port = await serve(self.token, self._on_comm, self.host, 0,
                                         name="flowcore-worker", tls=self.tls)
-        self.address = f"tcp://{self.host}:{port}"
+        self.address = f"tcp://{self._advertised_host()}:{port}"
         self.transfers.start(self.host)
         self._act(self.pool.startup())
         await self._join_head()
@@ -115,6 +143,28 @@ class NodeServer:
         logger.info("node %s (%s) serving at %s with %s", self.name, self.node_id,
                     self.address, self.resources)
         return self.address
+
+    def _advertised_host(self) -> str:
+        """The host peers reach this node at (registered with the head, used by
+        other nodes and drivers to pull objects): ``advertise_host``, else
+        ``host``, else, when listening on every interface, this machine's
+        address on the route to the head."""
+        from ..protocol.comm import parse_address
+        host = self.advertise_host or self.host
+        head_host = ""
+        try:
+            head_host = parse_address(self.head_address)[0]
+        except (TypeError, ValueError):
+            pass
+        if host in ("0.0.0.0", "", "::") and not self.advertise_host:
+            host = _local_address_towards(head_host) or socket.gethostname()
+        loopback = ("127.", "localhost", "::1")
+        if host.startswith(loopback) and head_host and not head_host.startswith(loopback):
+            logger.warning(
+                "this node serves objects at %s, a loopback address, but its head is at %s: "
+                "nodes and drivers on other machines cannot pull objects from it. Start it "
+                "with --host 0.0.0.0 (or this machine's address)", host, head_host)
+        return host
 
     async def _join_head(self) -> None:
         self.head = await connect(self.head_address, self.token, timeout=5.0, tls=self.tls)
@@ -226,6 +276,10 @@ class NodeServer:
         if getattr(self, "server", None) is not None:
             self.server.close()
         self.store.close()
+        try:
+            os.rmdir(self.spill_dir)  # empty after the store removed its files
+        except OSError:
+            pass
         self.stopped.set()
 
     # ------------------------------------------------------------ workers
@@ -454,7 +508,7 @@ class NodeServer:
             for oid in msg["oids"]:
                 self.store.delete(oid)
         elif op == "cancel_task":
-            self._cancel(msg["tid"], msg.get("force", False))
+            self._cancel(msg["tid"], msg.get("force", False), bool(msg.get("local")))
         elif op == "prefetch":  # keep a second copy of a put object
             for item in msg["objects"]:
                 asyncio.ensure_future(self._prefetch(item))
@@ -464,9 +518,14 @@ class NodeServer:
         else:
             logger.warning("unknown op %r from the head", op)
 
-    def _cancel(self, tid: bytes, force: bool) -> None:
+    def _cancel(self, tid: bytes, force: bool, local: bool = False) -> None:
+        """``local``: a task offered to this node (local-first) that the head
+        cancelled before hearing the verdict; if it has not come yet, it is
+        refused when it does."""
         wid, task = self.pool.find_task(tid)
         if task is None:
+            if local and tid not in self._local_started:
+                _remember(self._local_refused, tid)
             return
         if wid is None:
             self.pool.drop_queued(tid)

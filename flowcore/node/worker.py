@@ -23,6 +23,9 @@ from ..objects.ref import set_client
 
 logger = logging.getLogger("flowcore.worker")
 
+#: calls of an async actor that overlap when max_concurrency is not given (Ray's)
+ASYNC_DEFAULT_CONCURRENCY = 1000
+
 
 class TaskContext:
     def __init__(self) -> None:
@@ -264,8 +267,10 @@ class Worker:
         if spec.get("is_async"):
             import asyncio
             self.aloop = asyncio.new_event_loop()
-            limit = spec.get("max_concurrency") or 1
-            self.asem = asyncio.Semaphore(1000 if limit <= 1 else limit)
+            # an explicit max_concurrency bounds the overlapping calls (1: one
+            # at a time, in order); unset, up to 1000 (Ray's default)
+            limit = spec.get("max_concurrency")
+            self.asem = asyncio.Semaphore(ASYNC_DEFAULT_CONCURRENCY if limit is None else limit)
             threading.Thread(target=self.aloop.run_forever, name="flowcore-actor-loop",
                              daemon=True).start()
         elif (spec.get("max_concurrency") or 1) > 1:
@@ -320,9 +325,15 @@ class Worker:
         try:
             data = serialize(err).to_bytes()
         except Exception:
+            try:
+                text = str(exc)
+            except Exception:  # noqa: BLE001 - a __str__ that raises
+                text = "<str() failed>"
+            kind = type(exc).__qualname__
             err = TaskError(name, f"(in task {name}, pid {os.getpid()})\n{tb}\n"
-                            f"(the exception {type(exc).__name__} could not be serialized, "
-                            f"so only its text is kept)", None, task["tid"].hex())
+                            f"(the exception {kind} could not be serialized, "
+                            f"so only its text is kept)", None, task["tid"].hex(),
+                            f"{kind}: {text}" if text else kind)
             data = serialize(err).to_bytes()
         # for views (the dashboard, the history): the traceback, ending with
         # "Type: message"; its end kept when long

@@ -36,6 +36,7 @@ _MAX_FIND_CHILDREN = 10_000
 
 __all__ = [
     "Serialized", "SerializationError", "Layout", "serialize", "serialize_with_refs",
+    "explain_callable_failure", "rebuilding_class",
     "deserialize", "read_layout", "note_contained_ref", "ALIGNMENT",
 ]
 
@@ -351,8 +352,8 @@ def _pickles(x: Any) -> bool:
         return False
 
 
-def _find_culprit(value: Any) -> tuple[Any, str]:
-    obj, path = value, "value"
+def _find_culprit(value: Any, root: str = "value") -> tuple[Any, str]:
+    obj, path = value, root
     for _ in range(_MAX_FIND_DEPTH):
         for n, (child, cpath) in enumerate(_children(obj, path)):
             if n >= _MAX_FIND_CHILDREN:
@@ -377,6 +378,48 @@ def _explain_failure(value: Any, exc: BaseException) -> SerializationError:
         f"{type(exc).__name__}: {exc}. Hint: create it inside the task instead "
         f"of passing it, or make it picklable (e.g. define __reduce__ or "
         f"__getstate__/__setstate__)")
+
+
+def explain_callable_failure(fn: Any, exc: BaseException) -> SerializationError:
+    """The error for a remote function or actor class that cannot be pickled:
+    its name, and the path through closures and globals to the culprit."""
+    what = "class" if isinstance(fn, type) else "function"
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    try:
+        culprit, path = _find_culprit(fn, name)
+    except Exception:  # never let the diagnosis hide the real error
+        culprit, path = fn, name
+    t = type(culprit)
+    tname = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    where = (f"it holds an object of type {tname} at {path}" if culprit is not fn
+             else "no part of it could be singled out")
+    return SerializationError(
+        f"cannot serialize the remote {what} {name}: {where}: {type(exc).__name__}: {exc}. "
+        f"Hint: create that object inside the {what} (or pass it as an argument made "
+        f"picklable) instead of capturing it")
+
+
+def rebuilding_class(buf: Any) -> str:
+    """``module.name`` of the last class or function that unpickling ``buf``
+    looked up before it failed (for error messages; '' if none)."""
+    seen: list[str] = []
+
+    class Tracking(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            seen.append(f"{module}.{name}")
+            return super().find_class(module, name)
+    try:
+        layout = read_layout(buf)
+        mv = memoryview(buf)
+        if mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B")
+        buffers = [mv[off:off + size] for off, size in layout.buffers]
+        import io
+        data = bytes(mv[layout.pickle_offset:layout.pickle_offset + layout.pickle_size])
+        Tracking(io.BytesIO(data), buffers=buffers).load()
+    except Exception:  # noqa: BLE001 - the failure is what we are after
+        pass
+    return seen[-1] if seen else ""
 
 
 # -- reading the layout ----------------------------------------------------------

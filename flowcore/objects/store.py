@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from flowcore.exceptions import ObjectStoreFullError
 from flowcore.objects.arena import Allocator
+from flowcore.private_files import make_private_dir, open_private
 
 __all__ = ["Location", "ObjectStore", "sweep_stale_segments", "arena_path",
            "is_arena_path"]
@@ -145,7 +146,7 @@ class ObjectStore:
         self._files: set[str] = set()
         made_dirs: list[str] = []
         if not os.path.isdir(spill_dir):
-            os.makedirs(spill_dir, exist_ok=True)
+            make_private_dir(spill_dir)
             made_dirs.append(spill_dir)
         self.path = arena_path(shm_dir, session_id, os.getpid())
         try:
@@ -464,7 +465,7 @@ class ObjectStore:
         e = self._entries[oid]
         path = self._disk_path(oid)
         try:
-            with open(path, "wb") as f:
+            with os.fdopen(open_private(path, os.O_WRONLY | os.O_TRUNC), "wb") as f:
                 self._files.add(path)
                 f.write(self._view[e.offset:e.offset + e.size])
         except OSError:

@@ -42,6 +42,8 @@ AUTH_TIMEOUT = 10.0
 #: a TLS server tells a peer that sent no TLS handshake for this long that it
 #: requires TLS (a client without TLS waits for the server to speak first)
 PLAIN_PEER_AFTER = 3.0
+#: a server silent this long after connecting is asked whether it speaks HTTP
+SILENT_PEER_PROBE = 1.0
 #: batches at least this large are received into a buffer of their own size
 BIG_BODY = 1 << 20
 Handler = Callable[["Comm", dict, list], Any]
@@ -66,7 +68,7 @@ class Comm(asyncio.Protocol):
         self._state = _CLIENT_PROOF if server else _HELLO
         self._buf = bytearray()
         self._big: bytearray | None = None   # a large batch being received
-        self._big_have = 0
+        self._big_need = 0
         self._snonce = b""
         self._cnonce = b""
         self._out: list[dict] = []
@@ -104,6 +106,8 @@ class Comm(asyncio.Protocol):
                 f"{self.peer} did not complete authentication in {AUTH_TIMEOUT}s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._big = None  # a half-received batch is dropped with the peer
+        self._buf = bytearray()
         if isinstance(exc, ssl.SSLError) and self._state != _OPEN:
             from .tls import describe_failure
             self._on_closed(AuthenticationError(describe_failure(exc, self.peer)))
@@ -213,12 +217,11 @@ class Comm(asyncio.Protocol):
                 frames.check_body_length(n, self.limits)
                 if end - pos - prefix < n:
                     if n >= BIG_BODY:
-                        # a large batch (an object chunk): receive it straight into
-                        # a buffer of its size instead of growing and copying
-                        self._big = bytearray(n)
-                        have = end - pos - prefix
-                        self._big[:have] = buf[pos + prefix:end]
-                        self._big_have = have
+                        # a large batch: gathered on its own as its bytes arrive, so
+                        # memory follows what the peer actually sent, not what its
+                        # length prefix claims, and nothing is rescanned meanwhile
+                        self._big = bytearray(buf[pos + prefix:end])
+                        self._big_need = n
                         pos = end
                     break
                 body = bytes(buf[pos + prefix:pos + prefix + n])
@@ -234,10 +237,9 @@ class Comm(asyncio.Protocol):
         complete and return what is left over for the normal parser."""
         big = self._big
         assert big is not None
-        take = min(len(big) - self._big_have, len(data))
-        memoryview(big)[self._big_have:self._big_have + take] = memoryview(data)[:take]
-        self._big_have += take
-        if self._big_have < len(big):
+        take = min(self._big_need - len(big), len(data))
+        big += memoryview(data)[:take]
+        if len(big) < self._big_need:
             return b""
         self._big = None
         try:
@@ -307,11 +309,21 @@ class Comm(asyncio.Protocol):
             return
         out, self._out = self._out, []
         fr, self._out_frames = self._out_frames, []
-        if fr:  # large out-of-band frames: no join, each written as it is
-            for b in frames.encode(out, fr):
-                self.transport.write(b)
-        else:
-            self.transport.writelines(frames.encode(out, fr))
+        try:
+            batches = frames.encode_batches(out, fr, self.limits.max_body)
+        except ProtocolError as e:  # one message over the cap: the peer would refuse it
+            logger.error("%s: not sending to %s: %s", self.name or "comm", self.peer, e)
+            for m in out:
+                fut = self._pending.pop(m.get("rid"), None) if "rid" in m else None
+                if fut is not None and not fut.done():
+                    fut.set_exception(ProtocolError(str(e)))
+            return
+        for batch in batches:
+            if fr:  # large out-of-band frames: no join, each written as it is
+                for b in batch:
+                    self.transport.write(b)
+            else:
+                self.transport.writelines(batch)
 
     def request(self, msg: dict, bufs: list | None = None) -> "asyncio.Future[dict]":
         """Send ``msg`` (with binary ``bufs`` attached, sent without a copy
@@ -523,8 +535,18 @@ async def connect(address: str, token: bytes, timeout: float = 10.0,
     except (OSError, asyncio.TimeoutError) as e:
         raise ConnectionError(f"cannot reach a flowcore process at {address}: {e}") from None
     comm.peer = address
+    http = None
     try:
-        await asyncio.wait_for(asyncio.shield(comm.opened), timeout)
+        if tls is None and timeout > SILENT_PEER_PROBE:
+            # a flowcore server greets at once; a silent one may be an HTTP server
+            # (the dashboard's port given by mistake): ask it on a second connection
+            done, _ = await asyncio.wait([comm.opened],  # wait() cancels nothing
+                                         timeout=SILENT_PEER_PROBE)
+            if not done and not comm._snonce:
+                http = await _probe_http(host, port)
+            timeout -= SILENT_PEER_PROBE
+        if http is None:
+            await asyncio.wait_for(asyncio.shield(comm.opened), timeout)
     except asyncio.TimeoutError:
         comm.close()
         raise AuthenticationError(f"{address} did not complete authentication in {timeout}s") \
@@ -540,7 +562,52 @@ async def connect(address: str, token: bytes, timeout: float = 10.0,
         raise AuthenticationError(
             f"{address} closed the connection during authentication (wrong token, or not a "
             f"flowcore process)") from None
+    if http is not None:
+        comm.close()
+        raise ConnectionError(_http_message(address, http))
     return comm
+
+
+async def _probe_http(host: str, port: int) -> dict[str, str] | None:
+    """The response headers if ``host:port`` answers an HTTP request, else None
+    (a flowcore server greets with its magic instead; anything else: None)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        writer.write(b"HEAD / HTTP/1.0\r\nHost: flowcore\r\n\r\n")
+        data = b""
+        while len(data) < 8192 and b"\r\n\r\n" not in data:
+            chunk = await asyncio.wait_for(reader.read(8192), 2.0)
+            if not chunk:
+                break
+            data += chunk
+            if data.startswith(auth.MAGIC[:len(data)]) and not data.startswith(b"HTTP/"):
+                if len(data) >= len(auth.MAGIC):
+                    return None  # a slow flowcore server
+    except (OSError, asyncio.TimeoutError):
+        return None if not data.startswith(b"HTTP/") else {}
+    finally:
+        writer.close()
+    if not data.startswith(b"HTTP/"):
+        return None
+    headers = {}
+    for line in data.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return headers
+
+
+def _http_message(address: str, headers: dict[str, str]) -> str:
+    head = headers.get("x-flowcore-head")
+    if head:
+        return (f"{address} speaks HTTP: it is the web dashboard of the flowcore head at "
+                f"{head}, not the head itself; connect to {head}")
+    return (f"{address} speaks HTTP, not the flowcore protocol: it is not a flowcore head "
+            f"(pass the head's tcp://HOST:PORT, which flowcore-scheduler prints as "
+            f"'listening at')")
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -25,9 +25,27 @@ NFRAMES = struct.Struct("<I")
 FRAME_LEN = struct.Struct("<Q")
 
 
+def _max_message_bytes() -> int:
+    """The batch size cap (``FLOWCORE_MAX_MESSAGE_BYTES``, default 256 MiB).
+
+    Objects travel through the stores, in 4 MiB chunks or over the bulk
+    port, so a batch of control messages stays far below it; the largest
+    single message is a runtime_env package (100 MiB by default)."""
+    import os
+    raw = os.environ.get("FLOWCORE_MAX_MESSAGE_BYTES")
+    try:
+        value = int(raw) if raw else 256 << 20
+    except ValueError:
+        raise ValueError(f"FLOWCORE_MAX_MESSAGE_BYTES={raw!r}: expected a number of bytes "
+                         f"(e.g. {256 << 20} for 256 MiB)") from None
+    if value < (1 << 20):
+        raise ValueError(f"FLOWCORE_MAX_MESSAGE_BYTES={raw!r}: at least 1 MiB ({1 << 20})")
+    return value
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_body: int = 1 << 31          # 2 GiB per batch
+    max_body: int = _max_message_bytes()   # bytes per batch (the sender splits bigger ones)
     max_frames: int = 4096
     max_header: int = 256 << 20      # 256 MiB of msgpack per batch
 
@@ -45,6 +63,32 @@ def encode(messages: list[dict], frames: list[bytes | memoryview] | None = None)
     out: list = [PREFIX.pack(body_len) + meta + header]
     out.extend(frames)
     return out
+
+
+def encode_batches(messages: list[dict], frames: list | None = None,
+                   max_body: int = DEFAULT_LIMITS.max_body) -> list[list]:
+    """``encode`` split into as many batches as needed for each to stay within
+    ``max_body`` (a message keeps its out-of-band frames with it).  A single
+    message larger than that raises ``ProtocolError``."""
+    out = encode(messages, frames)
+    (n,) = PREFIX.unpack_from(memoryview(out[0]), 0)
+    if n <= max_body:
+        return [out]
+    if len(messages) == 1:
+        raise ProtocolError(f"a {messages[0].get('op')!r} message of {n} bytes exceeds the "
+                            f"message size limit of {max_body} bytes "
+                            f"(FLOWCORE_MAX_MESSAGE_BYTES)")
+    half = len(messages) // 2
+    batches = []
+    for part in (messages[:half], messages[half:]):
+        part_frames: list = []
+        for m in part:
+            idx = m.get("_frames")
+            if idx:
+                m["_frames"] = list(range(len(part_frames), len(part_frames) + len(idx)))
+                part_frames.extend(frames[i] for i in idx)  # type: ignore[index]
+        batches.extend(encode_batches(part, part_frames, max_body))
+    return batches
 
 
 def check_body_length(n: int, limits: Limits = DEFAULT_LIMITS) -> None:

@@ -37,10 +37,14 @@ class ActorRecord:
         self.detached = bool(spec.get("detached"))
         self.max_restarts: int = spec.get("max_restarts", 0)
         self.max_task_retries: int = spec.get("max_task_retries", 0)
-        self.max_concurrency: int = spec.get("max_concurrency", 1)
+        self.max_concurrency: int | None = spec.get("max_concurrency")  # None: the default
         self.is_async = bool(spec.get("is_async"))
         self.hold: dict[str, float] = spec.get("hold") or {}
         self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
+        self.strategy: Any = spec.get("strategy")  # where it is placed (restarts too)
+        # what it needs free to be placed ({} for num_cpus=0 and nothing else)
+        place = spec.get("place")
+        self.place: dict[str, float] = {"CPU": 1.0} if place is None else place
         self.create_tid: bytes = spec["tid"]
         # the constructor's arguments, kept (and their objects held) for restarts
         self.args: bytes | None = spec.get("args")
@@ -115,7 +119,7 @@ class ActorsMixin:
         create = dict(spec)
         create["nret"] = 0
         create["kind"] = "create"
-        create["res"] = spec.get("place") or {"CPU": 1.0}
+        create["res"] = actor.place
         create["retries"] = 0
         self._submit(source, create)  # type: ignore[attr-defined]
         self._hold(actor.deps + actor.nested)  # type: ignore[attr-defined]
@@ -288,18 +292,43 @@ class ActorsMixin:
         actor.direct_port = None
         node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
         if move or node is None or not node.alive:
-            # restart on another node where its placement resources fit
-            place = actor.hold or {"CPU": 1.0}
-            others = [n for n in self.nodes.values()  # type: ignore[attr-defined]
-                      if n.alive and n.node_id != actor.node and n.fits(place)]
-            if not others:
-                self._actor_dead(actor, cause + "; no other node could take it")
-                return
-            node = max(others, key=lambda n: n.available.get("CPU", 0.0))
-            actor.node = node.node_id
-            actor.client = None
-            actor.bundle = None  # out of its bundle, which was on the dead node
+            self._replace_actor(actor, cause)
+            return
         self._start_actor_process(actor)
+
+    def _replace_actor(self, actor: ActorRecord, cause: str) -> None:
+        """Its node is gone: the actor is placed again like a new one (its
+        creation task queued for a node where its resources fit, in its
+        placement-group bundle if it had one; node affinity no longer binds
+        it), and stays RESTARTING, with
+        its calls waiting, until a node can take it."""
+        s = actor.strategy
+        strategy = tuple(s) if isinstance(s, list) else s
+        if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
+            strategy = None  # its node is gone: it moves anywhere it fits
+        actor.node = None
+        actor.pid = None
+        actor.client = None
+        actor.bundle = None
+        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        if t is not None and t.state == S.RUNNING:
+            # still constructing when its node died: the same creation again
+            self._finish_resources(t)  # type: ignore[attr-defined]
+            t.strategy = strategy
+            self._transition(t, S.QUEUED, f"actor restarting: {cause}")  # type: ignore
+            self.queues.setdefault(t.shape, deque()).append(t.tid)  # type: ignore
+            return
+        if t is not None and t.state is not None and not t.state.done:
+            return  # already waiting to be placed
+        if t is not None:
+            del self.tasks[t.tid]  # type: ignore[attr-defined]
+        self._submit(actor.owner, {  # type: ignore[attr-defined]
+            "tid": actor.create_tid, "aid": actor.aid, "fid": actor.fid,
+            "name": f"{actor.class_name}.__init__", "args": actor.args,
+            "args_dep": actor.args_dep, "deps": list(actor.deps),
+            "nested": list(actor.nested), "nret": 0, "kind": "create", "res": actor.place,
+            "retries": 0, "strategy": list(strategy) if isinstance(strategy, tuple) else strategy,
+            "renv": actor.renv})
 
     def _release_hold(self, actor: ActorRecord) -> None:
         if actor.holding:
@@ -354,16 +383,45 @@ class ActorsMixin:
         if (actor.node and actor.state != PENDING) or actor.pid:
             actor.killing = True
             self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+        elif actor.state == RESTARTING:
+            self._actor_dead(actor, "it was killed with flowcore.kill() while waiting to "
+                                    "restart")
         else:
             self._actor_dead(actor, "it was killed with flowcore.kill() before it started")
 
-    def _kill_owned_actors(self, cid: str) -> None:
+    def _kill_owned_actors(self, cid: str,
+                           cause: str = "its owner (the driver that created it) exited") -> None:
+        """Fate sharing: the non-detached actors ``cid`` created die with it."""
         for actor in list(self.actors.values()):
             if actor.owner == cid and not actor.detached and actor.state != DEAD:
                 actor.no_restart = True
                 if actor.node:
                     self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
-                self._actor_dead(actor, "its owner (the driver or task that created it) exited")
+                self._actor_dead(actor, cause)
+
+    def _owner_process_ended(self, cid: str) -> None:
+        """Client ``cid`` disconnected: if it was an actor's process, the
+        actors it created die with it (a pool worker that exits after its
+        tasks hands what it created on through the handles it returned)."""
+        owner = next((a for a in self.actors.values() if a.client == cid), None)
+        if owner is None:
+            return
+        why = owner.cause if owner.state in (DEAD, RESTARTING) and owner.cause else \
+            "its process exited"
+        self._kill_owned_actors(cid, f"its owner, actor {owner.class_name} "
+                                     f"({owner.aid.hex()[:12]}), died: {why}")
+
+    def _worker_crashed(self, pid: int | None, cause: str) -> None:
+        """A worker died while running a task: actors that task created die."""
+        if not pid:
+            return
+        cids = {cid for cid, info in self.clients.items()  # type: ignore[attr-defined]
+                if info.get("kind") == "worker" and info.get("pid") == pid}
+        gone = self._gone_workers.get(pid)  # type: ignore[attr-defined]
+        if gone is not None:
+            cids.add(gone)
+        for cid in cids:
+            self._kill_owned_actors(cid, f"its owner died: {cause}")
 
     def _actors_on_dead_node(self, node_id: str, cause: str) -> None:
         dead = self.nodes.get(node_id)  # type: ignore[attr-defined]

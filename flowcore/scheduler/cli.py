@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from .. import daemon
 from .._version import __version__
+from ..private_files import make_private_dir
 from ..protocol import tls
 
 logger = logging.getLogger("flowcore.scheduler")
@@ -61,12 +62,29 @@ def _token_of_crashed_head(state_dir: str, port: int) -> str | None:
     return token
 
 
+def _forget_address(path: str, address: str) -> None:
+    """A clean stop removes the address file ``init(address="auto")`` and
+    ``flowcore-worker`` read, unless another head has written its own since."""
+    try:
+        with open(path) as f:
+            if f.read().strip() != address:
+                return
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     daemon.setup_logging(args.log_file, args.log_level)
     from .server import HeadServer
 
     state_dir = args.state_dir or os.path.expanduser("~/.flowcore")
+    try:
+        make_private_dir(state_dir)
+    except OSError as e:
+        print(f"flowcore-scheduler: cannot use --state-dir {state_dir}: {e}", file=sys.stderr)
+        return 2
     try:
         token = daemon.resolve_token(args.token, args.token_file)
     except OSError as e:
@@ -123,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         if dash_host not in ("127.0.0.1", "localhost", "::1"):
             logger.warning("the dashboard listens on %s: only token holders can log in, but "
                            "traffic is not encrypted", dash_host)
+    address_file = None
     if args.ready_fd is None:
-        os.makedirs(state_dir, exist_ok=True)
+        address_file = os.path.join(state_dir, "address")
         daemon.write_private(os.path.join(state_dir, "address"), address + "\n")
         if generated:
             path = os.path.join(state_dir, "token")
@@ -153,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if dashboard is not None:
         loop.run_sync(dashboard.stop)
     loop.run_sync(lambda: asyncio.sleep(0.05))  # let final messages flush
+    if address_file is not None:
+        _forget_address(address_file, address)
     logger.info("flowcore-scheduler stopped")
     return 0
 

@@ -66,7 +66,7 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
         astate = actor.state if actor is not None else "unknown"
         lines.append(f"actor call {t.name} is queued: the actor is {astate}"
                      + ("" if astate != "ALIVE" else " and earlier calls from the same caller "
-                        "come first"))
+                        "come first") + _actor_waits_for(state, actor))
     elif t.state == S.QUEUED:
         alive = [n for n in state.nodes.values() if n.alive]
         could = [n.name for n in alive if n.could_ever_fit(t.res)]
@@ -101,3 +101,25 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
         lines.append("the driver or task that submitted it has disconnected")
     out.update(state=str(t.state), text="; ".join(lines))
     return out
+
+
+def _actor_waits_for(state: Any, actor: Any) -> str:
+    """What a PENDING or RESTARTING actor waits for (its creation's placement)."""
+    if actor is None or actor.state not in ("PENDING", "RESTARTING"):
+        return ""
+    why = f" ({actor.cause})" if actor.state == "RESTARTING" and actor.cause else ""
+    create = state.tasks.get(actor.create_tid)
+    if create is None or create.state is None:
+        return why
+    res = _fmt_res(create.res)
+    if create.state == S.INFEASIBLE:
+        return (f"{why}; it waits for a node that can hold {res} to join (no node in the "
+                f"cluster could)")
+    if create.state == S.QUEUED:
+        return f"{why}; it waits for a node with {res} free"
+    if create.state == S.WAITING_FOR_ARGS:
+        return f"{why}; its constructor waits for {len(create.missing)} argument(s)"
+    if create.state == S.RUNNING:
+        node = state.nodes.get(create.node or "")
+        return f"{why}; it is starting on node {node.name if node else create.node}"
+    return why

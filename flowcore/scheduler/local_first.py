@@ -67,6 +67,17 @@ class LocalFirstMixin:
             self._apply_local_verdict(t, *early)
         return True
 
+    def _withdraw_offer(self, t: "TaskRecord", force: bool) -> None:
+        """``t`` is cancelled while its node may be starting it: the node
+        stops it if it did start it (and refuses it if it has not seen it
+        yet), and the head does not wait for the verdict."""
+        node_id = self._local_offers.pop(t.tid, None)
+        self._early_verdicts.pop(t.tid, None)
+        self._early_done.pop(t.tid, None)
+        if node_id is not None:
+            self._send(node_id, {"op": "cancel_task", "tid": t.tid, "force": force,
+                                 "local": True})
+
     def handle_local_verdict(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
         if t is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
 from .. import ids
@@ -221,6 +221,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._init_direct_calls()
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
+        self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
         self._releasing = False
         self.keep_dead_actors = 1000
         # dependents of failed objects, failed by a loop rather than by
@@ -319,6 +320,13 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self._cancel_owned_tasks(cid)
             self._kill_owned_actors(cid)
             self._remove_owned_groups(cid)
+        else:
+            # an actor's process ended: the actors it created die with it
+            self._owner_process_ended(cid)
+            if info.get("pid"):  # a crash report may come after the disconnect
+                self._gone_workers[info["pid"]] = cid
+                while len(self._gone_workers) > 1000:
+                    self._gone_workers.popitem(last=False)
         for oid in self.client_refs.pop(cid, ()):
             obj = self.objects.get(oid)
             if obj is not None:
@@ -338,6 +346,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                     self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": False})
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
+                self._withdraw_offer(t, False)
                 self._cancel_task(t, "its driver disconnected")
 
     def check_heartbeats(self, now: float, timeout: float) -> list[str]:
@@ -550,6 +559,10 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self._failing = False
 
     def handle_subscribe(self, source: str, msg: dict) -> None:
+        """``source`` wants to hear when each of ``oids`` is ready; with
+        ``ack``, it also hears, after the ones ready now, how many are still
+        pending (a get inside a task gives its CPU back only then)."""
+        pending = 0
         for oid in msg["oids"]:
             obj = self.objects.get(oid)
             if obj is None:
@@ -560,8 +573,11 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                                     "error": True, "inline": payload})
             elif obj.state == PENDING:
                 obj.waiters.add(source)
+                pending += 1
             else:
                 self._send(source, self._ready(obj))
+        if msg.get("ack") is not None:
+            self._send(source, {"op": "subscribed", "ack": msg["ack"], "pending": pending})
 
     def handle_object_location(self, source: str, msg: dict) -> None:
         """A node gained (``add``) or dropped a copy."""
@@ -660,7 +676,9 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 why = f"no node has {dict(t.res)}"
             self._transition(t, S.INFEASIBLE, why)
             self.infeasible.add(t.tid)
-            w = (f"task {t.name} cannot be placed: {why}; it stays pending until a node that "
+            what = f"actor {t.name.removesuffix('.__init__')}" if t.kind == "create" \
+                else f"task {t.name}"
+            w = (f"{what} cannot be placed: {why}; it stays pending until a node that "
                  f"fits joins")
             self.warnings.append(w)
             self._send(t.owner, {"op": "warning", "text": w})
@@ -887,6 +905,9 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             return
         node = self.nodes.get(source)
         where = node.name if node else source
+        # the actors the crashed task created die with their owner
+        self._worker_crashed(msg.get("pid"), f"the task {t.name} that created it died "
+                                              f"with its worker (pid {msg.get('pid')}): {how}")
         err = WorkerCrashedError(
             f"the worker process (pid {msg.get('pid')}) running task {t.name} on node "
             f"{where} died: {how}. The task was tried {t.attempt} time(s); raise max_retries "
@@ -937,6 +958,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force})
             return
         self.infeasible.discard(t.tid)
+        self._withdraw_offer(t, force)  # offered to its node, which may have started it
         self._cancel_task(t, cause)
 
     def _cancel_task(self, t: TaskRecord, cause: str) -> None:

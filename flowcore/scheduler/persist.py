@@ -23,6 +23,8 @@ from typing import Any
 
 import msgpack
 
+from ..private_files import make_private_dir
+
 logger = logging.getLogger("flowcore.scheduler")
 
 FORMAT = 1
@@ -97,7 +99,7 @@ class TableFiles:
         new = [] if len(functions) == len(self._written) else \
             [fid for fid in functions if fid not in self._written]
         if new or self._last is None:
-            os.makedirs(self.functions_dir, mode=0o700, exist_ok=True)
+            make_private_dir(self.functions_dir)  # and head-PORT, 0700 too
         for fid in new:
             f = functions[fid]
             _write_atomic(os.path.join(self.functions_dir, fid.hex()),

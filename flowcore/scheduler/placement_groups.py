@@ -262,9 +262,12 @@ class PlacementGroupsMixin:
                 pg.cause = "waiting for resources: the free resources of the nodes do not " \
                            "fit its bundles now"
             else:
+                short = sorted({k for b in totals for k, v in b.items()
+                                if v and not any(n.total.get(k, 0.0) >= v - _EPS for n in nodes)})
+                lack = f" (no node has enough {', '.join(short)})" if short else ""
                 pg.cause = (f"infeasible: no set of current nodes could ever fit its bundles "
-                            f"{totals} with strategy {pg.strategy}; it stays pending until "
-                            f"nodes that fit join")
+                            f"{totals} with strategy {pg.strategy}{lack}; it stays pending "
+                            f"until nodes that fit join")
                 if not pg.warned and nodes:
                     pg.warned = True
                     text = f"placement group {pg.name or pg.pgid.hex()[:12]} is {pg.cause}"

@@ -39,7 +39,7 @@ logger = logging.getLogger("flowcore.scheduler")
 #: the creation-spec fields of an actor kept across a head restart
 _SPEC_FIELDS = ("aid", "class_name", "fid", "methods", "actor_name", "namespace", "detached",
                 "max_restarts", "max_task_retries", "max_concurrency", "is_async", "hold",
-                "tid", "args", "args_dep", "deps", "nested")
+                "tid", "args", "args_dep", "deps", "nested", "place", "renv")
 
 
 def actor_spec(a: ActorRecord) -> dict:
@@ -49,7 +49,8 @@ def actor_spec(a: ActorRecord) -> dict:
             "max_restarts": a.max_restarts, "max_task_retries": a.max_task_retries,
             "max_concurrency": a.max_concurrency, "is_async": a.is_async, "hold": a.hold,
             "tid": a.create_tid, "args": a.args, "args_dep": a.args_dep, "deps": a.deps,
-            "nested": a.nested, "owner": a.owner, "restarts": a.restarts, "node": a.node,
+            "nested": a.nested, "place": a.place, "renv": a.renv,
+            "owner": a.owner, "restarts": a.restarts, "node": a.node,
             "pid": a.pid, "created": a.created}
 
 
