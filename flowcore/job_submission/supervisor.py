@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(status_path, dict(state, status="FAILED", end_time=_now_ms(),
                                      message=f"the entrypoint could not start: {e}"))
         return 1
-    state.update(status="RUNNING", pid=proc.pid, start_time=_now_ms())
+    state.update(status="RUNNING", pid=proc.pid, start_time=_now_ms(),
+                 message="Job is currently running.")
     write_json(status_path, state)
     stop_sent = 0.0
     while True:

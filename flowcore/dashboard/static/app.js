@@ -468,7 +468,7 @@ async function renderJobs() {
       class: ui.job === j.submission_id ? "selected" : "", onclick: () => selectJob(j.submission_id)},
     el("td", {class: "mono", text: j.submission_id}),
     el("td", {}, badge(j.status)),
-    el("td", {class: "mono small", text: j.entrypoint, title: j.entrypoint}),
+    el("td", {class: "mono small entrypoint", text: j.entrypoint, title: j.entrypoint}),
     el("td", {text: j.start_time ? fmtClock(j.start_time / 1000) : "–"}),
     el("td", {class: "num", text: j.start_time ? fmtDuration(((j.end_time || now) - j.start_time) / 1000) : "–"}),
     el("td", {class: "num", text: j.driver_exit_code === null ? "–" : String(j.driver_exit_code)}),
