@@ -260,6 +260,8 @@ def test_bad_submissions_are_refused_with_the_reason(jobs_cluster, tmp_path):
     client = JobSubmissionClient()
     with pytest.raises(ValueError, match="entrypoint"):
         client.submit_job(entrypoint=" ")
+    with pytest.raises(ValueError, match="entrypoint_num_cpus"):
+        client.submit_job(entrypoint="true", entrypoint_num_cpus=1)
     with pytest.raises(ValueError, match="unknown key 'pip'"):
         client.submit_job(entrypoint="true", runtime_env={"pip": ["requests"]})
     url = jobs_cluster["dashboard_url"] + "/api/jobs/"

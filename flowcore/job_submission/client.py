@@ -191,10 +191,25 @@ class JobSubmissionClient:
     def submit_job(self, *, entrypoint: str, job_id: str | None = None,
                    runtime_env: dict[str, Any] | None = None,
                    metadata: dict[str, str] | None = None,
-                   submission_id: str | None = None) -> str:
+                   submission_id: str | None = None,
+                   entrypoint_num_cpus: float | None = None,
+                   entrypoint_num_gpus: float | None = None,
+                   entrypoint_memory: int | None = None,
+                   entrypoint_resources: dict[str, float] | None = None) -> str:
         """Start ``entrypoint`` (a shell command) as a job; returns its
         submission id.  ``runtime_env``: ``working_dir`` (a local directory,
-        uploaded; the entrypoint runs in it), ``py_modules``, ``env_vars``."""
+        uploaded; the entrypoint runs in it), ``py_modules``, ``env_vars``.
+        Reserving resources for the entrypoint (``entrypoint_num_cpus`` and
+        the like) is not supported: only None or 0 is accepted."""
+        for name, value in (("entrypoint_num_cpus", entrypoint_num_cpus),
+                            ("entrypoint_num_gpus", entrypoint_num_gpus),
+                            ("entrypoint_memory", entrypoint_memory),
+                            ("entrypoint_resources", entrypoint_resources)):
+            if value:
+                raise ValueError(f"submit_job({name}={value!r}): reserving resources for the "
+                                 f"entrypoint is not supported; it runs on the head's node "
+                                 f"without a reservation (its tasks ask for their own). Drop "
+                                 f"{name}")
         if not isinstance(entrypoint, str) or not entrypoint.strip():
             raise ValueError("submit_job(entrypoint=...) must be a non-empty shell command, "
                              "e.g. 'python script.py'")

@@ -52,6 +52,10 @@ class JobDetails:
     metadata: dict[str, str] | None = None
     runtime_env: dict[str, Any] | None = None
     driver_exit_code: int | None = None
+    entrypoint_num_cpus: float | None = None
+    entrypoint_num_gpus: float | None = None
+    entrypoint_memory: int | None = None
+    entrypoint_resources: dict[str, float] | None = None
     driver_node_id: str | None = None
     driver_agent_http_address: str | None = None
     driver_info: Any = None
