@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench,test,serve]" --config-settings editable_mode=compat
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 	$(PY) -m benchmarks.serve_bench
+	$(PY) -m pip install -q -e ".[dask]" --config-settings editable_mode=compat
+	$(PY) -m benchmarks.dask_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -147,6 +147,11 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         client.log_to_driver = bool(log_to_driver)
         from .runtime_context import new_job
         client.job = new_job(namespace)
+        if runtime_env is None and address is not None and \
+                os.environ.get("FLOWCORE_JOB_RUNTIME_ENV"):
+            # a submitted job's driver: its tasks get the job's runtime_env
+            import json
+            runtime_env = json.loads(os.environ["FLOWCORE_JOB_RUNTIME_ENV"])
         if runtime_env is not None:
             from .runtime_env import init_job
             try:

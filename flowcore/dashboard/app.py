@@ -390,12 +390,15 @@ class Dashboard:
         self._dag: tuple[float, tuple[int, str, bytes]] | None = None  # (valid until, answer)
         self._dag_cost = 0.0
         self._dag_busy: asyncio.Future | None = None
+        from .jobs import manager_for
+        self.jobs = manager_for(head, token)  # submitted jobs (None: no state dir)
         self.app = Application(self._routes(), cookie_secret=cookie_secret(token),
                                xsrf_cookies=True, template_path=TEMPLATES,
                                login_url="/login", log_function=_log_request,
                                autoreload=False, compress_response=True)
 
     def _routes(self) -> list:
+        from .jobs import routes as jobs_routes
         d = {"dash": self}
         return [
             (r"/", Page, d),
@@ -411,6 +414,7 @@ class Dashboard:
             (r"/api/timeline", Timeline, d),
             (r"/api/dag.svg", Dag, d),
             (r"/metrics", Metrics, d),
+            *jobs_routes(d),
         ]
 
     async def start(self, sockets: list | None = None, url: str | None = None) -> str:
@@ -434,6 +438,8 @@ class Dashboard:
         return f"{self.url}/?token={quote(self.token.decode(), safe='')}"
 
     async def stop(self) -> None:
+        if self.jobs is not None:  # the jobs this head started end with it
+            await asyncio.get_running_loop().run_in_executor(None, self.jobs.stop_all)
         if self.server is not None:
             self.server.stop()
             try:

@@ -1,7 +1,11 @@
-"""``flowcore.util``: Ray's ``ray.util`` names, built on the public API.
+"""``flowcore.util``: Ray's ``ray.util`` names, built on the public API, and
+bridges to the tools users already have: ``flowcore.util.queue``,
+``flowcore.util.multiprocessing``, ``flowcore.util.dask`` and
+``flowcore.util.joblib``.
 
-Names load on first use, so importing ``flowcore.util`` pulls in no optional
-dependency.
+Names and submodules load on first use, so importing ``flowcore.util`` pulls
+in no optional dependency (the Dask and joblib bridges need their extras:
+``pip install 'flowcore[dask]'``, ``'flowcore[sklearn]'``).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 // only ever put into the page as text (never as HTML).
 "use strict";
 
-const PAGES = ["overview", "tasks", "actors", "objects", "timeline", "dag"];
+const PAGES = ["overview", "tasks", "actors", "objects", "timeline", "dag", "jobs"];
 const TASK_STATES = ["WAITING_FOR_ARGS", "QUEUED", "INFEASIBLE", "RUNNING",
                      "FINISHED", "FAILED", "CANCELLED", "LOST"];
 const DONE_TOTALS = {FINISHED: "finished", FAILED: "failed", CANCELLED: "cancelled"};
@@ -459,9 +459,39 @@ async function renderDag() {
   msg.textContent = await r.text();
 }
 
+// ------------------------------------------------------------ jobs
+async function renderJobs() {
+  const data = await api("/api/jobs/");
+  const now = Date.now();
+  const rows = data.jobs.slice().reverse();  // newest first
+  fill($("jobs-table").tBodies[0], rows, j => el("tr", {"data-job": j.submission_id,
+      class: ui.job === j.submission_id ? "selected" : "", onclick: () => selectJob(j.submission_id)},
+    el("td", {class: "mono", text: j.submission_id}),
+    el("td", {}, badge(j.status)),
+    el("td", {class: "mono small entrypoint", text: j.entrypoint, title: j.entrypoint}),
+    el("td", {text: j.start_time ? fmtClock(j.start_time / 1000) : "–"}),
+    el("td", {class: "num", text: j.start_time ? fmtDuration(((j.end_time || now) - j.start_time) / 1000) : "–"}),
+    el("td", {class: "num", text: j.driver_exit_code === null ? "–" : String(j.driver_exit_code)}),
+    el("td", {class: j.status === "FAILED" ? "error-cell" : "muted small",
+              text: errorSummary(j.message || ""), title: j.message || ""})),
+    "No job submitted yet.", 7);
+  if (ui.job) await selectJob(ui.job, true);
+}
+
+async function selectJob(sid, quiet) {
+  ui.job = sid;
+  const r = await api("/api/jobs/" + encodeURIComponent(sid) + "/logs?offset=0");
+  const box = $("job-detail");
+  box.hidden = false;
+  box.replaceChildren(el("h3", {class: "mono", text: sid}), el("div", {}, badge(r.status)),
+                      el("pre", {class: "logs", text: r.logs || "(no output yet)"}));
+  if (!quiet) for (const tr of $("jobs-table").tBodies[0].rows) tr.classList.toggle("selected", tr.dataset.job === sid);
+}
+
 // ------------------------------------------------------------ loop
 const RENDER = {overview: renderOverview, tasks: renderTasks, actors: renderActors,
-                objects: renderObjects, timeline: renderTimeline, dag: renderDag};
+                objects: renderObjects, timeline: renderTimeline, dag: renderDag,
+                jobs: renderJobs};
 
 function setLive(ok, text) {
   $("live").className = "dot " + (ok ? "ok" : "bad");
