@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -226,13 +227,28 @@ class Growth(tune.Trainable):
         return True
 
 
+class GrowthTogether(Growth):
+    """Growth whose population starts together (a file barrier), as PBT expects."""
+
+    def setup(self, config):
+        super().setup(config)
+        open(os.path.join(config["barrier"], self.trial_id), "w").close()
+
+    def step(self):
+        while len(os.listdir(self.config["barrier"])) < 4:
+            time.sleep(0.01)
+        return super().step()
+
+
 def test_pbt_exploits_checkpoints_and_improves(cluster, tmp_path):
     lrs = [0.01, 0.02, 0.03, 1.0]
+    (tmp_path / "barrier").mkdir()
     pbt = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2,
                                   hyperparam_mutations={"lr": [0.01, 0.02, 0.03, 1.0]},
                                   quantile_fraction=0.25, resample_probability=0.0, seed=0)
-    rg = run(Growth, tmp_path, {"lr": tune.grid_search(lrs)}, metric="value", mode="max",
-             scheduler=pbt, stop={"training_iteration": 12})
+    rg = run(tune.with_resources(GrowthTogether, {"cpu": 0.5}), tmp_path,
+             {"lr": tune.grid_search(lrs), "barrier": str(tmp_path / "barrier")},
+             metric="value", mode="max", scheduler=pbt, stop={"training_iteration": 12})
     assert rg.num_terminated == 4
     without_pbt = sorted(lr * 12 for lr in lrs)
     final = sorted(r.metrics["value"] for r in rg)

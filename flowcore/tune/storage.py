@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 __all__ = ["resolve", "is_local", "makedirs", "write_bytes", "read_bytes", "exists",
-           "upload_dir", "download_dir", "delete_dir", "list_dir", "join",
+           "write_new", "upload_dir", "download_dir", "delete_dir", "list_dir", "join",
            "DEFAULT_STORAGE_PATH"]
 
 DEFAULT_STORAGE_PATH = os.path.expanduser(os.environ.get("FLOWCORE_RESULTS_DIR",
@@ -72,6 +72,16 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def write_new(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a file that nobody reads yet (no temporary file and rename)."""
+    if is_local(fs):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    write_bytes(fs, path, data)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

@@ -91,6 +91,7 @@ class TuneController:
         self.is_class = is_class_trainable(trainable)
         self.next_index = max((t.index for t in trials), default=-1) + 1
         self.callbacks = run_config.callbacks or []
+        self._search_saved = 0.0
 
     # -- views used by schedulers ----------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -163,21 +164,27 @@ class TuneController:
         t.path = storage.join(self.experiment_path, dirname)
         t.checkpoint_manager = CheckpointManager(self.checkpoint_config, self.fs)
         storage.makedirs(self.fs, t.path)
-        storage.write_bytes(self.fs, storage.join(t.path, "params.json"),
-                            to_json(config).encode())
+        storage.write_new(self.fs, storage.join(t.path, "params.json"),
+                          to_json(config).encode())
         try:
-            storage.write_bytes(self.fs, storage.join(t.path, "params.pkl"),
-                                __import__("cloudpickle").dumps(config))
+            storage.write_new(self.fs, storage.join(t.path, "params.pkl"),
+                              __import__("cloudpickle").dumps(config))
         except Exception:  # an unpicklable config value: params.json has its repr
             pass
         self.journal.append("trial", trial_id=trial_id, index=index, tag=tag, dirname=dirname,
                             config=encode_obj(config), name=t.custom_trial_name)
         self.trials.append(t)
         self.scheduler.on_trial_add(self, t)
-        self._save_search_state()
+        self._save_search_state(force=False)
         return t
 
-    def _save_search_state(self) -> None:
+    def _save_search_state(self, force: bool = True) -> None:
+        """Snapshot the search algorithm (at most once a second while
+        running; a restore replays the journal's newer trials on top)."""
+        now = time.monotonic()
+        if not force and now - self._search_saved < 1.0:
+            return
+        self._search_saved = now
         try:
             blob = __import__("cloudpickle").dumps({"num_trials": len(self.trials),
                                                     "state": self.search_alg.get_state()})
@@ -298,8 +305,9 @@ class TuneController:
         try:
             if save:
                 out = flowcore.get(worker.handle.stop.remote(save=True), timeout=300)
-            else:
+            elif self.is_class or not self.tune_config.reuse_actors:
                 worker.handle.stop.remote(save=False)
+            # (a reused function-trainable worker ends the old run in its next start())
         except (ActorError, WorkerCrashedError):
             self._end_worker(worker)
             return None
