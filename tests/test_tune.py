@@ -22,6 +22,15 @@ def quadratic(config):
         tune.report({"loss": (config["x"] - 3) ** 2 + 1.0 / (i + 1)})
 
 
+def _need_pandas():
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("pandas is not installed (pip install 'flowcore[tune]')")
+
+
 def run(trainable, tmp_path, space=None, name="exp", **tc):
     stop = tc.pop("stop", None)
     failure = tc.pop("failure_config", None)
@@ -43,6 +52,7 @@ def test_grid_finds_best_and_writes_results(cluster, tmp_path):
     assert best.config == {"x": 3}
     assert best.metrics["training_iteration"] == 3 and best.metrics["done"] is True
     assert rg.get_best_result(metric="loss", mode="max").config == {"x": 0}
+    _need_pandas()
     df = rg.get_dataframe()
     for col in ("loss", "training_iteration", "config/x", "trial_id", "done", "time_total_s",
                 "time_this_iter_s", "timestamp", "date", "pid", "hostname", "node_ip",
@@ -445,3 +455,38 @@ def test_optuna_search_beats_random(cluster, tmp_path):
               search_alg=BasicVariantGenerator(random_state=3))
     assert opt.get_best_result().metrics["loss"] < rnd.get_best_result().metrics["loss"]
     assert first_hit(opt) < first_hit(rnd)
+
+
+def test_trial_waiting_for_a_busy_cluster_says_why(cluster, tmp_path):
+    @flowcore.remote
+    class Holder:
+        def ping(self):
+            return 1
+    # the cluster has custom=2; this actor holds one, so one trial worker queues
+    holder = Holder.options(num_cpus=0, resources={"custom": 1}).remote()
+    assert flowcore.get(holder.ping.remote(), timeout=30) == 1
+    flag = tmp_path / "flag"
+    reasons = []
+
+    def f(config):
+        while not flag.exists():
+            tune.report({"v": 1})
+            time.sleep(0.02)
+        tune.report({"v": 2})
+
+    class Watch:
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            waiting = [t.pending_reason for t in trials if t is not trial and
+                       t.pending_reason.startswith("worker not started")]
+            if waiting and not reasons:
+                reasons.extend(waiting)
+                flag.write_text("go")
+                flowcore.kill(holder)
+    try:
+        rg = run(tune.with_resources(f, {"cpu": 0, "custom": 1}), tmp_path,
+                 {"x": tune.grid_search([1, 2])}, callbacks=[Watch()])
+    finally:
+        flag.write_text("go")
+        flowcore.kill(holder)
+    assert rg.num_terminated == 2
+    assert reasons and "custom" in reasons[0] and "PENDING" in reasons[0], reasons

@@ -92,6 +92,7 @@ class TuneController:
         self.next_index = max((t.index for t in trials), default=-1) + 1
         self.callbacks = run_config.callbacks or []
         self._search_saved = 0.0
+        self._next_explain = 0.0
 
     # -- views used by schedulers ----------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -212,7 +213,26 @@ class TuneController:
             self._new_trial(config, trial_id)
             pending += 1
 
+    def _move_unplaced(self) -> None:
+        """A trial whose worker is still queued in the cluster moves to an
+        idle worker with the same resources (the queued one is ended)."""
+        for trial, worker in list(self.workers.items()):
+            if worker.started:
+                continue
+            pool = [w for w in self.idle.get(worker.key, []) if w.started]
+            if not pool:
+                continue
+            spare = pool[0]
+            self.idle[worker.key].remove(spare)
+            self.workers.pop(trial)
+            self.calls.pop(trial, None)
+            self._end_worker(worker)
+            spare.trial = trial
+            self.workers[trial] = spare
+            self._call(trial, spare.handle.start.remote(self._spec(trial, trial._entry)))
+
     def _start_trials(self) -> None:
+        self._move_unplaced()
         while not self.stopping_all:
             trial = self.scheduler.choose_trial_to_run(self)
             if trial is None:
@@ -275,6 +295,7 @@ class TuneController:
         if entry is None:
             entry = trial.restore_from
         trial.restore_from = None
+        trial._entry = entry  # type: ignore[attr-defined]
         if entry is not None:
             # results past the checkpoint are redone
             trial.results = [r for r in trial.results
@@ -541,11 +562,13 @@ class TuneController:
                     raise TuneError("the search algorithm gives no new config while no trial "
                                     "runs (a ConcurrencyLimiter or searcher that never "
                                     "finishes?)")
+            if time.monotonic() >= self._next_explain:
+                self._next_explain = time.monotonic() + 1.0
+                self._explain_waits()
             self.progress.maybe_print()
             try:
                 item = self.events.get(timeout=self.progress.seconds_to_next())
             except queue.Empty:
-                self._explain_waits()
                 continue
             self._handle(*item)
             while True:  # everything else that is ready
@@ -563,7 +586,7 @@ class TuneController:
             worker = self.workers.get(trial)
             if worker is None or worker.started:
                 continue
-            if now - getattr(trial, "_start_time", now) < 2.0:
+            if now - getattr(trial, "_start_time", now) < 0.5:
                 continue
             try:
                 text = flowcore.explain(ref).get("text")
@@ -571,7 +594,13 @@ class TuneController:
                 continue
             if isinstance(text, list):
                 text = " ".join(text)
-            trial.pending_reason = f"worker not started yet: {text}"
+            need = res_mod.total(trial.placement_group_factory)
+            try:
+                free = flowcore.available_resources()
+            except Exception:  # noqa: BLE001
+                free = {}
+            trial.pending_reason = (f"worker not started yet: it needs {need}, the cluster has "
+                                    f"{ {k: free.get(k, 0.0) for k in need} } free; {text}")
 
     def _shutdown(self) -> None:
         self.progress.final()
