@@ -318,6 +318,14 @@ def test_stoppers_and_waiting_reason(cluster, tmp_path):
     rg = run(f, tmp_path, {"x": tune.grid_search([1, 2])}, name="all", stop=AllStop())
     assert all(r.metrics["training_iteration"] < 100 for r in rg)
 
+    def slow(config):
+        for i in range(1000):
+            tune.report({"i": i})
+            time.sleep(0.01)
+    rg = run(slow, tmp_path, {"x": tune.grid_search([1, 2, 3])}, name="budget",
+             time_budget_s=0.5)
+    assert all(r.metrics["training_iteration"] < 1000 for r in rg if r.metrics)
+
     reasons = []
 
     class Watch:

@@ -43,10 +43,9 @@ class TuneConfig:
         if self.metric is not None and not isinstance(self.metric, str):
             raise TypeError(f"TuneConfig(metric={self.metric!r}): expected the name of a "
                             f"reported metric (a string)")
-        if (self.metric is None) != (self.mode is None):
-            missing = "mode" if self.mode is None else "metric"
-            raise ValueError(f"TuneConfig: metric and mode go together; {missing} is missing "
-                             f"(e.g. TuneConfig(metric='loss', mode='min'))")
+        if self.mode is not None and self.metric is None:
+            raise ValueError("TuneConfig(mode=...) without metric: name the reported metric "
+                             "to optimize, e.g. TuneConfig(metric='loss', mode='min')")
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) \
                 or self.num_samples == 0 or self.num_samples < -1:
             raise ValueError(f"TuneConfig(num_samples={self.num_samples!r}): expected an int "

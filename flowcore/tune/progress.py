@@ -87,9 +87,9 @@ class ProgressTable:
         print(self.render(final) + "\n", file=out, flush=True)
 
     def _best(self, trials: list) -> tuple[float, Any] | None:
-        if not self.metric:
+        mode = self.controller.mode
+        if not self.metric or mode is None:
             return None
-        mode = getattr(self.controller.tune_config, "mode", None) or "min"
         vals = [(t.last_result[self.metric], t) for t in trials
                 if isinstance(t.last_result.get(self.metric), (int, float))]
         if not vals:

@@ -58,7 +58,8 @@ class TuneController:
                  scheduler: TrialScheduler, stopper: Stopper | None, tune_config: TuneConfig,
                  run_config: RunConfig, fs: Any, experiment_path: str, experiment_name: str,
                  journal: ExperimentJournal, trials: list[Trial], experiment_uid: str,
-                 metric: str | None, trainable_name: str, searched_space: dict):
+                 metric: str | None, trainable_name: str, searched_space: dict,
+                 mode: str | None = None):
         self.trainable = trainable
         self.search_alg = search_alg
         self.scheduler = scheduler
@@ -72,6 +73,7 @@ class TuneController:
         self.trials = trials
         self.uid = experiment_uid
         self.metric = metric
+        self.mode = mode
         self.trainable_name = trainable_name
         self.space = searched_space
         self.failure_config = run_config.failure_config

@@ -127,8 +127,7 @@ class Tuner:
     @classmethod
     def restore(cls, path: str | os.PathLike, trainable: Any, resume_unfinished: bool = True,
                 resume_errored: bool = False, restart_errored: bool = False,
-                param_space: dict | None = None, storage_filesystem: Any = None,
-                _resume_config: Any = None) -> "Tuner":
+                param_space: dict | None = None, storage_filesystem: Any = None) -> "Tuner":
         """Continue the experiment at ``path``: finished trials keep their
         results, unfinished ones resume from their last checkpoint;
         ``resume_errored`` resumes failed trials too, ``restart_errored``
@@ -258,7 +257,8 @@ class Tuner:
             stopper=make_stopper(self._run_config.stop), tune_config=self._tune_config,
             run_config=self._run_config, fs=fs, experiment_path=path, experiment_name=self._name,
             journal=journal, trials=trials, experiment_uid=uid, metric=self._metric,
-            trainable_name=trainable_name(self._trainable), searched_space=self._param_space)
+            trainable_name=trainable_name(self._trainable), searched_space=self._param_space,
+            mode=self._mode)
         controller.check_resources(resource_request(self._trainable, {}))
         for t in trials:
             self._scheduler.on_trial_add(controller, t)
