@@ -10,8 +10,7 @@ import pytest
 
 import flowcore
 from flowcore import tune
-from flowcore.tune.schedulers import (ASHAScheduler, FIFOScheduler, MedianStoppingRule,
-                                      PopulationBasedTraining)
+from flowcore.tune.schedulers import ASHAScheduler, MedianStoppingRule, PopulationBasedTraining
 from flowcore.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
 pytestmark = pytest.mark.timeout(120)
@@ -23,9 +22,8 @@ def quadratic(config):
 
 
 def _need_pandas():
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("pandas") is None:
         if os.environ.get("CI") == "true":
             raise
         pytest.skip("pandas is not installed (pip install 'flowcore[tune]')")
@@ -330,7 +328,7 @@ def test_stoppers_and_waiting_reason(cluster, tmp_path):
 
     class Watch:
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            reasons.extend(t.pending_reason for t in trials if t.status == "PENDING")
+            reasons.extend(t.explain() for t in trials if t.status == "PENDING")
     run(f, tmp_path, {"x": tune.grid_search([1, 2, 3])}, name="wait", max_concurrent_trials=1,
         stop={"training_iteration": 2}, callbacks=[Watch()])
     assert any("max_concurrent_trials=1" in r for r in reasons), reasons

@@ -4,7 +4,7 @@ except ``reuse_actors`` which is on by default)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 __all__ = ["TuneConfig", "RunConfig", "CheckpointConfig", "FailureConfig"]

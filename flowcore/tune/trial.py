@@ -57,6 +57,18 @@ class Trial:
     def evaluated_params(self) -> dict:
         return self.config
 
+    def explain(self) -> str:
+        """What the trial is doing or waiting for, in plain words."""
+        if self.status == Trial.ERROR:
+            return f"failed after {self.num_failures} attempt(s); see {self.error_file}"
+        if self.status == Trial.TERMINATED:
+            return f"finished after {self.last_result.get('training_iteration', 0)} iterations"
+        if self.pending_reason:
+            return f"{self.status}: {self.pending_reason}"
+        if self.status == Trial.RUNNING:
+            return (f"running, at iteration {self.last_result.get('training_iteration', 0)}")
+        return f"{self.status}: waiting to be started"
+
     def is_finished(self) -> bool:
         return self.status in (Trial.TERMINATED, Trial.ERROR)
 
