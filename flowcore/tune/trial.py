@@ -39,6 +39,9 @@ class Trial:
         self.error_file: str | None = None
         self.pending_reason: str = ""
         self.restore_from: dict | None = None  # checkpoint entry the next start resumes
+        # the checkpoint a retry or restore resumes from: the newest one of
+        # the trial, or the one a PBT exploit copied from another trial
+        self.resume_entry: dict | None = None
         self.checkpoint_manager: Any = None
         self.iteration_offset = 0
         self.time_offset = 0.0

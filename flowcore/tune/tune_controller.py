@@ -363,6 +363,7 @@ class TuneController:
         entry = dict(saved, time_total=metrics.get("time_total_s", 0.0),
                      metrics={k: v for k, v in metrics.items() if k != "config"})
         trial._next_ckpt_index = entry["index"] + 1  # type: ignore[attr-defined]
+        trial.resume_entry = entry
         dropped = trial.checkpoint_manager.register(entry)
         self.journal.append("checkpoint", trial_id=trial.trial_id, entry=entry,
                             dropped=[e["path"] for e in dropped])
@@ -429,7 +430,7 @@ class TuneController:
         saved = self._release(trial, save=self.is_class)
         if saved:
             self._register_checkpoint(trial, saved, trial.last_result)
-        trial.restore_from = trial.checkpoint_manager.latest
+        trial.restore_from = trial.resume_entry
         trial.status = Trial.PAUSED
         self.journal.append("status", trial_id=trial.trial_id, status=Trial.PAUSED)
 
@@ -442,10 +443,10 @@ class TuneController:
         if (mf == -1 or trial.num_failures <= mf) and not self.stopping_all:
             logger.warning("trial %s failed (%d of %s allowed); retrying from %s", trial,
                            trial.num_failures, "unlimited" if mf == -1 else mf,
-                           "its last checkpoint" if trial.checkpoint_manager.latest
+                           "its last checkpoint" if trial.resume_entry
                            else "the start")
             trial.status = Trial.PENDING
-            trial.restore_from = trial.checkpoint_manager.latest
+            trial.restore_from = trial.resume_entry
             trial.pending_reason = f"retry {trial.num_failures} after: {err.__class__.__name__}"
             self.journal.append("retry", trial_id=trial.trial_id,
                                 num_failures=trial.num_failures)
@@ -488,6 +489,7 @@ class TuneController:
     def _apply_exploit(self, trial: Trial) -> None:
         new_config, entry = self.pending_exploits.pop(trial)
         trial.config = new_config
+        trial.resume_entry = entry
         self.journal.append("config", trial_id=trial.trial_id, config=encode_obj(new_config),
                             checkpoint=entry)
         worker = self.workers.get(trial)

@@ -180,6 +180,7 @@ class Tuner:
             elif kind == "checkpoint":
                 trial.checkpoint_manager.entries.append(rec["entry"])
                 trial.checkpoint_manager.forget(set(rec.get("dropped") or []))
+                trial.resume_entry = rec["entry"]
             elif kind == "status":
                 trial.status = rec["status"]
                 if rec["status"] == Trial.ERROR:
@@ -191,9 +192,8 @@ class Tuner:
                 trial.num_failures = rec["num_failures"]
             elif kind == "config":
                 trial.config = decode_obj(rec["config"])
-                entry = rec.get("checkpoint")
-                if entry:
-                    trial.checkpoint_manager.entries.append(entry)
+                if rec.get("checkpoint"):
+                    trial.resume_entry = rec["checkpoint"]
         out = sorted(trials.values(), key=lambda t: t.index)
         r = self._restore or {}
         for t in out:
@@ -203,14 +203,14 @@ class Tuner:
                 if r.get("restart_errored"):
                     t.status, t.error, t.num_failures = Trial.PENDING, None, 0
                     t.results, t.last_result, t.restore_from = [], {}, None
-                    t.checkpoint_manager.entries = []
+                    t.checkpoint_manager.entries, t.resume_entry = [], None
                 elif r.get("resume_errored"):
                     t.status, t.error, t.num_failures = Trial.PENDING, None, 0
-                    t.restore_from = t.checkpoint_manager.latest
+                    t.restore_from = t.resume_entry
                 continue
             if r.get("resume_unfinished", True):
                 t.status = Trial.PENDING
-                t.restore_from = t.checkpoint_manager.latest
+                t.restore_from = t.resume_entry
                 if t.restore_from is None:
                     t.results, t.last_result = [], {}
             else:
@@ -288,6 +288,9 @@ class Tuner:
                                result={k: v for k, v in r.items() if k != "config"})
             for e in t.checkpoint_manager.entries:
                 journal.append("checkpoint", trial_id=t.trial_id, entry=e, dropped=[])
+            if t.resume_entry is not None and t.resume_entry not in t.checkpoint_manager.entries:
+                journal.append("config", trial_id=t.trial_id, config=encode_obj(t.config),
+                               checkpoint=t.resume_entry)
             if t.num_failures:
                 journal.append("retry", trial_id=t.trial_id, num_failures=t.num_failures)
             if t.status in (Trial.TERMINATED, Trial.ERROR):
