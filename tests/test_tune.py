@@ -496,3 +496,53 @@ def test_trial_waiting_for_a_busy_cluster_says_why(cluster, tmp_path):
         flowcore.kill(holder)
     assert rg.num_terminated == 2
     assert reasons and "custom" in reasons[0] and "PENDING" in reasons[0], reasons
+
+
+def test_restore_resumes_or_restarts_errored_trials(cluster, tmp_path):
+    fail = tmp_path / "fail"
+    fail.write_text("1")
+    runs = tmp_path / "runs"
+
+    def f(config):
+        start = 0
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                start = int(open(os.path.join(d, "it")).read()) + 1
+        with open(runs, "a") as fh:
+            fh.write(f"{config['x']} {start}\n")
+        for it in range(start, 3):
+            d = os.path.join(str(tmp_path), f"c{config['x']}-{it}")
+            os.makedirs(d, exist_ok=True)
+            open(os.path.join(d, "it"), "w").write(str(it))
+            tune.report({"it": it}, checkpoint=tune.Checkpoint.from_directory(d))
+            if config["x"] == 1 and it == 1 and fail.exists():
+                raise RuntimeError("flaky")
+    space = {"x": tune.grid_search([0, 1])}
+    rg = run(f, tmp_path, space, name="err")
+    assert rg.num_errors == 1
+    exp = str(tmp_path / "err")
+    # without resume_errored the failed trial stays failed and nothing reruns
+    again = tune.Tuner.restore(exp, f).fit()
+    assert again.num_errors == 1 and len(runs.read_text().splitlines()) == 2
+    fail.unlink()
+    resumed = tune.Tuner.restore(exp, f, resume_errored=True).fit()
+    assert resumed.num_errors == 0 and resumed.num_terminated == 2
+    assert runs.read_text().splitlines()[-1] == "1 2"  # from the checkpoint of it=1
+    rg = run(f, tmp_path, space, name="err2")  # no failure now: a clean run...
+    fail.write_text("1")
+    rg = run(f, tmp_path, space, name="err3")
+    assert rg.num_errors == 1
+    fail.unlink()
+    restarted = tune.Tuner.restore(str(tmp_path / "err3"), f, restart_errored=True).fit()
+    assert restarted.num_errors == 0
+    assert runs.read_text().splitlines()[-1] == "1 0"  # from scratch
+    assert [r.metrics["training_iteration"] for r in restarted] == [3, 3]
+
+
+def test_fail_fast_raise(cluster, tmp_path):
+    def f(config):
+        raise KeyError("boom")
+    with pytest.raises(tune.TuneError, match="fail_fast"):
+        run(f, tmp_path, {"x": tune.grid_search([1, 2, 3])},
+            failure_config=tune.FailureConfig(fail_fast="raise"))

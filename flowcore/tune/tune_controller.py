@@ -222,7 +222,7 @@ class TuneController:
             if worker.started:
                 continue
             pool = [w for w in self.idle.get(worker.key, []) if w.started]
-            if not pool:
+            if not pool or not self._still_queued(trial):
                 continue
             spare = pool[0]
             self.idle[worker.key].remove(spare)
@@ -232,6 +232,17 @@ class TuneController:
             spare.trial = trial
             self.workers[trial] = spare
             self._call(trial, spare.handle.start.remote(self._spec(trial, trial._entry)))
+
+    def _still_queued(self, trial: Trial) -> bool:
+        """Whether the trial's worker actor is certainly not placed yet."""
+        ref = self.calls.get(trial)
+        if ref is None or time.monotonic() - getattr(trial, "_start_time", 0.0) < 0.5:
+            return False
+        try:
+            e = flowcore.explain(ref)
+        except Exception:  # noqa: BLE001 - when unsure, wait for it
+            return False
+        return e.get("state") == "QUEUED" and "actor is PENDING" in str(e.get("text"))
 
     def _start_trials(self) -> None:
         self._move_unplaced()
