@@ -546,3 +546,20 @@ def test_fail_fast_raise(cluster, tmp_path):
     with pytest.raises(tune.TuneError, match="fail_fast"):
         run(f, tmp_path, {"x": tune.grid_search([1, 2, 3])},
             failure_config=tune.FailureConfig(fail_fast="raise"))
+
+
+def test_worker_process_death_is_retried(cluster, tmp_path):
+    marker = tmp_path / "died"
+
+    def f(config):
+        tune.report({"pid": os.getpid(), "attempt": 1 if not marker.exists() else 2})
+        if not marker.exists():
+            marker.write_text("x")
+            os._exit(1)  # the worker process dies mid-trial
+        tune.report({"pid": os.getpid(), "attempt": 2})
+    rg = run(f, tmp_path, {"x": 1}, failure_config=tune.FailureConfig(max_failures=1))
+    assert rg.num_errors == 0 and rg[0].metrics["attempt"] == 2
+    marker.unlink()
+    rg = run(f, tmp_path, {"x": 1}, name="nodie")
+    assert rg.num_errors == 1
+    assert isinstance(rg.errors[0], flowcore.exceptions.ActorError)
