@@ -282,6 +282,15 @@ def test_class_trainable_checkpoints_and_reuse(cluster, tmp_path):
             assert pickle.load(fh) == {"value": 12.0}
     # four trials on two CPUs used two reused worker processes
     assert len({r.metrics["pid"] for r in rg}) <= 2
+    # the workers were named after the experiment (and have ended)
+    def workers():
+        return [a for a in flowcore.state.list_actors() if a.get("namespace") == "tune"
+                and str(a.get("name", "")).startswith("exp/")]
+    assert workers()
+    deadline = time.monotonic() + 30
+    while not all(a["state"] == "DEAD" for a in workers()):  # kill() is asynchronous
+        assert time.monotonic() < deadline, workers()
+        time.sleep(0.05)
 
 
 def test_reuse_actors_off_starts_a_worker_per_trial(cluster, tmp_path):

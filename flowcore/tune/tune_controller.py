@@ -15,6 +15,7 @@ import os
 import queue
 import time
 import traceback
+import uuid
 from typing import Any
 
 import flowcore
@@ -95,6 +96,8 @@ class TuneController:
         self.callbacks = run_config.callbacks or []
         self._search_saved = 0.0
         self._next_explain = 0.0
+        self._worker_count = 0
+        self._run_tag = uuid.uuid4().hex[:6]  # this fit() (a restore gets another)
 
     # -- views used by schedulers ----------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -281,6 +284,11 @@ class TuneController:
             from flowcore.scheduling import PlacementGroupSchedulingStrategy
             pg = flowcore.placement_group(request.bundles, strategy=request.strategy)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
+        # named after the experiment, so the dashboard's and state.list_actors()'s
+        # actor lists show which experiment each trial worker serves
+        self._worker_count += 1
+        opts.update(namespace="tune",
+                    name=f"{self.experiment_name}/{self._run_tag}/worker-{self._worker_count}")
         handle = self.actor_cls.options(**opts).remote(self.trainable)
         w = _Worker(handle, key, pg, request)
         self.all_workers.append(w)
