@@ -5,15 +5,17 @@ Local files are written private to their user (0600 files, 0700 dirs)."""
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import tempfile
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
 __all__ = ["resolve", "is_local", "makedirs", "write_bytes", "read_bytes", "exists",
            "write_new", "upload_dir", "download_dir", "delete_dir", "list_dir", "join",
-           "DEFAULT_STORAGE_PATH"]
+           "DEFAULT_STORAGE_PATH", "BackgroundWriter"]
 
 DEFAULT_STORAGE_PATH = os.path.expanduser(os.environ.get("FLOWCORE_RESULTS_DIR",
                                                          "~/flowcore_results"))
@@ -146,3 +148,54 @@ def delete_dir(fs: pafs.FileSystem, path: str) -> None:
 
 def describe(fs: Any) -> str:
     return "local" if is_local(fs) else type(fs).__name__
+
+
+class BackgroundWriter:
+    """Runs file writes in order on one thread, so the experiment loop does
+    not wait for the filesystem (trial directories, params, result lines).
+    ``flush()`` waits until everything queued is written; the first error of
+    a write is raised from the next ``submit``/``flush``."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="tune-storage-writer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                fn, args = item
+                if self._error is None:
+                    fn(*args)
+            except BaseException as e:  # noqa: BLE001 - reported to the caller
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise OSError(f"writing experiment files failed: {err}") from err
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._raise()
+        self._q.put((fn, args))
+
+    def flush(self) -> None:
+        self._q.join()
+        self._raise()
+
+    def close(self, raise_error: bool = True) -> BaseException | None:
+        """Write what is queued and end the thread; returns (or raises) the
+        first write error."""
+        self._q.put(None)
+        self._thread.join()
+        err = self._error
+        if raise_error:
+            self._raise()
+        return err

@@ -18,6 +18,8 @@ import traceback
 import uuid
 from typing import Any
 
+import cloudpickle
+
 import flowcore
 from flowcore.exceptions import ActorError, TaskError, WorkerCrashedError
 
@@ -97,6 +99,7 @@ class TuneController:
         self._search_saved = 0.0
         self._next_explain = 0.0
         self._worker_count = 0
+        self.writer = storage.BackgroundWriter()
         self._run_tag = uuid.uuid4().hex[:6]  # this fit() (a restore gets another)
 
     # -- views used by schedulers ----------------------------------------
@@ -169,14 +172,7 @@ class TuneController:
         t.dirname = dirname
         t.path = storage.join(self.experiment_path, dirname)
         t.checkpoint_manager = CheckpointManager(self.checkpoint_config, self.fs)
-        storage.makedirs(self.fs, t.path)
-        storage.write_new(self.fs, storage.join(t.path, "params.json"),
-                          to_json(config).encode())
-        try:
-            storage.write_new(self.fs, storage.join(t.path, "params.pkl"),
-                              __import__("cloudpickle").dumps(config))
-        except Exception:  # an unpicklable config value: params.json has its repr
-            pass
+        self.writer.submit(_write_trial_files, self.fs, t.path, config)
         self.journal.append("trial", trial_id=trial_id, index=index, tag=tag, dirname=dirname,
                             config=encode_obj(config), name=t.custom_trial_name)
         self.trials.append(t)
@@ -192,7 +188,7 @@ class TuneController:
             return
         self._search_saved = now
         try:
-            blob = __import__("cloudpickle").dumps({"num_trials": len(self.trials),
+            blob = cloudpickle.dumps({"num_trials": len(self.trials),
                                                     "state": self.search_alg.get_state()})
         except Exception as e:  # noqa: BLE001 - the journal still has every trial
             logger.debug("search state not saved: %s", e)
@@ -395,9 +391,8 @@ class TuneController:
         self.journal.append("result", trial_id=trial.trial_id,
                             result={k: v for k, v in result.items() if k != "config"})
         if storage.is_local(self.fs):
-            with open(os.open(os.path.join(trial.path, "result.json"),
-                              os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:
-                f.write(to_json(result) + "\n")
+            self.writer.submit(_append_line, os.path.join(trial.path, "result.json"),
+                               to_json(result) + "\n")
         self._check_metric(trial, result)
         for cb in self.callbacks:
             hook = getattr(cb, "on_trial_result", None)
@@ -442,8 +437,9 @@ class TuneController:
 
     def _write_results(self, trial: Trial) -> None:
         if not storage.is_local(self.fs) and trial.results:
-            storage.write_bytes(self.fs, storage.join(trial.path, "result.json"),
-                                "".join(to_json(r) + "\n" for r in trial.results).encode())
+            self.writer.submit(storage.write_bytes, self.fs,
+                               storage.join(trial.path, "result.json"),
+                               "".join(to_json(r) + "\n" for r in trial.results).encode())
 
     def _pause(self, trial: Trial) -> None:
         saved = self._release(trial, save=self.is_class)
@@ -470,6 +466,7 @@ class TuneController:
             self.journal.append("retry", trial_id=trial.trial_id,
                                 num_failures=trial.num_failures)
             return
+        self.writer.flush()  # the trial directory exists
         trial.status = Trial.ERROR
         trial.error = err
         trial.error_msg = text
@@ -477,7 +474,7 @@ class TuneController:
         storage.write_bytes(self.fs, trial.error_file, text.encode())
         try:
             storage.write_bytes(self.fs, storage.join(trial.path, "error.pkl"),
-                                __import__("cloudpickle").dumps(err))
+                                cloudpickle.dumps(err))
         except Exception:  # noqa: BLE001 - error.txt has the text
             pass
         self.journal.append("status", trial_id=trial.trial_id, status=Trial.ERROR,
@@ -559,10 +556,14 @@ class TuneController:
 
     def run(self) -> list[Trial]:
         self._fail_fast_error: BaseException | None = None
+        self._write_error: BaseException | None = None
         try:
             self._loop()
         finally:
             self._shutdown()
+        if self._write_error is not None:
+            raise OSError(f"writing experiment files under {self.experiment_path} failed: "
+                          f"{self._write_error}") from self._write_error
         if self._fail_fast_error is not None:
             raise TuneError(f"a trial failed and FailureConfig(fail_fast='raise') is set: "
                             f"{self._fail_fast_error}") from self._fail_fast_error
@@ -632,9 +633,28 @@ class TuneController:
         self.idle.clear()
         self.workers.clear()
         self.calls.clear()
+        self._write_error = self.writer.close(raise_error=False)
         self.journal.append("end", time=time.time())
         self.journal.close()
         self._save_search_state()
+
+
+def _write_trial_files(fs: Any, path: str, config: dict) -> None:
+    storage.makedirs(fs, path)
+    storage.write_new(fs, storage.join(path, "params.json"), to_json(config).encode())
+    try:
+        blob = cloudpickle.dumps(config)
+    except Exception:  # noqa: BLE001 - an unpicklable value: params.json has its repr
+        return
+    storage.write_new(fs, storage.join(path, "params.pkl"), blob)
+
+
+def _append_line(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 _AUTO_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "date",
