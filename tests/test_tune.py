@@ -30,6 +30,7 @@ def _need_pandas():
 
 
 def run(trainable, tmp_path, space=None, name="exp", **tc):
+    tmp_path = tmp_path / "results"  # created by tune, so its mode is tune's
     stop = tc.pop("stop", None)
     failure = tc.pop("failure_config", None)
     ckpt = tc.pop("checkpoint_config", None)
@@ -62,11 +63,14 @@ def test_grid_finds_best_and_writes_results(cluster, tmp_path):
     assert (best_rows["training_iteration"] == 3).all()
     assert len(best.metrics_dataframe) == 3
     # files: per-trial params/result, the journal; all private to the user
-    exp = os.path.join(str(tmp_path), "exp")
+    results = os.path.join(str(tmp_path), "results")
+    exp = os.path.join(results, "exp")
     assert tune.Tuner.can_restore(exp)
     for name in ("tuner.pkl", "experiment_journal.jsonl"):
         assert stat.S_IMODE(os.stat(os.path.join(exp, name)).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(best.path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(exp).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(results).st_mode) == 0o700
     with open(os.path.join(best.path, "result.json")) as f:
         assert len(f.read().splitlines()) == 3
     assert os.path.exists(os.path.join(best.path, "params.json"))
@@ -528,7 +532,7 @@ def test_restore_resumes_or_restarts_errored_trials(cluster, tmp_path):
     space = {"x": tune.grid_search([0, 1])}
     rg = run(f, tmp_path, space, name="err")
     assert rg.num_errors == 1
-    exp = str(tmp_path / "err")
+    exp = str(tmp_path / "results" / "err")
     # without resume_errored the failed trial stays failed and nothing reruns
     again = tune.Tuner.restore(exp, f).fit()
     assert again.num_errors == 1 and len(runs.read_text().splitlines()) == 2
@@ -541,7 +545,7 @@ def test_restore_resumes_or_restarts_errored_trials(cluster, tmp_path):
     rg = run(f, tmp_path, space, name="err3")
     assert rg.num_errors == 1
     fail.unlink()
-    restarted = tune.Tuner.restore(str(tmp_path / "err3"), f, restart_errored=True).fit()
+    restarted = tune.Tuner.restore(str(tmp_path / "results" / "err3"), f, restart_errored=True).fit()
     assert restarted.num_errors == 0
     assert runs.read_text().splitlines()[-1] == "1 0"  # from scratch
     assert [r.metrics["training_iteration"] for r in restarted] == [3, 3]

@@ -84,7 +84,7 @@ class ExperimentJournal:
         self.flush_interval = flush_interval
         self.last_flush = time.monotonic()
         if self.local:
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            storage.private_makedirs(path)
             self.fd = os.open(os.path.join(path, JOURNAL_FILE),
                               os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         else:

@@ -50,9 +50,27 @@ def join(*parts: str) -> str:
                     for i, p in enumerate(parts) if p != "")
 
 
+def private_makedirs(path: str) -> None:
+    """``os.makedirs`` that makes every new directory 0700 (os.makedirs
+    applies its mode to the last one only)."""
+    path = os.path.abspath(path)
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            pass
+
+
 def makedirs(fs: pafs.FileSystem, path: str) -> None:
     if is_local(fs):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        private_makedirs(path)
     else:
         fs.create_dir(path, recursive=True)
 
@@ -61,7 +79,7 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` whole (locally: a new file renamed into place)."""
     if is_local(fs):
         d = os.path.dirname(path)
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        private_makedirs(d)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -115,7 +133,7 @@ def _private_tree(path: str) -> None:
 def upload_dir(local_dir: str, fs: pafs.FileSystem, dest: str) -> None:
     """Copy the local directory ``local_dir`` to ``dest`` on ``fs``."""
     if is_local(fs):
-        os.makedirs(os.path.dirname(dest) or ".", mode=0o700, exist_ok=True)
+        private_makedirs(os.path.dirname(dest) or ".")
         if os.path.exists(dest):
             shutil.rmtree(dest)
         shutil.copytree(local_dir, dest)
@@ -128,7 +146,7 @@ def upload_dir(local_dir: str, fs: pafs.FileSystem, dest: str) -> None:
 
 def download_dir(fs: pafs.FileSystem, src: str, local_dir: str) -> None:
     """Copy ``src`` on ``fs`` into the local directory ``local_dir``."""
-    os.makedirs(local_dir, mode=0o700, exist_ok=True)
+    private_makedirs(local_dir)
     if is_local(fs):
         shutil.copytree(src, local_dir, dirs_exist_ok=True)
         return
