@@ -188,6 +188,9 @@ def test_max_failures_retries_from_the_last_checkpoint(cluster, tmp_path):
     assert r.metrics["training_iteration"] == 5  # counted on from the checkpoint
     kept = sorted(n for n in os.listdir(r.path) if n.startswith("checkpoint_"))
     assert len(kept) == 2 and r.checkpoint.path.endswith(kept[-1])
+    again = tune.Result.from_path(r.path)
+    assert again.metrics["step"] == 4 and again.checkpoint == r.checkpoint
+    assert len(again.best_checkpoints) == 2 and again.error is None
     # without retries the same failure is an error
     marker.unlink()
     rg = run(f, tmp_path, name="noretry")
@@ -338,13 +341,25 @@ def test_stoppers_and_waiting_reason(cluster, tmp_path):
     assert all(r.metrics["training_iteration"] < 1000 for r in rg if r.metrics)
 
     reasons = []
+    calls = []
 
-    class Watch:
+    class Watch(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            calls.append(("start", trial.trial_id))
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
             reasons.extend(t.explain() for t in trials if t.status == "PENDING")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            calls.append(("complete", trial.trial_id))
+
+        def on_experiment_end(self, trials, **info):
+            calls.append(("end", len(trials)))
     run(f, tmp_path, {"x": tune.grid_search([1, 2, 3])}, name="wait", max_concurrent_trials=1,
         stop={"training_iteration": 2}, callbacks=[Watch()])
     assert any("max_concurrent_trials=1" in r for r in reasons), reasons
+    kinds = [c[0] for c in calls]
+    assert kinds == ["start", "complete"] * 3 + ["end"] and calls[-1] == ("end", 3)
 
 
 def test_concurrency_limiter_and_custom_searcher(cluster, tmp_path):

@@ -18,7 +18,7 @@ _LAZY = {
     "TuneContext": "session", "Trainable": "trainable", "with_parameters": "trainable",
     "with_resources": "trainable", "PlacementGroupFactory": "resources",
     "ResultGrid": "result_grid", "Result": "result_grid", "Stopper": "stopper",
-    "TuneError": "error", "Trial": "trial",
+    "TuneError": "error", "Trial": "trial", "Callback": "callback",
     "grid_search": "search.sample", "choice": "search.sample", "uniform": "search.sample",
     "quniform": "search.sample", "loguniform": "search.sample",
     "qloguniform": "search.sample", "randint": "search.sample", "qrandint": "search.sample",

@@ -36,6 +36,41 @@ class Result:
         self.filesystem = _storage_filesystem
         self._history = metrics_history or []
 
+    @classmethod
+    def from_path(cls, path: str, storage_filesystem: Any = None) -> "Result":
+        """The result of the trial whose directory is ``path`` (read from its
+        ``result.json``, ``params.json``, ``checkpoint_*`` and ``error.txt``)."""
+        import json
+
+        from . import storage
+        from .error import TuneError
+        fs, p = storage.resolve(path, storage_filesystem)
+        if not storage.exists(fs, storage.join(p, "params.json")):
+            raise ValueError(f"Result.from_path({path!r}): not a trial directory (no "
+                             f"params.json)")
+        config = json.loads(storage.read_bytes(fs, storage.join(p, "params.json")))
+        history = []
+        if storage.exists(fs, storage.join(p, "result.json")):
+            for line in storage.read_bytes(fs, storage.join(p, "result.json")).splitlines():
+                try:
+                    history.append(json.loads(line))
+                except ValueError:
+                    continue  # a line torn by a crash
+        names = [n for n in storage.list_dir(fs, p) if n.startswith("checkpoint_")]
+        checkpoints = [Checkpoint(storage.join(p, n), fs) for n in names]
+        by_name = {r.get("checkpoint_dir_name"): r for r in history}
+        error = None
+        if storage.exists(fs, storage.join(p, "error.txt")):
+            error = TuneError(storage.read_bytes(fs, storage.join(p, "error.txt")).decode())
+        metrics = dict(history[-1]) if history else {}
+        if metrics:
+            metrics["config"] = config
+        return cls(metrics=metrics, checkpoint=checkpoints[-1] if checkpoints else None,
+                   error=error, path=p, metrics_history=history,
+                   best_checkpoints=[(c, by_name.get(n, {})) for c, n in zip(checkpoints,
+                                                                            names)],
+                   _storage_filesystem=fs)
+
     @property
     def config(self) -> dict | None:
         """The trial's config."""

@@ -99,6 +99,7 @@ class TuneController:
         self._search_saved = 0.0
         self._next_explain = 0.0
         self._worker_count = 0
+        self._iteration = 0  # loop steps, the `iteration` callbacks get
         self.writer = storage.BackgroundWriter()
         self._run_tag = uuid.uuid4().hex[:6]  # this fit() (a restore gets another)
 
@@ -324,6 +325,7 @@ class TuneController:
         trial._start_time = time.monotonic()  # type: ignore[attr-defined]
         self.journal.append("status", trial_id=trial.trial_id, status=Trial.RUNNING)
         self._call(trial, worker.handle.start.remote(self._spec(trial, entry)))
+        self._hook("on_trial_start", trial)
 
     def _call(self, trial: Trial, ref: Any) -> None:
         self.calls[trial] = ref
@@ -394,11 +396,7 @@ class TuneController:
             self.writer.submit(_append_line, os.path.join(trial.path, "result.json"),
                                to_json(result) + "\n")
         self._check_metric(trial, result)
-        for cb in self.callbacks:
-            hook = getattr(cb, "on_trial_result", None)
-            if hook:
-                hook(iteration=len(trial.results), trials=self.trials, trial=trial,
-                     result=result)
+        self._hook("on_trial_result", trial, result=result)
         if self.stopper is not None and self.stopper(trial.trial_id, result):
             return TrialScheduler.STOP
         decision = self.scheduler.on_trial_result(self, trial, result)
@@ -430,10 +428,7 @@ class TuneController:
         self._write_results(trial)
         self.scheduler.on_trial_complete(self, trial, trial.last_result)
         self.search_alg.on_trial_complete(trial.trial_id, result=trial.last_result)
-        for cb in self.callbacks:
-            hook = getattr(cb, "on_trial_complete", None)
-            if hook:
-                hook(iteration=len(trial.results), trials=self.trials, trial=trial)
+        self._hook("on_trial_complete", trial)
 
     def _write_results(self, trial: Trial) -> None:
         if not storage.is_local(self.fs) and trial.results:
@@ -481,6 +476,7 @@ class TuneController:
                             num_failures=trial.num_failures, error=text[-4000:])
         self._write_results(trial)
         self.scheduler.on_trial_error(self, trial)
+        self._hook("on_trial_error", trial)
         self.search_alg.on_trial_complete(trial.trial_id, result=trial.last_result or None,
                                           error=True)
         if self.failure_config.fail_fast:
@@ -548,6 +544,12 @@ class TuneController:
         else:
             self._call(trial, worker.handle.next.remote())  # type: ignore[union-attr]
 
+    def _hook(self, name: str, trial: Trial, **kw: Any) -> None:
+        for cb in self.callbacks:
+            hook = getattr(cb, name, None)
+            if hook is not None:
+                hook(iteration=self._iteration, trials=self.trials, trial=trial, **kw)
+
     def _time_up(self) -> bool:
         budget = self.tune_config.time_budget_s
         if budget is not None and time.monotonic() - self.start_time >= budget:
@@ -594,6 +596,7 @@ class TuneController:
                 item = self.events.get(timeout=self.progress.seconds_to_next())
             except queue.Empty:
                 continue
+            self._iteration += 1
             self._handle(*item)
             while True:  # everything else that is ready
                 try:
@@ -628,6 +631,13 @@ class TuneController:
 
     def _shutdown(self) -> None:
         self.progress.final()
+        for cb in self.callbacks:
+            end = getattr(cb, "on_experiment_end", None)
+            if end is not None:
+                try:
+                    end(trials=self.trials)
+                except Exception:  # noqa: BLE001 - cleanup goes on
+                    logger.exception("callback %r failed in on_experiment_end", cb)
         for w in list(self.all_workers):
             self._end_worker(w)
         self.idle.clear()
