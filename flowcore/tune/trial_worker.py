@@ -15,6 +15,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any
 
 from . import session, storage
@@ -44,15 +45,26 @@ class _Persister:
         return {"path": dest, "name": name, "index": self.index - 1, "iteration": iteration}
 
 
+_BATCH_LINGER_S = 0.01  # free-running: how long a batch waits for more results
+_MAX_BUFFERED = 1000     # free-running: report() blocks when this many are unread
+
+
 class _FunctionRun:
-    """A function trainable on its own thread, paused in each report()."""
+    """A function trainable on its own thread, paused in each report().
+
+    When no decision can depend on a single result (``free_run``: FIFO
+    scheduling, no stopper, no time budget) report() does not pause: the
+    trial runs on while its results are collected, and ``next`` returns
+    them in batches."""
 
     def __init__(self, fn: Any, spec: dict, checkpoint: Checkpoint | None):
         self.fn = fn
         self.config = spec["config"]
         self.clock = ResultClock(spec.get("iteration", 0), spec.get("time_total", 0.0))
         self.persister = _Persister(spec)
-        self.events: queue.Queue = queue.Queue()
+        self.free_run = bool(spec.get("free_run"))
+        self.events: queue.Queue = queue.Queue(maxsize=_MAX_BUFFERED if self.free_run else 0)
+        self.pending_error: BaseException | None = None
         self.resume = threading.Event()
         self.stopping = False
         self.session = session._TrialSession(spec["info"], checkpoint, self.report)
@@ -65,11 +77,24 @@ class _FunctionRun:
             out = self.fn(self.config)
             if isinstance(out, dict) and not self.stopping:
                 self.report(out, None)
-            self.events.put(("done", None))
+            self._put(("done", None))
         except _TrialStopped:
-            self.events.put(("stopped", None))
+            if not self.free_run:  # (a free-running stop is not waited for)
+                self.events.put(("stopped", None))
         except BaseException as e:  # the trial's error, with its traceback
-            self.events.put(("error", e))
+            try:
+                self._put(("error", e))
+            except _TrialStopped:
+                pass
+
+    def _put(self, item: tuple) -> None:
+        while True:
+            try:
+                self.events.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self.stopping:
+                    raise _TrialStopped() from None
 
     def report(self, metrics: dict, checkpoint: Checkpoint | None) -> None:
         if self.stopping:
@@ -79,7 +104,15 @@ class _FunctionRun:
             with checkpoint.as_directory() as d:
                 saved = self.persister.persist(d, self.clock.iteration + 1)
         result = self.clock.stamp(metrics, saved["name"] if saved else None)
-        self.events.put(("result", (result, saved)))
+        taken = threading.Event() if (self.free_run and saved) else None
+        self._put(("result", (result, saved, taken)))
+        if self.free_run:
+            # a checkpoint is handed to the controller before the trial goes on,
+            # so a crash right after cannot lose its registration
+            while taken is not None and not taken.wait(0.1):
+                if self.stopping:
+                    raise _TrialStopped()
+            return
         self.resume.wait()
         self.resume.clear()
         if self.stopping:
@@ -87,16 +120,43 @@ class _FunctionRun:
 
     def start(self) -> dict:
         self.thread.start()
-        return self._event()
+        return self._batch() if self.free_run else self._event()
 
     def next(self) -> dict:
+        if self.free_run:
+            return self._batch()
         self.resume.set()
         return self._event()
+
+    def _batch(self) -> dict:
+        """The results reported since the last call (at least one event)."""
+        if self.pending_error is not None:
+            err, self.pending_error = self.pending_error, None
+            raise err
+        items = [self.events.get()]
+        deadline = time.monotonic() + _BATCH_LINGER_S
+        while items[-1][0] == "result" and items[-1][1][2] is None:
+            left = deadline - time.monotonic()
+            try:
+                items.append(self.events.get(timeout=left) if left > 0
+                             else self.events.get_nowait())
+            except queue.Empty:
+                break
+        batch = [{"result": p[0], "checkpoint": p[1]} for k, p in items if k == "result"]
+        for k, p in items:
+            if k == "result" and p[2] is not None:
+                p[2].set()
+        last_kind, last = items[-1]
+        if last_kind == "error":
+            if not batch:
+                raise last
+            self.pending_error = last  # raised by the next call, after these results
+        return {"batch": batch, "done": last_kind in ("done", "stopped")}
 
     def _event(self) -> dict:
         kind, payload = self.events.get()
         if kind == "result":
-            result, saved = payload
+            result, saved, _ = payload
             return {"result": result, "checkpoint": saved, "done": False}
         if kind == "error":
             raise payload

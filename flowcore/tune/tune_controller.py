@@ -30,7 +30,7 @@ from .config import RunConfig, TuneConfig
 from .error import TuneError
 from .experiment_journal import ExperimentJournal, encode_obj, to_json
 from .progress import ProgressTable
-from .schedulers.trial_scheduler import TrialScheduler
+from .schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 from .search.searcher import SearchAlgorithm, Searcher
 from .stopper import Stopper
 from .trainable import is_class_trainable, resource_request
@@ -101,6 +101,11 @@ class TuneController:
         self._worker_count = 0
         self._iteration = 0  # loop steps, the `iteration` callbacks get
         self.writer = storage.BackgroundWriter()
+        # no decision can depend on one result: trials need not pause in report()
+        self.free_run = (type(scheduler) is FIFOScheduler and stopper is None
+                         and tune_config.time_budget_s is None
+                         and not run_config.failure_config.fail_fast
+                         and os.environ.get("FLOWCORE_TUNE_STEPPED") != "1")
         self._run_tag = uuid.uuid4().hex[:6]  # this fit() (a restore gets another)
 
     # -- views used by schedulers ----------------------------------------
@@ -304,7 +309,8 @@ class TuneController:
                 "iteration": entry["iteration"] if entry else 0,
                 "time_total": entry.get("time_total", 0.0) if entry else 0.0,
                 "checkpoint_index": next_index,
-                "checkpoint_frequency": self.checkpoint_config.checkpoint_frequency}
+                "checkpoint_frequency": self.checkpoint_config.checkpoint_frequency,
+                "free_run": self.free_run}
 
     def _start(self, trial: Trial, entry: dict | None = None) -> None:
         worker = self._worker_for(trial)
@@ -526,6 +532,9 @@ class TuneController:
         except BaseException as e:  # the trial raised
             self._on_error(trial, e, dead=False)
             return
+        if "batch" in ev:
+            self._handle_batch(trial, ev)
+            return
         if ev.get("checkpoint"):
             self._register_checkpoint(trial, ev["checkpoint"], ev.get("result"))
         if ev.get("result") is None:  # the function returned
@@ -543,6 +552,22 @@ class TuneController:
             self._pause(trial)
         else:
             self._call(trial, worker.handle.next.remote())  # type: ignore[union-attr]
+
+    def _handle_batch(self, trial: Trial, ev: dict) -> None:
+        """Results of a free-running trial (FIFO: every decision is CONTINUE)."""
+        for item in ev["batch"]:
+            if item.get("checkpoint"):
+                self._register_checkpoint(trial, item["checkpoint"], item["result"])
+            decision = self._on_result(trial, item["result"])
+            if item["result"].get("done") or decision == TrialScheduler.STOP:
+                self._complete(trial, stopped=not item["result"].get("done"))
+                return
+        if ev["done"]:
+            self._complete(trial, stopped=False)
+        elif self.stopping_all:
+            self._complete(trial, stopped=True)
+        else:
+            self._call(trial, self.workers[trial].handle.next.remote())
 
     def _hook(self, name: str, trial: Trial, **kw: Any) -> None:
         for cb in self.callbacks:
