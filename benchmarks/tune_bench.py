@@ -11,7 +11,10 @@ Rows (median over runs, each engine in a fresh interpreter, 2 CPUs):
 * ``trials/s``: the same run as a rate (2 trials at once on 2 CPUs).
 * ``per report``: overhead of one ``tune.report`` call, from 2 trials that
   report ``--reports`` times each: (wall time - time of one trivial trial)
-  / reports per trial.
+  / reports per trial.  flowcore lets trials run on between reports when
+  nothing can decide on a single result (FIFO, no stopper); the
+  ``stepped`` row sets a stopper, so each report waits for the
+  controller, as every report does in Ray Tune.
 
 Ray Tune and Optuna are optional: a missing one is skipped with a note.
 """
@@ -42,10 +45,11 @@ def bench_flowcore(trials: int, reports: int) -> dict:
     flowcore.init(num_cpus=2)
     out = {}
     with tempfile.TemporaryDirectory() as d:
-        def fit(trainable, n, name):
+        def fit(trainable, n, name, stop=None):
             t0 = time.perf_counter()
             tune.Tuner(trainable, param_space={"x": tune.grid_search(list(range(n)))},
-                       run_config=tune.RunConfig(name=name, storage_path=d, verbose=0)).fit()
+                       run_config=tune.RunConfig(name=name, storage_path=d, verbose=0,
+                                                 stop=stop)).fit()
             return time.perf_counter() - t0
 
         fit(_trivial, 2, "warmup")  # worker processes started once, as on a warm cluster
@@ -56,6 +60,9 @@ def bench_flowcore(trials: int, reports: int) -> dict:
                 tune.report({"i": i})
         one = fit(_trivial, 2, "two")
         out["report_s"] = max(fit(many, 2, "reports") - one, 0.0) / reports
+        # a stopper makes every report wait for the controller's decision
+        out["report_stepped_s"] = max(fit(many, 2, "stepped", stop=lambda t, r: False) - one,
+                                      0.0) / reports
     flowcore.shutdown()
     return out
 
@@ -84,6 +91,7 @@ def bench_ray(trials: int, reports: int) -> dict:
                 rtune.report({"i": i})
         one = fit(trivial, 2, "two", True)
         out["report_s"] = max(fit(many, 2, "reports", True) - one, 0.0) / reports
+        out["report_stepped_s"] = out["report_s"]  # Ray always steps
     ray.shutdown()
     return out
 
@@ -141,7 +149,8 @@ def main() -> None:
         return statistics.median(vals) if vals else None
 
     rows = [(f"{args.trials} trivial trials (s)", "trials_s", "trials_s", "trials_reuse_s"),
-            ("per report (ms)", "report_s", "report_s", None)]
+            ("per report (ms)", "report_s", "report_s", None),
+            ("per report, stepped (ms)", "report_stepped_s", "report_stepped_s", None)]
     print(f"{'metric':32} {'flowcore':>10} {'ray':>10} {'ray reuse':>10} {'optuna':>10}")
     for label, fkey, rkey, rreuse in rows:
         scale = 1000.0 if "ms" in label else 1.0
