@@ -218,6 +218,25 @@ def test_asha_stops_poor_trials_early(cluster, tmp_path):
                                               "training_iteration", grace_period=2,
                                               min_samples_required=2))
     assert _iters(median) < 64
+    # hard_stop=False pauses poor trials; they resume (from the start: no
+    # checkpoints here) once the others are done, and all finish
+    soft = run(f, tmp_path, space, name="soft",
+               scheduler=MedianStoppingRule(metric="loss", mode="min", time_attr=
+                                            "training_iteration", grace_period=2,
+                                            min_samples_required=2, hard_stop=False))
+    assert soft.num_terminated == 8 and all(r.metrics["training_iteration"] == 8 for r in soft)
+
+
+def test_free_running_trial_delivers_every_result_in_order(cluster, tmp_path):
+    def f(config):
+        for i in range(300):
+            tune.report({"i": i})
+        raise ValueError("after 300 reports")
+    rg = run(f, tmp_path, {"x": 1})
+    r = rg[0]
+    assert isinstance(r.error, ValueError)
+    assert list(r.metrics_dataframe["i"]) == list(range(300))
+    assert list(r.metrics_dataframe["training_iteration"]) == list(range(1, 301))
 
 
 class Growth(tune.Trainable):

@@ -30,13 +30,14 @@ class MedianStoppingRule(TrialScheduler):
         self._results: dict[str, list[dict]] = defaultdict(list)
         self._completed: set[str] = set()
         self._last_pause: dict[str, float] = {}
+        self._stopped: set[str] = set()  # paused once: FIFO from then on
         self._num_stopped = 0
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if self._time_attr not in result or self._metric not in result:
             return self.CONTINUE
         tid = trial.trial_id
-        if tid in self._completed:
+        if tid in self._completed or tid in self._stopped:
             return self.CONTINUE
         self._results[tid].append(result)
         t = result[self._time_attr]
@@ -49,11 +50,12 @@ class MedianStoppingRule(TrialScheduler):
         best = max(self._score(r) for r in self._results[tid])  # type: ignore[type-var]
         median = float(np.median(others))
         if best < median:
-            self._num_stopped += 1
+            self._num_stopped += int(self._hard_stop or tid not in self._stopped)
             if self._hard_stop:
                 return self.STOP
             if t - self._last_pause.get(tid, float("-inf")) >= self._min_time_slice:
                 self._last_pause[tid] = t
+                self._stopped.add(tid)
                 return self.PAUSE
         return self.CONTINUE
 
