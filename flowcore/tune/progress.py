@@ -35,6 +35,13 @@ class ProgressTable:
         self.next_at = time.monotonic() + self.interval
         self.print()
 
+    def trial_line(self, trial: Any, what: str, result: dict | None = None) -> None:
+        """One line per trial event at verbose >= 2 (results at verbose 3)."""
+        shown = {k: v for k, v in (result or {}).items()
+                 if k in ("training_iteration", "time_total_s") or k == self.metric}
+        print(f"Trial {trial} {what}" + (f": {shown}" if shown else ""),
+              file=self.file or sys.stdout, flush=True)
+
     def final(self) -> None:
         if self.verbose:
             self.print(final=True)

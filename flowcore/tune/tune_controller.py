@@ -403,6 +403,8 @@ class TuneController:
                                to_json(result) + "\n")
         self._check_metric(trial, result)
         self._hook("on_trial_result", trial, result=result)
+        if self.progress.verbose >= 3:
+            self.progress.trial_line(trial, "reported", result)
         if self.stopper is not None and self.stopper(trial.trial_id, result):
             return TrialScheduler.STOP
         decision = self.scheduler.on_trial_result(self, trial, result)
@@ -435,6 +437,8 @@ class TuneController:
         self.scheduler.on_trial_complete(self, trial, trial.last_result)
         self.search_alg.on_trial_complete(trial.trial_id, result=trial.last_result)
         self._hook("on_trial_complete", trial)
+        if self.progress.verbose >= 2:
+            self.progress.trial_line(trial, "completed", trial.last_result)
 
     def _write_results(self, trial: Trial) -> None:
         if not storage.is_local(self.fs) and trial.results:
@@ -483,6 +487,10 @@ class TuneController:
         self._write_results(trial)
         self.scheduler.on_trial_error(self, trial)
         self._hook("on_trial_error", trial)
+        if self.progress.verbose >= 1:
+            self.progress.trial_line(trial, f"errored: {type(err).__name__}: "
+                                            f"{str(err).splitlines()[0] if str(err) else ''}"
+                                            f" (see {trial.error_file})")
         self.search_alg.on_trial_complete(trial.trial_id, result=trial.last_result or None,
                                           error=True)
         if self.failure_config.fail_fast:
