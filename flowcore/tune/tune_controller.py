@@ -589,10 +589,14 @@ class TuneController:
             return True
         return bool(self.stopper is not None and self.stopper.stop_all())
 
-    def run(self) -> list[Trial]:
+    def run(self, check: Any = None) -> list[Trial]:
+        """Run the experiment (``check``: a resource request that must fit
+        somewhere, checked first)."""
         self._fail_fast_error: BaseException | None = None
         self._write_error: BaseException | None = None
         try:
+            if check is not None:
+                self.check_resources(check)
             self._loop()
         finally:
             self._shutdown()

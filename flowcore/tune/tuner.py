@@ -259,7 +259,6 @@ class Tuner:
             journal=journal, trials=trials, experiment_uid=uid, metric=self._metric,
             trainable_name=trainable_name(self._trainable), searched_space=self._param_space,
             mode=self._mode)
-        controller.check_resources(resource_request(self._trainable, {}))
         for t in trials:
             self._scheduler.on_trial_add(controller, t)
             if getattr(self._scheduler, "_replay_on_restore", False):
@@ -270,7 +269,7 @@ class Tuner:
                         break
                 if t.is_finished():
                     self._scheduler.on_trial_complete(controller, t, t.last_result)
-        controller.run()
+        controller.run(check=resource_request(self._trainable, {}))
         self._result_grid = ResultGrid(controller.trials, metric=self._metric, mode=self._mode,
                                        experiment_path=path, filesystem=fs)
         return self._result_grid
