@@ -227,6 +227,34 @@ def test_asha_stops_poor_trials_early(cluster, tmp_path):
     assert soft.num_terminated == 8 and all(r.metrics["training_iteration"] == 8 for r in soft)
 
 
+class Linear(tune.Trainable):
+    """loss falls with iterations; x sets how good a trial is."""
+
+    def setup(self, config):
+        self.t = 0
+
+    def step(self):
+        self.t += 1
+        return {"loss": self.config["x"] + 1.0 / self.t}
+
+    def save_checkpoint(self, checkpoint_dir):
+        return {"t": self.t}
+
+    def load_checkpoint(self, checkpoint):
+        self.t = checkpoint["t"]
+
+
+def test_hyperband_halves_brackets(cluster, tmp_path):
+    from flowcore.tune.schedulers import HyperBandScheduler
+    hb = HyperBandScheduler(max_t=9, reduction_factor=3)
+    rg = run(Linear, tmp_path, {"x": tune.grid_search(list(range(9)))}, name="hb",
+             metric="loss", mode="min", scheduler=hb)
+    assert rg.num_terminated == 9 and rg.num_errors == 0
+    assert _iters(rg) < 9 * 9
+    best = rg.get_best_result()
+    assert best.config == {"x": 0} and best.metrics["training_iteration"] == 9
+
+
 def test_free_running_trial_delivers_every_result_in_order(cluster, tmp_path):
     def f(config):
         for i in range(300):

@@ -498,6 +498,19 @@ class TuneController:
             if self.failure_config.fail_fast == "raise":
                 self._fail_fast_error = err
 
+    def stop_paused_trial(self, trial: Trial) -> None:
+        """End a PAUSED trial for good (a scheduler decided it will not resume)."""
+        if trial.status != Trial.PAUSED:
+            return
+        if trial.last_result:
+            trial.last_result["done"] = True
+        trial.status = Trial.TERMINATED
+        trial.restore_from = None
+        self.journal.append("status", trial_id=trial.trial_id, status=Trial.TERMINATED)
+        self._write_results(trial)
+        self.search_alg.on_trial_complete(trial.trial_id, result=trial.last_result)
+        self._hook("on_trial_complete", trial)
+
     # -- PBT hooks ----------------------------------------------------------
     def checkpoint_for_exploit(self, donor: Trial) -> dict | None:
         """The donor's checkpoint to copy: a fresh save of a class trainable,
@@ -619,6 +632,13 @@ class TuneController:
             if not self.calls:
                 startable = any(t.status in (Trial.PENDING, Trial.PAUSED) for t in self.trials)
                 if self.stopping_all or (self.search_finished and not startable):
+                    return
+                pending = any(t.status == Trial.PENDING for t in self.trials)
+                if self.search_finished and not pending:
+                    # only PAUSED trials are left and the scheduler resumes none
+                    logger.warning("tune: %s chose none of the paused trials to resume; "
+                                   "ending the experiment with them PAUSED",
+                                   type(self.scheduler).__name__)
                     return
                 if not startable and not self.search_finished:
                     # the searcher waits for results that cannot come
