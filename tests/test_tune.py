@@ -321,6 +321,42 @@ def test_pbt_exploits_checkpoints_and_improves(cluster, tmp_path):
     assert final[0] > without_pbt[0]
 
 
+def test_pbt_with_a_function_trainable_copies_checkpoints(cluster, tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    log = tmp_path / "starts"
+
+    def f(config):
+        value, it = 0.0, 0
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                value, it = map(float, open(os.path.join(d, "state")).read().split())
+        with open(log, "a") as fh:
+            fh.write(f"{tune.get_context().get_trial_id()} {value}\n")
+        open(barrier / tune.get_context().get_trial_id(), "w").close()
+        while len(os.listdir(barrier)) < 4:
+            time.sleep(0.01)
+        for _ in range(int(it), 100):
+            value += config["lr"]
+            it += 1
+            d = tmp_path / f"ck-{tune.get_context().get_trial_id()}-{int(it)}-{value}"
+            d.mkdir(exist_ok=True)
+            (d / "state").write_text(f"{value} {it}")
+            tune.report({"value": value}, checkpoint=tune.Checkpoint.from_directory(str(d)))
+    lrs = [0.01, 0.02, 0.03, 1.0]
+    pbt = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2,
+                                  hyperparam_mutations={"lr": lrs}, resample_probability=0.0,
+                                  seed=0)
+    rg = run(tune.with_resources(f, {"cpu": 0.5}), tmp_path, {"lr": tune.grid_search(lrs)},
+             metric="value", mode="max", scheduler=pbt, stop={"training_iteration": 10})
+    assert rg.num_terminated == 4 and pbt._num_perturbations >= 1
+    # an exploited trial restarted from another trial's checkpoint (value > 0)
+    restarts = [float(line.split()[1]) for line in log.read_text().splitlines()]
+    assert any(v > 0 for v in restarts)
+    assert sum(r.metrics["value"] for r in rg) > sum(lr * 10 for lr in lrs)
+
+
 def test_class_trainable_checkpoints_and_reuse(cluster, tmp_path):
     rg = run(Growth, tmp_path, {"lr": tune.grid_search([1.0, 2.0, 3.0, 4.0])},
              metric="value", mode="max", stop={"training_iteration": 3},
