@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Optional extras whose tests run in `make test` (all light; torch for
 # flowcore.train comes from .ci/run, and its tests skip without it outside CI).
-TEST_EXTRAS ?= test,graph,serve,data,rl
+TEST_EXTRAS ?= test,graph,serve,data,rl,tune,dask,sklearn
 
 .PHONY: venv demo demo-nodot test bench clean
 
@@ -28,11 +28,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[bench,test,serve]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e ".[bench,$(TEST_EXTRAS)]" --config-settings editable_mode=compat
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.head_scale
 	$(PY) -m benchmarks.serve_bench
-	$(PY) -m pip install -q -e ".[dask]" --config-settings editable_mode=compat
 	$(PY) -m benchmarks.dask_bench
+	$(PY) -m benchmarks.data_bench
+	$(PY) -m benchmarks.tune_bench
+	$(PY) -m benchmarks.train_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
