@@ -641,7 +641,7 @@ def test_replica_channel_refuses_wrong_secret_and_actor_path_works(url):
     with socket.create_connection((host, port), timeout=30) as s:
         nonce = s.recv(16)
         assert len(nonce) == 16
-        s.sendall(b"\x00" * 32)                 # not the HMAC of the secret
+        s.sendall(b"\x00" * 48)                 # not the HMAC of the secret (+ a nonce)
         assert s.recv(1) == b"\x00"
         assert s.recv(1) == b""                 # and closed
     # the same request as an actor call (FLOWCORE_SERVE_DIRECT_HTTP=0 path)

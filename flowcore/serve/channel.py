@@ -1,6 +1,7 @@
 """The HTTP data path between the proxy and a replica: one TCP connection
-per (proxy, replica), authenticated by an HMAC challenge on a secret the
-controller made for this serve instance, carrying length-prefixed pickled
+per (proxy, replica), authenticated both ways by HMAC challenges on a secret
+the controller made for this serve instance (neither end unpickles a byte
+from a peer that has not proved it knows the secret), carrying length-prefixed pickled
 (request id, scope, body) frames one way and (request id, answer) frames
 the other, many requests in flight at once. Replicas stay flowcore actors
 (their lifecycle, handle calls and streams use actor calls); this only
@@ -17,7 +18,13 @@ import struct
 from typing import Any, Awaitable, Callable
 
 _LEN = struct.Struct("!I")
-MAX_FRAME = 1 << 31
+#: the largest frame either end accepts (a request body is capped well below
+#: this by the proxy's max_body_size); more closes the channel
+MAX_FRAME = int(os.environ.get("FLOWCORE_MAX_MESSAGE_BYTES", 256 * 2**20))
+
+
+def _proof(secret: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, role + nonce, hashlib.sha256).digest()
 
 
 class ChannelClosed(ConnectionError):
@@ -28,6 +35,8 @@ class ChannelClosed(ConnectionError):
 async def _read_frame(reader: asyncio.StreamReader) -> Any:
     head = await reader.readexactly(4)
     (n,) = _LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ChannelClosed(f"a channel frame of {n} bytes is over the {MAX_FRAME}-byte cap")
     return pickle.loads(await reader.readexactly(n))
 
 
@@ -45,12 +54,14 @@ async def serve(handler: Callable[[dict, bytes], Awaitable[tuple]], host: str,
         nonce = os.urandom(16)
         try:
             writer.write(nonce)
-            proof = await asyncio.wait_for(reader.readexactly(32), 10)
-            if not hmac.compare_digest(proof, hmac.new(secret, nonce, hashlib.sha256).digest()):
+            got = await asyncio.wait_for(reader.readexactly(32 + 16), 10)
+            proof, their_nonce = got[:32], got[32:]
+            if not hmac.compare_digest(proof, _proof(secret, b"proxy", nonce)):
                 writer.write(b"\x00")
                 writer.close()
                 return
-            writer.write(b"\x01")
+            # the proxy checks this end too before it reads any answer
+            writer.write(b"\x01" + _proof(secret, b"replica", their_nonce))
         except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError):
             writer.close()
             return
@@ -67,7 +78,7 @@ async def serve(handler: Callable[[dict, bytes], Awaitable[tuple]], host: str,
             while True:
                 rid, scope, body = await _read_frame(reader)
                 asyncio.ensure_future(one(rid, scope, body))
-        except (asyncio.IncompleteReadError, OSError):
+        except (asyncio.IncompleteReadError, OSError, ChannelClosed):
             pass
         finally:
             writer.close()
@@ -92,10 +103,17 @@ class Channel:
     async def _connect(self) -> None:
         reader, writer = await asyncio.open_connection(*self.addr)
         nonce = await reader.readexactly(16)
-        writer.write(hmac.new(self.secret, nonce, hashlib.sha256).digest())
-        if await reader.readexactly(1) != b"\x01":
+        mine = os.urandom(16)
+        writer.write(_proof(self.secret, b"proxy", nonce) + mine)
+        ok = await reader.readexactly(1)
+        if ok != b"\x01":
             writer.close()
             raise ConnectionRefusedError(f"replica channel {self.addr} refused the secret")
+        if not hmac.compare_digest(await reader.readexactly(32),
+                                   _proof(self.secret, b"replica", mine)):
+            writer.close()
+            raise ConnectionRefusedError(
+                f"the peer at {self.addr} is not the replica: it does not know the secret")
         self.writer = writer
         asyncio.ensure_future(self._read(reader))
 
@@ -106,7 +124,7 @@ class Channel:
                 fut = self.pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(answer)
-        except (asyncio.IncompleteReadError, OSError, EOFError):
+        except (asyncio.IncompleteReadError, OSError, EOFError, ChannelClosed):
             pass
         finally:
             self.close()
