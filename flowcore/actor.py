@@ -110,6 +110,9 @@ class ActorClass(Generic[T]):
     def __init__(self, cls: type, options: dict[str, Any]):
         self._cls = cls
         self._name = cls.__qualname__
+        # the class's names, as on the class itself (logs, docs, introspection)
+        self.__name__, self.__qualname__ = cls.__name__, cls.__qualname__
+        self.__module__, self.__doc__ = cls.__module__, cls.__doc__
         self._options = opts.validate(opts.ACTOR, dict(options), f"@remote({self._name})")
         self._methods, self._is_async = method_table(cls)
         self._signature = signature_of(cls)

@@ -271,7 +271,7 @@ def test_actor_class_keeps_class_attributes_and_lists_methods(cluster):
         def get(self):
             return self.v + Foo.X
 
-    assert Foo.X == 3 and Foo.s(1) == 5
+    assert Foo.X == 3 and Foo.s(1) == 5 and Foo.__name__ == "Foo"
     local = Foo.make()  # a plain local instance, as with Ray
     assert local.v == 7
     with pytest.raises(AttributeError, match="Foo has no attribute 'nope'"):

@@ -218,11 +218,15 @@ class DirectCallsMixin:
 
     def _direct_lost(self, link: direct.ActorLink, current: bool = True) -> None:
         """The actor's connection closed: the head tells the outcome of the
-        calls it had not answered yet."""
-        with self._lock:
-            oids = [o for o in self.direct.lost(link, current)
-                    if o in self.expected and o not in self.ready]
-            self.subscribed.update(oids)
-        if oids and not self.closed:
-            self.send("head", {"op": "subscribe", "oids": oids})
+        calls it had not answered yet.  Under ``_call_lock``: a call written
+        to the actor just now has its record queued for the head (by
+        ``_submit_call``) before this asks about it, or the head would not
+        know it yet and answer that it does not exist."""
+        with self._call_lock:
+            with self._lock:
+                oids = [o for o in self.direct.lost(link, current)
+                        if o in self.expected and o not in self.ready]
+                self.subscribed.update(oids)
+            if oids and not self.closed:
+                self.send("head", {"op": "subscribe", "oids": oids})
 

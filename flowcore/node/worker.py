@@ -296,6 +296,10 @@ class Worker:
             finally:
                 c._pump_owner = None
                 pump.release()
+                # a thread that found the pump taken waits to be told it is free
+                # (as after any pump): without this it would sleep for good
+                with c._cv:
+                    c._cv.notify_all()
 
     def _leave(self, task: dict, exc: SystemExit) -> None:
         """A task or actor call raised SystemExit: as in Ray, the process ends.
