@@ -770,6 +770,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         without a round trip through the head."""
         if self.pipeline_depth <= 0 or any(k != "CPU" for k in t.res):
             return None
+        if t.kind == "create":  # an actor holds its CPUs for its lifetime: never ahead
+            return None
         best, best_load = None, None
         for n in nodes:
             cpus = n.total.get("CPU", 0.0)
