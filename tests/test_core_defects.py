@@ -35,3 +35,52 @@ def test_actor_holds_its_cpus_third_waits_until_one_is_killed(cluster):
     assert flowcore.get(third, timeout=60) not in first
     flowcore.kill(b)
     flowcore.kill(c)
+
+
+@flowcore.remote
+def _square(i):
+    return i * i
+
+
+@flowcore.remote
+def _put_in_list(i):
+    return [flowcore.put(b"v" * 300 + str(i).encode())]
+
+
+@flowcore.remote(num_cpus=0)
+class Returner:
+    def put_in_list(self, i):
+        return [flowcore.put(b"v" * 300 + str(i).encode())]
+
+    def task_in_list(self, i):
+        return [_square.remote(i)]
+
+
+@flowcore.remote(num_cpus=0)
+class AsyncReturner:
+    async def put_in_list(self, i):
+        return [flowcore.put(b"v" * 300 + str(i).encode())]
+
+
+def test_refs_nested_in_results_stay_alive_until_the_caller_holds_them(cluster):
+    # the producer's own ref goes away as soon as it returns; the ref inside
+    # the result must be held for the caller (direct actor calls, calls
+    # through the head, async actors and plain tasks alike)
+    sync_actor, async_actor = Returner.remote(), AsyncReturner.remote()
+    makers = [lambda i: sync_actor.put_in_list.remote(i),
+              lambda i: sync_actor.task_in_list.remote(i),
+              lambda i: async_actor.put_in_list.remote(i),
+              lambda i: _put_in_list.remote(i)]
+    expected = [lambda i: b"v" * 300 + str(i).encode(), lambda i: i * i,
+                lambda i: b"v" * 300 + str(i).encode(), lambda i: b"v" * 300 + str(i).encode()]
+    lists = [(k, i, flowcore.get(make(i), timeout=60))
+             for k, make in enumerate(makers) for i in range(50)]
+    lost = []
+    for k, i, inner in lists:
+        try:
+            assert flowcore.get(inner[0], timeout=60) == expected[k](i)
+        except flowcore.exceptions.ObjectLostError:
+            lost.append((k, i))
+    assert not lost, f"{len(lost)} of {len(lists)} nested refs were freed: {lost[:5]}"
+    flowcore.kill(sync_actor)
+    flowcore.kill(async_actor)
