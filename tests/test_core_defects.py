@@ -84,3 +84,33 @@ def test_refs_nested_in_results_stay_alive_until_the_caller_holds_them(cluster):
     assert not lost, f"{len(lost)} of {len(lists)} nested refs were freed: {lost[:5]}"
     flowcore.kill(sync_actor)
     flowcore.kill(async_actor)
+
+
+@flowcore.remote
+def _plus_one(i):
+    return i + 1
+
+
+@flowcore.remote(num_cpus=2)
+def _get_from_a_helper_thread():
+    # takes both CPUs; its helper thread waits on tasks that need one of them
+    import threading
+    box = {}
+
+    def helper():
+        try:
+            box["value"] = flowcore.get([_plus_one.remote(i) for i in range(3)], timeout=60)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            box["error"] = repr(e)
+    thread = threading.Thread(target=helper)
+    thread.start()
+    thread.join()
+    return box
+
+
+def test_get_blocked_in_a_helper_thread_gives_the_cpu_back(cluster):
+    box = flowcore.get(_get_from_a_helper_thread.remote(), timeout=100)
+    assert box == {"value": [1, 2, 3]}
+    # the CPUs came back once the task ended
+    flowcore.get(_plus_one.options(num_cpus=2).remote(0), timeout=60)
+
