@@ -114,3 +114,17 @@ def test_get_blocked_in_a_helper_thread_gives_the_cpu_back(cluster):
     # the CPUs came back once the task ended
     flowcore.get(_plus_one.options(num_cpus=2).remote(0), timeout=60)
 
+
+def test_signal_wait_zero_polls():
+    from flowcore.testing import Signal
+    sig = Signal()
+    try:
+        assert sig.wait(0) is False
+        assert sig.wait(-1) is False
+        assert sig.arrived == 0  # a poll is not a waiter
+        sig.set()
+        assert sig.wait(0) is True
+        assert sig.wait(0.5) is True
+    finally:
+        sig.close()
+
