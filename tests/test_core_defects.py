@@ -128,3 +128,29 @@ def test_signal_wait_zero_polls():
     finally:
         sig.close()
 
+
+def test_futures_complete_without_a_thread_per_result(cluster):
+    from flowcore.testing import Signal
+    import threading
+    sig = Signal()
+    try:
+        gated = [sig.wait_task.remote() for _ in range(2)]
+        runners = []
+        lock = threading.Lock()
+
+        def note(_fut):
+            with lock:
+                runners.append(threading.current_thread())
+        futures = []
+        for i in range(200):
+            fut = gated[i % 2].future()  # not ready: completed from the IO thread
+            fut.add_done_callback(note)
+            futures.append(fut)
+        sig.set()
+        assert [f.result(timeout=60) for f in futures] == [True] * 200
+        with lock:
+            distinct = {id(t) for t in runners}
+        assert len(runners) == 200
+        assert len(distinct) <= 8, f"{len(distinct)} threads completed 200 futures"
+    finally:
+        sig.close()

@@ -121,6 +121,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         # one of them gives the task's CPU back too; blocked gets per task id
         self.process_task: dict | None = None
         self._blocked_gets: dict[bytes, int] = {}
+        self._resolver: Any = None  # completes futures off the IO thread (futures.py)
         self._ack_ids = itertools.count(1)
         # direct actor calls: one link per actor called, and (IO thread) the
         # connections to actors' processes by link key
@@ -1022,8 +1023,13 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                     if not fut.cancelled():
                         fut.set_exception(e)
             # values may need a blocking store request: never on the IO thread
-            threading.Thread(target=work, daemon=True).start() \
-                if self._on_io_thread() else work()
+            if self._on_io_thread():
+                if self._resolver is None:
+                    from .futures import Resolver
+                    self._resolver = Resolver()
+                self._resolver.submit(work)
+            else:
+                work()
 
         fut.add_done_callback(
             lambda f, r=ref: self.cancel(r, False, True) if f.cancelled() else None)
