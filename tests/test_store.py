@@ -478,3 +478,31 @@ def test_second_store_with_same_session_in_one_process_is_refused(make_store: An
         ObjectStore(first.session_id, "node-2", 4 * KB, str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
     assert os.path.exists(first.path)
+
+
+def test_reader_exporters_cover_the_object_inside_the_mapping() -> None:
+    from flowcore.objects.mapping import _exporter_span
+    lengths = set()
+    for map_size in (4096, 10_000, 1 << 20):
+        for offset, size in ((0, 1), (0, map_size), (64, 100), (map_size - 100, 100),
+                             (map_size // 2, map_size // 2), (3, map_size - 3), (7, 0)):
+            start, length = _exporter_span(offset, size, map_size)
+            assert 0 <= start <= offset and offset + size <= start + length <= map_size
+            lengths.add(length)
+    # power-of-two lengths (or a whole mapping): ctypes keeps one array type
+    # per length for the life of the process, so the set must stay small
+    assert all(n & (n - 1) == 0 or n in (4096, 10_000, 1 << 20) for n in lengths)
+
+
+def test_reader_view_has_exactly_the_object(make_store: Any, mapping: StoreMapping) -> None:
+    store = make_store(64 * KB)
+    store.create(oid(1), 1000, "w")
+    mapping.writable(store.location(oid(1)))[:] = bytes(range(256)) * 3 + bytes(232)
+    store.seal(oid(1))
+    loc = store.pin(oid(1), "reader")
+    view = mapping.readable(loc, lambda: None)
+    assert view.readonly and view.format == "B" and view.nbytes == 1000
+    assert bytes(view[:256]) == bytes(range(256))
+    with pytest.raises(TypeError):
+        view[0] = 1
+

@@ -125,7 +125,7 @@ class StoreMapping:
         """
         if loc.size == 0:
             exporter: Any = (ctypes.c_ubyte * 0)()
-            weakref.finalize(exporter, _Release(None, 0, on_release))
+            weakref.finalize(exporter, _Release(None, 0, on_release)).atexit = False
             return memoryview(exporter).cast("B").toreadonly()
         m = self._map(loc.path)
         m.check(loc)
