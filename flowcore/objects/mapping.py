@@ -30,10 +30,11 @@ def _exporter_span(offset: int, size: int, map_size: int) -> tuple[int, int]:
     """``(start, length)`` of an exporter covering ``[offset, offset + size)``
     inside a mapping of ``map_size`` bytes.
 
-    ctypes keeps every array type it makes (one per length) for the life of
-    the process, so exporters come in power-of-two lengths (or the whole
-    mapping): a few dozen types, whatever the object sizes.  The reader's view
-    is then sliced to the object exactly.
+    ctypes keeps every array type ``c_ubyte * n`` (one per length) for the
+    life of the process, so exporters come in power-of-two lengths: a few
+    dozen types, whatever the object sizes.  Only an exporter of a whole
+    mapping may have another length (see :func:`_array_type`).  The reader's
+    view is then sliced to the object exactly.
     """
     length = 1 << max(size - 1, 0).bit_length()
     if length >= map_size:
@@ -42,10 +43,19 @@ def _exporter_span(offset: int, size: int, map_size: int) -> tuple[int, int]:
     return start, length
 
 
+def _array_type(length: int) -> Any:
+    """The ctypes array type of ``length`` bytes: the cached one for a power
+    of two, else a type of its own, kept by its mapping and freed with it (a
+    disk-backed object's file is mapped whole, and those sizes are many)."""
+    if length & (length - 1) == 0:
+        return ctypes.c_ubyte * length
+    return type("_StoreBytes", (ctypes.Array,), {"_type_": ctypes.c_ubyte, "_length_": length})
+
+
 class _Map:
     """One mmap of a whole file and the keys of live readers over it."""
 
-    __slots__ = ("path", "mm", "size", "live", "__weakref__")
+    __slots__ = ("path", "mm", "size", "live", "whole", "__weakref__")
 
     def __init__(self, path: str) -> None:
         fd = os.open(path, os.O_RDWR)
@@ -55,6 +65,7 @@ class _Map:
         finally:
             os.close(fd)
         self.path = path
+        self.whole: Any = None  # the array type of the whole mapping, once needed
         self.live: set[int] = set()  # set.add/discard are atomic under the GIL
 
     def check(self, loc: Location) -> None:
@@ -132,7 +143,13 @@ class StoreMapping:
         start, length = _exporter_span(loc.offset, loc.size, m.size)
         # from_buffer holds an export of the mmap: it cannot be unmapped under
         # a live reader
-        exporter = (ctypes.c_ubyte * length).from_buffer(m.mm, start)
+        if length == m.size:
+            if m.whole is None:
+                m.whole = _array_type(length)
+            array_type = m.whole
+        else:
+            array_type = ctypes.c_ubyte * length
+        exporter = array_type.from_buffer(m.mm, start)
         key = next(_keys)
         m.live.add(key)
         fin = weakref.finalize(exporter, _Release(m, key, on_release))
