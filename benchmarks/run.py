@@ -28,6 +28,8 @@ PREFIX = "@@BENCH "
 # network here; Ray would otherwise try), unbuffered output so partial results
 # survive a kill.
 WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+# The head alone (benchmarks/head_scale.py): flowcore only, its own table.
+HEAD_SCALE = "head_scale"
 
 
 def log(msg):
@@ -260,6 +262,25 @@ def render_table(rows, agg):
 
 # --------------------------------------------------------------------------------------
 
+def run_head_scale(args):
+    """``benchmarks.head_scale`` in a fresh interpreter: (table text, rows) or
+    (error text, None)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_json = os.path.join(tmp, "head_scale.json")
+        cmd = [args.python, "-m", "benchmarks.head_scale", "--runs", str(args.runs),
+               "--json", out_json] + (["--quick"] if args.quick else [])
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                                  timeout=args.timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return f"head scale: no result within {args.timeout:.0f} s", None
+        if proc.returncode != 0 or not os.path.exists(out_json):
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+            return f"head scale: failed (exit {proc.returncode}): {tail}", None
+        with open(out_json) as f:
+            return proc.stdout.rstrip(), json.load(f)["rows"]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -268,7 +289,7 @@ def parse_args(argv):
                    help="comma list of engines (default: flowcore,ray,dask)")
     p.add_argument("--quick", action="store_true", help="short smoke run")
     p.add_argument("--only", default=None,
-                   help="comma list of workloads: " + ",".join(WORKLOADS))
+                   help="comma list of workloads: " + ",".join(WORKLOADS + (HEAD_SCALE,)))
     p.add_argument("--json", default=None, help="write raw runs + medians to this file")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per engine subprocess (default 600, 180 with --quick)")
@@ -283,9 +304,14 @@ def parse_args(argv):
         p.error(f"unknown engine(s) {bad}; known: {', '.join(ENGINES)}")
     if args.only:
         args.only = [w.strip() for w in args.only.split(",") if w.strip()]
-        bad = [w for w in args.only if w not in WORKLOADS]
+        known = WORKLOADS + (HEAD_SCALE,)
+        bad = [w for w in args.only if w not in known]
         if bad:
-            p.error(f"unknown workload(s) {bad}; known: {', '.join(WORKLOADS)}")
+            p.error(f"unknown workload(s) {bad}; known: {', '.join(known)}")
+    args.head_scale = not args.only or HEAD_SCALE in args.only
+    args.skip_engines = bool(args.only) and set(args.only) == {HEAD_SCALE}
+    if args.only:
+        args.only = [w for w in args.only if w != HEAD_SCALE] or None
     if args.runs < 1:
         p.error("--runs must be >= 1")
     if args.timeout is None:
@@ -302,7 +328,7 @@ def main(argv=None):
         f"{' quick' if args.quick else ''}; {os.cpu_count()} CPUs, python {platform.python_version()}")
     try:
         # Interleave engines within each run so slow drifts in machine load hit all alike.
-        for run in range(args.runs):
+        for run in range(0 if args.skip_engines else args.runs):
             for eng in args.engines:
                 if eng in unavailable:
                     continue
@@ -323,48 +349,58 @@ def main(argv=None):
     except KeyboardInterrupt:
         log("interrupted: reporting the runs completed so far")
 
+    head_text, head_rows = None, None
+    if args.head_scale:
+        log("head scale (the head's state machine alone) ...")
+        head_text, head_rows = run_head_scale(args)
+
     agg = aggregate(records, args.engines)
     rows = build_rows(agg, args.only)
     wall = time.monotonic() - started
 
-    print()
-    print(f"flowcore vs ray vs dask: median of {args.runs} fresh-process run(s) per engine"
-          f"{' (QUICK smoke run: short loops, noisy)' if args.quick else ''}")
-    print("ratio columns fc/ray, fc/dask: > 1 means flowcore is better "
-          "(higher-is-better rows: flowcore/other; lower-is-better rows: other/flowcore)")
-    print()
-    print(render_table(rows, agg))
-    print()
-    notes = []
-    partial = any(agg[e]["state"] == "run" and 0 < n < agg[e]["runs"]
-                  for e in ENGINES for n in agg[e]["counts"].values())
-    if partial:
-        notes.append("* median over fewer runs than requested (some runs failed)")
-    if any(r["metric"] == "large_get_growth" for r in rows):
-        notes.append(f"zero-copy target: the 100 MiB get takes <= 2x the 10 MiB get, "
-                     f"or <= {ZERO_COPY_ABS_MS:g} ms")
-    for eng in ENGINES:
-        e = agg[eng]
-        if e["state"] == "skipped":
-            continue
-        if e["state"] == "n/a":
-            notes.append(f"{eng}: n/a - {e['reason']}")
-            continue
-        notes.append(f"{eng} {e['version'] or ''}".rstrip() + f": {e['runs']} run(s)")
-        for w, errs in e["errors"].items():
-            for err in errs:
-                one_line = " | ".join(x.strip() for x in err.splitlines() if x.strip())
-                notes.append(f"  {eng} {w}: {one_line}")
-    for r in records:
-        for kind in ("stopped_after_shutdown", "stopped_by_harness"):
-            for p in r.get(kind, []):
-                notes.append(f"  {r['engine']} run {r['run']}: left running, "
-                             f"stopped by {'worker' if kind.endswith('shutdown') else 'harness'}: {p}")
-    loads = [r["loadavg_1min_at_start"] for r in records if "loadavg_1min_at_start" in r]
-    if loads:
-        notes.append(f"1-min load average when each engine run started: {min(loads):.1f} .. "
-                     f"{max(loads):.1f} on {os.cpu_count()} CPUs (higher = noisier numbers)")
-    print("\n".join(notes))
+    if not args.skip_engines:
+        print()
+        print(f"flowcore vs ray vs dask: median of {args.runs} fresh-process run(s) per engine"
+              f"{' (QUICK smoke run: short loops, noisy)' if args.quick else ''}")
+        print("ratio columns fc/ray, fc/dask: > 1 means flowcore is better "
+              "(higher-is-better rows: flowcore/other; lower-is-better rows: other/flowcore)")
+        print()
+        print(render_table(rows, agg))
+        print()
+        notes = []
+        partial = any(agg[e]["state"] == "run" and 0 < n < agg[e]["runs"]
+                      for e in ENGINES for n in agg[e]["counts"].values())
+        if partial:
+            notes.append("* median over fewer runs than requested (some runs failed)")
+        if any(r["metric"] == "large_get_growth" for r in rows):
+            notes.append(f"zero-copy target: the 100 MiB get takes <= 2x the 10 MiB get, "
+                         f"or <= {ZERO_COPY_ABS_MS:g} ms; flat: the 1 GiB get <= 2x the "
+                         f"1 MiB get, or <= {ZERO_COPY_ABS_MS:g} ms")
+        for eng in ENGINES:
+            e = agg[eng]
+            if e["state"] == "skipped":
+                continue
+            if e["state"] == "n/a":
+                notes.append(f"{eng}: n/a - {e['reason']}")
+                continue
+            notes.append(f"{eng} {e['version'] or ''}".rstrip() + f": {e['runs']} run(s)")
+            for w, errs in e["errors"].items():
+                for err in errs:
+                    one_line = " | ".join(x.strip() for x in err.splitlines() if x.strip())
+                    notes.append(f"  {eng} {w}: {one_line}")
+        for r in records:
+            for kind in ("stopped_after_shutdown", "stopped_by_harness"):
+                for p in r.get(kind, []):
+                    notes.append(f"  {r['engine']} run {r['run']}: left running, "
+                                 f"stopped by {'worker' if kind.endswith('shutdown') else 'harness'}: {p}")
+        loads = [r["loadavg_1min_at_start"] for r in records if "loadavg_1min_at_start" in r]
+        if loads:
+            notes.append(f"1-min load average when each engine run started: {min(loads):.1f} .. "
+                         f"{max(loads):.1f} on {os.cpu_count()} CPUs (higher = noisier numbers)")
+        print("\n".join(notes))
+    if head_text is not None:
+        print()
+        print(head_text)
     print(f"\ntotal wall time {wall:.0f} s")
 
     if args.json:
@@ -375,6 +411,7 @@ def main(argv=None):
             "wall_seconds": wall,
             "engines": {e: {k: v for k, v in agg[e].items()} for e in ENGINES},
             "rows": [{k: v for k, v in r.items() if k != "_metric"} for r in rows],
+            "head_scale": head_rows,
             "runs": records,
         }
         with open(args.json, "w") as f:

@@ -72,7 +72,7 @@ def put(store: ObjectStore, mapping: StoreMapping, n: int, data: bytes,
 
 
 def read(mapping: StoreMapping, loc: Location) -> bytes:
-    return mapping.readable(loc, lambda: None).to_pybytes()
+    return bytes(mapping.readable(loc, lambda: None))
 
 
 # -- basics -----------------------------------------------------------------------
@@ -323,9 +323,11 @@ def test_zero_copy_read_and_release_after_last_view(make_store: Any,
     released: list[int] = []
     buf = mapping.readable(loc, lambda: (released.append(1), store.unpin(oid(1), "reader")))
     out = deserialize(buf)
-    assert buf.address <= out.ctypes.data < buf.address + buf.size
+    assert buf.readonly and buf.nbytes == loc.size
+    address = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    assert address <= out.ctypes.data < address + buf.nbytes
     assert out.flags.writeable is False and np.array_equal(out, arr)
-    view2 = buf.slice(10, 100)
+    view2 = buf[10:110]
     del buf
     gc.collect()
     assert released == []  # the array and a slice still use the memory
@@ -386,7 +388,7 @@ def test_bad_location_is_rejected(make_store: Any, mapping: StoreMapping) -> Non
         mapping.writable(Location(store.path, 4 * KB - 10, 100))
     released: list[int] = []
     empty = mapping.readable(Location(store.path, 0, 0), lambda: released.append(1))
-    assert empty.size == 0
+    assert empty.nbytes == 0 and empty.readonly
     del empty
     assert released == [1]
 
@@ -476,3 +478,31 @@ def test_second_store_with_same_session_in_one_process_is_refused(make_store: An
         ObjectStore(first.session_id, "node-2", 4 * KB, str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
     assert os.path.exists(first.path)
+
+
+def test_reader_exporters_cover_the_object_inside_the_mapping() -> None:
+    from flowcore.objects.mapping import _exporter_span
+    lengths = set()
+    for map_size in (4096, 10_000, 1 << 20):
+        for offset, size in ((0, 1), (0, map_size), (64, 100), (map_size - 100, 100),
+                             (map_size // 2, map_size // 2), (3, map_size - 3), (7, 0)):
+            start, length = _exporter_span(offset, size, map_size)
+            assert 0 <= start <= offset and offset + size <= start + length <= map_size
+            lengths.add(length)
+    # power-of-two lengths (or a whole mapping): ctypes keeps one array type
+    # per length for the life of the process, so the set must stay small
+    assert all(n & (n - 1) == 0 or n in (4096, 10_000, 1 << 20) for n in lengths)
+
+
+def test_reader_view_has_exactly_the_object(make_store: Any, mapping: StoreMapping) -> None:
+    store = make_store(64 * KB)
+    store.create(oid(1), 1000, "w")
+    mapping.writable(store.location(oid(1)))[:] = bytes(range(256)) * 3 + bytes(232)
+    store.seal(oid(1))
+    loc = store.pin(oid(1), "reader")
+    view = mapping.readable(loc, lambda: None)
+    assert view.readonly and view.format == "B" and view.nbytes == 1000
+    assert bytes(view[:256]) == bytes(range(256))
+    with pytest.raises(TypeError):
+        view[0] = 1
+

@@ -18,6 +18,15 @@ from ..protocol import tls
 logger = logging.getLogger("flowcore.node")
 
 
+def _preload_worker_libraries() -> None:
+    """Import what most task arguments need before workers are forked."""
+    from ..objects import mapping  # noqa: F401  (reading store objects: ctypes)
+    try:
+        import numpy  # noqa: F401
+    except ImportError:  # a core dependency, but a broken install must still run
+        pass
+
+
 def default_store_memory() -> int:
     import psutil
     total = psutil.virtual_memory().total
@@ -176,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if address == "-":
         # started beside its head: everything is imported and the store is
-        # mapped; now wait for the head's address on stdin
+        # mapped; while the head boots, import NumPy too (workers are forked
+        # from here, so their first array argument does not pay ~100 ms for
+        # it); then wait for the head's address on stdin
+        _preload_worker_libraries()
         node.head_address = sys.stdin.readline().strip()
         if not node.head_address:
             print("flowcore-worker: no head address on stdin", file=sys.stderr)
