@@ -1,0 +1,107 @@
+"""JSON views that libraries publish for the dashboard, through
+``internal_kv`` (namespace ``dashboard``), so the dashboard (inside the
+head) shows serve, tune and data without calling their actors.
+
+Keys: ``serve`` (the serve controller's applications), ``tune/{id}`` (one per
+experiment), ``data/{id}`` (one per dataset execution).  A ``Feed`` puts a
+view at most once per ``interval`` seconds and only when it changed; a
+publish that fails (no cluster, the head restarting) is dropped: the next
+one carries the newest view.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger("flowcore.dashboard_feed")
+
+NAMESPACE = "dashboard"
+SERVE_KEY = "serve"
+TUNE_PREFIX = "tune/"
+DATA_PREFIX = "data/"
+#: finished experiments / dataset executions kept per prefix (oldest deleted first)
+KEEP_FINISHED = 20
+
+
+def encode(view: dict) -> bytes:
+    return json.dumps(view, default=str, separators=(",", ":")).encode()
+
+
+class Feed:
+    """Publishes one key's view, rate-limited."""
+
+    def __init__(self, key: str, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.key = key
+        self.interval = interval
+        self.clock = clock
+        self.last = -1e18
+        self.last_bytes: bytes | None = None
+
+    def due(self) -> bool:
+        return self.clock() - self.last >= self.interval
+
+    def seconds_to_next(self) -> float:
+        return max(0.0, self.last + self.interval - self.clock())
+
+    def publish(self, view: dict | Callable[[], dict], force: bool = False) -> bool:
+        """Put the view if ``interval`` passed (or ``force``) and it changed;
+        True if it was put.  ``view`` may be a function, called only then."""
+        if not force and not self.due():
+            return False
+        self.last = self.clock()
+        try:
+            data = encode(view() if callable(view) else view)
+            if data == self.last_bytes:
+                return False
+            from . import internal_kv
+            if not internal_kv._internal_kv_initialized():
+                return False
+            if len(data) > (1 << 20):
+                logger.debug("dashboard view %s is %d bytes: not published", self.key,
+                             len(data))
+                return False
+            internal_kv._internal_kv_put(self.key, data, namespace=NAMESPACE)
+            self.last_bytes = data
+            return True
+        except Exception as e:  # noqa: BLE001 - a view never breaks the library
+            logger.debug("publishing dashboard view %s failed: %s", self.key, e)
+            return False
+
+
+def prune(prefix: str, keep: int = KEEP_FINISHED) -> None:
+    """Delete the oldest finished views under ``prefix`` beyond ``keep``."""
+    try:
+        from . import internal_kv
+        if not internal_kv._internal_kv_initialized():
+            return
+        done = []
+        for key in internal_kv._internal_kv_list(prefix, namespace=NAMESPACE):
+            raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+            try:
+                view = json.loads(raw) if raw else {}
+            except ValueError:
+                view = {}
+            if view.get("state") in ("FINISHED", "FAILED"):
+                done.append((view.get("end_time") or 0, key))
+        done.sort()
+        for _, key in done[:max(0, len(done) - keep)]:
+            internal_kv._internal_kv_del(key, namespace=NAMESPACE)
+    except Exception as e:  # noqa: BLE001
+        logger.debug("pruning dashboard views %s failed: %s", prefix, e)
+
+
+def read_all(items: Callable[[bytes, bytes], list], prefix: str) -> list[dict[str, Any]]:
+    """The views under ``prefix`` from a head's table (``KVTable.items``)."""
+    out = []
+    for key, raw in items(NAMESPACE.encode(), prefix.encode()):
+        try:
+            view = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(view, dict):
+            view.setdefault("key", key.decode(errors="replace"))
+            out.append(view)
+    return out
