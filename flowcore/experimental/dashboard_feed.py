@@ -10,6 +10,7 @@ one carries the newest view.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -71,26 +72,22 @@ class Feed:
             return False
 
 
-def prune(prefix: str, keep: int = KEEP_FINISHED) -> None:
-    """Delete the oldest finished views under ``prefix`` beyond ``keep``."""
-    try:
-        from . import internal_kv
-        if not internal_kv._internal_kv_initialized():
-            return
-        done = []
-        for key in internal_kv._internal_kv_list(prefix, namespace=NAMESPACE):
-            raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
-            try:
-                view = json.loads(raw) if raw else {}
-            except ValueError:
-                view = {}
-            if view.get("state") in ("FINISHED", "FAILED"):
-                done.append((view.get("end_time") or 0, key))
-        done.sort()
-        for _, key in done[:max(0, len(done) - keep)]:
-            internal_kv._internal_kv_del(key, namespace=NAMESPACE)
-    except Exception as e:  # noqa: BLE001
-        logger.debug("pruning dashboard views %s failed: %s", prefix, e)
+_finished: dict[str, collections.deque] = {}
+
+
+def retire(key: str, prefix: str, keep: int = KEEP_FINISHED) -> None:
+    """``key`` (under ``prefix``) finished: keep the newest ``keep`` finished
+    views this process published and delete older ones."""
+    done = _finished.setdefault(prefix, collections.deque())
+    done.append(key)
+    while len(done) > keep:
+        old = done.popleft()
+        try:
+            from . import internal_kv
+            if internal_kv._internal_kv_initialized():
+                internal_kv._internal_kv_del(old, namespace=NAMESPACE)
+        except Exception as e:  # noqa: BLE001
+            logger.debug("deleting dashboard view %s failed: %s", old, e)
 
 
 def read_all(items: Callable[[bytes, bytes], list], prefix: str) -> list[dict[str, Any]]:
