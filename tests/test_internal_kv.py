@@ -101,3 +101,34 @@ def test_table_total_cap_and_accounting():
     u = KVTable()
     u.restore(t.dump())
     assert u.get(b"n", b"b") == b"y" * 100 and u.total == t.total - len(b"serve{}")
+
+
+@pytest.mark.timeout(180)
+def test_keys_survive_a_head_restart_but_dashboard_views_do_not(private_cluster, monkeypatch):
+    import os
+    import time
+    monkeypatch.setenv("FLOWCORE_HEAD_RECOVERY", "20")
+    monkeypatch.setenv("FLOWCORE_HEAD_GRACE", "60")
+    flowcore.shutdown()
+    cluster = private_cluster(1)
+    kv._internal_kv_put("config", b"v1", namespace="app")
+    kv._internal_kv_put("serve", b"{}", namespace="dashboard")
+    state_file = os.path.join(cluster.session_dir,
+                              f"head-{cluster.address.rsplit(':', 1)[1]}", "tables.msgpack")
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(state_file) and b"config" in open(state_file, "rb").read()):
+        assert time.monotonic() < deadline, "the key never reached the persisted tables"
+        time.sleep(0.05)  # the tables are flushed every 0.2 s
+    assert os.stat(state_file).st_mode & 0o077 == 0
+    cluster.kill_head()
+    cluster.restart_head()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            value = kv._internal_kv_get("config", namespace="app")
+            break
+        except Exception:  # noqa: BLE001 - the head is coming back
+            assert time.monotonic() < deadline, "the head did not come back"
+            time.sleep(0.1)
+    assert value == b"v1"
+    assert kv._internal_kv_get("serve", namespace="dashboard") is None
