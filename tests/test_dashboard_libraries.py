@@ -137,8 +137,8 @@ def test_serve_view_lists_apps_deployments_replicas_and_rates(libs):
     text = body.decode()
     assert status == 200
     assert 'flowcore_serve_requests_total{application="dashapp",deployment="Doubler"}' in text
-    assert 'flowcore_serve_replicas{application="dashapp",deployment="Doubler",state="RUNNING"} 1.0' \
-        in text
+    assert ('flowcore_serve_replicas{application="dashapp",deployment="Doubler",'
+            'state="RUNNING"} 1.0') in text
 
 
 def test_tune_view_lists_the_experiment_and_its_trials(libs):
@@ -238,7 +238,8 @@ def test_browser_shows_serve_tune_and_datasets_tabs(libs, browser):
         assert "dashapp / Doubler" in rep.inner_text()
 
         page.click("#tabs a[data-page=tune]")
-        page.locator("#tune-table tbody tr[data-experiment=dash_exp]", has_text="FINISHED").wait_for()
+        page.locator("#tune-table tbody tr[data-experiment=dash_exp]",
+                     has_text="FINISHED").wait_for()
         assert "loss (min)" in page.locator("#tune-table").inner_text()
         trials = page.locator("#tune-trials-table tbody tr[data-trial]")
         trials.nth(2).wait_for()

@@ -14,7 +14,7 @@ import collections
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Callable
 
 logger = logging.getLogger("flowcore.dashboard_feed")
 
@@ -88,17 +88,3 @@ def retire(key: str, prefix: str, keep: int = KEEP_FINISHED) -> None:
                 internal_kv._internal_kv_del(old, namespace=NAMESPACE)
         except Exception as e:  # noqa: BLE001
             logger.debug("deleting dashboard view %s failed: %s", old, e)
-
-
-def read_all(items: Callable[[bytes, bytes], list], prefix: str) -> list[dict[str, Any]]:
-    """The views under ``prefix`` from a head's table (``KVTable.items``)."""
-    out = []
-    for key, raw in items(NAMESPACE.encode(), prefix.encode()):
-        try:
-            view = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(view, dict):
-            view.setdefault("key", key.decode(errors="replace"))
-            out.append(view)
-    return out
