@@ -142,8 +142,10 @@ def test_serve_view_lists_apps_deployments_replicas_and_rates(libs):
 
 
 def test_tune_view_lists_the_experiment_and_its_trials(libs):
-    v = api(libs, "/api/tune")
-    (exp,) = [e for e in v["experiments"] if e["name"] == "dash_exp"]
+    # views are put without waiting for the head's answer: they may trail a little
+    (exp,) = until("the finished experiment", lambda: [
+        e for e in api(libs, "/api/tune")["experiments"]
+        if e["name"] == "dash_exp" and e["state"] == "FINISHED"])
     assert exp["state"] == "FINISHED" and exp["metric"] == "loss" and exp["mode"] == "min"
     assert exp["path"].endswith("dash_exp") and exp["num_trials"] == 3
     assert exp["trial_counts"] == {"TERMINATED": 3}
@@ -155,9 +157,10 @@ def test_tune_view_lists_the_experiment_and_its_trials(libs):
 
 
 def test_datasets_view_shows_the_plan_and_operator_stats(libs):
-    v = api(libs, "/api/datasets")
-    runs = [d for d in v["datasets"] if d["plan"][0] == "ReadRange"]
-    assert runs, v
+    runs = until("the finished dataset", lambda: [
+        d for d in api(libs, "/api/datasets")["datasets"]
+        if d["plan"][0] == "ReadRange" and d["plan"][1].startswith("MapBatches")
+        and d["state"] == "FINISHED"])
     d = runs[0]
     assert d["state"] == "FINISHED" and d["error"] is None
     assert d["plan"] == ["ReadRange", "MapBatches(<lambda>)", "Filter(<lambda>)"]
@@ -173,9 +176,10 @@ def test_a_failed_dataset_is_marked_failed(libs):
         raise ValueError("no such row")
     with pytest.raises(Exception, match="no such row"):
         data.range(10).map(boom).take_all()
-    v = api(libs, "/api/datasets")
-    bad = [d for d in v["datasets"] if d["plan"] == ["ReadRange", "Map(boom)"]]
-    assert bad and bad[0]["state"] == "FAILED" and "no such row" in bad[0]["error"]
+    bad = until("the failed dataset", lambda: [
+        d for d in api(libs, "/api/datasets")["datasets"]
+        if d["plan"] == ["ReadRange", "Map(boom)"] and d["state"] != "RUNNING"])
+    assert bad[0]["state"] == "FAILED" and "no such row" in bad[0]["error"]
 
 
 def test_feed_is_rate_limited_and_skips_unchanged_views(libs):
@@ -257,3 +261,27 @@ def test_browser_shows_serve_tune_and_datasets_tabs(libs, browser):
         assert not errors, errors
     finally:
         ctx.close()
+
+
+@flowcore.remote
+def dataset_in_a_task(n):
+    from flowcore import data
+    return data.range(n).filter(lambda r: r["id"] < 7).count()
+
+
+def test_a_dataset_consumed_in_a_task_is_listed_with_the_workers_pid(libs):
+    assert flowcore.get(dataset_in_a_task.remote(50), timeout=60) == 7
+    runs = until("the dataset run by a worker", lambda: [
+        d for d in api(libs, "/api/datasets")["datasets"]
+        if d["plan"] == ["ReadRange", "Filter(<lambda>)"] and d["state"] == "FINISHED"])
+    assert runs[0]["rows"] == 7 and runs[0]["pid"] != os.getpid()
+
+
+def test_finished_views_beyond_the_newest_twenty_are_deleted(libs):
+    from flowcore import data
+    for _ in range(22):
+        assert data.range(3).filter(lambda r: r["id"] != 1).count() == 2
+    assert flowcore.get(dataset_in_a_task.remote(10), timeout=60) == 7  # a round trip later
+    mine = until("this driver's 20 newest views", lambda: [
+        d for d in api(libs, "/api/datasets")["datasets"] if d["pid"] == os.getpid()])
+    assert len(mine) == 20

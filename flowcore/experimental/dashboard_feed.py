@@ -57,19 +57,29 @@ class Feed:
             data = encode(view() if callable(view) else view)
             if data == self.last_bytes:
                 return False
-            from . import internal_kv
-            if not internal_kv._internal_kv_initialized():
-                return False
             if len(data) > (1 << 20):
                 logger.debug("dashboard view %s is %d bytes: not published", self.key,
                              len(data))
                 return False
-            internal_kv._internal_kv_put(self.key, data, namespace=NAMESPACE)
+            if not put_nowait(self.key, data):
+                return False
             self.last_bytes = data
             return True
         except Exception as e:  # noqa: BLE001 - a view never breaks the library
             logger.debug("publishing dashboard view %s failed: %s", self.key, e)
             return False
+
+
+def put_nowait(key: str, data: bytes) -> bool:
+    """Queue a put of a view to the head without waiting for its answer (a
+    view must not slow the library down); False without a cluster."""
+    from ..api import current_client
+    client = current_client()
+    if client is None:
+        return False
+    client.send("head", {"op": "kv_put", "key": key.encode(), "value": data,
+                         "ns": NAMESPACE.encode(), "overwrite": True})
+    return True
 
 
 _finished: dict[str, collections.deque] = {}
@@ -83,8 +93,10 @@ def retire(key: str, prefix: str, keep: int = KEEP_FINISHED) -> None:
     while len(done) > keep:
         old = done.popleft()
         try:
-            from . import internal_kv
-            if internal_kv._internal_kv_initialized():
-                internal_kv._internal_kv_del(old, namespace=NAMESPACE)
+            from ..api import current_client
+            client = current_client()
+            if client is not None:  # without waiting, as puts
+                client.send("head", {"op": "kv_del", "key": old.encode(),
+                                     "ns": NAMESPACE.encode()})
         except Exception as e:  # noqa: BLE001
             logger.debug("deleting dashboard view %s failed: %s", old, e)

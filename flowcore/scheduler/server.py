@@ -222,7 +222,9 @@ class HeadServer:
             comm.reply(msg, blob=self.packages.get(msg["hash"]))
         elif op in KV_OPS:
             self._dirty = self._dirty or op in ("kv_put", "kv_del")
-            comm.reply(msg, **self.kv.handle(msg))
+            answer = self.kv.handle(msg)
+            if "rid" in msg:  # a dashboard view is put without waiting for the answer
+                comm.reply(msg, **answer)
         elif op in _QUERY_OPS:
             try:
                 result = self._query(op, msg, src)
