@@ -46,6 +46,15 @@ class Signal:
             except OSError:
                 conn.close()
                 continue
+            if key == self._key.upper().encode():  # a poll: answer at once
+                with self._cv:
+                    is_set = self._set
+                try:
+                    conn.sendall(b"1" if is_set else b"0")
+                except OSError:
+                    pass
+                conn.close()
+                continue
             if key != self._key.encode():
                 conn.close()
                 continue
@@ -130,7 +139,12 @@ class _SignalClient:
         return (_SignalClient, (self.address, self._key))
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the owner sets the signal; False on timeout."""
+        """Block until the owner sets the signal; False on timeout
+        (``timeout`` 0 or less: whether it is set now, without waiting)."""
+        if timeout is not None and timeout <= 0:
+            with socket.create_connection(self.address, timeout=10) as s:
+                s.sendall(self._key.upper().encode())  # the owner answers at once
+                return s.recv(1) == b"1"
         with socket.create_connection(self.address, timeout=10) as s:
             s.sendall(self._key.encode())
             s.settimeout(timeout)

@@ -115,8 +115,16 @@ def test_unserializable_value_names_type_and_path(cluster):
         f.remote(value)
 
 
+def _store_drained():
+    """Earlier tests' objects are freed asynchronously (decref, then the
+    head's delete): wait until they are gone before measuring."""
+    gc.collect()
+    _until(lambda: _store_stats()["used"] == 0, "earlier tests' objects to be freed")
+    return 0
+
+
 def test_objects_are_freed_when_refs_go(cluster):
-    before = _store_stats()["used"]
+    before = _store_drained()
     ref = flowcore.put(np.ones(5_000_000))
     assert _store_stats()["used"] >= before + 40_000_000
     del ref
@@ -125,7 +133,7 @@ def test_objects_are_freed_when_refs_go(cluster):
 
 
 def test_views_pin_memory_until_dropped(cluster):
-    before = _store_stats()["used"]
+    before = _store_drained()
     ref = flowcore.put(np.ones(3_000_000))
     view = flowcore.get(ref)
     del ref

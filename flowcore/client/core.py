@@ -116,6 +116,12 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         self.on_node_message: Callable[[dict], None] | None = None
         # acknowledged subscriptions awaited by a get inside a task: id -> callback
         self._acks: dict[int, Callable[[int], None]] = {}
+        # the plain task this worker process runs (set by the worker): threads
+        # the task starts do not see ``current_task``, yet a get blocked in
+        # one of them gives the task's CPU back too; blocked gets per task id
+        self.process_task: dict | None = None
+        self._blocked_gets: dict[bytes, int] = {}
+        self._resolver: Any = None  # completes futures off the IO thread (futures.py)
         self._ack_ids = itertools.count(1)
         # direct actor calls: one link per actor called, and (IO thread) the
         # connections to actors' processes by link key
@@ -771,7 +777,8 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         # block: objects the head already has ready arrive at once, so ask it
         # which are pending first (a subscription it acknowledges)
         token = None
-        if self.kind == "worker" and self.current_task is not None:
+        task = self._task_of_thread()
+        if self.kind == "worker" and task is not None:
             token = next(self._ack_ids)
             self._acks[token] = lambda pending: wake.set()
         blocked = False
@@ -781,7 +788,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                 self._wait_event(wake, timeout)
                 if deadline is not None:
                     timeout = max(0.0, deadline - time.monotonic())
-            blocked = False if event.is_set() else self._set_blocked(True)
+            blocked = False if event.is_set() else self._set_blocked(True, task)
             warn_after = GET_WARN_AFTER if self.kind == "driver" else None
             if warn_after is not None and (timeout is None or timeout > warn_after):
                 if not self._wait_event(event, warn_after):
@@ -793,7 +800,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             if token is not None:
                 self._acks.pop(token, None)
             if blocked:
-                self._set_blocked(False)
+                self._set_blocked(False, task)
             with self._lock:
                 for oid, cb in callbacks.items():
                     lst = self.waiters.get(oid)
@@ -831,10 +838,24 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         """True on the thread that dispatches incoming messages."""
         return threading.current_thread() is self._thread
 
-    def _set_blocked(self, blocked: bool) -> bool:
-        task = self.current_task
+    def _task_of_thread(self) -> dict | None:
+        """The task this thread runs: its own, or the process's plain task
+        for a thread that task started."""
+        return self.current_task or self.process_task
+
+    def _set_blocked(self, blocked: bool, task: dict | None = None) -> bool:
+        task = task or self.current_task
         if task is None or self.kind != "worker":
             return False
+        tid = task["tid"]
+        with self._lock:  # several threads of one task: the first blocks, the last unblocks
+            n = self._blocked_gets.get(tid, 0) + (1 if blocked else -1)
+            if n > 0:
+                self._blocked_gets[tid] = n
+            else:
+                self._blocked_gets.pop(tid, None)
+            if n != (1 if blocked else 0):
+                return True
         op = "task_blocked" if blocked else "task_unblocked"
         self.send("node", {"op": "worker_blocked", "blocked": blocked})
         self.send("head", {"op": op, "tid": task["tid"]})
@@ -1002,8 +1023,13 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                     if not fut.cancelled():
                         fut.set_exception(e)
             # values may need a blocking store request: never on the IO thread
-            threading.Thread(target=work, daemon=True).start() \
-                if self._on_io_thread() else work()
+            if self._on_io_thread():
+                if self._resolver is None:
+                    from .futures import Resolver
+                    self._resolver = Resolver()
+                self._resolver.submit(work)
+            else:
+                work()
 
         fut.add_done_callback(
             lambda f, r=ref: self.cancel(r, False, True) if f.cancelled() else None)

@@ -162,6 +162,7 @@ class Worker:
         task["_started"] = time.time()
         self.client.current_task = task
         if self.actor_id is None:  # tasks it submits inherit its runtime_env and job
+            self.client.process_task = task  # (its threads' gets give its CPU back)
             self.client.runtime_env = task.get("renv")
             self.client.job = task.get("job")
         concurrent_call = task.get("actor") is not None and self.threads is not None
@@ -208,6 +209,7 @@ class Worker:
             self.cancel_requested = None
             self.client.interrupt_main = False
             self.client.current_task = None
+            self.client.process_task = None
         if leaving is not None:
             self._leave(task, leaving)
             return

@@ -69,7 +69,9 @@ class DirectCallsMixin:
                 f"actor {actor.class_name} restarted while the call {t.name} was on its way "
                 f"to it ({actor.cause or 'its process exited'}); the call is not retried "
                 f"(max_task_retries=0)")), "actor restarted before a direct call was recorded")
-            self._early_direct.pop(t.tid, None)  # the old process's report, if any
+            old = self._early_direct.pop(t.tid, None)  # the old process's report, if any
+            if old is not None:
+                self._release_early(old[1])  # type: ignore[attr-defined]
             return
         t.missing.clear()  # the caller had every argument; the actor reads them itself
         t.node = actor.node
@@ -83,13 +85,16 @@ class DirectCallsMixin:
         done = self._early_direct.pop(t.tid, None)
         if done is not None:
             self.handle_task_done(*done)  # type: ignore[attr-defined]
+            self._release_early(done[1])  # type: ignore[attr-defined]
 
     def _early_direct_done(self, source: str, msg: dict) -> None:
         """A ``task_done`` of a direct call whose submission has not arrived."""
         if msg.get("direct") and msg["tid"] not in self.tasks:  # type: ignore[attr-defined]
+            self._hold_early(msg)  # type: ignore[attr-defined]
             self._early_direct[msg["tid"]] = (source, msg)
             while len(self._early_direct) > EARLY_LIMIT:
-                self._early_direct.popitem(last=False)
+                self._release_early(  # type: ignore[attr-defined]
+                    self._early_direct.popitem(last=False)[1][1])
 
     @staticmethod
     def _direct_call_done(actor: "ActorRecord", t: "TaskRecord") -> bool:

@@ -73,7 +73,9 @@ class LocalFirstMixin:
         yet), and the head does not wait for the verdict."""
         node_id = self._local_offers.pop(t.tid, None)
         self._early_verdicts.pop(t.tid, None)
-        self._early_done.pop(t.tid, None)
+        dropped = self._early_done.pop(t.tid, None)
+        if dropped is not None:
+            self._release_early(dropped[1])
         if node_id is not None:
             self._send(node_id, {"op": "cancel_task", "tid": t.tid, "force": force,
                                  "local": True})
@@ -113,6 +115,7 @@ class LocalFirstMixin:
         done = self._early_done.pop(t.tid, None)
         if done is not None:
             self.handle_task_done(*done)
+            self._release_early(done[1])
 
     def _early_task_done(self, source: str, msg: dict) -> bool:
         """A ``task_done`` of a locally started task that the head has not
@@ -121,7 +124,10 @@ class LocalFirstMixin:
             return False
         t = self.tasks.get(msg["tid"])
         if t is None or t.tid in self._local_offers:
-            self._remember(self._early_done, msg["tid"], (source, msg))
+            self._hold_early(msg)
+            self._early_done[msg["tid"]] = (source, msg)
+            while len(self._early_done) > EARLY_LIMIT:
+                self._release_early(self._early_done.popitem(last=False)[1][1])
             return True
         return False
 

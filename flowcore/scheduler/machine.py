@@ -447,6 +447,21 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 obj.holds -= 1
                 self._maybe_free(obj)
 
+    def _hold_early(self, msg: dict) -> None:
+        """A ``task_done`` is kept until its task's submission (or local
+        start) is seen: the refs nested in its results are held meanwhile, so
+        the worker's own decrefs that follow it cannot free them first."""
+        if not msg.get("held_early"):
+            msg["held_early"] = True
+            self._hold([oid for r in msg.get("results") or () for oid in r.get("nested") or ()])
+
+    def _release_early(self, msg: dict) -> None:
+        """The kept ``task_done`` was applied (its results now hold their
+        nested refs) or dropped: let go of the hold taken when it came."""
+        if msg.pop("held_early", False):
+            self._release([oid for r in msg.get("results") or ()
+                           for oid in r.get("nested") or ()])
+
     def _maybe_free(self, obj: ObjectRecord) -> None:
         # iterative, not recursive: a long chain of containers (each holding
         # a ref to the next) must not overflow the stack when it is freed
@@ -769,6 +784,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         beyond what runs: the node starts them when its own workers free up,
         without a round trip through the head."""
         if self.pipeline_depth <= 0 or any(k != "CPU" for k in t.res):
+            return None
+        if t.kind == "create":  # an actor holds its CPUs for its lifetime: never ahead
             return None
         best, best_load = None, None
         for n in nodes:
