@@ -285,3 +285,11 @@ def test_finished_views_beyond_the_newest_twenty_are_deleted(libs):
     mine = until("this driver's 20 newest views", lambda: [
         d for d in api(libs, "/api/datasets")["datasets"] if d["pid"] == os.getpid()])
     assert len(mine) == 20
+
+
+def test_serve_shutdown_is_shown(libs):
+    from flowcore import serve
+    serve.shutdown()
+    until("the serve view to say SHUTDOWN",
+          lambda: api(libs, "/api/serve")["state"] == "SHUTDOWN")
+    assert api(libs, "/api/serve")["applications"] == []
