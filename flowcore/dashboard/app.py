@@ -399,6 +399,7 @@ class Dashboard:
 
     def _routes(self) -> list:
         from .jobs import routes as jobs_routes
+        from .libraries import routes as library_routes
         d = {"dash": self}
         return [
             (r"/", Page, d),
@@ -415,6 +416,7 @@ class Dashboard:
             (r"/api/dag.svg", Dag, d),
             (r"/metrics", Metrics, d),
             *jobs_routes(d),
+            *library_routes(d),
         ]
 
     async def start(self, sockets: list | None = None, url: str | None = None) -> str:

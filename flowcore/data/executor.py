@@ -38,6 +38,7 @@ from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSou
                    TaskContext, UnionSource, ZipSource, apply_transforms, check_union_schemas,
                    even_ranges, input_bundles, run_local, zip_tables)
 from .stats import DatasetStats, OpStats
+from .status_feed import DataFeed
 from . import shuffle
 
 __all__ = ["Bundle", "MemoryBudget", "execute", "block_meta"]
@@ -293,15 +294,29 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
     ctx = ctx or DataContext.get_current()
     stats = stats or DatasetStats()
     ex = Execution(ctx, stats)
+    feed = DataFeed(plan, stats)  # the dashboard's Datasets tab
+    error: BaseException | None = None
+    out: Iterator[Bundle] | None = None
     try:
         size = plan.input_size()
         if size is not None and size <= ctx.small_plan_bytes and not plan.has_actors():
-            yield from _one_task(ex, plan)
+            out = _one_task(ex, plan)
         else:
-            yield from _build(ex, plan)
+            out = _build(ex, plan)
+        for b in out:
+            feed.tick()
+            yield b
+    except GeneratorExit:
+        raise
+    except BaseException as e:
+        error = e
+        raise
     finally:
+        if out is not None:
+            out.close()  # as ``yield from`` would: its stages clean up now
         stats.peak_budget_bytes = ex.budget.peak
         stats.finished()
+        feed.finish(error)
 
 
 def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:

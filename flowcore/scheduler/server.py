@@ -11,6 +11,7 @@ from typing import Any
 from .._version import __version__
 from ..protocol.comm import Comm, serve
 from ..protocol.tls import TLSConfig
+from .kv import OPS as KV_OPS, KVTable
 from .machine import SchedulerState
 from .packages import PackageTable
 from .persist import TableFiles, state_path
@@ -58,6 +59,7 @@ class HeadServer:
         self.dashboard_url: str | None = None  # set by the dashboard when it serves
         self.state = SchedulerState(lineage_memory=lineage_memory_from_env())
         self.packages = PackageTable()  # runtime_env archives, by hash
+        self.kv = KVTable()  # flowcore.experimental.internal_kv
         self.comms: dict[str, Comm] = {}
         self.server = None
         self.address = ""
@@ -103,6 +105,7 @@ class HeadServer:
             logger.warning("found the tables of a previous head in %s: recovering (waiting up "
                            "to %.0f s for its nodes and drivers)", path, self.recovery_window)
             self.state.restore_tables(tables, functions)
+            self.kv.restore(tables.get("kv"))
             asyncio.get_event_loop().call_later(self.recovery_window, self._end_recovery)
         self._persist()
         self._persister = PeriodicCallback(self._persist, self.persist_interval * 1000.0)
@@ -115,7 +118,8 @@ class HeadServer:
             return
         self._dirty = False
         try:
-            self.tables.save(self.state.persistent_tables(), self.state.functions)
+            self.tables.save(dict(self.state.persistent_tables(), kv=self.kv.dump()),
+                             self.state.functions)
             self._persist_failed = False
         except OSError as e:
             self._dirty = True
@@ -216,6 +220,11 @@ class HeadServer:
             comm.reply(msg, ok=error is None, error=error)
         elif op == "get_package":
             comm.reply(msg, blob=self.packages.get(msg["hash"]))
+        elif op in KV_OPS:
+            self._dirty = self._dirty or op in ("kv_put", "kv_del")
+            answer = self.kv.handle(msg)
+            if "rid" in msg:  # a dashboard view is put without waiting for the answer
+                comm.reply(msg, **answer)
         elif op in _QUERY_OPS:
             try:
                 result = self._query(op, msg, src)

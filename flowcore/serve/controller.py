@@ -20,6 +20,7 @@ import flowcore
 
 from .autoscaler import AutoscalingPolicy
 from .config import DeploymentConfig, HTTPOptions
+from .status_feed import ServeFeed
 
 logger = logging.getLogger("flowcore.serve")
 
@@ -159,6 +160,7 @@ class ServeController:
         self._proxy_restarting = False
         # authenticates the proxy to the replicas' HTTP channels
         self.channel_secret = os.urandom(32)
+        self.feed = ServeFeed()  # the dashboard's Serve tab
 
     # ------------------------------------------------------------ plumbing
     def _ensure_loop(self) -> None:
@@ -394,6 +396,7 @@ class ServeController:
                 for r in ds.replicas.values():
                     self._kill(r)
         self.apps.clear()
+        self.feed.clear()
         if self.proxy is not None:
             try:
                 flowcore.kill(self.proxy)
@@ -450,6 +453,7 @@ class ServeController:
     def _tick(self) -> None:
         now = time.monotonic()
         self._check_proxy(now)
+        self.feed.tick(self, now)
         for a in list(self.apps.values()):
             for ds in list(a.deployments.values()):
                 before = (ds.status(), tuple(sorted((r.rid, r.state)

@@ -12,7 +12,9 @@ import itertools
 import json
 import os
 import sys
+import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -157,6 +159,10 @@ class Replica:
         self.replica_id = replica_id
         self.ongoing = 0
         self.total = 0
+        self.errors = 0
+        # (end time, seconds) of the newest requests, for the dashboard's latency
+        self.latencies: deque[tuple[float, float]] = deque(maxlen=4096)
+        self._node_id: str | None = None
         self.streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self.pool = concurrent.futures.ThreadPoolExecutor(
@@ -264,6 +270,7 @@ class Replica:
         awaited here, then the method runs."""
         self.ongoing += 1
         self.total += 1
+        t0 = time.monotonic()
         try:
             if any(isinstance(a, _ResponseArg) for a in args):
                 args = tuple([await a.ref if isinstance(a, _ResponseArg) else a
@@ -282,8 +289,12 @@ class Replica:
                 raise TypeError(f"{self.deployment_name}.{method}() returned a generator; "
                                 f"call it with handle.options(stream=True)")
             return value
+        except BaseException:
+            self.errors += 1
+            raise
         finally:
             self.ongoing -= 1
+            self._observe(t0)
 
     def _start_stream(self, gen: Any) -> str:
         sid = f"{self.replica_id}:{next(self._ids)}"
@@ -324,12 +335,32 @@ class Replica:
         for a streamed body, ``("stream", status, headers, sid)``."""
         self.ongoing += 1
         self.total += 1
+        t0 = time.monotonic()
         try:
             if self.asgi_app is None:
                 return await self._http_direct(scope, body)
             return await self._http_asgi(self.asgi_app, scope, body)
+        except BaseException:
+            self.errors += 1
+            raise
         finally:
             self.ongoing -= 1
+            self._observe(t0)
+
+    def _observe(self, t0: float) -> None:
+        now = time.monotonic()
+        self.latencies.append((now, now - t0))
+
+    async def get_metrics(self, window_s: float = 10.0) -> dict:
+        """Counters and the latencies of the last ``window_s`` seconds (for
+        the controller's dashboard view)."""
+        since = time.monotonic() - window_s
+        if self._node_id is None:
+            import flowcore
+            self._node_id = flowcore.get_runtime_context().get_node_id()
+        return {"ongoing": self.ongoing, "total": self.total, "errors": self.errors,
+                "latencies": [d for t, d in self.latencies if t >= since],
+                "node_id": self._node_id}
 
     async def _http_direct(self, scope: dict, body: bytes) -> tuple:
         """A deployment's own ``__call__``: build the Request, call, and turn

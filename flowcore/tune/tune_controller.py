@@ -30,6 +30,7 @@ from .config import RunConfig, TuneConfig
 from .error import TuneError
 from .experiment_journal import ExperimentJournal, encode_obj, to_json
 from .progress import ProgressTable
+from .status_feed import TuneFeed
 from .schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 from .search.searcher import SearchAlgorithm, Searcher
 from .stopper import Stopper
@@ -107,6 +108,7 @@ class TuneController:
                          and not run_config.failure_config.fail_fast
                          and os.environ.get("FLOWCORE_TUNE_STEPPED") != "1")
         self._run_tag = uuid.uuid4().hex[:6]  # this fit() (a restore gets another)
+        self.feed = TuneFeed(self)  # the dashboard's Tune tab
 
     # -- views used by schedulers ----------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -649,6 +651,7 @@ class TuneController:
                 self._next_explain = time.monotonic() + 1.0
                 self._explain_waits()
             self.progress.maybe_print()
+            self.feed.tick()
             try:
                 item = self.events.get(timeout=self.progress.seconds_to_next())
             except queue.Empty:
@@ -704,6 +707,7 @@ class TuneController:
         self.journal.append("end", time=time.time())
         self.journal.close()
         self._save_search_state()
+        self.feed.finish(failed=getattr(self, "_fail_fast_error", None) is not None)
 
 
 def _write_trial_files(fs: Any, path: str, config: dict) -> None:

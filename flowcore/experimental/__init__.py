@@ -1,0 +1,2 @@
+"""Experimental public APIs, spelled as Ray spells them
+(``flowcore.experimental.internal_kv``)."""
