@@ -30,7 +30,6 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench,$(TEST_EXTRAS)]" --config-settings editable_mode=compat
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
-	$(PY) -m benchmarks.head_scale
 	$(PY) -m benchmarks.serve_bench
 	$(PY) -m benchmarks.dask_bench
 	$(PY) -m benchmarks.data_bench
