@@ -20,6 +20,7 @@ from typing import Any
 from .. import ids
 from ..exceptions import ActorDiedError, ActorError
 from .states import TaskState
+from .records import ObjectState
 
 S = TaskState
 PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
@@ -111,7 +112,7 @@ class ActorsMixin:
         self.actors[actor.aid] = actor
         # the creator's handle: counted like a ref to an (always ready) object
         handle = self._obj(ids.actor_handle_id(actor.aid), source)  # type: ignore[attr-defined]
-        handle.state = "READY"
+        handle.state = ObjectState.READY
         handle.clients.add(source)
         self.client_refs.setdefault(source, set()).add(handle.oid)  # type: ignore[attr-defined]
         if key is not None:

@@ -32,7 +32,7 @@ from .states import TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
     from .actors import ActorRecord
-    from .machine import TaskRecord
+    from .records import TaskRecord
 
 S = TaskState
 EARLY_LIMIT = 10_000  # task_done messages held for direct submissions not yet seen

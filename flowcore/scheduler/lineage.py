@@ -18,10 +18,10 @@ from ..exceptions import ObjectLostError
 from .states import TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .machine import ObjectRecord, TaskRecord
+    from .records import ObjectRecord, TaskRecord
 
 S = TaskState
-PENDING, READY, LOST = "PENDING", "READY", "LOST"
+from .records import LOST, PENDING, READY
 
 # what a kept spec costs besides its inline arguments (record, ids, options)
 SPEC_OVERHEAD = 256

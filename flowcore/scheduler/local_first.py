@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from .states import TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .machine import TaskRecord
+    from .records import TaskRecord
 
 S = TaskState
 EARLY_LIMIT = 10_000  # verdicts / results held for submissions not yet seen

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 
 from ..exceptions import PlacementGroupError
 from .states import TaskState
+from .records import ObjectState
 
 S = TaskState
 PG_PENDING, PG_CREATED, PG_RESCHEDULING, PG_REMOVED = (
@@ -287,7 +288,7 @@ class PlacementGroupsMixin:
         pg.cause = "all bundles reserved"
         pg.placed_at = time.time()
         ready = self.objects.get(pg.ready_oid())  # type: ignore[attr-defined]
-        if ready is not None and ready.state == "PENDING":
+        if ready is not None and ready.state == ObjectState.PENDING:
             data = ready_payload(pg)
             self._seal(ready, {"inline": data, "size": len(data)})  # type: ignore
 
@@ -406,7 +407,7 @@ class PlacementGroupsMixin:
             del self.pg_names[pg.name]
         ready = self.objects.get(pg.ready_oid())  # type: ignore[attr-defined]
         if ready is not None:
-            if ready.state == "PENDING":
+            if ready.state == ObjectState.PENDING:
                 err = PlacementGroupError(
                     f"placement group {pg.name or pg.pgid.hex()} was removed before all its "
                     f"bundles were reserved")

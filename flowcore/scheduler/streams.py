@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .states import TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .machine import TaskRecord
+    from .records import TaskRecord
 
 S = TaskState
 
