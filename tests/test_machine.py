@@ -871,7 +871,7 @@ def test_node_died_retries_running_tasks_elsewhere_and_loses_sole_copies() -> No
     assert "n1" not in c.state.nodes
     assert run_task_tids(out, "n2") == [a]
     assert c.state.tasks[a].attempt == 2 and c.st(a) == S.RUNNING
-    assert c.transitions(a)[-2:] == ["retry", "dispatch"]
+    assert c.transitions(a)[-3:] == ["node_lost", "resubmit_lost", "dispatch"]
     lost = c.state.objects[only]
     assert lost.state == LOST and lost.error
     exc = deserialize(lost.inline)
@@ -984,7 +984,7 @@ def test_machine_refuses_an_invalid_transition_and_keeps_the_state() -> None:
     t = c.state.tasks[tid]
     n = len(c.state.log)
     with pytest.raises(InvalidTransition):
-        c.state._transition(t, S.RUNNING, "bogus")
+        c.state.tx.check(t, S.RUNNING, "bogus")
     assert t.state == S.FINISHED and len(c.state.log) == n
 
 

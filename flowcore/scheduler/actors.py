@@ -158,8 +158,7 @@ class ActorsMixin:
         node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
         if t is not None and t.state == S.RUNNING:
-            self._finish_resources(t)  # type: ignore[attr-defined]
-            self._transition(t, S.FINISHED, "actor constructed")  # type: ignore[attr-defined]
+            self.tx.finish_create(t, True)  # type: ignore[attr-defined]
             self._done(t)  # type: ignore[attr-defined]
         if node is not None and actor.hold and not actor.holding:
             self._account(node, actor.bundle).take(actor.hold)  # type: ignore[attr-defined]
@@ -173,8 +172,7 @@ class ActorsMixin:
             return
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
         if t is not None and t.state == S.RUNNING:
-            self._finish_resources(t)  # type: ignore[attr-defined]
-            self._transition(t, S.FAILED, "constructor raised")  # type: ignore[attr-defined]
+            self.tx.finish_create(t, False)  # type: ignore[attr-defined]
             self._done(t)  # type: ignore[attr-defined]
         self._actor_dead(actor, f"its constructor raised: {msg.get('error', '?')}",
                          payload=msg.get("payload"))
@@ -198,16 +196,14 @@ class ActorsMixin:
         actor = self.actors.get(t.actor)
         if actor is None or actor.state == DEAD:
             return False
-        t.retries_left -= 1
-        self._transition(t, S.QUEUED,  # type: ignore[attr-defined]
-                         "application error, retrying (retry_exceptions)")
-        actor.queues.setdefault(t.owner, deque()).appendleft(t.tid)
+        self.tx.retry_call(t, actor,  # type: ignore[attr-defined]
+                           "application error, retrying (retry_exceptions)")
         self._pump_actor(actor)
         return True
 
     def _actor_call_ready(self, t: Any, cause: str) -> None:
-        self._transition(t, S.QUEUED, cause)  # type: ignore[attr-defined]
         actor = self.actors.get(t.actor)
+        self.tx.queue_call(t, actor, cause)  # type: ignore[attr-defined]
         if actor is not None:
             self._pump_actor(actor)
 
@@ -228,11 +224,7 @@ class ActorsMixin:
                 self._dispatch_call(actor, t)
 
     def _dispatch_call(self, actor: ActorRecord, t: Any) -> None:
-        t.node = actor.node
-        t.attempt += 1
-        t.started = time.time()
-        actor.inflight.add(t.tid)
-        self._transition(t, S.RUNNING, f"sent to actor {actor.class_name}")  # type: ignore
+        self.tx.start_call(t, actor, f"sent to actor {actor.class_name}")  # type: ignore
         deps = [self._ready(self.objects[oid]) for oid in t.deps]  # type: ignore[attr-defined]
         self._send(actor.client or actor.node, {
             "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
@@ -311,9 +303,8 @@ class ActorsMixin:
             if t is None or t.state != S.RUNNING:
                 continue
             if t.retries_left > 0:
-                t.retries_left -= 1
-                self._transition(t, S.QUEUED, f"actor restarting ({cause}); call retried")  # type: ignore
-                actor.queues.setdefault(t.owner, deque()).appendleft(t.tid)
+                self.tx.retry_call(t, actor,  # type: ignore[attr-defined]
+                                   f"actor restarting ({cause}); call retried", count=False)
             else:
                 self._fail_task(t, self.error_payload(ActorError(  # type: ignore[attr-defined]
                     f"actor {actor.class_name} died while running {t.name}: {cause}; it is "
@@ -345,10 +336,8 @@ class ActorsMixin:
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
         if t is not None and t.state == S.RUNNING:
             # still constructing when its node died: the same creation again
-            self._finish_resources(t)  # type: ignore[attr-defined]
             t.strategy = strategy
-            self._transition(t, S.QUEUED, f"actor restarting: {cause}")  # type: ignore
-            self.queues.setdefault(t.shape, deque()).append(t.tid)  # type: ignore
+            self.tx.queue(t, f"actor restarting: {cause}")  # type: ignore[attr-defined]
             return
         if t is not None and t.state is not None and not t.state.done:
             return  # already waiting to be placed
@@ -399,8 +388,6 @@ class ActorsMixin:
             if t is not None and not (t.state and t.state.done):
                 self._fail_task(t, err, f"actor dead: {cause}")  # type: ignore[attr-defined]
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
-        if t is not None and t.state == S.RUNNING:
-            self._finish_resources(t)  # type: ignore[attr-defined]
         if t is not None and t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.RUNNING):
             self._fail_task(t, err, f"actor dead: {cause}")  # type: ignore[attr-defined]
         elif t is not None and t.state == S.INFEASIBLE:

@@ -23,7 +23,6 @@ the old process may or may not have run it, so it is not run again.
 """
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -72,14 +71,10 @@ class DirectCallsMixin:
             self._early_direct.pop(t.tid, None)  # the old process's report, if any
             return
         t.missing.clear()  # the caller had every argument; the actor reads them itself
-        t.node = actor.node
-        t.attempt += 1
-        t.started = time.time()
-        actor.inflight.add(t.tid)
         actor.direct.setdefault(t.owner, set()).add(t.tid)
         self.counts["direct_calls"] = self.counts.get("direct_calls", 0) + 1  # type: ignore
-        self._transition(t, S.RUNNING,  # type: ignore[attr-defined]
-                         f"called directly by its caller on actor {actor.class_name}")
+        self.tx.start_call(t, actor,  # type: ignore[attr-defined]
+                           f"called directly by its caller on actor {actor.class_name}")
         done = self._early_direct.pop(t.tid, None)
         if done is not None:
             self.handle_task_done(*done)  # type: ignore[attr-defined]

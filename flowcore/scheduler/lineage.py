@@ -134,11 +134,8 @@ class LineageMixin:
             if dep.state != READY:
                 t.missing.add(oid)
                 dep.dependents.append(t.tid)
-        t.node = None
         if t.missing:
-            self._transition(t, S.WAITING_FOR_ARGS,
-                             f"re-running to rebuild a lost result ({why}); waiting for "
-                             f"{len(t.missing)} lost argument(s)")
+            self.tx.reconstruct(t, f"re-running to rebuild a lost result ({why}); waiting "
+                                   f"for {len(t.missing)} lost argument(s)")
         else:
-            self._transition(t, S.QUEUED, f"re-running to rebuild a lost result ({why})")
-            self.queues.setdefault(t.shape, deque()).append(t.tid)
+            self.tx.reconstruct(t, f"re-running to rebuild a lost result ({why})")

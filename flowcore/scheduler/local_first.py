@@ -19,7 +19,6 @@ in a small bounded table until it does.
 """
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -61,7 +60,7 @@ class LocalFirstMixin:
             del self._local_offers[t.tid]
             return False
         name = node.name if node is not None else node_id
-        self._transition(t, S.QUEUED, f"{cause}; offered to node {name} to start locally")
+        self.tx.queue_offered(t, f"{cause}; offered to node {name} to start locally")
         early = self._early_verdicts.pop(t.tid, None)
         if early is not None:
             self._apply_local_verdict(t, *early)
@@ -103,13 +102,8 @@ class LocalFirstMixin:
         # the node found every argument in its store, even if the head has
         # not heard of one being ready yet
         t.missing.clear()
-        node.take(t.res)
-        node.running.add(t.tid)
-        t.node = node.node_id
-        t.attempt += 1
-        t.started = time.time()
         self.counts["local_first"] = self.counts.get("local_first", 0) + 1
-        self._transition(t, S.RUNNING, f"started locally on node {node.name} (local-first)")
+        self.tx.start(t, node, f"started locally on node {node.name} (local-first)", acct=node)
         done = self._early_done.pop(t.tid, None)
         if done is not None:
             self.handle_task_done(*done)

@@ -29,7 +29,8 @@ from .recovery import RecoveryMixin
 from .streams import StreamsMixin
 from .records import (LOST, PENDING, READY, NodeRecord, ObjectRecord, ObjectState, TaskRecord,
                       TaskState)
-from .states import EventLog, transition_name
+from .states import EventLog
+from .tasks import Transitions
 
 S = TaskState
 logger = logging.getLogger("flowcore.scheduler")
@@ -61,6 +62,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self.queues: dict[tuple, deque[bytes]] = {}
         self.infeasible: set[bytes] = set()
         self.log = EventLog(event_log_size)
+        self.tx = Transitions(self)  # the only code that changes a task's state
         self.error_payload = error_payload
         self.out: Out = []
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "retried": 0}
@@ -113,13 +115,6 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         if dest is not None:
             self.out.append((dest, msg))
 
-    def _transition(self, t: TaskRecord, new: TaskState, cause: str) -> None:
-        old = t.state
-        name = transition_name(old, new)
-        t.state = new
-        t.cause = cause
-        self.log.record(t.tid, old, new, name, cause)
-
     # ------------------------------------------------------------ membership
     def handle_register_node(self, source: str, msg: dict) -> None:
         node = NodeRecord(msg["node_id"], msg.get("address", ""), msg.get("resources", {}),
@@ -132,9 +127,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         for tid in list(self.infeasible):
             t = self.tasks.get(tid)
             if t is not None and self._could_run_somewhere(t):
-                self.infeasible.discard(tid)
-                self._transition(t, S.QUEUED, f"node {node.name} joined")
-                self.queues.setdefault(t.shape, deque()).append(tid)
+                self.tx.feasible(t, f"node {node.name} joined")
 
     def handle_log(self, source: str, msg: dict) -> None:
         """Lines a worker printed: to the driver that owns the task (all
@@ -228,6 +221,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         for tid in list(node.running):
             t = self.tasks.get(tid)
             if t is not None and t.state == S.RUNNING:
+                self.tx.lose(t, f"node {node.name} died: {cause}")
                 self._retry_or_fail(t, NodeDiedError(
                     f"node {node.name} ({node.address}) died while running task "
                     f"{t.name} ({cause})"), f"node {node.name} died: {cause}")
@@ -502,8 +496,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         if failed is not None:
             self._fail_task(t, failed.inline or b"", f"argument {ids.short(failed.oid)} failed")
         elif t.missing:
-            self._transition(t, S.WAITING_FOR_ARGS,
-                             f"waiting for {len(t.missing)} argument(s)")
+            self.tx.wait_for_args(t, f"waiting for {len(t.missing)} argument(s)")
         else:
             self._enqueue(t, "submitted with arguments ready")
 
@@ -525,18 +518,13 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         if self._local_offers and self._offered(t, cause):
             return
         if not self._could_run_somewhere(t) and self.nodes:
-            if t.state is None:
-                self._transition(t, S.QUEUED, cause)
-            if t.state != S.QUEUED:
-                self._transition(t, S.QUEUED, cause)
             s = t.strategy
             if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
                 why = f"node {s[1]} (hard node affinity) is not in the cluster or cannot fit " \
                       f"{dict(t.res)}"
             else:
                 why = f"no node has {dict(t.res)}"
-            self._transition(t, S.INFEASIBLE, why)
-            self.infeasible.add(t.tid)
+            self.tx.mark_infeasible(t, why, cause)
             what = f"actor {t.name.removesuffix('.__init__')}" if t.kind == "create" \
                 else f"task {t.name}"
             w = (f"{what} cannot be placed: {why}; it stays pending until a node that "
@@ -544,8 +532,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self.warnings.append(w)
             self._send(t.owner, {"op": "warning", "text": w})
             return
-        self._transition(t, S.QUEUED, cause)
-        self.queues.setdefault(t.shape, deque()).append(t.tid)
+        self.tx.queue(t, cause)
 
     def _schedule(self) -> None:
         if self.pg_waiting:
@@ -635,14 +622,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         return best
 
     def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
-        acct = self._account(node, t.bundle)  # the node, or the task's bundle on it
-        t.ahead = not acct.fits(t.res)
-        acct.take(t.res)
-        node.running.add(t.tid)
-        t.node = node.node_id
-        t.attempt += 1
-        t.started = time.time()
-        self._transition(t, S.RUNNING, f"placed on node {node.name}")
+        self.tx.start(t, node, f"placed on node {node.name}")
         if t.kind == "create":
             self._dispatch_create(t, node)
             return
@@ -662,17 +642,6 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         if t.xopts is not None:
             msg["xopts"] = t.xopts
         self._send(node.node_id, msg)
-
-    def _finish_resources(self, t: TaskRecord) -> None:
-        node = self.nodes.get(t.node) if t.node else None
-        if node is not None and t.tid in node.running:
-            node.running.discard(t.tid)
-            acct = self._account(node, t.bundle)
-            if not t.blocked:
-                acct.give(t.res)
-            else:
-                acct.give({k: v for k, v in t.res.items() if k != "CPU"})
-        t.blocked = False
 
     def _done(self, t: TaskRecord) -> None:
         t.ended = time.time()
@@ -710,7 +679,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             t.started = msg["started"]
         if status == "error":
             t.error_text = msg.get("error_text")
-        self._finish_resources(t)
+        self.tx.release(t)
         if t.kind == "call":
             self._actor_call_done(t)
         if status == "cancelled":
@@ -718,20 +687,12 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             return
         if status == "error" and msg.get("retryable") and t.retries_left > 0 \
                 and t.kind == "task":
-            t.retries_left -= 1
-            self.counts["retried"] += 1
-            self._transition(t, S.QUEUED, "application error, retrying (retry_exceptions)")
-            self.queues.setdefault(t.shape, deque()).append(t.tid)
+            self.tx.retry(t, "application error, retrying (retry_exceptions)")
             return
         if status == "error" and msg.get("retryable") and t.retries_left > 0 \
                 and t.kind == "call" and self._retry_call(t):
-            self.counts["retried"] += 1
             return
-        self._transition(t, S.FINISHED if status == "ok" else S.FAILED,
-                         "returned" if status == "ok" else "raised an exception")
-        self.counts["finished" if status == "ok" else "failed"] += 1
-        self.latencies.append(time.time() - t.submitted)
-        self.latency_count += 1
+        self.tx.finish(t, status == "ok")
         for r in msg["results"]:
             obj = self.objects.get(r["oid"])
             if obj is None:
@@ -745,8 +706,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
 
     def _fail_task(self, t: TaskRecord, payload: bytes, cause: str) -> None:
         """Fail ``t`` with ``payload`` as the value of every return (no run)."""
-        self._transition(t, S.FAILED, cause)
-        self.counts["failed"] += 1
+        self.tx.fail(t, cause)
         for oid in t.returns():
             obj = self.objects.get(oid)
             if obj is None:
@@ -756,12 +716,9 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._done(t)
 
     def _retry_or_fail(self, t: TaskRecord, exc: BaseException, cause: str) -> None:
-        self._finish_resources(t)
+        self.tx.release(t)
         if t.retries_left > 0:
-            t.retries_left -= 1
-            self.counts["retried"] += 1
-            self._transition(t, S.QUEUED, f"{cause}; retrying ({t.retries_left} retries left)")
-            self.queues.setdefault(t.shape, deque()).append(t.tid)
+            self.tx.retry(t, f"{cause}; retrying ({t.retries_left - 1} retries left)")
         else:
             self._fail_task(t, self.error_payload(exc), cause)
 
@@ -772,7 +729,6 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         how = msg.get("how", "exited")
         if t.tid in self._force_cancelled:
             self._force_cancelled.discard(t.tid)
-            self._finish_resources(t)
             self._cancel_task(t, "worker killed by cancel(force=True)")
             return
         node = self.nodes.get(source)
@@ -834,8 +790,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._cancel_task(t, cause)
 
     def _cancel_task(self, t: TaskRecord, cause: str) -> None:
-        self._transition(t, S.CANCELLED, cause)
-        self.counts["cancelled"] += 1
+        self.tx.cancel(t, cause)
         payload = self.error_payload(TaskCancelledError(f"task {t.name} was cancelled ({cause})"))
         for oid in t.returns():
             obj = self.objects.get(oid)

@@ -80,7 +80,7 @@ class NodeRecord:
 
 class TaskRecord:
     __slots__ = ("tid", "fid", "name", "owner", "args", "deps", "missing", "nested",
-                 "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
+                 "nret", "res", "retries_left", "retry_exc", "_state", "node", "cause",
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
                  "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job",
@@ -114,7 +114,7 @@ class TaskRecord:
         self.res: dict[str, float] = spec.get("res") or {}
         self.retries_left: int = spec.get("retries", 3)
         self.retry_exc = spec.get("retry_exc", False)
-        self.state: TaskState | None = None
+        self._state: TaskState | None = None  # written by tasks.Transitions only
         self.node: str | None = None
         self.cause = ""
         self.submitted = time.time()
@@ -128,6 +128,12 @@ class TaskRecord:
         # must not hold back others
         self.shape = (tuple(sorted((k, v) for k, v in self.res.items() if v)), self.strategy)
         self.returns_alive = self.nret
+
+    @property
+    def state(self) -> TaskState | None:
+        """Read-only: ``tasks.Transitions`` is the one writer (checked
+        against the transition table)."""
+        return self._state
 
     def returns(self) -> list[bytes]:
         return [ids.object_id(self.tid, i) for i in range(self.nret)]
