@@ -12,6 +12,7 @@ copy, who references it) and a bounded event log of every task transition.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
@@ -21,6 +22,7 @@ from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCa
                           WorkerCrashedError)
 from .actors import ActorRecord, ActorsMixin
 from .direct_calls import DirectCallsMixin
+from .books import check_books
 from .history import history_entry, history_rows
 from .lineage import LineageMixin
 from .local_first import LocalFirstMixin
@@ -43,15 +45,28 @@ def default_error_payload(exc: BaseException) -> bytes:
     return serialize(exc).to_bytes()
 
 
+def _cause_id(msg: dict) -> str:
+    """The id a message is about (task, object, actor, group, node), for logs."""
+    for key in ("tid", "oid", "aid", "pgid", "node_id"):
+        v = msg.get(key)
+        if v:
+            return v.hex() if isinstance(v, bytes) else str(v)
+    return "-"
+
+
 class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixin,
                      PlacementGroupsMixin, RecoveryMixin, StreamsMixin):
     """The control tables and the futures DAG."""
+
+    #: ``validate`` when the constructor is not told (the tests turn it on)
+    validate_default = os.environ.get("FLOWCORE_VALIDATE") == "1"
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
                  history_size: int = 10_000, locality_min_bytes: int = 1 << 20,
                  lineage: bool = True, replicate_puts: bool = True,
                  lineage_memory: int = 512 << 20,
-                 error_payload: Callable[[BaseException], bytes] = default_error_payload):
+                 error_payload: Callable[[BaseException], bytes] = default_error_payload,
+                 validate: bool | None = None):
         self.nodes: dict[str, NodeRecord] = {}
         self.dead_nodes: dict[str, dict] = {}  # node id -> its last row, for nodes()
         self.functions: dict[bytes, dict] = {}
@@ -65,6 +80,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self.tx = Transitions(self)  # the only code that changes a task's state
         self.error_payload = error_payload
         self.out: Out = []
+        #: check the books after every message (on in the tests)
+        self.validate = self.validate_default if validate is None else validate
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self.warnings: deque[str] = deque(maxlen=1000)  # the newest, for views
         self.latencies: deque[float] = deque(maxlen=10_000)
@@ -92,16 +109,42 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
         self._failing = False
         self._init_placement_groups()
+        self.ops = self._register_ops()
 
     # ------------------------------------------------------------ plumbing
+    def _register_ops(self) -> dict[str, Callable[[str, dict], None]]:
+        """op -> handler, for every message the head takes (the server asks
+        this table which ops exist before it calls ``handle``)."""
+        return {name[len("handle_"):]: getattr(self, name) for name in dir(type(self))
+                if name.startswith("handle_") and callable(getattr(self, name))}
+
     def handle(self, source: str, msg: dict) -> Out:
-        handler = getattr(self, "handle_" + msg["op"], None)
+        op = msg["op"]
+        handler = self.ops.get(op)
         if handler is None:
-            raise KeyError(f"unknown op {msg['op']!r}")
-        handler(source, msg)
-        self._schedule()
+            raise KeyError(f"unknown op {op!r}")
+        try:
+            handler(source, msg)
+            self._schedule()
+        except Exception:
+            # no half decision goes out: what the handler queued before it
+            # raised is dropped with it
+            self.out = []
+            logger.error("handling %s from %s failed (cause %s)", op, source,
+                         _cause_id(msg), exc_info=True)
+            raise
         out, self.out = self.out, []
+        if self.validate:
+            self._check_books(op, msg)
         return out
+
+    def _check_books(self, op: str, msg: dict) -> None:
+        problems = check_books(self)
+        if problems:
+            text = (f"the head's books are wrong after {op} (cause {_cause_id(msg)}): "
+                    + "; ".join(problems[:5]))
+            logger.error(text)
+            raise AssertionError(text)
 
     def _ready(self, obj: ObjectRecord) -> dict:
         """The readiness message of ``obj``, with the addresses of the nodes
@@ -120,6 +163,16 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         node = NodeRecord(msg["node_id"], msg.get("address", ""), msg.get("resources", {}),
                           msg.get("name", msg["node_id"]), msg.get("hostname", ""),
                           msg.get("pid", 0), msg.get("info"))
+        old = self.nodes.get(node.node_id)
+        if old is not None and old.alive:
+            # the same node again (its connection to the head dropped): the
+            # tasks still running there keep their place and resources
+            for tid in old.running:
+                t = self.tasks.get(tid)
+                if t is not None and t.state == S.RUNNING:
+                    self._account(node, t.bundle).take(
+                        {k: v for k, v in t.res.items() if not (t.blocked and k == "CPU")})
+                    node.running.add(tid)
         self.nodes[node.node_id] = node
         self.dead_nodes.pop(node.node_id, None)
         self._node_rejoined(node, msg)  # what its store and processes still hold
@@ -189,6 +242,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 self._maybe_free(obj)
         self._schedule()
         out, self.out = self.out, []
+        if self.validate:
+            self._check_books("client_disconnected", {"node_id": cid})
         return out
 
     def _cancel_owned_tasks(self, cid: str) -> None:
@@ -245,6 +300,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                                    f"({cause})")
         self._schedule()
         out, self.out = self.out, []
+        if self.validate:
+            self._check_books("node_died", {"node_id": node_id})
         return out
 
     # ------------------------------------------------------------ functions
