@@ -20,6 +20,7 @@ from typing import Any
 from .. import ids
 from ..exceptions import ActorDiedError, ActorError
 from .states import TaskState
+from .direct_calls import DirectCalls
 from .records import ObjectState
 
 S = TaskState
@@ -237,7 +238,7 @@ class ActorsMixin:
         actor = self.actors.get(t.actor)
         if actor is not None:
             actor.inflight.discard(t.tid)
-            if self._direct_call_done(actor, t):  # type: ignore[attr-defined]
+            if DirectCalls.call_done(actor, t):
                 self._pump_actor(actor)
             if actor.out_of_scope:
                 self._maybe_retire(actor)

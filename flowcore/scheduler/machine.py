@@ -21,11 +21,11 @@ from .. import ids
 from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError)
 from .actors import ActorRecord, ActorsMixin
-from .direct_calls import DirectCallsMixin
+from .direct_calls import DirectCalls
 from .books import check_books
 from .history import history_entry, history_rows
 from .lineage import LineageMixin
-from .local_first import LocalFirstMixin
+from .local_first import LocalFirst
 from .placement_groups import PlacementGroupsMixin
 from .recovery import RecoveryMixin
 from .streams import StreamsMixin
@@ -54,8 +54,8 @@ def _cause_id(msg: dict) -> str:
     return "-"
 
 
-class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixin,
-                     PlacementGroupsMixin, RecoveryMixin, StreamsMixin):
+class SchedulerState(ActorsMixin, LineageMixin, PlacementGroupsMixin, RecoveryMixin,
+                     StreamsMixin):
     """The control tables and the futures DAG."""
 
     #: ``validate`` when the constructor is not told (the tests turn it on)
@@ -96,8 +96,10 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self.dead_actors: deque[bytes] = deque()
         self.lineage = lineage
         self._init_lineage(lineage_memory)
-        self._init_local_first()
-        self._init_direct_calls()
+        self._hooks: dict[str, list[Callable[..., None]]] = {}
+        # components: each owns its tables and registers its ops and hooks
+        self.local_first = LocalFirst(self)
+        self.direct_calls = DirectCalls(self)
         self._init_streams()
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
@@ -110,6 +112,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._failing = False
         self._init_placement_groups()
         self.ops = self._register_ops()
+        for component in (self.local_first, self.direct_calls):
+            self.ops.update(component.ops())
 
     # ------------------------------------------------------------ plumbing
     def _register_ops(self) -> dict[str, Callable[[str, dict], None]]:
@@ -117,6 +121,15 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         this table which ops exist before it calls ``handle``)."""
         return {name[len("handle_"):]: getattr(self, name) for name in dir(type(self))
                 if name.startswith("handle_") and callable(getattr(self, name))}
+
+    def on(self, event: str, hook: Callable[..., None]) -> None:
+        """Call ``hook`` on ``event``: "node_joined" / "node_died" (node id),
+        "recovery_done" (a restarted head's recovery ended)."""
+        self._hooks.setdefault(event, []).append(hook)
+
+    def emit(self, event: str, *args: Any) -> None:
+        for hook in self._hooks.get(event, ()):
+            hook(*args)
 
     def handle(self, source: str, msg: dict) -> Out:
         op = msg["op"]
@@ -176,7 +189,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self.nodes[node.node_id] = node
         self.dead_nodes.pop(node.node_id, None)
         self._node_rejoined(node, msg)  # what its store and processes still hold
-        self._local_node_joined(node.node_id)
+        self.emit("node_joined", node.node_id)
         for tid in list(self.infeasible):
             t = self.tasks.get(tid)
             if t is not None and self._could_run_somewhere(t):
@@ -255,7 +268,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                     self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": False})
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
-                self._withdraw_offer(t, False)
+                self.local_first.withdraw(t, False)
                 self._cancel_task(t, "its driver disconnected")
 
     def check_heartbeats(self, now: float, timeout: float) -> list[str]:
@@ -294,7 +307,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                                         death_cause=cause, died=time.time())
         while len(self.dead_nodes) > 1000:
             self.dead_nodes.pop(next(iter(self.dead_nodes)))
-        self._local_node_died(node_id)
+        self.emit("node_died", node_id)
         for obj in lost:
             self._object_lost(obj, f"its only copy was on node {node.name}, which died "
                                    f"({cause})")
@@ -523,7 +536,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._hold(t.deps)
         self._hold(t.nested)
         if spec.get("local") and t.kind == "task":
-            self._note_local_offer(t, spec["local"])
+            self.local_first.note_offer(t, spec["local"])
         if t.kind == "call" and not self._actor_call_submitted(t):
             actor = self.actors.get(t.actor or b"")
             why = actor.cause if actor is not None else "unknown actor"
@@ -531,7 +544,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
             return
         if t.kind == "call" and spec.get("direct") is not None:
-            self._start_direct_call(t, spec["direct"])
+            self.direct_calls.start(t, spec["direct"])
             return
         failed: ObjectRecord | None = None
         for oid in t.deps:
@@ -572,7 +585,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             return
         if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self._pg_reject(t):
             return
-        if self._local_offers and self._offered(t, cause):
+        if self.local_first.offers and self.local_first.offered(t, cause):
             return
         if not self._could_run_somewhere(t) and self.nodes:
             s = t.strategy
@@ -726,8 +739,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
         if t is None or t.state != S.RUNNING:
-            if not self._early_task_done(source, msg):
-                self._early_direct_done(source, msg)
+            if not self.local_first.early_task_done(source, msg):
+                self.direct_calls.early_done(source, msg)
             return
         status = msg.get("status", "ok")
         if "pid" in msg:
@@ -843,7 +856,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force})
             return
         self.infeasible.discard(t.tid)
-        self._withdraw_offer(t, force)  # offered to its node, which may have started it
+        self.local_first.withdraw(t, force)  # offered to its node, which may have started it
         self._cancel_task(t, cause)
 
     def _cancel_task(self, t: TaskRecord, cause: str) -> None:

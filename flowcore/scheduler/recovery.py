@@ -283,7 +283,7 @@ class RecoveryMixin:
         if rec is None:
             return
         self.recovery = None
-        self._settle_local_offers()  # type: ignore[attr-defined]
+        self.emit("recovery_done")  # type: ignore[attr-defined]
         for oid in list(rec.awaited):
             obj = self.objects.get(oid)
             if obj is not None and obj.state == ObjectState.PENDING \
