@@ -1382,7 +1382,7 @@ def test_lineage_over_its_memory_bound_evicts_the_oldest() -> None:
     first, second, third = (c.state.tasks[t] for t in tids)
     assert first.lineage_evicted and not first.lineage_held and first.args is None
     assert second.lineage_held and third.lineage_held
-    assert c.state.lineage_bytes == 2 * cost and c.state.counts["lineage_evicted"] == 1
+    assert c.state.lineages.bytes == 2 * cost and c.state.counts["lineage_evicted"] == 1
     assert "lineage_evicted" in [e["transition"] for e in c.state.log.for_task(tids[0])]
     # losing the evicted task's output is reported, not rebuilt
     c.state.node_died("n1", "killed")
@@ -1400,9 +1400,9 @@ def test_pruned_lineage_gives_its_bytes_back() -> None:
     c.node("n1", CPU=1)
     a, _ = c.task()
     c.finish(a, where="n1")
-    assert c.state.lineage_bytes > 0
+    assert c.state.lineages.bytes > 0
     c.decref(object_id(a))
-    assert c.state.tasks == {} and c.state.lineage_bytes == 0 and not c.state._lineage
+    assert c.state.tasks == {} and c.state.lineages.bytes == 0 and not c.state.lineages.kept
 
 
 def test_recursive_cancel_reaches_children_and_grandchildren() -> None:

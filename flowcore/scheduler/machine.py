@@ -24,11 +24,11 @@ from .actors import ActorRecord, ActorsMixin
 from .direct_calls import DirectCalls
 from .books import check_books
 from .history import history_entry, history_rows
-from .lineage import LineageMixin
+from .lineage import Lineage
 from .local_first import LocalFirst
 from .placement_groups import PlacementGroupsMixin
 from .recovery import RecoveryMixin
-from .streams import StreamsMixin
+from .streams import Streams
 from .records import (LOST, PENDING, READY, NodeRecord, ObjectRecord, ObjectState, TaskRecord,
                       TaskState)
 from .states import EventLog
@@ -54,8 +54,7 @@ def _cause_id(msg: dict) -> str:
     return "-"
 
 
-class SchedulerState(ActorsMixin, LineageMixin, PlacementGroupsMixin, RecoveryMixin,
-                     StreamsMixin):
+class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
     """The control tables and the futures DAG."""
 
     #: ``validate`` when the constructor is not told (the tests turn it on)
@@ -95,12 +94,12 @@ class SchedulerState(ActorsMixin, LineageMixin, PlacementGroupsMixin, RecoveryMi
         self.named: dict[tuple[str, str], bytes] = {}
         self.dead_actors: deque[bytes] = deque()
         self.lineage = lineage
-        self._init_lineage(lineage_memory)
         self._hooks: dict[str, list[Callable[..., None]]] = {}
         # components: each owns its tables and registers its ops and hooks
         self.local_first = LocalFirst(self)
         self.direct_calls = DirectCalls(self)
-        self._init_streams()
+        self.lineages = Lineage(self, lineage_memory)
+        self.streams = Streams(self)
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
         self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
@@ -112,7 +111,7 @@ class SchedulerState(ActorsMixin, LineageMixin, PlacementGroupsMixin, RecoveryMi
         self._failing = False
         self._init_placement_groups()
         self.ops = self._register_ops()
-        for component in (self.local_first, self.direct_calls):
+        for component in (self.local_first, self.direct_calls, self.streams):
             self.ops.update(component.ops())
 
     # ------------------------------------------------------------ plumbing
@@ -309,7 +308,7 @@ class SchedulerState(ActorsMixin, LineageMixin, PlacementGroupsMixin, RecoveryMi
             self.dead_nodes.pop(next(iter(self.dead_nodes)))
         self.emit("node_died", node_id)
         for obj in lost:
-            self._object_lost(obj, f"its only copy was on node {node.name}, which died "
+            self.lineages.object_lost(obj, f"its only copy was on node {node.name}, which died "
                                    f"({cause})")
         self._schedule()
         out, self.out = self.out, []
@@ -397,7 +396,7 @@ class SchedulerState(ActorsMixin, LineageMixin, PlacementGroupsMixin, RecoveryMi
             del self.tasks[t.tid]
             if t.lineage_held:
                 t.lineage_held = False
-                self._forget_lineage(t.tid)
+                self.lineages.forget(t.tid)
                 # released through the iterative free loop (long lineage chains)
                 self._pending_release.extend(t.deps)
                 self._pending_release.extend(t.nested)
@@ -719,7 +718,7 @@ class SchedulerState(ActorsMixin, LineageMixin, PlacementGroupsMixin, RecoveryMi
         # after the task record itself is pruned
         self.history.append(history_entry(t))
         self._force_cancelled.discard(t.tid)
-        self._stream_done(t)
+        self.streams.task_ended(t)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
@@ -730,7 +729,7 @@ class SchedulerState(ActorsMixin, LineageMixin, PlacementGroupsMixin, RecoveryMi
                 self._release(handles)
             # lineage: the arguments stay held while any output of the task is
             # referenced, so a lost output can be rebuilt by running it again
-            self._keep_lineage(t)
+            self.lineages.keep(t)
         else:
             self._release(t.deps)
             self._release(t.nested)
