@@ -26,7 +26,7 @@ from .books import check_books
 from .history import history_entry, history_rows
 from .lineage import Lineage
 from .local_first import LocalFirst
-from .placement_groups import PlacementGroupsMixin
+from .placement_groups import PlacementGroups
 from .recovery import RecoveryMixin
 from .streams import Streams
 from .records import (LOST, PENDING, READY, NodeRecord, ObjectRecord, ObjectState, TaskRecord,
@@ -54,7 +54,7 @@ def _cause_id(msg: dict) -> str:
     return "-"
 
 
-class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
+class SchedulerState(ActorsMixin, RecoveryMixin):
     """The control tables and the futures DAG."""
 
     #: ``validate`` when the constructor is not told (the tests turn it on)
@@ -109,9 +109,14 @@ class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
         # recursion so a long chain of tasks cannot overflow the stack
         self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
         self._failing = False
-        self._init_placement_groups()
+        self.groups = PlacementGroups(self)
+        # the group table, and what tasks and actors count resources against
+        self.pgs = self.groups.pgs
+        self._account = self.groups.account
+        self.list_placement_groups = self.groups.list_placement_groups
+        self.get_placement_group = self.groups.get_placement_group
         self.ops = self._register_ops()
-        for component in (self.local_first, self.direct_calls, self.streams):
+        for component in (self.local_first, self.direct_calls, self.streams, self.groups):
             self.ops.update(component.ops())
 
     # ------------------------------------------------------------ plumbing
@@ -238,7 +243,7 @@ class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
             # come and go with the pool, hand what they own on through refs)
             self._cancel_owned_tasks(cid)
             self._kill_owned_actors(cid)
-            self._remove_owned_groups(cid)
+            self.groups.remove_owned(cid)
         else:
             # an actor's process ended: the actors it created die with it
             self._owner_process_ended(cid)
@@ -293,7 +298,7 @@ class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
                     f"node {node.name} ({node.address}) died while running task "
                     f"{t.name} ({cause})"), f"node {node.name} died: {cause}")
         node.running.clear()
-        self._pg_node_died(node_id)
+        self.groups.node_died(node_id)
         lost = []
         for obj in list(self.objects.values()):
             if node_id in obj.nodes:
@@ -572,7 +577,7 @@ class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
     def _could_run_somewhere(self, t: TaskRecord) -> bool:
         s = t.strategy
         if isinstance(s, tuple) and s and s[0] == "pg":
-            return True  # checked against its bundles by _pg_reject
+            return True  # checked against its bundles by groups.reject
         if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
             n = self.nodes.get(s[1])
             return n is not None and n.alive and n.could_ever_fit(t.res)
@@ -582,7 +587,7 @@ class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
         if t.kind == "call":
             self._actor_call_ready(t, cause)
             return
-        if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self._pg_reject(t):
+        if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self.groups.reject(t):
             return
         if self.local_first.offers and self.local_first.offered(t, cause):
             return
@@ -604,8 +609,8 @@ class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
         self.tx.queue(t, cause)
 
     def _schedule(self) -> None:
-        if self.pg_waiting:
-            self._place_pending_groups()
+        if self.groups.pg_waiting:
+            self.groups.place_pending()
         if not self.queues:
             return
         nodes = [n for n in self.nodes.values() if n.alive]
@@ -648,7 +653,7 @@ class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
         """
         strategy = t.strategy
         if isinstance(strategy, tuple) and strategy and strategy[0] == "pg":
-            return self._pg_choose_node(t)
+            return self.groups.choose_node(t)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
             target = self.nodes.get(strategy[1])
             if target is not None and target.alive and target.fits(t.res):
@@ -703,7 +708,7 @@ class SchedulerState(ActorsMixin, PlacementGroupsMixin, RecoveryMixin):
             "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
             "args_dep": t.args_dep,
             "deps": deps, "nret": t.nret, "res": t.res, "retry_exc": t.retry_exc,
-            "owner": t.owner, "attempt": t.attempt, **self._bundle_fields(t)}
+            "owner": t.owner, "attempt": t.attempt, **self.groups.bundle_fields(t)}
         if t.renv is not None:
             msg["renv"] = t.renv
         if t.job is not None:
