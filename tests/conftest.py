@@ -17,6 +17,15 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
+@pytest.fixture(autouse=True)
+def _validate_head_books(monkeypatch):
+    """Every head state machine a test builds in-process checks its books
+    after each message (resources, running sets, refcounts, holders)."""
+    from flowcore.scheduler.machine import SchedulerState
+    monkeypatch.setattr(SchedulerState, "validate_default", True)
+    yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftovers():
     """The whole run leaves no flowcore process or shared memory behind."""

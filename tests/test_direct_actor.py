@@ -122,10 +122,10 @@ def test_task_done_before_the_direct_submission_waits_for_it() -> None:
     h = Head()
     spec = h.call()
     assert h.done(spec) == []
-    assert spec["tid"] in h.state._early_direct
+    assert spec["tid"] in h.state.direct_calls.early
     h.submit(spec)
     assert h.st(spec) == S.FINISHED
-    assert spec["tid"] not in h.state._early_direct
+    assert spec["tid"] not in h.state.direct_calls.early
 
 
 def test_a_direct_call_with_an_argument_the_head_has_not_seen_ready_runs() -> None:

@@ -95,8 +95,8 @@ def test_two_puts_feed_a_task_that_feeds_a_task():
     head.done(a)
     g = export_graph(head.state, None, None)
     assert nodes_of(g) == {
-        h(p1): ("object", "put\n3 B", "SEALED", "put"),
-        h(p2): ("object", "put\n2.0 KiB", "SEALED", "put"),
+        h(p1): ("object", "put\n3 B", "READY", "put"),
+        h(p2): ("object", "put\n2.0 KiB", "READY", "put"),
         h(a): ("task", "load", "FINISHED", FID_A.hex()),
         h(b): ("task", "train", "RUNNING", FID_B.hex()),
     }
@@ -136,9 +136,9 @@ def test_actor_with_three_calls_and_two_callers():
     head.done(c1)
     g = export_graph(head.state, None, None)
     assert nodes_of(g) == {
-        h(ctor_arg): ("object", "put\n3 B", "SEALED", "put"),
+        h(ctor_arg): ("object", "put\n3 B", "READY", "put"),
         h(aid): ("actor", "Counter\n'counter'", "ALIVE", "Counter"),
-        h(p3): ("object", "put\n3 B", "SEALED", "put"),
+        h(p3): ("object", "put\n3 B", "READY", "put"),
         h(c1): ("actor_call", "Counter.incr", "FINISHED", "Counter.incr"),
         h(c2): ("actor_call", "Counter.incr", "RUNNING", "Counter.incr"),
         h(c3): ("actor_call", "Counter.read", "RUNNING", "Counter.read"),
@@ -216,7 +216,7 @@ def test_stored_arguments_are_an_args_object():
     blob = head.put(size=300_000)
     t = head.task(blob, name="big", args=None, args_dep=0)
     g = export_graph(head.state, None, None)
-    assert nodes_of(g)[h(blob)] == ("object", "args\n293.0 KiB", "SEALED", "args")
+    assert nodes_of(g)[h(blob)] == ("object", "args\n293.0 KiB", "READY", "args")
     assert edges_of(g) == {(h(blob), h(t), "data")}
 
 

@@ -83,7 +83,7 @@ def task(id, state="FINISHED", label=None, group=None, kind="task"):
 # a small mixed graph
 
 SMALL_NODES = [
-    {"id": "o1", "kind": "object", "label": "put", "state": "SEALED", "group": None},
+    {"id": "o1", "kind": "object", "label": "put", "state": "READY", "group": None},
     task("t1", "FINISHED", "load"),
     task("t2", "RUNNING", "train"),
     {"id": "A", "kind": "actor", "label": "Counter", "state": "ALIVE", "group": None},
@@ -120,7 +120,7 @@ def test_fill_colours_by_state(small):
     assert nodes[by_label(nodes, "train")]["fillcolor"] == "#ffe45c"  # yellow
     assert nodes[by_label(nodes, "Counter.get")]["fillcolor"] == "#a6cee3"  # light blue
     assert nodes[by_label(nodes, "Counter")]["fillcolor"] == fill("actor", "ALIVE")
-    assert nodes[by_label(nodes, "put")]["fillcolor"] == fill("object", "SEALED")
+    assert nodes[by_label(nodes, "put")]["fillcolor"] == fill("object", "READY")
 
 
 def test_palette_is_the_documented_one():
@@ -166,7 +166,7 @@ def test_legend_and_title(small):
     label = graph["label"]
     assert label.startswith("<") and 'ID="legend"' in label
     assert "small graph" in label
-    for chip in ("FINISHED 2", "RUNNING 1", "QUEUED 1", "actor ALIVE 1", "object SEALED 1"):
+    for chip in ("FINISHED 2", "RUNNING 1", "QUEUED 1", "actor ALIVE 1", "object READY 1"):
         assert chip in label
     assert 'BGCOLOR="#ffe45c"' in label  # the RUNNING chip
     assert "WAITING_FOR_ARGS" not in label  # only states present
@@ -306,7 +306,7 @@ def layered(layers=100, width=100):
                 edges.append((f"o{layer - 1}", tid, "data"))
             edges.append((tid, f"o{layer}", "data"))
         nodes.append({"id": f"o{layer}", "kind": "object", "label": f"o{layer}",
-                      "state": "SEALED", "group": None})
+                      "state": "READY", "group": None})
     return nodes, edges
 
 
@@ -321,7 +321,7 @@ def test_layered_collapses_per_layer():
     assert len(drawn) == 200
     assert len(drawn_edges) == 199
     assert "step57 ×100\\nQUEUED 100" in {a["label"] for a in drawn.values()}
-    assert "QUEUED 10000" in graph["label"] and "object SEALED 100" in graph["label"]
+    assert "QUEUED 10000" in graph["label"] and "object READY 100" in graph["label"]
 
 
 def test_truncation_keeps_first_nodes_in_topological_order():

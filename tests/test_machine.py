@@ -871,7 +871,7 @@ def test_node_died_retries_running_tasks_elsewhere_and_loses_sole_copies() -> No
     assert "n1" not in c.state.nodes
     assert run_task_tids(out, "n2") == [a]
     assert c.state.tasks[a].attempt == 2 and c.st(a) == S.RUNNING
-    assert c.transitions(a)[-2:] == ["retry", "dispatch"]
+    assert c.transitions(a)[-3:] == ["node_lost", "resubmit_lost", "dispatch"]
     lost = c.state.objects[only]
     assert lost.state == LOST and lost.error
     exc = deserialize(lost.inline)
@@ -984,7 +984,7 @@ def test_machine_refuses_an_invalid_transition_and_keeps_the_state() -> None:
     t = c.state.tasks[tid]
     n = len(c.state.log)
     with pytest.raises(InvalidTransition):
-        c.state._transition(t, S.RUNNING, "bogus")
+        c.state.tx.check(t, S.RUNNING, "bogus")
     assert t.state == S.FINISHED and len(c.state.log) == n
 
 
@@ -1382,7 +1382,7 @@ def test_lineage_over_its_memory_bound_evicts_the_oldest() -> None:
     first, second, third = (c.state.tasks[t] for t in tids)
     assert first.lineage_evicted and not first.lineage_held and first.args is None
     assert second.lineage_held and third.lineage_held
-    assert c.state.lineage_bytes == 2 * cost and c.state.counts["lineage_evicted"] == 1
+    assert c.state.lineages.bytes == 2 * cost and c.state.counts["lineage_evicted"] == 1
     assert "lineage_evicted" in [e["transition"] for e in c.state.log.for_task(tids[0])]
     # losing the evicted task's output is reported, not rebuilt
     c.state.node_died("n1", "killed")
@@ -1400,9 +1400,9 @@ def test_pruned_lineage_gives_its_bytes_back() -> None:
     c.node("n1", CPU=1)
     a, _ = c.task()
     c.finish(a, where="n1")
-    assert c.state.lineage_bytes > 0
+    assert c.state.lineages.bytes > 0
     c.decref(object_id(a))
-    assert c.state.tasks == {} and c.state.lineage_bytes == 0 and not c.state._lineage
+    assert c.state.tasks == {} and c.state.lineages.bytes == 0 and not c.state.lineages.kept
 
 
 def test_recursive_cancel_reaches_children_and_grandchildren() -> None:

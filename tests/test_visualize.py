@@ -82,7 +82,7 @@ def test_visualize_shows_names_and_states(cluster):
         assert nodes[held.task_id][1:] == ("task", "RUNNING")
         assert nodes[held.task_id][0].endswith("wait_for_signal")
         assert nodes[one.hex()][0].startswith("put") and \
-            nodes[one.hex()][1:] == ("object", "SEALED")
+            nodes[one.hex()][1:] == ("object", "READY")
         assert len(nodes) == 5
         assert g.source.count("->") == 2  # put -> ok -> later (once, though used twice)
 

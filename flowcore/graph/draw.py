@@ -55,7 +55,7 @@ STATES: dict[str, tuple[str, ...]] = {
     "task": _TASK_STATES,
     "actor_call": _TASK_STATES,
     "actor": ("PENDING", "ALIVE", "RESTARTING", "RECOVERING", "DEAD"),
-    "object": ("PENDING", "SEALED", "LOST"),
+    "object": ("PENDING", "READY", "LOST"),
 }
 
 #: Colour name -> (fill colour, font colour).  Chosen to stay legible with
@@ -88,7 +88,7 @@ STATE_COLORS: dict[str, dict[str, str]] = {
     "actor_call": _TASK_COLORS,
     "actor": {"PENDING": "light blue", "ALIVE": "green", "RESTARTING": "yellow",
               "RECOVERING": "yellow", "DEAD": "dark grey"},
-    "object": {"PENDING": "grey", "SEALED": "green", "LOST": "purple"},
+    "object": {"PENDING": "grey", "READY": "green", "LOST": "purple"},
 }
 
 _TASK_PROGRESS = (
@@ -103,7 +103,7 @@ PROGRESS_ORDER: dict[str, tuple[str, ...]] = {
     "task": _TASK_PROGRESS,
     "actor_call": _TASK_PROGRESS,
     "actor": ("RESTARTING", "RECOVERING", "PENDING", "ALIVE", "DEAD"),
-    "object": ("LOST", "PENDING", "SEALED"),
+    "object": ("LOST", "PENDING", "READY"),
 }
 
 _SHAPES: dict[str, dict[str, str]] = {

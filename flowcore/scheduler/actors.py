@@ -20,6 +20,8 @@ from typing import Any
 from .. import ids
 from ..exceptions import ActorDiedError, ActorError
 from .states import TaskState
+from .direct_calls import DirectCalls
+from .records import ObjectState
 
 S = TaskState
 PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
@@ -111,7 +113,7 @@ class ActorsMixin:
         self.actors[actor.aid] = actor
         # the creator's handle: counted like a ref to an (always ready) object
         handle = self._obj(ids.actor_handle_id(actor.aid), source)  # type: ignore[attr-defined]
-        handle.state = "READY"
+        handle.state = ObjectState.READY
         handle.clients.add(source)
         self.client_refs.setdefault(source, set()).add(handle.oid)  # type: ignore[attr-defined]
         if key is not None:
@@ -157,8 +159,7 @@ class ActorsMixin:
         node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
         if t is not None and t.state == S.RUNNING:
-            self._finish_resources(t)  # type: ignore[attr-defined]
-            self._transition(t, S.FINISHED, "actor constructed")  # type: ignore[attr-defined]
+            self.tx.finish_create(t, True)  # type: ignore[attr-defined]
             self._done(t)  # type: ignore[attr-defined]
         if node is not None and actor.hold and not actor.holding:
             self._account(node, actor.bundle).take(actor.hold)  # type: ignore[attr-defined]
@@ -172,8 +173,7 @@ class ActorsMixin:
             return
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
         if t is not None and t.state == S.RUNNING:
-            self._finish_resources(t)  # type: ignore[attr-defined]
-            self._transition(t, S.FAILED, "constructor raised")  # type: ignore[attr-defined]
+            self.tx.finish_create(t, False)  # type: ignore[attr-defined]
             self._done(t)  # type: ignore[attr-defined]
         self._actor_dead(actor, f"its constructor raised: {msg.get('error', '?')}",
                          payload=msg.get("payload"))
@@ -197,16 +197,14 @@ class ActorsMixin:
         actor = self.actors.get(t.actor)
         if actor is None or actor.state == DEAD:
             return False
-        t.retries_left -= 1
-        self._transition(t, S.QUEUED,  # type: ignore[attr-defined]
-                         "application error, retrying (retry_exceptions)")
-        actor.queues.setdefault(t.owner, deque()).appendleft(t.tid)
+        self.tx.retry_call(t, actor,  # type: ignore[attr-defined]
+                           "application error, retrying (retry_exceptions)")
         self._pump_actor(actor)
         return True
 
     def _actor_call_ready(self, t: Any, cause: str) -> None:
-        self._transition(t, S.QUEUED, cause)  # type: ignore[attr-defined]
         actor = self.actors.get(t.actor)
+        self.tx.queue_call(t, actor, cause)  # type: ignore[attr-defined]
         if actor is not None:
             self._pump_actor(actor)
 
@@ -227,11 +225,7 @@ class ActorsMixin:
                 self._dispatch_call(actor, t)
 
     def _dispatch_call(self, actor: ActorRecord, t: Any) -> None:
-        t.node = actor.node
-        t.attempt += 1
-        t.started = time.time()
-        actor.inflight.add(t.tid)
-        self._transition(t, S.RUNNING, f"sent to actor {actor.class_name}")  # type: ignore
+        self.tx.start_call(t, actor, f"sent to actor {actor.class_name}")  # type: ignore
         deps = [self._ready(self.objects[oid]) for oid in t.deps]  # type: ignore[attr-defined]
         self._send(actor.client or actor.node, {
             "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
@@ -244,7 +238,7 @@ class ActorsMixin:
         actor = self.actors.get(t.actor)
         if actor is not None:
             actor.inflight.discard(t.tid)
-            if self._direct_call_done(actor, t):  # type: ignore[attr-defined]
+            if DirectCalls.call_done(actor, t):
                 self._pump_actor(actor)
             if actor.out_of_scope:
                 self._maybe_retire(actor)
@@ -310,9 +304,8 @@ class ActorsMixin:
             if t is None or t.state != S.RUNNING:
                 continue
             if t.retries_left > 0:
-                t.retries_left -= 1
-                self._transition(t, S.QUEUED, f"actor restarting ({cause}); call retried")  # type: ignore
-                actor.queues.setdefault(t.owner, deque()).appendleft(t.tid)
+                self.tx.retry_call(t, actor,  # type: ignore[attr-defined]
+                                   f"actor restarting ({cause}); call retried", count=False)
             else:
                 self._fail_task(t, self.error_payload(ActorError(  # type: ignore[attr-defined]
                     f"actor {actor.class_name} died while running {t.name}: {cause}; it is "
@@ -344,10 +337,8 @@ class ActorsMixin:
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
         if t is not None and t.state == S.RUNNING:
             # still constructing when its node died: the same creation again
-            self._finish_resources(t)  # type: ignore[attr-defined]
             t.strategy = strategy
-            self._transition(t, S.QUEUED, f"actor restarting: {cause}")  # type: ignore
-            self.queues.setdefault(t.shape, deque()).append(t.tid)  # type: ignore
+            self.tx.queue(t, f"actor restarting: {cause}")  # type: ignore[attr-defined]
             return
         if t is not None and t.state is not None and not t.state.done:
             return  # already waiting to be placed
@@ -398,8 +389,6 @@ class ActorsMixin:
             if t is not None and not (t.state and t.state.done):
                 self._fail_task(t, err, f"actor dead: {cause}")  # type: ignore[attr-defined]
         t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
-        if t is not None and t.state == S.RUNNING:
-            self._finish_resources(t)  # type: ignore[attr-defined]
         if t is not None and t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.RUNNING):
             self._fail_task(t, err, f"actor dead: {cause}")  # type: ignore[attr-defined]
         elif t is not None and t.state == S.INFEASIBLE:

@@ -1,4 +1,4 @@
-"""Direct actor calls in the head's state machine (a mixin of ``SchedulerState``).
+"""Direct actor calls: a component of the head's state machine (``DirectCalls``).
 
 An actor's process listens for callers (``direct_port`` in ``actor_ready``).
 A caller that holds a connection to it sends a call two ways at once: to
@@ -23,81 +23,80 @@ the old process may or may not have run it, so it is not run again.
 """
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..exceptions import ActorError
-from .states import TaskState
+from .records import TaskRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from .actors import ActorRecord
-    from .machine import TaskRecord
+    from .machine import SchedulerState
 
-S = TaskState
 EARLY_LIMIT = 10_000  # task_done messages held for direct submissions not yet seen
 
 
-class DirectCallsMixin:
-    def _init_direct_calls(self) -> None:
-        self._early_direct: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
+class DirectCalls:
+    """Owns the ``task_done`` reports that came before their submission."""
+
+    def __init__(self, state: "SchedulerState"):
+        self.s = state
+        self.early: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
+
+    def ops(self) -> dict[str, Callable[[str, dict], None]]:
+        return {"actor_direct": self.handle_actor_direct}
 
     def handle_actor_direct(self, source: str, msg: dict) -> None:
         """A caller asks where to send calls to an actor directly.  No address
         while the actor is not alive, is being killed, retries calls
         (``max_task_retries``: those go through the head), or does not listen."""
-        actor = self.actors.get(msg["aid"])  # type: ignore[attr-defined]
+        actor = self.s.actors.get(msg["aid"])
         reply: dict[str, Any] = {"op": "reply", "rid": msg.get("rid"), "address": None}
         if actor is not None and actor.state == "ALIVE" and not actor.killing \
                 and actor.direct_port and actor.max_task_retries == 0:
-            node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
+            node = self.s.nodes.get(actor.node or "")
             if node is not None and node.alive:
                 host = _host_of(node.address)
                 reply.update(address=f"tcp://{host}:{actor.direct_port}",
                              epoch=actor.restarts, node=actor.node)
-        self._send(source, reply)  # type: ignore[attr-defined]
+        self.s._send(source, reply)
 
-    def _start_direct_call(self, t: "TaskRecord", epoch: int) -> None:
+    def start(self, t: TaskRecord, epoch: int) -> None:
         """``t`` (already registered with its actor) was sent to the actor by
         its caller: it is running there now."""
-        actor: "ActorRecord" = self.actors[t.actor]  # type: ignore[attr-defined]
+        s = self.s
+        actor: "ActorRecord" = s.actors[t.actor or b""]
         q = actor.queues.get(t.owner)
         if q and q[-1] == t.tid:
             q.pop()  # not dispatched by the head
         if actor.state != "ALIVE" or actor.restarts != epoch:
-            self._fail_task(t, self.error_payload(ActorError(  # type: ignore[attr-defined]
+            s._fail_task(t, s.error_payload(ActorError(
                 f"actor {actor.class_name} restarted while the call {t.name} was on its way "
                 f"to it ({actor.cause or 'its process exited'}); the call is not retried "
                 f"(max_task_retries=0)")), "actor restarted before a direct call was recorded")
-            old = self._early_direct.pop(t.tid, None)  # the old process's report, if any
+            old = self.early.pop(t.tid, None)  # the old process's report, if any
             if old is not None:
-                self._release_early(old[1])  # type: ignore[attr-defined]
+                self.s._release_early(old[1])
             return
         t.missing.clear()  # the caller had every argument; the actor reads them itself
-        t.node = actor.node
-        t.attempt += 1
-        t.started = time.time()
-        actor.inflight.add(t.tid)
         actor.direct.setdefault(t.owner, set()).add(t.tid)
-        self.counts["direct_calls"] = self.counts.get("direct_calls", 0) + 1  # type: ignore
-        self._transition(t, S.RUNNING,  # type: ignore[attr-defined]
-                         f"called directly by its caller on actor {actor.class_name}")
-        done = self._early_direct.pop(t.tid, None)
+        s.counts["direct_calls"] = s.counts.get("direct_calls", 0) + 1
+        s.tx.start_call(t, actor, f"called directly by its caller on actor {actor.class_name}")
+        done = self.early.pop(t.tid, None)
         if done is not None:
-            self.handle_task_done(*done)  # type: ignore[attr-defined]
-            self._release_early(done[1])  # type: ignore[attr-defined]
+            s.handle_task_done(*done)
+            s._release_early(done[1])
 
-    def _early_direct_done(self, source: str, msg: dict) -> None:
+    def early_done(self, source: str, msg: dict) -> None:
         """A ``task_done`` of a direct call whose submission has not arrived."""
-        if msg.get("direct") and msg["tid"] not in self.tasks:  # type: ignore[attr-defined]
-            self._hold_early(msg)  # type: ignore[attr-defined]
-            self._early_direct[msg["tid"]] = (source, msg)
-            while len(self._early_direct) > EARLY_LIMIT:
-                self._release_early(  # type: ignore[attr-defined]
-                    self._early_direct.popitem(last=False)[1][1])
+        if msg.get("direct") and msg["tid"] not in self.s.tasks:
+            self.s._hold_early(msg)
+            self.early[msg["tid"]] = (source, msg)
+            while len(self.early) > EARLY_LIMIT:
+                self.s._release_early(self.early.popitem(last=False)[1][1])
 
     @staticmethod
-    def _direct_call_done(actor: "ActorRecord", t: "TaskRecord") -> bool:
+    def call_done(actor: "ActorRecord", t: TaskRecord) -> bool:
         """Forget a finished direct call; True when it was its caller's last
         one (calls that caller sent through the head may go now)."""
         mine = actor.direct.get(t.owner)

@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import ids
 from .states import TaskState
+from .records import ObjectState
 
 S = TaskState
 
@@ -25,12 +26,12 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
             f"object {oid.hex()} is unknown to the head: every reference to it was dropped "
             f"(so it was freed) or it never existed"))
         return out
-    if obj.state == "READY":
+    if obj.state == ObjectState.READY:
         where = "inline" if obj.inline is not None else f"on node(s) {sorted(obj.nodes)}"
         out.update(state="READY", text=(
             f"ready ({'holds an error' if obj.error else 'a value'}, {obj.size} bytes, {where})"))
         return out
-    if obj.state == "LOST":
+    if obj.state == ObjectState.LOST:
         out.update(state="LOST", text="lost: every copy was on nodes that died")
         return out
     t = state.tasks.get(ids.task_of(oid))

@@ -17,7 +17,7 @@
   - ``actor_call``: a method call; label and group ``Class.method``;
   - ``object``: an object made by ``put`` (not by a task), or the
     serialised arguments of a task stored as an object of their own;
-    state ``SEALED``/``PENDING``/``LOST``.
+    state ``READY``/``PENDING``/``LOST`` (``ObjectState``).
 
 * edges ``(src, dst, kind)``, pointing from a dependency to its user:
   ``"data"`` from the producer of each argument object to the task, call or
@@ -41,15 +41,13 @@ from ..graph.algorithms import ancestors
 
 if TYPE_CHECKING:  # pragma: no cover
     from .actors import ActorRecord
-    from .machine import SchedulerState, TaskRecord
+    from .machine import SchedulerState
+    from .records import TaskRecord
 
 __all__ = ["export_graph", "DEFAULT_LIMIT"]
 
 #: the most graph nodes one export returns (the oldest first)
 DEFAULT_LIMIT = 20_000
-
-#: ObjectRecord state -> the object state the drawing knows
-_OBJECT_STATES = {"READY": "SEALED", "PENDING": "PENDING", "LOST": "LOST"}
 
 _INDEX_0 = ids.object_id(b"", 0)  # the return-index suffix of a put object
 
@@ -190,7 +188,7 @@ class _View:
                 return None
             what = "args" if key in self.args_objects else "put"
             return {"id": node_id, "kind": "object", "label": f"{what}\n{_size(obj.size)}",
-                    "state": _OBJECT_STATES.get(obj.state, str(obj.state)), "group": what}
+                    "state": str(obj.state), "group": what}
         found = self._record(key)
         if found is None:
             return None

@@ -1,4 +1,4 @@
-"""Lineage in the head's state machine (a mixin of ``SchedulerState``).
+"""Lineage: a component of the head's state machine (``Lineage``).
 
 A finished task whose outputs are still referenced keeps its spec and holds
 its arguments, so a lost output can be rebuilt by running the task again,
@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING
 
 from .. import ids
 from ..exceptions import ObjectLostError
-from .states import TaskState
+from .records import LOST, PENDING, READY, ObjectRecord, TaskRecord, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .machine import ObjectRecord, TaskRecord
+    from .machine import SchedulerState
 
 S = TaskState
-PENDING, READY, LOST = "PENDING", "READY", "LOST"
 
 # what a kept spec costs besides its inline arguments (record, ids, options)
 SPEC_OVERHEAD = 256
@@ -32,60 +31,61 @@ def lineage_cost(t: "TaskRecord") -> int:
     return SPEC_OVERHEAD + len(t.args or b"") + PER_DEPENDENCY * (len(t.deps) + len(t.nested))
 
 
-class LineageMixin:
-    lineage_memory: int
-    lineage_bytes: int
-    _lineage: "OrderedDict[bytes, int]"
+class Lineage:
 
-    def _init_lineage(self, lineage_memory: int) -> None:
-        self.lineage_memory = lineage_memory
-        self.lineage_bytes = 0
-        self._lineage = OrderedDict()  # tid -> cost, oldest first
+    """Owns the kept lineages (tid -> cost, oldest first) and their bound;
+    rebuilds lost objects."""
 
-    def _keep_lineage(self, t: "TaskRecord") -> None:
+    def __init__(self, state: "SchedulerState", memory: int):
+        self.s = state
+        self.memory = memory
+        self.bytes = 0
+        self.kept: "OrderedDict[bytes, int]" = OrderedDict()
+
+    def keep(self, t: TaskRecord) -> None:
         """``t`` finished: keep its spec and arguments for re-execution,
         evicting the oldest kept lineage when over the bound."""
         t.lineage_held = True
-        if t.tid in self._lineage:  # finished again after a rebuild
-            self._lineage.move_to_end(t.tid)
+        if t.tid in self.kept:  # finished again after a rebuild
+            self.kept.move_to_end(t.tid)
             return
         cost = lineage_cost(t)
-        self._lineage[t.tid] = cost
-        self.lineage_bytes += cost
-        while self.lineage_bytes > self.lineage_memory and len(self._lineage) > 1:
-            old_tid, _ = next(iter(self._lineage.items()))
+        self.kept[t.tid] = cost
+        self.bytes += cost
+        while self.bytes > self.memory and len(self.kept) > 1:
+            old_tid, _ = next(iter(self.kept.items()))
             if old_tid == t.tid:
                 break
-            old = self.tasks.get(old_tid)
+            old = self.s.tasks.get(old_tid)
             if old is None or not old.lineage_held or old.state != S.FINISHED:
-                self._forget_lineage(old_tid)
+                self.forget(old_tid)
                 continue
-            self._evict_lineage(old)
+            self.evict(old)
 
-    def _forget_lineage(self, tid: bytes) -> None:
-        self.lineage_bytes -= self._lineage.pop(tid, 0)
+    def forget(self, tid: bytes) -> None:
+        self.bytes -= self.kept.pop(tid, 0)
 
-    def _evict_lineage(self, t: "TaskRecord") -> None:
-        self._forget_lineage(t.tid)
+    def evict(self, t: TaskRecord) -> None:
+        self.forget(t.tid)
         t.lineage_held = False
         t.lineage_evicted = True
         t.args = None
-        self.counts["lineage_evicted"] = self.counts.get("lineage_evicted", 0) + 1
-        self.log.record(t.tid, t.state, t.state, "lineage_evicted",
-                        f"lineage evicted: kept lineage passed {self.lineage_memory} bytes "
+        self.s.counts["lineage_evicted"] = self.s.counts.get("lineage_evicted", 0) + 1
+        self.s.log.record(t.tid, t.state, t.state, "lineage_evicted",
+                        f"lineage evicted: kept lineage passed {self.memory} bytes "
                         "(FLOWCORE_LINEAGE_MEMORY)")
         # released through the iterative free loop (long lineage chains)
-        self._pending_release.extend(t.deps)
-        self._pending_release.extend(t.nested)
-        self._drain_release()
+        self.s._pending_release.extend(t.deps)
+        self.s._pending_release.extend(t.nested)
+        self.s._drain_release()
 
     # ------------------------------------------------------------ rebuilding
-    def _object_lost(self, obj: "ObjectRecord", why: str) -> None:
+    def object_lost(self, obj: ObjectRecord, why: str) -> None:
         """Every copy of ``obj`` is gone: re-run the task that made it (and,
         recursively, the makers of its lost arguments), or say why not."""
         if obj.state != READY or obj.inline is not None or obj.nodes:
             return
-        t = self.tasks.get(ids.task_of(obj.oid))
+        t = self.s.tasks.get(ids.task_of(obj.oid))
         reason = code = None
         if t is None:
             if obj.owner is not None and ids.index_of(obj.oid) == 0:
@@ -96,7 +96,7 @@ class LineageMixin:
             reason, code = "it was made by an actor call, which is not re-run", "actor_call"
         elif t.lineage_evicted:
             reason = (f"its lineage was evicted to keep the head's lineage under "
-                      f"{self.lineage_memory} bytes; raise FLOWCORE_LINEAGE_MEMORY (in the head's "
+                      f"{self.memory} bytes; raise FLOWCORE_LINEAGE_MEMORY (in the head's "
                       f"environment) to keep more")
             code = "lineage_evicted"
         elif not t.lineage_held:
@@ -107,38 +107,35 @@ class LineageMixin:
         if reason is not None:
             obj.state = LOST
             obj.error = True
-            obj.inline = self.error_payload(ObjectLostError(
+            obj.inline = self.s.error_payload(ObjectLostError(
                 f"object {obj.oid.hex()} (from {t.name if t else 'put'}) was lost: {why}; "
                 f"it cannot be rebuilt: {reason}", reason=code or "",
                 object_id=obj.oid.hex(), creator=t.name if t else "put"))
-            self._notify_ready(obj)
+            self.s._notify_ready(obj)
             return
         if t.state == S.FINISHED:
-            self._reconstruct(t, why)
+            self.reconstruct(t, why)
         obj.state = PENDING
 
-    def _reconstruct(self, t: "TaskRecord", why: str) -> None:
+    def reconstruct(self, t: TaskRecord, why: str) -> None:
         t.retries_left -= 1
-        self.counts["reconstructed"] = self.counts.get("reconstructed", 0) + 1
+        self.s.counts["reconstructed"] = self.s.counts.get("reconstructed", 0) + 1
         for oid in t.returns():
-            r = self.objects.get(oid)
+            r = self.s.objects.get(oid)
             if r is not None and r.inline is None and not r.nodes:
                 r.state = PENDING
         t.missing = set()
         for oid in t.deps:
-            dep = self.objects.get(oid)
+            dep = self.s.objects.get(oid)
             if dep is None:
                 continue
             if dep.state == READY and dep.inline is None and not dep.nodes:
-                self._object_lost(dep, why)  # rebuild the argument first
+                self.object_lost(dep, why)  # rebuild the argument first
             if dep.state != READY:
                 t.missing.add(oid)
                 dep.dependents.append(t.tid)
-        t.node = None
         if t.missing:
-            self._transition(t, S.WAITING_FOR_ARGS,
-                             f"re-running to rebuild a lost result ({why}); waiting for "
-                             f"{len(t.missing)} lost argument(s)")
+            self.s.tx.reconstruct(t, f"re-running to rebuild a lost result ({why}); waiting "
+                                   f"for {len(t.missing)} lost argument(s)")
         else:
-            self._transition(t, S.QUEUED, f"re-running to rebuild a lost result ({why})")
-            self.queues.setdefault(t.shape, deque()).append(t.tid)
+            self.s.tx.reconstruct(t, f"re-running to rebuild a lost result ({why})")

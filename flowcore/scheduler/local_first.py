@@ -1,4 +1,4 @@
-"""Local-first dispatch in the head's state machine (a mixin of ``SchedulerState``).
+"""Local-first dispatch: a component of the head's state machine (``LocalFirst``).
 
 A client attached to node N (a driver on N's machine, or a worker of N)
 whose task has every argument ready and on N (or inline) sends the task two
@@ -19,140 +19,145 @@ in a small bounded table until it does.
 """
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from .states import TaskState
+from .records import TaskRecord, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .machine import TaskRecord
+    from .machine import SchedulerState
 
 S = TaskState
 EARLY_LIMIT = 10_000  # verdicts / results held for submissions not yet seen
 
 
-class LocalFirstMixin:
-    def _init_local_first(self) -> None:
-        self._local_offers: dict[bytes, str] = {}            # tid -> node id
-        self._early_verdicts: OrderedDict[bytes, tuple[str, bool]] = OrderedDict()
-        self._early_done: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
+def _remember(table: OrderedDict, key: bytes, value: object) -> None:
+    table[key] = value
+    while len(table) > EARLY_LIMIT:
+        table.popitem(last=False)
 
-    @staticmethod
-    def _remember(table: OrderedDict, key: bytes, value: object) -> None:
-        table[key] = value
-        while len(table) > EARLY_LIMIT:
-            table.popitem(last=False)
 
-    def _note_local_offer(self, t: "TaskRecord", node_id: str) -> None:
+class LocalFirst:
+    """Owns the open offers and the verdicts / results that came early."""
+
+    def __init__(self, state: "SchedulerState"):
+        self.s = state
+        self.offers: dict[bytes, str] = {}            # tid -> node id
+        self.early_verdicts: OrderedDict[bytes, tuple[str, bool]] = OrderedDict()
+        self.early_done: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
+        state.on("node_joined", self.node_joined)
+        state.on("node_died", self.node_died)
+        state.on("recovery_done", self.settle)
+
+    def ops(self) -> dict[str, Callable[[str, dict], None]]:
+        return {"local_verdict": self.handle_local_verdict}
+
+    def note_offer(self, t: TaskRecord, node_id: str) -> None:
         """``t`` was also sent to its submitter's node ``node_id``."""
-        self._local_offers[t.tid] = node_id
+        self.offers[t.tid] = node_id
 
-    def _offered(self, t: "TaskRecord", cause: str) -> bool:
+    def offered(self, t: TaskRecord, cause: str) -> bool:
         """Called when ``t`` is ready to be placed: if its node may be
         starting it, wait for the verdict instead (True)."""
-        node_id = self._local_offers.get(t.tid)
+        node_id = self.offers.get(t.tid)
         if node_id is None:
             return False
-        node = self.nodes.get(node_id)
-        if node is None and getattr(self, "recovery", None) is None:
+        s = self.s
+        node = s.nodes.get(node_id)
+        if node is None and s.recovery is None:
             # a node the head does not know is gone (a restarted head waits
             # for its nodes to come back instead): place it
-            del self._local_offers[t.tid]
+            del self.offers[t.tid]
             return False
         name = node.name if node is not None else node_id
-        self._transition(t, S.QUEUED, f"{cause}; offered to node {name} to start locally")
-        early = self._early_verdicts.pop(t.tid, None)
+        s.tx.queue_offered(t, f"{cause}; offered to node {name} to start locally")
+        early = self.early_verdicts.pop(t.tid, None)
         if early is not None:
-            self._apply_local_verdict(t, *early)
+            self.apply_verdict(t, *early)
         return True
 
-    def _withdraw_offer(self, t: "TaskRecord", force: bool) -> None:
+    def withdraw(self, t: TaskRecord, force: bool) -> None:
         """``t`` is cancelled while its node may be starting it: the node
         stops it if it did start it (and refuses it if it has not seen it
         yet), and the head does not wait for the verdict."""
-        node_id = self._local_offers.pop(t.tid, None)
-        self._early_verdicts.pop(t.tid, None)
-        dropped = self._early_done.pop(t.tid, None)
+        node_id = self.offers.pop(t.tid, None)
+        self.early_verdicts.pop(t.tid, None)
+        dropped = self.early_done.pop(t.tid, None)
         if dropped is not None:
-            self._release_early(dropped[1])
+            self.s._release_early(dropped[1])
         if node_id is not None:
-            self._send(node_id, {"op": "cancel_task", "tid": t.tid, "force": force,
+            self.s._send(node_id, {"op": "cancel_task", "tid": t.tid, "force": force,
                                  "local": True})
 
     def handle_local_verdict(self, source: str, msg: dict) -> None:
-        t = self.tasks.get(msg["tid"])
+        t = self.s.tasks.get(msg["tid"])
         if t is None:
-            self._remember(self._early_verdicts, msg["tid"], (source, bool(msg["started"])))
+            _remember(self.early_verdicts, msg["tid"], (source, bool(msg["started"])))
             return
-        self._apply_local_verdict(t, source, bool(msg["started"]))
+        self.apply_verdict(t, source, bool(msg["started"]))
 
-    def _apply_local_verdict(self, t: "TaskRecord", node_id: str, started: bool) -> None:
-        if self._local_offers.get(t.tid) != node_id:
+    def apply_verdict(self, t: TaskRecord, node_id: str, started: bool) -> None:
+        if self.offers.get(t.tid) != node_id:
             return
-        del self._local_offers[t.tid]
+        del self.offers[t.tid]
         if t.state not in (S.QUEUED, S.WAITING_FOR_ARGS):
             return  # failed or cancelled meanwhile
-        node = self.nodes.get(node_id)
+        s = self.s
+        node = s.nodes.get(node_id)
         if node is None or not node.alive:
             started = False
         if not started:
             if t.state == S.QUEUED:
                 why = (f"node {node.name} had no room to start it at once" if node is not None
                        and node.alive else f"node {node_id} died before starting it")
-                self._enqueue(t, f"{why}; placed by the head")
+                s._enqueue(t, f"{why}; placed by the head")
             return  # still waiting for arguments: placed when they are ready
         # the node found every argument in its store, even if the head has
         # not heard of one being ready yet
         t.missing.clear()
-        node.take(t.res)
-        node.running.add(t.tid)
-        t.node = node.node_id
-        t.attempt += 1
-        t.started = time.time()
-        self.counts["local_first"] = self.counts.get("local_first", 0) + 1
-        self._transition(t, S.RUNNING, f"started locally on node {node.name} (local-first)")
-        done = self._early_done.pop(t.tid, None)
+        s.counts["local_first"] = s.counts.get("local_first", 0) + 1
+        s.tx.start(t, node, f"started locally on node {node.name} (local-first)", acct=node)
+        done = self.early_done.pop(t.tid, None)
         if done is not None:
-            self.handle_task_done(*done)
-            self._release_early(done[1])
+            s.handle_task_done(*done)
+            s._release_early(done[1])
 
-    def _early_task_done(self, source: str, msg: dict) -> bool:
+    def early_task_done(self, source: str, msg: dict) -> bool:
         """A ``task_done`` of a locally started task that the head has not
         recorded as running yet: keep it for when it has."""
         if not msg.get("local"):
             return False
-        t = self.tasks.get(msg["tid"])
-        if t is None or t.tid in self._local_offers:
-            self._hold_early(msg)
-            self._early_done[msg["tid"]] = (source, msg)
-            while len(self._early_done) > EARLY_LIMIT:
-                self._release_early(self._early_done.popitem(last=False)[1][1])
+        t = self.s.tasks.get(msg["tid"])
+        if t is None or t.tid in self.offers:
+            self.s._hold_early(msg)
+            self.early_done[msg["tid"]] = (source, msg)
+            while len(self.early_done) > EARLY_LIMIT:
+                self.s._release_early(self.early_done.popitem(last=False)[1][1])
             return True
         return False
 
-    def _local_node_joined(self, node_id: str) -> None:
+    def node_joined(self, node_id: str) -> None:
         """A node (re-)registered: a verdict it sent to a head that was away
         is lost, so ask it again about the offers still open (it answers
         for each, and refuses a late start of any it has not seen yet)."""
-        tids = [tid for tid, nid in self._local_offers.items() if nid == node_id]
+        tids = [tid for tid, nid in self.offers.items() if nid == node_id]
         if tids:
-            self._send(node_id, {"op": "local_query", "tids": tids})
+            self.s._send(node_id, {"op": "local_query", "tids": tids})
 
-    def _settle_local_offers(self) -> None:
+    def settle(self) -> None:
         """End of a restart's recovery: offers to nodes that did not come back."""
-        for tid, nid in list(self._local_offers.items()):
-            if nid not in self.nodes:
-                t = self.tasks.get(tid)
+        for tid, nid in list(self.offers.items()):
+            if nid not in self.s.nodes:
+                t = self.s.tasks.get(tid)
                 if t is not None:
-                    self._apply_local_verdict(t, nid, False)
+                    self.apply_verdict(t, nid, False)
                 else:
-                    del self._local_offers[tid]
+                    del self.offers[tid]
 
-    def _local_node_died(self, node_id: str) -> None:
+    def node_died(self, node_id: str) -> None:
         """Offers to a dead node are placed by the head."""
-        for tid, nid in list(self._local_offers.items()):
+        for tid, nid in list(self.offers.items()):
             if nid == node_id:
-                t = self.tasks.get(tid)
+                t = self.s.tasks.get(tid)
                 if t is not None:
-                    self._apply_local_verdict(t, node_id, False)
+                    self.apply_verdict(t, node_id, False)

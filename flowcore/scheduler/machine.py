@@ -12,6 +12,7 @@ copy, who references it) and a bounded event log of every task transition.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
@@ -20,14 +21,18 @@ from .. import ids
 from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError)
 from .actors import ActorRecord, ActorsMixin
-from .direct_calls import DirectCallsMixin
+from .direct_calls import DirectCalls
+from .books import check_books
 from .history import history_entry, history_rows
-from .lineage import LineageMixin
-from .local_first import LocalFirstMixin
-from .placement_groups import PlacementGroupsMixin
+from .lineage import Lineage
+from .local_first import LocalFirst
+from .placement_groups import PlacementGroups
 from .recovery import RecoveryMixin
-from .streams import StreamsMixin
-from .states import EventLog, TaskState, transition_name
+from .streams import Streams
+from .records import (LOST, PENDING, READY, NodeRecord, ObjectRecord, ObjectState, TaskRecord,
+                      TaskState)
+from .states import EventLog
+from .tasks import Transitions
 
 S = TaskState
 logger = logging.getLogger("flowcore.scheduler")
@@ -40,163 +45,27 @@ def default_error_payload(exc: BaseException) -> bytes:
     return serialize(exc).to_bytes()
 
 
-class NodeRecord:
-    __slots__ = ("node_id", "address", "total", "available", "alive", "name",
-                 "hostname", "pid", "running", "joined", "info")
-
-    def __init__(self, node_id: str, address: str, total: dict[str, float], name: str,
-                 hostname: str, pid: int, info: dict | None = None):
-        self.node_id = node_id
-        self.address = address
-        self.total = dict(total)
-        self.available = dict(total)
-        self.alive = True
-        self.name = name
-        self.hostname = hostname
-        self.pid = pid
-        self.running: set[bytes] = set()
-        self.joined = time.time()
-        self.info = info or {}
-
-    def fits(self, res: dict[str, float]) -> bool:
-        av = self.available
-        for k, v in res.items():
-            if v and av.get(k, 0.0) < v - 1e-9:
-                return False
-        return True
-
-    def could_ever_fit(self, res: dict[str, float]) -> bool:
-        tot = self.total
-        return all(not v or tot.get(k, 0.0) >= v - 1e-9 for k, v in res.items())
-
-    def take(self, res: dict[str, float]) -> None:
-        for k, v in res.items():
-            if v:
-                self.available[k] = self.available.get(k, 0.0) - v
-
-    def give(self, res: dict[str, float]) -> None:
-        for k, v in res.items():
-            if v:
-                self.available[k] = self.available.get(k, 0.0) + v
-
-    def as_dict(self) -> dict:
-        return {"node_id": self.node_id, "name": self.name, "address": self.address,
-                "hostname": self.hostname, "pid": self.pid, "alive": self.alive,
-                "resources_total": dict(self.total),
-                "resources_available": {k: max(v, 0.0) for k, v in self.available.items()},
-                "running_tasks": len(self.running), **self.info}
+def _cause_id(msg: dict) -> str:
+    """The id a message is about (task, object, actor, group, node), for logs."""
+    for key in ("tid", "oid", "aid", "pgid", "node_id"):
+        v = msg.get(key)
+        if v:
+            return v.hex() if isinstance(v, bytes) else str(v)
+    return "-"
 
 
-class TaskRecord:
-    __slots__ = ("tid", "fid", "name", "owner", "args", "deps", "missing", "nested",
-                 "nret", "res", "retries_left", "retry_exc", "state", "node", "cause",
-                 "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
-                 "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
-                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job",
-                 "cgroup", "xopts")
-
-    def __init__(self, spec: dict, owner: str):
-        self.tid: bytes = spec["tid"]
-        self.fid: bytes = spec["fid"]
-        self.name: str = spec.get("name", "?")
-        self.owner = owner
-        self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
-        self.job: list | None = spec.get("job")  # [job id, namespace] of the submitter
-        self.cgroup: str | None = spec.get("cgroup")  # an actor call's concurrency group
-        self.xopts: dict | None = spec.get("xopts")  # for the worker: max_calls, generator
-        self.args: bytes | None = spec["args"]
-        self.args_dep: int | None = spec.get("args_dep")
-        self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
-        self.actor: bytes | None = spec.get("aid") if self.kind == "create" else spec.get("actor")
-        self.method: str | None = spec.get("method")
-        self.worker: dict | None = None      # {"pid": ..., "wid": ...} of the last run
-        self.error_text: str | None = None   # the failure's message, for views
-        self.ahead = False   # sent to its node before resources there were free
-        self.lineage_held = False  # finished, arguments kept for re-execution
-        self.lineage_evicted = False  # ... and then dropped to bound lineage memory
-        self.children: list[bytes] | None = None  # tasks it submitted (recursive cancel)
-        self.bundle: str | None = None  # "pgid-hex:index" while placed in a bundle
-        self.deps: list[bytes] = spec.get("deps") or []
-        self.missing: set[bytes] = set()
-        self.nested: list[bytes] = spec.get("nested") or []
-        self.nret: int = spec.get("nret", 1)
-        self.res: dict[str, float] = spec.get("res") or {}
-        self.retries_left: int = spec.get("retries", 3)
-        self.retry_exc = spec.get("retry_exc", False)
-        self.state: TaskState | None = None
-        self.node: str | None = None
-        self.cause = ""
-        self.submitted = time.time()
-        self.started = 0.0
-        self.ended = 0.0
-        self.blocked = False
-        self.attempt = 0
-        strategy = spec.get("strategy")
-        self.strategy: Any = tuple(strategy) if isinstance(strategy, list) else strategy
-        # tasks queue per (resources, strategy): a task pinned to a busy node
-        # must not hold back others
-        self.shape = (tuple(sorted((k, v) for k, v in self.res.items() if v)), self.strategy)
-        self.returns_alive = self.nret
-
-    def returns(self) -> list[bytes]:
-        return [ids.object_id(self.tid, i) for i in range(self.nret)]
-
-    def as_dict(self) -> dict:
-        return {"task_id": self.tid.hex(), "name": self.name, "state": str(self.state),
-                "node_id": self.node, "owner": self.owner, "attempt": self.attempt,
-                "retries_left": self.retries_left, "resources": dict(self.res),
-                "submitted": self.submitted, "started": self.started or None,
-                "ended": self.ended or None, "cause": self.cause,
-                "waiting_for": [o.hex() for o in self.missing]}
-
-
-PENDING, READY, LOST = "PENDING", "READY", "LOST"
-
-
-class ObjectRecord:
-    __slots__ = ("oid", "state", "inline", "nodes", "size", "error", "clients", "holds",
-                 "waiters", "dependents", "nested", "owner", "created")
-
-    def __init__(self, oid: bytes, owner: str | None):
-        self.oid = oid
-        self.state = PENDING
-        self.inline: bytes | None = None
-        self.nodes: set[str] = set()
-        self.size = 0
-        self.error = False
-        self.clients: set[str] = set()
-        self.holds = 0
-        self.waiters: set[str] = set()
-        self.dependents: list[bytes] = []
-        self.nested: list[bytes] = []
-        self.owner = owner
-        self.created = time.time()
-
-    def ready_msg(self) -> dict:
-        m: dict[str, Any] = {"op": "object_ready", "oid": self.oid, "size": self.size,
-                             "error": self.error}
-        if self.inline is not None:
-            m["inline"] = self.inline
-        else:
-            m["nodes"] = sorted(self.nodes)
-        return m
-
-    def as_dict(self) -> dict:
-        return {"object_id": self.oid.hex(), "state": self.state, "size": self.size,
-                "inline": self.inline is not None, "nodes": sorted(self.nodes),
-                "error": self.error, "references": len(self.clients) + self.holds,
-                "owner": self.owner, "created": self.created}
-
-
-class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixin,
-                     PlacementGroupsMixin, RecoveryMixin, StreamsMixin):
+class SchedulerState(ActorsMixin, RecoveryMixin):
     """The control tables and the futures DAG."""
+
+    #: ``validate`` when the constructor is not told (the tests turn it on)
+    validate_default = os.environ.get("FLOWCORE_VALIDATE") == "1"
 
     def __init__(self, *, event_log_size: int = 100_000, pipeline_depth: float = 1.0,
                  history_size: int = 10_000, locality_min_bytes: int = 1 << 20,
                  lineage: bool = True, replicate_puts: bool = True,
                  lineage_memory: int = 512 << 20,
-                 error_payload: Callable[[BaseException], bytes] = default_error_payload):
+                 error_payload: Callable[[BaseException], bytes] = default_error_payload,
+                 validate: bool | None = None):
         self.nodes: dict[str, NodeRecord] = {}
         self.dead_nodes: dict[str, dict] = {}  # node id -> its last row, for nodes()
         self.functions: dict[bytes, dict] = {}
@@ -207,8 +76,11 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self.queues: dict[tuple, deque[bytes]] = {}
         self.infeasible: set[bytes] = set()
         self.log = EventLog(event_log_size)
+        self.tx = Transitions(self)  # the only code that changes a task's state
         self.error_payload = error_payload
         self.out: Out = []
+        #: check the books after every message (on in the tests)
+        self.validate = self.validate_default if validate is None else validate
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self.warnings: deque[str] = deque(maxlen=1000)  # the newest, for views
         self.latencies: deque[float] = deque(maxlen=10_000)
@@ -222,10 +94,12 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self.named: dict[tuple[str, str], bytes] = {}
         self.dead_actors: deque[bytes] = deque()
         self.lineage = lineage
-        self._init_lineage(lineage_memory)
-        self._init_local_first()
-        self._init_direct_calls()
-        self._init_streams()
+        self._hooks: dict[str, list[Callable[..., None]]] = {}
+        # components: each owns its tables and registers its ops and hooks
+        self.local_first = LocalFirst(self)
+        self.direct_calls = DirectCalls(self)
+        self.lineages = Lineage(self, lineage_memory)
+        self.streams = Streams(self)
         self.replicate_puts = replicate_puts
         self._pending_release: deque[bytes] = deque()
         self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
@@ -235,17 +109,59 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         # recursion so a long chain of tasks cannot overflow the stack
         self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
         self._failing = False
-        self._init_placement_groups()
+        self.groups = PlacementGroups(self)
+        # the group table, and what tasks and actors count resources against
+        self.pgs = self.groups.pgs
+        self._account = self.groups.account
+        self.list_placement_groups = self.groups.list_placement_groups
+        self.get_placement_group = self.groups.get_placement_group
+        self.ops = self._register_ops()
+        for component in (self.local_first, self.direct_calls, self.streams, self.groups):
+            self.ops.update(component.ops())
 
     # ------------------------------------------------------------ plumbing
+    def _register_ops(self) -> dict[str, Callable[[str, dict], None]]:
+        """op -> handler, for every message the head takes (the server asks
+        this table which ops exist before it calls ``handle``)."""
+        return {name[len("handle_"):]: getattr(self, name) for name in dir(type(self))
+                if name.startswith("handle_") and callable(getattr(self, name))}
+
+    def on(self, event: str, hook: Callable[..., None]) -> None:
+        """Call ``hook`` on ``event``: "node_joined" / "node_died" (node id),
+        "recovery_done" (a restarted head's recovery ended)."""
+        self._hooks.setdefault(event, []).append(hook)
+
+    def emit(self, event: str, *args: Any) -> None:
+        for hook in self._hooks.get(event, ()):
+            hook(*args)
+
     def handle(self, source: str, msg: dict) -> Out:
-        handler = getattr(self, "handle_" + msg["op"], None)
+        op = msg["op"]
+        handler = self.ops.get(op)
         if handler is None:
-            raise KeyError(f"unknown op {msg['op']!r}")
-        handler(source, msg)
-        self._schedule()
+            raise KeyError(f"unknown op {op!r}")
+        try:
+            handler(source, msg)
+            self._schedule()
+        except Exception:
+            # no half decision goes out: what the handler queued before it
+            # raised is dropped with it
+            self.out = []
+            logger.error("handling %s from %s failed (cause %s)", op, source,
+                         _cause_id(msg), exc_info=True)
+            raise
         out, self.out = self.out, []
+        if self.validate:
+            self._check_books(op, msg)
         return out
+
+    def _check_books(self, op: str, msg: dict) -> None:
+        problems = check_books(self)
+        if problems:
+            text = (f"the head's books are wrong after {op} (cause {_cause_id(msg)}): "
+                    + "; ".join(problems[:5]))
+            logger.error(text)
+            raise AssertionError(text)
 
     def _ready(self, obj: ObjectRecord) -> dict:
         """The readiness message of ``obj``, with the addresses of the nodes
@@ -259,28 +175,29 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         if dest is not None:
             self.out.append((dest, msg))
 
-    def _transition(self, t: TaskRecord, new: TaskState, cause: str) -> None:
-        old = t.state
-        name = transition_name(old, new)
-        t.state = new
-        t.cause = cause
-        self.log.record(t.tid, old, new, name, cause)
-
     # ------------------------------------------------------------ membership
     def handle_register_node(self, source: str, msg: dict) -> None:
         node = NodeRecord(msg["node_id"], msg.get("address", ""), msg.get("resources", {}),
                           msg.get("name", msg["node_id"]), msg.get("hostname", ""),
                           msg.get("pid", 0), msg.get("info"))
+        old = self.nodes.get(node.node_id)
+        if old is not None and old.alive:
+            # the same node again (its connection to the head dropped): the
+            # tasks still running there keep their place and resources
+            for tid in old.running:
+                t = self.tasks.get(tid)
+                if t is not None and t.state == S.RUNNING:
+                    self._account(node, t.bundle).take(
+                        {k: v for k, v in t.res.items() if not (t.blocked and k == "CPU")})
+                    node.running.add(tid)
         self.nodes[node.node_id] = node
         self.dead_nodes.pop(node.node_id, None)
         self._node_rejoined(node, msg)  # what its store and processes still hold
-        self._local_node_joined(node.node_id)
+        self.emit("node_joined", node.node_id)
         for tid in list(self.infeasible):
             t = self.tasks.get(tid)
             if t is not None and self._could_run_somewhere(t):
-                self.infeasible.discard(tid)
-                self._transition(t, S.QUEUED, f"node {node.name} joined")
-                self.queues.setdefault(t.shape, deque()).append(tid)
+                self.tx.feasible(t, f"node {node.name} joined")
 
     def handle_log(self, source: str, msg: dict) -> None:
         """Lines a worker printed: to the driver that owns the task (all
@@ -326,7 +243,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             # come and go with the pool, hand what they own on through refs)
             self._cancel_owned_tasks(cid)
             self._kill_owned_actors(cid)
-            self._remove_owned_groups(cid)
+            self.groups.remove_owned(cid)
         else:
             # an actor's process ended: the actors it created die with it
             self._owner_process_ended(cid)
@@ -342,6 +259,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 self._maybe_free(obj)
         self._schedule()
         out, self.out = self.out, []
+        if self.validate:
+            self._check_books("client_disconnected", {"node_id": cid})
         return out
 
     def _cancel_owned_tasks(self, cid: str) -> None:
@@ -353,7 +272,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                     self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": False})
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
-                self._withdraw_offer(t, False)
+                self.local_first.withdraw(t, False)
                 self._cancel_task(t, "its driver disconnected")
 
     def check_heartbeats(self, now: float, timeout: float) -> list[str]:
@@ -374,11 +293,12 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         for tid in list(node.running):
             t = self.tasks.get(tid)
             if t is not None and t.state == S.RUNNING:
+                self.tx.lose(t, f"node {node.name} died: {cause}")
                 self._retry_or_fail(t, NodeDiedError(
                     f"node {node.name} ({node.address}) died while running task "
                     f"{t.name} ({cause})"), f"node {node.name} died: {cause}")
         node.running.clear()
-        self._pg_node_died(node_id)
+        self.groups.node_died(node_id)
         lost = []
         for obj in list(self.objects.values()):
             if node_id in obj.nodes:
@@ -391,12 +311,14 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                                         death_cause=cause, died=time.time())
         while len(self.dead_nodes) > 1000:
             self.dead_nodes.pop(next(iter(self.dead_nodes)))
-        self._local_node_died(node_id)
+        self.emit("node_died", node_id)
         for obj in lost:
-            self._object_lost(obj, f"its only copy was on node {node.name}, which died "
+            self.lineages.object_lost(obj, f"its only copy was on node {node.name}, which died "
                                    f"({cause})")
         self._schedule()
         out, self.out = self.out, []
+        if self.validate:
+            self._check_books("node_died", {"node_id": node_id})
         return out
 
     # ------------------------------------------------------------ functions
@@ -494,7 +416,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             del self.tasks[t.tid]
             if t.lineage_held:
                 t.lineage_held = False
-                self._forget_lineage(t.tid)
+                self.lineages.forget(t.tid)
                 # released through the iterative free loop (long lineage chains)
                 self._pending_release.extend(t.deps)
                 self._pending_release.extend(t.nested)
@@ -633,7 +555,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._hold(t.deps)
         self._hold(t.nested)
         if spec.get("local") and t.kind == "task":
-            self._note_local_offer(t, spec["local"])
+            self.local_first.note_offer(t, spec["local"])
         if t.kind == "call" and not self._actor_call_submitted(t):
             actor = self.actors.get(t.actor or b"")
             why = actor.cause if actor is not None else "unknown actor"
@@ -641,7 +563,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
             return
         if t.kind == "call" and spec.get("direct") is not None:
-            self._start_direct_call(t, spec["direct"])
+            self.direct_calls.start(t, spec["direct"])
             return
         failed: ObjectRecord | None = None
         for oid in t.deps:
@@ -663,15 +585,14 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         if failed is not None:
             self._fail_task(t, failed.inline or b"", f"argument {ids.short(failed.oid)} failed")
         elif t.missing:
-            self._transition(t, S.WAITING_FOR_ARGS,
-                             f"waiting for {len(t.missing)} argument(s)")
+            self.tx.wait_for_args(t, f"waiting for {len(t.missing)} argument(s)")
         else:
             self._enqueue(t, "submitted with arguments ready")
 
     def _could_run_somewhere(self, t: TaskRecord) -> bool:
         s = t.strategy
         if isinstance(s, tuple) and s and s[0] == "pg":
-            return True  # checked against its bundles by _pg_reject
+            return True  # checked against its bundles by groups.reject
         if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
             n = self.nodes.get(s[1])
             return n is not None and n.alive and n.could_ever_fit(t.res)
@@ -681,23 +602,18 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         if t.kind == "call":
             self._actor_call_ready(t, cause)
             return
-        if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self._pg_reject(t):
+        if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self.groups.reject(t):
             return
-        if self._local_offers and self._offered(t, cause):
+        if self.local_first.offers and self.local_first.offered(t, cause):
             return
         if not self._could_run_somewhere(t) and self.nodes:
-            if t.state is None:
-                self._transition(t, S.QUEUED, cause)
-            if t.state != S.QUEUED:
-                self._transition(t, S.QUEUED, cause)
             s = t.strategy
             if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
                 why = f"node {s[1]} (hard node affinity) is not in the cluster or cannot fit " \
                       f"{dict(t.res)}"
             else:
                 why = f"no node has {dict(t.res)}"
-            self._transition(t, S.INFEASIBLE, why)
-            self.infeasible.add(t.tid)
+            self.tx.mark_infeasible(t, why, cause)
             what = f"actor {t.name.removesuffix('.__init__')}" if t.kind == "create" \
                 else f"task {t.name}"
             w = (f"{what} cannot be placed: {why}; it stays pending until a node that "
@@ -705,12 +621,11 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self.warnings.append(w)
             self._send(t.owner, {"op": "warning", "text": w})
             return
-        self._transition(t, S.QUEUED, cause)
-        self.queues.setdefault(t.shape, deque()).append(t.tid)
+        self.tx.queue(t, cause)
 
     def _schedule(self) -> None:
-        if self.pg_waiting:
-            self._place_pending_groups()
+        if self.groups.pg_waiting:
+            self.groups.place_pending()
         if not self.queues:
             return
         nodes = [n for n in self.nodes.values() if n.alive]
@@ -753,7 +668,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         """
         strategy = t.strategy
         if isinstance(strategy, tuple) and strategy and strategy[0] == "pg":
-            return self._pg_choose_node(t)
+            return self.groups.choose_node(t)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
             target = self.nodes.get(strategy[1])
             if target is not None and target.alive and target.fits(t.res):
@@ -798,14 +713,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         return best
 
     def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
-        acct = self._account(node, t.bundle)  # the node, or the task's bundle on it
-        t.ahead = not acct.fits(t.res)
-        acct.take(t.res)
-        node.running.add(t.tid)
-        t.node = node.node_id
-        t.attempt += 1
-        t.started = time.time()
-        self._transition(t, S.RUNNING, f"placed on node {node.name}")
+        self.tx.start(t, node, f"placed on node {node.name}")
         if t.kind == "create":
             self._dispatch_create(t, node)
             return
@@ -817,7 +725,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
             "args_dep": t.args_dep,
             "deps": deps, "nret": t.nret, "res": t.res, "retry_exc": t.retry_exc,
-            "owner": t.owner, "attempt": t.attempt, **self._bundle_fields(t)}
+            "owner": t.owner, "attempt": t.attempt, **self.groups.bundle_fields(t)}
         if t.renv is not None:
             msg["renv"] = t.renv
         if t.job is not None:
@@ -826,24 +734,13 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             msg["xopts"] = t.xopts
         self._send(node.node_id, msg)
 
-    def _finish_resources(self, t: TaskRecord) -> None:
-        node = self.nodes.get(t.node) if t.node else None
-        if node is not None and t.tid in node.running:
-            node.running.discard(t.tid)
-            acct = self._account(node, t.bundle)
-            if not t.blocked:
-                acct.give(t.res)
-            else:
-                acct.give({k: v for k, v in t.res.items() if k != "CPU"})
-        t.blocked = False
-
     def _done(self, t: TaskRecord) -> None:
         t.ended = time.time()
         # finished-task history (bounded): what the timeline and dashboard show
         # after the task record itself is pruned
         self.history.append(history_entry(t))
         self._force_cancelled.discard(t.tid)
-        self._stream_done(t)
+        self.streams.task_ended(t)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
@@ -854,7 +751,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
                 self._release(handles)
             # lineage: the arguments stay held while any output of the task is
             # referenced, so a lost output can be rebuilt by running it again
-            self._keep_lineage(t)
+            self.lineages.keep(t)
         else:
             self._release(t.deps)
             self._release(t.nested)
@@ -863,8 +760,8 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
         if t is None or t.state != S.RUNNING:
-            if not self._early_task_done(source, msg):
-                self._early_direct_done(source, msg)
+            if not self.local_first.early_task_done(source, msg):
+                self.direct_calls.early_done(source, msg)
             return
         status = msg.get("status", "ok")
         if "pid" in msg:
@@ -873,7 +770,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             t.started = msg["started"]
         if status == "error":
             t.error_text = msg.get("error_text")
-        self._finish_resources(t)
+        self.tx.release(t)
         if t.kind == "call":
             self._actor_call_done(t)
         if status == "cancelled":
@@ -881,20 +778,12 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             return
         if status == "error" and msg.get("retryable") and t.retries_left > 0 \
                 and t.kind == "task":
-            t.retries_left -= 1
-            self.counts["retried"] += 1
-            self._transition(t, S.QUEUED, "application error, retrying (retry_exceptions)")
-            self.queues.setdefault(t.shape, deque()).append(t.tid)
+            self.tx.retry(t, "application error, retrying (retry_exceptions)")
             return
         if status == "error" and msg.get("retryable") and t.retries_left > 0 \
                 and t.kind == "call" and self._retry_call(t):
-            self.counts["retried"] += 1
             return
-        self._transition(t, S.FINISHED if status == "ok" else S.FAILED,
-                         "returned" if status == "ok" else "raised an exception")
-        self.counts["finished" if status == "ok" else "failed"] += 1
-        self.latencies.append(time.time() - t.submitted)
-        self.latency_count += 1
+        self.tx.finish(t, status == "ok")
         for r in msg["results"]:
             obj = self.objects.get(r["oid"])
             if obj is None:
@@ -908,8 +797,7 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
 
     def _fail_task(self, t: TaskRecord, payload: bytes, cause: str) -> None:
         """Fail ``t`` with ``payload`` as the value of every return (no run)."""
-        self._transition(t, S.FAILED, cause)
-        self.counts["failed"] += 1
+        self.tx.fail(t, cause)
         for oid in t.returns():
             obj = self.objects.get(oid)
             if obj is None:
@@ -919,12 +807,9 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         self._done(t)
 
     def _retry_or_fail(self, t: TaskRecord, exc: BaseException, cause: str) -> None:
-        self._finish_resources(t)
+        self.tx.release(t)
         if t.retries_left > 0:
-            t.retries_left -= 1
-            self.counts["retried"] += 1
-            self._transition(t, S.QUEUED, f"{cause}; retrying ({t.retries_left} retries left)")
-            self.queues.setdefault(t.shape, deque()).append(t.tid)
+            self.tx.retry(t, f"{cause}; retrying ({t.retries_left - 1} retries left)")
         else:
             self._fail_task(t, self.error_payload(exc), cause)
 
@@ -935,7 +820,6 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
         how = msg.get("how", "exited")
         if t.tid in self._force_cancelled:
             self._force_cancelled.discard(t.tid)
-            self._finish_resources(t)
             self._cancel_task(t, "worker killed by cancel(force=True)")
             return
         node = self.nodes.get(source)
@@ -993,12 +877,11 @@ class SchedulerState(ActorsMixin, DirectCallsMixin, LineageMixin, LocalFirstMixi
             self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force})
             return
         self.infeasible.discard(t.tid)
-        self._withdraw_offer(t, force)  # offered to its node, which may have started it
+        self.local_first.withdraw(t, force)  # offered to its node, which may have started it
         self._cancel_task(t, cause)
 
     def _cancel_task(self, t: TaskRecord, cause: str) -> None:
-        self._transition(t, S.CANCELLED, cause)
-        self.counts["cancelled"] += 1
+        self.tx.cancel(t, cause)
         payload = self.error_payload(TaskCancelledError(f"task {t.name} was cancelled ({cause})"))
         for oid in t.returns():
             obj = self.objects.get(oid)

@@ -1,4 +1,4 @@
-"""Placement groups in the head's state machine (a mixin of ``SchedulerState``).
+"""Placement groups in the head's state machine (a component of ``SchedulerState``).
 
 A placement group is a list of *bundles* (resource dicts) reserved together
 on the cluster's nodes.  Reservation is atomic: a plan for every bundle is
@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..exceptions import PlacementGroupError
 from .states import TaskState
+from .records import ObjectState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .machine import SchedulerState
 
 S = TaskState
 PG_PENDING, PG_CREATED, PG_RESCHEDULING, PG_REMOVED = (
@@ -204,23 +208,29 @@ def ready_payload(pg: PlacementGroupRecord) -> bytes:
     return serialize(PlacementGroup(d["pgid"], d["bundles"], d["strategy"], d["name"])).to_bytes()
 
 
-class PlacementGroupsMixin:
-    """Placement groups for ``SchedulerState`` (which provides nodes, tasks,
-    objects and actors)."""
+class PlacementGroups:
 
-    pgs: dict[bytes, PlacementGroupRecord]
+    """A component of ``SchedulerState``: owns the placement-group table,
+    the names, the groups waiting to be placed and the removed ones kept for
+    views; registers ``create_placement_group`` / ``remove_placement_group``."""
+
     keep_removed_groups = 1000
 
-    def _init_placement_groups(self) -> None:
-        self.pgs = {}
+    def __init__(self, state: "SchedulerState"):
+        self.s = state
+        self.pgs: dict[bytes, PlacementGroupRecord] = {}
         self.pg_names: dict[str, bytes] = {}
         self._pg_removed: deque[bytes] = deque()
         self.pg_waiting: set[bytes] = set()  # PENDING or RESCHEDULING groups
 
+    def ops(self) -> dict[str, Callable[[str, dict], None]]:
+        return {"create_placement_group": self.handle_create_placement_group,
+                "remove_placement_group": self.handle_remove_placement_group}
+
     # ------------------------------------------------------------ creation
     def handle_create_placement_group(self, source: str, msg: dict) -> None:
         def reply(**kw: Any) -> None:
-            self._send(source, {"op": "reply", "rid": msg.get("rid"), **kw})  # type: ignore
+            self.s._send(source, {"op": "reply", "rid": msg.get("rid"), **kw})
         problem = check_bundles(msg.get("bundles"), msg.get("strategy"))
         name = msg.get("name") or ""
         if problem is None and name and name in self.pg_names:
@@ -236,18 +246,18 @@ class PlacementGroupsMixin:
         self.pg_waiting.add(pg.pgid)
         if name:
             self.pg_names[name] = pg.pgid
-        ready = self._obj(pg.ready_oid(), source)  # type: ignore[attr-defined]
+        ready = self.s._obj(pg.ready_oid(), source)
         ready.holds += 1  # held by the group: any number of ready() refs come and go
         reply(ok=True)
         self._try_place(pg)
 
     # ------------------------------------------------------------ placement
-    def _place_pending_groups(self) -> None:
+    def place_pending(self) -> None:
         for pgid in sorted(self.pg_waiting, key=lambda g: self.pgs[g].created):
             self._try_place(self.pgs[pgid])
 
     def _try_place(self, pg: PlacementGroupRecord) -> None:
-        nodes = [n for n in self.nodes.values() if n.alive]  # type: ignore[attr-defined]
+        nodes = [n for n in self.s.nodes.values() if n.alive]
         seen = tuple((n.node_id, tuple(sorted(n.available.items()))) for n in nodes)
         if seen == pg.tried:
             return  # nothing changed since the last try
@@ -271,31 +281,31 @@ class PlacementGroupsMixin:
                 if not pg.warned and nodes:
                     pg.warned = True
                     text = f"placement group {pg.name or pg.pgid.hex()[:12]} is {pg.cause}"
-                    self.warnings.append(text)  # type: ignore[attr-defined]
-                    self._send(pg.owner, {"op": "warning", "text": text})  # type: ignore
+                    self.s.warnings.append(text)
+                    self.s._send(pg.owner, {"op": "warning", "text": text})
             return
         for i, nid in chosen.items():
-            node = self.nodes[nid]  # type: ignore[attr-defined]
+            node = self.s.nodes[nid]
             b = pg.bundles[i]
             node.take(b.total)
             b.node = nid
             b.available = dict(b.total)
-            self._send(nid, {"op": "reserve_bundle", "bundle": pg.key(i),  # type: ignore
+            self.s._send(nid, {"op": "reserve_bundle", "bundle": pg.key(i),
                              "res": dict(b.total)})
         pg.state, pg.feasible, pg.tried = PG_CREATED, True, None
         self.pg_waiting.discard(pg.pgid)
         pg.cause = "all bundles reserved"
         pg.placed_at = time.time()
-        ready = self.objects.get(pg.ready_oid())  # type: ignore[attr-defined]
-        if ready is not None and ready.state == "PENDING":
+        ready = self.s.objects.get(pg.ready_oid())
+        if ready is not None and ready.state == ObjectState.PENDING:
             data = ready_payload(pg)
-            self._seal(ready, {"inline": data, "size": len(data)})  # type: ignore
+            self.s._seal(ready, {"inline": data, "size": len(data)})
 
     # ------------------------------------------------------------ tasks in bundles
     def _pg_of(self, t: Any) -> PlacementGroupRecord | None:
         return self.pgs.get(t.strategy[1])
 
-    def _pg_reject(self, t: Any) -> bool:
+    def reject(self, t: Any) -> bool:
         """Fail a task (or actor) scheduled into a group that is gone or whose
         bundles could never hold it; True if it was failed."""
         pg = self._pg_of(t)
@@ -316,15 +326,15 @@ class PlacementGroupsMixin:
             return False
         err = PlacementGroupError(f"{t.name} cannot be scheduled: {why}")
         if t.kind == "create":
-            actor = self.actors.get(t.actor)  # type: ignore[attr-defined]
+            actor = self.s.actors.get(t.actor)
             if actor is not None:
-                self._actor_dead(actor, f"it cannot be scheduled: {why}",  # type: ignore
-                                 payload=self.error_payload(err))  # type: ignore
+                self.s._actor_dead(actor, f"it cannot be scheduled: {why}",
+                                 payload=self.s.error_payload(err))
                 return True
-        self._fail_task(t, self.error_payload(err), why)  # type: ignore[attr-defined]
+        self.s._fail_task(t, self.s.error_payload(err), why)
         return True
 
-    def _pg_choose_node(self, t: Any) -> Any:
+    def choose_node(self, t: Any) -> Any:
         """The node of a bundle of ``t``'s group with room for it now (and
         remember the bundle in ``t.bundle``), or None to wait."""
         pg = self._pg_of(t)
@@ -332,13 +342,13 @@ class PlacementGroupsMixin:
             return None
         index = t.strategy[2]
         for b in (pg.bundles if index == -1 else pg.bundles[index:index + 1]):
-            node = self.nodes.get(b.node or "")  # type: ignore[attr-defined]
+            node = self.s.nodes.get(b.node or "")
             if node is not None and node.alive and b.fits(t.res):
                 t.bundle = pg.key(b.index)
                 return node
         return None
 
-    def _bundle(self, key: str | None) -> Bundle | None:
+    def bundle(self, key: str | None) -> Bundle | None:
         if not key:
             return None
         pgid, _, index = key.partition(":")
@@ -347,15 +357,15 @@ class PlacementGroupsMixin:
             return None
         return pg.bundles[int(index)]
 
-    def _account(self, node: Any, key: str | None) -> Any:
+    def account(self, node: Any, key: str | None) -> Any:
         """What a task's or actor's resources are counted against on ``node``:
         its bundle while the bundle is reserved there, else the node."""
-        b = self._bundle(key)
+        b = self.bundle(key)
         if b is not None and node is not None and b.node == node.node_id:
             return b
         return node
 
-    def _bundle_fields(self, t: Any) -> dict:
+    def bundle_fields(self, t: Any) -> dict:
         """Extra ``run_task`` fields of a task in a bundle: the bundle, for the
         node's accounting, and the group if child tasks are captured."""
         if not t.bundle:
@@ -370,7 +380,7 @@ class PlacementGroupsMixin:
         pg = self.pgs.get(msg["pgid"])
         if pg is not None and pg.state != PG_REMOVED:
             self._remove_group(pg, "its placement group was removed")
-        self._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True})  # type: ignore
+        self.s._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True})
 
     def _in_group(self, strategy: Any, pgid: bytes) -> bool:
         return isinstance(strategy, tuple) and len(strategy) > 1 and strategy[0] == "pg" \
@@ -378,43 +388,43 @@ class PlacementGroupsMixin:
 
     def _remove_group(self, pg: PlacementGroupRecord, cause: str) -> None:
         # actors first (their creation tasks are in the task table too)
-        for actor in list(self.actors.values()):  # type: ignore[attr-defined]
-            create = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        for actor in list(self.s.actors.values()):
+            create = self.s.tasks.get(actor.create_tid)
             in_pg = (actor.bundle or "").startswith(pg.pgid.hex()) or (
                 create is not None and self._in_group(create.strategy, pg.pgid))
             if in_pg and actor.state != "DEAD":
                 actor.no_restart = True
                 if actor.node:
-                    self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})  # type: ignore
-                self._actor_dead(actor, cause)  # type: ignore[attr-defined]
-        for t in list(self.tasks.values()):  # type: ignore[attr-defined]
+                    self.s._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+                self.s._actor_dead(actor, cause)
+        for t in list(self.s.tasks.values()):
             if t.state is None or t.state.done or t.kind != "task" \
                     or not self._in_group(t.strategy, pg.pgid):
                 continue
             if t.state == S.RUNNING:
-                self._force_cancelled.add(t.tid)  # type: ignore[attr-defined]
-                self._send(t.node, {"op": "cancel_task", "tid": t.tid,  # type: ignore
+                self.s._force_cancelled.add(t.tid)
+                self.s._send(t.node, {"op": "cancel_task", "tid": t.tid,
                                     "force": True})
             else:
-                self.infeasible.discard(t.tid)  # type: ignore[attr-defined]
-                self._cancel_task(t, cause)  # type: ignore[attr-defined]
+                self.s.infeasible.discard(t.tid)
+                self.s._cancel_task(t, cause)
         self._release_bundles(pg, pg.bundles)
         pg.state = PG_REMOVED
         pg.cause = "removed"
         self.pg_waiting.discard(pg.pgid)
         if pg.name and self.pg_names.get(pg.name) == pg.pgid:
             del self.pg_names[pg.name]
-        ready = self.objects.get(pg.ready_oid())  # type: ignore[attr-defined]
+        ready = self.s.objects.get(pg.ready_oid())
         if ready is not None:
-            if ready.state == "PENDING":
+            if ready.state == ObjectState.PENDING:
                 err = PlacementGroupError(
                     f"placement group {pg.name or pg.pgid.hex()} was removed before all its "
                     f"bundles were reserved")
-                data = self.error_payload(err)  # type: ignore[attr-defined]
+                data = self.s.error_payload(err)
                 sealed = {"inline": data, "size": len(data), "error": True}
-                self._seal(ready, sealed)  # type: ignore[attr-defined]
+                self.s._seal(ready, sealed)
             ready.holds -= 1
-            self._maybe_free(ready)  # type: ignore[attr-defined]
+            self.s._maybe_free(ready)
         self._pg_removed.append(pg.pgid)
         while len(self._pg_removed) > self.keep_removed_groups:
             self.pgs.pop(self._pg_removed.popleft(), None)
@@ -423,20 +433,20 @@ class PlacementGroupsMixin:
         """Give reserved bundles back to their nodes: what is free in them now
         (running work gives the rest back to the node when it ends)."""
         for b in bundles:
-            node = self.nodes.get(b.node or "")  # type: ignore[attr-defined]
+            node = self.s.nodes.get(b.node or "")
             if node is not None:
                 node.give({k: max(v, 0.0) for k, v in b.available.items()})
-                self._send(node.node_id, {"op": "release_bundle",  # type: ignore
+                self.s._send(node.node_id, {"op": "release_bundle",
                                           "bundle": pg.key(b.index)})
             b.node = None
             b.available = dict(b.total)
 
-    def _remove_owned_groups(self, cid: str) -> None:
+    def remove_owned(self, cid: str) -> None:
         for pg in list(self.pgs.values()):
             if pg.owner == cid and not pg.detached and pg.state != PG_REMOVED:
                 self._remove_group(pg, "the driver that created its placement group exited")
 
-    def _pg_node_died(self, node_id: str) -> None:
+    def node_died(self, node_id: str) -> None:
         """Bundles on a dead node go back to be placed again (the others stay)."""
         for pg in self.pgs.values():
             lost = [b for b in pg.bundles if b.node == node_id]

@@ -32,6 +32,7 @@ from typing import Any
 from .. import ids
 from ..exceptions import ObjectLostError
 from .actors import ALIVE, DEAD, ActorRecord
+from .records import ObjectState
 
 RECOVERING = "RECOVERING"
 logger = logging.getLogger("flowcore.scheduler")
@@ -125,7 +126,7 @@ class RecoveryMixin:
             if a.name:
                 self.named[(a.namespace, a.name)] = a.aid
             handle = self._obj(ids.actor_handle_id(a.aid), None)  # type: ignore[attr-defined]
-            handle.state = "READY"
+            handle.state = ObjectState.READY
             for oid in a.deps + a.nested:
                 self._await_object(oid)
             self._hold(a.deps + a.nested)  # type: ignore[attr-defined]
@@ -146,7 +147,7 @@ class RecoveryMixin:
             return None
         obj = self._obj(oid, None)  # type: ignore[attr-defined]
         if handle:
-            obj.state = "READY"  # an actor handle: always ready
+            obj.state = ObjectState.READY  # an actor handle: always ready
         else:
             self.recovery.awaited.add(oid)  # type: ignore[union-attr]
         return obj
@@ -166,11 +167,11 @@ class RecoveryMixin:
                 obj = self._obj(oid, None)  # type: ignore[attr-defined]
                 obj.holds += 1
                 rec.held.add(oid)
-            if obj.state == "PENDING" and rec is not None and (oid in rec.awaited
+            if obj.state == ObjectState.PENDING and rec is not None and (oid in rec.awaited
                                                                or oid in rec.held):
                 rec.awaited.discard(oid)
                 self._seal(obj, {"node": nid, "size": size})  # type: ignore[attr-defined]
-            elif obj.state == "READY" and obj.inline is None:
+            elif obj.state == ObjectState.READY and obj.inline is None:
                 obj.nodes.add(nid)
         if unknown:  # nothing references them any more
             self._send(nid, {"op": "delete_objects", "oids": unknown})  # type: ignore[attr-defined]
@@ -223,7 +224,7 @@ class RecoveryMixin:
             refs.add(oid)
         for oid, data, error in msg.get("values") or []:
             obj = self.objects.get(oid)
-            if obj is not None and obj.state == "PENDING":
+            if obj is not None and obj.state == ObjectState.PENDING:
                 if rec is not None:
                     rec.awaited.discard(oid)
                 value = {"inline": data, "size": len(data), "error": error}
@@ -237,7 +238,7 @@ class RecoveryMixin:
                 self._send(cid, {"op": "object_ready", "oid": oid,  # type: ignore[attr-defined]
                                  "size": len(payload), "error": True, "inline": payload})
                 continue
-            if obj.state != "PENDING" or ids.task_of(oid) in self.tasks:
+            if obj.state != ObjectState.PENDING or ids.task_of(oid) in self.tasks:
                 continue
             if rec is not None:
                 rec.awaited.discard(oid)
@@ -247,7 +248,7 @@ class RecoveryMixin:
             self._lost_in_restart(obj, why)
         for oid in msg.get("subscribed") or []:
             obj = self.objects.get(oid)
-            if obj is not None and obj.state == "PENDING":
+            if obj is not None and obj.state == ObjectState.PENDING:
                 obj.waiters.add(cid)
             elif obj is not None:
                 self._send(cid, self._ready(obj))  # type: ignore[attr-defined]
@@ -282,10 +283,10 @@ class RecoveryMixin:
         if rec is None:
             return
         self.recovery = None
-        self._settle_local_offers()  # type: ignore[attr-defined]
+        self.emit("recovery_done")  # type: ignore[attr-defined]
         for oid in list(rec.awaited):
             obj = self.objects.get(oid)
-            if obj is not None and obj.state == "PENDING" \
+            if obj is not None and obj.state == ObjectState.PENDING \
                     and ids.task_of(oid) not in self.tasks:
                 self._lost_in_restart(obj, "no node reported a copy after the restart")
         for a in list(self.actors.values()):

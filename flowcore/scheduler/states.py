@@ -1,31 +1,15 @@
-"""Task states, the one transition table, and the bounded event log."""
+"""The task transition table and the bounded event log (the states
+themselves live in ``records.py``; ``TaskState`` is re-exported here for
+``flowcore.TaskState``)."""
 from __future__ import annotations
 
 import time
 from collections import deque
-from enum import Enum
 from typing import Any, Iterable
 
+from .records import TaskState
 
-class TaskState(str, Enum):
-    WAITING_FOR_ARGS = "WAITING_FOR_ARGS"
-    QUEUED = "QUEUED"
-    INFEASIBLE = "INFEASIBLE"
-    RUNNING = "RUNNING"
-    FINISHED = "FINISHED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    LOST = "LOST"
-
-    def __str__(self) -> str:  # logs and dashboards show the bare name
-        return self.value
-
-    @property
-    def done(self) -> bool:
-        return self in _DONE
-
-
-_DONE = {TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED}
+__all__ = ["TaskState", "TRANSITIONS", "InvalidTransition", "transition_name", "EventLog"]
 
 S = TaskState
 NEW = None  # the pseudo-state of a task not yet in the table

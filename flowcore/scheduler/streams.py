@@ -1,4 +1,4 @@
-"""Generator tasks in the head's state machine (a mixin of ``SchedulerState``).
+"""Generator tasks: a component of the head's state machine (``Streams``).
 
 A task (or actor call) run with ``num_returns="streaming"`` or ``"dynamic"``
 reports each value it yields with ``task_yield`` while it runs: the value is
@@ -11,38 +11,46 @@ while the caller's generator (or a ref to one of them) does.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from .states import TaskState
+from .records import TaskRecord, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .machine import TaskRecord
+    from .machine import SchedulerState
 
 S = TaskState
 
 
-class StreamsMixin:
-    def _init_streams(self) -> None:
-        self._stream_held: dict[bytes, list[bytes]] = {}  # task id -> yielded objects
+class Streams:
+    """Owns the stream holds: task id -> the objects it yielded so far."""
+
+    def __init__(self, state: "SchedulerState"):
+        self.s = state
+        self.held: dict[bytes, list[bytes]] = {}
+
+    def ops(self) -> dict[str, Callable[[str, dict], None]]:
+        return {"task_yield": self.handle_task_yield}
 
     def handle_task_yield(self, source: str, msg: dict) -> None:
-        t = self.tasks.get(msg["tid"])  # type: ignore[attr-defined]
+        s = self.s
+        t = s.tasks.get(msg["tid"])
         r = msg["result"]
-        if t is None or t.state != S.RUNNING or r["oid"] in self.objects:  # type: ignore
+        if t is None or t.state != S.RUNNING or r["oid"] in s.objects:
             return  # late, cancelled, or yielded again by a retry
-        obj = self._obj(r["oid"], t.owner)  # type: ignore[attr-defined]
+        obj = s._obj(r["oid"], t.owner)
         obj.holds += 1  # the stream's hold, until the end object takes over
-        self._stream_held.setdefault(t.tid, []).append(obj.oid)
+        self.held.setdefault(t.tid, []).append(obj.oid)
         nested = r.get("nested") or []
         obj.nested = nested
-        self._hold(nested)  # type: ignore[attr-defined]
-        self._seal(obj, r, notify_owner=False)  # type: ignore[attr-defined]
+        s._hold(nested)
+        s._seal(obj, r, notify_owner=False)
         if msg.get("push"):
-            self._send(t.owner, self._ready(obj))  # type: ignore[attr-defined]
+            s._send(t.owner, s._ready(obj))
 
-    def _stream_done(self, t: "TaskRecord") -> None:
+    def task_ended(self, t: TaskRecord) -> None:
         """The task ended: drop the stream's holds (its end object holds what
         it yielded; after a failure without one, unread values are freed)."""
-        held = self._stream_held.pop(t.tid, None)
-        if held:
-            self._release(held)  # type: ignore[attr-defined]
+        if self.held:
+            held = self.held.pop(t.tid, None)
+            if held:
+                self.s._release(held)

@@ -1,0 +1,198 @@
+"""The head's records and their states: one ``TaskRecord`` per task (a node
+of the futures DAG), one ``ObjectRecord`` per object, one ``NodeRecord`` per
+node, and the state enums they use.  Plain data: the state machine
+(``machine.py``) and the transition layer (``tasks.py``) change them."""
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any
+
+from .. import ids
+
+
+class TaskState(str, Enum):
+    WAITING_FOR_ARGS = "WAITING_FOR_ARGS"
+    QUEUED = "QUEUED"
+    INFEASIBLE = "INFEASIBLE"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"
+
+    def __str__(self) -> str:  # logs and dashboards show the bare name
+        return self.value
+
+    @property
+    def done(self) -> bool:
+        return self in _DONE
+
+
+_DONE = {TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED}
+
+class NodeRecord:
+    __slots__ = ("node_id", "address", "total", "available", "alive", "name",
+                 "hostname", "pid", "running", "joined", "info")
+
+    def __init__(self, node_id: str, address: str, total: dict[str, float], name: str,
+                 hostname: str, pid: int, info: dict | None = None):
+        self.node_id = node_id
+        self.address = address
+        self.total = dict(total)
+        self.available = dict(total)
+        self.alive = True
+        self.name = name
+        self.hostname = hostname
+        self.pid = pid
+        self.running: set[bytes] = set()
+        self.joined = time.time()
+        self.info = info or {}
+
+    def fits(self, res: dict[str, float]) -> bool:
+        av = self.available
+        for k, v in res.items():
+            if v and av.get(k, 0.0) < v - 1e-9:
+                return False
+        return True
+
+    def could_ever_fit(self, res: dict[str, float]) -> bool:
+        tot = self.total
+        return all(not v or tot.get(k, 0.0) >= v - 1e-9 for k, v in res.items())
+
+    def take(self, res: dict[str, float]) -> None:
+        for k, v in res.items():
+            if v:
+                self.available[k] = self.available.get(k, 0.0) - v
+
+    def give(self, res: dict[str, float]) -> None:
+        for k, v in res.items():
+            if v:
+                self.available[k] = self.available.get(k, 0.0) + v
+
+    def as_dict(self) -> dict:
+        return {"node_id": self.node_id, "name": self.name, "address": self.address,
+                "hostname": self.hostname, "pid": self.pid, "alive": self.alive,
+                "resources_total": dict(self.total),
+                "resources_available": {k: max(v, 0.0) for k, v in self.available.items()},
+                "running_tasks": len(self.running), **self.info}
+
+
+class TaskRecord:
+    __slots__ = ("tid", "fid", "name", "owner", "args", "deps", "missing", "nested",
+                 "nret", "res", "retries_left", "retry_exc", "_state", "node", "cause",
+                 "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
+                 "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
+                 "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job",
+                 "cgroup", "xopts")
+
+    def __init__(self, spec: dict, owner: str):
+        self.tid: bytes = spec["tid"]
+        self.fid: bytes = spec["fid"]
+        self.name: str = spec.get("name", "?")
+        self.owner = owner
+        self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
+        self.job: list | None = spec.get("job")  # [job id, namespace] of the submitter
+        self.cgroup: str | None = spec.get("cgroup")  # an actor call's concurrency group
+        self.xopts: dict | None = spec.get("xopts")  # for the worker: max_calls, generator
+        self.args: bytes | None = spec["args"]
+        self.args_dep: int | None = spec.get("args_dep")
+        self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
+        self.actor: bytes | None = spec.get("aid") if self.kind == "create" else spec.get("actor")
+        self.method: str | None = spec.get("method")
+        self.worker: dict | None = None      # {"pid": ..., "wid": ...} of the last run
+        self.error_text: str | None = None   # the failure's message, for views
+        self.ahead = False   # sent to its node before resources there were free
+        self.lineage_held = False  # finished, arguments kept for re-execution
+        self.lineage_evicted = False  # ... and then dropped to bound lineage memory
+        self.children: list[bytes] | None = None  # tasks it submitted (recursive cancel)
+        self.bundle: str | None = None  # "pgid-hex:index" while placed in a bundle
+        self.deps: list[bytes] = spec.get("deps") or []
+        self.missing: set[bytes] = set()
+        self.nested: list[bytes] = spec.get("nested") or []
+        self.nret: int = spec.get("nret", 1)
+        self.res: dict[str, float] = spec.get("res") or {}
+        self.retries_left: int = spec.get("retries", 3)
+        self.retry_exc = spec.get("retry_exc", False)
+        self._state: TaskState | None = None  # written by tasks.Transitions only
+        self.node: str | None = None
+        self.cause = ""
+        self.submitted = time.time()
+        self.started = 0.0
+        self.ended = 0.0
+        self.blocked = False
+        self.attempt = 0
+        strategy = spec.get("strategy")
+        self.strategy: Any = tuple(strategy) if isinstance(strategy, list) else strategy
+        # tasks queue per (resources, strategy): a task pinned to a busy node
+        # must not hold back others
+        self.shape = (tuple(sorted((k, v) for k, v in self.res.items() if v)), self.strategy)
+        self.returns_alive = self.nret
+
+    @property
+    def state(self) -> TaskState | None:
+        """Read-only: ``tasks.Transitions`` is the one writer (checked
+        against the transition table)."""
+        return self._state
+
+    def returns(self) -> list[bytes]:
+        return [ids.object_id(self.tid, i) for i in range(self.nret)]
+
+    def as_dict(self) -> dict:
+        return {"task_id": self.tid.hex(), "name": self.name, "state": str(self.state),
+                "node_id": self.node, "owner": self.owner, "attempt": self.attempt,
+                "retries_left": self.retries_left, "resources": dict(self.res),
+                "submitted": self.submitted, "started": self.started or None,
+                "ended": self.ended or None, "cause": self.cause,
+                "waiting_for": [o.hex() for o in self.missing]}
+
+
+class ObjectState(str, Enum):
+    """An object the head tracks: PENDING until its value exists, READY once
+    it does (inline at the head or sealed in a node's store), LOST when its
+    last copy is gone and it cannot be rebuilt (its value is then the error).
+    The head, the graph export and the dashboard all use these names."""
+    PENDING = "PENDING"
+    READY = "READY"
+    LOST = "LOST"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PENDING, READY, LOST = ObjectState.PENDING, ObjectState.READY, ObjectState.LOST
+
+
+class ObjectRecord:
+    __slots__ = ("oid", "state", "inline", "nodes", "size", "error", "clients", "holds",
+                 "waiters", "dependents", "nested", "owner", "created")
+
+    def __init__(self, oid: bytes, owner: str | None):
+        self.oid = oid
+        self.state: ObjectState = PENDING
+        self.inline: bytes | None = None
+        self.nodes: set[str] = set()
+        self.size = 0
+        self.error = False
+        self.clients: set[str] = set()
+        self.holds = 0
+        self.waiters: set[str] = set()
+        self.dependents: list[bytes] = []
+        self.nested: list[bytes] = []
+        self.owner = owner
+        self.created = time.time()
+
+    def ready_msg(self) -> dict:
+        m: dict[str, Any] = {"op": "object_ready", "oid": self.oid, "size": self.size,
+                             "error": self.error}
+        if self.inline is not None:
+            m["inline"] = self.inline
+        else:
+            m["nodes"] = sorted(self.nodes)
+        return m
+
+    def as_dict(self) -> dict:
+        return {"object_id": self.oid.hex(), "state": self.state.value, "size": self.size,
+                "inline": self.inline is not None, "nodes": sorted(self.nodes),
+                "error": self.error, "references": len(self.clients) + self.holds,
+                "owner": self.owner, "created": self.created}
