@@ -25,6 +25,7 @@ from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
 from ..protocol.chunks import fetch_chunks
+from ..protocol import messages
 from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
 from . import direct
@@ -32,6 +33,10 @@ from .actor_calls import DirectCallsMixin
 from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
 
 logger = logging.getLogger("flowcore.client")
+
+#: the ops a client takes from its head and from its node (protocol/messages.py)
+HEAD_OPS = messages.ops_for(messages.CLIENT, messages.HEAD)
+NODE_OPS = messages.ops_for(messages.CLIENT, messages.NODE)
 
 #: objects up to this size travel inline in messages; larger go to the store
 INLINE_MAX = 100 * 1024
@@ -80,6 +85,13 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         self.node: Comm | None = None
         self._lock = threading.Lock()
         self._outbox: deque[tuple[str, dict]] = deque()
+        # while a handler of an incoming message runs: what it sends, held
+        # until it returns (dropped if it raises); see _guarded
+        self._staged: list[tuple[str, dict]] | None = None
+        self._staging_thread = 0
+        self._head_ops: dict[str, Callable[[dict], None]] = {
+            "object_ready": self._object_ready, "subscribed": self._subscribed,
+            "warning": self._warning, "log": self._log}
         self._wake_pending = False
         # Filled from finalisers (ObjectRef.__del__, store view release), which
         # may run inside a locked section of this same thread during garbage
@@ -301,6 +313,10 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
     # ------------------------------------------------------------ sending
     def send(self, dest: str, msg: dict) -> None:
         """Queue ``msg`` for ``dest`` ("head" or "node"); thread-safe."""
+        staged = self._staged
+        if staged is not None and threading.get_ident() == self._staging_thread:
+            staged.append((dest, msg))
+            return
         with self._lock:
             self._outbox.append((dest, msg))
             if self._wake_pending:
@@ -390,32 +406,59 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
 
     # ------------------------------------------------------------ receiving
     def _on_head_message(self, comm: Comm, msg: dict, frames: list) -> None:
-        op = msg["op"]
-        if op == "object_ready":
-            self._object_ready(msg)
-        elif op == "subscribed":  # see _subscribe_missing(ack=)
-            cb = self._acks.pop(msg.get("ack"), None)
-            if cb is not None:
-                cb(msg.get("pending", 0))
-        elif op == "warning":
-            import warnings
-            warnings.warn(msg.get("text", ""), RuntimeWarning, stacklevel=1)
-        elif op == "log":
-            if self.log_to_driver:
-                import sys
-                out = sys.stderr if msg.get("stream") == "stderr" else sys.stdout
-                prefix = f"({msg.get('name', '?')} pid={msg.get('pid')}) "
-                try:
-                    out.write("".join(prefix + line + "\n" for line in msg.get("lines", ())))
-                    out.flush()
-                except (OSError, ValueError):
-                    pass
-        else:
-            logger.debug("unhandled head op %s", op)
+        handler = self._head_ops.get(msg["op"])
+        if handler is None:
+            messages.refuse("client", messages.HEAD, msg["op"], "head")
+            return
+        self._guarded(handler, msg)
+
+    def _guarded(self, handler: Callable[[dict], None], msg: dict) -> None:
+        """Run the handler of an incoming message; what it sends goes out only
+        if it returns: if it raises, that is dropped and the error logged
+        with the op."""
+        if self._staged is not None and threading.get_ident() == self._staging_thread:
+            handler(msg)  # inside another handler: that one holds the output
+            return
+        staged: list[tuple[str, dict]] = []
+        self._staging_thread = threading.get_ident()
+        self._staged = staged
+        try:
+            handler(msg)
+        except Exception:
+            logger.exception("error handling %r (dropped %d message(s) it queued)",
+                             msg.get("op"), len(staged))
+            staged = []
+        finally:
+            self._staged = None
+        for dest, m in staged:
+            self.send(dest, m)
+
+    def _subscribed(self, msg: dict) -> None:  # see _subscribe_missing(ack=)
+        cb = self._acks.pop(msg.get("ack"), None)
+        if cb is not None:
+            cb(msg.get("pending", 0))
+
+    def _warning(self, msg: dict) -> None:
+        import warnings
+        warnings.warn(msg.get("text", ""), RuntimeWarning, stacklevel=1)
+
+    def _log(self, msg: dict) -> None:
+        if self.log_to_driver:
+            import sys
+            out = sys.stderr if msg.get("stream") == "stderr" else sys.stdout
+            prefix = f"({msg.get('name', '?')} pid={msg.get('pid')}) "
+            try:
+                out.write("".join(prefix + line + "\n" for line in msg.get("lines", ())))
+                out.flush()
+            except (OSError, ValueError):
+                pass
 
     def _on_node_msg(self, comm: Comm, msg: dict, frames: list) -> None:
+        if msg["op"] not in NODE_OPS:
+            messages.refuse("client", messages.NODE, msg["op"], "node")
+            return
         if self.on_node_message is not None:
-            self.on_node_message(msg)
+            self._guarded(self.on_node_message, msg)
 
     def _object_ready(self, msg: dict) -> None:
         oid = msg["oid"]
@@ -424,7 +467,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                     and ids.task_of(oid) not in self.streams:
                 return  # nobody here cares any more
             prev = self.ready.get(oid)
-            if prev is not None and (prev.get("direct") or msg.get("direct")):
+            if prev is not None and (prev.get("via_direct") or msg.get("via_direct")):
                 return  # a direct call's outcome: the first one to arrive stands
             self.ready[oid] = msg
             if oid in self.expected:
@@ -474,8 +517,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             pending = list(self.waiters.items())
             self.waiters.clear()
             for oid, _ in pending:
-                self.ready[oid] = {"op": "object_ready", "oid": oid, "inline": payload,
-                                   "error": True, "size": len(payload)}
+                self.ready[oid] = messages.object_ready_inline(oid, payload, error=True)
         for _, cbs in pending:
             for cb in cbs:
                 cb()
@@ -543,7 +585,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             # head records it and places it only if the node declines
             self.send("node", {"op": "submit_local", "task": run})
             spec = dict(spec, local=self.node_id)
-        self.send("head", {"op": "submit", "tasks": [spec]})
+        self.send("head", messages.submit(spec))
         return refs
 
     def _head_away(self) -> bool:
@@ -606,17 +648,15 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         nested = list(s.contained_refs)
         if s.total_size <= INLINE_MAX or not self.has_store():
             data = s.to_bytes()
-            msg = {"op": "put", "oid": oid, "inline": data, "size": len(data), "nested": nested}
+            msg = messages.put_inline(oid, data, nested)
             with self._lock:
-                self.ready[oid] = {"op": "object_ready", "oid": oid, "inline": data,
-                                   "size": len(data), "error": False, "nested": bool(nested)}
+                self.ready[oid] = messages.object_ready_inline(oid, data, nested=bool(nested))
         else:
             self.write_to_store(oid, s)
-            msg = {"op": "put", "oid": oid, "node": self.node_id, "size": s.total_size,
-                   "nested": nested}
+            msg = messages.put_stored(oid, self.node_id, s.total_size, nested)
             with self._lock:
-                self.ready[oid] = {"op": "object_ready", "oid": oid, "nodes": [self.node_id],
-                                   "size": s.total_size, "error": False, "nested": bool(nested)}
+                self.ready[oid] = messages.object_ready_stored(oid, [self.node_id], s.total_size,
+                                                               bool(nested))
         ref = ObjectRef(oid, self, counted=True)
         self.send("head", msg)
         return ref

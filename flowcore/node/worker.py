@@ -22,6 +22,7 @@ from typing import Any, Callable
 from .. import daemon
 from ..exceptions import TaskError
 from ..objects.ref import set_client
+from ..protocol import messages
 
 logger = logging.getLogger("flowcore.worker")
 
@@ -61,24 +62,33 @@ class Worker:
         self.cancel_before_start: set[bytes] = set()
         self.exiting = False          # the hosted actor exits (exit_actor, sys.exit)
         self.calls: dict[bytes, int] = {}  # runs per function, for max_calls
+        #: what this worker does with each op from its node (and with the
+        #: actor calls its head and callers send)
+        self._ops: dict[str, Callable[[dict], None]] = {
+            "run_task": self._queue, "create_actor": self._queue, "cancel": self._cancel,
+            "exit": self._exit}
 
-    # called by whichever thread is reading the sockets
+    # called by whichever thread is reading the sockets (the client has
+    # checked the op against its node's role table)
     def on_node_message(self, msg: dict) -> None:
-        op = msg["op"]
-        if op in ("run_task", "create_actor"):
-            self.tasks.append(msg)
-        elif op == "cancel":
-            if self.running_tid == msg["tid"]:
-                self.cancel_requested = msg["tid"]
-                self.client.interrupt_main = True
-                if threading.get_ident() != self.main_ident:
-                    # read on another thread: wake the main thread to raise it
-                    signal.pthread_kill(self.main_ident, signal.SIGUSR1)
-            elif any(t is not None and t["tid"] == msg["tid"] for t in self.tasks):
-                # not started yet (still queued here): never start it
-                self.cancel_before_start.add(msg["tid"])
-        elif op == "exit":
-            self.tasks.append(None)
+        self._ops[msg["op"]](msg)
+
+    def _queue(self, msg: dict) -> None:
+        self.tasks.append(msg)
+
+    def _cancel(self, msg: dict) -> None:
+        if self.running_tid == msg["tid"]:
+            self.cancel_requested = msg["tid"]
+            self.client.interrupt_main = True
+            if threading.get_ident() != self.main_ident:
+                # read on another thread: wake the main thread to raise it
+                signal.pthread_kill(self.main_ident, signal.SIGUSR1)
+        elif any(t is not None and t["tid"] == msg["tid"] for t in self.tasks):
+            # not started yet (still queued here): never start it
+            self.cancel_before_start.add(msg["tid"])
+
+    def _exit(self, msg: dict) -> None:
+        self.tasks.append(None)
 
     def on_disconnect(self, which: str) -> None:
         os._exit(0)
@@ -403,28 +413,26 @@ class Worker:
     def _report(self, task: dict, status: str, results: list, retryable: bool) -> None:
         tid = task["tid"]
         if task.get("actor") is None:
-            idle: dict[str, Any] = {"op": "worker_idle", "tid": tid}
+            retire = False
             limit = (task.get("xopts") or {}).get("max_calls")
             if limit and status != "cancelled":  # max_calls: this process runs it N times
                 n = self.calls[task["fid"]] = self.calls.get(task["fid"], 0) + 1
-                if n >= limit:
-                    idle["retire"] = True  # the node replaces this process
-            self.client.send("node", idle)
-        msg = {"op": "task_done", "tid": tid, "status": status, "results": results,
-               "retryable": retryable, "pid": os.getpid(), "wid": self.wid,
-               "started": task.get("_started")}
+                retire = n >= limit  # the node replaces this process
+            self.client.send("node", messages.worker_idle(tid, retire))
+        msg = messages.task_done(tid, status, results, retryable, pid=os.getpid(),
+                                 wid=self.wid, started=task.get("_started"))
         if status == "error" and results:
             msg["error_text"] = results[0].get("text")
         if task.get("local"):
             msg["local"] = True  # the head may not have recorded it as running yet
-        if task.get("direct"):
+        if task.get("reply_conn"):
             # a call sent here directly by its caller: the caller gets the
             # inline returns at once; the head learns the outcome as usual
             from ..client import direct
-            msg["direct"] = True
+            msg["answered_direct"] = True
             msg["results"] = direct.mark_sent(results)
             self.client.send("head", msg)
-            self.client.send(task["direct"], direct.answer_for(task, results))
+            self.client.send(task["reply_conn"], direct.answer_for(task, results))
             return
         self.client.send("head", msg)
 

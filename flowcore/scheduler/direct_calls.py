@@ -2,7 +2,7 @@
 
 An actor's process listens for callers (``direct_port`` in ``actor_ready``).
 A caller that holds a connection to it sends a call two ways at once: to
-the actor itself, and to the head as a submission marked ``direct=<epoch>``
+the actor itself, and to the head as a submission marked ``direct_epoch=<epoch>``
 (the actor's restart count when the caller looked it up).  The head
 records the call like any other (the DAG, references, lineage, event log)
 but does not dispatch it: it is RUNNING on the actor at once.  The actor
@@ -86,7 +86,7 @@ class DirectCallsMixin:
 
     def _early_direct_done(self, source: str, msg: dict) -> None:
         """A ``task_done`` of a direct call whose submission has not arrived."""
-        if msg.get("direct") and msg["tid"] not in self.tasks:  # type: ignore[attr-defined]
+        if msg.get("answered_direct") and msg["tid"] not in self.tasks:  # type: ignore[attr-defined]
             self._early_direct[msg["tid"]] = (source, msg)
             while len(self._early_direct) > EARLY_LIMIT:
                 self._early_direct.popitem(last=False)
