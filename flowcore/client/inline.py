@@ -232,6 +232,10 @@ class InlineClient(CoreClient):
 
     # ------------------------------------------------------------ sending
     def send(self, dest: str, msg: dict) -> None:
+        staged = self._staged  # a handler of an incoming message is running
+        if staged is not None and threading.get_ident() == self._staging_thread:
+            staged.append((dest, msg))
+            return
         with self._lock:
             self._outbox.append((dest, msg))
         if self._in_select and self._pump_owner != threading.get_ident():

@@ -7,11 +7,11 @@ derived from it (``ops_for``), and so is the message list of
 docs/architecture.md (``markdown``; ``python -m flowcore.protocol.messages``
 prints it, a test compares).
 
-The builders below are the only places the hot messages are made.  They are
-plain functions returning dicts with fixed keys: measured against frozen
-dataclasses (built, then turned into the dict msgpack needs) they cost about
-a third as much per message, and the receivers read them as dicts anyway
-(see docs/architecture.md, *Messages*).
+The builders below make the hot messages.  They are plain functions
+returning dicts with fixed keys: measured, one costs the same as a dict
+literal, while a slotted frozen dataclass turned into the dict msgpack writes
+costs about 3.5 times that and ``dataclasses.asdict`` about 30 times; the
+receivers read dicts anyway (docs/architecture.md, *Messages*).
 
 One meaning per key: a call an actor's caller sends straight to the actor
 carries ``direct_epoch`` in its submission to the head (the actor's restart
