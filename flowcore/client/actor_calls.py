@@ -228,5 +228,5 @@ class DirectCallsMixin:
                     if o in self.expected and o not in self.ready]
             self.subscribed.update(oids)
         if oids and not self.closed:
-            self.send("head", {"op": "subscribe", "oids": oids})
+            self.send("head", messages.oids("subscribe", oids))
 

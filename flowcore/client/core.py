@@ -357,9 +357,9 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         while self._unpins:
             unpins.append(self._unpins.popleft())
         if decrefs:
-            items.append(("head", {"op": "decref", "oids": decrefs}))
+            items.append(("head", messages.oids("decref", decrefs)))
         if unpins:
-            items.append(("node", {"op": "unpin", "oids": unpins}))
+            items.append(("node", messages.oids("unpin", unpins)))
         return items
 
     def _drain(self) -> None:
@@ -531,7 +531,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             self.refcounts[oid] = n + 1
             if n or counted:
                 return
-        self.send("head", {"op": "incref", "oids": [oid]})
+        self.send("head", messages.oids("incref", [oid]))
 
     def remove_local_ref(self, oid: bytes) -> None:
         """An ObjectRef instance was dropped (called from ``__del__``: no locks)."""
@@ -546,8 +546,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         if fid in self.registered_functions:
             return
         self.registered_functions.add(fid)
-        self.send("head", {"op": "register_function", "fid": fid, "blob": blob_factory(),
-                           "name": name})
+        self.send("head", messages.register_function(fid, blob_factory(), name))
 
     def fetch_function(self, fid: bytes) -> bytes:
         r = self.request("head", {"op": "get_function", "fid": fid})
@@ -583,7 +582,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         if run is not None:
             # local-first: our node starts it at once if it fits there; the
             # head records it and places it only if the node declines
-            self.send("node", {"op": "submit_local", "task": run})
+            self.send("node", messages.submit_local(run))
             spec = dict(spec, local=self.node_id)
         self.send("head", messages.submit(spec))
         return refs
@@ -635,8 +634,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         self._pending_cv.wait()
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
-        self.send("head", {"op": "cancel", "oid": ref._id, "force": force,
-                           "recursive": recursive})
+        self.send("head", messages.cancel_object(ref._id, force, recursive))
 
     # ------------------------------------------------------------ put
     def put(self, value: Any) -> ObjectRef:
@@ -664,7 +662,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
     def write_to_store(self, oid: bytes, s: Any) -> None:
         """Create, fill and seal ``oid`` in the local node's store."""
         from ..objects.store import Location
-        r = self.request("node", {"op": "create", "oid": oid, "size": s.total_size})
+        r = self.request("node", messages.create(oid, s.total_size))
         if "error" in r:
             if r.get("full"):
                 raise ObjectStoreFullError(r["error"])
@@ -680,9 +678,9 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             s.write_to(view)
             del view
         except BaseException:
-            self.send("node", {"op": "abort", "oid": oid})
+            self.send("node", messages.oid_op("abort", oid))
             raise
-        self.send("node", {"op": "seal", "oid": oid})
+        self.send("node", messages.oid_op("seal", oid))
 
     def _upload(self, oid: bytes, s: Any) -> None:
         """Fill the created object ``oid`` over the node connection (client
@@ -706,7 +704,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                 pending.append(fut)
             while pending:
                 error = error or (await pending.popleft()).get("error")
-            node.send({"op": "abort" if error else "seal", "oid": oid})
+            node.send(messages.oid_op("abort" if error else "seal", oid))
             return error
         error = asyncio.run_coroutine_threadsafe(upload(), self.loop).result()
         if error:
@@ -761,7 +759,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                 self.subscribed.add(oid)
                 new.append(oid)
         if new:
-            msg: dict[str, Any] = {"op": "subscribe", "oids": new}
+            msg: dict[str, Any] = messages.oids("subscribe", new)
             if ack is not None:
                 msg["ack"] = ack
             self.send("head", msg)
@@ -876,7 +874,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         if task is None or self.kind != "worker":
             return False
         op = "task_blocked" if blocked else "task_unblocked"
-        self.send("node", {"op": "worker_blocked", "blocked": blocked})
+        self.send("node", messages.worker_blocked(blocked))
         self.send("head", {"op": op, "tid": task["tid"]})
         return True
 
@@ -964,7 +962,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
         for attempt in range(6):
-            req: dict[str, Any] = {"op": "pin", "oid": oid}
+            req: dict[str, Any] = messages.oid_op("pin", oid)
             if self.node_id not in info.get("nodes", ()):
                 # held elsewhere: our node pulls it from one of the holders first
                 req["sources"] = [[n, a] for n, a in
@@ -996,7 +994,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             try:
                 data = self._download(oid, info["size"])
             finally:
-                self.send("node", {"op": "unpin", "oids": [oid]})
+                self.send("node", messages.oids("unpin", [oid]))
             return self._deserialize(info, memoryview(data))
         loc = Location.from_wire(r["loc"])
 

@@ -263,7 +263,7 @@ class NodeServer:
                      "pool": self.pool.snapshot(), "actors": len(self.actor_wids)}
         except Exception as e:  # never let reporting kill the node
             stats = {"error": str(e)}
-        self.head.send({"op": "heartbeat", "stats": stats})
+        self.head.send(messages.heartbeat(stats))
         self._oom.observe()  # forget OOM kills of other processes, long past
         if self._hb_timer is not None:
             self._hb_timer.cancel()  # one loop, also after a re-registration
@@ -315,11 +315,11 @@ class NodeServer:
             elif kind == "retire":
                 comm = self.worker_comms.get(a[1])
                 if comm is not None:
-                    comm.send({"op": "exit"})
+                    comm.send(messages.exit_worker())
             elif kind == "warn":
                 logger.warning(a[1])
                 if self.head is not None:
-                    self.head.send({"op": "node_warning", "text": a[1]})
+                    self.head.send(messages.node_warning(a[1]))
             elif kind == "env_failed":
                 task = a[1]
                 if self.head is not None:
@@ -450,8 +450,8 @@ class NodeServer:
             from ..objects.serialization import serialize
             self.actor_workers.pop(wid, None)
             if self.head is not None:
-                self.head.send({"op": "actor_failed", "aid": aid, "error": setup,
-                                "payload": serialize(ActorDiedError(setup)).to_bytes()})
+                self.head.send(messages.actor_failed(
+                    aid, setup, serialize(ActorDiedError(setup)).to_bytes()))
             self._actor_exited(aid, wid, setup, 0)
             return
         self._spawn_worker(wid, actor=aid, setup=setup)
@@ -474,7 +474,7 @@ class NodeServer:
         if hold:
             self._act(self.pool._give_back(hold, bundle))
         if self.head is not None and not self._stopping:
-            self.head.send({"op": "actor_died", "aid": aid, "how": how, "pid": pid})
+            self.head.send(messages.actor_died(aid, how, pid))
 
     def _actor_call(self, msg: dict) -> None:
         aid = msg["actor"]
@@ -659,9 +659,7 @@ class NodeServer:
         comm.reply(msg, node_id=self.node_id)
         aid = self.actor_workers.get(wid)
         if aid is not None:
-            spec = dict(self.actor_specs.get(aid) or {})
-            spec["op"] = "create_actor"
-            comm.send(spec)
+            comm.send(messages.create_actor_in_worker(self.actor_specs.get(aid) or {}))
             for call in self.actor_backlog.pop(aid, []):
                 comm.send(call)
         else:

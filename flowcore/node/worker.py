@@ -240,8 +240,8 @@ class Worker:
             info = self._store_result(task["tid"], len(oids) + 1, item)
             oids.append(info["oid"])
             keep.append(item)
-            self.client.send("head", {"op": "task_yield", "tid": task["tid"], "result": info,
-                                      "push": mode == "streaming"})
+            self.client.send("head", messages.task_yield(task["tid"], info,
+                                                         mode == "streaming"))
             if mode == "streaming":
                 self._flush_now()  # the caller hears of it now, not when the task ends
         return push, oids
@@ -333,7 +333,7 @@ class Worker:
             f"it called sys.exit({'' if exc.code is None else repr(exc.code)}) in {name}"
         if not self.exiting:
             self.exiting = True
-            self.client.send("head", {"op": "actor_exit", "aid": self.actor_id, "cause": how})
+            self.client.send("head", messages.actor_exit(self.actor_id, how))
             self.tasks.appendleft(None)  # the run loop ends; main() runs atexit handlers
             wake = getattr(self.client, "_wake", None)
             if wake is not None:
@@ -459,9 +459,8 @@ class Worker:
             tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
             err = ActorDiedError(f"actor {self.actor_class} failed in its constructor "
                                  f"(pid {os.getpid()}):\n{tb}")
-            self.client.send("head", {"op": "actor_failed", "aid": spec["aid"],
-                                      "error": f"{type(e).__name__}: {e}",
-                                      "payload": serialize(err).to_bytes()})
+            self.client.send("head", messages.actor_failed(
+                spec["aid"], f"{type(e).__name__}: {e}", serialize(err).to_bytes()))
             return
         finally:
             self.client.current_task = None
@@ -483,11 +482,8 @@ class Worker:
             # each concurrency group runs its calls on threads of its own
             self.groups = {g: ThreadPoolExecutor(n, thread_name_prefix=f"flowcore-actor-{g}")
                            for g, n in (spec.get("concurrency_groups") or {}).items()}
-        ready = {"op": "actor_ready", "aid": spec["aid"], "pid": os.getpid()}
         port = self._listen_for_callers()
-        if port is not None:
-            ready["direct_port"] = port
-        self.client.send("head", ready)
+        self.client.send("head", messages.actor_ready(spec["aid"], os.getpid(), port))
 
     def _listen_for_callers(self) -> int | None:
         """Open the socket on which callers send calls directly; its port."""

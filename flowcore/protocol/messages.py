@@ -77,7 +77,7 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("worker_died", HEAD, "node", "tid how pid", "the worker running ``tid`` exited"),
     ("local_verdict", HEAD, "node", "tid started",
      "whether a task offered to the node (local-first) was started there"),
-    ("object_location", HEAD, "node", "oid node?", "a node now holds a copy of ``oid``"),
+    ("object_location", HEAD, "node", "oid node add", "a node now holds a copy of ``oid``"),
     ("actor_died", HEAD, "node", "aid how pid", "an actor's process exited"),
     ("register_client", HEAD, CLIENTS, "rid kind pid ...",
      "a driver or worker joins (its first message)"),
@@ -90,15 +90,15 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("decref", HEAD, CLIENTS, "oids", "the client dropped references"),
     ("subscribe", HEAD, CLIENTS, "oids ack?", "send ``object_ready`` for these objects"),
     ("cancel", HEAD, CLIENTS, "oid force recursive", "cancel the task making ``oid``"),
-    ("log", HEAD, WORKER, "lines stream name pid", "a worker's output, for the drivers"),
+    ("log", HEAD, WORKER, "lines stream name tid pid", "a worker's output, for the drivers"),
     ("task_done", HEAD, (WORKER, "node"),
      "tid status results retryable pid? wid? started? error_text? local? answered_direct?",
      "a task ended (from its worker; from the node when it never started)"),
     ("task_blocked", HEAD, WORKER, "tid", "a running task waits in get (its CPU goes back)"),
     ("task_unblocked", HEAD, WORKER, "tid", "the waiting task runs again"),
-    ("task_yield", HEAD, WORKER, "tid result index", "a generator task yielded a value"),
+    ("task_yield", HEAD, WORKER, "tid result push", "a generator task yielded a value"),
     ("actor_ready", HEAD, WORKER, "aid pid direct_port? ...", "an actor's constructor returned"),
-    ("actor_failed", HEAD, (WORKER, "node"), "aid error ...", "an actor could not start"),
+    ("actor_failed", HEAD, (WORKER, "node"), "aid error payload", "an actor could not start"),
     ("actor_exit", HEAD, WORKER, "aid cause", "an actor exits on purpose"),
     ("create_actor", HEAD, CLIENTS, "rid aid ...", "make an actor"),
     ("kill_actor", HEAD, CLIENTS, "aid no_restart?", "kill an actor"),
@@ -170,6 +170,30 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
 )
 
 
+#: the keys of a task spec (the entries of ``submit``'s ``tasks``; the head
+#: adds deps' readiness, ``attempt`` and ``owner`` when it sends ``run_task``)
+TASK_SPEC: dict[str, str] = {
+    "tid": "task id (16 bytes)",
+    "fid": "function hash (empty for an actor call)",
+    "name": "the task's name",
+    "nret": "number of returns (0 with xopts.stream: a generator)",
+    "res": "resources it takes while running",
+    "deps": "object ids it waits for",
+    "args": "serialized arguments, or None when they travel as the last dep",
+    "args_dep": "index in deps of the stored arguments (absent when inline)",
+    "retries": "retries left for system failures (None: the actor's max_task_retries)",
+    "retry_exc": "which application errors are retried",
+    "strategy?": "scheduling strategy (node affinity, spread, placement group bundle)",
+    "job?": "the submitting job",
+    "xopts?": "extra options: max_calls, stream",
+    "renv?": "runtime_env descriptor",
+    "local?": "offered to the submitter's node first (local-first)",
+    "actor?": "an actor call: the actor's id (with method, cgroup?)",
+    "direct_epoch?": "an actor call also sent to the actor directly: its restart count then",
+    "kind?": "create (an actor's constructor: aid, class_name, methods, ...) or absent",
+}
+
+
 def ops_for(receiver: str, role: str) -> frozenset[str]:
     """The ops ``receiver`` takes from a peer of ``role``."""
     return frozenset(op.name for (to, _), op in SCHEMA.items()
@@ -187,7 +211,9 @@ def markdown() -> str:
     """The message list of docs/architecture.md, generated from ``SCHEMA``."""
     names = {HEAD: "To the head", NODE: "To a node", CLIENT: "To a client (driver or worker)",
              ACTOR: "To an actor's process (its listener)", CALLER: "To a direct caller"}
-    out = []
+    out = ["**Task spec** (an entry of `submit`'s `tasks`)\n", "| key | meaning |", "|---|---|"]
+    out += [f"| `{k}` | {v} |" for k, v in TASK_SPEC.items()]
+    out.append("")
     for to in (HEAD, NODE, CLIENT, ACTOR, CALLER):
         out.append(f"**{names[to]}**\n")
         out.append("| op | from | keys | meaning |")
@@ -293,8 +319,100 @@ def worker_died(tid: bytes, how: str, pid: int) -> dict:
 
 
 def cancel(tid: bytes) -> dict:
+    """Node to worker: cancel ``tid``."""
     return {"op": "cancel", "tid": tid}
 
 
+def cancel_object(oid: bytes, force: bool, recursive: bool) -> dict:
+    """Client to head: cancel the task making ``oid``."""
+    return {"op": "cancel", "oid": oid, "force": force, "recursive": recursive}
+
+
+def oids(op: str, oids: list) -> dict:
+    """``incref``, ``decref``, ``unpin`` or ``subscribe``: a list of object ids."""
+    return {"op": op, "oids": oids}
+
+
+def oid_op(op: str, oid: bytes) -> dict:
+    """``seal``, ``abort`` or ``pin``: one object id."""
+    return {"op": op, "oid": oid}
+
+
+def create(oid: bytes, size: int) -> dict:
+    return {"op": "create", "oid": oid, "size": size}
+
+
+def heartbeat(stats: dict) -> dict:
+    return {"op": "heartbeat", "stats": stats}
+
+
+def node_warning(text: str) -> dict:
+    return {"op": "node_warning", "text": text}
+
+
+def actor_failed(aid: bytes, error: str, payload: bytes) -> dict:
+    return {"op": "actor_failed", "aid": aid, "error": error, "payload": payload}
+
+
+def actor_died(aid: bytes, how: str, pid: int) -> dict:
+    return {"op": "actor_died", "aid": aid, "how": how, "pid": pid}
+
+
+def actor_ready(aid: bytes, pid: int, direct_port: int | None) -> dict:
+    msg: dict[str, Any] = {"op": "actor_ready", "aid": aid, "pid": pid}
+    if direct_port is not None:
+        msg["direct_port"] = direct_port
+    return msg
+
+
+def actor_exit(aid: bytes | None, cause: str) -> dict:
+    return {"op": "actor_exit", "aid": aid, "cause": cause}
+
+
+def task_yield(tid: bytes, result: dict, push: bool) -> dict:
+    return {"op": "task_yield", "tid": tid, "result": result, "push": push}
+
+
+def object_location(oid: bytes, node: str) -> dict:
+    return {"op": "object_location", "oid": oid, "node": node, "add": True}
+
+
+def register_function(fid: bytes, blob: bytes, name: str) -> dict:
+    return {"op": "register_function", "fid": fid, "blob": blob, "name": name}
+
+
+def worker_blocked(blocked: bool) -> dict:
+    return {"op": "worker_blocked", "blocked": blocked}
+
+
+def submit_local(task: dict) -> dict:
+    return {"op": "submit_local", "task": task}
+
+
+def exit_worker() -> dict:
+    return {"op": "exit"}
+
+
+def create_actor_in_worker(spec: dict) -> dict:
+    """Node to the worker hosting an actor: its ``start_actor`` spec."""
+    msg = dict(spec)
+    msg["op"] = "create_actor"
+    return msg
+
+
+def write_docs(path: str) -> None:
+    """Replace the generated message list in the markdown file at ``path``."""
+    with open(path) as f:
+        text = f.read()
+    start = text.index(BEGIN) + len(BEGIN)
+    end = text.index(END, start)
+    with open(path, "w") as f:
+        f.write(text[:start] + "\n" + markdown() + text[end:])
+
+
 if __name__ == "__main__":  # pragma: no cover
-    print(markdown(), end="")
+    import sys
+    if len(sys.argv) > 2 and sys.argv[1] == "--write":
+        write_docs(sys.argv[2])  # python -m flowcore.protocol.messages --write docs/architecture.md
+    else:
+        print(markdown(), end="")
