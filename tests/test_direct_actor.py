@@ -55,7 +55,7 @@ class Head:
 
     def submit(self, spec: dict, epoch: int | None = 0, client: str = C) -> list:
         if epoch is not None:
-            spec = dict(spec, direct=epoch)
+            spec = dict(spec, direct_epoch=epoch)
         return self.state.handle(client, {"op": "submit", "tasks": [spec]})
 
     def done(self, spec: dict, value: bytes = b"v", sent: bool = True,
@@ -64,7 +64,7 @@ class Head:
         if sent:
             r["sent"] = True
         return self.state.handle(source, {"op": "task_done", "tid": spec["tid"],
-                                          "status": "ok", "results": [r], "direct": True})
+                                          "status": "ok", "results": [r], "answered_direct": True})
 
     def st(self, spec: dict) -> Any:
         t = self.state.tasks.get(spec["tid"])

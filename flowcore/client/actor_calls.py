@@ -14,10 +14,13 @@ import socket
 import time
 from typing import Any
 
-from ..protocol import frames
+from ..protocol import frames, messages
 from . import direct
 
 logger = logging.getLogger("flowcore.client")
+
+#: the ops a caller takes on its connection to an actor
+ACTOR_OPS = messages.ops_for(messages.CALLER, messages.ACTOR)
 
 
 class DirectCallsMixin:
@@ -26,7 +29,7 @@ class DirectCallsMixin:
         by the calling thread itself (no hand-off to the IO thread), its
         record queued for the head."""
         with self._call_lock:  # one decision and write at a time: calls keep their order
-            routes = self._route_call({"op": "submit", "tasks": [spec]})
+            routes = self._route_call(messages.submit(spec))
             for dest, msg in routes:  # the call queued before its record wakes the IO thread
                 if dest != "head":
                     self._direct_write(dest, msg)
@@ -54,7 +57,7 @@ class DirectCallsMixin:
             if lookup:
                 self._start_lookup(link)
             return [("head", msg)]
-        return [("head", {"op": "submit", "tasks": [dict(spec, direct=link.epoch)]}),
+        return [("head", messages.submit(dict(spec, direct_epoch=link.epoch))),
                 (link.key, run)]
 
     def _prepare_direct(self, aid: bytes) -> None:
@@ -204,7 +207,8 @@ class DirectCallsMixin:
         self._direct_lost(link, current)
 
     def _direct_message(self, msg: dict) -> None:
-        if msg.get("op") != "call_result":
+        if msg["op"] not in ACTOR_OPS:
+            messages.refuse("caller", messages.ACTOR, msg["op"], "actor")
             return
         link = self.direct.links.get(msg.get("actor") or b"")
         for info in direct.result_infos(msg):
@@ -228,5 +232,5 @@ class DirectCallsMixin:
                         if o in self.expected and o not in self.ready]
                 self.subscribed.update(oids)
             if oids and not self.closed:
-                self.send("head", {"op": "subscribe", "oids": oids})
+                self.send("head", messages.oids("subscribe", oids))
 

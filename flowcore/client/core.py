@@ -25,6 +25,7 @@ from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
 from ..protocol.chunks import fetch_chunks
+from ..protocol import messages
 from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
 from . import direct
@@ -32,6 +33,10 @@ from .actor_calls import DirectCallsMixin
 from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
 
 logger = logging.getLogger("flowcore.client")
+
+#: the ops a client takes from its head and from its node (protocol/messages.py)
+HEAD_OPS = messages.ops_for(messages.CLIENT, messages.HEAD)
+NODE_OPS = messages.ops_for(messages.CLIENT, messages.NODE)
 
 #: objects up to this size travel inline in messages; larger go to the store
 INLINE_MAX = 100 * 1024
@@ -80,6 +85,13 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         self.node: Comm | None = None
         self._lock = threading.Lock()
         self._outbox: deque[tuple[str, dict]] = deque()
+        # while a handler of an incoming message runs: what it sends, held
+        # until it returns (dropped if it raises); see _guarded
+        self._staged: list[tuple[str, dict]] | None = None
+        self._staging_thread = 0
+        self._head_ops: dict[str, Callable[[dict], None]] = {
+            "object_ready": self._object_ready, "subscribed": self._subscribed,
+            "warning": self._warning, "log": self._log}
         self._wake_pending = False
         # Filled from finalisers (ObjectRef.__del__, store view release), which
         # may run inside a locked section of this same thread during garbage
@@ -307,6 +319,10 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
     # ------------------------------------------------------------ sending
     def send(self, dest: str, msg: dict) -> None:
         """Queue ``msg`` for ``dest`` ("head" or "node"); thread-safe."""
+        staged = self._staged
+        if staged is not None and threading.get_ident() == self._staging_thread:
+            staged.append((dest, msg))
+            return
         with self._lock:
             self._outbox.append((dest, msg))
             if self._wake_pending:
@@ -347,9 +363,9 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         while self._unpins:
             unpins.append(self._unpins.popleft())
         if decrefs:
-            items.append(("head", {"op": "decref", "oids": decrefs}))
+            items.append(("head", messages.oids("decref", decrefs)))
         if unpins:
-            items.append(("node", {"op": "unpin", "oids": unpins}))
+            items.append(("node", messages.oids("unpin", unpins)))
         return items
 
     def _drain(self) -> None:
@@ -396,32 +412,59 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
 
     # ------------------------------------------------------------ receiving
     def _on_head_message(self, comm: Comm, msg: dict, frames: list) -> None:
-        op = msg["op"]
-        if op == "object_ready":
-            self._object_ready(msg)
-        elif op == "subscribed":  # see _subscribe_missing(ack=)
-            cb = self._acks.pop(msg.get("ack"), None)
-            if cb is not None:
-                cb(msg.get("pending", 0))
-        elif op == "warning":
-            import warnings
-            warnings.warn(msg.get("text", ""), RuntimeWarning, stacklevel=1)
-        elif op == "log":
-            if self.log_to_driver:
-                import sys
-                out = sys.stderr if msg.get("stream") == "stderr" else sys.stdout
-                prefix = f"({msg.get('name', '?')} pid={msg.get('pid')}) "
-                try:
-                    out.write("".join(prefix + line + "\n" for line in msg.get("lines", ())))
-                    out.flush()
-                except (OSError, ValueError):
-                    pass
-        else:
-            logger.debug("unhandled head op %s", op)
+        handler = self._head_ops.get(msg["op"])
+        if handler is None:
+            messages.refuse("client", messages.HEAD, msg["op"], "head")
+            return
+        self._guarded(handler, msg)
+
+    def _guarded(self, handler: Callable[[dict], None], msg: dict) -> None:
+        """Run the handler of an incoming message; what it sends goes out only
+        if it returns: if it raises, that is dropped and the error logged
+        with the op."""
+        if self._staged is not None and threading.get_ident() == self._staging_thread:
+            handler(msg)  # inside another handler: that one holds the output
+            return
+        staged: list[tuple[str, dict]] = []
+        self._staging_thread = threading.get_ident()
+        self._staged = staged
+        try:
+            handler(msg)
+        except Exception:
+            logger.exception("error handling %r (dropped %d message(s) it queued)",
+                             msg.get("op"), len(staged))
+            staged = []
+        finally:
+            self._staged = None
+        for dest, m in staged:
+            self.send(dest, m)
+
+    def _subscribed(self, msg: dict) -> None:  # see _subscribe_missing(ack=)
+        cb = self._acks.pop(msg.get("ack"), None)
+        if cb is not None:
+            cb(msg.get("pending", 0))
+
+    def _warning(self, msg: dict) -> None:
+        import warnings
+        warnings.warn(msg.get("text", ""), RuntimeWarning, stacklevel=1)
+
+    def _log(self, msg: dict) -> None:
+        if self.log_to_driver:
+            import sys
+            out = sys.stderr if msg.get("stream") == "stderr" else sys.stdout
+            prefix = f"({msg.get('name', '?')} pid={msg.get('pid')}) "
+            try:
+                out.write("".join(prefix + line + "\n" for line in msg.get("lines", ())))
+                out.flush()
+            except (OSError, ValueError):
+                pass
 
     def _on_node_msg(self, comm: Comm, msg: dict, frames: list) -> None:
+        if msg["op"] not in NODE_OPS:
+            messages.refuse("client", messages.NODE, msg["op"], "node")
+            return
         if self.on_node_message is not None:
-            self.on_node_message(msg)
+            self._guarded(self.on_node_message, msg)
 
     def _object_ready(self, msg: dict) -> None:
         oid = msg["oid"]
@@ -430,7 +473,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                     and ids.task_of(oid) not in self.streams:
                 return  # nobody here cares any more
             prev = self.ready.get(oid)
-            if prev is not None and (prev.get("direct") or msg.get("direct")):
+            if prev is not None and (prev.get("via_direct") or msg.get("via_direct")):
                 return  # a direct call's outcome: the first one to arrive stands
             self.ready[oid] = msg
             if oid in self.expected:
@@ -480,8 +523,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             pending = list(self.waiters.items())
             self.waiters.clear()
             for oid, _ in pending:
-                self.ready[oid] = {"op": "object_ready", "oid": oid, "inline": payload,
-                                   "error": True, "size": len(payload)}
+                self.ready[oid] = messages.object_ready_inline(oid, payload, error=True)
         for _, cbs in pending:
             for cb in cbs:
                 cb()
@@ -495,7 +537,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             self.refcounts[oid] = n + 1
             if n or counted:
                 return
-        self.send("head", {"op": "incref", "oids": [oid]})
+        self.send("head", messages.oids("incref", [oid]))
 
     def remove_local_ref(self, oid: bytes) -> None:
         """An ObjectRef instance was dropped (called from ``__del__``: no locks)."""
@@ -510,8 +552,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         if fid in self.registered_functions:
             return
         self.registered_functions.add(fid)
-        self.send("head", {"op": "register_function", "fid": fid, "blob": blob_factory(),
-                           "name": name})
+        self.send("head", messages.register_function(fid, blob_factory(), name))
 
     def fetch_function(self, fid: bytes) -> bytes:
         r = self.request("head", {"op": "get_function", "fid": fid})
@@ -547,9 +588,9 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         if run is not None:
             # local-first: our node starts it at once if it fits there; the
             # head records it and places it only if the node declines
-            self.send("node", {"op": "submit_local", "task": run})
+            self.send("node", messages.submit_local(run))
             spec = dict(spec, local=self.node_id)
-        self.send("head", {"op": "submit", "tasks": [spec]})
+        self.send("head", messages.submit(spec))
         return refs
 
     def _head_away(self) -> bool:
@@ -599,8 +640,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         self._pending_cv.wait()
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
-        self.send("head", {"op": "cancel", "oid": ref._id, "force": force,
-                           "recursive": recursive})
+        self.send("head", messages.cancel_object(ref._id, force, recursive))
 
     # ------------------------------------------------------------ put
     def put(self, value: Any) -> ObjectRef:
@@ -612,17 +652,15 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         nested = list(s.contained_refs)
         if s.total_size <= INLINE_MAX or not self.has_store():
             data = s.to_bytes()
-            msg = {"op": "put", "oid": oid, "inline": data, "size": len(data), "nested": nested}
+            msg = messages.put_inline(oid, data, nested)
             with self._lock:
-                self.ready[oid] = {"op": "object_ready", "oid": oid, "inline": data,
-                                   "size": len(data), "error": False, "nested": bool(nested)}
+                self.ready[oid] = messages.object_ready_inline(oid, data, nested=bool(nested))
         else:
             self.write_to_store(oid, s)
-            msg = {"op": "put", "oid": oid, "node": self.node_id, "size": s.total_size,
-                   "nested": nested}
+            msg = messages.put_stored(oid, self.node_id, s.total_size, nested)
             with self._lock:
-                self.ready[oid] = {"op": "object_ready", "oid": oid, "nodes": [self.node_id],
-                                   "size": s.total_size, "error": False, "nested": bool(nested)}
+                self.ready[oid] = messages.object_ready_stored(oid, [self.node_id], s.total_size,
+                                                               bool(nested))
         ref = ObjectRef(oid, self, counted=True)
         self.send("head", msg)
         return ref
@@ -630,7 +668,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
     def write_to_store(self, oid: bytes, s: Any) -> None:
         """Create, fill and seal ``oid`` in the local node's store."""
         from ..objects.store import Location
-        r = self.request("node", {"op": "create", "oid": oid, "size": s.total_size})
+        r = self.request("node", messages.create(oid, s.total_size))
         if "error" in r:
             if r.get("full"):
                 raise ObjectStoreFullError(r["error"])
@@ -646,9 +684,9 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             s.write_to(view)
             del view
         except BaseException:
-            self.send("node", {"op": "abort", "oid": oid})
+            self.send("node", messages.oid_op("abort", oid))
             raise
-        self.send("node", {"op": "seal", "oid": oid})
+        self.send("node", messages.oid_op("seal", oid))
 
     def _upload(self, oid: bytes, s: Any) -> None:
         """Fill the created object ``oid`` over the node connection (client
@@ -672,7 +710,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                 pending.append(fut)
             while pending:
                 error = error or (await pending.popleft()).get("error")
-            node.send({"op": "abort" if error else "seal", "oid": oid})
+            node.send(messages.oid_op("abort" if error else "seal", oid))
             return error
         error = asyncio.run_coroutine_threadsafe(upload(), self.loop).result()
         if error:
@@ -727,7 +765,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
                 self.subscribed.add(oid)
                 new.append(oid)
         if new:
-            msg: dict[str, Any] = {"op": "subscribe", "oids": new}
+            msg: dict[str, Any] = messages.oids("subscribe", new)
             if ack is not None:
                 msg["ack"] = ack
             self.send("head", msg)
@@ -857,7 +895,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             if n != (1 if blocked else 0):
                 return True
         op = "task_blocked" if blocked else "task_unblocked"
-        self.send("node", {"op": "worker_blocked", "blocked": blocked})
+        self.send("node", messages.worker_blocked(blocked))
         self.send("head", {"op": op, "tid": task["tid"]})
         return True
 
@@ -945,7 +983,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
         for attempt in range(6):
-            req: dict[str, Any] = {"op": "pin", "oid": oid}
+            req: dict[str, Any] = messages.oid_op("pin", oid)
             if self.node_id not in info.get("nodes", ()):
                 # held elsewhere: our node pulls it from one of the holders first
                 req["sources"] = [[n, a] for n, a in
@@ -977,7 +1015,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             try:
                 data = self._download(oid, info["size"])
             finally:
-                self.send("node", {"op": "unpin", "oids": [oid]})
+                self.send("node", messages.oids("unpin", [oid]))
             return self._deserialize(info, memoryview(data))
         loc = Location.from_wire(r["loc"])
 

@@ -18,7 +18,7 @@ open, a call goes directly to the actor when:
 * the connection is open.
 
 Otherwise the call goes through the head as before.  A direct call is also
-submitted to the head (marked ``direct``), which records it without
+submitted to the head (marked ``direct_epoch``), which records it without
 dispatching it.  The routing decision here does no IO.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from .. import ids
+from ..protocol import messages
 
 #: FLOWCORE_DIRECT_ACTOR_CALLS=0 sends every actor call through the head
 ENABLED = os.environ.get("FLOWCORE_DIRECT_ACTOR_CALLS", "1") not in ("0", "")
@@ -91,11 +92,7 @@ class DirectCalls:
                     and not info.get("addrs"):
                 return None  # stored where the actor's node could not find it
             deps.append(info)
-        return {"op": "run_task", "tid": spec["tid"], "actor": spec["actor"],
-                "method": spec["method"], "name": spec.get("name", "?"),
-                "args": spec.get("args"), "args_dep": spec.get("args_dep"), "deps": deps,
-                "nret": spec.get("nret", 1), "res": {}, "owner": owner, "attempt": 1,
-                "cgroup": spec.get("cgroup")}
+        return messages.direct_call(spec, deps, owner)
 
     def sent_direct(self, link: ActorLink, spec: dict) -> None:
         link.inflight[spec["tid"]] = spec.get("nret", 1)
@@ -152,9 +149,8 @@ class DirectCalls:
 def result_infos(msg: dict) -> list[dict]:
     """``object_ready``-like entries for the inline returns in an actor's
     direct answer (``call_result``)."""
-    return [{"op": "object_ready", "oid": r["oid"], "inline": r["inline"],
-             "size": r.get("size", len(r["inline"])), "error": bool(r.get("error")),
-             "direct": True, "nested": bool(r.get("nested"))} for r in msg.get("results", ()) if r.get("inline") is not None]
+    return [messages.object_ready_direct(r) for r in msg.get("results", ())
+            if r.get("inline") is not None]
 
 
 def _answered(r: dict) -> bool:
@@ -168,10 +164,7 @@ def _answered(r: dict) -> bool:
 def answer_for(task: dict, results: list[dict]) -> dict:
     """The actor's direct answer to a call: its inline returns without refs
     inside (the others are announced by the head)."""
-    return {"op": "call_result", "tid": task["tid"], "actor": task.get("actor"),
-            "results": [{"oid": r["oid"], "inline": r["inline"], "size": r.get("size"),
-                         "error": bool(r.get("error")), "nested": bool(r.get("nested"))}
-                        for r in results if _answered(r)]}
+    return messages.call_result(task, [r for r in results if _answered(r)])
 
 
 def mark_sent(results: list[dict]) -> list[dict]:

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..exceptions import AuthenticationError, ProtocolError
-from ..protocol import auth, frames
+from ..protocol import auth, frames, messages
 from ..protocol.comm import parse_address
 from . import core
 from .core import CoreClient
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from ..protocol.tls import TLSConfig
 
 logger = logging.getLogger("flowcore.client")
+
+#: the ops an actor's process takes on a caller's connection
+CALLER_OPS = messages.ops_for(messages.ACTOR, messages.CALLER)
 
 
 class BlockingConn:
@@ -229,6 +232,10 @@ class InlineClient(CoreClient):
 
     # ------------------------------------------------------------ sending
     def send(self, dest: str, msg: dict) -> None:
+        staged = self._staged  # a handler of an incoming message is running
+        if staged is not None and threading.get_ident() == self._staging_thread:
+            staged.append((dest, msg))
+            return
         with self._lock:
             self._outbox.append((dest, msg))
         if self._in_select and self._pump_owner != threading.get_ident():
@@ -309,7 +316,7 @@ class InlineClient(CoreClient):
 
     def _submit_call(self, spec: dict) -> None:
         # routed when the outbox is flushed, by the thread holding the pump
-        self.send("call", {"op": "submit", "tasks": [spec]})
+        self.send("call", messages.submit(spec))
 
     def _start_lookup(self, link: Any) -> None:
         link.looking = False  # the next call's thread looks it up (_prepare_direct)
@@ -439,9 +446,14 @@ class InlineClient(CoreClient):
             for msg in msgs:
                 if which.startswith("actor:"):
                     self._direct_message(msg)
-                elif msg.get("op") == "run_task" and msg.get("actor") == self.actor_id:
-                    msg["direct"] = which  # answered on this connection
+                elif msg["op"] not in CALLER_OPS:
+                    messages.refuse("actor", messages.CALLER, msg["op"], which)
+                elif msg.get("actor") == self.actor_id:
+                    msg["reply_conn"] = which  # answered on this connection
                     self._on_node_msg(None, msg, bufs)  # type: ignore[arg-type]
+                else:
+                    logger.warning("a call for actor %s reached actor %s: dropped",
+                                   (msg.get("actor") or b"").hex(), (self.actor_id or b"").hex())
         if conn.closed and not self.closed:
             self._conn_lost(conn, which)
 

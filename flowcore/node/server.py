@@ -17,7 +17,8 @@ from typing import Any
 from .. import ids
 from .._version import __version__
 from ..private_files import make_private_dir
-from ..protocol.comm import Comm, connect, serve
+from ..protocol import messages
+from ..protocol.comm import Comm, connect, guarded, serve
 from .oom import OomWatch
 from ..protocol.tls import TLSConfig, strip_env
 from .packages import PackageCache, WorkerSetup
@@ -26,6 +27,12 @@ from .procs import WorkerProcess, start_worker
 from .transfer import Transfers
 
 logger = logging.getLogger("flowcore.node")
+
+#: the ops a node takes from its head, and on its port from each role
+#: (protocol/messages.py); anything else is refused and logged
+HEAD_OPS = messages.ops_for(messages.NODE, messages.HEAD)
+CLIENT_ROLE_OPS = {role: messages.ops_for(messages.NODE, role)
+                   for role in (messages.PEER, messages.DRIVER, messages.WORKER)}
 
 
 LOCAL_MEMORY = 100_000  # local-first decisions remembered per kind
@@ -92,6 +99,8 @@ class NodeServer:
                                  self.node_id, object_store_memory, spill)
         self.head: Comm | None = None
         self.clients: dict[str, Comm] = {}
+        self._head_ops = self._head_op_table()
+        self._client_ops = self._client_op_table()
         self.procs: dict[str, WorkerProcess] = {}
         self.start_method = os.environ.get("FLOWCORE_WORKER_START", "fork")
         self.worker_comms: dict[str, Comm] = {}
@@ -254,7 +263,7 @@ class NodeServer:
                      "pool": self.pool.snapshot(), "actors": len(self.actor_wids)}
         except Exception as e:  # never let reporting kill the node
             stats = {"error": str(e)}
-        self.head.send({"op": "heartbeat", "stats": stats})
+        self.head.send(messages.heartbeat(stats))
         self._oom.observe()  # forget OOM kills of other processes, long past
         if self._hb_timer is not None:
             self._hb_timer.cancel()  # one loop, also after a re-registration
@@ -297,29 +306,25 @@ class NodeServer:
                 if comm is None:
                     logger.error("no connection for worker %s", a[1])
                     continue
-                msg = dict(a[2])
-                msg["op"] = "run_task"
-                comm.send(msg)
+                comm.send(messages.run_task(a[2]))
             elif kind == "died":
                 task, wid = a[1], a[2]
                 how, pid = self._deaths.pop(wid, ("exited", 0))
                 if self.head is not None:
-                    self.head.send({"op": "worker_died", "tid": task["tid"], "how": how,
-                                    "pid": pid})
+                    self.head.send(messages.worker_died(task["tid"], how, pid))
             elif kind == "retire":
                 comm = self.worker_comms.get(a[1])
                 if comm is not None:
-                    comm.send({"op": "exit"})
+                    comm.send(messages.exit_worker())
             elif kind == "warn":
                 logger.warning(a[1])
                 if self.head is not None:
-                    self.head.send({"op": "node_warning", "text": a[1]})
+                    self.head.send(messages.node_warning(a[1]))
             elif kind == "env_failed":
                 task = a[1]
                 if self.head is not None:
-                    self.head.send({"op": "task_done", "tid": task["tid"], "status": "error",
-                                    "results": self._env_error_results(task),
-                                    "retryable": False})
+                    self.head.send(messages.task_done(task["tid"], "error",
+                                                      self._env_error_results(task), False))
 
     # ------------------------------------------------------------ runtime_env
     async def _fetch_package(self, h: str) -> bytes | None:
@@ -445,8 +450,8 @@ class NodeServer:
             from ..objects.serialization import serialize
             self.actor_workers.pop(wid, None)
             if self.head is not None:
-                self.head.send({"op": "actor_failed", "aid": aid, "error": setup,
-                                "payload": serialize(ActorDiedError(setup)).to_bytes()})
+                self.head.send(messages.actor_failed(
+                    aid, setup, serialize(ActorDiedError(setup)).to_bytes()))
             self._actor_exited(aid, wid, setup, 0)
             return
         self._spawn_worker(wid, actor=aid, setup=setup)
@@ -469,7 +474,7 @@ class NodeServer:
         if hold:
             self._act(self.pool._give_back(hold, bundle))
         if self.head is not None and not self._stopping:
-            self.head.send({"op": "actor_died", "aid": aid, "how": how, "pid": pid})
+            self.head.send(messages.actor_died(aid, how, pid))
 
     def _actor_call(self, msg: dict) -> None:
         aid = msg["actor"]
@@ -488,35 +493,46 @@ class NodeServer:
 
     # ------------------------------------------------------------ head messages
     def _on_head_message(self, comm: Comm, msg: dict, frames: list) -> None:
-        op = msg["op"]
-        if op == "run_task":
-            if msg.get("actor") is not None:
-                self._actor_call(msg)
-            else:
-                self._act(self.pool.task_arrived(msg))
-        elif op == "local_query":
-            self._local_query(msg["tids"])
-        elif op == "start_actor":
-            self._start_actor(msg)
-        elif op == "reserve_bundle":
-            self._act(self.pool.reserve_bundle(msg["bundle"], msg["res"]))
-        elif op == "release_bundle":
-            self._act(self.pool.release_bundle(msg["bundle"]))
-        elif op == "kill_actor":
-            self._kill_actor(msg["aid"])
-        elif op == "delete_objects":
-            for oid in msg["oids"]:
-                self.store.delete(oid)
-        elif op == "cancel_task":
-            self._cancel(msg["tid"], msg.get("force", False), bool(msg.get("local")))
-        elif op == "prefetch":  # keep a second copy of a put object
-            for item in msg["objects"]:
-                asyncio.ensure_future(self._prefetch(item))
-        elif op == "shutdown":
-            logger.info("the head asked this node to stop")
-            self.stop()
+        handler = self._head_ops.get(msg["op"])
+        if handler is None:
+            messages.refuse("node", messages.HEAD, msg["op"], comm.peer)
+            return
+        guarded("node", handler, comm, msg, frames)
+
+    def _head_op_table(self) -> dict[str, Any]:
+        """What the node does with each op its head sends (``HEAD_OPS``)."""
+        return {
+            "run_task": self._head_run_task,
+            "local_query": lambda c, m, f: self._local_query(m["tids"]),
+            "start_actor": lambda c, m, f: self._start_actor(m),
+            "reserve_bundle": lambda c, m, f: self._act(
+                self.pool.reserve_bundle(m["bundle"], m["res"])),
+            "release_bundle": lambda c, m, f: self._act(self.pool.release_bundle(m["bundle"])),
+            "kill_actor": lambda c, m, f: self._kill_actor(m["aid"]),
+            "delete_objects": self._delete_objects,
+            "cancel_task": lambda c, m, f: self._cancel(m["tid"], m.get("force", False),
+                                                        bool(m.get("local"))),
+            "prefetch": self._prefetch_all,  # keep a second copy of a put object
+            "shutdown": self._head_shutdown,
+        }
+
+    def _head_run_task(self, comm: Comm, msg: dict, frames: list) -> None:
+        if msg.get("actor") is not None:
+            self._actor_call(msg)
         else:
-            logger.warning("unknown op %r from the head", op)
+            self._act(self.pool.task_arrived(msg))
+
+    def _delete_objects(self, comm: Comm, msg: dict, frames: list) -> None:
+        for oid in msg["oids"]:
+            self.store.delete(oid)
+
+    def _prefetch_all(self, comm: Comm, msg: dict, frames: list) -> None:
+        for item in msg["objects"]:
+            asyncio.ensure_future(self._prefetch(item))
+
+    def _head_shutdown(self, comm: Comm, msg: dict, frames: list) -> None:
+        logger.info("the head asked this node to stop")
+        self.stop()
 
     def _cancel(self, tid: bytes, force: bool, local: bool = False) -> None:
         """``local``: a task offered to this node (local-first) that the head
@@ -530,8 +546,7 @@ class NodeServer:
         if wid is None:
             self.pool.drop_queued(tid)
             if self.head is not None:
-                self.head.send({"op": "task_done", "tid": tid, "status": "cancelled",
-                                "results": []})
+                self.head.send(messages.task_done(tid, "cancelled", [], False))
             return
         if force:
             proc = self.procs.get(wid)
@@ -540,7 +555,7 @@ class NodeServer:
         else:
             comm = self.worker_comms.get(wid)
             if comm is not None:
-                comm.send({"op": "cancel", "tid": tid})
+                comm.send(messages.cancel(tid))
                 comm._flush()  # on the wire before the signal that says "read it now"
                 w = self.pool.workers.get(wid)
                 if w is not None and w.pid:
@@ -562,85 +577,101 @@ class NodeServer:
 
     def _on_client_message(self, comm: Comm, msg: dict, frames: list) -> None:
         op = msg["op"]
-        cid = comm.info["id"]
+        role = comm.info.get("role", messages.PEER)
+        if op not in CLIENT_ROLE_OPS[role]:
+            messages.refuse("node", role, op, comm.info["id"])
+            return
+        guarded("node", self._client_ops[op], comm, msg, frames)
+
+    def _client_op_table(self) -> dict[str, Any]:
+        """What the node does with each op from a connection on its port."""
+        return {
+            "create": self._create,
+            "submit_local": lambda c, m, f: self._submit_local(m["task"]),
+            "write_chunk": self._write_chunk,
+            "seal": self._seal,
+            "abort": self._abort,
+            "pin": lambda c, m, f: self._pin(c, m),
+            "fetch_chunk": lambda c, m, f: self.transfers.serve_chunk(c, m),
+            "bulk_port": lambda c, m, f: self.transfers.serve_bulk_port(c, m),
+            "prefetch": self._prefetch_all,
+            "unpin": self._unpin,
+            "register_worker": self._register_worker,
+            "register_client": self._register_client,
+            "worker_idle": lambda c, m, f: self._act(self.pool.worker_idle(
+                c.info.get("wid", ""), retire=bool(m.get("retire")))),
+            "worker_blocked": lambda c, m, f: self._act(self.pool.worker_blocked(
+                c.info.get("wid", ""), m.get("blocked", True))),
+            "stats": self._stats,
+        }
+
+    def _create(self, comm: Comm, msg: dict, frames: list) -> None:
         store = self.store
-        if op == "create":
-            oid = msg["oid"]
-            if store.contains(oid):
-                # a re-run of a task (rebuilding a lost result) can find a copy
-                # here that was being pulled: wait for the pull, then use it
-                pull = self.transfers.pulls.get(oid)
-                if pull is not None:
-                    asyncio.ensure_future(self._create_after_pull(comm, msg, pull))
-                    return
-                if store.is_sealed(oid):
-                    comm.reply(msg, exists=True)
-                    return
-            try:
-                loc = store.create(oid, msg["size"], cid)
-            except Exception as e:  # ObjectStoreFullError and bad requests
-                comm.reply(msg, error=f"{type(e).__name__}: {e}",
-                           full=type(e).__name__ == "ObjectStoreFullError")
+        oid = msg["oid"]
+        if store.contains(oid):
+            # a re-run of a task (rebuilding a lost result) can find a copy
+            # here that was being pulled: wait for the pull, then use it
+            pull = self.transfers.pulls.get(oid)
+            if pull is not None:
+                asyncio.ensure_future(self._create_after_pull(comm, msg, pull))
                 return
-            self.creating.add(oid)
-            comm.reply(msg, loc=loc.to_wire())
-        elif op == "submit_local":
-            self._submit_local(msg["task"])
-        elif op == "write_chunk":  # a client-mode driver fills an object it created
-            try:
-                if store.owner_of(msg["oid"]) != cid:
-                    raise ValueError("only the client that created an object may write it")
-                store.write_chunk(msg["oid"], msg["start"], frames[msg["_frames"][0]])
-            except Exception as e:
-                comm.reply(msg, error=f"{type(e).__name__}: {e}")
+            if store.is_sealed(oid):
+                comm.reply(msg, exists=True)
                 return
-            comm.reply(msg)
-        elif op == "seal":
-            store.seal(msg["oid"])
-            self.sealed(msg["oid"])
-        elif op == "abort":
-            store.abort(msg["oid"])
-            self.creating.discard(msg["oid"])
-        elif op == "pin":
-            self._pin(comm, msg)
-        elif op == "fetch_chunk":
-            self.transfers.serve_chunk(comm, msg)
-        elif op == "bulk_port":
-            self.transfers.serve_bulk_port(comm, msg)
-        elif op == "prefetch":
-            for item in msg["objects"]:
-                asyncio.ensure_future(self._prefetch(item))
-        elif op == "unpin":
-            for oid in msg["oids"]:
-                store.unpin(oid, cid)
-        elif op == "register_worker":
-            wid = msg["wid"]
-            comm.info.update(role="worker", wid=wid)
-            self.worker_comms[wid] = comm
-            comm.reply(msg, node_id=self.node_id)
-            aid = self.actor_workers.get(wid)
-            if aid is not None:
-                spec = dict(self.actor_specs.get(aid) or {})
-                spec["op"] = "create_actor"
-                comm.send(spec)
-                for call in self.actor_backlog.pop(aid, []):
-                    comm.send(call)
-            else:
-                self._act(self.pool.worker_ready(wid, msg.get("pid", 0)))
-        elif op == "register_client":
-            comm.info.update(role="driver")
-            comm.reply(msg, node_id=self.node_id, store=store.stats())
-        elif op == "worker_idle":
-            self._act(self.pool.worker_idle(comm.info.get("wid", ""),
-                                            retire=bool(msg.get("retire"))))
-        elif op == "worker_blocked":
-            self._act(self.pool.worker_blocked(comm.info.get("wid", ""), msg.get("blocked", True)))
-        elif op == "stats":
-            comm.reply(msg, store=store.stats(), pool=self.pool.snapshot(),
-                       packages=list(self.packages.fetched),
-                       transfer=self.transfers.stats())
+        try:
+            loc = store.create(oid, msg["size"], comm.info["id"])
+        except Exception as e:  # ObjectStoreFullError and bad requests
+            comm.reply(msg, error=f"{type(e).__name__}: {e}",
+                       full=type(e).__name__ == "ObjectStoreFullError")
+            return
+        self.creating.add(oid)
+        comm.reply(msg, loc=loc.to_wire())
+
+    def _write_chunk(self, comm: Comm, msg: dict, frames: list) -> None:
+        """A client-mode driver fills an object it created."""
+        store = self.store
+        try:
+            if store.owner_of(msg["oid"]) != comm.info["id"]:
+                raise ValueError("only the client that created an object may write it")
+            store.write_chunk(msg["oid"], msg["start"], frames[msg["_frames"][0]])
+        except Exception as e:
+            comm.reply(msg, error=f"{type(e).__name__}: {e}")
+            return
+        comm.reply(msg)
+
+    def _seal(self, comm: Comm, msg: dict, frames: list) -> None:
+        self.store.seal(msg["oid"])
+        self.sealed(msg["oid"])
+
+    def _abort(self, comm: Comm, msg: dict, frames: list) -> None:
+        self.store.abort(msg["oid"])
+        self.creating.discard(msg["oid"])
+
+    def _unpin(self, comm: Comm, msg: dict, frames: list) -> None:
+        cid = comm.info["id"]
+        for oid in msg["oids"]:
+            self.store.unpin(oid, cid)
+
+    def _register_worker(self, comm: Comm, msg: dict, frames: list) -> None:
+        wid = msg["wid"]
+        comm.info.update(role=messages.WORKER, wid=wid)
+        self.worker_comms[wid] = comm
+        comm.reply(msg, node_id=self.node_id)
+        aid = self.actor_workers.get(wid)
+        if aid is not None:
+            comm.send(messages.create_actor_in_worker(self.actor_specs.get(aid) or {}))
+            for call in self.actor_backlog.pop(aid, []):
+                comm.send(call)
         else:
-            logger.warning("unknown op %r from local client %s", op, cid)
+            self._act(self.pool.worker_ready(wid, msg.get("pid", 0)))
+
+    def _register_client(self, comm: Comm, msg: dict, frames: list) -> None:
+        comm.info.update(role=messages.DRIVER)
+        comm.reply(msg, node_id=self.node_id, store=self.store.stats())
+
+    def _stats(self, comm: Comm, msg: dict, frames: list) -> None:
+        comm.reply(msg, store=self.store.stats(), pool=self.pool.snapshot(),
+                   packages=list(self.packages.fetched), transfer=self.transfers.stats())
 
     async def _create_after_pull(self, comm: Comm, msg: dict, pull: asyncio.Future) -> None:
         try:
@@ -663,14 +694,14 @@ class NodeServer:
                  and all(d.get("inline") is not None
                          or (store.contains(d["oid"]) and store.is_sealed(d["oid"]))
                          for d in task["deps"]))
-        verdict = {"op": "local_verdict", "tid": tid, "started": start}
+        verdict = messages.local_verdict(tid, start)
         if head is not None and not head.closed:
             head.send(verdict)
         else:
             self._undelivered_verdicts.append(verdict)
         if start:
             _remember(self._local_started, tid)
-            task["op"] = "run_task"
+            task = messages.run_task(task)
             task["local"] = True
             self._act(self.pool.task_arrived(task))
         else:
@@ -684,7 +715,7 @@ class NodeServer:
             if not started:
                 _remember(self._local_refused, tid)
             if self.head is not None:
-                self.head.send({"op": "local_verdict", "tid": tid, "started": started})
+                self.head.send(messages.local_verdict(tid, started))
 
     def sealed(self, oid: bytes) -> None:
         """``oid`` was sealed here (by a local writer or a pull): serve its waiters."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..exceptions import AuthenticationError, ObjectLostError, ProtocolError
 from ..protocol.chunks import CHUNK, WINDOW, fetch_chunks  # the chunked path's sizes
+from ..protocol import messages
 from ..protocol.comm import Comm, connect
 from . import bulk
 
@@ -182,8 +183,7 @@ class Transfers:
                 errors.append(f"{node_id} ({address}): {e}")
                 continue
             if self.node.head is not None:
-                self.node.head.send({"op": "object_location", "oid": oid,
-                                     "node": self.node.node_id, "add": True})
+                self.node.head.send(messages.object_location(oid, self.node.node_id))
             return
         raise ObjectLostError(f"object {oid.hex()} could not be fetched from any node holding "
                               f"it: {'; '.join(errors) or 'no other node holds a copy'}")

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from .. import daemon
 from ..exceptions import TaskError
 from ..objects.ref import set_client
+from ..protocol import messages
 
 logger = logging.getLogger("flowcore.worker")
 
@@ -61,24 +62,33 @@ class Worker:
         self.cancel_before_start: set[bytes] = set()
         self.exiting = False          # the hosted actor exits (exit_actor, sys.exit)
         self.calls: dict[bytes, int] = {}  # runs per function, for max_calls
+        #: what this worker does with each op from its node (and with the
+        #: actor calls its head and callers send)
+        self._ops: dict[str, Callable[[dict], None]] = {
+            "run_task": self._queue, "create_actor": self._queue, "cancel": self._cancel,
+            "exit": self._exit}
 
-    # called by whichever thread is reading the sockets
+    # called by whichever thread is reading the sockets (the client has
+    # checked the op against its node's role table)
     def on_node_message(self, msg: dict) -> None:
-        op = msg["op"]
-        if op in ("run_task", "create_actor"):
-            self.tasks.append(msg)
-        elif op == "cancel":
-            if self.running_tid == msg["tid"]:
-                self.cancel_requested = msg["tid"]
-                self.client.interrupt_main = True
-                if threading.get_ident() != self.main_ident:
-                    # read on another thread: wake the main thread to raise it
-                    signal.pthread_kill(self.main_ident, signal.SIGUSR1)
-            elif any(t is not None and t["tid"] == msg["tid"] for t in self.tasks):
-                # not started yet (still queued here): never start it
-                self.cancel_before_start.add(msg["tid"])
-        elif op == "exit":
-            self.tasks.append(None)
+        self._ops[msg["op"]](msg)
+
+    def _queue(self, msg: dict) -> None:
+        self.tasks.append(msg)
+
+    def _cancel(self, msg: dict) -> None:
+        if self.running_tid == msg["tid"]:
+            self.cancel_requested = msg["tid"]
+            self.client.interrupt_main = True
+            if threading.get_ident() != self.main_ident:
+                # read on another thread: wake the main thread to raise it
+                signal.pthread_kill(self.main_ident, signal.SIGUSR1)
+        elif any(t is not None and t["tid"] == msg["tid"] for t in self.tasks):
+            # not started yet (still queued here): never start it
+            self.cancel_before_start.add(msg["tid"])
+
+    def _exit(self, msg: dict) -> None:
+        self.tasks.append(None)
 
     def on_disconnect(self, which: str) -> None:
         os._exit(0)
@@ -232,8 +242,8 @@ class Worker:
             info = self._store_result(task["tid"], len(oids) + 1, item)
             oids.append(info["oid"])
             keep.append(item)
-            self.client.send("head", {"op": "task_yield", "tid": task["tid"], "result": info,
-                                      "push": mode == "streaming"})
+            self.client.send("head", messages.task_yield(task["tid"], info,
+                                                         mode == "streaming"))
             if mode == "streaming":
                 self._flush_now()  # the caller hears of it now, not when the task ends
         return push, oids
@@ -329,7 +339,7 @@ class Worker:
             f"it called sys.exit({'' if exc.code is None else repr(exc.code)}) in {name}"
         if not self.exiting:
             self.exiting = True
-            self.client.send("head", {"op": "actor_exit", "aid": self.actor_id, "cause": how})
+            self.client.send("head", messages.actor_exit(self.actor_id, how))
             self.tasks.appendleft(None)  # the run loop ends; main() runs atexit handlers
             wake = getattr(self.client, "_wake", None)
             if wake is not None:
@@ -409,28 +419,26 @@ class Worker:
     def _report(self, task: dict, status: str, results: list, retryable: bool) -> None:
         tid = task["tid"]
         if task.get("actor") is None:
-            idle: dict[str, Any] = {"op": "worker_idle", "tid": tid}
+            retire = False
             limit = (task.get("xopts") or {}).get("max_calls")
             if limit and status != "cancelled":  # max_calls: this process runs it N times
                 n = self.calls[task["fid"]] = self.calls.get(task["fid"], 0) + 1
-                if n >= limit:
-                    idle["retire"] = True  # the node replaces this process
-            self.client.send("node", idle)
-        msg = {"op": "task_done", "tid": tid, "status": status, "results": results,
-               "retryable": retryable, "pid": os.getpid(), "wid": self.wid,
-               "started": task.get("_started")}
+                retire = n >= limit  # the node replaces this process
+            self.client.send("node", messages.worker_idle(tid, retire))
+        msg = messages.task_done(tid, status, results, retryable, pid=os.getpid(),
+                                 wid=self.wid, started=task.get("_started"))
         if status == "error" and results:
             msg["error_text"] = results[0].get("text")
         if task.get("local"):
             msg["local"] = True  # the head may not have recorded it as running yet
-        if task.get("direct"):
+        if task.get("reply_conn"):
             # a call sent here directly by its caller: the caller gets the
             # inline returns at once; the head learns the outcome as usual
             from ..client import direct
-            msg["direct"] = True
+            msg["answered_direct"] = True
             msg["results"] = direct.mark_sent(results)
             self.client.send("head", msg)
-            self.client.send(task["direct"], direct.answer_for(task, results))
+            self.client.send(task["reply_conn"], direct.answer_for(task, results))
             return
         self.client.send("head", msg)
 
@@ -457,9 +465,8 @@ class Worker:
             tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
             err = ActorDiedError(f"actor {self.actor_class} failed in its constructor "
                                  f"(pid {os.getpid()}):\n{tb}")
-            self.client.send("head", {"op": "actor_failed", "aid": spec["aid"],
-                                      "error": f"{type(e).__name__}: {e}",
-                                      "payload": serialize(err).to_bytes()})
+            self.client.send("head", messages.actor_failed(
+                spec["aid"], f"{type(e).__name__}: {e}", serialize(err).to_bytes()))
             return
         finally:
             self.client.current_task = None
@@ -481,11 +488,8 @@ class Worker:
             # each concurrency group runs its calls on threads of its own
             self.groups = {g: ThreadPoolExecutor(n, thread_name_prefix=f"flowcore-actor-{g}")
                            for g, n in (spec.get("concurrency_groups") or {}).items()}
-        ready = {"op": "actor_ready", "aid": spec["aid"], "pid": os.getpid()}
         port = self._listen_for_callers()
-        if port is not None:
-            ready["direct_port"] = port
-        self.client.send("head", ready)
+        self.client.send("head", messages.actor_ready(spec["aid"], os.getpid(), port))
 
     def _listen_for_callers(self) -> int | None:
         """Open the socket on which callers send calls directly; its port."""

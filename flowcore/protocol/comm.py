@@ -288,9 +288,20 @@ class Comm(asyncio.Protocol):
         await asyncio.shield(self.done)
 
     # ------------------------------------------------------------ sending
+    #: while a guarded handler runs (``guarded``): the connections it queued
+    #: messages on, with how much each had queued before
+    journal: "dict[Comm, tuple[int, int]] | None" = None
+
+    def _note(self) -> None:
+        j = Comm.journal
+        if j is not None and self not in j:
+            j[self] = (len(self._out), len(self._out_frames))
+
     def send(self, msg: dict) -> None:
         if self.closed:
             return
+        if Comm.journal is not None:
+            self._note()
         self._out.append(msg)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -298,6 +309,8 @@ class Comm(asyncio.Protocol):
 
     def send_with_frames(self, msg: dict, bufs: list) -> None:
         """Attach out-of-band buffers; the message gets ``_frames`` indexes."""
+        if Comm.journal is not None:
+            self._note()
         base = len(self._out_frames)
         msg["_frames"] = list(range(base, base + len(bufs)))
         self._out_frames.extend(bufs)
@@ -340,6 +353,13 @@ class Comm(asyncio.Protocol):
         else:
             self.send(msg)
         return fut
+
+    def _rollback(self, mark: tuple[int, int]) -> int:
+        """Drop what was queued since ``mark``; how many messages that was."""
+        n = max(0, len(self._out) - mark[0])
+        del self._out[mark[0]:]
+        del self._out_frames[mark[1]:]
+        return n
 
     def reply(self, msg: dict, **fields: Any) -> None:
         out = {"op": "reply", "rid": msg.get("rid")}
@@ -619,3 +639,22 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"bad address {address!r}: expected 'tcp://HOST:PORT'")
     return host, int(port)
+
+
+def guarded(where: str, handler: Handler, comm: Comm, msg: dict, frames: list) -> Any:
+    """Run ``handler`` on one message; if it raises, the messages it queued on
+    any connection are dropped (not sent with the next message's output) and
+    the error is logged with the op."""
+    if Comm.journal is not None:  # inside another guarded handler: that one covers
+        return handler(comm, msg, frames)
+    Comm.journal = journal = {}
+    try:
+        return handler(comm, msg, frames)
+    except Exception:
+        Comm.journal = None
+        dropped = sum(c._rollback(mark) for c, mark in journal.items())
+        logger.exception("%s: error handling %r from %s (dropped %d message(s) it queued)",
+                         where, msg.get("op"), comm.peer, dropped)
+        return None
+    finally:
+        Comm.journal = None

@@ -2,7 +2,7 @@
 
 An actor's process listens for callers (``direct_port`` in ``actor_ready``).
 A caller that holds a connection to it sends a call two ways at once: to
-the actor itself, and to the head as a submission marked ``direct=<epoch>``
+the actor itself, and to the head as a submission marked ``direct_epoch=<epoch>``
 (the actor's restart count when the caller looked it up).  The head
 records the call like any other (the DAG, references, lineage, event log)
 but does not dispatch it: it is RUNNING on the actor at once.  The actor
@@ -89,7 +89,7 @@ class DirectCalls:
 
     def early_done(self, source: str, msg: dict) -> None:
         """A ``task_done`` of a direct call whose submission has not arrived."""
-        if msg.get("direct") and msg["tid"] not in self.s.tasks:
+        if msg.get("answered_direct") and msg["tid"] not in self.s.tasks:
             self.s._hold_early(msg)
             self.early[msg["tid"]] = (source, msg)
             while len(self.early) > EARLY_LIMIT:

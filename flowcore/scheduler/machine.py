@@ -562,8 +562,8 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             self._fail_task(t, self.error_payload(ActorDiedError(
                 f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
             return
-        if t.kind == "call" and spec.get("direct") is not None:
-            self.direct_calls.start(t, spec["direct"])
+        if t.kind == "call" and spec.get("direct_epoch") is not None:
+            self.direct_calls.start(t, spec["direct_epoch"])
             return
         failed: ObjectRecord | None = None
         for oid in t.deps:

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from .._version import __version__
+from ..protocol import messages
 from ..protocol.comm import Comm, serve
 from ..protocol.tls import TLSConfig
 from .kv import OPS as KV_OPS, KVTable
@@ -18,11 +19,15 @@ from .persist import TableFiles, state_path
 
 logger = logging.getLogger("flowcore.scheduler")
 
-#: ops answered directly by the server (requests carrying a ``rid``)
-_QUERY_OPS = ("explain", "cluster_resources", "available_resources", "list_nodes", "list_tasks",
-              "list_objects", "task_info", "event_log", "counts", "list_actors", "get_actor",
-              "graph", "history", "list_placement_groups", "get_placement_group",
-              "list_packages")
+#: the ops the head takes from each role (protocol/messages.py); a message
+#: whose op is not in its sender's table is refused and logged
+ROLE_OPS = {role: messages.ops_for(messages.HEAD, role)
+            for role in ("node", messages.DRIVER, messages.WORKER)}
+
+
+def client_role(kind: Any) -> str:
+    """The role of a registered client: its ``kind``, a worker or a driver."""
+    return messages.WORKER if kind == messages.WORKER else messages.DRIVER
 
 
 def lineage_memory_from_env() -> int:
@@ -76,6 +81,7 @@ class HeadServer:
         self.recovery_window = float(os.environ.get("FLOWCORE_HEAD_RECOVERY", "30"))
         self._dirty = True  # the persisted tables may be stale
         self._persist_failed = False
+        self._ops = self._op_table()
 
     async def start(self) -> str:
         self.server, self.port = await serve(self.token, self._on_comm, self.host, self.port,
@@ -176,7 +182,7 @@ class HeadServer:
                     f"{__version__}: install the same version on every machine"))
                 return None
             nid = msg["node_id"]
-            comm.info.update(id=nid, role="node")
+            comm.info.update(id=nid, role="node", ops=ROLE_OPS["node"])
             self.comms[nid] = comm
             self._deliver(self.state.handle(nid, msg))
             comm.reply(msg, ok=True, session_dir=self.session_dir)
@@ -185,7 +191,8 @@ class HeadServer:
         elif op == "register_client":
             self._next_client += 1
             cid = f"c{self._next_client}-{os.getpid()}"
-            comm.info.update(id=cid, role="client", kind=msg.get("kind"))
+            comm.info.update(id=cid, role="client", kind=msg.get("kind"),
+                             ops=ROLE_OPS[client_role(msg.get("kind"))])
             self.comms[cid] = comm
             self._deliver(self.state.handle(cid, msg))
             comm.reply(msg, ok=True, client_id=cid, nodes=self.state.list_nodes(),
@@ -198,55 +205,88 @@ class HeadServer:
 
     def _handle(self, comm: Comm, msg: dict, frames: list) -> None:
         op = msg["op"]
-        src = comm.info["id"]
-        if op == "get_function":
-            blob = self.state.function_blob(msg["fid"])
-            if blob is None:
-                # a task started on its submitter's node may ask before the
-                # submitter's registration (another connection) is read
-                self._function_waiters.setdefault(msg["fid"], []).append((comm, msg))
-                asyncio.get_event_loop().call_later(
-                    FUNCTION_WAIT, self._answer_function_waiters, msg["fid"])
-                return
-            comm.reply(msg, blob=blob)
-        elif op == "register_function":
+        if op not in comm.info["ops"]:  # checked before SchedulerState sees it
+            messages.refuse("head", comm.info.get("kind") or comm.info["role"], op,
+                            comm.info["id"])
+            return
+        own = self._ops.get(op)
+        if own is not None:
+            own(comm, msg)
+            return
+        if op in _TABLE_OPS:
             self._dirty = True
-            self._deliver(self.state.handle(src, msg))
-            self._answer_function_waiters(msg["fid"])
-        elif op == "has_package":
-            comm.reply(msg, known=self.packages.has(msg["hash"]))
-        elif op == "upload_package":
-            error = self.packages.add(msg["hash"], msg["blob"])
-            comm.reply(msg, ok=error is None, error=error)
-        elif op == "get_package":
-            comm.reply(msg, blob=self.packages.get(msg["hash"]))
-        elif op in KV_OPS:
-            self._dirty = self._dirty or op in ("kv_put", "kv_del")
-            answer = self.kv.handle(msg)
-            if "rid" in msg:  # a dashboard view is put without waiting for the answer
-                comm.reply(msg, **answer)
-        elif op in _QUERY_OPS:
-            try:
-                result = self._query(op, msg, src)
-            except Exception as e:  # the asker gets the error, not a timeout
-                logger.exception("query %s failed", op)
-                comm.reply(msg, error=f"{type(e).__name__}: {e}")
-                return
-            comm.reply(msg, result=result)
-        elif op == "node_leaving":
-            comm.info["leaving"] = True
-        elif op == "shutdown_cluster":
-            comm.reply(msg, ok=True)
-            asyncio.get_event_loop().call_later(0.01, self.stop)
-        else:
-            if op in _TABLE_OPS:
-                self._dirty = True
-            try:
-                out = self.state.handle(src, msg)
-            except Exception:
-                logger.exception("error handling %s from %s", op, src)
-                return
-            self._deliver(out)
+        try:
+            out = self.state.handle(comm.info["id"], msg)
+        except Exception:
+            logger.exception("error handling %s from %s", op, comm.info["id"])
+            return
+        self._deliver(out)
+
+    # ops the server answers itself; the rest go to SchedulerState
+    def _op_table(self) -> dict[str, Any]:
+        table: dict[str, Any] = {
+            "get_function": self._get_function,
+            "register_function": self._register_function,
+            "has_package": self._has_package,
+            "upload_package": self._upload_package,
+            "get_package": self._get_package,
+            "node_leaving": self._node_leaving,
+            "shutdown_cluster": self._shutdown_cluster,
+        }
+        for op in KV_OPS:
+            table[op] = self._kv
+        for op in _QUERIES:
+            table[op] = self._answer_query
+        return table
+
+    def _get_function(self, comm: Comm, msg: dict) -> None:
+        blob = self.state.function_blob(msg["fid"])
+        if blob is None:
+            # a task started on its submitter's node may ask before the
+            # submitter's registration (another connection) is read
+            self._function_waiters.setdefault(msg["fid"], []).append((comm, msg))
+            asyncio.get_event_loop().call_later(
+                FUNCTION_WAIT, self._answer_function_waiters, msg["fid"])
+            return
+        comm.reply(msg, blob=blob)
+
+    def _register_function(self, comm: Comm, msg: dict) -> None:
+        self._dirty = True
+        self._deliver(self.state.handle(comm.info["id"], msg))
+        self._answer_function_waiters(msg["fid"])
+
+    def _has_package(self, comm: Comm, msg: dict) -> None:
+        comm.reply(msg, known=self.packages.has(msg["hash"]))
+
+    def _upload_package(self, comm: Comm, msg: dict) -> None:
+        error = self.packages.add(msg["hash"], msg["blob"])
+        comm.reply(msg, ok=error is None, error=error)
+
+    def _get_package(self, comm: Comm, msg: dict) -> None:
+        comm.reply(msg, blob=self.packages.get(msg["hash"]))
+
+    def _node_leaving(self, comm: Comm, msg: dict) -> None:
+        comm.info["leaving"] = True
+
+    def _shutdown_cluster(self, comm: Comm, msg: dict) -> None:
+        comm.reply(msg, ok=True)
+        asyncio.get_event_loop().call_later(0.01, self.stop)
+
+    def _kv(self, comm: Comm, msg: dict) -> None:
+        self._dirty = self._dirty or msg["op"] in ("kv_put", "kv_del")
+        answer = self.kv.handle(msg)
+        if "rid" in msg:  # a dashboard view is put without waiting for the answer
+            comm.reply(msg, **answer)
+
+    def _answer_query(self, comm: Comm, msg: dict) -> None:
+        op = msg["op"]
+        try:
+            result = _QUERIES[op](self, msg, comm.info["id"])
+        except Exception as e:  # the asker gets the error, not a timeout
+            logger.exception("query %s failed", op)
+            comm.reply(msg, error=f"{type(e).__name__}: {e}")
+            return
+        comm.reply(msg, result=result)
 
     def _answer_function_waiters(self, fid: bytes) -> None:
         blob = self.state.function_blob(fid)
@@ -254,42 +294,8 @@ class HeadServer:
             comm.reply(msg, blob=blob)
 
     def _query(self, op: str, msg: dict, src: str | None = None) -> Any:
-        s = self.state
-        if op == "graph":  # the futures DAG, for flowcore.visualize()
-            from .export import DEFAULT_LIMIT, export_graph
-            return export_graph(s, msg.get("roots"), src, msg.get("limit", DEFAULT_LIMIT))
-        if op == "history":  # finished tasks, for flowcore.timeline()
-            return list(s.history)
-        if op == "cluster_resources":
-            return s.cluster_resources()
-        if op == "available_resources":
-            return s.available_resources()
-        if op == "list_nodes":
-            return s.list_nodes()
-        if op == "list_tasks":
-            return s.list_tasks(msg.get("state"), msg.get("limit", 10_000))
-        if op == "list_objects":
-            return s.list_objects(msg.get("limit", 10_000))
-        if op == "task_info":
-            return s.task_info(msg["tid"])
-        if op == "event_log":
-            return s.log.tail(msg.get("n", 100))
-        if op == "explain":
-            from .explain import explain
-            return explain(s, msg["oid"])
-        if op == "list_actors":
-            return s.list_actors(msg.get("state"))
-        if op == "get_actor":
-            return s.get_actor(msg["name"], msg.get("namespace"))
-        if op == "list_placement_groups":
-            return s.list_placement_groups(msg.get("state"))
-        if op == "get_placement_group":
-            return s.get_placement_group(msg.get("name"), msg.get("pgid"))
-        if op == "list_packages":
-            return self.packages.listing()
-        if op == "counts":
-            return dict(s.counts, tasks=len(s.tasks), objects=len(s.objects))
-        return None
+        answer = _QUERIES.get(op)
+        return None if answer is None else answer(self, msg, src)
 
     def _deliver(self, out: list[tuple[str, dict]]) -> None:
         comms = self.comms
@@ -313,3 +319,37 @@ class HeadServer:
         if self.server is not None:
             self.server.close()
         self.stopped.set()
+
+
+def _graph(h: HeadServer, msg: dict, src: str | None) -> Any:
+    """The futures DAG, for flowcore.visualize()."""
+    from .export import DEFAULT_LIMIT, export_graph
+    return export_graph(h.state, msg.get("roots"), src, msg.get("limit", DEFAULT_LIMIT))
+
+
+def _explain(h: HeadServer, msg: dict, src: str | None) -> Any:
+    from .explain import explain
+    return explain(h.state, msg["oid"])
+
+
+#: queries (requests carrying a ``rid``), answered with ``result``
+_QUERIES: dict[str, Any] = {
+    "graph": _graph,
+    "explain": _explain,
+    "history": lambda h, m, s: list(h.state.history),  # finished tasks, for timeline()
+    "cluster_resources": lambda h, m, s: h.state.cluster_resources(),
+    "available_resources": lambda h, m, s: h.state.available_resources(),
+    "list_nodes": lambda h, m, s: h.state.list_nodes(),
+    "list_tasks": lambda h, m, s: h.state.list_tasks(m.get("state"), m.get("limit", 10_000)),
+    "list_objects": lambda h, m, s: h.state.list_objects(m.get("limit", 10_000)),
+    "task_info": lambda h, m, s: h.state.task_info(m["tid"]),
+    "event_log": lambda h, m, s: h.state.log.tail(m.get("n", 100)),
+    "list_actors": lambda h, m, s: h.state.list_actors(m.get("state")),
+    "get_actor": lambda h, m, s: h.state.get_actor(m["name"], m.get("namespace")),
+    "list_placement_groups": lambda h, m, s: h.state.list_placement_groups(m.get("state")),
+    "get_placement_group": lambda h, m, s: h.state.get_placement_group(m.get("name"),
+                                                                       m.get("pgid")),
+    "list_packages": lambda h, m, s: h.packages.listing(),
+    "counts": lambda h, m, s: dict(h.state.counts, tasks=len(h.state.tasks),
+                                   objects=len(h.state.objects)),
+}
