@@ -44,8 +44,6 @@ AUTH_TIMEOUT = 10.0
 PLAIN_PEER_AFTER = 3.0
 #: a server silent this long after connecting is asked whether it speaks HTTP
 SILENT_PEER_PROBE = 1.0
-#: batches at least this large are received into a buffer of their own size
-BIG_BODY = 1 << 20
 Handler = Callable[["Comm", dict, list], Any]
 
 _HELLO, _CLIENT_PROOF, _SERVER_PROOF, _OPEN, _CLOSED = range(5)
@@ -66,9 +64,8 @@ class Comm(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_event_loop()
         self._state = _CLIENT_PROOF if server else _HELLO
-        self._buf = bytearray()
-        self._big: bytearray | None = None   # a large batch being received
-        self._big_need = 0
+        self._buf = bytearray()              # challenge bytes, before the link is open
+        self._reader = frames.FrameReader(limits)
         self._snonce = b""
         self._cnonce = b""
         self._out: list[dict] = []
@@ -106,7 +103,7 @@ class Comm(asyncio.Protocol):
                 f"{self.peer} did not complete authentication in {AUTH_TIMEOUT}s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._big = None  # a half-received batch is dropped with the peer
+        self._reader.clear()  # a half-received batch is dropped with the peer
         self._buf = bytearray()
         if isinstance(exc, ssl.SSLError) and self._state != _OPEN:
             from .tls import describe_failure
@@ -115,16 +112,20 @@ class Comm(asyncio.Protocol):
         self._on_closed(ConnectionError(f"connection to {self.peer} lost"))
 
     def data_received(self, data: bytes) -> None:
-        if self._big is not None:
-            data = self._fill_big(data)
-            if not data:
-                return
-        buf = self._buf
-        buf += data
         try:
-            if self._state != _OPEN and not self._handshake():
-                return
-            self._parse()
+            if self._state != _OPEN:
+                self._buf += data
+                if not self._handshake():
+                    return
+                data, self._buf = bytes(self._buf), bytearray()
+            reader = self._reader
+            reader.feed(data)
+            while not self.closed:
+                # each good batch is handled before a later bad one is looked at
+                batch = reader.next_batch()
+                if batch is None:
+                    break
+                self._dispatch(*batch)
         except ProtocolError as e:
             logger.warning("%s: closing connection from %s: %s", self.name or "comm",
                            self.peer, e)
@@ -206,51 +207,6 @@ class Comm(asyncio.Protocol):
         self.close()
 
     # ------------------------------------------------------------ receiving
-    def _parse(self) -> None:
-        buf = self._buf
-        prefix = frames.PREFIX.size
-        pos = 0
-        end = len(buf)
-        try:
-            while end - pos >= prefix and not self.closed:
-                (n,) = frames.PREFIX.unpack_from(buf, pos)
-                frames.check_body_length(n, self.limits)
-                if end - pos - prefix < n:
-                    if n >= BIG_BODY:
-                        # a large batch: gathered on its own as its bytes arrive, so
-                        # memory follows what the peer actually sent, not what its
-                        # length prefix claims, and nothing is rescanned meanwhile
-                        self._big = bytearray(buf[pos + prefix:end])
-                        self._big_need = n
-                        pos = end
-                    break
-                body = bytes(buf[pos + prefix:pos + prefix + n])
-                pos += prefix + n
-                # each good batch is handled before a later bad one is looked at
-                self._dispatch(*frames.decode_body(body, self.limits))
-        finally:
-            if pos and not self.closed:
-                del buf[:pos]
-
-    def _fill_big(self, data: bytes) -> bytes:
-        """Copy incoming bytes into the pending large batch; dispatch it when
-        complete and return what is left over for the normal parser."""
-        big = self._big
-        assert big is not None
-        take = min(self._big_need - len(big), len(data))
-        big += memoryview(data)[:take]
-        if len(big) < self._big_need:
-            return b""
-        self._big = None
-        try:
-            self._dispatch(*frames.decode_body(memoryview(big), self.limits))
-        except ProtocolError as e:
-            logger.warning("%s: closing connection from %s: %s", self.name or "comm",
-                           self.peer, e)
-            self.close()
-            return b""
-        return data[take:]
-
     def _dispatch(self, msgs: list[dict], bufs: list) -> None:
         handler = self._handler
         pending = self._pending
