@@ -120,7 +120,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         # direct actor calls: one link per actor called, and (IO thread) the
         # connections to actors' processes by link key
         self.direct = direct.DirectCalls()
-        self._dconns: dict[str, Any] = {}   # protocol connections (inline.BlockingConn)
+        self._dconns: dict[str, Any] = {}   # protocol.blocking.BlockingConn
         self._call_lock = threading.Lock()
         self._dpending: dict[str, list[dict]] = {}  # direct calls not written yet
         self.on_disconnect: Callable[[str], None] | None = None
