@@ -224,7 +224,8 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             delay = min(delay * 2, 1.0)
             try:
                 comm = await connect(self.head_address, self.token,
-                                     timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                                     timeout=max(0.1, min(5.0, deadline - time.monotonic())),
+                                     tls=self.tls)
             except Exception as e:  # noqa: BLE001 - keep trying until the grace ends
                 logger.debug("head not back yet: %s", e)
                 continue

@@ -350,7 +350,8 @@ class InlineClient(CoreClient):
                 delay = min(delay * 2, 1.0)
                 try:
                     conn = BlockingConn(self.head_address, self.token,
-                                        max(0.1, min(5.0, deadline - time.monotonic())))
+                                        max(0.1, min(5.0, deadline - time.monotonic())),
+                                        self.tls)
                 except (OSError, AuthenticationError) as e:
                     logger.debug("head not back yet: %s", e)
                     continue
