@@ -130,6 +130,49 @@ def test_token_bytes() -> None:
             auth.token_bytes(bad)  # type: ignore[arg-type]
 
 
+# ====================================================================== the two sides as steps
+def run_challenge(server: auth.ServerChallenge, client: auth.ClientChallenge) -> None:
+    """Carry the bytes between the two sides as a link would."""
+    proof = client.receive(server.hello)
+    assert len(proof) == auth.CLIENT_PROOF and client.need == auth.SERVER_PROOF
+    answer = server.answer(proof)
+    assert client.receive(answer) == b""
+
+
+def test_challenge_objects_pass_with_the_same_token() -> None:
+    server, client = auth.ServerChallenge(TOKEN), auth.ClientChallenge(TOKEN, "peer:1")
+    assert server.need == auth.CLIENT_PROOF and client.need == auth.SERVER_HELLO
+    run_challenge(server, client)
+    assert server.accepted and client.done and client.greeted and client.need == 0
+
+
+def test_challenge_objects_refuse_either_wrong_side() -> None:
+    server, client = auth.ServerChallenge(TOKEN), auth.ClientChallenge(OTHER, "peer:1")
+    with pytest.raises(AuthenticationError, match="peer:1 refused the token"):
+        run_challenge(server, client)
+    assert not server.accepted and not client.done
+    server, client = auth.ServerChallenge(OTHER), auth.ClientChallenge(TOKEN, "peer:2")
+    proof = client.receive(server.hello)
+    answer = server.answer(proof)
+    assert answer == auth.REFUSAL  # the server refuses the client's proof first
+    # a server that pretends to accept cannot prove it knows the client's token
+    impostor = b"\x01" + answer[1:]
+    with pytest.raises(AuthenticationError, match="peer:2 failed to prove"):
+        client.receive(impostor)
+
+
+def test_client_challenge_words_for_bad_greetings_and_hang_ups() -> None:
+    with pytest.raises(AuthenticationError, match="not a flowcore server"):
+        auth.ClientChallenge(TOKEN, "p").receive(b"HTTP/1.1 400 Bad" + bytes(25))
+    with pytest.raises(AuthenticationError, match="requires TLS"):
+        auth.ClientChallenge(TOKEN, "p").receive(auth.TLS_REQUIRED)
+    client = auth.ClientChallenge(TOKEN, "p")
+    assert "before greeting" in str(client.hung_up())
+    assert "refused this process's certificate" in str(client.hung_up(tls=True))
+    client.receive(auth.ServerChallenge(TOKEN).hello)
+    assert "during authentication" in str(client.hung_up(tls=True))
+
+
 # ====================================================================== sockets
 def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:
     """Run one async test body in a fresh loop, bounded in time."""

@@ -227,3 +227,35 @@ def test_cli_head_killed_and_restarted_keeps_its_token_and_nodes(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
+
+
+@pytest.mark.timeout(240)
+def test_tls_head_restart_takes_back_the_driver_and_an_actor_process(tmp_path, restart_env):
+    """Under TLS, the driver and a worker process reconnect to the restarted
+    head with their TLS settings (a plain reconnection would be refused)."""
+    from test_tls import make_ca_and_member
+    from flowcore.cluster import LocalCluster
+    certs = make_ca_and_member(str(tmp_path), "restart")
+    flowcore.shutdown()
+    cluster = LocalCluster(nodes=1, cpus_per_node=1, object_store_memory=64 << 20,
+                           session_dir=str(tmp_path / "session"), tls=certs)
+    try:
+        flowcore.init(address=cluster.address, token=cluster.token, tls=certs)
+        counter = Counter.options(name="tls-keeper", lifetime="detached").remote(10)
+        assert flowcore.get(counter.add.remote(5), timeout=60) == 15
+        actor_pid = flowcore.get(counter.pid.remote(), timeout=60)
+        state_file = os.path.join(cluster.session_dir,
+                                  f"head-{cluster.address.rsplit(':', 1)[1]}",
+                                  "tables.msgpack")
+        _wait_for(lambda: os.path.exists(state_file)
+                  and b"tls-keeper" in open(state_file, "rb").read(),
+                  10, "the actor in the persisted tables")
+        cluster.kill_head()
+        cluster.restart_head()
+        # the same actor process answers, and reports to the new head
+        assert flowcore.get(counter.add.remote(1), timeout=90) == 16
+        assert flowcore.get(counter.pid.remote(), timeout=60) == actor_pid
+        assert flowcore.get(square.remote(4), timeout=60) == 16
+    finally:
+        flowcore.shutdown()
+        cluster.shutdown()

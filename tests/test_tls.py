@@ -18,10 +18,10 @@ import pytest
 
 import flowcore
 from flowcore.client.core import CoreClient
-from flowcore.client.inline import BlockingConn
 from flowcore.cluster import LocalCluster
 from flowcore.exceptions import AuthenticationError
 from flowcore.protocol import auth, tls
+from flowcore.protocol.blocking import BlockingConn
 from flowcore.protocol.comm import connect, serve
 
 pytestmark = pytest.mark.timeout(120)

@@ -21,7 +21,7 @@ from flowcore.cluster import LocalCluster
 from flowcore.exceptions import ObjectLostError
 from flowcore.node import bulk
 from flowcore.node.transfer import BULK_MIN, CHUNK, bulk_ranges, pick_path
-from flowcore.protocol import auth, sockauth
+from flowcore.protocol import auth, blocking
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -89,10 +89,10 @@ def _fake_source(token: bytes, send: int, announce: int) -> tuple[socket.socket,
         conn, _ = lsock.accept()
         with conn:
             conn.settimeout(20)
-            if not sockauth.server_handshake(conn, token):
+            if not blocking.server_handshake(conn, token):
                 return
-            _, n, _, _ = bulk.REQUEST.unpack(sockauth.recv_exact(conn, bulk.REQUEST.size))
-            sockauth.recv_exact(conn, n)
+            _, n, _, _ = bulk.REQUEST.unpack(blocking.recv_exact(conn, bulk.REQUEST.size))
+            blocking.recv_exact(conn, n)
             conn.sendall(bulk.ANSWER.pack(1, announce) + bytes(send))
     t = threading.Thread(target=run, daemon=True)
     t.start()
@@ -186,7 +186,7 @@ def test_bulk_port_refuses_unauthenticated_peers_without_reading_them(two_nodes,
     for attempt in (payload + bytes(64), bulk.REQUEST.pack(1, 20, 0, 1 << 20) + bytes(100)):
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
             s.settimeout(20)
-            hello = sockauth.recv_exact(s, auth.SERVER_HELLO)
+            hello = blocking.recv_exact(s, auth.SERVER_HELLO)
             assert auth.parse_server_hello(hello)  # a greeting, then nothing before a proof
             s.sendall(attempt)
             rest = b""

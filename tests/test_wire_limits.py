@@ -14,7 +14,7 @@ import pytest
 
 import flowcore
 from flowcore.cluster import LocalCluster
-from flowcore.protocol import auth, frames, sockauth
+from flowcore.protocol import auth, blocking, frames
 from flowcore.protocol.comm import parse_address
 
 SLOW_CLIENTS = 50
@@ -23,7 +23,7 @@ SLOW_CLIENTS = 50
 def authenticated(address: str, token: str) -> socket.socket:
     host, port = parse_address(address)
     s = socket.create_connection((host, port), timeout=10)
-    sockauth.client_handshake(s, token.encode(), address)
+    blocking.client_handshake(s, token.encode(), address)
     return s
 
 
@@ -147,7 +147,7 @@ def test_slow_unauthenticated_peers_hold_no_thread_on_bulk_and_actor_ports(monke
         # the ports still admit real peers
         assert flowcore.get([echo.echo.remote(i) for i in range(5)], timeout=60) == list(range(5))
         s = socket.create_connection(("127.0.0.1", bulk_port), timeout=10)
-        sockauth.client_handshake(s, flowcore.api._cluster.token.encode(), "bulk")
+        blocking.client_handshake(s, flowcore.api._cluster.token.encode(), "bulk")
         s.close()
     finally:
         flowcore.shutdown()
@@ -161,7 +161,7 @@ def test_wrong_token_is_refused_on_the_bulk_port():
         (bulk_port,) = _listening_ports(node["pid"]) - {parse_address(node["address"])[1]}
         s = socket.create_connection(("127.0.0.1", bulk_port), timeout=10)
         with pytest.raises(flowcore.exceptions.AuthenticationError, match="refused"):
-            sockauth.client_handshake(s, b"not the token", "bulk")
+            blocking.client_handshake(s, b"not the token", "bulk")
         s.close()
     finally:
         flowcore.shutdown()

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ..protocol import frames, messages
+from ..protocol.blocking import BlockingConn
 from . import direct
 
 logger = logging.getLogger("flowcore.client")
@@ -146,7 +147,6 @@ class DirectCallsMixin:
 
     def _start_lookup(self, link: direct.ActorLink) -> None:
         """Ask the head where the actor listens and connect (on the IO thread)."""
-        from .inline import BlockingConn
 
         async def lookup() -> None:
             try:

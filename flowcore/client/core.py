@@ -138,7 +138,7 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
         # direct actor calls: one link per actor called, and (IO thread) the
         # connections to actors' processes by link key
         self.direct = direct.DirectCalls()
-        self._dconns: dict[str, Any] = {}   # protocol connections (inline.BlockingConn)
+        self._dconns: dict[str, Any] = {}   # protocol.blocking.BlockingConn
         self._call_lock = threading.Lock()
         self._dpending: dict[str, list[dict]] = {}  # direct calls not written yet
         self.on_disconnect: Callable[[str], None] | None = None
@@ -242,7 +242,8 @@ class CoreClient(DirectCallsMixin, NodeFailoverMixin):
             delay = min(delay * 2, 1.0)
             try:
                 comm = await connect(self.head_address, self.token,
-                                     timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                                     timeout=max(0.1, min(5.0, deadline - time.monotonic())),
+                                     tls=self.tls)
             except Exception as e:  # noqa: BLE001 - keep trying until the grace ends
                 logger.debug("head not back yet: %s", e)
                 continue

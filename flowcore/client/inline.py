@@ -20,15 +20,13 @@ import logging
 import os
 import select
 import signal
-import socket
-import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..exceptions import AuthenticationError, ProtocolError
-from ..protocol import auth, frames, messages
-from ..protocol.comm import parse_address
+from ..protocol import messages
+from ..protocol.blocking import BlockingConn
 from . import core
 from .core import CoreClient
 
@@ -39,132 +37,6 @@ logger = logging.getLogger("flowcore.client")
 
 #: the ops an actor's process takes on a caller's connection
 CALLER_OPS = messages.ops_for(messages.ACTOR, messages.CALLER)
-
-
-class BlockingConn:
-    """An authenticated connection read and written by whoever holds the pump.
-
-    With ``tls`` the socket is wrapped in TLS (verified against the cluster's
-    CA) before the token challenge.  A TLS socket hands out one record per
-    ``recv`` and may hold decrypted bytes the kernel no longer reports as
-    readable, so ``read_available`` drains it before returning."""
-
-    def __init__(self, address: str, token: bytes, timeout: float = 10.0,
-                 tls: "TLSConfig | None" = None):
-        self.address = address
-        host, port = parse_address(address)
-        self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.tls = tls is not None
-        try:
-            if tls is not None:
-                self._start_tls(tls, host)
-            self._handshake(token)
-        except BaseException:
-            self.sock.close()
-            raise
-        self.sock.settimeout(None)
-        self.buf = bytearray()
-        self.closed = False
-
-    @classmethod
-    def accepted(cls, sock: socket.socket, address: str, tls: bool) -> "BlockingConn":
-        """A connection this process accepted and authenticated (a caller of
-        the actor it hosts)."""
-        conn = cls.__new__(cls)
-        conn.address = address
-        conn.sock = sock
-        conn.tls = tls
-        conn.buf = bytearray()
-        conn.closed = False
-        return conn
-
-    def _start_tls(self, tls: "TLSConfig", host: str) -> None:
-        from ..protocol.tls import describe_failure
-        try:
-            self.sock = tls.client_context().wrap_socket(self.sock, server_hostname=host)
-        except ssl.SSLError as e:
-            raise AuthenticationError(describe_failure(e, self.address)) from None
-        except socket.timeout:
-            raise AuthenticationError(f"{self.address} did not complete the TLS handshake in "
-                                      f"time") from None
-        except OSError as e:
-            raise AuthenticationError(
-                f"{self.address} closed the connection during the TLS handshake: it may run "
-                f"without TLS, or refused this process's certificate ({e})") from None
-
-    def _recv_exact(self, n: int, greeting: bool = False) -> bytes:
-        data = b""
-        while len(data) < n:
-            try:
-                chunk = self.sock.recv(n - len(data))
-            except ssl.SSLError as e:
-                from ..protocol.tls import describe_failure
-                raise AuthenticationError(describe_failure(e, self.address)) from None
-            if not chunk:
-                if greeting and self.tls:  # how a TLS 1.3 server refuses a certificate
-                    raise AuthenticationError(
-                        f"{self.address} closed the TLS connection before greeting: it "
-                        f"refused this process's certificate, which must be signed by the CA "
-                        f"the cluster uses (--tls-ca / FLOWCORE_TLS_CA)")
-                raise AuthenticationError(f"{self.address} closed the connection during "
-                                          f"authentication (wrong token?)")
-            data += chunk
-        return data
-
-    def _handshake(self, token: bytes) -> None:
-        try:
-            snonce = auth.parse_server_hello(self._recv_exact(auth.SERVER_HELLO, True))
-        except ValueError as e:
-            raise AuthenticationError(f"{self.address}: {e}") from None
-        proof, cnonce = auth.client_proof(token, snonce)
-        self.sock.sendall(proof)
-        answer = self._recv_exact(auth.SERVER_PROOF)
-        if not auth.check_server_proof(token, cnonce, snonce, answer):
-            raise AuthenticationError(f"{self.address} refused the token or failed to prove it")
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def write(self, msgs: list[dict]) -> None:
-        if msgs and not self.closed:
-            try:
-                self.sock.sendall(b"".join(bytes(b) for b in frames.encode(msgs)))
-            except OSError as e:  # the peer is gone: the pump reports it
-                logger.info("write to %s failed: %s", self.address, e)
-                self.closed = True
-
-    def read_available(self) -> list[tuple[list[dict], list]]:
-        """Read what the socket has (it was reported readable); return the
-        complete batches.  An empty read means the peer closed."""
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            self.closed = True
-            return []
-        buf = self.buf
-        buf += chunk
-        if self.tls:
-            while self.sock.pending():  # type: ignore[attr-defined]
-                buf += self.sock.recv(1 << 20)
-        out = []
-        pos, end, prefix = 0, len(buf), frames.PREFIX.size
-        while end - pos >= prefix:
-            (n,) = frames.PREFIX.unpack_from(buf, pos)
-            frames.check_body_length(n)
-            if end - pos - prefix < n:
-                break
-            out.append(frames.decode_body(bytes(buf[pos + prefix:pos + prefix + n])))
-            pos += prefix + n
-        if pos:
-            del buf[:pos]
-        return out
-
-    def close(self) -> None:
-        self.closed = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 class InlineClient(CoreClient):
@@ -491,7 +363,8 @@ class InlineClient(CoreClient):
                 delay = min(delay * 2, 1.0)
                 try:
                     conn = BlockingConn(self.head_address, self.token,
-                                        max(0.1, min(5.0, deadline - time.monotonic())))
+                                        max(0.1, min(5.0, deadline - time.monotonic())),
+                                        self.tls)
                 except (OSError, AuthenticationError) as e:
                     logger.debug("head not back yet: %s", e)
                     continue

@@ -5,8 +5,10 @@ It listens on its node's interface; the port goes to the head in
 connections are authenticated by one ``protocol.admission`` thread (TLS first
 when the cluster uses it, then the token challenge of ``protocol.auth``, with
 an overall deadline and a cap on peers waiting) before a single byte of them
-is decoded; a peer that fails is sent the refusal and closed.  An authenticated connection is handed to the client, whose pump
-reads calls from it like any other connection.
+is decoded; a peer that fails is sent the refusal and closed.  An
+authenticated connection is handed to the client as a
+``protocol.blocking.BlockingConn``, whose pump reads calls from it like any
+other connection.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.admission import Admission
+from ..protocol.blocking import BlockingConn
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..protocol.tls import TLSConfig
@@ -42,9 +45,6 @@ class ActorListener:
         logger.warning("refused a direct connection from %s: %s", peer, why)
 
     def _admitted(self, conn: socket.socket, peer: str) -> None:
-        from ..client.inline import BlockingConn
-        conn.settimeout(None)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.add_caller(BlockingConn.accepted(conn, peer, self.tls is not None))
 
     def close(self) -> None:

@@ -1,8 +1,8 @@
 """The bulk path for large objects: one raw socket per pull.
 
 Every node listens on a second port, its bulk port.  A puller opens a
-connection, both sides run the token challenge (``protocol.sockauth``, inside
-TLS when the cluster uses it), and the puller asks for a byte range of one
+connection, both sides run the token challenge (``protocol.blocking`` and
+``protocol.admission``, inside TLS when the cluster uses it), and the puller asks for a byte range of one
 object with one fixed-size request.  The serving side pins the object
 (without moving it) and streams the range straight from the file that holds
 it: with ``socket.sendfile`` from the arena file in /dev/shm, a spill file or
@@ -35,7 +35,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..exceptions import ObjectLostError, ProtocolError
-from ..protocol import sockauth
+from ..protocol import blocking
 from ..protocol.admission import Admission
 from ..protocol.comm import AUTH_TIMEOUT, listening_socket, parse_address
 
@@ -120,11 +120,11 @@ class BulkServer:
             raw.settimeout(AUTH_TIMEOUT)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             version, n, start, length = REQUEST.unpack(
-                sockauth.recv_exact(conn, REQUEST.size, "its request"))
+                blocking.recv_exact(conn, REQUEST.size, "its request"))
             if version != VERSION or not 0 < n <= MAX_OID:
                 logger.warning("bulk: closing connection from %s: bad request", peer)
                 return
-            oid = sockauth.recv_exact(conn, n, "its request")
+            oid = blocking.recv_exact(conn, n, "its request")
             conn.settimeout(IDLE_TIMEOUT)
             tag = f"bulk-{next(self._seq)}"
             try:
@@ -214,7 +214,7 @@ def receive(sock: socket.socket, address: str, port: int, token: bytes,
 
     ``sock`` is a fresh TCP socket owned by the caller, who may shut it down
     from another thread to stop the transfer.  ``BulkUnavailable`` when the
-    port cannot be reached; ``AuthenticationError`` from the challenge;
+    port cannot be reached; ``AuthenticationError`` from TLS or the challenge;
     ``ObjectLostError`` when the peer does not have the object;
     ``ConnectionError`` / ``OSError`` (timeouts included) when the peer dies
     or stalls."""
@@ -228,19 +228,19 @@ def receive(sock: socket.socket, address: str, port: int, token: bytes,
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn = sock
     if tls is not None:
-        conn = tls.client_context().wrap_socket(sock, server_hostname=host)
+        conn = blocking.start_tls(sock, tls, host, where)
     try:
-        sockauth.client_handshake(conn, token, where)
+        blocking.client_handshake(conn, token, where)
         length = len(dest)
         conn.sendall(REQUEST.pack(VERSION, len(oid), start, length) + oid)
         conn.settimeout(IDLE_TIMEOUT)
-        status, n = ANSWER.unpack(sockauth.recv_exact(conn, ANSWER.size, "its answer"))
+        status, n = ANSWER.unpack(blocking.recv_exact(conn, ANSWER.size, "its answer"))
         if status != 1:
-            text = sockauth.recv_exact(conn, min(n, MAX_ERROR), "its error")
+            text = blocking.recv_exact(conn, min(n, MAX_ERROR), "its error")
             raise ObjectLostError(f"{where}: {text.decode(errors='replace')}")
         if n != length:
             raise ProtocolError(f"{where} announced {n} bytes, {length} were asked for")
-        return sockauth.recv_into_exact(conn, memoryview(dest), f"object bytes ({where})")
+        return blocking.recv_into_exact(conn, memoryview(dest), f"object bytes ({where})")
     finally:
         if conn is not sock:
             conn.close()

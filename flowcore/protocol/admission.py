@@ -40,7 +40,7 @@ def auth_timeout() -> float:
 
 
 class _Peer:
-    __slots__ = ("sock", "raw", "name", "deadline", "stage", "out", "got", "snonce", "ok")
+    __slots__ = ("sock", "raw", "name", "deadline", "stage", "out", "got", "challenge")
 
     def __init__(self, sock: socket.socket, name: str, deadline: float):
         self.sock = sock          # the socket spoken on (an SSLSocket under TLS)
@@ -50,8 +50,7 @@ class _Peer:
         self.stage = "tls"        # tls -> hello -> proof -> answer
         self.out = b""
         self.got = bytearray()
-        self.snonce = b""
-        self.ok = False
+        self.challenge: auth.ServerChallenge | None = None
 
 
 class Admission:
@@ -150,8 +149,8 @@ class Admission:
             self._step(p, selectors.EVENT_READ | selectors.EVENT_WRITE)
 
     def _start_challenge(self, p: _Peer) -> None:
-        hello, p.snonce = auth.server_hello()
-        p.out = hello
+        p.challenge = auth.ServerChallenge(self.token)
+        p.out = p.challenge.hello
         p.stage = "proof"
 
     @staticmethod
@@ -177,13 +176,15 @@ class Admission:
                     self._sel.modify(p.raw, selectors.EVENT_WRITE, p)
                     return
                 p.out = p.out[n:]
+            challenge = p.challenge
+            assert challenge is not None
             if p.stage == "answer":
-                if p.ok:
+                if challenge.accepted:
                     self._admit(p)
                 else:
                     self._drop(p, "wrong or missing token")
                 return
-            need = auth.CLIENT_PROOF - len(p.got)
+            need = challenge.need - len(p.got)
             try:
                 data = p.sock.recv(need)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -193,13 +194,10 @@ class Admission:
                 self._drop(p, "it hung up during authentication", quiet=True)
                 return
             p.got += data
-            if len(p.got) < auth.CLIENT_PROOF:
+            if len(p.got) < challenge.need:
                 self._sel.modify(p.raw, selectors.EVENT_READ, p)
                 return
-            cnonce = auth.check_client_proof(self.token, p.snonce, bytes(p.got))
-            p.ok = cnonce is not None
-            p.out = (auth.server_proof(self.token, cnonce, p.snonce) if cnonce is not None
-                     else auth.REFUSAL)
+            p.out = challenge.answer(bytes(p.got))
             p.stage = "answer"
             self._step(p, selectors.EVENT_WRITE)
         except (OSError, ssl.SSLError, ValueError) as e:

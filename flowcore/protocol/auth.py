@@ -10,12 +10,19 @@ Both sides prove they know the token before a single message is decoded:
    cannot feed messages to clients either.
 
 Everything is fixed-size raw bytes; comparisons are constant-time.
+
+``ServerChallenge`` and ``ClientChallenge`` are the two sides as steps
+without IO, with every outcome's wording: the asyncio ``Comm``, the
+non-blocking ``admission`` thread and the blocking ``blocking`` transport all
+drive these same objects, each reading and writing in its own way.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import os
+
+from ..exceptions import AuthenticationError
 
 MAGIC = b"FLOWCORE"
 VERSION = 1
@@ -102,3 +109,79 @@ def token_bytes(token: str | bytes) -> bytes:
     if not isinstance(token, str) or not token:
         raise ValueError("a flowcore token must be a non-empty string")
     return token.encode()
+
+
+class ServerChallenge:
+    """The server's side: send ``hello``, read ``need`` bytes from the
+    client, send what ``answer`` returns for them; ``accepted`` then says
+    whether the client proved it knows the token (a refused client got
+    ``REFUSAL`` and is to be closed)."""
+
+    need = CLIENT_PROOF
+
+    def __init__(self, token: bytes):
+        self.token = token
+        self.hello, self._snonce = server_hello()
+        self.accepted = False
+
+    def answer(self, proof: bytes) -> bytes:
+        cnonce = check_client_proof(self.token, self._snonce, proof)
+        if cnonce is None:
+            return REFUSAL
+        self.accepted = True
+        return server_proof(self.token, cnonce, self._snonce)
+
+
+class ClientChallenge:
+    """The client's side: read ``need`` bytes from the server, pass them to
+    ``receive``, send what it returns; repeat until ``done`` (the server
+    accepted the token and proved it knows it too).  ``receive`` raises
+    ``AuthenticationError`` naming ``peer`` and what went wrong;
+    ``hung_up`` is the error for a server that closed the connection first."""
+
+    def __init__(self, token: bytes, peer: str):
+        self.token = token
+        self.peer = peer
+        self.need = SERVER_HELLO
+        self.greeted = False      # the server's greeting arrived
+        self.done = False
+        self._snonce = b""
+        self._cnonce = b""
+
+    def receive(self, data: bytes) -> bytes:
+        if not self.greeted:
+            try:
+                self._snonce = parse_server_hello(data)
+            except ValueError as e:
+                raise AuthenticationError(f"{self.peer}: {e}") from None
+            proof, self._cnonce = client_proof(self.token, self._snonce)
+            self.greeted = True
+            self.need = SERVER_PROOF
+            return proof
+        if data[:1] == b"\x00":
+            raise AuthenticationError(
+                f"{self.peer} refused the token: pass the cluster's token with "
+                f"init(token=...) / --token / FLOWCORE_TOKEN")
+        if not check_server_proof(self.token, self._cnonce, self._snonce, data):
+            raise AuthenticationError(
+                f"{self.peer} failed to prove it knows the token: it is not the flowcore "
+                f"process you meant to reach")
+        self.done = True
+        self.need = 0
+        return b""
+
+    def hung_up(self, tls: bool = False) -> AuthenticationError:
+        """The error for a server that closed the connection before the
+        challenge was through (``tls``: the link runs inside TLS)."""
+        if self.greeted:
+            return AuthenticationError(
+                f"{self.peer} closed the connection during authentication (wrong token, or "
+                f"not a flowcore process)")
+        if tls:  # how a TLS 1.3 server refuses a client certificate
+            return AuthenticationError(
+                f"{self.peer} closed the TLS connection before greeting: it refused this "
+                f"process's certificate, which must be signed by the CA the cluster uses "
+                f"(--tls-ca / FLOWCORE_TLS_CA)")
+        return AuthenticationError(
+            f"{self.peer} closed the connection before greeting (it died, or it is not a "
+            f"flowcore process)")

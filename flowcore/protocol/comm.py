@@ -28,13 +28,11 @@ import itertools
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..exceptions import AuthenticationError, ProtocolError
 from . import auth, frames
-
-if TYPE_CHECKING:
-    from .tls import TLSConfig
+from .tls import TLSConfig, describe_failure
 
 logger = logging.getLogger("flowcore.comm")
 
@@ -44,11 +42,9 @@ AUTH_TIMEOUT = 10.0
 PLAIN_PEER_AFTER = 3.0
 #: a server silent this long after connecting is asked whether it speaks HTTP
 SILENT_PEER_PROBE = 1.0
-#: batches at least this large are received into a buffer of their own size
-BIG_BODY = 1 << 20
 Handler = Callable[["Comm", dict, list], Any]
 
-_HELLO, _CLIENT_PROOF, _SERVER_PROOF, _OPEN, _CLOSED = range(5)
+_AUTH, _OPEN, _CLOSED = range(3)
 
 
 class Comm(asyncio.Protocol):
@@ -65,12 +61,12 @@ class Comm(asyncio.Protocol):
         self.peer = "?"
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_event_loop()
-        self._state = _CLIENT_PROOF if server else _HELLO
-        self._buf = bytearray()
-        self._big: bytearray | None = None   # a large batch being received
-        self._big_need = 0
-        self._snonce = b""
-        self._cnonce = b""
+        self._state = _AUTH
+        self._buf = bytearray()              # challenge bytes, before the link is open
+        self._reader = frames.FrameReader(limits)
+        # the token challenge: this side of it
+        self._server_ch = auth.ServerChallenge(token) if server else None
+        self._client_ch = None if server else auth.ClientChallenge(token, name)
         self._out: list[dict] = []
         self._out_frames: list = []
         self._flush_scheduled = False
@@ -96,9 +92,8 @@ class Comm(asyncio.Protocol):
             except OSError:
                 pass
         self._auth_timer = self._loop.call_later(AUTH_TIMEOUT, self._auth_timeout)
-        if self.is_server:
-            hello, self._snonce = auth.server_hello()
-            self.transport.write(hello)
+        if self._server_ch is not None:
+            self.transport.write(self._server_ch.hello)
 
     def _auth_timeout(self) -> None:
         if self._state != _OPEN:
@@ -106,25 +101,28 @@ class Comm(asyncio.Protocol):
                 f"{self.peer} did not complete authentication in {AUTH_TIMEOUT}s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._big = None  # a half-received batch is dropped with the peer
+        self._reader.clear()  # a half-received batch is dropped with the peer
         self._buf = bytearray()
         if isinstance(exc, ssl.SSLError) and self._state != _OPEN:
-            from .tls import describe_failure
             self._on_closed(AuthenticationError(describe_failure(exc, self.peer)))
             return
         self._on_closed(ConnectionError(f"connection to {self.peer} lost"))
 
     def data_received(self, data: bytes) -> None:
-        if self._big is not None:
-            data = self._fill_big(data)
-            if not data:
-                return
-        buf = self._buf
-        buf += data
         try:
-            if self._state != _OPEN and not self._handshake():
-                return
-            self._parse()
+            if self._state != _OPEN:
+                self._buf += data
+                if not self._handshake():
+                    return
+                data, self._buf = bytes(self._buf), bytearray()
+            reader = self._reader
+            reader.feed(data)
+            while not self.closed:
+                # each good batch is handled before a later bad one is looked at
+                batch = reader.next_batch()
+                if batch is None:
+                    break
+                self._dispatch(*batch)
         except ProtocolError as e:
             logger.warning("%s: closing connection from %s: %s", self.name or "comm",
                            self.peer, e)
@@ -138,53 +136,47 @@ class Comm(asyncio.Protocol):
         del self._buf[:n]
         return data
 
+    @property
+    def greeted(self) -> bool:
+        """(client side) The server's greeting arrived."""
+        return self._client_ch is not None and self._client_ch.greeted
+
     def _handshake(self) -> bool:
         """Advance the challenge; True once the connection is open."""
         assert self.transport is not None
-        if self.is_server:
-            data = self._take(auth.CLIENT_PROOF)
+        server = self._server_ch
+        if server is not None:
+            data = self._take(server.need)
             if data is None:
                 return False
-            cnonce = auth.check_client_proof(self.token, self._snonce, data)
-            if cnonce is None:
-                if auth.looks_like_tls(data):
-                    logger.warning("%s: refused connection from %s: it starts a TLS "
-                                   "handshake, and this server runs without TLS (start it "
-                                   "with --tls-cert/--tls-key/--tls-ca)",
-                                   self.name or "server", self.peer)
-                else:
-                    logger.warning("%s: refused connection from %s: wrong or missing token",
-                                   self.name or "server", self.peer)
-                self.transport.write(auth.REFUSAL)
-                self._fail_open(AuthenticationError("wrong token"))
-                return False
-            self.transport.write(auth.server_proof(self.token, cnonce, self._snonce))
-            return self._open()
-        if self._state == _HELLO:
-            data = self._take(auth.SERVER_HELLO)
+            answer = server.answer(data)
+            self.transport.write(answer)
+            if server.accepted:
+                return self._open()
+            if auth.looks_like_tls(data):
+                logger.warning("%s: refused connection from %s: it starts a TLS "
+                               "handshake, and this server runs without TLS (start it "
+                               "with --tls-cert/--tls-key/--tls-ca)",
+                               self.name or "server", self.peer)
+            else:
+                logger.warning("%s: refused connection from %s: wrong or missing token",
+                               self.name or "server", self.peer)
+            self._fail_open(AuthenticationError("wrong token"))
+            return False
+        client = self._client_ch
+        assert client is not None
+        client.peer = self.peer
+        while not client.done:
+            data = self._take(client.need)
             if data is None:
                 return False
             try:
-                self._snonce = auth.parse_server_hello(data)
-            except ValueError as e:
-                self._fail_open(AuthenticationError(f"{self.peer}: {e}"))
+                out = client.receive(data)
+            except AuthenticationError as e:
+                self._fail_open(e)
                 return False
-            proof, self._cnonce = auth.client_proof(self.token, self._snonce)
-            self.transport.write(proof)
-            self._state = _SERVER_PROOF
-        data = self._take(auth.SERVER_PROOF)
-        if data is None:
-            return False
-        if data[:1] == b"\x00":
-            self._fail_open(AuthenticationError(
-                f"{self.peer} refused the token: pass the cluster's token with "
-                f"init(token=...) / --token / FLOWCORE_TOKEN"))
-            return False
-        if not auth.check_server_proof(self.token, self._cnonce, self._snonce, data):
-            self._fail_open(AuthenticationError(
-                f"{self.peer} failed to prove it knows the token: it is not the flowcore "
-                f"process you meant to reach"))
-            return False
+            if out:
+                self.transport.write(out)
         return self._open()
 
     def _open(self) -> bool:
@@ -206,51 +198,6 @@ class Comm(asyncio.Protocol):
         self.close()
 
     # ------------------------------------------------------------ receiving
-    def _parse(self) -> None:
-        buf = self._buf
-        prefix = frames.PREFIX.size
-        pos = 0
-        end = len(buf)
-        try:
-            while end - pos >= prefix and not self.closed:
-                (n,) = frames.PREFIX.unpack_from(buf, pos)
-                frames.check_body_length(n, self.limits)
-                if end - pos - prefix < n:
-                    if n >= BIG_BODY:
-                        # a large batch: gathered on its own as its bytes arrive, so
-                        # memory follows what the peer actually sent, not what its
-                        # length prefix claims, and nothing is rescanned meanwhile
-                        self._big = bytearray(buf[pos + prefix:end])
-                        self._big_need = n
-                        pos = end
-                    break
-                body = bytes(buf[pos + prefix:pos + prefix + n])
-                pos += prefix + n
-                # each good batch is handled before a later bad one is looked at
-                self._dispatch(*frames.decode_body(body, self.limits))
-        finally:
-            if pos and not self.closed:
-                del buf[:pos]
-
-    def _fill_big(self, data: bytes) -> bytes:
-        """Copy incoming bytes into the pending large batch; dispatch it when
-        complete and return what is left over for the normal parser."""
-        big = self._big
-        assert big is not None
-        take = min(self._big_need - len(big), len(data))
-        big += memoryview(data)[:take]
-        if len(big) < self._big_need:
-            return b""
-        self._big = None
-        try:
-            self._dispatch(*frames.decode_body(memoryview(big), self.limits))
-        except ProtocolError as e:
-            logger.warning("%s: closing connection from %s: %s", self.name or "comm",
-                           self.peer, e)
-            self.close()
-            return b""
-        return data[take:]
-
     def _dispatch(self, msgs: list[dict], bufs: list) -> None:
         handler = self._handler
         pending = self._pending
@@ -395,7 +342,7 @@ class Comm(asyncio.Protocol):
 async def serve(token: bytes, on_comm: Callable[[Comm], Any], host: str = "127.0.0.1",
                 port: int = 0, name: str = "server",
                 limits: frames.Limits = frames.DEFAULT_LIMITS,
-                tls: "TLSConfig | None" = None) -> tuple[Any, int]:
+                tls: TLSConfig | None = None) -> tuple[Any, int]:
     """Listen on host:port (0 = a free port); ``on_comm`` gets each
     authenticated connection.  Returns (server, bound port); the server has
     ``close()``.  With ``tls``, every connection must complete a mutual TLS
@@ -530,7 +477,7 @@ class TLSListener:
 
 async def connect(address: str, token: bytes, timeout: float = 10.0,
                   limits: frames.Limits = frames.DEFAULT_LIMITS,
-                  tls: "TLSConfig | None" = None) -> Comm:
+                  tls: TLSConfig | None = None) -> Comm:
     """Connect to ``tcp://host:port`` (or ``host:port``) and authenticate
     (over TLS first when ``tls`` is given)."""
     host, port = parse_address(address)
@@ -543,7 +490,6 @@ async def connect(address: str, token: bytes, timeout: float = 10.0,
             loop.create_connection(lambda: Comm(token, server=False, limits=limits),
                                    host, port, **kw), timeout)
     except ssl.SSLError as e:
-        from .tls import describe_failure
         raise AuthenticationError(describe_failure(e, address)) from None
     except (ConnectionResetError, ConnectionAbortedError) as e:
         if tls is None:
@@ -562,7 +508,7 @@ async def connect(address: str, token: bytes, timeout: float = 10.0,
             # (the dashboard's port given by mistake): ask it on a second connection
             done, _ = await asyncio.wait([comm.opened],  # wait() cancels nothing
                                          timeout=SILENT_PEER_PROBE)
-            if not done and not comm._snonce:
+            if not done and not comm.greeted:
                 http = await _probe_http(host, port)
             timeout -= SILENT_PEER_PROBE
         if http is None:
@@ -572,16 +518,9 @@ async def connect(address: str, token: bytes, timeout: float = 10.0,
         raise AuthenticationError(f"{address} did not complete authentication in {timeout}s") \
             from None
     except ConnectionError:
-        if tls is not None and not comm._snonce:
-            # a TLS server greets right after the handshake; closing before that
-            # is how TLS 1.3 servers refuse a client certificate
-            raise AuthenticationError(
-                f"{address} closed the TLS connection before greeting: it refused this "
-                f"process's certificate, which must be signed by the CA the cluster uses "
-                f"(--tls-ca / FLOWCORE_TLS_CA)") from None
-        raise AuthenticationError(
-            f"{address} closed the connection during authentication (wrong token, or not a "
-            f"flowcore process)") from None
+        assert comm._client_ch is not None
+        comm._client_ch.peer = address
+        raise comm._client_ch.hung_up(tls is not None) from None
     if http is not None:
         comm.close()
         raise ConnectionError(_http_message(address, http))

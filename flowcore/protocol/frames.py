@@ -9,18 +9,22 @@ further frames are raw out-of-band buffers that messages refer to by index
 under the key ``"_frames"``.  Nothing here unpickles anything: the decoder
 only splits bytes and runs msgpack, and every length is checked against the
 limits before memory is allocated.
+
+``FrameReader`` is the one parser of a byte stream into batches: the asyncio
+``Comm`` and the blocking ``protocol.blocking.BlockingConn`` both feed it.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 import msgpack
 
 from ..exceptions import ProtocolError
 
 PREFIX = struct.Struct("<Q")
+#: batches at least this large are received into a buffer of their own size
+BIG_BODY = 1 << 20
 NFRAMES = struct.Struct("<I")
 FRAME_LEN = struct.Struct("<Q")
 
@@ -144,3 +148,78 @@ def decode(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS
     if view.nbytes != PREFIX.size + n:
         raise ProtocolError(f"batch prefix says {n} bytes but {view.nbytes - PREFIX.size} follow")
     return decode_body(view[PREFIX.size:], limits)
+
+
+class FrameReader:
+    """Splits a byte stream into batches, whatever reads the socket.
+
+    ``feed`` bytes as they arrive, then take the complete batches with
+    ``next_batch`` until it returns None (a caller may stop early, say when
+    it closes the connection on a bad batch: each good batch is handed out
+    before a later one is looked at).  A length prefix is checked against the
+    limits as soon as it is seen, before its body is waited for.  A body of
+    ``BIG_BODY`` bytes or more is gathered in a buffer of its own as its bytes
+    arrive, so memory follows what the peer actually sent, not what its
+    prefix claims, and nothing is rescanned meanwhile.  After a
+    ``ProtocolError`` the reader is unusable: close the connection."""
+
+    __slots__ = ("limits", "_buf", "_pos", "_big", "_big_need")
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS):
+        self.limits = limits
+        self._buf = bytearray()
+        self._pos = 0                       # where the next batch starts in _buf
+        self._big: bytearray | None = None  # a large body being gathered
+        self._big_need = 0
+
+    @property
+    def idle(self) -> bool:
+        """True when no byte of an unfinished batch is held."""
+        return self._big is None and len(self._buf) == self._pos
+
+    def clear(self) -> None:
+        """Drop whatever is held (the peer is gone)."""
+        self._buf = bytearray()
+        self._pos = 0
+        self._big = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        big = self._big
+        if big is not None:
+            want = self._big_need - len(big)
+            if want > 0:
+                if len(data) <= want:
+                    big += data
+                    return
+                view = memoryview(data)
+                big += view[:want]
+                data = view[want:]
+        self._buf += data
+
+    def next_batch(self) -> tuple[list[dict], list[memoryview]] | None:
+        """The next complete batch, or None until more bytes are fed;
+        ``ProtocolError`` for a batch that breaks the format or the limits."""
+        big = self._big
+        if big is not None:
+            if len(big) < self._big_need:
+                return None
+            self._big = None
+            return decode_body(memoryview(big), self.limits)
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        if end - pos >= PREFIX.size:
+            (n,) = PREFIX.unpack_from(buf, pos)
+            check_body_length(n, self.limits)
+            start = pos + PREFIX.size
+            if end - start >= n:
+                self._pos = start + n
+                return decode_body(bytes(buf[start:start + n]), self.limits)
+            if n >= BIG_BODY:
+                self._big = bytearray(buf[start:end])
+                self._big_need = n
+                self._pos = end
+        if self._pos:  # everything before _pos is handed out: drop it
+            del buf[:self._pos]
+            self._pos = 0
+        return None
