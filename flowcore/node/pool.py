@@ -9,6 +9,13 @@ start but no worker is idle or starting for it (workers blocked in ``get``
 give their CPU back, which is what makes room), up to a cap.  Methods
 return actions; the server carries them out.
 
+Resource amounts are ``flowcore.resources.Resources`` accounts (the node's
+free resources, each bundle's free share).  The pool also owns the node's
+actors' books: each actor runs in a process of its own outside the pool's
+workers, and holds its resources and GPU ids (``ActorInfo``) from
+``start_actor`` until its process is gone (``actor_exited``); GPU ids are
+handed out here only.
+
 Placement-group bundles reserved on this node (``reserve_bundle``) are taken
 out of the node's free resources; a task carrying ``"bundle"`` counts against
 that bundle instead, as the head does.  Once a bundle is released, what was
@@ -20,7 +27,9 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
+
+from ..resources import Resources
 
 IDLE, BUSY, STARTING = "idle", "busy", "starting"
 
@@ -44,6 +53,17 @@ class WorkerInfo:
         return self.renv["key"] if self.renv else None
 
 
+@dataclass
+class ActorInfo:
+    """An actor living on this node and what it holds for its life."""
+    aid: bytes
+    wid: str                 # its current process
+    spec: dict               # the start message, sent to the process when it connects
+    hold: dict[str, float] = field(default_factory=dict)
+    bundle: str | None = None  # the placement-group bundle its hold counts against
+    gpus: list[int] = field(default_factory=list)
+
+
 def _pick(free: list[WorkerInfo], gpu: bool) -> WorkerInfo | None:
     """An idle worker for a task (that needs a GPU or not): one of that kind
     first, else a fresh one; never one of the other kind."""
@@ -62,21 +82,23 @@ def _env_of(task: dict) -> str | None:
 Action = tuple  # ("spawn", wid) | ("run", wid, task) | ("died", task, wid) | ("retire", wid)
 #               | ("warn", text) | ("env_failed", task)
 
-_EPS = 1e-9
-
 
 class WorkerPool:
     def __init__(self, resources: dict[str, float], max_workers: int | None = None,
                  gpu_ids: list[int] | None = None, min_workers: int | None = None):
-        self.total = dict(resources)
-        self.available = dict(resources)
+        self.total = Resources(resources)
+        self.available = Resources(resources)
         cpus = self.total.get("CPU", 0.0)
         self.min_workers = min_workers if min_workers is not None else max(1, math.ceil(cpus))
         self.max_workers = max_workers or max(128, 8 * self.min_workers)
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[dict] = deque()
-        self.bundles: dict[str, dict[str, float]] = {}  # key -> what is free in it
+        self.bundles: dict[str, Resources] = {}  # key -> what is free in it
         self.free_gpus = list(gpu_ids or [])
+        # actors: each runs in a process of its own, outside the pool's workers
+        self.actors: dict[bytes, ActorInfo] = {}        # actor id -> its current process
+        self.actor_workers: dict[str, bytes] = {}       # every actor process's wid -> actor id
+        self.actor_backlog: dict[bytes, list[dict]] = {}  # calls before its process connects
         self.warned_cap = False
         self._next = 0
         self.startup_failures = 0
@@ -91,7 +113,7 @@ class WorkerPool:
                 c["blocked"] += 1
         return c
 
-    def _account(self, bundle: str | None) -> dict[str, float]:
+    def _account(self, bundle: str | None) -> Resources:
         """The free resources a task counts against: its bundle's, or the node's."""
         if bundle:
             b = self.bundles.get(bundle)
@@ -99,31 +121,24 @@ class WorkerPool:
                 return b
         return self.available
 
-    def _fits(self, res: dict[str, float], bundle: str | None = None) -> bool:
-        av = self._account(bundle)
-        return all(av.get(k, 0.0) >= v - _EPS for k, v in res.items() if v)
-
-    def _take(self, res: dict[str, float], sign: float = -1.0,
-              bundle: str | None = None) -> None:
-        av = self._account(bundle)
-        for k, v in res.items():
-            if v:
-                av[k] = av.get(k, 0.0) + sign * v
+    def fits(self, res: Mapping[str, float], bundle: str | None = None) -> bool:
+        """Whether ``res`` is free now in ``bundle``'s share, or the node's."""
+        return self._account(bundle).fits(res)
 
     def reserve_bundle(self, key: str, res: dict[str, float]) -> list[Action]:
         """A placement-group bundle is reserved here: its resources leave the
         node's free pool and are kept for the tasks placed in it."""
         if key in self.bundles:
             return []
-        self._take(res)
-        self.bundles[key] = {k: float(v) for k, v in res.items() if v}
+        self.available.take(res)
+        self.bundles[key] = Resources({k: float(v) for k, v in res.items() if v})
         return []
 
     def release_bundle(self, key: str) -> list[Action]:
         free = self.bundles.pop(key, None)
         if free is None:
             return []
-        self._take({k: max(v, 0.0) for k, v in free.items()}, +1.0)
+        self.available.give({k: max(v, 0.0) for k, v in free.items()})
         return self._pump()
 
     def _spawn(self, actions: list[Action], renv: dict | None = None) -> bool:
@@ -170,7 +185,7 @@ class WorkerPool:
         while self.queue:
             task = self.queue.popleft()
             res = task.get("res") or {}
-            if not self._fits(res, task.get("bundle")):
+            if not self._account(task.get("bundle")).fits(res):
                 kept.append(task)
                 continue
             env = _env_of(task)
@@ -183,7 +198,7 @@ class WorkerPool:
                 # for it so later tasks do not jump ahead, and count it
                 need[env] = need.get(env, 0) + 1
                 envs[env] = task.get("renv")
-                self._take(res, bundle=task.get("bundle"))
+                self._account(task.get("bundle")).take(res)
                 task["_reserved"] = True
                 kept.append(task)
         self.queue = kept
@@ -200,18 +215,14 @@ class WorkerPool:
         # reservations are only for this decision; give them back
         for task in self.queue:
             if task.pop("_reserved", False):
-                self._take(task.get("res") or {}, +1.0, task.get("bundle"))
+                self._account(task.get("bundle")).give(task.get("res") or {})
         return actions
 
     def _assign(self, w: WorkerInfo, task: dict, actions: list[Action]) -> None:
         res = task.get("res") or {}
-        self._take(res, bundle=task.get("bundle"))
+        self._account(task.get("bundle")).take(res)
         ngpu = res.get("GPU", 0) or 0
-        if ngpu:
-            k = max(1, math.ceil(ngpu))
-            w.gpus, self.free_gpus = self.free_gpus[:k], self.free_gpus[k:]
-        else:
-            w.gpus = []
+        w.gpus = self._grant_gpus(ngpu)
         task["gpu_ids"] = list(w.gpus)
         if w.gpu is None:
             w.gpu = bool(ngpu)
@@ -227,16 +238,22 @@ class WorkerPool:
             res = dict(task.get("res") or {})
             if w.blocked and "CPU" in res:
                 res.pop("CPU")  # already given back while blocked
-            self._take(res, +1.0, task.get("bundle"))
-        if w.gpus:
-            self.free_gpus = sorted(self.free_gpus + w.gpus)
-            w.gpus = []
+            self._account(task.get("bundle")).give(res)
+        self._return_gpus(w.gpus)
+        w.gpus = []
         w.task, w.blocked = None, False
 
-    def _give_back(self, res: dict[str, float], bundle: str | None = None) -> list[Action]:
-        """Resources held outside the pool (by an actor) come back."""
-        self._take(res, +1.0, bundle)
-        return self._pump()
+    def _grant_gpus(self, amount: float) -> list[int]:
+        """GPU ids for a request of ``amount`` GPUs."""
+        if not amount:
+            return []
+        k = max(1, math.ceil(amount))
+        ids, self.free_gpus = self.free_gpus[:k], self.free_gpus[k:]
+        return ids
+
+    def _return_gpus(self, ids: list[int]) -> None:
+        if ids:
+            self.free_gpus = sorted(self.free_gpus + ids)
 
     # ------------------------------------------------------------ events
     def task_arrived(self, task: dict) -> list[Action]:
@@ -287,7 +304,11 @@ class WorkerPool:
         w.blocked = blocked
         cpu = (w.task.get("res") or {}).get("CPU", 0.0)
         if cpu:
-            self._take({"CPU": cpu}, +1.0 if blocked else -1.0, w.task.get("bundle"))
+            account = self._account(w.task.get("bundle"))
+            if blocked:
+                account.give({"CPU": cpu})
+            else:
+                account.take({"CPU": cpu})
         return self._pump() if blocked else []
 
     def worker_died(self, wid: str) -> list[Action]:
@@ -331,6 +352,65 @@ class WorkerPool:
             self._spawn(actions)
         actions.extend(self._pump())
         return actions
+
+    # ------------------------------------------------------------ actors
+    def start_actor(self, aid: bytes, spec: dict) -> tuple[str, str | None]:
+        """Actor ``aid`` is to start here (``spec``: the head's ``start_actor``
+        message).  Its held resources (``spec["hold"]``) and GPU ids are taken
+        for the actor's life, also across restarts of its process; the ids go
+        into ``spec["gpu_ids"]``.  Returns the new process's worker id and the
+        worker id of the actor's previous process (None if none), which must
+        be gone before the new one starts."""
+        self._next += 1
+        wid = f"a{self._next}"
+        a = self.actors.get(aid)
+        old = a.wid if a is not None else None
+        if a is None:
+            a = self.actors[aid] = ActorInfo(aid, wid, spec)
+            hold = spec.get("hold") or {}
+            if hold:
+                a.hold, a.bundle = dict(hold), spec.get("bundle")
+                self._account(a.bundle).take(hold)
+                a.gpus = self._grant_gpus(hold.get("GPU", 0))
+        else:  # a restart while the old process is still known here
+            a.wid, a.spec = wid, spec
+        self.actor_workers[wid] = aid
+        spec["gpu_ids"] = list(a.gpus)
+        return wid, old
+
+    def actor_of(self, wid: str) -> bytes | None:
+        """The actor whose process is ``wid`` (None: a pool worker or unknown)."""
+        return self.actor_workers.get(wid)
+
+    def actor_registered(self, wid: str) -> tuple[dict, list[dict]] | None:
+        """Actor process ``wid`` connected: the spec it is created from and
+        the calls that came for it before (None: ``wid`` is no actor's)."""
+        aid = self.actor_workers.get(wid)
+        if aid is None:
+            return None
+        a = self.actors.get(aid)
+        spec = dict(a.spec) if a is not None else {}
+        return spec, self.actor_backlog.pop(aid, [])
+
+    def defer_call(self, aid: bytes, call: dict) -> None:
+        """A call for actor ``aid`` whose process has not connected yet."""
+        self.actor_backlog.setdefault(aid, []).append(call)
+
+    def actor_exited(self, wid: str) -> tuple[bytes | None, list[Action]]:
+        """Actor process ``wid`` is gone.  Returns the actor's id when it was
+        the actor's current process (its resources and GPU ids come back),
+        else None (an older process of a restarted actor, or no actor's)."""
+        aid = self.actor_workers.pop(wid, None)
+        a = self.actors.get(aid) if aid is not None else None
+        if a is None or a.wid != wid:
+            return None, []
+        del self.actors[a.aid]
+        self.actor_backlog.pop(a.aid, None)
+        self._return_gpus(a.gpus)
+        if not a.hold:
+            return a.aid, []
+        self._account(a.bundle).give(a.hold)
+        return a.aid, self._pump()
 
     def find_task(self, tid: bytes) -> tuple[str | None, dict | None]:
         for w in self.workers.values():
