@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..resources import Resources
+from ..resources import EPS, Resources
 
 IDLE, BUSY, STARTING = "idle", "busy", "starting"
 
@@ -42,6 +42,7 @@ class WorkerInfo:
     blocked: bool = False
     pid: int = 0
     gpus: list[int] = field(default_factory=list)
+    gpu_grant: dict[int, float] = field(default_factory=dict)  # id -> share of it
     tasks_run: int = 0
     renv: dict | None = None  # the runtime_env this worker was started with
     # set by its first task: a worker that ran a GPU task runs only GPU tasks,
@@ -53,6 +54,68 @@ class WorkerInfo:
         return self.renv["key"] if self.renv else None
 
 
+class GpuIds:
+    """The node's GPU ids and how much of each is in use.
+
+    A request below one GPU shares an id: it goes to the most used id it
+    still fits on (so whole GPUs stay free for whole requests), and two
+    0.5-GPU tasks get the same id.  A request of n GPUs takes n whole ids; a
+    fractional rest (1.5) shares one more id.  A grant is ``{id: share}``."""
+
+    def __init__(self, ids: list[int]):
+        self.free: dict[int, float] = {i: 1.0 for i in ids}  # id -> share not in use
+
+    def whole(self) -> list[int]:
+        """The ids nobody uses, in order."""
+        return sorted(i for i, f in self.free.items() if f >= 1.0 - EPS)
+
+    def can_grant(self, amount: float) -> bool:
+        """Whether ``grant(amount)`` would succeed now (changes nothing)."""
+        if not self.free:
+            return True
+        n = int(amount + EPS)
+        rest = amount - n
+        whole, part = 0, False
+        for f in self.free.values():
+            if f >= 1.0 - EPS:
+                whole += 1
+            elif rest > EPS and f >= rest - EPS:
+                part = True
+        if whole < n:
+            return False
+        return rest <= EPS or part or whole > n
+
+    def grant(self, amount: float, partial: bool = False) -> dict[int, float] | None:
+        """Take ids for ``amount`` GPUs and return them, or None when they are
+        not free (with ``partial``: as much of them as is free)."""
+        if not amount or not self.free:
+            return {}
+        n = int(amount + EPS)
+        rest = amount - n
+        got: dict[int, float] = {}
+        if n:
+            for i in self.whole()[:n]:
+                got[i] = 1.0
+            if len(got) < n and not partial:
+                return None
+        if rest > EPS:
+            best = None  # (free share, id): the most used id the rest fits on
+            for i, f in self.free.items():
+                if f >= rest - EPS and i not in got and (best is None or (f, i) < best):
+                    best = (f, i)
+            if best is not None:
+                got[best[1]] = rest
+            elif not partial:
+                return None
+        for i, share in got.items():
+            self.free[i] -= share
+        return got
+
+    def give(self, grant: dict[int, float]) -> None:
+        for i, share in grant.items():
+            self.free[i] += share
+
+
 @dataclass
 class ActorInfo:
     """An actor living on this node and what it holds for its life."""
@@ -61,7 +124,11 @@ class ActorInfo:
     spec: dict               # the start message, sent to the process when it connects
     hold: dict[str, float] = field(default_factory=dict)
     bundle: str | None = None  # the placement-group bundle its hold counts against
-    gpus: list[int] = field(default_factory=list)
+    gpu_grant: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def gpus(self) -> list[int]:
+        return sorted(self.gpu_grant)
 
 
 def _pick(free: list[WorkerInfo], gpu: bool) -> WorkerInfo | None:
@@ -94,7 +161,9 @@ class WorkerPool:
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[dict] = deque()
         self.bundles: dict[str, Resources] = {}  # key -> what is free in it
-        self.free_gpus = list(gpu_ids or [])
+        if gpu_ids is None:
+            gpu_ids = list(range(int(self.total.get("GPU", 0.0) + EPS)))
+        self.gpu_ids = GpuIds(gpu_ids)
         # actors: each runs in a process of its own, outside the pool's workers
         self.actors: dict[bytes, ActorInfo] = {}        # actor id -> its current process
         self.actor_workers: dict[str, bytes] = {}       # every actor process's wid -> actor id
@@ -105,6 +174,11 @@ class WorkerPool:
         self.max_startup_failures = 5
 
     # ------------------------------------------------------------ helpers
+    @property
+    def free_gpus(self) -> list[int]:
+        """The GPU ids no task or actor uses (not even a share of)."""
+        return self.gpu_ids.whole()
+
     def counts(self) -> dict[str, int]:
         c = {IDLE: 0, BUSY: 0, STARTING: 0, "blocked": 0}
         for w in self.workers.values():
@@ -122,8 +196,12 @@ class WorkerPool:
         return self.available
 
     def fits(self, res: Mapping[str, float], bundle: str | None = None) -> bool:
-        """Whether ``res`` is free now in ``bundle``'s share, or the node's."""
-        return self._account(bundle).fits(res)
+        """Whether ``res`` is free now in ``bundle``'s share, or the node's,
+        and GPU ids for its GPUs are too."""
+        if not self._account(bundle).fits(res):
+            return False
+        gpu = res.get("GPU")
+        return not gpu or self.gpu_ids.can_grant(gpu)
 
     def reserve_bundle(self, key: str, res: dict[str, float]) -> list[Action]:
         """A placement-group bundle is reserved here: its resources leave the
@@ -185,7 +263,7 @@ class WorkerPool:
         while self.queue:
             task = self.queue.popleft()
             res = task.get("res") or {}
-            if not self._account(task.get("bundle")).fits(res):
+            if not self.fits(res, task.get("bundle")):
                 kept.append(task)
                 continue
             env = _env_of(task)
@@ -199,7 +277,7 @@ class WorkerPool:
                 need[env] = need.get(env, 0) + 1
                 envs[env] = task.get("renv")
                 self._account(task.get("bundle")).take(res)
-                task["_reserved"] = True
+                task["_reserved"] = self.gpu_ids.grant(res.get("GPU", 0.0), partial=True)
                 kept.append(task)
         self.queue = kept
         # idle workers of environments nobody waits for may make way
@@ -214,16 +292,22 @@ class WorkerPool:
                     break
         # reservations are only for this decision; give them back
         for task in self.queue:
-            if task.pop("_reserved", False):
+            reserved = task.pop("_reserved", None)
+            if reserved is not None:
                 self._account(task.get("bundle")).give(task.get("res") or {})
+                self.gpu_ids.give(reserved)
         return actions
 
     def _assign(self, w: WorkerInfo, task: dict, actions: list[Action]) -> None:
         res = task.get("res") or {}
         self._account(task.get("bundle")).take(res)
         ngpu = res.get("GPU", 0) or 0
-        w.gpus = self._grant_gpus(ngpu)
-        task["gpu_ids"] = list(w.gpus)
+        if ngpu:
+            w.gpu_grant = self.gpu_ids.grant(ngpu, partial=True) or {}
+            w.gpus = sorted(w.gpu_grant)
+            task["gpu_ids"] = list(w.gpus)
+        else:
+            task["gpu_ids"] = []
         if w.gpu is None:
             w.gpu = bool(ngpu)
         w.state = BUSY
@@ -239,21 +323,10 @@ class WorkerPool:
             if w.blocked and "CPU" in res:
                 res.pop("CPU")  # already given back while blocked
             self._account(task.get("bundle")).give(res)
-        self._return_gpus(w.gpus)
-        w.gpus = []
+        if w.gpu_grant:
+            self.gpu_ids.give(w.gpu_grant)
+            w.gpu_grant, w.gpus = {}, []
         w.task, w.blocked = None, False
-
-    def _grant_gpus(self, amount: float) -> list[int]:
-        """GPU ids for a request of ``amount`` GPUs."""
-        if not amount:
-            return []
-        k = max(1, math.ceil(amount))
-        ids, self.free_gpus = self.free_gpus[:k], self.free_gpus[k:]
-        return ids
-
-    def _return_gpus(self, ids: list[int]) -> None:
-        if ids:
-            self.free_gpus = sorted(self.free_gpus + ids)
 
     # ------------------------------------------------------------ events
     def task_arrived(self, task: dict) -> list[Action]:
@@ -371,7 +444,8 @@ class WorkerPool:
             if hold:
                 a.hold, a.bundle = dict(hold), spec.get("bundle")
                 self._account(a.bundle).take(hold)
-                a.gpus = self._grant_gpus(hold.get("GPU", 0))
+                # the head placed it: take what ids there are even if short
+                a.gpu_grant = self.gpu_ids.grant(hold.get("GPU", 0.0), partial=True) or {}
         else:  # a restart while the old process is still known here
             a.wid, a.spec = wid, spec
         self.actor_workers[wid] = aid
@@ -406,7 +480,7 @@ class WorkerPool:
             return None, []
         del self.actors[a.aid]
         self.actor_backlog.pop(a.aid, None)
-        self._return_gpus(a.gpus)
+        self.gpu_ids.give(a.gpu_grant)
         if not a.hold:
             return a.aid, []
         self._account(a.bundle).give(a.hold)
