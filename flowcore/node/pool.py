@@ -268,9 +268,9 @@ class WorkerPool:
                 continue
             env = _env_of(task)
             free = idle.get(env)
-            w = _pick(free, bool(res.get("GPU"))) if free else None
-            if w is not None:
-                self._assign(w, task, actions)
+            picked = _pick(free, bool(res.get("GPU"))) if free else None
+            if picked is not None:
+                self._assign(picked, task, actions)
             else:
                 # it could run now if it had a worker: reserve its resources
                 # for it so later tasks do not jump ahead, and count it
