@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.data_bench
 	$(PY) -m benchmarks.tune_bench
 	$(PY) -m benchmarks.train_bench
+	$(PY) -m benchmarks.resources_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -424,3 +424,173 @@ def test_gpu_and_cpu_tasks_never_share_a_worker() -> None:
     pool.worker_idle(new)
     c2 = task(CPU=1.0)
     assert ran(pool.task_arrived(c2)) == []  # ... but no CPU-only task
+
+
+# ---------------------------------------------------------------- fractional GPUs
+def test_two_half_gpu_tasks_share_one_gpu_id() -> None:
+    pool = ready_pool({"CPU": 4.0, "GPU": 1.0}, gpu_ids=[0], min_workers=4)
+    a, b, c = (task(CPU=1.0, GPU=0.5) for _ in range(3))
+    (wa, _), = ran(pool.task_arrived(a))
+    (wb, _), = ran(pool.task_arrived(b))
+    assert a["gpu_ids"] == [0] and b["gpu_ids"] == [0]
+    assert pool.free_gpus == [] and pool.available["GPU"] == pytest.approx(0.0)
+    assert pool.task_arrived(c) == []  # the one GPU is fully used
+    assert ran(pool.worker_idle(wa)) == [(wa, c["tid"])] and c["gpu_ids"] == [0]
+    pool.worker_idle(wb)
+    pool.worker_idle(wa)
+    assert pool.free_gpus == [0] and pool.available["GPU"] == pytest.approx(1.0)
+
+
+def test_fractions_pack_onto_a_used_gpu_and_leave_whole_ones_free() -> None:
+    pool = ready_pool({"CPU": 8.0, "GPU": 2.0}, gpu_ids=[0, 1], min_workers=8)
+    q1, q2 = task(CPU=1.0, GPU=0.25), task(CPU=1.0, GPU=0.25)
+    pool.task_arrived(q1)
+    pool.task_arrived(q2)
+    assert q1["gpu_ids"] == q2["gpu_ids"] == [0]
+    whole = task(CPU=1.0, GPU=1.0)
+    assert ran(pool.task_arrived(whole)) and whole["gpu_ids"] == [1]
+    half = task(CPU=1.0, GPU=0.5)  # fits on what is left of GPU 0
+    assert ran(pool.task_arrived(half)) and half["gpu_ids"] == [0]
+    assert pool.available["GPU"] == pytest.approx(0.0)
+
+
+def test_a_task_waits_when_no_single_gpu_has_its_share_free() -> None:
+    pool = ready_pool({"CPU": 8.0, "GPU": 2.0}, gpu_ids=[0, 1], min_workers=8)
+    a, b = task(CPU=1.0, GPU=0.7), task(CPU=1.0, GPU=0.7)
+    (wa, _), = ran(pool.task_arrived(a))
+    pool.task_arrived(b)
+    assert sorted(a["gpu_ids"] + b["gpu_ids"]) == [0, 1]
+    c = task(CPU=1.0, GPU=0.6)  # 0.6 GPU is free in all, but 0.3 on each id
+    assert pool.fits(c["res"]) is False
+    assert pool.task_arrived(c) == [] and list(pool.queue) == [c]
+    assert ran(pool.worker_idle(wa)) == [(wa, c["tid"])] and c["gpu_ids"] == a["gpu_ids"]
+
+
+def test_one_and_a_half_gpus_take_a_whole_id_and_share_another() -> None:
+    pool = ready_pool({"CPU": 4.0, "GPU": 2.0}, gpu_ids=[0, 1], min_workers=4)
+    big, half = task(CPU=1.0, GPU=1.5), task(CPU=1.0, GPU=0.5)
+    (wbig, _), = ran(pool.task_arrived(big))
+    assert big["gpu_ids"] == [0, 1]
+    assert ran(pool.task_arrived(half)) and half["gpu_ids"] == [1]
+    pool.worker_idle(wbig)
+    assert pool.free_gpus == [0]
+
+
+def test_pool_without_gpu_ids_takes_them_from_its_gpu_total() -> None:
+    pool = ready_pool({"CPU": 2.0, "GPU": 2.0})
+    t = task(CPU=1.0, GPU=1.0)
+    pool.task_arrived(t)
+    assert t["gpu_ids"] == [0] and pool.free_gpus == [1]
+
+
+def test_memory_is_accounted_like_any_resource() -> None:
+    gib = float(1 << 30)
+    pool = ready_pool({"CPU": 4.0, "memory": 3 * gib}, min_workers=4)
+    a, b = task(CPU=1.0, memory=2 * gib), task(CPU=1.0, memory=2 * gib)
+    (wa, _), = ran(pool.task_arrived(a))
+    assert pool.task_arrived(b) == [] and list(pool.queue) == [b]
+    assert pool.available["memory"] == pytest.approx(gib)
+    assert ran(pool.worker_idle(wa)) == [(wa, b["tid"])]
+    pool.reserve_bundle("pg:0", {"memory": gib})
+    assert pool.available["memory"] == pytest.approx(0.0)
+    pool.release_bundle("pg:0")
+    assert pool.available["memory"] == pytest.approx(gib)
+
+
+# ---------------------------------------------------------------- actors
+def test_actor_holds_its_resources_and_gpu_ids_for_life() -> None:
+    pool = ready_pool({"CPU": 2.0, "GPU": 1.0}, gpu_ids=[0])
+    spec = {"aid": b"A" * 16, "hold": {"CPU": 1.0, "GPU": 0.5}}
+    wid, old = pool.start_actor(spec["aid"], spec)
+    assert old is None and pool.actor_of(wid) == spec["aid"] and wid not in pool.workers
+    assert spec["gpu_ids"] == [0]
+    assert pool.available == pytest.approx({"CPU": 1.0, "GPU": 0.5})
+    t = task(CPU=1.0, GPU=0.5)  # shares the actor's GPU
+    (tw, _), = ran(pool.task_arrived(t))
+    assert t["gpu_ids"] == [0]
+    # calls before the process connects wait for it
+    pool.defer_call(spec["aid"], {"op": "run_task", "n": 1})
+    got, backlog = pool.actor_registered(wid)
+    assert got["aid"] == spec["aid"] and backlog == [{"op": "run_task", "n": 1}]
+    assert pool.actor_registered("w-unknown") is None
+    aid, actions = pool.actor_exited(wid)
+    assert aid == spec["aid"] and actions == [] and not pool.actors
+    pool.worker_idle(tw)
+    assert pool.available == pytest.approx({"CPU": 2.0, "GPU": 1.0})
+    assert pool.free_gpus == [0]
+
+
+def test_actor_restart_keeps_its_hold_and_ignores_the_old_process() -> None:
+    pool = ready_pool({"CPU": 1.0, "GPU": 1.0}, gpu_ids=[0])
+    aid = b"B" * 16
+    w1, _ = pool.start_actor(aid, {"aid": aid, "hold": {"GPU": 1.0}})
+    spec2 = {"aid": aid, "hold": {"GPU": 1.0}}
+    w2, old = pool.start_actor(aid, spec2)
+    assert old == w1 and w2 != w1 and spec2["gpu_ids"] == [0]
+    assert pool.available["GPU"] == pytest.approx(0.0)  # taken once
+    assert pool.actor_exited(w1) == (None, [])   # the old process going changes nothing
+    assert pool.available["GPU"] == pytest.approx(0.0)
+    queued = task(CPU=1.0, GPU=1.0)
+    assert pool.task_arrived(queued) == []
+    aid2, actions = pool.actor_exited(w2)
+    assert aid2 == aid and kinds(actions, "spawn") + kinds(actions, "run")
+    assert pool.actor_exited(w2) == (None, [])
+
+
+def test_actor_hold_in_a_bundle_goes_back_to_the_bundle() -> None:
+    pool = ready_pool({"CPU": 2.0})
+    pool.reserve_bundle("pg:0", {"CPU": 1.0})
+    aid = b"C" * 16
+    wid, _ = pool.start_actor(aid, {"aid": aid, "hold": {"CPU": 1.0}, "bundle": "pg:0"})
+    assert pool.bundles["pg:0"] == pytest.approx({"CPU": 0.0})
+    assert pool.available["CPU"] == pytest.approx(1.0)
+    pool.actor_exited(wid)
+    assert pool.bundles["pg:0"] == pytest.approx({"CPU": 1.0})
+
+
+FRACTIONS = [{"CPU": 0.5, "GPU": 0.5}, {"GPU": 0.25}, {"CPU": 1.0, "GPU": 1.0}, {"GPU": 1.5},
+             {"CPU": 1.0}, {"GPU": 0.75}]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["task", "ready", "idle", "die"]),
+                          st.integers(0, 10), st.sampled_from(FRACTIONS)), max_size=50))
+def test_random_fractional_gpu_sequences_keep_the_id_shares_straight(evs: list) -> None:
+    total = {"CPU": 4.0, "GPU": 2.0}
+    pool = WorkerPool(dict(total), max_workers=6, gpu_ids=[0, 1], min_workers=2)
+    pool.startup()
+
+    def check() -> None:
+        used = {0: 0.0, 1: 0.0}
+        for w in pool.workers.values():
+            if w.state == BUSY:
+                assert sum(w.gpu_grant.values()) == pytest.approx(w.task["res"].get("GPU", 0.0))
+                assert sorted(w.gpu_grant) == w.task["gpu_ids"] == w.gpus
+                for i, share in w.gpu_grant.items():
+                    used[i] += share
+            else:
+                assert not w.gpu_grant
+        for i in (0, 1):
+            assert used[i] + pool.gpu_ids.free[i] == pytest.approx(1.0)
+            assert -1e-9 <= pool.gpu_ids.free[i] <= 1.0 + 1e-9
+        assert pool.available["GPU"] == pytest.approx(sum(pool.gpu_ids.free.values()))
+        for amount in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0):
+            grant = pool.gpu_ids.grant(amount)
+            assert pool.gpu_ids.can_grant(amount) is False if grant is None else True
+            if grant is not None:
+                assert sum(grant.values()) == pytest.approx(amount)
+                pool.gpu_ids.give(grant)
+                assert pool.gpu_ids.can_grant(amount)
+
+    for kind, pick, shape in evs:
+        ws = sorted(pool.workers)
+        if kind == "task":
+            pool.task_arrived(task(**shape))
+        elif kind == "ready" and (st_ := [w for w in ws if pool.workers[w].state == STARTING]):
+            pool.worker_ready(st_[pick % len(st_)], 1)
+        elif kind == "idle" and (busy := [w for w in ws if pool.workers[w].state == BUSY]):
+            pool.worker_idle(busy[pick % len(busy)])
+        elif kind == "die" and ws:
+            pool.worker_died(ws[pick % len(ws)])
+        check()

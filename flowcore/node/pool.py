@@ -9,6 +9,13 @@ start but no worker is idle or starting for it (workers blocked in ``get``
 give their CPU back, which is what makes room), up to a cap.  Methods
 return actions; the server carries them out.
 
+Resource amounts are ``flowcore.resources.Resources`` accounts (the node's
+free resources, each bundle's free share).  The pool also owns the node's
+actors' books: each actor runs in a process of its own outside the pool's
+workers, and holds its resources and GPU ids (``ActorInfo``) from
+``start_actor`` until its process is gone (``actor_exited``); GPU ids are
+handed out here only.
+
 Placement-group bundles reserved on this node (``reserve_bundle``) are taken
 out of the node's free resources; a task carrying ``"bundle"`` counts against
 that bundle instead, as the head does.  Once a bundle is released, what was
@@ -20,7 +27,9 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
+
+from ..resources import EPS, Resources
 
 IDLE, BUSY, STARTING = "idle", "busy", "starting"
 
@@ -33,6 +42,7 @@ class WorkerInfo:
     blocked: bool = False
     pid: int = 0
     gpus: list[int] = field(default_factory=list)
+    gpu_grant: dict[int, float] = field(default_factory=dict)  # id -> share of it
     tasks_run: int = 0
     renv: dict | None = None  # the runtime_env this worker was started with
     # set by its first task: a worker that ran a GPU task runs only GPU tasks,
@@ -42,6 +52,83 @@ class WorkerInfo:
     @property
     def env(self) -> str | None:
         return self.renv["key"] if self.renv else None
+
+
+class GpuIds:
+    """The node's GPU ids and how much of each is in use.
+
+    A request below one GPU shares an id: it goes to the most used id it
+    still fits on (so whole GPUs stay free for whole requests), and two
+    0.5-GPU tasks get the same id.  A request of n GPUs takes n whole ids; a
+    fractional rest (1.5) shares one more id.  A grant is ``{id: share}``."""
+
+    def __init__(self, ids: list[int]):
+        self.free: dict[int, float] = {i: 1.0 for i in ids}  # id -> share not in use
+
+    def whole(self) -> list[int]:
+        """The ids nobody uses, in order."""
+        return sorted(i for i, f in self.free.items() if f >= 1.0 - EPS)
+
+    def can_grant(self, amount: float) -> bool:
+        """Whether ``grant(amount)`` would succeed now (changes nothing)."""
+        if not self.free:
+            return True
+        n = int(amount + EPS)
+        rest = amount - n
+        whole, part = 0, False
+        for f in self.free.values():
+            if f >= 1.0 - EPS:
+                whole += 1
+            elif rest > EPS and f >= rest - EPS:
+                part = True
+        if whole < n:
+            return False
+        return rest <= EPS or part or whole > n
+
+    def grant(self, amount: float, partial: bool = False) -> dict[int, float] | None:
+        """Take ids for ``amount`` GPUs and return them, or None when they are
+        not free (with ``partial``: as much of them as is free)."""
+        if not amount or not self.free:
+            return {}
+        n = int(amount + EPS)
+        rest = amount - n
+        got: dict[int, float] = {}
+        if n:
+            for i in self.whole()[:n]:
+                got[i] = 1.0
+            if len(got) < n and not partial:
+                return None
+        if rest > EPS:
+            best = None  # (free share, id): the most used id the rest fits on
+            for i, f in self.free.items():
+                if f >= rest - EPS and i not in got and (best is None or (f, i) < best):
+                    best = (f, i)
+            if best is not None:
+                got[best[1]] = rest
+            elif not partial:
+                return None
+        for i, share in got.items():
+            self.free[i] -= share
+        return got
+
+    def give(self, grant: dict[int, float]) -> None:
+        for i, share in grant.items():
+            self.free[i] += share
+
+
+@dataclass
+class ActorInfo:
+    """An actor living on this node and what it holds for its life."""
+    aid: bytes
+    wid: str                 # its current process
+    spec: dict               # the start message, sent to the process when it connects
+    hold: dict[str, float] = field(default_factory=dict)
+    bundle: str | None = None  # the placement-group bundle its hold counts against
+    gpu_grant: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def gpus(self) -> list[int]:
+        return sorted(self.gpu_grant)
 
 
 def _pick(free: list[WorkerInfo], gpu: bool) -> WorkerInfo | None:
@@ -62,27 +149,36 @@ def _env_of(task: dict) -> str | None:
 Action = tuple  # ("spawn", wid) | ("run", wid, task) | ("died", task, wid) | ("retire", wid)
 #               | ("warn", text) | ("env_failed", task)
 
-_EPS = 1e-9
-
 
 class WorkerPool:
     def __init__(self, resources: dict[str, float], max_workers: int | None = None,
                  gpu_ids: list[int] | None = None, min_workers: int | None = None):
-        self.total = dict(resources)
-        self.available = dict(resources)
+        self.total = Resources(resources)
+        self.available = Resources(resources)
         cpus = self.total.get("CPU", 0.0)
         self.min_workers = min_workers if min_workers is not None else max(1, math.ceil(cpus))
         self.max_workers = max_workers or max(128, 8 * self.min_workers)
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[dict] = deque()
-        self.bundles: dict[str, dict[str, float]] = {}  # key -> what is free in it
-        self.free_gpus = list(gpu_ids or [])
+        self.bundles: dict[str, Resources] = {}  # key -> what is free in it
+        if gpu_ids is None:
+            gpu_ids = list(range(int(self.total.get("GPU", 0.0) + EPS)))
+        self.gpu_ids = GpuIds(gpu_ids)
+        # actors: each runs in a process of its own, outside the pool's workers
+        self.actors: dict[bytes, ActorInfo] = {}        # actor id -> its current process
+        self.actor_workers: dict[str, bytes] = {}       # every actor process's wid -> actor id
+        self.actor_backlog: dict[bytes, list[dict]] = {}  # calls before its process connects
         self.warned_cap = False
         self._next = 0
         self.startup_failures = 0
         self.max_startup_failures = 5
 
     # ------------------------------------------------------------ helpers
+    @property
+    def free_gpus(self) -> list[int]:
+        """The GPU ids no task or actor uses (not even a share of)."""
+        return self.gpu_ids.whole()
+
     def counts(self) -> dict[str, int]:
         c = {IDLE: 0, BUSY: 0, STARTING: 0, "blocked": 0}
         for w in self.workers.values():
@@ -91,7 +187,7 @@ class WorkerPool:
                 c["blocked"] += 1
         return c
 
-    def _account(self, bundle: str | None) -> dict[str, float]:
+    def _account(self, bundle: str | None) -> Resources:
         """The free resources a task counts against: its bundle's, or the node's."""
         if bundle:
             b = self.bundles.get(bundle)
@@ -99,31 +195,28 @@ class WorkerPool:
                 return b
         return self.available
 
-    def _fits(self, res: dict[str, float], bundle: str | None = None) -> bool:
-        av = self._account(bundle)
-        return all(av.get(k, 0.0) >= v - _EPS for k, v in res.items() if v)
-
-    def _take(self, res: dict[str, float], sign: float = -1.0,
-              bundle: str | None = None) -> None:
-        av = self._account(bundle)
-        for k, v in res.items():
-            if v:
-                av[k] = av.get(k, 0.0) + sign * v
+    def fits(self, res: Mapping[str, float], bundle: str | None = None) -> bool:
+        """Whether ``res`` is free now in ``bundle``'s share, or the node's,
+        and GPU ids for its GPUs are too."""
+        if not self._account(bundle).fits(res):
+            return False
+        gpu = res.get("GPU")
+        return not gpu or self.gpu_ids.can_grant(gpu)
 
     def reserve_bundle(self, key: str, res: dict[str, float]) -> list[Action]:
         """A placement-group bundle is reserved here: its resources leave the
         node's free pool and are kept for the tasks placed in it."""
         if key in self.bundles:
             return []
-        self._take(res)
-        self.bundles[key] = {k: float(v) for k, v in res.items() if v}
+        self.available.take(res)
+        self.bundles[key] = Resources({k: float(v) for k, v in res.items() if v})
         return []
 
     def release_bundle(self, key: str) -> list[Action]:
         free = self.bundles.pop(key, None)
         if free is None:
             return []
-        self._take({k: max(v, 0.0) for k, v in free.items()}, +1.0)
+        self.available.give({k: max(v, 0.0) for k, v in free.items()})
         return self._pump()
 
     def _spawn(self, actions: list[Action], renv: dict | None = None) -> bool:
@@ -170,21 +263,21 @@ class WorkerPool:
         while self.queue:
             task = self.queue.popleft()
             res = task.get("res") or {}
-            if not self._fits(res, task.get("bundle")):
+            if not self.fits(res, task.get("bundle")):
                 kept.append(task)
                 continue
             env = _env_of(task)
             free = idle.get(env)
-            w = _pick(free, bool(res.get("GPU"))) if free else None
-            if w is not None:
-                self._assign(w, task, actions)
+            picked = _pick(free, bool(res.get("GPU"))) if free else None
+            if picked is not None:
+                self._assign(picked, task, actions)
             else:
                 # it could run now if it had a worker: reserve its resources
                 # for it so later tasks do not jump ahead, and count it
                 need[env] = need.get(env, 0) + 1
                 envs[env] = task.get("renv")
-                self._take(res, bundle=task.get("bundle"))
-                task["_reserved"] = True
+                self._account(task.get("bundle")).take(res)
+                task["_reserved"] = self.gpu_ids.grant(res.get("GPU", 0.0), partial=True)
                 kept.append(task)
         self.queue = kept
         # idle workers of environments nobody waits for may make way
@@ -199,20 +292,22 @@ class WorkerPool:
                     break
         # reservations are only for this decision; give them back
         for task in self.queue:
-            if task.pop("_reserved", False):
-                self._take(task.get("res") or {}, +1.0, task.get("bundle"))
+            reserved = task.pop("_reserved", None)
+            if reserved is not None:
+                self._account(task.get("bundle")).give(task.get("res") or {})
+                self.gpu_ids.give(reserved)
         return actions
 
     def _assign(self, w: WorkerInfo, task: dict, actions: list[Action]) -> None:
         res = task.get("res") or {}
-        self._take(res, bundle=task.get("bundle"))
+        self._account(task.get("bundle")).take(res)
         ngpu = res.get("GPU", 0) or 0
         if ngpu:
-            k = max(1, math.ceil(ngpu))
-            w.gpus, self.free_gpus = self.free_gpus[:k], self.free_gpus[k:]
+            w.gpu_grant = self.gpu_ids.grant(ngpu, partial=True) or {}
+            w.gpus = sorted(w.gpu_grant)
+            task["gpu_ids"] = list(w.gpus)
         else:
-            w.gpus = []
-        task["gpu_ids"] = list(w.gpus)
+            task["gpu_ids"] = []
         if w.gpu is None:
             w.gpu = bool(ngpu)
         w.state = BUSY
@@ -227,16 +322,11 @@ class WorkerPool:
             res = dict(task.get("res") or {})
             if w.blocked and "CPU" in res:
                 res.pop("CPU")  # already given back while blocked
-            self._take(res, +1.0, task.get("bundle"))
-        if w.gpus:
-            self.free_gpus = sorted(self.free_gpus + w.gpus)
-            w.gpus = []
+            self._account(task.get("bundle")).give(res)
+        if w.gpu_grant:
+            self.gpu_ids.give(w.gpu_grant)
+            w.gpu_grant, w.gpus = {}, []
         w.task, w.blocked = None, False
-
-    def _give_back(self, res: dict[str, float], bundle: str | None = None) -> list[Action]:
-        """Resources held outside the pool (by an actor) come back."""
-        self._take(res, +1.0, bundle)
-        return self._pump()
 
     # ------------------------------------------------------------ events
     def task_arrived(self, task: dict) -> list[Action]:
@@ -287,7 +377,11 @@ class WorkerPool:
         w.blocked = blocked
         cpu = (w.task.get("res") or {}).get("CPU", 0.0)
         if cpu:
-            self._take({"CPU": cpu}, +1.0 if blocked else -1.0, w.task.get("bundle"))
+            account = self._account(w.task.get("bundle"))
+            if blocked:
+                account.give({"CPU": cpu})
+            else:
+                account.take({"CPU": cpu})
         return self._pump() if blocked else []
 
     def worker_died(self, wid: str) -> list[Action]:
@@ -331,6 +425,66 @@ class WorkerPool:
             self._spawn(actions)
         actions.extend(self._pump())
         return actions
+
+    # ------------------------------------------------------------ actors
+    def start_actor(self, aid: bytes, spec: dict) -> tuple[str, str | None]:
+        """Actor ``aid`` is to start here (``spec``: the head's ``start_actor``
+        message).  Its held resources (``spec["hold"]``) and GPU ids are taken
+        for the actor's life, also across restarts of its process; the ids go
+        into ``spec["gpu_ids"]``.  Returns the new process's worker id and the
+        worker id of the actor's previous process (None if none), which must
+        be gone before the new one starts."""
+        self._next += 1
+        wid = f"a{self._next}"
+        a = self.actors.get(aid)
+        old = a.wid if a is not None else None
+        if a is None:
+            a = self.actors[aid] = ActorInfo(aid, wid, spec)
+            hold = spec.get("hold") or {}
+            if hold:
+                a.hold, a.bundle = dict(hold), spec.get("bundle")
+                self._account(a.bundle).take(hold)
+                # the head placed it: take what ids there are even if short
+                a.gpu_grant = self.gpu_ids.grant(hold.get("GPU", 0.0), partial=True) or {}
+        else:  # a restart while the old process is still known here
+            a.wid, a.spec = wid, spec
+        self.actor_workers[wid] = aid
+        spec["gpu_ids"] = list(a.gpus)
+        return wid, old
+
+    def actor_of(self, wid: str) -> bytes | None:
+        """The actor whose process is ``wid`` (None: a pool worker or unknown)."""
+        return self.actor_workers.get(wid)
+
+    def actor_registered(self, wid: str) -> tuple[dict, list[dict]] | None:
+        """Actor process ``wid`` connected: the spec it is created from and
+        the calls that came for it before (None: ``wid`` is no actor's)."""
+        aid = self.actor_workers.get(wid)
+        if aid is None:
+            return None
+        a = self.actors.get(aid)
+        spec = dict(a.spec) if a is not None else {}
+        return spec, self.actor_backlog.pop(aid, [])
+
+    def defer_call(self, aid: bytes, call: dict) -> None:
+        """A call for actor ``aid`` whose process has not connected yet."""
+        self.actor_backlog.setdefault(aid, []).append(call)
+
+    def actor_exited(self, wid: str) -> tuple[bytes | None, list[Action]]:
+        """Actor process ``wid`` is gone.  Returns the actor's id when it was
+        the actor's current process (its resources and GPU ids come back),
+        else None (an older process of a restarted actor, or no actor's)."""
+        aid = self.actor_workers.pop(wid, None)
+        a = self.actors.get(aid) if aid is not None else None
+        if a is None or a.wid != wid:
+            return None, []
+        del self.actors[a.aid]
+        self.actor_backlog.pop(a.aid, None)
+        self.gpu_ids.give(a.gpu_grant)
+        if not a.hold:
+            return a.aid, []
+        self._account(a.bundle).give(a.hold)
+        return a.aid, self._pump()
 
     def find_task(self, tid: bytes) -> tuple[str | None, dict | None]:
         for w in self.workers.values():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import signal
 import socket
@@ -107,14 +106,6 @@ class NodeServer:
         self.pin_waiters: dict[bytes, list[tuple[Comm, dict]]] = {}
         self.creating: set[bytes] = set()
         self._deaths: dict[str, tuple[str, int]] = {}
-        # actors: each runs in a worker process of its own, outside the pool
-        self.actor_workers: dict[str, bytes] = {}      # wid -> actor id
-        self.actor_wids: dict[bytes, str] = {}         # actor id -> wid
-        self.actor_specs: dict[bytes, dict] = {}       # start message, until registered
-        self.actor_backlog: dict[bytes, list[dict]] = {}  # calls before registration
-        self.actor_holds: dict[bytes, dict] = {}
-        self.actor_bundles: dict[bytes, str | None] = {}  # placement-group bundle of each
-        self.actor_gpus: dict[bytes, list[int]] = {}
         self.transfers = Transfers(self)
         self.packages = PackageCache(os.path.join(session_dir, "runtime_env"),
                                      self._fetch_package)
@@ -181,8 +172,8 @@ class NodeServer:
         # what this node holds, so a restarted head can rebuild its object
         # table and adopt the actors still running here
         actors = []
-        for aid, wid in self.actor_wids.items():
-            proc = self.procs.get(wid)
+        for aid, a in self.pool.actors.items():
+            proc = self.procs.get(a.wid)
             if proc is not None and not proc.exited:
                 actors.append([aid, proc.pid])
         reply = await self.head.request({
@@ -260,7 +251,7 @@ class NodeServer:
             stats = {"cpu_percent": psutil.cpu_percent(None),
                      "mem_total": vm.total, "mem_used": vm.total - vm.available,
                      "mem_percent": vm.percent, "store": self.store.stats(),
-                     "pool": self.pool.snapshot(), "actors": len(self.actor_wids)}
+                     "pool": self.pool.snapshot(), "actors": len(self.pool.actors)}
         except Exception as e:  # never let reporting kill the node
             stats = {"error": str(e)}
         self.head.send(messages.heartbeat(stats))
@@ -397,9 +388,8 @@ class NodeServer:
                 how = f"{how}, {oom}"
         if proc is not None:
             self._ps.pop(proc.pid, None)
-        aid = self.actor_workers.pop(wid, None)
-        if aid is not None:
-            self._actor_exited(aid, wid, how, proc.pid if proc is not None else 0)
+        if self.pool.actor_of(wid) is not None:
+            self._actor_exited(wid, how, proc.pid if proc is not None else 0)
             return
         comm = self.worker_comms.pop(wid, None)
         w = self.pool.workers.get(wid)
@@ -417,25 +407,9 @@ class NodeServer:
     # ------------------------------------------------------------ actors
     def _start_actor(self, msg: dict) -> None:
         aid = msg["aid"]
-        old = self.actor_wids.get(aid)
+        wid, old = self.pool.start_actor(aid, msg)
         if old is not None and old in self.procs:  # a restart: the old process must be gone
             self.procs[old].kill()
-        self.pool._next += 1
-        wid = f"a{self.pool._next}"
-        self.actor_workers[wid] = aid
-        self.actor_wids[aid] = wid
-        self.actor_specs[aid] = msg
-        hold = msg.get("hold") or {}
-        if hold and aid not in self.actor_holds:
-            self.actor_holds[aid] = hold
-            self.actor_bundles[aid] = msg.get("bundle")
-            self.pool._take(hold, bundle=msg.get("bundle"))
-            ngpu = hold.get("GPU", 0)
-            if ngpu:
-                k = max(1, math.ceil(ngpu))
-                gpus, self.pool.free_gpus = self.pool.free_gpus[:k], self.pool.free_gpus[k:]
-                self.actor_gpus[aid] = gpus
-        msg["gpu_ids"] = self.actor_gpus.get(aid, [])
         if msg.get("renv"):
             asyncio.ensure_future(self._start_env_actor(wid, aid, msg["renv"]))
         else:
@@ -443,51 +417,42 @@ class NodeServer:
 
     async def _start_env_actor(self, wid: str, aid: bytes, renv: dict) -> None:
         setup = await self._prepare_env(renv)
-        if self._stopping or self.actor_workers.get(wid) != aid:
+        if self._stopping or self.pool.actor_of(wid) != aid:
             return
         if isinstance(setup, str):
             from ..exceptions import ActorDiedError
             from ..objects.serialization import serialize
-            self.actor_workers.pop(wid, None)
             if self.head is not None:
                 self.head.send(messages.actor_failed(
                     aid, setup, serialize(ActorDiedError(setup)).to_bytes()))
-            self._actor_exited(aid, wid, setup, 0)
+            self._actor_exited(wid, setup, 0)
             return
         self._spawn_worker(wid, actor=aid, setup=setup)
 
-    def _actor_exited(self, aid: bytes, wid: str, how: str, pid: int) -> None:
+    def _actor_exited(self, wid: str, how: str, pid: int) -> None:
         comm = self.worker_comms.pop(wid, None)
         if comm is not None:
             self.store.release_client(comm.info.get("id", wid))
-        if self.actor_wids.get(aid) != wid:
+        aid, actions = self.pool.actor_exited(wid)
+        if aid is None:
             return  # an older process of a restarted actor
         logger.warning("actor %s (pid %s) %s", aid.hex()[:12], pid, how)
-        self.actor_wids.pop(aid, None)
-        self.actor_specs.pop(aid, None)
-        self.actor_backlog.pop(aid, None)
-        gpus = self.actor_gpus.pop(aid, None)
-        if gpus:
-            self.pool.free_gpus = sorted(self.pool.free_gpus + gpus)
-        hold = self.actor_holds.pop(aid, None)
-        bundle = self.actor_bundles.pop(aid, None)
-        if hold:
-            self._act(self.pool._give_back(hold, bundle))
+        self._act(actions)
         if self.head is not None and not self._stopping:
             self.head.send(messages.actor_died(aid, how, pid))
 
     def _actor_call(self, msg: dict) -> None:
         aid = msg["actor"]
-        wid = self.actor_wids.get(aid)
-        comm = self.worker_comms.get(wid) if wid else None
+        a = self.pool.actors.get(aid)
+        comm = self.worker_comms.get(a.wid) if a is not None else None
         if comm is None:
-            self.actor_backlog.setdefault(aid, []).append(msg)
+            self.pool.defer_call(aid, msg)
         else:
             comm.send(msg)
 
     def _kill_actor(self, aid: bytes) -> None:
-        wid = self.actor_wids.get(aid)
-        proc = self.procs.get(wid) if wid else None
+        a = self.pool.actors.get(aid)
+        proc = self.procs.get(a.wid) if a is not None else None
         if proc is not None:
             proc.kill()
 
@@ -657,10 +622,11 @@ class NodeServer:
         comm.info.update(role=messages.WORKER, wid=wid)
         self.worker_comms[wid] = comm
         comm.reply(msg, node_id=self.node_id)
-        aid = self.actor_workers.get(wid)
-        if aid is not None:
-            comm.send(messages.create_actor_in_worker(self.actor_specs.get(aid) or {}))
-            for call in self.actor_backlog.pop(aid, []):
+        actor = self.pool.actor_registered(wid)
+        if actor is not None:
+            spec, backlog = actor
+            comm.send(messages.create_actor_in_worker(spec))
+            for call in backlog:
                 comm.send(call)
         else:
             self._act(self.pool.worker_ready(wid, msg.get("pid", 0)))
@@ -690,7 +656,7 @@ class NodeServer:
         tid = task["tid"]
         start = (not self._stopping and head is not None and not head.closed
                  and tid not in self._local_refused and not self.pool.queue
-                 and self.pool._fits(task.get("res") or {})
+                 and self.pool.fits(task.get("res") or {})
                  and all(d.get("inline") is not None
                          or (store.contains(d["oid"]) and store.is_sealed(d["oid"]))
                          for d in task["deps"]))
