@@ -50,7 +50,7 @@ _LAZY = {
     "get_node_ip_address": "api", "ActorPool": "util.actor_pool",
     "ObjectRefGenerator": "objects.generator", "DynamicObjectRefGenerator": "objects.generator",
 }
-_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling", "data", "util"}
+_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling", "data", "util", "context", "session"}
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,8 @@ import os
 import time
 from typing import Any, Iterable, Mapping
 
+from .session import require_client
+
 __all__ = ["timeline"]
 
 _US = 1_000_000.0
@@ -108,12 +110,10 @@ def timeline(filename: str | os.PathLike | None = None) -> list[dict]:
     ``{"traceEvents": [...]}`` there, for https://ui.perfetto.dev or
     ``chrome://tracing``.
     """
-    from .api import _require_client
-
     if filename is not None and not isinstance(filename, (str, os.PathLike)):
         raise TypeError(f"timeline(filename=...) must be a path (str or os.PathLike), got "
                         f"{type(filename).__name__}")
-    client = _require_client()
+    client = require_client()
     history = client.query("history")
     running = client.query("list_tasks", state="RUNNING")
     node_names = {n["node_id"]: n.get("name") or n["node_id"] for n in client.query("list_nodes")}

@@ -20,7 +20,7 @@ from . import direct
 logger = logging.getLogger("flowcore.client")
 
 
-class DirectCallsMixin:
+class ActorCallsMixin:
     def _submit_call(self, spec: dict) -> None:
         """Send an actor call: a direct one is written to the actor's socket
         by the calling thread itself (no hand-off to the IO thread), its
