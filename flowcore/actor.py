@@ -268,6 +268,9 @@ class ActorHandle:
     are done.
     """
 
+    #: the methods' signatures, on the creator's handle only (calls are checked there)
+    _signatures: dict[str, Any]
+
     def __init__(self, aid: bytes, class_name: str, methods: dict[str, int],
                  is_async: bool = False, *, counted: bool = False):
         self._aid = aid

@@ -74,7 +74,7 @@ def get_current_placement_group() -> PlacementGroup | None:
     client = current_client()
     task = getattr(client, "current_task", None) if client is not None else None
     key = (task or {}).get("bundle")
-    if not key:
+    if not key or client is None:
         return None
     return _from_info(client.query("get_placement_group", pgid=bytes.fromhex(key.split(":")[0])))
 

@@ -184,7 +184,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                 init_job(client, runtime_env)
             except BaseException:
                 client.close()
-                if address is None:
+                if _cluster is not None:  # init started it (no address)
                     _cluster.close()
                     _cluster = None
                 _info = {}
@@ -193,7 +193,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         _initialized = True
         logger.info("flowcore started: head %s, session %s", _info["address"],
                     _info["session_dir"])
-        if address is None and not os.environ.get("FLOWCORE_QUIET"):
+        if _cluster is not None and not os.environ.get("FLOWCORE_QUIET"):
             dash = (f", dashboard {_cluster.dashboard_login_url}"
                     if _cluster.dashboard_login_url else "")
             from .cluster import describe_retention

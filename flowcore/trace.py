@@ -53,7 +53,7 @@ def trace_events(history: Iterable[Mapping[str, Any]], running: Iterable[Mapping
         pid = worker.get("pid")
         if pid is None and rec.get("kind") == "create":
             pid = actor_pids.get(rec.get("actor_id") or "")
-        spans.append((pids.get(node, node or "unplaced"),
+        spans.append((pids.get(node or "", node or "unplaced"),
                       pid if pid is not None else "unknown worker",
                       float(started), float(ended), rec))
 
@@ -75,7 +75,7 @@ def trace_events(history: Iterable[Mapping[str, Any]], running: Iterable[Mapping
         if not started:
             continue
         node = rec.get("node_id")
-        pid = pids.get(node, node or "unplaced")
+        pid = pids.get(node or "", node or "unplaced")
         per_node[pid] = per_node.get(pid, 0) + 1
         events.append(_event(rec, pid, f"running #{per_node[pid]}", float(started),
                              max(now, float(started))))

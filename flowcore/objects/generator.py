@@ -38,7 +38,10 @@ class ObjectRefGenerator:
 
     def __init__(self, end: ObjectRef, client: CoreClient | None = None):
         self._end = end
-        self._client = client or end._client or current_client()
+        c = client or end._client or current_client()
+        if c is None:
+            raise RuntimeError("flowcore is not initialized: call flowcore.init() first")
+        self._client: CoreClient = c
         self._tid = ids.task_of(end._id)
         self._next_index = 1
         self._finished = False
