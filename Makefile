@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # flowcore.train comes from .ci/run, and its tests skip without it outside CI).
 TEST_EXTRAS ?= test,graph,serve,data,rl,tune,dask,sklearn
 
-.PHONY: venv demo demo-nodot test bench clean
+.PHONY: venv demo demo-nodot test lint bench clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ demo-nodot: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Type-check the package (settings: [mypy] in setup.cfg).
+lint: $(STAMP)
+	$(PY) -m pip install -q "mypy>=1.10"
+	$(PY) -m mypy flowcore
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench,$(TEST_EXTRAS)]" --config-settings editable_mode=compat

@@ -50,7 +50,7 @@ _LAZY = {
     "get_node_ip_address": "api", "ActorPool": "util.actor_pool",
     "ObjectRefGenerator": "objects.generator", "DynamicObjectRefGenerator": "objects.generator",
 }
-_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling", "data", "util"}
+_SUBMODULES = {"state", "testing", "api", "cluster", "scheduling", "data", "util", "context", "session"}
 
 
 def __getattr__(name: str) -> Any:
@@ -82,12 +82,15 @@ def _make_remote(target: Any, options: dict[str, Any]) -> Any:
 
 
 R = TypeVar("R")
+C = TypeVar("C")
 
 
+@overload
+def remote(__cls: type[C]) -> "ActorClass[C]": ...  # type: ignore[overload-overlap]
 @overload
 def remote(__fn: Callable[..., R]) -> "RemoteFunction[R]": ...
 @overload
-def remote(**options: Any) -> Callable[[Callable[..., R]], "RemoteFunction[R]"]: ...
+def remote(**options: Any) -> Callable[[Any], Any]: ...
 
 
 def remote(*args: Any, **options: Any) -> Any:

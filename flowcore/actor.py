@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any, Callable, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, NoReturn, TypeVar
 
 from . import ids
 from . import options as opts
-from .objects.ref import current_client
-from .runtime_context import namespace_of
-from .remote_function import (check_call, encode_args, pickle_checked, returns_mode,
-                              signature_of, submit_returning)
+from .context import ActorExit, in_actor, namespace_of
+from .session import client_or_init, current_client
+from .exceptions import PendingCallsLimitExceeded
+from .objects import serialization
+from .remote_function import (_encode_retry, check_call, encode_args, pickle_checked,
+                              returns_mode, signature_of, submit_returning)
+from .runtime_env import for_task
+from .scheduling import for_submit
+
+if TYPE_CHECKING:
+    from .client.core import CoreClient
 
 T = TypeVar("T")
 
@@ -56,7 +63,6 @@ def _method_entry(options: dict[str, Any]) -> int | dict[str, Any]:
         return options.get("num_returns", 1)
     entry = dict(options)
     if "retry_exceptions" in entry:
-        from .remote_function import _encode_retry
         entry["retry_exceptions"] = _encode_retry(entry["retry_exceptions"])
     return entry
 
@@ -94,14 +100,6 @@ def method_group(cls: type, name: str) -> str | None:
     """The concurrency group ``@flowcore.method`` declared for a method."""
     member = getattr(cls, name, None)
     return (getattr(member, "__flowcore_method_options__", None) or {}).get("concurrency_group")
-
-
-def _client() -> Any:
-    client = current_client()
-    if client is None:
-        from .api import _auto_init
-        client = _auto_init()
-    return client
 
 
 class ActorClass(Generic[T]):
@@ -168,7 +166,7 @@ class ActorClass(Generic[T]):
         if groups or o.get("max_pending_calls", -1) != -1:
             methods[ACTOR_OPTIONS_KEY] = {"concurrency_groups": dict(groups),
                                           "max_pending_calls": o.get("max_pending_calls", -1)}
-        client = _client()
+        client = client_or_init()
         fid, blob = self._identity()
         client.ensure_function(fid, lambda: blob, self._name)
         try:
@@ -194,11 +192,9 @@ class ActorClass(Generic[T]):
         if getattr(client, "job", None):
             spec["job"] = client.job
         if o.get("scheduling_strategy") is not None:
-            from .scheduling import for_submit
             spec["strategy"] = for_submit(client, o["scheduling_strategy"], spec["place"],
                                           f"actor {self._name}")
         if client.runtime_env is not None or o["runtime_env"] is not None:
-            from .runtime_env import for_task
             spec["renv"] = for_task(client, o["runtime_env"])
         reply = client.request("head", {"op": "create_actor", "spec": spec})
         del keep
@@ -235,7 +231,7 @@ class ActorMethod:
         return ActorMethod(self._handle, self._name, {**self._options, **overrides})
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        client = _client()
+        client = client_or_init()
         h = self._handle
         o = self._options
         check_call(h.__dict__.get("_signatures", {}).get(self._name),
@@ -256,7 +252,6 @@ class ActorMethod:
                      # None: the actor's max_task_retries
                      "retries": None if retries is None else 10**9 if retries == -1 else retries})
         if o.get("retry_exceptions"):
-            from .remote_function import _encode_retry
             spec["retry_exc"] = _encode_retry(o["retry_exceptions"])
         if o.get("concurrency_group"):
             spec["cgroup"] = o["concurrency_group"]
@@ -275,6 +270,9 @@ class ActorHandle:
     the actor is not detached (named or not), it exits once its pending calls
     are done.
     """
+
+    #: the methods' signatures, on the creator's handle only (calls are checked there)
+    _signatures: dict[str, Any]
 
     def __init__(self, aid: bytes, class_name: str, methods: dict[str, int],
                  is_async: bool = False, *, counted: bool = False):
@@ -315,7 +313,7 @@ class ActorHandle:
                 f"methods are: {', '.join(names) or '(none)'}")
         return ActorMethod(self, name, methods[name])
 
-    def _check_pending(self, client: Any) -> None:
+    def _check_pending(self, client: CoreClient) -> None:
         """``max_pending_calls``: refuse a call while this handle already has
         that many unfinished calls (Ray's ``PendingCallsLimitExceeded``)."""
         if self._max_pending == -1:
@@ -323,7 +321,6 @@ class ActorHandle:
         expected = client.expected
         self._pending = [oid for oid in self._pending if oid in expected]
         if len(self._pending) >= self._max_pending:
-            from .exceptions import PendingCallsLimitExceeded
             raise PendingCallsLimitExceeded(
                 f"actor {self._class_name} ({self._aid.hex()[:12]}) has {len(self._pending)} "
                 f"calls pending through this handle, its max_pending_calls="
@@ -339,7 +336,6 @@ class ActorHandle:
         return sorted(set(object.__dir__(self)) | methods)
 
     def __reduce__(self) -> Any:
-        from .objects import serialization
         serialization.note_contained_ref(ids.actor_handle_id(self._aid))
         return (ActorHandle, (self._aid, self._class_name, self._methods, self._is_async))
 
@@ -365,7 +361,6 @@ def exit_actor() -> NoReturn:
 
     Raises ``TypeError`` when called outside an actor (on the driver or in a
     task)."""
-    from .runtime_context import ActorExit, in_actor
     if not in_actor():
         raise TypeError("exit_actor() can only be called inside an actor's method; use "
                         "flowcore.kill(handle) to end an actor from outside")
@@ -377,7 +372,7 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     ``ActorDiedError`` (with ``no_restart=False`` it may restart instead)."""
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() takes an ActorHandle, got {type(actor).__name__}")
-    client = _client()
+    client = client_or_init()
     # later calls from here go through the head, which holds them until the
     # kill's outcome is known (and, after a restart, hands out the new address)
     client.direct.pause(actor._aid)
@@ -388,7 +383,7 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
 def list_named_actors(all_namespaces: bool = False) -> list[str] | list[dict[str, str]]:
     """The names of the live named actors in this job's namespace; with
     ``all_namespaces=True``, ``[{"name": ..., "namespace": ...}]`` across all."""
-    client = _client()
+    client = client_or_init()
     rows = [r for r in client.query("list_actors", state=None)
             if r.get("name") and r.get("state") != "DEAD"]
     if all_namespaces:
@@ -401,7 +396,7 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     """The handle of the live actor created with ``.options(name=name)``."""
     if not isinstance(name, str) or not name:
         raise TypeError("get_actor() takes the actor's name (a non-empty string)")
-    client = _client()
+    client = client_or_init()
     meta = client.query("get_actor", name=name, namespace=namespace or namespace_of(client))
     if meta is None:
         raise ValueError(f"no live actor named {name!r} in namespace "

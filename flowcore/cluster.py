@@ -98,8 +98,8 @@ def prune_old_sessions(keep: int | None = None, max_age: float | None = None) ->
         max_age = age if max_age is None else max_age
     base = tempfile.gettempdir()
     try:
-        entries = [os.path.join(base, e) for e in os.listdir(base) if e.startswith(SESSION_PREFIX)]
-        entries = [(os.path.getmtime(e), e) for e in entries
+        paths = [os.path.join(base, e) for e in os.listdir(base) if e.startswith(SESSION_PREFIX)]
+        entries = [(os.path.getmtime(e), e) for e in paths
                    if os.path.isdir(e) and os.stat(e).st_uid == os.getuid()]
     except OSError:
         return
@@ -241,8 +241,9 @@ class LocalCluster:
             chunk = os.read(fd, 4096)
             if not chunk:
                 code = proc.wait(5)
+                args = proc.args if isinstance(proc.args, (list, tuple)) else [proc.args]
                 raise ClusterStartError(
-                    f"{' '.join(proc.args[1:4])} exited with code {code} during start.\n"
+                    f"{' '.join(map(str, args[1:4]))} exited with code {code} during start.\n"
                     f"Log ({log_file}):\n{_tail(log_file)}")
             buf += chunk
         return buf.decode().strip()

@@ -10,6 +10,9 @@ import signal
 import sys
 from typing import Callable
 
+from .private_files import make_private_dir, open_private
+from .private_files import write_private as write
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
@@ -18,7 +21,6 @@ def setup_logging(log_file: str | None, level: str = "INFO") -> None:
     root.handlers.clear()
     handler: logging.Handler
     if log_file:
-        from .private_files import make_private_dir, open_private
         make_private_dir(os.path.dirname(os.path.abspath(log_file)))
         os.close(open_private(log_file, os.O_WRONLY | os.O_APPEND))  # 0600 before logging opens it
         handler = logging.FileHandler(log_file)
@@ -88,5 +90,4 @@ def new_token() -> str:
 
 def write_private(path: str, text: str) -> None:
     """Write ``text`` to ``path`` readable by the owner only (0600)."""
-    from .private_files import write_private as write
     write(path, text)

@@ -6,6 +6,7 @@ import threading
 from typing import Any, Callable
 
 from .remote_function import RemoteFunction
+from . import options as opts
 
 
 class Executor(concurrent.futures.Executor):
@@ -16,7 +17,6 @@ class Executor(concurrent.futures.Executor):
     """
 
     def __init__(self, **task_options: Any):
-        from . import options as opts
         self._options = opts.validate(opts.TASK, dict(task_options), "Executor()")
         self._remote: dict[Any, RemoteFunction] = {}
         self._futures: set[concurrent.futures.Future] = set()

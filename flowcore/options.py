@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .runtime_env import check as check_runtime_env
+from .scheduling import is_valid as valid_strategy
+
 TASK, ACTOR, BOTH = "task", "actor", "both"
 METHOD = "method"  # an actor method: @flowcore.method(...), handle.m.options(...)
 
@@ -67,13 +70,11 @@ def _concurrency_groups(v: Any) -> bool:
 
 
 def _strategy(v: Any) -> bool:
-    from .scheduling import is_valid
-    return is_valid(v)
+    return valid_strategy(v)
 
 
 def _runtime_env(v: Any) -> bool:
-    from .runtime_env import check  # raises an error naming the bad key or value
-    return check(v)
+    return check_runtime_env(v)  # raises an error naming the bad key or value
 
 
 def _opt_str(v: Any) -> bool:

@@ -10,68 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ids
-from .objects.ref import ObjectRef
-from .scheduler.placement_groups import STRATEGIES, check_bundles
-
-
-def _client() -> Any:
-    from .api import _require_client
-    return _require_client()
-
-
-class PlacementGroup:
-    """A handle to a placement group.  Serialisable: pass it to tasks."""
-
-    def __init__(self, id: bytes, bundles: list[dict[str, float]], strategy: str = "PACK",
-                 name: str = ""):
-        self.id = bytes(id)
-        self._bundles = [dict(b) for b in bundles]
-        self.strategy = strategy
-        self.name = name
-
-    @property
-    def bundle_specs(self) -> list[dict[str, float]]:
-        """The bundles, in order (copies)."""
-        return [dict(b) for b in self._bundles]
-
-    @property
-    def bundle_count(self) -> int:
-        return len(self._bundles)
-
-    def ready(self) -> ObjectRef:
-        """An ObjectRef that becomes ready (its value: this group) once every
-        bundle is reserved; use it with ``get`` or ``wait``.  It holds a
-        ``PlacementGroupError`` if the group is removed before that."""
-        return ObjectRef(ids.object_id(self.id, 0))
-
-    def wait(self, timeout_seconds: float = 30) -> bool:
-        """Block until every bundle is reserved (True) or ``timeout_seconds``
-        pass (False)."""
-        from .api import get, wait
-        from .exceptions import PlacementGroupError
-        ref = self.ready()
-        done, _ = wait([ref], timeout=timeout_seconds)
-        if not done:
-            return False
-        try:
-            get(ref)
-        except PlacementGroupError:
-            return False
-        return True
-
-    def __reduce__(self) -> Any:
-        return (PlacementGroup, (self.id, self._bundles, self.strategy, self.name))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PlacementGroup) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    def __repr__(self) -> str:
-        name = f", name={self.name!r}" if self.name else ""
-        return f"PlacementGroup({self.id.hex()}, {self.strategy}, {self._bundles}{name})"
+from .session import current_client, require_client
+from .placement_group_handle import STRATEGIES, PlacementGroup, check_bundles
 
 
 def placement_group(bundles: list[dict[str, float]], strategy: str = "PACK", name: str = "",
@@ -92,7 +32,7 @@ def placement_group(bundles: list[dict[str, float]], strategy: str = "PACK", nam
         raise TypeError(f"placement_group(name={name!r}): expected a string")
     if lifetime not in (None, "detached"):
         raise ValueError(f"placement_group(lifetime={lifetime!r}): expected None or 'detached'")
-    client = _client()
+    client = require_client()
     pgid = client.ids.task_id()
     clean = [{k: float(v) for k, v in b.items()} for b in bundles]
     reply = client.request("head", {"op": "create_placement_group", "pgid": pgid,
@@ -109,7 +49,7 @@ def remove_placement_group(placement_group: PlacementGroup) -> None:
     if not isinstance(placement_group, PlacementGroup):
         raise TypeError(f"remove_placement_group() takes a PlacementGroup, got "
                         f"{type(placement_group).__name__}")
-    _client().request("head", {"op": "remove_placement_group", "pgid": placement_group.id})
+    require_client().request("head", {"op": "remove_placement_group", "pgid": placement_group.id})
 
 
 def _from_info(info: dict | None) -> PlacementGroup | None:
@@ -122,7 +62,7 @@ def get_placement_group(name: str) -> PlacementGroup:
     """The live placement group called ``name``."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"get_placement_group(name={name!r}): expected a non-empty string")
-    pg = _from_info(_client().query("get_placement_group", name=name))
+    pg = _from_info(require_client().query("get_placement_group", name=name))
     if pg is None:
         raise ValueError(f"no placement group named {name!r} exists (it was never created, or "
                          f"was removed); see flowcore.state.list_placement_groups()")
@@ -131,11 +71,10 @@ def get_placement_group(name: str) -> PlacementGroup:
 
 def get_current_placement_group() -> PlacementGroup | None:
     """Inside a task or actor placed in a bundle: its group; else None."""
-    from .objects.ref import current_client
     client = current_client()
     task = getattr(client, "current_task", None) if client is not None else None
     key = (task or {}).get("bundle")
-    if not key:
+    if not key or client is None:
         return None
     return _from_info(client.query("get_placement_group", pgid=bytes.fromhex(key.split(":")[0])))
 
@@ -149,7 +88,7 @@ def placement_group_table(placement_group: PlacementGroup | None = None) -> dict
         raise TypeError(f"placement_group_table() takes a PlacementGroup or None, got "
                         f"{type(placement_group).__name__}")
     table = {}
-    for row in _client().query("list_placement_groups", state=None):
+    for row in require_client().query("list_placement_groups", state=None):
         table[row["placement_group_id"]] = {
             "placement_group_id": row["placement_group_id"], "name": row["name"],
             "strategy": row["strategy"], "state": row["state"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
+from .session import require_client
 from .objects.ref import ObjectRef
 
 __all__ = ["progress"]
@@ -36,14 +37,12 @@ def progress(refs: ObjectRef | Sequence[ObjectRef], *, desc: str | None = None,
     example ``file=``, ``leave=``, ``disable=``).  Interrupting the wait
     (Ctrl-C) leaves the tasks running.
     """
-    from .api import _require_client
-
     items = _check_refs(refs)
     if desc is not None and not isinstance(desc, str):
         raise TypeError(f"progress(desc=...) must be a string, got {type(desc).__name__}")
     if "total" in bar_options:
         raise TypeError("progress(): total is the number of refs; it cannot be set")
-    _require_client()
+    require_client()
     from tqdm.auto import tqdm
 
     total = len(items)

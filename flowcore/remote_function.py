@@ -6,10 +6,19 @@ import hashlib
 import inspect
 import os
 import sys
-from typing import Any, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 from . import options as opts
-from .objects.ref import ObjectRef, current_client
+from .context import worker_paths
+from .session import client_or_init
+from .objects.generator import ObjectRefGenerator
+from .objects.ref import ObjectRef
+from .objects.serialization import explain_callable_failure, serialize
+from .runtime_env import for_task
+from .scheduling import for_submit
+
+if TYPE_CHECKING:
+    from .client.core import CoreClient
 
 R = TypeVar("R")
 
@@ -27,20 +36,10 @@ class ArgRef:
         return (ArgRef, (self.i,))
 
 
-_worker_paths: list[str] | None = None
-
-
-def set_worker_paths(paths: list[str] | None) -> None:
-    """Record the import path worker processes were given (None: unknown,
-    e.g. a cluster started elsewhere, where only installed packages are
-    assumed importable)."""
-    global _worker_paths
-    _worker_paths = None if paths is None else [os.path.abspath(p or os.getcwd()) for p in paths]
-
-
 def _importable_roots() -> list[str]:
-    if _worker_paths is not None:
-        return _worker_paths
+    paths = worker_paths()
+    if paths is not None:
+        return paths
     import sysconfig
     return [os.path.abspath(p) for p in {sysconfig.get_paths()["purelib"],
                                          sysconfig.get_paths()["platlib"],
@@ -75,7 +74,6 @@ def pickle_callable(fn: Any) -> bytes:
                 cloudpickle.unregister_pickle_by_value(by_value)
         return cloudpickle.dumps(fn, protocol=5)
     except Exception as exc:  # name the function and the path to what failed
-        from .objects.serialization import explain_callable_failure
         raise explain_callable_failure(fn, exc) from exc
 
 
@@ -125,12 +123,11 @@ def check_call(sig: "inspect.Signature | None", what: str, args: tuple, kwargs: 
         raise TypeError(f"{what}: {e} (signature: {sig})") from None
 
 
-def encode_args(client: Any, args: tuple, kwargs: dict) -> dict:
+def encode_args(client: CoreClient, args: tuple, kwargs: dict) -> dict:
     """Build the argument part of a task spec: top-level refs become
     dependencies, everything else is serialized (large payloads go to the
     object store as an extra dependency)."""
-    from .client.core import INLINE_MAX
-    from .objects.serialization import serialize
+    from .client.core import INLINE_MAX  # the client side loads with init(), not here
     deps: list[bytes] = []
     keep: list[ObjectRef] = []
 
@@ -162,7 +159,6 @@ def encode_args(client: Any, args: tuple, kwargs: dict) -> dict:
 
 def _culprit(args: tuple, kwargs: dict) -> str:
     """Name the argument that does not serialize (for the error message)."""
-    from .objects.serialization import serialize
     for i, v in enumerate(args):
         try:
             serialize(v)
@@ -211,10 +207,7 @@ class RemoteFunction(Generic[R]):
         """Submit a task; returns its ObjectRef at once (a list of refs when
         ``num_returns`` > 1)."""
         check_call(self._signature, f"{self._name}.remote()", args, kwargs)
-        client = current_client()
-        if client is None:
-            from .api import _auto_init
-            client = _auto_init()
+        client = client_or_init()
         fid, blob = self._identity()
         client.ensure_function(fid, lambda: blob, self._name)
         o = opts.resolved(opts.TASK, self._options)
@@ -232,7 +225,6 @@ class RemoteFunction(Generic[R]):
             "retries": 10**9 if o["max_retries"] == -1 else o["max_retries"],
             "retry_exc": _encode_retry(o["retry_exceptions"]),
         })
-        from .scheduling import for_submit
         strategy = for_submit(client, o.get("scheduling_strategy"), spec["res"],
                               f"task {spec['name']}")
         if strategy is not None:
@@ -242,7 +234,6 @@ class RemoteFunction(Generic[R]):
         if xopts:
             spec["xopts"] = xopts
         if client.runtime_env is not None or o["runtime_env"] is not None:
-            from .runtime_env import for_task
             spec["renv"] = for_task(client, o["runtime_env"])
         refs = submit_returning(client, spec, o["num_returns"])
         del keep  # dependencies are now held by the task at the head
@@ -258,7 +249,7 @@ def returns_mode(num_returns: Any) -> tuple[int, dict]:
     return max(1, num_returns), {}
 
 
-def submit_returning(client: Any, spec: dict, num_returns: Any) -> Any:
+def submit_returning(client: CoreClient, spec: dict, num_returns: Any) -> Any:
     """Submit ``spec``; what ``.remote()`` returns for ``num_returns``: a ref,
     a list of refs, None (0), an ``ObjectRefGenerator`` ("streaming"), or
     the ref of a ``DynamicObjectRefGenerator`` ("dynamic")."""
@@ -266,7 +257,6 @@ def submit_returning(client: Any, spec: dict, num_returns: Any) -> Any:
         client.streams.add(spec["tid"])  # before any value can be announced
     refs = client.submit(spec)
     if num_returns == "streaming":
-        from .objects.generator import ObjectRefGenerator
         return ObjectRefGenerator(refs[0], client)
     if num_returns == 0:
         return None

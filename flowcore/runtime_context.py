@@ -6,52 +6,25 @@ and actors know their job's namespace as the driver does.
 """
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_worker: Any = None
+from . import context as _ctx
+from .actor import ActorHandle, method_table
+# the job and worker facts live in the process context; named here too
+from .context import (DEFAULT_NAMESPACE, ActorExit, current_client, in_actor, job_of,
+                      namespace_of, new_job, set_worker)
 
-DEFAULT_NAMESPACE = "default"
+if TYPE_CHECKING:
+    from .client.core import CoreClient
 
-
-class ActorExit(SystemExit):
-    """Raised by ``exit_actor()`` (and ``__ray_terminate__``) to end the
-    current actor; ``reason`` becomes the actor's cause of death."""
-
-    def __init__(self, reason: str):
-        super().__init__(0)
-        self.reason = reason
-
-
-def in_actor() -> bool:
-    """True inside an actor's process."""
-    return getattr(_worker, "actor_id", None) is not None
-
-
-def set_worker(worker: Any) -> None:
-    global _worker
-    _worker = worker
-
-
-def new_job(namespace: str | None) -> list[str]:
-    """The job facts a driver hands to everything it submits."""
-    return [os.urandom(4).hex(), namespace or DEFAULT_NAMESPACE]
-
-
-def job_of(client: Any) -> list[str] | None:
-    return getattr(client, "job", None) if client is not None else None
-
-
-def namespace_of(client: Any) -> str:
-    """The namespace named actors are created in and looked up in by default."""
-    job = job_of(client)
-    return job[1] if job else DEFAULT_NAMESPACE
+__all__ = ["RuntimeContext", "get_gpu_ids", "ActorExit", "in_actor", "set_worker", "new_job",
+           "job_of", "namespace_of", "DEFAULT_NAMESPACE"]
 
 
 class RuntimeContext:
     """Facts about the current process, job, task and actor (Ray's names)."""
 
-    def __init__(self, client: Any):
+    def __init__(self, client: CoreClient | None):
         self._client = client
 
     # ------------------------------------------------------------ what is running
@@ -59,7 +32,7 @@ class RuntimeContext:
         return getattr(self._client, "current_task", None) if self._client else None
 
     def _actor_spec(self) -> dict:
-        return getattr(_worker, "actor_spec", None) or {}
+        return getattr(_ctx.current_worker(), "actor_spec", None) or {}
 
     def get_job_id(self) -> str | None:
         """The id of the job (driver) this process works for, hex."""
@@ -82,7 +55,7 @@ class RuntimeContext:
         return self.get_task_name()
 
     def get_actor_id(self) -> str | None:
-        aid = getattr(_worker, "actor_id", None)
+        aid = getattr(_ctx.current_worker(), "actor_id", None)
         return aid.hex() if aid else None
 
     def get_actor_name(self) -> str | None:
@@ -113,7 +86,7 @@ class RuntimeContext:
         in a worker ``task_id`` / ``actor_id`` when set."""
         out: dict[str, Any] = {"job_id": self.get_job_id(), "node_id": self.get_node_id(),
                                "namespace": self.namespace}
-        if _worker is not None:
+        if _ctx.current_worker() is not None:
             if self.get_task_id() is not None:
                 out["task_id"] = self.get_task_id()
             if self.get_actor_id() is not None:
@@ -133,7 +106,7 @@ class RuntimeContext:
     def get_accelerator_ids(self) -> dict[str, list[str]]:
         """Accelerator ids visible to this worker, as strings: ``{"GPU": [...]}``."""
         if self.get_actor_id():
-            gpus = getattr(_worker, "actor_gpus", None) or []
+            gpus = getattr(_ctx.current_worker(), "actor_gpus", None) or []
         else:
             gpus = (self._task() or {}).get("gpu_ids") or []
         return {"GPU": [str(g) for g in gpus]}
@@ -154,12 +127,12 @@ class RuntimeContext:
     def current_actor(self) -> Any:
         """Inside an actor: a handle to itself (pass it to tasks, call it);
         None elsewhere (on the driver, in a task, during the constructor)."""
-        aid = getattr(_worker, "actor_id", None)
-        if aid is None or getattr(_worker, "instance", None) is None:
+        worker = _ctx.current_worker()
+        aid = getattr(worker, "actor_id", None)
+        if aid is None or getattr(worker, "instance", None) is None:
             return None
-        from .actor import ActorHandle, method_table
-        methods, is_async = method_table(type(_worker.instance))
-        return ActorHandle(aid, self._actor_spec().get("name") or type(_worker.instance).__name__,
+        methods, is_async = method_table(type(worker.instance))
+        return ActorHandle(aid, self._actor_spec().get("name") or type(worker.instance).__name__,
                            methods, is_async)
 
     @property
@@ -169,7 +142,7 @@ class RuntimeContext:
 
     @property
     def worker_mode(self) -> str:
-        return "worker" if _worker is not None else "driver"
+        return "worker" if _ctx.current_worker() is not None else "driver"
 
     def __repr__(self) -> str:
         return (f"RuntimeContext(job_id={self.get_job_id()!r}, node_id={self.get_node_id()!r}, "
@@ -178,7 +151,6 @@ class RuntimeContext:
 
 def get_gpu_ids() -> list[int]:
     """GPU ids assigned to the current task (empty on the driver)."""
-    from .objects.ref import current_client
     client = current_client()
     task = getattr(client, "current_task", None) if client else None
     return list(task.get("gpu_ids") or []) if task else []

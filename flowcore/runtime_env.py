@@ -23,7 +23,10 @@ import os
 import stat
 import types
 import zipfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client.core import CoreClient
 
 ALLOWED_KEYS = ("env_vars", "py_modules", "working_dir")
 DEFAULT_MAX_BYTES = 100 << 20
@@ -164,7 +167,7 @@ class Packager:
     head once, and builds descriptors.  A path is packed once per client (a
     job), so later edits to it are not seen by that job."""
 
-    def __init__(self, client: Any):
+    def __init__(self, client: CoreClient):
         self.client = client
         self.by_path: dict[tuple[str, str], str] = {}
         self.uploaded: set[str] = set()
@@ -231,7 +234,7 @@ def combine(base: dict | None, partial: dict[str, Any]) -> dict | None:
     return desc
 
 
-def for_task(client: Any, task_env: dict | None) -> dict | None:
+def for_task(client: CoreClient, task_env: dict | None) -> dict | None:
     """The descriptor a task or actor submitted by ``client`` runs with: the
     job's (or, inside a task, the running task's) with ``task_env`` over it."""
     base = client.runtime_env
@@ -243,7 +246,7 @@ def for_task(client: Any, task_env: dict | None) -> dict | None:
     return combine(base, packager.partial(task_env))
 
 
-def init_job(client: Any, env: dict | None) -> None:
+def init_job(client: CoreClient, env: dict | None) -> None:
     """Set up the job-level environment of a freshly connected driver."""
     if env is None:
         return

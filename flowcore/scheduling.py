@@ -14,7 +14,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .placement_group_handle import PlacementGroup
+
+if TYPE_CHECKING:
+    from .client.core import CoreClient
 
 
 @dataclass(frozen=True)
@@ -32,12 +37,11 @@ class NodeAffinitySchedulingStrategy:
 
 @dataclass(frozen=True)
 class PlacementGroupSchedulingStrategy:
-    placement_group: Any
+    placement_group: PlacementGroup | None
     placement_group_bundle_index: int = -1
     placement_group_capture_child_tasks: bool = False
 
     def __post_init__(self) -> None:
-        from .placement_groups import PlacementGroup
         pg = self.placement_group
         if pg is not None and not isinstance(pg, PlacementGroup):
             raise TypeError(f"PlacementGroupSchedulingStrategy(placement_group=...): expected "
@@ -76,7 +80,7 @@ def encode(value: Any) -> Any:
     return ["node", value.node_id, value.soft]
 
 
-def for_submit(client: Any, value: Any, res: dict[str, float], what: str) -> Any:
+def for_submit(client: CoreClient, value: Any, res: dict[str, float], what: str) -> Any:
     """The wire strategy of a task or actor about to be submitted.  A request
     that no bundle it may use could hold is refused here, naming the bundle;
     with no strategy given, a task running in a group that captures child

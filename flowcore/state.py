@@ -2,14 +2,8 @@
 ``list_actors``, ``list_placement_groups``.  Plain dicts, newest state; filters by state."""
 from __future__ import annotations
 
-from typing import Any
-
+from .session import require_client
 from .scheduler.states import TaskState
-
-
-def _client() -> Any:
-    from .api import _require_client
-    return _require_client()
 
 
 def list_tasks(state: str | TaskState | None = None, limit: int = 10_000) -> list[dict]:
@@ -19,15 +13,15 @@ def list_tasks(state: str | TaskState | None = None, limit: int = 10_000) -> lis
         except ValueError:
             raise ValueError(f"list_tasks(state={state!r}): expected one of "
                              f"{[s.value for s in TaskState]}") from None
-    return _client().query("list_tasks", state=state, limit=limit)
+    return require_client().query("list_tasks", state=state, limit=limit)
 
 
 def list_objects(limit: int = 10_000) -> list[dict]:
-    return _client().query("list_objects", limit=limit)
+    return require_client().query("list_objects", limit=limit)
 
 
 def list_nodes() -> list[dict]:
-    return _client().query("list_nodes")
+    return require_client().query("list_nodes")
 
 
 def list_actors(state: str | None = None) -> list[dict]:
@@ -36,7 +30,7 @@ def list_actors(state: str | None = None) -> list[dict]:
                                            "DEAD"):
         raise ValueError(f"list_actors(state={state!r}): expected PENDING, ALIVE, RESTARTING, "
                          f"RECOVERING (after a head restart, until its node reports it) or DEAD")
-    return _client().query("list_actors", state=state)
+    return require_client().query("list_actors", state=state)
 
 
 def list_placement_groups(state: str | None = None) -> list[dict]:
@@ -47,15 +41,15 @@ def list_placement_groups(state: str | None = None) -> list[dict]:
     valid = ("PENDING", "CREATED", "RESCHEDULING", "REMOVED")
     if state is not None and state not in valid:
         raise ValueError(f"list_placement_groups(state={state!r}): expected one of {valid}")
-    return _client().query("list_placement_groups", state=state)
+    return require_client().query("list_placement_groups", state=state)
 
 
 def task_events(n: int = 100) -> list[dict]:
     """The newest ``n`` entries of the head's task-transition log."""
-    return _client().query("event_log", n=n)
+    return require_client().query("event_log", n=n)
 
 
 def list_packages() -> list[dict]:
     """The head's runtime_env packages: hash, size in bytes, how many times
     a driver uploaded it and how many times a node fetched it."""
-    return _client().query("list_packages")
+    return require_client().query("list_packages")

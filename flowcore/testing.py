@@ -13,6 +13,8 @@ import socket
 import threading
 from typing import Any
 
+import flowcore
+
 
 class Signal:
     def __init__(self) -> None:
@@ -120,7 +122,6 @@ class Signal:
     @property
     def wait_task(self) -> Any:
         """A remote function that waits on this signal and returns True."""
-        import flowcore
         sig = _SignalClient(self.address, self._key)
 
         def wait_for_signal() -> bool:

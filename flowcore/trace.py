@@ -11,6 +11,8 @@ import os
 import time
 from typing import Any, Iterable, Mapping
 
+from .session import require_client
+
 __all__ = ["timeline"]
 
 _US = 1_000_000.0
@@ -51,7 +53,7 @@ def trace_events(history: Iterable[Mapping[str, Any]], running: Iterable[Mapping
         pid = worker.get("pid")
         if pid is None and rec.get("kind") == "create":
             pid = actor_pids.get(rec.get("actor_id") or "")
-        spans.append((pids.get(node, node or "unplaced"),
+        spans.append((pids.get(node or "", node or "unplaced"),
                       pid if pid is not None else "unknown worker",
                       float(started), float(ended), rec))
 
@@ -73,7 +75,7 @@ def trace_events(history: Iterable[Mapping[str, Any]], running: Iterable[Mapping
         if not started:
             continue
         node = rec.get("node_id")
-        pid = pids.get(node, node or "unplaced")
+        pid = pids.get(node or "", node or "unplaced")
         per_node[pid] = per_node.get(pid, 0) + 1
         events.append(_event(rec, pid, f"running #{per_node[pid]}", float(started),
                              max(now, float(started))))
@@ -108,12 +110,10 @@ def timeline(filename: str | os.PathLike | None = None) -> list[dict]:
     ``{"traceEvents": [...]}`` there, for https://ui.perfetto.dev or
     ``chrome://tracing``.
     """
-    from .api import _require_client
-
     if filename is not None and not isinstance(filename, (str, os.PathLike)):
         raise TypeError(f"timeline(filename=...) must be a path (str or os.PathLike), got "
                         f"{type(filename).__name__}")
-    client = _require_client()
+    client = require_client()
     history = client.query("history")
     running = client.query("list_tasks", state="RUNNING")
     node_names = {n["node_id"]: n.get("name") or n["node_id"] for n in client.query("list_nodes")}

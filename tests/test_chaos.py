@@ -81,9 +81,9 @@ def test_node_killed_mid_run_costs_time_not_results(private_cluster):
         cluster.kill_node(victim)
         cluster.add_node(num_cpus=1)
 
-    before = flowcore.api._client.query("counts")
+    before = flowcore.context.current_client().query("counts")
     disturbed, values, totals = _run(actors, kill)
-    after = flowcore.api._client.query("counts")
+    after = flowcore.context.current_client().query("counts")
     assert values == expected
     # the lost leaves were rebuilt from lineage, not just retried
     assert after.get("reconstructed", 0) > before.get("reconstructed", 0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import flowcore
-from flowcore.api import current_client
+from flowcore.context import current_client
 
 pytestmark = pytest.mark.timeout(120)
 

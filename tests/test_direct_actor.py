@@ -296,8 +296,8 @@ class Log:
 
 
 def _client() -> Any:
-    from flowcore.api import _require_client
-    return _require_client()
+    from flowcore.context import require_client
+    return require_client()
 
 
 def _direct_count() -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import flowcore
-from flowcore import api
+from flowcore import context
 from flowcore.cluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(150)
@@ -52,7 +52,8 @@ def test_driver_moves_to_another_local_node(monkeypatch):
             assert flowcore.get(small, timeout=90) == [i * i for i in range(60)]
             assert [int(a[0]) for a in flowcore.get(big, timeout=90)] == list(range(30))
             assert flowcore.get_runtime_context().get_node_id() != mine
-            assert not api._client.remote_store  # the new node is on this host: mapped
+            # the new node is on this host: mapped
+            assert not context.current_client().remote_store
             ref = flowcore.put(np.arange(1 << 20))
             assert int(flowcore.get(ref, timeout=60)[-1]) == (1 << 20) - 1
             # a put has no lineage: it survives only where another copy exists
@@ -76,14 +77,16 @@ def test_driver_goes_client_mode_then_attaches_to_a_node_on_its_host(monkeypatch
             monkeypatch.setattr(socket, "gethostname", lambda: "driver-host")
             cluster.kill_node(mine)
             assert [int(a[0]) for a in flowcore.get(big, timeout=90)] == list(range(20))
-            assert api._client.remote_store, "expected client mode through the other node"
+            assert context.current_client().remote_store, \
+                "expected client mode through the other node"
             ref = flowcore.put(np.arange(1 << 20))            # uploaded over the wire
             assert int(flowcore.get(ref, timeout=60)[-1]) == (1 << 20) - 1
             assert flowcore.get(square.remote(12), timeout=60) == 144
             # a node starts on the driver's host: it attaches to it
             new = cluster.add_node(num_cpus=1)
             monkeypatch.setattr(socket, "gethostname", lambda: REAL_HOST)
-            _wait_for(lambda: not api._client.remote_store, "did not attach to a local node")
+            _wait_for(lambda: not context.current_client().remote_store,
+                      "did not attach to a local node")
             assert flowcore.get_runtime_context().get_node_id() in (new, *cluster.node_ids())
             ref2 = flowcore.put(np.arange(1 << 20))
             assert int(flowcore.get(ref2, timeout=60).sum()) == (1 << 20) * ((1 << 20) - 1) // 2
@@ -94,7 +97,7 @@ def test_driver_goes_client_mode_then_attaches_to_a_node_on_its_host(monkeypatch
 
 DEAD_HEAD = r'''
 import os, signal, sys, time, flowcore
-from flowcore import api
+from flowcore import session
 from flowcore.cluster import LocalCluster
 
 @flowcore.remote
@@ -103,7 +106,7 @@ def slow():
 
 if sys.argv[1] == "embedded":
     flowcore.init(num_cpus=1)
-    head_pid = api._cluster.head.pid
+    head_pid = session._cluster.head.pid
 else:
     cluster = LocalCluster(nodes=1, cpus_per_node=1)
     flowcore.init(address=cluster.address, token=cluster.token)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def _store_stats():
-    return flowcore.api._client.request("node", {"op": "stats"})["store"]
+    return flowcore.context.current_client().request("node", {"op": "stats"})["store"]
 
 
 def test_spill_and_restore_when_store_is_full(fresh_cluster):

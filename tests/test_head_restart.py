@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import flowcore
+from flowcore import context
 from flowcore.exceptions import ObjectLostError
 
 pytestmark = pytest.mark.timeout(180)
@@ -79,8 +80,8 @@ def test_head_restart_keeps_nodes_actors_objects_functions(private_cluster, rest
     cluster.kill_head()
     # once the driver knows the head is away, what it submits is kept and sent
     # when the head is back (a message written in the instant of the crash is lost)
-    from flowcore import api
-    _wait_for(lambda: api._client._reconnecting is not None, 30, "the driver to notice")
+    _wait_for(lambda: context.current_client()._reconnecting is not None, 30,
+              "the driver to notice")
     during = square.remote(4)
     cluster.restart_head()
 
@@ -100,7 +101,7 @@ def test_head_restart_keeps_nodes_actors_objects_functions(private_cluster, rest
     # a function registered before the restart is known to the new head
     # (persisted; the driver would also send it again on its next call)...
     fid, blob = square._identity()
-    assert api._client.fetch_function(fid) == blob
+    assert context.current_client().fetch_function(fid) == blob
     # ... and runs after it, and new ones run
     assert flowcore.get(square.remote(9), timeout=60) == 81
 
@@ -137,10 +138,10 @@ def test_task_running_at_the_crash_fails_naming_the_restart(private_cluster, res
 
 def test_detached_actor_whose_node_died_restarts_from_its_spec(private_cluster, restart_env,
                                                                monkeypatch):
-    from flowcore import api
     from flowcore.scheduling import NodeAffinitySchedulingStrategy
     cluster = private_cluster(2)
-    drivers_node = api._client.node_id  # stays up: the driver reads its store through it
+    # stays up: the driver reads its store through it
+    drivers_node = context.current_client().node_id
     victim = next(n for n in cluster.node_ids() if n != drivers_node)
     counter = Counter.options(name="mover", lifetime="detached", max_restarts=1,
                               scheduling_strategy=NodeAffinitySchedulingStrategy(victim)

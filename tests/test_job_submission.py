@@ -149,7 +149,7 @@ def test_unauthenticated_submit_is_refused_and_runs_nothing(jobs_cluster, tmp_pa
     assert ei.value.code == 401
     asked = urllib.request.Request(
         f"{url}/api/packages/{package_hash(blob)}",
-        headers={"Authorization": f"Bearer {flowcore.api._cluster.token}"})
+        headers={"Authorization": f"Bearer {flowcore.session._cluster.token}"})
     assert json.loads(urllib.request.urlopen(asked, timeout=30).read()) == {"known": False}
     with pytest.raises(AuthenticationError):
         JobSubmissionClient(url, token="wrong").list_jobs()
@@ -160,7 +160,7 @@ def test_unauthenticated_submit_is_refused_and_runs_nothing(jobs_cluster, tmp_pa
 
 
 def test_cli_submit_status_logs_list(jobs_cluster, workdir):
-    env = dict(os.environ, FLOWCORE_TOKEN=flowcore.api._cluster.token,
+    env = dict(os.environ, FLOWCORE_TOKEN=flowcore.session._cluster.token,
                FLOWCORE_ADDRESS=jobs_cluster["address"])  # the head's tcp:// address
     cli = [sys.executable, "-m", "flowcore.job_submission.cli", "job"]
 
@@ -214,7 +214,7 @@ def test_dashboard_jobs_tab_and_cookie_sessions_need_xsrf(jobs_cluster):
     import http.cookiejar
     import urllib.parse
     url = jobs_cluster["dashboard_url"]
-    token = flowcore.api._cluster.token
+    token = flowcore.session._cluster.token
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     page = opener.open(f"{url}/?token={urllib.parse.quote(token)}", timeout=30).read().decode()
@@ -265,7 +265,7 @@ def test_bad_submissions_are_refused_with_the_reason(jobs_cluster, tmp_path):
     with pytest.raises(ValueError, match="unknown key 'pip'"):
         client.submit_job(entrypoint="true", runtime_env={"pip": ["requests"]})
     url = jobs_cluster["dashboard_url"] + "/api/jobs/"
-    auth = {"Authorization": f"Bearer {flowcore.api._cluster.token}",
+    auth = {"Authorization": f"Bearer {flowcore.session._cluster.token}",
             "Content-Type": "application/json"}
     for body, reason in (({"entrypoint": "true", "submission_id": "../escape"}, "not valid"),
                          ({"entrypoint": "true", "submission_id": 7}, "must be a string"),
@@ -299,7 +299,7 @@ def test_browser_jobs_tab_lists_jobs_and_shows_output(jobs_cluster):
     sid = client.submit_job(entrypoint="echo hello-from-the-jobs-tab",
                             submission_id="tab-job")
     assert client.wait_until_finish(sid, 60) == JobStatus.SUCCEEDED
-    token = flowcore.api._cluster.token
+    token = flowcore.session._cluster.token
     errors: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True,

@@ -150,7 +150,7 @@ def _causes(ref) -> list[str]:
 @pytest.mark.timeout(120)
 def test_nested_and_driver_tasks_start_on_their_node(private_cluster):
     cluster = private_cluster(2, cpus_per_node=2)
-    from flowcore.api import current_client
+    from flowcore.context import current_client
     mine = current_client().node_id
     ref = where_am_i.remote()
     assert flowcore.get(ref, timeout=60) == mine
@@ -164,7 +164,7 @@ def test_nested_and_driver_tasks_start_on_their_node(private_cluster):
 @pytest.mark.timeout(120)
 def test_what_does_not_fit_locally_goes_elsewhere(private_cluster):
     cluster = private_cluster(2, cpus_per_node=1)
-    from flowcore.api import current_client
+    from flowcore.context import current_client
     mine = current_client().node_id
     sig = Signal()
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _store_stats():
-    client = flowcore.api._client
+    client = flowcore.context.current_client()
     return client.request("node", {"op": "stats"})["store"]
 
 
@@ -162,8 +162,9 @@ def test_head_tables_shrink_after_refs_drop(cluster):
         return i
     refs = [one.remote(i) for i in range(200)]
     assert sum(flowcore.get(refs)) == sum(range(200))
-    before = flowcore.api._client.query("counts")
+    before = flowcore.context.current_client().query("counts")
     del refs
     gc.collect()
-    _until(lambda: flowcore.api._client.query("counts")["tasks"] <= before["tasks"] - 200,
+    _until(lambda: flowcore.context.current_client().query("counts")["tasks"]
+           <= before["tasks"] - 200,
            "finished tasks to be pruned from the head")

@@ -284,7 +284,7 @@ def test_pool_dedicates_workers_per_environment():
 
 def test_an_environment_that_cannot_be_set_up_fails_its_work_only(job):
     job()
-    client = flowcore.api._client
+    client = flowcore.context.current_client()
     # a descriptor naming a package the head does not have
     client.runtime_env = combine(None, {"working_dir": "0" * 32})
     ref = read_env.remote("X")

@@ -131,8 +131,8 @@ def test_tasks_and_object_pulls_between_nodes_run_over_tls(tls_cluster):
 
 
 def test_every_listener_speaks_only_tls(tls_cluster, certs):
-    from flowcore.api import _require_client
-    driver = _require_client()
+    from flowcore.context import require_client
+    driver = require_client()
     assert driver.head is not None and driver.node is not None
     for comm in (driver.head, driver.node):
         assert comm.transport.get_extra_info("ssl_object") is not None
@@ -170,8 +170,8 @@ class Echo:
 
 
 def test_direct_actor_calls_run_over_tls(tls_cluster, certs):
-    from flowcore.api import _require_client
-    driver = _require_client()
+    from flowcore.context import require_client
+    driver = require_client()
     a = Echo.remote()
 
     def direct_calls():
@@ -385,14 +385,14 @@ def test_embedded_cluster_takes_tls_from_the_environment(certs, tmp_path):
     node and workers all run under TLS."""
     script = (
         "import flowcore, ssl\n"
-        "from flowcore.api import _require_client\n"
+        "from flowcore.context import require_client\n"
         f"flowcore.init(num_cpus=1, object_store_memory={64 << 20},\n"
         f"              session_dir={str(tmp_path)!r})\n"
         "@flowcore.remote\n"
         "def worker_link():\n"
         "    from flowcore.objects.ref import current_client\n"
         "    return type(current_client().conns['head'].sock).__name__\n"
-        "c = _require_client()\n"
+        "c = require_client()\n"
         "print(flowcore.get(worker_link.remote(), timeout=60),\n"
         "      c.head.transport.get_extra_info('ssl_object') is not None, flush=True)\n"
         "flowcore.shutdown()\n")

@@ -40,11 +40,11 @@ def two_nodes(tmp_path_factory):
 
 def node_transfer_stats() -> dict:
     """Transfer counters of the node the driver is attached to (node a)."""
-    return flowcore.api._client.request("node", {"op": "stats"})["transfer"]
+    return flowcore.context.current_client().request("node", {"op": "stats"})["transfer"]
 
 
 def node_store_stats() -> dict:
-    return flowcore.api._client.request("node", {"op": "stats"})["store"]
+    return flowcore.context.current_client().request("node", {"op": "stats"})["store"]
 
 
 @flowcore.remote

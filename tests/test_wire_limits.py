@@ -147,7 +147,7 @@ def test_slow_unauthenticated_peers_hold_no_thread_on_bulk_and_actor_ports(monke
         # the ports still admit real peers
         assert flowcore.get([echo.echo.remote(i) for i in range(5)], timeout=60) == list(range(5))
         s = socket.create_connection(("127.0.0.1", bulk_port), timeout=10)
-        blocking.client_handshake(s, flowcore.api._cluster.token.encode(), "bulk")
+        blocking.client_handshake(s, flowcore.session._cluster.token.encode(), "bulk")
         s.close()
     finally:
         flowcore.shutdown()

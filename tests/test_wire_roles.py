@@ -273,7 +273,7 @@ class Echo:
 
 @pytest.mark.timeout(180)
 def test_actor_listener_refuses_ops_a_caller_may_not_send():
-    from flowcore.api import _require_client
+    from flowcore.context import require_client as _require_client
     flowcore.init(num_cpus=1)
     try:
         driver = _require_client()

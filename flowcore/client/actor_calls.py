@@ -24,7 +24,7 @@ logger = logging.getLogger("flowcore.client")
 ACTOR_OPS = messages.ops_for(messages.CALLER, messages.ACTOR)
 
 
-class DirectCallsMixin:
+class ActorCallsMixin:
     def _submit_call(self, spec: dict) -> None:
         """Send an actor call: a direct one is written to the actor's socket
         by the calling thread itself (no hand-off to the IO thread), its

@@ -29,7 +29,7 @@ from ..protocol import messages
 from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
 from . import direct
-from .actor_calls import DirectCallsMixin
+from .actor_calls import ActorCallsMixin
 from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
 
 logger = logging.getLogger("flowcore.client")
@@ -59,7 +59,7 @@ MAX_PENDING_TASKS = 200_000
 #: seconds a client keeps trying to reconnect when it loses the head (a head
 #: restarted at the same address with its state directory takes it back)
 HEAD_GRACE = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
-class CoreClient(DirectCallsMixin, NodeFailoverMixin):
+class CoreClient(ActorCallsMixin, NodeFailoverMixin):
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
                  kind: str = "driver", wid: str | None = None, remote_store: bool = False,
                  tls: TLSConfig | None = None):

@@ -34,11 +34,11 @@ from typing import Any
 
 from tornado.web import HTTPError, stream_request_body
 
-from ..job_submission.models import (JobStatus, job_dir, jobs_root, read_json,
-                                     write_json)
+from ..job_submission.models import JobStatus, job_dir, jobs_root, read_json, write_json
 from ..job_submission.supervisor import STOP_FILE
-from .app import Api
+from ..runtime_env import max_package_bytes
 from .auth import bearer
+from .handlers import Api
 
 logger = logging.getLogger("flowcore.dashboard.jobs")
 
@@ -393,7 +393,6 @@ class PackageUpload(JobsApi):
         super().prepare()
         if self._finished:
             return
-        from ..runtime_env import max_package_bytes
         self._limit = max_package_bytes() + (1 << 20)
         conn = getattr(self.request, "connection", None)
         if conn is not None and hasattr(conn, "set_max_body_size"):

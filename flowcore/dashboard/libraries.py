@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..experimental.dashboard_feed import DATA_PREFIX, NAMESPACE, SERVE_KEY, TUNE_PREFIX
-from .app import Api
+from .handlers import Api
 
 #: views whose publisher stopped updating them while RUNNING for this long are
 #: marked STALE (a driver killed mid-run publishes no end)

@@ -251,7 +251,7 @@ class SnapshotCache:
     def _actors(self, names: dict[str, str]) -> tuple[list[dict], dict[str, int]]:
         s = self.state
         counts = Counter(a.state for a in s.actors.values())
-        rows = []
+        rows: list[dict[str, Any]] = []
         for a in reversed(s.actors.values()):
             if len(rows) >= self.max_actors:
                 break
@@ -275,7 +275,7 @@ class SnapshotCache:
                 inline += size
             if o.error:
                 errors += 1
-        rows = []
+        rows: list[dict[str, Any]] = []
         for o in reversed(s.objects.values()):
             if len(rows) >= self.max_objects:
                 break

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .block import iter_rows
+
 __all__ = ["AggregateFn", "Count", "Sum", "Min", "Max", "Mean", "Std", "AbsMax", "Unique"]
 
 
@@ -45,7 +47,6 @@ class AggregateFn:
     def _accumulate(self, acc: Any, table: pa.Table) -> Any:
         if self.accumulate_block is not None:
             return self.accumulate_block(acc, table)
-        from .block import iter_rows
         for row in iter_rows(table):
             acc = self.accumulate_row(acc, row)  # type: ignore[misc]
         return acc

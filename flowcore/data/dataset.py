@@ -8,15 +8,22 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
+import flowcore
 
 from . import aggregate as agg_mod
-from .block import check_batch_format, concat, iter_rows, schema_str, to_batch
+from .block import check_batch_format, concat, iter_rows, require_pandas, schema_str, to_batch
+from .compute import concurrency_from
 from .context import DataContext
-from .executor import execute, iter_tables, materialize_bundles
+from .datasource import FileDatasink
+from .datasource.formats import csv_writer, json_writer, numpy_writer, parquet_writer
+from .executor import (Bundle, Execution, _convert_ref, execute, iter_tables, materialize_bundles,
+                       slice_bundles)
+from .grouped import GroupedData, global_aggregate
 from .iterator import DataIterator, DatasetIterator
 from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSource, UnionSource,
                    ZipSource, even_ranges, fn_name)
 from .shuffle import normalize_sort_keys
+from .split import streaming_split
 from .stats import DatasetStats
 
 __all__ = ["Dataset", "MaterializedDataset", "Schema"]
@@ -85,7 +92,6 @@ class _NoopActor:
 
 def _check_remote_args(args: dict, is_class: bool, op: str) -> None:
     """Validate ``**ray_remote_args`` now, with flowcore's option checks."""
-    import flowcore
     try:
         if is_class:
             flowcore.remote(**args)(_NoopActor)
@@ -113,7 +119,6 @@ class Dataset:
                 concurrency: Any = None, remote_args: dict | None = None,
                 **kw: Any) -> "Dataset":
         _check_fn(fn, label.lower())
-        from .compute import concurrency_from
         concurrency = concurrency_from(compute, concurrency, f"{label}({fn_name(fn)})")
         _check_concurrency(concurrency, fn, label)
         if (fn_constructor_args or fn_constructor_kwargs) and not inspect.isclass(fn):
@@ -288,7 +293,6 @@ class Dataset:
                                      f"{[d == 'descending' for _, d in keys]}]", keys=keys))
 
     def groupby(self, key: str | list[str] | None) -> "Any":
-        from .grouped import GroupedData
         return GroupedData(self, key)
 
     def union(self, *other: "Dataset") -> "Dataset":
@@ -337,7 +341,6 @@ class Dataset:
 
     def _split_ranges(self, ranges: list[tuple[int, int]], bundles: list
                       ) -> list["MaterializedDataset"]:
-        from .executor import Bundle, Execution, slice_bundles
         ex = Execution(DataContext.get_current(), DatasetStats())
         parts = slice_bundles(ex, [Bundle(r, m) for r, m in bundles], ranges)
         return [MaterializedDataset(LogicalPlan(InputSource([(b.ref, b.meta) for b in p],
@@ -387,7 +390,6 @@ class Dataset:
         """``n`` iterators over disjoint parts of one streaming execution;
         each can be passed to a task or actor (a coordinator actor holding
         no CPU hands out blocks).  All must be consumed for an epoch to end."""
-        from .split import streaming_split
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"streaming_split: n={n!r}; expected an int >= 1")
         return streaming_split(self._plan, n, equal)
@@ -497,7 +499,6 @@ class Dataset:
     # -- aggregates ---------------------------------------------------------------------
     def aggregate(self, *aggs: agg_mod.AggregateFn) -> dict | None:
         """Whole-dataset aggregations -> ``{name: value}``."""
-        from .grouped import global_aggregate
         return global_aggregate(self, aggs)
 
     def _agg1(self, cls: type, on: Any, ignore_nulls: bool, **kw: Any) -> Any:
@@ -534,7 +535,6 @@ class Dataset:
 
     # -- conversion -------------------------------------------------------------------
     def to_pandas(self, limit: int | None = None) -> Any:
-        from .block import require_pandas
         pd = require_pandas()
         t = self._take_table(limit)
         if t.num_columns == 0:
@@ -545,11 +545,9 @@ class Dataset:
         return [r for r, _ in self.materialize()._plan.source.bundles]
 
     def to_pandas_refs(self) -> list:
-        from .executor import _convert_ref
         return [_convert_ref.remote(r, "pandas", None) for r in self.to_arrow_refs()]
 
     def to_numpy_refs(self, *, column: str | None = None) -> list:
-        from .executor import _convert_ref
         return [_convert_ref.remote(r, "numpy", column) for r in self.to_arrow_refs()]
 
     def materialize(self) -> "MaterializedDataset":
@@ -564,7 +562,6 @@ class Dataset:
 
     # -- writing ----------------------------------------------------------------------
     def _write(self, path: str, filesystem: Any, ext: str, writer: Any, op: str) -> None:
-        from .datasource import FileDatasink
         sink = FileDatasink(path, filesystem, ext, writer, op)
         ds = self._with(MapOp("write", f"Write[{op}]", None, params={"sink": sink}))
         try:
@@ -578,21 +575,17 @@ class Dataset:
     def write_parquet(self, path: str, *, filesystem: Any = None,
                       **arrow_parquet_args: Any) -> None:
         """One parquet file per block under directory ``path``."""
-        from .datasource.formats import parquet_writer
         self._write(path, filesystem, "parquet", parquet_writer(arrow_parquet_args),
                     "write_parquet")
 
     def write_csv(self, path: str, *, filesystem: Any = None, **arrow_csv_args: Any) -> None:
-        from .datasource.formats import csv_writer
         self._write(path, filesystem, "csv", csv_writer(arrow_csv_args), "write_csv")
 
     def write_json(self, path: str, *, filesystem: Any = None, **kwargs: Any) -> None:
         """Newline-delimited JSON, one file per block."""
-        from .datasource.formats import json_writer
         self._write(path, filesystem, "json", json_writer(), "write_json")
 
     def write_numpy(self, path: str, *, column: str, filesystem: Any = None) -> None:
-        from .datasource.formats import numpy_writer
         self._write(path, filesystem, "npy", numpy_writer(column), "write_numpy")
 
     # -- introspection ---------------------------------------------------------------

@@ -32,14 +32,15 @@ import pyarrow as pa
 
 import flowcore
 
-from .block import concat
+from . import shuffle
+from .aggregate import check_aggs
+from .block import concat, to_batch
 from .context import DataContext
 from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSource, ReadTask,
                    TaskContext, UnionSource, ZipSource, apply_transforms, check_union_schemas,
                    even_ranges, input_bundles, run_local, zip_tables)
 from .stats import DatasetStats, OpStats
 from .status_feed import DataFeed
-from . import shuffle
 
 __all__ = ["Bundle", "MemoryBudget", "execute", "block_meta"]
 
@@ -222,7 +223,6 @@ def _convert_ref(table: pa.Table, fmt: str, column: str | None) -> Any:
 
 
 def _convert_ref_impl(table: pa.Table, fmt: str, column: str | None) -> Any:
-    from .block import to_batch
     if column is not None:
         shuffle.check_columns(table, [column], "to_numpy_refs")
         return to_batch(table.select([column]), "numpy")[column]
@@ -236,7 +236,6 @@ def _block_states(aggs: list, table: pa.Table) -> list:
 
 
 def _block_states_impl(aggs: list, table: pa.Table) -> list:
-    from .aggregate import check_aggs
     check_aggs(tuple(aggs), "aggregate", table.column_names if table.num_columns else None)
     return [a.block_state(table) if table.num_rows else None for a in aggs]
 

@@ -7,6 +7,7 @@ import flowcore
 
 from . import aggregate as agg_mod
 from .block import check_batch_format
+from .executor import _block_states
 from .plan import AllToAllOp, fn_name
 
 __all__ = ["GroupedData", "global_aggregate"]
@@ -15,7 +16,6 @@ __all__ = ["GroupedData", "global_aggregate"]
 def global_aggregate(ds: Any, aggs: tuple) -> dict | None:
     """``{name: value}`` over the whole dataset: per-block partial states
     computed in tasks (Arrow kernels), combined here."""
-    from .executor import _block_states
     agg_mod.check_aggs(aggs, "aggregate", None)
     aggs = tuple(aggs)
     refs = []

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+import flowcore
+
 from .block import check_batch_format, concat, iter_rows, to_batch
 
 __all__ = ["DataIterator", "batch_tables"]
@@ -77,7 +79,6 @@ _END = object()
 
 
 def _in_worker() -> bool:
-    import flowcore
     return flowcore.is_initialized() and flowcore.get_runtime_context().worker_mode == "worker"
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import shuffle
-from .block import (concat, describe_batch, describe_row, iter_rows,
-                    rows_to_table, to_batch, to_table)
+from .block import (concat, describe_batch, describe_row, iter_rows, rows_to_table, schema_str,
+                    to_batch, to_table)
 
 __all__ = [
     "TaskContext", "ReadTask", "MapOp", "AllToAllOp", "LimitOp", "LogicalPlan",
@@ -427,7 +427,6 @@ def check_union_schemas(tables: list[pa.Table]) -> None:
         if s.names != schemas[0].names or not all(
                 a.type == b.type or pa.types.is_null(a.type) or pa.types.is_null(b.type)
                 for a, b in zip(s, schemas[0])):
-            from .block import schema_str
             raise ValueError(f"union: the datasets' schemas differ: {schema_str(schemas[0])} "
                              f"vs {schema_str(s)}; expected the same column names and types "
                              f"(use select_columns/rename_columns or a map_batches cast first)")

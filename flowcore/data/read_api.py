@@ -12,11 +12,10 @@ import pyarrow as pa
 
 import flowcore
 
-from .block import rows_to_table, to_table
+from .block import require_pandas, rows_to_table, to_table
 from .context import DataContext
 from .dataset import Dataset, MaterializedDataset
-from .datasource import file_read_tasks, resolve_paths
-from .datasource import formats
+from .datasource import file_read_tasks, formats, resolve_paths
 from .executor import block_meta
 from .plan import InputSource, LogicalPlan, ReadSource, ReadTask, even_ranges
 
@@ -111,7 +110,6 @@ def from_items(items: list, *, override_num_blocks: int | None = None) -> Materi
 
 def from_pandas(dfs: Any, *, override_num_blocks: int | None = None) -> MaterializedDataset:
     """One block per DataFrame (or ``override_num_blocks``)."""
-    from .block import require_pandas
     pd = require_pandas()
     dfs = [dfs] if isinstance(dfs, pd.DataFrame) else list(dfs)
     for d in dfs:

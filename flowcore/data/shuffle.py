@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .aggregate import AggregateFn, _Builtin
+from .aggregate import AbsMax, AggregateFn, Count, Max, Mean, Min, Std, Sum, _Builtin
 from .block import concat, iter_rows, rows_to_table, to_batch, to_table
 
 __all__ = [
@@ -197,7 +197,6 @@ __all__ += ["permute", "check_columns", "iter_rows"]
 # -- combining grouped aggregation (partial per block, final per partition) ---
 def combinable(aggs: Sequence[AggregateFn]) -> bool:
     """Built-ins whose per-block partials merge exactly (nulls skipped)."""
-    from .aggregate import AbsMax, Count, Max, Mean, Min, Std, Sum
     for a in aggs:
         if isinstance(a, Count):
             continue
@@ -208,7 +207,6 @@ def combinable(aggs: Sequence[AggregateFn]) -> bool:
 
 def _partial_specs(i: int, a: AggregateFn) -> list[tuple]:
     """(source column, arrow function, options, partial column name)."""
-    from .aggregate import AbsMax, Count, Max, Mean, Min, Std, Sum
     p = f"__p{i}"
     valid = pc.CountOptions(mode="only_valid")
     skip = pc.ScalarAggregateOptions(skip_nulls=True, min_count=1)
@@ -232,7 +230,6 @@ def _partial_specs(i: int, a: AggregateFn) -> list[tuple]:
 def partial_aggregate(table: pa.Table, keys: list[str], aggs: Sequence[AggregateFn],
                       op: str = "groupby") -> pa.Table:
     """Per-group partial states of one block (the combiner)."""
-    from .aggregate import AbsMax, Std
     check_columns(table, keys + [c for a in aggs for c in a.columns()], op)
     for a in aggs:
         if isinstance(a, AbsMax):
@@ -266,7 +263,6 @@ def partial_aggregate(table: pa.Table, keys: list[str], aggs: Sequence[Aggregate
 def final_aggregate(table: pa.Table, keys: list[str], aggs: Sequence[AggregateFn]
                     ) -> pa.Table:
     """Merge partial states (``partial_aggregate``'s columns) per group."""
-    from .aggregate import Count, Mean, Min, Max, AbsMax, Std
     skip = pc.ScalarAggregateOptions(skip_nulls=True, min_count=1)
     specs = []
     for i, a in enumerate(aggs):

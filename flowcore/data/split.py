@@ -19,8 +19,10 @@ import pyarrow as pa
 import flowcore
 
 from .context import DataContext
+from .executor import Bundle, Execution, execute, slice_bundles
 from .iterator import DataIterator
 from .plan import LogicalPlan
+from .stats import DatasetStats
 
 __all__ = ["streaming_split", "SplitCoordinator", "StreamSplitDataIterator"]
 
@@ -45,8 +47,6 @@ class SplitCoordinator:
             return self.split_epochs[split]
 
     def _start(self, epoch: int) -> None:
-        from .executor import Bundle, Execution, execute, slice_bundles
-        from .stats import DatasetStats
         close = getattr(self.gen, "close", None)
         if close is not None:
             close()

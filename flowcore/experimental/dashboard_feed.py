@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from typing import Callable
+from ..context import current_client
 
 logger = logging.getLogger("flowcore.dashboard_feed")
 
@@ -73,7 +74,6 @@ class Feed:
 def put_nowait(key: str, data: bytes) -> bool:
     """Queue a put of a view to the head without waiting for its answer (a
     view must not slow the library down); False without a cluster."""
-    from ..api import current_client
     client = current_client()
     if client is None:
         return False
@@ -93,7 +93,6 @@ def retire(key: str, prefix: str, keep: int = KEEP_FINISHED) -> None:
     while len(done) > keep:
         old = done.popleft()
         try:
-            from ..api import current_client
             client = current_client()
             if client is not None:  # without waiting, as puts
                 client.send("head", {"op": "kv_del", "key": old.encode(),

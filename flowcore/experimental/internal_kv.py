@@ -13,6 +13,7 @@ Libraries publish JSON views here for the dashboard (see
 from __future__ import annotations
 
 from typing import Any, List, Optional, Union
+from ..context import current_client
 
 __all__ = ["_internal_kv_initialized", "_internal_kv_get", "_internal_kv_exists",
            "_internal_kv_put", "_internal_kv_del", "_internal_kv_list"]
@@ -29,7 +30,6 @@ def _as_bytes(name: str, value: Any, allow_none: bool = False) -> Optional[bytes
 
 
 def _request(op: str, **fields: Any) -> Any:
-    from ..api import current_client
     client = current_client()
     if client is None:
         raise RuntimeError("internal_kv needs a connected cluster: call flowcore.init() first")
@@ -41,7 +41,6 @@ def _request(op: str, **fields: Any) -> Any:
 
 def _internal_kv_initialized() -> bool:
     """Whether this process is connected to a cluster (so the table is usable)."""
-    from ..api import current_client
     return current_client() is not None
 
 

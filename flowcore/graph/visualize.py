@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..session import require_client
 from ..objects.ref import ObjectRef
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,12 +81,11 @@ def visualize(refs: ObjectRef | Sequence[ObjectRef] | None = None,
     extension.  The returned Digraph
     displays inline in Jupyter.
     """
-    from ..api import _require_client
     from . import draw
 
     roots = _roots(refs)
     fmt = _output_format(filename, format)
-    client = _require_client()
+    client = require_client()
     graph = client.query("graph", roots=roots)
     omitted = graph.get("omitted", 0)
     title = None

@@ -19,9 +19,13 @@ import json
 import shlex
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+from ..exceptions import AuthenticationError
+
+if TYPE_CHECKING:
+    from .client import JobSubmissionClient
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -42,7 +46,7 @@ def _json_arg(text: str | None, flag: str) -> Any:
         raise SystemExit(f"flowcore job: {flag} is not valid JSON: {e}") from None
 
 
-def _follow(client: Any, sid: str) -> None:
+def _follow(client: JobSubmissionClient, sid: str) -> None:
     async def run() -> None:
         async for chunk in client.tail_job_logs(sid):
             sys.stdout.write(chunk)
@@ -183,7 +187,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from ..exceptions import AuthenticationError
     try:
         return args.func(args)
     except (ConnectionError, AuthenticationError, RuntimeError, ValueError, OSError) as e:

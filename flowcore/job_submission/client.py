@@ -17,7 +17,11 @@ import urllib.parse
 import urllib.request
 from typing import Any, AsyncIterator
 
+from .. import runtime_env as renv
+from .. import session
 from ..exceptions import AuthenticationError
+from ..protocol.tls import resolve
+from ..runtime_env import package_hash
 from .models import JobDetails, JobStatus
 
 #: seconds between log polls in ``tail_job_logs``
@@ -32,7 +36,6 @@ def _head_dashboard(head: str, token: str) -> str:
     """The dashboard URL of the head at ``head`` (its tcp:// address), asked over
     the cluster protocol."""
     from ..client.core import CoreClient
-    from ..protocol.tls import resolve
     probe = CoreClient(head if "://" in head else f"tcp://{head}", token.encode(), None,
                        tls=resolve(None))
     probe.start()
@@ -58,11 +61,9 @@ def resolve_address(address: str | None, token: str | None) -> tuple[str, str]:
     """
     connected_url = connected_token = None
     try:
-        from ..api import _client, _cluster, _info
-        if _client is not None:
-            connected_url = _info.get("dashboard_url")
-            connected_token = _cluster.token if _cluster is not None else \
-                _client.token.decode()
+        connected_token = session.session_token()
+        if connected_token is not None:
+            connected_url = session.session_info().get("dashboard_url")
     except Exception:  # noqa: BLE001 - not connected
         pass
     if address is None and connected_url:
@@ -159,14 +160,12 @@ class JobSubmissionClient:
                                   f"{e.reason}") from None
 
     def _upload(self, blob: bytes) -> str:
-        from ..runtime_env import package_hash
         h = package_hash(blob)
         if not self._request("GET", f"/api/packages/{h}").get("known"):
             self._request("PUT", f"/api/packages/{h}", raw=blob)
         return h
 
     def _prepare_runtime_env(self, runtime_env: dict | None) -> dict:
-        from .. import runtime_env as renv
         if runtime_env is None:
             return {}
         renv.check(runtime_env)

@@ -18,10 +18,16 @@ values (or the error), and keeps the values alive while it lives.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .. import ids
+from ..context import require_client
+from ..exceptions import GetTimeoutError
+from . import serialization
 from .ref import ObjectRef, current_client
+
+if TYPE_CHECKING:
+    from ..client.core import CoreClient
 
 
 class ObjectRefGenerator:
@@ -30,9 +36,12 @@ class ObjectRefGenerator:
     ``for ref in gen`` / ``next(gen)`` (blocking), ``async for ref in gen``,
     ``gen.completed()`` (the ref that is ready when the task has ended)."""
 
-    def __init__(self, end: ObjectRef, client: Any = None):
+    def __init__(self, end: ObjectRef, client: CoreClient | None = None):
         self._end = end
-        self._client = client or end._client or current_client()
+        c = client or end._client or current_client()
+        if c is None:
+            raise RuntimeError("flowcore is not initialized: call flowcore.init() first")
+        self._client: CoreClient = c
         self._tid = ids.task_of(end._id)
         self._next_index = 1
         self._finished = False
@@ -91,14 +100,12 @@ class ObjectRefGenerator:
             c.subscribed.add(item)
         ready = c.wait_ready([item, end], 1, timeout)
         if item not in ready and end not in ready:
-            from ..exceptions import GetTimeoutError
             raise GetTimeoutError(f"no value from the generator within {timeout} s")
         if item not in ready:
             with c._lock:
                 c.subscribed.discard(item)
-            from ..api import get
             try:
-                count = get(self._end)
+                count = require_client().get_values([self._end], None)[0]
             except Exception:  # noqa: BLE001 - the task failed: its error is the next ref
                 self._close()
                 return self._end
@@ -165,7 +172,6 @@ class YieldedRefs:
         self.oids = list(oids)
 
     def __reduce__(self) -> Any:
-        from . import serialization
         for oid in self.oids:
             serialization.note_contained_ref(oid)
         return (_rebuild_dynamic, (self.oids,))

@@ -3,22 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any, Generator, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generator, Generic, TypeVar
+
+# this process's client (flowcore.context) counts the references
+from ..context import current_client, set_client  # noqa: F401 - named here too
+from . import serialization
+
+if TYPE_CHECKING:
+    from ..client.core import CoreClient
 
 T = TypeVar("T")
-
-# The client of this process (driver or worker).  Set by ``flowcore.init`` and
-# by the worker at start; ObjectRefs use it to count references.
-_current_client: Any = None
-
-
-def set_client(client: Any) -> None:
-    global _current_client
-    _current_client = client
-
-
-def current_client() -> Any:
-    return _current_client
 
 
 class ObjectRef(Generic[T]):
@@ -31,9 +25,10 @@ class ObjectRef(Generic[T]):
 
     __slots__ = ("_id", "_client", "__weakref__")
 
-    def __init__(self, oid: bytes, client: Any = None, *, counted: bool = False):
+    def __init__(self, oid: bytes, client: CoreClient | None = None, *,
+                 counted: bool = False):
         self._id = oid
-        self._client = client if client is not None else _current_client
+        self._client = client if client is not None else current_client()
         if self._client is not None:
             self._client.add_local_ref(oid, counted)
 
@@ -68,7 +63,6 @@ class ObjectRef(Generic[T]):
                 pass
 
     def __reduce__(self) -> Any:
-        from . import serialization
         serialization.note_contained_ref(self._id)
         return (_rebuild_ref, (self._id,))
 
@@ -80,7 +74,7 @@ class ObjectRef(Generic[T]):
 
     def future(self) -> "concurrent.futures.Future[T]":
         """A ``concurrent.futures.Future`` resolved with the value (or error)."""
-        client = self._client or _current_client
+        client = self._client or current_client()
         if client is None:
             raise RuntimeError("flowcore is not initialized: call flowcore.init() first")
         return client.future_for(self)

@@ -25,6 +25,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..exceptions import PlacementGroupError
+from ..objects.serialization import serialize
+from ..placement_group_handle import STRATEGIES, PlacementGroup, check_bundles  # noqa: F401
 from .states import TaskState
 from .records import ObjectState
 
@@ -34,32 +36,9 @@ if TYPE_CHECKING:  # pragma: no cover
 S = TaskState
 PG_PENDING, PG_CREATED, PG_RESCHEDULING, PG_REMOVED = (
     "PENDING", "CREATED", "RESCHEDULING", "REMOVED")
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _EPS = 1e-9
 #: backtracking steps STRICT_SPREAD may spend on one plan before giving up
 _SEARCH_LIMIT = 20_000
-
-
-def check_bundles(bundles: Any, strategy: Any) -> str | None:
-    """What is wrong with a group's definition, or None (used by both sides)."""
-    if strategy not in STRATEGIES:
-        return (f"strategy={strategy!r} is not a placement strategy: use one of "
-                f"{', '.join(STRATEGIES)}")
-    if not isinstance(bundles, (list, tuple)) or not bundles:
-        return "bundles must be a non-empty list of resource dicts, e.g. [{'CPU': 1}]"
-    for i, b in enumerate(bundles):
-        if not isinstance(b, dict) or not b:
-            return (f"bundle {i} is {b!r}: each bundle must be a non-empty dict of resource "
-                    f"name -> amount, e.g. {{'CPU': 1}}")
-        for k, v in b.items():
-            if not isinstance(k, str) or not k:
-                return f"bundle {i}: resource names must be non-empty strings, got {k!r}"
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 \
-                    or v == float("inf"):
-                return f"bundle {i}: {k}={v!r} is invalid: amounts must be finite numbers >= 0"
-        if not any(v > 0 for v in b.values()):
-            return f"bundle {i} is {b!r}: a bundle must ask for some resource (an amount > 0)"
-    return None
 
 
 def _fits(avail: dict[str, float], res: dict[str, float]) -> bool:
@@ -202,8 +181,6 @@ class PlacementGroupRecord:
 
 def ready_payload(pg: PlacementGroupRecord) -> bytes:
     """The value of ``pg.ready()``: the group itself, as the driver sees it."""
-    from ..objects.serialization import serialize
-    from ..placement_groups import PlacementGroup
     d = pg.describe()
     return serialize(PlacementGroup(d["pgid"], d["bundles"], d["strategy"], d["name"])).to_bytes()
 

@@ -32,7 +32,7 @@ class AutoscalingPolicy:
         if not self.samples:
             return max(c.min_replicas, min(current, c.max_replicas))
         avg = sum(v for _, v in self.samples) / len(self.samples)
-        raw = math.ceil(avg / c.target_ongoing_requests - 1e-9) if avg > 0 else 0
+        raw: float = math.ceil(avg / c.target_ongoing_requests - 1e-9) if avg > 0 else 0
         if current > 0:
             factor = c.upscaling_factor if raw > current else c.downscaling_factor
             if factor is not None:

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+import flowcore
 from flowcore.exceptions import ActorDiedError
 
 from .channel import Channel, ChannelClosed
@@ -34,8 +35,8 @@ _RETRIES = 3
 
 def _import_uvicorn() -> Any:
     try:
-        import uvicorn
         import starlette  # noqa: F401 - replicas build Requests with it
+        import uvicorn
     except ImportError as e:
         raise ImportError(f"flowcore.serve's HTTP proxy needs uvicorn and starlette ({e}); "
                           f"install them with: pip install 'flowcore[serve]'") from None
@@ -343,7 +344,6 @@ class ProxyActor:
             raise RuntimeError("uvicorn could not bind (is the port in use?)")
 
     def ready(self) -> dict:
-        import flowcore
         return {"host": self.host, "port": self.port, "pid": os.getpid(),
                 "url": f"http://{self.host}:{self.port}",
                 "node_id": flowcore.get_runtime_context().get_node_id(),

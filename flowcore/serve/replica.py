@@ -18,6 +18,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import flowcore
+
+from . import channel
 from .handle import _ResponseArg
 
 
@@ -90,8 +93,7 @@ def _request_class() -> type:
 
 
 def _to_response(value: Any) -> Any:
-    from starlette.responses import JSONResponse, PlainTextResponse, Response, \
-        StreamingResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     if isinstance(value, Response):
         return value
     if inspect.isgenerator(value) or inspect.isasyncgen(value):
@@ -136,7 +138,6 @@ def _bind_class_routes(app: Any, instance: Any, cls: type) -> None:
 
 def _node_host() -> str:
     """The address of this process's node, where proxies can reach it."""
-    import flowcore
     try:
         me = flowcore.get_runtime_context().get_node_id()
         for n in flowcore.nodes():
@@ -201,7 +202,6 @@ class Replica:
 
     async def ready(self) -> dict:
         if self._channel_secret and self._channel is None:
-            from . import channel
             self._channel, self._channel_addr = await channel.serve(
                 self.handle_http, _node_host(), self._channel_secret)
         return {"pid": os.getpid(), "replica_id": self.replica_id,

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, resolve_filesystem
 from .config import CheckpointConfig
 
 
@@ -67,7 +67,6 @@ class Result:
         ``result.json`` and ``checkpoints.json``."""
         import pyarrow.fs as pafs
 
-        from .checkpoint import resolve_filesystem
         fs, run_path = resolve_filesystem(path, storage_filesystem)
         results = f"{run_path}/result.json"
         if fs.get_file_info(results).type == pafs.FileType.NotFound:

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .stopper import check_stop
+
 __all__ = ["TuneConfig", "RunConfig", "CheckpointConfig", "FailureConfig"]
 
 
@@ -130,6 +132,5 @@ class RunConfig:
             raise TypeError("RunConfig(checkpoint_config=...) must be a tune.CheckpointConfig")
         if self.verbose is not None and self.verbose not in (0, 1, 2, 3):
             raise ValueError(f"RunConfig(verbose={self.verbose!r}): expected 0, 1, 2 or 3")
-        from .stopper import check_stop
         check_stop(self.stop)
         self.callbacks = list(self.callbacks or [])

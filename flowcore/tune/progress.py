@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any
 
+from .search.variant_generator import flatten
+
 __all__ = ["ProgressTable"]
 
 _INTERVAL = {0: None, 1: 5.0, 2: 5.0, 3: 5.0}
@@ -105,7 +107,6 @@ class ProgressTable:
 
     @staticmethod
     def _config_keys(trials: list) -> list[str]:
-        from .search.variant_generator import flatten
         varying: dict[str, set] = {}
         for t in trials:
             for k, v in flatten(t.config).items():

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator
 
+from . import storage
 from .checkpoint import Checkpoint
+from .error import TuneError
 from .search.variant_generator import flatten
 from .trial import Trial
 
@@ -42,8 +44,6 @@ class Result:
         ``result.json``, ``params.json``, ``checkpoint_*`` and ``error.txt``)."""
         import json
 
-        from . import storage
-        from .error import TuneError
         fs, p = storage.resolve(path, storage_filesystem)
         if not storage.exists(fs, storage.join(p, "params.json")):
             raise ValueError(f"Result.from_path({path!r}): not a trial directory (no "

@@ -12,6 +12,8 @@ import socket
 import time
 from typing import Any
 
+import flowcore
+
 from .resources import PlacementGroupFactory, normalize
 
 __all__ = ["Trainable", "with_parameters", "with_resources", "is_class_trainable",
@@ -208,7 +210,6 @@ def with_parameters(trainable: Any, **kwargs: Any) -> Any:
     object store (``flowcore.put``) and fetched by each trial, instead of
     being pickled with every trial."""
     check_trainable(trainable)
-    import flowcore
     refs = {k: flowcore.put(v) for k, v in kwargs.items()}
     res = getattr(trainable, "_tune_resources", None)
 

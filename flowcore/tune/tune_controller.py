@@ -22,6 +22,7 @@ import cloudpickle
 
 import flowcore
 from flowcore.exceptions import ActorError, TaskError, WorkerCrashedError
+from flowcore.scheduling import PlacementGroupSchedulingStrategy
 
 from . import resources as res_mod
 from . import storage
@@ -33,6 +34,7 @@ from .progress import ProgressTable
 from .status_feed import TuneFeed
 from .schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 from .search.searcher import SearchAlgorithm, Searcher
+from .search.variant_generator import experiment_tag
 from .stopper import Stopper
 from .trainable import is_class_trainable, resource_request
 from .trial import Trial
@@ -164,7 +166,6 @@ class TuneController:
 
     # -- trials -----------------------------------------------------------
     def _new_trial(self, config: dict, trial_id: str) -> Trial:
-        from .search.variant_generator import experiment_tag
         index = self.next_index
         self.next_index += 1
         tag = experiment_tag(index, self.space, config)
@@ -285,7 +286,6 @@ class TuneController:
         opts = res_mod.actor_options(res_mod.head(request))
         pg = None
         if isinstance(request, res_mod.PlacementGroupFactory):
-            from flowcore.scheduling import PlacementGroupSchedulingStrategy
             pg = flowcore.placement_group(request.bundles, strategy=request.strategy)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
         # named after the experiment, so the dashboard's and state.list_actors()'s

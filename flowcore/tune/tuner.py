@@ -24,11 +24,11 @@ from . import storage
 from .checkpoint_manager import CheckpointManager
 from .config import RunConfig, TuneConfig
 from .error import TuneError
-from .experiment_journal import ExperimentJournal, decode_obj, read_journal
+from .experiment_journal import ExperimentJournal, decode_obj, encode_obj, read_journal
 from .result_grid import ResultGrid
 from .schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 from .search.basic_variant import BasicVariantGenerator
-from .search.searcher import SearchAlgorithm, SearchGenerator, Searcher
+from .search.searcher import SearchAlgorithm, Searcher, SearchGenerator
 from .search.variant_generator import check_space
 from .stopper import make_stopper
 from .trainable import check_trainable, resource_request, trainable_name
@@ -277,7 +277,6 @@ class Tuner:
     def _rejournal(self, journal: ExperimentJournal, trials: list[Trial]) -> None:
         """Start the new journal section with the restored state, so the
         next restore reads one section."""
-        from .experiment_journal import encode_obj
         for t in trials:
             journal.append("trial", trial_id=t.trial_id, index=t.index, tag=t.experiment_tag,
                            dirname=t.dirname, config=encode_obj(t.config),

@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from ..block import column_to_numpy, iter_rows, to_table
+
 __all__ = ["parquet_reader", "csv_reader", "json_reader", "numpy_reader", "text_reader",
            "binary_reader", "images_reader", "parquet_writer", "csv_writer", "json_writer",
            "numpy_writer"]
@@ -76,7 +78,6 @@ def json_reader(kwargs: dict) -> Callable:
 def numpy_reader() -> Callable:
     def read(fs: pafs.FileSystem, path: str) -> pa.Table:
         import io
-        from ..block import to_table
         with fs.open_input_stream(path) as f:
             arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
         return to_table({"data": arr}, "read_numpy")
@@ -109,7 +110,6 @@ def images_reader(size: tuple[int, int] | None, mode: str | None) -> Callable:
         except ImportError:
             raise ImportError("read_images needs Pillow: pip install 'flowcore[data]'"
                               ) from None
-        from ..block import to_table
         with fs.open_input_stream(path) as f:
             img = Image.open(io.BytesIO(f.read()))
             if mode:
@@ -147,7 +147,6 @@ def _json_default(v: Any) -> Any:
 
 def json_writer() -> Callable:
     def write(t: pa.Table, f: Any) -> None:
-        from ..block import iter_rows
         for row in iter_rows(t):
             f.write((json.dumps(row, default=_json_default) + "\n").encode())
     return write
@@ -155,7 +154,6 @@ def json_writer() -> Callable:
 
 def numpy_writer(column: str) -> Callable:
     def write(t: pa.Table, f: Any) -> None:
-        from ..block import column_to_numpy
         if column not in t.column_names:
             raise KeyError(f"write_numpy: unknown column {column!r}; the dataset has "
                            f"columns {t.column_names}")
