@@ -33,6 +33,8 @@ _PENDING = ("a light import kept where it is in a file the other issue-12 change
             "components, wire schema, blocking transport, node resources) rewrite: hoist it "
             "there; it closes no cycle (test_no_function_level_import_dodges_a_cycle)")
 LAZY_ALLOWED: dict[tuple[str, str], str] = {
+    ("flowcore.node.cli", "flowcore.objects.mapping"): (
+        "preloaded while the head boots, so workers forked from the node have it"),
     ("flowcore", "flowcore.actor"): _PUBLIC,
     ("flowcore", "flowcore.remote_function"): _PUBLIC,
     ("flowcore.api", "flowcore.protocol.comm"): _HEAVY,
@@ -42,7 +44,6 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.client.core", "flowcore.objects.serialization"): _PENDING,
     ("flowcore.client.core", "flowcore.objects.store"): _HEAVY,
     ("flowcore.client.inline", "flowcore.client.core"): _HEAVY,
-    ("flowcore.client.inline", "flowcore.protocol.tls"): _PENDING,
     ("flowcore.cluster", "flowcore.objects.store"): _HEAVY,
     ("flowcore.cluster", "flowcore.protocol.comm"): _HEAVY,
     ("flowcore.dashboard", "flowcore.dashboard.app"): _HEAVY,
@@ -52,7 +53,6 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.graph.visualize", "flowcore.graph.draw"): _OPTIONAL,
     ("flowcore.job_submission.cli", "flowcore.job_submission.client"): _ROLE,
     ("flowcore.job_submission.client", "flowcore.client.core"): _HEAVY,
-    ("flowcore.node.actor_listener", "flowcore.client.inline"): _HEAVY,
     ("flowcore.node.cli", "flowcore.node.server"): _ROLE,
     ("flowcore.node.cli", "flowcore.private_files"): _ROLE,
     ("flowcore.node.packages", "flowcore.private_files"): _PENDING,
@@ -75,7 +75,6 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.node.worker", "flowcore.protocol.tls"): _PENDING,
     ("flowcore.node.worker", "flowcore.remote_function"): _PENDING,
     ("flowcore.node.worker", "flowcore.runtime_context"): _PENDING,
-    ("flowcore.protocol.comm", "flowcore.protocol.tls"): _PENDING,
     ("flowcore.remote_function", "flowcore.client.core"): _HEAVY,
     ("flowcore.scheduler.cli", "flowcore.dashboard"): _ROLE,
     ("flowcore.scheduler.cli", "flowcore.scheduler.persist"): _ROLE,
@@ -101,8 +100,6 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
 _DATA_MODEL = ("Dataset builds iterators and grouped views, and their operations return new "
                "Datasets (read_api builds them): the two-way relation of the data model")
 KNOWN_CYCLE_BREAKS: dict[tuple[str, str], str] = {
-    ("flowcore.client.actor_calls", "flowcore.client.inline"):
-        "BlockingConn moves to protocol/blocking.py (issue 12 item 6); then this goes to the top",
     ("flowcore.data.iterator", "flowcore.data.read_api"): _DATA_MODEL,
     ("flowcore.data.grouped", "flowcore.data.read_api"): _DATA_MODEL,
 }

@@ -31,6 +31,7 @@ from ..protocol.tls import TLSConfig
 from . import direct
 from .actor_calls import ActorCallsMixin
 from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
+from .futures import Resolver
 
 logger = logging.getLogger("flowcore.client")
 
@@ -1064,7 +1065,6 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
             # values may need a blocking store request: never on the IO thread
             if self._on_io_thread():
                 if self._resolver is None:
-                    from .futures import Resolver
                     self._resolver = Resolver()
                 self._resolver.submit(work)
             else:

@@ -356,7 +356,6 @@ class Replica:
         the controller's dashboard view)."""
         since = time.monotonic() - window_s
         if self._node_id is None:
-            import flowcore
             self._node_id = flowcore.get_runtime_context().get_node_id()
         return {"ongoing": self.ongoing, "total": self.total, "errors": self.errors,
                 "latencies": [d for t, d in self.latencies if t >= since],
