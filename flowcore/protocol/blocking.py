@@ -174,7 +174,7 @@ class BlockingConn:
         if self.tls:
             while self.sock.pending():  # type: ignore[attr-defined]
                 reader.feed(self.sock.recv(READ_SIZE))
-        out = []
+        out: list[tuple[list[dict], list]] = []
         while True:
             batch = reader.next_batch()
             if batch is None:

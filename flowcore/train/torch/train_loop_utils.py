@@ -94,7 +94,7 @@ def prepare_data_loader(data_loader: Any, add_dist_sampler: bool = True,
                              "give it a batch_size instead, or pass add_dist_sampler=False and "
                              "split the data yourself")
         shuffle = isinstance(loader.sampler, RandomSampler)
-        sampler = DistributedSampler(loader.dataset, num_replicas=s.world_size,
+        sampler: Any = DistributedSampler(loader.dataset, num_replicas=s.world_size,
                                      rank=s.world_rank, shuffle=shuffle)
         loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
                             num_workers=loader.num_workers, collate_fn=loader.collate_fn,
