@@ -29,9 +29,8 @@ _HEAVY = ("a heavy module (tornado, the client, the store, the dashboard) loaded
           "use, so a process that never calls it does not pay for it at start")
 _ROLE = "a command line entry point loads the process role it starts, when it starts it"
 _PUBLIC = "flowcore/__init__.py: public names load on first use (see its docstring)"
-_PENDING = ("a light import kept where it is in a file the other issue-12 changes (scheduler "
-            "components, wire schema, blocking transport, node resources) rewrite: hoist it "
-            "there; it closes no cycle (test_no_function_level_import_dodges_a_cycle)")
+_PENDING = ("a light import not yet hoisted to the top of its module; it closes no cycle "
+            "(test_no_function_level_import_dodges_a_cycle)")
 LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.node.cli", "flowcore.objects.mapping"): (
         "preloaded while the head boots, so workers forked from the node have it"),
