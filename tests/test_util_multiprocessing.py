@@ -59,7 +59,9 @@ def raise_unpicklable(_):
 @pytest.fixture(scope="module")
 def pools(tmp_path_factory):
     flowcore.shutdown()
-    flowcore.init(num_cpus=2, object_store_memory=128 << 20,
+    # 4 CPUs: the module's Pool(2) holds two (each pool process is a 1-CPU
+    # actor, as in Ray) while the tests' own pools take the others
+    flowcore.init(num_cpus=4, object_store_memory=128 << 20,
                   session_dir=str(tmp_path_factory.mktemp("mp")))
     std = multiprocessing.get_context("spawn").Pool(2)
     ours = Pool(2)
