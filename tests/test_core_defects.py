@@ -154,3 +154,33 @@ def test_futures_complete_without_a_thread_per_result(cluster):
         assert len(distinct) <= 8, f"{len(distinct)} threads completed 200 futures"
     finally:
         sig.close()
+
+
+@flowcore.remote
+def _refaults_of_a_second_round() -> int:
+    """Page faults of copying 200 MiB again after the first 200 MiB was freed
+    (what a task does that gets large bytearrays out of the store)."""
+    import resource
+
+    def one_round() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        bufs = [bytearray(20 * 2**20) for _ in range(10)]  # zero-filled: every page touched
+        del bufs
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    one_round()
+    return one_round()
+
+
+def test_workers_keep_freed_memory_for_the_next_task(cluster):
+    """A worker does not hand 200 MiB back to the kernel after each task, only
+    to fault every page in again in the next one (51,200 faults of 4 KiB)."""
+    faults = flowcore.get(_refaults_of_a_second_round.remote(), timeout=60)
+    assert faults < 51_200 // 4, faults
+
+
+def test_a_users_allocator_settings_are_left_alone():
+    from flowcore.node.malloc import keep_freed_memory
+    assert keep_freed_memory({"MALLOC_TRIM_THRESHOLD_": "1000"}) is False
+    assert keep_freed_memory({"MALLOC_MMAP_THRESHOLD_": "1000"}) is False
+    assert keep_freed_memory({"FLOWCORE_WORKER_MALLOC_TRIM": "0"}) is False
+    assert keep_freed_memory({"FLOWCORE_WORKER_MALLOC_TRIM": "lots"}) is False

@@ -23,6 +23,7 @@ from .. import daemon
 from ..exceptions import TaskError
 from ..objects.ref import set_client
 from ..protocol import messages
+from .malloc import keep_freed_memory
 
 logger = logging.getLogger("flowcore.worker")
 
@@ -583,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     global USER_THREAD_VARS
     USER_THREAD_VARS = frozenset(v for v in THREAD_VARS if v in os.environ)
+    keep_freed_memory()
     daemon.setup_logging(None, os.environ.get("FLOWCORE_LOG_LEVEL", "WARNING"))
     extra = os.environ.get("FLOWCORE_WORKER_SYS_PATH")
     if extra:
