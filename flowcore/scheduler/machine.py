@@ -293,6 +293,13 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         for tid in list(node.running):
             t = self.tasks.get(tid)
             if t is not None and t.state == S.RUNNING:
+                if t.tid in self._force_cancelled:
+                    # its force-cancel (cancel(force=True), or its placement
+                    # group removed) was on its way: cancelled, not retried
+                    self._force_cancelled.discard(t.tid)
+                    self._cancel_task(t, f"cancelled; its node {node.name} died before the "
+                                         f"kill arrived")
+                    continue
                 self.tx.lose(t, f"node {node.name} died: {cause}")
                 self._retry_or_fail(t, NodeDiedError(
                     f"node {node.name} ({node.address}) died while running task "
