@@ -672,3 +672,17 @@ def test_worker_process_death_is_retried(cluster, tmp_path):
     rg = run(f, tmp_path, {"x": 1}, name="nodie")
     assert rg.num_errors == 1
     assert isinstance(rg.errors[0], flowcore.exceptions.ActorError)
+
+
+def test_checkpoint_copies_are_private(tmp_path):
+    import stat
+    from flowcore.tune import Checkpoint
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "b.txt").write_text("beta")
+    os.chmod(src / "a.txt", 0o644)
+    out = Checkpoint.from_directory(str(src)).to_directory(str(tmp_path / "out"))
+    assert open(os.path.join(out, "sub", "b.txt")).read() == "beta"
+    assert stat.S_IMODE(os.stat(os.path.join(out, "a.txt")).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.join(out, "sub")).st_mode) == 0o700

@@ -64,6 +64,10 @@ class Checkpoint:
         else:
             pafs.copy_files(self.path, dest, source_filesystem=self.filesystem,
                             destination_filesystem=pafs.LocalFileSystem())
+        for root, _dirs, files in os.walk(dest):  # the copy is private, as all flowcore writes
+            os.chmod(root, 0o700)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o600)
         return dest
 
     @contextlib.contextmanager
