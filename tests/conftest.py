@@ -107,3 +107,35 @@ def private_cluster(tmp_path):
     flowcore.shutdown()
     for cluster in started:
         cluster.shutdown()
+
+
+# ---------------------------------------------------------------------- browser
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync",
+                 "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium through Playwright (never `playwright install`).
+    Under CI=true a missing browser fails the test instead of skipping it."""
+    ci = os.environ.get("CI", "").lower() == "true"
+
+    def unavailable(why: str) -> None:
+        if ci:
+            pytest.fail(f"browser test cannot run under CI: {why}")
+        pytest.skip(why)
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        unavailable("playwright is not installed (pip install -e '.[test]')")
+    if not os.path.exists(CHROMIUM):
+        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

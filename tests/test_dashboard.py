@@ -28,10 +28,6 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCREENSHOT = os.path.join(ROOT, "docs", "images", "dashboard.png")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync",
-                 "--disable-quic"]
 
 
 # ====================================================================== no IO
@@ -537,29 +533,7 @@ def test_cli_dashboard_can_be_disabled_and_a_busy_port_is_an_error(tmp_path):
 
 
 # ====================================================================== browser
-@pytest.fixture(scope="module")
-def browser():
-    """Debian's chromium through Playwright (never `playwright install`).
-    Under CI=true a missing browser fails the test instead of skipping it."""
-    ci = os.environ.get("CI", "").lower() == "true"
-
-    def unavailable(why: str) -> None:
-        if ci:
-            pytest.fail(f"browser test cannot run under CI: {why}")
-        pytest.skip(why)
-
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        unavailable("playwright is not installed (pip install -e '.[test]')")
-    if not os.path.exists(CHROMIUM):
-        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+# the `browser` fixture (Debian chromium through Playwright) is in conftest.py
 
 
 @pytest.mark.timeout(180)

@@ -20,10 +20,6 @@ from flowcore.experimental.dashboard_feed import Feed
 
 pytestmark = pytest.mark.timeout(150)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync",
-                 "--disable-quic"]
 
 
 def _need(module: str) -> None:
@@ -198,27 +194,7 @@ def test_feed_is_rate_limited_and_skips_unchanged_views(libs):
 
 
 # ====================================================================== browser
-@pytest.fixture(scope="module")
-def browser():
-    ci = os.environ.get("CI", "").lower() == "true"
-
-    def unavailable(why: str) -> None:
-        if ci:
-            pytest.fail(f"browser test cannot run under CI: {why}")
-        pytest.skip(why)
-
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        unavailable("playwright is not installed (pip install -e '.[test]')")
-    if not os.path.exists(CHROMIUM):
-        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+# the `browser` fixture (Debian chromium through Playwright) is in conftest.py
 
 
 @pytest.mark.timeout(180)
