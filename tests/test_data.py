@@ -102,6 +102,43 @@ def test_map_batches_formats_and_generator(distributed):
     assert 0 <= s <= 10
 
 
+class BatchLen:
+    """A pool's class reporting the size of each batch it is given."""
+
+    def __call__(self, batch):
+        return {"n": [len(batch["id"])], "pid": [os.getpid()]}
+
+
+@pytest.mark.timeout(120)
+def test_map_batches_batch_size_is_exact_across_tiny_blocks():
+    """batch_size=N hands the UDF N rows per call (only the last smaller)
+    even from 2-row blocks, after row-changing operators and in a pool."""
+    def lens(batch):
+        return {"n": [len(batch["id"])]}
+    ctx = DataContext.get_current()
+    tiny = fd.range(100, override_num_blocks=50)
+    # 100 rows -> 14 x 7 + 2; after the filter 66 rows -> 9 x 7 + 3
+    assert [r["n"] for r in tiny.map_batches(lens, batch_size=7).take_all()] == [7] * 14 + [2]
+    old = ctx.small_plan_bytes, ctx.small_shuffle_bytes
+    ctx.small_plan_bytes = ctx.small_shuffle_bytes = 0
+    try:
+        for ds, want in [
+                (tiny.map_batches(lens, batch_size=7), [7] * 14 + [2]),
+                (tiny.filter(lambda r: r["id"] % 3 != 0).map(lambda r: r)
+                 .map_batches(lens, batch_size=7), [7] * 9 + [3]),
+                (tiny.map_batches(lens, batch_size=7).map(lambda r: {"id": r["n"]})
+                 .map_batches(lens, batch_size=4), [4] * 3 + [3]),
+                (fd.from_items([{"id": i} for i in range(30)], override_num_blocks=15)
+                 .map_batches(lens, batch_size=4), [4] * 7 + [2]),
+                (tiny.filter(lambda r: r["id"] < 90).map_batches(
+                    BatchLen, batch_size=8, concurrency=2), [8] * 11 + [2])]:
+            assert [r["n"] for r in ds.take_all()] == want, ds
+        pool = tiny.map_batches(BatchLen, batch_size=25, concurrency=2).take_all()
+        assert [r["n"] for r in pool] == [25] * 4
+    finally:
+        ctx.small_plan_bytes, ctx.small_shuffle_bytes = old
+
+
 def test_consumption():
     ds = fd.range(10, override_num_blocks=3)
     batches = list(ds.iter_batches(batch_size=4))

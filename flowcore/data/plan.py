@@ -20,6 +20,7 @@ import pyarrow as pa
 from . import shuffle
 from .block import (concat, describe_batch, describe_row, iter_rows, rows_to_table, schema_str,
                     to_batch, to_table)
+from .iterator import batch_tables
 
 __all__ = [
     "TaskContext", "ReadTask", "MapOp", "AllToAllOp", "LimitOp", "LogicalPlan",
@@ -157,29 +158,54 @@ class MapOp:
 
     def _t_map_batches(self, blocks: Iterator[pa.Table], ctx: TaskContext
                        ) -> Iterator[pa.Table]:
+        """Batches of exactly ``batch_size`` rows cut across the blocks of
+        this call (the last may be smaller; ``None``: one batch per block).
+        The executor hands a call a multiple of ``batch_size`` rows, so
+        batches are exact across the whole dataset."""
         fn = self._callable()
-        size = self.batch_size
-        for t in blocks:
-            step = t.num_rows if size is None else size
-            starts = range(0, t.num_rows, step) if t.num_rows else [0]
-            outs = []
-            for s in starts:
-                piece = t.slice(s, step) if step else t
-                batch = to_batch(piece, self.batch_format)
-                try:
-                    res = fn(batch, *self.fn_args, **self.fn_kwargs)
-                    results = res if inspect.isgenerator(res) else [res]
-                    for r in results:
-                        outs.append(to_table(r, self.name))
-                except TypeError as e:
-                    if str(e).startswith(self.name):
-                        raise
-                    e.add_note(f"flowcore.data: {self.name} failed on {describe_batch(piece)}")
-                    raise
-                except Exception as e:
-                    e.add_note(f"flowcore.data: {self.name} failed on {describe_batch(piece)}")
-                    raise
-            yield concat(outs) if outs else t.slice(0, 0)
+        first: list[pa.Table] = []
+
+        def nonempty() -> Iterator[pa.Table]:
+            for t in blocks:
+                if not first:
+                    first.append(t)
+                if t.num_rows:
+                    yield t
+        pieces = (t for t in nonempty()) if self.batch_size is None else \
+            batch_tables(nonempty(), self.batch_size, False)
+        produced = False
+        for piece in pieces:
+            produced = True
+            yield from self._call_batch(fn, piece)
+        if not produced and first:  # no rows: one call on the empty block fixes the schema
+            yield from self._call_batch(fn, first[0])
+
+    def _call_batch(self, fn: Callable, piece: pa.Table) -> Iterator[pa.Table]:
+        batch = to_batch(piece, self.batch_format)
+        try:
+            res = fn(batch, *self.fn_args, **self.fn_kwargs)
+            results = res if inspect.isgenerator(res) else [res]
+            for r in results:
+                yield to_table(r, self.name)
+        except TypeError as e:
+            if str(e).startswith(self.name):
+                raise
+            e.add_note(f"flowcore.data: {self.name} failed on {describe_batch(piece)}")
+            raise
+        except Exception as e:
+            e.add_note(f"flowcore.data: {self.name} failed on {describe_batch(piece)}")
+            raise
+
+    @property
+    def keeps_row_count(self) -> bool:
+        """One output row per input row (batch boundaries stay put)."""
+        return self.kind in ("map", "add_column", "drop_columns", "select_columns",
+                             "rename_columns")
+
+    @property
+    def exact_batch_size(self) -> int | None:
+        """The rows per call this operator needs its input cut into."""
+        return self.batch_size if self.kind == "map_batches" else None
 
     def _t_add_column(self, blocks: Iterator[pa.Table], ctx: TaskContext) -> Iterator[pa.Table]:
         col = self.params["col"]
@@ -444,7 +470,12 @@ def run_local(plan: LogicalPlan, inputs: list[pa.Table]) -> list[pa.Table]:
         nonlocal pending
         if not pending:
             return ts
-        out = [apply_transforms(iter([t]), pending, TaskContext(i)) for i, t in enumerate(ts)]
+        if any(o.exact_batch_size for o in pending):
+            # batches cut across blocks: the blocks go through as one stream
+            out = [apply_transforms(iter(ts), pending, TaskContext(0))]
+        else:
+            out = [apply_transforms(iter([t]), pending, TaskContext(i))
+                   for i, t in enumerate(ts)]
         pending = []
         return out
 
