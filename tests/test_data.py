@@ -268,6 +268,44 @@ def test_streaming_split_shards_in_tasks():
     assert sorted(a2 + b2) == list(range(40))
 
 
+def _split_coordinators_alive() -> list:
+    from flowcore import state
+    return [a for a in state.list_actors()
+            if a["class_name"] == "SplitCoordinator" and a["state"] != "DEAD"]
+
+
+def _wait_no_coordinator(deadline_s: float = 60.0) -> None:
+    import gc
+    import time
+    gc.collect()
+    end = time.monotonic() + deadline_s
+    while _split_coordinators_alive() and time.monotonic() < end:
+        time.sleep(0.1)  # polling the actor table; the bound is generous, not a timing claim
+    assert _split_coordinators_alive() == []
+
+
+@pytest.mark.timeout(120)
+def test_split_coordinator_frees_blocks_and_exits_with_its_iterators():
+    its = fd.range(40, override_num_blocks=8).streaming_split(2)
+    coord = its[0]._coord
+
+    @flowcore.remote
+    def consume(it):
+        return sum(1 for _ in it.iter_rows())
+    assert sum(flowcore.get([consume.remote(i) for i in its])) == 40
+    # every shard finished: no execution, no block refs kept between epochs
+    assert flowcore.get(coord.holds_blocks.remote()) == 0
+    assert len(_split_coordinators_alive()) == 1
+    del its, coord
+    _wait_no_coordinator()
+    # a shard abandoned mid-epoch: the coordinator goes with the iterators
+    its = fd.range(40, override_num_blocks=8).streaming_split(2, equal=True)
+    batches = its[0].iter_batches(batch_size=5)
+    assert len(next(batches)["id"]) == 5
+    del its, batches
+    _wait_no_coordinator()
+
+
 # -- files -----------------------------------------------------------------------------
 def test_parquet_csv_json_roundtrip(tmp_path):
     df = pd.DataFrame({"a": np.arange(30), "b": [f"s{i}" for i in range(30)],
