@@ -478,6 +478,33 @@ def test_tasks_carry_operator_names(distributed):
     assert any(n and n.startswith("Sort[key=['id']") for n in names)
 
 
+def test_visualize_draws_the_plan_and_executed_operators(distributed, tmp_path):
+    def inc(r):
+        return {"id": r["id"] + 1}
+
+    def double(b):
+        return {"id": b["id"] * 2}
+    ds = (fd.range(100, override_num_blocks=4).map(inc).filter(lambda r: r["id"] % 2 == 0)
+          .map_batches(double, batch_size=10).sort("id"))
+    before = flowcore.visualize(ds).source
+    for name in ["ReadRange", "Map(inc)", "Filter(<lambda>)", "MapBatches(double)",
+                 "Sort[key=['id']"]:
+        assert name in before, name
+    assert "not executed yet" in before
+    m = ds.materialize()
+    dot = flowcore.visualize(m).source
+    assert "cluster_logical" in dot and "cluster_physical" in dot
+    # the fused stage, its counts, and the tasks that made the blocks
+    assert "ReadTask->Map(inc)->Filter(<lambda>)\\n4 tasks, 4 blocks\\nrows: 50" in dot
+    assert "MapBatches(double)\\n" in dot and "Materialized\\n4 blocks, 50 rows" in dot
+    assert "tasks that made the blocks" in dot
+    assert "Sort[key=['id'], descending=[False]]:reduce" in dot
+    u = fd.range(10).union(fd.range(5)).map(inc)
+    u.take_all()
+    assert "Union[2 inputs]" in flowcore.visualize(u, filename=tmp_path / "u.dot").source
+    assert "Union[2 inputs]" in (tmp_path / "u.dot").read_text()
+
+
 def test_remaining_api_surface(tmp_path, capsys):
     df = pd.DataFrame({"k": [1, 1, 2], "v": [-5.0, 2.0, 3.0]})
     ds = fd.from_pandas_refs([flowcore.put(df)])

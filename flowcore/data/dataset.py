@@ -107,6 +107,7 @@ class Dataset:
     def __init__(self, plan: LogicalPlan) -> None:
         self._plan = plan
         self._last_stats: DatasetStats | None = None
+        self._made_from: LogicalPlan | None = None
         self._uuid = uuid.uuid4().hex[:16]
 
     # -- plumbing --------------------------------------------------------------
@@ -558,6 +559,7 @@ class Dataset:
         bundles = materialize_bundles(self._plan, self._last_stats)
         out = MaterializedDataset(LogicalPlan(InputSource(bundles, "Materialized")))
         out._last_stats = self._last_stats
+        out._made_from = self._plan  # drawn by flowcore.visualize(ds)
         return out
 
     # -- writing ----------------------------------------------------------------------
@@ -615,6 +617,12 @@ class Dataset:
 
     def __iter__(self) -> Any:
         raise TypeError("a Dataset is not iterable; use iter_rows() or iter_batches()")
+
+    def __flowcore_graph__(self) -> Any:
+        """``flowcore.visualize(ds)``: the plan, the executed operators with
+        their counts and (materialized) the tasks that made the blocks."""
+        from .plan_graph import plan_digraph
+        return plan_digraph(self)
 
 
 class MaterializedDataset(Dataset):

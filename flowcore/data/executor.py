@@ -38,7 +38,7 @@ from .block import concat, to_batch
 from .context import DataContext
 from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSource, ReadTask,
                    TaskContext, UnionSource, ZipSource, apply_transforms, check_union_schemas,
-                   even_ranges, input_bundles, run_local, zip_tables)
+                   even_ranges, input_bundles, plan_objects, run_local, zip_tables)
 from .stats import DatasetStats, OpStats
 from .status_feed import DataFeed
 
@@ -410,7 +410,7 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
 
 def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:
     st = ex.stats.op("ExecutePlanInOneTask[" + " -> ".join(
-        [plan.source.name] + [o.name for o in plan.ops]) + "]")
+        [plan.source.name] + [o.name for o in plan.ops]) + "]", plan_objects(plan))
     st.started()
     refs = [r for r, _ in input_bundles(plan)]
     st.tasks += 1
@@ -535,9 +535,11 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
     stages = _stages(plan)
     with_tasks = _segments_with_tasks(plan, stages)
     n_pools = sum(1 for st in stages if st[0] == "actor")
+    reads = plan.source if isinstance(plan.source, ReadSource) else None
     for i, st in enumerate(stages):
+        source = reads if i == 0 else None  # the first stage runs the read tasks
         if st[0] == "task":
-            stream = _task_stage(ex, _rebundled(stream, st[2]), st[1])
+            stream = _task_stage(ex, _rebundled(stream, st[2]), st[1], source)
         elif st[0] == "actor":
             free = 0.0
             if with_tasks[i]:
@@ -546,7 +548,8 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
                     free = 1.0   # leave a CPU to the tasks around the pool
                 else:            # too few CPUs to share: run the segment in turns
                     stream = _gathered(stream)
-            stream = _actor_stage(ex, stream, st[1], st[2], n_pools, free, st[3], st[4])
+            stream = _actor_stage(ex, stream, st[1], st[2], n_pools, free, st[3], st[4],
+                                  source)
             if with_tasks[i] and not free and any(s[0] == "task" for s in stages[i + 1:]):
                 stream = _gathered(stream)
         elif st[0] == "limit":
@@ -631,9 +634,10 @@ def _split_if_big(ex: Execution, ref: Any, meta: dict) -> list[tuple[Any, dict]]
     return list(zip(refs[:k], ex.get_meta(refs[k])))
 
 
-def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp]
-                ) -> Iterator[Bundle]:
-    st = ex.stats.op(_stage_name(transforms))
+def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp],
+                source: Any = None) -> Iterator[Bundle]:
+    """``source``: the ReadSource whose read tasks ``items`` are, if any."""
+    st = ex.stats.op(_stage_name(transforms), transforms + ([source] if source else []))
     tref = flowcore.put(transforms)
     res = _resources(transforms)
     fns: dict = {}
@@ -707,7 +711,7 @@ def pool_size(op: MapOp, cpus: float, n_pools: int, free: float = 0.0) -> int:
 
 def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: list[MapOp],
                  n_pools: int, free: float = 0.0, batch: int | None = None,
-                 split_pre: bool = False) -> Iterator[Bundle]:
+                 split_pre: bool = False, source: Any = None) -> Iterator[Bundle]:
     """A pool of actors running ``pre + ops`` per call.  ``split_pre``: the
     read and ``pre`` run as calls of their own on the same actors, their
     blocks are re-cut into multiples of ``batch`` rows, then ``ops`` run
@@ -752,11 +756,13 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
         return _windowed(ex, st, stream, submit, can_submit, done)
 
     if split_pre:
-        st_pre = ex.stats.op(_stage_name(pre))
+        src = [source] if source else []
+        st_pre = ex.stats.op(_stage_name(pre), pre + src)
         stream = _rebundled(phase(0, items, st_pre), batch)
-        main = phase(1, stream, ex.stats.op(_stage_name(ops)))
+        main = phase(1, stream, ex.stats.op(_stage_name(ops), ops))
     else:
-        main = phase(None, _rebundled(items, batch), ex.stats.op(_stage_name(transforms)))
+        main = phase(None, _rebundled(items, batch), ex.stats.op(
+            _stage_name(transforms), transforms + ([source] if source else [])))
 
     def run() -> Iterator[Bundle]:
         try:
@@ -772,7 +778,7 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
 
 
 def _limit_stage(ex: Execution, items: Iterator[Bundle], op: LimitOp) -> Iterator[Bundle]:
-    st = ex.stats.op(op.name)
+    st = ex.stats.op(op.name, [op])
     st.started()
     left = op.limit
     try:
@@ -821,7 +827,7 @@ def _collect(ex: Execution, st: OpStats, pairs: list[tuple]) -> list[Bundle]:
 
 def _barrier_stage(ex: Execution, items: Iterator[Any], op: AllToAllOp) -> Iterator[Bundle]:
     bundles = _gather(ex, items)
-    st = ex.stats.op(op.name)
+    st = ex.stats.op(op.name, [op])
     st.started()
     try:
         result = _all_to_all(ex, st, bundles, op)
@@ -939,7 +945,7 @@ def slice_bundles(ex: Execution, bundles: list[Bundle], ranges: list[tuple[int, 
 
 
 def _zip_stage(ex: Execution, src: ZipSource) -> Iterator[Bundle]:
-    st = ex.stats.op("Zip")
+    st = ex.stats.op("Zip", [src])
     st.started()
     sides = [_gather(ex, _build(ex, p)) for p in src.plans]
     left, right = sides[0], sides[1]

@@ -515,6 +515,13 @@ def _source_local(src: Any, inputs: list[pa.Table]) -> list[pa.Table]:
     raise TypeError(f"unknown source {src!r}")
 
 
+def plan_objects(plan: LogicalPlan) -> list:
+    """Every source (nested ones too) and operator of ``plan``."""
+    src = plan.source
+    out = [o for p in getattr(src, "plans", []) for o in plan_objects(p)]
+    return out + [src] + list(plan.ops)
+
+
 def input_bundles(plan: LogicalPlan) -> list:
     """The (ref, meta) bundles a plan's InputSources hold, in run_local order."""
     src = plan.source
@@ -525,4 +532,5 @@ def input_bundles(plan: LogicalPlan) -> list:
     return []
 
 
-__all__ += ["even_ranges", "zip_tables", "check_union_schemas", "input_bundles"]
+__all__ += ["even_ranges", "zip_tables", "check_union_schemas", "input_bundles",
+            "plan_objects"]
