@@ -26,6 +26,7 @@ import collections
 import math
 import os
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
@@ -359,6 +360,30 @@ def store_capacity() -> int:
     return max(caps) if caps else 256 << 20
 
 
+#: seconds the CPUs and store capacity read for one execution are reused by
+#: the next ones (two head queries saved per small plan)
+FACTS_TTL_S = 5.0
+_facts: dict = {}
+_facts_lock = threading.Lock()
+
+
+def cluster_facts() -> tuple[float, int]:
+    """(cluster CPUs, largest node store capacity), cached for FACTS_TTL_S
+    per cluster connection."""
+    rc = flowcore.get_runtime_context()
+    key = (rc.gcs_address, rc.get_job_id())
+    now = time.monotonic()
+    with _facts_lock:
+        hit = _facts.get(key)
+        if hit is not None and now - hit[0] < FACTS_TTL_S:
+            return hit[1]
+    facts = (cluster_cpus(), store_capacity())
+    with _facts_lock:
+        _facts.clear()
+        _facts[key] = (now, facts)
+    return facts
+
+
 # -- execution ------------------------------------------------------------------
 class Execution:
     """State shared by the stages of one execution."""
@@ -368,8 +393,8 @@ class Execution:
         self.stats = stats
         if not flowcore.is_initialized():
             flowcore.init()
-        self.cpus = cluster_cpus()
-        self.budget = MemoryBudget(int(store_capacity() * ctx.store_memory_fraction))
+        self.cpus, capacity = cluster_facts()
+        self.budget = MemoryBudget(int(capacity * ctx.store_memory_fraction))
         self.max_in_flight = ctx.max_tasks_in_flight_per_op or max(2, int(2 * self.cpus))
         self.actors_cpus_left = self.cpus
 
