@@ -43,6 +43,16 @@ def _timed(fn: Callable[[], Any], repeat: int | None = None) -> float:
     return statistics.median(out)
 
 
+def _pieces(total: int, n: int) -> list[tuple[int, int]]:
+    base, extra = divmod(total, n)
+    out, start = [], 0
+    for i in range(n):
+        ln = base + (1 if i < extra else 0)
+        out.append((start, ln))
+        start += ln
+    return out
+
+
 def _write_parquet_input(path: str, total_bytes: int) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -90,7 +100,7 @@ def bench_flowcore(sizes: dict, tmp: str) -> dict:
         res["range(1000).map.take_all (s)"] = _timed(
             lambda: fd.range(1000).map(lambda r: {"id": r["id"] + 1}).take_all(), 5)
         sdf = pd.DataFrame({"v": rng.random(sizes["sort_rows"])})
-        sds = fd.from_pandas(sdf, override_num_blocks=8)
+        sds = fd.from_pandas([sdf.iloc[o:o + ln] for o, ln in _pieces(len(sdf), 8)])
         res["sort (s)"] = _timed(lambda: sds.sort("v").materialize())
         src_dir, out_dir = f"{tmp}/in", f"{tmp}/out_fc"
         nbytes = sizes["parquet_bytes_real"]
@@ -170,8 +180,10 @@ def bench_ray(sizes: dict, tmp: str) -> dict:
             lambda: src.groupby("k").sum("v").to_pandas())
         res["range(1000).map.take_all (s)"] = _timed(
             lambda: rd.range(1000).map(lambda r: {"id": r["id"] + 1}).take_all(), 5)
-        sds = rd.from_pandas(pd.DataFrame({"v": rng.random(sizes["sort_rows"])}),
-                             override_num_blocks=8)
+        # 8 blocks as for flowcore (Ray 2.60's from_pandas(override_num_blocks=)
+        # fails on a single DataFrame, so the frame is cut here)
+        sdf = pd.DataFrame({"v": rng.random(sizes["sort_rows"])})
+        sds = rd.from_pandas([sdf.iloc[o:o + ln] for o, ln in _pieces(len(sdf), 8)])
         res["sort (s)"] = _timed(lambda: sds.sort("v").materialize())
         res["parquet read->map->write GB/s"] = sizes["parquet_bytes_real"] / _timed(
             lambda: rd.read_parquet(f"{tmp}/in").map_batches(
@@ -212,7 +224,12 @@ def main(argv: list[str] | None = None) -> None:
                     print("note: ray is not installed; Ray Data rows skipped "
                           "(pip install 'flowcore[bench]')")
                     continue
-            results[eng] = runners[eng](sizes, tmp)
+            try:
+                results[eng] = runners[eng](sizes, tmp)
+            except Exception as e:  # noqa: BLE001 - one engine failing keeps the others
+                print(f"note: {eng} failed: {type(e).__name__}: {e}")
+                continue
+            print(f"{eng}: {results[eng]}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = list(next(iter(results.values())).keys()) if results else []

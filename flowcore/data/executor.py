@@ -39,7 +39,8 @@ from .block import concat, to_batch
 from .context import DataContext
 from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSource, ReadTask,
                    TaskContext, UnionSource, ZipSource, apply_transforms, check_union_schemas,
-                   even_ranges, input_bundles, plan_objects, run_local, zip_tables)
+                   even_ranges, fixed_ranges, input_bundles, plan_objects, run_local,
+                   zip_tables)
 from .stats import DatasetStats, OpStats
 from .status_feed import DataFeed
 
@@ -412,8 +413,7 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
     error: BaseException | None = None
     out: Iterator[Bundle] | None = None
     try:
-        size = plan.input_size()
-        if size is not None and size <= ctx.small_plan_bytes and not plan.has_actors():
+        if _one_task_plan(plan, ctx):
             out = _one_task(ex, plan)
         else:
             out = _build(ex, plan)
@@ -431,6 +431,13 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
         stats.peak_budget_bytes = ex.budget.peak
         stats.finished()
         feed.finish(error)
+
+
+def _one_task_plan(plan: LogicalPlan, ctx: DataContext) -> bool:
+    """A small plan without pools or block-shaping operators runs as one task."""
+    size = plan.input_size()
+    return (size is not None and size <= ctx.small_plan_bytes and not plan.has_actors()
+            and not plan.sets_blocks())
 
 
 def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:
@@ -584,6 +591,38 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
     return stream
 
 
+def describe_stages(plan: LogicalPlan) -> str:
+    """The physical stages ``plan`` runs as (``Dataset.explain()``)."""
+    if _one_task_plan(plan, DataContext.get_current()):
+        return ("ExecutePlanInOneTask[" + " -> ".join([plan.source.name]
+                                                      + [o.name for o in plan.ops]) + "]")
+    lines = []
+    for p in getattr(plan.source, "plans", []):
+        lines += ["input: " + line for line in describe_stages(p).splitlines()]
+    if getattr(plan.source, "plans", None):
+        lines.append(plan.source.name)
+    reads = isinstance(plan.source, ReadSource)
+    for i, st in enumerate(_stages(plan)):
+        if st[0] == "task":
+            line = _stage_name(st[1], "ReadTask" if reads and i == 0 else "")
+            line = f"TaskPoolMapOperator[{line}]"
+        elif st[0] == "actor":
+            pre = _stage_name(st[1], "ReadTask" if reads and i == 0 else "") \
+                if st[1] or (reads and i == 0) else ""
+            if st[4]:
+                line = (f"ActorPoolMapOperator[{pre}] (the pool's own calls) -> "
+                        f"ActorPoolMapOperator[{_stage_name(st[2])}]")
+            else:
+                line = f"ActorPoolMapOperator[{_stage_name(st[1] + st[2])}]"
+        else:
+            line = st[1].name
+        batch = st[2] if st[0] == "task" else st[3] if st[0] == "actor" else None
+        if batch:
+            line += f" (input re-cut to multiples of {batch} rows)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _task_name(stage: str) -> str:
     return stage if len(stage) <= 120 else stage[:117] + "..."
 
@@ -665,6 +704,15 @@ def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp],
     st = ex.stats.op(_stage_name(transforms), transforms + ([source] if source else []))
     tref = flowcore.put(transforms)
     res = _resources(transforms)
+    limit = _task_limit(ex, transforms)
+    if source is not None:  # the read's own num_cpus=, concurrency=... (the larger CPU ask wins)
+        cpus = [c for c in (source.remote_args.get("num_cpus"), res.get("num_cpus"))
+                if c is not None]
+        res = {**source.remote_args, **res}
+        if cpus:
+            res["num_cpus"] = max(cpus)
+        if source.concurrency:
+            limit = min(limit, source.concurrency)
     fns: dict = {}
 
     def submit(index: int, item: Any) -> tuple:
@@ -683,7 +731,7 @@ def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp],
             out, meta = fn.remote(tref, index, "block", item.ref)
         return out, meta, None
 
-    return _windowed(ex, st, items, submit, lambda: True, limit=_task_limit(ex, transforms))
+    return _windowed(ex, st, items, submit, lambda: True, limit=limit)
 
 
 def _resources(ops: list[MapOp]) -> dict:
@@ -874,8 +922,12 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
         return out
     total = sum(b.meta["size_bytes"] for b in bundles)
     n_out = op.params.get("num_blocks") or len(bundles) or 1
+    if op.kind == "repartition" and op.params.get("rows_per_block"):
+        rows = sum(b.num_rows for b in bundles)
+        return _repartition(ex, st, bundles, fixed_ranges(rows, op.params["rows_per_block"]))
     if op.kind == "repartition" and not op.params.get("shuffle"):
-        return _repartition(ex, st, bundles, n_out)
+        return _repartition(ex, st, bundles, even_ranges(sum(b.num_rows for b in bundles),
+                                                         n_out))
     if total <= ex.ctx.small_shuffle_bytes or len(bundles) <= 1:
         st.tasks += 1
         k = op.params.get("num_blocks") or 1
@@ -889,6 +941,11 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
     refs = [b.ref for b in bundles]
     if op.kind in ("random_shuffle", "repartition"):
         kind, params = "random", {"seed": op.params.get("seed")}
+    elif op.params.get("boundaries"):
+        key, direction = op.params["keys"][0]
+        kind = "range"
+        params = {"key": key, "descending": direction == "descending",
+                  "bounds": op.sort_bounds()}
     else:
         key, direction = op.params["keys"][0]
         samples: list = []
@@ -920,15 +977,16 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
     return _collect(ex, st, pairs)
 
 
-def _repartition(ex: Execution, st: OpStats, bundles: list[Bundle], n: int) -> list[Bundle]:
-    total = sum(b.num_rows for b in bundles)
+def _repartition(ex: Execution, st: OpStats, bundles: list[Bundle],
+                 ranges: list[tuple[int, int]]) -> list[Bundle]:
+    """One block per (offset, length) of global rows."""
     starts = []
     acc = 0
     for b in bundles:
         starts.append(acc)
         acc += b.num_rows
     pairs = []
-    for off, ln in even_ranges(total, n):
+    for off, ln in ranges:
         pieces, refs = [], []
         for bi, b in enumerate(bundles):
             s, e = starts[bi], starts[bi] + b.num_rows

@@ -205,7 +205,7 @@ class MapOp:
     @property
     def exact_batch_size(self) -> int | None:
         """The rows per call this operator needs its input cut into."""
-        return self.batch_size if self.kind == "map_batches" else None
+        return self.batch_size if self.kind in ("map_batches", "write") else None
 
     def _t_add_column(self, blocks: Iterator[pa.Table], ctx: TaskContext) -> Iterator[pa.Table]:
         col = self.params["col"]
@@ -272,9 +272,10 @@ class MapOp:
     def _t_write(self, blocks: Iterator[pa.Table], ctx: TaskContext) -> Iterator[pa.Table]:
         sink = self.params["sink"]
         t = concat(list(blocks))
-        path = sink.write_block(t, ctx.task_index) if t.num_rows else None
-        yield pa.table({"path": pa.array([path], type=pa.string()),
-                        "num_rows": pa.array([t.num_rows], type=pa.int64())})
+        paths = sink.write_table(t, ctx.task_index) if t.num_rows else [None]
+        yield pa.table({"path": pa.array(paths, type=pa.string()),
+                        "num_rows": pa.array([t.num_rows] + [0] * (len(paths) - 1),
+                                             type=pa.int64())})
 
 
 def apply_transforms(blocks: Iterator[pa.Table], transforms: Sequence[MapOp],
@@ -318,11 +319,18 @@ class AllToAllOp:
                                             p["fn_args"], p["fn_kwargs"], self.name)
         return table
 
+    def sort_bounds(self) -> list:
+        """The user's ``sort(boundaries=)`` in range_partition's order."""
+        b = list(self.params["boundaries"])
+        return b[::-1] if self.params["keys"][0][1] == "descending" else b
+
     def local(self, tables: list[pa.Table]) -> list[pa.Table]:
         if self.kind == "randomize_block_order":
             rng = np.random.default_rng(self.params.get("seed"))
             return [tables[i] for i in rng.permutation(len(tables))]
         t = concat(tables)
+        if self.kind == "repartition" and self.params.get("rows_per_block"):
+            return [t.slice(*r) for r in fixed_ranges(t.num_rows, self.params["rows_per_block"])]
         if self.kind == "repartition":
             n = self.params["num_blocks"]
             if self.params.get("shuffle"):
@@ -330,9 +338,18 @@ class AllToAllOp:
             return [t.slice(*r) for r in even_ranges(t.num_rows, n)]
         out = self.reduce(t)
         n = self.params.get("num_blocks")
+        if self.kind == "sort" and self.params.get("boundaries"):
+            (key, direction), = self.params["keys"]
+            return shuffle.range_partition(out, key, direction == "descending",
+                                           self.sort_bounds(), n)
         if n and n > 1:
             return [out.slice(*r) for r in even_ranges(out.num_rows, n)]
         return [out]
+
+
+def fixed_ranges(total: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of consecutive pieces of ``size`` rows (the last smaller)."""
+    return [(o, min(size, total - o)) for o in range(0, total, size)] or [(0, 0)]
 
 
 def even_ranges(total: int, n: int) -> list[tuple[int, int]]:
@@ -368,9 +385,14 @@ class InputSource:
 
 
 class ReadSource:
-    def __init__(self, tasks: list[ReadTask], name: str) -> None:
+    """Read tasks; ``remote_args`` (num_cpus=, ...) and ``concurrency`` (read
+    tasks in flight) apply to the tasks that run them."""
+    def __init__(self, tasks: list[ReadTask], name: str, remote_args: dict | None = None,
+                 concurrency: int | None = None) -> None:
         self.tasks = tasks
         self.name = name
+        self.remote_args = dict(remote_args or {})
+        self.concurrency = concurrency
 
     def size_bytes(self) -> int | None:
         sizes = [t.size_bytes for t in self.tasks]
@@ -411,6 +433,15 @@ class LogicalPlan:
         if any(isinstance(o, MapOp) and o.is_actor for o in self.ops):
             return True
         return any(p.has_actors() for p in getattr(self.source, "plans", []))
+
+    def sets_blocks(self) -> bool:
+        """An operator decides the output's blocks (repartition, a sort with
+        boundaries, num_blocks/num_partitions): not run as one block."""
+        if any(isinstance(o, AllToAllOp) and (o.params.get("num_blocks")
+                                              or o.params.get("rows_per_block"))
+               for o in self.ops):
+            return True
+        return any(p.sets_blocks() for p in getattr(self.source, "plans", []))
 
     def has_write(self) -> bool:
         return any(isinstance(o, MapOp) and o.kind == "write" for o in self.ops)
@@ -532,5 +563,5 @@ def input_bundles(plan: LogicalPlan) -> list:
     return []
 
 
-__all__ += ["even_ranges", "zip_tables", "check_union_schemas", "input_bundles",
+__all__ += ["even_ranges", "fixed_ranges", "zip_tables", "check_union_schemas", "input_bundles",
             "plan_objects"]

@@ -117,6 +117,10 @@ class SplitCoordinator:
             self.queues = [collections.deque() for _ in range(self.n)]
             self.handed = [[] for _ in range(self.n)]
 
+    def schema(self) -> Any:
+        from .dataset import Dataset
+        return Dataset(self.plan).schema()
+
     def holds_blocks(self) -> int:
         """Block refs this coordinator keeps (0 between epochs)."""
         with self.lock:
@@ -139,6 +143,10 @@ class StreamSplitDataIterator(DataIterator):
             if not got:
                 return
             yield flowcore.get(got[0])
+
+    def schema(self) -> Any:
+        """The dataset's schema (read from the plan, without consuming)."""
+        return flowcore.get(self._coord.schema.remote())
 
     def __repr__(self) -> str:
         return f"StreamSplitDataIterator(index={self._index}, n={self._n})"
