@@ -133,7 +133,8 @@ def test_map_batches_batch_size_is_exact_across_tiny_blocks():
                 (tiny.filter(lambda r: r["id"] < 90).map_batches(
                     BatchLen, batch_size=8, concurrency=2), [8] * 11 + [2])]:
             assert [r["n"] for r in ds.take_all()] == want, ds
-        pool = tiny.map_batches(BatchLen, batch_size=25, concurrency=2).take_all()
+        items = fd.from_items([{"id": i} for i in range(100)], override_num_blocks=50)
+        pool = items.map_batches(BatchLen, batch_size=25, concurrency=2).take_all()
         assert [r["n"] for r in pool] == [25] * 4
     finally:
         ctx.small_plan_bytes, ctx.small_shuffle_bytes = old
@@ -535,6 +536,86 @@ def test_remaining_api_surface(tmp_path, capsys):
         [str(tmp_path / "bin" / "a.bin")]
     assert r.take_batch(3, batch_format="pandas")["id"].tolist() == [0, 1, 2]
     assert r.schema().names == ["id"] and r.size_bytes() == 80
+
+
+def test_ray_260_arguments(tmp_path, capsys):
+    """Ray 2.60's spellings that go beyond the basics: each does what Ray's does."""
+    ctx = DataContext.get_current()
+    vals = [float(x) for x in np.random.default_rng(0).random(60) * 10]
+    items = fd.from_items([{"v": v} for v in vals])
+    for small in (True, False):
+        old = ctx.small_plan_bytes, ctx.small_shuffle_bytes
+        if not small:
+            ctx.small_plan_bytes = ctx.small_shuffle_bytes = 0
+        try:
+            r = fd.range(100, override_num_blocks=3).repartition(target_num_rows_per_block=30)
+            assert [m["num_rows"] for _, m in r.materialize()._plan.source.bundles] == \
+                [30, 30, 30, 10]
+            assert fd.range(10).repartition(3).num_blocks() == 3
+            parts = [flowcore.get(ref)["v"].to_pylist() for ref, _ in
+                     items.sort("v", boundaries=[2, 5]).materialize()._plan.source.bundles]
+            assert [len(p) for p in parts] == [sum(v < 2 for v in vals),
+                                               sum(2 <= v < 5 for v in vals),
+                                               sum(v >= 5 for v in vals)]
+            assert sum(parts, []) == sorted(vals)
+            g = fd.from_items([{"k": i % 7, "v": i} for i in range(70)]).groupby(
+                "k", num_partitions=3).sum("v").materialize()
+            assert g.num_blocks() == 3 and g.take(1) == [{"k": 0, "sum(v)": 315}]
+        finally:
+            ctx.small_plan_bytes, ctx.small_shuffle_bytes = old
+    nulls = fd.from_items([{"a": 1}, {"a": None}, {"a": 1}])
+    assert sorted(nulls.unique("a"), key=str) == [1, None]
+    assert nulls.unique("a", ignore_nulls=True) == [1]
+    assert fd.range(10, parallelism=4).num_blocks() == 4
+    assert fd.range(10, concurrency=1).count() == 10
+    with pytest.raises(NotImplementedError, match="keys"):
+        fd.range(4).repartition(2, keys=["id"])
+    ds = fd.range(20).map(lambda r: r)
+    ds.set_name("ids")
+    assert ds.name == "ids" and ds.map(lambda r: r).name == "ids"
+    assert ds.get_dataset_id().startswith("ids_")
+    ds.explain()
+    out = capsys.readouterr().out
+    assert "Logical Plan" in out and "ExecutePlanInOneTask" in out
+    assert ds.copy().take(1) == [{"id": 0}] and ds.iterator().schema().names == ["id"]
+    # reads: file_extensions, ignore_missing_paths, shuffle, partition_filter, num_cpus
+    d = tmp_path / "csv"
+    d.mkdir()
+    for i in range(4):
+        (d / f"p{i}.csv").write_text(f"x\n{i}\n")
+    (d / "notes.txt").write_text("x\nnot a number\n")
+    rd = fd.read_csv(str(d), file_extensions=["csv"], shuffle="files", num_cpus=0.5,
+                     concurrency=2, partition_filter=lambda ps: [p for p in ps
+                                                                 if not p.endswith("p3.csv")])
+    assert sorted(r["x"] for r in rd.take_all()) == [0, 1, 2]
+    both = fd.read_csv([str(d / "p0.csv"), str(d / "gone.csv")], ignore_missing_paths=True)
+    assert both.take_all() == [{"x": 0}]
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        fd.read_text(str(d), no_such_arg=1)
+    # writes: mode, min_rows_per_file, max_rows_per_file, filename_provider
+    out_dir = tmp_path / "out"
+    old = ctx.small_plan_bytes
+    ctx.small_plan_bytes = 0  # a small plan would write all 100 rows as one file
+    try:
+        fd.range(100, override_num_blocks=10).write_parquet(str(out_dir), min_rows_per_file=30)
+    finally:
+        ctx.small_plan_bytes = old
+    assert sorted(len(pd.read_parquet(f)) for f in out_dir.iterdir()) == [10, 30, 30, 30]
+    with pytest.raises(FileExistsError, match="mode=ERROR"):
+        fd.range(5).write_parquet(str(out_dir), mode=fd.SaveMode.ERROR)
+    fd.range(5).write_parquet(str(out_dir), mode="ignore")
+    assert len(list(out_dir.iterdir())) == 4
+
+    class Names:
+        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
+            return f"part-{task_index}-{block_index}.parquet"
+    fd.range(25).write_parquet(str(out_dir), mode="overwrite", max_rows_per_file=10,
+                               filename_provider=Names())
+    assert sorted(f.name for f in out_dir.iterdir()) == [
+        "part-0-0.parquet", "part-0-1.parquet", "part-0-2.parquet"]
+    assert fd.read_parquet(str(out_dir)).count() == 25
+    with pytest.raises(FileNotFoundError, match="try_create_dir"):
+        fd.range(3).write_csv(str(tmp_path / "nope"), try_create_dir=False)
 
 
 def test_big_parquet_file_is_read_by_row_groups(tmp_path):

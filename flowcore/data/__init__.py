@@ -12,6 +12,7 @@ from .aggregate import AbsMax, AggregateFn, Count, Max, Mean, Min, Std, Sum, Uni
 from .compute import ActorPoolStrategy, TaskPoolStrategy
 from .context import DataContext
 from .dataset import Dataset, MaterializedDataset, Schema
+from .datasource import SaveMode
 from .grouped import GroupedData
 from .iterator import DataIterator
 from .read_api import (from_arrow, from_arrow_refs, from_items, from_numpy, from_numpy_refs,
@@ -20,7 +21,7 @@ from .read_api import (from_arrow, from_arrow_refs, from_items, from_numpy, from
 
 __all__ = [
     "ActorPoolStrategy", "TaskPoolStrategy", "Dataset", "MaterializedDataset", "Schema",
-    "GroupedData", "DataIterator", "DataContext",
+    "GroupedData", "DataIterator", "DataContext", "SaveMode",
     "AggregateFn", "Count", "Sum", "Min", "Max", "Mean", "Std", "AbsMax", "Unique",
     "range", "range_tensor", "from_items", "from_numpy", "from_pandas", "from_arrow",
     "from_arrow_refs", "from_pandas_refs", "from_numpy_refs", "read_parquet", "read_csv",

@@ -3,6 +3,7 @@ sink (one file per block, written under a temporary name and renamed, so
 a failed write leaves no partial file)."""
 from __future__ import annotations
 
+import enum
 import os
 import uuid
 from typing import Any, Callable, Iterator, Sequence
@@ -12,7 +13,19 @@ import pyarrow.fs as pafs
 
 from ..plan import ReadTask
 
-__all__ = ["resolve_paths", "file_read_tasks", "FileDatasink", "filesystem_for"]
+__all__ = ["resolve_paths", "file_read_tasks", "FileDatasink", "filesystem_for", "SaveMode"]
+
+
+class SaveMode(str, enum.Enum):
+    """What a write does when its directory already holds files (Ray's
+    names; plain strings work too).  UPSERT is Ray's for table sinks and
+    is refused for files."""
+    CREATE = "create"
+    APPEND = "append"
+    OVERWRITE = "overwrite"
+    IGNORE = "ignore"
+    ERROR = "error"
+    UPSERT = "upsert"
 
 
 def filesystem_for(path: str, filesystem: Any, op: str) -> tuple[pafs.FileSystem, str]:
