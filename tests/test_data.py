@@ -567,6 +567,9 @@ def test_ray_260_arguments(tmp_path, capsys):
     assert sorted(nulls.unique("a"), key=str) == [1, None]
     assert nulls.unique("a", ignore_nulls=True) == [1]
     assert fd.range(10, parallelism=4).num_blocks() == 4
+    blocks = fd.from_blocks([pa.table({"a": [1]}), pd.DataFrame({"a": [2, 3]})])
+    assert blocks.num_blocks() == 2 and blocks.take_all() == [{"a": 1}, {"a": 2}, {"a": 3}]
+    assert fd.from_torch([10, 20]).take_all() == [{"item": 10}, {"item": 20}]
     assert fd.range(10, concurrency=1).count() == 10
     with pytest.raises(NotImplementedError, match="keys"):
         fd.range(4).repartition(2, keys=["id"])

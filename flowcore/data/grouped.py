@@ -101,11 +101,12 @@ class GroupedData:
             ignore_nulls: bool = True) -> Any:
         return self._one(agg_mod.Std, on, ignore_nulls, ddof=ddof)
 
-    def map_groups(self, fn: Callable, *, compute: Any = None,
+    def map_groups(self, fn: Callable, *, zero_copy_batch: bool = True, compute: Any = None,
                    batch_format: str | None = "default", fn_args: Any = None,
                    fn_kwargs: Any = None, fn_constructor_args: Any = None,
                    fn_constructor_kwargs: Any = None, num_cpus: float | None = None,
-                   num_gpus: float | None = None, concurrency: Any = None,
+                   num_gpus: float | None = None, memory: float | None = None,
+                   concurrency: Any = None, ray_remote_args_fn: Any = None,
                    **ray_remote_args: Any) -> Any:
         """``fn(batch of one group) -> batch``; results concatenated."""
         if not callable(fn):

@@ -21,7 +21,8 @@ from .plan import InputSource, LogicalPlan, ReadSource, ReadTask, even_ranges
 
 __all__ = [
     "range", "range_tensor", "from_items", "from_numpy", "from_pandas", "from_arrow",
-    "from_arrow_refs", "from_pandas_refs", "from_numpy_refs", "read_parquet", "read_csv",
+    "from_arrow_refs", "from_pandas_refs", "from_numpy_refs", "from_blocks", "from_torch",
+    "read_parquet", "read_csv",
     "read_json", "read_numpy", "read_text", "read_binary_files", "read_images",
 ]
 
@@ -152,6 +153,32 @@ def from_arrow(tables: Any, *, override_num_blocks: int | None = None) -> Materi
         if not isinstance(t, pa.Table):
             raise TypeError(f"from_arrow: expected pyarrow.Table(s), got {type(t).__name__}")
     return _from_tables(tables, "FromArrow", override_num_blocks)
+
+
+def from_blocks(blocks: list) -> MaterializedDataset:
+    """One block per ``pyarrow.Table`` or pandas DataFrame in ``blocks``."""
+    if not isinstance(blocks, (list, tuple)):
+        raise TypeError(f"from_blocks: expected a list of pyarrow.Table/pandas.DataFrame, "
+                        f"got {type(blocks).__name__}")
+    tables = []
+    for b in blocks:
+        if isinstance(b, pa.Table):
+            tables.append(b)
+        elif type(b).__name__ == "DataFrame" and hasattr(b, "to_numpy"):
+            tables.append(pa.Table.from_pandas(b, preserve_index=False))
+        else:
+            raise TypeError(f"from_blocks: a block is {type(b).__name__}; expected "
+                            f"pyarrow.Table or pandas.DataFrame")
+    return _from_tables(tables or [pa.table({})], "FromBlocks")
+
+
+def from_torch(dataset: Any, local_read: bool = False) -> MaterializedDataset:
+    """The items of a map-style ``torch.utils.data.Dataset`` (``len`` and
+    ``[i]``), read in this process, in column ``item``."""
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError(f"from_torch: expected a map-style torch Dataset (with __len__ and "
+                        f"__getitem__), got {type(dataset).__name__}")
+    return from_items([{"item": dataset[i]} for i in builtins.range(len(dataset))])
 
 
 def _from_refs(refs: Any, name: str, convert: Any) -> MaterializedDataset:
