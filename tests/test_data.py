@@ -102,6 +102,44 @@ def test_map_batches_formats_and_generator(distributed):
     assert 0 <= s <= 10
 
 
+class BatchLen:
+    """A pool's class reporting the size of each batch it is given."""
+
+    def __call__(self, batch):
+        return {"n": [len(batch["id"])], "pid": [os.getpid()]}
+
+
+@pytest.mark.timeout(120)
+def test_map_batches_batch_size_is_exact_across_tiny_blocks():
+    """batch_size=N hands the UDF N rows per call (only the last smaller)
+    even from 2-row blocks, after row-changing operators and in a pool."""
+    def lens(batch):
+        return {"n": [len(batch["id"])]}
+    ctx = DataContext.get_current()
+    tiny = fd.range(100, override_num_blocks=50)
+    # 100 rows -> 14 x 7 + 2; after the filter 66 rows -> 9 x 7 + 3
+    assert [r["n"] for r in tiny.map_batches(lens, batch_size=7).take_all()] == [7] * 14 + [2]
+    old = ctx.small_plan_bytes, ctx.small_shuffle_bytes
+    ctx.small_plan_bytes = ctx.small_shuffle_bytes = 0
+    try:
+        for ds, want in [
+                (tiny.map_batches(lens, batch_size=7), [7] * 14 + [2]),
+                (tiny.filter(lambda r: r["id"] % 3 != 0).map(lambda r: r)
+                 .map_batches(lens, batch_size=7), [7] * 9 + [3]),
+                (tiny.map_batches(lens, batch_size=7).map(lambda r: {"id": r["n"]})
+                 .map_batches(lens, batch_size=4), [4] * 3 + [3]),
+                (fd.from_items([{"id": i} for i in range(30)], override_num_blocks=15)
+                 .map_batches(lens, batch_size=4), [4] * 7 + [2]),
+                (tiny.filter(lambda r: r["id"] < 90).map_batches(
+                    BatchLen, batch_size=8, concurrency=2), [8] * 11 + [2])]:
+            assert [r["n"] for r in ds.take_all()] == want, ds
+        items = fd.from_items([{"id": i} for i in range(100)], override_num_blocks=50)
+        pool = items.map_batches(BatchLen, batch_size=25, concurrency=2).take_all()
+        assert [r["n"] for r in pool] == [25] * 4
+    finally:
+        ctx.small_plan_bytes, ctx.small_shuffle_bytes = old
+
+
 def test_consumption():
     ds = fd.range(10, override_num_blocks=3)
     batches = list(ds.iter_batches(batch_size=4))
@@ -229,6 +267,44 @@ def test_streaming_split_shards_in_tasks():
     # second epoch
     a2, b2 = flowcore.get([consume.remote(its[0]), consume.remote(its[1])])
     assert sorted(a2 + b2) == list(range(40))
+
+
+def _split_coordinators_alive() -> list:
+    from flowcore import state
+    return [a for a in state.list_actors()
+            if a["class_name"] == "SplitCoordinator" and a["state"] != "DEAD"]
+
+
+def _wait_no_coordinator(deadline_s: float = 60.0) -> None:
+    import gc
+    import time
+    gc.collect()
+    end = time.monotonic() + deadline_s
+    while _split_coordinators_alive() and time.monotonic() < end:
+        time.sleep(0.1)  # polling the actor table; the bound is generous, not a timing claim
+    assert _split_coordinators_alive() == []
+
+
+@pytest.mark.timeout(120)
+def test_split_coordinator_frees_blocks_and_exits_with_its_iterators():
+    its = fd.range(40, override_num_blocks=8).streaming_split(2)
+    coord = its[0]._coord
+
+    @flowcore.remote
+    def consume(it):
+        return sum(1 for _ in it.iter_rows())
+    assert sum(flowcore.get([consume.remote(i) for i in its])) == 40
+    # every shard finished: no execution, no block refs kept between epochs
+    assert flowcore.get(coord.holds_blocks.remote()) == 0
+    assert len(_split_coordinators_alive()) == 1
+    del its, coord
+    _wait_no_coordinator()
+    # a shard abandoned mid-epoch: the coordinator goes with the iterators
+    its = fd.range(40, override_num_blocks=8).streaming_split(2, equal=True)
+    batches = its[0].iter_batches(batch_size=5)
+    assert len(next(batches)["id"]) == 5
+    del its, batches
+    _wait_no_coordinator()
 
 
 # -- files -----------------------------------------------------------------------------
@@ -403,6 +479,33 @@ def test_tasks_carry_operator_names(distributed):
     assert any(n and n.startswith("Sort[key=['id']") for n in names)
 
 
+def test_visualize_draws_the_plan_and_executed_operators(distributed, tmp_path):
+    def inc(r):
+        return {"id": r["id"] + 1}
+
+    def double(b):
+        return {"id": b["id"] * 2}
+    ds = (fd.range(100, override_num_blocks=4).map(inc).filter(lambda r: r["id"] % 2 == 0)
+          .map_batches(double, batch_size=10).sort("id"))
+    before = flowcore.visualize(ds).source
+    for name in ["ReadRange", "Map(inc)", "Filter(<lambda>)", "MapBatches(double)",
+                 "Sort[key=['id']"]:
+        assert name in before, name
+    assert "not executed yet" in before
+    m = ds.materialize()
+    dot = flowcore.visualize(m).source
+    assert "cluster_logical" in dot and "cluster_physical" in dot
+    # the fused stage, its counts, and the tasks that made the blocks
+    assert "ReadTask->Map(inc)->Filter(<lambda>)\\n4 tasks, 4 blocks\\nrows: 50" in dot
+    assert "MapBatches(double)\\n" in dot and "Materialized\\n4 blocks, 50 rows" in dot
+    assert "tasks that made the blocks" in dot
+    assert "Sort[key=['id'], descending=[False]]:reduce" in dot
+    u = fd.range(10).union(fd.range(5)).map(inc)
+    u.take_all()
+    assert "Union[2 inputs]" in flowcore.visualize(u, filename=tmp_path / "u.dot").source
+    assert "Union[2 inputs]" in (tmp_path / "u.dot").read_text()
+
+
 def test_remaining_api_surface(tmp_path, capsys):
     df = pd.DataFrame({"k": [1, 1, 2], "v": [-5.0, 2.0, 3.0]})
     ds = fd.from_pandas_refs([flowcore.put(df)])
@@ -433,6 +536,89 @@ def test_remaining_api_surface(tmp_path, capsys):
         [str(tmp_path / "bin" / "a.bin")]
     assert r.take_batch(3, batch_format="pandas")["id"].tolist() == [0, 1, 2]
     assert r.schema().names == ["id"] and r.size_bytes() == 80
+
+
+def test_ray_260_arguments(tmp_path, capsys):
+    """Ray 2.60's spellings that go beyond the basics: each does what Ray's does."""
+    ctx = DataContext.get_current()
+    vals = [float(x) for x in np.random.default_rng(0).random(60) * 10]
+    items = fd.from_items([{"v": v} for v in vals])
+    for small in (True, False):
+        old = ctx.small_plan_bytes, ctx.small_shuffle_bytes
+        if not small:
+            ctx.small_plan_bytes = ctx.small_shuffle_bytes = 0
+        try:
+            r = fd.range(100, override_num_blocks=3).repartition(target_num_rows_per_block=30)
+            assert [m["num_rows"] for _, m in r.materialize()._plan.source.bundles] == \
+                [30, 30, 30, 10]
+            assert fd.range(10).repartition(3).num_blocks() == 3
+            parts = [flowcore.get(ref)["v"].to_pylist() for ref, _ in
+                     items.sort("v", boundaries=[2, 5]).materialize()._plan.source.bundles]
+            assert [len(p) for p in parts] == [sum(v < 2 for v in vals),
+                                               sum(2 <= v < 5 for v in vals),
+                                               sum(v >= 5 for v in vals)]
+            assert sum(parts, []) == sorted(vals)
+            g = fd.from_items([{"k": i % 7, "v": i} for i in range(70)]).groupby(
+                "k", num_partitions=3).sum("v").materialize()
+            assert g.num_blocks() == 3 and g.take(1) == [{"k": 0, "sum(v)": 315}]
+        finally:
+            ctx.small_plan_bytes, ctx.small_shuffle_bytes = old
+    nulls = fd.from_items([{"a": 1}, {"a": None}, {"a": 1}])
+    assert sorted(nulls.unique("a"), key=str) == [1, None]
+    assert nulls.unique("a", ignore_nulls=True) == [1]
+    assert fd.range(10, parallelism=4).num_blocks() == 4
+    blocks = fd.from_blocks([pa.table({"a": [1]}), pd.DataFrame({"a": [2, 3]})])
+    assert blocks.num_blocks() == 2 and blocks.take_all() == [{"a": 1}, {"a": 2}, {"a": 3}]
+    assert fd.from_torch([10, 20]).take_all() == [{"item": 10}, {"item": 20}]
+    assert fd.range(10, concurrency=1).count() == 10
+    with pytest.raises(NotImplementedError, match="keys"):
+        fd.range(4).repartition(2, keys=["id"])
+    ds = fd.range(20).map(lambda r: r)
+    ds.set_name("ids")
+    assert ds.name == "ids" and ds.map(lambda r: r).name == "ids"
+    assert ds.get_dataset_id().startswith("ids_")
+    ds.explain()
+    out = capsys.readouterr().out
+    assert "Logical Plan" in out and "ExecutePlanInOneTask" in out
+    assert ds.copy().take(1) == [{"id": 0}] and ds.iterator().schema().names == ["id"]
+    # reads: file_extensions, ignore_missing_paths, shuffle, partition_filter, num_cpus
+    d = tmp_path / "csv"
+    d.mkdir()
+    for i in range(4):
+        (d / f"p{i}.csv").write_text(f"x\n{i}\n")
+    (d / "notes.txt").write_text("x\nnot a number\n")
+    rd = fd.read_csv(str(d), file_extensions=["csv"], shuffle="files", num_cpus=0.5,
+                     concurrency=2, partition_filter=lambda ps: [p for p in ps
+                                                                 if not p.endswith("p3.csv")])
+    assert sorted(r["x"] for r in rd.take_all()) == [0, 1, 2]
+    both = fd.read_csv([str(d / "p0.csv"), str(d / "gone.csv")], ignore_missing_paths=True)
+    assert both.take_all() == [{"x": 0}]
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        fd.read_text(str(d), no_such_arg=1)
+    # writes: mode, min_rows_per_file, max_rows_per_file, filename_provider
+    out_dir = tmp_path / "out"
+    old = ctx.small_plan_bytes
+    ctx.small_plan_bytes = 0  # a small plan would write all 100 rows as one file
+    try:
+        fd.range(100, override_num_blocks=10).write_parquet(str(out_dir), min_rows_per_file=30)
+    finally:
+        ctx.small_plan_bytes = old
+    assert sorted(len(pd.read_parquet(f)) for f in out_dir.iterdir()) == [10, 30, 30, 30]
+    with pytest.raises(FileExistsError, match="mode=ERROR"):
+        fd.range(5).write_parquet(str(out_dir), mode=fd.SaveMode.ERROR)
+    fd.range(5).write_parquet(str(out_dir), mode="ignore")
+    assert len(list(out_dir.iterdir())) == 4
+
+    class Names:
+        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
+            return f"part-{task_index}-{block_index}.parquet"
+    fd.range(25).write_parquet(str(out_dir), mode="overwrite", max_rows_per_file=10,
+                               filename_provider=Names())
+    assert sorted(f.name for f in out_dir.iterdir()) == [
+        "part-0-0.parquet", "part-0-1.parquet", "part-0-2.parquet"]
+    assert fd.read_parquet(str(out_dir)).count() == 25
+    with pytest.raises(FileNotFoundError, match="try_create_dir"):
+        fd.range(3).write_csv(str(tmp_path / "nope"), try_create_dir=False)
 
 
 def test_big_parquet_file_is_read_by_row_groups(tmp_path):

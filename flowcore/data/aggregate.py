@@ -28,10 +28,10 @@ class AggregateFn:
     """
 
     def __init__(self, init: Callable[[Any], Any], merge: Callable[[Any, Any], Any],
+                 name: str | None = None,
                  accumulate_row: Callable[[Any, dict], Any] | None = None,
                  accumulate_block: Callable[[Any, pa.Table], Any] | None = None,
-                 finalize: Callable[[Any], Any] | None = None,
-                 name: str | None = None) -> None:
+                 finalize: Callable[[Any], Any] | None = None) -> None:
         if (accumulate_row is None) == (accumulate_block is None):
             raise ValueError("AggregateFn: give exactly one of accumulate_row and "
                              "accumulate_block")
@@ -163,21 +163,31 @@ class Sum(_Reducing):
         return a + b
 
 
-class Min(_Reducing):
+class _Extremum(_Reducing):
+    def __init__(self, on: str | None = None, ignore_nulls: bool = True,
+                 alias_name: str | None = None,
+                 zero_factory: Callable[[], Any] | None = None) -> None:
+        super().__init__(on, ignore_nulls, alias_name)
+        # Ray's accumulator start; here a group always has a value or a
+        # null, so it never shows in a result
+        self.zero_factory = zero_factory
+
+
+class Min(_Extremum):
     func_name = arrow_func = "min"
 
     def _combine(self, a: Any, b: Any) -> Any:
         return min(a, b)
 
 
-class Max(_Reducing):
+class Max(_Extremum):
     func_name = arrow_func = "max"
 
     def _combine(self, a: Any, b: Any) -> Any:
         return max(a, b)
 
 
-class AbsMax(_Reducing):
+class AbsMax(_Extremum):
     func_name = "abs_max"
     arrow_func = "max"
 
@@ -268,15 +278,23 @@ class Std(_Builtin):
 
 
 class Unique(_Builtin):
-    """The distinct values of ``on`` (a list)."""
+    """The distinct values of ``on`` (a list; None among them unless
+    ``ignore_nulls``)."""
     func_name = "unique"
     arrow_func = "distinct"
 
+    def __init__(self, on: str | None = None, ignore_nulls: bool = False,
+                 alias_name: str | None = None) -> None:
+        super().__init__(on, ignore_nulls, alias_name)
+
     def arrow_options(self) -> Any:
-        return pc.CountOptions(mode="all")
+        return pc.CountOptions(mode="only_valid" if self.ignore_nulls else "all")
 
     def block_state(self, table: pa.Table) -> Any:
-        return set(pc.unique(self._col(table)).to_pylist())
+        values = set(pc.unique(self._col(table)).to_pylist())
+        if self.ignore_nulls:
+            values.discard(None)
+        return values
 
     def merge_states(self, a: Any, b: Any) -> Any:
         return a | b

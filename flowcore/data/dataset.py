@@ -107,11 +107,15 @@ class Dataset:
     def __init__(self, plan: LogicalPlan) -> None:
         self._plan = plan
         self._last_stats: DatasetStats | None = None
+        self._made_from: LogicalPlan | None = None
+        self._name: str | None = None
         self._uuid = uuid.uuid4().hex[:16]
 
     # -- plumbing --------------------------------------------------------------
     def _with(self, op: Any) -> "Dataset":
-        return Dataset(self._plan.with_op(op))
+        out = Dataset(self._plan.with_op(op))
+        out._name = self._name
+        return out
 
     def _map_op(self, kind: str, label: str, fn: Any, *, compute: Any = None,
                 fn_args: Any = None, fn_kwargs: Any = None, fn_constructor_args: Any = None,
@@ -160,7 +164,7 @@ class Dataset:
                     fn_constructor_args: Any = None, fn_constructor_kwargs: Any = None,
                     num_cpus: float | None = None, num_gpus: float | None = None,
                     memory: float | None = None, concurrency: Any = None,
-                    udf_modifying_row_count: bool = False, ray_remote_args_fn: Any = None,
+                    udf_modifying_row_count: bool = True, ray_remote_args_fn: Any = None,
                     **ray_remote_args: Any) -> "Dataset":
         """Apply ``fn(batch) -> batch`` to batches of ``batch_size`` rows
         (``None``: whole blocks).  A callable class runs in a pool of
@@ -271,7 +275,30 @@ class Dataset:
             raise ValueError(f"limit: limit={limit!r}; expected an int >= 0")
         return self._with(LimitOp(limit))
 
-    def repartition(self, num_blocks: int, *, shuffle: bool = False) -> "Dataset":
+    def repartition(self, num_blocks: int | None = None,
+                    target_num_rows_per_block: int | None = None, *, strict: bool = False,
+                    shuffle: bool = False, keys: list[str] | None = None,
+                    sort: bool = False) -> "Dataset":
+        """``num_blocks`` blocks of near-equal rows (``shuffle``: rows
+        randomly redistributed), or blocks of ``target_num_rows_per_block``
+        rows (the last may be smaller; with or without ``strict``)."""
+        if (num_blocks is None) == (target_num_rows_per_block is None):
+            raise ValueError("repartition: give exactly one of num_blocks and "
+                             "target_num_rows_per_block")
+        if keys is not None or sort:
+            raise NotImplementedError("repartition(keys=..., sort=...) (hash partitioning by "
+                                      "key) is not supported; use groupby(keys).map_groups(...) "
+                                      "or sort(keys) to bring a key's rows together")
+        if target_num_rows_per_block is not None:
+            n = target_num_rows_per_block
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"repartition: target_num_rows_per_block={n!r}; expected an "
+                                 f"int >= 1")
+            if shuffle:
+                raise ValueError("repartition: shuffle=True goes with num_blocks=, not with "
+                                 "target_num_rows_per_block=")
+            return self._with(AllToAllOp("repartition", f"Repartition[target_num_rows_per_block"
+                                         f"={n}]", rows_per_block=n))
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
             raise ValueError(f"repartition: num_blocks={num_blocks!r}; expected an int >= 1")
         return self._with(AllToAllOp("repartition", f"Repartition[num_blocks={num_blocks}"
@@ -287,13 +314,28 @@ class Dataset:
         return self._with(AllToAllOp("randomize_block_order", "RandomizeBlockOrder",
                                      seed=seed))
 
-    def sort(self, key: str | list[str], descending: bool | list[bool] = False) -> "Dataset":
+    def sort(self, key: str | list[str], descending: bool | list[bool] = False,
+             boundaries: list[int | float] | None = None) -> "Dataset":
+        """Rows ordered by ``key``; ``boundaries``: the key values where the
+        output's blocks split (``len(boundaries) + 1`` blocks)."""
         keys = normalize_sort_keys(key, descending, "sort")
+        params: dict = {"keys": keys}
+        if boundaries is not None:
+            b = list(boundaries)
+            if not b or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                for v in b) or b != sorted(b):
+                raise ValueError(f"sort: boundaries={boundaries!r}; expected a non-empty "
+                                 f"ascending list of numbers")
+            if len(keys) != 1:
+                raise ValueError("sort: boundaries= works with a single sort key")
+            params.update(boundaries=b, num_blocks=len(b) + 1)
         return self._with(AllToAllOp("sort", f"Sort[key={[k for k, _ in keys]}, descending="
-                                     f"{[d == 'descending' for _, d in keys]}]", keys=keys))
+                                     f"{[d == 'descending' for _, d in keys]}]", **params))
 
-    def groupby(self, key: str | list[str] | None) -> "Any":
-        return GroupedData(self, key)
+    def groupby(self, key: str | list[str] | None,
+                num_partitions: int | None = None) -> "Any":
+        """Rows grouped by ``key`` (``num_partitions``: blocks of the result)."""
+        return GroupedData(self, key, num_partitions)
 
     def union(self, *other: "Dataset") -> "Dataset":
         """The rows of this dataset followed by the others' (same schema)."""
@@ -411,8 +453,18 @@ class Dataset:
             drop_last=drop_last, local_shuffle_buffer_size=local_shuffle_buffer_size,
             local_shuffle_seed=local_shuffle_seed, _collate_fn=_collate_fn)
 
-    def iter_torch_batches(self, **kwargs: Any) -> Iterator[Any]:
-        return self.iterator().iter_torch_batches(**kwargs)
+    def iter_torch_batches(self, *, prefetch_batches: int = 1, batch_size: int | None = 256,
+                           dtypes: Any = None, device: Any = "auto",
+                           collate_fn: Callable | None = None, drop_last: bool = False,
+                           local_shuffle_buffer_size: int | None = None,
+                           local_shuffle_seed: int | None = None,
+                           pin_memory: bool = False) -> Iterator[Any]:
+        """Batches as ``dict[str, torch.Tensor]`` (needs torch)."""
+        return self.iterator().iter_torch_batches(
+            prefetch_batches=prefetch_batches, batch_size=batch_size, dtypes=dtypes,
+            device=device, collate_fn=collate_fn, drop_last=drop_last,
+            local_shuffle_buffer_size=local_shuffle_buffer_size,
+            local_shuffle_seed=local_shuffle_seed, pin_memory=pin_memory)
 
     def _take_table(self, limit: int | None) -> pa.Table:
         ds = self if limit is None else self.limit(limit)
@@ -526,11 +578,12 @@ class Dataset:
             ignore_nulls: bool = True) -> Any:
         return self._agg1(agg_mod.Std, on, ignore_nulls, ddof=ddof)
 
-    def unique(self, column: str) -> list:
-        """The distinct values of ``column``."""
+    def unique(self, column: str, ignore_nulls: bool = False) -> list:
+        """The distinct values of ``column`` (None among them unless
+        ``ignore_nulls``)."""
         if not isinstance(column, str):
             raise TypeError(f"unique: column={column!r}; expected a column name")
-        res = self.aggregate(agg_mod.Unique(column))
+        res = self.aggregate(agg_mod.Unique(column, ignore_nulls=ignore_nulls))
         return [] if res is None else res[f"unique({column})"]
 
     # -- conversion -------------------------------------------------------------------
@@ -558,37 +611,173 @@ class Dataset:
         bundles = materialize_bundles(self._plan, self._last_stats)
         out = MaterializedDataset(LogicalPlan(InputSource(bundles, "Materialized")))
         out._last_stats = self._last_stats
+        out._made_from = self._plan  # drawn by flowcore.visualize(ds)
         return out
 
     # -- writing ----------------------------------------------------------------------
-    def _write(self, path: str, filesystem: Any, ext: str, writer: Any, op: str) -> None:
-        sink = FileDatasink(path, filesystem, ext, writer, op)
-        ds = self._with(MapOp("write", f"Write[{op}]", None, params={"sink": sink}))
+    def _write(self, path: str, filesystem: Any, ext: str, writer: Any, op: str, *,
+               try_create_dir: bool = True, arrow_open_stream_args: Any = None,
+               filename_provider: Any = None, min_rows_per_file: int | None = None,
+               max_rows_per_file: int | None = None, ray_remote_args: dict | None = None,
+               concurrency: int | None = None, num_rows_per_file: int | None = None,
+               mode: Any = "append", partition_cols: Any = None) -> None:
+        """One file per block (or per ``min_rows_per_file`` rows), written
+        under a temporary name and renamed; a failed write removes what it
+        wrote.  ``mode``: "append"/"create" (add files), "overwrite" (empty
+        the directory first), "error" (fail if it has files), "ignore" (do
+        nothing if it has files)."""
+        mode_s = str(getattr(mode, "value", mode)).lower()
+        if mode_s not in ("append", "create", "overwrite", "error", "ignore"):
+            raise ValueError(f"{op}: mode={mode!r}; expected one of SaveMode.APPEND, CREATE, "
+                             f"OVERWRITE, ERROR, IGNORE")
+        for name, v in (("arrow_open_stream_args", arrow_open_stream_args),
+                        ("partition_cols", partition_cols)):
+            if v:
+                raise NotImplementedError(f"{op}: {name}= is not supported; write without it "
+                                          f"(one directory per partition value can be written "
+                                          f"with filter() + {op} per value)")
+        min_rows = min_rows_per_file if min_rows_per_file is not None else num_rows_per_file
+        for name, v in (("min_rows_per_file", min_rows), ("max_rows_per_file",
+                                                         max_rows_per_file)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{op}: {name}={v!r}; expected an int >= 1")
+        if min_rows and max_rows_per_file and min_rows > max_rows_per_file:
+            raise ValueError(f"{op}: min_rows_per_file={min_rows} is above "
+                             f"max_rows_per_file={max_rows_per_file}")
+        _check_concurrency(concurrency, None, op)
+        remote = {k: v for k, v in (ray_remote_args or {}).items() if k != "memory"}
+        if remote:
+            _check_remote_args(remote, False, op)
+        sink = FileDatasink(path, filesystem, ext, writer, op, try_create_dir=try_create_dir,
+                            filename_provider=filename_provider,
+                            max_rows_per_file=max_rows_per_file)
+        before = set(sink.existing_files())
+        if before and mode_s == "error":
+            raise FileExistsError(f"{op}: {path!r} already holds {len(before)} files and "
+                                  f"mode=ERROR; pick another path or mode=OVERWRITE/APPEND")
+        if before and mode_s == "ignore":
+            return
+        if before and mode_s == "overwrite":
+            sink.delete_existing()
+            before = set()
+        ds = self._with(MapOp("write", f"Write[{op}]", None, params={"sink": sink},
+                              batch_size=min_rows, concurrency=concurrency,
+                              remote_args=remote))
         try:
             for b in ds._execute():
                 b.release()
         except BaseException:
-            sink.cleanup()
+            sink.cleanup(before)
             raise
         self._last_stats = ds._last_stats
 
-    def write_parquet(self, path: str, *, filesystem: Any = None,
+    def write_parquet(self, path: str, *, partition_cols: list[str] | None = None,
+                      filesystem: Any = None, try_create_dir: bool = True,
+                      arrow_open_stream_args: dict | None = None,
+                      filename_provider: Any = None, arrow_parquet_args_fn: Any = None,
+                      min_rows_per_file: int | None = None,
+                      max_rows_per_file: int | None = None,
+                      ray_remote_args: dict | None = None, concurrency: int | None = None,
+                      num_rows_per_file: int | None = None, mode: Any = "append",
                       **arrow_parquet_args: Any) -> None:
-        """One parquet file per block under directory ``path``."""
-        self._write(path, filesystem, "parquet", parquet_writer(arrow_parquet_args),
-                    "write_parquet")
+        """Parquet files under directory ``path`` (one per block, or per
+        ``min_rows_per_file`` rows, split at ``max_rows_per_file``)."""
+        args = dict(arrow_parquet_args_fn() if arrow_parquet_args_fn else {},
+                    **arrow_parquet_args)
+        self._write(path, filesystem, "parquet", parquet_writer(args), "write_parquet",
+                    try_create_dir=try_create_dir,
+                    arrow_open_stream_args=arrow_open_stream_args,
+                    filename_provider=filename_provider, min_rows_per_file=min_rows_per_file,
+                    max_rows_per_file=max_rows_per_file, ray_remote_args=ray_remote_args,
+                    concurrency=concurrency, num_rows_per_file=num_rows_per_file, mode=mode,
+                    partition_cols=partition_cols)
 
-    def write_csv(self, path: str, *, filesystem: Any = None, **arrow_csv_args: Any) -> None:
-        self._write(path, filesystem, "csv", csv_writer(arrow_csv_args), "write_csv")
+    def write_csv(self, path: str, *, filesystem: Any = None, try_create_dir: bool = True,
+                  arrow_open_stream_args: dict | None = None, filename_provider: Any = None,
+                  arrow_csv_args_fn: Any = None, min_rows_per_file: int | None = None,
+                  ray_remote_args: dict | None = None, concurrency: int | None = None,
+                  num_rows_per_file: int | None = None, mode: Any = "append",
+                  **arrow_csv_args: Any) -> None:
+        """CSV files under directory ``path`` (``arrow_csv_args`` go to
+        ``pyarrow.csv.write_csv``)."""
+        args = dict(arrow_csv_args_fn() if arrow_csv_args_fn else {}, **arrow_csv_args)
+        self._write(path, filesystem, "csv", csv_writer(args), "write_csv",
+                    try_create_dir=try_create_dir,
+                    arrow_open_stream_args=arrow_open_stream_args,
+                    filename_provider=filename_provider, min_rows_per_file=min_rows_per_file,
+                    ray_remote_args=ray_remote_args, concurrency=concurrency,
+                    num_rows_per_file=num_rows_per_file, mode=mode)
 
-    def write_json(self, path: str, *, filesystem: Any = None, **kwargs: Any) -> None:
-        """Newline-delimited JSON, one file per block."""
-        self._write(path, filesystem, "json", json_writer(), "write_json")
+    def write_json(self, path: str, *, filesystem: Any = None, try_create_dir: bool = True,
+                   arrow_open_stream_args: dict | None = None, filename_provider: Any = None,
+                   pandas_json_args_fn: Any = None, min_rows_per_file: int | None = None,
+                   ray_remote_args: dict | None = None, concurrency: int | None = None,
+                   num_rows_per_file: int | None = None, mode: Any = "append",
+                   **pandas_json_args: Any) -> None:
+        """Newline-delimited JSON files (Ray's default ``orient="records",
+        lines=True``; other pandas options are refused)."""
+        args = dict(pandas_json_args_fn() if pandas_json_args_fn else {}, **pandas_json_args)
+        if args.get("orient", "records") != "records" or not args.get("lines", True) or (
+                set(args) - {"orient", "lines"}):
+            raise NotImplementedError(f"write_json: only newline-delimited records are "
+                                      f"written; got pandas options {args}")
+        self._write(path, filesystem, "json", json_writer(), "write_json",
+                    try_create_dir=try_create_dir,
+                    arrow_open_stream_args=arrow_open_stream_args,
+                    filename_provider=filename_provider, min_rows_per_file=min_rows_per_file,
+                    ray_remote_args=ray_remote_args, concurrency=concurrency,
+                    num_rows_per_file=num_rows_per_file, mode=mode)
 
-    def write_numpy(self, path: str, *, column: str, filesystem: Any = None) -> None:
-        self._write(path, filesystem, "npy", numpy_writer(column), "write_numpy")
+    def write_numpy(self, path: str, *, column: str, filesystem: Any = None,
+                    try_create_dir: bool = True, arrow_open_stream_args: dict | None = None,
+                    filename_provider: Any = None, min_rows_per_file: int | None = None,
+                    ray_remote_args: dict | None = None, concurrency: int | None = None,
+                    num_rows_per_file: int | None = None, mode: Any = "append") -> None:
+        """``.npy`` files of ``column``."""
+        self._write(path, filesystem, "npy", numpy_writer(column), "write_numpy",
+                    try_create_dir=try_create_dir,
+                    arrow_open_stream_args=arrow_open_stream_args,
+                    filename_provider=filename_provider, min_rows_per_file=min_rows_per_file,
+                    ray_remote_args=ray_remote_args, concurrency=concurrency,
+                    num_rows_per_file=num_rows_per_file, mode=mode)
 
     # -- introspection ---------------------------------------------------------------
+    @property
+    def name(self) -> str | None:
+        """The name given with ``set_name`` (shown in stats and the dashboard)."""
+        return self._name
+
+    def set_name(self, name: str | None) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"set_name: name={name!r}; expected a str or None")
+        self._name = name
+
+    def get_dataset_id(self) -> str:
+        """A unique id of this dataset (a new one per transformation)."""
+        name = self._name or "dataset"
+        return f"{name}_{self._uuid}"
+
+    @property
+    def context(self) -> DataContext:
+        """The DataContext executions of this dataset use."""
+        return DataContext.get_current()
+
+    def copy(self) -> "Dataset":
+        """A dataset with the same plan (and blocks, if materialized)."""
+        out = type(self)(self._plan)
+        out._name, out._made_from, out._last_stats = self._name, self._made_from, \
+            self._last_stats
+        return out
+
+    def explain(self) -> None:
+        """Print the logical plan and the physical stages it runs as."""
+        from .executor import describe_stages
+        print("-------- Logical Plan --------")
+        print(repr(self))
+        print("-------- Physical Plan --------")
+        print(describe_stages(self._plan))
+
+
     def stats(self) -> str:
         """Per-operator wall time, tasks, rows and bytes of the latest run."""
         return (self._last_stats or DatasetStats()).to_string()
@@ -615,6 +804,12 @@ class Dataset:
 
     def __iter__(self) -> Any:
         raise TypeError("a Dataset is not iterable; use iter_rows() or iter_batches()")
+
+    def __flowcore_graph__(self) -> Any:
+        """``flowcore.visualize(ds)``: the plan, the executed operators with
+        their counts and (materialized) the tasks that made the blocks."""
+        from .plan_graph import plan_digraph
+        return plan_digraph(self)
 
 
 class MaterializedDataset(Dataset):

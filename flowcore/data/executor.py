@@ -26,6 +26,7 @@ import collections
 import math
 import os
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
@@ -38,7 +39,8 @@ from .block import concat, to_batch
 from .context import DataContext
 from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSource, ReadTask,
                    TaskContext, UnionSource, ZipSource, apply_transforms, check_union_schemas,
-                   even_ranges, input_bundles, run_local, zip_tables)
+                   even_ranges, fixed_ranges, input_bundles, plan_objects, run_local,
+                   zip_tables)
 from .stats import DatasetStats, OpStats
 from .status_feed import DataFeed
 
@@ -103,15 +105,100 @@ class Bundle:
         return self.meta["num_rows"]
 
 
+class Pieces:
+    """Rows cut from consecutive blocks for one task: ``parts`` is a list of
+    (Bundle, offset, length).  A block cut between two groups is released
+    by the later one (the groups finish in order)."""
+    __slots__ = ("parts", "meta", "owned")
+
+    def __init__(self, parts: list[tuple[Bundle, int, int]], owned: list[Bundle]) -> None:
+        self.parts = parts
+        self.owned = owned
+        rows = sum(ln for _, _, ln in parts)
+        size = sum(b.meta["size_bytes"] * ln // max(1, b.num_rows) for b, _, ln in parts)
+        self.meta = {"num_rows": rows, "size_bytes": size,
+                     "schema": parts[0][0].meta.get("schema") if parts else None}
+
+    def payload(self) -> tuple[list, list]:
+        """(pieces as (table index, offset, length), the blocks' refs)."""
+        refs: list = []
+        index: dict[int, int] = {}
+        out = []
+        for b, off, ln in self.parts:
+            if id(b) not in index:
+                index[id(b)] = len(refs)
+                refs.append(b.ref)
+            out.append((index[id(b)], off, ln))
+        return out, refs
+
+    def release(self) -> None:
+        owned, self.owned = self.owned, []
+        for b in owned:
+            b.release()
+
+
+def _rebundled(items: Iterator[Any], batch: int | None) -> Iterator[Any]:
+    """``items`` (Bundles) regrouped so each task gets a multiple of
+    ``batch`` rows (only the last group may hold fewer): whole small
+    blocks are grouped, a block straddling a boundary is cut.  With
+    ``batch`` None, ``items`` unchanged."""
+    if not batch:
+        yield from items
+        return
+    parts: list[tuple[Bundle, int, int]] = []
+    owned: list[Bundle] = []
+    have = 0
+    empty: Bundle | None = None
+    emitted = False
+    for b in items:
+        if not b.num_rows:
+            if empty is None:
+                empty = b
+            else:
+                b.release()
+            continue
+        off = 0
+        while off < b.num_rows:
+            ln = b.num_rows - off
+            if have + ln >= batch:
+                ln = (have + ln) // batch * batch - have
+            parts.append((b, off, ln))
+            have += ln
+            off += ln
+            if off == b.num_rows:
+                owned.append(b)
+            if have and have % batch == 0:
+                emitted = True
+                yield Pieces(parts, owned)
+                parts, owned, have = [], [], 0
+    if parts:
+        emitted = True
+        yield Pieces(parts, owned)
+    if empty is not None:
+        if emitted:
+            empty.release()
+        else:  # no rows at all: one task on an empty block gives the schema
+            yield Pieces([(empty, 0, 0)], [empty])
+
+
 # -- remote functions ------------------------------------------------------------
 @flowcore.remote(num_returns=2)
-def _run_transforms(transforms: list, index: int, kind: str, payload: Any) -> tuple:
+def _run_transforms(transforms: list, index: int, kind: str, payload: Any,
+                    *tables: pa.Table) -> tuple:
     from flowcore.data import executor as _m  # the real module, also when shipped by value
-    return _m._run_transforms_impl(transforms, index, kind, payload)
+    return _m._run_transforms_impl(transforms, index, kind, payload, *tables)
 
 
-def _run_transforms_impl(transforms: list, index: int, kind: str, payload: Any) -> tuple:
-    blocks = payload.read() if kind == "read" else iter([payload])
+def _run_transforms_impl(transforms: list, index: int, kind: str, payload: Any,
+                         *tables: pa.Table) -> tuple:
+    """``kind``: "read" (payload: a ReadTask), "block" (payload: the table)
+    or "pieces" (payload: (table index, offset, length) slices of ``tables``)."""
+    if kind == "read":
+        blocks = payload.read()
+    elif kind == "pieces":
+        blocks = iter([tables[i].slice(off, ln) for i, off, ln in payload])
+    else:
+        blocks = iter([payload])
     t = apply_transforms(blocks, transforms, TaskContext(index))
     return t, block_meta(t)
 
@@ -244,8 +331,9 @@ class _PoolWorker:
     """An actor of a ``map_batches(Class)`` pool: constructs the user's
     class once, then runs (read +) fused transforms per call."""
 
-    def __init__(self, transforms: list) -> None:
+    def __init__(self, transforms: list, n_pre: int = 0) -> None:
         self.transforms = transforms
+        self.parts = (transforms[:n_pre], transforms[n_pre:])
         for t in transforms:
             t.setup()
 
@@ -253,9 +341,13 @@ class _PoolWorker:
         return os.getpid()
 
     @flowcore.method(num_returns=2)
-    def run(self, index: int, kind: str, payload: Any) -> tuple:
+    def run(self, part: int | None, index: int, kind: str, payload: Any,
+            *tables: pa.Table) -> tuple:
+        """``part``: None for all transforms, 0 for the ones before the
+        pool's class, 1 for the class and after."""
         from flowcore.data import executor as _m  # the real module, also when shipped by value
-        return _m._run_transforms_impl(self.transforms, index, kind, payload)
+        ts = self.transforms if part is None else self.parts[part]
+        return _m._run_transforms_impl(ts, index, kind, payload, *tables)
 
 
 # -- cluster facts ------------------------------------------------------------------
@@ -269,6 +361,30 @@ def store_capacity() -> int:
     return max(caps) if caps else 256 << 20
 
 
+#: seconds the CPUs and store capacity read for one execution are reused by
+#: the next ones (two head queries saved per small plan)
+FACTS_TTL_S = 5.0
+_facts: dict = {}
+_facts_lock = threading.Lock()
+
+
+def cluster_facts() -> tuple[float, int]:
+    """(cluster CPUs, largest node store capacity), cached for FACTS_TTL_S
+    per cluster connection."""
+    rc = flowcore.get_runtime_context()
+    key = (rc.gcs_address, rc.get_job_id())
+    now = time.monotonic()
+    with _facts_lock:
+        hit = _facts.get(key)
+        if hit is not None and now - hit[0] < FACTS_TTL_S:
+            return hit[1]
+    facts = (cluster_cpus(), store_capacity())
+    with _facts_lock:
+        _facts.clear()
+        _facts[key] = (now, facts)
+    return facts
+
+
 # -- execution ------------------------------------------------------------------
 class Execution:
     """State shared by the stages of one execution."""
@@ -278,8 +394,8 @@ class Execution:
         self.stats = stats
         if not flowcore.is_initialized():
             flowcore.init()
-        self.cpus = cluster_cpus()
-        self.budget = MemoryBudget(int(store_capacity() * ctx.store_memory_fraction))
+        self.cpus, capacity = cluster_facts()
+        self.budget = MemoryBudget(int(capacity * ctx.store_memory_fraction))
         self.max_in_flight = ctx.max_tasks_in_flight_per_op or max(2, int(2 * self.cpus))
         self.actors_cpus_left = self.cpus
 
@@ -297,8 +413,7 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
     error: BaseException | None = None
     out: Iterator[Bundle] | None = None
     try:
-        size = plan.input_size()
-        if size is not None and size <= ctx.small_plan_bytes and not plan.has_actors():
+        if _one_task_plan(plan, ctx):
             out = _one_task(ex, plan)
         else:
             out = _build(ex, plan)
@@ -318,9 +433,16 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
         feed.finish(error)
 
 
+def _one_task_plan(plan: LogicalPlan, ctx: DataContext) -> bool:
+    """A small plan without pools or block-shaping operators runs as one task."""
+    size = plan.input_size()
+    return (size is not None and size <= ctx.small_plan_bytes and not plan.has_actors()
+            and not plan.sets_blocks())
+
+
 def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:
     st = ex.stats.op("ExecutePlanInOneTask[" + " -> ".join(
-        [plan.source.name] + [o.name for o in plan.ops]) + "]")
+        [plan.source.name] + [o.name for o in plan.ops]) + "]", plan_objects(plan))
     st.started()
     refs = [r for r, _ in input_bundles(plan)]
     st.tasks += 1
@@ -354,34 +476,56 @@ def _source_items(ex: Execution, src: Any) -> Iterator[Any]:
 
 
 def _stages(plan: LogicalPlan) -> list[tuple]:
-    """The physical stages: ("task", ops), ("actor", pre_ops, ops),
-    ("limit", op), ("barrier", op); fused where possible."""
+    """The physical stages: ("task", ops, batch), ("actor", pre_ops, ops,
+    batch, split_pre), ("limit", op), ("barrier", op); fused where possible.
+
+    ``batch``: the rows a call's input must be a multiple of (an operator
+    with ``map_batches(batch_size=N)`` inside), or None.  Such an operator
+    starts a new stage when the rows reaching it in a task are not known
+    from block metadata (after a read, a filter, a flat_map or another
+    map_batches), so its input can be re-cut into multiples of N (for a
+    pool's class, ``split_pre``: the pool runs the part before it first)."""
     stages: list[tuple] = []
     raw = not isinstance(plan.source, (InputSource, UnionSource, ZipSource))
     pending: list[MapOp] = []
     actor: list[MapOp] | None = None
     pre: list[MapOp] = []
+    batch: int | None = None
+    split_pre = False
 
     def flush() -> None:
-        nonlocal pending, raw, actor, pre
+        nonlocal pending, raw, actor, pre, batch, split_pre
         if actor is not None:
-            stages.append(("actor", pre, actor))
-            actor, pre, pending = None, [], []
+            stages.append(("actor", pre, actor, batch, split_pre))
+            actor, pre, pending, split_pre = None, [], [], False
         elif pending or raw:
-            stages.append(("task", pending))
+            stages.append(("task", pending, batch))
             pending = []
         raw = False
+        batch = None
+
+    def rows_known() -> bool:
+        """Rows reaching the next operator follow from the stage's input blocks."""
+        return not raw and all(o.keeps_row_count for o in pre + (actor or []) + pending)
 
     for op in plan.ops:
         if isinstance(op, MapOp):
+            cut = bool(op.exact_batch_size) and not rows_known()
             if op.is_actor:
-                if actor is not None:
+                if actor is not None or (cut and batch):
                     flush()
+                elif cut:  # the read and ``pending`` run as calls of their own on the pool
+                    split_pre = True
                 pre, actor, pending = pending, [op], []
+            elif cut:
+                flush()
+                pending.append(op)
             elif actor is not None:
                 actor.append(op)
             else:
                 pending.append(op)
+            if op.exact_batch_size:
+                batch = op.exact_batch_size
             continue
         flush()
         stages.append(("limit" if isinstance(op, LimitOp) else "barrier", op))
@@ -423,9 +567,11 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
     stages = _stages(plan)
     with_tasks = _segments_with_tasks(plan, stages)
     n_pools = sum(1 for st in stages if st[0] == "actor")
+    reads = plan.source if isinstance(plan.source, ReadSource) else None
     for i, st in enumerate(stages):
+        source = reads if i == 0 else None  # the first stage runs the read tasks
         if st[0] == "task":
-            stream = _task_stage(ex, stream, st[1])
+            stream = _task_stage(ex, _rebundled(stream, st[2]), st[1], source)
         elif st[0] == "actor":
             free = 0.0
             if with_tasks[i]:
@@ -434,7 +580,8 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
                     free = 1.0   # leave a CPU to the tasks around the pool
                 else:            # too few CPUs to share: run the segment in turns
                     stream = _gathered(stream)
-            stream = _actor_stage(ex, stream, st[1], st[2], n_pools, free)
+            stream = _actor_stage(ex, stream, st[1], st[2], n_pools, free, st[3], st[4],
+                                  source)
             if with_tasks[i] and not free and any(s[0] == "task" for s in stages[i + 1:]):
                 stream = _gathered(stream)
         elif st[0] == "limit":
@@ -442,6 +589,38 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
         else:
             stream = _barrier_stage(ex, stream, st[1])
     return stream
+
+
+def describe_stages(plan: LogicalPlan) -> str:
+    """The physical stages ``plan`` runs as (``Dataset.explain()``)."""
+    if _one_task_plan(plan, DataContext.get_current()):
+        return ("ExecutePlanInOneTask[" + " -> ".join([plan.source.name]
+                                                      + [o.name for o in plan.ops]) + "]")
+    lines = []
+    for p in getattr(plan.source, "plans", []):
+        lines += ["input: " + line for line in describe_stages(p).splitlines()]
+    if getattr(plan.source, "plans", None):
+        lines.append(plan.source.name)
+    reads = isinstance(plan.source, ReadSource)
+    for i, st in enumerate(_stages(plan)):
+        if st[0] == "task":
+            line = _stage_name(st[1], "ReadTask" if reads and i == 0 else "")
+            line = f"TaskPoolMapOperator[{line}]"
+        elif st[0] == "actor":
+            pre = _stage_name(st[1], "ReadTask" if reads and i == 0 else "") \
+                if st[1] or (reads and i == 0) else ""
+            if st[4]:
+                line = (f"ActorPoolMapOperator[{pre}] (the pool's own calls) -> "
+                        f"ActorPoolMapOperator[{_stage_name(st[2])}]")
+            else:
+                line = f"ActorPoolMapOperator[{_stage_name(st[1] + st[2])}]"
+        else:
+            line = st[1].name
+        batch = st[2] if st[0] == "task" else st[3] if st[0] == "actor" else None
+        if batch:
+            line += f" (input re-cut to multiples of {batch} rows)"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _task_name(stage: str) -> str:
@@ -480,7 +659,7 @@ def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
                 index += 1
                 st.tasks += 1
                 if not est:
-                    est = (item.meta["size_bytes"] if isinstance(item, Bundle)
+                    est = (item.meta["size_bytes"] if isinstance(item, (Bundle, Pieces))
                            else (item.size_bytes or 0)) or (1 << 20)
                     guess = est
                 pending.append((out_ref, meta_ref, item, slot, guess))
@@ -493,7 +672,7 @@ def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
                 meta = ex.get_meta(meta_ref)
             finally:
                 on_done(slot)
-                if isinstance(item, Bundle):
+                if isinstance(item, (Bundle, Pieces)):
                     item.release()
             sizes.append(meta["size_bytes"])
             del sizes[:-16]
@@ -503,7 +682,7 @@ def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
     finally:
         for *_, item, _slot, g in pending:
             ex.budget.unreserve(g)
-            if isinstance(item, Bundle):
+            if isinstance(item, (Bundle, Pieces)):
                 item.release()
         pending.clear()
 
@@ -519,11 +698,21 @@ def _split_if_big(ex: Execution, ref: Any, meta: dict) -> list[tuple[Any, dict]]
     return list(zip(refs[:k], ex.get_meta(refs[k])))
 
 
-def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp]
-                ) -> Iterator[Bundle]:
-    st = ex.stats.op(_stage_name(transforms))
+def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp],
+                source: Any = None) -> Iterator[Bundle]:
+    """``source``: the ReadSource whose read tasks ``items`` are, if any."""
+    st = ex.stats.op(_stage_name(transforms), transforms + ([source] if source else []))
     tref = flowcore.put(transforms)
     res = _resources(transforms)
+    limit = _task_limit(ex, transforms)
+    if source is not None:  # the read's own num_cpus=, concurrency=... (the larger CPU ask wins)
+        cpus = [c for c in (source.remote_args.get("num_cpus"), res.get("num_cpus"))
+                if c is not None]
+        res = {**source.remote_args, **res}
+        if cpus:
+            res["num_cpus"] = max(cpus)
+        if source.concurrency:
+            limit = min(limit, source.concurrency)
     fns: dict = {}
 
     def submit(index: int, item: Any) -> tuple:
@@ -535,11 +724,14 @@ def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp]
             fn = fns[st.name] = _run_transforms.options(name=_task_name(st.name), **res)
         if isinstance(item, ReadTask):
             out, meta = fn.remote(tref, index, "read", item)
+        elif isinstance(item, Pieces):
+            pieces, refs = item.payload()
+            out, meta = fn.remote(tref, index, "pieces", pieces, *refs)
         else:
             out, meta = fn.remote(tref, index, "block", item.ref)
         return out, meta, None
 
-    return _windowed(ex, st, items, submit, lambda: True, limit=_task_limit(ex, transforms))
+    return _windowed(ex, st, items, submit, lambda: True, limit=limit)
 
 
 def _resources(ops: list[MapOp]) -> dict:
@@ -591,10 +783,14 @@ def pool_size(op: MapOp, cpus: float, n_pools: int, free: float = 0.0) -> int:
 
 
 def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: list[MapOp],
-                 n_pools: int, free: float = 0.0) -> Iterator[Bundle]:
+                 n_pools: int, free: float = 0.0, batch: int | None = None,
+                 split_pre: bool = False, source: Any = None) -> Iterator[Bundle]:
+    """A pool of actors running ``pre + ops`` per call.  ``split_pre``: the
+    read and ``pre`` run as calls of their own on the same actors, their
+    blocks are re-cut into multiples of ``batch`` rows, then ``ops`` run
+    (exact batches without tasks competing with the pool for CPUs)."""
     head = ops[0]
     transforms = pre + ops
-    st = ex.stats.op(_stage_name(transforms))
     size = pool_size(head, ex.cpus, n_pools, free)
     opts: dict = {"num_cpus": head.num_cpus if head.num_cpus is not None else 1.0}
     if head.num_gpus:
@@ -602,33 +798,50 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
     opts.update(head.remote_args)
     cls = flowcore.remote(**opts)(_PoolWorker)
     actors: list = []
-    outstanding: list[int] = []
     per_actor = ex.ctx.max_tasks_in_flight_per_actor
 
-    def can_submit() -> bool:
-        return not actors or min(outstanding) < per_actor
+    def phase(part: int | None, stream: Iterator[Any], st: OpStats) -> Iterator[Bundle]:
+        outstanding = [0] * size
 
-    def submit(index: int, item: Any) -> tuple:
-        if not actors:
-            for _ in range(size):
-                actors.append(cls.remote(transforms))
-                outstanding.append(0)
+        def can_submit() -> bool:
+            return min(outstanding) < per_actor
+
+        def submit(index: int, item: Any) -> tuple:
+            if not actors:
+                actors.extend(cls.remote(transforms, len(pre)) for _ in range(size))
             st.actors = size
-        i = min(range(len(actors)), key=outstanding.__getitem__)
-        outstanding[i] += 1
-        if isinstance(item, ReadTask):
-            out, meta = actors[i].run.remote(index, "read", item)
-        else:
-            out, meta = actors[i].run.remote(index, "block", item.ref)
-        return out, meta, i
+            i = min(range(size), key=outstanding.__getitem__)
+            outstanding[i] += 1
+            run = actors[i].run
+            if isinstance(item, ReadTask) and part == 0 and st.name == _stage_name(pre):
+                st.name = _stage_name(pre, "ReadTask")
+            if isinstance(item, ReadTask):
+                out, meta = run.remote(part, index, "read", item)
+            elif isinstance(item, Pieces):
+                pieces, refs = item.payload()
+                out, meta = run.remote(part, index, "pieces", pieces, *refs)
+            else:
+                out, meta = run.remote(part, index, "block", item.ref)
+            return out, meta, i
 
-    def done(slot: int) -> None:
-        outstanding[slot] -= 1
+        def done(slot: int) -> None:
+            outstanding[slot] -= 1
+        return _windowed(ex, st, stream, submit, can_submit, done)
+
+    if split_pre:
+        src = [source] if source else []
+        st_pre = ex.stats.op(_stage_name(pre), pre + src)
+        stream = _rebundled(phase(0, items, st_pre), batch)
+        main = phase(1, stream, ex.stats.op(_stage_name(ops), ops))
+    else:
+        main = phase(None, _rebundled(items, batch), ex.stats.op(
+            _stage_name(transforms), transforms + ([source] if source else [])))
 
     def run() -> Iterator[Bundle]:
         try:
-            yield from _windowed(ex, st, items, submit, can_submit, done)
+            yield from main
         finally:
+            main.close()
             for a in actors:
                 try:
                     flowcore.kill(a)
@@ -638,7 +851,7 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
 
 
 def _limit_stage(ex: Execution, items: Iterator[Bundle], op: LimitOp) -> Iterator[Bundle]:
-    st = ex.stats.op(op.name)
+    st = ex.stats.op(op.name, [op])
     st.started()
     left = op.limit
     try:
@@ -687,7 +900,7 @@ def _collect(ex: Execution, st: OpStats, pairs: list[tuple]) -> list[Bundle]:
 
 def _barrier_stage(ex: Execution, items: Iterator[Any], op: AllToAllOp) -> Iterator[Bundle]:
     bundles = _gather(ex, items)
-    st = ex.stats.op(op.name)
+    st = ex.stats.op(op.name, [op])
     st.started()
     try:
         result = _all_to_all(ex, st, bundles, op)
@@ -709,8 +922,12 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
         return out
     total = sum(b.meta["size_bytes"] for b in bundles)
     n_out = op.params.get("num_blocks") or len(bundles) or 1
+    if op.kind == "repartition" and op.params.get("rows_per_block"):
+        rows = sum(b.num_rows for b in bundles)
+        return _repartition(ex, st, bundles, fixed_ranges(rows, op.params["rows_per_block"]))
     if op.kind == "repartition" and not op.params.get("shuffle"):
-        return _repartition(ex, st, bundles, n_out)
+        return _repartition(ex, st, bundles, even_ranges(sum(b.num_rows for b in bundles),
+                                                         n_out))
     if total <= ex.ctx.small_shuffle_bytes or len(bundles) <= 1:
         st.tasks += 1
         k = op.params.get("num_blocks") or 1
@@ -724,6 +941,11 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
     refs = [b.ref for b in bundles]
     if op.kind in ("random_shuffle", "repartition"):
         kind, params = "random", {"seed": op.params.get("seed")}
+    elif op.params.get("boundaries"):
+        key, direction = op.params["keys"][0]
+        kind = "range"
+        params = {"key": key, "descending": direction == "descending",
+                  "bounds": op.sort_bounds()}
     else:
         key, direction = op.params["keys"][0]
         samples: list = []
@@ -755,15 +977,16 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
     return _collect(ex, st, pairs)
 
 
-def _repartition(ex: Execution, st: OpStats, bundles: list[Bundle], n: int) -> list[Bundle]:
-    total = sum(b.num_rows for b in bundles)
+def _repartition(ex: Execution, st: OpStats, bundles: list[Bundle],
+                 ranges: list[tuple[int, int]]) -> list[Bundle]:
+    """One block per (offset, length) of global rows."""
     starts = []
     acc = 0
     for b in bundles:
         starts.append(acc)
         acc += b.num_rows
     pairs = []
-    for off, ln in even_ranges(total, n):
+    for off, ln in ranges:
         pieces, refs = [], []
         for bi, b in enumerate(bundles):
             s, e = starts[bi], starts[bi] + b.num_rows
@@ -805,7 +1028,7 @@ def slice_bundles(ex: Execution, bundles: list[Bundle], ranges: list[tuple[int, 
 
 
 def _zip_stage(ex: Execution, src: ZipSource) -> Iterator[Bundle]:
-    st = ex.stats.op("Zip")
+    st = ex.stats.op("Zip", [src])
     st.started()
     sides = [_gather(ex, _build(ex, p)) for p in src.plans]
     left, right = sides[0], sides[1]

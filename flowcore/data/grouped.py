@@ -42,7 +42,13 @@ def global_aggregate(ds: Any, aggs: tuple) -> dict | None:
 class GroupedData:
     """Rows grouped by ``key``: aggregate per group or map each group."""
 
-    def __init__(self, dataset: Any, key: str | list[str] | None) -> None:
+    def __init__(self, dataset: Any, key: str | list[str] | None,
+                 num_partitions: int | None = None) -> None:
+        if num_partitions is not None and (not isinstance(num_partitions, int) or isinstance(
+                num_partitions, bool) or num_partitions < 1):
+            raise ValueError(f"groupby: num_partitions={num_partitions!r}; expected an int >= 1 "
+                             f"or None")
+        self._num_partitions = num_partitions
         if key is not None and not isinstance(key, str) and not (
                 isinstance(key, (list, tuple)) and key and all(isinstance(k, str) for k in key)):
             raise ValueError(f"groupby: key={key!r}; expected a column name, a list of names, "
@@ -65,7 +71,8 @@ class GroupedData:
         names = ", ".join(a.name for a in aggs)
         return self._ds._with(AllToAllOp(
             "aggregate", f"Aggregate[key={self._keys}, {names}]",
-            keys=[(k, "ascending") for k in self._keys], aggs=list(aggs)))
+            keys=[(k, "ascending") for k in self._keys], aggs=list(aggs),
+            num_blocks=self._num_partitions))
 
     def _one(self, cls: type, on: Any, ignore_nulls: bool, **kw: Any) -> Any:
         if on is None:
@@ -94,11 +101,12 @@ class GroupedData:
             ignore_nulls: bool = True) -> Any:
         return self._one(agg_mod.Std, on, ignore_nulls, ddof=ddof)
 
-    def map_groups(self, fn: Callable, *, compute: Any = None,
+    def map_groups(self, fn: Callable, *, zero_copy_batch: bool = True, compute: Any = None,
                    batch_format: str | None = "default", fn_args: Any = None,
                    fn_kwargs: Any = None, fn_constructor_args: Any = None,
                    fn_constructor_kwargs: Any = None, num_cpus: float | None = None,
-                   num_gpus: float | None = None, concurrency: Any = None,
+                   num_gpus: float | None = None, memory: float | None = None,
+                   concurrency: Any = None, ray_remote_args_fn: Any = None,
                    **ray_remote_args: Any) -> Any:
         """``fn(batch of one group) -> batch``; results concatenated."""
         if not callable(fn):
@@ -111,4 +119,4 @@ class GroupedData:
         return self._ds._with(AllToAllOp(
             "map_groups", f"MapGroups({fn_name(fn)})", keys=[(k, "ascending") for k in keys],
             fn=fn, batch_format=batch_format, fn_args=tuple(fn_args or ()),
-            fn_kwargs=dict(fn_kwargs or {})))
+            fn_kwargs=dict(fn_kwargs or {}), num_blocks=self._num_partitions))

@@ -166,8 +166,10 @@ class DataIterator:
                            dtypes: Any = None, device: Any = "auto",
                            collate_fn: Callable | None = None, drop_last: bool = False,
                            local_shuffle_buffer_size: int | None = None,
-                           local_shuffle_seed: int | None = None) -> Iterator[Any]:
-        """Batches as ``dict[str, torch.Tensor]`` (or ``collate_fn``'s result)."""
+                           local_shuffle_seed: int | None = None,
+                           pin_memory: bool = False) -> Iterator[Any]:
+        """Batches as ``dict[str, torch.Tensor]`` (or ``collate_fn``'s result);
+        ``pin_memory``: tensors in page-locked memory (when CUDA is present)."""
         try:
             import torch
         except ImportError:
@@ -188,7 +190,10 @@ class DataIterator:
                                     f"expected numeric columns (pass collate_fn= to convert)")
                 dt = dtypes.get(k) if isinstance(dtypes, dict) else dtypes
                 arr = v if v.flags.writeable else np.array(v)
-                out[k] = torch.as_tensor(arr, dtype=dt, device=dev)
+                t = torch.as_tensor(arr, dtype=dt, device=dev)
+                if pin_memory and t.device.type == "cpu" and torch.cuda.is_available():
+                    t = t.pin_memory()
+                out[k] = t
             return out
 
         for b in self.iter_batches(prefetch_batches=prefetch_batches, batch_size=batch_size,
@@ -205,6 +210,14 @@ class DataIterator:
     def stats(self) -> str:
         return ""
 
+    def schema(self) -> Any:
+        """The Schema of the rows this iterator yields (None when unknown)."""
+        return None
+
+    def get_context(self) -> Any:
+        from .context import DataContext
+        return DataContext.get_current()
+
     def __iter__(self) -> Iterator[dict]:
         return self.iter_rows()
 
@@ -220,6 +233,9 @@ class DatasetIterator(DataIterator):
 
     def stats(self) -> str:
         return self._dataset.stats()
+
+    def schema(self) -> Any:
+        return self._dataset.schema()
 
     def __repr__(self) -> str:
         return f"DataIterator({self._dataset!r})"

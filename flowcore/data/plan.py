@@ -20,6 +20,7 @@ import pyarrow as pa
 from . import shuffle
 from .block import (concat, describe_batch, describe_row, iter_rows, rows_to_table, schema_str,
                     to_batch, to_table)
+from .iterator import batch_tables
 
 __all__ = [
     "TaskContext", "ReadTask", "MapOp", "AllToAllOp", "LimitOp", "LogicalPlan",
@@ -157,29 +158,54 @@ class MapOp:
 
     def _t_map_batches(self, blocks: Iterator[pa.Table], ctx: TaskContext
                        ) -> Iterator[pa.Table]:
+        """Batches of exactly ``batch_size`` rows cut across the blocks of
+        this call (the last may be smaller; ``None``: one batch per block).
+        The executor hands a call a multiple of ``batch_size`` rows, so
+        batches are exact across the whole dataset."""
         fn = self._callable()
-        size = self.batch_size
-        for t in blocks:
-            step = t.num_rows if size is None else size
-            starts = range(0, t.num_rows, step) if t.num_rows else [0]
-            outs = []
-            for s in starts:
-                piece = t.slice(s, step) if step else t
-                batch = to_batch(piece, self.batch_format)
-                try:
-                    res = fn(batch, *self.fn_args, **self.fn_kwargs)
-                    results = res if inspect.isgenerator(res) else [res]
-                    for r in results:
-                        outs.append(to_table(r, self.name))
-                except TypeError as e:
-                    if str(e).startswith(self.name):
-                        raise
-                    e.add_note(f"flowcore.data: {self.name} failed on {describe_batch(piece)}")
-                    raise
-                except Exception as e:
-                    e.add_note(f"flowcore.data: {self.name} failed on {describe_batch(piece)}")
-                    raise
-            yield concat(outs) if outs else t.slice(0, 0)
+        first: list[pa.Table] = []
+
+        def nonempty() -> Iterator[pa.Table]:
+            for t in blocks:
+                if not first:
+                    first.append(t)
+                if t.num_rows:
+                    yield t
+        pieces = (t for t in nonempty()) if self.batch_size is None else \
+            batch_tables(nonempty(), self.batch_size, False)
+        produced = False
+        for piece in pieces:
+            produced = True
+            yield from self._call_batch(fn, piece)
+        if not produced and first:  # no rows: one call on the empty block fixes the schema
+            yield from self._call_batch(fn, first[0])
+
+    def _call_batch(self, fn: Callable, piece: pa.Table) -> Iterator[pa.Table]:
+        batch = to_batch(piece, self.batch_format)
+        try:
+            res = fn(batch, *self.fn_args, **self.fn_kwargs)
+            results = res if inspect.isgenerator(res) else [res]
+            for r in results:
+                yield to_table(r, self.name)
+        except TypeError as e:
+            if str(e).startswith(self.name):
+                raise
+            e.add_note(f"flowcore.data: {self.name} failed on {describe_batch(piece)}")
+            raise
+        except Exception as e:
+            e.add_note(f"flowcore.data: {self.name} failed on {describe_batch(piece)}")
+            raise
+
+    @property
+    def keeps_row_count(self) -> bool:
+        """One output row per input row (batch boundaries stay put)."""
+        return self.kind in ("map", "add_column", "drop_columns", "select_columns",
+                             "rename_columns")
+
+    @property
+    def exact_batch_size(self) -> int | None:
+        """The rows per call this operator needs its input cut into."""
+        return self.batch_size if self.kind in ("map_batches", "write") else None
 
     def _t_add_column(self, blocks: Iterator[pa.Table], ctx: TaskContext) -> Iterator[pa.Table]:
         col = self.params["col"]
@@ -246,9 +272,10 @@ class MapOp:
     def _t_write(self, blocks: Iterator[pa.Table], ctx: TaskContext) -> Iterator[pa.Table]:
         sink = self.params["sink"]
         t = concat(list(blocks))
-        path = sink.write_block(t, ctx.task_index) if t.num_rows else None
-        yield pa.table({"path": pa.array([path], type=pa.string()),
-                        "num_rows": pa.array([t.num_rows], type=pa.int64())})
+        paths = sink.write_table(t, ctx.task_index) if t.num_rows else [None]
+        yield pa.table({"path": pa.array(paths, type=pa.string()),
+                        "num_rows": pa.array([t.num_rows] + [0] * (len(paths) - 1),
+                                             type=pa.int64())})
 
 
 def apply_transforms(blocks: Iterator[pa.Table], transforms: Sequence[MapOp],
@@ -292,11 +319,18 @@ class AllToAllOp:
                                             p["fn_args"], p["fn_kwargs"], self.name)
         return table
 
+    def sort_bounds(self) -> list:
+        """The user's ``sort(boundaries=)`` in range_partition's order."""
+        b = list(self.params["boundaries"])
+        return b[::-1] if self.params["keys"][0][1] == "descending" else b
+
     def local(self, tables: list[pa.Table]) -> list[pa.Table]:
         if self.kind == "randomize_block_order":
             rng = np.random.default_rng(self.params.get("seed"))
             return [tables[i] for i in rng.permutation(len(tables))]
         t = concat(tables)
+        if self.kind == "repartition" and self.params.get("rows_per_block"):
+            return [t.slice(*r) for r in fixed_ranges(t.num_rows, self.params["rows_per_block"])]
         if self.kind == "repartition":
             n = self.params["num_blocks"]
             if self.params.get("shuffle"):
@@ -304,9 +338,18 @@ class AllToAllOp:
             return [t.slice(*r) for r in even_ranges(t.num_rows, n)]
         out = self.reduce(t)
         n = self.params.get("num_blocks")
+        if self.kind == "sort" and self.params.get("boundaries"):
+            (key, direction), = self.params["keys"]
+            return shuffle.range_partition(out, key, direction == "descending",
+                                           self.sort_bounds(), n)
         if n and n > 1:
             return [out.slice(*r) for r in even_ranges(out.num_rows, n)]
         return [out]
+
+
+def fixed_ranges(total: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of consecutive pieces of ``size`` rows (the last smaller)."""
+    return [(o, min(size, total - o)) for o in range(0, total, size)] or [(0, 0)]
 
 
 def even_ranges(total: int, n: int) -> list[tuple[int, int]]:
@@ -342,9 +385,14 @@ class InputSource:
 
 
 class ReadSource:
-    def __init__(self, tasks: list[ReadTask], name: str) -> None:
+    """Read tasks; ``remote_args`` (num_cpus=, ...) and ``concurrency`` (read
+    tasks in flight) apply to the tasks that run them."""
+    def __init__(self, tasks: list[ReadTask], name: str, remote_args: dict | None = None,
+                 concurrency: int | None = None) -> None:
         self.tasks = tasks
         self.name = name
+        self.remote_args = dict(remote_args or {})
+        self.concurrency = concurrency
 
     def size_bytes(self) -> int | None:
         sizes = [t.size_bytes for t in self.tasks]
@@ -385,6 +433,15 @@ class LogicalPlan:
         if any(isinstance(o, MapOp) and o.is_actor for o in self.ops):
             return True
         return any(p.has_actors() for p in getattr(self.source, "plans", []))
+
+    def sets_blocks(self) -> bool:
+        """An operator decides the output's blocks (repartition, a sort with
+        boundaries, num_blocks/num_partitions): not run as one block."""
+        if any(isinstance(o, AllToAllOp) and (o.params.get("num_blocks")
+                                              or o.params.get("rows_per_block"))
+               for o in self.ops):
+            return True
+        return any(p.sets_blocks() for p in getattr(self.source, "plans", []))
 
     def has_write(self) -> bool:
         return any(isinstance(o, MapOp) and o.kind == "write" for o in self.ops)
@@ -444,7 +501,12 @@ def run_local(plan: LogicalPlan, inputs: list[pa.Table]) -> list[pa.Table]:
         nonlocal pending
         if not pending:
             return ts
-        out = [apply_transforms(iter([t]), pending, TaskContext(i)) for i, t in enumerate(ts)]
+        if any(o.exact_batch_size for o in pending):
+            # batches cut across blocks: the blocks go through as one stream
+            out = [apply_transforms(iter(ts), pending, TaskContext(0))]
+        else:
+            out = [apply_transforms(iter([t]), pending, TaskContext(i))
+                   for i, t in enumerate(ts)]
         pending = []
         return out
 
@@ -484,6 +546,13 @@ def _source_local(src: Any, inputs: list[pa.Table]) -> list[pa.Table]:
     raise TypeError(f"unknown source {src!r}")
 
 
+def plan_objects(plan: LogicalPlan) -> list:
+    """Every source (nested ones too) and operator of ``plan``."""
+    src = plan.source
+    out = [o for p in getattr(src, "plans", []) for o in plan_objects(p)]
+    return out + [src] + list(plan.ops)
+
+
 def input_bundles(plan: LogicalPlan) -> list:
     """The (ref, meta) bundles a plan's InputSources hold, in run_local order."""
     src = plan.source
@@ -494,4 +563,5 @@ def input_bundles(plan: LogicalPlan) -> list:
     return []
 
 
-__all__ += ["even_ranges", "zip_tables", "check_union_schemas", "input_bundles"]
+__all__ += ["even_ranges", "fixed_ranges", "zip_tables", "check_union_schemas", "input_bundles",
+            "plan_objects"]

@@ -7,6 +7,11 @@ shard asks (``equal=True``: each shard gets exactly the same number of
 rows, the remainder dropped).  An epoch ends when every shard has seen the
 end; the next ``iter_batches`` on a shard starts the next epoch after all
 shards finished the previous one.
+
+Lifetime: when every shard finished an epoch the coordinator closes the
+execution and drops its block refs; the actor exits when the last
+iterator holding its handle is garbage-collected (in the driver or in the
+tasks and actors the shards were sent to), as handles are counted.
 """
 from __future__ import annotations
 
@@ -95,8 +100,32 @@ class SplitCoordinator:
                 return [ref]
         with self.cond:
             self.finished[split] = True
+            if all(self.finished):
+                self._free()
             self.cond.notify_all()
         return []
+
+    def _free(self) -> None:
+        """Every shard finished the epoch: close the execution and drop
+        every block ref, so the store holds nothing for this split until a
+        next epoch starts (the actor itself exits with the last iterator)."""
+        with self.lock:
+            close = getattr(self.gen, "close", None)
+            if close is not None:
+                close()
+            self.gen = None
+            self.queues = [collections.deque() for _ in range(self.n)]
+            self.handed = [[] for _ in range(self.n)]
+
+    def schema(self) -> Any:
+        from .dataset import Dataset
+        return Dataset(self.plan).schema()
+
+    def holds_blocks(self) -> int:
+        """Block refs this coordinator keeps (0 between epochs)."""
+        with self.lock:
+            return sum(len(q) for q in self.queues) + sum(len(h) for h in self.handed) + (
+                self.gen is not None)
 
 
 class StreamSplitDataIterator(DataIterator):
@@ -114,6 +143,10 @@ class StreamSplitDataIterator(DataIterator):
             if not got:
                 return
             yield flowcore.get(got[0])
+
+    def schema(self) -> Any:
+        """The dataset's schema (read from the plan, without consuming)."""
+        return flowcore.get(self._coord.schema.remote())
 
     def __repr__(self) -> str:
         return f"StreamSplitDataIterator(index={self._index}, n={self._n})"

@@ -19,6 +19,7 @@ class OpStats:
         self.start: float | None = None
         self.end: float | None = None
         self.actors = 0
+        self.logical: tuple[int, ...] = ()  # id()s of the plan's operators/sources it ran
 
     def started(self) -> None:
         if self.start is None:
@@ -52,8 +53,9 @@ class DatasetStats:
         self.end: float | None = None
         self.peak_budget_bytes = 0
 
-    def op(self, name: str) -> OpStats:
+    def op(self, name: str, logical: Any = ()) -> OpStats:
         s = OpStats(name)
+        s.logical = tuple(id(o) for o in logical)
         with self.lock:
             self.ops.append(s)
         return s

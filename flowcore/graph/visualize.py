@@ -80,9 +80,21 @@ def visualize(refs: ObjectRef | Sequence[ObjectRef] | None = None,
     and a ``RuntimeWarning`` says how to render it); ``format`` overrides the
     extension.  The returned Digraph
     displays inline in Jupyter.
+
+    ``refs`` may also be an object with a ``__flowcore_graph__()`` method
+    returning a ``graphviz.Digraph`` (a ``flowcore.data.Dataset`` draws its
+    plan and executed operators this way); it is drawn instead.
     """
     from . import draw
 
+    draw_self = None if isinstance(refs, ObjectRef) else getattr(refs, "__flowcore_graph__",
+                                                                  None)
+    if callable(draw_self):  # an object that draws itself (a flowcore.data Dataset: its plan)
+        fmt = _output_format(filename, format)
+        digraph = draw_self()
+        if filename is not None:
+            draw.write(digraph, filename, fmt)
+        return digraph
     roots = _roots(refs)
     fmt = _output_format(filename, format)
     client = require_client()

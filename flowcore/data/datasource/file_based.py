@@ -3,6 +3,7 @@ sink (one file per block, written under a temporary name and renamed, so
 a failed write leaves no partial file)."""
 from __future__ import annotations
 
+import enum
 import os
 import uuid
 from typing import Any, Callable, Iterator, Sequence
@@ -12,7 +13,19 @@ import pyarrow.fs as pafs
 
 from ..plan import ReadTask
 
-__all__ = ["resolve_paths", "file_read_tasks", "FileDatasink", "filesystem_for"]
+__all__ = ["resolve_paths", "file_read_tasks", "FileDatasink", "filesystem_for", "SaveMode"]
+
+
+class SaveMode(str, enum.Enum):
+    """What a write does when its directory already holds files (Ray's
+    names; plain strings work too).  UPSERT is Ray's for table sinks and
+    is refused for files."""
+    CREATE = "create"
+    APPEND = "append"
+    OVERWRITE = "overwrite"
+    IGNORE = "ignore"
+    ERROR = "error"
+    UPSERT = "upsert"
 
 
 def filesystem_for(path: str, filesystem: Any, op: str) -> tuple[pafs.FileSystem, str]:
@@ -36,10 +49,11 @@ def _hidden(name: str) -> bool:
 
 
 def resolve_paths(paths: Any, filesystem: Any, op: str,
-                  extensions: Sequence[str] | None = None
+                  extensions: Sequence[str] | None = None, ignore_missing: bool = False
                   ) -> list[tuple[pafs.FileSystem, str, int]]:
     """(filesystem, file path, size) for every file ``paths`` names
-    (directories are listed recursively, hidden files skipped)."""
+    (directories are listed recursively, hidden files skipped; with
+    ``ignore_missing`` a path that does not exist is skipped)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = list(paths)
@@ -51,6 +65,8 @@ def resolve_paths(paths: Any, filesystem: Any, op: str,
         fs, path = filesystem_for(p, filesystem, op)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
+            if ignore_missing:
+                continue
             raise FileNotFoundError(f"{op}: path {os.fspath(p)!r} does not exist; expected an "
                                     f"existing file or directory")
         if info.type == pafs.FileType.Directory:
@@ -60,7 +76,7 @@ def resolve_paths(paths: Any, filesystem: Any, op: str,
             if extensions:
                 found = [i for i in found if i.path.lower().endswith(tuple(extensions))]
             out.extend((fs, i.path, i.size or 0) for i in sorted(found, key=lambda i: i.path))
-        else:
+        elif not extensions or path.lower().endswith(tuple(extensions)):
             out.append((fs, path, info.size or 0))
     if not out:
         raise FileNotFoundError(f"{op}: no files found under {paths}"
@@ -97,28 +113,62 @@ class FileDatasink:
     """Writes each block to ``{path}/{uuid}_{index:06d}_000000.{ext}``."""
 
     def __init__(self, path: str, filesystem: Any, ext: str,
-                 write: Callable[[pa.Table, Any], None], op: str) -> None:
+                 write: Callable[[pa.Table, Any], None], op: str, *,
+                 try_create_dir: bool = True, filename_provider: Any = None,
+                 max_rows_per_file: int | None = None) -> None:
         self.fs, self.dir = filesystem_for(path, filesystem, op)
         self.ext = ext
         self.write = write
         self.op = op
         self.uuid = uuid.uuid4().hex[:16]
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
-        if self.local:
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        else:
-            self.fs.create_dir(self.dir, recursive=True)
+        if filename_provider is not None and not callable(
+                getattr(filename_provider, "get_filename_for_block", None)):
+            raise TypeError(f"{op}: filename_provider= must have a get_filename_for_block("
+                            f"block, write_uuid, task_index, block_index) method")
+        self.filename_provider = filename_provider
+        self.max_rows = max_rows_per_file
+        if self.fs.get_file_info(self.dir).type == pafs.FileType.NotFound:
+            if not try_create_dir:
+                raise FileNotFoundError(f"{op}: directory {path!r} does not exist and "
+                                        f"try_create_dir=False; create it or pass "
+                                        f"try_create_dir=True")
+            if self.local:
+                os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            else:
+                self.fs.create_dir(self.dir, recursive=True)
         info = self.fs.get_file_info(self.dir)
         if info.type != pafs.FileType.Directory:
             raise NotADirectoryError(f"{op}: {path!r} is not a directory; expected a "
                                      f"directory to write one file per block into")
 
-    def file_name(self, index: int) -> str:
-        return f"{self.uuid}_{index:06d}_000000.{self.ext}"
+    def file_name(self, index: int, part: int = 0, table: pa.Table | None = None) -> str:
+        if self.filename_provider is not None:
+            return str(self.filename_provider.get_filename_for_block(table, self.uuid, index,
+                                                                     part))
+        return f"{self.uuid}_{index:06d}_{part:06d}.{self.ext}"
 
-    def write_block(self, table: pa.Table, index: int) -> str:
-        final = f"{self.dir}/{self.file_name(index)}"
-        tmp = f"{self.dir}/.{self.file_name(index)}.tmp"
+    def existing_files(self) -> list[str]:
+        """Files (not hidden) already in the directory."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.dir, recursive=True))
+        return [i.path for i in infos if i.type == pafs.FileType.File
+                and not i.path.rsplit("/", 1)[-1].startswith(".")]
+
+    def delete_existing(self) -> None:
+        """``mode="overwrite"``: empty the directory first."""
+        self.fs.delete_dir_contents(self.dir)
+
+    def write_table(self, table: pa.Table, index: int) -> list[str]:
+        """``table`` as one file, or files of at most ``max_rows_per_file``."""
+        if not self.max_rows or table.num_rows <= self.max_rows:
+            return [self.write_block(table, index)]
+        return [self.write_block(table.slice(off, self.max_rows), index, part)
+                for part, off in enumerate(range(0, table.num_rows, self.max_rows))]
+
+    def write_block(self, table: pa.Table, index: int, part: int = 0) -> str:
+        name = self.file_name(index, part, table)
+        final = f"{self.dir}/{name}"
+        tmp = f"{self.dir}/.{self.uuid}.{name}.tmp"
         try:
             if self.local:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -137,15 +187,20 @@ class FileDatasink:
             raise
         return final
 
-    def cleanup(self) -> None:
-        """Remove every file this sink wrote (after a failed write)."""
+    def cleanup(self, before: set[str] | None = None) -> None:
+        """Remove every file this sink wrote (after a failed write): its
+        temporary files and, given the files ``before`` the write, any
+        new file (else the files named with this write's id)."""
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.dir))
+            infos = self.fs.get_file_info(pafs.FileSelector(self.dir, recursive=True))
         except OSError:
             return
         for i in infos:
+            if i.type != pafs.FileType.File:
+                continue
             name = i.path.rsplit("/", 1)[-1]
-            if name.startswith(self.uuid) or name.startswith("." + self.uuid):
+            ours = name.startswith(self.uuid) or name.startswith("." + self.uuid)
+            if ours or (before is not None and i.path not in before):
                 try:
                     self.fs.delete_file(i.path)
                 except OSError:
