@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import pyarrow.fs as pafs
 
 import flowcore
+from flowcore import tune
 from flowcore.exceptions import FlowcoreError
 
 from .checkpoint import Checkpoint, resolve_filesystem, is_local
@@ -123,30 +124,23 @@ class DataParallelTrainer:
         override the trainer's; every report is passed on to
         ``tune.report``, and a trial restarted by Tune resumes from its
         checkpoint."""
-        try:
-            from flowcore import tune
-            tune.get_context()
-        except ImportError as e:
-            raise ImportError("calling a trainer runs it as a flowcore.tune trial, but "
-                              "flowcore.tune is not available; call trainer.fit()") from e
+        ctx = tune.get_context()
         trainer = copy.copy(self)
         loop_config = dict(self.train_loop_config or {})
         loop_config.update(config.get("train_loop_config") or {})
         trainer.train_loop_config = loop_config
         if isinstance(config.get("scaling_config"), ScalingConfig):
             trainer.scaling_config = config["scaling_config"]
-        resumed = tune.get_checkpoint()
+        resumed = tune.get_checkpoint()     # the same Checkpoint class as train's
         if resumed is not None:
-            trainer.resume_from_checkpoint = Checkpoint(resumed.path, resumed.filesystem)
-        ctx = tune.get_context()
+            trainer.resume_from_checkpoint = resumed
         trial_dir = ctx.get_trial_dir()
         trainer.run_config = dataclasses.replace(
             self.run_config, name=ctx.get_trial_name(),
             storage_path=trial_dir if os.path.isdir(trial_dir) else self.run_config.storage_path)
 
         def forward(metrics: dict, checkpoint: Optional[Checkpoint]) -> None:
-            tune.report(metrics, checkpoint=None if checkpoint is None else
-                        tune.Checkpoint(checkpoint.path, checkpoint.filesystem))
+            tune.report(metrics, checkpoint=checkpoint)
 
         trainer._on_report = forward
         trainer.fit()
