@@ -193,7 +193,9 @@ class ServeController:
         ds = a.deployments.get(dep) if a is not None else None
         if ds is None:
             return {"version": version, "missing": True}
-        return ds.snapshot(version)
+        snap = ds.snapshot(version)
+        snap["channel_secret"] = self.channel_secret
+        return snap
 
     def _routes(self) -> dict:
         return {a.route_prefix: (a.name, a.ingress) for a in self.apps.values()

@@ -17,6 +17,7 @@ from typing import Any
 import flowcore
 from flowcore.exceptions import ActorDiedError
 
+from . import channel
 from .channel import Channel, ChannelClosed
 from .exceptions import BackPressureError, RayServeException
 from .router import get_controller, get_router, router_loop
@@ -25,11 +26,8 @@ logger = logging.getLogger("flowcore.serve")
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
-# FLOWCORE_SERVE_DIRECT_HTTP=0: send HTTP requests to replicas as actor calls.
-# So does a cluster running under TLS (its processes get FLOWCORE_TLS_*): the
-# channel authenticates but does not encrypt, actor calls do both.
-DIRECT_HTTP = os.environ.get("FLOWCORE_SERVE_DIRECT_HTTP", "1") != "0" and \
-    not os.environ.get("FLOWCORE_TLS_CERT")
+# HTTP requests travel over the replicas' channels unless it is disabled
+DIRECT_HTTP = channel.ENABLED
 _RETRIES = 3
 
 

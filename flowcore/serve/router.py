@@ -104,6 +104,10 @@ class Router:
         self.max_ongoing = 5
         self.max_queued = -1
         self.error: str | None = None
+        #: the replicas' channel secret (None: calls go as actor calls)
+        self.secret: bytes | None = None
+        #: every known replica listens on a channel
+        self.direct = False
         self._lock = threading.Lock()
         self._replicas: dict[str, _Replica] = {}
         self._queued = 0
@@ -158,6 +162,9 @@ class Router:
                     r = old.get(rid) or _Replica(rid, actor, channel_addr)
                     new[rid] = r
                 self._replicas = new
+                self.secret = snap.get("channel_secret")
+                self.direct = self.secret is not None and \
+                    all(r.channel_addr for r in new.values())
         self._have_snapshot.set()
         self._wake_all()
 
