@@ -176,8 +176,11 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
 
 
 def delete(name: str, _blocking: bool = True) -> None:
-    """Delete application ``name``: its replicas are stopped and its route
-    removed (nothing happens when there is none)."""
+    """Delete application ``name`` (nothing happens when there is none): its
+    route goes at once (new HTTP requests get 404, new handle calls an
+    error), requests in flight finish (up to each deployment's
+    ``graceful_shutdown_timeout_s``), then its replicas stop. Blocks until
+    then."""
     ctrl = _router.get_controller()
     ref = ctrl.delete_application.remote(name)
     if _blocking:

@@ -161,6 +161,9 @@ class ServeController:
         # authenticates the proxy to the replicas' HTTP channels
         self.channel_secret = os.urandom(32)
         self.feed = ServeFeed()  # the dashboard's Serve tab
+        #: deleted deployments whose replicas drain after a new deployment took
+        #: their name
+        self.draining: list[_DeploymentState] = []
 
     # ------------------------------------------------------------ plumbing
     def _ensure_loop(self) -> None:
@@ -193,6 +196,9 @@ class ServeController:
         ds = a.deployments.get(dep) if a is not None else None
         if ds is None:
             return {"version": version, "missing": True}
+        if ds.deleting:
+            return {"version": version, "missing": True,
+                    "reason": f"application {app!r} is being deleted"}
         snap = ds.snapshot(version)
         snap["channel_secret"] = self.channel_secret
         return snap
@@ -301,6 +307,8 @@ class ServeController:
         ingress = [s["name"] for s in specs if s["ingress"]][0]
         app = self.apps.get(name)
         if app is None or app.deleting:
+            if app is not None:   # deployed again while draining: the old ones drain on
+                self.draining.extend(app.deployments.values())
             app = self.apps[name] = _AppState(name, route_prefix, ingress)
         app.route_prefix, app.ingress = route_prefix, ingress
         app.last_deployed_time_s = time.time()
@@ -312,6 +320,8 @@ class ServeController:
         for s in specs:
             ds = app.deployments.get(s["name"])
             if ds is None or ds.deleting:
+                if ds is not None:
+                    self.draining.append(ds)
                 app.deployments[s["name"]] = _DeploymentState(name, s)
             else:
                 ds.apply(s)
@@ -393,11 +403,12 @@ class ServeController:
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
-        for a in self.apps.values():
-            for ds in a.deployments.values():
-                for r in ds.replicas.values():
-                    self._kill(r)
+        for ds in [d for a in self.apps.values() for d in a.deployments.values()] + \
+                self.draining:
+            for r in ds.replicas.values():
+                self._kill(r)
         self.apps.clear()
+        self.draining.clear()
         self.feed.clear()
         if self.proxy is not None:
             try:
@@ -473,6 +484,10 @@ class ServeController:
             if a.deleting and not a.deployments:
                 del self.apps[a.name]
                 self._bump("routes")
+        for ds in list(self.draining):
+            self._reconcile(ds, now)
+            if not ds.replicas:
+                self.draining.remove(ds)
 
     def _kill(self, r: _ReplicaState) -> None:
         try:
@@ -508,9 +523,8 @@ class ServeController:
     def _stop_replica(self, ds: _DeploymentState, r: _ReplicaState, now: float) -> None:
         r.state = "STOPPING"
         cfg = ds.config
-        if ds.deleting:
-            r.stop_fut, r.stop_deadline = None, now
-            return
+        # drained also when its application is deleted: requests in flight
+        # finish (up to graceful_shutdown_timeout_s), no new one arrives
         r.stop_fut = r.actor.prepare_for_shutdown.remote(
             cfg.graceful_shutdown_wait_loop_s, cfg.graceful_shutdown_timeout_s).future()
         r.stop_deadline = now + cfg.graceful_shutdown_timeout_s + 5.0

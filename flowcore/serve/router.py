@@ -150,6 +150,8 @@ class Router:
             if snap.get("missing"):
                 self.error = (f"no deployment {self.deployment_name!r} in application "
                               f"{self.app_name!r}")
+                if snap.get("reason"):
+                    self.error += f" ({snap['reason']})"
                 self._replicas = {}
             else:
                 self.error = None
