@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,12 +49,19 @@ def start(http_options: dict | HTTPOptions | None = None, *, proxy_location: Any
     _ensure_flowcore()
     ctrl = _controller_or_none()
     if ctrl is None:
-        from .controller import ServeController
+        from .controller import ServeController, create_proxy
+        secret = os.urandom(32)
         ctrl = flowcore.remote(ServeController).options(
             name=_router.CONTROLLER_NAME, namespace=_router.SERVE_NAMESPACE,
             lifetime="detached", num_cpus=0, get_if_exists=True,
-        ).remote(opts.__dict__)
+        ).remote(opts.__dict__, secret)
         _router._controller = ctrl
+        if proxy_location not in ("Disabled", "NoServer"):
+            # its process starts beside the controller's; the controller adopts it
+            try:
+                create_proxy(opts, opts.port, secret)
+            except ValueError:      # one already runs (a racing serve.start)
+                pass
     if proxy_location in ("Disabled", "NoServer"):
         flowcore.get(ctrl.ping.remote())
         return

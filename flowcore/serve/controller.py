@@ -139,11 +139,20 @@ class _AppState:
         self.last_deployed_time_s = time.time()
 
 
+def create_proxy(opts: HTTPOptions, port: int, channel_secret: bytes) -> Any:
+    """Start the HTTP proxy actor (not waiting for it)."""
+    from .proxy import ProxyActor
+    return flowcore.remote(ProxyActor).options(
+        name=PROXY_NAME, namespace="serve", lifetime="detached", num_cpus=0,
+        max_concurrency=4).remote(opts.host, port, opts.max_body_size,
+                                  opts.request_timeout_s, opts.root_path, channel_secret)
+
+
 class ServeController:
     """The detached controller actor (``SERVE_CONTROLLER`` in namespace
     ``serve``)."""
 
-    def __init__(self, http_options: dict) -> None:
+    def __init__(self, http_options: dict, channel_secret: bytes | None = None) -> None:
         self.http_options = HTTPOptions.build(http_options)
         self.apps: dict[str, _AppState] = {}
         self.versions: dict[str, int] = {}
@@ -159,7 +168,7 @@ class ServeController:
         self._proxy_checked = 0.0
         self._proxy_restarting = False
         # authenticates the proxy to the replicas' HTTP channels
-        self.channel_secret = os.urandom(32)
+        self.channel_secret = channel_secret or os.urandom(32)
         self.feed = ServeFeed()  # the dashboard's Serve tab
         #: deleted deployments whose replicas drain after a new deployment took
         #: their name
@@ -217,17 +226,22 @@ class ServeController:
         self._ensure_loop()
         if self.proxy_info is not None:
             return self.proxy_info
-        self.proxy_info = await self._start_proxy(self.http_options.port)
+        try:     # serve.start() started it beside this controller
+            self.proxy = flowcore.get_actor(PROXY_NAME, namespace="serve")
+        except ValueError:
+            self.proxy_info = await self._start_proxy(self.http_options.port)
+            return self.proxy_info
+        try:
+            self.proxy_info = await self.proxy.ready.remote()
+        except Exception as e:
+            self.proxy = None
+            opts = self.http_options
+            raise RuntimeError(f"the serve HTTP proxy could not start on "
+                               f"{opts.host}:{opts.port}: {e}") from None
         return self.proxy_info
 
     async def _start_proxy(self, port: int) -> dict:
-        from .proxy import ProxyActor
-        opts = self.http_options
-        self.proxy = flowcore.remote(ProxyActor).options(
-            name=PROXY_NAME, namespace="serve", lifetime="detached", num_cpus=0,
-            max_concurrency=4).remote(opts.host, port, opts.max_body_size,
-                                      opts.request_timeout_s, opts.root_path,
-                                      self.channel_secret)
+        self.proxy = create_proxy(self.http_options, port, self.channel_secret)
         try:
             return await self.proxy.ready.remote()
         except Exception as e:
