@@ -164,3 +164,35 @@ def test_call_on_a_killed_replica_is_retried_on_another(cluster):
         assert resp.result(timeout_s=60) in pids - {victim}
     finally:
         sig.close()
+
+
+def test_ray_spelling_of_options_and_signatures():
+    """Ray 2.60's names and defaults for the options flowcore.serve reads."""
+    import inspect
+    from flowcore.serve.autoscaler import AutoscalingPolicy
+    from flowcore.serve.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
+    assert list(inspect.signature(serve.start).parameters)[:2] == ["proxy_location",
+                                                                   "http_options"]
+    with pytest.raises(TypeError, match="proxy_location"):
+        serve.start({"port": 0})
+    assert HTTPOptions().keep_alive_timeout_s == 90
+    cfg = DeploymentConfig()
+    assert (cfg.max_ongoing_requests, cfg.max_queued_requests, cfg.health_check_period_s,
+            cfg.health_check_timeout_s, cfg.graceful_shutdown_wait_loop_s,
+            cfg.graceful_shutdown_timeout_s, cfg.max_constructor_retry_count) == \
+        (5, -1, 10, 30, 2, 20, 20)
+    dep = serve.deployment(max_constructor_retry_count=2,
+                           logging_config={"enable_access_log": False})(Model)
+    assert dep.config.max_constructor_retry_count == 2
+    # smoothing_factor halves a step; downscale_to_zero_delay_s shortens 1 -> 0
+    a = AutoscalingConfig(min_replicas=0, max_replicas=10, target_ongoing_requests=1,
+                          smoothing_factor=0.5, downscale_delay_s=100,
+                          downscale_to_zero_delay_s=1, upscale_delay_s=0)
+    p = AutoscalingPolicy(a)
+    p.record(0.0, 8.0)
+    assert p.desired(2) == 5                      # 2 + (8 - 2) * 0.5
+    q = AutoscalingPolicy(a)
+    q.record(0.0, 0.0)
+    assert q.decide(0.0, 1) == 1 and q.decide(1.5, 1) == 0
+    assert "timeout_s" in inspect.signature(serve.DeploymentResponse.result).parameters
+    assert inspect.iscoroutinefunction(serve.shutdown_async)

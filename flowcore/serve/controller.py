@@ -145,7 +145,8 @@ def create_proxy(opts: HTTPOptions, port: int, channel_secret: bytes) -> Any:
     return flowcore.remote(ProxyActor).options(
         name=PROXY_NAME, namespace="serve", lifetime="detached", num_cpus=0,
         max_concurrency=4).remote(opts.host, port, opts.max_body_size,
-                                  opts.request_timeout_s, opts.root_path, channel_secret)
+                                  opts.request_timeout_s, opts.root_path, channel_secret,
+                                  opts.keep_alive_timeout_s)
 
 
 class ServeController:
@@ -564,7 +565,9 @@ class ServeController:
                     ds.failures += 1
                     ds.message = f"a replica failed to start: {err}"
                     logger.warning("deployment %s: %s", ds.name, ds.message)
-                    if ds.failures >= MAX_CONSTRUCTOR_FAILURES:
+                    # as in Ray: max_constructor_retry_count, at most 3 per replica
+                    if ds.failures >= min(cfg.max_constructor_retry_count,
+                                          max(1, ds.target_num) * MAX_CONSTRUCTOR_FAILURES):
                         ds.failed = True
             elif r.state == "RUNNING":
                 # health checks, and replicas found dead

@@ -297,7 +297,8 @@ class DeploymentResponse:
             return (_plain, (self.result(),))
         return (_ResponseArg, (self._assignment()[1],))
 
-    def result(self, *, timeout_s: float | None = None) -> Any:
+    def result(self, *, timeout_s: float | None = None,
+               _skip_asyncio_check: bool = False) -> Any:
         """Block until the result is there (``TimeoutError`` after
         ``timeout_s``); raises the deployment's exception."""
         if self._value is not _UNSET:
@@ -307,8 +308,13 @@ class DeploymentResponse:
         except RuntimeError:
             pass
         else:
+            if _skip_asyncio_check and not self._call.router.in_loop():
+                return self._result_blocking(timeout_s)
             raise RuntimeError("DeploymentResponse.result() blocks the event loop; inside "
                                "async code use `await response` instead")
+        return self._result_blocking(timeout_s)
+
+    def _result_blocking(self, timeout_s: float | None) -> Any:
         if self._direct is not None:
             try:
                 answer = self._direct.fut.result(timeout_s)

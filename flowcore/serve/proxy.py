@@ -299,12 +299,13 @@ class ProxyActor:
 
     def __init__(self, host: str, port: int, max_body_size: int,
                  request_timeout_s: float | None, root_path: str = "",
-                 channel_secret: bytes | None = None) -> None:
+                 channel_secret: bytes | None = None,
+                 keep_alive_timeout_s: float = 90.0) -> None:
         uvicorn = _import_uvicorn()
         self.app = ProxyApp(max_body_size, request_timeout_s, root_path, channel_secret)
         kwargs: dict[str, Any] = {"host": host, "port": port, "log_level": "warning",
                                   "access_log": False, "lifespan": "off",
-                                  "timeout_keep_alive": 30}
+                                  "timeout_keep_alive": keep_alive_timeout_s}
         try:
             import httptools  # noqa: F401
             kwargs["http"] = "httptools"
