@@ -308,7 +308,7 @@ def bench_ray(seconds: float) -> dict | None:
         from ray import serve as rserve
     except ImportError:
         return None
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     out: dict = {}
     try:
         @rserve.deployment
