@@ -154,8 +154,10 @@ def bench_flowcore(seconds: float) -> dict:
 
         t0 = time.perf_counter()
         serve.start(http_options={"port": 0})
+        t1 = time.perf_counter()
         h = serve.run(Noop.bind())
         out["ready_s"] = time.perf_counter() - t0
+        out["run_s"] = time.perf_counter() - t1
         url = serve.http_address()
         http_load(url, 8, 1.0)                      # warm-up
         for c in (8, 64):
@@ -321,8 +323,10 @@ def bench_ray(seconds: float) -> dict | None:
         port = _free_port()
         t0 = time.perf_counter()
         rserve.start(http_options={"port": port})
+        t1 = time.perf_counter()
         h = rserve.run(Noop.bind())
         out["ready_s"] = time.perf_counter() - t0
+        out["run_s"] = time.perf_counter() - t1
         url = f"http://127.0.0.1:{port}"
         http_load(url, 8, 1.0)
         for c in (8, 64):
@@ -415,6 +419,7 @@ def main() -> None:
     rows.append(("handle round trips/s", "1/s", fc["handle_rtt"], ray.get("handle_rtt"),
                  None))
     rows.append(("serve.start+run until ready", "s", fc["ready_s"], ray.get("ready_s"), None))
+    rows.append(("  of which serve.run", "s", fc.get("run_s"), ray.get("run_s"), None))
     mm, rmm, fmm = fc["matmul_64"], ray.get("matmul_64", {}), fl.get("matmul_64", {})
     rows.append(("batched matmul (batch<=8), 64 clients: rps", "1/s", mm["rps"],
                  rmm.get("rps"), fmm.get("rps")))

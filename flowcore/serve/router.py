@@ -189,6 +189,10 @@ class Router:
         self.closed = True
         self._watch.cancel()
         self._loop.call_soon_threadsafe(self._fail_waiters)
+        with self._lock:
+            channels = [r.channel for r in self._replicas.values() if r.channel is not None]
+        for ch in channels:        # their reader tasks end with the connections
+            self._loop.call_soon_threadsafe(ch.close)
 
     def _fail_waiters(self) -> None:
         while self._waiters:
