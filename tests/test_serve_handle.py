@@ -5,6 +5,7 @@ object references."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import os
 import signal
 import time
@@ -49,6 +50,10 @@ class Model:
 
     def pid(self):
         return os.getpid()
+
+    async def parked(self, sig):
+        await asyncio.get_running_loop().run_in_executor(None, sig.wait)
+        return "not cancelled"
 
     def fail(self, text):
         raise ValueError(f"bad input: {text}")
@@ -117,6 +122,17 @@ def test_handle_errors_and_queue_limit(cluster):
             h.blocked.remote(sig, 3).result(timeout_s=60)
         sig.set()
         assert (running.result(timeout_s=60), queued.result(timeout_s=60)) == (1, 2)
+    finally:
+        sig.close()
+    # a cancelled call frees its place at once (max_ongoing_requests=1)
+    sig = Signal()
+    try:
+        parked = h.parked.remote(sig)
+        sig.wait_for_waiters(1, timeout=60)
+        parked.cancel()
+        with pytest.raises(cf.CancelledError):
+            parked.result(timeout_s=60)
+        assert h.remote(7).result(timeout_s=60) == 7
     finally:
         sig.close()
 

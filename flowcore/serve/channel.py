@@ -183,7 +183,7 @@ class Channel:
                 self._connecting = asyncio.ensure_future(self._connect())
             try:
                 await asyncio.shield(self._connecting)
-            except OSError as e:
+            except (OSError, EOFError) as e:     # EOFError: closed in the handshake
                 self.closed = True
                 raise ChannelClosed(f"cannot reach replica channel {self.addr}: {e}") from None
 
