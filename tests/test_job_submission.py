@@ -281,43 +281,24 @@ def test_bad_submissions_are_refused_with_the_reason(jobs_cluster, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_browser_jobs_tab_lists_jobs_and_shows_output(jobs_cluster):
-    """Debian's chromium through Playwright (never `playwright install`)."""
-    chromium = "/usr/bin/chromium"
-    ci = os.environ.get("CI", "").lower() == "true"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if ci:
-            pytest.fail("playwright is not installed (pip install -e '.[test]')")
-        pytest.skip("playwright is not installed")
-    if not os.path.exists(chromium):
-        if ci:
-            pytest.fail(f"{chromium} is missing (apt-get install chromium)")
-        pytest.skip(f"{chromium} is missing")
+def test_browser_jobs_tab_lists_jobs_and_shows_output(jobs_cluster, browser):
     client = JobSubmissionClient()
     sid = client.submit_job(entrypoint="echo hello-from-the-jobs-tab",
                             submission_id="tab-job")
     assert client.wait_until_finish(sid, 60) == JobStatus.SUCCEEDED
     token = flowcore.session._cluster.token
     errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu",
-                                           "--disable-background-networking",
-                                           "--disable-component-update", "--no-first-run",
-                                           "--disable-sync", "--disable-quic"])
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(jobs_cluster["dashboard_url"] + "/?token=" + token)
-            page.click("#tabs a[data-page=jobs]")
-            row = page.locator("#jobs-table tbody tr", has_text="tab-job")
-            row.wait_for()
-            assert "SUCCEEDED" in row.inner_text()
-            row.click()
-            page.locator("#job-detail pre.logs", has_text="hello-from-the-jobs-tab").wait_for()
-        finally:
-            browser.close()
+    page = browser.new_page()
+    try:
+        page.set_default_timeout(30_000)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(jobs_cluster["dashboard_url"] + "/?token=" + token)
+        page.click("#tabs a[data-page=jobs]")
+        row = page.locator("#jobs-table tbody tr", has_text="tab-job")
+        row.wait_for()
+        assert "SUCCEEDED" in row.inner_text()
+        row.click()
+        page.locator("#job-detail pre.logs", has_text="hello-from-the-jobs-tab").wait_for()
+    finally:
+        page.close()
     assert not errors, errors
