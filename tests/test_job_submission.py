@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 
@@ -260,8 +261,10 @@ def test_bad_submissions_are_refused_with_the_reason(jobs_cluster, tmp_path):
     client = JobSubmissionClient()
     with pytest.raises(ValueError, match="entrypoint"):
         client.submit_job(entrypoint=" ")
-    with pytest.raises(ValueError, match="entrypoint_num_cpus"):
-        client.submit_job(entrypoint="true", entrypoint_num_cpus=1)
+    with pytest.raises(TypeError, match="entrypoint_num_cpus must be a number"):
+        client.submit_job(entrypoint="true", entrypoint_num_cpus="1")
+    with pytest.raises(TypeError, match="entrypoint_resources values must be numbers"):
+        client.submit_job(entrypoint="true", entrypoint_resources={"special": "1"})
     with pytest.raises(ValueError, match="unknown key 'pip'"):
         client.submit_job(entrypoint="true", runtime_env={"pip": ["requests"]})
     url = jobs_cluster["dashboard_url"] + "/api/jobs/"
@@ -271,7 +274,11 @@ def test_bad_submissions_are_refused_with_the_reason(jobs_cluster, tmp_path):
                          ({"entrypoint": "true", "submission_id": 7}, "must be a string"),
                          ({"entrypoint": "true", "runtime_env": {"working_dir": "/etc"}},
                           "not an uploaded package"),
-                         ({"entrypoint": "true", "metadata": {"a": 1}}, "metadata")):
+                         ({"entrypoint": "true", "metadata": {"a": 1}}, "metadata"),
+                         ({"entrypoint": "true", "entrypoint_num_gpus": -1},
+                          "entrypoint_num_gpus must be a number >= 0"),
+                         ({"entrypoint": "true", "entrypoint_resources": {"CPU": 1}},
+                          "use entrypoint_num_cpus")):
         req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers=auth)
         with pytest.raises(urllib.error.HTTPError) as ei:
@@ -302,3 +309,87 @@ def test_browser_jobs_tab_lists_jobs_and_shows_output(jobs_cluster, browser):
     finally:
         page.close()
     assert not errors, errors
+
+
+PLACED = textwrap.dedent("""
+    import os, sys, time
+    import flowcore
+    import helper
+
+    flowcore.init()
+    print("node", flowcore.get_runtime_context().get_node_id(), helper.BASE, flush=True)
+    print("task", flowcore.get(flowcore.remote(lambda: 1).remote()), flush=True)
+    release = sys.argv[1] if len(sys.argv) > 1 else None
+    while release and not os.path.exists(release):
+        time.sleep(0.05)
+""")
+
+
+@pytest.mark.timeout(180)
+def test_entrypoint_resources_choose_the_node_and_are_held(tmp_path, monkeypatch, workdir):
+    """A job reserving a custom resource only the second node has runs there
+    (its driver on that node), holds it while it runs, stops, and gives it
+    back; one asking for what no node has stays PENDING saying why, then
+    fails after the start timeout (Ray's semantics)."""
+    flowcore.shutdown()
+    monkeypatch.setenv("FLOWCORE_JOB_START_TIMEOUT_SECONDS", "20")  # read by the head's jobs
+    (workdir / "placed.py").write_text(PLACED)
+    with LocalCluster(nodes=1, cpus_per_node=1, object_store_memory=64 << 20,
+                      session_dir=str(tmp_path / "c")) as cluster:
+        second = cluster.add_node(num_cpus=1, resources={"special": 1},
+                                  object_store_memory=64 << 20)
+        monkeypatch.delenv("FLOWCORE_JOB_START_TIMEOUT_SECONDS")
+        flowcore.init(address=cluster.address, token=cluster.token)
+        try:
+            client = JobSubmissionClient(cluster.address, token=cluster.token)
+            nowhere = client.submit_job(entrypoint="echo never", submission_id="nowhere",
+                                        entrypoint_resources={"nowhere": 1})
+            release = tmp_path / "release"
+            first = client.submit_job(entrypoint=f"python placed.py {release}",
+                                      submission_id="placed",
+                                      runtime_env={"working_dir": str(workdir)},
+                                      entrypoint_resources={"special": 1})
+
+            def until(cond, what, timeout=60.0):
+                end = time.monotonic() + timeout
+                while not cond():
+                    assert time.monotonic() < end, f"timed out waiting for {what}"
+                    time.sleep(0.1)
+
+            until(lambda: "task 1" in client.get_job_logs(first), "the placed job's output")
+            assert f"node {second} 40" in client.get_job_logs(first)
+            info = client.get_job_info(first)
+            assert info.status == JobStatus.RUNNING and info.driver_node_id == second
+            assert info.entrypoint_resources == {"special": 1}
+            assert flowcore.available_resources().get("special", 0) == 0  # held
+            # a second one waits for the first to give the resource back (CLI flags)
+            env = dict(os.environ, FLOWCORE_TOKEN=cluster.token,
+                       FLOWCORE_ADDRESS=cluster.address)
+            out = subprocess.run([sys.executable, "-m", "flowcore.job_submission.cli", "job",
+                                  "submit", "--no-wait", "--submission-id", "queued",
+                                  "--entrypoint-resources", '{"special": 1}',
+                                  "--entrypoint-num-cpus", "0.5", "--",
+                                  "python", "-c", "import os; print('on', os.environ["
+                                  "'FLOWCORE_NODE_ID'])"],
+                                 env=env, capture_output=True, text=True, timeout=90)
+            assert out.returncode == 0, out.stderr
+            waiting = client.get_job_info("queued")
+            assert waiting.status == JobStatus.PENDING and "special=1" in waiting.message
+            assert waiting.entrypoint_num_cpus == 0.5
+            pending = client.get_job_info(nowhere)
+            assert pending.status == JobStatus.PENDING and "nowhere=1" in pending.message
+            assert client.stop_job(first) is True
+            assert client.wait_until_finish(first, 60) == JobStatus.STOPPED
+            assert client.wait_until_finish("queued", 60) == JobStatus.SUCCEEDED
+            assert f"on {second}" in client.get_job_logs("queued")
+            assert client.get_job_info("queued").driver_node_id == second
+            until(lambda: flowcore.available_resources().get("special") == 1,
+                  "the resource to be given back")
+            assert client.wait_until_finish(nowhere, 60) == JobStatus.FAILED
+            failed = client.get_job_info(nowhere)
+            assert failed.error_type == "JOB_SUPERVISOR_ACTOR_START_TIMEOUT"
+            assert "FLOWCORE_JOB_START_TIMEOUT_SECONDS" in failed.message
+            assert "never" not in client.get_job_logs(nowhere)
+            assert not [a for a in flowcore.state.list_actors() if a["state"] != "DEAD"]
+        finally:
+            flowcore.shutdown()
