@@ -306,6 +306,7 @@ def test_browser_jobs_tab_lists_jobs_and_shows_output(jobs_cluster, browser):
         assert "SUCCEEDED" in row.inner_text()
         row.click()
         page.locator("#job-detail pre.logs", has_text="hello-from-the-jobs-tab").wait_for()
+        page.locator("#job-detail .job-placement", has_text="head's node").wait_for()
     finally:
         page.close()
     assert not errors, errors

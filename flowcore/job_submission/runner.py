@@ -263,6 +263,8 @@ def _follow(runner: Any, stopping: threading.Event, stop_requested: Callable[[],
         try:
             r = flowcore.get(runner.poll.remote(offset))
         except Exception as e:  # noqa: BLE001 - the runner's node or worker died
+            if stopping.is_set() or stop_requested():  # e.g. the whole cluster is stopping
+                return {"status": "STOPPED", "message": "Job was intentionally stopped."}
             text = f"Job supervisor actor died: {e}"
             log.write((text + "\n").encode())
             return {"status": "FAILED", "error_type": "JOB_SUPERVISOR_ACTOR_DIED",
