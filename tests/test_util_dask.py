@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -22,8 +23,9 @@ import pandas as pd  # noqa: E402
 
 import flowcore  # noqa: E402
 from flowcore.testing import Signal  # noqa: E402
-from flowcore.util.dask import (FlowcoreDaskCallback, disable_dask_on_flowcore,  # noqa: E402
-                                enable_dask_on_flowcore, flowcore_dask_get)
+from flowcore.util.dask import (FlowcoreDaskCallback, ProgressBarCallback,  # noqa: E402
+                                disable_dask_on_flowcore, enable_dask_on_flowcore,
+                                flowcore_dask_get)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -304,3 +306,14 @@ def test_flowcore_dask_callback_hooks_fire_in_order(dcluster):
     cut = _Hooks(log, "c", short_circuit=lambda key: 100 if str(key).startswith("inc-") else None)
     assert graph.compute(scheduler=flowcore_dask_get, flowcore_callbacks=[cut]) == 200
     assert [e[0] for e in cut.driver].count("postsubmit") == 1
+
+    # Ray's ProgressBarCallback: a named actor records every task's times
+    with ProgressBarCallback() as progress:
+        assert graph.compute(scheduler=flowcore_dask_get) == 5
+    deadline = time.monotonic() + 60
+    while flowcore.get(progress.pb.result.remote()) != (3, 3):  # sent from the workers
+        assert time.monotonic() < deadline, flowcore.get(progress.pb.result.remote())
+        time.sleep(0.05)
+    report = flowcore.get(progress.pb.report.remote())
+    assert len(report["submission_order"]) == 3
+    assert all(report[k]["execution_time"] >= 0 for k, _ in report["submission_order"])

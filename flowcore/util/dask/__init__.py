@@ -16,8 +16,10 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("flowcore.util.dask needs Dask: pip install 'flowcore[dask]'") from e
 
-from .callbacks import FlowcoreDaskCallback
+from .callbacks import (FlowcoreDaskCallback, ProgressBarCallback, local_flowcore_callbacks,
+                        unpack_flowcore_callbacks)
 from .scheduler import disable_dask_on_flowcore, enable_dask_on_flowcore, flowcore_dask_get
 
 __all__ = ["flowcore_dask_get", "enable_dask_on_flowcore", "disable_dask_on_flowcore",
-           "FlowcoreDaskCallback"]
+           "FlowcoreDaskCallback", "local_flowcore_callbacks", "unpack_flowcore_callbacks",
+           "ProgressBarCallback"]

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import namedtuple
+from datetime import datetime
 from typing import Any, Iterator
 
 from dask.callbacks import Callback
+
+import flowcore
 
 #: the flowcore hooks, in the order ``FlowcoreCallback`` holds them
 CBS = ("flowcore_presubmit", "flowcore_postsubmit", "flowcore_pretask", "flowcore_posttask",
@@ -166,3 +169,80 @@ def local_flowcore_callbacks(callbacks: Any = None) -> Iterator[Any]:
     finally:
         if taken:
             FlowcoreDaskCallback.flowcore_active = callbacks
+
+
+class _ProgressRecorder:
+    """The actor behind ``ProgressBarCallback``: when each task was
+    submitted, started and finished."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.submission_queue: list = []
+        self.submitted: dict = {}
+        self.scheduled: dict = {}
+        self.finished: dict = {}
+        self.deps: dict = {}
+
+    def submit(self, key: Any, deps: list, now: Any) -> None:
+        self.deps.setdefault(key, set()).update(deps)
+        self.submitted[key] = now
+        self.submission_queue.append((key, now))
+
+    def task_scheduled(self, key: Any, now: Any) -> None:
+        self.scheduled[key] = now
+
+    def finish(self, key: Any, now: Any) -> None:
+        self.finished[key] = now
+
+    def result(self) -> tuple[int, int]:
+        """(tasks submitted, tasks finished)."""
+        return len(self.submitted), len(self.finished)
+
+    def report(self) -> dict:
+        """Per key: ``execution_time`` and ``scheduling_time`` (s); and the
+        ``submission_order``."""
+        out: dict[Any, Any] = {}
+        for key, end in self.finished.items():
+            start = self.scheduled.get(key, end)
+            out[key] = {"execution_time": (end - start).total_seconds(),
+                        "scheduling_time": (start - self.submitted.get(key, start))
+                        .total_seconds()}
+        out["submission_order"] = list(self.submission_queue)
+        return out
+
+    def ready(self) -> None:
+        pass
+
+
+#: the name of ProgressBarCallback's recording actor
+PROGRESS_ACTOR = "_dask_on_flowcore_pb"
+
+
+class ProgressBarCallback(FlowcoreDaskCallback):
+    """Records when each task was submitted, started and finished in a
+    named actor (``_dask_on_flowcore_pb``; Ray's ``ProgressBarCallback``):
+    ``cb.pb.result.remote()`` gives (submitted, finished) counts,
+    ``cb.pb.report.remote()`` the times per key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            self.pb = flowcore.get_actor(PROGRESS_ACTOR)
+            flowcore.get(self.pb.reset.remote())
+        except ValueError:
+            self.pb = flowcore.remote(_ProgressRecorder).options(name=PROGRESS_ACTOR).remote()
+            flowcore.get(self.pb.ready.remote())
+
+    def _flowcore_postsubmit(self, task: Any, key: Any, deps: dict, object_ref: Any) -> None:
+        self.pb.submit.remote(key, list(deps), datetime.now())
+
+    def _flowcore_pretask(self, key: Any, object_refs: list) -> None:
+        self.pb.task_scheduled.remote(key, datetime.now())
+
+    def _flowcore_posttask(self, key: Any, result: Any, pre_state: Any) -> None:
+        self.pb.finish.remote(key, datetime.now())
+
+    def _flowcore_finish(self, result: Any) -> None:
+        print("All tasks are completed.")
