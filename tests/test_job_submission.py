@@ -196,15 +196,25 @@ def test_job_records_survive_a_head_restart(tmp_path):
         done = client.submit_job(entrypoint="echo before-restart", submission_id="done")
         assert client.wait_until_finish(done, 60) == JobStatus.SUCCEEDED
         release = tmp_path / "release"
-        waiting = client.submit_job(
-            entrypoint=f"while [ ! -e {release} ]; do sleep 0.05; done; echo released",
-            submission_id="across")
+        wait = f"echo started; while [ ! -e {release} ]; do sleep 0.05; done; echo released"
+        waiting = client.submit_job(entrypoint=wait, submission_id="across")
         assert client.get_job_status(waiting) in (JobStatus.PENDING, JobStatus.RUNNING)
+        # one run on another node, by its supervisor's actor, survives it too
+        cluster.add_node(num_cpus=1, resources={"special": 1}, object_store_memory=64 << 20)
+        client.submit_job(entrypoint=wait, submission_id="placed-across",
+                          entrypoint_resources={"special": 1})
+        deadline = time.monotonic() + 60
+        while "started" not in client.get_job_logs("placed-across"):
+            assert time.monotonic() < deadline, client.get_job_info("placed-across")
+            time.sleep(0.1)
         cluster.kill_head()
         cluster.restart_head()
         release.touch()
         client = JobSubmissionClient(cluster.address, token=cluster.token)  # new dashboard port
         assert client.wait_until_finish("across", 60) == JobStatus.SUCCEEDED
+        assert client.wait_until_finish("placed-across", 90) == JobStatus.SUCCEEDED, \
+            client.get_job_info("placed-across").message
+        assert client.get_job_logs("placed-across") == "started\nreleased\n"
         jobs = {j.submission_id: j for j in client.list_jobs()}
         assert jobs["done"].status == JobStatus.SUCCEEDED
         assert "before-restart" in client.get_job_logs("done")

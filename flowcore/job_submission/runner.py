@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable
 
 import flowcore
+from flowcore.exceptions import ObjectLostError
 
 from .models import describe_resources, pending_message, write_json
 
@@ -199,7 +200,9 @@ def run(job: dict[str, Any], jdir: str, state: dict[str, Any], stopping: threadi
         actor_renv = {k: renv[k] for k in ("working_dir", "py_modules") if renv.get(k)}
         cls = flowcore.remote(JobRunner)
         opts.setdefault("num_cpus", 0)
-        runner = cls.options(runtime_env=actor_renv or None, **opts).remote(
+        # named, so a restarted head restores it (and this driver finds it again)
+        runner = cls.options(runtime_env=actor_renv or None,
+                             name=f"_flowcore_job_{job['submission_id']}", **opts).remote(
             job["entrypoint"], env, renv, job.get("user_pythonpath"))
         started = runner.start.remote()
         deadline = time.monotonic() + start_timeout()
@@ -263,6 +266,8 @@ def _follow(runner: Any, stopping: threading.Event, stop_requested: Callable[[],
         try:
             r = flowcore.get(runner.poll.remote(offset))
         except Exception as e:  # noqa: BLE001 - the runner's node or worker died
+            if isinstance(e, ObjectLostError) and e.reason == "head_restart":
+                continue  # a poll in flight when the head restarted: polls only read
             if stopping.is_set() or stop_requested():  # e.g. the whole cluster is stopping
                 return {"status": "STOPPED", "message": "Job was intentionally stopped."}
             text = f"Job supervisor actor died: {e}"

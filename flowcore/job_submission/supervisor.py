@@ -58,12 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log = open(os.path.join(jdir, "logs"), "ab", buffering=0)
     try:
-        if resources_requested(job):
-            from . import runner  # joins the cluster: flowcore is imported only here
-            end = runner.run(job, jdir, state, stopping, lambda: os.path.exists(stop_file),
-                             STOP_GRACE, log)
-        else:
-            end = _run_here(job, status_path, state, stopping, stop_file, log)
+        try:
+            if resources_requested(job):
+                from . import runner  # joins the cluster: flowcore is imported only here
+                end = runner.run(job, jdir, state, stopping,
+                                 lambda: os.path.exists(stop_file), STOP_GRACE, log)
+            else:
+                end = _run_here(job, status_path, state, stopping, stop_file, log)
+        except Exception as e:  # noqa: BLE001 - the job ends with the reason, not silently
+            log.write(f"the job's supervisor failed: {e!r}\n".encode())
+            end = {"status": "FAILED", "error_type": "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE",
+                   "message": f"Unexpected error occurred: {e!r}"}
         if "status" not in end:
             code = end["driver_exit_code"]
             if stopping.is_set():
