@@ -347,7 +347,7 @@ def test_entrypoint_resources_choose_the_node_and_are_held(tmp_path, monkeypatch
     (workdir / "placed.py").write_text(PLACED)
     with LocalCluster(nodes=1, cpus_per_node=1, object_store_memory=64 << 20,
                       session_dir=str(tmp_path / "c")) as cluster:
-        second = cluster.add_node(num_cpus=1, resources={"special": 1},
+        second = cluster.add_node(num_cpus=1, num_gpus=1, resources={"special": 1},
                                   object_store_memory=64 << 20)
         monkeypatch.delenv("FLOWCORE_JOB_START_TIMEOUT_SECONDS")
         flowcore.init(address=cluster.address, token=cluster.token)
@@ -379,20 +379,21 @@ def test_entrypoint_resources_choose_the_node_and_are_held(tmp_path, monkeypatch
             out = subprocess.run([sys.executable, "-m", "flowcore.job_submission.cli", "job",
                                   "submit", "--no-wait", "--submission-id", "queued",
                                   "--entrypoint-resources", '{"special": 1}',
-                                  "--entrypoint-num-cpus", "0.5", "--",
+                                  "--entrypoint-num-cpus", "0.5",
+                                  "--entrypoint-num-gpus", "1", "--",
                                   "python", "-c", "import os; print('on', os.environ["
-                                  "'FLOWCORE_NODE_ID'])"],
+                                  "'FLOWCORE_NODE_ID'], os.environ['CUDA_VISIBLE_DEVICES'])"],
                                  env=env, capture_output=True, text=True, timeout=90)
             assert out.returncode == 0, out.stderr
             waiting = client.get_job_info("queued")
             assert waiting.status == JobStatus.PENDING and "special=1" in waiting.message
-            assert waiting.entrypoint_num_cpus == 0.5
+            assert waiting.entrypoint_num_cpus == 0.5 and waiting.entrypoint_num_gpus == 1
             pending = client.get_job_info(nowhere)
             assert pending.status == JobStatus.PENDING and "nowhere=1" in pending.message
             assert client.stop_job(first) is True
             assert client.wait_until_finish(first, 60) == JobStatus.STOPPED
             assert client.wait_until_finish("queued", 60) == JobStatus.SUCCEEDED
-            assert f"on {second}" in client.get_job_logs("queued")
+            assert f"on {second} 0" in client.get_job_logs("queued")  # its GPU
             assert client.get_job_info("queued").driver_node_id == second
             until(lambda: flowcore.available_resources().get("special") == 1,
                   "the resource to be given back")

@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -110,7 +111,7 @@ class JobRunner:
         pypath: list[str] = []
         for mod in self.renv.get("py_modules") or []:
             name = os.path.basename(mod.rstrip(os.sep))
-            base = next((p for p in __import__("sys").path
+            base = next((p for p in sys.path
                          if p and os.path.exists(os.path.join(p, name))), None)
             if base is None:
                 raise RuntimeError(f"py_module {name} did not reach node {node_id}")
@@ -127,9 +128,9 @@ class JobRunner:
             env["FLOWCORE_JOB_RUNTIME_ENV"] = json.dumps(job_renv)
         else:
             env.pop("FLOWCORE_JOB_RUNTIME_ENV", None)
-        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if gpus is not None:  # the GPUs this actor holds are the entrypoint's
-            env["CUDA_VISIBLE_DEVICES"] = gpus
+        gpus = flowcore.get_runtime_context().get_accelerator_ids()["GPU"]
+        if gpus:  # the GPUs this actor holds are the entrypoint's
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return env, cwd
 
     def start(self) -> dict[str, Any]:
