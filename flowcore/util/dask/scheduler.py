@@ -168,7 +168,7 @@ def _compute(graph: dict, keys: Any, wanted: set, persist: bool, remote_args: di
     run = _runner()
     if remote_args:
         run = run.options(**remote_args)
-    start, start_state, pretask, posttask, finish = unpack_callbacks(dask_cbs)
+    _, start_state, pretask, posttask, _ = unpack_callbacks(dask_cbs)
     started = []
     state: dict = {}
     failed = True
