@@ -52,6 +52,7 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.graph.visualize", "flowcore.graph.draw"): _OPTIONAL,
     ("flowcore.job_submission.cli", "flowcore.job_submission.client"): _ROLE,
     ("flowcore.job_submission.client", "flowcore.client.core"): _HEAVY,
+    ("flowcore.job_submission.supervisor", "flowcore.job_submission.runner"): _HEAVY,
     ("flowcore.node.cli", "flowcore.node.server"): _ROLE,
     ("flowcore.node.cli", "flowcore.private_files"): _ROLE,
     ("flowcore.node.packages", "flowcore.private_files"): _PENDING,
