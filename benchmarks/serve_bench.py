@@ -6,6 +6,7 @@ Python, a batched numpy matmul (batch size 8) over HTTP, and the time from
 
     python -m benchmarks.serve_bench            # 10 s per load level
     python -m benchmarks.serve_bench --quick    # 3 s per load level
+    python -m benchmarks.serve_bench --runs 3   # medians of three runs
 
 The load generator is bounded (a fixed number of connections, each sending
 its next request when the previous answer arrived) and runs in its own

@@ -100,6 +100,14 @@ def test_handle_calls_use_the_channel_and_keep_semantics(cluster):
     # a streaming call, with a response of a channel call as its argument
     gen = h.options(stream=True).count.remote(h.remote(-7))
     assert list(gen) == [0, 1, 2]
+    # a handle passed to a task works there too (over the channel)
+    assert flowcore.get(_call_in_task.remote(h), timeout=60) == ([10, 11, 12], True)
+
+
+@flowcore.remote(num_cpus=0)
+def _call_in_task(h):
+    values = [h.remote(i).result(timeout_s=60) for i in range(3)]
+    return values, _channel_calls(get_router("h1", "Model")) >= 3
 
 
 def test_handle_errors_and_queue_limit(cluster):

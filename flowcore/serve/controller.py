@@ -532,8 +532,15 @@ class ServeController:
         actor = flowcore.remote(Replica).options(**opts).remote(
             ds.app, ds.name, rid, ds.target, ds.init_args, ds.init_kwargs,
             ds.config.user_config, ds.config.max_ongoing_requests, self.channel_secret)
-        ds.replicas[rid] = _ReplicaState(rid, actor, ds.version)
+        r = ds.replicas[rid] = _ReplicaState(rid, actor, ds.version)
         self._resources_cache = (0.0, {})
+        # reconcile as soon as it is ready, not at the next tick
+        loop = asyncio.get_running_loop()
+
+        def ready(_f: Any) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._kick)
+        r.ready_fut.add_done_callback(ready)
 
     def _stop_replica(self, ds: _DeploymentState, r: _ReplicaState, now: float) -> None:
         r.state = "STOPPING"

@@ -488,8 +488,13 @@ class DeploymentHandle:
         """Send the call to a replica; returns a ``DeploymentResponse`` (a
         ``DeploymentResponseGenerator`` with ``stream=True``) at once."""
         router = get_router(self.app_name, self.deployment_name)
-        if router.methods is None:
-            router.wait_for_snapshot(0.0 if router.in_loop() else 10.0)
+        if router.methods is None and not router.wait_for_snapshot(0.0):
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                router.fetch_snapshot(30.0)
+            else:
+                router.wait_for_snapshot(0.0 if router.in_loop() else 10.0)
         router.check_method(self._method_name)
         call = _Call(router, self._method_name, args, kwargs, self._stream)
         if self._stream:

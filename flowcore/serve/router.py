@@ -173,6 +173,15 @@ class Router:
     def wait_for_snapshot(self, timeout: float) -> bool:
         return self._have_snapshot.wait(timeout)
 
+    def fetch_snapshot(self, timeout: float) -> None:
+        """Ask the controller for the replica set now, from the calling
+        thread (a task's worker answers the long-poll of the serve loop
+        only while its task waits in a flowcore call)."""
+        snap = flowcore.get(get_controller().listen_for_change.remote(self.key, -1),
+                            timeout=timeout)
+        if snap is not None and not self._have_snapshot.is_set():
+            self._apply(snap)
+
     def drop_replica(self, rid: str) -> None:
         """A call found the replica dead: stop using it and tell the
         controller so that it is replaced at once."""
