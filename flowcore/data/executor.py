@@ -928,7 +928,10 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
     if op.kind == "repartition" and not op.params.get("shuffle"):
         return _repartition(ex, st, bundles, even_ranges(sum(b.num_rows for b in bundles),
                                                          n_out))
-    if total <= ex.ctx.small_shuffle_bytes or len(bundles) <= 1:
+    small = ex.ctx.small_shuffle_bytes
+    if op.kind == "sort":  # an O(n log n) kernel: both CPUs beat one task sooner
+        small = min(small, ex.ctx.small_sort_bytes)
+    if total <= small or len(bundles) <= 1:
         st.tasks += 1
         k = op.params.get("num_blocks") or 1
         refs = _run_local_op.options(name=op.name, num_returns=k + 1).remote(
