@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -153,12 +154,16 @@ def bench_flowcore(seconds: float) -> dict:
 
         t0 = time.perf_counter()
         serve.start(http_options={"port": 0})
+        t1 = time.perf_counter()
         h = serve.run(Noop.bind())
         out["ready_s"] = time.perf_counter() - t0
+        out["run_s"] = time.perf_counter() - t1
         url = serve.http_address()
         http_load(url, 8, 1.0)                      # warm-up
         for c in (8, 64):
             out[f"http_{c}"] = http_load(url, c, seconds, cpu_root=os.getpid())
+        for _ in range(100):                        # warm-up
+            h.ping.remote().result()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < min(seconds, 3.0):
             h.ping.remote().result()
@@ -178,10 +183,16 @@ def bench_flowcore(seconds: float) -> dict:
 FLOOR_APP = textwrap.dedent("""
     import sys, fastapi, uvicorn
     app = fastapi.FastAPI()
+    import numpy as np
+    w = np.random.default_rng(0).standard_normal((256, 256))
     @app.post("/")
     async def root(request: fastapi.Request):
         await request.body()
         return "ok"
+    @app.post("/mm")
+    async def mm(request: fastapi.Request):
+        await request.body()
+        return float((np.ones(256) @ w).sum())
     kw = {}
     try:
         import httptools; kw["http"] = "httptools"
@@ -216,7 +227,9 @@ def bench_floor(seconds: float) -> dict | None:
                 time.sleep(0.05)
         url = f"http://127.0.0.1:{port}"
         http_load(url, 8, 1.0)
-        return {f"http_{c}": http_load(url, c, seconds, cpu_root=p.pid) for c in (8, 64)}
+        out = {f"http_{c}": http_load(url, c, seconds, cpu_root=p.pid) for c in (8, 64)}
+        out["matmul_64"] = http_load(url, 64, seconds, path="/mm")
+        return out
     finally:
         p.terminate()
         p.wait(10)
@@ -292,11 +305,12 @@ def _wait_port(port: int) -> None:
 # ------------------------------------------------------------------ Ray Serve (optional)
 def bench_ray(seconds: float) -> dict | None:
     try:
+        import numpy as np
         import ray
         from ray import serve as rserve
     except ImportError:
         return None
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     out: dict = {}
     try:
         @rserve.deployment
@@ -309,21 +323,60 @@ def bench_ray(seconds: float) -> dict | None:
         port = _free_port()
         t0 = time.perf_counter()
         rserve.start(http_options={"port": port})
+        t1 = time.perf_counter()
         h = rserve.run(Noop.bind())
         out["ready_s"] = time.perf_counter() - t0
+        out["run_s"] = time.perf_counter() - t1
         url = f"http://127.0.0.1:{port}"
         http_load(url, 8, 1.0)
         for c in (8, 64):
             out[f"http_{c}"] = http_load(url, c, seconds, cpu_root=os.getpid())
+        for _ in range(100):                        # warm-up
+            h.ping.remote().result()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < min(seconds, 3.0):
             h.ping.remote().result()
             n += 1
         out["handle_rtt"] = n / (time.perf_counter() - t0)
+        rserve.delete("default")
+
+        @rserve.deployment(max_ongoing_requests=64)
+        class MatMul:
+            def __init__(self):
+                self.w = np.random.default_rng(0).standard_normal((256, 256))
+                self.sizes: list[int] = []
+
+            @rserve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+            async def predict(self, xs):
+                self.sizes.append(len(xs))
+                return list((np.stack(xs) @ self.w).sum(axis=1))
+
+            async def __call__(self, request):
+                await request.body()
+                return float(await self.predict(np.ones(256)))
+
+            def mean_batch(self):
+                return sum(self.sizes) / max(1, len(self.sizes))
+        hm = rserve.run(MatMul.bind(), name="mm", route_prefix="/mm")
+        out["matmul_64"] = http_load(url, 64, seconds, path="/mm")
+        out["matmul_64"]["mean_batch"] = hm.mean_batch.remote().result()
     finally:
         rserve.shutdown()
         ray.shutdown()
     return out
+
+
+def _median(runs: list[Any]) -> Any:
+    """The per-number median of several runs' nested results."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: _median([r[k] for r in runs if isinstance(r, dict) and k in r])
+                for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(runs)
+    if isinstance(first, list):
+        return first
+    return first
 
 
 def _fmt(v: Any, unit: str) -> str:
@@ -341,10 +394,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="3 s per load level")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="run everything this many times and print the medians")
     args = ap.parse_args()
     secs = 3.0 if args.quick else args.seconds
-    res = {"flowcore": bench_flowcore(secs), "floor": bench_floor(secs),
-           "ray": bench_ray(secs), "http_servers": bench_http_servers(min(secs, 3.0))}
+    runs = []
+    for i in range(max(1, args.runs)):
+        runs.append({"flowcore": bench_flowcore(secs), "floor": bench_floor(secs),
+                     "ray": bench_ray(secs),
+                     "http_servers": bench_http_servers(min(secs, 3.0))})
+        if args.runs > 1:
+            print(f"run {i + 1}/{args.runs} done", flush=True)
+    res = _median(runs)
     fc, fl, ray = res["flowcore"], res["floor"] or {}, res["ray"] or {}
     rows = []
     for c in (8, 64):
@@ -358,11 +419,17 @@ def main() -> None:
     rows.append(("handle round trips/s", "1/s", fc["handle_rtt"], ray.get("handle_rtt"),
                  None))
     rows.append(("serve.start+run until ready", "s", fc["ready_s"], ray.get("ready_s"), None))
-    mm = fc["matmul_64"]
-    rows.append(("batched matmul (batch<=8), 64 clients: rps", "1/s", mm["rps"], None, None))
-    rows.append(("  p99 latency", "ms", mm["p99_ms"], None, None))
-    rows.append(("  mean batch size", "", mm["mean_batch"], None, None))
-    print(f"\nflowcore.serve benchmark ({secs:g} s per load level, flowcore.init(num_cpus=2))")
+    rows.append(("  of which serve.run", "s", fc.get("run_s"), ray.get("run_s"), None))
+    mm, rmm, fmm = fc["matmul_64"], ray.get("matmul_64", {}), fl.get("matmul_64", {})
+    rows.append(("batched matmul (batch<=8), 64 clients: rps", "1/s", mm["rps"],
+                 rmm.get("rps"), fmm.get("rps")))
+    rows.append(("  p50 latency", "ms", mm["p50_ms"], rmm.get("p50_ms"), fmm.get("p50_ms")))
+    rows.append(("  p99 latency", "ms", mm["p99_ms"], rmm.get("p99_ms"), fmm.get("p99_ms")))
+    rows.append(("  mean batch size (uvicorn: unbatched)", "", mm["mean_batch"],
+                 rmm.get("mean_batch"), None))
+    med = f", medians of {len(runs)} runs" if len(runs) > 1 else ""
+    print(f"\nflowcore.serve benchmark ({secs:g} s per load level, flowcore.init(num_cpus=2)"
+          f"{med})")
     print(f"{'metric':<52} {'unit':>4} {'flowcore':>9} {'ray':>9} {'uvicorn':>9}")
     for name, unit, a, b, c in rows:
         print(f"{name:<52} {unit:>4} {_fmt(a, unit):>9} {_fmt(b, unit):>9} "
@@ -382,7 +449,7 @@ def main() -> None:
         pass
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=lambda o: None)
+            json.dump({"median": res, "runs": runs}, f, indent=1, default=lambda o: None)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Rows (median over runs, each engine in a fresh interpreter, 2 CPUs):
 * ``100 trivial trials``: wall time of ``Tuner.fit()`` on a running cluster
   for trials that report once (flowcore default ``reuse_actors=True``; Ray
   Tune 2.60 with its default ``reuse_actors=False`` and with ``True``;
-  Optuna's in-process ``study.optimize`` loop as the floor).
+  Optuna's in-process ``study.optimize`` loop as the floor, with its
+  default sampler (TPE, what ``optuna.create_study()`` gives) and with
+  ``RandomSampler`` (the bare loop)).
 * ``trials/s``: the same run as a rate (2 trials at once on 2 CPUs).
 * ``per report``: overhead of one ``tune.report`` call, from 2 trials that
   report ``--reports`` times each: (wall time - time of one trivial trial)
@@ -97,12 +99,18 @@ def bench_ray(trials: int, reports: int) -> dict:
 
 
 def bench_optuna(trials: int, reports: int) -> dict:
+    import warnings
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    t0 = time.perf_counter()
-    study.optimize(lambda t: t.suggest_int("x", 0, trials), n_trials=trials)
-    return {"trials_s": time.perf_counter() - t0}
+    warnings.filterwarnings("ignore")
+    out = {}
+    for key, sampler in (("trials_s", None),  # the default: TPESampler
+                         ("trials_random_s", optuna.samplers.RandomSampler(seed=0))):
+        study = optuna.create_study(sampler=sampler)
+        t0 = time.perf_counter()
+        study.optimize(lambda t: t.suggest_int("x", 0, trials), n_trials=trials)
+        out[key] = time.perf_counter() - t0
+    return out
 
 
 ENGINES = {"flowcore": bench_flowcore, "ray": bench_ray, "optuna": bench_optuna}
@@ -151,12 +159,14 @@ def main() -> None:
     rows = [(f"{args.trials} trivial trials (s)", "trials_s", "trials_s", "trials_reuse_s"),
             ("per report (ms)", "report_s", "report_s", None),
             ("per report, stepped (ms)", "report_stepped_s", "report_stepped_s", None)]
-    print(f"{'metric':32} {'flowcore':>10} {'ray':>10} {'ray reuse':>10} {'optuna':>10}")
+    print(f"{'metric':32} {'flowcore':>10} {'ray':>10} {'ray reuse':>10} {'optuna':>10} "
+          f"{'optuna rnd':>10}")
     for label, fkey, rkey, rreuse in rows:
         scale = 1000.0 if "ms" in label else 1.0
         cells = [med("flowcore", fkey), med("ray", rkey),
                  med("ray", rreuse) if rreuse else None,
-                 med("optuna", fkey) if fkey == "trials_s" else None]
+                 med("optuna", fkey) if fkey == "trials_s" else None,
+                 med("optuna", "trials_random_s") if fkey == "trials_s" else None]
         print(f"{label:32} " + " ".join(
             f"{c * scale:10.3f}" if c is not None else f"{'-':>10}" for c in cells))
     f = med("flowcore", "trials_s")
@@ -164,7 +174,7 @@ def main() -> None:
         print(f"{'trials/s at 2 concurrent':32} {args.trials / f:10.1f}" + "".join(
             f" {args.trials / v:10.1f}" if v else f" {'-':>10}"
             for v in (med("ray", "trials_s"), med("ray", "trials_reuse_s"),
-                      med("optuna", "trials_s"))))
+                      med("optuna", "trials_s"), med("optuna", "trials_random_s"))))
 
 
 if __name__ == "__main__":

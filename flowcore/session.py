@@ -243,6 +243,10 @@ def _connect_existing(address: str, token: str, tls: Any = None) -> Any:
     alive = [n for n in nodes if n.get("alive")]
     wire = os.environ.get("FLOWCORE_CLIENT_MODE", "") not in ("", "0")
     local = [] if wire else [n for n in alive if n.get("hostname") == host]
+    # a process started by a worker (e.g. a submitted job's entrypoint run on a
+    # chosen node) attaches to that worker's node, not just any node of this host
+    mine = os.environ.get("FLOWCORE_NODE_ID")
+    local.sort(key=lambda n: n.get("node_id") != mine)
     if local:  # attach to this host's store: objects shared without copies
         node_address, remote = local[0]["address"], False
     elif alive:  # client mode: objects travel over the connection to a node

@@ -52,6 +52,7 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.graph.visualize", "flowcore.graph.draw"): _OPTIONAL,
     ("flowcore.job_submission.cli", "flowcore.job_submission.client"): _ROLE,
     ("flowcore.job_submission.client", "flowcore.client.core"): _HEAVY,
+    ("flowcore.job_submission.supervisor", "flowcore.job_submission.runner"): _HEAVY,
     ("flowcore.node.cli", "flowcore.node.server"): _ROLE,
     ("flowcore.node.cli", "flowcore.private_files"): _ROLE,
     ("flowcore.node.packages", "flowcore.private_files"): _PENDING,
@@ -91,7 +92,7 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.session", "flowcore.cluster"): _HEAVY,
     ("flowcore.session", "flowcore.objects.serialization"): _HEAVY,
     ("flowcore.train.trainer", "flowcore.data"): _OPTIONAL,
-    ("flowcore.train.trainer", "flowcore.tune"): _OPTIONAL,
+    ("flowcore.train.trainer", "flowcore.data.split"): _OPTIONAL,
     ("flowcore.tune.search", "flowcore.tune.search.optuna"): _OPTIONAL,
 }
 

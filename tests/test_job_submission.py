@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 
@@ -195,15 +196,25 @@ def test_job_records_survive_a_head_restart(tmp_path):
         done = client.submit_job(entrypoint="echo before-restart", submission_id="done")
         assert client.wait_until_finish(done, 60) == JobStatus.SUCCEEDED
         release = tmp_path / "release"
-        waiting = client.submit_job(
-            entrypoint=f"while [ ! -e {release} ]; do sleep 0.05; done; echo released",
-            submission_id="across")
+        wait = f"echo started; while [ ! -e {release} ]; do sleep 0.05; done; echo released"
+        waiting = client.submit_job(entrypoint=wait, submission_id="across")
         assert client.get_job_status(waiting) in (JobStatus.PENDING, JobStatus.RUNNING)
+        # one run on another node, by its supervisor's actor, survives it too
+        cluster.add_node(num_cpus=1, resources={"special": 1}, object_store_memory=64 << 20)
+        client.submit_job(entrypoint=wait, submission_id="placed-across",
+                          entrypoint_resources={"special": 1})
+        deadline = time.monotonic() + 60
+        while "started" not in client.get_job_logs("placed-across"):
+            assert time.monotonic() < deadline, client.get_job_info("placed-across")
+            time.sleep(0.1)
         cluster.kill_head()
         cluster.restart_head()
         release.touch()
         client = JobSubmissionClient(cluster.address, token=cluster.token)  # new dashboard port
         assert client.wait_until_finish("across", 60) == JobStatus.SUCCEEDED
+        assert client.wait_until_finish("placed-across", 90) == JobStatus.SUCCEEDED, \
+            client.get_job_info("placed-across").message
+        assert client.get_job_logs("placed-across") == "started\nreleased\n"
         jobs = {j.submission_id: j for j in client.list_jobs()}
         assert jobs["done"].status == JobStatus.SUCCEEDED
         assert "before-restart" in client.get_job_logs("done")
@@ -260,8 +271,10 @@ def test_bad_submissions_are_refused_with_the_reason(jobs_cluster, tmp_path):
     client = JobSubmissionClient()
     with pytest.raises(ValueError, match="entrypoint"):
         client.submit_job(entrypoint=" ")
-    with pytest.raises(ValueError, match="entrypoint_num_cpus"):
-        client.submit_job(entrypoint="true", entrypoint_num_cpus=1)
+    with pytest.raises(TypeError, match="entrypoint_num_cpus must be a number"):
+        client.submit_job(entrypoint="true", entrypoint_num_cpus="1")
+    with pytest.raises(TypeError, match="entrypoint_resources values must be numbers"):
+        client.submit_job(entrypoint="true", entrypoint_resources={"special": "1"})
     with pytest.raises(ValueError, match="unknown key 'pip'"):
         client.submit_job(entrypoint="true", runtime_env={"pip": ["requests"]})
     url = jobs_cluster["dashboard_url"] + "/api/jobs/"
@@ -271,7 +284,11 @@ def test_bad_submissions_are_refused_with_the_reason(jobs_cluster, tmp_path):
                          ({"entrypoint": "true", "submission_id": 7}, "must be a string"),
                          ({"entrypoint": "true", "runtime_env": {"working_dir": "/etc"}},
                           "not an uploaded package"),
-                         ({"entrypoint": "true", "metadata": {"a": 1}}, "metadata")):
+                         ({"entrypoint": "true", "metadata": {"a": 1}}, "metadata"),
+                         ({"entrypoint": "true", "entrypoint_num_gpus": -1},
+                          "entrypoint_num_gpus must be a number >= 0"),
+                         ({"entrypoint": "true", "entrypoint_resources": {"CPU": 1}},
+                          "use entrypoint_num_cpus")):
         req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers=auth)
         with pytest.raises(urllib.error.HTTPError) as ei:
@@ -281,43 +298,110 @@ def test_bad_submissions_are_refused_with_the_reason(jobs_cluster, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_browser_jobs_tab_lists_jobs_and_shows_output(jobs_cluster):
-    """Debian's chromium through Playwright (never `playwright install`)."""
-    chromium = "/usr/bin/chromium"
-    ci = os.environ.get("CI", "").lower() == "true"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if ci:
-            pytest.fail("playwright is not installed (pip install -e '.[test]')")
-        pytest.skip("playwright is not installed")
-    if not os.path.exists(chromium):
-        if ci:
-            pytest.fail(f"{chromium} is missing (apt-get install chromium)")
-        pytest.skip(f"{chromium} is missing")
+def test_browser_jobs_tab_lists_jobs_and_shows_output(jobs_cluster, browser):
     client = JobSubmissionClient()
     sid = client.submit_job(entrypoint="echo hello-from-the-jobs-tab",
                             submission_id="tab-job")
     assert client.wait_until_finish(sid, 60) == JobStatus.SUCCEEDED
     token = flowcore.session._cluster.token
     errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu",
-                                           "--disable-background-networking",
-                                           "--disable-component-update", "--no-first-run",
-                                           "--disable-sync", "--disable-quic"])
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(jobs_cluster["dashboard_url"] + "/?token=" + token)
-            page.click("#tabs a[data-page=jobs]")
-            row = page.locator("#jobs-table tbody tr", has_text="tab-job")
-            row.wait_for()
-            assert "SUCCEEDED" in row.inner_text()
-            row.click()
-            page.locator("#job-detail pre.logs", has_text="hello-from-the-jobs-tab").wait_for()
-        finally:
-            browser.close()
+    page = browser.new_page()
+    try:
+        page.set_default_timeout(30_000)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(jobs_cluster["dashboard_url"] + "/?token=" + token)
+        page.click("#tabs a[data-page=jobs]")
+        row = page.locator("#jobs-table tbody tr", has_text="tab-job")
+        row.wait_for()
+        assert "SUCCEEDED" in row.inner_text()
+        row.click()
+        page.locator("#job-detail pre.logs", has_text="hello-from-the-jobs-tab").wait_for()
+        page.locator("#job-detail .job-placement", has_text="head's node").wait_for()
+    finally:
+        page.close()
     assert not errors, errors
+
+
+PLACED = textwrap.dedent("""
+    import os, sys, time
+    import flowcore
+    import helper
+
+    flowcore.init()
+    print("node", flowcore.get_runtime_context().get_node_id(), helper.BASE, flush=True)
+    print("task", flowcore.get(flowcore.remote(lambda: 1).remote()), flush=True)
+    release = sys.argv[1] if len(sys.argv) > 1 else None
+    while release and not os.path.exists(release):
+        time.sleep(0.05)
+""")
+
+
+@pytest.mark.timeout(180)
+def test_entrypoint_resources_choose_the_node_and_are_held(tmp_path, monkeypatch, workdir):
+    """A job reserving a custom resource only the second node has runs there
+    (its driver on that node), holds it while it runs, stops, and gives it
+    back; one asking for what no node has stays PENDING saying why, then
+    fails after the start timeout (Ray's semantics)."""
+    flowcore.shutdown()
+    monkeypatch.setenv("FLOWCORE_JOB_START_TIMEOUT_SECONDS", "20")  # read by the head's jobs
+    (workdir / "placed.py").write_text(PLACED)
+    with LocalCluster(nodes=1, cpus_per_node=1, object_store_memory=64 << 20,
+                      session_dir=str(tmp_path / "c")) as cluster:
+        second = cluster.add_node(num_cpus=1, num_gpus=1, resources={"special": 1},
+                                  object_store_memory=64 << 20)
+        monkeypatch.delenv("FLOWCORE_JOB_START_TIMEOUT_SECONDS")
+        flowcore.init(address=cluster.address, token=cluster.token)
+        try:
+            client = JobSubmissionClient(cluster.address, token=cluster.token)
+            nowhere = client.submit_job(entrypoint="echo never", submission_id="nowhere",
+                                        entrypoint_resources={"nowhere": 1})
+            release = tmp_path / "release"
+            first = client.submit_job(entrypoint=f"python placed.py {release}",
+                                      submission_id="placed",
+                                      runtime_env={"working_dir": str(workdir)},
+                                      entrypoint_resources={"special": 1})
+
+            def until(cond, what, timeout=60.0):
+                end = time.monotonic() + timeout
+                while not cond():
+                    assert time.monotonic() < end, f"timed out waiting for {what}"
+                    time.sleep(0.1)
+
+            until(lambda: "task 1" in client.get_job_logs(first), "the placed job's output")
+            assert f"node {second} 40" in client.get_job_logs(first)
+            info = client.get_job_info(first)
+            assert info.status == JobStatus.RUNNING and info.driver_node_id == second
+            assert info.entrypoint_resources == {"special": 1}
+            assert flowcore.available_resources().get("special", 0) == 0  # held
+            # a second one waits for the first to give the resource back (CLI flags)
+            env = dict(os.environ, FLOWCORE_TOKEN=cluster.token,
+                       FLOWCORE_ADDRESS=cluster.address)
+            out = subprocess.run([sys.executable, "-m", "flowcore.job_submission.cli", "job",
+                                  "submit", "--no-wait", "--submission-id", "queued",
+                                  "--entrypoint-resources", '{"special": 1}',
+                                  "--entrypoint-num-cpus", "0.5",
+                                  "--entrypoint-num-gpus", "1", "--",
+                                  "python", "-c", "import os; print('on', os.environ["
+                                  "'FLOWCORE_NODE_ID'], os.environ['CUDA_VISIBLE_DEVICES'])"],
+                                 env=env, capture_output=True, text=True, timeout=90)
+            assert out.returncode == 0, out.stderr
+            waiting = client.get_job_info("queued")
+            assert waiting.status == JobStatus.PENDING and "special=1" in waiting.message
+            assert waiting.entrypoint_num_cpus == 0.5 and waiting.entrypoint_num_gpus == 1
+            pending = client.get_job_info(nowhere)
+            assert pending.status == JobStatus.PENDING and "nowhere=1" in pending.message
+            assert client.stop_job(first) is True
+            assert client.wait_until_finish(first, 60) == JobStatus.STOPPED
+            assert client.wait_until_finish("queued", 60) == JobStatus.SUCCEEDED
+            assert f"on {second} 0" in client.get_job_logs("queued")  # its GPU
+            assert client.get_job_info("queued").driver_node_id == second
+            until(lambda: flowcore.available_resources().get("special") == 1,
+                  "the resource to be given back")
+            assert client.wait_until_finish(nowhere, 60) == JobStatus.FAILED
+            failed = client.get_job_info(nowhere)
+            assert failed.error_type == "JOB_SUPERVISOR_ACTOR_START_TIMEOUT"
+            assert "FLOWCORE_JOB_START_TIMEOUT_SECONDS" in failed.message
+            assert "never" not in client.get_job_logs(nowhere)
+            assert not [a for a in flowcore.state.list_actors() if a["state"] != "DEAD"]
+        finally:
+            flowcore.shutdown()

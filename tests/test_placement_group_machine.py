@@ -327,3 +327,22 @@ def test_pool_counts_bundle_tasks_against_the_bundle() -> None:
     pool.worker_idle(pool.find_task(b"b")[0])
     pool.worker_idle(pool.find_task(b"c")[0])
     assert pool.available["CPU"] == 2.0 and pool.bundles == {}
+
+
+def test_task_of_removed_group_whose_node_dies_before_the_kill_is_cancelled() -> None:
+    """Removing a group force-cancels its running tasks; if the node dies before
+    the kill arrives, the task is cancelled, not retried into the removed group
+    (where it would stay QUEUED for ever)."""
+    h = Head()
+    h.node("n1", CPU=2.0)
+    h.node("n2", CPU=2.0)
+    pgid, _ = h.group([{"CPU": 1.0}])
+    tid, _ = h.task(pgid, 0)
+    t = h.state.tasks[tid]
+    assert t.state == S.RUNNING
+    node = t.node
+    h.state.handle(C, {"op": "remove_placement_group", "pgid": pgid, "rid": 2})
+    assert h.state.tasks[tid].state == S.RUNNING  # the kill is on its way
+    h.state.node_died(node, "killed")
+    assert h.state.tasks[tid].state == S.CANCELLED
+    assert not any(x.state == S.QUEUED for x in h.state.tasks.values())

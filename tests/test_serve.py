@@ -216,7 +216,8 @@ def test_bad_input_errors(url):
 
 def test_delete_removes_app_and_route(url):
     serve.run(Faulty.bind(), name="keep", route_prefix="/keep")
-    serve.run(Pid.bind(), name="gone", route_prefix="/gone")
+    serve.run(Pid.options(graceful_shutdown_wait_loop_s=0.1).bind(), name="gone",
+              route_prefix="/gone")
     assert request(url, "/gone")[0] == 200
     serve.delete("gone")
     assert set(serve.status().applications) == {"keep"}
@@ -224,6 +225,51 @@ def test_delete_removes_app_and_route(url):
     assert request(url, "/keep?text=1", b"{}") == (200, b"plain text")
     with pytest.raises(serve.RayServeException, match="no application named 'gone'"):
         serve.get_app_handle("gone")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=0.1,
+                  graceful_shutdown_timeout_s=60)
+class Draining:
+    def __init__(self, sig):
+        self.sig = sig
+
+    def __call__(self, request):
+        if request.query_params.get("slow"):
+            self.sig.wait()
+        return "done"
+
+
+def test_delete_drains_requests_in_flight(url):
+    import threading
+    sig = Signal()
+    try:
+        h = serve.run(Draining.bind(sig), name="drain", route_prefix="/drain")
+        with cf.ThreadPoolExecutor(2) as ex:
+            slow = ex.submit(request, url, "/drain?slow=1")
+            sig.wait_for_waiters(1, timeout=60)
+            deleted = threading.Event()
+            gone = ex.submit(lambda: (serve.delete("drain"), deleted.set()))
+            # new requests are refused at once, while the slow one still runs
+            deadline = time.time() + 30
+            while request(url, "/drain")[0] != 404 and time.time() < deadline:
+                time.sleep(0.02)
+            assert request(url, "/drain")[0] == 404
+            with pytest.raises(serve.RayServeException, match="being deleted|no deployment"):
+                h.remote(None).result(timeout_s=30)
+            # the replica drains instead of being killed: it stays while the
+            # controller reconciles many times over (each status call waits
+            # for the controller)
+            for _ in range(50):
+                app = serve.status().applications.get("drain")
+                assert app is not None and app.status == "DELETING"
+                assert app.deployments["Draining"].replica_states == {"STOPPING": 1}
+            assert not slow.done() and not deleted.is_set()
+            sig.set()
+            assert slow.result(timeout=60) == (200, b"done")
+            gone.result(timeout=60)
+        assert "drain" not in serve.status().applications
+    finally:
+        sig.close()
 
 
 # ------------------------------------------------------------------ batching

@@ -14,8 +14,12 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def _echo(scope, body):
-    return ("full", 200, [], body)
+async def _echo_http(payload):
+    scope, body = pickle.loads(payload)
+    return channel.ANS_HTTP, pickle.dumps(("full", 200, [], body))
+
+
+_echo = {channel.OP_HTTP: _echo_http}
 
 
 def test_channel_round_trip_with_the_right_secret():
@@ -42,8 +46,8 @@ def test_proxy_refuses_a_peer_that_does_not_know_the_secret():
         await reader.readexactly(48)
         # claims success but cannot prove the secret; then offers a pickle
         writer.write(b"\x01" + os.urandom(32))
-        data = pickle.dumps((0, ("full", 200, [], b"evil")))
-        writer.write(struct.pack("!I", len(data)) + data)
+        data = pickle.dumps(("full", 200, [], b"evil"))
+        writer.write(struct.pack("!IQB", len(data), 0, channel.ANS_HTTP) + data)
         await writer.drain()
 
     async def main():
@@ -80,7 +84,7 @@ def test_replica_refuses_a_wrong_secret_and_oversized_frames():
             w.write(channel._proof(secret, b"proxy", nonce) + mine)
             assert await r.readexactly(1) == b"\x01"
             assert await r.readexactly(32) == channel._proof(secret, b"replica", mine)
-            w.write(struct.pack("!I", channel.MAX_FRAME + 1))
+            w.write(struct.pack("!IQB", channel.MAX_FRAME + 1, 0, channel.OP_HTTP))
             assert await r.read() == b""
             w.close()
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -12,6 +13,7 @@ if os.environ.get("CI") != "true":
     pytest.importorskip("pandas")
 
 import dask  # noqa: E402
+import dask.callbacks  # noqa: E402
 import dask.threaded  # noqa: E402
 import dask.array as da  # noqa: E402
 import dask.bag as db  # noqa: E402
@@ -21,7 +23,8 @@ import pandas as pd  # noqa: E402
 
 import flowcore  # noqa: E402
 from flowcore.testing import Signal  # noqa: E402
-from flowcore.util.dask import (disable_dask_on_flowcore, enable_dask_on_flowcore,  # noqa: E402
+from flowcore.util.dask import (FlowcoreDaskCallback, ProgressBarCallback,  # noqa: E402
+                                disable_dask_on_flowcore, enable_dask_on_flowcore,
                                 flowcore_dask_get)
 
 pytestmark = pytest.mark.timeout(120)
@@ -158,3 +161,159 @@ def test_graph_errors_are_clear(dcluster):
         dask.threaded.get(graph, ["bad"])
     with pytest.raises(ZeroDivisionError):
         flowcore_dask_get(graph, ["bad"])
+
+
+class _Recorder(dask.callbacks.Callback):
+    """A ProgressBar-like Dask callback: what it saw, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+        self.posted = []
+        self.progress = []
+
+    def _start(self, dsk):
+        self.events.append("start")
+
+    def _start_state(self, dsk, state):
+        self.events.append("start_state")
+
+    def _pretask(self, key, dsk, state):
+        self.events.append(("pre", key))
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self.events.append(("post", key))
+        self.posted.append(key)
+        total = sum(len(state[k]) for k in ("ready", "waiting", "running")) + \
+            len(state["finished"])
+        self.progress.append((len(state["finished"]), total))
+
+    def _finish(self, dsk, state, errored):
+        self.events.append(("finish", errored))
+
+
+def _check_order(events):
+    """start, start_state, then each key's pre before its post, then finish."""
+    assert events[:2] == ["start", "start_state"] and events[-1] == ("finish", False)
+    pre = {e[1]: i for i, e in enumerate(events) if isinstance(e, tuple) and e[0] == "pre"}
+    post = {e[1]: i for i, e in enumerate(events) if isinstance(e, tuple) and e[0] == "post"}
+    assert pre.keys() == post.keys() and all(pre[k] < post[k] for k in pre)
+    return set(post)
+
+
+def test_dask_local_callbacks_see_every_task(dcluster):
+    """Dask's own callbacks (ProgressBar's kind) fire as the flowcore tasks
+    finish and see the same keys as under Dask's threaded scheduler."""
+    from dask.diagnostics import ProgressBar
+    x = da.ones((400, 400), chunks=100)
+    expr = (x + x.T).sum(axis=0)
+    ours, theirs = _Recorder(), _Recorder()
+    with ours:
+        got = expr.compute(scheduler=flowcore_dask_get)
+    with theirs:
+        want = expr.compute(scheduler="threads")
+    np.testing.assert_allclose(got, want)
+    seen, expected = _check_order(ours.events), _check_order(theirs.events)
+    # each compute has its own (random) finalize key; every other key is Dask's
+    assert [str(k)[:9] for k in seen - expected] == ["finalize-"]
+    assert [str(k)[:9] for k in expected - seen] == ["finalize-"]
+    assert len(seen) == len(expected) > 16
+    done, total = ours.progress[-1]
+    assert done == total == len(ours.posted) == len(set(ours.posted))
+    assert [d for d, _ in ours.progress] == sorted(d for d, _ in ours.progress)
+    import io
+    import contextlib
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), ProgressBar(out=out, dt=0.01):
+        dask.delayed(sum)([dask.delayed(abs)(-i) for i in range(5)]).compute(
+            scheduler=flowcore_dask_get)
+    assert "100%" in out.getvalue()
+    # a failing graph finishes with errored=True
+    failing = _Recorder()
+    with failing, pytest.raises(ZeroDivisionError):
+        dask.delayed(lambda: 1 / 0)().compute(scheduler=flowcore_dask_get)
+    assert failing.events[-1] == ("finish", True)
+
+
+class _Hooks(FlowcoreDaskCallback):
+    """Records the driver-side hooks here and the worker-side ones in a
+    Signal-like actor (they run in the workers)."""
+
+    def __init__(self, log, tag, short_circuit=None):
+        super().__init__()
+        self.log, self.tag, self.short_circuit = log, tag, short_circuit
+        self.driver = []
+
+    def _flowcore_presubmit(self, task, key, deps):
+        self.driver.append(("presubmit", key))
+        return self.short_circuit(key) if self.short_circuit else None
+
+    def _flowcore_postsubmit(self, task, key, deps, object_ref):
+        assert isinstance(object_ref, flowcore.ObjectRef)
+        self.driver.append(("postsubmit", key))
+
+    def _flowcore_pretask(self, key, object_refs):
+        return f"{self.tag}:{key}"
+
+    def _flowcore_posttask(self, key, result, pre_state):
+        self.log.add.remote(self.tag, key, result, pre_state)
+
+    def _flowcore_postsubmit_all(self, object_refs, dsk):
+        self.driver.append(("postsubmit_all", len(dsk)))
+
+    def _flowcore_finish(self, result):
+        self.driver.append(("finish", result))
+
+
+@flowcore.remote
+class _Log:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, *row):
+        self.rows.append(row)
+
+    def get(self):
+        return self.rows
+
+
+def test_flowcore_dask_callback_hooks_fire_in_order(dcluster):
+    log = _Log.remote()
+    def inc(v):
+        return v + 1
+
+    graph = dask.delayed(sum)([dask.delayed(inc)(1), dask.delayed(inc)(2)])
+    first, second = _Hooks(log, "a"), _Hooks(log, "b")
+    with first, second:
+        assert graph.compute(scheduler=flowcore_dask_get) == 5
+    assert not FlowcoreDaskCallback.flowcore_active
+    for cb in (first, second):
+        names = [e[0] for e in cb.driver]
+        n = names.count("presubmit")
+        assert n == 3 and names.count("postsubmit") == n
+        # finish sees the result before Dask repacks it for the collection
+        assert names[-2:] == ["postsubmit_all", "finish"] and cb.driver[-1] == ("finish", [5])
+        for i in range(0, 2 * n, 2):  # each submission between its pre and post hooks
+            assert names[i:i + 2] == ["presubmit", "postsubmit"]
+            assert cb.driver[i][1] == cb.driver[i + 1][1]
+    rows = flowcore.get(log.get.remote())
+    # posttask in the workers got its own callback's pretask state, for every task
+    assert sorted((tag, pre) for tag, _, _, pre in rows) == sorted(
+        (tag, f"{tag}:{key}") for tag, key, _, _ in rows)
+    assert {tag for tag, *_ in rows} == {"a", "b"} and len(rows) == 6
+    assert sorted(r for tag, _, r, _ in rows if tag == "a") == [2, 3, 5]
+    # a presubmit answer replaces the task (nothing submitted, no postsubmit)
+    cut = _Hooks(log, "c", short_circuit=lambda key: 100 if str(key).startswith("inc-") else None)
+    assert graph.compute(scheduler=flowcore_dask_get, flowcore_callbacks=[cut]) == 200
+    assert [e[0] for e in cut.driver].count("postsubmit") == 1
+
+    # Ray's ProgressBarCallback: a named actor records every task's times
+    with ProgressBarCallback() as progress:
+        assert graph.compute(scheduler=flowcore_dask_get) == 5
+    deadline = time.monotonic() + 60
+    while flowcore.get(progress.pb.result.remote()) != (3, 3):  # sent from the workers
+        assert time.monotonic() < deadline, flowcore.get(progress.pb.result.remote())
+        time.sleep(0.05)
+    report = flowcore.get(progress.pb.report.remote())
+    assert len(report["submission_order"]) == 3
+    assert all(report[k]["execution_time"] >= 0 for k, _ in report["submission_order"])

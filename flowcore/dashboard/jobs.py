@@ -1,7 +1,9 @@
 """The head's job manager and its HTTP API on the dashboard port.
 
 ``POST /api/jobs/`` starts a submitted entrypoint as a supervised process
-on the head's node (``flowcore/job_submission/supervisor.py``), with the
+on the head's node (``flowcore/job_submission/supervisor.py``), or, when it
+reserves ``entrypoint_num_cpus`` / ``_num_gpus`` / ``_memory`` /
+``_resources``, on a node that has them (``job_submission/runner.py``), with the
 job's runtime_env: its ``working_dir`` (uploaded first with ``PUT
 /api/packages/<hash>``) unpacked as the entrypoint's working directory, its
 ``py_modules`` on ``PYTHONPATH``, its ``env_vars`` set, and
@@ -34,7 +36,8 @@ from typing import Any
 
 from tornado.web import HTTPError, stream_request_body
 
-from ..job_submission.models import JobStatus, job_dir, jobs_root, read_json, write_json
+from ..job_submission.models import (RESOURCE_FIELDS, JobStatus, job_dir, jobs_root,
+                                     pending_message, read_json, write_json)
 from ..job_submission.supervisor import STOP_FILE
 from ..runtime_env import max_package_bytes
 from .auth import bearer
@@ -64,6 +67,39 @@ def _alive(pid: Any) -> bool:
     return True
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and v == v \
+        and v != float("inf")
+
+
+def _entrypoint_resources(req: dict[str, Any]) -> dict[str, Any]:
+    """The checked ``entrypoint_*`` fields of a submission (None when not given)."""
+    out: dict[str, Any] = {}
+    for name in ("entrypoint_num_cpus", "entrypoint_num_gpus"):
+        v = req.get(name)
+        if v is not None and not _number(v):
+            raise HTTPError(400, f"{name} must be a number >= 0, got {v!r}")
+        out[name] = v
+    v = req.get("entrypoint_memory")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+        raise HTTPError(400, f"entrypoint_memory must be an integer number of bytes >= 0, "
+                             f"got {v!r}")
+    out["entrypoint_memory"] = v
+    res = req.get("entrypoint_resources")
+    if res is not None:
+        if not isinstance(res, dict) or not all(
+                isinstance(k, str) and k and _number(x) for k, x in res.items()):
+            raise HTTPError(400, f"entrypoint_resources must be a dict of resource name -> "
+                                 f"number >= 0, got {res!r}")
+        for k in ("CPU", "GPU", "memory"):
+            if k in res:
+                field = {"CPU": "entrypoint_num_cpus", "GPU": "entrypoint_num_gpus",
+                         "memory": "entrypoint_memory"}[k]
+                raise HTTPError(400, f"entrypoint_resources: use {field} for {k!r}")
+    out["entrypoint_resources"] = res
+    return out
+
+
 class JobManager:
     """Starts, stops and reports the jobs of one head."""
 
@@ -85,13 +121,13 @@ class JobManager:
             return None
         st = read_json(os.path.join(jdir, "status.json")) or {}
         out = {k: job.get(k) for k in ("submission_id", "entrypoint", "metadata",
-                                       "runtime_env")}
+                                       "runtime_env") + RESOURCE_FIELDS}
         out.update(type="SUBMISSION", job_id=None, status=st.get("status", "PENDING"),
                    message=st.get("message", "Job has not started yet."),
                    error_type=st.get("error_type"),
                    start_time=st.get("start_time", job.get("submit_time")),
                    end_time=st.get("end_time"), driver_exit_code=st.get("driver_exit_code"),
-                   driver_node_id=job.get("node_id"))
+                   driver_node_id=st.get("driver_node_id", job.get("node_id")))
         if not JobStatus(out["status"]).is_terminal() and \
                 not _alive(st.get("supervisor_pid", job.get("supervisor_pid"))):
             proc = self.procs.get(sid)
@@ -158,6 +194,7 @@ class JobManager:
             raise HTTPError(400, "runtime_env['env_vars'] must be a dict of str -> str")
         if any(k.startswith("FLOWCORE_") for k in env_vars):
             raise HTTPError(400, "runtime_env['env_vars']: FLOWCORE_* variables are reserved")
+        reserve = _entrypoint_resources(req)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         try:
             os.mkdir(jdir, 0o700)
@@ -173,10 +210,13 @@ class JobManager:
         env = self._environment(sid, env_vars, job_renv, pypath)
         job = {"submission_id": sid, "entrypoint": entrypoint, "metadata": metadata,
                "runtime_env": renv, "submit_time": _now_ms(), "cwd": cwd, "env": env,
-               "node_id": None}
+               "node_id": None, "job_runtime_env": job_renv,
+               "user_pythonpath": os.environ.get("PYTHONPATH"), **reserve}
         write_json(os.path.join(jdir, "job.json"), job)
         fd = os.open(os.path.join(jdir, "logs"), os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)
+        write_json(os.path.join(jdir, "status.json"),
+                   {"status": "PENDING", "message": pending_message(job)})
         errfd = os.open(os.path.join(jdir, "supervisor.log"),
                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

@@ -29,6 +29,11 @@ class DataContext:
     * ``max_tasks_in_flight_per_actor``: calls queued on one pool actor.
     * ``execution_timeout_s``: how long the executor waits for one task
       before declaring the pipeline stuck (``None``: forever).
+    * ``default_num_cpus``: the CPUs a task or pool actor asks for when its
+      operator sets no ``num_cpus`` (1, as in Ray).  flowcore.train reads
+      ``datasets=`` with 0 when its workers leave no CPU free, so the reads
+      run in the CPU time the workers spend waiting for them instead of
+      waiting forever for a CPU the workers hold.
     """
     target_max_block_size: int = 128 << 20
     read_op_min_num_blocks: int = 200
@@ -40,6 +45,7 @@ class DataContext:
     max_tasks_in_flight_per_actor: int = 2
     execution_timeout_s: float | None = None
     task_max_retries: int = 3
+    default_num_cpus: float = 1.0
 
     _current: ClassVar["DataContext | None"] = None
     _lock: ClassVar[threading.Lock] = threading.Lock()

@@ -403,6 +403,13 @@ class Execution:
     def get_meta(self, ref: Any) -> dict:
         return flowcore.get(ref, timeout=self.ctx.execution_timeout_s)
 
+    def task(self, fn: Any, **options: Any) -> Any:
+        """``fn.options(**options)``, asking for ``ctx.default_num_cpus``
+        CPUs unless ``options`` name them."""
+        if "num_cpus" not in options and self.ctx.default_num_cpus != 1.0:
+            options["num_cpus"] = self.ctx.default_num_cpus
+        return fn.options(**options) if options else fn
+
 
 def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
             ctx: DataContext | None = None) -> Iterator[Bundle]:
@@ -440,7 +447,7 @@ def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:
     st.started()
     refs = [r for r, _ in input_bundles(plan)]
     st.tasks += 1
-    out, meta_ref = _run_plan.options(name=_task_name(st.name)).remote(plan, *refs)
+    out, meta_ref = ex.task(_run_plan, name=_task_name(st.name)).remote(plan, *refs)
     meta = ex.get_meta(meta_ref)
     st.output(meta)
     yield Bundle(out, meta, ex.budget)
@@ -490,7 +497,7 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
         elif st[0] == "actor":
             free = 0.0
             if with_tasks[i]:
-                per = st[2][0].num_cpus if st[2][0].num_cpus is not None else 1.0
+                per = _op_cpus(ex, st[2][0])
                 if ex.cpus - 1 >= per * n_pools:
                     free = 1.0   # leave a CPU to the tasks around the pool
                 else:            # too few CPUs to share: run the segment in turns
@@ -572,7 +579,7 @@ def _split_if_big(ex: Execution, ref: Any, meta: dict) -> list[tuple[Any, dict]]
         return [(ref, meta)]
     k = min(meta["num_rows"], -(-meta["size_bytes"] // target))
     pieces = even_ranges(meta["num_rows"], k)
-    refs = _split_block.options(num_returns=k + 1, name="SplitBlock").remote(pieces, ref)
+    refs = ex.task(_split_block, num_returns=k + 1, name="SplitBlock").remote(pieces, ref)
     return list(zip(refs[:k], ex.get_meta(refs[k])))
 
 
@@ -599,7 +606,7 @@ def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp],
                 st.name = stage_name(transforms, "ReadTask")
         fn = fns.get(st.name)
         if fn is None:  # tasks carry the operator's name (dashboard, visualize)
-            fn = fns[st.name] = _run_transforms.options(name=_task_name(st.name), **res)
+            fn = fns[st.name] = ex.task(_run_transforms, name=_task_name(st.name), **res)
         if isinstance(item, ReadTask):
             out, meta = fn.remote(tref, index, "read", item)
         elif isinstance(item, Pieces):
@@ -637,11 +644,17 @@ def _task_limit(ex: Execution, ops: list[MapOp]) -> int:
     return min([ex.max_in_flight] + limits)
 
 
-def pool_size(op: MapOp, cpus: float, n_pools: int, free: float = 0.0) -> int:
+def _op_cpus(ex: Execution, op: MapOp) -> float:
+    """CPUs one task or pool actor of ``op`` asks for."""
+    return op.num_cpus if op.num_cpus is not None else ex.ctx.default_num_cpus
+
+
+def pool_size(op: MapOp, cpus: float, n_pools: int, free: float = 0.0,
+              default_cpus: float = 1.0) -> int:
     """Actors for ``op``'s pool: ``concurrency`` (an int, or the max of a
     (min, max) tuple), capped so all pools of the plan fit the cluster's
     CPUs together; ValueError when even one actor per pool cannot fit."""
-    per = op.num_cpus if op.num_cpus is not None else 1.0
+    per = op.num_cpus if op.num_cpus is not None else default_cpus
     c = op.concurrency
     if isinstance(c, (tuple, list)):
         want = int(c[1] if len(c) > 1 else c[0])
@@ -669,8 +682,8 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
     (exact batches without tasks competing with the pool for CPUs)."""
     head = ops[0]
     transforms = pre + ops
-    size = pool_size(head, ex.cpus, n_pools, free)
-    opts: dict = {"num_cpus": head.num_cpus if head.num_cpus is not None else 1.0}
+    size = pool_size(head, ex.cpus, n_pools, free, ex.ctx.default_num_cpus)
+    opts: dict = {"num_cpus": _op_cpus(ex, head)}
     if head.num_gpus:
         opts["num_gpus"] = head.num_gpus
     opts.update(head.remote_args)
@@ -743,7 +756,7 @@ def _limit_stage(ex: Execution, items: Iterator[Bundle], op: LimitOp) -> Iterato
                 yield b
             else:
                 st.tasks += 1
-                out, meta_ref = _slice_concat.options(name=op.name).remote([(0, 0, left)],
+                out, meta_ref = ex.task(_slice_concat, name=op.name).remote([(0, 0, left)],
                                                                            b.ref)
                 meta = ex.get_meta(meta_ref)
                 b.release()
@@ -812,7 +825,7 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
     if total <= small or len(bundles) <= 1:
         st.tasks += 1
         k = op.params.get("num_blocks") or 1
-        refs = _run_local_op.options(name=op.name, num_returns=k + 1).remote(
+        refs = ex.task(_run_local_op, name=op.name, num_returns=k + 1).remote(
             op, *[b.ref for b in bundles])
         out = []
         for ref, meta in zip(refs[:k], ex.get_meta(refs[k])):
@@ -831,7 +844,7 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
         key, direction = op.params["keys"][0]
         samples: list = []
         per = max(8, 4 * n_out)
-        sample = _sample.options(name=f"{op.name}:sample")
+        sample = ex.task(_sample, name=f"{op.name}:sample")
         for chunk in flowcore.get([sample.remote(r, key, per, i) for i, r in enumerate(refs)]):
             samples.extend(chunk)
         st.tasks += len(refs)
@@ -847,11 +860,11 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
         reduce_op = AllToAllOp("aggregate_final", op.name, **op.params)
     parts = []
     for i, r in enumerate(refs):
-        p = _partition.options(num_returns=n_out, name=f"{op.name}:map").remote(
+        p = ex.task(_partition, num_returns=n_out, name=f"{op.name}:map").remote(
             kind, params, n_out, i, r)
         parts.append(p if n_out > 1 else [p])
     st.tasks += len(refs) + n_out
-    reduce = _reduce.options(name=f"{op.name}:reduce")
+    reduce = ex.task(_reduce, name=f"{op.name}:reduce")
     pairs = [reduce.remote(reduce_op, j, *[parts[i][j] for i in range(len(refs))])
              for j in range(n_out)]
     del parts
@@ -878,7 +891,7 @@ def _repartition(ex: Execution, st: OpStats, bundles: list[Bundle],
                     pieces.append((len(refs) - 1, lo - s, hi - lo))
         if not refs and bundles:
             refs.append(bundles[0].ref)
-        pairs.append(_slice_concat.remote(pieces, *refs))
+        pairs.append(ex.task(_slice_concat).remote(pieces, *refs))
         st.tasks += 1
     return _collect(ex, st, pairs)
 
@@ -902,7 +915,7 @@ def slice_bundles(ex: Execution, bundles: list[Bundle], ranges: list[tuple[int, 
             if lo == s and hi == e:
                 parts.append(Bundle(b.ref, b.meta))
             else:
-                ref, meta_ref = _slice_concat.remote([(0, lo - s, hi - lo)], b.ref)
+                ref, meta_ref = ex.task(_slice_concat).remote([(0, lo - s, hi - lo)], b.ref)
                 parts.append(Bundle(ref, ex.get_meta(meta_ref)))
         out.append(parts)
     return out
@@ -926,10 +939,10 @@ def _zip_stage(ex: Execution, src: ZipSource) -> Iterator[Bundle]:
     for lb, rparts in zip(left, aligned):
         rrefs = [p.ref for p in rparts] or [right[0].ref]
         if not rparts:
-            pairs.append(_slice_concat.remote([(0, 0, 0)], right[0].ref))
-            pairs[-1] = _zip_blocks.remote(1, lb.ref, pairs[-1][0])
+            pairs.append(ex.task(_slice_concat).remote([(0, 0, 0)], right[0].ref))
+            pairs[-1] = ex.task(_zip_blocks).remote(1, lb.ref, pairs[-1][0])
         else:
-            pairs.append(_zip_blocks.remote(1, lb.ref, *rrefs))
+            pairs.append(ex.task(_zip_blocks).remote(1, lb.ref, *rrefs))
         st.tasks += 1
     out = _collect(ex, st, pairs)
     for b in left + right:

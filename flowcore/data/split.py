@@ -152,9 +152,12 @@ class StreamSplitDataIterator(DataIterator):
         return f"StreamSplitDataIterator(index={self._index}, n={self._n})"
 
 
-def streaming_split(plan: LogicalPlan, n: int, equal: bool) -> list[DataIterator]:
+def streaming_split(plan: LogicalPlan, n: int, equal: bool,
+                    ctx: DataContext | None = None) -> list[DataIterator]:
+    """``n`` shards of one execution of ``plan`` under ``ctx`` (default: the
+    current DataContext)."""
     if not flowcore.is_initialized():
         flowcore.init()
     actor_cls = flowcore.remote(num_cpus=0, max_concurrency=n + 2)(SplitCoordinator)
-    coord = actor_cls.remote(plan, n, equal, DataContext.get_current())
+    coord = actor_cls.remote(plan, n, equal, ctx or DataContext.get_current())
     return [StreamSplitDataIterator(coord, i, n) for i in range(n)]

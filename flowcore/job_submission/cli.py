@@ -2,6 +2,8 @@
 
     flowcore job submit [--address ADDR] [--working-dir DIR] [--runtime-env-json JSON]
                         [--submission-id ID] [--metadata-json JSON] [--no-wait]
+                        [--entrypoint-num-cpus N] [--entrypoint-num-gpus N]
+                        [--entrypoint-memory BYTES] [--entrypoint-resources JSON]
                         -- python script.py ...
     flowcore job status|logs [--follow]|stop [--no-wait]|delete ID [--address ADDR]
     flowcore job list [--address ADDR]
@@ -69,8 +71,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     metadata = _json_arg(args.metadata_json, "--metadata-json")
     client = _client(args)
     entrypoint = entry[0] if len(entry) == 1 else shlex.join(entry)
+    resources = _json_arg(args.entrypoint_resources, "--entrypoint-resources")
+    if resources is not None and not isinstance(resources, dict):
+        raise SystemExit("flowcore job submit: --entrypoint-resources must be a JSON object, "
+                         "e.g. '{\"special\": 1}'")
     sid = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None,
-                            submission_id=args.submission_id, metadata=metadata)
+                            submission_id=args.submission_id, metadata=metadata,
+                            entrypoint_num_cpus=args.entrypoint_num_cpus,
+                            entrypoint_num_gpus=args.entrypoint_num_gpus,
+                            entrypoint_memory=args.entrypoint_memory,
+                            entrypoint_resources=resources)
     print(f"Job '{sid}' submitted successfully", flush=True)
     if args.no_wait:
         print(f"Query the status of the job:\n  flowcore job status {sid}\n"
@@ -161,6 +171,15 @@ def parser() -> argparse.ArgumentParser:
                    help='runtime_env as JSON, e.g. \'{"env_vars": {"A": "1"}}\'')
     s.add_argument("--submission-id", default=None, help="the job's id (default: generated)")
     s.add_argument("--metadata-json", default=None, help="metadata as a JSON object")
+    s.add_argument("--entrypoint-num-cpus", type=float, default=None,
+                   help="CPUs reserved for the entrypoint (runs it on a node that has them)")
+    s.add_argument("--entrypoint-num-gpus", type=float, default=None,
+                   help="GPUs reserved for the entrypoint")
+    s.add_argument("--entrypoint-memory", type=int, default=None,
+                   help="memory (bytes) reserved for the entrypoint")
+    s.add_argument("--entrypoint-resources", default=None,
+                   help='custom resources reserved for the entrypoint, as JSON, e.g. '
+                        '\'{"special": 1}\'')
     s.add_argument("--no-wait", action="store_true", help="do not follow the job's logs")
     s.add_argument("entrypoint", nargs=argparse.REMAINDER,
                    help="-- followed by the command, e.g. -- python script.py")
@@ -189,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConnectionError, AuthenticationError, RuntimeError, ValueError, OSError) as e:
+    except (ConnectionError, AuthenticationError, RuntimeError, ValueError, TypeError,
+            OSError) as e:
         print(f"flowcore job {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -198,17 +198,36 @@ class JobSubmissionClient:
         """Start ``entrypoint`` (a shell command) as a job; returns its
         submission id.  ``runtime_env``: ``working_dir`` (a local directory,
         uploaded; the entrypoint runs in it), ``py_modules``, ``env_vars``.
-        Reserving resources for the entrypoint (``entrypoint_num_cpus`` and
-        the like) is not supported: only None or 0 is accepted."""
+
+        ``entrypoint_num_cpus`` / ``entrypoint_num_gpus`` / ``entrypoint_memory``
+        (bytes) / ``entrypoint_resources`` (custom resources): reserved for
+        the entrypoint itself, separately from the tasks and actors it starts,
+        for as long as the job runs; the entrypoint then runs on a node that
+        has them (the job stays PENDING until one has them free).  Without
+        any (the default, 0), it runs on the head's node, reserving nothing."""
         for name, value in (("entrypoint_num_cpus", entrypoint_num_cpus),
-                            ("entrypoint_num_gpus", entrypoint_num_gpus),
-                            ("entrypoint_memory", entrypoint_memory),
-                            ("entrypoint_resources", entrypoint_resources)):
-            if value:
-                raise ValueError(f"submit_job({name}={value!r}): reserving resources for the "
-                                 f"entrypoint is not supported; it runs on the head's node "
-                                 f"without a reservation (its tasks ask for their own). Drop "
-                                 f"{name}")
+                            ("entrypoint_num_gpus", entrypoint_num_gpus)):
+            if value is not None and (not isinstance(value, (int, float))
+                                      or isinstance(value, bool)):
+                raise TypeError(f"{name} must be a number, got {type(value)}")
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value!r}: must be >= 0")
+        if entrypoint_memory is not None and (not isinstance(entrypoint_memory, int)
+                                              or isinstance(entrypoint_memory, bool)):
+            raise TypeError(f"entrypoint_memory must be an integer, got "
+                            f"{type(entrypoint_memory)}")
+        if entrypoint_memory is not None and entrypoint_memory < 0:
+            raise ValueError(f"entrypoint_memory={entrypoint_memory!r}: must be >= 0 (bytes)")
+        if entrypoint_resources is not None:
+            if not isinstance(entrypoint_resources, dict):
+                raise TypeError(f"entrypoint_resources must be a dict, got "
+                                f"{type(entrypoint_resources)}")
+            for k, v in entrypoint_resources.items():
+                if not isinstance(k, str):
+                    raise TypeError(f"entrypoint_resources keys must be strings, got {type(k)}")
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise TypeError(f"entrypoint_resources values must be numbers, got "
+                                    f"{type(v)}")
         if not isinstance(entrypoint, str) or not entrypoint.strip():
             raise ValueError("submit_job(entrypoint=...) must be a non-empty shell command, "
                              "e.g. 'python script.py'")
@@ -216,7 +235,11 @@ class JobSubmissionClient:
             raise ValueError("job_id is the old name of submission_id: pass only one")
         body = {"entrypoint": entrypoint, "submission_id": submission_id or job_id,
                 "runtime_env": self._prepare_runtime_env(runtime_env),
-                "metadata": {**self._default_metadata, **(metadata or {})}}
+                "metadata": {**self._default_metadata, **(metadata or {})},
+                "entrypoint_num_cpus": entrypoint_num_cpus,
+                "entrypoint_num_gpus": entrypoint_num_gpus,
+                "entrypoint_memory": entrypoint_memory,
+                "entrypoint_resources": entrypoint_resources}
         return self._request("POST", "/api/jobs/", body)["submission_id"]
 
     def get_job_info(self, job_id: str) -> JobDetails:

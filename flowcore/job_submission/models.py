@@ -99,3 +99,29 @@ def read_json(path: str) -> dict[str, Any] | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+#: what a job may reserve for its entrypoint (Ray's names)
+RESOURCE_FIELDS = ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory",
+                   "entrypoint_resources")
+
+
+def resources_requested(job: dict[str, Any]) -> bool:
+    """Whether a job reserves anything for its entrypoint (then it runs on a
+    node that has it; else on the head's node without a reservation)."""
+    return any(job.get(f) for f in RESOURCE_FIELDS)
+
+
+def describe_resources(job: dict[str, Any]) -> str:
+    """A job's entrypoint reservation in words, e.g. ``CPU=1, special=1``."""
+    res = {"CPU": job.get("entrypoint_num_cpus"), "GPU": job.get("entrypoint_num_gpus"),
+           "memory": job.get("entrypoint_memory"), **(job.get("entrypoint_resources") or {})}
+    return ", ".join(f"{k}={v:g}" for k, v in res.items() if v)
+
+
+def pending_message(job: dict[str, Any]) -> str:
+    """What a job that has not started yet says."""
+    if resources_requested(job):
+        return (f"Job has not started yet: it waits for a node with "
+                f"{describe_resources(job)} free for its entrypoint.")
+    return "Job has not started yet."

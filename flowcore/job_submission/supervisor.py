@@ -8,6 +8,10 @@ entrypoint with a shell in the job's working directory and environment
 its state to ``status.json``: RUNNING with the pids, then SUCCEEDED, FAILED
 (with the exit code) or STOPPED.  SIGTERM stops the job: the entrypoint's
 process group gets SIGTERM, then SIGKILL after ``STOP_GRACE`` seconds.
+
+A job that asked for entrypoint resources runs on a node that has them
+instead, through an actor holding them (``runner.py``); this process then
+follows it from the head's node and keeps the job's records the same way.
 """
 from __future__ import annotations
 
@@ -17,12 +21,15 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
-from .models import read_json, write_json
+from .models import read_json, resources_requested, write_json
 
 STOP_GRACE = 3.0
 #: created in the job directory by the head to stop the job
 STOP_FILE = "stop"
+#: the umask the supervisor started with, which the entrypoint keeps
+_USER_UMASK = [0o022]
 
 
 def _now_ms() -> int:
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if job is None:
         print(f"no readable job.json in {jdir}", file=sys.stderr)
         return 2
-    user_umask = os.umask(0o077)  # our files are private; the job keeps the user's umask
+    _USER_UMASK[0] = os.umask(0o077)  # our files are private; the job keeps the user's umask
     state: dict = {"status": "PENDING", "supervisor_pid": os.getpid()}
     stop_file = os.path.join(jdir, STOP_FILE)  # the head asks a starting job to stop here
     if os.path.exists(stop_file):
@@ -51,14 +58,44 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log = open(os.path.join(jdir, "logs"), "ab", buffering=0)
     try:
+        try:
+            if resources_requested(job):
+                from . import runner  # joins the cluster: flowcore is imported only here
+                end = runner.run(job, jdir, state, stopping,
+                                 lambda: os.path.exists(stop_file), STOP_GRACE, log)
+            else:
+                end = _run_here(job, status_path, state, stopping, stop_file, log)
+        except Exception as e:  # noqa: BLE001 - the job ends with the reason, not silently
+            log.write(f"the job's supervisor failed: {e!r}\n".encode())
+            end = {"status": "FAILED", "error_type": "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE",
+                   "message": f"Unexpected error occurred: {e!r}"}
+        if "status" not in end:
+            code = end["driver_exit_code"]
+            if stopping.is_set():
+                end.update(status="STOPPED", message="Job was intentionally stopped.")
+            elif code == 0:
+                end.update(status="SUCCEEDED", message="Job finished successfully.")
+            else:
+                end.update(status="FAILED", error_type="JOB_ENTRYPOINT_COMMAND_ERROR",
+                           message=f"Job entrypoint command failed with exit code {code}, "
+                                   f"last available logs (truncated to 20,000 chars):\n"
+                                   f"{_tail(os.path.join(jdir, 'logs'))}")
+        write_json(status_path, dict(state, end_time=_now_ms(), **end))
+    finally:
+        log.close()
+    return 0
+
+
+def _run_here(job: dict, status_path: str, state: dict, stopping: threading.Event,
+              stop_file: str, log: Any) -> dict:
+    """Run the entrypoint as this process's child (no resources asked)."""
+    try:
         proc = subprocess.Popen(job["entrypoint"], shell=True, cwd=job["cwd"], env=job["env"],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, umask=user_umask)
+                                start_new_session=True, umask=_USER_UMASK[0])
     except OSError as e:
         log.write(f"cannot start the entrypoint: {e}\n".encode())
-        write_json(status_path, dict(state, status="FAILED", end_time=_now_ms(),
-                                     message=f"the entrypoint could not start: {e}"))
-        return 1
+        return {"status": "FAILED", "message": f"the entrypoint could not start: {e}"}
     state.update(status="RUNNING", pid=proc.pid, start_time=_now_ms(),
                  message="Job is currently running.")
     write_json(status_path, state)
@@ -78,19 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             elif now - stop_sent > STOP_GRACE:
                 _signal_group(proc.pid, signal.SIGKILL)
     _signal_group(proc.pid, signal.SIGKILL)  # whatever the entrypoint left running
-    end = dict(state, end_time=_now_ms(), driver_exit_code=code)
-    if stopping.is_set():
-        end.update(status="STOPPED", message="Job was intentionally stopped.")
-    elif code == 0:
-        end.update(status="SUCCEEDED", message="Job finished successfully.")
-    else:
-        end.update(status="FAILED", error_type="JOB_ENTRYPOINT_COMMAND_ERROR",
-                   message=f"Job entrypoint command failed with exit code {code}, last "
-                           f"available logs (truncated to 20,000 chars):\n"
-                           f"{_tail(os.path.join(jdir, 'logs'))}")
-    write_json(status_path, end)
-    log.close()
-    return 0
+    return {"driver_exit_code": code}
 
 
 def _signal_group(pid: int, sig: int) -> None:

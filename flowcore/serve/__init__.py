@@ -14,8 +14,8 @@ composition, request batching and autoscaling.
 from __future__ import annotations
 
 from .api import (ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus, delete,
-                  get_app_handle, get_deployment_handle, http_address, run, shutdown, start,
-                  status)
+                  get_app_handle, get_deployment_handle, http_address, run, shutdown,
+                  shutdown_async, start, status)
 from .batching import batch
 from .config import AutoscalingConfig, DeploymentConfig, HTTPOptions
 from .deployment import Application, Deployment, deployment, ingress
@@ -24,7 +24,7 @@ from .handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGene
 from .replica import ReplicaContext, get_replica_context
 
 __all__ = [
-    "deployment", "ingress", "batch", "run", "start", "status", "delete", "shutdown",
+    "deployment", "ingress", "batch", "run", "start", "status", "delete", "shutdown", "shutdown_async",
     "get_app_handle", "get_deployment_handle", "get_replica_context", "http_address",
     "Application", "Deployment", "DeploymentHandle", "DeploymentResponse",
     "DeploymentResponseGenerator", "AutoscalingConfig", "DeploymentConfig", "HTTPOptions",

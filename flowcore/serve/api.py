@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,12 +36,16 @@ def _controller_or_none() -> Any:
         return None
 
 
-def start(http_options: dict | HTTPOptions | None = None, *, proxy_location: Any = None,
-          detached: bool = True, **_ignored: Any) -> None:
+def start(proxy_location: Any = None, http_options: dict | HTTPOptions | None = None,
+          grpc_options: Any = None, logging_config: Any = None, **_ignored: Any) -> None:
     """Start serve on the cluster (the controller and the HTTP proxy on
     ``http_options`` {"host", "port", "root_path", "request_timeout_s",
     "max_body_size"}); does nothing when serve already runs. Starts flowcore
-    first if needed."""
+    first if needed. ``grpc_options`` and ``logging_config`` are accepted for
+    Ray compatibility; no gRPC proxy runs."""
+    if isinstance(proxy_location, (dict, HTTPOptions)) and http_options is None:
+        raise TypeError("serve.start(): the first positional argument is proxy_location (as "
+                        "in Ray); pass the HTTP options as serve.start(http_options=...)")
     opts = HTTPOptions.build(http_options)
     if proxy_location not in ("Disabled", "NoServer"):
         from .proxy import _import_uvicorn
@@ -48,12 +53,19 @@ def start(http_options: dict | HTTPOptions | None = None, *, proxy_location: Any
     _ensure_flowcore()
     ctrl = _controller_or_none()
     if ctrl is None:
-        from .controller import ServeController
+        from .controller import ServeController, create_proxy
+        secret = os.urandom(32)
         ctrl = flowcore.remote(ServeController).options(
             name=_router.CONTROLLER_NAME, namespace=_router.SERVE_NAMESPACE,
             lifetime="detached", num_cpus=0, get_if_exists=True,
-        ).remote(opts.__dict__)
+        ).remote(opts.__dict__, secret)
         _router._controller = ctrl
+        if proxy_location not in ("Disabled", "NoServer"):
+            # its process starts beside the controller's; the controller adopts it
+            try:
+                create_proxy(opts, opts.port, secret)
+            except ValueError:      # one already runs (a racing serve.start)
+                pass
     if proxy_location in ("Disabled", "NoServer"):
         flowcore.get(ctrl.ping.remote())
         return
@@ -82,7 +94,8 @@ def _methods(target: Any) -> list[str] | None:
 
 def run(target: Application, blocking: bool = False, name: str = "default",
         route_prefix: str | None = "/", logging_config: Any = None,
-        _local_testing_mode: bool = False) -> DeploymentHandle:
+        _local_testing_mode: bool = False, external_scaler_enabled: bool = False,
+        controller_options: Any = None) -> DeploymentHandle:
     """Deploy the application ``target`` under ``name`` (replacing a running
     one of that name by a rolling update) and wait until it is RUNNING;
     returns the ingress deployment's handle. ``route_prefix=None`` serves it
@@ -161,12 +174,16 @@ def get_app_handle(name: str) -> DeploymentHandle:
     return DeploymentHandle(st["ingress"], name)
 
 
-def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> DeploymentHandle:
+def get_deployment_handle(deployment_name: str, app_name: str | None = None,
+                          _check_exists: bool = True,
+                          _record_telemetry: bool = True) -> DeploymentHandle:
     """A handle to one deployment of an application (default: the replica's
     own application inside a replica, else ``"default"``)."""
     if app_name is None:
         from .replica import _context
         app_name = _context.app_name if _context is not None else "default"
+    if not _check_exists:
+        return DeploymentHandle(deployment_name, app_name)
     ctrl = _router.get_controller()
     st = flowcore.get(ctrl.get_status.remote())["applications"].get(app_name)
     if st is None or deployment_name not in st["deployments"]:
@@ -176,8 +193,11 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
 
 
 def delete(name: str, _blocking: bool = True) -> None:
-    """Delete application ``name``: its replicas are stopped and its route
-    removed (nothing happens when there is none)."""
+    """Delete application ``name`` (nothing happens when there is none): its
+    route goes at once (new HTTP requests get 404, new handle calls an
+    error), requests in flight finish (up to each deployment's
+    ``graceful_shutdown_timeout_s``), then its replicas stop. Blocks until
+    then."""
     ctrl = _router.get_controller()
     ref = ctrl.delete_application.remote(name)
     if _blocking:
@@ -263,3 +283,9 @@ def shutdown() -> None:
             except ValueError:
                 break
             time.sleep(0.01)
+
+
+async def shutdown_async() -> None:
+    """``serve.shutdown()`` for async code (runs it in a thread)."""
+    import asyncio
+    await asyncio.get_running_loop().run_in_executor(None, shutdown)

@@ -34,8 +34,9 @@ class AutoscalingPolicy:
         avg = sum(v for _, v in self.samples) / len(self.samples)
         raw: float = math.ceil(avg / c.target_ongoing_requests - 1e-9) if avg > 0 else 0
         if current > 0:
-            factor = c.upscaling_factor if raw > current else c.downscaling_factor
-            if factor is not None:
+            factor = c.get_upscaling_factor() if raw > current else \
+                c.get_downscaling_factor()
+            if factor != 1.0:
                 raw = current + (raw - current) * factor
                 raw = math.ceil(raw) if raw > current else math.floor(raw)
         return max(c.min_replicas, min(c.max_replicas, int(raw)))
@@ -56,7 +57,10 @@ class AutoscalingPolicy:
             self.upscale_since = None
             if self.downscale_since is None:
                 self.downscale_since = now
-            if now - self.downscale_since >= c.downscale_delay_s:
+            delay = c.downscale_delay_s
+            if want == 0 and current == 1 and c.downscale_to_zero_delay_s is not None:
+                delay = c.downscale_to_zero_delay_s
+            if now - self.downscale_since >= delay:
                 self.downscale_since = None
                 return want
         else:

@@ -190,7 +190,7 @@ class _ThreadBatcher:
             self._lead(self_arg)
 
 
-def batch(_func: Callable | None = None, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+def batch(_func: Callable | None = None, /, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
           batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
           max_concurrent_batches: int = 1) -> Any:
     """``@serve.batch`` or ``@serve.batch(max_batch_size=, batch_wait_timeout_s=,

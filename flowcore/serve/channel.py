@@ -1,11 +1,14 @@
-"""The HTTP data path between the proxy and a replica: one TCP connection
-per (proxy, replica), authenticated both ways by HMAC challenges on a secret
+"""The data path between a calling process (the HTTP proxy, or a process
+holding a ``DeploymentHandle``) and a replica: one TCP connection per
+(process, replica), authenticated both ways by HMAC challenges on a secret
 the controller made for this serve instance (neither end unpickles a byte
-from a peer that has not proved it knows the secret), carrying length-prefixed pickled
-(request id, scope, body) frames one way and (request id, answer) frames
-the other, many requests in flight at once. Replicas stay flowcore actors
-(their lifecycle, handle calls and streams use actor calls); this only
-takes the HTTP request/response bytes off the per-call scheduling path."""
+from a peer that has not proved it knows the secret). Frames are
+``(length, request id, op)`` headers followed by a pickled payload, many
+requests in flight at once: HTTP requests (scope, body) and handle calls
+(method, args, kwargs) one way, their answers the other. Replicas stay
+flowcore actors (their lifecycle, streams and calls whose arguments hold
+object references use actor calls); this only takes plain requests off
+the per-call scheduling path."""
 from __future__ import annotations
 
 import asyncio
@@ -17,10 +20,24 @@ import pickle
 import struct
 from typing import Any, Awaitable, Callable
 
-_LEN = struct.Struct("!I")
+_HEAD = struct.Struct("!IQB")          # payload length, request id, op
+#: ops of the caller's frames
+OP_HTTP, OP_CALL, OP_CANCEL = 0, 1, 2
+#: ops of the replica's answers
+ANS_HTTP, ANS_OK, ANS_ERR = 0, 1, 2
 #: the largest frame either end accepts (a request body is capped well below
 #: this by the proxy's max_body_size); more closes the channel
 MAX_FRAME = int(os.environ.get("FLOWCORE_MAX_MESSAGE_BYTES", 256 * 2**20))
+
+# FLOWCORE_SERVE_DIRECT_HTTP=0: HTTP requests and handle calls go to replicas
+# as actor calls. So they do on a cluster running under TLS (its processes
+# get FLOWCORE_TLS_*): the channel authenticates but does not encrypt, actor
+# calls do both.
+ENABLED = os.environ.get("FLOWCORE_SERVE_DIRECT_HTTP", "1") != "0" and \
+    not os.environ.get("FLOWCORE_TLS_CERT")
+
+#: ``handler(payload) -> (answer op, answer payload)`` for one request op
+Handler = Callable[[bytes], Awaitable[tuple[int, bytes]]]
 
 
 def _proof(secret: bytes, role: bytes, nonce: bytes) -> bytes:
@@ -32,23 +49,24 @@ class ChannelClosed(ConnectionError):
     closed the connection)."""
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
-    head = await reader.readexactly(4)
-    (n,) = _LEN.unpack(head)
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    n, rid, op = _HEAD.unpack(await reader.readexactly(_HEAD.size))
     if n > MAX_FRAME:
         raise ChannelClosed(f"a channel frame of {n} bytes is over the {MAX_FRAME}-byte cap")
-    return pickle.loads(await reader.readexactly(n))
+    return rid, op, await reader.readexactly(n)
 
 
-def _frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=5)
-    return _LEN.pack(len(data)) + data
+def _write(writer: asyncio.StreamWriter, rid: int, op: int, payload: bytes) -> None:
+    if len(payload) < 16384:
+        writer.write(_HEAD.pack(len(payload), rid, op) + payload)
+    else:
+        writer.writelines((_HEAD.pack(len(payload), rid, op), payload))
 
 
-async def serve(handler: Callable[[dict, bytes], Awaitable[tuple]], host: str,
+async def serve(handlers: dict[int, Handler], host: str,
                 secret: bytes) -> tuple[asyncio.AbstractServer, tuple[str, int]]:
-    """Listen on ``host`` (port 0) and answer each request with
-    ``await handler(scope, body)``."""
+    """Listen on ``host`` (port 0) and answer each request of op ``k`` with
+    ``await handlers[k](payload)``; ``OP_CANCEL`` cancels a running one."""
 
     async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonce = os.urandom(16)
@@ -60,24 +78,37 @@ async def serve(handler: Callable[[dict, bytes], Awaitable[tuple]], host: str,
                 writer.write(b"\x00")
                 writer.close()
                 return
-            # the proxy checks this end too before it reads any answer
+            # the caller checks this end too before it reads any answer
             writer.write(b"\x01" + _proof(secret, b"replica", their_nonce))
         except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError):
             writer.close()
             return
+        running: dict[int, asyncio.Future] = {}
 
-        async def one(rid: int, scope: dict, body: bytes) -> None:
+        async def one(rid: int, handler: Handler, payload: bytes) -> None:
             try:
-                answer = await handler(scope, body)
+                op, answer = await handler(payload)
+            except asyncio.CancelledError:
+                return
             except Exception as e:  # noqa: BLE001 - reported as a 500 by the proxy
-                answer = ("error", f"{type(e).__name__}: {e}")
+                op, answer = ANS_HTTP, pickle.dumps(("error", f"{type(e).__name__}: {e}"))
+            finally:
+                running.pop(rid, None)
             if not writer.is_closing():
-                writer.write(_frame((rid, answer)))
+                _write(writer, rid, op, answer)
 
         try:
             while True:
-                rid, scope, body = await _read_frame(reader)
-                asyncio.ensure_future(one(rid, scope, body))
+                rid, op, payload = await _read_frame(reader)
+                if op == OP_CANCEL:
+                    task = running.pop(rid, None)
+                    if task is not None:
+                        task.cancel()
+                    continue
+                handler = handlers.get(op)
+                if handler is None:
+                    break
+                running[rid] = asyncio.ensure_future(one(rid, handler, payload))
         except (asyncio.IncompleteReadError, OSError, ChannelClosed):
             pass
         finally:
@@ -88,14 +119,19 @@ async def serve(handler: Callable[[dict, bytes], Awaitable[tuple]], host: str,
     return server, (addr[0], addr[1])
 
 
+#: ``callback(op, payload, error)``: an answer arrived (error None) or the
+#: channel closed first (op and payload None)
+Callback = Callable[[Any, Any, Any], None]
+
+
 class Channel:
-    """The proxy's end of one replica's channel (used on one event loop)."""
+    """The caller's end of one replica's channel (used on one event loop)."""
 
     def __init__(self, addr: tuple[str, int], secret: bytes) -> None:
         self.addr = addr
         self.secret = secret
         self.writer: asyncio.StreamWriter | None = None
-        self.pending: dict[int, asyncio.Future] = {}
+        self.pending: dict[int, Callback] = {}
         self.ids = itertools.count()
         self.closed = False
         self._connecting: asyncio.Future | None = None
@@ -120,10 +156,10 @@ class Channel:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                rid, answer = await _read_frame(reader)
-                fut = self.pending.pop(rid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(answer)
+                rid, op, payload = await _read_frame(reader)
+                cb = self.pending.pop(rid, None)
+                if cb is not None:
+                    cb(op, payload, None)
         except (asyncio.IncompleteReadError, OSError, EOFError, ChannelClosed):
             pass
         finally:
@@ -134,11 +170,12 @@ class Channel:
         if self.writer is not None:
             self.writer.close()
         pending, self.pending = self.pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(ChannelClosed(f"replica channel {self.addr} closed"))
+        err = ChannelClosed(f"replica channel {self.addr} closed")
+        for cb in pending.values():
+            cb(None, None, err)
 
-    async def call(self, scope: dict, body: bytes) -> tuple:
+    async def connect(self) -> None:
+        """Open and authenticate the connection (once)."""
         if self.closed:
             raise ChannelClosed(f"replica channel {self.addr} closed")
         if self.writer is None:
@@ -146,12 +183,37 @@ class Channel:
                 self._connecting = asyncio.ensure_future(self._connect())
             try:
                 await asyncio.shield(self._connecting)
-            except OSError as e:
+            except (OSError, EOFError) as e:     # EOFError: closed in the handshake
                 self.closed = True
                 raise ChannelClosed(f"cannot reach replica channel {self.addr}: {e}") from None
-        assert self.writer is not None
+
+    def send(self, op: int, payload: bytes, callback: Callback) -> int:
+        """Send one request on the connected channel; ``callback`` gets its
+        answer. Returns the request id (for ``cancel``)."""
+        if self.closed or self.writer is None:
+            raise ChannelClosed(f"replica channel {self.addr} closed")
         rid = next(self.ids)
+        self.pending[rid] = callback
+        _write(self.writer, rid, op, payload)
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Stop waiting for ``rid`` and ask the replica to cancel it."""
+        if self.pending.pop(rid, None) is not None and not self.closed and \
+                self.writer is not None:
+            _write(self.writer, rid, OP_CANCEL, b"")
+
+    async def call(self, scope: dict, body: bytes) -> tuple:
+        """One HTTP request: the replica's answer tuple."""
+        await self.connect()
         fut = asyncio.get_running_loop().create_future()
-        self.pending[rid] = fut
-        self.writer.write(_frame((rid, scope, body)))
-        return await fut
+
+        def done(op: Any, payload: Any, err: Any) -> None:
+            if fut.done():
+                return
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(payload)
+        self.send(OP_HTTP, pickle.dumps((scope, body), protocol=5), done)
+        return pickle.loads(await fut)

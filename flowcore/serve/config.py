@@ -48,6 +48,11 @@ class AutoscalingConfig:
     downscale_delay_s: float = 600.0
     upscaling_factor: float | None = None
     downscaling_factor: float | None = None
+    smoothing_factor: float = 1.0
+    upscale_smoothing_factor: float | None = None
+    downscale_smoothing_factor: float | None = None
+    #: the delay before going from 1 replica to 0 (None: downscale_delay_s)
+    downscale_to_zero_delay_s: float | None = None
 
     def __post_init__(self) -> None:
         o = "AutoscalingConfig"
@@ -58,8 +63,11 @@ class AutoscalingConfig:
         for key in ("metrics_interval_s", "look_back_period_s", "upscale_delay_s",
                     "downscale_delay_s"):
             _number(o, key, getattr(self, key))
-        for key in ("upscaling_factor", "downscaling_factor"):
+        for key in ("upscaling_factor", "downscaling_factor", "smoothing_factor",
+                    "upscale_smoothing_factor", "downscale_smoothing_factor"):
             _number(o, key, getattr(self, key), minimum=1e-9, allow_none=True)
+        _number(o, "downscale_to_zero_delay_s", self.downscale_to_zero_delay_s,
+                allow_none=True)
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"AutoscalingConfig: min_replicas ({self.min_replicas}) is "
                              f"above max_replicas ({self.max_replicas})")
@@ -67,6 +75,15 @@ class AutoscalingConfig:
                 self.min_replicas <= self.initial_replicas <= self.max_replicas):
             raise ValueError(f"AutoscalingConfig: initial_replicas ({self.initial_replicas}) "
                              f"must lie between min_replicas and max_replicas")
+
+    def get_upscaling_factor(self) -> float:
+        """``upscaling_factor``, else ``upscale_smoothing_factor``, else
+        ``smoothing_factor`` (as in Ray)."""
+        return self.upscaling_factor or self.upscale_smoothing_factor or self.smoothing_factor
+
+    def get_downscaling_factor(self) -> float:
+        return (self.downscaling_factor or self.downscale_smoothing_factor
+                or self.smoothing_factor)
 
     @classmethod
     def build(cls, value: "AutoscalingConfig | dict | None") -> "AutoscalingConfig | None":
@@ -96,6 +113,7 @@ class HTTPOptions:
     root_path: str = ""
     request_timeout_s: float | None = None
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    keep_alive_timeout_s: float = 90.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -104,6 +122,7 @@ class HTTPOptions:
         if self.port > 65535:
             raise ValueError(f"http_options: port {self.port} is above 65535")
         _number("http_options", "max_body_size", self.max_body_size, integer=True)
+        _number("http_options", "keep_alive_timeout_s", self.keep_alive_timeout_s)
         _number("http_options", "request_timeout_s", self.request_timeout_s,
                 minimum=1e-9, allow_none=True)
 
@@ -137,6 +156,7 @@ class DeploymentConfig:
     graceful_shutdown_timeout_s: float = 20.0
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
+    max_constructor_retry_count: int = 20
     ray_actor_options: dict[str, Any] = field(
         default_factory=lambda: dict(DEFAULT_RAY_ACTOR_OPTIONS))
 
@@ -150,6 +170,8 @@ class DeploymentConfig:
         for key in ("graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s",
                     "health_check_period_s", "health_check_timeout_s"):
             _number(o, key, getattr(self, key))
+        _number(o, "max_constructor_retry_count", self.max_constructor_retry_count, minimum=1,
+                integer=True)
         if not isinstance(self.ray_actor_options, dict):
             raise TypeError(f"ray_actor_options must be a dict, got "
                             f"{type(self.ray_actor_options).__name__}")

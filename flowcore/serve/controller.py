@@ -139,11 +139,21 @@ class _AppState:
         self.last_deployed_time_s = time.time()
 
 
+def create_proxy(opts: HTTPOptions, port: int, channel_secret: bytes) -> Any:
+    """Start the HTTP proxy actor (not waiting for it)."""
+    from .proxy import ProxyActor
+    return flowcore.remote(ProxyActor).options(
+        name=PROXY_NAME, namespace="serve", lifetime="detached", num_cpus=0,
+        max_concurrency=4).remote(opts.host, port, opts.max_body_size,
+                                  opts.request_timeout_s, opts.root_path, channel_secret,
+                                  opts.keep_alive_timeout_s)
+
+
 class ServeController:
     """The detached controller actor (``SERVE_CONTROLLER`` in namespace
     ``serve``)."""
 
-    def __init__(self, http_options: dict) -> None:
+    def __init__(self, http_options: dict, channel_secret: bytes | None = None) -> None:
         self.http_options = HTTPOptions.build(http_options)
         self.apps: dict[str, _AppState] = {}
         self.versions: dict[str, int] = {}
@@ -159,8 +169,11 @@ class ServeController:
         self._proxy_checked = 0.0
         self._proxy_restarting = False
         # authenticates the proxy to the replicas' HTTP channels
-        self.channel_secret = os.urandom(32)
+        self.channel_secret = channel_secret or os.urandom(32)
         self.feed = ServeFeed()  # the dashboard's Serve tab
+        #: deleted deployments whose replicas drain after a new deployment took
+        #: their name
+        self.draining: list[_DeploymentState] = []
 
     # ------------------------------------------------------------ plumbing
     def _ensure_loop(self) -> None:
@@ -193,7 +206,12 @@ class ServeController:
         ds = a.deployments.get(dep) if a is not None else None
         if ds is None:
             return {"version": version, "missing": True}
-        return ds.snapshot(version)
+        if ds.deleting:
+            return {"version": version, "missing": True,
+                    "reason": f"application {app!r} is being deleted"}
+        snap = ds.snapshot(version)
+        snap["channel_secret"] = self.channel_secret
+        return snap
 
     def _routes(self) -> dict:
         return {a.route_prefix: (a.name, a.ingress) for a in self.apps.values()
@@ -209,17 +227,22 @@ class ServeController:
         self._ensure_loop()
         if self.proxy_info is not None:
             return self.proxy_info
-        self.proxy_info = await self._start_proxy(self.http_options.port)
+        try:     # serve.start() started it beside this controller
+            self.proxy = flowcore.get_actor(PROXY_NAME, namespace="serve")
+        except ValueError:
+            self.proxy_info = await self._start_proxy(self.http_options.port)
+            return self.proxy_info
+        try:
+            self.proxy_info = await self.proxy.ready.remote()
+        except Exception as e:
+            self.proxy = None
+            opts = self.http_options
+            raise RuntimeError(f"the serve HTTP proxy could not start on "
+                               f"{opts.host}:{opts.port}: {e}") from None
         return self.proxy_info
 
     async def _start_proxy(self, port: int) -> dict:
-        from .proxy import ProxyActor
-        opts = self.http_options
-        self.proxy = flowcore.remote(ProxyActor).options(
-            name=PROXY_NAME, namespace="serve", lifetime="detached", num_cpus=0,
-            max_concurrency=4).remote(opts.host, port, opts.max_body_size,
-                                      opts.request_timeout_s, opts.root_path,
-                                      self.channel_secret)
+        self.proxy = create_proxy(self.http_options, port, self.channel_secret)
         try:
             return await self.proxy.ready.remote()
         except Exception as e:
@@ -299,6 +322,8 @@ class ServeController:
         ingress = [s["name"] for s in specs if s["ingress"]][0]
         app = self.apps.get(name)
         if app is None or app.deleting:
+            if app is not None:   # deployed again while draining: the old ones drain on
+                self.draining.extend(app.deployments.values())
             app = self.apps[name] = _AppState(name, route_prefix, ingress)
         app.route_prefix, app.ingress = route_prefix, ingress
         app.last_deployed_time_s = time.time()
@@ -310,6 +335,8 @@ class ServeController:
         for s in specs:
             ds = app.deployments.get(s["name"])
             if ds is None or ds.deleting:
+                if ds is not None:
+                    self.draining.append(ds)
                 app.deployments[s["name"]] = _DeploymentState(name, s)
             else:
                 ds.apply(s)
@@ -391,11 +418,12 @@ class ServeController:
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
-        for a in self.apps.values():
-            for ds in a.deployments.values():
-                for r in ds.replicas.values():
-                    self._kill(r)
+        for ds in [d for a in self.apps.values() for d in a.deployments.values()] + \
+                self.draining:
+            for r in ds.replicas.values():
+                self._kill(r)
         self.apps.clear()
+        self.draining.clear()
         self.feed.clear()
         if self.proxy is not None:
             try:
@@ -471,6 +499,10 @@ class ServeController:
             if a.deleting and not a.deployments:
                 del self.apps[a.name]
                 self._bump("routes")
+        for ds in list(self.draining):
+            self._reconcile(ds, now)
+            if not ds.replicas:
+                self.draining.remove(ds)
 
     def _kill(self, r: _ReplicaState) -> None:
         try:
@@ -506,9 +538,8 @@ class ServeController:
     def _stop_replica(self, ds: _DeploymentState, r: _ReplicaState, now: float) -> None:
         r.state = "STOPPING"
         cfg = ds.config
-        if ds.deleting:
-            r.stop_fut, r.stop_deadline = None, now
-            return
+        # drained also when its application is deleted: requests in flight
+        # finish (up to graceful_shutdown_timeout_s), no new one arrives
         r.stop_fut = r.actor.prepare_for_shutdown.remote(
             cfg.graceful_shutdown_wait_loop_s, cfg.graceful_shutdown_timeout_s).future()
         r.stop_deadline = now + cfg.graceful_shutdown_timeout_s + 5.0
@@ -534,7 +565,9 @@ class ServeController:
                     ds.failures += 1
                     ds.message = f"a replica failed to start: {err}"
                     logger.warning("deployment %s: %s", ds.name, ds.message)
-                    if ds.failures >= MAX_CONSTRUCTOR_FAILURES:
+                    # as in Ray: max_constructor_retry_count, at most 3 per replica
+                    if ds.failures >= min(cfg.max_constructor_retry_count,
+                                          max(1, ds.target_num) * MAX_CONSTRUCTOR_FAILURES):
                         ds.failed = True
             elif r.state == "RUNNING":
                 # health checks, and replicas found dead

@@ -16,7 +16,8 @@ _DEPLOYMENT_OPTIONS = (
     "name", "num_replicas", "max_ongoing_requests", "max_queued_requests",
     "autoscaling_config", "ray_actor_options", "user_config", "health_check_period_s",
     "health_check_timeout_s", "graceful_shutdown_timeout_s",
-    "graceful_shutdown_wait_loop_s", "version", "route_prefix",
+    "graceful_shutdown_wait_loop_s", "version", "route_prefix", "max_constructor_retry_count",
+    "logging_config",
 )
 
 
@@ -139,6 +140,7 @@ def _make(target: Callable, opts: dict[str, Any], base: Deployment | None = None
                    "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
                    "health_check_period_s": cfg.health_check_period_s,
                    "health_check_timeout_s": cfg.health_check_timeout_s,
+                   "max_constructor_retry_count": cfg.max_constructor_retry_count,
                    "ray_actor_options": dict(cfg.ray_actor_options)}
         name, version, explicit = base.name, base.version, set(base._explicit)
         if "num_replicas" in opts and "autoscaling_config" not in opts:
@@ -154,6 +156,8 @@ def _make(target: Callable, opts: dict[str, Any], base: Deployment | None = None
         raise ValueError(f"deployment name must be a non-empty string without '#' or '/', "
                          f"got {name!r}")
     current.update(opts)
+    # accepted for Ray compatibility: replica output goes to the worker logs
+    current.pop("logging_config", None)
     num = current.get("num_replicas", 1)
     auto = current.get("autoscaling_config")
     if num == "auto":

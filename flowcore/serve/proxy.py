@@ -17,6 +17,7 @@ from typing import Any
 import flowcore
 from flowcore.exceptions import ActorDiedError
 
+from . import channel
 from .channel import Channel, ChannelClosed
 from .exceptions import BackPressureError, RayServeException
 from .router import get_controller, get_router, router_loop
@@ -25,11 +26,8 @@ logger = logging.getLogger("flowcore.serve")
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
-# FLOWCORE_SERVE_DIRECT_HTTP=0: send HTTP requests to replicas as actor calls.
-# So does a cluster running under TLS (its processes get FLOWCORE_TLS_*): the
-# channel authenticates but does not encrypt, actor calls do both.
-DIRECT_HTTP = os.environ.get("FLOWCORE_SERVE_DIRECT_HTTP", "1") != "0" and \
-    not os.environ.get("FLOWCORE_TLS_CERT")
+# HTTP requests travel over the replicas' channels unless it is disabled
+DIRECT_HTTP = channel.ENABLED
 _RETRIES = 3
 
 
@@ -301,12 +299,13 @@ class ProxyActor:
 
     def __init__(self, host: str, port: int, max_body_size: int,
                  request_timeout_s: float | None, root_path: str = "",
-                 channel_secret: bytes | None = None) -> None:
+                 channel_secret: bytes | None = None,
+                 keep_alive_timeout_s: float = 90.0) -> None:
         uvicorn = _import_uvicorn()
         self.app = ProxyApp(max_body_size, request_timeout_s, root_path, channel_secret)
         kwargs: dict[str, Any] = {"host": host, "port": port, "log_level": "warning",
                                   "access_log": False, "lifespan": "off",
-                                  "timeout_keep_alive": 30}
+                                  "timeout_keep_alive": keep_alive_timeout_s}
         try:
             import httptools  # noqa: F401
             kwargs["http"] = "httptools"

@@ -11,12 +11,15 @@ import inspect
 import itertools
 import json
 import os
+import pickle
 import sys
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import cloudpickle
 
 import flowcore
 
@@ -203,7 +206,8 @@ class Replica:
     async def ready(self) -> dict:
         if self._channel_secret and self._channel is None:
             self._channel, self._channel_addr = await channel.serve(
-                self.handle_http, _node_host(), self._channel_secret)
+                {channel.OP_HTTP: self._channel_http, channel.OP_CALL: self._channel_call},
+                _node_host(), self._channel_secret)
         return {"pid": os.getpid(), "replica_id": self.replica_id,
                 "channel": self._channel_addr}
 
@@ -295,6 +299,32 @@ class Replica:
         finally:
             self.ongoing -= 1
             self._observe(t0)
+
+    async def _channel_http(self, payload: bytes) -> tuple[int, bytes]:
+        scope, body = pickle.loads(payload)
+        answer = await self.handle_http(scope, body)
+        return channel.ANS_HTTP, pickle.dumps(answer, protocol=5)
+
+    async def _channel_call(self, payload: bytes) -> tuple[int, bytes]:
+        """A handle call that came over the channel: its value, or the
+        exception with this replica's traceback."""
+        method, args, kwargs = pickle.loads(payload)
+        try:
+            value = await self.handle_request(method, args, kwargs)
+        except Exception as e:  # noqa: BLE001 - travels to the caller
+            tb = traceback.format_exc()
+            try:
+                return channel.ANS_ERR, cloudpickle.dumps((e, tb, ""), protocol=5)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle
+                return channel.ANS_ERR, cloudpickle.dumps(
+                    (None, tb, f"{type(e).__name__}: {e}"), protocol=5)
+        try:
+            return channel.ANS_OK, cloudpickle.dumps(value, protocol=5)
+        except Exception as e:  # noqa: BLE001
+            return channel.ANS_ERR, cloudpickle.dumps(
+                (None, traceback.format_exc(),
+                 f"{type(e).__name__}: the return value of {self.deployment_name}."
+                 f"{method}() cannot be pickled: {e}"), protocol=5)
 
     def _start_stream(self, gen: Any) -> str:
         sid = f"{self.replica_id}:{next(self._ids)}"

@@ -104,6 +104,10 @@ class Router:
         self.max_ongoing = 5
         self.max_queued = -1
         self.error: str | None = None
+        #: the replicas' channel secret (None: calls go as actor calls)
+        self.secret: bytes | None = None
+        #: every known replica listens on a channel
+        self.direct = False
         self._lock = threading.Lock()
         self._replicas: dict[str, _Replica] = {}
         self._queued = 0
@@ -146,6 +150,8 @@ class Router:
             if snap.get("missing"):
                 self.error = (f"no deployment {self.deployment_name!r} in application "
                               f"{self.app_name!r}")
+                if snap.get("reason"):
+                    self.error += f" ({snap['reason']})"
                 self._replicas = {}
             else:
                 self.error = None
@@ -158,6 +164,9 @@ class Router:
                     r = old.get(rid) or _Replica(rid, actor, channel_addr)
                     new[rid] = r
                 self._replicas = new
+                self.secret = snap.get("channel_secret")
+                self.direct = self.secret is not None and \
+                    all(r.channel_addr for r in new.values())
         self._have_snapshot.set()
         self._wake_all()
 
@@ -180,6 +189,10 @@ class Router:
         self.closed = True
         self._watch.cancel()
         self._loop.call_soon_threadsafe(self._fail_waiters)
+        with self._lock:
+            channels = [r.channel for r in self._replicas.values() if r.channel is not None]
+        for ch in channels:        # their reader tasks end with the connections
+            self._loop.call_soon_threadsafe(ch.close)
 
     def _fail_waiters(self) -> None:
         while self._waiters:

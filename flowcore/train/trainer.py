@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import pyarrow.fs as pafs
 
 import flowcore
+from flowcore import tune
 from flowcore.exceptions import FlowcoreError
 
 from .checkpoint import Checkpoint, resolve_filesystem, is_local
@@ -123,30 +124,23 @@ class DataParallelTrainer:
         override the trainer's; every report is passed on to
         ``tune.report``, and a trial restarted by Tune resumes from its
         checkpoint."""
-        try:
-            from flowcore import tune
-            tune.get_context()
-        except ImportError as e:
-            raise ImportError("calling a trainer runs it as a flowcore.tune trial, but "
-                              "flowcore.tune is not available; call trainer.fit()") from e
+        ctx = tune.get_context()
         trainer = copy.copy(self)
         loop_config = dict(self.train_loop_config or {})
         loop_config.update(config.get("train_loop_config") or {})
         trainer.train_loop_config = loop_config
         if isinstance(config.get("scaling_config"), ScalingConfig):
             trainer.scaling_config = config["scaling_config"]
-        resumed = tune.get_checkpoint()
+        resumed = tune.get_checkpoint()     # the same Checkpoint class as train's
         if resumed is not None:
-            trainer.resume_from_checkpoint = Checkpoint(resumed.path, resumed.filesystem)
-        ctx = tune.get_context()
+            trainer.resume_from_checkpoint = resumed
         trial_dir = ctx.get_trial_dir()
         trainer.run_config = dataclasses.replace(
             self.run_config, name=ctx.get_trial_name(),
             storage_path=trial_dir if os.path.isdir(trial_dir) else self.run_config.storage_path)
 
         def forward(metrics: dict, checkpoint: Optional[Checkpoint]) -> None:
-            tune.report(metrics, checkpoint=None if checkpoint is None else
-                        tune.Checkpoint(checkpoint.path, checkpoint.filesystem))
+            tune.report(metrics, checkpoint=checkpoint)
 
         trainer._on_report = forward
         trainer.fit()
@@ -165,7 +159,6 @@ class DataParallelTrainer:
         fs.create_dir(run_path, recursive=True)
         if is_local(fs):
             os.chmod(run_path, 0o700)
-        self._warn_if_data_starves()
         manager = CheckpointManager(rc.checkpoint_config, fs, run_path)
         state = _RunState(manager, self.resume_from_checkpoint, fs, run_path, self._on_report)
         if manager.load():
@@ -216,20 +209,41 @@ class DataParallelTrainer:
                                       f"{error}") from error
         return result
 
-    def _warn_if_data_starves(self) -> None:
-        """Datasets are read by tasks that need CPUs of their own; workers
-        holding every CPU of the cluster would wait for them forever."""
+    def _split_datasets(self, n: int) -> list[dict]:
+        """Each worker's shards of ``datasets``: one ``streaming_split(n,
+        equal=True)`` per dataset.
+
+        The split's coordinator holds no CPU; the tasks that read and
+        transform the data ask for CPUs as flowcore.data's tasks do, unless
+        the training workers (now placed) leave less than one CPU free in
+        the cluster: then they ask for none (``DataContext.default_num_cpus
+        = 0``) and run in the CPU time the workers spend waiting for their
+        batches, so the workers never wait for reads that wait for the
+        workers' CPUs.  An operator given ``num_cpus=`` explicitly keeps it."""
+        shards: list[dict] = [{} for _ in range(n)]
         if not self.datasets:
-            return
-        cpus = sum(nd.get("resources_total", {}).get("CPU", 0.0) for nd in flowcore.nodes()
-                   if nd.get("alive", True))
-        held = self.scaling_config.total_resources.get("CPU", 0.0)
-        if held >= cpus:
-            warnings.warn(f"the training workers reserve {held:g} of the cluster's {cpus:g} CPUs, "
-                          f"leaving none for the tasks that read datasets={sorted(self.datasets)}"
-                          f"; the workers may wait for data forever. Leave CPUs free, e.g. "
-                          f"ScalingConfig(resources_per_worker={{'CPU': 0.5}}) or fewer workers",
-                          UserWarning, stacklevel=3)
+            return shards
+        try:
+            from flowcore.data import DataContext, Dataset
+            from flowcore.data.split import streaming_split
+        except ImportError:     # a tree without flowcore.data: duck-typed datasets only
+            Dataset = None
+        ctx = None
+        if Dataset is not None:
+            ctx = dataclasses.replace(DataContext.get_current())
+            free = flowcore.available_resources().get("CPU", 0.0)
+            if free < 1.0:
+                ctx.default_num_cpus = 0.0
+                logger.info("the training workers leave %g CPUs free: datasets=%s are read "
+                            "by tasks that hold no CPU", free, sorted(self.datasets))
+        for ds_name, ds in self.datasets.items():
+            if Dataset is not None and isinstance(ds, Dataset):
+                parts = streaming_split(ds._plan, n, True, ctx)
+            else:   # any object with streaming_split(n, equal=)
+                parts = ds.streaming_split(n, equal=True)
+            for i, shard in enumerate(parts):
+                shards[i][ds_name] = shard
+        return shards
 
     def _run_attempt(self, name: str, fs: Any, run_path: str, state: "_RunState") -> None:
         group = WorkerGroup(self.scaling_config, self.run_config.worker_runtime_env)
@@ -239,10 +253,7 @@ class DataParallelTrainer:
             except FlowcoreError as e:
                 raise WorkerGroupError(f"the training workers could not start: {e}") from e
             n = len(group.workers)
-            shards = [{} for _ in range(n)]
-            for ds_name, ds in self.datasets.items():
-                for i, shard in enumerate(ds.streaming_split(n, equal=True)):
-                    shards[i][ds_name] = shard
+            shards = self._split_datasets(n)
             checkpoint = state.resume_checkpoint()
             run_refs = {}
             for slot in group.workers:

@@ -464,6 +464,7 @@ async function renderJobs() {
   const data = await api("/api/jobs/");
   const now = Date.now();
   const rows = data.jobs.slice().reverse();  // newest first
+  ui.jobs = Object.fromEntries(rows.map(j => [j.submission_id, j]));
   fill($("jobs-table").tBodies[0], rows, j => el("tr", {"data-job": j.submission_id,
       class: ui.job === j.submission_id ? "selected" : "", onclick: () => selectJob(j.submission_id)},
     el("td", {class: "mono", text: j.submission_id}),
@@ -478,12 +479,23 @@ async function renderJobs() {
   if (ui.job) await selectJob(ui.job, true);
 }
 
+// where a job's entrypoint runs and what it holds there
+function jobPlacement(j) {
+  if (!j) return "";
+  const res = Object.assign({CPU: j.entrypoint_num_cpus, GPU: j.entrypoint_num_gpus,
+                             memory: j.entrypoint_memory}, j.entrypoint_resources || {});
+  const held = Object.entries(res).filter(([, v]) => v).map(([k, v]) => k + "=" + v).join(", ");
+  if (!held) return "runs on the head's node, reserving nothing";
+  return "reserves " + held + (j.driver_node_id ? " · on node " + j.driver_node_id : "");
+}
+
 async function selectJob(sid, quiet) {
   ui.job = sid;
   const r = await api("/api/jobs/" + encodeURIComponent(sid) + "/logs?offset=0");
   const box = $("job-detail");
   box.hidden = false;
   box.replaceChildren(el("h3", {class: "mono", text: sid}), el("div", {}, badge(r.status)),
+                      el("div", {class: "muted small job-placement", text: jobPlacement((ui.jobs || {})[sid])}),
                       el("pre", {class: "logs", text: r.logs || "(no output yet)"}));
   if (!quiet) for (const tr of $("jobs-table").tBodies[0].rows) tr.classList.toggle("selected", tr.dataset.job === sid);
 }

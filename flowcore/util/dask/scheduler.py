@@ -26,11 +26,15 @@ from typing import Any
 import cloudpickle
 import dask
 from dask._task_spec import Alias, DataNode, convert_legacy_graph, cull
+from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.core import flatten
+from dask.local import finish_task, start_state_from_dask
 from dask.order import order
 
 import flowcore
 from flowcore import ObjectRef
+
+from .callbacks import local_flowcore_callbacks, unpack_flowcore_callbacks
 
 #: constants at least this large go through the object store (not inline)
 PUT_MIN_BYTES = 64 * 1024
@@ -68,12 +72,22 @@ def _dump_node(node: Any) -> tuple[bytes, list[ObjectRef]]:
     return buf.getvalue(), pickler.refs
 
 
-def _run_node(blob: bytes, dep_keys: list, *values: Any) -> Any:
+def _run_node(blob: bytes, dep_keys: list, hooks: Any, *values: Any) -> Any:
     """In a worker: run one Dask task with its dependencies' values (the
-    first ``len(dep_keys)`` arguments; the rest are refs found inside it)."""
+    first ``len(dep_keys)`` arguments; the rest are refs found inside it).
+    ``hooks``: None, or ``(key, pretask callbacks, posttask callbacks)`` of
+    the active ``FlowcoreDaskCallback`` objects."""
     n = len(dep_keys)
     node = _RefUnpickler(io.BytesIO(blob), values[n:]).load()
-    return node(dict(zip(dep_keys, values[:n])))
+    if hooks is None:
+        return node(dict(zip(dep_keys, values[:n])))
+    key, pre, post = hooks
+    states = [cb(key, list(values)) if cb is not None else None for cb in pre or ()]
+    result = node(dict(zip(dep_keys, values[:n])))
+    for i, cb in enumerate(post or ()):
+        if cb is not None:
+            cb(key, result, states[i] if i < len(states) else None)
+    return result
 
 
 _remote_run: Any = None
@@ -109,7 +123,8 @@ def _pack(keys: Any, values: dict) -> Any:
 
 
 def flowcore_dask_get(dsk: Mapping, keys: Any, *, flowcore_persist: bool = False,
-                      flowcore_remote_args: dict | None = None, **kwargs: Any) -> Any:
+                      flowcore_remote_args: dict | None = None,
+                      flowcore_callbacks: Any = None, **kwargs: Any) -> Any:
     """Compute ``keys`` of the Dask graph ``dsk`` on flowcore.
 
     A Dask scheduler (the signature of ``dask.threaded.get``); pass it as
@@ -120,9 +135,12 @@ def flowcore_dask_get(dsk: Mapping, keys: Any, *, flowcore_persist: bool = False
     ``flowcore_persist=True``: return ObjectRefs instead of values (so
     ``persist`` keeps the results in the object store).
     ``flowcore_remote_args``: task options for every task (e.g.
-    ``{"num_cpus": 2}`` or a scheduling strategy).  Other keyword
-    arguments Dask passes to schedulers (``num_workers``, ``pool``, ...)
-    are accepted and ignored.
+    ``{"num_cpus": 2}`` or a scheduling strategy).
+    ``flowcore_callbacks``: ``FlowcoreDaskCallback`` objects to use instead
+    of the active ones (Ray's ``ray_callbacks``); ``callbacks``: Dask
+    callbacks to use instead of the active ones (see ``callbacks.py``).
+    Other keyword arguments Dask passes to schedulers (``num_workers``,
+    ``pool``, ...) are accepted and ignored.
     """
     if not isinstance(dsk, Mapping):
         dsk = dsk.__dask_graph__()
@@ -139,41 +157,144 @@ def flowcore_dask_get(dsk: Mapping, keys: Any, *, flowcore_persist: bool = False
         if absent:
             raise KeyError(f"flowcore_dask_get: task {key!r} depends on {absent[:3]}, which "
                            f"the graph does not contain")
+    with local_callbacks(kwargs.pop("callbacks", None)) as dask_cbs, \
+            local_flowcore_callbacks(flowcore_callbacks) as fc_cbs:
+        return _compute(graph, keys, wanted, flowcore_persist, flowcore_remote_args,
+                        list(dask_cbs), unpack_flowcore_callbacks(fc_cbs))
+
+
+def _compute(graph: dict, keys: Any, wanted: set, persist: bool, remote_args: dict | None,
+             dask_cbs: list, fc: Any) -> Any:
     run = _runner()
-    if flowcore_remote_args:
-        run = run.options(**flowcore_remote_args)
+    if remote_args:
+        run = run.options(**remote_args)
+    _, start_state, pretask, posttask, _ = unpack_callbacks(dask_cbs)
+    started = []
+    state: dict = {}
+    failed = True
+    try:
+        for cb in dask_cbs:
+            if cb[0]:
+                cb[0](graph)
+            started.append(cb)
+        priority = order(graph)
+        follow = bool(start_state or pretask or posttask)
+        if follow:
+            state = start_state_from_dask(graph, cache={}, keys=list(wanted),
+                                          sortkey=priority.get)
+            for f in start_state:
+                f(graph, state)
+        held, watch = _submit(graph, wanted, priority, run, fc, follow)
+        if fc.flowcore_postsubmit_all_cbs:
+            refs = _pack(keys, {k: held[k][1] for k in wanted})
+            for f in fc.flowcore_postsubmit_all_cbs:
+                f(refs, graph)
+        if follow:
+            _follow(graph, state, watch, wanted, priority.get, pretask, posttask)
+        watch.clear()
+        result = _results(keys, wanted, held, persist)
+        for f in fc.flowcore_finish_cbs or ():
+            f(result)
+        failed = False
+        return result
+    finally:
+        for cb in started:
+            if cb[4]:
+                cb[4](graph, state, failed)
+
+
+def _submit(graph: dict, wanted: set, priority: dict, run: Any, fc: Any,
+            follow: bool) -> tuple[dict, dict]:
+    """Submit every task in Dask's priority order.  Returns what each wanted
+    key holds, ``("ref", ObjectRef)`` or ``("value", inline value)``, and the
+    refs of the tasks to follow (when Dask callbacks watch them)."""
     readers: dict[Any, int] = {}
     for node in graph.values():
         for dep in node.dependencies:
             readers[dep] = readers.get(dep, 0) + 1
-    priority = order(graph)
-    # a key maps to ("ref", ObjectRef) or ("value", inline value)
+    hooks = fc.flowcore_pretask_cbs or fc.flowcore_posttask_cbs
     held: dict[Any, tuple[str, Any]] = {}
+    watch: dict[Any, ObjectRef] = {}
     for key in sorted(graph, key=priority.__getitem__):
         node = graph[key]
         if isinstance(node, Alias):
             held[key] = held[node.target]
         elif isinstance(node, DataNode):
-            value = node.value
-            if isinstance(value, ObjectRef):
-                held[key] = ("ref", value)
-            elif _nbytes(value) >= PUT_MIN_BYTES:
-                held[key] = ("ref", flowcore.put(value))
-            else:
-                held[key] = ("value", value)
+            held[key] = _constant(node.value)
         else:
-            deps = sorted(node.dependencies, key=priority.__getitem__)
-            blob, inner = _dump_node(node)
-            args = [held[d][1] for d in deps]
-            ref = run.options(name=_task_name(key)).remote(blob, deps, *args, *inner)
-            held[key] = ("ref", ref)
+            held[key] = _submit_task(node, key, held, priority, run, fc, hooks)
+            if follow and held[key][0] == "ref":
+                watch[key] = held[key][1]
         for dep in node.dependencies:  # the submitted task holds what it reads
             readers[dep] -= 1
             if readers[dep] == 0 and dep not in wanted:
                 del held[dep]
+    return held, watch
+
+
+def _constant(value: Any) -> tuple[str, Any]:
+    if isinstance(value, ObjectRef):
+        return ("ref", value)
+    if _nbytes(value) >= PUT_MIN_BYTES:
+        return ("ref", flowcore.put(value))
+    return ("value", value)
+
+
+def _submit_task(node: Any, key: Any, held: dict, priority: dict, run: Any, fc: Any,
+                 hooks: Any) -> tuple[str, Any]:
+    deps = sorted(node.dependencies, key=priority.__getitem__)
+    if fc.flowcore_presubmit_cbs or fc.flowcore_postsubmit_cbs:
+        dep_map = {d: held[d][1] for d in deps}
+        for f in fc.flowcore_presubmit_cbs or ():
+            instead = f(node, key, dep_map)
+            if instead is not None:  # the first non-None answer is the result
+                return _constant(instead)
+    blob, inner = _dump_node(node)
+    args = [held[d][1] for d in deps]
+    task_hooks = (key, fc.flowcore_pretask_cbs, fc.flowcore_posttask_cbs) if hooks else None
+    ref = run.options(name=_task_name(key)).remote(blob, deps, task_hooks, *args, *inner)
+    for f in fc.flowcore_postsubmit_cbs or ():
+        f(node, key, dep_map, ref)
+    return ("ref", ref)
+
+
+def _follow(graph: dict, state: dict, watch: dict, wanted: set, sortkey: Any,
+            pretask: list, posttask: list) -> None:
+    """Keep Dask's scheduler state in step with the flowcore tasks, firing the
+    Dask callbacks' ``pretask`` when a task's inputs are done and
+    ``posttask`` (with its ObjectRef as the result) when it is done."""
+
+    def done(key: Any) -> None:
+        ref = watch.pop(key, None)
+        state["cache"][key] = ref
+        finish_task(graph, key, state, wanted, sortkey)
+        for f in posttask:
+            f(key, ref, graph, state, None)
+
+    def fire() -> None:
+        while state["ready"]:
+            key = state["ready"].pop()
+            state["running"].add(key)
+            for f in pretask:
+                f(key, graph, state)
+            if key not in watch:  # an alias, or a result a callback gave: done at once
+                done(key)
+
+    fire()
+    while state["running"]:
+        running = {watch[k]: k for k in state["running"] if k in watch}
+        refs = list(running)
+        flowcore.wait(refs, num_returns=1, fetch_local=False)
+        ready, _ = flowcore.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        for ref in ready:
+            done(running[ref])
+        fire()
+
+
+def _results(keys: Any, wanted: set, held: dict, persist: bool) -> Any:
     results: dict[Any, Any] = {}
     ref_keys = [k for k in wanted if held[k][0] == "ref"]
-    if flowcore_persist:
+    if persist:
         for k in wanted:
             kind, v = held[k]
             results[k] = v if kind == "ref" else flowcore.put(v)
