@@ -20,6 +20,9 @@ class DataContext:
     * ``small_shuffle_bytes``: a sort, shuffle, repartition or groupby
       whose input is at most this size runs in one task (Arrow's kernels on
       the whole input beat a map/reduce exchange until then).
+    * ``small_sort_bytes``: a sort's one-task limit (the smaller of the two
+      applies): sorting is O(n log n), so a range-partitioned sort on every
+      CPU wins from about 1M rows on.
     * ``store_memory_fraction``: the executor keeps the bytes of blocks it
       produced and nobody consumed yet under this share of the object store.
     * ``max_tasks_in_flight_per_op``: per operator; ``None``: 2 x CPUs.
@@ -36,6 +39,7 @@ class DataContext:
     read_op_min_num_blocks: int = 200
     small_plan_bytes: int = 8 << 20
     small_shuffle_bytes: int = 128 << 20
+    small_sort_bytes: int = 16 << 20
     store_memory_fraction: float = 0.5
     max_tasks_in_flight_per_op: int | None = None
     max_tasks_in_flight_per_actor: int = 2

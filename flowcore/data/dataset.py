@@ -771,7 +771,7 @@ class Dataset:
 
     def explain(self) -> None:
         """Print the logical plan and the physical stages it runs as."""
-        from .executor import describe_stages
+        from .physical import describe_stages
         print("-------- Logical Plan --------")
         print(repr(self))
         print("-------- Physical Plan --------")

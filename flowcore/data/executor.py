@@ -41,6 +41,7 @@ from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSou
                    TaskContext, UnionSource, ZipSource, apply_transforms, check_union_schemas,
                    even_ranges, fixed_ranges, input_bundles, plan_objects, run_local,
                    zip_tables)
+from .physical import one_task_plan, segments_with_tasks, stage_name, stages
 from .stats import DatasetStats, OpStats
 from .status_feed import DataFeed
 
@@ -420,7 +421,7 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
     error: BaseException | None = None
     out: Iterator[Bundle] | None = None
     try:
-        if _one_task_plan(plan, ctx):
+        if one_task_plan(plan, ctx):
             out = _one_task(ex, plan)
         else:
             out = _build(ex, plan)
@@ -438,13 +439,6 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
         stats.peak_budget_bytes = ex.budget.peak
         stats.finished()
         feed.finish(error)
-
-
-def _one_task_plan(plan: LogicalPlan, ctx: DataContext) -> bool:
-    """A small plan without pools or block-shaping operators runs as one task."""
-    size = plan.input_size()
-    return (size is not None and size <= ctx.small_plan_bytes and not plan.has_actors()
-            and not plan.sets_blocks())
 
 
 def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:
@@ -482,85 +476,6 @@ def _source_items(ex: Execution, src: Any) -> Iterator[Any]:
         raise TypeError(f"unknown source {src!r}")
 
 
-def _stages(plan: LogicalPlan) -> list[tuple]:
-    """The physical stages: ("task", ops, batch), ("actor", pre_ops, ops,
-    batch, split_pre), ("limit", op), ("barrier", op); fused where possible.
-
-    ``batch``: the rows a call's input must be a multiple of (an operator
-    with ``map_batches(batch_size=N)`` inside), or None.  Such an operator
-    starts a new stage when the rows reaching it in a task are not known
-    from block metadata (after a read, a filter, a flat_map or another
-    map_batches), so its input can be re-cut into multiples of N (for a
-    pool's class, ``split_pre``: the pool runs the part before it first)."""
-    stages: list[tuple] = []
-    raw = not isinstance(plan.source, (InputSource, UnionSource, ZipSource))
-    pending: list[MapOp] = []
-    actor: list[MapOp] | None = None
-    pre: list[MapOp] = []
-    batch: int | None = None
-    split_pre = False
-
-    def flush() -> None:
-        nonlocal pending, raw, actor, pre, batch, split_pre
-        if actor is not None:
-            stages.append(("actor", pre, actor, batch, split_pre))
-            actor, pre, pending, split_pre = None, [], [], False
-        elif pending or raw:
-            stages.append(("task", pending, batch))
-            pending = []
-        raw = False
-        batch = None
-
-    def rows_known() -> bool:
-        """Rows reaching the next operator follow from the stage's input blocks."""
-        return not raw and all(o.keeps_row_count for o in pre + (actor or []) + pending)
-
-    for op in plan.ops:
-        if isinstance(op, MapOp):
-            cut = bool(op.exact_batch_size) and not rows_known()
-            if op.is_actor:
-                if actor is not None or (cut and batch):
-                    flush()
-                elif cut:  # the read and ``pending`` run as calls of their own on the pool
-                    split_pre = True
-                pre, actor, pending = pending, [op], []
-            elif cut:
-                flush()
-                pending.append(op)
-            elif actor is not None:
-                actor.append(op)
-            else:
-                pending.append(op)
-            if op.exact_batch_size:
-                batch = op.exact_batch_size
-            continue
-        flush()
-        stages.append(("limit" if isinstance(op, LimitOp) else "barrier", op))
-    flush()
-    return stages
-
-
-def _segments_with_tasks(plan: LogicalPlan, stages: list[tuple]) -> list[bool]:
-    """For each stage: whether CPU tasks stream in its barrier-delimited
-    segment (then an actor pool there must leave them a CPU)."""
-    out = [False] * len(stages)
-    seg: list[int] = []
-    has = isinstance(plan.source, UnionSource)
-
-    def close() -> None:
-        for i in seg:
-            out[i] = has
-    for i, st in enumerate(stages):
-        if st[0] == "barrier":
-            close()
-            seg, has = [], False
-            continue
-        seg.append(i)
-        has = has or st[0] == "task"
-    close()
-    return out
-
-
 def _gathered(items: Iterator[Bundle]) -> Iterator[Bundle]:
     """All of ``items`` first, then yield them (lets a pool finish and free
     its CPUs before the tasks that consume its output start)."""
@@ -571,11 +486,11 @@ def _gathered(items: Iterator[Bundle]) -> Iterator[Bundle]:
 def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
     """Compile ``plan`` to chained stage generators."""
     stream: Iterator[Any] = _source_items(ex, plan.source)
-    stages = _stages(plan)
-    with_tasks = _segments_with_tasks(plan, stages)
-    n_pools = sum(1 for st in stages if st[0] == "actor")
+    stage_list = stages(plan)
+    with_tasks = segments_with_tasks(plan, stage_list)
+    n_pools = sum(1 for st in stage_list if st[0] == "actor")
     reads = plan.source if isinstance(plan.source, ReadSource) else None
-    for i, st in enumerate(stages):
+    for i, st in enumerate(stage_list):
         source = reads if i == 0 else None  # the first stage runs the read tasks
         if st[0] == "task":
             stream = _task_stage(ex, _rebundled(stream, st[2]), st[1], source)
@@ -589,7 +504,7 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
                     stream = _gathered(stream)
             stream = _actor_stage(ex, stream, st[1], st[2], n_pools, free, st[3], st[4],
                                   source)
-            if with_tasks[i] and not free and any(s[0] == "task" for s in stages[i + 1:]):
+            if with_tasks[i] and not free and any(s[0] == "task" for s in stage_list[i + 1:]):
                 stream = _gathered(stream)
         elif st[0] == "limit":
             stream = _limit_stage(ex, stream, st[1])
@@ -598,45 +513,8 @@ def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
     return stream
 
 
-def describe_stages(plan: LogicalPlan) -> str:
-    """The physical stages ``plan`` runs as (``Dataset.explain()``)."""
-    if _one_task_plan(plan, DataContext.get_current()):
-        return ("ExecutePlanInOneTask[" + " -> ".join([plan.source.name]
-                                                      + [o.name for o in plan.ops]) + "]")
-    lines = []
-    for p in getattr(plan.source, "plans", []):
-        lines += ["input: " + line for line in describe_stages(p).splitlines()]
-    if getattr(plan.source, "plans", None):
-        lines.append(plan.source.name)
-    reads = isinstance(plan.source, ReadSource)
-    for i, st in enumerate(_stages(plan)):
-        if st[0] == "task":
-            line = _stage_name(st[1], "ReadTask" if reads and i == 0 else "")
-            line = f"TaskPoolMapOperator[{line}]"
-        elif st[0] == "actor":
-            pre = _stage_name(st[1], "ReadTask" if reads and i == 0 else "") \
-                if st[1] or (reads and i == 0) else ""
-            if st[4]:
-                line = (f"ActorPoolMapOperator[{pre}] (the pool's own calls) -> "
-                        f"ActorPoolMapOperator[{_stage_name(st[2])}]")
-            else:
-                line = f"ActorPoolMapOperator[{_stage_name(st[1] + st[2])}]"
-        else:
-            line = st[1].name
-        batch = st[2] if st[0] == "task" else st[3] if st[0] == "actor" else None
-        if batch:
-            line += f" (input re-cut to multiples of {batch} rows)"
-        lines.append(line)
-    return "\n".join(lines)
-
-
 def _task_name(stage: str) -> str:
     return stage if len(stage) <= 120 else stage[:117] + "..."
-
-
-def _stage_name(ops: list[MapOp], first: str = "") -> str:
-    names = ([first] if first else []) + [o.name for o in ops]
-    return "->".join(names) or "ReadBlocks"
 
 
 def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
@@ -708,7 +586,7 @@ def _split_if_big(ex: Execution, ref: Any, meta: dict) -> list[tuple[Any, dict]]
 def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp],
                 source: Any = None) -> Iterator[Bundle]:
     """``source``: the ReadSource whose read tasks ``items`` are, if any."""
-    st = ex.stats.op(_stage_name(transforms), transforms + ([source] if source else []))
+    st = ex.stats.op(stage_name(transforms), transforms + ([source] if source else []))
     tref = flowcore.put(transforms)
     res = _resources(transforms)
     limit = _task_limit(ex, transforms)
@@ -724,8 +602,8 @@ def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp],
 
     def submit(index: int, item: Any) -> tuple:
         if isinstance(item, ReadTask):
-            if st.name == _stage_name(transforms):
-                st.name = _stage_name(transforms, "ReadTask")
+            if st.name == stage_name(transforms):
+                st.name = stage_name(transforms, "ReadTask")
         fn = fns.get(st.name)
         if fn is None:  # tasks carry the operator's name (dashboard, visualize)
             fn = fns[st.name] = ex.task(_run_transforms, name=_task_name(st.name), **res)
@@ -826,8 +704,8 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
             i = min(range(size), key=outstanding.__getitem__)
             outstanding[i] += 1
             run = actors[i].run
-            if isinstance(item, ReadTask) and part == 0 and st.name == _stage_name(pre):
-                st.name = _stage_name(pre, "ReadTask")
+            if isinstance(item, ReadTask) and part == 0 and st.name == stage_name(pre):
+                st.name = stage_name(pre, "ReadTask")
             if isinstance(item, ReadTask):
                 out, meta = run.remote(part, index, "read", item)
             elif isinstance(item, Pieces):
@@ -843,12 +721,12 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
 
     if split_pre:
         src = [source] if source else []
-        st_pre = ex.stats.op(_stage_name(pre), pre + src)
+        st_pre = ex.stats.op(stage_name(pre), pre + src)
         stream = _rebundled(phase(0, items, st_pre), batch)
-        main = phase(1, stream, ex.stats.op(_stage_name(ops), ops))
+        main = phase(1, stream, ex.stats.op(stage_name(ops), ops))
     else:
         main = phase(None, _rebundled(items, batch), ex.stats.op(
-            _stage_name(transforms), transforms + ([source] if source else [])))
+            stage_name(transforms), transforms + ([source] if source else [])))
 
     def run() -> Iterator[Bundle]:
         try:
@@ -941,7 +819,10 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
     if op.kind == "repartition" and not op.params.get("shuffle"):
         return _repartition(ex, st, bundles, even_ranges(sum(b.num_rows for b in bundles),
                                                          n_out))
-    if total <= ex.ctx.small_shuffle_bytes or len(bundles) <= 1:
+    small = ex.ctx.small_shuffle_bytes
+    if op.kind == "sort":  # an O(n log n) kernel: both CPUs beat one task sooner
+        small = min(small, ex.ctx.small_sort_bytes)
+    if total <= small or len(bundles) <= 1:
         st.tasks += 1
         k = op.params.get("num_blocks") or 1
         refs = ex.task(_run_local_op, name=op.name, num_returns=k + 1).remote(
