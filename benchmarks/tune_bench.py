@@ -1,6 +1,6 @@
 """flowcore.tune benchmark: per-trial and per-report overhead.
 
-    python -m benchmarks.tune_bench [--trials 100] [--reports 2000] [--runs 3]
+    python -m benchmarks.tune_bench [--trials 100] [--reports 2000] [--ray-reports 200] [--runs 3]
 
 Rows (median over runs, each engine in a fresh interpreter, 2 CPUs):
 
@@ -127,6 +127,9 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--reports", type=int, default=2000)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--ray-reports", type=int, default=200,
+                   help="reports per trial in Ray's per-report row (each takes milliseconds)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.add_argument("--engines", default="flowcore,ray,optuna")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -142,15 +145,24 @@ def main() -> None:
                           file=sys.stderr)
                 continue
             env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.tune_bench", "--one", engine,
-                                   "--trials", str(args.trials), "--reports", str(args.reports)],
-                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            reports = args.ray_reports if engine == "ray" else args.reports
+            try:
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.tune_bench", "--one",
+                                       engine, "--trials", str(args.trials),
+                                       "--reports", str(reports)],
+                                      cwd=REPO, env=env, capture_output=True, text=True,
+                                      timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"note: {engine} run {run + 1} took over {args.timeout:g} s; skipped",
+                      file=sys.stderr)
+                continue
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@TUNE ")]
             if not lines:
                 print(f"note: {engine} run {run + 1} failed:\n{proc.stderr[-2000:]}",
                       file=sys.stderr)
                 continue
             results.setdefault(engine, []).append(json.loads(lines[-1][7:]))
+            print(f"{engine} run {run + 1}: {lines[-1][7:]}", file=sys.stderr, flush=True)
 
     def med(engine: str, key: str) -> float | None:
         vals = [r[key] for r in results.get(engine, []) if key in r]
