@@ -23,35 +23,13 @@ from .iterator import DataIterator, DatasetIterator
 from .plan import (AllToAllOp, InputSource, LimitOp, LogicalPlan, MapOp, ReadSource, UnionSource,
                    ZipSource, even_ranges, fn_name)
 from .shuffle import normalize_sort_keys
+from .schema import Schema, plan_schema
+from .physical import describe_stages
+from .plan_graph import plan_digraph
 from .split import streaming_split
 from .stats import DatasetStats
 
 __all__ = ["Dataset", "MaterializedDataset", "Schema"]
-
-
-class Schema:
-    """Column names and types of a dataset (``names``, ``types``,
-    ``base_schema``: the ``pyarrow.Schema``)."""
-
-    def __init__(self, base: pa.Schema) -> None:
-        self.base_schema = base
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.base_schema.names)
-
-    @property
-    def types(self) -> list[pa.DataType]:
-        return list(self.base_schema.types)
-
-    def __eq__(self, other: Any) -> bool:
-        return isinstance(other, Schema) and self.base_schema.equals(other.base_schema)
-
-    def __repr__(self) -> str:
-        w = max([6] + [len(n) for n in self.names])
-        lines = ["Column" + " " * (w - 5) + "Type", "-" * 6 + " " * (w - 5) + "----"]
-        lines += [f"{n}{' ' * (w - len(n) + 1)}{t}" for n, t in zip(self.names, self.types)]
-        return "\n".join(lines)
 
 
 def _check_fn(fn: Any, op: str) -> None:
@@ -505,27 +483,7 @@ class Dataset:
         return n
 
     def schema(self, fetch_if_missing: bool = True) -> Schema | None:
-        src = self._plan.source
-        if isinstance(src, InputSource) and not self._plan.ops:
-            for _, m in src.bundles:
-                if m["schema"] is not None and len(m["schema"]):
-                    return Schema(m["schema"])
-            return None
-        if not fetch_if_missing:
-            return None
-        gen = self._execute()
-        fallback = None
-        try:
-            for b in gen:
-                b.release()
-                s = b.meta.get("schema")
-                if s is not None and len(s):
-                    if b.num_rows:
-                        return Schema(s)
-                    fallback = fallback or Schema(s)  # only empty blocks so far
-        finally:
-            gen.close()
-        return fallback
+        return plan_schema(self._plan, fetch_if_missing, self._execute)
 
     def columns(self, fetch_if_missing: bool = True) -> list[str] | None:
         s = self.schema(fetch_if_missing)
@@ -771,7 +729,6 @@ class Dataset:
 
     def explain(self) -> None:
         """Print the logical plan and the physical stages it runs as."""
-        from .physical import describe_stages
         print("-------- Logical Plan --------")
         print(repr(self))
         print("-------- Physical Plan --------")
@@ -808,7 +765,6 @@ class Dataset:
     def __flowcore_graph__(self) -> Any:
         """``flowcore.visualize(ds)``: the plan, the executed operators with
         their counts and (materialized) the tasks that made the blocks."""
-        from .plan_graph import plan_digraph
         return plan_digraph(self)
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import flowcore
 
 from .block import check_batch_format, concat, iter_rows, to_batch
+from .context import DataContext
 
 __all__ = ["DataIterator", "batch_tables"]
 
@@ -221,7 +222,6 @@ class DataIterator:
         return None
 
     def get_context(self) -> Any:
-        from .context import DataContext
         return DataContext.get_current()
 
     def __iter__(self) -> Iterator[dict]:

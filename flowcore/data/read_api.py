@@ -14,7 +14,7 @@ import flowcore
 
 from .block import require_pandas, rows_to_table, to_table
 from .context import DataContext
-from .dataset import Dataset, MaterializedDataset
+from .dataset import Dataset, MaterializedDataset, _check_remote_args
 from .datasource import file_read_tasks, formats, resolve_paths
 from .executor import block_meta
 from .plan import InputSource, LogicalPlan, ReadSource, ReadTask, even_ranges
@@ -249,7 +249,6 @@ class _ReadOptions:
         remote.update({k: got[k] for k in _TASK_ARGS if got.get(k) is not None})
         remote.pop("memory", None)
         if remote:
-            from .dataset import _check_remote_args
             _check_remote_args(remote, False, op)
         self.remote_args = remote
         conc = got.get("concurrency")

@@ -27,6 +27,7 @@ from .context import DataContext
 from .executor import Bundle, Execution, execute, slice_bundles
 from .iterator import DataIterator
 from .plan import LogicalPlan
+from .schema import plan_schema
 from .stats import DatasetStats
 
 __all__ = ["streaming_split", "SplitCoordinator", "StreamSplitDataIterator"]
@@ -118,8 +119,7 @@ class SplitCoordinator:
             self.handed = [[] for _ in range(self.n)]
 
     def schema(self) -> Any:
-        from .dataset import Dataset
-        return Dataset(self.plan).schema()
+        return plan_schema(self.plan)
 
     def holds_blocks(self) -> int:
         """Block refs this coordinator keeps (0 between epochs)."""
