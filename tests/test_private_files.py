@@ -168,3 +168,24 @@ def test_init_says_where_logs_are_and_how_long_they_are_kept(tmp_path):
                           timeout=90, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "/logs, kept 1 day after the program ends (the newest 100 at most" in done.stderr
+
+
+def test_drawn_graph_files_are_private(tmp_path):
+    """visualize/draw output (DOT text, a rendering, the DOT written beside
+    when no renderer is found) is 0600, and an existing wider file is narrowed;
+    the directory the user chose is left as it is."""
+    import graphviz
+
+    from flowcore.graph import draw
+
+    os.chmod(tmp_path, 0o755)
+    g = graphviz.Digraph()
+    g.edge("a", "b")
+    dot = tmp_path / "g.dot"
+    dot.write_text("old")
+    os.chmod(dot, 0o644)
+    written = [draw.write(g, dot), draw.write(g, tmp_path / "g.svg")]
+    for p in written:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+    assert "a -> b" in dot.read_text()
+    assert stat.S_IMODE(os.stat(tmp_path).st_mode) == 0o755

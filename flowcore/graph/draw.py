@@ -26,6 +26,7 @@ import shutil
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from ..private_files import open_private
 from .algorithms import CycleError, toposort
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -520,19 +521,22 @@ def write(digraph: "graphviz.Digraph", filename: str | os.PathLike, format: str 
 
     if fmt in _TEXT_FORMATS:
         source = digraph.source
-        with open(path, "w", encoding="utf-8") as out:
-            out.write(source)
+        _write_file(path, source.encode("utf-8"))
         return path
 
     data = render(digraph, fmt)
     if data is None:
         import warnings
         dot_path = os.path.splitext(path)[0] + ".dot"
-        with open(dot_path, "w", encoding="utf-8") as out:
-            out.write(digraph.source)
+        _write_file(dot_path, digraph.source.encode("utf-8"))
         warnings.warn(_NO_RENDERER.format(fmt=fmt, dot_path=dot_path, path=path),
                       RuntimeWarning, stacklevel=2)
         return dot_path
-    with open(path, "wb") as out:
-        out.write(data)
+    _write_file(path, data)
     return path
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` as a file private to this user (0600)."""
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_TRUNC), "wb") as out:
+        out.write(data)
