@@ -26,6 +26,7 @@ from .books import check_books
 from .history import history_entry, history_rows
 from .lineage import Lineage
 from .local_first import LocalFirst
+from .placement import PlacementIndex
 from .placement_groups import PlacementGroups
 from .recovery import RecoveryMixin
 from .streams import Streams
@@ -67,6 +68,8 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                  error_payload: Callable[[BaseException], bytes] = default_error_payload,
                  validate: bool | None = None):
         self.nodes: dict[str, NodeRecord] = {}
+        #: the live nodes ordered for placement (``placement.py``)
+        self.placement = PlacementIndex(self.nodes)
         self.dead_nodes: dict[str, dict] = {}  # node id -> its last row, for nodes()
         self.functions: dict[bytes, dict] = {}
         self.tasks: dict[bytes, TaskRecord] = {}
@@ -191,6 +194,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                         {k: v for k, v in t.res.items() if not (t.blocked and k == "CPU")})
                     node.running.add(tid)
         self.nodes[node.node_id] = node
+        self.placement.add(node)
         self.dead_nodes.pop(node.node_id, None)
         self._node_rejoined(node, msg)  # what its store and processes still hold
         self.emit("node_joined", node.node_id)
@@ -289,6 +293,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if node is None or not node.alive:
             return []
         node.alive = False
+        self.placement.remove(node_id)
         self._actors_on_dead_node(node_id, cause)
         for tid in list(node.running):
             t = self.tasks.get(tid)
@@ -603,7 +608,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
             n = self.nodes.get(s[1])
             return n is not None and n.alive and n.could_ever_fit(t.res)
-        return any(n.alive and n.could_ever_fit(t.res) for n in self.nodes.values())
+        return self.placement.could_ever_fit(t.res)
 
     def _enqueue(self, t: TaskRecord, cause: str) -> None:
         if t.kind == "call":
@@ -633,20 +638,18 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
     def _schedule(self) -> None:
         if self.groups.pg_waiting:
             self.groups.place_pending()
-        if not self.queues:
+        if not self.queues or not len(self.placement):
             return
-        nodes = [n for n in self.nodes.values() if n.alive]
-        if not nodes:
-            return
+        tasks = self.tasks
         for shape, q in list(self.queues.items()):
             while q:
-                t = self.tasks.get(q[0])
-                if t is None or t.state != S.QUEUED:
+                t = tasks.get(q[0])
+                if t is None or t._state is not S.QUEUED:
                     q.popleft()
                     continue
-                best = self._choose_node(t, nodes)
+                best = self._choose_node(t)
                 if best is None and t.strategy is None:
-                    best = self._pipeline_target(t, nodes)
+                    best = self._pipeline_target(t)
                 if best is None:
                     break
                 q.popleft()
@@ -664,7 +667,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                     out[n] = out.get(n, 0) + obj.size
         return out
 
-    def _choose_node(self, t: TaskRecord, nodes: list[NodeRecord]) -> NodeRecord | None:
+    def _choose_node(self, t: TaskRecord) -> NodeRecord | None:
         """Where ``t`` runs now, or None to wait.
 
         Default: among the nodes that fit, the one holding the most bytes of
@@ -683,23 +686,33 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             if not strategy[2]:
                 return None
             strategy = None
-        fitting = [n for n in nodes if n.fits(t.res)]
-        if not fitting:
-            return None
         if strategy == "SPREAD":
+            # (a scan: SPREAD rotates among the least loaded of all that fit)
+            fitting = [n for n in self.placement.alive() if n.fits(t.res)]
+            if not fitting:
+                return None
             self._spread_turn += 1
             k = len(fitting)
             rotated = fitting[self._spread_turn % k:] + fitting[:self._spread_turn % k]
             return min(rotated, key=lambda n: len(n.running) / max(n.total.get("CPU", 0.0), 1.0))
-        local = self._arg_bytes(t) if t.deps else {}
-        floor = self.locality_min_bytes
+        if t.deps:
+            # locality first: the nodes holding at least locality_min_bytes
+            # of the arguments beat every other node that fits
+            floor = self.locality_min_bytes
+            best, best_key = None, None
+            order = self.placement.order
+            for nid, held in self._arg_bytes(t).items():
+                n = self.nodes.get(nid)
+                if held < floor or n is None or not n.alive or not n.fits(t.res):
+                    continue
+                key = (held, n.available.get("CPU", 0.0), -order[nid])
+                if best_key is None or key > best_key:
+                    best, best_key = n, key
+            if best is not None:
+                return best
+        return self.placement.most_free(t.res)
 
-        def score(n: NodeRecord) -> tuple:
-            held = local.get(n.node_id, 0)
-            return (held if held >= floor else 0, n.available.get("CPU", 0.0))
-        return max(fitting, key=score)
-
-    def _pipeline_target(self, t: TaskRecord, nodes: list[NodeRecord]) -> NodeRecord | None:
+    def _pipeline_target(self, t: TaskRecord) -> NodeRecord | None:
         """A node to send ``t`` to ahead of time, though it does not fit now.
 
         Only CPU-only tasks are pipelined, at most ``pipeline_depth`` per CPU
@@ -709,15 +722,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             return None
         if t.kind == "create":  # an actor holds its CPUs for its lifetime: never ahead
             return None
-        best, best_load = None, None
-        for n in nodes:
-            cpus = n.total.get("CPU", 0.0)
-            if not n.could_ever_fit(t.res) or cpus <= 0:
-                continue
-            load = len(n.running) / cpus
-            if load < 1.0 + self.pipeline_depth and (best_load is None or load < best_load):
-                best, best_load = n, load
-        return best
+        return self.placement.least_loaded(t.res, self.pipeline_depth)
 
     def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
         self.tx.start(t, node, f"placed on node {node.name}")

@@ -65,6 +65,7 @@ class Transitions:
         node = s.nodes.get(t.node) if t.node else None
         if node is not None and t.tid in node.running:
             node.running.discard(t.tid)
+            s.placement.touch(node)
             acct = s._account(node, t.bundle)
             if not t.blocked:
                 acct.give(t.res)
@@ -121,6 +122,7 @@ class Transitions:
         t.ahead = not acct.fits(t.res)
         acct.take(t.res)
         node.running.add(t.tid)
+        self.s.placement.touch(node)
         t.node = node.node_id
         t.attempt += 1
         t.started = time.time()
