@@ -80,6 +80,7 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.scheduler.cli", "flowcore.dashboard"): _ROLE,
     ("flowcore.scheduler.cli", "flowcore.scheduler.persist"): _ROLE,
     ("flowcore.scheduler.cli", "flowcore.scheduler.server"): _ROLE,
+    ("flowcore.scheduler.cli", "flowcore.scheduler.machine"): _ROLE,
     ("flowcore.scheduler.machine", "flowcore.objects.serialization"): _PENDING,
     ("flowcore.scheduler.packages", "flowcore.runtime_env"): _PENDING,
     ("flowcore.scheduler.server", "flowcore.scheduler.explain"): _HEAVY,

@@ -23,7 +23,7 @@ from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCa
 from .actors import ActorRecord, ActorsMixin
 from .direct_calls import DirectCalls
 from .books import check_books
-from .history import history_entry, history_rows
+from .history import History, history_rows
 from .lineage import Lineage
 from .local_first import LocalFirst
 from .placement import PlacementIndex
@@ -39,6 +39,21 @@ S = TaskState
 logger = logging.getLogger("flowcore.scheduler")
 
 Out = list[tuple[str, dict]]
+
+#: the cyclic garbage collector's thresholds in the head's process.  The
+#: head's tables hold many small long-lived records (tasks, objects, events)
+#: that form no cycles; with the default (700, 10, 10) the collector ran
+#: every few tasks and re-walked them, 20-40% of the head's time per task.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_collector() -> None:
+    """Set the head process's collector thresholds (``GC_THRESHOLDS``) and
+    move what start-up allocated out of its sight (``gc.freeze``)."""
+    import gc
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def default_error_payload(exc: BaseException) -> bytes:
@@ -88,11 +103,12 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         self.warnings: deque[str] = deque(maxlen=1000)  # the newest, for views
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.latency_count = 0  # entries ever appended to latencies (for /metrics)
-        self.history: deque[dict] = deque(maxlen=history_size)
+        self.history = History(history_size)
         self._force_cancelled: set[bytes] = set()
         self.pipeline_depth = pipeline_depth
         self.locality_min_bytes = locality_min_bytes
         self._spread_turn = 0
+        self._cpu_only: dict[tuple, bool] = {}  # task shape -> it asks for CPU only
         self.actors: dict[bytes, ActorRecord] = {}
         self.named: dict[tuple[str, str], bytes] = {}
         self.dead_actors: deque[bytes] = deque()
@@ -564,8 +580,10 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             obj = self._obj(oid, owner)
             obj.clients.add(owner)
             refs.add(oid)
-        self._hold(t.deps)
-        self._hold(t.nested)
+        if t.deps:
+            self._hold(t.deps)
+        if t.nested:
+            self._hold(t.nested)
         if spec.get("local") and t.kind == "task":
             self.local_first.note_offer(t, spec["local"])
         if t.kind == "call" and not self._actor_call_submitted(t):
@@ -677,6 +695,8 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if it does not fit, wait (hard) or fall back to the default (soft).
         """
         strategy = t.strategy
+        if strategy is None and not t.deps:
+            return self.placement.most_free(t.res)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "pg":
             return self.groups.choose_node(t)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
@@ -718,7 +738,14 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         Only CPU-only tasks are pipelined, at most ``pipeline_depth`` per CPU
         beyond what runs: the node starts them when its own workers free up,
         without a round trip through the head."""
-        if self.pipeline_depth <= 0 or any(k != "CPU" for k in t.res):
+        if self.pipeline_depth <= 0:
+            return None
+        cpu_only = self._cpu_only.get(t.shape)
+        if cpu_only is None:
+            cpu_only = self._cpu_only[t.shape] = all(k == "CPU" for k in t.res)
+            if len(self._cpu_only) > 4096:
+                self._cpu_only.clear()
+        if not cpu_only:
             return None
         if t.kind == "create":  # an actor holds its CPUs for its lifetime: never ahead
             return None
@@ -737,7 +764,9 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
             "args_dep": t.args_dep,
             "deps": deps, "nret": t.nret, "res": t.res, "retry_exc": t.retry_exc,
-            "owner": t.owner, "attempt": t.attempt, **self.groups.bundle_fields(t)}
+            "owner": t.owner, "attempt": t.attempt}
+        if t.bundle:
+            msg.update(self.groups.bundle_fields(t))
         if t.renv is not None:
             msg["renv"] = t.renv
         if t.job is not None:
@@ -750,14 +779,15 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         t.ended = time.time()
         # finished-task history (bounded): what the timeline and dashboard show
         # after the task record itself is pruned
-        self.history.append(history_entry(t))
+        self.history.add(t)
         self._force_cancelled.discard(t.tid)
         self.streams.task_ended(t)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
             # went to a task exits when that task ends)
-            handles = [oid for oid in t.nested if ids.index_of(oid) == ids.HANDLE_INDEX]
+            handles = [oid for oid in t.nested if ids.index_of(oid) == ids.HANDLE_INDEX] \
+                if t.nested else None
             if handles:
                 t.nested = [oid for oid in t.nested if ids.index_of(oid) != ids.HANDLE_INDEX]
                 self._release(handles)
@@ -765,8 +795,10 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             # referenced, so a lost output can be rebuilt by running it again
             self.lineages.keep(t)
         else:
-            self._release(t.deps)
-            self._release(t.nested)
+            if t.deps:
+                self._release(t.deps)
+            if t.nested:
+                self._release(t.nested)
         self._maybe_prune(t)
 
     def handle_task_done(self, source: str, msg: dict) -> None:

@@ -86,6 +86,7 @@ class PlacementIndex:
         self._load: list[tuple[float, int, str]] = []
         self._load_keys: dict[str, tuple[float, int]] = {}
         self._ever: dict[tuple, bool] = {}  # request items -> could fit some node's totals
+        self._by_request: dict[tuple, _Heap] = {}  # request items -> the heap of its shape
         self.grown = 0  # bumped whenever some node's free resources may have grown
 
     # ------------------------------------------------------------ membership
@@ -134,7 +135,9 @@ class PlacementIndex:
         dirty = self._dirty
         if not dirty:
             return
-        order, nodes, heaps = self.order, self.nodes, self._free.values()
+        order, nodes = self.order, self.nodes
+        heaps = list(self._free.values())
+        only = heaps[0].set if len(heaps) == 1 else None  # just the all-nodes heap
         load_keys, load = self._load_keys, self._load
         for nid in dirty:
             seq = order.get(nid)
@@ -142,9 +145,12 @@ class PlacementIndex:
                 continue
             node = nodes[nid]
             key = (-node.available.get("CPU", 0.0), seq)
-            for h in heaps:
-                if nid in h.keys or h.holds(node):
-                    h.set(nid, key)
+            if only is not None:
+                only(nid, key)
+            else:
+                for h in heaps:
+                    if nid in h.keys or h.holds(node):
+                        h.set(nid, key)
             cpus = node.total.get("CPU", 0.0)
             if cpus > 0:
                 lkey = (len(node.running) / cpus, seq)
@@ -182,12 +188,20 @@ class PlacementIndex:
     def most_free(self, res: Mapping[str, float]) -> "NodeRecord | None":
         """The live node with the most free CPU among those ``res`` fits now
         (ties: the one that joined first), or None."""
-        self._flush()
-        names = frozenset(k for k, v in res.items() if v > EPS and k != "CPU")
-        h = self._free.get(names) or self._heap(names)
+        if len(self.order) == 1:  # one node (a local cluster): nothing to order
+            node = self.nodes[next(iter(self.order))]
+            return node if node.fits(res) else None
         key = tuple(res.items())
+        h = self._by_request.get(key)
+        if h is None:
+            names = frozenset(k for k, v in res.items() if v > EPS and k != "CPU")
+            h = self._free.get(names) or self._heap(names)
+            if len(self._by_request) > 1024:
+                self._by_request.clear()
+            self._by_request[key] = h
         if h.failed.get(key) == self.grown:
-            return None
+            return None  # nothing fitted, and no node got resources back since
+        self._flush()
         need = res.get("CPU", 0.0) or 0.0
         heap, keys, nodes = h.heap, h.keys, self.nodes
         popped = []
@@ -217,6 +231,13 @@ class PlacementIndex:
         """The node a CPU-only task ``res`` may be sent to ahead of time: the
         least loaded (running tasks per CPU, ties: joined first) whose totals
         fit it, if its load is below ``1 + depth``; else None."""
+        if len(self.order) == 1:
+            node = self.nodes[next(iter(self.order))]
+            cpus = node.total.get("CPU", 0.0)
+            if cpus > 0 and len(node.running) / cpus < 1.0 + depth \
+                    and node.could_ever_fit(res):
+                return node
+            return None
         self._flush()
         limit = 1.0 + depth
         heap, keys, nodes = self._load, self._load_keys, self.nodes
