@@ -81,13 +81,17 @@ class PlacementIndex:
         self.nodes = nodes
         self.order: dict[str, int] = {}  # node id -> join order (its place in ``nodes``)
         self._next = 0
-        self._dirty: set[str] = set()
+        self._dirty: set[str] = set()  # changed since the free-CPU heaps were updated
+        self._load_dirty: set[str] = set()  # ... since the load heap was
         self._free: dict[frozenset[str], _Heap] = {frozenset(): _Heap(frozenset())}
         self._load: list[tuple[float, int, str]] = []
         self._load_keys: dict[str, tuple[float, int]] = {}
         self._ever: dict[tuple, bool] = {}  # request items -> could fit some node's totals
         self._by_request: dict[tuple, _Heap] = {}  # request items -> the heap of its shape
         self.grown = 0  # bumped whenever some node's free resources may have grown
+        # the nodes that grew, in order: grown == _grew_base + len(_grew)
+        self._grew: list[str] = []
+        self._grew_base = 0
 
     # ------------------------------------------------------------ membership
     def __len__(self) -> int:
@@ -102,11 +106,12 @@ class PlacementIndex:
             self.order[nid] = self._next
             self._next += 1
         self._ever.clear()
-        self.grown += 1
+        self._grow(nid)
         for h in self._free.values():
             if not h.holds(node):
                 h.drop(nid)
         self._dirty.add(nid)
+        self._load_dirty.add(nid)
 
     def remove(self, nid: str) -> None:
         """``nid`` died (or left): it is no longer a candidate."""
@@ -116,6 +121,7 @@ class PlacementIndex:
         if node is not None and node.index is self:
             node.index = None
         self._dirty.discard(nid)
+        self._load_dirty.discard(nid)
         for h in self._free.values():
             h.drop(nid)
         self._load_keys.pop(nid, None)
@@ -125,11 +131,29 @@ class PlacementIndex:
     def touch(self, node: "NodeRecord") -> None:
         """``node``'s free resources or running set changed."""
         self._dirty.add(node.node_id)
+        self._load_dirty.add(node.node_id)
 
     def gave(self, node: "NodeRecord") -> None:
         """Resources came back on ``node``: what did not fit may fit now."""
-        self.grown += 1
+        self._grow(node.node_id)
         self._dirty.add(node.node_id)
+        self._load_dirty.add(node.node_id)
+
+    def _grow(self, nid: str) -> None:
+        self.grown += 1
+        grew = self._grew
+        grew.append(nid)
+        if len(grew) > 4096:
+            del grew[:2048]
+            self._grew_base += 2048
+
+    def _grown_since(self, stamp: int) -> list[str] | None:
+        """The nodes that grew since ``stamp`` (None: too many to be worth it,
+        or forgotten)."""
+        start = stamp - self._grew_base
+        if start < 0 or self.grown - stamp > 16:
+            return None
+        return self._grew[start:]
 
     def _flush(self) -> None:
         dirty = self._dirty
@@ -138,7 +162,6 @@ class PlacementIndex:
         order, nodes = self.order, self.nodes
         heaps = list(self._free.values())
         only = heaps[0].set if len(heaps) == 1 else None  # just the all-nodes heap
-        load_keys, load = self._load_keys, self._load
         for nid in dirty:
             seq = order.get(nid)
             if seq is None:
@@ -151,6 +174,19 @@ class PlacementIndex:
                 for h in heaps:
                     if nid in h.keys or h.holds(node):
                         h.set(nid, key)
+        dirty.clear()
+
+    def _flush_load(self) -> None:
+        dirty = self._load_dirty
+        if not dirty:
+            return
+        order, nodes = self.order, self.nodes
+        load_keys, load = self._load_keys, self._load
+        for nid in dirty:
+            seq = order.get(nid)
+            if seq is None:
+                continue
+            node = nodes[nid]
             cpus = node.total.get("CPU", 0.0)
             if cpus > 0:
                 lkey = (len(node.running) / cpus, seq)
@@ -199,8 +235,28 @@ class PlacementIndex:
             if len(self._by_request) > 1024:
                 self._by_request.clear()
             self._by_request[key] = h
-        if h.failed.get(key) == self.grown:
-            return None  # nothing fitted, and no node got resources back since
+        stamp = h.failed.get(key)
+        if stamp is not None:
+            if stamp == self.grown:
+                return None  # nothing fitted, and no node got resources back since
+            grew = self._grown_since(stamp)
+            if grew is not None:
+                # nothing fitted then: only the nodes that grew since may now
+                best, best_key = None, None
+                order, nodes = self.order, self.nodes
+                for nid in grew:
+                    seq = order.get(nid)
+                    if seq is None:
+                        continue
+                    node = nodes[nid]
+                    if not h.holds(node) or not node.fits(res):
+                        continue
+                    k = (node.available.get("CPU", 0.0), -seq)
+                    if best_key is None or k > best_key:
+                        best, best_key = node, k
+                if best is None:
+                    h.failed[key] = self.grown
+                return best
         self._flush()
         need = res.get("CPU", 0.0) or 0.0
         heap, keys, nodes = h.heap, h.keys, self.nodes
@@ -238,7 +294,7 @@ class PlacementIndex:
                     and node.could_ever_fit(res):
                 return node
             return None
-        self._flush()
+        self._flush_load()
         limit = 1.0 + depth
         heap, keys, nodes = self._load, self._load_keys, self.nodes
         popped = []
