@@ -71,6 +71,42 @@ def node_here(engine):
     return get_worker().address
 
 
+def child(i):
+    return i
+
+
+# Set by the nested workloads before they start (the remote functions, shipped
+# by value with the bodies that call them).
+CHILD = None
+FIB = None
+
+
+def nested_parent(engine, n):
+    """Submits ``n`` child tasks from inside a task and sums their results."""
+    if engine == "dask":
+        from distributed import worker_client
+        with worker_client() as client:
+            return sum(client.gather([client.submit(child, i, pure=False) for i in range(n)]))
+    import importlib
+    mod = importlib.import_module(engine)
+    return sum(mod.get([CHILD.remote(i) for i in range(n)]))
+
+
+def fib(engine, n):
+    """The user guide's recursive fib: each parent blocks in get on its two children."""
+    if n < 2:
+        return n
+    if engine == "dask":
+        from distributed import worker_client
+        with worker_client() as client:
+            a = client.submit(fib, engine, n - 1, pure=False)
+            b = client.submit(fib, engine, n - 2, pure=False)
+            return a.result() + b.result()
+    import importlib
+    mod = importlib.import_module(engine)
+    return sum(mod.get([FIB.remote(engine, n - 1), FIB.remote(engine, n - 2)]))
+
+
 # Actor classes (also in __main__, shipped by value). No constructor arguments.
 
 class SyncPinger:
@@ -97,6 +133,7 @@ FULL = dict(
     bigarg_n=100, bigarg_first_n=20,
     tree_leaves=256, tree_leaf_len=131072, tree_reps=3, tree_warmups=1,
     xnode_reps=5, xnode_warmups=1,
+    nested_n=1000, nested_reps=3, fib_n=10, fib_reps=2,
     workload_timeout=120,
 )
 QUICK = dict(
@@ -109,6 +146,7 @@ QUICK = dict(
     bigarg_n=20,
     tree_reps=1, tree_warmups=0,
     xnode_reps=3, xnode_warmups=1,
+    nested_reps=1, fib_reps=1,
     workload_timeout=60,
 )
 
@@ -420,6 +458,60 @@ def w_spread_tasks(eng, cfg, nodes):
             "spread_share_node_a": on_a / n}
 
 
+def _nested_remote(eng, fn):
+    """``fn`` as a remote function of the engine's own API, to be called from
+    inside a task (None for Dask, whose tasks use worker_client instead)."""
+    if eng.name == "dask":
+        return None
+    return eng.mod.remote(fn)
+
+
+def w_nested_submit(eng, cfg):
+    """``n`` tasks submitted from inside one task (which then gets them all)
+    against the same ``n`` tasks submitted from the driver."""
+    global CHILD
+    n = cfg["nested_n"]
+    CHILD = _nested_remote(eng, child)
+    parent = eng.remote(nested_parent)
+    c = eng.remote(child)
+    want = n * (n - 1) // 2
+    name = getattr(eng, "module_name", eng.name)
+    if eng.get(parent(name, 10)) != 45 or sum(eng.get([c(i) for i in range(10)])) != 45:
+        raise AssertionError("wrong warm-up sums")
+    nested, driver = [], []
+    for _ in range(cfg["nested_reps"]):
+        t0 = perf()
+        got = eng.get(parent(name, n))
+        nested.append(perf() - t0)
+        t0 = perf()
+        got_d = sum(eng.get([c(i) for i in range(n)]))
+        driver.append(perf() - t0)
+        if got != want or got_d != want:
+            raise AssertionError(f"sums {got}, {got_d}, expected {want}")
+    return {"nested_submit_s": median(nested), "nested_driver_s": median(driver),
+            "nested_vs_driver": median(nested) / median(driver)}
+
+
+def w_fib10(eng, cfg):
+    """Recursive fib (parents blocked in get): fib(10) is 177 tasks."""
+    global FIB
+    FIB = _nested_remote(eng, fib)
+    f = eng.remote(fib)
+    name = getattr(eng, "module_name", eng.name)
+    if eng.get(f(name, 4)) != 3:  # warm-up (and the workers' first imports)
+        raise AssertionError("fib(4) != 3")
+    n = cfg["fib_n"]
+    want = {10: 55}.get(n)
+    times = []
+    for _ in range(cfg["fib_reps"]):
+        t0 = perf()
+        got = eng.get(f(name, n))
+        times.append(perf() - t0)
+        if want is not None and got != want:
+            raise AssertionError(f"fib({n}) returned {got}")
+    return {"fib10_s": median(times)}
+
+
 WORKLOADS = [
     ("sync_rtt", w_sync_rtt),
     ("async_tasks", w_async_tasks),
@@ -428,6 +520,8 @@ WORKLOADS = [
     ("large_get", w_large_get),
     ("big_arg", w_big_arg),
     ("tree_reduce", w_tree_reduce),
+    ("nested_submit", w_nested_submit),
+    ("fib10", w_fib10),
     # Actors run last so that their processes cannot disturb the task workloads.
     ("actor_sync", w_actor_sync),
     ("actor_async", w_actor_async),

@@ -14,7 +14,8 @@ figure is tasks per second of the driving thread's CPU time over the whole
 run (submission, placement, dispatch, completion and release): the state
 machine is single-threaded and does no IO, so CPU time is what it costs, and
 unlike wall time it does not count the time other processes on a busy machine
-take the core away. Wall-clock tasks/s is printed beside it.
+take the core away. Wall-clock tasks/s is printed beside it. The garbage
+collector is set up as in the head's process (``tune_collector``).
 
 Two task graphs per node count:
 
@@ -126,6 +127,8 @@ def run_once(n_nodes: int, n_tasks: int, graph: str) -> dict[str, Any]:
 
 
 def measure(nodes: list[int], n_tasks: int, runs: int) -> list[dict]:
+    from flowcore.scheduler.machine import tune_collector
+    tune_collector()  # as the head's process does
     rows = []
     for graph in GRAPHS:
         for n in nodes:
@@ -157,6 +160,8 @@ def profile(n_nodes: int, n_tasks: int, graph: str = "independent", top: int = 2
     import cProfile
     import io
     import pstats
+    from flowcore.scheduler.machine import tune_collector
+    tune_collector()  # as the head's process does
     prof = cProfile.Profile()
     prof.enable()
     run_once(n_nodes, n_tasks, graph)

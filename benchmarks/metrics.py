@@ -8,7 +8,8 @@ ENGINES = ("flowcore", "ray", "dask")
 # Workload names accepted by --only (cold_start/idle_memory are measured on every
 # run anyway since they are by-products of starting the engine).
 WORKLOADS = ("cold_start", "idle_memory", "sync_rtt", "async_tasks", "small_put_get",
-             "large_put", "large_get", "big_arg", "tree_reduce", "actor_sync", "actor_async",
+             "large_put", "large_get", "big_arg", "tree_reduce", "nested_submit", "fib10",
+             "actor_sync", "actor_async",
              "xnode_transfer", "spread_tasks")
 # (Same order as the worker runs them: run.py blames the first missing one on a crash.
 # The last two run on a 2-node cluster each engine starts for them.)
@@ -69,6 +70,14 @@ METRICS: Tuple[Metric, ...] = (
            "big_arg", Target("vs", 2, "ray", ">= 2x ray")),
     Metric("tree_reduce_s", "tree reduction 256 x 1 MiB", "s", False, "tree_reduce",
            Target("vs", 2, "dask", ">= 2x faster than dask")),
+    Metric("nested_submit_s", "1000 tasks submitted from inside a task", "s", False,
+           "nested_submit"),
+    Metric("nested_driver_s", "  the same 1000 tasks from the driver", "s", False,
+           "nested_submit"),
+    Metric("nested_vs_driver", "  nested / driver time", "x", False, "nested_submit",
+           Target("abs_max", 1.5, text="<= 1.5x")),
+    Metric("fib10_s", "recursive fib(10), parents blocked in get (177 tasks)", "s", False,
+           "fib10", Target("vs", 4, "ray", ">= 4x faster than ray")),
     # 2-node cluster (2 x 1 CPU on this machine)
     Metric("xnode_gbps", "2 nodes: cross-node transfer B->A (100 MiB)", "GB/s", True,
            "xnode_transfer", Target("abs_min", 1.0, text=">= 1 GB/s")),

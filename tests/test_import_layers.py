@@ -34,6 +34,8 @@ _PENDING = ("a light import not yet hoisted to the top of its module; it closes 
 LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.node.cli", "flowcore.objects.mapping"): (
         "preloaded while the head boots, so workers forked from the node have it"),
+    ("flowcore.node.cli", "flowcore.node.worker"): (
+        "preloaded while the head boots, so workers forked from the node have it"),
     ("flowcore", "flowcore.actor"): _PUBLIC,
     ("flowcore", "flowcore.remote_function"): _PUBLIC,
     ("flowcore.api", "flowcore.protocol.comm"): _HEAVY,
@@ -79,6 +81,7 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.scheduler.cli", "flowcore.dashboard"): _ROLE,
     ("flowcore.scheduler.cli", "flowcore.scheduler.persist"): _ROLE,
     ("flowcore.scheduler.cli", "flowcore.scheduler.server"): _ROLE,
+    ("flowcore.scheduler.cli", "flowcore.scheduler.machine"): _ROLE,
     ("flowcore.scheduler.machine", "flowcore.objects.serialization"): _PENDING,
     ("flowcore.scheduler.packages", "flowcore.runtime_env"): _PENDING,
     ("flowcore.scheduler.server", "flowcore.scheduler.explain"): _HEAVY,

@@ -594,3 +594,22 @@ def test_random_fractional_gpu_sequences_keep_the_id_shares_straight(evs: list) 
         elif kind == "die" and ws:
             pool.worker_died(ws[pick % len(ws)])
         check()
+
+
+def test_workers_blocked_in_get_do_not_count_toward_the_warm_pool() -> None:
+    """A task blocked in get() while its children run: the worker running
+    the children stays warm between them instead of retiring (and another
+    process starting) at every child."""
+    pool = ready_pool({"CPU": 1.0})
+    parent, child1, child2 = task(), task(), task()
+    (wp, _), = ran(pool.task_arrived(parent))
+    assert pool.task_arrived(child1) == []
+    (wc,) = spawned(pool.worker_blocked(wp, True))
+    assert ran(pool.worker_ready(wc, 2)) == [(wc, child1["tid"])]
+    assert pool.worker_idle(wc) == []  # the parent is still blocked: wc stays
+    assert ran(pool.task_arrived(child2)) == [(wc, child2["tid"])]
+    assert pool.worker_idle(wc) == []
+    # the parent resumes and ends: one worker more than the warm pool retires
+    assert pool.worker_blocked(wp, False) == []
+    assert pool.worker_idle(wp) == [("retire", wp)]
+    assert list(pool.workers) == [wc]

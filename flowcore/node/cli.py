@@ -19,8 +19,16 @@ logger = logging.getLogger("flowcore.node")
 
 
 def _preload_worker_libraries() -> None:
-    """Import what most task arguments need before workers are forked."""
+    """Import what workers run and what most task arguments need before
+    workers are forked: without it every new worker imports (and, without
+    bytecode caches, compiles) the worker and client modules itself, which
+    costs far more than the fork, and a task tree whose parents block in
+    get() makes the node start dozens of workers."""
+    import cloudpickle  # noqa: F401
+
     from ..objects import mapping  # noqa: F401  (reading store objects: ctypes)
+    from . import worker
+    worker.preload()
     try:
         import numpy  # noqa: F401
     except ImportError:  # a core dependency, but a broken install must still run

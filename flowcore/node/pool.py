@@ -359,12 +359,16 @@ class WorkerPool:
         w.state = IDLE
         actions = self._pump()
         # shrink back towards the warm pool size when extra workers go idle;
-        # this one first, then any that went idle while work was still queued
+        # this one first, then any that went idle while work was still queued.
+        # Workers blocked in get() are not part of the warm pool: the ones
+        # running their children stay (a task submitting from inside a task
+        # would otherwise start a process per child)
         if not self.queue:
             spare = [wid] if w.state == IDLE else []
             spare += [x.wid for x in self.workers.values() if x.state == IDLE and x.wid != wid]
+            blocked = sum(1 for x in self.workers.values() if x.blocked) if spare else 0
             for other in spare:
-                if len(self.workers) <= self.min_workers:
+                if len(self.workers) - blocked <= self.min_workers:
                     break
                 del self.workers[other]
                 actions.append(("retire", other))

@@ -571,6 +571,15 @@ def _retryable(spec: Any, exc: BaseException) -> bool:
         return False
 
 
+def preload() -> None:
+    """Import what ``main`` imports, in the process that forks workers (the
+    node), so that a forked worker starts with them."""
+    from .. import runtime_context  # noqa: F401
+    from ..client.inline import InlineClient  # noqa: F401
+    from ..protocol import tls  # noqa: F401
+    from .output import install  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flowcore-worker-process")
     p.add_argument("--node", required=True)

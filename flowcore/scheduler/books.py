@@ -7,7 +7,9 @@ every message, for its ``validate`` mode (on in the tests).
 * every RUNNING task placed on a live node is in that node's running set,
   and a node's running set holds only RUNNING tasks;
 * reference counts are never negative;
-* no READY object is without a holder (inline at the head, or a node).
+* no READY object is without a holder (inline at the head, or a node);
+* the placement index agrees with a full scan of the nodes (for the
+  requests queued now and a one-CPU task).
 
 ``check_books(state)`` returns the problems found (empty when the books are
 right).  It reads the tables only.
@@ -75,4 +77,6 @@ def check_books(s: "SchedulerState") -> list[str]:
         if obj.state == READY and obj.inline is None and not obj.nodes \
                 and ids.index_of(obj.oid) != ids.HANDLE_INDEX:
             problems.append(f"object {obj.oid.hex()} is READY but nothing holds it")
+    requests = [{"CPU": 1.0}] + [dict(shape[0]) for shape in s.queues]
+    problems.extend(s.placement.check(requests, s.pipeline_depth))
     return problems

@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     loop = IOLoop.current()
     head = HeadServer(token.encode(), args.host, args.port, session_dir=state_dir,
                       tls=tls_config, persist_dir=state_dir)
+    from .machine import tune_collector
+    tune_collector()
     try:
         address = loop.run_sync(head.start)
     except OSError as e:

@@ -23,9 +23,10 @@ from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCa
 from .actors import ActorRecord, ActorsMixin
 from .direct_calls import DirectCalls
 from .books import check_books
-from .history import history_entry, history_rows
+from .history import History, history_rows
 from .lineage import Lineage
 from .local_first import LocalFirst
+from .placement import PlacementIndex
 from .placement_groups import PlacementGroups
 from .recovery import RecoveryMixin
 from .streams import Streams
@@ -38,6 +39,21 @@ S = TaskState
 logger = logging.getLogger("flowcore.scheduler")
 
 Out = list[tuple[str, dict]]
+
+#: the cyclic garbage collector's thresholds in the head's process.  The
+#: head's tables hold many small long-lived records (tasks, objects, events)
+#: that form no cycles; with the default (700, 10, 10) the collector ran
+#: every few tasks and re-walked them, 20-40% of the head's time per task.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_collector() -> None:
+    """Set the head process's collector thresholds (``GC_THRESHOLDS``) and
+    move what start-up allocated out of its sight (``gc.freeze``)."""
+    import gc
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def default_error_payload(exc: BaseException) -> bytes:
@@ -67,6 +83,8 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                  error_payload: Callable[[BaseException], bytes] = default_error_payload,
                  validate: bool | None = None):
         self.nodes: dict[str, NodeRecord] = {}
+        #: the live nodes ordered for placement (``placement.py``)
+        self.placement = PlacementIndex(self.nodes)
         self.dead_nodes: dict[str, dict] = {}  # node id -> its last row, for nodes()
         self.functions: dict[bytes, dict] = {}
         self.tasks: dict[bytes, TaskRecord] = {}
@@ -85,11 +103,12 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         self.warnings: deque[str] = deque(maxlen=1000)  # the newest, for views
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.latency_count = 0  # entries ever appended to latencies (for /metrics)
-        self.history: deque[dict] = deque(maxlen=history_size)
+        self.history = History(history_size)
         self._force_cancelled: set[bytes] = set()
         self.pipeline_depth = pipeline_depth
         self.locality_min_bytes = locality_min_bytes
         self._spread_turn = 0
+        self._cpu_only: dict[tuple, bool] = {}  # task shape -> it asks for CPU only
         self.actors: dict[bytes, ActorRecord] = {}
         self.named: dict[tuple[str, str], bytes] = {}
         self.dead_actors: deque[bytes] = deque()
@@ -191,6 +210,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                         {k: v for k, v in t.res.items() if not (t.blocked and k == "CPU")})
                     node.running.add(tid)
         self.nodes[node.node_id] = node
+        self.placement.add(node)
         self.dead_nodes.pop(node.node_id, None)
         self._node_rejoined(node, msg)  # what its store and processes still hold
         self.emit("node_joined", node.node_id)
@@ -289,6 +309,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if node is None or not node.alive:
             return []
         node.alive = False
+        self.placement.remove(node_id)
         self._actors_on_dead_node(node_id, cause)
         for tid in list(node.running):
             t = self.tasks.get(tid)
@@ -559,8 +580,10 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             obj = self._obj(oid, owner)
             obj.clients.add(owner)
             refs.add(oid)
-        self._hold(t.deps)
-        self._hold(t.nested)
+        if t.deps:
+            self._hold(t.deps)
+        if t.nested:
+            self._hold(t.nested)
         if spec.get("local") and t.kind == "task":
             self.local_first.note_offer(t, spec["local"])
         if t.kind == "call" and not self._actor_call_submitted(t):
@@ -603,7 +626,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
             n = self.nodes.get(s[1])
             return n is not None and n.alive and n.could_ever_fit(t.res)
-        return any(n.alive and n.could_ever_fit(t.res) for n in self.nodes.values())
+        return self.placement.could_ever_fit(t.res)
 
     def _enqueue(self, t: TaskRecord, cause: str) -> None:
         if t.kind == "call":
@@ -633,20 +656,18 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
     def _schedule(self) -> None:
         if self.groups.pg_waiting:
             self.groups.place_pending()
-        if not self.queues:
+        if not self.queues or not len(self.placement):
             return
-        nodes = [n for n in self.nodes.values() if n.alive]
-        if not nodes:
-            return
+        tasks = self.tasks
         for shape, q in list(self.queues.items()):
             while q:
-                t = self.tasks.get(q[0])
-                if t is None or t.state != S.QUEUED:
+                t = tasks.get(q[0])
+                if t is None or t._state is not S.QUEUED:
                     q.popleft()
                     continue
-                best = self._choose_node(t, nodes)
+                best = self._choose_node(t)
                 if best is None and t.strategy is None:
-                    best = self._pipeline_target(t, nodes)
+                    best = self._pipeline_target(t)
                 if best is None:
                     break
                 q.popleft()
@@ -664,7 +685,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                     out[n] = out.get(n, 0) + obj.size
         return out
 
-    def _choose_node(self, t: TaskRecord, nodes: list[NodeRecord]) -> NodeRecord | None:
+    def _choose_node(self, t: TaskRecord) -> NodeRecord | None:
         """Where ``t`` runs now, or None to wait.
 
         Default: among the nodes that fit, the one holding the most bytes of
@@ -674,6 +695,8 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if it does not fit, wait (hard) or fall back to the default (soft).
         """
         strategy = t.strategy
+        if strategy is None and not t.deps:
+            return self.placement.most_free(t.res)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "pg":
             return self.groups.choose_node(t)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
@@ -683,41 +706,50 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             if not strategy[2]:
                 return None
             strategy = None
-        fitting = [n for n in nodes if n.fits(t.res)]
-        if not fitting:
-            return None
         if strategy == "SPREAD":
+            # (a scan: SPREAD rotates among the least loaded of all that fit)
+            fitting = [n for n in self.placement.alive() if n.fits(t.res)]
+            if not fitting:
+                return None
             self._spread_turn += 1
             k = len(fitting)
             rotated = fitting[self._spread_turn % k:] + fitting[:self._spread_turn % k]
             return min(rotated, key=lambda n: len(n.running) / max(n.total.get("CPU", 0.0), 1.0))
-        local = self._arg_bytes(t) if t.deps else {}
-        floor = self.locality_min_bytes
+        if t.deps:
+            # locality first: the nodes holding at least locality_min_bytes
+            # of the arguments beat every other node that fits
+            floor = self.locality_min_bytes
+            best, best_key = None, None
+            order = self.placement.order
+            for nid, held in self._arg_bytes(t).items():
+                n = self.nodes.get(nid)
+                if held < floor or n is None or not n.alive or not n.fits(t.res):
+                    continue
+                key = (held, n.available.get("CPU", 0.0), -order[nid])
+                if best_key is None or key > best_key:
+                    best, best_key = n, key
+            if best is not None:
+                return best
+        return self.placement.most_free(t.res)
 
-        def score(n: NodeRecord) -> tuple:
-            held = local.get(n.node_id, 0)
-            return (held if held >= floor else 0, n.available.get("CPU", 0.0))
-        return max(fitting, key=score)
-
-    def _pipeline_target(self, t: TaskRecord, nodes: list[NodeRecord]) -> NodeRecord | None:
+    def _pipeline_target(self, t: TaskRecord) -> NodeRecord | None:
         """A node to send ``t`` to ahead of time, though it does not fit now.
 
         Only CPU-only tasks are pipelined, at most ``pipeline_depth`` per CPU
         beyond what runs: the node starts them when its own workers free up,
         without a round trip through the head."""
-        if self.pipeline_depth <= 0 or any(k != "CPU" for k in t.res):
+        if self.pipeline_depth <= 0:
+            return None
+        cpu_only = self._cpu_only.get(t.shape)
+        if cpu_only is None:
+            cpu_only = self._cpu_only[t.shape] = all(k == "CPU" for k in t.res)
+            if len(self._cpu_only) > 4096:
+                self._cpu_only.clear()
+        if not cpu_only:
             return None
         if t.kind == "create":  # an actor holds its CPUs for its lifetime: never ahead
             return None
-        best, best_load = None, None
-        for n in nodes:
-            cpus = n.total.get("CPU", 0.0)
-            if not n.could_ever_fit(t.res) or cpus <= 0:
-                continue
-            load = len(n.running) / cpus
-            if load < 1.0 + self.pipeline_depth and (best_load is None or load < best_load):
-                best, best_load = n, load
-        return best
+        return self.placement.least_loaded(t.res, self.pipeline_depth)
 
     def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
         self.tx.start(t, node, f"placed on node {node.name}")
@@ -732,7 +764,9 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
             "args_dep": t.args_dep,
             "deps": deps, "nret": t.nret, "res": t.res, "retry_exc": t.retry_exc,
-            "owner": t.owner, "attempt": t.attempt, **self.groups.bundle_fields(t)}
+            "owner": t.owner, "attempt": t.attempt}
+        if t.bundle:
+            msg.update(self.groups.bundle_fields(t))
         if t.renv is not None:
             msg["renv"] = t.renv
         if t.job is not None:
@@ -745,14 +779,15 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         t.ended = time.time()
         # finished-task history (bounded): what the timeline and dashboard show
         # after the task record itself is pruned
-        self.history.append(history_entry(t))
+        self.history.add(t)
         self._force_cancelled.discard(t.tid)
         self.streams.task_ended(t)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
             # went to a task exits when that task ends)
-            handles = [oid for oid in t.nested if ids.index_of(oid) == ids.HANDLE_INDEX]
+            handles = [oid for oid in t.nested if ids.index_of(oid) == ids.HANDLE_INDEX] \
+                if t.nested else None
             if handles:
                 t.nested = [oid for oid in t.nested if ids.index_of(oid) != ids.HANDLE_INDEX]
                 self._release(handles)
@@ -760,8 +795,10 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             # referenced, so a lost output can be rebuilt by running it again
             self.lineages.keep(t)
         else:
-            self._release(t.deps)
-            self._release(t.nested)
+            if t.deps:
+                self._release(t.deps)
+            if t.nested:
+                self._release(t.nested)
         self._maybe_prune(t)
 
     def handle_task_done(self, source: str, msg: dict) -> None:

@@ -33,7 +33,7 @@ _DONE = {TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED}
 
 class NodeRecord:
     __slots__ = ("node_id", "address", "total", "available", "alive", "name",
-                 "hostname", "pid", "running", "joined", "info")
+                 "hostname", "pid", "running", "joined", "info", "index")
 
     def __init__(self, node_id: str, address: str, total: dict[str, float], name: str,
                  hostname: str, pid: int, info: dict | None = None):
@@ -48,6 +48,9 @@ class NodeRecord:
         self.running: set[bytes] = set()
         self.joined = time.time()
         self.info = info or {}
+        #: the placement index listing this node (told of every change to
+        #: ``available``; set by ``PlacementIndex.add``)
+        self.index: Any = None
 
     def fits(self, res: dict[str, float]) -> bool:
         av = self.available
@@ -61,14 +64,20 @@ class NodeRecord:
         return all(not v or tot.get(k, 0.0) >= v - 1e-9 for k, v in res.items())
 
     def take(self, res: dict[str, float]) -> None:
+        av = self.available
         for k, v in res.items():
             if v:
-                self.available[k] = self.available.get(k, 0.0) - v
+                av[k] = av.get(k, 0.0) - v
+        if self.index is not None:
+            self.index.touch(self)
 
     def give(self, res: dict[str, float]) -> None:
+        av = self.available
         for k, v in res.items():
             if v:
-                self.available[k] = self.available.get(k, 0.0) + v
+                av[k] = av.get(k, 0.0) + v
+        if self.index is not None:
+            self.index.gave(self)
 
     def as_dict(self) -> dict:
         return {"node_id": self.node_id, "name": self.name, "address": self.address,

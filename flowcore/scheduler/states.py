@@ -12,7 +12,8 @@ from .records import TaskState
 __all__ = ["TaskState", "TRANSITIONS", "InvalidTransition", "transition_name", "EventLog"]
 
 S = TaskState
-NEW = None  # the pseudo-state of a task not yet in the table
+NEW = None
+_now = time.time  # the pseudo-state of a task not yet in the table
 
 #: (from, to) -> transition name.  Any other pair is a bug and raises.
 TRANSITIONS: dict[tuple[TaskState | None, TaskState], str] = {
@@ -56,15 +57,18 @@ def transition_name(old: TaskState | None, new: TaskState) -> str:
 
 
 class EventLog:
-    """Bounded log of (time, task id, from, to, transition, cause)."""
+    """Bounded log of (time, task id, from, to, transition, cause).  The
+    states are kept as ``TaskState`` members (their names are taken when a
+    row is read: recording is on every transition, reading is rare)."""
 
     def __init__(self, maxlen: int = 100_000):
-        self.events: deque[tuple[float, bytes, str | None, str, str, str]] = deque(maxlen=maxlen)
+        self.events: deque[tuple[float, bytes, TaskState | None, TaskState, str, str]] = \
+            deque(maxlen=maxlen)
+        self._append = self.events.append
 
     def record(self, task_id: bytes, old: TaskState | None, new: TaskState,
                name: str, cause: str) -> None:
-        self.events.append((time.time(), task_id, old.value if old else None,
-                            new.value, name, cause))
+        self._append((_now(), task_id, old, new, name, cause))
 
     def for_task(self, task_id: bytes) -> list[dict[str, Any]]:
         return [self._row(e) for e in self.events if e[1] == task_id]
@@ -74,8 +78,8 @@ class EventLog:
 
     @staticmethod
     def _row(e: tuple) -> dict[str, Any]:
-        return {"time": e[0], "task_id": e[1].hex(), "from": e[2], "to": e[3],
-                "transition": e[4], "cause": e[5]}
+        return {"time": e[0], "task_id": e[1].hex(), "from": e[2].value if e[2] else None,
+                "to": e[3].value, "transition": e[4], "cause": e[5]}
 
     def __len__(self) -> int:
         return len(self.events)

@@ -30,7 +30,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .records import NodeRecord, TaskRecord, TaskState
-from .states import InvalidTransition, transition_name
+from .states import TRANSITIONS as _NAMES, InvalidTransition, transition_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from .actors import ActorRecord
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 S = TaskState
 _RUNNING = S.RUNNING
+_now = time.time
 
 
 class Transitions:
@@ -45,14 +46,17 @@ class Transitions:
 
     def __init__(self, state: "SchedulerState"):
         self.s = state
+        self._log = state.log.events.append
 
     # ------------------------------------------------------------ the one writer
     def _move(self, t: TaskRecord, new: TaskState, cause: str) -> None:
         old = t._state
-        name = transition_name(old, new)  # raises InvalidTransition: nothing changes
+        name = _NAMES.get((old, new))
+        if name is None:
+            transition_name(old, new)  # raises InvalidTransition: nothing changes
         t._state = new
         t.cause = cause
-        self.s.log.record(t.tid, old, new, name, cause)
+        self._log((_now(), t.tid, old, new, name, cause))  # EventLog.record, inlined
 
     def check(self, t: TaskRecord, new: TaskState, cause: str) -> None:
         """Move ``t`` to ``new`` with no bookkeeping: for the tests of the
@@ -65,7 +69,8 @@ class Transitions:
         node = s.nodes.get(t.node) if t.node else None
         if node is not None and t.tid in node.running:
             node.running.discard(t.tid)
-            acct = s._account(node, t.bundle)
+            s.placement.touch(node)
+            acct = s._account(node, t.bundle) if t.bundle else node
             if not t.blocked:
                 acct.give(t.res)
             else:
@@ -117,10 +122,11 @@ class Transitions:
         """Placed on ``node``: its resources are taken there (in its bundle's
         account when it has one), and it is in the node's running set."""
         if acct is None:
-            acct = self.s._account(node, t.bundle)
+            acct = self.s._account(node, t.bundle) if t.bundle else node
         t.ahead = not acct.fits(t.res)
         acct.take(t.res)
         node.running.add(t.tid)
+        self.s.placement.touch(node)
         t.node = node.node_id
         t.attempt += 1
         t.started = time.time()

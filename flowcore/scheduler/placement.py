@@ -1,0 +1,360 @@
+"""The head's placement index: which live node a ready task goes to, at a
+cost that does not grow with the number of nodes.
+
+``SchedulerState`` used to answer "where does this task run" by scanning
+every node (fits? most free CPU?) for every task it placed, and "where may
+it run ahead" (pipelining) by scanning them again; at 1000 nodes that scan
+was nearly all of the head's time.  ``PlacementIndex`` keeps the live nodes
+ordered instead, in binary heaps with lazy deletion:
+
+* by free CPU, most first (ties: the node that joined first), one heap per
+  *shape* of a request (the set of non-CPU resource names it asks for; a
+  heap holds only the nodes whose totals have all of them), for the default
+  placement: the first node in that order that fits is the node with the
+  most free CPU among those that fit, exactly what the scan chose.  A node
+  with less free CPU than the request ends the walk (no later one has more);
+* by load (running tasks per CPU, least first, same ties), for the node a
+  CPU-only task is sent to ahead of time when none fits now.
+
+A node whose free resources or running set change is only marked *dirty*
+(a set insert, called from ``NodeRecord.take``/``give`` and the transition
+layer); before a query the dirty nodes get their new keys pushed, and stale
+heap entries are dropped when they reach the top.  A heap is rebuilt when
+stale entries outnumber live ones, so its size stays within a small factor
+of the node count.
+
+Two answers are cached and stay exact: whether a request could ever fit
+some node (totals only change when nodes join or die), and "nothing fits
+now" for a request (valid until some node's free resources grow: taking
+resources never makes a node fit).
+
+``check()`` compares every answer the index can give with a full scan of
+the nodes (the head's ``validate`` mode runs it after every message).
+"""
+from __future__ import annotations
+
+from heapq import heapify, heappop, heappush
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from ..resources import EPS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .records import NodeRecord
+
+
+class _Heap:
+    """Live nodes of one shape, ordered by (-free CPU, join order)."""
+    __slots__ = ("names", "heap", "keys", "failed")
+
+    def __init__(self, names: frozenset[str]):
+        self.names = names
+        self.heap: list[tuple[float, int, str]] = []
+        self.keys: dict[str, tuple[float, int]] = {}  # node id -> its live entry's key
+        #: request -> the index's growth stamp when nothing fitted it
+        self.failed: dict[tuple, int] = {}
+
+    def holds(self, node: "NodeRecord") -> bool:
+        tot = node.total
+        return all(tot.get(k, 0.0) > 0.0 for k in self.names)
+
+    def set(self, nid: str, key: tuple[float, int]) -> None:
+        if self.keys.get(nid) != key:
+            self.keys[nid] = key
+            heappush(self.heap, (key[0], key[1], nid))
+            if len(self.heap) > 2 * len(self.keys) + 32:
+                self.rebuild()
+
+    def drop(self, nid: str) -> None:
+        self.keys.pop(nid, None)
+
+    def rebuild(self) -> None:
+        self.heap = [(k[0], k[1], nid) for nid, k in self.keys.items()]
+        heapify(self.heap)
+
+
+class PlacementIndex:
+    """Live nodes indexed by free CPU per request shape and by load.
+
+    ``nodes`` is the head's node table (read, never changed here)."""
+
+    def __init__(self, nodes: Mapping[str, "NodeRecord"]):
+        self.nodes = nodes
+        self.order: dict[str, int] = {}  # node id -> join order (its place in ``nodes``)
+        self._next = 0
+        self._dirty: set[str] = set()  # changed since the free-CPU heaps were updated
+        self._load_dirty: set[str] = set()  # ... since the load heap was
+        self._free: dict[frozenset[str], _Heap] = {frozenset(): _Heap(frozenset())}
+        self._load: list[tuple[float, int, str]] = []
+        self._load_keys: dict[str, tuple[float, int]] = {}
+        self._ever: dict[tuple, bool] = {}  # request items -> could fit some node's totals
+        self._by_request: dict[tuple, _Heap] = {}  # request items -> the heap of its shape
+        self.grown = 0  # bumped whenever some node's free resources may have grown
+        # the nodes that grew, in order: grown == _grew_base + len(_grew)
+        self._grew: list[str] = []
+        self._grew_base = 0
+
+    # ------------------------------------------------------------ membership
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def add(self, node: "NodeRecord") -> None:
+        """``node`` joined (or its record was replaced by a re-registration:
+        it keeps its place in the order)."""
+        nid = node.node_id
+        node.index = self
+        if nid not in self.order:
+            self.order[nid] = self._next
+            self._next += 1
+        self._ever.clear()
+        self._grow(nid)
+        for h in self._free.values():
+            if not h.holds(node):
+                h.drop(nid)
+        self._dirty.add(nid)
+        self._load_dirty.add(nid)
+
+    def remove(self, nid: str) -> None:
+        """``nid`` died (or left): it is no longer a candidate."""
+        if self.order.pop(nid, None) is None:
+            return
+        node = self.nodes.get(nid)
+        if node is not None and node.index is self:
+            node.index = None
+        self._dirty.discard(nid)
+        self._load_dirty.discard(nid)
+        for h in self._free.values():
+            h.drop(nid)
+        self._load_keys.pop(nid, None)
+        self._ever.clear()
+
+    # ------------------------------------------------------------ changes
+    def touch(self, node: "NodeRecord") -> None:
+        """``node``'s free resources or running set changed."""
+        self._dirty.add(node.node_id)
+        self._load_dirty.add(node.node_id)
+
+    def gave(self, node: "NodeRecord") -> None:
+        """Resources came back on ``node``: what did not fit may fit now."""
+        self._grow(node.node_id)
+        self._dirty.add(node.node_id)
+        self._load_dirty.add(node.node_id)
+
+    def _grow(self, nid: str) -> None:
+        self.grown += 1
+        grew = self._grew
+        grew.append(nid)
+        if len(grew) > 4096:
+            del grew[:2048]
+            self._grew_base += 2048
+
+    def _grown_since(self, stamp: int) -> list[str] | None:
+        """The nodes that grew since ``stamp`` (None: too many to be worth it,
+        or forgotten)."""
+        start = stamp - self._grew_base
+        if start < 0 or self.grown - stamp > 16:
+            return None
+        return self._grew[start:]
+
+    def _flush(self) -> None:
+        dirty = self._dirty
+        if not dirty:
+            return
+        order, nodes = self.order, self.nodes
+        heaps = list(self._free.values())
+        only = heaps[0].set if len(heaps) == 1 else None  # just the all-nodes heap
+        for nid in dirty:
+            seq = order.get(nid)
+            if seq is None:
+                continue
+            node = nodes[nid]
+            key = (-node.available.get("CPU", 0.0), seq)
+            if only is not None:
+                only(nid, key)
+            else:
+                for h in heaps:
+                    if nid in h.keys or h.holds(node):
+                        h.set(nid, key)
+        dirty.clear()
+
+    def _flush_load(self) -> None:
+        dirty = self._load_dirty
+        if not dirty:
+            return
+        order, nodes = self.order, self.nodes
+        load_keys, load = self._load_keys, self._load
+        for nid in dirty:
+            seq = order.get(nid)
+            if seq is None:
+                continue
+            node = nodes[nid]
+            cpus = node.total.get("CPU", 0.0)
+            if cpus > 0:
+                lkey = (len(node.running) / cpus, seq)
+                if load_keys.get(nid) != lkey:
+                    load_keys[nid] = lkey
+                    heappush(load, (lkey[0], seq, nid))
+            else:
+                load_keys.pop(nid, None)
+        dirty.clear()
+        if len(load) > 2 * len(load_keys) + 32:
+            self._load = [(k[0], k[1], nid) for nid, k in load_keys.items()]
+            heapify(self._load)
+
+    def _heap(self, names: frozenset[str]) -> _Heap:
+        h = self._free.get(names)
+        if h is None:
+            h = self._free[names] = _Heap(names)
+            for nid, seq in self.order.items():
+                node = self.nodes[nid]
+                if h.holds(node):
+                    h.keys[nid] = (-node.available.get("CPU", 0.0), seq)
+            h.rebuild()
+        return h
+
+    # ------------------------------------------------------------ queries
+    def could_ever_fit(self, res: Mapping[str, float]) -> bool:
+        """Whether some live node's totals fit ``res``."""
+        key = tuple(res.items())
+        ok = self._ever.get(key)
+        if ok is None:
+            nodes = self.nodes
+            ok = self._ever[key] = any(nodes[nid].could_ever_fit(res) for nid in self.order)
+        return ok
+
+    def most_free(self, res: Mapping[str, float]) -> "NodeRecord | None":
+        """The live node with the most free CPU among those ``res`` fits now
+        (ties: the one that joined first), or None."""
+        if len(self.order) == 1:  # one node (a local cluster): nothing to order
+            node = self.nodes[next(iter(self.order))]
+            return node if node.fits(res) else None
+        key = tuple(res.items())
+        h = self._by_request.get(key)
+        if h is None:
+            names = frozenset(k for k, v in res.items() if v > EPS and k != "CPU")
+            h = self._free.get(names) or self._heap(names)
+            if len(self._by_request) > 1024:
+                self._by_request.clear()
+            self._by_request[key] = h
+        stamp = h.failed.get(key)
+        if stamp is not None:
+            if stamp == self.grown:
+                return None  # nothing fitted, and no node got resources back since
+            grew = self._grown_since(stamp)
+            if grew is not None:
+                # nothing fitted then: only the nodes that grew since may now
+                best, best_key = None, None
+                order, nodes = self.order, self.nodes
+                for nid in grew:
+                    seq = order.get(nid)
+                    if seq is None:
+                        continue
+                    node = nodes[nid]
+                    if not h.holds(node) or not node.fits(res):
+                        continue
+                    k = (node.available.get("CPU", 0.0), -seq)
+                    if best_key is None or k > best_key:
+                        best, best_key = node, k
+                if best is None:
+                    h.failed[key] = self.grown
+                return best
+        self._flush()
+        need = res.get("CPU", 0.0) or 0.0
+        heap, keys, nodes = h.heap, h.keys, self.nodes
+        popped = []
+        found = None
+        while heap:
+            neg, seq, nid = heap[0]
+            k = keys.get(nid)
+            if k is None or k[0] != neg or k[1] != seq:
+                heappop(heap)  # stale
+                continue
+            if need and -neg < need - EPS:
+                break  # no node further down has the CPU
+            node = nodes[nid]
+            if node.fits(res):
+                found = node
+                break
+            popped.append(heappop(heap))
+        for e in popped:
+            heappush(heap, e)
+        if found is None:
+            if len(h.failed) > 256:
+                h.failed.clear()
+            h.failed[key] = self.grown
+        return found
+
+    def least_loaded(self, res: Mapping[str, float], depth: float) -> "NodeRecord | None":
+        """The node a CPU-only task ``res`` may be sent to ahead of time: the
+        least loaded (running tasks per CPU, ties: joined first) whose totals
+        fit it, if its load is below ``1 + depth``; else None."""
+        if len(self.order) == 1:
+            node = self.nodes[next(iter(self.order))]
+            cpus = node.total.get("CPU", 0.0)
+            if cpus > 0 and len(node.running) / cpus < 1.0 + depth \
+                    and node.could_ever_fit(res):
+                return node
+            return None
+        self._flush_load()
+        limit = 1.0 + depth
+        heap, keys, nodes = self._load, self._load_keys, self.nodes
+        popped = []
+        found = None
+        while heap:
+            load, seq, nid = heap[0]
+            k = keys.get(nid)
+            if k is None or k[0] != load or k[1] != seq:
+                heappop(heap)
+                continue
+            if load >= limit:
+                break
+            node = nodes[nid]
+            if node.could_ever_fit(res):
+                found = node
+                break
+            popped.append(heappop(heap))
+        for e in popped:
+            heappush(heap, e)
+        return found
+
+    # ------------------------------------------------------------ checking
+    def alive(self) -> Iterable["NodeRecord"]:
+        """The live nodes, in join order."""
+        nodes = self.nodes
+        return (nodes[nid] for nid in self.order)
+
+    def check(self, requests: Iterable[Mapping[str, float]] = (),
+              depth: float = 1.0) -> list[str]:
+        """What differs between the index and a full scan of the nodes, for
+        its membership and for each of ``requests`` (empty when it agrees)."""
+        problems: list[str] = []
+        alive = [n for n in self.nodes.values() if n.alive]
+        if [n.node_id for n in alive] != list(self.order):
+            problems.append(f"placement index lists nodes {list(self.order)}, the live nodes "
+                            f"are {[n.node_id for n in alive]}")
+            return problems
+        for res in requests:
+            fitting = [n for n in alive if n.fits(res)]
+            want = max(fitting, key=lambda n: n.available.get("CPU", 0.0)) if fitting else None
+            got = self.most_free(res)
+            if got is not want:
+                problems.append(f"placement index chose {got and got.node_id} for {dict(res)}, "
+                                f"a scan chooses {want and want.node_id}")
+            ever = any(n.could_ever_fit(res) for n in alive)
+            if self.could_ever_fit(res) != ever:
+                problems.append(f"placement index says {dict(res)} could ever fit: "
+                                f"{not ever}, a scan says {ever}")
+            if any(k != "CPU" for k in res) or depth <= 0:
+                continue
+            best, best_load = None, None
+            for n in alive:
+                cpus = n.total.get("CPU", 0.0)
+                if not n.could_ever_fit(res) or cpus <= 0:
+                    continue
+                load = len(n.running) / cpus
+                if load < 1.0 + depth and (best_load is None or load < best_load):
+                    best, best_load = n, load
+            got = self.least_loaded(res, depth)
+            if got is not best:
+                problems.append(f"placement index sends {dict(res)} ahead to "
+                                f"{got and got.node_id}, a scan to {best and best.node_id}")
+        return problems
