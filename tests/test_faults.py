@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import numpy as np
 import psutil
@@ -273,7 +274,8 @@ def _descendants(pid):
 def _run_driver(tmp_path, mode):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    session = tmp_path / "sess"
+    # a name of its own: the shared-memory check below matches on it
+    session = tmp_path / f"sess{uuid.uuid4().hex[:8]}"
     p = subprocess.Popen([sys.executable, str(script), str(session), mode],
                          stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
