@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 from .. import ids
 from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError)
-from .actors import ActorRecord, ActorsMixin
+from .actors import ActorManager
 from .direct_calls import DirectCalls
 from .books import check_books
 from .history import history_entry, history_rows
@@ -54,7 +54,7 @@ def _cause_id(msg: dict) -> str:
     return "-"
 
 
-class SchedulerState(ActorsMixin, RecoveryMixin):
+class SchedulerState(RecoveryMixin):
     """The control tables and the futures DAG."""
 
     #: ``validate`` when the constructor is not told (the tests turn it on)
@@ -90,9 +90,6 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         self.pipeline_depth = pipeline_depth
         self.locality_min_bytes = locality_min_bytes
         self._spread_turn = 0
-        self.actors: dict[bytes, ActorRecord] = {}
-        self.named: dict[tuple[str, str], bytes] = {}
-        self.dead_actors: deque[bytes] = deque()
         self.lineage = lineage
         self._hooks: dict[str, list[Callable[..., None]]] = {}
         # components: each owns its tables and registers its ops and hooks
@@ -104,7 +101,6 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         self._pending_release: deque[bytes] = deque()
         self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
         self._releasing = False
-        self.keep_dead_actors = 1000
         # dependents of failed objects, failed by a loop rather than by
         # recursion so a long chain of tasks cannot overflow the stack
         self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
@@ -115,8 +111,14 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         self._account = self.groups.account
         self.list_placement_groups = self.groups.list_placement_groups
         self.get_placement_group = self.groups.get_placement_group
+        self.actor_manager = ActorManager(self)
+        # the actor table, and the queries on it
+        self.actors = self.actor_manager.actors
+        self.get_actor = self.actor_manager.get_actor
+        self.list_actors = self.actor_manager.list_actors
         self.ops = self._register_ops()
-        for component in (self.local_first, self.direct_calls, self.streams, self.groups):
+        for component in (self.local_first, self.direct_calls, self.streams, self.groups,
+                          self.actor_manager):
             self.ops.update(component.ops())
 
     # ------------------------------------------------------------ plumbing
@@ -242,11 +244,11 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             # a driver is a job: its unfinished work goes with it (workers, which
             # come and go with the pool, hand what they own on through refs)
             self._cancel_owned_tasks(cid)
-            self._kill_owned_actors(cid)
+            self.actor_manager.kill_owned(cid)
             self.groups.remove_owned(cid)
         else:
             # an actor's process ended: the actors it created die with it
-            self._owner_process_ended(cid)
+            self.actor_manager.owner_process_ended(cid)
             if info.get("pid"):  # a crash report may come after the disconnect
                 self._gone_workers[info["pid"]] = cid
                 while len(self._gone_workers) > 1000:
@@ -289,7 +291,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if node is None or not node.alive:
             return []
         node.alive = False
-        self._actors_on_dead_node(node_id, cause)
+        self.actor_manager.node_died(node_id, cause)
         for tid in list(node.running):
             t = self.tasks.get(tid)
             if t is not None and t.state == S.RUNNING:
@@ -410,7 +412,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                     inner.holds -= 1
                     stack.append(inner)
             if ids.index_of(obj.oid) == ids.HANDLE_INDEX:
-                self._actor_out_of_scope(ids.task_of(obj.oid))
+                self.actor_manager.out_of_scope(ids.task_of(obj.oid))
                 continue
             t = self.tasks.get(ids.task_of(obj.oid))
             if t is not None and ids.index_of(obj.oid) < t.nret:  # (not a yielded value)
@@ -563,7 +565,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         self._hold(t.nested)
         if spec.get("local") and t.kind == "task":
             self.local_first.note_offer(t, spec["local"])
-        if t.kind == "call" and not self._actor_call_submitted(t):
+        if t.kind == "call" and not self.actor_manager.call_submitted(t):
             actor = self.actors.get(t.actor or b"")
             why = actor.cause if actor is not None else "unknown actor"
             self._fail_task(t, self.error_payload(ActorDiedError(
@@ -607,7 +609,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
 
     def _enqueue(self, t: TaskRecord, cause: str) -> None:
         if t.kind == "call":
-            self._actor_call_ready(t, cause)
+            self.actor_manager.call_ready(t, cause)
             return
         if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self.groups.reject(t):
             return
@@ -722,7 +724,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
     def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
         self.tx.start(t, node, f"placed on node {node.name}")
         if t.kind == "create":
-            self._dispatch_create(t, node)
+            self.actor_manager.dispatch_create(t, node)
             return
         deps = []
         for oid in t.deps:
@@ -779,7 +781,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             t.error_text = msg.get("error_text")
         self.tx.release(t)
         if t.kind == "call":
-            self._actor_call_done(t)
+            self.actor_manager.call_done(t)
         if status == "cancelled":
             self._cancel_task(t, "interrupted by cancel()")
             return
@@ -788,7 +790,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             self.tx.retry(t, "application error, retrying (retry_exceptions)")
             return
         if status == "error" and msg.get("retryable") and t.retries_left > 0 \
-                and t.kind == "call" and self._retry_call(t):
+                and t.kind == "call" and self.actor_manager.retry_call(t):
             return
         self.tx.finish(t, status == "ok")
         for r in msg["results"]:
@@ -832,8 +834,9 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         node = self.nodes.get(source)
         where = node.name if node else source
         # the actors the crashed task created die with their owner
-        self._worker_crashed(msg.get("pid"), f"the task {t.name} that created it died "
-                                              f"with its worker (pid {msg.get('pid')}): {how}")
+        self.actor_manager.worker_crashed(
+            msg.get("pid"), f"the task {t.name} that created it died with its worker "
+                            f"(pid {msg.get('pid')}): {how}")
         err = WorkerCrashedError(
             f"the worker process (pid {msg.get('pid')}) running task {t.name} on node "
             f"{where} died: {how}. The task was tried {t.attempt} time(s); raise max_retries "

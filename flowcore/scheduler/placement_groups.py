@@ -305,8 +305,8 @@ class PlacementGroups:
         if t.kind == "create":
             actor = self.s.actors.get(t.actor)
             if actor is not None:
-                self.s._actor_dead(actor, f"it cannot be scheduled: {why}",
-                                 payload=self.s.error_payload(err))
+                self.s.actor_manager.dead(actor, f"it cannot be scheduled: {why}",
+                                          payload=self.s.error_payload(err))
                 return True
         self.s._fail_task(t, self.s.error_payload(err), why)
         return True
@@ -373,7 +373,7 @@ class PlacementGroups:
                 actor.no_restart = True
                 if actor.node:
                     self.s._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
-                self.s._actor_dead(actor, cause)
+                self.s.actor_manager.dead(actor, cause)
         for t in list(self.s.tasks.values()):
             if t.state is None or t.state.done or t.kind != "task" \
                     or not self._in_group(t.strategy, pg.pgid):

@@ -124,7 +124,7 @@ class RecoveryMixin:
             a.cause = "the head restarted; waiting for its node to report it"
             self.actors[a.aid] = a
             if a.name:
-                self.named[(a.namespace, a.name)] = a.aid
+                self.actor_manager.named[(a.namespace, a.name)] = a.aid
             handle = self._obj(ids.actor_handle_id(a.aid), None)  # type: ignore[attr-defined]
             handle.state = ObjectState.READY
             for oid in a.deps + a.nested:
@@ -190,7 +190,7 @@ class RecoveryMixin:
                     a.holding = True
                 if rec is not None and a.client is None:
                     rec.actors.add(aid)
-                self._pump_actor(a)  # type: ignore[attr-defined]
+                self.actor_manager.pump(a)  # type: ignore[attr-defined]
         if rec is not None:
             rec.nodes.pop(nid, None)
             if rec.complete():
@@ -295,9 +295,9 @@ class RecoveryMixin:
                 cause = (f"its process was not found after the head restarted (its node "
                          f"{'is back' if node is not None else 'did not come back'})")
                 if a.max_restarts == -1 or a.restarts < a.max_restarts:
-                    self._restart_actor(a, cause, move=node is None)  # type: ignore[attr-defined]
+                    self.actor_manager.restart(a, cause, move=node is None)  # type: ignore
                 else:
-                    self._actor_dead(a, cause)  # type: ignore[attr-defined]
+                    self.actor_manager.dead(a, cause)  # type: ignore[attr-defined]
         for a in list(self.actors.values()):
             if a.owner in rec.drivers and not a.detached and a.state != DEAD:
                 a.no_restart = True
@@ -305,7 +305,7 @@ class RecoveryMixin:
                     kill = {"op": "kill_actor", "aid": a.aid}
                     self._send(a.node, kill)  # type: ignore[attr-defined]
                 why = "its driver did not reconnect after the head restarted"
-                self._actor_dead(a, why)  # type: ignore[attr-defined]
+                self.actor_manager.dead(a, why)  # type: ignore[attr-defined]
         for oid in rec.held:
             obj = self.objects.get(oid)
             if obj is not None:
