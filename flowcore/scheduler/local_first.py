@@ -114,6 +114,7 @@ class LocalFirst:
             return  # still waiting for arguments: placed when they are ready
         # the node found every argument in its store, even if the head has
         # not heard of one being ready yet
+        assert node is not None  # started only on a live node (above)
         t.missing.clear()
         s.counts["local_first"] = s.counts.get("local_first", 0) + 1
         s.tx.start(t, node, f"started locally on node {node.name} (local-first)", acct=node)

@@ -27,7 +27,7 @@ from .history import history_entry, history_rows
 from .lineage import Lineage
 from .local_first import LocalFirst
 from .placement_groups import PlacementGroups
-from .recovery import RecoveryMixin
+from .recovery import Recovery, RecoveryManager
 from .streams import Streams
 from .records import (LOST, PENDING, READY, NodeRecord, ObjectRecord, ObjectState, TaskRecord,
                       TaskState)
@@ -54,7 +54,7 @@ def _cause_id(msg: dict) -> str:
     return "-"
 
 
-class SchedulerState(RecoveryMixin):
+class SchedulerState:
     """The control tables and the futures DAG."""
 
     #: ``validate`` when the constructor is not told (the tests turn it on)
@@ -116,10 +116,19 @@ class SchedulerState(RecoveryMixin):
         self.actors = self.actor_manager.actors
         self.get_actor = self.actor_manager.get_actor
         self.list_actors = self.actor_manager.list_actors
+        self.recovery_manager = RecoveryManager(self)
+        self.persistent_tables = self.recovery_manager.persistent_tables
+        self.restore_tables = self.recovery_manager.restore_tables
+        self.finish_recovery = self.recovery_manager.finish_recovery
         self.ops = self._register_ops()
         for component in (self.local_first, self.direct_calls, self.streams, self.groups,
                           self.actor_manager):
             self.ops.update(component.ops())
+
+    @property
+    def recovery(self) -> Recovery | None:
+        """What a restarted head still waits for (None when not recovering)."""
+        return self.recovery_manager.recovery
 
     # ------------------------------------------------------------ plumbing
     def _register_ops(self) -> dict[str, Callable[[str, dict], None]]:
@@ -194,7 +203,7 @@ class SchedulerState(RecoveryMixin):
                     node.running.add(tid)
         self.nodes[node.node_id] = node
         self.dead_nodes.pop(node.node_id, None)
-        self._node_rejoined(node, msg)  # what its store and processes still hold
+        self.recovery_manager.node_rejoined(node, msg)  # what its store and processes still hold
         self.emit("node_joined", node.node_id)
         for tid in list(self.infeasible):
             t = self.tasks.get(tid)
@@ -236,7 +245,7 @@ class SchedulerState(RecoveryMixin):
         self.clients[source] = {"kind": msg.get("kind", "driver"), "pid": msg.get("pid"),
                                 "node_id": msg.get("node_id"), "started": time.time()}
         self.client_refs.setdefault(source, set())
-        self._client_rejoined(source, msg)  # after a head restart
+        self.recovery_manager.client_rejoined(source, msg)  # after a head restart
 
     def client_disconnected(self, cid: str) -> Out:
         info = self.clients.pop(cid, None) or {}
@@ -576,21 +585,21 @@ class SchedulerState(RecoveryMixin):
             return
         failed: ObjectRecord | None = None
         for oid in t.deps:
-            obj = self.objects.get(oid)
-            if obj is None:
+            dep = self.objects.get(oid)
+            if dep is None:
                 failed = ObjectRecord(oid, None)
                 failed.error = True
                 failed.inline = self.error_payload(ObjectLostError(
                     f"argument {oid.hex()} of task {t.name} is unknown to the head: it was "
                     f"freed or never existed"))
                 break
-            if obj.state != PENDING and obj.error:  # failed, or LOST (never becomes ready)
-                failed = obj
+            if dep.state != PENDING and dep.error:  # failed, or LOST (never becomes ready)
+                failed = dep
                 break
-            if obj.state != READY:
+            if dep.state != READY:
                 if oid not in t.missing:
                     t.missing.add(oid)
-                    obj.dependents.append(t.tid)
+                    dep.dependents.append(t.tid)
         if failed is not None:
             self._fail_task(t, failed.inline or b"", f"argument {ids.short(failed.oid)} failed")
         elif t.missing:

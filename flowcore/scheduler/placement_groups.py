@@ -79,11 +79,11 @@ def plan(strategy: str, bundles: list[dict[str, float]], fixed: dict[int, str],
         for i in todo:  # PACK: as few nodes as possible, greedily
             used = placed | set(out.values())
             order = sorted(free, key=lambda n: (n not in used, -free[n].get("CPU", 0.0)))
-            n = next((n for n in order if _fits(free[n], bundles[i])), None)
-            if n is None:
+            pick = next((n for n in order if _fits(free[n], bundles[i])), None)
+            if pick is None:
                 return None
-            out[i] = n
-            _sub(free[n], bundles[i])
+            out[i] = pick
+            _sub(free[pick], bundles[i])
         return out
     if strategy == "SPREAD":
         count: dict[str, int] = {}
@@ -91,12 +91,12 @@ def plan(strategy: str, bundles: list[dict[str, float]], fixed: dict[int, str],
             count[n] = count.get(n, 0) + 1
         for i in todo:
             order = sorted(free, key=lambda n: (count.get(n, 0), -free[n].get("CPU", 0.0)))
-            n = next((n for n in order if _fits(free[n], bundles[i])), None)
-            if n is None:
+            pick = next((n for n in order if _fits(free[n], bundles[i])), None)
+            if pick is None:
                 return None
-            out[i] = n
-            count[n] = count.get(n, 0) + 1
-            _sub(free[n], bundles[i])
+            out[i] = pick
+            count[pick] = count.get(pick, 0) + 1
+            _sub(free[pick], bundles[i])
         return out
     # STRICT_SPREAD: a distinct node per bundle, by backtracking (bounded)
     taken = set(fixed.values())
