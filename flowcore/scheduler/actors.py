@@ -18,6 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import ids
+from ..protocol import messages as wire
 from ..exceptions import ActorDiedError, ActorError
 from .direct_calls import DirectCalls
 from .records import NodeRecord, ObjectState, TaskRecord, TaskState
@@ -121,14 +122,14 @@ class ActorManager:
             existing = self.named.get(key)
             if existing is not None and self.actors[existing].state != DEAD:
                 if spec.get("get_if_exists"):
-                    s._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True,
-                                     "meta": self.actors[existing].meta(), "existing": True})
+                    s._send(source, wire.reply(msg.get("rid"), ok=True, existing=True,
+                                               meta=self.actors[existing].meta()))
                     return
-                s._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": False,
-                                 "error": f"an actor named {key[1]!r} already exists in "
-                                          f"namespace {key[0]!r}; use "
-                                          f"flowcore.get_actor({key[1]!r}) or "
-                                          f".options(get_if_exists=True)"})
+                s._send(source, wire.reply(
+                    msg.get("rid"), ok=False,
+                    error=f"an actor named {key[1]!r} already exists in namespace "
+                          f"{key[0]!r}; use flowcore.get_actor({key[1]!r}) or "
+                          f".options(get_if_exists=True)"))
                 return
         actor = ActorRecord(spec, source)
         self.actors[actor.aid] = actor
@@ -139,8 +140,7 @@ class ActorManager:
         s.client_refs.setdefault(source, set()).add(handle.oid)
         if key is not None:
             self.named[key] = actor.aid
-        s._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True,
-                         "meta": actor.meta(), "existing": False})
+        s._send(source, wire.reply(msg.get("rid"), ok=True, meta=actor.meta(), existing=False))
         create = dict(spec)
         create["nret"] = 0
         create["kind"] = "create"
@@ -160,14 +160,10 @@ class ActorManager:
 
     def start_process(self, actor: ActorRecord) -> None:
         deps = [self.s._ready(self.s.objects[oid]) for oid in actor.deps]
-        self.s._send(actor.node, {
-            "op": "start_actor", "aid": actor.aid, "tid": actor.create_tid, "fid": actor.fid,
-            "name": actor.class_name, "args": actor.args, "args_dep": actor.args_dep,
-            "deps": deps,
-            "hold": actor.hold, "max_concurrency": actor.max_concurrency,
-            "is_async": actor.is_async, "restart": actor.restarts, "bundle": actor.bundle,
-            "renv": actor.renv, "job": actor.job, "actor_name": actor.name,
-            "concurrency_groups": actor.groups})
+        self.s._send(actor.node, wire.start_actor(
+            actor.aid, actor.create_tid, actor.fid, actor.class_name, actor.args,
+            actor.args_dep, deps, actor.hold, actor.max_concurrency, actor.is_async,
+            actor.restarts, actor.bundle, actor.renv, actor.job, actor.name, actor.groups))
 
     def handle_actor_ready(self, source: str, msg: dict) -> None:
         s = self.s
@@ -201,7 +197,7 @@ class ActorManager:
         self.dead(actor, f"its constructor raised: {msg.get('error', '?')}",
                   payload=msg.get("payload"))
         if actor.node:
-            s._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+            s._send(actor.node, wire.kill_actor(actor.aid))
 
     # ------------------------------------------------------------ calls
     def call_submitted(self, t: TaskRecord) -> bool:
@@ -252,12 +248,9 @@ class ActorManager:
         s = self.s
         s.tx.start_call(t, actor, f"sent to actor {actor.class_name}")
         deps = [s._ready(s.objects[oid]) for oid in t.deps]
-        s._send(actor.client or actor.node, {
-            "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
-            "name": t.name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
-            "nret": t.nret, "res": {}, "owner": t.owner, "attempt": t.attempt,
-            "bundle": actor.bundle, "retry_exc": t.retry_exc, "cgroup": t.cgroup,
-            "xopts": t.xopts})
+        s._send(actor.client or actor.node, wire.actor_call(
+            t.tid, actor.aid, t.method, t.name, t.args, t.args_dep, deps, t.nret, t.owner,
+            t.attempt, actor.bundle, t.retry_exc, t.cgroup, t.xopts))
 
     def call_done(self, t: TaskRecord) -> None:
         actor = self.actors.get(t.actor or b"")
@@ -281,7 +274,7 @@ class ActorManager:
             return  # calls submitted before the last handle went still run
         actor.no_restart = True
         if actor.node:
-            self.s._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+            self.s._send(actor.node, wire.kill_actor(actor.aid))
         self.dead(actor, "no handle to it remains (it went out of scope: lost reference "
                          "to the actor); keep a handle, or name the actor, while "
                          "calling it")
@@ -435,7 +428,7 @@ class ActorManager:
         """Kill ``actor`` for good now (its process is told to exit)."""
         actor.no_restart = True
         if actor.node:
-            self.s._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+            self.s._send(actor.node, wire.kill_actor(actor.aid))
         self.dead(actor, cause)
 
     def handle_kill_actor(self, source: str, msg: dict) -> None:
@@ -445,7 +438,7 @@ class ActorManager:
         actor.no_restart = bool(msg.get("no_restart", True))
         if (actor.node and actor.state != PENDING) or actor.pid:
             actor.killing = True
-            self.s._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+            self.s._send(actor.node, wire.kill_actor(actor.aid))
         elif actor.state == RESTARTING:
             self.dead(actor, "it was killed with flowcore.kill() while waiting to restart")
         else:

@@ -10,7 +10,7 @@ reported as ``lineage_evicted`` instead of being rebuilt.
 """
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from .. import ids
@@ -137,6 +137,6 @@ class Lineage:
                 dep.dependents.append(t.tid)
         if t.missing:
             self.s.tx.reconstruct(t, f"re-running to rebuild a lost result ({why}); waiting "
-                                   f"for {len(t.missing)} lost argument(s)")
+                                     f"for {len(t.missing)} lost argument(s)")
         else:
             self.s.tx.reconstruct(t, f"re-running to rebuild a lost result ({why})")

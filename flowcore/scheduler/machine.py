@@ -18,6 +18,7 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
 from .. import ids
+from ..protocol import messages as wire
 from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError)
 from .actors import ActorManager
@@ -29,8 +30,7 @@ from .local_first import LocalFirst
 from .placement_groups import PlacementGroups
 from .recovery import Recovery, RecoveryManager
 from .streams import Streams
-from .records import (LOST, PENDING, READY, NodeRecord, ObjectRecord, ObjectState, TaskRecord,
-                      TaskState)
+from .records import PENDING, READY, NodeRecord, ObjectRecord, TaskRecord, TaskState
 from .states import EventLog
 from .tasks import Transitions
 
@@ -177,10 +177,12 @@ class SchedulerState:
     def _ready(self, obj: ObjectRecord) -> dict:
         """The readiness message of ``obj``, with the addresses of the nodes
         holding a copy (a consumer's node pulls from them)."""
-        msg = obj.ready_msg()
-        if "nodes" in msg:
-            msg["addrs"] = [self.nodes[n].address if n in self.nodes else "" for n in msg["nodes"]]
-        return msg
+        if obj.inline is not None:
+            return wire.object_ready(obj.oid, obj.size, obj.error, inline=obj.inline)
+        nodes = sorted(obj.nodes)
+        return wire.object_ready(obj.oid, obj.size, obj.error, nodes=nodes,
+                                 addrs=[self.nodes[n].address if n in self.nodes else ""
+                                        for n in nodes])
 
     def _send(self, dest: str | None, msg: dict) -> None:
         if dest is not None:
@@ -239,7 +241,7 @@ class SchedulerState:
         self.warnings.append(text)
         for cid, info in self.clients.items():
             if info.get("kind") == "driver":
-                self._send(cid, {"op": "warning", "text": text})
+                self._send(cid, wire.warning(text))
 
     def handle_register_client(self, source: str, msg: dict) -> None:
         self.clients[source] = {"kind": msg.get("kind", "driver"), "pid": msg.get("pid"),
@@ -280,7 +282,7 @@ class SchedulerState:
                 continue
             if t.state == S.RUNNING:
                 if t.kind == "task" and t.node:
-                    self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": False})
+                    self._send(t.node, wire.cancel_task(t.tid, False))
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
                 self.local_first.withdraw(t, False)
@@ -331,8 +333,8 @@ class SchedulerState:
             self.dead_nodes.pop(next(iter(self.dead_nodes)))
         self.emit("node_died", node_id)
         for obj in lost:
-            self.lineages.object_lost(obj, f"its only copy was on node {node.name}, which died "
-                                   f"({cause})")
+            self.lineages.object_lost(obj, f"its only copy was on node {node.name}, which "
+                                           f"died ({cause})")
         self._schedule()
         out, self.out = self.out, []
         if self.validate:
@@ -414,7 +416,7 @@ class SchedulerState:
                 continue  # already freed (e.g. listed twice in a container)
             del self.objects[obj.oid]
             for nid in obj.nodes:
-                self._send(nid, {"op": "delete_objects", "oids": [obj.oid]})
+                self._send(nid, wire.delete_objects([obj.oid]))
             for oid in obj.nested:
                 inner = self.objects.get(oid)
                 if inner is not None:
@@ -470,8 +472,7 @@ class SchedulerState:
         if src is None or not others:
             return
         target = min(others, key=lambda n: (len(n.running), n.node_id))
-        self._send(target.node_id, {"op": "prefetch", "objects": [
-            [obj.oid, obj.size, [[holder, src.address]]]]})
+        self._send(target.node_id, wire.prefetch([[obj.oid, obj.size, [[holder, src.address]]]]))
 
     def _seal(self, obj: ObjectRecord, info: dict, notify_owner: bool = True) -> None:
         obj.size = info.get("size", 0)
@@ -531,15 +532,14 @@ class SchedulerState:
                 payload = self.error_payload(ObjectLostError(
                     f"object {oid.hex()} is unknown to the head: it was freed (no reference "
                     f"remained) or never existed", reason="freed", object_id=oid.hex()))
-                self._send(source, {"op": "object_ready", "oid": oid, "size": len(payload),
-                                    "error": True, "inline": payload})
+                self._send(source, wire.object_error(oid, payload))
             elif obj.state == PENDING:
                 obj.waiters.add(source)
                 pending += 1
             else:
                 self._send(source, self._ready(obj))
         if msg.get("ack") is not None:
-            self._send(source, {"op": "subscribed", "ack": msg["ack"], "pending": pending})
+            self._send(source, wire.subscribed(msg["ack"], pending))
 
     def handle_object_location(self, source: str, msg: dict) -> None:
         """A node gained (``add``) or dropped a copy."""
@@ -637,7 +637,7 @@ class SchedulerState:
             w = (f"{what} cannot be placed: {why}; it stays pending until a node that "
                  f"fits joins")
             self.warnings.append(w)
-            self._send(t.owner, {"op": "warning", "text": w})
+            self._send(t.owner, wire.warning(w))
             return
         self.tx.queue(t, cause)
 
@@ -735,22 +735,11 @@ class SchedulerState:
         if t.kind == "create":
             self.actor_manager.dispatch_create(t, node)
             return
-        deps = []
-        for oid in t.deps:
-            obj = self.objects[oid]
-            deps.append(self._ready(obj))
-        msg = {
-            "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
-            "args_dep": t.args_dep,
-            "deps": deps, "nret": t.nret, "res": t.res, "retry_exc": t.retry_exc,
-            "owner": t.owner, "attempt": t.attempt, **self.groups.bundle_fields(t)}
-        if t.renv is not None:
-            msg["renv"] = t.renv
-        if t.job is not None:
-            msg["job"] = t.job
-        if t.xopts is not None:
-            msg["xopts"] = t.xopts
-        self._send(node.node_id, msg)
+        objects = self.objects
+        deps = [self._ready(objects[oid]) for oid in t.deps]
+        self._send(node.node_id, wire.head_run_task(
+            t.tid, t.fid, t.name, t.args, t.args_dep, deps, t.nret, t.res, t.retry_exc, t.owner,
+            t.attempt, renv=t.renv, job=t.job, xopts=t.xopts, **self.groups.bundle_fields(t)))
 
     def _done(self, t: TaskRecord) -> None:
         t.ended = time.time()
@@ -893,7 +882,7 @@ class SchedulerState:
         if t.state == S.RUNNING:
             if force:
                 self._force_cancelled.add(t.tid)
-            self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force})
+            self._send(t.node, wire.cancel_task(t.tid, force))
             return
         self.infeasible.discard(t.tid)
         self.local_first.withdraw(t, force)  # offered to its node, which may have started it

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..exceptions import PlacementGroupError
 from ..objects.serialization import serialize
+from ..protocol import messages as wire
 from ..placement_group_handle import STRATEGIES, PlacementGroup, check_bundles  # noqa: F401
 from .states import TaskState
 from .records import ObjectState
@@ -207,7 +208,7 @@ class PlacementGroups:
     # ------------------------------------------------------------ creation
     def handle_create_placement_group(self, source: str, msg: dict) -> None:
         def reply(**kw: Any) -> None:
-            self.s._send(source, {"op": "reply", "rid": msg.get("rid"), **kw})
+            self.s._send(source, wire.reply(msg.get("rid"), **kw))
         problem = check_bundles(msg.get("bundles"), msg.get("strategy"))
         name = msg.get("name") or ""
         if problem is None and name and name in self.pg_names:
@@ -259,7 +260,7 @@ class PlacementGroups:
                     pg.warned = True
                     text = f"placement group {pg.name or pg.pgid.hex()[:12]} is {pg.cause}"
                     self.s.warnings.append(text)
-                    self.s._send(pg.owner, {"op": "warning", "text": text})
+                    self.s._send(pg.owner, wire.warning(text))
             return
         for i, nid in chosen.items():
             node = self.s.nodes[nid]
@@ -267,8 +268,7 @@ class PlacementGroups:
             node.take(b.total)
             b.node = nid
             b.available = dict(b.total)
-            self.s._send(nid, {"op": "reserve_bundle", "bundle": pg.key(i),
-                             "res": dict(b.total)})
+            self.s._send(nid, wire.reserve_bundle(pg.key(i), dict(b.total)))
         pg.state, pg.feasible, pg.tried = PG_CREATED, True, None
         self.pg_waiting.discard(pg.pgid)
         pg.cause = "all bundles reserved"
@@ -357,7 +357,7 @@ class PlacementGroups:
         pg = self.pgs.get(msg["pgid"])
         if pg is not None and pg.state != PG_REMOVED:
             self._remove_group(pg, "its placement group was removed")
-        self.s._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True})
+        self.s._send(source, wire.reply(msg.get("rid"), ok=True))
 
     def _in_group(self, strategy: Any, pgid: bytes) -> bool:
         return isinstance(strategy, tuple) and len(strategy) > 1 and strategy[0] == "pg" \
@@ -372,7 +372,7 @@ class PlacementGroups:
             if in_pg and actor.state != "DEAD":
                 actor.no_restart = True
                 if actor.node:
-                    self.s._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+                    self.s._send(actor.node, wire.kill_actor(actor.aid))
                 self.s.actor_manager.dead(actor, cause)
         for t in list(self.s.tasks.values()):
             if t.state is None or t.state.done or t.kind != "task" \
@@ -380,8 +380,7 @@ class PlacementGroups:
                 continue
             if t.state == S.RUNNING:
                 self.s._force_cancelled.add(t.tid)
-                self.s._send(t.node, {"op": "cancel_task", "tid": t.tid,
-                                    "force": True})
+                self.s._send(t.node, wire.cancel_task(t.tid, True))
             else:
                 self.s.infeasible.discard(t.tid)
                 self.s._cancel_task(t, cause)
@@ -413,8 +412,7 @@ class PlacementGroups:
             node = self.s.nodes.get(b.node or "")
             if node is not None:
                 node.give({k: max(v, 0.0) for k, v in b.available.items()})
-                self.s._send(node.node_id, {"op": "release_bundle",
-                                          "bundle": pg.key(b.index)})
+                self.s._send(node.node_id, wire.release_bundle(pg.key(b.index)))
             b.node = None
             b.available = dict(b.total)
 

@@ -31,6 +31,7 @@ class TaskState(str, Enum):
 
 _DONE = {TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED}
 
+
 class NodeRecord:
     __slots__ = ("node_id", "address", "total", "available", "alive", "name",
                  "hostname", "pid", "running", "joined", "info")
@@ -181,15 +182,6 @@ class ObjectRecord:
         self.nested: list[bytes] = []
         self.owner = owner
         self.created = time.time()
-
-    def ready_msg(self) -> dict:
-        m: dict[str, Any] = {"op": "object_ready", "oid": self.oid, "size": self.size,
-                             "error": self.error}
-        if self.inline is not None:
-            m["inline"] = self.inline
-        else:
-            m["nodes"] = sorted(self.nodes)
-        return m
 
     def as_dict(self) -> dict:
         return {"object_id": self.oid.hex(), "state": self.state.value, "size": self.size,

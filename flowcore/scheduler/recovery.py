@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import ids
 from ..exceptions import ObjectLostError
+from ..protocol import messages as wire
 from .actors import ALIVE, DEAD, ActorRecord
 from .records import NodeRecord, ObjectRecord, ObjectState
 
@@ -171,11 +172,11 @@ class RecoveryManager:
             elif obj.state == ObjectState.READY and obj.inline is None:
                 obj.nodes.add(nid)
         if unknown:  # nothing references them any more
-            self.s._send(nid, {"op": "delete_objects", "oids": unknown})
+            self.s._send(nid, wire.delete_objects(unknown))
         for aid, pid in msg.get("actors") or []:
             a = self.s.actors.get(aid)
             if a is None or a.state == DEAD or (a.state != RECOVERING and a.node != nid):
-                self.s._send(nid, {"op": "kill_actor", "aid": aid})
+                self.s._send(nid, wire.kill_actor(aid))
                 continue
             if a.state == RECOVERING:
                 a.state = ALIVE
@@ -232,8 +233,7 @@ class RecoveryManager:
             obj = self.s.objects.get(oid)
             if obj is None:  # not held any more: the client still waits for it
                 payload = self._lost_payload(oid, why)
-                self.s._send(cid, {"op": "object_ready", "oid": oid,
-                                   "size": len(payload), "error": True, "inline": payload})
+                self.s._send(cid, wire.object_error(oid, payload))
                 continue
             if obj.state != ObjectState.PENDING or ids.task_of(oid) in self.s.tasks:
                 continue
