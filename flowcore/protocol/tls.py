@@ -112,7 +112,8 @@ def load(cert: str | None, key: str | None, ca: str | None,
 
 def from_env(environ: Mapping[str, str] | None = None) -> TLSConfig | None:
     env = os.environ if environ is None else environ
-    return load(*(env.get(v) for v in ENV_VARS), names=ENV_VARS)  # type: ignore[arg-type]
+    cert, key, ca = (env.get(v) for v in ENV_VARS)
+    return load(cert, key, ca, names=ENV_VARS)
 
 
 def resolve(tls: Any, where: str = "init(tls=...)") -> TLSConfig | None:
@@ -130,10 +131,10 @@ def resolve(tls: Any, where: str = "init(tls=...)") -> TLSConfig | None:
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; expected 'cert', 'key' "
                              f"and 'ca' (paths to PEM files)")
-        names = tuple(f"tls['{k}']" for k in FIELDS)
+        names = ("tls['cert']", "tls['key']", "tls['ca']")  # FIELDS
         try:
-            cfg = load(*(_path(tls.get(k), where) for k in FIELDS),
-                       names=names)  # type: ignore[arg-type]
+            cert, key, ca = (_path(tls.get(k), where) for k in FIELDS)
+            cfg = load(cert, key, ca, names=names)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if cfg is None:
