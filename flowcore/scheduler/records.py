@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import time
 from enum import Enum
-from typing import Any
+from typing import Any, Mapping
 
 from .. import ids
+from ..resources import Resources
 
 
 class TaskState(str, Enum):
@@ -40,8 +41,8 @@ class NodeRecord:
                  hostname: str, pid: int, info: dict | None = None):
         self.node_id = node_id
         self.address = address
-        self.total = dict(total)
-        self.available = dict(total)
+        self.total = Resources(total)
+        self.available = Resources(total)
         self.alive = True
         self.name = name
         self.hostname = hostname
@@ -50,26 +51,18 @@ class NodeRecord:
         self.joined = time.time()
         self.info = info or {}
 
-    def fits(self, res: dict[str, float]) -> bool:
-        av = self.available
-        for k, v in res.items():
-            if v and av.get(k, 0.0) < v - 1e-9:
-                return False
-        return True
+    # the node's account (``Resources``): what tasks, actors and bundles take
+    def fits(self, res: Mapping[str, float]) -> bool:
+        return self.available.fits(res)
 
-    def could_ever_fit(self, res: dict[str, float]) -> bool:
-        tot = self.total
-        return all(not v or tot.get(k, 0.0) >= v - 1e-9 for k, v in res.items())
+    def could_ever_fit(self, res: Mapping[str, float]) -> bool:
+        return self.total.fits(res)
 
-    def take(self, res: dict[str, float]) -> None:
-        for k, v in res.items():
-            if v:
-                self.available[k] = self.available.get(k, 0.0) - v
+    def take(self, res: Mapping[str, float]) -> None:
+        self.available.take(res)
 
-    def give(self, res: dict[str, float]) -> None:
-        for k, v in res.items():
-            if v:
-                self.available[k] = self.available.get(k, 0.0) + v
+    def give(self, res: Mapping[str, float]) -> None:
+        self.available.give(res)
 
     def as_dict(self) -> dict:
         return {"node_id": self.node_id, "name": self.name, "address": self.address,
