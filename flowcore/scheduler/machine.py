@@ -66,61 +66,83 @@ class SchedulerState:
                  lineage_memory: int = 512 << 20,
                  error_payload: Callable[[BaseException], bytes] = default_error_payload,
                  validate: bool | None = None):
+        # ---- the core tables
         self.nodes: dict[str, NodeRecord] = {}
         self.dead_nodes: dict[str, dict] = {}  # node id -> its last row, for nodes()
         self.functions: dict[bytes, dict] = {}
-        self.tasks: dict[bytes, TaskRecord] = {}
+        self.tasks: dict[bytes, TaskRecord] = {}  # the futures DAG, with objects
         self.objects: dict[bytes, ObjectRecord] = {}
-        self.client_refs: dict[str, set[bytes]] = {}
         self.clients: dict[str, dict] = {}
-        self.queues: dict[tuple, deque[bytes]] = {}
+        self.client_refs: dict[str, set[bytes]] = {}
+        self.queues: dict[tuple, deque[bytes]] = {}  # per resource shape, to be placed
         self.infeasible: set[bytes] = set()
         self.log = EventLog(event_log_size)
         self.tx = Transitions(self)  # the only code that changes a task's state
+        # ---- settings
         self.error_payload = error_payload
-        self.out: Out = []
+        self.pipeline_depth = pipeline_depth
+        self.locality_min_bytes = locality_min_bytes
+        self.lineage = lineage
+        self.replicate_puts = replicate_puts
         #: check the books after every message (on in the tests)
         self.validate = self.validate_default if validate is None else validate
+        # ---- what views read: counts, warnings, latencies, finished tasks
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self.warnings: deque[str] = deque(maxlen=1000)  # the newest, for views
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.latency_count = 0  # entries ever appended to latencies (for /metrics)
         self.history: deque[dict] = deque(maxlen=history_size)
-        self._force_cancelled: set[bytes] = set()
-        self.pipeline_depth = pipeline_depth
-        self.locality_min_bytes = locality_min_bytes
+        # ---- working state
+        self.out: Out = []  # the messages the current one produced
+        self._force_cancelled: set[bytes] = set()  # a force-cancel is on its way
         self._spread_turn = 0
-        self.lineage = lineage
+        self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
+        # frees and failures run as loops over these, not by recursion, so a
+        # long chain of containers or of dependent tasks cannot overflow the stack
+        self._pending_release: deque[bytes] = deque()
+        self._releasing = False
+        self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
+        self._failing = False
         self._hooks: dict[str, list[Callable[..., None]]] = {}
-        # components: each owns its tables and registers its ops and hooks
+        # ---- components: each owns its tables and registers its ops and hooks
         self.local_first = LocalFirst(self)
         self.direct_calls = DirectCalls(self)
         self.lineages = Lineage(self, lineage_memory)
         self.streams = Streams(self)
-        self.replicate_puts = replicate_puts
-        self._pending_release: deque[bytes] = deque()
-        self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
-        self._releasing = False
-        # dependents of failed objects, failed by a loop rather than by
-        # recursion so a long chain of tasks cannot overflow the stack
-        self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
-        self._failing = False
         self.groups = PlacementGroups(self)
-        # the group table, and what tasks and actors count resources against
+        self.actor_manager = ActorManager(self)
+        self.recovery_manager = RecoveryManager(self)
+        # their tables and queries, as the server, views and tests read them
         self.pgs = self.groups.pgs
-        self._account = self.groups.account
+        self._account = self.groups.account  # what a task's resources count against
         self.list_placement_groups = self.groups.list_placement_groups
         self.get_placement_group = self.groups.get_placement_group
-        self.actor_manager = ActorManager(self)
-        # the actor table, and the queries on it
         self.actors = self.actor_manager.actors
         self.get_actor = self.actor_manager.get_actor
         self.list_actors = self.actor_manager.list_actors
-        self.recovery_manager = RecoveryManager(self)
         self.persistent_tables = self.recovery_manager.persistent_tables
         self.restore_tables = self.recovery_manager.restore_tables
         self.finish_recovery = self.recovery_manager.finish_recovery
-        self.ops = self._register_ops()
+        # ---- op -> handler, for every message the state machine takes
+        self.ops: dict[str, Callable[[str, dict], None]] = {
+            "register_node": self.handle_register_node,
+            "register_client": self.handle_register_client,
+            "heartbeat": self.handle_heartbeat,
+            "node_warning": self.handle_node_warning,
+            "log": self.handle_log,
+            "register_function": self.handle_register_function,
+            "incref": self.handle_incref,
+            "decref": self.handle_decref,
+            "put": self.handle_put,
+            "subscribe": self.handle_subscribe,
+            "object_location": self.handle_object_location,
+            "submit": self.handle_submit,
+            "task_done": self.handle_task_done,
+            "worker_died": self.handle_worker_died,
+            "task_blocked": self.handle_task_blocked,
+            "task_unblocked": self.handle_task_unblocked,
+            "cancel": self.handle_cancel,
+        }
         for component in (self.local_first, self.direct_calls, self.streams, self.groups,
                           self.actor_manager):
             self.ops.update(component.ops())
@@ -131,12 +153,6 @@ class SchedulerState:
         return self.recovery_manager.recovery
 
     # ------------------------------------------------------------ plumbing
-    def _register_ops(self) -> dict[str, Callable[[str, dict], None]]:
-        """op -> handler, for every message the head takes (the server asks
-        this table which ops exist before it calls ``handle``)."""
-        return {name[len("handle_"):]: getattr(self, name) for name in dir(type(self))
-                if name.startswith("handle_") and callable(getattr(self, name))}
-
     def on(self, event: str, hook: Callable[..., None]) -> None:
         """Call ``hook`` on ``event``: "node_joined" / "node_died" (node id),
         "recovery_done" (a restarted head's recovery ended)."""
