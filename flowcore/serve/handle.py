@@ -86,7 +86,9 @@ class DeploymentResponse:
     async def _assignment_async(self) -> tuple[Any, Any, int]:
         if self._assigned is None:
             assert self._pending is not None
-            self._assigned = await asyncio.wrap_future(self._pending)
+            assigned: tuple[Any, Any, int] = await asyncio.wrap_future(self._pending)
+            self._assigned = assigned
+            return assigned
         return self._assigned
 
     def _arg(self) -> _ResponseArg:
