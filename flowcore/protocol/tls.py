@@ -103,11 +103,11 @@ def load(cert: str | None, key: str | None, ca: str | None,
     given = [v for v in (cert, key, ca) if v]
     if not given:
         return None
-    missing = [n for n, v in zip(names, (cert, key, ca)) if not v]
-    if missing:
+    if not (cert and key and ca):
+        missing = [n for n, v in zip(names, (cert, key, ca)) if not v]
         raise ValueError(f"TLS needs {', '.join(names[:2])} and {names[2]} together: missing "
                          f"{' and '.join(missing)}")
-    return TLSConfig(cert, key, ca, names)  # type: ignore[arg-type]
+    return TLSConfig(cert, key, ca, names)
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> TLSConfig | None:
@@ -148,7 +148,7 @@ def _path(v: Any, where: str) -> str | None:
     if v is None or isinstance(v, str):
         return v
     if isinstance(v, os.PathLike):
-        return os.fspath(v)  # type: ignore[return-value]
+        return os.fspath(v)
     raise TypeError(f"{where}: paths must be strings, got {type(v).__name__}")
 
 
