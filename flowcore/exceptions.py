@@ -52,7 +52,7 @@ class TaskError(FlowcoreError):
             return self
         cls = type(cause)
         try:
-            dual = _dual_classes.get(cls)
+            dual: Any = _dual_classes.get(cls)
             if dual is None:
                 dual = type(f"TaskError({cls.__name__})", (TaskError, cls), {
                     "__init__": TaskError.__init__,
@@ -70,7 +70,7 @@ class TaskError(FlowcoreError):
             return self
 
 
-_dual_classes: dict[type, type] = {}
+_dual_classes: dict[type, Any] = {}  # cause class -> its TaskError dual class
 
 
 def _rebuild_task_error(function_name: str, tb: str, cause: BaseException | None,

@@ -237,7 +237,7 @@ class RemoteFunction(Generic[R]):
             spec["renv"] = for_task(client, o["runtime_env"])
         refs = submit_returning(client, spec, o["num_returns"])
         del keep  # dependencies are now held by the task at the head
-        return refs  # type: ignore[return-value]
+        return refs
 
 
 def returns_mode(num_returns: Any) -> tuple[int, dict]:

@@ -17,7 +17,8 @@ from flowcore.exceptions import (NodeDiedError, ObjectLostError, TaskCancelledEr
                                  WorkerCrashedError)
 from flowcore.ids import IdSource, object_id, task_of
 from flowcore.objects.serialization import deserialize, serialize
-from flowcore.scheduler.machine import LOST, PENDING, READY, SchedulerState
+from flowcore.scheduler.machine import SchedulerState
+from flowcore.scheduler.records import LOST, PENDING, READY
 from flowcore.scheduler.states import (TRANSITIONS, EventLog, InvalidTransition, TaskState,
                                        transition_name)
 

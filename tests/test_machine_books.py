@@ -102,10 +102,11 @@ def test_every_message_type_keeps_the_books() -> None:
     call = _spec(ids, actor=aid, method="f", res={}, retries=0)
     h(C, {"op": "submit", "tasks": [call]})
     h("w-actor", _done(call["tid"]))
-    direct = _spec(ids, actor=aid, method="f", res={}, retries=0, direct=0)
+    direct = _spec(ids, actor=aid, method="f", res={}, retries=0, direct_epoch=0)
     h(C, {"op": "submit", "tasks": [direct]})
     assert s.tasks[direct["tid"]].state == S.RUNNING
-    h("w-actor", _done(direct["tid"], direct=True))
+    assert "direct_call" in [e["transition"] for e in s.log.for_task(direct["tid"])]
+    h("w-actor", _done(direct["tid"], answered_direct=True))
     node = s.actors[aid].node
     h(node, {"op": "actor_died", "aid": aid, "pid": 5, "how": "was killed"})  # restarts
     h("w-actor2", {"op": "register_client", "kind": "worker", "pid": 6})

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import frames, messages
 from ..protocol.blocking import BlockingConn
 from . import direct
+from .direct import ActorLink
 
 logger = logging.getLogger("flowcore.client")
 
@@ -25,6 +27,28 @@ ACTOR_OPS = messages.ops_for(messages.CALLER, messages.ACTOR)
 
 
 class ActorCallsMixin:
+    # provided by CoreClient
+    token: bytes
+    tls: Any
+    client_id: str
+    loop: asyncio.AbstractEventLoop
+    head: Any
+    closed: bool
+    ready: dict[bytes, dict]
+    subscribed: set[bytes]
+    expected: set[bytes]
+    direct: direct.DirectCalls
+    _lock: threading.Lock
+    _call_lock: threading.Lock
+    _dconns: dict[str, Any]
+    _dpending: dict[str, list[dict]]
+    if TYPE_CHECKING:  # pragma: no cover
+        def send(self, dest: str, msg: dict) -> None: ...
+        def _wake_from_finaliser(self) -> None: ...
+        def _object_ready(self, msg: dict) -> None: ...
+        def _head_away(self) -> bool: ...
+        def _on_io_thread(self) -> bool: ...
+
     def _submit_call(self, spec: dict) -> None:
         """Send an actor call: a direct one is written to the actor's socket
         by the calling thread itself (no hand-off to the IO thread), its
@@ -145,7 +169,7 @@ class ActorCallsMixin:
                 except (ValueError, OSError):
                     pass
 
-    def _start_lookup(self, link: direct.ActorLink) -> None:
+    def _start_lookup(self, link: ActorLink) -> None:
         """Ask the head where the actor listens and connect (on the IO thread)."""
 
         async def lookup() -> None:
@@ -157,7 +181,7 @@ class ActorCallsMixin:
                 if not r.get("address"):
                     self.direct.no_address(link)
                     return
-                conn = await self.loop.run_in_executor(
+                conn: Any = await self.loop.run_in_executor(  # (gains wbuf and writing)
                     None, BlockingConn, r["address"], self.token, 5.0, self.tls)
                 conn.wbuf = bytearray()   # what the socket did not take yet
                 conn.writing = False      # a writer callback is armed
@@ -181,7 +205,7 @@ class ActorCallsMixin:
         except RuntimeError:  # the loop is closed: shutting down
             link.looking = False
 
-    def _direct_readable(self, conn: Any, link: direct.ActorLink, drop: bool = False) -> None:
+    def _direct_readable(self, conn: Any, link: ActorLink, drop: bool = False) -> None:
         """(IO thread) Answers from an actor; or its connection closed."""
         from ..exceptions import ProtocolError
         if not drop:
@@ -220,7 +244,7 @@ class ActorCallsMixin:
                 for lk in self.direct.links.values():
                     self.direct.answered(lk, msg["tid"])
 
-    def _direct_lost(self, link: direct.ActorLink, current: bool = True) -> None:
+    def _direct_lost(self, link: ActorLink, current: bool = True) -> None:
         """The actor's connection closed: the head tells the outcome of the
         calls it had not answered yet.  Under ``_call_lock``: a call written
         to the actor just now has its record queued for the head (by

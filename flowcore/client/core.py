@@ -21,7 +21,7 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from .. import ids
-from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError,
+from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError, SerializationError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
 from ..protocol.chunks import fetch_chunks
@@ -442,7 +442,8 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
             self.send(dest, m)
 
     def _subscribed(self, msg: dict) -> None:  # see _subscribe_missing(ack=)
-        cb = self._acks.pop(msg.get("ack"), None)
+        ack = msg.get("ack")
+        cb = self._acks.pop(ack, None) if ack is not None else None
         if cb is not None:
             cb(msg.get("pending", 0))
 
@@ -577,7 +578,7 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
         task = self.current_task
         if task is not None and "parent" not in spec:
             spec["parent"] = task["tid"]  # for recursive cancellation
-        refs = [ObjectRef(oid, self, counted=True) for oid in oids]
+        refs: list[ObjectRef[Any]] = [ObjectRef(oid, self, counted=True) for oid in oids]
         if spec.get("actor") is not None and direct.ENABLED and not self.remote_store:
             self._prepare_direct(spec["actor"])
             self._submit_call(spec)
@@ -663,7 +664,7 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
             with self._lock:
                 self.ready[oid] = messages.object_ready_stored(oid, [self.node_id], s.total_size,
                                                                bool(nested))
-        ref = ObjectRef(oid, self, counted=True)
+        ref: ObjectRef[Any] = ObjectRef(oid, self, counted=True)
         self.send("head", msg)
         return ref
 
@@ -952,11 +953,11 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
         except Exception as exc:
             raise self._unreadable(info, exc) from exc
 
-    def _unreadable(self, info: dict, exc: BaseException) -> "SerializationError":
+    def _unreadable(self, info: dict, exc: BaseException) -> SerializationError:
         """The error for an object whose bytes arrived but do not unpickle
         here: which task made it, and which class was being rebuilt."""
         from .. import ids
-        from ..objects.serialization import SerializationError, rebuilding_class
+        from ..objects.serialization import rebuilding_class
         oid = info["oid"]
         what = f"object {oid.hex()}"
         if asyncio._get_running_loop() is None:  # may block: ask the head for the name
@@ -1070,15 +1071,19 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
             else:
                 work()
 
-        fut.add_done_callback(
-            lambda f, r=ref: self.cancel(r, False, True) if f.cancelled() else None)
+        def cancel_if_cancelled(f: concurrent.futures.Future, r: ObjectRef = ref) -> None:
+            if f.cancelled():
+                self.cancel(r, False, True)
+        fut.add_done_callback(cancel_if_cancelled)
         with self._lock:
             if oid in self.ready:
                 ready_now = True
             else:
                 ready_now = False
-                # keep the ref alive until resolved
-                self.waiters.setdefault(oid, []).append(lambda r=ref: resolve())
+
+                def resolve_holding(r: ObjectRef = ref) -> None:
+                    resolve()  # the default keeps the ref alive until resolved
+                self.waiters.setdefault(oid, []).append(resolve_holding)
         if ready_now:
             resolve()
         else:

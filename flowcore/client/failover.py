@@ -48,6 +48,9 @@ class NodeFailoverMixin:
     _node_switch: "asyncio.Future | None"
     _reattaching: "asyncio.Future | None"
     _reconnecting: "asyncio.Future | None"
+    if TYPE_CHECKING:  # pragma: no cover - provided by CoreClient
+        async def _connect_node(self) -> "tuple[Comm, dict]": ...
+        def _drain(self) -> None: ...
 
     async def _switch_node(self, dead: Comm) -> bool:
         """The driver's node went away: carry on through another node (one

@@ -32,7 +32,7 @@ class Base(RequestHandler):
     api = False
     auth_required = True
 
-    def initialize(self, dash: "Dashboard", **kw: Any) -> None:  # type: ignore[override]
+    def initialize(self, dash: "Dashboard", **kw: Any) -> None:
         self.dash = dash
         self._head_header()
 

@@ -262,12 +262,12 @@ def _collapse(by_id: dict[Any, _Node], edges: list, threshold: int) -> list[list
     limit = max(threshold, 1)
     drawn: list[list[_Node]] = []
     placed: set[tuple] = set()
-    for node, key in keyed:
-        if key is None or len(sibling_sets[key]) <= limit:
+    for node, siblings in keyed:
+        if siblings is None or len(sibling_sets[siblings]) <= limit:
             drawn.append([node])
-        elif key not in placed:
-            placed.add(key)
-            drawn.append(sibling_sets[key])
+        elif siblings not in placed:
+            placed.add(siblings)
+            drawn.append(sibling_sets[siblings])
     return drawn
 
 

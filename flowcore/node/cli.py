@@ -149,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         path = os.path.join(state_dir, "token")
         if os.path.exists(path):
             token = daemon.resolve_token(None, path)
-        else:
-            print("flowcore-worker: no token: pass --token, --token-file or set FLOWCORE_TOKEN",
-                  file=sys.stderr)
-            return 2
+    if token is None:
+        print("flowcore-worker: no token: pass --token, --token-file or set FLOWCORE_TOKEN",
+              file=sys.stderr)
+        return 2
     resources = {}
     if args.resources:
         try:

@@ -29,7 +29,7 @@ def _read_counter(path: str, key: str = "oom_kill") -> int | None:
 def _cgroup_counter_files(proc_cgroup: str = "/proc/self/cgroup",
                           root: str = "/sys/fs/cgroup") -> list[str]:
     """The OOM counter files of this process's memory cgroup (v2 or v1)."""
-    out = []
+    out: list[str] = []
     try:
         with open(proc_cgroup) as f:
             lines = f.read().splitlines()
@@ -66,8 +66,9 @@ class OomWatch:
     def observe(self) -> dict[str, int]:
         """Read the counters; return those that rose since the last read."""
         now = self._counts()
+        last = self._last
         rose = {p: v for p, v in now.items()
-                if v is not None and self._last.get(p) is not None and v > self._last[p]}
+                if v is not None and (was := last.get(p)) is not None and v > was}
         self._last = now
         return rose
 

@@ -59,5 +59,5 @@ class ForwardingStream(io.TextIOBase):
 
 def install(client: Any, label: Any) -> None:
     import sys
-    sys.stdout = ForwardingStream(sys.stdout, client, "stdout", label)  # type: ignore
-    sys.stderr = ForwardingStream(sys.stderr, client, "stderr", label)  # type: ignore
+    sys.stdout = ForwardingStream(sys.stdout, client, "stdout", label)
+    sys.stderr = ForwardingStream(sys.stderr, client, "stderr", label)

@@ -41,7 +41,10 @@ class PackageCache:
         fut = self._pending.get(h)
         if fut is None:
             fut = self._pending[h] = asyncio.ensure_future(self._install(h))
-            fut.add_done_callback(lambda _f, h=h: self._pending.pop(h, None))
+
+            def forget(_f: asyncio.Future, h: str = h) -> None:
+                self._pending.pop(h, None)
+            fut.add_done_callback(forget)
         return await asyncio.shield(fut)
 
     async def _install(self, h: str) -> str:

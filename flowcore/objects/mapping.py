@@ -90,7 +90,7 @@ class _Release:
     def __init__(self, m: _Map | None, key: int, on_release: Callable[[], None]) -> None:
         self._map = m
         self._key = key
-        self._on_release = on_release
+        self._on_release: Callable[[], None] | None = on_release
 
     def __call__(self) -> None:
         m, cb = self._map, self._on_release
@@ -126,6 +126,7 @@ class StoreMapping:
             return memoryview(bytearray(0))
         m = self._map(loc.path)
         m.check(loc)
+        assert m.mm is not None  # loc.size > 0 fits in it: it is mapped
         return memoryview(m.mm)[loc.offset:loc.offset + loc.size]
 
     def readable(self, loc: Location, on_release: Callable[[], None]) -> memoryview:

@@ -57,7 +57,7 @@ def note_contained_ref(oid: bytes) -> None:
 
 
 # -- pickling ----------------------------------------------------------------
-def _rebuild_ndarray(buf: Any, dtype: Any, shape: tuple, order: str) -> Any:
+def _rebuild_ndarray(buf: Any, dtype: Any, shape: tuple, order: Any) -> Any:
     import numpy as np
     if not dtype.itemsize:  # zero-itemsize dtypes (e.g. "V0") hold no data
         return np.empty(shape, dtype=dtype, order=order)

@@ -296,7 +296,7 @@ class ObjectStore:
     def unpin(self, oid: bytes, client: str) -> None:
         e = self._entries.get(oid)
         n = e.pins.get(client, 0) if e is not None else 0
-        if not n:
+        if not n or e is None:
             raise KeyError(f"object {oid.hex()} is not pinned by {client!r}")
         if n > 1:
             e.pins[client] = n - 1

@@ -405,6 +405,121 @@ def create_actor_in_worker(spec: dict) -> dict:
     return msg
 
 
+# ------------------------------------------------------------------ the head's builders
+def reply(rid: Any, **fields: Any) -> dict:
+    """The answer to a request (``rid``: the request's reply id)."""
+    return {"op": "reply", "rid": rid, **fields}
+
+
+def object_ready(oid: bytes, size: int, error: bool, inline: bytes | None = None,
+                 nodes: list[str] | None = None, addrs: list[str] | None = None) -> dict:
+    """Head to client: ``oid`` is ready, its value inline, or in the stores of
+    ``nodes`` (at ``addrs``)."""
+    msg: dict[str, Any] = {"op": "object_ready", "oid": oid, "size": size, "error": error}
+    if inline is not None:
+        msg["inline"] = inline
+    else:
+        msg["nodes"] = nodes
+        if addrs is not None:
+            msg["addrs"] = addrs
+    return msg
+
+
+def object_error(oid: bytes, payload: bytes) -> dict:
+    """Head to client: ``oid``'s value is the error ``payload``."""
+    return {"op": "object_ready", "oid": oid, "size": len(payload), "error": True,
+            "inline": payload}
+
+
+def subscribed(ack: Any, pending: int) -> dict:
+    return {"op": "subscribed", "ack": ack, "pending": pending}
+
+
+def warning(text: str) -> dict:
+    return {"op": "warning", "text": text}
+
+
+def head_run_task(tid: bytes, fid: bytes, name: str, args: bytes | None,
+                  args_dep: int | None, deps: list[dict], nret: int, res: dict,
+                  retry_exc: Any, owner: str, attempt: int, bundle: str | None = None,
+                  pg_capture: bytes | None = None, renv: dict | None = None,
+                  job: list | None = None, xopts: dict | None = None) -> dict:
+    """Head to node: run a task (``deps``: the readiness of its arguments)."""
+    msg = {"op": "run_task", "tid": tid, "fid": fid, "name": name, "args": args,
+           "args_dep": args_dep, "deps": deps, "nret": nret, "res": res,
+           "retry_exc": retry_exc, "owner": owner, "attempt": attempt}
+    if bundle:
+        msg["bundle"] = bundle
+        if pg_capture is not None:
+            msg["pg_capture"] = pg_capture
+    if renv is not None:
+        msg["renv"] = renv
+    if job is not None:
+        msg["job"] = job
+    if xopts is not None:
+        msg["xopts"] = xopts
+    return msg
+
+
+def actor_call(tid: bytes, aid: bytes, method: str | None, name: str, args: bytes | None,
+               args_dep: int | None, deps: list[dict], nret: int, owner: str, attempt: int,
+               bundle: str | None, retry_exc: Any, cgroup: str | None,
+               xopts: dict | None) -> dict:
+    """Head to an actor's process (or its node): run a call."""
+    return {"op": "run_task", "tid": tid, "actor": aid, "method": method, "name": name,
+            "args": args, "args_dep": args_dep, "deps": deps, "nret": nret, "res": {},
+            "owner": owner, "attempt": attempt, "bundle": bundle, "retry_exc": retry_exc,
+            "cgroup": cgroup, "xopts": xopts}
+
+
+def start_actor(aid: bytes, tid: bytes, fid: bytes, name: str, args: bytes | None,
+                args_dep: int | None, deps: list[dict], hold: dict,
+                max_concurrency: int | None, is_async: bool, restart: int,
+                bundle: str | None, renv: dict | None, job: list | None,
+                actor_name: str | None, concurrency_groups: dict) -> dict:
+    """Head to node: start a process for an actor (``restart``: how many
+    times it restarted before)."""
+    return {"op": "start_actor", "aid": aid, "tid": tid, "fid": fid, "name": name,
+            "args": args, "args_dep": args_dep, "deps": deps, "hold": hold,
+            "max_concurrency": max_concurrency, "is_async": is_async, "restart": restart,
+            "bundle": bundle, "renv": renv, "job": job, "actor_name": actor_name,
+            "concurrency_groups": concurrency_groups}
+
+
+def kill_actor(aid: bytes) -> dict:
+    """Head to node: kill an actor's process."""
+    return {"op": "kill_actor", "aid": aid}
+
+
+def cancel_task(tid: bytes, force: bool, local: bool = False) -> dict:
+    """Head to node: cancel a task (``local``: one offered to it local-first)."""
+    msg = {"op": "cancel_task", "tid": tid, "force": force}
+    if local:
+        msg["local"] = True
+    return msg
+
+
+def delete_objects(oids: list[bytes]) -> dict:
+    return {"op": "delete_objects", "oids": oids}
+
+
+def prefetch(objects: list) -> dict:
+    """Pull copies: ``[oid, size, [[node id, address], ...]]`` per object."""
+    return {"op": "prefetch", "objects": objects}
+
+
+def local_query(tids: list[bytes]) -> dict:
+    return {"op": "local_query", "tids": tids}
+
+
+def reserve_bundle(bundle: str, res: dict[str, float]) -> dict:
+    return {"op": "reserve_bundle", "bundle": bundle, "res": res}
+
+
+def release_bundle(bundle: str) -> dict:
+    return {"op": "release_bundle", "bundle": bundle}
+
+
 def write_docs(path: str) -> None:
     """Replace the generated message list in the markdown file at ``path``."""
     with open(path) as f:

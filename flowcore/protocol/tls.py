@@ -103,16 +103,17 @@ def load(cert: str | None, key: str | None, ca: str | None,
     given = [v for v in (cert, key, ca) if v]
     if not given:
         return None
-    missing = [n for n, v in zip(names, (cert, key, ca)) if not v]
-    if missing:
+    if not (cert and key and ca):
+        missing = [n for n, v in zip(names, (cert, key, ca)) if not v]
         raise ValueError(f"TLS needs {', '.join(names[:2])} and {names[2]} together: missing "
                          f"{' and '.join(missing)}")
-    return TLSConfig(cert, key, ca, names)  # type: ignore[arg-type]
+    return TLSConfig(cert, key, ca, names)
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> TLSConfig | None:
     env = os.environ if environ is None else environ
-    return load(*(env.get(v) for v in ENV_VARS), names=ENV_VARS)  # type: ignore[arg-type]
+    cert, key, ca = (env.get(v) for v in ENV_VARS)
+    return load(cert, key, ca, names=ENV_VARS)
 
 
 def resolve(tls: Any, where: str = "init(tls=...)") -> TLSConfig | None:
@@ -130,10 +131,10 @@ def resolve(tls: Any, where: str = "init(tls=...)") -> TLSConfig | None:
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; expected 'cert', 'key' "
                              f"and 'ca' (paths to PEM files)")
-        names = tuple(f"tls['{k}']" for k in FIELDS)
+        names = ("tls['cert']", "tls['key']", "tls['ca']")  # FIELDS
         try:
-            cfg = load(*(_path(tls.get(k), where) for k in FIELDS),
-                       names=names)  # type: ignore[arg-type]
+            cert, key, ca = (_path(tls.get(k), where) for k in FIELDS)
+            cfg = load(cert, key, ca, names=names)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if cfg is None:
@@ -147,7 +148,7 @@ def _path(v: Any, where: str) -> str | None:
     if v is None or isinstance(v, str):
         return v
     if isinstance(v, os.PathLike):
-        return os.fspath(v)  # type: ignore[return-value]
+        return os.fspath(v)
     raise TypeError(f"{where}: paths must be strings, got {type(v).__name__}")
 
 

@@ -1,4 +1,4 @@
-"""Actors in the head's state machine (a mixin of ``SchedulerState``).
+"""Actors: a component of the head's state machine (``ActorManager``).
 
 An actor is a graph node of its own: its creation is a task (so its
 constructor arguments are ordinary dependencies and the creation shows in
@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import ids
+from ..protocol import messages as wire
 from ..exceptions import ActorDiedError, ActorError
-from .states import TaskState
 from .direct_calls import DirectCalls
-from .records import ObjectState
+from .records import NodeRecord, ObjectState, TaskRecord, TaskState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .machine import SchedulerState
 
 S = TaskState
 PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
@@ -85,14 +88,33 @@ class ActorRecord:
                 "created": self.created}
 
 
-class ActorsMixin:
-    """Actor handling for ``SchedulerState`` (which provides the task machinery)."""
+class ActorManager:
+    """Owns the actor table, the names and the newest dead actors; registers
+    the actor ops (creation, readiness, failure, exit, death, kill) and is
+    told by the state machine when an actor's call is submitted, ready or
+    done, when a handle goes out of scope and when a node, a driver or a
+    worker goes away."""
 
-    actors: dict[bytes, ActorRecord]
-    named: dict[tuple[str, str], bytes]
+    #: dead actors kept in the table (their causes stay visible)
+    keep_dead_actors = 1000
+
+    def __init__(self, state: "SchedulerState"):
+        self.s = state
+        self.actors: dict[bytes, ActorRecord] = {}
+        self.named: dict[tuple[str, str], bytes] = {}
+        self.dead_actors: deque[bytes] = deque()
+
+    def ops(self) -> dict[str, Callable[[str, dict], None]]:
+        return {"create_actor": self.handle_create_actor,
+                "actor_ready": self.handle_actor_ready,
+                "actor_failed": self.handle_actor_failed,
+                "actor_exit": self.handle_actor_exit,
+                "actor_died": self.handle_actor_died,
+                "kill_actor": self.handle_kill_actor}
 
     # ------------------------------------------------------------ creation
     def handle_create_actor(self, source: str, msg: dict) -> None:
+        s = self.s
         spec = msg["spec"]
         key = None
         if spec.get("actor_name"):
@@ -100,55 +122,51 @@ class ActorsMixin:
             existing = self.named.get(key)
             if existing is not None and self.actors[existing].state != DEAD:
                 if spec.get("get_if_exists"):
-                    self._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True,
-                                        "meta": self.actors[existing].meta(), "existing": True})
+                    s._send(source, wire.reply(msg.get("rid"), ok=True, existing=True,
+                                               meta=self.actors[existing].meta()))
                     return
-                self._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": False,
-                                    "error": f"an actor named {key[1]!r} already exists in "
-                                             f"namespace {key[0]!r}; use "
-                                             f"flowcore.get_actor({key[1]!r}) or "
-                                             f".options(get_if_exists=True)"})
+                s._send(source, wire.reply(
+                    msg.get("rid"), ok=False,
+                    error=f"an actor named {key[1]!r} already exists in namespace "
+                          f"{key[0]!r}; use flowcore.get_actor({key[1]!r}) or "
+                          f".options(get_if_exists=True)"))
                 return
         actor = ActorRecord(spec, source)
         self.actors[actor.aid] = actor
         # the creator's handle: counted like a ref to an (always ready) object
-        handle = self._obj(ids.actor_handle_id(actor.aid), source)  # type: ignore[attr-defined]
+        handle = s._obj(ids.actor_handle_id(actor.aid), source)
         handle.state = ObjectState.READY
         handle.clients.add(source)
-        self.client_refs.setdefault(source, set()).add(handle.oid)  # type: ignore[attr-defined]
+        s.client_refs.setdefault(source, set()).add(handle.oid)
         if key is not None:
             self.named[key] = actor.aid
-        self._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True,
-                            "meta": actor.meta(), "existing": False})
+        s._send(source, wire.reply(msg.get("rid"), ok=True, meta=actor.meta(), existing=False))
         create = dict(spec)
         create["nret"] = 0
         create["kind"] = "create"
         create["res"] = actor.place
         create["retries"] = 0
-        self._submit(source, create)  # type: ignore[attr-defined]
-        self._hold(actor.deps + actor.nested)  # type: ignore[attr-defined]
+        s._submit(source, create)
+        s._hold(actor.deps + actor.nested)
 
-    def _dispatch_create(self, t: Any, node: Any) -> None:
+    def dispatch_create(self, t: TaskRecord, node: NodeRecord) -> None:
         """The creation task was placed: ask the node to start the actor."""
-        actor = self.actors.get(t.actor)
+        actor = self.actors.get(t.actor or b"")
         if actor is None:
             return
         actor.node = node.node_id
         actor.bundle = t.bundle
-        self._start_actor_process(actor, t)
+        self.start_process(actor)
 
-    def _start_actor_process(self, actor: ActorRecord, t: Any = None) -> None:
-        deps = [self._ready(self.objects[oid]) for oid in actor.deps]  # type: ignore[attr-defined]
-        self._send(actor.node, {
-            "op": "start_actor", "aid": actor.aid, "tid": actor.create_tid, "fid": actor.fid,
-            "name": actor.class_name, "args": actor.args, "args_dep": actor.args_dep,
-            "deps": deps,
-            "hold": actor.hold, "max_concurrency": actor.max_concurrency,
-            "is_async": actor.is_async, "restart": actor.restarts, "bundle": actor.bundle,
-            "renv": actor.renv, "job": actor.job, "actor_name": actor.name,
-            "concurrency_groups": actor.groups})
+    def start_process(self, actor: ActorRecord) -> None:
+        deps = [self.s._ready(self.s.objects[oid]) for oid in actor.deps]
+        self.s._send(actor.node, wire.start_actor(
+            actor.aid, actor.create_tid, actor.fid, actor.class_name, actor.args,
+            actor.args_dep, deps, actor.hold, actor.max_concurrency, actor.is_async,
+            actor.restarts, actor.bundle, actor.renv, actor.job, actor.name, actor.groups))
 
     def handle_actor_ready(self, source: str, msg: dict) -> None:
+        s = self.s
         actor = self.actors.get(msg["aid"])
         if actor is None or actor.state == DEAD:
             return
@@ -156,34 +174,35 @@ class ActorsMixin:
         actor.pid = msg.get("pid")
         actor.client = source  # the actor's own process: calls go straight to it
         actor.direct_port = msg.get("direct_port")
-        node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
-        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        node = s.nodes.get(actor.node or "")
+        t = s.tasks.get(actor.create_tid)
         if t is not None and t.state == S.RUNNING:
-            self.tx.finish_create(t, True)  # type: ignore[attr-defined]
-            self._done(t)  # type: ignore[attr-defined]
+            s.tx.finish_create(t, True)
+            s._done(t)
         if node is not None and actor.hold and not actor.holding:
-            self._account(node, actor.bundle).take(actor.hold)  # type: ignore[attr-defined]
+            s._account(node, actor.bundle).take(actor.hold)
             actor.holding = True
-        self._pump_actor(actor)
+        self.pump(actor)
 
     def handle_actor_failed(self, source: str, msg: dict) -> None:
         """The constructor raised: the actor is dead, with that error as cause."""
+        s = self.s
         actor = self.actors.get(msg["aid"])
         if actor is None:
             return
-        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        t = s.tasks.get(actor.create_tid)
         if t is not None and t.state == S.RUNNING:
-            self.tx.finish_create(t, False)  # type: ignore[attr-defined]
-            self._done(t)  # type: ignore[attr-defined]
-        self._actor_dead(actor, f"its constructor raised: {msg.get('error', '?')}",
-                         payload=msg.get("payload"))
+            s.tx.finish_create(t, False)
+            s._done(t)
+        self.dead(actor, f"its constructor raised: {msg.get('error', '?')}",
+                  payload=msg.get("payload"))
         if actor.node:
-            self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+            s._send(actor.node, wire.kill_actor(actor.aid))
 
     # ------------------------------------------------------------ calls
-    def _actor_call_submitted(self, t: Any) -> bool:
+    def call_submitted(self, t: TaskRecord) -> bool:
         """Register a call in its caller's queue; False if the actor is gone."""
-        actor = self.actors.get(t.actor)
+        actor = self.actors.get(t.actor or b"")
         if actor is None or actor.state == DEAD:
             return False
         actor.queues.setdefault(t.owner, deque()).append(t.tid)
@@ -191,32 +210,33 @@ class ActorsMixin:
             t.retries_left = 10**9 if actor.max_task_retries == -1 else actor.max_task_retries
         return True
 
-    def _retry_call(self, t: Any) -> bool:
+    def retry_call(self, t: TaskRecord) -> bool:
         """A call raised an exception its ``retry_exceptions`` names, with
         retries left: run it again, before its caller's later calls."""
-        actor = self.actors.get(t.actor)
+        actor = self.actors.get(t.actor or b"")
         if actor is None or actor.state == DEAD:
             return False
-        self.tx.retry_call(t, actor,  # type: ignore[attr-defined]
-                           "application error, retrying (retry_exceptions)")
-        self._pump_actor(actor)
+        self.s.tx.retry_call(t, actor, "application error, retrying (retry_exceptions)")
+        self.pump(actor)
         return True
 
-    def _actor_call_ready(self, t: Any, cause: str) -> None:
-        actor = self.actors.get(t.actor)
-        self.tx.queue_call(t, actor, cause)  # type: ignore[attr-defined]
+    def call_ready(self, t: TaskRecord, cause: str) -> None:
+        actor = self.actors.get(t.actor or b"")
+        self.s.tx.queue_call(t, actor, cause)
         if actor is not None:
-            self._pump_actor(actor)
+            self.pump(actor)
 
-    def _pump_actor(self, actor: ActorRecord) -> None:
+    def pump(self, actor: ActorRecord) -> None:
+        """Send the actor the calls at the head of its callers' queues."""
         if actor.state != ALIVE or actor.killing:
             return  # a kill is on its way: later calls wait for its outcome
+        tasks = self.s.tasks
         for caller, q in actor.queues.items():
             if caller in actor.direct:
                 continue  # its direct calls finish first (they were sent before)
             while q:
-                t = self.tasks.get(q[0])  # type: ignore[attr-defined]
-                if t is None or t.state.done:
+                t = tasks.get(q[0])
+                if t is None or (t.state is not None and t.state.done):
                     q.popleft()
                     continue
                 if t.state != S.QUEUED:
@@ -224,26 +244,24 @@ class ActorsMixin:
                 q.popleft()
                 self._dispatch_call(actor, t)
 
-    def _dispatch_call(self, actor: ActorRecord, t: Any) -> None:
-        self.tx.start_call(t, actor, f"sent to actor {actor.class_name}")  # type: ignore
-        deps = [self._ready(self.objects[oid]) for oid in t.deps]  # type: ignore[attr-defined]
-        self._send(actor.client or actor.node, {
-            "op": "run_task", "tid": t.tid, "actor": actor.aid, "method": t.method,
-            "name": t.name, "args": t.args, "args_dep": t.args_dep, "deps": deps,
-            "nret": t.nret, "res": {}, "owner": t.owner, "attempt": t.attempt,
-            "bundle": actor.bundle, "retry_exc": t.retry_exc, "cgroup": t.cgroup,
-            "xopts": t.xopts})
+    def _dispatch_call(self, actor: ActorRecord, t: TaskRecord) -> None:
+        s = self.s
+        s.tx.start_call(t, actor, f"sent to actor {actor.class_name}")
+        deps = [s._ready(s.objects[oid]) for oid in t.deps]
+        s._send(actor.client or actor.node, wire.actor_call(
+            t.tid, actor.aid, t.method, t.name, t.args, t.args_dep, deps, t.nret, t.owner,
+            t.attempt, actor.bundle, t.retry_exc, t.cgroup, t.xopts))
 
-    def _actor_call_done(self, t: Any) -> None:
-        actor = self.actors.get(t.actor)
+    def call_done(self, t: TaskRecord) -> None:
+        actor = self.actors.get(t.actor or b"")
         if actor is not None:
             actor.inflight.discard(t.tid)
             if DirectCalls.call_done(actor, t):
-                self._pump_actor(actor)
+                self.pump(actor)
             if actor.out_of_scope:
                 self._maybe_retire(actor)
 
-    def _actor_out_of_scope(self, aid: bytes) -> None:
+    def out_of_scope(self, aid: bytes) -> None:
         """The last handle is gone (called when its handle object is freed)."""
         actor = self.actors.get(aid)
         if actor is None or actor.state == DEAD or actor.detached:
@@ -256,10 +274,10 @@ class ActorsMixin:
             return  # calls submitted before the last handle went still run
         actor.no_restart = True
         if actor.node:
-            self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
-        self._actor_dead(actor, "no handle to it remains (it went out of scope: lost reference "
-                                "to the actor); keep a handle, or name the actor, while "
-                                "calling it")
+            self.s._send(actor.node, wire.kill_actor(actor.aid))
+        self.dead(actor, "no handle to it remains (it went out of scope: lost reference "
+                         "to the actor); keep a handle, or name the actor, while "
+                         "calling it")
 
     # ------------------------------------------------------------ death
     def handle_actor_exit(self, source: str, msg: dict) -> None:
@@ -270,81 +288,88 @@ class ActorsMixin:
         if actor is None or actor.state == DEAD or source != actor.client:
             return
         actor.no_restart = True
-        self._actor_dead(actor, f"{msg.get('cause') or 'it exited'} (an intended exit: it is "
-                                f"not restarted)")
+        self.dead(actor, f"{msg.get('cause') or 'it exited'} (an intended exit: it is "
+                         f"not restarted)")
 
     def handle_actor_died(self, source: str, msg: dict) -> None:
         actor = self.actors.get(msg["aid"])
         if actor is None or actor.state == DEAD:
             return
-        node = self.nodes.get(source)  # type: ignore[attr-defined]
+        node = self.s.nodes.get(source)
         where = node.name if node else source
         how = msg.get("how", "exited")
         cause = (f"the actor's process (pid {msg.get('pid') or actor.pid}) on node {where} "
                  f"{how}")
         if actor.no_restart:
-            self._actor_dead(actor, "it was killed with flowcore.kill()")
+            self.dead(actor, "it was killed with flowcore.kill()")
             return
         if actor.max_restarts == -1 or actor.restarts < actor.max_restarts:
-            self._restart_actor(actor, cause)
+            self.restart(actor, cause)
         else:
             extra = "" if actor.max_restarts == 0 else \
                 f" after {actor.restarts} restart(s) (max_restarts={actor.max_restarts})"
-            self._actor_dead(actor, cause + extra)
+            self.dead(actor, cause + extra)
 
-    def _restart_actor(self, actor: ActorRecord, cause: str, move: bool = False) -> None:
+    def restart(self, actor: ActorRecord, cause: str, move: bool = False) -> None:
+        """Start the actor again: in place, or (``move``, or its node is gone)
+        placed again like a new one."""
+        s = self.s
         actor.killing = False
         actor.restarts += 1
         actor.state = RESTARTING
         actor.cause = cause
         self._release_hold(actor)
-        for tid in sorted(actor.inflight, key=lambda x: self.tasks[x].started  # type: ignore
-                          if x in self.tasks else 0, reverse=True):  # type: ignore[attr-defined]
-            t = self.tasks.get(tid)  # type: ignore[attr-defined]
+
+        def started(tid: bytes) -> float:
+            t = s.tasks.get(tid)
+            return t.started if t is not None else 0
+        for tid in sorted(actor.inflight, key=started, reverse=True):
+            t = s.tasks.get(tid)
             if t is None or t.state != S.RUNNING:
                 continue
             if t.retries_left > 0:
-                self.tx.retry_call(t, actor,  # type: ignore[attr-defined]
-                                   f"actor restarting ({cause}); call retried", count=False)
+                s.tx.retry_call(t, actor, f"actor restarting ({cause}); call retried",
+                                count=False)
             else:
-                self._fail_task(t, self.error_payload(ActorError(  # type: ignore[attr-defined]
+                s._fail_task(t, s.error_payload(ActorError(
                     f"actor {actor.class_name} died while running {t.name}: {cause}; it is "
                     f"restarting ({actor.restarts}/{actor.max_restarts}). Set "
                     f"max_task_retries to retry such calls")), f"actor died: {cause}")
         actor.inflight.clear()
         actor.direct.clear()
         actor.direct_port = None
-        node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
+        node = s.nodes.get(actor.node or "")
         if move or node is None or not node.alive:
-            self._replace_actor(actor, cause)
+            self._replace(actor, cause)
             return
-        self._start_actor_process(actor)
+        self.start_process(actor)
 
-    def _replace_actor(self, actor: ActorRecord, cause: str) -> None:
+    def _replace(self, actor: ActorRecord, cause: str) -> None:
         """Its node is gone: the actor is placed again like a new one (its
         creation task queued for a node where its resources fit, in its
         placement-group bundle if it had one; node affinity no longer binds
         it), and stays RESTARTING, with
         its calls waiting, until a node can take it."""
-        s = actor.strategy
-        strategy = tuple(s) if isinstance(s, list) else s
+        s = self.s
+        st = actor.strategy
+        strategy = tuple(st) if isinstance(st, list) else st
         if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
             strategy = None  # its node is gone: it moves anywhere it fits
         actor.node = None
         actor.pid = None
         actor.client = None
         actor.bundle = None
-        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+        t = s.tasks.get(actor.create_tid)
         if t is not None and t.state == S.RUNNING:
             # still constructing when its node died: the same creation again
             t.strategy = strategy
-            self.tx.queue(t, f"actor restarting: {cause}")  # type: ignore[attr-defined]
+            s.tx.queue(t, f"actor restarting: {cause}")
             return
         if t is not None and t.state is not None and not t.state.done:
             return  # already waiting to be placed
         if t is not None:
-            del self.tasks[t.tid]  # type: ignore[attr-defined]
-        self._submit(actor.owner, {  # type: ignore[attr-defined]
+            del s.tasks[t.tid]
+        s._submit(actor.owner, {
             "tid": actor.create_tid, "aid": actor.aid, "fid": actor.fid,
             "name": f"{actor.class_name}.__init__", "args": actor.args,
             "args_dep": actor.args_dep, "deps": list(actor.deps),
@@ -354,14 +379,18 @@ class ActorsMixin:
 
     def _release_hold(self, actor: ActorRecord) -> None:
         if actor.holding:
-            node = self.nodes.get(actor.node or "")  # type: ignore[attr-defined]
+            node = self.s.nodes.get(actor.node or "")
             if node is not None:
-                self._account(node, actor.bundle).give(actor.hold)  # type: ignore[attr-defined]
+                self.s._account(node, actor.bundle).give(actor.hold)
             actor.holding = False
 
-    def _actor_dead(self, actor: ActorRecord, cause: str, payload: bytes | None = None) -> None:
+    def dead(self, actor: ActorRecord, cause: str, payload: bytes | None = None) -> None:
+        """The actor is dead for good: its pending calls (and its creation,
+        if it has not finished) fail with ``ActorDiedError`` naming ``cause``
+        (or with ``payload``)."""
         if actor.state == DEAD:
             return
+        s = self.s
         actor.state = DEAD
         actor.cause = cause
         # the table keeps the newest dead actors only (their causes stay visible)
@@ -371,11 +400,11 @@ class ActorsMixin:
             gone = self.actors.get(old)
             if gone is not None and gone.state == DEAD:
                 del self.actors[old]
-        self._release(actor.deps + actor.nested)  # type: ignore[attr-defined]
+        s._release(actor.deps + actor.nested)
         self._release_hold(actor)
         if actor.name and self.named.get((actor.namespace, actor.name)) == actor.aid:
             del self.named[(actor.namespace, actor.name)]
-        err = payload or self.error_payload(ActorDiedError(  # type: ignore[attr-defined]
+        err = payload or s.error_payload(ActorDiedError(
             f"actor {actor.class_name} ({actor.aid.hex()[:12]}) is dead: {cause}"))
         pending = list(actor.inflight)
         for q in actor.queues.values():
@@ -385,15 +414,22 @@ class ActorsMixin:
         actor.direct.clear()
         actor.direct_port = None
         for tid in pending:
-            t = self.tasks.get(tid)  # type: ignore[attr-defined]
+            t = s.tasks.get(tid)
             if t is not None and not (t.state and t.state.done):
-                self._fail_task(t, err, f"actor dead: {cause}")  # type: ignore[attr-defined]
-        t = self.tasks.get(actor.create_tid)  # type: ignore[attr-defined]
+                s._fail_task(t, err, f"actor dead: {cause}")
+        t = s.tasks.get(actor.create_tid)
         if t is not None and t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.RUNNING):
-            self._fail_task(t, err, f"actor dead: {cause}")  # type: ignore[attr-defined]
+            s._fail_task(t, err, f"actor dead: {cause}")
         elif t is not None and t.state == S.INFEASIBLE:
-            self.infeasible.discard(t.tid)  # type: ignore[attr-defined]
-            self._cancel_task(t, f"actor dead: {cause}")  # type: ignore[attr-defined]
+            s.infeasible.discard(t.tid)
+            s._cancel_task(t, f"actor dead: {cause}")
+
+    def kill(self, actor: ActorRecord, cause: str) -> None:
+        """Kill ``actor`` for good now (its process is told to exit)."""
+        actor.no_restart = True
+        if actor.node:
+            self.s._send(actor.node, wire.kill_actor(actor.aid))
+        self.dead(actor, cause)
 
     def handle_kill_actor(self, source: str, msg: dict) -> None:
         actor = self.actors.get(msg["aid"])
@@ -402,24 +438,20 @@ class ActorsMixin:
         actor.no_restart = bool(msg.get("no_restart", True))
         if (actor.node and actor.state != PENDING) or actor.pid:
             actor.killing = True
-            self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
+            self.s._send(actor.node, wire.kill_actor(actor.aid))
         elif actor.state == RESTARTING:
-            self._actor_dead(actor, "it was killed with flowcore.kill() while waiting to "
-                                    "restart")
+            self.dead(actor, "it was killed with flowcore.kill() while waiting to restart")
         else:
-            self._actor_dead(actor, "it was killed with flowcore.kill() before it started")
+            self.dead(actor, "it was killed with flowcore.kill() before it started")
 
-    def _kill_owned_actors(self, cid: str,
-                           cause: str = "its owner (the driver that created it) exited") -> None:
+    def kill_owned(self, cid: str,
+                   cause: str = "its owner (the driver that created it) exited") -> None:
         """Fate sharing: the non-detached actors ``cid`` created die with it."""
         for actor in list(self.actors.values()):
             if actor.owner == cid and not actor.detached and actor.state != DEAD:
-                actor.no_restart = True
-                if actor.node:
-                    self._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
-                self._actor_dead(actor, cause)
+                self.kill(actor, cause)
 
-    def _owner_process_ended(self, cid: str) -> None:
+    def owner_process_ended(self, cid: str) -> None:
         """Client ``cid`` disconnected: if it was an actor's process, the
         actors it created die with it (a pool worker that exits after its
         tasks hands what it created on through the handles it returned)."""
@@ -428,32 +460,33 @@ class ActorsMixin:
             return
         why = owner.cause if owner.state in (DEAD, RESTARTING) and owner.cause else \
             "its process exited"
-        self._kill_owned_actors(cid, f"its owner, actor {owner.class_name} "
-                                     f"({owner.aid.hex()[:12]}), died: {why}")
+        self.kill_owned(cid, f"its owner, actor {owner.class_name} "
+                             f"({owner.aid.hex()[:12]}), died: {why}")
 
-    def _worker_crashed(self, pid: int | None, cause: str) -> None:
+    def worker_crashed(self, pid: int | None, cause: str) -> None:
         """A worker died while running a task: actors that task created die."""
         if not pid:
             return
-        cids = {cid for cid, info in self.clients.items()  # type: ignore[attr-defined]
+        cids = {cid for cid, info in self.s.clients.items()
                 if info.get("kind") == "worker" and info.get("pid") == pid}
-        gone = self._gone_workers.get(pid)  # type: ignore[attr-defined]
+        gone = self.s._gone_workers.get(pid)
         if gone is not None:
             cids.add(gone)
         for cid in cids:
-            self._kill_owned_actors(cid, f"its owner died: {cause}")
+            self.kill_owned(cid, f"its owner died: {cause}")
 
-    def _actors_on_dead_node(self, node_id: str, cause: str) -> None:
-        dead = self.nodes.get(node_id)  # type: ignore[attr-defined]
+    def node_died(self, node_id: str, cause: str) -> None:
+        """The actors on a dead node restart elsewhere, or die."""
+        dead = self.s.nodes.get(node_id)
         name = dead.name if dead is not None else node_id
         for actor in list(self.actors.values()):
             if actor.node == node_id and actor.state != DEAD:
                 actor.holding = False  # its node's resources are gone with it
                 why = f"its node {name} died ({cause})"
                 if actor.max_restarts == -1 or actor.restarts < actor.max_restarts:
-                    self._restart_actor(actor, why, move=True)
+                    self.restart(actor, why, move=True)
                 else:
-                    self._actor_dead(actor, why)
+                    self.dead(actor, why)
 
     # ------------------------------------------------------------ queries
     def get_actor(self, name: str, namespace: str | None) -> dict | None:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowcore-scheduler: {e}", file=sys.stderr)
         return 2
     generated = token is None
-    if generated:
+    if token is None:
         token = daemon.new_token()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         if tls_config is None:

@@ -24,9 +24,10 @@ the old process may or may not have run it, so it is not run again.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..exceptions import ActorError
+from ..protocol import messages as wire
 from .records import TaskRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,7 +52,7 @@ class DirectCalls:
         while the actor is not alive, is being killed, retries calls
         (``max_task_retries``: those go through the head), or does not listen."""
         actor = self.s.actors.get(msg["aid"])
-        reply: dict[str, Any] = {"op": "reply", "rid": msg.get("rid"), "address": None}
+        reply = wire.reply(msg.get("rid"), address=None)
         if actor is not None and actor.state == "ALIVE" and not actor.killing \
                 and actor.direct_port and actor.max_task_retries == 0:
             node = self.s.nodes.get(actor.node or "")

@@ -55,10 +55,12 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
     if t.state == S.WAITING_FOR_ARGS:
         parts = []
         for dep in sorted(t.missing):
-            sub = explain(state, dep, depth - 1) if depth > 0 else {"state": "PENDING"}
+            sub: dict[str, Any] = explain(state, dep, depth - 1) if depth > 0 \
+                else {"state": "PENDING"}
             producer = state.tasks.get(ids.task_of(dep))
             pname = producer.name if producer is not None else "?"
-            parts.append(f"{dep.hex()[:12]} (from task {pname}, {sub.get('task', {}).get('state', sub['state'])})")
+            sub_state = sub.get("task", {}).get("state", sub["state"])
+            parts.append(f"{dep.hex()[:12]} (from task {pname}, {sub_state})")
         out["waiting_for"] = [d.hex() for d in sorted(t.missing)]
         lines.append(f"task {t.name} is waiting for {len(t.missing)} argument(s): "
                      + "; ".join(parts))

@@ -15,7 +15,7 @@ def history_entry(t: Any) -> dict:
 def _snapshot(t: Any) -> tuple:
     """What an entry needs, taken when the task ends (its record may run
     again later, for lineage); the dict is built when it is read."""
-    return (t.tid, t.name, t.kind, t._state, t.node, t.worker, t.submitted, t.started,
+    return (t.tid, t.name, t.kind, t.state, t.node, t.worker, t.submitted, t.started,
             t.ended, t.attempt, t.actor, t.error_text, t.cause, t.owner, t.retries_left, t.res)
 
 

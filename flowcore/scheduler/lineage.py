@@ -10,7 +10,7 @@ reported as ``lineage_evicted`` instead of being rebuilt.
 """
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from .. import ids
@@ -66,14 +66,15 @@ class Lineage:
         self.bytes -= self.kept.pop(tid, 0)
 
     def evict(self, t: TaskRecord) -> None:
+        """Drop the kept lineage of ``t`` (a FINISHED task)."""
         self.forget(t.tid)
         t.lineage_held = False
         t.lineage_evicted = True
         t.args = None
         self.s.counts["lineage_evicted"] = self.s.counts.get("lineage_evicted", 0) + 1
-        self.s.log.record(t.tid, t.state, t.state, "lineage_evicted",
-                        f"lineage evicted: kept lineage passed {self.memory} bytes "
-                        "(FLOWCORE_LINEAGE_MEMORY)")
+        self.s.log.record(t.tid, t.state, S.FINISHED, "lineage_evicted",
+                          f"lineage evicted: kept lineage passed {self.memory} bytes "
+                          "(FLOWCORE_LINEAGE_MEMORY)")
         # released through the iterative free loop (long lineage chains)
         self.s._pending_release.extend(t.deps)
         self.s._pending_release.extend(t.nested)
@@ -113,7 +114,7 @@ class Lineage:
                 object_id=obj.oid.hex(), creator=t.name if t else "put"))
             self.s._notify_ready(obj)
             return
-        if t.state == S.FINISHED:
+        if t is not None and t.state == S.FINISHED:  # (t is None: a reason above)
             self.reconstruct(t, why)
         obj.state = PENDING
 
@@ -136,6 +137,6 @@ class Lineage:
                 dep.dependents.append(t.tid)
         if t.missing:
             self.s.tx.reconstruct(t, f"re-running to rebuild a lost result ({why}); waiting "
-                                   f"for {len(t.missing)} lost argument(s)")
+                                     f"for {len(t.missing)} lost argument(s)")
         else:
             self.s.tx.reconstruct(t, f"re-running to rebuild a lost result ({why})")

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
+from ..protocol import messages as wire
 from .records import TaskRecord, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,8 +87,7 @@ class LocalFirst:
         if dropped is not None:
             self.s._release_early(dropped[1])
         if node_id is not None:
-            self.s._send(node_id, {"op": "cancel_task", "tid": t.tid, "force": force,
-                                 "local": True})
+            self.s._send(node_id, wire.cancel_task(t.tid, force, local=True))
 
     def handle_local_verdict(self, source: str, msg: dict) -> None:
         t = self.s.tasks.get(msg["tid"])
@@ -114,6 +114,7 @@ class LocalFirst:
             return  # still waiting for arguments: placed when they are ready
         # the node found every argument in its store, even if the head has
         # not heard of one being ready yet
+        assert node is not None  # started only on a live node (above)
         t.missing.clear()
         s.counts["local_first"] = s.counts.get("local_first", 0) + 1
         s.tx.start(t, node, f"started locally on node {node.name} (local-first)", acct=node)
@@ -142,7 +143,7 @@ class LocalFirst:
         for each, and refuses a late start of any it has not seen yet)."""
         tids = [tid for tid, nid in self.offers.items() if nid == node_id]
         if tids:
-            self.s._send(node_id, {"op": "local_query", "tids": tids})
+            self.s._send(node_id, wire.local_query(tids))
 
     def settle(self) -> None:
         """End of a restart's recovery: offers to nodes that did not come back."""

@@ -18,9 +18,10 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
 from .. import ids
+from ..protocol import messages as wire
 from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError)
-from .actors import ActorRecord, ActorsMixin
+from .actors import ActorManager
 from .direct_calls import DirectCalls
 from .books import check_books
 from .history import History, history_rows
@@ -28,10 +29,9 @@ from .lineage import Lineage
 from .local_first import LocalFirst
 from .placement import PlacementIndex
 from .placement_groups import PlacementGroups
-from .recovery import RecoveryMixin
+from .recovery import Recovery, RecoveryManager
 from .streams import Streams
-from .records import (LOST, PENDING, READY, NodeRecord, ObjectRecord, ObjectState, TaskRecord,
-                      TaskState)
+from .records import PENDING, READY, NodeRecord, ObjectRecord, TaskRecord, TaskState
 from .states import EventLog
 from .tasks import Transitions
 
@@ -70,7 +70,7 @@ def _cause_id(msg: dict) -> str:
     return "-"
 
 
-class SchedulerState(ActorsMixin, RecoveryMixin):
+class SchedulerState:
     """The control tables and the futures DAG."""
 
     #: ``validate`` when the constructor is not told (the tests turn it on)
@@ -82,69 +82,96 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                  lineage_memory: int = 512 << 20,
                  error_payload: Callable[[BaseException], bytes] = default_error_payload,
                  validate: bool | None = None):
+        # ---- the core tables
         self.nodes: dict[str, NodeRecord] = {}
         #: the live nodes ordered for placement (``placement.py``)
         self.placement = PlacementIndex(self.nodes)
         self.dead_nodes: dict[str, dict] = {}  # node id -> its last row, for nodes()
         self.functions: dict[bytes, dict] = {}
-        self.tasks: dict[bytes, TaskRecord] = {}
+        self.tasks: dict[bytes, TaskRecord] = {}  # the futures DAG, with objects
         self.objects: dict[bytes, ObjectRecord] = {}
-        self.client_refs: dict[str, set[bytes]] = {}
         self.clients: dict[str, dict] = {}
-        self.queues: dict[tuple, deque[bytes]] = {}
+        self.client_refs: dict[str, set[bytes]] = {}
+        self.queues: dict[tuple, deque[bytes]] = {}  # per resource shape, to be placed
         self.infeasible: set[bytes] = set()
         self.log = EventLog(event_log_size)
         self.tx = Transitions(self)  # the only code that changes a task's state
+        # ---- settings
         self.error_payload = error_payload
-        self.out: Out = []
+        self.pipeline_depth = pipeline_depth
+        self.locality_min_bytes = locality_min_bytes
+        self.lineage = lineage
+        self.replicate_puts = replicate_puts
         #: check the books after every message (on in the tests)
         self.validate = self.validate_default if validate is None else validate
+        # ---- what views read: counts, warnings, latencies, finished tasks
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self.warnings: deque[str] = deque(maxlen=1000)  # the newest, for views
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.latency_count = 0  # entries ever appended to latencies (for /metrics)
         self.history = History(history_size)
-        self._force_cancelled: set[bytes] = set()
-        self.pipeline_depth = pipeline_depth
-        self.locality_min_bytes = locality_min_bytes
+        # ---- working state
+        self.out: Out = []  # the messages the current one produced
+        self._force_cancelled: set[bytes] = set()  # a force-cancel is on its way
         self._spread_turn = 0
         self._cpu_only: dict[tuple, bool] = {}  # task shape -> it asks for CPU only
-        self.actors: dict[bytes, ActorRecord] = {}
-        self.named: dict[tuple[str, str], bytes] = {}
-        self.dead_actors: deque[bytes] = deque()
-        self.lineage = lineage
+        self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
+        # frees and failures run as loops over these, not by recursion, so a
+        # long chain of containers or of dependent tasks cannot overflow the stack
+        self._pending_release: deque[bytes] = deque()
+        self._releasing = False
+        self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
+        self._failing = False
         self._hooks: dict[str, list[Callable[..., None]]] = {}
-        # components: each owns its tables and registers its ops and hooks
+        # ---- components: each owns its tables and registers its ops and hooks
         self.local_first = LocalFirst(self)
         self.direct_calls = DirectCalls(self)
         self.lineages = Lineage(self, lineage_memory)
         self.streams = Streams(self)
-        self.replicate_puts = replicate_puts
-        self._pending_release: deque[bytes] = deque()
-        self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
-        self._releasing = False
-        self.keep_dead_actors = 1000
-        # dependents of failed objects, failed by a loop rather than by
-        # recursion so a long chain of tasks cannot overflow the stack
-        self._to_fail: deque[tuple[bytes, bytes, str]] = deque()
-        self._failing = False
         self.groups = PlacementGroups(self)
-        # the group table, and what tasks and actors count resources against
+        self.actor_manager = ActorManager(self)
+        self.recovery_manager = RecoveryManager(self)
+        # their tables and queries, as the server, views and tests read them
         self.pgs = self.groups.pgs
-        self._account = self.groups.account
+        self._account = self.groups.account  # what a task's resources count against
         self.list_placement_groups = self.groups.list_placement_groups
         self.get_placement_group = self.groups.get_placement_group
-        self.ops = self._register_ops()
-        for component in (self.local_first, self.direct_calls, self.streams, self.groups):
+        self.actors = self.actor_manager.actors
+        self.get_actor = self.actor_manager.get_actor
+        self.list_actors = self.actor_manager.list_actors
+        self.persistent_tables = self.recovery_manager.persistent_tables
+        self.restore_tables = self.recovery_manager.restore_tables
+        self.finish_recovery = self.recovery_manager.finish_recovery
+        # ---- op -> handler, for every message the state machine takes
+        self.ops: dict[str, Callable[[str, dict], None]] = {
+            "register_node": self.handle_register_node,
+            "register_client": self.handle_register_client,
+            "heartbeat": self.handle_heartbeat,
+            "node_warning": self.handle_node_warning,
+            "log": self.handle_log,
+            "register_function": self.handle_register_function,
+            "incref": self.handle_incref,
+            "decref": self.handle_decref,
+            "put": self.handle_put,
+            "subscribe": self.handle_subscribe,
+            "object_location": self.handle_object_location,
+            "submit": self.handle_submit,
+            "task_done": self.handle_task_done,
+            "worker_died": self.handle_worker_died,
+            "task_blocked": self.handle_task_blocked,
+            "task_unblocked": self.handle_task_unblocked,
+            "cancel": self.handle_cancel,
+        }
+        for component in (self.local_first, self.direct_calls, self.streams, self.groups,
+                          self.actor_manager):
             self.ops.update(component.ops())
 
-    # ------------------------------------------------------------ plumbing
-    def _register_ops(self) -> dict[str, Callable[[str, dict], None]]:
-        """op -> handler, for every message the head takes (the server asks
-        this table which ops exist before it calls ``handle``)."""
-        return {name[len("handle_"):]: getattr(self, name) for name in dir(type(self))
-                if name.startswith("handle_") and callable(getattr(self, name))}
+    @property
+    def recovery(self) -> Recovery | None:
+        """What a restarted head still waits for (None when not recovering)."""
+        return self.recovery_manager.recovery
 
+    # ------------------------------------------------------------ plumbing
     def on(self, event: str, hook: Callable[..., None]) -> None:
         """Call ``hook`` on ``event``: "node_joined" / "node_died" (node id),
         "recovery_done" (a restarted head's recovery ended)."""
@@ -185,10 +212,12 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
     def _ready(self, obj: ObjectRecord) -> dict:
         """The readiness message of ``obj``, with the addresses of the nodes
         holding a copy (a consumer's node pulls from them)."""
-        msg = obj.ready_msg()
-        if "nodes" in msg:
-            msg["addrs"] = [self.nodes[n].address if n in self.nodes else "" for n in msg["nodes"]]
-        return msg
+        if obj.inline is not None:
+            return wire.object_ready(obj.oid, obj.size, obj.error, inline=obj.inline)
+        nodes = sorted(obj.nodes)
+        return wire.object_ready(obj.oid, obj.size, obj.error, nodes=nodes,
+                                 addrs=[self.nodes[n].address if n in self.nodes else ""
+                                        for n in nodes])
 
     def _send(self, dest: str | None, msg: dict) -> None:
         if dest is not None:
@@ -212,7 +241,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         self.nodes[node.node_id] = node
         self.placement.add(node)
         self.dead_nodes.pop(node.node_id, None)
-        self._node_rejoined(node, msg)  # what its store and processes still hold
+        self.recovery_manager.node_rejoined(node, msg)  # what its store and processes still hold
         self.emit("node_joined", node.node_id)
         for tid in list(self.infeasible):
             t = self.tasks.get(tid)
@@ -248,13 +277,13 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         self.warnings.append(text)
         for cid, info in self.clients.items():
             if info.get("kind") == "driver":
-                self._send(cid, {"op": "warning", "text": text})
+                self._send(cid, wire.warning(text))
 
     def handle_register_client(self, source: str, msg: dict) -> None:
         self.clients[source] = {"kind": msg.get("kind", "driver"), "pid": msg.get("pid"),
                                 "node_id": msg.get("node_id"), "started": time.time()}
         self.client_refs.setdefault(source, set())
-        self._client_rejoined(source, msg)  # after a head restart
+        self.recovery_manager.client_rejoined(source, msg)  # after a head restart
 
     def client_disconnected(self, cid: str) -> Out:
         info = self.clients.pop(cid, None) or {}
@@ -262,11 +291,11 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             # a driver is a job: its unfinished work goes with it (workers, which
             # come and go with the pool, hand what they own on through refs)
             self._cancel_owned_tasks(cid)
-            self._kill_owned_actors(cid)
+            self.actor_manager.kill_owned(cid)
             self.groups.remove_owned(cid)
         else:
             # an actor's process ended: the actors it created die with it
-            self._owner_process_ended(cid)
+            self.actor_manager.owner_process_ended(cid)
             if info.get("pid"):  # a crash report may come after the disconnect
                 self._gone_workers[info["pid"]] = cid
                 while len(self._gone_workers) > 1000:
@@ -289,7 +318,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                 continue
             if t.state == S.RUNNING:
                 if t.kind == "task" and t.node:
-                    self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": False})
+                    self._send(t.node, wire.cancel_task(t.tid, False))
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
                 self.local_first.withdraw(t, False)
@@ -310,7 +339,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             return []
         node.alive = False
         self.placement.remove(node_id)
-        self._actors_on_dead_node(node_id, cause)
+        self.actor_manager.node_died(node_id, cause)
         for tid in list(node.running):
             t = self.tasks.get(tid)
             if t is not None and t.state == S.RUNNING:
@@ -341,8 +370,8 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             self.dead_nodes.pop(next(iter(self.dead_nodes)))
         self.emit("node_died", node_id)
         for obj in lost:
-            self.lineages.object_lost(obj, f"its only copy was on node {node.name}, which died "
-                                   f"({cause})")
+            self.lineages.object_lost(obj, f"its only copy was on node {node.name}, which "
+                                           f"died ({cause})")
         self._schedule()
         out, self.out = self.out, []
         if self.validate:
@@ -424,14 +453,14 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                 continue  # already freed (e.g. listed twice in a container)
             del self.objects[obj.oid]
             for nid in obj.nodes:
-                self._send(nid, {"op": "delete_objects", "oids": [obj.oid]})
+                self._send(nid, wire.delete_objects([obj.oid]))
             for oid in obj.nested:
                 inner = self.objects.get(oid)
                 if inner is not None:
                     inner.holds -= 1
                     stack.append(inner)
             if ids.index_of(obj.oid) == ids.HANDLE_INDEX:
-                self._actor_out_of_scope(ids.task_of(obj.oid))
+                self.actor_manager.out_of_scope(ids.task_of(obj.oid))
                 continue
             t = self.tasks.get(ids.task_of(obj.oid))
             if t is not None and ids.index_of(obj.oid) < t.nret:  # (not a yielded value)
@@ -480,8 +509,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if src is None or not others:
             return
         target = min(others, key=lambda n: (len(n.running), n.node_id))
-        self._send(target.node_id, {"op": "prefetch", "objects": [
-            [obj.oid, obj.size, [[holder, src.address]]]]})
+        self._send(target.node_id, wire.prefetch([[obj.oid, obj.size, [[holder, src.address]]]]))
 
     def _seal(self, obj: ObjectRecord, info: dict, notify_owner: bool = True) -> None:
         obj.size = info.get("size", 0)
@@ -541,15 +569,14 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                 payload = self.error_payload(ObjectLostError(
                     f"object {oid.hex()} is unknown to the head: it was freed (no reference "
                     f"remained) or never existed", reason="freed", object_id=oid.hex()))
-                self._send(source, {"op": "object_ready", "oid": oid, "size": len(payload),
-                                    "error": True, "inline": payload})
+                self._send(source, wire.object_error(oid, payload))
             elif obj.state == PENDING:
                 obj.waiters.add(source)
                 pending += 1
             else:
                 self._send(source, self._ready(obj))
         if msg.get("ack") is not None:
-            self._send(source, {"op": "subscribed", "ack": msg["ack"], "pending": pending})
+            self._send(source, wire.subscribed(msg["ack"], pending))
 
     def handle_object_location(self, source: str, msg: dict) -> None:
         """A node gained (``add``) or dropped a copy."""
@@ -586,7 +613,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             self._hold(t.nested)
         if spec.get("local") and t.kind == "task":
             self.local_first.note_offer(t, spec["local"])
-        if t.kind == "call" and not self._actor_call_submitted(t):
+        if t.kind == "call" and not self.actor_manager.call_submitted(t):
             actor = self.actors.get(t.actor or b"")
             why = actor.cause if actor is not None else "unknown actor"
             self._fail_task(t, self.error_payload(ActorDiedError(
@@ -597,21 +624,21 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             return
         failed: ObjectRecord | None = None
         for oid in t.deps:
-            obj = self.objects.get(oid)
-            if obj is None:
+            dep = self.objects.get(oid)
+            if dep is None:
                 failed = ObjectRecord(oid, None)
                 failed.error = True
                 failed.inline = self.error_payload(ObjectLostError(
                     f"argument {oid.hex()} of task {t.name} is unknown to the head: it was "
                     f"freed or never existed"))
                 break
-            if obj.state != PENDING and obj.error:  # failed, or LOST (never becomes ready)
-                failed = obj
+            if dep.state != PENDING and dep.error:  # failed, or LOST (never becomes ready)
+                failed = dep
                 break
-            if obj.state != READY:
+            if dep.state != READY:
                 if oid not in t.missing:
                     t.missing.add(oid)
-                    obj.dependents.append(t.tid)
+                    dep.dependents.append(t.tid)
         if failed is not None:
             self._fail_task(t, failed.inline or b"", f"argument {ids.short(failed.oid)} failed")
         elif t.missing:
@@ -630,7 +657,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
 
     def _enqueue(self, t: TaskRecord, cause: str) -> None:
         if t.kind == "call":
-            self._actor_call_ready(t, cause)
+            self.actor_manager.call_ready(t, cause)
             return
         if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self.groups.reject(t):
             return
@@ -649,7 +676,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             w = (f"{what} cannot be placed: {why}; it stays pending until a node that "
                  f"fits joins")
             self.warnings.append(w)
-            self._send(t.owner, {"op": "warning", "text": w})
+            self._send(t.owner, wire.warning(w))
             return
         self.tx.queue(t, cause)
 
@@ -662,7 +689,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         for shape, q in list(self.queues.items()):
             while q:
                 t = tasks.get(q[0])
-                if t is None or t._state is not S.QUEUED:
+                if t is None or t.state is not S.QUEUED:
                     q.popleft()
                     continue
                 best = self._choose_node(t)
@@ -754,26 +781,14 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
     def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
         self.tx.start(t, node, f"placed on node {node.name}")
         if t.kind == "create":
-            self._dispatch_create(t, node)
+            self.actor_manager.dispatch_create(t, node)
             return
-        deps = []
-        for oid in t.deps:
-            obj = self.objects[oid]
-            deps.append(self._ready(obj))
-        msg = {
-            "op": "run_task", "tid": t.tid, "fid": t.fid, "name": t.name, "args": t.args,
-            "args_dep": t.args_dep,
-            "deps": deps, "nret": t.nret, "res": t.res, "retry_exc": t.retry_exc,
-            "owner": t.owner, "attempt": t.attempt}
-        if t.bundle:
-            msg.update(self.groups.bundle_fields(t))
-        if t.renv is not None:
-            msg["renv"] = t.renv
-        if t.job is not None:
-            msg["job"] = t.job
-        if t.xopts is not None:
-            msg["xopts"] = t.xopts
-        self._send(node.node_id, msg)
+        objects = self.objects
+        deps = [self._ready(objects[oid]) for oid in t.deps]
+        self._send(node.node_id, wire.head_run_task(
+            t.tid, t.fid, t.name, t.args, t.args_dep, deps, t.nret, t.res, t.retry_exc, t.owner,
+            t.attempt, renv=t.renv, job=t.job, xopts=t.xopts,
+            **(self.groups.bundle_fields(t) if t.bundle else {})))
 
     def _done(self, t: TaskRecord) -> None:
         t.ended = time.time()
@@ -816,7 +831,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             t.error_text = msg.get("error_text")
         self.tx.release(t)
         if t.kind == "call":
-            self._actor_call_done(t)
+            self.actor_manager.call_done(t)
         if status == "cancelled":
             self._cancel_task(t, "interrupted by cancel()")
             return
@@ -825,7 +840,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             self.tx.retry(t, "application error, retrying (retry_exceptions)")
             return
         if status == "error" and msg.get("retryable") and t.retries_left > 0 \
-                and t.kind == "call" and self._retry_call(t):
+                and t.kind == "call" and self.actor_manager.retry_call(t):
             return
         self.tx.finish(t, status == "ok")
         for r in msg["results"]:
@@ -869,8 +884,9 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         node = self.nodes.get(source)
         where = node.name if node else source
         # the actors the crashed task created die with their owner
-        self._worker_crashed(msg.get("pid"), f"the task {t.name} that created it died "
-                                              f"with its worker (pid {msg.get('pid')}): {how}")
+        self.actor_manager.worker_crashed(
+            msg.get("pid"), f"the task {t.name} that created it died with its worker "
+                            f"(pid {msg.get('pid')}): {how}")
         err = WorkerCrashedError(
             f"the worker process (pid {msg.get('pid')}) running task {t.name} on node "
             f"{where} died: {how}. The task was tried {t.attempt} time(s); raise max_retries "
@@ -918,7 +934,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if t.state == S.RUNNING:
             if force:
                 self._force_cancelled.add(t.tid)
-            self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force})
+            self._send(t.node, wire.cancel_task(t.tid, force))
             return
         self.infeasible.discard(t.tid)
         self.local_first.withdraw(t, force)  # offered to its node, which may have started it

@@ -251,9 +251,9 @@ class PlacementIndex:
                     node = nodes[nid]
                     if not h.holds(node) or not node.fits(res):
                         continue
-                    k = (node.available.get("CPU", 0.0), -seq)
-                    if best_key is None or k > best_key:
-                        best, best_key = node, k
+                    rank = (node.available.get("CPU", 0.0), -seq)
+                    if best_key is None or rank > best_key:
+                        best, best_key = node, rank
                 if best is None:
                     h.failed[key] = self.grown
                 return best

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from ..exceptions import PlacementGroupError
 from ..objects.serialization import serialize
+from ..protocol import messages as wire
+from ..resources import Resources
 from ..placement_group_handle import STRATEGIES, PlacementGroup, check_bundles  # noqa: F401
 from .states import TaskState
 from .records import ObjectState
@@ -36,31 +38,20 @@ if TYPE_CHECKING:  # pragma: no cover
 S = TaskState
 PG_PENDING, PG_CREATED, PG_RESCHEDULING, PG_REMOVED = (
     "PENDING", "CREATED", "RESCHEDULING", "REMOVED")
-_EPS = 1e-9
 #: backtracking steps STRICT_SPREAD may spend on one plan before giving up
 _SEARCH_LIMIT = 20_000
 
 
-def _fits(avail: dict[str, float], res: dict[str, float]) -> bool:
-    return all(not v or avail.get(k, 0.0) >= v - _EPS for k, v in res.items())
-
-
-def _sub(avail: dict[str, float], res: dict[str, float], sign: float = -1.0) -> None:
-    for k, v in res.items():
-        if v:
-            avail[k] = avail.get(k, 0.0) + sign * v
-
-
-def _size(res: dict[str, float]) -> tuple:
+def _size(res: Mapping[str, float]) -> tuple:
     return (res.get("GPU", 0.0), res.get("CPU", 0.0), sum(res.values()))
 
 
-def plan(strategy: str, bundles: list[dict[str, float]], fixed: dict[int, str],
-         free: dict[str, dict[str, float]]) -> dict[int, str] | None:
+def plan(strategy: str, bundles: Sequence[Mapping[str, float]], fixed: dict[int, str],
+         free_now: Mapping[str, Mapping[str, float]]) -> dict[int, str] | None:
     """Choose a node for every bundle not in ``fixed`` (index -> node id,
     already placed), given each candidate node's ``free`` resources; None if
     the strategy cannot be met.  Pure: ``free`` is not modified."""
-    free = {n: dict(av) for n, av in free.items()}
+    free = {n: Resources(av) for n, av in free_now.items()}
     todo = sorted((i for i in range(len(bundles)) if i not in fixed),
                   key=lambda i: _size(bundles[i]), reverse=True)
     out: dict[int, str] = {}
@@ -68,22 +59,22 @@ def plan(strategy: str, bundles: list[dict[str, float]], fixed: dict[int, str],
         placed = set(fixed.values())
         candidates = sorted(placed) if placed else sorted(
             free, key=lambda n: free[n].get("CPU", 0.0), reverse=True)
-        need: dict[str, float] = {}
+        need = Resources()
         for i in todo:
-            _sub(need, bundles[i], +1.0)
+            need.give(bundles[i])
         for n in candidates:
-            if n in free and _fits(free[n], need):
+            if n in free and free[n].fits(need):
                 return {i: n for i in todo}
         if strategy == "STRICT_PACK":
             return None
         for i in todo:  # PACK: as few nodes as possible, greedily
             used = placed | set(out.values())
             order = sorted(free, key=lambda n: (n not in used, -free[n].get("CPU", 0.0)))
-            n = next((n for n in order if _fits(free[n], bundles[i])), None)
-            if n is None:
+            pick = next((n for n in order if free[n].fits(bundles[i])), None)
+            if pick is None:
                 return None
-            out[i] = n
-            _sub(free[n], bundles[i])
+            out[i] = pick
+            free[pick].take(bundles[i])
         return out
     if strategy == "SPREAD":
         count: dict[str, int] = {}
@@ -91,12 +82,12 @@ def plan(strategy: str, bundles: list[dict[str, float]], fixed: dict[int, str],
             count[n] = count.get(n, 0) + 1
         for i in todo:
             order = sorted(free, key=lambda n: (count.get(n, 0), -free[n].get("CPU", 0.0)))
-            n = next((n for n in order if _fits(free[n], bundles[i])), None)
-            if n is None:
+            pick = next((n for n in order if free[n].fits(bundles[i])), None)
+            if pick is None:
                 return None
-            out[i] = n
-            count[n] = count.get(n, 0) + 1
-            _sub(free[n], bundles[i])
+            out[i] = pick
+            count[pick] = count.get(pick, 0) + 1
+            free[pick].take(bundles[i])
         return out
     # STRICT_SPREAD: a distinct node per bundle, by backtracking (bounded)
     taken = set(fixed.values())
@@ -110,7 +101,7 @@ def plan(strategy: str, bundles: list[dict[str, float]], fixed: dict[int, str],
             steps[0] += 1
             if steps[0] > _SEARCH_LIMIT:
                 return False
-            if n in taken or not _fits(free[n], bundles[i]):
+            if n in taken or not free[n].fits(bundles[i]):
                 continue
             taken.add(n)
             out[i] = n
@@ -129,18 +120,18 @@ class Bundle:
 
     def __init__(self, index: int, res: dict[str, float]):
         self.index = index
-        self.total = {k: float(v) for k, v in res.items() if v}
-        self.available = dict(self.total)
+        self.total = Resources({k: float(v) for k, v in res.items() if v})
+        self.available = Resources(self.total)
         self.node: str | None = None
 
-    def fits(self, res: dict[str, float]) -> bool:
-        return _fits(self.available, res)
+    def fits(self, res: Mapping[str, float]) -> bool:
+        return self.available.fits(res)
 
-    def take(self, res: dict[str, float]) -> None:
-        _sub(self.available, res)
+    def take(self, res: Mapping[str, float]) -> None:
+        self.available.take(res)
 
-    def give(self, res: dict[str, float]) -> None:
-        _sub(self.available, res, +1.0)
+    def give(self, res: Mapping[str, float]) -> None:
+        self.available.give(res)
 
 
 class PlacementGroupRecord:
@@ -207,7 +198,7 @@ class PlacementGroups:
     # ------------------------------------------------------------ creation
     def handle_create_placement_group(self, source: str, msg: dict) -> None:
         def reply(**kw: Any) -> None:
-            self.s._send(source, {"op": "reply", "rid": msg.get("rid"), **kw})
+            self.s._send(source, wire.reply(msg.get("rid"), **kw))
         problem = check_bundles(msg.get("bundles"), msg.get("strategy"))
         name = msg.get("name") or ""
         if problem is None and name and name in self.pg_names:
@@ -250,7 +241,7 @@ class PlacementGroups:
                            "fit its bundles now"
             else:
                 short = sorted({k for b in totals for k, v in b.items()
-                                if v and not any(n.total.get(k, 0.0) >= v - _EPS for n in nodes)})
+                                if v and not any(n.could_ever_fit({k: v}) for n in nodes)})
                 lack = f" (no node has enough {', '.join(short)})" if short else ""
                 pg.cause = (f"infeasible: no set of current nodes could ever fit its bundles "
                             f"{totals} with strategy {pg.strategy}{lack}; it stays pending "
@@ -259,16 +250,15 @@ class PlacementGroups:
                     pg.warned = True
                     text = f"placement group {pg.name or pg.pgid.hex()[:12]} is {pg.cause}"
                     self.s.warnings.append(text)
-                    self.s._send(pg.owner, {"op": "warning", "text": text})
+                    self.s._send(pg.owner, wire.warning(text))
             return
         for i, nid in chosen.items():
             node = self.s.nodes[nid]
             b = pg.bundles[i]
             node.take(b.total)
             b.node = nid
-            b.available = dict(b.total)
-            self.s._send(nid, {"op": "reserve_bundle", "bundle": pg.key(i),
-                             "res": dict(b.total)})
+            b.available = Resources(b.total)
+            self.s._send(nid, wire.reserve_bundle(pg.key(i), dict(b.total)))
         pg.state, pg.feasible, pg.tried = PG_CREATED, True, None
         self.pg_waiting.discard(pg.pgid)
         pg.cause = "all bundles reserved"
@@ -295,7 +285,7 @@ class PlacementGroups:
                    f"{len(pg.bundles)} bundle(s) (use 0..{len(pg.bundles) - 1}, or -1 for any)")
         else:
             cands = pg.bundles if index == -1 else [pg.bundles[index]]
-            if not any(_fits(b.total, t.res) for b in cands):
+            if not any(b.total.fits(t.res) for b in cands):
                 where = "any bundle" if index == -1 else f"bundle {index}"
                 why = (f"it asks for {t.res}, more than {where} of placement group "
                        f"{pg.pgid.hex()[:12]} holds ({[b.total for b in cands]})")
@@ -305,8 +295,8 @@ class PlacementGroups:
         if t.kind == "create":
             actor = self.s.actors.get(t.actor)
             if actor is not None:
-                self.s._actor_dead(actor, f"it cannot be scheduled: {why}",
-                                 payload=self.s.error_payload(err))
+                self.s.actor_manager.dead(actor, f"it cannot be scheduled: {why}",
+                                          payload=self.s.error_payload(err))
                 return True
         self.s._fail_task(t, self.s.error_payload(err), why)
         return True
@@ -357,7 +347,7 @@ class PlacementGroups:
         pg = self.pgs.get(msg["pgid"])
         if pg is not None and pg.state != PG_REMOVED:
             self._remove_group(pg, "its placement group was removed")
-        self.s._send(source, {"op": "reply", "rid": msg.get("rid"), "ok": True})
+        self.s._send(source, wire.reply(msg.get("rid"), ok=True))
 
     def _in_group(self, strategy: Any, pgid: bytes) -> bool:
         return isinstance(strategy, tuple) and len(strategy) > 1 and strategy[0] == "pg" \
@@ -372,16 +362,15 @@ class PlacementGroups:
             if in_pg and actor.state != "DEAD":
                 actor.no_restart = True
                 if actor.node:
-                    self.s._send(actor.node, {"op": "kill_actor", "aid": actor.aid})
-                self.s._actor_dead(actor, cause)
+                    self.s._send(actor.node, wire.kill_actor(actor.aid))
+                self.s.actor_manager.dead(actor, cause)
         for t in list(self.s.tasks.values()):
             if t.state is None or t.state.done or t.kind != "task" \
                     or not self._in_group(t.strategy, pg.pgid):
                 continue
             if t.state == S.RUNNING:
                 self.s._force_cancelled.add(t.tid)
-                self.s._send(t.node, {"op": "cancel_task", "tid": t.tid,
-                                    "force": True})
+                self.s._send(t.node, wire.cancel_task(t.tid, True))
             else:
                 self.s.infeasible.discard(t.tid)
                 self.s._cancel_task(t, cause)
@@ -413,10 +402,9 @@ class PlacementGroups:
             node = self.s.nodes.get(b.node or "")
             if node is not None:
                 node.give({k: max(v, 0.0) for k, v in b.available.items()})
-                self.s._send(node.node_id, {"op": "release_bundle",
-                                          "bundle": pg.key(b.index)})
+                self.s._send(node.node_id, wire.release_bundle(pg.key(b.index)))
             b.node = None
-            b.available = dict(b.total)
+            b.available = Resources(b.total)
 
     def remove_owned(self, cid: str) -> None:
         for pg in list(self.pgs.values()):
@@ -431,7 +419,7 @@ class PlacementGroups:
                 continue
             for b in lost:
                 b.node = None
-                b.available = dict(b.total)
+                b.available = Resources(b.total)
             pg.state, pg.tried = PG_RESCHEDULING, None
             self.pg_waiting.add(pg.pgid)
             pg.cause = f"node {node_id} died; its {len(lost)} bundle(s) are placed again"

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import time
 from enum import Enum
-from typing import Any
+from typing import Any, Mapping
 
 from .. import ids
+from ..resources import Resources
 
 
 class TaskState(str, Enum):
@@ -31,6 +32,7 @@ class TaskState(str, Enum):
 
 _DONE = {TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED}
 
+
 class NodeRecord:
     __slots__ = ("node_id", "address", "total", "available", "alive", "name",
                  "hostname", "pid", "running", "joined", "info", "index")
@@ -39,8 +41,8 @@ class NodeRecord:
                  hostname: str, pid: int, info: dict | None = None):
         self.node_id = node_id
         self.address = address
-        self.total = dict(total)
-        self.available = dict(total)
+        self.total = Resources(total)
+        self.available = Resources(total)
         self.alive = True
         self.name = name
         self.hostname = hostname
@@ -52,30 +54,20 @@ class NodeRecord:
         #: ``available``; set by ``PlacementIndex.add``)
         self.index: Any = None
 
-    def fits(self, res: dict[str, float]) -> bool:
-        av = self.available
-        for k, v in res.items():
-            if v and av.get(k, 0.0) < v - 1e-9:
-                return False
-        return True
+    # the node's account (``Resources``): what tasks, actors and bundles take
+    def fits(self, res: Mapping[str, float]) -> bool:
+        return self.available.fits(res)
 
-    def could_ever_fit(self, res: dict[str, float]) -> bool:
-        tot = self.total
-        return all(not v or tot.get(k, 0.0) >= v - 1e-9 for k, v in res.items())
+    def could_ever_fit(self, res: Mapping[str, float]) -> bool:
+        return self.total.fits(res)
 
-    def take(self, res: dict[str, float]) -> None:
-        av = self.available
-        for k, v in res.items():
-            if v:
-                av[k] = av.get(k, 0.0) - v
+    def take(self, res: Mapping[str, float]) -> None:
+        self.available.take(res)
         if self.index is not None:
             self.index.touch(self)
 
-    def give(self, res: dict[str, float]) -> None:
-        av = self.available
-        for k, v in res.items():
-            if v:
-                av[k] = av.get(k, 0.0) + v
+    def give(self, res: Mapping[str, float]) -> None:
+        self.available.give(res)
         if self.index is not None:
             self.index.gave(self)
 
@@ -190,15 +182,6 @@ class ObjectRecord:
         self.nested: list[bytes] = []
         self.owner = owner
         self.created = time.time()
-
-    def ready_msg(self) -> dict:
-        m: dict[str, Any] = {"op": "object_ready", "oid": self.oid, "size": self.size,
-                             "error": self.error}
-        if self.inline is not None:
-            m["inline"] = self.inline
-        else:
-            m["nodes"] = sorted(self.nodes)
-        return m
 
     def as_dict(self) -> dict:
         return {"object_id": self.oid.hex(), "state": self.state.value, "size": self.size,

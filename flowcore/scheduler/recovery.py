@@ -1,4 +1,4 @@
-"""Head restart, in the state machine (a mixin of ``SchedulerState``; no IO).
+"""Head restart: a component of the head's state machine (``RecoveryManager``; no IO).
 
 The head keeps its *small tables* — registered functions, named and
 detached actors with their creation spec, jobs (the drivers) and the node
@@ -27,12 +27,16 @@ and recovered objects nobody claimed are freed.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import ids
 from ..exceptions import ObjectLostError
+from ..protocol import messages as wire
 from .actors import ALIVE, DEAD, ActorRecord
-from .records import ObjectState
+from .records import NodeRecord, ObjectRecord, ObjectState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .machine import SchedulerState
 
 RECOVERING = "RECOVERING"
 logger = logging.getLogger("flowcore.scheduler")
@@ -70,20 +74,14 @@ class Recovery:
         return not self.nodes and not self.drivers and not self.actors
 
 
-class RecoveryMixin:
-    """Restoring the small tables and re-adopting what survived a head restart."""
+class RecoveryManager:
+    """Owns what a restarted head still waits for (``recovery``, None when
+    not recovering): persists the small tables, restores them, re-adopts
+    what nodes and clients report, and settles the rest when recovery ends."""
 
-    recovery: Recovery | None = None
-    # provided by SchedulerState
-    actors: dict[bytes, ActorRecord]
-    named: dict[tuple[str, str], bytes]
-    objects: dict[bytes, Any]
-    tasks: dict[bytes, Any]
-    nodes: dict[str, Any]
-    clients: dict[str, dict]
-    client_refs: dict[str, set[bytes]]
-    functions: dict[bytes, dict]
-    out: list[tuple[str, dict]]
+    def __init__(self, state: "SchedulerState"):
+        self.s = state
+        self.recovery: Recovery | None = None
 
     # ------------------------------------------------------------ persisting
     def persistent_tables(self) -> dict[str, Any]:
@@ -92,16 +90,16 @@ class RecoveryMixin:
         rec = self.recovery
         nodes = {n.node_id: {"node_id": n.node_id, "name": n.name, "address": n.address,
                              "hostname": n.hostname, "pid": n.pid}
-                 for n in self.nodes.values() if n.alive}
+                 for n in self.s.nodes.values() if n.alive}
         jobs = {cid: {"client_id": cid, "pid": info.get("pid"), "started": info.get("started")}
-                for cid, info in self.clients.items()
+                for cid, info in self.s.clients.items()
                 if info.get("kind", "driver") == "driver"}
         if rec is not None:  # a second crash during recovery forgets nobody
             for nid, n in rec.nodes.items():
                 nodes.setdefault(nid, n)
             for cid, j in rec.drivers.items():
                 jobs.setdefault(cid, j)
-        actors = [actor_spec(a) for a in self.actors.values()
+        actors = [actor_spec(a) for a in self.s.actors.values()
                   if (a.name or a.detached) and a.state != DEAD]
         return {"nodes": sorted(nodes.values(), key=lambda n: n["node_id"]),
                 "actors": actors,
@@ -109,7 +107,7 @@ class RecoveryMixin:
 
     def restore_tables(self, tables: dict[str, Any], functions: dict[bytes, dict]) -> None:
         """Load what a previous head persisted and start recovery."""
-        self.functions.update(functions)
+        self.s.functions.update(functions)
         self.recovery = Recovery({n["node_id"]: n for n in tables.get("nodes") or []},
                                  {j["client_id"]: j for j in tables.get("jobs") or []})
         for spec in tables.get("actors") or []:
@@ -122,63 +120,63 @@ class RecoveryMixin:
             a.state = RECOVERING
             a.client = None  # its process reconnects with a new client id
             a.cause = "the head restarted; waiting for its node to report it"
-            self.actors[a.aid] = a
+            self.s.actors[a.aid] = a
             if a.name:
-                self.named[(a.namespace, a.name)] = a.aid
-            handle = self._obj(ids.actor_handle_id(a.aid), None)  # type: ignore[attr-defined]
+                self.s.actor_manager.named[(a.namespace, a.name)] = a.aid
+            handle = self.s._obj(ids.actor_handle_id(a.aid), None)
             handle.state = ObjectState.READY
             for oid in a.deps + a.nested:
                 self._await_object(oid)
-            self._hold(a.deps + a.nested)  # type: ignore[attr-defined]
+            self.s._hold(a.deps + a.nested)
         logger.info("restored %d actor(s), %d function(s), %d node(s) and %d job(s) to wait for",
                     len(tables.get("actors") or []), len(functions), len(self.recovery.nodes),
                     len(self.recovery.drivers))
 
-    def _await_object(self, oid: bytes) -> Any:
+    def _await_object(self, oid: bytes) -> ObjectRecord | None:
         """The record of ``oid``; during recovery, an unknown object gets a
         PENDING record that a node may still report.  None if unknown and
         not recovering."""
-        obj = self.objects.get(oid)
+        obj = self.s.objects.get(oid)
         if obj is not None:
             return obj
         handle = ids.index_of(oid) == ids.HANDLE_INDEX \
-            and ids.task_of(oid) in self.actors
+            and ids.task_of(oid) in self.s.actors
         if self.recovery is None and not handle:
             return None
-        obj = self._obj(oid, None)  # type: ignore[attr-defined]
+        obj = self.s._obj(oid, None)
         if handle:
             obj.state = ObjectState.READY  # an actor handle: always ready
-        else:
-            self.recovery.awaited.add(oid)  # type: ignore[union-attr]
+        elif self.recovery is not None:
+            self.recovery.awaited.add(oid)
         return obj
 
     # ------------------------------------------------------------ re-registration
-    def _node_rejoined(self, node: Any, msg: dict) -> None:
+    def node_rejoined(self, node: NodeRecord, msg: dict) -> None:
         """``node`` registered, reporting its stored objects and live actors."""
         rec = self.recovery
         nid = node.node_id
         unknown = []
         for oid, size in msg.get("objects") or []:
-            obj = self.objects.get(oid)
+            obj = self.s.objects.get(oid)
             if obj is None:
                 if rec is None:
                     unknown.append(oid)
                     continue
-                obj = self._obj(oid, None)  # type: ignore[attr-defined]
+                obj = self.s._obj(oid, None)
                 obj.holds += 1
                 rec.held.add(oid)
-            if obj.state == ObjectState.PENDING and rec is not None and (oid in rec.awaited
-                                                               or oid in rec.held):
+            if obj.state == ObjectState.PENDING and rec is not None \
+                    and (oid in rec.awaited or oid in rec.held):
                 rec.awaited.discard(oid)
-                self._seal(obj, {"node": nid, "size": size})  # type: ignore[attr-defined]
+                self.s._seal(obj, {"node": nid, "size": size})
             elif obj.state == ObjectState.READY and obj.inline is None:
                 obj.nodes.add(nid)
         if unknown:  # nothing references them any more
-            self._send(nid, {"op": "delete_objects", "oids": unknown})  # type: ignore[attr-defined]
+            self.s._send(nid, wire.delete_objects(unknown))
         for aid, pid in msg.get("actors") or []:
-            a = self.actors.get(aid)
+            a = self.s.actors.get(aid)
             if a is None or a.state == DEAD or (a.state != RECOVERING and a.node != nid):
-                self._send(nid, {"op": "kill_actor", "aid": aid})  # type: ignore[attr-defined]
+                self.s._send(nid, wire.kill_actor(aid))
                 continue
             if a.state == RECOVERING:
                 a.state = ALIVE
@@ -190,19 +188,19 @@ class RecoveryMixin:
                     a.holding = True
                 if rec is not None and a.client is None:
                     rec.actors.add(aid)
-                self._pump_actor(a)  # type: ignore[attr-defined]
+                self.s.actor_manager.pump(a)
         if rec is not None:
             rec.nodes.pop(nid, None)
             if rec.complete():
-                self._settle_recovery("every node, driver and actor is back")
+                self.settle("every node, driver and actor is back")
 
-    def _client_rejoined(self, cid: str, msg: dict) -> None:
+    def client_rejoined(self, cid: str, msg: dict) -> None:
         """A client reconnected after a head restart (``previous_id``): take
         over its refs, values and actors; fail its unfinished tasks."""
         old = msg.get("previous_id")
         actor = msg.get("actor")
         if actor:
-            a = self.actors.get(actor)
+            a = self.s.actors.get(actor)
             if a is not None and a.state != DEAD:
                 a.client = cid  # calls go to the actor's process again
         rec = self.recovery
@@ -210,12 +208,12 @@ class RecoveryMixin:
             rec.actors.discard(actor)
         if not old:
             if rec is not None and rec.complete():
-                self._settle_recovery("every node, driver and actor is back")
+                self.settle("every node, driver and actor is back")
             return
-        for a in self.actors.values():
+        for a in self.s.actors.values():
             if a.owner == old:
                 a.owner = cid
-        refs = self.client_refs.setdefault(cid, set())
+        refs = self.s.client_refs.setdefault(cid, set())
         for oid in msg.get("refs") or []:
             obj = self._await_object(oid)
             if obj is None:
@@ -223,22 +221,21 @@ class RecoveryMixin:
             obj.clients.add(cid)
             refs.add(oid)
         for oid, data, error in msg.get("values") or []:
-            obj = self.objects.get(oid)
+            obj = self.s.objects.get(oid)
             if obj is not None and obj.state == ObjectState.PENDING:
                 if rec is not None:
                     rec.awaited.discard(oid)
                 value = {"inline": data, "size": len(data), "error": error}
-                self._seal(obj, value)  # type: ignore[attr-defined]
+                self.s._seal(obj, value)
         why = ("the task that makes it was pending or running when the head restarted; "
                "tasks are not re-run across a head restart: submit it again")
         for oid in msg.get("unfinished") or []:
-            obj = self.objects.get(oid)
+            obj = self.s.objects.get(oid)
             if obj is None:  # not held any more: the client still waits for it
                 payload = self._lost_payload(oid, why)
-                self._send(cid, {"op": "object_ready", "oid": oid,  # type: ignore[attr-defined]
-                                 "size": len(payload), "error": True, "inline": payload})
+                self.s._send(cid, wire.object_error(oid, payload))
                 continue
-            if obj.state != ObjectState.PENDING or ids.task_of(oid) in self.tasks:
+            if obj.state != ObjectState.PENDING or ids.task_of(oid) in self.s.tasks:
                 continue
             if rec is not None:
                 rec.awaited.discard(oid)
@@ -247,68 +244,64 @@ class RecoveryMixin:
             refs.add(oid)
             self._lost_in_restart(obj, why)
         for oid in msg.get("subscribed") or []:
-            obj = self.objects.get(oid)
+            obj = self.s.objects.get(oid)
             if obj is not None and obj.state == ObjectState.PENDING:
                 obj.waiters.add(cid)
             elif obj is not None:
-                self._send(cid, self._ready(obj))  # type: ignore[attr-defined]
+                self.s._send(cid, self.s._ready(obj))
         if rec is not None:
             rec.drivers.pop(old, None)
             if rec.complete():
-                self._settle_recovery("every node, driver and actor is back")
+                self.settle("every node, driver and actor is back")
 
     def _lost_payload(self, oid: bytes, why: str) -> bytes:
-        return self.error_payload(ObjectLostError(  # type: ignore[attr-defined]
+        return self.s.error_payload(ObjectLostError(
             f"object {oid.hex()} was lost in a head restart: {why}",
             reason="head_restart", object_id=oid.hex()))
 
-    def _lost_in_restart(self, obj: Any, why: str) -> None:
+    def _lost_in_restart(self, obj: ObjectRecord, why: str) -> None:
         payload = self._lost_payload(obj.oid, why)
         value = {"inline": payload, "size": len(payload), "error": True}
-        self._seal(obj, value)  # type: ignore[attr-defined]
-        self._maybe_free(obj)  # type: ignore[attr-defined]
+        self.s._seal(obj, value)
+        self.s._maybe_free(obj)
 
     # ------------------------------------------------------------ the end of recovery
     def finish_recovery(self, why: str) -> list[tuple[str, dict]]:
         """End recovery now (the server's recovery window passed); returns
         the messages to send."""
-        self._settle_recovery(why)
-        self._schedule()  # type: ignore[attr-defined]
-        out, self.out = self.out, []
+        self.settle(why)
+        self.s._schedule()
+        out, self.s.out = self.s.out, []
         return out
 
-    def _settle_recovery(self, why: str) -> None:
+    def settle(self, why: str) -> None:
         """End recovery: settle what did not come back."""
         rec = self.recovery
         if rec is None:
             return
         self.recovery = None
-        self.emit("recovery_done")  # type: ignore[attr-defined]
+        self.s.emit("recovery_done")
         for oid in list(rec.awaited):
-            obj = self.objects.get(oid)
+            obj = self.s.objects.get(oid)
             if obj is not None and obj.state == ObjectState.PENDING \
-                    and ids.task_of(oid) not in self.tasks:
+                    and ids.task_of(oid) not in self.s.tasks:
                 self._lost_in_restart(obj, "no node reported a copy after the restart")
-        for a in list(self.actors.values()):
+        for a in list(self.s.actors.values()):
             if a.state == RECOVERING:
-                node = self.nodes.get(a.node or "")
+                node = self.s.nodes.get(a.node or "")
                 cause = (f"its process was not found after the head restarted (its node "
                          f"{'is back' if node is not None else 'did not come back'})")
                 if a.max_restarts == -1 or a.restarts < a.max_restarts:
-                    self._restart_actor(a, cause, move=node is None)  # type: ignore[attr-defined]
+                    self.s.actor_manager.restart(a, cause, move=node is None)
                 else:
-                    self._actor_dead(a, cause)  # type: ignore[attr-defined]
-        for a in list(self.actors.values()):
+                    self.s.actor_manager.dead(a, cause)
+        for a in list(self.s.actors.values()):
             if a.owner in rec.drivers and not a.detached and a.state != DEAD:
-                a.no_restart = True
-                if a.node:
-                    kill = {"op": "kill_actor", "aid": a.aid}
-                    self._send(a.node, kill)  # type: ignore[attr-defined]
-                why = "its driver did not reconnect after the head restarted"
-                self._actor_dead(a, why)  # type: ignore[attr-defined]
+                self.s.actor_manager.kill(
+                    a, "its driver did not reconnect after the head restarted")
         for oid in rec.held:
-            obj = self.objects.get(oid)
+            obj = self.s.objects.get(oid)
             if obj is not None:
                 obj.holds -= 1
-                self._maybe_free(obj)  # type: ignore[attr-defined]
+                self.s._maybe_free(obj)
         logger.info("recovery after the head restart ended: %s", why)

@@ -20,7 +20,6 @@ TRANSITIONS: dict[tuple[TaskState | None, TaskState], str] = {
     (NEW, S.WAITING_FOR_ARGS): "submit_waiting",
     (NEW, S.QUEUED): "submit_ready",
     (NEW, S.FAILED): "submit_failed_dependency",
-    (NEW, S.CANCELLED): "submit_cancelled",
     (NEW, S.RUNNING): "direct_call",  # an actor call its caller sent to the actor itself
     (S.WAITING_FOR_ARGS, S.QUEUED): "args_ready",
     (S.WAITING_FOR_ARGS, S.FAILED): "dependency_failed",

@@ -53,7 +53,7 @@ class Transitions:
         old = t._state
         name = _NAMES.get((old, new))
         if name is None:
-            transition_name(old, new)  # raises InvalidTransition: nothing changes
+            name = transition_name(old, new)  # raises InvalidTransition: nothing changes
         t._state = new
         t.cause = cause
         self._log((_now(), t.tid, old, new, name, cause))  # EventLog.record, inlined

@@ -225,8 +225,8 @@ def batch(_func: Callable | None = None, /, max_batch_size: int = DEFAULT_MAX_BA
                 owner, item = (args[0], args[1]) if is_method else (None, args[0])
                 return batcher_for(owner, _ThreadBatcher).submit(owner, item)
             wrapper = sync_wrapper
-        wrapper._serve_max_batch_size = max_batch_size  # type: ignore[attr-defined]
-        wrapper._serve_batch_wait_timeout_s = batch_wait_timeout_s  # type: ignore
+        wrapper._serve_max_batch_size = max_batch_size
+        wrapper._serve_batch_wait_timeout_s = batch_wait_timeout_s
         return wrapper
 
     if _func is not None:

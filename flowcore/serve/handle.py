@@ -168,6 +168,7 @@ class _Call:
             return
         ch = replica.channel
         if ch is None or ch.closed:
+            assert router.secret is not None  # set with the replica set
             ch = replica.channel = channel.Channel(replica.channel_addr, router.secret)
         if ch.writer is None:
             asyncio.ensure_future(self._connect_and_send(ch, replica, payload, st))
@@ -281,7 +282,9 @@ class DeploymentResponse:
     async def _assignment_async(self) -> tuple[Any, Any, int]:
         if self._assigned is None:
             assert self._pending is not None
-            self._assigned = await asyncio.wrap_future(self._pending)
+            assigned: tuple[Any, Any, int] = await asyncio.wrap_future(self._pending)
+            self._assigned = assigned
+            return assigned
         return self._assigned
 
     def _arg(self) -> _ResponseArg:

@@ -320,7 +320,7 @@ class ProxyActor:
         self.sock.set_inheritable(False)
         config = uvicorn.Config(self.app, **kwargs)
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.server.install_signal_handlers = lambda: None
         loop = router_loop()
         self.started = threading.Event()
         self.error: BaseException | None = None

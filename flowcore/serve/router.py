@@ -35,6 +35,7 @@ def router_loop() -> asyncio.AbstractEventLoop:
     global _loop
     with _loop_lock:
         if _loop is None or _loop.is_closed():
+            loop: asyncio.AbstractEventLoop
             try:
                 import uvloop
                 loop = uvloop.new_event_loop()

@@ -93,9 +93,11 @@ class _QueueActor:
 def _unwrap(err: BaseException) -> BaseException:
     """The ``Empty``/``Full`` the actor raised, without the task wrapper."""
     if isinstance(err, Empty):
-        return Empty(*err.cause.args) if getattr(err, "cause", None) else Empty()
+        cause = getattr(err, "cause", None)
+        return Empty(*cause.args) if cause else Empty()
     if isinstance(err, Full):
-        return Full(*err.cause.args) if getattr(err, "cause", None) else Full()
+        cause = getattr(err, "cause", None)
+        return Full(*cause.args) if cause else Full()
     return err
 
 
@@ -117,7 +119,7 @@ class Queue:
                             f"{type(actor_options).__name__}")
         options = {"num_cpus": 0, **(actor_options or {})}
         self.maxsize = maxsize
-        self.actor = flowcore.remote(_QueueActor).options(**options).remote(self.maxsize)
+        self.actor: Any = flowcore.remote(_QueueActor).options(**options).remote(self.maxsize)
 
     def __len__(self) -> int:
         return self.size()

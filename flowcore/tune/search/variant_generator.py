@@ -162,7 +162,7 @@ def flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
 def experiment_tag(index: int, space: dict, config: dict) -> str:
     """``<index>_<key>=<value>,...`` naming the searched values of a config."""
     parts = []
-    for path, _ in grid_axes(space) + domains(space):  # type: ignore[operator]
+    for path, _ in grid_axes(space) + domains(space):
         try:
             v = get_path(config, path)
         except (KeyError, IndexError, TypeError):
