@@ -42,6 +42,7 @@ class Trial:
         # the checkpoint a retry or restore resumes from: the newest one of
         # the trial, or the one a PBT exploit copied from another trial
         self.resume_entry: dict | None = None
+        self.start_entry: dict | None = None  # the entry its current worker started from
         self.checkpoint_manager: Any = None
         self.iteration_offset = 0
         self.time_offset = 0.0

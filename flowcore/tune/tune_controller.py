@@ -27,7 +27,7 @@ from flowcore.scheduling import PlacementGroupSchedulingStrategy
 from . import resources as res_mod
 from . import storage
 from .checkpoint_manager import CheckpointManager
-from .config import RunConfig, TuneConfig
+from .config import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 from .error import TuneError
 from .experiment_journal import ExperimentJournal, encode_obj, to_json
 from .progress import ProgressTable
@@ -82,8 +82,9 @@ class TuneController:
         self.mode = mode
         self.trainable_name = trainable_name
         self.space = searched_space
-        self.failure_config = run_config.failure_config
-        self.checkpoint_config = run_config.checkpoint_config
+        # RunConfig.__post_init__ fills both in; the defaults only narrow the type
+        self.failure_config = run_config.failure_config or FailureConfig()
+        self.checkpoint_config = run_config.checkpoint_config or CheckpointConfig()
         self.events: queue.Queue = queue.Queue()
         self.calls: dict[Trial, Any] = {}  # trial -> outstanding ref
         self.workers: dict[Trial, _Worker] = {}
@@ -107,10 +108,12 @@ class TuneController:
         # no decision can depend on one result: trials need not pause in report()
         self.free_run = (type(scheduler) is FIFOScheduler and stopper is None
                          and tune_config.time_budget_s is None
-                         and not run_config.failure_config.fail_fast
+                         and not self.failure_config.fail_fast
                          and os.environ.get("FLOWCORE_TUNE_STEPPED") != "1")
         self._run_tag = uuid.uuid4().hex[:6]  # this fit() (a restore gets another)
         self.feed = TuneFeed(self)  # the dashboard's Tune tab
+        self._fail_fast_error: BaseException | None = None  # set by a fail_fast="raise" error
+        self._write_error: BaseException | None = None
 
     # -- views used by schedulers ----------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -218,7 +221,7 @@ class TuneController:
             if config == Searcher.FINISHED:
                 self.search_finished = True
                 return
-            if config is None:
+            if not isinstance(config, dict):  # None: the searcher waits for results
                 return
             self._new_trial(config, trial_id)
             pending += 1
@@ -239,7 +242,7 @@ class TuneController:
             self._end_worker(worker)
             spare.trial = trial
             self.workers[trial] = spare
-            self._call(trial, spare.handle.start.remote(self._spec(trial, trial._entry)))
+            self._call(trial, spare.handle.start.remote(self._spec(trial, trial.start_entry)))
 
     def _still_queued(self, trial: Trial) -> bool:
         """Whether the trial's worker actor is certainly not placed yet."""
@@ -321,7 +324,7 @@ class TuneController:
         if entry is None:
             entry = trial.restore_from
         trial.restore_from = None
-        trial._entry = entry  # type: ignore[attr-defined]
+        trial.start_entry = entry
         if entry is not None:
             # results past the checkpoint are redone
             trial.results = [r for r in trial.results
@@ -607,8 +610,8 @@ class TuneController:
     def run(self, check: Any = None) -> list[Trial]:
         """Run the experiment (``check``: a resource request that must fit
         somewhere, checked first)."""
-        self._fail_fast_error: BaseException | None = None
-        self._write_error: BaseException | None = None
+        self._fail_fast_error = None
+        self._write_error = None
         try:
             if check is not None:
                 self.check_resources(check)
@@ -707,7 +710,7 @@ class TuneController:
         self.journal.append("end", time=time.time())
         self.journal.close()
         self._save_search_state()
-        self.feed.finish(failed=getattr(self, "_fail_fast_error", None) is not None)
+        self.feed.finish(failed=self._fail_fast_error is not None)
 
 
 def _write_trial_files(fs: Any, path: str, config: dict) -> None:

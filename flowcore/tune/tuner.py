@@ -22,7 +22,7 @@ import flowcore
 
 from . import storage
 from .checkpoint_manager import CheckpointManager
-from .config import RunConfig, TuneConfig
+from .config import CheckpointConfig, RunConfig, TuneConfig
 from .error import TuneError
 from .experiment_journal import ExperimentJournal, decode_obj, encode_obj, read_journal
 from .result_grid import ResultGrid
@@ -157,7 +157,7 @@ class Tuner:
             records = records[begins[-1] + 1:]
         trials: dict[str, Trial] = {}
         name = trainable_name(self._trainable)
-        ckpt_config = self._run_config.checkpoint_config
+        ckpt_config = self._run_config.checkpoint_config or CheckpointConfig()
         for rec in records:
             kind = rec.get("t")
             trial = trials.get(rec.get("trial_id", ""))

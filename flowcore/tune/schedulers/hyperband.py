@@ -88,8 +88,8 @@ class HyperBandScheduler(TrialScheduler):
             return self.STOP
         if t < b.milestone:
             return self.CONTINUE
-        b.reached[trial.trial_id] = self._score(result) if self._metric in result \
-            else float("-inf")
+        score = self._score(result)
+        b.reached[trial.trial_id] = float("-inf") if score is None else score
         b.go_on.discard(trial.trial_id)
         self._maybe_halve(tune_controller, b, deciding=trial)
         if trial.trial_id in b.finished:

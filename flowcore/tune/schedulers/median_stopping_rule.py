@@ -43,11 +43,14 @@ class MedianStoppingRule(TrialScheduler):
         t = result[self._time_attr]
         if t < self._grace_period:
             return self.CONTINUE
-        others = [self._running_mean(o, t) for o in self._results if o != tid]
-        others = [m for m in others if m is not None]
+        others = [m for o in self._results if o != tid
+                  if (m := self._running_mean(o, t)) is not None]
         if len(others) < self._min_samples_required:
             return self.CONTINUE
-        best = max(self._score(r) for r in self._results[tid])  # type: ignore[type-var]
+        mine = [s for r in self._results[tid] if (s := self._score(r)) is not None]
+        if not mine:
+            return self.CONTINUE
+        best = max(mine)
         median = float(np.median(others))
         if best < median:
             self._num_stopped += int(self._hard_stop or tid not in self._stopped)
@@ -60,8 +63,8 @@ class MedianStoppingRule(TrialScheduler):
         return self.CONTINUE
 
     def _running_mean(self, tid: str, t: float) -> float | None:
-        scores = [self._score(r) for r in self._results[tid] if r[self._time_attr] <= t]
-        scores = [s for s in scores if s is not None]
+        scores = [s for r in self._results[tid]
+                  if r[self._time_attr] <= t and (s := self._score(r)) is not None]
         return float(np.mean(scores)) if scores else None
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:

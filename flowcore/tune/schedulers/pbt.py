@@ -98,7 +98,8 @@ class PopulationBasedTraining(TrialScheduler):
         self._hyperparam_mutations = hyperparam_mutations or {}
         self._quantile_fraction = quantile_fraction
         self._resample_probability = resample_probability
-        self._perturbation_factors = tuple(perturbation_factors)
+        low, high = perturbation_factors
+        self._perturbation_factors = (low, high)
         self._custom_explore_fn = custom_explore_fn
         self._log_config = log_config
         self._require_attrs = require_attrs

@@ -18,7 +18,10 @@ __all__ = ["Domain", "Float", "Integer", "Categorical", "Function", "uniform", "
            "qlograndint", "randn", "qrandn", "sample_from", "grid_search"]
 
 
-def _number(name: str, v: Any) -> float:
+_Number = int | float | np.integer | np.floating
+
+
+def _number(name: str, v: Any) -> _Number:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
             or not math.isfinite(float(v)):
         raise TypeError(f"{name} must be a finite number, got {v!r}")
@@ -226,7 +229,8 @@ def randn(mean: float = 0.0, sd: float = 1.0) -> Float:
 
 def qrandn(mean: float, sd: float, q: float) -> Float:
     d = randn(mean, sd)
-    d.q = _number("qrandn(q=...)", q)
+    _number("qrandn(q=...)", q)
+    d.q = q
     return d
 
 

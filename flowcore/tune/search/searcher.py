@@ -146,6 +146,9 @@ class SearchGenerator(SearchAlgorithm):
             return Searcher.FINISHED
         if suggestion is None:
             return None
+        if not isinstance(suggestion, dict):
+            raise TypeError(f"{type(self.searcher).__name__}.suggest() returned {suggestion!r}; "
+                            f"it must return a config dict, None or Searcher.FINISHED")
         self.suggested += 1
         config = copy.deepcopy(self.constants)
         _deep_update(config, suggestion)
