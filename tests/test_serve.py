@@ -753,3 +753,21 @@ def test_request_timeout_answers_408(cluster):
         sig.set()
         sig.close()
         serve.shutdown()
+
+
+def test_proxy_start_failure_names_the_address(cluster):
+    """serve.run() starting the proxy on a busy port says which address
+    failed (it used to fail with a NameError inside the controller)."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        serve.start(proxy_location="Disabled", http_options={"port": port})
+        with pytest.raises(Exception) as ei:
+            serve.run(Adder.bind(1), name="busy", route_prefix="/busy")
+        assert f"could not start on 127.0.0.1:{port}" in str(ei.value)
+        assert "NameError" not in str(ei.value)
+    finally:
+        busy.close()
+        serve.shutdown()

@@ -74,6 +74,10 @@ class _DeploymentState:
         self.last_metrics = 0.0
         self.queued_at_callers: tuple[float, int] = (0.0, 0)   # (when, how many)
         self.deleting = False
+        # set by apply()
+        self.config: DeploymentConfig
+        self.version: str
+        self.target_num: int
         self.apply(spec, initial=True)
 
     def apply(self, spec: dict, initial: bool = False) -> None:
@@ -248,7 +252,7 @@ class ServeController:
         except Exception as e:
             self.proxy = None
             raise RuntimeError(f"the serve HTTP proxy could not start on "
-                               f"{opts.host}:{port}: {e}") from None
+                               f"{self.http_options.host}:{port}: {e}") from None
 
     async def _restart_proxy(self) -> None:
         """The proxy died: start another on the same address."""
@@ -328,10 +332,10 @@ class ServeController:
         app.route_prefix, app.ingress = route_prefix, ingress
         app.last_deployed_time_s = time.time()
         wanted = {s["name"] for s in specs}
-        for dname, ds in list(app.deployments.items()):
+        for dname, old in list(app.deployments.items()):
             if dname not in wanted:
-                ds.deleting = True
-                ds.target_num = 0
+                old.deleting = True
+                old.target_num = 0
         for s in specs:
             ds = app.deployments.get(s["name"])
             if ds is None or ds.deleting:
@@ -384,7 +388,7 @@ class ServeController:
         a = self.apps.get(app)
         ds = a.deployments.get(dep) if a else None
         r = ds.replicas.get(rid) if ds else None
-        if r is not None and r.state == "RUNNING":
+        if ds is not None and r is not None and r.state == "RUNNING":
             # confirm with a health check before dropping it
             r.hc_fut = r.actor.check_health.remote().future()
             r.hc_sent = time.monotonic() - max(0.0, ds.config.health_check_timeout_s - 2.0)

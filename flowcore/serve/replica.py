@@ -99,7 +99,9 @@ def _to_response(value: Any) -> Any:
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     if isinstance(value, Response):
         return value
-    if inspect.isgenerator(value) or inspect.isasyncgen(value):
+    # a user generator streams whatever it yields (str or bytes chunks)
+    streamed = inspect.isgenerator(value) or inspect.isasyncgen(value)
+    if streamed:
         return StreamingResponse(value)
     if isinstance(value, str):
         return PlainTextResponse(value)
@@ -468,8 +470,8 @@ class Replica:
                             st.put(msg["body"])
                         if not msg.get("more_body", False):
                             break
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    e = task.exception()
+                e = task.exception() if task.done() and not task.cancelled() else None
+                if e is not None:
                     print(f"replica {self.replica_id}: streamed response failed:\n"
                           + "".join(traceback.format_exception(type(e), e, e.__traceback__)),
                           file=sys.stderr, flush=True)
