@@ -511,7 +511,7 @@ class Dataset:
         """Whole-dataset aggregations -> ``{name: value}``."""
         return global_aggregate(self, aggs)
 
-    def _agg1(self, cls: type, on: Any, ignore_nulls: bool, **kw: Any) -> Any:
+    def _agg1(self, cls: type[agg_mod._Builtin], on: Any, ignore_nulls: bool, **kw: Any) -> Any:
         if on is None:
             on = self.columns()
         cols = [on] if isinstance(on, str) else list(on)

@@ -27,7 +27,7 @@ import math
 import os
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -138,7 +138,7 @@ class Pieces:
             b.release()
 
 
-def _rebundled(items: Iterator[Any], batch: int | None) -> Iterator[Any]:
+def _rebundled(items: Iterator[Any], batch: int | None) -> Generator[Any, None, None]:
     """``items`` (Bundles) regrouped so each task gets a multiple of
     ``batch`` rows (only the last group may hold fewer): whole small
     blocks are grouped, a block straddling a boundary is cut.  With
@@ -216,7 +216,7 @@ def _run_plan_impl(plan: LogicalPlan, *tables: pa.Table) -> tuple:
 
 
 @flowcore.remote
-def _run_local_op(op: AllToAllOp, *tables: pa.Table) -> list:
+def _run_local_op(op: AllToAllOp, *tables: pa.Table) -> tuple:
     from flowcore.data import executor as _m  # the real module, also when shipped by value
     return _m._run_local_op_impl(op, *tables)
 
@@ -419,7 +419,7 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
     ex = Execution(ctx, stats)
     feed = DataFeed(plan, stats)  # the dashboard's Datasets tab
     error: BaseException | None = None
-    out: Iterator[Bundle] | None = None
+    out: Generator[Bundle, None, None] | None = None
     try:
         if one_task_plan(plan, ctx):
             out = _one_task(ex, plan)
@@ -441,7 +441,7 @@ def execute(plan: LogicalPlan, stats: DatasetStats | None = None,
         feed.finish(error)
 
 
-def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:
+def _one_task(ex: Execution, plan: LogicalPlan) -> Generator[Bundle, None, None]:
     st = ex.stats.op("ExecutePlanInOneTask[" + " -> ".join(
         [plan.source.name] + [o.name for o in plan.ops]) + "]", plan_objects(plan))
     st.started()
@@ -453,7 +453,7 @@ def _one_task(ex: Execution, plan: LogicalPlan) -> Iterator[Bundle]:
     yield Bundle(out, meta, ex.budget)
 
 
-def _source_items(ex: Execution, src: Any) -> Iterator[Any]:
+def _source_items(ex: Execution, src: Any) -> Generator[Any, None, None]:
     if isinstance(src, InputSource):
         for ref, meta in src.bundles:
             yield Bundle(ref, meta)
@@ -476,16 +476,16 @@ def _source_items(ex: Execution, src: Any) -> Iterator[Any]:
         raise TypeError(f"unknown source {src!r}")
 
 
-def _gathered(items: Iterator[Bundle]) -> Iterator[Bundle]:
+def _gathered(items: Iterator[Bundle]) -> Generator[Bundle, None, None]:
     """All of ``items`` first, then yield them (lets a pool finish and free
     its CPUs before the tasks that consume its output start)."""
     collected = list(items)
     yield from collected
 
 
-def _build(ex: Execution, plan: LogicalPlan) -> Iterator[Any]:
+def _build(ex: Execution, plan: LogicalPlan) -> Generator[Any, None, None]:
     """Compile ``plan`` to chained stage generators."""
-    stream: Iterator[Any] = _source_items(ex, plan.source)
+    stream: Generator[Any, None, None] = _source_items(ex, plan.source)
     stage_list = stages(plan)
     with_tasks = segments_with_tasks(plan, stage_list)
     n_pools = sum(1 for st in stage_list if st[0] == "actor")
@@ -520,7 +520,7 @@ def _task_name(stage: str) -> str:
 def _windowed(ex: Execution, st: OpStats, items: Iterator[Any],
               submit: Callable[[int, Any], tuple], can_submit: Callable[[], bool],
               on_done: Callable[[Any], None] = lambda slot: None,
-              limit: int | None = None) -> Iterator[Bundle]:
+              limit: int | None = None) -> Generator[Bundle, None, None]:
     """Submit tasks for ``items`` with at most ``max_in_flight`` outstanding
     and within the memory budget; yield their outputs in order."""
     pending: collections.deque = collections.deque()
@@ -584,7 +584,7 @@ def _split_if_big(ex: Execution, ref: Any, meta: dict) -> list[tuple[Any, dict]]
 
 
 def _task_stage(ex: Execution, items: Iterator[Any], transforms: list[MapOp],
-                source: Any = None) -> Iterator[Bundle]:
+                source: Any = None) -> Generator[Bundle, None, None]:
     """``source``: the ReadSource whose read tasks ``items`` are, if any."""
     st = ex.stats.op(stage_name(transforms), transforms + ([source] if source else []))
     tref = flowcore.put(transforms)
@@ -675,7 +675,7 @@ def pool_size(op: MapOp, cpus: float, n_pools: int, free: float = 0.0,
 
 def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: list[MapOp],
                  n_pools: int, free: float = 0.0, batch: int | None = None,
-                 split_pre: bool = False, source: Any = None) -> Iterator[Bundle]:
+                 split_pre: bool = False, source: Any = None) -> Generator[Bundle, None, None]:
     """A pool of actors running ``pre + ops`` per call.  ``split_pre``: the
     read and ``pre`` run as calls of their own on the same actors, their
     blocks are re-cut into multiples of ``batch`` rows, then ``ops`` run
@@ -691,7 +691,7 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
     actors: list = []
     per_actor = ex.ctx.max_tasks_in_flight_per_actor
 
-    def phase(part: int | None, stream: Iterator[Any], st: OpStats) -> Iterator[Bundle]:
+    def phase(part: int | None, stream: Iterator[Any], st: OpStats) -> Generator[Bundle, None, None]:
         outstanding = [0] * size
 
         def can_submit() -> bool:
@@ -728,7 +728,7 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
         main = phase(None, _rebundled(items, batch), ex.stats.op(
             stage_name(transforms), transforms + ([source] if source else [])))
 
-    def run() -> Iterator[Bundle]:
+    def run() -> Generator[Bundle, None, None]:
         try:
             yield from main
         finally:
@@ -741,7 +741,7 @@ def _actor_stage(ex: Execution, items: Iterator[Any], pre: list[MapOp], ops: lis
     return run()
 
 
-def _limit_stage(ex: Execution, items: Iterator[Bundle], op: LimitOp) -> Iterator[Bundle]:
+def _limit_stage(ex: Execution, items: Iterator[Bundle], op: LimitOp) -> Generator[Bundle, None, None]:
     st = ex.stats.op(op.name, [op])
     st.started()
     left = op.limit
@@ -789,7 +789,7 @@ def _collect(ex: Execution, st: OpStats, pairs: list[tuple]) -> list[Bundle]:
     return out
 
 
-def _barrier_stage(ex: Execution, items: Iterator[Any], op: AllToAllOp) -> Iterator[Bundle]:
+def _barrier_stage(ex: Execution, items: Iterator[Any], op: AllToAllOp) -> Generator[Bundle, None, None]:
     bundles = _gather(ex, items)
     st = ex.stats.op(op.name, [op])
     st.started()
@@ -881,7 +881,8 @@ def _repartition(ex: Execution, st: OpStats, bundles: list[Bundle],
         acc += b.num_rows
     pairs = []
     for off, ln in ranges:
-        pieces, refs = [], []
+        pieces: list[tuple[int, int, int]] = []
+        refs: list[Any] = []  # the blocks' object refs
         for bi, b in enumerate(bundles):
             s, e = starts[bi], starts[bi] + b.num_rows
             lo, hi = max(s, off), min(e, off + ln)
@@ -921,7 +922,7 @@ def slice_bundles(ex: Execution, bundles: list[Bundle], ranges: list[tuple[int, 
     return out
 
 
-def _zip_stage(ex: Execution, src: ZipSource) -> Iterator[Bundle]:
+def _zip_stage(ex: Execution, src: ZipSource) -> Generator[Bundle, None, None]:
     st = ex.stats.op("Zip", [src])
     st.started()
     sides = [_gather(ex, _build(ex, p)) for p in src.plans]

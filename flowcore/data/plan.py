@@ -340,8 +340,9 @@ class AllToAllOp:
         n = self.params.get("num_blocks")
         if self.kind == "sort" and self.params.get("boundaries"):
             (key, direction), = self.params["keys"]
-            return shuffle.range_partition(out, key, direction == "descending",
-                                           self.sort_bounds(), n)
+            bounds = self.sort_bounds()   # len(bounds) + 1 == num_blocks
+            return shuffle.range_partition(out, key, direction == "descending", bounds,
+                                           len(bounds) + 1)
         if n and n > 1:
             return [out.slice(*r) for r in even_ranges(out.num_rows, n)]
         return [out]
@@ -395,8 +396,8 @@ class ReadSource:
         self.concurrency = concurrency
 
     def size_bytes(self) -> int | None:
-        sizes = [t.size_bytes for t in self.tasks]
-        return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+        sizes = [s for t in self.tasks if (s := t.size_bytes) is not None]
+        return sum(sizes) if len(sizes) == len(self.tasks) else None
 
 
 class UnionSource:
@@ -405,8 +406,8 @@ class UnionSource:
         self.name = "Union"
 
     def size_bytes(self) -> int | None:
-        sizes = [p.input_size() for p in self.plans]
-        return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+        sizes = [s for p in self.plans if (s := p.input_size()) is not None]
+        return sum(sizes) if len(sizes) == len(self.plans) else None
 
 
 class ZipSource:

@@ -70,7 +70,7 @@ def boundaries_from_samples(samples: list, n: int, descending: bool) -> list:
     return cuts[::-1] if descending else cuts
 
 
-def _key_numpy(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+def _key_numpy(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None]:
     """Values (nulls filled) and the null mask of a sort key column."""
     nulls = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else None
     vals = col.to_numpy(zero_copy_only=False)

@@ -111,7 +111,7 @@ def images_reader(size: tuple[int, int] | None, mode: str | None) -> Callable:
             raise ImportError("read_images needs Pillow: pip install 'flowcore[data]'"
                               ) from None
         with fs.open_input_stream(path) as f:
-            img = Image.open(io.BytesIO(f.read()))
+            img: Image.Image = Image.open(io.BytesIO(f.read()))
             if mode:
                 img = img.convert(mode)
             if size:
