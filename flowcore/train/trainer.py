@@ -26,7 +26,8 @@ from flowcore import tune
 from flowcore.exceptions import FlowcoreError
 
 from .checkpoint import Checkpoint, resolve_filesystem, is_local
-from .config import RunConfig, ScalingConfig
+from .config import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
+                     _default_storage_path)
 from .result import (BackendSetupError, CheckpointManager, Result, TrainingFailedError,
                      WorkerGroupError)
 from .worker_group import _POLL_SECONDS, WorkerGroup
@@ -154,19 +155,24 @@ class DataParallelTrainer:
             flowcore.init()
         rc = self.run_config
         name = rc.name or f"{type(self).__name__}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
-        fs, root = resolve_filesystem(rc.storage_path, rc.storage_filesystem)
+        # RunConfig.__post_init__ fills these in; the defaults only narrow the types
+        storage_path = (rc.storage_path if rc.storage_path is not None
+                        else _default_storage_path())
+        checkpoint_config = rc.checkpoint_config or CheckpointConfig()
+        failure_config = rc.failure_config or FailureConfig()
+        fs, root = resolve_filesystem(storage_path, rc.storage_filesystem)
         run_path = f"{root.rstrip('/')}/{name}"
         fs.create_dir(run_path, recursive=True)
         if is_local(fs):
             os.chmod(run_path, 0o700)
-        manager = CheckpointManager(rc.checkpoint_config, fs, run_path)
+        manager = CheckpointManager(checkpoint_config, fs, run_path)
         state = _RunState(manager, self.resume_from_checkpoint, fs, run_path, self._on_report)
-        if manager.load():
+        if manager.load() and manager.latest is not None:
             # a run of this name stopped (or ended) before: go on from its newest checkpoint
             logger.warning("run %s: resuming from %s, the newest checkpoint an earlier fit() "
                            "of this run left", name, manager.latest.path)
             state.next_index = manager.next_index
-        max_failures = rc.failure_config.max_failures
+        max_failures = failure_config.max_failures
         failures = 0
         setup_retries = 0
         error: Optional[BaseException] = None
@@ -226,10 +232,11 @@ class DataParallelTrainer:
         try:
             from flowcore.data import DataContext, Dataset
             from flowcore.data.split import streaming_split
+            have_data = True
         except ImportError:     # a tree without flowcore.data: duck-typed datasets only
-            Dataset = None
+            have_data = False
         ctx = None
-        if Dataset is not None:
+        if have_data:
             ctx = dataclasses.replace(DataContext.get_current())
             free = flowcore.available_resources().get("CPU", 0.0)
             if free < 1.0:
@@ -237,7 +244,7 @@ class DataParallelTrainer:
                 logger.info("the training workers leave %g CPUs free: datasets=%s are read "
                             "by tasks that hold no CPU", free, sorted(self.datasets))
         for ds_name, ds in self.datasets.items():
-            if Dataset is not None and isinstance(ds, Dataset):
+            if have_data and isinstance(ds, Dataset):
                 parts = streaming_split(ds._plan, n, True, ctx)
             else:   # any object with streaming_split(n, equal=)
                 parts = ds.streaming_split(n, equal=True)
