@@ -117,6 +117,19 @@ def test_variant_generator_is_seeded_and_orders_the_grid():
     assert pts.next_config("c") == Searcher.FINISHED
 
 
+def test_searcher_suggesting_a_non_dict_gets_a_clear_error():
+    from flowcore.tune.search.searcher import SearchGenerator
+
+    class Bad(Searcher):
+        def suggest(self, trial_id):
+            return "lr=0.1"
+
+    gen = SearchGenerator(Bad())
+    gen.set_search_properties(None, None, {"x": 1}, num_samples=2)
+    with pytest.raises(TypeError, match=r"Bad.suggest\(\) returned 'lr=0.1'; it must return"):
+        gen.next_config("t0")
+
+
 def test_bad_input_fails_before_trials_start(cluster, tmp_path):
     with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
         tune.TuneConfig(metric="loss", mode="minimize")

@@ -20,6 +20,7 @@ Routes: ``GET /api/jobs/`` (list), ``POST /api/jobs/`` (submit),
 from __future__ import annotations
 
 import asyncio
+import builtins  # JobManager.list() hides the builtin in the class body
 import io
 import json
 import logging
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 import zipfile
-from typing import Any
+from typing import Any, TypeGuard
 
 from tornado.web import HTTPError, stream_request_body
 
@@ -55,7 +56,8 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _alive(pid: Any) -> bool:
+def _alive(pid: object) -> TypeGuard[int]:
+    """Whether ``pid`` is the id of a live process."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -142,8 +144,7 @@ class JobManager:
             names = sorted(os.listdir(self.root))
         except OSError:
             return []
-        rows = [self.info(n) for n in names]
-        rows = [r for r in rows if r is not None]
+        rows = [r for n in names if (r := self.info(n)) is not None]
         rows.sort(key=lambda r: r.get("start_time") or 0)
         return rows
 
@@ -232,7 +233,7 @@ class JobManager:
         logger.info("job %s started: %s", sid, entrypoint)
         return sid
 
-    def _unpack(self, jdir: str, renv: dict) -> tuple[str, dict, list[str]]:
+    def _unpack(self, jdir: str, renv: dict) -> tuple[str, dict, builtins.list[str]]:
         """Unpack the job's packages; returns its cwd, the runtime_env its
         driver runs with (local paths) and the PYTHONPATH entries."""
         job_renv: dict[str, Any] = {}
@@ -282,7 +283,7 @@ class JobManager:
         return dest
 
     def _environment(self, sid: str, env_vars: dict, job_renv: dict,
-                     pypath: list[str]) -> dict[str, str]:
+                     pypath: builtins.list[str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWCORE_")}
         env.update(env_vars)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")

@@ -133,7 +133,8 @@ class EnvRunner:
 
     def _fragment(self, v: int, b: dict, term: bool, trunc: bool, last_obs: Any) -> dict:
         ep = self.episodes[v]
-        frag = {k: np.asarray(vals) for k, vals in b.items()}
+        # arrays per step, then the episode's scalars
+        frag: dict[str, Any] = {k: np.asarray(vals) for k, vals in b.items()}
         frag["rewards"] = frag["rewards"].astype(np.float32)
         frag.update({"episode_id": ep["id"], "terminated": term, "truncated": trunc,
                      "last_obs": np.asarray(last_obs), "env_runner_index": self.worker_index,

@@ -15,13 +15,13 @@ import collections
 import hashlib
 import itertools
 import logging
+import multiprocessing.pool
 import pickle
 import queue
 import threading
 import traceback
 import weakref
 from multiprocessing import TimeoutError
-from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
@@ -30,6 +30,11 @@ import flowcore
 from flowcore.exceptions import ActorError
 
 logger = logging.getLogger("flowcore.util.multiprocessing")
+
+# the standard pool's own exception classes, so that code catching them works
+# the same; typeshed does not list them
+MaybeEncodingError: type[Exception] = getattr(multiprocessing.pool, "MaybeEncodingError")
+RemoteTraceback: type[Exception] = getattr(multiprocessing.pool, "RemoteTraceback")
 
 #: chunks queued on one actor at a time (one running, one ready to start)
 PER_ACTOR = 2
