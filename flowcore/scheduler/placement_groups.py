@@ -244,7 +244,7 @@ class PlacementGroups:
                                 if v and not any(n.could_ever_fit({k: v}) for n in nodes)})
                 lack = f" (no node has enough {', '.join(short)})" if short else ""
                 pg.cause = (f"infeasible: no set of current nodes could ever fit its bundles "
-                            f"{totals} with strategy {pg.strategy}{lack}; it stays pending "
+                            f"{[dict(b) for b in totals]} with strategy {pg.strategy}{lack}; it stays pending "
                             f"until nodes that fit join")
                 if not pg.warned and nodes:
                     pg.warned = True
