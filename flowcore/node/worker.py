@@ -68,6 +68,9 @@ class Worker:
         self._ops: dict[str, Callable[[dict], None]] = {
             "run_task": self._queue, "create_actor": self._queue, "cancel": self._cancel,
             "exit": self._exit}
+        from .leases import WorkerLease
+        self.lease = WorkerLease(self)  # the lease this pool worker serves, if any
+        self._ops.update(self.lease.ops())
 
     # called by whichever thread is reading the sockets (the client has
     # checked the op against its node's role table)
@@ -115,6 +118,8 @@ class Worker:
             try:
                 if task["op"] == "create_actor":
                     self.create_actor(task)
+                elif task["op"] == "lease_end":
+                    self.lease.ended(task)
                 elif task.get("actor") is not None and self.threads is not None:
                     pool = self.groups.get(self._group_of(task)) or self.threads
                     pool.submit(self.execute, task)
@@ -419,7 +424,7 @@ class Worker:
 
     def _report(self, task: dict, status: str, results: list, retryable: bool) -> None:
         tid = task["tid"]
-        if task.get("actor") is None:
+        if task.get("actor") is None and task.get("lease") is None:
             retire = False
             limit = (task.get("xopts") or {}).get("max_calls")
             if limit and status != "cancelled":  # max_calls: this process runs it N times
@@ -437,9 +442,13 @@ class Worker:
             # inline returns at once; the head learns the outcome as usual
             from ..client import direct
             msg["answered_direct"] = True
-            msg["results"] = direct.mark_sent(results)
+            if retryable and status == "error":
+                answer = direct.answer_for(task, [])  # the head retries it
+            else:
+                msg["results"] = direct.mark_sent(results)
+                answer = direct.answer_for(task, results)
             self.client.send("head", msg)
-            self.client.send(task["reply_conn"], direct.answer_for(task, results))
+            self.client.send(task["reply_conn"], answer)
             return
         self.client.send("head", msg)
 
@@ -600,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     client.actor_id = bytes.fromhex(args.actor) if args.actor else None
     worker = Worker(client, args.wid, bytes.fromhex(args.actor) if args.actor else None)
     client.on_node_message = worker.on_node_message
+    client.worker_lease = worker.lease if worker.actor_id is None else None
     client.on_disconnect = worker.on_disconnect
     set_client(client)
     if os.environ.get("FLOWCORE_LOG_TO_DRIVER", "1") != "0":

@@ -25,6 +25,7 @@ from .direct_calls import DirectCalls
 from .books import check_books
 from .history import history_entry, history_rows
 from .lineage import Lineage
+from .leases import Leases
 from .local_first import LocalFirst
 from .placement_groups import PlacementGroups
 from .recovery import RecoveryMixin
@@ -98,6 +99,7 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         # components: each owns its tables and registers its ops and hooks
         self.local_first = LocalFirst(self)
         self.direct_calls = DirectCalls(self)
+        self.leases = Leases(self)
         self.lineages = Lineage(self, lineage_memory)
         self.streams = Streams(self)
         self.replicate_puts = replicate_puts
@@ -116,7 +118,8 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         self.list_placement_groups = self.groups.list_placement_groups
         self.get_placement_group = self.groups.get_placement_group
         self.ops = self._register_ops()
-        for component in (self.local_first, self.direct_calls, self.streams, self.groups):
+        for component in (self.local_first, self.direct_calls, self.leases, self.streams,
+                          self.groups):
             self.ops.update(component.ops())
 
     # ------------------------------------------------------------ plumbing
@@ -269,7 +272,8 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
                 continue
             if t.state == S.RUNNING:
                 if t.kind == "task" and t.node:
-                    self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": False})
+                    self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": False,
+                                        **self.leases.cancel_fields(t)})
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
                 self.local_first.withdraw(t, False)
@@ -571,6 +575,9 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
             return
         if t.kind == "call" and spec.get("direct_epoch") is not None:
             self.direct_calls.start(t, spec["direct_epoch"])
+            return
+        if spec.get("lease") is not None and t.kind == "task":
+            self.leases.start(t, spec["lease"])
             return
         failed: ObjectRecord | None = None
         for oid in t.deps:
@@ -881,7 +888,8 @@ class SchedulerState(ActorsMixin, RecoveryMixin):
         if t.state == S.RUNNING:
             if force:
                 self._force_cancelled.add(t.tid)
-            self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force})
+            self._send(t.node, {"op": "cancel_task", "tid": t.tid, "force": force,
+                                **self.leases.cancel_fields(t)})
             return
         self.infeasible.discard(t.tid)
         self.local_first.withdraw(t, force)  # offered to its node, which may have started it
