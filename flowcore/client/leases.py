@@ -161,6 +161,26 @@ class LeasesMixin:
         run = self._local_run(spec)
         if run is None:
             return False
+        for attempt in (0, 1):
+            sent, ask = self._lease_send(spec, key, run)
+            if sent is not None:
+                self.send("head", messages.submit(dict(spec, lease=[sent.node, sent.wid])))
+                return True
+            if not ask:
+                return False
+            if attempt or self._on_io_thread():
+                self._lease_ask(key, dict(spec.get("res") or {}))
+                return False
+            # no lease of this shape: ask for one and wait for the answer
+            # (one node round trip), rather than racing the task the old
+            # way against the lease for the same resources
+            if not self._lease_ask(key, dict(spec.get("res") or {}), wait=True):
+                return False
+        return False
+
+    def _lease_send(self, spec: dict, key: tuple, run: dict) -> tuple[Any, bool]:
+        """Write ``run`` to a lease of shape ``key`` with room; returns that
+        lease (None if none has room) and whether to ask for another."""
         ask = False
         with self._call_lock:
             with self._lock:
@@ -182,16 +202,13 @@ class LeasesMixin:
                     run["fblob"] = self._fn_blobs[fid]
                 self._direct_send(ls.conn, b"".join(bytes(b) for b in frames.encode([run])),
                                   self._on_io_thread())
-        if ls is None:
-            if ask:
-                self._lease_ask(key, dict(spec.get("res") or {}))
-            return False
-        self.send("head", messages.submit(dict(spec, lease=[ls.node, ls.wid])))
-        return True
+        return ls, ask
 
     # ------------------------------------------------------------ getting one
-    def _lease_ask(self, key: tuple, res: dict) -> None:
-        async def ask() -> None:
+    def _lease_ask(self, key: tuple, res: dict, wait: bool = False) -> bool:
+        """Ask the node for a lease of shape ``key`` (on the IO thread); with
+        ``wait``, block until it answers: True when one was granted."""
+        async def ask() -> bool:
             ls = None
             try:
                 node = self.node
@@ -201,7 +218,7 @@ class LeasesMixin:
                 if not r.get("lease"):
                     with self._lock:
                         self.leases.ask_after[key] = time.monotonic() + BACKOFF
-                    return
+                    return False
                 conn = self._lease_conns.get(r["address"])
                 if conn is None or conn.closed:
                     conn = await self.loop.run_in_executor(
@@ -211,24 +228,33 @@ class LeasesMixin:
                     conn.fids = set()
                     if self.closed:
                         conn.close()
-                        return
+                        return False
                     self._lease_conns[r["address"]] = conn
                     self.loop.add_reader(conn.sock.fileno(), self._lease_readable, conn)
                 ls = ClientLease(r, key, conn)
                 with self._lock:
                     self.leases.add(ls)
                 self._arm_lease_timer()
+                return True
             except Exception as e:  # noqa: BLE001 - tasks keep going the old way
                 logger.debug("no lease for %s: %s", key, e)
                 with self._lock:
                     self.leases.ask_after[key] = time.monotonic() + 1.0
+                return False
             finally:
                 with self._lock:
                     self.leases.asking.discard(key)
         try:
-            asyncio.run_coroutine_threadsafe(ask(), self.loop)
+            fut = asyncio.run_coroutine_threadsafe(ask(), self.loop)
         except RuntimeError:  # the loop is closed: shutting down
             self.leases.asking.discard(key)
+            return False
+        if not wait:
+            return False
+        try:
+            return fut.result(10.0)
+        except Exception:  # noqa: BLE001 - a slow node: the old way this time
+            return False
 
     # ------------------------------------------------------------ answers
     def _lease_readable(self, conn: Any) -> None:

@@ -68,10 +68,6 @@ class NodeLeases:
         self.waiting: dict[str, tuple[Any, dict, Lease]] = {}  # wid -> request awaiting a port
         self.granted = 0
 
-    def ops(self) -> dict[str, Any]:
-        return {"lease_request": self.request, "lease_return": self.give_back,
-                "lease_listening": self.listening}
-
     # ------------------------------------------------------------ granting
     def request(self, comm: "Comm", msg: dict, frames: list) -> None:
         srv = self.server
@@ -109,7 +105,7 @@ class NodeLeases:
         holder, req, ls = waiting
         if self.leases.get(ls.lease) is not ls or ls.ending:
             return
-        if holder.closed or not msg.get("port"):
+        if holder.closed or not msg.get("port") or ls.revoked:  # (asked back meanwhile)
             self._end(ls)
             if not holder.closed:
                 holder.reply(req, lease=None)
@@ -163,6 +159,9 @@ class NodeLeases:
         its leases back (each does once its tasks on the lease are done)."""
         for ls in self.leases.values():
             if ls.revoked or ls.ending:
+                continue
+            if ls.wid in self.waiting:  # not granted yet: declined when its worker answers
+                ls.revoked = True
                 continue
             comm = self.server.clients.get(ls.holder)
             if comm is None or comm.closed:

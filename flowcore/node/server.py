@@ -580,7 +580,9 @@ class NodeServer:
             "worker_blocked": lambda c, m, f: self._act(self.pool.worker_blocked(
                 c.info.get("wid", ""), m.get("blocked", True))),
             "stats": self._stats,
-            **self.leases.ops(),
+            "lease_request": lambda c, m, f: self.leases.request(c, m, f),
+            "lease_return": lambda c, m, f: self.leases.give_back(c, m, f),
+            "lease_listening": lambda c, m, f: self.leases.listening(c, m, f),
         }
 
     def _worker_idle(self, comm: Comm, msg: dict, frames: list) -> None:

@@ -71,6 +71,7 @@ class Leases:
         s.counts["leased"] = s.counts.get("leased", 0) + 1
         s.tx.start(t, node, f"sent by its owner to leased worker {wid} of node {node.name}",
                    acct=s._account(node, None))
+        t.ahead = False  # its node granted the lease: it runs there now
         self.sent[t.tid] = (node_id, wid, t.attempt)
         if len(self.sent) > PRUNE_AT:
             self.prune()

@@ -1,0 +1,187 @@
+"""Leased workers: ready local tasks go straight to a worker leased from the
+driver's node, and faults and views keep working through that path."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import flowcore
+from flowcore.cluster import LocalCluster
+from flowcore.exceptions import TaskCancelledError
+from flowcore.testing import Signal
+
+LEASED = "leased worker"
+
+
+@pytest.fixture(autouse=True)
+def _long_grace(monkeypatch):
+    # leases are kept between the steps of a test however slow the machine
+    import flowcore.client.leases as leases
+    monkeypatch.setattr(leases, "GRACE", 30.0)
+
+
+@flowcore.remote
+def noop(x=None):
+    return x
+
+
+@flowcore.remote
+def hold(sig, value=1):
+    sig.wait()
+    return value
+
+
+def _causes(ref) -> list[str]:
+    return [e["cause"] for e in flowcore.state.task_events(100_000)
+            if e["task_id"] == ref.task_id]
+
+
+def _leased(ref) -> bool:
+    return any(LEASED in c for c in _causes(ref))
+
+
+def _warm() -> None:
+    """Run tasks until one takes the leased path (the driver asks for a
+    lease on its first task and keeps it for the test's grace)."""
+    for _ in range(50):
+        ref = noop.remote()
+        flowcore.get(ref, timeout=60)
+        if _leased(ref):
+            return
+    raise AssertionError("no task took the leased path")
+
+
+@pytest.mark.timeout(90)
+def test_ready_local_tasks_take_the_leased_path(fresh_cluster):
+    fresh_cluster(num_cpus=2)
+    _warm()
+    refs = []
+    for i in range(20):
+        ref = noop.remote(i)
+        assert flowcore.get(ref, timeout=60) == i
+        refs.append(ref)
+    assert sum(_leased(r) for r in refs) >= 15, [_causes(r) for r in refs[:3]]
+    # an argument in the store travels as a ref the worker reads itself
+    big = flowcore.put(np.arange(1 << 18))
+    ref = noop.remote(big)
+    assert int(flowcore.get(ref, timeout=60)[-1]) == (1 << 18) - 1
+    assert _leased(ref)
+    # a task whose argument is not ready goes through the head
+    sig = Signal()
+    first = hold.remote(sig)
+    later = noop.remote(first)
+    sig.set()
+    assert flowcore.get(later, timeout=60) == 1 and not _leased(later)
+    # an application error reaches the caller through the lease
+    @flowcore.remote(max_retries=0)
+    def boom():
+        raise ValueError("boom")
+    _warm()
+    with pytest.raises(ValueError, match="boom"):
+        flowcore.get(boom.remote(), timeout=60)
+    # the head's books of the node come back once the tasks are done
+    assert flowcore.available_resources().get("CPU") == 2.0
+
+
+@pytest.mark.timeout(90)
+def test_worker_crash_mid_task_is_retried(fresh_cluster, tmp_path):
+    fresh_cluster(num_cpus=1)
+    marker = str(tmp_path / "crashed")
+
+    @flowcore.remote(max_retries=1)
+    def crash_once(path):
+        if not os.path.exists(path):
+            open(path, "w").close()
+            os._exit(1)
+        return "second attempt"
+    _warm()
+    ref = crash_once.remote(marker)
+    assert flowcore.get(ref, timeout=60) == "second attempt"
+    causes = _causes(ref)
+    assert any(LEASED in c for c in causes) and any("worker died" in c for c in causes), causes
+    # without retries left the crash is the task's error
+    marker2 = str(tmp_path / "crashed2")
+
+    @flowcore.remote(max_retries=0)
+    def crash(path):
+        os._exit(1)
+    _warm()
+    with pytest.raises(flowcore.exceptions.WorkerCrashedError):
+        flowcore.get(crash.remote(marker2), timeout=60)
+    _warm()
+    assert flowcore.get(noop.remote(3), timeout=60) == 3
+
+
+@pytest.mark.timeout(90)
+def test_cancel_of_a_queued_and_of_a_running_leased_task(fresh_cluster, monkeypatch):
+    import flowcore.client.leases as leases
+    monkeypatch.setattr(leases, "PIPELINE", 2)  # a second task waits on the worker
+    fresh_cluster(num_cpus=1)
+    _warm()
+    sig = Signal()
+    running = hold.remote(sig, 1)
+    sig.wait_for_waiters(1)
+    queued = hold.remote(sig, 2)
+    assert _leased(running) and _leased(queued)
+    flowcore.cancel(queued)
+    with pytest.raises(TaskCancelledError):
+        flowcore.get(queued, timeout=60)
+    flowcore.cancel(running)
+    with pytest.raises(TaskCancelledError):
+        flowcore.get(running, timeout=60)
+    sig.set()
+    _warm()
+    assert flowcore.get(noop.remote(5), timeout=60) == 5
+
+
+@pytest.mark.timeout(90)
+def test_explain_of_a_task_waiting_on_a_leased_task(fresh_cluster):
+    fresh_cluster(num_cpus=2)
+    _warm()
+    sig = Signal()
+    first = hold.remote(sig)
+    sig.wait_for_waiters(1)
+    assert _leased(first)
+    second = noop.remote(first)
+    why = flowcore.explain(second)
+    assert why["state"] == "WAITING_FOR_ARGS" and why["waiting_for"] == [first.hex()], why
+    assert "RUNNING" in why["text"]
+    assert "leased by its submitter" in flowcore.explain(first)["text"]
+    sig.set()
+    assert flowcore.get(second, timeout=60) == 1
+
+
+@pytest.mark.timeout(120)
+def test_node_death_retries_and_rebuilds_leased_tasks():
+    flowcore.shutdown()
+    with LocalCluster(nodes=2, cpus_per_node=2) as cluster:
+        flowcore.init(address=cluster.address, token=cluster.token)
+        try:
+            mine = flowcore.get_runtime_context().get_node_id()
+
+            @flowcore.remote(max_retries=3)
+            def block(i):
+                return np.full(1 << 18, i, dtype=np.int64)  # 2 MiB: in its node's store
+
+            @flowcore.remote(max_retries=3)
+            def where(sig):
+                sig.wait()
+                return flowcore.get_runtime_context().get_node_id()
+            _warm()
+            big = block.remote(7)
+            assert flowcore.wait([big], timeout=60, fetch_local=False)[1] == []
+            assert _leased(big)
+            sig = Signal()
+            running = where.remote(sig)
+            sig.wait_for_waiters(1)
+            assert _leased(running)
+            cluster.kill_node(mine)
+            sig.set()
+            # the running task is retried, and the lost output rebuilt from
+            # its lineage, on the surviving node
+            assert flowcore.get(running, timeout=90) != mine
+            assert int(flowcore.get(big, timeout=90)[0]) == 7
+        finally:
+            flowcore.shutdown()
