@@ -426,6 +426,7 @@ class InlineClient(CoreClient):
             self._pump_owner = threading.get_ident()
             try:
                 self.pump(0)
+                self._flush()  # what handling it queued (a cancelled task's end)
             finally:
                 self._pump_owner = None
                 self._pump.release()

@@ -78,6 +78,12 @@ class Worker:
         self._ops[msg["op"]](msg)
 
     def _queue(self, msg: dict) -> None:
+        if msg.get("lease") is not None and msg["tid"] in self.cancel_before_start:
+            # sent by a lease holder and cancelled before it came: ends now,
+            # not after the task running here
+            self.cancel_before_start.discard(msg["tid"])
+            self._report(msg, "cancelled", [], False)
+            return
         self.tasks.append(msg)
 
     def _cancel(self, msg: dict) -> None:
@@ -87,8 +93,17 @@ class Worker:
             if threading.get_ident() != self.main_ident:
                 # read on another thread: wake the main thread to raise it
                 signal.pthread_kill(self.main_ident, signal.SIGUSR1)
-        elif any(t is not None and t["tid"] == msg["tid"] for t in self.tasks):
-            # not started yet (still queued here): never start it
+        elif (queued := next((t for t in self.tasks if t is not None and t.get("lease")
+                              is not None and t["tid"] == msg["tid"]), None)) is not None:
+            # sent by a lease holder, queued behind the task running here:
+            # it ends now (its node cannot drop it, as it does its own)
+            self.tasks.remove(queued)
+            self._report(queued, "cancelled", [], False)
+        else:
+            # not started yet (queued here, or still on its way: a task sent
+            # by a lease holder may come after its cancel): never start it
+            if len(self.cancel_before_start) > 10_000:
+                self.cancel_before_start.clear()  # (cancels of tasks long gone)
             self.cancel_before_start.add(msg["tid"])
 
     def _exit(self, msg: dict) -> None:
