@@ -50,6 +50,9 @@ ENABLED = os.environ.get("FLOWCORE_LEASES", "1") not in ("0", "")
 PIPELINE = int(os.environ.get("FLOWCORE_LEASE_PIPELINE", "1"))
 #: leases of one shape held at once, at most
 MAX_LEASES = int(os.environ.get("FLOWCORE_LEASES_PER_SHAPE", "8"))
+#: tasks go to leased workers while their submitter has at most this many
+#: unfinished (a burst beyond is spread by the head, as local-first does)
+INFLIGHT = int(os.environ.get("FLOWCORE_LEASE_INFLIGHT", "2"))
 #: seconds a lease with nothing to do is kept before it is returned
 GRACE = float(os.environ.get("FLOWCORE_LEASE_GRACE", "0.5"))
 #: seconds before asking again for a shape whose lease was declined
@@ -156,7 +159,8 @@ class LeasesMixin:
         """Send ``spec`` to a leased worker (True), or leave it to the old
         path (False), asking for a lease of its shape when there is none."""
         key = shape_of(spec)
-        if key is None or spec.get("fid") not in self._fn_blobs:
+        if key is None or spec.get("fid") not in self._fn_blobs \
+                or self.pending_tasks > INFLIGHT:
             return False
         run = self._local_run(spec)
         if run is None:
