@@ -256,7 +256,7 @@ class LeasesMixin:
         if not wait:
             return False
         try:
-            return fut.result(10.0)
+            return fut.result(2.0)
         except Exception:  # noqa: BLE001 - a slow node: the old way this time
             return False
 
