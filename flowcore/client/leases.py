@@ -160,8 +160,8 @@ class LeasesMixin:
         path (False), asking for a lease of its shape when there is none."""
         key = shape_of(spec)
         if key is None or spec.get("fid") not in self._fn_blobs \
-                or self.pending_tasks > INFLIGHT:
-            return False
+                or self.pending_tasks > INFLIGHT or self.tls is not None:
+            return False  # (a TLS socket is written by the IO thread only: no lease)
         run = self._local_run(spec)
         if run is None:
             return False
