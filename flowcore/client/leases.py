@@ -172,7 +172,8 @@ class LeasesMixin:
                 return True
             if not ask:
                 return False
-            if attempt or self._on_io_thread():
+            if attempt or self._on_io_thread() or self.pending_tasks > 1:
+                # (other tasks of ours are unfinished: ask without waiting)
                 self._lease_ask(key, dict(spec.get("res") or {}))
                 return False
             # no lease of this shape: ask for one and wait for the answer
@@ -284,7 +285,10 @@ class LeasesMixin:
                     unrun.append(m["tid"])
                     if ls is not None:
                         ls.revoked = True
-                if ls is not None and ls.revoked and not ls.inflight:
+                if ls is not None and not ls.inflight and (
+                        ls.revoked or self.pending_tasks > INFLIGHT):
+                    # asked back, or a burst goes through the head (whose
+                    # tasks would wait for the lease's resources)
                     self._lease_return(ls)
         if unrun:
             self.send("head", {"op": "lease_unrun", "tids": unrun})
