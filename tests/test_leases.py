@@ -11,8 +11,68 @@ import flowcore
 from flowcore.cluster import LocalCluster
 from flowcore.exceptions import TaskCancelledError
 from flowcore.testing import Signal
+from flowcore.ids import object_id
+from flowcore.scheduler.states import TaskState
+from test_machine import Cluster, ops, run_task_tids
 
 LEASED = "leased worker"
+
+
+# ---------------------------------------------------------------- the head's side (IO-free)
+def _leased_spec(c, node: str = "n1", wid: str = "w1", **kw) -> dict:
+    spec = c.spec(**kw)
+    spec["lease"] = [node, wid]
+    return spec
+
+
+@pytest.mark.timeout(10)
+def test_head_records_a_leased_task_running_without_placing_it():
+    c = Cluster(validate=True)
+    c.node("n1", CPU=2)
+    spec = _leased_spec(c)
+    tid = spec["tid"]
+    out = c.submit(spec)
+    t = c.state.tasks[tid]
+    assert run_task_tids(out) == [] and t.state == TaskState.RUNNING and t.node == "n1"
+    assert c.state.nodes["n1"].available["CPU"] == 1.0  # the head's books of the node
+    assert LEASED in t.cause and c.state.counts["leased"] == 1
+    assert ops(c.state.handle("client-1", {"op": "cancel", "oid": object_id(tid),
+                                           "force": False}), "cancel_task", "n1")[0][
+        "lease"] == "w1"
+    out = c.state.handle("w9", {"op": "task_done", "tid": tid, "status": "ok",
+                                "answered_direct": True, "retryable": False,
+                                "results": [{"oid": object_id(tid), "size": 1, "inline": b"v",
+                                             "error": False, "nested": [], "sent": True}]})
+    assert t.state == TaskState.FINISHED and c.state.nodes["n1"].available["CPU"] == 2.0
+    assert ops(out, "object_ready", "client-1") == []  # the owner had it from the worker
+
+
+@pytest.mark.timeout(10)
+def test_head_takes_a_leased_tasks_end_before_its_submission_and_retries_a_lost_lease():
+    c = Cluster(validate=True)
+    c.node("n1", CPU=2)
+    early = _leased_spec(c)
+    c.state.handle("w9", {"op": "task_done", "tid": early["tid"], "status": "ok",
+                          "answered_direct": True, "retryable": False,
+                          "results": [{"oid": object_id(early["tid"]), "size": 1,
+                                       "inline": b"v", "error": False, "nested": []}]})
+    c.submit(early)
+    assert c.state.tasks[early["tid"]].state == TaskState.FINISHED
+    a, b = _leased_spec(c, retries=1), _leased_spec(c, retries=0)
+    c.submit(a, b)
+    other = _leased_spec(c, wid="w2")
+    c.submit(other)
+    out = c.state.handle("n1", {"op": "lease_lost", "wid": "w1", "how": "exited", "pid": 7})
+    assert c.state.tasks[a["tid"]].state == TaskState.RUNNING  # retried, placed by the head
+    assert run_task_tids(out) == [a["tid"]]
+    assert c.state.tasks[b["tid"]].state == TaskState.FAILED
+    assert c.state.tasks[other["tid"]].state == TaskState.RUNNING  # another worker's
+    # a lease on a node that is gone: the head places the task
+    gone = _leased_spec(c, node="n7")
+    assert run_task_tids(c.submit(gone)) == [gone["tid"]]
+
+
+# ---------------------------------------------------------------- the public API
 
 
 @pytest.fixture(autouse=True)
