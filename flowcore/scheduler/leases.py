@@ -69,6 +69,9 @@ class Leases:
             return
         t.missing.clear()  # its submitter had every argument; the worker reads them itself
         s.counts["leased"] = s.counts.get("leased", 0) + 1
+        # the life cycle every task has (QUEUED, then RUNNING), with no queue push
+        s.tx.queue_offered(t, f"submitted with arguments ready to a worker its owner leases "
+                              f"from node {node.name}")
         s.tx.start(t, node, f"sent by its owner to leased worker {wid} of node {node.name}",
                    acct=s._account(node, None))
         t.ahead = False  # its node granted the lease: it runs there now
