@@ -474,9 +474,9 @@ class NodeServer:
         return {
             "run_task": self._head_run_task,
             "local_query": lambda c, m, f: self._local_query(m["tids"]),
-            "start_actor": lambda c, m, f: self._start_actor(m),
-            "reserve_bundle": lambda c, m, f: self._act(
-                self.pool.reserve_bundle(m["bundle"], m["res"])),
+            "start_actor": lambda c, m, f: (self._start_actor(m), self._room_for_the_head()),
+            "reserve_bundle": lambda c, m, f: (self._act(
+                self.pool.reserve_bundle(m["bundle"], m["res"])), self._room_for_the_head()),
             "release_bundle": lambda c, m, f: self._act(self.pool.release_bundle(m["bundle"])),
             "kill_actor": lambda c, m, f: self._kill_actor(m["aid"]),
             "delete_objects": self._delete_objects,
@@ -491,8 +491,14 @@ class NodeServer:
             self._actor_call(msg)
         else:
             self._act(self.pool.task_arrived(msg))
-            if self.pool.queue and self.leases.leases:
-                self.leases.reclaim()  # it waits for room a lease holds
+            self._room_for_the_head()
+
+    def _room_for_the_head(self) -> None:
+        """What the head placed here waits for room (or overdraws the pool)
+        while leases hold resources: ask for the leases back."""
+        if self.leases.leases and (self.pool.queue or any(
+                v < -1e-9 for v in self.pool.available.values())):
+            self.leases.reclaim()
 
     def _delete_objects(self, comm: Comm, msg: dict, frames: list) -> None:
         for oid in msg["oids"]:
