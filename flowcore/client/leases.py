@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from .. import ids
+from ..exceptions import ProtocolError
 from ..protocol import frames, messages
 from ..protocol.blocking import BlockingConn
 from . import direct
@@ -264,7 +265,6 @@ class LeasesMixin:
     # ------------------------------------------------------------ answers
     def _lease_readable(self, conn: Any) -> None:
         """(IO thread) Answers from a leased worker; or its connection closed."""
-        from ..exceptions import ProtocolError
         try:
             batches = conn.read_available()
         except (OSError, ProtocolError) as e:

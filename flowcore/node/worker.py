@@ -23,6 +23,7 @@ from .. import daemon
 from ..exceptions import TaskError
 from ..objects.ref import set_client
 from ..protocol import messages
+from .leases import WorkerLease
 from .malloc import keep_freed_memory
 
 logger = logging.getLogger("flowcore.worker")
@@ -68,7 +69,6 @@ class Worker:
         self._ops: dict[str, Callable[[dict], None]] = {
             "run_task": self._queue, "create_actor": self._queue, "cancel": self._cancel,
             "exit": self._exit}
-        from .leases import WorkerLease
         self.lease = WorkerLease(self)  # the lease this pool worker serves, if any
         self._ops.update(self.lease.ops())
 
