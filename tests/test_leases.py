@@ -72,6 +72,33 @@ def test_head_takes_a_leased_tasks_end_before_its_submission_and_retries_a_lost_
     assert run_task_tids(c.submit(gone)) == [gone["tid"]]
 
 
+@pytest.mark.timeout(10)
+def test_pool_grants_an_idle_worker_and_takes_it_back():
+    from flowcore.node.pool import BUSY, IDLE, WorkerPool
+    pool = WorkerPool({"CPU": 2.0})
+    for i, a in enumerate(pool.startup()):
+        pool.worker_ready(a[1], 100 + i)
+    w = pool.grant_lease(b"L1", {"CPU": 1.0}, None)
+    assert w is not None and w.state == BUSY and pool.available["CPU"] == 1.0
+    assert pool.grant_lease(b"L2", {"CPU": 1.0, "GPU": 1.0}, None) is None  # no GPU leases
+    assert pool.grant_lease(b"L3", {"CPU": 1.0}, "some-env") is None  # no worker of that env
+    w2 = pool.grant_lease(b"L4", {"CPU": 1.0}, None)
+    assert w2 is not None and pool.grant_lease(b"L5", {"CPU": 1.0}, None) is None  # full
+    # a task the head placed here waits: no lease until it has run
+    placed = {"tid": b"t" * 16, "res": {"CPU": 1.0}}
+    assert not [a for a in pool.task_arrived(placed) if a[0] == "run"]
+    acts = pool.worker_idle(w.wid)  # the lease ended: its worker runs the waiting task
+    assert [(a[1], a[2]["tid"]) for a in acts if a[0] == "run"] == [(w.wid, placed["tid"])]
+    assert pool.grant_lease(b"L6", {"CPU": 1.0}, None) is None
+    pool.worker_idle(w.wid)
+    pool.worker_idle(w2.wid)
+    assert pool.available["CPU"] == 2.0 and all(x.state == IDLE for x in pool.workers.values())
+    # a leased worker's death is reported with its lease
+    w3 = pool.grant_lease(b"L7", {"CPU": 2.0}, None)
+    died = [a for a in pool.worker_died(w3.wid) if a[0] == "died"]
+    assert died[0][1]["lease"] == b"L7" and pool.available["CPU"] == 2.0
+
+
 # ---------------------------------------------------------------- the public API
 
 
