@@ -169,7 +169,6 @@ class LeasesMixin:
         for attempt in (0, 1):
             sent, ask = self._lease_send(spec, key, run)
             if sent is not None:
-                self.send("head", messages.submit(dict(spec, lease=[sent.node, sent.wid])))
                 return True
             if not ask:
                 return False
@@ -208,6 +207,9 @@ class LeasesMixin:
                     run["fblob"] = self._fn_blobs[fid]
                 self._direct_send(ls.conn, b"".join(bytes(b) for b in frames.encode([run])),
                                   self._on_io_thread())
+                # queued under the same lock as a refusal's hand-back (so
+                # the head never hears of the hand-back first)
+                self.send("head", messages.submit(dict(spec, lease=[ls.node, ls.wid])))
         return ls, ask
 
     # ------------------------------------------------------------ getting one
@@ -291,7 +293,8 @@ class LeasesMixin:
                     # tasks would wait for the lease's resources)
                     self._lease_return(ls)
         if unrun:
-            self.send("head", {"op": "lease_unrun", "tids": unrun})
+            with self._call_lock:
+                self.send("head", {"op": "lease_unrun", "tids": unrun})
         if conn.closed:
             self._lease_conn_lost(conn)
 
