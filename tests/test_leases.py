@@ -3,6 +3,9 @@ driver's node, and faults and views keep working through that path."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -272,3 +275,40 @@ def test_node_death_retries_and_rebuilds_leased_tasks():
             assert int(flowcore.get(big, timeout=90)[0]) == 7
         finally:
             flowcore.shutdown()
+
+
+HOLDER = """
+import os, flowcore
+flowcore.init(address=os.environ["FLOWCORE_ADDRESS"], token=os.environ["FLOWCORE_TOKEN"])
+import flowcore.client.leases as leases
+leases.GRACE = 600.0  # it would keep the lease for ten minutes
+@flowcore.remote
+def noop():
+    return 1
+for _ in range(20):
+    flowcore.get(noop.remote())
+print("leased", flowcore.context.current_client().leases.sent > 0, flush=True)
+os._exit(0)  # dies holding its lease
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_lease_never_outlives_its_holder(fresh_cluster):
+    info = fresh_cluster(num_cpus=2)
+    env = dict(os.environ, FLOWCORE_ADDRESS=info["address"],
+               FLOWCORE_TOKEN=flowcore.session._cluster.token)
+    out = subprocess.run([sys.executable, "-c", HOLDER], env=env, capture_output=True,
+                         text=True, timeout=90)
+    assert "leased True" in out.stdout, out.stderr[-2000:]
+    # its node ended the lease when its connection closed (nothing asked for it)
+    client = flowcore.context.current_client()
+    deadline = time.monotonic() + 30
+    while client.request("node", {"op": "stats"})["pool"]["leases"]:
+        assert time.monotonic() < deadline, "the dead holder's lease was not ended"
+        time.sleep(0.05)
+    # both CPUs serve this driver's tasks again (the dead holder's lease ended)
+    sig = Signal()
+    refs = [hold.remote(sig, i) for i in range(2)]
+    sig.wait_for_waiters(2, timeout=60)
+    sig.set()
+    assert flowcore.get(refs, timeout=60) == [0, 1]
