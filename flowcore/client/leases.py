@@ -172,8 +172,14 @@ class LeasesMixin:
                 return True
             if not ask:
                 return False
-            if attempt or self._on_io_thread() or self.pending_tasks > 1:
-                # (other tasks of ours are unfinished: ask without waiting)
+            if self.pending_tasks > 1:
+                # other tasks of ours are unfinished (a burst, or other
+                # threads): no new lease, which the burst's tasks placed by
+                # the head would soon call back
+                with self._lock:
+                    self.leases.asking.discard(key)
+                return False
+            if attempt or self._on_io_thread():
                 self._lease_ask(key, dict(spec.get("res") or {}))
                 return False
             # no lease of this shape: ask for one and wait for the answer
