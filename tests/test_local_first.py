@@ -148,7 +148,9 @@ def _causes(ref) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-def test_nested_and_driver_tasks_start_on_their_node(private_cluster):
+def test_nested_and_driver_tasks_start_on_their_node(private_cluster, monkeypatch):
+    import flowcore.client.leases as leases
+    monkeypatch.setattr(leases, "ENABLED", False)  # (tests/test_leases.py: the leased path)
     cluster = private_cluster(2, cpus_per_node=2)
     from flowcore.context import current_client
     mine = current_client().node_id

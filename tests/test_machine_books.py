@@ -81,6 +81,14 @@ def test_every_message_type_keeps_the_books() -> None:
     h("n1", {"op": "local_verdict", "tid": c["tid"], "started": True})
     assert s.tasks[c["tid"]].state == S.RUNNING
     h("n1", _done(c["tid"], local=True))
+    # leased tasks: recorded running; one refused by its worker, one whose worker died
+    d, e = _spec(ids, lease=["n1", "w7"]), _spec(ids, lease=["n1", "w8"])
+    h(C, {"op": "submit", "tasks": [d, e]})
+    assert s.tasks[d["tid"]].state == S.RUNNING and s.tasks[e["tid"]].state == S.RUNNING
+    h(C, {"op": "lease_unrun", "tids": [d["tid"]]})
+    h("n1", {"op": "lease_lost", "wid": "w8", "how": "killed", "pid": 8})
+    for tid in (d["tid"], e["tid"]):
+        h(s.tasks[tid].node, _done(tid))
     # placement groups
     pgid = ids.task_id()
     h(C, {"op": "create_placement_group", "pgid": pgid, "bundles": [{"CPU": 1.0}],

@@ -31,6 +31,8 @@ from ..protocol.tls import TLSConfig
 from . import direct
 from .actor_calls import ActorCallsMixin
 from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
+from . import leases
+from .leases import LeasesMixin
 from .futures import Resolver
 
 logger = logging.getLogger("flowcore.client")
@@ -60,7 +62,7 @@ MAX_PENDING_TASKS = 200_000
 #: seconds a client keeps trying to reconnect when it loses the head (a head
 #: restarted at the same address with its state directory takes it back)
 HEAD_GRACE = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
-class CoreClient(ActorCallsMixin, NodeFailoverMixin):
+class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
                  kind: str = "driver", wid: str | None = None, remote_store: bool = False,
                  tls: TLSConfig | None = None):
@@ -142,6 +144,7 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
         self._dconns: dict[str, Any] = {}   # protocol.blocking.BlockingConn
         self._call_lock = threading.Lock()
         self._dpending: dict[str, list[dict]] = {}  # direct calls not written yet
+        self._leases_init()  # workers leased from our node (client/leases.py)
         self.on_disconnect: Callable[[str], None] | None = None
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "flowcore_current_task", default=None)
@@ -294,6 +297,7 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
                         pass
                 c.close()
             self._dconns.clear()
+            self._leases_close()
             # end what still runs on this loop (readers, a head reconnection, a node
             # switch), so none is destroyed pending when the loop stops
             me = asyncio.current_task()
@@ -466,7 +470,9 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
         if msg["op"] not in NODE_OPS:
             messages.refuse("client", messages.NODE, msg["op"], "node")
             return
-        if self.on_node_message is not None:
+        if msg["op"] == "lease_revoke" and self.LEASES:
+            self._lease_revoked(msg)
+        elif self.on_node_message is not None:
             self._guarded(self.on_node_message, msg)
 
     def _object_ready(self, msg: dict) -> None:
@@ -555,7 +561,9 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
         if fid in self.registered_functions:
             return
         self.registered_functions.add(fid)
-        self.send("head", messages.register_function(fid, blob_factory(), name))
+        blob = blob_factory()
+        self._fn_blobs[fid] = blob  # sent along with its first task to a leased worker
+        self.send("head", messages.register_function(fid, blob, name))
 
     def fetch_function(self, fid: bytes) -> bytes:
         r = self.request("head", {"op": "get_function", "fid": fid})
@@ -582,6 +590,9 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
         if spec.get("actor") is not None and direct.ENABLED and not self.remote_store:
             self._prepare_direct(spec["actor"])
             self._submit_call(spec)
+            return refs
+        if leases.ENABLED and self.LEASES and not self.remote_store and self.has_store() \
+                and not self._head_away() and self._lease_submit(spec):
             return refs
         # only the first few unfinished tasks are offered to our node: a burst
         # beyond them would mostly be declined (an extra message each) and is

@@ -42,6 +42,8 @@ CALLER_OPS = messages.ops_for(messages.ACTOR, messages.CALLER)
 class InlineClient(CoreClient):
     """A CoreClient whose waiting threads do the IO themselves."""
 
+    LEASES = False  # (no IO thread to read a leased worker's answers)
+
     def __init__(self, head_address: str, token: bytes, node_address: str, *, wid: str,
                  tls: "TLSConfig | None" = None):
         super().__init__(head_address, token, node_address, kind="worker", wid=wid, tls=tls)
@@ -61,6 +63,8 @@ class InlineClient(CoreClient):
         self._new_conns: list[tuple[str, BlockingConn]] = []
         self._callers = itertools.count(1)
         self.listener: Any = None  # the actor's listener for direct calls
+        self.worker_lease: Any = None  # node.leases.WorkerLease of a pool worker
+        self._pushed_fns: dict[bytes, bytes] = {}
         # set when a cancel for the running task was read; the main thread
         # raises KeyboardInterrupt at a safe point (never mid-dispatch)
         self.interrupt_main = False
@@ -320,7 +324,9 @@ class InlineClient(CoreClient):
                     self._direct_message(msg)
                 elif msg["op"] not in CALLER_OPS:
                     messages.refuse("actor", messages.CALLER, msg["op"], which)
-                elif msg.get("actor") == self.actor_id:
+                elif msg.get("lease") is not None:
+                    self._leased_task(conn, which, msg, bufs)
+                elif msg.get("actor") == self.actor_id and self.actor_id is not None:
                     msg["reply_conn"] = which  # answered on this connection
                     self._on_node_msg(None, msg, bufs)  # type: ignore[arg-type]
                 else:
@@ -328,6 +334,23 @@ class InlineClient(CoreClient):
                                    (msg.get("actor") or b"").hex(), (self.actor_id or b"").hex())
         if conn.closed and not self.closed:
             self._conn_lost(conn, which)
+
+    def _leased_task(self, conn: BlockingConn, which: str, msg: dict, bufs: list) -> None:
+        """A task from the holder of this worker's lease (or of a lease
+        that has ended: refused, not run)."""
+        lease = self.worker_lease
+        if lease is None or not lease.accepts(msg):
+            conn.write([{"op": "lease_refused", "tid": msg.get("tid"), "lease": msg["lease"]}])
+            return
+        blob = msg.pop("fblob", None)
+        if blob is not None:
+            self._pushed_fns[msg["fid"]] = blob
+        msg["reply_conn"] = which  # answered on this connection
+        self._on_node_msg(None, msg, bufs)  # type: ignore[arg-type]
+
+    def fetch_function(self, fid: bytes) -> bytes:
+        blob = self._pushed_fns.pop(fid, None)  # sent along by a lease holder
+        return blob if blob is not None else super().fetch_function(fid)
 
     def _conn_lost(self, conn: BlockingConn, which: str) -> None:
         conn.reported = True  # type: ignore[attr-defined]
@@ -403,6 +426,7 @@ class InlineClient(CoreClient):
             self._pump_owner = threading.get_ident()
             try:
                 self.pump(0)
+                self._flush()  # what handling it queued (a cancelled task's end)
             finally:
                 self._pump_owner = None
                 self._pump.release()

@@ -490,6 +490,26 @@ class WorkerPool:
         self._account(a.bundle).give(a.hold)
         return a.aid, self._pump()
 
+    # ------------------------------------------------------------ leases
+    def grant_lease(self, lease: bytes, res: dict[str, float],
+                    env: str | None) -> WorkerInfo | None:
+        """An idle worker of runtime_env ``env`` leased to a client for
+        tasks of shape ``res`` (no GPU), its resources taken until the lease
+        ends (``worker_idle`` with the lease id); None when no worker is idle
+        or ``res`` does not fit now, or tasks the head placed here wait."""
+        if self.queue or res.get("GPU") or not self.available.fits(res):
+            return None
+        free = [w for w in self.workers.values() if w.state == IDLE and w.env == env]
+        w = _pick(free, False)
+        if w is None:
+            return None
+        self.available.take(res)
+        if w.gpu is None:
+            w.gpu = False
+        w.state, w.task, w.blocked = BUSY, {"tid": lease, "res": dict(res), "lease": lease}, False
+        w.tasks_run += 1
+        return w
+
     def find_task(self, tid: bytes) -> tuple[str | None, dict | None]:
         for w in self.workers.values():
             if w.task is not None and w.task["tid"] == tid:

@@ -21,6 +21,7 @@ from ..protocol.comm import Comm, connect, guarded, serve
 from .oom import OomWatch
 from ..protocol.tls import TLSConfig, strip_env
 from .packages import PackageCache, WorkerSetup
+from .leases import NodeLeases
 from .pool import WorkerPool
 from .procs import WorkerProcess, start_worker
 from .transfer import Transfers
@@ -89,6 +90,7 @@ class NodeServer:
             self.resources["memory"] = float(memory if memory is not None
                                              else default_memory())
         self.pool = WorkerPool(self.resources, max_workers, list(range(num_gpus)))
+        self.leases = NodeLeases(self)
         self.worker_env = worker_env or {}
         self.worker_cwd = worker_cwd
         sweep_stale_segments()
@@ -302,7 +304,9 @@ class NodeServer:
                 task, wid = a[1], a[2]
                 how, pid = self._deaths.pop(wid, ("exited", 0))
                 if self.head is not None:
-                    self.head.send(messages.worker_died(task["tid"], how, pid))
+                    self.head.send(messages.worker_died(task["tid"], how, pid)
+                                   if not task.get("lease") else
+                                   {"op": "lease_lost", "wid": wid, "how": how, "pid": pid})
             elif kind == "retire":
                 comm = self.worker_comms.get(a[1])
                 if comm is not None:
@@ -400,6 +404,7 @@ class NodeServer:
         self._deaths[wid] = (how, pid)
         if comm is not None:
             self.store.release_client(comm.info.get("id", wid))
+        self.leases.worker_gone(wid)
         if not self._stopping:
             self._act(self.pool.worker_died(wid))
         self._deaths.pop(wid, None)
@@ -469,14 +474,14 @@ class NodeServer:
         return {
             "run_task": self._head_run_task,
             "local_query": lambda c, m, f: self._local_query(m["tids"]),
-            "start_actor": lambda c, m, f: self._start_actor(m),
-            "reserve_bundle": lambda c, m, f: self._act(
-                self.pool.reserve_bundle(m["bundle"], m["res"])),
+            "start_actor": lambda c, m, f: (self._start_actor(m), self._room_for_the_head()),
+            "reserve_bundle": lambda c, m, f: (self._act(
+                self.pool.reserve_bundle(m["bundle"], m["res"])), self._room_for_the_head()),
             "release_bundle": lambda c, m, f: self._act(self.pool.release_bundle(m["bundle"])),
             "kill_actor": lambda c, m, f: self._kill_actor(m["aid"]),
             "delete_objects": self._delete_objects,
             "cancel_task": lambda c, m, f: self._cancel(m["tid"], m.get("force", False),
-                                                        bool(m.get("local"))),
+                                                        bool(m.get("local")), m.get("lease")),
             "prefetch": self._prefetch_all,  # keep a second copy of a put object
             "shutdown": self._head_shutdown,
         }
@@ -486,6 +491,14 @@ class NodeServer:
             self._actor_call(msg)
         else:
             self._act(self.pool.task_arrived(msg))
+            self._room_for_the_head()
+
+    def _room_for_the_head(self) -> None:
+        """What the head placed here waits for room (or overdraws the pool)
+        while leases hold resources: ask for the leases back."""
+        if self.leases.leases and (self.pool.queue or any(
+                v < -1e-9 for v in self.pool.available.values())):
+            self.leases.reclaim()
 
     def _delete_objects(self, comm: Comm, msg: dict, frames: list) -> None:
         for oid in msg["oids"]:
@@ -499,10 +512,15 @@ class NodeServer:
         logger.info("the head asked this node to stop")
         self.stop()
 
-    def _cancel(self, tid: bytes, force: bool, local: bool = False) -> None:
+    def _cancel(self, tid: bytes, force: bool, local: bool = False,
+                lease: str | None = None) -> None:
         """``local``: a task offered to this node (local-first) that the head
         cancelled before hearing the verdict; if it has not come yet, it is
-        refused when it does."""
+        refused when it does.  ``lease``: the leased worker its submitter
+        sent it to."""
+        if lease is not None:
+            self.leases.cancel(lease, tid, force)
+            return
         wid, task = self.pool.find_task(tid)
         if task is None:
             if local and tid not in self._local_started:
@@ -536,6 +554,7 @@ class NodeServer:
         self.clients[comm.info["id"]] = comm
         await comm.run(self._on_client_message)
         self.clients.pop(comm.info["id"], None)
+        self.leases.holder_gone(comm.info["id"])
         self.store.release_client(comm.info["id"])
         for waiters in self.pin_waiters.values():
             waiters[:] = [(c, m) for c, m in waiters if c is not comm]
@@ -563,12 +582,19 @@ class NodeServer:
             "unpin": self._unpin,
             "register_worker": self._register_worker,
             "register_client": self._register_client,
-            "worker_idle": lambda c, m, f: self._act(self.pool.worker_idle(
-                c.info.get("wid", ""), retire=bool(m.get("retire")))),
+            "worker_idle": self._worker_idle,
             "worker_blocked": lambda c, m, f: self._act(self.pool.worker_blocked(
                 c.info.get("wid", ""), m.get("blocked", True))),
             "stats": self._stats,
+            "lease_request": lambda c, m, f: self.leases.request(c, m, f),
+            "lease_return": lambda c, m, f: self.leases.give_back(c, m, f),
+            "lease_listening": lambda c, m, f: self.leases.listening(c, m, f),
         }
+
+    def _worker_idle(self, comm: Comm, msg: dict, frames: list) -> None:
+        wid = comm.info.get("wid", "")
+        self.leases.worker_idle(wid, msg["tid"])  # a lease's end: its tables
+        self._act(self.pool.worker_idle(wid, retire=bool(msg.get("retire"))))
 
     def _create(self, comm: Comm, msg: dict, frames: list) -> None:
         store = self.store
@@ -636,7 +662,8 @@ class NodeServer:
         comm.reply(msg, node_id=self.node_id, store=self.store.stats())
 
     def _stats(self, comm: Comm, msg: dict, frames: list) -> None:
-        comm.reply(msg, store=self.store.stats(), pool=self.pool.snapshot(),
+        comm.reply(msg, store=self.store.stats(), pool=dict(self.pool.snapshot(),
+                                                            **self.leases.snapshot()),
                    packages=list(self.packages.fetched), transfer=self.transfers.stats())
 
     async def _create_after_pull(self, comm: Comm, msg: dict, pull: asyncio.Future) -> None:

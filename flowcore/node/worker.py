@@ -23,6 +23,7 @@ from .. import daemon
 from ..exceptions import TaskError
 from ..objects.ref import set_client
 from ..protocol import messages
+from .leases import WorkerLease
 from .malloc import keep_freed_memory
 
 logger = logging.getLogger("flowcore.worker")
@@ -68,6 +69,8 @@ class Worker:
         self._ops: dict[str, Callable[[dict], None]] = {
             "run_task": self._queue, "create_actor": self._queue, "cancel": self._cancel,
             "exit": self._exit}
+        self.lease = WorkerLease(self)  # the lease this pool worker serves, if any
+        self._ops.update(self.lease.ops())
 
     # called by whichever thread is reading the sockets (the client has
     # checked the op against its node's role table)
@@ -75,6 +78,12 @@ class Worker:
         self._ops[msg["op"]](msg)
 
     def _queue(self, msg: dict) -> None:
+        if msg.get("lease") is not None and msg["tid"] in self.cancel_before_start:
+            # sent by a lease holder and cancelled before it came: ends now,
+            # not after the task running here
+            self.cancel_before_start.discard(msg["tid"])
+            self._report(msg, "cancelled", [], False)
+            return
         self.tasks.append(msg)
 
     def _cancel(self, msg: dict) -> None:
@@ -84,8 +93,17 @@ class Worker:
             if threading.get_ident() != self.main_ident:
                 # read on another thread: wake the main thread to raise it
                 signal.pthread_kill(self.main_ident, signal.SIGUSR1)
-        elif any(t is not None and t["tid"] == msg["tid"] for t in self.tasks):
-            # not started yet (still queued here): never start it
+        elif (queued := next((t for t in self.tasks if t is not None and t.get("lease")
+                              is not None and t["tid"] == msg["tid"]), None)) is not None:
+            # sent by a lease holder, queued behind the task running here:
+            # it ends now (its node cannot drop it, as it does its own)
+            self.tasks.remove(queued)
+            self._report(queued, "cancelled", [], False)
+        else:
+            # not started yet (queued here, or still on its way: a task sent
+            # by a lease holder may come after its cancel): never start it
+            if len(self.cancel_before_start) > 10_000:
+                self.cancel_before_start.clear()  # (cancels of tasks long gone)
             self.cancel_before_start.add(msg["tid"])
 
     def _exit(self, msg: dict) -> None:
@@ -115,6 +133,8 @@ class Worker:
             try:
                 if task["op"] == "create_actor":
                     self.create_actor(task)
+                elif task["op"] == "lease_end":
+                    self.lease.ended(task)
                 elif task.get("actor") is not None and self.threads is not None:
                     pool = self.groups.get(self._group_of(task)) or self.threads
                     pool.submit(self.execute, task)
@@ -419,7 +439,7 @@ class Worker:
 
     def _report(self, task: dict, status: str, results: list, retryable: bool) -> None:
         tid = task["tid"]
-        if task.get("actor") is None:
+        if task.get("actor") is None and task.get("lease") is None:
             retire = False
             limit = (task.get("xopts") or {}).get("max_calls")
             if limit and status != "cancelled":  # max_calls: this process runs it N times
@@ -437,9 +457,13 @@ class Worker:
             # inline returns at once; the head learns the outcome as usual
             from ..client import direct
             msg["answered_direct"] = True
-            msg["results"] = direct.mark_sent(results)
+            if retryable and status == "error":
+                answer = direct.answer_for(task, [])  # the head retries it
+            else:
+                msg["results"] = direct.mark_sent(results)
+                answer = direct.answer_for(task, results)
             self.client.send("head", msg)
-            self.client.send(task["reply_conn"], direct.answer_for(task, results))
+            self.client.send(task["reply_conn"], answer)
             return
         self.client.send("head", msg)
 
@@ -609,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     client.actor_id = bytes.fromhex(args.actor) if args.actor else None
     worker = Worker(client, args.wid, bytes.fromhex(args.actor) if args.actor else None)
     client.on_node_message = worker.on_node_message
+    client.worker_lease = worker.lease if worker.actor_id is None else None
     client.on_disconnect = worker.on_disconnect
     set_client(client)
     if os.environ.get("FLOWCORE_LOG_TO_DRIVER", "1") != "0":

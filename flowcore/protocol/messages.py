@@ -75,6 +75,8 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("node_warning", HEAD, "node", "text", "a node's warning, forwarded to every driver"),
     ("node_leaving", HEAD, "node", "", "a node stops on purpose (its connection closes next)"),
     ("worker_died", HEAD, "node", "tid how pid", "the worker running ``tid`` exited"),
+    ("lease_lost", HEAD, "node", "wid how pid",
+     "a leased worker exited: the tasks its lease holder sent it are retried or fail"),
     ("local_verdict", HEAD, "node", "tid started",
      "whether a task offered to the node (local-first) was started there"),
     ("object_location", HEAD, "node", "oid node add", "a node now holds a copy of ``oid``"),
@@ -94,6 +96,8 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("task_done", HEAD, (WORKER, "node"),
      "tid status results retryable pid? wid? started? error_text? local? answered_direct?",
      "a task ended (from its worker; from the node when it never started)"),
+    ("lease_unrun", HEAD, CLIENTS, "tids",
+     "tasks a leased worker refused (its lease had ended): the head places them"),
     ("task_blocked", HEAD, WORKER, "tid", "a running task waits in get (its CPU goes back)"),
     ("task_unblocked", HEAD, WORKER, "tid", "the waiting task runs again"),
     ("task_yield", HEAD, WORKER, "tid result push", "a generator task yielded a value"),
@@ -136,7 +140,8 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("run_task", NODE, HEAD, "task spec + deps attempt owner ...", "run a task (or actor call)"),
     ("start_actor", NODE, HEAD, "aid ...", "start a process for an actor"),
     ("kill_actor", NODE, HEAD, "aid", "kill an actor's process"),
-    ("cancel_task", NODE, HEAD, "tid force local?", "cancel a queued or running task"),
+    ("cancel_task", NODE, HEAD, "tid force local? lease?",
+     "cancel a queued or running task (``lease``: the leased worker it was sent to)"),
     ("delete_objects", NODE, HEAD, "oids", "free store objects"),
     ("prefetch", NODE, (HEAD, DRIVER, WORKER), "objects", "pull copies of objects"),
     ("local_query", NODE, HEAD, "tids", "repeat the verdicts of local-first offers"),
@@ -152,7 +157,13 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("pin", NODE, CLIENTS, "rid oid", "map an object for reading"),
     ("unpin", NODE, CLIENTS, "oids", "done reading"),
     ("submit_local", NODE, CLIENTS, "task", "local-first: start a task here if it fits"),
-    ("worker_idle", NODE, WORKER, "tid retire?", "the worker finished its task"),
+    ("worker_idle", NODE, WORKER, "tid retire?",
+     "the worker finished its task (or, ``tid`` a lease id, its lease's tasks)"),
+    ("lease_request", NODE, CLIENTS, "rid res env?",
+     "a client asks for an idle worker for tasks of shape ``res`` (the reply: ``lease`` "
+     "``address`` ``wid``, or none)"),
+    ("lease_return", NODE, CLIENTS, "lease", "the holder gives a lease back"),
+    ("lease_listening", NODE, WORKER, "lease port", "a leased worker listens for its holder"),
     ("worker_blocked", NODE, WORKER, "blocked", "the worker's task waits (or runs again)"),
     ("fetch_chunk", NODE, (PEER, DRIVER, WORKER), "rid oid start size", "read part of an object"),
     ("bulk_port", NODE, (PEER, DRIVER, WORKER), "rid", "the port of the bulk transfer socket"),
@@ -168,10 +179,17 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("create_actor", CLIENT, NODE, "aid ...", "construct the actor this worker hosts"),
     ("cancel", CLIENT, NODE, "tid", "cancel the running (or queued) task"),
     ("exit", CLIENT, NODE, "", "the worker exits"),
+    ("lease_open", CLIENT, NODE, "lease", "this worker is leased: listen for the holder"),
+    ("lease_end", CLIENT, NODE, "lease",
+     "the lease ended: run what was sent, then tell the node (``worker_idle``)"),
+    ("lease_revoke", CLIENT, NODE, "lease", "give this lease back once its tasks are done"),
     # ---------------------------------------------------------- direct calls
-    ("run_task", ACTOR, CALLER, "tid actor method name args args_dep deps nret owner ...",
-     "an actor call sent straight to the actor's process"),
+    ("run_task", ACTOR, CALLER,
+     "tid actor|lease method|fid name args args_dep deps nret owner fblob? ...",
+     "an actor call sent straight to the actor's process, or a task to a leased worker"),
     ("call_result", CALLER, ACTOR, "tid actor results", "the actor's inline returns"),
+    ("lease_refused", CALLER, ACTOR, "tid lease",
+     "a leased worker no longer holds that lease: the task was not run"),
 )
 
 
@@ -195,6 +213,7 @@ TASK_SPEC: dict[str, str] = {
     "local?": "offered to the submitter's node first (local-first)",
     "actor?": "an actor call: the actor's id (with method, cgroup?)",
     "direct_epoch?": "an actor call also sent to the actor directly: its restart count then",
+    "lease?": "[node id, worker id]: sent by its submitter to a worker leased from that node",
     "kind?": "create (an actor's constructor: aid, class_name, methods, ...) or absent",
 }
 
@@ -491,11 +510,14 @@ def kill_actor(aid: bytes) -> dict:
     return {"op": "kill_actor", "aid": aid}
 
 
-def cancel_task(tid: bytes, force: bool, local: bool = False) -> dict:
-    """Head to node: cancel a task (``local``: one offered to it local-first)."""
-    msg = {"op": "cancel_task", "tid": tid, "force": force}
+def cancel_task(tid: bytes, force: bool, local: bool = False, lease: Any = None) -> dict:
+    """Head to node: cancel a task (``local``: one offered to it local-first;
+    ``lease``: the leased worker it was sent to)."""
+    msg: dict[str, Any] = {"op": "cancel_task", "tid": tid, "force": force}
     if local:
         msg["local"] = True
+    if lease is not None:
+        msg["lease"] = lease
     return msg
 
 

@@ -92,6 +92,9 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
         node = state.nodes.get(t.node or "")
         since = now - t.started if t.started else 0.0
         where = node.name if node else t.node
+        leased = getattr(state, "leases", None)
+        if leased is not None and leased.on_lease(t) is not None:
+            where = f"{where} (on a worker leased by its submitter)"
         lines.append(f"task {t.name} is running on node {where} for {since:.1f} s "
                      f"(attempt {t.attempt}"
                      + (f", pid {t.worker['pid']}" if t.worker else "") + ")"

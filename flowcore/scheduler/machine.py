@@ -26,6 +26,7 @@ from .direct_calls import DirectCalls
 from .books import check_books
 from .history import History, history_rows
 from .lineage import Lineage
+from .leases import Leases
 from .local_first import LocalFirst
 from .placement import PlacementIndex
 from .placement_groups import PlacementGroups
@@ -126,6 +127,7 @@ class SchedulerState:
         # ---- components: each owns its tables and registers its ops and hooks
         self.local_first = LocalFirst(self)
         self.direct_calls = DirectCalls(self)
+        self.leases = Leases(self)
         self.lineages = Lineage(self, lineage_memory)
         self.streams = Streams(self)
         self.groups = PlacementGroups(self)
@@ -162,8 +164,8 @@ class SchedulerState:
             "task_unblocked": self.handle_task_unblocked,
             "cancel": self.handle_cancel,
         }
-        for component in (self.local_first, self.direct_calls, self.streams, self.groups,
-                          self.actor_manager):
+        for component in (self.local_first, self.direct_calls, self.leases, self.streams,
+                          self.groups, self.actor_manager):
             self.ops.update(component.ops())
 
     @property
@@ -318,7 +320,8 @@ class SchedulerState:
                 continue
             if t.state == S.RUNNING:
                 if t.kind == "task" and t.node:
-                    self._send(t.node, wire.cancel_task(t.tid, False))
+                    self._send(t.node, wire.cancel_task(t.tid, False,
+                                                        **self.leases.cancel_fields(t)))
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
                 self.local_first.withdraw(t, False)
@@ -621,6 +624,9 @@ class SchedulerState:
             return
         if t.kind == "call" and spec.get("direct_epoch") is not None:
             self.direct_calls.start(t, spec["direct_epoch"])
+            return
+        if spec.get("lease") is not None and t.kind == "task":
+            self.leases.start(t, spec["lease"])
             return
         failed: ObjectRecord | None = None
         for oid in t.deps:
@@ -934,7 +940,7 @@ class SchedulerState:
         if t.state == S.RUNNING:
             if force:
                 self._force_cancelled.add(t.tid)
-            self._send(t.node, wire.cancel_task(t.tid, force))
+            self._send(t.node, wire.cancel_task(t.tid, force, **self.leases.cancel_fields(t)))
             return
         self.infeasible.discard(t.tid)
         self.local_first.withdraw(t, force)  # offered to its node, which may have started it

@@ -1,0 +1,227 @@
+"""Worker leases, the node's side (``NodeLeases``) and the leased worker's.
+
+A client of this node (a driver on its machine) with ready tasks of one
+resource shape asks for a lease (``lease_request``).  The pool grants an
+idle worker (``WorkerPool.grant_lease``: the shape's resources are taken on
+the node's books until the lease ends) or the request is declined (the
+tasks go through the head as before).  The worker is told (``lease_open``),
+opens its listener (the actor listener: TLS, then the token challenge,
+before a byte is decoded) and answers with its port (``lease_listening``);
+the holder gets the address and pushes tasks straight to it.
+
+A lease ends when its holder returns it (``lease_return``: after an idle
+grace, or when this node asked for it back with ``lease_revoke`` because
+tasks placed here by the head wait for room), or when its holder's
+connection to this node closes: a lease never outlives its holder.  The
+worker is then told ``lease_end``; it runs what was already sent, refuses
+what comes later (``lease_refused``) and reports ``worker_idle`` with the
+lease id, which gives the worker and its resources back to the pool.
+
+A leased worker that dies is reported to the head as ``lease_lost``: the
+head retries (or fails) the tasks its holder sent it, the holder's
+connection to it closes and the holder asks the head for their outcome.
+
+The head's books stay right without lease messages: every leased task is
+recorded by the head as running on this node, resources taken, from its
+submission to its end (``scheduler/leases.py``); an idle lease holds
+resources only here, and this node takes them back as soon as work the
+head placed here waits.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import messages
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..protocol.comm import Comm
+    from .server import NodeServer
+
+logger = logging.getLogger("flowcore.node")
+
+#: FLOWCORE_LEASES=0: the node grants no lease (every task goes through the head)
+ENABLED = os.environ.get("FLOWCORE_LEASES", "1") not in ("0", "")
+#: leases one client may hold on this node at once
+MAX_PER_HOLDER = int(os.environ.get("FLOWCORE_LEASES_PER_CLIENT", "16"))
+
+
+class Lease:
+    __slots__ = ("lease", "wid", "holder", "res", "revoked", "ending")
+
+    def __init__(self, lease: bytes, wid: str, holder: str, res: dict):
+        self.lease = lease
+        self.wid = wid
+        self.holder = holder          # the holder's connection id on this node
+        self.res = res
+        self.revoked = False          # asked back (lease_revoke sent)
+        self.ending = False           # lease_end sent to the worker
+
+
+class NodeLeases:
+    def __init__(self, server: "NodeServer"):
+        self.server = server
+        self.leases: dict[bytes, Lease] = {}
+        self.by_worker: dict[str, bytes] = {}
+        self.ports: dict[str, int] = {}                  # wid -> its listener's port
+        self.waiting: dict[str, tuple[Any, dict, Lease]] = {}  # wid -> request awaiting a port
+        self.granted = 0
+
+    # ------------------------------------------------------------ granting
+    def request(self, comm: "Comm", msg: dict, frames: list) -> None:
+        srv = self.server
+        holder = comm.info["id"]
+        res = {k: float(v) for k, v in (msg.get("res") or {}).items() if v}
+        head = srv.head
+        held = sum(1 for x in self.leases.values() if x.holder == holder)
+        w = None
+        if ENABLED and not srv._stopping and head is not None and not head.closed \
+                and held < MAX_PER_HOLDER:
+            lease = os.urandom(12)
+            w = srv.pool.grant_lease(lease, res, msg.get("env"))
+        if w is None:
+            comm.reply(msg, lease=None)
+            return
+        wcomm = srv.worker_comms.get(w.wid)
+        if wcomm is None:  # not connected (cannot happen for an idle worker)
+            srv._act(srv.pool.worker_idle(w.wid))
+            comm.reply(msg, lease=None)
+            return
+        ls = self.leases[lease] = Lease(lease, w.wid, holder, res)
+        self.by_worker[w.wid] = lease
+        self.granted += 1
+        self.waiting[w.wid] = (comm, msg, ls)
+        wcomm.send({"op": "lease_open", "lease": lease})
+
+    def listening(self, comm: "Comm", msg: dict, frames: list) -> None:
+        """A leased worker listens: answer the request that leased it."""
+        wid = comm.info.get("wid", "")
+        if msg.get("port"):
+            self.ports[wid] = msg["port"]
+        waiting = self.waiting.pop(wid, None)
+        if waiting is None:
+            return
+        holder, req, ls = waiting
+        if self.leases.get(ls.lease) is not ls or ls.ending:
+            return
+        if holder.closed or not msg.get("port") or ls.revoked:  # (asked back meanwhile)
+            self._end(ls)
+            if not holder.closed:
+                holder.reply(req, lease=None)
+            return
+        # the worker listens on the interface its node serves on
+        host = self.server.address.split("://", 1)[-1].rsplit(":", 1)[0]
+        holder.reply(req, lease=ls.lease, wid=wid, node=self.server.node_id,
+                     address=f"tcp://{host}:{msg['port']}")
+
+    # ------------------------------------------------------------ ending
+    def give_back(self, comm: "Comm", msg: dict, frames: list) -> None:
+        ls = self.leases.get(msg["lease"])
+        if ls is not None and ls.holder == comm.info["id"]:
+            self._end(ls)
+
+    def _end(self, ls: Lease) -> None:
+        if ls.ending:
+            return
+        ls.ending = True
+        wcomm = self.server.worker_comms.get(ls.wid)
+        if wcomm is not None:
+            wcomm.send({"op": "lease_end", "lease": ls.lease})
+
+    def worker_idle(self, wid: str, tid: bytes) -> bool:
+        """``worker_idle`` from ``wid``: True when it ends its lease ``tid``
+        (the pool then takes the worker back as after any task)."""
+        lease = self.by_worker.get(wid)
+        if lease is None or lease != tid:
+            return False
+        del self.by_worker[wid]
+        self.leases.pop(lease, None)
+        return True
+
+    def holder_gone(self, holder: str) -> None:
+        """A client's connection to this node closed: its leases end."""
+        for ls in list(self.leases.values()):
+            if ls.holder == holder:
+                self._end(ls)
+
+    def worker_gone(self, wid: str) -> bytes | None:
+        """Worker ``wid`` exited: its lease (if any) is gone with it."""
+        self.ports.pop(wid, None)
+        self.waiting.pop(wid, None)
+        lease = self.by_worker.pop(wid, None)
+        if lease is not None:
+            self.leases.pop(lease, None)
+        return lease
+
+    def reclaim(self) -> None:
+        """Tasks the head placed here wait for room: ask every holder to give
+        its leases back (each does once its tasks on the lease are done)."""
+        for ls in self.leases.values():
+            if ls.revoked or ls.ending:
+                continue
+            if ls.wid in self.waiting:  # not granted yet: declined when its worker answers
+                ls.revoked = True
+                continue
+            comm = self.server.clients.get(ls.holder)
+            if comm is None or comm.closed:
+                self._end(ls)
+                continue
+            ls.revoked = True
+            comm.send({"op": "lease_revoke", "lease": ls.lease})
+
+    def cancel(self, wid: str, tid: bytes, force: bool) -> None:
+        """The head cancels ``tid``, sent to leased worker ``wid``."""
+        srv = self.server
+        if force:
+            proc = srv.procs.get(wid)
+            if proc is not None:
+                proc.kill()
+            return
+        comm = srv.worker_comms.get(wid)
+        if comm is None:
+            return
+        comm.send(messages.cancel(tid))
+        comm._flush()  # on the wire before the signal that says "read it now"
+        w = srv.pool.workers.get(wid)
+        if w is not None and w.pid:
+            try:
+                os.kill(w.pid, __import__("signal").SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+    def snapshot(self) -> dict[str, int]:
+        return {"leases": len(self.leases), "leases_granted": self.granted}
+
+
+# ---------------------------------------------------------------- the leased worker
+class WorkerLease:
+    """A pool worker's side: which lease it serves (None: none)."""
+
+    def __init__(self, worker: Any):
+        self.worker = worker
+        self.lease: bytes | None = None
+
+    def ops(self) -> dict[str, Any]:
+        return {"lease_open": self.open, "lease_end": self.end, "lease_revoke": lambda m: None}
+
+    def open(self, msg: dict) -> None:
+        self.lease = msg["lease"]
+        port = self.worker._listen_for_callers()
+        self.worker.client.send("node", {"op": "lease_listening", "lease": msg["lease"],
+                                         "port": port})
+
+    def end(self, msg: dict) -> None:
+        """No more tasks on this lease; once those already queued here have
+        run, the node gets the worker back."""
+        if self.lease == msg["lease"]:
+            self.lease = None
+        self.worker.tasks.append({"op": "lease_end", "tid": None, "lease": msg["lease"]})
+
+    def ended(self, msg: dict) -> None:
+        """(the run loop) Every task sent before the lease ended has run."""
+        self.worker.client.send("node", messages.worker_idle(msg["lease"]))
+
+    def accepts(self, msg: dict) -> bool:
+        """Whether a task read from a caller's connection is for this lease."""
+        return msg.get("lease") is not None and msg["lease"] == self.lease
