@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flowcore.client")
 
+#: the outbox destination of side reports for the head (``send(lazy=True)``)
+LAZY_HEAD = "head~"
 #: the ops an actor's process takes on a caller's connection
 CALLER_OPS = messages.ops_for(messages.ACTOR, messages.CALLER)
 
@@ -64,6 +66,9 @@ class InlineClient(CoreClient):
         # set when a cancel for the running task was read; the main thread
         # raises KeyboardInterrupt at a safe point (never mid-dispatch)
         self.interrupt_main = False
+        # side reports for the head held by _flush, and until when at most
+        self._held_head: list[dict] = []
+        self._held_until = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
@@ -85,7 +90,7 @@ class InlineClient(CoreClient):
         if self.closed:
             return
         try:
-            self._flush()
+            self._flush(force=True)
         except OSError:
             pass
         self.closed = True
@@ -103,7 +108,9 @@ class InlineClient(CoreClient):
             self.mapping.close()
 
     # ------------------------------------------------------------ sending
-    def send(self, dest: str, msg: dict) -> None:
+    def send(self, dest: str, msg: dict, lazy: bool = False) -> None:
+        if lazy:  # a side report for the head: may wait up to SIDE_FLUSH (see _flush)
+            dest = LAZY_HEAD
         staged = self._staged  # a handler of an incoming message is running
         if staged is not None and threading.get_ident() == self._staging_thread:
             staged.append((dest, msg))
@@ -123,21 +130,35 @@ class InlineClient(CoreClient):
         if self._in_select and self._pump_owner != threading.get_ident():
             self._wake()
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
+        """Write what is queued.  Side reports for the head (an actor's
+        reports of calls it answered directly) wait while nothing else goes
+        to the head, up to SIDE_FLUSH seconds after the first of them
+        (``force``: not at all), so the head takes them in batches."""
         if self._new_conns:
             self._adopt_conns()
         items = self._take_outgoing()
-        if not items:
+        held = self._held_head
+        if not items and not (held and (force or time.monotonic() >= self._held_until)):
             return
-        # the head first: a direct call's submission (and an actor's report of
-        # a direct call) leave before the call (the answer) itself
-        by_dest: dict[str, list[dict]] = {"head": []}
+        # the head first: a direct call's submission leaves before the call itself
+        by_dest: dict[str, list[dict]] = {"head": held}
+        urgent = force
         for dest, msg in items:
             if dest == "call":
                 for d, m in self._route_call(msg):
                     by_dest.setdefault(d, []).append(m)
+                    urgent = urgent or d == "head"
+            elif dest == LAZY_HEAD:
+                if not held:
+                    self._held_until = time.monotonic() + core.SIDE_FLUSH
+                held.append(msg)
             else:
                 by_dest.setdefault(dest, []).append(msg)
+                urgent = urgent or dest == "head"
+        self._held_head = []
+        if held and not urgent and time.monotonic() < self._held_until:
+            self._held_head = by_dest.pop("head")  # only side reports: they wait
         for dest, msgs in by_dest.items():
             conn = self.conns.get(dest)
             if conn is not None:
@@ -218,6 +239,9 @@ class InlineClient(CoreClient):
     def _head_away(self) -> bool:
         return self._reconnecting_head
 
+    def _reads_answers(self, missing: list[bytes]) -> bool:
+        return False  # the waiting thread pumps every connection anyway
+
     def has_store(self) -> bool:
         return "node" in self.conns
 
@@ -264,6 +288,9 @@ class InlineClient(CoreClient):
         try:
             if self._outbox or self._dropped or self._unpins:
                 timeout = 0  # something was queued meanwhile: go round again soon
+            elif self._held_head:  # wake up to send the held side reports in time
+                left = max(0.0, self._held_until - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
             readable, _, _ = select.select(fds, [], [], timeout)
         finally:
             self._in_select = False
@@ -371,7 +398,8 @@ class InlineClient(CoreClient):
                 self.conns["head"] = conn
                 rid = next(self._rid)
                 with self._lock:
-                    unsent = [m for d, m in self._outbox if d in ("head", "call")]
+                    unsent = self._held_head + [m for d, m in self._outbox
+                                                if d in ("head", "call", LAZY_HEAD)]
                 msg = self.rejoin_message(unsent)
                 msg["rid"] = rid
                 self._replies[rid] = None

@@ -436,10 +436,12 @@ class Worker:
             # a call sent here directly by its caller: the caller gets the
             # inline returns at once; the head learns the outcome as usual
             from ..client import direct
+            # (the answer first; the report is a side report, sent with others
+            # within SIDE_FLUSH: the caller's next call need not wait for it)
             msg["answered_direct"] = True
             msg["results"] = direct.mark_sent(results)
-            self.client.send("head", msg)
             self.client.send(task["reply_conn"], direct.answer_for(task, results))
+            self.client.send("head", msg, lazy=True)
             return
         self.client.send("head", msg)
 
