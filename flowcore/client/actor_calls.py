@@ -277,7 +277,7 @@ class ActorCallsMixin:
                 self._dreader.release()
                 if self._unwatched and self._readers_waiting > 1:
                     # others wait for answers this thread no longer reads
-                    self._call_io(self._rewatch)
+                    self._call_io(self._rewatch, True)
         finally:
             with self._lock:
                 self._readers_waiting -= 1
@@ -296,6 +296,7 @@ class ActorCallsMixin:
             if left is not None and left <= 0:
                 return False
             conns = [c for c in list(self._dconns.values()) if not c.closed and not c.tls]
+            self._reader_conns = conns
             if not conns:  # the answer comes another way (the head)
                 self._reader_ident = None
                 return event.wait(left)
@@ -312,6 +313,7 @@ class ActorCallsMixin:
                     continue
                 if c.closed:
                     continue
+                self._reads += 1
                 self._read_answers(c)
                 if c.closed:  # its end is handled by the IO thread
                     self._call_io(self._direct_readable, c, c.link, True)
@@ -340,11 +342,19 @@ class ActorCallsMixin:
         except (ValueError, OSError):
             pass
         self._unwatched.add(conn)
-        self._poke_reader()  # (it may not know this connection yet)
+        if conn not in self._reader_conns:
+            self._poke_reader()  # it does not know this connection yet
         self._arm_rounds()
 
-    def _rewatch(self) -> None:
-        """(IO thread) Watch again the connections no thread reads now."""
+    def _rewatch(self, now: bool = False) -> None:
+        """(IO thread) Watch again the connections no thread reads now (on a
+        round: unless a thread read some since the last round, as a thread
+        making calls one after another does between its gets)."""
+        if not now:
+            reads = self._reads
+            if reads != self._reads_seen_before:
+                self._reads_seen_before = reads
+                return
         if not self._unwatched or not self._dreader.acquire(blocking=False):
             return  # a thread reads them
         try:

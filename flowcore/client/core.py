@@ -159,6 +159,9 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
         self._reader_pipe: tuple[int, int] | None = None
         self._readers_waiting = 0
         self._unwatched: set[Any] = set()  # connections the IO thread left to that thread
+        self._reader_conns: list[Any] = []  # those the reading thread selects on
+        self._reads = 0                     # reads by waiting threads (a counter)
+        self._reads_seen_before = 0         # ... as the IO thread's last round saw it
         self.on_disconnect: Callable[[str], None] | None = None
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "flowcore_current_task", default=None)

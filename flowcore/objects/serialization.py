@@ -545,6 +545,10 @@ def deserialize(buf: Any) -> Any:
                 PREFIX_SIZE + hlen + plen == len(buf):
             return pickle.loads(memoryview(buf)[PREFIX_SIZE + hlen:])
     layout = read_layout(buf)
+    if type(buf) is bytes and not layout.buffers and layout.pickle_size < _HEADS_MAX \
+            and len(_PLAIN_HEADERS) < _HEADS_MAX:
+        # (checked by read_layout: the next value with this header skips it)
+        _PLAIN_HEADERS[buf[PREFIX_SIZE:layout.pickle_offset]] = layout.pickle_size
     mv = memoryview(buf)
     if mv.ndim != 1 or mv.format != "B":
         mv = mv.cast("B")
