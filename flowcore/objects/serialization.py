@@ -321,14 +321,16 @@ def _plain(value: Any, depth: int) -> bool:
     t = type(value)
     if t in _PLAIN_TYPES:
         return True
-    if depth >= _PLAIN_MAX_DEPTH:
+    if depth >= _PLAIN_MAX_DEPTH or not (t is tuple or t is list or t is dict):
         return False
-    if t is tuple or t is list:
-        return len(value) <= _PLAIN_MAX_ITEMS and all(_plain(v, depth + 1) for v in value)
+    if not value:
+        return True
+    if len(value) > _PLAIN_MAX_ITEMS:
+        return False
     if t is dict:
-        return len(value) <= _PLAIN_MAX_ITEMS and all(
+        return all(
             type(k) in _PLAIN_TYPES and _plain(v, depth + 1) for k, v in value.items())
-    return False
+    return all(_plain(v, depth + 1) for v in value)
 
 
 def serialize_with_refs(value: Any) -> tuple[Serialized, list[bytes]]:
