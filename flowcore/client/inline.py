@@ -69,6 +69,7 @@ class InlineClient(CoreClient):
         # side reports for the head held by _flush, and until when at most
         self._held_head: list[dict] = []
         self._held_until = 0.0
+        self._head_written = 0.0  # when something was last written to the head
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
@@ -132,9 +133,11 @@ class InlineClient(CoreClient):
 
     def _flush(self, force: bool = False) -> None:
         """Write what is queued.  Side reports for the head (an actor's
-        reports of calls it answered directly) wait while nothing else goes
-        to the head, up to SIDE_FLUSH seconds after the first of them
-        (``force``: not at all), so the head takes them in batches."""
+        reports of calls it answered directly) go at once after a quiet
+        spell; within SIDE_FLUSH seconds of the last write to the head (calls
+        in a row), they wait while nothing else goes to the head, up to
+        SIDE_FLUSH seconds after the first of them (``force``: not at all),
+        so the head takes them in batches."""
         if self._new_conns:
             self._adopt_conns()
         items = self._take_outgoing()
@@ -157,8 +160,12 @@ class InlineClient(CoreClient):
                 by_dest.setdefault(dest, []).append(msg)
                 urgent = urgent or dest == "head"
         self._held_head = []
-        if held and not urgent and time.monotonic() < self._held_until:
+        now = time.monotonic()
+        if held and not urgent and now < self._held_until \
+                and now - self._head_written < core.SIDE_FLUSH:
             self._held_head = by_dest.pop("head")  # only side reports: they wait
+        elif by_dest["head"]:
+            self._head_written = now
         for dest, msgs in by_dest.items():
             conn = self.conns.get(dest)
             if conn is not None:
