@@ -275,9 +275,12 @@ class ActorCallsMixin:
             finally:
                 self._reader_ident = None
                 self._dreader.release()
-                if self._unwatched and self._readers_waiting > 1:
-                    # others wait for answers this thread no longer reads
-                    self._call_io(self._rewatch, True)
+                if self._unwatched:
+                    if self._readers_waiting > 1:
+                        # others wait for answers this thread no longer reads
+                        self._call_io(self._rewatch, True)
+                    elif not self._tick_armed:  # a round watches them again
+                        self._call_io(self._arm_rounds)
         finally:
             with self._lock:
                 self._readers_waiting -= 1

@@ -420,7 +420,9 @@ class CoreClient(ActorCallsMixin, NodeFailoverMixin):
         if self._unwatched:
             self._rewatch()
         with self._lock:
-            if not self._lazy_seen and not self._unwatched:
+            # (a thread waiting in get reads the connections left to it: no
+            # rounds for them until it leaves, see _wait_reading)
+            if not self._lazy_seen and not (self._unwatched and self._reader_ident is None):
                 self._tick_armed = False
             self._lazy_seen = False
         self._drain()
