@@ -265,13 +265,14 @@ class ActorCallsMixin:
     def _wait_reading(self, event: threading.Event, timeout: float | None) -> bool:
         """Wait for ``event`` reading the actors' connections on this thread
         (another thread reads them already: just wait)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._readers_waiting += 1
         try:
             if not self._dreader.acquire(blocking=False):
                 return event.wait(timeout)
             try:
-                return self._read_until(event, timeout)
+                done = self._read_until(event, deadline)
             finally:
                 self._reader_ident = None
                 self._dreader.release()
@@ -281,12 +282,18 @@ class ActorCallsMixin:
                         self._call_io(self._rewatch, True)
                     elif not self._tick_armed:  # a round watches them again
                         self._call_io(self._arm_rounds)
+            if done is not None:
+                return done
+            # no connection to read (closed): the answer comes through the head
+            return event.wait(None if deadline is None
+                              else max(0.0, deadline - time.monotonic()))
         finally:
             with self._lock:
                 self._readers_waiting -= 1
 
-    def _read_until(self, event: threading.Event, timeout: float | None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _read_until(self, event: threading.Event, deadline: float | None) -> bool | None:
+        """Read until ``event`` is set (True) or the deadline (False); None
+        when there is no connection left to read."""
         if self._reader_pipe is None:
             r, w = os.pipe()
             os.set_blocking(r, False)
@@ -300,9 +307,8 @@ class ActorCallsMixin:
                 return False
             conns = [c for c in list(self._dconns.values()) if not c.closed and not c.tls]
             self._reader_conns = conns
-            if not conns:  # the answer comes another way (the head)
-                self._reader_ident = None
-                return event.wait(left)
+            if not conns:
+                return None
             try:
                 readable, _, _ = select.select(conns + [pipe_r], [], [], left)
             except (OSError, ValueError):  # one closed meanwhile: look again
