@@ -131,3 +131,40 @@ def test_frame_reader_decodes_single_frame_batches_in_place_and_keeps_going():
                                                          [b"xyz"])))
     msgs, bufs = reader.next_batch()
     assert msgs[0]["op"] == "m" and bytes(bufs[0]) == b"xyz"
+
+
+@flowcore.remote
+class Waiter:
+    def f(self) -> int:
+        return 1
+
+    def wait(self, sig: Any) -> bool:
+        return sig.wait(60)
+
+
+def test_an_actor_reports_its_calls_before_running_a_long_one(cluster):
+    from flowcore.testing import Signal
+    a = Waiter.remote()
+    for _ in range(2000):  # until calls go directly
+        client = require_client()
+        before = client.query("counts").get("direct_calls", 0)
+        flowcore.get(a.f.remote())
+        if client.query("counts").get("direct_calls", 0) > before:
+            break
+    sig = Signal()
+    try:
+        refs = []
+        for _ in range(20):  # calls in a row: their reports are held a moment
+            refs.append(a.f.remote())
+            assert flowcore.get(refs[-1]) == 1
+        blocked = a.wait.remote(sig)
+        sig.wait_for_waiters(1)
+        # the actor now runs a call that does not end: the head still learns
+        # that the earlier ones finished
+        deadline = time.monotonic() + 30
+        assert {_head_state(ids.task_of(r._id), deadline) for r in refs} == {"FINISHED"}
+        sig.set()
+        assert flowcore.get(blocked, timeout=60) is True
+    finally:
+        sig.set()
+        sig.close()

@@ -135,9 +135,10 @@ class InlineClient(CoreClient):
         """Write what is queued.  Side reports for the head (an actor's
         reports of calls it answered directly) go at once after a quiet
         spell; within SIDE_FLUSH seconds of the last write to the head (calls
-        in a row), they wait while nothing else goes to the head, up to
-        SIDE_FLUSH seconds after the first of them (``force``: not at all),
-        so the head takes them in batches."""
+        in a row), they wait while this thread waits for input and nothing
+        else goes to the head, up to SIDE_FLUSH seconds after the first of
+        them (``force``: not at all), so the head takes them in batches; they
+        never wait while the thread runs a task (see _wait_until)."""
         if self._new_conns:
             self._adopt_conns()
         items = self._take_outgoing()
@@ -271,6 +272,8 @@ class InlineClient(CoreClient):
                             break
                         self.pump(left)
                         self._check_interrupt()
+                    if self._held_head:  # this thread may run a task next, for
+                        self._flush(force=True)  # long: held reports go first
                 finally:
                     self._pump_owner = None
                     self._pump.release()
