@@ -112,10 +112,23 @@ def signature_of(target: Any) -> "inspect.Signature | None":
         return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _takes_no_arguments(sig: "inspect.Signature") -> bool:
+    """Whether a call without arguments binds to ``sig`` (asked once per
+    signature: calls without arguments are common and binding is not free)."""
+    try:
+        sig.bind()
+    except TypeError:
+        return False
+    return True
+
+
 def check_call(sig: "inspect.Signature | None", what: str, args: tuple, kwargs: dict) -> None:
     """Raise TypeError now, at submit time, if ``args``/``kwargs`` do not
     bind to ``sig`` (Ray does the same), instead of failing in the worker."""
     if sig is None:
+        return
+    if not args and not kwargs and _takes_no_arguments(sig):
         return
     try:
         sig.bind(*args, **kwargs)
@@ -123,10 +136,17 @@ def check_call(sig: "inspect.Signature | None", what: str, args: tuple, kwargs: 
         raise TypeError(f"{what}: {e} (signature: {sig})") from None
 
 
+@functools.lru_cache(maxsize=1)
+def _no_arguments() -> bytes:
+    return serialize(((), {})).to_bytes()
+
+
 def encode_args(client: CoreClient, args: tuple, kwargs: dict) -> dict:
     """Build the argument part of a task spec: top-level refs become
     dependencies, everything else is serialized (large payloads go to the
     object store as an extra dependency)."""
+    if not args and not kwargs:  # the same bytes every time
+        return {"deps": [], "nested": [], "args": _no_arguments(), "_keep": []}
     from .client.core import INLINE_MAX  # the client side loads with init(), not here
     deps: list[bytes] = []
     keep: list[ObjectRef] = []

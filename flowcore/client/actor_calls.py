@@ -2,19 +2,34 @@
 
 The routing decisions live in ``client/direct.py`` (no IO); this module
 writes calls to actors' sockets (from the calling thread when nothing is
-unanswered, else batched for the IO thread), reads their answers on the IO
-thread, looks actors' addresses up at the head and hands unanswered calls of
-a lost connection back to the head.
+unanswered, else batched for the IO thread), reads their answers, looks
+actors' addresses up at the head and hands unanswered calls of a lost
+connection back to the head.
+
+Answers are read by the thread that waits for them, when it can: a thread
+whose ``get``/``wait`` waits for the answer of a direct call becomes the
+*reader* (one at a time, ``_dreader``) and blocks in ``select`` on the
+actors' connections itself, so an answer wakes that thread alone, not the
+IO thread and then it.  Otherwise (nobody waits: futures, ``await``,
+fire-and-forget calls) the IO thread reads them.  Both watch a connection
+until the IO thread, finding the reader busy when the connection becomes
+readable, stops watching it (``_unwatched``); it watches it again on its
+next round (``core.SIDE_FLUSH``) once no thread reads, or at once when a
+reader leaves while other threads wait.  Whatever reads a connection holds
+``_dreader`` meanwhile.  TLS connections are read by the IO thread only.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import select
 import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import ids
 from ..protocol import frames, messages
 from ..protocol.blocking import BlockingConn
 from . import direct
@@ -58,9 +73,9 @@ class ActorCallsMixin:
             for dest, msg in routes:  # the call queued before its record wakes the IO thread
                 if dest != "head":
                     self._direct_write(dest, msg)
-            for dest, msg in routes:
+            for dest, msg in routes:  # a direct call's record is a side report
                 if dest == "head":
-                    self.send("head", msg)
+                    self.send("head", msg, lazy=len(routes) > 1)
 
     def _route_call(self, msg: dict) -> list[tuple[str, dict]]:
         """An actor call's way out: straight to the actor and recorded at the
@@ -185,6 +200,10 @@ class ActorCallsMixin:
                     None, BlockingConn, r["address"], self.token, 5.0, self.tls)
                 conn.wbuf = bytearray()   # what the socket did not take yet
                 conn.writing = False      # a writer callback is armed
+                conn.link = link
+                conn.dropping = False     # its end is being handled
+                if not conn.tls:  # read by two threads (see above): never blocks
+                    conn.sock.setblocking(False)
                 if self.closed:
                     conn.close()
                     return
@@ -207,18 +226,23 @@ class ActorCallsMixin:
 
     def _direct_readable(self, conn: Any, link: ActorLink, drop: bool = False) -> None:
         """(IO thread) Answers from an actor; or its connection closed."""
-        from ..exceptions import ProtocolError
         if not drop:
-            try:
-                batches = conn.read_available()
-            except (OSError, ProtocolError) as e:
-                logger.info("direct connection to actor %s failed: %s", link.aid.hex(), e)
-                batches, conn.closed = [], True
-            for msgs, _ in batches:
-                for m in msgs:
-                    self._direct_message(m)
+            if conn.tls:
+                self._read_answers(conn)
+            elif not self._dreader.acquire(blocking=False):
+                self._unwatch(conn)  # a waiting thread reads it now
+                return
+            else:
+                try:
+                    self._read_answers(conn)
+                finally:
+                    self._dreader.release()
             if not conn.closed:
                 return
+        if conn.dropping:
+            return
+        conn.dropping = True
+        self._unwatched.discard(conn)
         for remove in (self.loop.remove_reader, self.loop.remove_writer):
             try:
                 remove(conn.sock.fileno())
@@ -229,6 +253,160 @@ class ActorCallsMixin:
         if current:
             del self._dconns[link.key]
         self._direct_lost(link, current)
+
+    def _read_answers(self, conn: Any) -> None:
+        """Read and handle what an actor's connection has (``_dreader`` held,
+        or a TLS connection on the IO thread)."""
+        from ..exceptions import ProtocolError
+        try:
+            batches = conn.read_available()
+        except (OSError, ProtocolError) as e:
+            logger.info("direct connection to actor %s failed: %s", conn.link.aid.hex(), e)
+            batches, conn.closed = [], True
+        for msgs, _ in batches:
+            for m in msgs:
+                self._direct_message(m)
+
+    # ------------------------------------------------------------ the reading thread
+    def _reads_answers(self, missing: list[bytes]) -> bool:
+        """Whether a thread waiting for ``missing`` should read actors'
+        answers itself: one of them is the answer of a direct call in flight
+        on a plain connection (``_lock`` held)."""
+        if not self._dconns:
+            return False
+        tids = None
+        for link in self.direct.links.values():
+            if link.inflight:
+                if tids is None:
+                    tids = {ids.task_of(o) for o in missing}
+                if not tids.isdisjoint(link.inflight):
+                    conn = self._dconns.get(link.key)
+                    if conn is not None and not conn.tls:
+                        return True
+        return False
+
+    def _wait_reading(self, event: threading.Event, timeout: float | None) -> bool:
+        """Wait for ``event`` reading the actors' connections on this thread
+        (another thread reads them already: just wait)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._readers_waiting += 1
+        try:
+            if not self._dreader.acquire(blocking=False):
+                return event.wait(timeout)
+            try:
+                done = self._read_until(event, deadline)
+            finally:
+                self._reader_ident = None
+                self._dreader.release()
+                if self._unwatched:
+                    if self._readers_waiting > 1:
+                        # others wait for answers this thread no longer reads
+                        self._call_io(self._rewatch, True)
+                    elif not self._tick_armed:  # a round watches them again
+                        self._call_io(self._arm_rounds)
+            if done is not None:
+                return done
+            # no connection to read (closed): the answer comes through the head
+            return event.wait(None if deadline is None
+                              else max(0.0, deadline - time.monotonic()))
+        finally:
+            with self._lock:
+                self._readers_waiting -= 1
+
+    def _read_until(self, event: threading.Event, deadline: float | None) -> bool | None:
+        """Read until ``event`` is set (True) or the deadline (False); None
+        when there is no connection left to read."""
+        if self._reader_pipe is None:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._reader_pipe = (r, w)
+        pipe_r = self._reader_pipe[0]
+        self._reader_ident = threading.get_ident()
+        while not event.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            conns = [c for c in list(self._dconns.values()) if not c.closed and not c.tls]
+            self._reader_conns = conns
+            if not conns:
+                return None
+            try:
+                readable, _, _ = select.select(conns + [pipe_r], [], [], left)
+            except (OSError, ValueError):  # one closed meanwhile: look again
+                readable = []
+            for c in readable:
+                if c is pipe_r:
+                    try:
+                        os.read(pipe_r, 4096)
+                    except OSError:
+                        pass
+                    continue
+                if c.closed:
+                    continue
+                self._reads += 1
+                self._read_answers(c)
+                if c.closed:  # its end is handled by the IO thread
+                    self._call_io(self._direct_readable, c, c.link, True)
+        return True
+
+    def _poke_reader(self) -> None:
+        """Wake the reading thread (its event was set by another thread, or a
+        connection it should read was added)."""
+        ident = self._reader_ident
+        if ident is not None and ident != threading.get_ident() and self._reader_pipe:
+            try:
+                os.write(self._reader_pipe[1], b"x")
+            except OSError:
+                pass
+
+    def _call_io(self, fn: Any, *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: shutting down
+            pass
+
+    def _unwatch(self, conn: Any) -> None:
+        """(IO thread) Leave ``conn`` to the reading thread until a round."""
+        try:
+            self.loop.remove_reader(conn.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        self._unwatched.add(conn)
+        if conn not in self._reader_conns:
+            self._poke_reader()  # it does not know this connection yet
+        self._arm_rounds()
+
+    def _rewatch(self, now: bool = False) -> None:
+        """(IO thread) Watch again the connections no thread reads now (on a
+        round: unless a thread read some since the last round, as a thread
+        making calls one after another does between its gets)."""
+        if not now:
+            reads = self._reads
+            if reads != self._reads_seen_before:
+                self._reads_seen_before = reads
+                return
+        if not self._unwatched or not self._dreader.acquire(blocking=False):
+            return  # a thread reads them
+        try:
+            conns = list(self._unwatched)
+            self._unwatched.clear()
+        finally:
+            self._dreader.release()
+        for conn in conns:
+            if conn.closed:
+                self._direct_readable(conn, conn.link, drop=True)
+            elif self._dconns.get(conn.link.key) is conn:
+                self.loop.add_reader(conn.sock.fileno(), self._direct_readable, conn, conn.link)
+
+    def _close_reader_pipe(self) -> None:
+        pipe, self._reader_pipe = self._reader_pipe, None
+        for fd in pipe or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _direct_message(self, msg: dict) -> None:
         if msg["op"] not in ACTOR_OPS:

@@ -57,6 +57,10 @@ WIRE_WINDOW = 8
 LOCAL_FIRST = os.environ.get("FLOWCORE_LOCAL_FIRST", "1") not in ("0", "")
 #: ... while this client has at most this many unfinished tasks
 LOCAL_FIRST_INFLIGHT = int(os.environ.get("FLOWCORE_LOCAL_FIRST_INFLIGHT", "2"))
+#: seconds a side report (a direct actor call's record for the head, decrefs)
+#: may wait for the IO thread's next round instead of waking it at once, so
+#: calls in a row reach the head in batches (FLOWCORE_SIDE_FLUSH_MS)
+SIDE_FLUSH = float(os.environ.get("FLOWCORE_SIDE_FLUSH_MS", "2")) / 1000
 #: more unfinished submissions than this from one client block .remote()
 MAX_PENDING_TASKS = 200_000
 #: seconds a client keeps trying to reconnect when it loses the head (a head
@@ -96,6 +100,12 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             "object_ready": self._object_ready, "subscribed": self._subscribed,
             "warning": self._warning, "log": self._log}
         self._wake_pending = False
+        # side reports (``send(lazy=True)``): while ``_tick_armed``, the IO
+        # thread drains every SIDE_FLUSH seconds and nobody wakes it for them;
+        # ``_lazy_seen``: one came since the last round (keeps the rounds going)
+        self._tick_armed = False
+        self._lazy_seen = False
+        self._tick: asyncio.TimerHandle | None = None
         # Filled from finalisers (ObjectRef.__del__, store view release), which
         # may run inside a locked section of this same thread during garbage
         # collection: so they take no lock, only append, and the IO thread
@@ -145,6 +155,16 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         self._call_lock = threading.Lock()
         self._dpending: dict[str, list[dict]] = {}  # direct calls not written yet
         self._leases_init()  # workers leased from our node (client/leases.py)
+        # a thread waiting for direct calls' answers reads them itself (see
+        # actor_calls._wait_reading): it holds _dreader meanwhile
+        self._dreader = threading.Lock()
+        self._reader_ident: int | None = None
+        self._reader_pipe: tuple[int, int] | None = None
+        self._readers_waiting = 0
+        self._unwatched: set[Any] = set()  # connections the IO thread left to that thread
+        self._reader_conns: list[Any] = []  # those the reading thread selects on
+        self._reads = 0                     # reads by waiting threads (a counter)
+        self._reads_seen_before = 0         # ... as the IO thread's last round saw it
         self.on_disconnect: Callable[[str], None] | None = None
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "flowcore_current_task", default=None)
@@ -319,12 +339,16 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             self._thread.join(5)
             if not self._thread.is_alive():
                 self.loop.close()
+        self._close_reader_pipe()
         if self.mapping is not None:
             self.mapping.close()
 
     # ------------------------------------------------------------ sending
-    def send(self, dest: str, msg: dict) -> None:
-        """Queue ``msg`` for ``dest`` ("head" or "node"); thread-safe."""
+    def send(self, dest: str, msg: dict, lazy: bool = False) -> None:
+        """Queue ``msg`` for ``dest`` ("head" or "node"); thread-safe.
+        ``lazy``: a side report that may wait up to ``SIDE_FLUSH`` seconds
+        for the IO thread's next round (it keeps its place in the queue:
+        whatever is sent after it leaves after it)."""
         staged = self._staged
         if staged is not None and threading.get_ident() == self._staging_thread:
             staged.append((dest, msg))
@@ -333,6 +357,11 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             self._outbox.append((dest, msg))
             if self._wake_pending:
                 return
+            if lazy:
+                self._lazy_seen = True
+                if self._tick_armed:
+                    return  # the next round takes it
+                self._tick_armed = True  # _drain starts the rounds
             self._wake_pending = True
         if threading.current_thread() is self._thread:
             self.loop.call_soon(self._drain)
@@ -383,6 +412,40 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                 self._send_now(dest, msg)
         if self._dpending:
             self._flush_direct(True)
+        if self._tick_armed and self._tick is None and not self.closed:
+            self._tick = self.loop.call_later(SIDE_FLUSH, self._side_round)
+
+    def _side_round(self) -> None:
+        """(IO thread) Send the side reports queued since the last round, and
+        watch again the actors' connections a calling thread no longer reads;
+        the rounds stop after one that found neither to do (a later side
+        report wakes this thread again)."""
+        self._tick = None
+        if self._unwatched:
+            self._rewatch()
+        with self._lock:
+            # (a thread waiting in get reads the connections left to it: no
+            # rounds for them until it leaves, see _wait_reading)
+            if not self._lazy_seen and not (self._unwatched and self._reader_ident is None):
+                self._tick_armed = False
+            self._lazy_seen = False
+        self._drain()
+
+    def _arm_rounds(self) -> None:
+        """(IO thread) Make sure a round comes."""
+        with self._lock:
+            self._tick_armed = True
+        if self._tick is None and not self.closed:
+            self._tick = self.loop.call_later(SIDE_FLUSH, self._side_round)
+
+    def _wake_lazily(self) -> None:
+        """A finaliser queued a decref or an unpin (no locks here): the next
+        round sends it, or wake the IO thread when no round is coming.  (If a
+        round is disarming concurrently, it drains after it disarmed, so it
+        still sees what was queued before this read.)"""
+        self._lazy_seen = True
+        if not self._tick_armed:
+            self._wake_from_finaliser()
 
     def _send_now(self, dest: str, msg: dict) -> None:
         c = self.head if dest == "head" else self.node
@@ -554,7 +617,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             return
         self._dropped.append(oid)
         if len(self._dropped) == 1:
-            self._wake_from_finaliser()
+            self._wake_lazily()
 
     # ------------------------------------------------------------ functions
     def ensure_function(self, fid: bytes, blob_factory: Callable[[], bytes], name: str) -> None:
@@ -806,6 +869,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                     if len(ready) >= num or (fail_fast and self._failed(oid)):
                         event.set()
                         wake.set()
+                        self._poke_reader()  # a thread reading actors' answers waits for it
             return cb
 
         cb_lock = threading.Lock()
@@ -825,6 +889,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             for oid in missing:
                 cb = callbacks[oid] = make_cb(oid)
                 self.waiters.setdefault(oid, []).append(cb)
+            # answers of direct actor calls among them: read by this thread
+            reading = self._reads_answers(missing)
         # inside a task, the CPU is given back only when the get will really
         # block: objects the head already has ready arrive at once, so ask it
         # which are pending first (a subscription it acknowledges)
@@ -842,12 +908,13 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                     timeout = max(0.0, deadline - time.monotonic())
             blocked = False if event.is_set() else self._set_blocked(True, task)
             warn_after = GET_WARN_AFTER if self.kind == "driver" else None
+            wait = self._wait_reading if reading else self._wait_event
             if warn_after is not None and (timeout is None or timeout > warn_after):
-                if not self._wait_event(event, warn_after):
+                if not wait(event, warn_after):
                     self._warn_slow(missing, ready, warn_after)
-                    self._wait_event(event, None if timeout is None else timeout - warn_after)
+                    wait(event, None if timeout is None else timeout - warn_after)
             else:
-                self._wait_event(event, timeout)
+                wait(event, timeout)
         finally:
             if token is not None:
                 self._acks.pop(token, None)
@@ -1074,8 +1141,9 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                 except BaseException as e:  # noqa: BLE001 - the future carries it
                     if not fut.cancelled():
                         fut.set_exception(e)
-            # values may need a blocking store request: never on the IO thread
-            if self._on_io_thread():
+            # values may need a blocking store request, and user callbacks
+            # run: never on the IO thread, nor on a thread reading answers
+            if self._on_io_thread() or self._reader_ident == threading.get_ident():
                 if self._resolver is None:
                     self._resolver = Resolver()
                 self._resolver.submit(work)

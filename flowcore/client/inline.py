@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flowcore.client")
 
+#: the outbox destination of side reports for the head (``send(lazy=True)``)
+LAZY_HEAD = "head~"
 #: the ops an actor's process takes on a caller's connection
 CALLER_OPS = messages.ops_for(messages.ACTOR, messages.CALLER)
 
@@ -68,6 +70,10 @@ class InlineClient(CoreClient):
         # set when a cancel for the running task was read; the main thread
         # raises KeyboardInterrupt at a safe point (never mid-dispatch)
         self.interrupt_main = False
+        # side reports for the head held by _flush, and until when at most
+        self._held_head: list[dict] = []
+        self._held_until = 0.0
+        self._head_written = 0.0  # when something was last written to the head
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
@@ -89,7 +95,7 @@ class InlineClient(CoreClient):
         if self.closed:
             return
         try:
-            self._flush()
+            self._flush(force=True)
         except OSError:
             pass
         self.closed = True
@@ -107,7 +113,9 @@ class InlineClient(CoreClient):
             self.mapping.close()
 
     # ------------------------------------------------------------ sending
-    def send(self, dest: str, msg: dict) -> None:
+    def send(self, dest: str, msg: dict, lazy: bool = False) -> None:
+        if lazy:  # a side report for the head: may wait up to SIDE_FLUSH (see _flush)
+            dest = LAZY_HEAD
         staged = self._staged  # a handler of an incoming message is running
         if staged is not None and threading.get_ident() == self._staging_thread:
             staged.append((dest, msg))
@@ -127,21 +135,42 @@ class InlineClient(CoreClient):
         if self._in_select and self._pump_owner != threading.get_ident():
             self._wake()
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
+        """Write what is queued.  Side reports for the head (an actor's
+        reports of calls it answered directly) go at once after a quiet
+        spell; within SIDE_FLUSH seconds of the last write to the head (calls
+        in a row), they wait while this thread waits for input and nothing
+        else goes to the head, up to SIDE_FLUSH seconds after the first of
+        them (``force``: not at all), so the head takes them in batches; they
+        never wait while the thread runs a task (see _wait_until)."""
         if self._new_conns:
             self._adopt_conns()
         items = self._take_outgoing()
-        if not items:
+        held = self._held_head
+        if not items and not (held and (force or time.monotonic() >= self._held_until)):
             return
-        # the head first: a direct call's submission (and an actor's report of
-        # a direct call) leave before the call (the answer) itself
-        by_dest: dict[str, list[dict]] = {"head": []}
+        # the head first: a direct call's submission leaves before the call itself
+        by_dest: dict[str, list[dict]] = {"head": held}
+        urgent = force
         for dest, msg in items:
             if dest == "call":
                 for d, m in self._route_call(msg):
                     by_dest.setdefault(d, []).append(m)
+                    urgent = urgent or d == "head"
+            elif dest == LAZY_HEAD:
+                if not held:
+                    self._held_until = time.monotonic() + core.SIDE_FLUSH
+                held.append(msg)
             else:
                 by_dest.setdefault(dest, []).append(msg)
+                urgent = urgent or dest == "head"
+        self._held_head = []
+        now = time.monotonic()
+        if held and not urgent and now < self._held_until \
+                and now - self._head_written < core.SIDE_FLUSH:
+            self._held_head = by_dest.pop("head")  # only side reports: they wait
+        elif by_dest["head"]:
+            self._head_written = now
         for dest, msgs in by_dest.items():
             conn = self.conns.get(dest)
             if conn is not None:
@@ -222,6 +251,9 @@ class InlineClient(CoreClient):
     def _head_away(self) -> bool:
         return self._reconnecting_head
 
+    def _reads_answers(self, missing: list[bytes]) -> bool:
+        return False  # the waiting thread pumps every connection anyway
+
     def has_store(self) -> bool:
         return "node" in self.conns
 
@@ -244,6 +276,8 @@ class InlineClient(CoreClient):
                             break
                         self.pump(left)
                         self._check_interrupt()
+                    if self._held_head:  # this thread may run a task next, for
+                        self._flush(force=True)  # long: held reports go first
                 finally:
                     self._pump_owner = None
                     self._pump.release()
@@ -268,6 +302,9 @@ class InlineClient(CoreClient):
         try:
             if self._outbox or self._dropped or self._unpins:
                 timeout = 0  # something was queued meanwhile: go round again soon
+            elif self._held_head:  # wake up to send the held side reports in time
+                left = max(0.0, self._held_until - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
             readable, _, _ = select.select(fds, [], [], timeout)
         finally:
             self._in_select = False
@@ -394,7 +431,8 @@ class InlineClient(CoreClient):
                 self.conns["head"] = conn
                 rid = next(self._rid)
                 with self._lock:
-                    unsent = [m for d, m in self._outbox if d in ("head", "call")]
+                    unsent = self._held_head + [m for d, m in self._outbox
+                                                if d in ("head", "call", LAZY_HEAD)]
                 msg = self.rejoin_message(unsent)
                 msg["rid"] = rid
                 self._replies[rid] = None

@@ -456,14 +456,16 @@ class Worker:
             # a call sent here directly by its caller: the caller gets the
             # inline returns at once; the head learns the outcome as usual
             from ..client import direct
+            # (the answer first; the report is a side report, sent with others
+            # within SIDE_FLUSH: the caller's next call need not wait for it)
             msg["answered_direct"] = True
             if retryable and status == "error":
                 answer = direct.answer_for(task, [])  # the head retries it
             else:
                 msg["results"] = direct.mark_sent(results)
                 answer = direct.answer_for(task, results)
-            self.client.send("head", msg)
-            self.client.send(task["reply_conn"], answer)
+            self.client.send(task["reply_conn"], answer)  # the answer first, the report after
+            self.client.send("head", msg, lazy=True)
             return
         self.client.send("head", msg)
 

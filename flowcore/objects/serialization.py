@@ -30,6 +30,7 @@ VERSION = 1
 ALIGNMENT = 64
 _PREFIX = struct.Struct("<4sHHI")  # magic, version, flags, header length
 PREFIX_SIZE = _PREFIX.size  # 12
+_PLAIN_PREFIX = struct.pack("<HH", VERSION, 0)  # version, flags
 _NUMPY_COPY_THRESHOLD = 1 << 16
 _MAX_FIND_DEPTH = 12
 _MAX_FIND_CHILDREN = 10_000
@@ -194,6 +195,26 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+#: the layout heads of values without out-of-band buffers, by pickle length
+#: (small ones: they recur), and for reading, the pickle length by header
+_HEADS: dict[int, bytes] = {}
+_PLAIN_HEADERS: dict[bytes, int] = {}
+_HEADS_MAX = 4096
+
+
+def _head(plen: int, blens: list[int]) -> bytes:
+    if not blens and plen < _HEADS_MAX:
+        head = _HEADS.get(plen)
+        if head is None:
+            header = msgpack.packb({"p": plen, "b": [], "a": ALIGNMENT})
+            head = _PREFIX.pack(MAGIC, VERSION, 0, len(header)) + header
+            _PLAIN_HEADERS[header] = plen
+            _HEADS[plen] = head
+        return head
+    header = msgpack.packb({"p": plen, "b": blens, "a": ALIGNMENT})
+    return _PREFIX.pack(MAGIC, VERSION, 0, len(header)) + header
+
+
 class Serialized:
     """A pickled value ready to be written into the object layout."""
 
@@ -205,9 +226,7 @@ class Serialized:
         self.pickle = pickled
         self.buffers = buffers  # raw C-contiguous byte views
         self.contained_refs = contained_refs
-        header = msgpack.packb({"p": len(pickled), "b": [b.nbytes for b in buffers],
-                                "a": ALIGNMENT})
-        self._head = _PREFIX.pack(MAGIC, VERSION, 0, len(header)) + header
+        self._head = _head(len(pickled), [b.nbytes for b in buffers])
         pos = len(self._head) + len(pickled)
         offsets = []
         for b in buffers:
@@ -256,6 +275,8 @@ class Serialized:
 
     def to_bytes(self) -> bytes:
         """The full layout as one bytes object."""
+        if not self.buffers:
+            return self._head + self.pickle
         parts: list[Any] = [self._head, self.pickle]
         pos = len(self._head) + len(self.pickle)
         for off, buf in zip(self._offsets, self.buffers):
@@ -272,6 +293,8 @@ def serialize(value: Any) -> Serialized:
     order, no duplicates).  Raises :class:`SerializationError` naming the
     unpicklable part and where it sits.
     """
+    if _plain(value, 0):  # builtins only: the C pickler writes the same, faster
+        return Serialized(pickle.dumps(value, protocol=5), [], [])
     prev = getattr(_local, "refs", None)
     refs: list[bytes] = []
     _local.refs = refs
@@ -284,6 +307,30 @@ def serialize(value: Any) -> Serialized:
         _local.refs = prev
     raws = [b.raw() for b in buffers]
     return Serialized(pickled, raws, list(dict.fromkeys(refs)))
+
+
+_PLAIN_TYPES = frozenset((type(None), bool, int, float, complex, str, bytes))
+_PLAIN_MAX_ITEMS = 32
+_PLAIN_MAX_DEPTH = 3
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` holds only builtin scalars (in tuples, lists and
+    dicts of a few items, a few levels deep): nothing cloudpickle would
+    pickle differently from ``pickle``, no buffer, no ref."""
+    t = type(value)
+    if t in _PLAIN_TYPES:
+        return True
+    if depth >= _PLAIN_MAX_DEPTH or not (t is tuple or t is list or t is dict):
+        return False
+    if not value:
+        return True
+    if len(value) > _PLAIN_MAX_ITEMS:
+        return False
+    if t is dict:
+        return all(
+            type(k) in _PLAIN_TYPES and _plain(v, depth + 1) for k, v in value.items())
+    return all(_plain(v, depth + 1) for v in value)
 
 
 def serialize_with_refs(value: Any) -> tuple[Serialized, list[bytes]]:
@@ -492,7 +539,18 @@ def deserialize(buf: Any) -> Any:
     buffers are passed to pickle as slices of ``buf`` (pyarrow slices for a
     pyarrow Buffer), so arrays come back read-only and keep ``buf`` alive.
     """
+    if type(buf) is bytes and len(buf) > PREFIX_SIZE:
+        # a value without out-of-band buffers whose header was seen before
+        hlen = _PREFIX.unpack_from(buf, 0)[3] if buf[:4] == MAGIC else 0
+        plen = _PLAIN_HEADERS.get(buf[PREFIX_SIZE:PREFIX_SIZE + hlen]) if hlen else None
+        if plen is not None and buf[4:8] == _PLAIN_PREFIX and \
+                PREFIX_SIZE + hlen + plen == len(buf):
+            return pickle.loads(memoryview(buf)[PREFIX_SIZE + hlen:])
     layout = read_layout(buf)
+    if type(buf) is bytes and not layout.buffers and layout.pickle_size < _HEADS_MAX \
+            and len(_PLAIN_HEADERS) < _HEADS_MAX:
+        # (checked by read_layout: the next value with this header skips it)
+        _PLAIN_HEADERS[buf[PREFIX_SIZE:layout.pickle_offset]] = layout.pickle_size
     mv = memoryview(buf)
     if mv.ndim != 1 or mv.format != "B":
         mv = mv.cast("B")

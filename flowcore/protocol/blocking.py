@@ -31,8 +31,8 @@ from .tls import TLSConfig, describe_failure
 
 logger = logging.getLogger("flowcore.client")
 
-#: bytes asked of the socket per read
-READ_SIZE = 1 << 20
+#: bytes asked of the socket per read (into a buffer each connection keeps)
+READ_SIZE = 256 << 10
 
 
 def recv_into_exact(sock: socket.socket, view: memoryview, what: str = "data") -> int:
@@ -149,6 +149,9 @@ class BlockingConn:
         self.tls = tls
         self.closed = False
         self.reader = frames.FrameReader(limits)
+        # reads land here: a fresh bytes object of READ_SIZE per recv would cost an
+        # mmap/munmap pair each time (the reader copies what it keeps)
+        self._rbuf = memoryview(bytearray(READ_SIZE))
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -163,17 +166,23 @@ class BlockingConn:
 
     def read_available(self) -> list[tuple[list[dict], list]]:
         """Read what the socket has (it was reported readable); return the
-        complete batches.  An empty read means the peer closed;
+        complete batches (none when a non-blocking socket turns out to have
+        nothing after all).  An empty read means the peer closed;
         ``ProtocolError`` for a batch that breaks the format or the cap."""
-        chunk = self.sock.recv(READ_SIZE)
-        if not chunk:
+        buf = self._rbuf
+        try:
+            n = self.sock.recv_into(buf)
+        except BlockingIOError:  # a non-blocking socket another thread read first
+            return []
+        if not n:
             self.closed = True
             return []
         reader = self.reader
-        reader.feed(chunk)
+        reader.feed(buf[:n])
         if self.tls:
             while self.sock.pending():  # type: ignore[attr-defined]
-                reader.feed(self.sock.recv(READ_SIZE))
+                n = self.sock.recv_into(buf)
+                reader.feed(buf[:n])
         out: list[tuple[list[dict], list]] = []
         while True:
             batch = reader.next_batch()

@@ -16,6 +16,7 @@ limits before memory is allocated.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 
 import msgpack
@@ -27,6 +28,26 @@ PREFIX = struct.Struct("<Q")
 BIG_BODY = 1 << 20
 NFRAMES = struct.Struct("<I")
 FRAME_LEN = struct.Struct("<Q")
+#: the prefix and frame table of a batch with no out-of-band frame
+SINGLE = struct.Struct("<QIQ")
+#: a header larger than this is packed by a packer of its own (a thread's
+#: reused packer keeps its buffer at the largest size it ever packed)
+REUSE_MAX = 1 << 20
+
+_local = threading.local()
+
+
+def pack(obj: object) -> bytes:
+    """``msgpack.packb(obj, use_bin_type=True)`` with this thread's reused
+    packer (making a packer allocates its buffer: most of a small pack's
+    cost)."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    data = packer.pack(obj)  # (a failed pack resets the packer's buffer)
+    if len(data) > REUSE_MAX:
+        _local.packer = None  # let its grown buffer go
+    return data
 
 
 def _max_message_bytes() -> int:
@@ -59,8 +80,10 @@ DEFAULT_LIMITS = Limits()
 
 def encode(messages: list[dict], frames: list[bytes | memoryview] | None = None) -> list:
     """Encode a batch; returns a list of buffers to write in order."""
-    header = msgpack.packb(messages, use_bin_type=True)
-    frames = frames or []
+    header = pack(messages)
+    if not frames:
+        n = len(header)
+        return [SINGLE.pack(NFRAMES.size + FRAME_LEN.size + n, 1, n) + header]
     lens = [len(header)] + [memoryview(f).nbytes for f in frames]
     meta = NFRAMES.pack(len(lens)) + b"".join(FRAME_LEN.pack(n) for n in lens)
     body_len = len(meta) + sum(lens)
@@ -126,15 +149,47 @@ def decode_body(body: bytes | memoryview, limits: Limits = DEFAULT_LIMITS
     for n in lens:
         frames.append(view[pos:pos + n])
         pos += n
+    return _unpack(frames[0]), frames[1:]
+
+
+def _unpack(header: bytes | memoryview) -> list[dict]:
     try:
-        messages = msgpack.unpackb(frames[0], raw=False, use_list=True,
-                                   strict_map_key=False)
+        messages = msgpack.unpackb(header, raw=False, use_list=True, strict_map_key=False)
     except Exception as e:  # msgpack raises many types on garbage
         raise ProtocolError(f"undecodable message header: {type(e).__name__}: {e}") from None
-    if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("op"), str) for m in messages):
+    if type(messages) is not list:
         raise ProtocolError("message header must be a list of maps each with a string 'op'")
-    return messages, frames[1:]
+    for m in messages:
+        if type(m) is not dict or type(m.get("op")) is not str:
+            raise ProtocolError("message header must be a list of maps each with a string "
+                                "'op'")
+    return messages
+
+
+def _decode_single(buf: bytearray, start: int, n: int, limits: Limits) -> list[dict] | None:
+    """The messages of a batch with no out-of-band frame, read in place from
+    ``buf`` (no copy of the body, no view of it left behind); None when the
+    batch has other frames."""
+    if n < NFRAMES.size + FRAME_LEN.size:
+        return None  # too short: decode_body says so
+    (nframes,) = NFRAMES.unpack_from(buf, start)
+    if nframes != 1:
+        return None
+    (hlen,) = FRAME_LEN.unpack_from(buf, start + NFRAMES.size)
+    if hlen != n - NFRAMES.size - FRAME_LEN.size:
+        return None  # decode_body says what is wrong
+    if hlen > limits.max_header:
+        raise ProtocolError(f"message header of {hlen} bytes exceeds {limits.max_header}")
+    first = start + NFRAMES.size + FRAME_LEN.size
+    view = memoryview(buf)
+    try:
+        header = view[first:first + hlen]
+        try:
+            return _unpack(header)
+        finally:
+            header.release()
+    finally:
+        view.release()
 
 
 def decode(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS
@@ -214,6 +269,9 @@ class FrameReader:
             start = pos + PREFIX.size
             if end - start >= n:
                 self._pos = start + n
+                msgs = _decode_single(buf, start, n, self.limits)
+                if msgs is not None:
+                    return msgs, []
                 return decode_body(bytes(buf[start:start + n]), self.limits)
             if n >= BIG_BODY:
                 self._big = bytearray(buf[start:end])
