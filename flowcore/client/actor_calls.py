@@ -57,8 +57,18 @@ class ActorCallsMixin:
     _call_lock: threading.Lock
     _dconns: dict[str, Any]
     _dpending: dict[str, list[dict]]
+    _dreader: threading.Lock
+    _reader_ident: int | None
+    _reader_pipe: tuple[int, int] | None
+    _readers_waiting: int
+    _unwatched: set[Any]
+    _reader_conns: list[Any]
+    _reads: int
+    _reads_seen_before: int
+    _tick_armed: bool
     if TYPE_CHECKING:  # pragma: no cover
-        def send(self, dest: str, msg: dict) -> None: ...
+        def send(self, dest: str, msg: dict, lazy: bool = False) -> None: ...
+        def _arm_rounds(self) -> None: ...
         def _wake_from_finaliser(self) -> None: ...
         def _object_ready(self, msg: dict) -> None: ...
         def _head_away(self) -> bool: ...
@@ -398,7 +408,9 @@ class ActorCallsMixin:
             if conn.closed:
                 self._direct_readable(conn, conn.link, drop=True)
             elif self._dconns.get(conn.link.key) is conn:
-                self.loop.add_reader(conn.sock.fileno(), self._direct_readable, conn, conn.link)
+                watched: Any = conn
+                self.loop.add_reader(watched.sock.fileno(), self._direct_readable, watched,
+                                     watched.link)
 
     def _close_reader_pipe(self) -> None:
         pipe, self._reader_pipe = self._reader_pipe, None
