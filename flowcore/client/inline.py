@@ -22,7 +22,7 @@ import select
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from ..exceptions import AuthenticationError, ProtocolError
 from ..protocol import messages
@@ -318,11 +318,11 @@ class InlineClient(CoreClient):
                 except OSError:
                     pass
                 continue
-            self._read(r)  # type: ignore[arg-type]
+            self._read_conn(cast(BlockingConn, r))
         with self._cv:
             self._cv.notify_all()
 
-    def _read(self, conn: BlockingConn) -> None:
+    def _read_conn(self, conn: BlockingConn) -> None:
         which = next((k for k, c in self.conns.items() if c is conn), "?")
         if which.startswith(("caller:", "actor:")):
             self._read_direct_conn(conn, which)

@@ -3,6 +3,7 @@ shared-memory object store, connected to the head."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -351,7 +352,7 @@ class NodeServer:
     def _env_error_results(self, task: dict) -> list[dict]:
         from ..exceptions import RuntimeEnvSetupError
         from ..objects.serialization import serialize
-        text = self._env_errors.get((task.get("renv") or {}).get("key"), "runtime_env failed")
+        text = self._env_errors.get((task.get("renv") or {}).get("key") or "", "runtime_env failed")
         data = serialize(RuntimeEnvSetupError(text)).to_bytes()
         return [{"oid": ids.object_id(task["tid"], i), "inline": data, "size": len(data),
                  "error": True, "text": text} for i in range(task.get("nret", 1))]
@@ -378,7 +379,7 @@ class NodeServer:
                 argv += ["--path", p]
             cwd = setup.cwd or cwd
         self.procs[wid] = start_worker(argv, env, log, cwd,
-                                       lambda how, wid=wid: self._worker_exited(wid, how),
+                                       functools.partial(self._worker_exited, wid),
                                        self.start_method)
 
     def _worker_exited(self, wid: str, how: str) -> None:
@@ -469,14 +470,21 @@ class NodeServer:
             return
         guarded("node", handler, comm, msg, frames)
 
+    def _head_start_actor(self, comm: Comm, msg: dict, frames: list) -> None:
+        self._start_actor(msg)
+        self._room_for_the_head()
+
+    def _head_reserve_bundle(self, comm: Comm, msg: dict, frames: list) -> None:
+        self._act(self.pool.reserve_bundle(msg["bundle"], msg["res"]))
+        self._room_for_the_head()
+
     def _head_op_table(self) -> dict[str, Any]:
         """What the node does with each op its head sends (``HEAD_OPS``)."""
         return {
             "run_task": self._head_run_task,
             "local_query": lambda c, m, f: self._local_query(m["tids"]),
-            "start_actor": lambda c, m, f: (self._start_actor(m), self._room_for_the_head()),
-            "reserve_bundle": lambda c, m, f: (self._act(
-                self.pool.reserve_bundle(m["bundle"], m["res"])), self._room_for_the_head()),
+            "start_actor": self._head_start_actor,
+            "reserve_bundle": self._head_reserve_bundle,
             "release_bundle": lambda c, m, f: self._act(self.pool.release_bundle(m["bundle"])),
             "kill_actor": lambda c, m, f: self._kill_actor(m["aid"]),
             "delete_objects": self._delete_objects,

@@ -58,7 +58,9 @@ class Worker:
         self.actor_spec: dict = {}    # the start_actor message of the hosted actor
         self.tasks: deque[dict | None] = deque()
         self.functions: dict[bytes, Any] = {}
-        self.main_ident = threading.main_thread().ident
+        main_ident = threading.main_thread().ident
+        assert main_ident is not None  # the main thread has started
+        self.main_ident: int = main_ident
         self.running_tid: bytes | None = None
         self.cancel_requested: bytes | None = None
         self.cancel_before_start: set[bytes] = set()
@@ -136,7 +138,7 @@ class Worker:
                 elif task["op"] == "lease_end":
                     self.lease.ended(task)
                 elif task.get("actor") is not None and self.threads is not None:
-                    pool = self.groups.get(self._group_of(task)) or self.threads
+                    pool = self.groups.get(self._group_of(task) or "") or self.threads
                     pool.submit(self.execute, task)
                 elif task.get("actor") is not None and self.aloop is not None:
                     import asyncio
@@ -369,7 +371,7 @@ class Worker:
     async def execute_async(self, task: dict) -> None:
         """One call of an async actor: runs on the actor's event loop, at most
         ``max_concurrency`` at a time."""
-        sem = self.groups.get(self._group_of(task)) or self.asem
+        sem = self.groups.get(self._group_of(task) or "") or self.asem
         async with sem:
             self._set_gpus(task)
             task["_started"] = time.time()

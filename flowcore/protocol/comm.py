@@ -28,7 +28,7 @@ import itertools
 import logging
 import socket
 import ssl
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 from ..exceptions import AuthenticationError, ProtocolError
 from . import auth, frames
@@ -82,7 +82,7 @@ class Comm(asyncio.Protocol):
 
     # ------------------------------------------------------------ transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = tr = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         sock = transport.get_extra_info("socket")
@@ -93,7 +93,7 @@ class Comm(asyncio.Protocol):
                 pass
         self._auth_timer = self._loop.call_later(AUTH_TIMEOUT, self._auth_timeout)
         if self._server_ch is not None:
-            self.transport.write(self._server_ch.hello)
+            tr.write(self._server_ch.hello)
 
     def _auth_timeout(self) -> None:
         if self._state != _OPEN:
@@ -203,7 +203,7 @@ class Comm(asyncio.Protocol):
         pending = self._pending
         for i, msg in enumerate(msgs):
             if msg["op"] == "reply":
-                fut = pending.pop(msg.get("rid"), None)
+                fut = pending.pop(msg.get("rid", -1), None)
                 if fut is not None and not fut.done():
                     if "_frames" in msg:
                         msg["_data"] = [bufs[j] for j in msg["_frames"]]
@@ -274,7 +274,7 @@ class Comm(asyncio.Protocol):
         except ProtocolError as e:  # one message over the cap: the peer would refuse it
             logger.error("%s: not sending to %s: %s", self.name or "comm", self.peer, e)
             for m in out:
-                fut = self._pending.pop(m.get("rid"), None) if "rid" in m else None
+                fut = self._pending.pop(m["rid"], None) if "rid" in m else None
                 if fut is not None and not fut.done():
                     fut.set_exception(ProtocolError(str(e)))
             return
@@ -586,7 +586,8 @@ def guarded(where: str, handler: Handler, comm: Comm, msg: dict, frames: list) -
     the error is logged with the op."""
     if Comm.journal is not None:  # inside another guarded handler: that one covers
         return handler(comm, msg, frames)
-    Comm.journal = journal = {}
+    journal: dict[Comm, tuple[int, int]] = {}
+    Comm.journal = journal
     try:
         return handler(comm, msg, frames)
     except Exception:
