@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -322,9 +324,16 @@ def test_calls_go_directly_and_the_head_records_them(cluster):
     refs = [a.add.remote(i) for i in range(20)]
     assert flowcore.get(refs) == list(range(1, 21))
     assert _direct_count() - before == 20
-    # the head's tables and event log show every call
+    # the head's tables and event log show every call (the actor reports to
+    # the head after answering: the state API catches up, as in Ray)
     tids = {ids.task_of(r._id).hex() for r in refs}
-    rows = {t["task_id"]: t for t in flowcore.state.list_tasks()}
+    deadline = time.monotonic() + 30
+    while True:
+        rows = {t["task_id"]: t for t in flowcore.state.list_tasks()}
+        done = tids <= set(rows) and all(rows[t]["state"] == "FINISHED" for t in tids)
+        if done or time.monotonic() > deadline:
+            break
+        threading.Event().wait(0.02)  # the head's tables, polled until they catch up
     assert tids <= set(rows)
     assert all(rows[t]["state"] == "FINISHED" for t in tids)
     events = [e for e in flowcore.state.task_events(2000) if e["task_id"] in tids]
