@@ -76,6 +76,22 @@ def test_head_takes_a_leased_tasks_end_before_its_submission_and_retries_a_lost_
 
 
 @pytest.mark.timeout(10)
+def test_a_submission_that_comes_after_its_leased_worker_died_is_retried_or_fails():
+    """The submission and the node's lease_lost travel on different
+    connections: a task whose worker is already known dead is handled as a
+    crash when its submission comes, not left RUNNING for ever."""
+    c = Cluster(validate=True)
+    c.node("n1", CPU=2)
+    a, b = _leased_spec(c, wid="w3", retries=1), _leased_spec(c, wid="w3", retries=0)
+    c.state.handle("n1", {"op": "lease_lost", "wid": "w3", "how": "exited", "pid": 7})
+    out = c.submit(a, b)
+    assert c.state.tasks[a["tid"]].state == TaskState.RUNNING  # retried, placed by the head
+    assert run_task_tids(out) == [a["tid"]]
+    assert c.state.tasks[b["tid"]].state == TaskState.FAILED
+    assert c.state.nodes["n1"].available["CPU"] == 1.0  # only the retry holds a CPU
+
+
+@pytest.mark.timeout(10)
 def test_pool_grants_an_idle_worker_and_takes_it_back():
     from flowcore.node.pool import BUSY, IDLE, WorkerPool
     pool = WorkerPool({"CPU": 2.0})

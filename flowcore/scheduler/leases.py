@@ -26,6 +26,7 @@ drops it from the worker's queue.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
 from .records import TaskRecord, TaskState
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 S = TaskState
 PRUNE_AT = 50_000  # entries kept before finished ones are dropped
+LOST_LIMIT = 10_000  # leased workers remembered as dead (a submission may come after)
 
 
 class Leases:
@@ -43,6 +45,9 @@ class Leases:
     def __init__(self, state: "SchedulerState"):
         self.s = state
         self.sent: dict[bytes, tuple[str, str, int]] = {}  # tid -> (node, wid, attempt)
+        # (node, wid) -> lease_lost of leased workers that died: a submission
+        # travels on another connection and may come after its worker's death
+        self.lost: OrderedDict[tuple[str, str], dict] = OrderedDict()
 
     def ops(self) -> dict[str, Callable[[str, dict], None]]:
         return {"lease_lost": self.handle_lease_lost, "lease_unrun": self.handle_lease_unrun}
@@ -82,6 +87,11 @@ class Leases:
         if done is not None:
             s.handle_task_done(*done)
             s._release_early(done[1])
+        gone = self.lost.get((node_id, wid))
+        if gone is not None and self.on_lease(t) is not None:
+            del self.sent[t.tid]  # its worker died before this submission came
+            s.handle_worker_died(node_id, {"tid": t.tid, "how": gone.get("how", "exited"),
+                                           "pid": gone.get("pid")})
 
     def on_lease(self, t: TaskRecord) -> tuple[str, str] | None:
         """(node, worker) of the lease ``t`` runs on now, else None."""
@@ -100,6 +110,9 @@ class Leases:
         """A leased worker of node ``source`` died: what was sent to it and
         has not ended is retried or fails, as after any worker crash."""
         wid = msg.get("wid")
+        self.lost[(source, str(wid))] = msg
+        while len(self.lost) > LOST_LIMIT:
+            self.lost.popitem(last=False)
         for tid, (node_id, w, _) in list(self.sent.items()):
             if node_id != source or w != wid:
                 continue

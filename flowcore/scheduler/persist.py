@@ -9,9 +9,10 @@ Layout, under ``STATE_DIR/head-{port}/`` (mode 0700):
   blob and name), written once.
 
 Writes are batched by the server (at most one write per flush interval,
-only when something changed) and atomic (write to a temporary file, then
-rename), without fsync: a crash loses at most the last interval, and a
-half-written file is never read.  A clean stop removes the directory, since
+only when something changed; an actor coming up or going is written at
+once) and atomic (write to a temporary file, then rename), without fsync: a
+crash loses at most the last interval's other changes, and a half-written
+file is never read.  A clean stop removes the directory, since
 nothing it names survives a clean stop.
 """
 from __future__ import annotations

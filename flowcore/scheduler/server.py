@@ -50,6 +50,10 @@ FUNCTION_WAIT = 30.0
 #: ops that may change the persisted tables (besides joining and leaving)
 _TABLE_OPS = frozenset(("register_function", "create_actor", "actor_ready", "actor_failed",
                         "actor_died", "kill_actor", "actor_exit"))
+#: of those, the ones written at once rather than at the next interval: an
+#: actor that came up (or went) just before a crash is not forgotten by the
+#: restarted head, which would otherwise kill it when its node reports it
+_WRITE_NOW_OPS = frozenset(("actor_ready", "actor_died", "actor_exit"))
 
 
 class HeadServer:
@@ -220,6 +224,8 @@ class HeadServer:
         except Exception:
             logger.exception("error handling %s from %s", op, comm.info["id"])
             return
+        if op in _WRITE_NOW_OPS:
+            self._persist()
         self._deliver(out)
 
     # ops the server answers itself; the rest go to SchedulerState
