@@ -352,6 +352,12 @@ class Worker:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             logger.warning("task %s called sys.exit(%r): the worker process exits", name,
                            exc.code)
+            flush = getattr(self.client, "_flush", None)
+            if flush is not None:  # side reports of earlier tasks go before the process
+                try:
+                    flush(force=True)
+                except Exception:  # noqa: BLE001 - exiting anyway
+                    pass
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
