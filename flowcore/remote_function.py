@@ -14,6 +14,7 @@ from .session import client_or_init
 from .objects.generator import ObjectRefGenerator
 from .objects.ref import ObjectRef
 from .objects.serialization import explain_callable_failure, serialize
+from .protocol import messages
 from .runtime_env import for_task
 from .scheduling import for_submit
 
@@ -147,7 +148,6 @@ def encode_args(client: CoreClient, args: tuple, kwargs: dict) -> dict:
     object store as an extra dependency)."""
     if not args and not kwargs:  # the same bytes every time
         return {"deps": [], "nested": [], "args": _no_arguments(), "_keep": []}
-    from .client.core import INLINE_MAX  # the client side loads with init(), not here
     deps: list[bytes] = []
     keep: list[ObjectRef] = []
 
@@ -165,7 +165,7 @@ def encode_args(client: CoreClient, args: tuple, kwargs: dict) -> dict:
     except TypeError as e:
         raise TypeError(f"cannot serialize {_culprit(a, k)}: {e}") from None
     spec: dict[str, Any] = {"deps": deps, "nested": list(s.contained_refs)}
-    if s.total_size > INLINE_MAX and client.has_store():
+    if s.total_size > messages.INLINE_MAX and client.has_store():
         ref = client.put_serialized(s)
         keep.append(ref)
         spec["deps"] = deps + [ref._id]

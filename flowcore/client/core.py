@@ -42,7 +42,7 @@ HEAD_OPS = messages.ops_for(messages.CLIENT, messages.HEAD)
 NODE_OPS = messages.ops_for(messages.CLIENT, messages.NODE)
 
 #: objects up to this size travel inline in messages; larger go to the store
-INLINE_MAX = 100 * 1024
+INLINE_MAX = messages.INLINE_MAX
 #: a driver's get()/wait() that waits longer than this (seconds) warns once,
 #: with the head's explanation of why (FLOWCORE_GET_WARN_AFTER; 0 or less: never)
 GET_WARN_AFTER: float | None = float(os.environ.get("FLOWCORE_GET_WARN_AFTER", "60")) or None
@@ -811,6 +811,11 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                                       f"{self.node_id}: {e}") from None
             return out
         return asyncio.run_coroutine_threadsafe(download(), self.loop).result()
+
+    def takes_direct_calls(self) -> bool:
+        """Whether this process's actors listen for direct calls
+        (``FLOWCORE_DIRECT_ACTOR_CALLS``)."""
+        return direct.ENABLED
 
     def has_store(self) -> bool:
         """Whether this process can keep objects in a node's store (its own

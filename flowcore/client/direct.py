@@ -151,24 +151,3 @@ def result_infos(msg: dict) -> list[dict]:
     direct answer (``call_result``)."""
     return [messages.object_ready_direct(r) for r in msg.get("results", ())
             if r.get("inline") is not None]
-
-
-def _answered(r: dict) -> bool:
-    """Whether a return goes back in the direct answer: inline, and holding
-    no ref.  A value with refs inside is announced by the head once it knows
-    them (their puts and submissions travel on the actor's head connection),
-    so the caller's incref of an inner ref never reaches the head first."""
-    return r.get("inline") is not None and not r.get("nested")
-
-
-def answer_for(task: dict, results: list[dict]) -> dict:
-    """The actor's direct answer to a call: its inline returns without refs
-    inside (the others are announced by the head)."""
-    return messages.call_result(task, [r for r in results if _answered(r)])
-
-
-def mark_sent(results: list[dict]) -> list[dict]:
-    """The returns as reported to the head: those in the direct answer marked
-    as already delivered to the caller (the head does not send them again)."""
-    return [dict(r, sent=True) if _answered(r) else r for r in results]
-

@@ -463,15 +463,14 @@ class Worker:
         if task.get("reply_conn"):
             # a call sent here directly by its caller: the caller gets the
             # inline returns at once; the head learns the outcome as usual
-            from ..client import direct
             # (the answer first; the report is a side report, sent with others
             # within SIDE_FLUSH: the caller's next call need not wait for it)
             msg["answered_direct"] = True
             if retryable and status == "error":
-                answer = direct.answer_for(task, [])  # the head retries it
+                answer = messages.direct_answer(task, [])  # the head retries it
             else:
-                msg["results"] = direct.mark_sent(results)
-                answer = direct.answer_for(task, results)
+                msg["results"] = messages.mark_sent(results)
+                answer = messages.direct_answer(task, results)
             self.client.send(task["reply_conn"], answer)  # the answer first, the report after
             self.client.send("head", msg, lazy=True)
             return
@@ -528,8 +527,7 @@ class Worker:
 
     def _listen_for_callers(self) -> int | None:
         """Open the socket on which callers send calls directly; its port."""
-        from ..client import direct
-        if not direct.ENABLED or self.client.listener is not None:
+        if not self.client.takes_direct_calls() or self.client.listener is not None:
             return getattr(self.client.listener, "port", None)
         from ..protocol.comm import parse_address
         from .actor_listener import ActorListener
@@ -544,12 +542,11 @@ class Worker:
 
     def _store_result(self, tid: bytes, i: int, value: Any) -> dict:
         from .. import ids
-        from ..client.core import INLINE_MAX
         from ..objects.serialization import serialize
         oid = ids.object_id(tid, i)
         s = serialize(value)
         nested = list(s.contained_refs)
-        if s.total_size <= INLINE_MAX:
+        if s.total_size <= messages.INLINE_MAX:
             data = s.to_bytes()
             return {"oid": oid, "inline": data, "size": len(data), "nested": nested}
         self.client.write_to_store(oid, s)

@@ -297,6 +297,31 @@ def direct_call(spec: dict, deps: list[dict], owner: str) -> dict:
             "cgroup": spec.get("cgroup")}
 
 
+#: a value up to this size (serialized) travels inline in messages; a larger
+#: one goes to the object store
+INLINE_MAX = 100 * 1024
+
+
+def answered_directly(r: dict) -> bool:
+    """Whether a return goes back in a direct answer: inline, and holding
+    no ref.  A value with refs inside is announced by the head once it knows
+    them (their puts and submissions travel on the worker's head connection),
+    so the caller's incref of an inner ref never reaches the head first."""
+    return r.get("inline") is not None and not r.get("nested")
+
+
+def direct_answer(task: dict, results: list[dict]) -> dict:
+    """The direct answer to a call or leased task: its inline returns without
+    refs inside (the others are announced by the head)."""
+    return call_result(task, [r for r in results if answered_directly(r)])
+
+
+def mark_sent(results: list[dict]) -> list[dict]:
+    """The returns as reported to the head: those in the direct answer marked
+    as already delivered to the caller (the head does not send them again)."""
+    return [dict(r, sent=True) if answered_directly(r) else r for r in results]
+
+
 def call_result(task: dict, results: list[dict]) -> dict:
     """The actor's direct answer to a call: its inline returns."""
     return {"op": "call_result", "tid": task["tid"], "actor": task.get("actor"),
