@@ -49,7 +49,10 @@ def remove_placement_group(placement_group: PlacementGroup) -> None:
     if not isinstance(placement_group, PlacementGroup):
         raise TypeError(f"remove_placement_group() takes a PlacementGroup, got "
                         f"{type(placement_group).__name__}")
-    require_client().request("head", {"op": "remove_placement_group", "pgid": placement_group.id})
+    client = require_client()
+    r = client.request("head", {"op": "remove_placement_group", "pgid": placement_group.id})
+    for aid in (r or {}).get("actors") or ():  # killed: later calls go through the head
+        client.direct.pause(aid)
 
 
 def _from_info(info: dict | None) -> PlacementGroup | None:

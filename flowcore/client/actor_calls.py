@@ -94,6 +94,9 @@ class ActorCallsMixin:
         link = self.direct.link(spec["actor"])
         run = None
         lookup = False
+        if link.open and self._peer_closed(link):
+            with self._lock:  # its process is gone (EOF not read yet): via the head
+                self.direct.no_address(link)
         with self._lock:
             if not self._head_away():
                 run = self.direct.route(link, spec, self.ready, self.expected, self.client_id)
@@ -109,6 +112,20 @@ class ActorCallsMixin:
             return [("head", msg)]
         return [("head", messages.submit(dict(spec, direct_epoch=link.epoch))),
                 (link.key, run)]
+
+    def _peer_closed(self, link: ActorLink) -> bool:
+        """Whether the actor's end of an idle connection has closed (its
+        process died; the head may already have failed the call that saw it,
+        before anybody read the EOF).  A zero-wait peek, plain TCP only."""
+        conn = self._dconns.get(link.key)
+        if conn is None or self.tls is not None:
+            return False
+        try:
+            return conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # open, nothing to read
+        except OSError:
+            return True
 
     def _prepare_direct(self, aid: bytes) -> None:
         """Before an actor call is routed (the caller's thread)."""

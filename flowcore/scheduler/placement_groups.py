@@ -345,15 +345,21 @@ class PlacementGroups:
     # ------------------------------------------------------------ removal
     def handle_remove_placement_group(self, source: str, msg: dict) -> None:
         pg = self.pgs.get(msg["pgid"])
+        killed: list[bytes] = []
         if pg is not None and pg.state != PG_REMOVED:
-            self._remove_group(pg, "its placement group was removed")
-        self.s._send(source, wire.reply(msg.get("rid"), ok=True))
+            killed = self._remove_group(pg, "its placement group was removed")
+        # the caller sends its later calls to these through the head (which
+        # fails them), not straight to a process the kill has not reached yet
+        self.s._send(source, wire.reply(msg.get("rid"), ok=True, actors=killed))
 
     def _in_group(self, strategy: Any, pgid: bytes) -> bool:
         return isinstance(strategy, tuple) and len(strategy) > 1 and strategy[0] == "pg" \
             and strategy[1] == pgid
 
-    def _remove_group(self, pg: PlacementGroupRecord, cause: str) -> None:
+    def _remove_group(self, pg: PlacementGroupRecord, cause: str) -> list[bytes]:
+        """Remove ``pg``: its actors die, its tasks are cancelled, its
+        bundles freed; returns the ids of the actors it killed."""
+        killed: list[bytes] = []
         # actors first (their creation tasks are in the task table too)
         for actor in list(self.s.actors.values()):
             create = self.s.tasks.get(actor.create_tid)
@@ -364,6 +370,7 @@ class PlacementGroups:
                 if actor.node:
                     self.s._send(actor.node, wire.kill_actor(actor.aid))
                 self.s.actor_manager.dead(actor, cause)
+                killed.append(actor.aid)
         for t in list(self.s.tasks.values()):
             if t.state is None or t.state.done or t.kind != "task" \
                     or not self._in_group(t.strategy, pg.pgid):
@@ -394,6 +401,7 @@ class PlacementGroups:
         self._pg_removed.append(pg.pgid)
         while len(self._pg_removed) > self.keep_removed_groups:
             self.pgs.pop(self._pg_removed.popleft(), None)
+        return killed
 
     def _release_bundles(self, pg: PlacementGroupRecord, bundles: Iterable[Bundle]) -> None:
         """Give reserved bundles back to their nodes: what is free in them now
