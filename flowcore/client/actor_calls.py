@@ -67,6 +67,7 @@ class ActorCallsMixin:
     _reads_seen_before: int
     _tick_armed: bool
     if TYPE_CHECKING:  # pragma: no cover
+        def _close_watched(self, conn: Any) -> None: ...
         def send(self, dest: str, msg: dict, lazy: bool = False) -> None: ...
         def _arm_rounds(self) -> None: ...
         def _wake_from_finaliser(self) -> None: ...
@@ -270,12 +271,7 @@ class ActorCallsMixin:
             return
         conn.dropping = True
         self._unwatched.discard(conn)
-        for remove in (self.loop.remove_reader, self.loop.remove_writer):
-            try:
-                remove(conn.sock.fileno())
-            except (ValueError, OSError):
-                pass
-        conn.close()
+        self._close_watched(conn)
         current = self._dconns.get(link.key) is conn
         if current:
             del self._dconns[link.key]

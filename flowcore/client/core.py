@@ -812,6 +812,16 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             return out
         return asyncio.run_coroutine_threadsafe(download(), self.loop).result()
 
+    def _close_watched(self, conn: Any) -> None:
+        """(IO thread) Stop watching a direct connection (to an actor or a
+        leased worker) and close it."""
+        for remove in (self.loop.remove_reader, self.loop.remove_writer):
+            try:
+                remove(conn.sock.fileno())
+            except (ValueError, OSError):
+                pass
+        conn.close()
+
     def takes_direct_calls(self) -> bool:
         """Whether this process's actors listen for direct calls
         (``FLOWCORE_DIRECT_ACTOR_CALLS``)."""

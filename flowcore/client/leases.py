@@ -164,6 +164,7 @@ class LeasesMixin:
     _lock: threading.Lock
     _call_lock: threading.Lock
     if TYPE_CHECKING:  # pragma: no cover
+        def _close_watched(self, conn: Any) -> None: ...
         def send(self, dest: str, msg: dict) -> None: ...
         def _object_ready(self, msg: dict) -> None: ...
         def _on_io_thread(self) -> bool: ...
@@ -329,12 +330,7 @@ class LeasesMixin:
         """(IO thread) A leased worker's connection closed (it died, or its
         node did): its leases are gone; the head tells the outcome of the
         tasks it had not answered."""
-        for remove in (self.loop.remove_reader, self.loop.remove_writer):
-            try:
-                remove(conn.sock.fileno())
-            except (ValueError, OSError):
-                pass
-        conn.close()
+        self._close_watched(conn)
         address = conn.address
         if self._lease_conns.get(address) is conn:
             del self._lease_conns[address]
