@@ -571,8 +571,6 @@ def test_ray_260_arguments(tmp_path, capsys):
     assert blocks.num_blocks() == 2 and blocks.take_all() == [{"a": 1}, {"a": 2}, {"a": 3}]
     assert fd.from_torch([10, 20]).take_all() == [{"item": 10}, {"item": 20}]
     assert fd.range(10, concurrency=1).count() == 10
-    with pytest.raises(NotImplementedError, match="keys"):
-        fd.range(4).repartition(2, keys=["id"])
     ds = fd.range(20).map(lambda r: r)
     ds.set_name("ids")
     assert ds.name == "ids" and ds.map(lambda r: r).name == "ids"

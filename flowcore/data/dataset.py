@@ -258,15 +258,35 @@ class Dataset:
                     shuffle: bool = False, keys: list[str] | None = None,
                     sort: bool = False) -> "Dataset":
         """``num_blocks`` blocks of near-equal rows (``shuffle``: rows
-        randomly redistributed), or blocks of ``target_num_rows_per_block``
-        rows (the last may be smaller; with or without ``strict``)."""
+        randomly redistributed; ``keys``: hash-partitioned, so all rows of
+        one key value are in one block, sorted by the keys with ``sort``),
+        or blocks of ``target_num_rows_per_block`` rows (the last may be
+        smaller; with or without ``strict``; ``keys``/``sort`` are ignored
+        then, with a warning, as in Ray)."""
         if (num_blocks is None) == (target_num_rows_per_block is None):
             raise ValueError("repartition: give exactly one of num_blocks and "
                              "target_num_rows_per_block")
-        if keys is not None or sort:
-            raise NotImplementedError("repartition(keys=..., sort=...) (hash partitioning by "
-                                      "key) is not supported; use groupby(keys).map_groups(...) "
-                                      "or sort(keys) to bring a key's rows together")
+        if keys is not None and (isinstance(keys, str) or not keys
+                                 or not all(isinstance(k, str) for k in keys)):
+            raise TypeError(f"repartition: keys={keys!r}; expected a non-empty list of column "
+                            f"names")
+        if target_num_rows_per_block is not None and (keys is not None or sort):
+            import warnings
+            warnings.warn("repartition: keys= and sort= are ignored when "
+                          "target_num_rows_per_block is set", stacklevel=2)
+            keys, sort = None, False
+        if sort and keys is None:
+            raise ValueError("repartition: sort=True sorts each block by keys=; pass "
+                             "keys=[...] too")
+        if keys is not None:
+            if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or \
+                    num_blocks < 1:
+                raise ValueError(f"repartition: num_blocks={num_blocks!r}; expected an int "
+                                 f">= 1")
+            return self._with(AllToAllOp("repartition", f"Repartition[num_blocks={num_blocks}"
+                                         f", keys={list(keys)}, sort={sort}]",
+                                         num_blocks=num_blocks, hash_keys=list(keys),
+                                         sort=bool(sort)))
         if target_num_rows_per_block is not None:
             n = target_num_rows_per_block
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -588,12 +608,10 @@ class Dataset:
         if mode_s not in ("append", "create", "overwrite", "error", "ignore"):
             raise ValueError(f"{op}: mode={mode!r}; expected one of SaveMode.APPEND, CREATE, "
                              f"OVERWRITE, ERROR, IGNORE")
-        for name, v in (("arrow_open_stream_args", arrow_open_stream_args),
-                        ("partition_cols", partition_cols)):
-            if v:
-                raise NotImplementedError(f"{op}: {name}= is not supported; write without it "
-                                          f"(one directory per partition value can be written "
-                                          f"with filter() + {op} per value)")
+        if arrow_open_stream_args:
+            raise NotImplementedError(f"{op}: arrow_open_stream_args= is not supported; "
+                                      f"write without it (parquet compression goes in "
+                                      f"compression=...)")
         min_rows = min_rows_per_file if min_rows_per_file is not None else num_rows_per_file
         for name, v in (("min_rows_per_file", min_rows), ("max_rows_per_file",
                                                          max_rows_per_file)):
@@ -608,7 +626,7 @@ class Dataset:
             _check_remote_args(remote, False, op)
         sink = FileDatasink(path, filesystem, ext, writer, op, try_create_dir=try_create_dir,
                             filename_provider=filename_provider,
-                            max_rows_per_file=max_rows_per_file)
+                            max_rows_per_file=max_rows_per_file, partition_cols=partition_cols)
         before = set(sink.existing_files())
         if before and mode_s == "error":
             raise FileExistsError(f"{op}: {path!r} already holds {len(before)} files and "

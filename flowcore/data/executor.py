@@ -252,6 +252,8 @@ def _partition_impl(kind: str, params: dict, n: int, index: int, table: pa.Table
     if kind == "range":
         parts = shuffle.range_partition(table, params["key"], params["descending"],
                                         params["bounds"], n)
+    elif kind == "hash":
+        parts = shuffle.hash_partition(table, params["keys"], n)
     else:
         seed = params.get("seed")
         parts = shuffle.random_partition(table, n, None if seed is None else seed + index)
@@ -816,7 +818,8 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
     if op.kind == "repartition" and op.params.get("rows_per_block"):
         rows = sum(b.num_rows for b in bundles)
         return _repartition(ex, st, bundles, fixed_ranges(rows, op.params["rows_per_block"]))
-    if op.kind == "repartition" and not op.params.get("shuffle"):
+    if op.kind == "repartition" and not op.params.get("shuffle") \
+            and not op.params.get("hash_keys"):
         return _repartition(ex, st, bundles, even_ranges(sum(b.num_rows for b in bundles),
                                                          n_out))
     small = ex.ctx.small_shuffle_bytes
@@ -833,7 +836,9 @@ def _all_to_all(ex: Execution, st: OpStats, bundles: list[Bundle], op: AllToAllO
             out.append(Bundle(ref, meta, ex.budget))
         return out
     refs = [b.ref for b in bundles]
-    if op.kind in ("random_shuffle", "repartition"):
+    if op.kind == "repartition" and op.params.get("hash_keys"):
+        kind, params = "hash", {"keys": op.params["hash_keys"]}
+    elif op.kind in ("random_shuffle", "repartition"):
         kind, params = "random", {"seed": op.params.get("seed")}
     elif op.params.get("boundaries"):
         key, direction = op.params["keys"][0]

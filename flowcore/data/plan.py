@@ -308,6 +308,9 @@ class AllToAllOp:
         if self.kind == "random_shuffle":
             seed = p.get("seed")
             return shuffle.permute(table, None if seed is None else seed + 7919 * index)
+        if self.kind == "repartition" and p.get("sort"):
+            return shuffle.sort_table(table, [(k, "ascending") for k in p["hash_keys"]],
+                                      self.name)
         if self.kind == "aggregate":
             return shuffle.groupby_aggregate(table, [k for k, _ in p["keys"]], p["aggs"],
                                              self.name)
@@ -331,6 +334,10 @@ class AllToAllOp:
         t = concat(tables)
         if self.kind == "repartition" and self.params.get("rows_per_block"):
             return [t.slice(*r) for r in fixed_ranges(t.num_rows, self.params["rows_per_block"])]
+        if self.kind == "repartition" and self.params.get("hash_keys"):
+            parts = shuffle.hash_partition(t, self.params["hash_keys"],
+                                           self.params["num_blocks"])
+            return [self.reduce(part) for part in parts]
         if self.kind == "repartition":
             n = self.params["num_blocks"]
             if self.params.get("shuffle"):

@@ -15,7 +15,7 @@ import flowcore
 from .block import require_pandas, rows_to_table, to_table
 from .context import DataContext
 from .dataset import Dataset, MaterializedDataset, _check_remote_args
-from .datasource import file_read_tasks, formats, resolve_paths
+from .datasource import Partitioning, file_read_tasks, formats, partition_values, resolve_paths
 from .executor import block_meta
 from .plan import InputSource, LogicalPlan, ReadSource, ReadTask, even_ranges
 
@@ -218,9 +218,14 @@ class _ReadOptions:
     the read tasks run (``num_cpus=``..., ``ray_remote_args``,
     ``concurrency``)."""
 
-    def __init__(self, op: str, kwargs: dict) -> None:
+    def __init__(self, op: str, kwargs: dict, partitioning: Any = None) -> None:
         got = {k: kwargs.pop(k) for k in _READ_ARGS if k in kwargs}
         self.op = op
+        self.partitioning = got.get("partitioning", partitioning)
+        if self.partitioning is not None and not isinstance(self.partitioning, Partitioning):
+            raise TypeError(f"{op}: partitioning={self.partitioning!r}; expected a "
+                            f"flowcore.data.datasource.Partitioning (such as "
+                            f"Partitioning('hive')) or None")
         self.override = got.get("override_num_blocks")
         par = got.get("parallelism", -1)
         if self.override is None and isinstance(par, int) and par > 0:
@@ -240,11 +245,9 @@ class _ReadOptions:
         if self.shuffle is not None and self.shuffle != "files" and not hasattr(self.shuffle,
                                                                                 "seed"):
             raise ValueError(f"{op}: shuffle={self.shuffle!r}; expected None or 'files'")
-        for name in ("partitioning", "arrow_open_stream_args"):
-            if got.get(name) is not None:
-                raise NotImplementedError(f"{op}: {name}= is not supported; read the files "
-                                          f"without it (hive-style directory columns can be "
-                                          f"added with add_column)")
+        if got.get("arrow_open_stream_args") is not None:
+            raise NotImplementedError(f"{op}: arrow_open_stream_args= is not supported; read "
+                                      f"the files without it")
         remote = dict(got.get("ray_remote_args") or {})
         remote.update({k: got[k] for k in _TASK_ARGS if got.get(k) is not None})
         remote.pop("memory", None)
@@ -277,7 +280,7 @@ def _read(paths: Any, filesystem: Any, op: str, reader: Any, name: str, include_
           opts: _ReadOptions, extensions: Sequence[str] | None = None,
           size_factor: float = 1.0) -> Dataset:
     files = opts.files(paths, filesystem, extensions)
-    tasks = file_read_tasks(files, reader, include_paths, size_factor)
+    tasks = file_read_tasks(files, reader, include_paths, size_factor, opts.partitioning)
     return Dataset(LogicalPlan(opts.source(tasks, name)))
 
 
@@ -295,25 +298,35 @@ def read_parquet(paths: Any, *, filesystem: Any = None, columns: list[str] | Non
     ``shuffle``, ``partition_filter``, ``num_cpus``, ``concurrency``,
     ``ray_remote_args``...) apply; the rest go to the parquet reader."""
     opts = _ReadOptions("read_parquet", dict(arrow_parquet_args,
-                                             override_num_blocks=override_num_blocks))
+                                             override_num_blocks=override_num_blocks),
+                        partitioning=Partitioning("hive"))
     for k in _READ_ARGS:
         arrow_parquet_args.pop(k, None)
     files = opts.files(paths, filesystem)
+    # partition columns come from the paths: the file reader is asked only
+    # for the others, and with columns= only the named partition keys are kept
+    pkeys = {k for parts in partition_values(files, opts.partitioning) for k in parts}
+    keep = None if columns is None else (lambda k: k in columns)
+    file_columns = columns if columns is None or not pkeys else [c for c in columns
+                                                                 if c not in pkeys]
     target = DataContext.get_current().target_max_block_size
     total = sum(size for _, _, size in files)
     if opts.override and opts.override > len(files):
         target = builtins.max(1, total // opts.override)
-    whole = formats.parquet_reader(columns, filter, arrow_parquet_args)
+    whole = formats.parquet_reader(file_columns, filter, arrow_parquet_args)
     tasks: list[ReadTask] = []
+    part = opts.partitioning
     for fs, path, size in files:
         runs = formats.parquet_split(fs, path, target) \
             if size > target and not arrow_parquet_args else []
         if len(runs) <= 1:
-            tasks.extend(file_read_tasks([(fs, path, size)], whole, include_paths, 4.0))
+            tasks.extend(file_read_tasks([(fs, path, size)], whole, include_paths, 4.0, part,
+                                         keep))
             continue
         for groups, nbytes in runs:  # a big file: one task per run of row groups
-            reader = formats.parquet_row_groups_reader(columns, filter, groups)
-            tasks.extend(file_read_tasks([(fs, path, nbytes)], reader, include_paths))
+            reader = formats.parquet_row_groups_reader(file_columns, filter, groups)
+            tasks.extend(file_read_tasks([(fs, path, nbytes)], reader, include_paths, 1.0,
+                                         part, keep))
     return Dataset(LogicalPlan(opts.source(tasks, "ReadParquet")))
 
 
@@ -321,7 +334,7 @@ def read_csv(paths: Any, *, filesystem: Any = None, include_paths: bool = False,
              override_num_blocks: int | None = None, **arrow_csv_args: Any) -> Dataset:
     """CSV files; ``arrow_csv_args`` go to ``pyarrow.csv.read_csv``
     (``read_options``, ``parse_options``, ``convert_options``)."""
-    opts = _ReadOptions("read_csv", arrow_csv_args)
+    opts = _ReadOptions("read_csv", arrow_csv_args, partitioning=Partitioning("hive"))
     _check_blocks(override_num_blocks, "read_csv")
     return _read(paths, filesystem, "read_csv", formats.csv_reader(arrow_csv_args), "ReadCSV",
                  include_paths, opts)
@@ -331,7 +344,7 @@ def read_json(paths: Any, *, filesystem: Any = None, include_paths: bool = False
               override_num_blocks: int | None = None, lines: bool = True,
               **arrow_json_args: Any) -> Dataset:
     """Newline-delimited JSON files (one object per line)."""
-    opts = _ReadOptions("read_json", arrow_json_args)
+    opts = _ReadOptions("read_json", arrow_json_args, partitioning=Partitioning("hive"))
     _check_blocks(override_num_blocks, "read_json")
     if not lines:
         raise NotImplementedError("read_json(lines=False): only newline-delimited JSON (one "

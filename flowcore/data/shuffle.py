@@ -110,6 +110,57 @@ def _split_by(table: pa.Table, part: np.ndarray, n: int) -> list[pa.Table]:
     return out
 
 
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """A 64-bit finalizer (splitmix64): equal inputs, equal outputs, in
+    every process (Python's ``hash`` of a str differs per process)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _column_hash(col: pa.ChunkedArray) -> np.ndarray:
+    """A process-independent uint64 hash of each value of ``col`` (nulls
+    hash alike; values of one type hash alike wherever they are)."""
+    import zlib
+    typ = col.type
+    if pa.types.is_integer(typ) or pa.types.is_boolean(typ):
+        arr = col if typ == pa.int64() else col.cast(pa.int64(), safe=False)
+        vals = np.asarray(arr.fill_null(0).to_numpy(), dtype=np.int64).view(np.uint64)
+    elif pa.types.is_floating(typ):
+        f = np.asarray(col.cast(pa.float64()).fill_null(0.0).to_numpy(), dtype=np.float64)
+        vals = (f + 0.0).view(np.uint64)   # + 0.0: -0.0 and 0.0 hash alike
+    else:   # strings, binaries, anything else: each distinct value hashed once
+        enc = col.combine_chunks().dictionary_encode() if col.num_chunks else \
+            pa.array([], typ).dictionary_encode()
+        words = np.fromiter((zlib.crc32(repr(v).encode()) | (zlib.adler32(repr(v).encode())
+                                                             << 32)
+                             for v in enc.dictionary.to_pylist()), dtype=np.uint64,
+                            count=len(enc.dictionary))
+        idx = np.asarray(enc.indices.fill_null(0).to_numpy(zero_copy_only=False),
+                         dtype=np.int64)
+        vals = words[idx] if len(words) else np.zeros(len(idx), np.uint64)
+    h = _mix64(vals.astype(np.uint64, copy=False))
+    if col.null_count:
+        nulls = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        h = np.where(nulls, _MIX, h)
+    return h
+
+
+def hash_partition(table: pa.Table, keys: Sequence[str], n: int) -> list[pa.Table]:
+    """``n`` parts of ``table``: the rows of one key value always land in
+    the same part, whichever block or process they come from."""
+    check_columns(table, keys, "repartition")
+    h = np.zeros(table.num_rows, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in keys:
+            h = _mix64(h * np.uint64(31) + _column_hash(table.column(k)))
+    return _split_by(table, (h % np.uint64(n)).astype(np.int64), n)
+
+
 def random_partition(table: pa.Table, n: int, seed: int | None) -> list[pa.Table]:
     rng = np.random.default_rng(seed)
     part = rng.integers(0, n, size=table.num_rows)

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ..plan import ReadTask
+from ..shuffle import split_groups
+from .partitioning import Partitioning, PathPartitionParser, add_partition_columns, hive_dir
 
 __all__ = ["resolve_paths", "file_read_tasks", "FileDatasink", "filesystem_for", "SaveMode"]
 
@@ -86,36 +88,62 @@ def resolve_paths(paths: Any, filesystem: Any, op: str,
 
 class _FileRead:
     def __init__(self, reader: Callable[[pafs.FileSystem, str], pa.Table],
-                 fs: pafs.FileSystem, path: str, include_paths: bool) -> None:
+                 fs: pafs.FileSystem, path: str, include_paths: bool,
+                 parts: dict[str, Any] | None = None) -> None:
         self.reader = reader
         self.fs = fs
         self.path = path
         self.include_paths = include_paths
+        self.parts = parts
 
     def __call__(self) -> Iterator[pa.Table]:
         try:
             t = self.reader(self.fs, self.path)
         except (pa.ArrowInvalid, ValueError, OSError) as e:
             raise type(e)(f"reading {self.path}: {e}") from e
+        if self.parts:
+            t = add_partition_columns(t, self.parts, self.path)
         if self.include_paths:
             t = t.append_column("path", pa.array([self.path] * t.num_rows, pa.string()))
         yield t
 
 
+def partition_values(files: list[tuple[pafs.FileSystem, str, int]],
+                     partitioning: Partitioning | None) -> list[dict[str, Any]]:
+    """The partition values each file's path names (parsed here, before
+    any task runs, so a path that does not fit the scheme fails early)."""
+    if partitioning is None:
+        return [{} for _ in files]
+    parser = PathPartitionParser(partitioning)
+    return [parser(path) for _, path, _ in files]
+
+
 def file_read_tasks(files: list[tuple[pafs.FileSystem, str, int]],
                     reader: Callable[[pafs.FileSystem, str], pa.Table],
-                    include_paths: bool = False, size_factor: float = 1.0) -> list[ReadTask]:
-    return [ReadTask(_FileRead(reader, fs, path, include_paths), None,
-                     int(size * size_factor), [path]) for fs, path, size in files]
+                    include_paths: bool = False, size_factor: float = 1.0,
+                    partitioning: Partitioning | None = None,
+                    keep_parts: Callable[[str], bool] | None = None) -> list[ReadTask]:
+    """One read task per file; with ``partitioning``, each file's
+    partition values become columns (those ``keep_parts`` accepts)."""
+    out = []
+    for (fs, path, size), parts in zip(files, partition_values(files, partitioning)):
+        if keep_parts is not None:
+            parts = {k: v for k, v in parts.items() if keep_parts(k)}
+        out.append(ReadTask(_FileRead(reader, fs, path, include_paths, parts), None,
+                            int(size * size_factor), [path]))
+    return out
 
 
 class FileDatasink:
-    """Writes each block to ``{path}/{uuid}_{index:06d}_000000.{ext}``."""
+    """Writes each block to ``{path}/{uuid}_{index:06d}_000000.{ext}``
+    (with ``partition_cols``, each block's rows of one partition to
+    ``{path}/k1=v1/k2=v2/...``, without those columns: Hive style)."""
 
     def __init__(self, path: str, filesystem: Any, ext: str,
                  write: Callable[[pa.Table, Any], None], op: str, *,
                  try_create_dir: bool = True, filename_provider: Any = None,
-                 max_rows_per_file: int | None = None) -> None:
+                 max_rows_per_file: int | None = None,
+                 partition_cols: list[str] | None = None) -> None:
         self.fs, self.dir = filesystem_for(path, filesystem, op)
         self.ext = ext
         self.write = write
@@ -128,6 +156,11 @@ class FileDatasink:
                             f"block, write_uuid, task_index, block_index) method")
         self.filename_provider = filename_provider
         self.max_rows = max_rows_per_file
+        if partition_cols is not None and (isinstance(partition_cols, str) or not all(
+                isinstance(c, str) for c in partition_cols)):
+            raise TypeError(f"{op}: partition_cols={partition_cols!r}; expected a list of "
+                            f"column names")
+        self.partition_cols = list(partition_cols or [])
         if self.fs.get_file_info(self.dir).type == pafs.FileType.NotFound:
             if not try_create_dir:
                 raise FileNotFoundError(f"{op}: directory {path!r} does not exist and "
@@ -159,16 +192,49 @@ class FileDatasink:
         self.fs.delete_dir_contents(self.dir)
 
     def write_table(self, table: pa.Table, index: int) -> list[str]:
-        """``table`` as one file, or files of at most ``max_rows_per_file``."""
+        """``table`` as one file, or files of at most ``max_rows_per_file``
+        (with ``partition_cols``: per partition, in its directory)."""
+        if self.partition_cols:
+            missing = [c for c in self.partition_cols if c not in table.column_names]
+            if missing:
+                raise ValueError(f"{self.op}: partition_cols {missing} are not columns of "
+                                 f"the dataset (columns: {table.column_names})")
+            if len(self.partition_cols) == table.num_columns:
+                raise ValueError(f"{self.op}: partition_cols={self.partition_cols} names "
+                                 f"every column; the files would have none left")
+            out = []
+            for values, rows in split_groups(table, self.partition_cols):
+                sub = hive_dir(self.partition_cols, tuple(values))
+                out.extend(self._write_rows(rows.drop_columns(self.partition_cols), index,
+                                            sub))
+            return out
+        return self._write_rows(table, index, "")
+
+    def _write_rows(self, table: pa.Table, index: int, sub: str) -> list[str]:
         if not self.max_rows or table.num_rows <= self.max_rows:
-            return [self.write_block(table, index)]
-        return [self.write_block(table.slice(off, self.max_rows), index, part)
+            return [self.write_block(table, index, 0, sub)]
+        return [self.write_block(table.slice(off, self.max_rows), index, part, sub)
                 for part, off in enumerate(range(0, table.num_rows, self.max_rows))]
 
-    def write_block(self, table: pa.Table, index: int, part: int = 0) -> str:
+    def _make_dir(self, sub: str) -> str:
+        d = f"{self.dir}/{sub}"
+        if self.local:
+            base = self.dir
+            for seg in sub.split("/"):   # each level private to its user
+                base = f"{base}/{seg}"
+                try:
+                    os.mkdir(base, 0o700)
+                except FileExistsError:
+                    pass
+        else:
+            self.fs.create_dir(d, recursive=True)
+        return d
+
+    def write_block(self, table: pa.Table, index: int, part: int = 0, sub: str = "") -> str:
         name = self.file_name(index, part, table)
-        final = f"{self.dir}/{name}"
-        tmp = f"{self.dir}/.{self.uuid}.{name}.tmp"
+        d = self._make_dir(sub) if sub else self.dir
+        final = f"{d}/{name}"
+        tmp = f"{d}/.{self.uuid}.{name}.tmp"
         try:
             if self.local:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
