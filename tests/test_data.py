@@ -715,3 +715,20 @@ def test_read_images(tmp_path):
     assert [int(r["image"][0, 0, 0]) for r in rows] == [0, 10, 20]
     small = fd.read_images(str(tmp_path), size=(2, 3), mode="L").take_batch(3)["image"]
     assert small.shape == (3, 2, 3)
+
+
+@pytest.mark.timeout(90)
+def test_aggregate_tasks_ask_for_default_num_cpus():
+    """Whole-dataset aggregates follow DataContext.default_num_cpus, so they
+    run while actors hold every CPU (as the split's tasks do under Train)."""
+    ds = fd.from_items([{"x": i} for i in range(100)], override_num_blocks=4)
+    hog = flowcore.remote(num_cpus=2)(type("Hog", (), {"ping": lambda self: 1})).remote()
+    ctx = DataContext.get_current()
+    old = ctx.default_num_cpus
+    try:
+        assert flowcore.get(hog.ping.remote(), timeout=60) == 1
+        ctx.default_num_cpus = 0.0
+        assert ds.sum("x") == sum(range(100)) and ds.max("x") == 99
+    finally:
+        ctx.default_num_cpus = old
+        flowcore.kill(hog)

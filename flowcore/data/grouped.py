@@ -7,6 +7,7 @@ import flowcore
 
 from . import aggregate as agg_mod
 from .block import check_batch_format
+from .context import DataContext
 from .executor import _block_states
 from .plan import AllToAllOp, fn_name
 
@@ -19,11 +20,13 @@ def global_aggregate(ds: Any, aggs: tuple) -> dict | None:
     agg_mod.check_aggs(aggs, "aggregate", None)
     aggs = tuple(aggs)
     refs = []
+    cpus = DataContext.get_current().default_num_cpus
+    states_task = _block_states if cpus == 1.0 else _block_states.options(num_cpus=cpus)
     gen = ds._execute()
     try:
         for b in gen:
             if b.num_rows:
-                refs.append(_block_states.remote(list(aggs), b.ref))
+                refs.append(states_task.remote(list(aggs), b.ref))
             b.release()
     finally:
         gen.close()

@@ -230,26 +230,25 @@ class DataParallelTrainer:
         if not self.datasets:
             return shards
         try:
-            from flowcore.data import DataContext, Dataset
-            from flowcore.data.split import streaming_split
-            have_data = True
+            from flowcore.data import DataContext
+            cur: Any = DataContext.get_current()
         except ImportError:     # a tree without flowcore.data: duck-typed datasets only
-            have_data = False
-        ctx = None
-        if have_data:
-            ctx = dataclasses.replace(DataContext.get_current())
-            free = flowcore.available_resources().get("CPU", 0.0)
-            if free < 1.0:
-                ctx.default_num_cpus = 0.0
-                logger.info("the training workers leave %g CPUs free: datasets=%s are read "
-                            "by tasks that hold no CPU", free, sorted(self.datasets))
-        for ds_name, ds in self.datasets.items():
-            if have_data and isinstance(ds, Dataset):
-                parts = streaming_split(ds._plan, n, True, ctx)
-            else:   # any object with streaming_split(n, equal=)
+            cur = None
+        old = cur.default_num_cpus if cur is not None else None
+        if cur is not None and flowcore.available_resources().get("CPU", 0.0) < 1.0:
+            logger.info("the training workers leave no CPU free: datasets=%s are read by "
+                        "tasks that hold no CPU", sorted(self.datasets))
+            cur.default_num_cpus = 0.0
+        try:
+            for ds_name, ds in self.datasets.items():
+                # streaming_split takes the DataContext as it is now: its
+                # coordinator runs the split's tasks with these settings
                 parts = ds.streaming_split(n, equal=True)
-            for i, shard in enumerate(parts):
-                shards[i][ds_name] = shard
+                for i, shard in enumerate(parts):
+                    shards[i][ds_name] = shard
+        finally:
+            if cur is not None:
+                cur.default_num_cpus = old
         return shards
 
     def _run_attempt(self, name: str, fs: Any, run_path: str, state: "_RunState") -> None:
