@@ -37,6 +37,7 @@ from .states import EventLog
 from .tasks import Transitions
 
 S = TaskState
+_QUEUED = S.QUEUED
 logger = logging.getLogger("flowcore.scheduler")
 
 Out = list[tuple[str, dict]]
@@ -115,6 +116,8 @@ class SchedulerState:
         self.out: Out = []  # the messages the current one produced
         self._force_cancelled: set[bytes] = set()  # a force-cancel is on its way
         self._spread_turn = 0
+        #: queue shape -> (placement.freed, first task) when that task found no node
+        self._stuck: dict[tuple, tuple[int, bytes]] = {}
         self._cpu_only: dict[tuple, bool] = {}  # task shape -> it asks for CPU only
         self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
         # frees and failures run as loops over these, not by recursion, so a
@@ -689,24 +692,52 @@ class SchedulerState:
     def _schedule(self) -> None:
         if self.groups.pg_waiting:
             self.groups.place_pending()
-        if not self.queues or not len(self.placement):
+        if not self.queues or not self.placement.order:
             return
         tasks = self.tasks
+        # a queue whose first task found no node stays stuck until some node
+        # frees resources or runs fewer tasks, or nodes join or leave
+        # (``placement.freed`` counts those): until then it is not tried again
+        freed = self.placement.freed
+        stuck = self._stuck
         for shape, q in list(self.queues.items()):
             while q:
-                t = tasks.get(q[0])
-                if t is None or t.state is not S.QUEUED:
+                tid = q[0]
+                t = tasks.get(tid)
+                if t is None or t.state is not _QUEUED:
                     q.popleft()
                     continue
+                if stuck.get(shape) == (freed, tid):
+                    if self.validate:
+                        self._check_stuck(t)
+                    break
                 best = self._choose_node(t)
                 if best is None and t.strategy is None:
                     best = self._pipeline_target(t)
                 if best is None:
+                    if shape[1] is None or shape[1] == "SPREAD":
+                        stuck[shape] = (freed, tid)
                     break
                 q.popleft()
                 self._dispatch(t, best)
             if not q:
                 del self.queues[shape]
+                stuck.pop(shape, None)
+
+    def _check_stuck(self, t: TaskRecord) -> None:
+        """Validate mode: a queue skipped as stuck really has no node for
+        its first task (a full scan of the live nodes)."""
+        fitting = [n for n in self.placement.alive() if n.fits(t.res)]
+        ahead = None
+        if t.strategy is None and self.pipeline_depth > 0 and t.kind != "create" \
+                and all(k == "CPU" for k in t.res):
+            ahead = [n for n in self.placement.alive() if n.total.get("CPU", 0.0) > 0
+                     and n.could_ever_fit(t.res)
+                     and len(n.running) / n.total["CPU"] < 1.0 + self.pipeline_depth]
+        if fitting or ahead:
+            raise AssertionError(f"the queue of task {t.name} was skipped as stuck, but "
+                                 f"nodes {[n.node_id for n in fitting or ahead or ()]} "
+                                 f"can take it")
 
     def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
         """Bytes of ``t``'s store-held arguments per node."""

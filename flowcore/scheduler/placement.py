@@ -89,6 +89,9 @@ class PlacementIndex:
         self._ever: dict[tuple, bool] = {}  # request items -> could fit some node's totals
         self._by_request: dict[tuple, _Heap] = {}  # request items -> the heap of its shape
         self.grown = 0  # bumped whenever some node's free resources may have grown
+        #: bumped whenever a placement that failed may now succeed: a node
+        #: joined, left, got resources back or runs fewer tasks
+        self.freed = 0
         # the nodes that grew, in order: grown == _grew_base + len(_grew)
         self._grew: list[str] = []
         self._grew_base = 0
@@ -126,10 +129,17 @@ class PlacementIndex:
             h.drop(nid)
         self._load_keys.pop(nid, None)
         self._ever.clear()
+        self.freed += 1  # (a soft node affinity to it falls back to any node)
 
     # ------------------------------------------------------------ changes
     def touch(self, node: "NodeRecord") -> None:
         """``node``'s free resources or running set changed."""
+        self._dirty.add(node.node_id)
+        self._load_dirty.add(node.node_id)
+
+    def ran_less(self, node: "NodeRecord") -> None:
+        """A task left ``node``'s running set: its load went down."""
+        self.freed += 1
         self._dirty.add(node.node_id)
         self._load_dirty.add(node.node_id)
 
@@ -141,6 +151,7 @@ class PlacementIndex:
 
     def _grow(self, nid: str) -> None:
         self.grown += 1
+        self.freed += 1
         grew = self._grew
         grew.append(nid)
         if len(grew) > 4096:

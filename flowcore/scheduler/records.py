@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from enum import Enum
+from operator import attrgetter
 from typing import Any, Mapping
 
 from .. import ids
@@ -130,11 +131,9 @@ class TaskRecord:
         self.shape = (tuple(sorted((k, v) for k, v in self.res.items() if v)), self.strategy)
         self.returns_alive = self.nret
 
-    @property
-    def state(self) -> TaskState | None:
-        """Read-only: ``tasks.Transitions`` is the one writer (checked
-        against the transition table)."""
-        return self._state
+    #: read-only: ``tasks.Transitions`` is the one writer (checked against
+    #: the transition table); the getter is C code (read on every message)
+    state = property(attrgetter("_state"), doc="The task's state (read-only).")
 
     def returns(self) -> list[bytes]:
         return [ids.object_id(self.tid, i) for i in range(self.nret)]

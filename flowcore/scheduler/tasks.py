@@ -69,7 +69,7 @@ class Transitions:
         node = s.nodes.get(t.node) if t.node else None
         if node is not None and t.tid in node.running:
             node.running.discard(t.tid)
-            s.placement.touch(node)
+            s.placement.ran_less(node)
             acct = s._account(node, t.bundle) if t.bundle else node
             if not t.blocked:
                 acct.give(t.res)
@@ -124,9 +124,10 @@ class Transitions:
         if acct is None:
             acct = self.s._account(node, t.bundle) if t.bundle else node
         t.ahead = not acct.fits(t.res)
-        acct.take(t.res)
+        acct.take(t.res)  # (a node's take tells the placement index)
         node.running.add(t.tid)
-        self.s.placement.touch(node)
+        if acct is not node:
+            self.s.placement.touch(node)
         t.node = node.node_id
         t.attempt += 1
         t.started = time.time()
