@@ -38,6 +38,7 @@ from .tasks import Transitions
 
 S = TaskState
 _QUEUED = S.QUEUED
+_ENDED = frozenset({S.FINISHED, S.FAILED, S.CANCELLED})  # TaskState.done
 logger = logging.getLogger("flowcore.scheduler")
 
 Out = list[tuple[str, dict]]
@@ -411,13 +412,18 @@ class SchedulerState:
 
     def handle_decref(self, source: str, msg: dict) -> None:
         refs = self.client_refs.get(source, set())
+        objects = self.objects
+        maybe_free = self._maybe_free
         for oid in msg["oids"]:
             refs.discard(oid)
-            obj = self.objects.get(oid)
+            obj = objects.get(oid)
             if obj is not None:
-                obj.clients.discard(source)
-                obj.waiters.discard(source)
-                self._maybe_free(obj)
+                clients = obj.clients
+                clients.discard(source)
+                if obj.waiters:
+                    obj.waiters.discard(source)
+                if not clients and obj.holds <= 0:
+                    maybe_free(obj)
 
     def _hold(self, oids: Iterable[bytes]) -> None:
         for oid in oids:
@@ -465,17 +471,18 @@ class SchedulerState:
                 if inner is not None:
                     inner.holds -= 1
                     stack.append(inner)
-            if ids.index_of(obj.oid) == ids.HANDLE_INDEX:
+            index = ids.index_of(obj.oid)
+            if index == ids.HANDLE_INDEX:
                 self.actor_manager.out_of_scope(ids.task_of(obj.oid))
                 continue
             t = self.tasks.get(ids.task_of(obj.oid))
-            if t is not None and ids.index_of(obj.oid) < t.nret:  # (not a yielded value)
+            if t is not None and index < t.nret:  # (not a yielded value)
                 t.returns_alive -= 1
-                self._maybe_prune(t)
+                if t.returns_alive <= 0:
+                    self._maybe_prune(t)
 
     def _maybe_prune(self, t: TaskRecord) -> None:
-        if t.returns_alive <= 0 and t.state is not None and t.state.done \
-                and self.tasks.get(t.tid) is t:
+        if t.returns_alive <= 0 and t.state in _ENDED and self.tasks.get(t.tid) is t:
             del self.tasks[t.tid]
             if t.lineage_held:
                 t.lineage_held = False
@@ -518,12 +525,16 @@ class SchedulerState:
         self._send(target.node_id, wire.prefetch([[obj.oid, obj.size, [[holder, src.address]]]]))
 
     def _seal(self, obj: ObjectRecord, info: dict, notify_owner: bool = True) -> None:
-        obj.size = info.get("size", 0)
-        obj.error = bool(info.get("error", False))
-        if info.get("inline") is not None:
-            obj.inline = info["inline"]
-        elif info.get("node"):
-            obj.nodes.add(info["node"])
+        get = info.get
+        obj.size = get("size", 0)
+        obj.error = bool(get("error", False))
+        inline = get("inline")
+        if inline is not None:
+            obj.inline = inline
+        else:
+            node = get("node")
+            if node:
+                obj.nodes.add(node)
         obj.state = READY
         self._notify_ready(obj, notify_owner)
 
@@ -531,12 +542,20 @@ class SchedulerState:
         """``notify_owner`` False: the owner already has the value (a direct
         actor call answered it)."""
         msg = self._ready(obj)
-        dests = set(obj.waiters)
-        obj.waiters.clear()
-        if notify_owner and obj.owner in obj.clients:
-            dests.add(obj.owner)
-        for d in dests:
-            self._send(d, msg)
+        waiters = obj.waiters
+        out = self.out
+        if waiters:
+            dests = set(waiters)
+            waiters.clear()
+            if notify_owner and obj.owner in obj.clients:
+                dests.add(obj.owner)
+            for d in dests:
+                if d is not None:
+                    out.append((d, msg))
+        elif notify_owner and obj.owner is not None and obj.owner in obj.clients:
+            out.append((obj.owner, msg))
+        if not obj.dependents:
+            return
         deps, obj.dependents = obj.dependents, []
         for tid in deps:
             t = self.tasks.get(tid)
@@ -602,38 +621,47 @@ class SchedulerState:
     def _submit(self, owner: str, spec: dict) -> None:
         t = TaskRecord(spec, owner)
         self.tasks[t.tid] = t
-        parent = self.tasks.get(spec.get("parent") or b"")
+        parent_tid = spec.get("parent")
+        parent = self.tasks.get(parent_tid) if parent_tid else None
         if parent is not None:
             if parent.children is None:
                 parent.children = []
             parent.children.append(t.tid)
         self.counts["submitted"] += 1
-        refs = self.client_refs.setdefault(owner, set())
+        refs = self.client_refs.get(owner)
+        if refs is None:
+            refs = self.client_refs[owner] = set()
+        objects = self.objects
         for oid in t.returns():
-            obj = self._obj(oid, owner)
+            obj = objects.get(oid)
+            if obj is None:
+                obj = objects[oid] = ObjectRecord(oid, owner)
             obj.clients.add(owner)
             refs.add(oid)
         if t.deps:
             self._hold(t.deps)
         if t.nested:
             self._hold(t.nested)
-        if spec.get("local") and t.kind == "task":
-            self.local_first.note_offer(t, spec["local"])
-        if t.kind == "call" and not self.actor_manager.call_submitted(t):
-            actor = self.actors.get(t.actor or b"")
-            why = actor.cause if actor is not None else "unknown actor"
-            self._fail_task(t, self.error_payload(ActorDiedError(
-                f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
-            return
-        if t.kind == "call" and spec.get("direct_epoch") is not None:
-            self.direct_calls.start(t, spec["direct_epoch"])
-            return
-        if spec.get("lease") is not None and t.kind == "task":
-            self.leases.start(t, spec["lease"])
-            return
+        kind = t.kind
+        if kind == "call":
+            if not self.actor_manager.call_submitted(t):
+                actor = self.actors.get(t.actor or b"")
+                why = actor.cause if actor is not None else "unknown actor"
+                self._fail_task(t, self.error_payload(ActorDiedError(
+                    f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
+                return
+            if spec.get("direct_epoch") is not None:
+                self.direct_calls.start(t, spec["direct_epoch"])
+                return
+        elif kind == "task":
+            if spec.get("local"):
+                self.local_first.note_offer(t, spec["local"])
+            if spec.get("lease") is not None:
+                self.leases.start(t, spec["lease"])
+                return
         failed: ObjectRecord | None = None
         for oid in t.deps:
-            dep = self.objects.get(oid)
+            dep = objects.get(oid)
             if dep is None:
                 failed = ObjectRecord(oid, None)
                 failed.error = True
@@ -668,11 +696,14 @@ class SchedulerState:
         if t.kind == "call":
             self.actor_manager.call_ready(t, cause)
             return
-        if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self.groups.reject(t):
+        strategy = t.strategy
+        if isinstance(strategy, tuple) and strategy[0] == "pg" and self.groups.reject(t):
             return
         if self.local_first.offers and self.local_first.offered(t, cause):
             return
-        if not self._could_run_somewhere(t) and self.nodes:
+        could = self.placement.could_ever_fit(t.res) if strategy is None \
+            else self._could_run_somewhere(t)
+        if not could and self.nodes:
             s = t.strategy
             if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
                 why = f"node {s[1]} (hard node affinity) is not in the cluster or cannot fit " \
@@ -701,6 +732,10 @@ class SchedulerState:
         freed = self.placement.freed
         stuck = self._stuck
         for shape, q in list(self.queues.items()):
+            # no node fits this shape now: dispatching only takes resources,
+            # so no later task of the shape fits either (only the tasks sent
+            # ahead of time are placed, by load)
+            full = False
             while q:
                 tid = q[0]
                 t = tasks.get(tid)
@@ -711,8 +746,9 @@ class SchedulerState:
                     if self.validate:
                         self._check_stuck(t)
                     break
-                best = self._choose_node(t)
+                best = None if full else self._choose_node(t)
                 if best is None and t.strategy is None:
+                    full = True
                     best = self._pipeline_target(t)
                 if best is None:
                     if shape[1] is None or shape[1] == "SPREAD":
@@ -832,8 +868,10 @@ class SchedulerState:
         # finished-task history (bounded): what the timeline and dashboard show
         # after the task record itself is pruned
         self.history.add(t)
-        self._force_cancelled.discard(t.tid)
-        self.streams.task_ended(t)
+        if self._force_cancelled:
+            self._force_cancelled.discard(t.tid)
+        if self.streams.held:
+            self.streams.task_ended(t)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
@@ -879,16 +917,21 @@ class SchedulerState:
         if status == "error" and msg.get("retryable") and t.retries_left > 0 \
                 and t.kind == "call" and self.actor_manager.retry_call(t):
             return
-        self.tx.finish(t, status == "ok")
+        self.tx.finish(t, status == "ok", released=True)
+        objects = self.objects
         for r in msg["results"]:
-            obj = self.objects.get(r["oid"])
+            obj = objects.get(r["oid"])
             if obj is None:
                 continue
-            nested = r.get("nested") or []
-            obj.nested = nested
-            self._hold(nested)
+            nested = r.get("nested")
+            if nested:
+                obj.nested = nested
+                self._hold(nested)
+            else:
+                obj.nested = []
             self._seal(obj, r, notify_owner=not r.get("sent"))
-            self._maybe_free(obj)
+            if not obj.clients and obj.holds <= 0:
+                self._maybe_free(obj)
         self._done(t)
 
     def _fail_task(self, t: TaskRecord, payload: bytes, cause: str) -> None:

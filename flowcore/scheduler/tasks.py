@@ -161,9 +161,10 @@ class Transitions:
         self._release(t)
         self._move(t, S.LOST, cause)
 
-    def finish(self, t: TaskRecord, ok: bool) -> None:
-        """RUNNING -> FINISHED (returned) or FAILED (raised)."""
-        if t._state is _RUNNING:
+    def finish(self, t: TaskRecord, ok: bool, released: bool = False) -> None:
+        """RUNNING -> FINISHED (returned) or FAILED (raised); ``released``:
+        ``release`` already gave its resources back."""
+        if t._state is _RUNNING and not released:
             self._release(t)
         s = self.s
         if ok:
