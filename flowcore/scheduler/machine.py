@@ -37,7 +37,8 @@ from .states import EventLog
 from .tasks import Transitions
 
 S = TaskState
-_QUEUED = S.QUEUED
+_QUEUED, _RUNNING, _FINISHED = S.QUEUED, S.RUNNING, S.FINISHED
+_now = time.time
 _ENDED = frozenset({S.FINISHED, S.FAILED, S.CANCELLED})  # TaskState.done
 logger = logging.getLogger("flowcore.scheduler")
 
@@ -487,10 +488,11 @@ class SchedulerState:
             if t.lineage_held:
                 t.lineage_held = False
                 self.lineages.forget(t.tid)
-                # released through the iterative free loop (long lineage chains)
-                self._pending_release.extend(t.deps)
-                self._pending_release.extend(t.nested)
-                self._drain_release()
+                if t.deps or t.nested:
+                    # released through the iterative free loop (long lineage chains)
+                    self._pending_release.extend(t.deps)
+                    self._pending_release.extend(t.nested)
+                    self._drain_release()
 
     def _drain_release(self) -> None:
         if self._releasing:
@@ -864,7 +866,7 @@ class SchedulerState:
             **(self.groups.bundle_fields(t) if t.bundle else {})))
 
     def _done(self, t: TaskRecord) -> None:
-        t.ended = time.time()
+        t.ended = _now()
         # finished-task history (bounded): what the timeline and dashboard show
         # after the task record itself is pruned
         self.history.add(t)
@@ -872,7 +874,7 @@ class SchedulerState:
             self._force_cancelled.discard(t.tid)
         if self.streams.held:
             self.streams.task_ended(t)
-        if t.kind == "task" and t.state == S.FINISHED and self.lineage:
+        if t.kind == "task" and t.state is _FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
             # went to a task exits when that task ends)
@@ -893,30 +895,33 @@ class SchedulerState:
 
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
-        if t is None or t.state != S.RUNNING:
+        if t is None or t.state is not _RUNNING:
             if not self.local_first.early_task_done(source, msg):
                 self.direct_calls.early_done(source, msg)
             return
-        status = msg.get("status", "ok")
+        get = msg.get
+        status = get("status", "ok")
         if "pid" in msg:
-            t.worker = {"pid": msg["pid"], "wid": msg.get("wid")}
-        if msg.get("started"):  # when the worker really began (not when it was sent)
-            t.started = msg["started"]
-        if status == "error":
-            t.error_text = msg.get("error_text")
+            t.worker = {"pid": msg["pid"], "wid": get("wid")}
+        started = get("started")
+        if started:  # when the worker really began (not when it was sent)
+            t.started = started
         self.tx.release(t)
         if t.kind == "call":
             self.actor_manager.call_done(t)
-        if status == "cancelled":
-            self._cancel_task(t, "interrupted by cancel()")
-            return
-        if status == "error" and msg.get("retryable") and t.retries_left > 0 \
-                and t.kind == "task":
-            self.tx.retry(t, "application error, retrying (retry_exceptions)")
-            return
-        if status == "error" and msg.get("retryable") and t.retries_left > 0 \
-                and t.kind == "call" and self.actor_manager.retry_call(t):
-            return
+        if status != "ok":
+            if status == "error":
+                t.error_text = get("error_text")
+            if status == "cancelled":
+                self._cancel_task(t, "interrupted by cancel()")
+                return
+            if status == "error" and get("retryable") and t.retries_left > 0 \
+                    and t.kind == "task":
+                self.tx.retry(t, "application error, retrying (retry_exceptions)")
+                return
+            if status == "error" and get("retryable") and t.retries_left > 0 \
+                    and t.kind == "call" and self.actor_manager.retry_call(t):
+                return
         self.tx.finish(t, status == "ok", released=True)
         objects = self.objects
         for r in msg["results"]:
