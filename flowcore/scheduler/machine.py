@@ -311,7 +311,8 @@ class SchedulerState:
             obj = self.objects.get(oid)
             if obj is not None:
                 obj.clients.discard(cid)
-                obj.waiters.discard(cid)
+                if obj.waiters:
+                    obj.waiters.discard(cid)
                 self._maybe_free(obj)
         self._schedule()
         out, self.out = self.out, []
@@ -558,7 +559,7 @@ class SchedulerState:
             out.append((obj.owner, msg))
         if not obj.dependents:
             return
-        deps, obj.dependents = obj.dependents, []
+        deps, obj.dependents = obj.dependents, None
         for tid in deps:
             t = self.tasks.get(tid)
             if t is None or t.state != S.WAITING_FOR_ARGS:
@@ -598,7 +599,7 @@ class SchedulerState:
                     f"remained) or never existed", reason="freed", object_id=oid.hex()))
                 self._send(source, wire.object_error(oid, payload))
             elif obj.state == PENDING:
-                obj.waiters.add(source)
+                obj.add_waiter(source)
                 pending += 1
             else:
                 self._send(source, self._ready(obj))
@@ -637,7 +638,7 @@ class SchedulerState:
         for oid in t.returns():
             obj = objects.get(oid)
             if obj is None:
-                obj = objects[oid] = ObjectRecord(oid, owner)
+                obj = objects[oid] = ObjectRecord(oid, owner, t.submitted)
             obj.clients.add(owner)
             refs.add(oid)
         if t.deps:
@@ -677,7 +678,7 @@ class SchedulerState:
             if dep.state != READY:
                 if oid not in t.missing:
                     t.missing.add(oid)
-                    dep.dependents.append(t.tid)
+                    dep.add_dependent(t.tid)
         if failed is not None:
             self._fail_task(t, failed.inline or b"", f"argument {ids.short(failed.oid)} failed")
         elif t.missing:
@@ -932,7 +933,7 @@ class SchedulerState:
             if nested:
                 obj.nested = nested
                 self._hold(nested)
-            else:
+            elif obj.nested:
                 obj.nested = []
             self._seal(obj, r, notify_owner=not r.get("sent"))
             if not obj.clients and obj.holds <= 0:

@@ -81,6 +81,7 @@ class NodeRecord:
 
 
 _now = time.time
+_INDEX0 = ids.object_id(b"", 0)  # the suffix of a task's first return's id
 #: (request items, strategy) -> shape, for the requests seen lately
 _SHAPES: dict[tuple, tuple] = {}
 
@@ -160,6 +161,8 @@ class TaskRecord:
     state = property(attrgetter("_state"), doc="The task's state (read-only).")
 
     def returns(self) -> list[bytes]:
+        if self.nret == 1:
+            return [self.tid + _INDEX0]
         return [ids.object_id(self.tid, i) for i in range(self.nret)]
 
     def as_dict(self) -> dict:
@@ -187,11 +190,15 @@ class ObjectState(str, Enum):
 PENDING, READY, LOST = ObjectState.PENDING, ObjectState.READY, ObjectState.LOST
 
 
+#: the ``nested`` of an object holding no refs (shared; replaced, never changed)
+_NO_REFS: list[bytes] = []
+
+
 class ObjectRecord:
     __slots__ = ("oid", "state", "inline", "nodes", "size", "error", "clients", "holds",
                  "waiters", "dependents", "nested", "owner", "created")
 
-    def __init__(self, oid: bytes, owner: str | None):
+    def __init__(self, oid: bytes, owner: str | None, created: float | None = None):
         self.oid = oid
         self.state: ObjectState = PENDING
         self.inline: bytes | None = None
@@ -200,11 +207,23 @@ class ObjectRecord:
         self.error = False
         self.clients: set[str] = set()
         self.holds = 0
-        self.waiters: set[str] = set()
-        self.dependents: list[bytes] = []
-        self.nested: list[bytes] = []
+        #: who asked to hear when it is ready / the tasks waiting for it as
+        #: an argument (None until there is one: most objects have neither)
+        self.waiters: set[str] | None = None
+        self.dependents: list[bytes] | None = None
+        self.nested: list[bytes] = _NO_REFS
         self.owner = owner
-        self.created = time.time()
+        self.created = _now() if created is None else created
+
+    def add_waiter(self, cid: str) -> None:
+        if self.waiters is None:
+            self.waiters = set()
+        self.waiters.add(cid)
+
+    def add_dependent(self, tid: bytes) -> None:
+        if self.dependents is None:
+            self.dependents = []
+        self.dependents.append(tid)
 
     def as_dict(self) -> dict:
         return {"object_id": self.oid.hex(), "state": self.state.value, "size": self.size,

@@ -88,7 +88,11 @@ class Transitions:
         if t._state is _RUNNING:
             self._release(t)
         self._move(t, S.QUEUED, cause)
-        self.s.queues.setdefault(t.shape, deque()).append(t.tid)
+        queues = self.s.queues
+        q = queues.get(t.shape)
+        if q is None:
+            q = queues[t.shape] = deque()
+        q.append(t.tid)
 
     def queue_offered(self, t: TaskRecord, cause: str) -> None:
         """Ready, but offered to its submitter's node: the head waits for
