@@ -42,13 +42,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .records import NodeRecord
 
 
-#: a node's place in the free-CPU heaps as one int (ints compare several
-#: times faster than tuples, and a heap operation is a dozen comparisons):
-#: ``-(free CPU * 2**60) << 20 | join order``, exact for every free amount
-#: that is a multiple of 2**-60 (any float from 2**-7 up: whole and
-#: fractional CPUs alike) and the first 2**20 nodes to join; a heap falls
-#: back to (-free CPU, join order, node id) tuples for any other
-_SCALE = float(1 << 60)
+#: a node's place in the heaps as one int (ints compare several times faster
+#: than tuples, and a heap operation is a dozen comparisons):
+#: ``-(value * 2**80) << 20 | join order`` (value: free CPU, or minus the
+#: load), exact for every value that is a multiple of 2**-80 (any float
+#: from 2**-27 up: whole and fractional amounts alike) and the first 2**20
+#: nodes to join; a heap falls back to (-value, join order, node id) tuples
+#: for any other
+_SCALE = float(1 << 80)
 _SEQ_BITS = 20
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 
@@ -80,6 +81,8 @@ class _Heap:
         self.exact = True  # int keys
 
     def holds(self, node: "NodeRecord") -> bool:
+        if not self.names:
+            return True
         tot = node.total
         return all(tot.get(k, 0.0) > 0.0 for k in self.names)
 
@@ -131,8 +134,9 @@ class PlacementIndex:
         self._dirty: set[str] = set()  # changed since the free-CPU heaps were updated
         self._load_dirty: set[str] = set()  # ... since the load heap was
         self._free: dict[frozenset[str], _Heap] = {frozenset(): _Heap(frozenset())}
-        self._load: list[tuple[float, int, str]] = []
-        self._load_keys: dict[str, tuple[float, int]] = {}
+        #: by load (running tasks per CPU), least first: ``_Heap`` keys of
+        #: minus the load
+        self._load = _Heap(frozenset())
         self._ever: dict[tuple, bool] = {}  # request items -> could fit some node's totals
         self._by_request: dict[tuple, _Heap] = {}  # request items -> the heap of its shape
         self.grown = 0  # bumped whenever some node's free resources may have grown
@@ -175,7 +179,7 @@ class PlacementIndex:
         self._load_dirty.discard(nid)
         for h in self._free.values():
             h.drop(nid)
-        self._load_keys.pop(nid, None)
+        self._load.drop(nid)
         self._ever.clear()
         self.freed += 1  # (a soft node affinity to it falls back to any node)
 
@@ -235,8 +239,7 @@ class PlacementIndex:
         dirty = self._load_dirty
         if not dirty:
             return
-        order, nodes = self.order, self.nodes
-        load_keys, load = self._load_keys, self._load
+        order, nodes, h = self.order, self.nodes, self._load
         for nid in dirty:
             seq = order.get(nid)
             if seq is None:
@@ -244,16 +247,10 @@ class PlacementIndex:
             node = nodes[nid]
             cpus = node.total.get("CPU", 0.0)
             if cpus > 0:
-                lkey = (len(node.running) / cpus, seq)
-                if load_keys.get(nid) != lkey:
-                    load_keys[nid] = lkey
-                    heappush(load, (lkey[0], seq, nid))
+                h.set(nid, -(len(node.running) / cpus), seq)  # (least loaded first)
             else:
-                load_keys.pop(nid, None)
+                h.drop(nid)
         dirty.clear()
-        if len(load) > 2 * len(load_keys) + 32:
-            self._load = [(k[0], k[1], nid) for nid, k in load_keys.items()]
-            heapify(self._load)
 
     def _heap(self, names: frozenset[str]) -> _Heap:
         h = self._free.get(names)
@@ -352,18 +349,19 @@ class PlacementIndex:
             return None
         self._flush_load()
         limit = 1.0 + depth
-        heap, keys, nodes = self._load, self._load_keys, self.nodes
+        h, nodes, by_seq = self._load, self.nodes, self._by_seq
+        heap, keys, exact = h.heap, h.keys, h.exact
         popped = []
         found = None
         while heap:
-            load, seq, nid = heap[0]
-            k = keys.get(nid)
-            if k is None or k[0] != load or k[1] != seq:
-                heappop(heap)
+            entry = heap[0]
+            nid = by_seq[entry & _SEQ_MASK] if exact else entry[2]
+            if keys.get(nid) != entry:
+                heappop(heap)  # stale
                 continue
-            if load >= limit:
-                break
             node = nodes[nid]
+            if len(node.running) / node.total["CPU"] >= limit:
+                break
             if node.could_ever_fit(res):
                 found = node
                 break
