@@ -195,6 +195,13 @@ class PlacementIndex:
         self._dirty.add(node.node_id)
         self._load_dirty.add(node.node_id)
 
+    def released(self, node: "NodeRecord") -> None:
+        """A task left ``node``'s running set and gave its resources back
+        (``ran_less`` and ``gave`` in one)."""
+        self._grow(node.node_id)
+        self._dirty.add(node.node_id)
+        self._load_dirty.add(node.node_id)
+
     def gave(self, node: "NodeRecord") -> None:
         """Resources came back on ``node``: what did not fit may fit now."""
         self._grow(node.node_id)
@@ -224,12 +231,16 @@ class PlacementIndex:
             return
         order, nodes = self.order, self.nodes
         heaps = list(self._free.values())
+        only = heaps[0].set if len(heaps) == 1 else None  # just the all-nodes heap
         for nid in dirty:
             seq = order.get(nid)
             if seq is None:
                 continue
             node = nodes[nid]
             free = node.available.get("CPU", 0.0)
+            if only is not None:
+                only(nid, free, seq)
+                continue
             for h in heaps:
                 if nid in h.keys or h.holds(node):
                     h.set(nid, free, seq)

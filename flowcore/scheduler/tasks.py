@@ -69,12 +69,17 @@ class Transitions:
         node = s.nodes.get(t.node) if t.node else None
         if node is not None and t.tid in node.running:
             node.running.discard(t.tid)
-            s.placement.ran_less(node)
-            acct = s._account(node, t.bundle) if t.bundle else node
-            if not t.blocked:
-                acct.give(t.res)
+            if not t.bundle and not t.blocked:
+                # (the common case: the node's own account, one word to the index)
+                node.available.give(t.res)
+                s.placement.released(node)
             else:
-                acct.give({k: v for k, v in t.res.items() if k != "CPU"})
+                s.placement.ran_less(node)
+                acct = s._account(node, t.bundle) if t.bundle else node
+                if not t.blocked:
+                    acct.give(t.res)
+                else:
+                    acct.give({k: v for k, v in t.res.items() if k != "CPU"})
         t.blocked = False
 
     release = _release  # an actor's creation hands its resources to the actor first
