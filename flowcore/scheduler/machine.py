@@ -117,7 +117,6 @@ class SchedulerState:
         # ---- working state
         self.out: Out = []  # the messages the current one produced
         self._force_cancelled: set[bytes] = set()  # a force-cancel is on its way
-        self._spread_turn = 0
         #: queue shape -> (placement.freed, first task) when that task found no node
         self._stuck: dict[tuple, tuple[int, bytes]] = {}
         self._cpu_only: dict[tuple, bool] = {}  # task shape -> it asks for CPU only
@@ -810,14 +809,8 @@ class SchedulerState:
                 return None
             strategy = None
         if strategy == "SPREAD":
-            # (a scan: SPREAD rotates among the least loaded of all that fit)
-            fitting = [n for n in self.placement.alive() if n.fits(t.res)]
-            if not fitting:
-                return None
-            self._spread_turn += 1
-            k = len(fitting)
-            rotated = fitting[self._spread_turn % k:] + fitting[:self._spread_turn % k]
-            return min(rotated, key=lambda n: len(n.running) / max(n.total.get("CPU", 0.0), 1.0))
+            # the least loaded node that fits, taking turns among equals
+            return self.placement.spread(t.res)
         if t.deps:
             # locality first: the nodes holding at least locality_min_bytes
             # of the arguments beat every other node that fits

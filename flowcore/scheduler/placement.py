@@ -81,10 +81,7 @@ class _Heap:
         self.exact = True  # int keys
 
     def holds(self, node: "NodeRecord") -> bool:
-        if not self.names:
-            return True
-        tot = node.total
-        return all(tot.get(k, 0.0) > 0.0 for k in self.names)
+        return _holds(self.names, node)
 
     def key(self, free: float, seq: int, nid: str) -> Any:
         if self.exact:
@@ -116,9 +113,42 @@ class _Heap:
         heapify(self.heap)
 
 
+def _holds(names: frozenset[str], node: "NodeRecord") -> bool:
+    """Whether ``node``'s totals have every resource in ``names``."""
+    if not names:
+        return True
+    tot = node.total
+    return all(tot.get(k, 0.0) > 0.0 for k in names)
+
+
 def _free_of(key: int) -> float:
     """The free CPUs an int key was made of."""
     return -float(key >> _SEQ_BITS) / _SCALE
+
+
+def spread_load(node: "NodeRecord") -> float:
+    """A node's load as SPREAD ranks it: running tasks per CPU (per one CPU
+    on a node with fewer)."""
+    return len(node.running) / max(node.total.get("CPU", 0.0), 1.0)
+
+
+class _SpreadHeap:
+    """Live nodes of one shape in SPREAD's order: (load, when SPREAD last
+    chose it, join order), least first."""
+    __slots__ = ("names", "heap", "keys")
+
+    def __init__(self, names: frozenset[str]):
+        self.names = names
+        self.heap: list[tuple[float, int, int, str]] = []
+        self.keys: dict[str, tuple[float, int, int, str]] = {}  # node id -> live entry
+
+    def set(self, nid: str, key: tuple[float, int, int, str]) -> None:
+        if self.keys.get(nid) != key:
+            self.keys[nid] = key
+            heappush(self.heap, key)
+            if len(self.heap) > 2 * len(self.keys) + 32:
+                self.heap = list(self.keys.values())
+                heapify(self.heap)
 
 
 class PlacementIndex:
@@ -137,6 +167,13 @@ class PlacementIndex:
         #: by load (running tasks per CPU), least first: ``_Heap`` keys of
         #: minus the load
         self._load = _Heap(frozenset())
+        #: SPREAD's order per request shape (made on the first SPREAD task
+        #: of that shape), the nodes changed since, and when SPREAD last
+        #: chose each node (its turn: ties go to the one chosen longest ago)
+        self._spread: dict[frozenset[str], _SpreadHeap] = {}
+        self._spread_dirty: set[str] = set()
+        self._spread_last: dict[str, int] = {}
+        self._spread_clock = 0
         self._ever: dict[tuple, bool] = {}  # request items -> could fit some node's totals
         self._by_request: dict[tuple, _Heap] = {}  # request items -> the heap of its shape
         self.grown = 0  # bumped whenever some node's free resources may have grown
@@ -165,8 +202,12 @@ class PlacementIndex:
         for h in self._free.values():
             if not h.holds(node):
                 h.drop(nid)
+        for sh in self._spread.values():
+            if not _holds(sh.names, node):
+                sh.keys.pop(nid, None)
         self._dirty.add(nid)
         self._load_dirty.add(nid)
+        self._spread_dirty.add(nid)
 
     def remove(self, nid: str) -> None:
         """``nid`` died (or left): it is no longer a candidate."""
@@ -177,8 +218,11 @@ class PlacementIndex:
             node.index = None
         self._dirty.discard(nid)
         self._load_dirty.discard(nid)
+        self._spread_dirty.discard(nid)
         for h in self._free.values():
             h.drop(nid)
+        for sh in self._spread.values():
+            sh.keys.pop(nid, None)
         self._load.drop(nid)
         self._ever.clear()
         self.freed += 1  # (a soft node affinity to it falls back to any node)
@@ -188,12 +232,16 @@ class PlacementIndex:
         """``node``'s free resources or running set changed."""
         self._dirty.add(node.node_id)
         self._load_dirty.add(node.node_id)
+        if self._spread:
+            self._spread_dirty.add(node.node_id)
 
     def ran_less(self, node: "NodeRecord") -> None:
         """A task left ``node``'s running set: its load went down."""
         self.freed += 1
         self._dirty.add(node.node_id)
         self._load_dirty.add(node.node_id)
+        if self._spread:
+            self._spread_dirty.add(node.node_id)
 
     def released(self, node: "NodeRecord") -> None:
         """A task left ``node``'s running set and gave its resources back
@@ -201,6 +249,8 @@ class PlacementIndex:
         self._grow(node.node_id)
         self._dirty.add(node.node_id)
         self._load_dirty.add(node.node_id)
+        if self._spread:
+            self._spread_dirty.add(node.node_id)
 
     def gave(self, node: "NodeRecord") -> None:
         """Resources came back on ``node``: what did not fit may fit now."""
@@ -381,6 +431,63 @@ class PlacementIndex:
             heappush(heap, e)
         return found
 
+    def spread(self, res: Mapping[str, float]) -> "NodeRecord | None":
+        """Where a SPREAD task ``res`` goes: among the live nodes it fits
+        now, the least loaded (running tasks per CPU), ties to the node
+        SPREAD chose longest ago (then the one that joined first); that node
+        takes its turn.  None when no node fits."""
+        node = self._spread_pick(res)
+        if node is not None:
+            self._spread_clock += 1
+            self._spread_last[node.node_id] = self._spread_clock
+            self._spread_dirty.add(node.node_id)
+        return node
+
+    def _spread_pick(self, res: Mapping[str, float]) -> "NodeRecord | None":
+        if self.most_free(res) is None:
+            return None  # nothing fits (the free-CPU heaps know at once)
+        names = frozenset(k for k, v in res.items() if v > EPS and k != "CPU")
+        sh = self._spread.get(names)
+        order, nodes, last = self.order, self.nodes, self._spread_last
+        if sh is None:
+            sh = self._spread[names] = _SpreadHeap(names)
+            for nid, seq in order.items():
+                node = nodes[nid]
+                if _holds(names, node):
+                    sh.keys[nid] = (spread_load(node), last.get(nid, 0), seq, nid)
+            sh.heap = list(sh.keys.values())
+            heapify(sh.heap)
+        dirty = self._spread_dirty
+        if dirty:
+            heaps = list(self._spread.values())
+            for nid in dirty:
+                at = order.get(nid)
+                if at is None:
+                    continue
+                node = nodes[nid]
+                key = (spread_load(node), last.get(nid, 0), at, nid)
+                for h in heaps:
+                    if nid in h.keys or _holds(h.names, node):
+                        h.set(nid, key)
+            dirty.clear()
+        heap, keys = sh.heap, sh.keys
+        popped = []
+        found = None
+        while heap:
+            entry = heap[0]
+            nid = entry[3]
+            if keys.get(nid) != entry:
+                heappop(heap)  # stale
+                continue
+            node = nodes[nid]
+            if node.fits(res):
+                found = node
+                break
+            popped.append(heappop(heap))
+        for e in popped:
+            heappush(heap, e)
+        return found
+
     # ------------------------------------------------------------ checking
     def alive(self) -> Iterable["NodeRecord"]:
         """The live nodes, in join order."""
@@ -404,6 +511,13 @@ class PlacementIndex:
             if got is not want:
                 problems.append(f"placement index chose {got and got.node_id} for {dict(res)}, "
                                 f"a scan chooses {want and want.node_id}")
+            last, order = self._spread_last, self.order
+            want = min(fitting, key=lambda n: (spread_load(n), last.get(n.node_id, 0),
+                                               order[n.node_id])) if fitting else None
+            got = self._spread_pick(res)
+            if got is not want:
+                problems.append(f"placement index spreads {dict(res)} to "
+                                f"{got and got.node_id}, a scan to {want and want.node_id}")
             ever = any(n.could_ever_fit(res) for n in alive)
             if self.could_ever_fit(res) != ever:
                 problems.append(f"placement index says {dict(res)} could ever fit: "
