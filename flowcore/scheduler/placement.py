@@ -92,7 +92,17 @@ class _Heap:
         return (-free, seq, nid)
 
     def set(self, nid: str, free: float, seq: int) -> None:
-        key = self.key(free, seq, nid)
+        key: Any = None
+        if self.exact:  # (``key``, inlined: this runs for every node changed)
+            f = free * _SCALE
+            try:
+                i = int(f)
+            except (OverflowError, ValueError):  # inf, nan
+                i = None
+            if i is not None and i == f and seq <= _SEQ_MASK:
+                key = (-i << _SEQ_BITS) | seq
+        if key is None:
+            key = self.key(free, seq, nid)
         if self.keys.get(nid) != key:
             self.keys[nid] = key
             heappush(self.heap, key)
