@@ -49,14 +49,14 @@ class Transitions:
         self._log = state.log.events.append
 
     # ------------------------------------------------------------ the one writer
-    def _move(self, t: TaskRecord, new: TaskState, cause: str) -> None:
+    def _move(self, t: TaskRecord, new: TaskState, cause: str, now: float = 0.0) -> None:
         old = t._state
         name = _NAMES.get((old, new))
         if name is None:
             name = transition_name(old, new)  # raises InvalidTransition: nothing changes
         t._state = new
         t.cause = cause
-        self._log((_now(), t.tid, old, new, name, cause))  # EventLog.record, inlined
+        self._log((now or _now(), t.tid, old, new, name, cause))  # EventLog.record, inlined
 
     def check(self, t: TaskRecord, new: TaskState, cause: str) -> None:
         """Move ``t`` to ``new`` with no bookkeeping: for the tests of the
@@ -132,15 +132,17 @@ class Transitions:
         account when it has one), and it is in the node's running set."""
         if acct is None:
             acct = self.s._account(node, t.bundle) if t.bundle else node
-        t.ahead = not acct.fits(t.res)
-        acct.take(t.res)  # (a node's take tells the placement index)
+        res = t.res
+        if acct is node:  # (the node's own account, without the call around it)
+            acct = node.available
+        t.ahead = not acct.fits(res)
+        acct.take(res)
         node.running.add(t.tid)
-        if acct is not node:
-            self.s.placement.touch(node)
+        self.s.placement.touch(node)
         t.node = node.node_id
         t.attempt += 1
-        t.started = time.time()
-        self._move(t, _RUNNING, cause)
+        now = t.started = _now()
+        self._move(t, _RUNNING, cause, now)
 
     def start_call(self, t: TaskRecord, actor: "ActorRecord", cause: str) -> None:
         """An actor call runs on its actor (which holds the resources)."""
