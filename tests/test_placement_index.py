@@ -33,6 +33,8 @@ class IndexMachine(RuleBasedStateMachine):
         self.index = PlacementIndex(self.nodes)
         self.tid = 0
         self.held: dict[str, list[dict]] = {}  # node -> what was taken there
+        self.turns: dict[str, int] = {}  # node -> when SPREAD last chose it
+        self.clock = 0
 
     def live(self) -> list[str]:
         return sorted(self.nodes)
@@ -77,6 +79,29 @@ class IndexMachine(RuleBasedStateMachine):
         node = self.index.most_free(res) or self.index.least_loaded(res, 1.0)
         if node is None:
             return
+        self.tid += 1
+        node.take(res)
+        self.held.setdefault(node.node_id, []).append(res)
+        node.running.add(self.tid.to_bytes(4, "big"))
+        self.index.touch(node)
+
+    @precondition(lambda self: self.nodes)
+    @rule(res=st.sampled_from(REQUESTS))
+    def spread_start(self, res: dict) -> None:
+        """A SPREAD task starts where the index says: of the nodes it fits,
+        the least loaded, ties to the one SPREAD chose longest ago, then to
+        the one that joined first (the rule, computed here by a scan)."""
+        order = self.index.order
+        fitting = [self.nodes[n] for n in order if self.nodes[n].fits(res)]
+        want = min(fitting, key=lambda n: (
+            len(n.running) / max(n.total.get("CPU", 0.0), 1.0),
+            self.turns.get(n.node_id, 0), order[n.node_id])) if fitting else None
+        node = self.index.spread(res)
+        assert node is want
+        if node is None:
+            return
+        self.clock += 1
+        self.turns[node.node_id] = self.clock
         self.tid += 1
         node.take(res)
         self.held.setdefault(node.node_id, []).append(res)
@@ -171,3 +196,46 @@ def test_infeasible_until_a_node_that_fits_joins_and_dead_nodes_are_skipped() ->
     out = s.handle("d", {"op": "submit", "tasks": [_spec(2)]})
     assert _placed(out) == {_spec(2)["tid"]: "g"}
     assert len(s.placement) == 1
+
+
+def test_spread_takes_turns_among_the_least_loaded_nodes() -> None:
+    s = _head({"a": {"CPU": 4.0}, "b": {"CPU": 4.0}, "c": {"CPU": 2.0}})
+    out = s.handle("d", {"op": "submit", "tasks": [
+        _spec(20 + i, strategy="SPREAD") for i in range(7)]})
+    placed = _placed(out)
+    # loads (running per CPU) a, b 1/4 and c 1/2 after the first three; then
+    # a and b tie and take turns, and c (chosen before both) wins the tie at 1/2
+    assert [placed[_spec(20 + i)["tid"]] for i in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    assert placed[_spec(26)["tid"]] == "a"  # a, b at 1/2 again; a's turn came first
+    # c is full (2 CPUs): a SPREAD task skips it though its load ties
+    done = {"op": "task_done", "tid": _spec(20)["tid"], "status": "ok",
+            "results": [{"oid": object_id(_spec(20)["tid"], 0), "size": 1, "inline": b"v",
+                         "error": False}]}
+    s.handle("a", done)
+    out = s.handle("d", {"op": "submit", "tasks": [_spec(30, strategy="SPREAD")]})
+    assert list(_placed(out).values()) == ["b"]  # a 2/4 (after one ended), b 2/4: b's turn
+
+
+def test_spread_does_not_scan_every_node(monkeypatch) -> None:
+    """A SPREAD placement among 400 nodes looks at a few of them, not all."""
+    nodes: dict[str, NodeRecord] = {}
+    index = PlacementIndex(nodes)
+    for i in range(400):
+        node = NodeRecord(f"n{i}", "", {"CPU": 4.0}, f"n{i}", "h", 1)
+        nodes[node.node_id] = node
+        index.add(node)
+    looked = []
+    fits = NodeRecord.fits
+    monkeypatch.setattr(NodeRecord, "fits", lambda self, res: looked.append(1) or fits(self, res))
+    seen = set()
+    for i in range(800):
+        node = index.spread({"CPU": 1.0})
+        assert node is not None
+        seen.add(node.node_id)
+        node.take({"CPU": 1.0})
+        node.running.add(i.to_bytes(4, "big"))
+        index.touch(node)
+    assert len(seen) == 400  # every node got its turn
+    assert len(looked) < 800 * 5, f"{len(looked)} fit checks for 800 SPREAD placements"
+    monkeypatch.undo()
+    assert index.check([{"CPU": 1.0}, {"CPU": 4.0}]) == []

@@ -134,7 +134,7 @@ class Lineage:
                 self.object_lost(dep, why)  # rebuild the argument first
             if dep.state != READY:
                 t.missing.add(oid)
-                dep.dependents.append(t.tid)
+                dep.add_dependent(t.tid)
         if t.missing:
             self.s.tx.reconstruct(t, f"re-running to rebuild a lost result ({why}); waiting "
                                      f"for {len(t.missing)} lost argument(s)")

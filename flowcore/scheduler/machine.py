@@ -37,6 +37,9 @@ from .states import EventLog
 from .tasks import Transitions
 
 S = TaskState
+_QUEUED, _RUNNING, _FINISHED = S.QUEUED, S.RUNNING, S.FINISHED
+_now = time.time
+_ENDED = frozenset({S.FINISHED, S.FAILED, S.CANCELLED})  # TaskState.done
 logger = logging.getLogger("flowcore.scheduler")
 
 Out = list[tuple[str, dict]]
@@ -114,7 +117,8 @@ class SchedulerState:
         # ---- working state
         self.out: Out = []  # the messages the current one produced
         self._force_cancelled: set[bytes] = set()  # a force-cancel is on its way
-        self._spread_turn = 0
+        #: queue shape -> (placement.freed, first task) when that task found no node
+        self._stuck: dict[tuple, tuple[int, bytes]] = {}
         self._cpu_only: dict[tuple, bool] = {}  # task shape -> it asks for CPU only
         self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
         # frees and failures run as loops over these, not by recursion, so a
@@ -306,7 +310,8 @@ class SchedulerState:
             obj = self.objects.get(oid)
             if obj is not None:
                 obj.clients.discard(cid)
-                obj.waiters.discard(cid)
+                if obj.waiters:
+                    obj.waiters.discard(cid)
                 self._maybe_free(obj)
         self._schedule()
         out, self.out = self.out, []
@@ -408,13 +413,18 @@ class SchedulerState:
 
     def handle_decref(self, source: str, msg: dict) -> None:
         refs = self.client_refs.get(source, set())
+        objects = self.objects
+        maybe_free = self._maybe_free
         for oid in msg["oids"]:
             refs.discard(oid)
-            obj = self.objects.get(oid)
+            obj = objects.get(oid)
             if obj is not None:
-                obj.clients.discard(source)
-                obj.waiters.discard(source)
-                self._maybe_free(obj)
+                clients = obj.clients
+                clients.discard(source)
+                if obj.waiters:
+                    obj.waiters.discard(source)
+                if not clients and obj.holds <= 0:
+                    maybe_free(obj)
 
     def _hold(self, oids: Iterable[bytes]) -> None:
         for oid in oids:
@@ -462,25 +472,27 @@ class SchedulerState:
                 if inner is not None:
                     inner.holds -= 1
                     stack.append(inner)
-            if ids.index_of(obj.oid) == ids.HANDLE_INDEX:
+            index = ids.index_of(obj.oid)
+            if index == ids.HANDLE_INDEX:
                 self.actor_manager.out_of_scope(ids.task_of(obj.oid))
                 continue
             t = self.tasks.get(ids.task_of(obj.oid))
-            if t is not None and ids.index_of(obj.oid) < t.nret:  # (not a yielded value)
+            if t is not None and index < t.nret:  # (not a yielded value)
                 t.returns_alive -= 1
-                self._maybe_prune(t)
+                if t.returns_alive <= 0:
+                    self._maybe_prune(t)
 
     def _maybe_prune(self, t: TaskRecord) -> None:
-        if t.returns_alive <= 0 and t.state is not None and t.state.done \
-                and self.tasks.get(t.tid) is t:
+        if t.returns_alive <= 0 and t.state in _ENDED and self.tasks.get(t.tid) is t:
             del self.tasks[t.tid]
             if t.lineage_held:
                 t.lineage_held = False
                 self.lineages.forget(t.tid)
-                # released through the iterative free loop (long lineage chains)
-                self._pending_release.extend(t.deps)
-                self._pending_release.extend(t.nested)
-                self._drain_release()
+                if t.deps or t.nested:
+                    # released through the iterative free loop (long lineage chains)
+                    self._pending_release.extend(t.deps)
+                    self._pending_release.extend(t.nested)
+                    self._drain_release()
 
     def _drain_release(self) -> None:
         if self._releasing:
@@ -515,12 +527,16 @@ class SchedulerState:
         self._send(target.node_id, wire.prefetch([[obj.oid, obj.size, [[holder, src.address]]]]))
 
     def _seal(self, obj: ObjectRecord, info: dict, notify_owner: bool = True) -> None:
-        obj.size = info.get("size", 0)
-        obj.error = bool(info.get("error", False))
-        if info.get("inline") is not None:
-            obj.inline = info["inline"]
-        elif info.get("node"):
-            obj.nodes.add(info["node"])
+        get = info.get
+        obj.size = get("size", 0)
+        obj.error = bool(get("error", False))
+        inline = get("inline")
+        if inline is not None:
+            obj.inline = inline
+        else:
+            node = get("node")
+            if node:
+                obj.nodes.add(node)
         obj.state = READY
         self._notify_ready(obj, notify_owner)
 
@@ -528,13 +544,21 @@ class SchedulerState:
         """``notify_owner`` False: the owner already has the value (a direct
         actor call answered it)."""
         msg = self._ready(obj)
-        dests = set(obj.waiters)
-        obj.waiters.clear()
-        if notify_owner and obj.owner in obj.clients:
-            dests.add(obj.owner)
-        for d in dests:
-            self._send(d, msg)
-        deps, obj.dependents = obj.dependents, []
+        waiters = obj.waiters
+        out = self.out
+        if waiters:
+            dests = set(waiters)
+            waiters.clear()
+            if notify_owner and obj.owner in obj.clients:
+                dests.add(obj.owner)
+            for d in dests:
+                if d is not None:
+                    out.append((d, msg))
+        elif notify_owner and obj.owner is not None and obj.owner in obj.clients:
+            out.append((obj.owner, msg))
+        if not obj.dependents:
+            return
+        deps, obj.dependents = obj.dependents, None
         for tid in deps:
             t = self.tasks.get(tid)
             if t is None or t.state != S.WAITING_FOR_ARGS:
@@ -574,7 +598,7 @@ class SchedulerState:
                     f"remained) or never existed", reason="freed", object_id=oid.hex()))
                 self._send(source, wire.object_error(oid, payload))
             elif obj.state == PENDING:
-                obj.waiters.add(source)
+                obj.add_waiter(source)
                 pending += 1
             else:
                 self._send(source, self._ready(obj))
@@ -599,38 +623,47 @@ class SchedulerState:
     def _submit(self, owner: str, spec: dict) -> None:
         t = TaskRecord(spec, owner)
         self.tasks[t.tid] = t
-        parent = self.tasks.get(spec.get("parent") or b"")
+        parent_tid = spec.get("parent")
+        parent = self.tasks.get(parent_tid) if parent_tid else None
         if parent is not None:
             if parent.children is None:
                 parent.children = []
             parent.children.append(t.tid)
         self.counts["submitted"] += 1
-        refs = self.client_refs.setdefault(owner, set())
+        refs = self.client_refs.get(owner)
+        if refs is None:
+            refs = self.client_refs[owner] = set()
+        objects = self.objects
         for oid in t.returns():
-            obj = self._obj(oid, owner)
+            obj = objects.get(oid)
+            if obj is None:
+                obj = objects[oid] = ObjectRecord(oid, owner, t.submitted)
             obj.clients.add(owner)
             refs.add(oid)
         if t.deps:
             self._hold(t.deps)
         if t.nested:
             self._hold(t.nested)
-        if spec.get("local") and t.kind == "task":
-            self.local_first.note_offer(t, spec["local"])
-        if t.kind == "call" and not self.actor_manager.call_submitted(t):
-            actor = self.actors.get(t.actor or b"")
-            why = actor.cause if actor is not None else "unknown actor"
-            self._fail_task(t, self.error_payload(ActorDiedError(
-                f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
-            return
-        if t.kind == "call" and spec.get("direct_epoch") is not None:
-            self.direct_calls.start(t, spec["direct_epoch"])
-            return
-        if spec.get("lease") is not None and t.kind == "task":
-            self.leases.start(t, spec["lease"])
-            return
+        kind = t.kind
+        if kind == "call":
+            if not self.actor_manager.call_submitted(t):
+                actor = self.actors.get(t.actor or b"")
+                why = actor.cause if actor is not None else "unknown actor"
+                self._fail_task(t, self.error_payload(ActorDiedError(
+                    f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
+                return
+            if spec.get("direct_epoch") is not None:
+                self.direct_calls.start(t, spec["direct_epoch"])
+                return
+        elif kind == "task":
+            if spec.get("local"):
+                self.local_first.note_offer(t, spec["local"])
+            if spec.get("lease") is not None:
+                self.leases.start(t, spec["lease"])
+                return
         failed: ObjectRecord | None = None
         for oid in t.deps:
-            dep = self.objects.get(oid)
+            dep = objects.get(oid)
             if dep is None:
                 failed = ObjectRecord(oid, None)
                 failed.error = True
@@ -644,7 +677,7 @@ class SchedulerState:
             if dep.state != READY:
                 if oid not in t.missing:
                     t.missing.add(oid)
-                    dep.dependents.append(t.tid)
+                    dep.add_dependent(t.tid)
         if failed is not None:
             self._fail_task(t, failed.inline or b"", f"argument {ids.short(failed.oid)} failed")
         elif t.missing:
@@ -665,11 +698,14 @@ class SchedulerState:
         if t.kind == "call":
             self.actor_manager.call_ready(t, cause)
             return
-        if isinstance(t.strategy, tuple) and t.strategy[0] == "pg" and self.groups.reject(t):
+        strategy = t.strategy
+        if isinstance(strategy, tuple) and strategy[0] == "pg" and self.groups.reject(t):
             return
         if self.local_first.offers and self.local_first.offered(t, cause):
             return
-        if not self._could_run_somewhere(t) and self.nodes:
+        could = self.placement.could_ever_fit(t.res) if strategy is None \
+            else self._could_run_somewhere(t)
+        if not could and self.nodes:
             s = t.strategy
             if isinstance(s, tuple) and s and s[0] == "node" and not s[2]:
                 why = f"node {s[1]} (hard node affinity) is not in the cluster or cannot fit " \
@@ -689,24 +725,57 @@ class SchedulerState:
     def _schedule(self) -> None:
         if self.groups.pg_waiting:
             self.groups.place_pending()
-        if not self.queues or not len(self.placement):
+        if not self.queues or not self.placement.order:
             return
         tasks = self.tasks
+        # a queue whose first task found no node stays stuck until some node
+        # frees resources or runs fewer tasks, or nodes join or leave
+        # (``placement.freed`` counts those): until then it is not tried again
+        freed = self.placement.freed
+        stuck = self._stuck
         for shape, q in list(self.queues.items()):
+            # no node fits this shape now: dispatching only takes resources,
+            # so no later task of the shape fits either (only the tasks sent
+            # ahead of time are placed, by load)
+            full = False
             while q:
-                t = tasks.get(q[0])
-                if t is None or t.state is not S.QUEUED:
+                tid = q[0]
+                t = tasks.get(tid)
+                if t is None or t.state is not _QUEUED:
                     q.popleft()
                     continue
-                best = self._choose_node(t)
+                if stuck.get(shape) == (freed, tid):
+                    if self.validate:
+                        self._check_stuck(t)
+                    break
+                best = None if full else self._choose_node(t)
                 if best is None and t.strategy is None:
+                    full = True
                     best = self._pipeline_target(t)
                 if best is None:
+                    if shape[1] is None or shape[1] == "SPREAD":
+                        stuck[shape] = (freed, tid)
                     break
                 q.popleft()
                 self._dispatch(t, best)
             if not q:
                 del self.queues[shape]
+                stuck.pop(shape, None)
+
+    def _check_stuck(self, t: TaskRecord) -> None:
+        """Validate mode: a queue skipped as stuck really has no node for
+        its first task (a full scan of the live nodes)."""
+        fitting = [n for n in self.placement.alive() if n.fits(t.res)]
+        ahead = None
+        if t.strategy is None and self.pipeline_depth > 0 and t.kind != "create" \
+                and all(k == "CPU" for k in t.res):
+            ahead = [n for n in self.placement.alive() if n.total.get("CPU", 0.0) > 0
+                     and n.could_ever_fit(t.res)
+                     and len(n.running) / n.total["CPU"] < 1.0 + self.pipeline_depth]
+        if fitting or ahead:
+            raise AssertionError(f"the queue of task {t.name} was skipped as stuck, but "
+                                 f"nodes {[n.node_id for n in fitting or ahead or ()]} "
+                                 f"can take it")
 
     def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
         """Bytes of ``t``'s store-held arguments per node."""
@@ -740,14 +809,8 @@ class SchedulerState:
                 return None
             strategy = None
         if strategy == "SPREAD":
-            # (a scan: SPREAD rotates among the least loaded of all that fit)
-            fitting = [n for n in self.placement.alive() if n.fits(t.res)]
-            if not fitting:
-                return None
-            self._spread_turn += 1
-            k = len(fitting)
-            rotated = fitting[self._spread_turn % k:] + fitting[:self._spread_turn % k]
-            return min(rotated, key=lambda n: len(n.running) / max(n.total.get("CPU", 0.0), 1.0))
+            # the least loaded node that fits, taking turns among equals
+            return self.placement.spread(t.res)
         if t.deps:
             # locality first: the nodes holding at least locality_min_bytes
             # of the arguments beat every other node that fits
@@ -797,13 +860,15 @@ class SchedulerState:
             **(self.groups.bundle_fields(t) if t.bundle else {})))
 
     def _done(self, t: TaskRecord) -> None:
-        t.ended = time.time()
+        t.ended = _now()
         # finished-task history (bounded): what the timeline and dashboard show
         # after the task record itself is pruned
         self.history.add(t)
-        self._force_cancelled.discard(t.tid)
-        self.streams.task_ended(t)
-        if t.kind == "task" and t.state == S.FINISHED and self.lineage:
+        if self._force_cancelled:
+            self._force_cancelled.discard(t.tid)
+        if self.streams.held:
+            self.streams.task_ended(t)
+        if t.kind == "task" and t.state is _FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
             # went to a task exits when that task ends)
@@ -824,40 +889,48 @@ class SchedulerState:
 
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
-        if t is None or t.state != S.RUNNING:
+        if t is None or t.state is not _RUNNING:
             if not self.local_first.early_task_done(source, msg):
                 self.direct_calls.early_done(source, msg)
             return
-        status = msg.get("status", "ok")
+        get = msg.get
+        status = get("status", "ok")
         if "pid" in msg:
-            t.worker = {"pid": msg["pid"], "wid": msg.get("wid")}
-        if msg.get("started"):  # when the worker really began (not when it was sent)
-            t.started = msg["started"]
-        if status == "error":
-            t.error_text = msg.get("error_text")
+            t.worker = {"pid": msg["pid"], "wid": get("wid")}
+        started = get("started")
+        if started:  # when the worker really began (not when it was sent)
+            t.started = started
         self.tx.release(t)
         if t.kind == "call":
             self.actor_manager.call_done(t)
-        if status == "cancelled":
-            self._cancel_task(t, "interrupted by cancel()")
-            return
-        if status == "error" and msg.get("retryable") and t.retries_left > 0 \
-                and t.kind == "task":
-            self.tx.retry(t, "application error, retrying (retry_exceptions)")
-            return
-        if status == "error" and msg.get("retryable") and t.retries_left > 0 \
-                and t.kind == "call" and self.actor_manager.retry_call(t):
-            return
-        self.tx.finish(t, status == "ok")
+        if status != "ok":
+            if status == "error":
+                t.error_text = get("error_text")
+            if status == "cancelled":
+                self._cancel_task(t, "interrupted by cancel()")
+                return
+            if status == "error" and get("retryable") and t.retries_left > 0 \
+                    and t.kind == "task":
+                self.tx.retry(t, "application error, retrying (retry_exceptions)")
+                return
+            if status == "error" and get("retryable") and t.retries_left > 0 \
+                    and t.kind == "call" and self.actor_manager.retry_call(t):
+                return
+        self.tx.finish(t, status == "ok", released=True)
+        objects = self.objects
         for r in msg["results"]:
-            obj = self.objects.get(r["oid"])
+            obj = objects.get(r["oid"])
             if obj is None:
                 continue
-            nested = r.get("nested") or []
-            obj.nested = nested
-            self._hold(nested)
+            nested = r.get("nested")
+            if nested:
+                obj.nested = nested
+                self._hold(nested)
+            elif obj.nested:
+                obj.nested = []
             self._seal(obj, r, notify_owner=not r.get("sent"))
-            self._maybe_free(obj)
+            if not obj.clients and obj.holds <= 0:
+                self._maybe_free(obj)
         self._done(t)
 
     def _fail_task(self, t: TaskRecord, payload: bytes, cause: str) -> None:

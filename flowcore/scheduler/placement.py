@@ -34,7 +34,7 @@ the nodes (the head's ``validate`` mode runs it after every message).
 from __future__ import annotations
 
 from heapq import heapify, heappop, heappush
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..resources import EPS
 
@@ -42,34 +42,123 @@ if TYPE_CHECKING:  # pragma: no cover
     from .records import NodeRecord
 
 
+#: a node's place in the heaps as one int (ints compare several times faster
+#: than tuples, and a heap operation is a dozen comparisons):
+#: ``-(value * 2**80) << 20 | join order`` (value: free CPU, or minus the
+#: load), exact for every value that is a multiple of 2**-80 (any float
+#: from 2**-27 up: whole and fractional amounts alike) and the first 2**20
+#: nodes to join; a heap falls back to (-value, join order, node id) tuples
+#: for any other
+_SCALE = float(1 << 80)
+_SEQ_BITS = 20
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+
+
+def _int_key(free: float, seq: int) -> int | None:
+    """The int key of a node with ``free`` CPUs and join order ``seq``, or
+    None when the int would not order it exactly."""
+    f = free * _SCALE
+    try:
+        i = int(f)
+    except (OverflowError, ValueError):  # inf, nan
+        return None
+    if i != f or seq > _SEQ_MASK:
+        return None
+    return (-i << _SEQ_BITS) | seq
+
+
 class _Heap:
-    """Live nodes of one shape, ordered by (-free CPU, join order)."""
-    __slots__ = ("names", "heap", "keys", "failed")
+    """Live nodes of one shape, ordered by (-free CPU, join order): int keys
+    (``_int_key``) while every node's key is exact, else tuples."""
+    __slots__ = ("names", "heap", "keys", "failed", "exact")
 
     def __init__(self, names: frozenset[str]):
         self.names = names
-        self.heap: list[tuple[float, int, str]] = []
-        self.keys: dict[str, tuple[float, int]] = {}  # node id -> its live entry's key
+        self.heap: list = []
+        self.keys: dict[str, Any] = {}  # node id -> its live entry's key
         #: request -> the index's growth stamp when nothing fitted it
         self.failed: dict[tuple, int] = {}
+        self.exact = True  # int keys
 
     def holds(self, node: "NodeRecord") -> bool:
-        tot = node.total
-        return all(tot.get(k, 0.0) > 0.0 for k in self.names)
+        return _holds(self.names, node)
 
-    def set(self, nid: str, key: tuple[float, int]) -> None:
+    def key(self, free: float, seq: int, nid: str) -> Any:
+        if self.exact:
+            k = _int_key(free, seq)
+            if k is not None:
+                return k
+            self.to_tuples()
+        return (-free, seq, nid)
+
+    def set(self, nid: str, free: float, seq: int) -> None:
+        key: Any = None
+        if self.exact:  # (``key``, inlined: this runs for every node changed)
+            f = free * _SCALE
+            try:
+                i = int(f)
+            except (OverflowError, ValueError):  # inf, nan
+                i = None
+            if i is not None and i == f and seq <= _SEQ_MASK:
+                key = (-i << _SEQ_BITS) | seq
+        if key is None:
+            key = self.key(free, seq, nid)
         if self.keys.get(nid) != key:
             self.keys[nid] = key
-            heappush(self.heap, (key[0], key[1], nid))
+            heappush(self.heap, key)
             if len(self.heap) > 2 * len(self.keys) + 32:
                 self.rebuild()
 
     def drop(self, nid: str) -> None:
         self.keys.pop(nid, None)
 
+    def to_tuples(self) -> None:
+        """A key cannot be an exact int: every key becomes a tuple."""
+        self.exact = False
+        self.keys = {nid: (-_free_of(k), k & _SEQ_MASK, nid) for nid, k in self.keys.items()}
+        self.rebuild()
+
     def rebuild(self) -> None:
-        self.heap = [(k[0], k[1], nid) for nid, k in self.keys.items()]
+        self.heap = list(self.keys.values())
         heapify(self.heap)
+
+
+def _holds(names: frozenset[str], node: "NodeRecord") -> bool:
+    """Whether ``node``'s totals have every resource in ``names``."""
+    if not names:
+        return True
+    tot = node.total
+    return all(tot.get(k, 0.0) > 0.0 for k in names)
+
+
+def _free_of(key: int) -> float:
+    """The free CPUs an int key was made of."""
+    return -float(key >> _SEQ_BITS) / _SCALE
+
+
+def spread_load(node: "NodeRecord") -> float:
+    """A node's load as SPREAD ranks it: running tasks per CPU (per one CPU
+    on a node with fewer)."""
+    return len(node.running) / max(node.total.get("CPU", 0.0), 1.0)
+
+
+class _SpreadHeap:
+    """Live nodes of one shape in SPREAD's order: (load, when SPREAD last
+    chose it, join order), least first."""
+    __slots__ = ("names", "heap", "keys")
+
+    def __init__(self, names: frozenset[str]):
+        self.names = names
+        self.heap: list[tuple[float, int, int, str]] = []
+        self.keys: dict[str, tuple[float, int, int, str]] = {}  # node id -> live entry
+
+    def set(self, nid: str, key: tuple[float, int, int, str]) -> None:
+        if self.keys.get(nid) != key:
+            self.keys[nid] = key
+            heappush(self.heap, key)
+            if len(self.heap) > 2 * len(self.keys) + 32:
+                self.heap = list(self.keys.values())
+                heapify(self.heap)
 
 
 class PlacementIndex:
@@ -81,14 +170,26 @@ class PlacementIndex:
         self.nodes = nodes
         self.order: dict[str, int] = {}  # node id -> join order (its place in ``nodes``)
         self._next = 0
+        self._by_seq: list[str] = []  # join order -> node id
         self._dirty: set[str] = set()  # changed since the free-CPU heaps were updated
         self._load_dirty: set[str] = set()  # ... since the load heap was
         self._free: dict[frozenset[str], _Heap] = {frozenset(): _Heap(frozenset())}
-        self._load: list[tuple[float, int, str]] = []
-        self._load_keys: dict[str, tuple[float, int]] = {}
+        #: by load (running tasks per CPU), least first: ``_Heap`` keys of
+        #: minus the load
+        self._load = _Heap(frozenset())
+        #: SPREAD's order per request shape (made on the first SPREAD task
+        #: of that shape), the nodes changed since, and when SPREAD last
+        #: chose each node (its turn: ties go to the one chosen longest ago)
+        self._spread: dict[frozenset[str], _SpreadHeap] = {}
+        self._spread_dirty: set[str] = set()
+        self._spread_last: dict[str, int] = {}
+        self._spread_clock = 0
         self._ever: dict[tuple, bool] = {}  # request items -> could fit some node's totals
         self._by_request: dict[tuple, _Heap] = {}  # request items -> the heap of its shape
         self.grown = 0  # bumped whenever some node's free resources may have grown
+        #: bumped whenever a placement that failed may now succeed: a node
+        #: joined, left, got resources back or runs fewer tasks
+        self.freed = 0
         # the nodes that grew, in order: grown == _grew_base + len(_grew)
         self._grew: list[str] = []
         self._grew_base = 0
@@ -104,14 +205,19 @@ class PlacementIndex:
         node.index = self
         if nid not in self.order:
             self.order[nid] = self._next
+            self._by_seq.append(nid)
             self._next += 1
         self._ever.clear()
         self._grow(nid)
         for h in self._free.values():
             if not h.holds(node):
                 h.drop(nid)
+        for sh in self._spread.values():
+            if not _holds(sh.names, node):
+                sh.keys.pop(nid, None)
         self._dirty.add(nid)
         self._load_dirty.add(nid)
+        self._spread_dirty.add(nid)
 
     def remove(self, nid: str) -> None:
         """``nid`` died (or left): it is no longer a candidate."""
@@ -122,16 +228,39 @@ class PlacementIndex:
             node.index = None
         self._dirty.discard(nid)
         self._load_dirty.discard(nid)
+        self._spread_dirty.discard(nid)
         for h in self._free.values():
             h.drop(nid)
-        self._load_keys.pop(nid, None)
+        for sh in self._spread.values():
+            sh.keys.pop(nid, None)
+        self._load.drop(nid)
         self._ever.clear()
+        self.freed += 1  # (a soft node affinity to it falls back to any node)
 
     # ------------------------------------------------------------ changes
     def touch(self, node: "NodeRecord") -> None:
         """``node``'s free resources or running set changed."""
         self._dirty.add(node.node_id)
         self._load_dirty.add(node.node_id)
+        if self._spread:
+            self._spread_dirty.add(node.node_id)
+
+    def ran_less(self, node: "NodeRecord") -> None:
+        """A task left ``node``'s running set: its load went down."""
+        self.freed += 1
+        self._dirty.add(node.node_id)
+        self._load_dirty.add(node.node_id)
+        if self._spread:
+            self._spread_dirty.add(node.node_id)
+
+    def released(self, node: "NodeRecord") -> None:
+        """A task left ``node``'s running set and gave its resources back
+        (``ran_less`` and ``gave`` in one)."""
+        self._grow(node.node_id)
+        self._dirty.add(node.node_id)
+        self._load_dirty.add(node.node_id)
+        if self._spread:
+            self._spread_dirty.add(node.node_id)
 
     def gave(self, node: "NodeRecord") -> None:
         """Resources came back on ``node``: what did not fit may fit now."""
@@ -141,6 +270,7 @@ class PlacementIndex:
 
     def _grow(self, nid: str) -> None:
         self.grown += 1
+        self.freed += 1
         grew = self._grew
         grew.append(nid)
         if len(grew) > 4096:
@@ -167,21 +297,20 @@ class PlacementIndex:
             if seq is None:
                 continue
             node = nodes[nid]
-            key = (-node.available.get("CPU", 0.0), seq)
+            free = node.available.get("CPU", 0.0)
             if only is not None:
-                only(nid, key)
-            else:
-                for h in heaps:
-                    if nid in h.keys or h.holds(node):
-                        h.set(nid, key)
+                only(nid, free, seq)
+                continue
+            for h in heaps:
+                if nid in h.keys or h.holds(node):
+                    h.set(nid, free, seq)
         dirty.clear()
 
     def _flush_load(self) -> None:
         dirty = self._load_dirty
         if not dirty:
             return
-        order, nodes = self.order, self.nodes
-        load_keys, load = self._load_keys, self._load
+        order, nodes, h = self.order, self.nodes, self._load
         for nid in dirty:
             seq = order.get(nid)
             if seq is None:
@@ -189,16 +318,10 @@ class PlacementIndex:
             node = nodes[nid]
             cpus = node.total.get("CPU", 0.0)
             if cpus > 0:
-                lkey = (len(node.running) / cpus, seq)
-                if load_keys.get(nid) != lkey:
-                    load_keys[nid] = lkey
-                    heappush(load, (lkey[0], seq, nid))
+                h.set(nid, -(len(node.running) / cpus), seq)  # (least loaded first)
             else:
-                load_keys.pop(nid, None)
+                h.drop(nid)
         dirty.clear()
-        if len(load) > 2 * len(load_keys) + 32:
-            self._load = [(k[0], k[1], nid) for nid, k in load_keys.items()]
-            heapify(self._load)
 
     def _heap(self, names: frozenset[str]) -> _Heap:
         h = self._free.get(names)
@@ -207,7 +330,7 @@ class PlacementIndex:
             for nid, seq in self.order.items():
                 node = self.nodes[nid]
                 if h.holds(node):
-                    h.keys[nid] = (-node.available.get("CPU", 0.0), seq)
+                    h.keys[nid] = h.key(node.available.get("CPU", 0.0), seq, nid)
             h.rebuild()
         return h
 
@@ -260,17 +383,18 @@ class PlacementIndex:
         self._flush()
         need = res.get("CPU", 0.0) or 0.0
         heap, keys, nodes = h.heap, h.keys, self.nodes
+        by_seq, exact = self._by_seq, h.exact
         popped = []
         found = None
         while heap:
-            neg, seq, nid = heap[0]
-            k = keys.get(nid)
-            if k is None or k[0] != neg or k[1] != seq:
+            entry = heap[0]
+            nid = by_seq[entry & _SEQ_MASK] if exact else entry[2]
+            if keys.get(nid) != entry:
                 heappop(heap)  # stale
                 continue
-            if need and -neg < need - EPS:
-                break  # no node further down has the CPU
             node = nodes[nid]
+            if need and node.available.get("CPU", 0.0) < need - EPS:
+                break  # no node further down has the CPU
             if node.fits(res):
                 found = node
                 break
@@ -296,19 +420,77 @@ class PlacementIndex:
             return None
         self._flush_load()
         limit = 1.0 + depth
-        heap, keys, nodes = self._load, self._load_keys, self.nodes
+        h, nodes, by_seq = self._load, self.nodes, self._by_seq
+        heap, keys, exact = h.heap, h.keys, h.exact
         popped = []
         found = None
         while heap:
-            load, seq, nid = heap[0]
-            k = keys.get(nid)
-            if k is None or k[0] != load or k[1] != seq:
-                heappop(heap)
+            entry = heap[0]
+            nid = by_seq[entry & _SEQ_MASK] if exact else entry[2]
+            if keys.get(nid) != entry:
+                heappop(heap)  # stale
                 continue
-            if load >= limit:
-                break
             node = nodes[nid]
+            if len(node.running) / node.total["CPU"] >= limit:
+                break
             if node.could_ever_fit(res):
+                found = node
+                break
+            popped.append(heappop(heap))
+        for e in popped:
+            heappush(heap, e)
+        return found
+
+    def spread(self, res: Mapping[str, float]) -> "NodeRecord | None":
+        """Where a SPREAD task ``res`` goes: among the live nodes it fits
+        now, the least loaded (running tasks per CPU), ties to the node
+        SPREAD chose longest ago (then the one that joined first); that node
+        takes its turn.  None when no node fits."""
+        node = self._spread_pick(res)
+        if node is not None:
+            self._spread_clock += 1
+            self._spread_last[node.node_id] = self._spread_clock
+            self._spread_dirty.add(node.node_id)
+        return node
+
+    def _spread_pick(self, res: Mapping[str, float]) -> "NodeRecord | None":
+        if self.most_free(res) is None:
+            return None  # nothing fits (the free-CPU heaps know at once)
+        names = frozenset(k for k, v in res.items() if v > EPS and k != "CPU")
+        sh = self._spread.get(names)
+        order, nodes, last = self.order, self.nodes, self._spread_last
+        if sh is None:
+            sh = self._spread[names] = _SpreadHeap(names)
+            for nid, seq in order.items():
+                node = nodes[nid]
+                if _holds(names, node):
+                    sh.keys[nid] = (spread_load(node), last.get(nid, 0), seq, nid)
+            sh.heap = list(sh.keys.values())
+            heapify(sh.heap)
+        dirty = self._spread_dirty
+        if dirty:
+            heaps = list(self._spread.values())
+            for nid in dirty:
+                at = order.get(nid)
+                if at is None:
+                    continue
+                node = nodes[nid]
+                key = (spread_load(node), last.get(nid, 0), at, nid)
+                for h in heaps:
+                    if nid in h.keys or _holds(h.names, node):
+                        h.set(nid, key)
+            dirty.clear()
+        heap, keys = sh.heap, sh.keys
+        popped = []
+        found = None
+        while heap:
+            entry = heap[0]
+            nid = entry[3]
+            if keys.get(nid) != entry:
+                heappop(heap)  # stale
+                continue
+            node = nodes[nid]
+            if node.fits(res):
                 found = node
                 break
             popped.append(heappop(heap))
@@ -339,6 +521,13 @@ class PlacementIndex:
             if got is not want:
                 problems.append(f"placement index chose {got and got.node_id} for {dict(res)}, "
                                 f"a scan chooses {want and want.node_id}")
+            last, order = self._spread_last, self.order
+            want = min(fitting, key=lambda n: (spread_load(n), last.get(n.node_id, 0),
+                                               order[n.node_id])) if fitting else None
+            got = self._spread_pick(res)
+            if got is not want:
+                problems.append(f"placement index spreads {dict(res)} to "
+                                f"{got and got.node_id}, a scan to {want and want.node_id}")
             ever = any(n.could_ever_fit(res) for n in alive)
             if self.could_ever_fit(res) != ever:
                 problems.append(f"placement index says {dict(res)} could ever fit: "

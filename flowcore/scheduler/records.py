@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from enum import Enum
+from operator import attrgetter
 from typing import Any, Mapping
 
 from .. import ids
@@ -79,6 +80,27 @@ class NodeRecord:
                 "running_tasks": len(self.running), **self.info}
 
 
+_now = time.time
+_INDEX0 = ids.object_id(b"", 0)  # the suffix of a task's first return's id
+#: (request items, strategy) -> shape, for the requests seen lately
+_SHAPES: dict[tuple, tuple] = {}
+
+
+def task_shape(res: Mapping[str, float], strategy: Any) -> tuple:
+    """The queue a task waits in: its non-zero resource amounts (sorted) and
+    its placement strategy."""
+    key = (tuple(res.items()), strategy)
+    try:
+        shape = _SHAPES.get(key)
+    except TypeError:  # an unhashable strategy: not cached
+        return (tuple(sorted((k, v) for k, v in res.items() if v)), strategy)
+    if shape is None:
+        if len(_SHAPES) > 4096:
+            _SHAPES.clear()
+        shape = _SHAPES[key] = (tuple(sorted((k, v) for k, v in res.items() if v)), strategy)
+    return shape
+
+
 class TaskRecord:
     __slots__ = ("tid", "fid", "name", "owner", "args", "deps", "missing", "nested",
                  "nret", "res", "retries_left", "retry_exc", "_state", "node", "cause",
@@ -88,19 +110,21 @@ class TaskRecord:
                  "cgroup", "xopts")
 
     def __init__(self, spec: dict, owner: str):
+        get = spec.get  # (one lookup: this runs for every task submitted)
         self.tid: bytes = spec["tid"]
         self.fid: bytes = spec["fid"]
-        self.name: str = spec.get("name", "?")
+        self.name: str = get("name", "?")
         self.owner = owner
-        self.renv: dict | None = spec.get("renv")  # runtime_env descriptor
-        self.job: list | None = spec.get("job")  # [job id, namespace] of the submitter
-        self.cgroup: str | None = spec.get("cgroup")  # an actor call's concurrency group
-        self.xopts: dict | None = spec.get("xopts")  # for the worker: max_calls, generator
+        self.renv: dict | None = get("renv")  # runtime_env descriptor
+        self.job: list | None = get("job")  # [job id, namespace] of the submitter
+        self.cgroup: str | None = get("cgroup")  # an actor call's concurrency group
+        self.xopts: dict | None = get("xopts")  # for the worker: max_calls, generator
         self.args: bytes | None = spec["args"]
-        self.args_dep: int | None = spec.get("args_dep")
-        self.kind: str = spec.get("kind") or ("call" if spec.get("actor") else "task")
-        self.actor: bytes | None = spec.get("aid") if self.kind == "create" else spec.get("actor")
-        self.method: str | None = spec.get("method")
+        self.args_dep: int | None = get("args_dep")
+        actor = get("actor")
+        kind = self.kind = get("kind") or ("call" if actor else "task")
+        self.actor: bytes | None = get("aid") if kind == "create" else actor
+        self.method: str | None = get("method")
         self.worker: dict | None = None      # {"pid": ..., "wid": ...} of the last run
         self.error_text: str | None = None   # the failure's message, for views
         self.ahead = False   # sent to its node before resources there were free
@@ -108,35 +132,37 @@ class TaskRecord:
         self.lineage_evicted = False  # ... and then dropped to bound lineage memory
         self.children: list[bytes] | None = None  # tasks it submitted (recursive cancel)
         self.bundle: str | None = None  # "pgid-hex:index" while placed in a bundle
-        self.deps: list[bytes] = spec.get("deps") or []
+        self.deps: list[bytes] = get("deps") or []
         self.missing: set[bytes] = set()
-        self.nested: list[bytes] = spec.get("nested") or []
-        self.nret: int = spec.get("nret", 1)
-        self.res: dict[str, float] = spec.get("res") or {}
-        self.retries_left: int = spec.get("retries", 3)
-        self.retry_exc = spec.get("retry_exc", False)
+        self.nested: list[bytes] = get("nested") or []
+        self.nret: int = get("nret", 1)
+        res = self.res = get("res") or {}
+        self.retries_left: int = get("retries", 3)
+        self.retry_exc = get("retry_exc", False)
         self._state: TaskState | None = None  # written by tasks.Transitions only
         self.node: str | None = None
         self.cause = ""
-        self.submitted = time.time()
+        self.submitted = _now()
         self.started = 0.0
         self.ended = 0.0
         self.blocked = False
         self.attempt = 0
-        strategy = spec.get("strategy")
-        self.strategy: Any = tuple(strategy) if isinstance(strategy, list) else strategy
+        strategy = get("strategy")
+        if isinstance(strategy, list):
+            strategy = tuple(strategy)
+        self.strategy: Any = strategy
         # tasks queue per (resources, strategy): a task pinned to a busy node
         # must not hold back others
-        self.shape = (tuple(sorted((k, v) for k, v in self.res.items() if v)), self.strategy)
+        self.shape = task_shape(res, strategy)
         self.returns_alive = self.nret
 
-    @property
-    def state(self) -> TaskState | None:
-        """Read-only: ``tasks.Transitions`` is the one writer (checked
-        against the transition table)."""
-        return self._state
+    #: read-only: ``tasks.Transitions`` is the one writer (checked against
+    #: the transition table); the getter is C code (read on every message)
+    state = property(attrgetter("_state"), doc="The task's state (read-only).")
 
     def returns(self) -> list[bytes]:
+        if self.nret == 1:
+            return [self.tid + _INDEX0]
         return [ids.object_id(self.tid, i) for i in range(self.nret)]
 
     def as_dict(self) -> dict:
@@ -164,11 +190,15 @@ class ObjectState(str, Enum):
 PENDING, READY, LOST = ObjectState.PENDING, ObjectState.READY, ObjectState.LOST
 
 
+#: the ``nested`` of an object holding no refs (shared; replaced, never changed)
+_NO_REFS: list[bytes] = []
+
+
 class ObjectRecord:
     __slots__ = ("oid", "state", "inline", "nodes", "size", "error", "clients", "holds",
                  "waiters", "dependents", "nested", "owner", "created")
 
-    def __init__(self, oid: bytes, owner: str | None):
+    def __init__(self, oid: bytes, owner: str | None, created: float | None = None):
         self.oid = oid
         self.state: ObjectState = PENDING
         self.inline: bytes | None = None
@@ -177,11 +207,23 @@ class ObjectRecord:
         self.error = False
         self.clients: set[str] = set()
         self.holds = 0
-        self.waiters: set[str] = set()
-        self.dependents: list[bytes] = []
-        self.nested: list[bytes] = []
+        #: who asked to hear when it is ready / the tasks waiting for it as
+        #: an argument (None until there is one: most objects have neither)
+        self.waiters: set[str] | None = None
+        self.dependents: list[bytes] | None = None
+        self.nested: list[bytes] = _NO_REFS
         self.owner = owner
-        self.created = time.time()
+        self.created = _now() if created is None else created
+
+    def add_waiter(self, cid: str) -> None:
+        if self.waiters is None:
+            self.waiters = set()
+        self.waiters.add(cid)
+
+    def add_dependent(self, tid: bytes) -> None:
+        if self.dependents is None:
+            self.dependents = []
+        self.dependents.append(tid)
 
     def as_dict(self) -> dict:
         return {"object_id": self.oid.hex(), "state": self.state.value, "size": self.size,

@@ -246,7 +246,7 @@ class RecoveryManager:
         for oid in msg.get("subscribed") or []:
             obj = self.s.objects.get(oid)
             if obj is not None and obj.state == ObjectState.PENDING:
-                obj.waiters.add(cid)
+                obj.add_waiter(cid)
             elif obj is not None:
                 self.s._send(cid, self.s._ready(obj))
         if rec is not None:

@@ -49,14 +49,14 @@ class Transitions:
         self._log = state.log.events.append
 
     # ------------------------------------------------------------ the one writer
-    def _move(self, t: TaskRecord, new: TaskState, cause: str) -> None:
+    def _move(self, t: TaskRecord, new: TaskState, cause: str, now: float = 0.0) -> None:
         old = t._state
         name = _NAMES.get((old, new))
         if name is None:
             name = transition_name(old, new)  # raises InvalidTransition: nothing changes
         t._state = new
         t.cause = cause
-        self._log((_now(), t.tid, old, new, name, cause))  # EventLog.record, inlined
+        self._log((now or _now(), t.tid, old, new, name, cause))  # EventLog.record, inlined
 
     def check(self, t: TaskRecord, new: TaskState, cause: str) -> None:
         """Move ``t`` to ``new`` with no bookkeeping: for the tests of the
@@ -69,12 +69,17 @@ class Transitions:
         node = s.nodes.get(t.node) if t.node else None
         if node is not None and t.tid in node.running:
             node.running.discard(t.tid)
-            s.placement.touch(node)
-            acct = s._account(node, t.bundle) if t.bundle else node
-            if not t.blocked:
-                acct.give(t.res)
+            if not t.bundle and not t.blocked:
+                # (the common case: the node's own account, one word to the index)
+                node.available.give(t.res)
+                s.placement.released(node)
             else:
-                acct.give({k: v for k, v in t.res.items() if k != "CPU"})
+                s.placement.ran_less(node)
+                acct = s._account(node, t.bundle) if t.bundle else node
+                if not t.blocked:
+                    acct.give(t.res)
+                else:
+                    acct.give({k: v for k, v in t.res.items() if k != "CPU"})
         t.blocked = False
 
     release = _release  # an actor's creation hands its resources to the actor first
@@ -88,7 +93,11 @@ class Transitions:
         if t._state is _RUNNING:
             self._release(t)
         self._move(t, S.QUEUED, cause)
-        self.s.queues.setdefault(t.shape, deque()).append(t.tid)
+        queues = self.s.queues
+        q = queues.get(t.shape)
+        if q is None:
+            q = queues[t.shape] = deque()
+        q.append(t.tid)
 
     def queue_offered(self, t: TaskRecord, cause: str) -> None:
         """Ready, but offered to its submitter's node: the head waits for
@@ -123,14 +132,17 @@ class Transitions:
         account when it has one), and it is in the node's running set."""
         if acct is None:
             acct = self.s._account(node, t.bundle) if t.bundle else node
-        t.ahead = not acct.fits(t.res)
-        acct.take(t.res)
+        res = t.res
+        if acct is node:  # (the node's own account, without the call around it)
+            acct = node.available
+        t.ahead = not acct.fits(res)
+        acct.take(res)
         node.running.add(t.tid)
         self.s.placement.touch(node)
         t.node = node.node_id
         t.attempt += 1
-        t.started = time.time()
-        self._move(t, _RUNNING, cause)
+        now = t.started = _now()
+        self._move(t, _RUNNING, cause, now)
 
     def start_call(self, t: TaskRecord, actor: "ActorRecord", cause: str) -> None:
         """An actor call runs on its actor (which holds the resources)."""
@@ -160,9 +172,10 @@ class Transitions:
         self._release(t)
         self._move(t, S.LOST, cause)
 
-    def finish(self, t: TaskRecord, ok: bool) -> None:
-        """RUNNING -> FINISHED (returned) or FAILED (raised)."""
-        if t._state is _RUNNING:
+    def finish(self, t: TaskRecord, ok: bool, released: bool = False) -> None:
+        """RUNNING -> FINISHED (returned) or FAILED (raised); ``released``:
+        ``release`` already gave its resources back."""
+        if t._state is _RUNNING and not released:
             self._release(t)
         s = self.s
         if ok:
