@@ -92,7 +92,6 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.session", "flowcore.cluster"): _HEAVY,
     ("flowcore.session", "flowcore.objects.serialization"): _HEAVY,
     ("flowcore.train.trainer", "flowcore.data"): _OPTIONAL,
-    ("flowcore.train.trainer", "flowcore.data.split"): _OPTIONAL,
     ("flowcore.tune.search", "flowcore.tune.search.optuna"): _OPTIONAL,
 }
 
