@@ -135,3 +135,84 @@ def test_node_start_failure_is_clear_and_leaves_no_process():
         cluster.close()
     assert cluster.head.poll() is not None
     assert not cluster.nodes
+
+
+def _template_of(node_pid: int) -> "psutil.Process":
+    """The node's worker template: its child that is not a worker (workers
+    run in their own session; the template stays in the node's)."""
+    import psutil
+    node = psutil.Process(node_pid)
+    kids = [p for p in node.children() if os.getsid(p.pid) == os.getsid(node_pid)]
+    assert len(kids) == 1, kids
+    return kids[0]
+
+
+def _wait_exited(proc: "psutil.Process") -> None:
+    """Until ``proc`` (not our child) has exited: its pidfd becomes readable
+    then, a zombie until its parent reaps it, or already gone."""
+    import select
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([fd], [], [], 30)[0], f"pid {proc.pid} still runs"
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(90)
+def test_workers_come_from_the_template_and_are_the_nodes_children():
+    import flowcore
+    with LocalCluster(nodes=1, cpus_per_node=1) as cluster:
+        node_pid = cluster.nodes[0].proc.pid
+        template = _template_of(node_pid)
+        flowcore.init(address=cluster.address, token=cluster.token)
+        try:
+            @flowcore.remote(max_retries=0)
+            def parent_and_modules() -> tuple[int, bool]:
+                import sys
+                return os.getppid(), "numpy" in sys.modules
+
+            # re-parented to the node, which reaps it; NumPy preloaded by the template
+            assert flowcore.get(parent_and_modules.remote(), timeout=60) == (node_pid, True)
+
+            @flowcore.remote(max_retries=0)
+            def crash() -> None:
+                os._exit(7)
+
+            # the node reads its worker's exit status, as when it forked it
+            with pytest.raises(Exception) as e:
+                flowcore.get(crash.remote(), timeout=60)
+            assert "exited with code 7" in str(e.value)
+            assert template.is_running()
+        finally:
+            flowcore.shutdown()
+    _wait_exited(template)  # ends with its node
+
+
+@pytest.mark.timeout(90)
+def test_node_forks_workers_itself_when_the_template_is_gone():
+    import flowcore
+    with LocalCluster(nodes=1, cpus_per_node=1) as cluster:
+        node = cluster.nodes[0]
+        template = _template_of(node.proc.pid)
+        template.kill()
+        _wait_exited(template)
+        flowcore.init(address=cluster.address, token=cluster.token)
+        try:
+            @flowcore.remote(max_retries=0)
+            def crash() -> None:
+                os._exit(3)
+
+            @flowcore.remote
+            def parent() -> int:
+                return os.getppid()
+
+            with pytest.raises(Exception):  # its replacement is forked by the node
+                flowcore.get(crash.remote(), timeout=60)
+            assert flowcore.get(parent.remote(), timeout=60) == node.proc.pid
+        finally:
+            flowcore.shutdown()
+        with open(node.log_file) as f:
+            assert "forking workers from the node from now on" in f.read()
