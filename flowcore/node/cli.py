@@ -14,8 +14,6 @@ from .. import daemon
 from .._version import __version__
 from ..exceptions import AuthenticationError
 from ..protocol import tls
-from . import procs
-from .template import WorkerTemplate
 
 logger = logging.getLogger("flowcore.node")
 
@@ -122,13 +120,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    finally:
-        procs.close_template()
-
-
-def _main(argv: list[str] | None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.max_workers == 0:
@@ -181,15 +172,6 @@ def _main(argv: list[str] | None) -> int:
     make_private_dir(state_dir)
     make_private_dir(os.path.join(state_dir, "logs"))
 
-    template = None
-    if os.environ.get("FLOWCORE_WORKER_START", "fork") == "fork":
-        # before anything else (threads, the loop, sockets, the store): the
-        # template imports the workers' libraries while this process imports
-        # its own, maps the store and joins the head
-        template = WorkerTemplate.start(_preload_worker_libraries,
-                                        close_fds=(args.ready_fd, args.lifeline_fd))
-        procs.use_template(template, _preload_worker_libraries)
-
     from .server import NodeServer
 
     from tornado.ioloop import IOLoop
@@ -211,12 +193,10 @@ def _main(argv: list[str] | None) -> int:
         return 2
     if address == "-":
         # started beside its head: everything is imported and the store is
-        # mapped; without a worker template, import what workers run too
-        # while the head boots (workers are forked from here, so their first
-        # array argument does not pay ~100 ms for NumPy); then wait for the
-        # head's address on stdin
-        if template is None:
-            _preload_worker_libraries()
+        # mapped; while the head boots, import NumPy too (workers are forked
+        # from here, so their first array argument does not pay ~100 ms for
+        # it); then wait for the head's address on stdin
+        _preload_worker_libraries()
         node.head_address = sys.stdin.readline().strip()
         if not node.head_address:
             print("flowcore-worker: no head address on stdin", file=sys.stderr)

@@ -10,26 +10,16 @@ interpreter instead (``FLOWCORE_WORKER_START=spawn``).
 
 Exits are noticed through a pidfd registered with the event loop: no
 polling, no SIGCHLD handler.
-
-A node normally forks its workers through its worker template
-(``node.template``), a process that preloaded their libraries while the node
-started; they are still the node's children.
 """
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import subprocess
 import sys
 import traceback
-from typing import TYPE_CHECKING, Callable, NoReturn
-
-if TYPE_CHECKING:
-    from .template import WorkerTemplate
-
-logger = logging.getLogger("flowcore.node")
+from typing import Callable
 
 
 def describe_exit(status: int) -> str:
@@ -71,30 +61,8 @@ class WorkerProcess:
                 pass
 
 
-_template: WorkerTemplate | None = None
-
-
-def use_template(template: WorkerTemplate | None, preload: Callable[[], None]) -> None:
-    """Fork workers through ``template`` (see ``node.template``); if it goes
-    away, run ``preload`` here and fork them from this process instead."""
-    global _template, _fallback_preload
-    _template = template
-    _fallback_preload = preload
-
-
-_fallback_preload: Callable[[], None] | None = None
-
-
-def close_template() -> None:
-    global _template
-    if _template is not None:
-        _template.close()
-        _template = None
-
-
 def start_worker(argv: list[str], env: dict[str, str], log_file: str, cwd: str | None,
                  on_exit: Callable[[str], None], method: str = "fork") -> WorkerProcess:
-    global _template, _fallback_preload
     if method == "spawn":
         from ..private_files import open_private
         with os.fdopen(open_private(log_file, os.O_WRONLY | os.O_APPEND), "ab") as out:
@@ -104,64 +72,45 @@ def start_worker(argv: list[str], env: dict[str, str], log_file: str, cwd: str |
         # reaped through the pidfd; Popen never waits for it
         proc.returncode = 0
         return WorkerProcess(proc.pid, on_exit)
-    if _template is not None:
-        try:
-            return WorkerProcess(_template.spawn(argv, env, log_file, cwd), on_exit)
-        except OSError as e:
-            if _template.alive:  # this one worker failed (its log file, say)
-                raise
-            logger.warning("%s; forking workers from the node from now on", e)
-            _template = None
-            preload, _fallback_preload = _fallback_preload, None
-            if preload is not None:
-                preload()
     from ..private_files import open_private
     log_fd = open_private(log_file, os.O_WRONLY | os.O_APPEND)
     pid = os.fork()
     if pid == 0:  # the child: never returns
-        become_worker(argv, env, log_fd, cwd)
+        code = 1
+        try:
+            # the node's event loop registered a signal wake-up descriptor; in
+            # the child that descriptor number gets reused (by the node socket,
+            # say), and every signal would write a byte into it
+            signal.set_wakeup_fd(-1)
+            os.setsid()
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.closerange(3, _max_fd())
+            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.stdout = os.fdopen(1, "w", buffering=1)
+            sys.stderr = os.fdopen(2, "w", buffering=1)
+            os.environ.clear()
+            os.environ.update(env)
+            if cwd:
+                os.chdir(cwd)
+            from . import worker
+            code = worker.main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
     os.close(log_fd)
     return WorkerProcess(pid, on_exit)
-
-
-def become_worker(argv: list[str], env: dict[str, str], log_fd: int,
-                  cwd: str | None) -> NoReturn:
-    """In a freshly forked child: detach (new session, the log file as
-    stdout and stderr, every other descriptor closed, default signals, the
-    worker's environment) and run the worker's ``main``; never returns."""
-    code = 1
-    try:
-        # the node's event loop registered a signal wake-up descriptor; in
-        # the child that descriptor number gets reused (by the node socket,
-        # say), and every signal would write a byte into it
-        signal.set_wakeup_fd(-1)
-        os.setsid()
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.closerange(3, _max_fd())
-        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        sys.stdout = os.fdopen(1, "w", buffering=1)
-        sys.stderr = os.fdopen(2, "w", buffering=1)
-        os.environ.clear()
-        os.environ.update(env)
-        if cwd:
-            os.chdir(cwd)
-        from . import worker
-        code = worker.main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
 
 
 def _max_fd() -> int:
