@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(TEST_EXTRAS)]" --config-settings editable_mode=compat
+	# byte-compile the tree as an install does (an editable install under
+	# PYTHONDONTWRITEBYTECODE never gets .pyc files: every process would
+	# compile flowcore from source when it starts)
+	$(PY) -m compileall -q flowcore
 	touch $(STAMP)
 
 demo: $(STAMP)

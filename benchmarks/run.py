@@ -281,6 +281,25 @@ def run_head_scale(args):
             return proc.stdout.rstrip(), json.load(f)["rows"]
 
 
+def byte_compile_flowcore(python):
+    """Byte-compile the flowcore package the engine subprocesses import, as
+    installing it does (pip writes a wheel's .pyc files; Ray is measured with
+    its own).  An editable install in a tree where PYTHONDONTWRITEBYTECODE is
+    set never gets them, and every process of every run would compile
+    flowcore from source at start.  Already current files are left alone.
+    Returns a note for the log."""
+    code = ("import importlib.util, os; "
+            "print(os.path.dirname(importlib.util.find_spec('flowcore').origin))")
+    try:
+        where = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                               timeout=60, check=True).stdout.strip()
+        subprocess.run([python, "-m", "compileall", "-q", where], capture_output=True,
+                       timeout=300, check=True)
+    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        return f"flowcore not byte-compiled ({exc}): its cold start includes compiling it"
+    return f"byte-compiled flowcore in {where} (as an install does; --no-compile: from source)"
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,6 +316,10 @@ def parse_args(argv):
                    help="seconds per workload inside a run (default 120, 60 with --quick)")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the engine subprocesses (default: this one)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="do not byte-compile flowcore first (measure it run from source "
+                        "without .pyc files, e.g. an editable install under "
+                        "PYTHONDONTWRITEBYTECODE)")
     args = p.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in args.engines if e not in ENGINES]
@@ -326,6 +349,8 @@ def main(argv=None):
     unavailable = set()
     log(f"flowcore benchmarks: engines={','.join(args.engines)} runs={args.runs}"
         f"{' quick' if args.quick else ''}; {os.cpu_count()} CPUs, python {platform.python_version()}")
+    if "flowcore" in args.engines and not args.skip_engines and not args.no_compile:
+        log(byte_compile_flowcore(args.python))
     try:
         # Interleave engines within each run so slow drifts in machine load hit all alike.
         for run in range(0 if args.skip_engines else args.runs):

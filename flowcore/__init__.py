@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # what a type checker sees
     from .trace import timeline
 
 _LAZY = {
-    "init": "api", "shutdown": "api", "is_initialized": "api", "get": "api", "put": "api",
+    "init": "session", "shutdown": "session", "is_initialized": "session", "get": "api",
+    "put": "api",
     "wait": "api", "cancel": "api", "nodes": "api", "cluster_resources": "api",
     "available_resources": "api", "get_runtime_context": "api", "explain": "api",
     "Executor": "executor", "ObjectRef": "objects.ref", "RemoteFunction": "remote_function",

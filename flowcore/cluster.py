@@ -323,8 +323,11 @@ class LocalCluster:
                 while_starting()
             self._head_ready(self._await_ready(head, head_ready, log))
             assert proc.stdin is not None
-            proc.stdin.write((self.head_address + "\n").encode())
-            proc.stdin.close()
+            try:
+                proc.stdin.write((self.head_address + "\n").encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the node already exited: its ready pipe says how, below
         except BaseException:
             os.close(node_ready)
             proc.kill()

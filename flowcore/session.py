@@ -19,9 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from .context import current_client, new_job, require_client, set_client, set_worker_paths
 from .exceptions import FlowcoreError
-from .protocol.tls import resolve as resolve_tls
-from .runtime_env import check as check_runtime_env
-from .runtime_env import init_job
 
 if TYPE_CHECKING:
     from .client.core import CoreClient
@@ -112,10 +109,12 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         _check_number("object_store_memory", object_store_memory, integer=True)
         _check_number("max_workers", max_workers, integer=True)
         _check_number("worker_memory_limit", worker_memory_limit, integer=True)
-        try:
-            check_runtime_env(runtime_env)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"init(runtime_env=...): {e}") from None
+        if runtime_env is not None:
+            from .runtime_env import check as check_runtime_env
+            try:
+                check_runtime_env(runtime_env)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"init(runtime_env=...): {e}") from None
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             raise TypeError(f"init(namespace={namespace!r}): expected a non-empty string")
         if max_workers == 0:
@@ -168,6 +167,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             if not token:
                 raise ValueError("connecting to a cluster needs its token: pass "
                                  "init(address, token=...) or set FLOWCORE_TOKEN")
+            from .protocol.tls import resolve as resolve_tls
             client = _connect_existing(address, token, resolve_tls(tls))
             _info = {"address": address, "session_dir": client.session_dir,
                      "node_id": client.node_id,
@@ -180,6 +180,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             import json
             runtime_env = json.loads(os.environ["FLOWCORE_JOB_RUNTIME_ENV"])
         if runtime_env is not None:
+            from .runtime_env import init_job
             try:
                 init_job(client, runtime_env)
             except BaseException:
@@ -224,9 +225,12 @@ def _local_head(token: str | None) -> tuple[str, str | None]:
 
 
 def _preload_client() -> None:
-    """Import the client side while the head and node processes boot."""
+    """Import the client side, and what the first ``.remote()`` and ``get``
+    need, while the head and node processes boot (``init`` launches them
+    before it imports anything it can do without)."""
     from .client import core  # noqa: F401
-    from .objects import serialization  # noqa: F401
+    from .objects import generator, ref, serialization  # noqa: F401
+    from . import options, scheduling  # noqa: F401
 
 
 def _connect_existing(address: str, token: str, tls: Any = None) -> Any:

@@ -29,6 +29,8 @@ _HEAVY = ("a heavy module (tornado, the client, the store, the dashboard) loaded
           "use, so a process that never calls it does not pay for it at start")
 _ROLE = "a command line entry point loads the process role it starts, when it starts it"
 _PUBLIC = "flowcore/__init__.py: public names load on first use (see its docstring)"
+_PRELOAD = ("imported by init() while the head and node processes it launched boot, not "
+            "before launching them")
 _PENDING = ("a light import not yet hoisted to the top of its module; it closes no cycle "
             "(test_no_function_level_import_dodges_a_cycle)")
 LAZY_ALLOWED: dict[tuple[str, str], str] = {
@@ -91,6 +93,12 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.session", "flowcore.client.core"): _HEAVY,
     ("flowcore.session", "flowcore.cluster"): _HEAVY,
     ("flowcore.session", "flowcore.objects.serialization"): _HEAVY,
+    ("flowcore.session", "flowcore.objects.generator"): _PRELOAD,
+    ("flowcore.session", "flowcore.objects.ref"): _PRELOAD,
+    ("flowcore.session", "flowcore.options"): _PRELOAD,
+    ("flowcore.session", "flowcore.scheduling"): _PRELOAD,
+    ("flowcore.session", "flowcore.runtime_env"): _HEAVY,
+    ("flowcore.session", "flowcore.protocol.tls"): _HEAVY,
     ("flowcore.train.trainer", "flowcore.data"): _OPTIONAL,
     ("flowcore.tune.search", "flowcore.tune.search.optuna"): _OPTIONAL,
 }

@@ -133,7 +133,9 @@ class HeadMetrics:
             "observed at scrape time",
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_SnapshotCollector(snapshot))
-        self._seen = getattr(state, "latency_count", 0)
+        # the completions still held count too: the dashboard (and so this)
+        # is made when the first scrape arrives, not when the head starts
+        self._seen = max(getattr(state, "latency_count", 0) - len(state.latencies), 0)
 
     def observe_new_latencies(self) -> int:
         """Feed the histogram the completions since the last call; returns how

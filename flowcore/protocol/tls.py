@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # ssl loads when TLS is configured (a process without it never needs it)
+    import ssl
 
 ENV_VARS = ("FLOWCORE_TLS_CERT", "FLOWCORE_TLS_KEY", "FLOWCORE_TLS_CA")
 FIELDS = ("cert", "key", "ca")
@@ -50,10 +52,12 @@ class TLSConfig:
                     pass
             except OSError as e:
                 raise ValueError(f"cannot read {name} {path}: {e.strerror or e}") from None
+        import ssl
         self._server = self._make(ssl.PROTOCOL_TLS_SERVER, names)
         self._client = self._make(ssl.PROTOCOL_TLS_CLIENT, names)
 
     def _make(self, protocol: int, names: tuple[str, str, str]) -> ssl.SSLContext:
+        import ssl
         ctx = ssl.SSLContext(protocol)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:

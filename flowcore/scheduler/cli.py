@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from typing import Any
 from urllib.parse import quote
 
 from .. import daemon
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     # line must stop the head cleanly
     daemon.watch_lifeline(args.lifeline_fd, head.stop)
     daemon.install_stop_signals(head.stop)
-    dashboard = None
+    dashboard: Any = None
     dash_sockets: list = []
     dash_url = ""
     dash_host = args.dashboard_host or args.host
@@ -164,12 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     # the ready line: the head's address, then the dashboard's URL if it serves one
     daemon.report_ready(args.ready_fd, address + (f" {dash_url}" if dash_url else ""))
     if dash_sockets:
-        from ..dashboard import Dashboard
+        from ..dashboard import OnFirstConnection
         hint = (args.token_file if args.token_file and not args.token
                 else os.path.join(state_dir, "token") if generated else None)
-        dashboard = Dashboard(head, token.encode(), dash_host, args.dashboard_port,
-                              token_hint=hint)
-        loop.run_sync(lambda: dashboard.start(dash_sockets, dash_url))
+        head.dashboard_url = dash_url
+
+        def make_dashboard() -> Any:
+            from ..dashboard import Dashboard
+            return Dashboard(head, token.encode(), dash_host, args.dashboard_port,
+                             token_hint=hint)
+        # the web stack loads when the first browser or scraper connects
+        dashboard = OnFirstConnection(dash_sockets, dash_url, make_dashboard)
     loop.run_sync(head.stopped.wait)
     if dashboard is not None:
         loop.run_sync(dashboard.stop)
