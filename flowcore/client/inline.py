@@ -45,6 +45,7 @@ class InlineClient(CoreClient):
     """A CoreClient whose waiting threads do the IO themselves."""
 
     LEASES = False  # (no IO thread to read a leased worker's answers)
+    HOLDS = False  # (a busy task would not give held pins back when asked)
 
     def __init__(self, head_address: str, token: bytes, node_address: str, *, wid: str,
                  tls: "TLSConfig | None" = None):

@@ -37,6 +37,10 @@ CLIENT_ROLE_OPS = {role: messages.ops_for(messages.NODE, role)
 
 
 LOCAL_MEMORY = 100_000  # local-first decisions remembered per kind
+#: seconds a creation that needs the room of clients' held pins waits for
+#: them to be given back (a client busy elsewhere answers late: the object
+#: then spills others or goes to disk as it would have)
+RELEASE_WAIT = 2.0
 
 
 def _remember(table: "OrderedDict[bytes, None]", tid: bytes) -> None:
@@ -509,8 +513,16 @@ class NodeServer:
             self.leases.reclaim()
 
     def _delete_objects(self, comm: Comm, msg: dict, frames: list) -> None:
+        held: dict[str, list[bytes]] = {}
         for oid in msg["oids"]:
+            for cid in self.store.cached_by(oid):
+                held.setdefault(cid, []).append(oid)
             self.store.delete(oid)
+        for cid, oids in held.items():  # freed while still held: give the pins back
+            c = self.clients.get(cid)
+            if c is not None and not c.closed:
+                c.request({"op": "release_cached", "oids": oids}).add_done_callback(
+                    lambda f: f.cancelled() or f.exception())
 
     def _prefetch_all(self, comm: Comm, msg: dict, frames: list) -> None:
         for item in msg["objects"]:
@@ -604,9 +616,14 @@ class NodeServer:
         self.leases.worker_idle(wid, msg["tid"])  # a lease's end: its tables
         self._act(self.pool.worker_idle(wid, retire=bool(msg.get("retire"))))
 
-    def _create(self, comm: Comm, msg: dict, frames: list) -> None:
+    def _create(self, comm: Comm, msg: dict, frames: list, asked: bool = False) -> None:
         store = self.store
         oid = msg["oid"]
+        if not asked and not store.contains(oid):
+            holders = store.cached_holders(msg["size"])
+            if holders:  # the room is under clients' held pins: ask for them first
+                asyncio.ensure_future(self._create_after_release(comm, msg, holders))
+                return
         if store.contains(oid):
             # a re-run of a task (rebuilding a lost result) can find a copy
             # here that was being pulled: wait for the pull, then use it
@@ -639,8 +656,11 @@ class NodeServer:
         comm.reply(msg)
 
     def _seal(self, comm: Comm, msg: dict, frames: list) -> None:
-        self.store.seal(msg["oid"])
-        self.sealed(msg["oid"])
+        oid = msg["oid"]
+        self.store.seal(oid)
+        if msg.get("pin") and self.store.contains(oid):  # a put: the writer holds it
+            self.store.pin(oid, comm.info["id"], cached=True)
+        self.sealed(oid)
 
     def _abort(self, comm: Comm, msg: dict, frames: list) -> None:
         self.store.abort(msg["oid"])
@@ -673,6 +693,22 @@ class NodeServer:
         comm.reply(msg, store=self.store.stats(), pool=dict(self.pool.snapshot(),
                                                             **self.leases.snapshot()),
                    packages=list(self.packages.fetched), transfer=self.transfers.stats())
+
+    async def _create_after_release(self, comm: Comm, msg: dict,
+                                    holders: dict[str, list[bytes]]) -> None:
+        """Ask clients for their held pins back (see objects/held.py), wait
+        for their answers (at most RELEASE_WAIT s), then create."""
+        futs = []
+        for cid, oids in holders.items():
+            c = self.clients.get(cid)
+            if c is not None and not c.closed:
+                fut = c.request({"op": "release_cached", "oids": oids})
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+                futs.append(fut)
+        if futs:
+            await asyncio.wait(futs, timeout=RELEASE_WAIT)
+        if not comm.closed:
+            guarded("node", functools.partial(self._create, asked=True), comm, msg, [])
 
     async def _create_after_pull(self, comm: Comm, msg: dict, pull: asyncio.Future) -> None:
         try:
@@ -729,7 +765,7 @@ class NodeServer:
         store = self.store
         if store.contains(oid) and store.is_sealed(oid):
             try:
-                loc = store.pin(oid, comm.info["id"])
+                loc = store.pin(oid, comm.info["id"], cached=bool(msg.get("cache")))
             except Exception as e:
                 comm.reply(msg, error=f"{type(e).__name__}: {e}")
                 return
