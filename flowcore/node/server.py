@@ -697,16 +697,24 @@ class NodeServer:
     async def _create_after_release(self, comm: Comm, msg: dict,
                                     holders: dict[str, list[bytes]]) -> None:
         """Ask clients for their held pins back (see objects/held.py), wait
-        for their answers (at most RELEASE_WAIT s), then create."""
-        futs = []
-        for cid, oids in holders.items():
-            c = self.clients.get(cid)
-            if c is not None and not c.closed:
-                fut = c.request({"op": "release_cached", "oids": oids})
-                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-                futs.append(fut)
-        if futs:
-            await asyncio.wait(futs, timeout=RELEASE_WAIT)
+        for their answers (at most RELEASE_WAIT s), then create.  A pin under
+        a live view stays (until the view goes): then ask for more."""
+        deadline = time.monotonic() + RELEASE_WAIT
+        while holders and not comm.closed:
+            futs = []
+            for cid, oids in holders.items():
+                c = self.clients.get(cid)
+                if c is not None and not c.closed:
+                    fut = c.request({"op": "release_cached", "oids": oids})
+                    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    futs.append(fut)
+            left = deadline - time.monotonic()
+            if not futs or left <= 0:
+                break
+            _, late = await asyncio.wait(futs, timeout=left)
+            if late:
+                break
+            holders = self.store.cached_holders(msg["size"])
         if not comm.closed:
             guarded("node", functools.partial(self._create, asked=True), comm, msg, [])
 
