@@ -1017,6 +1017,12 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
 
     def get_values(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
         oids = [r._id for r in refs]
+        if not self._dpending:  # all ready (a put, a finished task): no waiting
+            with self._lock:
+                ready = self.ready
+                infos = [ready.get(oid) for oid in oids]
+            if None not in infos:
+                return [self.value_of(info) for info in infos]  # type: ignore[arg-type]
         deadline = None if timeout is None else time.monotonic() + timeout
         # the first failure among them is raised at once (Ray): the others
         # may wait for something that happens only once it is handled
@@ -1066,6 +1072,17 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         except Exception as exc:
             raise self._unreadable(info, exc) from exc
 
+    def _deserialize_held(self, info: dict, h: Any, buf: Any) -> Any:
+        """``_deserialize`` of a held object's bytes: their layout header is
+        read once (the bytes do not change while the pin is held)."""
+        from ..objects.serialization import deserialize, read_layout
+        try:
+            if h.layout is None:
+                h.layout = read_layout(buf)
+            return deserialize(buf, h.layout)
+        except Exception as exc:
+            raise self._unreadable(info, exc) from exc
+
     def _unreadable(self, info: dict, exc: BaseException) -> SerializationError:
         """The error for an object whose bytes arrived but do not unpickle
         here: which task made it, and which class was being rebuilt."""
@@ -1104,7 +1121,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             hold = self.HOLDS and not self.remote_store and oid in self.refcounts
         if found is not None:  # pinned and mapped already: no round trip
             h, key = found
-            return self._deserialize(info, self._mapping().readable(
+            return self._deserialize_held(info, h, self._mapping().readable(
                 h.loc, self.held.on_release(h, key, self._wake_from_finaliser)))
         for attempt in range(6):
             req: dict[str, Any] = messages.oid_op("pin", oid)
@@ -1150,7 +1167,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                 if h is not None:
                     key = self.held.new_key(h)
             if h is not None:
-                return self._deserialize(info, self._mapping().readable(
+                return self._deserialize_held(info, h, self._mapping().readable(
                     loc, self.held.on_release(h, key, self._wake_from_finaliser)))
 
         def release(oid: bytes = oid) -> None:  # a finaliser: no locks

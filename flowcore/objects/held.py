@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 from .store import Location
 
@@ -35,12 +35,13 @@ _keys = itertools.count()
 class Held:
     """One held pin: where the object is, on which node, and its live views."""
 
-    __slots__ = ("oid", "loc", "node", "live", "dropped")
+    __slots__ = ("oid", "loc", "node", "live", "dropped", "layout")
 
     def __init__(self, oid: bytes, loc: Location, node: str) -> None:
         self.oid = oid
         self.loc = loc
         self.node = node
+        self.layout: Any = None  # serialization.Layout, once read (immutable bytes)
         self.live: set[int] = set()  # keys of views not yet released
         self.dropped = False  # the pin goes once ``live`` is empty
 

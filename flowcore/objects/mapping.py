@@ -109,6 +109,9 @@ class StoreMapping:
         self._files: weakref.WeakValueDictionary[str, _Map] = weakref.WeakValueDictionary()
 
     def _map(self, path: str) -> _Map:
+        m = self._arenas.get(path)
+        if m is not None:
+            return m
         if is_arena_path(path):
             m = self._arenas.get(path)
             if m is None:
