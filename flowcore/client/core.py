@@ -1019,8 +1019,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         oids = [r._id for r in refs]
         if not self._dpending:  # all ready (a put, a finished task): no waiting
             with self._lock:
-                ready = self.ready
-                infos = [ready.get(oid) for oid in oids]
+                table = self.ready
+                infos = [table.get(oid) for oid in oids]
             if None not in infos:
                 return [self.value_of(info) for info in infos]  # type: ignore[arg-type]
         deadline = None if timeout is None else time.monotonic() + timeout
