@@ -71,6 +71,9 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
     #: keep the pins of store objects between gets while referenced (see
     #: objects/held.py)
     HOLDS = True
+    #: a worker also keeps the pins of the objects it read without a
+    #: reference (its tasks' arguments), this many at most
+    HELD_UNREFERENCED = 0
 
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
                  kind: str = "driver", wid: str | None = None, remote_store: bool = False,
@@ -1118,11 +1121,14 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         with self._lock:
             found = self.held.lookup(oid, self.node_id)
             # keep the pin this get takes while a reference to it lives here
-            hold = self.HOLDS and not self.remote_store and oid in self.refcounts
+            hold = self.HOLDS and not self.remote_store and (
+                bool(self.HELD_UNREFERENCED) or oid in self.refcounts)
         if found is not None:  # pinned and mapped already: no round trip
             h, key = found
             return self._deserialize_held(info, h, self._mapping().readable(
                 h.loc, self.held.on_release(h, key, self._wake_from_finaliser)))
+        if info.get("pinned") is not None:  # a task's argument our node pinned for us
+            return self._read_pinned(info, Location.from_wire(info["pinned"]))
         for attempt in range(6):
             req: dict[str, Any] = messages.oid_op("pin", oid)
             if hold:
@@ -1160,15 +1166,27 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             finally:
                 self.send("node", messages.oids("unpin", [oid]))
             return self._deserialize(info, memoryview(data))
-        loc = Location.from_wire(r["loc"])
-        if hold:
-            with self._lock:
-                h = self.held.add(oid, loc, self.node_id) if oid in self.refcounts else None
-                if h is not None:
-                    key = self.held.new_key(h)
+        return self._read_pinned(info, Location.from_wire(r["loc"]), hold)
+
+    def _read_pinned(self, info: dict, loc: Any, hold: bool = True) -> Any:
+        """Read ``info``'s object at ``loc``, pinned for this process.
+        ``hold``: keep the pin (while referenced here, or as one of a
+        worker's last reads) unless one is held already; else it goes with
+        the last view."""
+        oid = info["oid"]
+        extra: list[bytes] = []
+        with self._lock:
+            h = self.held.add(oid, loc, self.node_id) if hold and (
+                self.HELD_UNREFERENCED or oid in self.refcounts) else None
             if h is not None:
-                return self._deserialize_held(info, h, self._mapping().readable(
-                    loc, self.held.on_release(h, key, self._wake_from_finaliser)))
+                key = self.held.new_key(h)
+                if self.HELD_UNREFERENCED:
+                    extra = self.held.trim(self.HELD_UNREFERENCED)
+        if extra:
+            self.send("node", messages.oids("unpin", extra))
+        if h is not None:
+            return self._deserialize_held(info, h, self._mapping().readable(
+                loc, self.held.on_release(h, key, self._wake_from_finaliser)))
 
         def release(oid: bytes = oid) -> None:  # a finaliser: no locks
             if not self.closed:

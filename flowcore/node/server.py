@@ -304,7 +304,7 @@ class NodeServer:
                 if comm is None:
                     logger.error("no connection for worker %s", a[1])
                     continue
-                comm.send(messages.run_task(a[2]))
+                comm.send(messages.run_task(self._pin_deps(comm, a[2])))
             elif kind == "died":
                 task, wid = a[1], a[2]
                 how, pid = self._deaths.pop(wid, ("exited", 0))
@@ -675,7 +675,7 @@ class NodeServer:
         wid = msg["wid"]
         comm.info.update(role=messages.WORKER, wid=wid)
         self.worker_comms[wid] = comm
-        comm.reply(msg, node_id=self.node_id)
+        comm.reply(msg, node_id=self.node_id, arena=self.store.path)
         actor = self.pool.actor_registered(wid)
         if actor is not None:
             spec, backlog = actor
@@ -694,6 +694,31 @@ class NodeServer:
                                                             **self.leases.snapshot()),
                    packages=list(self.packages.fetched), transfer=self.transfers.stats())
 
+    def _pin_deps(self, comm: Comm, task: dict) -> dict:
+        """``task`` with its arguments in this store pinned for the worker
+        that runs it (a held pin, see objects/held.py), their locations in
+        ``pinned``: its first read of them asks nothing.  Those it already
+        holds are left to it.  The task's own dicts are not changed (a retry
+        goes to another worker)."""
+        deps = task.get("deps")
+        if not deps:
+            return task
+        store, cid = self.store, comm.info["id"]
+        out = None
+        for i, d in enumerate(deps):
+            oid = d.get("oid")
+            if d.get("inline") is not None or oid is None or not store.contains(oid) \
+                    or not store.is_sealed(oid) or cid in store.cached_by(oid):
+                continue
+            try:
+                loc = store.pin(oid, cid, cached=True)
+            except Exception:  # noqa: BLE001 - the worker asks itself, as before
+                continue
+            if out is None:
+                out = list(deps)
+            out[i] = dict(d, pinned=loc.to_wire())
+        return task if out is None else dict(task, deps=out)
+
     async def _create_after_release(self, comm: Comm, msg: dict,
                                     holders: dict[str, list[bytes]]) -> None:
         """Ask clients for their held pins back (see objects/held.py), wait
@@ -707,7 +732,10 @@ class NodeServer:
                 if c is not None and not c.closed:
                     fut = c.request({"op": "release_cached", "oids": oids})
                     fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-                    futs.append(fut)
+                    # a worker running a task answers once it waits: not awaited
+                    w = self.pool.workers.get(c.info.get("wid", ""))
+                    if w is None or w.state == "idle":
+                        futs.append(fut)
             left = deadline - time.monotonic()
             if not futs or left <= 0:
                 break

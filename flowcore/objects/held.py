@@ -74,12 +74,33 @@ class HeldObjects:
     def lookup(self, oid: bytes, node: str) -> tuple[Held, int] | None:
         """A held pin of ``oid`` on ``node`` and the key of a new view of it
         (registered live now, so the pin cannot go before the view does)."""
-        h = self._table.get(oid)
+        table = self._table
+        h = table.get(oid)
         if h is None or h.dropped or h.node != node:
             return None
         key = next(_keys)
         h.live.add(key)
+        if len(table) > 1:
+            table[oid] = table.pop(oid)  # the most recently used last
         return h, key
+
+    def trim(self, keep: int) -> list[bytes]:
+        """Give back the least recently used pins beyond ``keep`` that no
+        view uses now (a worker's bound: it holds no references to tell it
+        when to stop); the oids to unpin."""
+        out: list[bytes] = []
+        excess = len(self._table) - keep
+        if excess <= 0:
+            return out
+        for oid, h in list(self._table.items()):
+            if not h.live and not h.dropped:
+                h.dropped = True
+                del self._table[oid]
+                out.append(oid)
+                excess -= 1
+                if not excess:
+                    break
+        return out
 
     def new_key(self, h: Held) -> int:
         key = next(_keys)

@@ -123,6 +123,15 @@ class StoreMapping:
             self._files[path] = m
         return m
 
+    def premap(self, path: str) -> None:
+        """Map the store arena at ``path`` ahead of the first read of it
+        (a worker does it as it starts); nothing if it cannot be opened."""
+        if is_arena_path(path) and path not in self._arenas:
+            try:
+                self._map(path)
+            except OSError:
+                pass
+
     def writable(self, loc: Location) -> memoryview:
         """A writable view of exactly ``loc.size`` bytes at ``loc``."""
         if loc.size == 0:
