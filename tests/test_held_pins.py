@@ -27,7 +27,7 @@ def _until(pred, what, timeout=20.0):
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}: {_stats()}")
         flowcore.cluster_resources()  # a round trip: lets queued messages land
 
 
@@ -152,6 +152,56 @@ def test_pinned_by_live_views_still_falls_back_to_disk(fresh_cluster):
     assert _stats()["fallback_bytes"] > 0
     assert [int(v[0]) for v in views] == list(range(6))
     del views
+    gc.collect()
+    _until(lambda: _stats()["used"] == 0 and _stats()["num_objects"] == 0,
+           "every object to be freed")
+
+
+# ------------------------------------------------------------ workers
+@flowcore.remote
+def _first(x):
+    return int(x[0])
+
+
+@flowcore.remote
+def _make(i):
+    return np.full(MiB, i, dtype=np.int64)  # 8 MiB, stored
+
+
+@pytest.fixture
+def head_path(monkeypatch):
+    """Tasks go through the head and the node (which pins their stored
+    arguments for the worker it sends them to), not to leased workers."""
+    from flowcore.client import leases
+    monkeypatch.setattr(leases, "ENABLED", False)
+
+
+def test_a_worker_holds_its_last_reads_within_its_bound_and_frees_with_the_refs(
+        fresh_cluster, head_path):
+    fresh_cluster(num_cpus=1)  # one worker reads them all
+    made = [_make.remote(i) for i in range(7)]
+    flowcore.wait(made, num_returns=7)
+    # the driver never reads them: the pins are the worker's
+    assert flowcore.get([_first.remote(r) for r in made]) == list(range(7))
+    assert flowcore.get(_first.remote(made[6])) == 6  # a repeat: read from its held pin
+    st = _stats()
+    assert 8 * MiB <= st["pinned_bytes"] <= 4 * (8 * MiB + 4096), st  # FLOWCORE_WORKER_HELD
+    del made
+    gc.collect()
+    # freed objects' held pins are asked back from the (idle) worker
+    _until(lambda: _stats()["used"] == 0 and _stats()["num_objects"] == 0,
+           "the worker's held pins to go with the objects")
+
+
+def test_the_node_takes_a_workers_held_pins_back_to_spill(fresh_cluster, head_path):
+    fresh_cluster(num_cpus=1, object_store_memory=64 << 20)
+    made = [_make.remote(i) for i in range(2)]  # 2 x 8 MiB
+    assert flowcore.get([_first.remote(r) for r in made]) == [0, 1]  # held by the worker
+    more = [flowcore.put(np.full(2 * MiB, 10 + i, dtype=np.int64)) for i in range(3)]  # 48 MiB
+    st = _stats()
+    assert st["num_spilled"] >= 1 and st["fallback_bytes"] == 0, st
+    assert flowcore.get([_first.remote(r) for r in made + more]) == [0, 1, 10, 11, 12]
+    del made, more
     gc.collect()
     _until(lambda: _stats()["used"] == 0 and _stats()["num_objects"] == 0,
            "every object to be freed")

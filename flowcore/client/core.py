@@ -546,6 +546,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         if msg["op"] not in NODE_OPS:
             messages.refuse("client", messages.NODE, msg["op"], "node")
             return
+        if msg["op"] == "run_task" and msg.get("deps"):
+            self._adopt_pinned(msg["deps"])
         if msg["op"] == "release_cached":
             self._release_cached(msg)
         elif msg["op"] == "lease_revoke" and self.LEASES:
@@ -1127,8 +1129,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             h, key = found
             return self._deserialize_held(info, h, self._mapping().readable(
                 h.loc, self.held.on_release(h, key, self._wake_from_finaliser)))
-        if info.get("pinned") is not None:  # a task's argument our node pinned for us
-            return self._read_pinned(info, Location.from_wire(info["pinned"]))
         for attempt in range(6):
             req: dict[str, Any] = messages.oid_op("pin", oid)
             if hold:
@@ -1196,6 +1196,25 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
 
         buf = self._mapping().readable(loc, release)
         return self._deserialize(info, buf)
+
+    def _adopt_pinned(self, deps: list[dict]) -> None:
+        """(Reading thread) The arguments our node pinned for us as it sent
+        a task (``pinned``: their locations) become held pins now, whether
+        or not the task runs; one we already hold is unpinned at once."""
+        from ..objects.store import Location
+        extra: list[bytes] = []
+        with self._lock:
+            for d in deps:
+                wire = d.pop("pinned", None)
+                if wire is None:
+                    continue
+                if not self.HOLDS or self.held.add(d["oid"], Location.from_wire(wire),
+                                                   self.node_id) is None:
+                    extra.append(d["oid"])
+            if self.HELD_UNREFERENCED:
+                extra += self.held.trim(self.HELD_UNREFERENCED)
+        if extra:
+            self.send("node", messages.oids("unpin", extra))
 
     def _release_cached(self, msg: dict) -> None:
         """(Reading thread) The node needs the room of held pins: give back

@@ -41,6 +41,16 @@ LOCAL_MEMORY = 100_000  # local-first decisions remembered per kind
 #: them to be given back (a client busy elsewhere answers late: the object
 #: then spills others or goes to disk as it would have)
 RELEASE_WAIT = 2.0
+#: ... from a worker that may be running a task (it answers once it waits)
+BUSY_RELEASE_WAIT = 0.25
+
+
+async def _briefly(fut: "asyncio.Future[dict]", timeout: float) -> None:
+    """Wait at most ``timeout`` s for ``fut`` (left running)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(fut), timeout)
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
 
 
 def _remember(table: "OrderedDict[bytes, None]", tid: bytes) -> None:
@@ -726,15 +736,18 @@ class NodeServer:
         a live view stays (until the view goes): then ask for more."""
         deadline = time.monotonic() + RELEASE_WAIT
         while holders and not comm.closed:
-            futs = []
+            futs: list[asyncio.Future[Any]] = []
             for cid, oids in holders.items():
                 c = self.clients.get(cid)
                 if c is not None and not c.closed:
                     fut = c.request({"op": "release_cached", "oids": oids})
                     fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-                    # a worker running a task answers once it waits: not awaited
+                    # a worker running a task answers once it waits: awaited
+                    # briefly (a leased one may be between tasks)
                     w = self.pool.workers.get(c.info.get("wid", ""))
-                    if w is None or w.state == "idle":
+                    if w is not None and w.state != "idle":
+                        futs.append(asyncio.ensure_future(_briefly(fut, BUSY_RELEASE_WAIT)))
+                    else:
                         futs.append(fut)
             left = deadline - time.monotonic()
             if not futs or left <= 0:

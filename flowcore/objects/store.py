@@ -311,29 +311,36 @@ class ObjectStore:
     def cached_holders(self, size: int) -> dict[str, list[bytes]]:
         """What to ask back before creating an object of ``size`` bytes.
 
-        Empty when it fits in the arena now (spilling unpinned objects if
-        need be), or would not fit even with every cached pin given back.
-        Else the clients to ask, each with the objects (least recently used
-        first) pinned only by cached pins, until enough bytes would come
-        free; those pins are no longer counted as cached (each is asked for
-        once)."""
+        Empty when it fits in the arena now, or once unpinned objects are
+        spilled (spilled here, least recently used first, as creating it
+        would), or would not fit even with every cached pin given back.
+        Else the clients to ask, each with objects pinned only by cached
+        pins (least recently used first), until their bytes would cover
+        what is missing; those pins are no longer counted as cached (each is
+        asked for once: ask again after the answers, a free range must be
+        contiguous)."""
         alloc = self._alloc
         need = alloc.rounded(size)
         if alloc.largest_free() >= need or need > alloc.capacity:
             return {}
-        free = alloc.free_bytes
-        held: list[bytes] = []
+        unpinned = self._spillable(None)
+        held = []
         for oid in self._lru:
             e = self._entries[oid]
-            if not e.sealed:
-                continue
-            if not e.pins:
-                free += alloc.rounded(e.size)
-            elif e.cached and e.cached.issuperset(e.pins):
+            if e.sealed and e.pins and e.cached and e.cached.issuperset(e.pins):
                 held.append(oid)
-        if free >= need:
-            return {}  # spilling unpinned objects makes room
+        if not held:
+            return {}  # nothing to ask: creating it spills or falls back as ever
+        reclaim = sum(alloc.rounded(self._entries[o].size) for o in unpinned + held)
+        if need > alloc.free_bytes + reclaim:
+            return {}  # would not fit even then
+        for oid in unpinned:
+            if alloc.largest_free() >= need or not self._spill(oid):
+                break
+        if alloc.largest_free() >= need:
+            return {}
         out: dict[str, list[bytes]] = {}
+        free = alloc.free_bytes
         for oid in held:
             e = self._entries[oid]
             assert e.cached is not None
