@@ -34,6 +34,7 @@ from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
 from . import leases
 from .leases import LeasesMixin
 from .futures import Resolver
+from ..objects.held import HeldObjects
 
 logger = logging.getLogger("flowcore.client")
 
@@ -67,6 +68,13 @@ MAX_PENDING_TASKS = 200_000
 #: restarted at the same address with its state directory takes it back)
 HEAD_GRACE = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
 class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
+    #: keep the pins of store objects between gets while referenced (see
+    #: objects/held.py)
+    HOLDS = True
+    #: a worker also keeps the pins of the objects it read without a
+    #: reference (its tasks' arguments), this many at most
+    HELD_UNREFERENCED = 0
+
     def __init__(self, head_address: str, token: bytes, node_address: str | None,
                  kind: str = "driver", wid: str | None = None, remote_store: bool = False,
                  tls: TLSConfig | None = None):
@@ -112,6 +120,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         # turns them into messages on its next drain.
         self._dropped: deque[bytes] = deque()
         self._unpins: deque[bytes] = deque()
+        # pins of store objects kept between gets while referenced here
+        self.held = HeldObjects()
         self.refcounts: dict[bytes, int] = {}
         self.ready: dict[bytes, dict] = {}
         self.waiters: dict[bytes, list[Callable[[], None]]] = {}
@@ -394,7 +404,10 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                     self._task_settled(oid)
                     self.direct.dropped(oid)
                 decrefs.append(oid)
-        unpins = []
+            unpins = self.held.collect() if self.held.pending() else []
+            for oid in decrefs:
+                if oid in self.held and self.held.drop(oid):
+                    unpins.append(oid)
         while self._unpins:
             unpins.append(self._unpins.popleft())
         if decrefs:
@@ -533,7 +546,11 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         if msg["op"] not in NODE_OPS:
             messages.refuse("client", messages.NODE, msg["op"], "node")
             return
-        if msg["op"] == "lease_revoke" and self.LEASES:
+        if msg["op"] == "run_task" and msg.get("deps"):
+            self._adopt_pinned(msg["deps"])
+        if msg["op"] == "release_cached":
+            self._release_cached(msg)
+        elif msg["op"] == "lease_revoke" and self.LEASES:
             self._lease_revoked(msg)
         elif self.on_node_message is not None:
             self._guarded(self.on_node_message, msg)
@@ -733,7 +750,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             with self._lock:
                 self.ready[oid] = messages.object_ready_inline(oid, data, nested=bool(nested))
         else:
-            self.write_to_store(oid, s)
+            self.write_to_store(oid, s, hold=self.HOLDS)
             msg = messages.put_stored(oid, self.node_id, s.total_size, nested)
             with self._lock:
                 self.ready[oid] = messages.object_ready_stored(oid, [self.node_id], s.total_size,
@@ -742,8 +759,10 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         self.send("head", msg)
         return ref
 
-    def write_to_store(self, oid: bytes, s: Any) -> None:
-        """Create, fill and seal ``oid`` in the local node's store."""
+    def write_to_store(self, oid: bytes, s: Any, hold: bool = False) -> None:
+        """Create, fill and seal ``oid`` in the local node's store.  ``hold``:
+        keep it pinned (a held pin, see objects/held.py) from the seal on, so
+        that the first get of it is local too."""
         from ..objects.store import Location
         r = self.request("node", messages.create(oid, s.total_size))
         if "error" in r:
@@ -763,7 +782,13 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         except BaseException:
             self.send("node", messages.oid_op("abort", oid))
             raise
-        self.send("node", messages.oid_op("seal", oid))
+        seal = messages.oid_op("seal", oid)
+        if hold:
+            with self._lock:
+                held = self.held.add(oid, loc, self.node_id) is not None
+            if held:
+                seal["pin"] = True  # the node pins it for us as it seals it
+        self.send("node", seal)
 
     def _upload(self, oid: bytes, s: Any) -> None:
         """Fill the created object ``oid`` over the node connection (client
@@ -997,6 +1022,12 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
 
     def get_values(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
         oids = [r._id for r in refs]
+        if not self._dpending:  # all ready (a put, a finished task): no waiting
+            with self._lock:
+                table = self.ready
+                infos = [table.get(oid) for oid in oids]
+            if None not in infos:
+                return [self.value_of(info) for info in infos]  # type: ignore[arg-type]
         deadline = None if timeout is None else time.monotonic() + timeout
         # the first failure among them is raised at once (Ray): the others
         # may wait for something that happens only once it is handled
@@ -1046,6 +1077,17 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         except Exception as exc:
             raise self._unreadable(info, exc) from exc
 
+    def _deserialize_held(self, info: dict, h: Any, buf: Any) -> Any:
+        """``_deserialize`` of a held object's bytes: their layout header is
+        read once (the bytes do not change while the pin is held)."""
+        from ..objects.serialization import deserialize, read_layout
+        try:
+            if h.layout is None:
+                h.layout = read_layout(buf)
+            return deserialize(buf, h.layout)
+        except Exception as exc:
+            raise self._unreadable(info, exc) from exc
+
     def _unreadable(self, info: dict, exc: BaseException) -> SerializationError:
         """The error for an object whose bytes arrived but do not unpickle
         here: which task made it, and which class was being rebuilt."""
@@ -1078,8 +1120,19 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         if not self.has_store():
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
+        with self._lock:
+            found = self.held.lookup(oid, self.node_id)
+            # keep the pin this get takes while a reference to it lives here
+            hold = self.HOLDS and not self.remote_store and (
+                bool(self.HELD_UNREFERENCED) or oid in self.refcounts)
+        if found is not None:  # pinned and mapped already: no round trip
+            h, key = found
+            return self._deserialize_held(info, h, self._mapping().readable(
+                h.loc, self.held.on_release(h, key, self._wake_from_finaliser)))
         for attempt in range(6):
             req: dict[str, Any] = messages.oid_op("pin", oid)
+            if hold:
+                req["cache"] = True
             if self.node_id not in info.get("nodes", ()):
                 # held elsewhere: our node pulls it from one of the holders first
                 req["sources"] = [[n, a] for n, a in
@@ -1113,7 +1166,27 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             finally:
                 self.send("node", messages.oids("unpin", [oid]))
             return self._deserialize(info, memoryview(data))
-        loc = Location.from_wire(r["loc"])
+        return self._read_pinned(info, Location.from_wire(r["loc"]), hold)
+
+    def _read_pinned(self, info: dict, loc: Any, hold: bool = True) -> Any:
+        """Read ``info``'s object at ``loc``, pinned for this process.
+        ``hold``: keep the pin (while referenced here, or as one of a
+        worker's last reads) unless one is held already; else it goes with
+        the last view."""
+        oid = info["oid"]
+        extra: list[bytes] = []
+        with self._lock:
+            h = self.held.add(oid, loc, self.node_id) if hold and (
+                self.HELD_UNREFERENCED or oid in self.refcounts) else None
+            if h is not None:
+                key = self.held.new_key(h)
+                if self.HELD_UNREFERENCED:
+                    extra = self.held.trim(self.HELD_UNREFERENCED)
+        if extra:
+            self.send("node", messages.oids("unpin", extra))
+        if h is not None:
+            return self._deserialize_held(info, h, self._mapping().readable(
+                loc, self.held.on_release(h, key, self._wake_from_finaliser)))
 
         def release(oid: bytes = oid) -> None:  # a finaliser: no locks
             if not self.closed:
@@ -1123,6 +1196,38 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
 
         buf = self._mapping().readable(loc, release)
         return self._deserialize(info, buf)
+
+    def _adopt_pinned(self, deps: list[dict]) -> None:
+        """(Reading thread) The arguments our node pinned for us as it sent
+        a task (``pinned``: their locations) become held pins now, whether
+        or not the task runs; one we already hold is unpinned at once."""
+        from ..objects.store import Location
+        extra: list[bytes] = []
+        with self._lock:
+            for d in deps:
+                wire = d.pop("pinned", None)
+                if wire is None:
+                    continue
+                if not self.HOLDS or self.held.add(d["oid"], Location.from_wire(wire),
+                                                   self.node_id) is None:
+                    extra.append(d["oid"])
+            if self.HELD_UNREFERENCED:
+                extra += self.held.trim(self.HELD_UNREFERENCED)
+        if extra:
+            self.send("node", messages.oids("unpin", extra))
+
+    def _release_cached(self, msg: dict) -> None:
+        """(Reading thread) The node needs the room of held pins: give back
+        those no view uses now, the others as their last view goes; then
+        answer (after the unpins, on the same connection)."""
+        unpins = []
+        with self._lock:
+            for oid in msg["oids"]:
+                if self.held.drop(oid):
+                    unpins.append(oid)
+        if unpins:
+            self.send("node", messages.oids("unpin", unpins))
+        self.send("node", messages.reply(msg.get("rid")))
 
     def prefetch(self, oids: Iterable[bytes]) -> None:
         """Ask this process's node to pull ready objects held only elsewhere."""

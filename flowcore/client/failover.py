@@ -48,6 +48,8 @@ class NodeFailoverMixin:
     _node_switch: "asyncio.Future | None"
     _reattaching: "asyncio.Future | None"
     _reconnecting: "asyncio.Future | None"
+    held: Any  # objects.held.HeldObjects
+    _lock: Any
     if TYPE_CHECKING:  # pragma: no cover - provided by CoreClient
         async def _connect_node(self) -> "tuple[Comm, dict]": ...
         def _drain(self) -> None: ...
@@ -62,6 +64,8 @@ class NodeFailoverMixin:
                        "through another node", old_id, old_address)
         self.node = None
         self.mapping = None  # views already handed out keep their own mapping alive
+        with self._lock:
+            self.held.forget()  # its pins went with it
         done = self._node_switch = self.loop.create_future()
         ok = False
         try:
@@ -129,6 +133,8 @@ class NodeFailoverMixin:
                     continue
                 gateway = node
                 self.node = None
+                with self._lock:
+                    self.held.forget()  # (none in client mode: no mapping)
                 done = self._node_switch = self.loop.create_future()
                 try:
                     await self._attach(local[0])

@@ -45,6 +45,10 @@ class InlineClient(CoreClient):
     """A CoreClient whose waiting threads do the IO themselves."""
 
     LEASES = False  # (no IO thread to read a leased worker's answers)
+    #: the pins of the last objects this worker read stay held (its next
+    #: task on the same argument reads it without asking the node); given
+    #: back when the node asks, which a busy worker answers once it waits
+    HELD_UNREFERENCED = int(os.environ.get("FLOWCORE_WORKER_HELD", "4"))
 
     def __init__(self, head_address: str, token: bytes, node_address: str, *, wid: str,
                  tls: "TLSConfig | None" = None):
@@ -86,6 +90,8 @@ class InlineClient(CoreClient):
         r = self.request("node", {"op": "register_worker", "wid": self.wid, "pid": os.getpid()},
                          timeout)
         self.node_id = r["node_id"]
+        if r.get("arena"):  # mapped now, while idle, rather than on the first read
+            self._mapping().premap(r["arena"])
         r = self.request("head", {"op": "register_client", "kind": "worker", "pid": os.getpid(),
                                   "wid": self.wid}, timeout)
         self.client_id = r["client_id"]
@@ -300,7 +306,7 @@ class InlineClient(CoreClient):
         fds = [c for c in self.conns.values() if not c.closed] + [self._wake_r]
         self._in_select = True
         try:
-            if self._outbox or self._dropped or self._unpins:
+            if self._outbox or self._dropped or self._unpins or self.held.pending():
                 timeout = 0  # something was queued meanwhile: go round again soon
             elif self._held_head:  # wake up to send the held side reports in time
                 left = max(0.0, self._held_until - time.monotonic())

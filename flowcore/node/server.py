@@ -37,6 +37,20 @@ CLIENT_ROLE_OPS = {role: messages.ops_for(messages.NODE, role)
 
 
 LOCAL_MEMORY = 100_000  # local-first decisions remembered per kind
+#: seconds a creation that needs the room of clients' held pins waits for
+#: them to be given back (a client busy elsewhere answers late: the object
+#: then spills others or goes to disk as it would have)
+RELEASE_WAIT = 2.0
+#: ... from a worker that may be running a task (it answers once it waits)
+BUSY_RELEASE_WAIT = 0.25
+
+
+async def _briefly(fut: "asyncio.Future[dict]", timeout: float) -> None:
+    """Wait at most ``timeout`` s for ``fut`` (left running)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(fut), timeout)
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
 
 
 def _remember(table: "OrderedDict[bytes, None]", tid: bytes) -> None:
@@ -300,7 +314,7 @@ class NodeServer:
                 if comm is None:
                     logger.error("no connection for worker %s", a[1])
                     continue
-                comm.send(messages.run_task(a[2]))
+                comm.send(messages.run_task(self._pin_deps(comm, a[2])))
             elif kind == "died":
                 task, wid = a[1], a[2]
                 how, pid = self._deaths.pop(wid, ("exited", 0))
@@ -509,8 +523,16 @@ class NodeServer:
             self.leases.reclaim()
 
     def _delete_objects(self, comm: Comm, msg: dict, frames: list) -> None:
+        held: dict[str, list[bytes]] = {}
         for oid in msg["oids"]:
+            for cid in self.store.cached_by(oid):
+                held.setdefault(cid, []).append(oid)
             self.store.delete(oid)
+        for cid, oids in held.items():  # freed while still held: give the pins back
+            c = self.clients.get(cid)
+            if c is not None and not c.closed:
+                c.request({"op": "release_cached", "oids": oids}).add_done_callback(
+                    lambda f: f.cancelled() or f.exception())
 
     def _prefetch_all(self, comm: Comm, msg: dict, frames: list) -> None:
         for item in msg["objects"]:
@@ -604,9 +626,14 @@ class NodeServer:
         self.leases.worker_idle(wid, msg["tid"])  # a lease's end: its tables
         self._act(self.pool.worker_idle(wid, retire=bool(msg.get("retire"))))
 
-    def _create(self, comm: Comm, msg: dict, frames: list) -> None:
+    def _create(self, comm: Comm, msg: dict, frames: list, asked: bool = False) -> None:
         store = self.store
         oid = msg["oid"]
+        if not asked and not store.contains(oid):
+            holders = store.cached_holders(msg["size"])
+            if holders:  # the room is under clients' held pins: ask for them first
+                asyncio.ensure_future(self._create_after_release(comm, msg, holders))
+                return
         if store.contains(oid):
             # a re-run of a task (rebuilding a lost result) can find a copy
             # here that was being pulled: wait for the pull, then use it
@@ -639,8 +666,11 @@ class NodeServer:
         comm.reply(msg)
 
     def _seal(self, comm: Comm, msg: dict, frames: list) -> None:
-        self.store.seal(msg["oid"])
-        self.sealed(msg["oid"])
+        oid = msg["oid"]
+        self.store.seal(oid)
+        if msg.get("pin") and self.store.contains(oid):  # a put: the writer holds it
+            self.store.pin(oid, comm.info["id"], cached=True)
+        self.sealed(oid)
 
     def _abort(self, comm: Comm, msg: dict, frames: list) -> None:
         self.store.abort(msg["oid"])
@@ -655,7 +685,7 @@ class NodeServer:
         wid = msg["wid"]
         comm.info.update(role=messages.WORKER, wid=wid)
         self.worker_comms[wid] = comm
-        comm.reply(msg, node_id=self.node_id)
+        comm.reply(msg, node_id=self.node_id, arena=self.store.path)
         actor = self.pool.actor_registered(wid)
         if actor is not None:
             spec, backlog = actor
@@ -673,6 +703,61 @@ class NodeServer:
         comm.reply(msg, store=self.store.stats(), pool=dict(self.pool.snapshot(),
                                                             **self.leases.snapshot()),
                    packages=list(self.packages.fetched), transfer=self.transfers.stats())
+
+    def _pin_deps(self, comm: Comm, task: dict) -> dict:
+        """``task`` with its arguments in this store pinned for the worker
+        that runs it (a held pin, see objects/held.py), their locations in
+        ``pinned``: its first read of them asks nothing.  Those it already
+        holds are left to it.  The task's own dicts are not changed (a retry
+        goes to another worker)."""
+        deps = task.get("deps")
+        if not deps:
+            return task
+        store, cid = self.store, comm.info["id"]
+        out = None
+        for i, d in enumerate(deps):
+            oid = d.get("oid")
+            if d.get("inline") is not None or oid is None or not store.contains(oid) \
+                    or not store.is_sealed(oid) or cid in store.cached_by(oid):
+                continue
+            try:
+                loc = store.pin(oid, cid, cached=True)
+            except Exception:  # noqa: BLE001 - the worker asks itself, as before
+                continue
+            if out is None:
+                out = list(deps)
+            out[i] = dict(d, pinned=loc.to_wire())
+        return task if out is None else dict(task, deps=out)
+
+    async def _create_after_release(self, comm: Comm, msg: dict,
+                                    holders: dict[str, list[bytes]]) -> None:
+        """Ask clients for their held pins back (see objects/held.py), wait
+        for their answers (at most RELEASE_WAIT s), then create.  A pin under
+        a live view stays (until the view goes): then ask for more."""
+        deadline = time.monotonic() + RELEASE_WAIT
+        while holders and not comm.closed:
+            futs: list[asyncio.Future[Any]] = []
+            for cid, oids in holders.items():
+                c = self.clients.get(cid)
+                if c is not None and not c.closed:
+                    fut = c.request({"op": "release_cached", "oids": oids})
+                    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    # a worker running a task answers once it waits: awaited
+                    # briefly (a leased one may be between tasks)
+                    w = self.pool.workers.get(c.info.get("wid", ""))
+                    if w is not None and w.state != "idle":
+                        futs.append(asyncio.ensure_future(_briefly(fut, BUSY_RELEASE_WAIT)))
+                    else:
+                        futs.append(fut)
+            left = deadline - time.monotonic()
+            if not futs or left <= 0:
+                break
+            _, late = await asyncio.wait(futs, timeout=left)
+            if late:
+                break
+            holders = self.store.cached_holders(msg["size"])
+        if not comm.closed:
+            guarded("node", functools.partial(self._create, asked=True), comm, msg, [])
 
     async def _create_after_pull(self, comm: Comm, msg: dict, pull: asyncio.Future) -> None:
         try:
@@ -729,7 +814,7 @@ class NodeServer:
         store = self.store
         if store.contains(oid) and store.is_sealed(oid):
             try:
-                loc = store.pin(oid, comm.info["id"])
+                loc = store.pin(oid, comm.info["id"], cached=bool(msg.get("cache")))
             except Exception as e:
                 comm.reply(msg, error=f"{type(e).__name__}: {e}")
                 return

@@ -70,7 +70,8 @@ class Worker:
         #: actor calls its head and callers send)
         self._ops: dict[str, Callable[[dict], None]] = {
             "run_task": self._queue, "create_actor": self._queue, "cancel": self._cancel,
-            "exit": self._exit}
+            "exit": self._exit,
+            "release_cached": lambda m: None}  # (the client answers it itself)
         self.lease = WorkerLease(self)  # the lease this pool worker serves, if any
         self._ops.update(self.lease.ops())
 

@@ -109,6 +109,9 @@ class StoreMapping:
         self._files: weakref.WeakValueDictionary[str, _Map] = weakref.WeakValueDictionary()
 
     def _map(self, path: str) -> _Map:
+        m = self._arenas.get(path)
+        if m is not None:
+            return m
         if is_arena_path(path):
             m = self._arenas.get(path)
             if m is None:
@@ -119,6 +122,15 @@ class StoreMapping:
             m = _Map(path)
             self._files[path] = m
         return m
+
+    def premap(self, path: str) -> None:
+        """Map the store arena at ``path`` ahead of the first read of it
+        (a worker does it as it starts); nothing if it cannot be opened."""
+        if is_arena_path(path) and path not in self._arenas:
+            try:
+                self._map(path)
+            except OSError:
+                pass
 
     def writable(self, loc: Location) -> memoryview:
         """A writable view of exactly ``loc.size`` bytes at ``loc``."""

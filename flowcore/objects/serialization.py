@@ -532,13 +532,17 @@ def _is_arrow_buffer(buf: Any) -> bool:
     return pa is not None and isinstance(buf, pa.Buffer)
 
 
-def deserialize(buf: Any) -> Any:
+def deserialize(buf: Any, layout: Layout | None = None) -> Any:
     """Rebuild a value from its layout without copying its buffers.
 
     ``buf`` is bytes, a memoryview or a ``pyarrow.Buffer``.  Out-of-band
     buffers are passed to pickle as slices of ``buf`` (pyarrow slices for a
     pyarrow Buffer), so arrays come back read-only and keep ``buf`` alive.
+    ``layout``: ``read_layout(buf)`` of these very bytes, read before (a
+    store object is immutable: its reader parses the header once).
     """
+    if layout is not None:
+        return _rebuild(buf, layout)
     if type(buf) is bytes and len(buf) > PREFIX_SIZE:
         # a value without out-of-band buffers whose header was seen before
         hlen = _PREFIX.unpack_from(buf, 0)[3] if buf[:4] == MAGIC else 0
@@ -551,6 +555,10 @@ def deserialize(buf: Any) -> Any:
             and len(_PLAIN_HEADERS) < _HEADS_MAX:
         # (checked by read_layout: the next value with this header skips it)
         _PLAIN_HEADERS[buf[PREFIX_SIZE:layout.pickle_offset]] = layout.pickle_size
+    return _rebuild(buf, layout)
+
+
+def _rebuild(buf: Any, layout: Layout) -> Any:
     mv = memoryview(buf)
     if mv.ndim != 1 or mv.format != "B":
         mv = mv.cast("B")

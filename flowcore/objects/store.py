@@ -93,7 +93,7 @@ ARENA, SPILLED, FALLBACK = "arena", "spilled", "fallback"
 
 class _Entry:
     __slots__ = ("size", "sealed", "where", "offset", "path", "creator", "pins",
-                 "doomed")
+                 "doomed", "cached")
 
     def __init__(self, size: int, creator: str) -> None:
         self.size = size
@@ -104,6 +104,9 @@ class _Entry:
         self.creator = creator
         self.pins: dict[str, int] = {}
         self.doomed = False
+        # clients whose pin is a held one (kept between their gets): they
+        # give it back when asked (see cached_holders)
+        self.cached: set[str] | None = None
 
 
 def _cleanup(mm: mmap.mmap, files: set[str], dirs: list[str]) -> None:
@@ -272,13 +275,16 @@ class ObjectStore:
         self._free(oid, e)
         return True
 
-    def pin(self, oid: bytes, client: str, restore: bool = True) -> Location:
+    def pin(self, oid: bytes, client: str, restore: bool = True,
+            cached: bool = False) -> Location:
         """Pin a sealed object for ``client`` and return where to read it.
 
         A spilled object is restored into the arena when it fits (spilling
         others if needed), else served from its disk file.  With
         ``restore=False`` it stays where it is (a reader of the file, such as
         a transfer to another node, gains nothing from the restore).
+        ``cached``: the client keeps this pin between its gets while it holds
+        a reference, and gives it back when asked (:meth:`cached_holders`).
         """
         self._check_open()
         e = self._entries.get(oid)
@@ -289,9 +295,62 @@ class ObjectStore:
         if restore and e.where != ARENA and not e.pins:
             self._restore(oid, e)
         e.pins[client] = e.pins.get(client, 0) + 1
+        if cached:
+            if e.cached is None:
+                e.cached = set()
+            e.cached.add(client)
         self._client_pins.setdefault(client, set()).add(oid)
         self._touch(oid)
         return self._location(e)
+
+    def cached_by(self, oid: bytes) -> list[str]:
+        """The clients holding a cached pin of ``oid`` (none if unknown)."""
+        e = self._entries.get(oid)
+        return sorted(e.cached) if e is not None and e.cached else []
+
+    def cached_holders(self, size: int) -> dict[str, list[bytes]]:
+        """What to ask back before creating an object of ``size`` bytes.
+
+        Empty when it fits in the arena now, or once unpinned objects are
+        spilled (spilled here, least recently used first, as creating it
+        would), or would not fit even with every cached pin given back.
+        Else the clients to ask, each with objects pinned only by cached
+        pins (least recently used first), until their bytes would cover
+        what is missing; those pins are no longer counted as cached (each is
+        asked for once: ask again after the answers, a free range must be
+        contiguous)."""
+        alloc = self._alloc
+        need = alloc.rounded(size)
+        if alloc.largest_free() >= need or need > alloc.capacity:
+            return {}
+        unpinned = self._spillable(None)
+        held = []
+        for oid in self._lru:
+            e = self._entries[oid]
+            if e.sealed and e.pins and e.cached and e.cached.issuperset(e.pins):
+                held.append(oid)
+        if not held:
+            return {}  # nothing to ask: creating it spills or falls back as ever
+        reclaim = sum(alloc.rounded(self._entries[o].size) for o in unpinned + held)
+        if need > alloc.free_bytes + reclaim:
+            return {}  # would not fit even then
+        for oid in unpinned:
+            if alloc.largest_free() >= need or not self._spill(oid):
+                break
+        if alloc.largest_free() >= need:
+            return {}
+        out: dict[str, list[bytes]] = {}
+        free = alloc.free_bytes
+        for oid in held:
+            e = self._entries[oid]
+            assert e.cached is not None
+            for client in e.cached:
+                out.setdefault(client, []).append(oid)
+            e.cached = None
+            free += alloc.rounded(e.size)
+            if free >= need:
+                break
+        return out
 
     def unpin(self, oid: bytes, client: str) -> None:
         e = self._entries.get(oid)
@@ -429,7 +488,10 @@ class ObjectStore:
                 del self._client_creates[client]
 
     def _drop_client_pin(self, client: str, oid: bytes) -> None:
-        self._entries[oid].pins.pop(client, None)
+        e = self._entries[oid]
+        e.pins.pop(client, None)
+        if e.cached:
+            e.cached.discard(client)
         s = self._client_pins.get(client)
         if s is not None:
             s.discard(oid)

@@ -152,9 +152,12 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("register_worker", NODE, PEER, "rid wid pid", "a worker joins its node (then role worker)"),
     ("create", NODE, CLIENTS, "rid oid size", "allocate a store object"),
     ("write_chunk", NODE, CLIENTS, "rid oid start", "fill an object (client mode)"),
-    ("seal", NODE, CLIENTS, "oid", "the object is written"),
+    ("seal", NODE, CLIENTS, "oid pin?",
+     "the object is written (``pin``: and pinned for the writer, a held pin)"),
     ("abort", NODE, CLIENTS, "oid", "drop an object being written"),
-    ("pin", NODE, CLIENTS, "rid oid", "map an object for reading"),
+    ("pin", NODE, CLIENTS, "rid oid cache? sources? size?",
+     "map an object for reading (``cache``: the reader holds the pin between its gets "
+     "and gives it back when asked)"),
     ("unpin", NODE, CLIENTS, "oids", "done reading"),
     ("submit_local", NODE, CLIENTS, "task", "local-first: start a task here if it fits"),
     ("worker_idle", NODE, WORKER, "tid retire?",
@@ -183,6 +186,8 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("lease_end", CLIENT, NODE, "lease",
      "the lease ended: run what was sent, then tell the node (``worker_idle``)"),
     ("lease_revoke", CLIENT, NODE, "lease", "give this lease back once its tasks are done"),
+    ("release_cached", CLIENT, NODE, "rid oids",
+     "give back the held pins of these objects (now, or as their last view goes)"),
     # ---------------------------------------------------------- direct calls
     ("run_task", ACTOR, CALLER,
      "tid actor|lease method|fid name args args_dep deps nret owner fblob? ...",
