@@ -42,6 +42,20 @@ def test_import_flowcore_and_reaching_init_stay_light():
     assert not loaded & avoid, sorted(loaded & avoid)
 
 
+def test_looking_up_the_core_api_before_init_stays_light():
+    """``from flowcore import init, remote, get, put`` before ``init()`` (or a
+    check that they exist) does not load the event loop, the client or the
+    actor machinery, which ``init()`` would otherwise only load after
+    launching the cluster."""
+    loaded = _modules_after("import flowcore\n"
+                            "for n in ('init', 'remote', 'get', 'put', 'wait', 'shutdown'):\n"
+                            "    getattr(flowcore, n)")
+    avoid = {"asyncio", "ssl", "tornado", "numpy", "pyarrow", "flowcore.actor",
+             "flowcore.runtime_context", "flowcore.client.core", "flowcore.cluster"}
+    assert "flowcore.api" in loaded
+    assert not loaded & avoid, sorted(loaded & avoid)
+
+
 def test_dashboard_starts_on_the_first_connection():
     """A fake dashboard: nothing is made until a client connects; then it is
     made once and handed the listening sockets, and the connection waiting in
