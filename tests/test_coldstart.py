@@ -92,14 +92,21 @@ def test_dashboard_starts_on_the_first_connection():
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
-def test_dashboard_that_fails_to_start_closes_its_port():
-    def broken() -> None:
-        raise RuntimeError("no web stack")
+class _FailsToServe:
+    async def start(self, sockets: list[socket.socket], url: str) -> str:
+        raise OSError("cannot serve")
 
+
+def _no_web_stack() -> None:
+    raise RuntimeError("no web stack")
+
+
+@pytest.mark.parametrize("make", [_no_web_stack, _FailsToServe], ids=["make", "start"])
+def test_dashboard_that_fails_to_start_closes_its_port(make):
     async def main() -> None:
         sockets, url = listen("127.0.0.1", 0)
         port = sockets[0].getsockname()[1]
-        lazy = OnFirstConnection(sockets, url, broken)
+        lazy = OnFirstConnection(sockets, url, make)
         try:  # the waiting connection is reset when the port closes
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
