@@ -36,9 +36,9 @@ class Metric:
 
 METRICS: Tuple[Metric, ...] = (
     Metric("cold_start_s", "cold start (import -> 1st result)", "s", False, "cold_start",
-           Target("abs_max", 0.5, text="<= 0.5 s")),
+           Target("abs_max", 0.3, text="<= 0.3 s")),
     Metric("idle_mem_mib", "idle memory (PSS driver+children)", "MiB", False, "idle_memory",
-           Target("abs_max", 150, text="<= 150 MiB")),
+           Target("abs_max", 100, text="<= 100 MiB")),
     Metric("sync_rtt_per_s", "sync round trips/s", "1/s", True, "sync_rtt",
            Target("vs", 3, "ray", ">= 3x ray")),
     Metric("async_tasks_per_s", "async tasks/s (1000 no-ops)", "1/s", True, "async_tasks",

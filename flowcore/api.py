@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 import socket
-from typing import Any, Sequence, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar, overload
 
 from .objects.ref import ObjectRef
-from .runtime_context import RuntimeContext
 from .session import (client_or_init, current_client, init, is_initialized, require_client,
                       session_info, shutdown)
+
+if TYPE_CHECKING:  # the actor and options modules load with the first use
+    from .runtime_context import RuntimeContext
 
 T = TypeVar("T")
 
@@ -148,6 +150,7 @@ def get_node_ip_address(address: str = "8.8.8.8:53") -> str:
 def get_runtime_context() -> RuntimeContext:
     """Facts about this process, job, task and actor (``RuntimeContext``);
     starts the embedded cluster on first use, like the other API calls."""
+    from .runtime_context import RuntimeContext
     return RuntimeContext(client_or_init())
 
 

@@ -9,16 +9,13 @@ and the children stop themselves.
 """
 from __future__ import annotations
 
-import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import daemon
@@ -33,13 +30,23 @@ class ClusterStartError(FlowcoreError, RuntimeError):
     message carries the end of its log."""
 
 
-@dataclass
 class NodeProcess:
-    proc: subprocess.Popen
-    address: str
-    node_id: str
-    log_file: str
-    args: dict = field(default_factory=dict)
+    """A node process of a ``LocalCluster``: its ``Popen``, address, id, log
+    file and the resource arguments it was started with.  (A plain class: a
+    dataclass would make ``init()`` import ``inspect`` and ``ast`` before it
+    launches the head and node.)"""
+
+    def __init__(self, proc: subprocess.Popen, address: str, node_id: str, log_file: str,
+                 args: dict | None = None):
+        self.proc = proc
+        self.address = address
+        self.node_id = node_id
+        self.log_file = log_file
+        self.args = args if args is not None else {}
+
+    def __repr__(self) -> str:
+        return (f"NodeProcess(pid={self.proc.pid}, address={self.address!r}, "
+                f"node_id={self.node_id!r}, log_file={self.log_file!r})")
 
 
 SESSION_PREFIX = "flowcore-session-"
@@ -108,6 +115,7 @@ def prune_old_sessions(keep: int | None = None, max_age: float | None = None) ->
     for i, (mtime, old) in enumerate(entries):
         if (i < keep and now - mtime <= max_age) or _session_in_use(old):
             continue
+        import shutil
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -155,8 +163,8 @@ class LocalCluster:
                  start_timeout: float = 60.0, tls: Any = None, **node_options: Any):
         self.tls = resolve_tls(tls, "LocalCluster(tls=...)")
         self.own_session_dir = session_dir is None
-        if session_dir is None:
-            prune_old_sessions()
+        # old embedded sessions are pruned once the head is launched (while it boots)
+        self._prune_pending = self.own_session_dir
         self.session_dir = make_private_dir(session_dir or tempfile.mkdtemp(prefix=SESSION_PREFIX))
         make_private_dir(os.path.join(self.session_dir, "logs"))
         self.token = token or daemon.new_token()
@@ -283,10 +291,16 @@ class LocalCluster:
         self._head_ready(self._await_ready(proc, ready, log))
         return self.head_address
 
+    def _prune_once(self) -> None:
+        if self._prune_pending:
+            self._prune_pending = False
+            prune_old_sessions()
+
     def start_head(self) -> str:
         module, args, log = self._head_args()
         proc, ready = self._launch(module, args, log)
         self.head = proc
+        self._prune_once()
         self._head_ready(self._await_ready(proc, ready, log))
         return self.head_address
 
@@ -319,6 +333,7 @@ class LocalCluster:
             raise
         proc, node_ready, node_log, meta = node_launch
         try:
+            self._prune_once()
             if while_starting is not None:
                 while_starting()
             self._head_ready(self._await_ready(head, head_ready, log))
@@ -361,6 +376,7 @@ class LocalCluster:
         if num_gpus is not None:  # None: the node detects its GPUs (nvidia-smi)
             args += ["--num-gpus", str(int(num_gpus))]
         if resources:
+            import json
             args += ["--resources", json.dumps(resources)]
         if object_store_memory:
             args += ["--object-store-memory", str(int(object_store_memory))]
@@ -415,6 +431,7 @@ class LocalCluster:
         if self.closed:
             return
         self.closed = True
+        self._prune_once()
         for node in self.nodes:
             _terminate(node.proc)
         for node in self.nodes:
@@ -430,9 +447,11 @@ class LocalCluster:
         _sweep()
         for entry in os.listdir(self.session_dir):
             if entry.startswith("spill-"):
+                import shutil
                 shutil.rmtree(os.path.join(self.session_dir, entry), ignore_errors=True)
 
     def remove_session_dir(self) -> None:
+        import shutil
         shutil.rmtree(self.session_dir, ignore_errors=True)
 
 

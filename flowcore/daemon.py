@@ -3,9 +3,7 @@ logging to the session directory, the lifeline pipe that ends a child when
 its parent dies, the ready pipe that reports a bound address, signals."""
 from __future__ import annotations
 
-import logging
 import os
-import secrets
 import signal
 import sys
 from typing import Callable
@@ -17,6 +15,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 def setup_logging(log_file: str | None, level: str = "INFO") -> None:
+    import logging  # not at the top: init() imports this module before it launches
     root = logging.getLogger()
     root.handlers.clear()
     handler: logging.Handler
@@ -85,7 +84,10 @@ def resolve_token(token: str | None, token_file: str | None) -> str | None:
 
 
 def new_token() -> str:
-    return secrets.token_hex(32)
+    """32 random bytes from the OS, as hex (what ``secrets.token_hex(32)``
+    returns, without importing ``secrets``, whose ``hmac`` loads OpenSSL
+    before ``init()`` can launch the head and node)."""
+    return os.urandom(32).hex()
 
 
 def write_private(path: str, text: str) -> None:

@@ -10,7 +10,6 @@ itself is held by ``flowcore.context``, below this module.
 from __future__ import annotations
 
 import atexit
-import logging
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ __all__ = ["init", "shutdown", "is_initialized", "session_info", "session_token"
            "client_or_init",
            "require_client", "current_client"]
 
-logger = logging.getLogger("flowcore")
+# (the "flowcore" logger: ``logging`` loads after init() launched the cluster)
 
 # What ``init`` started (the embedded cluster) and what it reports.
 _state_lock = threading.RLock()
@@ -192,8 +191,9 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                 raise
         set_client(client)
         _initialized = True
-        logger.info("flowcore started: head %s, session %s", _info["address"],
-                    _info["session_dir"])
+        import logging
+        logging.getLogger("flowcore").info("flowcore started: head %s, session %s",
+                                           _info["address"], _info["session_dir"])
         if _cluster is not None and not os.environ.get("FLOWCORE_QUIET"):
             dash = (f", dashboard {_cluster.dashboard_login_url}"
                     if _cluster.dashboard_login_url else "")

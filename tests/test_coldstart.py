@@ -4,7 +4,6 @@ connection, and start-up failures reported clearly without leftovers."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -19,13 +18,15 @@ from flowcore.dashboard import OnFirstConnection, listen
 
 HEAVY = ("tornado", "pyarrow", "numpy", "asyncio", "ssl", "msgpack", "cloudpickle",
          "flowcore.api", "flowcore.client.core", "flowcore.objects.ref")
+# the standard library's slower imports, loaded later (while the cluster boots)
+PRE_LAUNCH_AVOIDED = ("logging", "inspect", "dataclasses", "hmac", "secrets", "json")
 
 
 def _modules_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json\n"
-                          "print(json.dumps(sorted(sys.modules)))"],
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
+                          "print(' '.join(sorted(sys.modules)))"],
                          capture_output=True, text=True, timeout=60, check=True)
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+    return set(out.stdout.strip().splitlines()[-1].split())
 
 
 def test_import_flowcore_and_reaching_init_stay_light():
@@ -36,8 +37,23 @@ def test_import_flowcore_and_reaching_init_stay_light():
     assert "flowcore.session" in loaded
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
     # what init() needs before it launches the processes is just as light
-    loaded = _modules_after("import flowcore.cluster")
-    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    loaded = _modules_after("import flowcore\nflowcore.init\nimport flowcore.cluster")
+    avoid = set(HEAVY) | set(PRE_LAUNCH_AVOIDED)
+    assert not loaded & avoid, sorted(loaded & avoid)
+
+
+def test_looking_up_the_core_api_before_init_stays_light():
+    """``from flowcore import init, remote, get, put`` before ``init()`` (or a
+    check that they exist) does not load the event loop, the client or the
+    actor machinery, which ``init()`` would otherwise only load after
+    launching the cluster."""
+    loaded = _modules_after("import flowcore\n"
+                            "for n in ('init', 'remote', 'get', 'put', 'wait', 'shutdown'):\n"
+                            "    getattr(flowcore, n)")
+    avoid = {"asyncio", "ssl", "tornado", "numpy", "pyarrow", "flowcore.actor",
+             "flowcore.runtime_context", "flowcore.client.core", "flowcore.cluster"}
+    assert "flowcore.api" in loaded
+    assert not loaded & avoid, sorted(loaded & avoid)
 
 
 def test_dashboard_starts_on_the_first_connection():
@@ -76,14 +92,21 @@ def test_dashboard_starts_on_the_first_connection():
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
-def test_dashboard_that_fails_to_start_closes_its_port():
-    def broken() -> None:
-        raise RuntimeError("no web stack")
+class _FailsToServe:
+    async def start(self, sockets: list[socket.socket], url: str) -> str:
+        raise OSError("cannot serve")
 
+
+def _no_web_stack() -> None:
+    raise RuntimeError("no web stack")
+
+
+@pytest.mark.parametrize("make", [_no_web_stack, _FailsToServe], ids=["make", "start"])
+def test_dashboard_that_fails_to_start_closes_its_port(make):
     async def main() -> None:
         sockets, url = listen("127.0.0.1", 0)
         port = sockets[0].getsockname()[1]
-        lazy = OnFirstConnection(sockets, url, broken)
+        lazy = OnFirstConnection(sockets, url, make)
         try:  # the waiting connection is reset when the port closes
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:

@@ -61,11 +61,21 @@ class OnFirstConnection:
         self._unwatch()
         try:
             self.dashboard = self._make()
-            asyncio.ensure_future(self.dashboard.start(self.sockets, self.url))
+            started = asyncio.ensure_future(self.dashboard.start(self.sockets, self.url))
         except Exception:  # noqa: BLE001 - the head keeps running without its dashboard
             logger.exception("the dashboard at %s could not start; it is closed", self.url)
             self.dashboard = None
             self._close_sockets()
+            return
+        started.add_done_callback(self._started)
+
+    def _started(self, fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is None:
+            return
+        logger.error("the dashboard at %s could not start; it is closed", self.url,
+                     exc_info=fut.exception())
+        self.dashboard = None
+        self._close_sockets()
 
     def _close_sockets(self) -> None:
         for s in self.sockets:

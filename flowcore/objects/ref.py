@@ -1,8 +1,6 @@
 """``ObjectRef``: a future for one object in the cluster."""
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from typing import TYPE_CHECKING, Any, Generator, Generic, TypeVar
 
 # this process's client (flowcore.context) counts the references
@@ -10,6 +8,8 @@ from ..context import current_client, set_client  # noqa: F401 - named here too
 from . import serialization
 
 if TYPE_CHECKING:
+    import asyncio  # loaded by as_future/__await__: not before init() launches
+    import concurrent.futures
     from ..client.core import CoreClient
 
 T = TypeVar("T")
@@ -82,9 +82,11 @@ class ObjectRef(Generic[T]):
     def as_future(self) -> "asyncio.Future[T]":
         """An ``asyncio.Future`` (of the running event loop) resolved with the
         value or error, for ``asyncio.wait``/``gather`` and callbacks."""
+        import asyncio
         return asyncio.wrap_future(self.future())
 
     def __await__(self) -> Generator[Any, None, T]:
+        import asyncio
         return asyncio.wrap_future(self.future()).__await__()
 
 
