@@ -47,10 +47,16 @@ def test_driver_moves_to_another_local_node(monkeypatch):
             small = [square.remote(i) for i in range(60)]
             big = [block.remote(i) for i in range(30)]
             assert flowcore.get(small[:5], timeout=60) == [0, 1, 4, 9, 16]
+            # read once through this node: held here (objects/held.py), which
+            # must not outlive the node (its copy is gone or rebuilt)
+            assert int(flowcore.get(big[0], timeout=60)[0]) == 0
+            assert big[0].binary() in context.current_client().held
             kept = flowcore.put(np.arange(1 << 17))  # 1 MiB put on the doomed node: no lineage
             cluster.kill_node(mine)
             assert flowcore.get(small, timeout=90) == [i * i for i in range(60)]
             assert [int(a[0]) for a in flowcore.get(big, timeout=90)] == list(range(30))
+            held = context.current_client().held
+            assert held.lookup(big[0].binary(), mine) is None  # forgotten with the node
             assert flowcore.get_runtime_context().get_node_id() != mine
             # the new node is on this host: mapped
             assert not context.current_client().remote_store

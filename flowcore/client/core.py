@@ -1203,6 +1203,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         or not the task runs; one we already hold is unpinned at once."""
         from ..objects.store import Location
         extra: list[bytes] = []
+        adopted = 0
         with self._lock:
             for d in deps:
                 wire = d.pop("pinned", None)
@@ -1211,8 +1212,10 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                 if not self.HOLDS or self.held.add(d["oid"], Location.from_wire(wire),
                                                    self.node_id) is None:
                     extra.append(d["oid"])
-            if self.HELD_UNREFERENCED:
-                extra += self.held.trim(self.HELD_UNREFERENCED)
+                else:
+                    adopted += 1
+            if self.HELD_UNREFERENCED:  # (the task's own arguments are kept)
+                extra += self.held.trim(max(self.HELD_UNREFERENCED, adopted))
         if extra:
             self.send("node", messages.oids("unpin", extra))
 
