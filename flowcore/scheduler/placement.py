@@ -311,6 +311,7 @@ class PlacementIndex:
         if not dirty:
             return
         order, nodes, h = self.order, self.nodes, self._load
+        keys, heap = h.keys, h.heap
         for nid in dirty:
             seq = order.get(nid)
             if seq is None:
@@ -318,10 +319,24 @@ class PlacementIndex:
             node = nodes[nid]
             cpus = node.total.get("CPU", 0.0)
             if cpus > 0:
-                h.set(nid, -(len(node.running) / cpus), seq)  # (least loaded first)
+                load = len(node.running) / cpus
+                if h.exact and seq <= _SEQ_MASK:
+                    # (the int key of minus the load, inlined: _int_key)
+                    f = load * _SCALE
+                    i = int(f)
+                    if i == f:
+                        key = (i << _SEQ_BITS) | seq
+                        if keys.get(nid) != key:
+                            keys[nid] = key
+                            heappush(heap, key)
+                        continue
+                h.set(nid, -load, seq)  # (least loaded first)
+                keys, heap = h.keys, h.heap  # (set may have rebuilt them)
             else:
                 h.drop(nid)
         dirty.clear()
+        if len(heap) > 2 * len(keys) + 32:
+            h.rebuild()
 
     def _heap(self, names: frozenset[str]) -> _Heap:
         h = self._free.get(names)
@@ -366,13 +381,13 @@ class PlacementIndex:
             if grew is not None:
                 # nothing fitted then: only the nodes that grew since may now
                 best, best_key = None, None
-                order, nodes = self.order, self.nodes
+                order, nodes, names = self.order, self.nodes, h.names
                 for nid in grew:
                     seq = order.get(nid)
                     if seq is None:
                         continue
                     node = nodes[nid]
-                    if not h.holds(node) or not node.fits(res):
+                    if not node.available.fits(res) or (names and not h.holds(node)):
                         continue
                     rank = (node.available.get("CPU", 0.0), -seq)
                     if best_key is None or rank > best_key:
@@ -418,7 +433,8 @@ class PlacementIndex:
                     and node.could_ever_fit(res):
                 return node
             return None
-        self._flush_load()
+        if self._load_dirty:
+            self._flush_load()
         limit = 1.0 + depth
         h, nodes, by_seq = self._load, self.nodes, self._by_seq
         heap, keys, exact = h.heap, h.keys, h.exact
