@@ -703,7 +703,7 @@ class SchedulerState:
             return
         if self.local_first.offers and self.local_first.offered(t, cause):
             return
-        could = self.placement.could_ever_fit(t.res) if strategy is None \
+        could = self.placement.could_ever_fit(t.res, t.shape) if strategy is None \
             else self._could_run_somewhere(t)
         if not could and self.nodes:
             s = t.strategy
@@ -798,7 +798,7 @@ class SchedulerState:
         """
         strategy = t.strategy
         if strategy is None and not t.deps:
-            return self.placement.most_free(t.res)
+            return self.placement.most_free(t.res, t.shape)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "pg":
             return self.groups.choose_node(t)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "node":

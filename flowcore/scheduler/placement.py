@@ -350,22 +350,27 @@ class PlacementIndex:
         return h
 
     # ------------------------------------------------------------ queries
-    def could_ever_fit(self, res: Mapping[str, float]) -> bool:
-        """Whether some live node's totals fit ``res``."""
-        key = tuple(res.items())
+    def could_ever_fit(self, res: Mapping[str, float], key: tuple | None = None) -> bool:
+        """Whether some live node's totals fit ``res`` (``key``: a hashable
+        form of it, the task's shape, when the caller has one)."""
+        if key is None:
+            key = tuple(res.items())
         ok = self._ever.get(key)
         if ok is None:
             nodes = self.nodes
             ok = self._ever[key] = any(nodes[nid].could_ever_fit(res) for nid in self.order)
         return ok
 
-    def most_free(self, res: Mapping[str, float]) -> "NodeRecord | None":
+    def most_free(self, res: Mapping[str, float],
+                  key: tuple | None = None) -> "NodeRecord | None":
         """The live node with the most free CPU among those ``res`` fits now
-        (ties: the one that joined first), or None."""
+        (ties: the one that joined first), or None.  ``key``: a hashable form
+        of ``res`` (the task's shape) when the caller has one."""
         if len(self.order) == 1:  # one node (a local cluster): nothing to order
             node = self.nodes[next(iter(self.order))]
-            return node if node.fits(res) else None
-        key = tuple(res.items())
+            return node if node.available.fits(res) else None
+        if key is None:
+            key = tuple(res.items())
         h = self._by_request.get(key)
         if h is None:
             names = frozenset(k for k, v in res.items() if v > EPS and k != "CPU")
