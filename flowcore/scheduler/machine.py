@@ -885,7 +885,8 @@ class SchedulerState:
                 self._release(t.deps)
             if t.nested:
                 self._release(t.nested)
-        self._maybe_prune(t)
+        if t.returns_alive <= 0:
+            self._maybe_prune(t)
 
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
