@@ -23,8 +23,9 @@ from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCa
                           WorkerCrashedError)
 from .actors import ActorManager
 from .direct_calls import DirectCalls
-from .books import check_books
-from .history import History, history_rows
+from .books import check_books, stuck_problem
+from . import queries
+from .history import History
 from .lineage import Lineage
 from .leases import Leases
 from .local_first import LocalFirst
@@ -745,8 +746,9 @@ class SchedulerState:
                     q.popleft()
                     continue
                 if stuck.get(shape) == (freed, tid):
-                    if self.validate:
-                        self._check_stuck(t)
+                    problem = stuck_problem(self, t) if self.validate else None
+                    if problem:
+                        raise AssertionError(problem)
                     break
                 best = None if full else self._choose_node(t)
                 if best is None and t.strategy is None:
@@ -761,21 +763,6 @@ class SchedulerState:
             if not q:
                 del self.queues[shape]
                 stuck.pop(shape, None)
-
-    def _check_stuck(self, t: TaskRecord) -> None:
-        """Validate mode: a queue skipped as stuck really has no node for
-        its first task (a full scan of the live nodes)."""
-        fitting = [n for n in self.placement.alive() if n.fits(t.res)]
-        ahead = None
-        if t.strategy is None and self.pipeline_depth > 0 and t.kind != "create" \
-                and all(k == "CPU" for k in t.res):
-            ahead = [n for n in self.placement.alive() if n.total.get("CPU", 0.0) > 0
-                     and n.could_ever_fit(t.res)
-                     and len(n.running) / n.total["CPU"] < 1.0 + self.pipeline_depth]
-        if fitting or ahead:
-            raise AssertionError(f"the queue of task {t.name} was skipped as stuck, but "
-                                 f"nodes {[n.node_id for n in fitting or ahead or ()]} "
-                                 f"can take it")
 
     def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
         """Bytes of ``t``'s store-held arguments per node."""
@@ -1031,45 +1018,10 @@ class SchedulerState:
         self._done(t)
 
     # ------------------------------------------------------------ queries
-    def cluster_resources(self) -> dict[str, float]:
-        tot: dict[str, float] = {}
-        for n in self.nodes.values():
-            if n.alive:
-                for k, v in n.total.items():
-                    tot[k] = tot.get(k, 0.0) + v
-        return tot
-
-    def available_resources(self) -> dict[str, float]:
-        av: dict[str, float] = {}
-        for n in self.nodes.values():
-            if n.alive:
-                for k, v in n.available.items():
-                    av[k] = av.get(k, 0.0) + max(v, 0.0)
-        return av
-
-    def list_tasks(self, state: str | None = None, limit: int = 10_000) -> list[dict]:
-        """Task rows: the tasks the head still tracks, then finished tasks
-        already pruned (their refs dropped), newest first, from the bounded
-        history, in the same columns."""
-        out = []
-        for t in self.tasks.values():
-            if state is None or str(t.state) == state:
-                out.append(t.as_dict())
-                if len(out) >= limit:
-                    return out
-        seen = {row["task_id"] for row in out}
-        return out + history_rows(self.history, self.tasks, state, limit - len(out), seen)
-
-    def list_objects(self, limit: int = 10_000) -> list[dict]:
-        return [o.as_dict() for _, o in zip(range(limit), self.objects.values())]
-
-    def list_nodes(self) -> list[dict]:
-        return [n.as_dict() for n in self.nodes.values()] + list(self.dead_nodes.values())
-
-    def task_info(self, tid: bytes) -> dict | None:
-        t = self.tasks.get(tid)
-        if t is None:
-            return None
-        d = t.as_dict()
-        d["events"] = self.log.for_task(tid)
-        return d
+    # (read-only views of the tables: ``queries.py``)
+    cluster_resources = queries.cluster_resources
+    available_resources = queries.available_resources
+    list_tasks = queries.list_tasks
+    list_objects = queries.list_objects
+    list_nodes = queries.list_nodes
+    task_info = queries.task_info
