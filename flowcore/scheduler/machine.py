@@ -760,6 +760,12 @@ class SchedulerState:
                     break
                 q.popleft()
                 self._dispatch(t, best)
+                if full and q and self.placement.ahead_alone and len(best.running) \
+                        / best.total["CPU"] >= 1.0 + self.pipeline_depth:
+                    # sent ahead to the only node below the limit, now at it:
+                    # nothing else can go ahead until something is freed
+                    stuck[shape] = (freed, q[0])
+                    break
             if not q:
                 del self.queues[shape]
                 stuck.pop(shape, None)

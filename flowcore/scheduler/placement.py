@@ -177,6 +177,7 @@ class PlacementIndex:
         #: by load (running tasks per CPU), least first: ``_Heap`` keys of
         #: minus the load
         self._load = _Heap(frozenset())
+        self.ahead_alone = False  # (see ``least_loaded``)
         #: SPREAD's order per request shape (made on the first SPREAD task
         #: of that shape), the nodes changed since, and when SPREAD last
         #: chose each node (its turn: ties go to the one chosen longest ago)
@@ -430,12 +431,17 @@ class PlacementIndex:
     def least_loaded(self, res: Mapping[str, float], depth: float) -> "NodeRecord | None":
         """The node a CPU-only task ``res`` may be sent to ahead of time: the
         least loaded (running tasks per CPU, ties: joined first) whose totals
-        fit it, if its load is below ``1 + depth``; else None."""
+        fit it, if its load is below ``1 + depth``; else None.
+
+        ``ahead_alone`` tells after a node was found whether it is surely
+        the only node below that load (then one more task there may leave
+        none: the caller need not ask again)."""
         if len(self.order) == 1:
             node = self.nodes[next(iter(self.order))]
             cpus = node.total.get("CPU", 0.0)
             if cpus > 0 and len(node.running) / cpus < 1.0 + depth \
                     and node.could_ever_fit(res):
+                self.ahead_alone = True
                 return node
             return None
         if self._load_dirty:
@@ -458,8 +464,24 @@ class PlacementIndex:
                 found = node
                 break
             popped.append(heappop(heap))
-        for e in popped:
-            heappush(heap, e)
+        if popped:
+            for e in popped:
+                heappush(heap, e)
+            self.ahead_alone = False
+        elif found is not None:
+            # the top's two children are live entries at or past the limit:
+            # every node below them is too (the heap's order)
+            alone = True
+            for i in (1, 2):
+                if i < len(heap):
+                    entry = heap[i]
+                    nid = by_seq[entry & _SEQ_MASK] if exact else entry[2]
+                    other = nodes.get(nid)
+                    if keys.get(nid) != entry or other is None \
+                            or len(other.running) / other.total["CPU"] < limit:
+                        alone = False
+                        break
+            self.ahead_alone = alone
         return found
 
     def spread(self, res: Mapping[str, float]) -> "NodeRecord | None":
