@@ -239,3 +239,23 @@ def test_spread_does_not_scan_every_node(monkeypatch) -> None:
     assert len(looked) < 800 * 5, f"{len(looked)} fit checks for 800 SPREAD placements"
     monkeypatch.undo()
     assert index.check([{"CPU": 1.0}, {"CPU": 4.0}]) == []
+
+
+def test_tasks_sent_ahead_fill_every_node_below_the_limit_then_wait() -> None:
+    """Sending ahead (pipelining) goes on while any node is below its limit,
+    and a queue marked stuck is only skipped while no node can take its
+    first task (validate mode checks each skip with a scan)."""
+    s = SchedulerState(validate=True, event_log_size=1000, pipeline_depth=1.0)
+    s.handle("d", {"op": "register_client", "kind": "driver"})
+    for nid in ("a", "b", "c"):
+        s.handle(nid, {"op": "register_node", "node_id": nid, "name": nid,
+                       "address": f"tcp://{nid}:1", "resources": {"CPU": 1.0}})
+    out = _placed(s.handle("d", {"op": "submit", "tasks": [_spec(40 + i) for i in range(8)]}))
+    # one running and one ahead on each node (load 2 per CPU: the limit)
+    assert sorted(out.values()) == ["a", "a", "b", "b", "c", "c"]
+    assert _placed(s.handle("d", {"op": "submit", "tasks": [_spec(50)]})) == {}  # skipped
+    first = next(tid for tid, nid in out.items() if nid == "b")
+    out = _placed(s.handle("b", {"op": "task_done", "tid": first, "status": "ok", "results": [
+        {"oid": object_id(first, 0), "size": 1, "inline": b"v", "error": False}]}))
+    assert list(out.values()) == ["b"]  # b ran one: one more goes ahead there
+    assert s.tasks[_spec(46)["tid"]].state == TaskState.RUNNING

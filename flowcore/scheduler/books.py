@@ -12,11 +12,12 @@ every message, for its ``validate`` mode (on in the tests).
   requests queued now and a one-CPU task).
 
 ``check_books(state)`` returns the problems found (empty when the books are
-right).  It reads the tables only.
+right); ``stuck_problem(state, task)`` checks a queue the head skipped as
+stuck.  They read the tables only.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import ids
 from .records import READY, TaskState
@@ -80,3 +81,19 @@ def check_books(s: "SchedulerState") -> list[str]:
     requests = [{"CPU": 1.0}] + [dict(shape[0]) for shape in s.queues]
     problems.extend(s.placement.check(requests, s.pipeline_depth))
     return problems
+
+
+def stuck_problem(s: "SchedulerState", t: Any) -> str | None:
+    """A queue skipped as stuck really has no node for its first task ``t``
+    (a full scan of the live nodes): None, or what is wrong."""
+    alive = list(s.placement.alive())
+    fitting = [n for n in alive if n.fits(t.res)]
+    ahead = []
+    if t.strategy is None and s.pipeline_depth > 0 and t.kind != "create" \
+            and all(k == "CPU" for k in t.res):
+        ahead = [n for n in alive if n.total.get("CPU", 0.0) > 0 and n.could_ever_fit(t.res)
+                 and len(n.running) / n.total["CPU"] < 1.0 + s.pipeline_depth]
+    if fitting or ahead:
+        return (f"the queue of task {t.name} was skipped as stuck, but nodes "
+                f"{[n.node_id for n in fitting or ahead]} can take it")
+    return None

@@ -37,13 +37,17 @@ class History:
 
     def __init__(self, maxlen: int):
         self._items: deque[tuple] = deque(maxlen=maxlen)
+        self._append = self._items.append
 
     @property
     def maxlen(self) -> int | None:
         return self._items.maxlen
 
     def add(self, t: Any) -> None:
-        self._items.append(_snapshot(t))
+        # (_snapshot, inlined: this runs for every task that ends)
+        self._append((t.tid, t.name, t.kind, t.state, t.node, t.worker, t.submitted, t.started,
+                      t.ended, t.attempt, t.actor, t.error_text, t.cause, t.owner,
+                      t.retries_left, t.res))
 
     def __len__(self) -> int:
         return len(self._items)

@@ -10,7 +10,6 @@ reported as ``lineage_evicted`` instead of being rebuilt.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from .. import ids
@@ -40,14 +39,14 @@ class Lineage:
         self.s = state
         self.memory = memory
         self.bytes = 0
-        self.kept: "OrderedDict[bytes, int]" = OrderedDict()
+        self.kept: dict[bytes, int] = {}  # (insertion order: oldest first)
 
     def keep(self, t: TaskRecord) -> None:
         """``t`` finished: keep its spec and arguments for re-execution,
         evicting the oldest kept lineage when over the bound."""
         t.lineage_held = True
-        if t.tid in self.kept:  # finished again after a rebuild
-            self.kept.move_to_end(t.tid)
+        if t.tid in self.kept:  # finished again after a rebuild: the newest now
+            self.kept[t.tid] = self.kept.pop(t.tid)
             return
         cost = lineage_cost(t)
         self.kept[t.tid] = cost

@@ -23,8 +23,9 @@ from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCa
                           WorkerCrashedError)
 from .actors import ActorManager
 from .direct_calls import DirectCalls
-from .books import check_books
-from .history import History, history_rows
+from .books import check_books, stuck_problem
+from . import queries
+from .history import History
 from .lineage import Lineage
 from .leases import Leases
 from .local_first import LocalFirst
@@ -703,7 +704,7 @@ class SchedulerState:
             return
         if self.local_first.offers and self.local_first.offered(t, cause):
             return
-        could = self.placement.could_ever_fit(t.res) if strategy is None \
+        could = self.placement.could_ever_fit(t.res, t.shape) if strategy is None \
             else self._could_run_somewhere(t)
         if not could and self.nodes:
             s = t.strategy
@@ -745,8 +746,9 @@ class SchedulerState:
                     q.popleft()
                     continue
                 if stuck.get(shape) == (freed, tid):
-                    if self.validate:
-                        self._check_stuck(t)
+                    problem = stuck_problem(self, t) if self.validate else None
+                    if problem:
+                        raise AssertionError(problem)
                     break
                 best = None if full else self._choose_node(t)
                 if best is None and t.strategy is None:
@@ -758,24 +760,15 @@ class SchedulerState:
                     break
                 q.popleft()
                 self._dispatch(t, best)
+                if full and q and self.placement.ahead_alone and len(best.running) \
+                        / best.total["CPU"] >= 1.0 + self.pipeline_depth:
+                    # sent ahead to the only node below the limit, now at it:
+                    # nothing else can go ahead until something is freed
+                    stuck[shape] = (freed, q[0])
+                    break
             if not q:
                 del self.queues[shape]
                 stuck.pop(shape, None)
-
-    def _check_stuck(self, t: TaskRecord) -> None:
-        """Validate mode: a queue skipped as stuck really has no node for
-        its first task (a full scan of the live nodes)."""
-        fitting = [n for n in self.placement.alive() if n.fits(t.res)]
-        ahead = None
-        if t.strategy is None and self.pipeline_depth > 0 and t.kind != "create" \
-                and all(k == "CPU" for k in t.res):
-            ahead = [n for n in self.placement.alive() if n.total.get("CPU", 0.0) > 0
-                     and n.could_ever_fit(t.res)
-                     and len(n.running) / n.total["CPU"] < 1.0 + self.pipeline_depth]
-        if fitting or ahead:
-            raise AssertionError(f"the queue of task {t.name} was skipped as stuck, but "
-                                 f"nodes {[n.node_id for n in fitting or ahead or ()]} "
-                                 f"can take it")
 
     def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
         """Bytes of ``t``'s store-held arguments per node."""
@@ -798,7 +791,7 @@ class SchedulerState:
         """
         strategy = t.strategy
         if strategy is None and not t.deps:
-            return self.placement.most_free(t.res)
+            return self.placement.most_free(t.res, t.shape)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "pg":
             return self.groups.choose_node(t)
         if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
@@ -885,7 +878,8 @@ class SchedulerState:
                 self._release(t.deps)
             if t.nested:
                 self._release(t.nested)
-        self._maybe_prune(t)
+        if t.returns_alive <= 0:
+            self._maybe_prune(t)
 
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
@@ -1030,45 +1024,10 @@ class SchedulerState:
         self._done(t)
 
     # ------------------------------------------------------------ queries
-    def cluster_resources(self) -> dict[str, float]:
-        tot: dict[str, float] = {}
-        for n in self.nodes.values():
-            if n.alive:
-                for k, v in n.total.items():
-                    tot[k] = tot.get(k, 0.0) + v
-        return tot
-
-    def available_resources(self) -> dict[str, float]:
-        av: dict[str, float] = {}
-        for n in self.nodes.values():
-            if n.alive:
-                for k, v in n.available.items():
-                    av[k] = av.get(k, 0.0) + max(v, 0.0)
-        return av
-
-    def list_tasks(self, state: str | None = None, limit: int = 10_000) -> list[dict]:
-        """Task rows: the tasks the head still tracks, then finished tasks
-        already pruned (their refs dropped), newest first, from the bounded
-        history, in the same columns."""
-        out = []
-        for t in self.tasks.values():
-            if state is None or str(t.state) == state:
-                out.append(t.as_dict())
-                if len(out) >= limit:
-                    return out
-        seen = {row["task_id"] for row in out}
-        return out + history_rows(self.history, self.tasks, state, limit - len(out), seen)
-
-    def list_objects(self, limit: int = 10_000) -> list[dict]:
-        return [o.as_dict() for _, o in zip(range(limit), self.objects.values())]
-
-    def list_nodes(self) -> list[dict]:
-        return [n.as_dict() for n in self.nodes.values()] + list(self.dead_nodes.values())
-
-    def task_info(self, tid: bytes) -> dict | None:
-        t = self.tasks.get(tid)
-        if t is None:
-            return None
-        d = t.as_dict()
-        d["events"] = self.log.for_task(tid)
-        return d
+    # (read-only views of the tables: ``queries.py``)
+    cluster_resources = queries.cluster_resources
+    available_resources = queries.available_resources
+    list_tasks = queries.list_tasks
+    list_objects = queries.list_objects
+    list_nodes = queries.list_nodes
+    task_info = queries.task_info

@@ -177,6 +177,7 @@ class PlacementIndex:
         #: by load (running tasks per CPU), least first: ``_Heap`` keys of
         #: minus the load
         self._load = _Heap(frozenset())
+        self.ahead_alone = False  # (see ``least_loaded``)
         #: SPREAD's order per request shape (made on the first SPREAD task
         #: of that shape), the nodes changed since, and when SPREAD last
         #: chose each node (its turn: ties go to the one chosen longest ago)
@@ -311,6 +312,7 @@ class PlacementIndex:
         if not dirty:
             return
         order, nodes, h = self.order, self.nodes, self._load
+        keys, heap = h.keys, h.heap
         for nid in dirty:
             seq = order.get(nid)
             if seq is None:
@@ -318,10 +320,24 @@ class PlacementIndex:
             node = nodes[nid]
             cpus = node.total.get("CPU", 0.0)
             if cpus > 0:
-                h.set(nid, -(len(node.running) / cpus), seq)  # (least loaded first)
+                load = len(node.running) / cpus
+                if h.exact and seq <= _SEQ_MASK:
+                    # (the int key of minus the load, inlined: _int_key)
+                    f = load * _SCALE
+                    i = int(f)
+                    if i == f:
+                        key = (i << _SEQ_BITS) | seq
+                        if keys.get(nid) != key:
+                            keys[nid] = key
+                            heappush(heap, key)
+                        continue
+                h.set(nid, -load, seq)  # (least loaded first)
+                keys, heap = h.keys, h.heap  # (set may have rebuilt them)
             else:
                 h.drop(nid)
         dirty.clear()
+        if len(heap) > 2 * len(keys) + 32:
+            h.rebuild()
 
     def _heap(self, names: frozenset[str]) -> _Heap:
         h = self._free.get(names)
@@ -335,22 +351,27 @@ class PlacementIndex:
         return h
 
     # ------------------------------------------------------------ queries
-    def could_ever_fit(self, res: Mapping[str, float]) -> bool:
-        """Whether some live node's totals fit ``res``."""
-        key = tuple(res.items())
+    def could_ever_fit(self, res: Mapping[str, float], key: tuple | None = None) -> bool:
+        """Whether some live node's totals fit ``res`` (``key``: a hashable
+        form of it, the task's shape, when the caller has one)."""
+        if key is None:
+            key = tuple(res.items())
         ok = self._ever.get(key)
         if ok is None:
             nodes = self.nodes
             ok = self._ever[key] = any(nodes[nid].could_ever_fit(res) for nid in self.order)
         return ok
 
-    def most_free(self, res: Mapping[str, float]) -> "NodeRecord | None":
+    def most_free(self, res: Mapping[str, float],
+                  key: tuple | None = None) -> "NodeRecord | None":
         """The live node with the most free CPU among those ``res`` fits now
-        (ties: the one that joined first), or None."""
+        (ties: the one that joined first), or None.  ``key``: a hashable form
+        of ``res`` (the task's shape) when the caller has one."""
         if len(self.order) == 1:  # one node (a local cluster): nothing to order
             node = self.nodes[next(iter(self.order))]
-            return node if node.fits(res) else None
-        key = tuple(res.items())
+            return node if node.available.fits(res) else None
+        if key is None:
+            key = tuple(res.items())
         h = self._by_request.get(key)
         if h is None:
             names = frozenset(k for k, v in res.items() if v > EPS and k != "CPU")
@@ -366,13 +387,13 @@ class PlacementIndex:
             if grew is not None:
                 # nothing fitted then: only the nodes that grew since may now
                 best, best_key = None, None
-                order, nodes = self.order, self.nodes
+                order, nodes, names = self.order, self.nodes, h.names
                 for nid in grew:
                     seq = order.get(nid)
                     if seq is None:
                         continue
                     node = nodes[nid]
-                    if not h.holds(node) or not node.fits(res):
+                    if not node.available.fits(res) or (names and not h.holds(node)):
                         continue
                     rank = (node.available.get("CPU", 0.0), -seq)
                     if best_key is None or rank > best_key:
@@ -410,15 +431,21 @@ class PlacementIndex:
     def least_loaded(self, res: Mapping[str, float], depth: float) -> "NodeRecord | None":
         """The node a CPU-only task ``res`` may be sent to ahead of time: the
         least loaded (running tasks per CPU, ties: joined first) whose totals
-        fit it, if its load is below ``1 + depth``; else None."""
+        fit it, if its load is below ``1 + depth``; else None.
+
+        ``ahead_alone`` tells after a node was found whether it is surely
+        the only node below that load (then one more task there may leave
+        none: the caller need not ask again)."""
         if len(self.order) == 1:
             node = self.nodes[next(iter(self.order))]
             cpus = node.total.get("CPU", 0.0)
             if cpus > 0 and len(node.running) / cpus < 1.0 + depth \
                     and node.could_ever_fit(res):
+                self.ahead_alone = True
                 return node
             return None
-        self._flush_load()
+        if self._load_dirty:
+            self._flush_load()
         limit = 1.0 + depth
         h, nodes, by_seq = self._load, self.nodes, self._by_seq
         heap, keys, exact = h.heap, h.keys, h.exact
@@ -437,8 +464,24 @@ class PlacementIndex:
                 found = node
                 break
             popped.append(heappop(heap))
-        for e in popped:
-            heappush(heap, e)
+        if popped:
+            for e in popped:
+                heappush(heap, e)
+            self.ahead_alone = False
+        elif found is not None:
+            # the top's two children are live entries at or past the limit:
+            # every node below them is too (the heap's order)
+            alone = True
+            for i in (1, 2):
+                if i < len(heap):
+                    entry = heap[i]
+                    nid = by_seq[entry & _SEQ_MASK] if exact else entry[2]
+                    other = nodes.get(nid)
+                    if keys.get(nid) != entry or other is None \
+                            or len(other.running) / other.total["CPU"] < limit:
+                        alone = False
+                        break
+            self.ahead_alone = alone
         return found
 
     def spread(self, res: Mapping[str, float]) -> "NodeRecord | None":
