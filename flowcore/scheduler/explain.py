@@ -70,6 +70,13 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
         lines.append(f"actor call {t.name} is queued: the actor is {astate}"
                      + ("" if astate != "ALIVE" else " and earlier calls from the same caller "
                         "come first") + _actor_waits_for(state, actor))
+    elif t.state == S.QUEUED and (owner_node := _at_owner(state, t)) is not None:
+        node = state.nodes.get(owner_node)
+        lines.append(f"task {t.name} is queued at its owner ({t.owner}), which sends it to a "
+                     f"worker it leases from node {node.name if node else owner_node} as soon "
+                     f"as one of its leased workers is free (it runs when an earlier task of "
+                     f"that owner ends)")
+        out["queued_at_owner"] = owner_node
     elif t.state == S.QUEUED:
         alive = [n for n in state.nodes.values() if n.alive]
         could = [n.name for n in alive if n.could_ever_fit(t.res)]
@@ -107,6 +114,12 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
         lines.append("the driver or task that submitted it has disconnected")
     out.update(state=str(t.state), text="; ".join(lines))
     return out
+
+
+def _at_owner(state: Any, t: Any) -> str | None:
+    """The node whose leased workers ``t`` waits for in its owner's queue."""
+    leases = getattr(state, "leases", None)
+    return leases.at_owner(t) if leases is not None else None
 
 
 def _actor_waits_for(state: Any, actor: Any) -> str:

@@ -325,6 +325,7 @@ class SchedulerState:
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
                 self.local_first.withdraw(t, False)
+                self.leases.withdraw(t, False)
                 self._cancel_task(t, "its driver disconnected")
 
     def check_heartbeats(self, now: float, timeout: float) -> list[str]:
@@ -628,6 +629,9 @@ class SchedulerState:
         if spec.get("lease") is not None and t.kind == "task":
             self.leases.start(t, spec["lease"])
             return
+        if spec.get("lease_q") is not None and t.kind == "task":
+            self.leases.queue_at_owner(t, spec["lease_q"])
+            return
         failed: ObjectRecord | None = None
         for oid in t.deps:
             dep = self.objects.get(oid)
@@ -707,6 +711,9 @@ class SchedulerState:
                 self._dispatch(t, best)
             if not q:
                 del self.queues[shape]
+        if self.queues and self.leases.sent:
+            # work waits while leased workers hold room: their nodes ask them back
+            self.leases.waiting_work(time.monotonic())
 
     def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
         """Bytes of ``t``'s store-held arguments per node."""
@@ -803,6 +810,8 @@ class SchedulerState:
         self.history.add(t)
         self._force_cancelled.discard(t.tid)
         self.streams.task_ended(t)
+        if self.leases.sent:
+            self.leases.sent.pop(t.tid, None)  # (a leased task: no longer on its lease)
         if t.kind == "task" and t.state == S.FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
@@ -825,7 +834,8 @@ class SchedulerState:
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
         if t is None or t.state != S.RUNNING:
-            if not self.local_first.early_task_done(source, msg):
+            if not self.local_first.early_task_done(source, msg) \
+                    and not self.leases.early_task_done(source, msg):
                 self.direct_calls.early_done(source, msg)
             return
         status = msg.get("status", "ok")
@@ -944,6 +954,7 @@ class SchedulerState:
             return
         self.infeasible.discard(t.tid)
         self.local_first.withdraw(t, force)  # offered to its node, which may have started it
+        self.leases.withdraw(t, force)  # queued at its owner, which may have sent it
         self._cancel_task(t, cause)
 
     def _cancel_task(self, t: TaskRecord, cause: str) -> None:
