@@ -576,3 +576,34 @@ def test_the_node_takes_its_leases_back_while_a_burst_runs(fresh_cluster):
     assert flowcore.get(actor.ping.remote(), timeout=60) == "up"
     assert flowcore.get(refs, timeout=60) == list(range(400))
     assert any(any("placed by the head" in c for c in _causes(r)) for r in refs[-200:])
+
+
+@pytest.mark.timeout(10)
+def test_a_leased_worker_hands_back_what_waits_behind_a_task_blocked_in_get():
+    """(IO-free) The worker's side of the rule: the tasks queued behind a
+    leased task that blocks in get go back to their holder, and so does one
+    that comes while it is blocked."""
+    from collections import deque
+    from types import SimpleNamespace
+    from flowcore.node.leases import WorkerLease
+    sent = []
+    client = SimpleNamespace(_blocked_gets={}, send=lambda dest, msg: sent.append((dest, msg)))
+    running = {"op": "run_task", "tid": b"r", "lease": b"L", "reply_conn": "caller:1"}
+    behind = [{"op": "run_task", "tid": t, "lease": b"L", "reply_conn": "caller:1"}
+              for t in (b"a", b"b")]
+    worker = SimpleNamespace(client=client, running_tid=b"r",
+                             tasks=deque([*behind, {"op": "lease_end", "tid": None,
+                                                    "lease": b"L"}]))
+    lease = WorkerLease(worker)
+    lease.lease = b"L"
+    assert not lease.holds_back(dict(behind[0], tid=b"c"))  # not blocked: it queues
+    client._blocked_gets[b"r"] = 1
+    lease.blocked(running)
+    assert sent == [("caller:1", {"op": "lease_handback", "lease": b"L", "tids": [b"a", b"b"]})]
+    assert [t["op"] for t in worker.tasks] == ["lease_end"]  # the lease's end stays
+    assert lease.holds_back(dict(behind[0], tid=b"c"))
+    assert sent[-1][1]["tids"] == [b"c"]
+    # a blocked task with nothing behind it: its holder still hears of it
+    sent.clear()
+    lease.blocked(running)
+    assert sent == [("caller:1", {"op": "lease_handback", "lease": b"L", "tids": []})]

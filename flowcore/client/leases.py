@@ -336,14 +336,19 @@ class LeasesMixin:
                 self.send("head", messages.submit(dict(spec, lease=[ls.node, ls.wid])))
         return ls, ask
 
-    def _lease_write(self, ls: ClientLease, spec: dict, run: dict, io_thread: bool) -> None:
-        """Write task ``run`` to leased worker ``ls`` (``_call_lock`` held)."""
+    def _lease_prepare(self, ls: ClientLease, spec: dict, run: dict) -> dict:
+        """``run`` as the ``run_task`` message for leased worker ``ls``."""
         run["op"], run["lease"] = "run_task", ls.lease
         fid = spec["fid"]
         if fid not in ls.conn.fids:
             ls.conn.fids.add(fid)
             run["fblob"] = self._fn_blobs[fid]
-        self._direct_send(ls.conn, b"".join(bytes(b) for b in frames.encode([run])), io_thread)
+        return run
+
+    def _lease_write(self, ls: ClientLease, spec: dict, run: dict, io_thread: bool) -> None:
+        """Write task ``run`` to leased worker ``ls`` (``_call_lock`` held)."""
+        self._direct_send(ls.conn, b"".join(bytes(b) for b in frames.encode(
+            [self._lease_prepare(ls, spec, run)])), io_thread)
 
     # ------------------------------------------------------------ bursts
     def _lease_enqueue(self, spec: dict, key: tuple, run: dict) -> bool:
@@ -385,6 +390,7 @@ class LeasesMixin:
         """Send queued tasks of shape ``key`` to its leases with room, and
         tell the head where they went (one report per lease)."""
         starts: dict[ClientLease, list[bytes]] = {}
+        runs: dict[ClientLease, list[dict]] = {}
         busy: dict[ClientLease, int] = {}
         ask = False
         with self._call_lock:
@@ -405,8 +411,11 @@ class LeasesMixin:
                     if ls not in busy:
                         busy[ls] = len(ls.inflight)
                     self.leases.take(ls, spec)
-                self._lease_write(ls, spec, run, io_thread)
+                runs.setdefault(ls, []).append(self._lease_prepare(ls, spec, run))
                 starts.setdefault(ls, []).append(spec["tid"])
+            for ls, msgs in runs.items():  # one write per worker
+                self._direct_send(ls.conn, b"".join(
+                    bytes(b) for batch in frames.encode_batches(msgs) for b in batch), io_thread)
             for ls, tids in starts.items():
                 self.send("head", {"op": "lease_start", "lease": [ls.node, ls.wid],
                                    "tids": tids, "busy": busy[ls]}, lazy=True)
