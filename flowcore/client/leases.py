@@ -66,11 +66,11 @@ ENABLED = os.environ.get("FLOWCORE_LEASES", "1") not in ("0", "")
 #: lease is always picked first); the worker reads them in one wakeup and
 #: hands back those not started when the task it runs blocks in get, so no
 #: task waits behind a task that waits for it
-PIPELINE = int(os.environ.get("FLOWCORE_LEASE_PIPELINE", "8"))
+PIPELINE = int(os.environ.get("FLOWCORE_LEASE_PIPELINE", "16"))
 #: seconds: a task goes behind others on a worker only when each of those is
 #: of a function seen to take less than this, and the oldest was written
 #: less than twice this ago (a task never waits long behind a long one)
-SHORT = float(os.environ.get("FLOWCORE_LEASE_SHORT_MS", "10")) / 1000
+SHORT = float(os.environ.get("FLOWCORE_LEASE_SHORT_MS", "25")) / 1000
 #: leases of one shape held at once, at most
 MAX_LEASES = int(os.environ.get("FLOWCORE_LEASES_PER_SHAPE", "8"))
 #: a submitter with more than this many tasks unfinished is in a burst: its
