@@ -16,7 +16,7 @@ from flowcore.exceptions import TaskCancelledError
 from flowcore.testing import Signal
 from flowcore.ids import object_id
 from flowcore.scheduler.states import TaskState
-from test_machine import Cluster, ops, run_task_tids
+from test_machine import Cluster, dests, ops, run_task_tids
 
 LEASED = "leased worker"
 
@@ -176,6 +176,27 @@ def test_cancel_of_a_task_queued_at_its_owner_and_handing_tasks_back():
     c.state.client_disconnected("client-1")
     assert [e["cause"] for e in c.state.log.for_task(z["tid"])][-1] == \
         "its driver disconnected" and not c.state.leases.queued
+
+
+@pytest.mark.timeout(10)
+def test_head_asks_a_node_for_its_leases_back_when_its_own_work_waits():
+    c = Cluster(validate=True, pipeline_depth=0)  # (nothing sent ahead: work waits here)
+    c.node("n1", CPU=2)
+    a, b = _leased_spec(c, wid="w1"), _leased_spec(c, wid="w2")
+    c.submit(a, b)  # the leased tasks hold n1 on the head's books
+    big = c.spec(res={"CPU": 4.0})
+    c.node("n2", CPU=4)
+    c.node("n3", CPU=1)
+    c.submit(c.spec(res={"CPU": 4.0}))  # n2 takes it
+    out = c.submit(big)  # waits for n2: n1 could never fit it, no reclaim
+    assert c.state.tasks[big["tid"]].state == TaskState.QUEUED
+    assert ops(out, "lease_reclaim") == []
+    c.submit(c.spec(res={"CPU": 1.0}))  # n3 takes it
+    c.state.leases.checked = 0.0
+    out = c.submit(c.spec(res={"CPU": 1.0}))  # waits: n1's leases hold the room it needs
+    assert dests(out, "lease_reclaim") == ["n1"]
+    c.state.leases.checked = 0.0
+    assert ops(c.submit(c.spec(res={"CPU": 1.0})), "lease_reclaim") == []  # not again at once
 
 
 @pytest.mark.timeout(10)

@@ -218,14 +218,28 @@ class Leases:
         if now - self.checked < RECLAIM_EVERY / 5:
             return
         self.checked = now
-        tasks = self.s.tasks
+        s = self.s
+        tasks = s.tasks
+        # the shapes waiting (the first task of each queue); a placement
+        # group waiting for room may want any node
+        waiting = []
+        for q in s.queues.values():
+            for tid in q:
+                t = tasks.get(tid)
+                if t is not None and t.state == S.QUEUED:
+                    waiting.append(t.res)
+                    break
+        groups = bool(s.groups.pg_waiting)
+        if not waiting and not groups:
+            return
         nodes = {e[0] for tid, e in self.sent.items()
                  if (t := tasks.get(tid)) is not None and t.state == S.RUNNING}
         for node_id in nodes:
             if now - self.reclaimed.get(node_id, 0.0) < RECLAIM_EVERY:
                 continue
-            node = self.s.nodes.get(node_id)
-            if node is None or not node.alive:
+            node = s.nodes.get(node_id)
+            if node is None or not node.alive or not (
+                    groups or any(node.could_ever_fit(res) for res in waiting)):
                 continue
             self.reclaimed[node_id] = now
             self.s._send(node_id, {"op": "lease_reclaim"})

@@ -693,6 +693,8 @@ class SchedulerState:
     def _schedule(self) -> None:
         if self.groups.pg_waiting:
             self.groups.place_pending()
+            if self.groups.pg_waiting and self.leases.sent:
+                self.leases.waiting_work(time.monotonic())  # (see below)
         if not self.queues or not len(self.placement):
             return
         tasks = self.tasks
