@@ -115,7 +115,7 @@ def test_head_records_a_task_queued_at_its_owner_then_running_on_its_lease():
     assert run_task_tids(out) == [] and ta.state == TaskState.QUEUED
     assert c.state.nodes["n1"].available["CPU"] == 2.0 and not c.state.queues
     why = explain(c.state, object_id(a["tid"]))
-    assert why["queued_at_owner"] == "n1" and "queued at its owner" in why["text"], why
+    assert why["queued_at_owner"] == "n1" and "its owner's queue" in why["text"], why
     # the owner sent two to worker w1, the second behind the first (sent ahead)
     c.state.handle("client-1", {"op": "lease_start", "lease": ["n1", "w1"],
                                 "tids": [a["tid"], b["tid"]], "busy": 0})
@@ -496,7 +496,7 @@ def test_cancel_explain_and_visualize_of_a_task_queued_at_its_owner(fresh_cluste
     queued = [touch.remote(p) for p in paths]
     assert _client().leases.queues, "the tasks did not wait in the owner's queue"
     why = flowcore.explain(queued[1])
-    assert why["state"] == "QUEUED" and "queued at its owner" in why["text"], why
+    assert why["state"] == "QUEUED" and "its owner's queue" in why["text"], why
     assert "QUEUED" in flowcore.visualize(queued).source
     flowcore.cancel(queued[1])
     with pytest.raises(TaskCancelledError):

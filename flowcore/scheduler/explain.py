@@ -70,21 +70,22 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
         lines.append(f"actor call {t.name} is queued: the actor is {astate}"
                      + ("" if astate != "ALIVE" else " and earlier calls from the same caller "
                         "come first") + _actor_waits_for(state, actor))
-    elif t.state == S.QUEUED and (owner_node := _at_owner(state, t)) is not None:
-        node = state.nodes.get(owner_node)
-        lines.append(f"task {t.name} is queued at its owner ({t.owner}), which sends it to a "
-                     f"worker it leases from node {node.name if node else owner_node} as soon "
-                     f"as one of its leased workers is free (it runs when an earlier task of "
-                     f"that owner ends)")
-        out["queued_at_owner"] = owner_node
     elif t.state == S.QUEUED:
         alive = [n for n in state.nodes.values() if n.alive]
         could = [n.name for n in alive if n.could_ever_fit(t.res)]
         free = [n.name for n in alive if n.fits(t.res)]
+        owner_node = _at_owner(state, t)
+        if owner_node is not None:
+            node = state.nodes.get(owner_node)
+            where = (f"; it waits in its owner's queue ({t.owner}) for a worker the owner "
+                     f"leases from node {node.name if node else owner_node}, and goes to the "
+                     f"first of them that is free (when an earlier task of that owner ends)")
+            out["queued_at_owner"] = owner_node
+        else:
+            where = "" if free else "; it runs when running tasks finish"
         lines.append(f"task {t.name} is queued for resources ({_fmt_res(t.res)}): "
                      f"{len(could)} of {len(alive)} node(s) could ever run it, "
-                     f"{len(free)} have them free right now"
-                     + ("" if free else "; it runs when running tasks finish"))
+                     f"{len(free)} have them free right now" + where)
         out["nodes_that_fit"] = could
     elif t.state == S.INFEASIBLE:
         lines.append(f"task {t.name} is infeasible: {t.cause}. The cluster has "
