@@ -200,6 +200,26 @@ def test_head_asks_a_node_for_its_leases_back_when_its_own_work_waits():
 
 
 @pytest.mark.timeout(10)
+def test_head_asks_the_owner_to_spill_queued_tasks_another_node_has_room_for():
+    c = Cluster(validate=True)
+    c.node("n1", CPU=1)
+    a, b, d = _queued_spec(c), _queued_spec(c), _queued_spec(c)
+    out = c.submit(a, b, d)
+    assert ops(out, "lease_spill") == []  # one node: nowhere else to go
+    c.state.handle("client-1", {"op": "lease_start", "lease": ["n1", "w1"], "tids": [a["tid"]]})
+    out = c.node("n2", CPU=1)  # a node with room joins: the oldest waiting one goes there
+    spill = ops(out, "lease_spill", "client-1")
+    assert [m["tids"] for m in spill] == [[b["tid"]]]
+    assert ops(c.submit(_queued_spec(c)), "lease_spill") == []  # one request at a time
+    out = c.state.handle("client-1", {"op": "lease_unrun", "tids": [b["tid"]]})
+    assert run_task_tids(out) == [b["tid"]] and c.state.tasks[b["tid"]].node == "n2"
+    assert not c.state.leases.spilling
+    # n2 is full now: d waits at its owner
+    assert c.state.tasks[d["tid"]].state == TaskState.QUEUED
+    assert ops(c.submit(_queued_spec(c)), "lease_spill") == []
+
+
+@pytest.mark.timeout(10)
 def test_pool_grants_an_idle_worker_and_takes_it_back():
     from flowcore.node.pool import BUSY, IDLE, WorkerPool
     pool = WorkerPool({"CPU": 2.0})

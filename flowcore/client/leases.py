@@ -174,6 +174,23 @@ class LeaseTable:
                     return True
         return False
 
+    def drop_many(self, tids: list[bytes]) -> list[bytes]:
+        """Remove the queued tasks among ``tids``: the ids of those removed."""
+        want, out = set(tids), []
+        for key in list(self.queues):
+            q = self.queues[key]
+            keep: deque[tuple[dict, dict]] = deque()
+            for item in q:
+                if item[0]["tid"] in want:
+                    out.append(item[0]["tid"])
+                else:
+                    keep.append(item)
+            if keep:
+                self.queues[key] = keep
+            else:
+                del self.queues[key]
+        return out
+
     def pick(self, key: tuple) -> ClientLease | None:
         """A lease of shape ``key`` to write a task to now: an idle one; a
         busy one with room (behind its tasks) only once the node declined
@@ -277,6 +294,7 @@ class LeasesMixin:
         self._fn_blobs: dict[bytes, bytes] = {}   # fid -> pickled function
         self._lease_timer: Any = None
         self._head_ops["lease_cancel"] = self._lease_cancel
+        self._head_ops["lease_spill"] = self._lease_spill
 
     # ------------------------------------------------------------ routing
     def _lease_submit(self, spec: dict) -> bool:
@@ -430,6 +448,15 @@ class LeasesMixin:
                 if self.leases.usable(key):
                     return
                 tids = self.leases.unqueue(key)
+            if tids and not self.closed:
+                self.send("head", {"op": "lease_unrun", "tids": tids})
+
+    def _lease_spill(self, msg: dict) -> None:
+        """(IO thread) Another node has room for tasks queued here: those not
+        sent yet go to the head, which places them there."""
+        with self._call_lock:
+            with self._lock:
+                tids = self.leases.drop_many(msg["tids"])
             if tids and not self.closed:
                 self.send("head", {"op": "lease_unrun", "tids": tids})
 

@@ -180,6 +180,9 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("warning", CLIENT, HEAD, "text", "a warning for the user"),
     ("lease_cancel", CLIENT, HEAD, "tid",
      "a task queued at this owner for a leased worker was cancelled: drop it unsent"),
+    ("lease_spill", CLIENT, HEAD, "tids",
+     "tasks queued at this owner that another node has room for: hand back those not sent "
+     "yet (``lease_unrun``)"),
     ("log", CLIENT, HEAD, "lines stream name pid", "a worker's output"),
     ("run_task", CLIENT, (HEAD, NODE), "task spec + deps ...",
      "run a task (from the node) or an actor call (from the head or the node)"),

@@ -77,6 +77,9 @@ class Leases:
         self.early: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
         self.withdrawn: OrderedDict[bytes, bool] = OrderedDict()
         self.reclaimed: dict[str, float] = {}  # node id -> when it was asked last
+        # owner-queued tasks the head asked their owner to hand back (another
+        # node has room for them): no new request while one is out
+        self.spilling: set[bytes] = set()
         self.checked = 0.0
 
     def ops(self) -> dict[str, Callable[[str, dict], None]]:
@@ -91,7 +94,7 @@ class Leases:
             t = self.s.tasks.get(tid)
             if t is None or t.owner != source:
                 continue
-            if self.queued.pop(tid, None) is not None:
+            if self._unqueue(tid):
                 self._drop_early(tid)
                 if t.state == S.QUEUED:
                     self.s._enqueue(t, "its owner had no leased worker left for it; placed "
@@ -133,7 +136,7 @@ class Leases:
                     self.s._send(str(lease[0]), wire.cancel_task(tid, force, lease=str(lease[1])))
                 self._drop_early(tid)
                 continue
-            del self.queued[tid]
+            self._unqueue(tid)
             self.start(t, lease, busy)
             busy += 1
 
@@ -158,7 +161,7 @@ class Leases:
         """``t`` is cancelled (or its owner left) while queued at its owner:
         the owner drops it unsent; if it is already on its way to a worker,
         its ``lease_start`` sends the node the cancel."""
-        if self.queued.pop(t.tid, None) is None:
+        if not self._unqueue(t.tid):
             return
         self._drop_early(t.tid)
         self.withdrawn[t.tid] = force
@@ -166,6 +169,50 @@ class Leases:
             self.withdrawn.popitem(last=False)
         if t.owner in self.s.clients:
             self.s._send(t.owner, {"op": "lease_cancel", "tid": t.tid})
+
+    def _unqueue(self, tid: bytes) -> bool:
+        """``tid`` is no longer queued at its owner: True if it was."""
+        if self.queued.pop(tid, None) is None:
+            return False
+        if self.spilling:
+            self.spilling.discard(tid)
+        return True
+
+    def spill(self) -> None:
+        """Tasks wait at their owner for the workers it leases from node A
+        while another node has room for them on the head's books: ask the
+        owner to hand the oldest of them back (``lease_spill``, as many as
+        the other nodes have room for), which the head then places there,
+        so a burst never waits on one node while another is idle.  One
+        request at a time."""
+        s = self.s
+        if self.spilling or len(s.placement) < 2:
+            return
+        free = [n for n in s.placement.alive() if n.available.get("CPU", 0.0) > 1e-9 or
+                not n.total.get("CPU")]
+        if not free:
+            return
+        tasks = s.tasks
+        room: dict[tuple, int] = {}   # (shape, queue node) -> tasks other nodes can take
+        asks: dict[str, list[bytes]] = {}
+        for n_seen, (tid, node_id) in enumerate(self.queued.items()):
+            if n_seen >= 512:
+                break
+            t = tasks.get(tid)
+            if t is None or t.state != S.QUEUED:
+                continue
+            key = (t.shape, node_id)
+            left = room.get(key)
+            if left is None:
+                left = sum(_fit_count(n.available, t.res) for n in free if n.node_id != node_id)
+            if left <= 0:
+                room[key] = 0
+                continue
+            room[key] = left - 1
+            asks.setdefault(t.owner, []).append(tid)
+        for owner, tids in asks.items():
+            self.spilling.update(tids)
+            s._send(owner, {"op": "lease_spill", "tids": tids})
 
     def at_owner(self, t: TaskRecord) -> str | None:
         """The node whose leased workers ``t`` waits for at its owner, else None."""
@@ -279,3 +326,12 @@ class Leases:
         tasks = self.s.tasks
         self.sent = {tid: e for tid, e in self.sent.items()
                      if (t := tasks.get(tid)) is not None and t.state == S.RUNNING}
+
+
+def _fit_count(available: dict, res: dict) -> int:
+    """How many tasks needing ``res`` fit in ``available``."""
+    n = 64  # (a task needing nothing: a few at a time)
+    for k, v in res.items():
+        if v > 0:
+            n = min(n, int(available.get(k, 0.0) / v + 1e-9))
+    return max(n, 0)

@@ -696,6 +696,8 @@ class SchedulerState:
             if self.groups.pg_waiting and self.leases.sent:
                 self.leases.waiting_work(time.monotonic())  # (see below)
         if not self.queues or not len(self.placement):
+            if self.leases.queued:
+                self.leases.spill()  # owner-queued tasks another node has room for
             return
         tasks = self.tasks
         for shape, q in list(self.queues.items()):
@@ -713,6 +715,8 @@ class SchedulerState:
                 self._dispatch(t, best)
             if not q:
                 del self.queues[shape]
+        if self.leases.queued:
+            self.leases.spill()  # (after the head's own queue had its turn)
         if self.queues and self.leases.sent:
             # work waits while leased workers hold room: their nodes ask them back
             self.leases.waiting_work(time.monotonic())
