@@ -55,6 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
 S = TaskState
 #: seconds between two requests to one node to take its leases back
 RECLAIM_EVERY = 0.25
+#: seconds without a scan for tasks to spill after one found none
+SPILL_IDLE = 0.02
 PRUNE_AT = 50_000  # entries kept before finished ones are dropped
 LOST_LIMIT = 10_000  # leased workers remembered as dead (a submission may come after)
 EARLY_LIMIT = 10_000  # reports of owner-queued tasks held until their lease_start
@@ -80,6 +82,7 @@ class Leases:
         # owner-queued tasks the head asked their owner to hand back (another
         # node has room for them): no new request while one is out
         self.spilling: set[bytes] = set()
+        self.spill_after = 0.0  # a scan that found nothing to move: not again before
         self.checked = 0.0
 
     def ops(self) -> dict[str, Callable[[str, dict], None]]:
@@ -192,6 +195,9 @@ class Leases:
                 not n.total.get("CPU")]
         if not free:
             return
+        now = time.monotonic()
+        if now < self.spill_after:
+            return
         tasks = s.tasks
         room: dict[tuple, int] = {}   # (shape, queue node) -> tasks other nodes can take
         asks: dict[str, list[bytes]] = {}
@@ -210,6 +216,8 @@ class Leases:
                 continue
             room[key] = left - 1
             asks.setdefault(t.owner, []).append(tid)
+        if not asks:
+            self.spill_after = now + SPILL_IDLE
         for owner, tids in asks.items():
             self.spilling.update(tids)
             s._send(owner, {"op": "lease_spill", "tids": tids})
@@ -254,6 +262,16 @@ class Leases:
             del self.sent[t.tid]  # its worker died before this submission came
             s.handle_worker_died(node_id, {"tid": t.tid, "how": gone.get("how", "exited"),
                                            "pid": gone.get("pid")})
+
+    def scheduled(self) -> None:
+        """(after each placement round) Tasks queued at an owner that another
+        node has room for are spilled there; work waiting at the head while
+        leased tasks hold room gets those nodes to ask their leases back."""
+        s = self.s
+        if self.queued:
+            self.spill()
+        if self.sent and (s.queues or s.groups.pg_waiting):
+            self.waiting_work(time.monotonic())
 
     def waiting_work(self, now: float) -> None:
         """Tasks wait in the head's queues while leased tasks hold nodes'

@@ -693,11 +693,9 @@ class SchedulerState:
     def _schedule(self) -> None:
         if self.groups.pg_waiting:
             self.groups.place_pending()
-            if self.groups.pg_waiting and self.leases.sent:
-                self.leases.waiting_work(time.monotonic())  # (see below)
         if not self.queues or not len(self.placement):
-            if self.leases.queued:
-                self.leases.spill()  # owner-queued tasks another node has room for
+            if self.leases.queued or self.leases.sent:
+                self.leases.scheduled()
             return
         tasks = self.tasks
         for shape, q in list(self.queues.items()):
@@ -715,11 +713,8 @@ class SchedulerState:
                 self._dispatch(t, best)
             if not q:
                 del self.queues[shape]
-        if self.leases.queued:
-            self.leases.spill()  # (after the head's own queue had its turn)
-        if self.queues and self.leases.sent:
-            # work waits while leased workers hold room: their nodes ask them back
-            self.leases.waiting_work(time.monotonic())
+        if self.leases.queued or self.leases.sent:
+            self.leases.scheduled()  # owner queues, and room the leases hold
 
     def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
         """Bytes of ``t``'s store-held arguments per node."""
