@@ -16,7 +16,7 @@ from flowcore.exceptions import TaskCancelledError
 from flowcore.testing import Signal
 from flowcore.ids import object_id
 from flowcore.scheduler.states import TaskState
-from test_machine import Cluster, ops, run_task_tids
+from test_machine import Cluster, dests, ops, run_task_tids
 
 LEASED = "leased worker"
 
@@ -89,6 +89,134 @@ def test_a_submission_that_comes_after_its_leased_worker_died_is_retried_or_fail
     assert run_task_tids(out) == [a["tid"]]
     assert c.state.tasks[b["tid"]].state == TaskState.FAILED
     assert c.state.nodes["n1"].available["CPU"] == 1.0  # only the retry holds a CPU
+
+
+def _queued_spec(c, node: str = "n1", **kw) -> dict:
+    spec = c.spec(**kw)
+    spec["lease_q"] = node
+    return spec
+
+
+def _done(tid: bytes) -> dict:
+    return {"op": "task_done", "tid": tid, "status": "ok", "answered_direct": True,
+            "retryable": False, "results": [{"oid": object_id(tid), "size": 1, "inline": b"v",
+                                             "error": False, "nested": [], "sent": True}]}
+
+
+@pytest.mark.timeout(10)
+def test_head_records_a_task_queued_at_its_owner_then_running_on_its_lease():
+    from flowcore.scheduler.explain import explain
+    c = Cluster(validate=True)
+    c.node("n1", CPU=2)
+    a, b, d = _queued_spec(c), _queued_spec(c), _queued_spec(c)
+    out = c.submit(a, b, d)
+    ta, tb, td = (c.state.tasks[x["tid"]] for x in (a, b, d))
+    # QUEUED at the owner: not placed, no resources taken on the head's books
+    assert run_task_tids(out) == [] and ta.state == TaskState.QUEUED
+    assert c.state.nodes["n1"].available["CPU"] == 2.0 and not c.state.queues
+    why = explain(c.state, object_id(a["tid"]))
+    assert why["queued_at_owner"] == "n1" and "its owner's queue" in why["text"], why
+    # the owner sent two to worker w1, the second behind the first (sent ahead)
+    c.state.handle("client-1", {"op": "lease_start", "lease": ["n1", "w1"],
+                                "tids": [a["tid"], b["tid"]], "busy": 0})
+    assert ta.state == tb.state == TaskState.RUNNING and ta.node == "n1"
+    assert not ta.ahead and tb.ahead and "leased" in ta.cause
+    assert c.state.nodes["n1"].available["CPU"] == 0.0
+    # a report from the worker before the owner's lease_start waits for it
+    c.state.handle("w9", _done(d["tid"]))
+    assert td.state == TaskState.QUEUED
+    c.state.handle("client-1", {"op": "lease_start", "lease": ["n1", "w2"], "tids": [d["tid"]]})
+    assert td.state == TaskState.FINISHED
+    # a lease_start from someone else than the owner is not taken
+    e = _queued_spec(c)
+    c.submit(e)
+    c.state.handle("client-2", {"op": "lease_start", "lease": ["n1", "w2"], "tids": [e["tid"]]})
+    assert c.state.tasks[e["tid"]].state == TaskState.QUEUED
+    # the worker of a and b dies: both are retried (or fail) like any crash
+    c.state.handle("n1", {"op": "lease_lost", "wid": "w1", "how": "exited", "pid": 7})
+    assert ta.state == tb.state == TaskState.FAILED  # (no retries left)
+
+
+@pytest.mark.timeout(10)
+def test_cancel_of_a_task_queued_at_its_owner_and_handing_tasks_back():
+    c = Cluster(validate=True)
+    c.node("n1", CPU=1)
+    a, b, late = _queued_spec(c), _queued_spec(c), _queued_spec(c)
+    c.submit(a, b, late)
+    # cancelled while still queued at its owner: ends now, the owner drops it
+    out = c.state.handle("client-1", {"op": "cancel", "oid": object_id(a["tid"]),
+                                      "force": False})
+    assert c.state.tasks[a["tid"]].state == TaskState.CANCELLED
+    assert [m["tid"] for m in ops(out, "lease_cancel", "client-1")] == [a["tid"]]
+    # cancelled while on its way to a worker: its lease_start sends the node the cancel
+    c.state.handle("client-1", {"op": "cancel", "oid": object_id(late["tid"]), "force": True})
+    out = c.state.handle("client-1", {"op": "lease_start", "lease": ["n1", "w1"],
+                                      "tids": [late["tid"]]})
+    cancel = ops(out, "cancel_task", "n1")
+    assert cancel and cancel[0]["tid"] == late["tid"] and cancel[0]["lease"] == "w1" \
+        and cancel[0]["force"]
+    assert c.state.nodes["n1"].available["CPU"] == 1.0
+    # the owner has no lease left for b: handed back, the head places it
+    out = c.state.handle("client-1", {"op": "lease_unrun", "tids": [b["tid"]]})
+    assert run_task_tids(out) == [b["tid"]] and c.state.tasks[b["tid"]].state == \
+        TaskState.RUNNING
+    # a leased worker hands back a task queued behind one blocked in get: placed by the head
+    c.node("n2", CPU=1)
+    x, y = _queued_spec(c, node="n2"), _queued_spec(c, node="n2")
+    c.submit(x, y)
+    c.state.handle("client-1", {"op": "lease_start", "lease": ["n2", "w5"],
+                                "tids": [x["tid"], y["tid"]]})
+    out = c.state.handle("client-1", {"op": "lease_unrun", "tids": [y["tid"]]})
+    ty = c.state.tasks[y["tid"]]
+    assert run_task_tids(out) == [y["tid"]] and c.state.leases.on_lease(ty) is None
+    assert any("blocked in get" in e["cause"] for e in c.state.log.for_task(y["tid"])), ty.cause
+    # a driver that goes away takes the tasks queued at it along
+    z = _queued_spec(c)
+    c.submit(z)
+    c.state.client_disconnected("client-1")
+    assert [e["cause"] for e in c.state.log.for_task(z["tid"])][-1] == \
+        "its driver disconnected" and not c.state.leases.queued
+
+
+@pytest.mark.timeout(10)
+def test_head_asks_a_node_for_its_leases_back_when_its_own_work_waits():
+    c = Cluster(validate=True, pipeline_depth=0)  # (nothing sent ahead: work waits here)
+    c.node("n1", CPU=2)
+    a, b = _leased_spec(c, wid="w1"), _leased_spec(c, wid="w2")
+    c.submit(a, b)  # the leased tasks hold n1 on the head's books
+    big = c.spec(res={"CPU": 4.0})
+    c.node("n2", CPU=4)
+    c.node("n3", CPU=1)
+    c.submit(c.spec(res={"CPU": 4.0}))  # n2 takes it
+    out = c.submit(big)  # waits for n2: n1 could never fit it, no reclaim
+    assert c.state.tasks[big["tid"]].state == TaskState.QUEUED
+    assert ops(out, "lease_reclaim") == []
+    c.submit(c.spec(res={"CPU": 1.0}))  # n3 takes it
+    c.state.leases.checked = 0.0
+    out = c.submit(c.spec(res={"CPU": 1.0}))  # waits: n1's leases hold the room it needs
+    assert dests(out, "lease_reclaim") == ["n1"]
+    c.state.leases.checked = 0.0
+    assert ops(c.submit(c.spec(res={"CPU": 1.0})), "lease_reclaim") == []  # not again at once
+
+
+@pytest.mark.timeout(10)
+def test_head_asks_the_owner_to_spill_queued_tasks_another_node_has_room_for():
+    c = Cluster(validate=True)
+    c.node("n1", CPU=1)
+    a, b, d = _queued_spec(c), _queued_spec(c), _queued_spec(c)
+    out = c.submit(a, b, d)
+    assert ops(out, "lease_spill") == []  # one node: nowhere else to go
+    c.state.handle("client-1", {"op": "lease_start", "lease": ["n1", "w1"], "tids": [a["tid"]]})
+    out = c.node("n2", CPU=1)  # a node with room joins: the oldest waiting one goes there
+    spill = ops(out, "lease_spill", "client-1")
+    assert [m["tids"] for m in spill] == [[b["tid"]]]
+    assert ops(c.submit(_queued_spec(c)), "lease_spill") == []  # one request at a time
+    out = c.state.handle("client-1", {"op": "lease_unrun", "tids": [b["tid"]]})
+    assert run_task_tids(out) == [b["tid"]] and c.state.tasks[b["tid"]].node == "n2"
+    assert not c.state.leases.spilling
+    # n2 is full now: d waits at its owner
+    assert c.state.tasks[d["tid"]].state == TaskState.QUEUED
+    assert ops(c.submit(_queued_spec(c)), "lease_spill") == []
 
 
 @pytest.mark.timeout(10)
@@ -228,13 +356,23 @@ def test_worker_crash_mid_task_is_retried(fresh_cluster, tmp_path):
 def test_cancel_of_a_queued_and_of_a_running_leased_task(fresh_cluster, monkeypatch):
     import flowcore.client.leases as leases
     monkeypatch.setattr(leases, "PIPELINE", 2)  # a second task waits on the worker
+    monkeypatch.setattr(leases, "SHORT", 600.0)  # (taken as short: it may wait behind)
     fresh_cluster(num_cpus=1)
     _warm()
+    done = Signal()
+    done.set()
+    assert flowcore.get(hold.remote(done, 0), timeout=60) == 0  # seen to take little time
     sig = Signal()
     running = hold.remote(sig, 1)
     sig.wait_for_waiters(1)
     queued = hold.remote(sig, 2)
-    assert _leased(running) and _leased(queued)
+    # queued at the owner until the node declines a second lease, then
+    # written behind the running task on its worker
+    deadline = time.monotonic() + 30
+    while not _leased(queued):
+        assert time.monotonic() < deadline, _causes(queued)
+        time.sleep(0.02)
+    assert _leased(running)
     flowcore.cancel(queued)
     with pytest.raises(TaskCancelledError):
         flowcore.get(queued, timeout=60)
@@ -332,3 +470,181 @@ def test_a_lease_never_outlives_its_holder(fresh_cluster):
     sig.wait_for_waiters(2, timeout=60)
     sig.set()
     assert flowcore.get(refs, timeout=60) == [0, 1]
+
+
+# ---------------------------------------------------------------- bursts: the owner-side queue
+@flowcore.remote
+def touch(path):
+    open(path, "w").close()
+    return path
+
+
+def _client():
+    return flowcore.context.current_client()
+
+
+@pytest.mark.timeout(90)
+def test_a_burst_waits_in_the_owners_queue_for_its_leased_workers(fresh_cluster):
+    fresh_cluster(num_cpus=2)
+    _warm()
+    before = _client().leases.queued
+    refs = [noop.remote(i) for i in range(300)]
+    assert flowcore.get(refs, timeout=60) == list(range(300))
+    table = _client().leases
+    assert table.queued - before >= 100 and not table.queues
+    leased = [r for r in refs[-20:] if _leased(r)]
+    assert len(leased) >= 10, [_causes(r) for r in refs[-3:]]
+    assert any(any("queued at its owner" in c for c in _causes(r)) for r in refs)
+    # the head's books of the node come back once every report is in
+    deadline = time.monotonic() + 30
+    while flowcore.available_resources().get("CPU") != 2.0:
+        assert time.monotonic() < deadline, flowcore.available_resources()
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(90)
+def test_cancel_explain_and_visualize_of_a_task_queued_at_its_owner(fresh_cluster, monkeypatch,
+                                                                     tmp_path):
+    import flowcore.client.leases as leases
+    monkeypatch.setattr(leases, "PIPELINE", 1)  # one task per worker: the rest wait here
+    fresh_cluster(num_cpus=1)
+    _warm()
+    sig = Signal()
+    running = hold.remote(sig, 1)
+    sig.wait_for_waiters(1)
+    paths = [str(tmp_path / f"q{i}") for i in range(3)]
+    queued = [touch.remote(p) for p in paths]
+    assert _client().leases.queues, "the tasks did not wait in the owner's queue"
+    why = flowcore.explain(queued[1])
+    assert why["state"] == "QUEUED" and "its owner's queue" in why["text"], why
+    assert "QUEUED" in flowcore.visualize(queued).source
+    flowcore.cancel(queued[1])
+    with pytest.raises(TaskCancelledError):
+        flowcore.get(queued[1], timeout=60)
+    sig.set()
+    assert flowcore.get(running, timeout=60) == 1
+    assert flowcore.get([queued[0], queued[2]], timeout=60) == [paths[0], paths[2]]
+    assert not os.path.exists(paths[1])  # dropped at its owner: it never ran
+
+
+@pytest.mark.timeout(90)
+def test_worker_crash_with_tasks_queued_at_its_owner(fresh_cluster, monkeypatch, tmp_path):
+    import flowcore.client.leases as leases
+    monkeypatch.setattr(leases, "PIPELINE", 1)
+    fresh_cluster(num_cpus=1)
+    marker = str(tmp_path / "crashed")
+
+    @flowcore.remote(max_retries=1)
+    def crash_once(sig, path):
+        sig.wait()
+        if not os.path.exists(path):
+            open(path, "w").close()
+            os._exit(1)
+        return "second attempt"
+    _warm()
+    sig = Signal()
+    first = crash_once.remote(sig, marker)
+    sig.wait_for_waiters(1)
+    queued = [noop.remote(i) for i in range(5)]
+    assert _client().leases.queues
+    sig.set()
+    assert flowcore.get(first, timeout=60) == "second attempt"
+    assert flowcore.get(queued, timeout=60) == list(range(5))
+    assert _leased(first)
+
+
+@flowcore.remote(num_cpus=0)
+class Box:
+    def __init__(self):
+        self.refs = None
+
+    def put(self, refs):
+        self.refs = refs
+
+    def take(self):
+        return self.refs
+
+
+@flowcore.remote
+def wait_for_boxed():
+    box = flowcore.get_actor("box")
+    refs = None
+    while refs is None:
+        refs = flowcore.get(box.take.remote())
+    return flowcore.get(refs[0]) + 1
+
+
+@pytest.mark.timeout(90)
+def test_no_task_waits_behind_a_leased_task_blocked_in_get(fresh_cluster):
+    """A task written to a leased worker behind one that then waits in get
+    for it is handed back (the head places it): no deadlock."""
+    fresh_cluster(num_cpus=1)
+    box = Box.options(name="box").remote()
+    flowcore.get(box.take.remote(), timeout=60)
+    _warm()
+    waiter = wait_for_boxed.remote()
+    child = noop.remote(41)   # written behind the waiter on the same worker
+    box.put.remote([child])
+    assert flowcore.get(waiter, timeout=60) == 42
+    assert _leased(waiter)
+    # (written behind it and handed back, or still queued at the owner and
+    # handed to the head once the waiter's lease was known blocked)
+    assert any("blocked in get" in c or "no leased worker left" in c
+               for c in _causes(child)), _causes(child)
+
+
+@flowcore.remote(num_cpus=1)
+class Needy:
+    def ping(self):
+        return "up"
+
+
+@flowcore.remote
+def nap(i):
+    time.sleep(0.01)
+    return i
+
+
+@pytest.mark.timeout(90)
+def test_the_node_takes_its_leases_back_while_a_burst_runs(fresh_cluster):
+    fresh_cluster(num_cpus=2)
+    _warm()
+    refs = [nap.remote(i) for i in range(400)]
+    assert _client().leases.queues
+    # an actor placed by the head needs a CPU the burst's leases hold: the
+    # node asks them back, the owner hands its queue to the head
+    actor = Needy.remote()
+    assert flowcore.get(actor.ping.remote(), timeout=60) == "up"
+    assert flowcore.get(refs, timeout=60) == list(range(400))
+    assert any(any("placed by the head" in c for c in _causes(r)) for r in refs[-200:])
+
+
+@pytest.mark.timeout(10)
+def test_a_leased_worker_hands_back_what_waits_behind_a_task_blocked_in_get():
+    """(IO-free) The worker's side of the rule: the tasks queued behind a
+    leased task that blocks in get go back to their holder, and so does one
+    that comes while it is blocked."""
+    from collections import deque
+    from types import SimpleNamespace
+    from flowcore.node.leases import WorkerLease
+    sent = []
+    client = SimpleNamespace(_blocked_gets={}, send=lambda dest, msg: sent.append((dest, msg)))
+    running = {"op": "run_task", "tid": b"r", "lease": b"L", "reply_conn": "caller:1"}
+    behind = [{"op": "run_task", "tid": t, "lease": b"L", "reply_conn": "caller:1"}
+              for t in (b"a", b"b")]
+    worker = SimpleNamespace(client=client, running_tid=b"r",
+                             tasks=deque([*behind, {"op": "lease_end", "tid": None,
+                                                    "lease": b"L"}]))
+    lease = WorkerLease(worker)
+    lease.lease = b"L"
+    assert not lease.holds_back(dict(behind[0], tid=b"c"))  # not blocked: it queues
+    client._blocked_gets[b"r"] = 1
+    lease.blocked(running)
+    assert sent == [("caller:1", {"op": "lease_handback", "lease": b"L", "tids": [b"a", b"b"]})]
+    assert [t["op"] for t in worker.tasks] == ["lease_end"]  # the lease's end stays
+    assert lease.holds_back(dict(behind[0], tid=b"c"))
+    assert sent[-1][1]["tids"] == [b"c"]
+    # a blocked task with nothing behind it: its holder still hears of it
+    sent.clear()
+    lease.blocked(running)
+    assert sent == [("caller:1", {"op": "lease_handback", "lease": b"L", "tids": []})]

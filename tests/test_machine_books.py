@@ -89,6 +89,13 @@ def test_every_message_type_keeps_the_books() -> None:
     h("n1", {"op": "lease_lost", "wid": "w8", "how": "killed", "pid": 8})
     for tid in (d["tid"], e["tid"]):
         h(s.tasks[tid].node, _done(tid))
+    # a burst's task queued at its owner, then sent to a leased worker
+    f = _spec(ids, lease_q="n1")
+    h(C, {"op": "submit", "tasks": [f]})
+    assert s.tasks[f["tid"]].state == S.QUEUED
+    h(C, {"op": "lease_start", "lease": ["n1", "w9"], "tids": [f["tid"]], "busy": 0})
+    assert s.tasks[f["tid"]].state == S.RUNNING
+    h("n1", _done(f["tid"]))
     # placement groups
     pgid = ids.task_id()
     h(C, {"op": "create_placement_group", "pgid": pgid, "bundles": [{"CPU": 1.0}],

@@ -1016,6 +1016,9 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             if n != (1 if blocked else 0):
                 return True
         op = "task_blocked" if blocked else "task_unblocked"
+        lease = getattr(self, "worker_lease", None)
+        if blocked and lease is not None:
+            lease.blocked(task)  # no leased task waits behind one blocked in get
         self.send("node", messages.worker_blocked(blocked))
         self.send("head", {"op": op, "tid": task["tid"]})
         return True

@@ -389,6 +389,8 @@ class InlineClient(CoreClient):
         if blob is not None:
             self._pushed_fns[msg["fid"]] = blob
         msg["reply_conn"] = which  # answered on this connection
+        if lease.holds_back(msg):
+            return  # the task running here waits in get: not behind it
         self._on_node_msg(None, msg, bufs)  # type: ignore[arg-type]
 
     def fetch_function(self, fid: bytes) -> bytes:

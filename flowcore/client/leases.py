@@ -16,6 +16,19 @@ goes straight to a worker this client leases from its node:
   ``scheduler/leases.py``); the first task of a function on a connection
   carries the pickled function, so the worker never asks the head for a
   registration that may still be on its way;
+* a burst (more than ``INFLIGHT`` tasks of ours unfinished) waits in this
+  client's own queue of its shape while every lease of the shape is busy
+  (Ray's owner-side queue): each queued task is submitted to the head
+  marked ``lease_q=node`` (recorded QUEUED at its owner, not placed), and
+  the IO thread sends the next one to a lease the moment that lease's
+  answer comes, reporting ``lease_start`` (submissions and starts are side
+  reports, batched); while tasks are queued, more leases of the shape are
+  asked for, up to what the node grants;
+* a queue with no lease left to serve it (a request declined, the node
+  asking its leases back, the worker or the node gone) is handed to the
+  head (``lease_unrun``), which places those tasks like any other, so a
+  burst never keeps CPUs from work the head placed; a cancel of a task
+  still queued here comes from the head as ``lease_cancel`` and drops it;
 * otherwise the task goes the old way (local-first, or the head), and, when
   this shape has no lease request open, one is asked for on the IO thread;
   a declined request is asked again only after a short back-off.
@@ -35,6 +48,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .. import ids
@@ -47,14 +61,23 @@ logger = logging.getLogger("flowcore.client")
 
 #: FLOWCORE_LEASES=0 sends ready tasks the old way (local-first / the head)
 ENABLED = os.environ.get("FLOWCORE_LEASES", "1") not in ("0", "")
-#: tasks written to one leased worker and not answered yet, at most (1, as
-#: Ray: a task never waits behind another on a worker while a CPU may be free)
-PIPELINE = int(os.environ.get("FLOWCORE_LEASE_PIPELINE", "1"))
+#: tasks written to one leased worker and not answered yet, at most.  More
+#: than one only while tasks wait in this client's queue (a burst: an idle
+#: lease is always picked first); the worker reads them in one wakeup and
+#: hands back those not started when the task it runs blocks in get, so no
+#: task waits behind a task that waits for it
+PIPELINE = int(os.environ.get("FLOWCORE_LEASE_PIPELINE", "16"))
+#: seconds: a task goes behind others on a worker only when each of those is
+#: of a function seen to take less than this, and the oldest was written
+#: less than twice this ago (a task never waits long behind a long one)
+SHORT = float(os.environ.get("FLOWCORE_LEASE_SHORT_MS", "25")) / 1000
 #: leases of one shape held at once, at most
 MAX_LEASES = int(os.environ.get("FLOWCORE_LEASES_PER_SHAPE", "8"))
-#: tasks go to leased workers while their submitter has at most this many
-#: unfinished (a burst beyond is spread by the head, as local-first does)
+#: a submitter with more than this many tasks unfinished is in a burst: its
+#: tasks wait in its own queue for its leased workers (FLOWCORE_LEASE_QUEUE=0:
+#: a burst goes through the head instead)
 INFLIGHT = int(os.environ.get("FLOWCORE_LEASE_INFLIGHT", "2"))
+QUEUE = os.environ.get("FLOWCORE_LEASE_QUEUE", "1") not in ("0", "")
 #: seconds a lease with nothing to do is kept before it is returned
 GRACE = float(os.environ.get("FLOWCORE_LEASE_GRACE", "0.5"))
 #: seconds before asking again for a shape whose lease was declined
@@ -66,7 +89,7 @@ WORKER_OPS = messages.ops_for(messages.CALLER, messages.ACTOR)
 
 class ClientLease:
     __slots__ = ("lease", "node", "wid", "address", "key", "conn", "inflight", "revoked",
-                 "idle_since", "gone")
+                 "idle_since", "gone", "held_back", "meta", "last_answer")
 
     def __init__(self, reply: dict, key: tuple, conn: Any):
         self.lease: bytes = reply["lease"]
@@ -79,6 +102,11 @@ class ClientLease:
         self.revoked = False
         self.idle_since = time.monotonic()
         self.gone = False
+        # its running task blocks in get (its worker handed back the tasks
+        # queued behind it): nothing more goes to it until it is answered
+        self.held_back = False
+        self.meta: dict[bytes, tuple[bytes, float]] = {}  # tid -> (fid, when written)
+        self.last_answer = 0.0
 
 
 def shape_of(spec: dict) -> tuple | None:
@@ -106,15 +134,90 @@ class LeaseTable:
         self.asking: set[tuple] = set()
         self.ask_after: dict[tuple, float] = {}
         self.sent = 0   # tasks sent to leased workers (for tests and views)
+        # the owner-side queues: shape -> (spec, run) of tasks waiting for a
+        # lease of that shape to be free
+        self.queues: dict[tuple, deque[tuple[dict, dict]]] = {}
+        self.queued = 0   # tasks that waited in those queues (for tests and views)
+        # shapes whose last lease request the node declined while we held
+        # leases of them: their leases take tasks behind others (PIPELINE)
+        self.saturated: set[tuple] = set()
+        # seconds each function's tasks took on leased workers lately (a
+        # moving average of answer times): who may wait behind whom
+        self.run_s: dict[bytes, float] = {}
+
+    def usable(self, key: tuple) -> bool:
+        """Whether a lease of shape ``key`` may take tasks (now or once free)."""
+        return any(not ls.revoked and not ls.gone and not (ls.held_back and ls.inflight)
+                   for ls in self.shapes.get(key, ()))
+
+    def take(self, ls: "ClientLease", spec: dict) -> None:
+        """``spec`` goes to ``ls`` now."""
+        tid = spec["tid"]
+        ls.inflight[tid] = spec.get("nret", 1)
+        ls.meta[tid] = (spec["fid"], time.monotonic())
+        self.by_tid[tid] = ls
+        self.sent += 1
+
+    def unqueue(self, key: tuple) -> list[bytes]:
+        """Empty the queue of shape ``key``: the ids of the tasks it held."""
+        q = self.queues.pop(key, None)
+        return [spec["tid"] for spec, _ in q] if q else []
+
+    def drop(self, tid: bytes) -> bool:
+        """Remove queued task ``tid`` (cancelled): True when it was here."""
+        for key, q in self.queues.items():
+            for item in q:
+                if item[0]["tid"] == tid:
+                    q.remove(item)
+                    if not q:
+                        del self.queues[key]
+                    return True
+        return False
+
+    def drop_many(self, tids: list[bytes]) -> list[bytes]:
+        """Remove the queued tasks among ``tids``: the ids of those removed."""
+        want, out = set(tids), []
+        for key in list(self.queues):
+            q = self.queues[key]
+            keep: deque[tuple[dict, dict]] = deque()
+            for item in q:
+                if item[0]["tid"] in want:
+                    out.append(item[0]["tid"])
+                else:
+                    keep.append(item)
+            if keep:
+                self.queues[key] = keep
+            else:
+                del self.queues[key]
+        return out
 
     def pick(self, key: tuple) -> ClientLease | None:
+        """A lease of shape ``key`` to write a task to now: an idle one; a
+        busy one with room (behind its tasks) only once the node declined
+        another lease of the shape (a task never waits behind another on a
+        worker while the node may have a CPU for it)."""
         best = None
+        deep = key in self.saturated
         for ls in self.shapes.get(key, ()):
-            if ls.revoked or ls.gone or len(ls.inflight) >= PIPELINE:
+            if ls.revoked or ls.gone or (ls.held_back and ls.inflight):
                 continue
-            if best is None or len(ls.inflight) < len(best.inflight):
+            n = len(ls.inflight)
+            if not n:
+                return ls
+            if deep and n < PIPELINE and (best is None or n < len(best.inflight)) \
+                    and self._short(ls):
                 best = ls
         return best
+
+    def _short(self, ls: "ClientLease") -> bool:
+        """Whether every task in flight on ``ls`` is expected to end soon."""
+        run_s = self.run_s
+        oldest = time.monotonic()
+        for fid, at in ls.meta.values():
+            if run_s.get(fid, SHORT) >= SHORT:
+                return False
+            oldest = min(oldest, at)
+        return time.monotonic() - oldest < 2 * SHORT
 
     def wants(self, key: tuple, now: float) -> bool:
         """Whether to ask for another lease of shape ``key`` now."""
@@ -128,6 +231,7 @@ class LeaseTable:
 
     def remove(self, ls: ClientLease) -> None:
         ls.gone = True
+        self.saturated.discard(ls.key)  # (ask again before writing behind others)
         held = self.shapes.get(ls.key)
         if held is not None and ls in held:
             held.remove(ls)
@@ -136,8 +240,20 @@ class LeaseTable:
 
     def answered(self, tid: bytes) -> ClientLease | None:
         ls = self.by_tid.pop(tid, None)
-        if ls is not None and ls.inflight.pop(tid, None) is not None and not ls.inflight:
+        if ls is None:
+            return None
+        meta = ls.meta.pop(tid, None)
+        if meta is not None:
+            now = time.monotonic()
+            took = now - max(meta[1], ls.last_answer)  # (behind others: since the last answer)
+            ls.last_answer = now
+            old = self.run_s.get(meta[0])
+            self.run_s[meta[0]] = took if old is None else 0.7 * old + 0.3 * took
+            if len(self.run_s) > 4096:
+                self.run_s.clear()
+        if ls.inflight.pop(tid, None) is not None and not ls.inflight:
             ls.idle_since = time.monotonic()
+            ls.held_back = False
         return ls
 
     def all(self) -> list[ClientLease]:
@@ -161,11 +277,12 @@ class LeasesMixin:
     subscribed: set[bytes]
     expected: set[bytes]
     pending_tasks: int
+    _head_ops: dict
     _lock: threading.Lock
     _call_lock: threading.Lock
     if TYPE_CHECKING:  # pragma: no cover
         def _close_watched(self, conn: Any) -> None: ...
-        def send(self, dest: str, msg: dict) -> None: ...
+        def send(self, dest: str, msg: dict, lazy: bool = False) -> None: ...
         def _object_ready(self, msg: dict) -> None: ...
         def _on_io_thread(self) -> bool: ...
         def _local_run(self, spec: dict) -> dict | None: ...
@@ -176,18 +293,24 @@ class LeasesMixin:
         self._lease_conns: dict[str, Any] = {}   # worker address -> BlockingConn
         self._fn_blobs: dict[bytes, bytes] = {}   # fid -> pickled function
         self._lease_timer: Any = None
+        self._head_ops["lease_cancel"] = self._lease_cancel
+        self._head_ops["lease_spill"] = self._lease_spill
 
     # ------------------------------------------------------------ routing
     def _lease_submit(self, spec: dict) -> bool:
         """Send ``spec`` to a leased worker (True), or leave it to the old
         path (False), asking for a lease of its shape when there is none."""
         key = shape_of(spec)
-        if key is None or spec.get("fid") not in self._fn_blobs \
-                or self.pending_tasks > INFLIGHT or self.tls is not None:
+        if key is None or spec.get("fid") not in self._fn_blobs or self.tls is not None \
+                or (self.pending_tasks > INFLIGHT and not QUEUE):
             return False  # (a TLS socket is written by the IO thread only: no lease)
         run = self._local_run(spec)
         if run is None:
             return False
+        if self.pending_tasks > 1 and QUEUE:
+            # others of ours are unfinished: to a free lease, or queued here
+            # for the next one of this shape that frees
+            return self._lease_enqueue(spec, key, run)
         for attempt in (0, 1):
             sent, ask = self._lease_send(spec, key, run)
             if sent is not None:
@@ -223,63 +346,179 @@ class LeasesMixin:
                         self.leases.asking.add(key)
                         ask = True
                 else:
-                    tid = spec["tid"]
-                    ls.inflight[tid] = spec.get("nret", 1)
-                    self.leases.by_tid[tid] = ls
-                    self.leases.sent += 1
+                    self.leases.take(ls, spec)
             if ls is not None:
-                run["op"], run["lease"] = "run_task", ls.lease
-                fid = spec["fid"]
-                if fid not in ls.conn.fids:
-                    ls.conn.fids.add(fid)
-                    run["fblob"] = self._fn_blobs[fid]
-                self._direct_send(ls.conn, b"".join(bytes(b) for b in frames.encode([run])),
-                                  self._on_io_thread())
+                self._lease_write(ls, spec, run, self._on_io_thread())
                 # queued under the same lock as a refusal's hand-back (so
                 # the head never hears of the hand-back first)
                 self.send("head", messages.submit(dict(spec, lease=[ls.node, ls.wid])))
         return ls, ask
 
+    def _lease_prepare(self, ls: ClientLease, spec: dict, run: dict) -> dict:
+        """``run`` as the ``run_task`` message for leased worker ``ls``."""
+        run["op"], run["lease"] = "run_task", ls.lease
+        fid = spec["fid"]
+        if fid not in ls.conn.fids:
+            ls.conn.fids.add(fid)
+            run["fblob"] = self._fn_blobs[fid]
+        return run
+
+    def _lease_write(self, ls: ClientLease, spec: dict, run: dict, io_thread: bool) -> None:
+        """Write task ``run`` to leased worker ``ls`` (``_call_lock`` held)."""
+        self._direct_send(ls.conn, b"".join(bytes(b) for b in frames.encode(
+            [self._lease_prepare(ls, spec, run)])), io_thread)
+
+    # ------------------------------------------------------------ bursts
+    def _lease_enqueue(self, spec: dict, key: tuple, run: dict) -> bool:
+        """(a burst) Write ``spec`` to a free lease of its shape, or queue it
+        here for the next lease that frees; False when no lease of the shape
+        is held or coming (the old path takes it)."""
+        ask = False
+        with self._call_lock:
+            with self._lock:
+                table = self.leases
+                q = table.queues.get(key)
+                ls = None if q else table.pick(key)
+                if ls is None:
+                    if table.wants(key, time.monotonic()):
+                        table.asking.add(key)
+                        ask = True
+                    elif not table.usable(key) and key not in table.asking:
+                        return False  # declined lately: the old path
+                    if q is None:
+                        q = table.queues[key] = deque()
+                    q.append((spec, run))
+                    table.queued += 1
+                else:
+                    table.take(ls, spec)
+            if ls is not None:
+                busy = len(ls.inflight) - 1  # written behind these on that worker
+                self._lease_write(ls, spec, run, self._on_io_thread())
+                self.send("head", messages.submit(dict(spec, lease=[ls.node, ls.wid, busy])),
+                          lazy=True)
+            else:
+                # before any lease_start of it (the IO thread takes the
+                # queue under this same lock)
+                self.send("head", messages.submit(dict(spec, lease_q=self.node_id)), lazy=True)
+        if ask:
+            self._lease_ask(key, dict(spec.get("res") or {}))
+        return True
+
+    def _lease_pump(self, key: tuple, io_thread: bool = True) -> None:
+        """Send queued tasks of shape ``key`` to its leases with room, and
+        tell the head where they went (one report per lease)."""
+        starts: dict[ClientLease, list[bytes]] = {}
+        runs: dict[ClientLease, list[dict]] = {}
+        busy: dict[ClientLease, int] = {}
+        ask = False
+        with self._call_lock:
+            while True:
+                with self._lock:
+                    q = self.leases.queues.get(key)
+                    if not q:
+                        break
+                    ls = self.leases.pick(key)
+                    if ls is None:
+                        if self.leases.wants(key, time.monotonic()):
+                            self.leases.asking.add(key)
+                            ask = True
+                        break
+                    spec, run = q.popleft()
+                    if not q:
+                        del self.leases.queues[key]
+                    if ls not in busy:
+                        busy[ls] = len(ls.inflight)
+                    self.leases.take(ls, spec)
+                runs.setdefault(ls, []).append(self._lease_prepare(ls, spec, run))
+                starts.setdefault(ls, []).append(spec["tid"])
+            for ls, msgs in runs.items():  # one write per worker
+                self._direct_send(ls.conn, b"".join(
+                    bytes(b) for batch in frames.encode_batches(msgs) for b in batch), io_thread)
+            for ls, tids in starts.items():
+                self.send("head", {"op": "lease_start", "lease": [ls.node, ls.wid],
+                                   "tids": tids, "busy": busy[ls]}, lazy=True)
+        if ask:
+            self._lease_ask(key, dict(key[0]))
+
+    def _lease_hand_back(self, key: tuple) -> None:
+        """No lease left for shape ``key``: its queued tasks go to the head,
+        which places them."""
+        with self._call_lock:
+            with self._lock:
+                if self.leases.usable(key):
+                    return
+                tids = self.leases.unqueue(key)
+            if tids and not self.closed:
+                self.send("head", {"op": "lease_unrun", "tids": tids})
+
+    def _lease_spill(self, msg: dict) -> None:
+        """(IO thread) Another node has room for tasks queued here: those not
+        sent yet go to the head, which places them there."""
+        with self._call_lock:
+            with self._lock:
+                tids = self.leases.drop_many(msg["tids"])
+            if tids and not self.closed:
+                self.send("head", {"op": "lease_unrun", "tids": tids})
+
+    def _lease_cancel(self, msg: dict) -> None:
+        """(IO thread) The head cancelled a task queued here: never send it
+        (its outcome, cancelled, comes from the head)."""
+        with self._call_lock:
+            with self._lock:
+                self.leases.drop(msg["tid"])
+
     # ------------------------------------------------------------ getting one
     def _lease_ask(self, key: tuple, res: dict, wait: bool = False) -> bool:
         """Ask the node for a lease of shape ``key`` (on the IO thread); with
         ``wait``, block until it answers: True when one was granted."""
-        async def ask() -> bool:
-            ls = None
-            try:
-                node = self.node
-                if node is None or self.closed:
-                    raise ConnectionError("no connection to the node")
-                r = await node.request({"op": "lease_request", "res": res, "env": key[1]})
-                if not r.get("lease"):
-                    with self._lock:
-                        self.leases.ask_after[key] = time.monotonic() + BACKOFF
-                    return False
-                conn: Any = self._lease_conns.get(r["address"])
-                if conn is None or conn.closed:
-                    conn = await self.loop.run_in_executor(
-                        None, BlockingConn, r["address"], self.token, 5.0, self.tls)
-                    conn.wbuf = bytearray()
-                    conn.writing = False
-                    conn.fids = set()
-                    if self.closed:
-                        conn.close()
-                        return False
-                    self._lease_conns[r["address"]] = conn
-                    self.loop.add_reader(conn.sock.fileno(), self._lease_readable, conn)
-                ls = ClientLease(r, key, conn)
+        async def obtain() -> bool:
+            node = self.node
+            if node is None or self.closed:
+                raise ConnectionError("no connection to the node")
+            r = await node.request({"op": "lease_request", "res": res, "env": key[1]})
+            if not r.get("lease"):
                 with self._lock:
-                    self.leases.add(ls)
-                self._arm_lease_timer()
-                return True
+                    if self.leases.usable(key):
+                        # the node has no more for us: our leases take tasks
+                        # behind others; ask again less often
+                        self.leases.saturated.add(key)
+                        self.leases.ask_after[key] = time.monotonic() + BACKOFF * 4
+                    else:
+                        self.leases.ask_after[key] = time.monotonic() + BACKOFF
+                return False
+            conn: Any = self._lease_conns.get(r["address"])
+            if conn is None or conn.closed:
+                conn = await self.loop.run_in_executor(
+                    None, BlockingConn, r["address"], self.token, 5.0, self.tls)
+                conn.wbuf = bytearray()
+                conn.writing = False
+                conn.fids = set()
+                if self.closed:
+                    conn.close()
+                    return False
+                self._lease_conns[r["address"]] = conn
+                self.loop.add_reader(conn.sock.fileno(), self._lease_readable, conn)
+            with self._lock:
+                self.leases.add(ClientLease(r, key, conn))
+                self.leases.saturated.discard(key)
+            self._arm_lease_timer()
+            return True
+
+        async def ask() -> bool:
+            granted = False
+            try:
+                granted = await obtain()
             except Exception as e:  # noqa: BLE001 - tasks keep going the old way
                 logger.debug("no lease for %s: %s", key, e)
                 with self._lock:
                     self.leases.ask_after[key] = time.monotonic() + 1.0
-                return False
             finally:
                 with self._lock:
                     self.leases.asking.discard(key)
+            self._lease_pump(key)  # tasks queued meanwhile: to the new lease, or behind others
+            if not granted:
+                self._lease_hand_back(key)  # (only if no lease of the shape is left)
+            return granted
         try:
             fut = asyncio.run_coroutine_threadsafe(ask(), self.loop)
         except RuntimeError:  # the loop is closed: shutting down
@@ -301,6 +540,7 @@ class LeasesMixin:
             logger.info("connection to leased worker %s failed: %s", conn.address, e)
             batches, conn.closed = [], True
         unrun: list[bytes] = []
+        freed: set[tuple] = set()
         for msgs, _ in batches:
             for m in msgs:
                 op = m["op"]
@@ -309,20 +549,38 @@ class LeasesMixin:
                     continue
                 for info in direct.result_infos(m):
                     self._object_ready(info)
+                if op == "lease_handback":
+                    # its running task blocks in get: the tasks behind it
+                    # there go to the head (which places them elsewhere)
+                    with self._lock:
+                        for tid in m["tids"]:
+                            if self.leases.answered(tid) is not None:
+                                unrun.append(tid)
+                        for held in self.leases.all():
+                            if held.lease == m["lease"]:
+                                held.held_back = bool(held.inflight)
+                                freed.add(held.key)  # (its queue: another lease, or the head)
+                    continue
                 with self._lock:
                     ls = self.leases.answered(m["tid"])
                 if op == "lease_refused":
                     unrun.append(m["tid"])
                     if ls is not None:
                         ls.revoked = True
-                if ls is not None and not ls.inflight and (
-                        ls.revoked or self.pending_tasks > INFLIGHT):
-                    # asked back, or a burst goes through the head (whose
-                    # tasks would wait for the lease's resources)
-                    self._lease_return(ls)
+                if ls is None:
+                    continue
+                if ls.revoked:
+                    if not ls.inflight:
+                        self._lease_return(ls)  # asked back: once its tasks are answered
+                    freed.add(ls.key)
+                elif ls.key in self.leases.queues:
+                    freed.add(ls.key)
         if unrun:
             with self._call_lock:
                 self.send("head", {"op": "lease_unrun", "tids": unrun})
+        for key in freed:
+            self._lease_pump(key)
+            self._lease_hand_back(key)  # (only when no lease of the shape is left)
         if conn.closed:
             self._lease_conn_lost(conn)
 
@@ -335,20 +593,25 @@ class LeasesMixin:
         if self._lease_conns.get(address) is conn:
             del self._lease_conns[address]
         oids = []
+        keys = set()
         with self._call_lock:  # a task written just now has its submission queued
             with self._lock:
                 for ls in self.leases.all():
                     if ls.conn is not conn:
                         continue
+                    keys.add(ls.key)
                     self.leases.remove(ls)
                     for tid, n in ls.inflight.items():
                         self.leases.by_tid.pop(tid, None)
+                        ls.meta.pop(tid, None)
                         oids += [o for o in (ids.object_id(tid, i) for i in range(n))
                                  if o in self.expected and o not in self.ready]
                     ls.inflight.clear()
                 self.subscribed.update(oids)
             if oids and not self.closed:
                 self.send("head", messages.oids("subscribe", oids))
+        for key in keys:  # tasks queued for that worker: another lease, or the head
+            self._lease_hand_back(key)
 
     # ------------------------------------------------------------ giving back
     def _lease_return(self, ls: ClientLease) -> None:
@@ -372,6 +635,9 @@ class LeasesMixin:
             idle = not ls.inflight
         if idle:
             self._lease_return(ls)
+        # no lease of the shape left: its queued tasks go to the head, which
+        # places them fairly with the work the node asked its leases back for
+        self._lease_hand_back(ls.key)
 
     def _arm_lease_timer(self) -> None:
         if self._lease_timer is None and not self.closed:
@@ -395,6 +661,7 @@ class LeasesMixin:
         if self._lease_timer is not None:
             self._lease_timer.cancel()
             self._lease_timer = None
+        self.leases.queues.clear()  # (the head cancels a closing driver's tasks)
         for conn in list(self._lease_conns.values()):
             try:
                 self.loop.remove_reader(conn.sock.fileno())

@@ -225,3 +225,41 @@ class WorkerLease:
     def accepts(self, msg: dict) -> bool:
         """Whether a task read from a caller's connection is for this lease."""
         return msg.get("lease") is not None and msg["lease"] == self.lease
+
+    def _hand_back(self, tasks: list[dict], running: dict | None = None) -> None:
+        by_conn: dict[str, list[dict]] = {}
+        if running is not None:
+            by_conn[running["reply_conn"]] = []
+        for t in tasks:
+            by_conn.setdefault(t["reply_conn"], []).append(t)
+        lease = running["lease"] if running is not None else tasks[0]["lease"]
+        for which, held in by_conn.items():
+            self.worker.client.send(which, {"op": "lease_handback", "lease": lease,
+                                            "tids": [t["tid"] for t in held]})
+
+    def blocked(self, task: dict | None) -> None:
+        """The running task blocks in get: its holder hears it (it sends
+        this worker nothing more until that task is answered), and the
+        leased tasks queued behind it here go back unrun (one of them may be
+        what it waits for); the holder has the head place them."""
+        tasks = self.worker.tasks
+        held = [t for t in list(tasks) if t is not None and t.get("lease") is not None
+                and t.get("reply_conn") and t.get("op") == "run_task"]
+        for t in held:
+            try:
+                tasks.remove(t)
+            except ValueError:  # (taken meanwhile)
+                continue
+        running = task if task is not None and task.get("lease") is not None \
+            and task.get("reply_conn") else None
+        if held or running is not None:
+            self._hand_back(held, running)
+
+    def holds_back(self, msg: dict) -> bool:
+        """A leased task comes while the running task blocks in get: it goes
+        back to its holder at once (True) instead of waiting here."""
+        client = self.worker.client
+        if not client._blocked_gets or self.worker.running_tid not in client._blocked_gets:
+            return False
+        self._hand_back([msg])
+        return True

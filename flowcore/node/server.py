@@ -500,6 +500,7 @@ class NodeServer:
             "start_actor": self._head_start_actor,
             "reserve_bundle": self._head_reserve_bundle,
             "release_bundle": lambda c, m, f: self._act(self.pool.release_bundle(m["bundle"])),
+            "lease_reclaim": lambda c, m, f: self.leases.reclaim(),
             "kill_actor": lambda c, m, f: self._kill_actor(m["aid"]),
             "delete_objects": self._delete_objects,
             "cancel_task": lambda c, m, f: self._cancel(m["tid"], m.get("force", False),

@@ -97,7 +97,10 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
      "tid status results retryable pid? wid? started? error_text? local? answered_direct?",
      "a task ended (from its worker; from the node when it never started)"),
     ("lease_unrun", HEAD, CLIENTS, "tids",
-     "tasks a leased worker refused (its lease had ended): the head places them"),
+     "tasks a leased worker refused (its lease had ended), or queued at their owner with "
+     "no lease left to run them: the head places them"),
+    ("lease_start", HEAD, CLIENTS, "lease tids busy?",
+     "tasks queued at their owner were sent to leased worker ``lease`` ([node, worker])"),
     ("task_blocked", HEAD, WORKER, "tid", "a running task waits in get (its CPU goes back)"),
     ("task_unblocked", HEAD, WORKER, "tid", "the waiting task runs again"),
     ("task_yield", HEAD, WORKER, "tid result push", "a generator task yielded a value"),
@@ -147,6 +150,8 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("local_query", NODE, HEAD, "tids", "repeat the verdicts of local-first offers"),
     ("reserve_bundle", NODE, HEAD, "bundle res", "hold a placement group bundle"),
     ("release_bundle", NODE, HEAD, "bundle", "free a placement group bundle"),
+    ("lease_reclaim", NODE, HEAD, "",
+     "work waits at the head for room this node's leased workers hold: ask the leases back"),
     ("shutdown", NODE, HEAD, "", "stop the node"),
     ("register_client", NODE, PEER, "rid pid", "a driver joins its node (then role driver)"),
     ("register_worker", NODE, PEER, "rid wid pid", "a worker joins its node (then role worker)"),
@@ -176,6 +181,11 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
      "an object is ready (inline value, or the nodes holding it)"),
     ("subscribed", CLIENT, HEAD, "ack pending", "how many subscribed objects are still pending"),
     ("warning", CLIENT, HEAD, "text", "a warning for the user"),
+    ("lease_cancel", CLIENT, HEAD, "tid",
+     "a task queued at this owner for a leased worker was cancelled: drop it unsent"),
+    ("lease_spill", CLIENT, HEAD, "tids",
+     "tasks queued at this owner that another node has room for: hand back those not sent "
+     "yet (``lease_unrun``)"),
     ("log", CLIENT, HEAD, "lines stream name pid", "a worker's output"),
     ("run_task", CLIENT, (HEAD, NODE), "task spec + deps ...",
      "run a task (from the node) or an actor call (from the head or the node)"),
@@ -195,6 +205,9 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("call_result", CALLER, ACTOR, "tid actor results", "the actor's inline returns"),
     ("lease_refused", CALLER, ACTOR, "tid lease",
      "a leased worker no longer holds that lease: the task was not run"),
+    ("lease_handback", CALLER, ACTOR, "tids lease",
+     "a leased worker's running task blocks in get: the tasks queued behind it there are "
+     "not run (the holder has the head place them)"),
 )
 
 
@@ -218,7 +231,10 @@ TASK_SPEC: dict[str, str] = {
     "local?": "offered to the submitter's node first (local-first)",
     "actor?": "an actor call: the actor's id (with method, cgroup?)",
     "direct_epoch?": "an actor call also sent to the actor directly: its restart count then",
-    "lease?": "[node id, worker id]: sent by its submitter to a worker leased from that node",
+    "lease?": "[node id, worker id, busy?]: sent by its submitter to a worker leased from that "
+              "node (``busy``: tasks ahead of it there)",
+    "lease_q?": "node id: queued at its submitter for a worker it leases from that node "
+                "(``lease_start`` follows when it is sent)",
     "kind?": "create (an actor's constructor: aid, class_name, methods, ...) or absent",
 }
 

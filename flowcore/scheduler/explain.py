@@ -74,10 +74,18 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
         alive = [n for n in state.nodes.values() if n.alive]
         could = [n.name for n in alive if n.could_ever_fit(t.res)]
         free = [n.name for n in alive if n.fits(t.res)]
+        owner_node = _at_owner(state, t)
+        if owner_node is not None:
+            node = state.nodes.get(owner_node)
+            where = (f"; it waits in its owner's queue ({t.owner}) for a worker the owner "
+                     f"leases from node {node.name if node else owner_node}, and goes to the "
+                     f"first of them that is free (when an earlier task of that owner ends)")
+            out["queued_at_owner"] = owner_node
+        else:
+            where = "" if free else "; it runs when running tasks finish"
         lines.append(f"task {t.name} is queued for resources ({_fmt_res(t.res)}): "
                      f"{len(could)} of {len(alive)} node(s) could ever run it, "
-                     f"{len(free)} have them free right now"
-                     + ("" if free else "; it runs when running tasks finish"))
+                     f"{len(free)} have them free right now" + where)
         out["nodes_that_fit"] = could
     elif t.state == S.INFEASIBLE:
         lines.append(f"task {t.name} is infeasible: {t.cause}. The cluster has "
@@ -107,6 +115,12 @@ def explain(state: Any, oid: bytes, depth: int = 1) -> dict:
         lines.append("the driver or task that submitted it has disconnected")
     out.update(state=str(t.state), text="; ".join(lines))
     return out
+
+
+def _at_owner(state: Any, t: Any) -> str | None:
+    """The node whose leased workers ``t`` waits for in its owner's queue."""
+    leases = getattr(state, "leases", None)
+    return leases.at_owner(t) if leases is not None else None
 
 
 def _actor_waits_for(state: Any, actor: Any) -> str:

@@ -15,6 +15,22 @@ connections: a ``task_done`` that comes first waits in the table of direct
 actor calls' early reports (``DirectCalls.early``) until its submission
 does.
 
+A burst (more tasks of one shape than its submitter has leased workers
+free) waits in its submitter's own queue: each task is submitted marked
+``lease_q=node`` and recorded QUEUED "at its owner" (``queue_at_owner``:
+the head does not place it, and it holds no resources on the head's
+books); when the owner sends it to a leased worker it reports
+``lease_start`` (batched, like the submissions) and the task is RUNNING
+there from then on, as above.  A ``task_done`` that comes before that
+report waits in this component's own table of early reports.  A cancel of
+a task still queued at its owner ends it at once and tells the owner
+(``lease_cancel``), which drops it unsent; if it was already on its way to
+a worker, the ``lease_start`` that follows sends the node the cancel.  A
+task its owner cannot run (no lease left: declined, asked back, its
+worker or node gone) is handed back with ``lease_unrun`` and placed by the
+head like any other; a driver that goes away takes its queued tasks with
+it (cancelled as any task it owns).
+
 Faults go the usual ways: a task that fails with a retryable error is
 queued by the head again (the worker left it out of its answer); its
 node's death loses it like any task on that node; the death of the leased
@@ -26,17 +42,24 @@ drops it from the worker's queue.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
+from ..protocol import messages as wire
 from .records import TaskRecord, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
     from .machine import SchedulerState
 
 S = TaskState
+#: seconds between two requests to one node to take its leases back
+RECLAIM_EVERY = 0.25
+#: seconds without a scan for tasks to spill after one found none
+SPILL_IDLE = 0.02
 PRUNE_AT = 50_000  # entries kept before finished ones are dropped
 LOST_LIMIT = 10_000  # leased workers remembered as dead (a submission may come after)
+EARLY_LIMIT = 10_000  # reports of owner-queued tasks held until their lease_start
 
 
 class Leases:
@@ -48,23 +71,165 @@ class Leases:
         # (node, wid) -> lease_lost of leased workers that died: a submission
         # travels on another connection and may come after its worker's death
         self.lost: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        # tasks queued at their owner (tid -> the node its leases are on), the
+        # task_done reports that came before their lease_start, and the
+        # owner-queued tasks cancelled here (tid -> force) whose lease_start
+        # may still come
+        self.queued: dict[bytes, str] = {}
+        self.early: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
+        self.withdrawn: OrderedDict[bytes, bool] = OrderedDict()
+        self.reclaimed: dict[str, float] = {}  # node id -> when it was asked last
+        # owner-queued tasks the head asked their owner to hand back (another
+        # node has room for them): no new request while one is out
+        self.spilling: set[bytes] = set()
+        self.spill_after = 0.0  # a scan that found nothing to move: not again before
+        self.checked = 0.0
 
     def ops(self) -> dict[str, Callable[[str, dict], None]]:
-        return {"lease_lost": self.handle_lease_lost, "lease_unrun": self.handle_lease_unrun}
+        return {"lease_lost": self.handle_lease_lost, "lease_unrun": self.handle_lease_unrun,
+                "lease_start": self.handle_lease_start}
 
     def handle_lease_unrun(self, source: str, msg: dict) -> None:
         """A leased worker refused tasks of ``source`` (their lease had
-        ended there): they did not run; the head places them."""
+        ended there), or ``source`` queued them and has no lease left to run
+        them: they did not run; the head places them."""
         for tid in msg.get("tids") or ():
             t = self.s.tasks.get(tid)
-            if t is None or t.owner != source or self.on_lease(t) is None:
+            if t is None or t.owner != source:
+                continue
+            if self._unqueue(tid):
+                self._drop_early(tid)
+                if t.state == S.QUEUED:
+                    self.s._enqueue(t, "its owner had no leased worker left for it; placed "
+                                       "by the head")
+                continue
+            if self.on_lease(t) is None:
                 continue
             del self.sent[tid]
-            self.s.tx.queue(t, "its leased worker no longer served its lease; placed by the head")
+            self.s.tx.queue(t, "its leased worker did not run it (the lease had ended, or the "
+                               "task ahead of it there blocked in get); placed by the head")
 
-    def start(self, t: TaskRecord, lease: list) -> None:
+    # ------------------------------------------------------------ queued at the owner
+    def queue_at_owner(self, t: TaskRecord, node_id: str) -> None:
+        """``t`` (just recorded, every argument ready at its submitter) waits
+        in its submitter's queue for a worker leased from ``node_id``."""
+        s = self.s
+        node = s.nodes.get(node_id)
+        if node is None or not node.alive:
+            s._enqueue(t, f"its owner's leases are on node {node_id}, which is gone; placed "
+                          f"by the head")
+            return
+        t.missing.clear()  # its submitter had every argument; the worker reads them itself
+        self.queued[t.tid] = node_id
+        s.tx.queue_at_owner(t, f"queued at its owner for a worker it leases from node "
+                               f"{node.name} (sent there as one frees)")
+
+    def handle_lease_start(self, source: str, msg: dict) -> None:
+        """Owner ``source`` sent tasks it had queued to leased worker
+        ``msg["lease"]``: they run there now."""
+        lease = msg["lease"]
+        busy = int(msg.get("busy") or 0)
+        for tid in msg["tids"]:
+            t = self.s.tasks.get(tid)
+            if self.queued.get(tid) is None or t is None or t.owner != source:
+                force = self.withdrawn.pop(tid, None)
+                if force is not None:
+                    # cancelled while it was on its way: the worker drops it
+                    # (or stops it)
+                    self.s._send(str(lease[0]), wire.cancel_task(tid, force, lease=str(lease[1])))
+                self._drop_early(tid)
+                continue
+            self._unqueue(tid)
+            self.start(t, lease, busy)
+            busy += 1
+
+    def early_task_done(self, source: str, msg: dict) -> bool:
+        """A ``task_done`` of a task still queued at its owner here: its
+        ``lease_start`` is on its way on the owner's connection; keep it."""
+        tid = msg["tid"]
+        if tid not in self.queued:
+            return False
+        self.s._hold_early(msg)
+        self.early[tid] = (source, msg)
+        while len(self.early) > EARLY_LIMIT:
+            self.s._release_early(self.early.popitem(last=False)[1][1])
+        return True
+
+    def _drop_early(self, tid: bytes) -> None:
+        dropped = self.early.pop(tid, None)
+        if dropped is not None:
+            self.s._release_early(dropped[1])
+
+    def withdraw(self, t: TaskRecord, force: bool) -> None:
+        """``t`` is cancelled (or its owner left) while queued at its owner:
+        the owner drops it unsent; if it is already on its way to a worker,
+        its ``lease_start`` sends the node the cancel."""
+        if not self._unqueue(t.tid):
+            return
+        self._drop_early(t.tid)
+        self.withdrawn[t.tid] = force
+        while len(self.withdrawn) > EARLY_LIMIT:
+            self.withdrawn.popitem(last=False)
+        if t.owner in self.s.clients:
+            self.s._send(t.owner, {"op": "lease_cancel", "tid": t.tid})
+
+    def _unqueue(self, tid: bytes) -> bool:
+        """``tid`` is no longer queued at its owner: True if it was."""
+        if self.queued.pop(tid, None) is None:
+            return False
+        if self.spilling:
+            self.spilling.discard(tid)
+        return True
+
+    def spill(self) -> None:
+        """Tasks wait at their owner for the workers it leases from node A
+        while another node has room for them on the head's books: ask the
+        owner to hand the oldest of them back (``lease_spill``, as many as
+        the other nodes have room for), which the head then places there,
+        so a burst never waits on one node while another is idle.  One
+        request at a time."""
+        s = self.s
+        if self.spilling or len(s.placement) < 2:
+            return
+        free = [n for n in s.placement.alive() if n.available.get("CPU", 0.0) > 1e-9 or
+                not n.total.get("CPU")]
+        if not free:
+            return
+        now = time.monotonic()
+        if now < self.spill_after:
+            return
+        tasks = s.tasks
+        room: dict[tuple, int] = {}   # (shape, queue node) -> tasks other nodes can take
+        asks: dict[str, list[bytes]] = {}
+        for n_seen, (tid, node_id) in enumerate(self.queued.items()):
+            if n_seen >= 512:
+                break
+            t = tasks.get(tid)
+            if t is None or t.state != S.QUEUED:
+                continue
+            key = (t.shape, node_id)
+            left = room.get(key)
+            if left is None:
+                left = sum(_fit_count(n.available, t.res) for n in free if n.node_id != node_id)
+            if left <= 0:
+                room[key] = 0
+                continue
+            room[key] = left - 1
+            asks.setdefault(t.owner, []).append(tid)
+        if not asks:
+            self.spill_after = now + SPILL_IDLE
+        for owner, tids in asks.items():
+            self.spilling.update(tids)
+            s._send(owner, {"op": "lease_spill", "tids": tids})
+
+    def at_owner(self, t: TaskRecord) -> str | None:
+        """The node whose leased workers ``t`` waits for at its owner, else None."""
+        return self.queued.get(t.tid) if t.state == S.QUEUED else None
+
+    def start(self, t: TaskRecord, lease: list, busy: int | None = None) -> None:
         """``t`` (just recorded, every argument ready at its submitter) was
-        sent to leased worker ``lease[1]`` of node ``lease[0]``."""
+        sent to leased worker ``lease[1]`` of node ``lease[0]``, behind
+        ``busy`` (default ``lease[2]``, else 0) tasks sent there before it."""
         s = self.s
         node_id, wid = str(lease[0]), str(lease[1])
         node = s.nodes.get(node_id)
@@ -74,16 +239,21 @@ class Leases:
             return
         t.missing.clear()  # its submitter had every argument; the worker reads them itself
         s.counts["leased"] = s.counts.get("leased", 0) + 1
-        # the life cycle every task has (QUEUED, then RUNNING), with no queue push
-        s.tx.queue_offered(t, f"submitted with arguments ready to a worker its owner leases "
-                              f"from node {node.name}")
+        if t.state != S.QUEUED:
+            # the life cycle every task has (QUEUED, then RUNNING), with no queue push
+            s.tx.queue_offered(t, f"submitted with arguments ready to a worker its owner "
+                                  f"leases from node {node.name}")
         s.tx.start(t, node, f"sent by its owner to leased worker {wid} of node {node.name}",
                    acct=s._account(node, None))
-        t.ahead = False  # its node granted the lease: it runs there now
+        if busy is None:
+            busy = int(lease[2]) if len(lease) > 2 else 0
+        # its node granted the lease: it runs there now, or once the tasks
+        # written to that worker before it have run (sent ahead)
+        t.ahead = busy > 0
         self.sent[t.tid] = (node_id, wid, t.attempt)
         if len(self.sent) > PRUNE_AT:
             self.prune()
-        done = s.direct_calls.early.pop(t.tid, None)
+        done = s.direct_calls.early.pop(t.tid, None) or self.early.pop(t.tid, None)
         if done is not None:
             s.handle_task_done(*done)
             s._release_early(done[1])
@@ -92,6 +262,52 @@ class Leases:
             del self.sent[t.tid]  # its worker died before this submission came
             s.handle_worker_died(node_id, {"tid": t.tid, "how": gone.get("how", "exited"),
                                            "pid": gone.get("pid")})
+
+    def scheduled(self) -> None:
+        """(after each placement round) Tasks queued at an owner that another
+        node has room for are spilled there; work waiting at the head while
+        leased tasks hold room gets those nodes to ask their leases back."""
+        s = self.s
+        if self.queued:
+            self.spill()
+        if self.sent and (s.queues or s.groups.pg_waiting):
+            self.waiting_work(time.monotonic())
+
+    def waiting_work(self, now: float) -> None:
+        """Tasks wait in the head's queues while leased tasks hold nodes'
+        resources on its books: ask those nodes to take their leases back
+        (their holders stop sending, hand their queues to the head and
+        return the leases once the tasks sent are answered), so a burst on
+        leases never keeps CPUs from work the head places for long.  At most
+        every ``RECLAIM_EVERY`` seconds per node."""
+        if now - self.checked < RECLAIM_EVERY / 5:
+            return
+        self.checked = now
+        s = self.s
+        tasks = s.tasks
+        # the shapes waiting (the first task of each queue); a placement
+        # group waiting for room may want any node
+        waiting = []
+        for q in s.queues.values():
+            for tid in q:
+                t = tasks.get(tid)
+                if t is not None and t.state == S.QUEUED:
+                    waiting.append(t.res)
+                    break
+        groups = bool(s.groups.pg_waiting)
+        if not waiting and not groups:
+            return
+        nodes = {e[0] for tid, e in self.sent.items()
+                 if (t := tasks.get(tid)) is not None and t.state == S.RUNNING}
+        for node_id in nodes:
+            if now - self.reclaimed.get(node_id, 0.0) < RECLAIM_EVERY:
+                continue
+            node = s.nodes.get(node_id)
+            if node is None or not node.alive or not (
+                    groups or any(node.could_ever_fit(res) for res in waiting)):
+                continue
+            self.reclaimed[node_id] = now
+            self.s._send(node_id, {"op": "lease_reclaim"})
 
     def on_lease(self, t: TaskRecord) -> tuple[str, str] | None:
         """(node, worker) of the lease ``t`` runs on now, else None."""
@@ -128,3 +344,12 @@ class Leases:
         tasks = self.s.tasks
         self.sent = {tid: e for tid, e in self.sent.items()
                      if (t := tasks.get(tid)) is not None and t.state == S.RUNNING}
+
+
+def _fit_count(available: dict, res: dict) -> int:
+    """How many tasks needing ``res`` fit in ``available``."""
+    n = 64  # (a task needing nothing: a few at a time)
+    for k, v in res.items():
+        if v > 0:
+            n = min(n, int(available.get(k, 0.0) / v + 1e-9))
+    return max(n, 0)

@@ -331,6 +331,7 @@ class SchedulerState:
             elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
                 self.infeasible.discard(t.tid)
                 self.local_first.withdraw(t, False)
+                self.leases.withdraw(t, False)
                 self._cancel_task(t, "its driver disconnected")
 
     def check_heartbeats(self, now: float, timeout: float) -> list[str]:
@@ -662,6 +663,9 @@ class SchedulerState:
             if spec.get("lease") is not None:
                 self.leases.start(t, spec["lease"])
                 return
+            if spec.get("lease_q") is not None:
+                self.leases.queue_at_owner(t, spec["lease_q"])
+                return
         failed: ObjectRecord | None = None
         for oid in t.deps:
             dep = objects.get(oid)
@@ -727,6 +731,8 @@ class SchedulerState:
         if self.groups.pg_waiting:
             self.groups.place_pending()
         if not self.queues or not self.placement.order:
+            if self.leases.queued or self.leases.sent:
+                self.leases.scheduled()
             return
         tasks = self.tasks
         # a queue whose first task found no node stays stuck until some node
@@ -769,6 +775,8 @@ class SchedulerState:
             if not q:
                 del self.queues[shape]
                 stuck.pop(shape, None)
+        if self.leases.queued or self.leases.sent:
+            self.leases.scheduled()  # owner queues, and room the leases hold
 
     def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
         """Bytes of ``t``'s store-held arguments per node."""
@@ -861,6 +869,8 @@ class SchedulerState:
             self._force_cancelled.discard(t.tid)
         if self.streams.held:
             self.streams.task_ended(t)
+        if self.leases.sent:
+            self.leases.sent.pop(t.tid, None)  # (a leased task: no longer on its lease)
         if t.kind == "task" and t.state is _FINISHED and self.lineage:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
@@ -884,7 +894,8 @@ class SchedulerState:
     def handle_task_done(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
         if t is None or t.state is not _RUNNING:
-            if not self.local_first.early_task_done(source, msg):
+            if not self.local_first.early_task_done(source, msg) \
+                    and not self.leases.early_task_done(source, msg):
                 self.direct_calls.early_done(source, msg)
             return
         get = msg.get
@@ -1011,6 +1022,7 @@ class SchedulerState:
             return
         self.infeasible.discard(t.tid)
         self.local_first.withdraw(t, force)  # offered to its node, which may have started it
+        self.leases.withdraw(t, force)  # queued at its owner, which may have sent it
         self._cancel_task(t, cause)
 
     def _cancel_task(self, t: TaskRecord, cause: str) -> None:

@@ -12,7 +12,8 @@ The edges (from -> to: method):
 * NEW / WAITING_FOR_ARGS / INFEASIBLE / LOST / FINISHED -> QUEUED:
   ``queue`` (pushed on its shape's queue, for the head to place);
   ``queue_offered`` (QUEUED, waiting for the verdict of the node it was
-  offered to, no push); ``queue_call`` (an actor call: its place is in the
+  offered to, no push); ``queue_at_owner`` (QUEUED in its submitter's own
+  queue of tasks for the workers it leases, no push); ``queue_call`` (an actor call: its place is in the
   caller's queue of the actor, pushed to the front when it is a retry);
 * -> WAITING_FOR_ARGS: ``wait_for_args``;
 * -> INFEASIBLE: ``mark_infeasible``;
@@ -102,6 +103,11 @@ class Transitions:
     def queue_offered(self, t: TaskRecord, cause: str) -> None:
         """Ready, but offered to its submitter's node: the head waits for
         that node's verdict (no queue push)."""
+        self._move(t, S.QUEUED, cause)
+
+    def queue_at_owner(self, t: TaskRecord, cause: str) -> None:
+        """Ready, and queued by its submitter for a worker it leases: the
+        owner sends it (``lease_start``), or hands it back (no queue push)."""
         self._move(t, S.QUEUED, cause)
 
     def queue_call(self, t: TaskRecord, actor: "ActorRecord | None", cause: str,
