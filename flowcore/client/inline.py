@@ -74,6 +74,13 @@ class InlineClient(CoreClient):
         self._held_head: list[dict] = []
         self._held_until = 0.0
         self._head_written = 0.0  # when something was last written to the head
+        # held side reports are written under _wlock, by the pump's holder
+        # (_flush) or, while the pump's holder runs a task, by the flusher
+        # thread at _held_until (see _hold_while_running)
+        self._wlock = threading.RLock()
+        self._flusher: threading.Thread | None = None
+        self._flusher_wake = threading.Event()
+        self._flusher_armed = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
@@ -99,6 +106,7 @@ class InlineClient(CoreClient):
         except OSError:
             pass
         self.closed = True
+        self._flusher_wake.set()  # the flusher thread, if any, ends
         if self.listener is not None:
             self.listener.close()
         self._adopt_conns()
@@ -142,7 +150,12 @@ class InlineClient(CoreClient):
         in a row), they wait while this thread waits for input and nothing
         else goes to the head, up to SIDE_FLUSH seconds after the first of
         them (``force``: not at all), so the head takes them in batches; they
-        never wait while the thread runs a task (see _wait_until)."""
+        never wait longer while the thread runs a task (the flusher thread
+        sends them then, see _hold_while_running)."""
+        with self._wlock:
+            self._flush_locked(force)
+
+    def _flush_locked(self, force: bool) -> None:
         if self._new_conns:
             self._adopt_conns()
         items = self._take_outgoing()
@@ -171,10 +184,63 @@ class InlineClient(CoreClient):
             self._held_head = by_dest.pop("head")  # only side reports: they wait
         elif by_dest["head"]:
             self._head_written = now
+        if not urgent and "head" in by_dest:  # only side reports for the head:
+            by_dest["head"] = by_dest.pop("head")  # answers to callers go first
         for dest, msgs in by_dest.items():
             conn = self.conns.get(dest)
             if conn is not None:
                 conn.write(msgs)
+
+    def _hold_while_running(self) -> None:
+        """The pump's holder leaves it (to run a task, which may be long)
+        while side reports are held: the flusher thread sends them at
+        ``_held_until`` unless a flush does first.  (It used to send them
+        right away: a head write, and a wake-up of the head, before every
+        call of a caller making calls one after another.)"""
+        if self._flusher_armed or self.closed:
+            return
+        self._flusher_armed = True
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flusher_loop, daemon=True,
+                                             name="flowcore-side-reports")
+            self._flusher.start()
+        self._flusher_wake.set()
+
+    def _flusher_loop(self) -> None:
+        wake = self._flusher_wake
+        while True:
+            wake.wait()
+            wake.clear()
+            while not self.closed:
+                left = self._held_until - time.monotonic()
+                if left > 0 and self._held_head:
+                    time.sleep(left)
+                    continue
+                if self._held_head and not self._pump.locked():
+                    self._send_held()  # (a thread in the pump sends them itself)
+                self._flusher_armed = False
+                # (then look again: a thread that left the pump meanwhile saw
+                # it armed and did not wake it)
+                if not self._held_head or self._pump.locked():
+                    break
+                self._flusher_armed = True
+            if self.closed:
+                return
+
+    def _send_held(self) -> None:
+        """(flusher thread) Write the held side reports that are due."""
+        with self._wlock:
+            held = self._held_head
+            conn = self.conns.get("head")
+            if not held or self.closed or self._reconnecting_head or conn is None \
+                    or conn.closed or time.monotonic() < self._held_until:
+                return
+            self._held_head = []
+            conn.write(held)
+            if conn.closed:  # the head is gone: they go with the rejoin message
+                self._held_head = held + self._held_head
+            else:
+                self._head_written = time.monotonic()
 
     # ------------------------------------------------------------ direct actor calls
     def _adopt_conns(self) -> None:
@@ -276,13 +342,13 @@ class InlineClient(CoreClient):
                             break
                         self.pump(left)
                         self._check_interrupt()
-                    if self._held_head:  # this thread may run a task next, for
-                        self._flush(force=True)  # long: held reports go first
                 finally:
                     self._pump_owner = None
                     self._pump.release()
                     with self._cv:
                         self._cv.notify_all()
+                if self._held_head:  # this thread may run a task next, for long:
+                    self._hold_while_running()  # they go on time anyway
             elif self._pump_owner == me:  # nested wait inside a dispatched message
                 self.pump(left)
             else:

@@ -66,6 +66,7 @@ class Worker:
         self.cancel_before_start: set[bytes] = set()
         self.exiting = False          # the hosted actor exits (exit_actor, sys.exit)
         self.calls: dict[bytes, int] = {}  # runs per function, for max_calls
+        self.pid = os.getpid()  # (asked once: a system call per report otherwise)
         #: what this worker does with each op from its node (and with the
         #: actor calls its head and callers send)
         self._ops: dict[str, Callable[[dict], None]] = {
@@ -454,7 +455,7 @@ class Worker:
                 n = self.calls[task["fid"]] = self.calls.get(task["fid"], 0) + 1
                 retire = n >= limit  # the node replaces this process
             self.client.send("node", messages.worker_idle(tid, retire))
-        msg = messages.task_done(tid, status, results, retryable, pid=os.getpid(),
+        msg = messages.task_done(tid, status, results, retryable, pid=self.pid,
                                  wid=self.wid, started=task.get("_started"))
         if status == "error" and results:
             msg["error_text"] = results[0].get("text")
