@@ -870,8 +870,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         of them is ready with an error (``get`` raises it at once)."""
         if self._dpending:
             self._flush_direct(self._on_io_thread())  # before waiting for their answers
-        event = threading.Event()
-        wake = threading.Event()  # event, or the head said some are pending
         state = {"count": 0}
         ready: set[bytes] = set()
         missing: list[bytes] = []
@@ -901,6 +899,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                 return ready
             if self.lost:
                 raise FlowcoreError(self.lost_message())
+            event = threading.Event()  # (made only when there is something to wait for)
+            wake = threading.Event()  # event, or the head said some are pending
             for oid in missing:
                 cb = callbacks[oid] = make_cb(oid)
                 self.waiters.setdefault(oid, []).append(cb)
@@ -998,6 +998,12 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
     def get_values(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
         oids = [r._id for r in refs]
         deadline = None if timeout is None else time.monotonic() + timeout
+        if len(oids) == 1 and self._dconns and self.kind != "worker":
+            # the answer of a direct actor call: this thread reads it
+            self._await_direct(oids[0], deadline,
+                               GET_WARN_AFTER if self.kind == "driver" else None)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
         # the first failure among them is raised at once (Ray): the others
         # may wait for something that happens only once it is handled
         ready = self.wait_ready(oids, len(set(oids)), timeout, fail_fast=True)

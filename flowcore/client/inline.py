@@ -184,8 +184,6 @@ class InlineClient(CoreClient):
             self._held_head = by_dest.pop("head")  # only side reports: they wait
         elif by_dest["head"]:
             self._head_written = now
-        if not urgent and "head" in by_dest:  # only side reports for the head:
-            by_dest["head"] = by_dest.pop("head")  # answers to callers go first
         for dest, msgs in by_dest.items():
             conn = self.conns.get(dest)
             if conn is not None:
