@@ -53,6 +53,7 @@ class InlineClient(CoreClient):
         self._pump = threading.Lock()
         self._pump_owner: int | None = None
         self._cv = threading.Condition()
+        self._followers = 0  # threads waiting on _cv (none: nobody to notify)
         self._rid = itertools.count(1)
         self._replies: dict[int, dict | None] = {}
         self._wake_r, self._wake_w = os.pipe()
@@ -343,16 +344,21 @@ class InlineClient(CoreClient):
                 finally:
                     self._pump_owner = None
                     self._pump.release()
-                    with self._cv:
-                        self._cv.notify_all()
+                    if self._followers:
+                        with self._cv:
+                            self._cv.notify_all()
                 if self._held_head:  # this thread may run a task next, for long:
                     self._hold_while_running()  # they go on time anyway
             elif self._pump_owner == me:  # nested wait inside a dispatched message
                 self.pump(left)
             else:
                 with self._cv:
-                    if not pred() and self._pump_owner is not None:
-                        self._cv.wait(left)
+                    self._followers += 1
+                    try:
+                        if not pred() and self._pump_owner is not None:
+                            self._cv.wait(left)
+                    finally:
+                        self._followers -= 1
         return True
 
     def pump(self, timeout: float | None) -> None:
@@ -383,8 +389,9 @@ class InlineClient(CoreClient):
                     pass
                 continue
             self._read_conn(cast(BlockingConn, r))
-        with self._cv:
-            self._cv.notify_all()
+        if self._followers:  # (they count themselves under _cv before checking)
+            with self._cv:
+                self._cv.notify_all()
 
     def _read_conn(self, conn: BlockingConn) -> None:
         which = next((k for k, c in self.conns.items() if c is conn), "?")

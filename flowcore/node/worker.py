@@ -67,6 +67,13 @@ class Worker:
         self.exiting = False          # the hosted actor exits (exit_actor, sys.exit)
         self.calls: dict[bytes, int] = {}  # runs per function, for max_calls
         self.pid = os.getpid()  # (asked once: a system call per report otherwise)
+        self._method_groups: dict[str, str | None] = {}  # method -> its declared group
+        # what every call uses, imported once (not at each call)
+        from .. import ids
+        from ..objects.serialization import deserialize, serialize
+        self._object_id = ids.object_id
+        self._serialize = serialize
+        self._deserialize = deserialize
         #: what this worker does with each op from its node (and with the
         #: actor calls its head and callers send)
         self._ops: dict[str, Callable[[dict], None]] = {
@@ -151,13 +158,16 @@ class Worker:
                 pass
 
     def _resolve_args(self, task: dict) -> tuple[tuple, dict]:
-        from ..objects.serialization import deserialize
+        deps = task["deps"]
+        if not deps and task.get("args") is not None:  # no ref among the arguments
+            a, k = self._deserialize(task["args"])
+            return tuple(a), k
         from ..remote_function import ArgRef
-        values = [self.client.value_of(info) for info in task["deps"]]
+        values = [self.client.value_of(info) for info in deps]
         if task.get("args") is None:
             a, k = values[task["args_dep"]]
         else:
-            a, k = deserialize(task["args"])
+            a, k = self._deserialize(task["args"])
 
         def sub(v: Any) -> Any:
             return values[v.i] if isinstance(v, ArgRef) else v
@@ -168,9 +178,15 @@ class Worker:
         (``.options(concurrency_group=)``), else its method's declared one."""
         if task.get("cgroup"):
             return task["cgroup"]
-        member = getattr(type(self.instance), task.get("method") or "", None)
-        return (getattr(member, "__flowcore_method_options__", None) or {}).get(
-            "concurrency_group")
+        method = task.get("method") or ""
+        try:
+            return self._method_groups[method]
+        except KeyError:
+            pass
+        member = getattr(type(self.instance), method, None)
+        group = self._method_groups[method] = (
+            getattr(member, "__flowcore_method_options__", None) or {}).get("concurrency_group")
+        return group
 
     def _target(self, task: dict) -> Any:
         if task.get("actor") is not None:
@@ -542,10 +558,8 @@ class Worker:
         return self.client.listener.port
 
     def _store_result(self, tid: bytes, i: int, value: Any) -> dict:
-        from .. import ids
-        from ..objects.serialization import serialize
-        oid = ids.object_id(tid, i)
-        s = serialize(value)
+        oid = self._object_id(tid, i)
+        s = self._serialize(value)
         nested = list(s.contained_refs)
         if s.total_size <= messages.INLINE_MAX:
             data = s.to_bytes()
