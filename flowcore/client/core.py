@@ -1002,6 +1002,9 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             # the answer of a direct actor call: this thread reads it
             self._await_direct(oids[0], deadline,
                                GET_WARN_AFTER if self.kind == "driver" else None)
+            info = self.ready.get(oids[0])
+            if info is not None:  # (a failure raises here, as below)
+                return [self.value_of(info)]
             if deadline is not None:
                 timeout = max(0.0, deadline - time.monotonic())
         # the first failure among them is raised at once (Ray): the others
