@@ -30,6 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import ids
+from ..exceptions import ProtocolError
 from ..protocol import frames, messages
 from ..protocol.blocking import BlockingConn
 from . import direct
@@ -289,7 +290,6 @@ class ActorCallsMixin:
     def _read_answers(self, conn: Any) -> None:
         """Read and handle what an actor's connection has (``_dreader`` held,
         or a TLS connection on the IO thread)."""
-        from ..exceptions import ProtocolError
         try:
             batches = conn.read_available()
         except (OSError, ProtocolError) as e:

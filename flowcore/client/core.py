@@ -24,6 +24,7 @@ from .. import ids
 from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError, SerializationError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
+from ..objects.serialization import deserialize
 from ..protocol.chunks import fetch_chunks
 from ..protocol import messages
 from ..protocol.comm import Comm, connect
@@ -1049,7 +1050,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
 
     def _deserialize(self, info: dict, buf: Any) -> Any:
         """``deserialize(buf)``; a failure names the task and the class."""
-        from ..objects.serialization import deserialize
         try:
             return deserialize(buf)
         except Exception as exc:
