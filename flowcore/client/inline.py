@@ -39,6 +39,9 @@ logger = logging.getLogger("flowcore.client")
 LAZY_HEAD = "head~"
 #: the ops an actor's process takes on a caller's connection
 CALLER_OPS = messages.ops_for(messages.ACTOR, messages.CALLER)
+#: how often (in SIDE_FLUSH periods) the flusher thread looks for side
+#: reports held while a call runs (see InlineClient._flusher_loop)
+FLUSHER_EVERY = 5
 
 
 class InlineClient(CoreClient):
@@ -77,7 +80,7 @@ class InlineClient(CoreClient):
         self._head_written = 0.0  # when something was last written to the head
         # held side reports are written under _wlock, by the pump's holder
         # (_flush) or, while the pump's holder runs a task, by the flusher
-        # thread at _held_until (see _hold_while_running)
+        # thread once due (see _hold_while_running)
         self._wlock = threading.RLock()
         self._flusher: threading.Thread | None = None
         self._flusher_wake = threading.Event()
@@ -192,8 +195,8 @@ class InlineClient(CoreClient):
 
     def _hold_while_running(self) -> None:
         """The pump's holder leaves it (to run a task, which may be long)
-        while side reports are held: the flusher thread sends them at
-        ``_held_until`` unless a flush does first.  (It used to send them
+        while side reports are held: the flusher thread sends them once due
+        if no flush does first (see _flusher_loop).  (It used to send them
         right away: a head write, and a wake-up of the head, before every
         call of a caller making calls one after another.)"""
         if self._flusher_armed or self.closed:
@@ -206,17 +209,24 @@ class InlineClient(CoreClient):
         self._flusher_wake.set()
 
     def _flusher_loop(self) -> None:
+        """While armed, look every ``FLUSHER_EVERY`` x SIDE_FLUSH: send the
+        held reports that are due if no thread is in the pump (the thread
+        in it sends them itself).  Seldom rather than at each batch's
+        deadline: in calls one after another the pump's thread is there at
+        the deadline, and each wake-up of this thread costs the process
+        context switches; a call that runs long has its predecessors'
+        reports sent within that period."""
         wake = self._flusher_wake
+        period = FLUSHER_EVERY * core.SIDE_FLUSH
         while True:
             wake.wait()
             wake.clear()
             while not self.closed:
-                left = self._held_until - time.monotonic()
-                if left > 0 and self._held_head:
-                    time.sleep(left)
-                    continue
+                time.sleep(period)
                 if self._held_head and not self._pump.locked():
-                    self._send_held()  # (a thread in the pump sends them itself)
+                    self._send_held()
+                if self._held_head:
+                    continue
                 self._flusher_armed = False
                 # (then look again: a thread that left the pump meanwhile saw
                 # it armed and did not wake it)
