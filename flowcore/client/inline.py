@@ -137,6 +137,19 @@ class InlineClient(CoreClient):
         if self._in_select and self._pump_owner != threading.get_ident():
             self._wake()
 
+    def answer_now(self, dest: str, msg: dict) -> None:
+        """Write a direct call's answer on its caller's connection now, from
+        the thread that ran the call (a sync actor's main thread), when
+        nothing is queued before it and the connection is plain TCP (a TLS
+        one is used by the pump's thread only); else queue it."""
+        conn = self.conns.get(dest)
+        staged = self._staged is not None and threading.get_ident() == self._staging_thread
+        if conn is None or conn.tls or staged or self._outbox or self._new_conns:
+            self.send(dest, msg)
+            return
+        with self._wlock:
+            conn.write([msg])
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")

@@ -464,6 +464,18 @@ class Worker:
 
     def _report(self, task: dict, status: str, results: list, retryable: bool) -> None:
         tid = task["tid"]
+        reply = task.get("reply_conn")
+        answer = None
+        if reply:
+            # a call sent here directly by its caller: the caller gets the
+            # inline returns at once (a sync actor's main thread writes them
+            # now, before building the head's report: the caller goes on
+            # meanwhile); the head learns the outcome as usual
+            answer = messages.direct_answer(task, [] if retryable and status == "error"
+                                            else results)  # (a retried call: the head's)
+            if task.get("actor") is not None and threading.get_ident() == self.main_ident:
+                self.client.answer_now(reply, answer)
+                answer = None
         if task.get("actor") is None and task.get("lease") is None:
             retire = False
             limit = (task.get("xopts") or {}).get("max_calls")
@@ -477,18 +489,14 @@ class Worker:
             msg["error_text"] = results[0].get("text")
         if task.get("local"):
             msg["local"] = True  # the head may not have recorded it as running yet
-        if task.get("reply_conn"):
-            # a call sent here directly by its caller: the caller gets the
-            # inline returns at once; the head learns the outcome as usual
+        if reply:
             # (the answer first; the report is a side report, sent with others
             # within SIDE_FLUSH: the caller's next call need not wait for it)
             msg["answered_direct"] = True
-            if retryable and status == "error":
-                answer = messages.direct_answer(task, [])  # the head retries it
-            else:
+            if not (retryable and status == "error"):  # (else the head retries it)
                 msg["results"] = messages.mark_sent(results)
-                answer = messages.direct_answer(task, results)
-            self.client.send(task["reply_conn"], answer)  # the answer first, the report after
+            if answer is not None:
+                self.client.send(reply, answer)  # the answer first, the report after
             self.client.send("head", msg, lazy=True)
             return
         self.client.send("head", msg)
