@@ -177,3 +177,43 @@ def test_side_reports_are_held_while_calls_run_and_sent_during_a_long_one(
     finally:
         sig.set()
         sig.close()
+
+
+def test_answer_now_writes_at_once_unless_something_is_queued_ahead():
+    """``InlineClient.answer_now`` on a real TCP pair: written at once by the
+    calling thread; queued behind a message already queued (order kept)."""
+    import socket
+
+    from flowcore.client.inline import InlineClient
+    from flowcore.protocol import frames
+    from flowcore.protocol.blocking import BlockingConn
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    peer = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    client = InlineClient("127.0.0.1:1", b"t", "127.0.0.1:1", wid="w-test")
+    try:
+        client.conns["caller:1"] = BlockingConn.accepted(accepted, "peer", False)
+        reader = frames.FrameReader()
+        peer.settimeout(30)
+
+        def received() -> list[dict]:
+            reader.feed(peer.recv(65536))
+            out = []
+            while (batch := reader.next_batch()) is not None:
+                out.extend(batch[0])
+            return out
+        client.answer_now("caller:1", {"op": "call_result", "tid": b"1", "results": []})
+        assert [m["tid"] for m in received()] == [b"1"]  # written, no pump ran
+        client.send("caller:1", {"op": "call_result", "tid": b"2", "results": []})
+        client.answer_now("caller:1", {"op": "call_result", "tid": b"3", "results": []})
+        assert len(client._outbox) == 2  # behind the queued one: queued too
+        client._flush()
+        assert [m["tid"] for m in received()] == [b"2", b"3"]
+    finally:
+        client.close()
+        client.loop.close()
+        peer.close()
+        server.close()
