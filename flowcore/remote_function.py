@@ -113,15 +113,26 @@ def signature_of(target: Any) -> "inspect.Signature | None":
         return None
 
 
-@functools.lru_cache(maxsize=1024)
+#: id(signature) -> (signature, whether a call without arguments binds to it)
+_NO_ARGUMENTS: dict[int, tuple["inspect.Signature", bool]] = {}
+
+
 def _takes_no_arguments(sig: "inspect.Signature") -> bool:
     """Whether a call without arguments binds to ``sig`` (asked once per
-    signature: calls without arguments are common and binding is not free)."""
+    signature object: calls without arguments are common, and binding, or
+    even hashing a signature, is not free)."""
+    known = _NO_ARGUMENTS.get(id(sig))
+    if known is not None and known[0] is sig:
+        return known[1]
     try:
         sig.bind()
+        ok = True
     except TypeError:
-        return False
-    return True
+        ok = False
+    if len(_NO_ARGUMENTS) >= 1024:
+        _NO_ARGUMENTS.clear()
+    _NO_ARGUMENTS[id(sig)] = (sig, ok)
+    return ok
 
 
 def check_call(sig: "inspect.Signature | None", what: str, args: tuple, kwargs: dict) -> None:

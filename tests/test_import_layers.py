@@ -42,7 +42,6 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore", "flowcore.remote_function"): _PUBLIC,
     ("flowcore.api", "flowcore.protocol.comm"): _HEAVY,
     ("flowcore.api", "flowcore.runtime_context"): _HEAVY,
-    ("flowcore.client.actor_calls", "flowcore.exceptions"): _PENDING,
     ("flowcore.client.core", "flowcore.ids"): _PENDING,
     ("flowcore.client.core", "flowcore.objects.mapping"): _HEAVY,
     ("flowcore.client.core", "flowcore.objects.serialization"): _PENDING,

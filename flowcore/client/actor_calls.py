@@ -27,9 +27,10 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import ids
+from ..exceptions import ProtocolError
 from ..protocol import frames, messages
 from ..protocol.blocking import BlockingConn
 from . import direct
@@ -39,6 +40,11 @@ logger = logging.getLogger("flowcore.client")
 
 #: the ops a caller takes on its connection to an actor
 ACTOR_OPS = messages.ops_for(messages.CALLER, messages.ACTOR)
+#: the flags of the zero-wait peek for an idle connection's EOF (as a plain
+#: int: or-ing the enum members costs more than the peek itself)
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+#: the flag of a write that never blocks
+_NO_WAIT = int(socket.MSG_DONTWAIT)
 
 
 class ActorCallsMixin:
@@ -52,6 +58,8 @@ class ActorCallsMixin:
     ready: dict[bytes, dict]
     subscribed: set[bytes]
     expected: set[bytes]
+    waiters: dict[bytes, list[Callable[[], None]]]
+    lost: str | None
     direct: direct.DirectCalls
     _lock: threading.Lock
     _call_lock: threading.Lock
@@ -74,6 +82,8 @@ class ActorCallsMixin:
         def _object_ready(self, msg: dict) -> None: ...
         def _head_away(self) -> bool: ...
         def _on_io_thread(self) -> bool: ...
+        def _warn_slow(self, missing: list[bytes], ready: set[bytes],
+                       waited: float) -> None: ...
 
     def _submit_call(self, spec: dict) -> None:
         """Send an actor call: a direct one is written to the actor's socket
@@ -122,7 +132,7 @@ class ActorCallsMixin:
         if conn is None or self.tls is not None:
             return False
         try:
-            return conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return conn.sock.recv(1, _PEEK_NOW) == b""
         except (BlockingIOError, InterruptedError):
             return False  # open, nothing to read
         except OSError:
@@ -171,7 +181,7 @@ class ActorCallsMixin:
         wbuf = conn.wbuf
         if not wbuf:
             try:
-                n = conn.sock.send(data, socket.MSG_DONTWAIT)
+                n = conn.sock.send(data, _NO_WAIT)
             except BlockingIOError:
                 n = 0
             except OSError as e:  # the actor is gone: its reader notices
@@ -198,7 +208,7 @@ class ActorCallsMixin:
         with self._call_lock:
             wbuf = conn.wbuf
             try:
-                n = conn.sock.send(wbuf, socket.MSG_DONTWAIT) if wbuf else 0
+                n = conn.sock.send(wbuf, _NO_WAIT) if wbuf else 0
             except BlockingIOError:
                 return
             except OSError:
@@ -280,7 +290,6 @@ class ActorCallsMixin:
     def _read_answers(self, conn: Any) -> None:
         """Read and handle what an actor's connection has (``_dreader`` held,
         or a TLS connection on the IO thread)."""
-        from ..exceptions import ProtocolError
         try:
             batches = conn.read_available()
         except (OSError, ProtocolError) as e:
@@ -312,13 +321,26 @@ class ActorCallsMixin:
         """Wait for ``event`` reading the actors' connections on this thread
         (another thread reads them already: just wait)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        done = self._read_while_waiting(event.is_set, deadline)
+        if done is not None:
+            return done
+        # another thread reads, or no connection to read (closed): the
+        # answer comes through it, or through the head
+        return event.wait(None if deadline is None
+                          else max(0.0, deadline - time.monotonic()))
+
+    def _read_while_waiting(self, done: Callable[[], bool],
+                            deadline: float | None) -> bool | None:
+        """Read the actors' connections on this thread until ``done()``
+        (True) or the deadline (False); None when another thread reads them
+        or none is left to read."""
         with self._lock:
             self._readers_waiting += 1
         try:
             if not self._dreader.acquire(blocking=False):
-                return event.wait(timeout)
+                return None
             try:
-                done = self._read_until(event, deadline)
+                return self._read_until(done, deadline)
             finally:
                 self._reader_ident = None
                 self._dreader.release()
@@ -328,18 +350,54 @@ class ActorCallsMixin:
                         self._call_io(self._rewatch, True)
                     elif not self._tick_armed:  # a round watches them again
                         self._call_io(self._arm_rounds)
-            if done is not None:
-                return done
-            # no connection to read (closed): the answer comes through the head
-            return event.wait(None if deadline is None
-                              else max(0.0, deadline - time.monotonic()))
         finally:
             with self._lock:
                 self._readers_waiting -= 1
 
-    def _read_until(self, event: threading.Event, deadline: float | None) -> bool | None:
-        """Read until ``event`` is set (True) or the deadline (False); None
-        when there is no connection left to read."""
+    def _await_direct(self, oid: bytes, deadline: float | None,
+                      warn_after: float | None) -> None:
+        """``get`` of one ref that is the answer of a direct call in flight
+        on a plain connection: read it on this thread, with none of the
+        general wait's bookkeeping (events, callbacks, subscriptions).
+        Returns when it is ready, at the deadline, or when this thread cannot
+        read it (another one reads, the connection closed): the general wait
+        then takes over.  A driver still warns after ``warn_after``."""
+        tid = ids.task_of(oid)
+        poke = self._poke_reader  # the answer may come another way (the head)
+        with self._lock:
+            if oid in self.ready or self.lost:
+                return
+            for link in self.direct.links.values():
+                if tid in link.inflight:
+                    break
+            else:
+                return
+            conn = self._dconns.get(link.key)
+            if conn is None or conn.tls:
+                return
+            self.waiters.setdefault(oid, []).append(poke)
+        ready = self.ready
+        try:
+            if self._dpending:
+                self._flush_direct(False)
+            if warn_after is not None and (deadline is None
+                                           or deadline - time.monotonic() > warn_after):
+                if self._read_while_waiting(lambda: oid in ready,
+                                            time.monotonic() + warn_after) is not False:
+                    return
+                self._warn_slow([oid], set(), warn_after)
+            self._read_while_waiting(lambda: oid in ready, deadline)
+        finally:
+            with self._lock:
+                lst = self.waiters.get(oid)
+                if lst and poke in lst:
+                    lst.remove(poke)
+                    if not lst:
+                        del self.waiters[oid]
+
+    def _read_until(self, done: Callable[[], bool], deadline: float | None) -> bool | None:
+        """Read until ``done()`` (True) or the deadline (False); None when
+        there is no connection left to read."""
         if self._reader_pipe is None:
             r, w = os.pipe()
             os.set_blocking(r, False)
@@ -347,7 +405,7 @@ class ActorCallsMixin:
             self._reader_pipe = (r, w)
         pipe_r = self._reader_pipe[0]
         self._reader_ident = threading.get_ident()
-        while not event.is_set():
+        while not done():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False

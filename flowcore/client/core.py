@@ -24,6 +24,7 @@ from .. import ids
 from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError, SerializationError,
                           ObjectStoreFullError)
 from ..objects.ref import ObjectRef
+from ..objects.serialization import deserialize
 from ..protocol.chunks import fetch_chunks
 from ..protocol import messages
 from ..protocol.comm import Comm, connect
@@ -895,8 +896,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         of them is ready with an error (``get`` raises it at once)."""
         if self._dpending:
             self._flush_direct(self._on_io_thread())  # before waiting for their answers
-        event = threading.Event()
-        wake = threading.Event()  # event, or the head said some are pending
         state = {"count": 0}
         ready: set[bytes] = set()
         missing: list[bytes] = []
@@ -926,6 +925,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                 return ready
             if self.lost:
                 raise FlowcoreError(self.lost_message())
+            event = threading.Event()  # (made only when there is something to wait for)
+            wake = threading.Event()  # event, or the head said some are pending
             for oid in missing:
                 cb = callbacks[oid] = make_cb(oid)
                 self.waiters.setdefault(oid, []).append(cb)
@@ -1032,6 +1033,15 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             if None not in infos:
                 return [self.value_of(info) for info in infos]  # type: ignore[arg-type]
         deadline = None if timeout is None else time.monotonic() + timeout
+        if len(oids) == 1 and self._dconns and self.kind != "worker":
+            # the answer of a direct actor call: this thread reads it
+            self._await_direct(oids[0], deadline,
+                               GET_WARN_AFTER if self.kind == "driver" else None)
+            info = self.ready.get(oids[0])
+            if info is not None:  # (a failure raises here, as below)
+                return [self.value_of(info)]
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
         # the first failure among them is raised at once (Ray): the others
         # may wait for something that happens only once it is handled
         ready = self.wait_ready(oids, len(set(oids)), timeout, fail_fast=True)
@@ -1074,7 +1084,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
 
     def _deserialize(self, info: dict, buf: Any) -> Any:
         """``deserialize(buf)``; a failure names the task and the class."""
-        from ..objects.serialization import deserialize
         try:
             return deserialize(buf)
         except Exception as exc:

@@ -39,6 +39,9 @@ logger = logging.getLogger("flowcore.client")
 LAZY_HEAD = "head~"
 #: the ops an actor's process takes on a caller's connection
 CALLER_OPS = messages.ops_for(messages.ACTOR, messages.CALLER)
+#: how often (in SIDE_FLUSH periods) the flusher thread looks for side
+#: reports held while a call runs (see InlineClient._flusher_loop)
+FLUSHER_EVERY = 5
 
 
 class InlineClient(CoreClient):
@@ -57,6 +60,7 @@ class InlineClient(CoreClient):
         self._pump = threading.Lock()
         self._pump_owner: int | None = None
         self._cv = threading.Condition()
+        self._followers = 0  # threads waiting on _cv (none: nobody to notify)
         self._rid = itertools.count(1)
         self._replies: dict[int, dict | None] = {}
         self._wake_r, self._wake_w = os.pipe()
@@ -78,6 +82,13 @@ class InlineClient(CoreClient):
         self._held_head: list[dict] = []
         self._held_until = 0.0
         self._head_written = 0.0  # when something was last written to the head
+        # held side reports are written under _wlock, by the pump's holder
+        # (_flush) or, while the pump's holder runs a task, by the flusher
+        # thread once due (see _hold_while_running)
+        self._wlock = threading.RLock()
+        self._flusher: threading.Thread | None = None
+        self._flusher_wake = threading.Event()
+        self._flusher_armed = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
@@ -105,6 +116,7 @@ class InlineClient(CoreClient):
         except OSError:
             pass
         self.closed = True
+        self._flusher_wake.set()  # the flusher thread, if any, ends
         if self.listener is not None:
             self.listener.close()
         self._adopt_conns()
@@ -131,6 +143,19 @@ class InlineClient(CoreClient):
         if self._in_select and self._pump_owner != threading.get_ident():
             self._wake()
 
+    def answer_now(self, dest: str, msg: dict) -> None:
+        """Write a direct call's answer on its caller's connection now, from
+        the thread that ran the call (a sync actor's main thread), when
+        nothing is queued before it and the connection is plain TCP (a TLS
+        one is used by the pump's thread only); else queue it."""
+        conn = self.conns.get(dest)
+        staged = self._staged is not None and threading.get_ident() == self._staging_thread
+        if conn is None or conn.tls or staged or self._outbox or self._new_conns:
+            self.send(dest, msg)
+            return
+        with self._wlock:
+            conn.write([msg])
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
@@ -148,7 +173,12 @@ class InlineClient(CoreClient):
         in a row), they wait while this thread waits for input and nothing
         else goes to the head, up to SIDE_FLUSH seconds after the first of
         them (``force``: not at all), so the head takes them in batches; they
-        never wait while the thread runs a task (see _wait_until)."""
+        never wait longer while the thread runs a task (the flusher thread
+        sends them then, see _hold_while_running)."""
+        with self._wlock:
+            self._flush_locked(force)
+
+    def _flush_locked(self, force: bool) -> None:
         if self._new_conns:
             self._adopt_conns()
         items = self._take_outgoing()
@@ -181,6 +211,64 @@ class InlineClient(CoreClient):
             conn = self.conns.get(dest)
             if conn is not None:
                 conn.write(msgs)
+
+    def _hold_while_running(self) -> None:
+        """The pump's holder leaves it (to run a task, which may be long)
+        while side reports are held: the flusher thread sends them once due
+        if no flush does first (see _flusher_loop).  (It used to send them
+        right away: a head write, and a wake-up of the head, before every
+        call of a caller making calls one after another.)"""
+        if self._flusher_armed or self.closed:
+            return
+        self._flusher_armed = True
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flusher_loop, daemon=True,
+                                             name="flowcore-side-reports")
+            self._flusher.start()
+        self._flusher_wake.set()
+
+    def _flusher_loop(self) -> None:
+        """While armed, look every ``FLUSHER_EVERY`` x SIDE_FLUSH: send the
+        held reports that are due if no thread is in the pump (the thread
+        in it sends them itself).  Seldom rather than at each batch's
+        deadline: in calls one after another the pump's thread is there at
+        the deadline, and each wake-up of this thread costs the process
+        context switches; a call that runs long has its predecessors'
+        reports sent within that period."""
+        wake = self._flusher_wake
+        period = FLUSHER_EVERY * core.SIDE_FLUSH
+        while True:
+            wake.wait()
+            wake.clear()
+            while not self.closed:
+                time.sleep(period)
+                if self._held_head and not self._pump.locked():
+                    self._send_held()
+                if self._held_head:
+                    continue
+                self._flusher_armed = False
+                # (then look again: a thread that left the pump meanwhile saw
+                # it armed and did not wake it)
+                if not self._held_head or self._pump.locked():
+                    break
+                self._flusher_armed = True
+            if self.closed:
+                return
+
+    def _send_held(self) -> None:
+        """(flusher thread) Write the held side reports that are due."""
+        with self._wlock:
+            held = self._held_head
+            conn = self.conns.get("head")
+            if not held or self.closed or self._reconnecting_head or conn is None \
+                    or conn.closed or time.monotonic() < self._held_until:
+                return
+            self._held_head = []
+            conn.write(held)
+            if conn.closed:  # the head is gone: they go with the rejoin message
+                self._held_head = held + self._held_head
+            else:
+                self._head_written = time.monotonic()
 
     # ------------------------------------------------------------ direct actor calls
     def _adopt_conns(self) -> None:
@@ -282,19 +370,24 @@ class InlineClient(CoreClient):
                             break
                         self.pump(left)
                         self._check_interrupt()
-                    if self._held_head:  # this thread may run a task next, for
-                        self._flush(force=True)  # long: held reports go first
                 finally:
                     self._pump_owner = None
                     self._pump.release()
-                    with self._cv:
-                        self._cv.notify_all()
+                    if self._followers:
+                        with self._cv:
+                            self._cv.notify_all()
+                if self._held_head:  # this thread may run a task next, for long:
+                    self._hold_while_running()  # they go on time anyway
             elif self._pump_owner == me:  # nested wait inside a dispatched message
                 self.pump(left)
             else:
                 with self._cv:
-                    if not pred() and self._pump_owner is not None:
-                        self._cv.wait(left)
+                    self._followers += 1
+                    try:
+                        if not pred() and self._pump_owner is not None:
+                            self._cv.wait(left)
+                    finally:
+                        self._followers -= 1
         return True
 
     def pump(self, timeout: float | None) -> None:
@@ -325,8 +418,9 @@ class InlineClient(CoreClient):
                     pass
                 continue
             self._read_conn(cast(BlockingConn, r))
-        with self._cv:
-            self._cv.notify_all()
+        if self._followers:  # (they count themselves under _cv before checking)
+            with self._cv:
+                self._cv.notify_all()
 
     def _read_conn(self, conn: BlockingConn) -> None:
         which = next((k for k, c in self.conns.items() if c is conn), "?")

@@ -66,6 +66,14 @@ class Worker:
         self.cancel_before_start: set[bytes] = set()
         self.exiting = False          # the hosted actor exits (exit_actor, sys.exit)
         self.calls: dict[bytes, int] = {}  # runs per function, for max_calls
+        self.pid = os.getpid()  # (asked once: a system call per report otherwise)
+        self._method_groups: dict[str, str | None] = {}  # method -> its declared group
+        # what every call uses, imported once (not at each call)
+        from .. import ids
+        from ..objects.serialization import deserialize, serialize
+        self._object_id = ids.object_id
+        self._serialize = serialize
+        self._deserialize = deserialize
         #: what this worker does with each op from its node (and with the
         #: actor calls its head and callers send)
         self._ops: dict[str, Callable[[dict], None]] = {
@@ -151,13 +159,16 @@ class Worker:
                 pass
 
     def _resolve_args(self, task: dict) -> tuple[tuple, dict]:
-        from ..objects.serialization import deserialize
+        deps = task["deps"]
+        if not deps and task.get("args") is not None:  # no ref among the arguments
+            a, k = self._deserialize(task["args"])
+            return tuple(a), k
         from ..remote_function import ArgRef
-        values = [self.client.value_of(info) for info in task["deps"]]
+        values = [self.client.value_of(info) for info in deps]
         if task.get("args") is None:
             a, k = values[task["args_dep"]]
         else:
-            a, k = deserialize(task["args"])
+            a, k = self._deserialize(task["args"])
 
         def sub(v: Any) -> Any:
             return values[v.i] if isinstance(v, ArgRef) else v
@@ -168,9 +179,15 @@ class Worker:
         (``.options(concurrency_group=)``), else its method's declared one."""
         if task.get("cgroup"):
             return task["cgroup"]
-        member = getattr(type(self.instance), task.get("method") or "", None)
-        return (getattr(member, "__flowcore_method_options__", None) or {}).get(
-            "concurrency_group")
+        method = task.get("method") or ""
+        try:
+            return self._method_groups[method]
+        except KeyError:
+            pass
+        member = getattr(type(self.instance), method, None)
+        group = self._method_groups[method] = (
+            getattr(member, "__flowcore_method_options__", None) or {}).get("concurrency_group")
+        return group
 
     def _target(self, task: dict) -> Any:
         if task.get("actor") is not None:
@@ -448,6 +465,18 @@ class Worker:
 
     def _report(self, task: dict, status: str, results: list, retryable: bool) -> None:
         tid = task["tid"]
+        reply = task.get("reply_conn")
+        answer = None
+        if reply:
+            # a call sent here directly by its caller: the caller gets the
+            # inline returns at once (a sync actor's main thread writes them
+            # now, before building the head's report: the caller goes on
+            # meanwhile); the head learns the outcome as usual
+            answer = messages.direct_answer(task, [] if retryable and status == "error"
+                                            else results)  # (a retried call: the head's)
+            if task.get("actor") is not None and threading.get_ident() == self.main_ident:
+                self.client.answer_now(reply, answer)
+                answer = None
         if task.get("actor") is None and task.get("lease") is None:
             retire = False
             limit = (task.get("xopts") or {}).get("max_calls")
@@ -455,24 +484,20 @@ class Worker:
                 n = self.calls[task["fid"]] = self.calls.get(task["fid"], 0) + 1
                 retire = n >= limit  # the node replaces this process
             self.client.send("node", messages.worker_idle(tid, retire))
-        msg = messages.task_done(tid, status, results, retryable, pid=os.getpid(),
+        msg = messages.task_done(tid, status, results, retryable, pid=self.pid,
                                  wid=self.wid, started=task.get("_started"))
         if status == "error" and results:
             msg["error_text"] = results[0].get("text")
         if task.get("local"):
             msg["local"] = True  # the head may not have recorded it as running yet
-        if task.get("reply_conn"):
-            # a call sent here directly by its caller: the caller gets the
-            # inline returns at once; the head learns the outcome as usual
+        if reply:
             # (the answer first; the report is a side report, sent with others
             # within SIDE_FLUSH: the caller's next call need not wait for it)
             msg["answered_direct"] = True
-            if retryable and status == "error":
-                answer = messages.direct_answer(task, [])  # the head retries it
-            else:
+            if not (retryable and status == "error"):  # (else the head retries it)
                 msg["results"] = messages.mark_sent(results)
-                answer = messages.direct_answer(task, results)
-            self.client.send(task["reply_conn"], answer)  # the answer first, the report after
+            if answer is not None:
+                self.client.send(reply, answer)  # the answer first, the report after
             self.client.send("head", msg, lazy=True)
             return
         self.client.send("head", msg)
@@ -542,10 +567,8 @@ class Worker:
         return self.client.listener.port
 
     def _store_result(self, tid: bytes, i: int, value: Any) -> dict:
-        from .. import ids
-        from ..objects.serialization import serialize
-        oid = ids.object_id(tid, i)
-        s = serialize(value)
+        oid = self._object_id(tid, i)
+        s = self._serialize(value)
         nested = list(s.contained_refs)
         if s.total_size <= messages.INLINE_MAX:
             data = s.to_bytes()
