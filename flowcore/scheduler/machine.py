@@ -901,7 +901,12 @@ class SchedulerState:
 
     def handle_task_blocked(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
-        if t is None or t.state != S.RUNNING or t.blocked:
+        if t is None or t.state != S.RUNNING:
+            # a task started locally whose start the head has not heard of
+            # (its node's verdict comes on another connection): kept for then
+            self.local_first.early_blocked(msg["tid"], t, True)
+            return
+        if t.blocked:
             return
         t.blocked = True
         node = self.nodes.get(t.node or "")
@@ -910,7 +915,10 @@ class SchedulerState:
 
     def handle_task_unblocked(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
-        if t is None or t.state != S.RUNNING or not t.blocked:
+        if t is None or t.state != S.RUNNING:
+            self.local_first.early_blocked(msg["tid"], t, False)
+            return
+        if not t.blocked:
             return
         t.blocked = False
         node = self.nodes.get(t.node or "")

@@ -124,7 +124,10 @@ class Transitions:
         if acct is None:
             acct = self.s._account(node, t.bundle) if t.bundle else node
         t.ahead = not acct.fits(t.res)
-        acct.take(t.res)
+        if t.blocked:  # (a local start whose worker is already blocked in get)
+            acct.take({k: v for k, v in t.res.items() if k != "CPU"})
+        else:
+            acct.take(t.res)
         node.running.add(t.tid)
         self.s.placement.touch(node)
         t.node = node.node_id
