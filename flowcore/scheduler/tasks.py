@@ -88,7 +88,12 @@ class Transitions:
         if t._state is _RUNNING:
             self._release(t)
         self._move(t, S.QUEUED, cause)
-        self.s.queues.setdefault(t.shape, deque()).append(t.tid)
+        q = self.s.queues.setdefault(t.shape, deque())
+        parent = self.s.tasks.get(t.parent) if t.parent is not None else None
+        if parent is not None and parent.blocked:
+            q.appendleft(t.tid)  # its parent waits for it in get: first (SchedulerState.lend)
+        else:
+            q.append(t.tid)
 
     def queue_offered(self, t: TaskRecord, cause: str) -> None:
         """Ready, but offered to its submitter's node: the head waits for
