@@ -599,8 +599,7 @@ class NodeServer:
             "register_worker": self._register_worker,
             "register_client": self._register_client,
             "worker_idle": self._worker_idle,
-            "worker_blocked": lambda c, m, f: self._act(self.pool.worker_blocked(
-                c.info.get("wid", ""), m.get("blocked", True))),
+            "worker_blocked": self._worker_blocked,
             "stats": self._stats,
             "lease_request": lambda c, m, f: self.leases.request(c, m, f),
             "lease_return": lambda c, m, f: self.leases.give_back(c, m, f),
@@ -612,6 +611,12 @@ class NodeServer:
         self.leases.worker_idle(wid, msg["tid"])  # a lease's end: its tables
         self._act(self.pool.worker_idle(wid, retire=bool(msg.get("retire"))))
         if self._reap_timer is None and self.pool.idle_grace:
+            self._arm_reap(self.pool.idle_grace)
+
+    def _worker_blocked(self, comm: Comm, msg: dict, frames: list) -> None:
+        self._act(self.pool.worker_blocked(comm.info.get("wid", ""), msg.get("blocked", True)))
+        if self._reap_timer is None and self.pool.idle_grace:
+            # spares forked for a blocked task go once nothing is blocked
             self._arm_reap(self.pool.idle_grace)
 
     def _arm_reap(self, delay: float) -> None:
