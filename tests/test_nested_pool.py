@@ -106,3 +106,18 @@ def test_many_children_of_one_blocked_parent_all_run(fresh_cluster) -> None:
 
     assert flowcore.get(parent.remote(300), timeout=60) == 300 * 299 // 2
     assert flowcore.get([parent.remote(20) for _ in range(4)], timeout=60) == [190] * 4
+
+
+@flowcore.remote
+def own_id(n: int) -> list:
+    """The id this task's own RemoteFunction has when the task starts, here
+    and in its descendants (a worker loads the function by that id)."""
+    mine = own_id._fid
+    return [mine] + (flowcore.get(own_id.remote(n - 1)) if n else [])
+
+
+@pytest.mark.timeout(60)
+def test_a_recursive_remote_function_keeps_the_id_it_was_loaded_by(fresh_cluster) -> None:
+    fresh_cluster(num_cpus=1)
+    fids = flowcore.get(own_id.remote(3), timeout=60)
+    assert fids == [own_id._fid] * 4
