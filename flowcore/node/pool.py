@@ -452,7 +452,8 @@ class WorkerPool:
         ready = sum(1 for w in self.workers.values() if w.state in (IDLE, STARTING)
                     and w.renv is None and w.gpu is not True)
         for _ in range(self.spare_workers + len(self.queue) - ready):
-            if not self._spawn(actions):
+            # (at the cap no spare: the cap's warning is for tasks that wait)
+            if len(self.workers) >= self.max_workers or not self._spawn(actions):
                 break
 
     def worker_died(self, wid: str) -> list[Action]:
