@@ -47,7 +47,8 @@ class LocalFirst:
         self.early_verdicts: OrderedDict[bytes, tuple[str, bool]] = OrderedDict()
         self.early_done: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
         #: blocked in get (True) or not, said by the task's worker before the
-        #: head recorded the task as started
+        #: head recorded the task as started (a local start, or a task sent to
+        #: a leased worker: ``leases.Leases.start`` takes it too)
         self.early_block: OrderedDict[bytes, bool] = OrderedDict()
         state.on("node_joined", self.node_joined)
         state.on("node_died", self.node_died)
