@@ -82,20 +82,13 @@ class InlineClient(CoreClient):
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
         self.conns["node"] = BlockingConn(self.node_address or "", self.token, timeout,
                                           self.tls)
-        # registered with the node first, without waiting: the node can hand
-        # this worker a task while it connects to the head
-        rid = next(self._rid)
-        self._replies[rid] = None
-        self.send("node", {"op": "register_worker", "wid": self.wid, "pid": os.getpid(),
-                           "rid": rid})
-        self._flush()
         self.conns["head"] = BlockingConn(self.head_address, self.token, timeout, self.tls)
+        r = self.request("node", {"op": "register_worker", "wid": self.wid, "pid": os.getpid()},
+                         timeout)
+        self.node_id = r["node_id"]
         r = self.request("head", {"op": "register_client", "kind": "worker", "pid": os.getpid(),
                                   "wid": self.wid}, timeout)
         self.client_id = r["client_id"]
-        if not self._wait_until(lambda: self._replies.get(rid) is not None, timeout):
-            raise TimeoutError(f"no reply from the node to 'register_worker' in {timeout}s")
-        self.node_id = self._replies.pop(rid)["node_id"]  # type: ignore[index]
         self.session_dir = r.get("session_dir") or ""
 
     def close(self) -> None:
