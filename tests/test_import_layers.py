@@ -66,6 +66,8 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("flowcore.node.server", "flowcore.objects.serialization"): _PENDING,
     ("flowcore.node.server", "flowcore.objects.store"): _HEAVY,
     ("flowcore.node.server", "flowcore.protocol.comm"): _HEAVY,
+    ("flowcore.node.worker", "flowcore.api"): (
+        "preload(): the node imports the API tasks call before forking workers"),
     ("flowcore.node.worker", "flowcore.client.inline"): _HEAVY,
     ("flowcore.node.worker", "flowcore.exceptions"): _PENDING,
     ("flowcore.node.worker", "flowcore.ids"): _PENDING,

@@ -51,6 +51,23 @@ def test_head_records_a_leased_task_running_without_placing_it():
 
 
 @pytest.mark.timeout(10)
+def test_a_leased_task_blocked_in_get_before_its_submission_came_lends_its_cpu():
+    """The worker's task_blocked can beat the owner's (batched) submission
+    to the head: the head must still count the task's CPU as given back."""
+    c = Cluster(validate=True)
+    c.node("n1", CPU=1)
+    spec = _leased_spec(c)
+    tid = spec["tid"]
+    c.state.handle("w1", {"op": "task_blocked", "tid": tid})
+    c.submit(spec)
+    t = c.state.tasks[tid]
+    assert t.state == TaskState.RUNNING and t.blocked
+    assert c.state.nodes["n1"].available["CPU"] == 1.0
+    c.state.handle("w1", {"op": "task_unblocked", "tid": tid})
+    assert c.state.nodes["n1"].available["CPU"] == 0.0
+
+
+@pytest.mark.timeout(10)
 def test_head_takes_a_leased_tasks_end_before_its_submission_and_retries_a_lost_lease():
     c = Cluster(validate=True)
     c.node("n1", CPU=2)

@@ -76,6 +76,36 @@ def test_verdict_and_result_may_come_before_the_submission() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_blocked_in_get_before_the_head_heard_of_the_local_start() -> None:
+    """The worker's task_blocked travels on its own connection and may beat
+    the node's verdict (or the submission itself): the CPU the blocked task
+    gave back must still be free in the head's books once the start is
+    recorded, or the head would never place its children."""
+    c = Cluster()
+    c.node("n1", CPU=1)
+    tid, _ = _local(c)
+    assert c.state.handle("w1", {"op": "task_blocked", "tid": tid}) == []
+    _verdict(c, tid, True)
+    assert c.st(tid) == S.RUNNING and c.state.tasks[tid].blocked
+    assert c.avail("n1") == 1.0  # its CPU is lent to its children
+    child, out = _local(c)
+    assert c.st(child) == S.QUEUED
+    c.state.handle("w1", {"op": "task_unblocked", "tid": tid})
+    assert c.avail("n1") == 0.0
+    c.finish(tid)
+    assert c.avail("n1") == 1.0
+    # before the submission, blocked then unblocked: the start takes it all
+    spec = c.spec()
+    spec["local"] = "n1"
+    early = spec["tid"]
+    c.state.handle("w2", {"op": "task_blocked", "tid": early})
+    c.state.handle("w2", {"op": "task_unblocked", "tid": early})
+    _verdict(c, early, True)
+    c.submit(spec)
+    assert c.st(early) == S.RUNNING and not c.state.tasks[early].blocked
+
+
+@pytest.mark.timeout(10)
 def test_offer_to_a_node_that_dies_is_placed_elsewhere() -> None:
     c = Cluster()
     c.node("n1", CPU=1)

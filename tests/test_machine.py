@@ -1461,3 +1461,36 @@ def test_calls_after_a_kill_wait_for_the_death_and_then_fail() -> None:
         assert msg["error"]
         err = deserialize(msg["inline"])
         assert isinstance(err, ActorDiedError) and "kill" in str(err)
+
+
+# ====================================================================== nested: children first
+def test_children_of_a_task_blocked_in_get_run_before_older_queued_tasks() -> None:
+    """A parent blocked in get lends its CPU to its own children: queued
+    ones move ahead of tasks queued before them, and ones queued while it
+    stays blocked go first too (a recursive tree runs depth first instead
+    of blocking a worker process per queued parent); other tasks keep
+    their order."""
+    c = Cluster(pipeline_depth=0, validate=True)  # (the books are checked after each message)
+    c.node("n1", CPU=1)
+    parent, out = c.task()
+    assert run_task_tids(out) == [parent]
+    x1, _ = c.task()
+    x2, _ = c.task()
+
+    def child() -> tuple[bytes, list]:
+        spec = c.spec()
+        spec["parent"] = parent
+        return spec["tid"], c.submit(spec, client="w-parent")
+
+    a, _ = child()
+    b, _ = child()
+    assert c.st(a) == S.QUEUED and c.st(b) == S.QUEUED
+    out = c.state.handle("w-parent", {"op": "task_blocked", "tid": parent})
+    assert run_task_tids(out) == [a]
+    assert run_task_tids(c.finish(a)) == [b]
+    late, _ = child()  # submitted (by another thread of the parent) while it is blocked
+    assert run_task_tids(c.finish(b)) == [late]
+    c.state.handle("w-parent", {"op": "task_unblocked", "tid": parent})
+    assert run_task_tids(c.finish(late)) == []  # the parent holds the CPU again
+    assert run_task_tids(c.finish(parent)) == [x1]
+    assert run_task_tids(c.finish(x1)) == [x2]

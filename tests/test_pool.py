@@ -342,15 +342,18 @@ def check(pool: WorkerPool) -> None:
 
 
 events = st.lists(st.tuples(st.sampled_from(["task", "ready", "idle", "block", "unblock",
-                                             "die"]),
+                                             "die", "reap"]),
                             st.integers(0, 10), st.sampled_from(SHAPES)), max_size=60)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(events)
-def test_random_event_sequences_keep_the_books_straight(evs: list) -> None:
-    pool = WorkerPool(dict(TOTAL), max_workers=4, gpu_ids=[0], min_workers=1)
+@given(events, st.sampled_from([(0, 0.0), (2, 1.0)]))
+def test_random_event_sequences_keep_the_books_straight(evs: list, spares: tuple) -> None:
+    pool = WorkerPool(dict(TOTAL), max_workers=4, gpu_ids=[0], min_workers=1,
+                      spare_workers=spares[0], idle_grace=spares[1])
+    now = [0.0]
+    pool.clock = lambda: now[0]
     out = pool.startup()
     died: list[bytes] = []
     running: dict[bytes, str] = {}
@@ -384,6 +387,9 @@ def test_random_event_sequences_keep_the_books_straight(evs: list) -> None:
         elif kind == "die" and pool.workers:
             wid = sorted(pool.workers)[pick % len(pool.workers)]
             apply(pool.worker_died(wid))
+        elif kind == "reap":
+            now[0] += pick * 0.25
+            apply(pool.reap()[0])
         check(pool)
     # drain: start every worker, finish every task
     for _ in range(500):
@@ -613,3 +619,89 @@ def test_workers_blocked_in_get_do_not_count_toward_the_warm_pool() -> None:
     assert pool.worker_blocked(wp, False) == []
     assert pool.worker_idle(wp) == [("retire", wp)]
     assert list(pool.workers) == [wc]
+
+
+# ---------------------------------------------------------------- nested work: spares
+
+
+def test_spare_workers_are_forked_ahead_only_while_a_worker_is_blocked() -> None:
+    """A parent blocked in get: besides the worker its queued child needs,
+    the pool forks spare_workers more, so the next blocked parent's child
+    starts in a process that is already there."""
+    pool = ready_pool({"CPU": 1.0}, spare_workers=2)
+    parent, child1, child2 = task(), task(), task()
+    (wp, _), = ran(pool.task_arrived(parent))
+    assert pool.task_arrived(child1) == []
+    new = spawned(pool.worker_blocked(wp, True))
+    assert len(new) == 3  # one for child1, two spares
+    assert ran(pool.worker_ready(new[0], 2)) == [(new[0], child1["tid"])]
+    for wid in new[1:]:
+        assert pool.worker_ready(wid, 3) == []
+    # child1 blocks too: its child starts at once on a spare, no fork needed
+    # for it; one more spare is forked to keep two ready
+    assert pool.task_arrived(child2) == []
+    actions = pool.worker_blocked(new[0], True)
+    assert ran(actions) == [(new[1], child2["tid"])]
+    assert len(spawned(actions)) == 1
+
+
+def test_no_spare_workers_without_a_blocked_worker() -> None:
+    pool = ready_pool({"CPU": 2.0}, spare_workers=2, idle_grace=1.0)
+    for _ in range(3):
+        t = task()
+        actions = pool.task_arrived(t)
+        assert spawned(actions) == []
+        (wid, _), = ran(actions)
+        assert pool.worker_idle(wid) == []
+    assert len(pool.workers) == 2
+
+
+def test_spare_workers_stay_within_max_workers() -> None:
+    pool = ready_pool({"CPU": 1.0}, spare_workers=8, max_workers=3)
+    (wp, _), = ran(pool.task_arrived(task()))
+    actions = pool.worker_blocked(wp, True)
+    assert len(spawned(actions)) == 2
+    assert kinds(actions, "warn") == []  # no task waits: the cap is not worth a warning
+    assert len(pool.workers) == 3
+
+
+def test_idle_workers_stay_while_a_parent_is_blocked_and_are_reaped_after_the_grace() -> None:
+    """Workers that finish children of a blocked parent are kept (more
+    children usually follow) for idle_grace seconds, then retired down to
+    the warm pool; reap() says when to call it again."""
+    now = [100.0]
+    pool = ready_pool({"CPU": 1.0}, spare_workers=2, idle_grace=1.0)
+    pool.clock = lambda: now[0]
+    (wp, _), = ran(pool.task_arrived(task()))
+    s1, s2 = spawned(pool.worker_blocked(wp, True))  # two spares
+    pool.worker_ready(s1, 2)
+    pool.worker_ready(s2, 3)
+    now[0] += 0.5
+    (wc, _), = ran(pool.task_arrived(task()))
+    assert wc == s1
+    assert pool.worker_idle(wc) == []          # kept: the parent is still blocked
+    assert pool.reap() == ([], pytest.approx(0.5))  # s2 has been idle longest
+    now[0] += 0.6
+    actions, again = pool.reap()
+    assert actions == [("retire", s2)] and again is None
+    # one worker beside the blocked one: the warm pool (min_workers 1)
+    assert sorted(pool.workers) == sorted([wp, wc])
+
+
+def test_extra_idle_workers_retire_at_once_when_nothing_is_blocked_any_more() -> None:
+    pool = ready_pool({"CPU": 1.0}, spare_workers=2, idle_grace=60.0)
+    (wp, _), = ran(pool.task_arrived(task()))
+    new = spawned(pool.worker_blocked(wp, True))
+    for wid in new:
+        pool.worker_ready(wid, 2)
+    assert len(pool.workers) == 3
+    assert pool.worker_blocked(wp, False) == []
+    actions = pool.worker_idle(wp)
+    assert sorted(kinds(actions, "retire")) == sorted(("retire", w) for w in [wp, *new][:2])
+    assert len(pool.workers) == 1
+    assert pool.reap() == ([], None)
+
+
+def test_negative_spare_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="spare_workers"):
+        WorkerPool({"CPU": 1.0}, spare_workers=-1)

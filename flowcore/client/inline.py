@@ -489,7 +489,12 @@ class InlineClient(CoreClient):
 
     def fetch_function(self, fid: bytes) -> bytes:
         blob = self._pushed_fns.pop(fid, None)  # sent along by a lease holder
-        return blob if blob is not None else super().fetch_function(fid)
+        if blob is not None:
+            return blob
+        blob = super().fetch_function(fid)
+        # the head has it: a task of it submitted from here need not send it again
+        self.registered_functions.add(fid)
+        return blob
 
     def _conn_lost(self, conn: BlockingConn, which: str) -> None:
         conn.reported = True  # type: ignore[attr-defined]

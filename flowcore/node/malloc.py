@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import Any
 
 #: glibc's mallopt parameters
 M_TRIM_THRESHOLD = -1
@@ -23,6 +24,27 @@ M_MMAP_THRESHOLD = -3
 #: the largest M_MMAP_THRESHOLD glibc accepts on 64-bit systems
 MMAP_THRESHOLD_MAX = 32 * 2**20
 DEFAULT_TRIM = 256 * 2**20
+
+
+_MALLOPT: list[Any] = []  # [glibc's mallopt or None], once looked up
+
+
+def find_mallopt() -> Any:
+    """glibc's ``mallopt`` (None when the C library is not glibc).  Looked
+    up once per process (``find_library`` runs ``ldconfig``): the node does
+    it before forking workers, so they inherit the answer."""
+    if not _MALLOPT:
+        mallopt = None
+        name = ctypes.util.find_library("c")
+        if name:
+            try:
+                mallopt = ctypes.CDLL(name).mallopt
+                mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+                mallopt.restype = ctypes.c_int
+            except (OSError, AttributeError):  # not glibc
+                mallopt = None
+        _MALLOPT.append(mallopt)
+    return _MALLOPT[0]
 
 
 def keep_freed_memory(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> bool:
@@ -35,16 +57,9 @@ def keep_freed_memory(environ: "os._Environ[str] | dict[str, str]" = os.environ)
         return False
     if trim <= 0:
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
+    mallopt = find_mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     # both are set: setting either turns off glibc's own adjustment of the other
     ok = mallopt(M_MMAP_THRESHOLD, min(trim, MMAP_THRESHOLD_MAX))
     ok = mallopt(M_TRIM_THRESHOLD, min(trim, 2**31 - 1)) and ok

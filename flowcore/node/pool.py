@@ -9,6 +9,17 @@ start but no worker is idle or starting for it (workers blocked in ``get``
 give their CPU back, which is what makes room), up to a cap.  Methods
 return actions; the server carries them out.
 
+Nested work (tasks blocked in ``get`` on tasks they submitted, as in a
+recursive ``fib``) makes a worker process per blocked parent.  While any
+worker is blocked the pool gets ahead of that: it keeps ``spare_workers``
+(0 here by default; the node keeps 2) forked and idle beyond the work it
+has, so a blocked parent's child starts in a process that is already
+there, and with ``idle_grace`` (0 here by default: retired at once; the
+node's is 1 s) it keeps workers that go idle instead of retiring them at
+once (the next child would fork another): idle workers beyond the warm
+pool retire once idle that long (``reap``), or at once when no worker is
+blocked any more.
+
 Resource amounts are ``flowcore.resources.Resources`` accounts (the node's
 free resources, each bundle's free share).  The pool also owns the node's
 actors' books: each actor runs in a process of its own outside the pool's
@@ -25,6 +36,7 @@ to the node when they end.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -48,6 +60,7 @@ class WorkerInfo:
     # set by its first task: a worker that ran a GPU task runs only GPU tasks,
     # one that ran a CPU-only task never runs a GPU task (CUDA state, as Ray)
     gpu: bool | None = None
+    idle_since: float = 0.0  # (monotonic) when it last went idle
 
     @property
     def env(self) -> str | None:
@@ -152,7 +165,17 @@ Action = tuple  # ("spawn", wid) | ("run", wid, task) | ("died", task, wid) | ("
 
 class WorkerPool:
     def __init__(self, resources: dict[str, float], max_workers: int | None = None,
-                 gpu_ids: list[int] | None = None, min_workers: int | None = None):
+                 gpu_ids: list[int] | None = None, min_workers: int | None = None,
+                 spare_workers: int = 0, idle_grace: float = 0.0):
+        if spare_workers < 0 or idle_grace < 0:
+            raise ValueError(f"spare_workers ({spare_workers}) and idle_grace ({idle_grace}) "
+                             f"must be >= 0")
+        #: idle plain workers kept ready beyond the queued work while a worker
+        #: is blocked in get (nested tasks); bounded by max_workers too
+        self.spare_workers = spare_workers
+        #: seconds an extra idle worker stays while nested work goes on
+        self.idle_grace = idle_grace
+        self.clock = time.monotonic  # (tests replace it)
         self.total = Resources(resources)
         self.available = Resources(resources)
         cpus = self.total.get("CPU", 0.0)
@@ -186,6 +209,9 @@ class WorkerPool:
             if w.blocked:
                 c["blocked"] += 1
         return c
+
+    def _blocked(self) -> int:
+        return sum(1 for w in self.workers.values() if w.blocked)
 
     def _account(self, bundle: str | None) -> Resources:
         """The free resources a task counts against: its bundle's, or the node's."""
@@ -338,6 +364,7 @@ class WorkerPool:
         if w is None:
             return []
         w.state = IDLE
+        w.idle_since = self.clock()
         w.pid = pid
         self.startup_failures = 0
         return self._pump()
@@ -357,22 +384,47 @@ class WorkerPool:
             actions.extend(self._pump())
             return actions
         w.state = IDLE
+        w.idle_since = self.clock()
         actions = self._pump()
         # shrink back towards the warm pool size when extra workers go idle;
         # this one first, then any that went idle while work was still queued.
         # Workers blocked in get() are not part of the warm pool: the ones
         # running their children stay (a task submitting from inside a task
-        # would otherwise start a process per child)
-        if not self.queue:
-            spare = [wid] if w.state == IDLE else []
-            spare += [x.wid for x in self.workers.values() if x.state == IDLE and x.wid != wid]
-            blocked = sum(1 for x in self.workers.values() if x.blocked) if spare else 0
-            for other in spare:
-                if len(self.workers) - blocked <= self.min_workers:
-                    break
-                del self.workers[other]
-                actions.append(("retire", other))
+        # would otherwise start a process per child).  While some worker is
+        # blocked, more children are likely to come (the head holds them
+        # until a CPU frees): idle workers stay for idle_grace (see reap)
+        if not self.queue and not (self.idle_grace and self._blocked()):
+            self._shrink(actions, [wid] if w.state == IDLE else [], 0.0)
         return actions
+
+    def _shrink(self, actions: list[Action], first: list[str], idle_for: float) -> None:
+        """Retire idle workers (``first``, then any idle for ``idle_for``
+        seconds or more) down to the warm pool size, not counting workers
+        blocked in get."""
+        now = self.clock()
+        spare = first + [x.wid for x in self.workers.values() if x.state == IDLE
+                         and x.wid not in first and now - x.idle_since >= idle_for]
+        blocked = self._blocked() if spare else 0
+        for other in spare:
+            if len(self.workers) - blocked <= self.min_workers:
+                break
+            del self.workers[other]
+            actions.append(("retire", other))
+
+    def reap(self) -> tuple[list[Action], float | None]:
+        """Retire the extra idle workers that have been idle for idle_grace
+        (all of them when no worker is blocked).  Returns the actions and
+        how many seconds from now to call again (None: nothing to reap)."""
+        actions: list[Action] = []
+        if self.queue:
+            return actions, None
+        blocked = self._blocked()
+        self._shrink(actions, [], self.idle_grace if blocked else 0.0)
+        idle = [x for x in self.workers.values() if x.state == IDLE]
+        if not idle or len(self.workers) - self._blocked() <= self.min_workers:
+            return actions, None
+        oldest = min(x.idle_since for x in idle)
+        return actions, max(0.0, oldest + self.idle_grace - self.clock())
 
     def worker_blocked(self, wid: str, blocked: bool) -> list[Action]:
         w = self.workers.get(wid)
@@ -386,7 +438,23 @@ class WorkerPool:
                 account.give({"CPU": cpu})
             else:
                 account.take({"CPU": cpu})
-        return self._pump() if blocked else []
+        if not blocked:
+            return []
+        actions = self._pump()
+        self._top_up_spares(actions)
+        return actions
+
+    def _top_up_spares(self, actions: list[Action]) -> None:
+        """Fork plain workers until ``spare_workers`` of them are idle or
+        starting beyond what the queued tasks wait for."""
+        if not self.spare_workers:
+            return
+        ready = sum(1 for w in self.workers.values() if w.state in (IDLE, STARTING)
+                    and w.renv is None and w.gpu is not True)
+        for _ in range(self.spare_workers + len(self.queue) - ready):
+            # (at the cap no spare: the cap's warning is for tasks that wait)
+            if len(self.workers) >= self.max_workers or not self._spawn(actions):
+                break
 
     def worker_died(self, wid: str) -> list[Action]:
         w = self.workers.pop(wid, None)

@@ -37,6 +37,11 @@ CLIENT_ROLE_OPS = {role: messages.ops_for(messages.NODE, role)
 
 
 LOCAL_MEMORY = 100_000  # local-first decisions remembered per kind
+#: idle workers kept forked ahead while a task is blocked in get (nested tasks)
+SPARE_WORKERS = int(os.environ.get("FLOWCORE_SPARE_WORKERS", "2"))
+#: seconds an extra idle worker stays while a task is blocked in get
+IDLE_GRACE = float(os.environ.get("FLOWCORE_WORKER_IDLE_GRACE", "1.0"))
+
 #: seconds a creation that needs the room of clients' held pins waits for
 #: them to be given back (a client busy elsewhere answers late: the object
 #: then spills others or goes to disk as it would have)
@@ -104,7 +109,9 @@ class NodeServer:
             # quantity, as in Ray): by default what the machine has available
             self.resources["memory"] = float(memory if memory is not None
                                              else default_memory())
-        self.pool = WorkerPool(self.resources, max_workers, list(range(num_gpus)))
+        self.pool = WorkerPool(self.resources, max_workers, list(range(num_gpus)),
+                               spare_workers=SPARE_WORKERS, idle_grace=IDLE_GRACE)
+        self._reap_timer: asyncio.TimerHandle | None = None
         self.leases = NodeLeases(self)
         self.worker_env = worker_env or {}
         self.worker_cwd = worker_cwd
@@ -282,6 +289,8 @@ class NodeServer:
         if self._stopping:
             return
         self._stopping = True
+        if self._reap_timer is not None:
+            self._reap_timer.cancel()
         for proc in list(self.procs.values()):
             proc.kill()
         for c in list(self.clients.values()):
@@ -614,8 +623,7 @@ class NodeServer:
             "register_worker": self._register_worker,
             "register_client": self._register_client,
             "worker_idle": self._worker_idle,
-            "worker_blocked": lambda c, m, f: self._act(self.pool.worker_blocked(
-                c.info.get("wid", ""), m.get("blocked", True))),
+            "worker_blocked": self._worker_blocked,
             "stats": self._stats,
             "lease_request": lambda c, m, f: self.leases.request(c, m, f),
             "lease_return": lambda c, m, f: self.leases.give_back(c, m, f),
@@ -626,6 +634,27 @@ class NodeServer:
         wid = comm.info.get("wid", "")
         self.leases.worker_idle(wid, msg["tid"])  # a lease's end: its tables
         self._act(self.pool.worker_idle(wid, retire=bool(msg.get("retire"))))
+        if self._reap_timer is None and self.pool.idle_grace:
+            self._arm_reap(self.pool.idle_grace)
+
+    def _worker_blocked(self, comm: Comm, msg: dict, frames: list) -> None:
+        self._act(self.pool.worker_blocked(comm.info.get("wid", ""), msg.get("blocked", True)))
+        if self._reap_timer is None and self.pool.idle_grace:
+            # spares forked for a blocked task go once nothing is blocked
+            self._arm_reap(self.pool.idle_grace)
+
+    def _arm_reap(self, delay: float) -> None:
+        self._reap_timer = asyncio.get_event_loop().call_later(max(delay, 0.05), self._reap)
+
+    def _reap(self) -> None:
+        """Retire the workers kept idle past the grace (WorkerPool.reap)."""
+        self._reap_timer = None
+        if self._stopping:
+            return
+        actions, again = self.pool.reap()
+        self._act(actions)
+        if again is not None:
+            self._arm_reap(again)
 
     def _create(self, comm: Comm, msg: dict, frames: list, asked: bool = False) -> None:
         store = self.store

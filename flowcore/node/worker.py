@@ -24,7 +24,7 @@ from ..exceptions import TaskError
 from ..objects.ref import set_client
 from ..protocol import messages
 from .leases import WorkerLease
-from .malloc import keep_freed_memory
+from .malloc import find_mallopt, keep_freed_memory
 
 logger = logging.getLogger("flowcore.worker")
 
@@ -127,7 +127,9 @@ class Worker:
         fn = self.functions.get(fid)
         if fn is None:
             import cloudpickle
-            fn = self.functions[fid] = cloudpickle.loads(self.client.fetch_function(fid))
+            blob = self.client.fetch_function(fid)
+            fn = self.functions[fid] = cloudpickle.loads(blob)
+            _know_identity(fn, fid, blob)
         return fn
 
     def run(self) -> None:
@@ -606,6 +608,17 @@ class Worker:
                  "error": True, "text": text} for i in range(task.get("nret", 1))]
 
 
+def _know_identity(fn: Any, fid: bytes, blob: bytes) -> None:
+    """A remote function calling itself (a recursive task: ``fib`` submits
+    ``fib``) finds its own ``RemoteFunction`` among its globals, unpickled
+    without its id: give it the id and pickle it was loaded from, so its
+    first ``.remote()`` here does not pickle and hash the function again."""
+    from ..remote_function import RemoteFunction
+    for value in list(getattr(fn, "__globals__", {}).values()):
+        if isinstance(value, RemoteFunction) and value._function is fn and value._fid is None:
+            value._fid, value._blob = fid, blob
+
+
 def _terminate() -> None:
     """The body of ``handle.__ray_terminate__.remote()``: runs after the calls
     queued before it, then ends the actor gracefully."""
@@ -627,12 +640,20 @@ def _retryable(spec: Any, exc: BaseException) -> bool:
 
 
 def preload() -> None:
-    """Import what ``main`` imports, in the process that forks workers (the
-    node), so that a forked worker starts with them."""
-    from .. import runtime_context  # noqa: F401
+    """Import what ``main`` and a task's first API calls import, in the
+    process that forks workers (the node), so that a forked worker starts
+    with them (and, where bytecode is not cached, does not compile them):
+    the API module (``flowcore.get`` inside a task), the ``idna`` codec
+    (``getaddrinfo`` of the node's and head's addresses), glibc's
+    ``mallopt`` (found by running ``ldconfig``)."""
+    import codecs
+
+    from .. import api, runtime_context  # noqa: F401
     from ..client.inline import InlineClient  # noqa: F401
     from ..protocol import tls  # noqa: F401
     from .output import install  # noqa: F401
+    codecs.lookup("idna")
+    find_mallopt()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -243,6 +243,8 @@ class Leases:
             # the life cycle every task has (QUEUED, then RUNNING), with no queue push
             s.tx.queue_offered(t, f"submitted with arguments ready to a worker its owner "
                                   f"leases from node {node.name}")
+        # its worker may already be blocked in get (said on its own connection)
+        t.blocked = s.local_first.early_block.pop(t.tid, False)
         s.tx.start(t, node, f"sent by its owner to leased worker {wid} of node {node.name}",
                    acct=s._account(node, None))
         if busy is None:

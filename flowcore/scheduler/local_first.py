@@ -46,6 +46,10 @@ class LocalFirst:
         self.offers: dict[bytes, str] = {}            # tid -> node id
         self.early_verdicts: OrderedDict[bytes, tuple[str, bool]] = OrderedDict()
         self.early_done: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
+        #: blocked in get (True) or not, said by the task's worker before the
+        #: head recorded the task as started (a local start, or a task sent to
+        #: a leased worker: ``leases.Leases.start`` takes it too)
+        self.early_block: OrderedDict[bytes, bool] = OrderedDict()
         state.on("node_joined", self.node_joined)
         state.on("node_died", self.node_died)
         state.on("recovery_done", self.settle)
@@ -117,11 +121,21 @@ class LocalFirst:
         assert node is not None  # started only on a live node (above)
         t.missing.clear()
         s.counts["local_first"] = s.counts.get("local_first", 0) + 1
+        # its worker may already be blocked in get (said on its own connection)
+        t.blocked = self.early_block.pop(t.tid, False)
         s.tx.start(t, node, f"started locally on node {node.name} (local-first)", acct=node)
         done = self.early_done.pop(t.tid, None)
         if done is not None:
             s.handle_task_done(*done)
             s._release_early(done[1])
+
+    def early_blocked(self, tid: bytes, t: TaskRecord | None, blocked: bool) -> None:
+        """``task_blocked``/``task_unblocked`` for a task not running in the
+        head's books: kept when it may be a local start not heard of yet (not
+        submitted yet, or offered to a node), so its CPU is given back when
+        the start is recorded."""
+        if t is None or t.tid in self.offers:
+            _remember(self.early_block, tid, blocked)
 
     def early_task_done(self, source: str, msg: dict) -> bool:
         """A ``task_done`` of a locally started task that the head has not

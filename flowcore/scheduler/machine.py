@@ -50,6 +50,8 @@ Out = list[tuple[str, dict]]
 #: that form no cycles; with the default (700, 10, 10) the collector ran
 #: every few tasks and re-walked them, 20-40% of the head's time per task.
 GC_THRESHOLDS = (50_000, 20, 10)
+#: a task blocked in get: how many of its latest children go to the front
+LEND_CHILDREN = 64
 
 
 def tune_collector() -> None:
@@ -979,16 +981,41 @@ class SchedulerState:
 
     def handle_task_blocked(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
-        if t is None or t.state != S.RUNNING or t.blocked:
+        if t is None or t.state != S.RUNNING:
+            # a task started locally whose start the head has not heard of
+            # (its node's verdict comes on another connection): kept for then
+            self.local_first.early_blocked(msg["tid"], t, True)
+            return
+        if t.blocked:
             return
         t.blocked = True
         node = self.nodes.get(t.node or "")
         if node is not None and "CPU" in t.res:
             self._account(node, t.bundle).give({"CPU": t.res["CPU"]})
+        if t.children:
+            self.lend(t)
+
+    def lend(self, t: TaskRecord) -> None:
+        """``t`` blocked in get and gave its CPU back: its queued children
+        (the latest LEND_CHILDREN) go to the front of their queues, as do
+        children queued while it stays blocked (``Transitions.queue``).  A
+        recursive task tree then runs depth first, the children of a
+        blocked parent on the CPU it freed, instead of starting every
+        queued task (each blocking a worker process of its own) first.
+        Entries left behind are skipped when reached (no longer QUEUED)."""
+        tasks, offers = self.tasks, self.local_first.offers
+        for cid in reversed(t.children[-LEND_CHILDREN:]):  # type: ignore[index]
+            c = tasks.get(cid)
+            if c is not None and c.state is S.QUEUED and c.kind == "task" \
+                    and cid not in offers:
+                self.queues.setdefault(c.shape, deque()).appendleft(cid)
 
     def handle_task_unblocked(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
-        if t is None or t.state != S.RUNNING or not t.blocked:
+        if t is None or t.state != S.RUNNING:
+            self.local_first.early_blocked(msg["tid"], t, False)
+            return
+        if not t.blocked:
             return
         t.blocked = False
         node = self.nodes.get(t.node or "")

@@ -107,7 +107,7 @@ class TaskRecord:
                  "submitted", "started", "ended", "blocked", "attempt", "shape", "returns_alive",
                  "args_dep", "actor", "method", "kind", "worker", "error_text", "strategy",
                  "ahead", "lineage_held", "lineage_evicted", "bundle", "renv", "children", "job",
-                 "cgroup", "xopts")
+                 "cgroup", "xopts", "parent")
 
     def __init__(self, spec: dict, owner: str):
         get = spec.get  # (one lookup: this runs for every task submitted)
@@ -131,6 +131,7 @@ class TaskRecord:
         self.lineage_held = False  # finished, arguments kept for re-execution
         self.lineage_evicted = False  # ... and then dropped to bound lineage memory
         self.children: list[bytes] | None = None  # tasks it submitted (recursive cancel)
+        self.parent: bytes | None = spec.get("parent")  # the task that submitted it
         self.bundle: str | None = None  # "pgid-hex:index" while placed in a bundle
         self.deps: list[bytes] = get("deps") or []
         self.missing: set[bytes] = set()

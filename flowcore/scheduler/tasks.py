@@ -98,7 +98,11 @@ class Transitions:
         q = queues.get(t.shape)
         if q is None:
             q = queues[t.shape] = deque()
-        q.append(t.tid)
+        parent = self.s.tasks.get(t.parent) if t.parent is not None else None
+        if parent is not None and parent.blocked:
+            q.appendleft(t.tid)  # its parent waits for it in get: first (SchedulerState.lend)
+        else:
+            q.append(t.tid)
 
     def queue_offered(self, t: TaskRecord, cause: str) -> None:
         """Ready, but offered to its submitter's node: the head waits for
@@ -142,7 +146,10 @@ class Transitions:
         if acct is node:  # (the node's own account, without the call around it)
             acct = node.available
         t.ahead = not acct.fits(res)
-        acct.take(res)
+        if t.blocked:  # (a local start whose worker is already blocked in get)
+            acct.take({k: v for k, v in res.items() if k != "CPU"})
+        else:
+            acct.take(res)
         node.running.add(t.tid)
         self.s.placement.touch(node)
         t.node = node.node_id
