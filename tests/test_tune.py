@@ -303,15 +303,23 @@ class Growth(tune.Trainable):
 
 
 class GrowthTogether(Growth):
-    """Growth whose population starts together (a file barrier), as PBT expects."""
+    """Growth whose population starts together and takes its first two steps
+    in lockstep (file barriers), as PBT expects: every trial has a score by
+    the first perturbation point, so PBT has a population to rank (a trial
+    that ran ahead alone would leave it nobody to compare with)."""
 
     def setup(self, config):
         super().setup(config)
         open(os.path.join(config["barrier"], self.trial_id), "w").close()
 
     def step(self):
-        while len(os.listdir(self.config["barrier"])) < 4:
-            time.sleep(0.01)
+        barrier = self.config["barrier"]
+        it = self.iteration + 1
+        if it <= 2:   # up to the first perturbation (interval 2); later steps
+            # run freely: PBT saves the leader while the others wait for it
+            open(os.path.join(barrier, f"step{it}.{self.trial_id}"), "w").close()
+            while sum(1 for f in os.listdir(barrier) if f.startswith(f"step{it}.")) < 4:
+                time.sleep(0.005)
         return super().step()
 
 
