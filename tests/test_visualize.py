@@ -7,10 +7,12 @@ import json
 import os
 import re
 import threading
+import time
 
 import pytest
 
 import flowcore
+import flowcore.state
 from flowcore.testing import Signal
 
 pytestmark = pytest.mark.timeout(60)
@@ -174,6 +176,15 @@ def test_timeline_events(cluster, tmp_path):
         flowcore.wait([bad], timeout=30)
         held = sig.wait_task.remote()
         sig.wait_for_waiters(1)
+        # the answers reach the driver first; the workers' reports reach the
+        # head on the side, batched (the state views are eventually
+        # consistent, as Ray's): wait until the head has recorded the ends
+        want = {r.task_id for r in refs} | {bad.task_id}
+        deadline = time.monotonic() + 30
+        while {t["task_id"] for t in flowcore.state.list_tasks()
+               if t["task_id"] in want and t["state"] in ("FINISHED", "FAILED")} != want:
+            assert time.monotonic() < deadline, "the head never recorded the tasks' ends"
+            time.sleep(0.01)
 
         events = flowcore.timeline(tmp_path / "trace.json")
         with open(tmp_path / "trace.json") as f:
