@@ -51,6 +51,30 @@ def test_head_records_a_leased_task_running_without_placing_it():
 
 
 @pytest.mark.timeout(10)
+def test_a_leased_task_whose_answer_was_dropped_before_its_end_releases_its_arguments():
+    """The owner has a leased task's value from its worker, and drops its ref,
+    before the worker's task_done reaches the head: the return is freed as
+    it is sealed, and the task's arguments must not stay held as lineage."""
+    c = Cluster(validate=True)
+    c.node("n1", CPU=2)
+    a, _ = c.task()
+    c.finish(a, where="n1")
+    ra = object_id(a)
+    spec = _leased_spec(c, deps=(ra,), retries=2)
+    tid = spec["tid"]
+    c.submit(spec)
+    c.decref(object_id(tid))  # (the value came from the worker)
+    c.state.handle("w1", {"op": "task_done", "tid": tid, "status": "ok",
+                          "answered_direct": True, "retryable": False,
+                          "results": [{"oid": object_id(tid), "size": 1, "inline": b"v",
+                                       "error": False, "nested": [], "sent": True}]})
+    assert object_id(tid) not in c.state.objects and tid not in c.state.tasks
+    out = c.decref(ra)
+    assert ra in {o for m in ops(out, "delete_objects") for o in m["oids"]}
+    assert c.state.tasks == {} and c.state.objects == {}
+
+
+@pytest.mark.timeout(10)
 def test_a_leased_task_blocked_in_get_before_its_submission_came_lends_its_cpu():
     """The worker's task_blocked can beat the owner's (batched) submission
     to the head: the head must still count the task's CPU as given back."""
