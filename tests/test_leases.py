@@ -51,6 +51,30 @@ def test_head_records_a_leased_task_running_without_placing_it():
 
 
 @pytest.mark.timeout(10)
+def test_a_leased_task_whose_answer_was_dropped_before_its_end_releases_its_arguments():
+    """The owner has a leased task's value from its worker, and drops its ref,
+    before the worker's task_done reaches the head: the return is freed as
+    it is sealed, and the task's arguments must not stay held as lineage."""
+    c = Cluster(validate=True)
+    c.node("n1", CPU=2)
+    a, _ = c.task()
+    c.finish(a, where="n1")
+    ra = object_id(a)
+    spec = _leased_spec(c, deps=(ra,), retries=2)
+    tid = spec["tid"]
+    c.submit(spec)
+    c.decref(object_id(tid))  # (the value came from the worker)
+    c.state.handle("w1", {"op": "task_done", "tid": tid, "status": "ok",
+                          "answered_direct": True, "retryable": False,
+                          "results": [{"oid": object_id(tid), "size": 1, "inline": b"v",
+                                       "error": False, "nested": [], "sent": True}]})
+    assert object_id(tid) not in c.state.objects and tid not in c.state.tasks
+    out = c.decref(ra)
+    assert ra in {o for m in ops(out, "delete_objects") for o in m["oids"]}
+    assert c.state.tasks == {} and c.state.objects == {}
+
+
+@pytest.mark.timeout(10)
 def test_a_leased_task_blocked_in_get_before_its_submission_came_lends_its_cpu():
     """The worker's task_blocked can beat the owner's (batched) submission
     to the head: the head must still count the task's CPU as given back."""
@@ -263,6 +287,32 @@ def test_pool_grants_an_idle_worker_and_takes_it_back():
     assert died[0][1]["lease"] == b"L7" and pool.available["CPU"] == 2.0
 
 
+@pytest.mark.timeout(10)
+def test_a_declined_lease_starts_a_worker_when_only_a_worker_is_missing():
+    from flowcore.node.pool import WorkerPool
+    # one warm worker for two CPUs (as after a worker died or retired)
+    pool = WorkerPool({"CPU": 2.0}, min_workers=1)
+    (only,) = [a[1] for a in pool.startup()]
+    assert pool.lease_declined({"CPU": 1.0}, None) == []  # (it is starting)
+    pool.worker_ready(only, 100)
+    assert pool.lease_declined({"CPU": 1.0}, None) == []  # (it is idle: leased next time)
+    assert pool.grant_lease(b"L1", {"CPU": 1.0}, None) is not None
+    # a CPU is free and no worker is idle or starting: a second lease is
+    # declined, and a worker is started so that the holder's next request
+    # (its queued tasks wait for it) finds one
+    assert pool.grant_lease(b"L2", {"CPU": 1.0}, None) is None
+    acts = pool.lease_declined({"CPU": 1.0}, None)
+    assert [a[0] for a in acts] == ["spawn"]
+    assert pool.lease_declined({"CPU": 1.0}, None) == []  # (it is starting)
+    pool.worker_ready(acts[0][1], 101)
+    assert pool.grant_lease(b"L2", {"CPU": 1.0}, None) is not None
+    # full, a runtime_env of its own, or a GPU: nothing is started
+    assert pool.lease_declined({"CPU": 1.0}, None) == []
+    assert WorkerPool({"CPU": 2.0}, min_workers=1).lease_declined({"CPU": 1.0}, "env") == []
+    assert WorkerPool({"CPU": 2.0, "GPU": 1.0}, min_workers=1).lease_declined(
+        {"CPU": 1.0, "GPU": 1.0}, None) == []
+
+
 # ---------------------------------------------------------------- the public API
 
 
@@ -295,13 +345,19 @@ def _leased(ref) -> bool:
 
 def _warm() -> None:
     """Run tasks until one takes the leased path (the driver asks for a
-    lease on its first task and keeps it for the test's grace)."""
-    for _ in range(50):
+    lease on its first task and keeps it for the test's grace).  A request
+    can be declined (the worker just started, or its end of the last task
+    has not reached its node yet), and the shape is asked again only after
+    a back-off: tries are spread over time, not counted (50 quick tasks
+    can all fall within two back-offs)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         ref = noop.remote()
         flowcore.get(ref, timeout=60)
         if _leased(ref):
             return
-    raise AssertionError("no task took the leased path")
+        time.sleep(0.02)
+    raise AssertionError("no task took the leased path in 30 s")
 
 
 @pytest.mark.timeout(90)

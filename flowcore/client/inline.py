@@ -78,6 +78,7 @@ class InlineClient(CoreClient):
         # set when a cancel for the running task was read; the main thread
         # raises KeyboardInterrupt at a safe point (never mid-dispatch)
         self.interrupt_main = False
+        self._sigusr1 = False  # a SIGUSR1 came: its handler reads the node
         # side reports for the head held by _flush, and until when at most
         self._held_head: list[dict] = []
         self._held_until = 0.0
@@ -407,9 +408,6 @@ class InlineClient(CoreClient):
             readable, _, _ = select.select(fds, [], [], timeout)
         finally:
             self._in_select = False
-        # set when a cancel for the running task was read; the main thread
-        # raises KeyboardInterrupt at a safe point (never mid-dispatch)
-        self.interrupt_main = False
         for r in readable:
             if r == self._wake_r:
                 try:
@@ -567,11 +565,16 @@ class InlineClient(CoreClient):
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
         """The node has something urgent (a cancel): read it now unless a
         thread is already reading, then interrupt the task if asked to."""
+        self._sigusr1 = True
         if self._pump.acquire(blocking=False):
             self._pump_owner = threading.get_ident()
             try:
-                self.pump(0)
-                self._flush()  # what handling it queued (a cancelled task's end)
+                # (again while one came meanwhile: its handler, run inside
+                # this one, found the pump held and left the reading here)
+                while self._sigusr1:
+                    self._sigusr1 = False
+                    self.pump(0)
+                    self._flush()  # what handling it queued (a cancelled task's end)
             finally:
                 self._pump_owner = None
                 self._pump.release()

@@ -518,6 +518,7 @@ class LeasesMixin:
             self._lease_pump(key)  # tasks queued meanwhile: to the new lease, or behind others
             if not granted:
                 self._lease_hand_back(key)  # (only if no lease of the shape is left)
+                self._lease_retry(key)
             return granted
         try:
             fut = asyncio.run_coroutine_threadsafe(ask(), self.loop)
@@ -530,6 +531,18 @@ class LeasesMixin:
             return fut.result(2.0)
         except Exception:  # noqa: BLE001 - a slow node: the old way this time
             return False
+
+    def _lease_retry(self, key: tuple) -> None:
+        """(IO thread) A lease request of shape ``key`` was declined while
+        tasks of the shape wait here for the leases held (all busy): ask
+        again once the back-off ends.  Nothing else may: the leases' tasks
+        may run long (or wait for the queued ones) and the submitter may be
+        blocked in submission back-pressure."""
+        with self._lock:
+            if self.closed or key not in self.leases.queues or key in self.leases.asking:
+                return
+            delay = self.leases.ask_after.get(key, 0.0) - time.monotonic()
+        self.loop.call_later(max(delay, 0.0) + 0.001, self._lease_pump, key)
 
     # ------------------------------------------------------------ answers
     def _lease_readable(self, conn: Any) -> None:

@@ -82,6 +82,8 @@ class NodeLeases:
             w = srv.pool.grant_lease(lease, res, msg.get("env"))
         if w is None:
             comm.reply(msg, lease=None)
+            if ENABLED and not srv._stopping and held < MAX_PER_HOLDER:
+                srv._act(srv.pool.lease_declined(res, msg.get("env")))
             return
         wcomm = srv.worker_comms.get(w.wid)
         if wcomm is None:  # not connected (cannot happen for an idle worker)
@@ -104,6 +106,8 @@ class NodeLeases:
             return
         holder, req, ls = waiting
         if self.leases.get(ls.lease) is not ls or ls.ending:
+            if not holder.closed:
+                holder.reply(req, lease=None)  # (its holder waits for an answer)
             return
         if holder.closed or not msg.get("port") or ls.revoked:  # (asked back meanwhile)
             self._end(ls)
@@ -148,7 +152,9 @@ class NodeLeases:
     def worker_gone(self, wid: str) -> bytes | None:
         """Worker ``wid`` exited: its lease (if any) is gone with it."""
         self.ports.pop(wid, None)
-        self.waiting.pop(wid, None)
+        waiting = self.waiting.pop(wid, None)
+        if waiting is not None and not waiting[0].closed:
+            waiting[0].reply(waiting[1], lease=None)  # (its holder waits for an answer)
         lease = self.by_worker.pop(wid, None)
         if lease is not None:
             self.leases.pop(lease, None)

@@ -578,6 +578,21 @@ class WorkerPool:
         w.tasks_run += 1
         return w
 
+    def lease_declined(self, res: dict[str, float], env: str | None) -> list[Action]:
+        """A lease request of shape ``res`` found no idle plain worker though
+        ``res`` fits now and nothing the head placed here waits: start one,
+        so that the holder's next request (its tasks wait for it) finds it.
+        (Workers die, retire or serve another runtime_env, and only tasks the
+        head placed here start new ones otherwise.)"""
+        actions: list[Action] = []
+        if env is not None or self.queue or res.get("GPU") or not self.available.fits(res):
+            return actions
+        if any(w.env is None and (w.state == STARTING or (w.state == IDLE and w.gpu is not True))
+               for w in self.workers.values()):
+            return actions
+        self._spawn(actions)
+        return actions
+
     def find_task(self, tid: bytes) -> tuple[str | None, dict | None]:
         for w in self.workers.values():
             if w.task is not None and w.task["tid"] == tid:

@@ -219,14 +219,21 @@ class Worker:
             self.client.runtime_env = task.get("renv")
             self.client.job = task.get("job")
         concurrent_call = task.get("actor") is not None and self.threads is not None
-        if not concurrent_call:
-            self.running_tid = tid
         status, results, retryable = "ok", None, False
         leaving: SystemExit | None = None
         keep: list = []  # values stay alive until task_done is queued, so refs inside
         # them are not dropped (decref) before the head learns they are held
         try:
             try:
+                if not concurrent_call:
+                    self.client.interrupt_main = False  # (a cancel of the task before)
+                    self.running_tid = tid
+                if tid in self.cancel_before_start:
+                    # its cancel was read while it was being set up (before
+                    # it counted as running): it ends here, cancelled
+                    self.cancel_before_start.discard(tid)
+                    self.cancel_requested = tid
+                    raise KeyboardInterrupt("cancelled")
                 fn = self._target(task)
                 args, kwargs = self._resolve_args(task)
                 value = fn(*args, **kwargs)

@@ -873,7 +873,10 @@ class SchedulerState:
             self.streams.task_ended(t)
         if self.leases.sent:
             self.leases.sent.pop(t.tid, None)  # (a leased task: no longer on its lease)
-        if t.kind == "task" and t.state is _FINISHED and self.lineage:
+        # (a task whose outputs were all freed as they were sealed, its owner
+        # having dropped them first, is pruned already: no lineage to keep)
+        if t.kind == "task" and t.state is _FINISHED and self.lineage \
+                and self.tasks.get(t.tid) is t:
             # actor handles among the arguments are let go now: lineage does
             # not keep an actor alive (as in Ray, an actor whose last handle
             # went to a task exits when that task ends)
