@@ -4,6 +4,12 @@
 loopback server on a thread).  It pickles to its address, so tasks can
 ``wait()`` on it while the test decides when to ``set()`` it, and the test
 can ``wait_for_waiters(n)`` to know that n tasks have reached the wait.
+
+``wait_recorded(refs)`` waits until the head has recorded the ends of the
+tasks behind ``refs``: their answers reach the caller first, their workers'
+reports reach the head on the side, batched, so the head's views
+(``flowcore.state``, ``visualize``, the timeline, the dashboard) may lag a
+``get`` by a few milliseconds.
 """
 from __future__ import annotations
 
@@ -11,9 +17,24 @@ import os
 import secrets
 import socket
 import threading
-from typing import Any
+import time
+from typing import Any, Iterable
 
 import flowcore
+import flowcore.state
+
+
+def wait_recorded(refs: Iterable[Any], timeout: float = 30.0) -> None:
+    """Return once the head's task table shows every task behind ``refs``
+    ended (FINISHED or FAILED); ``TimeoutError`` after ``timeout`` s."""
+    want = {r.task_id for r in refs}
+    deadline = time.monotonic() + timeout
+    while {t["task_id"] for t in flowcore.state.list_tasks()
+           if t["task_id"] in want and t["state"] in ("FINISHED", "FAILED")} != want:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the head did not record the ends of {len(want)} task(s) "
+                               f"within {timeout} s")
+        time.sleep(0.01)  # a poll of the head's table, bounded by the deadline
 
 
 class Signal:

@@ -12,19 +12,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
 import pytest
 
 import flowcore
-import flowcore.state
 from flowcore.dashboard.auth import bearer, cookie_secret, safe_next, token_matches
 from flowcore.dashboard.snapshot import SnapshotCache, encode
 from flowcore.ids import IdSource, object_id
 from flowcore.scheduler.machine import SchedulerState
-from flowcore.testing import Signal
+from flowcore.testing import Signal, wait_recorded
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -279,14 +277,7 @@ def dash(tmp_path_factory):
     blob = flowcore.put(np.ones(200_000))
     held = dash_hold.remote(sig)
     sig.wait_for_waiters(1)
-    # answers reach the driver before the workers' batched reports reach the
-    # head (its views are eventually consistent): wait for the recorded ends
-    want = {r.task_id for r in oks + [bad]}
-    deadline = time.monotonic() + 30
-    while {t["task_id"] for t in flowcore.state.list_tasks()
-           if t["task_id"] in want and t["state"] in ("FINISHED", "FAILED")} != want:
-        assert time.monotonic() < deadline, "the head never recorded the tasks' ends"
-        time.sleep(0.01)
+    wait_recorded(oks + [bad])  # the head's views lag the answers a moment
     env = {"info": info, "token": token, "url": info["dashboard_url"], "oks": oks,
            "bad": bad, "counter": counter, "blob": blob, "held": held, "signal": sig}
     yield env

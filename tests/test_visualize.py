@@ -7,13 +7,11 @@ import json
 import os
 import re
 import threading
-import time
 
 import pytest
 
 import flowcore
-import flowcore.state
-from flowcore.testing import Signal
+from flowcore.testing import Signal, wait_recorded
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,19 +62,6 @@ def drawn(digraph) -> dict[str, tuple[str, str, str]]:
 
 
 # ---------------------------------------------------------------- visualize
-def _head_recorded_ends(refs) -> None:
-    """Wait until the head has recorded the ends of the tasks of ``refs``:
-    their answers reach the driver first, their workers' reports reach the
-    head on the side, batched (the views are eventually consistent, as
-    Ray's)."""
-    want = {r.task_id for r in refs}
-    deadline = time.monotonic() + 30
-    while {t["task_id"] for t in flowcore.state.list_tasks()
-           if t["task_id"] in want and t["state"] in ("FINISHED", "FAILED")} != want:
-        assert time.monotonic() < deadline, "the head never recorded the tasks' ends"
-        time.sleep(0.01)
-
-
 def test_visualize_shows_names_and_states(cluster):
     sig = Signal()
     try:
@@ -88,7 +73,7 @@ def test_visualize_shows_names_and_states(cluster):
         assert flowcore.get(later, timeout=30) == 4
         flowcore.wait([bad], timeout=30)
         sig.wait_for_waiters(1)
-        _head_recorded_ends([ok, later, bad])
+        wait_recorded([ok, later, bad])
 
         g = flowcore.visualize([later, bad, held])
         nodes = drawn(g)
@@ -112,7 +97,7 @@ def test_visualize_shows_names_and_states(cluster):
         assert {ok.task_id, later.task_id, bad.task_id, held.task_id} <= set(everything)
         sig.set()
         assert flowcore.get(held, timeout=30) is True
-        _head_recorded_ends([held])
+        wait_recorded([held])
         assert drawn(flowcore.visualize(held))[held.task_id][2] == "FINISHED"
     finally:
         sig.close()
@@ -123,7 +108,7 @@ def test_visualize_actor_calls_in_order(cluster):
     calls = [c.incr.remote() for _ in range(3)]
     after = add.remote(calls[-1])
     assert flowcore.get(after, timeout=30) == 4
-    _head_recorded_ends(calls + [after])
+    wait_recorded(calls + [after])
     g = flowcore.visualize(after)
     nodes = drawn(g)
     labels = sorted(label for label, _, _ in nodes.values())
@@ -156,7 +141,7 @@ def test_visualize_a_2000_task_graph_collapses(cluster, tmp_path):
     parts = [add.remote(i) for i in range(2000)]
     whole = total.remote(*parts)
     assert flowcore.get(whole, timeout=100) == sum(range(1, 2001))
-    _head_recorded_ends(parts + [whole])
+    wait_recorded(parts + [whole])
     g = flowcore.visualize(whole, filename=tmp_path / "big.svg")
     assert "add ×2000" in g.source
     assert "FINISHED 2001" in g.source  # the legend counts every graph node
@@ -193,7 +178,7 @@ def test_timeline_events(cluster, tmp_path):
         flowcore.wait([bad], timeout=30)
         held = sig.wait_task.remote()
         sig.wait_for_waiters(1)
-        _head_recorded_ends(refs + [bad])
+        wait_recorded(refs + [bad])
 
         events = flowcore.timeline(tmp_path / "trace.json")
         with open(tmp_path / "trace.json") as f:
