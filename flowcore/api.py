@@ -47,7 +47,7 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
     """
     _check_timeout("get", timeout)
     if isinstance(refs, ObjectRef):
-        return require_client().get_values([refs], timeout)[0]
+        return require_client().objects.get_values([refs], timeout)[0]
     if isinstance(refs, (list, tuple)):
         for i, r in enumerate(refs):
             if not isinstance(r, ObjectRef):
@@ -55,7 +55,7 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
                                 f"{type(r).__name__}")
         if not refs:
             return []
-        return require_client().get_values(list(refs), timeout)
+        return require_client().objects.get_values(list(refs), timeout)
     raise TypeError(f"get() takes an ObjectRef or a list of ObjectRefs, got "
                     f"{type(refs).__name__}; call .remote() to get refs, or flowcore.put(value)")
 
@@ -66,7 +66,7 @@ def put(value: Any) -> ObjectRef:
         raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself, or put the "
                         "value")
     client = client_or_init()
-    return client.put(value)
+    return client.objects.put(value)
 
 
 def wait(refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None,
@@ -90,9 +90,9 @@ def wait(refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | No
     if not refs:
         return [], []
     client = require_client()
-    ready = client.wait_ready([r._id for r in refs], num_returns, timeout)
+    ready = client.objects.wait_ready([r._id for r in refs], num_returns, timeout)
     if fetch_local:  # start moving ready objects held on other nodes to this one
-        client.prefetch(ready)
+        client.objects.prefetch(ready)
     done = [r for r in refs if r._id in ready][:num_returns]
     done_ids = {r._id for r in done}
     return done, [r for r in refs if r._id not in done_ids]

@@ -71,12 +71,12 @@ class PlacementGroup:
         pass (False)."""
         client = require_client()
         ref = self.ready()
-        ready = client.wait_ready([ref._id], 1, timeout_seconds)
+        ready = client.objects.wait_ready([ref._id], 1, timeout_seconds)
         if ref._id not in ready:
             return False
-        client.prefetch(ready)
+        client.objects.prefetch(ready)
         try:
-            client.get_values([ref], None)
+            client.objects.get_values([ref], None)
         except PlacementGroupError:
             return False
         return True

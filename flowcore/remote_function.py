@@ -177,7 +177,7 @@ def encode_args(client: CoreClient, args: tuple, kwargs: dict) -> dict:
         raise TypeError(f"cannot serialize {_culprit(a, k)}: {e}") from None
     spec: dict[str, Any] = {"deps": deps, "nested": list(s.contained_refs)}
     if s.total_size > messages.INLINE_MAX and client.has_store():
-        ref = client.put_serialized(s)
+        ref = client.objects.put_serialized(s)
         keep.append(ref)
         spec["deps"] = deps + [ref._id]
         spec["args"] = None

@@ -43,7 +43,7 @@ def test_puts_and_gets_travel_over_the_wire(private_cluster, monkeypatch):
         pinned = make.options(scheduling_strategy=flowcore.NodeAffinitySchedulingStrategy(
             node, soft=False)).remote(3_000_000)
         assert np.array_equal(flowcore.get(pinned, timeout=60), np.arange(3_000_000.0))
-    assert client.mapping is None  # nothing was ever mapped from /dev/shm
+    assert client.objects.mapping is None  # nothing was ever mapped from /dev/shm
     # a large argument is passed by reference (uploaded once, not inline)
     s, _ = flowcore.get(total.remote(x), timeout=60)
     assert abs(s - float(x.sum())) < 1e-6

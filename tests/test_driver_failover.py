@@ -50,12 +50,12 @@ def test_driver_moves_to_another_local_node(monkeypatch):
             # read once through this node: held here (objects/held.py), which
             # must not outlive the node (its copy is gone or rebuilt)
             assert int(flowcore.get(big[0], timeout=60)[0]) == 0
-            assert big[0].binary() in context.current_client().held
+            assert big[0].binary() in context.current_client().objects.held
             kept = flowcore.put(np.arange(1 << 17))  # 1 MiB put on the doomed node: no lineage
             cluster.kill_node(mine)
             assert flowcore.get(small, timeout=90) == [i * i for i in range(60)]
             assert [int(a[0]) for a in flowcore.get(big, timeout=90)] == list(range(30))
-            held = context.current_client().held
+            held = context.current_client().objects.held
             assert held.lookup(big[0].binary(), mine) is None  # forgotten with the node
             assert flowcore.get_runtime_context().get_node_id() != mine
             # the new node is on this host: mapped

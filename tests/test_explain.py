@@ -45,9 +45,9 @@ def test_explain_each_state(fresh_cluster):
 
 
 def test_long_get_warns_once_with_the_reason(fresh_cluster, monkeypatch):
-    import flowcore.client.core as core
+    import flowcore.client.object_io as object_io
     fresh_cluster(num_cpus=2, resources={"slot": 1})
-    monkeypatch.setattr(core, "GET_WARN_AFTER", 0.3)
+    monkeypatch.setattr(object_io, "GET_WARN_AFTER", 0.3)
     sig = Signal()
     blocker = sig.wait_task.options(resources={"slot": 1}).remote()
     sig.wait_for_waiters(1)

@@ -88,7 +88,7 @@ def test_repeat_get_is_local_and_the_pin_goes_with_the_ref(fresh_cluster, monkey
     fresh_cluster()
     client = current_client()
     ref = flowcore.put(np.arange(MiB, dtype=np.int64))  # 8 MiB
-    assert ref.binary() in client.held
+    assert ref.binary() in client.objects.held
     _no_pin_requests(client, monkeypatch)
     for _ in range(3):
         v = flowcore.get(ref)
@@ -104,7 +104,7 @@ def test_repeat_get_is_local_and_the_pin_goes_with_the_ref(fresh_cluster, monkey
     gc.collect()
     _until(lambda: _stats()["used"] == 0 and _stats()["pinned_bytes"] == 0,
            "the held pin to go with the last reference and view")
-    assert len(client.held) == 0
+    assert len(client.objects.held) == 0
 
 
 def test_a_task_result_is_held_after_the_first_get(fresh_cluster):
@@ -116,7 +116,7 @@ def test_a_task_result_is_held_after_the_first_get(fresh_cluster):
         return np.full(n, 7, dtype=np.int64)
     ref = make.remote(MiB)
     assert flowcore.get(ref)[0] == 7
-    assert ref.binary() in client.held  # the first get pinned it for good
+    assert ref.binary() in client.objects.held  # the first get pinned it for good
     gc.collect()
     assert flowcore.get(ref)[-1] == 7
     del ref
@@ -133,7 +133,7 @@ def test_the_node_takes_held_pins_back_to_spill_not_under_live_views(fresh_clust
     st = _stats()
     # room was made by spilling the held, unviewed objects: nothing went to disk files
     assert st["num_spilled"] >= 1 and st["fallback_bytes"] == 0, st
-    assert refs[0].binary() not in client.held  # given back when asked
+    assert refs[0].binary() not in client.objects.held  # given back when asked
     assert view[0] == 1 and view[-1] == 1 and int(view.sum()) == 2 * MiB
     for i, r in enumerate(refs + more):  # spilled ones come back on their next get
         a = flowcore.get(r)

@@ -36,6 +36,9 @@ from ..protocol.blocking import BlockingConn
 from . import direct
 from .direct import ActorLink
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .object_io import ObjectIO
+
 logger = logging.getLogger("flowcore.client")
 
 #: the ops a caller takes on its connection to an actor
@@ -74,6 +77,7 @@ class ActorCallsMixin:
     _reads: int
     _reads_seen_before: int
     _tick_armed: bool
+    objects: "ObjectIO"
     if TYPE_CHECKING:  # pragma: no cover
         def _close_watched(self, conn: Any) -> None: ...
         def send(self, dest: str, msg: dict, lazy: bool = False) -> None: ...
@@ -82,8 +86,6 @@ class ActorCallsMixin:
         def _object_ready(self, msg: dict) -> None: ...
         def _head_away(self) -> bool: ...
         def _on_io_thread(self) -> bool: ...
-        def _warn_slow(self, missing: list[bytes], ready: set[bytes],
-                       waited: float) -> None: ...
 
     def _submit_call(self, spec: dict) -> None:
         """Send an actor call: a direct one is written to the actor's socket
@@ -385,7 +387,7 @@ class ActorCallsMixin:
                 if self._read_while_waiting(lambda: oid in ready,
                                             time.monotonic() + warn_after) is not False:
                     return
-                self._warn_slow([oid], set(), warn_after)
+                self.objects.warn_slow([oid], set(), warn_after)
             self._read_while_waiting(lambda: oid in ready, deadline)
         finally:
             with self._lock:

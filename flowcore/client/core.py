@@ -1,4 +1,5 @@
-"""``CoreClient``: one per process (driver or worker).
+"""``CoreClient``: one per process (driver or worker): its connections, what
+it sends and receives, the references it holds, and the tasks it submits.
 
 A daemon IO thread runs an asyncio/Tornado loop holding two connections: to
 the head (submissions, reference counts, readiness notifications) and to the
@@ -6,11 +7,13 @@ local node (the object store).  API calls from any user thread hand messages
 to the IO thread through a queue that is drained once per loop wake-up, so
 bursts of calls travel as one batch.  ``get`` and ``wait`` block on an event
 set by the notification that an object is ready: no polling.
+
+The values of objects (put, get, wait, the store reads and writes, held
+pins) are the client's ``objects`` component, ``client/object_io.py``.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import itertools
 import logging
@@ -21,11 +24,8 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from .. import ids
-from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError, SerializationError,
-                          ObjectStoreFullError)
+from ..exceptions import FlowcoreError
 from ..objects.ref import ObjectRef
-from ..objects.serialization import deserialize
-from ..protocol.chunks import fetch_chunks
 from ..protocol import messages
 from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
@@ -34,8 +34,7 @@ from .actor_calls import ActorCallsMixin
 from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
 from . import leases
 from .leases import LeasesMixin
-from .futures import Resolver
-from ..objects.held import HeldObjects
+from .object_io import ObjectIO
 
 logger = logging.getLogger("flowcore.client")
 
@@ -43,17 +42,6 @@ logger = logging.getLogger("flowcore.client")
 HEAD_OPS = messages.ops_for(messages.CLIENT, messages.HEAD)
 NODE_OPS = messages.ops_for(messages.CLIENT, messages.NODE)
 
-#: objects up to this size travel inline in messages; larger go to the store
-INLINE_MAX = messages.INLINE_MAX
-#: a driver's get()/wait() that waits longer than this (seconds) warns once,
-#: with the head's explanation of why (FLOWCORE_GET_WARN_AFTER; 0 or less: never)
-GET_WARN_AFTER: float | None = float(os.environ.get("FLOWCORE_GET_WARN_AFTER", "60")) or None
-if GET_WARN_AFTER is not None and GET_WARN_AFTER <= 0:
-    GET_WARN_AFTER = None
-#: client mode: objects move over the node connection in chunks of this
-#: many bytes, with at most WIRE_WINDOW chunks unanswered
-WIRE_CHUNK = 4 << 20
-WIRE_WINDOW = 8
 #: tasks whose arguments are all on this process's node are offered to that
 #: node first (FLOWCORE_LOCAL_FIRST=0 sends every task through the head)
 LOCAL_FIRST = os.environ.get("FLOWCORE_LOCAL_FIRST", "1") not in ("0", "")
@@ -121,8 +109,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         # turns them into messages on its next drain.
         self._dropped: deque[bytes] = deque()
         self._unpins: deque[bytes] = deque()
-        # pins of store objects kept between gets while referenced here
-        self.held = HeldObjects()
         self.refcounts: dict[bytes, int] = {}
         self.ready: dict[bytes, dict] = {}
         self.waiters: dict[bytes, list[Callable[[], None]]] = {}
@@ -134,7 +120,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         self.packager: Any = None
         self.pending_tasks = 0
         self._pending_cv = threading.Condition(self._lock)
-        self.mapping: Any = None
         self.closed = False
         self.log_to_driver = True  # print what workers print (init(log_to_driver=False))
         self.lost: str | None = None  # "head"/"node" once that connection is gone
@@ -157,7 +142,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         # one of them gives the task's CPU back too; blocked gets per task id
         self.process_task: dict | None = None
         self._blocked_gets: dict[bytes, int] = {}
-        self._resolver: Any = None  # completes futures off the IO thread (futures.py)
         self._ack_ids = itertools.count(1)
         # direct actor calls: one link per actor called, and (IO thread) the
         # connections to actors' processes by link key
@@ -180,6 +164,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         self._task_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "flowcore_current_task", default=None)
         self._thread = threading.Thread(target=self._run_loop, name="flowcore-io", daemon=True)
+        # the values of objects: put, get, wait, the store and held pins (object_io.py)
+        self.objects = ObjectIO(self)
 
     @property
     def current_task(self) -> dict | None:
@@ -351,8 +337,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             if not self._thread.is_alive():
                 self.loop.close()
         self._close_reader_pipe()
-        if self.mapping is not None:
-            self.mapping.close()
+        self.objects.close()
 
     # ------------------------------------------------------------ sending
     def send(self, dest: str, msg: dict, lazy: bool = False) -> None:
@@ -405,9 +390,10 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
                     self._task_settled(oid)
                     self.direct.dropped(oid)
                 decrefs.append(oid)
-            unpins = self.held.collect() if self.held.pending() else []
+            held = self.objects.held
+            unpins = held.collect() if held.pending() else []
             for oid in decrefs:
-                if oid in self.held and self.held.drop(oid):
+                if oid in held and held.drop(oid):
                     unpins.append(oid)
         while self._unpins:
             unpins.append(self._unpins.popleft())
@@ -548,9 +534,9 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             messages.refuse("client", messages.NODE, msg["op"], "node")
             return
         if msg["op"] == "run_task" and msg.get("deps"):
-            self._adopt_pinned(msg["deps"])
+            self.objects.adopt_pinned(msg["deps"])
         if msg["op"] == "release_cached":
-            self._release_cached(msg)
+            self.objects.release_cached(msg)
         elif msg["op"] == "lease_revoke" and self.LEASES:
             self._lease_revoked(msg)
         elif self.on_node_message is not None:
@@ -737,107 +723,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         self.send("head", messages.cancel_object(ref._id, force, recursive))
 
-    # ------------------------------------------------------------ put
-    def put(self, value: Any) -> ObjectRef:
-        from ..objects.serialization import serialize
-        return self.put_serialized(serialize(value))
-
-    def put_serialized(self, s: Any) -> ObjectRef:
-        oid = ids.object_id(self.ids.task_id(), 0)
-        nested = list(s.contained_refs)
-        if s.total_size <= INLINE_MAX or not self.has_store():
-            data = s.to_bytes()
-            msg = messages.put_inline(oid, data, nested)
-            with self._lock:
-                self.ready[oid] = messages.object_ready_inline(oid, data, nested=bool(nested))
-        else:
-            self.write_to_store(oid, s, hold=self.HOLDS)
-            msg = messages.put_stored(oid, self.node_id, s.total_size, nested)
-            with self._lock:
-                self.ready[oid] = messages.object_ready_stored(oid, [self.node_id], s.total_size,
-                                                               bool(nested))
-        ref: ObjectRef[Any] = ObjectRef(oid, self, counted=True)
-        self.send("head", msg)
-        return ref
-
-    def write_to_store(self, oid: bytes, s: Any, hold: bool = False) -> None:
-        """Create, fill and seal ``oid`` in the local node's store.  ``hold``:
-        keep it pinned (a held pin, see objects/held.py) from the seal on, so
-        that the first get of it is local too."""
-        from ..objects.store import Location
-        r = self.request("node", messages.create(oid, s.total_size))
-        if "error" in r:
-            if r.get("full"):
-                raise ObjectStoreFullError(r["error"])
-            raise FlowcoreError(f"cannot create object in the store: {r['error']}")
-        if r.get("exists"):
-            return  # a re-run whose result was already copied here
-        if self.remote_store:
-            self._upload(oid, s)
-            return
-        loc = Location.from_wire(r["loc"])
-        try:
-            view = self._mapping().writable(loc)
-            s.write_to(view)
-            del view
-        except BaseException:
-            self.send("node", messages.oid_op("abort", oid))
-            raise
-        seal = messages.oid_op("seal", oid)
-        if hold:
-            with self._lock:
-                held = self.held.add(oid, loc, self.node_id) is not None
-            if held:
-                seal["pin"] = True  # the node pins it for us as it seals it
-        self.send("node", seal)
-
-    def _upload(self, oid: bytes, s: Any) -> None:
-        """Fill the created object ``oid`` over the node connection (client
-        mode): chunks with a bounded number unacknowledged, then seal."""
-        data = bytearray(s.total_size)
-        s.write_to(memoryview(data))
-        view = memoryview(data)
-
-        async def upload() -> str | None:
-            self._drain()  # after the messages queued before
-            node = self.node
-            if node is None:
-                raise ConnectionError("no connection to the node")
-            pending: deque[asyncio.Future] = deque()
-            error = None
-            for start in range(0, len(view), WIRE_CHUNK):
-                if len(pending) >= WIRE_WINDOW:
-                    error = error or (await pending.popleft()).get("error")
-                fut = node.request({"op": "write_chunk", "oid": oid, "start": start},
-                                   [view[start:start + WIRE_CHUNK]])
-                pending.append(fut)
-            while pending:
-                error = error or (await pending.popleft()).get("error")
-            node.send(messages.oid_op("abort" if error else "seal", oid))
-            return error
-        error = asyncio.run_coroutine_threadsafe(upload(), self.loop).result()
-        if error:
-            raise FlowcoreError(f"cannot write object {oid.hex()} to node {self.node_id}: "
-                                f"{error}")
-
-    def _download(self, oid: bytes, size: int) -> bytearray:
-        """Read the pinned object ``oid`` over the node connection (client mode)."""
-        async def download() -> bytearray:
-            node = self.node
-            if node is None:
-                raise ConnectionError("no connection to the node")
-            out = bytearray(size)
-
-            def write(start: int, data: memoryview) -> None:
-                out[start:start + len(data)] = data
-            try:
-                await fetch_chunks(node, oid, size, write, WIRE_CHUNK, WIRE_WINDOW)
-            except ObjectLostError as e:
-                raise ObjectLostError(f"object {oid.hex()} could not be read from node "
-                                      f"{self.node_id}: {e}") from None
-            return out
-        return asyncio.run_coroutine_threadsafe(download(), self.loop).result()
-
     def _close_watched(self, conn: Any) -> None:
         """(IO thread) Stop watching a direct connection (to an actor or a
         leased worker) and close it."""
@@ -858,139 +743,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         host's, mapped; or, in client mode, a node's over the connection)."""
         return self.node is not None
 
-    def _mapping(self) -> Any:
-        if self.mapping is None:
-            from ..objects.mapping import StoreMapping
-            self.mapping = StoreMapping()
-        return self.mapping
-
-    # ------------------------------------------------------------ get / wait
-    def _subscribe_missing(self, oids: Iterable[bytes], ack: int | None = None) -> bool:
-        """Ask the head to notify us for objects we are not already told
-        about.  ``ack``: the head also answers ``subscribed`` with how many of
-        them are still pending (after the readiness of the others).  True
-        when every one of ``oids`` was asked for now (none was already
-        awaited: a result of our own task, or an earlier subscription)."""
-        new = []
-        fresh = True
-        with self._lock:
-            for oid in oids:
-                if oid in self.ready:
-                    continue
-                if oid in self.expected or oid in self.subscribed:
-                    fresh = False
-                    continue
-                self.subscribed.add(oid)
-                new.append(oid)
-        if new:
-            msg: dict[str, Any] = messages.oids("subscribe", new)
-            if ack is not None:
-                msg["ack"] = ack
-            self.send("head", msg)
-        return fresh and bool(new)
-
-    def wait_ready(self, oids: list[bytes], num: int, timeout: float | None,
-                   fail_fast: bool = False) -> set[bytes]:
-        """Block until at least ``num`` of ``oids`` are ready or the timeout
-        passes; returns the ready ones.  ``fail_fast``: return as soon as one
-        of them is ready with an error (``get`` raises it at once)."""
-        if self._dpending:
-            self._flush_direct(self._on_io_thread())  # before waiting for their answers
-        state = {"count": 0}
-        ready: set[bytes] = set()
-        missing: list[bytes] = []
-        uniq = list(dict.fromkeys(oids))
-
-        def make_cb(oid: bytes) -> Callable[[], None]:
-            def cb() -> None:
-                with cb_lock:
-                    ready.add(oid)
-                    if len(ready) >= num or (fail_fast and self._failed(oid)):
-                        event.set()
-                        wake.set()
-                        self._poke_reader()  # a thread reading actors' answers waits for it
-            return cb
-
-        cb_lock = threading.Lock()
-        callbacks: dict[bytes, Callable[[], None]] = {}
-        with self._lock:
-            failed = False
-            for oid in uniq:
-                if oid in self.ready:
-                    ready.add(oid)
-                    failed = failed or (fail_fast and bool(self.ready[oid].get("error")))
-                else:
-                    missing.append(oid)
-            if len(ready) >= num or not missing or failed:
-                return ready
-            if self.lost:
-                raise FlowcoreError(self.lost_message())
-            event = threading.Event()  # (made only when there is something to wait for)
-            wake = threading.Event()  # event, or the head said some are pending
-            for oid in missing:
-                cb = callbacks[oid] = make_cb(oid)
-                self.waiters.setdefault(oid, []).append(cb)
-            # answers of direct actor calls among them: read by this thread
-            reading = self._reads_answers(missing)
-        # inside a task, the CPU is given back only when the get will really
-        # block: objects the head already has ready arrive at once, so ask it
-        # which are pending first (a subscription it acknowledges)
-        token = None
-        task = self._task_of_thread()
-        if self.kind == "worker" and task is not None:
-            token = next(self._ack_ids)
-            self._acks[token] = lambda pending: wake.set()
-        blocked = False
-        try:
-            if self._subscribe_missing(missing, ack=token) and token is not None:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                self._wait_event(wake, timeout)
-                if deadline is not None:
-                    timeout = max(0.0, deadline - time.monotonic())
-            blocked = False if event.is_set() else self._set_blocked(True, task)
-            warn_after = GET_WARN_AFTER if self.kind == "driver" else None
-            wait = self._wait_reading if reading else self._wait_event
-            if warn_after is not None and (timeout is None or timeout > warn_after):
-                if not wait(event, warn_after):
-                    self._warn_slow(missing, ready, warn_after)
-                    wait(event, None if timeout is None else timeout - warn_after)
-            else:
-                wait(event, timeout)
-        finally:
-            if token is not None:
-                self._acks.pop(token, None)
-            if blocked:
-                self._set_blocked(False, task)
-            with self._lock:
-                for oid, cb in callbacks.items():
-                    lst = self.waiters.get(oid)
-                    if lst and cb in lst:
-                        lst.remove(cb)
-                        if not lst:
-                            del self.waiters[oid]
-        with cb_lock:
-            return set(ready)
-
-    def _failed(self, oid: bytes) -> bool:
-        """Whether ``oid`` is ready here holding an error."""
-        info = self.ready.get(oid)
-        return info is not None and bool(info.get("error"))
-
-    def _warn_slow(self, missing: list[bytes], ready: set[bytes], waited: float) -> None:
-        """One warning for a wait that goes on for long: why it is not ready."""
-        pending = [o for o in missing if o not in ready]
-        if not pending:
-            return
-        try:
-            why = self.query("explain", oid=pending[0])["text"]
-        except Exception as e:  # noqa: BLE001 - the warning must not break the wait
-            why = f"(could not ask the head: {e})"
-        import warnings
-        msg = (f"flowcore: still waiting after {waited:.0f} s for {len(pending)} object(s); "
-               f"{pending[0].hex()[:12]}: {why}")
-        logger.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
+    # ------------------------------------------------------------ waiting (see object_io.py)
     def _wait_event(self, event: threading.Event, timeout: float | None) -> bool:
         return event.wait(timeout)
 
@@ -1023,286 +776,6 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         self.send("node", messages.worker_blocked(blocked))
         self.send("head", {"op": op, "tid": task["tid"]})
         return True
-
-    def get_values(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
-        oids = [r._id for r in refs]
-        if not self._dpending:  # all ready (a put, a finished task): no waiting
-            with self._lock:
-                table = self.ready
-                infos = [table.get(oid) for oid in oids]
-            if None not in infos:
-                return [self.value_of(info) for info in infos]  # type: ignore[arg-type]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if len(oids) == 1 and self._dconns and self.kind != "worker":
-            # the answer of a direct actor call: this thread reads it
-            self._await_direct(oids[0], deadline,
-                               GET_WARN_AFTER if self.kind == "driver" else None)
-            info = self.ready.get(oids[0])
-            if info is not None:  # (a failure raises here, as below)
-                return [self.value_of(info)]
-            if deadline is not None:
-                timeout = max(0.0, deadline - time.monotonic())
-        # the first failure among them is raised at once (Ray): the others
-        # may wait for something that happens only once it is handled
-        ready = self.wait_ready(oids, len(set(oids)), timeout, fail_fast=True)
-        with self._lock:
-            failed = next((oid for oid in oids if oid in ready and self._failed(oid)), None)
-        if failed is not None and len(ready) < len(set(oids)):
-            with self._lock:
-                info = self.ready.get(failed)
-            if info is not None:
-                self.value_of(info)  # raises the failure
-        if len(ready) < len(set(oids)):
-            n = len(set(oids)) - len(ready)
-            raise GetTimeoutError(
-                f"get() timed out after {timeout}s: {n} of {len(set(oids))} object(s) not ready "
-                f"(first: {next(o for o in oids if o not in ready).hex()}); use "
-                f"flowcore.wait() to poll, or a longer timeout")
-        del deadline
-        out = []
-        for oid in oids:
-            with self._lock:
-                info = self.ready.get(oid)
-            if info is None:  # dropped meanwhile by another thread
-                self._subscribe_missing([oid])
-                self.wait_ready([oid], 1, None)
-                info = self.ready[oid]
-            out.append(self.value_of(info))
-        return out
-
-    def value_of(self, info: dict) -> Any:
-        """Deserialize an object from its ready notification; raise if it is an error."""
-        if info.get("inline") is not None:
-            value = self._deserialize(info, info["inline"])
-        else:
-            value = self._read_from_store(info)
-        if info.get("error"):
-            if isinstance(value, BaseException):
-                raise value
-            raise FlowcoreError(f"remote error: {value!r}")
-        return value
-
-    def _deserialize(self, info: dict, buf: Any) -> Any:
-        """``deserialize(buf)``; a failure names the task and the class."""
-        try:
-            return deserialize(buf)
-        except Exception as exc:
-            raise self._unreadable(info, exc) from exc
-
-    def _deserialize_held(self, info: dict, h: Any, buf: Any) -> Any:
-        """``_deserialize`` of a held object's bytes: their layout header is
-        read once (the bytes do not change while the pin is held)."""
-        from ..objects.serialization import deserialize, read_layout
-        try:
-            if h.layout is None:
-                h.layout = read_layout(buf)
-            return deserialize(buf, h.layout)
-        except Exception as exc:
-            raise self._unreadable(info, exc) from exc
-
-    def _unreadable(self, info: dict, exc: BaseException) -> SerializationError:
-        """The error for an object whose bytes arrived but do not unpickle
-        here: which task made it, and which class was being rebuilt."""
-        from .. import ids
-        from ..objects.serialization import rebuilding_class
-        oid = info["oid"]
-        what = f"object {oid.hex()}"
-        if asyncio._get_running_loop() is None:  # may block: ask the head for the name
-            try:
-                t = self.query("task_info", tid=ids.task_of(oid)) or {}
-                if t.get("name"):
-                    what = f"the result of task {t['name']} ({what})"
-            except Exception:  # noqa: BLE001 - the name is a nicety
-                pass
-        cls = ""
-        if info.get("inline") is not None:
-            cls = rebuilding_class(info["inline"])
-        where = f" while rebuilding {cls}" if cls else ""
-        return SerializationError(
-            f"{what} could not be deserialized in this process{where}: "
-            f"{type(exc).__name__}: {exc}. Hint: its class must be importable here (the same "
-            f"module on sys.path, the same library versions) and its __reduce__/__setstate__ "
-            f"must work outside the task")
-
-    def _read_from_store(self, info: dict) -> Any:
-        from ..objects.store import Location
-        oid = info["oid"]
-        if self.node is None and self._node_switch is not None:
-            self._await_node_switch()
-        if not self.has_store():
-            raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
-                                  f"process is not attached to a node")
-        with self._lock:
-            found = self.held.lookup(oid, self.node_id)
-            # keep the pin this get takes while a reference to it lives here
-            hold = self.HOLDS and not self.remote_store and (
-                bool(self.HELD_UNREFERENCED) or oid in self.refcounts)
-        if found is not None:  # pinned and mapped already: no round trip
-            h, key = found
-            return self._deserialize_held(info, h, self._mapping().readable(
-                h.loc, self.held.on_release(h, key, self._wake_from_finaliser)))
-        for attempt in range(6):
-            req: dict[str, Any] = messages.oid_op("pin", oid)
-            if hold:
-                req["cache"] = True
-            if self.node_id not in info.get("nodes", ()):
-                # held elsewhere: our node pulls it from one of the holders first
-                req["sources"] = [[n, a] for n, a in
-                                  zip(info.get("nodes", ()), info.get("addrs", ()))]
-                req["size"] = info["size"]
-            try:
-                r = self.request("node", req, timeout=None)
-            except ConnectionError as e:  # our node died: wait for the next one, ask again
-                if self.kind != "driver" or not self._await_node_switch():
-                    raise
-                r = {"error": f"the node holding the pin went away: {e}"}
-            if "error" not in r:
-                break
-            # the copies we knew of are gone (a node died): ask the head again;
-            # it answers once the object is rebuilt from its lineage, or why not
-            with self._lock:
-                self.ready.pop(oid, None)
-                self.subscribed.discard(oid)
-            self._subscribe_missing([oid])
-            if not self.wait_ready([oid], 1, 300.0):
-                raise ObjectLostError(r["error"])
-            with self._lock:
-                info = self.ready.get(oid) or info
-            if info.get("inline") is not None or info.get("error"):
-                return self.value_of(info)
-        else:
-            raise ObjectLostError(r["error"])
-        if self.remote_store:
-            try:
-                data = self._download(oid, info["size"])
-            finally:
-                self.send("node", messages.oids("unpin", [oid]))
-            return self._deserialize(info, memoryview(data))
-        return self._read_pinned(info, Location.from_wire(r["loc"]), hold)
-
-    def _read_pinned(self, info: dict, loc: Any, hold: bool = True) -> Any:
-        """Read ``info``'s object at ``loc``, pinned for this process.
-        ``hold``: keep the pin (while referenced here, or as one of a
-        worker's last reads) unless one is held already; else it goes with
-        the last view."""
-        oid = info["oid"]
-        extra: list[bytes] = []
-        with self._lock:
-            h = self.held.add(oid, loc, self.node_id) if hold and (
-                self.HELD_UNREFERENCED or oid in self.refcounts) else None
-            if h is not None:
-                key = self.held.new_key(h)
-                if self.HELD_UNREFERENCED:
-                    extra = self.held.trim(self.HELD_UNREFERENCED)
-        if extra:
-            self.send("node", messages.oids("unpin", extra))
-        if h is not None:
-            return self._deserialize_held(info, h, self._mapping().readable(
-                loc, self.held.on_release(h, key, self._wake_from_finaliser)))
-
-        def release(oid: bytes = oid) -> None:  # a finaliser: no locks
-            if not self.closed:
-                self._unpins.append(oid)
-                if len(self._unpins) == 1:
-                    self._wake_from_finaliser()
-
-        buf = self._mapping().readable(loc, release)
-        return self._deserialize(info, buf)
-
-    def _adopt_pinned(self, deps: list[dict]) -> None:
-        """(Reading thread) The arguments our node pinned for us as it sent
-        a task (``pinned``: their locations) become held pins now, whether
-        or not the task runs; one we already hold is unpinned at once."""
-        from ..objects.store import Location
-        extra: list[bytes] = []
-        adopted = 0
-        with self._lock:
-            for d in deps:
-                wire = d.pop("pinned", None)
-                if wire is None:
-                    continue
-                if not self.HOLDS or self.held.add(d["oid"], Location.from_wire(wire),
-                                                   self.node_id) is None:
-                    extra.append(d["oid"])
-                else:
-                    adopted += 1
-            if self.HELD_UNREFERENCED:  # (the task's own arguments are kept)
-                extra += self.held.trim(max(self.HELD_UNREFERENCED, adopted))
-        if extra:
-            self.send("node", messages.oids("unpin", extra))
-
-    def _release_cached(self, msg: dict) -> None:
-        """(Reading thread) The node needs the room of held pins: give back
-        those no view uses now, the others as their last view goes; then
-        answer (after the unpins, on the same connection)."""
-        unpins = []
-        with self._lock:
-            for oid in msg["oids"]:
-                if self.held.drop(oid):
-                    unpins.append(oid)
-        if unpins:
-            self.send("node", messages.oids("unpin", unpins))
-        self.send("node", messages.reply(msg.get("rid")))
-
-    def prefetch(self, oids: Iterable[bytes]) -> None:
-        """Ask this process's node to pull ready objects held only elsewhere."""
-        if not self.has_store():
-            return
-        items = []
-        with self._lock:
-            for oid in oids:
-                info = self.ready.get(oid)
-                if info and info.get("inline") is None and info.get("nodes") \
-                        and self.node_id not in info["nodes"]:
-                    items.append([oid, info["size"],
-                                  [[n, a] for n, a in zip(info["nodes"], info.get("addrs", ()))]])
-        if items:
-            self.send("node", {"op": "prefetch", "objects": items})
-
-    def future_for(self, ref: ObjectRef) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        oid = ref._id
-
-        def resolve() -> None:
-            def work() -> None:
-                try:
-                    with self._lock:
-                        info = self.ready.get(oid)
-                    if info is None:
-                        raise ObjectLostError(f"object {oid.hex()} was freed")
-                    value = self.value_of(info)
-                    if not fut.cancelled():
-                        fut.set_result(value)
-                except BaseException as e:  # noqa: BLE001 - the future carries it
-                    if not fut.cancelled():
-                        fut.set_exception(e)
-            # values may need a blocking store request, and user callbacks
-            # run: never on the IO thread, nor on a thread reading answers
-            if self._on_io_thread() or self._reader_ident == threading.get_ident():
-                if self._resolver is None:
-                    self._resolver = Resolver()
-                self._resolver.submit(work)
-            else:
-                work()
-
-        def cancel_if_cancelled(f: concurrent.futures.Future, r: ObjectRef = ref) -> None:
-            if f.cancelled():
-                self.cancel(r, False, True)
-        fut.add_done_callback(cancel_if_cancelled)
-        with self._lock:
-            if oid in self.ready:
-                ready_now = True
-            else:
-                ready_now = False
-
-                def resolve_holding(r: ObjectRef = ref) -> None:
-                    resolve()  # the default keeps the ref alive until resolved
-                self.waiters.setdefault(oid, []).append(resolve_holding)
-        if ready_now:
-            resolve()
-        else:
-            self._subscribe_missing([oid])
-        return fut
 
     # ------------------------------------------------------------ queries
     def query(self, op: str, **kw: Any) -> Any:

@@ -48,7 +48,7 @@ class NodeFailoverMixin:
     _node_switch: "asyncio.Future | None"
     _reattaching: "asyncio.Future | None"
     _reconnecting: "asyncio.Future | None"
-    held: Any  # objects.held.HeldObjects
+    objects: Any  # client.object_io.ObjectIO
     _lock: Any
     if TYPE_CHECKING:  # pragma: no cover - provided by CoreClient
         async def _connect_node(self) -> "tuple[Comm, dict]": ...
@@ -63,9 +63,9 @@ class NodeFailoverMixin:
         logger.warning("lost the connection to this driver's node %s (%s); carrying on "
                        "through another node", old_id, old_address)
         self.node = None
-        self.mapping = None  # views already handed out keep their own mapping alive
+        self.objects.mapping = None  # views already handed out keep their own mapping alive
         with self._lock:
-            self.held.forget()  # its pins went with it
+            self.objects.held.forget()  # its pins went with it
         done = self._node_switch = self.loop.create_future()
         ok = False
         try:
@@ -134,7 +134,7 @@ class NodeFailoverMixin:
                 gateway = node
                 self.node = None
                 with self._lock:
-                    self.held.forget()  # (none in client mode: no mapping)
+                    self.objects.held.forget()  # (none in client mode: no mapping)
                 done = self._node_switch = self.loop.create_future()
                 try:
                     await self._attach(local[0])

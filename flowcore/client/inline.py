@@ -103,7 +103,7 @@ class InlineClient(CoreClient):
                          timeout)
         self.node_id = r["node_id"]
         if r.get("arena"):  # mapped now, while idle, rather than on the first read
-            self._mapping().premap(r["arena"])
+            self.objects.store_mapping().premap(r["arena"])
         r = self.request("head", {"op": "register_client", "kind": "worker", "pid": os.getpid(),
                                   "wid": self.wid}, timeout)
         self.client_id = r["client_id"]
@@ -128,8 +128,7 @@ class InlineClient(CoreClient):
                 os.close(fd)
             except OSError:
                 pass
-        if self.mapping is not None:
-            self.mapping.close()
+        self.objects.close()
 
     # ------------------------------------------------------------ sending
     def send(self, dest: str, msg: dict, lazy: bool = False) -> None:
@@ -400,7 +399,7 @@ class InlineClient(CoreClient):
         fds = [c for c in self.conns.values() if not c.closed] + [self._wake_r]
         self._in_select = True
         try:
-            if self._outbox or self._dropped or self._unpins or self.held.pending():
+            if self._outbox or self._dropped or self._unpins or self.objects.held.pending():
                 timeout = 0  # something was queued meanwhile: go round again soon
             elif self._held_head:  # wake up to send the held side reports in time
                 left = max(0.0, self._held_until - time.monotonic())

@@ -166,7 +166,7 @@ class Worker:
             a, k = self._deserialize(task["args"])
             return tuple(a), k
         from ..remote_function import ArgRef
-        values = [self.client.value_of(info) for info in deps]
+        values = [self.client.objects.value_of(info) for info in deps]
         if task.get("args") is None:
             a, k = values[task["args_dep"]]
         else:
@@ -582,7 +582,7 @@ class Worker:
         if s.total_size <= messages.INLINE_MAX:
             data = s.to_bytes()
             return {"oid": oid, "inline": data, "size": len(data), "nested": nested}
-        self.client.write_to_store(oid, s)
+        self.client.objects.write_to_store(oid, s)
         return {"oid": oid, "node": self.client.node_id, "size": s.total_size, "nested": nested}
 
     def _error_results(self, task: dict, exc: BaseException) -> list[dict]:

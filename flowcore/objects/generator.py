@@ -98,19 +98,19 @@ class ObjectRefGenerator:
             # the head tells this client of each value as it is yielded: never
             # ask it about one not yielded yet (it would answer "unknown")
             c.subscribed.add(item)
-        ready = c.wait_ready([item, end], 1, timeout)
+        ready = c.objects.wait_ready([item, end], 1, timeout)
         if item not in ready and end not in ready:
             raise GetTimeoutError(f"no value from the generator within {timeout} s")
         if item not in ready:
             with c._lock:
                 c.subscribed.discard(item)
             try:
-                count = require_client().get_values([self._end], None)[0]
+                count = require_client().objects.get_values([self._end], None)[0]
             except Exception:  # noqa: BLE001 - the task failed: its error is the next ref
                 self._close()
                 return self._end
             if self._next_index <= count:  # yielded but not heard of yet: it is coming
-                c.wait_ready([item], 1, None)
+                c.objects.wait_ready([item], 1, None)
             else:
                 self._close()
                 raise StopIteration

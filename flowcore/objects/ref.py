@@ -77,7 +77,7 @@ class ObjectRef(Generic[T]):
         client = self._client or current_client()
         if client is None:
             raise RuntimeError("flowcore is not initialized: call flowcore.init() first")
-        return client.future_for(self)
+        return client.objects.future_for(self)
 
     def as_future(self) -> "asyncio.Future[T]":
         """An ``asyncio.Future`` (of the running event loop) resolved with the
