@@ -556,7 +556,7 @@ def test_force_cancel_turns_worker_death_into_cancellation() -> None:
     assert ops(out, "cancel_task", "n1")[0]["force"] is True
     out = c.died(tid, how="killed by cancel")
     assert c.st(tid) == S.CANCELLED and run_task_tids(out) == []
-    assert not c.state._force_cancelled
+    assert not c.state.failures.force_cancelled
 
 
 def test_force_cancel_of_task_that_finished_anyway_leaves_nothing_behind() -> None:
@@ -566,7 +566,7 @@ def test_force_cancel_of_task_that_finished_anyway_leaves_nothing_behind() -> No
     c.cancel(tid, force=True)
     c.finish(tid)
     assert c.st(tid) == S.FINISHED
-    assert not c.state._force_cancelled
+    assert not c.state.failures.force_cancelled
     c.decref(object_id(tid))
     assert not c.state.tasks
 
@@ -1306,7 +1306,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert s.tasks == {}
         assert s.objects == {}
         assert not s.queues or all(not q for q in s.queues.values())
-        assert not s.infeasible and not s._force_cancelled
+        assert not s.infeasible and not s.failures.force_cancelled
 
 
 TestSchedulerMachine = SchedulerMachine.TestCase

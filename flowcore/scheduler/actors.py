@@ -331,7 +331,7 @@ class ActorManager:
                 s.tx.retry_call(t, actor, f"actor restarting ({cause}); call retried",
                                 count=False)
             else:
-                s._fail_task(t, s.error_payload(ActorError(
+                s.failures.fail_task(t, s.error_payload(ActorError(
                     f"actor {actor.class_name} died while running {t.name}: {cause}; it is "
                     f"restarting ({actor.restarts}/{actor.max_restarts}). Set "
                     f"max_task_retries to retry such calls")), f"actor died: {cause}")
@@ -416,13 +416,13 @@ class ActorManager:
         for tid in pending:
             t = s.tasks.get(tid)
             if t is not None and not (t.state and t.state.done):
-                s._fail_task(t, err, f"actor dead: {cause}")
+                s.failures.fail_task(t, err, f"actor dead: {cause}")
         t = s.tasks.get(actor.create_tid)
         if t is not None and t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.RUNNING):
-            s._fail_task(t, err, f"actor dead: {cause}")
+            s.failures.fail_task(t, err, f"actor dead: {cause}")
         elif t is not None and t.state == S.INFEASIBLE:
             s.infeasible.discard(t.tid)
-            s._cancel_task(t, f"actor dead: {cause}")
+            s.failures.cancel_task(t, f"actor dead: {cause}")
 
     def kill(self, actor: ActorRecord, cause: str) -> None:
         """Kill ``actor`` for good now (its process is told to exit)."""

@@ -71,7 +71,7 @@ class DirectCalls:
         if q and q[-1] == t.tid:
             q.pop()  # not dispatched by the head
         if actor.state != "ALIVE" or actor.restarts != epoch:
-            s._fail_task(t, s.error_payload(ActorError(
+            s.failures.fail_task(t, s.error_payload(ActorError(
                 f"actor {actor.class_name} restarted while the call {t.name} was on its way "
                 f"to it ({actor.cause or 'its process exited'}); the call is not retried "
                 f"(max_task_retries=0)")), "actor restarted before a direct call was recorded")

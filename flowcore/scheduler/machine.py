@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterable
 
 from .. import ids
 from ..protocol import messages as wire
-from ..exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError,
-                          WorkerCrashedError)
+from ..exceptions import ActorDiedError, NodeDiedError, ObjectLostError
 from .actors import ActorManager
 from .direct_calls import DirectCalls
+from .failures import Failures
 from .books import check_books, stuck_problem
 from . import queries
 from .history import History
@@ -119,7 +119,6 @@ class SchedulerState:
         self.history = History(history_size)
         # ---- working state
         self.out: Out = []  # the messages the current one produced
-        self._force_cancelled: set[bytes] = set()  # a force-cancel is on its way
         #: queue shape -> (placement.freed, first task) when that task found no node
         self._stuck: dict[tuple, tuple[int, bytes]] = {}
         self._cpu_only: dict[tuple, bool] = {}  # task shape -> it asks for CPU only
@@ -132,6 +131,7 @@ class SchedulerState:
         self._failing = False
         self._hooks: dict[str, list[Callable[..., None]]] = {}
         # ---- components: each owns its tables and registers its ops and hooks
+        self.failures = Failures(self)  # failing, retrying and cancelling tasks
         self.local_first = LocalFirst(self)
         self.direct_calls = DirectCalls(self)
         self.leases = Leases(self)
@@ -151,6 +151,7 @@ class SchedulerState:
         self.persistent_tables = self.recovery_manager.persistent_tables
         self.restore_tables = self.recovery_manager.restore_tables
         self.finish_recovery = self.recovery_manager.finish_recovery
+        self.handle_worker_died = self.failures.handle_worker_died  # (leases.py calls it)
         # ---- op -> handler, for every message the state machine takes
         self.ops: dict[str, Callable[[str, dict], None]] = {
             "register_node": self.handle_register_node,
@@ -166,13 +167,11 @@ class SchedulerState:
             "object_location": self.handle_object_location,
             "submit": self.handle_submit,
             "task_done": self.handle_task_done,
-            "worker_died": self.handle_worker_died,
             "task_blocked": self.handle_task_blocked,
             "task_unblocked": self.handle_task_unblocked,
-            "cancel": self.handle_cancel,
         }
-        for component in (self.local_first, self.direct_calls, self.leases, self.streams,
-                          self.groups, self.actor_manager):
+        for component in (self.failures, self.local_first, self.direct_calls, self.leases,
+                          self.streams, self.groups, self.actor_manager):
             self.ops.update(component.ops())
 
     @property
@@ -299,7 +298,7 @@ class SchedulerState:
         if info.get("kind", "driver") == "driver":
             # a driver is a job: its unfinished work goes with it (workers, which
             # come and go with the pool, hand what they own on through refs)
-            self._cancel_owned_tasks(cid)
+            self.failures.cancel_owned_tasks(cid)
             self.actor_manager.kill_owned(cid)
             self.groups.remove_owned(cid)
         else:
@@ -322,20 +321,6 @@ class SchedulerState:
             self._check_books("client_disconnected", {"node_id": cid})
         return out
 
-    def _cancel_owned_tasks(self, cid: str) -> None:
-        for t in list(self.tasks.values()):
-            if t.owner != cid or t.state is None or t.state.done:
-                continue
-            if t.state == S.RUNNING:
-                if t.kind == "task" and t.node:
-                    self._send(t.node, wire.cancel_task(t.tid, False,
-                                                        **self.leases.cancel_fields(t)))
-            elif t.state in (S.WAITING_FOR_ARGS, S.QUEUED, S.INFEASIBLE):
-                self.infeasible.discard(t.tid)
-                self.local_first.withdraw(t, False)
-                self.leases.withdraw(t, False)
-                self._cancel_task(t, "its driver disconnected")
-
     def check_heartbeats(self, now: float, timeout: float) -> list[str]:
         """Nodes silent for longer than ``timeout`` seconds (to be declared dead)."""
         out = []
@@ -355,15 +340,15 @@ class SchedulerState:
         for tid in list(node.running):
             t = self.tasks.get(tid)
             if t is not None and t.state == S.RUNNING:
-                if t.tid in self._force_cancelled:
+                if t.tid in self.failures.force_cancelled:
                     # its force-cancel (cancel(force=True), or its placement
                     # group removed) was on its way: cancelled, not retried
-                    self._force_cancelled.discard(t.tid)
-                    self._cancel_task(t, f"cancelled; its node {node.name} died before the "
-                                         f"kill arrived")
+                    self.failures.force_cancelled.discard(t.tid)
+                    self.failures.cancel_task(t, f"cancelled; its node {node.name} died "
+                                                 f"before the kill arrived")
                     continue
                 self.tx.lose(t, f"node {node.name} died: {cause}")
-                self._retry_or_fail(t, NodeDiedError(
+                self.failures.retry_or_fail(t, NodeDiedError(
                     f"node {node.name} ({node.address}) died while running task "
                     f"{t.name} ({cause})"), f"node {node.name} died: {cause}")
         node.running.clear()
@@ -585,7 +570,7 @@ class SchedulerState:
                 tid, payload, cause = self._to_fail.popleft()
                 t = self.tasks.get(tid)
                 if t is not None and t.state == S.WAITING_FOR_ARGS:
-                    self._fail_task(t, payload, cause)
+                    self.failures.fail_task(t, payload, cause)
         finally:
             self._failing = False
 
@@ -653,7 +638,7 @@ class SchedulerState:
             if not self.actor_manager.call_submitted(t):
                 actor = self.actors.get(t.actor or b"")
                 why = actor.cause if actor is not None else "unknown actor"
-                self._fail_task(t, self.error_payload(ActorDiedError(
+                self.failures.fail_task(t, self.error_payload(ActorDiedError(
                     f"cannot call {t.name}: the actor is dead ({why})")), "actor is dead")
                 return
             if spec.get("direct_epoch") is not None:
@@ -686,7 +671,8 @@ class SchedulerState:
                     t.missing.add(oid)
                     dep.add_dependent(t.tid)
         if failed is not None:
-            self._fail_task(t, failed.inline or b"", f"argument {ids.short(failed.oid)} failed")
+            self.failures.fail_task(t, failed.inline or b"",
+                                    f"argument {ids.short(failed.oid)} failed")
         elif t.missing:
             self.tx.wait_for_args(t, f"waiting for {len(t.missing)} argument(s)")
         else:
@@ -867,8 +853,9 @@ class SchedulerState:
         # finished-task history (bounded): what the timeline and dashboard show
         # after the task record itself is pruned
         self.history.add(t)
-        if self._force_cancelled:
-            self._force_cancelled.discard(t.tid)
+        force_cancelled = self.failures.force_cancelled
+        if force_cancelled:
+            force_cancelled.discard(t.tid)
         if self.streams.held:
             self.streams.task_ended(t)
         if self.leases.sent:
@@ -917,7 +904,7 @@ class SchedulerState:
             if status == "error":
                 t.error_text = get("error_text")
             if status == "cancelled":
-                self._cancel_task(t, "interrupted by cancel()")
+                self.failures.cancel_task(t, "interrupted by cancel()")
                 return
             if status == "error" and get("retryable") and t.retries_left > 0 \
                     and t.kind == "task":
@@ -942,45 +929,6 @@ class SchedulerState:
             if not obj.clients and obj.holds <= 0:
                 self._maybe_free(obj)
         self._done(t)
-
-    def _fail_task(self, t: TaskRecord, payload: bytes, cause: str) -> None:
-        """Fail ``t`` with ``payload`` as the value of every return (no run)."""
-        self.tx.fail(t, cause)
-        for oid in t.returns():
-            obj = self.objects.get(oid)
-            if obj is None:
-                continue
-            self._seal(obj, {"inline": payload, "size": len(payload), "error": True})
-            self._maybe_free(obj)
-        self._done(t)
-
-    def _retry_or_fail(self, t: TaskRecord, exc: BaseException, cause: str) -> None:
-        self.tx.release(t)
-        if t.retries_left > 0:
-            self.tx.retry(t, f"{cause}; retrying ({t.retries_left - 1} retries left)")
-        else:
-            self._fail_task(t, self.error_payload(exc), cause)
-
-    def handle_worker_died(self, source: str, msg: dict) -> None:
-        t = self.tasks.get(msg.get("tid") or b"")
-        if t is None or t.state != S.RUNNING or t.node != source:
-            return
-        how = msg.get("how", "exited")
-        if t.tid in self._force_cancelled:
-            self._force_cancelled.discard(t.tid)
-            self._cancel_task(t, "worker killed by cancel(force=True)")
-            return
-        node = self.nodes.get(source)
-        where = node.name if node else source
-        # the actors the crashed task created die with their owner
-        self.actor_manager.worker_crashed(
-            msg.get("pid"), f"the task {t.name} that created it died with its worker "
-                            f"(pid {msg.get('pid')}): {how}")
-        err = WorkerCrashedError(
-            f"the worker process (pid {msg.get('pid')}) running task {t.name} on node "
-            f"{where} died: {how}. The task was tried {t.attempt} time(s); raise max_retries "
-            f"to retry more, or check the worker log in the session directory")
-        self._retry_or_fail(t, err, f"worker died: {how}")
 
     def handle_task_blocked(self, source: str, msg: dict) -> None:
         t = self.tasks.get(msg["tid"])
@@ -1024,46 +972,6 @@ class SchedulerState:
         node = self.nodes.get(t.node or "")
         if node is not None and "CPU" in t.res:
             self._account(node, t.bundle).take({"CPU": t.res["CPU"]})
-
-    # ------------------------------------------------------------ cancel
-    def handle_cancel(self, source: str, msg: dict) -> None:
-        t = self.tasks.get(ids.task_of(msg["oid"]))
-        if t is None or t.state is None or t.state.done:
-            return
-        force = bool(msg.get("force"))
-        if msg.get("recursive"):
-            # the tasks it submitted, and the tasks they submitted, depth first
-            stack, seen = list(t.children or ()), set()
-            while stack:
-                child = self.tasks.get(stack.pop())
-                if child is None or child.tid in seen or child.kind != "task":
-                    continue
-                seen.add(child.tid)
-                stack.extend(child.children or ())
-                if child.state is not None and not child.state.done:
-                    self._cancel_one(child, force, f"its parent task {t.name} was cancelled")
-        self._cancel_one(t, force, "cancelled before it ran")
-
-    def _cancel_one(self, t: TaskRecord, force: bool, cause: str) -> None:
-        if t.state == S.RUNNING:
-            if force:
-                self._force_cancelled.add(t.tid)
-            self._send(t.node, wire.cancel_task(t.tid, force, **self.leases.cancel_fields(t)))
-            return
-        self.infeasible.discard(t.tid)
-        self.local_first.withdraw(t, force)  # offered to its node, which may have started it
-        self.leases.withdraw(t, force)  # queued at its owner, which may have sent it
-        self._cancel_task(t, cause)
-
-    def _cancel_task(self, t: TaskRecord, cause: str) -> None:
-        self.tx.cancel(t, cause)
-        payload = self.error_payload(TaskCancelledError(f"task {t.name} was cancelled ({cause})"))
-        for oid in t.returns():
-            obj = self.objects.get(oid)
-            if obj is not None:
-                self._seal(obj, {"inline": payload, "size": len(payload), "error": True})
-                self._maybe_free(obj)
-        self._done(t)
 
     # ------------------------------------------------------------ queries
     # (read-only views of the tables: ``queries.py``)

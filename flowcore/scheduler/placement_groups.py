@@ -298,7 +298,7 @@ class PlacementGroups:
                 self.s.actor_manager.dead(actor, f"it cannot be scheduled: {why}",
                                           payload=self.s.error_payload(err))
                 return True
-        self.s._fail_task(t, self.s.error_payload(err), why)
+        self.s.failures.fail_task(t, self.s.error_payload(err), why)
         return True
 
     def choose_node(self, t: Any) -> Any:
@@ -376,11 +376,11 @@ class PlacementGroups:
                     or not self._in_group(t.strategy, pg.pgid):
                 continue
             if t.state == S.RUNNING:
-                self.s._force_cancelled.add(t.tid)
+                self.s.failures.force_cancelled.add(t.tid)
                 self.s._send(t.node, wire.cancel_task(t.tid, True))
             else:
                 self.s.infeasible.discard(t.tid)
-                self.s._cancel_task(t, cause)
+                self.s.failures.cancel_task(t, cause)
         self._release_bundles(pg, pg.bundles)
         pg.state = PG_REMOVED
         pg.cause = "removed"
