@@ -31,7 +31,7 @@ from ..protocol.comm import Comm, connect
 from ..protocol.tls import TLSConfig
 from . import direct
 from .actor_calls import ActorCallsMixin
-from .failover import NODE_FAILOVER_WAIT, NodeFailoverMixin
+from .failover import NODE_FAILOVER_WAIT, NodeFailover
 from . import leases
 from .leases import LeasesMixin
 from .object_io import ObjectIO
@@ -56,7 +56,7 @@ MAX_PENDING_TASKS = 200_000
 #: seconds a client keeps trying to reconnect when it loses the head (a head
 #: restarted at the same address with its state directory takes it back)
 HEAD_GRACE = float(os.environ.get("FLOWCORE_HEAD_GRACE", "30"))
-class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
+class CoreClient(ActorCallsMixin, LeasesMixin):
     #: keep the pins of store objects between gets while referenced (see
     #: objects/held.py)
     HOLDS = True
@@ -131,9 +131,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         # cluster, which nothing restarts; then embedded_head_pid is its pid)
         self.head_grace = HEAD_GRACE
         self.embedded_head_pid: int | None = None
-        # a driver whose node died: set while it moves to another one
-        self._node_switch: asyncio.Future | None = None
-        self._reattaching: asyncio.Future | None = None
+        # a driver whose node died moves to another one (failover.py)
+        self.failover = NodeFailover(self)
         self.on_node_message: Callable[[dict], None] | None = None
         # acknowledged subscriptions awaited by a get inside a task: id -> callback
         self._acks: dict[int, Callable[[int], None]] = {}
@@ -211,9 +210,9 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         if which == "head" and comm is not self.head:
             return  # a connection already replaced (or a failed reconnection attempt)
         if which == "node" and comm is not self.node:
-            return  # a node connection already replaced (see _switch_node)
+            return  # a node connection already replaced (see failover.switch_node)
         if which == "node" and not self.closed and self.kind == "driver" \
-                and await self._switch_node(comm):
+                and await self.failover.switch_node(comm):
             return
         if which == "head" and not self.closed and self.head_grace > 0 \
                 and await self._reconnect_head():
@@ -468,8 +467,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         async def _req() -> dict:
             if dest == "head" and self.head is None and self._reconnecting is not None:
                 await asyncio.shield(self._reconnecting)  # the head is restarting
-            if dest == "node" and self.node is None and self._node_switch is not None:
-                await asyncio.shield(self._node_switch)  # moving to another node
+            if dest == "node" and self.node is None and self.failover.switch is not None:
+                await asyncio.shield(self.failover.switch)  # moving to another node
             self._drain()  # keep order with messages queued before
             c = self.head if dest == "head" else self.node
             if c is None:

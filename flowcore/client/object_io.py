@@ -412,8 +412,8 @@ class ObjectIO:
         c = self.client
         from ..objects.store import Location
         oid = info["oid"]
-        if c.node is None and c._node_switch is not None:
-            c._await_node_switch()
+        if c.node is None and c.failover.switch is not None:
+            c.failover.await_switch()
         if not c.has_store():
             raise ObjectLostError(f"object {oid.hex()} lives in a node's store but this "
                                   f"process is not attached to a node")
@@ -438,7 +438,7 @@ class ObjectIO:
             try:
                 r = c.request("node", req, timeout=None)
             except ConnectionError as e:  # our node died: wait for the next one, ask again
-                if c.kind != "driver" or not c._await_node_switch():
+                if c.kind != "driver" or not c.failover.await_switch():
                     raise
                 r = {"error": f"the node holding the pin went away: {e}"}
             if "error" not in r:
