@@ -507,7 +507,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin):
         for dest, m in staged:
             self.send(dest, m)
 
-    def _subscribed(self, msg: dict) -> None:  # see _subscribe_missing(ack=)
+    def _subscribed(self, msg: dict) -> None:  # see ObjectIO._subscribe_missing(ack=)
         ack = msg.get("ack")
         cb = self._acks.pop(ack, None) if ack is not None else None
         if cb is not None:
