@@ -64,6 +64,7 @@ class ActorCallsMixin:
     waiters: dict[bytes, list[Callable[[], None]]]
     lost: str | None
     direct: direct.DirectCalls
+    objects: "ObjectIO"
     _lock: threading.Lock
     _call_lock: threading.Lock
     _dconns: dict[str, Any]
@@ -77,7 +78,6 @@ class ActorCallsMixin:
     _reads: int
     _reads_seen_before: int
     _tick_armed: bool
-    objects: "ObjectIO"
     if TYPE_CHECKING:  # pragma: no cover
         def _close_watched(self, conn: Any) -> None: ...
         def send(self, dest: str, msg: dict, lazy: bool = False) -> None: ...
