@@ -220,8 +220,9 @@ class WorkerLease:
     def end(self, msg: dict) -> None:
         """No more tasks on this lease; once those already queued here have
         run, the node gets the worker back."""
-        if self.lease == msg["lease"]:
-            self.lease = None
+        if self.lease != msg["lease"]:
+            return  # (ended already: by its holder, on its connection, and its node)
+        self.lease = None
         self.worker.tasks.append({"op": "lease_end", "tid": None, "lease": msg["lease"]})
 
     def ended(self, msg: dict) -> None:

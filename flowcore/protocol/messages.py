@@ -205,6 +205,9 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("call_result", CALLER, ACTOR, "tid actor results", "the actor's inline returns"),
     ("lease_refused", CALLER, ACTOR, "tid lease",
      "a leased worker no longer holds that lease: the task was not run"),
+    ("lease_end", ACTOR, CALLER, "lease",
+     "the holder's task ended: after the tasks sent before this, the lease ends (the worker "
+     "tells its node, ``worker_idle``)"),
     ("lease_handback", CALLER, ACTOR, "tids lease",
      "a leased worker's running task blocks in get: the tasks queued behind it there are "
      "not run (the holder has the head place them)"),

@@ -1006,11 +1006,11 @@ class SchedulerState:
         blocked parent on the CPU it freed, instead of starting every
         queued task (each blocking a worker process of its own) first.
         Entries left behind are skipped when reached (no longer QUEUED)."""
-        tasks, offers = self.tasks, self.local_first.offers
+        tasks, offers, at_owner = self.tasks, self.local_first.offers, self.leases.queued
         for cid in reversed(t.children[-LEND_CHILDREN:]):  # type: ignore[index]
             c = tasks.get(cid)
             if c is not None and c.state is S.QUEUED and c.kind == "task" \
-                    and cid not in offers:
+                    and cid not in offers and cid not in at_owner:  # (its owner sends those)
                 self.queues.setdefault(c.shape, deque()).appendleft(cid)
 
     def handle_task_unblocked(self, source: str, msg: dict) -> None:
