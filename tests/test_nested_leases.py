@@ -270,8 +270,8 @@ def all_cpus():
 def test_recursion_with_leases_and_no_cpu_held_after_the_parent_ends(fresh_cluster):
     fresh_cluster(num_cpus=2)
     assert flowcore.get(fib.remote(10), timeout=60) == 55
-    leaves, leased = flowcore.get(tree.remote(3, 4), timeout=50)
-    assert leaves == 64 and leased >= 0
+    leaves, _ = flowcore.get(tree.remote(3, 4), timeout=50)
+    assert leaves == 64
     _nested_leased(200)
     # the parent's leases went back when it ended: a task needing every CPU runs
     assert flowcore.get(all_cpus.remote(), timeout=60) == "ran"

@@ -45,6 +45,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..protocol import frames
 from ..protocol.blocking import BlockingConn
 from . import leases
 from .leases import ClientLease
@@ -89,7 +90,7 @@ class WorkerLeasesMixin:
         def _lease_hand_back(self, key: tuple) -> None: ...
         def _lease_readable(self, conn: Any) -> None: ...
         def _lease_conn_lost(self, conn: Any) -> None: ...
-        def _lease_submit_base(self, spec: dict) -> bool: ...
+        def _wake_from_finaliser(self) -> None: ...
 
     def _worker_leases_init(self) -> None:
         self._reply_cbs: dict[int, Callable[[dict], None]] = {}
@@ -273,6 +274,7 @@ class WorkerLeasesMixin:
                                             next(self._timer_seq),
                                             lambda: self._lease_retry_now(key)))
         self._keeper_start()
+        self._wake_from_finaliser()
         return True
 
     def _set_blocked(self, blocked: bool, task: dict | None = None) -> bool:
@@ -292,6 +294,7 @@ class WorkerLeasesMixin:
             heapq.heappush(self._lease_timers, (time.monotonic() + delay,
                                                 next(self._timer_seq), fn))
         self._keeper_start()
+        self._wake_from_finaliser()  # (a thread in select recomputes its timeout)
 
     def next_timer(self) -> float | None:
         """Seconds until the next lease timer is due (None: none)."""
@@ -429,7 +432,6 @@ class WorkerLeasesMixin:
 
 
 def _end_frame(lease: bytes) -> bytes:
-    from ..protocol import frames
     return b"".join(bytes(b) for b in frames.encode([{"op": "lease_end", "lease": lease}]))
 
 
