@@ -91,6 +91,7 @@ class WorkerLeasesMixin:
         def _lease_readable(self, conn: Any) -> None: ...
         def _lease_conn_lost(self, conn: Any) -> None: ...
         def _wake_from_finaliser(self) -> None: ...
+        def _wait_until(self, pred: Callable[[], bool], timeout: float | None) -> bool: ...
 
     def _worker_leases_init(self) -> None:
         self._reply_cbs: dict[int, Callable[[dict], None]] = {}
@@ -243,13 +244,19 @@ class WorkerLeasesMixin:
             table.asking.add(key)
         self._lease_ask(key, dict(key[0]))
 
-    def lease_chances(self) -> None:
-        """A CPU may have freed (this task blocks in get, or one of its tasks
-        ended): ask now for the shapes whose burst waits with no lease."""
+    def lease_chances(self, blocked: bool = False) -> None:
+        """A CPU may have freed (one of this task's tasks ended): ask now for
+        the shapes whose burst waits with no lease; ``blocked``: this task
+        blocks in get and gave its own CPU back: for every shape with tasks
+        queued, back-off or not."""
         with self._lock:
             table = self.leases
-            keys = [k for k in table.queues if k not in table.asking
-                    and not table.usable(k) and k in self._declined_at]
+            if blocked:
+                keys = [k for k in table.queues if k not in table.asking and len(
+                    [x for x in table.shapes.get(k, ()) if not x.revoked]) < leases.MAX_LEASES]
+            else:
+                keys = [k for k in table.queues if k not in table.asking
+                        and not table.usable(k) and k in self._declined_at]
             for k in keys:
                 table.asking.add(k)
         for k in keys:
@@ -278,9 +285,18 @@ class WorkerLeasesMixin:
         return True
 
     def _set_blocked(self, blocked: bool, task: dict | None = None) -> bool:
+        if not blocked and self.leases.shapes:
+            # the task runs again and takes its CPU back: first the leases
+            # with nothing to do go back (the node is not overdrawn, and does
+            # not ask every holder's leases back)
+            with self._lock:
+                idle = [ls for ls in self.leases.all() if not ls.inflight
+                        and ls.key not in self.leases.queues]
+            for ls in idle:
+                self._lease_return(ls)
         changed = super()._set_blocked(blocked, task)  # type: ignore[misc]
-        if blocked and self._declined_at:
-            self.lease_chances()  # (after worker_blocked: the node gave our CPU back)
+        if blocked and changed and self.leases.queues:
+            self.lease_chances(True)  # (after worker_blocked: the node has our CPU back)
         return changed
 
     def _object_ready(self, msg: dict) -> None:
@@ -385,7 +401,7 @@ class WorkerLeasesMixin:
                 return
             self.leases.remove(ls)
         if ls.node == self.node_id and not self.closed:
-            self.send("node", {"op": "lease_return", "lease": ls.lease})
+            self.send("node", {"op": "lease_return", "lease": ls.lease, "idle": True})
         self._forget_conn(ls)
 
     def _forget_conn(self, ls: ClientLease) -> None:
@@ -404,6 +420,14 @@ class WorkerLeasesMixin:
         outlives it: its queued tasks go to the head, idle leases back to the
         node, and busy ones end on their worker's connection after the tasks
         written there."""
+        if self.leases.asking:
+            # a request still out would grant a lease after the task ended,
+            # read only once this process waits again (it may run another
+            # task first): its reply is awaited here (a node round trip)
+            try:
+                self._wait_until(lambda: not self.leases.asking or self.closed, 2.0)
+            except KeyboardInterrupt:  # (a late cancel: nothing to interrupt)
+                pass
         with self._lock:
             table = self.leases
             if not table.shapes and not table.queues and not table.asking:

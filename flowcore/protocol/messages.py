@@ -170,7 +170,9 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("lease_request", NODE, CLIENTS, "rid res env?",
      "a client asks for an idle worker for tasks of shape ``res`` (the reply: ``lease`` "
      "``address`` ``wid``, or none)"),
-    ("lease_return", NODE, CLIENTS, "lease", "the holder gives a lease back"),
+    ("lease_return", NODE, CLIENTS, "lease idle?",
+     "the holder gives a lease back (``idle``: every task sent on it was answered: the "
+     "worker goes back to the pool now)"),
     ("lease_listening", NODE, WORKER, "lease port", "a leased worker listens for its holder"),
     ("worker_blocked", NODE, WORKER, "blocked", "the worker's task waits (or runs again)"),
     ("fetch_chunk", NODE, (PEER, DRIVER, WORKER), "rid oid start size", "read part of an object"),
