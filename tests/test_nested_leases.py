@@ -79,6 +79,70 @@ def test_a_lease_ended_by_its_holder_and_by_its_node_ends_once():
     assert [m["op"] for _, m in w.client.sent] == ["worker_idle"]
 
 
+class _Comm:
+    def __init__(self, cid: str):
+        self.info = {"id": cid}
+        self.closed = False
+        self.sent: list = []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+    def reply(self, req, **kw):
+        self.sent.append(dict(kw, op="reply", rid=req.get("rid")))
+
+
+class _NodeServer:
+    """What NodeLeases uses of its node server."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.worker_comms: dict = {}
+        self.clients: dict = {}
+        self.head = _Comm("head")
+        self._stopping = False
+        self.address = "tcp://127.0.0.1:1"
+        self.node_id = "n1"
+        self.acted: list = []
+
+    def _act(self, actions):
+        self.acted.extend(actions)
+
+
+@pytest.mark.timeout(10)
+def test_a_lease_given_back_idle_frees_its_worker_at_once():
+    """A worker's task ends and gives back an idle lease: the node's pool
+    has the worker and its CPU back before that worker has read the lease's
+    end; the worker's later worker_idle for the lease changes nothing, even
+    once the worker serves someone else."""
+    from flowcore.node.leases import NodeLeases
+    from flowcore.node.pool import BUSY, IDLE, WorkerPool
+    pool = WorkerPool({"CPU": 2.0})
+    for i, a in enumerate(pool.startup()):
+        pool.worker_ready(a[1], 100 + i)
+    srv = _NodeServer(pool)
+    leases = NodeLeases(srv)
+    holder = _Comm("l1")
+    for wid in pool.workers:
+        srv.worker_comms[wid] = _Comm(wid)
+    leases.request(holder, {"op": "lease_request", "rid": 1, "res": {"CPU": 1.0}}, [])
+    (wid,) = [w for w, c in srv.worker_comms.items() if c.sent]
+    wcomm = srv.worker_comms[wid]
+    wcomm.info["wid"] = wid
+    leases.listening(wcomm, {"op": "lease_listening", "port": 5}, [])
+    lease = holder.sent[-1]["lease"]
+    assert lease and pool.available["CPU"] == 1.0 and pool.workers[wid].state == BUSY
+    leases.give_back(holder, {"op": "lease_return", "lease": lease, "idle": True}, [])
+    assert pool.available["CPU"] == 2.0 and pool.workers[wid].state == IDLE
+    assert wcomm.sent[-1] == {"op": "lease_end", "lease": lease}  # the worker is told
+    assert leases.snapshot()["leases"] == 0
+    # granted again (to another holder) before its worker_idle for the old lease came
+    assert pool.grant_lease(b"L9", {"CPU": 2.0}, None) is not None
+    assert leases.stale_idle(wid, lease)  # that worker_idle is ignored (once)
+    assert not leases.stale_idle(wid, lease)
+    assert pool.available["CPU"] == 0.0
+
+
 # ---------------------------------------------------------------- end to end
 @flowcore.remote
 def child(i):
@@ -138,8 +202,16 @@ def hold(sig, i):
     return i
 
 
+@pytest.fixture
+def patient(monkeypatch):
+    """A burst whose lease request is declined (a worker still starting on
+    a loaded machine) waits at its owner for one rather than going to the
+    head after 100 ms (the workers read this when the node starts)."""
+    monkeypatch.setenv("FLOWCORE_WORKER_LEASE_WAIT_MS", "5000")
+
+
 @pytest.mark.timeout(120)
-def test_cancel_of_a_queued_and_of_a_running_nested_leased_task(fresh_cluster):
+def test_cancel_of_a_queued_and_of_a_running_nested_leased_task(fresh_cluster, patient):
     # the parent and the burst's first two tasks (through the head) hold three
     # CPUs, held on the signal: the fourth goes to a lease
     fresh_cluster(num_cpus=4)
@@ -206,14 +278,18 @@ def crash_burst(path, n):
 
 
 @pytest.mark.timeout(120)
-def test_worker_crash_mid_nested_leased_task_is_retried(fresh_cluster, tmp_path):
+def test_worker_crash_mid_nested_leased_task_is_retried(fresh_cluster, patient, tmp_path):
     fresh_cluster(num_cpus=2)
     _nested_leased(100)
-    marker = str(tmp_path / "crashed")
-    total, leased, crashed = flowcore.get(crash_burst.remote(marker, 30), timeout=90)
-    assert total == sum(range(30)) and os.path.exists(marker)
-    causes = _causes(crashed)
-    assert leased and any("worker died" in c for c in causes), causes
+    for attempt in range(3):  # until the task that crashes was on a leased worker
+        marker = str(tmp_path / f"crashed{attempt}")
+        total, leased, crashed = flowcore.get(crash_burst.remote(marker, 30), timeout=90)
+        assert total == sum(range(30)) and os.path.exists(marker)
+        causes = _causes(crashed)
+        assert any("worker died" in c for c in causes), causes
+        if any(LEASED in c for c in causes):
+            break
+    assert leased and any(LEASED in c for c in causes), causes
 
 
 @flowcore.remote
@@ -231,7 +307,7 @@ def escape(sig, n):
 
 
 @pytest.mark.timeout(120)
-def test_a_parent_returning_refs_of_children_still_queued_at_it(fresh_cluster):
+def test_a_parent_returning_refs_of_children_still_queued_at_it(fresh_cluster, patient):
     fresh_cluster(num_cpus=2)
     _nested_leased(100)
     sig = Signal()
