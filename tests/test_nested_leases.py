@@ -16,7 +16,7 @@ from flowcore.ids import object_id
 from flowcore.node.leases import WorkerLease
 from flowcore.scheduler.states import TaskState
 from flowcore.testing import Signal, wait_recorded
-from test_machine import Cluster, run_task_tids
+from test_machine import C, Cluster, run_task_tids
 
 LEASED = "leased worker"
 AT_OWNER = "queued at its owner"
@@ -46,6 +46,20 @@ def test_a_blocked_parent_lends_its_cpu_only_to_children_the_head_queued():
     assert not {tid for q in c.state.queues.values() for tid in q} & set(kids)
     assert all(c.state.tasks[k].state == TaskState.QUEUED for k in kids)
     assert all(AT_OWNER in c.state.tasks[k].cause for k in kids)
+
+
+@pytest.mark.timeout(10)
+def test_tasks_queued_at_a_worker_whose_process_ended_are_placed_by_the_head():
+    c = Cluster(validate=True)
+    c.node("n1", CPU=2)
+    w = "worker-1"
+    c.state.handle(w, {"op": "register_client", "kind": "worker"})
+    spec = dict(c.spec(), lease_q="n1")
+    assert run_task_tids(c.submit(spec, client=w)) == []
+    c.state.handle(C, {"op": "incref", "oids": [object_id(spec["tid"])]})  # (a ref escaped)
+    out = c.state.client_disconnected(w)
+    assert run_task_tids(out) == [spec["tid"]]
+    assert c.state.tasks[spec["tid"]].state == TaskState.RUNNING
 
 
 class _Client:
