@@ -45,7 +45,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..protocol import frames
+from .. import ids
+from ..protocol import frames, messages
 from ..protocol.blocking import BlockingConn
 from . import leases
 from .leases import ClientLease
@@ -74,6 +75,9 @@ class WorkerLeasesMixin:
         token: bytes
         tls: Any
         pending_tasks: int
+        expected: set[bytes]
+        ready: dict[bytes, dict]
+        subscribed: set[bytes]
         actor_id: bytes | None
         _lease_conns: dict[str, Any]
         _fn_blobs: dict[bytes, bytes]
@@ -104,7 +108,9 @@ class WorkerLeasesMixin:
         # shape -> when its first request was declined with tasks queued and
         # no lease held (the burst waits DECLINED_WAIT for one at most)
         self._declined_at: dict[tuple, float] = {}
-        self.worker_leased = 0  # tasks this process sent to leased workers (tests, views)
+        # leases of ended tasks with tasks still out on them (ended on the
+        # worker's connection): read until answered
+        self._ended_leases: list[ClientLease] = []
 
     # ------------------------------------------------------------ routing
     def _lease_submit(self, spec: dict) -> bool:
@@ -386,7 +392,21 @@ class WorkerLeasesMixin:
             self.lease_chances()
 
     def _lease_readable_lost(self, conn: Any) -> None:
-        """(the pump) A leased worker's connection closed."""
+        """(the pump) A leased worker's connection closed: as on the driver;
+        and the tasks of ended tasks' leases on it are asked of the head too."""
+        oids = []
+        with self._lock:
+            for ls in self._ended_leases:
+                if ls.conn is not conn:
+                    continue
+                for tid, n in ls.inflight.items():
+                    self.leases.by_tid.pop(tid, None)
+                    oids += [o for o in (ids.object_id(tid, i) for i in range(n))
+                             if o in self.expected and o not in self.ready]
+                ls.inflight.clear()
+            self.subscribed.update(oids)
+        if oids and not self.closed:
+            self.send("head", messages.oids("subscribe", oids))
         self._lease_conn_lost(conn)
 
     def _close_watched(self, conn: Any) -> None:
@@ -441,6 +461,7 @@ class WorkerLeasesMixin:
             self._declined_at.clear()
             table.ask_after.clear()  # (the next task's burst asks at once)
             table.saturated.clear()
+        busy = False
         with self._call_lock:
             if tids and not self.closed:
                 self.send("head", {"op": "lease_unrun", "tids": tids})
@@ -448,11 +469,27 @@ class WorkerLeasesMixin:
                 if not ls.inflight:
                     self._lease_return(ls)
                     continue
+                busy = True
                 with self._lock:
                     self.leases.remove(ls)
+                self._ended_leases.append(ls)
                 if not ls.conn.closed:
                     self._direct_send(ls.conn, _end_frame(ls.lease), False)
         self._flush_soon()
+        if busy:
+            self._call_later(leases.BACKOFF, self._drain)
+
+    def _drain(self) -> None:
+        """(a timer) Tasks of an ended task are still out on leased workers:
+        their answers (or hand-backs, which go to the head) are read on time
+        even if this process runs another task meanwhile (the keeper thread
+        pumps while it does)."""
+        with self._lock:
+            self._ended_leases = [ls for ls in self._ended_leases
+                                  if ls.inflight and not ls.conn.closed]
+            more = bool(self._ended_leases)
+        if more and not self.closed:
+            self._call_later(leases.BACKOFF, self._drain)
 
 
 def _end_frame(lease: bytes) -> bytes:
