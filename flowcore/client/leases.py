@@ -642,7 +642,8 @@ class LeasesMixin:
             self.leases.remove(ls)
         node = self.node
         if node is not None and not node.closed and ls.node == self.node_id:
-            node.send({"op": "lease_return", "lease": ls.lease})
+            # (every task sent on it was answered: its worker goes back to the pool now)
+            node.send({"op": "lease_return", "lease": ls.lease, "idle": True})
 
     def _lease_revoked(self, msg: dict) -> None:
         """(IO thread) The node wants a lease back: no more tasks go to it;
