@@ -58,7 +58,7 @@ logger = logging.getLogger("flowcore.client")
 ENABLED = os.environ.get("FLOWCORE_WORKER_LEASES", "1") not in ("0", "")
 #: submissions between two reads of the leased workers' answers by the
 #: submitting thread
-PUMP_EVERY = 16
+PUMP_EVERY = int(os.environ.get("FLOWCORE_WORKER_LEASE_PUMP_EVERY", "16"))
 #: seconds a burst stays queued at its owner with no lease granted (requests
 #: declined) before it goes to the head
 DECLINED_WAIT = float(os.environ.get("FLOWCORE_WORKER_LEASE_WAIT_MS", "100")) / 1000
