@@ -29,6 +29,7 @@ from ..protocol import messages
 from ..protocol.blocking import BlockingConn
 from . import core
 from .core import CoreClient
+from .worker_leases import WorkerLeasesMixin
 
 if TYPE_CHECKING:
     from ..protocol.tls import TLSConfig
@@ -44,10 +45,10 @@ CALLER_OPS = messages.ops_for(messages.ACTOR, messages.CALLER)
 FLUSHER_EVERY = 5
 
 
-class InlineClient(CoreClient):
+class InlineClient(WorkerLeasesMixin, CoreClient):
     """A CoreClient whose waiting threads do the IO themselves."""
 
-    LEASES = False  # (no IO thread to read a leased worker's answers)
+    LEASES = True  # (bursts only, read by the pumping thread: client/worker_leases.py)
     #: the pins of the last objects this worker read stay held (its next
     #: task on the same argument reads it without asking the node); given
     #: back when the node asks, which a busy worker answers once it waits
@@ -90,6 +91,7 @@ class InlineClient(CoreClient):
         self._flusher: threading.Thread | None = None
         self._flusher_wake = threading.Event()
         self._flusher_armed = False
+        self._worker_leases_init()
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
@@ -118,6 +120,7 @@ class InlineClient(CoreClient):
             pass
         self.closed = True
         self._flusher_wake.set()  # the flusher thread, if any, ends
+        self._keeper_wake.set()  # and the lease keeper
         if self.listener is not None:
             self.listener.close()
         self._adopt_conns()
@@ -404,6 +407,9 @@ class InlineClient(CoreClient):
             elif self._held_head:  # wake up to send the held side reports in time
                 left = max(0.0, self._held_until - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
+            if self._lease_timers:  # (and to run the lease timers)
+                due = self.next_timer()
+                timeout = due if timeout is None or due is None else min(timeout, due)
             readable, _, _ = select.select(fds, [], [], timeout)
         finally:
             self._in_select = False
@@ -415,6 +421,8 @@ class InlineClient(CoreClient):
                     pass
                 continue
             self._read_conn(cast(BlockingConn, r))
+        if self._lease_timers:
+            self.run_timers()
         if self._followers:  # (they count themselves under _cv before checking)
             with self._cv:
                 self._cv.notify_all()
@@ -423,6 +431,9 @@ class InlineClient(CoreClient):
         which = next((k for k, c in self.conns.items() if c is conn), "?")
         if which.startswith(("caller:", "actor:")):
             self._read_direct_conn(conn, which)
+            return
+        if which.startswith("lease:"):
+            self.read_lease_conn(conn)
             return
         try:
             batches = conn.read_available()
@@ -436,6 +447,8 @@ class InlineClient(CoreClient):
                     rid = msg.get("rid")
                     if rid in self._replies:
                         self._replies[rid] = msg
+                    elif self._reply_cbs:
+                        self._on_reply(msg)
                 elif which == "head" and msg["op"] != "run_task":
                     self._on_head_message(None, msg, bufs)  # type: ignore[arg-type]
                 else:
@@ -458,6 +471,9 @@ class InlineClient(CoreClient):
                     self._direct_message(msg)
                 elif msg["op"] not in CALLER_OPS:
                     messages.refuse("actor", messages.CALLER, msg["op"], which)
+                elif msg["op"] == "lease_end":  # its holder's task ended
+                    if self.worker_lease is not None:
+                        self.worker_lease.end(msg)
                 elif msg.get("lease") is not None:
                     self._leased_task(conn, which, msg, bufs)
                 elif msg.get("actor") == self.actor_id and self.actor_id is not None:
@@ -486,17 +502,20 @@ class InlineClient(CoreClient):
 
     def fetch_function(self, fid: bytes) -> bytes:
         blob = self._pushed_fns.pop(fid, None)  # sent along by a lease holder
-        if blob is not None:
-            return blob
-        blob = super().fetch_function(fid)
-        # the head has it: a task of it submitted from here need not send it again
-        self.registered_functions.add(fid)
+        if blob is None:
+            blob = super().fetch_function(fid)
+            # the head has it: a task of it submitted from here need not send it again
+            self.registered_functions.add(fid)
+        self._fn_blobs[fid] = blob  # (pushed along to the workers this one leases)
         return blob
 
     def _conn_lost(self, conn: BlockingConn, which: str) -> None:
         conn.reported = True  # type: ignore[attr-defined]
         if conn is not self.conns.get(which):
             return  # an attempt already replaced
+        if which.startswith("lease:"):
+            self._lease_readable_lost(conn)
+            return
         if which.startswith(("caller:", "actor:")):
             del self.conns[which]
             conn.close()

@@ -368,6 +368,12 @@ class LeasesMixin:
         self._direct_send(ls.conn, b"".join(bytes(b) for b in frames.encode(
             [self._lease_prepare(ls, spec, run)])), io_thread)
 
+    def _lease_waits(self, key: tuple) -> bool:
+        """Whether a burst of shape ``key`` keeps queuing here though no
+        lease of it is held or asked for (a worker's client waits for a
+        retry, client/worker_leases.py)."""
+        return False
+
     # ------------------------------------------------------------ bursts
     def _lease_enqueue(self, spec: dict, key: tuple, run: dict) -> bool:
         """(a burst) Write ``spec`` to a free lease of its shape, or queue it
@@ -383,7 +389,8 @@ class LeasesMixin:
                     if table.wants(key, time.monotonic()):
                         table.asking.add(key)
                         ask = True
-                    elif not table.usable(key) and key not in table.asking:
+                    elif not table.usable(key) and key not in table.asking \
+                            and not self._lease_waits(key):
                         return False  # declined lately: the old path
                     if q is None:
                         q = table.queues[key] = deque()
@@ -635,7 +642,8 @@ class LeasesMixin:
             self.leases.remove(ls)
         node = self.node
         if node is not None and not node.closed and ls.node == self.node_id:
-            node.send({"op": "lease_return", "lease": ls.lease})
+            # (every task sent on it was answered: its worker goes back to the pool now)
+            node.send({"op": "lease_return", "lease": ls.lease, "idle": True})
 
     def _lease_revoked(self, msg: dict) -> None:
         """(IO thread) The node wants a lease back: no more tasks go to it;

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import messages
@@ -45,6 +46,7 @@ logger = logging.getLogger("flowcore.node")
 ENABLED = os.environ.get("FLOWCORE_LEASES", "1") not in ("0", "")
 #: leases one client may hold on this node at once
 MAX_PER_HOLDER = int(os.environ.get("FLOWCORE_LEASES_PER_CLIENT", "16"))
+RELEASED_LIMIT = 10_000  # leases given back idle remembered until their worker_idle
 
 
 class Lease:
@@ -67,6 +69,8 @@ class NodeLeases:
         self.ports: dict[str, int] = {}                  # wid -> its listener's port
         self.waiting: dict[str, tuple[Any, dict, Lease]] = {}  # wid -> request awaiting a port
         self.granted = 0
+        # leases given back idle: lease -> worker (its worker_idle is ignored)
+        self.released: OrderedDict[bytes, str] = OrderedDict()
 
     # ------------------------------------------------------------ granting
     def request(self, comm: "Comm", msg: dict, frames: list) -> None:
@@ -122,8 +126,29 @@ class NodeLeases:
     # ------------------------------------------------------------ ending
     def give_back(self, comm: "Comm", msg: dict, frames: list) -> None:
         ls = self.leases.get(msg["lease"])
-        if ls is not None and ls.holder == comm.info["id"]:
+        if ls is None or ls.holder != comm.info["id"]:
+            return
+        if msg.get("idle") and not ls.ending and ls.wid not in self.waiting:
+            # every task sent on it was answered: the worker and its
+            # resources go back to the pool now, not once the worker has
+            # read the lease's end (its worker_idle for the lease is then
+            # ignored); a task's end that returns its leases and then takes
+            # its own CPU back overdraws nothing
             self._end(ls)
+            del self.leases[ls.lease]
+            if self.by_worker.get(ls.wid) == ls.lease:
+                del self.by_worker[ls.wid]
+            self.released[ls.lease] = ls.wid
+            while len(self.released) > RELEASED_LIMIT:
+                self.released.popitem(last=False)
+            self.server._act(self.server.pool.worker_idle(ls.wid))
+            return
+        self._end(ls)
+
+    def stale_idle(self, wid: str, tid: bytes) -> bool:
+        """``worker_idle`` from ``wid`` for lease ``tid`` that its holder gave
+        back idle (the pool took the worker back already): ignore it."""
+        return self.released.pop(tid, None) == wid
 
     def _end(self, ls: Lease) -> None:
         if ls.ending:
@@ -220,8 +245,9 @@ class WorkerLease:
     def end(self, msg: dict) -> None:
         """No more tasks on this lease; once those already queued here have
         run, the node gets the worker back."""
-        if self.lease == msg["lease"]:
-            self.lease = None
+        if self.lease != msg["lease"]:
+            return  # (ended already: by its holder, on its connection, and its node)
+        self.lease = None
         self.worker.tasks.append({"op": "lease_end", "tid": None, "lease": msg["lease"]})
 
     def ended(self, msg: dict) -> None:

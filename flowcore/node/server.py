@@ -632,6 +632,8 @@ class NodeServer:
 
     def _worker_idle(self, comm: Comm, msg: dict, frames: list) -> None:
         wid = comm.info.get("wid", "")
+        if self.leases.released and self.leases.stale_idle(wid, msg["tid"]):
+            return  # (a lease given back idle: the pool has the worker already)
         self.leases.worker_idle(wid, msg["tid"])  # a lease's end: its tables
         self._act(self.pool.worker_idle(wid, retire=bool(msg.get("retire"))))
         if self._reap_timer is None and self.pool.idle_grace:

@@ -270,6 +270,9 @@ class Worker:
             self.client.interrupt_main = False
             self.client.current_task = None
             self.client.process_task = None
+        ended = getattr(self.client, "task_ended", None)
+        if ended is not None and self.actor_id is None:
+            ended()  # the task's leases end with it (client/worker_leases.py)
         if leaving is not None:
             self._leave(task, leaving)
             return

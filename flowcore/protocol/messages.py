@@ -170,7 +170,9 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("lease_request", NODE, CLIENTS, "rid res env?",
      "a client asks for an idle worker for tasks of shape ``res`` (the reply: ``lease`` "
      "``address`` ``wid``, or none)"),
-    ("lease_return", NODE, CLIENTS, "lease", "the holder gives a lease back"),
+    ("lease_return", NODE, CLIENTS, "lease idle?",
+     "the holder gives a lease back (``idle``: every task sent on it was answered: the "
+     "worker goes back to the pool now)"),
     ("lease_listening", NODE, WORKER, "lease port", "a leased worker listens for its holder"),
     ("worker_blocked", NODE, WORKER, "blocked", "the worker's task waits (or runs again)"),
     ("fetch_chunk", NODE, (PEER, DRIVER, WORKER), "rid oid start size", "read part of an object"),
@@ -205,6 +207,9 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("call_result", CALLER, ACTOR, "tid actor results", "the actor's inline returns"),
     ("lease_refused", CALLER, ACTOR, "tid lease",
      "a leased worker no longer holds that lease: the task was not run"),
+    ("lease_end", ACTOR, CALLER, "lease",
+     "the holder's task ended: after the tasks sent before this, the lease ends (the worker "
+     "tells its node, ``worker_idle``)"),
     ("lease_handback", CALLER, ACTOR, "tids lease",
      "a leased worker's running task blocks in get: the tasks queued behind it there are "
      "not run (the holder has the head place them)"),

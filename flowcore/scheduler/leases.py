@@ -173,6 +173,20 @@ class Leases:
         if t.owner in self.s.clients:
             self.s._send(t.owner, {"op": "lease_cancel", "tid": t.tid})
 
+    def owner_gone(self, cid: str) -> None:
+        """Worker client ``cid`` disconnected (its process ended) with tasks
+        still queued at it: nobody will send them, so the head places them
+        (whoever holds their refs gets their results)."""
+        tasks = self.s.tasks
+        for tid in [tid for tid in self.queued
+                    if (t := tasks.get(tid)) is not None and t.owner == cid]:
+            self._unqueue(tid)
+            self._drop_early(tid)
+            t = tasks[tid]
+            if t.state == S.QUEUED:
+                self.s._enqueue(t, "its owner's process ended before it sent the task to a "
+                                   "leased worker; placed by the head")
+
     def _unqueue(self, tid: bytes) -> bool:
         """``tid`` is no longer queued at its owner: True if it was."""
         if self.queued.pop(tid, None) is None:

@@ -304,6 +304,8 @@ class SchedulerState:
         else:
             # an actor's process ended: the actors it created die with it
             self.actor_manager.owner_process_ended(cid)
+            if self.leases.queued:  # tasks queued at it for its leases: the head places them
+                self.leases.owner_gone(cid)
             if info.get("pid"):  # a crash report may come after the disconnect
                 self._gone_workers[info["pid"]] = cid
                 while len(self._gone_workers) > 1000:
@@ -954,11 +956,11 @@ class SchedulerState:
         blocked parent on the CPU it freed, instead of starting every
         queued task (each blocking a worker process of its own) first.
         Entries left behind are skipped when reached (no longer QUEUED)."""
-        tasks, offers = self.tasks, self.local_first.offers
+        tasks, offers, at_owner = self.tasks, self.local_first.offers, self.leases.queued
         for cid in reversed(t.children[-LEND_CHILDREN:]):  # type: ignore[index]
             c = tasks.get(cid)
             if c is not None and c.state is S.QUEUED and c.kind == "task" \
-                    and cid not in offers:
+                    and cid not in offers and cid not in at_owner:  # (its owner sends those)
                 self.queues.setdefault(c.shape, deque()).appendleft(cid)
 
     def handle_task_unblocked(self, source: str, msg: dict) -> None:
