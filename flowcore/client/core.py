@@ -1033,8 +1033,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
             if None not in infos:
                 return [self.value_of(info) for info in infos]  # type: ignore[arg-type]
         deadline = None if timeout is None else time.monotonic() + timeout
-        if len(oids) == 1 and self._dconns and self.kind != "worker":
-            # the answer of a direct actor call: this thread reads it
+        if len(oids) == 1 and (self._dconns or self._lease_conns) and self.kind != "worker":
+            # the answer of a direct actor call or leased task: this thread reads it
             self._await_direct(oids[0], deadline,
                                GET_WARN_AFTER if self.kind == "driver" else None)
             info = self.ready.get(oids[0])
