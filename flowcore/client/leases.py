@@ -365,7 +365,7 @@ class LeasesMixin:
         if fid not in ls.conn.fids:
             ls.conn.fids.add(fid)
             run["fblob"] = self._fn_blobs[fid]
-        return run
+        return messages.lean_run_task(run)  # (the worker puts the defaults back)
 
     def _lease_write(self, ls: ClientLease, spec: dict, run: dict, io_thread: bool) -> None:
         """Write task ``run`` to leased worker ``ls`` (``_call_lock`` held)."""
