@@ -765,6 +765,8 @@ class CoreClient(ActorCallsMixin, LeasesMixin, NodeFailoverMixin):
         keep it pinned (a held pin, see objects/held.py) from the seal on, so
         that the first get of it is local too."""
         from ..objects.store import Location
+        if self._dropped:  # refs dropped just now: their unpins go before the create
+            self._wake_from_finaliser()  # (the node may wait for their memory)
         r = self.request("node", messages.create(oid, s.total_size))
         if "error" in r:
             if r.get("full"):
