@@ -53,6 +53,19 @@ def test_best_fit_prefers_the_smallest_sufficient_range() -> None:
     a.check()
 
 
+def test_best_fit_peek_names_what_allocate_returns_without_allocating() -> None:
+    a = Allocator(64 * 10)
+    offs = [a.allocate(64) for _ in range(10)]
+    for i in (1, 2, 6):
+        a.free(offs[i])
+    used = a.used
+    assert a.best_fit(64) == offs[6] and a.best_fit(100) == offs[1]
+    assert a.best_fit(64 * 3) is None
+    assert a.used == used  # nothing allocated
+    assert a.allocate(64) == offs[6] and a.allocate(100) == offs[1]
+    a.check()
+
+
 def test_free_of_unknown_offset_is_an_error() -> None:
     a = Allocator(256)
     off = a.allocate(10)

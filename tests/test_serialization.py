@@ -195,6 +195,16 @@ def test_arrow_data_comes_back_zero_copy(make: Any) -> None:
     assert_arrow_inside(out, buf)
 
 
+def test_parallel_copy_takes_every_piece_once_whatever_the_threads() -> None:
+    from flowcore.objects import serialization as ser
+    n = 3 * ser._COPY_PIECE + 12345  # pieces of unequal size
+    src = np.frombuffer(np.random.default_rng(3).bytes(n), dtype=np.uint8)
+    for threads in (2, 3, 4, 9):
+        dst = np.zeros(n, dtype=np.uint8)
+        ser._copy(dst, src, threads)
+        assert np.array_equal(dst, src), threads
+
+
 def test_layout_into_real_shared_memory() -> None:
     arr = np.random.default_rng(2).random(3_000_000)  # 24 MB: parallel copy path
     s = serialize(arr)

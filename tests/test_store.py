@@ -141,6 +141,45 @@ def test_freed_range_is_reused(make_store: Any) -> None:
     assert again.offset == first.offset
 
 
+def test_a_large_create_knows_when_it_would_take_fresh_memory(make_store: Any) -> None:
+    from flowcore.objects.store import EXPECT_FREE_MIN
+    size = EXPECT_FREE_MIN
+    store = make_store(4 * size)
+    assert store.touched_end == 0 and store.fresh_memory(size)
+    first = store.create(oid(1), size, "drv")
+    store.seal(oid(1))
+    store.pin(oid(1), "drv", cached=True)  # the writer's held pin (a put)
+    assert store.touched_end == first.offset + size
+    assert store.fresh_memory(size)  # the only memory used before is taken
+    assert not store.free_expected(size)
+    # another client's pin given back: no free expected
+    store.pin(oid(1), "w1")
+    store.unpin(oid(1), "w1")
+    assert not store.free_expected(size)
+    # its creator gives its last pin back (it dropped it): the head's
+    # delete is expected, for objects of up to that size only
+    store.unpin(oid(1), "drv")
+    assert store.free_expected(size) and not store.free_expected(size + 1)
+    assert not store.free_expected(size, within=-1.0)  # expectations age out (forgotten)
+    assert not store.free_expected(size)
+    store.pin(oid(1), "drv", cached=True)
+    store.unpin(oid(1), "drv")
+    assert store.free_expected(size)
+    store.delete(oid(1))
+    assert not store.free_expected(size) and not store.fresh_memory(size)
+    again = store.create(oid(2), size, "drv")
+    assert again.offset == first.offset and store.touched_end == first.offset + size
+    # a small object: never expected
+    store.create(oid(3), 1000, "drv")
+    store.seal(oid(3))
+    store.pin(oid(3), "drv", cached=True)
+    store.unpin(oid(3), "drv")
+    assert not store.free_expected(1)
+    store.forget_expected()
+    store.delete(oid(2))
+    store.delete(oid(3))
+
+
 def test_location_wire_roundtrip() -> None:
     loc = Location("/dev/shm/x", 128, 99)
     assert Location.from_wire(msgpack.unpackb(msgpack.packb(loc.to_wire()))) == loc

@@ -52,3 +52,51 @@ def test_roles_are_disjoint_where_it_matters():
     assert "task_done" in worker and "task_done" not in driver
     assert {"register_worker", "register_client"} == \
         messages.ops_for(messages.NODE, messages.PEER) - {"fetch_chunk", "bulk_port", "stats"}
+
+
+def _wire(msg: dict) -> dict:
+    """``msg`` as the receiver decodes it."""
+    from flowcore.protocol import frames
+    data = b"".join(bytes(b) for b in frames.encode([msg]))
+    msgs, _ = frames.decode(data)
+    return msgs[0]
+
+
+def test_a_direct_run_task_leaves_its_defaults_out_and_the_receiver_puts_them_back():
+    import os
+    full = {"op": "run_task", "tid": os.urandom(16), "fid": os.urandom(16), "name": "f",
+            "args": b"\x80\x05N.", "args_dep": None, "deps": [], "nret": 1,
+            "res": {"CPU": 1.0}, "retry_exc": False, "owner": "c1", "attempt": 1,
+            "lease": os.urandom(16)}
+    lean = messages.lean_run_task(dict(full))
+    for key in ("args_dep", "deps", "nret", "retry_exc", "attempt"):
+        assert key not in lean
+    assert lean["res"] == {"CPU": 1.0}  # not a default: kept
+    got = messages.with_run_defaults(_wire(lean))
+    assert got == dict(full, cgroup=None)
+    # the defaults put back are fresh objects, never shared between messages
+    a = messages.with_run_defaults({"op": "run_task"})
+    b = messages.with_run_defaults({"op": "run_task"})
+    assert a["deps"] == [] and a["res"] == {} and a["deps"] is not b["deps"] \
+        and a["res"] is not b["res"]
+
+
+def test_values_other_than_the_defaults_travel():
+    odd = {"op": "run_task", "tid": b"t" * 16, "args_dep": 0, "deps": [{"oid": b"o" * 16}],
+           "nret": 2, "res": {}, "retry_exc": True, "attempt": 2, "cgroup": "io"}
+    lean = messages.lean_run_task(dict(odd))
+    assert set(lean) == set(odd) - {"res"}  # (True is not the default False, 0 not None)
+    assert messages.with_run_defaults(_wire(lean)) == odd
+    # an actor call written straight to its actor
+    spec = {"tid": b"t" * 16, "actor": b"a" * 16, "method": "m", "name": "A.m",
+            "args": b"x", "nret": 1}
+    call = messages.direct_call(spec, [], "c1")
+    assert not set(messages.RUN_TASK_DEFAULTS) & set(call)
+    got = messages.with_run_defaults(_wire(call))
+    assert got["deps"] == [] and got["nret"] == 1 and got["attempt"] == 1 \
+        and got["args_dep"] is None and got["cgroup"] is None and got["owner"] == "c1"
+    call = messages.direct_call(dict(spec, nret=3, args_dep=0, cgroup="g"),
+                                [{"oid": b"o" * 16}], "c1")
+    got = messages.with_run_defaults(_wire(call))
+    assert got["nret"] == 3 and got["args_dep"] == 0 and got["cgroup"] == "g" \
+        and got["deps"] == [{"oid": b"o" * 16}]

@@ -78,7 +78,13 @@ class ActorCallsMixin:
     _reads: int
     _reads_seen_before: int
     _tick_armed: bool
+    _lease_conns: dict[str, Any]
+    leases: Any  # client.leases.LeaseTable
     if TYPE_CHECKING:  # pragma: no cover
+        def _lease_answers(self, conn: Any) -> tuple[list, set, list]: ...
+        def _lease_after(self, conn: Any, unrun: list, freed: set, returns: list) -> None: ...
+        def _lease_conn_lost(self, conn: Any) -> None: ...
+        def _lease_readable(self, conn: Any) -> None: ...
         def _close_watched(self, conn: Any) -> None: ...
         def send(self, dest: str, msg: dict, lazy: bool = False) -> None: ...
         def _arm_rounds(self) -> None: ...
@@ -306,8 +312,11 @@ class ActorCallsMixin:
         """Whether a thread waiting for ``missing`` should read actors'
         answers itself: one of them is the answer of a direct call in flight
         on a plain connection (``_lock`` held)."""
-        if not self._dconns:
+        if not self._dconns and not self._lease_conns:
             return False
+        by_tid = self.leases.by_tid
+        if by_tid and any(ids.task_of(o) in by_tid for o in missing):
+            return True  # (a leased worker's connection: always plain TCP)
         tids = None
         for link in self.direct.links.values():
             if link.inflight:
@@ -369,13 +378,17 @@ class ActorCallsMixin:
         with self._lock:
             if oid in self.ready or self.lost:
                 return
-            for link in self.direct.links.values():
-                if tid in link.inflight:
-                    break
+            ls = self.leases.by_tid.get(tid)
+            if ls is not None:  # a task on a leased worker
+                conn = ls.conn
             else:
-                return
-            conn = self._dconns.get(link.key)
-            if conn is None or conn.tls:
+                for link in self.direct.links.values():
+                    if tid in link.inflight:
+                        break
+                else:
+                    return
+                conn = self._dconns.get(link.key)
+            if conn is None or conn.tls or conn.closed:
                 return
             self.waiters.setdefault(oid, []).append(poke)
         ready = self.ready
@@ -412,6 +425,8 @@ class ActorCallsMixin:
             if left is not None and left <= 0:
                 return False
             conns = [c for c in list(self._dconns.values()) if not c.closed and not c.tls]
+            if self._lease_conns:  # leased workers' (plain TCP)
+                conns += [c for c in list(self._lease_conns.values()) if not c.closed]
             self._reader_conns = conns
             if not conns:
                 return None
@@ -429,6 +444,11 @@ class ActorCallsMixin:
                 if c.closed:
                     continue
                 self._reads += 1
+                if c.link is None:  # a leased worker's
+                    later = self._lease_answers(c)
+                    if c.closed or any(later):  # the rest is the IO thread's
+                        self._call_io(self._lease_after, c, *later)
+                    continue
                 self._read_answers(c)
                 if c.closed:  # its end is handled by the IO thread
                     self._call_io(self._direct_readable, c, c.link, True)
@@ -478,6 +498,13 @@ class ActorCallsMixin:
         finally:
             self._dreader.release()
         for conn in conns:
+            if conn.link is None:  # a leased worker's
+                if conn.closed:
+                    self._lease_conn_lost(conn)
+                elif self._lease_conns.get(conn.address) is conn:
+                    leased: Any = conn
+                    self.loop.add_reader(leased.sock.fileno(), self._lease_readable, leased)
+                continue
             if conn.closed:
                 self._direct_readable(conn, conn.link, drop=True)
             elif self._dconns.get(conn.link.key) is conn:

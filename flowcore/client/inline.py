@@ -475,9 +475,10 @@ class InlineClient(WorkerLeasesMixin, CoreClient):
                     if self.worker_lease is not None:
                         self.worker_lease.end(msg)
                 elif msg.get("lease") is not None:
-                    self._leased_task(conn, which, msg, bufs)
+                    self._leased_task(conn, which, messages.with_run_defaults(msg), bufs)
                 elif msg.get("actor") == self.actor_id and self.actor_id is not None:
                     msg["reply_conn"] = which  # answered on this connection
+                    messages.with_run_defaults(msg)  # (the keys its caller left out)
                     self._on_node_msg(None, msg, bufs)  # type: ignore[arg-type]
                 else:
                     logger.warning("a call for actor %s reached actor %s: dropped",

@@ -280,7 +280,10 @@ class LeasesMixin:
     _head_ops: dict
     _lock: threading.Lock
     _call_lock: threading.Lock
+    _dreader: threading.Lock
+    _unwatched: set[Any]
     if TYPE_CHECKING:  # pragma: no cover
+        def _unwatch(self, conn: Any) -> None: ...
         def _close_watched(self, conn: Any) -> None: ...
         def send(self, dest: str, msg: dict, lazy: bool = False) -> None: ...
         def _object_ready(self, msg: dict) -> None: ...
@@ -351,7 +354,8 @@ class LeasesMixin:
                 self._lease_write(ls, spec, run, self._on_io_thread())
                 # queued under the same lock as a refusal's hand-back (so
                 # the head never hears of the hand-back first)
-                self.send("head", messages.submit(dict(spec, lease=[ls.node, ls.wid])))
+                self.send("head", messages.submit(dict(spec, lease=[ls.node, ls.wid])),
+                          lazy=True)  # (a side report: the head takes an early task_done)
         return ls, ask
 
     def _lease_prepare(self, ls: ClientLease, spec: dict, run: dict) -> dict:
@@ -361,7 +365,7 @@ class LeasesMixin:
         if fid not in ls.conn.fids:
             ls.conn.fids.add(fid)
             run["fblob"] = self._fn_blobs[fid]
-        return run
+        return messages.lean_run_task(run)  # (the worker puts the defaults back)
 
     def _lease_write(self, ls: ClientLease, spec: dict, run: dict, io_thread: bool) -> None:
         """Write task ``run`` to leased worker ``ls`` (``_call_lock`` held)."""
@@ -500,6 +504,8 @@ class LeasesMixin:
                 conn.wbuf = bytearray()
                 conn.writing = False
                 conn.fids = set()
+                conn.link = None  # (not an actor's: see actor_calls, the reading thread)
+                conn.sock.setblocking(False)  # read by two threads: never blocks
                 if self.closed:
                     conn.close()
                     return False
@@ -553,7 +559,23 @@ class LeasesMixin:
 
     # ------------------------------------------------------------ answers
     def _lease_readable(self, conn: Any) -> None:
-        """(IO thread) Answers from a leased worker; or its connection closed."""
+        """(IO thread) Answers from a leased worker; or its connection closed.
+        A thread waiting for one of them reads the connection itself (see
+        actor_calls, the reading thread): then leave it to that thread."""
+        if not self._dreader.acquire(blocking=False):
+            self._unwatch(conn)
+            return
+        try:
+            later = self._lease_answers(conn)
+        finally:
+            self._dreader.release()
+        self._lease_after(conn, *later)
+
+    def _lease_answers(self, conn: Any) -> tuple[list, set, list]:
+        """Read and handle the answers on leased worker connection ``conn``
+        (``_dreader`` held): what waits for them is woken and the leases
+        freed here, on the reading thread; returns what is left for the IO
+        thread (tasks to hand back, shapes to pump, leases to return)."""
         try:
             batches = conn.read_available()
         except (OSError, ProtocolError) as e:
@@ -561,6 +583,7 @@ class LeasesMixin:
             batches, conn.closed = [], True
         unrun: list[bytes] = []
         freed: set[tuple] = set()
+        returns: list[ClientLease] = []
         for msgs, _ in batches:
             for m in msgs:
                 op = m["op"]
@@ -583,18 +606,24 @@ class LeasesMixin:
                     continue
                 with self._lock:
                     ls = self.leases.answered(m["tid"])
-                if op == "lease_refused":
-                    unrun.append(m["tid"])
-                    if ls is not None:
-                        ls.revoked = True
-                if ls is None:
-                    continue
-                if ls.revoked:
-                    if not ls.inflight:
-                        self._lease_return(ls)  # asked back: once its tasks are answered
-                    freed.add(ls.key)
-                elif ls.key in self.leases.queues:
-                    freed.add(ls.key)
+                    if op == "lease_refused":
+                        unrun.append(m["tid"])
+                        if ls is not None:
+                            ls.revoked = True
+                    if ls is None:
+                        continue
+                    if ls.revoked:
+                        if not ls.inflight:
+                            returns.append(ls)  # asked back: once its tasks are answered
+                        freed.add(ls.key)
+                    elif ls.key in self.leases.queues:
+                        freed.add(ls.key)
+        return unrun, freed, returns
+
+    def _lease_after(self, conn: Any, unrun: list, freed: set, returns: list) -> None:
+        """(IO thread) What answers read on ``conn`` leave to do."""
+        for ls in returns:
+            self._lease_return(ls)
         if unrun:
             with self._call_lock:
                 self.send("head", {"op": "lease_unrun", "tids": unrun})
@@ -608,6 +637,7 @@ class LeasesMixin:
         """(IO thread) A leased worker's connection closed (it died, or its
         node did): its leases are gone; the head tells the outcome of the
         tasks it had not answered."""
+        self._unwatched.discard(conn)
         self._close_watched(conn)
         address = conn.address
         if self._lease_conns.get(address) is conn:

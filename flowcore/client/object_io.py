@@ -93,6 +93,8 @@ class ObjectIO:
         that the first get of it is local too."""
         c = self.client
         from ..objects.store import Location
+        if c._dropped:  # refs dropped just now: their unpins go before the create
+            c._wake_from_finaliser()  # (the node may wait for their memory)
         r = c.request("node", messages.create(oid, s.total_size))
         if "error" in r:
             if r.get("full"):
@@ -319,8 +321,8 @@ class ObjectIO:
             if None not in infos:
                 return [self.value_of(info) for info in infos]  # type: ignore[arg-type]
         deadline = None if timeout is None else time.monotonic() + timeout
-        if len(oids) == 1 and c._dconns and c.kind != "worker":
-            # the answer of a direct actor call: this thread reads it
+        if len(oids) == 1 and (c._dconns or c._lease_conns) and c.kind != "worker":
+            # the answer of a direct actor call or leased task: this thread reads it
             c._await_direct(oids[0], deadline,
                             GET_WARN_AFTER if c.kind == "driver" else None)
             info = c.ready.get(oids[0])

@@ -48,6 +48,16 @@ IDLE_GRACE = float(os.environ.get("FLOWCORE_WORKER_IDLE_GRACE", "1.0"))
 RELEASE_WAIT = 2.0
 #: ... from a worker that may be running a task (it answers once it waits)
 BUSY_RELEASE_WAIT = 0.25
+#: seconds a large creation that would take arena memory never used before
+#: waits for the free of an object its creator just dropped (the head's
+#: delete follows the creator's unpin): memory used before costs one copy,
+#: fresh memory a page fault per 4 KiB on top (several copies' worth)
+FREE_WAIT = float(os.environ.get("FLOWCORE_CREATE_FREE_WAIT_MS", "20")) / 1000
+#: ... and all such waits together until fresh memory is taken anyway, at
+#: most about what faulting fresh memory in costs (seconds per byte): when
+#: the frees come late (a busy head), a put takes the fresh memory once and
+#: from then on the two regions of put, drop, put are both warm
+FREE_WAIT_BUDGET = 0.3e-3 / (1 << 20)
 
 
 async def _briefly(fut: "asyncio.Future[dict]", timeout: float) -> None:
@@ -129,6 +139,8 @@ class NodeServer:
         self.worker_comms: dict[str, Comm] = {}
         self.pin_waiters: dict[bytes, list[tuple[Comm, dict]]] = {}
         self.creating: set[bytes] = set()
+        self._freed: asyncio.Future | None = None  # set when the store frees (see _create)
+        self._free_waited = 0.0  # seconds creates waited for frees since fresh memory was taken
         self._deaths: dict[str, tuple[str, int]] = {}
         self.transfers = Transfers(self)
         self.packages = PackageCache(os.path.join(session_dir, "runtime_env"),
@@ -538,6 +550,7 @@ class NodeServer:
             for cid in self.store.cached_by(oid):
                 held.setdefault(cid, []).append(oid)
             self.store.delete(oid)
+        self._wake_free_waiters()
         for cid, oids in held.items():  # freed while still held: give the pins back
             c = self.clients.get(cid)
             if c is not None and not c.closed:
@@ -658,13 +671,20 @@ class NodeServer:
         if again is not None:
             self._arm_reap(again)
 
-    def _create(self, comm: Comm, msg: dict, frames: list, asked: bool = False) -> None:
+    def _create(self, comm: Comm, msg: dict, frames: list, asked: bool = False,
+                waited: bool = False) -> None:
         store = self.store
         oid = msg["oid"]
         if not asked and not store.contains(oid):
             holders = store.cached_holders(msg["size"])
             if holders:  # the room is under clients' held pins: ask for them first
                 asyncio.ensure_future(self._create_after_release(comm, msg, holders))
+                return
+            if not waited and FREE_WAIT > 0 and store.free_expected(msg["size"]) \
+                    and store.fresh_memory(msg["size"]) \
+                    and self._free_waited < FREE_WAIT_BUDGET * msg["size"]:
+                # put, drop, put: the memory of the one dropped is about to be free
+                asyncio.ensure_future(self._create_after_free(comm, msg))
                 return
         if store.contains(oid):
             # a re-run of a task (rebuilding a lost result) can find a copy
@@ -676,6 +696,7 @@ class NodeServer:
             if store.is_sealed(oid):
                 comm.reply(msg, exists=True)
                 return
+        touched = store.touched_end
         try:
             loc = store.create(oid, msg["size"], comm.info["id"])
         except Exception as e:  # ObjectStoreFullError and bad requests
@@ -683,6 +704,8 @@ class NodeServer:
                        full=type(e).__name__ == "ObjectStoreFullError")
             return
         self.creating.add(oid)
+        if store.touched_end > touched:
+            self._free_waited = 0.0  # fresh memory taken: waits pay off again
         comm.reply(msg, loc=loc.to_wire())
 
     def _write_chunk(self, comm: Comm, msg: dict, frames: list) -> None:
@@ -712,6 +735,34 @@ class NodeServer:
         cid = comm.info["id"]
         for oid in msg["oids"]:
             self.store.unpin(oid, cid)
+        self._wake_free_waiters()
+
+    def _wake_free_waiters(self) -> None:
+        fut, self._freed = self._freed, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _create_after_free(self, comm: Comm, msg: dict) -> None:
+        """Wait (at most FREE_WAIT s) until a creation of ``msg["size"]``
+        would reuse arena memory: the object its creator just dropped is
+        freed (the head's delete), or nothing is expected any more."""
+        size, store = msg["size"], self.store
+        start = time.monotonic()
+        deadline = start + min(FREE_WAIT, FREE_WAIT_BUDGET * size - self._free_waited)
+        while not comm.closed and store.free_expected(size) and store.fresh_memory(size):
+            left = deadline - time.monotonic()
+            if self._freed is None:
+                self._freed = asyncio.get_running_loop().create_future()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(asyncio.shield(self._freed), left)
+            except asyncio.TimeoutError:
+                store.forget_expected()  # held elsewhere: do not wait for them again
+                break
+        self._free_waited += time.monotonic() - start
+        if not comm.closed:
+            guarded("node", functools.partial(self._create, waited=True), comm, msg, [])
 
     def _register_worker(self, comm: Comm, msg: dict, frames: list) -> None:
         wid = msg["wid"]

@@ -481,12 +481,13 @@ class Worker:
         answer = None
         if reply:
             # a call sent here directly by its caller: the caller gets the
-            # inline returns at once (a sync actor's main thread writes them
-            # now, before building the head's report: the caller goes on
-            # meanwhile); the head learns the outcome as usual
+            # inline returns at once (the main thread of a sync actor or of a
+            # leased worker writes them now, before building the head's
+            # report: the caller goes on meanwhile); the head learns the
+            # outcome as usual
             answer = messages.direct_answer(task, [] if retryable and status == "error"
                                             else results)  # (a retried call: the head's)
-            if task.get("actor") is not None and threading.get_ident() == self.main_ident:
+            if threading.get_ident() == self.main_ident:
                 self.client.answer_now(reply, answer)
                 answer = None
         if task.get("actor") is None and task.get("lease") is None:

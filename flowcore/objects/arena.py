@@ -56,6 +56,12 @@ class Allocator:
         a = self._alignment
         return max(a, (size + a - 1) // a * a)
 
+    def best_fit(self, size: int) -> int | None:
+        """The offset ``allocate(size)`` would return now (None: no room),
+        without allocating."""
+        i = bisect_left(self._by_size, (self.rounded(size), -1))
+        return self._by_size[i][1] if i < len(self._by_size) else None
+
     def size_of(self, offset: int) -> int:
         """Allocated (rounded) size at ``offset``; KeyError if not allocated."""
         return self._allocated[offset]

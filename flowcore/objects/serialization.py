@@ -14,6 +14,7 @@ arrays come back as read-only views of the input without a copy.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pickle
 import struct
@@ -158,6 +159,10 @@ def _discard(buf: Any) -> None:
 
 # -- the serialized form -------------------------------------------------------
 _PARALLEL_COPY_THRESHOLD = 16 << 20
+#: the piece a copying thread takes at a time: threads take the next piece
+#: as they finish one, so a thread the machine runs late (a busy machine)
+#: leaves its share to the others instead of holding the copy up
+_COPY_PIECE = 4 << 20
 
 
 def _copy(dst: Any, src: Any, threads: int | None) -> None:
@@ -170,21 +175,26 @@ def _copy(dst: Any, src: Any, threads: int | None) -> None:
     if parts == 1:
         np_copyto(dst, src)
         return
-    step = -(-n // parts)
-    step = (step + 4095) // 4096 * 4096
+    pieces = -(-n // _COPY_PIECE)
+    taken = itertools.count()  # (next() of a count is atomic: each piece goes once)
     errors: list[BaseException] = []
 
-    def work(a: int, b: int) -> None:
+    def work() -> None:
         try:
-            np_copyto(dst[a:b], src[a:b])
+            while True:
+                i = next(taken)
+                if i >= pieces:
+                    return
+                a = i * _COPY_PIECE
+                b = min(a + _COPY_PIECE, n)
+                np_copyto(dst[a:b], src[a:b])
         except BaseException as exc:  # pragma: no cover - re-raised below
             errors.append(exc)
 
-    helpers = [threading.Thread(target=work, args=(a, min(a + step, n)), daemon=True)
-               for a in range(step, n, step)]
+    helpers = [threading.Thread(target=work, daemon=True) for _ in range(parts - 1)]
     for t in helpers:
         t.start()
-    work(0, min(step, n))
+    work()
     for t in helpers:
         t.join()
     if errors:

@@ -16,6 +16,7 @@ import errno
 import glob
 import mmap
 import os
+import time
 import weakref
 from collections import OrderedDict
 from typing import Any, NamedTuple
@@ -27,6 +28,10 @@ from flowcore.private_files import make_private_dir, open_private
 __all__ = ["Location", "ObjectStore", "sweep_stale_segments", "arena_path",
            "is_arena_path"]
 
+#: bytes: an object at least this large whose creator drops it is expected
+#: to be freed soon (a create of that size may wait for it: see
+#: ``fresh_memory`` and the node's create)
+EXPECT_FREE_MIN = 8 << 20
 ARENA_PREFIX = "flowcore-"
 ARENA_SUFFIX = "-arena"
 
@@ -175,6 +180,12 @@ class ObjectStore:
         self._lru: OrderedDict[bytes, None] = OrderedDict()  # arena residents
         self._client_pins: dict[str, set[bytes]] = {}
         self._client_creates: dict[str, set[bytes]] = {}
+        # the end of the arena memory ever handed out: pages past it were
+        # never touched (their first write costs a page fault each)
+        self._touched_end = 0
+        # large objects whose creator gave its last pin back (it dropped
+        # them): their delete is likely on its way (oid -> when, size)
+        self._expected: OrderedDict[bytes, tuple[float, int]] = OrderedDict()
         self._closed = False
         self._finalizer = weakref.finalize(self, _cleanup, self._mm, self._files,
                                            made_dirs)
@@ -363,6 +374,11 @@ class ObjectStore:
         self._drop_client_pin(client, oid)
         if e.doomed and not e.pins:
             self._free(oid, e)
+        elif client == e.creator and not e.pins and e.sealed and e.where == ARENA \
+                and e.size >= EXPECT_FREE_MIN:
+            self._expected[oid] = (time.monotonic(), e.size)
+            if len(self._expected) > 64:
+                self._expected.popitem(last=False)
 
     def release_client(self, client: str) -> None:
         """Drop every pin of ``client`` and abort its unsealed creations."""
@@ -508,7 +524,7 @@ class ObjectStore:
 
     def _allocate(self, size: int, exclude: bytes | None) -> int | None:
         """Allocate in the arena, spilling LRU objects if that makes it fit."""
-        offset = self._alloc.allocate(size)
+        offset = self._alloc_touched(size)
         if offset is not None:
             return offset
         need = self._alloc.rounded(size)
@@ -520,8 +536,40 @@ class ObjectStore:
             if not self._spill(oid):
                 return None
             if self._alloc.largest_free() >= need:
-                return self._alloc.allocate(size)
+                return self._alloc_touched(size)
         return None
+
+    def _alloc_touched(self, size: int) -> int | None:
+        offset = self._alloc.allocate(size)
+        if offset is not None:
+            self._touched_end = max(self._touched_end, offset + self._alloc.rounded(size))
+        return offset
+
+    # -- large creates and the frees they may wait for --------------------------
+    @property
+    def touched_end(self) -> int:
+        """The end of the arena memory ever handed out."""
+        return self._touched_end
+
+    def fresh_memory(self, size: int) -> bool:
+        """Whether an object of ``size`` created now would take arena memory
+        never used before (whose pages fault on their first write)."""
+        offset = self._alloc.best_fit(size)
+        return offset is not None and offset + self._alloc.rounded(size) > self._touched_end
+
+    def free_expected(self, size: int, within: float = 1.0) -> bool:
+        """Whether an object of at least ``size`` bytes in the arena had its
+        creator give its last pin back within ``within`` seconds (its delete
+        is likely on its way): see ``unpin``."""
+        now = time.monotonic()
+        exp = self._expected
+        while exp and now - next(iter(exp.values()))[0] > within:
+            exp.popitem(last=False)
+        return any(n >= size for _, n in exp.values())
+
+    def forget_expected(self) -> None:
+        """The frees expected did not come (the objects are held elsewhere)."""
+        self._expected.clear()
 
     def _spill(self, oid: bytes) -> bool:
         e = self._entries[oid]
@@ -592,6 +640,7 @@ class ObjectStore:
             f"running tasks), or free disk space in {self.spill_dir}.")
 
     def _free(self, oid: bytes, e: _Entry) -> None:
+        self._expected.pop(oid, None)
         if e.where == ARENA:
             self._alloc.free(e.offset)
             self._lru.pop(oid, None)

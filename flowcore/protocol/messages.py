@@ -202,8 +202,10 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
      "give back the held pins of these objects (now, or as their last view goes)"),
     # ---------------------------------------------------------- direct calls
     ("run_task", ACTOR, CALLER,
-     "tid actor|lease method|fid name args args_dep deps nret owner fblob? ...",
-     "an actor call sent straight to the actor's process, or a task to a leased worker"),
+     "tid actor|lease method|fid name args owner args_dep? deps? nret? res? retry_exc? "
+     "attempt? cgroup? fblob? ...",
+     "an actor call sent straight to the actor's process, or a task to a leased worker "
+     "(a key at its default is left out: ``RUN_TASK_DEFAULTS``)"),
     ("call_result", CALLER, ACTOR, "tid actor results", "the actor's inline returns"),
     ("lease_refused", CALLER, ACTOR, "tid lease",
      "a leased worker no longer holds that lease: the task was not run"),
@@ -314,13 +316,59 @@ def run_task(task: dict) -> dict:
     return msg
 
 
+#: marks a default that is an empty list (``deps``) or dict (``res``)
+EMPTY = ()
+#: the keys a direct ``run_task`` (caller to actor, holder to leased worker)
+#: leaves out when they hold these values; the receiver puts them back
+#: (``with_run_defaults``).  For calls one after another the encoding of
+#: these constants was a good part of the message's cost
+RUN_TASK_DEFAULTS: dict[str, Any] = {
+    "args_dep": None, "deps": EMPTY, "nret": 1, "res": EMPTY, "retry_exc": False,
+    "attempt": 1, "cgroup": None}
+_EMPTY_OF = {"deps": list, "res": dict}
+
+
+def lean_run_task(msg: dict) -> dict:
+    """Drop from a direct ``run_task`` (in place) the keys holding their
+    default (``RUN_TASK_DEFAULTS``); returns it."""
+    for key, default in RUN_TASK_DEFAULTS.items():
+        if key not in msg:
+            continue
+        v = msg[key]
+        if default is EMPTY:
+            drop = isinstance(v, (list, tuple, dict)) and not v
+        else:
+            drop = v is default or (type(v) is type(default) and v == default)
+        if drop:
+            del msg[key]
+    return msg
+
+
+def with_run_defaults(msg: dict) -> dict:
+    """A direct ``run_task`` as received, with the keys the sender left out
+    (``lean_run_task``) put back; returns it (changed in place)."""
+    for key, default in RUN_TASK_DEFAULTS.items():
+        if key not in msg:
+            msg[key] = _EMPTY_OF[key]() if default is EMPTY else default
+    return msg
+
+
 def direct_call(spec: dict, deps: list[dict], owner: str) -> dict:
-    """The ``run_task`` a caller sends straight to an actor's process."""
-    return {"op": "run_task", "tid": spec["tid"], "actor": spec["actor"],
-            "method": spec["method"], "name": spec.get("name", "?"),
-            "args": spec.get("args"), "args_dep": spec.get("args_dep"), "deps": deps,
-            "nret": spec.get("nret", 1), "res": {}, "owner": owner, "attempt": 1,
-            "cgroup": spec.get("cgroup")}
+    """The ``run_task`` a caller sends straight to an actor's process (the
+    keys at their defaults left out: see ``RUN_TASK_DEFAULTS``)."""
+    msg = {"op": "run_task", "tid": spec["tid"], "actor": spec["actor"],
+           "method": spec["method"], "name": spec.get("name", "?"),
+           "args": spec.get("args"), "owner": owner}
+    if deps:
+        msg["deps"] = deps
+    if spec.get("args_dep") is not None:
+        msg["args_dep"] = spec["args_dep"]
+    nret = spec.get("nret", 1)
+    if nret != 1:
+        msg["nret"] = nret
+    if spec.get("cgroup") is not None:
+        msg["cgroup"] = spec["cgroup"]
+    return msg
 
 
 #: a value up to this size (serialized) travels inline in messages; a larger
