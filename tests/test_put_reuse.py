@@ -18,7 +18,7 @@ MiB = 1 << 20
 
 def _offset(ref) -> int:
     """Where the object sits in the node's arena (the writer's held pin)."""
-    held = require_client().held
+    held = require_client().objects.held
     return held._table[ref._id].loc.offset
 
 
