@@ -287,3 +287,107 @@ def test_tls_cluster_transfers_over_the_bulk_path(tmp_path):
     finally:
         flowcore.shutdown()
         cluster.shutdown()
+
+
+# ============================================== a pull that beats the writer's seal
+def test_a_pull_of_an_object_still_being_written_waits_for_its_seal(tmp_path):
+    """The writer's seal goes to its node and the head's news that the object
+    is ready to the reader on another connection, so a peer's pull can reach
+    the source before the seal: the source serves it once sealed (the bulk
+    path and the chunked one), and answers at once when the writer aborts."""
+    import asyncio
+    import types
+    import uuid
+
+    from flowcore.node.transfer import Transfers
+    from flowcore.objects.store import ObjectStore
+
+    loop = asyncio.new_event_loop()
+    store = ObjectStore(f"t{uuid.uuid4().hex[:10]}", "n-src", 16 * MiB, str(tmp_path / "spill"))
+    node = types.SimpleNamespace(store=store, token=b"tok", tls=None)
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+
+    def on_loop(fn, *args):
+        done = threading.Event()
+        out = []
+        loop.call_soon_threadsafe(lambda: (out.append(fn(*args)), done.set()))
+        assert done.wait(10)
+        return out[0]
+
+    async def start_transfers():
+        x = Transfers(node)
+        x.start("127.0.0.1")
+        return x
+    xfer = asyncio.run_coroutine_threadsafe(start_transfers(), loop).result(10)
+    port = xfer.bulk_server.port
+    data = np.random.default_rng(3).integers(0, 256, 2 * MiB, dtype=np.uint8).tobytes()
+    try:
+        oid = b"w" * 20
+        on_loop(store.create, oid, len(data), "writer")
+        got: dict = {}
+
+        def pull():
+            dest = memoryview(bytearray(len(data)))
+            with socket.socket() as s:
+                try:
+                    got["n"] = bulk.receive(s, "tcp://127.0.0.1:1", port, b"tok", None, oid, 0,
+                                            dest)
+                    got["bytes"] = bytes(dest)
+                except Exception as e:  # noqa: BLE001 - checked below
+                    got["error"] = e
+        puller = threading.Thread(target=pull)
+        puller.start()
+        deadline = time.monotonic() + 10
+        while not on_loop(lambda: bool(xfer._seal_waiters.get(oid))):
+            assert time.monotonic() < deadline, f"the pull never waited: {got}"
+            time.sleep(0.01)
+        assert "n" not in got and "error" not in got  # not answered before the seal
+
+        def write_and_seal():
+            store.write_chunk(oid, 0, data)
+            store.seal(oid)
+            xfer.sealed(oid)
+        on_loop(write_and_seal)
+        puller.join(10)
+        assert got.get("n") == len(data) and got["bytes"] == data, got
+
+        # the chunked path waits too
+        oid2 = b"c" * 20
+        on_loop(store.create, oid2, 100, "writer")
+        replies: list = []
+        comm = types.SimpleNamespace(
+            closed=False, reply=lambda m, **kw: replies.append(kw),
+            send_with_frames=lambda m, frames: replies.append(bytes(frames[0])))
+        on_loop(xfer.serve_chunk, comm, {"oid": oid2, "start": 0, "length": 100})
+        assert replies == []
+
+        def seal2():
+            store.write_chunk(oid2, 0, b"z" * 100)
+            store.seal(oid2)
+            xfer.sealed(oid2)
+        on_loop(seal2)
+        deadline = time.monotonic() + 10
+        while not replies:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert replies == [b"z" * 100]
+
+        # a writer that gives up: the waiting pull is answered (not found)
+        oid3 = b"a" * 20
+        on_loop(store.create, oid3, 100, "writer")
+        replies.clear()
+        on_loop(xfer.serve_chunk, comm, {"oid": oid3, "start": 0, "length": 100})
+        on_loop(store.abort, oid3)
+        deadline = time.monotonic() + 10
+        while not replies:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert "error" in replies[0] and "KeyError" in replies[0]["error"]
+    finally:
+        on_loop(xfer.bulk_server.close)
+        xfer._threads.shutdown(wait=True)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+        loop.close()
+        store.close()

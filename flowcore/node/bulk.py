@@ -32,7 +32,7 @@ import socket
 import ssl
 import struct
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 from ..exceptions import ObjectLostError, ProtocolError
 from ..protocol import blocking
@@ -65,11 +65,12 @@ class BulkUnavailable(ConnectionError):
 class BulkServer:
     """The listening side: peers are admitted (TLS and the token challenge) by
     one ``protocol.admission`` thread, and each authenticated connection is
-    served in a thread of its own.  ``hold(oid, start, length, tag)`` (called on the
+    served in a thread of its own.  ``hold(oid, start, length, tag)`` (a coroutine, run on the
     loop) pins the range and returns ``(path, offset)``; ``release(oid, tag)``
     (called on the loop) drops that pin."""
 
-    def __init__(self, token: bytes, host: str, hold: Callable[[bytes, int, int, str], tuple],
+    def __init__(self, token: bytes, host: str,
+                 hold: Callable[[bytes, int, int, str], Coroutine[Any, Any, tuple]],
                  release: Callable[[bytes, str], None], tls: "TLSConfig | None" = None):
         self.token = token
         self._hold = hold
@@ -101,18 +102,6 @@ class BulkServer:
         threading.Thread(target=self._serve, args=(conn, peer),
                          name="flowcore-bulk-send", daemon=True).start()
 
-    def _on_loop(self, fn: Callable, *args: Any) -> Any:
-        """Run ``fn(*args)`` on the event loop and return its result."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                done.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - handed to the thread
-                done.set_exception(e)
-        self._loop.call_soon_threadsafe(run)
-        return done.result(timeout=IDLE_TIMEOUT)
-
     def _serve(self, raw: socket.socket, peer: str) -> None:
         """Serve one authenticated connection (TLS already wrapped in ``raw``)."""
         conn = raw
@@ -128,7 +117,8 @@ class BulkServer:
             conn.settimeout(IDLE_TIMEOUT)
             tag = f"bulk-{next(self._seq)}"
             try:
-                path, offset = self._on_loop(self._hold, oid, start, length, tag)
+                path, offset = asyncio.run_coroutine_threadsafe(
+                    self._hold(oid, start, length, tag), self._loop).result(timeout=IDLE_TIMEOUT)
             except (KeyError, ValueError) as e:
                 text = f"{type(e).__name__}: {e}".encode()[:MAX_ERROR]
                 conn.sendall(ANSWER.pack(0, len(text)) + text)

@@ -889,6 +889,7 @@ class NodeServer:
     def sealed(self, oid: bytes) -> None:
         """``oid`` was sealed here (by a local writer or a pull): serve its waiters."""
         self.creating.discard(oid)
+        self.transfers.sealed(oid)
         for c, m in self.pin_waiters.pop(oid, ()):
             self._pin(c, m)
 

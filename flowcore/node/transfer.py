@@ -26,6 +26,9 @@ from ..protocol import messages
 from ..protocol.comm import Comm, connect
 from . import bulk
 
+#: seconds a pull of an object still being written here waits for its seal
+SEAL_WAIT = 20.0
+
 logger = logging.getLogger("flowcore.transfer")
 
 BULK_MIN = CHUNK      # objects of at least this size take the bulk path
@@ -67,6 +70,10 @@ class Transfers:
         self.chunk_pulls = 0     # objects pulled in chunks
         self.bulk_ports: dict[str, int] = {}   # peer address -> its bulk port (0: none)
         self.bulk_server: bulk.BulkServer | None = None
+        #: pulls served while the object is still being written here: its
+        #: writer's seal and the head's news that the object is ready travel
+        #: on different connections, so a peer can ask first
+        self._seal_waiters: dict[bytes, list[asyncio.Future]] = {}
         self._threads = concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix="flowcore-bulk-recv")
 
@@ -85,7 +92,50 @@ class Transfers:
                 "bulk_port": srv.port if srv else 0, "pulling": len(self.pulls)}
 
     # ------------------------------------------------------------ serving side
+    def sealed(self, oid: bytes) -> None:
+        """``oid`` was sealed here: wake the pulls waiting for it."""
+        for fut in self._seal_waiters.pop(oid, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def until_sealed(self, oid: bytes, timeout: float = SEAL_WAIT) -> None:
+        """Return once ``oid`` is sealed here, is not here (any more: its
+        writer aborted), or after ``timeout`` seconds."""
+        store = self.node.store
+        deadline = asyncio.get_running_loop().time() + timeout
+        while store.contains(oid) and not store.is_sealed(oid):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            fut = asyncio.get_running_loop().create_future()
+            self._seal_waiters.setdefault(oid, []).append(fut)
+            try:  # woken by the seal; an abort is seen by the next look
+                await asyncio.wait_for(fut, min(left, 0.5))
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                waiters = self._seal_waiters.get(oid)
+                if waiters is not None and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._seal_waiters[oid]
+
+    def _being_written(self, oid: bytes) -> bool:
+        store = self.node.store
+        return store.contains(oid) and not store.is_sealed(oid)
+
     def serve_chunk(self, comm: Comm, msg: dict) -> None:
+        if self._being_written(msg["oid"]):
+            asyncio.ensure_future(self._serve_chunk_sealed(comm, msg))
+            return
+        self._serve_chunk(comm, msg)
+
+    async def _serve_chunk_sealed(self, comm: Comm, msg: dict) -> None:
+        await self.until_sealed(msg["oid"])
+        if not comm.closed:
+            self._serve_chunk(comm, msg)
+
+    def _serve_chunk(self, comm: Comm, msg: dict) -> None:
         store = self.node.store
         try:
             data = store.chunk_view(msg["oid"], msg["start"], msg["length"])
@@ -102,9 +152,11 @@ class Transfers:
     def serve_bulk_port(self, comm: Comm, msg: dict) -> None:
         comm.reply(msg, port=self.bulk_server.port if self.bulk_server else 0)
 
-    def _hold(self, oid: bytes, start: int, length: int, tag: str) -> tuple[str, int]:
-        """(On the loop, for the bulk server.)  Pin ``oid`` where it is and
-        return the file and offset of its range ``[start, start + length)``."""
+    async def _hold(self, oid: bytes, start: int, length: int, tag: str) -> tuple[str, int]:
+        """(On the loop, for the bulk server.)  Pin ``oid`` where it is, once
+        sealed, and return the file and offset of its range ``[start, start + length)``."""
+        if self._being_written(oid):
+            await self.until_sealed(oid)
         loc = self.node.store.pin(oid, tag, restore=False)
         if start < 0 or length < 0 or start + length > loc.size:
             self.node.store.unpin(oid, tag)
