@@ -578,6 +578,11 @@ class WorkerPool:
         w.tasks_run += 1
         return w
 
+    def can_fit_now(self, res: dict[str, float]) -> bool:
+        """Whether ``res`` fits this node's free resources now with nothing
+        the head placed here waiting (else a lease request may be sent on)."""
+        return not self.queue and not res.get("GPU") and self.available.fits(res)
+
     def lease_declined(self, res: dict[str, float], env: str | None) -> list[Action]:
         """A lease request of shape ``res`` found no idle plain worker though
         ``res`` fits now and nothing the head placed here waits: start one,
