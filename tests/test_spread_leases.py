@@ -282,6 +282,13 @@ def test_spread_tasks_use_leases_only_once_every_node_has_one():
     assert plan.covered(key, [la, lb], 5.0)
     lb.revoked = True
     assert not plan.covered(key, [la, lb], 5.0)
+    # a node that could never run the shape is neither asked nor waited for
+    small = SpreadPlan()
+    small.set_nodes([{"node_id": "a", "address": "tcp://a", "resources_total": {"CPU": 2.0}},
+                     {"node_id": "z", "address": "tcp://z", "resources_total": {"CPU": 0.0}}],
+                    now=0.0)
+    assert small.covered(key, [la], 0.0)
+    assert small.target(key, [], 0.0, here="z") == "a"
     # while b's lease is still coming, a takes no more than b has
     plan.took("a")
     assert not plan.may_take(key, "a", 5.0) and plan.may_take(key, "b", 5.0)

@@ -71,6 +71,7 @@ class SpreadPlan:
 
     def __init__(self) -> None:
         self.nodes: dict[str, str] = {}     # live node id -> address (the head's view)
+        self.totals: dict[str, dict] = {}   # live node id -> its resources (when known)
         self.seen = -1.0                    # when that view was taken (-1: never)
         self.declined: dict[tuple, float] = {}  # (key, node) -> not asked again before
         self.clock = 0
@@ -82,12 +83,22 @@ class SpreadPlan:
 
     def set_nodes(self, rows: Iterable[dict], now: float) -> None:
         """The head's ``list_nodes`` rows: the live nodes and their addresses."""
-        self.nodes = {r["node_id"]: r["address"] for r in rows
-                      if r.get("alive", True) and r.get("address") and r.get("node_id")}
+        rows = [r for r in rows if r.get("alive", True) and r.get("address") and r.get("node_id")]
+        self.nodes = {r["node_id"]: r["address"] for r in rows}
+        self.totals = {r["node_id"]: r["resources_total"] for r in rows
+                       if r.get("resources_total") is not None}
         self.seen = now
         low = min(self.taken.values(), default=0)
         for n in self.nodes:  # (a node new here starts level with the others)
             self.taken.setdefault(n, low)
+
+    def _spreads_over(self, key: tuple) -> list[str]:
+        """The live nodes SPREAD shape ``key`` could ever run on."""
+        res = key[0]
+        totals = self.totals
+        return [n for n in self.nodes
+                if n not in totals or all(totals[n].get(k, 0.0) + 1e-9 >= v
+                                          for k, v in res if v > 0)]
 
     def target(self, key: tuple, held: Iterable["ClientLease"], now: float,
                here: str) -> str | None:
@@ -95,12 +106,12 @@ class SpreadPlan:
         live node holding fewest of its (usable) leases, not in a back-off
         after declining one; ties go to this process's node (``here``), then
         the node order.  None when every node is backing off."""
-        count = {n: 0 for n in self.nodes}
+        count = {n: 0 for n in self._spreads_over(key)}
         for ls in held:
             if not ls.revoked and not ls.gone and ls.node in count:
                 count[ls.node] += 1
         best = None
-        for n in self.nodes:
+        for n in count:
             if now < self.declined.get((key, n), 0.0):
                 continue
             rank = (count[n], n != here)
@@ -116,7 +127,8 @@ class SpreadPlan:
         if not self.nodes:
             return False
         have = {ls.node for ls in held if not ls.revoked and not ls.gone}
-        return all(n in have or now < self.declined.get((key, n), 0.0) for n in self.nodes)
+        return all(n in have or now < self.declined.get((key, n), 0.0)
+                   for n in self._spreads_over(key))
 
     def may_take(self, key: tuple, node: str, now: float) -> bool:
         """(while ``key`` is not covered) Whether a lease on ``node`` may take
@@ -124,7 +136,7 @@ class SpreadPlan:
         the live nodes still to be leased from (a node backing off after a
         decline is not waited for), so a burst does not crowd onto the node
         whose lease came first."""
-        live = [n for n in self.nodes if now >= self.declined.get((key, n), 0.0)]
+        live = [n for n in self._spreads_over(key) if now >= self.declined.get((key, n), 0.0)]
         if not live:
             return True
         return self.taken.get(node, 0) <= min(self.taken.get(n, 0) for n in live)
@@ -164,6 +176,7 @@ class SpreadPlan:
     def forget(self, node: str) -> None:
         """``node`` is gone (its connection closed)."""
         self.nodes.pop(node, None)
+        self.totals.pop(node, None)
         self.last.pop(node, None)
         self.taken.pop(node, None)
 
