@@ -79,6 +79,12 @@ def test_spread_plan_asks_the_node_with_fewest_leases_and_sends_in_turn():
     plan.declined_by(key, "b", 0.1)
     assert plan.target(key, [la], 0.15, here="b") is None    # every node backs off
     assert plan.target(key, [la], 1.0, here="b") == "a"      # back-off over
+    # a node with room whose worker is still starting is waited for, a while
+    assert plan.wait_start(key, "a", 2.0) and plan.wait_start(key, "a", 3.0)
+    assert not plan.wait_start(key, "a", 2.0 + 10)
+    plan.wait_start(key, "a", 20.0)
+    plan.granted(key, "a")
+    assert not plan.starting
     # tasks go in turn over the nodes
     lb = _lease(b"2", "a")
     order = []
@@ -129,6 +135,29 @@ def test_spillback_names_a_node_the_heads_view_says_fits():
     assert spill_target(rows, "a", {"CPU": 2.0}) == ("c", "tcp://c")
     assert spill_target(rows, "a", {"CPU": 4.0}) is None
     assert spill_target(rows, "a", {"CPU": 1.0, "gadget": 1.0}) is None
+
+
+@pytest.mark.timeout(10)
+def test_the_head_leaves_spread_tasks_queued_at_their_owner_to_its_leases():
+    """The head spills owner-queued tasks to a node with room, but not
+    SPREAD ones: their owner leases on every node they spread over."""
+    from test_machine import Cluster
+    from flowcore.scheduler.records import TaskState
+    c = Cluster(validate=True)
+    c.node("n1", CPU=1)
+    spread = [dict(c.spec(), lease_q="n1", strategy="SPREAD") for _ in range(3)]
+    plain = dict(c.spec(), lease_q="n1")
+    c.submit(*spread, plain)
+    out = c.node("n2", CPU=4)  # room on another node
+    spills = [m for dest, m in out if m.get("op") == "lease_spill"]
+    assert [m["tids"] for m in spills] == [[plain["tid"]]]
+    assert all(c.state.tasks[t["tid"]].state == TaskState.QUEUED for t in spread)
+    assert all(c.state.leases.at_owner(c.state.tasks[t["tid"]]) == "n1" for t in spread)
+    # they run where their owner sends them
+    c.state.handle("client-1", {"op": "lease_start", "lease": ["n2", "w9"],
+                                "tids": [spread[0]["tid"]]})
+    assert c.state.tasks[spread[0]["tid"]].state == TaskState.RUNNING
+    assert c.state.tasks[spread[0]["tid"]].node == "n2"
 
 
 # ---------------------------------------------------------------- real clusters

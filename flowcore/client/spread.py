@@ -45,6 +45,9 @@ SPREAD = "SPREAD"
 NODES_TTL = 1.0
 #: seconds before a node that declined a lease of a shape is asked again
 DECLINED_BACKOFF = 0.2
+#: seconds a node with room but no idle worker yet (it starts one) is waited
+#: for before it counts as declining
+START_WAIT = 2.0
 
 
 def spread_key(res_items: tuple, env: Any) -> tuple:
@@ -77,6 +80,7 @@ class SpreadPlan:
         self.clock = 0
         self.last: dict[str, int] = {}      # node -> clock of the last task sent there
         self.taken: dict[str, int] = {}     # node -> SPREAD tasks sent there
+        self.starting: dict[tuple, float] = {}  # (key, node) -> waited for until
 
     def stale(self, now: float) -> bool:
         return self.seen < 0 or now - self.seen > NODES_TTL
@@ -140,6 +144,20 @@ class SpreadPlan:
         if not live:
             return True
         return self.taken.get(node, 0) <= min(self.taken.get(n, 0) for n in live)
+
+    def wait_start(self, key: tuple, node: str, now: float) -> bool:
+        """``node`` declined a lease of ``key`` only for want of an idle
+        worker (it has room and starts one): True while it is still waited
+        for (asked again soon, not skipped); after ``START_WAIT`` it counts
+        as declining."""
+        until = self.starting.setdefault((key, node), now + START_WAIT)
+        if now < until:
+            return True
+        del self.starting[(key, node)]
+        return False
+
+    def granted(self, key: tuple, node: str) -> None:
+        self.starting.pop((key, node), None)
 
     def declined_by(self, key: tuple, node: str, now: float) -> None:
         """``node`` declined a lease of ``key``: ask the others first for a while."""
@@ -210,7 +228,10 @@ class NodeLinks:
             plan.declined_by(key, node, time.monotonic())  # (not waited for meanwhile)
             raise
         if r.get("lease"):
+            plan.granted(key, node)
             return r
+        if r.get("starting") and plan.wait_start(key, node, time.monotonic()):
+            return r  # (its worker is starting: asked again after the short back-off)
         plan.declined_by(key, node, time.monotonic())
         to = plan.follow(r, node)
         if to is None:
@@ -221,7 +242,9 @@ class NodeLinks:
         except Exception:
             plan.declined_by(key, to, time.monotonic())
             raise
-        if not r.get("lease"):
+        if r.get("lease"):
+            plan.granted(key, to)
+        else:
             plan.declined_by(key, to, time.monotonic())
         return r
 

@@ -91,7 +91,10 @@ class NodeLeases:
                 # head's view of the nodes (spillback; its asker follows it once)
                 asyncio.ensure_future(self._spillback(comm, msg, res))
                 return
-            comm.reply(msg, lease=None)
+            # ``starting``: the shape fits now, no worker is idle yet (one
+            # starts): worth asking again soon
+            comm.reply(msg, lease=None, **({"starting": True} if ENABLED and not srv._stopping
+                                           and srv.pool.can_fit_now(res) else {}))
             return
         wcomm = srv.worker_comms.get(w.wid)
         if wcomm is None:  # not connected (cannot happen for an idle worker)
