@@ -169,8 +169,9 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
      "the worker finished its task (or, ``tid`` a lease id, its lease's tasks)"),
     ("lease_request", NODE, CLIENTS, "rid res env? spill?",
      "a client asks for an idle worker for tasks of shape ``res`` (the reply: ``lease`` "
-     "``address`` ``wid``, or none; with ``spill``, a shape this node cannot fit is "
-     "answered ``try`` [node, address], a node the head's view says can)"),
+     "``address`` ``wid``, or none: ``starting`` when it has room but no idle worker yet; "
+     "with ``spill``, a shape this node cannot fit is answered ``try`` [node, address], "
+     "a node the head's view says can)"),
     ("lease_return", NODE, CLIENTS, "lease", "the holder gives a lease back"),
     ("lease_listening", NODE, WORKER, "lease port", "a leased worker listens for its holder"),
     ("worker_blocked", NODE, WORKER, "blocked", "the worker's task waits (or runs again)"),
