@@ -343,3 +343,23 @@ def test_a_lease_table_waits_for_a_node_still_to_lease_before_crowding_one():
     lb = _lease(b"2", "b")
     table.add(lb)
     assert table.pick(key) is lb
+
+
+@pytest.mark.timeout(10)
+def test_more_nodes_than_leases_of_a_shape_do_not_stall_a_spread_burst():
+    """With more live nodes than leases a shape may hold, the leases held
+    take tasks (nothing more would come for the nodes left out)."""
+    from flowcore.client.leases import MAX_LEASES
+    table = LeaseTable()
+    key = ((("CPU", 1.0),), None, "SPREAD")
+    names = [f"n{i}" for i in range(MAX_LEASES + 2)]
+    table.spread.set_nodes([{"node_id": n, "address": "tcp://" + n} for n in names],
+                           now=time.monotonic())
+    held = [_lease(bytes([i]), n) for i, n in enumerate(names[:MAX_LEASES])]
+    for ls in held:
+        table.add(ls)
+    for i in range(3 * MAX_LEASES):
+        ls = table.pick(key)
+        assert ls is not None
+        table.take(ls, {"tid": b"t%d" % i, "fid": b"f"})
+        table.answered(b"t%d" % i)

@@ -229,9 +229,9 @@ class LeaseTable:
         if not idle and deep:
             idle = [ls for ls in usable if len(ls.inflight) < PIPELINE and self._short(ls)]
         plan = self.spread
-        if idle and not plan.covered(key, usable, time.monotonic()):
+        now = time.monotonic()
+        if idle and len(usable) < MAX_LEASES and not plan.covered(key, usable, now):
             # leases on some nodes are still coming: no node runs ahead of them
-            now = time.monotonic()
             idle = [ls for ls in idle if plan.may_take(key, ls.node, now)]
         ls = plan.pick(idle)
         if ls is not None:
