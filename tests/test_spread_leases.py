@@ -81,8 +81,8 @@ def test_spread_plan_asks_the_node_with_fewest_leases_and_sends_in_turn():
     assert plan.target(key, [la], 1.0, here="b") == "a"      # back-off over
     # a node with room whose worker is still starting is waited for, a while
     assert plan.wait_start(key, "a", 2.0) and plan.wait_start(key, "a", 3.0)
-    assert not plan.wait_start(key, "a", 2.0 + 10)
-    plan.wait_start(key, "a", 20.0)
+    assert not plan.wait_start(key, "a", 2.0 + 10)   # over: not waited for again soon
+    assert plan.wait_start(key, "a", 20.0)           # (much later: once more)
     plan.granted(key, "a")
     assert not plan.starting
     # tasks go in turn over the nodes
@@ -363,3 +363,21 @@ def test_more_nodes_than_leases_of_a_shape_do_not_stall_a_spread_burst():
         assert ls is not None
         table.take(ls, {"tid": b"t%d" % i, "fid": b"f"})
         table.answered(b"t%d" % i)
+
+
+@pytest.mark.timeout(10)
+def test_a_node_says_starting_only_while_a_plain_worker_is_on_its_way():
+    """The pool's side of a declined lease request: ``starting`` (ask again
+    soon) only when the shape fits now and a plain worker is starting; a
+    shape that does not fit is one to send on (spillback)."""
+    from flowcore.node.pool import WorkerPool
+    pool = WorkerPool({"CPU": 2.0}, min_workers=1)
+    for a in pool.startup():
+        pool.worker_ready(a[1], 100)
+    assert pool.grant_lease(b"L1", {"CPU": 1.0}, None) is not None
+    assert not pool.starting_for({"CPU": 1.0}, None)      # nothing starting yet
+    pool.lease_declined({"CPU": 1.0}, None)               # starts one
+    assert pool.starting_for({"CPU": 1.0}, None)
+    assert not pool.starting_for({"CPU": 1.0}, "some-env")  # none of that env comes
+    assert pool.can_fit_now({"CPU": 1.0}) and not pool.can_fit_now({"CPU": 2.0})
+    assert not pool.starting_for({"CPU": 2.0}, None)      # does not fit: sent on instead

@@ -149,12 +149,15 @@ class SpreadPlan:
         """``node`` declined a lease of ``key`` only for want of an idle
         worker (it has room and starts one): True while it is still waited
         for (asked again soon, not skipped); after ``START_WAIT`` it counts
-        as declining."""
-        until = self.starting.setdefault((key, node), now + START_WAIT)
-        if now < until:
-            return True
-        del self.starting[(key, node)]
-        return False
+        as declining, and is not waited for again for a while (a worker
+        that never comes never holds a burst back for long)."""
+        until = self.starting.get((key, node))
+        if until is None or now > until + 5 * START_WAIT:
+            until = self.starting[(key, node)] = now + START_WAIT
+            if len(self.starting) > 1024:
+                self.starting = {k: v for k, v in self.starting.items()
+                                 if now <= v + 5 * START_WAIT}
+        return now < until
 
     def granted(self, key: tuple, node: str) -> None:
         self.starting.pop((key, node), None)

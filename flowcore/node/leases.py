@@ -91,10 +91,11 @@ class NodeLeases:
                 # head's view of the nodes (spillback; its asker follows it once)
                 asyncio.ensure_future(self._spillback(comm, msg, res))
                 return
-            # ``starting``: the shape fits now, no worker is idle yet (one
-            # starts): worth asking again soon
+            # ``starting``: the shape fits now and a plain worker is starting
+            # (none was idle): worth asking again soon
             comm.reply(msg, lease=None, **({"starting": True} if ENABLED and not srv._stopping
-                                           and srv.pool.can_fit_now(res) else {}))
+                                           and srv.pool.starting_for(res, msg.get("env"))
+                                           else {}))
             return
         wcomm = srv.worker_comms.get(w.wid)
         if wcomm is None:  # not connected (cannot happen for an idle worker)
