@@ -55,7 +55,7 @@ from .. import ids
 from ..exceptions import ProtocolError
 from ..protocol import frames, messages
 from ..protocol.blocking import BlockingConn
-from . import direct
+from . import direct, spread
 
 logger = logging.getLogger("flowcore.client")
 
@@ -112,8 +112,9 @@ class ClientLease:
 def shape_of(spec: dict) -> tuple | None:
     """The lease shape of ``spec`` (its resources and runtime_env), or None
     when it may not go to a leased worker."""
+    strategy = spec.get("strategy")
     if spec.get("actor") is not None or spec.get("kind", "task") != "task" \
-            or spec.get("strategy") is not None or spec.get("nested"):
+            or (strategy is not None and strategy != spread.SPREAD) or spec.get("nested"):
         return None
     xopts = spec.get("xopts")
     if xopts and (xopts.get("gen") or xopts.get("max_calls")):
@@ -122,6 +123,8 @@ def shape_of(spec: dict) -> tuple | None:
     if res.get("GPU"):
         return None
     renv = spec.get("renv")
+    if strategy is not None:  # SPREAD: leases on several nodes (client/spread.py)
+        return spread.spread_key(tuple(sorted(res.items())), (renv or {}).get("key"))
     return tuple(sorted(res.items())), (renv or {}).get("key")
 
 
@@ -144,6 +147,11 @@ class LeaseTable:
         # seconds each function's tasks took on leased workers lately (a
         # moving average of answer times): who may wait behind whom
         self.run_s: dict[bytes, float] = {}
+        # leases the node asked back before their grant reached this table
+        # (``lease_revoke`` read before the lease was added): added revoked
+        self.revoked_early: dict[bytes, None] = {}
+        # SPREAD shapes: which node gets the next lease request and task
+        self.spread = spread.SpreadPlan()
 
     def usable(self, key: tuple) -> bool:
         """Whether a lease of shape ``key`` may take tasks (now or once free)."""
@@ -198,6 +206,8 @@ class LeaseTable:
         worker while the node may have a CPU for it)."""
         best = None
         deep = key in self.saturated
+        if spread.is_spread(key):
+            return self._pick_spread(key, deep)
         for ls in self.shapes.get(key, ()):
             if ls.revoked or ls.gone or (ls.held_back and ls.inflight):
                 continue
@@ -208,6 +218,25 @@ class LeaseTable:
                     and self._short(ls):
                 best = ls
         return best
+
+    def _pick_spread(self, key: tuple, deep: bool) -> ClientLease | None:
+        """``pick`` for a SPREAD shape: an idle lease, else (once a node
+        declined another) one with room behind short tasks, in turn over the
+        nodes (the one whose node took a task longest ago)."""
+        usable = [ls for ls in self.shapes.get(key, ())
+                  if not (ls.revoked or ls.gone or (ls.held_back and ls.inflight))]
+        idle = [ls for ls in usable if not ls.inflight]
+        if not idle and deep:
+            idle = [ls for ls in usable if len(ls.inflight) < PIPELINE and self._short(ls)]
+        plan = self.spread
+        now = time.monotonic()
+        if idle and len(usable) < MAX_LEASES and not plan.covered(key, usable, now):
+            # leases on some nodes are still coming: no node runs ahead of them
+            idle = [ls for ls in idle if plan.may_take(key, ls.node, now)]
+        ls = plan.pick(idle)
+        if ls is not None:
+            self.spread.took(ls.node)
+        return ls
 
     def _short(self, ls: "ClientLease") -> bool:
         """Whether every task in flight on ``ls`` is expected to end soon."""
@@ -227,7 +256,24 @@ class LeaseTable:
         return len(held) < MAX_LEASES
 
     def add(self, ls: ClientLease) -> None:
+        """Hold ``ls``; it comes in revoked when its node asked it back
+        before it was added (its caller returns it at once)."""
+        if self.revoked_early.pop(ls.lease, 0) is None:
+            ls.revoked = True
         self.shapes.setdefault(ls.key, []).append(ls)
+
+    def revoke(self, lease: bytes) -> ClientLease | None:
+        """The node asks lease ``lease`` back: the lease, now revoked; or
+        None when it is not held (yet: its grant may still be on its way
+        here, so the request is kept for ``add``)."""
+        for ls in self.all():
+            if ls.lease == lease:
+                ls.revoked = True
+                return ls
+        self.revoked_early[lease] = None
+        while len(self.revoked_early) > 256:  # (grants that never came)
+            del self.revoked_early[next(iter(self.revoked_early))]
+        return None
 
     def remove(self, ls: ClientLease) -> None:
         ls.gone = True
@@ -297,6 +343,9 @@ class LeasesMixin:
         self._fn_blobs: dict[bytes, bytes] = {}   # fid -> pickled function
         self._lease_timer: Any = None
         self._head_ops["lease_cancel"] = self._lease_cancel
+        # SPREAD leases on other nodes: one connection per node (client/spread.py)
+        self._node_links = spread.NodeLinks(self, self.leases.spread, self._lease_revoked,
+                                            self._spread_node_lost)
         self._head_ops["lease_spill"] = self._lease_spill
 
     # ------------------------------------------------------------ routing
@@ -307,7 +356,11 @@ class LeasesMixin:
         if key is None or spec.get("fid") not in self._fn_blobs or self.tls is not None \
                 or (self.pending_tasks > INFLIGHT and not QUEUE):
             return False  # (a TLS socket is written by the IO thread only: no lease)
-        run = self._local_run(spec)
+        if len(key) > 2:  # SPREAD: to a worker on any node, every argument inline
+            run = self._local_run(dict(spec, strategy=None)) \
+                if spread.spread_ready(spec, self.ready) else None
+        else:
+            run = self._local_run(spec)
         if run is None:
             return False
         if self.pending_tasks > 1 and QUEUE:
@@ -483,10 +536,15 @@ class LeasesMixin:
         """Ask the node for a lease of shape ``key`` (on the IO thread); with
         ``wait``, block until it answers: True when one was granted."""
         async def obtain() -> bool:
-            node = self.node
-            if node is None or self.closed:
-                raise ConnectionError("no connection to the node")
-            r = await node.request({"op": "lease_request", "res": res, "env": key[1]})
+            if spread.is_spread(key):
+                with self._lock:
+                    held = list(self.leases.shapes.get(key, ()))
+                r = await self._node_links.request(key, res, held)
+            else:
+                node = self.node
+                if node is None or self.closed:
+                    raise ConnectionError("no connection to the node")
+                r = await node.request({"op": "lease_request", "res": res, "env": key[1]})
             if not r.get("lease"):
                 with self._lock:
                     if self.leases.usable(key):
@@ -511,9 +569,15 @@ class LeasesMixin:
                     return False
                 self._lease_conns[r["address"]] = conn
                 self.loop.add_reader(conn.sock.fileno(), self._lease_readable, conn)
+            ls = ClientLease(r, key, conn)
             with self._lock:
-                self.leases.add(ClientLease(r, key, conn))
+                self.leases.add(ls)
                 self.leases.saturated.discard(key)
+            if ls.revoked:
+                # asked back while its grant was on its way: give it back now
+                # (it would sit idle until the grace while the node waits)
+                self._lease_return(ls)
+                return False
             self._arm_lease_timer()
             return True
 
@@ -671,18 +735,28 @@ class LeasesMixin:
                 return
             self.leases.remove(ls)
         node = self.node
-        if node is not None and not node.closed and ls.node == self.node_id:
+        if ls.node != self.node_id:  # (a SPREAD lease on another node)
+            self._node_links.send(ls.node, {"op": "lease_return", "lease": ls.lease,
+                                            "idle": True})
+        elif node is not None and not node.closed:
             # (every task sent on it was answered: its worker goes back to the pool now)
             node.send({"op": "lease_return", "lease": ls.lease, "idle": True})
+
+    def _spread_node_lost(self, node: str) -> None:
+        """(IO thread) Our connection to another node closed: it ended our
+        leases there (or died with them); no more tasks go to them."""
+        with self._lock:
+            gone = [ls.lease for ls in self.leases.all() if ls.node == node]
+        for lease in gone:
+            self._lease_revoked({"lease": lease})
 
     def _lease_revoked(self, msg: dict) -> None:
         """(IO thread) The node wants a lease back: no more tasks go to it;
         it is returned once those sent are answered."""
         with self._lock:
-            ls = next((x for x in self.leases.all() if x.lease == msg["lease"]), None)
+            ls = self.leases.revoke(msg["lease"])
             if ls is None:
-                return
-            ls.revoked = True
+                return  # (not added yet: it is returned as it is added)
             idle = not ls.inflight
         if idle:
             self._lease_return(ls)
@@ -720,6 +794,7 @@ class LeasesMixin:
                 pass
             conn.close()
         self._lease_conns.clear()
+        self._node_links.close()
 
 
 __all__ = ["LeasesMixin", "LeaseTable", "ClientLease", "shape_of", "ENABLED"]

@@ -29,6 +29,7 @@ head placed here waits.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections import OrderedDict
@@ -71,6 +72,7 @@ class NodeLeases:
         self.granted = 0
         # leases given back idle: lease -> worker (its worker_idle is ignored)
         self.released: OrderedDict[bytes, str] = OrderedDict()
+        self.spilled = 0   # declines that named another node (spillback)
 
     # ------------------------------------------------------------ granting
     def request(self, comm: "Comm", msg: dict, frames: list) -> None:
@@ -85,9 +87,19 @@ class NodeLeases:
             lease = os.urandom(12)
             w = srv.pool.grant_lease(lease, res, msg.get("env"))
         if w is None:
-            comm.reply(msg, lease=None)
             if ENABLED and not srv._stopping and held < MAX_PER_HOLDER:
                 srv._act(srv.pool.lease_declined(res, msg.get("env")))
+            if msg.get("spill") and ENABLED and head is not None and not head.closed \
+                    and not srv.pool.can_fit_now(res):
+                # this node cannot fit the shape now: "try node X", from the
+                # head's view of the nodes (spillback; its asker follows it once)
+                asyncio.ensure_future(self._spillback(comm, msg, res))
+                return
+            # ``starting``: the shape fits now and a plain worker is starting
+            # (none was idle): worth asking again soon
+            comm.reply(msg, lease=None, **({"starting": True} if ENABLED and not srv._stopping
+                                           and srv.pool.starting_for(res, msg.get("env"))
+                                           else {}))
             return
         wcomm = srv.worker_comms.get(w.wid)
         if wcomm is None:  # not connected (cannot happen for an idle worker)
@@ -99,6 +111,22 @@ class NodeLeases:
         self.granted += 1
         self.waiting[w.wid] = (comm, msg, ls)
         wcomm.send({"op": "lease_open", "lease": lease})
+
+    async def _spillback(self, comm: "Comm", msg: dict, res: dict) -> None:
+        """Decline ``msg`` naming the node the head's view says fits ``res``."""
+        to = None
+        head = self.server.head
+        try:
+            if head is None:
+                raise ConnectionError("no head")
+            r = await head.request({"op": "list_nodes"})
+            to = spill_target(r.get("result") or (), self.server.node_id, res)
+        except Exception as e:  # noqa: BLE001 - a plain decline then
+            logger.debug("no spillback target: %s", e)
+        if to is not None:
+            self.spilled += 1
+        if not comm.closed:
+            comm.reply(msg, lease=None, **({"try": list(to)} if to is not None else {}))
 
     def listening(self, comm: "Comm", msg: dict, frames: list) -> None:
         """A leased worker listens: answer the request that leased it."""
@@ -222,7 +250,26 @@ class NodeLeases:
                 pass
 
     def snapshot(self) -> dict[str, int]:
-        return {"leases": len(self.leases), "leases_granted": self.granted}
+        return {"leases": len(self.leases), "leases_granted": self.granted,
+                "leases_spilled": self.spilled}
+
+
+def spill_target(rows: Any, here: str, res: dict) -> tuple[str, str] | None:
+    """Where a lease request ``res`` this node (``here``) cannot fit should
+    go, from the head's view of the nodes (``list_nodes`` rows): the live
+    node other than this one that fits it now on the head's books, the one
+    with most CPUs free; as ``(node id, address)``, or None when none does."""
+    best = None
+    for row in rows:
+        if row.get("node_id") == here or not row.get("alive", True) or not row.get("address"):
+            continue
+        avail = row.get("resources_available") or {}
+        if any(avail.get(k, 0.0) + 1e-9 < v for k, v in res.items() if v > 0):
+            continue
+        cpu = avail.get("CPU", 0.0)
+        if best is None or cpu > best[0]:
+            best = (cpu, row["node_id"], row["address"])
+    return None if best is None else (best[1], best[2])
 
 
 # ---------------------------------------------------------------- the leased worker

@@ -578,6 +578,18 @@ class WorkerPool:
         w.tasks_run += 1
         return w
 
+    def starting_for(self, res: dict[str, float], env: str | None) -> bool:
+        """Whether a lease request of shape ``res`` declined here will find
+        a worker soon: it fits now, nothing the head placed here waits, and
+        a plain worker is starting (``lease_declined`` starts one)."""
+        return env is None and self.can_fit_now(res) and any(
+            w.env is None and w.state == STARTING for w in self.workers.values())
+
+    def can_fit_now(self, res: dict[str, float]) -> bool:
+        """Whether ``res`` fits this node's free resources now with nothing
+        the head placed here waiting (else a lease request may be sent on)."""
+        return not self.queue and not res.get("GPU") and self.available.fits(res)
+
     def lease_declined(self, res: dict[str, float], env: str | None) -> list[Action]:
         """A lease request of shape ``res`` found no idle plain worker though
         ``res`` fits now and nothing the head placed here waits: start one,

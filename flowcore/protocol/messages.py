@@ -167,9 +167,11 @@ SCHEMA: dict[tuple[str, str], Op] = _ops(
     ("submit_local", NODE, CLIENTS, "task", "local-first: start a task here if it fits"),
     ("worker_idle", NODE, WORKER, "tid retire?",
      "the worker finished its task (or, ``tid`` a lease id, its lease's tasks)"),
-    ("lease_request", NODE, CLIENTS, "rid res env?",
+    ("lease_request", NODE, CLIENTS, "rid res env? spill?",
      "a client asks for an idle worker for tasks of shape ``res`` (the reply: ``lease`` "
-     "``address`` ``wid``, or none)"),
+     "``address`` ``wid``, or none: ``starting`` when it has room but no idle worker yet; "
+     "with ``spill``, a shape this node cannot fit is answered ``try`` [node, address], "
+     "a node the head's view says can)"),
     ("lease_return", NODE, CLIENTS, "lease idle?",
      "the holder gives a lease back (``idle``: every task sent on it was answered: the "
      "worker goes back to the pool now)"),

@@ -76,6 +76,9 @@ class Leases:
         # owner-queued tasks cancelled here (tid -> force) whose lease_start
         # may still come
         self.queued: dict[bytes, str] = {}
+        # those another node may take (``spill``): a SPREAD task's owner
+        # leases on every node it spreads over itself (client/spread.py)
+        self.spillable: dict[bytes, str] = {}
         self.early: OrderedDict[bytes, tuple[str, dict]] = OrderedDict()
         self.withdrawn: OrderedDict[bytes, bool] = OrderedDict()
         self.reclaimed: dict[str, float] = {}  # node id -> when it was asked last
@@ -121,6 +124,8 @@ class Leases:
             return
         t.missing.clear()  # its submitter had every argument; the worker reads them itself
         self.queued[t.tid] = node_id
+        if t.shape[1] != "SPREAD":
+            self.spillable[t.tid] = node_id
         s.tx.queue_at_owner(t, f"queued at its owner for a worker it leases from node "
                                f"{node.name} (sent there as one frees)")
 
@@ -191,6 +196,7 @@ class Leases:
         """``tid`` is no longer queued at its owner: True if it was."""
         if self.queued.pop(tid, None) is None:
             return False
+        self.spillable.pop(tid, None)
         if self.spilling:
             self.spilling.discard(tid)
         return True
@@ -201,7 +207,8 @@ class Leases:
         owner to hand the oldest of them back (``lease_spill``, as many as
         the other nodes have room for), which the head then places there,
         so a burst never waits on one node while another is idle.  One
-        request at a time."""
+        request at a time.  SPREAD tasks are left to their owner, which
+        holds leases on every node they spread over."""
         s = self.s
         if self.spilling or len(s.placement) < 2:
             return
@@ -215,7 +222,7 @@ class Leases:
         tasks = s.tasks
         room: dict[tuple, int] = {}   # (shape, queue node) -> tasks other nodes can take
         asks: dict[str, list[bytes]] = {}
-        for n_seen, (tid, node_id) in enumerate(self.queued.items()):
+        for n_seen, (tid, node_id) in enumerate(self.spillable.items()):
             if n_seen >= 512:
                 break
             t = tasks.get(tid)
@@ -284,7 +291,7 @@ class Leases:
         node has room for are spilled there; work waiting at the head while
         leased tasks hold room gets those nodes to ask their leases back."""
         s = self.s
-        if self.queued:
+        if self.spillable:
             self.spill()
         if self.sent and (s.queues or s.groups.pg_waiting):
             self.waiting_work(time.monotonic())
