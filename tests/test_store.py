@@ -22,6 +22,7 @@ from flowcore.objects.serialization import deserialize, serialize
 from flowcore.objects.store import Location, ObjectStore, sweep_stale_segments
 
 KB = 1024
+MB = 1024 * KB
 
 
 def oid(n: int) -> bytes:
@@ -545,3 +546,26 @@ def test_reader_view_has_exactly_the_object(make_store: Any, mapping: StoreMappi
     with pytest.raises(TypeError):
         view[0] = 1
 
+
+
+def test_a_put_deleted_before_its_seal_keeps_the_writers_pin(make_store: Any) -> None:
+    """The head's delete of a put whose references all went can reach the
+    node before the writer's seal (another connection).  A seal that pins
+    for its writer pins before the delete can free it: the writer reads the
+    bytes already, so no new object may take them until it unpins."""
+    s = make_store(4 * MB)
+    oid = b"p" * 20
+    loc = s.create(oid, 2 * MB, "writer")
+    s.write_chunk(oid, 0, b"x" * (2 * MB))
+    assert s.delete(oid)          # the head's delete first: doomed, not freed
+    s.seal(oid, pin_for="writer")  # then the seal that pins for its writer
+    assert s.pin_count(oid, "writer") == 1
+    assert s.read_chunk(oid, 0, 4) == b"xxxx"
+    # new objects cannot take the pinned bytes: one fits beside them, the next not
+    beside = s.create(b"q" * 20, 2 * MB, "b")
+    assert beside.path == loc.path and beside.offset != loc.offset
+    assert s.create(b"r" * 20, 2 * MB, "b").path != loc.path  # (the disk fallback)
+    s.unpin(oid, "writer")        # the writer's last view went: freed now
+    with pytest.raises(KeyError):
+        s.pin_count(oid)
+    assert s.create(b"s" * 20, 2 * MB, "b") == loc  # its bytes are free again

@@ -722,9 +722,8 @@ class NodeServer:
 
     def _seal(self, comm: Comm, msg: dict, frames: list) -> None:
         oid = msg["oid"]
-        self.store.seal(oid)
-        if msg.get("pin") and self.store.contains(oid):  # a put: the writer holds it
-            self.store.pin(oid, comm.info["id"], cached=True)
+        # a put: the writer holds it (pinned as it is sealed: see ObjectStore.seal)
+        self.store.seal(oid, pin_for=comm.info["id"] if msg.get("pin") else None)
         self.sealed(oid)
 
     def _abort(self, comm: Comm, msg: dict, frames: list) -> None:

@@ -261,13 +261,19 @@ class ObjectStore:
             self._lru[oid] = None
         return self._location(e)
 
-    def seal(self, oid: bytes) -> None:
-        """Mark an object complete and immutable."""
+    def seal(self, oid: bytes, pin_for: str | None = None) -> None:
+        """Mark an object complete and immutable.  ``pin_for``: its writer
+        keeps a cached pin from the seal on (a put; see :meth:`pin`), taken
+        before anything can free it: the writer reads it already, and the
+        delete of an object whose references all went can come (from the
+        head, on another connection) before its writer's seal."""
         e = self._entry(oid)
         if e.sealed:
             raise ValueError(f"object {oid.hex()} is already sealed")
         e.sealed = True
         self._forget_create(oid, e.creator)
+        if pin_for is not None:
+            self._add_pin(oid, e, pin_for, cached=True)
         if e.doomed and not e.pins:
             self._free(oid, e)
         else:
@@ -305,14 +311,17 @@ class ObjectStore:
             raise ValueError(f"object {oid.hex()} is not sealed yet")
         if restore and e.where != ARENA and not e.pins:
             self._restore(oid, e)
+        self._add_pin(oid, e, client, cached)
+        self._touch(oid)
+        return self._location(e)
+
+    def _add_pin(self, oid: bytes, e: _Entry, client: str, cached: bool) -> None:
         e.pins[client] = e.pins.get(client, 0) + 1
         if cached:
             if e.cached is None:
                 e.cached = set()
             e.cached.add(client)
         self._client_pins.setdefault(client, set()).add(oid)
-        self._touch(oid)
-        return self._location(e)
 
     def cached_by(self, oid: bytes) -> list[str]:
         """The clients holding a cached pin of ``oid`` (none if unknown)."""
