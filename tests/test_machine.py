@@ -1428,6 +1428,30 @@ def test_recursive_cancel_reaches_children_and_grandchildren() -> None:
     assert c.st(other["tid"]) == TaskState.CANCELLED
 
 
+def test_children_recorded_before_their_parent_are_still_its_children() -> None:
+    """A leased parent's record comes from its owner in a batch, its
+    children's from its worker at once: children the head hears of first
+    still belong to it (recursive cancel reaches them)."""
+    c = Cluster()
+    c.node("n1", CPU=1)
+    parent = c.spec()
+    child = c.spec()
+    child["parent"] = parent["tid"]
+    grandchild = c.spec()
+    grandchild["parent"] = child["tid"]
+    c.submit(grandchild, client="w2")  # heard of first
+    c.submit(child, client="w1")
+    c.submit(parent)
+    assert c.state.tasks[parent["tid"]].children == [child["tid"]]
+    assert c.state.tasks[child["tid"]].children == [grandchild["tid"]]
+    assert not c.state.early_children
+    out = c.state.handle(C, {"op": "cancel", "oid": object_id(parent["tid"]),
+                             "recursive": True})
+    stopping = {m["tid"] for m in ops(out, "cancel_task", "n1")}  # running: asked to stop
+    for t in (parent, child, grandchild):
+        assert t["tid"] in stopping or c.st(t["tid"]) == TaskState.CANCELLED
+
+
 # ---------------------------------------------------------------- actors
 def test_calls_after_a_kill_wait_for_the_death_and_then_fail() -> None:
     from flowcore.exceptions import ActorDiedError

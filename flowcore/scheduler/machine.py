@@ -52,6 +52,8 @@ Out = list[tuple[str, dict]]
 GC_THRESHOLDS = (50_000, 20, 10)
 #: a task blocked in get: how many of its latest children go to the front
 LEND_CHILDREN = 64
+#: children kept for parents not recorded yet (the oldest dropped beyond)
+EARLY_CHILDREN_MAX = 10_000
 
 
 def tune_collector() -> None:
@@ -96,6 +98,9 @@ class SchedulerState:
         self.dead_nodes: dict[str, dict] = {}  # node id -> its last row, for nodes()
         self.functions: dict[bytes, dict] = {}
         self.tasks: dict[bytes, TaskRecord] = {}  # the futures DAG, with objects
+        # children recorded before their parent: a leased task's record comes
+        # from its owner in a batch, its children's from its worker at once
+        self.early_children: OrderedDict[bytes, list[bytes]] = OrderedDict()
         self.objects: dict[bytes, ObjectRecord] = {}
         self.clients: dict[str, dict] = {}
         self.client_refs: dict[str, set[bytes]] = {}
@@ -614,12 +619,21 @@ class SchedulerState:
     def _submit(self, owner: str, spec: dict) -> None:
         t = TaskRecord(spec, owner)
         self.tasks[t.tid] = t
+        if self.early_children:
+            early = self.early_children.pop(t.tid, None)
+            if early is not None:
+                t.children = early
         parent_tid = spec.get("parent")
-        parent = self.tasks.get(parent_tid) if parent_tid else None
-        if parent is not None:
-            if parent.children is None:
-                parent.children = []
-            parent.children.append(t.tid)
+        if parent_tid:
+            parent = self.tasks.get(parent_tid)
+            if parent is not None:
+                if parent.children is None:
+                    parent.children = []
+                parent.children.append(t.tid)
+            else:  # its record is on its way
+                self.early_children.setdefault(parent_tid, []).append(t.tid)
+                if len(self.early_children) > EARLY_CHILDREN_MAX:
+                    self.early_children.popitem(last=False)
         self.counts["submitted"] += 1
         refs = self.client_refs.get(owner)
         if refs is None:
