@@ -77,6 +77,8 @@ def get_current_placement_group() -> PlacementGroup | None:
     client = current_client()
     task = getattr(client, "current_task", None) if client is not None else None
     key = (task or {}).get("bundle")
+    if not key and task and task.get("actor"):  # a call: the group its actor was placed in
+        key = getattr(client, "actor_bundle", None)
     if not key or client is None:
         return None
     return _from_info(client.query("get_placement_group", pgid=bytes.fromhex(key.split(":")[0])))

@@ -81,6 +81,7 @@ class CoreClient(ActorCallsMixin, LeasesMixin):
         self.session_dir = ""
         self.dashboard_url: str | None = None
         self.job: list[str] | None = None  # [job id, namespace]: see runtime_context
+        self.actor_bundle: str | None = None  # an actor's process: the bundle it was placed in
         # tasks whose yielded values this client reads (ObjectRefGenerator)
         self.streams: set[bytes] = set()
         self.ids = ids.IdSource()

@@ -525,6 +525,7 @@ class Worker:
         self._set_threads(spec)
         self.client.runtime_env = spec.get("renv")
         self.client.job = spec.get("job")
+        self.client.actor_bundle = spec.get("bundle")
         self.actor_gpus = list(spec.get("gpu_ids") or [])
         if self.actor_gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.actor_gpus)
