@@ -13,7 +13,7 @@ from .context import worker_paths
 from .session import client_or_init
 from .objects.generator import ObjectRefGenerator
 from .objects.ref import ObjectRef
-from .objects.serialization import explain_callable_failure, serialize
+from .objects.serialization import NO_ARGUMENTS_BYTES, explain_callable_failure, serialize
 from .protocol import messages
 from .runtime_env import for_task
 from .scheduling import for_submit
@@ -150,7 +150,7 @@ def check_call(sig: "inspect.Signature | None", what: str, args: tuple, kwargs: 
 
 @functools.lru_cache(maxsize=1)
 def _no_arguments() -> bytes:
-    return serialize(((), {})).to_bytes()
+    return NO_ARGUMENTS_BYTES
 
 
 def encode_args(client: CoreClient, args: tuple, kwargs: dict) -> dict:

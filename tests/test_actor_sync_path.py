@@ -217,3 +217,42 @@ def test_answer_now_writes_at_once_unless_something_is_queued_ahead():
         client.loop.close()
         peer.close()
         server.close()
+
+
+@flowcore.remote
+class Plain:
+    def next(self) -> int:  # (for _until_direct)
+        return 0
+
+    def nothing(self) -> None:
+        return None
+
+    def default(self, x: Any = 5) -> Any:
+        return x
+
+    def echo(self, *args: Any, **kwargs: Any) -> Any:
+        return args, kwargs
+
+
+def test_the_premade_bytes_of_none_and_of_no_arguments_read_back():
+    from flowcore.objects.serialization import NO_ARGUMENTS_BYTES, NONE_BYTES, deserialize
+    assert deserialize(NONE_BYTES) is None
+    assert deserialize(NO_ARGUMENTS_BYTES) == ((), {})
+
+
+def test_calls_without_arguments_and_answers_of_none_on_the_direct_path(cluster):
+    a = Plain.remote()
+    _until_direct(a)
+    before = _direct_count()
+    for _ in range(20):
+        assert flowcore.get(a.nothing.remote()) is None
+        assert flowcore.get(a.default.remote()) == 5       # the default applies
+        assert flowcore.get(a.echo.remote()) == ((), {})
+        # values close to None / to no arguments are not taken for them
+        for v in (0, False, "", b"", [], (None,), "None"):
+            assert flowcore.get(a.default.remote(v)) == v
+        assert flowcore.get(a.echo.remote((), {})) == (((), {}), {})
+        assert flowcore.get(a.echo.remote(x=None)) == ((), {"x": None})
+    assert _direct_count() - before >= 100  # (these went directly)
+    # and the same through a put: the store path reads None too
+    assert flowcore.get(flowcore.put(None)) is None

@@ -24,7 +24,8 @@ from ..exceptions import (FlowcoreError, GetTimeoutError, ObjectLostError, Seria
                           ObjectStoreFullError)
 from ..objects.held import HeldObjects
 from ..objects.ref import ObjectRef
-from ..objects.serialization import deserialize, read_layout, rebuilding_class, serialize
+from ..objects.serialization import (NONE_BYTES, deserialize, read_layout, rebuilding_class,
+                                     serialize)
 from ..protocol.chunks import fetch_chunks
 from ..protocol import messages
 from .futures import Resolver
@@ -360,8 +361,11 @@ class ObjectIO:
 
     def value_of(self, info: dict) -> Any:
         """Deserialize an object from its ready notification; raise if it is an error."""
-        if info.get("inline") is not None:
-            value = self._deserialize(info, info["inline"])
+        inline = info.get("inline")
+        if inline is not None:
+            if inline == NONE_BYTES and not info.get("error"):
+                return None  # (the commonest answer: no unpickling)
+            value = self._deserialize(info, inline)
         else:
             value = self._read_from_store(info)
         if info.get("error"):

@@ -70,7 +70,9 @@ class Worker:
         self._method_groups: dict[str, str | None] = {}  # method -> its declared group
         # what every call uses, imported once (not at each call)
         from .. import ids
-        from ..objects.serialization import deserialize, serialize
+        from ..objects.serialization import NO_ARGUMENTS_BYTES, NONE_BYTES, deserialize, serialize
+        self._no_arguments = NO_ARGUMENTS_BYTES
+        self._none = NONE_BYTES
         self._object_id = ids.object_id
         self._serialize = serialize
         self._deserialize = deserialize
@@ -163,6 +165,8 @@ class Worker:
     def _resolve_args(self, task: dict) -> tuple[tuple, dict]:
         deps = task["deps"]
         if not deps and task.get("args") is not None:  # no ref among the arguments
+            if task["args"] == self._no_arguments:  # a call without arguments
+                return (), {}
             a, k = self._deserialize(task["args"])
             return tuple(a), k
         from ..remote_function import ArgRef
@@ -461,17 +465,17 @@ class Worker:
 
     def _results(self, task: dict, value: Any, keep: list) -> list[dict]:
         nret = task.get("nret", 1)
-        name = task.get("name", "?")
         if nret == 1:
-            values = [value]
-        else:
-            if not isinstance(value, (tuple, list)) or len(value) != nret:
-                raise ValueError(
-                    f"task {name} declared num_returns={nret} but returned "
-                    f"{type(value).__name__}"
-                    + (f" of length {len(value)}" if hasattr(value, "__len__") else "")
-                    + f"; return a tuple of {nret} values")
-            values = list(value)
+            keep.append(value)
+            return [self._store_result(task["tid"], 0, value)]
+        name = task.get("name", "?")
+        if not isinstance(value, (tuple, list)) or len(value) != nret:
+            raise ValueError(
+                f"task {name} declared num_returns={nret} but returned "
+                f"{type(value).__name__}"
+                + (f" of length {len(value)}" if hasattr(value, "__len__") else "")
+                + f"; return a tuple of {nret} values")
+        values = list(value)
         keep.append(values)
         return [self._store_result(task["tid"], i, v) for i, v in enumerate(values)]
 
@@ -582,6 +586,8 @@ class Worker:
 
     def _store_result(self, tid: bytes, i: int, value: Any) -> dict:
         oid = self._object_id(tid, i)
+        if value is None:  # (the same bytes every time)
+            return {"oid": oid, "inline": self._none, "size": len(self._none), "nested": []}
         s = self._serialize(value)
         nested = list(s.contained_refs)
         if s.total_size <= messages.INLINE_MAX:

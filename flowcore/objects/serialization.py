@@ -584,3 +584,10 @@ def _rebuild(buf: Any, layout: Layout) -> Any:
     buffers = [slicer(off, size) for off, size in layout.buffers]
     data = mv[layout.pickle_offset:layout.pickle_offset + layout.pickle_size]
     return pickle.loads(data, buffers=buffers)
+
+
+#: the bytes of ``None`` (what most actor methods and tasks return) and of an
+#: empty argument list ``((), {})`` (a call without arguments): made once, and
+#: recognised by whoever reads them, so the commonest call pays no pickling
+NONE_BYTES: bytes = serialize(None).to_bytes()
+NO_ARGUMENTS_BYTES: bytes = serialize(((), {})).to_bytes()
