@@ -697,6 +697,18 @@ class LeasesMixin:
         if conn.closed:
             self._lease_conn_lost(conn)
 
+    def _lease_unanswered(self, ls: ClientLease) -> list[bytes]:
+        """(lock held) Forget the tasks ``ls`` has not answered: the results
+        of theirs still awaited here (to ask the head about)."""
+        oids: list[bytes] = []
+        for tid, n in ls.inflight.items():
+            self.leases.by_tid.pop(tid, None)
+            ls.meta.pop(tid, None)
+            oids += [o for o in (ids.object_id(tid, i) for i in range(n))
+                     if o in self.expected and o not in self.ready]
+        ls.inflight.clear()
+        return oids
+
     def _lease_conn_lost(self, conn: Any) -> None:
         """(IO thread) A leased worker's connection closed (it died, or its
         node did): its leases are gone; the head tells the outcome of the
@@ -715,12 +727,7 @@ class LeasesMixin:
                         continue
                     keys.add(ls.key)
                     self.leases.remove(ls)
-                    for tid, n in ls.inflight.items():
-                        self.leases.by_tid.pop(tid, None)
-                        ls.meta.pop(tid, None)
-                        oids += [o for o in (ids.object_id(tid, i) for i in range(n))
-                                 if o in self.expected and o not in self.ready]
-                    ls.inflight.clear()
+                    oids += self._lease_unanswered(ls)
                 self.subscribed.update(oids)
             if oids and not self.closed:
                 self.send("head", messages.oids("subscribe", oids))

@@ -45,7 +45,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import ids
 from ..protocol import frames, messages
 from ..protocol.blocking import BlockingConn
 from . import leases
@@ -94,6 +93,7 @@ class WorkerLeasesMixin:
         def _lease_hand_back(self, key: tuple) -> None: ...
         def _lease_readable(self, conn: Any) -> None: ...
         def _lease_conn_lost(self, conn: Any) -> None: ...
+        def _lease_unanswered(self, ls: ClientLease) -> list[bytes]: ...
         def _wake_from_finaliser(self) -> None: ...
         def _wait_until(self, pred: Callable[[], bool], timeout: float | None) -> bool: ...
 
@@ -399,11 +399,7 @@ class WorkerLeasesMixin:
             for ls in self._ended_leases:
                 if ls.conn is not conn:
                     continue
-                for tid, n in ls.inflight.items():
-                    self.leases.by_tid.pop(tid, None)
-                    oids += [o for o in (ids.object_id(tid, i) for i in range(n))
-                             if o in self.expected and o not in self.ready]
-                ls.inflight.clear()
+                oids += self._lease_unanswered(ls)
             self.subscribed.update(oids)
         if oids and not self.closed:
             self.send("head", messages.oids("subscribe", oids))
