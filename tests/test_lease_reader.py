@@ -1,9 +1,10 @@
 """Who reads a leased worker's answer: the thread waiting for it in ``get``
 (no hand-off through the client's IO thread), else the IO thread (futures,
-nobody waiting).  A real local cluster."""
+nobody waiting).  A real local cluster.  (A leased worker dying while the
+waiting thread reads its connection: test_leases.py's
+test_worker_crash_mid_task_is_retried.)"""
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -102,21 +103,3 @@ def test_two_threads_waiting_on_leased_tasks_are_both_answered(fresh_cluster):
         t.join(90)
     assert not errors, errors
     assert out == {k: [(k, i) for i in range(40)] for k in range(2)}
-
-
-def test_a_leased_worker_dying_while_a_thread_reads_its_connection(fresh_cluster, tmp_path):
-    fresh_cluster(num_cpus=1)
-    marker = str(tmp_path / "crashed")
-
-    @flowcore.remote(max_retries=1)
-    def crash_once(path):
-        if not os.path.exists(path):
-            open(path, "w").close()
-            os._exit(1)
-        return "second attempt"
-    _warm()
-    ref = crash_once.remote(marker)
-    # this thread reads the connection when it closes: the head retries it
-    assert flowcore.get(ref, timeout=60) == "second attempt"
-    _warm()
-    assert flowcore.get(echo.remote(5), timeout=60) == 5

@@ -409,6 +409,7 @@ def test_worker_crash_mid_task_is_retried(fresh_cluster, tmp_path):
         return "second attempt"
     _warm()
     ref = crash_once.remote(marker)
+    # the thread waiting in get reads the worker's connection as it closes
     assert flowcore.get(ref, timeout=60) == "second attempt"
     causes = _causes(ref)
     assert any(LEASED in c for c in causes) and any("worker died" in c for c in causes), causes

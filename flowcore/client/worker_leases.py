@@ -128,16 +128,26 @@ class WorkerLeasesMixin:
         """(a thread running user code) Read the leased workers' answers and
         write what is queued for them, if no other thread pumps."""
         self._submitted_since_pump = 0
+        self._pump_if_free(timers=False)
+
+    def _pump_if_free(self, timers: bool) -> bool:
+        """Take the pump if no other thread holds it, run the due lease
+        timers (``timers``) and one round of reading and writing, give it
+        back and wake the threads waiting for it; False if it was held."""
         if not self._pump.acquire(blocking=False):
-            return
+            return False
         self._pump_owner = threading.get_ident()
         try:
-            self.pump(0)
+            if timers and not self.closed:
+                self.run_timers()
+            if not timers or not self.closed:
+                self.pump(0)
         finally:
             self._pump_owner = None
             self._pump.release()
             with self._cv:
                 self._cv.notify_all()
+        return True
 
     def _direct_send(self, conn: Any, data: bytes, io_thread: bool) -> None:
         """Write to a leased worker (``_call_lock`` held): a blocking write
@@ -366,18 +376,7 @@ class WorkerLeasesMixin:
                 self._keeper_wake.wait(left)
                 self._keeper_wake.clear()
                 continue
-            if self._pump.acquire(blocking=False):
-                self._pump_owner = threading.get_ident()
-                try:
-                    if not self.closed:
-                        self.run_timers()
-                        self.pump(0)
-                finally:
-                    self._pump_owner = None
-                    self._pump.release()
-                    with self._cv:
-                        self._cv.notify_all()
-            else:
+            if not self._pump_if_free(timers=True):
                 # the pump's holder runs them; look again a little later
                 self._keeper_wake.wait(leases.BACKOFF)
                 self._keeper_wake.clear()
