@@ -76,8 +76,16 @@ def test_the_waiting_thread_reads_leased_answers_itself(fresh_cluster):
     sig = Signal()
     try:
         ref = hold.remote(sig, "late")
-        with pytest.raises(flowcore.exceptions.GetTimeoutError):
+        with pytest.raises(flowcore.exceptions.GetTimeoutError) as info:
             flowcore.get(ref, timeout=0.2)
+        # the error says where the task is: on which leased worker, since when
+        assert "timed out after 0.2s" in str(info.value)
+        assert "to leased worker" in str(info.value) and "its answer has not come" in str(info.value)
+        sig.wait_for_waiters(1, timeout=60)
+        # after a wait of a second or more, the head's explanation too
+        with pytest.raises(flowcore.exceptions.GetTimeoutError,
+                           match="the head says: .*running on node"):
+            flowcore.get(ref, timeout=1.0)
         sig.set()
         assert flowcore.get(ref, timeout=60) == "late"
     finally:

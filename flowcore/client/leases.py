@@ -166,6 +166,24 @@ class LeaseTable:
         self.by_tid[tid] = ls
         self.sent += 1
 
+    def where(self, tid: bytes) -> str | None:
+        """Where task ``tid`` is as this client knows it (sent to a leased
+        worker, or queued here for one), for an error message; None when
+        it is in neither place."""
+        ls = self.by_tid.get(tid)
+        if ls is not None:
+            _, written = ls.meta.get(tid, (b"", time.monotonic()))
+            state = "closed" if ls.conn.closed else "open"
+            return (f"sent {time.monotonic() - written:.1f} s ago to leased worker {ls.wid} of "
+                    f"node {ls.node} at {ls.address} ({len(ls.inflight)} task(s) unanswered "
+                    f"there, connection {state}{', lease asked back' if ls.revoked else ''}); "
+                    f"its answer has not come")
+        for q in self.queues.values():
+            if any(spec["tid"] == tid for spec, _ in q):
+                return (f"queued here for a free leased worker of its shape "
+                        f"({len(q)} task(s) queued)")
+        return None
+
     def unqueue(self, key: tuple) -> list[bytes]:
         """Empty the queue of shape ``key``: the ids of the tasks it held."""
         q = self.queues.pop(key, None)

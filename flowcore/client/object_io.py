@@ -310,6 +310,24 @@ class ObjectIO:
         logger.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
+    def _why_not_ready(self, oid: bytes, waited: float | None) -> str:
+        """For a get that timed out after ``waited`` s: where ``oid``'s task
+        is as this client knows it and, after a wait of a second or more,
+        the head's explanation (asked with a short timeout)."""
+        c = self.client
+        with c._lock:
+            here = c.leases.where(ids.task_of(oid))
+        parts = [here] if here else []
+        if waited is not None and waited >= 1.0:
+            try:
+                r = c.request("head", {"op": "explain", "oid": oid}, timeout=2.0)
+                text = (r.get("result") or {}).get("text") if "error" not in r else None
+            except Exception:  # noqa: BLE001 - the error must not fail to be raised
+                text = None
+            if text:
+                parts.append(f"the head says: {text}")
+        return "".join(f"; {p}" for p in parts)
+
     # ------------------------------------------------------------ get
     def get_values(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
         """``flowcore.get``: the values of ``refs``, waiting up to ``timeout``."""
@@ -321,6 +339,7 @@ class ObjectIO:
                 infos = [table.get(oid) for oid in oids]
             if None not in infos:
                 return [self.value_of(info) for info in infos]  # type: ignore[arg-type]
+        asked = timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         if len(oids) == 1 and (c._dconns or c._lease_conns) and c.kind != "worker":
             # the answer of a direct actor call or leased task: this thread reads it
@@ -343,9 +362,10 @@ class ObjectIO:
                 self.value_of(info)  # raises the failure
         if len(ready) < len(set(oids)):
             n = len(set(oids)) - len(ready)
+            first = next(o for o in oids if o not in ready)
             raise GetTimeoutError(
-                f"get() timed out after {timeout}s: {n} of {len(set(oids))} object(s) not ready "
-                f"(first: {next(o for o in oids if o not in ready).hex()}); use "
+                f"get() timed out after {asked}s: {n} of {len(set(oids))} object(s) not ready "
+                f"(first: {first.hex()}{self._why_not_ready(first, asked)}); use "
                 f"flowcore.wait() to poll, or a longer timeout")
         del deadline
         out = []
