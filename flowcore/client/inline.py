@@ -68,6 +68,7 @@ class InlineClient(WorkerLeasesMixin, CoreClient):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._in_select = False
+        self._pumps = 0  # pump rounds begun (a nested one makes an outer round's select stale)
         self._reconnecting_head = False
         # connections opened by other threads, taken into ``conns`` by the
         # thread holding the pump: (key, conn)
@@ -395,10 +396,18 @@ class InlineClient(WorkerLeasesMixin, CoreClient):
 
     def pump(self, timeout: float | None) -> None:
         """Flush, then wait for input (at most ``timeout``) and dispatch it."""
+        self._pumps += 1
+        me = self._pumps
         self._flush()
         for which, c in list(self.conns.items()):
             if c.closed and not self.closed and not getattr(c, "reported", False):
                 self._conn_lost(c, which)  # a write found the peer gone
+        if self._pumps != me:
+            # handling it pumped (a head reconnection reads every connection
+            # while it waits for the head's reply) and may have dispatched
+            # what the caller waits for: back to the caller to look, rather
+            # than block in select for input that may never come
+            return
         fds = [c for c in self.conns.values() if not c.closed] + [self._wake_r]
         self._in_select = True
         try:
@@ -414,6 +423,11 @@ class InlineClient(WorkerLeasesMixin, CoreClient):
         finally:
             self._in_select = False
         for r in readable:
+            if self._pumps != me:
+                # a connection's loss was handled by pumping (see above): the
+                # rest of this select's answer is stale (a blocking socket
+                # read empty meanwhile would block) and the caller must look
+                break
             if r == self._wake_r:
                 try:
                     os.read(self._wake_r, 4096)
