@@ -185,3 +185,71 @@ def test_rejoin_message_leaves_out_tasks_not_sent_yet() -> None:
         assert msg["values"] == [[object_id(put, 0), b"v", False]]
     finally:
         c.loop.close()
+
+
+def _leased_task(ids: IdSource, **kw) -> dict:
+    return dict({"tid": ids.task_id(), "fid": b"f" * 16, "name": "g", "args": b"args",
+                 "deps": [], "nested": [], "nret": 1, "res": {"CPU": 1.0}, "retries": 0,
+                 "retry_exc": False}, **kw)
+
+
+def test_leased_tasks_of_a_node_not_back_yet_wait_for_it_not_placed_twice(tmp_path) -> None:
+    """After a head restart, a driver sends tasks to the worker it leases
+    from n1 before n1 has re-registered: that worker runs them, so the head
+    records them there once n1 is back, instead of placing them again (they
+    would run twice).  Tasks queued at the owner for n1 likewise."""
+    from flowcore.scheduler.states import TaskState
+    files, _, _ = old_head(tmp_path)
+    s = restarted(files)
+    s.validate = True
+    s.handle(NEW, {"op": "register_client", "kind": "driver", "previous_id": OLD})
+    ids = IdSource()
+    sent, queued, handed_back, done_early = (_leased_task(ids) for _ in range(4))
+    sent["lease"] = ["n1", "w1"]
+    done_early["lease"] = ["n1", "w1", 1]
+    queued["lease_q"] = "n1"
+    handed_back["lease_q"] = "n1"
+    out = s.handle(NEW, {"op": "submit", "tasks": [sent, done_early, queued, handed_back]})
+    assert not ops(out, "run_task") and not s.queues
+    tasks = {k: s.tasks[spec["tid"]] for k, spec in
+             (("sent", sent), ("queued", queued), ("back", handed_back), ("early", done_early))}
+    assert all(t.state == TaskState.QUEUED for t in tasks.values())
+    assert "has not re-registered since the head restarted" in tasks["sent"].cause
+    # the owner sends a queued one to its leased worker; hands another back
+    s.handle(NEW, {"op": "lease_start", "lease": ["n1", "w1"], "tids": [queued["tid"]],
+                   "busy": 2})
+    out = s.handle(NEW, {"op": "lease_unrun", "tids": [handed_back["tid"]]})
+    assert tasks["back"].state == TaskState.QUEUED and handed_back["tid"] in \
+        [tid for q in s.queues.values() for tid in q]  # the head places that one
+    # the worker (reconnected before its node) reports one done
+    s.handle("w-new", {"op": "task_done", "tid": done_early["tid"], "status": "ok",
+                       "answered_direct": True, "retryable": False,
+                       "results": [{"oid": object_id(done_early["tid"]), "size": 1,
+                                    "inline": b"v", "error": False, "nested": [],
+                                    "sent": True}]})
+    assert tasks["early"].state == TaskState.QUEUED
+    # n1 re-registers: they run there, on the lease, none dispatched again
+    out = s.handle("n1", node_msg("n1"))
+    assert [m["tid"] for _, m in ops(out, "run_task")] == [handed_back["tid"]]
+    assert tasks["sent"].state == tasks["queued"].state == TaskState.RUNNING
+    assert tasks["sent"].node == tasks["queued"].node == "n1"
+    assert tasks["early"].state == TaskState.FINISHED
+    assert not s.leases.parked and not s.leases.parked_tids
+
+
+def test_leased_tasks_of_a_node_that_never_comes_back_are_placed_when_recovery_ends(
+        tmp_path) -> None:
+    from flowcore.scheduler.states import TaskState
+    files, _, _ = old_head(tmp_path)
+    s = restarted(files)
+    s.handle(NEW, {"op": "register_client", "kind": "driver", "previous_id": OLD})
+    ids = IdSource()
+    spec = _leased_task(ids, lease=["n1", "w1"])
+    s.handle(NEW, {"op": "submit", "tasks": [spec]})
+    t = s.tasks[spec["tid"]]
+    assert t.state == TaskState.QUEUED and not s.queues
+    s.handle("n2", node_msg("n2"))  # another node joins; n1 never does
+    out = s.finish_recovery("the recovery window passed")
+    assert [m["tid"] for d, m in ops(out, "run_task") if d == "n2"] == [spec["tid"]]
+    assert "did not come back after the head restart" in \
+        [e["cause"] for e in s.log.for_task(spec["tid"])][-2]

@@ -87,6 +87,15 @@ class Leases:
         self.spilling: set[bytes] = set()
         self.spill_after = 0.0  # a scan that found nothing to move: not again before
         self.checked = 0.0
+        # tasks sent (or queued at their owner) for workers leased from a
+        # node that has not re-registered with this restarted head yet: its
+        # worker still runs them, so they are recorded once it is back, not
+        # placed again here.  node id -> {tid: (lease, busy)}; one still
+        # queued at its owner has no lease (None) until its lease_start
+        self.parked: dict[str, dict[bytes, tuple[list | None, int | None]]] = {}
+        self.parked_tids: dict[bytes, str] = {}  # tid -> the node it waits for
+        state.on("node_joined", self._node_back)
+        state.on("recovery_done", self._recovery_done)
 
     def ops(self) -> dict[str, Callable[[str, dict], None]]:
         return {"lease_lost": self.handle_lease_lost, "lease_unrun": self.handle_lease_unrun,
@@ -99,6 +108,11 @@ class Leases:
         for tid in msg.get("tids") or ():
             t = self.s.tasks.get(tid)
             if t is None or t.owner != source:
+                continue
+            if self.parked_tids and self._unpark_one(t):
+                if t.state == S.QUEUED:
+                    self.s._enqueue(t, "its owner had no leased worker left for it, or its "
+                                       "leased worker did not run it; placed by the head")
                 continue
             if self._unqueue(tid):
                 self._drop_early(tid)
@@ -118,6 +132,9 @@ class Leases:
         in its submitter's queue for a worker leased from ``node_id``."""
         s = self.s
         node = s.nodes.get(node_id)
+        if node is None and self._awaited(node_id):
+            self._park(t, node_id, None, None)
+            return
         if node is None or not node.alive:
             s._enqueue(t, f"its owner's leases are on node {node_id}, which is gone; placed "
                           f"by the head")
@@ -136,6 +153,12 @@ class Leases:
         busy = int(msg.get("busy") or 0)
         for tid in msg["tids"]:
             t = self.s.tasks.get(tid)
+            waits = self.parked_tids.get(tid) if self.parked_tids else None
+            if waits is not None and t is not None and t.owner == source:
+                # queued at its owner for a node not back yet: sent there now
+                self.parked[waits][tid] = (lease, busy)
+                busy += 1
+                continue
             if self.queued.get(tid) is None or t is None or t.owner != source:
                 force = self.withdrawn.pop(tid, None)
                 if force is not None:
@@ -152,7 +175,7 @@ class Leases:
         """A ``task_done`` of a task still queued at its owner here: its
         ``lease_start`` is on its way on the owner's connection; keep it."""
         tid = msg["tid"]
-        if tid not in self.queued:
+        if tid not in self.queued and tid not in self.parked_tids:
             return False
         self.s._hold_early(msg)
         self.early[tid] = (source, msg)
@@ -169,6 +192,8 @@ class Leases:
         """``t`` is cancelled (or its owner left) while queued at its owner:
         the owner drops it unsent; if it is already on its way to a worker,
         its ``lease_start`` sends the node the cancel."""
+        if self.parked_tids and self._unpark_one(t):
+            return  # (its worker's node is not back: the cancel cannot reach it)
         if not self._unqueue(t.tid):
             return
         self._drop_early(t.tid)
@@ -183,6 +208,14 @@ class Leases:
         still queued at it: nobody will send them, so the head places them
         (whoever holds their refs gets their results)."""
         tasks = self.s.tasks
+        for tid in [tid for tid, node_id in self.parked_tids.items()
+                    if self.parked[node_id][tid][0] is None
+                    and (t := tasks.get(tid)) is not None and t.owner == cid]:
+            t = tasks[tid]
+            self._unpark_one(t)
+            if t.state == S.QUEUED:
+                self.s._enqueue(t, "its owner's process ended before it sent the task to a "
+                                   "leased worker; placed by the head")
         for tid in [tid for tid in self.queued
                     if (t := tasks.get(tid)) is not None and t.owner == cid]:
             self._unqueue(tid)
@@ -254,6 +287,9 @@ class Leases:
         s = self.s
         node_id, wid = str(lease[0]), str(lease[1])
         node = s.nodes.get(node_id)
+        if node is None and self._awaited(node_id):
+            self._park(t, node_id, lease, busy)
+            return
         if node is None or not node.alive:
             # the node is gone (and its worker with it): the head places it
             s._enqueue(t, f"its leased worker's node {node_id} is gone; placed by the head")
@@ -285,6 +321,72 @@ class Leases:
             del self.sent[t.tid]  # its worker died before this submission came
             s.handle_worker_died(node_id, {"tid": t.tid, "how": gone.get("how", "exited"),
                                            "pid": gone.get("pid")})
+
+    # ------------------------------------------------------------ after a head restart
+    def _awaited(self, node_id: str) -> bool:
+        """Whether ``node_id`` is a node this restarted head waits for."""
+        rec = self.s.recovery
+        return rec is not None and node_id in rec.nodes
+
+    def _park(self, t: TaskRecord, node_id: str, lease: list | None, busy: int | None) -> None:
+        """``t`` went (or waits at its owner) for a worker leased from
+        ``node_id``, which has not re-registered since the head restarted:
+        recorded there once it is back (``_node_back``)."""
+        self.parked.setdefault(node_id, {})[t.tid] = (lease, busy)
+        self.parked_tids[t.tid] = node_id
+        t.missing.clear()  # its submitter had every argument; the worker reads them itself
+        if t.state != S.QUEUED:
+            self.s.tx.queue_at_owner(t, f"sent by its owner to a worker leased from node "
+                                        f"{node_id}, which has not re-registered since the "
+                                        f"head restarted")
+
+    def _unpark(self, node_id: str) -> list[tuple[TaskRecord, list | None, int | None]]:
+        """The tasks parked for ``node_id`` that are still waiting for it,
+        each with what it was parked with."""
+        out: list[tuple[TaskRecord, list | None, int | None]] = []
+        for tid, (lease, busy) in self.parked.pop(node_id, {}).items():
+            self.parked_tids.pop(tid, None)
+            t = self.s.tasks.get(tid)
+            if t is not None and t.state == S.QUEUED:
+                out.append((t, lease, busy))
+        return out
+
+    def _node_back(self, node_id: str) -> None:
+        """(event) ``node_id`` re-registered: its parked tasks run there."""
+        if not self.parked:
+            return
+        for t, lease, busy in self._unpark(node_id):
+            if lease is None:  # still queued at its owner
+                t.missing.clear()
+                self.queued[t.tid] = node_id
+                if t.shape[1] != "SPREAD":
+                    self.spillable[t.tid] = node_id
+            else:
+                self.start(t, lease, busy)
+
+    def _unpark_one(self, t: TaskRecord) -> bool:
+        """Forget parked task ``t`` (True if it was parked)."""
+        node_id = self.parked_tids.pop(t.tid, None)
+        if node_id is None:
+            return False
+        waiting = self.parked.get(node_id)
+        if waiting is not None:
+            waiting.pop(t.tid, None)
+            if not waiting:
+                del self.parked[node_id]
+        return True
+
+    def _recovery_done(self) -> None:
+        """(event) Recovery ended: the nodes not back by now are gone, and
+        so are their workers; the tasks parked for them are placed here."""
+        for node_id in list(self.parked):
+            node = self.s.nodes.get(node_id)
+            if node is not None and node.alive:  # (back: ended recovery by coming back)
+                self._node_back(node_id)
+                continue
+            for t, _, _ in self._unpark(node_id):
+                self.s._enqueue(t, f"its leased worker's node {node_id} did not come back "
+                                   f"after the head restart; placed by the head")
 
     def scheduled(self) -> None:
         """(after each placement round) Tasks queued at an owner that another

@@ -309,8 +309,8 @@ class SchedulerState:
         else:
             # an actor's process ended: the actors it created die with it
             self.actor_manager.owner_process_ended(cid)
-            if self.leases.queued:  # tasks queued at it for its leases: the head places them
-                self.leases.owner_gone(cid)
+            if self.leases.queued or self.leases.parked_tids:
+                self.leases.owner_gone(cid)  # tasks queued at it for its leases: the head places them
             if info.get("pid"):  # a crash report may come after the disconnect
                 self._gone_workers[info["pid"]] = cid
                 while len(self._gone_workers) > 1000:
