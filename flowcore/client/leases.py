@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import threading
 import time
 from collections import deque
@@ -353,9 +354,9 @@ class LeasesMixin:
         """Send ``spec`` to a leased worker (True), or leave it to the old
         path (False), asking for a lease of its shape when there is none."""
         key = shape_of(spec)
-        if key is None or spec.get("fid") not in self._fn_blobs or self.tls is not None \
+        if key is None or spec.get("fid") not in self._fn_blobs \
                 or (self.pending_tasks > INFLIGHT and not QUEUE):
-            return False  # (a TLS socket is written by the IO thread only: no lease)
+            return False
         if len(key) > 2:  # SPREAD: to a worker on any node, every argument inline
             run = self._local_run(dict(spec, strategy=None)) \
                 if spread.spread_ready(spec, self.ready) else None
@@ -422,8 +423,73 @@ class LeasesMixin:
 
     def _lease_write(self, ls: ClientLease, spec: dict, run: dict, io_thread: bool) -> None:
         """Write task ``run`` to leased worker ``ls`` (``_call_lock`` held)."""
-        self._direct_send(ls.conn, b"".join(bytes(b) for b in frames.encode(
+        self._lease_out(ls.conn, b"".join(bytes(b) for b in frames.encode(
             [self._lease_prepare(ls, spec, run)])), io_thread)
+
+    def _lease_out(self, conn: Any, data: bytes, io_thread: bool) -> None:
+        """Send ``data`` to a leased worker (``_call_lock`` held).  Plain
+        TCP: written by this thread, without blocking (``_direct_send``).
+        TLS: an SSL socket is used by the IO thread only (no thread reads
+        it while another writes it): ``data`` joins what waits for that
+        thread's next write to this worker, and the IO thread is woken once
+        for all of it (a burst submitted meanwhile leaves in one write)."""
+        if not conn.tls:
+            self._direct_send(conn, data, io_thread)
+            return
+        if conn.closed:
+            return  # the worker is gone: its reader handles the loss
+        conn.wbuf += data
+        if conn.writing:
+            return  # a writer callback sends it when the socket takes more
+        if io_thread:
+            self._tls_write(conn)
+        elif not conn.flushing:
+            conn.flushing = True
+            try:
+                self.loop.call_soon_threadsafe(self._tls_flush, conn)
+            except RuntimeError:  # the loop is closed: shutting down
+                pass
+
+    def _tls_flush(self, conn: Any) -> None:
+        """(IO thread) Write what user threads queued for a TLS leased worker."""
+        with self._call_lock:
+            conn.flushing = False
+            if not conn.writing:
+                self._tls_write(conn)
+
+    def _tls_write(self, conn: Any) -> None:
+        """(IO thread, ``_call_lock`` held) Write ``conn.wbuf`` on a TLS
+        connection without blocking; what the socket does not take now waits
+        for it to be writable.  (An SSL write left unfinished is retried with
+        the same bytes at the front of the buffer, which only grows
+        meanwhile: what OpenSSL requires of a retry.)"""
+        wbuf = conn.wbuf
+        if not wbuf or conn.closed:
+            return
+        try:
+            n = conn.sock.send(wbuf)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            n = 0
+        except OSError as e:  # the worker is gone: its reader notices
+            logger.info("write to leased worker at %s failed: %s", conn.address, e)
+            conn.closed = True
+            wbuf.clear()
+            return
+        del wbuf[:n]
+        if wbuf and not conn.writing:
+            conn.writing = True
+            self.loop.add_writer(conn.sock.fileno(), self._tls_writable, conn)
+
+    def _tls_writable(self, conn: Any) -> None:
+        """(IO thread) A TLS leased worker's socket takes more: send what waits."""
+        with self._call_lock:
+            self._tls_write(conn)
+            if not conn.wbuf or conn.closed:
+                conn.writing = False
+                try:
+                    self.loop.remove_writer(conn.sock.fileno())
+                except (ValueError, OSError):
+                    pass
 
     def _lease_waits(self, key: tuple) -> bool:
         """Whether a burst of shape ``key`` keeps queuing here though no
@@ -496,7 +562,7 @@ class LeasesMixin:
                 runs.setdefault(ls, []).append(self._lease_prepare(ls, spec, run))
                 starts.setdefault(ls, []).append(spec["tid"])
             for ls, msgs in runs.items():  # one write per worker
-                self._direct_send(ls.conn, b"".join(
+                self._lease_out(ls.conn, b"".join(
                     bytes(b) for batch in frames.encode_batches(msgs) for b in batch), io_thread)
             for ls, tids in starts.items():
                 self.send("head", {"op": "lease_start", "lease": [ls.node, ls.wid],
@@ -561,9 +627,12 @@ class LeasesMixin:
                     None, BlockingConn, r["address"], self.token, 5.0, self.tls)
                 conn.wbuf = bytearray()
                 conn.writing = False
+                conn.flushing = False  # (TLS) a write by the IO thread is on its way
                 conn.fids = set()
                 conn.link = None  # (not an actor's: see actor_calls, the reading thread)
-                conn.sock.setblocking(False)  # read by two threads: never blocks
+                # plain TCP: read by two threads; TLS: by the IO thread only,
+                # which never blocks on it (a partial record waits for the rest)
+                conn.sock.setblocking(False)
                 if self.closed:
                     conn.close()
                     return False
@@ -624,8 +693,15 @@ class LeasesMixin:
     # ------------------------------------------------------------ answers
     def _lease_readable(self, conn: Any) -> None:
         """(IO thread) Answers from a leased worker; or its connection closed.
-        A thread waiting for one of them reads the connection itself (see
-        actor_calls, the reading thread): then leave it to that thread."""
+        A thread waiting for one of them reads a plain connection itself (see
+        actor_calls, the reading thread): then leave it to that thread.  A
+        TLS connection is read here only."""
+        if conn.tls:
+            self._lease_after(conn, *self._lease_answers(conn))
+            if conn.wbuf and not conn.writing and not conn.closed:
+                with self._call_lock:  # (a write that wanted a read first)
+                    self._tls_write(conn)
+            return
         if not self._dreader.acquire(blocking=False):
             self._unwatch(conn)
             return
@@ -637,7 +713,7 @@ class LeasesMixin:
 
     def _lease_answers(self, conn: Any) -> tuple[list, set, list]:
         """Read and handle the answers on leased worker connection ``conn``
-        (``_dreader`` held): what waits for them is woken and the leases
+        (``_dreader`` held, or a TLS connection on the IO thread): what waits for them is woken and the leases
         freed here, on the reading thread; returns what is left for the IO
         thread (tasks to hand back, shapes to pump, leases to return)."""
         try:
@@ -795,10 +871,11 @@ class LeasesMixin:
             self._lease_timer = None
         self.leases.queues.clear()  # (the head cancels a closing driver's tasks)
         for conn in list(self._lease_conns.values()):
-            try:
-                self.loop.remove_reader(conn.sock.fileno())
-            except (ValueError, OSError):
-                pass
+            for remove in (self.loop.remove_reader, self.loop.remove_writer):
+                try:
+                    remove(conn.sock.fileno())
+                except (ValueError, OSError):
+                    pass
             conn.close()
         self._lease_conns.clear()
         self._node_links.close()
