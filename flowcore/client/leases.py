@@ -502,7 +502,7 @@ class LeasesMixin:
         """(a burst) Write ``spec`` to a free lease of its shape, or queue it
         here for the next lease that frees; False when no lease of the shape
         is held or coming (the old path takes it)."""
-        ask = False
+        ask = retry = False
         with self._call_lock:
             with self._lock:
                 table = self.leases
@@ -517,6 +517,10 @@ class LeasesMixin:
                         return False  # declined lately: the old path
                     if q is None:
                         q = table.queues[key] = deque()
+                        # a lease of the shape is held that takes no task now
+                        # (a SPREAD one whose node ran ahead of the others)
+                        # and no request is out (a back-off): ask once it ends
+                        retry = not ask and key not in table.asking
                     q.append((spec, run))
                     table.queued += 1
                 else:
@@ -532,7 +536,16 @@ class LeasesMixin:
                 self.send("head", messages.submit(dict(spec, lease_q=self.node_id)), lazy=True)
         if ask:
             self._lease_ask(key, dict(spec.get("res") or {}))
+        elif retry:
+            self._lease_retry_soon(key)
         return True
+
+    def _lease_retry_soon(self, key: tuple) -> None:
+        """(any thread) ``_lease_retry`` on the IO thread."""
+        try:
+            self.loop.call_soon_threadsafe(self._lease_retry, key)
+        except RuntimeError:  # the loop is closed: shutting down
+            pass
 
     def _lease_pump(self, key: tuple, io_thread: bool = True) -> None:
         """Send queued tasks of shape ``key`` to its leases with room, and

@@ -282,6 +282,9 @@ class WorkerLeasesMixin:
         for k in keys:
             self._lease_ask(k, dict(k[0]))
 
+    def _lease_retry_soon(self, key: tuple) -> None:
+        self._lease_retry(key)  # (its timer runs in the pump)
+
     def _lease_retry(self, key: tuple) -> None:
         with self._lock:
             if self.closed or key not in self.leases.queues or key in self.leases.asking:
