@@ -211,3 +211,25 @@ def test_spread_tasks_run_on_workers_leased_over_tls_from_both_nodes(tls_cluster
         assert comm.transport.get_extra_info("ssl_object") is not None
     for ls in driver.leases.all():
         assert isinstance(ls.conn.sock, ssl.SSLSocket)
+
+
+@flowcore.remote
+def child(i):
+    return i
+
+
+@flowcore.remote(num_cpus=0)
+def nested_burst(n):
+    from flowcore.context import current_client
+    cl = current_client()
+    refs = [child.remote(i) for i in range(n)]
+    total = sum(flowcore.get(refs, timeout=60))
+    return total, cl.tls is not None, cl.leases.sent, bool(cl._lease_conns)
+
+
+def test_a_nested_burst_under_tls_goes_through_the_head(tls_cluster):
+    """A worker's own client does not lease under TLS (it has no IO thread):
+    its burst goes through the head and completes."""
+    total, tls_on, sent, conns = flowcore.get(nested_burst.remote(200), timeout=90)
+    assert total == 200 * 199 // 2 and tls_on
+    assert sent == 0 and not conns
