@@ -15,7 +15,10 @@ goes straight to a worker this client leases from its node:
   head records it running there without placing it:
   ``scheduler/leases.py``); the first task of a function on a connection
   carries the pickled function, so the worker never asks the head for a
-  registration that may still be on its way;
+  registration that may still be on its way.  Under TLS the submitting
+  thread only appends the task to that connection's buffer and the IO
+  thread writes it (one wake-up, one write for what joined meanwhile): an
+  SSL connection is read and written by the IO thread alone;
 * a burst (more than ``INFLIGHT`` tasks of ours unfinished) waits in this
   client's own queue of its shape while every lease of the shape is busy
   (Ray's owner-side queue): each queued task is submitted to the head
@@ -34,7 +37,8 @@ goes straight to a worker this client leases from its node:
   a declined request is asked again only after a short back-off.
 
 The worker's answer (``call_result``: the inline returns; larger ones come
-from the head as ``object_ready``) is read by the IO thread.  A lease idle
+from the head as ``object_ready``) is read by the IO thread, or over plain
+TCP by a thread waiting for it (actor_calls, the reading thread).  A lease idle
 for ``GRACE`` seconds is returned; one the node asks back (``lease_revoke``:
 tasks the head placed there wait for room) is returned as soon as its
 tasks are answered.  A lost connection to a leased worker drops its leases;
@@ -726,8 +730,9 @@ class LeasesMixin:
 
     def _lease_answers(self, conn: Any) -> tuple[list, set, list]:
         """Read and handle the answers on leased worker connection ``conn``
-        (``_dreader`` held, or a TLS connection on the IO thread): what waits for them is woken and the leases
-        freed here, on the reading thread; returns what is left for the IO
+        (``_dreader`` held, or a TLS connection on the IO thread): what
+        waits for them is woken and the leases freed here, on the reading
+        thread; returns what is left for the IO
         thread (tasks to hand back, shapes to pump, leases to return)."""
         try:
             batches = conn.read_available()
