@@ -16,7 +16,8 @@ until the IO thread, finding the reader busy when the connection becomes
 readable, stops watching it (``_unwatched``); it watches it again on its
 next round (``core.SIDE_FLUSH``) once no thread reads, or at once when a
 reader leaves while other threads wait.  Whatever reads a connection holds
-``_dreader`` meanwhile.  TLS connections are read by the IO thread only.
+``_dreader`` meanwhile.  TLS connections (to actors and to leased workers)
+are read and written by the IO thread only.
 """
 from __future__ import annotations
 
@@ -315,8 +316,8 @@ class ActorCallsMixin:
         if not self._dconns and not self._lease_conns:
             return False
         by_tid = self.leases.by_tid
-        if by_tid and any(ids.task_of(o) in by_tid for o in missing):
-            return True  # (a leased worker's connection: always plain TCP)
+        if by_tid and self.tls is None and any(ids.task_of(o) in by_tid for o in missing):
+            return True  # (a leased worker's connection, plain TCP like every link here)
         tids = None
         for link in self.direct.links.values():
             if link.inflight:
@@ -425,7 +426,7 @@ class ActorCallsMixin:
             if left is not None and left <= 0:
                 return False
             conns = [c for c in list(self._dconns.values()) if not c.closed and not c.tls]
-            if self._lease_conns:  # leased workers' (plain TCP)
+            if self._lease_conns and self.tls is None:  # leased workers' (plain TCP)
                 conns += [c for c in list(self._lease_conns.values()) if not c.closed]
             self._reader_conns = conns
             if not conns:

@@ -15,7 +15,10 @@ goes straight to a worker this client leases from its node:
   head records it running there without placing it:
   ``scheduler/leases.py``); the first task of a function on a connection
   carries the pickled function, so the worker never asks the head for a
-  registration that may still be on its way;
+  registration that may still be on its way.  Under TLS the submitting
+  thread only appends the task to that connection's buffer and the IO
+  thread writes it (one wake-up, one write for what joined meanwhile): an
+  SSL connection is read and written by the IO thread alone;
 * a burst (more than ``INFLIGHT`` tasks of ours unfinished) waits in this
   client's own queue of its shape while every lease of the shape is busy
   (Ray's owner-side queue): each queued task is submitted to the head
@@ -34,7 +37,8 @@ goes straight to a worker this client leases from its node:
   a declined request is asked again only after a short back-off.
 
 The worker's answer (``call_result``: the inline returns; larger ones come
-from the head as ``object_ready``) is read by the IO thread.  A lease idle
+from the head as ``object_ready``) is read by the IO thread, or over plain
+TCP by a thread waiting for it (actor_calls, the reading thread).  A lease idle
 for ``GRACE`` seconds is returned; one the node asks back (``lease_revoke``:
 tasks the head placed there wait for room) is returned as soon as its
 tasks are answered.  A lost connection to a leased worker drops its leases;
@@ -46,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import threading
 import time
 from collections import deque
@@ -371,9 +376,9 @@ class LeasesMixin:
         """Send ``spec`` to a leased worker (True), or leave it to the old
         path (False), asking for a lease of its shape when there is none."""
         key = shape_of(spec)
-        if key is None or spec.get("fid") not in self._fn_blobs or self.tls is not None \
+        if key is None or spec.get("fid") not in self._fn_blobs \
                 or (self.pending_tasks > INFLIGHT and not QUEUE):
-            return False  # (a TLS socket is written by the IO thread only: no lease)
+            return False
         if len(key) > 2:  # SPREAD: to a worker on any node, every argument inline
             run = self._local_run(dict(spec, strategy=None)) \
                 if spread.spread_ready(spec, self.ready) else None
@@ -440,8 +445,73 @@ class LeasesMixin:
 
     def _lease_write(self, ls: ClientLease, spec: dict, run: dict, io_thread: bool) -> None:
         """Write task ``run`` to leased worker ``ls`` (``_call_lock`` held)."""
-        self._direct_send(ls.conn, b"".join(bytes(b) for b in frames.encode(
+        self._lease_out(ls.conn, b"".join(bytes(b) for b in frames.encode(
             [self._lease_prepare(ls, spec, run)])), io_thread)
+
+    def _lease_out(self, conn: Any, data: bytes, io_thread: bool) -> None:
+        """Send ``data`` to a leased worker (``_call_lock`` held).  Plain
+        TCP: written by this thread, without blocking (``_direct_send``).
+        TLS: an SSL socket is used by the IO thread only (no thread reads
+        it while another writes it): ``data`` joins what waits for that
+        thread's next write to this worker, and the IO thread is woken once
+        for all of it (a burst submitted meanwhile leaves in one write)."""
+        if not conn.tls:
+            self._direct_send(conn, data, io_thread)
+            return
+        if conn.closed:
+            return  # the worker is gone: its reader handles the loss
+        conn.wbuf += data
+        if conn.writing:
+            return  # a writer callback sends it when the socket takes more
+        if io_thread:
+            self._tls_write(conn)
+        elif not conn.flushing:
+            conn.flushing = True
+            try:
+                self.loop.call_soon_threadsafe(self._tls_flush, conn)
+            except RuntimeError:  # the loop is closed: shutting down
+                pass
+
+    def _tls_flush(self, conn: Any) -> None:
+        """(IO thread) Write what user threads queued for a TLS leased worker."""
+        with self._call_lock:
+            conn.flushing = False
+            if not conn.writing:
+                self._tls_write(conn)
+
+    def _tls_write(self, conn: Any) -> None:
+        """(IO thread, ``_call_lock`` held) Write ``conn.wbuf`` on a TLS
+        connection without blocking; what the socket does not take now waits
+        for it to be writable.  (An SSL write left unfinished is retried with
+        the same bytes at the front of the buffer, which only grows
+        meanwhile: what OpenSSL requires of a retry.)"""
+        wbuf = conn.wbuf
+        if not wbuf or conn.closed:
+            return
+        try:
+            n = conn.sock.send(wbuf)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            n = 0
+        except OSError as e:  # the worker is gone: its reader notices
+            logger.info("write to leased worker at %s failed: %s", conn.address, e)
+            conn.closed = True
+            wbuf.clear()
+            return
+        del wbuf[:n]
+        if wbuf and not conn.writing:
+            conn.writing = True
+            self.loop.add_writer(conn.sock.fileno(), self._tls_writable, conn)
+
+    def _tls_writable(self, conn: Any) -> None:
+        """(IO thread) A TLS leased worker's socket takes more: send what waits."""
+        with self._call_lock:
+            self._tls_write(conn)
+            if not conn.wbuf or conn.closed:
+                conn.writing = False
+                try:
+                    self.loop.remove_writer(conn.sock.fileno())
+                except (ValueError, OSError):
+                    pass
 
     def _lease_waits(self, key: tuple) -> bool:
         """Whether a burst of shape ``key`` keeps queuing here though no
@@ -454,7 +524,7 @@ class LeasesMixin:
         """(a burst) Write ``spec`` to a free lease of its shape, or queue it
         here for the next lease that frees; False when no lease of the shape
         is held or coming (the old path takes it)."""
-        ask = False
+        ask = retry = False
         with self._call_lock:
             with self._lock:
                 table = self.leases
@@ -469,6 +539,10 @@ class LeasesMixin:
                         return False  # declined lately: the old path
                     if q is None:
                         q = table.queues[key] = deque()
+                        # a lease of the shape is held that takes no task now
+                        # (a SPREAD one whose node ran ahead of the others)
+                        # and no request is out (a back-off): ask once it ends
+                        retry = not ask and key not in table.asking
                     q.append((spec, run))
                     table.queued += 1
                 else:
@@ -484,7 +558,16 @@ class LeasesMixin:
                 self.send("head", messages.submit(dict(spec, lease_q=self.node_id)), lazy=True)
         if ask:
             self._lease_ask(key, dict(spec.get("res") or {}))
+        elif retry:
+            self._lease_retry_soon(key)
         return True
+
+    def _lease_retry_soon(self, key: tuple) -> None:
+        """(any thread) ``_lease_retry`` on the IO thread."""
+        try:
+            self.loop.call_soon_threadsafe(self._lease_retry, key)
+        except RuntimeError:  # the loop is closed: shutting down
+            pass
 
     def _lease_pump(self, key: tuple, io_thread: bool = True) -> None:
         """Send queued tasks of shape ``key`` to its leases with room, and
@@ -514,7 +597,7 @@ class LeasesMixin:
                 runs.setdefault(ls, []).append(self._lease_prepare(ls, spec, run))
                 starts.setdefault(ls, []).append(spec["tid"])
             for ls, msgs in runs.items():  # one write per worker
-                self._direct_send(ls.conn, b"".join(
+                self._lease_out(ls.conn, b"".join(
                     bytes(b) for batch in frames.encode_batches(msgs) for b in batch), io_thread)
             for ls, tids in starts.items():
                 self.send("head", {"op": "lease_start", "lease": [ls.node, ls.wid],
@@ -579,9 +662,12 @@ class LeasesMixin:
                     None, BlockingConn, r["address"], self.token, 5.0, self.tls)
                 conn.wbuf = bytearray()
                 conn.writing = False
+                conn.flushing = False  # (TLS) a write by the IO thread is on its way
                 conn.fids = set()
                 conn.link = None  # (not an actor's: see actor_calls, the reading thread)
-                conn.sock.setblocking(False)  # read by two threads: never blocks
+                # plain TCP: read by two threads; TLS: by the IO thread only,
+                # which never blocks on it (a partial record waits for the rest)
+                conn.sock.setblocking(False)
                 if self.closed:
                     conn.close()
                     return False
@@ -642,8 +728,15 @@ class LeasesMixin:
     # ------------------------------------------------------------ answers
     def _lease_readable(self, conn: Any) -> None:
         """(IO thread) Answers from a leased worker; or its connection closed.
-        A thread waiting for one of them reads the connection itself (see
-        actor_calls, the reading thread): then leave it to that thread."""
+        A thread waiting for one of them reads a plain connection itself (see
+        actor_calls, the reading thread): then leave it to that thread.  A
+        TLS connection is read here only."""
+        if conn.tls:
+            self._lease_after(conn, *self._lease_answers(conn))
+            if conn.wbuf and not conn.writing and not conn.closed:
+                with self._call_lock:  # (a write that wanted a read first)
+                    self._tls_write(conn)
+            return
         if not self._dreader.acquire(blocking=False):
             self._unwatch(conn)
             return
@@ -655,8 +748,9 @@ class LeasesMixin:
 
     def _lease_answers(self, conn: Any) -> tuple[list, set, list]:
         """Read and handle the answers on leased worker connection ``conn``
-        (``_dreader`` held): what waits for them is woken and the leases
-        freed here, on the reading thread; returns what is left for the IO
+        (``_dreader`` held, or a TLS connection on the IO thread): what
+        waits for them is woken and the leases freed here, on the reading
+        thread; returns what is left for the IO
         thread (tasks to hand back, shapes to pump, leases to return)."""
         try:
             batches = conn.read_available()
@@ -813,10 +907,11 @@ class LeasesMixin:
             self._lease_timer = None
         self.leases.queues.clear()  # (the head cancels a closing driver's tasks)
         for conn in list(self._lease_conns.values()):
-            try:
-                self.loop.remove_reader(conn.sock.fileno())
-            except (ValueError, OSError):
-                pass
+            for remove in (self.loop.remove_reader, self.loop.remove_writer):
+                try:
+                    remove(conn.sock.fileno())
+                except (ValueError, OSError):
+                    pass
             conn.close()
         self._lease_conns.clear()
         self._node_links.close()

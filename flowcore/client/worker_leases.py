@@ -115,8 +115,12 @@ class WorkerLeasesMixin:
     # ------------------------------------------------------------ routing
     def _lease_submit(self, spec: dict) -> bool:
         if not ENABLED or self.pending_tasks <= leases.INFLIGHT or not leases.QUEUE \
-                or self.actor_id is not None:
-            return False  # (a short burst: local-first and the head, children first)
+                or self.actor_id is not None or self.tls is not None:
+            # (a short burst: local-first and the head, children first.  Under
+            # TLS: no leases here.  This process has no IO thread: the thread
+            # submitting would write an SSL socket while the pump's holder
+            # may be reading it, which an SSL connection does not allow)
+            return False
         if not super()._lease_submit(spec):  # type: ignore[misc]
             return False
         self._submitted_since_pump += 1
@@ -277,6 +281,9 @@ class WorkerLeasesMixin:
                 table.asking.add(k)
         for k in keys:
             self._lease_ask(k, dict(k[0]))
+
+    def _lease_retry_soon(self, key: tuple) -> None:
+        self._lease_retry(key)  # (its timer runs in the pump)
 
     def _lease_retry(self, key: tuple) -> None:
         with self._lock:

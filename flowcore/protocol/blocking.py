@@ -174,6 +174,8 @@ class BlockingConn:
             n = self.sock.recv_into(buf)
         except BlockingIOError:  # a non-blocking socket another thread read first
             return []
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return []  # a non-blocking TLS socket: only part of a record came yet
         if not n:
             self.closed = True
             return []
