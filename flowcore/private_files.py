@@ -8,6 +8,7 @@ left to the umask.
 from __future__ import annotations
 
 import os
+import threading
 
 __all__ = ["make_private_dir", "open_private", "write_private", "DIR_MODE", "FILE_MODE"]
 
@@ -54,9 +55,21 @@ def open_private(path: str | os.PathLike, flags: int) -> int:
 
 
 def write_private(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` (0600; a missing parent is made 0700)."""
+    """Write ``text`` to ``path`` (0600; a missing parent is made 0700).
+    Atomically: the text goes to a private file beside it, renamed over
+    ``path``, so a reader (a node reading the token file the head writes)
+    sees the whole text or no file, never an empty or partial one."""
     path = os.fspath(path)
     make_private_dir(os.path.dirname(os.path.abspath(path)))
-    fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

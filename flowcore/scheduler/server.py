@@ -189,6 +189,7 @@ class HeadServer:
             comm.info.update(id=nid, role="node", ops=ROLE_OPS["node"])
             self.comms[nid] = comm
             self._deliver(self.state.handle(nid, msg))
+            self._persist()  # at once: a restarted head waits for every node it knew
             comm.reply(msg, ok=True, session_dir=self.session_dir)
             logger.info("node %s joined from %s with %s", msg.get("name"), comm.peer,
                         msg.get("resources"))
@@ -199,6 +200,8 @@ class HeadServer:
                              ops=ROLE_OPS[client_role(msg.get("kind"))])
             self.comms[cid] = comm
             self._deliver(self.state.handle(cid, msg))
+            if msg.get("kind", "driver") == "driver":
+                self._persist()  # at once, as a node's (workers are not in the tables)
             comm.reply(msg, ok=True, client_id=cid, nodes=self.state.list_nodes(),
                        session_dir=self.session_dir, version=__version__,
                        dashboard_url=self.dashboard_url)
