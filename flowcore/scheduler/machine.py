@@ -22,8 +22,9 @@ from ..protocol import messages as wire
 from ..exceptions import ActorDiedError, ObjectLostError
 from .actors import ActorManager
 from .direct_calls import DirectCalls
+from .dispatch import Dispatcher
 from .failures import Failures
-from .books import check_books, stuck_problem
+from .books import check_books
 from . import queries
 from .history import History
 from .lineage import Lineage
@@ -39,7 +40,7 @@ from .states import EventLog
 from .tasks import Transitions
 
 S = TaskState
-_QUEUED, _RUNNING, _FINISHED = S.QUEUED, S.RUNNING, S.FINISHED
+_RUNNING, _FINISHED = S.RUNNING, S.FINISHED
 _now = time.time
 _ENDED = frozenset({S.FINISHED, S.FAILED, S.CANCELLED})  # TaskState.done
 logger = logging.getLogger("flowcore.scheduler")
@@ -123,9 +124,6 @@ class SchedulerState:
         self.history = History(history_size)
         # ---- working state
         self.out: Out = []  # the messages the current one produced
-        #: queue shape -> (placement.freed, first task) when that task found no node
-        self._stuck: dict[tuple, tuple[int, bytes]] = {}
-        self._cpu_only: dict[tuple, bool] = {}  # task shape -> it asks for CPU only
         # frees and failures run as loops over these, not by recursion, so a
         # long chain of containers or of dependent tasks cannot overflow the stack
         self._pending_release: deque[bytes] = deque()
@@ -134,6 +132,7 @@ class SchedulerState:
         self._failing = False
         self._hooks: dict[str, list[Callable[..., None]]] = {}
         # ---- components: each owns its tables and registers its ops and hooks
+        self.dispatcher = Dispatcher(self)  # placing queued tasks on nodes
         self.membership = Membership(self)  # nodes and clients joining and leaving
         self.clients = self.membership.clients  # client id -> kind, pid, node
         self.failures = Failures(self)  # failing, retrying and cancelling tasks
@@ -200,7 +199,7 @@ class SchedulerState:
             raise KeyError(f"unknown op {op!r}")
         try:
             handler(source, msg)
-            self._schedule()
+            self.dispatcher.schedule()
         except Exception:
             # no half decision goes out: what the handler queued before it
             # raised is dropped with it
@@ -583,139 +582,6 @@ class SchedulerState:
             self._send(t.owner, wire.warning(w))
             return
         self.tx.queue(t, cause)
-
-    def _schedule(self) -> None:
-        if self.groups.pg_waiting:
-            self.groups.place_pending()
-        if not self.queues or not self.placement.order:
-            if self.leases.queued or self.leases.sent:
-                self.leases.scheduled()
-            return
-        tasks = self.tasks
-        # a queue whose first task found no node stays stuck until some node
-        # frees resources or runs fewer tasks, or nodes join or leave
-        # (``placement.freed`` counts those): until then it is not tried again
-        freed = self.placement.freed
-        stuck = self._stuck
-        for shape, q in list(self.queues.items()):
-            # no node fits this shape now: dispatching only takes resources,
-            # so no later task of the shape fits either (only the tasks sent
-            # ahead of time are placed, by load)
-            full = False
-            while q:
-                tid = q[0]
-                t = tasks.get(tid)
-                if t is None or t.state is not _QUEUED:
-                    q.popleft()
-                    continue
-                if stuck.get(shape) == (freed, tid):
-                    problem = stuck_problem(self, t) if self.validate else None
-                    if problem:
-                        raise AssertionError(problem)
-                    break
-                best = None if full else self._choose_node(t)
-                if best is None and t.strategy is None:
-                    full = True
-                    best = self._pipeline_target(t)
-                if best is None:
-                    if shape[1] is None or shape[1] == "SPREAD":
-                        stuck[shape] = (freed, tid)
-                    break
-                q.popleft()
-                self._dispatch(t, best)
-                if full and q and self.placement.ahead_alone and len(best.running) \
-                        / best.total["CPU"] >= 1.0 + self.pipeline_depth:
-                    # sent ahead to the only node below the limit, now at it:
-                    # nothing else can go ahead until something is freed
-                    stuck[shape] = (freed, q[0])
-                    break
-            if not q:
-                del self.queues[shape]
-                stuck.pop(shape, None)
-        if self.leases.queued or self.leases.sent:
-            self.leases.scheduled()  # owner queues, and room the leases hold
-
-    def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
-        """Bytes of ``t``'s store-held arguments per node."""
-        out: dict[str, int] = {}
-        for oid in t.deps:
-            obj = self.objects.get(oid)
-            if obj is not None and obj.inline is None:
-                for n in obj.nodes:
-                    out[n] = out.get(n, 0) + obj.size
-        return out
-
-    def _choose_node(self, t: TaskRecord) -> NodeRecord | None:
-        """Where ``t`` runs now, or None to wait.
-
-        Default: among the nodes that fit, the one holding the most bytes of
-        the task's arguments (when that is at least ``locality_min_bytes``),
-        then the one with the most free CPU.  "SPREAD": the least loaded node
-        that fits, rotating among equals.  ``("node", id, soft)``: that node;
-        if it does not fit, wait (hard) or fall back to the default (soft).
-        """
-        strategy = t.strategy
-        if strategy is None and not t.deps:
-            return self.placement.most_free(t.res, t.shape)
-        if isinstance(strategy, tuple) and strategy and strategy[0] == "pg":
-            return self.groups.choose_node(t)
-        if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
-            target = self.nodes.get(strategy[1])
-            if target is not None and target.alive and target.fits(t.res):
-                return target
-            if not strategy[2]:
-                return None
-            strategy = None
-        if strategy == "SPREAD":
-            # the least loaded node that fits, taking turns among equals
-            return self.placement.spread(t.res)
-        if t.deps:
-            # locality first: the nodes holding at least locality_min_bytes
-            # of the arguments beat every other node that fits
-            floor = self.locality_min_bytes
-            best, best_key = None, None
-            order = self.placement.order
-            for nid, held in self._arg_bytes(t).items():
-                n = self.nodes.get(nid)
-                if held < floor or n is None or not n.alive or not n.fits(t.res):
-                    continue
-                key = (held, n.available.get("CPU", 0.0), -order[nid])
-                if best_key is None or key > best_key:
-                    best, best_key = n, key
-            if best is not None:
-                return best
-        return self.placement.most_free(t.res)
-
-    def _pipeline_target(self, t: TaskRecord) -> NodeRecord | None:
-        """A node to send ``t`` to ahead of time, though it does not fit now.
-
-        Only CPU-only tasks are pipelined, at most ``pipeline_depth`` per CPU
-        beyond what runs: the node starts them when its own workers free up,
-        without a round trip through the head."""
-        if self.pipeline_depth <= 0:
-            return None
-        cpu_only = self._cpu_only.get(t.shape)
-        if cpu_only is None:
-            cpu_only = self._cpu_only[t.shape] = all(k == "CPU" for k in t.res)
-            if len(self._cpu_only) > 4096:
-                self._cpu_only.clear()
-        if not cpu_only:
-            return None
-        if t.kind == "create":  # an actor holds its CPUs for its lifetime: never ahead
-            return None
-        return self.placement.least_loaded(t.res, self.pipeline_depth)
-
-    def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
-        self.tx.start(t, node, f"placed on node {node.name}")
-        if t.kind == "create":
-            self.actor_manager.dispatch_create(t, node)
-            return
-        objects = self.objects
-        deps = [self._ready(objects[oid]) for oid in t.deps]
-        self._send(node.node_id, wire.head_run_task(
-            t.tid, t.fid, t.name, t.args, t.args_dep, deps, t.nret, t.res, t.retry_exc, t.owner,
-            t.attempt, renv=t.renv, job=t.job, xopts=t.xopts,
-            **(self.groups.bundle_fields(t) if t.bundle else {})))
 
     def _done(self, t: TaskRecord) -> None:
         t.ended = _now()

@@ -153,7 +153,7 @@ class Membership:
         for obj in lost:
             s.lineages.object_lost(obj, f"its only copy was on node {node.name}, which "
                                         f"died ({cause})")
-        s._schedule()
+        s.dispatcher.schedule()
         out, s.out = s.out, []
         if s.validate:
             s._check_books("node_died", {"node_id": node_id})
@@ -215,7 +215,7 @@ class Membership:
                 if obj.waiters:
                     obj.waiters.discard(cid)
                 s._maybe_free(obj)
-        s._schedule()
+        s.dispatcher.schedule()
         out, s.out = s.out, []
         if s.validate:
             s._check_books("client_disconnected", {"node_id": cid})
