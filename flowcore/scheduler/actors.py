@@ -467,12 +467,7 @@ class ActorManager:
         """A worker died while running a task: actors that task created die."""
         if not pid:
             return
-        cids = {cid for cid, info in self.s.clients.items()
-                if info.get("kind") == "worker" and info.get("pid") == pid}
-        gone = self.s._gone_workers.get(pid)
-        if gone is not None:
-            cids.add(gone)
-        for cid in cids:
+        for cid in self.s.membership.worker_clients(pid):
             self.kill_owned(cid, f"its owner died: {cause}")
 
     def node_died(self, node_id: str, cause: str) -> None:

@@ -19,16 +19,18 @@ from typing import Any, Callable, Iterable
 
 from .. import ids
 from ..protocol import messages as wire
-from ..exceptions import ActorDiedError, NodeDiedError, ObjectLostError
+from ..exceptions import ActorDiedError, ObjectLostError
 from .actors import ActorManager
 from .direct_calls import DirectCalls
+from .dispatch import Dispatcher
 from .failures import Failures
-from .books import check_books, stuck_problem
+from .books import check_books
 from . import queries
 from .history import History
 from .lineage import Lineage
 from .leases import Leases
 from .local_first import LocalFirst
+from .membership import Membership
 from .placement import PlacementIndex
 from .placement_groups import PlacementGroups
 from .recovery import Recovery, RecoveryManager
@@ -38,7 +40,7 @@ from .states import EventLog
 from .tasks import Transitions
 
 S = TaskState
-_QUEUED, _RUNNING, _FINISHED = S.QUEUED, S.RUNNING, S.FINISHED
+_RUNNING, _FINISHED = S.RUNNING, S.FINISHED
 _now = time.time
 _ENDED = frozenset({S.FINISHED, S.FAILED, S.CANCELLED})  # TaskState.done
 logger = logging.getLogger("flowcore.scheduler")
@@ -95,14 +97,12 @@ class SchedulerState:
         self.nodes: dict[str, NodeRecord] = {}
         #: the live nodes ordered for placement (``placement.py``)
         self.placement = PlacementIndex(self.nodes)
-        self.dead_nodes: dict[str, dict] = {}  # node id -> its last row, for nodes()
         self.functions: dict[bytes, dict] = {}
         self.tasks: dict[bytes, TaskRecord] = {}  # the futures DAG, with objects
         # children recorded before their parent: a leased task's record comes
         # from its owner in a batch, its children's from its worker at once
         self.early_children: OrderedDict[bytes, list[bytes]] = OrderedDict()
         self.objects: dict[bytes, ObjectRecord] = {}
-        self.clients: dict[str, dict] = {}
         self.client_refs: dict[str, set[bytes]] = {}
         self.queues: dict[tuple, deque[bytes]] = {}  # per resource shape, to be placed
         self.infeasible: set[bytes] = set()
@@ -124,10 +124,6 @@ class SchedulerState:
         self.history = History(history_size)
         # ---- working state
         self.out: Out = []  # the messages the current one produced
-        #: queue shape -> (placement.freed, first task) when that task found no node
-        self._stuck: dict[tuple, tuple[int, bytes]] = {}
-        self._cpu_only: dict[tuple, bool] = {}  # task shape -> it asks for CPU only
-        self._gone_workers: OrderedDict[int, str] = OrderedDict()  # pid -> client id
         # frees and failures run as loops over these, not by recursion, so a
         # long chain of containers or of dependent tasks cannot overflow the stack
         self._pending_release: deque[bytes] = deque()
@@ -136,6 +132,9 @@ class SchedulerState:
         self._failing = False
         self._hooks: dict[str, list[Callable[..., None]]] = {}
         # ---- components: each owns its tables and registers its ops and hooks
+        self.dispatcher = Dispatcher(self)  # placing queued tasks on nodes
+        self.membership = Membership(self)  # nodes and clients joining and leaving
+        self.clients = self.membership.clients  # client id -> kind, pid, node
         self.failures = Failures(self)  # failing, retrying and cancelling tasks
         self.local_first = LocalFirst(self)
         self.direct_calls = DirectCalls(self)
@@ -157,13 +156,12 @@ class SchedulerState:
         self.restore_tables = self.recovery_manager.restore_tables
         self.finish_recovery = self.recovery_manager.finish_recovery
         self.handle_worker_died = self.failures.handle_worker_died  # (leases.py calls it)
+        # the server's entry points for what is not a message
+        self.check_heartbeats = self.membership.check_heartbeats
+        self.node_died = self.membership.node_died
+        self.client_disconnected = self.membership.client_disconnected
         # ---- op -> handler, for every message the state machine takes
         self.ops: dict[str, Callable[[str, dict], None]] = {
-            "register_node": self.handle_register_node,
-            "register_client": self.handle_register_client,
-            "heartbeat": self.handle_heartbeat,
-            "node_warning": self.handle_node_warning,
-            "log": self.handle_log,
             "register_function": self.handle_register_function,
             "incref": self.handle_incref,
             "decref": self.handle_decref,
@@ -175,8 +173,8 @@ class SchedulerState:
             "task_blocked": self.handle_task_blocked,
             "task_unblocked": self.handle_task_unblocked,
         }
-        for component in (self.failures, self.local_first, self.direct_calls, self.leases,
-                          self.streams, self.groups, self.actor_manager):
+        for component in (self.membership, self.failures, self.local_first, self.direct_calls,
+                          self.leases, self.streams, self.groups, self.actor_manager):
             self.ops.update(component.ops())
 
     @property
@@ -201,7 +199,7 @@ class SchedulerState:
             raise KeyError(f"unknown op {op!r}")
         try:
             handler(source, msg)
-            self._schedule()
+            self.dispatcher.schedule()
         except Exception:
             # no half decision goes out: what the handler queued before it
             # raised is dropped with it
@@ -235,152 +233,6 @@ class SchedulerState:
     def _send(self, dest: str | None, msg: dict) -> None:
         if dest is not None:
             self.out.append((dest, msg))
-
-    # ------------------------------------------------------------ membership
-    def handle_register_node(self, source: str, msg: dict) -> None:
-        node = NodeRecord(msg["node_id"], msg.get("address", ""), msg.get("resources", {}),
-                          msg.get("name", msg["node_id"]), msg.get("hostname", ""),
-                          msg.get("pid", 0), msg.get("info"))
-        old = self.nodes.get(node.node_id)
-        if old is not None and old.alive:
-            # the same node again (its connection to the head dropped): the
-            # tasks still running there keep their place and resources
-            for tid in old.running:
-                t = self.tasks.get(tid)
-                if t is not None and t.state == S.RUNNING:
-                    self._account(node, t.bundle).take(
-                        {k: v for k, v in t.res.items() if not (t.blocked and k == "CPU")})
-                    node.running.add(tid)
-        self.nodes[node.node_id] = node
-        self.placement.add(node)
-        self.dead_nodes.pop(node.node_id, None)
-        self.recovery_manager.node_rejoined(node, msg)  # what its store and processes still hold
-        self.emit("node_joined", node.node_id)
-        for tid in list(self.infeasible):
-            t = self.tasks.get(tid)
-            if t is not None and self._could_run_somewhere(t):
-                self.tx.feasible(t, f"node {node.name} joined")
-
-    def handle_log(self, source: str, msg: dict) -> None:
-        """Lines a worker printed: to the driver that owns the task (all
-        drivers when that is not known)."""
-        owner = None
-        tid = msg.get("tid")
-        if tid:
-            t = self.tasks.get(bytes.fromhex(tid))
-            owner = t.owner if t is not None else None
-        if owner is not None and self.clients.get(owner, {}).get("kind") != "driver":
-            owner = None  # a nested task: its owner is a worker
-        dests = [owner] if owner else [c for c, i in self.clients.items()
-                                       if i.get("kind") == "driver"]
-        for d in dests:
-            self._send(d, msg)
-
-    def handle_heartbeat(self, source: str, msg: dict) -> None:
-        """A node's periodic report: load, memory, store and worker figures."""
-        node = self.nodes.get(source)
-        if node is not None:
-            node.info.update(msg.get("stats") or {})
-            node.info["last_heartbeat"] = time.time()
-
-    def handle_node_warning(self, source: str, msg: dict) -> None:
-        """A node has something every driver should see (e.g. its worker cap)."""
-        node = self.nodes.get(source)
-        text = f"node {node.name if node else source}: {msg.get('text', '')}"
-        self.warnings.append(text)
-        for cid, info in self.clients.items():
-            if info.get("kind") == "driver":
-                self._send(cid, wire.warning(text))
-
-    def handle_register_client(self, source: str, msg: dict) -> None:
-        self.clients[source] = {"kind": msg.get("kind", "driver"), "pid": msg.get("pid"),
-                                "node_id": msg.get("node_id"), "started": time.time()}
-        self.client_refs.setdefault(source, set())
-        self.recovery_manager.client_rejoined(source, msg)  # after a head restart
-
-    def client_disconnected(self, cid: str) -> Out:
-        info = self.clients.pop(cid, None) or {}
-        if info.get("kind", "driver") == "driver":
-            # a driver is a job: its unfinished work goes with it (workers, which
-            # come and go with the pool, hand what they own on through refs)
-            self.failures.cancel_owned_tasks(cid)
-            self.actor_manager.kill_owned(cid)
-            self.groups.remove_owned(cid)
-        else:
-            # an actor's process ended: the actors it created die with it
-            self.actor_manager.owner_process_ended(cid)
-            if self.leases.queued or self.leases.parked_tids:
-                self.leases.owner_gone(cid)  # tasks queued at it for its leases: the head places them
-            if info.get("pid"):  # a crash report may come after the disconnect
-                self._gone_workers[info["pid"]] = cid
-                while len(self._gone_workers) > 1000:
-                    self._gone_workers.popitem(last=False)
-        for oid in self.client_refs.pop(cid, ()):
-            obj = self.objects.get(oid)
-            if obj is not None:
-                obj.clients.discard(cid)
-                if obj.waiters:
-                    obj.waiters.discard(cid)
-                self._maybe_free(obj)
-        self._schedule()
-        out, self.out = self.out, []
-        if self.validate:
-            self._check_books("client_disconnected", {"node_id": cid})
-        return out
-
-    def check_heartbeats(self, now: float, timeout: float) -> list[str]:
-        """Nodes silent for longer than ``timeout`` seconds (to be declared dead)."""
-        out = []
-        for n in self.nodes.values():
-            last = n.info.get("last_heartbeat", n.joined)
-            if n.alive and now - last > timeout:
-                out.append(n.node_id)
-        return out
-
-    def node_died(self, node_id: str, cause: str) -> Out:
-        node = self.nodes.get(node_id)
-        if node is None or not node.alive:
-            return []
-        node.alive = False
-        self.placement.remove(node_id)
-        self.actor_manager.node_died(node_id, cause)
-        for tid in list(node.running):
-            t = self.tasks.get(tid)
-            if t is not None and t.state == S.RUNNING:
-                if t.tid in self.failures.force_cancelled:
-                    # its force-cancel (cancel(force=True), or its placement
-                    # group removed) was on its way: cancelled, not retried
-                    self.failures.force_cancelled.discard(t.tid)
-                    self.failures.cancel_task(t, f"cancelled; its node {node.name} died "
-                                                 f"before the kill arrived")
-                    continue
-                self.tx.lose(t, f"node {node.name} died: {cause}")
-                self.failures.retry_or_fail(t, NodeDiedError(
-                    f"node {node.name} ({node.address}) died while running task "
-                    f"{t.name} ({cause})"), f"node {node.name} died: {cause}")
-        node.running.clear()
-        self.groups.node_died(node_id)
-        lost = []
-        for obj in list(self.objects.values()):
-            if node_id in obj.nodes:
-                obj.nodes.discard(node_id)
-                if not obj.nodes and obj.inline is None and obj.state == READY:
-                    lost.append(obj)
-        del self.nodes[node_id]
-        # nodes() keeps listing it, dead, with why (the newest 1000 dead nodes)
-        self.dead_nodes[node_id] = dict(node.as_dict(), alive=False, running_tasks=0,
-                                        death_cause=cause, died=time.time())
-        while len(self.dead_nodes) > 1000:
-            self.dead_nodes.pop(next(iter(self.dead_nodes)))
-        self.emit("node_died", node_id)
-        for obj in lost:
-            self.lineages.object_lost(obj, f"its only copy was on node {node.name}, which "
-                                           f"died ({cause})")
-        self._schedule()
-        out, self.out = self.out, []
-        if self.validate:
-            self._check_books("node_died", {"node_id": node_id})
-        return out
 
     # ------------------------------------------------------------ functions
     def handle_register_function(self, source: str, msg: dict) -> None:
@@ -730,139 +582,6 @@ class SchedulerState:
             self._send(t.owner, wire.warning(w))
             return
         self.tx.queue(t, cause)
-
-    def _schedule(self) -> None:
-        if self.groups.pg_waiting:
-            self.groups.place_pending()
-        if not self.queues or not self.placement.order:
-            if self.leases.queued or self.leases.sent:
-                self.leases.scheduled()
-            return
-        tasks = self.tasks
-        # a queue whose first task found no node stays stuck until some node
-        # frees resources or runs fewer tasks, or nodes join or leave
-        # (``placement.freed`` counts those): until then it is not tried again
-        freed = self.placement.freed
-        stuck = self._stuck
-        for shape, q in list(self.queues.items()):
-            # no node fits this shape now: dispatching only takes resources,
-            # so no later task of the shape fits either (only the tasks sent
-            # ahead of time are placed, by load)
-            full = False
-            while q:
-                tid = q[0]
-                t = tasks.get(tid)
-                if t is None or t.state is not _QUEUED:
-                    q.popleft()
-                    continue
-                if stuck.get(shape) == (freed, tid):
-                    problem = stuck_problem(self, t) if self.validate else None
-                    if problem:
-                        raise AssertionError(problem)
-                    break
-                best = None if full else self._choose_node(t)
-                if best is None and t.strategy is None:
-                    full = True
-                    best = self._pipeline_target(t)
-                if best is None:
-                    if shape[1] is None or shape[1] == "SPREAD":
-                        stuck[shape] = (freed, tid)
-                    break
-                q.popleft()
-                self._dispatch(t, best)
-                if full and q and self.placement.ahead_alone and len(best.running) \
-                        / best.total["CPU"] >= 1.0 + self.pipeline_depth:
-                    # sent ahead to the only node below the limit, now at it:
-                    # nothing else can go ahead until something is freed
-                    stuck[shape] = (freed, q[0])
-                    break
-            if not q:
-                del self.queues[shape]
-                stuck.pop(shape, None)
-        if self.leases.queued or self.leases.sent:
-            self.leases.scheduled()  # owner queues, and room the leases hold
-
-    def _arg_bytes(self, t: TaskRecord) -> dict[str, int]:
-        """Bytes of ``t``'s store-held arguments per node."""
-        out: dict[str, int] = {}
-        for oid in t.deps:
-            obj = self.objects.get(oid)
-            if obj is not None and obj.inline is None:
-                for n in obj.nodes:
-                    out[n] = out.get(n, 0) + obj.size
-        return out
-
-    def _choose_node(self, t: TaskRecord) -> NodeRecord | None:
-        """Where ``t`` runs now, or None to wait.
-
-        Default: among the nodes that fit, the one holding the most bytes of
-        the task's arguments (when that is at least ``locality_min_bytes``),
-        then the one with the most free CPU.  "SPREAD": the least loaded node
-        that fits, rotating among equals.  ``("node", id, soft)``: that node;
-        if it does not fit, wait (hard) or fall back to the default (soft).
-        """
-        strategy = t.strategy
-        if strategy is None and not t.deps:
-            return self.placement.most_free(t.res, t.shape)
-        if isinstance(strategy, tuple) and strategy and strategy[0] == "pg":
-            return self.groups.choose_node(t)
-        if isinstance(strategy, tuple) and strategy and strategy[0] == "node":
-            target = self.nodes.get(strategy[1])
-            if target is not None and target.alive and target.fits(t.res):
-                return target
-            if not strategy[2]:
-                return None
-            strategy = None
-        if strategy == "SPREAD":
-            # the least loaded node that fits, taking turns among equals
-            return self.placement.spread(t.res)
-        if t.deps:
-            # locality first: the nodes holding at least locality_min_bytes
-            # of the arguments beat every other node that fits
-            floor = self.locality_min_bytes
-            best, best_key = None, None
-            order = self.placement.order
-            for nid, held in self._arg_bytes(t).items():
-                n = self.nodes.get(nid)
-                if held < floor or n is None or not n.alive or not n.fits(t.res):
-                    continue
-                key = (held, n.available.get("CPU", 0.0), -order[nid])
-                if best_key is None or key > best_key:
-                    best, best_key = n, key
-            if best is not None:
-                return best
-        return self.placement.most_free(t.res)
-
-    def _pipeline_target(self, t: TaskRecord) -> NodeRecord | None:
-        """A node to send ``t`` to ahead of time, though it does not fit now.
-
-        Only CPU-only tasks are pipelined, at most ``pipeline_depth`` per CPU
-        beyond what runs: the node starts them when its own workers free up,
-        without a round trip through the head."""
-        if self.pipeline_depth <= 0:
-            return None
-        cpu_only = self._cpu_only.get(t.shape)
-        if cpu_only is None:
-            cpu_only = self._cpu_only[t.shape] = all(k == "CPU" for k in t.res)
-            if len(self._cpu_only) > 4096:
-                self._cpu_only.clear()
-        if not cpu_only:
-            return None
-        if t.kind == "create":  # an actor holds its CPUs for its lifetime: never ahead
-            return None
-        return self.placement.least_loaded(t.res, self.pipeline_depth)
-
-    def _dispatch(self, t: TaskRecord, node: NodeRecord) -> None:
-        self.tx.start(t, node, f"placed on node {node.name}")
-        if t.kind == "create":
-            self.actor_manager.dispatch_create(t, node)
-            return
-        objects = self.objects
-        deps = [self._ready(objects[oid]) for oid in t.deps]
-        self._send(node.node_id, wire.head_run_task(
-            t.tid, t.fid, t.name, t.args, t.args_dep, deps, t.nret, t.res, t.retry_exc, t.owner,
-            t.attempt, renv=t.renv, job=t.job, xopts=t.xopts,
-            **(self.groups.bundle_fields(t) if t.bundle else {})))
 
     def _done(self, t: TaskRecord) -> None:
         t.ended = _now()

@@ -47,7 +47,7 @@ def list_objects(s: "SchedulerState", limit: int = 10_000) -> list[dict]:
 
 
 def list_nodes(s: "SchedulerState") -> list[dict]:
-    return [n.as_dict() for n in s.nodes.values()] + list(s.dead_nodes.values())
+    return [n.as_dict() for n in s.nodes.values()] + list(s.membership.dead_nodes.values())
 
 
 def task_info(s: "SchedulerState", tid: bytes) -> dict | None:

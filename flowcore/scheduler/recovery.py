@@ -270,7 +270,7 @@ class RecoveryManager:
         """End recovery now (the server's recovery window passed); returns
         the messages to send."""
         self.settle(why)
-        self.s._schedule()
+        self.s.dispatcher.schedule()
         out, self.s.out = self.s.out, []
         return out
 
