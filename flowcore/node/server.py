@@ -658,6 +658,11 @@ class NodeServer:
         """Worker ``wid`` is done (a task, or a lease): back to the pool,
         and the reap timer armed for the idle workers it keeps."""
         self._act(self.pool.worker_idle(wid, retire=retire))
+        self._arm_reap_for_idle()
+
+    def _arm_reap_for_idle(self) -> None:
+        """A worker went idle (or started idle, a spare that came up after
+        the work ended): the reap timer runs while the pool keeps extras."""
         grace = self.pool.idle_grace or self.pool.warm_grace
         if self._reap_timer is None and grace:
             self._arm_reap(grace)
@@ -786,6 +791,7 @@ class NodeServer:
                 comm.send(call)
         else:
             self._act(self.pool.worker_ready(wid, msg.get("pid", 0)))
+            self._arm_reap_for_idle()
 
     def _register_client(self, comm: Comm, msg: dict, frames: list) -> None:
         comm.info.update(role=messages.DRIVER)
