@@ -122,6 +122,9 @@ class _NodeServer:
     def _act(self, actions):
         self.acted.extend(actions)
 
+    def pool_idle(self, wid, retire=False):
+        self._act(self.pool.worker_idle(wid, retire=retire))
+
 
 @pytest.mark.timeout(10)
 def test_a_lease_given_back_idle_frees_its_worker_at_once():

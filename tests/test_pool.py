@@ -348,10 +348,10 @@ events = st.lists(st.tuples(st.sampled_from(["task", "ready", "idle", "block", "
 
 @settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(events, st.sampled_from([(0, 0.0), (2, 1.0)]))
+@given(events, st.sampled_from([(0, 0.0, 0.0), (2, 1.0, 0.0), (2, 1.0, 1.5), (1, 0.0, 2.0)]))
 def test_random_event_sequences_keep_the_books_straight(evs: list, spares: tuple) -> None:
     pool = WorkerPool(dict(TOTAL), max_workers=4, gpu_ids=[0], min_workers=1,
-                      spare_workers=spares[0], idle_grace=spares[1])
+                      spare_workers=spares[0], idle_grace=spares[1], warm_grace=spares[2])
     now = [0.0]
     pool.clock = lambda: now[0]
     out = pool.startup()
@@ -407,6 +407,14 @@ def test_random_event_sequences_keep_the_books_straight(evs: list, spares: tuple
     assert not running
     if pool.startup_failures < pool.max_startup_failures:
         assert not pool.queue  # every task fits the node, so all of it ran
+        # nothing blocked: at most spare_workers extra idle ones are kept
+        # warm (none without warm_grace), and none past the grace
+        apply(pool.reap()[0])
+        assert len(pool.workers) <= pool.min_workers + (spares[0] if spares[2] else 0)
+        now[0] += 10.0
+        actions, again = pool.reap()
+        apply(actions)
+        assert again is None
         assert len(pool.workers) == pool.min_workers
     assert pool.available == pytest.approx(TOTAL)
     assert pool.free_gpus == [0]
@@ -705,3 +713,87 @@ def test_extra_idle_workers_retire_at_once_when_nothing_is_blocked_any_more() ->
 def test_negative_spare_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="spare_workers"):
         WorkerPool({"CPU": 1.0}, spare_workers=-1)
+
+
+# ---------------------------------------------------------------- warm grace once nothing is blocked
+
+
+def _nested_cycle(pool: WorkerPool) -> tuple[str, list[str]]:
+    """A parent task blocks in get; the spares forked for it start; the
+    parent resumes and ends.  Returns the parent's worker and the spares."""
+    (wp, _), = ran(pool.task_arrived(task()))
+    new = spawned(pool.worker_blocked(wp, True))
+    for wid in new:
+        pool.worker_ready(wid, 2)
+    assert pool.worker_blocked(wp, False) == []
+    return wp, new
+
+
+def test_extra_idle_workers_stay_warm_for_the_grace_once_nothing_is_blocked() -> None:
+    """A nested burst ends: the workers forked for it stay idle for
+    warm_grace (the next burst is leased them, no fork), then retire down
+    to the warm pool; reap() says when to call it again."""
+    now = [100.0]
+    pool = ready_pool({"CPU": 1.0}, spare_workers=2, idle_grace=1.0, warm_grace=1.5)
+    pool.clock = lambda: now[0]
+    wp, new = _nested_cycle(pool)
+    assert len(new) == 2
+    assert pool.worker_idle(wp) == []          # kept: one warm + two extra
+    assert len(pool.workers) == 3
+    assert pool.reap() == ([], pytest.approx(1.5))
+    # the next burst within the grace: leases take the kept workers, no fork
+    forks = pool.spawned
+    lease = pool.grant_lease(b"L1", {"CPU": 1.0}, None)
+    assert lease is not None and pool.lease_declined({"CPU": 1.0}, None) == []
+    assert pool.worker_idle(lease.wid) == []
+    assert pool.spawned == forks
+    now[0] += 1.6
+    actions, again = pool.reap()
+    assert len(kinds(actions, "retire")) == 2 and again is None
+    assert len(pool.workers) == pool.min_workers == 1
+
+
+def test_the_next_nested_burst_within_the_grace_forks_nothing() -> None:
+    """Without warm_grace every nested burst forks its spares anew (the
+    last ones retired as it ended); with it, the spares kept from the last
+    burst serve the next one."""
+    for warm, forks in ((0.0, 2), (1.0, 0)):
+        pool = ready_pool({"CPU": 1.0}, spare_workers=2, idle_grace=1.0, warm_grace=warm)
+        wp, _ = _nested_cycle(pool)
+        pool.worker_idle(wp)
+        before = pool.spawned
+        wp, new = _nested_cycle(pool)
+        assert pool.spawned - before == len(new) == forks, warm
+        pool.worker_idle(wp)
+
+
+def test_workers_kept_warm_are_bounded_by_spare_workers() -> None:
+    """More extra workers than spare_workers go idle once nothing is
+    blocked: those beyond spare_workers retire at once, the rest after the
+    grace."""
+    now = [0.0]
+    pool = ready_pool({"CPU": 1.0}, spare_workers=1, idle_grace=1.0, warm_grace=60.0)
+    pool.clock = lambda: now[0]
+    chain = []
+    (w, _), = ran(pool.task_arrived(task()))
+    for _ in range(3):  # a chain of parents, each blocked on the next
+        chain.append(w)
+        for wid in spawned(pool.worker_blocked(w, True)):
+            pool.worker_ready(wid, 2)
+        (w, _), = ran(pool.task_arrived(task()))
+    assert len(pool.workers) == 4  # three blocked parents and the last child
+    assert pool.worker_idle(w) == []  # parents still blocked: all kept
+    retired = []
+    for wp in reversed(chain):
+        pool.worker_blocked(wp, False)
+        retired += kinds(pool.worker_idle(wp), "retire")
+    assert retired and len(pool.workers) == 2  # the warm one and one spare
+    assert pool.reap()[0] == []
+    now[0] += 61.0
+    assert len(kinds(pool.reap()[0], "retire")) == 1
+    assert len(pool.workers) == 1
+
+
+def test_negative_warm_grace_is_refused() -> None:
+    with pytest.raises(ValueError, match="warm_grace"):
+        WorkerPool({"CPU": 1.0}, warm_grace=-1.0)

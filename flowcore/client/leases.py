@@ -292,6 +292,7 @@ class LeaseTable:
         for ls in self.all():
             if ls.lease == lease:
                 ls.revoked = True
+                self._unsaturate(ls.key)
                 return ls
         self.revoked_early[lease] = None
         while len(self.revoked_early) > 256:  # (grants that never came)
@@ -300,12 +301,23 @@ class LeaseTable:
 
     def remove(self, ls: ClientLease) -> None:
         ls.gone = True
-        self.saturated.discard(ls.key)  # (ask again before writing behind others)
         held = self.shapes.get(ls.key)
         if held is not None and ls in held:
             held.remove(ls)
             if not held:
                 del self.shapes[ls.key]
+        self._unsaturate(ls.key)
+        self.saturated.discard(ls.key)  # (ask again before writing behind others)
+
+    def _unsaturate(self, key: tuple) -> None:
+        """No lease of shape ``key`` is left to take tasks (revoked, gone):
+        the back-off of a request declined while we held some (saturated)
+        has lost its reason, so the shape's next task asks at once (else a
+        burst right after a revoke, as after a nested burst, goes through
+        the head for the rest of that back-off)."""
+        if key in self.saturated and not self.usable(key):
+            self.saturated.discard(key)
+            self.ask_after.pop(key, None)
 
     def answered(self, tid: bytes) -> ClientLease | None:
         ls = self.by_tid.pop(tid, None)

@@ -103,7 +103,7 @@ class NodeLeases:
             return
         wcomm = srv.worker_comms.get(w.wid)
         if wcomm is None:  # not connected (cannot happen for an idle worker)
-            srv._act(srv.pool.worker_idle(w.wid))
+            srv.pool_idle(w.wid)
             comm.reply(msg, lease=None)
             return
         ls = self.leases[lease] = Lease(lease, w.wid, holder, res)
@@ -169,7 +169,7 @@ class NodeLeases:
             self.released[ls.lease] = ls.wid
             while len(self.released) > RELEASED_LIMIT:
                 self.released.popitem(last=False)
-            self.server._act(self.server.pool.worker_idle(ls.wid))
+            self.server.pool_idle(ls.wid)
             return
         self._end(ls)
 

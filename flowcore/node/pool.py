@@ -17,8 +17,12 @@ has, so a blocked parent's child starts in a process that is already
 there, and with ``idle_grace`` (0 here by default: retired at once; the
 node's is 1 s) it keeps workers that go idle instead of retiring them at
 once (the next child would fork another): idle workers beyond the warm
-pool retire once idle that long (``reap``), or at once when no worker is
-blocked any more.
+pool retire once idle that long (``reap``).  Once no worker is blocked
+any more they retire at once, unless ``warm_grace`` is set (0 here by
+default; the node's is 1 s): then up to ``spare_workers`` extra idle
+workers stay that long, so the next burst (the driver's right after a
+nested one, or the next nested one) is leased workers that are already
+there instead of waiting for forks; ``spawned`` counts every fork.
 
 Resource amounts are ``flowcore.resources.Resources`` accounts (the node's
 free resources, each bundle's free share).  The pool also owns the node's
@@ -166,15 +170,19 @@ Action = tuple  # ("spawn", wid) | ("run", wid, task) | ("died", task, wid) | ("
 class WorkerPool:
     def __init__(self, resources: dict[str, float], max_workers: int | None = None,
                  gpu_ids: list[int] | None = None, min_workers: int | None = None,
-                 spare_workers: int = 0, idle_grace: float = 0.0):
-        if spare_workers < 0 or idle_grace < 0:
-            raise ValueError(f"spare_workers ({spare_workers}) and idle_grace ({idle_grace}) "
-                             f"must be >= 0")
+                 spare_workers: int = 0, idle_grace: float = 0.0, warm_grace: float = 0.0):
+        if spare_workers < 0 or idle_grace < 0 or warm_grace < 0:
+            raise ValueError(f"spare_workers ({spare_workers}), idle_grace ({idle_grace}) and "
+                             f"warm_grace ({warm_grace}) must be >= 0")
         #: idle plain workers kept ready beyond the queued work while a worker
         #: is blocked in get (nested tasks); bounded by max_workers too
         self.spare_workers = spare_workers
         #: seconds an extra idle worker stays while nested work goes on
         self.idle_grace = idle_grace
+        #: seconds up to spare_workers extra idle workers stay once nothing
+        #: is blocked (0: they retire at once)
+        self.warm_grace = warm_grace
+        self.spawned = 0  # worker processes started, ever (for views and tests)
         self.clock = time.monotonic  # (tests replace it)
         self.total = Resources(resources)
         self.available = Resources(resources)
@@ -261,6 +269,7 @@ class WorkerPool:
         self._next += 1
         wid = f"w{self._next}"
         self.workers[wid] = WorkerInfo(wid, renv=renv)
+        self.spawned += 1
         actions.append(("spawn", wid))
         return True
 
@@ -392,39 +401,52 @@ class WorkerPool:
         # running their children stay (a task submitting from inside a task
         # would otherwise start a process per child).  While some worker is
         # blocked, more children are likely to come (the head holds them
-        # until a CPU frees): idle workers stay for idle_grace (see reap)
+        # until a CPU frees): idle workers stay for idle_grace (see reap).
+        # Nothing blocked: up to spare_workers extra idle ones stay for
+        # warm_grace (the next burst's leases find them), the rest go now
         if not self.queue and not (self.idle_grace and self._blocked()):
-            self._shrink(actions, [wid] if w.state == IDLE else [], 0.0)
+            self._shrink(actions, [wid] if w.state == IDLE else [], 0.0, self._warm_extra())
         return actions
 
-    def _shrink(self, actions: list[Action], first: list[str], idle_for: float) -> None:
+    def _warm_extra(self) -> int:
+        """Idle workers beyond the warm pool kept for warm_grace once
+        nothing is blocked."""
+        return self.spare_workers if self.warm_grace else 0
+
+    def _shrink(self, actions: list[Action], first: list[str], idle_for: float,
+                extra: int = 0) -> None:
         """Retire idle workers (``first``, then any idle for ``idle_for``
-        seconds or more) down to the warm pool size, not counting workers
-        blocked in get."""
+        seconds or more) down to the warm pool size plus ``extra``, not
+        counting workers blocked in get."""
         now = self.clock()
         spare = first + [x.wid for x in self.workers.values() if x.state == IDLE
                          and x.wid not in first and now - x.idle_since >= idle_for]
         blocked = self._blocked() if spare else 0
         for other in spare:
-            if len(self.workers) - blocked <= self.min_workers:
+            if len(self.workers) - blocked <= self.min_workers + extra:
                 break
             del self.workers[other]
             actions.append(("retire", other))
 
     def reap(self) -> tuple[list[Action], float | None]:
         """Retire the extra idle workers that have been idle for idle_grace
-        (all of them when no worker is blocked).  Returns the actions and
-        how many seconds from now to call again (None: nothing to reap)."""
+        while a worker is blocked, else for warm_grace (beyond
+        spare_workers of them: at once).  Returns the actions and how many
+        seconds from now to call again (None: nothing to reap)."""
         actions: list[Action] = []
         if self.queue:
             return actions, None
-        blocked = self._blocked()
-        self._shrink(actions, [], self.idle_grace if blocked else 0.0)
+        if self._blocked():
+            grace = self.idle_grace
+        else:
+            grace = self.warm_grace
+            self._shrink(actions, [], 0.0, self._warm_extra())
+        self._shrink(actions, [], grace)
         idle = [x for x in self.workers.values() if x.state == IDLE]
         if not idle or len(self.workers) - self._blocked() <= self.min_workers:
             return actions, None
         oldest = min(x.idle_since for x in idle)
-        return actions, max(0.0, oldest + self.idle_grace - self.clock())
+        return actions, max(0.0, oldest + grace - self.clock())
 
     def worker_blocked(self, wid: str, blocked: bool) -> list[Action]:
         w = self.workers.get(wid)
@@ -623,4 +645,4 @@ class WorkerPool:
 
     def snapshot(self) -> dict[str, Any]:
         return {"workers": len(self.workers), "queued": len(self.queue),
-                "available": dict(self.available), **self.counts()}
+                "available": dict(self.available), "spawned": self.spawned, **self.counts()}

@@ -41,6 +41,9 @@ LOCAL_MEMORY = 100_000  # local-first decisions remembered per kind
 SPARE_WORKERS = int(os.environ.get("FLOWCORE_SPARE_WORKERS", "2"))
 #: seconds an extra idle worker stays while a task is blocked in get
 IDLE_GRACE = float(os.environ.get("FLOWCORE_WORKER_IDLE_GRACE", "1.0"))
+#: seconds up to FLOWCORE_SPARE_WORKERS extra idle workers stay once no task
+#: is blocked any more (the next burst is leased them instead of forking)
+WARM_GRACE = float(os.environ.get("FLOWCORE_WORKER_WARM_GRACE", "1.0"))
 
 #: seconds a creation that needs the room of clients' held pins waits for
 #: them to be given back (a client busy elsewhere answers late: the object
@@ -120,7 +123,8 @@ class NodeServer:
             self.resources["memory"] = float(memory if memory is not None
                                              else default_memory())
         self.pool = WorkerPool(self.resources, max_workers, list(range(num_gpus)),
-                               spare_workers=SPARE_WORKERS, idle_grace=IDLE_GRACE)
+                               spare_workers=SPARE_WORKERS, idle_grace=IDLE_GRACE,
+                               warm_grace=WARM_GRACE)
         self._reap_timer: asyncio.TimerHandle | None = None
         self.leases = NodeLeases(self)
         self.worker_env = worker_env or {}
@@ -648,9 +652,20 @@ class NodeServer:
         if self.leases.released and self.leases.stale_idle(wid, msg["tid"]):
             return  # (a lease given back idle: the pool has the worker already)
         self.leases.worker_idle(wid, msg["tid"])  # a lease's end: its tables
-        self._act(self.pool.worker_idle(wid, retire=bool(msg.get("retire"))))
-        if self._reap_timer is None and self.pool.idle_grace:
-            self._arm_reap(self.pool.idle_grace)
+        self.pool_idle(wid, retire=bool(msg.get("retire")))
+
+    def pool_idle(self, wid: str, retire: bool = False) -> None:
+        """Worker ``wid`` is done (a task, or a lease): back to the pool,
+        and the reap timer armed for the idle workers it keeps."""
+        self._act(self.pool.worker_idle(wid, retire=retire))
+        self._arm_reap_for_idle()
+
+    def _arm_reap_for_idle(self) -> None:
+        """A worker went idle (or started idle, a spare that came up after
+        the work ended): the reap timer runs while the pool keeps extras."""
+        grace = self.pool.idle_grace or self.pool.warm_grace
+        if self._reap_timer is None and grace:
+            self._arm_reap(grace)
 
     def _worker_blocked(self, comm: Comm, msg: dict, frames: list) -> None:
         self._act(self.pool.worker_blocked(comm.info.get("wid", ""), msg.get("blocked", True)))
@@ -776,6 +791,7 @@ class NodeServer:
                 comm.send(call)
         else:
             self._act(self.pool.worker_ready(wid, msg.get("pid", 0)))
+            self._arm_reap_for_idle()
 
     def _register_client(self, comm: Comm, msg: dict, frames: list) -> None:
         comm.info.update(role=messages.DRIVER)
