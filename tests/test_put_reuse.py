@@ -38,8 +38,12 @@ def test_put_drop_put_reuses_the_memory_and_the_bytes_are_right(fresh_cluster):
         ref = flowcore.put(arrays[k])
         offsets.append(_offset(ref))
         del ref
-    # the memory of the one dropped each time (not memory never used)
-    assert offsets.count(offsets[0]) >= 5, offsets
+    # the memory of the one dropped each time, not memory never used: on a
+    # quiet machine one region again and again; when the frees come late (a
+    # busy head) the node stops waiting for them after a budget and takes
+    # fresh memory once, from then on the two regions take turns (without
+    # reuse each put would take memory never used: six regions)
+    assert len(set(offsets)) <= 2, offsets
     for k in range(6):  # the bytes are right in memory used before
         ref = flowcore.put(arrays[k])
         value = flowcore.get(ref)
