@@ -577,6 +577,75 @@ def test_a_burst_waits_in_the_owners_queue_for_its_leased_workers(fresh_cluster)
 
 
 @pytest.mark.timeout(90)
+def test_a_lease_that_takes_a_task_as_the_idle_timer_returns_it_is_kept(fresh_cluster,
+                                                                        monkeypatch):
+    """The idle timer finds a lease idle; before it gives it back, another
+    thread sends a task to it (it is still held).  The lease is busy now and
+    must be kept: given back idle, its node would count its worker free and
+    lease it again, and the next task would wait there behind the first."""
+    import threading
+    import flowcore.client.leases as leases
+    fresh_cluster(num_cpus=2)
+    _warm()  # one lease held, idle
+    client = _client()
+    sig = Signal()
+    first: list = []
+    came = threading.Event()
+    give_back = client._lease_return
+
+    def late_return(ls):
+        # (the IO thread, between finding ``ls`` idle and giving it back)
+        if not came.is_set():
+            monkeypatch.setattr(leases, "GRACE", 30.0)
+            t = threading.Thread(target=lambda: first.append(hold.remote(sig)))
+            t.start()
+            t.join(30)
+            came.set()
+        return give_back(ls)
+    monkeypatch.setattr(client, "_lease_return", late_return)
+    with client._lock:
+        held = client.leases.all()
+    assert len(held) == 1 and not held[0].inflight
+    monkeypatch.setattr(leases, "GRACE", 0.0)  # idle long enough, for this tick
+    client.loop.call_soon_threadsafe(client._lease_tick)
+    assert came.wait(30) and len(first) == 1
+    with client._lock:
+        assert held[0] in client.leases.all() and not held[0].gone, \
+            "a lease that took a task was given back as idle"
+        assert held[0].inflight
+    # the node still counts that worker busy: a second task gets a worker of its own
+    second = hold.remote(sig, 2)
+    sig.wait_for_waiters(2, timeout=60)
+    sig.set()
+    assert flowcore.get([first[0], second], timeout=60) == [1, 2]
+
+
+@pytest.mark.timeout(90)
+def test_a_lease_whose_worker_cannot_be_reached_goes_back_to_its_node(fresh_cluster,
+                                                                      monkeypatch):
+    """The node grants a lease but its holder cannot connect to the worker:
+    the lease goes back, or it would hold the node's only CPU with nothing
+    on it and every task after it would wait for that CPU."""
+    import flowcore.client.leases as leases
+    fresh_cluster(num_cpus=1)
+    refused = []
+
+    def unreachable(address, *args, **kwargs):
+        refused.append(address)
+        raise ConnectionRefusedError(f"{address}: refused (by the test)")
+    reachable = leases.BlockingConn
+    monkeypatch.setattr(leases, "BlockingConn", unreachable)
+    # (a request is declined while the node's worker starts: until one is granted)
+    deadline = time.monotonic() + 30
+    while not refused:
+        assert time.monotonic() < deadline, "no lease was granted in 30 s"
+        assert flowcore.get(noop.remote(1), timeout=60) == 1
+        time.sleep(0.02)
+    monkeypatch.setattr(leases, "BlockingConn", reachable)
+    assert flowcore.get([noop.remote(i) for i in range(5)], timeout=60) == list(range(5))
+
+
+@pytest.mark.timeout(90)
 def test_cancel_explain_and_visualize_of_a_task_queued_at_its_owner(fresh_cluster, monkeypatch,
                                                                      tmp_path):
     import flowcore.client.leases as leases
