@@ -134,7 +134,8 @@ def run(target: Application, blocking: bool = False, name: str = "default",
         raise RayServeException(f"application {name!r} is still {st['status']} after "
                                 f"{_DEPLOY_TIMEOUT_S:.0f} s: {st['message']}")
     if route_prefix is not None:
-        _wait_for_route(route_prefix, name)
+        _wait_for_route(route_prefix, name, st.get("ingress"),
+                        st.get("ingress_replicas_version"))
     handle = DeploymentHandle([n for n, i in nodes if i][0].deployment.name, name)
     if blocking:
         try:
@@ -145,10 +146,14 @@ def run(target: Application, blocking: bool = False, name: str = "default",
     return handle
 
 
-def _wait_for_route(route_prefix: str | None, app_name: str, timeout_s: float = 30.0) -> None:
-    """Return once the HTTP proxy routes ``route_prefix`` to the app, so
-    that a request sent right after ``serve.run`` is not answered 404 (with
-    ``route_prefix=None``: once no route leads to the app any more)."""
+def _wait_for_route(route_prefix: str | None, app_name: str, ingress: str | None = None,
+                    replicas_version: int | None = None, timeout_s: float = 30.0) -> None:
+    """Return once the HTTP proxy routes ``route_prefix`` to the app's
+    ``ingress`` deployment and knows its replicas of ``replicas_version``,
+    so that a request sent right after ``serve.run`` is neither answered
+    404 nor queued (past ``max_queued_requests``) for replicas the proxy
+    has not heard of (with ``route_prefix=None``: once no route leads to
+    the app any more)."""
     from .controller import PROXY_NAME
     try:
         proxy = flowcore.get_actor(PROXY_NAME, namespace=_router.SERVE_NAMESPACE)
@@ -159,7 +164,8 @@ def _wait_for_route(route_prefix: str | None, app_name: str, timeout_s: float = 
         if route_prefix is None:
             if not flowcore.get(proxy.routes_to.remote(app_name)):
                 return
-        elif flowcore.get(proxy.has_route.remote(route_prefix, app_name)):
+        elif flowcore.get(proxy.has_route.remote(route_prefix, app_name, ingress,
+                                                      replicas_version)):
             return
         time.sleep(0.005)
 

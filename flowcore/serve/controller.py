@@ -349,10 +349,15 @@ class ServeController:
         self._kick()
 
     async def wait_for_app(self, name: str, timeout_s: float) -> dict:
-        """Wait until the application is RUNNING or failed; its status."""
+        """Wait until the application is RUNNING or failed; its status, with
+        ``ingress_replicas_version``: the version of the ingress deployment's
+        replica set that callers must have seen to route to its replicas."""
         deadline = time.monotonic() + timeout_s
         while True:
             st = self._app_status(name)
+            if st.get("ingress") is not None:
+                st["ingress_replicas_version"] = self.versions.get(
+                    f"replicas:{name}#{st['ingress']}", 0)
             if st["status"] in ("RUNNING", "DEPLOY_FAILED", "NOT_STARTED"):
                 return st
             left = deadline - time.monotonic()

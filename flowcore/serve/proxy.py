@@ -348,9 +348,20 @@ class ProxyActor:
                 "node_id": flowcore.get_runtime_context().get_node_id(),
                 "direct_http": bool(self.app.channel_secret)}
 
-    def has_route(self, route_prefix: str, app_name: str) -> bool:
-        """Whether the proxy routes ``route_prefix`` to ``app_name`` yet."""
-        return self.app.routes.get(route_prefix, (None,))[0] == app_name
+    def has_route(self, route_prefix: str, app_name: str, ingress: str | None = None,
+                  replicas_version: int | None = None) -> bool:
+        """Whether the proxy routes ``route_prefix`` to ``app_name`` yet and,
+        given ``ingress`` and ``replicas_version``, to that ingress deployment
+        through a router that knows that version of its replica set (so the
+        first requests go to the running replicas under their
+        ``max_ongoing_requests`` / ``max_queued_requests`` rather than wait,
+        unbounded, for replicas the proxy has not heard of yet)."""
+        target = self.app.routes.get(route_prefix)
+        if target is None or target[0] != app_name:
+            return False
+        if ingress is None or replicas_version is None:
+            return True
+        return target[1] == ingress and get_router(*target).version >= replicas_version
 
     def routes_to(self, app_name: str) -> bool:
         """Whether any route leads to ``app_name``."""
