@@ -353,15 +353,27 @@ def test_pbt_with_a_function_trainable_copies_checkpoints(cluster, tmp_path):
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 value, it = map(float, open(os.path.join(d, "state")).read().split())
+        trial_id = tune.get_context().get_trial_id()
         with open(log, "a") as fh:
-            fh.write(f"{tune.get_context().get_trial_id()} {value}\n")
-        open(barrier / tune.get_context().get_trial_id(), "w").close()
-        while len(os.listdir(barrier)) < 4:
-            time.sleep(0.01)
+            fh.write(f"{trial_id} {value}\n")
         for _ in range(int(it), 100):
             value += config["lr"]
             it += 1
-            d = tmp_path / f"ck-{tune.get_context().get_trial_id()}-{int(it)}-{value}"
+            if it <= 3:
+                # the population reports its first three results in lockstep
+                # (file barriers; report() returns once the scheduler has
+                # decided on the result): every trial has a score when the first
+                # reaches the perturbation point (interval 2), and none runs on
+                # past it before all were ranked there. Without it a trial
+                # starved on a loaded machine reached its perturbation point
+                # after the others had ended, alone in the population, and PBT
+                # (as Ray's) perturbed nobody. (A trial restarted from another's
+                # checkpoint finds the earlier markers already there.)
+                open(barrier / f"step{int(it)}.{trial_id}", "w").close()
+                while sum(1 for n in os.listdir(barrier)
+                          if n.startswith(f"step{int(it)}.")) < 4:
+                    time.sleep(0.005)
+            d = tmp_path / f"ck-{trial_id}-{int(it)}-{value}"
             d.mkdir(exist_ok=True)
             (d / "state").write_text(f"{value} {it}")
             tune.report({"value": value}, checkpoint=tune.Checkpoint.from_directory(str(d)))
@@ -376,6 +388,46 @@ def test_pbt_with_a_function_trainable_copies_checkpoints(cluster, tmp_path):
     restarts = [float(line.split()[1]) for line in log.read_text().splitlines()]
     assert any(v > 0 for v in restarts)
     assert sum(r.metrics["value"] for r in rg) > sum(lr * 10 for lr in lrs)
+
+
+class _PBTTrial:
+    def __init__(self, i):
+        self.trial_id, self.status, self.config = f"t{i}", "RUNNING", {"lr": 0.1}
+
+
+class _PBTController:
+    """What PopulationBasedTraining asks of the experiment loop, recorded."""
+
+    def __init__(self):
+        self.exploits = []
+
+    def checkpoint_for_exploit(self, donor):
+        return {"path": f"ck-{donor.trial_id}", "iteration": 1}
+
+    def exploit(self, trial, donor, new_config, checkpoint):
+        self.exploits.append((trial.trial_id, donor.trial_id))
+
+
+@pytest.mark.parametrize("fraction,exploited", [(0.25, {"t0", "t1"}), (0.5, {"t0", "t1"}),
+                                                (0.0, set())])
+def test_pbt_quantiles_are_sized_as_ray(fraction, exploited):
+    # Ray: ceil(population x quantile_fraction) trials per quantile, at most
+    # half the population: of 5 trials at 0.25 the 2 worst copy the 2 best
+    # (1 and 1 before), and quantile_fraction=0 copies none (1 before)
+    pbt = PopulationBasedTraining(time_attr="training_iteration", metric="score", mode="max",
+                                  perturbation_interval=2, quantile_fraction=fraction,
+                                  hyperparam_mutations={"lr": [0.1, 0.2]}, seed=0)
+    ctl = _PBTController()
+    trials = [_PBTTrial(i) for i in range(5)]
+    for t in trials:
+        pbt.on_trial_add(ctl, t)
+    for it in (1, 2):  # everyone has a score before anyone's perturbation point
+        for i, t in enumerate(trials):
+            assert pbt.on_trial_result(ctl, t, {"training_iteration": it, "score": i}) == \
+                "CONTINUE"
+    assert {trial for trial, _ in ctl.exploits} == exploited
+    assert {donor for _, donor in ctl.exploits} <= {"t3", "t4"}
+    assert pbt._num_perturbations == len(exploited)
 
 
 def test_class_trainable_checkpoints_and_reuse(cluster, tmp_path):
