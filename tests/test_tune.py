@@ -306,7 +306,12 @@ class GrowthTogether(Growth):
     """Growth whose population starts together and takes its first two steps
     in lockstep (file barriers), as PBT expects: every trial has a score by
     the first perturbation point, so PBT has a population to rank (a trial
-    that ran ahead alone would leave it nobody to compare with)."""
+    that ran ahead alone would leave it nobody to compare with). The third
+    step waits until the driver has the slowest learner's result at that
+    point (``_BottomRanked``): a trial starved on a loaded machine could else
+    reach it after the others had ended, alone, and PBT perturbed nobody.
+    (It waits for that result's arrival, not for PBT's decision: PBT saves
+    the leader then, and a save waits for the leader's step to end.)"""
 
     def setup(self, config):
         super().setup(config)
@@ -315,12 +320,26 @@ class GrowthTogether(Growth):
     def step(self):
         barrier = self.config["barrier"]
         it = self.iteration + 1
-        if it <= 2:   # up to the first perturbation (interval 2); later steps
-            # run freely: PBT saves the leader while the others wait for it
+        if it <= 2:   # up to the first perturbation (interval 2)
             open(os.path.join(barrier, f"step{it}.{self.trial_id}"), "w").close()
             while sum(1 for f in os.listdir(barrier) if f.startswith(f"step{it}.")) < 4:
                 time.sleep(0.005)
+        elif it == 3:
+            while not os.path.exists(os.path.join(barrier, "bottom-ranked")):
+                time.sleep(0.005)
         return super().step()
+
+
+class _BottomRanked(tune.Callback):
+    """Marks (in the driver, just before PBT decides on it) the arrival of
+    the lowest lr's result at the first perturbation point."""
+
+    def __init__(self, barrier, lr):
+        self.barrier, self.lr = barrier, lr
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.config["lr"] == self.lr and result["training_iteration"] == 2:
+            open(os.path.join(self.barrier, "bottom-ranked"), "w").close()
 
 
 def test_pbt_exploits_checkpoints_and_improves(cluster, tmp_path):
@@ -331,7 +350,8 @@ def test_pbt_exploits_checkpoints_and_improves(cluster, tmp_path):
                                   quantile_fraction=0.25, resample_probability=0.0, seed=0)
     rg = run(tune.with_resources(GrowthTogether, {"cpu": 0.5}), tmp_path,
              {"lr": tune.grid_search(lrs), "barrier": str(tmp_path / "barrier")},
-             metric="value", mode="max", scheduler=pbt, stop={"training_iteration": 12})
+             metric="value", mode="max", scheduler=pbt, stop={"training_iteration": 12},
+             callbacks=[_BottomRanked(str(tmp_path / "barrier"), min(lrs))])
     assert rg.num_terminated == 4
     without_pbt = sorted(lr * 12 for lr in lrs)
     final = sorted(r.metrics["value"] for r in rg)
