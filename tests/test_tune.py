@@ -306,7 +306,12 @@ class GrowthTogether(Growth):
     """Growth whose population starts together and takes its first two steps
     in lockstep (file barriers), as PBT expects: every trial has a score by
     the first perturbation point, so PBT has a population to rank (a trial
-    that ran ahead alone would leave it nobody to compare with)."""
+    that ran ahead alone would leave it nobody to compare with). The third
+    step waits until the driver has the slowest learner's result at that
+    point (``_BottomRanked``): a trial starved on a loaded machine could else
+    reach it after the others had ended, alone, and PBT perturbed nobody.
+    (It waits for that result's arrival, not for PBT's decision: PBT saves
+    the leader then, and a save waits for the leader's step to end.)"""
 
     def setup(self, config):
         super().setup(config)
@@ -315,12 +320,26 @@ class GrowthTogether(Growth):
     def step(self):
         barrier = self.config["barrier"]
         it = self.iteration + 1
-        if it <= 2:   # up to the first perturbation (interval 2); later steps
-            # run freely: PBT saves the leader while the others wait for it
+        if it <= 2:   # up to the first perturbation (interval 2)
             open(os.path.join(barrier, f"step{it}.{self.trial_id}"), "w").close()
             while sum(1 for f in os.listdir(barrier) if f.startswith(f"step{it}.")) < 4:
                 time.sleep(0.005)
+        elif it == 3:
+            while not os.path.exists(os.path.join(barrier, "bottom-ranked")):
+                time.sleep(0.005)
         return super().step()
+
+
+class _BottomRanked(tune.Callback):
+    """Marks (in the driver, just before PBT decides on it) the arrival of
+    the lowest lr's result at the first perturbation point."""
+
+    def __init__(self, barrier, lr):
+        self.barrier, self.lr = barrier, lr
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.config["lr"] == self.lr and result["training_iteration"] == 2:
+            open(os.path.join(self.barrier, "bottom-ranked"), "w").close()
 
 
 def test_pbt_exploits_checkpoints_and_improves(cluster, tmp_path):
@@ -331,7 +350,8 @@ def test_pbt_exploits_checkpoints_and_improves(cluster, tmp_path):
                                   quantile_fraction=0.25, resample_probability=0.0, seed=0)
     rg = run(tune.with_resources(GrowthTogether, {"cpu": 0.5}), tmp_path,
              {"lr": tune.grid_search(lrs), "barrier": str(tmp_path / "barrier")},
-             metric="value", mode="max", scheduler=pbt, stop={"training_iteration": 12})
+             metric="value", mode="max", scheduler=pbt, stop={"training_iteration": 12},
+             callbacks=[_BottomRanked(str(tmp_path / "barrier"), min(lrs))])
     assert rg.num_terminated == 4
     without_pbt = sorted(lr * 12 for lr in lrs)
     final = sorted(r.metrics["value"] for r in rg)
@@ -353,15 +373,27 @@ def test_pbt_with_a_function_trainable_copies_checkpoints(cluster, tmp_path):
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 value, it = map(float, open(os.path.join(d, "state")).read().split())
+        trial_id = tune.get_context().get_trial_id()
         with open(log, "a") as fh:
-            fh.write(f"{tune.get_context().get_trial_id()} {value}\n")
-        open(barrier / tune.get_context().get_trial_id(), "w").close()
-        while len(os.listdir(barrier)) < 4:
-            time.sleep(0.01)
+            fh.write(f"{trial_id} {value}\n")
         for _ in range(int(it), 100):
             value += config["lr"]
             it += 1
-            d = tmp_path / f"ck-{tune.get_context().get_trial_id()}-{int(it)}-{value}"
+            if it <= 3:
+                # the population reports its first three results in lockstep
+                # (file barriers; report() returns once the scheduler has
+                # decided on the result): every trial has a score when the first
+                # reaches the perturbation point (interval 2), and none runs on
+                # past it before all were ranked there. Without it a trial
+                # starved on a loaded machine reached its perturbation point
+                # after the others had ended, alone in the population, and PBT
+                # (as Ray's) perturbed nobody. (A trial restarted from another's
+                # checkpoint finds the earlier markers already there.)
+                open(barrier / f"step{int(it)}.{trial_id}", "w").close()
+                while sum(1 for n in os.listdir(barrier)
+                          if n.startswith(f"step{int(it)}.")) < 4:
+                    time.sleep(0.005)
+            d = tmp_path / f"ck-{trial_id}-{int(it)}-{value}"
             d.mkdir(exist_ok=True)
             (d / "state").write_text(f"{value} {it}")
             tune.report({"value": value}, checkpoint=tune.Checkpoint.from_directory(str(d)))
@@ -376,6 +408,46 @@ def test_pbt_with_a_function_trainable_copies_checkpoints(cluster, tmp_path):
     restarts = [float(line.split()[1]) for line in log.read_text().splitlines()]
     assert any(v > 0 for v in restarts)
     assert sum(r.metrics["value"] for r in rg) > sum(lr * 10 for lr in lrs)
+
+
+class _PBTTrial:
+    def __init__(self, i):
+        self.trial_id, self.status, self.config = f"t{i}", "RUNNING", {"lr": 0.1}
+
+
+class _PBTController:
+    """What PopulationBasedTraining asks of the experiment loop, recorded."""
+
+    def __init__(self):
+        self.exploits = []
+
+    def checkpoint_for_exploit(self, donor):
+        return {"path": f"ck-{donor.trial_id}", "iteration": 1}
+
+    def exploit(self, trial, donor, new_config, checkpoint):
+        self.exploits.append((trial.trial_id, donor.trial_id))
+
+
+@pytest.mark.parametrize("fraction,exploited", [(0.25, {"t0", "t1"}), (0.5, {"t0", "t1"}),
+                                                (0.0, set())])
+def test_pbt_quantiles_are_sized_as_ray(fraction, exploited):
+    # Ray: ceil(population x quantile_fraction) trials per quantile, at most
+    # half the population: of 5 trials at 0.25 the 2 worst copy the 2 best
+    # (1 and 1 before), and quantile_fraction=0 copies none (1 before)
+    pbt = PopulationBasedTraining(time_attr="training_iteration", metric="score", mode="max",
+                                  perturbation_interval=2, quantile_fraction=fraction,
+                                  hyperparam_mutations={"lr": [0.1, 0.2]}, seed=0)
+    ctl = _PBTController()
+    trials = [_PBTTrial(i) for i in range(5)]
+    for t in trials:
+        pbt.on_trial_add(ctl, t)
+    for it in (1, 2):  # everyone has a score before anyone's perturbation point
+        for i, t in enumerate(trials):
+            assert pbt.on_trial_result(ctl, t, {"training_iteration": it, "score": i}) == \
+                "CONTINUE"
+    assert {trial for trial, _ in ctl.exploits} == exploited
+    assert {donor for _, donor in ctl.exploits} <= {"t3", "t4"}
+    assert pbt._num_perturbations == len(exploited)
 
 
 def test_class_trainable_checkpoints_and_reuse(cluster, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 from typing import Any, Callable
 
@@ -159,9 +160,9 @@ class PopulationBasedTraining(TrialScheduler):
         scored.sort()
         if len(scored) <= 1:
             return [], []
-        n = max(1, int(round(len(scored) * self._quantile_fraction)))
-        if n > len(scored) // 2:
-            n = len(scored) // 2
+        # as Ray: ceil(population x quantile_fraction), at most half of it, so
+        # 5 trials at 0.25 exploit 2 and quantile_fraction=0 exploits none
+        n = min(math.ceil(len(scored) * self._quantile_fraction), len(scored) // 2)
         if n == 0:
             return [], []
         return [tid for _, tid in scored[:n]], [tid for _, tid in scored[-n:]]
