@@ -136,58 +136,6 @@ def test_task_running_at_the_crash_fails_naming_the_restart(private_cluster, res
     assert flowcore.get(square.remote(3), timeout=60) == 9
 
 
-def test_a_leased_task_sent_before_its_node_is_back_runs_once(private_cluster, restart_env,
-                                                               tmp_path):
-    """After a head restart, the driver sends a task to the worker it still
-    leases while that worker's node has not re-registered (it is stopped):
-    the worker runs it and answers, and the head, once the node is back,
-    records it there rather than placing it a second time."""
-    import signal
-
-    from flowcore.testing import Signal
-    cluster = private_cluster(1)
-    runs = tmp_path / "runs"
-    sig = Signal()
-
-    @flowcore.remote
-    def blocked(s):
-        s.wait()
-        return 1
-
-    @flowcore.remote
-    def once(path):
-        with open(path, "a") as f:
-            f.write("ran\n")
-        return "done"
-
-    ref = blocked.remote(sig)  # holds the lease on the node's one CPU
-    sig.wait_for_waiters(1, timeout=30)
-    node = cluster.nodes[0].proc
-    node.send_signal(signal.SIGSTOP)  # its re-registration waits until it goes on
-    try:
-        cluster.kill_head()
-        cluster.restart_head()
-        with pytest.raises(ObjectLostError, match="head restart"):
-            flowcore.get(ref, timeout=60)
-        sig.set()
-        # the lease is free once the worker's answer is in: the task goes to it
-        leases = context.current_client().leases
-        _wait_for(lambda: not leases.by_tid and leases.all(), 30,
-                  "the leased worker's answer")
-        assert flowcore.get(once.remote(str(runs)), timeout=60) == "done"
-    finally:
-        node.send_signal(signal.SIGCONT)
-        sig.close()
-    def finished() -> bool:
-        rows = [t for t in flowcore.state.list_tasks() if t.get("name", "").endswith("once")]
-        return bool(rows) and rows[0]["state"] == "FINISHED"
-    # the head records it finished once the node is back (a second run, as
-    # the head would place it, would finish only after running again)
-    _wait_for(finished, 60, "the head to record the leased task finished")
-    assert runs.read_text() == "ran\n"
-    assert flowcore.get(square.remote(5), timeout=60) == 25
-
-
 def test_detached_actor_whose_node_died_restarts_from_its_spec(private_cluster, restart_env,
                                                                monkeypatch):
     from flowcore.scheduling import NodeAffinitySchedulingStrategy
