@@ -670,16 +670,8 @@ class LeasesMixin:
                 return False
             conn: Any = self._lease_conns.get(r["address"])
             if conn is None or conn.closed:
-                try:
-                    conn = await self.loop.run_in_executor(
-                        None, BlockingConn, r["address"], self.token, 5.0, self.tls)
-                except Exception:
-                    # granted, but its worker cannot be reached: the lease
-                    # goes back (else it holds a worker and its resources on
-                    # the node while nothing uses it, and every later request
-                    # of the shape is declined for want of them)
-                    self._lease_give_back(r["node"], r["lease"])
-                    raise
+                conn = await self.loop.run_in_executor(
+                    None, BlockingConn, r["address"], self.token, 5.0, self.tls)
                 conn.wbuf = bytearray()
                 conn.writing = False
                 conn.flushing = False  # (TLS) a write by the IO thread is on its way
@@ -867,28 +859,19 @@ class LeasesMixin:
             self._lease_hand_back(key)
 
     # ------------------------------------------------------------ giving back
-    def _lease_return(self, ls: ClientLease) -> bool:
-        """(IO thread) Give ``ls`` back to its node (nothing is in flight on
-        it): True when it was.  A lease its caller found idle may have taken
-        a task since (a submitting thread picks a held lease under the lock
-        the caller has let go meanwhile): that one is busy and is kept
-        (given back idle, its node would count its worker free while it
-        runs the task, and lease it again: the next task would wait there)."""
+    def _lease_return(self, ls: ClientLease) -> None:
+        """(IO thread) Give ``ls`` back to its node (nothing is in flight on it)."""
         with self._lock:
-            if ls.gone or ls.inflight:
-                return False
+            if ls.gone:
+                return
             self.leases.remove(ls)
-        self._lease_give_back(ls.node, ls.lease)
-        return True
-
-    def _lease_give_back(self, node_id: str, lease: bytes) -> None:
-        """Tell node ``node_id`` that ``lease`` is given back with nothing in
-        flight on it (its worker goes back to the pool at once)."""
         node = self.node
-        if node_id != self.node_id:  # (a SPREAD lease on another node)
-            self._node_links.send(node_id, {"op": "lease_return", "lease": lease, "idle": True})
+        if ls.node != self.node_id:  # (a SPREAD lease on another node)
+            self._node_links.send(ls.node, {"op": "lease_return", "lease": ls.lease,
+                                            "idle": True})
         elif node is not None and not node.closed:
-            node.send({"op": "lease_return", "lease": lease, "idle": True})
+            # (every task sent on it was answered: its worker goes back to the pool now)
+            node.send({"op": "lease_return", "lease": ls.lease, "idle": True})
 
     def _spread_node_lost(self, node: str) -> None:
         """(IO thread) Our connection to another node closed: it ended our
@@ -923,8 +906,9 @@ class LeasesMixin:
         with self._lock:
             held = self.leases.all()
             idle = [ls for ls in held if not ls.inflight and now - ls.idle_since >= GRACE]
-        returned = sum(self._lease_return(ls) for ls in idle)
-        if returned < len(held):  # (some busy, or busy again since found idle)
+        for ls in idle:
+            self._lease_return(ls)
+        if len(idle) < len(held):
             self._arm_lease_timer()
 
     def _leases_close(self) -> None:

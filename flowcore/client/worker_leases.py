@@ -417,15 +417,14 @@ class WorkerLeasesMixin:
                 del self.conns[which]
         conn.close()
 
-    def _lease_return(self, ls: ClientLease) -> bool:
+    def _lease_return(self, ls: ClientLease) -> None:
         with self._lock:
-            if ls.gone or ls.inflight:  # (busy again since found idle: kept)
-                return False
+            if ls.gone:
+                return
             self.leases.remove(ls)
         if ls.node == self.node_id and not self.closed:
             self.send("node", {"op": "lease_return", "lease": ls.lease, "idle": True})
         self._forget_conn(ls)
-        return True
 
     def _forget_conn(self, ls: ClientLease) -> None:
         """Close the connection to ``ls``'s worker once no lease of ours uses it
