@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["make_private_dir", "open_private", "write_private", "DIR_MODE", "FILE_MODE"]
+__all__ = ["make_private_dir", "open_private", "write_private", "replace_private", "DIR_MODE", "FILE_MODE"]
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -56,16 +56,20 @@ def open_private(path: str | os.PathLike, flags: int) -> int:
 
 def write_private(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` (0600; a missing parent is made 0700).
-    Atomically: the text goes to a private file beside it, renamed over
-    ``path``, so a reader (a node reading the token file the head writes)
-    sees the whole text or no file, never an empty or partial one."""
+    Atomically (``replace_private``): a reader (a node reading the token
+    file the head writes) sees the whole text or no file, never a part."""
     path = os.fspath(path)
     make_private_dir(os.path.dirname(os.path.abspath(path)))
+    replace_private(path, text.encode())
+
+
+def replace_private(path: str, data: bytes) -> None:
+    """Write ``data`` to a private file beside ``path``, renamed over it."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -24,7 +24,7 @@ from typing import Any
 
 import msgpack
 
-from ..private_files import make_private_dir
+from ..private_files import make_private_dir, replace_private
 
 logger = logging.getLogger("flowcore.scheduler")
 
@@ -37,18 +37,7 @@ def state_path(state_dir: str, port: int) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    os.replace(tmp, path)
+    replace_private(path, data)
 
 
 class TableFiles:
